@@ -1,0 +1,35 @@
+# Two entry points, both self-installing on a fresh machine:
+#   make demo   — create .venv, install, explain a shipped sample model on a shipped image
+#   make test   — create .venv, install with test extras, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= attnexplain-out
+
+.PHONY: install demo test test-heavy samples clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/attnexplain run samples/models/resnet-composites.pt samples/images/cat-on-grass.png --out $(OUT)
+	$(BIN)/attnexplain run samples/models/vit-composites.pt samples/images/rocket-on-brick.png --out $(OUT)
+	@echo
+	@echo "Outputs are in $(OUT)/ — open $(OUT)/cat-on-grass/report.html and $(OUT)/rocket-on-brick/report.html"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-heavy: install
+	$(BIN)/python -m pytest -q -m heavy
+
+samples: install
+	$(BIN)/python samples/train.py --out samples/models
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

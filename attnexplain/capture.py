@@ -1,0 +1,144 @@
+"""Hooks that record what a model computes, always removed when the ``with`` block ends.
+
+Capture once, compute many: a single forward pass records layer activations and attention
+probabilities; methods are functions of what was recorded.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import MethodError
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Switch off parameter gradients for the duration, then restore each flag as it was.
+
+    With no parameter needing a gradient and an input that needs none, autograd records nothing
+    before the captured layer: the backward pass then runs only from the score down to that layer.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise MethodError(f"The model has no layer named {name!r}; "
+                          f"`attnexplain layers MODEL` lists the candidates.") from None
+
+
+@contextmanager
+def capture_activations(model: nn.Module, names: list[str],
+                        sink: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Record each named layer's output as a leaf tensor that gradients can be taken with respect to.
+
+    The hook hands the rest of the network a copy of that leaf, so a later in-place operation
+    (``relu(x, inplace=True)`` after the layer) neither fails nor changes the recorded values. A layer
+    called several times is recorded at its last call.
+    """
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                raise MethodError(f"Layer {name!r} returns {type(output).__name__}, not a tensor; "
+                                  f"choose another layer with --layer.")
+            leaf = output.detach().requires_grad_(True)
+            sink[name] = leaf
+            return leaf.clone()
+
+        return hook
+
+    with ExitStack() as stack:
+        for name in names:
+            handle = _submodule(model, name).register_forward_hook(make_hook(name))
+            stack.callback(handle.remove)
+        yield
+
+
+@contextmanager
+def capture_multihead_attention(model: nn.Module, names: list[str],
+                                sink: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Record the per-head attention probabilities of ``nn.MultiheadAttention`` modules.
+
+    Callers often pass ``need_weights=False`` so that PyTorch can use its fused kernel, which never
+    materialises the probabilities. The pre-hook asks for them (per head), which routes the call
+    through the standard math path; the module's output is unchanged up to float rounding.
+    """
+    need_weights_position = 4  # forward(query, key, value, key_padding_mask, need_weights, ...)
+    average_position = 6
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args = list(args)
+        for position, key, value in ((need_weights_position, "need_weights", True),
+                                     (average_position, "average_attn_weights", False)):
+            if len(args) > position:
+                args[position] = value
+            else:
+                kwargs[key] = value
+        return tuple(args), kwargs
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            sink[name] = output[1]
+
+        return hook
+
+    with ExitStack() as stack:
+        for name in names:
+            module = _submodule(model, name)
+            if not isinstance(module, nn.MultiheadAttention):
+                raise MethodError(f"Layer {name!r} is a {type(module).__name__}, not a "
+                                  f"MultiheadAttention; its plugin must say how to capture it.")
+            handles = (module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                       module.register_forward_hook(make_hook(name), with_kwargs=True))
+            for handle in handles:
+                stack.callback(handle.remove)
+        yield
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A named submodule and the shape of what it returned for a given input."""
+
+    name: str
+    kind: str  # class name
+    shape: tuple[int, ...] | None  # None when the output is not a single tensor
+
+    @property
+    def is_spatial(self) -> bool:
+        """A (batch, channels, height, width) map with more than one position."""
+        return self.shape is not None and len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1
+
+
+def probe_layers(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
+    """Run one forward pass and list every submodule in the order its (last) call finished."""
+    finished: dict[str, LayerInfo] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            finished.pop(name, None)  # a module called again moves to its latest position
+            finished[name] = LayerInfo(name, type(module).__name__, shape)
+
+        return hook
+
+    with ExitStack() as stack, torch.no_grad():
+        for name, module in model.named_modules():
+            if name:  # the model itself is not a layer
+                stack.callback(module.register_forward_hook(make_hook(name)).remove)
+        model(batch)
+    return list(finished.values())

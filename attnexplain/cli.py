@@ -1,0 +1,231 @@
+"""The ``attnexplain`` command: parses arguments, calls the Python API, prints.
+
+Nothing heavy is imported at module level, so ``attnexplain --help`` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+class _Group(click.Group):
+    """Turns expected errors into one-line messages and unexpected ones into one line plus a hint."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .errors import AttnExplainError
+
+        try:
+            return super().invoke(ctx)
+        except AttnExplainError as error:
+            raise click.ClickException(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as error:
+            if ctx.find_root().params.get("debug"):
+                raise
+            text = " ".join(str(error).split()) or type(error).__name__
+            raise click.ClickException(f"Unexpected {type(error).__name__}: {text} "
+                                       f"(rerun with --debug for the traceback)") from None
+
+
+def _numbers(kind: type, count: tuple[int, ...]):
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            numbers = [kind(part) for part in value.replace("x", ",").split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+        if len(numbers) not in count:
+            raise click.BadParameter(f"expected {' or '.join(map(str, count))} numbers, got {value!r}")
+        return numbers
+
+    return convert
+
+
+def model_options(function):
+    """Options that say how to load the model, shared by every command that takes MODEL."""
+    options = [
+        click.option("--arch", help="Architecture of a state_dict file: a torchvision builder name "
+                                    "(resnet50, vit_b_16, ...) or any name a plugin provides."),
+        click.option("--num-classes", type=click.IntRange(min=1),
+                     help="Number of classes (default: read from the weights' head)."),
+        click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Text file with one class name per line."),
+        click.option("--trust-model", is_flag=True,
+                     help="Allow unpickling a whole saved model object. Unpickling runs code from the "
+                          "file: use only for files you trust."),
+        click.option("--plugin", help="Use this plugin instead of the most specific one."),
+        click.option("--device", default="auto", show_default=True,
+                     type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Where to run the model."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from .errors import AttnExplainError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AttnExplainError("--device cuda was asked for, but PyTorch sees no CUDA GPU here.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise AttnExplainError("--device mps was asked for, but this PyTorch has no MPS device.")
+    return name
+
+
+def _load(model: str, arch, num_classes, labels, trust_model, plugin, device):
+    from .loading import load_model
+
+    return load_model(model, arch=arch, num_classes=num_classes, labels=labels,
+                      trust_model=trust_model, plugin=plugin, device=_device(device))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attnexplain")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for unexpected errors.")
+def main(debug: bool) -> None:
+    """Show where a trained vision model looks.
+
+    \b
+    attnexplain run model.pt photo.jpg              # overlay, predictions, report
+    attnexplain run torchvision:resnet50:DEFAULT photo.jpg
+    attnexplain layers model.pt --arch resnet18      # candidate Grad-CAM layers
+    """
+
+
+@main.command()
+@click.argument("model")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--method", default="auto", show_default=True,
+              help="auto (rollout for ViTs, gradcam otherwise), gradcam, rollout or saliency.")
+@click.option("--target", help="Class to explain: index or label (default: the top prediction).")
+@click.option("--layer", help="Layer for Grad-CAM (default: last layer with a spatial map; "
+                              "see `attnexplain layers`).")
+@model_options
+@click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W.")
+@click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B.")
+@click.option("--std", callback=_numbers(float, (1, 3)), help="Normalization std: R,G,B.")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Opacity of the heatmap in the overlay.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
+              help="How many predictions to report.")
+@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Refuse larger images (decompression-bomb guard).")
+@click.option("--out", "out_dir", default="attnexplain-out", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
+        arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
+        plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
+        out_dir: Path, as_json: bool) -> None:
+    """Explain MODEL's prediction on IMAGE: overlay, raw heatmap, report.json and report.html.
+
+    MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
+    or a pickled module with --trust-model) or torchvision:NAME[:WEIGHTS].
+    """
+    from .explanation import explain
+    from .images import load_image
+    from .report import output_dir_for
+
+    started = time.perf_counter()
+    picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
+    image_s = time.perf_counter() - started
+    started = time.perf_counter()
+    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+    model_s = time.perf_counter() - started
+    explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
+                          size=size, mean=mean, std=std)
+    explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+    directory = output_dir_for(out_dir, picture.path)
+    report = explanation.save(directory, alpha=alpha)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_run(report)
+
+
+def _print_run(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for note in report["model"]["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    table = Table(title=f"{report['method']} · {Path(report['image']['path']).name}")
+    table.add_column("#", justify="right")
+    table.add_column("class")
+    table.add_column("index", justify="right")
+    table.add_column("probability", justify="right")
+    for rank, prediction in enumerate(report["predictions"], start=1):
+        table.add_row(str(rank), str(prediction["label"] if prediction["label"] is not None else "—"),
+                      str(prediction["index"]), f"{prediction['prob']:.4f}")
+    console.print(table)
+    target = report["target"]
+    layer = f" on layer {report['layer']}" if report["layer"] else ""
+    console.print(f"Explained class {target['label'] or target['index']}{layer}.")
+    folder = Path(report["outputs"]["directory"])
+    for key in ("overlay", "heatmap", "report_json", "report_html"):
+        console.print(f"  {key:<12} {folder / report['outputs'][key]}", highlight=False, soft_wrap=True)
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@click.option("--size", callback=_numbers(int, (1, 2)), help="Input size to probe with: N or H,W.")
+@click.option("--all", "show_all", is_flag=True, help="List every layer, not only spatial ones.")
+def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, size,
+           show_all: bool) -> None:
+    """List MODEL's layers that Grad-CAM can use, with their output shapes."""
+    import torch
+
+    from .capture import probe_layers
+    from .errors import MethodError
+    from .explanation import default_layer
+    from .preprocess import DEFAULT_SIZE, Preprocessing
+
+    from rich.console import Console
+    from rich.table import Table
+
+    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+    if not loaded.inner_layers:
+        raise MethodError(f"A {loaded.loader} model does not expose its inner layers to hooks.")
+    preprocessing = (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(size=size)
+    parameter = next(loaded.module.parameters(), None)
+    batch = torch.zeros(1, 3, *preprocessing.size,
+                        device=parameter.device if parameter is not None else "cpu")
+    found = probe_layers(loaded.module, batch)
+    chosen = default_layer(loaded, batch) if any(info.is_spatial for info in found) else None
+    table = Table(title=f"Layers of {loaded.architecture or model} at {preprocessing.size[0]}x"
+                        f"{preprocessing.size[1]} (in the order they finish)")
+    table.add_column("layer")
+    table.add_column("type")
+    table.add_column("output shape")
+    table.add_column("")
+    for info in found:
+        if not (show_all or info.is_spatial):
+            continue
+        shape = "x".join(map(str, info.shape)) if info.shape else "(not a tensor)"
+        table.add_row(info.name, info.kind, shape, "default" if info.name == chosen else "")
+    Console().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

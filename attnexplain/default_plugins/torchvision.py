@@ -1,0 +1,132 @@
+"""The torchvision plugin: builders, weights, preprocessing and attention for torchvision's models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import ModelLoadError
+from ..plugins import ModelPlugin, NamedModel, TokenGrid
+from ..preprocess import Preprocessing, from_torchvision_transforms
+
+#: Set to 1 to never try downloading weights that are not in torchvision's cache.
+OFFLINE_ENV = "ATTNEXPLAIN_OFFLINE"
+_DOWNLOAD_TIMEOUT_S = 30
+
+
+def _build_resnet(block: str = "BasicBlock", layers: list[int] = (2, 2, 2, 2), **kwargs: Any):
+    """torchvision's ResNet class with a JSON-describable block, for small custom ResNets."""
+    from torchvision.models import resnet
+
+    blocks = {"BasicBlock": resnet.BasicBlock, "Bottleneck": resnet.Bottleneck}
+    if block not in blocks:
+        raise ValueError(f"block must be one of {', '.join(blocks)}, not {block!r}")
+    return resnet.ResNet(blocks[block], list(layers), **kwargs)
+
+
+def _build_vision_transformer(**kwargs: Any):
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(**kwargs)
+
+
+class TorchvisionPlugin(ModelPlugin):
+    name = "torchvision"
+    families = ("all torchvision.models builders", "VisionTransformer (attention rollout)")
+    source_prefix = "torchvision"
+
+    def specificity(self, model: Any) -> int | None:
+        module = type(model).__module__
+        return 10 if module.startswith("torchvision.models") else None
+
+    def builders(self) -> Mapping[str, Callable[..., Any]]:
+        import functools
+
+        import torchvision
+
+        found: dict[str, Callable[..., Any]] = {
+            name: functools.partial(torchvision.models.get_model, name)
+            for name in torchvision.models.list_models()
+        }
+        # Constructors for models smaller than any builder (as the shipped samples are).
+        found["ResNet"] = _build_resnet
+        found["VisionTransformer"] = _build_vision_transformer
+        return found
+
+    def load_named(self, name: str, weights: str | None) -> NamedModel:
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            import difflib
+
+            close = difflib.get_close_matches(name, torchvision.models.list_models(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ModelLoadError(f"torchvision has no model named {name!r}.{hint}")
+        if weights is None:
+            return NamedModel(module=torchvision.models.get_model(name, weights=None),
+                              architecture=name, weights=None)
+        enum = torchvision.models.get_model_weights(name)
+        available = [member.name for member in enum] + ["DEFAULT"]
+        if weights not in available:
+            raise ModelLoadError(f"{name} has no weights {weights!r}; "
+                                 f"available: {', '.join(available)}.")
+        chosen = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+        cached = weights_cache_path(chosen.url)
+        if not cached.exists() and os.environ.get(OFFLINE_ENV) == "1":
+            raise ModelLoadError(_missing_weights_message(name, chosen, cached))
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+        try:
+            module = torchvision.models.get_model(name, weights=chosen)
+        except (OSError, RuntimeError) as error:
+            if cached.exists() and "HTTP" not in str(error) and "urlopen" not in str(error):
+                raise ModelLoadError(f"Cannot load cached weights {cached}: "
+                                     f"{str(error).splitlines()[0]}") from None
+            raise ModelLoadError(_missing_weights_message(name, chosen, cached)) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+        return NamedModel(
+            module=module, architecture=name, weights=str(chosen),
+            labels=list(chosen.meta.get("categories") or []) or None,
+            preprocessing=from_torchvision_transforms(chosen.transforms(), source=str(chosen)),
+        )
+
+    def attention_modules(self, model: Any) -> list[str]:
+        from torchvision.models import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            return []
+        return [f"encoder.layers.{name}.self_attention" for name, _ in model.encoder.layers.named_children()]
+
+    def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
+        from torchvision.models import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            return None
+        # conv_proj cuts the image into non-overlapping patch_size squares; the class token is
+        # prepended (VisionTransformer.forward), so token 0 is the class token.
+        return TokenGrid(prefix_tokens=1, height=input_size[0] // model.patch_size,
+                         width=input_size[1] // model.patch_size)
+
+    def preprocessing(self, model: Any) -> Preprocessing | None:
+        image_size = getattr(model, "image_size", None)
+        if isinstance(image_size, int):  # VisionTransformer only accepts its own image_size
+            return Preprocessing(size=(image_size, image_size), source="model image_size")
+        return None
+
+
+def weights_cache_path(url: str) -> Path:
+    """Where torchvision's weights API looks for (and downloads) ``url``: $TORCH_HOME/hub/checkpoints."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _missing_weights_message(name: str, weights: Any, cached: Path) -> str:
+    return (f"Weights {weights} for {name} are not in torchvision's cache and cannot be downloaded "
+            f"here: place the file {cached.name} (from {weights.url}) at {cached}.")
+
+
+plugin = TorchvisionPlugin()

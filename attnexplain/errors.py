@@ -1,0 +1,36 @@
+"""Errors a person can act on.
+
+Every failure that comes from the user's input (a file that is not an image, a model that cannot be
+loaded, a layer that does not exist) is raised as an :class:`AttnExplainError`. The CLI prints its
+message as one line and exits non-zero; the Python API lets it propagate.
+"""
+
+from __future__ import annotations
+
+
+class AttnExplainError(Exception):
+    """Base class: the message is a complete sentence shown to the user as is."""
+
+    def __init__(self, message: str) -> None:
+        # One line, always: the CLI promises a single-line error.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ImageError(AttnExplainError):
+    """The image is missing, empty, truncated, too large or not an image."""
+
+
+class ModelLoadError(AttnExplainError):
+    """The model file or specification cannot be turned into a model."""
+
+
+class UntrustedModelError(ModelLoadError):
+    """The file is a pickled object whose loading could run arbitrary code."""
+
+
+class MethodError(AttnExplainError):
+    """The explanation method does not apply to this model, layer or target."""
+
+
+class PluginError(AttnExplainError):
+    """A plugin is missing, broken, or does not handle the model."""

@@ -1,0 +1,115 @@
+"""Reading photos the way people have them: any common format, mode, bit depth and orientation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+#: Images larger than this many pixels are refused before decoding (decompression bombs).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO")
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as RGB uint8 pixels, upright, with where it came from."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8, RGB
+    path: Path | None
+    format: str | None
+    mode: str  # the file's original mode, e.g. "RGBA", "I;16"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else "image"
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read ``path`` into an upright RGB image, or raise :class:`ImageError` with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"Image not found: {path}")
+    if path.is_dir():
+        raise ImageError(f"Image path is a folder, not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"Image file is empty: {path}")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check only warns below twice its limit; ours is explicit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"Image is too large: {path} has {width}x{height} = {width * height:,} pixels, "
+                        f"more than the limit of {max_pixels:,} (raise it with --max-pixels)."
+                    )
+                if opened.format not in SUPPORTED_FORMATS:
+                    raise ImageError(
+                        f"Unsupported image format {opened.format} for {path}; "
+                        f"use JPEG, PNG, WebP, BMP or TIFF."
+                    )
+                mode = opened.mode
+                image_format = opened.format
+                opened.load()
+                upright = ImageOps.exif_transpose(opened)
+                pixels = to_rgb_array(upright)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"Not an image (or an unsupported format): {path}") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"Image is too large: {path}: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError with a short reason.
+        raise ImageError(f"Cannot decode image {path}: {error}") from None
+    return LoadedImage(pixels=pixels, path=path, format=image_format, mode=mode)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to (H, W, 3) uint8 RGB.
+
+    16- and 32-bit grayscale are scaled by their actual range of the type (not clipped at 255, which
+    would turn most 16-bit photos white); transparency is composited over white, as viewers show it.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        gray = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def from_array(pixels: np.ndarray, name: str | None = None) -> LoadedImage:
+    """Wrap an (H, W, 3) uint8 RGB array (or a grayscale (H, W) one) as a :class:`LoadedImage`."""
+    array = np.asarray(pixels)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise ImageError("An image array must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4).")
+    if array.shape[2] == 4:
+        array = to_rgb_array(Image.fromarray(array))
+    return LoadedImage(pixels=np.ascontiguousarray(array), path=Path(name) if name else None,
+                       format=None, mode="RGB")

@@ -1,0 +1,202 @@
+"""Model plugins: where all knowledge of particular model families lives.
+
+A plugin is an object (usually an instance of :class:`ModelPlugin`) published under the entry-point
+group ``attnexplain.plugins``. attnexplain's own torchvision support is registered the same way, from
+``attnexplain.default_plugins``; the core never names an architecture.
+
+Discovery uses :mod:`importlib.metadata` directly rather than pluggy: choosing a plugin is a ranking
+(the plugin that knows a model most specifically answers every question about it), not a broadcast of
+a hook to every implementation, so one object per plugin with plain methods is the simpler contract.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from .errors import PluginError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .preprocess import Preprocessing
+
+#: Bumped when a method below changes meaning; plugins declare the version they were written for.
+PLUGIN_API_VERSION = 1
+ENTRY_POINT_GROUP = "attnexplain.plugins"
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a transformer's token sequence maps to image positions."""
+
+    prefix_tokens: int  # tokens before the patches (class token, register tokens)
+    height: int  # patches per column
+    width: int  # patches per row
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model a plugin built from a name (``torchvision:resnet50:DEFAULT``), with what it knows."""
+
+    module: "nn.Module"
+    architecture: str
+    weights: str | None
+    labels: list[str] | None = None
+    preprocessing: "Preprocessing | None" = None
+
+
+class ModelPlugin:
+    """Answers questions about the models of the families it knows. Override what applies.
+
+    The defaults describe a model nobody knows: it gets the generic, shape-based behaviour of the core
+    (Grad-CAM on the last layer with a spatial feature map, ImageNet preprocessing at 224 pixels).
+    """
+
+    name: str = "generic"
+    api_version: int = PLUGIN_API_VERSION
+    #: Short names of the model families covered, for listings.
+    families: tuple[str, ...] = ()
+    #: Prefix of model specifications this plugin builds by name, e.g. ``"torchvision"``.
+    source_prefix: str | None = None
+
+    def specificity(self, model: "nn.Module") -> int | None:
+        """How specifically this plugin knows ``model``: None if not at all, higher wins.
+
+        Convention: 10 for a whole library's models, 20 for one family, 30 for one exact class.
+        """
+        return None
+
+    def builders(self) -> Mapping[str, Callable[..., "nn.Module"]]:
+        """Architecture names usable with ``--arch`` (and in checkpoints' ``arch`` key) → constructors.
+
+        A constructor takes keyword arguments only (``num_classes`` and the checkpoint's
+        ``arch_kwargs``) and builds randomly initialised weights, never downloading anything.
+        """
+        return {}
+
+    def load_named(self, name: str, weights: str | None) -> NamedModel:
+        """Build ``PREFIX:NAME[:WEIGHTS]``; only called when ``source_prefix`` is set."""
+        raise PluginError(f"Plugin {self.name} cannot build models by name.")
+
+    def default_layer(self, model: "nn.Module") -> str | None:
+        """The CAM target layer; None lets the core pick the last layer with a spatial map."""
+        return None
+
+    def attention_modules(self, model: "nn.Module") -> list[str]:
+        """Names of the submodules whose attention probabilities rollout multiplies, input to output."""
+        return []
+
+    def token_grid(self, model: "nn.Module", input_size: tuple[int, int]) -> TokenGrid | None:
+        """How the tokens of ``attention_modules`` lie on the image, for an input of (height, width)."""
+        return None
+
+    @contextmanager
+    def capture_attention(self, model: "nn.Module", names: list[str],
+                          sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
+        """Record each named module's attention probabilities (batch, heads, tokens, tokens) into sink.
+
+        The default handles ``torch.nn.MultiheadAttention``, the module torchvision's and many other
+        transformers use: it asks for the per-head weights the module otherwise skips (which makes it
+        take its unfused path; the output is the same) and records them.
+        """
+        from .capture import capture_multihead_attention
+
+        with capture_multihead_attention(model, names, sink):
+            yield
+
+    def preprocessing(self, model: "nn.Module") -> "Preprocessing | None":
+        """Default input preprocessing when neither weights nor checkpoint say."""
+        return None
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """An installed plugin as found through its entry point."""
+
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    plugin: ModelPlugin | None
+    error: str | None  # why it is broken, when it is
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name if self.plugin is not None else self.entry_point
+
+
+def discover_plugins() -> list[PluginInfo]:
+    """Load every plugin of the entry-point group; a broken one is listed with its error, not raised."""
+    from importlib.metadata import entry_points
+
+    found: list[PluginInfo] = []
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
+        distribution = getattr(point, "dist", None)
+        dist_name = distribution.metadata["Name"] if distribution is not None else None
+        dist_version = distribution.version if distribution is not None else None
+        try:
+            loaded = point.load()
+            plugin = loaded() if isinstance(loaded, type) else loaded
+            if not isinstance(plugin, ModelPlugin):
+                raise TypeError(f"{point.value} is not an attnexplain.plugins.ModelPlugin")
+            if plugin.api_version != PLUGIN_API_VERSION:
+                raise TypeError(f"written for plugin API {plugin.api_version}, "
+                                f"this attnexplain speaks {PLUGIN_API_VERSION}")
+        except Exception as error:  # a broken plugin must not break the others
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            found.append(PluginInfo(point.name, dist_name, dist_version, None, message))
+            continue
+        found.append(PluginInfo(point.name, dist_name, dist_version, plugin, None))
+    return found
+
+
+_cache: list[PluginInfo] | None = None
+
+
+def installed_plugins() -> list[ModelPlugin]:
+    """The working plugins, loaded once per process."""
+    global _cache
+    if _cache is None:
+        _cache = discover_plugins()
+    return [info.plugin for info in _cache if info.plugin is not None]
+
+
+def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:
+    """The plugin named ``name``, or the most specific one that handles ``model``.
+
+    Ties are broken by plugin name so that the choice never depends on installation order; a model
+    no plugin claims gets the generic behaviour.
+    """
+    plugins = installed_plugins()
+    if name is not None:
+        for plugin in plugins:
+            if plugin.name == name:
+                return plugin
+        known = ", ".join(sorted(p.name for p in plugins)) or "none"
+        raise PluginError(f"No plugin named {name!r} is installed (installed: {known}).")
+    ranked = []
+    for plugin in plugins:
+        score = plugin.specificity(model)
+        if score is not None:
+            ranked.append((-score, plugin.name, plugin))
+    if not ranked:
+        return ModelPlugin()
+    return min(ranked, key=lambda item: item[:2])[2]
+
+
+def all_builders() -> dict[str, tuple[ModelPlugin, Callable[..., Any]]]:
+    """Every architecture name any plugin can build, with the plugin that provides it."""
+    names: dict[str, tuple[ModelPlugin, Callable[..., Any]]] = {}
+    for plugin in sorted(installed_plugins(), key=lambda p: p.name):
+        for arch, builder in plugin.builders().items():
+            names.setdefault(arch, (plugin, builder))
+    return names
+
+
+def plugin_for_prefix(prefix: str) -> ModelPlugin | None:
+    for plugin in installed_plugins():
+        if plugin.source_prefix == prefix:
+            return plugin
+    return None

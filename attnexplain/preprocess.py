@@ -1,0 +1,130 @@
+"""Turning a photo into the tensor a model expects, and remembering which part of the photo it saw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from .errors import AttnExplainError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SIZE = (224, 224)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize (optionally shorter side first, then centre crop), scale to [0, 1], normalize.
+
+    ``resize=None`` resizes the whole photo straight to ``size`` so that every pixel is explained;
+    a ``resize`` shorter-side length followed by a centre crop of ``size`` reproduces the usual
+    evaluation transforms of published weights.
+    """
+
+    size: tuple[int, int] = DEFAULT_SIZE  # (height, width) of the model input
+    resize: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    source: str = "default"  # where these settings came from, for the report
+
+    def with_overrides(self, size: Sequence[int] | int | None = None,
+                       mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None) -> "Preprocessing":
+        """Apply user overrides; a new ``size`` keeps the resize-to-crop ratio of published transforms."""
+        changes: dict[str, Any] = {}
+        if size is not None:
+            new_size = normalize_size(size)
+            if self.resize is not None:
+                changes["resize"] = round(self.resize * min(new_size) / min(self.size))
+            changes["size"] = new_size
+        if mean is not None:
+            changes["mean"] = _three(mean, "mean")
+        if std is not None:
+            values = _three(std, "std")
+            if any(v <= 0 for v in values):
+                raise AttnExplainError(f"--std values must be positive, got {list(values)}.")
+            changes["std"] = values
+        if not changes:
+            return self
+        return replace(self, **changes, source=f"{self.source} + overrides")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation, "source": self.source}
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """A model-ready batch of one image and the region of the original photo it covers."""
+
+    tensor: Any  # torch.Tensor (1, 3, H, W), float32
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) in original pixels
+
+
+def normalize_size(size: Sequence[int] | int) -> tuple[int, int]:
+    if isinstance(size, int):
+        values = (size, size)
+    else:
+        values = tuple(int(v) for v in size)
+        if len(values) == 1:
+            values = (values[0], values[0])
+    if len(values) != 2 or any(v < 8 or v > 8192 for v in values):
+        raise AttnExplainError(f"Input size must be one or two integers between 8 and 8192, got {size}.")
+    return values  # type: ignore[return-value]
+
+
+def _three(values: Sequence[float], what: str) -> tuple[float, float, float]:
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) == 1:
+        numbers = numbers * 3
+    if len(numbers) != 3:
+        raise AttnExplainError(f"--{what} needs one or three numbers (R,G,B), got {list(values)}.")
+    return numbers  # type: ignore[return-value]
+
+
+def from_torchvision_transforms(transforms: Any, source: str) -> Preprocessing | None:
+    """Read the settings of a torchvision weights preset (``weights.transforms()``)."""
+    crop = getattr(transforms, "crop_size", None)
+    resize = getattr(transforms, "resize_size", None)
+    mean = getattr(transforms, "mean", None)
+    std = getattr(transforms, "std", None)
+    if mean is None or std is None or (crop is None and resize is None):
+        return None
+    interpolation = getattr(getattr(transforms, "interpolation", None), "value", "bilinear")
+    resize_short = int(resize[0]) if resize else None
+    if crop:
+        size = normalize_size(crop)
+    else:
+        # Segmentation presets only resize the shorter side; explain a square of that side.
+        size = normalize_size(resize_short)
+        resize_short = None
+    return Preprocessing(size=size, resize=resize_short, mean=tuple(mean), std=tuple(std),
+                         interpolation=str(interpolation), source=source)
+
+
+def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
+    """Resize, crop and normalize an (H, W, 3) uint8 RGB array into a (1, 3, h, w) float tensor."""
+    import numpy as np
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    height, width = pixels.shape[:2]
+    crop_h, crop_w = preprocessing.size
+    mode = InterpolationMode(preprocessing.interpolation)
+    image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    if preprocessing.resize is None:
+        resized = F.resize(image, [crop_h, crop_w], interpolation=mode, antialias=True)
+        box = (0.0, 0.0, float(width), float(height))
+    else:
+        resized = F.resize(image, [preprocessing.resize], interpolation=mode, antialias=True)
+        new_h, new_w = resized.shape[1:]
+        resized = F.center_crop(resized, [crop_h, crop_w])
+        # Same rounding as torchvision's center_crop, so the box matches the pixels it kept.
+        top = int(round((new_h - crop_h) / 2.0))
+        left = int(round((new_w - crop_w) / 2.0))
+        scale_x, scale_y = new_w / width, new_h / height
+        box = (left / scale_x, top / scale_y, (left + crop_w) / scale_x, (top + crop_h) / scale_y)
+    tensor = F.normalize(resized.float().div_(255.0), list(preprocessing.mean), list(preprocessing.std))
+    return PreparedInput(tensor=tensor.unsqueeze(0), box=box)

@@ -1,0 +1,63 @@
+"""Turning heatmaps into pictures: colormaps, overlays and encoded images. No model code here."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] by the map's own range; a constant map becomes all zeros."""
+    values = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+    low, high = float(values.min()), float(values.max())
+    if high - low <= 1e-12 * max(1.0, abs(high)):
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def colorize(unit_map: np.ndarray) -> np.ndarray:
+    """[0, 1] map → (H, W, 3) uint8 RGB with the jet colormap (blue = low, red = high)."""
+    levels = np.clip(unit_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+
+
+def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, float, float, float],
+                   alpha: float = 0.5) -> np.ndarray:
+    """Blend the colormapped heatmap over the photo at the photo's own resolution.
+
+    ``box`` is the region of the photo the model saw (left, top, right, bottom); the heatmap is
+    stretched over it. Parts of the photo outside it (cropped away by preprocessing) are dimmed.
+    """
+    height, width = pixels.shape[:2]
+    left, top, right, bottom = (int(round(v)) for v in box)
+    box_w, box_h = max(1, right - left), max(1, bottom - top)
+    stretched = cv2.resize(normalize_heatmap(heatmap), (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+    colors = colorize(stretched).astype(np.float32)
+
+    photo = pixels.astype(np.float32)
+    result = photo * 0.4  # dimmed: what the model did not see
+    # Intersection of the box with the photo, in photo and in box coordinates.
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(right, width), min(bottom, height)
+    if x1 > x0 and y1 > y0:
+        region = colors[y0 - top:y1 - top, x0 - left:x1 - left]
+        result[y0:y1, x0:x1] = (1.0 - alpha) * photo[y0:y1, x0:x1] + alpha * region
+    return np.clip(result + 0.5, 0, 255).astype(np.uint8)
+
+
+def encode_image(pixels: np.ndarray, extension: str = ".png", quality: int = 90) -> bytes:
+    """RGB uint8 array → encoded file bytes (.png or .jpg)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if extension in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(extension, cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {pixels.shape} image as {extension}")
+    return encoded.tobytes()
+
+
+def downscale(pixels: np.ndarray, longest_side: int) -> np.ndarray:
+    """Shrink so that the longest side is at most ``longest_side`` (for previews)."""
+    height, width = pixels.shape[:2]
+    scale = longest_side / max(height, width)
+    if scale >= 1.0:
+        return pixels
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)

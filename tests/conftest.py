@@ -1,0 +1,90 @@
+"""Shared fixtures: small real models and real photos, made offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Never try to download weights from tests, and never touch the user's torch cache.
+os.environ["ATTNEXPLAIN_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+sys.path.insert(0, str(SAMPLES))  # samples/composites.py: the sample data, importable by tests
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.getbasetemp() / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory) -> Path:
+    """Chelsea the cat, a real photo bundled with scikit-image (CC0)."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photos") / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path, quality=92)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_resnet():
+    """A torchvision ResNet-18 with 5 classes and fixed random weights, in eval mode."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    # Random BatchNorm statistics so that activations are not trivially uniform.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def small_vit():
+    """A small torchvision VisionTransformer (64 px, 8 px patches, 3 layers) with random weights."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(1)
+    model = torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=3,
+                                                 num_heads=4, hidden_dim=32, mlp_dim=64,
+                                                 num_classes=6).eval()
+    with torch.no_grad():  # torchvision zero-initialises the head; give it real values
+        model.heads.head.weight.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def resnet_state_dict_file(small_resnet, tmp_path_factory) -> Path:
+    import torch
+
+    path = tmp_path_factory.mktemp("models") / "resnet18-5.pt"
+    torch.save(small_resnet.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_resnet_file() -> Path:
+    return SAMPLES / "models" / "resnet-composites.pt"
+
+
+@pytest.fixture(scope="session")
+def sample_vit_file() -> Path:
+    return SAMPLES / "models" / "vit-composites.pt"
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1])

@@ -1,0 +1,210 @@
+"""The command line end to end: outputs written, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from attnexplain.cli import main
+
+ATTNEXPLAIN = [sys.executable, "-m", "attnexplain"]
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _assert_clean_failure(result, message: str):
+    assert result.exit_code != 0
+    output = result.output.strip()
+    assert "Traceback" not in output
+    assert len(output.splitlines()) == 1, output
+    assert output.startswith("Error: ") and message in output, output
+
+
+def test_run_writes_overlay_heatmap_and_reports(tmp_path, resnet_state_dict_file, photo):
+    out = tmp_path / "out"
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "96",
+                  "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    folder = out / "chelsea"
+    assert report["outputs"]["directory"] == str(folder.resolve())
+    for key in ("image", "model", "method", "layer", "target", "predictions", "outputs", "timings",
+                "versions"):
+        assert key in report
+    assert report["method"] == "gradcam" and report["layer"] == "layer4"
+    assert report["model"]["loader"] == "state_dict" and report["model"]["architecture"] == "resnet18"
+    assert len(report["predictions"]) == 5
+    assert abs(sum(p["prob"] for p in report["predictions"]) - 1.0) < 1e-5  # 5 classes, top-5
+    overlay = Image.open(folder / report["outputs"]["overlay"])
+    assert overlay.size == Image.open(photo).size  # original resolution
+    heatmap = np.load(folder / report["outputs"]["heatmap"])
+    assert heatmap.dtype == np.float32 and heatmap.shape == (96, 96)
+    assert json.loads((folder / "report.json").read_text()) == report
+    html = (folder / "report.html").read_text()
+    assert "data:image/jpeg;base64," in html and "layer4" in html  # self-contained
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_run_prints_a_table_and_the_paths(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
+                  "--out", tmp_path, "--labels", _labels(tmp_path), "--target", "cat")
+    assert result.exit_code == 0, result.output
+    assert "probability" in result.output and "Explained class cat" in result.output
+    assert str(tmp_path / "chelsea" / "report.html") in result.output
+
+
+def _labels(tmp_path: Path) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("dog\ncat\nbird\nfish\nfrog\n")
+    return path
+
+
+def test_same_file_name_from_another_folder_gets_its_own_outputs(tmp_path, resnet_state_dict_file, photo):
+    other = tmp_path / "elsewhere" / "chelsea.jpg"
+    other.parent.mkdir()
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    out = tmp_path / "out"
+    for image in (photo, other, photo):
+        assert _run("run", resnet_state_dict_file, image, "--arch", "resnet18", "--size", "64",
+                    "--out", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea", "chelsea-2"]
+    second = json.loads((out / "chelsea-2" / "report.json").read_text())
+    assert second["image"]["path"] == str(other.resolve())
+
+
+def test_vit_defaults_to_rollout(tmp_path, small_vit, photo):
+    import torch
+
+    path = tmp_path / "vit.pt"
+    torch.save({"arch": "VisionTransformer",
+                "arch_kwargs": {"image_size": 64, "patch_size": 8, "num_layers": 3, "num_heads": 4,
+                                "hidden_dim": 32, "mlp_dim": 64, "num_classes": 6},
+                "state_dict": small_vit.state_dict()}, path)
+    result = _run("run", path, photo, "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["method"] == "rollout" and report["preprocessing"]["size"] == [64, 64]
+
+
+def test_layers_lists_spatial_layers_and_the_default(resnet_state_dict_file):
+    result = _run("layers", resnet_state_dict_file, "--arch", "resnet18", "--size", "64")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "layer4 " in line]
+    assert lines and "default" in lines[0]
+    assert "fc" not in result.output.split()
+
+
+def test_torchscript_runs_saliency_and_refuses_gradcam_clearly(tmp_path, small_resnet, photo):
+    import torch
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(small_resnet), str(path))
+    result = _run("run", path, photo, "--out", tmp_path / "out", "--size", "64", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["method"] == "saliency"
+    refused = _run("run", path, photo, "--method", "gradcam", "--out", tmp_path / "out2")
+    _assert_clean_failure(refused, "inner layers")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18"], "Image not found"),
+    (lambda t, m, p: ["run", m, _write(t / "empty.jpg", b""), "--arch", "resnet18"], "empty"),
+    (lambda t, m, p: ["run", m, _write(t / "text.png", b"hello"), "--arch", "resnet18"], "Not an image"),
+    (lambda t, m, p: ["run", m, _write(t / "cut.jpg", p.read_bytes()[:3000]), "--arch", "resnet18"],
+     "Cannot decode"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--max-pixels", "1000"], "too large"),
+    (lambda t, m, p: ["run", t / "missing.pt", p], "Model file not found"),
+    (lambda t, m, p: ["run", m, p], "--arch"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet50"], "do not fit resnet50"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--layer", "nope"], "no layer named 'nope'"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--target", "9"], "out of range"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--target", "cat"], "no class names"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--method", "rollout"], "needs attention"),
+    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--method", "magic"], "Unknown method"),
+    (lambda t, m, p: ["run", "torchvision:resnet18:IMAGENET1K_V1", p], "resnet18-f37072fd.pth"),
+])
+def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, resnet_state_dict_file, photo,
+                                                          make_args, message):
+    out = tmp_path / "out"
+    result = _run(*make_args(tmp_path, resnet_state_dict_file, photo), "--size", "64", "--out", out)
+    _assert_clean_failure(result, message)
+    assert not out.exists()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_failure_while_saving_leaves_no_partial_output(tmp_path, resnet_state_dict_file, photo,
+                                                          monkeypatch):
+    from attnexplain import report
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "render_html", broken)
+    out = tmp_path / "out"
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
+                  "--out", out)
+    _assert_clean_failure(result, "disk full")
+    assert list(out.iterdir()) == []  # neither the result folder nor its staging folder
+
+
+def test_a_failed_rerun_keeps_the_previous_outputs(tmp_path, resnet_state_dict_file, photo, monkeypatch):
+    from attnexplain import report
+
+    out = tmp_path / "out"
+    args = ["run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64", "--out", out]
+    assert _run(*args).exit_code == 0
+    before = (out / "chelsea" / "report.json").read_text()
+    monkeypatch.setattr(report, "render_html", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
+    assert _run(*args).exit_code != 0
+    assert (out / "chelsea" / "report.json").read_text() == before
+
+
+def test_real_subprocess_run_and_error(tmp_path, resnet_state_dict_file, photo):
+    out = tmp_path / "out"
+    done = subprocess.run([*ATTNEXPLAIN, "run", str(resnet_state_dict_file), str(photo), "--arch",
+                           "resnet18", "--size", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "chelsea" / "overlay-gradcam.png").is_file()
+    failed = subprocess.run([*ATTNEXPLAIN, "run", str(resnet_state_dict_file), str(tmp_path / "no.jpg")],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [f"Error: Image not found: {tmp_path / 'no.jpg'}"]
+
+
+def test_malicious_model_is_refused_from_the_cli(tmp_path, photo):
+    import torch
+
+    from test_loading import _Payload
+
+    evidence = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save(_Payload(evidence), path)
+    result = _run("run", path, photo, "--out", tmp_path / "out")
+    _assert_clean_failure(result, "--trust-model")
+    assert not evidence.exists()
+
+
+def test_help_imports_no_torch_and_is_fast():
+    code = ("import sys, time; t = time.perf_counter(); from attnexplain.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    verdict = done.stdout.strip().splitlines()[-1].split()
+    assert verdict[0] == "NO-TORCH"
