@@ -125,7 +125,21 @@ class LayerInfo:
 
 
 def probe_layers(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
-    """Run one forward pass and list every submodule in the order its (last) call finished."""
+    """List every submodule, with its output shape, in the order its (last) call finished.
+
+    Shapes are propagated with fake tensors (no arithmetic, a fraction of a forward pass); a model
+    that fake tensors cannot run through is probed with a real forward pass instead.
+    """
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            return _probe(model, mode.from_tensor(batch))
+    except Exception:
+        return _probe(model, batch)
+
+
+def _probe(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
     finished: dict[str, LayerInfo] = {}
 
     def make_hook(name: str):

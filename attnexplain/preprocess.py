@@ -108,7 +108,7 @@ def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
     import numpy as np
     import torch
     from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    from torchvision.transforms import functional as F  # what torchvision's weight presets use
 
     height, width = pixels.shape[:2]
     crop_h, crop_w = preprocessing.size

@@ -1,0 +1,30 @@
+"""Rendering: overlays at the photo's resolution, in the region the model saw."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attnexplain.render import colorize, normalize_heatmap, render_overlay
+
+
+def test_normalize_scales_to_unit_range_and_handles_constant_maps():
+    assert normalize_heatmap(np.array([[2.0, 4.0], [6.0, 10.0]])).tolist() == [[0, 0.25], [0.5, 1.0]]
+    assert not normalize_heatmap(np.full((3, 3), 7.0)).any()
+
+
+def test_colormap_runs_blue_to_red():
+    colors = colorize(np.array([[0.0, 1.0]]))
+    assert colors[0, 0, 2] > 100 and colors[0, 0, 0] < 50  # low → blue
+    assert colors[0, 1, 0] > 100 and colors[0, 1, 2] < 50  # high → red
+
+
+def test_overlay_puts_the_hot_spot_where_the_model_saw_it():
+    photo = np.full((100, 200, 3), 128, dtype=np.uint8)
+    heatmap = np.zeros((10, 10), dtype=np.float32)
+    heatmap[0:3, 7:10] = 1.0  # top-right corner of what the model saw
+    overlay = render_overlay(photo, heatmap, box=(50.0, 0.0, 150.0, 100.0), alpha=0.6)
+    assert overlay.shape == photo.shape
+    red = overlay[..., 0].astype(int) - overlay[..., 2].astype(int)
+    assert red[10, 140] > 50  # inside the box, top right: hot
+    assert red[90, 60] < 0  # inside the box, elsewhere: cold (blue)
+    assert (overlay[:, :50] < 128).all() and (overlay[:, 150:] < 128).all()  # outside: dimmed
