@@ -70,32 +70,52 @@ def capture_activations(model: nn.Module, names: list[str],
 
 
 @contextmanager
+def replaced_forward(module: nn.Module, wrapper) -> Iterator[None]:
+    """Run ``wrapper(original_forward, *args, **kwargs)`` instead of ``module.forward`` in the block.
+
+    Unlike hooks, a wrapper can run the forward inside a context (``record_softmax``); the module's
+    own forward hooks still fire around it.
+    """
+    had_own = "forward" in module.__dict__
+    own = module.__dict__.get("forward")
+    original = module.forward
+    module.forward = lambda *args, **kwargs: wrapper(original, *args, **kwargs)
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = own
+        else:
+            del module.forward
+
+
+@contextmanager
 def capture_multihead_attention(model: nn.Module, names: list[str],
                                 sink: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Record the per-head attention probabilities of ``nn.MultiheadAttention`` modules.
+    """Record the per-head attention probabilities (B, heads, T, T) of ``nn.MultiheadAttention`` modules.
 
     Callers often pass ``need_weights=False`` so that PyTorch can use its fused kernel, which never
-    materialises the probabilities. The pre-hook asks for them (per head), which routes the call
-    through the standard math path; the module's output is unchanged up to float rounding.
+    materialises the probabilities. The wrapper asks for them per head, which routes the call through
+    the standard math path (same output up to float rounding). The weights it returns are a view of
+    the softmax the output was computed from; :func:`attention_gradients` differentiates through it.
     """
     need_weights_position = 4  # forward(query, key, value, key_padding_mask, need_weights, ...)
     average_position = 6
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        args = list(args)
-        for position, key, value in ((need_weights_position, "need_weights", True),
-                                     (average_position, "average_attn_weights", False)):
-            if len(args) > position:
-                args[position] = value
-            else:
-                kwargs[key] = value
-        return tuple(args), kwargs
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def make_wrapper(name: str):
+        def wrapper(original, *args, **kwargs):
+            args = list(args)
+            for position, key, value in ((need_weights_position, "need_weights", True),
+                                         (average_position, "average_attn_weights", False)):
+                if len(args) > position:
+                    args[position] = value
+                else:
+                    kwargs[key] = value
+            output = original(*args, **kwargs)
             sink[name] = output[1]
+            return output
 
-        return hook
+        return wrapper
 
     with ExitStack() as stack:
         for name in names:
@@ -103,11 +123,26 @@ def capture_multihead_attention(model: nn.Module, names: list[str],
             if not isinstance(module, nn.MultiheadAttention):
                 raise MethodError(f"Layer {name!r} is a {type(module).__name__}, not a "
                                   f"MultiheadAttention; its plugin must say how to capture it.")
-            handles = (module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                       module.register_forward_hook(make_hook(name), with_kwargs=True))
-            for handle in handles:
-                stack.callback(handle.remove)
+            stack.enter_context(replaced_forward(module, make_wrapper(name)))
         yield
+
+
+def attention_gradients(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """∂score/∂attention for recorded attention probabilities.
+
+    A recorded tensor may be a view (``nn.MultiheadAttention`` returns its probabilities reshaped
+    after using them); the graph runs through the view's base, so the gradient is taken there and
+    given the view's shape.
+    """
+    sources = []
+    for attention in attentions:
+        base = attention._base
+        usable = base is not None and base.numel() == attention.numel() and base.requires_grad
+        sources.append(base if usable else attention)
+    gradients = torch.autograd.grad(score, sources, allow_unused=True)
+    if any(gradient is None for gradient in gradients):
+        raise MethodError("The target score does not depend on every recorded attention layer.")
+    return [gradient.reshape(attention.shape) for gradient, attention in zip(gradients, attentions)]
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,23 @@
-"""explain(): one image, one model, one method → an :class:`Explanation`."""
+"""explain(): one image, one model, one or more methods → an :class:`Explanation`."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_activations, frozen_parameters, probe_layers
+from .capture import attention_gradients, capture_activations, frozen_parameters, probe_layers
 from .errors import MethodError
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
+from .methods.attention import raw_attention
+from .methods.cam import cam_map
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
 
 
@@ -29,26 +31,80 @@ class Prediction:
         return {"index": self.index, "label": self.label, "prob": self.prob}
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """Settings of the methods; each method reads the ones that concern it."""
+
+    head_fusion: str = "mean"  # rollout: how heads are combined (mean, max, min)
+    discard_ratio: float = 0.0  # rollout: share of the weakest attention weights dropped
+    eigen_smooth: bool = False  # CAM family: first principal component instead of the channel sum
+    aug_smooth: bool = False  # every method: average over flipped and zoomed copies
+    steps: int = 32  # integrated_gradients
+    samples: int = 16  # smoothgrad
+    noise: float = 0.15  # smoothgrad, as a share of the input's range
+    window: int = 16  # occlusion, pixels at model resolution
+    stride: int = 8  # occlusion
+    batch_size: int = 32  # scorecam, occlusion, integrated_gradients, smoothgrad
+
+    def __post_init__(self) -> None:
+        if self.head_fusion not in ("mean", "max", "min"):
+            raise MethodError(f"Head fusion must be mean, max or min, not {self.head_fusion!r}.")
+        if not 0.0 <= self.discard_ratio < 1.0:
+            raise MethodError(f"The discard ratio must be in [0, 1), not {self.discard_ratio}.")
+        for name in ("steps", "samples", "window", "stride", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MethodError(f"{name} must be at least 1.")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class MethodMap:
+    """One method's result."""
+
+    method: str
+    heatmap: np.ndarray  # (h, w) float32 at the model's input resolution
+    layers: list[str] = field(default_factory=list)
+    #: Raw attention only: (layers, heads, grid h, grid w) class-token attention.
+    attention_grid: np.ndarray | None = None
+
+
 @dataclass
 class Explanation:
-    """Where the model looked, for one image: the heatmap, the predictions and how they were made."""
+    """Where the model looked, for one image: the maps, the predictions and how they were made."""
 
     image: LoadedImage
     model: LoadedModel
-    method: str
-    layer: str | None
+    maps: dict[str, MethodMap]
     target: Prediction
     predictions: list[Prediction]
-    heatmap: np.ndarray  # (h, w) float32 at the model's input resolution, raw values
     box: tuple[float, float, float, float]  # region of the photo the model saw
     preprocessing: Preprocessing
+    options: MethodOptions = field(default_factory=MethodOptions)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def overlay(self, alpha: float = 0.5) -> np.ndarray:
-        """The heatmap blended over the photo, at the photo's resolution (H, W, 3) uint8."""
+    @property
+    def method(self) -> str:
+        """The first method requested."""
+        return next(iter(self.maps))
+
+    @property
+    def heatmap(self) -> np.ndarray:
+        """The first method's map: (h, w) float32 at the model's input resolution, raw values."""
+        return self.maps[self.method].heatmap
+
+    @property
+    def layer(self) -> str | None:
+        """The first method's layer (comma-joined when several were fused), None for non-layer methods."""
+        layers = self.maps[self.method].layers
+        return ",".join(layers) if layers else None
+
+    def overlay(self, alpha: float = 0.5, method: str | None = None) -> np.ndarray:
+        """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8."""
         from .render import render_overlay
 
-        return render_overlay(self.image.pixels, self.heatmap, self.box, alpha)
+        return render_overlay(self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
@@ -60,18 +116,22 @@ class Explanation:
                       "format": self.image.format, "mode": self.image.mode},
             "model": self.model.describe(),
             "method": self.method,
+            "methods": list(self.maps),
             "layer": self.layer,
             "target": {"index": self.target.index, "label": self.target.label},
             "predictions": [p.as_dict() for p in self.predictions],
             "preprocessing": self.preprocessing.as_dict(),
-            "heatmap": {"height": int(self.heatmap.shape[0]), "width": int(self.heatmap.shape[1]),
-                        "min": float(self.heatmap.min()), "max": float(self.heatmap.max())},
+            "options": self.options.as_dict(),
+            "maps": {name: {"layers": result.layers,
+                            "height": int(result.heatmap.shape[0]), "width": int(result.heatmap.shape[1]),
+                            "min": float(result.heatmap.min()), "max": float(result.heatmap.max())}
+                     for name, result in self.maps.items()},
             "timings": {key: round(value, 6) for key, value in self.timings.items()},
             "versions": versions(),
         }
 
     def save(self, directory: str | Path, alpha: float = 0.5) -> dict[str, Any]:
-        """Write overlay, heatmap, report.json and report.html into ``directory``, all or nothing.
+        """Write overlays, heatmaps, report.json and report.html into ``directory``, all or nothing.
 
         Returns the report (as written to report.json).
         """
@@ -81,17 +141,22 @@ class Explanation:
 
 
 def explain(model: LoadedModel | torch.nn.Module | str | Path,
-            image: LoadedImage | np.ndarray | str | Path, method: str = "auto", *,
-            target: int | str | None = None, layer: str | None = None, top_k: int = 5,
+            image: LoadedImage | np.ndarray | str | Path, method: str | Sequence[str] = "auto", *,
+            target: int | str | None = None, layer: str | Sequence[str] | None = None, top_k: int = 5,
             size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
-            std: Sequence[float] | None = None, device: str | None = None) -> Explanation:
-    """Explain ``model``'s prediction on ``image`` with ``method``.
+            std: Sequence[float] | None = None, options: MethodOptions | None = None,
+            device: str | None = None) -> Explanation:
+    """Explain ``model``'s prediction on ``image`` with one or more methods.
 
     ``model`` may be a :class:`LoadedModel`, a plain ``nn.Module`` or anything :func:`load_model`
-    accepts; ``image`` a :class:`LoadedImage`, an RGB uint8 array or a path. ``method="auto"`` picks
-    attention rollout for models whose plugin knows their attention, Grad-CAM otherwise (saliency
-    where inner layers are out of reach). ``target`` is a class index or label (default: top-1).
+    accepts; ``image`` a :class:`LoadedImage`, an RGB uint8 array or a path. ``method`` is a name, a
+    comma-separated list or a sequence of names (see :data:`attnexplain.METHODS`); ``"auto"`` picks
+    attention rollout for models whose plugin knows their attention, Grad-CAM otherwise (saliency where
+    inner layers are out of reach). Methods of the same family share their forward and backward pass.
+    ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
+    (default: the top-1 prediction).
     """
+    options = options or MethodOptions()
     timings: dict[str, float] = {}
     started = time.perf_counter()
     loaded = _as_loaded_model(model)
@@ -105,53 +170,60 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     batch = prepared.tensor.to(run_device)
     timings["preprocess_s"] = time.perf_counter() - started
 
-    chosen = resolve_method(loaded, method)
+    methods = resolve_methods(loaded, method)
     started = time.perf_counter()
-    if chosen.needs == "layer":
-        layer = layer or default_layer(loaded, batch)
-        logits, raw_map, target_index = _run_layer_method(module, batch, layer, chosen, target, loaded)
-    elif chosen.needs == "attention":
-        if layer is not None:
-            raise MethodError(f"--layer does not apply to {chosen.name}, which uses every attention layer.")
-        logits, raw_map, target_index = _run_attention_method(loaded, batch, chosen, target)
-    else:
-        if layer is not None:
-            raise MethodError(f"--layer does not apply to {chosen.name}, which explains the input.")
-        logits, raw_map, target_index = _run_input_method(module, batch, chosen, target, loaded)
+    layers = _layer_names(layer)
+    if layers and not any(m.family == "cam" or m.name == "guided_gradcam" for m in methods):
+        raise MethodError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
+    if any(m.family == "cam" or m.name == "guided_gradcam" for m in methods) and not layers:
+        layers = [default_layer(loaded, batch)]
+
+    # The target is fixed by the plain image; augmented copies explain the same class.
+    logits, maps, target_index = _compute_maps(loaded, batch, methods, layers, target, options, None)
+    if options.aug_smooth:
+        maps = _augmentation_smoothing(loaded, batch, methods, layers, target_index, options, maps)
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
 
-    heatmap = F.interpolate(raw_map[:, None].float(), size=batch.shape[-2:], mode="bilinear",
-                            align_corners=False)[0, 0]
     predictions = top_predictions(logits[0], loaded.labels, top_k)
     probabilities = torch.softmax(logits[0].float(), dim=0)
     chosen_target = Prediction(target_index, _label(loaded.labels, target_index),
                                float(probabilities[target_index]))
-    return Explanation(image=picture, model=loaded, method=chosen.name,
-                       layer=layer if chosen.needs == "layer" else None, target=chosen_target,
-                       predictions=predictions, heatmap=heatmap.detach().cpu().numpy().astype(np.float32),
-                       box=prepared.box, preprocessing=preprocessing, timings=timings)
+    return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
+                       predictions=predictions, box=prepared.box, preprocessing=preprocessing,
+                       options=options, timings=timings)
 
 
-def resolve_method(loaded: LoadedModel, name: str) -> Method:
-    """The method called ``name``, checked against what the model allows; ``auto`` chooses."""
-    if name == "auto":
-        if loaded.inner_layers and loaded.plugin.attention_modules(loaded.module):
-            name = "rollout"
-        else:
-            name = "gradcam" if loaded.inner_layers else "saliency"
-    if name not in METHODS:
-        raise MethodError(f"Unknown method {name!r}; choose from auto, {', '.join(METHODS)}.")
-    method = METHODS[name]
-    if method.needs != "input" and not loaded.inner_layers:
-        raise MethodError(f"{name} needs the model's inner layers, which a {loaded.loader} model does "
-                          f"not expose; use --method saliency, or load the weights as a state_dict "
-                          f"with --arch.")
-    if method.needs == "attention" and not loaded.plugin.attention_modules(loaded.module):
-        raise MethodError(f"{name} needs attention layers; plugin {loaded.plugin.name} knows none in "
-                          f"this {type(loaded.module).__name__}. Use --method gradcam.")
-    return method
+# --- choosing ----------------------------------------------------------------------------------
+
+def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list[Method]:
+    """The methods called ``requested`` (``auto`` chooses), checked against what the model allows."""
+    names = [part.strip() for part in requested.split(",")] if isinstance(requested, str) \
+        else [str(part).strip() for part in requested]
+    names = [name for name in names if name]
+    if not names:
+        raise MethodError("No method was given.")
+    has_attention = loaded.inner_layers and bool(loaded.plugin.attention_modules(loaded.module))
+    chosen: list[Method] = []
+    for name in names:
+        if name == "auto":
+            name = "rollout" if has_attention else ("gradcam" if loaded.inner_layers else "saliency")
+        if name not in METHODS:
+            raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them "
+                              f"(auto, {', '.join(METHODS)}).")
+        method = METHODS[name]
+        needs_layers = method.family != "input" or method.name == "guided_gradcam"
+        if needs_layers and not loaded.inner_layers:
+            raise MethodError(f"{name} needs the model's inner layers, which a {loaded.loader} model "
+                              f"does not expose; use --method saliency, or load the weights as a "
+                              f"state_dict with --arch.")
+        if method.family == "attention" and not has_attention:
+            raise MethodError(f"{name} needs attention layers; plugin {loaded.plugin.name} knows none "
+                              f"in this {type(loaded.module).__name__}. Use --method gradcam.")
+        if method not in chosen:
+            chosen.append(method)
+    return chosen
 
 
 def default_layer(loaded: LoadedModel, batch: torch.Tensor) -> str:
@@ -162,57 +234,210 @@ def default_layer(loaded: LoadedModel, batch: torch.Tensor) -> str:
     spatial = [info for info in probe_layers(loaded.module, batch) if info.is_spatial]
     if not spatial:
         raise MethodError("No layer of this model outputs a spatial (batch, channels, height, width) "
-                          "map, so Grad-CAM has nothing to weight; try --method saliency.")
+                          "map, so the CAM methods have nothing to weight; try --method saliency.")
     return spatial[-1].name
 
 
-def _run_layer_method(module: torch.nn.Module, batch: torch.Tensor, layer: str, method: Method,
-                      target: int | str | None, loaded: LoadedModel):
+def _layer_names(layer: str | Sequence[str] | None) -> list[str]:
+    if layer is None:
+        return []
+    parts = layer.split(",") if isinstance(layer, str) else list(layer)
+    return [part.strip() for part in parts if part.strip()]
+
+
+# --- computing ---------------------------------------------------------------------------------
+
+def _compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
+                  target: int | str | None, options: MethodOptions, target_index: int | None):
+    """Run each family's pass once; every map comes back at the input's resolution."""
+    module = loaded.module
+    logits = None
+    raw: dict[str, MethodMap] = {}
+    size = tuple(batch.shape[-2:])
+
+    def fix_target(new_logits: torch.Tensor) -> int:
+        nonlocal logits, target_index
+        if logits is None:
+            logits = new_logits.detach()
+        if target_index is None:
+            target_index = resolve_target(target, logits, loaded.labels)
+        return target_index
+
+    cam_methods = [m for m in methods if m.family == "cam"]
+    if cam_methods:
+        raw.update(_cam_pass(loaded, batch, cam_methods, layers, fix_target, options))
+    attention_methods = [m for m in methods if m.family == "attention"]
+    if attention_methods:
+        raw.update(_attention_pass(loaded, batch, attention_methods, fix_target, options))
+    input_methods = [m for m in methods if m.family == "input"]
+    if input_methods:
+        forward = _logits_of(module)
+        if logits is None or target_index is None:
+            with torch.no_grad():
+                fix_target(forward(batch))
+        for method in input_methods:
+            with torch.enable_grad():
+                attribution = method.compute(
+                    forward, batch, target_index, model=module, layer=layers[0] if layers else None,
+                    steps=options.steps, samples=options.samples, noise=options.noise,
+                    window=options.window, stride=options.stride, batch_size=options.batch_size)
+            raw[method.name] = MethodMap(method.name, _to_numpy(attribution.detach(), size),
+                                         layers[:1] if method.name == "guided_gradcam" else [])
+    maps = {m.name: raw[m.name] for m in methods}  # in the order asked for
+    return logits, maps, target_index
+
+
+def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
+              fix_target: Callable[[torch.Tensor], int], options: MethodOptions) -> dict[str, MethodMap]:
+    module = loaded.module
     captured: dict[str, torch.Tensor] = {}
-    with frozen_parameters(module), capture_activations(module, [layer], captured), \
-            torch.enable_grad():
+    needs_gradient = any(m.needs_gradient for m in methods)
+    with frozen_parameters(module), capture_activations(module, layers, captured), \
+            torch.set_grad_enabled(needs_gradient):
         logits = _classification_logits(module(batch))
-        if layer not in captured:
-            raise MethodError(f"Layer {layer!r} did not run during the forward pass.")
-        activation = captured[layer]
-        if activation.dim() != 4:
-            raise MethodError(f"Layer {layer!r} outputs shape {tuple(activation.shape)}, not a "
-                              f"(batch, channels, height, width) map; choose one that `attnexplain "
-                              f"layers` marks as spatial.")
-        target_index = resolve_target(target, logits, loaded.labels)
-        score = logits[:, target_index].sum()
-        if not score.requires_grad:
-            raise MethodError(f"The model's output does not depend on layer {layer!r}.")
-        (gradient,) = torch.autograd.grad(score, activation)
-    return logits.detach(), method.compute(activation.detach(), gradient), target_index
+        target_index = fix_target(logits)
+        missing = [name for name in layers if name not in captured]
+        if missing:
+            raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
+        activations = [captured[name] for name in layers]
+        for name, activation in zip(layers, activations):
+            if activation.dim() != 4:
+                raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a "
+                                  f"(batch, channels, height, width) map; choose one that "
+                                  f"`attnexplain layers` lists.")
+        gradients: list[torch.Tensor | None] = [None] * len(layers)
+        if needs_gradient:
+            score = logits[:, target_index].sum()
+            if not score.requires_grad:
+                raise MethodError(f"The model's output does not depend on layer {layers[0]!r}.")
+            gradients = list(torch.autograd.grad(score, activations, allow_unused=True))
+            for name, gradient in zip(layers, gradients):
+                if gradient is None:
+                    raise MethodError(f"The model's output does not depend on layer {name!r}.")
+    forward = _logits_of(module)
+    size = tuple(batch.shape[-2:])
+    results = {}
+    for method in methods:
+        per_layer = []
+        for activation, gradient in zip(activations, gradients):
+            activation = activation.detach()
+            if method.name == "scorecam":
+                contributions = method.compute(activation, forward, batch, target_index,
+                                               options.batch_size)
+            else:
+                contributions = method.compute(activation, gradient)
+            per_layer.append(_upsample(cam_map(contributions, options.eigen_smooth), size))
+        results[method.name] = MethodMap(method.name, _fuse_layers(per_layer), list(layers))
+    return results
 
 
-def _run_attention_method(loaded: LoadedModel, batch: torch.Tensor, method: Method,
-                          target: int | str | None):
+def _fuse_layers(per_layer: list[torch.Tensor]) -> np.ndarray:
+    """One layer: its map as is. Several: the mean of each layer's map scaled to [0, 1], so that no
+    layer dominates by the size of its values."""
+    if len(per_layer) == 1:
+        return per_layer[0][0].cpu().numpy().astype(np.float32)
+    scaled = []
+    for layer_map in per_layer:
+        low, high = layer_map.amin(), layer_map.amax()
+        scaled.append((layer_map - low) / (high - low) if high > low else torch.zeros_like(layer_map))
+    return torch.stack(scaled).mean(dim=0)[0].cpu().numpy().astype(np.float32)
+
+
+def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
+                    fix_target: Callable[[torch.Tensor], int],
+                    options: MethodOptions) -> dict[str, MethodMap]:
     module, plugin = loaded.module, loaded.plugin
     names = plugin.attention_modules(module)
     grid = plugin.token_grid(module, tuple(batch.shape[-2:]))
     if grid is None:
         raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to the image.")
+    needs_gradient = any(m.needs_gradient for m in methods)
     captured: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), plugin.capture_attention(module, names, captured):
-        logits = _classification_logits(module(batch))
-    missing = [name for name in names if name not in captured]
-    if missing:
-        raise MethodError(f"No attention was recorded for {', '.join(missing)}.")
-    target_index = resolve_target(target, logits, loaded.labels)
-    return logits, method.compute([captured[name] for name in names], grid), target_index
+    # Gradients with respect to attention need a graph through the attention layers: with every
+    # parameter frozen, an input that requires a gradient provides it.
+    inputs = batch.detach().requires_grad_(needs_gradient)
+    with frozen_parameters(module), plugin.capture_attention(module, names, captured), \
+            torch.set_grad_enabled(needs_gradient):
+        logits = _classification_logits(module(inputs))
+        target_index = fix_target(logits)
+        missing = [name for name in names if name not in captured]
+        if missing:
+            raise MethodError(f"No attention was recorded for {', '.join(missing)}.")
+        attentions = [captured[name] for name in names]
+        gradients = None
+        if needs_gradient:
+            gradients = attention_gradients(logits[:, target_index].sum(), attentions)
+    attentions = [attention.detach() for attention in attentions]
+    size = tuple(batch.shape[-2:])
+    results = {}
+    for method in methods:
+        if method.name == "rollout":
+            grid_map = method.compute(attentions, grid, options.head_fusion, options.discard_ratio)
+            results[method.name] = MethodMap(method.name, _to_numpy(grid_map, size))
+        elif method.name == "chefer":
+            grid_map = method.compute(attentions, [g.detach() for g in gradients], grid)
+            results[method.name] = MethodMap(method.name, _to_numpy(grid_map, size))
+        else:  # raw attention: every layer and head kept for the report; the map is the last layer
+            per_head = raw_attention(attentions, grid)  # (B, layers, heads, h, w)
+            results[method.name] = MethodMap(method.name, _to_numpy(per_head[:, -1].mean(dim=1), size),
+                                             attention_grid=per_head[0].cpu().numpy().astype(np.float32))
+    return results
 
 
-def _run_input_method(module: Any, batch: torch.Tensor, method: Method, target: int | str | None,
-                      loaded: LoadedModel):
-    with torch.no_grad():
-        logits = _classification_logits(module(batch))
-    target_index = resolve_target(target, logits, loaded.labels)
-    targets = torch.full((batch.shape[0],), target_index, dtype=torch.long)
-    with torch.enable_grad():
-        raw_map = method.compute(lambda x: _classification_logits(module(x)), batch, targets)
-    return logits, raw_map.detach(), target_index
+def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
+                            layers: list[str], target_index: int, options: MethodOptions,
+                            plain: dict[str, MethodMap]) -> dict[str, MethodMap]:
+    """Average each map over the image, its mirror image and zoomed-in copies, each mapped back.
+
+    Zooming crops the centre and resizes it back to the input size (the model keeps its input
+    size, which transformers need); its map covers only that centre, so the average at each pixel
+    is over the copies that saw it.
+    """
+    height, width = batch.shape[-2:]
+    sums = {name: torch.from_numpy(result.heatmap).clone() for name, result in plain.items()}
+    counts = torch.ones(height, width)
+    for flip in (False, True):
+        for zoom in (1.0, 1.2):
+            if not flip and zoom == 1.0:
+                continue
+            augmented, region = _augment(batch, flip, zoom)
+            _, maps, _ = _compute_maps(loaded, augmented, methods, layers, None, options, target_index)
+            for name, result in maps.items():
+                restored = torch.from_numpy(result.heatmap)
+                if flip:
+                    restored = restored.flip(-1)
+                top, left, crop_h, crop_w = region
+                shrunk = F.interpolate(restored[None, None], size=(crop_h, crop_w), mode="bilinear",
+                                       align_corners=False)[0, 0]
+                sums[name][top:top + crop_h, left:left + crop_w] += shrunk
+            counts[region[0]:region[0] + region[2], region[1]:region[1] + region[3]] += 1
+    return {name: MethodMap(result.method, (sums[name] / counts).numpy().astype(np.float32),
+                            result.layers, result.attention_grid)
+            for name, result in plain.items()}
+
+
+def _augment(batch: torch.Tensor, flip: bool, zoom: float):
+    height, width = batch.shape[-2:]
+    crop_h, crop_w = round(height / zoom), round(width / zoom)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    augmented = batch[..., top:top + crop_h, left:left + crop_w]
+    if zoom != 1.0:
+        augmented = F.interpolate(augmented, size=(height, width), mode="bilinear", align_corners=False)
+    if flip:
+        augmented = augmented.flip(-1)
+    return augmented, (top, left, crop_h, crop_w)
+
+
+def _upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(grid_map[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _to_numpy(grid_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return _upsample(grid_map, size)[0].cpu().numpy().astype(np.float32)
+
+
+def _logits_of(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda inputs: _classification_logits(module(inputs))
 
 
 def _classification_logits(output: Any) -> torch.Tensor:

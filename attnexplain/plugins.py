@@ -35,6 +35,7 @@ class TokenGrid:
     prefix_tokens: int  # tokens before the patches (class token, register tokens)
     height: int  # patches per column
     width: int  # patches per row
+    query: int = 0  # the token whose attention is explained (the class token)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,19 @@ def downscale(pixels: np.ndarray, longest_side: int) -> np.ndarray:
         return pixels
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2) -> np.ndarray:
+    """(layers, heads, h, w) attention maps → one RGB mosaic, a row per layer and a column per head.
+
+    Each cell is scaled to its own range, so weak and strong heads are both readable.
+    """
+    layers, heads = grid.shape[:2]
+    mosaic = np.full((layers * (cell + gap) - gap, heads * (cell + gap) - gap, 3), 255, dtype=np.uint8)
+    for row in range(layers):
+        for column in range(heads):
+            tile = cv2.resize(normalize_heatmap(grid[row, column]), (cell, cell),
+                              interpolation=cv2.INTER_NEAREST)
+            y, x = row * (cell + gap), column * (cell + gap)
+            mosaic[y:y + cell, x:x + cell] = colorize(tile)
+    return mosaic

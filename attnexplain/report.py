@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._atomic import atomic_directory
-from .render import downscale, encode_image
+from .render import downscale, encode_image, render_attention_grid
 
 if TYPE_CHECKING:
     from .explanation import Explanation
@@ -68,34 +68,52 @@ def _safe_name(name: str) -> str:
 
 def save_explanation(explanation: "Explanation", directory: Path, alpha: float) -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
-    method = explanation.method
-    overlay_name, heatmap_name = f"overlay-{method}.png", f"heatmap-{method}.npy"
-    overlay = explanation.overlay(alpha)
     report = explanation.to_dict()
-    report["outputs"] = {"directory": str(directory.resolve()), "overlay": overlay_name,
-                         "heatmap": heatmap_name, "report_json": REPORT_JSON, "report_html": REPORT_HTML}
+    files: dict[str, dict[str, str]] = {}
+    previews: list[dict[str, Any]] = []
     with atomic_directory(directory) as staging:
-        (staging / overlay_name).write_bytes(encode_image(overlay, ".png"))
-        buffer = io.BytesIO()
-        np.save(buffer, explanation.heatmap.astype(np.float32))
-        (staging / heatmap_name).write_bytes(buffer.getvalue())
+        for name, result in explanation.maps.items():
+            overlay = explanation.overlay(alpha, name)
+            entry = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy"}
+            (staging / entry["overlay"]).write_bytes(encode_image(overlay, ".png"))
+            _write_npy(staging / entry["heatmap"], result.heatmap)
+            preview = {"method": name, "layers": result.layers,
+                       "overlay_uri": _data_uri(downscale(overlay, _PREVIEW_SIDE))}
+            if result.attention_grid is not None:
+                entry["attention_grid"] = f"attention-grid-{name}.png"
+                entry["attention_grid_npy"] = f"attention-grid-{name}.npy"
+                mosaic = render_attention_grid(result.attention_grid)
+                (staging / entry["attention_grid"]).write_bytes(encode_image(mosaic, ".png"))
+                _write_npy(staging / entry["attention_grid_npy"], result.attention_grid)
+                preview["grid_uri"] = _data_uri(mosaic, ".png")
+                preview["grid_shape"] = list(result.attention_grid.shape[:2])
+            files[name] = entry
+            previews.append(preview)
+        first = files[explanation.method]
+        report["outputs"] = {"directory": str(directory.resolve()), "overlay": first["overlay"],
+                             "heatmap": first["heatmap"], "maps": files,
+                             "report_json": REPORT_JSON, "report_html": REPORT_HTML}
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        html = render_html(report, explanation.image.pixels, overlay)
+        html = render_html(report, explanation.image.pixels, previews)
         (staging / REPORT_HTML).write_text(html, encoding="utf-8")
     return report
 
 
-def render_html(report: dict[str, Any], photo: np.ndarray, overlay: np.ndarray) -> str:
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32))
+    path.write_bytes(buffer.getvalue())
+
+
+def render_html(report: dict[str, Any], photo: np.ndarray, previews: list[dict[str, Any]]) -> str:
     """The report as one HTML file with its images embedded, so it opens from disk or an e-mail."""
-    return _template().render(
-        report=report,
-        photo_uri=_data_uri(downscale(photo, _PREVIEW_SIDE)),
-        overlay_uri=_data_uri(downscale(overlay, _PREVIEW_SIDE)),
-    )
+    return _template().render(report=report, photo_uri=_data_uri(downscale(photo, _PREVIEW_SIDE)),
+                              previews=previews)
 
 
-def _data_uri(pixels: np.ndarray) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(encode_image(pixels, ".jpg")).decode("ascii")
+def _data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
+    kind = "png" if extension == ".png" else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(encode_image(pixels, extension)).decode("ascii")
 
 
 @lru_cache(maxsize=1)

@@ -1,11 +1,12 @@
-"""Explanation methods: small functions over what a forward (and backward) pass captured.
+"""Every explanation method, as a small function over what a forward (and backward) pass captured.
 
-Each method declares what it needs:
+Families, by what they need:
 
-- ``layer``: a layer's activation and the gradient of the target score with respect to it
-  (CAM family), computed by :func:`attnexplain.explain` in one forward and one partial backward;
-- ``attention``: the attention probabilities of every attention module, input to output;
-- ``input``: the model as a function of its input (gradient attributions through Captum).
+- ``cam``: one layer's activation (and, for most, the gradient of the target score with respect to
+  it): one forward and one backward down to that layer serve every CAM method requested;
+- ``attention``: the attention probabilities of every attention layer (and their gradients for
+  ``chefer``), recorded in one forward;
+- ``input``: the model as a function of its input; Captum computes these.
 """
 
 from __future__ import annotations
@@ -13,33 +14,70 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .gradcam import gradcam
-from .rollout import rollout
-from .saliency import saliency
+from . import attention, attribution, cam, scorecam
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    needs: str  # "layer" | "attention" | "input"
+    family: str  # "cam" | "attention" | "input"
+    needs_gradient: bool
     summary: str
+    applies_to: str
+    cost: str
     paper: str
     compute: Callable
 
 
-METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (
-        Method("gradcam", "layer",
-               "Class-discriminative map: a layer's channels weighted by their mean gradient.",
-               "Selvaraju et al. 2017, Grad-CAM", gradcam),
-        Method("rollout", "attention",
-               "How much each patch flows into the class token through every attention layer.",
-               "Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers", rollout),
-        Method("saliency", "input",
-               "Absolute input gradient of the target score (Captum Saliency).",
-               "Simonyan et al. 2014, Deep Inside Convolutional Networks", saliency),
-    )
-}
+_CNN = "models with a spatial feature map (CNNs; any layer with a (B, C, H, W) output)"
+_VIT = "transformers whose plugin exposes attention (torchvision ViT)"
+_ANY = "any differentiable model, TorchScript and torch.export included"
 
-__all__ = ["METHODS", "Method", "gradcam", "rollout", "saliency"]
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method("gradcam", "cam", True, "A layer's channels weighted by their mean gradient.", _CNN,
+           "1 forward + backward to the layer", "Selvaraju et al. 2017, Grad-CAM", cam.gradcam),
+    Method("gradcampp", "cam", True, "Grad-CAM with pixel-wise weights on positive gradients; "
+           "better for several instances.", _CNN, "1 forward + backward to the layer",
+           "Chattopadhyay et al. 2018, Grad-CAM++", cam.gradcampp),
+    Method("xgradcam", "cam", True, "Gradients weighted by normalised activations (axiom-based).",
+           _CNN, "1 forward + backward to the layer", "Fu et al. 2020, Axiom-based Grad-CAM",
+           cam.xgradcam),
+    Method("layercam", "cam", True, "Each position weighted by its own positive gradient; "
+           "finer maps, also on early layers.", _CNN, "1 forward + backward to the layer",
+           "Jiang et al. 2021, LayerCAM", cam.layercam),
+    Method("hirescam", "cam", True, "Element-wise gradient × activation: provably the locations "
+           "the score used.", _CNN, "1 forward + backward to the layer",
+           "Draelos & Carin 2020, HiResCAM", cam.hirescam),
+    Method("eigencam", "cam", False, "First principal component of the activations; "
+           "class-agnostic, no gradients.", _CNN, "1 forward", "Muhammad & Yeasin 2020, Eigen-CAM",
+           cam.eigencam),
+    Method("scorecam", "cam", False, "Channels weighted by the target's score on the image masked "
+           "by each; gradient-free.", _CNN, "1 forward + one forward per channel (batched)",
+           "Wang et al. 2020, Score-CAM", scorecam.scorecam),
+    Method("rollout", "attention", False, "Attention flow from the class token to every patch "
+           "through all layers.", _VIT, "1 forward", "Abnar & Zuidema 2020, Quantifying Attention "
+           "Flow in Transformers", attention.rollout),
+    Method("chefer", "attention", True, "Attention rollout weighted by the gradient of the target: "
+           "class-specific.", _VIT, "1 forward + 1 backward",
+           "Chefer et al. 2021, Generic Attention-model Explainability", attention.gradient_rollout),
+    Method("attention", "attention", False, "The raw learned attention of the class token, per "
+           "layer and head (map: last layer, heads averaged).", _VIT, "1 forward",
+           "Vaswani et al. 2017 / Dosovitskiy et al. 2021", attention.raw_attention),
+    Method("saliency", "input", True, "Absolute input gradient of the target score.", _ANY,
+           "1 forward + 1 backward", "Simonyan et al. 2014, Deep Inside Convolutional Networks",
+           attribution.saliency),
+    Method("integrated_gradients", "input", True, "Gradients integrated along a path from a black "
+           "image (Captum).", _ANY, "steps × (forward + backward)",
+           "Sundararajan et al. 2017, Axiomatic Attribution", attribution.integrated_gradients),
+    Method("smoothgrad", "input", True, "Saliency averaged over noisy copies of the image (Captum "
+           "NoiseTunnel).", _ANY, "samples × (forward + backward)",
+           "Smilkov et al. 2017, SmoothGrad", attribution.smoothgrad),
+    Method("occlusion", "input", False, "How much the score drops when each window is blacked "
+           "out (Captum).", _ANY, "one forward per window position (batched)",
+           "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion),
+    Method("guided_gradcam", "input", True, "Guided backpropagation × Grad-CAM: fine detail of "
+           "the class evidence (Captum).", _CNN, "2 × (forward + backward)",
+           "Selvaraju et al. 2017, Grad-CAM", attribution.guided_gradcam),
+)}
+
+__all__ = ["METHODS", "Method"]
