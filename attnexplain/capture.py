@@ -44,9 +44,10 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 @contextmanager
 def capture_activations(model: nn.Module, names: list[str],
                         sink: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Record each named layer's output as a leaf tensor that gradients can be taken with respect to.
+    """Record each named layer's output as a tensor that gradients can be taken with respect to.
 
-    The hook hands the rest of the network a copy of that leaf, so a later in-place operation
+    The first captured layer becomes a leaf of the autograd graph (nothing before it is recorded);
+    the hook hands the rest of the network a copy of what it records, so a later in-place operation
     (``relu(x, inplace=True)`` after the layer) neither fails nor changes the recorded values. A layer
     called several times is recorded at its last call.
     """
@@ -56,9 +57,11 @@ def capture_activations(model: nn.Module, names: list[str],
             if not isinstance(output, torch.Tensor):
                 raise MethodError(f"Layer {name!r} returns {type(output).__name__}, not a tensor; "
                                   f"choose another layer with --layer.")
-            leaf = output.detach().requires_grad_(True)
-            sink[name] = leaf
-            return leaf.clone()
+            # Downstream of another captured layer the output is already in the graph: keep it
+            # there, so that gradients reach every captured layer.
+            recorded = output if output.requires_grad else output.detach().requires_grad_(True)
+            sink[name] = recorded
+            return recorded.clone()
 
         return hook
 

@@ -111,14 +111,51 @@ def main(debug: bool) -> None:
     """
 
 
+def method_options(function):
+    """Options of the explanation methods, shared by every command that explains."""
+    options = [
+        click.option("--method", default="auto", show_default=True,
+                     help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
+                          "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise."),
+        click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
+        click.option("--layer", help="Layer(s) for the CAM family, comma-separated (several are fused; "
+                                     "default: last layer with a spatial map; see `attnexplain layers`)."),
+        click.option("--head-fusion", default="mean", show_default=True,
+                     type=click.Choice(["mean", "max", "min"]), help="rollout: how heads are combined."),
+        click.option("--discard-ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+                     help="rollout: share of the weakest attention weights dropped."),
+        click.option("--eigen-smooth", is_flag=True,
+                     help="CAM family: first principal component of the weighted activations."),
+        click.option("--aug-smooth", is_flag=True,
+                     help="Average every map over mirrored and zoomed copies of the image."),
+        click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
+                     help="integrated_gradients: interpolation steps."),
+        click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="smoothgrad: noisy copies."),
+        click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
+                     help="occlusion: window side in model-input pixels (stride: half of it)."),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+                     help="Masked or perturbed images per forward pass (scorecam, occlusion, IG)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
+                     batch_size):
+    from .explanation import MethodOptions
+
+    return MethodOptions(head_fusion=head_fusion, discard_ratio=discard_ratio,
+                         eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, steps=steps,
+                         samples=samples, window=window, stride=max(1, window // 2),
+                         batch_size=batch_size)
+
+
 @main.command()
 @click.argument("model")
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("--method", default="auto", show_default=True,
-              help="auto (rollout for ViTs, gradcam otherwise), gradcam, rollout or saliency.")
-@click.option("--target", help="Class to explain: index or label (default: the top prediction).")
-@click.option("--layer", help="Layer for Grad-CAM (default: last layer with a spatial map; "
-                              "see `attnexplain layers`).")
+@method_options
 @model_options
 @click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W.")
 @click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B.")
@@ -133,10 +170,12 @@ def main(debug: bool) -> None:
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
+        head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
+        samples: int, window: int, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
         out_dir: Path, as_json: bool) -> None:
-    """Explain MODEL's prediction on IMAGE: overlay, raw heatmap, report.json and report.html.
+    """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
     or a pickled module with --trust-model) or torchvision:NAME[:WEIGHTS].
@@ -145,6 +184,8 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     from .images import load_image
     from .report import output_dir_for
 
+    settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
+                                window, batch_size)
     started = time.perf_counter()
     picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
     image_s = time.perf_counter() - started
@@ -152,7 +193,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
     model_s = time.perf_counter() - started
     explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
-                          size=size, mean=mean, std=std)
+                          size=size, mean=mean, std=std, options=settings)
     explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
     directory = output_dir_for(out_dir, picture.path)
     report = explanation.save(directory, alpha=alpha)
@@ -180,10 +221,31 @@ def _print_run(report: dict[str, Any]) -> None:
     console.print(table)
     target = report["target"]
     layer = f" on layer {report['layer']}" if report["layer"] else ""
-    console.print(f"Explained class {target['label'] or target['index']}{layer}.")
+    console.print(f"Explained class {target['label'] or target['index']} with "
+                  f"{', '.join(report['methods'])}{layer}.")
     folder = Path(report["outputs"]["directory"])
-    for key in ("overlay", "heatmap", "report_json", "report_html"):
-        console.print(f"  {key:<12} {folder / report['outputs'][key]}", highlight=False, soft_wrap=True)
+    for method, files in report["outputs"]["maps"].items():
+        for kind, name in files.items():
+            console.print(f"  {method + ' ' + kind:<34} {folder / name}", highlight=False, soft_wrap=True)
+    for key in ("report_json", "report_html"):
+        console.print(f"  {key:<34} {folder / report['outputs'][key]}", highlight=False, soft_wrap=True)
+
+
+@main.command()
+def methods() -> None:
+    """List every explanation method: what it shows, where it applies, its cost and its paper."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .methods import METHODS
+
+    table = Table(title="Explanation methods (--method NAME[,NAME...])", show_lines=True)
+    for column in ("method", "family", "what it shows", "applies to", "cost", "paper"):
+        table.add_column(column, overflow="fold")
+    for method in METHODS.values():
+        table.add_row(method.name, method.family, method.summary, method.applies_to, method.cost,
+                      method.paper)
+    Console().print(table)
 
 
 @main.command()

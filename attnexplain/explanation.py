@@ -178,21 +178,26 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     if any(m.family == "cam" or m.name == "guided_gradcam" for m in methods) and not layers:
         layers = [default_layer(loaded, batch)]
 
-    # The target is fixed by the plain image; augmented copies explain the same class.
-    logits, maps, target_index = _compute_maps(loaded, batch, methods, layers, target, options, None)
-    if options.aug_smooth:
-        maps = _augmentation_smoothing(loaded, batch, methods, layers, target_index, options, maps)
+    computed = compute_maps(loaded, batch, methods, layers, target=target, options=options)
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
 
-    predictions = top_predictions(logits[0], loaded.labels, top_k)
-    probabilities = torch.softmax(logits[0].float(), dim=0)
+    logits, target_index = computed.logits[0], int(computed.targets[0])
+    maps = {name: MethodMap(name, heatmap[0].cpu().numpy().astype(np.float32), computed.layers[name],
+                            _first(computed.attention_grids.get(name)))
+            for name, heatmap in computed.maps.items()}
+    predictions = top_predictions(logits, loaded.labels, top_k)
+    probabilities = torch.softmax(logits.float(), dim=0)
     chosen_target = Prediction(target_index, _label(loaded.labels, target_index),
                                float(probabilities[target_index]))
     return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
                        predictions=predictions, box=prepared.box, preprocessing=preprocessing,
                        options=options, timings=timings)
+
+
+def _first(grid: torch.Tensor | None) -> np.ndarray | None:
+    return None if grid is None else grid[0].cpu().numpy().astype(np.float32)
 
 
 # --- choosing ----------------------------------------------------------------------------------
@@ -247,55 +252,92 @@ def _layer_names(layer: str | Sequence[str] | None) -> list[str]:
 
 # --- computing ---------------------------------------------------------------------------------
 
-def _compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
-                  target: int | str | None, options: MethodOptions, target_index: int | None):
-    """Run each family's pass once; every map comes back at the input's resolution."""
+@dataclass
+class BatchMaps:
+    """Every requested map for a batch of preprocessed images, at the input's resolution."""
+
+    logits: torch.Tensor  # (B, classes)
+    targets: torch.Tensor  # (B,) the class each map explains
+    maps: dict[str, torch.Tensor]  # method → (B, H, W) float32
+    layers: dict[str, list[str]]  # method → the layers it used (empty for non-layer methods)
+    attention_grids: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, heads, h, w)
+
+
+def compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
+                 *, target: int | str | None = None, options: MethodOptions | None = None,
+                 targets: torch.Tensor | None = None) -> BatchMaps:
+    """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
+
+    ``target`` (an index or label) is explained for every image; by default each image's top-1
+    class. ``targets`` fixes the classes outright. ``layers`` are the CAM layers (see
+    :func:`default_layer`). This is the batch-level core that :func:`explain` wraps.
+    """
+    options = options or MethodOptions()
+    computed = _compute_once(loaded, batch, methods, layers, target, options, targets)
+    if options.aug_smooth:
+        computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed)
+    return computed
+
+
+def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
+                  target: int | str | None, options: MethodOptions,
+                  targets: torch.Tensor | None) -> BatchMaps:
     module = loaded.module
-    logits = None
-    raw: dict[str, MethodMap] = {}
     size = tuple(batch.shape[-2:])
+    state: dict[str, torch.Tensor] = {}
 
-    def fix_target(new_logits: torch.Tensor) -> int:
-        nonlocal logits, target_index
-        if logits is None:
-            logits = new_logits.detach()
-        if target_index is None:
-            target_index = resolve_target(target, logits, loaded.labels)
-        return target_index
+    def fix_targets(new_logits: torch.Tensor) -> torch.Tensor:
+        """The first pass's logits are the prediction; its targets hold for every later pass."""
+        if "logits" not in state:
+            state["logits"] = new_logits.detach()
+        if "targets" not in state:
+            state["targets"] = targets.to(new_logits.device) if targets is not None else \
+                resolve_targets(target, state["logits"], loaded.labels)
+        return state["targets"]
 
+    maps: dict[str, torch.Tensor] = {}
+    used_layers: dict[str, list[str]] = {}
+    grids: dict[str, torch.Tensor] = {}
     cam_methods = [m for m in methods if m.family == "cam"]
     if cam_methods:
-        raw.update(_cam_pass(loaded, batch, cam_methods, layers, fix_target, options))
+        for name, heatmap in _cam_pass(loaded, batch, cam_methods, layers, fix_targets, options).items():
+            maps[name], used_layers[name] = heatmap, list(layers)
     attention_methods = [m for m in methods if m.family == "attention"]
     if attention_methods:
-        raw.update(_attention_pass(loaded, batch, attention_methods, fix_target, options))
+        attention_maps, grids = _attention_pass(loaded, batch, attention_methods, fix_targets, options)
+        for name, heatmap in attention_maps.items():
+            maps[name], used_layers[name] = heatmap, []
     input_methods = [m for m in methods if m.family == "input"]
     if input_methods:
         forward = _logits_of(module)
-        if logits is None or target_index is None:
+        if "targets" not in state:
             with torch.no_grad():
-                fix_target(forward(batch))
+                fix_targets(forward(batch))
         for method in input_methods:
             with torch.enable_grad():
                 attribution = method.compute(
-                    forward, batch, target_index, model=module, layer=layers[0] if layers else None,
-                    steps=options.steps, samples=options.samples, noise=options.noise,
-                    window=options.window, stride=options.stride, batch_size=options.batch_size)
-            raw[method.name] = MethodMap(method.name, _to_numpy(attribution.detach(), size),
-                                         layers[:1] if method.name == "guided_gradcam" else [])
-    maps = {m.name: raw[m.name] for m in methods}  # in the order asked for
-    return logits, maps, target_index
+                    forward, batch, state["targets"].tolist(), model=module,
+                    layer=layers[0] if layers else None, steps=options.steps,
+                    samples=options.samples, noise=options.noise, window=options.window,
+                    stride=options.stride, batch_size=options.batch_size)
+            maps[method.name] = _upsample(attribution.detach(), size)
+            used_layers[method.name] = layers[:1] if method.name == "guided_gradcam" else []
+    order = [m.name for m in methods]  # as asked for
+    return BatchMaps(logits=state["logits"], targets=state["targets"],
+                     maps={name: maps[name] for name in order},
+                     layers={name: used_layers[name] for name in order}, attention_grids=grids)
 
 
 def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
-              fix_target: Callable[[torch.Tensor], int], options: MethodOptions) -> dict[str, MethodMap]:
+              fix_targets: Callable[[torch.Tensor], torch.Tensor],
+              options: MethodOptions) -> dict[str, torch.Tensor]:
     module = loaded.module
     captured: dict[str, torch.Tensor] = {}
     needs_gradient = any(m.needs_gradient for m in methods)
     with frozen_parameters(module), capture_activations(module, layers, captured), \
             torch.set_grad_enabled(needs_gradient):
         logits = _classification_logits(module(batch))
-        target_index = fix_target(logits)
+        targets = fix_targets(logits)
         missing = [name for name in layers if name not in captured]
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
@@ -307,7 +349,8 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
                                   f"`attnexplain layers` lists.")
         gradients: list[torch.Tensor | None] = [None] * len(layers)
         if needs_gradient:
-            score = logits[:, target_index].sum()
+            # Images are independent, so the gradient of the sum is each image's own gradient.
+            score = logits.gather(1, targets[:, None]).sum()
             if not score.requires_grad:
                 raise MethodError(f"The model's output does not depend on layer {layers[0]!r}.")
             gradients = list(torch.autograd.grad(score, activations, allow_unused=True))
@@ -322,30 +365,31 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
         for activation, gradient in zip(activations, gradients):
             activation = activation.detach()
             if method.name == "scorecam":
-                contributions = method.compute(activation, forward, batch, target_index,
-                                               options.batch_size)
+                contributions = method.compute(activation, forward, batch, targets, options.batch_size)
             else:
                 contributions = method.compute(activation, gradient)
             per_layer.append(_upsample(cam_map(contributions, options.eigen_smooth), size))
-        results[method.name] = MethodMap(method.name, _fuse_layers(per_layer), list(layers))
+        results[method.name] = _fuse_layers(per_layer)
     return results
 
 
-def _fuse_layers(per_layer: list[torch.Tensor]) -> np.ndarray:
-    """One layer: its map as is. Several: the mean of each layer's map scaled to [0, 1], so that no
-    layer dominates by the size of its values."""
+def _fuse_layers(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """One layer: its map as is. Several: the mean of each layer's map scaled to [0, 1] per image,
+    so that no layer dominates by the size of its values."""
     if len(per_layer) == 1:
-        return per_layer[0][0].cpu().numpy().astype(np.float32)
+        return per_layer[0]
     scaled = []
     for layer_map in per_layer:
-        low, high = layer_map.amin(), layer_map.amax()
-        scaled.append((layer_map - low) / (high - low) if high > low else torch.zeros_like(layer_map))
-    return torch.stack(scaled).mean(dim=0)[0].cpu().numpy().astype(np.float32)
+        flat = layer_map.flatten(1)
+        low = flat.amin(dim=1)[:, None, None]
+        span = (flat.amax(dim=1) - flat.amin(dim=1))[:, None, None]
+        scaled.append(torch.where(span > 0, (layer_map - low) / span.clamp_min(1e-12),
+                                  torch.zeros_like(layer_map)))
+    return torch.stack(scaled).mean(dim=0)
 
 
 def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
-                    fix_target: Callable[[torch.Tensor], int],
-                    options: MethodOptions) -> dict[str, MethodMap]:
+                    fix_targets: Callable[[torch.Tensor], torch.Tensor], options: MethodOptions):
     module, plugin = loaded.module, loaded.plugin
     names = plugin.attention_modules(module)
     grid = plugin.token_grid(module, tuple(batch.shape[-2:]))
@@ -359,61 +403,56 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
     with frozen_parameters(module), plugin.capture_attention(module, names, captured), \
             torch.set_grad_enabled(needs_gradient):
         logits = _classification_logits(module(inputs))
-        target_index = fix_target(logits)
+        targets = fix_targets(logits)
         missing = [name for name in names if name not in captured]
         if missing:
             raise MethodError(f"No attention was recorded for {', '.join(missing)}.")
         attentions = [captured[name] for name in names]
         gradients = None
         if needs_gradient:
-            gradients = attention_gradients(logits[:, target_index].sum(), attentions)
+            gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), attentions)
     attentions = [attention.detach() for attention in attentions]
     size = tuple(batch.shape[-2:])
-    results = {}
+    maps, grids = {}, {}
     for method in methods:
         if method.name == "rollout":
-            grid_map = method.compute(attentions, grid, options.head_fusion, options.discard_ratio)
-            results[method.name] = MethodMap(method.name, _to_numpy(grid_map, size))
+            maps[method.name] = _upsample(method.compute(attentions, grid, options.head_fusion,
+                                                         options.discard_ratio), size)
         elif method.name == "chefer":
-            grid_map = method.compute(attentions, [g.detach() for g in gradients], grid)
-            results[method.name] = MethodMap(method.name, _to_numpy(grid_map, size))
+            maps[method.name] = _upsample(method.compute(attentions, gradients, grid), size)
         else:  # raw attention: every layer and head kept for the report; the map is the last layer
             per_head = raw_attention(attentions, grid)  # (B, layers, heads, h, w)
-            results[method.name] = MethodMap(method.name, _to_numpy(per_head[:, -1].mean(dim=1), size),
-                                             attention_grid=per_head[0].cpu().numpy().astype(np.float32))
-    return results
+            maps[method.name] = _upsample(per_head[:, -1].mean(dim=1), size)
+            grids[method.name] = per_head
+    return maps, grids
 
 
 def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
-                            layers: list[str], target_index: int, options: MethodOptions,
-                            plain: dict[str, MethodMap]) -> dict[str, MethodMap]:
+                            layers: list[str], options: MethodOptions, plain: BatchMaps) -> BatchMaps:
     """Average each map over the image, its mirror image and zoomed-in copies, each mapped back.
 
     Zooming crops the centre and resizes it back to the input size (the model keeps its input
     size, which transformers need); its map covers only that centre, so the average at each pixel
-    is over the copies that saw it.
+    is over the copies that saw it. Every copy explains the class found on the plain image.
     """
     height, width = batch.shape[-2:]
-    sums = {name: torch.from_numpy(result.heatmap).clone() for name, result in plain.items()}
-    counts = torch.ones(height, width)
+    sums = {name: heatmap.clone() for name, heatmap in plain.maps.items()}
+    counts = torch.ones(height, width, device=batch.device)
     for flip in (False, True):
         for zoom in (1.0, 1.2):
             if not flip and zoom == 1.0:
                 continue
-            augmented, region = _augment(batch, flip, zoom)
-            _, maps, _ = _compute_maps(loaded, augmented, methods, layers, None, options, target_index)
-            for name, result in maps.items():
-                restored = torch.from_numpy(result.heatmap)
-                if flip:
-                    restored = restored.flip(-1)
-                top, left, crop_h, crop_w = region
-                shrunk = F.interpolate(restored[None, None], size=(crop_h, crop_w), mode="bilinear",
-                                       align_corners=False)[0, 0]
-                sums[name][top:top + crop_h, left:left + crop_w] += shrunk
-            counts[region[0]:region[0] + region[2], region[1]:region[1] + region[3]] += 1
-    return {name: MethodMap(result.method, (sums[name] / counts).numpy().astype(np.float32),
-                            result.layers, result.attention_grid)
-            for name, result in plain.items()}
+            augmented, (top, left, crop_h, crop_w) = _augment(batch, flip, zoom)
+            copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets)
+            for name, heatmap in copy.maps.items():
+                restored = heatmap.flip(-1) if flip else heatmap
+                shrunk = F.interpolate(restored[:, None], size=(crop_h, crop_w), mode="bilinear",
+                                       align_corners=False)[:, 0]
+                sums[name][:, top:top + crop_h, left:left + crop_w] += shrunk
+            counts[top:top + crop_h, left:left + crop_w] += 1
+    return BatchMaps(logits=plain.logits, targets=plain.targets,
+                     maps={name: total / counts for name, total in sums.items()},
+                     layers=plain.layers, attention_grids=plain.attention_grids)
 
 
 def _augment(batch: torch.Tensor, flip: bool, zoom: float):
@@ -432,10 +471,6 @@ def _upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid_map[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _to_numpy(grid_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    return _upsample(grid_map, size)[0].cpu().numpy().astype(np.float32)
-
-
 def _logits_of(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda inputs: _classification_logits(module(inputs))
 
@@ -452,13 +487,19 @@ def _classification_logits(output: Any) -> torch.Tensor:
                       f"(batch, classes).")
 
 
-def resolve_target(target: int | str | None, logits: torch.Tensor, labels: list[str] | None) -> int:
-    """A class index from an index, a label or (None) the top-1 prediction."""
+def resolve_targets(target: int | str | None, logits: torch.Tensor,
+                    labels: list[str] | None) -> torch.Tensor:
+    """(B,) class indices: ``target`` (an index or label) for every image, or each one's top-1."""
     num_classes = logits.shape[1]
     if labels is not None and len(labels) != num_classes:
         raise MethodError(f"{len(labels)} labels were given but the model has {num_classes} classes.")
     if target is None:
-        return int(logits[0].argmax())
+        return logits.argmax(dim=1)
+    index = _target_index(target, num_classes, labels)
+    return torch.full((logits.shape[0],), index, dtype=torch.long, device=logits.device)
+
+
+def _target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
     if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
         if labels is None:
             raise MethodError(f"Target {target!r} is a label, but the model has no class names; "

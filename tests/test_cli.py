@@ -208,3 +208,42 @@ def test_help_imports_no_torch_and_is_fast():
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     verdict = done.stdout.strip().splitlines()[-1].split()
     assert verdict[0] == "NO-TORCH"
+
+
+def test_several_methods_in_one_run_are_reported_side_by_side(tmp_path, sample_vit_file):
+    out = tmp_path / "out"
+    image = sample_vit_file.parents[1] / "images" / "rocket-on-brick.png"
+    result = _run("run", sample_vit_file, image, "--method", "rollout,chefer,attention",
+                  "--head-fusion", "max", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["methods"] == ["rollout", "chefer", "attention"]
+    assert report["options"]["head_fusion"] == "max"
+    folder = out / "rocket-on-brick"
+    for method, files in report["outputs"]["maps"].items():
+        for name in files.values():
+            assert (folder / name).is_file(), name
+    grid = np.load(folder / report["outputs"]["maps"]["attention"]["attention_grid_npy"])
+    assert grid.shape == (4, 4, 8, 8)  # the sample ViT: 4 layers, 4 heads, 8x8 patches
+    html = (folder / "report.html").read_text()
+    assert html.count('alt="rollout overlay"') == 1 and "Learned attention" in html
+
+
+def test_methods_command_lists_every_method():
+    from attnexplain.methods import METHODS
+
+    result = CliRunner().invoke(main, ["methods"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    for name, method in METHODS.items():
+        assert name in result.output and method.paper.split(",")[0] in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "gradcam,bogus"], "Unknown method 'bogus'"),
+    (["--method", "rollout", "--layer", "layer4"], "--layer does not apply to rollout"),
+])
+def test_bad_method_options_fail_cleanly(tmp_path, sample_resnet_file, sample_vit_file, args, message):
+    model = sample_vit_file if "rollout" in args else sample_resnet_file
+    image = sample_resnet_file.parents[1] / "images" / "cat-on-grass.png"
+    result = _run("run", model, image, *args, "--out", tmp_path / "out")
+    _assert_clean_failure(result, message)

@@ -29,9 +29,9 @@ class Method:
     compute: Callable
 
 
-_CNN = "models with a spatial feature map (CNNs; any layer with a (B, C, H, W) output)"
-_VIT = "transformers whose plugin exposes attention (torchvision ViT)"
-_ANY = "any differentiable model, TorchScript and torch.export included"
+_CNN = "CNNs: any layer with a (B, C, H, W) output"
+_VIT = "ViTs whose plugin exposes attention"
+_ANY = "any differentiable model, TorchScript too"
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("gradcam", "cam", True, "A layer's channels weighted by their mean gradient.", _CNN,

@@ -7,14 +7,14 @@ from typing import Any, Callable
 import torch
 
 
-def saliency(forward: Callable, batch: torch.Tensor, target: int, **_: Any) -> torch.Tensor:
+def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any) -> torch.Tensor:
     """|∂ score / ∂ input| (Simonyan et al. 2014), the largest over colour channels."""
     from captum.attr import Saliency
 
     return Saliency(forward).attribute(_leaf(batch), target=target, abs=True).amax(dim=1)
 
 
-def integrated_gradients(forward: Callable, batch: torch.Tensor, target: int, *, steps: int = 32,
+def integrated_gradients(forward: Callable, batch: torch.Tensor, target: list[int], *, steps: int = 32,
                          batch_size: int = 32, **_: Any) -> torch.Tensor:
     """Integrated Gradients (Sundararajan et al. 2017) from a black (zero) baseline; |sum over channels|."""
     from captum.attr import IntegratedGradients
@@ -25,7 +25,7 @@ def integrated_gradients(forward: Callable, batch: torch.Tensor, target: int, *,
     return attribution.sum(dim=1).abs()
 
 
-def smoothgrad(forward: Callable, batch: torch.Tensor, target: int, *, samples: int = 16,
+def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, samples: int = 16,
                noise: float = 0.15, batch_size: int = 32, **_: Any) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies (Captum NoiseTunnel).
 
@@ -40,7 +40,7 @@ def smoothgrad(forward: Callable, batch: torch.Tensor, target: int, *, samples: 
     return attribution.amax(dim=1)
 
 
-def occlusion(forward: Callable, batch: torch.Tensor, target: int, *, window: int = 16,
+def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, window: int = 16,
               stride: int = 8, batch_size: int = 32, **_: Any) -> torch.Tensor:
     """Occlusion (Zeiler & Fergus 2014): the score's drop when a window is blacked out, summed over
     channels; positive where hiding a region hurts the target."""
@@ -53,7 +53,7 @@ def occlusion(forward: Callable, batch: torch.Tensor, target: int, *, window: in
     return attribution.sum(dim=1)
 
 
-def guided_gradcam(forward: Callable, batch: torch.Tensor, target: int, *, model: torch.nn.Module,
+def guided_gradcam(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
                    layer: str, **_: Any) -> torch.Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation × upsampled Grad-CAM, Captum's
     GuidedGradCam on the same layer; |sum over channels|."""

@@ -50,9 +50,9 @@ def hirescam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
 
 
 def eigencam(activation: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
-    """Eigen-CAM (Muhammad & Yeasin 2020): the activation itself; its first principal component is
-    the map (see :func:`cam_map`), no gradient needed."""
-    return activation
+    """Eigen-CAM (Muhammad & Yeasin 2020): the activations' first principal component, as a single
+    contribution channel; no gradient needed."""
+    return principal_projection(activation)[:, None]
 
 
 def principal_projection(contributions: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,6 @@ def principal_projection(contributions: torch.Tensor) -> torch.Tensor:
 
 def cam_map(contributions: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
     """Channel contributions → (B, H, W) map: ReLU of their sum, or of their principal projection."""
-    if eigen_smooth:
+    if eigen_smooth and contributions.shape[1] > 1:  # one channel is its own principal component
         return torch.relu(principal_projection(contributions))
     return torch.relu(contributions.sum(dim=1))

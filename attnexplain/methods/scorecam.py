@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-             batch: torch.Tensor, target: int, batch_size: int = 32) -> torch.Tensor:
+             batch: torch.Tensor, targets: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Per-channel contributions (B, C, H, W); costs C masked forward passes, ``batch_size`` at a time.
 
     Each channel is upsampled to the input, scaled to [0, 1] and multiplied into the image; the
@@ -23,7 +23,7 @@ def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.T
         high = flat.max(dim=-1).values[..., None, None]
         masks = (masks - low) / (high - low + 1e-8)
         weights = []
-        for image, image_masks in zip(batch, masks):
+        for image, image_masks, target in zip(batch, masks, targets.tolist()):
             scores = []
             for start in range(0, image_masks.shape[0], batch_size):
                 chunk = image_masks[start:start + batch_size, None] * image[None]

@@ -115,7 +115,7 @@ def test_saliency_equals_captum_on_the_same_input(small_resnet, photo):
 
     result = explain(small_resnet, photo, "saliency", size=64)
     batch = _batch(photo, 64)
-    expected = Saliency(small_resnet).attribute(batch, target=result.target.index, abs=True)
+    expected = Saliency(small_resnet).attribute(batch.requires_grad_(), target=result.target.index, abs=True)
     assert correlation(result.heatmap, expected.amax(1)[0].numpy()) >= 0.999
 
 
@@ -141,3 +141,26 @@ def test_gradcam_on_an_exported_program_matches_the_eager_model(tmp_path, small_
     eager = explain(small_resnet, photo, "gradcam", layer="layer4", size=64)
     assert exported.heatmap.shape == (64, 64)
     assert correlation(exported.heatmap, eager.heatmap) >= 0.999
+
+
+def test_batches_give_each_image_its_own_target_and_map(small_resnet, photo):
+    """compute_maps on a batch equals explain() image by image (the core the batch command uses)."""
+    from skimage import data
+
+    from attnexplain.explanation import compute_maps, resolve_methods
+    from attnexplain.loading import LoadedModel
+    from attnexplain.plugins import select_plugin
+    from attnexplain.preprocess import Preprocessing, prepare
+
+    pictures = [load_image(photo).pixels, data.astronaut(), data.coffee()]
+    batch = torch.cat([prepare(p, Preprocessing(size=(64, 64))).tensor for p in pictures])
+    loaded = LoadedModel(module=small_resnet, source="test", loader="object",
+                         plugin=select_plugin(small_resnet))
+    methods = resolve_methods(loaded, "gradcam,scorecam,saliency")
+    computed = compute_maps(loaded, batch, methods, ["layer4"])
+    assert computed.targets.tolist() == computed.logits.argmax(1).tolist()
+    for index, pixels in enumerate(pictures):
+        single = explain(small_resnet, pixels, "gradcam,scorecam,saliency", size=64)
+        assert single.target.index == int(computed.targets[index])
+        for name in ("gradcam", "scorecam", "saliency"):
+            assert correlation(computed.maps[name][index].numpy(), single.maps[name].heatmap) >= 0.999
