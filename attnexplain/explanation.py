@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -204,16 +205,18 @@ def _first(grid: torch.Tensor | None) -> np.ndarray | None:
 
 def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list[Method]:
     """The methods called ``requested`` (``auto`` chooses), checked against what the model allows."""
-    names = [part.strip() for part in requested.split(",")] if isinstance(requested, str) \
-        else [str(part).strip() for part in requested]
-    names = [name for name in names if name]
+    names = _split_names(requested)
     if not names:
         raise MethodError("No method was given.")
     has_attention = loaded.inner_layers and bool(loaded.plugin.attention_modules(loaded.module))
+    if "auto" in names:
+        automatic = loaded.plugin.default_method(loaded.module) if loaded.inner_layers else None
+        if not automatic:
+            automatic = "rollout" if has_attention else ("gradcam" if loaded.inner_layers else "saliency")
+        position = names.index("auto")
+        names[position:position + 1] = _split_names(automatic)
     chosen: list[Method] = []
     for name in names:
-        if name == "auto":
-            name = "rollout" if has_attention else ("gradcam" if loaded.inner_layers else "saliency")
         if name not in METHODS:
             raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them "
                               f"(auto, {', '.join(METHODS)}).")
@@ -231,23 +234,34 @@ def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list
     return chosen
 
 
+def _split_names(requested: str | Sequence[str]) -> list[str]:
+    parts = requested.split(",") if isinstance(requested, str) else [str(part) for part in requested]
+    return [part.strip() for part in parts if part.strip()]
+
+
 def default_layer(loaded: LoadedModel, batch: torch.Tensor) -> str:
     """The plugin's choice, else the last layer to produce a spatial (B, C, H, W) map."""
     chosen = loaded.plugin.default_layer(loaded.module)
     if chosen:
         return chosen
-    spatial = [info for info in probe_layers(loaded.module, batch) if info.is_spatial]
-    if not spatial:
+    # The probe depends only on the model and the input's shape: remember it for later calls.
+    known = _probed_layers.setdefault(loaded.module, {})
+    shape = tuple(batch.shape[1:])
+    if shape not in known:
+        spatial = [info for info in probe_layers(loaded.module, batch) if info.is_spatial]
+        known[shape] = spatial[-1].name if spatial else None
+    if known[shape] is None:
         raise MethodError("No layer of this model outputs a spatial (batch, channels, height, width) "
                           "map, so the CAM methods have nothing to weight; try --method saliency.")
-    return spatial[-1].name
+    return known[shape]
+
+
+_probed_layers: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str | None]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _layer_names(layer: str | Sequence[str] | None) -> list[str]:
-    if layer is None:
-        return []
-    parts = layer.split(",") if isinstance(layer, str) else list(layer)
-    return [part.strip() for part in parts if part.strip()]
+    return [] if layer is None else _split_names(layer)
 
 
 # --- computing ---------------------------------------------------------------------------------
@@ -415,16 +429,26 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
     size = tuple(batch.shape[-2:])
     maps, grids = {}, {}
     for method in methods:
-        if method.name == "rollout":
-            maps[method.name] = _upsample(method.compute(attentions, grid, options.head_fusion,
-                                                         options.discard_ratio), size)
-        elif method.name == "chefer":
-            maps[method.name] = _upsample(method.compute(attentions, gradients, grid), size)
-        else:  # raw attention: every layer and head kept for the report; the map is the last layer
-            per_head = raw_attention(attentions, grid)  # (B, layers, heads, h, w)
-            maps[method.name] = _upsample(per_head[:, -1].mean(dim=1), size)
-            grids[method.name] = per_head
+        try:
+            maps[method.name], grid_maps = _attention_map(method, attentions, gradients, grid, options,
+                                                          size)
+        except ValueError as error:  # the attention's shape does not suit the method
+            raise MethodError(f"{method.name}: {error}.") from None
+        if grid_maps is not None:
+            grids[method.name] = grid_maps
     return maps, grids
+
+
+def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, grid,
+                   options: MethodOptions, size: tuple[int, int]):
+    """(B, H, W) map, and for raw attention the (B, layers, heads, h, w) grid kept for the report."""
+    if method.name == "rollout":
+        return _upsample(method.compute(attentions, grid, options.head_fusion,
+                                        options.discard_ratio), size), None
+    if method.name == "chefer":
+        return _upsample(method.compute(attentions, gradients, grid), size), None
+    per_head = raw_attention(attentions, grid)  # the map is the last layer, heads averaged
+    return _upsample(per_head[:, -1].mean(dim=1), size), per_head
 
 
 def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],

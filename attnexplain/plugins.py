@@ -82,6 +82,11 @@ class ModelPlugin:
         """Build ``PREFIX:NAME[:WEIGHTS]``; only called when ``source_prefix`` is set."""
         raise PluginError(f"Plugin {self.name} cannot build models by name.")
 
+    def default_method(self, model: "nn.Module") -> str | None:
+        """What ``--method auto`` means for this model (one name or a comma-separated list); None
+        lets the core choose: rollout where attention is known, Grad-CAM otherwise."""
+        return None
+
     def default_layer(self, model: "nn.Module") -> str | None:
         """The CAM target layer; None lets the core pick the last layer with a spatial map."""
         return None
@@ -97,7 +102,11 @@ class ModelPlugin:
     @contextmanager
     def capture_attention(self, model: "nn.Module", names: list[str],
                           sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
-        """Record each named module's attention probabilities (batch, heads, tokens, tokens) into sink.
+        """Record each named module's attention probabilities (batch, heads, queries, keys) into sink.
+
+        Record the tensor the module's output is computed from (not a detached copy), so that
+        gradient methods (``chefer``) can differentiate with respect to it. Queries and keys are the
+        same tokens for self-attention (what rollout needs); attention pooling may have one query.
 
         The default handles ``torch.nn.MultiheadAttention``, the module torchvision's and many other
         transformers use: it asks for the per-head weights the module otherwise skips (which makes it

@@ -119,16 +119,21 @@ def test_saliency_equals_captum_on_the_same_input(small_resnet, photo):
     assert correlation(result.heatmap, expected.amax(1)[0].numpy()) >= 0.999
 
 
-def test_randomizing_weights_changes_the_gradcam_map(photo):
+@pytest.mark.parametrize("method", ["gradcam", "rollout"])
+def test_randomizing_weights_changes_the_map(photo, method):
     """Adebayo et al. 2018: a map that survives weight randomization explains nothing."""
     import torchvision
 
-    torch.manual_seed(0)
-    first = torchvision.models.resnet18(num_classes=5).eval()
-    torch.manual_seed(1)
-    second = torchvision.models.resnet18(num_classes=5).eval()
-    a = explain(first, photo, "gradcam", target=0, size=96).heatmap
-    b = explain(second, photo, "gradcam", target=0, size=96).heatmap
+    def build(seed):
+        torch.manual_seed(seed)
+        if method == "rollout":
+            return torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=3,
+                                                        num_heads=4, hidden_dim=32, mlp_dim=64,
+                                                        num_classes=5).eval()
+        return torchvision.models.resnet18(num_classes=5).eval()
+
+    a = explain(build(0), photo, method, target=0, size=64).heatmap
+    b = explain(build(1), photo, method, target=0, size=64).heatmap
     assert correlation(a, b) < 0.9
 
 

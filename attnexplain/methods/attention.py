@@ -44,6 +44,7 @@ def rollout(attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = 
     """
     joint = None
     for attention in attentions:
+        _require_self_attention(attention)
         fused = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
         identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
         mixed = 0.5 * fused + 0.5 * identity
@@ -58,6 +59,7 @@ def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tenso
     Explainability"): R ← R + Ē·R with Ē = mean over heads of relu(∇A ⊙ A), R starting at I."""
     relevance = None
     for attention, gradient in zip(attentions, gradients):
+        _require_self_attention(attention)
         weighted = torch.relu(gradient.float() * attention.float()).mean(dim=1)
         if relevance is None:
             relevance = torch.eye(weighted.shape[-1], dtype=weighted.dtype,
@@ -81,3 +83,9 @@ def to_grid(matrix: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     if row.shape[-1] != expected:
         raise ValueError(f"{row.shape[-1]} patch tokens do not fill a {grid.height}x{grid.width} grid")
     return row.reshape(-1, grid.height, grid.width)
+
+
+def _require_self_attention(attention: torch.Tensor) -> None:
+    if attention.shape[-1] != attention.shape[-2]:
+        raise ValueError("it chains self-attention matrices through the layers, and this model's "
+                         f"attention is {attention.shape[-2]} queries × {attention.shape[-1]} keys")

@@ -1,0 +1,167 @@
+"""What an explanation costs, as a multiple of one bare inference forward on the same batch.
+
+For each method: the median time of attnexplain's batch core (``compute_maps``: forward with capture,
+backward down to the layer, maps at input resolution) divided by the median time of a bare
+``torch.no_grad()`` forward of the same model on the same batch, measured in this one run. Beside it,
+pytorch-grad-cam, torchcam and Captum on the same batch, layer and targets. Also the start-up time of
+``attnexplain --help``. Run:
+
+    .venv/bin/python benchmarks/methods_speed.py [--batch 8] [--repeats 5]
+
+Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from attnexplain.explanation import compute_maps, resolve_methods
+from attnexplain.loading import LoadedModel
+from attnexplain.plugins import select_plugin
+from attnexplain.preprocess import Preprocessing, prepare
+
+GRADIENT_CAMS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"]
+PACKAGE_CLASSES = ["GradCAM", "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiResCAM"]
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def photos(count: int, size: int) -> torch.Tensor:
+    from skimage import data
+
+    sources = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket()]
+    return torch.cat([prepare(sources[i % len(sources)], Preprocessing(size=(size, size))).tensor
+                      for i in range(count)])
+
+
+def loaded_model(name: str) -> LoadedModel:
+    torch.manual_seed(0)
+    module = torchvision.models.get_model(name).eval().requires_grad_(False)
+    return LoadedModel(module=module, source=name, loader="benchmark", architecture=name,
+                       plugin=select_plugin(module))
+
+
+class Table:
+    def __init__(self, forward_s: float) -> None:
+        self.forward_s = forward_s
+        print(f"bare forward: {forward_s * 1e3:.0f} ms\n")
+        print("| who | what | median ms | ÷ bare forward | goal |")
+        print("| --- | --- | ---: | ---: | --- |")
+
+    def row(self, who: str, what: str, seconds: float, goal: float | None = None) -> None:
+        ratio = seconds / self.forward_s
+        verdict = "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
+        print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict} |", flush=True)
+
+
+def cnn_section(batch_size: int, repeats: int) -> None:
+    import pytorch_grad_cam
+    import torchcam.methods
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    loaded = loaded_model("resnet50")
+    model, batch = loaded.module, photos(batch_size, 224)
+    with torch.no_grad():
+        targets = model(batch).argmax(1)
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    print(f"\n### resnet50, batch {batch_size} at 224×224, layer4\n")
+    table = Table(median_seconds(bare, repeats))
+    for name in GRADIENT_CAMS + ["eigencam"]:
+        methods = resolve_methods(loaded, name)
+        table.row("attnexplain", name, median_seconds(
+            lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats),
+            goal=1.2 if name in GRADIENT_CAMS else None)
+    methods = resolve_methods(loaded, ",".join(GRADIENT_CAMS))
+    table.row("attnexplain", "the five gradient CAMs together", median_seconds(
+        lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats), goal=1.4)
+
+    package_targets = [ClassifierOutputTarget(int(t)) for t in targets]
+    model.requires_grad_(True)  # pytorch-grad-cam and torchcam backpropagate through the parameters
+    cams = [getattr(pytorch_grad_cam, c)(model=model, target_layers=[model.layer4])
+            for c in PACKAGE_CLASSES]
+    for name, cam in zip(GRADIENT_CAMS, cams):
+        table.row("pytorch-grad-cam", name, median_seconds(
+            lambda: cam(input_tensor=batch, targets=package_targets), repeats))
+
+    def five():
+        for cam in cams:
+            cam(input_tensor=batch, targets=package_targets)
+
+    table.row("pytorch-grad-cam", "the five, one after another", median_seconds(five, repeats))
+    for cam in cams:
+        cam.activations_and_grads.release()
+    for name, class_name in (("gradcam", "GradCAM"), ("layercam", "LayerCAM")):
+        extractor = getattr(torchcam.methods, class_name)(model, target_layer="layer4")
+
+        def run_torchcam():
+            extractor(targets.tolist(), model(batch))
+
+        table.row("torchcam", name, median_seconds(run_torchcam, repeats))
+        extractor.remove_hooks()
+    model.requires_grad_(False)
+    captum_cam = LayerGradCam(model, model.layer4)
+    table.row("captum", "gradcam (LayerGradCam)", median_seconds(
+        lambda: captum_cam.attribute(batch, target=targets.tolist()), repeats))
+
+
+def vit_section(batch_size: int, repeats: int) -> None:
+    loaded = loaded_model("vit_b_16")
+    model, batch = loaded.module, photos(batch_size, 224)
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    print(f"\n### vit_b_16, batch {batch_size} at 224×224 (the bare forward uses PyTorch's fused "
+          f"attention)\n")
+    table = Table(median_seconds(bare, repeats))
+    for name, goal in (("rollout", 1.3), ("attention", None), ("rollout,attention", None),
+                       ("chefer", None)):
+        methods = resolve_methods(loaded, name)
+        table.row("attnexplain", name, median_seconds(
+            lambda: compute_maps(loaded, batch, methods, []), repeats), goal=goal)
+
+
+def startup_section() -> None:
+    cli = [str(Path(sys.executable).with_name("attnexplain")), "--help"]
+    seconds = median_seconds(lambda: subprocess.run(cli, capture_output=True, check=True), 10)
+    print(f"\n`attnexplain --help`: {seconds * 1e3:.0f} ms (median of 10 runs, whole process)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, numpy {np.__version__}, CPU")
+    cnn_section(args.batch, args.repeats)
+    vit_section(args.batch, args.repeats)
+    startup_section()
+
+
+if __name__ == "__main__":
+    main()
