@@ -232,6 +232,59 @@ def _print_run(report: dict[str, Any]) -> None:
 
 
 @main.command()
+def plugins() -> None:
+    """List installed model plugins; a plugin that fails to load is shown with its error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plugins import plugin_infos
+
+    table = Table(title="Model plugins (entry-point group attnexplain.plugins)")
+    for column in ("plugin", "version", "distribution", "families", "status"):
+        table.add_column(column, overflow="fold")
+    for info in plugin_infos():
+        families = ", ".join(info.plugin.families) if info.plugin is not None else ""
+        status = "ok" if info.error is None else f"[red]broken[/red]: {info.error}"
+        table.add_row(info.name, info.version or "", info.distribution or "", families, status)
+    Console().print(table)
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Build each model with random weights and explain an "
+                                            "image with --method auto (minutes).")
+@click.option("--task", help="Only this task (classification, segmentation, detection).")
+@click.option("--name", "pattern", help="Only builders whose name contains this text.")
+def models(check: bool, task: str | None, pattern: str | None) -> None:
+    """List the models plugins build by name: plugin, default method and layer, status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .catalog import CatalogRow, catalog_entries, check_entry
+
+    console = Console()
+    selected = [(plugin, entry) for plugin, entry in catalog_entries()
+                if (task is None or entry.task == task) and (pattern is None or pattern in entry.name)]
+    table = Table(title=f"Models by name ({len(selected)})")
+    for column in ("builder", "task", "plugin", "input", "method", "layer", "status"):
+        table.add_column(column, overflow="fold")
+    failures = 0
+    for plugin, entry in selected:
+        if check:
+            with console.status(f"checking {entry.name}..."):
+                row = check_entry(plugin, entry)
+        else:
+            row = CatalogRow(entry, plugin.name,
+                             status="listed" if entry.supported else f"not supported: {entry.note}")
+        failures += row.status.startswith("failed")
+        status = row.status if row.seconds is None else f"{row.status} ({row.seconds:.1f}s)"
+        table.add_row(entry.name, entry.task, row.plugin, str(entry.input_size), row.method or "",
+                      row.layer or "", status)
+    console.print(table)
+    if failures:
+        raise click.ClickException(f"{failures} model(s) failed the check.")
+
+
+@main.command()
 def methods() -> None:
     """List every explanation method: what it shows, where it applies, its cost and its paper."""
     from rich.console import Console

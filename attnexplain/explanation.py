@@ -184,12 +184,15 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
 
-    logits, target_index = computed.logits[0], int(computed.targets[0])
+    probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
     maps = {name: MethodMap(name, heatmap[0].cpu().numpy().astype(np.float32), computed.layers[name],
                             _first(computed.attention_grids.get(name)))
             for name, heatmap in computed.maps.items()}
-    predictions = top_predictions(logits, loaded.labels, top_k)
-    probabilities = torch.softmax(logits.float(), dim=0)
+    if target is not None and float(probabilities[target_index]) == 0.0:
+        name = _label(loaded.labels, target_index) or target_index
+        raise MethodError(f"Class {name} is not in this image (its probability is 0), so there is "
+                          f"nothing to explain for it.")
+    predictions = top_predictions(probabilities, loaded.labels, top_k)
     chosen_target = Prediction(target_index, _label(loaded.labels, target_index),
                                float(probabilities[target_index]))
     return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
@@ -270,7 +273,7 @@ def _layer_names(layer: str | Sequence[str] | None) -> list[str]:
 class BatchMaps:
     """Every requested map for a batch of preprocessed images, at the input's resolution."""
 
-    logits: torch.Tensor  # (B, classes)
+    probabilities: torch.Tensor  # (B, classes), as the plugin defines them (softmax for classifiers)
     targets: torch.Tensor  # (B,) the class each map explains
     maps: dict[str, torch.Tensor]  # method → (B, H, W) float32
     layers: dict[str, list[str]]  # method → the layers it used (empty for non-layer methods)
@@ -300,13 +303,13 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
     size = tuple(batch.shape[-2:])
     state: dict[str, torch.Tensor] = {}
 
-    def fix_targets(new_logits: torch.Tensor) -> torch.Tensor:
-        """The first pass's logits are the prediction; its targets hold for every later pass."""
-        if "logits" not in state:
-            state["logits"] = new_logits.detach()
+    def fix_targets(scored: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The first pass's scores are the prediction; its targets hold for every later pass."""
+        if "probabilities" not in state:
+            state["probabilities"] = scored[1].detach()
         if "targets" not in state:
-            state["targets"] = targets.to(new_logits.device) if targets is not None else \
-                resolve_targets(target, state["logits"], loaded.labels)
+            state["targets"] = targets.to(scored[1].device) if targets is not None else \
+                resolve_targets(target, state["probabilities"], loaded.labels)
         return state["targets"]
 
     maps: dict[str, torch.Tensor] = {}
@@ -323,10 +326,10 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
             maps[name], used_layers[name] = heatmap, []
     input_methods = [m for m in methods if m.family == "input"]
     if input_methods:
-        forward = _logits_of(module)
+        forward = _scores_of(loaded)
         if "targets" not in state:
             with torch.no_grad():
-                fix_targets(forward(batch))
+                fix_targets(loaded.plugin.class_scores(module, module(batch)))
         for method in input_methods:
             with torch.enable_grad():
                 attribution = method.compute(
@@ -337,21 +340,21 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
             maps[method.name] = _upsample(attribution.detach(), size)
             used_layers[method.name] = layers[:1] if method.name == "guided_gradcam" else []
     order = [m.name for m in methods]  # as asked for
-    return BatchMaps(logits=state["logits"], targets=state["targets"],
+    return BatchMaps(probabilities=state["probabilities"], targets=state["targets"],
                      maps={name: maps[name] for name in order},
                      layers={name: used_layers[name] for name in order}, attention_grids=grids)
 
 
 def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
-              fix_targets: Callable[[torch.Tensor], torch.Tensor],
+              fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor],
               options: MethodOptions) -> dict[str, torch.Tensor]:
     module = loaded.module
     captured: dict[str, torch.Tensor] = {}
     needs_gradient = any(m.needs_gradient for m in methods)
     with frozen_parameters(module), capture_activations(module, layers, captured), \
             torch.set_grad_enabled(needs_gradient):
-        logits = _classification_logits(module(batch))
-        targets = fix_targets(logits)
+        logits, probabilities = loaded.plugin.class_scores(module, module(batch))
+        targets = fix_targets((logits, probabilities))
         missing = [name for name in layers if name not in captured]
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
@@ -371,7 +374,7 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
             for name, gradient in zip(layers, gradients):
                 if gradient is None:
                     raise MethodError(f"The model's output does not depend on layer {name!r}.")
-    forward = _logits_of(module)
+    forward = _scores_of(loaded)
     size = tuple(batch.shape[-2:])
     results = {}
     for method in methods:
@@ -403,7 +406,7 @@ def _fuse_layers(per_layer: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
-                    fix_targets: Callable[[torch.Tensor], torch.Tensor], options: MethodOptions):
+                    fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], options: MethodOptions):
     module, plugin = loaded.module, loaded.plugin
     names = plugin.attention_modules(module)
     grid = plugin.token_grid(module, tuple(batch.shape[-2:]))
@@ -416,8 +419,8 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
     inputs = batch.detach().requires_grad_(needs_gradient)
     with frozen_parameters(module), plugin.capture_attention(module, names, captured), \
             torch.set_grad_enabled(needs_gradient):
-        logits = _classification_logits(module(inputs))
-        targets = fix_targets(logits)
+        logits, probabilities = loaded.plugin.class_scores(module, module(inputs))
+        targets = fix_targets((logits, probabilities))
         missing = [name for name in names if name not in captured]
         if missing:
             raise MethodError(f"No attention was recorded for {', '.join(missing)}.")
@@ -474,7 +477,7 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
                                        align_corners=False)[:, 0]
                 sums[name][:, top:top + crop_h, left:left + crop_w] += shrunk
             counts[top:top + crop_h, left:left + crop_w] += 1
-    return BatchMaps(logits=plain.logits, targets=plain.targets,
+    return BatchMaps(probabilities=plain.probabilities, targets=plain.targets,
                      maps={name: total / counts for name, total in sums.items()},
                      layers=plain.layers, attention_grids=plain.attention_grids)
 
@@ -495,25 +498,16 @@ def _upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid_map[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _logits_of(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda inputs: _classification_logits(module(inputs))
-
-
-def _classification_logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor) and output.dim() == 2:
-        return output
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):  # InceptionOutputs etc.
-        return output.logits
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 2:
-        return output[0]
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    raise MethodError(f"The model's output is {shape}, not classification scores of shape "
-                      f"(batch, classes).")
+def _scores_of(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a function from input to (B, classes) target scores, as its plugin defines them."""
+    module, plugin = loaded.module, loaded.plugin
+    return lambda inputs: plugin.class_scores(module, module(inputs))[0]
 
 
 def resolve_targets(target: int | str | None, logits: torch.Tensor,
                     labels: list[str] | None) -> torch.Tensor:
-    """(B,) class indices: ``target`` (an index or label) for every image, or each one's top-1."""
+    """(B,) class indices: ``target`` (an index or label) for every image, or each one's top-1
+    (the largest of ``logits``, which may be any per-class ranking such as probabilities)."""
     num_classes = logits.shape[1]
     if labels is not None and len(labels) != num_classes:
         raise MethodError(f"{len(labels)} labels were given but the model has {num_classes} classes.")
@@ -540,8 +534,8 @@ def _target_index(target: int | str, num_classes: int, labels: list[str] | None)
     return index
 
 
-def top_predictions(logits: torch.Tensor, labels: list[str] | None, k: int) -> list[Prediction]:
-    probabilities = torch.softmax(logits.float(), dim=0)
+def top_predictions(probabilities: torch.Tensor, labels: list[str] | None, k: int) -> list[Prediction]:
+    probabilities = probabilities.float()
     # Stable sort: ties keep index order, so the top-1 agrees with argmax (the default target).
     values, indices = torch.sort(probabilities, descending=True, stable=True)
     values, indices = values[:max(k, 1)], indices[:max(k, 1)]

@@ -115,7 +115,8 @@ def _load_named(spec: str, arch: str | None) -> LoadedModel:
     named = plugin.load_named(name, weights or None)
     loaded = LoadedModel(module=named.module, source=spec, loader=prefix,
                          architecture=named.architecture, weights=named.weights,
-                         labels=named.labels, preprocessing=named.preprocessing)
+                         labels=named.labels, preprocessing=named.preprocessing,
+                         notes=list(named.notes))
     if weights == "":
         loaded.notes.append("random weights: no WEIGHTS were named, so predictions mean nothing")
     return loaded
@@ -355,9 +356,16 @@ def _infer_num_classes(builder: Any, arch_kwargs: dict[str, Any],
     """
     import torch
 
+    def shapes_of(**kwargs: Any) -> dict[str, tuple[int, ...]]:
+        try:  # the meta device builds without allocating or initialising anything
+            with torch.device("meta"):
+                module = builder(**kwargs)
+        except Exception:  # some builders compute with tensors while constructing
+            module = builder(**kwargs)
+        return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
     try:
-        with torch.device("meta"):
-            default_shapes = {k: tuple(v.shape) for k, v in builder(**arch_kwargs).state_dict().items()}
+        default_shapes = shapes_of(**arch_kwargs)
     except Exception:
         return None
     candidates = sorted({
@@ -367,9 +375,7 @@ def _infer_num_classes(builder: Any, arch_kwargs: dict[str, Any],
     })
     for candidate in candidates:
         try:
-            with torch.device("meta"):
-                shapes = {k: tuple(v.shape) for k, v in
-                          builder(**arch_kwargs, num_classes=candidate).state_dict().items()}
+            shapes = shapes_of(**arch_kwargs, num_classes=candidate)
         except Exception:
             continue
         if all(tuple(state_dict[k].shape) == s for k, s in shapes.items() if k in state_dict):

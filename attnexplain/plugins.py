@@ -39,6 +39,18 @@ class TokenGrid:
 
 
 @dataclass(frozen=True)
+class CatalogEntry:
+    """A model a plugin can build by name, for ``attnexplain models`` and coverage tests."""
+
+    name: str
+    task: str  # classification | segmentation | detection | ...
+    input_size: int  # a small square input the architecture accepts
+    build: Callable[[], "nn.Module"]  # random weights, nothing downloaded
+    supported: bool = True  # False: listed, but not explained yet
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class NamedModel:
     """A model a plugin built from a name (``torchvision:resnet50:DEFAULT``), with what it knows."""
 
@@ -47,6 +59,7 @@ class NamedModel:
     weights: str | None
     labels: list[str] | None = None
     preprocessing: "Preprocessing | None" = None
+    notes: tuple[str, ...] = ()  # shown in the report, e.g. "random weights"
 
 
 class ModelPlugin:
@@ -77,6 +90,10 @@ class ModelPlugin:
         ``arch_kwargs``) and builds randomly initialised weights, never downloading anything.
         """
         return {}
+
+    def catalog(self) -> list[CatalogEntry]:
+        """The models this plugin builds by name, with a small input each accepts (may be empty)."""
+        return []
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
         """Build ``PREFIX:NAME[:WEIGHTS]``; only called when ``source_prefix`` is set."""
@@ -117,9 +134,38 @@ class ModelPlugin:
         with capture_multihead_attention(model, names, sink):
             yield
 
+    def class_scores(self, model: "nn.Module", output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """What a target class means, from the model's raw output: (scores, probabilities).
+
+        ``scores`` (B, classes) are differentiable; a target's gradient is taken of its score.
+        ``probabilities`` (B, classes) are what the report shows, and the default target is the
+        largest. Default: classification logits and their softmax.
+        """
+        import torch
+
+        logits = classification_logits(output)
+        return logits, torch.softmax(logits.detach().float(), dim=1)
+
     def preprocessing(self, model: "nn.Module") -> "Preprocessing | None":
         """Default input preprocessing when neither weights nor checkpoint say."""
         return None
+
+
+def classification_logits(output: Any) -> "torch.Tensor":
+    """The (B, classes) logits in a classifier's output (a tensor, ``.logits``, or a tuple's first)."""
+    import torch
+
+    from .errors import MethodError
+
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return output
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):  # InceptionOutputs etc.
+        return output.logits
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 2:
+        return output[0]
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    raise MethodError(f"The model's output is {shape}, not classification scores of shape "
+                      f"(batch, classes); a plugin must say how to score it.")
 
 
 @dataclass(frozen=True)
@@ -165,12 +211,17 @@ def discover_plugins() -> list[PluginInfo]:
 _cache: list[PluginInfo] | None = None
 
 
-def installed_plugins() -> list[ModelPlugin]:
-    """The working plugins, loaded once per process."""
+def plugin_infos(reload: bool = False) -> list[PluginInfo]:
+    """Every installed plugin, working or broken, discovered once per process (or again on reload)."""
     global _cache
-    if _cache is None:
+    if _cache is None or reload:
         _cache = discover_plugins()
-    return [info.plugin for info in _cache if info.plugin is not None]
+    return _cache
+
+
+def installed_plugins() -> list[ModelPlugin]:
+    """The working plugins."""
+    return [info.plugin for info in plugin_infos() if info.plugin is not None]
 
 
 def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import ModelLoadError
-from ..plugins import ModelPlugin, NamedModel, TokenGrid
+from ..plugins import CatalogEntry, ModelPlugin, NamedModel, TokenGrid
 from ..preprocess import Preprocessing, from_torchvision_transforms
 
 #: Set to 1 to never try downloading weights that are not in torchvision's cache.
@@ -34,7 +34,8 @@ def _build_vision_transformer(**kwargs: Any):
 
 class TorchvisionPlugin(ModelPlugin):
     name = "torchvision"
-    families = ("all torchvision.models builders", "VisionTransformer (attention rollout)")
+    families = ("torchvision classification builders", "segmentation (a class's pixels)",
+                "VisionTransformer (attention)")
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
@@ -46,14 +47,26 @@ class TorchvisionPlugin(ModelPlugin):
 
         import torchvision
 
-        found: dict[str, Callable[..., Any]] = {
-            name: functools.partial(torchvision.models.get_model, name)
-            for name in torchvision.models.list_models()
-        }
+        found: dict[str, Callable[..., Any]] = {name: _builder(name)
+                                                for name in torchvision.models.list_models()}
         # Constructors for models smaller than any builder (as the shipped samples are).
         found["ResNet"] = _build_resnet
         found["VisionTransformer"] = _build_vision_transformer
         return found
+
+    def catalog(self) -> list[CatalogEntry]:
+        import functools
+
+        import torchvision
+
+        entries = [CatalogEntry(name, "classification", _smallest_input(name), _builder(name))
+                   for name in torchvision.models.list_models(module=torchvision.models)]
+        entries += [CatalogEntry(name, "segmentation", 96, _builder(name))
+                    for name in torchvision.models.list_models(module=torchvision.models.segmentation)]
+        entries += [CatalogEntry(name, "detection", 128, _builder(name), supported=False,
+                                 note="detection targets (a box's score) are not explained yet")
+                    for name in torchvision.models.list_models(module=torchvision.models.detection)]
+        return entries
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
         import torchvision
@@ -65,8 +78,7 @@ class TorchvisionPlugin(ModelPlugin):
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ModelLoadError(f"torchvision has no model named {name!r}.{hint}")
         if weights is None:
-            return NamedModel(module=torchvision.models.get_model(name, weights=None),
-                              architecture=name, weights=None)
+            return NamedModel(module=_builder(name)(), architecture=name, weights=None)
         enum = torchvision.models.get_model_weights(name)
         available = [member.name for member in enum] + ["DEFAULT"]
         if weights not in available:
@@ -93,6 +105,33 @@ class TorchvisionPlugin(ModelPlugin):
             preprocessing=from_torchvision_transforms(chosen.transforms(), source=str(chosen)),
         )
 
+    def default_layer(self, model: Any) -> str | None:
+        from torchvision.models import VGG, AlexNet, SqueezeNet
+
+        # After `features` these end in pooling to a fixed size (which upsamples small maps) or in
+        # the classifier's own class-score convolution: the feature map itself is the one to explain.
+        if isinstance(model, (AlexNet, VGG, SqueezeNet)):
+            return "features"
+        if _is_segmentation(model):
+            # The backbone's last stage, as for classifiers; after it come the class-score heads.
+            last = list(model.backbone.named_children())[-1][0]
+            return f"backbone.{last}"
+        return None
+
+    def class_scores(self, model: Any, output: Any):
+        if not (_is_segmentation(model) and isinstance(output, dict)):
+            return super().class_scores(model, output)
+        import torch.nn.functional as F
+
+        # A class's score is its mean logit over the pixels predicted as that class (the pixels
+        # a user asks about); its "probability" is the share of the image those pixels cover.
+        logits = output["out"]
+        classes = logits.shape[1]
+        predicted = F.one_hot(logits.detach().argmax(dim=1), classes).permute(0, 3, 1, 2).to(logits.dtype)
+        pixels = predicted.sum(dim=(2, 3))
+        scores = (logits * predicted).sum(dim=(2, 3)) / pixels.clamp_min(1)
+        return scores, pixels / pixels.sum(dim=1, keepdim=True)
+
     def attention_modules(self, model: Any) -> list[str]:
         from torchvision.models import VisionTransformer
 
@@ -115,6 +154,31 @@ class TorchvisionPlugin(ModelPlugin):
         if isinstance(image_size, int):  # VisionTransformer only accepts its own image_size
             return Preprocessing(size=(image_size, image_size), source="model image_size")
         return None
+
+
+def _is_segmentation(model: Any) -> bool:
+    return type(model).__module__.startswith("torchvision.models.segmentation")
+
+
+def _builder(name: str) -> Callable[..., Any]:
+    """torchvision's builder for ``name``, never fetching pretrained backbone weights."""
+    import functools
+
+    import torchvision
+
+    segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
+    detection = torchvision.models.list_models(module=torchvision.models.detection)
+    extra = {"weights_backbone": None} if name in segmentation or name in detection else {}
+    return functools.partial(torchvision.models.get_model, name, **extra)
+
+
+def _smallest_input(name: str) -> int:
+    """A small square input each classification builder accepts (transformers need their own size)."""
+    if name.startswith(("vit_", "maxvit")):
+        return 224  # fixed positional embeddings / partition sizes
+    if name == "inception_v3":
+        return 96  # its stem needs at least 75 pixels
+    return 64
 
 
 def weights_cache_path(url: str) -> Path:

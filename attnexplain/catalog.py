@@ -1,0 +1,65 @@
+"""Which models attnexplain can explain out of the box: every plugin's catalog, checked by running."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .plugins import CatalogEntry, ModelPlugin, installed_plugins
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    entry: CatalogEntry
+    plugin: str
+    method: str | None = None
+    layer: str | None = None
+    status: str = "not checked"  # "ok", "failed: ...", "not supported: ..."
+    seconds: float | None = None
+
+
+def catalog_entries() -> list[tuple[ModelPlugin, CatalogEntry]]:
+    return [(plugin, entry) for plugin in sorted(installed_plugins(), key=lambda p: p.name)
+            for entry in plugin.catalog()]
+
+
+def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> CatalogRow:
+    """Build ``entry`` with random weights and explain a synthetic image with ``--method auto``.
+
+    Passes when the heatmap is finite and not constant and the overlay has the image's size.
+    """
+    import torch
+
+    from .explanation import explain
+    from .loading import LoadedModel
+    from .plugins import select_plugin
+
+    if not entry.supported:
+        return CatalogRow(entry, plugin.name, status=f"not supported: {entry.note}")
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        module = entry.build().eval()
+        chosen = select_plugin(module)
+        loaded = LoadedModel(module=module, source=f"{plugin.name}:{entry.name}", loader=plugin.name,
+                             architecture=entry.name, plugin=chosen)
+        height, width = entry.input_size + 16, entry.input_size + 40  # not square, not input-sized
+        image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        result = explain(loaded, image, "auto", size=entry.input_size)
+        heatmap = result.heatmap
+        problems = []
+        if not np.isfinite(heatmap).all():
+            problems.append("heatmap has NaN or inf")
+        elif float(heatmap.std()) == 0.0:
+            problems.append("heatmap is constant")
+        if result.overlay().shape != (height, width, 3):
+            problems.append("overlay is not the image's size")
+        status = "ok" if not problems else "failed: " + "; ".join(problems)
+        return CatalogRow(entry, plugin.name, ",".join(result.maps), result.layer, status,
+                          time.perf_counter() - started)
+    except Exception as error:
+        text = " ".join(str(error).split())[:200]
+        return CatalogRow(entry, plugin.name, status=f"failed: {type(error).__name__}: {text}",
+                          seconds=time.perf_counter() - started)
