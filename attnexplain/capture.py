@@ -130,6 +130,38 @@ def capture_multihead_attention(model: nn.Module, names: list[str],
         yield
 
 
+@contextmanager
+def capture_channel_gates(model: nn.Module, names: list[str],
+                          sink: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Record squeeze-and-excitation gates: for each named block, (gates (B, C), input (B, C, H, W)).
+
+    The block multiplies its input by ``scale_activation``'s output (the gate of each channel, in
+    [0, 1]); both are recorded as the block computes them, nothing is recomputed.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+
+    def make_hooks(name: str):
+        def keep_input(module: nn.Module, args: tuple) -> None:
+            inputs[name] = args[0].detach()
+
+        def keep_gates(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            sink[name] = (output.detach().flatten(1), inputs[name])
+
+        return keep_input, keep_gates
+
+    with ExitStack() as stack:
+        for name in names:
+            block = _submodule(model, name)
+            gate = getattr(block, "scale_activation", None)
+            if not isinstance(gate, nn.Module):
+                raise MethodError(f"Layer {name!r} has no scale_activation; its plugin must say how to "
+                                  f"read its gates.")
+            keep_input, keep_gates = make_hooks(name)
+            stack.callback(block.register_forward_pre_hook(keep_input).remove)
+            stack.callback(gate.register_forward_hook(keep_gates).remove)
+        yield
+
+
 def attention_gradients(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:
     """∂score/∂attention for recorded attention probabilities.
 

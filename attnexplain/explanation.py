@@ -69,6 +69,10 @@ class MethodMap:
     layers: list[str] = field(default_factory=list)
     #: Raw attention only: (layers, heads, grid h, grid w) class-token attention.
     attention_grid: np.ndarray | None = None
+    #: Gates only: per block, its name, mean gate and most-gated channels; and the last block's
+    #: most-gated channels' activation maps (k, h, w).
+    gates: list[dict[str, Any]] | None = None
+    gate_maps: np.ndarray | None = None
 
 
 @dataclass
@@ -123,7 +127,7 @@ class Explanation:
             "predictions": [p.as_dict() for p in self.predictions],
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
-            "maps": {name: {"layers": result.layers,
+            "maps": {name: {"layers": result.layers, **({"gates": result.gates} if result.gates else {}),
                             "height": int(result.heatmap.shape[0]), "width": int(result.heatmap.shape[1]),
                             "min": float(result.heatmap.min()), "max": float(result.heatmap.max())}
                      for name, result in self.maps.items()},
@@ -188,6 +192,9 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     maps = {name: MethodMap(name, heatmap[0].cpu().numpy().astype(np.float32), computed.layers[name],
                             _first(computed.attention_grids.get(name)))
             for name, heatmap in computed.maps.items()}
+    for name, recorded in computed.channel_gates.items():
+        maps[name].gates = _gate_summary(recorded, image_index=0)
+        maps[name].gate_maps = _first(recorded.top_maps)
     if target is not None and float(probabilities[target_index]) == 0.0:
         name = _label(loaded.labels, target_index) or target_index
         raise MethodError(f"Class {name} is not in this image (its probability is 0), so there is "
@@ -198,6 +205,19 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
                        predictions=predictions, box=prepared.box, preprocessing=preprocessing,
                        options=options, timings=timings)
+
+
+def _gate_summary(recorded: "ChannelGates", image_index: int, shown: int = 5) -> list[dict[str, Any]]:
+    from .methods.gates import most_gated
+
+    summary = []
+    for block, values in zip(recorded.blocks, recorded.values):
+        top_values, top_channels = most_gated(values[image_index:image_index + 1], shown)
+        summary.append({"block": block, "channels": int(values.shape[1]),
+                        "mean": float(values[image_index].mean()),
+                        "top": [{"channel": int(c), "gate": float(v)}
+                                for c, v in zip(top_channels[0], top_values[0])]})
+    return summary
 
 
 def _first(grid: torch.Tensor | None) -> np.ndarray | None:
@@ -229,6 +249,9 @@ def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list
             raise MethodError(f"{name} needs the model's inner layers, which a {loaded.loader} model "
                               f"does not expose; use --method saliency, or load the weights as a "
                               f"state_dict with --arch.")
+        if method.family == "gates" and not loaded.plugin.gate_modules(loaded.module):
+            raise MethodError(f"{name} needs squeeze-and-excitation blocks; plugin "
+                              f"{loaded.plugin.name} knows none in this {type(loaded.module).__name__}.")
         if method.family == "attention" and not has_attention:
             raise MethodError(f"{name} needs attention layers; plugin {loaded.plugin.name} knows none "
                               f"in this {type(loaded.module).__name__}. Use --method gradcam.")
@@ -278,6 +301,17 @@ class BatchMaps:
     maps: dict[str, torch.Tensor]  # method → (B, H, W) float32
     layers: dict[str, list[str]]  # method → the layers it used (empty for non-layer methods)
     attention_grids: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, heads, h, w)
+    channel_gates: dict[str, "ChannelGates"] = field(default_factory=dict)
+
+
+@dataclass
+class ChannelGates:
+    """What the gates method recorded for a batch."""
+
+    blocks: list[str]
+    values: list[torch.Tensor]  # per block: (B, C) gates in [0, 1]
+    top_channels: torch.Tensor  # (B, k) the last block's most-gated channels
+    top_maps: torch.Tensor  # (B, k, h, w) their activation maps
 
 
 def compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
@@ -324,6 +358,11 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
         attention_maps, grids = _attention_pass(loaded, batch, attention_methods, fix_targets, options)
         for name, heatmap in attention_maps.items():
             maps[name], used_layers[name] = heatmap, []
+    gate_methods = [m for m in methods if m.family == "gates"]
+    channel_gates: dict[str, ChannelGates] = {}
+    for method in gate_methods:
+        maps[method.name], channel_gates[method.name] = _gates_pass(loaded, batch, method, fix_targets)
+        used_layers[method.name] = channel_gates[method.name].blocks[-1:]
     input_methods = [m for m in methods if m.family == "input"]
     if input_methods:
         forward = _scores_of(loaded)
@@ -342,7 +381,8 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
     order = [m.name for m in methods]  # as asked for
     return BatchMaps(probabilities=state["probabilities"], targets=state["targets"],
                      maps={name: maps[name] for name in order},
-                     layers={name: used_layers[name] for name in order}, attention_grids=grids)
+                     layers={name: used_layers[name] for name in order}, attention_grids=grids,
+                     channel_gates=channel_gates)
 
 
 def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
@@ -454,6 +494,27 @@ def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, gr
     return _upsample(per_head[:, -1].mean(dim=1), size), per_head
 
 
+def _gates_pass(loaded: LoadedModel, batch: torch.Tensor, method: Method,
+                fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor],
+                shown_maps: int = 8) -> tuple[torch.Tensor, "ChannelGates"]:
+    from .methods.gates import most_gated
+
+    module, plugin = loaded.module, loaded.plugin
+    names = plugin.gate_modules(module)
+    recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad(), plugin.capture_gates(module, names, recorded):
+        fix_targets(plugin.class_scores(module, module(batch)))
+    missing = [name for name in names if name not in recorded]
+    if missing:
+        raise MethodError(f"No gates were recorded for {', '.join(missing)}.")
+    gates, inputs = recorded[names[-1]]  # the last block: closest to the decision
+    _, channels = most_gated(gates, shown_maps)
+    top_maps = torch.gather(inputs, 1, channels[:, :, None, None].expand(-1, -1, *inputs.shape[2:]))
+    heatmap = _upsample(method.compute(gates, inputs), tuple(batch.shape[-2:]))
+    return heatmap, ChannelGates(blocks=names, values=[recorded[name][0] for name in names],
+                                 top_channels=channels, top_maps=top_maps)
+
+
 def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
                             layers: list[str], options: MethodOptions, plain: BatchMaps) -> BatchMaps:
     """Average each map over the image, its mirror image and zoomed-in copies, each mapped back.
@@ -479,7 +540,8 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
             counts[top:top + crop_h, left:left + crop_w] += 1
     return BatchMaps(probabilities=plain.probabilities, targets=plain.targets,
                      maps={name: total / counts for name, total in sums.items()},
-                     layers=plain.layers, attention_grids=plain.attention_grids)
+                     layers=plain.layers, attention_grids=plain.attention_grids,
+                     channel_gates=plain.channel_gates)
 
 
 def _augment(batch: torch.Tensor, flip: bool, zoom: float):

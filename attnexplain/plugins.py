@@ -146,6 +146,20 @@ class ModelPlugin:
         logits = classification_logits(output)
         return logits, torch.softmax(logits.detach().float(), dim=1)
 
+    def gate_modules(self, model: "nn.Module") -> list[str]:
+        """Names of squeeze-and-excitation blocks (learned channel gates), input to output."""
+        return []
+
+    @contextmanager
+    def capture_gates(self, model: "nn.Module", names: list[str],
+                      sink: dict[str, tuple["torch.Tensor", "torch.Tensor"]]) -> Iterator[None]:
+        """Record each block's (gates (B, C), gated input (B, C, H, W)) into sink. The default reads
+        blocks shaped like ``torchvision.ops.SqueezeExcitation`` (a ``scale_activation`` submodule)."""
+        from .capture import capture_channel_gates
+
+        with capture_channel_gates(model, names, sink):
+            yield
+
     def preprocessing(self, model: "nn.Module") -> "Preprocessing | None":
         """Default input preprocessing when neither weights nor checkpoint say."""
         return None

@@ -87,6 +87,12 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
                 _write_npy(staging / entry["attention_grid_npy"], result.attention_grid)
                 preview["grid_uri"] = _data_uri(mosaic, ".png")
                 preview["grid_shape"] = list(result.attention_grid.shape[:2])
+            if result.gate_maps is not None:
+                entry["gate_maps"] = f"gate-maps-{name}.png"
+                mosaic = render_attention_grid(result.gate_maps[None], cell=64)
+                (staging / entry["gate_maps"]).write_bytes(encode_image(mosaic, ".png"))
+                preview["gate_maps_uri"] = _data_uri(mosaic, ".png")
+                preview["gates"] = result.gates
             files[name] = entry
             previews.append(preview)
         first = files[explanation.method]

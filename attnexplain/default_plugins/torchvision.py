@@ -35,7 +35,7 @@ def _build_vision_transformer(**kwargs: Any):
 class TorchvisionPlugin(ModelPlugin):
     name = "torchvision"
     families = ("torchvision classification builders", "segmentation (a class's pixels)",
-                "VisionTransformer (attention)")
+                "VisionTransformer (attention)", "EfficientNet/MobileNetV3/RegNetY (SE gates)")
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
@@ -131,6 +131,12 @@ class TorchvisionPlugin(ModelPlugin):
         pixels = predicted.sum(dim=(2, 3))
         scores = (logits * predicted).sum(dim=(2, 3)) / pixels.clamp_min(1)
         return scores, pixels / pixels.sum(dim=1, keepdim=True)
+
+    def gate_modules(self, model: Any) -> list[str]:
+        from torchvision.ops import SqueezeExcitation
+
+        # EfficientNet, MobileNetV3 and RegNetY gate their channels with this block.
+        return [name for name, module in model.named_modules() if isinstance(module, SqueezeExcitation)]
 
     def attention_modules(self, model: Any) -> list[str]:
         from torchvision.models import VisionTransformer

@@ -6,6 +6,7 @@ Families, by what they need:
   it): one forward and one backward down to that layer serve every CAM method requested;
 - ``attention``: the attention probabilities of every attention layer (and their gradients for
   ``chefer``), recorded in one forward;
+- ``gates``: the channel gates of squeeze-and-excitation blocks, recorded in one forward;
 - ``input``: the model as a function of its input; Captum computes these.
 """
 
@@ -14,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import attention, attribution, cam, scorecam
+from . import attention, attribution, cam, gates, scorecam
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # "cam" | "attention" | "input"
+    family: str  # "cam" | "attention" | "gates" | "input"
     needs_gradient: bool
     summary: str
     applies_to: str
@@ -63,6 +64,10 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("attention", "attention", False, "The raw learned attention of the class token, per "
            "layer and head (map: last layer, heads averaged).", _VIT, "1 forward",
            "Vaswani et al. 2017 / Dosovitskiy et al. 2021", attention.raw_attention),
+    Method("gates", "gates", False, "Learned squeeze-and-excitation channel gates: the most-gated "
+           "channels of each block and where they fire (map: the last block's gated sum).",
+           "CNNs with squeeze-and-excitation (EfficientNet, MobileNetV3, RegNetY)", "1 forward",
+           "Hu et al. 2018, Squeeze-and-Excitation Networks", gates.gated_map),
     Method("saliency", "input", True, "Absolute input gradient of the target score.", _ANY,
            "1 forward + 1 backward", "Simonyan et al. 2014, Deep Inside Convolutional Networks",
            attribution.saliency),
