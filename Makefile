@@ -8,10 +8,12 @@ OUT ?= attnexplain-out
 
 .PHONY: install demo test test-heavy samples clean
 
-$(BIN)/.installed: pyproject.toml constraints.txt
+PLUGINS := plugins/attention-cnn plugins/timm
+
+$(BIN)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 install: $(BIN)/.installed

@@ -1,11 +1,13 @@
-"""Train the two sample models on object composites, deterministically, on CPU in a few minutes.
+"""Train the sample models on object composites, deterministically, on CPU in a few minutes.
 
-    .venv/bin/python samples/train.py [--out samples/models]
+    .venv/bin/python samples/train.py [--out samples/models] [--only ARCH]
 
-Writes ``resnet-composites.pt`` (torchvision ResNet, BasicBlock [1, 1, 1, 1]) and
-``vit-composites.pt`` (torchvision VisionTransformer, 16 px patches at 128 px) as plain dicts that
-load with ``torch.load(path, weights_only=True)``; see samples/README.md for the format. The
-reported test accuracy is measured after the fp16 round trip, on what was saved.
+Writes ``resnet-composites.pt`` (torchvision ResNet, BasicBlock [1, 1, 1, 1]),
+``vit-composites.pt`` (torchvision VisionTransformer, 16 px patches at 128 px) and
+``attention-cnn-composites.pt`` (the attention-pooling CNN of the example plugin
+plugins/attention-cnn, which must be installed: ``pip install -e plugins/attention-cnn``) as plain
+dicts that load with ``torch.load(path, weights_only=True)``; see samples/README.md for the format.
+The reported test accuracy is measured after the fp16 round trip, on what was saved.
 """
 
 from __future__ import annotations
@@ -34,12 +36,23 @@ THREADS = 2  # fixed, because the thread count can change float summation order
 RESNET_KWARGS = {"block": "BasicBlock", "layers": [1, 1, 1, 1], "num_classes": len(LABELS)}
 VIT_KWARGS = {"image_size": SIZE, "patch_size": 16, "num_layers": 4, "num_heads": 4,
               "hidden_dim": 96, "mlp_dim": 192, "num_classes": len(LABELS)}
+ATTENTION_CNN_KWARGS = {"channels": [32, 64, 128], "convs_per_stage": 2, "attention_dim": 64,
+                        "dropout": 0.1, "image_size": SIZE, "num_classes": len(LABELS)}
+#: Short names accepted by --only besides the architecture names.
+ALIASES = {"attention-cnn": "AttentionPoolingCNN"}
 
 
 def build(arch: str) -> torch.nn.Module:
     if arch == "ResNet":
         kwargs = dict(RESNET_KWARGS, block=BasicBlock)
         return ResNet(**kwargs)
+    if arch == "AttentionPoolingCNN":
+        try:
+            from attnexplain_attention_cnn.model import AttentionPoolingCNN
+        except ImportError:
+            sys.exit("AttentionPoolingCNN comes from the example plugin: "
+                     "pip install -e plugins/attention-cnn first.")
+        return AttentionPoolingCNN(**ATTENTION_CNN_KWARGS)
     return torchvision.models.VisionTransformer(**VIT_KWARGS)
 
 
@@ -101,7 +114,7 @@ def train(arch: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    channels_last = arch == "ResNet"  # faster convolutions on CPU
+    channels_last = arch in ("ResNet", "AttentionPoolingCNN")  # faster convolutions on CPU
     for epoch in range(epochs):
         model.train()
         started = time.perf_counter()
@@ -137,8 +150,12 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--resnet-epochs", type=int, default=2)
     parser.add_argument("--vit-epochs", type=int, default=6)
-    parser.add_argument("--only", choices=["ResNet", "VisionTransformer"], default=None)
+    parser.add_argument("--attention-cnn-epochs", type=int, default=2)
+    parser.add_argument("--only", choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN",
+                                           *ALIASES], default=None,
+                        help="train one model (attention-cnn = AttentionPoolingCNN)")
     args = parser.parse_args()
+    args.only = ALIASES.get(args.only, args.only)
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
@@ -165,13 +182,17 @@ def main() -> None:
                                   epochs=args.vit_epochs, lr=1e-3, weight_decay=0.05,
                                   batch_size=64, warmup_epochs=1.0, shift=16,
                                   label_smoothing=0.1, seed=2),
+        "AttentionPoolingCNN": dict(file="attention-cnn-composites.pt", kwargs=ATTENTION_CNN_KWARGS,
+                                    epochs=args.attention_cnn_epochs, lr=2e-3, weight_decay=1e-4,
+                                    batch_size=64, warmup_epochs=0.5, shift=12,
+                                    label_smoothing=0.0, seed=3),
     }
     for arch, plan in plans.items():
         if args.only and arch != args.only:
             continue
         torch.manual_seed(plan["seed"])
         model = build(arch)
-        if arch == "ResNet":
+        if arch in ("ResNet", "AttentionPoolingCNN"):
             model = model.to(memory_format=torch.channels_last)
         arch_started = time.perf_counter()
         train(arch, model, x_train, y_train, epochs=plan["epochs"], lr=plan["lr"],

@@ -163,7 +163,7 @@ def test_batches_give_each_image_its_own_target_and_map(small_resnet, photo):
                          plugin=select_plugin(small_resnet))
     methods = resolve_methods(loaded, "gradcam,scorecam,saliency")
     computed = compute_maps(loaded, batch, methods, ["layer4"])
-    assert computed.targets.tolist() == computed.logits.argmax(1).tolist()
+    assert computed.targets.tolist() == computed.probabilities.argmax(1).tolist()
     for index, pixels in enumerate(pictures):
         single = explain(small_resnet, pixels, "gradcam,scorecam,saliency", size=64)
         assert single.target.index == int(computed.targets[index])

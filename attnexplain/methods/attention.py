@@ -87,5 +87,6 @@ def to_grid(matrix: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
 
 def _require_self_attention(attention: torch.Tensor) -> None:
     if attention.shape[-1] != attention.shape[-2]:
-        raise ValueError("it chains self-attention matrices through the layers, and this model's "
-                         f"attention is {attention.shape[-2]} queries × {attention.shape[-1]} keys")
+        raise ValueError("it chains self-attention matrices through the layers, but this model's "
+                         f"attention maps {attention.shape[-2]} query token(s) onto "
+                         f"{attention.shape[-1]} keys; use --method attention for it")

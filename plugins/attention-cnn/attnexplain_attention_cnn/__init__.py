@@ -1,0 +1,20 @@
+"""attnexplain plugin for a Show-Attend-Tell-style attention-pooling CNN.
+
+``attnexplain_attention_cnn.model`` holds the model (:class:`AttentionPoolingCNN`) and
+``attnexplain_attention_cnn.plugin`` the :class:`attnexplain.plugins.ModelPlugin` that attnexplain
+finds through the ``attnexplain.plugins`` entry point. Importing the package does not import torch
+(plugin discovery stays cheap); the model classes load on first use.
+"""
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["AttentionPoolingCNN", "SoftAttentionPooling"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,280 @@
+"""The timm plugin: builders, preprocessing, CAM layers and attention capture for timm's models.
+
+Registered under the entry-point group ``attnexplain.plugins`` as ``timm``. timm itself is imported
+lazily (inside the methods), so that merely discovering this plugin costs nothing.
+
+Attention: timm's ViT and DeiT blocks use :class:`timm.layers.Attention`, which calls the fused
+``F.scaled_dot_product_attention`` when its ``fused_attn`` flag is set and never materialises the
+attention probabilities. While capturing, the flag is switched off (and always restored), so that
+the module takes its explicit path ``softmax(q·kᵀ·scale) → attn_drop → @ v``; a forward hook on
+``attn_drop`` records its output, the very tensor ``@ v`` multiplies, so gradients with respect to it
+(``chefer``) are those of the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from attnexplain.errors import MethodError, ModelLoadError
+from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid
+from attnexplain.preprocess import Preprocessing, normalize_size
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+#: Modules of the model constructors whose ViTs are built with ``dynamic_img_size=True`` (see
+#: :func:`create`). Both build :class:`timm.models.vision_transformer.VisionTransformer` (or its
+#: distilled subclass), whose dynamic mode resamples the position embeddings to the input's grid.
+DYNAMIC_SIZE_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+#: Keyword arguments a builder refuses: they would download weights or read another file.
+_REFUSED_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
+#: Interpolations attnexplain's tensor resize supports; timm's others fall back to bicubic.
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def create(name: str, **kwargs: Any) -> "nn.Module":
+    """``timm.create_model(name, pretrained=False, **kwargs)``: random weights, never a download.
+
+    ViTs and DeiTs are built with ``dynamic_img_size=True`` unless ``kwargs`` say otherwise: they
+    then accept the input size ``--size`` asks for (position embeddings are resampled to the token
+    grid; at the native size nothing changes). Parameters are the same, so state_dicts still fit.
+    """
+    import timm
+
+    refused = [key for key in _REFUSED_KWARGS if key in kwargs]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be set here: attnexplain builds timm models "
+                         f"with random weights and loads the checkpoint's own weights into them")
+    if _builds_vision_transformer(name):
+        kwargs.setdefault("dynamic_img_size", True)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _builds_vision_transformer(name: str) -> bool:
+    import timm.models
+
+    try:
+        entrypoint = timm.models.model_entrypoint(timm.models.get_arch_name(name))
+    except Exception:  # unknown names fail later, in create_model, with timm's own message
+        return False
+    return getattr(entrypoint, "__module__", None) in DYNAMIC_SIZE_MODULES
+
+
+def _is_timm(model: Any) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def _is_timm_attention(module: Any) -> bool:
+    """timm's standard self-attention (``timm.layers.Attention``, or a subclass keeping its forward)."""
+    if module is None or not type(module).__module__.startswith("timm."):
+        return False
+    from timm.layers import Attention
+
+    return (isinstance(module, Attention) and type(module).forward is Attention.forward
+            and hasattr(module, "attn_drop") and hasattr(module, "fused_attn"))
+
+
+def _vision_transformer(model: Any) -> bool:
+    if not _is_timm(model):
+        return False
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _vit_attention_names(model: Any) -> list[str]:
+    """``blocks.N.attn`` of a timm ViT with a class token whose every block uses timm's Attention."""
+    if not _vision_transformer(model) or getattr(model, "cls_token", None) is None:
+        return []  # no class token (global average pooling): no query to roll attention out from
+    names = []
+    for index, block in model.blocks.named_children():
+        if not _is_timm_attention(getattr(block, "attn", None)):
+            return []  # rollout multiplies every layer: one unknown block makes it meaningless
+        names.append(f"blocks.{index}.attn")
+    return names
+
+
+@contextmanager
+def _unfused(module: Any) -> Iterator[None]:
+    """``module.fused_attn = False`` for the duration, restored exactly (even on error)."""
+    had_own = "fused_attn" in module.__dict__
+    previous = module.__dict__.get("fused_attn")
+    module.fused_attn = False
+    try:
+        yield
+    finally:
+        if had_own:
+            module.fused_attn = previous
+        else:
+            del module.fused_attn
+
+
+class TimmPlugin(ModelPlugin):
+    name = "timm"
+    families = ("every timm model by name (timm:NAME) and as --arch timm:NAME",
+                "ViT, DeiT incl. distilled (attention rollout, chefer, attention)",
+                "ConvNeXt, ResNet and other timm CNNs (CAM family)")
+    source_prefix = "timm"
+
+    def specificity(self, model: Any) -> int | None:
+        return 20 if _is_timm(model) else None
+
+    def builders(self) -> Mapping[str, Callable[..., Any]]:
+        import timm
+        import torchvision
+
+        names = set(timm.list_models()) | set(timm.list_pretrained())  # pretrained tags: their cfg
+        # attnexplain.plugins.all_builders keeps the first plugin's builder for a name, in plugin
+        # name order, and "timm" sorts before "torchvision": a plain resnet50 here would take
+        # `--arch resnet50` away from torchvision's state_dicts. Names torchvision builds are
+        # therefore only offered prefixed; "timm:NAME" always means timm's model.
+        taken = set(torchvision.models.list_models())
+        found: dict[str, Callable[..., Any]] = {}
+        for name in sorted(names):
+            build = functools.partial(create, name)
+            found[f"timm:{name}"] = build
+            if name not in taken:
+                found[name] = build
+        return found
+
+    def load_named(self, name: str, weights: str | None) -> NamedModel:
+        import timm
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ModelLoadError(f"timm has no model named {name!r}.{hint}")
+        if weights is not None:
+            # timm names weights by a tag after a dot (resnet50.a1_in1k): suggest that architecture.
+            tagged = f"{name}.{weights}"
+            arch = tagged if tagged in timm.list_pretrained() else name
+            raise ModelLoadError(
+                f"Pretrained timm weights ({weights!r}) cannot be fetched here: timm downloads them "
+                f"from the Hugging Face Hub, which attnexplain never does. Use a local checkpoint "
+                f"instead: torch.save(model.state_dict(), 'model.pt') (or the hub's model.safetensors) "
+                f"and run `attnexplain run model.pt IMAGE --arch timm:{arch}`; or write timm:{name} "
+                f"for random weights.")
+        try:
+            module = create(name)
+        except Exception as error:
+            text = " ".join(str(error).split()) or type(error).__name__
+            raise ModelLoadError(f"Building timm model {name} failed: {text}") from None
+        return NamedModel(module=module, architecture=name, weights=None,
+                          preprocessing=self.preprocessing(module))
+
+    def default_layer(self, model: Any) -> str | None:
+        if _is_timm(model) and _patch_projection(model):
+            # Transformers (ViT, DeiT, EVA, BEiT, Swin, ...): blocks output (B, tokens, C) or
+            # channels-last (B, h, w, C), which CAM cannot weight without a reshape; the generic
+            # shape-based choice would be an attention internal (q_norm: (B, heads, tokens, dim))
+            # or a channels-last norm. The patch projection is their one (B, C, h, w) map.
+            return "patch_embed.proj"
+        if _is_timm(model) and type(model).__name__ == "ConvNeXt" and len(model.stages):
+            # After the last stage come norm_pre (an Identity, which the generic choice would name)
+            # and the head, whose pooled (B, C, 1, 1) maps are not spatial.
+            return f"stages.{len(model.stages) - 1}"
+        return None  # ResNet & co: the generic choice (layer4) is the usual one
+
+    def attention_modules(self, model: Any) -> list[str]:
+        return _vit_attention_names(model)
+
+    def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
+        if not _vit_attention_names(model):
+            return None
+        patch_embed = model.patch_embed
+        if getattr(model, "dynamic_img_size", False) and hasattr(patch_embed, "dynamic_feat_size"):
+            height, width = patch_embed.dynamic_feat_size(tuple(input_size))
+        else:
+            fixed = tuple(getattr(patch_embed, "img_size", None) or ())
+            if fixed and getattr(patch_embed, "strict_img_size", False) and fixed != tuple(input_size):
+                raise MethodError(f"This timm ViT only accepts {fixed[0]}x{fixed[1]} inputs, not "
+                                  f"{input_size[0]}x{input_size[1]}: drop --size, or build it with "
+                                  f"dynamic_img_size=True.")
+            grid = getattr(patch_embed, "grid_size", None)
+            if grid is None:
+                patch = patch_embed.patch_size
+                grid = (input_size[0] // patch[0], input_size[1] // patch[1])
+            height, width = grid
+        # _pos_embed concatenates [class token, (distillation token | register tokens), patches]:
+        # num_prefix_tokens counts them all, and query 0 is the class token.
+        return TokenGrid(prefix_tokens=int(model.num_prefix_tokens), height=int(height),
+                         width=int(width), query=0)
+
+    @contextmanager
+    def capture_attention(self, model: Any, names: list[str],
+                          sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
+        modules = {}
+        for name in names:
+            try:
+                modules[name] = model.get_submodule(name)
+            except AttributeError:
+                raise MethodError(f"The model has no layer named {name!r}.") from None
+        ours = [name for name in names if _is_timm_attention(modules[name])]
+        others = [name for name in names if name not in ours]
+
+        def recorder(name: str):
+            def hook(module: Any, args: Any, output: Any) -> None:
+                sink[name] = output  # what `attn @ v` multiplies: not a copy, not detached
+
+            return hook
+
+        with ExitStack() as stack:
+            if others:  # e.g. nn.MultiheadAttention inside a timm model: the core knows those
+                stack.enter_context(super().capture_attention(model, others, sink))
+            for name in ours:
+                module = modules[name]
+                stack.enter_context(_unfused(module))
+                stack.callback(module.attn_drop.register_forward_hook(recorder(name)).remove)
+            yield
+
+    def preprocessing(self, model: Any) -> Preprocessing | None:
+        fixed = _fixed_input_size(model)
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+        if not cfg:
+            return Preprocessing(size=fixed, source="timm model img_size") if fixed else None
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config(pretrained_cfg=dict(cfg))
+        size = fixed or normalize_size([int(v) for v in config["input_size"][-2:]])
+        crop_pct = float(config.get("crop_pct") or 1.0)
+        crop_mode = config.get("crop_mode") or "center"
+        source = "timm pretrained_cfg"
+        if crop_mode in ("squash", "border"):
+            # Neither resizes the shorter side then crops; the closest thing attnexplain does is
+            # resizing the whole photo to the input size (exact for squash at crop_pct 1).
+            resize = None
+            if crop_mode == "border" or crop_pct < 1.0:
+                source += f" (crop_mode={crop_mode} approximated by resizing the whole photo)"
+        else:  # timm's eval transform: Resize(floor(size / crop_pct)) then CenterCrop(size)
+            resize = math.floor(min(size) / crop_pct)
+        interpolation = config.get("interpolation") or "bicubic"
+        if interpolation not in _INTERPOLATIONS:
+            interpolation = "bicubic"
+        return Preprocessing(size=size, resize=resize, mean=tuple(float(v) for v in config["mean"]),
+                             std=tuple(float(v) for v in config["std"]), interpolation=interpolation,
+                             source=source)
+
+
+def _patch_projection(model: Any) -> bool:
+    from torch import nn
+
+    return isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d)
+
+
+def _fixed_input_size(model: Any) -> tuple[int, int] | None:
+    """The only input size a non-dynamic timm ViT accepts (its ``img_size``, whatever its cfg says)."""
+    if not _vision_transformer(model) or getattr(model, "dynamic_img_size", False):
+        return None
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if not img_size or not getattr(patch_embed, "strict_img_size", True):
+        return None
+    return normalize_size([int(v) for v in img_size])
+
+
+plugin = TimmPlugin()
