@@ -21,8 +21,11 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/attnexplain run samples/models/resnet-composites.pt samples/images/cat-on-grass.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/vit-composites.pt samples/images/rocket-on-brick.png --out $(OUT)
+	$(BIN)/attnexplain run samples/models/attention-cnn-composites.pt samples/images/coffee-on-gravel.png --out $(OUT)
 	@echo
-	@echo "Outputs are in $(OUT)/ — open $(OUT)/cat-on-grass/report.html and $(OUT)/rocket-on-brick/report.html"
+	@echo "Outputs are in $(OUT)/ — open $(OUT)/cat-on-grass/report.html (ResNet, Grad-CAM),"
+	@echo "$(OUT)/rocket-on-brick/report.html (ViT, attention rollout) and"
+	@echo "$(OUT)/coffee-on-gravel/report.html (attention CNN: its learned attention beside Grad-CAM)"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,7 @@ MODELS = {
                              "scorecam", "saliency", "integrated_gradients", "smoothgrad",
                              "occlusion", "guided_gradcam"),
     "vit-composites.pt": ("rollout", "chefer", "attention", "saliency", "integrated_gradients"),
+    "attention-cnn-composites.pt": ("attention", "gradcam"),
 }
 
 
