@@ -342,5 +342,93 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
     Console().print(table)
 
 
+@main.command()
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True)
+@method_options
+@model_options
+@click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W.")
+@click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B.")
+@click.option("--std", callback=_numbers(float, (1, 3)), help="Normalization std: R,G,B.")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Opacity of the heatmap in the overlays.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
+              help="How many predictions to record per image.")
+@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
+              help="Refuse larger images (decompression-bomb guard); they are recorded as failed.")
+@click.option("--images-per-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Threads that decode and write images while the model runs.")
+@click.option("--out", "out_dir", default="attnexplain-batch", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
+@click.option("--resume", is_flag=True, help="Skip images already explained in --out with the same "
+                                             "model, options and file content; do the rest.")
+@click.option("--shard", help="I/N: explain only a deterministic 1/N of the inputs (merge the "
+                              "outputs with `attnexplain merge`).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
+          head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
+          samples: int, window: int, batch_size: int, arch, num_classes, labels, trust_model, plugin,
+          device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
+          images_per_batch: int, workers: int, out_dir: Path, resume: bool, shard: str | None,
+          quiet: bool) -> None:
+    """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
+    and an index.html gallery in --out.
+
+    INPUTS are image files, folders (searched recursively for jpg, jpeg, png, webp, bmp, tif,
+    tiff), globs ('photos/**/*.jpg') or @list.txt (one input per line). Outputs mirror the input
+    folders relative to their common root, under OUT/images/. A bad image is recorded with its
+    reason and the run goes on. results.jsonl is written as images finish and the reports are
+    refreshed periodically, so an interrupted run leaves a valid partial report; --resume finishes it.
+
+    \b
+    Exit codes: 0 every image was explained; 3 some images failed (see report.json / index.html);
+    1 the run could not start (model, options); 130 interrupted.
+    """
+    from .batch import parse_shard, run_batch, BatchSettings
+
+    settings = BatchSettings(
+        method=method, target=target, layer=layer, size=tuple(size) if size else None,
+        mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
+        alpha=alpha, max_pixels=max_pixels, images_per_batch=images_per_batch, workers=workers,
+        options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
+                                 samples, window, batch_size))
+    shard_spec = parse_shard(shard)
+    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+    spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
+            "trust_model": trust_model, "plugin": plugin}
+    result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume, shard=shard_spec,
+                       quiet=quiet)
+    if not quiet:
+        rate = (result.ok - result.skipped + result.failed) / result.wall_s if result.wall_s else 0.0
+        click.echo(f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} "
+                   f"failed, in {result.wall_s:.1f}s ({rate:.1f} images/s). "
+                   f"Gallery: {out_dir / 'index.html'}", err=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the merged outputs.")
+def merge(sources: tuple[Path, ...], out_dir: Path) -> None:
+    """Combine the outputs of `attnexplain batch --shard` runs into one: per-image files (hard
+    links where possible), results.jsonl, report.json, summary.csv and index.html.
+
+    \b
+    Exit codes: 0 every image was explained; 3 some images failed.
+    """
+    from .batch import merge_outputs
+
+    result = merge_outputs(list(sources), out_dir)
+    click.echo(f"{result.ok} explained, {result.failed} failed. Gallery: {out_dir / 'index.html'}",
+               err=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
