@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ModelLoadError, UntrustedModelError
-from .plugins import ModelPlugin, all_builders, plugin_for_prefix, select_plugin
+from .plugins import ModelPlugin, all_builders, find_builder, plugin_for_prefix, select_plugin
 from .preprocess import Preprocessing, normalize_size
 
 # Keys under which training scripts commonly nest the weights.
@@ -328,12 +328,12 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
     """Construct ``arch`` with random weights, its number of classes read off the state_dict."""
     import torch
 
-    builders = all_builders()
-    if arch not in builders:
-        close = difflib.get_close_matches(arch, builders, n=3)
+    found = find_builder(arch)
+    if found is None:
+        close = difflib.get_close_matches(arch, all_builders(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ModelLoadError(f"Unknown architecture {arch!r}.{hint}")
-    _, builder = builders[arch]
+    _, builder = found
     if num_classes is None and "num_classes" not in arch_kwargs:
         num_classes = _infer_num_classes(builder, arch_kwargs, state_dict)
     if num_classes is not None:

@@ -261,10 +261,27 @@ def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:
     return min(ranked, key=lambda item: item[:2])[2]
 
 
+def _builder_order() -> list[ModelPlugin]:
+    """attnexplain's own plugins first, then the others by name: a name two plugins offer keeps its
+    built-in meaning, and the common case never imports a third-party library."""
+    infos = [info for info in plugin_infos() if info.plugin is not None]
+    infos.sort(key=lambda info: (info.distribution != "attnexplain", info.plugin.name))
+    return [info.plugin for info in infos]
+
+
+def find_builder(arch: str) -> tuple[ModelPlugin, Callable[..., Any]] | None:
+    """The plugin and constructor for architecture ``arch``, asking plugins in :func:`_builder_order`."""
+    for plugin in _builder_order():
+        builder = plugin.builders().get(arch)
+        if builder is not None:
+            return plugin, builder
+    return None
+
+
 def all_builders() -> dict[str, tuple[ModelPlugin, Callable[..., Any]]]:
     """Every architecture name any plugin can build, with the plugin that provides it."""
     names: dict[str, tuple[ModelPlugin, Callable[..., Any]]] = {}
-    for plugin in sorted(installed_plugins(), key=lambda p: p.name):
+    for plugin in _builder_order():
         for arch, builder in plugin.builders().items():
             names.setdefault(arch, (plugin, builder))
     return names

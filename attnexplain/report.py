@@ -82,7 +82,8 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
             if result.attention_grid is not None:
                 entry["attention_grid"] = f"attention-grid-{name}.png"
                 entry["attention_grid_npy"] = f"attention-grid-{name}.npy"
-                mosaic = render_attention_grid(result.attention_grid)
+                heads = result.attention_grid.shape[1]
+                mosaic = render_attention_grid(result.attention_grid, cell=max(48, min(192, 480 // heads)))
                 (staging / entry["attention_grid"]).write_bytes(encode_image(mosaic, ".png"))
                 _write_npy(staging / entry["attention_grid_npy"], result.attention_grid)
                 preview["grid_uri"] = _data_uri(mosaic, ".png")

@@ -129,10 +129,9 @@ class TimmPlugin(ModelPlugin):
         import torchvision
 
         names = set(timm.list_models()) | set(timm.list_pretrained())  # pretrained tags: their cfg
-        # attnexplain.plugins.all_builders keeps the first plugin's builder for a name, in plugin
-        # name order, and "timm" sorts before "torchvision": a plain resnet50 here would take
-        # `--arch resnet50` away from torchvision's state_dicts. Names torchvision builds are
-        # therefore only offered prefixed; "timm:NAME" always means timm's model.
+        # attnexplain asks its own plugins first, so a plain resnet50 here would be shadowed by
+        # torchvision's anyway; offering names torchvision builds only prefixed keeps the listing
+        # honest. "timm:NAME" always means timm's model.
         taken = set(torchvision.models.list_models())
         found: dict[str, Callable[..., Any]] = {}
         for name in sorted(names):
