@@ -142,6 +142,25 @@ def method_options(function):
     return function
 
 
+def image_options(function):
+    """How images are read, preprocessed and reported, shared by `run` and `batch`."""
+    options = [
+        click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W."),
+        click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
+        click.option("--std", callback=_numbers(float, (1, 3)), help="Normalization std: R,G,B."),
+        click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+                     help="Opacity of the heatmap in the overlays."),
+        click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
+                     help="How many predictions to report per image."),
+        click.option("--max-pixels", default=100_000_000, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="Refuse larger images (decompression-bomb guard)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
                      batch_size):
     from .explanation import MethodOptions
@@ -157,15 +176,7 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 @click.argument("image", type=click.Path(path_type=Path))
 @method_options
 @model_options
-@click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W.")
-@click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B.")
-@click.option("--std", callback=_numbers(float, (1, 3)), help="Normalization std: R,G,B.")
-@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="Opacity of the heatmap in the overlay.")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
-              help="How many predictions to report.")
-@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
-              help="Refuse larger images (decompression-bomb guard).")
+@image_options
 @click.option("--out", "out_dir", default="attnexplain-out", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -347,15 +358,7 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
 @click.argument("inputs", nargs=-1, required=True)
 @method_options
 @model_options
-@click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W.")
-@click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B.")
-@click.option("--std", callback=_numbers(float, (1, 3)), help="Normalization std: R,G,B.")
-@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="Opacity of the heatmap in the overlays.")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
-              help="How many predictions to record per image.")
-@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
-              help="Refuse larger images (decompression-bomb guard); they are recorded as failed.")
+@image_options
 @click.option("--images-per-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
