@@ -257,7 +257,8 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
     and an error for images whose requested target has probability 0."""
     import torch
 
-    from .explanation import _label, compute_maps, top_predictions
+    from .errors import MethodError
+    from .explanation import compute_maps, image_outcome
 
     batch = torch.cat(tensors).to(device)
     computed = compute_maps(loaded, batch, methods, layers, target=settings.target,
@@ -267,19 +268,19 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
     maps = {name: heatmap.detach().float().cpu().numpy() for name, heatmap in computed.maps.items()}
     results = []
     for index in range(batch.shape[0]):
-        target_index = int(targets[index])
-        probability = float(probabilities[index, target_index])
         result: dict[str, Any] = {
             "maps": {name: np.array(values[index], dtype=np.float32) for name, values in maps.items()},
             "layers": computed.layers,
-            "predictions": [p.as_dict() for p in top_predictions(probabilities[index], loaded.labels,
-                                                                  settings.top_k)],
-            "target": {"index": target_index, "label": _label(loaded.labels, target_index),
-                       "prob": probability},
         }
-        if settings.target is not None and probability == 0.0:
-            result["error"] = (f"Class {result['target']['label'] or target_index} is not in this image "
-                               f"(its probability is 0), so there is nothing to explain for it.")
+        try:
+            target, predictions = image_outcome(probabilities[index], int(targets[index]),
+                                                loaded.labels, settings.top_k,
+                                                target_given=settings.target is not None)
+        except MethodError as error:  # this image only: the others of the batch are fine
+            result["error"] = str(error)
+        else:
+            result["predictions"] = [p.as_dict() for p in predictions]
+            result["target"] = target.as_dict()
         results.append(result)
     return results
 
@@ -346,8 +347,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     """Explain every image ``input_specs`` names into ``out``; see the module's docstring."""
     import torch
 
-    from .explanation import default_layer, resolve_methods, _layer_names, _model_device
-    from .preprocess import DEFAULT_SIZE, Preprocessing
+    from .explanation import _model_device, plan_explanation
     from .gallery import write_reports
 
     started = time.perf_counter()
@@ -357,16 +357,9 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     selected = [item for item in inputs.images if in_shard(item.relative, shard)]
     missing = [(spec, reason) for spec, reason in inputs.missing if in_shard(spec, shard)]
     run_device = torch.device(device) if device else _model_device(loaded.module)
-    preprocessing = (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
-        size=settings.size, mean=settings.mean, std=settings.std)
-    methods = resolve_methods(loaded, settings.method)
-    layers = _layer_names(settings.layer)
-    needs_layer = any(m.family == "cam" or m.name == "guided_gradcam" for m in methods)
-    if layers and not needs_layer:
-        raise AttnExplainError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
-    if needs_layer and not layers:
-        probe = torch.zeros(1, 3, *preprocessing.size, device=run_device)
-        layers = [default_layer(loaded, probe)]
+    plan = plan_explanation(loaded, settings.method, settings.layer, size=settings.size,
+                            mean=settings.mean, std=settings.std)
+    preprocessing, methods, layers = plan.preprocessing, plan.methods, plan.layers
     key_prefix = fingerprint(model_spec, settings)
     meta = {"model": loaded.describe(), "model_spec": {k: (str(v) if v is not None else None)
                                                        for k, v in model_spec.items()},

@@ -169,21 +169,14 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     module = loaded.module
     run_device = _model_device(module) if device is None else torch.device(device)
 
-    preprocessing = (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
-        size=size, mean=mean, std=std)
+    plan = plan_explanation(loaded, method, layer, size=size, mean=mean, std=std)
+    preprocessing = plan.preprocessing
     prepared = prepare(picture.pixels, preprocessing)
     batch = prepared.tensor.to(run_device)
     timings["preprocess_s"] = time.perf_counter() - started
 
-    methods = resolve_methods(loaded, method)
     started = time.perf_counter()
-    layers = _layer_names(layer)
-    if layers and not any(m.family == "cam" or m.name == "guided_gradcam" for m in methods):
-        raise MethodError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
-    if any(m.family == "cam" or m.name == "guided_gradcam" for m in methods) and not layers:
-        layers = [default_layer(loaded, batch)]
-
-    computed = compute_maps(loaded, batch, methods, layers, target=target, options=options)
+    computed = compute_maps(loaded, batch, plan.methods, plan.layers, target=target, options=options)
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
@@ -195,16 +188,55 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     for name, recorded in computed.channel_gates.items():
         maps[name].gates = _gate_summary(recorded, image_index=0)
         maps[name].gate_maps = _first(recorded.top_maps)
-    if target is not None and float(probabilities[target_index]) == 0.0:
-        name = _label(loaded.labels, target_index) or target_index
-        raise MethodError(f"Class {name} is not in this image (its probability is 0), so there is "
-                          f"nothing to explain for it.")
-    predictions = top_predictions(probabilities, loaded.labels, top_k)
-    chosen_target = Prediction(target_index, _label(loaded.labels, target_index),
-                               float(probabilities[target_index]))
+    chosen_target, predictions = image_outcome(probabilities, target_index, loaded.labels, top_k,
+                                               target_given=target is not None)
     return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
                        predictions=predictions, box=prepared.box, preprocessing=preprocessing,
                        options=options, timings=timings)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an explanation will do, decided once before any image is seen."""
+
+    preprocessing: Preprocessing
+    methods: list[Method]
+    layers: list[str]  # CAM layers (empty when no method needs one)
+
+
+def plan_explanation(loaded: LoadedModel, method: str | Sequence[str] = "auto",
+                     layer: str | Sequence[str] | None = None, *,
+                     size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> Plan:
+    """Preprocessing, methods and layers for ``loaded``: what :func:`explain` and the batch command
+    share. The default layer is found from the input's shape alone."""
+    preprocessing = (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
+        size=size, mean=mean, std=std)
+    methods = resolve_methods(loaded, method)
+    layers = _layer_names(layer)
+    needs_layer = any(m.family == "cam" or m.name == "guided_gradcam" for m in methods)
+    if layers and not needs_layer:
+        raise MethodError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
+    if needs_layer and not layers:
+        probe = torch.zeros(1, 3, *preprocessing.size, device=_model_device(loaded.module))
+        layers = [default_layer(loaded, probe)]
+    return Plan(preprocessing, methods, layers)
+
+
+def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[str] | None,
+                  top_k: int, target_given: bool) -> tuple[Prediction, list[Prediction]]:
+    """One image's explained target and top-k predictions from its (classes,) probabilities.
+
+    A target the user asked for that has probability 0 (a segmentation class with no pixels) is
+    refused: its map would be empty.
+    """
+    probability = float(probabilities[target_index])
+    if target_given and probability == 0.0:
+        name = _label(labels, target_index) or target_index
+        raise MethodError(f"Class {name} is not in this image (its probability is 0), so there is "
+                          f"nothing to explain for it.")
+    return (Prediction(target_index, _label(labels, target_index), probability),
+            top_predictions(probabilities, labels, top_k))
 
 
 def _gate_summary(recorded: "ChannelGates", image_index: int, shown: int = 5) -> list[dict[str, Any]]:
