@@ -10,26 +10,11 @@ import csv
 import io
 import json
 from collections import Counter
-from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any, Sequence
-from urllib.parse import quote
 
 from ._atomic import write_bytes_atomic
-
-
-def _url(path: str) -> str:
-    return quote(path, safe="/")
-
-
-@lru_cache(maxsize=1)
-def _environment():
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
-    environment = Environment(loader=PackageLoader("attnexplain", "templates"),
-                              autoescape=select_autoescape(["html", "j2"]))
-    environment.filters["url"] = _url
-    return environment
+from .report import templates
 
 
 def _label(prediction: dict[str, Any] | None) -> str:
@@ -43,7 +28,7 @@ def render_detail(record: dict[str, Any]) -> str:
     from .batch import INDEX_HTML
 
     depth = len(PurePosixPath(record["output"]).parts)
-    return _environment().get_template("batch_detail.html.j2").render(
+    return templates().get_template("batch_detail.html.j2").render(
         record=record, index_url="../" * depth + INDEX_HTML, target_label=_label(record["target"]),
         label=_label)
 
@@ -93,7 +78,7 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
     write_bytes_atomic(out / SUMMARY_CSV, summary_csv(records).encode("utf-8"))
     ok = [r for r in records if r.get("status") == "ok"]
     classes = sorted(report["class_histogram"].items())
-    html = _environment().get_template("index.html.j2").render(
+    html = templates().get_template("index.html.j2").render(
         meta=meta, report=report, ok=ok, failed=[r for r in records if r.get("status") != "ok"],
         classes=classes, label=_label)
     write_bytes_atomic(out / INDEX_HTML, html.encode("utf-8"))

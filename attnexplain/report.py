@@ -114,7 +114,7 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 def render_html(report: dict[str, Any], photo: np.ndarray, previews: list[dict[str, Any]]) -> str:
     """The report as one HTML file with its images embedded, so it opens from disk or an e-mail."""
-    return _template().render(report=report, photo_uri=_data_uri(downscale(photo, _PREVIEW_SIDE)),
+    return templates().get_template("report.html.j2").render(report=report, photo_uri=_data_uri(downscale(photo, _PREVIEW_SIDE)),
                               previews=previews)
 
 
@@ -124,9 +124,14 @@ def _data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
 
 
 @lru_cache(maxsize=1)
-def _template():
+def templates():
+    """The Jinja2 environment of every page attnexplain writes (templates/, HTML autoescaped)."""
+    from urllib.parse import quote
+
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     environment = Environment(loader=PackageLoader("attnexplain", "templates"),
                               autoescape=select_autoescape(["html", "j2"]))
-    return environment.get_template("report.html.j2")
+    # Relative links to output files whose names may hold spaces, '#', '?' or worse.
+    environment.filters["url"] = lambda path: quote(path, safe="/")
+    return environment
