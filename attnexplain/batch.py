@@ -529,7 +529,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
     from ._atomic import atomic_directory
     from .gallery import render_detail
     from .render import downscale, encode_image, render_overlay
-    from .report import _write_npy
+    from .report import write_npy
 
     began = time.perf_counter()
     if "error" in result:
@@ -544,7 +544,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
                 entry = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy",
                          "thumb": f"thumb-{name}.jpg"}
                 (staging / entry["overlay"]).write_bytes(encode_image(overlay, ".png"))
-                _write_npy(staging / entry["heatmap"], heatmap)
+                write_npy(staging / entry["heatmap"], heatmap)
                 (staging / entry["thumb"]).write_bytes(
                     encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))
                 files[name] = entry

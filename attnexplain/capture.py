@@ -76,8 +76,8 @@ def capture_activations(model: nn.Module, names: list[str],
 def replaced_forward(module: nn.Module, wrapper) -> Iterator[None]:
     """Run ``wrapper(original_forward, *args, **kwargs)`` instead of ``module.forward`` in the block.
 
-    Unlike hooks, a wrapper can run the forward inside a context (``record_softmax``); the module's
-    own forward hooks still fire around it.
+    One function sees the call's arguments (to change them) and its output (to record it), and
+    can run the forward inside a context; the module's own forward hooks still fire around it.
     """
     had_own = "forward" in module.__dict__
     own = module.__dict__.get("forward")

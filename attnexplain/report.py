@@ -76,7 +76,7 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
             overlay = explanation.overlay(alpha, name)
             entry = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy"}
             (staging / entry["overlay"]).write_bytes(encode_image(overlay, ".png"))
-            _write_npy(staging / entry["heatmap"], result.heatmap)
+            write_npy(staging / entry["heatmap"], result.heatmap)
             preview = {"method": name, "layers": result.layers,
                        "overlay_uri": _data_uri(downscale(overlay, _PREVIEW_SIDE))}
             if result.attention_grid is not None:
@@ -85,7 +85,7 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
                 heads = result.attention_grid.shape[1]
                 mosaic = render_attention_grid(result.attention_grid, cell=max(48, min(192, 480 // heads)))
                 (staging / entry["attention_grid"]).write_bytes(encode_image(mosaic, ".png"))
-                _write_npy(staging / entry["attention_grid_npy"], result.attention_grid)
+                write_npy(staging / entry["attention_grid_npy"], result.attention_grid)
                 preview["grid_uri"] = _data_uri(mosaic, ".png")
                 preview["grid_shape"] = list(result.attention_grid.shape[:2])
             if result.gate_maps is not None:
@@ -106,7 +106,8 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
     return report
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """A float32 .npy file (a map or a grid of maps), as every output folder holds them."""
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, dtype=np.float32))
     path.write_bytes(buffer.getvalue())
