@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import MethodError
 
@@ -126,6 +128,52 @@ def capture_multihead_attention(model: nn.Module, names: list[str],
             if not isinstance(module, nn.MultiheadAttention):
                 raise MethodError(f"Layer {name!r} is a {type(module).__name__}, not a "
                                   f"MultiheadAttention; its plugin must say how to capture it.")
+            stack.enter_context(replaced_forward(module, make_wrapper(name)))
+        yield
+
+
+class _SoftmaxRecorder(TorchFunctionMode):
+    """Keeps every ``torch.nn.functional.softmax`` result computed while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if func is F.softmax:
+            self.results.append(output)
+        return output
+
+
+@contextmanager
+def capture_softmax(model: nn.Module, names: list[str], record) -> Iterator[None]:
+    """Call ``record(name, module, args, probabilities)`` with the softmax each named module computes.
+
+    For attention written as a function rather than as ``nn.MultiheadAttention`` (torchvision's
+    Swin and MaxViT, many research models): the probabilities exist only inside the module's
+    forward. A torch-function mode active during that forward alone sees the ``F.softmax`` call and
+    keeps its result, the very tensor the output is computed from (so gradients can be taken with
+    respect to it); nothing is recomputed and the output is unchanged. The module must compute
+    exactly one softmax per call.
+    """
+
+    def make_wrapper(name: str):
+        def wrapper(original, *args, **kwargs):
+            recorder = _SoftmaxRecorder()
+            with recorder:
+                output = original(*args, **kwargs)
+            if len(recorder.results) != 1:
+                raise MethodError(f"Layer {name!r} computed {len(recorder.results)} softmaxes in one "
+                                  f"call, not one; its plugin must say which holds the attention.")
+            record(name, module_of[name], args, recorder.results[0])
+            return output
+
+        return wrapper
+
+    module_of = {name: _submodule(model, name) for name in names}
+    with ExitStack() as stack:
+        for name, module in module_of.items():
             stack.enter_context(replaced_forward(module, make_wrapper(name)))
         yield
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field, fields
@@ -17,7 +18,8 @@ from .errors import MethodError
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
-from .methods.attention import raw_attention
+from .methods.attention import attention_received, raw_attention
+from .plugins import WindowedAttention
 from .methods.cam import cam_map
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
 
@@ -481,9 +483,6 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
                     fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], options: MethodOptions):
     module, plugin = loaded.module, loaded.plugin
     names = plugin.attention_modules(module)
-    grid = plugin.token_grid(module, tuple(batch.shape[-2:]))
-    if grid is None:
-        raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to the image.")
     needs_gradient = any(m.needs_gradient for m in methods)
     captured: dict[str, torch.Tensor] = {}
     # Gradients with respect to attention need a graph through the attention layers: with every
@@ -497,11 +496,21 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
         if missing:
             raise MethodError(f"No attention was recorded for {', '.join(missing)}.")
         attentions = [captured[name] for name in names]
+        windowed = isinstance(attentions[0], WindowedAttention)
+        probabilities = [a.probabilities if windowed else a for a in attentions]
         gradients = None
         if needs_gradient:
-            gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), attentions)
-    attentions = [attention.detach() for attention in attentions]
+            gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
     size = tuple(batch.shape[-2:])
+    if windowed:
+        grid = None  # each layer carries its positions
+        attentions = [dataclasses.replace(a, probabilities=a.probabilities.detach()) for a in attentions]
+    else:
+        grid = plugin.token_grid(module, size)
+        if grid is None:
+            raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to "
+                              f"the image.")
+        attentions = [attention.detach() for attention in attentions]
     maps, grids = {}, {}
     for method in methods:
         try:
@@ -523,6 +532,8 @@ def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, gr
     if method.name == "chefer":
         return _upsample(method.compute(attentions, gradients, grid), size), None
     per_head = raw_attention(attentions, grid)  # the map is the last layer, heads averaged
+    if isinstance(attentions[-1], WindowedAttention):  # at the last layer's own resolution
+        return _upsample(attention_received(attentions[-1]).mean(dim=1), size), per_head
     return _upsample(per_head[:, -1].mean(dim=1), size), per_head
 
 

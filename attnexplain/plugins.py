@@ -39,6 +39,23 @@ class TokenGrid:
 
 
 @dataclass(frozen=True)
+class WindowedAttention:
+    """Self-attention computed inside windows of a layer's token map (Swin, MaxViT), recorded with
+    where every token of every window lies, so that the core can place it on the image.
+
+    ``positions[w, t]`` is the flat index (row × width + column) on the layer's height × width
+    token map of token ``t`` of window ``w`` (its query and its key), or -1 for a padding token the
+    model added. Windows may be shifted (Swin) or dilated (MaxViT's grid attention): the positions
+    say it all, so the core needs no knowledge of how a family partitions its map.
+    """
+
+    probabilities: "torch.Tensor"  # (B, windows, heads, tokens, tokens), rows sum to 1
+    positions: "torch.Tensor"  # (windows, tokens) long
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     """A model a plugin can build by name, for ``attnexplain models`` and coverage tests."""
 
@@ -113,13 +130,18 @@ class ModelPlugin:
         return []
 
     def token_grid(self, model: "nn.Module", input_size: tuple[int, int]) -> TokenGrid | None:
-        """How the tokens of ``attention_modules`` lie on the image, for an input of (height, width)."""
+        """How the tokens of ``attention_modules`` lie on the image, for an input of (height, width).
+
+        Needed for global attention recorded as tensors; windowed attention recorded as
+        :class:`WindowedAttention` carries its own positions and needs no grid."""
         return None
 
     @contextmanager
     def capture_attention(self, model: "nn.Module", names: list[str],
-                          sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
-        """Record each named module's attention probabilities (batch, heads, queries, keys) into sink.
+                          sink: dict[str, "torch.Tensor | WindowedAttention"]) -> Iterator[None]:
+        """Record each named module's attention probabilities (batch, heads, queries, keys) into sink,
+        or, for attention inside windows of the token map, a :class:`WindowedAttention`
+        (:func:`attnexplain.capture.capture_softmax` records a softmax computed inside a module).
 
         Record the tensor the module's output is computed from (not a detached copy), so that
         gradient methods (``chefer``) can differentiate with respect to it. Queries and keys are the

@@ -66,12 +66,15 @@ def downscale(pixels: np.ndarray, longest_side: int) -> np.ndarray:
 def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2) -> np.ndarray:
     """(layers, heads, h, w) attention maps → one RGB mosaic, a row per layer and a column per head.
 
-    Each cell is scaled to its own range, so weak and strong heads are both readable.
+    Each cell is scaled to its own range, so weak and strong heads are both readable. A layer with
+    fewer heads than the most has NaN maps in the missing heads: their cells stay blank.
     """
     layers, heads = grid.shape[:2]
     mosaic = np.full((layers * (cell + gap) - gap, heads * (cell + gap) - gap, 3), 255, dtype=np.uint8)
     for row in range(layers):
         for column in range(heads):
+            if np.isnan(grid[row, column]).all():
+                continue
             tile = cv2.resize(normalize_heatmap(grid[row, column]), (cell, cell),
                               interpolation=cv2.INTER_NEAREST)
             y, x = row * (cell + gap), column * (cell + gap)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import ModelLoadError
 from ..plugins import CatalogEntry, ModelPlugin, NamedModel, TokenGrid
@@ -35,7 +36,7 @@ def _build_vision_transformer(**kwargs: Any):
 class TorchvisionPlugin(ModelPlugin):
     name = "torchvision"
     families = ("torchvision classification builders", "segmentation (a class's pixels)",
-                "VisionTransformer (attention)", "EfficientNet/MobileNetV3/RegNetY (SE gates)")
+                "ViT, Swin, MaxViT (attention)", "EfficientNet/MobileNetV3/RegNetY (SE gates)")
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
@@ -141,9 +142,19 @@ class TorchvisionPlugin(ModelPlugin):
     def attention_modules(self, model: Any) -> list[str]:
         from torchvision.models import VisionTransformer
 
+        from .torchvision_attention import windowed_attention_modules
+
         if not isinstance(model, VisionTransformer):
-            return []
+            return windowed_attention_modules(model)
         return [f"encoder.layers.{name}.self_attention" for name, _ in model.encoder.layers.named_children()]
+
+    @contextmanager
+    def capture_attention(self, model: Any, names: list[str], sink: dict[str, Any]) -> Iterator[None]:
+        from .torchvision_attention import capture_windowed_attention, windowed_attention_modules
+
+        capture = capture_windowed_attention if windowed_attention_modules(model) else super().capture_attention
+        with capture(model, names, sink):
+            yield
 
     def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
         from torchvision.models import VisionTransformer

@@ -31,7 +31,7 @@ class Method:
 
 
 _CNN = "CNNs: any layer with a (B, C, H, W) output"
-_VIT = "ViTs whose plugin exposes attention"
+_VIT = "transformers whose plugin exposes attention (ViT, Swin, MaxViT)"
 _ANY = "any differentiable model, TorchScript too"
 
 METHODS: dict[str, Method] = {method.name: method for method in (
