@@ -270,7 +270,7 @@ def models(check: bool, task: str | None, pattern: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .catalog import CatalogRow, catalog_entries, check_entry
+    from .catalog import catalog_entries, check_entry, describe_entry
 
     console = Console()
     selected = [(plugin, entry) for plugin, entry in catalog_entries()
@@ -280,12 +280,8 @@ def models(check: bool, task: str | None, pattern: str | None) -> None:
         table.add_column(column, overflow="fold")
     failures = 0
     for plugin, entry in selected:
-        if check:
-            with console.status(f"checking {entry.name}..."):
-                row = check_entry(plugin, entry)
-        else:
-            row = CatalogRow(entry, plugin.name,
-                             status="listed" if entry.supported else f"not supported: {entry.note}")
+        with console.status(f"{'checking' if check else 'describing'} {entry.name}..."):
+            row = (check_entry if check else describe_entry)(plugin, entry)
         failures += row.status.startswith("failed")
         status = row.status if row.seconds is None else f"{row.status} ({row.seconds:.1f}s)"
         table.add_row(entry.name, entry.task, row.plugin, str(entry.input_size), row.method or "",

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .capture import attention_gradients, capture_activations, frozen_parameters, probe_layers
-from .errors import MethodError
+from .errors import MethodError, NothingToExplain
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
 from .methods.attention import attention_received, raw_attention
-from .plugins import WindowedAttention
+from .plugins import Detections, WindowedAttention
 from .methods.cam import cam_map
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
 
@@ -90,6 +90,9 @@ class Explanation:
     preprocessing: Preprocessing
     options: MethodOptions = field(default_factory=MethodOptions)
     timings: dict[str, float] = field(default_factory=dict)
+    #: A detector's boxes in photo pixels, best first; the explained one is marked (see
+    #: :func:`boxes_on_photo`). None for models that do not detect.
+    detections: list[dict[str, Any]] | None = None
 
     @property
     def method(self) -> str:
@@ -109,9 +112,10 @@ class Explanation:
 
     def overlay(self, alpha: float = 0.5, method: str | None = None) -> np.ndarray:
         """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8."""
-        from .render import render_overlay
+        from .render import draw_boxes, render_overlay
 
-        return render_overlay(self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha)
+        blended = render_overlay(self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha)
+        return draw_boxes(blended, self.detections) if self.detections else blended
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
@@ -133,6 +137,7 @@ class Explanation:
                             "height": int(result.heatmap.shape[0]), "width": int(result.heatmap.shape[1]),
                             "min": float(result.heatmap.min()), "max": float(result.heatmap.max())}
                      for name, result in self.maps.items()},
+            **({"detections": self.detections} if self.detections is not None else {}),
             "timings": {key: round(value, 6) for key, value in self.timings.items()},
             "versions": versions(),
         }
@@ -192,9 +197,13 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
         maps[name].gate_maps = _first(recorded.top_maps)
     chosen_target, predictions = image_outcome(probabilities, target_index, loaded.labels, top_k,
                                                target_given=target is not None)
+    detections = None
+    if computed.detections is not None:
+        detections = boxes_on_photo(computed.detections[0], target_index, loaded.labels,
+                                    tuple(batch.shape[-2:]), prepared.box)
     return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
                        predictions=predictions, box=prepared.box, preprocessing=preprocessing,
-                       options=options, timings=timings)
+                       options=options, timings=timings, detections=detections)
 
 
 @dataclass(frozen=True)
@@ -229,9 +238,12 @@ def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[s
                   top_k: int, target_given: bool) -> tuple[Prediction, list[Prediction]]:
     """One image's explained target and top-k predictions from its (classes,) probabilities.
 
-    A target the user asked for that has probability 0 (a segmentation class with no pixels) is
-    refused: its map would be empty.
+    A target the user asked for that has probability 0 (a segmentation class with no pixels, a
+    class no box was detected as) is refused: its map would be empty; so is an image in which no
+    class scores above 0 (a detector that found nothing).
     """
+    if not bool((probabilities > 0).any()):
+        raise NothingToExplain()
     probability = float(probabilities[target_index])
     if target_given and probability == 0.0:
         name = _label(labels, target_index) or target_index
@@ -239,6 +251,30 @@ def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[s
                           f"nothing to explain for it.")
     return (Prediction(target_index, _label(labels, target_index), probability),
             top_predictions(probabilities, labels, top_k))
+
+
+def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | None,
+                   input_size: tuple[int, int], box: tuple[float, float, float, float]) -> list[dict[str, Any]]:
+    """A detector's boxes in the photo's pixels, best first, for drawing and for the report.
+
+    ``box`` is the region of the photo the model's input covers. The box explained for
+    ``target_index`` is that class's highest-scoring one (how a detector's plugin scores a class)
+    and is marked ``explained``.
+    """
+    left, top, right, bottom = box
+    scale_x, scale_y = (right - left) / input_size[1], (bottom - top) / input_size[0]
+    order = torch.argsort(detected.scores, descending=True, stable=True).tolist()
+    of_target = [i for i in order if int(detected.labels[i]) == target_index]
+    explained = of_target[0] if of_target else None
+    boxes = []
+    for i in order:
+        x0, y0, x1, y1 = (float(v) for v in detected.boxes[i])
+        label_index = int(detected.labels[i])
+        boxes.append({"box": [round(left + x0 * scale_x, 2), round(top + y0 * scale_y, 2),
+                              round(left + x1 * scale_x, 2), round(top + y1 * scale_y, 2)],
+                      "index": label_index, "label": _label(labels, label_index),
+                      "score": float(detected.scores[i]), "explained": i == explained})
+    return boxes
 
 
 def _gate_summary(recorded: "ChannelGates", image_index: int, shown: int = 5) -> list[dict[str, Any]]:
@@ -336,6 +372,11 @@ class BatchMaps:
     layers: dict[str, list[str]]  # method → the layers it used (empty for non-layer methods)
     attention_grids: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, heads, h, w)
     channel_gates: dict[str, "ChannelGates"] = field(default_factory=dict)
+    detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
+
+
+#: A pass's view of the model's output: (B, classes) differentiable scores and (B,) targets.
+Scorer = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -369,40 +410,47 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
                   targets: torch.Tensor | None) -> BatchMaps:
     module = loaded.module
     size = tuple(batch.shape[-2:])
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
 
-    def fix_targets(scored: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The first pass's scores are the prediction; its targets hold for every later pass."""
+    def score(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, classes) differentiable target scores and (B,) targets from the model's raw output.
+        The first pass's output is the prediction; its targets hold for every later pass."""
+        logits, probabilities = loaded.plugin.class_scores(module, output)
         if "probabilities" not in state:
-            state["probabilities"] = scored[1].detach()
+            state["probabilities"] = probabilities.detach()
+            detected = loaded.plugin.detections(module, output)
+            if detected is not None:
+                state["detections"] = detected
+            if not bool((state["probabilities"] > 0).any()):
+                raise NothingToExplain()
         if "targets" not in state:
-            state["targets"] = targets.to(scored[1].device) if targets is not None else \
+            state["targets"] = targets.to(probabilities.device) if targets is not None else \
                 resolve_targets(target, state["probabilities"], loaded.labels)
-        return state["targets"]
+        return logits, state["targets"]
 
     maps: dict[str, torch.Tensor] = {}
     used_layers: dict[str, list[str]] = {}
     grids: dict[str, torch.Tensor] = {}
     cam_methods = [m for m in methods if m.family == "cam"]
     if cam_methods:
-        for name, heatmap in _cam_pass(loaded, batch, cam_methods, layers, fix_targets, options).items():
+        for name, heatmap in _cam_pass(loaded, batch, cam_methods, layers, score, options).items():
             maps[name], used_layers[name] = heatmap, list(layers)
     attention_methods = [m for m in methods if m.family == "attention"]
     if attention_methods:
-        attention_maps, grids = _attention_pass(loaded, batch, attention_methods, fix_targets, options)
+        attention_maps, grids = _attention_pass(loaded, batch, attention_methods, score, options)
         for name, heatmap in attention_maps.items():
             maps[name], used_layers[name] = heatmap, []
     gate_methods = [m for m in methods if m.family == "gates"]
     channel_gates: dict[str, ChannelGates] = {}
     for method in gate_methods:
-        maps[method.name], channel_gates[method.name] = _gates_pass(loaded, batch, method, fix_targets)
+        maps[method.name], channel_gates[method.name] = _gates_pass(loaded, batch, method, score)
         used_layers[method.name] = channel_gates[method.name].blocks[-1:]
     input_methods = [m for m in methods if m.family == "input"]
     if input_methods:
         forward = _scores_of(loaded)
         if "targets" not in state:
             with torch.no_grad():
-                fix_targets(loaded.plugin.class_scores(module, module(batch)))
+                score(module(batch))
         for method in input_methods:
             with torch.enable_grad():
                 attribution = method.compute(
@@ -416,19 +464,17 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
     return BatchMaps(probabilities=state["probabilities"], targets=state["targets"],
                      maps={name: maps[name] for name in order},
                      layers={name: used_layers[name] for name in order}, attention_grids=grids,
-                     channel_gates=channel_gates)
+                     channel_gates=channel_gates, detections=state.get("detections"))
 
 
 def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
-              fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor],
-              options: MethodOptions) -> dict[str, torch.Tensor]:
+              score: Scorer, options: MethodOptions) -> dict[str, torch.Tensor]:
     module = loaded.module
     captured: dict[str, torch.Tensor] = {}
     needs_gradient = any(m.needs_gradient for m in methods)
     with frozen_parameters(module), capture_activations(module, layers, captured), \
             torch.set_grad_enabled(needs_gradient):
-        logits, probabilities = loaded.plugin.class_scores(module, module(batch))
-        targets = fix_targets((logits, probabilities))
+        logits, targets = score(module(batch))
         missing = [name for name in layers if name not in captured]
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
@@ -480,7 +526,7 @@ def _fuse_layers(per_layer: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
-                    fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], options: MethodOptions):
+                    score: Scorer, options: MethodOptions):
     module, plugin = loaded.module, loaded.plugin
     names = plugin.attention_modules(module)
     needs_gradient = any(m.needs_gradient for m in methods)
@@ -490,8 +536,7 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
     inputs = batch.detach().requires_grad_(needs_gradient)
     with frozen_parameters(module), plugin.capture_attention(module, names, captured), \
             torch.set_grad_enabled(needs_gradient):
-        logits, probabilities = loaded.plugin.class_scores(module, module(inputs))
-        targets = fix_targets((logits, probabilities))
+        logits, targets = score(module(inputs))
         missing = [name for name in names if name not in captured]
         if missing:
             raise MethodError(f"No attention was recorded for {', '.join(missing)}.")
@@ -538,15 +583,14 @@ def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, gr
 
 
 def _gates_pass(loaded: LoadedModel, batch: torch.Tensor, method: Method,
-                fix_targets: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor],
-                shown_maps: int = 8) -> tuple[torch.Tensor, "ChannelGates"]:
+                score: Scorer, shown_maps: int = 8) -> tuple[torch.Tensor, "ChannelGates"]:
     from .methods.gates import most_gated
 
     module, plugin = loaded.module, loaded.plugin
     names = plugin.gate_modules(module)
     recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad(), plugin.capture_gates(module, names, recorded):
-        fix_targets(plugin.class_scores(module, module(batch)))
+        score(module(batch))
     missing = [name for name in names if name not in recorded]
     if missing:
         raise MethodError(f"No gates were recorded for {', '.join(missing)}.")
@@ -584,7 +628,7 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
     return BatchMaps(probabilities=plain.probabilities, targets=plain.targets,
                      maps={name: total / counts for name, total in sums.items()},
                      layers=plain.layers, attention_grids=plain.attention_grids,
-                     channel_gates=plain.channel_gates)
+                     channel_gates=plain.channel_gates, detections=plain.detections)
 
 
 def _augment(batch: torch.Tensor, flip: bool, zoom: float):

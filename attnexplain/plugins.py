@@ -56,6 +56,15 @@ class WindowedAttention:
 
 
 @dataclass(frozen=True)
+class Detections:
+    """One image's detected boxes, as a detector's plugin reads them off the model's output."""
+
+    boxes: "torch.Tensor"  # (N, 4) left, top, right, bottom in model-input pixels
+    labels: "torch.Tensor"  # (N,) class indices
+    scores: "torch.Tensor"  # (N,) confidences in [0, 1]
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     """A model a plugin can build by name, for ``attnexplain models`` and coverage tests."""
 
@@ -167,6 +176,12 @@ class ModelPlugin:
 
         logits = classification_logits(output)
         return logits, torch.softmax(logits.detach().float(), dim=1)
+
+    def detections(self, model: "nn.Module", output: Any) -> "list[Detections] | None":
+        """A detector's boxes per image, read off its raw output, for the overlay and the report;
+        None for models that do not detect. A detector's :meth:`class_scores` says which box a
+        target class means (usually its highest-scoring box)."""
+        return None
 
     def gate_modules(self, model: "nn.Module") -> list[str]:
         """Names of squeeze-and-excitation blocks (learned channel gates), input to output."""

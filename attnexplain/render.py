@@ -80,3 +80,36 @@ def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2) -> np.
             y, x = row * (cell + gap), column * (cell + gap)
             mosaic[y:y + cell, x:x + cell] = colorize(tile)
     return mosaic
+
+
+#: Boxes a detector reports below this score are left out of pictures (they stay in the report).
+SHOWN_BOX_SCORE = 0.5
+
+
+def draw_boxes(pixels: np.ndarray, detections: list[dict], min_score: float = SHOWN_BOX_SCORE,
+               most: int = 20) -> np.ndarray:
+    """Draw a detector's boxes (``boxes_on_photo`` records, photo pixels, best first) on a copy.
+
+    The explained box is always drawn, thick and white; up to ``most`` others scoring at least
+    ``min_score`` are drawn thin, each with its label (or class index) and score.
+    """
+    picture = np.ascontiguousarray(pixels).copy()
+    thickness = max(1, round(max(picture.shape[:2]) / 300))
+    shown = [d for d in detections if d.get("explained")]
+    shown += [d for d in detections if not d.get("explained") and d["score"] >= min_score][:most]
+    for detection in reversed(shown):  # the explained box last, on top
+        explained = bool(detection.get("explained"))
+        color = (255, 255, 255) if explained else (255, 210, 0)
+        width = thickness * 2 if explained else thickness
+        x0, y0, x1, y1 = (int(round(v)) for v in detection["box"])
+        cv2.rectangle(picture, (x0, y0), (x1, y1), (0, 0, 0), width + 2)
+        cv2.rectangle(picture, (x0, y0), (x1, y1), color, width)
+        name = detection.get("label") or f"class {detection['index']}"
+        text = f"{name} {detection['score']:.2f}"
+        scale = 0.4 * thickness
+        (text_w, text_h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        y_text = max(y0, text_h + baseline + 2)
+        cv2.rectangle(picture, (x0, y_text - text_h - baseline - 2), (x0 + text_w + 4, y_text), color, -1)
+        cv2.putText(picture, text, (x0 + 2, y_text - baseline), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return picture

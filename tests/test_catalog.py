@@ -10,7 +10,8 @@ from attnexplain.cli import main
 
 ENTRIES = {(plugin.name, entry.name): (plugin, entry) for plugin, entry in catalog_entries()}
 TORCHVISION = [key for key in ENTRIES if key[0] == "torchvision"]
-QUICK = {"resnet18", "mobilenet_v3_small", "squeezenet1_1", "lraspp_mobilenet_v3_large"}
+QUICK = {"resnet18", "mobilenet_v3_small", "squeezenet1_1", "lraspp_mobilenet_v3_large",
+         "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"}
 
 
 def test_catalog_lists_every_torchvision_builder():
@@ -42,11 +43,31 @@ def test_every_supported_builder_explains(key):
     assert row.status == "ok", row.status
 
 
-def test_models_command_prints_the_table_and_checks():
-    listing = CliRunner().invoke(main, ["models"], env={"COLUMNS": "300"})
-    assert listing.exit_code == 0
-    assert "vit_b_16" in listing.output and "fcn_resnet50" in listing.output
-    assert "maskrcnn_resnet50_fpn" in listing.output and "not supported" in listing.output
+def _table_rows(*arguments):
+    """`attnexplain models ARGS` as builder → [task, plugin, input, method, layer, status]."""
+    listing = CliRunner().invoke(main, ["models", *arguments], env={"COLUMNS": "300"})
+    assert listing.exit_code == 0, listing.output
+    return {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in listing.output.splitlines() if line.startswith("│")}
+
+
+def test_models_command_shows_default_method_and_layer():
+    detectors = _table_rows("--task", "detection")
+    assert len(detectors) == 12
+    assert detectors["maskrcnn_resnet50_fpn"][3:] == ["layercam", "backbone.body.layer4", "supported"]
+    assert _table_rows("--name", "swin_t")["swin_t"][3] == "rollout"
+    assert _table_rows("--name", "fcn_resnet50")["fcn_resnet50"][3:5] == ["gradcam", "backbone.layer4"]
+
+
+@pytest.mark.heavy
+def test_models_command_lists_every_builder_as_supported():
+    rows = _table_rows()
+    assert len(rows) == 98
+    assert all(row[5].startswith("supported") for row in rows.values())
+    assert rows["maxvit_t"][3] == "rollout" and rows["resnet50"][3:5] == ["gradcam", "layer4"]
+
+
+def test_models_command_checks():
     checked = CliRunner().invoke(main, ["models", "--check", "--name", "shufflenet_v2_x0_5"],
                                  env={"COLUMNS": "300"})
     assert checked.exit_code == 0, checked.output

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import ModelLoadError
-from ..plugins import CatalogEntry, ModelPlugin, NamedModel, TokenGrid
+from ..plugins import CatalogEntry, Detections, ModelPlugin, NamedModel, TokenGrid
 from ..preprocess import Preprocessing, from_torchvision_transforms
+from .torchvision_detection import (box_scores, detections, detector_layer, detector_preprocessing,
+                                    is_detector)
 
 #: Set to 1 to never try downloading weights that are not in torchvision's cache.
 OFFLINE_ENV = "ATTNEXPLAIN_OFFLINE"
@@ -36,7 +38,7 @@ def _build_vision_transformer(**kwargs: Any):
 class TorchvisionPlugin(ModelPlugin):
     name = "torchvision"
     families = ("torchvision classification builders", "segmentation (a class's pixels)",
-                "ViT, Swin, MaxViT (attention)", "EfficientNet/MobileNetV3/RegNetY (SE gates)")
+                "detection (a box's score)", "ViT, Swin, MaxViT (attention)", "EfficientNet/MobileNetV3/RegNetY (SE gates)")
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
@@ -64,8 +66,7 @@ class TorchvisionPlugin(ModelPlugin):
                    for name in torchvision.models.list_models(module=torchvision.models)]
         entries += [CatalogEntry(name, "segmentation", 96, _builder(name))
                     for name in torchvision.models.list_models(module=torchvision.models.segmentation)]
-        entries += [CatalogEntry(name, "detection", 128, _builder(name), supported=False,
-                                 note="detection targets (a box's score) are not explained yet")
+        entries += [CatalogEntry(name, "detection", *_small_detector(name))
                     for name in torchvision.models.list_models(module=torchvision.models.detection)]
         return entries
 
@@ -106,6 +107,12 @@ class TorchvisionPlugin(ModelPlugin):
             preprocessing=from_torchvision_transforms(chosen.transforms(), source=str(chosen)),
         )
 
+    def default_method(self, model: Any) -> str | None:
+        # A box's score draws on the features around the box. LayerCAM weights every position by its
+        # own gradient, so the map stays where the score's evidence is; Grad-CAM's per-channel mean
+        # gradient mixes in the whole image, where other objects' evidence can cancel the box's.
+        return "layercam" if is_detector(model) else None
+
     def default_layer(self, model: Any) -> str | None:
         from torchvision.models import VGG, AlexNet, SqueezeNet
 
@@ -117,9 +124,13 @@ class TorchvisionPlugin(ModelPlugin):
             # The backbone's last stage, as for classifiers; after it come the class-score heads.
             last = list(model.backbone.named_children())[-1][0]
             return f"backbone.{last}"
+        if is_detector(model):
+            return detector_layer(model)
         return None
 
     def class_scores(self, model: Any, output: Any):
+        if is_detector(model) and isinstance(output, list):
+            return box_scores(model, output)
         if not (_is_segmentation(model) and isinstance(output, dict)):
             return super().class_scores(model, output)
         import torch.nn.functional as F
@@ -132,6 +143,9 @@ class TorchvisionPlugin(ModelPlugin):
         pixels = predicted.sum(dim=(2, 3))
         scores = (logits * predicted).sum(dim=(2, 3)) / pixels.clamp_min(1)
         return scores, pixels / pixels.sum(dim=1, keepdim=True)
+
+    def detections(self, model: Any, output: Any) -> list[Detections] | None:
+        return detections(output) if is_detector(model) and isinstance(output, list) else None
 
     def gate_modules(self, model: Any) -> list[str]:
         from torchvision.ops import SqueezeExcitation
@@ -167,6 +181,8 @@ class TorchvisionPlugin(ModelPlugin):
                          width=input_size[1] // model.patch_size)
 
     def preprocessing(self, model: Any) -> Preprocessing | None:
+        if is_detector(model):
+            return detector_preprocessing(model)
         image_size = getattr(model, "image_size", None)
         if isinstance(image_size, int):  # VisionTransformer only accepts its own image_size
             return Preprocessing(size=(image_size, image_size), source="model image_size")
@@ -199,6 +215,40 @@ def _smallest_input(name: str) -> int:
     if name.startswith(("vit_", "maxvit")):
         return 224  # fixed positional embeddings / partition sizes
     return 128
+
+
+def _small_detector(name: str) -> tuple[int, Callable[..., Any]]:
+    """An input size and a builder for checking a detector with random weights.
+
+    Random weights score every box near 1/classes, below the default thresholds: the check keeps
+    every box, so that there is a box to explain. Detectors that resize their input themselves are
+    told a small size; SSD and SSDlite have a fixed one.
+    """
+    import functools
+
+    if name.startswith("ssd"):
+        size, build = (300 if name.startswith("ssd300") else 320), functools.partial(_builder(name), score_thresh=0.0)
+    else:
+        threshold = {"box_score_thresh": 0.0} if "rcnn" in name else {"score_thresh": 0.0}
+        size, build = 160, functools.partial(_builder(name), min_size=160, max_size=160, **threshold)
+    if "mobilenet" in name:
+        build = functools.partial(_with_lasting_signal, build)
+    return size, build
+
+
+def _with_lasting_signal(build: Callable[[], Any]) -> Any:
+    """The MobileNetV3 detectors' random backbone initialisation (He, fan-out) treats a depthwise convolution as
+    if each output mixed every channel: its weights come out ~30× too small, activations shrink by
+    ~10⁻⁹ through the backbone, every class scores the same and gradients underflow. He fan-in
+    initialisation (fan-in is 9 for a 3×3 depthwise kernel) keeps the signal, which is what checking
+    the explanation plumbing needs."""
+    import torch
+
+    model = build()
+    for module in model.backbone.modules():  # the heads keep their own initialisation
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+    return model
 
 
 def weights_cache_path(url: str) -> Path:

@@ -1,0 +1,134 @@
+"""Detectors: the target is a detected box's score, the overlay draws the boxes, the report lists them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+import attnexplain
+from attnexplain.catalog import catalog_entries
+from attnexplain.cli import main
+from attnexplain.errors import NothingToExplain
+from attnexplain.explanation import compute_maps
+from attnexplain.images import load_image
+from attnexplain.loading import load_model
+from attnexplain.methods import METHODS
+from attnexplain.preprocess import prepare
+
+from conftest import correlation
+
+NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+@pytest.fixture(scope="module")
+def detector():
+    """The catalog's check build: random (He-initialised) weights, every box kept, 160 px."""
+    entry = next(entry for plugin, entry in catalog_entries() if entry.name == NAME)
+    torch.manual_seed(0)
+    return entry.build().eval()
+
+
+@pytest.fixture(scope="module")
+def detector_file(detector, tmp_path_factory):
+    path = tmp_path_factory.mktemp("detector") / "detector.pt"
+    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 0.0},
+                "state_dict": detector.state_dict()}, path)
+    return path
+
+
+def test_box_score_target_matches_pytorch_grad_cam(detector, photo):
+    from pytorch_grad_cam import GradCAM
+
+    loaded = attnexplain.explanation._as_loaded_model(detector)
+    # The size the detector resizes to itself (the check build's 160), in [0, 1]: it normalises.
+    assert loaded.preprocessing.size == (160, 160) and loaded.preprocessing.std == (1.0, 1.0, 1.0)
+    batch = prepare(load_image(photo).pixels, loaded.preprocessing).tensor
+    layer = "backbone.body.16"
+    computed = compute_maps(loaded, batch, [METHODS["gradcam"]], [layer])
+    detected, target = computed.detections[0], int(computed.targets[0])
+    of_target = detected.labels == target
+    best = int(torch.nonzero(of_target)[detected.scores[of_target].argmax()])
+    assert float(computed.probabilities[0, target]) == pytest.approx(float(detected.scores[best]))
+    assert float(detected.scores[best]) == pytest.approx(float(detected.scores.max()))  # top box
+
+    # pytorch-grad-cam with the score of the output box that matches ours. (Its own
+    # FasterRCNNBoxScoreTarget adds the box's IoU with the reference, which also differentiates the
+    # box regression: a different target.)
+    reference_box = detected.boxes[best:best + 1]
+
+    def box_score(output):
+        match = torchvision.ops.box_iou(reference_box, output["boxes"].detach()).argmax()
+        return output["scores"][match]
+
+    reference = GradCAM(model=detector, target_layers=[detector.get_submodule(layer)])
+    expected = reference(input_tensor=batch, targets=[box_score])[0]
+    assert correlation(computed.maps["gradcam"][0].numpy(), expected) > 0.999
+
+
+def test_run_draws_the_boxes_and_reports_them(detector_file, photo, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(detector_file), str(photo), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    folder = next(out.iterdir())
+    report = json.loads((folder / "report.json").read_text())
+    assert report["methods"] == ["layercam"]  # auto for detectors
+    detections = report["detections"]
+    explained = [d for d in detections if d["explained"]]
+    assert len(explained) == 1 and explained[0] is detections[0]  # the top box
+    assert explained[0]["index"] == report["target"]["index"]
+    assert report["predictions"][0]["prob"] == pytest.approx(explained[0]["score"])
+    # In photo pixels: the 320 × 320 input covered the whole photo.
+    height, width = load_image(photo).pixels.shape[:2]
+    x0, y0, x1, y1 = explained[0]["box"]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+
+    from PIL import Image
+
+    overlay = np.asarray(Image.open(folder / report["outputs"]["overlay"]).convert("RGB"))
+    assert overlay.shape == (height, width, 3)
+    # The explained box is outlined in white: the middle of its left and right edges.
+    middle = int(round((y0 + y1) / 2))
+    for x in (x0, x1):
+        column = int(round(x))
+        assert (overlay[middle, max(column - 1, 0):column + 2] == 255).all(axis=1).any()
+
+
+def test_target_label_explains_that_class_best_box(detector_file, photo):
+    loaded = load_model(detector_file)
+    first = attnexplain.explain(loaded, photo)
+    other = next(d for d in first.detections if d["index"] != first.target.index)
+    chosen = attnexplain.explain(loaded, photo, target=other["index"])
+    explained = [d for d in chosen.detections if d["explained"]]
+    assert len(explained) == 1 and explained[0]["index"] == other["index"]
+    assert explained[0]["score"] == max(d["score"] for d in chosen.detections
+                                        if d["index"] == other["index"])
+    assert not np.allclose(chosen.heatmap, first.heatmap)
+
+
+def test_a_detector_that_finds_nothing_says_so(detector, photo, tmp_path):
+    path = tmp_path / "strict.pt"
+    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 1.0},
+                "state_dict": detector.state_dict()}, path)
+    with pytest.raises(NothingToExplain):
+        attnexplain.explain(load_model(path), photo)
+    result = CliRunner().invoke(main, ["run", str(path), str(photo), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "nothing to explain" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_named_detector_weights_bring_coco_labels_and_their_preprocessing(detector, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.get_model_weights(NAME)["COCO_V1"]
+    target = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True)
+    torch.save(detector.state_dict(), target)
+    loaded = load_model(f"torchvision:{NAME}:COCO_V1")
+    assert loaded.labels[1] == "person" and len(loaded.labels) == 91
+    assert loaded.preprocessing.size == (320, 320) and loaded.preprocessing.mean == (0.0, 0.0, 0.0)
+    assert loaded.plugin.default_layer(loaded.module) == "backbone.body.16"
