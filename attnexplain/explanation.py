@@ -470,6 +470,7 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
 def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
               score: Scorer, options: MethodOptions) -> dict[str, torch.Tensor]:
     module = loaded.module
+    size = tuple(batch.shape[-2:])
     captured: dict[str, torch.Tensor] = {}
     needs_gradient = any(m.needs_gradient for m in methods)
     with frozen_parameters(module), capture_activations(module, layers, captured), \
@@ -479,11 +480,7 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
         activations = [captured[name] for name in layers]
-        for name, activation in zip(layers, activations):
-            if activation.dim() != 4:
-                raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a "
-                                  f"(batch, channels, height, width) map; choose one that "
-                                  f"`attnexplain layers` lists.")
+        as_maps = [_layer_map(loaded, name, activation, size) for name, activation in zip(layers, activations)]
         gradients: list[torch.Tensor | None] = [None] * len(layers)
         if needs_gradient:
             # Images are independent, so the gradient of the sum is each image's own gradient.
@@ -495,12 +492,12 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
                 if gradient is None:
                     raise MethodError(f"The model's output does not depend on layer {name!r}.")
     forward = _scores_of(loaded)
-    size = tuple(batch.shape[-2:])
     results = {}
     for method in methods:
         per_layer = []
-        for activation, gradient in zip(activations, gradients):
-            activation = activation.detach()
+        for activation, gradient, as_map in zip(activations, gradients, as_maps):
+            activation = as_map(activation.detach())
+            gradient = None if gradient is None else as_map(gradient)
             if method.name == "scorecam":
                 contributions = method.compute(activation, forward, batch, targets, options.batch_size)
             else:
@@ -508,6 +505,19 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
             per_layer.append(_upsample(cam_map(contributions, options.eigen_smooth), size))
         results[method.name] = _fuse_layers(per_layer)
     return results
+
+
+def _layer_map(loaded: LoadedModel, name: str, activation: torch.Tensor,
+               size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
+    token sequences and channels-last layers), to apply alike to the output and its gradient."""
+    if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
+        return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
+    if activation.dim() != 4:
+        raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
+                          f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
+                          f"say how to lay it out; choose one that `attnexplain layers` lists.")
+    return lambda tensor: tensor
 
 
 def _fuse_layers(per_layer: list[torch.Tensor]) -> torch.Tensor:

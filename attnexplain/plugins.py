@@ -134,6 +134,22 @@ class ModelPlugin:
         """The CAM target layer; None lets the core pick the last layer with a spatial map."""
         return None
 
+    def layer_map(self, model: "nn.Module", layer: str, output: "torch.Tensor",
+                  input_size: tuple[int, int]) -> "torch.Tensor | None":
+        """A CAM layer's output as a (B, C, H, W) map, when the layer outputs something else: a
+        transformer block's token sequence, a channels-last (B, H, W, C) stage (Swin). None: the
+        output is used as it is (it must then be a (B, C, H, W) map).
+
+        Use only rearrangements (slicing, reshape, permute): the core applies the same function to the
+        output and to its gradient. Default: a (B, tokens, C) sequence whose tokens fill
+        :meth:`token_grid` after its prefix tokens (which are dropped).
+        """
+        grid = self.token_grid(model, input_size) if output.dim() == 3 else None
+        if grid is None or output.shape[1] != grid.prefix_tokens + grid.height * grid.width:
+            return None
+        patches = output[:, grid.prefix_tokens:]
+        return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], grid.height, grid.width)
+
     def attention_modules(self, model: "nn.Module") -> list[str]:
         """Names of the submodules whose attention probabilities rollout multiplies, input to output."""
         return []

@@ -126,3 +126,34 @@ def test_gradient_free_methods_skip_the_backward(small_resnet, images, monkeypat
     assert calls == []
     attnexplain.explain(small_resnet, images[0], "gradcam,layercam,hirescam", size=64)
     assert calls == [1]  # one backward serves all three
+
+
+def _vit_tokens_to_map(tensor, side=8):
+    """pytorch-grad-cam's documented ViT reshape: drop the class token, tokens → (B, C, h, w)."""
+    result = tensor[:, 1:, :].reshape(tensor.size(0), side, side, tensor.size(2))
+    return result.transpose(2, 3).transpose(1, 2)
+
+
+def test_cam_on_transformer_blocks_matches_pytorch_grad_cam_reshape_transforms(small_vit, images):
+    """A ViT block outputs (B, tokens, C) and a Swin stage (B, H, W, C): the plugin lays them out as
+    maps, as pytorch-grad-cam's reshape_transform does."""
+    import torchvision
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    swin = torchvision.models.swin_t(num_classes=7).eval()
+    cases = [(small_vit, "encoder.layers.encoder_layer_1", 64, _vit_tokens_to_map),
+             (swin, "features.5", 128, lambda tensor: tensor.permute(0, 3, 1, 2))]
+    for model, layer, size, reshape in cases:
+        pixels = images[0]
+        result = attnexplain.explain(model, pixels, "gradcam", layer=layer, size=size)
+        model.requires_grad_(True)
+        try:
+            with GradCAM(model=model, target_layers=[model.get_submodule(layer)],
+                         reshape_transform=reshape) as cam:
+                reference = cam(input_tensor=prepare(pixels, Preprocessing(size=(size, size))).tensor,
+                                targets=[ClassifierOutputTarget(result.target.index)])[0]
+        finally:
+            model.requires_grad_(False)
+        assert correlation(result.heatmap, reference) >= 0.999, layer

@@ -170,6 +170,16 @@ class TorchvisionPlugin(ModelPlugin):
         with capture(model, names, sink):
             yield
 
+    def layer_map(self, model: Any, layer: str, output: Any, input_size: tuple[int, int]) -> Any:
+        from torchvision.models import SwinTransformer
+
+        # Swin works channels-last, (B, H, W, C), from after the patch embedding's convolution
+        # (features.0.0) until `permute` turns the final map around for pooling.
+        if isinstance(model, SwinTransformer) and output.dim() == 4 and layer.startswith(("features", "norm")) \
+                and layer != "features.0.0":
+            return output.permute(0, 3, 1, 2)
+        return super().layer_map(model, layer, output, input_size)
+
     def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
         from torchvision.models import VisionTransformer
 
