@@ -318,9 +318,8 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
     """List MODEL's layers that Grad-CAM can use, with their output shapes."""
     import torch
 
-    from .capture import probe_layers
     from .errors import MethodError
-    from .explanation import default_layer
+    from .explanation import default_layer, layer_maps
     from .preprocess import DEFAULT_SIZE, Preprocessing
 
     from rich.console import Console
@@ -333,19 +332,21 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
     parameter = next(loaded.module.parameters(), None)
     batch = torch.zeros(1, 3, *preprocessing.size,
                         device=parameter.device if parameter is not None else "cpu")
-    found = probe_layers(loaded.module, batch)
-    chosen = default_layer(loaded, batch) if any(info.is_spatial for info in found) else None
+    found = layer_maps(loaded, batch)
+    chosen = default_layer(loaded, batch) if any(info.is_spatial for info, _ in found) else None
     table = Table(title=f"Layers of {loaded.architecture or model} at {preprocessing.size[0]}x"
                         f"{preprocessing.size[1]} (in the order they finish)")
-    table.add_column("layer")
+    table.add_column("layer", overflow="fold")
     table.add_column("type")
     table.add_column("output shape")
+    table.add_column("map for CAM")
     table.add_column("")
-    for info in found:
-        if not (show_all or info.is_spatial):
+    for info, map_shape in found:
+        if not (show_all or map_shape is not None):
             continue
         shape = "x".join(map(str, info.shape)) if info.shape else "(not a tensor)"
-        table.add_row(info.name, info.kind, shape, "default" if info.name == chosen else "")
+        laid_out = "x".join(map(str, map_shape)) if map_shape else ""
+        table.add_row(info.name, info.kind, shape, laid_out, "default" if info.name == chosen else "")
     Console().print(table)
 
 

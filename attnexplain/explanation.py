@@ -352,6 +352,25 @@ def default_layer(loaded: LoadedModel, batch: torch.Tensor) -> str:
     return known[shape]
 
 
+def layer_maps(loaded: LoadedModel, batch: torch.Tensor) -> list[tuple[Any, tuple[int, ...] | None]]:
+    """Every layer (see :func:`attnexplain.capture.probe_layers`) with the shape of the (B, C, H, W)
+    map the CAM methods would weight, None where its output is none (after the plugin's
+    :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, shapes only: nothing is computed)."""
+    size = tuple(batch.shape[-2:])
+    found = []
+    for info in probe_layers(loaded.module, batch):
+        shape = None
+        if info.shape is not None:
+            laid_out = loaded.plugin.layer_map(loaded.module, info.name,
+                                               torch.empty(info.shape, device="meta"), size)
+            if laid_out is not None:
+                shape = tuple(laid_out.shape)
+            elif info.is_spatial:
+                shape = info.shape
+        found.append((info, shape))
+    return found
+
+
 _probed_layers: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str | None]]" = \
     weakref.WeakKeyDictionary()
 

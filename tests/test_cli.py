@@ -104,6 +104,17 @@ def test_layers_lists_spatial_layers_and_the_default(resnet_state_dict_file):
     assert "fc" not in result.output.split()
 
 
+def test_layers_lists_transformer_blocks_laid_out_as_maps(sample_vit_file):
+    result = CliRunner().invoke(main, ["layers", str(sample_vit_file)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines()
+            if line.startswith("│")]
+    by_name = {row[0]: row for row in rows}
+    # (1, 1 class token + 8 × 8 patches, 96) tokens → a (1, 96, 8, 8) map
+    assert by_name["encoder.layers.encoder_layer_1"][2:4] == ["1x65x96", "1x96x8x8"]
+    assert by_name["encoder.layers.encoder_layer_3.ln_1"][4] == "default"
+
+
 def test_torchscript_runs_saliency_and_refuses_gradcam_clearly(tmp_path, small_resnet, photo):
     import torch
 

@@ -114,7 +114,14 @@ class TorchvisionPlugin(ModelPlugin):
         return "layercam" if is_detector(model) else None
 
     def default_layer(self, model: Any) -> str | None:
-        from torchvision.models import VGG, AlexNet, SqueezeNet
+        from torchvision.models import VGG, AlexNet, SqueezeNet, VisionTransformer
+
+        if isinstance(model, VisionTransformer):
+            # After the last block only the class token reaches the head, so the patches' gradient
+            # there is zero: explain the last block's input (its first norm), as pytorch-grad-cam
+            # recommends for ViTs.
+            last = list(model.encoder.layers.named_children())[-1][0]
+            return f"encoder.layers.{last}.ln_1"
 
         # After `features` these end in pooling to a fixed size (which upsamples small maps) or in
         # the classifier's own class-score convolution: the feature map itself is the one to explain.
