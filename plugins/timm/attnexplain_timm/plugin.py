@@ -167,9 +167,14 @@ class TimmPlugin(ModelPlugin):
                           preprocessing=self.preprocessing(module))
 
     def default_layer(self, model: Any) -> str | None:
+        if _vit_attention_names(model):
+            # A class-token ViT: its blocks' (B, tokens, C) outputs are laid out on the token grid
+            # (ModelPlugin.layer_map). After the last block only the class token reaches the head,
+            # so explain that block's input, its first norm (pytorch-grad-cam's choice for ViTs).
+            return f"blocks.{len(model.blocks) - 1}.norm1"
         if _is_timm(model) and _patch_projection(model):
-            # Transformers (ViT, DeiT, EVA, BEiT, Swin, ...): blocks output (B, tokens, C) or
-            # channels-last (B, h, w, C), which CAM cannot weight without a reshape; the generic
+            # Other transformers (ViTs pooling without a class token, Swin, ...): blocks output
+            # (B, tokens, C) or channels-last (B, h, w, C) with no known layout here; the generic
             # shape-based choice would be an attention internal (q_norm: (B, heads, tokens, dim))
             # or a channels-last norm. The patch projection is their one (B, C, h, w) map.
             return "patch_embed.proj"

@@ -210,6 +210,37 @@ def test_vits_without_a_class_token_fall_back_to_gradcam_on_the_patch_grid():
     assert (result.method, result.layer) == ("gradcam", "patch_embed.proj")
 
 
+@pytest.mark.parametrize("which", ["vit", "deit_distilled"])
+def test_gradcam_on_vit_blocks_uses_the_token_grid(which, request):
+    """Block outputs are (B, prefix + patches, C): the default layout drops the prefix tokens (class,
+    distillation) and lays the patches out as the map, the same as pytorch-grad-cam's ViT
+    reshape_transform."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = request.getfixturevalue(which)
+    layer = f"blocks.{len(model.blocks) - 1}.norm1"
+    assert plugin.default_layer(model) == layer
+    result = explain(model, IMAGE, "gradcam", size=64)
+    assert result.layer == layer and result.heatmap.std() > 0
+    prefix = model.num_prefix_tokens
+
+    def reshape(tensor):
+        patches = tensor[:, prefix:, :].reshape(tensor.size(0), 4, 4, tensor.size(2))
+        return patches.permute(0, 3, 1, 2)
+
+    model.requires_grad_(True)
+    try:
+        with GradCAM(model=model, target_layers=[model.get_submodule(layer)],
+                     reshape_transform=reshape) as cam:
+            preprocessing = plugin.preprocessing(model).with_overrides(size=64)  # timm's mean/std
+            batch = prepare(load_image(IMAGE).pixels, preprocessing).tensor
+            reference = cam(input_tensor=batch, targets=[ClassifierOutputTarget(result.target.index)])[0]
+    finally:
+        model.requires_grad_(False)
+    assert np.corrcoef(result.heatmap.ravel(), reference.ravel())[0, 1] >= 0.999
+
+
 # --- CNNs: Grad-CAM ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,layer", [("convnext_atto", "stages.3"), ("resnet18", "layer4")])
