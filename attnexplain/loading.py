@@ -45,7 +45,14 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "loader": self.loader, "architecture": self.architecture,
-                "weights": self.weights, "plugin": self.plugin.name, "notes": list(self.notes)}
+                "weights": self.weights, "plugin": self.plugin.name, "task": self._task(),
+                "notes": list(self.notes)}
+
+    def _task(self) -> str:
+        try:
+            return self.plugin.task(self.module)
+        except Exception:  # a plugin's answer is for the report only; never fail a report on it
+            return "unknown"
 
 
 def load_model(spec: str | Path, *, arch: str | None = None, num_classes: int | None = None,

@@ -125,6 +125,11 @@ class ModelPlugin:
         """Build ``PREFIX:NAME[:WEIGHTS]``; only called when ``source_prefix`` is set."""
         raise PluginError(f"Plugin {self.name} cannot build models by name.")
 
+    def task(self, model: "nn.Module") -> str:
+        """What the model does (classification, segmentation, detection, ...), for the report; what a
+        target means for it is :meth:`class_scores`'s answer."""
+        return "classification"
+
     def default_method(self, model: "nn.Module") -> str | None:
         """What ``--method auto`` means for this model (one name or a comma-separated list); None
         lets the core choose: rollout where attention is known, Grad-CAM otherwise."""

@@ -76,7 +76,7 @@ def test_run_draws_the_boxes_and_reports_them(detector_file, photo, tmp_path):
     assert result.exit_code == 0, result.output
     folder = next(out.iterdir())
     report = json.loads((folder / "report.json").read_text())
-    assert report["methods"] == ["layercam"]  # auto for detectors
+    assert report["methods"] == ["layercam"] and report["model"]["task"] == "detection"  # auto
     detections = report["detections"]
     explained = [d for d in detections if d["explained"]]
     assert len(explained) == 1 and explained[0] is detections[0]  # the top box

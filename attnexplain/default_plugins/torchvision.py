@@ -107,6 +107,11 @@ class TorchvisionPlugin(ModelPlugin):
             preprocessing=from_torchvision_transforms(chosen.transforms(), source=str(chosen)),
         )
 
+    def task(self, model: Any) -> str:
+        if is_detector(model):
+            return "detection"
+        return "segmentation" if _is_segmentation(model) else "classification"
+
     def default_method(self, model: Any) -> str | None:
         # A box's score draws on the features around the box. LayerCAM weights every position by its
         # own gradient, so the map stays where the score's evidence is; Grad-CAM's per-channel mean
