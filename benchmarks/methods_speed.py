@@ -6,9 +6,11 @@ backward down to the layer, maps at input resolution) divided by the median time
 pytorch-grad-cam, torchcam and Captum on the same batch, layer and targets. Also the start-up time of
 ``attnexplain --help``. Run:
 
-    .venv/bin/python benchmarks/methods_speed.py [--batch 8] [--repeats 5]
+    .venv/bin/python benchmarks/methods_speed.py [--batch 8] [--repeats 5] [--sections swin,maxvit]
 
-Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×.
+Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×
+(also measured here for Swin-T and MaxViT-T, whose attention is recorded inside a function, and for a
+detector's box-score target).
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def photos(count: int, size: int) -> torch.Tensor:
                       for i in range(count)])
 
 
-def loaded_model(name: str) -> LoadedModel:
+def loaded_model(name: str, **kwargs) -> LoadedModel:
     torch.manual_seed(0)
-    module = torchvision.models.get_model(name).eval().requires_grad_(False)
+    module = torchvision.models.get_model(name, **kwargs).eval().requires_grad_(False)
     return LoadedModel(module=module, source=name, loader="benchmark", architecture=name,
                        plugin=select_plugin(module))
 
@@ -127,22 +129,48 @@ def cnn_section(batch_size: int, repeats: int) -> None:
         lambda: captum_cam.attribute(batch, target=targets.tolist()), repeats))
 
 
-def vit_section(batch_size: int, repeats: int) -> None:
-    loaded = loaded_model("vit_b_16")
+def transformer_section(name: str, batch_size: int, repeats: int) -> None:
+    loaded = loaded_model(name)
     model, batch = loaded.module, photos(batch_size, 224)
 
     def bare():
         with torch.no_grad():
             model(batch)
 
-    print(f"\n### vit_b_16, batch {batch_size} at 224×224 (the bare forward uses PyTorch's fused "
-          f"attention)\n")
+    kind = ("the bare forward uses PyTorch's fused attention" if name.startswith("vit")
+            else "windowed attention, recorded inside the attention function")
+    print(f"\n### {name}, batch {batch_size} at 224×224 ({kind})\n")
     table = Table(median_seconds(bare, repeats))
-    for name, goal in (("rollout", 1.3), ("attention", None), ("rollout,attention", None),
-                       ("chefer", None)):
+    for methods_name, goal in (("rollout", 1.3), ("attention", None), ("rollout,attention", None),
+                               ("chefer", None)):
+        methods = resolve_methods(loaded, methods_name)
+        table.row("attnexplain", methods_name, median_seconds(
+            lambda: compute_maps(loaded, batch, methods, []), repeats), goal=goal)
+
+
+def detection_section(batch_size: int, repeats: int) -> None:
+    """A detector at the size it resizes to itself (800): LayerCAM of the top box's score."""
+    # Random weights, nothing downloaded; every box kept, so that random weights still detect.
+    loaded = loaded_model("fasterrcnn_resnet50_fpn", weights_backbone=None, box_score_thresh=0.0)
+    loaded.preprocessing = loaded.plugin.preprocessing(loaded.module)
+    model = loaded.module
+    sources = photos(batch_size, 800)
+    # The detector normalises inside: give it [0, 1] pixels, as its preprocessing does.
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    batch = sources * std + mean
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    layer = loaded.plugin.default_layer(model)
+    print(f"\n### fasterrcnn_resnet50_fpn, batch {batch_size} at 800×800, {layer}\n")
+    table = Table(median_seconds(bare, repeats))
+    for name in ("layercam", "gradcam,layercam,hirescam"):
         methods = resolve_methods(loaded, name)
         table.row("attnexplain", name, median_seconds(
-            lambda: compute_maps(loaded, batch, methods, []), repeats), goal=goal)
+            lambda: compute_maps(loaded, batch, methods, [layer]), repeats), goal=1.2)
 
 
 def startup_section() -> None:
@@ -155,12 +183,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", default="cnn,vit,swin,maxvit,detection,startup",
+                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, numpy {np.__version__}, CPU")
-    cnn_section(args.batch, args.repeats)
-    vit_section(args.batch, args.repeats)
-    startup_section()
+    sections = {
+        "cnn": lambda: cnn_section(args.batch, args.repeats),
+        "vit": lambda: transformer_section("vit_b_16", args.batch, args.repeats),
+        "swin": lambda: transformer_section("swin_t", args.batch, args.repeats),
+        "maxvit": lambda: transformer_section("maxvit_t", args.batch, args.repeats),
+        "detection": lambda: detection_section(max(1, args.batch // 4), args.repeats),
+        "startup": startup_section,
+    }
+    for name in args.sections.split(","):
+        sections[name.strip()]()
 
 
 if __name__ == "__main__":
