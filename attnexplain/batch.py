@@ -5,8 +5,9 @@ the calling thread through :func:`attnexplain.explanation.compute_maps`. At most
 images is in flight at any time, so memory does not grow with the number of images.
 
 Never losing work: every file is written atomically (per-image folders as a whole), ``results.jsonl``
-gets one line per image, flushed as soon as that image's files are in place, and ``report.json``,
-``summary.csv`` and ``index.html`` are refreshed periodically and at the end (also on Ctrl-C).
+gets one line per image, flushed as soon as that image's files are in place (by the thread that wrote
+them), and ``report.json``, ``summary.csv`` and ``index.html`` are refreshed periodically and at the end
+(also on Ctrl-C).
 ``resume=True`` skips images whose key (sha256 of the file's bytes + a fingerprint of the model and
 options) already has an ``ok`` line whose outputs exist.
 """
@@ -253,8 +254,9 @@ class Decoded:
 
 def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settings: BatchSettings,
                   device) -> list[dict[str, Any]]:
-    """A pure function of its inputs: (B, 3, h, w) → per image, its maps (numpy), predictions, target
-    and an error for images whose requested target has probability 0."""
+    """A pure function of its inputs: (B, 3, h, w) → per image, its maps (``MethodMap`` per method,
+    attention grids and gates included), predictions and target, or an error for images whose
+    requested target has probability 0."""
     import torch
 
     from .errors import MethodError
@@ -265,13 +267,9 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
                             options=settings.options)
     probabilities = computed.probabilities.float().cpu()
     targets = computed.targets.cpu()
-    maps = {name: heatmap.detach().float().cpu().numpy() for name, heatmap in computed.maps.items()}
     results = []
-    for index in range(batch.shape[0]):
-        result: dict[str, Any] = {
-            "maps": {name: np.array(values[index], dtype=np.float32) for name, values in maps.items()},
-            "layers": computed.layers,
-        }
+    for index, maps in enumerate(_image_maps(computed)):
+        result: dict[str, Any] = {"maps": maps}
         try:
             target, predictions = image_outcome(probabilities[index], int(targets[index]),
                                                 loaded.labels, settings.top_k,
@@ -283,6 +281,28 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
             result["target"] = target.as_dict()
         results.append(result)
     return results
+
+
+def _image_maps(computed) -> list[dict[str, Any]]:
+    """Per image of a batch, method → its ``MethodMap`` (numpy), as :func:`explain` builds them."""
+    from .explanation import MethodMap, _gate_summary
+
+    def numpy(tensor) -> np.ndarray:
+        return tensor.detach().float().cpu().numpy()
+
+    maps = {name: numpy(heatmap) for name, heatmap in computed.maps.items()}
+    grids = {name: numpy(grid) for name, grid in computed.attention_grids.items()}
+    gate_maps = {name: numpy(recorded.top_maps) for name, recorded in computed.channel_gates.items()}
+    images = []
+    for index in range(len(computed.targets)):
+        image = {name: MethodMap(name, np.array(values[index]), computed.layers[name],
+                                 np.array(grids[name][index]) if name in grids else None)
+                 for name, values in maps.items()}
+        for name, recorded in computed.channel_gates.items():
+            image[name].gates = _gate_summary(recorded, image_index=index)
+            image[name].gate_maps = np.array(gate_maps[name][index])
+        images.append(image)
+    return images
 
 
 # --- the pipeline ------------------------------------------------------------------------------------
@@ -307,26 +327,28 @@ class BatchRun:
 class _Progress:
     """Rich bar on a terminal, a plain line every few seconds otherwise, nothing when quiet."""
 
-    def __init__(self, total: int, quiet: bool, stream=None) -> None:
-        self.total, self.quiet, self.done = total, quiet, 0
+    def __init__(self, total: int, quiet: bool, stream=None, already: int = 0) -> None:
+        # ``already``: images done by an earlier run (--resume); they do not count in the rate.
+        self.total, self.quiet, self.done, self.already = total, quiet, already, already
         self.stream = stream or sys.stderr
         self.started = self.last = time.perf_counter()
         self.bar = None
         if not quiet and self.stream.isatty():
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                        TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
             self.bar = Progress(TextColumn("explaining"), BarColumn(), MofNCompleteColumn(),
                                 TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                transient=False)
+                                console=Console(file=self.stream), transient=False)
             self.bar.start()
-            self.task = self.bar.add_task("batch", total=total, rate="")
+            self.task = self.bar.add_task("batch", total=total, completed=already, rate="")
 
     def advance(self, count: int = 1) -> None:
         self.done += count
         now = time.perf_counter()
-        rate = self.done / max(now - self.started, 1e-9)
+        rate = (self.done - self.already) / max(now - self.started, 1e-9)
         if self.bar is not None:
             self.bar.update(self.task, advance=count, rate=f"{rate:.1f} img/s")
         elif not self.quiet and (now - self.last >= 5.0 or self.done == self.total):
@@ -379,7 +401,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     log = ResultsLog(out / RESULTS_JSONL, kept)
     records: dict[str, dict[str, Any]] = {}  # image → record, small dicts only
     summary = BatchRun(total=len(selected) + len(missing), out=out)
-    progress = _Progress(summary.total, quiet)
+    progress = _Progress(summary.total, quiet, already=len(kept))
     workers = max(1, settings.workers)
     readers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-read")
     writers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-write")
@@ -390,7 +412,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     lock = threading.Lock()
     batches = 0
 
-    def finish(record: dict[str, Any]) -> None:
+    def finish(record: dict[str, Any]) -> dict[str, Any]:
         with lock:
             log.append(record)
             records[record["image"]] = record
@@ -398,18 +420,23 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
                 summary.ok += 1
             else:
                 summary.failed += 1
-        progress.advance()
+            progress.advance()
+        return record
+
+    def write(decoded: Decoded, result: dict[str, Any], model_s: float) -> dict[str, Any]:
+        # On a writer thread: the image's line is in results.jsonl as soon as its folder is in place.
+        return finish(_write_image(out, decoded, result, settings, model_s))
 
     def refresh(complete: bool) -> None:
         meta_now = dict(meta, complete=complete, wall_s=round(time.perf_counter() - started, 3),
                         interrupted=summary.interrupted)
-        write_reports(out, sorted(records.values(), key=lambda r: r["image"]), meta_now)
+        with lock:
+            finished = sorted(records.values(), key=lambda r: r["image"])
+        write_reports(out, finished, meta_now)
 
-    def drain_writes(limit: int) -> None:
-        while len(pending_writes) > limit:
-            finish(pending_writes.popleft().result())
-        while pending_writes and pending_writes[0].done():
-            finish(pending_writes.popleft().result())
+    def wait_for_writes(limit: int) -> None:
+        while pending_writes and (len(pending_writes) > limit or pending_writes[0].done()):
+            pending_writes.popleft().result()  # raises what a writer could not handle
 
     def run_model(chunk: list[Decoded]) -> None:
         nonlocal batches
@@ -418,14 +445,13 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         model_s = (time.perf_counter() - began) / len(chunk)
         for decoded, result in zip(chunk, results):
             decoded.tensor = None
-            drain_writes(max_writes)
-            pending_writes.append(writers.submit(_write_image, out, decoded, result, settings, model_s))
+            wait_for_writes(max_writes)
+            pending_writes.append(writers.submit(write, decoded, result, model_s))
         batches += 1
         if on_batch is not None:
             on_batch(batches)
         if batches % refresh_every == 0:
-            drain_writes(0)
-            refresh(False)
+            refresh(False)  # what has finished so far; the writers go on meanwhile
 
     try:
         for spec, reason in missing:
@@ -434,7 +460,6 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
             records[record["image"]] = record
             summary.skipped += 1
             summary.ok += 1
-            progress.advance()
         done_keys = {record["key"] for record in kept}
         todo = iter(selected)
         chunk: list[Decoded] = []
@@ -461,7 +486,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
                 chunk = []
         if chunk:
             run_model(chunk)
-        drain_writes(0)
+        wait_for_writes(0)
     except KeyboardInterrupt:
         summary.interrupted = True
         raise
@@ -469,10 +494,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         for future in pending_reads:
             future.cancel()
         readers.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True)
-        for future in pending_writes:  # files already written: record them
-            if future.done() and future.exception() is None:
-                finish(future.result())
+        writers.shutdown(wait=True)  # images already explained are written and recorded
         log.close()
         progress.close()
         summary.wall_s = time.perf_counter() - started
@@ -525,11 +547,12 @@ def _read_image(item: InputImage, key_prefix: str, done_keys: set[str], preproce
 
 def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings,
                  model_s: float) -> dict[str, Any]:
-    """Overlays, heatmaps, thumbnails and the detail page of one image, as one atomic folder."""
+    """One image's folder, atomically: per method the files ``attnexplain run`` writes (see
+    :func:`attnexplain.report.write_method_outputs`) and a thumbnail, and the detail page."""
     from ._atomic import atomic_directory
     from .gallery import render_detail
     from .render import downscale, encode_image, render_overlay
-    from .report import write_npy
+    from .report import method_summary, write_method_outputs
 
     began = time.perf_counter()
     if "error" in result:
@@ -539,23 +562,21 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
     try:
         with atomic_directory(out / output) as staging:
             os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
-            for name, heatmap in result["maps"].items():
-                overlay = render_overlay(decoded.pixels, heatmap, decoded.box, settings.alpha)
-                entry = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy",
-                         "thumb": f"thumb-{name}.jpg"}
-                (staging / entry["overlay"]).write_bytes(encode_image(overlay, ".png"))
-                write_npy(staging / entry["heatmap"], heatmap)
-                (staging / entry["thumb"]).write_bytes(
+            for name, method_map in result["maps"].items():
+                overlay = render_overlay(decoded.pixels, method_map.heatmap, decoded.box, settings.alpha)
+                written = write_method_outputs(staging, method_map, overlay)
+                files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
+                (staging / files[name]["thumb"]).write_bytes(
                     encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))
-                files[name] = entry
-            first = next(iter(result["maps"]))
+            first = next(iter(result["maps"].values()))
             record = {
                 "image": decoded.item.relative, "path": str(decoded.item.path), "status": "ok",
                 "key": decoded.key, "sha256": decoded.sha256, "output": output, "files": files,
                 "detail": f"{output}/{DETAIL_HTML}", "image_info": decoded.image_info,
                 "predictions": result["predictions"], "target": result["target"],
                 "methods": list(result["maps"]),
-                "layer": ",".join(result["layers"][first]) or None,
+                "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
+                "layer": ",".join(first.layers) or None,
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
             }
             (staging / DETAIL_HTML).write_text(render_detail(record), encoding="utf-8")

@@ -64,8 +64,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                 mode = opened.mode
                 image_format = opened.format
                 opened.load()
-                upright = ImageOps.exif_transpose(opened)
-                pixels = to_rgb_array(upright)
+                ImageOps.exif_transpose(opened, in_place=True)  # a copy less of a large photo
+                pixels = to_rgb_array(opened)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -99,7 +99,7 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def from_array(pixels: np.ndarray, name: str | None = None) -> LoadedImage:

@@ -7,6 +7,7 @@ import io
 import json
 import platform
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from ._atomic import atomic_directory
 from .render import downscale, encode_image, render_attention_grid
 
 if TYPE_CHECKING:
-    from .explanation import Explanation
+    from .explanation import Explanation, MethodMap
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -73,28 +74,14 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
     previews: list[dict[str, Any]] = []
     with atomic_directory(directory) as staging:
         for name, result in explanation.maps.items():
-            overlay = explanation.overlay(alpha, name)
-            entry = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy"}
-            (staging / entry["overlay"]).write_bytes(encode_image(overlay, ".png"))
-            write_npy(staging / entry["heatmap"], result.heatmap)
-            preview = {"method": name, "layers": result.layers,
-                       "overlay_uri": _data_uri(downscale(overlay, _PREVIEW_SIDE))}
-            if result.attention_grid is not None:
-                entry["attention_grid"] = f"attention-grid-{name}.png"
-                entry["attention_grid_npy"] = f"attention-grid-{name}.npy"
-                heads = result.attention_grid.shape[1]
-                mosaic = render_attention_grid(result.attention_grid, cell=max(48, min(192, 480 // heads)))
-                (staging / entry["attention_grid"]).write_bytes(encode_image(mosaic, ".png"))
-                write_npy(staging / entry["attention_grid_npy"], result.attention_grid)
-                preview["grid_uri"] = _data_uri(mosaic, ".png")
-                preview["grid_shape"] = list(result.attention_grid.shape[:2])
-            if result.gate_maps is not None:
-                entry["gate_maps"] = f"gate-maps-{name}.png"
-                mosaic = render_attention_grid(result.gate_maps[None], cell=64)
-                (staging / entry["gate_maps"]).write_bytes(encode_image(mosaic, ".png"))
-                preview["gate_maps_uri"] = _data_uri(mosaic, ".png")
-                preview["gates"] = result.gates
-            files[name] = entry
+            written = write_method_outputs(staging, result, explanation.overlay(alpha, name))
+            files[name] = written.files
+            preview = {"method": name, **method_summary(result),
+                       "overlay_uri": _data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE))}
+            if "attention_grid" in written.pictures:
+                preview["grid_uri"] = _data_uri(written.pictures["attention_grid"], ".png")
+            if "gate_maps" in written.pictures:
+                preview["gate_maps_uri"] = _data_uri(written.pictures["gate_maps"], ".png")
             previews.append(preview)
         first = files[explanation.method]
         report["outputs"] = {"directory": str(directory.resolve()), "overlay": first["overlay"],
@@ -104,6 +91,53 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float) 
         html = render_html(report, explanation.image.pixels, previews)
         (staging / REPORT_HTML).write_text(html, encoding="utf-8")
     return report
+
+
+@dataclass
+class MethodOutputs:
+    """What :func:`write_method_outputs` wrote for one method."""
+
+    files: dict[str, str]  # kind (overlay, heatmap, attention_grid, ...) → file name in the folder
+    pictures: dict[str, np.ndarray]  # kind → the RGB picture written, for previews and thumbnails
+
+
+def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarray) -> MethodOutputs:
+    """One method's files, the same for ``run`` and ``batch``.
+
+    ``overlay-M.png`` (``overlay``: the map over the photo, at the photo's resolution) and
+    ``heatmap-M.npy`` (raw, at the model's input resolution); for raw attention also
+    ``attention-grid-M.png`` and ``.npy`` (layers × heads), for gates ``gate-maps-M.png`` (the
+    most-gated channels of the last block).
+    """
+    name = result.method
+    files = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy"}
+    pictures = {"overlay": overlay}
+    (directory / files["overlay"]).write_bytes(encode_image(overlay, ".png"))
+    write_npy(directory / files["heatmap"], result.heatmap)
+    if result.attention_grid is not None:
+        files["attention_grid"] = f"attention-grid-{name}.png"
+        files["attention_grid_npy"] = f"attention-grid-{name}.npy"
+        heads = result.attention_grid.shape[1]
+        pictures["attention_grid"] = render_attention_grid(result.attention_grid,
+                                                           cell=max(48, min(192, 480 // heads)))
+        (directory / files["attention_grid"]).write_bytes(encode_image(pictures["attention_grid"], ".png"))
+        write_npy(directory / files["attention_grid_npy"], result.attention_grid)
+    if result.gate_maps is not None:
+        files["gate_maps"] = f"gate-maps-{name}.png"
+        pictures["gate_maps"] = render_attention_grid(result.gate_maps[None], cell=64)
+        (directory / files["gate_maps"]).write_bytes(encode_image(pictures["gate_maps"], ".png"))
+    return MethodOutputs(files, pictures)
+
+
+def method_summary(result: "MethodMap") -> dict[str, Any]:
+    """What a page shows beside one method's pictures: its layers, the attention grid's shape
+    (layers, heads) and the gates' per-block summary, where the method has them."""
+    summary: dict[str, Any] = {"layers": list(result.layers)}
+    if result.attention_grid is not None:
+        summary["grid_shape"] = [int(n) for n in result.attention_grid.shape[:2]]
+    if result.gates is not None:
+        summary["gates"] = result.gates
+    return summary
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

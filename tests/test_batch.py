@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from attnexplain.batch import (EXIT_SOME_FAILED, RESULTS_JSONL, BatchSettings, c
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
 from attnexplain.loading import load_model
+from test_gates import gated_model  # noqa: F401 - the fixture: a MobileNetV3 with non-uniform gates
 
 HOSTILE = "<img src=x onerror=alert(1)>.png"
 BROKEN = {"a/empty.png": "empty", "b/deep/text.jpg": "Not an image", "b/trunc.png": "truncated"}
@@ -254,3 +256,89 @@ def test_list_and_glob_from_the_cli(images, model_file, tmp_path):
 def test_batch_help_documents_exit_codes():
     result = CliRunner().invoke(main, ["batch", "--help"])
     assert result.exit_code == 0 and "3 some images failed" in result.output
+
+
+# --- the same per-method files as `attnexplain run` ------------------------------------------------
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "samples" / "images"
+
+
+def _method_files(folder: Path) -> set[str]:
+    """The files one image's folder holds, without those only one of run / batch writes."""
+    only_one = {"report.json", "report.html", "detail.html"}
+    return {p.name for p in folder.iterdir() if p.name not in only_one and not p.name.startswith("thumb-")}
+
+
+def _run_and_batch(tmp_path: Path, model_args: list[str], image: str) -> tuple[Path, Path, dict]:
+    """`run` on one sample image and `batch` on all of them, same model and options: the run's
+    folder, the batch's folder for that image and its record."""
+    run = CliRunner().invoke(main, ["run", *model_args, str(SAMPLE_IMAGES / image), "--out",
+                                    str(tmp_path / "run")])
+    assert run.exit_code == 0, run.output
+    batch = CliRunner().invoke(main, ["batch", *model_args, str(SAMPLE_IMAGES), "--out",
+                                      str(tmp_path / "batch"), "--quiet"])
+    assert batch.exit_code == 0, batch.output
+    records = {r["image"]: r for r in read_results(tmp_path / "batch" / RESULTS_JSONL)}
+    assert len(records) == len(list(SAMPLE_IMAGES.iterdir()))
+    return tmp_path / "run" / Path(image).stem, tmp_path / "batch" / "images" / image, records[image]
+
+
+def test_batch_writes_the_attention_grid_per_image_like_run(tmp_path, sample_vit_file):
+    run_folder, folder, record = _run_and_batch(
+        tmp_path, [str(sample_vit_file), "--method", "attention,rollout", "--device", "cpu"],
+        "cat-on-grass.png")
+    assert _method_files(folder) == _method_files(run_folder)
+    assert {"attention-grid-attention.png", "attention-grid-attention.npy"} <= _method_files(folder)
+    grid = np.load(folder / "attention-grid-attention.npy")
+    assert grid.ndim == 4 and np.allclose(grid, np.load(run_folder / "attention-grid-attention.npy"),
+                                          atol=1e-5)
+    assert record["files"]["attention"]["attention_grid"] == "attention-grid-attention.png"
+    assert record["files"]["attention"]["attention_grid_npy"] == "attention-grid-attention.npy"
+    assert record["maps"]["attention"]["grid_shape"] == list(grid.shape[:2])
+    assert "attention_grid" not in record["files"]["rollout"]
+    detail = (folder / "detail.html").read_text()
+    assert "Learned attention (attention)" in detail and 'src="attention-grid-attention.png"' in detail
+    for image in SAMPLE_IMAGES.iterdir():  # every image, not only the one compared
+        assert (tmp_path / "batch" / "images" / image.name / "attention-grid-attention.png").is_file()
+
+
+def test_batch_writes_the_gate_maps_per_image_like_run(tmp_path, gated_model):
+    import torch
+
+    path = tmp_path / "mobilenet.pt"
+    torch.save(gated_model.state_dict(), path)
+    run_folder, folder, record = _run_and_batch(
+        tmp_path, [str(path), "--arch", "mobilenet_v3_small", "--size", "64", "--method",
+                   "gates,gradcam", "--device", "cpu"], "coffee-on-gravel.png")
+    assert _method_files(folder) == _method_files(run_folder)
+    assert "gate-maps-gates.png" in _method_files(folder)
+    assert record["files"]["gates"]["gate_maps"] == "gate-maps-gates.png"
+    report = json.loads((run_folder / "report.json").read_text())
+    assert [b["block"] for b in record["maps"]["gates"]["gates"]] == \
+        [b["block"] for b in report["maps"]["gates"]["gates"]]
+    assert record["maps"]["gates"]["layers"] == report["maps"]["gates"]["layers"]
+    detail = (folder / "detail.html").read_text()
+    assert "Learned channel gates (gates)" in detail and 'src="gate-maps-gates.png"' in detail
+    assert detail.count("Learned channel gates") == 1  # for gates only, not for gradcam
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_shows_rate_and_eta(images, loaded, model_file, tmp_path,
+                                                       monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "140")
+    summary = run_batch(loaded, _spec(model_file), [str(images / "b" / "deep")], tmp_path / "out",
+                        SETTINGS, device="cpu")
+    shown = terminal.getvalue()
+    assert summary.total > 10 and summary.exit_code == EXIT_SOME_FAILED  # text.jpg is broken
+    assert "\x1b[" in shown  # drawn by Rich, not the plain lines
+    assert "img/s" in shown and "ETA" in shown
+    assert f"{summary.total}/{summary.total}" in shown
+

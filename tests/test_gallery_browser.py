@@ -102,3 +102,21 @@ def test_cards_link_to_detail_pages(gallery, page):
     assert "photo-04.png" in page.content()
     page.wait_for_function("Array.from(document.images).every(i => i.complete)")
     assert min(page.eval_on_selector_all("img", "images => images.map(i => i.naturalWidth)")) > 0
+
+
+@pytest.fixture(scope="module")
+def attention_gallery(tmp_path_factory, sample_vit_file):
+    images = Path(__file__).resolve().parents[1] / "samples" / "images"
+    out = tmp_path_factory.mktemp("attention-gallery")
+    result = CliRunner().invoke(main, ["batch", str(sample_vit_file), str(images), "--out",
+                                       str(out), "--method", "rollout,attention", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_detail_page_shows_the_attention_grid(attention_gallery, page):
+    page.goto((attention_gallery / "images" / "cat-on-grass.png" / "detail.html").as_uri())
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    assert "Learned attention (attention)" in page.content()
+    sizes = page.eval_on_selector_all("img.grid", "images => images.map(i => i.naturalWidth)")
+    assert len(sizes) == 1 and sizes[0] > 0  # one grid (attention; rollout has none), decoded
