@@ -253,22 +253,27 @@ class Decoded:
 
 
 def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settings: BatchSettings,
-                  device) -> list[dict[str, Any]]:
+                  device, regions: Sequence[tuple[float, float, float, float]] | None = None
+                  ) -> list[dict[str, Any]]:
     """A pure function of its inputs: (B, 3, h, w) → per image, its maps (``MethodMap`` per method,
-    attention grids and gates included), predictions and target, or an error for images whose
-    requested target has probability 0."""
+    attention grids and gates included), predictions and target, a detector's boxes (on the photo,
+    whose part the model saw is the image's ``regions`` entry), or an error for images with nothing
+    to explain (a requested target with probability 0, a detector that found nothing)."""
     import torch
 
-    from .errors import MethodError
-    from .explanation import compute_maps, image_outcome
+    from .errors import MethodError, NothingToExplain
+    from .explanation import boxes_on_photo, compute_maps, image_outcome
 
     batch = torch.cat(tensors).to(device)
-    computed = compute_maps(loaded, batch, methods, layers, target=settings.target,
-                            options=settings.options)
+    try:
+        computed = compute_maps(loaded, batch, methods, layers, target=settings.target,
+                                options=settings.options)
+    except NothingToExplain as error:  # no image of the batch has anything to explain
+        return [{"error": str(error)} for _ in tensors]
     probabilities = computed.probabilities.float().cpu()
     targets = computed.targets.cpu()
     results = []
-    for index, maps in enumerate(_image_maps(computed)):
+    for index, maps in enumerate(computed.image_maps()):
         result: dict[str, Any] = {"maps": maps}
         try:
             target, predictions = image_outcome(probabilities[index], int(targets[index]),
@@ -279,30 +284,13 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
         else:
             result["predictions"] = [p.as_dict() for p in predictions]
             result["target"] = target.as_dict()
+            if computed.detections is not None:
+                height, width = batch.shape[-2:]
+                region = regions[index] if regions is not None else (0.0, 0.0, float(width), float(height))
+                result["detections"] = boxes_on_photo(computed.detections[index], target.index,
+                                                      loaded.labels, (height, width), region)
         results.append(result)
     return results
-
-
-def _image_maps(computed) -> list[dict[str, Any]]:
-    """Per image of a batch, method → its ``MethodMap`` (numpy), as :func:`explain` builds them."""
-    from .explanation import MethodMap, _gate_summary
-
-    def numpy(tensor) -> np.ndarray:
-        return tensor.detach().float().cpu().numpy()
-
-    maps = {name: numpy(heatmap) for name, heatmap in computed.maps.items()}
-    grids = {name: numpy(grid) for name, grid in computed.attention_grids.items()}
-    gate_maps = {name: numpy(recorded.top_maps) for name, recorded in computed.channel_gates.items()}
-    images = []
-    for index in range(len(computed.targets)):
-        image = {name: MethodMap(name, np.array(values[index]), computed.layers[name],
-                                 np.array(grids[name][index]) if name in grids else None)
-                 for name, values in maps.items()}
-        for name, recorded in computed.channel_gates.items():
-            image[name].gates = _gate_summary(recorded, image_index=index)
-            image[name].gate_maps = np.array(gate_maps[name][index])
-        images.append(image)
-    return images
 
 
 # --- the pipeline ------------------------------------------------------------------------------------
@@ -441,7 +429,8 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     def run_model(chunk: list[Decoded]) -> None:
         nonlocal batches
         began = time.perf_counter()
-        results = explain_batch(loaded, [d.tensor for d in chunk], methods, layers, settings, run_device)
+        results = explain_batch(loaded, [d.tensor for d in chunk], methods, layers, settings, run_device,
+                                regions=[d.box for d in chunk])
         model_s = (time.perf_counter() - began) / len(chunk)
         for decoded, result in zip(chunk, results):
             decoded.tensor = None
@@ -551,7 +540,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
     :func:`attnexplain.report.write_method_outputs`) and a thumbnail, and the detail page."""
     from ._atomic import atomic_directory
     from .gallery import render_detail
-    from .render import downscale, encode_image, render_overlay
+    from .render import downscale, draw_boxes, encode_image, render_overlay
     from .report import method_summary, write_method_outputs
 
     began = time.perf_counter()
@@ -564,6 +553,8 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
             os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
             for name, method_map in result["maps"].items():
                 overlay = render_overlay(decoded.pixels, method_map.heatmap, decoded.box, settings.alpha)
+                if result.get("detections"):
+                    overlay = draw_boxes(overlay, result["detections"])
                 written = write_method_outputs(staging, method_map, overlay)
                 files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
                 (staging / files[name]["thumb"]).write_bytes(
@@ -577,6 +568,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
                 "methods": list(result["maps"]),
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
                 "layer": ",".join(first.layers) or None,
+                **({"detections": result["detections"]} if "detections" in result else {}),
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
             }
             (staging / DETAIL_HTML).write_text(render_detail(record), encoding="utf-8")

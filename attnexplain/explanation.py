@@ -189,12 +189,7 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     timings["explain_s"] = time.perf_counter() - started
 
     probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
-    maps = {name: MethodMap(name, heatmap[0].cpu().numpy().astype(np.float32), computed.layers[name],
-                            _first(computed.attention_grids.get(name)))
-            for name, heatmap in computed.maps.items()}
-    for name, recorded in computed.channel_gates.items():
-        maps[name].gates = _gate_summary(recorded, image_index=0)
-        maps[name].gate_maps = _first(recorded.top_maps)
+    maps = computed.image_maps()[0]
     chosen_target, predictions = image_outcome(probabilities, target_index, loaded.labels, top_k,
                                                target_given=target is not None)
     detections = None
@@ -288,10 +283,6 @@ def _gate_summary(recorded: "ChannelGates", image_index: int, shown: int = 5) ->
                         "top": [{"channel": int(c), "gate": float(v)}
                                 for c, v in zip(top_channels[0], top_values[0])]})
     return summary
-
-
-def _first(grid: torch.Tensor | None) -> np.ndarray | None:
-    return None if grid is None else grid[0].cpu().numpy().astype(np.float32)
 
 
 # --- choosing ----------------------------------------------------------------------------------
@@ -392,6 +383,26 @@ class BatchMaps:
     attention_grids: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, heads, h, w)
     channel_gates: dict[str, "ChannelGates"] = field(default_factory=dict)
     detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
+
+    def image_maps(self) -> list[dict[str, MethodMap]]:
+        """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
+
+        def numpy(tensor: torch.Tensor) -> np.ndarray:
+            return tensor.detach().float().cpu().numpy()
+
+        heatmaps = {name: numpy(heatmap) for name, heatmap in self.maps.items()}
+        grids = {name: numpy(grid) for name, grid in self.attention_grids.items()}
+        gate_maps = {name: numpy(recorded.top_maps) for name, recorded in self.channel_gates.items()}
+        images = []
+        for index in range(len(self.targets)):
+            image = {name: MethodMap(name, np.array(values[index]), self.layers[name],
+                                     np.array(grids[name][index]) if name in grids else None)
+                     for name, values in heatmaps.items()}
+            for name, recorded in self.channel_gates.items():
+                image[name].gates = _gate_summary(recorded, image_index=index)
+                image[name].gate_maps = np.array(gate_maps[name][index])
+            images.append(image)
+        return images
 
 
 #: A pass's view of the model's output: (B, classes) differentiable scores and (B,) targets.
