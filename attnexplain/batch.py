@@ -150,6 +150,7 @@ class BatchSettings:
     std: Sequence[float] | None = None
     top_k: int = 5
     alpha: float = 0.5
+    overlay_format: str = "jpg"  # see report.OVERLAY_FORMATS: thousands of photos want JPEG
     max_pixels: int = 100_000_000
     images_per_batch: int = 16
     workers: int = 2
@@ -555,7 +556,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
                 overlay = render_overlay(decoded.pixels, method_map.heatmap, decoded.box, settings.alpha)
                 if result.get("detections"):
                     overlay = draw_boxes(overlay, result["detections"])
-                written = write_method_outputs(staging, method_map, overlay)
+                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format)
                 files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
                 (staging / files[name]["thumb"]).write_bytes(
                     encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))

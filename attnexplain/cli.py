@@ -161,6 +161,15 @@ def image_options(function):
     return function
 
 
+def overlay_format_option(default: str):
+    """--overlay-format, whose default differs: exact PNG for one image, JPEG for many."""
+    from .formats import OVERLAY_FORMATS
+
+    return click.option("--overlay-format", default=default, show_default=True,
+                        type=click.Choice(OVERLAY_FORMATS),
+                        help="File format of the overlays (the raw maps are always .npy).")
+
+
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
                      batch_size):
     from .explanation import MethodOptions
@@ -179,13 +188,14 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 @image_options
 @click.option("--out", "out_dir", default="attnexplain-out", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
+@overlay_format_option("png")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
         samples: int, window: int, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
-        out_dir: Path, as_json: bool) -> None:
+        out_dir: Path, overlay_format: str, as_json: bool) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
@@ -207,7 +217,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
                           size=size, mean=mean, std=std, options=settings)
     explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
     directory = output_dir_for(out_dir, picture.path)
-    report = explanation.save(directory, alpha=alpha)
+    report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -367,12 +377,13 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
 @click.option("--shard", help="I/N: explain only a deterministic 1/N of the inputs (merge the "
                               "outputs with `attnexplain merge`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int, window: int, batch_size: int, arch, num_classes, labels, trust_model, plugin,
           device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, out_dir: Path, resume: bool, shard: str | None,
-          quiet: bool) -> None:
+          quiet: bool, overlay_format: str) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -391,7 +402,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
-        alpha=alpha, max_pixels=max_pixels, images_per_batch=images_per_batch, workers=workers,
+        alpha=alpha, overlay_format=overlay_format, max_pixels=max_pixels,
+        images_per_batch=images_per_batch, workers=workers,
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, batch_size))
     shard_spec = parse_shard(shard)

@@ -142,14 +142,14 @@ class Explanation:
             "versions": versions(),
         }
 
-    def save(self, directory: str | Path, alpha: float = 0.5) -> dict[str, Any]:
+    def save(self, directory: str | Path, alpha: float = 0.5, overlay_format: str = "png") -> dict[str, Any]:
         """Write overlays, heatmaps, report.json and report.html into ``directory``, all or nothing.
 
         Returns the report (as written to report.json).
         """
         from .report import save_explanation
 
-        return save_explanation(self, Path(directory), alpha)
+        return save_explanation(self, Path(directory), alpha, overlay_format)
 
 
 def explain(model: LoadedModel | torch.nn.Module | str | Path,

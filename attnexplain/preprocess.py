@@ -113,7 +113,7 @@ def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
     height, width = pixels.shape[:2]
     crop_h, crop_w = preprocessing.size
     mode = InterpolationMode(preprocessing.interpolation)
-    image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)  # resize copies it anyway
     if preprocessing.resize is None:
         resized = F.resize(image, [crop_h, crop_w], interpolation=mode, antialias=True)
         box = (0.0, 0.0, float(width), float(height))

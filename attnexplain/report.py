@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._atomic import atomic_directory
+from .formats import OVERLAY_FORMATS
 from .render import downscale, encode_image, render_attention_grid
 
 if TYPE_CHECKING:
@@ -67,14 +68,15 @@ def _safe_name(name: str) -> str:
     return cleaned[:100] or "image"
 
 
-def save_explanation(explanation: "Explanation", directory: Path, alpha: float) -> dict[str, Any]:
+def save_explanation(explanation: "Explanation", directory: Path, alpha: float,
+                     overlay_format: str = "png") -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
     report = explanation.to_dict()
     files: dict[str, dict[str, str]] = {}
     previews: list[dict[str, Any]] = []
     with atomic_directory(directory) as staging:
         for name, result in explanation.maps.items():
-            written = write_method_outputs(staging, result, explanation.overlay(alpha, name))
+            written = write_method_outputs(staging, result, explanation.overlay(alpha, name), overlay_format)
             files[name] = written.files
             preview = {"method": name, **method_summary(result),
                        "overlay_uri": _data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE))}
@@ -101,18 +103,21 @@ class MethodOutputs:
     pictures: dict[str, np.ndarray]  # kind → the RGB picture written, for previews and thumbnails
 
 
-def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarray) -> MethodOutputs:
+def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarray,
+                         overlay_format: str = "png") -> MethodOutputs:
     """One method's files, the same for ``run`` and ``batch``.
 
-    ``overlay-M.png`` (``overlay``: the map over the photo, at the photo's resolution) and
+    ``overlay-M.png`` or ``.jpg`` (``overlay``: the map over the photo, at the photo's resolution) and
     ``heatmap-M.npy`` (raw, at the model's input resolution); for raw attention also
     ``attention-grid-M.png`` and ``.npy`` (layers × heads), for gates ``gate-maps-M.png`` (the
     most-gated channels of the last block).
     """
     name = result.method
-    files = {"overlay": f"overlay-{name}.png", "heatmap": f"heatmap-{name}.npy"}
+    if overlay_format not in OVERLAY_FORMATS:
+        raise ValueError(f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, not {overlay_format!r}")
+    files = {"overlay": f"overlay-{name}.{overlay_format}", "heatmap": f"heatmap-{name}.npy"}
     pictures = {"overlay": overlay}
-    (directory / files["overlay"]).write_bytes(encode_image(overlay, ".png"))
+    (directory / files["overlay"]).write_bytes(encode_image(overlay, f".{overlay_format}"))
     write_npy(directory / files["heatmap"], result.heatmap)
     if result.attention_grid is not None:
         files["attention_grid"] = f"attention-grid-{name}.png"

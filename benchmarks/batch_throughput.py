@@ -88,7 +88,7 @@ def _settings(args):
 
     return BatchSettings(method=args.method, size=(args.size, args.size),
                          images_per_batch=args.images_per_batch, workers=args.workers,
-                         options=MethodOptions())
+                         overlay_format=args.overlay_format, options=MethodOptions())
 
 
 def throughput(args) -> None:
@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--images-per-batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--overlay-format", default="jpg", choices=("png", "jpg"),
+                        help="Overlay files, as `attnexplain batch --overlay-format` (default jpg).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory", default="200,2000",
                         help="Image counts for the peak-memory runs (comma-separated; '' skips).")

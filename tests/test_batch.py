@@ -129,9 +129,9 @@ def test_batch_records_failures_and_mirrors_folders(full_run, images):
     clashing = next(rels for rels in names.values() if len(rels) > 1)
     for rel in clashing:
         folder = out / "images" / rel
-        assert (folder / "overlay-gradcam.png").is_file()
         assert np.load(folder / "heatmap-gradcam.npy").shape == (32, 32)
-        overlay = Image.open(folder / "overlay-gradcam.png")
+        overlay = Image.open(folder / "overlay-gradcam.jpg")  # batch's default: JPEG overlays
+        assert overlay.format == "JPEG" and not (folder / "overlay-gradcam.png").exists()
         assert overlay.size == Image.open(images / rel).size  # at the image's resolution
         assert records[rel]["output"] == f"images/{rel}"
     report = json.loads((out / "report.json").read_text())
@@ -221,7 +221,7 @@ def test_shards_merge_to_the_single_run(full_run, images, loaded, model_file, tm
     _assert_same(_comparable(merged), _comparable(full_run[1]))
     report = json.loads((merged / "report.json").read_text())
     assert report["totals"]["images"] == len(_expected(images))
-    assert (merged / "images/a/img000.png/overlay-gradcam.png").is_file()
+    assert (merged / "images/a/img000.png/overlay-gradcam.jpg").is_file()
     assert (merged / "index.html").read_text().count('loading="lazy"') == \
         len(_expected(images)) - len(BROKEN)
 
@@ -270,13 +270,13 @@ def _method_files(folder: Path) -> set[str]:
 
 
 def _run_and_batch(tmp_path: Path, model_args: list[str], image: str) -> tuple[Path, Path, dict]:
-    """`run` on one sample image and `batch` on all of them, same model and options: the run's
-    folder, the batch's folder for that image and its record."""
+    """`run` on one sample image and `batch` on all of them, same model and options (PNG overlays, as
+    `run` writes): the run's folder, the batch's folder for that image and its record."""
     run = CliRunner().invoke(main, ["run", *model_args, str(SAMPLE_IMAGES / image), "--out",
                                     str(tmp_path / "run")])
     assert run.exit_code == 0, run.output
     batch = CliRunner().invoke(main, ["batch", *model_args, str(SAMPLE_IMAGES), "--out",
-                                      str(tmp_path / "batch"), "--quiet"])
+                                      str(tmp_path / "batch"), "--quiet", "--overlay-format", "png"])
     assert batch.exit_code == 0, batch.output
     records = {r["image"]: r for r in read_results(tmp_path / "batch" / RESULTS_JSONL)}
     assert len(records) == len(list(SAMPLE_IMAGES.iterdir()))

@@ -96,6 +96,16 @@ def test_vit_defaults_to_rollout(tmp_path, small_vit, photo):
     assert report["method"] == "rollout" and report["preprocessing"]["size"] == [64, 64]
 
 
+def test_run_writes_jpeg_overlays_when_asked(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
+                  "--overlay-format", "jpg", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    overlay = Path(report["outputs"]["directory"]) / report["outputs"]["overlay"]
+    assert overlay.name == "overlay-gradcam.jpg" and Image.open(overlay).format == "JPEG"
+    assert Image.open(overlay).size == Image.open(photo).size
+
+
 def test_layers_lists_spatial_layers_and_the_default(resnet_state_dict_file):
     result = _run("layers", resnet_state_dict_file, "--arch", "resnet18", "--size", "64")
     assert result.exit_code == 0, result.output

@@ -148,7 +148,7 @@ def _photos(folder):
 def test_batch_draws_and_records_the_same_boxes_as_run(detector_file, tmp_path):
     photos = _photos(tmp_path / "photos")
     result = CliRunner().invoke(main, ["batch", str(detector_file), str(photos), "--out",
-                                       str(tmp_path / "batch"), "--quiet"])
+                                       str(tmp_path / "batch"), "--quiet", "--overlay-format", "png"])
     assert result.exit_code == 0, result.output
     records = {r["image"]: r for r in map(json.loads, (tmp_path / "batch" / "results.jsonl").open())}
     assert set(records) == {"cat.jpg", "coffee.jpg", "rocket.jpg"}
