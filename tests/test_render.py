@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from attnexplain.render import colorize, normalize_heatmap, render_overlay
@@ -28,3 +29,13 @@ def test_overlay_puts_the_hot_spot_where_the_model_saw_it():
     assert red[10, 140] > 50  # inside the box, top right: hot
     assert red[90, 60] < 0  # inside the box, elsewhere: cold (blue)
     assert (overlay[:, :50] < 128).all() and (overlay[:, 150:] < 128).all()  # outside: dimmed
+
+
+def test_overlay_is_the_alpha_blend_of_photo_and_colormap():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    heatmap = rng.random((7, 7)).astype(np.float32)
+    overlay = render_overlay(photo, heatmap, box=(0.0, 0.0, 90.0, 60.0), alpha=0.35)
+    stretched = cv2.resize(normalize_heatmap(heatmap), (90, 60), interpolation=cv2.INTER_LINEAR)
+    expected = 0.65 * photo.astype(np.float64) + 0.35 * colorize(stretched).astype(np.float64)
+    assert np.abs(overlay.astype(np.float64) - expected).max() <= 0.5 + 1e-6  # rounded to nearest
