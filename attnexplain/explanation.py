@@ -249,7 +249,8 @@ def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[s
 
 
 def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | None,
-                   input_size: tuple[int, int], box: tuple[float, float, float, float]) -> list[dict[str, Any]]:
+                   input_size: tuple[int, int],
+                   box: tuple[float, float, float, float]) -> list[dict[str, Any]]:
     """A detector's boxes in the photo's pixels, best first, for drawing and for the report.
 
     ``box`` is the region of the photo the model's input covers. The box explained for
@@ -510,7 +511,8 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
         activations = [captured[name] for name in layers]
-        as_maps = [_layer_map(loaded, name, activation, size) for name, activation in zip(layers, activations)]
+        as_maps = [_layer_map(loaded, name, activation, size)
+                   for name, activation in zip(layers, activations)]
         gradients: list[torch.Tensor | None] = [None] * len(layers)
         if needs_gradient:
             # Images are independent, so the gradient of the sum is each image's own gradient.

@@ -114,7 +114,8 @@ def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarr
     """
     name = result.method
     if overlay_format not in OVERLAY_FORMATS:
-        raise ValueError(f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, not {overlay_format!r}")
+        raise ValueError(f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, "
+                         f"not {overlay_format!r}")
     files = {"overlay": f"overlay-{name}.{overlay_format}", "heatmap": f"heatmap-{name}.npy"}
     pictures = {"overlay": overlay}
     (directory / files["overlay"]).write_bytes(encode_image(overlay, f".{overlay_format}"))

@@ -38,7 +38,8 @@ def _build_vision_transformer(**kwargs: Any):
 class TorchvisionPlugin(ModelPlugin):
     name = "torchvision"
     families = ("torchvision classification builders", "segmentation (a class's pixels)",
-                "detection (a box's score)", "ViT, Swin, MaxViT (attention)", "EfficientNet/MobileNetV3/RegNetY (SE gates)")
+                "detection (a box's score)", "ViT, Swin, MaxViT (attention)",
+                "EfficientNet/MobileNetV3/RegNetY (SE gates)")
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
@@ -178,7 +179,8 @@ class TorchvisionPlugin(ModelPlugin):
     def capture_attention(self, model: Any, names: list[str], sink: dict[str, Any]) -> Iterator[None]:
         from .torchvision_attention import capture_windowed_attention, windowed_attention_modules
 
-        capture = capture_windowed_attention if windowed_attention_modules(model) else super().capture_attention
+        windowed = bool(windowed_attention_modules(model))
+        capture = capture_windowed_attention if windowed else super().capture_attention
         with capture(model, names, sink):
             yield
 
@@ -187,8 +189,8 @@ class TorchvisionPlugin(ModelPlugin):
 
         # Swin works channels-last, (B, H, W, C), from after the patch embedding's convolution
         # (features.0.0) until `permute` turns the final map around for pooling.
-        if isinstance(model, SwinTransformer) and output.dim() == 4 and layer.startswith(("features", "norm")) \
-                and layer != "features.0.0":
+        channels_last = layer.startswith(("features", "norm")) and layer != "features.0.0"
+        if isinstance(model, SwinTransformer) and output.dim() == 4 and channels_last:
             return output.permute(0, 3, 1, 2)
         return super().layer_map(model, layer, output, input_size)
 
@@ -249,7 +251,8 @@ def _small_detector(name: str) -> tuple[int, Callable[..., Any]]:
     import functools
 
     if name.startswith("ssd"):
-        size, build = (300 if name.startswith("ssd300") else 320), functools.partial(_builder(name), score_thresh=0.0)
+        size = 300 if name.startswith("ssd300") else 320
+        build = functools.partial(_builder(name), score_thresh=0.0)
     else:
         threshold = {"box_score_thresh": 0.0} if "rcnn" in name else {"score_thresh": 0.0}
         size, build = 160, functools.partial(_builder(name), min_size=160, max_size=160, **threshold)
@@ -259,11 +262,11 @@ def _small_detector(name: str) -> tuple[int, Callable[..., Any]]:
 
 
 def _with_lasting_signal(build: Callable[[], Any]) -> Any:
-    """The MobileNetV3 detectors' random backbone initialisation (He, fan-out) treats a depthwise convolution as
-    if each output mixed every channel: its weights come out ~30× too small, activations shrink by
-    ~10⁻⁹ through the backbone, every class scores the same and gradients underflow. He fan-in
-    initialisation (fan-in is 9 for a 3×3 depthwise kernel) keeps the signal, which is what checking
-    the explanation plumbing needs."""
+    """The MobileNetV3 detectors' random backbone initialisation (He, fan-out) treats a depthwise
+    convolution as if each output mixed every channel: its weights come out ~30× too small,
+    activations shrink by ~10⁻⁹ through the backbone, every class scores the same and gradients
+    underflow. He fan-in initialisation (fan-in is 9 for a 3×3 depthwise kernel) keeps the signal,
+    which is what checking the explanation plumbing needs."""
     import torch
 
     model = build()
