@@ -650,7 +650,8 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
 
     Zooming crops the centre and resizes it back to the input size (the model keeps its input
     size, which transformers need); its map covers only that centre, so the average at each pixel
-    is over the copies that saw it. Every copy explains the class found on the plain image.
+    is over the copies that saw it. Every copy explains the class found on the plain image (for a
+    detector: that class's best box in the copy, which need not be the same object).
     """
     height, width = batch.shape[-2:]
     sums = {name: heatmap.clone() for name, heatmap in plain.maps.items()}
@@ -660,7 +661,10 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
             if not flip and zoom == 1.0:
                 continue
             augmented, (top, left, crop_h, crop_w) = _augment(batch, flip, zoom)
-            copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets)
+            try:
+                copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets)
+            except NothingToExplain:  # a detector found nothing in this copy: it has no say
+                continue
             for name, heatmap in copy.maps.items():
                 restored = heatmap.flip(-1) if flip else heatmap
                 shrunk = F.interpolate(restored[:, None], size=(crop_h, crop_w), mode="bilinear",

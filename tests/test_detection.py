@@ -179,3 +179,20 @@ def test_batch_records_a_detector_that_finds_nothing_per_image(detector, tmp_pat
     records = list(map(json.loads, (tmp_path / "b" / "results.jsonl").open()))
     assert len(records) == 3
     assert all(r["status"] == "failed" and "nothing to explain" in r["reason"] for r in records)
+
+
+def test_aug_smooth_on_a_detector_and_a_subclassed_detector(detector, photo):
+    from attnexplain.explanation import MethodOptions
+
+    class MyDetector(type(detector)):  # a user's subclass, defined outside torchvision
+        pass
+
+    detector.__class__ = MyDetector
+    try:
+        loaded = attnexplain.explanation._as_loaded_model(detector)
+        assert loaded.plugin.name == "torchvision" and loaded.plugin.task(detector) == "detection"
+        smoothed = attnexplain.explain(loaded, photo, options=MethodOptions(aug_smooth=True))
+    finally:
+        detector.__class__ = MyDetector.__mro__[1]
+    assert smoothed.method == "layercam" and np.isfinite(smoothed.heatmap).all()
+    assert any(d["explained"] for d in smoothed.detections)

@@ -210,3 +210,23 @@ def test_swin_and_maxvit_explain_with_learned_attention(name, size, photo):
         assert (mosaic[:8, 3 * 8:] == 255).all() and not (mosaic[-8:] == 255).all()
     with torch.no_grad():  # recording left the model as it was
         torch.testing.assert_close(model(batch), plain)
+
+
+def test_windowed_attention_of_a_batch_is_each_image_s_own():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=5).eval()
+    loaded = attnexplain.explanation._as_loaded_model(model)
+    methods = attnexplain.explanation.resolve_methods(loaded, "rollout,attention")
+    images = torch.randn(2, 3, 96, 96)
+    together = attnexplain.explanation.compute_maps(loaded, images, methods, [])
+    for index in range(2):
+        alone = attnexplain.explanation.compute_maps(loaded, images[index:index + 1], methods, [])
+        for name in ("rollout", "attention"):
+            torch.testing.assert_close(together.maps[name][index], alone.maps[name][0], atol=1e-5, rtol=1e-4)
+
+
+def test_raw_windowed_attention_of_a_half_precision_model():
+    layers = [WindowedAttention(layer.probabilities.half(), layer.positions, layer.height, layer.width)
+              for layer in _synthetic_layers()]
+    grid = raw_attention(layers, None)
+    assert grid.dtype == torch.float32 and torch.isfinite(grid[:, :, :3]).all()

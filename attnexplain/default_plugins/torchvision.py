@@ -43,8 +43,7 @@ class TorchvisionPlugin(ModelPlugin):
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
-        module = type(model).__module__
-        return 10 if module.startswith("torchvision.models") else None
+        return 10 if _defined_in(model, "torchvision.models") else None
 
     def builders(self) -> Mapping[str, Callable[..., Any]]:
         import functools
@@ -214,7 +213,12 @@ class TorchvisionPlugin(ModelPlugin):
 
 
 def _is_segmentation(model: Any) -> bool:
-    return type(model).__module__.startswith("torchvision.models.segmentation")
+    return _defined_in(model, "torchvision.models.segmentation")
+
+
+def _defined_in(model: Any, package: str) -> bool:
+    """Whether the model's class, or a class it derives from (a user's subclass), comes from ``package``."""
+    return any(cls.__module__.startswith(package) for cls in type(model).__mro__)
 
 
 def _builder(name: str) -> Callable[..., Any]:

@@ -88,5 +88,6 @@ def _maxvit_positions(layer: Any) -> tuple[torch.Tensor, int, int]:
     partition and axis swap over a map of position numbers."""
     height, width = layer.grid_size
     positions = torch.arange(height * width).reshape(1, 1, height, width)
-    grouped = layer.partition_swap(layer.partition_op(positions, layer.p))  # (1, groups, tokens, 1)
+    # .forward: the partition modules' own hooks (a user's, say) must not see this position map.
+    grouped = layer.partition_swap.forward(layer.partition_op.forward(positions, layer.p))  # (1, G, T, 1)
     return grouped[0, :, :, 0], height, width

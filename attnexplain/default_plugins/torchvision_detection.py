@@ -20,7 +20,17 @@ if TYPE_CHECKING:
 
 
 def is_detector(model: Any) -> bool:
-    return type(model).__module__.startswith("torchvision.models.detection")
+    """torchvision's detector classes, subclasses included (a user's own head, say)."""
+    import sys
+
+    if "torchvision" not in sys.modules:
+        return False  # then the model cannot be one, and importing torchvision would cost seconds
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
+
+    return isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS, SSD))
 
 
 def detector_layer(model: Any) -> str | None:

@@ -131,7 +131,7 @@ def _is_windowed(attentions: Sequence[object]) -> bool:
 def attention_received(layer: WindowedAttention) -> torch.Tensor:
     """(B, heads, height, width): per position, the attention it receives from its window's queries
     (their mean); padding tokens neither give nor receive."""
-    real = (layer.positions >= 0).to(layer.probabilities.dtype)  # (windows, tokens)
+    real = (layer.positions >= 0).to(torch.float32)  # (windows, tokens)
     query_weights = real / real.sum(dim=1, keepdim=True).clamp_min(1)
     received = torch.einsum("wq,bwhqk->bwhk", query_weights, layer.probabilities.float())
     batch, windows, heads, tokens = received.shape
