@@ -254,12 +254,13 @@ class Decoded:
 
 
 def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settings: BatchSettings,
-                  device, regions: Sequence[tuple[float, float, float, float]] | None = None
-                  ) -> list[dict[str, Any]]:
+                  device, regions: Sequence[tuple[float, float, float, float]] | None = None,
+                  photo_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
     """A pure function of its inputs: (B, 3, h, w) → per image, its maps (``MethodMap`` per method,
-    attention grids and gates included), predictions and target, a detector's boxes (on the photo,
-    whose part the model saw is the image's ``regions`` entry), or an error for images with nothing
-    to explain (a requested target with probability 0, a detector that found nothing)."""
+    attention grids and gates included), predictions and target, a detector's boxes (on the photo
+    of ``photo_sizes`` (width, height), whose part the model saw is the image's ``regions`` entry;
+    by default the input itself), or an error for images with nothing to explain (a requested
+    target with probability 0, a detector that found nothing)."""
     import torch
 
     from .errors import MethodError, NothingToExplain
@@ -288,8 +289,9 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
             if computed.detections is not None:
                 height, width = batch.shape[-2:]
                 region = regions[index] if regions is not None else (0.0, 0.0, float(width), float(height))
+                photo = photo_sizes[index] if photo_sizes is not None else (width, height)
                 result["detections"] = boxes_on_photo(computed.detections[index], target.index,
-                                                      loaded.labels, (height, width), region)
+                                                      loaded.labels, (height, width), region, photo)
         results.append(result)
     return results
 
@@ -431,7 +433,8 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         nonlocal batches
         began = time.perf_counter()
         results = explain_batch(loaded, [d.tensor for d in chunk], methods, layers, settings, run_device,
-                                regions=[d.box for d in chunk])
+                                regions=[d.box for d in chunk],
+                                photo_sizes=[d.pixels.shape[1::-1] for d in chunk])
         model_s = (time.perf_counter() - began) / len(chunk)
         for decoded, result in zip(chunk, results):
             decoded.tensor = None

@@ -195,7 +195,7 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     detections = None
     if computed.detections is not None:
         detections = boxes_on_photo(computed.detections[0], target_index, loaded.labels,
-                                    tuple(batch.shape[-2:]), prepared.box)
+                                    tuple(batch.shape[-2:]), prepared.box, picture.size)
     return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
                        predictions=predictions, box=prepared.box, preprocessing=preprocessing,
                        options=options, timings=timings, detections=detections)
@@ -249,11 +249,12 @@ def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[s
 
 
 def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | None,
-                   input_size: tuple[int, int],
-                   box: tuple[float, float, float, float]) -> list[dict[str, Any]]:
+                   input_size: tuple[int, int], box: tuple[float, float, float, float],
+                   photo_size: tuple[int, int]) -> list[dict[str, Any]]:
     """A detector's boxes in the photo's pixels, best first, for drawing and for the report.
 
-    ``box`` is the region of the photo the model's input covers. The box explained for
+    ``box`` is the region of the photo the model's input covers (beyond the photo where it was
+    letterboxed: boxes are clipped to the photo's ``photo_size``, (width, height)). The box explained for
     ``target_index`` is that class's highest-scoring one (how a detector's plugin scores a class)
     and is marked ``explained``.
     """
@@ -266,8 +267,9 @@ def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | 
     for i in order:
         x0, y0, x1, y1 = (float(v) for v in detected.boxes[i])
         label_index = int(detected.labels[i])
-        boxes.append({"box": [round(left + x0 * scale_x, 2), round(top + y0 * scale_y, 2),
-                              round(left + x1 * scale_x, 2), round(top + y1 * scale_y, 2)],
+        xs = [round(min(max(left + x * scale_x, 0.0), photo_size[0]), 2) for x in (x0, x1)]
+        ys = [round(min(max(top + y * scale_y, 0.0), photo_size[1]), 2) for y in (y0, y1)]
+        boxes.append({"box": [xs[0], ys[0], xs[1], ys[1]],
                       "index": label_index, "label": _label(labels, label_index),
                       "score": float(detected.scores[i]), "explained": i == explained})
     return boxes

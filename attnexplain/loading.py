@@ -400,7 +400,7 @@ def _checkpoint_preprocessing(spec: Any, path: Path) -> Preprocessing | None:
                              mean=tuple(spec.get("mean", Preprocessing.mean)),
                              std=tuple(spec.get("std", Preprocessing.std)),
                              interpolation=str(spec.get("interpolation", "bilinear")),
-                             source="checkpoint")
+                             letterbox=bool(spec.get("letterbox", False)), source="checkpoint")
     except (TypeError, ValueError) as error:
         raise ModelLoadError(f"The 'preprocessing' entry of {path} is invalid: {error}") from None
 

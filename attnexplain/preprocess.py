@@ -18,7 +18,9 @@ class Preprocessing:
 
     ``resize=None`` resizes the whole photo straight to ``size`` so that every pixel is explained;
     a ``resize`` shorter-side length followed by a centre crop of ``size`` reproduces the usual
-    evaluation transforms of published weights.
+    evaluation transforms of published weights. ``letterbox=True`` (with ``resize=None``) keeps the
+    photo's aspect ratio instead: it is shrunk to fit ``size`` and centred, the rest padded with the
+    mean colour (0 after normalisation), as detectors trained on unstretched photos want.
     """
 
     size: tuple[int, int] = DEFAULT_SIZE  # (height, width) of the model input
@@ -27,6 +29,7 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     source: str = "default"  # where these settings came from, for the report
+    letterbox: bool = False
 
     def with_overrides(self, size: Sequence[int] | int | None = None,
                        mean: Sequence[float] | None = None,
@@ -50,8 +53,9 @@ class Preprocessing:
         return replace(self, **changes, source=f"{self.source} + overrides")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation, "source": self.source}
+        return {"size": list(self.size), "resize": self.resize, "letterbox": self.letterbox,
+                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,17 @@ def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
     crop_h, crop_w = preprocessing.size
     mode = InterpolationMode(preprocessing.interpolation)
     image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)  # resize copies it anyway
-    if preprocessing.resize is None:
+    pad = None
+    if preprocessing.resize is None and preprocessing.letterbox:
+        scale = min(crop_h / height, crop_w / width)
+        fit_h, fit_w = max(1, round(height * scale)), max(1, round(width * scale))
+        resized = F.resize(image, [fit_h, fit_w], interpolation=mode, antialias=True)
+        top, left = (crop_h - fit_h) // 2, (crop_w - fit_w) // 2
+        pad = (left, crop_w - fit_w - left, top, crop_h - fit_h - top)
+        # The input covers the photo plus the padding around it, in the photo's pixels.
+        scale_x, scale_y = fit_w / width, fit_h / height
+        box = (-left / scale_x, -top / scale_y, (crop_w - left) / scale_x, (crop_h - top) / scale_y)
+    elif preprocessing.resize is None:
         resized = F.resize(image, [crop_h, crop_w], interpolation=mode, antialias=True)
         box = (0.0, 0.0, float(width), float(height))
     else:
@@ -127,4 +141,6 @@ def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
         scale_x, scale_y = new_w / width, new_h / height
         box = (left / scale_x, top / scale_y, (left + crop_w) / scale_x, (top + crop_h) / scale_y)
     tensor = F.normalize(resized.float().div_(255.0), list(preprocessing.mean), list(preprocessing.std))
+    if pad is not None:
+        tensor = torch.nn.functional.pad(tensor, pad)  # 0 after normalising: the mean colour
     return PreparedInput(tensor=tensor.unsqueeze(0), box=box)

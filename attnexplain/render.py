@@ -102,8 +102,10 @@ def draw_boxes(pixels: np.ndarray, detections: list[dict], min_score: float = SH
     """
     picture = np.ascontiguousarray(pixels).copy()
     thickness = max(1, round(max(picture.shape[:2]) / 300))
-    shown = [d for d in detections if d.get("explained")]
-    shown += [d for d in detections if not d.get("explained") and d["score"] >= min_score][:most]
+    # A box clipped to nothing lay in letterbox padding, outside the photo: nothing to draw.
+    visible = [d for d in detections if d["box"][2] > d["box"][0] and d["box"][3] > d["box"][1]]
+    shown = [d for d in visible if d.get("explained")]
+    shown += [d for d in visible if not d.get("explained") and d["score"] >= min_score][:most]
     for detection in reversed(shown):  # the explained box last, on top
         explained = bool(detection.get("explained"))
         color = (255, 255, 255) if explained else (255, 210, 0)

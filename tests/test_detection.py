@@ -70,7 +70,19 @@ def test_box_score_target_matches_pytorch_grad_cam(detector, photo):
     assert correlation(computed.maps["gradcam"][0].numpy(), expected) > 0.999
 
 
-def test_run_draws_the_boxes_and_reports_them(detector_file, photo, tmp_path):
+@pytest.fixture(scope="module")
+def square_photo(tmp_path_factory):
+    """The astronaut (512 × 512): no letterbox padding, where random weights may put their best box."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("square") / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(path, quality=92)
+    return path
+
+
+def test_run_draws_the_boxes_and_reports_them(detector_file, square_photo, tmp_path):
+    photo = square_photo
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(detector_file), str(photo), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -82,7 +94,7 @@ def test_run_draws_the_boxes_and_reports_them(detector_file, photo, tmp_path):
     assert len(explained) == 1 and explained[0] is detections[0]  # the top box
     assert explained[0]["index"] == report["target"]["index"]
     assert report["predictions"][0]["prob"] == pytest.approx(explained[0]["score"])
-    # In photo pixels: the 320 × 320 input covered the whole photo.
+    # In photo pixels: the 320 × 320 input covered the whole (square) photo.
     height, width = load_image(photo).pixels.shape[:2]
     x0, y0, x1, y1 = explained[0]["box"]
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
@@ -196,3 +208,18 @@ def test_aug_smooth_on_a_detector_and_a_subclassed_detector(detector, photo):
         detector.__class__ = MyDetector.__mro__[1]
     assert smoothed.method == "layercam" and np.isfinite(smoothed.heatmap).all()
     assert any(d["explained"] for d in smoothed.detections)
+
+
+def test_boxes_of_a_letterboxed_photo_are_mapped_and_clipped_to_it():
+    from attnexplain.explanation import boxes_on_photo
+    from attnexplain.plugins import Detections
+    from attnexplain.preprocess import Preprocessing
+
+    photo = np.zeros((300, 600, 3), dtype=np.uint8)  # 2:1, letterboxed into 100 × 100: 50 × 100
+    prepared = prepare(photo, Preprocessing(size=(100, 100), letterbox=True, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert prepared.box == (0.0, -150.0, 600.0, 450.0)  # 25 rows of padding above and below
+    detected = Detections(boxes=torch.tensor([[10.0, 30.0, 50.0, 60.0], [0.0, 0.0, 100.0, 20.0]]),
+                          labels=torch.tensor([1, 2]), scores=torch.tensor([0.9, 0.5]))
+    boxes = boxes_on_photo(detected, 1, None, (100, 100), prepared.box, (600, 300))
+    assert boxes[0]["box"] == [60.0, 30.0, 300.0, 210.0] and boxes[0]["explained"]
+    assert boxes[1]["box"] == [0.0, 0.0, 600.0, 0.0]  # entirely in the padding: clipped to nothing

@@ -95,8 +95,9 @@ def detections(output: list[dict[str, "torch.Tensor"]]) -> list[Detections]:
 
 
 def detector_preprocessing(model: Any) -> Preprocessing:
-    """A square of the size the detector resizes to itself, in [0, 1]: it normalises internally."""
+    """A square of the size the detector resizes to itself, in [0, 1] (it normalises internally),
+    the photo letterboxed into it: detectors are trained on photos that keep their aspect ratio."""
     transform = model.transform
     side = int(transform.fixed_size[0]) if transform.fixed_size else int(transform.min_size[-1])
-    return Preprocessing(size=(side, side), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    return Preprocessing(size=(side, side), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), letterbox=True,
                          source=f"{type(model).__name__} (normalises internally)")
