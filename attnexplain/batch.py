@@ -544,7 +544,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
     :func:`attnexplain.report.write_method_outputs`) and a thumbnail, and the detail page."""
     from ._atomic import atomic_directory
     from .gallery import render_detail
-    from .render import downscale, draw_boxes, encode_image, render_overlay
+    from .render import downscale, encode_image, render_explained_overlay
     from .report import method_summary, write_method_outputs
 
     began = time.perf_counter()
@@ -556,9 +556,8 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
         with atomic_directory(out / output) as staging:
             os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
             for name, method_map in result["maps"].items():
-                overlay = render_overlay(decoded.pixels, method_map.heatmap, decoded.box, settings.alpha)
-                if result.get("detections"):
-                    overlay = draw_boxes(overlay, result["detections"])
+                overlay = render_explained_overlay(decoded.pixels, method_map.heatmap, decoded.box,
+                                                   settings.alpha, result.get("detections"))
                 written = write_method_outputs(staging, method_map, overlay, settings.overlay_format)
                 files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
                 (staging / files[name]["thumb"]).write_bytes(

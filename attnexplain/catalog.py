@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .plugins import CatalogEntry, ModelPlugin, installed_plugins
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,17 @@ def catalog_entries() -> list[tuple[ModelPlugin, CatalogEntry]]:
             for entry in plugin.catalog()]
 
 
+def _loaded(plugin: ModelPlugin, entry: CatalogEntry, module) -> "LoadedModel":
+    """A catalog model as ``load_model`` would hand it over: the plugin that claims it, its
+    preprocessing."""
+    from .loading import LoadedModel
+    from .plugins import select_plugin
+
+    chosen = select_plugin(module)
+    return LoadedModel(module=module, source=f"{plugin.name}:{entry.name}", loader=plugin.name,
+                       architecture=entry.name, plugin=chosen, preprocessing=chosen.preprocessing(module))
+
+
 def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
     """What ``--method auto`` means for ``entry`` and which layer it uses, without computing anything:
     the model is built on the meta device (no memory, no initialisation) and its default layer
@@ -32,17 +47,13 @@ def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
     import torch
 
     from .explanation import default_layer, resolve_methods
-    from .loading import LoadedModel
-    from .plugins import select_plugin
 
     if not entry.supported:
         return CatalogRow(entry, plugin.name, status=f"not supported: {entry.note}")
     try:
         with torch.device("meta"):
             module = entry.build().eval()
-        chosen = select_plugin(module)
-        loaded = LoadedModel(module=module, source=f"{plugin.name}:{entry.name}", loader=plugin.name,
-                             architecture=entry.name, plugin=chosen)
+        loaded = _loaded(plugin, entry, module)
         methods = resolve_methods(loaded, "auto")
         layer = None
         if any(method.family == "cam" for method in methods):
@@ -62,8 +73,6 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
     import torch
 
     from .explanation import explain
-    from .loading import LoadedModel
-    from .plugins import select_plugin
 
     if not entry.supported:
         return CatalogRow(entry, plugin.name, status=f"not supported: {entry.note}")
@@ -71,10 +80,7 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
     try:
         torch.manual_seed(seed)
         module = entry.build().eval()
-        chosen = select_plugin(module)
-        loaded = LoadedModel(module=module, source=f"{plugin.name}:{entry.name}", loader=plugin.name,
-                             architecture=entry.name, plugin=chosen,
-                             preprocessing=chosen.preprocessing(module))
+        loaded = _loaded(plugin, entry, module)
         height, width = entry.input_size + 16, entry.input_size + 40  # not square, not input-sized
         image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
         result = explain(loaded, image, "auto", size=entry.input_size)

@@ -112,10 +112,10 @@ class Explanation:
 
     def overlay(self, alpha: float = 0.5, method: str | None = None) -> np.ndarray:
         """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8."""
-        from .render import draw_boxes, render_overlay
+        from .render import render_explained_overlay
 
-        blended = render_overlay(self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha)
-        return draw_boxes(blended, self.detections) if self.detections else blended
+        return render_explained_overlay(self.image.pixels, self.maps[method or self.method].heatmap,
+                                        self.box, alpha, self.detections)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""

@@ -21,6 +21,14 @@ def colorize(unit_map: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
 
 
+def render_explained_overlay(pixels: np.ndarray, heatmap: np.ndarray,
+                             box: tuple[float, float, float, float], alpha: float = 0.5,
+                             detections: list[dict] | None = None) -> np.ndarray:
+    """The overlay ``run`` and ``batch`` write: the blended map and, for a detector, its boxes."""
+    blended = render_overlay(pixels, heatmap, box, alpha)
+    return draw_boxes(blended, detections) if detections else blended
+
+
 def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, float, float, float],
                    alpha: float = 0.5) -> np.ndarray:
     """Blend the colormapped heatmap over the photo at the photo's own resolution.
