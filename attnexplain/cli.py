@@ -430,10 +430,14 @@ def merge(sources: tuple[Path, ...], out_dir: Path) -> None:
     """Combine the outputs of `attnexplain batch --shard` runs into one: per-image files (hard
     links where possible), results.jsonl, report.json, summary.csv and index.html.
 
+    Every source is checked first (paths, files, the model and options of every image); the result
+    is built beside --out and replaces it as a whole, so a refused merge changes nothing. --out may
+    be new, empty, one of the SOURCES, or an earlier output whose images the sources all hold.
+
     \b
-    Exit codes: 0 every image was explained; 3 some images failed.
+    Exit codes: 0 every image was explained; 3 some images failed; 1 refused (nothing written).
     """
-    from .batch import merge_outputs
+    from .merge import merge_outputs
 
     result = merge_outputs(list(sources), out_dir)
     click.echo(f"{result.ok} explained, {result.failed} failed. Gallery: {out_dir / 'index.html'}",

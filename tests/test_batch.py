@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attnexplain.batch import (EXIT_SOME_FAILED, RESULTS_JSONL, BatchSettings, collect_inputs,
-                               merge_outputs, read_results, run_batch)
+                               read_results, run_batch)
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
 from attnexplain.loading import load_model
