@@ -121,8 +121,10 @@ def _read_run(given: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, AttributeError) as error:
         raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
                                f"({type(error).__name__}).") from None
-    if not isinstance(run, dict):
-        raise AttnExplainError(f"Cannot merge: {report} holds no \"run\" section.")
+    if not isinstance(run, dict) or not all(isinstance(run.get(name), (list, type(None)))
+                                            for name in ("methods", "layers")):
+        raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
+                               f"(its \"run\" section is missing or malformed).")
     return run
 
 
@@ -143,7 +145,7 @@ def _is_file_name(name: Any) -> bool:
 
 def _is_image_name(image: str) -> bool:
     """The relative posix path batch names an image by: normalised, nothing absolute, no ``..``."""
-    return ("\0" not in image and "\\" not in image and not image.startswith("/")
+    return ("\0" not in image and not image.startswith("/")
             and posixpath.normpath(image) == image
             and all(part not in ("", ".", "..") for part in image.split("/")))
 
@@ -187,11 +189,12 @@ def _check_record(source: _Source, record: dict[str, Any]) -> None:
     files = record.get("files")
     if not (isinstance(files, dict) and all(isinstance(named, dict) for named in files.values())):
         raise _refuse(source, image, "has files that are not a table of file names")
+    if not files:
+        raise _refuse(source, image, "names no files")
     names = _record_files(record)
     bad = next((name for name in names if not _is_file_name(name)), None)
-    if bad is not None or not files:
-        raise _refuse(source, image, f"names the file {_shown(bad)}, which is not a plain file "
-                                     f"name" if bad is not None else "names no files")
+    if bad is not None:
+        raise _refuse(source, image, f"names the file {_shown(bad)}, which is not a plain file name")
     folder = source.root / output
     try:
         resolved = folder.resolve()

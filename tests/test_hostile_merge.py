@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +336,40 @@ def test_an_ok_record_wins_over_a_failed_one(copies, tmp_path):
     for order in ((first, second), (second, first)):
         assert _merge(*order, "--out", merged).exit_code == EXIT_SOME_FAILED
         assert _records(merged)[image]["status"] == "ok"
+
+
+# --- the run-level files of a source are untrusted too ------------------------------------------------
+
+@pytest.mark.parametrize("name", [RESULTS_JSONL, "report.json"])
+def test_a_fifo_in_place_of_a_source_file_is_refused_without_blocking(copies, tmp_path, name):
+    first, second = copies("A0"), copies("A1")
+    (second / name).unlink()
+    os.mkfifo(second / name)  # opening it would wait for a writer forever
+    merged = tmp_path / "merged"
+    result = subprocess.run([sys.executable, "-m", "attnexplain", "merge", str(first), str(second),
+                             "--out", str(merged)], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "FIFO" in lines[0] and str(second / name) in lines[0], result.stderr
+    assert not merged.exists()
+
+
+@pytest.mark.parametrize("report", ['{"run": ', '{"run": {"methods": 5}}'], ids=["cut", "malformed"])
+def test_a_report_that_is_not_a_batch_report_is_refused(copies, tmp_path, report):
+    first, second = copies("A0"), copies("A1")
+    (second / "report.json").write_text(report)
+    merged = tmp_path / "merged"
+    result = _merge(first, second, "--out", merged)
+    assert not merged.exists()
+    _refused(result, str(second / "report.json"), "not a report")
+
+
+def test_a_line_whose_image_is_not_a_name_is_refused(copies, tmp_path):
+    first, second = copies("A0"), copies("A1")
+    with open(second / RESULTS_JSONL, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"image": ["a", "list"], "status": "ok"}) + "\n")
+    merged = tmp_path / "merged"
+    result = _merge(first, second, "--out", merged)
+    assert not merged.exists()
+    _refused(result, str(second / RESULTS_JSONL), "not a name")
