@@ -19,6 +19,8 @@ from attnexplain.batch import EXIT_SOME_FAILED, RESULTS_JSONL, read_results
 from attnexplain.cli import main
 
 GOOD = [f"img{i}.png" for i in range(8)] + ["sub/img8.png", "sub/img9.png"]
+MISSING = "/nowhere/missing.png"  # an input that does not exist: a failed record with no key
+EVERY = set(GOOD) | {"broken.png", MISSING}
 
 
 def _write_photos(root: Path, names: list[str], seed: int) -> Path:
@@ -30,8 +32,8 @@ def _write_photos(root: Path, names: list[str], seed: int) -> Path:
 
 
 def _batch(model: Path, photos: Path, out: Path, *more: str) -> Path:
-    result = CliRunner().invoke(main, ["batch", str(model), str(photos), "--arch", "resnet18",
-                                       "--size", "32", "--quiet", "--out", str(out), *more])
+    result = CliRunner().invoke(main, ["batch", str(model), str(photos), *more, "--arch", "resnet18",
+                                       "--size", "32", "--quiet", "--out", str(out)])
     assert result.exit_code in (0, EXIT_SOME_FAILED), result.output
     return out
 
@@ -50,8 +52,8 @@ def runs(tmp_path_factory, resnet_state_dict_file) -> dict[str, Path]:
     other_model = base / "other-resnet18-5.pt"
     torch.save(torchvision.models.resnet18(num_classes=5).eval().state_dict(), other_model)
     other_photos = _write_photos(base / "other-photos", ["img3.png"], seed=1)
-    made = {"A0": _batch(resnet_state_dict_file, photos, base / "A0", "--shard", "0/2"),
-            "A1": _batch(resnet_state_dict_file, photos, base / "A1", "--shard", "1/2"),
+    made = {"A0": _batch(resnet_state_dict_file, photos, base / "A0", MISSING, "--shard", "0/2"),
+            "A1": _batch(resnet_state_dict_file, photos, base / "A1", MISSING, "--shard", "1/2"),
             "B1": _batch(other_model, photos, base / "B1", "--shard", "1/2"),
             "A-other": _batch(resnet_state_dict_file, other_photos, base / "A-other")}
     assert read_results(made["A0"] / RESULTS_JSONL) and read_results(made["A1"] / RESULTS_JSONL)
@@ -124,8 +126,8 @@ def test_merged_shards_hold_every_image_hard_linked(copies, tmp_path):
     result = _merge(first, second, "--out", merged)
     assert result.exit_code == EXIT_SOME_FAILED, result.output
     records = _records(merged)
-    assert set(records) == set(GOOD) | {"broken.png"}
-    assert records["broken.png"]["status"] == "failed"
+    assert set(records) == EVERY
+    assert records["broken.png"]["status"] == "failed" and records[MISSING]["key"] is None
     image = _an_ok_image(first)
     for name in os.listdir(first / "images" / image):
         assert (merged / "images" / image / name).read_bytes() == \
@@ -248,7 +250,7 @@ def test_a_killed_run_of_the_same_model_is_merged_as_incomplete(copies, tmp_path
     (killed / "report.json").unlink()
     merged = tmp_path / "merged"
     assert _merge(first, killed, "--out", merged).exit_code == EXIT_SOME_FAILED
-    assert set(_records(merged)) == set(GOOD) | {"broken.png"}
+    assert set(_records(merged)) == EVERY
     assert json.loads((merged / "report.json").read_text())["run"]["complete"] is False
 
 
@@ -290,7 +292,7 @@ def test_out_equal_to_a_source_ends_up_merged(copies, tmp_path):
     first, second = copies("A0"), copies("A1")
     second_before = _snapshot(second)
     assert _merge(first, second, "--out", first).exit_code == EXIT_SOME_FAILED
-    assert set(_records(first)) == set(GOOD) | {"broken.png"}
+    assert set(_records(first)) == EVERY
     for image in GOOD:
         assert (first / "images" / image / "detail.html").is_file()
     assert _snapshot(second) == second_before
@@ -310,7 +312,7 @@ def test_merging_again_replaces_the_earlier_merge(copies, tmp_path):
     assert _merge(first, second, "--out", merged).exit_code == EXIT_SOME_FAILED
     assert _merge(first, second, "--out", merged).exit_code == EXIT_SOME_FAILED
     assert _merge(merged, first, "--out", tmp_path / "again").exit_code == EXIT_SOME_FAILED
-    assert set(_records(tmp_path / "again")) == set(GOOD) | {"broken.png"}
+    assert set(_records(tmp_path / "again")) == EVERY
 
 
 # --- the same image in two sources ------------------------------------------------------------------
@@ -373,3 +375,23 @@ def test_a_line_whose_image_is_not_a_name_is_refused(copies, tmp_path):
     result = _merge(first, second, "--out", merged)
     assert not merged.exists()
     _refused(result, str(second / RESULTS_JSONL), "not a name")
+
+
+def test_a_merge_that_cannot_write_leaves_out_as_it_was(copies, tmp_path, monkeypatch):
+    from attnexplain.errors import AttnExplainError
+    from attnexplain.merge import merge_outputs
+
+    first, second = copies("A0"), copies("A1")
+    existing = tmp_path / "existing"
+    assert _merge(first, second, "--out", existing).exit_code == EXIT_SOME_FAILED
+    before = _snapshot(existing)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", disk_full)
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(AttnExplainError, match="No space left on device.*--out is unchanged"):
+        merge_outputs([first, second], existing)
+    assert _snapshot(existing) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "sources"]  # no staging left
