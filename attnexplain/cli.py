@@ -265,22 +265,22 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     """
     from .explanation import explain
     from .images import load_image
-    from .report import ensure_writable_folder, output_dir_for
+    from .report import output_dir_for, writable_output_folder
 
     settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
                                 window, batch_size)
     started = time.perf_counter()
     picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
-    ensure_writable_folder(out_dir)  # so does a folder the outputs cannot be written to
     image_s = time.perf_counter() - started
-    started = time.perf_counter()
-    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
-    model_s = time.perf_counter() - started
-    explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
-                          size=size, mean=mean, std=std, options=settings)
-    explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
-    directory = output_dir_for(out_dir, picture.path)
-    report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
+    with writable_output_folder(out_dir):  # so does a folder the outputs cannot be written to
+        started = time.perf_counter()
+        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+        model_s = time.perf_counter() - started
+        explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
+                              size=size, mean=mean, std=std, options=settings)
+        explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+        directory = output_dir_for(out_dir, picture.path)
+        report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
     for summary in report["maps"].values():
         if "warning" in summary:
             click.echo(f"Warning: {summary['warning']}", err=True)

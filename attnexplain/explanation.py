@@ -494,7 +494,7 @@ _FORWARD_HINTS = (
                 re.I), "the input size may be too small for the model's downsampling: try a larger --size "
                        "(the size it was trained at)"),
     (re.compile(r"wrong image (height|width)|image size|shapes cannot be multiplied|size mismatch|"
-                r"must match the size", re.I),
+                r"must match the size|to be equal to \d+, but got \d+", re.I),
      "the model expects another input size: set --size to the size it was trained at"),
 )
 

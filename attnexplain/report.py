@@ -10,10 +10,11 @@ import os
 import platform
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -60,10 +61,14 @@ def output_dir_for(root: str | Path, image_path: str | Path | None) -> Path:
     return candidate
 
 
-def ensure_writable_folder(folder: str | Path) -> Path:
+def ensure_writable_folder(folder: str | Path) -> list[Path]:
     """Create ``folder`` if needed and prove that a file can be written in it, before any slow work
-    (loading the model, explaining): a read-only, full or impossible ``--out`` fails first."""
+    (loading the model, explaining): a read-only, full or impossible ``--out`` fails first.
+
+    Returns the folders it created, deepest first (see :func:`writable_output_folder`).
+    """
     folder = Path(folder)
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         descriptor, probe = tempfile.mkstemp(prefix=".attnexplain-write-check.", dir=folder)
@@ -74,9 +79,31 @@ def ensure_writable_folder(folder: str | Path) -> Path:
             os.close(descriptor)
             os.unlink(probe)
     except OSError as error:
+        _remove_empty(created)
         raise OutputError(f"Cannot write in the output folder {folder}: {_why_not_written(folder, error)}; "
                           f"choose another --out.") from None
-    return folder
+    return created
+
+
+@contextmanager
+def writable_output_folder(folder: str | Path) -> Iterator[Path]:
+    """:func:`ensure_writable_folder` for a command whose outputs are written in the block: if the
+    block fails, the folders created for it are removed again (when still empty), so that a
+    refused command leaves nothing behind."""
+    created = ensure_writable_folder(folder)
+    try:
+        yield Path(folder)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for path in folders:  # deepest first
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or gone: leave the rest as they are
+            return
 
 
 def _why_not_written(path: Path, error: OSError) -> str:
