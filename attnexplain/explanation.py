@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import (attention_gradients, capture_activations, frozen_parameters, probe_layers,
-                      replaced_forward)
+from .capture import (_submodule, attention_gradients, capture_activations, frozen_parameters,
+                      probe_layers, replaced_forward)
 from .errors import AttnExplainError, MethodError, ModelRunError, NothingToExplain
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
@@ -561,6 +561,7 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
             with torch.no_grad():
                 score(module(batch))
         for method in input_methods:
+            _check_input_method(loaded, method, batch, layers, options)
             with torch.enable_grad(), _gradient_needed(method.name):
                 attribution = method.compute(
                     forward, batch, state["targets"].tolist(), model=module,
@@ -633,6 +634,24 @@ def _check_scores(logits: torch.Tensor, batch_size: int) -> None:
         raise ModelRunError(f"The model's scores are {str(logits.dtype).removeprefix('torch.')} numbers, "
                             f"not floating point: gradients and probabilities need float scores "
                             f"(logits).")
+
+
+def _check_input_method(loaded: LoadedModel, method: Method, batch: torch.Tensor, layers: list[str],
+                        options: MethodOptions) -> None:
+    """Settings an input method cannot work with, refused with the reason before Captum fails."""
+    height, width = batch.shape[-2:]
+    if method.name == "occlusion" and options.window > min(height, width):
+        raise MethodError(f"The occlusion window ({options.window} pixels) is larger than the model's "
+                          f"input ({height}x{width}); use --window {min(height, width)} or less.")
+    if method.name == "guided_gradcam":
+        _submodule(loaded.module, layers[0])  # an unknown name is refused as every layer option is
+        with model_failures(loaded.module):
+            shapes = {info.name: info.shape for info in probe_layers(loaded.module, batch[:1])}
+        shape = shapes.get(layers[0])
+        if shape is None or len(shape) < 3:
+            found = "no tensor" if shape is None else f"shape {shape}"
+            raise MethodError(f"guided_gradcam needs layer {layers[0]!r} to output a map, but it "
+                              f"outputs {found}; choose one that `attnexplain layers` lists.")
 
 
 def _no_gradient(what: str, alternative: str) -> str:

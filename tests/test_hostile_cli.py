@@ -92,6 +92,24 @@ def test_an_input_size_too_small_for_the_model_says_try_a_larger_size(tmp_path, 
     _one_error_line(result.output, "(1, 3, 8, 8)", "too small", "larger --size")
 
 
+def test_layers_with_an_input_size_too_small_says_try_a_larger_size():
+    result = _run("layers", "torchvision:squeezenet1_1", "--size", "8")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "too small", "larger --size")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--method", "occlusion", "--window", "100"], ["larger than the model's input (32x32)", "--window 32"]),
+    (["--method", "guided_gradcam", "--layer", "head"], ["'head'", "shape (1, 3)"]),
+])
+def test_input_method_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, small_photo, args,
+                                                                           fragments):
+    result = _run("run", _pickled(tmp_path, "ok"), small_photo, "--trust-model", "--size", "32", *args,
+                  "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, *fragments)
+
+
 def test_a_fifo_image_is_called_a_fifo_not_empty(tmp_path, resnet_state_dict_file):
     fifo = tmp_path / "photo.jpg"
     os.mkfifo(fifo)
