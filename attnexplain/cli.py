@@ -44,6 +44,11 @@ class _Group(click.Group):
                                        "with status 0 before the command finished; nothing was "
                                        "completed.") from None
         except AttnExplainError as error:
+            if ctx.params.get("debug") and error.__cause__ is not None:
+                # A model's own failure, said in one line: --debug shows where in its code.
+                import traceback
+
+                traceback.print_exception(error.__cause__, file=sys.stderr)
             raise click.ClickException(str(error)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise

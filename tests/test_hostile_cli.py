@@ -255,12 +255,16 @@ def test_stderr_is_one_line_after_loading_a_torchscript_file(tmp_path, small_pho
     assert json.loads(worked.stdout)["method"] == "saliency"
 
 
-def test_debug_after_the_command_shows_the_warnings(tmp_path, small_photo, resnet_state_dict_file):
-    failed = _subprocess("run", resnet_state_dict_file, small_photo, "--arch", "googlenet",
-                         "--out", tmp_path, "--debug", cwd=tmp_path)
-    assert failed.returncode == 1, failed.stderr
-    assert "Warning" in failed.stderr  # GoogLeNet's init notice, shown with --debug
-    assert failed.stderr.strip().splitlines()[-1].startswith("Error: The weights")
+def test_debug_after_the_command_shows_the_models_traceback(tmp_path, small_photo):
+    model = _pickled(tmp_path, "raises")
+    args = ["run", model, small_photo, "--trust-model", "--size", "32", "--out", tmp_path / "out"]
+    plain = _subprocess(*args, cwd=tmp_path)
+    assert plain.returncode == 1
+    _one_error_line(plain.stderr, "boom inside forward")
+    debugged = _subprocess(*args, "--debug", cwd=tmp_path)
+    assert debugged.returncode == 1, debugged.stderr
+    assert "Traceback" in debugged.stderr and "hostile_modules.py" in debugged.stderr
+    assert debugged.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
 def test_warnings_are_silenced_only_during_the_command():
