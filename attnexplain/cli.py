@@ -6,23 +6,49 @@ Nothing heavy is imported at module level, so ``attnexplain --help`` answers wit
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import click
 
 
 class _Group(click.Group):
-    """Turns expected errors into one-line messages and unexpected ones into one line plus a hint."""
+    """Turns expected errors into one-line messages and unexpected ones into one line plus a hint;
+    keeps libraries' warnings and log records off the terminal unless ``--debug``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --debug belongs to the group, but people add it at the end of a failing command line.
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:end]:
+            args = ["--debug"] + [arg for i, arg in enumerate(args) if i >= end or arg != "--debug"]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         from .errors import AttnExplainError
 
         try:
-            return super().invoke(ctx)
+            with _library_noise(shown=bool(ctx.params.get("debug"))):
+                return super().invoke(ctx)
+        except SystemExit as exiting:
+            # Our commands end through click (ctx.exit, exceptions) or sys.exit with a failure
+            # code; a success code here comes from code we ran (a model, a plugin) ending the
+            # program early, which must not look like a finished command.
+            if exiting.code not in (0, None):
+                raise
+            raise click.ClickException("Code the command ran (the model's or a plugin's) called exit() "
+                                       "with status 0 before the command finished; nothing was "
+                                       "completed.") from None
         except AttnExplainError as error:
+            if ctx.params.get("debug") and error.__cause__ is not None:
+                # A model's own failure, said in one line: --debug shows where in its code.
+                import traceback
+
+                traceback.print_exception(error.__cause__, file=sys.stderr)
             raise click.ClickException(str(error)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
@@ -37,7 +63,28 @@ class _Group(click.Group):
                                        f"(rerun with --debug for the traceback)") from None
 
 
-def _numbers(kind: type, count: tuple[int, ...]):
+@contextmanager
+def _library_noise(shown: bool) -> Iterator[None]:
+    """Without --debug, Python warnings (TorchScript's deprecation, GoogLeNet's init notice, NaN
+    arithmetic) and log records (torch's, with their tracebacks) stay off stderr, so that an error
+    is the one line we print."""
+    if shown:
+        yield
+        return
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def _numbers(kind: type, count: tuple[int, ...], check: Callable[[list], Any] | None = None):
+    """Parse "N" or "A,B,C" (also "HxW"); ``check`` (the Python API's own validation) refuses values
+    at parse time, so that a bad value is a usage error (exit 2)."""
+
     def convert(ctx: click.Context, param: click.Parameter, value: str | None):
         if value is None:
             return None
@@ -47,6 +94,13 @@ def _numbers(kind: type, count: tuple[int, ...]):
             raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
         if len(numbers) not in count:
             raise click.BadParameter(f"expected {' or '.join(map(str, count))} numbers, got {value!r}")
+        if check is not None:
+            from .errors import AttnExplainError
+
+            try:
+                check(numbers)
+            except AttnExplainError as error:
+                raise click.BadParameter(str(error)) from None
         return numbers
 
     return convert
@@ -142,12 +196,25 @@ def method_options(function):
     return function
 
 
+def _checked_size(values: list[int]) -> None:
+    from .preprocess import normalize_size
+
+    normalize_size(values)
+
+
+def _checked_std(values: list[float]) -> None:
+    from .preprocess import Preprocessing
+
+    Preprocessing().with_overrides(std=values)
+
+
 def image_options(function):
     """How images are read, preprocessed and reported, shared by `run` and `batch`."""
     options = [
-        click.option("--size", callback=_numbers(int, (1, 2)), help="Model input size: N or H,W."),
+        click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Model input size: N or H,W."),
         click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
-        click.option("--std", callback=_numbers(float, (1, 3)), help="Normalization std: R,G,B."),
+        click.option("--std", callback=_numbers(float, (1, 3), _checked_std),
+                     help="Normalization std: R,G,B (positive)."),
         click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
                      help="Opacity of the heatmap in the overlays."),
         click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
@@ -203,21 +270,25 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     """
     from .explanation import explain
     from .images import load_image
-    from .report import output_dir_for
+    from .report import output_dir_for, writable_output_folder
 
     settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
                                 window, batch_size)
     started = time.perf_counter()
     picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
     image_s = time.perf_counter() - started
-    started = time.perf_counter()
-    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
-    model_s = time.perf_counter() - started
-    explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
-                          size=size, mean=mean, std=std, options=settings)
-    explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
-    directory = output_dir_for(out_dir, picture.path)
-    report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
+    with writable_output_folder(out_dir):  # so does a folder the outputs cannot be written to
+        started = time.perf_counter()
+        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+        model_s = time.perf_counter() - started
+        explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
+                              size=size, mean=mean, std=std, options=settings)
+        explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+        directory = output_dir_for(out_dir, picture.path)
+        report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
+    for summary in report["maps"].values():
+        if "warning" in summary:
+            click.echo(f"Warning: {summary['warning']}", err=True)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -321,7 +392,7 @@ def methods() -> None:
 @main.command()
 @click.argument("model")
 @model_options
-@click.option("--size", callback=_numbers(int, (1, 2)), help="Input size to probe with: N or H,W.")
+@click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Input size to probe with: N or H,W.")
 @click.option("--all", "show_all", is_flag=True, help="List every layer, not only spatial ones.")
 def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, size,
            show_all: bool) -> None:
@@ -398,7 +469,9 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     1 the run could not start (model, options); 130 interrupted.
     """
     from .batch import parse_shard, run_batch, BatchSettings
+    from .report import ensure_writable_folder
 
+    ensure_writable_folder(out_dir)  # before the model loads: a bad --out fails first
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,

@@ -44,3 +44,12 @@ class NothingToExplain(MethodError):
                                       "found no box above its score threshold), so there is "
                                       "nothing to explain.") -> None:
         super().__init__(message)
+
+
+class ModelRunError(AttnExplainError):
+    """The model failed while running: it raised, ended the program, or returned scores that
+    cannot be explained (NaN, no classes, the wrong batch size)."""
+
+
+class OutputError(AttnExplainError):
+    """The output folder cannot be created or written (a file in the way, read-only, full disk)."""

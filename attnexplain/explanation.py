@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import attention_gradients, capture_activations, frozen_parameters, probe_layers
-from .errors import MethodError, NothingToExplain
+from .capture import (_submodule, attention_gradients, capture_activations, frozen_parameters,
+                      probe_layers, replaced_forward)
+from .errors import AttnExplainError, MethodError, ModelRunError, NothingToExplain
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
@@ -119,7 +122,7 @@ class Explanation:
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
-        from .report import versions
+        from .report import method_summary, versions
 
         return {
             "image": {"path": str(self.image.path.resolve()) if self.image.path else None,
@@ -133,7 +136,7 @@ class Explanation:
             "predictions": [p.as_dict() for p in self.predictions],
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
-            "maps": {name: {"layers": result.layers, **({"gates": result.gates} if result.gates else {}),
+            "maps": {name: {**method_summary(result),
                             "height": int(result.heatmap.shape[0]), "width": int(result.heatmap.shape[1]),
                             "min": float(result.heatmap.min()), "max": float(result.heatmap.max())}
                      for name, result in self.maps.items()},
@@ -237,6 +240,9 @@ def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[s
     class no box was detected as) is refused: its map would be empty; so is an image in which no
     class scores above 0 (a detector that found nothing).
     """
+    unusable = unusable_scores(probabilities)
+    if unusable is not None:
+        raise NonFiniteScores(unusable)
     if not bool((probabilities > 0).any()):
         raise NothingToExplain()
     probability = float(probabilities[target_index])
@@ -338,7 +344,8 @@ def default_layer(loaded: LoadedModel, batch: torch.Tensor) -> str:
     known = _probed_layers.setdefault(loaded.module, {})
     shape = tuple(batch.shape[1:])
     if shape not in known:
-        spatial = [info for info in probe_layers(loaded.module, batch) if info.is_spatial]
+        with model_failures(loaded.module):
+            spatial = [info for info in probe_layers(loaded.module, batch) if info.is_spatial]
         known[shape] = spatial[-1].name if spatial else None
     if known[shape] is None:
         raise MethodError("No layer of this model outputs a spatial (batch, channels, height, width) "
@@ -352,7 +359,9 @@ def layer_maps(loaded: LoadedModel, batch: torch.Tensor) -> list[tuple[Any, tupl
     :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, shapes only: nothing is computed)."""
     size = tuple(batch.shape[-2:])
     found = []
-    for info in probe_layers(loaded.module, batch):
+    with model_failures(loaded.module):
+        probed = probe_layers(loaded.module, batch)
+    for info in probed:
         shape = None
         if info.shape is not None:
             laid_out = loaded.plugin.layer_map(loaded.module, info.name,
@@ -432,10 +441,73 @@ def compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method]
     :func:`default_layer`). This is the batch-level core that :func:`explain` wraps.
     """
     options = options or MethodOptions()
-    computed = _compute_once(loaded, batch, methods, layers, target, options, targets)
-    if options.aug_smooth:
-        computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed)
+    with model_failures(loaded.module):
+        computed = _compute_once(loaded, batch, methods, layers, target, options, targets)
+        if options.aug_smooth:
+            computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed)
     return computed
+
+
+class NonFiniteScores(NothingToExplain):
+    """The model's scores for an image are NaN or infinite: an outcome of that image (a batch
+    records it and goes on), though usually of the weights."""
+
+
+def unusable_scores(scores: torch.Tensor) -> str | None:
+    """Why a model's scores cannot be explained (NaN or infinite values), or None."""
+    values = scores.detach()
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        what = "NaN (not a number)" if bool(torch.isnan(values).any()) else "infinite values"
+        return (f"The model's scores hold {what}, so there is nothing to explain; its weights are "
+                f"probably broken (a training run that diverged saves NaN), or --mean/--std do not "
+                f"fit it.")
+    return None
+
+
+@contextmanager
+def model_failures(module: torch.nn.Module) -> Iterator[None]:
+    """Turn the model's own failures in the block into :class:`ModelRunError` with the cause: an
+    exception raised by its forward (named with the input's shape and what to try), and
+    ``SystemExit`` from its forward or backward, which would otherwise end the program silently."""
+
+    def guarded(forward, *args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except AttnExplainError:  # ours, raised by a hook inside the forward: already precise
+            raise
+        except Exception as error:
+            raise ModelRunError(_forward_failure(error, args)) from error
+
+    try:
+        with replaced_forward(module, guarded):
+            yield
+    except SystemExit as exiting:
+        raise ModelRunError(f"The model's code called exit() (SystemExit({exiting.code!r})) while it "
+                            f"ran; a model must return its scores, not end the program.") from None
+
+
+#: Known causes of a forward pass that fails, by what PyTorch says, and what to do about each.
+_FORWARD_HINTS = (
+    (re.compile(r"channels", re.I),
+     "attnexplain feeds RGB images (3 channels); this model expects another number of channels"),
+    (re.compile(r"too small|can't be greater than actual input size|non-positive|size \d+ is too",
+                re.I), "the input size may be too small for the model's downsampling: try a larger --size "
+                       "(the size it was trained at)"),
+    (re.compile(r"wrong image (height|width)|image size|shapes cannot be multiplied|size mismatch|"
+                r"must match the size|to be equal to \d+, but got \d+", re.I),
+     "the model expects another input size: set --size to the size it was trained at"),
+)
+
+
+def _forward_failure(error: Exception, args: tuple[Any, ...]) -> str:
+    shape = f" of shape {tuple(args[0].shape)}" if args and isinstance(args[0], torch.Tensor) else ""
+    text = " ".join(str(error).split()) or "(no message)"
+    if len(text) > 300:
+        text = text[:300] + "..."
+    hint = next((hint for pattern, hint in _FORWARD_HINTS if pattern.search(text)),
+                "check that --arch, --size, --mean and --std fit the model (--debug shows the traceback)")
+    end = "" if text.endswith((".", "!", "?")) else "."
+    return f"The model raised {type(error).__name__} on an input{shape}: {text}{end} Hint: {hint}."
 
 
 def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
@@ -449,11 +521,15 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
         """(B, classes) differentiable target scores and (B,) targets from the model's raw output.
         The first pass's output is the prediction; its targets hold for every later pass."""
         logits, probabilities = loaded.plugin.class_scores(module, output)
+        _check_scores(logits, batch.shape[0])
         if "probabilities" not in state:
             state["probabilities"] = probabilities.detach()
             detected = loaded.plugin.detections(module, output)
             if detected is not None:
                 state["detections"] = detected
+            unusable = unusable_scores(logits)
+            if unusable is not None and not bool(torch.isfinite(probabilities).any()):
+                raise NonFiniteScores(unusable)  # every image; else each image says it for itself
             if not bool((state["probabilities"] > 0).any()):
                 raise NothingToExplain()
         if "targets" not in state:
@@ -485,7 +561,8 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
             with torch.no_grad():
                 score(module(batch))
         for method in input_methods:
-            with torch.enable_grad():
+            _check_input_method(loaded, method, batch, layers, options)
+            with torch.enable_grad(), _gradient_needed(method.name):
                 attribution = method.compute(
                     forward, batch, state["targets"].tolist(), model=module,
                     layer=layers[0] if layers else None, steps=options.steps,
@@ -520,7 +597,8 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
             # Images are independent, so the gradient of the sum is each image's own gradient.
             score = logits.gather(1, targets[:, None]).sum()
             if not score.requires_grad:
-                raise MethodError(f"The model's output does not depend on layer {layers[0]!r}.")
+                raise MethodError(_no_gradient(f"layer {layers[0]!r}", "--method eigencam or scorecam "
+                                                                      "(gradient-free), or another --layer"))
             gradients = list(torch.autograd.grad(score, activations, allow_unused=True))
             for name, gradient in zip(layers, gradients):
                 if gradient is None:
@@ -539,6 +617,59 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
             per_layer.append(_upsample(cam_map(contributions, options.eigen_smooth), size))
         results[method.name] = _fuse_layers(per_layer)
     return results
+
+
+def _check_scores(logits: torch.Tensor, batch_size: int) -> None:
+    """Refuse scores that cannot be explained, naming why (not a later, puzzling failure)."""
+    shape = tuple(logits.shape)
+    if logits.dim() != 2:
+        raise ModelRunError(f"The model's scores have shape {shape}, not (batch, classes).")
+    if shape[0] != batch_size:
+        raise ModelRunError(f"The model returned scores for {shape[0]} images from a batch of {batch_size} "
+                            f"(shape {shape}): the first dimension of its output must be the batch.")
+    if shape[1] == 0:
+        raise ModelRunError(f"The model's output has no classes (shape {shape}), so there is nothing to "
+                            f"explain; check --num-classes and the model's head.")
+    if not logits.is_floating_point():
+        raise ModelRunError(f"The model's scores are {str(logits.dtype).removeprefix('torch.')} numbers, "
+                            f"not floating point: gradients and probabilities need float scores "
+                            f"(logits).")
+
+
+def _check_input_method(loaded: LoadedModel, method: Method, batch: torch.Tensor, layers: list[str],
+                        options: MethodOptions) -> None:
+    """Settings an input method cannot work with, refused with the reason before Captum fails."""
+    height, width = batch.shape[-2:]
+    if method.name == "occlusion" and options.window > min(height, width):
+        raise MethodError(f"The occlusion window ({options.window} pixels) is larger than the model's "
+                          f"input ({height}x{width}); use --window {min(height, width)} or less.")
+    if method.name == "guided_gradcam":
+        _submodule(loaded.module, layers[0])  # an unknown name is refused as every layer option is
+        with model_failures(loaded.module):
+            shapes = {info.name: info.shape for info in probe_layers(loaded.module, batch[:1])}
+        shape = shapes.get(layers[0])
+        if shape is None or len(shape) < 3:
+            found = "no tensor" if shape is None else f"shape {shape}"
+            raise MethodError(f"guided_gradcam needs layer {layers[0]!r} to output a map, but it "
+                              f"outputs {found}; choose one that `attnexplain layers` lists.")
+
+
+def _no_gradient(what: str, alternative: str) -> str:
+    return (f"The model's output carries no gradient back to {what}: its forward runs under "
+            f"torch.no_grad() or detaches its result, or {what} does not feed the output. "
+            f"Use {alternative}.")
+
+
+@contextmanager
+def _gradient_needed(method: str) -> Iterator[None]:
+    """Captum's own error for an output without gradient, said as the cause and what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "does not require grad" not in str(error):
+            raise
+        raise MethodError(_no_gradient("the input", f"a method other than {method} (e.g. occlusion, "
+                                                    f"which needs no gradient)")) from None
 
 
 def _layer_map(loaded: LoadedModel, name: str, activation: torch.Tensor,
@@ -589,6 +720,9 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
         probabilities = [a.probabilities if windowed else a for a in attentions]
         gradients = None
         if needs_gradient:
+            if not logits.requires_grad:
+                raise MethodError(_no_gradient("the attention layers", "--method rollout or attention "
+                                                                        "(gradient-free)"))
             gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
     size = tuple(batch.shape[-2:])
     if windowed:

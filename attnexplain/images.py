@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._files import not_a_regular_file
 from .errors import ImageError
 
 #: Images larger than this many pixels are refused before decoding (decompression bombs).
@@ -39,33 +40,31 @@ class LoadedImage:
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read ``path`` into an upright RGB image, or raise :class:`ImageError` with the reason."""
     path = Path(path)
-    if not path.exists():
+    reason = not_a_regular_file(path)
+    if reason == "does not exist":
         raise ImageError(f"Image not found: {path}")
-    if path.is_dir():
-        raise ImageError(f"Image path is a folder, not a file: {path}")
+    if reason is not None:
+        raise ImageError(f"Image {path} {reason}; give an image file.")
     if path.stat().st_size == 0:
         raise ImageError(f"Image file is empty: {path}")
     try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb check only warns below twice its limit; ours is explicit below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageError(
-                        f"Image is too large: {path} has {width}x{height} = {width * height:,} pixels, "
-                        f"more than the limit of {max_pixels:,} (raise it with --max-pixels)."
-                    )
-                if opened.format not in SUPPORTED_FORMATS:
-                    raise ImageError(
-                        f"Unsupported image format {opened.format} for {path}; "
-                        f"use JPEG, PNG, WebP, BMP or TIFF."
-                    )
-                mode = opened.mode
-                image_format = opened.format
-                opened.load()
-                ImageOps.exif_transpose(opened, in_place=True)  # a copy less of a large photo
-                pixels = to_rgb_array(opened)
+        with _pillow_limit_lifted, Image.open(path) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"Image is too large: {path} has {width}x{height} = {width * height:,} pixels, "
+                    f"more than the limit of {max_pixels:,} (raise it with --max-pixels)."
+                )
+            if opened.format not in SUPPORTED_FORMATS:
+                raise ImageError(
+                    f"Unsupported image format {opened.format} for {path}; "
+                    f"use JPEG, PNG, WebP, BMP or TIFF."
+                )
+            mode = opened.mode
+            image_format = opened.format
+            opened.load()
+            ImageOps.exif_transpose(opened, in_place=True)  # a copy less of a large photo
+            pixels = to_rgb_array(opened)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -76,6 +75,35 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         # Pillow reports truncated and corrupt data as OSError/SyntaxError with a short reason.
         raise ImageError(f"Cannot decode image {path}: {error}") from None
     return LoadedImage(pixels=pixels, path=path, format=image_format, mode=mode)
+
+
+class _PillowLimitLifted:
+    """Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about 179 million pixels) is a
+    module global that it checks on open and again while decoding TIFF tiles, so it would refuse
+    images that ``max_pixels`` allows. It is lifted while at least one image is being read, and put
+    back when the last one finishes: threads (``batch`` decodes on several) do not restore each
+    other's value too early, and each call enforces its own ``max_pixels`` from the header first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._saved: int | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._readers == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self._readers += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._readers -= 1
+            if self._readers == 0:
+                Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_pillow_limit_lifted = _PillowLimitLifted()
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

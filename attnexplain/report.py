@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
+import os
 import platform
 import re
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from ._atomic import atomic_directory
+from .errors import OutputError
 from .formats import OVERLAY_FORMATS
-from .render import downscale, encode_image, render_attention_grid
+from .render import downscale, encode_image, flat_map, render_attention_grid
 
 if TYPE_CHECKING:
     from .explanation import Explanation, MethodMap
@@ -56,6 +61,62 @@ def output_dir_for(root: str | Path, image_path: str | Path | None) -> Path:
     return candidate
 
 
+def ensure_writable_folder(folder: str | Path) -> list[Path]:
+    """Create ``folder`` if needed and prove that a file can be written in it, before any slow work
+    (loading the model, explaining): a read-only, full or impossible ``--out`` fails first.
+
+    Returns the folders it created, deepest first (see :func:`writable_output_folder`).
+    """
+    folder = Path(folder)
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".attnexplain-write-check.", dir=folder)
+        try:
+            os.write(descriptor, b"attnexplain")
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+            os.unlink(probe)
+    except OSError as error:
+        _remove_empty(created)
+        raise OutputError(f"Cannot write in the output folder {folder}: {_why_not_written(folder, error)}; "
+                          f"choose another --out.") from None
+    return created
+
+
+@contextmanager
+def writable_output_folder(folder: str | Path) -> Iterator[Path]:
+    """:func:`ensure_writable_folder` for a command whose outputs are written in the block: if the
+    block fails, the folders created for it are removed again (when still empty), so that a
+    refused command leaves nothing behind."""
+    created = ensure_writable_folder(folder)
+    try:
+        yield Path(folder)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for path in folders:  # deepest first
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or gone: leave the rest as they are
+            return
+
+
+def _why_not_written(path: Path, error: OSError) -> str:
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocking = next((parent for parent in (path, *path.parents) if parent.is_file()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder"
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "the disk quota is exceeded"}
+    return reasons.get(error.errno, error.strerror or str(error))
+
+
 def _report_image(directory: Path) -> str | None:
     try:
         return json.loads((directory / REPORT_JSON).read_text(encoding="utf-8"))["image"]["path"]
@@ -71,6 +132,15 @@ def _safe_name(name: str) -> str:
 def save_explanation(explanation: "Explanation", directory: Path, alpha: float,
                      overlay_format: str = "png") -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
+    try:
+        return _save_explanation(explanation, directory, alpha, overlay_format)
+    except OSError as error:
+        raise OutputError(f"Could not write the outputs to {directory}: {_why_not_written(directory, error)}; "
+                          f"nothing was written there (an earlier result is kept).") from None
+
+
+def _save_explanation(explanation: "Explanation", directory: Path, alpha: float,
+                      overlay_format: str) -> dict[str, Any]:
     report = explanation.to_dict()
     files: dict[str, dict[str, str]] = {}
     previews: list[dict[str, Any]] = []
@@ -137,13 +207,32 @@ def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarr
 
 def method_summary(result: "MethodMap") -> dict[str, Any]:
     """What a page shows beside one method's pictures: its layers, the attention grid's shape
-    (layers, heads) and the gates' per-block summary, where the method has them."""
+    (layers, heads) and the gates' per-block summary, where the method has them, and a warning
+    when the map is flat (all zero or constant: the overlay shows nothing)."""
     summary: dict[str, Any] = {"layers": list(result.layers)}
+    warning = map_warning(result)
+    if warning is not None:
+        summary["warning"] = warning
     if result.attention_grid is not None:
         summary["grid_shape"] = [int(n) for n in result.attention_grid.shape[:2]]
     if result.gates is not None:
         summary["gates"] = result.gates
     return summary
+
+
+def map_warning(result: "MethodMap") -> str | None:
+    """A sentence for a map with nothing to show (see :func:`attnexplain.render.flat_map`), saying
+    what to try; None for a map with contrast."""
+    flat = flat_map(result.heatmap)
+    if flat is None:
+        return None
+    where = f" at layer {', '.join(result.layers)}" if result.layers else ""
+    cause = ("no positive evidence for this class there, or random weights" if flat == "all zero"
+             else "it differs only by float32 rounding")
+    advice = ("try another --layer (`attnexplain layers` lists them) or --method layercam"
+              if result.layers else "try another --method (e.g. layercam or saliency)")
+    return (f"The {result.method} map{where} is {flat} ({cause}), so its overlay shows no region; "
+            f"{advice}.")
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

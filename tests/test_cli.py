@@ -180,7 +180,7 @@ def test_a_failure_while_saving_leaves_no_partial_output(tmp_path, resnet_state_
     result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
                   "--out", out)
     _assert_clean_failure(result, "disk full")
-    assert list(out.iterdir()) == []  # neither the result folder nor its staging folder
+    assert not out.exists()  # neither the result folder nor its staging folder: the folder made for them is gone too
 
 
 def test_a_failed_rerun_keeps_the_previous_outputs(tmp_path, resnet_state_dict_file, photo, monkeypatch):

@@ -1,0 +1,82 @@
+"""Tiny models that misbehave on purpose, saved whole (``torch.save(module)``) by the hostile CLI
+tests and loaded back with ``--trust-model``: the class must live in an importable module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A small CNN (conv → ReLU → conv → pool → linear) whose output ``kind`` decides how it fails."""
+
+    def __init__(self, kind: str = "ok", classes: int = 3) -> None:
+        super().__init__()
+        self.kind = kind
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, max(classes, 1))
+        self.classes = classes
+
+    def forward(self, x: torch.Tensor):
+        kind = self.kind
+        if kind == "raises":
+            raise RuntimeError("boom inside forward")
+        if kind == "exits":
+            raise SystemExit(0)
+        if kind == "exits-in-backward":
+            return _ExitInBackward.apply(self._logits(x))
+        if kind == "no-grad":
+            with torch.no_grad():
+                return self._logits(x)
+        if kind == "gray":  # needs 1-channel input
+            if x.shape[1] != 1:
+                raise RuntimeError(f"expected input to have 1 channels, but got {x.shape[1]} channels")
+        logits = self._logits(x)
+        if kind == "nan":
+            return logits * float("nan")
+        if kind == "inf":
+            return logits + float("inf")
+        if kind == "zero-classes":
+            return logits[:, :0]
+        if kind == "wrong-batch":
+            return torch.cat([logits, logits])
+        if kind == "1d":
+            return logits[0]
+        if kind == "integer":
+            return logits.round().long()
+        if kind == "dict":
+            return {"scores": logits}
+        if kind == "string":
+            return "cat"
+        return logits
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x)
+        return self.head(features.mean(dim=(2, 3)))
+
+
+class _ExitInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise SystemExit(0)
+
+
+def build(kind: str, classes: int = 3) -> TinyNet:
+    """A TinyNet with fixed random weights; ``dead``: its last ReLU never fires, so every CAM map
+    at its layers is all zero (no positive evidence anywhere)."""
+    torch.manual_seed(0)
+    model = TinyNet(kind, classes).eval()
+    if kind == "dead":
+        with torch.no_grad():
+            model.features[2].bias.fill_(-1e4)
+    return model
+
+
+def save(kind: str, path, classes: int = 3):
+    torch.save(build(kind, classes), path)
+    return path

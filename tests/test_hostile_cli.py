@@ -1,0 +1,360 @@
+"""Hostile inputs to the CLI and the explain path: every failure names its cause in one line, with
+the right exit code, before slow work where it can, and a map with nothing to show says so."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import hostile_modules
+from attnexplain.cli import main
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+ATTNEXPLAIN = [sys.executable, "-m", "attnexplain"]
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_error_line(text: str, *fragments: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert lines[0].startswith("Error:"), text
+    assert "Traceback" not in text and "Unexpected" not in text, text
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _subprocess(*args, cwd: Path):
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]))
+    return subprocess.run([*ATTNEXPLAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=environment, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def small_photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "noise.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _pickled(tmp_path: Path, kind: str, classes: int = 3) -> Path:
+    return hostile_modules.save(kind, tmp_path / f"{kind}.pt", classes)
+
+
+# --- 18: a message naming the cause ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, classes, fragments", [
+    ("nan", 3, ["NaN"]),
+    ("inf", 3, ["infinite"]),
+    ("zero-classes", 0, ["no classes", "(1, 0)"]),
+    ("wrong-batch", 3, ["2 images from a batch of 1"]),
+    ("integer", 3, ["int64", "not floating point"]),
+    ("raises", 3, ["The model raised RuntimeError", "(1, 3, 32, 32)", "boom inside forward"]),
+    ("gray", 3, ["3 channels", "expects another number of channels"]),
+    ("no-grad", 3, ["no gradient", "torch.no_grad()", "eigencam"]),
+])
+def test_a_model_that_misbehaves_is_told_what_it_did(tmp_path, small_photo, kind, classes, fragments):
+    result = _run("run", _pickled(tmp_path, kind, classes), small_photo, "--trust-model", "--size", "32",
+                  "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    line = _one_error_line(result.output, *fragments)
+    assert "detector" not in line  # a classifier is not told about boxes
+
+
+def test_a_model_without_gradient_is_told_so_by_input_methods(tmp_path, small_photo):
+    result = _run("run", _pickled(tmp_path, "no-grad"), small_photo, "--trust-model", "--size", "32",
+                  "--method", "saliency", "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "no gradient", "occlusion")
+
+
+def test_an_input_size_too_small_for_the_model_says_try_a_larger_size(tmp_path, small_photo):
+    result = _run("run", "torchvision:squeezenet1_1", small_photo, "--size", "8", "--out", tmp_path)
+    assert result.exit_code == 1
+    _one_error_line(result.output, "(1, 3, 8, 8)", "too small", "larger --size")
+
+
+def test_layers_with_an_input_size_too_small_says_try_a_larger_size():
+    result = _run("layers", "torchvision:squeezenet1_1", "--size", "8")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "too small", "larger --size")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--method", "occlusion", "--window", "100"], ["larger than the model's input (32x32)", "--window 32"]),
+    (["--method", "guided_gradcam", "--layer", "head"], ["'head'", "shape (1, 3)"]),
+])
+def test_input_method_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, small_photo, args,
+                                                                           fragments):
+    result = _run("run", _pickled(tmp_path, "ok"), small_photo, "--trust-model", "--size", "32", *args,
+                  "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, *fragments)
+
+
+def test_a_fifo_image_is_called_a_fifo_not_empty(tmp_path, resnet_state_dict_file):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    result = _run("run", resnet_state_dict_file, fifo, "--arch", "resnet18", "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    line = _one_error_line(result.output, "FIFO")
+    assert "empty" not in line
+
+
+# --- 18: output folder checked before the model runs; a full disk leaves nothing half-written -------
+
+def test_run_refuses_an_out_under_a_file_before_running_the_model(tmp_path, small_photo):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    # The model would fail when run: the output folder's error must come first.
+    result = _run("run", _pickled(tmp_path, "raises"), small_photo, "--trust-model", "--size", "32",
+                  "--out", blocker / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "Cannot write in the output folder", f"{blocker} is a file")
+
+
+def test_batch_refuses_an_out_under_a_file_before_loading_the_model(tmp_path, small_photo):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = _run("batch", tmp_path / "no-such-model.pt", small_photo, "--out", blocker / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "Cannot write in the output folder", "is a file")
+
+
+def test_a_read_only_file_system_is_found_before_the_model_loads(tmp_path, small_photo, monkeypatch):
+    # Root writes through chmod 0o555, so a read-only file system is emulated where files are made.
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    result = _run("run", tmp_path / "no-such-model.pt", small_photo, "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "read-only")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder")
+def test_a_read_only_out_folder_is_refused(tmp_path, small_photo):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        result = _run("run", tmp_path / "no-such-model.pt", small_photo, "--out", folder)
+    finally:
+        folder.chmod(0o755)
+    assert result.exit_code == 1
+    _one_error_line(result.output, "permission denied")
+
+
+def test_a_full_disk_while_saving_keeps_the_earlier_result_and_says_one_line(tmp_path, small_photo,
+                                                                              monkeypatch):
+    out = tmp_path / "out"
+    model = _pickled(tmp_path, "ok")
+    first = _run("run", model, small_photo, "--trust-model", "--size", "32", "--out", out)
+    assert first.exit_code == 0, first.output
+    folder = out / small_photo.stem
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    write_text = pathlib.Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name == "report.html":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    result = _run("run", model, small_photo, "--trust-model", "--size", "32", "--out", out)
+    assert result.exit_code == 1
+    _one_error_line(result.output, "no space left on the device", "nothing was written")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(path.name for path in out.iterdir()) == [small_photo.stem]  # no staging leftovers
+
+
+# --- 19: exit codes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--size", "4"], ["--std", "0"], ["--std", "1,0,1"], ["--size", "9000"]])
+def test_bad_size_and_std_are_usage_errors(tmp_path, small_photo, args):
+    result = _run("run", tmp_path / "no-such-model.pt", small_photo, *args, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--" in result.output
+
+
+def test_layers_bad_size_is_a_usage_error(tmp_path):
+    result = _run("layers", tmp_path / "no-such-model.pt", "--size", "4")
+    assert result.exit_code == 2, result.output
+
+
+@pytest.mark.parametrize("kind", ["exits", "exits-in-backward"])
+def test_a_model_calling_exit_0_does_not_end_the_cli_successfully(tmp_path, small_photo, kind):
+    result = _run("run", _pickled(tmp_path, kind), small_photo, "--trust-model", "--size", "32",
+                  "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "exit()", "SystemExit(0)")
+    assert not (tmp_path / "out" / "noise").exists()
+
+
+def test_exit_0_from_anything_the_command_runs_is_not_success(tmp_path, small_photo, monkeypatch):
+    import attnexplain.images
+
+    def exits(*args, **kwargs):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(attnexplain.images, "load_image", exits)
+    result = _run("run", tmp_path / "model.pt", small_photo, "--out", tmp_path)
+    assert result.exit_code == 1
+    _one_error_line(result.output, "exit()")
+
+
+def test_a_python_api_model_calling_exit_raises_an_error(small_photo):
+    import attnexplain
+    from attnexplain.errors import ModelRunError
+
+    with pytest.raises(ModelRunError, match="exit"):
+        attnexplain.explain(hostile_modules.build("exits"), small_photo, size=32)
+
+
+# --- 20: one line on stderr, --debug anywhere ----------------------------------------------------------
+
+def test_stderr_is_one_line_when_a_googlenet_state_dict_does_not_fit(tmp_path, small_photo,
+                                                                     resnet_state_dict_file):
+    failed = _subprocess("run", resnet_state_dict_file, small_photo, "--arch", "googlenet",
+                         "--out", tmp_path, cwd=tmp_path)
+    assert failed.returncode == 1
+    _one_error_line(failed.stderr, "googlenet")
+
+
+def test_stderr_is_one_line_after_loading_a_torchscript_file(tmp_path, small_photo):
+    import torch
+
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(hostile_modules.build("ok"), torch.zeros(1, 3, 32, 32)), scripted)
+    failed = _subprocess("run", scripted, small_photo, "--trust-model", "--size", "32",
+                         "--method", "gradcam", "--out", tmp_path, cwd=tmp_path)
+    assert failed.returncode == 1
+    _one_error_line(failed.stderr, "gradcam needs the model's inner layers")
+    worked = _subprocess("run", scripted, small_photo, "--trust-model", "--size", "32", "--out",
+                         tmp_path / "out", "--json", cwd=tmp_path)
+    assert worked.returncode == 0, worked.stderr
+    assert worked.stderr == ""
+    assert json.loads(worked.stdout)["method"] == "saliency"
+
+
+def test_debug_after_the_command_shows_the_models_traceback(tmp_path, small_photo):
+    model = _pickled(tmp_path, "raises")
+    args = ["run", model, small_photo, "--trust-model", "--size", "32", "--out", tmp_path / "out"]
+    plain = _subprocess(*args, cwd=tmp_path)
+    assert plain.returncode == 1
+    _one_error_line(plain.stderr, "boom inside forward")
+    debugged = _subprocess(*args, "--debug", cwd=tmp_path)
+    assert debugged.returncode == 1, debugged.stderr
+    assert "Traceback" in debugged.stderr and "hostile_modules.py" in debugged.stderr
+    assert debugged.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_warnings_are_silenced_only_during_the_command():
+    import warnings
+
+    before = list(warnings.filters)
+    _run("methods")
+    assert warnings.filters == before
+
+
+# --- 21: --max-pixels is the one limit -------------------------------------------------------------------
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width × height grayscale pixels and holds almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_max_pixels_above_pillows_own_limit_is_the_limit(tmp_path):
+    from attnexplain.errors import ImageError
+    from attnexplain.images import load_image
+
+    huge = _png_header_only(tmp_path / "huge.png", 13_500, 13_500)  # 182 M pixels > Pillow's 179 M
+    with pytest.raises(ImageError, match="more than the limit of 100,000,000"):
+        load_image(huge)
+    limit = Image.MAX_IMAGE_PIXELS
+
+    def read(_):
+        with pytest.raises(ImageError) as raised:
+            load_image(huge, max_pixels=200_000_000)
+        return str(raised.value)
+
+    with ThreadPoolExecutor(3) as pool:  # batch decodes on threads
+        messages = list(pool.map(read, range(3)))
+    for message in messages:  # past every size check, to decoding, which finds the data missing
+        assert "too large" not in message and "Cannot decode" in message, message
+    assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is back for everyone else
+
+
+# --- 25 and #15.4: a map with nothing to show says so -------------------------------------------------
+
+def test_an_all_zero_map_is_reported_on_terminal_json_and_html(tmp_path, small_photo):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "run", str(_pickled(tmp_path, "dead")), str(small_photo), "--trust-model", "--size", "32",
+        "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    warning = report["maps"]["gradcam"]["warning"]
+    assert "all zero" in warning and "--layer" in warning and "layercam" in warning
+    assert result.stderr.strip() == f"Warning: {warning}"
+    html = (out / "noise" / "report.html").read_text()
+    assert "all zero" in html
+
+
+def test_an_all_zero_map_is_on_the_batch_detail_page(tmp_path, small_photo):
+    out = tmp_path / "out"
+    result = _run("batch", _pickled(tmp_path, "dead"), small_photo, "--trust-model", "--size", "32",
+                  "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    pages = list((out / "images").rglob("detail.html"))
+    assert len(pages) == 1 and "all zero" in pages[0].read_text()
+
+
+def test_rounding_noise_is_not_stretched_into_colour():
+    from attnexplain.render import flat_map, normalize_heatmap, render_overlay
+
+    rng = np.random.default_rng(0)
+    # Inception-v3 Score-CAM on a 2×2 map: values equal to within 1e-7 of their size.
+    noisy = (1.0 + rng.uniform(-1, 1, (2, 2)) * 1e-7).astype(np.float32) * 3.0
+    assert flat_map(noisy) == "constant"
+    assert not normalize_heatmap(noisy).any()
+    photo = np.full((8, 8, 3), 128, np.uint8)
+    box = (0.0, 0.0, 8.0, 8.0)
+    np.testing.assert_array_equal(render_overlay(photo, noisy, box), render_overlay(photo, np.zeros((2, 2)), box))
+    real = np.array([[0.0, 1e-3], [2e-3, 1.0]], np.float32)
+    assert flat_map(real) is None and normalize_heatmap(real).max() == 1.0
+
+
+def test_a_constant_map_says_constant_in_the_report(tmp_path, small_photo):
+    import attnexplain
+
+    explanation = attnexplain.explain(hostile_modules.build("ok"), small_photo, size=32)
+    explanation.maps["gradcam"].heatmap = np.full((32, 32), 0.25, np.float32) * \
+        (1 + np.float32(1e-7) * np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32))
+    report = explanation.save(tmp_path / "saved")
+    assert "constant" in report["maps"]["gradcam"]["warning"]
+    assert "constant" in (tmp_path / "saved" / "report.html").read_text()
