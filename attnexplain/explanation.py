@@ -18,6 +18,7 @@ from .errors import MethodError, NothingToExplain
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
+from .methods.attribution import BASELINES, baseline_images
 from .methods.attention import attention_received, raw_attention
 from .plugins import Detections, WindowedAttention
 from .methods.cam import cam_map
@@ -44,7 +45,8 @@ class MethodOptions:
     aug_smooth: bool = False  # every method: average over flipped and zoomed copies
     steps: int = 32  # integrated_gradients
     samples: int = 16  # smoothgrad
-    noise: float = 0.15  # smoothgrad, as a share of the input's range
+    noise: float = 0.15  # smoothgrad, as a share of each image's range
+    baseline: str = "mean"  # integrated_gradients, occlusion: mean (0 after normalisation), black, blur
     window: int = 16  # occlusion, pixels at model resolution
     stride: int = 8  # occlusion
     batch_size: int = 32  # scorecam, occlusion, integrated_gradients, smoothgrad
@@ -57,6 +59,8 @@ class MethodOptions:
         for name in ("steps", "samples", "window", "stride", "batch_size"):
             if getattr(self, name) < 1:
                 raise MethodError(f"{name} must be at least 1.")
+        if self.baseline not in BASELINES:
+            raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -183,7 +187,8 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    computed = compute_maps(loaded, batch, plan.methods, plan.layers, target=target, options=options)
+    computed = compute_maps(loaded, batch, plan.methods, plan.layers, target=target, options=options,
+                            preprocessing=preprocessing)
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
@@ -424,23 +429,28 @@ class ChannelGates:
 
 def compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
                  *, target: int | str | None = None, options: MethodOptions | None = None,
-                 targets: torch.Tensor | None = None) -> BatchMaps:
+                 targets: torch.Tensor | None = None,
+                 preprocessing: Preprocessing | None = None) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
     ``target`` (an index or label) is explained for every image; by default each image's top-1
     class. ``targets`` fixes the classes outright. ``layers`` are the CAM layers (see
-    :func:`default_layer`). This is the batch-level core that :func:`explain` wraps.
+    :func:`default_layer`). ``preprocessing`` is how ``batch`` was normalised (default: the
+    model's), which says what a black pixel is for ``--baseline black``. This is the batch-level
+    core that :func:`explain` wraps. Every image's maps are the same as if it were alone.
     """
     options = options or MethodOptions()
-    computed = _compute_once(loaded, batch, methods, layers, target, options, targets)
+    normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
+    black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
+    computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black)
     if options.aug_smooth:
-        computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed)
+        computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed, black)
     return computed
 
 
 def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
                   target: int | str | None, options: MethodOptions,
-                  targets: torch.Tensor | None) -> BatchMaps:
+                  targets: torch.Tensor | None, black: torch.Tensor) -> BatchMaps:
     module = loaded.module
     size = tuple(batch.shape[-2:])
     state: dict[str, Any] = {}
@@ -484,15 +494,21 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
         if "targets" not in state:
             with torch.no_grad():
                 score(module(batch))
+        baseline = baseline_images(batch, options.baseline, black)
         for method in input_methods:
+            cam = None
+            if method.name == "guided_gradcam":  # its Grad-CAM half: the CAM pass, same layer layout
+                cam = maps.get("gradcam")
+                if cam is None:
+                    cam = _cam_pass(loaded, batch, [METHODS["gradcam"]], layers, score, options)["gradcam"]
             with torch.enable_grad():
                 attribution = method.compute(
-                    forward, batch, state["targets"].tolist(), model=module,
-                    layer=layers[0] if layers else None, steps=options.steps,
-                    samples=options.samples, noise=options.noise, window=options.window,
-                    stride=options.stride, batch_size=options.batch_size)
+                    forward, batch, state["targets"].tolist(), model=module, cam=cam,
+                    baseline=baseline, steps=options.steps, samples=options.samples,
+                    noise=options.noise, window=options.window, stride=options.stride,
+                    batch_size=options.batch_size)
             maps[method.name] = _upsample(attribution.detach(), size)
-            used_layers[method.name] = layers[:1] if method.name == "guided_gradcam" else []
+            used_layers[method.name] = list(layers) if method.name == "guided_gradcam" else []
     order = [m.name for m in methods]  # as asked for
     return BatchMaps(probabilities=state["probabilities"], targets=state["targets"],
                      maps={name: maps[name] for name in order},
@@ -647,7 +663,8 @@ def _gates_pass(loaded: LoadedModel, batch: torch.Tensor, method: Method,
 
 
 def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
-                            layers: list[str], options: MethodOptions, plain: BatchMaps) -> BatchMaps:
+                            layers: list[str], options: MethodOptions, plain: BatchMaps,
+                            black: torch.Tensor) -> BatchMaps:
     """Average each map over the image, its mirror image and zoomed-in copies, each mapped back.
 
     Zooming crops the centre and resizes it back to the input size (the model keeps its input
@@ -664,7 +681,8 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
                 continue
             augmented, (top, left, crop_h, crop_w) = _augment(batch, flip, zoom)
             try:
-                copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets)
+                copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets,
+                                     black)
             except NothingToExplain:  # a detector found nothing in this copy: it has no say
                 continue
             for name, heatmap in copy.maps.items():

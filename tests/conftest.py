@@ -41,13 +41,33 @@ def small_resnet():
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5).eval()
-    # Random BatchNorm statistics so that activations are not trivially uniform.
+    return with_random_batchnorm_statistics(torchvision.models.resnet18(num_classes=5).eval())
+
+
+def with_random_batchnorm_statistics(model):
+    """``model`` with random BatchNorm statistics, so that activations are not trivially uniform."""
+    import torch
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gated_model():
+    """A MobileNetV3-small with 5 classes and random, non-uniform squeeze-and-excitation gates."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
+    with torch.no_grad():  # a fresh model's gates are all 0.5
+        for module in model.modules():
+            if isinstance(module, torchvision.ops.SqueezeExcitation):
+                module.fc2.bias.normal_(0, 2)
     return model
 
 
