@@ -57,36 +57,6 @@ def with_random_batchnorm_statistics(model):
 
 
 @pytest.fixture(scope="session")
-def gated_model():
-    """A MobileNetV3-small with 5 classes and random, non-uniform squeeze-and-excitation gates."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
-    with torch.no_grad():  # a fresh model's gates are all 0.5
-        for module in model.modules():
-            if isinstance(module, torchvision.ops.SqueezeExcitation):
-                module.fc2.bias.normal_(0, 2)
-    return model
-
-
-@pytest.fixture(scope="session")
-def small_vit():
-    """A small torchvision VisionTransformer (64 px, 8 px patches, 3 layers) with random weights."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(1)
-    model = torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=3,
-                                                 num_heads=4, hidden_dim=32, mlp_dim=64,
-                                                 num_classes=6).eval()
-    with torch.no_grad():  # torchvision zero-initialises the head; give it real values
-        model.heads.head.weight.normal_(0, 0.2)
-    return model
-
-
-@pytest.fixture(scope="session")
 def resnet_state_dict_file(small_resnet, tmp_path_factory) -> Path:
     import torch
 

@@ -14,6 +14,17 @@ from attnexplain.errors import MethodError
 from attnexplain.preprocess import Preprocessing, prepare
 
 
+@pytest.fixture(scope="module")
+def gated_model():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=5).eval()
+    with torch.no_grad():  # random, non-uniform gates (a fresh model's are all 0.5)
+        for module in model.modules():
+            if isinstance(module, torchvision.ops.SqueezeExcitation):
+                module.fc2.bias.normal_(0, 2)
+    return model
+
+
 def test_gates_are_the_values_the_blocks_multiply_by(gated_model):
     from skimage import data
 

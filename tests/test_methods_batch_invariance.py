@@ -16,6 +16,8 @@ from attnexplain.methods import METHODS
 from attnexplain.methods.attribution import NOISE_SEED
 from attnexplain.preprocess import Preprocessing, prepare
 
+from test_gates import gated_model  # noqa: F401 - the fixture: a MobileNetV3 with non-uniform gates
+
 SIZE = 64
 #: Few samples and steps: the property does not depend on them, the test's time does.
 OPTIONS = MethodOptions(samples=4, steps=8, window=16, stride=8)
