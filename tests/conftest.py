@@ -57,6 +57,21 @@ def with_random_batchnorm_statistics(model):
 
 
 @pytest.fixture(scope="session")
+def small_vit():
+    """A small torchvision VisionTransformer (64 px, 8 px patches, 3 layers) with random weights."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(1)
+    model = torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=3,
+                                                 num_heads=4, hidden_dim=32, mlp_dim=64,
+                                                 num_classes=6).eval()
+    with torch.no_grad():  # torchvision zero-initialises the head; give it real values
+        model.heads.head.weight.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
 def resnet_state_dict_file(small_resnet, tmp_path_factory) -> Path:
     import torch
 
