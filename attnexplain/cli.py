@@ -188,6 +188,13 @@ def method_options(function):
                      help="smoothgrad: noisy copies."),
         click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
+        # Not a parameter of the commands: _method_settings reads it from the context, so that the
+        # commands' signatures need not each list it.
+        click.option("--baseline", default="mean", show_default=True, expose_value=False,
+                     type=click.Choice(["mean", "black", "blur"]), callback=_remember_baseline,
+                     help="integrated_gradients, occlusion: the reference image. mean: the "
+                          "normalisation's mean colour (0 after normalisation); black: pixel value "
+                          "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
         click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
                      help="Masked or perturbed images per forward pass (scorecam, occlusion, IG)."),
     ]
@@ -237,14 +244,20 @@ def overlay_format_option(default: str):
                         help="File format of the overlays (the raw maps are always .npy).")
 
 
+def _remember_baseline(context: click.Context, _parameter: click.Parameter, value: str) -> str:
+    context.meta["attnexplain.baseline"] = value
+    return value
+
+
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
                      batch_size):
     from .explanation import MethodOptions
 
+    baseline = click.get_current_context().meta.get("attnexplain.baseline", "mean")
     return MethodOptions(head_fusion=head_fusion, discard_ratio=discard_ratio,
                          eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, steps=steps,
                          samples=samples, window=window, stride=max(1, window // 2),
-                         batch_size=batch_size)
+                         batch_size=batch_size, baseline=baseline)
 
 
 @main.command()

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import (_submodule, attention_gradients, capture_activations, frozen_parameters,
+from .capture import (attention_gradients, capture_activations, frozen_parameters,
                       probe_layers, replaced_forward)
 from .errors import AttnExplainError, MethodError, ModelRunError, NothingToExplain
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
+from .methods.attribution import BASELINES, baseline_images
 from .methods.attention import attention_received, raw_attention
 from .plugins import Detections, WindowedAttention
 from .methods.cam import cam_map
@@ -47,7 +48,8 @@ class MethodOptions:
     aug_smooth: bool = False  # every method: average over flipped and zoomed copies
     steps: int = 32  # integrated_gradients
     samples: int = 16  # smoothgrad
-    noise: float = 0.15  # smoothgrad, as a share of the input's range
+    noise: float = 0.15  # smoothgrad, as a share of each image's range
+    baseline: str = "mean"  # integrated_gradients, occlusion: mean (0 after normalisation), black, blur
     window: int = 16  # occlusion, pixels at model resolution
     stride: int = 8  # occlusion
     batch_size: int = 32  # scorecam, occlusion, integrated_gradients, smoothgrad
@@ -60,6 +62,8 @@ class MethodOptions:
         for name in ("steps", "samples", "window", "stride", "batch_size"):
             if getattr(self, name) < 1:
                 raise MethodError(f"{name} must be at least 1.")
+        if self.baseline not in BASELINES:
+            raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -186,7 +190,8 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    computed = compute_maps(loaded, batch, plan.methods, plan.layers, target=target, options=options)
+    computed = compute_maps(loaded, batch, plan.methods, plan.layers, target=target, options=options,
+                            preprocessing=preprocessing)
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
@@ -433,18 +438,23 @@ class ChannelGates:
 
 def compute_maps(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
                  *, target: int | str | None = None, options: MethodOptions | None = None,
-                 targets: torch.Tensor | None = None) -> BatchMaps:
+                 targets: torch.Tensor | None = None,
+                 preprocessing: Preprocessing | None = None) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
     ``target`` (an index or label) is explained for every image; by default each image's top-1
     class. ``targets`` fixes the classes outright. ``layers`` are the CAM layers (see
-    :func:`default_layer`). This is the batch-level core that :func:`explain` wraps.
+    :func:`default_layer`). ``preprocessing`` is how ``batch`` was normalised (default: the
+    model's), which says what a black pixel is for ``--baseline black``. This is the batch-level
+    core that :func:`explain` wraps. Every image's maps are the same as if it were alone.
     """
     options = options or MethodOptions()
+    normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
+    black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
     with model_failures(loaded.module):
-        computed = _compute_once(loaded, batch, methods, layers, target, options, targets)
+        computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black)
         if options.aug_smooth:
-            computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed)
+            computed = _augmentation_smoothing(loaded, batch, methods, layers, options, computed, black)
     return computed
 
 
@@ -512,7 +522,7 @@ def _forward_failure(error: Exception, args: tuple[Any, ...]) -> str:
 
 def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
                   target: int | str | None, options: MethodOptions,
-                  targets: torch.Tensor | None) -> BatchMaps:
+                  targets: torch.Tensor | None, black: torch.Tensor) -> BatchMaps:
     module = loaded.module
     size = tuple(batch.shape[-2:])
     state: dict[str, Any] = {}
@@ -560,16 +570,22 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
         if "targets" not in state:
             with torch.no_grad():
                 score(module(batch))
+        baseline = baseline_images(batch, options.baseline, black)
         for method in input_methods:
-            _check_input_method(loaded, method, batch, layers, options)
+            _check_input_method(method, batch, options)
+            cam = None
+            if method.name == "guided_gradcam":  # its Grad-CAM half: the CAM pass, same layer layout
+                cam = maps.get("gradcam")
+                if cam is None:
+                    cam = _cam_pass(loaded, batch, [METHODS["gradcam"]], layers, score, options)["gradcam"]
             with torch.enable_grad(), _gradient_needed(method.name):
                 attribution = method.compute(
-                    forward, batch, state["targets"].tolist(), model=module,
-                    layer=layers[0] if layers else None, steps=options.steps,
-                    samples=options.samples, noise=options.noise, window=options.window,
-                    stride=options.stride, batch_size=options.batch_size)
+                    forward, batch, state["targets"].tolist(), model=module, cam=cam,
+                    baseline=baseline, steps=options.steps, samples=options.samples,
+                    noise=options.noise, window=options.window, stride=options.stride,
+                    batch_size=options.batch_size)
             maps[method.name] = _upsample(attribution.detach(), size)
-            used_layers[method.name] = layers[:1] if method.name == "guided_gradcam" else []
+            used_layers[method.name] = list(layers) if method.name == "guided_gradcam" else []
     order = [m.name for m in methods]  # as asked for
     return BatchMaps(probabilities=state["probabilities"], targets=state["targets"],
                      maps={name: maps[name] for name in order},
@@ -636,22 +652,12 @@ def _check_scores(logits: torch.Tensor, batch_size: int) -> None:
                             f"(logits).")
 
 
-def _check_input_method(loaded: LoadedModel, method: Method, batch: torch.Tensor, layers: list[str],
-                        options: MethodOptions) -> None:
+def _check_input_method(method: Method, batch: torch.Tensor, options: MethodOptions) -> None:
     """Settings an input method cannot work with, refused with the reason before Captum fails."""
     height, width = batch.shape[-2:]
     if method.name == "occlusion" and options.window > min(height, width):
         raise MethodError(f"The occlusion window ({options.window} pixels) is larger than the model's "
                           f"input ({height}x{width}); use --window {min(height, width)} or less.")
-    if method.name == "guided_gradcam":
-        _submodule(loaded.module, layers[0])  # an unknown name is refused as every layer option is
-        with model_failures(loaded.module):
-            shapes = {info.name: info.shape for info in probe_layers(loaded.module, batch[:1])}
-        shape = shapes.get(layers[0])
-        if shape is None or len(shape) < 3:
-            found = "no tensor" if shape is None else f"shape {shape}"
-            raise MethodError(f"guided_gradcam needs layer {layers[0]!r} to output a map, but it "
-                              f"outputs {found}; choose one that `attnexplain layers` lists.")
 
 
 def _no_gradient(what: str, alternative: str) -> str:
@@ -781,7 +787,8 @@ def _gates_pass(loaded: LoadedModel, batch: torch.Tensor, method: Method,
 
 
 def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method],
-                            layers: list[str], options: MethodOptions, plain: BatchMaps) -> BatchMaps:
+                            layers: list[str], options: MethodOptions, plain: BatchMaps,
+                            black: torch.Tensor) -> BatchMaps:
     """Average each map over the image, its mirror image and zoomed-in copies, each mapped back.
 
     Zooming crops the centre and resizes it back to the input size (the model keeps its input
@@ -798,7 +805,8 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
                 continue
             augmented, (top, left, crop_h, crop_w) = _augment(batch, flip, zoom)
             try:
-                copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets)
+                copy = _compute_once(loaded, augmented, methods, layers, None, options, plain.targets,
+                                     black)
             except NothingToExplain:  # a detector found nothing in this copy: it has no say
                 continue
             for name, heatmap in copy.maps.items():

@@ -41,8 +41,13 @@ def small_resnet():
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5).eval()
-    # Random BatchNorm statistics so that activations are not trivially uniform.
+    return with_random_batchnorm_statistics(torchvision.models.resnet18(num_classes=5).eval())
+
+
+def with_random_batchnorm_statistics(model):
+    """``model`` with random BatchNorm statistics, so that activations are not trivially uniform."""
+    import torch
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):

@@ -59,14 +59,20 @@ def test_smoothgrad_is_captum_noise_tunnel(small_resnet, photo):
     assert correlation(result.heatmap, reference.amax(1)[0].numpy()) >= 0.999
 
 
-def test_guided_gradcam_equals_captum(small_resnet, photo):
-    from captum.attr import GuidedGradCam
+def test_guided_gradcam_is_captum_guided_backprop_times_bilinear_gradcam(small_resnet, photo):
+    """Captum's GuidedGradCam, but with the Grad-CAM map upsampled bilinearly as in the paper (and
+    as our CAM maps are); Captum's own class upsamples nearest-neighbour."""
+    from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam
 
     result = attnexplain.explain(small_resnet, photo, "guided_gradcam", size=SIZE)
     assert result.layer == "layer4"
-    reference = GuidedGradCam(small_resnet, small_resnet.layer4).attribute(
-        _batch(photo).requires_grad_(), target=result.target.index)
-    assert correlation(result.heatmap, reference.sum(1).abs()[0].detach().numpy()) >= 0.999
+    target = result.target.index
+    cam = LayerGradCam(small_resnet, small_resnet.layer4).attribute(
+        _batch(photo).requires_grad_(), target=target, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, (SIZE, SIZE), interpolate_mode="bilinear")
+    guided = GuidedBackprop(small_resnet).attribute(_batch(photo).requires_grad_(), target=target)
+    reference = (guided * cam).sum(1).abs()[0].detach().numpy()
+    assert correlation(result.heatmap, reference) >= 0.999
 
 
 @pytest.mark.parametrize("method", ["gradcam", "rollout", "saliency"])

@@ -93,7 +93,7 @@ class TorchvisionPlugin(ModelPlugin):
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
         try:
-            module = torchvision.models.get_model(name, weights=chosen)
+            module = _with_rectified_features(torchvision.models.get_model(name, weights=chosen))
         except (OSError, RuntimeError) as error:
             if cached.exists() and "HTTP" not in str(error) and "urlopen" not in str(error):
                 raise ModelLoadError(f"Cannot load cached weights {cached}: "
@@ -132,6 +132,11 @@ class TorchvisionPlugin(ModelPlugin):
         # the classifier's own class-score convolution: the feature map itself is the one to explain.
         if isinstance(model, (AlexNet, VGG, SqueezeNet)):
             return "features"
+        from .torchvision_densenet import RECTIFIED_LAYER, RectifiedDenseNet
+
+        if isinstance(model, RectifiedDenseNet):
+            # What the classifier reads: the features after DenseNet's ReLU (docs/methods.md).
+            return RECTIFIED_LAYER
         if _is_segmentation(model):
             # The backbone's last stage, as for classifiers; after it come the class-score heads.
             last = list(model.backbone.named_children())[-1][0]
@@ -230,7 +235,17 @@ def _builder(name: str) -> Callable[..., Any]:
     segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
     detection = torchvision.models.list_models(module=torchvision.models.detection)
     extra = {"weights_backbone": None} if name in segmentation or name in detection else {}
-    return functools.partial(torchvision.models.get_model, name, **extra)
+    build = functools.partial(torchvision.models.get_model, name, **extra)
+    if name.startswith("densenet"):
+        return lambda **kwargs: _with_rectified_features(build(**kwargs))
+    return build
+
+
+def _with_rectified_features(model: Any) -> Any:
+    """A DenseNet whose rectified features are a layer (see torchvision_densenet); others unchanged."""
+    from .torchvision_densenet import with_rectified_features
+
+    return with_rectified_features(model)
 
 
 def _smallest_input(name: str) -> int:

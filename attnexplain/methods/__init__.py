@@ -71,17 +71,18 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("saliency", "input", True, "Absolute input gradient of the target score.", _ANY,
            "1 forward + 1 backward", "Simonyan et al. 2014, Deep Inside Convolutional Networks",
            attribution.saliency),
-    Method("integrated_gradients", "input", True, "Gradients integrated along a path from a black "
-           "image (Captum).", _ANY, "steps × (forward + backward)",
+    Method("integrated_gradients", "input", True, "Gradients integrated along a path from a baseline "
+           "image (--baseline: the dataset's mean colour, black or a blurred copy; Captum).", _ANY, "steps × (forward + backward)",
            "Sundararajan et al. 2017, Axiomatic Attribution", attribution.integrated_gradients),
-    Method("smoothgrad", "input", True, "Saliency averaged over noisy copies of the image (Captum "
-           "NoiseTunnel).", _ANY, "samples × (forward + backward)",
+    Method("smoothgrad", "input", True, "Saliency averaged over noisy copies of the image (noise σ: "
+           "a share of the image's range; the same noise for every image).", _ANY, "samples × (forward + backward)",
            "Smilkov et al. 2017, SmoothGrad", attribution.smoothgrad),
-    Method("occlusion", "input", False, "How much the score drops when each window is blacked "
-           "out (Captum).", _ANY, "one forward per window position (batched)",
+    Method("occlusion", "input", False, "How much the score drops when each window is replaced by "
+           "the baseline (--baseline: the dataset's mean colour, black or blurred; Captum).", _ANY, "one forward per window position (batched)",
            "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion),
     Method("guided_gradcam", "input", True, "Guided backpropagation × Grad-CAM: fine detail of "
-           "the class evidence (Captum).", _CNN, "2 × (forward + backward)",
+           "the class evidence (Captum's guided backpropagation).", _CNN + "; transformers through "
+           "their plugin's layer layout, as the CAMs", "2 × (forward + backward)",
            "Selvaraju et al. 2017, Grad-CAM", attribution.guided_gradcam),
 )}
 

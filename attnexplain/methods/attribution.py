@@ -1,10 +1,22 @@
-"""Gradient attributions, computed by Captum: we choose settings and reduce channels, Captum does the math."""
+"""Gradient attributions, computed by Captum: we choose settings and reduce channels, Captum does the math.
+
+Every image of a batch is explained on its own terms: its noise, its baseline and its target are its
+own, so that an image's map is the same alone and among others (what ``batch`` relies on).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
+
+#: The noise of SmoothGrad is drawn from a generator with this seed for every image: the same image
+#: gets the same noisy copies alone, in any batch, at any position, and from one run to the next.
+NOISE_SEED = 0
+
+#: What integrated gradients starts from and occlusion fills windows with (``--baseline``).
+BASELINES = ("mean", "black", "blur")
 
 
 def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any) -> torch.Tensor:
@@ -14,54 +26,103 @@ def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any
     return Saliency(forward).attribute(_leaf(batch), target=target, abs=True).amax(dim=1)
 
 
-def integrated_gradients(forward: Callable, batch: torch.Tensor, target: list[int], *, steps: int = 32,
-                         batch_size: int = 32, **_: Any) -> torch.Tensor:
-    """Integrated Gradients (Sundararajan et al. 2017) from a black (zero) baseline; |sum over channels|."""
+def integrated_gradients(forward: Callable, batch: torch.Tensor, target: list[int], *,
+                         baseline: torch.Tensor, steps: int = 32, batch_size: int = 32,
+                         **_: Any) -> torch.Tensor:
+    """Integrated Gradients (Sundararajan et al. 2017) from ``baseline`` (see :func:`baseline_images`);
+    |sum over channels|."""
     from captum.attr import IntegratedGradients
 
     attribution = IntegratedGradients(forward).attribute(
-        _leaf(batch), baselines=torch.zeros_like(batch), target=target, n_steps=steps,
-        internal_batch_size=batch_size)
+        _leaf(batch), baselines=baseline, target=target, n_steps=steps, internal_batch_size=batch_size)
     return attribution.sum(dim=1).abs()
 
 
 def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, samples: int = 16,
                noise: float = 0.15, batch_size: int = 32, **_: Any) -> torch.Tensor:
-    """SmoothGrad (Smilkov et al. 2017): saliency averaged over noisy copies (Captum NoiseTunnel).
+    """SmoothGrad (Smilkov et al. 2017): saliency (Captum's) averaged over noisy copies of each image.
 
-    ``noise`` is the noise's standard deviation as a fraction of the input's range, as in the paper.
+    ``noise`` is the noise's standard deviation as a share of the image's own range
+    (x_max − x_min), as in the paper; the noise comes from a generator seeded with
+    :data:`NOISE_SEED` for each image, so neither depends on the other images of the batch.
     """
-    from captum.attr import NoiseTunnel, Saliency
+    from captum.attr import Saliency
 
-    spread = float(batch.max() - batch.min()) * noise
-    attribution = NoiseTunnel(Saliency(forward)).attribute(
-        _leaf(batch), nt_type="smoothgrad", nt_samples=samples,
-        nt_samples_batch_size=batch_size, stdevs=spread, target=target, abs=True)
-    return attribution.amax(dim=1)
+    attribute = Saliency(forward).attribute
+    maps = []
+    for image, image_target in zip(batch, target):
+        spread = float(image.max() - image.min()) * noise
+        generator = torch.Generator().manual_seed(NOISE_SEED)  # on the CPU: the same noise on any device
+        draws = torch.randn((samples, *image.shape), generator=generator)
+        noisy = image + spread * draws.to(device=image.device, dtype=image.dtype)
+        total = torch.zeros_like(image, dtype=torch.float32)
+        for chunk in noisy.split(batch_size):
+            total += attribute(_leaf(chunk), target=[image_target] * len(chunk), abs=True).float().sum(dim=0)
+        maps.append((total / samples).amax(dim=0))
+    return torch.stack(maps)
 
 
-def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, window: int = 16,
-              stride: int = 8, batch_size: int = 32, **_: Any) -> torch.Tensor:
-    """Occlusion (Zeiler & Fergus 2014): the score's drop when a window is blacked out, summed over
-    channels; positive where hiding a region hurts the target."""
+def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
+              window: int = 16, stride: int = 8, batch_size: int = 32, **_: Any) -> torch.Tensor:
+    """Occlusion (Zeiler & Fergus 2014): the score's drop when a window is replaced by the same window
+    of ``baseline`` (see :func:`baseline_images`), summed over channels; positive where hiding a
+    region hurts the target."""
     from captum.attr import Occlusion
 
     channels = batch.shape[1]
     attribution = Occlusion(forward).attribute(
         batch, sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride),
-        baselines=0.0, target=target, perturbations_per_eval=batch_size)
+        baselines=baseline, target=target, perturbations_per_eval=batch_size)
     return attribution.sum(dim=1)
 
 
 def guided_gradcam(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
-                   layer: str, **_: Any) -> torch.Tensor:
-    """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation × upsampled Grad-CAM, Captum's
-    GuidedGradCam on the same layer; |sum over channels|."""
-    from captum.attr import GuidedGradCam
+                   cam: torch.Tensor, **_: Any) -> torch.Tensor:
+    """Guided Grad-CAM (Selvaraju et al. 2017): Captum's guided backpropagation × ``cam``, the
+    Grad-CAM map already upsampled to the input (bilinear, as in the paper); |sum over channels|.
 
-    attribution = GuidedGradCam(model, model.get_submodule(layer)).attribute(
-        _leaf(batch), target=target)
-    return attribution.sum(dim=1).abs()
+    Guided backpropagation only changes the backward pass of ``nn.ReLU`` modules; through a model
+    without them (a transformer's GELUs) it is the plain input gradient.
+    """
+    from captum.attr import GuidedBackprop
+
+    guided = GuidedBackprop(_ScoresModule(model, forward)).attribute(_leaf(batch), target=target)
+    return (guided * cam[:, None].to(guided.dtype)).sum(dim=1).abs()
+
+
+def baseline_images(batch: torch.Tensor, kind: str, black: torch.Tensor) -> torch.Tensor:
+    """The reference images integrated gradients starts from and occlusion fills in, one per image.
+
+    ``mean``: 0 after normalisation, the dataset's mean colour; ``black``: ``black``, the normalised
+    value of pixel 0, per channel; ``blur``: each image blurred by a Gaussian of σ = 1/16 of its
+    longer side (reflected at the borders), which keeps its colours and removes its shapes.
+    """
+    if kind == "mean":
+        return torch.zeros_like(batch)
+    if kind == "black":
+        return black.to(device=batch.device, dtype=batch.dtype).reshape(1, -1, 1, 1).expand_as(batch).clone()
+    if kind == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        height, width = batch.shape[-2:]
+        sigma = max(height, width) / 16
+        # Three σ each side, odd, and within what reflection at the border allows.
+        sizes = [min(2 * math.ceil(3 * sigma) + 1, 2 * ((side - 1) // 2) + 1) for side in (width, height)]
+        return gaussian_blur(batch, kernel_size=sizes, sigma=[sigma, sigma])
+    raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, not {kind!r}")
+
+
+class _ScoresModule(torch.nn.Module):
+    """``model`` seen through ``forward`` (its target scores, as its plugin defines them), as the
+    module Captum's guided backpropagation hooks the ReLUs of."""
+
+    def __init__(self, model: torch.nn.Module, forward: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.scores = forward
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.scores(inputs)
 
 
 def _leaf(batch: torch.Tensor) -> torch.Tensor:
