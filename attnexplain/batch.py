@@ -326,10 +326,19 @@ class ResultsLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def append(self, record: dict[str, Any]) -> None:
+        """Raises OSError (a full disk) with the file as it was: never half a line."""
         line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
-        while line:
-            line = line[os.write(self._fd, line):]
-        os.fsync(self._fd)
+        size = os.fstat(self._fd).st_size  # callers append one at a time
+        try:
+            while line:
+                line = line[os.write(self._fd, line):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, size)  # needs no space
+            except OSError:
+                pass  # read_results skips a garbled line
+            raise
 
     def close(self) -> None:
         os.close(self._fd)
@@ -568,8 +577,9 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
             try:
                 log.append(record)
             except OSError as error:  # a full disk: the image fails, the run goes on
-                record = dict(record, status="failed",
-                              reason=f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}")
+                record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
+                          "status": "failed",
+                          "reason": f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}"}
             records[record["image"]] = record
             if record["status"] == "ok":
                 summary.ok += 1
