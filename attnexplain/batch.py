@@ -14,7 +14,7 @@ options) already has an ``ok`` line whose outputs exist.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
 import json
 import os
@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -155,12 +155,51 @@ class _Collector:
                     self._take(parent_path / name)
 
     def _glob(self, spec: str) -> None:
+        parts = Path(spec).parts
+        first = next(index for index, part in enumerate(parts) if _has_glob(part))
+        base = Path(*parts[:first]) if first else Path(".")
         before = len(self.found)
-        for match in sorted(glob.glob(spec, recursive=True)):
+        for match in sorted(set(_glob_matches(base, parts[first:]))):
             if not os.path.isdir(match):
-                self._take(Path(match))
+                self._take(match)
         if len(self.found) == before:
             self.missing.append((spec, f"No file matches {spec}"))
+
+
+def _glob_matches(base: Path, patterns: Sequence[str]) -> Iterator[Path]:
+    """What the glob components ``patterns`` match under ``base``, like :func:`glob.glob` with
+    ``recursive=True`` except that ``**`` never follows a symbolic link to a folder: glob's does,
+    and two links to ``.`` make that 2**40 paths. Hidden names match only a pattern starting with a dot."""
+    if not patterns:
+        yield base
+        return
+    head, rest = patterns[0], patterns[1:]
+    if not _has_glob(head):
+        if os.path.lexists(base / head):
+            yield from _glob_matches(base / head, rest)
+        return
+    try:
+        entries = sorted(os.scandir(base), key=lambda entry: entry.name)
+    except OSError:
+        return
+    if head == "**":
+        yield from _glob_matches(base, rest)  # no folder at all
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _glob_matches(Path(entry.path), patterns)
+            elif not rest:
+                yield Path(entry.path)
+        return
+    for entry in entries:
+        if (entry.name.startswith(".") and not head.startswith(".")) \
+                or not fnmatch.fnmatchcase(entry.name, head):
+            continue
+        if not rest:
+            yield Path(entry.path)
+        elif entry.is_dir():
+            yield from _glob_matches(Path(entry.path), rest)
 
 
 def collect_inputs(specs: Sequence[str], exclude: Path | None = None) -> Inputs:

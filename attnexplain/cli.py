@@ -437,7 +437,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
             result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume,
                                shard=shard, quiet=quiet)
     except Stopped as stop:
-        click.echo(f"Stopped by {stop}; the partial report is in {out_dir}.", err=True)
+        where = f"; the partial report is in {out_dir}" if (out_dir / "report.json").is_file() else ""
+        click.echo(f"Stopped by {stop}{where}.", err=True)
         sys.exit(stop.exit_code)
     if result.skipped_inputs:
         shown = "; ".join(f"{path} {reason}" for path, reason in result.skipped_inputs[:5])

@@ -204,6 +204,19 @@ def test_folder_entries_that_are_not_regular_files_are_listed_with_their_reason(
     assert "Skipped 4 entries" in result.output and "pipe.jpg is a FIFO" in result.output
 
 
+def test_recursive_glob_does_not_follow_symlink_loops(tmp_path):
+    photos = _folder(tmp_path / "photos", 2)
+    (photos / "again").symlink_to(".")
+    (photos / "once-more").symlink_to(".")
+    # A subprocess: glob.glob follows both links 40 levels deep (2**40 paths) and never ends.
+    code = (f"from attnexplain.batch import collect_inputs; "
+            f"print(sorted(i.relative for i in collect_inputs([{str(photos / '**' / '*.png')!r}]).images))")
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['img00.png', 'img01.png']"
+
+
 # --- 11. two runs on one --out -------------------------------------------------------------------------
 
 def test_second_batch_on_the_same_out_is_refused_while_the_first_runs(resnet_state_dict_file, tmp_path,
