@@ -107,7 +107,10 @@ def remove_stale_staging(folder: Path) -> list[Path]:
             if name in folders:
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    continue  # left for a later run; it is never read
             removed.append(path)
         folders[:] = [name for name in folders if not is_staging_name(name)]
     return removed

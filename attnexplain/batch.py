@@ -7,9 +7,15 @@ images is in flight at any time, so memory does not grow with the number of imag
 Never losing work: every file is written atomically (per-image folders as a whole), ``results.jsonl``
 gets one line per image, flushed as soon as that image's files are in place (by the thread that wrote
 them), and ``report.json``, ``summary.csv`` and ``index.html`` are refreshed periodically and at the end
-(also on Ctrl-C).
-``resume=True`` skips images whose key (sha256 of the file's bytes + a fingerprint of the model and
-options) already has an ``ok`` line whose outputs exist.
+(also on Ctrl-C, and on SIGTERM / SIGHUP under the CLI). One run at a time writes into an output folder
+(a lock, see :mod:`attnexplain._lock`); staging files a killed run left there are removed by the next.
+``resume=True`` skips each image whose path already has an ``ok`` line with the same key (sha256 of
+the file's bytes + a fingerprint of the model and options) and whose outputs exist where this run puts
+them: two files with equal bytes are two images, and an earlier line never points outside ``out``.
+
+Inputs are checked with ``os.stat`` before anything opens them (a FIFO blocks, a device never ends),
+kept as named (symbolic links are not resolved, so outputs mirror the inputs as given), and never
+taken from inside ``out``.
 """
 
 from __future__ import annotations
@@ -597,7 +603,10 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     # Per image, not per content: two files with the same bytes are two images, each with its row.
     kept = {record["image"]: record for record in (read_results(out / RESULTS_JSONL) if resume else [])
             if _reusable(record, key_prefix, wanted, out)}
-    log = ResultsLog(out / RESULTS_JSONL, kept.values())
+    try:
+        log = ResultsLog(out / RESULTS_JSONL, kept.values())
+    except OSError as error:  # a full disk before anything started
+        raise AttnExplainError(f"Cannot write {out / RESULTS_JSONL}: {error.strerror or error}.") from None
     records: dict[str, dict[str, Any]] = dict(kept)  # image → record, small dicts only
     summary = BatchRun(total=len(selected) + len(missing), out=out, skipped_inputs=inputs.skipped)
     progress = _Progress(summary.total, quiet)
