@@ -7,14 +7,20 @@ images is in flight at any time, so memory does not grow with the number of imag
 Never losing work: every file is written atomically (per-image folders as a whole), ``results.jsonl``
 gets one line per image, flushed as soon as that image's files are in place (by the thread that wrote
 them), and ``report.json``, ``summary.csv`` and ``index.html`` are refreshed periodically and at the end
-(also on Ctrl-C).
-``resume=True`` skips images whose key (sha256 of the file's bytes + a fingerprint of the model and
-options) already has an ``ok`` line whose outputs exist.
+(also on Ctrl-C, and on SIGTERM / SIGHUP under the CLI). One run at a time writes into an output folder
+(a lock, see :mod:`attnexplain._lock`); staging files a killed run left there are removed by the next.
+``resume=True`` skips each image whose path already has an ``ok`` line with the same key (sha256 of
+the file's bytes + a fingerprint of the model and options) and whose outputs exist where this run puts
+them: two files with equal bytes are two images, and an earlier line never points outside ``out``.
+
+Inputs are checked with ``os.stat`` before anything opens them (a FIFO blocks, a device never ends),
+kept as named (symbolic links are not resolved, so outputs mirror the inputs as given), and never
+taken from inside ``out``.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
 import json
 import os
@@ -25,10 +31,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ._files import not_a_regular_file
 from .errors import AttnExplainError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -47,73 +54,189 @@ EXIT_SOME_FAILED = 3
 
 @dataclass(frozen=True)
 class InputImage:
-    path: Path  # absolute
+    path: Path  # absolute, symbolic links kept: the name the user gave or the folder holds
     relative: str  # posix path relative to the common root: names the output folder
 
 
 @dataclass
 class Inputs:
     images: list[InputImage]
-    missing: list[tuple[str, str]]  # (what was given, why nothing was found)
+    missing: list[tuple[str, str]]  # (what was given, why it cannot be read): recorded as failed
     root: Path | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (a folder's or glob's entry, why)
 
 
 def _has_glob(text: str) -> bool:
     return any(char in text for char in "*?[")
 
 
-def _expand(spec: str, found: list[Path], missing: list[tuple[str, str]], base: Path) -> None:
-    if spec.startswith("@"):
-        list_file = Path(spec[1:])
+class _Collector:
+    """Finds the image files the inputs name, checking each with ``os.stat`` before anything reads
+    it: a FIFO or a device would block or never end. Symbolic links to folders are not followed
+    (a loop would never end), and nothing inside the output folder is taken as an input."""
+
+    def __init__(self, exclude: Path | None) -> None:
+        # realpath, not Path.resolve: it never raises on a symbolic link loop
+        self.exclude = Path(os.path.realpath(exclude)) if exclude is not None else None
+        self.found: list[Path] = []
+        self.missing: list[tuple[str, str]] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def _in_output(self, path: Path) -> bool:
+        if self.exclude is None:
+            return False
+        resolved = Path(os.path.realpath(path))
+        return resolved == self.exclude or self.exclude in resolved.parents
+
+    def _take(self, path: Path) -> None:
+        """A regular file, found in a folder or by a glob."""
+        reason = not_a_regular_file(path)
+        if reason is None and self._in_output(path):
+            reason = "is inside the output folder (--out)"
+        if reason is None:
+            self.found.append(path)
+        else:
+            self.skipped.append((str(path), reason))
+
+    def expand(self, spec: str) -> None:
+        if spec.startswith("@"):
+            self._read_list(Path(spec[1:]), spec)
+            return
+        path = Path(spec)
+        if path.is_dir():
+            self._walk(path)
+            return
+        reason = not_a_regular_file(path)
+        if reason == "does not exist" and _has_glob(spec):
+            self._glob(spec)
+        elif reason is not None:
+            self.missing.append((spec, f"{spec} {reason}."))
+        elif self._in_output(path):
+            self.skipped.append((spec, "is inside the output folder (--out)"))
+        else:
+            self.found.append(path)
+
+    def _read_list(self, list_file: Path, spec: str) -> None:
+        reason = not_a_regular_file(list_file)
+        if reason is not None:
+            self.missing.append((spec, f"The list file {list_file} {reason}."))
+            return
         try:
             lines = list_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            missing.append((spec, f"Cannot read the list file {list_file}: {error.strerror or error}"))
+            self.missing.append((spec, f"Cannot read the list file {list_file}: {error.strerror or error}"))
             return
+        except UnicodeDecodeError:
+            self.missing.append((spec, f"The list file {list_file} is not UTF-8 text."))
+            return
+        itself = os.path.realpath(list_file)
         for line in lines:
             line = line.strip()
             if line and not line.startswith("#"):
-                entry = line if os.path.isabs(line) else str((list_file.parent / line))
-                _expand(entry, found, missing, base)
-        return
-    path = Path(spec)
-    if path.is_dir():
-        for candidate in sorted(path.rglob("*")):
-            if candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
-                found.append(candidate)
-        return
-    if path.exists():
-        found.append(path)
-        return
-    if _has_glob(spec):
-        matches = sorted(glob.glob(spec, recursive=True))
-        files = [Path(m) for m in matches if Path(m).is_file()]
-        if not files:
-            missing.append((spec, f"No file matches {spec}"))
-        for match in files:
-            found.append(match)
-        return
-    missing.append((spec, f"Image not found: {spec}"))
+                # Lines name images, folders or globs, never other lists: a list cannot recurse.
+                entry = line if os.path.isabs(line) else str(list_file.parent / line)
+                if os.path.realpath(entry) == itself:
+                    self.skipped.append((entry, "is the list file itself"))
+                else:
+                    self.expand(entry)
+
+    def _walk(self, folder: Path) -> None:
+        def unreadable(error: OSError) -> None:
+            self.skipped.append((str(error.filename), f"cannot be read ({error.strerror or error})"))
+
+        for parent, folders, files in os.walk(folder, onerror=unreadable):
+            parent_path = Path(parent)
+            descend = []
+            for name in sorted(folders):
+                sub = parent_path / name
+                if sub.is_symlink():
+                    self.skipped.append((str(sub), "is a symbolic link to a folder (not followed)"))
+                elif self._in_output(sub):
+                    self.skipped.append((str(sub), "is the output folder (--out)"))
+                else:
+                    descend.append(name)
+            folders[:] = descend
+            for name in sorted(files):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    self._take(parent_path / name)
+
+    def _glob(self, spec: str) -> None:
+        parts = Path(spec).parts
+        first = next(index for index, part in enumerate(parts) if _has_glob(part))
+        base = Path(*parts[:first]) if first else Path(".")
+        before = len(self.found)
+        for match in sorted(set(_glob_matches(base, parts[first:]))):
+            if not os.path.isdir(match):
+                self._take(match)
+        if len(self.found) == before:
+            self.missing.append((spec, f"No file matches {spec}"))
 
 
-def collect_inputs(specs: Sequence[str]) -> Inputs:
+def _glob_matches(base: Path, patterns: Sequence[str]) -> Iterator[Path]:
+    """What the glob components ``patterns`` match under ``base``, like :func:`glob.glob` with
+    ``recursive=True`` except that ``**`` never follows a symbolic link to a folder: glob's does,
+    and two links to ``.`` make that 2**40 paths. Hidden names match only a pattern starting with a dot."""
+    if not patterns:
+        yield base
+        return
+    head, rest = patterns[0], patterns[1:]
+    if not _has_glob(head):
+        if os.path.lexists(base / head):
+            yield from _glob_matches(base / head, rest)
+        return
+    try:
+        entries = sorted(os.scandir(base), key=lambda entry: entry.name)
+    except OSError:
+        return
+    if head == "**":
+        yield from _glob_matches(base, rest)  # no folder at all
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _glob_matches(Path(entry.path), patterns)
+            elif not rest:
+                yield Path(entry.path)
+        return
+    for entry in entries:
+        if (entry.name.startswith(".") and not head.startswith(".")) \
+                or not fnmatch.fnmatchcase(entry.name, head):
+            continue
+        if not rest:
+            yield Path(entry.path)
+        elif entry.is_dir():
+            yield from _glob_matches(Path(entry.path), rest)
+
+
+def collect_inputs(specs: Sequence[str], exclude: Path | None = None) -> Inputs:
     """Files, folders (recursive, image extensions only), globs and ``@list.txt`` files → images,
-    deduplicated and sorted by their path relative to the common root of their folders."""
-    found: list[Path] = []
-    missing: list[tuple[str, str]] = []
+    sorted by their path relative to the common root of their folders. Paths are kept as named
+    (symbolic links are not resolved, so outputs mirror the inputs as given); the same file named
+    twice is taken once. ``exclude``: a folder (the output folder) whose files are never inputs.
+    What is not a regular file is never opened: named explicitly it is ``missing`` (recorded as a
+    failure), found in a folder or by a glob it is ``skipped`` with its reason."""
+    collector = _Collector(exclude)
     for spec in specs:
-        _expand(str(spec), found, missing, Path.cwd())
-    unique: dict[str, Path] = {}
-    for path in found:
-        resolved = path.resolve()
-        unique.setdefault(str(resolved), resolved)
+        collector.expand(str(spec))
+    unique: dict[tuple[int, int], Path] = {}
+    for path in collector.found:
+        absolute = Path(os.path.abspath(path))
+        try:
+            info = absolute.stat()
+        except OSError:  # removed meanwhile: recorded when it is read
+            identity = (-1, hash(str(absolute)))
+        else:
+            identity = (info.st_dev, info.st_ino)
+        first = unique.setdefault(identity, absolute)
+        if first != absolute:
+            collector.skipped.append((str(absolute), f"is the same file as {first}"))
     paths = list(unique.values())
     if not paths:
-        return Inputs([], missing, None)
+        return Inputs([], collector.missing, None, collector.skipped)
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     images = sorted((InputImage(p, p.relative_to(root).as_posix()) for p in paths),
                     key=lambda item: item.relative)
-    return Inputs(images, missing, root)
+    return Inputs(images, collector.missing, root, collector.skipped)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -197,28 +320,47 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings) -> str:
 
 # --- results.jsonl ---------------------------------------------------------------------------------
 
+#: A record is a few kilobytes; a longer line is not one of ours and is skipped without reading it whole.
+MAX_RECORD_BYTES = 1 << 22
+
+
+def _complete_lines(handle, limit: int) -> Iterable[bytes]:
+    """The lines of a binary file that end with a newline and are at most ``limit`` bytes long."""
+    while line := handle.readline(limit + 1):
+        if line.endswith(b"\n"):
+            yield line
+            continue
+        if len(line) <= limit:
+            return  # the last line was cut short
+        while (rest := handle.readline(limit)) and not rest.endswith(b"\n"):
+            pass  # the rest of an overlong line
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a results.jsonl; a truncated or garbled line (an interrupted write) is
-    skipped. Later lines for the same image replace earlier ones."""
+    """Every complete line of a results.jsonl; a truncated, garbled or overlong line (an interrupted
+    write, a damaged file) is skipped. Later lines for the same image replace earlier ones."""
+    reason = not_a_regular_file(path)
+    if reason == "does not exist":
+        return []
+    if reason is not None:
+        raise AttnExplainError(f"{path} {reason}.")
     records: dict[str, dict[str, Any]] = {}
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if not line.endswith("\n"):
-                    break  # the last line was cut short
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and "image" in record:
-                    records[record["image"]] = record
-    except FileNotFoundError:
-        pass
+    with open(path, "rb") as handle:
+        for line in _complete_lines(handle, MAX_RECORD_BYTES):
+            try:
+                record = json.loads(line.decode("utf-8", errors="replace"))
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("image"), str):
+                records[record["image"]] = record
     return list(records.values())
 
 
 class ResultsLog:
-    """Appends one JSON line per image and flushes it to disk at once."""
+    """Appends one JSON line per image and flushes it to disk at once.
+
+    Each line is one ``write`` call on an unbuffered file opened for appending, so a line is never
+    interleaved with another and a failed write (a full disk) leaves nothing buffered to retry."""
 
     def __init__(self, path: Path, keep: Iterable[dict[str, Any]]) -> None:
         from ._atomic import write_bytes_atomic
@@ -226,15 +368,60 @@ class ResultsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in keep)
         write_bytes_atomic(path, text.encode("utf-8"))  # a fresh file holding only what is kept
-        self._handle = open(path, "a", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        """Raises OSError (a full disk) with the file as it was: never half a line."""
+        line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        size = os.fstat(self._fd).st_size  # callers append one at a time
+        try:
+            while line:
+                line = line[os.write(self._fd, line):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, size)  # needs no space
+            except OSError:
+                pass  # read_results skips a garbled line
+            raise
 
     def close(self) -> None:
-        self._handle.close()
+        os.close(self._fd)
+
+
+def _plain_names(record: dict[str, Any]) -> list[str] | None:
+    """The file names an ok record lists in its folder, or None if any is not a plain name."""
+    names = [DETAIL_HTML]
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for per_method in files.values():
+        if not isinstance(per_method, dict):
+            return None
+        names.extend(per_method.values())
+    if not all(isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+               and "\\" not in name for name in names):
+        return None
+    return names
+
+
+def _reusable(record: dict[str, Any], key_prefix: str, wanted: set[str], out: Path) -> bool:
+    """Whether an earlier run's record can stand for its image: made with this model and these options,
+    for an image of this run, its folder where this run would put it (a record naming another place,
+    ``../x`` or an absolute path, is never trusted), and every file it lists there."""
+    image, key = record.get("image"), record.get("key")
+    if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
+            or image not in wanted:
+        return False
+    output = f"{IMAGES_DIR}/{image}"
+    names = _plain_names(record)
+    predictions, target = record.get("predictions"), record.get("target")
+    if names is None or record.get("output") != output or record.get("detail") != f"{output}/{DETAIL_HTML}" \
+            or not isinstance(predictions, list) or not predictions \
+            or not all(isinstance(p, dict) and isinstance(p.get("prob"), (int, float)) for p in predictions) \
+            or not isinstance(target, dict):
+        return False
+    return all((out / output / name).is_file() for name in names)
 
 
 # --- the pure per-batch part -----------------------------------------------------------------------
@@ -309,10 +496,12 @@ class BatchRun:
     wall_s: float = 0.0
     interrupted: bool = False
     out: Path | None = None
+    skipped_inputs: list[tuple[str, str]] = field(default_factory=list)  # not regular files, ...
+    report_error: str | None = None  # why report.json / summary.csv / index.html could not be written
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
+        return EXIT_SOME_FAILED if self.failed or self.report_error else 0
 
 
 class _Progress:
@@ -336,8 +525,10 @@ class _Progress:
             self.bar.start()
             self.task = self.bar.add_task("batch", total=total, completed=already, rate="")
 
-    def advance(self, count: int = 1) -> None:
+    def advance(self, count: int = 1, earlier: bool = False) -> None:
+        """``earlier``: done by an earlier run (--resume), not counted in the rate."""
         self.done += count
+        self.already += count if earlier else 0
         now = time.perf_counter()
         rate = (self.done - self.already) / max(now - self.started, 1e-9)
         if self.bar is not None:
@@ -357,16 +548,42 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
               on_batch: Callable[[int], None] | None = None) -> BatchRun:
-    """Explain every image ``input_specs`` names into ``out``; see the module's docstring."""
+    """Explain every image ``input_specs`` names into ``out``; see the module's docstring.
+
+    Raises :class:`NoImages` when the inputs name no image at all, and
+    :class:`attnexplain._lock.OutputInUse` when another run writes into ``out``."""
+    from ._atomic import remove_stale_staging
+    from ._lock import output_lock
+
+    started = time.perf_counter()
+    out = Path(out)
+    inputs = collect_inputs(input_specs, exclude=out)
+    if not inputs.images:
+        found = [reason for _, reason in inputs.missing] + [f"{path} {why}" for path, why in inputs.skipped]
+        detail = f": {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "") if found else "."
+        raise NoImages(f"No image found in {' '.join(map(str, input_specs))}{detail}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
+    with output_lock(out):
+        remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
+        return _run_locked(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet,
+                           device, refresh_every, on_batch, started)
+
+
+class NoImages(AttnExplainError):
+    """The inputs name no image at all."""
+
+
+def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settings: BatchSettings,
+                resume: bool, shard, quiet: bool, device, refresh_every: int, on_batch,
+                started: float) -> BatchRun:
     import torch
 
     from .explanation import _model_device, plan_explanation
     from .gallery import write_reports
 
-    started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = collect_inputs(input_specs)
     selected = [item for item in inputs.images if in_shard(item.relative, shard)]
     missing = [(spec, reason) for spec, reason in inputs.missing if in_shard(spec, shard)]
     run_device = torch.device(device) if device else _model_device(loaded.module)
@@ -379,20 +596,20 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
             "options": settings.describe(), "preprocessing": preprocessing.as_dict(),
             "methods": [m.name for m in methods], "layers": layers, "fingerprint": key_prefix,
             "shard": list(shard) if shard else None, "inputs": [str(s) for s in input_specs],
-            "root": str(inputs.root) if inputs.root else None}
+            "root": str(inputs.root) if inputs.root else None,
+            "skipped_inputs": [{"path": path, "reason": reason} for path, reason in inputs.skipped]}
 
-    previous = read_results(out / RESULTS_JSONL) if resume else []
-    done: dict[str, dict[str, Any]] = {}
-    for record in previous:
-        if record.get("status") == "ok" and record.get("key", "").startswith(key_prefix) and \
-                all((out / record["output"] / name).exists() for name in _record_files(record)):
-            done[record["key"]] = record
     wanted = {item.relative for item in selected}
-    kept = [record for record in done.values() if record["image"] in wanted]
-    log = ResultsLog(out / RESULTS_JSONL, kept)
-    records: dict[str, dict[str, Any]] = {}  # image → record, small dicts only
-    summary = BatchRun(total=len(selected) + len(missing), out=out)
-    progress = _Progress(summary.total, quiet, already=len(kept))
+    # Per image, not per content: two files with the same bytes are two images, each with its row.
+    kept = {record["image"]: record for record in (read_results(out / RESULTS_JSONL) if resume else [])
+            if _reusable(record, key_prefix, wanted, out)}
+    try:
+        log = ResultsLog(out / RESULTS_JSONL, kept.values())
+    except OSError as error:  # a full disk before anything started
+        raise AttnExplainError(f"Cannot write {out / RESULTS_JSONL}: {error.strerror or error}.") from None
+    records: dict[str, dict[str, Any]] = dict(kept)  # image → record, small dicts only
+    summary = BatchRun(total=len(selected) + len(missing), out=out, skipped_inputs=inputs.skipped)
+    progress = _Progress(summary.total, quiet)
     workers = max(1, settings.workers)
     readers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-read")
     writers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-write")
@@ -405,7 +622,12 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
 
     def finish(record: dict[str, Any]) -> dict[str, Any]:
         with lock:
-            log.append(record)
+            try:
+                log.append(record)
+            except OSError as error:  # a full disk: the image fails, the run goes on
+                record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
+                          "status": "failed",
+                          "reason": f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}"}
             records[record["image"]] = record
             if record["status"] == "ok":
                 summary.ok += 1
@@ -423,7 +645,12 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
                         interrupted=summary.interrupted)
         with lock:
             finished = sorted(records.values(), key=lambda r: r["image"])
-        write_reports(out, finished, meta_now)
+        try:
+            write_reports(out, finished, meta_now)
+        except OSError as error:  # a full disk: tried again at the next refresh
+            summary.report_error = f"{error.filename or out}: {error.strerror or error}"
+        else:
+            summary.report_error = None
 
     def wait_for_writes(limit: int) -> None:
         while pending_writes and (len(pending_writes) > limit or pending_writes[0].done()):
@@ -449,11 +676,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     try:
         for spec, reason in missing:
             finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
-        for record in kept:
-            records[record["image"]] = record
-            summary.skipped += 1
-            summary.ok += 1
-        done_keys = {record["key"] for record in kept}
+        done_keys = {image: record["key"] for image, record in kept.items()}
         todo = iter(selected)
         chunk: list[Decoded] = []
         exhausted = False
@@ -469,7 +692,10 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
                 break
             decoded = pending_reads.popleft().result()
             if decoded.skipped is not None:
-                continue  # already counted from the kept records
+                summary.skipped += 1
+                summary.ok += 1
+                progress.advance(earlier=True)
+                continue
             if decoded.error is not None:
                 finish(_failed(decoded, decoded.error))
                 continue
@@ -480,7 +706,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         if chunk:
             run_model(chunk)
         wait_for_writes(0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM / SIGHUP under the CLI (see _signals)
         summary.interrupted = True
         raise
     finally:
@@ -495,32 +721,28 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     return summary
 
 
-def _record_files(record: dict[str, Any]) -> list[str]:
-    names = [DETAIL_HTML]
-    for files in record.get("files", {}).values():
-        names.extend(files.values())
-    return names
-
-
 def _failed(decoded: Decoded, reason: str) -> dict[str, Any]:
     return {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "failed",
             "reason": reason, "key": decoded.key, "sha256": decoded.sha256,
             "timings": {"decode_s": round(decoded.decode_s, 6)}}
 
 
-def _read_image(item: InputImage, key_prefix: str, done_keys: set[str], preprocessing,
+def _read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], preprocessing,
                 max_pixels: int) -> Decoded:
     from .images import load_image
     from .preprocess import prepare
 
     began = time.perf_counter()
+    reason = not_a_regular_file(item.path)  # a FIFO would block, a device never end: never read them
+    if reason is not None:
+        return Decoded(item, "", "", error=f"{item.path} {reason}.")
     try:
         sha = file_sha256(item.path)
     except OSError as error:
         return Decoded(item, "", "", error=f"Cannot read {item.path}: {error.strerror or error}")
     key = f"{key_prefix}:{sha}"
     decoded = Decoded(item, sha, key)
-    if key in done_keys:
+    if done_keys.get(item.relative) == key:
         decoded.skipped = {}
         return decoded
     try:
@@ -554,7 +776,6 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
     files: dict[str, dict[str, str]] = {}
     try:
         with atomic_directory(out / output) as staging:
-            os.chmod(staging, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
             for name, method_map in result["maps"].items():
                 overlay = render_explained_overlay(decoded.pixels, method_map.heatmap, decoded.box,
                                                    settings.alpha, result.get("detections"))

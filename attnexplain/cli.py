@@ -444,6 +444,16 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
     Console().print(table)
 
 
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
+    from .batch import parse_shard
+    from .errors import AttnExplainError
+
+    try:
+        return parse_shard(value)
+    except AttnExplainError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @main.command()
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
@@ -455,33 +465,46 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
               help="Threads that decode and write images while the model runs.")
 @click.option("--out", "out_dir", default="attnexplain-batch", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the outputs (never read as inputs; one run at a time writes there).")
 @click.option("--resume", is_flag=True, help="Skip images already explained in --out with the same "
                                              "model, options and file content; do the rest.")
-@click.option("--shard", help="I/N: explain only a deterministic 1/N of the inputs (merge the "
-                              "outputs with `attnexplain merge`).")
+@click.option("--shard", callback=_shard,
+              help="I/N: explain only a deterministic 1/N of the inputs (merge the outputs with "
+                   "`attnexplain merge`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int, window: int, batch_size: int, arch, num_classes, labels, trust_model, plugin,
           device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
-          images_per_batch: int, workers: int, out_dir: Path, resume: bool, shard: str | None,
-          quiet: bool, overlay_format: str) -> None:
+          images_per_batch: int, workers: int, out_dir: Path, resume: bool,
+          shard: tuple[int, int] | None, quiet: bool, overlay_format: str) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
     INPUTS are image files, folders (searched recursively for jpg, jpeg, png, webp, bmp, tif,
-    tiff), globs ('photos/**/*.jpg') or @list.txt (one input per line). Outputs mirror the input
-    folders relative to their common root, under OUT/images/. A bad image is recorded with its
-    reason and the run goes on. results.jsonl is written as images finish and the reports are
-    refreshed periodically, so an interrupted run leaves a valid partial report; --resume finishes it.
+    tiff; symbolic links to folders are not followed), globs ('photos/**/*.jpg') or @list.txt (one
+    input per line). Outputs mirror the input paths as given (symbolic links not resolved) relative
+    to their common folder, under OUT/images/. A named input that is not a regular file (a FIFO, a
+    device) is recorded as failed without being read; such entries of folders are skipped and
+    listed in report.json. A bad image is recorded with its reason and the run goes on.
+    results.jsonl is written as images finish and the reports are refreshed periodically, so an
+    interrupted run (Ctrl-C, SIGTERM, SIGHUP) leaves a valid partial report; --resume finishes it.
+    Another batch writing to the same --out is refused.
 
     \b
-    Exit codes: 0 every image was explained; 3 some images failed (see report.json / index.html);
-    1 the run could not start (model, options); 130 interrupted.
+    Exit codes:
+    0 every image was explained;
+    3 some images failed, or some outputs could not be written (a full disk); the others were
+      written (see report.json / index.html);
+    1 the run could not start: no image found, --out in use by another run, model or options
+      (one line on stderr);
+    2 usage error (unknown option, bad value such as --shard 3/2);
+    130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
-    from .batch import parse_shard, run_batch, BatchSettings
+    from ._signals import Stopped, stop_signals_interrupt
+    from .batch import run_batch, BatchSettings
     from .report import ensure_writable_folder
 
     ensure_writable_folder(out_dir)  # before the model loads: a bad --out fails first
@@ -492,12 +515,24 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         images_per_batch=images_per_batch, workers=workers,
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, batch_size))
-    shard_spec = parse_shard(shard)
-    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
-    spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
-            "trust_model": trust_model, "plugin": plugin}
-    result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume, shard=shard_spec,
-                       quiet=quiet)
+    try:
+        with stop_signals_interrupt():
+            loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+            spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
+                    "trust_model": trust_model, "plugin": plugin}
+            result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume,
+                               shard=shard, quiet=quiet)
+    except Stopped as stop:
+        where = f"; the partial report is in {out_dir}" if (out_dir / "report.json").is_file() else ""
+        click.echo(f"Stopped by {stop}{where}.", err=True)
+        sys.exit(stop.exit_code)
+    if result.skipped_inputs:
+        shown = "; ".join(f"{path} {reason}" for path, reason in result.skipped_inputs[:5])
+        more = f" (and {len(result.skipped_inputs) - 5} more)" if len(result.skipped_inputs) > 5 else ""
+        click.echo(f"Skipped {len(result.skipped_inputs)} entries of the inputs, listed in report.json: "
+                   f"{shown}{more}", err=True)
+    if result.report_error:
+        click.echo(f"Warning: the reports could not be written: {result.report_error}", err=True)
     if not quiet:
         rate = (result.ok - result.skipped + result.failed) / result.wall_s if result.wall_s else 0.0
         click.echo(f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} "

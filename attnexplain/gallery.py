@@ -49,7 +49,19 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: Any) -> str:
+    """The cell as text that a spreadsheet shows as text: a leading quote before a formula start."""
+    text = str(cell)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def summary_csv(records: Sequence[dict[str, Any]]) -> str:
+    """One row per image. File names and labels come from the user's files, so every cell is
+    neutralised (:func:`spreadsheet_safe`): the CSV is meant to be opened in a spreadsheet."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["image", "status", "top1_index", "top1_label", "confidence", "target_index",
@@ -57,16 +69,18 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         top = (r.get("predictions") or [None])[0]
         target = r.get("target") or {}
-        writer.writerow([r["image"], r.get("status"), top["index"] if top else "",
+        writer.writerow(map(spreadsheet_safe, [r["image"], r.get("status"), top["index"] if top else "",
                          (top.get("label") or "") if top else "", f"{top['prob']:.6f}" if top else "",
                          target.get("index", ""), target.get("label") or "",
                          ",".join(r.get("methods") or []), r.get("layer") or "", r.get("output") or "",
-                         r.get("reason") or ""])
+                         r.get("reason") or ""]))
     return buffer.getvalue()
 
 
 def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """(Re)write report.json, summary.csv and index.html from the records, each atomically."""
+    """(Re)write report.json, summary.csv and index.html from the records, each atomically. A file
+    that cannot be written (a full disk) does not keep the others from being tried; the first such
+    error is raised after all three were tried."""
     from .batch import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
     from .report import versions
 
@@ -74,12 +88,19 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
     wall = float(meta.get("wall_s") or 0.0)
     report["timings"] = {"wall_s": round(wall, 3),
                          "images_per_s": round(len(records) / wall, 3) if wall > 0 else None}
-    write_bytes_atomic(out / REPORT_JSON, (json.dumps(report, indent=2, default=str) + "\n").encode())
-    write_bytes_atomic(out / SUMMARY_CSV, summary_csv(records).encode("utf-8"))
     ok = [r for r in records if r.get("status") == "ok"]
     classes = sorted(report["class_histogram"].items())
-    html = templates().get_template("index.html.j2").render(
-        meta=meta, report=report, ok=ok, failed=[r for r in records if r.get("status") != "ok"],
-        classes=classes, label=_label)
-    write_bytes_atomic(out / INDEX_HTML, html.encode("utf-8"))
+    errors: list[OSError] = []
+    for name, content in (
+            (REPORT_JSON, lambda: json.dumps(report, indent=2, default=str) + "\n"),
+            (SUMMARY_CSV, lambda: summary_csv(records)),
+            (INDEX_HTML, lambda: templates().get_template("index.html.j2").render(
+                meta=meta, report=report, ok=ok, failed=[r for r in records if r.get("status") != "ok"],
+                classes=classes, label=_label))):
+        try:
+            write_bytes_atomic(out / name, content().encode("utf-8"))
+        except OSError as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
     return report
