@@ -64,3 +64,30 @@ def output_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def reading_lock(folder: Path) -> Iterator[None]:
+    """While the block runs, no run writes into ``folder`` (a shared lock, so several readers may
+    hold it), or raise :class:`OutputInUse` at once. Needs no write access: a folder without a lock
+    file has no run writing into it."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    except OSError as error:
+        raise AttnExplainError(f"Cannot check whether a run writes into {folder}: {path} cannot be "
+                               f"opened ({error.strerror or error}).") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AttnExplainError(f"Cannot lock {folder}: {path} is not a regular file.")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputInUse(f"{folder} is being written by another attnexplain run "
+                              f"({_holder(fd)}); wait for it to finish.") from None
+        yield
+    finally:
+        os.close(fd)

@@ -24,6 +24,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 import sys
 import threading
 import time
@@ -389,39 +390,85 @@ class ResultsLog:
         os.close(self._fd)
 
 
-def _plain_names(record: dict[str, Any]) -> list[str] | None:
-    """The file names an ok record lists in its folder, or None if any is not a plain name."""
+def record_file_names(record: dict[str, Any]) -> list[str]:
+    """The files an ok record says its folder holds: its detail page and every method's files."""
     names = [DETAIL_HTML]
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        return None
-    for per_method in files.values():
-        if not isinstance(per_method, dict):
-            return None
+    for per_method in record["files"].values():
         names.extend(per_method.values())
-    if not all(isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
-               and "\\" not in name for name in names):
-        return None
     return names
 
 
-def _reusable(record: dict[str, Any], key_prefix: str, wanted: set[str], out: Path) -> bool:
-    """Whether an earlier run's record can stand for its image: made with this model and these options,
-    for an image of this run, its folder where this run would put it (a record naming another place,
-    ``../x`` or an absolute path, is never trusted), and every file it lists there."""
-    image, key = record.get("image"), record.get("key")
-    if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
-            or image not in wanted:
-        return False
+def ok_record_problem(record: dict[str, Any]) -> str | None:
+    """Why an ``ok`` record of a results.jsonl cannot be trusted to stand for its image, or None.
+
+    Records are plain text anyone can edit: its folder must be where batch puts it
+    (``images/<image>``, the image a normalised relative path: nothing absolute, no ``..``), its
+    files plain names inside that folder, its predictions and target what the reports show.
+    ``--resume`` and ``merge`` both ask this before they use a record's paths.
+    """
+    image = record.get("image")
+    if not _is_image_name(image):
+        return "is not a relative path inside the output (absolute, '..' or not normalised)"
     output = f"{IMAGES_DIR}/{image}"
-    names = _plain_names(record)
-    predictions, target = record.get("predictions"), record.get("target")
-    if names is None or record.get("output") != output or record.get("detail") != f"{output}/{DETAIL_HTML}" \
-            or not isinstance(predictions, list) or not predictions \
-            or not all(isinstance(p, dict) and isinstance(p.get("prob"), (int, float)) for p in predictions) \
-            or not isinstance(target, dict):
+    if record.get("output") != output:
+        return f"has the output {_shown(record.get('output'))}, not {_shown(output)} as batch writes it"
+    if record.get("detail") != f"{output}/{DETAIL_HTML}":
+        return (f"has the detail page {_shown(record.get('detail'))}, not "
+                f"{_shown(output + '/' + DETAIL_HTML)}")
+    predictions = record.get("predictions")
+    if not (isinstance(predictions, list) and predictions and all(map(_is_prediction, predictions))
+            and _is_prediction(record.get("target"))):
+        return "has predictions or a target the reports cannot show"
+    methods = record.get("methods")
+    if not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
+        return "has methods that are not a list of names"
+    files = record.get("files")
+    if not (isinstance(files, dict) and files and all(isinstance(named, dict) for named in files.values())):
+        return "has no table of file names"
+    bad = next((name for name in record_file_names(record) if not _is_file_name(name)), None)
+    if bad is not None:
+        return f"names the file {_shown(bad)}, which is not a plain file name"
+    return None
+
+
+def _shown(text: Any, limit: int = 80) -> str:
+    """An untrusted value as one short, quoted line."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_prediction(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("index"), int)
+            and not isinstance(value.get("index"), bool) and _is_number(value.get("prob"))
+            and isinstance(value.get("label"), (str, type(None))))
+
+
+def _is_file_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(char in name for char in "/\\\0"))
+
+
+def _is_image_name(image: Any) -> bool:
+    """The relative posix path batch names an image by: normalised, nothing absolute, no ``..``."""
+    return (isinstance(image, str) and bool(image) and "\0" not in image
+            and not image.startswith("/") and posixpath.normpath(image) == image
+            and all(part not in ("", ".", "..") for part in image.split("/")))
+
+
+def _reusable(record: dict[str, Any], key_prefix: str, wanted: set[str], out: Path) -> bool:
+    """Whether an earlier run's record can stand for its image: made with this model and these
+    options, for an image of this run, trustworthy (:func:`ok_record_problem`), every file it lists
+    in place."""
+    key = record.get("key")
+    if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
+            or record.get("image") not in wanted or ok_record_problem(record) is not None:
         return False
-    return all((out / output / name).is_file() for name in names)
+    folder = out / record["output"]
+    return all((folder / name).is_file() for name in record_file_names(record))
 
 
 # --- the pure per-batch part -----------------------------------------------------------------------
@@ -442,12 +489,14 @@ class Decoded:
 
 def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settings: BatchSettings,
                   device, regions: Sequence[tuple[float, float, float, float]] | None = None,
-                  photo_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+                  photo_sizes: Sequence[tuple[int, int]] | None = None,
+                  preprocessing=None) -> list[dict[str, Any]]:
     """A pure function of its inputs: (B, 3, h, w) → per image, its maps (``MethodMap`` per method,
     attention grids and gates included), predictions and target, a detector's boxes (on the photo
     of ``photo_sizes`` (width, height), whose part the model saw is the image's ``regions`` entry;
     by default the input itself), or an error for images with nothing to explain (a requested
-    target with probability 0, a detector that found nothing)."""
+    target with probability 0, a detector that found nothing). ``preprocessing`` is how the
+    tensors were normalised (default: the model's), which says what ``--baseline black`` is."""
     import torch
 
     from .errors import MethodError, NothingToExplain
@@ -456,7 +505,7 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
     batch = torch.cat(tensors).to(device)
     try:
         computed = compute_maps(loaded, batch, methods, layers, target=settings.target,
-                                options=settings.options)
+                                options=settings.options, preprocessing=preprocessing)
     except NothingToExplain as error:  # no image of the batch has anything to explain
         return [{"error": str(error)} for _ in tensors]
     probabilities = computed.probabilities.float().cpu()
@@ -661,7 +710,8 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
         began = time.perf_counter()
         results = explain_batch(loaded, [d.tensor for d in chunk], methods, layers, settings, run_device,
                                 regions=[d.box for d in chunk],
-                                photo_sizes=[d.pixels.shape[1::-1] for d in chunk])
+                                photo_sizes=[d.pixels.shape[1::-1] for d in chunk],
+                                preprocessing=preprocessing)
         model_s = (time.perf_counter() - began) / len(chunk)
         for decoded, result in zip(chunk, results):
             decoded.tensor = None

@@ -188,10 +188,8 @@ def method_options(function):
                      help="smoothgrad: noisy copies."),
         click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
-        # Not a parameter of the commands: _method_settings reads it from the context, so that the
-        # commands' signatures need not each list it.
-        click.option("--baseline", default="mean", show_default=True, expose_value=False,
-                     type=click.Choice(["mean", "black", "blur"]), callback=_remember_baseline,
+        click.option("--baseline", default="mean", show_default=True,
+                     type=click.Choice(["mean", "black", "blur"]),
                      help="integrated_gradients, occlusion: the reference image. mean: the "
                           "normalisation's mean colour (0 after normalisation); black: pixel value "
                           "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
@@ -244,16 +242,10 @@ def overlay_format_option(default: str):
                         help="File format of the overlays (the raw maps are always .npy).")
 
 
-def _remember_baseline(context: click.Context, _parameter: click.Parameter, value: str) -> str:
-    context.meta["attnexplain.baseline"] = value
-    return value
-
-
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
-                     batch_size):
+                     baseline, batch_size):
     from .explanation import MethodOptions
 
-    baseline = click.get_current_context().meta.get("attnexplain.baseline", "mean")
     return MethodOptions(head_fusion=head_fusion, discard_ratio=discard_ratio,
                          eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, steps=steps,
                          samples=samples, window=window, stride=max(1, window // 2),
@@ -272,7 +264,7 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-        samples: int, window: int, batch_size: int,
+        samples: int, window: int, baseline: str, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
         out_dir: Path, overlay_format: str, as_json: bool) -> None:
@@ -286,7 +278,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     from .report import output_dir_for, writable_output_folder
 
     settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
-                                window, batch_size)
+                                window, baseline, batch_size)
     started = time.perf_counter()
     picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
     image_s = time.perf_counter() - started
@@ -476,7 +468,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-          samples: int, window: int, batch_size: int, arch, num_classes, labels, trust_model, plugin,
+          samples: int, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
+          trust_model, plugin,
           device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, out_dir: Path, resume: bool,
           shard: tuple[int, int] | None, quiet: bool, overlay_format: str) -> None:
@@ -505,18 +498,19 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     """
     from ._signals import Stopped, stop_signals_interrupt
     from .batch import run_batch, BatchSettings
-    from .report import ensure_writable_folder
+    from .report import writable_output_folder
 
-    ensure_writable_folder(out_dir)  # before the model loads: a bad --out fails first
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
         alpha=alpha, overlay_format=overlay_format, max_pixels=max_pixels,
         images_per_batch=images_per_batch, workers=workers,
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
-                                 samples, window, batch_size))
+                                 samples, window, baseline, batch_size))
     try:
-        with stop_signals_interrupt():
+        # --out is checked before the model loads (a bad --out fails first), and is removed again
+        # if the run cannot start (no image found): a refused run leaves no folder behind.
+        with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
             spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
                     "trust_model": trust_model, "plugin": plugin}

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import re
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from ._files import not_a_regular_file
-from .batch import (DETAIL_HTML, IMAGES_DIR, REPORT_JSON, RESULTS_JSONL, BatchRun, _record_files,
-                    read_results)
+from ._lock import LOCK_NAME, reading_lock
+from .batch import (REPORT_JSON, RESULTS_JSONL, BatchRun, _is_number, _shown, ok_record_problem,
+                    read_results, record_file_names)
 from .errors import AttnExplainError
 
 #: ``key`` of a record: "<fingerprint of model and options>:<sha256 of the image file>".
@@ -49,6 +50,14 @@ def merge_outputs(sources: Sequence[Path], out: Path) -> BatchRun:
     Raises :class:`AttnExplainError` (and writes nothing) for anything else.
     """
     out = Path(os.path.abspath(out))  # "." has no name to put a staging folder beside
+    with ExitStack() as locks:  # no batch may write into a source or --out while we read and swap
+        for folder in (*sources, out):
+            if os.path.isdir(folder):
+                locks.enter_context(reading_lock(Path(folder)))
+        return _merge_unlocked(sources, out)
+
+
+def _merge_unlocked(sources: Sequence[Path], out: Path) -> BatchRun:
     read: list[_Source] = []
     for given in sources:
         source = _read_source(Path(given))
@@ -75,12 +84,6 @@ def merge_outputs(sources: Sequence[Path], out: Path) -> BatchRun:
 
 # --- reading and checking the sources ----------------------------------------------------------
 
-def _shown(text: Any, limit: int = 80) -> str:
-    """An untrusted value as one short, quoted line."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
-
-
 def _refuse(source: _Source, image: Any, why: str) -> AttnExplainError:
     return AttnExplainError(f"Cannot merge: {source.given}: image {_shown(image)} {why}; "
                             f"nothing was written.")
@@ -97,9 +100,6 @@ def _read_source(given: Path) -> _Source:
         records = read_results(results)
     except (OSError, RuntimeError) as error:
         raise AttnExplainError(f"Cannot merge: cannot read {results}: {error}.") from None
-    except TypeError:  # read_results keys by "image": a list or an object there is no image name
-        raise AttnExplainError(f"Cannot merge: {results} has a line whose image is not a name; "
-                               f"nothing was written.") from None
     source = _Source(given, root, _read_run(given), records)
     if source.meta is not None and isinstance(source.meta.get("fingerprint"), str):
         source.fingerprint = source.meta["fingerprint"]
@@ -128,28 +128,6 @@ def _read_run(given: Path) -> dict[str, Any] | None:
     return run
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_prediction(value: Any) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("index"), int)
-            and not isinstance(value.get("index"), bool) and _is_number(value.get("prob"))
-            and isinstance(value.get("label"), (str, type(None))))
-
-
-def _is_file_name(name: Any) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..")
-            and not any(char in name for char in "/\\\0"))
-
-
-def _is_image_name(image: str) -> bool:
-    """The relative posix path batch names an image by: normalised, nothing absolute, no ``..``."""
-    return ("\0" not in image and not image.startswith("/")
-            and posixpath.normpath(image) == image
-            and all(part not in ("", ".", "..") for part in image.split("/")))
-
-
 def _check_record(source: _Source, record: dict[str, Any]) -> None:
     """Refuses a record the reports cannot show or whose files are not where batch puts them;
     notes the files an ok record brings (``source.files``)."""
@@ -169,32 +147,10 @@ def _check_record(source: _Source, record: dict[str, Any]) -> None:
     _check_key(source, record)
     if status != "ok":
         return
-    if not _is_image_name(image):
-        raise _refuse(source, image, "is not a relative path inside the output (absolute, "
-                                     "'..' or not normalised)")
-    output = f"{IMAGES_DIR}/{image}"
-    if record.get("output") != output:
-        raise _refuse(source, image, f"has the output {_shown(record.get('output'))}, not "
-                                     f"{_shown(output)} as batch writes it")
-    if record.get("detail") != f"{output}/{DETAIL_HTML}":
-        raise _refuse(source, image, f"has the detail page {_shown(record.get('detail'))}, not "
-                                     f"{_shown(output + '/' + DETAIL_HTML)}")
-    predictions = record.get("predictions")
-    if not (isinstance(predictions, list) and predictions and all(map(_is_prediction, predictions))
-            and _is_prediction(record.get("target"))):
-        raise _refuse(source, image, "has predictions or a target the reports cannot show")
-    methods = record.get("methods")
-    if not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
-        raise _refuse(source, image, "has methods that are not a list of names")
-    files = record.get("files")
-    if not (isinstance(files, dict) and all(isinstance(named, dict) for named in files.values())):
-        raise _refuse(source, image, "has files that are not a table of file names")
-    if not files:
-        raise _refuse(source, image, "names no files")
-    names = _record_files(record)
-    bad = next((name for name in names if not _is_file_name(name)), None)
-    if bad is not None:
-        raise _refuse(source, image, f"names the file {_shown(bad)}, which is not a plain file name")
+    problem = ok_record_problem(record)
+    if problem is not None:
+        raise _refuse(source, image, problem)
+    output, names = record["output"], record_file_names(record)
     folder = source.root / output
     try:
         resolved = folder.resolve()
@@ -296,17 +252,14 @@ def _check_out(out: Path, sources: list[_Source], merged: set[str]) -> None:
     if inside is not None:
         raise AttnExplainError(f"Cannot merge: --out {out} holds the source {inside.given}; "
                                f"replacing --out would delete it. Choose another --out.")
-    if resolved in roots or not any(out.iterdir()):
+    if resolved in roots or all(entry.name == LOCK_NAME for entry in out.iterdir()):
         return
     results = out / RESULTS_JSONL
     if not_a_regular_file(results) is not None:
         raise AttnExplainError(f"Cannot merge: --out {out} holds files and no {RESULTS_JSONL}: it "
                                f"is not an attnexplain output, and the merge would replace it. "
                                f"Choose a new or empty folder.")
-    try:
-        earlier = read_results(results)
-    except TypeError:  # a line whose image is not a name: not an output to replace unseen
-        earlier = [{"status": "ok", "image": "(a line whose image is not a name)"}]
+    earlier = read_results(results)
     lost = sorted(str(r["image"]) for r in earlier if r.get("status") == "ok" and r["image"] not in merged)
     if lost:
         raise AttnExplainError(
