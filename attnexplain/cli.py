@@ -116,7 +116,8 @@ def model_options(function):
         click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
                      help="Text file with one class name per line."),
         click.option("--trust-model", is_flag=True,
-                     help="Allow unpickling a whole saved model object. Unpickling runs code from the "
+                     help="Allow model files that hold code: a whole pickled model object, "
+                          "TorchScript, torch.export (.pt2) programs. Loading them runs code from the "
                           "file: use only for files you trust."),
         click.option("--plugin", help="Use this plugin instead of the most specific one."),
         click.option("--device", default="auto", show_default=True,

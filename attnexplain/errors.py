@@ -28,6 +28,14 @@ class UntrustedModelError(ModelLoadError):
     """The file is a pickled object whose loading could run arbitrary code."""
 
 
+class WeightsDoNotFit(ModelLoadError):
+    """The architecture's tensors differ from the state_dict's; ``detail`` says how."""
+
+    def __init__(self, arch: str, detail: str) -> None:
+        super().__init__(f"The weights do not fit {arch}: {detail}. Is --arch right?")
+        self.detail = detail
+
+
 class MethodError(AttnExplainError):
     """The explanation method does not apply to this model, layer or target."""
 

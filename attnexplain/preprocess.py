@@ -10,6 +10,14 @@ from .errors import AttnExplainError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = (224, 224)
+#: The largest side a user's explicit --size may ask for.
+MAX_SIZE = 8192
+#: The largest side a model FILE may ask for (checkpoint metadata, an exported input shape). The
+#: largest inputs published vision models take are ~600 px (EfficientNet-B7 600, ViT-H/14 518,
+#: segmentation presets 520), and an explanation holds every activation and its gradient: at 1024²
+#: a ResNet-50 needs ~2 GB for that, at 8192² over 100 GB. A file is not the user, so it gets the
+#: bound that covers real models, not the one that covers what a user may knowingly ask for.
+FILE_MAX_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -66,15 +74,16 @@ class PreparedInput:
     box: tuple[float, float, float, float]  # (left, top, right, bottom) in original pixels
 
 
-def normalize_size(size: Sequence[int] | int) -> tuple[int, int]:
+def normalize_size(size: Sequence[int] | int, limit: int = MAX_SIZE) -> tuple[int, int]:
+    """``(height, width)`` from one or two integers, each between 8 and ``limit``."""
     if isinstance(size, int):
         values = (size, size)
     else:
         values = tuple(int(v) for v in size)
         if len(values) == 1:
             values = (values[0], values[0])
-    if len(values) != 2 or any(v < 8 or v > 8192 for v in values):
-        raise AttnExplainError(f"Input size must be one or two integers between 8 and 8192, got {size}.")
+    if len(values) != 2 or any(v < 8 or v > limit for v in values):
+        raise AttnExplainError(f"Input size must be one or two integers between 8 and {limit}, got {size}.")
     return values  # type: ignore[return-value]
 
 

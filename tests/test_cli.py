@@ -130,10 +130,10 @@ def test_torchscript_runs_saliency_and_refuses_gradcam_clearly(tmp_path, small_r
 
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(small_resnet), str(path))
-    result = _run("run", path, photo, "--out", tmp_path / "out", "--size", "64", "--json")
+    result = _run("run", path, photo, "--trust-model", "--out", tmp_path / "out", "--size", "64", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["method"] == "saliency"
-    refused = _run("run", path, photo, "--method", "gradcam", "--out", tmp_path / "out2")
+    refused = _run("run", path, photo, "--trust-model", "--method", "gradcam", "--out", tmp_path / "out2")
     _assert_clean_failure(refused, "inner layers")
     assert not (tmp_path / "out2").exists()
 

@@ -106,7 +106,9 @@ def test_malicious_pickle_never_runs(tmp_path):
 def test_torchscript_loads_and_says_what_it_cannot_do(tmp_path, small_resnet):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(small_resnet), str(path))
-    loaded = load_model(path)
+    with pytest.raises(UntrustedModelError, match="TorchScript program"):
+        load_model(path)  # TorchScript is code: see test_hostile_models
+    loaded = load_model(path, trust_model=True)
     assert loaded.loader == "torchscript" and not loaded.inner_layers
     assert any("saliency" in note for note in loaded.notes)
     assert _same_outputs(loaded, small_resnet)
@@ -115,7 +117,9 @@ def test_torchscript_loads_and_says_what_it_cannot_do(tmp_path, small_resnet):
 def test_torch_export_program_loads_at_its_input_size(tmp_path, small_resnet):
     path = tmp_path / "exported.pt2"
     torch.export.save(torch.export.export(small_resnet, (torch.randn(1, 3, 64, 64),)), str(path))
-    loaded = load_model(path)
+    with pytest.raises(UntrustedModelError, match="torch.export program"):
+        load_model(path)  # torch.export.load unpickles: see test_hostile_models
+    loaded = load_model(path, trust_model=True)
     assert loaded.loader == "export" and loaded.preprocessing.size == (64, 64)
     assert loaded.inner_layers  # unflattened: layers can be hooked
     with torch.no_grad():

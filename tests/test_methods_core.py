@@ -142,7 +142,7 @@ def test_gradcam_on_an_exported_program_matches_the_eager_model(tmp_path, small_
 
     path = tmp_path / "exported.pt2"
     torch.export.save(torch.export.export(small_resnet, (torch.randn(1, 3, 64, 64),)), str(path))
-    exported = explain(load_model(path), photo, "gradcam", layer="layer4")
+    exported = explain(load_model(path, trust_model=True), photo, "gradcam", layer="layer4")
     eager = explain(small_resnet, photo, "gradcam", layer="layer4", size=64)
     assert exported.heatmap.shape == (64, 64)
     assert correlation(exported.heatmap, eager.heatmap) >= 0.999
