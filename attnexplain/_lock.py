@@ -37,23 +37,11 @@ def _holder(fd: int) -> str:
 @contextmanager
 def output_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s lock while the block runs, or raise :class:`OutputInUse` at once."""
-    path = Path(folder) / LOCK_NAME
-    try:  # O_NOFOLLOW: a link planted there must not make us write elsewhere
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o666)
-    except OSError as error:
-        raise AttnExplainError(f"Cannot lock {folder}: {path} cannot be opened "
-                               f"({error.strerror or error}).") from None
+    # O_NOFOLLOW: a link planted there must not make us write elsewhere.
+    fd = _open_lock(folder, os.O_RDWR | os.O_CREAT)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise AttnExplainError(f"Cannot lock {folder}: {path} is not a regular file.")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputInUse(f"{folder} is in use by another attnexplain run ({_holder(fd)}); wait "
-                              f"for it to finish or choose another --out.") from None
-        except OSError as error:
-            raise AttnExplainError(f"Cannot lock {folder} ({error.strerror or error}).") from None
+        _take(fd, folder, fcntl.LOCK_EX, "is in use by another attnexplain run",
+              "wait for it to finish or choose another --out")
         note = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
@@ -71,23 +59,40 @@ def reading_lock(folder: Path) -> Iterator[None]:
     """While the block runs, no run writes into ``folder`` (a shared lock, so several readers may
     hold it), or raise :class:`OutputInUse` at once. Needs no write access: a folder without a lock
     file has no run writing into it."""
-    path = Path(folder) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = _open_lock(folder, os.O_RDONLY)
+    if fd is None:
         yield
         return
-    except OSError as error:
-        raise AttnExplainError(f"Cannot check whether a run writes into {folder}: {path} cannot be "
-                               f"opened ({error.strerror or error}).") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise AttnExplainError(f"Cannot lock {folder}: {path} is not a regular file.")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputInUse(f"{folder} is being written by another attnexplain run "
-                              f"({_holder(fd)}); wait for it to finish.") from None
+        _take(fd, folder, fcntl.LOCK_SH, "is being written by another attnexplain run",
+              "wait for it to finish")
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock(folder: Path, flags: int) -> int | None:
+    """The lock file's descriptor (None where it does not exist and ``flags`` do not create it)."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except FileNotFoundError:
+        if flags & os.O_CREAT:
+            raise AttnExplainError(f"Cannot lock {folder}: it does not exist.") from None
+        return None
+    except OSError as error:
+        raise AttnExplainError(f"Cannot lock {folder}: {path} cannot be opened "
+                               f"({error.strerror or error}).") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AttnExplainError(f"Cannot lock {folder}: {path} is not a regular file.")
+    return fd
+
+
+def _take(fd: int, folder: Path, kind: int, busy: str, advice: str) -> None:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputInUse(f"{folder} {busy} ({_holder(fd)}); {advice}.") from None
+    except OSError as error:
+        raise AttnExplainError(f"Cannot lock {folder} ({error.strerror or error}).") from None
