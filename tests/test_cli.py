@@ -122,7 +122,9 @@ def test_layers_lists_transformer_blocks_laid_out_as_maps(sample_vit_file):
     by_name = {row[0]: row for row in rows}
     # (1, 1 class token + 8 × 8 patches, 96) tokens → a (1, 96, 8, 8) map
     assert by_name["encoder.layers.encoder_layer_1"][2:4] == ["1x65x96", "1x96x8x8"]
-    assert by_name["encoder.layers.encoder_layer_3.ln_1"][4] == "default"
+    # the half-depth block's input (block 2 of 4), not the last block's: see test_vit_default_layer.py
+    assert by_name["encoder.layers.encoder_layer_2.ln_1"][4] == "default"
+    assert by_name["encoder.layers.encoder_layer_3.ln_1"][4] != "default"
 
 
 def test_torchscript_runs_saliency_and_refuses_gradcam_clearly(tmp_path, small_resnet, photo):

@@ -58,7 +58,7 @@ def _tiny_swin():
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_guided_gradcam_on_a_transformer_is_guided_backprop_times_its_gradcam(family, small_vit, photo):
-    if family == "vit":  # the token sequence of the last block's first norm (the default layer)
+    if family == "vit":  # the token sequence of the last block's first norm
         model, layer = small_vit, "encoder.layers.encoder_layer_2.ln_1"
 
         def to_map(tokens):
@@ -97,7 +97,8 @@ def test_guided_gradcam_on_a_vit_from_the_command_line(tmp_path, small_vit, phot
                                        "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["maps"]["guided_gradcam"]["layers"] == ["encoder.layers.encoder_layer_2.ln_1"]
+    # the default layer: the input of the block at half depth (block 1 of 3)
+    assert report["maps"]["guided_gradcam"]["layers"] == ["encoder.layers.encoder_layer_1.ln_1"]
     assert report["maps"]["guided_gradcam"]["max"] > 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import ModelLoadError
-from ..plugins import CatalogEntry, Detections, ModelPlugin, NamedModel, TokenGrid
+from ..plugins import CatalogEntry, Detections, ModelPlugin, NamedModel, TokenGrid, vit_cam_block
 from ..preprocess import Preprocessing, from_torchvision_transforms
 from .torchvision_detection import (box_scores, detections, detector_layer, detector_preprocessing,
                                     is_detector)
@@ -122,11 +122,10 @@ class TorchvisionPlugin(ModelPlugin):
         from torchvision.models import VGG, AlexNet, SqueezeNet, VisionTransformer
 
         if isinstance(model, VisionTransformer):
-            # After the last block only the class token reaches the head, so the patches' gradient
-            # there is zero: explain the last block's input (its first norm), as pytorch-grad-cam
-            # recommends for ViTs.
-            last = list(model.encoder.layers.named_children())[-1][0]
-            return f"encoder.layers.{last}.ln_1"
+            # A block's input (its first norm), laid out on the token grid: the block at half depth,
+            # where the sample ViT's CAMs point at the object most often (see vit_cam_block).
+            blocks = [name for name, _ in model.encoder.layers.named_children()]
+            return f"encoder.layers.{blocks[vit_cam_block(len(blocks))]}.ln_1"
 
         # After `features` these end in pooling to a fixed size (which upsamples small maps) or in
         # the classifier's own class-score convolution: the feature map itself is the one to explain.

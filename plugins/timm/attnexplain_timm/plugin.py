@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid
+from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, vit_cam_block
 from attnexplain.preprocess import Preprocessing, normalize_size
 
 if TYPE_CHECKING:
@@ -169,9 +169,9 @@ class TimmPlugin(ModelPlugin):
     def default_layer(self, model: Any) -> str | None:
         if _vit_attention_names(model):
             # A class-token ViT: its blocks' (B, tokens, C) outputs are laid out on the token grid
-            # (ModelPlugin.layer_map). After the last block only the class token reaches the head,
-            # so explain that block's input, its first norm (pytorch-grad-cam's choice for ViTs).
-            return f"blocks.{len(model.blocks) - 1}.norm1"
+            # (ModelPlugin.layer_map). Explain a block's input, its first norm: the block at half
+            # depth, the torchvision plugin's rule (see attnexplain.plugins.vit_cam_block).
+            return f"blocks.{vit_cam_block(len(model.blocks))}.norm1"
         if _is_timm(model) and _patch_projection(model):
             # Other transformers (ViTs pooling without a class token, Swin, ...): blocks output
             # (B, tokens, C) or channels-last (B, h, w, C) with no known layout here; the generic
