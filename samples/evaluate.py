@@ -3,7 +3,6 @@
     .venv/bin/python samples/evaluate.py [--images 200]
     .venv/bin/python samples/evaluate.py --vit-layers [--images 200]
 
-
 For every held-out composite (seed ``TEST_SEED``, never trained on) and every method that applies to
 the model, explain the model's top prediction and check whether the heatmap's maximum lies inside the
 pasted object's mask. Prints a Markdown table for samples/README.md. ``--vit-layers`` instead
