@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ._files import not_a_regular_file
-from .errors import AttnExplainError
+from .errors import AttnExplainError, shown
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 RESULTS_JSONL = "results.jsonl"
@@ -411,10 +411,10 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
         return "is not a relative path inside the output (absolute, '..' or not normalised)"
     output = f"{IMAGES_DIR}/{image}"
     if record.get("output") != output:
-        return f"has the output {_shown(record.get('output'))}, not {_shown(output)} as batch writes it"
+        return f"has the output {shown(record.get('output'))}, not {shown(output)} as batch writes it"
     if record.get("detail") != f"{output}/{DETAIL_HTML}":
-        return (f"has the detail page {_shown(record.get('detail'))}, not "
-                f"{_shown(output + '/' + DETAIL_HTML)}")
+        return (f"has the detail page {shown(record.get('detail'))}, not "
+                f"{shown(output + '/' + DETAIL_HTML)}")
     predictions = record.get("predictions")
     if not (isinstance(predictions, list) and predictions and all(map(_is_prediction, predictions))
             and _is_prediction(record.get("target"))):
@@ -427,14 +427,8 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
         return "has no table of file names"
     bad = next((name for name in record_file_names(record) if not _is_file_name(name)), None)
     if bad is not None:
-        return f"names the file {_shown(bad)}, which is not a plain file name"
+        return f"names the file {shown(bad)}, which is not a plain file name"
     return None
-
-
-def _shown(text: Any, limit: int = 80) -> str:
-    """An untrusted value as one short, quoted line."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def _is_number(value: Any) -> bool:

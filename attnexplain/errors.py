@@ -16,6 +16,12 @@ class AttnExplainError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """An untrusted value (from a file, a record) for an error line: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ImageError(AttnExplainError):
     """The image is missing, empty, truncated, too large or not an image."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import re
 import threading
 import warnings
@@ -28,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ._files import not_a_regular_file
-from .errors import AttnExplainError, ModelLoadError, UntrustedModelError, WeightsDoNotFit
+from .errors import AttnExplainError, ModelLoadError, UntrustedModelError, WeightsDoNotFit, shown
 from .plugins import ModelPlugin, all_builders, find_builder, plugin_for_prefix, select_plugin
-from .preprocess import FILE_MAX_SIZE, Preprocessing, normalize_size
+from .preprocess import FILE_MAX_SIZE, Preprocessing, normalization_values, normalize_size
 
 # Keys under which training scripts commonly nest the weights.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -412,7 +411,7 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str, arc
             f"--arch NAME, e.g. --arch resnet50 (any torchvision builder works)."
         )
     if not isinstance(arch_name, str):
-        raise ModelLoadError(f"The 'arch' entry of {path} is not a name: {_shown(arch_name)}")
+        raise ModelLoadError(f"The 'arch' entry of {path} is not a name: {shown(arch_name)}")
     arch_kwargs = _checkpoint_arch_kwargs(checkpoint.get("arch_kwargs"), path) if arch is None else {}
     labels = _checkpoint_labels(checkpoint, path)
     preprocessing = _checkpoint_preprocessing(checkpoint.get("preprocessing"), path)
@@ -440,7 +439,7 @@ def _checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
         raise ModelLoadError(f"The 'arch_kwargs' entry of {path} is not a mapping of argument "
-                             f"names to values: {_shown(value)}")
+                             f"names to values: {shown(value)}")
     if "weights" in value or "weights_backbone" in value:
         raise ModelLoadError(f"{path}: 'arch_kwargs' may not name pretrained weights.")
     return dict(value)
@@ -458,15 +457,9 @@ def _checkpoint_labels(checkpoint: Mapping[str, Any], path: Path) -> list[str] |
         if not all(isinstance(label, (str, int)) and not isinstance(label, bool) for label in value):
             odd = next(label for label in value if not isinstance(label, (str, int)) or isinstance(label, bool))
             raise ModelLoadError(f"The {key!r} entry of {path} is not a list of class names: "
-                                 f"it holds {_shown(odd)}.")
+                                 f"it holds {shown(odd)}.")
         return [str(label) for label in value]
     return None
-
-
-def _shown(value: Any) -> str:
-    """A value from a file, for an error line: its type and the start of its text."""
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def _find_state_dict(checkpoint: Mapping[str, Any], path: Path) -> OrderedDict[str, Any]:
@@ -533,14 +526,14 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
         try:
             return budget.build(builder, arch_kwargs, meta=meta)
         except _TooLarge as error:
-            raise ModelLoadError(f"{arch} built with {_shown(arch_kwargs)} is far larger than the "
+            raise ModelLoadError(f"{arch} built with {shown(arch_kwargs)} is far larger than the "
                                  f"weights it should hold ({error}); refused before it fills "
                                  f"memory.") from None
         except Exception as error:
             if meta:
                 return None  # some builders compute with tensors while constructing (RegNet)
             if isinstance(error, (TypeError, ValueError)):
-                raise ModelLoadError(f"Cannot build {arch} with {_shown(arch_kwargs)}: "
+                raise ModelLoadError(f"Cannot build {arch} with {shown(arch_kwargs)}: "
                                      f"{_first_line(error)}") from None
             # builders are third-party code; report, don't crash
             raise ModelLoadError(f"Building {arch} failed: {type(error).__name__}: "
@@ -667,7 +660,7 @@ def _file_size(value: Any, path: Path, what: str) -> tuple[int, int]:
     try:
         return normalize_size(value, limit=FILE_MAX_SIZE)
     except (AttnExplainError, TypeError, ValueError, OverflowError):
-        raise ModelLoadError(f"The {what} of {path} asks for size {_shown(value)}; a model file may "
+        raise ModelLoadError(f"The {what} of {path} asks for size {shown(value)}; a model file may "
                              f"ask for one or two integers between 8 and {FILE_MAX_SIZE} (a larger "
                              f"--size can be given explicitly).") from None
 
@@ -684,30 +677,27 @@ def _checkpoint_preprocessing(spec: Any, path: Path) -> Preprocessing | None:
         if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
                                    or not min(size) <= resize <= 2 * max(size)):
             raise ValueError(f"resize must be an integer between {min(size)} and {2 * max(size)} "
-                             f"for size {list(size)}, got {_shown(resize)}")
-        mean = _finite_three(spec.get("mean", Preprocessing.mean), "mean")
-        std = _finite_three(spec.get("std", Preprocessing.std), "std")
-        if any(value <= 0 for value in std):
-            raise ValueError(f"std values must be positive, got {list(std)}")
+                             f"for size {list(size)}, got {shown(resize)}")
+        mean = normalization_values(_three_given(spec.get("mean", Preprocessing.mean), "mean"), "mean")
+        std = normalization_values(_three_given(spec.get("std", Preprocessing.std), "std"), "std",
+                                   positive=True)
         interpolation = str(spec.get("interpolation", "bilinear"))
         if interpolation not in ("nearest", "nearest-exact", "bilinear", "bicubic"):
             raise ValueError(f"interpolation must be nearest, bilinear or bicubic, got {interpolation[:40]!r}")
         letterbox = spec.get("letterbox", False)
         if not isinstance(letterbox, bool):
-            raise ValueError(f"letterbox must be true or false, got {_shown(letterbox)}")
+            raise ValueError(f"letterbox must be true or false, got {shown(letterbox)}")
         return Preprocessing(size=size, resize=resize, mean=mean, std=std,
                              interpolation=interpolation, letterbox=letterbox, source="checkpoint")
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, AttnExplainError) as error:
         raise ModelLoadError(f"The 'preprocessing' entry of {path} is invalid: {error}") from None
 
 
-def _finite_three(values: Any, what: str) -> tuple[float, float, float]:
+def _three_given(values: Any, what: str) -> Any:
+    """A file must spell out all three channels (a user's --mean may give one for all)."""
     if not isinstance(values, (list, tuple)) or len(values) != 3:
-        raise ValueError(f"{what} must be three numbers (R, G, B), got {_shown(values)}")
-    numbers = tuple(float(v) for v in values)
-    if not all(math.isfinite(v) for v in numbers):
-        raise ValueError(f"{what} must be finite numbers, got {list(numbers)}")
-    return numbers  # type: ignore[return-value]
+        raise ValueError(f"{what} must be three numbers (R, G, B), got {shown(values)}")
+    return values
 
 
 def _compare_keys(expected: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[list[str], list[str]]:

@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 from ._files import not_a_regular_file
 from ._lock import LOCK_NAME, reading_lock
-from .batch import (REPORT_JSON, RESULTS_JSONL, BatchRun, _is_number, _shown, ok_record_problem,
+from .batch import (REPORT_JSON, RESULTS_JSONL, BatchRun, _is_number, ok_record_problem,
                     read_results, record_file_names)
-from .errors import AttnExplainError
+from .errors import AttnExplainError, shown
 
 #: ``key`` of a record: "<fingerprint of model and options>:<sha256 of the image file>".
 _KEY = re.compile(r"([0-9a-f]{8,64}):([0-9a-f]{64})")
@@ -85,7 +85,7 @@ def _merge_unlocked(sources: Sequence[Path], out: Path) -> BatchRun:
 # --- reading and checking the sources ----------------------------------------------------------
 
 def _refuse(source: _Source, image: Any, why: str) -> AttnExplainError:
-    return AttnExplainError(f"Cannot merge: {source.given}: image {_shown(image)} {why}; "
+    return AttnExplainError(f"Cannot merge: {source.given}: image {shown(image)} {why}; "
                             f"nothing was written.")
 
 
@@ -136,7 +136,7 @@ def _check_record(source: _Source, record: dict[str, Any]) -> None:
         raise _refuse(source, image, "has no name")
     status = record.get("status")
     if status not in ("ok", "failed"):
-        raise _refuse(source, image, f"has the status {_shown(status)}, neither 'ok' nor 'failed'")
+        raise _refuse(source, image, f"has the status {shown(status)}, neither 'ok' nor 'failed'")
     for name in ("reason", "layer", "path", "sha256"):
         if not isinstance(record.get(name), (str, type(None))):
             raise _refuse(source, image, f"has a {name} that is not text")
@@ -177,7 +177,7 @@ def _check_key(source: _Source, record: dict[str, Any]) -> None:
         return
     match = _KEY.fullmatch(key) if isinstance(key, str) else None
     if match is None:
-        raise _refuse(source, image, f"has no fingerprint: its key {_shown(key)} is not "
+        raise _refuse(source, image, f"has no fingerprint: its key {shown(key)} is not "
                                      f"'<fingerprint>:<sha256>'")
     if record.get("sha256") not in (None, match.group(2)):
         raise _refuse(source, image, "has a sha256 that differs from the one in its key")
@@ -214,7 +214,7 @@ def _merged_records(sources: list[_Source]) -> tuple[dict[str, dict[str, Any]], 
                 if record["status"] == "ok" and _sha(record) != _sha(previous[0]):
                     raise AttnExplainError(
                         f"Cannot merge: {previous[1].given} and {source.given} both explain image "
-                        f"{_shown(image)}, from different files (sha256 {_sha(previous[0])[:12]}… and "
+                        f"{shown(image)}, from different files (sha256 {_sha(previous[0])[:12]}… and "
                         f"{_sha(record)[:12]}…); merge only the one you want. Nothing was written.")
                 continue
             kept[image] = (record, source)
@@ -230,8 +230,8 @@ def _merged_records(sources: list[_Source]) -> tuple[dict[str, dict[str, Any]], 
         folder = PurePosixPath(record["output"])
         for part in (folder, *folder.parents):
             if str(part) in owner:  # a.png/detail.html/x.png would need a folder where a file is
-                raise AttnExplainError(f"Cannot merge: image {_shown(image)} needs the folder "
-                                       f"{part}, which is a file of image {_shown(owner[str(part)])}. "
+                raise AttnExplainError(f"Cannot merge: image {shown(image)} needs the folder "
+                                       f"{part}, which is a file of image {shown(owner[str(part)])}. "
                                        f"Nothing was written.")
     return {image: record for image, (record, _) in kept.items()}, files
 
@@ -264,7 +264,7 @@ def _check_out(out: Path, sources: list[_Source], merged: set[str]) -> None:
     if lost:
         raise AttnExplainError(
             f"Cannot merge: --out {out} already holds {len(lost)} explained image(s) that no source "
-            f"has (e.g. {_shown(lost[0])}); the merge would replace them. Name {out} as a source "
+            f"has (e.g. {shown(lost[0])}); the merge would replace them. Name {out} as a source "
             f"too to keep them, or choose another --out.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -50,12 +51,9 @@ class Preprocessing:
                 changes["resize"] = round(self.resize * min(new_size) / min(self.size))
             changes["size"] = new_size
         if mean is not None:
-            changes["mean"] = _three(mean, "mean")
+            changes["mean"] = normalization_values(mean, "--mean")
         if std is not None:
-            values = _three(std, "std")
-            if any(v <= 0 for v in values):
-                raise AttnExplainError(f"--std values must be positive, got {list(values)}.")
-            changes["std"] = values
+            changes["std"] = normalization_values(std, "--std", positive=True)
         if not changes:
             return self
         return replace(self, **changes, source=f"{self.source} + overrides")
@@ -87,12 +85,19 @@ def normalize_size(size: Sequence[int] | int, limit: int = MAX_SIZE) -> tuple[in
     return values  # type: ignore[return-value]
 
 
-def _three(values: Sequence[float], what: str) -> tuple[float, float, float]:
+def normalization_values(values: Sequence[float], what: str, *,
+                         positive: bool = False) -> tuple[float, float, float]:
+    """A normalisation mean or std as three finite numbers (one number means all three), named
+    ``what`` in the error; ``positive`` for a std, which divides."""
     numbers = tuple(float(v) for v in values)
     if len(numbers) == 1:
         numbers = numbers * 3
     if len(numbers) != 3:
-        raise AttnExplainError(f"--{what} needs one or three numbers (R,G,B), got {list(values)}.")
+        raise AttnExplainError(f"{what} needs one or three numbers (R,G,B), got {list(values)}.")
+    if not all(math.isfinite(v) for v in numbers):
+        raise AttnExplainError(f"{what} must be finite numbers, got {list(numbers)}.")
+    if positive and any(v <= 0 for v in numbers):
+        raise AttnExplainError(f"{what} values must be positive, got {list(numbers)}.")
     return numbers  # type: ignore[return-value]
 
 
