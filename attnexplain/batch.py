@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,23 +242,26 @@ def collect_inputs(specs: Sequence[str], exclude: Path | None = None) -> Inputs:
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` → ``(I, N)``: shards count from 1, as ``--shard`` does in Playwright, Jest and Vitest."""
     if text is None:
         return None
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise AttnExplainError(f"--shard must look like I/N (e.g. 0/4), not {text!r}.") from None
-    if count < 1 or not 0 <= index < count:
-        raise AttnExplainError(f"--shard {text}: need N >= 1 and 0 <= I < N.")
+        raise AttnExplainError(f"--shard must look like I/N (e.g. 1/4), not {text!r}.") from None
+    if index == 0 and count >= 1:
+        raise AttnExplainError(f"--shard {text}: shards count from 1 (1/{count} to {count}/{count}).")
+    if count < 1 or not 1 <= index <= count:
+        raise AttnExplainError(f"--shard {text}: need N >= 1 and 1 <= I <= N.")
     return index, count
 
 
 def in_shard(relative: str, shard: tuple[int, int] | None) -> bool:
-    """Deterministic: the same relative path always lands in the same shard."""
+    """Deterministic: the same relative path always lands in the same shard (``shard`` counts from 1)."""
     if shard is None:
         return True
     digest = hashlib.sha256(relative.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % shard[1] == shard[0]
+    return int.from_bytes(digest[:8], "big") % shard[1] == shard[0] - 1
 
 
 # --- settings and fingerprint --------------------------------------------------------------------
@@ -590,8 +594,11 @@ class _Progress:
 def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], out: Path,
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
-              on_batch: Callable[[int], None] | None = None) -> BatchRun:
+              on_batch: Callable[[int], None] | None = None, cluster=None) -> BatchRun:
     """Explain every image ``input_specs`` names into ``out``; see the module's docstring.
+
+    ``cluster``: a :class:`attnexplain.ray_engine.RayCluster` to explain on Ray actors (the model
+    loaded in each from ``model_spec``) instead of in this process; the outputs are the same.
 
     Raises :class:`NoImages` when the inputs name no image at all, and
     :class:`attnexplain._lock.OutputInUse` when another run writes into ``out``."""
@@ -605,39 +612,57 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         found = [reason for _, reason in inputs.missing] + [f"{path} {why}" for path, why in inputs.skipped]
         detail = f": {found[0]}" + (f" (and {len(found) - 1} more)" if len(found) > 1 else "") if found else "."
         raise NoImages(f"No image found in {' '.join(map(str, input_specs))}{detail}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
-    with output_lock(out):
-        remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
-        return _run_locked(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet,
-                           device, refresh_every, on_batch, started)
+    with ExitStack() as engine:
+        if cluster is not None:
+            from .ray_engine import ray_session, run_on_ray
+
+            # Joined (or started) and checked before --out is touched: a refused run leaves nothing.
+            engine.enter_context(ray_session(cluster))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
+        with output_lock(out):
+            remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
+            if cluster is not None:
+                return run_on_ray(model_spec, input_specs, inputs, out, settings, cluster, resume,
+                                  shard, quiet, refresh_every, on_batch, started, loaded)
+            return _run_locked(loaded, model_spec, input_specs, inputs, out, settings, resume, shard,
+                               quiet, device, refresh_every, on_batch, started)
 
 
 class NoImages(AttnExplainError):
     """The inputs name no image at all."""
 
 
-def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settings: BatchSettings,
-                resume: bool, shard, quiet: bool, device, refresh_every: int, on_batch,
-                started: float) -> BatchRun:
-    import torch
+@dataclass
+class RunStart:
+    """What both engines decide on the driver before any image is read: the images of this run,
+    the plan, the key that says an earlier record still stands, and the run's ledger."""
 
-    from .explanation import _model_device, plan_explanation
-    from .gallery import write_reports
+    selected: list[InputImage]
+    missing: list[tuple[str, str]]
+    plan: Any  # explanation.Plan
+    key_prefix: str
+    done_keys: dict[str, str]  # image → key of its reusable earlier record (--resume)
+    ledger: "RunLedger"
+
+
+def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settings: BatchSettings,
+              resume: bool, shard, quiet: bool, started: float) -> RunStart:
+    """The images of this run (its shard), its plan and its ledger, holding the records of an
+    earlier run that still stand (``resume``)."""
+    from .explanation import plan_explanation
 
     selected = [item for item in inputs.images if in_shard(item.relative, shard)]
     missing = [(spec, reason) for spec, reason in inputs.missing if in_shard(spec, shard)]
-    run_device = torch.device(device) if device else _model_device(loaded.module)
     plan = plan_explanation(loaded, settings.method, settings.layer, size=settings.size,
                             mean=settings.mean, std=settings.std)
-    preprocessing, methods, layers = plan.preprocessing, plan.methods, plan.layers
     key_prefix = fingerprint(model_spec, settings)
     meta = {"model": loaded.describe(), "model_spec": {k: (str(v) if v is not None else None)
                                                        for k, v in model_spec.items()},
-            "options": settings.describe(), "preprocessing": preprocessing.as_dict(),
-            "methods": [m.name for m in methods], "layers": layers, "fingerprint": key_prefix,
+            "options": settings.describe(), "preprocessing": plan.preprocessing.as_dict(),
+            "methods": [m.name for m in plan.methods], "layers": plan.layers, "fingerprint": key_prefix,
             "shard": list(shard) if shard else None, "inputs": [str(s) for s in input_specs],
             "root": str(inputs.root) if inputs.root else None,
             "skipped_inputs": [{"path": path, "reason": reason} for path, reason in inputs.skipped]}
@@ -646,13 +671,98 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     # Per image, not per content: two files with the same bytes are two images, each with its row.
     kept = {record["image"]: record for record in (read_results(out / RESULTS_JSONL) if resume else [])
             if _reusable(record, key_prefix, wanted, out)}
-    try:
-        log = ResultsLog(out / RESULTS_JSONL, kept.values())
-    except OSError as error:  # a full disk before anything started
-        raise AttnExplainError(f"Cannot write {out / RESULTS_JSONL}: {error.strerror or error}.") from None
-    records: dict[str, dict[str, Any]] = dict(kept)  # image → record, small dicts only
     summary = BatchRun(total=len(selected) + len(missing), out=out, skipped_inputs=inputs.skipped)
-    progress = _Progress(summary.total, quiet)
+    ledger = RunLedger(out, meta, kept, summary, quiet, started)
+    return RunStart(selected, missing, plan, key_prefix,
+                    {image: record["key"] for image, record in kept.items()}, ledger)
+
+
+class RunLedger:
+    """The driver's book of a run: results.jsonl, the records the reports show, the counts and the
+    progress output. Whatever engine explains the images, their records end here, one at a time."""
+
+    def __init__(self, out: Path, meta: dict[str, Any], kept: dict[str, dict[str, Any]],
+                 summary: BatchRun, quiet: bool, started: float) -> None:
+        try:
+            self.log = ResultsLog(out / RESULTS_JSONL, kept.values())
+        except OSError as error:  # a full disk before anything started
+            raise AttnExplainError(f"Cannot write {out / RESULTS_JSONL}: {error.strerror or error}.") from None
+        self.out, self.meta, self.summary, self.started = out, meta, summary, started
+        self.records: dict[str, dict[str, Any]] = dict(kept)  # image → record, small dicts only
+        self.progress = _Progress(summary.total, quiet)
+        self.lock = threading.Lock()
+
+    def finish(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Record one image's outcome (thread-safe); returns the record as kept."""
+        with self.lock:
+            try:
+                self.log.append(record)
+            except OSError as error:  # a full disk: the image fails, the run goes on
+                record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
+                          "status": "failed",
+                          "reason": f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}"}
+            self.records[record["image"]] = record
+            if record["status"] == "ok":
+                self.summary.ok += 1
+            else:
+                self.summary.failed += 1
+            self.progress.advance()
+        return record
+
+    def done_earlier(self) -> None:
+        """An image whose record from an earlier run stands (--resume)."""
+        with self.lock:
+            self.summary.skipped += 1
+            self.summary.ok += 1
+            self.progress.advance(earlier=True)
+
+    def refresh(self, complete: bool) -> None:
+        """report.json, summary.csv and index.html from the records so far."""
+        from .gallery import write_reports
+
+        meta_now = dict(self.meta, complete=complete, wall_s=round(time.perf_counter() - self.started, 3),
+                        interrupted=self.summary.interrupted)
+        with self.lock:
+            finished = sorted(self.records.values(), key=lambda r: r["image"])
+        try:
+            write_reports(self.out, finished, meta_now)
+        except OSError as error:  # a full disk: tried again at the next refresh
+            self.summary.report_error = f"{error.filename or self.out}: {error.strerror or error}"
+        else:
+            self.summary.report_error = None
+
+    def close(self) -> BatchRun:
+        """Close results.jsonl and the progress output; write the final reports."""
+        self.log.close()
+        self.progress.close()
+        self.summary.wall_s = time.perf_counter() - self.started
+        self.refresh(not self.summary.interrupted)
+        return self.summary
+
+
+def explain_decoded(loaded, chunk: list[Decoded], plan, settings: BatchSettings,
+                    device) -> tuple[list[dict[str, Any]], float]:
+    """:func:`explain_batch` on decoded images: their results and the model's seconds per image."""
+    began = time.perf_counter()
+    results = explain_batch(loaded, [d.tensor for d in chunk], plan.methods, plan.layers, settings,
+                            device, regions=[d.box for d in chunk],
+                            photo_sizes=[d.pixels.shape[1::-1] for d in chunk],
+                            preprocessing=plan.preprocessing)
+    return results, (time.perf_counter() - began) / len(chunk)
+
+
+def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settings: BatchSettings,
+                resume: bool, shard, quiet: bool, device, refresh_every: int, on_batch,
+                started: float) -> BatchRun:
+    import torch
+
+    from .explanation import _model_device
+
+    run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
+    selected, missing, key_prefix, ledger = run.selected, run.missing, run.key_prefix, run.ledger
+    preprocessing, summary = run.plan.preprocessing, ledger.summary
+    finish, refresh = ledger.finish, ledger.refresh
+    run_device = torch.device(device) if device else _model_device(loaded.module)
     workers = max(1, settings.workers)
     readers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-read")
     writers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-write")
@@ -660,40 +770,11 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     pending_writes: deque[Future] = deque()
     max_reads = settings.images_per_batch * 2 + workers
     max_writes = settings.images_per_batch + 2 * workers
-    lock = threading.Lock()
     batches = 0
-
-    def finish(record: dict[str, Any]) -> dict[str, Any]:
-        with lock:
-            try:
-                log.append(record)
-            except OSError as error:  # a full disk: the image fails, the run goes on
-                record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
-                          "status": "failed",
-                          "reason": f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}"}
-            records[record["image"]] = record
-            if record["status"] == "ok":
-                summary.ok += 1
-            else:
-                summary.failed += 1
-            progress.advance()
-        return record
 
     def write(decoded: Decoded, result: dict[str, Any], model_s: float) -> dict[str, Any]:
         # On a writer thread: the image's line is in results.jsonl as soon as its folder is in place.
         return finish(_write_image(out, decoded, result, settings, model_s))
-
-    def refresh(complete: bool) -> None:
-        meta_now = dict(meta, complete=complete, wall_s=round(time.perf_counter() - started, 3),
-                        interrupted=summary.interrupted)
-        with lock:
-            finished = sorted(records.values(), key=lambda r: r["image"])
-        try:
-            write_reports(out, finished, meta_now)
-        except OSError as error:  # a full disk: tried again at the next refresh
-            summary.report_error = f"{error.filename or out}: {error.strerror or error}"
-        else:
-            summary.report_error = None
 
     def wait_for_writes(limit: int) -> None:
         while pending_writes and (len(pending_writes) > limit or pending_writes[0].done()):
@@ -701,12 +782,7 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
 
     def run_model(chunk: list[Decoded]) -> None:
         nonlocal batches
-        began = time.perf_counter()
-        results = explain_batch(loaded, [d.tensor for d in chunk], methods, layers, settings, run_device,
-                                regions=[d.box for d in chunk],
-                                photo_sizes=[d.pixels.shape[1::-1] for d in chunk],
-                                preprocessing=preprocessing)
-        model_s = (time.perf_counter() - began) / len(chunk)
+        results, model_s = explain_decoded(loaded, chunk, run.plan, settings, run_device)
         for decoded, result in zip(chunk, results):
             decoded.tensor = None
             wait_for_writes(max_writes)
@@ -720,7 +796,7 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     try:
         for spec, reason in missing:
             finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
-        done_keys = {image: record["key"] for image, record in kept.items()}
+        done_keys = run.done_keys
         todo = iter(selected)
         chunk: list[Decoded] = []
         exhausted = False
@@ -736,9 +812,7 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
                 break
             decoded = pending_reads.popleft().result()
             if decoded.skipped is not None:
-                summary.skipped += 1
-                summary.ok += 1
-                progress.advance(earlier=True)
+                ledger.done_earlier()
                 continue
             if decoded.error is not None:
                 finish(_failed(decoded, decoded.error))
@@ -758,10 +832,7 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
             future.cancel()
         readers.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True)  # images already explained are written and recorded
-        log.close()
-        progress.close()
-        summary.wall_s = time.perf_counter() - started
-        refresh(not summary.interrupted)
+        ledger.close()
     return summary
 
 

@@ -456,7 +456,15 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option("--images-per-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Threads that decode and write images while the model runs.")
+              help="Threads that decode and write images while the model runs; with --engine ray, "
+                   "model actors (one CPU each, and --num-gpus-per-worker GPUs).")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
+                   "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).")
+@click.option("--address", help="--engine ray: the cluster to join (auto, or ray://HOST:PORT; default: "
+                                "start a local Ray instance with this machine's cores).")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--engine ray: GPUs each model actor reserves (it runs the model on CUDA when > 0).")
 @click.option("--out", "out_dir", default="attnexplain-batch", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the outputs (never read as inputs; one run at a time writes there).")
@@ -472,7 +480,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           samples: int, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
-          images_per_batch: int, workers: int, out_dir: Path, resume: bool,
+          images_per_batch: int, workers: int, engine: str, address: str | None,
+          num_gpus_per_worker: float, out_dir: Path, resume: bool,
           shard: tuple[int, int] | None, quiet: bool, overlay_format: str) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
@@ -501,6 +510,10 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     from .batch import run_batch, BatchSettings
     from .report import writable_output_folder
 
+    cluster = _ray_cluster(engine, address, num_gpus_per_worker, workers)
+    if cluster is not None:
+        device = "cpu"  # the driver only plans; each actor loads the model on its own device
+
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
@@ -516,7 +529,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
             spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
                     "trust_model": trust_model, "plugin": plugin}
             result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume,
-                               shard=shard, quiet=quiet)
+                               shard=shard, quiet=quiet, cluster=cluster)
     except Stopped as stop:
         where = f"; the partial report is in {out_dir}" if (out_dir / "report.json").is_file() else ""
         click.echo(f"Stopped by {stop}{where}.", err=True)
@@ -535,6 +548,18 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
                    f"Gallery: {out_dir / 'index.html'}", err=True)
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+def _ray_cluster(engine: str, address: str | None, num_gpus_per_worker: float, workers: int):
+    """The Ray cluster of ``--engine ray``, checked before the model loads; None for the local engine."""
+    if engine != "ray":
+        if address is not None or num_gpus_per_worker:
+            raise click.UsageError("--address and --num-gpus-per-worker apply only with --engine ray.")
+        return None
+    from .ray_engine import RayCluster, require_ray
+
+    require_ray()  # without Ray: how to install it, before minutes of model loading
+    return RayCluster(address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker)
 
 
 @main.command()

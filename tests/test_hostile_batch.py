@@ -402,7 +402,7 @@ def test_outputs_follow_the_umask(resnet_state_dict_file, tmp_path, umask, mask)
 
 # --- exit codes ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shard", ["abc", "3/2", "1/0", "-1/2"])
+@pytest.mark.parametrize("shard", ["abc", "3/2", "1/0", "-1/2", "0/2"])
 def test_bad_shard_is_a_usage_error(resnet_state_dict_file, tmp_path, shard):
     result = _batch(resnet_state_dict_file, tmp_path, "--shard", shard, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output

@@ -52,9 +52,9 @@ def runs(tmp_path_factory, resnet_state_dict_file) -> dict[str, Path]:
     other_model = base / "other-resnet18-5.pt"
     torch.save(torchvision.models.resnet18(num_classes=5).eval().state_dict(), other_model)
     other_photos = _write_photos(base / "other-photos", ["img3.png"], seed=1)
-    made = {"A0": _batch(resnet_state_dict_file, photos, base / "A0", MISSING, "--shard", "0/2"),
-            "A1": _batch(resnet_state_dict_file, photos, base / "A1", MISSING, "--shard", "1/2"),
-            "B1": _batch(other_model, photos, base / "B1", "--shard", "1/2"),
+    made = {"A0": _batch(resnet_state_dict_file, photos, base / "A0", MISSING, "--shard", "1/2"),
+            "A1": _batch(resnet_state_dict_file, photos, base / "A1", MISSING, "--shard", "2/2"),
+            "B1": _batch(other_model, photos, base / "B1", "--shard", "2/2"),
             "A-other": _batch(resnet_state_dict_file, other_photos, base / "A-other")}
     assert read_results(made["A0"] / RESULTS_JSONL) and read_results(made["A1"] / RESULTS_JSONL)
     return made
