@@ -1,6 +1,6 @@
 # Two entry points, both self-installing on a fresh machine:
 #   make demo   — create .venv, install, explain a shipped sample model on a shipped image
-#   make test   — create .venv, install with test extras, run the test suite
+#   make test   — create .venv, install with the test and ray extras, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ PLUGINS := plugins/attention-cnn plugins/timm
 $(BIN)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' $(addprefix -e ,$(PLUGINS))
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 install: $(BIN)/.installed

@@ -115,11 +115,12 @@ def _shared_path(value: Any) -> Any:
     return value
 
 
-def _decode_row(row: dict[str, Any], key_prefix: str, done_keys: dict[str, str], preprocessing,
-                max_pixels: int) -> dict[str, Any]:
-    """A Ray task: read and decode one image with batch's own reader."""
+def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels: int) -> dict[str, Any]:
+    """A Ray task: read and decode one image with batch's own reader. ``row["earlier"]``: the key
+    of the image's record from an earlier run that still stands (--resume), or ""."""
     item = InputImage(Path(row["path"]), row["relative"])
-    decoded = _read_image(item, key_prefix, done_keys, preprocessing, max_pixels)
+    earlier = {item.relative: row["earlier"]} if row["earlier"] else {}
+    decoded = _read_image(item, key_prefix, earlier, preprocessing, max_pixels)
     if decoded.tensor is not None:
         decoded.tensor = decoded.tensor.numpy()  # pickles without torch's shared-memory handles
     # Rows differ in what they hold (a failed decode has no pixels), and Arrow wants one schema per
@@ -194,17 +195,20 @@ def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: I
     run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
     ledger, summary = run.ledger, run.ledger.summary
     batches = 0
+    refreshed_at = 0  # records when the reports were last written
     try:
         for spec, reason in run.missing:
             ledger.finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
         if run.selected:
             _quiet_ray_data(ray)
             worker_spec = {key: _shared_path(value) for key, value in model_spec.items()}
-            rows = [{"relative": item.relative, "path": str(item.path)} for item in run.selected]
+            # Each row carries its own earlier key: no task gets the whole run's table.
+            rows = [{"relative": item.relative, "path": str(item.path),
+                     "earlier": run.done_keys.get(item.relative, "")} for item in run.selected]
             images = ray.data.from_items(
                 rows, override_num_blocks=max(1, math.ceil(len(rows) / settings.images_per_batch)))
             decoded = images.map(_decode_row, num_cpus=DECODE_CPUS,
-                                 fn_kwargs={"key_prefix": run.key_prefix, "done_keys": run.done_keys,
+                                 fn_kwargs={"key_prefix": run.key_prefix,
                                             "preprocessing": run.plan.preprocessing,
                                             "max_pixels": settings.max_pixels})
             explained = decoded.map_batches(
@@ -223,7 +227,10 @@ def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: I
                 batches += 1
                 if on_batch is not None:
                     on_batch(batches)
-                if batches % refresh_every == 0:
+                # Every refresh rewrites the reports of all records so far: spaced geometrically as
+                # well, their total cost stays proportional to the images, not to their square.
+                if batches % refresh_every == 0 and len(ledger.records) >= refreshed_at * 1.25:
+                    refreshed_at = len(ledger.records)
                     ledger.refresh(False)
     except KeyboardInterrupt:  # Ctrl-C, and SIGTERM / SIGHUP under the CLI (see _signals)
         summary.interrupted = True

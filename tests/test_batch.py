@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attnexplain.batch import (EXIT_SOME_FAILED, RESULTS_JSONL, BatchSettings, collect_inputs,
-                               read_results, run_batch)
+                               in_shard, parse_shard, read_results, run_batch)
+from attnexplain.errors import AttnExplainError
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
 from attnexplain.loading import load_model
@@ -224,6 +225,22 @@ def test_shards_merge_to_the_single_run(full_run, images, loaded, model_file, tm
     assert (merged / "images/a/img000.png/overlay-gradcam.jpg").is_file()
     assert (merged / "index.html").read_text().count('loading="lazy"') == \
         len(_expected(images)) - len(BROKEN)
+
+
+def test_shards_count_from_one_and_split_the_inputs(images):
+    assert parse_shard("1/2") == (1, 2) and parse_shard("2/2") == (2, 2) and parse_shard("1/1") == (1, 1)
+    with pytest.raises(AttnExplainError, match=r"shards count from 1 \(1/2 to 2/2\)"):
+        parse_shard("0/2")
+    names = [item.relative for item in collect_inputs([str(images)]).images]
+    first = {name for name in names if in_shard(name, (1, 2))}
+    second = {name for name in names if in_shard(name, (2, 2))}
+    assert first and second and not first & second and first | second == set(names)
+
+
+def test_shard_zero_is_refused_saying_shards_count_from_one(model_file, images, tmp_path):
+    result = CliRunner().invoke(main, ["batch", str(model_file), str(images), "--shard", "0/3",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "shards count from 1 (1/3 to 3/3)" in result.output
 
 
 def test_list_file_and_glob_inputs(images, tmp_path):
