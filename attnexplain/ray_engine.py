@@ -192,6 +192,9 @@ def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: I
     """:func:`attnexplain.batch.run_batch`'s work on Ray, inside :func:`ray_session` and with the
     ``--out`` lock held. ``loaded``: the driver's copy of the model, for the plan and the reports."""
     ray = require_ray()
+    if not model_spec.get("model"):
+        raise AttnExplainError("The Ray engine loads the model in each actor from model_spec['model'] "
+                               "(a file or PREFIX:NAME), and none was given.")
     run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
     ledger, summary = run.ledger, run.ledger.summary
     batches = 0

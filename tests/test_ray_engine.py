@@ -20,7 +20,7 @@ from PIL import Image
 from attnexplain.batch import RESULTS_JSONL, BatchSettings, read_results, run_batch
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
-from test_batch import _assert_same, _comparable
+from test_batch import _assert_same, _comparable, model_file  # noqa: F401 - the fixture
 
 ray = pytest.importorskip("ray")
 
@@ -53,17 +53,6 @@ def images(tmp_path_factory) -> Path:
     Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(root / HOSTILE)
     (root / BAD).write_text("not a picture")
     return root
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ray-model") / "resnet18-4.pt"
-    torch.save(torchvision.models.resnet18(num_classes=4).eval().state_dict(), path)
-    return path
 
 
 def _cli_batch(model_file: Path, images: Path, out: Path, *extra: str):
