@@ -22,8 +22,6 @@ from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
 from test_batch import _assert_same, _comparable, model_file  # noqa: F401 - the fixture
 
-ray = pytest.importorskip("ray")
-
 REPO = Path(__file__).resolve().parents[1]
 BAD = "b/not-a-picture.png"
 HOSTILE = "a/<img src=x onerror=alert(1)>.png"
@@ -33,6 +31,7 @@ SETTINGS = BatchSettings(size=(32, 32), images_per_batch=4, workers=1, options=M
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance for the module: its start-up costs seconds on two cores."""
+    ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
