@@ -255,3 +255,19 @@ def test_ray_options_without_the_ray_engine_are_a_usage_error(tmp_path):
                                        "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "apply only with --engine ray" in result.output
+
+
+@pytest.mark.heavy
+def test_actors_that_cannot_load_the_model_stop_the_run_with_one_error(ray_instance, images, model_file,
+                                                                      tmp_path):
+    """The workers load the model from its spec: one they cannot find (not on their filesystem)
+    ends the run with the reason, instead of Ray restarting the actors for ever."""
+    from attnexplain.errors import AttnExplainError
+    from attnexplain.loading import load_model
+    from attnexplain.ray_engine import RayCluster
+
+    elsewhere = str(tmp_path / "only-on-the-driver.pt")
+    with pytest.raises(AttnExplainError, match=r"The Ray run stopped: .*Model file not found: .*only-on-the-driver"):
+        run_batch(load_model(model_file, arch="resnet18"), {"model": elsewhere, "arch": "resnet18"},
+                  [str(images)], tmp_path / "out", SETTINGS, quiet=True, cluster=RayCluster(workers=1))
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["run"]["complete"] is False
