@@ -457,7 +457,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
               help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
               help="Threads that decode and write images while the model runs; with --engine ray, "
-                   "model actors (one CPU each, and --num-gpus-per-worker GPUs).")
+                   "model actors (one CPU each, and --num-gpus-per-worker GPUs; default 1).")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
                    "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).")
@@ -471,8 +471,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option("--resume", is_flag=True, help="Skip images already explained in --out with the same "
                                              "model, options and file content; do the rest.")
 @click.option("--shard", callback=_shard,
-              help="I/N: explain only a deterministic 1/N of the inputs (merge the outputs with "
-                   "`attnexplain merge`).")
+              help="I/N: explain only a deterministic 1/N of the inputs, counting from 1 (--shard 1/2, "
+                   "--shard 2/2; merge the outputs with `attnexplain merge`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
@@ -510,7 +510,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     from .batch import run_batch, BatchSettings
     from .report import writable_output_folder
 
-    cluster = _ray_cluster(engine, address, num_gpus_per_worker, workers)
+    ray_workers = workers if _given(click.get_current_context(), "workers") else 1
+    cluster = _ray_cluster(engine, address, num_gpus_per_worker, ray_workers)
     if cluster is not None:
         device = "cpu"  # the driver only plans; each actor loads the model on its own device
 
@@ -548,6 +549,11 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
                    f"Gallery: {out_dir / 'index.html'}", err=True)
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the command line set option ``name`` (rather than its default)."""
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
 def _ray_cluster(engine: str, address: str | None, num_gpus_per_worker: float, workers: int):

@@ -147,7 +147,7 @@ def test_ray_run_resumes_a_local_run(ray_instance, local_run, images, model_file
     lines = (out / RESULTS_JSONL).read_text().splitlines(keepends=True)
     (out / RESULTS_JSONL).write_text("".join(lines[: len(lines) // 2]))
     kept = sum(json.loads(line)["status"] == "ok" for line in lines[: len(lines) // 2])
-    result = _cli_batch(model_file, images, out, "--engine", "ray", "--workers", "1", "--resume")
+    result = _cli_batch(model_file, images, out, "--engine", "ray", "--resume")  # 1 actor by default
     assert result.exit_code == 3, result.output
     assert f"({kept} from an earlier run)" in result.stderr
     _assert_same(_comparable(out), _comparable(local_run))
