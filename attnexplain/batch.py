@@ -38,6 +38,7 @@ import numpy as np
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, shown
+from .formats import DEFAULT_COLORMAP
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 RESULTS_JSONL = "results.jsonl"
@@ -274,6 +275,7 @@ class BatchSettings:
     std: Sequence[float] | None = None
     top_k: int = 5
     alpha: float = 0.5
+    colormap: str = DEFAULT_COLORMAP
     overlay_format: str = "jpg"  # see report.OVERLAY_FORMATS: thousands of photos want JPEG
     max_pixels: int = 100_000_000
     images_per_batch: int = 16
@@ -822,8 +824,10 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
         with atomic_directory(out / output) as staging:
             for name, method_map in result["maps"].items():
                 overlay = render_explained_overlay(decoded.pixels, method_map.heatmap, decoded.box,
-                                                   settings.alpha, result.get("detections"))
-                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format)
+                                                   settings.alpha, result.get("detections"),
+                                                   settings.colormap)
+                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format,
+                                               settings.colormap)
                 files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
                 (staging / files[name]["thumb"]).write_bytes(
                     encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))
