@@ -470,6 +470,10 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
               help="I/N: explain only a deterministic 1/N of the inputs (merge the outputs with "
                    "`attnexplain merge`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--truth", metavar="folders|FILE.csv",
+              help="Each image's true class: 'folders' takes its parent folder's name (the ImageFolder "
+                   "layout); a CSV gives image,class rows. The gallery then shows accuracy, a confusion "
+                   "table and filters to the misclassified images.")
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
@@ -477,7 +481,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, out_dir: Path, resume: bool,
-          shard: tuple[int, int] | None, quiet: bool, overlay_format: str) -> None:
+          shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -504,11 +508,13 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     from ._signals import Stopped, stop_signals_interrupt
     from .batch import run_batch, BatchSettings
     from .report import writable_output_folder
+    from .truth import read_truth
 
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
         alpha=alpha, colormap=colormap, overlay_format=overlay_format, max_pixels=max_pixels,
+        truth=read_truth(truth) if truth else None,
         images_per_batch=images_per_batch, workers=workers,
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, baseline, batch_size))

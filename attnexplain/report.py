@@ -22,7 +22,8 @@ from ._atomic import atomic_directory
 from .errors import OutputError
 from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS
 from .render import downscale, encode_image, flat_map, render_attention_grid, render_model_view
-from .viewer import REPORT_MAP_SIDE, file_name, human_duration, timing_name, viewer_data
+from .viewer import (REPORT_MAP_SIDE, file_name, human_duration, preprocessing_text, timing_name,
+                     viewer_data)
 
 if TYPE_CHECKING:
     from .explanation import Explanation, MethodMap
@@ -280,4 +281,5 @@ def templates():
     environment.filters["duration"] = human_duration
     environment.filters["timing_name"] = timing_name
     environment.filters["file_name"] = file_name
+    environment.filters["preprocessing_text"] = preprocessing_text
     return environment

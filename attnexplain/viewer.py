@@ -125,3 +125,19 @@ def timing_name(key: str) -> str:
 def file_name(path: Any) -> str:
     """The title of a page about an image: its file name, not where it lies."""
     return Path(str(path)).name if path else "image"
+
+
+def preprocessing_text(preprocessing: dict[str, Any]) -> str:
+    """How the photo became the model's input, in words (from ``Preprocessing.as_dict()``)."""
+    size = "×".join(str(v) for v in preprocessing.get("size") or [])
+    if preprocessing.get("letterbox"):
+        how = f"shrunk to fit {size} keeping its shape, padded with the mean colour"
+    elif preprocessing.get("resize"):
+        how = f"shorter side resized to {preprocessing['resize']}, then the centre {size} cropped"
+    else:
+        how = f"resized to {size} (height × width), the whole photo"
+
+    def numbers(key: str) -> str:
+        return ", ".join(f"{float(v):.3g}" for v in preprocessing.get(key) or [])
+    return (f"{how}; normalised with mean {numbers('mean')} and std {numbers('std')} "
+            f"({preprocessing.get('source', '')})")
