@@ -75,14 +75,14 @@ GATED = textwrap.dedent('''
 
     original, calls = gallery.render_detail, []
 
-    def gated(record):
+    def gated(record, *args, **kwargs):
         calls.append(record["image"])
         if len(calls) > int(os.environ["GATE_AFTER"]):
             Path(os.environ["REACHED"]).touch()
             deadline = time.monotonic() + 60
             while not Path(os.environ["GATE"]).exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
-        return original(record)
+        return original(record, *args, **kwargs)
 
     gallery.render_detail = gated
     main(sys.argv[1:], prog_name="attnexplain")
