@@ -30,11 +30,17 @@ def flat_map(heatmap: np.ndarray) -> str | None:
 
 def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] by the map's own range; a flat map (see :func:`flat_map`) becomes all zeros."""
-    values = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
-    if flat_map(values) is not None:
-        return np.zeros_like(values)
-    low, high = float(values.min()), float(values.max())
-    return (values - low) / (high - low)
+    return normalize_each(np.asarray(heatmap)[None])[0]
+
+
+def normalize_each(maps: np.ndarray) -> np.ndarray:
+    """(..., h, w) maps each scaled to [0, 1] by its own range (a weak attention head stays as
+    readable as a strong one); flat maps (see :func:`flat_map`) and NaN become zeros."""
+    values = np.nan_to_num(np.asarray(maps, dtype=np.float32))
+    low, high = values.min(axis=(-2, -1), keepdims=True), values.max(axis=(-2, -1), keepdims=True)
+    spread = high - low
+    flat = spread <= FLAT_RELATIVE_RANGE * np.maximum(np.abs(low), np.abs(high))
+    return np.where(flat, 0.0, (values - low) / np.where(flat, 1.0, spread)).astype(np.float32)
 
 
 #: Name (see :data:`attnexplain.formats.COLORMAP_NAMES`) → OpenCV's colormap.

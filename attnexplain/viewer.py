@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from .formats import COLORMAP_NAMES
-from .render import colormap_table, encode_image, normalize_heatmap
+from .render import colormap_table, encode_image, normalize_each, normalize_heatmap
 
 if TYPE_CHECKING:
     from .explanation import MethodMap
@@ -31,8 +31,8 @@ DETAIL_MAP_SIDE = 96
 
 def encode_levels(unit_map: np.ndarray) -> str:
     """A [0, 1] map (any shape) as base64 of its uint8 levels, row by row."""
-    levels = np.clip(np.nan_to_num(np.asarray(unit_map, dtype=np.float32)) * 255.0 + 0.5, 0, 255)
-    return base64.b64encode(levels.astype(np.uint8).tobytes()).decode("ascii")
+    levels = np.asarray(unit_map, dtype=np.float32) * 255.0 + 0.5
+    return base64.b64encode(np.clip(levels, 0, 255, out=levels).astype(np.uint8).tobytes()).decode("ascii")
 
 
 def _shrunk(unit_map: np.ndarray, side: int) -> np.ndarray:
@@ -42,12 +42,6 @@ def _shrunk(unit_map: np.ndarray, side: int) -> np.ndarray:
         return unit_map
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(unit_map, size, interpolation=cv2.INTER_AREA)
-
-
-def _each_to_its_range(maps: np.ndarray) -> np.ndarray:
-    """(..., h, w) maps each scaled to its own range (a weak head stays readable); NaN maps → 0."""
-    flat = maps.reshape(-1, *maps.shape[-2:])
-    return np.stack([normalize_heatmap(one) for one in flat]).reshape(maps.shape)
 
 
 @lru_cache(maxsize=1)
@@ -76,13 +70,13 @@ def method_entry(result: "MethodMap", target_label: str, side: int) -> dict[str,
         entry["attention"] = {"layers": int(grid.shape[0]), "heads": int(grid.shape[1]),
                               "height": int(grid.shape[2]), "width": int(grid.shape[3]),
                               "present": present.astype(int).tolist(),
-                              "levels": encode_levels(_each_to_its_range(grid)),
-                              "mean_levels": encode_levels(_each_to_its_range(np.nanmean(
+                              "levels": encode_levels(normalize_each(grid)),
+                              "mean_levels": encode_levels(normalize_each(np.nanmean(
                                   np.where(present[..., None, None], grid, np.nan), axis=1)))}
     if result.depth_maps is not None:
         depths = np.asarray(result.depth_maps, dtype=np.float32)
         entry["depths"] = {"depths": int(depths.shape[0]), "height": int(depths.shape[1]),
-                           "width": int(depths.shape[2]), "levels": encode_levels(_each_to_its_range(depths))}
+                           "width": int(depths.shape[2]), "levels": encode_levels(normalize_each(depths))}
     return entry
 
 
