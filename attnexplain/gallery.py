@@ -26,6 +26,9 @@ def _label(prediction: dict[str, Any] | None) -> str:
 #: The gallery's records, as a script the pages load with <script src>: a page opened from disk
 #: cannot fetch() a JSON file, and the gallery of 10,000 images must not hold 10,000 cards.
 GALLERY_DATA_JS = "gallery-data.js"
+#: The detail pages' script and style, shared by all of them (report.html inlines its own).
+VIEWER_JS = "viewer.js"
+PAGES_CSS = "pages.css"
 
 
 def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None,
@@ -181,6 +184,9 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
     errors: list[OSError] = []
     for name, content in (
             (GALLERY_DATA_JS, lambda: gallery_data(records, meta)),
+            # What every detail page shares, once per run rather than once per image.
+            (VIEWER_JS, lambda: templates().get_template("viewer.js.j2").render()),
+            (PAGES_CSS, lambda: templates().get_template("_page.css.j2").render()),
             (REPORT_JSON, lambda: json.dumps(report, indent=2, default=str) + "\n"),
             (SUMMARY_CSV, lambda: summary_csv(records)),
             (INDEX_HTML, lambda: templates().get_template("index.html.j2").render(
