@@ -26,9 +26,10 @@ def _label(prediction: dict[str, Any] | None) -> str:
 #: The gallery's records, as a script the pages load with <script src>: a page opened from disk
 #: cannot fetch() a JSON file, and the gallery of 10,000 images must not hold 10,000 cards.
 GALLERY_DATA_JS = "gallery-data.js"
-#: The detail pages' script and style, shared by all of them (report.html inlines its own).
+#: The detail pages' scripts and style, shared by all of them (report.html inlines its own).
 VIEWER_JS = "viewer.js"
 PAGES_CSS = "pages.css"
+DETAIL_JS = "detail.js"
 
 
 def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None,
@@ -187,6 +188,7 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
             # What every detail page shares, once per run rather than once per image.
             (VIEWER_JS, lambda: templates().get_template("viewer.js.j2").render()),
             (PAGES_CSS, lambda: templates().get_template("_page.css.j2").render()),
+            (DETAIL_JS, lambda: templates().get_template("detail.js.j2").render()),
             (REPORT_JSON, lambda: json.dumps(report, indent=2, default=str) + "\n"),
             (SUMMARY_CSV, lambda: summary_csv(records)),
             (INDEX_HTML, lambda: templates().get_template("index.html.j2").render(

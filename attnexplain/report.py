@@ -22,7 +22,7 @@ from ._atomic import atomic_directory
 from .errors import OutputError
 from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS
 from .render import downscale, encode_image, flat_map, render_attention_grid, render_model_view
-from .viewer import (REPORT_MAP_SIDE, file_name, human_duration, preprocessing_text, timing_name,
+from .viewer import (REPORT_MAP_SIDE, colormap_tables, file_name, human_duration, preprocessing_text, timing_name,
                      viewer_data)
 
 if TYPE_CHECKING:
@@ -275,11 +275,13 @@ def templates():
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     environment = Environment(loader=PackageLoader("attnexplain", "templates"),
-                              autoescape=select_autoescape(["html", "j2"]))
+                              autoescape=select_autoescape(["html", "j2"]),
+                              trim_blocks=True, lstrip_blocks=True)  # thousands of pages: no idle bytes
     # Relative links to output files whose names may hold spaces, '#', '?' or worse.
     environment.filters["url"] = lambda path: quote(path, safe="/")
     environment.filters["duration"] = human_duration
     environment.filters["timing_name"] = timing_name
     environment.filters["file_name"] = file_name
     environment.filters["preprocessing_text"] = preprocessing_text
+    environment.globals["colormap_tables"] = colormap_tables
     return environment

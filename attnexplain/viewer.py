@@ -91,12 +91,13 @@ def photo_uri(pixels: np.ndarray, side: int) -> str:
 def viewer_data(maps: dict[str, "MethodMap"], target_label: str, box: tuple[float, float, float, float],
                 photo_size: tuple[int, int], side: int, colormap: str, alpha: float) -> dict[str, Any]:
     """Everything the page script draws from: the region of the photo the model saw (as shares of
-    the photo: the page's photo may be shrunk), each method's entry, the colormap tables."""
+    the photo: the page's photo may be shrunk) and each method's entry (the colormap tables are in
+    the script, :func:`colormap_tables`)."""
     width, height = photo_size
     left, top, right, bottom = box
     return {"box": [left / width, top / height, right / width, bottom / height],
             "methods": [method_entry(result, target_label, side) for result in maps.values()],
-            "colormaps": colormap_tables(), "colormap": colormap, "alpha": alpha}
+            "colormap": colormap, "alpha": alpha}
 
 
 def human_duration(seconds: float) -> str:

@@ -425,9 +425,10 @@ def test_full_disk_records_the_failed_images_and_exits_3(resnet_state_dict_file,
     photos = _folder(tmp_path / "photos", 12)
     out = tmp_path / "out"
 
-    def small_files() -> None:  # in the child: every file it writes stops at 6000 bytes (EFBIG)
+    def small_files() -> None:  # in the child: every file it writes stops at 9000 bytes (EFBIG):
+        # an image's files (its detail page is ~6 kB) fit, results.jsonl outgrows it mid-run
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (9000, 9000))
 
     done = subprocess.run(_command(resnet_state_dict_file, photos, "--out", out), env=_env(),
                           capture_output=True, text=True, timeout=120, preexec_fn=small_files)
