@@ -866,7 +866,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
             target = result["target"]
             viewer = viewer_data(result["maps"], target["label"] or f"class {target['index']}", decoded.box,
                                  decoded.pixels.shape[1::-1], DETAIL_MAP_SIDE, settings.colormap,
-                                 settings.alpha)
+                                 settings.alpha, result.get("detections"))
             (staging / DETAIL_HTML).write_text(render_detail(record, viewer, PHOTO_JPG), encoding="utf-8")
             record["timings"]["write_s"] = round(time.perf_counter() - began, 6)
     except Exception as error:  # noqa: BLE001 - a disk or encoding problem fails this image only

@@ -255,7 +255,8 @@ def render_html(report: dict[str, Any], explanation: "Explanation", previews: li
                              tuple(255.0 * v for v in preprocessing.mean))
     target = explanation.target
     data = viewer_data(explanation.maps, target.label if target.label is not None else f"class {target.index}",
-                       explanation.box, explanation.image.size, REPORT_MAP_SIDE, colormap, alpha)
+                       explanation.box, explanation.image.size, REPORT_MAP_SIDE, colormap, alpha,
+                       explanation.detections)
     return templates().get_template("report.html.j2").render(
         report=report, title=file_name(report["image"]["path"]),
         photo_uri=_data_uri(downscale(explanation.image.pixels, _PREVIEW_SIDE)),

@@ -89,15 +89,26 @@ def photo_uri(pixels: np.ndarray, side: int) -> str:
 
 
 def viewer_data(maps: dict[str, "MethodMap"], target_label: str, box: tuple[float, float, float, float],
-                photo_size: tuple[int, int], side: int, colormap: str, alpha: float) -> dict[str, Any]:
+                photo_size: tuple[int, int], side: int, colormap: str, alpha: float,
+                detections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything the page script draws from: the region of the photo the model saw (as shares of
     the photo: the page's photo may be shrunk) and each method's entry (the colormap tables are in
     the script, :func:`colormap_tables`)."""
+    from .render import SHOWN_BOX_SCORE
+
     width, height = photo_size
     left, top, right, bottom = box
-    return {"box": [left / width, top / height, right / width, bottom / height],
+    data = {"box": [left / width, top / height, right / width, bottom / height],
             "methods": [method_entry(result, target_label, side) for result in maps.values()],
             "colormap": colormap, "alpha": alpha}
+    if detections:  # a detector's boxes, drawn over every overlay as the written pictures have them
+        shown = [d for d in detections if d.get("explained")]
+        shown += [d for d in detections if not d.get("explained") and d["score"] >= SHOWN_BOX_SCORE][:20]
+        data["detections"] = [{"box": [d["box"][0] / width, d["box"][1] / height, d["box"][2] / width,
+                                       d["box"][3] / height],
+                               "text": f"{d.get('label') or 'class ' + str(d['index'])} {d['score']:.2f}",
+                               "explained": bool(d.get("explained"))} for d in shown]
+    return data
 
 
 def human_duration(seconds: float) -> str:
