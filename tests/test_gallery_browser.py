@@ -151,9 +151,14 @@ def _screenshots(page, name: str) -> None:
 
 
 def _pixels(page, selector: str) -> np.ndarray:
-    values = page.eval_on_selector(selector, "c => Array.from(c.getContext('2d').getImageData("
-                                             "0, 0, c.width, c.height).data)")
-    return np.array(values, dtype=np.uint8).reshape(-1, 4)
+    """What a canvas shows, RGB (read back as a PNG: one string over the wire, not a list)."""
+    import base64
+
+    import cv2
+
+    uri = page.eval_on_selector(selector, "c => c.toDataURL('image/png')")
+    encoded = np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8)
+    return cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1].reshape(-1, 3)
 
 
 def _set_range(page, selector: str, value: int) -> None:
