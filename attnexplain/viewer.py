@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from .formats import COLORMAP_NAMES
-from .render import colormap_table, encode_image, normalize_each, normalize_heatmap
+from .render import colormap_table, normalize_each, normalize_heatmap
 
 if TYPE_CHECKING:
     from .explanation import MethodMap
@@ -78,14 +78,6 @@ def method_entry(result: "MethodMap", target_label: str, side: int) -> dict[str,
         entry["depths"] = {"depths": int(depths.shape[0]), "height": int(depths.shape[1]),
                            "width": int(depths.shape[2]), "levels": encode_levels(normalize_each(depths))}
     return entry
-
-
-def photo_uri(pixels: np.ndarray, side: int) -> str:
-    """The photo, shrunk to ``side``, as a JPEG data URI."""
-    from .render import downscale
-
-    return "data:image/jpeg;base64," + base64.b64encode(
-        encode_image(downscale(pixels, side), ".jpg", quality=85)).decode("ascii")
 
 
 def viewer_data(maps: dict[str, "MethodMap"], target_label: str, box: tuple[float, float, float, float],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import attnexplain
-from attnexplain.render import colormap_table, normalize_heatmap
+from attnexplain.render import normalize_heatmap
 from attnexplain.viewer import REPORT_MAP_SIDE, human_duration
 
 
