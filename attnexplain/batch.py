@@ -39,6 +39,8 @@ import numpy as np
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, shown
+from .formats import DEFAULT_COLORMAP
+from .truth import MAX_LABEL_LENGTH
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 RESULTS_JSONL = "results.jsonl"
@@ -47,6 +49,9 @@ REPORT_JSON = "report.json"
 INDEX_HTML = "index.html"
 IMAGES_DIR = "images"
 DETAIL_HTML = "detail.html"
+#: The photo, shrunk: the detail page's and the gallery card's.
+PHOTO_JPG = "photo.jpg"
+PHOTO_SIDE = 512
 THUMB_SIDE = 192
 #: Exit code of ``attnexplain batch`` / ``merge`` when some images failed (the others were written).
 EXIT_SOME_FAILED = 3
@@ -278,15 +283,17 @@ class BatchSettings:
     std: Sequence[float] | None = None
     top_k: int = 5
     alpha: float = 0.5
+    colormap: str = DEFAULT_COLORMAP
     overlay_format: str = "jpg"  # see report.OVERLAY_FORMATS: thousands of photos want JPEG
     max_pixels: int = 100_000_000
     images_per_batch: int = 16
     workers: int = 2
     options: Any = None  # MethodOptions
+    truth: Any = None  # attnexplain.truth.TrueClasses: each image's true class (--truth)
 
     def describe(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items()
-                if key not in ("options", "images_per_batch", "workers")}
+                if key not in ("options", "images_per_batch", "workers", "truth")}
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -396,7 +403,7 @@ class ResultsLog:
 
 def record_file_names(record: dict[str, Any]) -> list[str]:
     """The files an ok record says its folder holds: its detail page and every method's files."""
-    names = [DETAIL_HTML]
+    names = [DETAIL_HTML] + ([record["photo"]] if "photo" in record else [])
     for per_method in record["files"].values():
         names.extend(per_method.values())
     return names
@@ -432,6 +439,15 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     bad = next((name for name in record_file_names(record) if not _is_file_name(name)), None)
     if bad is not None:
         return f"names the file {shown(bad)}, which is not a plain file name"
+    truth = record.get("truth")
+    if truth is not None and not (isinstance(truth, str) and 0 < len(truth) <= MAX_LABEL_LENGTH):
+        return f"has the true class {shown(truth)}, which is not a class name"
+    metrics = record.get("metrics")
+    if metrics is not None and not (isinstance(metrics, dict) and all(
+            isinstance(method, str) and isinstance(values, dict)
+            and all(isinstance(name, str) and _is_number(value) for name, value in values.items())
+            for method, values in metrics.items())):
+        return "has metrics that are not numbers per method"
     return None
 
 
@@ -883,6 +899,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
     from .gallery import render_detail
     from .render import downscale, encode_image, render_explained_overlay
     from .report import method_summary, write_method_outputs
+    from .viewer import DETAIL_MAP_SIDE, viewer_data
 
     began = time.perf_counter()
     if "error" in result:
@@ -893,8 +910,10 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
         with atomic_directory(out / output) as staging:
             for name, method_map in result["maps"].items():
                 overlay = render_explained_overlay(decoded.pixels, method_map.heatmap, decoded.box,
-                                                   settings.alpha, result.get("detections"))
-                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format)
+                                                   settings.alpha, result.get("detections"),
+                                                   settings.colormap)
+                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format,
+                                               settings.colormap)
                 files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
                 (staging / files[name]["thumb"]).write_bytes(
                     encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))
@@ -909,8 +928,17 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
                 "layer": ",".join(first.layers) or None,
                 **({"detections": result["detections"]} if "detections" in result else {}),
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
+                "photo": PHOTO_JPG,
+                **({"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
+                   if settings.truth is not None else {}),
             }
-            (staging / DETAIL_HTML).write_text(render_detail(record), encoding="utf-8")
+            (staging / PHOTO_JPG).write_bytes(encode_image(downscale(decoded.pixels, PHOTO_SIDE), ".jpg",
+                                                           quality=85))
+            target = result["target"]
+            viewer = viewer_data(result["maps"], target["label"] or f"class {target['index']}", decoded.box,
+                                 decoded.pixels.shape[1::-1], DETAIL_MAP_SIDE, settings.colormap,
+                                 settings.alpha, result.get("detections"))
+            (staging / DETAIL_HTML).write_text(render_detail(record, viewer, PHOTO_JPG), encoding="utf-8")
             record["timings"]["write_s"] = round(time.perf_counter() - began, 6)
     except Exception as error:  # noqa: BLE001 - a disk or encoding problem fails this image only
         return _failed(decoded, f"Cannot write outputs: {type(error).__name__}: {error}")

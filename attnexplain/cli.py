@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from .formats import COLORMAP_NAMES, DEFAULT_COLORMAP
+
 
 class _Group(click.Group):
     """Turns expected errors into one-line messages and unexpected ones into one line plus a hint;
@@ -223,6 +225,8 @@ def image_options(function):
                      help="Normalization std: R,G,B (positive)."),
         click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
                      help="Opacity of the heatmap in the overlays."),
+        click.option("--colormap", default=DEFAULT_COLORMAP, show_default=True, type=click.Choice(COLORMAP_NAMES),
+                     help="Colormap of the written overlays (the HTML pages let you switch)."),
         click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
                      help="How many predictions to report per image."),
         click.option("--max-pixels", default=100_000_000, show_default=True,
@@ -267,8 +271,8 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
         samples: int, window: int, baseline: str, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
-        plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
-        out_dir: Path, overlay_format: str, as_json: bool) -> None:
+        plugin: str | None, device: str, size, mean, std, alpha: float, colormap: str, top_k: int,
+        max_pixels: int, out_dir: Path, overlay_format: str, as_json: bool) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
@@ -291,7 +295,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
                               size=size, mean=mean, std=std, options=settings)
         explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
         directory = output_dir_for(out_dir, picture.path)
-        report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
+        report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format, colormap=colormap)
     for summary in report["maps"].values():
         if "warning" in summary:
             click.echo(f"Warning: {summary['warning']}", err=True)
@@ -474,15 +478,19 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
               help="I/N: explain only a deterministic 1/N of the inputs, counting from 1 (--shard 1/2, "
                    "--shard 2/2; merge the outputs with `attnexplain merge`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--truth", metavar="folders|FILE.csv",
+              help="Each image's true class: 'folders' takes its parent folder's name (the ImageFolder "
+                   "layout); a CSV gives image,class rows. The gallery then shows accuracy, a confusion "
+                   "table and filters to the misclassified images.")
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
           trust_model, plugin,
-          device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
+          device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, engine: str, address: str | None,
           num_gpus_per_worker: float, out_dir: Path, resume: bool,
-          shard: tuple[int, int] | None, quiet: bool, overlay_format: str) -> None:
+          shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -509,6 +517,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     from ._signals import Stopped, stop_signals_interrupt
     from .batch import run_batch, BatchSettings
     from .report import writable_output_folder
+    from .truth import read_truth
 
     ray_workers = workers if _given(click.get_current_context(), "workers") else 1
     cluster = _ray_cluster(engine, address, num_gpus_per_worker, ray_workers)
@@ -518,7 +527,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
-        alpha=alpha, overlay_format=overlay_format, max_pixels=max_pixels,
+        alpha=alpha, colormap=colormap, overlay_format=overlay_format, max_pixels=max_pixels,
+        truth=read_truth(truth) if truth else None,
         images_per_batch=images_per_batch, workers=workers,
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, baseline, batch_size))

@@ -22,7 +22,8 @@ from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
 from .methods.attribution import BASELINES, baseline_images
-from .methods.attention import attention_received, raw_attention
+from .formats import DEFAULT_COLORMAP
+from .methods.attention import attention_received, raw_attention, rollout_by_depth
 from .plugins import Detections, WindowedAttention
 from .methods.cam import cam_map
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
@@ -82,6 +83,9 @@ class MethodMap:
     #: most-gated channels' activation maps (k, h, w).
     gates: list[dict[str, Any]] | None = None
     gate_maps: np.ndarray | None = None
+    #: Rollout over global attention only: (layers, grid h, grid w), the rollout through the first
+    #: 1, 2, … layers (the last is the map before upsampling).
+    depth_maps: np.ndarray | None = None
 
 
 @dataclass
@@ -117,12 +121,13 @@ class Explanation:
         layers = self.maps[self.method].layers
         return ",".join(layers) if layers else None
 
-    def overlay(self, alpha: float = 0.5, method: str | None = None) -> np.ndarray:
-        """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8."""
+    def overlay(self, alpha: float = 0.5, method: str | None = None, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+        """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8, in one
+        of :data:`attnexplain.render.COLORMAPS`."""
         from .render import render_explained_overlay
 
         return render_explained_overlay(self.image.pixels, self.maps[method or self.method].heatmap,
-                                        self.box, alpha, self.detections)
+                                        self.box, alpha, self.detections, colormap)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
@@ -149,14 +154,16 @@ class Explanation:
             "versions": versions(),
         }
 
-    def save(self, directory: str | Path, alpha: float = 0.5, overlay_format: str = "png") -> dict[str, Any]:
+    def save(self, directory: str | Path, alpha: float = 0.5, overlay_format: str = "png",
+             colormap: str = DEFAULT_COLORMAP) -> dict[str, Any]:
         """Write overlays, heatmaps, report.json and report.html into ``directory``, all or nothing.
+        ``colormap`` colours the written pictures (the page lets the reader switch).
 
         Returns the report (as written to report.json).
         """
         from .report import save_explanation
 
-        return save_explanation(self, Path(directory), alpha, overlay_format)
+        return save_explanation(self, Path(directory), alpha, overlay_format, colormap)
 
 
 def explain(model: LoadedModel | torch.nn.Module | str | Path,
@@ -399,6 +406,7 @@ class BatchMaps:
     layers: dict[str, list[str]]  # method → the layers it used (empty for non-layer methods)
     attention_grids: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, heads, h, w)
     channel_gates: dict[str, "ChannelGates"] = field(default_factory=dict)
+    depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
     detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
 
     def image_maps(self) -> list[dict[str, MethodMap]]:
@@ -410,6 +418,7 @@ class BatchMaps:
         heatmaps = {name: numpy(heatmap) for name, heatmap in self.maps.items()}
         grids = {name: numpy(grid) for name, grid in self.attention_grids.items()}
         gate_maps = {name: numpy(recorded.top_maps) for name, recorded in self.channel_gates.items()}
+        depth_maps = {name: numpy(maps) for name, maps in self.depth_maps.items()}
         images = []
         for index in range(len(self.targets)):
             image = {name: MethodMap(name, np.array(values[index]), self.layers[name],
@@ -418,6 +427,8 @@ class BatchMaps:
             for name, recorded in self.channel_gates.items():
                 image[name].gates = _gate_summary(recorded, image_index=index)
                 image[name].gate_maps = np.array(gate_maps[name][index])
+            for name, maps in depth_maps.items():
+                image[name].depth_maps = np.array(maps[index])
             images.append(image)
         return images
 
@@ -550,13 +561,15 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
     maps: dict[str, torch.Tensor] = {}
     used_layers: dict[str, list[str]] = {}
     grids: dict[str, torch.Tensor] = {}
+    depth_maps: dict[str, torch.Tensor] = {}
     cam_methods = [m for m in methods if m.family == "cam"]
     if cam_methods:
         for name, heatmap in _cam_pass(loaded, batch, cam_methods, layers, score, options).items():
             maps[name], used_layers[name] = heatmap, list(layers)
     attention_methods = [m for m in methods if m.family == "attention"]
     if attention_methods:
-        attention_maps, grids = _attention_pass(loaded, batch, attention_methods, score, options)
+        attention_maps, grids, depth_maps = _attention_pass(loaded, batch, attention_methods, score,
+                                                            options)
         for name, heatmap in attention_maps.items():
             maps[name], used_layers[name] = heatmap, []
     gate_methods = [m for m in methods if m.family == "gates"]
@@ -590,7 +603,8 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
     return BatchMaps(probabilities=state["probabilities"], targets=state["targets"],
                      maps={name: maps[name] for name in order},
                      layers={name: used_layers[name] for name in order}, attention_grids=grids,
-                     channel_gates=channel_gates, detections=state.get("detections"))
+                     channel_gates=channel_gates, depth_maps=depth_maps,
+                     detections=state.get("detections"))
 
 
 def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], layers: list[str],
@@ -740,16 +754,21 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
             raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to "
                               f"the image.")
         attentions = [attention.detach() for attention in attentions]
-    maps, grids = {}, {}
+    maps, grids, depth_maps = {}, {}, {}
     for method in methods:
         try:
+            if method.name == "rollout" and not windowed:  # one pass gives every depth, the last is the map
+                depth_maps[method.name] = rollout_by_depth(attentions, grid, options.head_fusion,
+                                                           options.discard_ratio)
+                maps[method.name] = _upsample(depth_maps[method.name][:, -1], size)
+                continue
             maps[method.name], grid_maps = _attention_map(method, attentions, gradients, grid, options,
                                                           size)
         except ValueError as error:  # the attention's shape does not suit the method
             raise MethodError(f"{method.name}: {error}.") from None
         if grid_maps is not None:
             grids[method.name] = grid_maps
-    return maps, grids
+    return maps, grids, depth_maps
 
 
 def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, grid,
@@ -818,7 +837,8 @@ def _augmentation_smoothing(loaded: LoadedModel, batch: torch.Tensor, methods: l
     return BatchMaps(probabilities=plain.probabilities, targets=plain.targets,
                      maps={name: total / counts for name, total in sums.items()},
                      layers=plain.layers, attention_grids=plain.attention_grids,
-                     channel_gates=plain.channel_gates, detections=plain.detections)
+                     channel_gates=plain.channel_gates, depth_maps=plain.depth_maps,
+                     detections=plain.detections)
 
 
 def _augment(batch: torch.Tensor, flip: bool, zoom: float):

@@ -3,3 +3,9 @@
 #: Overlay file formats: PNG is exact; JPEG (quality 90) is ~10× faster to encode and ~10× smaller
 #: for photos, which is what a batch of thousands of images wants (the raw maps stay in .npy files).
 OVERLAY_FORMATS = ("png", "jpg")
+
+#: The colormaps of written pictures and of the pages (OpenCV's), perceptually uniform ones first:
+#: jet's bright cyan and yellow bands read as edges that are not in the map, and its blue tints a
+#: whole photo.
+COLORMAP_NAMES = ("turbo", "inferno", "viridis", "magma", "jet")
+DEFAULT_COLORMAP = "turbo"

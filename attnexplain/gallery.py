@@ -23,14 +23,103 @@ def _label(prediction: dict[str, Any] | None) -> str:
     return str(prediction["label"]) if prediction.get("label") is not None else str(prediction["index"])
 
 
-def render_detail(record: dict[str, Any]) -> str:
-    """One image's page, placed in its own output folder (links are relative to it)."""
+#: The gallery's records, as a script the pages load with <script src>: a page opened from disk
+#: cannot fetch() a JSON file, and the gallery of 10,000 images must not hold 10,000 cards.
+GALLERY_DATA_JS = "gallery-data.js"
+#: The detail pages' scripts and style, shared by all of them (report.html inlines its own).
+VIEWER_JS = "viewer.js"
+PAGES_CSS = "pages.css"
+DETAIL_JS = "detail.js"
+
+
+def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None,
+                  photo_src: str | None = None) -> str:
+    """One image's page, placed in its own output folder (links are relative to it). ``viewer``
+    (see :func:`attnexplain.viewer.viewer_data`) makes its maps interactive over the photo at
+    ``photo_src``; without them (an earlier run's record) the page shows the written overlays."""
     from .batch import INDEX_HTML
 
-    depth = len(PurePosixPath(record["output"]).parts)
+    root = "../" * len(PurePosixPath(record["output"]).parts)
     return templates().get_template("batch_detail.html.j2").render(
-        record=record, index_url="../" * depth + INDEX_HTML, target_label=_label(record["target"]),
-        label=_label)
+        record=record, index_url=root + INDEX_HTML, data_url=root + GALLERY_DATA_JS, root=root,
+        target_label=_label(record["target"]), label=_label, viewer=viewer, photo_src=photo_src,
+        title=PurePosixPath(record["image"]).name)
+
+
+def correct(record: dict[str, Any]) -> bool | None:
+    """Whether the top prediction is the image's true class (``--truth``), None when not known. A
+    model without class names is right when the truth is its class index."""
+    truth = record.get("truth")
+    if not isinstance(truth, str) or not record.get("predictions"):
+        return None
+    top = record["predictions"][0]
+    return truth in (top.get("label"), str(top["index"]))
+
+
+def _model_line(meta: dict[str, Any]) -> str | None:
+    """The run's model and preprocessing in one sentence, for every detail page."""
+    from .viewer import file_name, preprocessing_text
+
+    model = meta.get("model") or {}
+    if not model:
+        return None
+    architecture = f" ({model['architecture']})" if model.get("architecture") else ""
+    line = f"Model {file_name(model.get('source'))}{architecture}"
+    if meta.get("preprocessing"):
+        line += f"; input {preprocessing_text(meta['preprocessing'])}"
+    return line + "."
+
+
+#: Classes a confusion table shows by name (the most frequent true classes); the rest are "other".
+CONFUSION_CLASSES = 20
+
+
+def accuracy_and_confusion(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Accuracy over the explained images with a true class, and the confusion table (true class →
+    predicted class → count); None when no image has one."""
+    judged = [r for r in records if r.get("status") == "ok" and correct(r) is not None]
+    if not judged:
+        return None
+    shown_classes = [name for name, _ in Counter(r["truth"] for r in judged).most_common(CONFUSION_CLASSES)]
+    other = "(other)"
+
+    def named(name: str) -> str:
+        return name if name in shown_classes else other
+
+    counts = Counter((named(r["truth"]), named(_label(r["predictions"][0]) if correct(r) is False
+                                               else r["truth"])) for r in judged)
+    columns = shown_classes + ([other] if any(other in pair for pair in counts) else [])
+    right = sum(1 for r in judged if correct(r))
+    return {"judged": len(judged), "correct": right, "accuracy": round(right / len(judged), 6),
+            "classes": columns,
+            "confusion": {truth: {predicted: counts[truth, predicted] for predicted in columns
+                                  if counts[truth, predicted]} for truth in columns}}
+
+
+def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The gallery's records as a script (see :data:`GALLERY_DATA_JS`): per explained image its
+    name, folder, top class and confidence, true class and correctness, photo and thumbnails; every
+    address percent-encoded here, every text set as text by the page."""
+    from urllib.parse import quote
+
+    rows = []
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        top = r["predictions"][0]
+        right = correct(r)
+        rows.append([r["image"], quote(r["output"]), _label(top), round(float(top["prob"]), 6),
+                     r.get("truth") if isinstance(r.get("truth"), str) else None,
+                     -1 if right is None else int(right),
+                     [quote(files.get("thumb", "")) for files in r["files"].values()],
+                     list(r["files"]), quote(r["photo"]) if isinstance(r.get("photo"), str) else None])
+    payload = {"columns": ["image", "folder", "label", "confidence", "truth", "correct", "thumbs",
+                           "methods", "photo"],
+               "methods": list(meta.get("methods") or []), "model": _model_line(meta), "images": rows}
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
+    # Inside a script: no way out of it, whatever the names hold.
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f"window.attnexplainGallery = {text};\n"
 
 
 def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -39,8 +128,10 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for record in records:
         for key, value in (record.get("timings") or {}).items():
             sums[key] += float(value)
+    judged = accuracy_and_confusion(records)
     return {
         "totals": {"images": len(records), "ok": len(ok), "failed": len(records) - len(ok)},
+        **({"truth": judged} if judged is not None else {}),
         "timings_total_s": {key: round(value, 6) for key, value in sorted(sums.items())},
         "class_histogram": dict(sorted(Counter(_label(r["predictions"][0]) for r in ok
                                                if r.get("predictions")).items())),
@@ -65,7 +156,7 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["image", "status", "top1_index", "top1_label", "confidence", "target_index",
-                     "target_label", "methods", "layer", "output", "reason"])
+                     "target_label", "methods", "layer", "output", "reason", "truth", "correct"])
     for r in records:
         top = (r.get("predictions") or [None])[0]
         target = r.get("target") or {}
@@ -73,7 +164,8 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
                          (top.get("label") or "") if top else "", f"{top['prob']:.6f}" if top else "",
                          target.get("index", ""), target.get("label") or "",
                          ",".join(r.get("methods") or []), r.get("layer") or "", r.get("output") or "",
-                         r.get("reason") or ""]))
+                         r.get("reason") or "", r.get("truth") or "",
+                         {True: "yes", False: "no", None: ""}[correct(r)]]))
     return buffer.getvalue()
 
 
@@ -92,6 +184,11 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
     classes = sorted(report["class_histogram"].items())
     errors: list[OSError] = []
     for name, content in (
+            (GALLERY_DATA_JS, lambda: gallery_data(records, meta)),
+            # What every detail page shares, once per run rather than once per image.
+            (VIEWER_JS, lambda: templates().get_template("viewer.js.j2").render()),
+            (PAGES_CSS, lambda: templates().get_template("_page.css.j2").render()),
+            (DETAIL_JS, lambda: templates().get_template("detail.js.j2").render()),
             (REPORT_JSON, lambda: json.dumps(report, indent=2, default=str) + "\n"),
             (SUMMARY_CSV, lambda: summary_csv(records)),
             (INDEX_HTML, lambda: templates().get_template("index.html.j2").render(

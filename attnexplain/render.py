@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .formats import COLORMAP_NAMES, DEFAULT_COLORMAP
+
 
 #: A map whose range is below this share of its largest magnitude is constant. float32 carries
 #: about 7 significant digits (eps = 1.2e-7): a map computed as sums of many float32 products and
@@ -28,29 +30,49 @@ def flat_map(heatmap: np.ndarray) -> str | None:
 
 def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] by the map's own range; a flat map (see :func:`flat_map`) becomes all zeros."""
-    values = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
-    if flat_map(values) is not None:
-        return np.zeros_like(values)
-    low, high = float(values.min()), float(values.max())
-    return (values - low) / (high - low)
+    return normalize_each(np.asarray(heatmap)[None])[0]
 
 
-def colorize(unit_map: np.ndarray) -> np.ndarray:
-    """[0, 1] map → (H, W, 3) uint8 RGB with the jet colormap (blue = low, red = high)."""
-    levels = np.clip(unit_map * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+def normalize_each(maps: np.ndarray) -> np.ndarray:
+    """(..., h, w) maps each scaled to [0, 1] by its own range (a weak attention head stays as
+    readable as a strong one); flat maps (see :func:`flat_map`) and NaN become zeros."""
+    values = np.nan_to_num(np.asarray(maps, dtype=np.float32))
+    low, high = values.min(axis=(-2, -1), keepdims=True), values.max(axis=(-2, -1), keepdims=True)
+    spread = high - low
+    flat = spread <= FLAT_RELATIVE_RANGE * np.maximum(np.abs(low), np.abs(high))
+    return np.where(flat, 0.0, (values - low) / np.where(flat, 1.0, spread)).astype(np.float32)
+
+
+#: Name (see :data:`attnexplain.formats.COLORMAP_NAMES`) → OpenCV's colormap.
+COLORMAPS = {name: getattr(cv2, f"COLORMAP_{name.upper()}") for name in COLORMAP_NAMES}
+
+
+def colormap_table(colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """(256, 3) uint8 RGB: the colour of each level, so that a page colours maps as the PNGs are."""
+    return colorize(np.arange(256, dtype=np.float32) / 255.0, colormap).reshape(256, 3)
+
+
+def colorize(unit_map: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """[0, 1] map → (H, W, 3) uint8 RGB with one of :data:`COLORMAPS` (low = dark or blue, high =
+    bright or red)."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)}, not {colormap!r}")
+    levels = np.clip(np.asarray(unit_map, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(levels.reshape(levels.shape[0], -1), COLORMAPS[colormap]),
+                        cv2.COLOR_BGR2RGB).reshape(*levels.shape, 3)
 
 
 def render_explained_overlay(pixels: np.ndarray, heatmap: np.ndarray,
                              box: tuple[float, float, float, float], alpha: float = 0.5,
-                             detections: list[dict] | None = None) -> np.ndarray:
+                             detections: list[dict] | None = None,
+                             colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """The overlay ``run`` and ``batch`` write: the blended map and, for a detector, its boxes."""
-    blended = render_overlay(pixels, heatmap, box, alpha)
+    blended = render_overlay(pixels, heatmap, box, alpha, colormap)
     return draw_boxes(blended, detections) if detections else blended
 
 
 def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, float, float, float],
-                   alpha: float = 0.5) -> np.ndarray:
+                   alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """Blend the colormapped heatmap over the photo at the photo's own resolution.
 
     ``box`` is the region of the photo the model saw (left, top, right, bottom); the heatmap is
@@ -67,7 +89,7 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, fl
         result = cv2.LUT(np.ascontiguousarray(pixels), _DIMMED)  # what the model did not see
     if x1 > x0 and y1 > y0:
         stretched = cv2.resize(normalize_heatmap(heatmap), (box_w, box_h), interpolation=cv2.INTER_LINEAR)
-        colors = colorize(stretched[y0 - top:y1 - top, x0 - left:x1 - left])
+        colors = colorize(stretched[y0 - top:y1 - top, x0 - left:x1 - left], colormap)
         # OpenCV blends uint8 directly (rounded to nearest): at a photo's resolution, 4× faster
         # than the same arithmetic in float32 NumPy arrays.
         result[y0:y1, x0:x1] = cv2.addWeighted(np.ascontiguousarray(pixels[y0:y1, x0:x1]), 1.0 - alpha,
@@ -77,6 +99,20 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, fl
 
 #: Dimming of the parts of a photo the model did not see, as a lookup table (uint8 → uint8).
 _DIMMED = np.clip(np.arange(256, dtype=np.float32) * 0.4 + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_model_view(pixels: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int],
+                      fill: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """The picture the model saw: the photo's ``box`` (left, top, right, bottom, which may reach past
+    the photo, as a letterbox does) stretched to ``size`` (height, width); outside the photo ``fill``
+    (RGB 0–255, the padding's colour)."""
+    height, width = size
+    left, top, right, bottom = box
+    scale_x, scale_y = width / max(right - left, 1e-6), height / max(bottom - top, 1e-6)
+    transform = np.array([[scale_x, 0.0, -left * scale_x], [0.0, scale_y, -top * scale_y]])
+    return cv2.warpAffine(np.ascontiguousarray(pixels), transform, (width, height), flags=cv2.INTER_AREA
+                          if scale_x < 1 else cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=tuple(float(v) for v in fill))
 
 
 def encode_image(pixels: np.ndarray, extension: str = ".png", quality: int = 90) -> bytes:
@@ -98,7 +134,8 @@ def downscale(pixels: np.ndarray, longest_side: int) -> np.ndarray:
     return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
 
 
-def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2) -> np.ndarray:
+def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2,
+                          colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """(layers, heads, h, w) attention maps → one RGB mosaic, a row per layer and a column per head.
 
     Each cell is scaled to its own range, so weak and strong heads are both readable. A layer with
@@ -113,7 +150,7 @@ def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2) -> np.
             tile = cv2.resize(normalize_heatmap(grid[row, column]), (cell, cell),
                               interpolation=cv2.INTER_NEAREST)
             y, x = row * (cell + gap), column * (cell + gap)
-            mosaic[y:y + cell, x:x + cell] = colorize(tile)
+            mosaic[y:y + cell, x:x + cell] = colorize(tile, colormap)
     return mosaic
 
 

@@ -20,8 +20,10 @@ import numpy as np
 
 from ._atomic import atomic_directory
 from .errors import OutputError
-from .formats import OVERLAY_FORMATS
-from .render import downscale, encode_image, flat_map, render_attention_grid
+from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS
+from .render import downscale, encode_image, flat_map, render_attention_grid, render_model_view
+from .viewer import (REPORT_MAP_SIDE, colormap_tables, file_name, human_duration, preprocessing_text, timing_name,
+                     viewer_data)
 
 if TYPE_CHECKING:
     from .explanation import Explanation, MethodMap
@@ -130,23 +132,24 @@ def _safe_name(name: str) -> str:
 
 
 def save_explanation(explanation: "Explanation", directory: Path, alpha: float,
-                     overlay_format: str = "png") -> dict[str, Any]:
+                     overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP) -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
     try:
-        return _save_explanation(explanation, directory, alpha, overlay_format)
+        return _save_explanation(explanation, directory, alpha, overlay_format, colormap)
     except OSError as error:
         raise OutputError(f"Could not write the outputs to {directory}: {_why_not_written(directory, error)}; "
                           f"nothing was written there (an earlier result is kept).") from None
 
 
 def _save_explanation(explanation: "Explanation", directory: Path, alpha: float,
-                      overlay_format: str) -> dict[str, Any]:
+                      overlay_format: str, colormap: str) -> dict[str, Any]:
     report = explanation.to_dict()
     files: dict[str, dict[str, str]] = {}
     previews: list[dict[str, Any]] = []
     with atomic_directory(directory) as staging:
         for name, result in explanation.maps.items():
-            written = write_method_outputs(staging, result, explanation.overlay(alpha, name), overlay_format)
+            written = write_method_outputs(staging, result, explanation.overlay(alpha, name, colormap),
+                                           overlay_format, colormap)
             files[name] = written.files
             preview = {"method": name, **method_summary(result),
                        "overlay_uri": _data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE))}
@@ -160,7 +163,7 @@ def _save_explanation(explanation: "Explanation", directory: Path, alpha: float,
                              "heatmap": first["heatmap"], "maps": files,
                              "report_json": REPORT_JSON, "report_html": REPORT_HTML}
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        html = render_html(report, explanation.image.pixels, previews)
+        html = render_html(report, explanation, previews, alpha, colormap)
         (staging / REPORT_HTML).write_text(html, encoding="utf-8")
     return report
 
@@ -174,7 +177,7 @@ class MethodOutputs:
 
 
 def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarray,
-                         overlay_format: str = "png") -> MethodOutputs:
+                         overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP) -> MethodOutputs:
     """One method's files, the same for ``run`` and ``batch``.
 
     ``overlay-M.png`` or ``.jpg`` (``overlay``: the map over the photo, at the photo's resolution) and
@@ -195,12 +198,13 @@ def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarr
         files["attention_grid_npy"] = f"attention-grid-{name}.npy"
         heads = result.attention_grid.shape[1]
         pictures["attention_grid"] = render_attention_grid(result.attention_grid,
-                                                           cell=max(48, min(192, 480 // heads)))
+                                                           cell=max(48, min(192, 480 // heads)),
+                                                           colormap=colormap)
         (directory / files["attention_grid"]).write_bytes(encode_image(pictures["attention_grid"], ".png"))
         write_npy(directory / files["attention_grid_npy"], result.attention_grid)
     if result.gate_maps is not None:
         files["gate_maps"] = f"gate-maps-{name}.png"
-        pictures["gate_maps"] = render_attention_grid(result.gate_maps[None], cell=64)
+        pictures["gate_maps"] = render_attention_grid(result.gate_maps[None], cell=64, colormap=colormap)
         (directory / files["gate_maps"]).write_bytes(encode_image(pictures["gate_maps"], ".png"))
     return MethodOutputs(files, pictures)
 
@@ -242,10 +246,21 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def render_html(report: dict[str, Any], photo: np.ndarray, previews: list[dict[str, Any]]) -> str:
-    """The report as one HTML file with its images embedded, so it opens from disk or an e-mail."""
-    return templates().get_template("report.html.j2").render(report=report, photo_uri=_data_uri(downscale(photo, _PREVIEW_SIDE)),
-                              previews=previews)
+def render_html(report: dict[str, Any], explanation: "Explanation", previews: list[dict[str, Any]],
+                alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> str:
+    """The report as one HTML file with its images and raw maps embedded, so it opens from disk or
+    an e-mail and redraws the overlays itself (opacity, colormap, values under the pointer)."""
+    preprocessing = explanation.preprocessing
+    seen = render_model_view(explanation.image.pixels, explanation.box, preprocessing.size,
+                             tuple(255.0 * v for v in preprocessing.mean))
+    target = explanation.target
+    data = viewer_data(explanation.maps, target.label if target.label is not None else f"class {target.index}",
+                       explanation.box, explanation.image.size, REPORT_MAP_SIDE, colormap, alpha,
+                       explanation.detections)
+    return templates().get_template("report.html.j2").render(
+        report=report, title=file_name(report["image"]["path"]),
+        photo_uri=_data_uri(downscale(explanation.image.pixels, _PREVIEW_SIDE)),
+        model_view_uri=_data_uri(downscale(seen, _PREVIEW_SIDE), ".png"), previews=previews, viewer=data)
 
 
 def _data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
@@ -261,7 +276,13 @@ def templates():
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     environment = Environment(loader=PackageLoader("attnexplain", "templates"),
-                              autoescape=select_autoescape(["html", "j2"]))
+                              autoescape=select_autoescape(["html", "j2"]),
+                              trim_blocks=True, lstrip_blocks=True)  # thousands of pages: no idle bytes
     # Relative links to output files whose names may hold spaces, '#', '?' or worse.
     environment.filters["url"] = lambda path: quote(path, safe="/")
+    environment.filters["duration"] = human_duration
+    environment.filters["timing_name"] = timing_name
+    environment.filters["file_name"] = file_name
+    environment.filters["preprocessing_text"] = preprocessing_text
+    environment.globals["colormap_tables"] = colormap_tables
     return environment

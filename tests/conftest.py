@@ -93,3 +93,19 @@ def sample_vit_file() -> Path:
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def read_gallery_data(out: Path) -> dict:
+    """What a batch's gallery-data.js holds (the gallery's records, as the pages read them)."""
+    import json
+
+    script = (out / "gallery-data.js").read_text(encoding="utf-8")
+    prefix = "window.attnexplainGallery = "
+    assert script.startswith(prefix) and script.rstrip().endswith(";")
+    return json.loads(script[len(prefix):].rstrip().rstrip(";"))
+
+
+@pytest.fixture
+def gallery_images():
+    """The image names of a batch's gallery, from its data script."""
+    return lambda out: [row[0] for row in read_gallery_data(out)["images"]]

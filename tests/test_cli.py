@@ -249,7 +249,7 @@ def test_several_methods_in_one_run_are_reported_side_by_side(tmp_path, sample_v
     grid = np.load(folder / report["outputs"]["maps"]["attention"]["attention_grid_npy"])
     assert grid.shape == (4, 4, 8, 8)  # the sample ViT: 4 layers, 4 heads, 8x8 patches
     html = (folder / "report.html").read_text()
-    assert html.count('alt="rollout overlay"') == 1 and "Learned attention" in html
+    assert html.count('aria-label="rollout overlay"') == 1 and "Learned attention explorer" in html
 
 
 def test_methods_command_lists_every_method():

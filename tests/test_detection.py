@@ -108,6 +108,13 @@ def test_run_draws_the_boxes_and_reports_them(detector_file, square_photo, tmp_p
     for x in (x0, x1):
         column = int(round(x))
         assert (overlay[middle, max(column - 1, 0):column + 2] == 255).all(axis=1).any()
+    # report.html draws the same boxes over its overlays: in shares of the photo, explained first.
+    import re
+
+    page = (folder / "report.html").read_text()
+    viewer = json.loads(re.search(r'id="viewer-data">(.*?)</script>', page, re.S).group(1))
+    drawn = viewer["detections"][0]
+    assert drawn["explained"] and drawn["box"] == pytest.approx([x0 / width, y0 / height, x1 / width, y1 / height])
 
 
 def test_target_label_explains_that_class_best_box(detector_file, photo):

@@ -116,3 +116,16 @@ def test_attention_methods_share_one_pass_and_keep_the_prediction(small_vit, pho
     result = attnexplain.explain(small_vit, photo, "rollout,attention")
     assert list(result.maps) == ["rollout", "attention"]
     assert abs(result.predictions[0].prob - float(plain.max())) < 1e-5
+
+
+def test_rollout_per_depth_is_the_rollout_of_the_first_layers(small_vit, photo):
+    with torch.no_grad():
+        _, probabilities = _manual_forward(small_vit, _batch(photo))
+    result = attnexplain.explain(small_vit, photo, "rollout", size=64)
+    depths = result.maps["rollout"].depth_maps
+    assert depths.shape == (len(probabilities), 8, 8)
+    for depth in range(1, len(probabilities) + 1):
+        reference = _reference_rollout(probabilities[:depth])
+        assert correlation(_upsample(depths[depth - 1]), reference) >= 0.999
+    np.testing.assert_allclose(_upsample(depths[-1]), result.heatmap, atol=1e-6)
+    assert attnexplain.explain(small_vit, photo, "attention", size=64).maps["attention"].depth_maps is None

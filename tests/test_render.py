@@ -13,10 +13,22 @@ def test_normalize_scales_to_unit_range_and_handles_constant_maps():
     assert not normalize_heatmap(np.full((3, 3), 7.0)).any()
 
 
-def test_colormap_runs_blue_to_red():
-    colors = colorize(np.array([[0.0, 1.0]]))
+def test_jet_colormap_runs_blue_to_red():
+    colors = colorize(np.array([[0.0, 1.0]]), "jet")
     assert colors[0, 0, 2] > 100 and colors[0, 0, 0] < 50  # low → blue
     assert colors[0, 1, 0] > 100 and colors[0, 1, 2] < 50  # high → red
+
+
+def test_default_colormap_is_perceptually_uniform_and_its_table_matches_opencv():
+    from attnexplain.render import COLORMAPS, DEFAULT_COLORMAP, colormap_table
+
+    assert DEFAULT_COLORMAP != "jet"
+    for name, code in COLORMAPS.items():
+        expected = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, 0, ::-1]
+        np.testing.assert_array_equal(colormap_table(name), expected)
+    levels = np.array([0.0, 0.31, 1.0])
+    np.testing.assert_array_equal(colorize(levels, "inferno"),
+                                  colormap_table("inferno")[np.round(levels * 255).astype(int)])
 
 
 def test_overlay_puts_the_hot_spot_where_the_model_saw_it():

@@ -28,6 +28,9 @@ class Method:
     cost: str
     paper: str
     compute: Callable
+    #: What the colour scale shows, from low to high ("{target}": the explained class), for the
+    #: colour bar of every page.
+    scale: str = "relative importance for {target}"
 
 
 _CNN = "CNNs: any layer with a (B, C, H, W) output"
@@ -36,54 +39,54 @@ _ANY = "any differentiable model, TorchScript too"
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("gradcam", "cam", True, "A layer's channels weighted by their mean gradient.", _CNN,
-           "1 forward + backward to the layer", "Selvaraju et al. 2017, Grad-CAM", cam.gradcam),
+           "1 forward + backward to the layer", "Selvaraju et al. 2017, Grad-CAM", cam.gradcam, scale="positive evidence for {target} in the layer"),
     Method("gradcampp", "cam", True, "Grad-CAM with pixel-wise weights on positive gradients; "
            "better for several instances.", _CNN, "1 forward + backward to the layer",
-           "Chattopadhyay et al. 2018, Grad-CAM++", cam.gradcampp),
+           "Chattopadhyay et al. 2018, Grad-CAM++", cam.gradcampp, scale="positive evidence for {target} in the layer"),
     Method("xgradcam", "cam", True, "Gradients weighted by normalised activations (axiom-based).",
            _CNN, "1 forward + backward to the layer", "Fu et al. 2020, Axiom-based Grad-CAM",
-           cam.xgradcam),
+           cam.xgradcam, scale="positive evidence for {target} in the layer"),
     Method("layercam", "cam", True, "Each position weighted by its own positive gradient; "
            "finer maps, also on early layers.", _CNN, "1 forward + backward to the layer",
-           "Jiang et al. 2021, LayerCAM", cam.layercam),
+           "Jiang et al. 2021, LayerCAM", cam.layercam, scale="positive evidence for {target} at each position"),
     Method("hirescam", "cam", True, "Element-wise gradient × activation: provably the locations "
            "the score used.", _CNN, "1 forward + backward to the layer",
-           "Draelos & Carin 2020, HiResCAM", cam.hirescam),
+           "Draelos & Carin 2020, HiResCAM", cam.hirescam, scale="positive evidence for {target} at each position"),
     Method("eigencam", "cam", False, "First principal component of the activations; "
            "class-agnostic, no gradients.", _CNN, "1 forward", "Muhammad & Yeasin 2020, Eigen-CAM",
-           cam.eigencam),
+           cam.eigencam, scale="strength of the layer's main activation pattern (any class)"),
     Method("scorecam", "cam", False, "Channels weighted by the target's score on the image masked "
            "by each; gradient-free.", _CNN, "1 forward + one forward per channel (batched)",
-           "Wang et al. 2020, Score-CAM", scorecam.scorecam),
+           "Wang et al. 2020, Score-CAM", scorecam.scorecam, scale="rise of {target}'s score when only that region is kept"),
     Method("rollout", "attention", False, "Attention flow from the class token to every patch "
            "through all layers.", _VIT, "1 forward", "Abnar & Zuidema 2020, Quantifying Attention "
-           "Flow in Transformers", attention.rollout),
+           "Flow in Transformers", attention.rollout, scale="share of the class token's attention flow, all layers"),
     Method("chefer", "attention", True, "Attention rollout weighted by the gradient of the target: "
            "class-specific.", _VIT, "1 forward + 1 backward",
-           "Chefer et al. 2021, Generic Attention-model Explainability", attention.gradient_rollout),
+           "Chefer et al. 2021, Generic Attention-model Explainability", attention.gradient_rollout, scale="attention flow that raises {target}'s score"),
     Method("attention", "attention", False, "The raw learned attention of the class token, per "
            "layer and head (map: last layer, heads averaged).", _VIT, "1 forward",
-           "Vaswani et al. 2017 / Dosovitskiy et al. 2021", attention.raw_attention),
+           "Vaswani et al. 2017 / Dosovitskiy et al. 2021", attention.raw_attention, scale="class token's attention, last layer, mean of the heads"),
     Method("gates", "gates", False, "Learned squeeze-and-excitation channel gates: the most-gated "
            "channels of each block and where they fire (map: the last block's gated sum).",
            "CNNs with squeeze-and-excitation (EfficientNet, MobileNetV3, RegNetY)", "1 forward",
-           "Hu et al. 2018, Squeeze-and-Excitation Networks", gates.gated_map),
+           "Hu et al. 2018, Squeeze-and-Excitation Networks", gates.gated_map, scale="gated activation of the last block"),
     Method("saliency", "input", True, "Absolute input gradient of the target score.", _ANY,
            "1 forward + 1 backward", "Simonyan et al. 2014, Deep Inside Convolutional Networks",
-           attribution.saliency),
+           attribution.saliency, scale="size of {target}'s score gradient per pixel"),
     Method("integrated_gradients", "input", True, "Gradients integrated along a path from a baseline "
            "image (--baseline: the dataset's mean colour, black or a blurred copy; Captum).", _ANY, "steps × (forward + backward)",
-           "Sundararajan et al. 2017, Axiomatic Attribution", attribution.integrated_gradients),
+           "Sundararajan et al. 2017, Axiomatic Attribution", attribution.integrated_gradients, scale="attribution to {target} along the path from the baseline"),
     Method("smoothgrad", "input", True, "Saliency averaged over noisy copies of the image (noise σ: "
            "a share of the image's range; the same noise for every image).", _ANY, "samples × (forward + backward)",
-           "Smilkov et al. 2017, SmoothGrad", attribution.smoothgrad),
+           "Smilkov et al. 2017, SmoothGrad", attribution.smoothgrad, scale="size of {target}'s score gradient, averaged over noisy copies"),
     Method("occlusion", "input", False, "How much the score drops when each window is replaced by "
            "the baseline (--baseline: the dataset's mean colour, black or blurred; Captum).", _ANY, "one forward per window position (batched)",
-           "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion),
+           "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion, scale="drop of {target}'s score when the window is hidden"),
     Method("guided_gradcam", "input", True, "Guided backpropagation × Grad-CAM: fine detail of "
            "the class evidence (Captum's guided backpropagation).", _CNN + "; transformers through "
            "their plugin's layer layout, as the CAMs", "2 × (forward + backward)",
-           "Selvaraju et al. 2017, Grad-CAM", attribution.guided_gradcam),
+           "Selvaraju et al. 2017, Grad-CAM", attribution.guided_gradcam, scale="fine detail of the evidence for {target}"),
 )}
 
 __all__ = ["METHODS", "Method"]

@@ -63,15 +63,29 @@ def rollout(attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = 
     """
     if _is_windowed(attentions):
         return _windowed_rollout(attentions, head_fusion, discard_ratio)
-    joint = None
+    return to_grid(_rollout_products(attentions, head_fusion, discard_ratio)[-1], grid)
+
+
+def rollout_by_depth(attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = "mean",
+                     discard_ratio: float = 0.0) -> torch.Tensor:
+    """Rollout through the first 1, 2, … L layers → (B, L, grid h, grid w): how the class token's
+    attention flow spreads as depth grows (the last is :func:`rollout`). Global attention only."""
+    products = _rollout_products(attentions, head_fusion, discard_ratio)
+    return torch.stack([to_grid(joint, grid) for joint in products], dim=1)
+
+
+def _rollout_products(attentions: list[torch.Tensor], head_fusion: str,
+                      discard_ratio: float) -> list[torch.Tensor]:
+    """The rollout matrix after each layer, input first."""
+    products: list[torch.Tensor] = []
     for attention in attentions:
         _require_self_attention(attention)
         fused = discard_lowest(fuse_heads(attention.float(), head_fusion), discard_ratio)
         identity = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
         mixed = 0.5 * fused + 0.5 * identity
         mixed = mixed / mixed.sum(dim=-1, keepdim=True)
-        joint = mixed if joint is None else mixed @ joint
-    return to_grid(joint, grid)
+        products.append(mixed if not products else mixed @ products[-1])
+    return products
 
 
 def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor],
