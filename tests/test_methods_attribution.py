@@ -83,3 +83,75 @@ def test_aug_smoothing_averages_mirrored_and_zoomed_copies(small_vit, small_resn
     assert smoothed.heatmap.shape == plain.heatmap.shape
     assert smoothed.target.index == plain.target.index
     assert 0.3 < correlation(smoothed.heatmap, plain.heatmap) < 0.9999  # related, not identical
+
+
+def test_gradient_attributions_equal_captum(small_resnet, photo):
+    """input_x_gradient, guided_backprop, deconvolution: deterministic; gradientshap: Captum's draws
+    with the same seed (attnexplain seeds each image with NOISE_SEED)."""
+    from captum.attr import Deconvolution, GradientShap, GuidedBackprop, InputXGradient
+
+    from attnexplain.methods.attribution import NOISE_SEED
+
+    methods = "input_x_gradient,guided_backprop,deconvolution,gradientshap"
+    result = attnexplain.explain(small_resnet, photo, methods, size=SIZE, options=MethodOptions(samples=4))
+    target = result.target.index
+    leaf = lambda: _batch(photo).requires_grad_()
+    expected = {
+        "input_x_gradient": InputXGradient(small_resnet).attribute(leaf(), target=target).sum(1).abs(),
+        "guided_backprop": GuidedBackprop(small_resnet).attribute(leaf(), target=target).abs().amax(1),
+        "deconvolution": Deconvolution(small_resnet).attribute(leaf(), target=target).abs().amax(1),
+    }
+    batch = _batch(photo)
+    torch.manual_seed(NOISE_SEED)
+    expected["gradientshap"] = GradientShap(small_resnet).attribute(
+        leaf(), baselines=torch.zeros_like(batch), n_samples=4,
+        stdevs=0.15 * float(batch.max() - batch.min()), target=target).sum(1).abs()
+    for name, reference in expected.items():
+        assert correlation(result.maps[name].heatmap, reference[0].detach().numpy()) >= 0.999, name
+
+
+def test_deeplift_and_lrp_equal_captum_on_a_plain_cnn(plain_cnn, photo):
+    from captum.attr import LRP, DeepLift
+
+    result = attnexplain.explain(plain_cnn, photo, "deeplift,lrp", size=SIZE,
+                                 options=MethodOptions(baseline="black"))
+    target = result.target.index
+    batch = _batch(photo)
+    black = (-torch.tensor((0.485, 0.456, 0.406)) / torch.tensor((0.229, 0.224, 0.225)))
+    deeplift = DeepLift(plain_cnn).attribute(batch.clone().requires_grad_(), target=target,
+                                             baselines=black.reshape(1, 3, 1, 1).expand_as(batch))
+    lrp = LRP(plain_cnn).attribute(batch.clone().requires_grad_(), target=target)
+    assert correlation(result.maps["deeplift"].heatmap, deeplift.sum(1).abs()[0].detach().numpy()) >= 0.999
+    assert correlation(result.maps["lrp"].heatmap, lrp.sum(1).abs()[0].detach().numpy()) >= 0.999
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp"])
+def test_deeplift_and_lrp_refuse_a_resnet_in_one_line(small_resnet, photo, method):
+    from attnexplain.errors import MethodError
+
+    with pytest.raises(MethodError, match="more than once") as raised:
+        attnexplain.explain(small_resnet, photo, method, size=SIZE)
+    assert "\n" not in str(raised.value) and method in str(raised.value)
+
+
+def test_superpixel_methods_equal_captum_on_the_same_superpixels(small_resnet, photo):
+    """feature_ablation is deterministic; kernelshap and lime draw their coalitions from the global
+    generator: Captum's with the same seed gets the same ones."""
+    from captum.attr import FeatureAblation, KernelShap, Lime
+
+    from attnexplain.methods.attribution import NOISE_SEED, superpixels
+
+    result = attnexplain.explain(small_resnet, photo, "feature_ablation,kernelshap,lime", size=SIZE,
+                                 options=MethodOptions(samples=24))
+    target = result.target.index
+    batch = _batch(photo)
+    mask = superpixels(batch)
+    assert 20 <= int(mask.max()) + 1 <= 80 and mask.shape == (1, 1, SIZE, SIZE)
+    expected = {"feature_ablation": FeatureAblation(small_resnet).attribute(
+        batch, baselines=0.0, target=target, feature_mask=mask)}
+    for name, explainer in (("kernelshap", KernelShap), ("lime", Lime)):
+        torch.manual_seed(NOISE_SEED)
+        expected[name] = explainer(small_resnet).attribute(batch, baselines=0.0, target=target,
+                                                           feature_mask=mask, n_samples=24)
+    for name, reference in expected.items():
+        assert correlation(result.maps[name].heatmap, reference[0, 0].numpy()) >= 0.999, name
