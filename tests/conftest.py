@@ -50,11 +50,19 @@ def plain_cnn():
     import torch
     from torch import nn
 
+    class PlainCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.pool = nn.AdaptiveAvgPool2d(4)
+            self.classifier = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 5))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.pool(self.features(x)), 1))  # as VGG flattens
+
     torch.manual_seed(2)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 32), nn.ReLU(),
-                         nn.Linear(32, 5)).eval()
+    return PlainCNN().eval()
 
 
 def with_random_batchnorm_statistics(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,6 +104,7 @@ def test_gradient_attributions_equal_captum(small_resnet, photo):
     }
     batch = _batch(photo)
     torch.manual_seed(NOISE_SEED)
+    np.random.seed(NOISE_SEED)  # Captum draws the points between baseline and image from NumPy
     expected["gradientshap"] = GradientShap(small_resnet).attribute(
         leaf(), baselines=torch.zeros_like(batch), n_samples=4,
         stdevs=0.15 * float(batch.max() - batch.min()), target=target).sum(1).abs()
@@ -151,6 +153,7 @@ def test_superpixel_methods_equal_captum_on_the_same_superpixels(small_resnet, p
         batch, baselines=0.0, target=target, feature_mask=mask)}
     for name, explainer in (("kernelshap", KernelShap), ("lime", Lime)):
         torch.manual_seed(NOISE_SEED)
+        np.random.seed(NOISE_SEED)
         expected[name] = explainer(small_resnet).attribute(batch, baselines=0.0, target=target,
                                                            feature_mask=mask, n_samples=24)
     for name, reference in expected.items():

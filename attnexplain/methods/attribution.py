@@ -230,11 +230,19 @@ def _surrogate_fit(explainer: Any, batch: torch.Tensor, target: list[int], basel
 
 @contextmanager
 def _seeded(device: torch.device) -> Iterator[None]:
-    """Random draws inside seeded with :data:`NOISE_SEED`; the caller's random state restored after."""
+    """Random draws inside seeded with :data:`NOISE_SEED`, torch's and NumPy's (Captum draws
+    GradientSHAP's path points from NumPy's global generator); the caller's states restored after."""
+    import numpy as np
+
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(NOISE_SEED)
-        yield
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(NOISE_SEED)
+            np.random.seed(NOISE_SEED)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
 
 
 def _refuse_reused_modules(model: torch.nn.Module, forward: Callable, probe: torch.Tensor, method: str) -> None:
@@ -272,7 +280,7 @@ def _module_rules(method: str) -> Iterator[None]:
                               f"nonlinear module, and this model calls one module more than once (e.g. "
                               f"ResNet's shared ReLU). Use integrated_gradients or input_x_gradient.") from None
         if "no rule defined" in text:
-            kind = text.split("type ", 1)[-1].split(" has", 1)[0]
+            kind = text.split("type ", 1)[-1].split(" has", 1)[0].strip("<>'").rsplit(".", 1)[-1]
             raise MethodError(f"{method} cannot run on this model: Captum's LRP has no rule for its "
                               f"{kind} layers; it supports plain CNNs such as VGG and AlexNet. Use "
                               f"deeplift or integrated_gradients.") from None

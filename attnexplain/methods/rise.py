@@ -20,29 +20,36 @@ KEEP_PROBABILITY = 0.5
 
 
 def rise_masks(count: int, size: tuple[int, int], device: torch.device | str = "cpu", *,
-               first: int = 0, grid: int = GRID, keep: float = KEEP_PROBABILITY,
-               seed: int = MASK_SEED) -> torch.Tensor:
-    """Masks ``first`` … ``first + count − 1`` of the seeded sequence: (count, H, W) in [0, 1].
+               grid: int = GRID, keep: float = KEEP_PROBABILITY, seed: int = MASK_SEED) -> torch.Tensor:
+    """The first ``count`` masks of the seeded sequence: (count, H, W) in [0, 1].
 
     Each is a ``grid`` × ``grid`` binary grid (cells kept with probability ``keep``), upsampled
     bilinearly to (grid + 1) cells of ⌈H / grid⌉ × ⌈W / grid⌉ pixels and cropped at a random shift
     within one cell, as in the paper. The small grids and shifts are drawn on the CPU (the same on
-    every device); the full-size masks are made on ``device``. Mask i is the same whatever ``count``
-    and ``first`` are, so masks can be made a chunk at a time.
+    every device); the full-size masks are made on ``device``.
     """
+    return _full_size(*_mask_draws(count, size, grid, keep, seed), size, device)
+
+
+def _mask_draws(count: int, size: tuple[int, int], grid: int, keep: float,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, grid, grid) kept cells and (count, 2) shifts in pixels, drawn on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    cells = torch.rand((count, grid, grid), generator=generator) < keep
+    cell = torch.tensor([-(-side // grid) for side in size])
+    shifts = (torch.rand((count, 2), generator=generator) * cell).long()
+    return cells, shifts
+
+
+def _full_size(cells: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int],
+               device: torch.device | str) -> torch.Tensor:
+    grid = cells.shape[-1]
     height, width = size
     cell_h, cell_w = -(-height // grid), -(-width // grid)
-    generator = torch.Generator().manual_seed(seed)
-    # Draw the whole prefix so that mask i never depends on how the sequence is chunked.
-    total = first + count
-    cells = torch.rand((total, 1, grid, grid), generator=generator)[first:] < keep
-    shifts_y = torch.randint(0, cell_h, (total,), generator=generator)[first:].tolist()
-    shifts_x = torch.randint(0, cell_w, (total,), generator=generator)[first:].tolist()
-    upsampled = F.interpolate(cells.to(device=device, dtype=torch.float32),
+    upsampled = F.interpolate(cells[:, None].to(device=device, dtype=torch.float32),
                               size=((grid + 1) * cell_h, (grid + 1) * cell_w), mode="bilinear",
                               align_corners=False)[:, 0]
-    return torch.stack([mask[y:y + height, x:x + width]
-                        for mask, y, x in zip(upsampled, shifts_y, shifts_x)])
+    return torch.stack([mask[y:y + height, x:x + width] for mask, (y, x) in zip(upsampled, shifts.tolist())])
 
 
 def rise(forward: Callable, batch: torch.Tensor, target: list[int], *,
@@ -54,10 +61,12 @@ def rise(forward: Callable, batch: torch.Tensor, target: list[int], *,
     image and nothing else."""
     size = tuple(batch.shape[-2:])
     count = samples if masks is None else len(masks)
+    draws = _mask_draws(count, size, GRID, keep, MASK_SEED) if masks is None else None
     totals = torch.zeros((len(batch), size[0] * size[1]), device=batch.device, dtype=torch.float32)
     with torch.no_grad():
         for first in range(0, count, batch_size):
-            chunk = rise_masks(min(batch_size, count - first), size, batch.device, first=first, keep=keep) \
+            # Made a chunk at a time on the device: full-size masks for all samples may not fit.
+            chunk = _full_size(*(d[first:first + batch_size] for d in draws), size, batch.device) \
                 if masks is None else masks[first:first + batch_size].to(batch.device, torch.float32)
             flat = chunk.flatten(1)
             for index, (image, image_target) in enumerate(zip(batch, target)):
