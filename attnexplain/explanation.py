@@ -332,10 +332,8 @@ def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list
         if method.family == "attention" and not has_attention:
             raise MethodError(f"{name} needs attention layers; plugin {loaded.plugin.name} knows none "
                               f"in this {type(loaded.module).__name__}. Use --method gradcam.")
-        if method.name == "legrad" and loaded.plugin.token_readout(loaded.module) is None:
-            raise MethodError(f"legrad reads each layer's prediction off its tokens; plugin "
-                              f"{loaded.plugin.name} does not say how for this "
-                              f"{type(loaded.module).__name__}. Use --method chefer.")
+        if method.name == "legrad":
+            _token_readout(loaded)
         if method not in chosen:
             chosen.append(method)
     return chosen
@@ -719,7 +717,7 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
     names = plugin.attention_modules(module)
     needs_gradient = any(m.needs_gradient for m in methods)
     captured: dict[str, torch.Tensor] = {}
-    readout = plugin.token_readout(module) if any(m.name == "legrad" for m in methods) else None
+    readout = _token_readout(loaded) if any(m.name == "legrad" for m in methods) else None
     block_tokens: dict[str, torch.Tensor] = {}
     # Gradients with respect to attention need a graph through the attention layers: with every
     # parameter frozen, an input that requires a gradient provides it.
@@ -781,6 +779,15 @@ def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, gr
     if isinstance(attentions[-1], WindowedAttention):  # at the last layer's own resolution
         return _upsample(attention_received(attentions[-1]).mean(dim=1), size), per_head
     return _upsample(per_head[:, -1].mean(dim=1), size), per_head
+
+
+def _token_readout(loaded: LoadedModel) -> TokenReadout:
+    readout = loaded.plugin.token_readout(loaded.module)
+    if readout is None:
+        raise MethodError(f"legrad reads each layer's prediction off its tokens; plugin "
+                          f"{loaded.plugin.name} does not say how for this "
+                          f"{type(loaded.module).__name__}. Use --method chefer.")
+    return readout
 
 
 def _layer_score_gradients(readout: TokenReadout, block_tokens: dict[str, torch.Tensor],

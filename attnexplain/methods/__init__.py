@@ -36,7 +36,8 @@ _CNN = "CNNs: any layer with a (B, C, H, W) output"
 _VIT = "transformers whose plugin exposes attention (ViT, Swin, MaxViT)"
 _ANY = "any differentiable model, TorchScript too"
 _BLACK_BOX = "any model, TorchScript too (forward passes only)"
-_MODULES = "models whose modules Captum can hook, each called once (VGG, MobileNet, EfficientNet; not ResNet)"
+_ONCE = "models that call each module once (VGG, AlexNet, MobileNet, EfficientNet; not ResNet)"
+_RELUS = "models whose ReLUs are nn.ReLU modules (elsewhere: the plain input gradient)"
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("gradcam", "cam", True, "A layer's channels weighted by their mean gradient.", _CNN,
@@ -101,7 +102,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            "1 forward + 1 backward", "Shrikumar et al. 2016, Not Just a Black Box",
            attribution.input_x_gradient),
     Method("deeplift", "input", True, "Each unit's difference from the --baseline image, propagated "
-           "back by the rescale rule (Captum).", _MODULES, "1 forward + 1 backward (image and "
+           "back by the rescale rule (Captum).", _ONCE, "1 forward + 1 backward (image and "
            "baseline together)", "Shrikumar et al. 2017, Learning Important Features (DeepLIFT)",
            attribution.deeplift, needs_modules=True),
     Method("gradientshap", "input", True, "Gradients at random points between the --baseline and "
@@ -109,11 +110,11 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            "samples × (forward + backward)", "Lundberg & Lee 2017, A Unified Approach (SHAP)",
            attribution.gradientshap),
     Method("guided_backprop", "input", True, "The input gradient with negative gradients stopped "
-           "at every ReLU on the way back (Captum).", _MODULES.replace(", each called once", ""),
+           "at every ReLU on the way back (Captum).", _RELUS,
            "1 forward + 1 backward", "Springenberg et al. 2015, Striving for Simplicity",
            attribution.guided_backprop, needs_modules=True),
     Method("deconvolution", "input", True, "The gradient passed back through ReLUs applied to the "
-           "gradient itself (Captum).", _MODULES.replace(", each called once", ""),
+           "gradient itself (Captum).", _RELUS,
            "1 forward + 1 backward", "Zeiler & Fergus 2014, Visualizing and Understanding CNNs",
            attribution.deconvolution, needs_modules=True),
     Method("lrp", "input", True, "Layer-wise relevance propagation, ε rule (Captum); others refused.",
