@@ -173,6 +173,132 @@ def detection_section(batch_size: int, repeats: int) -> None:
             lambda: compute_maps(loaded, batch, methods, [layer]), repeats), goal=1.2)
 
 
+def paired_ratio(bare, method, repeats: int) -> tuple[float, float]:
+    """(median seconds of ``method``, median over pairs of method time ÷ bare time), the two run
+    alternately: on a shared machine a slow spell then hits both sides of a pair."""
+    bare()
+    method()  # warm-up
+    seconds, ratios = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        bare()
+        bare_s = time.perf_counter() - started
+        started = time.perf_counter()
+        method()
+        seconds.append(time.perf_counter() - started)
+        ratios.append(seconds[-1] / bare_s)
+    return statistics.median(seconds), statistics.median(ratios)
+
+
+def paired_row(who: str, what: str, bare, method, repeats: int, note: str = "") -> None:
+    seconds, ratio = paired_ratio(bare, method, repeats)
+    print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {note} |", flush=True)
+
+
+PAIRED_HEADER = "| who | what | median ms | ÷ bare forward (paired) | note |\n| --- | --- | ---: | ---: | --- |"
+
+
+def attribution_section(batch_size: int, repeats: int) -> None:
+    """Captum's attributions through attnexplain beside Captum's own classes, on a ResNet-18 (a VGG-11
+    for DeepLIFT and LRP, which refuse ResNet's shared ReLU), and RISE against the forwards it needs."""
+    import captum.attr as captum
+
+    from attnexplain.methods.attribution import NOISE_SEED, superpixels
+    from attnexplain.methods.rise import rise_masks
+
+    samples, chunk = 64, 32
+    for name in ("resnet18", "vgg11"):
+        loaded = loaded_model(name, num_classes=10)
+        model, batch = loaded.module, photos(batch_size, 224)
+        with torch.no_grad():
+            targets = model(batch).argmax(1).tolist()
+
+        def bare():
+            with torch.no_grad():
+                model(batch)
+
+        print(f"\n### {name} (10 classes), batch {batch_size} at 224×224: attributions\n")
+        print(PAIRED_HEADER)
+        ours = ["deeplift", "lrp"] if name == "vgg11" else \
+            ["input_x_gradient", "guided_backprop", "deconvolution", "gradientshap", "feature_ablation",
+             "kernelshap", "lime", "rise"]
+        from attnexplain.explanation import MethodOptions
+
+        for method in ours:
+            methods = resolve_methods(loaded, method)
+            options = MethodOptions(samples=samples, batch_size=chunk)
+            paired_row("attnexplain", method, bare, lambda: compute_maps(
+                loaded, batch, methods, [], targets=torch.tensor(targets), options=options), repeats,
+                "--samples 64" if method in ("gradientshap", "kernelshap", "lime", "rise") else "")
+        leaf = lambda: batch.clone().requires_grad_(True)
+        if name == "vgg11":
+            peers = {"deeplift": lambda: captum.DeepLift(model).attribute(leaf(), target=targets),
+                     "lrp": lambda: captum.LRP(model).attribute(leaf(), target=targets)}
+        else:
+            masks = superpixels(batch)
+
+            def per_image(explainer, **kwargs):
+                def run():
+                    for index, target in enumerate(targets):
+                        torch.manual_seed(NOISE_SEED)
+                        explainer.attribute(batch[index:index + 1], target=target,
+                                            feature_mask=masks[index:index + 1],
+                                            perturbations_per_eval=chunk, **kwargs)
+                return run
+
+            peers = {
+                "input_x_gradient": lambda: captum.InputXGradient(model).attribute(leaf(), target=targets),
+                "guided_backprop": lambda: captum.GuidedBackprop(model).attribute(leaf(), target=targets),
+                "deconvolution": lambda: captum.Deconvolution(model).attribute(leaf(), target=targets),
+                "gradientshap": lambda: captum.GradientShap(model).attribute(
+                    leaf(), baselines=torch.zeros_like(batch), n_samples=samples, target=targets),
+                "feature_ablation (same superpixels)": per_image(captum.FeatureAblation(model)),
+                "kernelshap (same superpixels)": per_image(captum.KernelShap(model), n_samples=samples),
+                "lime (same superpixels)": per_image(captum.Lime(model), n_samples=samples),
+            }
+        for what, run in peers.items():
+            paired_row("captum", what, bare, run, repeats)
+        if name == "resnet18":
+            # What RISE cannot do without: samples × batch masked images, forwarded chunk at a time.
+            masked = batch[:1] * rise_masks(chunk, tuple(batch.shape[-2:]))[:, None]
+
+            def needed_forwards():
+                with torch.no_grad():
+                    for _ in range(samples * batch_size // chunk):
+                        torch.softmax(model(masked), dim=1)
+
+            paired_row("reference", f"the {samples * batch_size} masked forwards RISE needs "
+                       f"({chunk} per pass)", bare, needed_forwards, repeats)
+
+
+def legrad_section(batch_size: int, repeats: int) -> None:
+    """LeGrad on ViT-B/16, every block, beside torchcam's LeGrad on the same blocks and targets."""
+    import torchcam.methods
+
+    loaded = loaded_model("vit_b_16")
+    model, batch = loaded.module, photos(batch_size, 224)
+    with torch.no_grad():
+        targets = model(batch).argmax(1)
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    print(f"\n### vit_b_16, batch {batch_size} at 224×224: LeGrad (all 12 blocks)\n")
+    print(PAIRED_HEADER)
+    methods = resolve_methods(loaded, "legrad")
+    paired_row("attnexplain", "legrad", bare,
+               lambda: compute_maps(loaded, batch, methods, [], targets=targets), repeats)
+    extractor = torchcam.methods.LeGrad(model, list(model.encoder.layers))
+
+    def run_torchcam():
+        with torch.enable_grad():
+            extractor(targets.tolist(), model(batch))
+
+    paired_row("torchcam", "LeGrad", bare, run_torchcam, repeats)
+    extractor.remove_hooks()
+
+
 def startup_section() -> None:
     cli = [str(Path(sys.executable).with_name("attnexplain")), "--help"]
     seconds = median_seconds(lambda: subprocess.run(cli, capture_output=True, check=True), 10)
@@ -184,7 +310,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sections", default="cnn,vit,swin,maxvit,detection,startup",
-                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup")
+                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup, "
+                             "attribution, legrad (the last two: not in the default)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, numpy {np.__version__}, CPU")
@@ -195,6 +322,8 @@ def main() -> None:
         "maxvit": lambda: transformer_section("maxvit_t", args.batch, args.repeats),
         "detection": lambda: detection_section(max(1, args.batch // 4), args.repeats),
         "startup": startup_section,
+        "attribution": lambda: attribution_section(max(1, args.batch // 4), args.repeats),
+        "legrad": lambda: legrad_section(max(1, args.batch // 4), args.repeats),
     }
     for name in args.sections.split(","):
         sections[name.strip()]()
