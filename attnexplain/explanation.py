@@ -38,6 +38,11 @@ class Prediction:
         return {"index": self.index, "label": self.label, "prob": self.prob}
 
 
+#: More masks, copies or perturbations than any of those methods needs; also what the random draws
+#: for them (held in memory at once) can afford.
+MAX_SAMPLES = 100_000
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Settings of the methods; each method reads the ones that concern it."""
@@ -64,6 +69,9 @@ class MethodOptions:
         for name in ("steps", "samples", "window", "stride", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MethodError(f"{name} must be at least 1.")
+        if self.samples is not None and self.samples > MAX_SAMPLES:
+            raise MethodError(f"samples must be at most {MAX_SAMPLES:,}, not {self.samples:,}: each one "
+                              f"is a forward pass (or a noisy copy) per image.")
         if self.baseline not in BASELINES:
             raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
 

@@ -61,6 +61,20 @@ def loaded_model(name: str, **kwargs) -> LoadedModel:
                        plugin=select_plugin(module))
 
 
+def model_and_batch(name: str, batch_size: int, **kwargs):
+    """The model, a batch of photos at 224, its top-1 targets and its bare no-grad forward."""
+    loaded = loaded_model(name, **kwargs)
+    model, batch = loaded.module, photos(batch_size, 224)
+    with torch.no_grad():
+        targets = model(batch).argmax(1)
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    return loaded, batch, targets, bare
+
+
 class Table:
     def __init__(self, forward_s: float) -> None:
         self.forward_s = forward_s
@@ -80,15 +94,8 @@ def cnn_section(batch_size: int, repeats: int) -> None:
     from captum.attr import LayerGradCam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    loaded = loaded_model("resnet50")
-    model, batch = loaded.module, photos(batch_size, 224)
-    with torch.no_grad():
-        targets = model(batch).argmax(1)
-
-    def bare():
-        with torch.no_grad():
-            model(batch)
-
+    loaded, batch, targets, bare = model_and_batch("resnet50", batch_size)
+    model = loaded.module
     print(f"\n### resnet50, batch {batch_size} at 224×224, layer4\n")
     table = Table(median_seconds(bare, repeats))
     for name in GRADIENT_CAMS + ["eigencam"]:
@@ -208,15 +215,8 @@ def attribution_section(batch_size: int, repeats: int) -> None:
 
     samples, chunk = 64, 32
     for name in ("resnet18", "vgg11"):
-        loaded = loaded_model(name, num_classes=10)
-        model, batch = loaded.module, photos(batch_size, 224)
-        with torch.no_grad():
-            targets = model(batch).argmax(1).tolist()
-
-        def bare():
-            with torch.no_grad():
-                model(batch)
-
+        loaded, batch, targets, bare = model_and_batch(name, batch_size, num_classes=10)
+        model, targets = loaded.module, targets.tolist()
         print(f"\n### {name} (10 classes), batch {batch_size} at 224×224: attributions\n")
         print(PAIRED_HEADER)
         ours = ["deeplift", "lrp"] if name == "vgg11" else \
@@ -275,15 +275,8 @@ def legrad_section(batch_size: int, repeats: int) -> None:
     """LeGrad on ViT-B/16, every block, beside torchcam's LeGrad on the same blocks and targets."""
     import torchcam.methods
 
-    loaded = loaded_model("vit_b_16")
-    model, batch = loaded.module, photos(batch_size, 224)
-    with torch.no_grad():
-        targets = model(batch).argmax(1)
-
-    def bare():
-        with torch.no_grad():
-            model(batch)
-
+    loaded, batch, targets, bare = model_and_batch("vit_b_16", batch_size)
+    model = loaded.module
     print(f"\n### vit_b_16, batch {batch_size} at 224×224: LeGrad (all 12 blocks)\n")
     print(PAIRED_HEADER)
     methods = resolve_methods(loaded, "legrad")

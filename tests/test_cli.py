@@ -287,3 +287,9 @@ def test_lrp_on_a_resnet_fails_in_one_line(tmp_path, resnet_state_dict_file, pho
                   "--size", "64", "--method", "lrp", "--out", tmp_path / "out")
     _assert_clean_failure(result, "lrp cannot run on this model")
     assert not (tmp_path / "out" / "chelsea").exists()
+
+
+def test_too_many_samples_fail_in_one_line(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--method", "rise",
+                  "--samples", "1000000000", "--out", tmp_path / "out")
+    _assert_clean_failure(result, "samples must be at most 100,000")
