@@ -747,7 +747,8 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
                                                                         "(gradient-free)"))
             if readout is not None:
                 layer_gradients = _layer_score_gradients(readout, block_tokens, probabilities, targets)
-            gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
+            if any(m.needs_gradient and m.name != "legrad" for m in methods):  # legrad has its own
+                gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
     size = tuple(batch.shape[-2:])
     if windowed:
         grid = None  # each layer carries its positions

@@ -154,3 +154,10 @@ def test_legrad_is_refused_where_the_plugin_cannot_read_layer_tokens(photo):
     swin = torchvision.models.swin_t(num_classes=3).eval()
     with pytest.raises(attnexplain.errors.MethodError, match="legrad reads each layer's prediction"):
         attnexplain.explain(swin, photo, "legrad", size=64)
+
+
+def test_legrad_and_chefer_share_one_pass_and_keep_their_maps(small_vit, photo):
+    together = attnexplain.explain(small_vit, photo, "chefer,legrad", target=3)
+    for method in ("chefer", "legrad"):
+        alone = attnexplain.explain(small_vit, photo, method, target=3)
+        np.testing.assert_allclose(together.maps[method].heatmap, alone.heatmap, rtol=1e-5, atol=1e-8)
