@@ -282,14 +282,12 @@ def legrad_section(batch_size: int, repeats: int) -> None:
     methods = resolve_methods(loaded, "legrad")
     paired_row("attnexplain", "legrad", bare,
                lambda: compute_maps(loaded, batch, methods, [], targets=targets), repeats)
-    extractor = torchcam.methods.LeGrad(model, list(model.encoder.layers))
 
-    def run_torchcam():
-        with torch.enable_grad():
+    def run_torchcam():  # its hooks refuse the no-grad bare forward: present only during its own
+        with torchcam.methods.LeGrad(model, list(model.encoder.layers)) as extractor, torch.enable_grad():
             extractor(targets.tolist(), model(batch))
 
     paired_row("torchcam", "LeGrad", bare, run_torchcam, repeats)
-    extractor.remove_hooks()
 
 
 def startup_section() -> None:
