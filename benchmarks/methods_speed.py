@@ -205,7 +205,7 @@ def paired_row(who: str, what: str, bare, method, repeats: int, note: str = "") 
 PAIRED_HEADER = "| who | what | median ms | ÷ bare forward (paired) | note |\n| --- | --- | ---: | ---: | --- |"
 
 
-def attribution_section(batch_size: int, repeats: int) -> None:
+def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> None:
     """Captum's attributions through attnexplain beside Captum's own classes, on a ResNet-18 (a VGG-11
     for DeepLIFT and LRP, which refuse ResNet's shared ReLU), and RISE against the forwards it needs."""
     import captum.attr as captum
@@ -213,7 +213,7 @@ def attribution_section(batch_size: int, repeats: int) -> None:
     from attnexplain.methods.attribution import NOISE_SEED, superpixels
     from attnexplain.methods.rise import rise_masks
 
-    samples, chunk = 64, 32
+    chunk = 32
     for name in ("resnet18", "vgg11"):
         loaded, batch, targets, bare = model_and_batch(name, batch_size, num_classes=10)
         model, targets = loaded.module, targets.tolist()
@@ -229,7 +229,7 @@ def attribution_section(batch_size: int, repeats: int) -> None:
             options = MethodOptions(samples=samples, batch_size=chunk)
             paired_row("attnexplain", method, bare, lambda: compute_maps(
                 loaded, batch, methods, [], targets=torch.tensor(targets), options=options), repeats,
-                "--samples 64" if method in ("gradientshap", "kernelshap", "lime", "rise") else "")
+                f"--samples {samples}" if method in ("gradientshap", "kernelshap", "lime", "rise") else "")
         leaf = lambda: batch.clone().requires_grad_(True)
         if name == "vgg11":
             peers = {"deeplift": lambda: captum.DeepLift(model).attribute(leaf(), target=targets),
@@ -300,6 +300,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=32,
+                        help="attribution: masks, noisy copies or perturbations per image")
     parser.add_argument("--sections", default="cnn,vit,swin,maxvit,detection,startup",
                         help="comma-separated: cnn, vit, swin, maxvit, detection, startup, "
                              "attribution, legrad (the last two: not in the default)")
@@ -313,7 +315,7 @@ def main() -> None:
         "maxvit": lambda: transformer_section("maxvit_t", args.batch, args.repeats),
         "detection": lambda: detection_section(max(1, args.batch // 4), args.repeats),
         "startup": startup_section,
-        "attribution": lambda: attribution_section(max(1, args.batch // 4), args.repeats),
+        "attribution": lambda: attribution_section(max(1, args.batch // 4), args.repeats, args.samples),
         "legrad": lambda: legrad_section(max(1, args.batch // 4), args.repeats),
     }
     for name in args.sections.split(","):
