@@ -11,6 +11,11 @@ pytorch-grad-cam, torchcam and Captum on the same batch, layer and targets. Also
 Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×
 (also measured here for Swin-T and MaxViT-T, whose attention is recorded inside a function, and for a
 detector's box-score target).
+
+Sections ``legrad`` and ``attribution`` (issue #13; not in the default list, run them by name) time
+LeGrad beside torchcam's, Captum's attributions through attnexplain beside Captum's own classes, and
+RISE beside the masked forwards it needs; their ratios are paired (bare forward and method run
+alternately, median of the per-pair ratios), for machines shared with other work.
 """
 
 from __future__ import annotations

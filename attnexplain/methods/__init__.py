@@ -5,9 +5,10 @@ Families, by what they need:
 - ``cam``: one layer's activation (and, for most, the gradient of the target score with respect to
   it): one forward and one backward down to that layer serve every CAM method requested;
 - ``attention``: the attention probabilities of every attention layer (and their gradients for
-  ``chefer``), recorded in one forward;
+  ``chefer``; for ``legrad`` each layer's own prediction's gradient), recorded in one forward;
 - ``gates``: the channel gates of squeeze-and-excitation blocks, recorded in one forward;
-- ``input``: the model as a function of its input; Captum computes these.
+- ``input``: the model as a function of its input; Captum computes these, except ``rise``
+  (:mod:`.rise`), which only needs forward passes.
 """
 
 from __future__ import annotations
