@@ -210,19 +210,20 @@ def capture_channel_gates(model: nn.Module, names: list[str],
         yield
 
 
-def attention_gradients(score: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:
+def attention_gradients(score: torch.Tensor, attentions: list[torch.Tensor],
+                        retain_graph: bool = False) -> list[torch.Tensor]:
     """∂score/∂attention for recorded attention probabilities.
 
     A recorded tensor may be a view (``nn.MultiheadAttention`` returns its probabilities reshaped
     after using them); the graph runs through the view's base, so the gradient is taken there and
-    given the view's shape.
+    given the view's shape. ``retain_graph``: keep the graph for further gradients of other scores.
     """
     sources = []
     for attention in attentions:
         base = attention._base
         usable = base is not None and base.numel() == attention.numel() and base.requires_grad
         sources.append(base if usable else attention)
-    gradients = torch.autograd.grad(score, sources, allow_unused=True)
+    gradients = torch.autograd.grad(score, sources, allow_unused=True, retain_graph=retain_graph)
     if any(gradient is None for gradient in gradients):
         raise MethodError("The target score does not depend on every recorded attention layer.")
     return [gradient.reshape(attention.shape) for gradient, attention in zip(gradients, attentions)]

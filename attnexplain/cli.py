@@ -187,8 +187,9 @@ def method_options(function):
                      help="Average every map over mirrored and zoomed copies of the image."),
         click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
                      help="integrated_gradients: interpolation steps."),
-        click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
-                     help="smoothgrad: noisy copies."),
+        click.option("--samples", type=click.IntRange(min=1),
+                     help="smoothgrad, gradientshap: noisy copies (default 16); rise: random masks "
+                          "(1000); kernelshap, lime: perturbed samples (256)."),
         click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
         click.option("--baseline", default="mean", show_default=True,
@@ -197,7 +198,8 @@ def method_options(function):
                           "normalisation's mean colour (0 after normalisation); black: pixel value "
                           "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
         click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                     help="Masked or perturbed images per forward pass (scorecam, occlusion, IG)."),
+                     help="Masked or perturbed images per forward pass (scorecam, occlusion, IG, rise, "
+                          "feature_ablation, kernelshap, lime)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -269,7 +271,7 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-        samples: int, window: int, baseline: str, batch_size: int,
+        samples: int | None, window: int, baseline: str, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, colormap: str, top_k: int,
         max_pixels: int, out_dir: Path, overlay_format: str, as_json: bool) -> None:
@@ -485,7 +487,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-          samples: int, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
+          samples: int | None, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, engine: str, address: str | None,

@@ -24,7 +24,7 @@ from .methods import METHODS, Method
 from .methods.attribution import BASELINES, baseline_images
 from .formats import DEFAULT_COLORMAP
 from .methods.attention import attention_received, raw_attention, rollout_by_depth
-from .plugins import Detections, WindowedAttention
+from .plugins import Detections, TokenReadout, WindowedAttention
 from .methods.cam import cam_map
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
 
@@ -39,6 +39,11 @@ class Prediction:
         return {"index": self.index, "label": self.label, "prob": self.prob}
 
 
+#: More masks, copies or perturbations than any of those methods needs; also what the random draws
+#: for them (held in memory at once) can afford.
+MAX_SAMPLES = 100_000
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Settings of the methods; each method reads the ones that concern it."""
@@ -48,7 +53,9 @@ class MethodOptions:
     eigen_smooth: bool = False  # CAM family: first principal component instead of the channel sum
     aug_smooth: bool = False  # every method: average over flipped and zoomed copies
     steps: int = 32  # integrated_gradients
-    samples: int = 16  # smoothgrad
+    #: smoothgrad, gradientshap: noisy copies (16); rise: masks (1000); kernelshap, lime:
+    #: perturbations (256). None: each method's own default.
+    samples: int | None = None
     noise: float = 0.15  # smoothgrad, as a share of each image's range
     baseline: str = "mean"  # integrated_gradients, occlusion: mean (0 after normalisation), black, blur
     window: int = 16  # occlusion, pixels at model resolution
@@ -61,8 +68,11 @@ class MethodOptions:
         if not 0.0 <= self.discard_ratio < 1.0:
             raise MethodError(f"The discard ratio must be in [0, 1), not {self.discard_ratio}.")
         for name in ("steps", "samples", "window", "stride", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MethodError(f"{name} must be at least 1.")
+        if self.samples is not None and self.samples > MAX_SAMPLES:
+            raise MethodError(f"samples must be at most {MAX_SAMPLES:,}, not {self.samples:,}: each one "
+                              f"is a forward pass (or a noisy copy) per image.")
         if self.baseline not in BASELINES:
             raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
 
@@ -326,7 +336,7 @@ def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list
             raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them "
                               f"(auto, {', '.join(METHODS)}).")
         method = METHODS[name]
-        needs_layers = method.family != "input" or method.name == "guided_gradcam"
+        needs_layers = method.family != "input" or method.name == "guided_gradcam" or method.needs_modules
         if needs_layers and not loaded.inner_layers:
             raise MethodError(f"{name} needs the model's inner layers, which a {loaded.loader} model "
                               f"does not expose; use --method saliency, or load the weights as a "
@@ -337,6 +347,8 @@ def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list
         if method.family == "attention" and not has_attention:
             raise MethodError(f"{name} needs attention layers; plugin {loaded.plugin.name} knows none "
                               f"in this {type(loaded.module).__name__}. Use --method gradcam.")
+        if method.name == "legrad":
+            _token_readout(loaded)
         if method not in chosen:
             chosen.append(method)
     return chosen
@@ -594,9 +606,10 @@ def _compute_once(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method
             with torch.enable_grad(), _gradient_needed(method.name):
                 attribution = method.compute(
                     forward, batch, state["targets"].tolist(), model=module, cam=cam,
-                    baseline=baseline, steps=options.steps, samples=options.samples,
-                    noise=options.noise, window=options.window, stride=options.stride,
-                    batch_size=options.batch_size)
+                    baseline=baseline, steps=options.steps, noise=options.noise, window=options.window,
+                    stride=options.stride, batch_size=options.batch_size,
+                    probabilities=_probabilities_of(loaded),
+                    **({} if options.samples is None else {"samples": options.samples}))
             maps[method.name] = _upsample(attribution.detach(), size)
             used_layers[method.name] = list(layers) if method.name == "guided_gradcam" else []
     order = [m.name for m in methods]  # as asked for
@@ -726,10 +739,13 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
     names = plugin.attention_modules(module)
     needs_gradient = any(m.needs_gradient for m in methods)
     captured: dict[str, torch.Tensor] = {}
+    readout = _token_readout(loaded) if any(m.name == "legrad" for m in methods) else None
+    block_tokens: dict[str, torch.Tensor] = {}
     # Gradients with respect to attention need a graph through the attention layers: with every
     # parameter frozen, an input that requires a gradient provides it.
     inputs = batch.detach().requires_grad_(needs_gradient)
     with frozen_parameters(module), plugin.capture_attention(module, names, captured), \
+            capture_activations(module, readout.blocks if readout else [], block_tokens), \
             torch.set_grad_enabled(needs_gradient):
         logits, targets = score(module(inputs))
         missing = [name for name in names if name not in captured]
@@ -738,12 +754,15 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
         attentions = [captured[name] for name in names]
         windowed = isinstance(attentions[0], WindowedAttention)
         probabilities = [a.probabilities if windowed else a for a in attentions]
-        gradients = None
+        gradients = layer_gradients = None
         if needs_gradient:
             if not logits.requires_grad:
                 raise MethodError(_no_gradient("the attention layers", "--method rollout or attention "
                                                                         "(gradient-free)"))
-            gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
+            if readout is not None:
+                layer_gradients = _layer_score_gradients(readout, block_tokens, probabilities, targets)
+            if any(m.needs_gradient and m.name != "legrad" for m in methods):  # legrad has its own
+                gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
     size = tuple(batch.shape[-2:])
     if windowed:
         grid = None  # each layer carries its positions
@@ -762,8 +781,9 @@ def _attention_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Meth
                                                            options.discard_ratio)
                 maps[method.name] = _upsample(depth_maps[method.name][:, -1], size)
                 continue
-            maps[method.name], grid_maps = _attention_map(method, attentions, gradients, grid, options,
-                                                          size)
+            maps[method.name], grid_maps = _attention_map(
+                method, attentions, layer_gradients if method.name == "legrad" else gradients, grid,
+                options, size)
         except ValueError as error:  # the attention's shape does not suit the method
             raise MethodError(f"{method.name}: {error}.") from None
         if grid_maps is not None:
@@ -779,10 +799,38 @@ def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, gr
                                         options.discard_ratio), size), None
     if method.name == "chefer":
         return _upsample(method.compute(attentions, gradients, grid), size), None
+    if method.name == "legrad":
+        if grid is None:
+            raise ValueError("it needs global attention over a token sequence, not windowed attention")
+        return _upsample(method.compute(gradients, grid), size), None
     per_head = raw_attention(attentions, grid)  # the map is the last layer, heads averaged
     if isinstance(attentions[-1], WindowedAttention):  # at the last layer's own resolution
         return _upsample(attention_received(attentions[-1]).mean(dim=1), size), per_head
     return _upsample(per_head[:, -1].mean(dim=1), size), per_head
+
+
+def _token_readout(loaded: LoadedModel) -> TokenReadout:
+    readout = loaded.plugin.token_readout(loaded.module)
+    if readout is None:
+        raise MethodError(f"legrad reads each layer's prediction off its tokens; plugin "
+                          f"{loaded.plugin.name} does not say how for this "
+                          f"{type(loaded.module).__name__}. Use --method chefer.")
+    return readout
+
+
+def _layer_score_gradients(readout: TokenReadout, block_tokens: dict[str, torch.Tensor],
+                           probabilities: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
+    """LeGrad's ∂sˡ/∂Aˡ: per layer, the gradient of the target's score read off that layer's tokens
+    with respect to that layer's attention only (one backward each, down to that layer)."""
+    missing = [name for name in readout.blocks if name not in block_tokens]
+    if missing or len(readout.blocks) != len(probabilities):
+        raise MethodError(f"legrad: the plugin's blocks do not match its attention layers "
+                          f"({', '.join(missing) or len(readout.blocks)}).")
+    gradients = []
+    for block, attention in zip(readout.blocks, probabilities):
+        layer_score = readout.scores(block_tokens[block]).gather(1, targets[:, None]).sum()
+        gradients += attention_gradients(layer_score, [attention], retain_graph=True)
+    return gradients
 
 
 def _gates_pass(loaded: LoadedModel, batch: torch.Tensor, method: Method,
@@ -855,6 +903,12 @@ def _augment(batch: torch.Tensor, flip: bool, zoom: float):
 
 def _upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid_map[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _probabilities_of(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a function from input to (B, classes) probabilities, as its plugin defines them."""
+    module, plugin = loaded.module, loaded.plugin
+    return lambda inputs: plugin.class_scores(module, module(inputs))[1]
 
 
 def _scores_of(loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -56,6 +56,14 @@ class WindowedAttention:
 
 
 @dataclass(frozen=True)
+class TokenReadout:
+    """How a transformer's prediction reads off any block's tokens (what LeGrad differentiates)."""
+
+    blocks: list[str]  # the block after each of ``attention_modules``, same order
+    scores: Callable[["torch.Tensor"], "torch.Tensor"]  # (B, tokens, dim) → (B, classes) scores
+
+
+@dataclass(frozen=True)
 class Detections:
     """One image's detected boxes, as a detector's plugin reads them off the model's output."""
 
@@ -164,6 +172,13 @@ class ModelPlugin:
 
         Needed for global attention recorded as tensors; windowed attention recorded as
         :class:`WindowedAttention` carries its own positions and needs no grid."""
+        return None
+
+    def token_readout(self, model: "nn.Module") -> TokenReadout | None:
+        """For ``legrad``: the block whose output follows each of :meth:`attention_modules` and the
+        model's head as a function of a block's output tokens, (B, tokens, dim) → (B, classes): the
+        final norm and classifier applied to the tokens' mean, as LeGrad's authors read an
+        intermediate layer. None: not known (``legrad`` is then refused)."""
         return None
 
     @contextmanager

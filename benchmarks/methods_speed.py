@@ -11,6 +11,11 @@ pytorch-grad-cam, torchcam and Captum on the same batch, layer and targets. Also
 Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×
 (also measured here for Swin-T and MaxViT-T, whose attention is recorded inside a function, and for a
 detector's box-score target).
+
+Sections ``legrad`` and ``attribution`` (issue #13; not in the default list, run them by name) time
+LeGrad beside torchcam's, Captum's attributions through attnexplain beside Captum's own classes, and
+RISE beside the masked forwards it needs; their ratios are paired (bare forward and method run
+alternately, median of the per-pair ratios), for machines shared with other work.
 """
 
 from __future__ import annotations
@@ -61,6 +66,20 @@ def loaded_model(name: str, **kwargs) -> LoadedModel:
                        plugin=select_plugin(module))
 
 
+def model_and_batch(name: str, batch_size: int, **kwargs):
+    """The model, a batch of photos at 224, its top-1 targets and its bare no-grad forward."""
+    loaded = loaded_model(name, **kwargs)
+    model, batch = loaded.module, photos(batch_size, 224)
+    with torch.no_grad():
+        targets = model(batch).argmax(1)
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    return loaded, batch, targets, bare
+
+
 class Table:
     def __init__(self, forward_s: float) -> None:
         self.forward_s = forward_s
@@ -80,15 +99,8 @@ def cnn_section(batch_size: int, repeats: int) -> None:
     from captum.attr import LayerGradCam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    loaded = loaded_model("resnet50")
-    model, batch = loaded.module, photos(batch_size, 224)
-    with torch.no_grad():
-        targets = model(batch).argmax(1)
-
-    def bare():
-        with torch.no_grad():
-            model(batch)
-
+    loaded, batch, targets, bare = model_and_batch("resnet50", batch_size)
+    model = loaded.module
     print(f"\n### resnet50, batch {batch_size} at 224×224, layer4\n")
     table = Table(median_seconds(bare, repeats))
     for name in GRADIENT_CAMS + ["eigencam"]:
@@ -173,6 +185,116 @@ def detection_section(batch_size: int, repeats: int) -> None:
             lambda: compute_maps(loaded, batch, methods, [layer]), repeats), goal=1.2)
 
 
+def paired_ratio(bare, method, repeats: int) -> tuple[float, float]:
+    """(median seconds of ``method``, median over pairs of method time ÷ bare time), the two run
+    alternately: on a shared machine a slow spell then hits both sides of a pair."""
+    bare()
+    method()  # warm-up
+    seconds, ratios = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        bare()
+        bare_s = time.perf_counter() - started
+        started = time.perf_counter()
+        method()
+        seconds.append(time.perf_counter() - started)
+        ratios.append(seconds[-1] / bare_s)
+    return statistics.median(seconds), statistics.median(ratios)
+
+
+def paired_row(who: str, what: str, bare, method, repeats: int, note: str = "") -> None:
+    seconds, ratio = paired_ratio(bare, method, repeats)
+    print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {note} |", flush=True)
+
+
+PAIRED_HEADER = "| who | what | median ms | ÷ bare forward (paired) | note |\n| --- | --- | ---: | ---: | --- |"
+
+
+def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> None:
+    """Captum's attributions through attnexplain beside Captum's own classes, on a ResNet-18 (a VGG-11
+    for DeepLIFT and LRP, which refuse ResNet's shared ReLU), and RISE against the forwards it needs."""
+    import captum.attr as captum
+
+    from attnexplain.methods.attribution import NOISE_SEED, superpixels
+    from attnexplain.methods.rise import rise_masks
+
+    chunk = 32
+    for name in ("resnet18", "vgg11"):
+        loaded, batch, targets, bare = model_and_batch(name, batch_size, num_classes=10)
+        model, targets = loaded.module, targets.tolist()
+        print(f"\n### {name} (10 classes), batch {batch_size} at 224×224: attributions\n")
+        print(PAIRED_HEADER)
+        ours = ["deeplift", "lrp"] if name == "vgg11" else \
+            ["input_x_gradient", "guided_backprop", "deconvolution", "gradientshap", "feature_ablation",
+             "kernelshap", "lime", "rise"]
+        from attnexplain.explanation import MethodOptions
+
+        for method in ours:
+            methods = resolve_methods(loaded, method)
+            options = MethodOptions(samples=samples, batch_size=chunk)
+            paired_row("attnexplain", method, bare, lambda: compute_maps(
+                loaded, batch, methods, [], targets=torch.tensor(targets), options=options), repeats,
+                f"--samples {samples}" if method in ("gradientshap", "kernelshap", "lime", "rise") else "")
+        leaf = lambda: batch.clone().requires_grad_(True)
+        if name == "vgg11":
+            peers = {"deeplift": lambda: captum.DeepLift(model).attribute(leaf(), target=targets),
+                     "lrp": lambda: captum.LRP(model).attribute(leaf(), target=targets)}
+        else:
+            masks = superpixels(batch)
+
+            def per_image(explainer, **kwargs):
+                def run():
+                    for index, target in enumerate(targets):
+                        torch.manual_seed(NOISE_SEED)
+                        explainer.attribute(batch[index:index + 1], target=target,
+                                            feature_mask=masks[index:index + 1],
+                                            perturbations_per_eval=chunk, **kwargs)
+                return run
+
+            peers = {
+                "input_x_gradient": lambda: captum.InputXGradient(model).attribute(leaf(), target=targets),
+                "guided_backprop": lambda: captum.GuidedBackprop(model).attribute(leaf(), target=targets),
+                "deconvolution": lambda: captum.Deconvolution(model).attribute(leaf(), target=targets),
+                "gradientshap": lambda: captum.GradientShap(model).attribute(
+                    leaf(), baselines=torch.zeros_like(batch), n_samples=samples, target=targets),
+                "feature_ablation (same superpixels)": per_image(captum.FeatureAblation(model)),
+                "kernelshap (same superpixels)": per_image(captum.KernelShap(model), n_samples=samples),
+                "lime (same superpixels)": per_image(captum.Lime(model), n_samples=samples),
+            }
+        for what, run in peers.items():
+            paired_row("captum", what, bare, run, repeats)
+        if name == "resnet18":
+            # What RISE cannot do without: samples × batch masked images, forwarded chunk at a time.
+            masked = batch[:1] * rise_masks(chunk, tuple(batch.shape[-2:]))[:, None]
+
+            def needed_forwards():
+                with torch.no_grad():
+                    for _ in range(samples * batch_size // chunk):
+                        torch.softmax(model(masked), dim=1)
+
+            paired_row("reference", f"the {samples * batch_size} masked forwards RISE needs "
+                       f"({chunk} per pass)", bare, needed_forwards, repeats)
+
+
+def legrad_section(batch_size: int, repeats: int) -> None:
+    """LeGrad on ViT-B/16, every block, beside torchcam's LeGrad on the same blocks and targets."""
+    import torchcam.methods
+
+    loaded, batch, targets, bare = model_and_batch("vit_b_16", batch_size)
+    model = loaded.module
+    print(f"\n### vit_b_16, batch {batch_size} at 224×224: LeGrad (all 12 blocks)\n")
+    print(PAIRED_HEADER)
+    methods = resolve_methods(loaded, "legrad")
+    paired_row("attnexplain", "legrad", bare,
+               lambda: compute_maps(loaded, batch, methods, [], targets=targets), repeats)
+
+    def run_torchcam():  # its hooks refuse the no-grad bare forward: present only during its own
+        with torchcam.methods.LeGrad(model, list(model.encoder.layers)) as extractor, torch.enable_grad():
+            extractor(targets.tolist(), model(batch))
+
+    paired_row("torchcam", "LeGrad", bare, run_torchcam, repeats)
+
+
 def startup_section() -> None:
     cli = [str(Path(sys.executable).with_name("attnexplain")), "--help"]
     seconds = median_seconds(lambda: subprocess.run(cli, capture_output=True, check=True), 10)
@@ -183,8 +305,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=32,
+                        help="attribution: masks, noisy copies or perturbations per image")
     parser.add_argument("--sections", default="cnn,vit,swin,maxvit,detection,startup",
-                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup")
+                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup, "
+                             "attribution, legrad (the last two: not in the default)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, numpy {np.__version__}, CPU")
@@ -195,6 +320,8 @@ def main() -> None:
         "maxvit": lambda: transformer_section("maxvit_t", args.batch, args.repeats),
         "detection": lambda: detection_section(max(1, args.batch // 4), args.repeats),
         "startup": startup_section,
+        "attribution": lambda: attribution_section(max(1, args.batch // 4), args.repeats, args.samples),
+        "legrad": lambda: legrad_section(max(1, args.batch // 4), args.repeats),
     }
     for name in args.sections.split(","):
         sections[name.strip()]()

@@ -44,6 +44,27 @@ def small_resnet():
     return with_random_batchnorm_statistics(torchvision.models.resnet18(num_classes=5).eval())
 
 
+@pytest.fixture(scope="session")
+def plain_cnn():
+    """A small VGG-style CNN, every module called once (what Captum's DeepLift and LRP need), 5 classes."""
+    import torch
+    from torch import nn
+
+    class PlainCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.pool = nn.AdaptiveAvgPool2d(4)
+            self.classifier = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 5))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.pool(self.features(x)), 1))  # as VGG flattens
+
+    torch.manual_seed(2)
+    return PlainCNN().eval()
+
+
 def with_random_batchnorm_statistics(model):
     """``model`` with random BatchNorm statistics, so that activations are not trivially uniform."""
     import torch

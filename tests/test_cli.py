@@ -270,3 +270,26 @@ def test_bad_method_options_fail_cleanly(tmp_path, sample_resnet_file, sample_vi
     image = sample_resnet_file.parents[1] / "images" / "cat-on-grass.png"
     result = _run("run", model, image, *args, "--out", tmp_path / "out")
     _assert_clean_failure(result, message)
+
+
+def test_samples_sets_the_masks_of_rise(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--num-classes", "5",
+                  "--size", "64", "--method", "rise", "--samples", "8", "--batch-size", "4",
+                  "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["methods"] == ["rise"] and report["options"]["samples"] == 8
+    assert (Path(report["outputs"]["directory"]) / "heatmap-rise.npy").is_file()
+
+
+def test_lrp_on_a_resnet_fails_in_one_line(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--num-classes", "5",
+                  "--size", "64", "--method", "lrp", "--out", tmp_path / "out")
+    _assert_clean_failure(result, "lrp cannot run on this model")
+    assert not (tmp_path / "out" / "chelsea").exists()
+
+
+def test_too_many_samples_fail_in_one_line(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--method", "rise",
+                  "--samples", "1000000000", "--out", tmp_path / "out")
+    _assert_clean_failure(result, "samples must be at most 100,000")

@@ -21,8 +21,9 @@ def _batch(photo, size=64):
     return prepare(load_image(photo).pixels, Preprocessing(size=(size, size))).tensor
 
 
-def _manual_forward(model, batch):
-    """The ViT's forward written out by hand, attention softmax explicit, probabilities kept in the graph."""
+def _manual_forward(model, batch, tokens=None):
+    """The ViT's forward written out by hand, attention softmax explicit, probabilities kept in the graph
+    (and each block's output appended to ``tokens`` when given)."""
     x = model._process_input(batch)
     x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
     x = x + model.encoder.pos_embedding
@@ -38,6 +39,8 @@ def _manual_forward(model, batch):
         mixed = (weights @ split(v)).transpose(1, 2).reshape(x.shape)
         x = x + attention.out_proj(mixed)
         x = x + block.mlp(block.ln_2(x))
+        if tokens is not None:
+            tokens.append(x)
     x = model.encoder.ln(x)
     return model.heads(x[:, 0]), probabilities
 
@@ -129,3 +132,45 @@ def test_rollout_per_depth_is_the_rollout_of_the_first_layers(small_vit, photo):
         assert correlation(_upsample(depths[depth - 1]), reference) >= 0.999
     np.testing.assert_allclose(_upsample(depths[-1]), result.heatmap, atol=1e-6)
     assert attnexplain.explain(small_vit, photo, "attention", size=64).maps["attention"].depth_maps is None
+
+
+def test_legrad_matches_the_authors_formula(small_vit, photo):
+    """Bousselham et al. 2024: per layer l, the head (final norm, classifier) on the mean of that
+    layer's output tokens gives sˡ; relu(∂sˡ/∂Aˡ) averaged over heads and queries, patch keys; mean
+    over layers."""
+    result = attnexplain.explain(small_vit, photo, "legrad", target=3)
+    small_vit.requires_grad_(False)
+    tokens = []
+    _, probabilities = _manual_forward(small_vit, _batch(photo).requires_grad_(True), tokens)
+    per_layer = []
+    for layer_tokens, weights in zip(tokens, probabilities):
+        score = small_vit.heads(small_vit.encoder.ln(layer_tokens.mean(dim=1)))[0, 3]
+        gradient, = torch.autograd.grad(score, weights, retain_graph=True)
+        per_layer.append(np.maximum(gradient[0].double().numpy(), 0).mean(axis=(0, 1))[1:])
+    assert result.target.index == 3
+    assert correlation(result.heatmap, _upsample(np.mean(per_layer, axis=0))) >= 0.999
+
+
+def test_legrad_agrees_with_torchcam(small_vit, photo):
+    from torchcam.methods import LeGrad
+
+    result = attnexplain.explain(small_vit, photo, "legrad", target=1)
+    with LeGrad(small_vit, list(small_vit.encoder.layers)) as extractor:
+        scores = small_vit(_batch(photo))
+        reference = extractor(1, scores)[0][0].detach().numpy()
+    assert correlation(result.heatmap, _upsample(reference)) >= 0.999
+
+
+def test_legrad_is_refused_where_the_plugin_cannot_read_layer_tokens(photo):
+    import torchvision
+
+    swin = torchvision.models.swin_t(num_classes=3).eval()
+    with pytest.raises(attnexplain.errors.MethodError, match="legrad reads each layer's prediction"):
+        attnexplain.explain(swin, photo, "legrad", size=64)
+
+
+def test_legrad_and_chefer_share_one_pass_and_keep_their_maps(small_vit, photo):
+    together = attnexplain.explain(small_vit, photo, "chefer,legrad", target=3)
+    for method in ("chefer", "legrad"):
+        alone = attnexplain.explain(small_vit, photo, method, target=3)
+        np.testing.assert_allclose(together.maps[method].heatmap, alone.heatmap, rtol=1e-5, atol=1e-8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,86 @@ def test_aug_smoothing_averages_mirrored_and_zoomed_copies(small_vit, small_resn
     assert smoothed.heatmap.shape == plain.heatmap.shape
     assert smoothed.target.index == plain.target.index
     assert 0.3 < correlation(smoothed.heatmap, plain.heatmap) < 0.9999  # related, not identical
+
+
+def test_gradient_attributions_equal_captum(small_resnet, photo):
+    """input_x_gradient, guided_backprop, deconvolution: deterministic; gradientshap: Captum's draws
+    with the same seed (attnexplain seeds each image with NOISE_SEED)."""
+    from captum.attr import Deconvolution, GradientShap, GuidedBackprop, InputXGradient
+
+    from attnexplain.methods.attribution import NOISE_SEED
+
+    methods = "input_x_gradient,guided_backprop,deconvolution,gradientshap"
+    result = attnexplain.explain(small_resnet, photo, methods, size=SIZE, options=MethodOptions(samples=4))
+    target = result.target.index
+    leaf = lambda: _batch(photo).requires_grad_()
+    expected = {
+        "input_x_gradient": InputXGradient(small_resnet).attribute(leaf(), target=target).sum(1).abs(),
+        "guided_backprop": GuidedBackprop(small_resnet).attribute(leaf(), target=target).abs().amax(1),
+        "deconvolution": Deconvolution(small_resnet).attribute(leaf(), target=target).abs().amax(1),
+    }
+    batch = _batch(photo)
+    torch.manual_seed(NOISE_SEED)
+    np.random.seed(NOISE_SEED)  # Captum draws the points between baseline and image from NumPy
+    expected["gradientshap"] = GradientShap(small_resnet).attribute(
+        leaf(), baselines=torch.zeros_like(batch), n_samples=4,
+        stdevs=0.15 * float(batch.max() - batch.min()), target=target).sum(1).abs()
+    for name, reference in expected.items():
+        assert correlation(result.maps[name].heatmap, reference[0].detach().numpy()) >= 0.999, name
+
+
+def test_deeplift_and_lrp_equal_captum_on_a_plain_cnn(plain_cnn, photo):
+    from captum.attr import LRP, DeepLift
+
+    result = attnexplain.explain(plain_cnn, photo, "deeplift,lrp", size=SIZE,
+                                 options=MethodOptions(baseline="black"))
+    target = result.target.index
+    batch = _batch(photo)
+    black = (-torch.tensor((0.485, 0.456, 0.406)) / torch.tensor((0.229, 0.224, 0.225)))
+    deeplift = DeepLift(plain_cnn).attribute(batch.clone().requires_grad_(), target=target,
+                                             baselines=black.reshape(1, 3, 1, 1).expand_as(batch))
+    lrp = LRP(plain_cnn).attribute(batch.clone().requires_grad_(), target=target)
+    assert correlation(result.maps["deeplift"].heatmap, deeplift.sum(1).abs()[0].detach().numpy()) >= 0.999
+    assert correlation(result.maps["lrp"].heatmap, lrp.sum(1).abs()[0].detach().numpy()) >= 0.999
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp"])
+def test_deeplift_and_lrp_refuse_a_resnet_in_one_line(small_resnet, photo, method):
+    from attnexplain.errors import MethodError
+
+    with pytest.raises(MethodError, match="more than once") as raised:
+        attnexplain.explain(small_resnet, photo, method, size=SIZE)
+    assert "\n" not in str(raised.value) and method in str(raised.value)
+
+
+def _captum_on_our_superpixels(model, photo, method, explainer, **kwargs):
+    """Our map and Captum's ``explainer`` on the same superpixels, seeds (torch's, NumPy's) and target."""
+    from attnexplain.methods.attribution import NOISE_SEED, superpixels
+
+    result = attnexplain.explain(model, photo, method, size=SIZE, options=MethodOptions(samples=24))
+    batch = _batch(photo)
+    mask = superpixels(batch)
+    assert 20 <= int(mask.max()) + 1 <= 80 and mask.shape == (1, 1, SIZE, SIZE)
+    torch.manual_seed(NOISE_SEED)
+    np.random.seed(NOISE_SEED)
+    reference = explainer(model).attribute(batch, baselines=0.0, target=result.target.index,
+                                           feature_mask=mask, **kwargs)
+    return result.heatmap, reference[0, 0].numpy()
+
+
+def test_feature_ablation_equals_captum_on_the_same_superpixels(small_resnet, photo):
+    from captum.attr import FeatureAblation
+
+    ours, captum = _captum_on_our_superpixels(small_resnet, photo, "feature_ablation", FeatureAblation)
+    assert correlation(ours, captum) >= 0.999
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("method", ["kernelshap", "lime"])
+def test_kernelshap_and_lime_equal_captum_with_the_same_seed_and_superpixels(small_resnet, photo, method):
+    """Captum draws their coalitions from the global generators: seeded alike, it gets the same."""
+    from captum.attr import KernelShap, Lime
+
+    explainer = {"kernelshap": KernelShap, "lime": Lime}[method]
+    ours, captum = _captum_on_our_superpixels(small_resnet, photo, method, explainer, n_samples=24)
+    assert correlation(ours, captum) >= 0.999

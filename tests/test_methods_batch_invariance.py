@@ -32,15 +32,17 @@ def photos() -> torch.Tensor:
     return torch.cat([prepare(picture, Preprocessing(size=(SIZE, SIZE))).tensor for picture in pictures])
 
 
-def _model_for(method: str, small_resnet, small_vit, gated_model):
+def _model_for(method: str, small_resnet, small_vit, gated_model, plain_cnn):
+    if method in ("deeplift", "lrp"):  # Captum refuses ResNet's shared ReLU for these
+        return plain_cnn
     family = METHODS[method].family
     return {"attention": small_vit, "gates": gated_model}.get(family, small_resnet)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_image_gets_the_same_map_alone_as_in_a_batch(method, photos, small_resnet, small_vit,
-                                                          gated_model):
-    loaded = _as_loaded_model(_model_for(method, small_resnet, small_vit, gated_model))
+                                                          gated_model, plain_cnn):
+    loaded = _as_loaded_model(_model_for(method, small_resnet, small_vit, gated_model, plain_cnn))
     # Score-CAM costs a forward per channel: a layer with few of them.
     plan = plan_explanation(loaded, method, "layer1" if method == "scorecam" else None, size=SIZE)
     # A different global random state before each call: a method drawing from it would differ.

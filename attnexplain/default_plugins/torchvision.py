@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..errors import ModelLoadError
-from ..plugins import CatalogEntry, Detections, ModelPlugin, NamedModel, TokenGrid, vit_cam_block
+from ..plugins import (CatalogEntry, Detections, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
+                       vit_cam_block)
 from ..preprocess import Preprocessing, from_torchvision_transforms
 from .torchvision_detection import (box_scores, detections, detector_layer, detector_preprocessing,
                                     is_detector)
@@ -177,6 +178,14 @@ class TorchvisionPlugin(ModelPlugin):
         if not isinstance(model, VisionTransformer):
             return windowed_attention_modules(model)
         return [f"encoder.layers.{name}.self_attention" for name, _ in model.encoder.layers.named_children()]
+
+    def token_readout(self, model: Any) -> TokenReadout | None:
+        from torchvision.models import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            return None  # windowed attention: no token sequence a head reads
+        blocks = [f"encoder.layers.{name}" for name, _ in model.encoder.layers.named_children()]
+        return TokenReadout(blocks, lambda tokens: model.heads(model.encoder.ln(tokens.mean(dim=1))))
 
     @contextmanager
     def capture_attention(self, model: Any, names: list[str], sink: dict[str, Any]) -> Iterator[None]:

@@ -5,9 +5,10 @@ Families, by what they need:
 - ``cam``: one layer's activation (and, for most, the gradient of the target score with respect to
   it): one forward and one backward down to that layer serve every CAM method requested;
 - ``attention``: the attention probabilities of every attention layer (and their gradients for
-  ``chefer``), recorded in one forward;
+  ``chefer``; for ``legrad`` each layer's own prediction's gradient), recorded in one forward;
 - ``gates``: the channel gates of squeeze-and-excitation blocks, recorded in one forward;
-- ``input``: the model as a function of its input; Captum computes these.
+- ``input``: the model as a function of its input; Captum computes these, except ``rise``
+  (:mod:`.rise`), which only needs forward passes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import attention, attribution, cam, gates, scorecam
+from . import attention, attribution, cam, gates, rise, scorecam
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,16 @@ class Method:
     #: What the colour scale shows, from low to high ("{target}": the explained class), for the
     #: colour bar of every page.
     scale: str = "relative importance for {target}"
+    #: Rewrites the backward of the model's own modules (Captum's hooks), so needs them (not TorchScript).
+    needs_modules: bool = False
 
 
 _CNN = "CNNs: any layer with a (B, C, H, W) output"
 _VIT = "transformers whose plugin exposes attention (ViT, Swin, MaxViT)"
 _ANY = "any differentiable model, TorchScript too"
+_BLACK_BOX = "any model, TorchScript too (forward passes only)"
+_ONCE = "models that call each module once (VGG, AlexNet, MobileNet, EfficientNet; not ResNet)"
+_RELUS = "models whose ReLUs are nn.ReLU modules (elsewhere: the plain input gradient)"
 
 METHODS: dict[str, Method] = {method.name: method for method in (
     Method("gradcam", "cam", True, "A layer's channels weighted by their mean gradient.", _CNN,
@@ -87,6 +93,49 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            "the class evidence (Captum's guided backpropagation).", _CNN + "; transformers through "
            "their plugin's layer layout, as the CAMs", "2 × (forward + backward)",
            "Selvaraju et al. 2017, Grad-CAM", attribution.guided_gradcam, scale="fine detail of the evidence for {target}"),
+    Method("legrad", "attention", True, "Positive gradients of each layer's own prediction (the "
+           "head on its tokens) with respect to its attention, averaged over heads, queries and "
+           "layers.", "ViTs whose plugin says how to read a block's tokens (torchvision, timm)",
+           "1 forward + 1 backward per layer (each down to its layer)",
+           "Bousselham et al. 2024, LeGrad", attention.legrad),
+    Method("rise", "input", False, "Random masks weighted by the target's probability on the image "
+           "seen through each (--samples masks, seeded: the same for every image).", _BLACK_BOX,
+           "samples forwards per image (batched), no backward",
+           "Petsiuk et al. 2018, RISE: Randomized Input Sampling", rise.rise),
+    Method("input_x_gradient", "input", True, "The input times its gradient (Captum).", _ANY,
+           "1 forward + 1 backward", "Shrikumar et al. 2016, Not Just a Black Box",
+           attribution.input_x_gradient),
+    Method("deeplift", "input", True, "Each unit's difference from the --baseline image, propagated "
+           "back by the rescale rule (Captum).", _ONCE, "1 forward + 1 backward (image and "
+           "baseline together)", "Shrikumar et al. 2017, Learning Important Features (DeepLIFT)",
+           attribution.deeplift, needs_modules=True),
+    Method("gradientshap", "input", True, "Gradients at random points between the --baseline and "
+           "noisy copies of the image, times image − baseline (Captum; --samples, seeded).", _ANY,
+           "samples × (forward + backward)", "Lundberg & Lee 2017, A Unified Approach (SHAP)",
+           attribution.gradientshap),
+    Method("guided_backprop", "input", True, "The input gradient with negative gradients stopped "
+           "at every ReLU on the way back (Captum).", _RELUS,
+           "1 forward + 1 backward", "Springenberg et al. 2015, Striving for Simplicity",
+           attribution.guided_backprop, needs_modules=True),
+    Method("deconvolution", "input", True, "The gradient passed back through ReLUs applied to the "
+           "gradient itself (Captum).", _RELUS,
+           "1 forward + 1 backward", "Zeiler & Fergus 2014, Visualizing and Understanding CNNs",
+           attribution.deconvolution, needs_modules=True),
+    Method("lrp", "input", True, "Layer-wise relevance propagation, ε rule (Captum); others refused.",
+           "plain CNNs Captum has rules for (VGG, AlexNet)", "1 forward + 1 backward",
+           "Bach et al. 2015, Layer-wise Relevance Propagation", attribution.lrp, needs_modules=True),
+    Method("feature_ablation", "input", False, "The score's drop when each superpixel is replaced by "
+           "the --baseline (Captum).", _BLACK_BOX, "one forward per superpixel (batched)",
+           "Zeiler & Fergus 2014, over SLIC superpixels (Achanta et al. 2012)",
+           attribution.feature_ablation),
+    Method("kernelshap", "input", False, "Shapley values of superpixels, estimated from --samples "
+           "coalitions by kernel-weighted regression (Captum; seeded).", _BLACK_BOX,
+           "samples forwards per image (batched) + a linear fit",
+           "Lundberg & Lee 2017, A Unified Approach (Kernel SHAP)", attribution.kernelshap),
+    Method("lime", "input", False, "A sparse linear model of the score over superpixels, fitted on "
+           "--samples perturbations near the image (Captum; seeded).", _BLACK_BOX,
+           "samples forwards per image (batched) + a Lasso fit",
+           "Ribeiro et al. 2016, \"Why Should I Trust You?\" (LIME)", attribution.lime),
 )}
 
 __all__ = ["METHODS", "Method"]

@@ -105,6 +105,24 @@ def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tenso
     return to_grid(relevance, grid)
 
 
+def legrad(layer_gradients: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor:
+    """LeGrad (Bousselham et al. 2024) → (B, grid h, grid w).
+
+    ``layer_gradients[l]`` is ∂sˡ/∂Aˡ (B, heads, T, T): the gradient of layer l's own score for the
+    target (the model's head read off that layer's tokens) with respect to that layer's attention.
+    Each layer's map is relu of it averaged over heads and queries, at the patch keys; the map is
+    their mean over layers. Attention values themselves are not multiplied in.
+    """
+    maps = []
+    for gradient in layer_gradients:
+        _require_self_attention(gradient)
+        keys = torch.relu(gradient.float()).mean(dim=(1, 2))[:, grid.prefix_tokens:]
+        if keys.shape[-1] != grid.height * grid.width:
+            raise ValueError(f"{keys.shape[-1]} patch tokens do not fill a {grid.height}x{grid.width} grid")
+        maps.append(keys.reshape(-1, grid.height, grid.width))
+    return torch.stack(maps).mean(dim=0)
+
+
 def raw_attention(attentions: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor:
     """Every layer's and head's attention from the query token to the patches →
     (B, layers, heads, grid h, grid w).

@@ -7,7 +7,8 @@ own, so that an image's map is the same alone and among others (what ``batch`` r
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,6 +89,202 @@ def guided_gradcam(forward: Callable, batch: torch.Tensor, target: list[int], *,
 
     guided = GuidedBackprop(_ScoresModule(model, forward)).attribute(_leaf(batch), target=target)
     return (guided * cam[:, None].to(guided.dtype)).sum(dim=1).abs()
+
+
+def input_x_gradient(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any) -> torch.Tensor:
+    """Input × gradient (Shrikumar et al. 2016; Captum's InputXGradient); |sum over channels|."""
+    from captum.attr import InputXGradient
+
+    return InputXGradient(forward).attribute(_leaf(batch), target=target).sum(dim=1).abs()
+
+
+def deeplift(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
+             baseline: torch.Tensor, **_: Any) -> torch.Tensor:
+    """DeepLIFT, rescale rule (Shrikumar et al. 2017; Captum's DeepLift) from ``baseline``;
+    |sum over channels|. Captum overrides the backward of the model's nonlinear modules, which it
+    cannot do for a module called more than once (ResNet's shared ReLU): refused with that reason."""
+    from captum.attr import DeepLift
+
+    with _module_rules("deeplift"):
+        attribution = DeepLift(_ScoresModule(model, forward)).attribute(
+            _leaf(batch), baselines=baseline, target=target)
+    return attribution.sum(dim=1).abs()
+
+
+def gradientshap(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
+                 samples: int = 16, noise: float = 0.15, **_: Any) -> torch.Tensor:
+    """GradientSHAP (Lundberg & Lee 2017; Captum's GradientShap): gradients at random points between
+    ``baseline`` and noisy copies of the image (σ as SmoothGrad's), times (image − baseline), over
+    ``samples`` draws; |sum over channels|. Draws are seeded per image (:data:`NOISE_SEED`)."""
+    from captum.attr import GradientShap
+
+    attribute = GradientShap(forward).attribute
+    maps = []
+    for image, reference, image_target in zip(batch, baseline, target):
+        spread = float(image.max() - image.min()) * noise
+        with _seeded(image.device):
+            attribution = attribute(_leaf(image[None]), baselines=reference[None], n_samples=samples,
+                                    stdevs=spread, target=image_target)
+        maps.append(attribution[0].sum(dim=0).abs())
+    return torch.stack(maps)
+
+
+def guided_backprop(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
+                    **_: Any) -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al. 2015; Captum's GuidedBackprop): ReLU gradients
+    clipped at zero on the way back; the largest |value| over colour channels, as saliency."""
+    from captum.attr import GuidedBackprop
+
+    guided = GuidedBackprop(_ScoresModule(model, forward)).attribute(_leaf(batch), target=target)
+    return guided.abs().amax(dim=1)
+
+
+def deconvolution(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
+                  **_: Any) -> torch.Tensor:
+    """Deconvolution (Zeiler & Fergus 2014; Captum's Deconvolution): ReLUs applied to the gradient
+    on the way back; the largest |value| over colour channels, as saliency."""
+    from captum.attr import Deconvolution
+
+    deconvolved = Deconvolution(_ScoresModule(model, forward)).attribute(_leaf(batch), target=target)
+    return deconvolved.abs().amax(dim=1)
+
+
+def lrp(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
+        **_: Any) -> torch.Tensor:
+    """Layer-wise relevance propagation (Bach et al. 2015; Captum's LRP, its default rules: ε for
+    convolutions, linear layers and pooling); |sum over channels|. Captum's LRP knows only plain
+    feed-forward CNNs built from modules it has rules for (VGG, AlexNet); others are refused."""
+    from captum.attr import LRP
+
+    _refuse_reused_modules(model, forward, batch[:1], "lrp")
+    with _module_rules("lrp"):
+        relevance = LRP(_ScoresModule(model, forward)).attribute(_leaf(batch), target=target)
+    return relevance.sum(dim=1).abs()
+
+
+#: Superpixels per image for the perturbation methods (SLIC's target; it may return a few fewer).
+SUPERPIXELS = 50
+
+
+def superpixels(batch: torch.Tensor, count: int = SUPERPIXELS) -> torch.Tensor:
+    """(B, 1, H, W) long SLIC superpixel labels (Achanta et al. 2012, scikit-image), 0-based per image,
+    computed on each image's own colours (scaled to [0, 1]), so on nothing else of the batch."""
+    import numpy as np
+    from skimage.segmentation import slic
+
+    labels = []
+    for image in batch.detach().float().cpu():
+        pixels = image.permute(1, 2, 0).numpy()
+        low, high = pixels.min(), pixels.max()
+        pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+        segments = slic(pixels, n_segments=count, compactness=10, start_label=0, channel_axis=-1)
+        labels.append(torch.from_numpy(np.unique(segments, return_inverse=True)[1].reshape(segments.shape)))
+    return torch.stack(labels)[:, None].to(batch.device)
+
+
+def feature_ablation(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
+                     batch_size: int = 32, **_: Any) -> torch.Tensor:
+    """Feature ablation over SLIC superpixels (Captum's FeatureAblation): the score's drop when a
+    superpixel is replaced by ``baseline``; one forward per superpixel (batched)."""
+    from captum.attr import FeatureAblation
+
+    ablation = FeatureAblation(forward)
+    maps = []
+    for image, reference, image_target, mask in zip(batch, baseline, target, superpixels(batch)):
+        attribution = ablation.attribute(image[None], baselines=reference[None], target=image_target,
+                                         feature_mask=mask[None], perturbations_per_eval=batch_size)
+        maps.append(attribution[0, 0])  # every channel of a superpixel holds its one value
+    return torch.stack(maps)
+
+
+def kernelshap(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
+               samples: int = 256, batch_size: int = 32, **_: Any) -> torch.Tensor:
+    """Kernel SHAP over SLIC superpixels (Lundberg & Lee 2017; Captum's KernelShap): ``samples``
+    coalitions of superpixels (the others set to ``baseline``), seeded per image (:data:`NOISE_SEED`),
+    fitted by the Shapley-kernel-weighted linear regression."""
+    from captum.attr import KernelShap
+
+    return _surrogate_fit(KernelShap(forward), batch, target, baseline, samples, batch_size)
+
+
+def lime(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
+         samples: int = 256, batch_size: int = 32, **_: Any) -> torch.Tensor:
+    """LIME over SLIC superpixels (Ribeiro et al. 2016; Captum's Lime, its defaults: a Lasso fitted
+    with an exponential cosine-distance kernel): ``samples`` perturbations seeded per image."""
+    from captum.attr import Lime
+
+    return _surrogate_fit(Lime(forward), batch, target, baseline, samples, batch_size)
+
+
+def _surrogate_fit(explainer: Any, batch: torch.Tensor, target: list[int], baseline: torch.Tensor,
+                   samples: int, batch_size: int) -> torch.Tensor:
+    maps = []
+    for image, reference, image_target, mask in zip(batch, baseline, target, superpixels(batch)):
+        with _seeded(image.device):
+            attribution = explainer.attribute(image[None], baselines=reference[None], target=image_target,
+                                              feature_mask=mask[None], n_samples=samples,
+                                              perturbations_per_eval=batch_size)
+        maps.append(attribution[0, 0])
+    return torch.stack(maps)
+
+
+@contextmanager
+def _seeded(device: torch.device) -> Iterator[None]:
+    """Random draws inside seeded with :data:`NOISE_SEED`, torch's and NumPy's (Captum draws
+    GradientSHAP's path points from NumPy's global generator); the caller's states restored after."""
+    import numpy as np
+
+    devices = [device] if device.type == "cuda" else []
+    numpy_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(NOISE_SEED)
+            np.random.seed(NOISE_SEED)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+
+
+def _refuse_reused_modules(model: torch.nn.Module, forward: Callable, probe: torch.Tensor, method: str) -> None:
+    """Refuse a model that calls a module more than once in a forward pass (ResNet's shared ReLU):
+    a rule per module cannot propagate relevance through two uses. Costs one forward of ``probe``."""
+    from ..errors import MethodError
+
+    calls: dict[str, int] = {}
+    handles = [module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+               for name, module in model.named_modules() if name and not list(module.children())]
+    try:
+        with torch.no_grad():
+            forward(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reused = [name for name, count in calls.items() if count > 1]
+    if reused:
+        raise MethodError(f"{method} cannot run on this model: it calls module {reused[0]!r} more than "
+                          f"once per forward pass (as ResNet's blocks share their ReLU), which "
+                          f"Captum's rules cannot follow. Use deeplift or integrated_gradients.")
+
+
+@contextmanager
+def _module_rules(method: str) -> Iterator[None]:
+    """Captum's refusals of a model whose modules it cannot rewrite the backward of, in one line."""
+    from ..errors import MethodError
+
+    try:
+        yield
+    except (RuntimeError, TypeError) as error:
+        text = " ".join(str(error).split())
+        if "used more than once" in text:
+            raise MethodError(f"{method} cannot run on this model: Captum replaces the backward of each "
+                              f"nonlinear module, and this model calls one module more than once (e.g. "
+                              f"ResNet's shared ReLU). Use integrated_gradients or input_x_gradient.") from None
+        if "no rule defined" in text:
+            kind = text.split("type ", 1)[-1].split(" has", 1)[0].strip("<>'").rsplit(".", 1)[-1]
+            raise MethodError(f"{method} cannot run on this model: Captum's LRP has no rule for its "
+                              f"{kind} layers; it supports plain CNNs such as VGG and AlexNet. Use "
+                              f"deeplift or integrated_gradients.") from None
+        raise
 
 
 def baseline_images(batch: torch.Tensor, kind: str, black: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, vit_cam_block
+from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, TokenReadout, vit_cam_block
 from attnexplain.preprocess import Preprocessing, normalize_size
 
 if TYPE_CHECKING:
@@ -208,6 +208,14 @@ class TimmPlugin(ModelPlugin):
         # num_prefix_tokens counts them all, and query 0 is the class token.
         return TokenGrid(prefix_tokens=int(model.num_prefix_tokens), height=int(height),
                          width=int(width), query=0)
+
+    def token_readout(self, model: Any) -> TokenReadout | None:
+        names = _vit_attention_names(model)
+        if not names or getattr(model, "attn_pool", None) is not None:
+            return None  # an attention-pooling head reads the tokens through its own attention
+        blocks = [name.removesuffix(".attn") for name in names]
+        # timm's head: norm, then fc_norm on the pooled token (one of the two is the identity).
+        return TokenReadout(blocks, lambda tokens: model.head(model.fc_norm(model.norm(tokens.mean(dim=1)))))
 
     @contextmanager
     def capture_attention(self, model: Any, names: list[str],

@@ -53,9 +53,10 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 # --- an independent ViT forward: attention written out from the blocks' qkv weights ---------------
 
-def reference_forward(model, batch: torch.Tensor):
-    """Every block's attention probabilities (B, heads, T, T), by hand, and the logits."""
-    with torch.no_grad():
+def reference_forward(model, batch: torch.Tensor, block_outputs: list | None = None):
+    """Every block's attention probabilities (B, heads, T, T), by hand, and the logits; with
+    ``block_outputs``, each block's output is appended to it and the graph is kept (for gradients)."""
+    with torch.set_grad_enabled(block_outputs is not None):
         x = model.norm_pre(model._pos_embed(model.patch_embed(batch)))  # prefix tokens + positions
         attentions = []
         for block in model.blocks:
@@ -71,6 +72,8 @@ def reference_forward(model, batch: torch.Tensor):
             mixed = (probabilities @ v).transpose(1, 2).reshape(batch_size, tokens, -1)
             x = x + block.ls1(mixed @ attn.proj.weight.T + attn.proj.bias)
             x = x + block.ls2(block.mlp(block.norm2(x)))
+            if block_outputs is not None:
+                block_outputs.append(x)
         logits = model.forward_head(model.norm(x))
     return attentions, logits
 
@@ -155,6 +158,29 @@ def test_rollout_matches_a_hand_computed_reference(which, size, prefix, request)
     heatmaps = computed.maps["rollout"].numpy()
     for image in range(batch.shape[0]):
         assert _pearson(heatmaps[image], expected[image]) >= 0.999
+
+
+@pytest.mark.parametrize("which,size,prefix", [("vit", 64, 1), ("deit_distilled", 48, 2)])
+def test_legrad_matches_the_authors_formula(which, size, prefix, request):
+    """Bousselham et al. 2024 by hand: per block l, the model's head (norm, fc_norm, classifier) on
+    the mean of that block's output tokens gives sˡ; relu(∂sˡ/∂Aˡ) averaged over heads and queries,
+    patch keys only; mean over blocks."""
+    model = request.getfixturevalue(which)
+    batch = _batch(model, size)
+    targets = torch.tensor([1, 3])
+    computed = compute_maps(_loaded(model), batch, [METHODS["legrad"]], [], targets=targets)
+    tokens = []
+    attentions, _ = reference_forward(model, batch.clone().requires_grad_(True), tokens)
+    side = size // 16
+    for image, target in enumerate(targets.tolist()):
+        per_layer = []
+        for block_tokens, attention in zip(tokens, attentions):
+            score = model.head(model.fc_norm(model.norm(block_tokens.mean(dim=1))))[image, target]
+            gradient, = torch.autograd.grad(score, attention, retain_graph=True)
+            per_layer.append(gradient[image].clamp_min(0).mean(dim=(0, 1))[prefix:])
+        grid = torch.stack(per_layer).mean(dim=0).reshape(1, 1, side, side)
+        expected = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        assert _pearson(computed.maps["legrad"][image].numpy(), expected.detach().numpy()) >= 0.999
 
 
 def test_chefer_gives_a_finite_informative_map(vit):
