@@ -5,6 +5,7 @@ Nothing heavy is imported at module level, so ``attnexplain --help`` answers wit
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -166,40 +167,46 @@ def main(debug: bool) -> None:
     """
 
 
-def method_options(function):
-    """Options of the explanation methods, shared by every command that explains."""
-    options = [
-        click.option("--method", default="auto", show_default=True,
+def _with_options(function, options: dict[str, Callable], leave_out: tuple[str, ...]):
+    for name, option in reversed(options.items()):
+        if name not in leave_out:
+            function = option(function)
+    return function
+
+
+def method_options(function, leave_out: tuple[str, ...] = ()):
+    """Options of the explanation methods, shared by every command that explains (less ``leave_out``:
+    a command that gives one of them another meaning)."""
+    options = dict(
+        method=click.option("--method", default="auto", show_default=True,
                      help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
                           "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise."),
-        click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
-        click.option("--layer", help="Layer(s) for the CAM family, comma-separated (several are fused; "
+        target=click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
+        layer=click.option("--layer", help="Layer(s) for the CAM family, comma-separated (several are fused; "
                                      "default: last layer with a spatial map; see `attnexplain layers`)."),
-        click.option("--head-fusion", default="mean", show_default=True,
+        head_fusion=click.option("--head-fusion", default="mean", show_default=True,
                      type=click.Choice(["mean", "max", "min"]), help="rollout: how heads are combined."),
-        click.option("--discard-ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+        discard_ratio=click.option("--discard-ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
                      help="rollout: share of the weakest attention weights dropped."),
-        click.option("--eigen-smooth", is_flag=True,
+        eigen_smooth=click.option("--eigen-smooth", is_flag=True,
                      help="CAM family: first principal component of the weighted activations."),
-        click.option("--aug-smooth", is_flag=True,
+        aug_smooth=click.option("--aug-smooth", is_flag=True,
                      help="Average every map over mirrored and zoomed copies of the image."),
-        click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
+        steps=click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
                      help="integrated_gradients: interpolation steps."),
-        click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
+        samples=click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
                      help="smoothgrad: noisy copies."),
-        click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
+        window=click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
-        click.option("--baseline", default="mean", show_default=True,
+        baseline=click.option("--baseline", default="mean", show_default=True,
                      type=click.Choice(["mean", "black", "blur"]),
                      help="integrated_gradients, occlusion: the reference image. mean: the "
                           "normalisation's mean colour (0 after normalisation); black: pixel value "
                           "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+        batch_size=click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
                      help="Masked or perturbed images per forward pass (scorecam, occlusion, IG)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    )
+    return _with_options(function, options, leave_out)
 
 
 def _checked_size(values: list[int]) -> None:
@@ -214,24 +221,22 @@ def _checked_std(values: list[float]) -> None:
     Preprocessing().with_overrides(std=values)
 
 
-def image_options(function):
+def image_options(function, leave_out: tuple[str, ...] = ()):
     """How images are read, preprocessed and reported, shared by `run` and `batch`."""
-    options = [
-        click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Model input size: N or H,W."),
-        click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
-        click.option("--std", callback=_numbers(float, (1, 3), _checked_std),
+    options = dict(
+        size=click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Model input size: N or H,W."),
+        mean=click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
+        std=click.option("--std", callback=_numbers(float, (1, 3), _checked_std),
                      help="Normalization std: R,G,B (positive)."),
-        click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+        alpha=click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
                      help="Opacity of the heatmap in the overlays."),
-        click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
+        top_k=click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
                      help="How many predictions to report per image."),
-        click.option("--max-pixels", default=100_000_000, show_default=True,
+        max_pixels=click.option("--max-pixels", default=100_000_000, show_default=True,
                      type=click.IntRange(min=1),
                      help="Refuse larger images (decompression-bomb guard)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    )
+    return _with_options(function, options, leave_out)
 
 
 def overlay_format_option(default: str):
@@ -535,6 +540,96 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
                    f"Gallery: {out_dir / 'index.html'}", err=True)
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None or value.strip() == "all":
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@main.command()
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--method", default="default", show_default=True,
+              help="Methods to compare, comma-separated; default: every method that applies to the model "
+                   "except the costly scorecam, occlusion, integrated_gradients and smoothgrad; all: "
+                   "every one that applies.")
+@click.option("--metrics", callback=_metric_names,
+              help="Comma-separated: deletion, insertion, road, drop, pointing, mass, rank, "
+                   "randomization (default: all that apply; localisation needs --masks or --boxes).")
+@click.option("--masks", type=click.Path(path_type=Path),
+              help="Folder mirroring the inputs with one mask PNG per image (white = object).")
+@click.option("--boxes", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file: file name → [[x, y, w, h], ...] in photo pixels, or a COCO file.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=2, max=10_000),
+              help="Deletion/insertion: points per curve.")
+@functools.partial(method_options, leave_out=("method", "steps"))
+@model_options
+@functools.partial(image_options, leave_out=("alpha", "top_k"))
+@click.option("--images-per-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images explained and perturbed together.")
+@click.option("--out", "out_dir", default="attnexplain-eval", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
+@click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
+def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
+             boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
+             aug_smooth, samples, window, baseline, batch_size, arch, num_classes, labels, trust_model,
+             plugin, device: str, size, mean, std, max_pixels: int, images_per_batch: int, out_dir: Path,
+             as_json: bool) -> None:
+    """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
+    faithfulness (deletion, insertion, ROAD, average drop), localisation (with --masks or --boxes)
+    and the randomization sanity check, beside a random map.
+
+    Writes evaluation.json, evaluation.csv and evaluation.html in --out and prints a table ranked by
+    faithfulness with a one-line verdict. A bad image, mask or box is recorded for that image.
+    Exit codes: 0 done; 3 some images could not be measured; 1 could not start.
+    """
+    from ._lock import output_lock
+    from .evaluation import EvaluationSettings, evaluate as run_evaluation
+    from .evaluation_report import write_evaluation
+    from .metrics import MetricSettings
+    from .report import writable_output_folder
+
+    settings = EvaluationSettings(
+        method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
+        max_pixels=max_pixels, images_per_batch=images_per_batch,
+        metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64)),
+        options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
+                                 window, baseline, batch_size))
+    with writable_output_folder(out_dir), output_lock(out_dir):
+        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+        evaluation = run_evaluation(loaded, list(inputs), settings, masks=masks, boxes=boxes, exclude=out_dir)
+        write_evaluation(out_dir, evaluation)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in evaluation.items() if k != "examples"}, indent=2))
+    else:
+        _print_evaluation(evaluation)
+        click.echo(f"Page: {out_dir / 'evaluation.html'}", err=True)
+    if evaluation["images"]["failed"]:
+        sys.exit(3)
+
+
+def _print_evaluation(evaluation: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{evaluation['images']['ok']} images, ranked by faithfulness")
+    metrics = list(dict.fromkeys(m for summary in evaluation["methods"].values() for m in summary))
+    better = evaluation["settings"]["better"]
+    table.add_column("method")
+    table.add_column("faithfulness", justify="right")
+    for metric in metrics:
+        table.add_column(f"{metric} {'↑' if better[metric] == 'higher' else '↓'}", justify="right")
+    for row in evaluation["ranking"]:
+        summary = evaluation["methods"][row["method"]]
+        name = row["method"] + (" (fails randomization)" if row["method"] in evaluation["randomization_failed"] else "")
+        table.add_row(name, "–" if row["faithfulness"] is None else f"{row['faithfulness']:.3f}",
+                      *[f"{summary[m]['mean']:.3f}" if m in summary else "–" for m in metrics])
+    # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
+    click.echo(evaluation["verdict"])
 
 
 @main.command()
