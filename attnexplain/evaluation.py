@@ -353,22 +353,19 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     import torch
 
     from .explanation import compute_maps
-    from .metrics import cascading_randomization, random_maps, spearman
+    from .metrics import random_maps, randomization_correlations
 
-    original = maps.float().cpu().numpy()
-    steps = []
-    for step, randomized in enumerate(cascading_randomization(loaded.module, config.randomization_steps,
-                                                              config.seed)):
+    def maps_of(randomized, step: int) -> torch.Tensor:
         changed = dataclasses.replace(loaded, module=randomized)
         computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
                                 preprocessing=plan.preprocessing)
-        after = [computed.maps[name].float().cpu().numpy() for name in names[:-1]]
         # The chance level: two independent random maps.
-        after.append(random_maps(len(batch), tuple(batch.shape[-2:]),
-                                 [10_000_019 * (step + 1) + i for i in range(len(batch))]).numpy())
-        steps.append([[spearman(original[b, m], after[m][b]) for m in range(len(names))]
-                      for b in range(len(batch))])
-    correlations = np.array(steps, dtype=np.float64).transpose(1, 2, 0)
+        chance = random_maps(len(batch), tuple(batch.shape[-2:]),
+                             [10_000_019 * (step + 1) + i for i in range(len(batch))])
+        return torch.stack([computed.maps[name].float().cpu() for name in names[:-1]] + [chance], dim=1)
+
+    correlations = randomization_correlations(loaded.module, maps_of, maps, config.randomization_steps,
+                                              config.seed)
     return torch.from_numpy(correlations[..., -1]), correlations
 
 

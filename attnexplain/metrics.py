@@ -317,12 +317,15 @@ def localisation(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Ten
 # --- randomization -------------------------------------------------------------------------------
 
 def spearman(first: np.ndarray, second: np.ndarray) -> float:
-    """Spearman's rank correlation of two maps' pixels (ties ranked by their mean rank)."""
+    """Spearman's rank correlation of two maps' pixels (ties ranked by their mean rank). NaN when
+    ``first`` is constant (it has no order to keep); 0 when only ``second`` is (the order is lost)."""
     from scipy.stats import spearmanr
 
     first, second = np.ravel(first), np.ravel(second)
-    if np.ptp(first) == 0 or np.ptp(second) == 0:
-        return float("nan")  # a constant map has no order
+    if np.ptp(first) == 0:
+        return float("nan")
+    if np.ptp(second) == 0:
+        return 0.0
     return float(spearmanr(first, second).statistic)
 
 
@@ -362,6 +365,19 @@ def cascading_randomization(module: torch.nn.Module, steps: int, seed: int = 0) 
         for index in group:
             randomize_layer(layers[int(index)], generator)
         yield randomized
+
+
+def randomization_correlations(module: torch.nn.Module, maps_of: Callable[[torch.nn.Module, int], torch.Tensor],
+                               original: torch.Tensor, steps: int, seed: int = 0) -> np.ndarray:
+    """(B, M, steps) Spearman correlation of each of the ``original`` maps (B, M, H, W) with the map
+    ``maps_of(randomized module, step)`` gives after each cascading randomization step."""
+    before = original.float().cpu().numpy()
+    found = []
+    for step, randomized in enumerate(cascading_randomization(module, steps, seed)):
+        after = maps_of(randomized, step).float().cpu().numpy()
+        found.append([[spearman(before[b, m], after[b, m]) for m in range(before.shape[1])]
+                      for b in range(before.shape[0])])
+    return np.array(found, dtype=np.float64).transpose(1, 2, 0)
 
 
 def random_maps(count: int, size: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:

@@ -235,8 +235,12 @@ def test_localisation_is_nan_for_an_empty_mask():
     assert all(bool(torch.isnan(v).all()) for v in values.values())
 
 
-def test_spearman_ranks_ties_by_their_mean_rank_and_rejects_constant_maps():
-    first = np.array([[0, 0, 1, 2]], dtype=float)
+def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
+    from scipy.stats import spearmanr
+
+    first = np.array([[0, 0, 1, 2, 2, 5]], dtype=float)
+    second = np.array([[3, 1, 1, 0, 2, 2]], dtype=float)
+    assert spearman(first, second) == pytest.approx(spearmanr(first.ravel(), second.ravel()).statistic)
     assert spearman(first, first * 3 + 1) == pytest.approx(1.0)
-    assert spearman(first, -first) == pytest.approx(-1.0)
-    assert np.isnan(spearman(first, np.zeros_like(first)))
+    assert spearman(first, np.zeros_like(first)) == 0.0  # the order was lost
+    assert np.isnan(spearman(np.zeros_like(first), first))  # there was no order
