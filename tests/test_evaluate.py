@@ -26,8 +26,11 @@ FAST = MetricSettings(steps=8, randomization_steps=2, batch_size=64)
 @pytest.fixture(scope="module")
 def composites(tmp_path_factory):
     """Four held-out composites as PNG files and their masks in a mirrored folder."""
-    root = tmp_path_factory.mktemp("composites")
-    pixels, _, masks = make_composites(4, TEST_SEED)
+    return _write_composites(tmp_path_factory.mktemp("composites"), 4)
+
+
+def _write_composites(root, count: int):
+    pixels, _, masks = make_composites(count, TEST_SEED)
     (root / "images").mkdir()
     (root / "masks").mkdir()
     for i, (image, mask) in enumerate(zip(pixels, masks)):
@@ -163,16 +166,17 @@ def trained(sample_resnet_file):
     return load_model(sample_resnet_file)
 
 
-def test_on_the_trained_sample_gradcam_beats_the_random_map(trained, composites):
+def test_on_the_trained_sample_gradcam_beats_the_random_map(trained, tmp_path):
+    composites = _write_composites(tmp_path, 8)
     evaluation = evaluate(trained, [str(composites / "images")],
                           EvaluationSettings(method="gradcam", metrics=["deletion", "insertion", "pointing"],
-                                             images_per_batch=4, metric_settings=MetricSettings(steps=16)),
+                                             images_per_batch=8, metric_settings=MetricSettings(steps=16)),
                           masks=composites / "masks")
     gradcam, chance = evaluation["methods"]["gradcam"], evaluation["methods"][RANDOM_MAP]
     assert gradcam["deletion"]["mean"] < chance["deletion"]["mean"]
     assert gradcam["insertion"]["mean"] > chance["insertion"]["mean"]
     assert gradcam["pointing"]["mean"] > chance["pointing"]["mean"]
-    assert evaluation["verdict"].startswith("Most faithful on these 4 images: gradcam")
+    assert evaluation["verdict"].startswith("Most faithful on these 8 images: gradcam")
 
 
 def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, composites):
@@ -180,7 +184,7 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     from attnexplain.preprocess import prepare
 
     plan = plan_explanation(trained, "gradcam")
-    pixels, _, _ = make_composites(4, TEST_SEED)
+    pixels, _, _ = make_composites(8, TEST_SEED)
     batch = torch.cat([prepare(image, plan.preprocessing).tensor for image in pixels])
 
     def edges(images):  # Sobel magnitude of the input: the same whatever the weights
@@ -200,7 +204,7 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     original = compute_maps(trained, batch, plan.methods, plan.layers)
     targets = original.targets
     before = torch.stack([original.maps["gradcam"], edges(batch)], dim=1)
-    correlations = randomization_correlations(trained.module, maps_of, before, steps=3)
+    correlations = randomization_correlations(trained.module, maps_of, before, steps=4)
     final = np.nanmean(correlations[..., -1], axis=0)
     assert final[1] > RANDOMIZATION_LIMIT  # the edge detector: flagged
     assert final[0] < RANDOMIZATION_LIMIT  # Grad-CAM depends on the weights
