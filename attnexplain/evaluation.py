@@ -192,7 +192,7 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     evaluation (what evaluation.json holds, plus ``examples`` for the page)."""
     import torch
 
-    from .batch import NoImages, _read_image, collect_inputs
+    from .batch import NoImages, _failed, _read_image, collect_inputs
     from .explanation import MethodOptions, _model_device, plan_explanation
 
     started = time.perf_counter()
@@ -229,7 +229,7 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
             computed = _compute(loaded, batch, plan, settings, options)
         except AttnExplainError as error:
             if len(chunk) == 1:
-                records.append(_failed_record(chunk[0], str(error)))
+                records.append(_failed(chunk[0], str(error)))
                 return
             for decoded in chunk:  # each image alone: one bad image must not fail the others
                 run_chunk([decoded])
@@ -265,7 +265,7 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     for item in inputs.images:
         decoded = _read_image(item, "", {}, plan.preprocessing, settings.max_pixels)
         if decoded.error is not None:
-            records.append(_failed_record(decoded, decoded.error))
+            records.append(_failed(decoded, decoded.error))
             continue
         pending.append(decoded)
         if len(pending) >= settings.images_per_batch:
@@ -383,10 +383,6 @@ def _examples(chunk, maps, names, count):
             overlays[name] = f"data:image/jpeg;base64,{data}"
         found.append({"image": decoded.item.relative, "overlays": overlays})
     return found
-
-
-def _failed_record(decoded, reason: str) -> dict[str, Any]:
-    return {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "failed", "reason": reason}
 
 
 def _label(labels, index: int) -> str | None:

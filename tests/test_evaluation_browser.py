@@ -4,7 +4,6 @@ network request, and a hostile file name stays text. CI installs Debian's chromi
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -12,8 +11,7 @@ from PIL import Image
 
 from attnexplain.cli import main
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-HOSTILE = "<img src=x onerror=alert(1)>.png"
+from test_gallery_browser import CHROMIUM, HOSTILE, page  # noqa: F401 - the same browser page fixture
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
 
@@ -35,22 +33,6 @@ def evaluation_page(tmp_path_factory, sample_resnet_file):
     return out
 
 
-@pytest.fixture(scope="module")
-def page():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page()
-        page.dialogs, page.requests = [], []
-        page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
-        page.on("request", lambda request: page.requests.append(request.url))
-        yield page
-        browser.close()
-
-
 def test_evaluation_page_ranks_methods_and_draws_the_curves(evaluation_page, page):
     evaluation = json.loads((evaluation_page / "evaluation.json").read_text())
     page.goto((evaluation_page / "evaluation.html").as_uri())
@@ -69,10 +51,11 @@ def test_evaluation_page_ranks_methods_and_draws_the_curves(evaluation_page, pag
 
 
 def test_evaluation_page_makes_no_request_and_keeps_hostile_names_as_text(evaluation_page, page):
-    page.requests.clear()
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
     page.goto((evaluation_page / "evaluation.html").as_uri())
     page.wait_for_load_state("networkidle")
-    assert all(url.startswith(("file:", "data:")) for url in page.requests), page.requests
+    assert requests and all(url.startswith(("file:", "data:")) for url in requests), requests
     assert HOSTILE in page.text_content(".examples")
     assert page.dialogs == []
     assert page.eval_on_selector_all("img[src='x']", "images => images.length") == 0
