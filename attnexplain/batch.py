@@ -403,7 +403,8 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
 
     Records are plain text anyone can edit: its folder must be where batch puts it
     (``images/<image>``, the image a normalised relative path: nothing absolute, no ``..``), its
-    files plain names inside that folder, its predictions and target what the reports show.
+    files plain names inside that folder, its predictions and target what the reports show, its
+    ``metrics`` (when present) a small table of finite numbers for its own methods.
     ``--resume`` and ``merge`` both ask this before they use a record's paths.
     """
     image = record.get("image")
@@ -428,6 +429,10 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     bad = next((name for name in record_file_names(record) if not _is_file_name(name)), None)
     if bad is not None:
         return f"names the file {shown(bad)}, which is not a plain file name"
+    if "metrics" in record:
+        from .metrics import metrics_table_problem
+
+        return metrics_table_problem(record["metrics"], methods)
     return None
 
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .errors import shown
+
 #: (N, 3, H, W) inputs → (N, classes) probabilities as the model's plugin defines them.
 ScoreFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -384,3 +386,27 @@ def random_maps(count: int, size: tuple[int, int], seeds: Sequence[int]) -> torc
     """(count, H, W) uniform random maps, one seed per image: the chance level of every metric."""
     return torch.stack([torch.rand(size, generator=torch.Generator().manual_seed(int(seed)))
                         for seed in seeds[:count]])
+
+
+#: Records of earlier runs are untrusted: how large their metrics table may be.
+MAX_TABLE_ENTRIES = 64
+MAX_NAME_LENGTH = 100
+
+
+def metrics_table_problem(table: Any, methods: Sequence[str]) -> str | None:
+    """Why ``table``, a record's ``"metrics"`` (``{"<method>": {"<metric>": <float>}}``), cannot be
+    shown, or None: it must be that shape, name only ``methods`` (or the random map), hold finite
+    numbers, and stay small."""
+    if not isinstance(table, dict) or len(table) > MAX_TABLE_ENTRIES:
+        return "has metrics that are not a table of methods"
+    for method, values in table.items():
+        if method not in methods and method != RANDOM_MAP:
+            return f"has metrics for {shown(method)}, which is not one of its methods"
+        if not isinstance(values, dict) or len(values) > MAX_TABLE_ENTRIES:
+            return f"has metrics for {shown(method)} that are not a table of values"
+        for metric, value in values.items():
+            if not (isinstance(metric, str) and 0 < len(metric) <= MAX_NAME_LENGTH):
+                return "has a metric without a short name"
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                return f"has the metric {shown(metric)} with a value that is not a finite number"
+    return None

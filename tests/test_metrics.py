@@ -244,3 +244,31 @@ def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
     assert spearman(first, first * 3 + 1) == pytest.approx(1.0)
     assert spearman(first, np.zeros_like(first)) == 0.0  # the order was lost
     assert np.isnan(spearman(np.zeros_like(first), first))  # there was no order
+
+
+# --- the "metrics" key of results.jsonl records (shared schema) ----------------------------------
+
+def _record(**metrics_key):
+    return {"image": "a.png", "output": "images/a.png", "detail": "images/a.png/detail.html",
+            "predictions": [{"index": 0, "label": None, "prob": 0.9}],
+            "target": {"index": 0, "label": None, "prob": 0.9}, "methods": ["gradcam"],
+            "files": {"gradcam": {"overlay": "overlay-gradcam.jpg"}}, **metrics_key}
+
+
+@pytest.mark.parametrize("table,problem", [
+    ({"gradcam": {"deletion": 0.2, "pointing": 1}, "random": {"deletion": 0.5}}, None),
+    ({"gradcam": {"deletion": float("nan")}}, "not a finite number"),
+    ({"gradcam": {"deletion": True}}, "not a finite number"),
+    ({"gradcam": {"deletion": "0.2"}}, "not a finite number"),
+    ({"<script>": {"deletion": 0.2}}, "not one of its methods"),
+    ({"gradcam": [0.2]}, "not a table of values"),
+    ({"gradcam": {f"m{i}": 0.0 for i in range(65)}}, "not a table of values"),
+    ({"gradcam": {"x" * 101: 0.0}}, "without a short name"),
+    ([["gradcam", 0.2]], "not a table of methods"),
+])
+def test_an_earlier_records_metrics_are_validated_on_resume_and_merge(table, problem):
+    from attnexplain.batch import ok_record_problem
+
+    assert ok_record_problem(_record()) is None
+    found = ok_record_problem(_record(metrics=table))
+    assert (found is None) if problem is None else (problem in found), found
