@@ -268,12 +268,15 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
 @overlay_format_option("png")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
+              help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
+                   "\"metrics\"; `attnexplain evaluate` compares methods over many images).")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
         samples: int, window: int, baseline: str, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
-        out_dir: Path, overlay_format: str, as_json: bool) -> None:
+        out_dir: Path, overlay_format: str, as_json: bool, metric_names: list[str]) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
@@ -295,6 +298,12 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
         explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
                               size=size, mean=mean, std=std, options=settings)
         explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+        if metric_names:
+            from .evaluation import explanation_metrics
+
+            started = time.perf_counter()
+            explanation.metrics = explanation_metrics(explanation, metric_names)
+            explanation.timings["metrics_s"] = time.perf_counter() - started
         directory = output_dir_for(out_dir, picture.path)
         report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
     for summary in report["maps"].values():
@@ -540,6 +549,17 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
                    f"Gallery: {out_dir / 'index.html'}", err=True)
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+def _map_metric_names(value: str | None) -> list[str]:
+    """run --metrics: the perturbation metrics named ("all": every one), checked when measured."""
+    if not value:
+        return []
+    if value.strip() == "all":
+        from .evaluation import PERTURBATION_METRICS
+
+        return list(PERTURBATION_METRICS)
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None):

@@ -56,6 +56,30 @@ class EvaluationSettings:
 
 # --- what to compute -----------------------------------------------------------------------------
 
+def explanation_metrics(explanation, metrics: Sequence[str],
+                        config: MetricSettings = MetricSettings()) -> dict[str, dict[str, float]]:
+    """``{"<method>": {"<metric>": value}}`` for one :class:`~attnexplain.explanation.Explanation`:
+    the perturbation metrics of each of its maps (what ``run --metrics`` puts in report.json)."""
+    import torch
+
+    from .preprocess import prepare
+
+    unknown = [name for name in metrics if name not in PERTURBATION_METRICS]
+    if unknown:
+        raise MethodError(f"--metrics here takes {', '.join(PERTURBATION_METRICS)}, not {shown(unknown[0])} "
+                          f"(`attnexplain evaluate` measures the others).")
+    loaded = explanation.model
+    device = next(iter(loaded.module.parameters()), torch.zeros(0)).device
+    batch = prepare(explanation.image.pixels, explanation.preprocessing).tensor.to(device)
+    names = list(explanation.maps)
+    maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
+    targets = torch.tensor([explanation.target.index], device=device)
+    original = torch.tensor([explanation.target.prob])
+    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    return {name: {metric: _rounded(value[0, m]) for metric, value in values.items()
+                   if math.isfinite(float(value[0, m]))} for m, name in enumerate(names)}
+
+
 def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> list[str]:
     """The method names to evaluate: ``default`` every method the model allows except the costly
     ones, ``all`` every one it allows, or the given names (checked)."""
@@ -284,8 +308,15 @@ def _compute(loaded, batch, plan, settings, options):
                         preprocessing=plan.preprocessing)
 
 
-def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan, options, chunk,
-                   box_table, masks_dir):
+#: The metrics measured from the model and the maps alone (no masks, no second model).
+PERTURBATION_METRICS = ("deletion", "insertion", "road", "drop")
+
+
+def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequence[str],
+                        config: MetricSettings = MetricSettings()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The perturbation metrics among ``metrics`` for ``maps`` (B, M, H, W) of ``batch``: per value
+    name a (B, M) tensor, and the deletion/insertion curves (NumPy) with their ``fractions``.
+    ``original`` (B,) is each target's probability on the intact image."""
     import torch
 
     from . import metrics as measure
@@ -295,11 +326,8 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
     def score(inputs):
         return plugin.class_scores(module, module(inputs))[1]
 
-    targets = computed.targets
-    original = computed.probabilities.gather(1, targets[:, None])[:, 0]
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, Any] = {}
-    config = settings.metric_settings
     if "deletion" in metrics or "insertion" in metrics:
         found = measure.causal_curves(score, batch, maps, targets, original, config)
         deletion, insertion = found.areas()
@@ -312,6 +340,17 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
         values.update(measure.road_scores(score, batch, maps, targets, original, config))
     if "drop" in metrics:
         values.update(measure.confidence_change(score, batch, maps, targets, original, config))
+    return values, curves
+
+
+def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan, options, chunk,
+                   box_table, masks_dir):
+    from . import metrics as measure
+
+    targets = computed.targets
+    original = computed.probabilities.gather(1, targets[:, None])[:, 0]
+    config = settings.metric_settings
+    values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
     if any(name in LOCALISATION for name in metrics):
         object_masks, errors = _object_masks(chunk, plan.preprocessing, box_table, masks_dir,
                                              settings.max_pixels, tuple(batch.shape[-2:]))

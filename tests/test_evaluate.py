@@ -209,3 +209,20 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     assert final[1] > RANDOMIZATION_LIMIT  # the edge detector: flagged
     assert final[0] < RANDOMIZATION_LIMIT  # Grad-CAM depends on the weights
     assert trained.module.fc.weight.abs().sum() > 0  # the trained model itself was never changed
+
+
+def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(sample_resnet_file), str(composites / "images" / "c0.png"),
+                                       "--method", "gradcam,saliency", "--metrics", "deletion,drop",
+                                       "--size", "64", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "c0" / "report.json").read_text())
+    assert set(report["metrics"]) == {"gradcam", "saliency"}
+    assert set(report["metrics"]["gradcam"]) == {"deletion", "avg_drop", "increase"}
+    assert 0.0 <= report["metrics"]["gradcam"]["deletion"] <= 1.0
+    page = (out / "c0" / "report.html").read_text()
+    assert "<h2>Metrics</h2>" in page and "%.3f" % report["metrics"]["saliency"]["avg_drop"] in page
+    result = CliRunner().invoke(main, ["run", str(sample_resnet_file), str(composites / "images" / "c0.png"),
+                                       "--metrics", "pointing", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "evaluate" in result.output and "Traceback" not in result.output
