@@ -279,10 +279,12 @@ class BatchSettings:
     images_per_batch: int = 16
     workers: int = 2
     options: Any = None  # MethodOptions
+    metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.evaluation)
 
     def describe(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items()
-                if key not in ("options", "images_per_batch", "workers")}
+                if key not in ("options", "images_per_batch", "workers")
+                and not (key == "metrics" and not value)}  # runs without metrics keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -509,9 +511,12 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
         return [{"error": str(error)} for _ in tensors]
     probabilities = computed.probabilities.float().cpu()
     targets = computed.targets.cpu()
+    measured = _map_metrics(loaded, batch, computed, settings.metrics) if settings.metrics else None
     results = []
     for index, maps in enumerate(computed.image_maps()):
         result: dict[str, Any] = {"maps": maps}
+        if measured is not None:
+            result["metrics"] = measured[index]
         try:
             target, predictions = image_outcome(probabilities[index], int(targets[index]),
                                                 loaded.labels, settings.top_k,
@@ -529,6 +534,23 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
                                                       loaded.labels, (height, width), region, photo)
         results.append(result)
     return results
+
+
+def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[str, dict[str, float]]]:
+    """Per image, ``{"<method>": {"<metric>": value}}`` for every map of ``computed``."""
+    import math
+
+    import torch
+
+    from .evaluation import perturbation_values
+
+    names = list(computed.maps)
+    maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
+    original = computed.probabilities.gather(1, computed.targets[:, None])[:, 0]
+    values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics)
+    return [{name: {metric: round(float(value[b, m]), 6) for metric, value in values.items()
+                    if math.isfinite(float(value[b, m]))} for m, name in enumerate(names)}
+            for b in range(batch.shape[0])]
 
 
 # --- the pipeline ------------------------------------------------------------------------------------
@@ -842,6 +864,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
                 "layer": ",".join(first.layers) or None,
                 **({"detections": result["detections"]} if "detections" in result else {}),
+                **({"metrics": result["metrics"]} if "metrics" in result else {}),
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
             }
             (staging / DETAIL_HTML).write_text(render_detail(record), encoding="utf-8")

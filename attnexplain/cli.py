@@ -481,13 +481,16 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
                    "`attnexplain merge`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @overlay_format_option("jpg")
+@click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
+              help="Also measure each map: deletion, insertion, road, drop, comma-separated (each "
+                   "record's \"metrics\" in results.jsonl).")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, out_dir: Path, resume: bool,
-          shard: tuple[int, int] | None, quiet: bool, overlay_format: str) -> None:
+          shard: tuple[int, int] | None, quiet: bool, overlay_format: str, metric_names: list[str]) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -519,7 +522,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
         alpha=alpha, overlay_format=overlay_format, max_pixels=max_pixels,
-        images_per_batch=images_per_batch, workers=workers,
+        images_per_batch=images_per_batch, workers=workers, metrics=tuple(metric_names),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, baseline, batch_size))
     try:
@@ -555,11 +558,16 @@ def _map_metric_names(value: str | None) -> list[str]:
     """run --metrics: the perturbation metrics named ("all": every one), checked when measured."""
     if not value:
         return []
-    if value.strip() == "all":
-        from .evaluation import PERTURBATION_METRICS
+    from .evaluation import PERTURBATION_METRICS
 
+    if value.strip() == "all":
         return list(PERTURBATION_METRICS)
-    return [name.strip() for name in value.split(",") if name.strip()]
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PERTURBATION_METRICS]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(PERTURBATION_METRICS)} "
+                                 f"(`attnexplain evaluate` measures localisation and randomization).")
+    return names
 
 
 def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None):

@@ -225,4 +225,20 @@ def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites
     assert "<h2>Metrics</h2>" in page and "%.3f" % report["metrics"]["saliency"]["avg_drop"] in page
     result = CliRunner().invoke(main, ["run", str(sample_resnet_file), str(composites / "images" / "c0.png"),
                                        "--metrics", "pointing", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "evaluate" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "evaluate" in result.output and "Traceback" not in result.output
+
+
+def test_batch_metrics_go_into_each_record_and_detail_page(sample_resnet_file, composites, tmp_path):
+    from attnexplain.batch import ok_record_problem, read_results
+
+    out = tmp_path / "batch"
+    result = CliRunner().invoke(main, ["batch", str(sample_resnet_file), str(composites / "images"), "--method",
+                                       "gradcam", "--metrics", "insertion", "--size", "64", "--out", str(out),
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    records = read_results(out / "results.jsonl")
+    assert len(records) == 4
+    for record in records:
+        assert set(record["metrics"]) == {"gradcam"} and 0 <= record["metrics"]["gradcam"]["insertion"] <= 1
+        assert ok_record_problem(record) is None
+        assert "<h2>Metrics</h2>" in (out / record["detail"]).read_text()
