@@ -290,10 +290,12 @@ class BatchSettings:
     workers: int = 2
     options: Any = None  # MethodOptions
     truth: Any = None  # attnexplain.truth.TrueClasses: each image's true class (--truth)
+    metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.evaluation)
 
     def describe(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items()
-                if key not in ("options", "images_per_batch", "workers", "truth")}
+                if key not in ("options", "images_per_batch", "workers", "truth")
+                and not (key == "metrics" and not value)}  # runs without metrics keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -414,7 +416,8 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
 
     Records are plain text anyone can edit: its folder must be where batch puts it
     (``images/<image>``, the image a normalised relative path: nothing absolute, no ``..``), its
-    files plain names inside that folder, its predictions and target what the reports show.
+    files plain names inside that folder, its predictions and target what the reports show, its
+    ``metrics`` (when present) a small table of finite numbers for its own methods.
     ``--resume`` and ``merge`` both ask this before they use a record's paths.
     """
     image = record.get("image")
@@ -442,12 +445,10 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     truth = record.get("truth")
     if truth is not None and not (isinstance(truth, str) and 0 < len(truth) <= MAX_LABEL_LENGTH):
         return f"has the true class {shown(truth)}, which is not a class name"
-    metrics = record.get("metrics")
-    if metrics is not None and not (isinstance(metrics, dict) and all(
-            isinstance(method, str) and isinstance(values, dict)
-            and all(isinstance(name, str) and _is_number(value) for name, value in values.items())
-            for method, values in metrics.items())):
-        return "has metrics that are not numbers per method"
+    if "metrics" in record:
+        from .metrics import metrics_table_problem
+
+        return metrics_table_problem(record["metrics"], methods)
     return None
 
 
@@ -524,9 +525,12 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
         return [{"error": str(error)} for _ in tensors]
     probabilities = computed.probabilities.float().cpu()
     targets = computed.targets.cpu()
+    measured = _map_metrics(loaded, batch, computed, settings.metrics) if settings.metrics else None
     results = []
     for index, maps in enumerate(computed.image_maps()):
         result: dict[str, Any] = {"maps": maps}
+        if measured is not None:
+            result["metrics"] = measured[index]
         try:
             target, predictions = image_outcome(probabilities[index], int(targets[index]),
                                                 loaded.labels, settings.top_k,
@@ -544,6 +548,23 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
                                                       loaded.labels, (height, width), region, photo)
         results.append(result)
     return results
+
+
+def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[str, dict[str, float]]]:
+    """Per image, ``{"<method>": {"<metric>": value}}`` for every map of ``computed``."""
+    import math
+
+    import torch
+
+    from .evaluation import perturbation_values
+
+    names = list(computed.maps)
+    maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
+    original = computed.probabilities.gather(1, computed.targets[:, None])[:, 0]
+    values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics)
+    return [{name: {metric: round(float(value[b, m]), 6) for metric, value in values.items()
+                    if math.isfinite(float(value[b, m]))} for m, name in enumerate(names)}
+            for b in range(batch.shape[0])]
 
 
 # --- the pipeline ------------------------------------------------------------------------------------
@@ -927,6 +948,7 @@ def _write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: 
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
                 "layer": ",".join(first.layers) or None,
                 **({"detections": result["detections"]} if "detections" in result else {}),
+                **({"metrics": result["metrics"]} if "metrics" in result else {}),
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
                 "photo": PHOTO_JPG,
                 **({"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}

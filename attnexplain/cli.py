@@ -5,6 +5,7 @@ Nothing heavy is imported at module level, so ``attnexplain --help`` answers wit
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -168,42 +169,48 @@ def main(debug: bool) -> None:
     """
 
 
-def method_options(function):
-    """Options of the explanation methods, shared by every command that explains."""
-    options = [
-        click.option("--method", default="auto", show_default=True,
+def _with_options(function, options: dict[str, Callable], leave_out: tuple[str, ...]):
+    for name, option in reversed(options.items()):
+        if name not in leave_out:
+            function = option(function)
+    return function
+
+
+def method_options(function, leave_out: tuple[str, ...] = ()):
+    """Options of the explanation methods, shared by every command that explains (less ``leave_out``:
+    a command that gives one of them another meaning)."""
+    options = dict(
+        method=click.option("--method", default="auto", show_default=True,
                      help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
                           "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise."),
-        click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
-        click.option("--layer", help="Layer(s) for the CAM family, comma-separated (several are fused; "
+        target=click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
+        layer=click.option("--layer", help="Layer(s) for the CAM family, comma-separated (several are fused; "
                                      "default: last layer with a spatial map; see `attnexplain layers`)."),
-        click.option("--head-fusion", default="mean", show_default=True,
+        head_fusion=click.option("--head-fusion", default="mean", show_default=True,
                      type=click.Choice(["mean", "max", "min"]), help="rollout: how heads are combined."),
-        click.option("--discard-ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+        discard_ratio=click.option("--discard-ratio", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
                      help="rollout: share of the weakest attention weights dropped."),
-        click.option("--eigen-smooth", is_flag=True,
+        eigen_smooth=click.option("--eigen-smooth", is_flag=True,
                      help="CAM family: first principal component of the weighted activations."),
-        click.option("--aug-smooth", is_flag=True,
+        aug_smooth=click.option("--aug-smooth", is_flag=True,
                      help="Average every map over mirrored and zoomed copies of the image."),
-        click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
+        steps=click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
                      help="integrated_gradients: interpolation steps."),
-        click.option("--samples", type=click.IntRange(min=1),
+        samples=click.option("--samples", type=click.IntRange(min=1),
                      help="smoothgrad, gradientshap: noisy copies (default 16); rise: random masks "
                           "(1000); kernelshap, lime: perturbed samples (256)."),
-        click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
+        window=click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
-        click.option("--baseline", default="mean", show_default=True,
+        baseline=click.option("--baseline", default="mean", show_default=True,
                      type=click.Choice(["mean", "black", "blur"]),
                      help="integrated_gradients, occlusion: the reference image. mean: the "
                           "normalisation's mean colour (0 after normalisation); black: pixel value "
                           "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+        batch_size=click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
                      help="Masked or perturbed images per forward pass (scorecam, occlusion, IG, rise, "
                           "feature_ablation, kernelshap, lime)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    )
+    return _with_options(function, options, leave_out)
 
 
 def _checked_size(values: list[int]) -> None:
@@ -218,26 +225,25 @@ def _checked_std(values: list[float]) -> None:
     Preprocessing().with_overrides(std=values)
 
 
-def image_options(function):
+def image_options(function, leave_out: tuple[str, ...] = ()):
     """How images are read, preprocessed and reported, shared by `run` and `batch`."""
-    options = [
-        click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Model input size: N or H,W."),
-        click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
-        click.option("--std", callback=_numbers(float, (1, 3), _checked_std),
+    options = dict(
+        size=click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Model input size: N or H,W."),
+        mean=click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
+        std=click.option("--std", callback=_numbers(float, (1, 3), _checked_std),
                      help="Normalization std: R,G,B (positive)."),
-        click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+        alpha=click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
                      help="Opacity of the heatmap in the overlays."),
-        click.option("--colormap", default=DEFAULT_COLORMAP, show_default=True, type=click.Choice(COLORMAP_NAMES),
+        colormap=click.option("--colormap", default=DEFAULT_COLORMAP, show_default=True,
+                     type=click.Choice(COLORMAP_NAMES),
                      help="Colormap of the written overlays (the HTML pages let you switch)."),
-        click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
+        top_k=click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
                      help="How many predictions to report per image."),
-        click.option("--max-pixels", default=100_000_000, show_default=True,
+        max_pixels=click.option("--max-pixels", default=100_000_000, show_default=True,
                      type=click.IntRange(min=1),
                      help="Refuse larger images (decompression-bomb guard)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    )
+    return _with_options(function, options, leave_out)
 
 
 def overlay_format_option(default: str):
@@ -269,12 +275,15 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
 @overlay_format_option("png")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
+              help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
+                   "\"metrics\"; `attnexplain evaluate` compares methods over many images).")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
         samples: int | None, window: int, baseline: str, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, colormap: str, top_k: int,
-        max_pixels: int, out_dir: Path, overlay_format: str, as_json: bool) -> None:
+        max_pixels: int, out_dir: Path, overlay_format: str, as_json: bool, metric_names: list[str]) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
@@ -296,6 +305,12 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
         explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
                               size=size, mean=mean, std=std, options=settings)
         explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+        if metric_names:
+            from .evaluation import explanation_metrics
+
+            started = time.perf_counter()
+            explanation.metrics = explanation_metrics(explanation, metric_names)
+            explanation.timings["metrics_s"] = time.perf_counter() - started
         directory = output_dir_for(out_dir, picture.path)
         report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format, colormap=colormap)
     for summary in report["maps"].values():
@@ -485,6 +500,9 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
                    "layout); a CSV gives image,class rows. The gallery then shows accuracy, a confusion "
                    "table and filters to the misclassified images.")
 @overlay_format_option("jpg")
+@click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
+              help="Also measure each map: deletion, insertion, road, drop, comma-separated (each "
+                   "record's \"metrics\" in results.jsonl).")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int | None, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
@@ -492,7 +510,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, engine: str, address: str | None,
           num_gpus_per_worker: float, out_dir: Path, resume: bool,
-          shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str) -> None:
+          shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str,
+          metric_names: list[str]) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -531,7 +550,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
         alpha=alpha, colormap=colormap, overlay_format=overlay_format, max_pixels=max_pixels,
         truth=read_truth(truth) if truth else None,
-        images_per_batch=images_per_batch, workers=workers,
+        images_per_batch=images_per_batch, workers=workers, metrics=tuple(metric_names),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, baseline, batch_size))
     try:
@@ -578,6 +597,112 @@ def _ray_cluster(engine: str, address: str | None, num_gpus_per_worker: float, w
 
     require_ray()  # without Ray: how to install it, before minutes of model loading
     return RayCluster(address=address, workers=workers, num_gpus_per_worker=num_gpus_per_worker)
+
+
+def _map_metric_names(value: str | None) -> list[str]:
+    """run --metrics: the perturbation metrics named ("all": every one), checked when measured."""
+    if not value:
+        return []
+    from .evaluation import PERTURBATION_METRICS
+
+    if value.strip() == "all":
+        return list(PERTURBATION_METRICS)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PERTURBATION_METRICS]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(PERTURBATION_METRICS)} "
+                                 f"(`attnexplain evaluate` measures localisation and randomization).")
+    return names
+
+
+def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None or value.strip() == "all":
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@main.command()
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--method", default="default", show_default=True,
+              help="Methods to compare, comma-separated; default: every method that applies to the model "
+                   "except the costly scorecam, occlusion, integrated_gradients and smoothgrad; all: "
+                   "every one that applies.")
+@click.option("--metrics", callback=_metric_names,
+              help="Comma-separated: deletion, insertion, road, drop, pointing, mass, rank, "
+                   "randomization (default: all that apply; localisation needs --masks or --boxes).")
+@click.option("--masks", type=click.Path(path_type=Path),
+              help="Folder mirroring the inputs with one mask PNG per image (white = object).")
+@click.option("--boxes", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON file: file name → [[x, y, w, h], ...] in photo pixels, or a COCO file.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=2, max=10_000),
+              help="Deletion/insertion: points per curve.")
+@functools.partial(method_options, leave_out=("method", "steps"))
+@model_options
+@functools.partial(image_options, leave_out=("alpha", "top_k"))
+@click.option("--images-per-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images explained and perturbed together.")
+@click.option("--out", "out_dir", default="attnexplain-eval", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
+@click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
+def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
+             boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
+             aug_smooth, samples, window, baseline, batch_size, arch, num_classes, labels, trust_model,
+             plugin, device: str, size, mean, std, max_pixels: int, images_per_batch: int, out_dir: Path,
+             as_json: bool) -> None:
+    """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
+    faithfulness (deletion, insertion, ROAD, average drop), localisation (with --masks or --boxes)
+    and the randomization sanity check, beside a random map.
+
+    Writes evaluation.json, evaluation.csv and evaluation.html in --out and prints a table ranked by
+    faithfulness with a one-line verdict. A bad image, mask or box is recorded for that image.
+    Exit codes: 0 done; 3 some images could not be measured; 1 could not start.
+    """
+    from ._lock import output_lock
+    from .evaluation import EvaluationSettings, evaluate as run_evaluation
+    from .evaluation_report import write_evaluation
+    from .metrics import MetricSettings
+    from .report import writable_output_folder
+
+    settings = EvaluationSettings(
+        method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
+        max_pixels=max_pixels, images_per_batch=images_per_batch,
+        metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64)),
+        options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
+                                 window, baseline, batch_size))
+    with writable_output_folder(out_dir), output_lock(out_dir):
+        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+        evaluation = run_evaluation(loaded, list(inputs), settings, masks=masks, boxes=boxes, exclude=out_dir)
+        write_evaluation(out_dir, evaluation)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in evaluation.items() if k != "examples"}, indent=2))
+    else:
+        _print_evaluation(evaluation)
+        click.echo(f"Page: {out_dir / 'evaluation.html'}", err=True)
+    if evaluation["images"]["failed"]:
+        sys.exit(3)
+
+
+def _print_evaluation(evaluation: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{evaluation['images']['ok']} images, ranked by faithfulness")
+    metrics = list(dict.fromkeys(m for summary in evaluation["methods"].values() for m in summary))
+    better = evaluation["settings"]["better"]
+    table.add_column("method")
+    table.add_column("faithfulness", justify="right")
+    for metric in metrics:
+        table.add_column(f"{metric} {'↑' if better[metric] == 'higher' else '↓'}", justify="right")
+    for row in evaluation["ranking"]:
+        summary = evaluation["methods"][row["method"]]
+        name = row["method"] + (" (fails randomization)" if row["method"] in evaluation["randomization_failed"] else "")
+        table.add_row(name, "–" if row["faithfulness"] is None else f"{row['faithfulness']:.3f}",
+                      *[f"{summary[m]['mean']:.3f}" if m in summary else "–" for m in metrics])
+    # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
+    click.echo(evaluation["verdict"])
 
 
 @main.command()

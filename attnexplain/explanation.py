@@ -114,6 +114,8 @@ class Explanation:
     #: A detector's boxes in photo pixels, best first; the explained one is marked (see
     #: :func:`boxes_on_photo`). None for models that do not detect.
     detections: list[dict[str, Any]] | None = None
+    #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
+    metrics: dict[str, dict[str, float]] | None = None
 
     @property
     def method(self) -> str:
@@ -160,6 +162,7 @@ class Explanation:
                             "min": float(result.heatmap.min()), "max": float(result.heatmap.max())}
                      for name, result in self.maps.items()},
             **({"detections": self.detections} if self.detections is not None else {}),
+            **({"metrics": self.metrics} if self.metrics is not None else {}),
             "timings": {key: round(value, 6) for key, value in self.timings.items()},
             "versions": versions(),
         }

@@ -1,0 +1,523 @@
+"""evaluate(): which map to believe, measured on the user's model and images.
+
+Images stream through in chunks (memory does not grow with their number): each chunk's maps are
+computed once for every method, then every metric of :mod:`attnexplain.metrics` is computed from
+them, with a random map beside them as the chance level. Only per-image numbers and the running
+sums of the curves are kept. Masks and boxes are untrusted: a bad or missing one is that image's
+error, recorded, never the run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import AttnExplainError, MethodError, shown
+from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_LIMIT,
+                      MetricSettings)
+
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_CSV = "evaluation.csv"
+EVALUATION_HTML = "evaluation.html"
+#: Left out of the default methods: tens of forwards and backwards per image each (say so in --help).
+COSTLY_METHODS = ("scorecam", "occlusion", "integrated_gradients", "smoothgrad")
+#: Untrusted boxes file: its size, and boxes per image.
+MAX_BOXES_BYTES = 64 * 1024 * 1024
+MAX_BOXES_PER_IMAGE = 1000
+EXAMPLE_IMAGES = 3
+BOOTSTRAP_SAMPLES = 1000
+
+
+class MaskError(AttnExplainError):
+    """An image's mask or boxes are missing or unusable: that image's localisation is not measured."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    method: str | Sequence[str] = "default"  # "default" (all that apply, not the costly), "all", names
+    metrics: Sequence[str] | None = None  # None: every metric that applies
+    target: int | str | None = None
+    layer: str | Sequence[str] | None = None
+    size: Sequence[int] | int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    max_pixels: int = 100_000_000
+    images_per_batch: int = 8
+    metric_settings: MetricSettings = field(default_factory=MetricSettings)
+    options: Any = None  # MethodOptions
+
+
+# --- what to compute -----------------------------------------------------------------------------
+
+def explanation_metrics(explanation, metrics: Sequence[str],
+                        config: MetricSettings = MetricSettings()) -> dict[str, dict[str, float]]:
+    """``{"<method>": {"<metric>": value}}`` for one :class:`~attnexplain.explanation.Explanation`:
+    the perturbation metrics of each of its maps (what ``run --metrics`` puts in report.json)."""
+    import torch
+
+    from .preprocess import prepare
+
+    unknown = [name for name in metrics if name not in PERTURBATION_METRICS]
+    if unknown:
+        raise MethodError(f"--metrics here takes {', '.join(PERTURBATION_METRICS)}, not {shown(unknown[0])} "
+                          f"(`attnexplain evaluate` measures the others).")
+    loaded = explanation.model
+    device = next(iter(loaded.module.parameters()), torch.zeros(0)).device
+    batch = prepare(explanation.image.pixels, explanation.preprocessing).tensor.to(device)
+    names = list(explanation.maps)
+    maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
+    targets = torch.tensor([explanation.target.index], device=device)
+    original = torch.tensor([explanation.target.prob])
+    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    return {name: {metric: _rounded(value[0, m]) for metric, value in values.items()
+                   if math.isfinite(float(value[0, m]))} for m, name in enumerate(names)}
+
+
+def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> list[str]:
+    """The method names to evaluate: ``default`` every method the model allows except the costly
+    ones, ``all`` every one it allows, or the given names (checked)."""
+    from .explanation import resolve_methods
+    from .methods import METHODS
+
+    if requested not in ("default", "all"):
+        return [m.name for m in resolve_methods(loaded, requested)]
+    names = [name for name in METHODS if requested == "all" or name not in COSTLY_METHODS]
+    usable = []
+    for name in names:
+        try:
+            resolve_methods(loaded, name)
+        except MethodError:
+            continue
+        usable.append(name)
+    return usable
+
+
+def chosen_metrics(requested: Sequence[str] | None, has_masks: bool) -> list[str]:
+    """Metric groups to compute: the requested ones (checked), else all that apply."""
+    if requested is None:
+        return [name for name in METRIC_VALUES if has_masks or name not in LOCALISATION]
+    unknown = [name for name in requested if name not in METRIC_VALUES]
+    if unknown:
+        raise MethodError(f"Unknown metric {shown(unknown[0])}; metrics: {', '.join(METRIC_VALUES)}.")
+    if not has_masks and any(name in LOCALISATION for name in requested):
+        raise MethodError("The localisation metrics (pointing, mass, rank) need --masks DIR or --boxes FILE.")
+    return list(dict.fromkeys(requested))
+
+
+# --- masks and boxes (untrusted) -----------------------------------------------------------------
+
+def read_boxes(path: Path) -> dict[str, list[list[float]]]:
+    """File name → boxes [x, y, width, height] in photo pixels, from ``{"name": [[x, y, w, h], ...]}``
+    or a COCO file (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``bbox``)."""
+    try:
+        if path.stat().st_size > MAX_BOXES_BYTES:
+            raise AttnExplainError(f"{path} is over {MAX_BOXES_BYTES // 2**20} MiB; a boxes file is not that large.")
+        data = json.loads(path.read_bytes())
+    except OSError as error:
+        raise AttnExplainError(f"Cannot read the boxes file {path}: {error.strerror or error}.") from None
+    except (ValueError, RecursionError) as error:
+        raise AttnExplainError(f"The boxes file {path} is not valid JSON: {shown(str(error))}.") from None
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+            raise AttnExplainError(f"The COCO file {path} needs lists under images and annotations.")
+        names = {entry.get("id"): entry.get("file_name") for entry in data["images"]
+                 if isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
+                 and isinstance(entry.get("id"), (int, str))}
+        boxes: dict[str, list] = {}
+        for annotation in data["annotations"]:
+            if isinstance(annotation, dict) and annotation.get("image_id") in names:
+                boxes.setdefault(names[annotation["image_id"]], []).append(annotation.get("bbox"))
+        return boxes
+    if not isinstance(data, dict):
+        raise AttnExplainError(f"The boxes file {path} must map file names to lists of [x, y, w, h] "
+                               f"boxes (or be a COCO file).")
+    return {name: value for name, value in data.items() if isinstance(name, str)}
+
+
+def boxes_mask(boxes: Any, width: int, height: int) -> np.ndarray:
+    """(height, width) bool mask of ``boxes`` (untrusted: each checked), or :class:`MaskError`."""
+    if not isinstance(boxes, list) or not boxes:
+        raise MaskError("its entry in the boxes file is not a non-empty list of [x, y, w, h] boxes")
+    if len(boxes) > MAX_BOXES_PER_IMAGE:
+        raise MaskError(f"it has over {MAX_BOXES_PER_IMAGE} boxes")
+    mask = np.zeros((height, width), dtype=bool)
+    for box in boxes:
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in box) or box[2] <= 0 or box[3] <= 0):
+            raise MaskError(f"box {shown(box)} is not [x, y, width, height] with a positive size")
+        left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+        right, bottom = min(width, math.ceil(box[0] + box[2])), min(height, math.ceil(box[1] + box[3]))
+        mask[top:bottom, left:right] = True
+    return mask
+
+
+def mask_file_mask(path: Path, width: int, height: int, max_pixels: int) -> np.ndarray:
+    """(height, width) bool mask from a mask image (white = object), or :class:`MaskError`."""
+    from ._files import not_a_regular_file
+    from .images import load_image
+
+    reason = not_a_regular_file(path)
+    if reason is not None:
+        raise MaskError(f"its mask {path} {reason}")
+    try:
+        picture = load_image(path, max_pixels=max_pixels)
+    except AttnExplainError as error:
+        raise MaskError(f"its mask: {error}") from None
+    if picture.size != (width, height):
+        raise MaskError(f"its mask {path} is {picture.size[0]}×{picture.size[1]}, the image {width}×{height}")
+    return picture.pixels.max(axis=2) > 127
+
+
+def model_frame_mask(mask: np.ndarray, preprocessing) -> np.ndarray:
+    """The photo's mask resized and cropped exactly as the photo was for the model (h, w) bool."""
+    from .preprocess import prepare
+
+    plain = dataclasses.replace(preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    layers = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2)
+    return prepare(layers, plain).tensor[0, 0].numpy() > 0.5
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+@dataclass
+class _Sums:
+    """Running sums of the per-step curves, per method (memory flat in the number of images)."""
+
+    deletion: dict[str, np.ndarray] = field(default_factory=dict)
+    insertion: dict[str, np.ndarray] = field(default_factory=dict)
+    randomization: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    fractions: np.ndarray | None = None
+
+    def add(self, which: str, method: str, per_image: np.ndarray) -> None:
+        """Add (images, points) curves."""
+        table = getattr(self, which)
+        table[method] = table.get(method, 0) + per_image.sum(axis=0)
+        key = f"{which}:{method}"
+        self.counts[key] = self.counts.get(key, 0) + per_image.shape[0]
+
+    def means(self, which: str) -> dict[str, list[float]]:
+        return {method: [round(float(v), 6) for v in total / self.counts[f"{which}:{method}"]]
+                for method, total in getattr(self, which).items()}
+
+
+def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = EvaluationSettings(), *,
+             masks: Path | None = None, boxes: Path | None = None, exclude: Path | None = None,
+             device: str | None = None) -> dict[str, Any]:
+    """Measure every method on the images ``input_specs`` name (as ``batch`` takes them): returns the
+    evaluation (what evaluation.json holds, plus ``examples`` for the page)."""
+    import torch
+
+    from .batch import NoImages, _failed, _read_image, collect_inputs
+    from .explanation import MethodOptions, _model_device, plan_explanation
+
+    started = time.perf_counter()
+    if masks is not None and boxes is not None:
+        raise AttnExplainError("Give --masks or --boxes, not both.")
+    if masks is not None and not masks.is_dir():
+        raise AttnExplainError(f"The masks folder {masks} does not exist or is not a folder.")
+    box_table = read_boxes(boxes) if boxes is not None else None
+    metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
+    inputs = collect_inputs(input_specs, exclude=exclude)
+    if not inputs.images:
+        raise NoImages(f"No image found in {' '.join(map(str, input_specs))}.")
+    method_names = applicable_methods(loaded, settings.method)
+    if not method_names:
+        raise MethodError("No method applies to this model.")
+    plan = plan_explanation(loaded, method_names, settings.layer, size=settings.size, mean=settings.mean,
+                            std=settings.std)
+    options = settings.options or MethodOptions()
+    run_device = torch.device(device) if device else _model_device(loaded.module)
+    names = [m.name for m in plan.methods] + [RANDOM_MAP]
+    records: list[dict[str, Any]] = [{"image": spec, "path": spec, "status": "failed", "reason": reason}
+                                     for spec, reason in inputs.missing]
+    sums = _Sums()
+    examples: list[dict[str, Any]] = []
+    counter = {"images": 0}
+
+    def run_chunk(chunk: list) -> None:
+        from .metrics import random_maps
+
+        batch = torch.cat([d.tensor for d in chunk]).to(run_device)
+        seeds = [settings.metric_settings.seed + counter["images"] + i for i in range(len(chunk))]
+        counter["images"] += len(chunk)
+        try:
+            computed = _compute(loaded, batch, plan, settings, options)
+        except AttnExplainError as error:
+            if len(chunk) == 1:
+                records.append(_failed(chunk[0], str(error)))
+                return
+            for decoded in chunk:  # each image alone: one bad image must not fail the others
+                run_chunk([decoded])
+            return
+        maps = torch.stack([computed.maps[name].float() for name in names[:-1]], dim=1)
+        maps = torch.cat([maps, random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(maps)], 1)
+        values, curves = _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan,
+                                        options, chunk, box_table, masks)
+        for i, decoded in enumerate(chunk):
+            target = int(computed.targets[i])
+            record = {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "ok",
+                      "target": {"index": target, "label": _label(loaded.labels, target)},
+                      "probability": round(float(computed.probabilities[i, target]), 6),
+                      "metrics": {name: {metric: _rounded(v[i, m]) for metric, v in values.items()
+                                         if not math.isnan(float(v[i, m]))}
+                                  for m, name in enumerate(names)}}
+            if i in curves.get("mask_errors", {}):
+                record["mask_error"] = curves["mask_errors"][i]
+            records.append(record)
+        for which in ("deletion", "insertion"):
+            if which in curves:
+                for m, name in enumerate(names):
+                    sums.add(which, name, curves[which][:, m])
+        if "randomization" in curves:
+            for m, name in enumerate(names):
+                sums.add("randomization", name, np.nan_to_num(curves["randomization"][:, m]))
+        if "fractions" in curves:
+            sums.fractions = curves["fractions"]
+        if len(examples) < EXAMPLE_IMAGES:
+            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples)))
+
+    pending: list = []
+    for item in inputs.images:
+        decoded = _read_image(item, "", {}, plan.preprocessing, settings.max_pixels)
+        if decoded.error is not None:
+            records.append(_failed(decoded, decoded.error))
+            continue
+        pending.append(decoded)
+        if len(pending) >= settings.images_per_batch:
+            run_chunk(pending)
+            pending = []
+    if pending:
+        run_chunk(pending)
+    return _summary(loaded, plan, names, metrics, settings, records, sums, examples,
+                    time.perf_counter() - started, list(input_specs))
+
+
+def _compute(loaded, batch, plan, settings, options):
+    from .explanation import compute_maps
+
+    return compute_maps(loaded, batch, plan.methods, plan.layers, target=settings.target, options=options,
+                        preprocessing=plan.preprocessing)
+
+
+#: The metrics measured from the model and the maps alone (no masks, no second model).
+PERTURBATION_METRICS = ("deletion", "insertion", "road", "drop")
+
+
+def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequence[str],
+                        config: MetricSettings = MetricSettings()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The perturbation metrics among ``metrics`` for ``maps`` (B, M, H, W) of ``batch``: per value
+    name a (B, M) tensor, and the deletion/insertion curves (NumPy) with their ``fractions``.
+    ``original`` (B,) is each target's probability on the intact image."""
+    import torch
+
+    from . import metrics as measure
+
+    module, plugin = loaded.module, loaded.plugin
+
+    def score(inputs):
+        return plugin.class_scores(module, module(inputs))[1]
+
+    values: dict[str, torch.Tensor] = {}
+    curves: dict[str, Any] = {}
+    if "deletion" in metrics or "insertion" in metrics:
+        found = measure.causal_curves(score, batch, maps, targets, original, config)
+        deletion, insertion = found.areas()
+        curves["fractions"] = found.fractions.numpy()
+        for which, area, curve in (("deletion", deletion, found.deletion), ("insertion", insertion, found.insertion)):
+            if which in metrics:
+                values[which] = area
+                curves[which] = curve.numpy()
+    if "road" in metrics:
+        values.update(measure.road_scores(score, batch, maps, targets, original, config))
+    if "drop" in metrics:
+        values.update(measure.confidence_change(score, batch, maps, targets, original, config))
+    return values, curves
+
+
+def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan, options, chunk,
+                   box_table, masks_dir):
+    from . import metrics as measure
+
+    targets = computed.targets
+    original = computed.probabilities.gather(1, targets[:, None])[:, 0]
+    config = settings.metric_settings
+    values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    if any(name in LOCALISATION for name in metrics):
+        object_masks, errors = _object_masks(chunk, plan.preprocessing, box_table, masks_dir,
+                                             settings.max_pixels, tuple(batch.shape[-2:]))
+        found = measure.localisation(maps.cpu(), object_masks)
+        values.update({name: found[name] for name in LOCALISATION if name in metrics})
+        curves["mask_errors"] = errors
+    if "randomization" in metrics:
+        values["randomization"], curves["randomization"] = _randomization(loaded, batch, maps, targets, names,
+                                                                          plan, options, config)
+    return {name: value.float().cpu() for name, value in values.items()}, curves
+
+
+def _object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
+    import torch
+
+    result = torch.zeros(len(chunk), *size, dtype=torch.bool)
+    errors: dict[int, str] = {}
+    for i, decoded in enumerate(chunk):
+        height, width = decoded.pixels.shape[:2]
+        try:
+            if box_table is not None:
+                relative = decoded.item.relative
+                entry = box_table.get(relative, box_table.get(Path(relative).name))
+                if entry is None:
+                    raise MaskError("the boxes file has no entry for it")
+                photo_mask = boxes_mask(entry, width, height)
+            else:
+                photo_mask = mask_file_mask(masks_dir / Path(decoded.item.relative).with_suffix(".png"),
+                                            width, height, max_pixels)
+            result[i] = torch.from_numpy(model_frame_mask(photo_mask, preprocessing))
+        except MaskError as error:
+            errors[i] = f"No localisation for {decoded.item.relative}: {error}."
+    return result, errors
+
+
+def _randomization(loaded, batch, maps, targets, names, plan, options, config):
+    """Per image and method, the Spearman correlation with the trained model's map after each
+    cascading step (B, M, steps); the value is the last step's."""
+    import torch
+
+    from .explanation import compute_maps
+    from .metrics import random_maps, randomization_correlations
+
+    def maps_of(randomized, step: int) -> torch.Tensor:
+        changed = dataclasses.replace(loaded, module=randomized)
+        computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
+                                preprocessing=plan.preprocessing)
+        # The chance level: two independent random maps.
+        chance = random_maps(len(batch), tuple(batch.shape[-2:]),
+                             [10_000_019 * (step + 1) + i for i in range(len(batch))])
+        return torch.stack([computed.maps[name].float().cpu() for name in names[:-1]] + [chance], dim=1)
+
+    correlations = randomization_correlations(loaded.module, maps_of, maps, config.randomization_steps,
+                                              config.seed)
+    return torch.from_numpy(correlations[..., -1]), correlations
+
+
+def _examples(chunk, maps, names, count):
+    import base64
+
+    from .render import downscale, encode_image, render_explained_overlay
+
+    found = []
+    for i, decoded in enumerate(chunk[:count]):
+        overlays = {}
+        for m, name in enumerate(names):
+            overlay = render_explained_overlay(decoded.pixels, maps[i, m].float().cpu().numpy(), decoded.box)
+            data = base64.b64encode(encode_image(downscale(overlay, 160), ".jpg", quality=80)).decode()
+            overlays[name] = f"data:image/jpeg;base64,{data}"
+        found.append({"image": decoded.item.relative, "overlays": overlays})
+    return found
+
+
+def _label(labels, index: int) -> str | None:
+    return labels[index] if labels is not None and index < len(labels) else None
+
+
+def _rounded(value) -> float:
+    return round(float(value), 6)
+
+
+# --- the summary ---------------------------------------------------------------------------------
+
+def bootstrap_interval(values: Sequence[float], seed: int = 0,
+                       samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size < 2:
+        return (float(data.mean()), float(data.mean())) if data.size else (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def faithfulness(summary: dict[str, dict[str, Any]]) -> float:
+    """One number to rank methods by, higher better: insertion − deletion where measured, else ROAD,
+    else minus the average drop."""
+    def mean(metric):
+        return summary.get(metric, {}).get("mean")
+
+    if mean("insertion") is not None and mean("deletion") is not None:
+        return mean("insertion") - mean("deletion")
+    for metric, sign in (("insertion", 1), ("deletion", -1), ("road", 1), ("avg_drop", -1)):
+        if mean(metric) is not None:
+            return sign * mean(metric)
+    return math.nan
+
+
+def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wall_s, input_specs):
+    from .report import versions
+
+    ok = [r for r in records if r["status"] == "ok"]
+    value_names = [value for group in metrics for value in METRIC_VALUES[group]]
+    methods: dict[str, dict[str, Any]] = {}
+    for name in names:
+        summary = {}
+        for metric in value_names:
+            column = [r["metrics"][name][metric] for r in ok if metric in r["metrics"].get(name, {})]
+            if column:
+                low, high = bootstrap_interval(column, settings.metric_settings.seed)
+                summary[metric] = {"mean": _rounded(np.mean(column)), "ci95": [_rounded(low), _rounded(high)],
+                                   "images": len(column)}
+        methods[name] = summary
+    ranking = sorted((name for name in names), key=lambda n: -_finite(faithfulness(methods[n])))
+    failing = [name for name in names if name != RANDOM_MAP
+               and methods[name].get("randomization", {}).get("mean", -1) > RANDOMIZATION_LIMIT]
+    fractions = sums.fractions
+    evaluation = {
+        "model": loaded.describe(),
+        "inputs": input_specs,
+        "settings": {"methods": names[:-1], "metrics": metrics, "layers": plan.layers,
+                     "target": settings.target, "preprocessing": plan.preprocessing.as_dict(),
+                     **settings.metric_settings.as_dict(), "randomization_limit": RANDOMIZATION_LIMIT,
+                     "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names}},
+        "versions": versions(),
+        "images": {"total": len(records), "ok": len(ok), "failed": len(records) - len(ok),
+                   "mask_errors": sum(1 for r in ok if "mask_error" in r)},
+        "methods": methods,
+        "ranking": [{"method": name, "faithfulness": _rounded(faithfulness(methods[name]))
+                     if not math.isnan(faithfulness(methods[name])) else None} for name in ranking],
+        "randomization_failed": failing,
+        "verdict": _verdict(ranking, methods, failing, len(ok), "randomization" in metrics),
+        "curves": {"fractions": [round(float(f), 6) for f in fractions] if fractions is not None else [],
+                   "deletion": sums.means("deletion"), "insertion": sums.means("insertion"),
+                   "randomization": sums.means("randomization")},
+        "per_image": records,
+        "wall_s": round(wall_s, 3),
+    }
+    return {**evaluation, "examples": examples}
+
+
+def _finite(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
+
+
+def _verdict(ranking, methods, failing, images, checked) -> str:
+    real = [name for name in ranking if name != RANDOM_MAP and not math.isnan(faithfulness(methods[name]))]
+    if not real:
+        return f"No faithfulness metric was measured on {images} images."
+    best = real[0]
+    text = f"Most faithful on these {images} images: {best}"
+    chance = faithfulness(methods.get(RANDOM_MAP, {}))
+    if not math.isnan(chance) and faithfulness(methods[best]) <= chance:
+        text += " (but no better than a random map)"
+    if checked:
+        text += (f"; fails the randomization check (maps unchanged with random weights): {', '.join(failing)}."
+                 if failing else "; every method passes the randomization check.")
+    else:
+        text += "."
+    return text

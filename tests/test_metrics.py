@@ -1,0 +1,274 @@
+"""Every metric equals an independent implementation on the same maps, model and images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnexplain.metrics import (MetricSettings, causal_curves, confidence_change, linear_imputation,
+                                 localisation, road_scores, spearman)
+
+
+class _Softmaxed(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.softmax(self.model(x), dim=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """A small CNN with fixed random weights: the references run it once per step, so it is fast."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+
+
+def _score(model):
+    return lambda inputs: torch.softmax(model(inputs), dim=1)
+
+
+# --- RISE's CausalMetric, written out as in the paper's code (224 px, one row per step) ---------
+
+def _rise_kernel(size: int, sigma: float) -> torch.Tensor:
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros((size, size))
+    impulse[size // 2, size // 2] = 1
+    kernel = np.zeros((3, 3, size, size))
+    for channel in range(3):
+        kernel[channel, channel] = gaussian_filter(impulse, sigma)
+    return torch.from_numpy(kernel.astype("float32"))
+
+
+def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: str, step: int,
+                        substrate) -> float:
+    pixels = image.shape[-1] * image.shape[-2]
+    with torch.no_grad():
+        target = int(model(image).argmax(1)[0])
+        steps = (pixels + step - 1) // step
+        if mode == "del":
+            start, finish = image.clone(), substrate(image)
+        else:
+            start, finish = substrate(image), image.clone()
+        scores = np.empty(steps + 1)
+        order = np.flip(np.argsort(saliency.reshape(-1, pixels), axis=1), axis=-1)
+        for i in range(steps + 1):
+            scores[i] = float(model(start)[0, target])
+            if i < steps:
+                coords = order[:, step * i:step * (i + 1)]
+                start.numpy().reshape(1, 3, pixels)[0, :, coords] = finish.numpy().reshape(1, 3, pixels)[0, :, coords]
+    return (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+
+
+@pytest.mark.heavy
+def test_deletion_and_insertion_equal_rise_causal_metric_at_224_px(tiny_cnn):
+    small_resnet = tiny_cnn
+    torch.manual_seed(3)
+    image = torch.randn(1, 3, 224, 224)
+    saliency = torch.rand(2, 224, 224)  # continuous: no ties, so the order is the same
+    kernel = _rise_kernel(11, 5)
+    probability = _Softmaxed(small_resnet)
+    curves = causal_curves(_score(small_resnet), image, saliency[None], probability(image).argmax(1),
+                           probability(image).amax(1).detach(), MetricSettings(steps=224, batch_size=128))
+    deletion, insertion = curves.areas()
+    for m in range(2):
+        expected_deletion = _rise_causal_metric(probability, image, saliency[m].numpy(), "del", 224,
+                                                torch.zeros_like)
+        expected_insertion = _rise_causal_metric(
+            probability, image, saliency[m].numpy(), "ins", 224,
+            lambda x: torch.nn.functional.conv2d(x, kernel, padding=11 // 2))
+        assert float(deletion[0, m]) == pytest.approx(expected_deletion, abs=1e-5)
+        assert float(insertion[0, m]) == pytest.approx(expected_insertion, abs=1e-5)
+
+
+def test_deletion_and_insertion_equal_rise_causal_metric_on_a_small_image(tiny_cnn):
+    """The same comparison at 32 px with one image row per step (fast, in the default suite)."""
+    small_resnet = tiny_cnn
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 32, 32)
+    saliency = torch.rand(2, 2, 32, 32)
+    kernel = _rise_kernel(11, 5)
+    probability = _Softmaxed(small_resnet)
+    with torch.no_grad():
+        probabilities = probability(images)
+    curves = causal_curves(_score(small_resnet), images, saliency, probabilities.argmax(1),
+                           probabilities.amax(1), MetricSettings(steps=32, batch_size=50))
+    deletion, insertion = curves.areas()
+    assert curves.deletion.shape == (2, 2, 33)
+    for b in range(2):
+        for m in range(2):
+            assert float(deletion[b, m]) == pytest.approx(_rise_causal_metric(
+                probability, images[b:b + 1], saliency[b, m].numpy(), "del", 32, torch.zeros_like), abs=1e-5)
+            assert float(insertion[b, m]) == pytest.approx(_rise_causal_metric(
+                probability, images[b:b + 1], saliency[b, m].numpy(), "ins", 32,
+                lambda x: torch.nn.functional.conv2d(x, kernel, padding=5)), abs=1e-5)
+
+
+# --- ROAD against pytorch-grad-cam 1.5.7 ---------------------------------------------------------
+
+def test_linear_imputation_equals_pytorch_grad_cam_noisy_linear_imputer_without_noise():
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    torch.manual_seed(5)
+    image = torch.randn(3, 24, 28)
+    for share in (0.1, 0.5, 0.9):
+        kept = (torch.rand(24, 28) > share).float()
+        expected = NoisyLinearImputer(noise=0.0)(image, kept)
+        ours = linear_imputation(image, kept == 0)
+        assert torch.allclose(ours, expected, atol=1e-5)
+        assert torch.equal(ours[:, kept == 1], image[:, kept == 1])
+
+
+@pytest.mark.heavy
+def test_road_means_agree_with_pytorch_grad_cam_road_with_noise_over_50_images(tiny_cnn):
+    _compare_road(tiny_cnn, images=50, side=32)
+
+
+def test_road_means_agree_with_pytorch_grad_cam_road_with_noise(tiny_cnn):
+    _compare_road(tiny_cnn, images=8, side=16)
+
+
+def _compare_road(small_resnet, images: int, side: int):
+    from pytorch_grad_cam.metrics.road import ROADCombined, ROADLeastRelevantFirstAverage, \
+        ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    torch.manual_seed(6)
+    count = images
+    images = torch.randn(count, 3, side, side)
+    maps = torch.rand(count, 1, side, side)
+    with torch.no_grad():
+        probabilities = torch.softmax(small_resnet(images), dim=1)
+    targets = probabilities.argmax(1)
+    ours = road_scores(_score(small_resnet), images, maps, targets, probabilities.amax(1),
+                       MetricSettings(batch_size=64))
+    cams = maps[:, 0].numpy()
+    reference_targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
+    morf = ROADMostRelevantFirstAverage()(images, cams, reference_targets, small_resnet)
+    lerf = ROADLeastRelevantFirstAverage()(images, cams, reference_targets, small_resnet)
+    combined = ROADCombined()(images, cams, reference_targets, small_resnet)
+    assert float(ours["road_morf"].mean()) == pytest.approx(float(np.mean(morf)), abs=0.01)
+    assert float(ours["road_lerf"].mean()) == pytest.approx(float(np.mean(lerf)), abs=0.01)
+    assert float(ours["road"].mean()) == pytest.approx(float(np.mean(combined)), abs=0.01)
+
+
+# --- average drop / increase against torchcam 0.5.0 ----------------------------------------------
+
+class _GivenMaps:
+    """A torchcam CAM extractor that hands torchcam's metric our maps (scaled as its extractors do)."""
+
+    def __init__(self, model, maps: torch.Tensor):
+        self.model, self.maps = model, maps
+
+    def __call__(self, class_idx=None, scores=None, normalized=True, **kwargs):
+        flat = self.maps.flatten(1)
+        low, high = flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
+        return [(self.maps - low) / (high - low)]
+
+    def fuse_cams(self, cams):
+        return cams[0]
+
+    def _hooks_off(self):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
+def test_average_drop_and_increase_equal_torchcam_classification_metric(tiny_cnn):
+    small_resnet = tiny_cnn
+    from functools import partial
+
+    from torchcam.metrics import ClassificationMetric
+
+    torch.manual_seed(7)
+    images = torch.randn(6, 3, 48, 48)
+    maps = torch.rand(6, 48, 48) ** 3
+    with torch.no_grad():
+        probabilities = torch.softmax(small_resnet(images), dim=1)
+    ours = confidence_change(_score(small_resnet), images, maps[:, None], probabilities.argmax(1),
+                             probabilities.amax(1))
+    reference = ClassificationMetric(_GivenMaps(small_resnet, maps), partial(torch.softmax, dim=-1))
+    reference.update(images)
+    summary = reference.summary()
+    assert float(ours["avg_drop"].mean()) == pytest.approx(summary["avg_drop"], abs=1e-5)
+    assert float(ours["increase"].mean()) == pytest.approx(summary["conf_increase"], abs=1e-9)
+
+
+# --- localisation: the formulas of Quantus 0.6.0, written out per image --------------------------
+
+def _quantus_style(a: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
+    a, s = a.ravel(), s.ravel().astype(bool)
+    hit = bool(np.any(s[np.argwhere(a == a.max()).ravel()]))  # PointingGame
+    positive = np.clip(a, 0, None)
+    mass = positive[s].sum() / positive.sum()  # RelevanceMassAccuracy on the map's positive part
+    k = int(s.sum())
+    top = np.argsort(-a, kind="stable")[:k]
+    rank = len(np.intersect1d(top, np.flatnonzero(s))) / k  # RelevanceRankAccuracy
+    return float(hit), float(mass), float(rank)
+
+
+def test_localisation_equals_the_pointing_game_relevance_mass_and_rank_formulas():
+    rng = np.random.default_rng(8)
+    maps = rng.random((3, 2, 20, 24)).astype(np.float32)
+    maps[0, 1, 2, 3] = 5.0  # a peak outside the object
+    masks = np.zeros((3, 20, 24), dtype=bool)
+    masks[:, 5:12, 6:15] = True
+    masks[2] = False
+    masks[2, 0:3, 0:4] = True
+    ours = localisation(torch.from_numpy(maps), torch.from_numpy(masks))
+    assert float(ours["pointing"][0, 1]) == 0.0
+    for b in range(3):
+        for m in range(2):
+            hit, mass, rank = _quantus_style(maps[b, m], masks[b])
+            assert float(ours["pointing"][b, m]) == hit
+            assert float(ours["mass"][b, m]) == pytest.approx(mass, abs=1e-6)
+            assert float(ours["rank"][b, m]) == pytest.approx(rank, abs=1e-6)
+
+
+def test_localisation_is_nan_for_an_empty_mask():
+    values = localisation(torch.rand(1, 1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool))
+    assert all(bool(torch.isnan(v).all()) for v in values.values())
+
+
+def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
+    from scipy.stats import spearmanr
+
+    first = np.array([[0, 0, 1, 2, 2, 5]], dtype=float)
+    second = np.array([[3, 1, 1, 0, 2, 2]], dtype=float)
+    assert spearman(first, second) == pytest.approx(spearmanr(first.ravel(), second.ravel()).statistic)
+    assert spearman(first, first * 3 + 1) == pytest.approx(1.0)
+    assert spearman(first, np.zeros_like(first)) == 0.0  # the order was lost
+    assert np.isnan(spearman(np.zeros_like(first), first))  # there was no order
+
+
+# --- the "metrics" key of results.jsonl records (shared schema) ----------------------------------
+
+def _record(**metrics_key):
+    return {"image": "a.png", "output": "images/a.png", "detail": "images/a.png/detail.html",
+            "predictions": [{"index": 0, "label": None, "prob": 0.9}],
+            "target": {"index": 0, "label": None, "prob": 0.9}, "methods": ["gradcam"],
+            "files": {"gradcam": {"overlay": "overlay-gradcam.jpg"}}, **metrics_key}
+
+
+@pytest.mark.parametrize("table,problem", [
+    ({"gradcam": {"deletion": 0.2, "pointing": 1}, "random": {"deletion": 0.5}}, None),
+    ({"gradcam": {"deletion": float("nan")}}, "not a finite number"),
+    ({"gradcam": {"deletion": True}}, "not a finite number"),
+    ({"gradcam": {"deletion": "0.2"}}, "not a finite number"),
+    ({"<script>": {"deletion": 0.2}}, "not one of its methods"),
+    ({"gradcam": [0.2]}, "not a table of values"),
+    ({"gradcam": {f"m{i}": 0.0 for i in range(65)}}, "not a table of values"),
+    ({"gradcam": {"x" * 101: 0.0}}, "without a short name"),
+    ([["gradcam", 0.2]], "not a table of methods"),
+])
+def test_an_earlier_records_metrics_are_validated_on_resume_and_merge(table, problem):
+    from attnexplain.batch import ok_record_problem
+
+    assert ok_record_problem(_record()) is None
+    found = ok_record_problem(_record(metrics=table))
+    assert (found is None) if problem is None else (problem in found), found
