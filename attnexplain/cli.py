@@ -649,8 +649,8 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
              boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
              aug_smooth, samples, window, baseline, batch_size, arch, num_classes, labels, trust_model,
-             plugin, device: str, size, mean, std, max_pixels: int, images_per_batch: int, out_dir: Path,
-             as_json: bool) -> None:
+             plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,
+             out_dir: Path, as_json: bool) -> None:
     """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
     faithfulness (deletion, insertion, ROAD, average drop), localisation (with --masks or --boxes)
     and the randomization sanity check, beside a random map.
@@ -667,7 +667,7 @@ def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: P
 
     settings = EvaluationSettings(
         method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
-        max_pixels=max_pixels, images_per_batch=images_per_batch,
+        max_pixels=max_pixels, images_per_batch=images_per_batch, colormap=colormap,
         metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64)),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
                                  window, baseline, batch_size))

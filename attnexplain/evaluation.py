@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import AttnExplainError, MethodError, shown
+from .formats import DEFAULT_COLORMAP
 from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_LIMIT,
                       MetricSettings)
 
@@ -52,6 +53,7 @@ class EvaluationSettings:
     images_per_batch: int = 8
     metric_settings: MetricSettings = field(default_factory=MetricSettings)
     options: Any = None  # MethodOptions
+    colormap: str = DEFAULT_COLORMAP  # of the example overlays on the page
 
 
 # --- what to compute -----------------------------------------------------------------------------
@@ -283,7 +285,8 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
         if "fractions" in curves:
             sums.fractions = curves["fractions"]
         if len(examples) < EXAMPLE_IMAGES:
-            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples)))
+            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples),
+                                      settings.colormap))
 
     pending: list = []
     for item in inputs.images:
@@ -408,7 +411,7 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     return torch.from_numpy(correlations[..., -1]), correlations
 
 
-def _examples(chunk, maps, names, count):
+def _examples(chunk, maps, names, count, colormap: str):
     import base64
 
     from .render import downscale, encode_image, render_explained_overlay
@@ -417,7 +420,8 @@ def _examples(chunk, maps, names, count):
     for i, decoded in enumerate(chunk[:count]):
         overlays = {}
         for m, name in enumerate(names):
-            overlay = render_explained_overlay(decoded.pixels, maps[i, m].float().cpu().numpy(), decoded.box)
+            overlay = render_explained_overlay(decoded.pixels, maps[i, m].float().cpu().numpy(), decoded.box,
+                                               colormap=colormap)
             data = base64.b64encode(encode_image(downscale(overlay, 160), ".jpg", quality=80)).decode()
             overlays[name] = f"data:image/jpeg;base64,{data}"
         found.append({"image": decoded.item.relative, "overlays": overlays})
