@@ -102,19 +102,25 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
     address percent-encoded here, every text set as text by the page."""
     from urllib.parse import quote
 
+    measured = sorted({(method, metric) for r in records if r.get("status") == "ok"
+                       for method, values in (r.get("metrics") or {}).items() for metric in values})
     rows = []
     for r in records:
         if r.get("status") != "ok":
             continue
+        metrics = r.get("metrics") or {}
         top = r["predictions"][0]
         right = correct(r)
         rows.append([r["image"], quote(r["output"]), _label(top), round(float(top["prob"]), 6),
                      r.get("truth") if isinstance(r.get("truth"), str) else None,
                      -1 if right is None else int(right),
                      [quote(files.get("thumb", "")) for files in r["files"].values()],
-                     list(r["files"]), quote(r["photo"]) if isinstance(r.get("photo"), str) else None])
+                     list(r["files"]), quote(r["photo"]) if isinstance(r.get("photo"), str) else None,
+                     [metrics.get(method, {}).get(metric) for method, metric in measured]])
     payload = {"columns": ["image", "folder", "label", "confidence", "truth", "correct", "thumbs",
-                           "methods", "photo"],
+                           "methods", "photo", "metrics"],
+               # the per-image values of --metrics, in this order: what the gallery can sort by
+               "metrics": [f"{method} {metric}" for method, metric in measured],
                "methods": list(meta.get("methods") or []), "model": _model_line(meta), "images": rows}
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
     # Inside a script: no way out of it, whatever the names hold.

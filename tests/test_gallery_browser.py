@@ -335,3 +335,26 @@ def test_gallery_of_ten_thousand_images_opens_one_page(tmp_path, page):
     assert page.text_content("#page").startswith("page 2 of")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "gallery-10000-open-ms.txt").write_text(f"{opened_ms:.0f}\n")
+
+
+def test_gallery_sorts_by_a_metric_of_its_records(tmp_path, page):
+    """Records with --metrics values: the gallery offers each (method, metric) as a sort, images
+    without the value last."""
+    from attnexplain.gallery import write_reports
+
+    deletion = {"a.jpg": 0.4, "b.jpg": 0.1, "c.jpg": None, "d.jpg": 0.7}
+    records = [{"image": name, "status": "ok", "output": f"images/{name}", "detail": f"images/{name}/detail.html",
+                "photo": "photo.jpg", "files": {"gradcam": {"overlay": "overlay-gradcam.jpg", "thumb": "thumb-gradcam.jpg"}},
+                "methods": ["gradcam"],
+                **({"metrics": {"gradcam": {"deletion": value, "insertion": 0.5}}} if value is not None else {}),
+                "predictions": [{"index": 0, "label": "c0", "prob": 0.5}], "target": {"index": 0, "label": "c0", "prob": 0.5}}
+               for name, value in deletion.items()]
+    write_reports(tmp_path, records, {"methods": ["gradcam"], "complete": True})
+    page.goto((tmp_path / "index.html").as_uri())
+    options = page.eval_on_selector_all("#sort option", "options => options.map(o => [o.value, o.textContent])")
+    assert ["metric-0-asc", "gradcam deletion ↑"] in options and ["metric-1-desc", "gradcam insertion ↓"] in options
+    page.select_option("#sort", "metric-0-asc")
+    assert _shown_names(page) == ["b.jpg", "a.jpg", "d.jpg", "c.jpg"]
+    page.select_option("#sort", "metric-0-desc")
+    assert _shown_names(page) == ["d.jpg", "a.jpg", "b.jpg", "c.jpg"]
+    assert "sort=metric-0-desc" in page.url
