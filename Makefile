@@ -10,10 +10,14 @@ OUT ?= attnexplain-out
 
 PLUGINS := plugins/attention-cnn plugins/timm
 
+# Quantus 0.6.0 (the localisation and randomization reference of tests/test_metrics.py) goes in
+# with --no-deps: it declares opencv-python, whose cv2 would overwrite opencv-python-headless's.
+# The modules it imports come with attnexplain's dependencies and its test extra.
 $(BIN)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]' $(addprefix -e ,$(PLUGINS))
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt quantus==0.6.0
 	touch $@
 
 install: $(BIN)/.installed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +235,94 @@ def test_localisation_equals_the_pointing_game_relevance_mass_and_rank_formulas(
 def test_localisation_is_nan_for_an_empty_mask():
     values = localisation(torch.rand(1, 1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool))
     assert all(bool(torch.isnan(v).all()) for v in values.values())
+
+
+# --- localisation: Quantus 0.6.0 itself on the same maps and masks ------------------------------
+
+def _quantus_localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """Quantus's values for ``maps`` (B, H, W) and ``masks`` (B, H, W), without its abs or
+    normalisation (ours takes the map as it is). The energy-based pointing game is its
+    AttributionLocalisation on the map's positive part; RelevanceMassAccuracy sums signed values."""
+    quantus = pytest.importorskip("quantus")
+    inputs = dict(model=None, x_batch=np.zeros((len(maps), 3, *maps.shape[1:]), dtype=np.float32),
+                  y_batch=np.zeros(len(maps), dtype=int), a_batch=maps[:, None].astype(np.float32),
+                  s_batch=masks[:, None].astype(np.float32))
+    plain = dict(abs=False, normalise=False, disable_warnings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its notes on empty masks and on abs=False
+        return {"pointing": np.array(quantus.PointingGame(**plain)(**inputs), dtype=float),
+                "mass": np.array(quantus.AttributionLocalisation(positive_attributions=True, **plain)(**inputs)),
+                "signed_mass": np.array(quantus.RelevanceMassAccuracy(**plain)(**inputs)),
+                "rank": np.array(quantus.RelevanceRankAccuracy(**plain)(**inputs))}
+
+
+def _ours(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    values = localisation(torch.from_numpy(maps[:, None]), torch.from_numpy(masks))
+    return {name: value[:, 0].numpy().astype(float) for name, value in values.items()}
+
+
+def _composite_maps_and_masks() -> tuple[np.ndarray, np.ndarray]:
+    """Eight maps of 24×32: a blob on the object, a blob beside it, noise, signed noise; masks of
+    different sizes and places."""
+    rng = np.random.default_rng(11)
+    height, width = 24, 32
+    yy, xx = np.mgrid[:height, :width]
+    maps, masks = [], []
+    for index in range(8):
+        top, left = rng.integers(0, height - 8), rng.integers(0, width - 10)
+        mask = np.zeros((height, width), dtype=bool)
+        mask[top:top + rng.integers(4, 9), left:left + rng.integers(5, 11)] = True
+        centre_y, centre_x = (top + 3, left + 3) if index % 2 == 0 else rng.integers(0, [height, width])
+        blob = np.exp(-((yy - centre_y) ** 2 + (xx - centre_x) ** 2) / 18.0)
+        noise = rng.random((height, width))
+        a_map = blob + 0.3 * noise if index < 6 else noise - 0.5  # the last two are signed
+        maps.append(a_map.astype(np.float32))
+        masks.append(mask)
+    return np.stack(maps), np.stack(masks)
+
+
+def test_localisation_equals_quantus_pointing_game_attribution_localisation_and_rank_accuracy():
+    maps, masks = _composite_maps_and_masks()
+    ours, theirs = _ours(maps, masks), _quantus_localisation(maps, masks)
+    assert 0 < ours["pointing"].sum() < len(maps)  # hits and misses both checked
+    np.testing.assert_array_equal(ours["pointing"], theirs["pointing"])
+    np.testing.assert_allclose(ours["mass"], theirs["mass"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours["rank"], theirs["rank"], rtol=1e-6)  # ours in float32
+    # On maps with no negative values the energy-based pointing game is RelevanceMassAccuracy too.
+    np.testing.assert_allclose(ours["mass"][:6], theirs["signed_mass"][:6], rtol=1e-5)
+    assert not np.allclose(ours["mass"][6:], theirs["signed_mass"][6:])
+
+
+def test_localisation_equals_quantus_when_the_maximum_is_tied_inside_and_outside_the_object():
+    maps = np.zeros((3, 16, 16), dtype=np.float32)
+    masks = np.zeros((3, 16, 16), dtype=bool)
+    masks[:, 4:8, 4:8] = True
+    maps[0, 5, 5] = maps[0, 12, 12] = 1.0  # one of two equal peaks on the object: a hit
+    maps[1, 12, 12] = maps[1, 0, 0] = 1.0  # both equal peaks off it: a miss
+    maps[2] = np.round(np.random.default_rng(2).random((16, 16)) * 3) / 4  # four levels, many ties
+    maps[2, 4:10, 4:6] = 1.0  # the top level: 12 pixels on the object, the next 4 tied at 0.75
+    ours, theirs = _ours(maps, masks), _quantus_localisation(maps, masks)
+    np.testing.assert_array_equal(ours["pointing"], [1.0, 0.0, 1.0])
+    for name in ("pointing", "mass"):
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, err_msg=name)
+    # Which of the pixels tied at the K-th place count is the sort's choice (ours stable, Quantus's
+    # numpy's default): the rank agrees where the tie does not straddle the object's edge.
+    masks[2] = maps[2] >= 0.75
+    ours, theirs = _ours(maps, masks), _quantus_localisation(maps, masks)
+    assert ours["rank"][2] == theirs["rank"][2] == 1.0
+
+
+def test_localisation_of_an_empty_mask_is_nan_where_quantus_pointing_game_says_hit():
+    maps = np.random.default_rng(3).random((2, 8, 8)).astype(np.float32)
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[1, 2:4, 2:4] = True
+    ours, theirs = _ours(maps, masks), _quantus_localisation(maps, masks)
+    assert np.isnan([ours["pointing"][0], ours["mass"][0], ours["rank"][0]]).all()
+    assert np.isnan([theirs["mass"][0], theirs["rank"][0]]).all()
+    # Quantus 0.6.0 writes its NaN into a bool array, where it reads as a hit (docs/metrics.md).
+    assert theirs["pointing"][0] == 1.0
+    for name in ("pointing", "mass", "rank"):
+        assert ours[name][1] == pytest.approx(theirs[name][1], rel=1e-6)
 
 
 def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
