@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnexplain.metrics import (MetricSettings, causal_curves, confidence_change, linear_imputation,
-                                 localisation, road_scores, spearman)
+from attnexplain.metrics import (RANDOMIZATION_LIMIT, MetricSettings, causal_curves, confidence_change,
+                                 linear_imputation, localisation, road_scores, spearman)
 
 
 class _Softmaxed(torch.nn.Module):
@@ -334,6 +334,95 @@ def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
     assert spearman(first, first * 3 + 1) == pytest.approx(1.0)
     assert spearman(first, np.zeros_like(first)) == 0.0  # the order was lost
     assert np.isnan(spearman(np.zeros_like(first), first))  # there was no order
+
+
+# --- randomization: Quantus 0.6.0's MPRT on the same model, maps and layer order --------------
+
+def _sobel_edges(images: torch.Tensor) -> torch.Tensor:
+    """A map that ignores the weights: the input's edge strength (B, H, W)."""
+    kernel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+    gray = images.float().mean(1, keepdim=True)
+    gx = torch.nn.functional.conv2d(gray, kernel[None, None], padding=1)
+    gy = torch.nn.functional.conv2d(gray, kernel.t()[None, None], padding=1)
+    return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+
+
+@pytest.fixture(scope="module")
+def mprt_run(plain_cnn):
+    """Quantus's MPRT on ``plain_cnn`` (top down, Spearman, no abs or normalisation), its
+    explain_func our saliency and the edge map; every map it was given is kept."""
+    import dataclasses
+
+    quantus = pytest.importorskip("quantus")
+    from attnexplain.explanation import _as_loaded_model, compute_maps, plan_explanation
+
+    loaded = _as_loaded_model(plain_cnn)
+    plan = plan_explanation(loaded, "saliency", size=32)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    targets = plain_cnn(images).argmax(1)
+
+    def maps_of(module, inputs, classes):  # (B, 2, H, W): saliency, edges
+        computed = compute_maps(dataclasses.replace(loaded, module=module), inputs, plan.methods, plan.layers,
+                                targets=classes)
+        return torch.stack([computed.maps["saliency"].float(), _sobel_edges(inputs)], dim=1)
+
+    before = maps_of(plain_cnn, images, targets)
+    given = []
+    scores = {}
+    for m in range(2):
+        def explain_func(model, inputs, targets, **_):
+            found = maps_of(model, torch.as_tensor(inputs), torch.as_tensor(targets))[:, m].numpy()
+            given.append((m, found))
+            return found
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores[m] = quantus.MPRT(layer_order="top_down", seed=0, abs=False, normalise=False,
+                                     disable_warnings=True)(
+                model=plain_cnn, x_batch=images.numpy(), y_batch=targets.numpy(),
+                a_batch=before[:, m].numpy(), explain_func=explain_func, batch_size=len(images))
+    return {"model": plain_cnn, "images": images, "targets": targets, "before": before, "given": given,
+            "scores": scores, "maps_of": maps_of}
+
+
+def test_randomization_order_is_quantus_mprt_top_down_layer_order(mprt_run):
+    from attnexplain.metrics import parameter_layers
+
+    model = mprt_run["model"]
+    names = {id(module): name for name, module in model.named_modules()}
+    theirs = [name for name in mprt_run["scores"][0] if name != "original"]
+    assert [names[id(layer)] for layer in parameter_layers(model)] == theirs
+
+
+def test_randomization_spearman_equals_quantus_mprt_on_the_maps_mprt_computed(mprt_run):
+    before = mprt_run["before"].numpy()
+    for m in range(2):
+        layers = list(mprt_run["scores"][m])  # "original", then one per randomized layer
+        after = [found for method, found in mprt_run["given"] if method == m]
+        assert len(after) == len(layers)  # one explain_func call per model, the whole batch each
+        for layer, maps in zip(layers, after):
+            ours = [spearman(before[b, m], maps[b]) for b in range(len(before))]
+            np.testing.assert_allclose(ours, mprt_run["scores"][m][layer], rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{m} {layer}")
+
+
+def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomized(mprt_run):
+    from attnexplain.metrics import randomization_correlations
+
+    images, targets = mprt_run["images"], mprt_run["targets"]
+    layers = len(mprt_run["scores"][0]) - 1
+    ours = randomization_correlations(mprt_run["model"], lambda module, step: mprt_run["maps_of"](
+        module, images, targets), mprt_run["before"], steps=layers, seed=0)  # one layer per step, as MPRT
+    last = list(mprt_run["scores"][0])[-1]
+    # The random weights differ (Quantus reseeds every layer with seed + 1, we draw a seed per layer),
+    # so the saliency maps' correlations agree in the mean, not image by image.
+    saliency_ours, saliency_theirs = np.mean(ours[:, 0, -1]), np.mean(mprt_run["scores"][0][last])
+    assert abs(saliency_ours - saliency_theirs) < 0.15
+    assert max(saliency_ours, saliency_theirs) < RANDOMIZATION_LIMIT
+    # The edge map ignores the weights: both keep it at ρ = 1 after every layer.
+    np.testing.assert_allclose(ours[:, 1, :], 1.0)
+    for layer, values in mprt_run["scores"][1].items():
+        np.testing.assert_allclose(values, 1.0, err_msg=layer)
 
 
 # --- the "metrics" key of results.jsonl records (shared schema) ----------------------------------
