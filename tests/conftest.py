@@ -116,6 +116,18 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def sobel_edges(images):
+    """(B, H, W) edge strength of (B, 3, H, W) inputs: a map that is the same whatever the model's
+    weights, the classic map the randomization check must flag."""
+    import torch
+
+    kernel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+    gray = images.float().mean(1, keepdim=True)
+    gx = torch.nn.functional.conv2d(gray, kernel[None, None], padding=1)
+    gy = torch.nn.functional.conv2d(gray, kernel.t()[None, None], padding=1)
+    return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+
+
 def read_gallery_data(out: Path) -> dict:
     """What a batch's gallery-data.js holds (the gallery's records, as the pages read them)."""
     import json

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import sobel_edges
 from PIL import Image
 
 from attnexplain.cli import main
@@ -187,23 +188,16 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     pixels, _, _ = make_composites(8, TEST_SEED)
     batch = torch.cat([prepare(image, plan.preprocessing).tensor for image in pixels])
 
-    def edges(images):  # Sobel magnitude of the input: the same whatever the weights
-        kernel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
-        gray = images.mean(1, keepdim=True)
-        gx = torch.nn.functional.conv2d(gray, kernel[None, None], padding=1)
-        gy = torch.nn.functional.conv2d(gray, kernel.t()[None, None], padding=1)
-        return (gx ** 2 + gy ** 2).sqrt()[:, 0]
-
     def maps_of(module, step):
         import dataclasses
 
         computed = compute_maps(dataclasses.replace(trained, module=module), batch, plan.methods, plan.layers,
                                 targets=targets)
-        return torch.stack([computed.maps["gradcam"], edges(batch)], dim=1)
+        return torch.stack([computed.maps["gradcam"], sobel_edges(batch)], dim=1)
 
     original = compute_maps(trained, batch, plan.methods, plan.layers)
     targets = original.targets
-    before = torch.stack([original.maps["gradcam"], edges(batch)], dim=1)
+    before = torch.stack([original.maps["gradcam"], sobel_edges(batch)], dim=1)
     correlations = randomization_correlations(trained.module, maps_of, before, steps=4)
     final = np.nanmean(correlations[..., -1], axis=0)
     assert final[1] > RANDOMIZATION_LIMIT  # the edge detector: flagged

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import sobel_edges
 
 from attnexplain.metrics import (RANDOMIZATION_LIMIT, MetricSettings, causal_curves, confidence_change,
                                  linear_imputation, localisation, road_scores, spearman)
@@ -243,7 +244,7 @@ def _quantus_localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.n
     """Quantus's values for ``maps`` (B, H, W) and ``masks`` (B, H, W), without its abs or
     normalisation (ours takes the map as it is). The energy-based pointing game is its
     AttributionLocalisation on the map's positive part; RelevanceMassAccuracy sums signed values."""
-    quantus = pytest.importorskip("quantus")
+    import quantus
     inputs = dict(model=None, x_batch=np.zeros((len(maps), 3, *maps.shape[1:]), dtype=np.float32),
                   y_batch=np.zeros(len(maps), dtype=int), a_batch=maps[:, None].astype(np.float32),
                   s_batch=masks[:, None].astype(np.float32))
@@ -338,22 +339,13 @@ def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
 
 # --- randomization: Quantus 0.6.0's MPRT on the same model, maps and layer order --------------
 
-def _sobel_edges(images: torch.Tensor) -> torch.Tensor:
-    """A map that ignores the weights: the input's edge strength (B, H, W)."""
-    kernel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
-    gray = images.float().mean(1, keepdim=True)
-    gx = torch.nn.functional.conv2d(gray, kernel[None, None], padding=1)
-    gy = torch.nn.functional.conv2d(gray, kernel.t()[None, None], padding=1)
-    return (gx ** 2 + gy ** 2).sqrt()[:, 0]
-
-
 @pytest.fixture(scope="module")
 def mprt_run(plain_cnn):
     """Quantus's MPRT on ``plain_cnn`` (top down, Spearman, no abs or normalisation), its
     explain_func our saliency and the edge map; every map it was given is kept."""
     import dataclasses
 
-    quantus = pytest.importorskip("quantus")
+    import quantus
     from attnexplain.explanation import _as_loaded_model, compute_maps, plan_explanation
 
     loaded = _as_loaded_model(plain_cnn)
@@ -364,7 +356,7 @@ def mprt_run(plain_cnn):
     def maps_of(module, inputs, classes):  # (B, 2, H, W): saliency, edges
         computed = compute_maps(dataclasses.replace(loaded, module=module), inputs, plan.methods, plan.layers,
                                 targets=classes)
-        return torch.stack([computed.maps["saliency"].float(), _sobel_edges(inputs)], dim=1)
+        return torch.stack([computed.maps["saliency"].float(), sobel_edges(inputs)], dim=1)
 
     before = maps_of(plain_cnn, images, targets)
     given = []
