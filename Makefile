@@ -10,15 +10,21 @@ OUT ?= attnexplain-out
 
 PLUGINS := plugins/attention-cnn plugins/timm
 
-$(BIN)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGINS))
+# The demo needs the package and the attention-CNN plugin its third model uses; the test extras
+# (reference implementations, scikit-image, Playwright) and the timm plugin are for `make test`.
+$(BIN)/.installed-demo: pyproject.toml constraints.txt plugins/attention-cnn/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e . -e plugins/attention-cnn
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.installed-demo $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 install: $(BIN)/.installed
 
-demo: install
+demo: $(BIN)/.installed-demo
 	$(BIN)/attnexplain run samples/models/resnet-composites.pt samples/images/cat-on-grass.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/vit-composites.pt samples/images/rocket-on-brick.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/attention-cnn-composites.pt samples/images/coffee-on-gravel.png --out $(OUT)
