@@ -280,8 +280,8 @@ def _probe(model: nn.Module, batch: torch.Tensor, on_meta: bool = False) -> list
             if name:  # the model itself is not a layer
                 stack.callback(module.register_forward_hook(make_hook(name)).remove)
         if on_meta:  # the model's own tensors stay where they are; the call sees shapeless copies
-            tensors = {**dict(model.named_parameters(remove_duplicate=False)),
-                       **dict(model.named_buffers(remove_duplicate=False))}
+            # Tied tensors are listed once: functional_call ties their other names to them.
+            tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             functional_call(model, {name: torch.empty_like(tensor, device="meta")
                                     for name, tensor in tensors.items()}, (batch,))
         else:

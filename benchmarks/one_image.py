@@ -7,7 +7,8 @@ Saves a torchvision ARCH with random weights as a state_dict and a 4:3 JPEG phot
 wide (scikit-image's astronaut upscaled and cropped; 4000: 4000×3000, 12 MP), then runs `python -m attnexplain run STATE_DICT PHOTO --arch ARCH` in a
 fresh process REPEATS times. Each run is paired with a "bare" process that imports torch and
 torchvision, loads the same state_dict into the architecture and runs one forward on a 224×224
-input: the least any tool can do. Prints per pair the wall times and their ratio, the median ratio,
+input: the least any tool can do. Prints per pair the wall times, their ratio and difference (what
+`run` costs besides importing torch, loading the model and one forward), the medians,
 and the median of each part the report's `timings` records. With --before, each pair also runs
 the same command with another checkout of attnexplain on PYTHONPATH (e.g. a `git worktree` of an
 earlier commit), and the "before ÷ now" ratio is printed.
@@ -82,26 +83,33 @@ def main() -> None:
                "--device", "cpu", "--overlay-size", args.overlay_size, "--json", "--out",
                str(folder / "out")]
         bare = [sys.executable, "-c", BARE, str(model), args.arch]
-        ratios, before_ratios, parts = [], [], {}
+        ratios, extra, before_ratios, parts, before_parts = [], [], [], {}, {}
         print(f"{args.arch}, {photo.name} ({args.side}x{args.side * 3 // 4}), --overlay-size "
               f"{args.overlay_size}")
         for _ in range(args.repeats):
             bare_s, _ = timed(bare)
             now_s, output = timed(run, REPO)
-            line = f"bare {bare_s:.2f} s, run {now_s:.2f} s ({now_s / bare_s:.2f}x bare)"
+            line = (f"bare {bare_s:.2f} s, run {now_s:.2f} s ({now_s / bare_s:.2f}x bare, "
+                    f"{now_s - bare_s:+.2f} s)")
             ratios.append(now_s / bare_s)
+            extra.append(now_s - bare_s)
             for key, value in json.loads(output)["timings"].items():
                 parts.setdefault(key, []).append(value)
             if args.before is not None:
                 before_command = [part for part in run if part not in ("--overlay-size", args.overlay_size)]
-                before_s, _ = timed(before_command, args.before)
+                before_s, before_output = timed(before_command, args.before)
                 before_ratios.append(before_s / now_s)
+                for key, value in json.loads(before_output)["timings"].items():
+                    before_parts.setdefault(key, []).append(value)
                 line += f", before {before_s:.2f} s ({before_s / now_s:.2f}x now)"
             print(line, flush=True)
-        print(f"median: run {statistics.median(ratios):.2f}x the bare process"
+        print(f"median: run {statistics.median(ratios):.2f}x the bare process, "
+              f"{statistics.median(extra):+.2f} s besides what it does"
               + (f"; before {statistics.median(before_ratios):.2f}x now" if before_ratios else ""))
-        print("report timings (median): " + ", ".join(f"{key} {statistics.median(values):.3f} s"
-                                                      for key, values in parts.items()))
+        for name, recorded in (("now", parts), ("before", before_parts)):
+            if recorded:
+                print(f"report timings, {name} (median): " + ", ".join(
+                    f"{key} {statistics.median(values):.3f} s" for key, values in recorded.items()))
 
 
 if __name__ == "__main__":
