@@ -61,7 +61,8 @@ def timed(command: list[str], tree: Path | None = None) -> tuple[float, str]:
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    # Run from a neutral folder: `python -m` puts the working folder first on the path.
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
