@@ -153,6 +153,14 @@ def test_run_overlay_size_decodes_smaller_and_says_so(tmp_path, resnet_state_dic
     assert set(report["timings"]) >= {"load_image_s", "load_model_s", "plan_s", "preprocess_s", "explain_s"}
 
 
+@pytest.mark.parametrize("value", ["8", "big", "-5"])
+def test_a_bad_overlay_size_is_a_usage_error(tmp_path, resnet_state_dict_file, photo, value):
+    result = _run("run", resnet_state_dict_file, photo, "--overlay-size", value, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--overlay-size'" in result.output and "at least 16, or full" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_caps_overlays_at_the_overlay_size(tmp_path, resnet_state_dict_file, photo):
     out = tmp_path / "out"
     result = _run("batch", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "32",
@@ -163,7 +171,6 @@ def test_batch_caps_overlays_at_the_overlay_size(tmp_path, resnet_state_dict_fil
 
 
 @pytest.mark.parametrize("make_args,message", [
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--overlay-size", "8"], "--overlay-size"),
     (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18", "--overlay-size", "99"],
      "Image not found"),
     (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18"], "Image not found"),
