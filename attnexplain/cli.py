@@ -290,12 +290,18 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
         check_image(image, max_pixels=max_pixels)
     image_s = time.perf_counter() - started
     with writable_output_folder(out_dir):  # so does a folder the outputs cannot be written to
+        from .loading import check_model_path, read_labels
+
+        # What fails without torch fails before importing it; the import is timed on its own.
+        check_model_path(Path(model))
+        label_names = read_labels(labels) if labels is not None else None
         started = time.perf_counter()
-        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
-        model_s = time.perf_counter() - started
-        # Imported after the model path and labels are checked: those fail without importing torch.
         from .explanation import explain, plan_preprocessing
 
+        import_s = time.perf_counter() - started
+        started = time.perf_counter()
+        loaded = _load(model, arch, num_classes, label_names, trust_model, plugin, device)
+        model_s = time.perf_counter() - started
         if picture is None:
             started = time.perf_counter()
             needed = plan_preprocessing(loaded, size=size, mean=mean, std=std).shortest_side
@@ -304,7 +310,8 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
             image_s += time.perf_counter() - started
         explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
                               size=size, mean=mean, std=std, options=settings)
-        explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+        explanation.timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s,
+                               **explanation.timings}
         directory = output_dir_for(out_dir, picture.path)
         report = explanation.save(directory, alpha=alpha, overlay_format=overlay_format)
     for summary in report["maps"].values():

@@ -78,10 +78,7 @@ def load_model(spec: str | Path, *, arch: str | None = None, num_classes: int | 
     """Load ``spec`` (a file or ``PREFIX:NAME[:WEIGHTS]``) into an eval-mode model on ``device``
     (``"auto"``: CUDA, else MPS, else the CPU)."""
     path = Path(spec)
-    # Decided with stat before anything opens the path: opening a FIFO blocks, a device never ends.
-    problem = not_a_regular_file(path)
-    if problem not in (None, "does not exist"):
-        raise ModelLoadError(f"Model path {path} {problem}.")
+    problem = check_model_path(path)
     # What can be checked without torch is checked before importing it (~2 s).
     given_labels = read_labels(labels) if labels is not None else None
     run_device = resolve_device(device)
@@ -93,6 +90,16 @@ def load_model(spec: str | Path, *, arch: str | None = None, num_classes: int | 
         loaded.labels = given_labels
     _finish(loaded, plugin, run_device)
     return loaded
+
+
+def check_model_path(path: Path) -> str | None:
+    """Refuse a model path that is a FIFO or a device; return ``"does not exist"`` for a name that
+    is not a file (a ``PREFIX:NAME`` specification, or a missing file), else None. Decided with stat
+    before anything opens the path: opening a FIFO blocks, a device never ends."""
+    problem = not_a_regular_file(path)
+    if problem not in (None, "does not exist"):
+        raise ModelLoadError(f"Model path {path} {problem}.")
+    return problem
 
 
 def resolve_device(name: str) -> str:
