@@ -10,19 +10,26 @@ OUT ?= attnexplain-out
 
 PLUGINS := plugins/attention-cnn plugins/timm
 
+# The demo needs the package and the attention-CNN plugin its third model uses; the test extras
+# (reference implementations, scikit-image, Playwright), the Ray extra and the timm plugin are for
+# `make test`.
+$(BIN)/.installed-demo: pyproject.toml constraints.txt plugins/attention-cnn/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e . -e plugins/attention-cnn
+	touch $@
+
 # Quantus 0.6.0 (the localisation and randomization reference of tests/test_metrics.py) goes in
 # with --no-deps: it declares opencv-python, whose cv2 would overwrite opencv-python-headless's.
 # The modules it imports come with attnexplain's dependencies and its test extra.
-$(BIN)/.installed: pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGINS))
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+$(BIN)/.installed: $(BIN)/.installed-demo $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]' $(addprefix -e ,$(PLUGINS))
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt quantus==0.6.0
 	touch $@
 
 install: $(BIN)/.installed
 
-demo: install
+demo: $(BIN)/.installed-demo
 	$(BIN)/attnexplain run samples/models/resnet-composites.pt samples/images/cat-on-grass.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/vit-composites.pt samples/images/rocket-on-brick.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/attention-cnn-composites.pt samples/images/coffee-on-gravel.png --out $(OUT)

@@ -285,6 +285,9 @@ class BatchSettings:
     alpha: float = 0.5
     colormap: str = DEFAULT_COLORMAP
     overlay_format: str = "jpg"  # see report.OVERLAY_FORMATS: thousands of photos want JPEG
+    #: Longest side of the overlays (photos are decoded at the smallest scale that covers it and
+    #: the model's input); None: the photo's own size.
+    overlay_size: int | None = 2048
     max_pixels: int = 100_000_000
     images_per_batch: int = 16
     workers: int = 2
@@ -844,7 +847,8 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
                     exhausted = True
                     break
                 pending_reads.append(readers.submit(_read_image, item, key_prefix, done_keys,
-                                                    preprocessing, settings.max_pixels))
+                                                    preprocessing, settings.max_pixels,
+                                                    settings.overlay_size))
             if not pending_reads:
                 break
             decoded = pending_reads.popleft().result()
@@ -880,7 +884,7 @@ def _failed(decoded: Decoded, reason: str) -> dict[str, Any]:
 
 
 def _read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], preprocessing,
-                max_pixels: int) -> Decoded:
+                max_pixels: int, overlay_size: int | None = None) -> Decoded:
     from .images import load_image
     from .preprocess import prepare
 
@@ -898,7 +902,8 @@ def _read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], pr
         decoded.skipped = {}
         return decoded
     try:
-        picture = load_image(item.path, max_pixels=max_pixels)
+        picture = load_image(item.path, max_pixels=max_pixels, longest_side=overlay_size,
+                             shortest_side=preprocessing.shortest_side)
         prepared = prepare(picture.pixels, preprocessing)
     except AttnExplainError as error:
         decoded.error = str(error)
@@ -906,8 +911,7 @@ def _read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], pr
         decoded.error = f"{type(error).__name__}: {' '.join(str(error).split())}"
     else:
         decoded.pixels, decoded.box, decoded.tensor = picture.pixels, prepared.box, prepared.tensor
-        decoded.image_info = {"width": picture.size[0], "height": picture.size[1],
-                              "format": picture.format, "mode": picture.mode}
+        decoded.image_info = picture.describe()
     decoded.decode_s = time.perf_counter() - began
     return decoded
 

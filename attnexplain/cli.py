@@ -131,29 +131,11 @@ def model_options(function):
     return function
 
 
-def _device(name: str) -> str:
-    import torch
-
-    from .errors import AttnExplainError
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AttnExplainError("--device cuda was asked for, but PyTorch sees no CUDA GPU here.")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise AttnExplainError("--device mps was asked for, but this PyTorch has no MPS device.")
-    return name
-
-
 def _load(model: str, arch, num_classes, labels, trust_model, plugin, device):
     from .loading import load_model
 
     return load_model(model, arch=arch, num_classes=num_classes, labels=labels,
-                      trust_model=trust_model, plugin=plugin, device=_device(device))
+                      trust_model=trust_model, plugin=plugin, device=device)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -255,9 +237,29 @@ def overlay_format_option(default: str):
                         help="File format of the overlays (the raw maps are always .npy).")
 
 
+def overlay_size_option(default: str):
+    """--overlay-size, whose default differs: the photo's own size for one image, capped for many."""
+
+    def parsed(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+        if value.strip().lower() == "full":
+            return None
+        try:
+            side = int(value)
+        except ValueError:
+            side = 0
+        if side < 16:
+            raise click.BadParameter(f"give a number of pixels of at least 16, or full (not {value[:40]!r}).")
+        return side
+
+    return click.option("--overlay-size", default=default, show_default=True, callback=parsed,
+                        help="Longest side of the overlays in pixels, or full (the photo's own size). "
+                             "JPEGs are decoded at the smallest scale that covers it and the model's "
+                             "input.")
+
+
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
                      baseline, batch_size):
-    from .explanation import MethodOptions
+    from .options import MethodOptions
 
     return MethodOptions(head_fusion=head_fusion, discard_ratio=discard_ratio,
                          eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, steps=steps,
@@ -274,6 +276,7 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 @click.option("--out", "out_dir", default="attnexplain-out", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
 @overlay_format_option("png")
+@overlay_size_option("full")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
               help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
@@ -283,28 +286,48 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
         samples: int | None, window: int, baseline: str, batch_size: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, colormap: str, top_k: int,
-        max_pixels: int, out_dir: Path, overlay_format: str, as_json: bool, metric_names: list[str]) -> None:
+        max_pixels: int, out_dir: Path, overlay_format: str, overlay_size: int | None, as_json: bool,
+        metric_names: list[str]) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
     or a pickled module with --trust-model) or torchvision:NAME[:WEIGHTS].
     """
-    from .explanation import explain
-    from .images import load_image
+    from .images import check_image, load_image
     from .report import output_dir_for, writable_output_folder
 
     settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
                                 window, baseline, batch_size)
     started = time.perf_counter()
-    picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
+    # A bad image fails before the slow part: decoded now at full size; a smaller decode needs the
+    # model's input size, so its header is checked now and it is decoded after the model loads.
+    picture = load_image(image, max_pixels=max_pixels) if overlay_size is None else None
+    if picture is None:
+        check_image(image, max_pixels=max_pixels)
     image_s = time.perf_counter() - started
     with writable_output_folder(out_dir):  # so does a folder the outputs cannot be written to
+        from .loading import check_model_path, read_labels
+
+        # What fails without torch fails before importing it; the import is timed on its own.
+        check_model_path(Path(model))
+        label_names = read_labels(labels) if labels is not None else None
         started = time.perf_counter()
-        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+        from .explanation import explain, plan_preprocessing
+
+        import_s = time.perf_counter() - started
+        started = time.perf_counter()
+        loaded = _load(model, arch, num_classes, label_names, trust_model, plugin, device)
         model_s = time.perf_counter() - started
+        if picture is None:
+            started = time.perf_counter()
+            needed = plan_preprocessing(loaded, size=size, mean=mean, std=std).shortest_side
+            picture = load_image(image, max_pixels=max_pixels, longest_side=overlay_size,
+                                 shortest_side=needed)
+            image_s += time.perf_counter() - started
         explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
                               size=size, mean=mean, std=std, options=settings)
-        explanation.timings = {"load_image_s": image_s, "load_model_s": model_s, **explanation.timings}
+        explanation.timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s,
+                               **explanation.timings}
         if metric_names:
             from .evaluation import explanation_metrics
 
@@ -424,19 +447,20 @@ def methods() -> None:
 def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, size,
            show_all: bool) -> None:
     """List MODEL's layers that Grad-CAM can use, with their output shapes."""
-    import torch
-
-    from .errors import MethodError
-    from .explanation import default_layer, layer_maps
-    from .preprocess import DEFAULT_SIZE, Preprocessing
-
     from rich.console import Console
     from rich.table import Table
 
+    from .errors import MethodError
+
     loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+    # Imported after the model path and labels are checked: those fail without importing torch.
+    import torch
+
+    from .explanation import default_layer, layer_maps, plan_preprocessing
+
     if not loaded.inner_layers:
         raise MethodError(f"A {loaded.loader} model does not expose its inner layers to hooks.")
-    preprocessing = (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(size=size)
+    preprocessing = plan_preprocessing(loaded, size=size)
     parameter = next(loaded.module.parameters(), None)
     batch = torch.zeros(1, 3, *preprocessing.size,
                         device=parameter.device if parameter is not None else "cpu")
@@ -503,6 +527,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
               help="Also measure each map: deletion, insertion, road, drop, comma-separated (each "
                    "record's \"metrics\" in results.jsonl).")
+@overlay_size_option("2048")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int | None, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
@@ -511,7 +536,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           images_per_batch: int, workers: int, engine: str, address: str | None,
           num_gpus_per_worker: float, out_dir: Path, resume: bool,
           shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str,
-          metric_names: list[str]) -> None:
+          metric_names: list[str], overlay_size: int | None) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -548,8 +573,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     settings = BatchSettings(
         method=method, target=target, layer=layer, size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
-        alpha=alpha, colormap=colormap, overlay_format=overlay_format, max_pixels=max_pixels,
-        truth=read_truth(truth) if truth else None,
+        alpha=alpha, colormap=colormap, overlay_format=overlay_format, overlay_size=overlay_size,
+        max_pixels=max_pixels, truth=read_truth(truth) if truth else None,
         images_per_batch=images_per_batch, workers=workers, metrics=tuple(metric_names),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, baseline, batch_size))

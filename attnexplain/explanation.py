@@ -7,7 +7,7 @@ import re
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,11 +21,12 @@ from .errors import AttnExplainError, MethodError, ModelRunError, NothingToExpla
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
-from .methods.attribution import BASELINES, baseline_images
+from .methods.attribution import baseline_images
 from .formats import DEFAULT_COLORMAP
 from .methods.attention import attention_received, raw_attention, rollout_by_depth
 from .plugins import Detections, TokenReadout, WindowedAttention
 from .methods.cam import cam_map
+from .options import MethodOptions
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
 
 
@@ -37,47 +38,6 @@ class Prediction:
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "label": self.label, "prob": self.prob}
-
-
-#: More masks, copies or perturbations than any of those methods needs; also what the random draws
-#: for them (held in memory at once) can afford.
-MAX_SAMPLES = 100_000
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Settings of the methods; each method reads the ones that concern it."""
-
-    head_fusion: str = "mean"  # rollout: how heads are combined (mean, max, min)
-    discard_ratio: float = 0.0  # rollout: share of the weakest attention weights dropped
-    eigen_smooth: bool = False  # CAM family: first principal component instead of the channel sum
-    aug_smooth: bool = False  # every method: average over flipped and zoomed copies
-    steps: int = 32  # integrated_gradients
-    #: smoothgrad, gradientshap: noisy copies (16); rise: masks (1000); kernelshap, lime:
-    #: perturbations (256). None: each method's own default.
-    samples: int | None = None
-    noise: float = 0.15  # smoothgrad, as a share of each image's range
-    baseline: str = "mean"  # integrated_gradients, occlusion: mean (0 after normalisation), black, blur
-    window: int = 16  # occlusion, pixels at model resolution
-    stride: int = 8  # occlusion
-    batch_size: int = 32  # scorecam, occlusion, integrated_gradients, smoothgrad
-
-    def __post_init__(self) -> None:
-        if self.head_fusion not in ("mean", "max", "min"):
-            raise MethodError(f"Head fusion must be mean, max or min, not {self.head_fusion!r}.")
-        if not 0.0 <= self.discard_ratio < 1.0:
-            raise MethodError(f"The discard ratio must be in [0, 1), not {self.discard_ratio}.")
-        for name in ("steps", "samples", "window", "stride", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise MethodError(f"{name} must be at least 1.")
-        if self.samples is not None and self.samples > MAX_SAMPLES:
-            raise MethodError(f"samples must be at most {MAX_SAMPLES:,}, not {self.samples:,}: each one "
-                              f"is a forward pass (or a noisy copy) per image.")
-        if self.baseline not in BASELINES:
-            raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -147,8 +107,7 @@ class Explanation:
 
         return {
             "image": {"path": str(self.image.path.resolve()) if self.image.path else None,
-                      "width": self.image.size[0], "height": self.image.size[1],
-                      "format": self.image.format, "mode": self.image.mode},
+                      **self.image.describe()},
             "model": self.model.describe(),
             "method": self.method,
             "methods": list(self.maps),
@@ -204,6 +163,8 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     run_device = _model_device(module) if device is None else torch.device(device)
 
     plan = plan_explanation(loaded, method, layer, size=size, mean=mean, std=std)
+    timings["plan_s"] = time.perf_counter() - started  # methods, layers (the default layer's probe)
+    started = time.perf_counter()
     preprocessing = plan.preprocessing
     prepared = prepare(picture.pixels, preprocessing)
     batch = prepared.tensor.to(run_device)
@@ -244,8 +205,7 @@ def plan_explanation(loaded: LoadedModel, method: str | Sequence[str] = "auto",
                      std: Sequence[float] | None = None) -> Plan:
     """Preprocessing, methods and layers for ``loaded``: what :func:`explain` and the batch command
     share. The default layer is found from the input's shape alone."""
-    preprocessing = (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
-        size=size, mean=mean, std=std)
+    preprocessing = plan_preprocessing(loaded, size=size, mean=mean, std=std)
     methods = resolve_methods(loaded, method)
     layers = _layer_names(layer)
     needs_layer = any(m.family == "cam" or m.name == "guided_gradcam" for m in methods)
@@ -255,6 +215,14 @@ def plan_explanation(loaded: LoadedModel, method: str | Sequence[str] = "auto",
         probe = torch.zeros(1, 3, *preprocessing.size, device=_model_device(loaded.module))
         layers = [default_layer(loaded, probe)]
     return Plan(preprocessing, methods, layers)
+
+
+def plan_preprocessing(loaded: LoadedModel, *, size: Sequence[int] | int | None = None,
+                       mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None) -> Preprocessing:
+    """The model's preprocessing (its file's, its plugin's, or the default) with the user's overrides."""
+    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
+        size=size, mean=mean, std=std)
 
 
 def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[str] | None,

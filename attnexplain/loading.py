@@ -75,20 +75,48 @@ class LoadedModel:
 def load_model(spec: str | Path, *, arch: str | None = None, num_classes: int | None = None,
                labels: str | Path | list[str] | None = None, trust_model: bool = False,
                plugin: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load ``spec`` (a file or ``PREFIX:NAME[:WEIGHTS]``) into an eval-mode model on ``device``."""
+    """Load ``spec`` (a file or ``PREFIX:NAME[:WEIGHTS]``) into an eval-mode model on ``device``
+    (``"auto"``: CUDA, else MPS, else the CPU)."""
     path = Path(spec)
-    # Decided with stat before anything opens the path: opening a FIFO blocks, a device never ends.
-    problem = not_a_regular_file(path)
+    problem = check_model_path(path)
+    # What can be checked without torch is checked before importing it (~2 s).
+    given_labels = read_labels(labels) if labels is not None else None
+    run_device = resolve_device(device)
     if problem is None:
         loaded = _load_file(path, arch=arch, num_classes=num_classes, trust_model=trust_model)
-    elif problem == "does not exist":
-        loaded = _load_named(str(spec), arch)
     else:
-        raise ModelLoadError(f"Model path {path} {problem}.")
-    if labels is not None:
-        loaded.labels = read_labels(labels)
-    _finish(loaded, plugin, device)
+        loaded = _load_named(str(spec), arch)
+    if given_labels is not None:
+        loaded.labels = given_labels
+    _finish(loaded, plugin, run_device)
     return loaded
+
+
+def check_model_path(path: Path) -> str | None:
+    """Refuse a model path that is a FIFO or a device; return ``"does not exist"`` for a name that
+    is not a file (a ``PREFIX:NAME`` specification, or a missing file), else None. Decided with stat
+    before anything opens the path: opening a FIFO blocks, a device never ends."""
+    problem = not_a_regular_file(path)
+    if problem not in (None, "does not exist"):
+        raise ModelLoadError(f"Model path {path} {problem}.")
+    return problem
+
+
+def resolve_device(name: str) -> str:
+    """``name`` (auto, cpu, cuda, mps, or any torch device string) as a device this machine has."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AttnExplainError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU here.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise AttnExplainError("--device mps was asked for, but this PyTorch has no MPS device.")
+    return name
 
 
 def _finish(loaded: LoadedModel, plugin_name: str | None, device: str) -> None:
@@ -416,17 +444,21 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str, arc
     labels = _checkpoint_labels(checkpoint, path)
     preprocessing = _checkpoint_preprocessing(checkpoint.get("preprocessing"), path)
     try:
-        module = build_architecture(arch_name, state_dict, arch_kwargs, num_classes)
+        module = build_architecture(arch_name, state_dict, arch_kwargs, num_classes, initialise=False)
     except WeightsDoNotFit as mismatch:
         raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: {mismatch.detail}. "
                              f"Is --arch right?") from None
+    own = module.state_dict()
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is None:
         # Files without torch's per-module versions (safetensors, re-keyed dicts) were saved by
         # current code: load them as the current version (MNASNet refuses a missing version).
-        state_dict._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
+        state_dict._metadata = own._metadata  # type: ignore[attr-defined]
+    # The file's tensors become the model's where their types agree: copying 100 MB into freshly
+    # allocated (never touched) memory costs 0.5 s of page faults for ResNet-50.
+    assign = all(getattr(state_dict[key], "dtype", None) == tensor.dtype for key, tensor in own.items())
     try:
-        module.load_state_dict(state_dict, strict=True)
+        module.load_state_dict(state_dict, strict=True, assign=assign)
     except Exception as error:  # a builder's own _load_from_state_dict may raise anything
         raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: "
                              f"{_first_mismatch(error)}. Is --arch right?") from None
@@ -503,12 +535,15 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
 
 
 def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: dict[str, Any],
-                       num_classes: int | None) -> Any:
+                       num_classes: int | None, *, initialise: bool = True) -> Any:
     """Construct ``arch`` with random weights, its number of classes read off the state_dict.
 
     It is first built on the meta device (no memory for tensors) and compared with ``state_dict``;
     only an architecture whose every tensor matches the file's is built for real, so memory is
     bounded by the file, whatever ``arch_kwargs`` say. Raises :class:`WeightsDoNotFit` otherwise.
+    ``initialise=False`` leaves the weights as allocated (not random), for a caller that loads every
+    one of them next (``load_state_dict(strict=True)``): random initialisation is most of the build
+    (ResNet-50: 0.2 s of 0.21 s).
     """
     found = find_builder(arch)
     if found is None:
@@ -524,7 +559,7 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
 
     def build(meta: bool) -> Any:
         try:
-            return budget.build(builder, arch_kwargs, meta=meta)
+            return budget.build(builder, arch_kwargs, meta=meta, initialise=initialise)
         except _TooLarge as error:
             raise ModelLoadError(f"{arch} built with {shown(arch_kwargs)} is far larger than the "
                                  f"weights it should hold ({error}); refused before it fills "
@@ -565,7 +600,8 @@ class _BuildBudget:
         self.max_modules = 4 * len(state_dict) + 64
         self.max_elements = 4 * sum(int(t.numel()) for t in state_dict.values()) + 200_000_000
 
-    def build(self, builder: Callable[..., Any], kwargs: dict[str, Any], *, meta: bool) -> Any:
+    def build(self, builder: Callable[..., Any], kwargs: dict[str, Any], *, meta: bool,
+              initialise: bool = True) -> Any:
         import torch
         from torch.nn.modules import module as torch_module
 
@@ -591,7 +627,7 @@ class _BuildBudget:
                    torch_module.register_module_parameter_registration_hook(count_tensor),
                    torch_module.register_module_buffer_registration_hook(count_tensor)]
         try:
-            with _torch_logs_kept():
+            with _torch_logs_kept(), _initialisation_skipped(meta or not initialise):
                 if meta:  # the meta device builds without allocating or initialising anything
                     with torch.device("meta"):
                         return builder(**kwargs)
@@ -599,6 +635,44 @@ class _BuildBudget:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextmanager
+def _initialisation_skipped(skipped: bool) -> Iterator[None]:
+    """Make ``torch.nn.init``'s in-place initialisers do nothing in this thread for the duration.
+
+    Builders initialise through that module (``nn.init.kaiming_normal_`` and the ``reset_parameters``
+    of torch's layers); other threads, which may be building models they mean to use with random
+    weights, still get them.
+    """
+    if not skipped:
+        yield
+        return
+    import torch.nn.init as init
+
+    builder_thread = threading.get_ident()
+    originals = {name: getattr(init, name) for name in dir(init)
+                 if name.endswith("_") and not name.startswith("_") and callable(getattr(init, name))}
+
+    def skipping(original: Callable[..., Any]) -> Callable[..., Any]:
+        def initialiser(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == builder_thread:
+                return tensor
+            return original(tensor, *args, **kwargs)
+
+        return initialiser
+
+    with _initialisers_lock:
+        for name, original in originals.items():
+            setattr(init, name, skipping(original))
+        try:
+            yield
+        finally:
+            for name, original in originals.items():
+                setattr(init, name, original)
+
+
+_initialisers_lock = threading.Lock()
 
 
 def _check_fit(arch: str, expected: Mapping[str, Any], given: Mapping[str, Any]) -> None:

@@ -58,6 +58,12 @@ class Preprocessing:
             return self
         return replace(self, **changes, source=f"{self.source} + overrides")
 
+    @property
+    def shortest_side(self) -> int:
+        """The shorter side a photo needs so that preprocessing only ever shrinks it (whatever the
+        photo's aspect ratio): what a reduced decode (``load_image(longest_side=...)``) keeps."""
+        return max(*self.size, self.resize or 0)
+
     def as_dict(self) -> dict[str, Any]:
         return {"size": list(self.size), "resize": self.resize, "letterbox": self.letterbox,
                 "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,

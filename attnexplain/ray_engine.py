@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import pickle
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +114,13 @@ def _shared_path(value: Any) -> Any:
     return value
 
 
-def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels: int) -> dict[str, Any]:
+def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels: int,
+                overlay_size: int | None) -> dict[str, Any]:
     """A Ray task: read and decode one image with batch's own reader. ``row["earlier"]``: the key
     of the image's record from an earlier run that still stands (--resume), or ""."""
     item = InputImage(Path(row["path"]), row["relative"])
     earlier = {item.relative: row["earlier"]} if row["earlier"] else {}
-    decoded = _read_image(item, key_prefix, earlier, preprocessing, max_pixels)
+    decoded = _read_image(item, key_prefix, earlier, preprocessing, max_pixels, overlay_size)
     if decoded.tensor is not None:
         decoded.tensor = decoded.tensor.numpy()  # pickles without torch's shared-memory handles
     # Rows differ in what they hold (a failed decode has no pixels), and Arrow wants one schema per
@@ -213,7 +213,8 @@ def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: I
             decoded = images.map(_decode_row, num_cpus=DECODE_CPUS,
                                  fn_kwargs={"key_prefix": run.key_prefix,
                                             "preprocessing": run.plan.preprocessing,
-                                            "max_pixels": settings.max_pixels})
+                                            "max_pixels": settings.max_pixels,
+                                            "overlay_size": settings.overlay_size})
             explained = decoded.map_batches(
                 _ExplainWorker, batch_size=settings.images_per_batch, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=cluster.workers), num_cpus=1,

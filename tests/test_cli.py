@@ -140,7 +140,40 @@ def test_torchscript_runs_saliency_and_refuses_gradcam_clearly(tmp_path, small_r
     assert not (tmp_path / "out2").exists()
 
 
+def test_run_overlay_size_decodes_smaller_and_says_so(tmp_path, resnet_state_dict_file, photo):
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
+                  "--overlay-size", "200", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    full = Image.open(photo).size  # 451 x 300: its shorter side 300 → 200 / 451 * 300 = 133
+    assert (report["image"]["width"], report["image"]["height"]) == full
+    assert report["image"]["decoded"] == {"width": 200, "height": 133}
+    overlay = Path(report["outputs"]["directory"]) / report["outputs"]["overlay"]
+    assert Image.open(overlay).size == (200, 133)
+    assert set(report["timings"]) >= {"load_image_s", "import_s", "load_model_s", "plan_s", "preprocess_s",
+                                      "explain_s"}
+
+
+@pytest.mark.parametrize("value", ["8", "big", "-5"])
+def test_a_bad_overlay_size_is_a_usage_error(tmp_path, resnet_state_dict_file, photo, value):
+    result = _run("run", resnet_state_dict_file, photo, "--overlay-size", value, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--overlay-size'" in result.output and "at least 16, or full" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_caps_overlays_at_the_overlay_size(tmp_path, resnet_state_dict_file, photo):
+    out = tmp_path / "out"
+    result = _run("batch", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "32",
+                  "--overlay-size", "100", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    overlay = out / "images" / photo.name / "overlay-gradcam.jpg"
+    assert Image.open(overlay).size == (100, 67)
+
+
 @pytest.mark.parametrize("make_args,message", [
+    (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18", "--overlay-size", "99"],
+     "Image not found"),
     (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18"], "Image not found"),
     (lambda t, m, p: ["run", m, _write(t / "empty.jpg", b""), "--arch", "resnet18"], "empty"),
     (lambda t, m, p: ["run", m, _write(t / "text.png", b"hello"), "--arch", "resnet18"], "Not an image"),

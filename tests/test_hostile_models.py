@@ -80,10 +80,18 @@ def _member(members, suffix: str) -> str:
     return next(name for name in members if name.endswith(suffix))
 
 
-def _tampered_pt2(tmp_path, where: str, marker):
+@pytest.fixture(scope="module")
+def exported_archive(tmp_path_factory) -> bytes:
+    """A torch.export archive of a ResNet-18, exported once (seconds) and tampered with per test."""
     model = torchvision.models.resnet18(num_classes=5).eval()
-    path = tmp_path / f"tampered-{where}.pt2"
+    path = tmp_path_factory.mktemp("export") / "resnet18.pt2"
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), str(path))
+    return path.read_bytes()
+
+
+def _tampered_pt2(tmp_path, where: str, marker, archive: bytes):
+    path = tmp_path / f"tampered-{where}.pt2"
+    path.write_bytes(archive)
     payload = pickle.dumps(_Touch(marker))
 
     def change(members):
@@ -109,9 +117,10 @@ def _tampered_pt2(tmp_path, where: str, marker):
 
 
 @pytest.mark.parametrize("where", ["sample-inputs", "pickled-weight", "opaque-constant"])
-def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path, photo, where):
+def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path, photo, where,
+                                                                      exported_archive):
     marker = tmp_path / "pwned"
-    path = _tampered_pt2(tmp_path, where, marker)
+    path = _tampered_pt2(tmp_path, where, marker, exported_archive)
     try:  # control: PyTorch's own loader runs the payload
         torch.export.load(str(path))
     except Exception:
@@ -128,10 +137,9 @@ def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_trusted_export_archive_that_fails_to_load_is_one_line(tmp_path):
+def test_trusted_export_archive_that_fails_to_load_is_one_line(tmp_path, exported_archive):
     path = tmp_path / "exported.pt2"
-    model = torchvision.models.resnet18(num_classes=5).eval()
-    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), str(path))
+    path.write_bytes(exported_archive)
     _rewrite_zip(path, lambda members: members.update(
         {_member(members, "data/sample_inputs/model.pt"): b"\x80\x04 damaged"}))
     # torch logs a whole traceback to stderr before it raises; only our line may come out.

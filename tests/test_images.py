@@ -98,3 +98,61 @@ def test_pixel_limit_refuses_before_decoding(tmp_path):
     Image.fromarray(_gradient()).save(path)
     with pytest.raises(ImageError, match="too large"):
         load_image(path, max_pixels=1000)
+
+
+# --- decoding only what is needed (an overlay's size, the model's input) -------------------------
+
+def _photo(path, width=1600, height=1200, orientation=None):
+    """A smooth photo-like JPEG (gradients plus a soft disc), optionally with an EXIF rotation."""
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    disc = np.exp(-((x - 0.3) ** 2 + (y - 0.6) ** 2) * 20)
+    pixels = np.stack([x * 255, y * 255, disc * 255], axis=2).astype(np.uint8)
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=92)
+    return pixels
+
+
+def _area_resized(pixels, size):
+    import cv2
+
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA).astype(int)
+
+
+def test_a_large_jpeg_is_decoded_at_the_overlay_size(tmp_path):
+    pixels = _photo(tmp_path / "big.jpg")
+    image = load_image(tmp_path / "big.jpg", longest_side=400, shortest_side=224)
+    assert image.size == (400, 300) and image.full_size == (1600, 1200)
+    assert image.describe()["decoded"] == {"width": 400, "height": 300}
+    assert (image.describe()["width"], image.describe()["height"]) == (1600, 1200)
+    # The same picture as the full decode shrunk by area averaging, to JPEG's precision.
+    assert np.abs(image.pixels.astype(int) - _area_resized(pixels, (400, 300))).mean() < 2
+
+
+def test_the_models_input_size_wins_over_a_smaller_overlay(tmp_path):
+    _photo(tmp_path / "big.jpg")
+    image = load_image(tmp_path / "big.jpg", longest_side=100, shortest_side=224)
+    assert image.size == (299, 224)  # 1600 x 1200 at 224 / 1200
+
+
+def test_a_reduced_decode_keeps_the_exif_rotation(tmp_path):
+    pixels = _photo(tmp_path / "turned.jpg", orientation=6)  # displayed rotated 90° clockwise
+    image = load_image(tmp_path / "turned.jpg", longest_side=400, shortest_side=64)
+    assert image.size == (300, 400) and image.full_size == (1200, 1600)
+    upright = np.rot90(pixels, k=-1).copy()
+    assert np.abs(image.pixels.astype(int) - _area_resized(upright, (300, 400))).mean() < 2
+
+
+def test_other_formats_are_resized_to_the_overlay_size_and_small_photos_stay(tmp_path):
+    Image.fromarray(_gradient(800, 600)).save(tmp_path / "big.png")
+    image = load_image(tmp_path / "big.png", longest_side=200)
+    assert image.size == (200, 150) and image.full_size == (800, 600)
+    small = load_image(tmp_path / "big.png", longest_side=2048)
+    assert small.size == (800, 600) and small.file_size is None and "decoded" not in small.describe()
+
+
+def test_the_pixel_limit_holds_for_a_reduced_decode(tmp_path):
+    _photo(tmp_path / "big.jpg")
+    with pytest.raises(ImageError, match="too large"):
+        load_image(tmp_path / "big.jpg", max_pixels=1_000_000, longest_side=100)

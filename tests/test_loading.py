@@ -185,3 +185,23 @@ def test_labels_file_is_read(tmp_path, resnet_state_dict_file):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\nd\ne\n")
     assert load_model(resnet_state_dict_file, arch="resnet18", labels=labels).labels == list("abcde")
+
+
+def test_weights_are_the_files_and_half_precision_files_load_as_float32(tmp_path, small_resnet):
+    state = small_resnet.state_dict()
+    torch.save(state, tmp_path / "full.pt")
+    torch.save({key: value.half() if value.is_floating_point() else value
+                for key, value in state.items()}, tmp_path / "half.pt")
+    full = load_model(tmp_path / "full.pt", arch="resnet18").module.state_dict()
+    assert all(torch.equal(full[key], value) for key, value in state.items())
+    half = load_model(tmp_path / "half.pt", arch="resnet18").module.state_dict()
+    assert all(half[key].dtype == value.dtype for key, value in state.items())
+    assert all(torch.equal(half[key], value.half().to(value.dtype) if value.is_floating_point() else value)
+               for key, value in state.items())
+
+
+def test_loading_leaves_random_initialisation_to_everyone_else(resnet_state_dict_file):
+    initialisers = {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)}
+    load_model(resnet_state_dict_file, arch="resnet18")
+    assert {name: getattr(torch.nn.init, name) for name in dir(torch.nn.init)} == initialisers
+    assert float(torchvision.models.resnet18(num_classes=5).conv1.weight.detach().std()) > 0.01

@@ -37,10 +37,11 @@ def test_saliency_and_integrated_gradients_equal_captum(small_resnet, photo):
 def test_occlusion_equals_captum(small_resnet, photo):
     from captum.attr import Occlusion
 
+    # 3 x 3 overlapping windows (a forward each, on both sides): overlaps are averaged as in Captum.
     result = attnexplain.explain(small_resnet, photo, "occlusion", size=SIZE,
-                                 options=MethodOptions(window=16, stride=8))
-    reference = Occlusion(small_resnet).attribute(_batch(photo), sliding_window_shapes=(3, 16, 16),
-                                                  strides=(3, 8, 8), baselines=0.0,
+                                 options=MethodOptions(window=24, stride=20))
+    reference = Occlusion(small_resnet).attribute(_batch(photo), sliding_window_shapes=(3, 24, 24),
+                                                  strides=(3, 20, 20), baselines=0.0,
                                                   target=result.target.index)
     assert correlation(result.heatmap, reference.sum(1)[0].numpy()) >= 0.999
 

@@ -24,17 +24,18 @@ def images():
     return [data.chelsea(), data.astronaut()]
 
 
-def _batch(pixels):
-    return prepare(pixels, Preprocessing(size=(SIZE, SIZE))).tensor
+def _batch(pixels, size=SIZE):
+    return prepare(pixels, Preprocessing(size=(size, size))).tensor
 
 
-def _grad_cam_package(model, layers, cls, pixels, target, **kwargs):
+def _grad_cam_package(model, layers, cls, pixels, target, size=SIZE, **kwargs):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model.requires_grad_(True)  # pytorch-grad-cam backpropagates into the parameters
     try:
         with cls(model=model, target_layers=layers) as cam:
-            return cam(input_tensor=_batch(pixels), targets=[ClassifierOutputTarget(target)], **kwargs)[0]
+            return cam(input_tensor=_batch(pixels, size), targets=[ClassifierOutputTarget(target)],
+                       **kwargs)[0]
     finally:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
@@ -44,17 +45,20 @@ PACKAGE_CLASSES = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradc
                    "layercam": "LayerCAM", "hirescam": "HiResCAM", "scorecam": "ScoreCAM"}
 
 
-def test_every_cam_method_matches_pytorch_grad_cam_from_one_pass(small_resnet, images):
+# Score-CAM runs the model once per layer4 channel (512) on both sides: in the default run, one
+# photo at 64 px (a 2 x 2 layer4 map); the heavy run adds the second photo at 96 px (3 x 3).
+@pytest.mark.parametrize("photo_index,size", [(0, 64), pytest.param(1, SIZE, marks=pytest.mark.heavy)])
+def test_every_cam_method_matches_pytorch_grad_cam_from_one_pass(small_resnet, images, photo_index, size):
     import pytorch_grad_cam
 
     names = ",".join(PACKAGE_CLASSES)
-    for pixels in images:
-        result = attnexplain.explain(small_resnet, pixels, names, size=SIZE)
+    for pixels in images[photo_index:photo_index + 1]:
+        result = attnexplain.explain(small_resnet, pixels, names, size=size)
         assert list(result.maps) == list(PACKAGE_CLASSES)
         for name, class_name in PACKAGE_CLASSES.items():
             reference = _grad_cam_package(small_resnet, [small_resnet.layer4],
                                           getattr(pytorch_grad_cam, class_name), pixels,
-                                          result.target.index)
+                                          result.target.index, size=size)
             assert correlation(result.maps[name].heatmap, reference) >= 0.999, name
 
 

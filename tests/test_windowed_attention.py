@@ -190,7 +190,9 @@ def test_windowed_raw_attention_is_the_attention_each_position_receives():
     assert torch.equal(grid[:, 2, :, 0, 0], grid[:, 2, :, 1, 1])
 
 
-@pytest.mark.parametrize("name, size", [("swin_t", 128), ("swin_v2_t", 128), ("maxvit_t", 224)])
+# MaxViT's recorded attention is checked layer by layer above; explaining it end to end takes seconds.
+@pytest.mark.parametrize("name, size", [("swin_t", 128), ("swin_v2_t", 128),
+                                        pytest.param("maxvit_t", 224, marks=pytest.mark.heavy)])
 def test_swin_and_maxvit_explain_with_learned_attention(name, size, photo):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name).eval()

@@ -12,12 +12,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..options import BASELINES
+
 #: The noise of SmoothGrad is drawn from a generator with this seed for every image: the same image
 #: gets the same noisy copies alone, in any batch, at any position, and from one run to the next.
 NOISE_SEED = 0
-
-#: What integrated gradients starts from and occlusion fills windows with (``--baseline``).
-BASELINES = ("mean", "black", "blur")
 
 
 def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any) -> torch.Tensor:
