@@ -50,16 +50,25 @@ def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, sam
 
     attribute = Saliency(forward).attribute
     maps = []
-    for image, image_target in zip(batch, target):
-        spread = float(image.max() - image.min()) * noise
-        generator = torch.Generator().manual_seed(NOISE_SEED)  # on the CPU: the same noise on any device
-        draws = torch.randn((samples, *image.shape), generator=generator)
-        noisy = image + spread * draws.to(device=image.device, dtype=image.dtype)
+    for image, image_target, noisy in zip(batch, target, noisy_copies(batch, samples, noise).transpose(0, 1)):
         total = torch.zeros_like(image, dtype=torch.float32)
         for chunk in noisy.split(batch_size):
             total += attribute(_leaf(chunk), target=[image_target] * len(chunk), abs=True).float().sum(dim=0)
         maps.append((total / samples).amax(dim=0))
     return torch.stack(maps)
+
+
+def noisy_copies(batch: torch.Tensor, samples: int, noise: float) -> torch.Tensor:
+    """(samples, B, …) noisy copies of each image: Gaussian noise of σ = ``noise`` × the image's own
+    range (x_max − x_min), drawn for each image from a generator seeded with :data:`NOISE_SEED` on
+    the CPU, so that an image's copies depend neither on its batch nor on the device."""
+    copies = []
+    for image in batch:
+        spread = float(image.max() - image.min()) * noise
+        generator = torch.Generator().manual_seed(NOISE_SEED)
+        draws = torch.randn((samples, *image.shape), generator=generator)
+        copies.append(image + spread * draws.to(device=image.device, dtype=image.dtype))
+    return torch.stack(copies, dim=1)
 
 
 def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
