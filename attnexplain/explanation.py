@@ -623,7 +623,7 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
                                                                       "(gradient-free), or another --layer"))
             # Shapley-CAM differentiates the gradient again: keep its graph.
             gradients = list(torch.autograd.grad(score, activations, allow_unused=True,
-                                                 retain_graph="finercam" in names,
+                                                 retain_graph=bool(names & {"finercam", "shapleycam"}),
                                                  create_graph="shapleycam" in names))
             for name, gradient in zip(layers, gradients):
                 if gradient is None:
