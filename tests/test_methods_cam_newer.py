@@ -211,6 +211,26 @@ def _torchcam_map(model, cam_class, pixels, target, seed=None, **kwargs):
                          align_corners=False)[0, 0].numpy()
 
 
+@pytest.mark.parametrize("method", ["sscam", "iscam", "ablationcam"])
+def test_masking_cams_give_an_image_the_same_map_alone_as_in_a_batch(small_cnn, method):
+    from skimage import data
+
+    from attnexplain.explanation import _as_loaded_model, compute_maps, plan_explanation
+
+    loaded = _as_loaded_model(small_cnn)
+    photos = torch.cat([_batch(picture) for picture in (data.chelsea(), data.astronaut(), data.coffee())])
+    plan = plan_explanation(loaded, method, "features", size=SIZE)
+    options = MethodOptions(samples=2, batch_size=7)
+    torch.manual_seed(123)  # another global random state for each call: it must not matter
+    together = compute_maps(loaded, photos, plan.methods, plan.layers, options=options)
+    for index in range(len(photos)):
+        torch.manual_seed(index)
+        alone = compute_maps(loaded, photos[index:index + 1], plan.methods, plan.layers, options=options)
+        expected = alone.maps[method][0].numpy()
+        np.testing.assert_allclose(together.maps[method][index].numpy(), expected, rtol=1e-4,
+                                   atol=1e-4 * (float(np.abs(expected).max()) or 1.0))
+
+
 def test_sscam_is_the_same_for_the_same_seed_and_smooths_with_more_noise(small_cnn, pixels):
     def sscam(noise):
         return attnexplain.explain(small_cnn, pixels, "sscam", layer="features", size=SIZE,
