@@ -30,13 +30,23 @@ def _batch(pixels, size=SIZE):
     return prepare(pixels, Preprocessing(size=(size, size))).tensor
 
 
-def grad_cam_package(model, layers, cam_class, pixels, targets, size=SIZE, **call):
-    """pytorch-grad-cam's map; it backpropagates into the parameters, so they need gradients."""
+def grad_cam_package(model, layers, cam_class, pixels, targets, size=SIZE, reshape=None, **call):
+    """pytorch-grad-cam's map; it backpropagates into the parameters, so they need gradients.
+
+    Its EigenGradCAM keeps the sign SVD happens to return; ours makes the larger magnitude positive,
+    as its own ``get_2d_projection_with_sign_correction`` does, which it is given here.
+    """
+    import pytorch_grad_cam.eigen_grad_cam as eigen_grad_cam
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
     model.requires_grad_(True)
+    original = eigen_grad_cam.get_2d_projection
+    eigen_grad_cam.get_2d_projection = get_2d_projection_with_sign_correction
     try:
-        with cam_class(model=model, target_layers=layers) as cam:
+        with cam_class(model=model, target_layers=layers, reshape_transform=reshape) as cam:
             return cam(input_tensor=_batch(pixels, size), targets=targets, **call)[0]
     finally:
+        eigen_grad_cam.get_2d_projection = original
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
 
@@ -324,3 +334,118 @@ def test_new_cams_are_listed_with_paper_and_cost():
         method = METHODS[name]
         assert method.paper and method.cost and method.summary, name
     assert "Hessian" in METHODS["shapleycam"].cost
+
+
+# --- every deterministic new CAM on every architecture family (slow: -m heavy) -------------------
+
+def _channels_last(tensor):
+    return tensor.permute(0, 3, 1, 2)
+
+
+def _architecture(name):
+    """(model, layer, input size, pytorch-grad-cam reshape): random weights, 5 classes."""
+    import torchvision
+
+    from attnexplain.default_plugins.torchvision_densenet import with_rectified_features
+    from conftest import with_random_batchnorm_statistics
+
+    torch.manual_seed(0)
+    builders = {
+        "resnet18": (lambda: torchvision.models.resnet18(num_classes=5), "layer4", 64, None),
+        "densenet121": (lambda: with_rectified_features(torchvision.models.densenet121(num_classes=5)),
+                        "rectified", 64, None),
+        "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=5), "features", 64, None),
+        "convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=5), "features", 64, None),
+        "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=5), "features", 64, None),
+        "inception_v3": (lambda: torchvision.models.inception_v3(num_classes=5, aux_logits=False,
+                                                                 init_weights=True), "Mixed_7c", 96, None),
+        "swin_t": (lambda: torchvision.models.swin_t(num_classes=5), "features.5", 128, _channels_last),
+    }
+    build, layer, size, reshape = builders[name]
+    return with_random_batchnorm_statistics(build().eval()), layer, size, reshape
+
+
+ARCHITECTURES = ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11_bn", "inception_v3",
+                 "swin_t"]
+#: pytorch-grad-cam ablates to 0 only where the whole layer's minimum is 0, else to min − 10⁷ (the
+#: paper, and we, always to 0): compared where the layer is rectified.
+RECTIFIED = ("resnet18", "densenet121", "vgg11_bn", "inception_v3")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_new_cams_match_pytorch_grad_cam_on_every_architecture(architecture, pixels):
+    from pytorch_grad_cam import (AblationCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAMElementWise,
+                                  KPCA_CAM, ShapleyCAM)
+
+    model, layer, size, reshape = _architecture(architecture)
+    names = ["gradcam_elementwise", "eigengradcam", "kpcacam", "shapleycam", "finercam"]
+    if architecture in RECTIFIED:
+        names.append("ablationcam")
+    result = attnexplain.explain(model, pixels, ",".join(names), layer=layer, size=size)
+    target = result.target.index
+    layers = [model.get_submodule(layer)]
+    classes = {"gradcam_elementwise": GradCAMElementWise, "eigengradcam": EigenGradCAM,
+               "kpcacam": KPCA_CAM, "shapleycam": ShapleyCAM, "ablationcam": AblationCAM}
+    for name in names:
+        if name == "finercam":
+            reference = grad_cam_package(model, layers, FinerCAM, pixels, None, size, reshape, target_idx=target)
+        else:
+            reference = grad_cam_package(model, layers, classes[name], pixels, _target(target), size, reshape)
+        assert correlation(result.maps[name].heatmap, reference) >= 0.999, name
+    fullgrad = attnexplain.explain(model, pixels, "fullgrad", size=size)
+    reference = grad_cam_package(model, [], FullGrad, pixels, _target(fullgrad.target.index), size)
+    assert correlation(fullgrad.heatmap, reference) >= 0.999, "fullgrad"
+
+
+# --- DenseNet: the in-place ReLU after `features` (docs/methods.md) ------------------------------
+
+@pytest.fixture(scope="module")
+def plain_densenet():
+    """torchvision's own DenseNet-121 class, as built in Python: its default layer is `features`,
+    which its forward rectifies in place after the hook has seen it."""
+    import torchvision
+
+    from conftest import with_random_batchnorm_statistics
+
+    torch.manual_seed(3)
+    return with_random_batchnorm_statistics(torchvision.models.densenet121(num_classes=5).eval())
+
+
+DENSENET_METHODS = ["gradcam", "shapleycam", "finercam"]
+
+
+def test_densenet_features_use_the_modules_own_output_and_its_gradient(plain_densenet, pixels):
+    """Ours is what pytorch-grad-cam computes where its stored activation is a copy (on CUDA, which
+    a copying reshape gives on the CPU too); on the CPU its stored activation is rectified by the
+    in-place ReLU while its gradient is not, so its map differs there and ours does not.
+
+    pytorch-grad-cam's ShapleyCAM keeps the live output (to differentiate it again), rectified on
+    every device: not comparable here. Above `features` DenseNet is ReLU, pooling and a linear layer,
+    whose Hessian is 0: Shapley-CAM is Grad-CAM there."""
+    from pytorch_grad_cam import FinerCAM, GradCAM
+
+    result = attnexplain.explain(plain_densenet, pixels, ",".join(DENSENET_METHODS), size=SIZE)
+    assert result.layer == "features"
+    target = result.target.index
+    layers = [plain_densenet.features]
+    copied = lambda tensor: tensor.clone()  # noqa: E731 - what `.cpu()` does on CUDA
+    np.testing.assert_allclose(result.maps["shapleycam"].heatmap, result.maps["gradcam"].heatmap,
+                               rtol=1e-4, atol=1e-6 * float(result.maps["gradcam"].heatmap.max()))
+    for name, cls in (("gradcam", GradCAM), ("finercam", FinerCAM)):
+        targets, call = (None, {"target_idx": target}) if name == "finercam" else (_target(target), {})
+        reference = grad_cam_package(plain_densenet, layers, cls, pixels, targets, reshape=copied, **call)
+        assert correlation(result.maps[name].heatmap, reference) >= 0.999, name
+    mixed = grad_cam_package(plain_densenet, layers, GradCAM, pixels, _target(target))
+    assert correlation(result.maps["gradcam"].heatmap, mixed) < 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_densenet_new_cams_are_the_same_on_cpu_and_cuda(plain_densenet, pixels):
+    import copy
+
+    names = ",".join(DENSENET_METHODS + ["eigengradcam", "kpcacam", "ablationcam"])
+    on_cpu = attnexplain.explain(plain_densenet, pixels, names, size=SIZE)
+    on_cuda = attnexplain.explain(copy.deepcopy(plain_densenet).cuda(), pixels, names, size=SIZE)
+    for name in on_cpu.maps:
+        assert correlation(on_cpu.maps[name].heatmap, on_cuda.maps[name].heatmap) >= 0.9999, name
