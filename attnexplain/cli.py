@@ -186,7 +186,7 @@ def method_options(function):
         click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
                      help="integrated_gradients: interpolation steps."),
         click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
-                     help="smoothgrad: noisy copies."),
+                     help="smoothgrad, smoothgradcampp: noisy copies; sscam, iscam: masks per channel."),
         click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
         click.option("--baseline", default="mean", show_default=True,
@@ -195,7 +195,10 @@ def method_options(function):
                           "normalisation's mean colour (0 after normalisation); black: pixel value "
                           "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
         click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                     help="Masked or perturbed images per forward pass (scorecam, occlusion, IG)."),
+                     help="Masked or perturbed images per forward pass (scorecam, sscam, iscam, "
+                          "ablationcam, occlusion, IG)."),
+        click.option("--finer-classes", default=3, show_default=True, type=click.IntRange(min=1),
+                     help="finercam: how many of the most similar classes the target is compared with."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -244,13 +247,13 @@ def overlay_format_option(default: str):
 
 
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
-                     baseline, batch_size):
+                     baseline, batch_size, finer_classes):
     from .explanation import MethodOptions
 
     return MethodOptions(head_fusion=head_fusion, discard_ratio=discard_ratio,
                          eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, steps=steps,
                          samples=samples, window=window, stride=max(1, window // 2),
-                         batch_size=batch_size, baseline=baseline)
+                         batch_size=batch_size, baseline=baseline, finer_classes=finer_classes)
 
 
 @main.command()
@@ -265,7 +268,7 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-        samples: int, window: int, baseline: str, batch_size: int,
+        samples: int, window: int, baseline: str, batch_size: int, finer_classes: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
         out_dir: Path, overlay_format: str, as_json: bool) -> None:
@@ -279,7 +282,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     from .report import output_dir_for, writable_output_folder
 
     settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
-                                window, baseline, batch_size)
+                                window, baseline, batch_size, finer_classes)
     started = time.perf_counter()
     picture = load_image(image, max_pixels=max_pixels)  # a bad image fails before the slow part
     image_s = time.perf_counter() - started
@@ -469,7 +472,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @overlay_format_option("jpg")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-          samples: int, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
+          samples: int, window: int, baseline: str, batch_size: int, finer_classes: int, arch,
+          num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, out_dir: Path, resume: bool,
@@ -507,7 +511,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         alpha=alpha, overlay_format=overlay_format, max_pixels=max_pixels,
         images_per_batch=images_per_batch, workers=workers,
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
-                                 samples, window, baseline, batch_size))
+                                 samples, window, baseline, batch_size, finer_classes))
     try:
         # --out is checked before the model loads (a bad --out fails first), and is removed again
         # if the run cannot start (no image found): a refused run leaves no folder behind.
