@@ -8,6 +8,10 @@ pytorch-grad-cam, torchcam and Captum on the same batch, layer and targets. Also
 
     .venv/bin/python benchmarks/methods_speed.py [--batch 8] [--repeats 5] [--sections swin,maxvit]
 
+Sections ``newer`` and ``masking`` (issue #13) time the newer CAMs with paired ratios (bare forward and
+method timed one after the other, median of the per-pair ratios), which a shared machine's load
+affects less.
+
 Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×
 (also measured here for Swin-T and MaxViT-T, whose attention is recorded inside a function, and for a
 detector's box-score target).
@@ -129,6 +133,139 @@ def cnn_section(batch_size: int, repeats: int) -> None:
         lambda: captum_cam.attribute(batch, target=targets.tolist()), repeats))
 
 
+def paired_ratio(bare, function, repeats: int) -> tuple[float, float]:
+    """Median of per-pair ratios (method ÷ bare forward, timed one after the other), and the median
+    method time: on a shared machine the pairs see the same load, where separate medians do not."""
+    function()  # warm-up
+    ratios, times = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        bare()
+        bare_s = time.perf_counter() - started
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+        ratios.append(times[-1] / bare_s)
+    return statistics.median(ratios), statistics.median(times)
+
+
+def paired_row(who: str, what: str, ratio_and_seconds: tuple[float, float],
+               goal: float | None = None) -> None:
+    ratio, seconds = ratio_and_seconds
+    verdict = "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
+    print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict} |", flush=True)
+
+
+#: Issue #13's CAMs from the shared pass, and pytorch-grad-cam's class for each.
+NEWER_CAMS = {"gradcam_elementwise": "GradCAMElementWise", "eigengradcam": "EigenGradCAM",
+              "kpcacam": "KPCA_CAM", "finercam": "FinerCAM", "shapleycam": "ShapleyCAM",
+              "randomcam": "RandomCAM", "fullgrad": "FullGrad", "smoothgradcampp": None}
+SHARED_PASS = ("gradcam_elementwise", "eigengradcam", "kpcacam", "finercam", "randomcam")
+
+
+def newer_cams_section(batch_size: int, repeats: int) -> None:
+    """Issue #13's CAMs on resnet50 (paired ratios), beside pytorch-grad-cam and torchcam."""
+    import pytorch_grad_cam
+    import torchcam.methods
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from attnexplain.explanation import MethodOptions
+
+    loaded = loaded_model("resnet50")
+    model, batch = loaded.module, photos(batch_size, 224)
+    with torch.no_grad():
+        targets = model(batch).argmax(1)
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    smooth = MethodOptions(samples=4)  # torchcam's default number of samples
+    print(f"\n### Issue #13's CAMs: resnet50, batch {batch_size} at 224×224, layer4; paired ratios\n")
+    print("| who | what | median ms | ÷ bare forward (median of pairs) | goal |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for name in NEWER_CAMS:
+        methods = resolve_methods(loaded, name)
+        layers = [] if name == "fullgrad" else ["layer4"]
+        options = smooth if name == "smoothgradcampp" else None
+        paired_row("attnexplain", name, paired_ratio(
+            bare, lambda: compute_maps(loaded, batch, methods, layers, options=options), repeats),
+            goal=1.2 if name in SHARED_PASS else None)
+    methods = resolve_methods(loaded, ",".join(SHARED_PASS))
+    paired_row("attnexplain", "the five shared-pass CAMs together", paired_ratio(
+        bare, lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats), goal=1.4)
+    package_targets = [ClassifierOutputTarget(int(t)) for t in targets]
+    model.requires_grad_(True)
+    for name, class_name in NEWER_CAMS.items():
+        if class_name is None:
+            continue
+        layers = [] if name == "fullgrad" else [model.layer4]  # FullGrad takes every biased layer
+        cam = getattr(pytorch_grad_cam, class_name)(model=model, target_layers=layers)
+        if name == "finercam":
+            run = lambda: cam(input_tensor=batch, targets=None)  # noqa: E731 - the top class vs its neighbours
+        else:
+            run = lambda: cam(input_tensor=batch, targets=package_targets)  # noqa: E731
+        paired_row("pytorch-grad-cam", name, paired_ratio(bare, run, repeats))
+        getattr(cam, "base_cam", cam).activations_and_grads.release()
+    extractor = torchcam.methods.SmoothGradCAMpp(model, target_layer="layer4", num_samples=4)
+
+    def run_torchcam():
+        extractor(targets.tolist(), model(batch))
+
+    paired_row("torchcam", "smoothgradcampp", paired_ratio(bare, run_torchcam, repeats))
+    extractor.remove_hooks()
+    model.requires_grad_(False)
+
+
+def masking_cams_section(repeats: int) -> None:
+    """Ablation-CAM, SS-CAM and IS-CAM cost forwards per channel: resnet18, one image at 112×112,
+    layer4 (512 channels), 2 samples for SS-CAM and IS-CAM; beside pytorch-grad-cam and torchcam."""
+    import pytorch_grad_cam
+    import torchcam.methods
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from attnexplain.explanation import MethodOptions
+
+    loaded = loaded_model("resnet18")
+    model, batch = loaded.module, photos(1, 112)
+    with torch.no_grad():
+        target = int(model(batch).argmax(1))
+
+    def bare():
+        with torch.no_grad():
+            model(batch)
+
+    options = MethodOptions(samples=2, batch_size=64)
+    print("\n### Ablation-CAM, SS-CAM, IS-CAM: resnet18, 1 image at 112×112, layer4 (512 channels); "
+          "paired ratios\n")
+    print("| who | what | median ms | ÷ bare forward (median of pairs) | forwards needed |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for name, needed in (("ablationcam", "512 above layer4"), ("sscam", "2 × 512"), ("iscam", "2 × 512")):
+        methods = resolve_methods(loaded, name)
+        ratio, seconds = paired_ratio(
+            bare, lambda: compute_maps(loaded, batch, methods, ["layer4"], options=options), repeats)
+        print(f"| attnexplain | {name} | {seconds * 1e3:.0f} | {ratio:.1f}× | {needed} |", flush=True)
+    model.requires_grad_(True)
+    ablation = pytorch_grad_cam.AblationCAM(model=model, target_layers=[model.layer4], batch_size=64)
+    ratio, seconds = paired_ratio(
+        bare, lambda: ablation(input_tensor=batch, targets=[ClassifierOutputTarget(target)]), repeats)
+    print(f"| pytorch-grad-cam | ablationcam | {seconds * 1e3:.0f} | {ratio:.1f}× | 512 whole |", flush=True)
+    ablation.activations_and_grads.release()
+    for name, class_name in (("sscam", "SSCAM"), ("iscam", "ISCAM")):
+        extractor = getattr(torchcam.methods, class_name)(model, target_layer="layer4", batch_size=64,
+                                                          num_samples=2, input_shape=(3, 112, 112))
+
+        def run_torchcam():
+            with torch.no_grad():
+                output = model(batch)
+            extractor(target, output)
+
+        ratio, seconds = paired_ratio(bare, run_torchcam, repeats)
+        print(f"| torchcam | {name} | {seconds * 1e3:.0f} | {ratio:.1f}× | 2 × 512 |", flush=True)
+        extractor.remove_hooks()
+    model.requires_grad_(False)
+
+
 def transformer_section(name: str, batch_size: int, repeats: int) -> None:
     loaded = loaded_model(name)
     model, batch = loaded.module, photos(batch_size, 224)
@@ -183,8 +320,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sections", default="cnn,vit,swin,maxvit,detection,startup",
-                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup")
+    parser.add_argument("--sections", default="cnn,newer,masking,vit,swin,maxvit,detection,startup",
+                        help="comma-separated: cnn, newer, masking, vit, swin, maxvit, detection, startup")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, numpy {np.__version__}, CPU")
@@ -195,6 +332,8 @@ def main() -> None:
         "maxvit": lambda: transformer_section("maxvit_t", args.batch, args.repeats),
         "detection": lambda: detection_section(max(1, args.batch // 4), args.repeats),
         "startup": startup_section,
+        "newer": lambda: newer_cams_section(args.batch, args.repeats),
+        "masking": lambda: masking_cams_section(args.repeats),
     }
     for name in args.sections.split(","):
         sections[name.strip()]()
