@@ -65,6 +65,24 @@ def loaded_model(name: str, **kwargs) -> LoadedModel:
                        plugin=select_plugin(module))
 
 
+def on_photos(name: str, batch_size: int, size: int):
+    """The model, a batch of photos, its top-1 classes and a bare inference forward on that batch."""
+    loaded = loaded_model(name)
+    batch = photos(batch_size, size)
+    with torch.no_grad():
+        targets = loaded.module(batch).argmax(1)
+
+    def bare():
+        with torch.no_grad():
+            loaded.module(batch)
+
+    return loaded, batch, targets, bare
+
+
+def verdict(ratio: float, goal: float | None) -> str:
+    return "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
+
+
 class Table:
     def __init__(self, forward_s: float) -> None:
         self.forward_s = forward_s
@@ -74,8 +92,7 @@ class Table:
 
     def row(self, who: str, what: str, seconds: float, goal: float | None = None) -> None:
         ratio = seconds / self.forward_s
-        verdict = "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
-        print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict} |", flush=True)
+        print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict(ratio, goal)} |", flush=True)
 
 
 def cnn_section(batch_size: int, repeats: int) -> None:
@@ -84,14 +101,8 @@ def cnn_section(batch_size: int, repeats: int) -> None:
     from captum.attr import LayerGradCam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    loaded = loaded_model("resnet50")
-    model, batch = loaded.module, photos(batch_size, 224)
-    with torch.no_grad():
-        targets = model(batch).argmax(1)
-
-    def bare():
-        with torch.no_grad():
-            model(batch)
+    loaded, batch, targets, bare = on_photos("resnet50", batch_size, 224)
+    model = loaded.module
 
     print(f"\n### resnet50, batch {batch_size} at 224×224, layer4\n")
     table = Table(median_seconds(bare, repeats))
@@ -152,8 +163,7 @@ def paired_ratio(bare, function, repeats: int) -> tuple[float, float]:
 def paired_row(who: str, what: str, ratio_and_seconds: tuple[float, float],
                goal: float | None = None) -> None:
     ratio, seconds = ratio_and_seconds
-    verdict = "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
-    print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict} |", flush=True)
+    print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict(ratio, goal)} |", flush=True)
 
 
 #: Issue #13's CAMs from the shared pass, and pytorch-grad-cam's class for each.
@@ -171,14 +181,8 @@ def newer_cams_section(batch_size: int, repeats: int) -> None:
 
     from attnexplain.explanation import MethodOptions
 
-    loaded = loaded_model("resnet50")
-    model, batch = loaded.module, photos(batch_size, 224)
-    with torch.no_grad():
-        targets = model(batch).argmax(1)
-
-    def bare():
-        with torch.no_grad():
-            model(batch)
+    loaded, batch, targets, bare = on_photos("resnet50", batch_size, 224)
+    model = loaded.module
 
     smooth = MethodOptions(samples=4)  # torchcam's default number of samples
     print(f"\n### Issue #13's CAMs: resnet50, batch {batch_size} at 224×224, layer4; paired ratios\n")
@@ -226,14 +230,8 @@ def masking_cams_section(repeats: int) -> None:
 
     from attnexplain.explanation import MethodOptions
 
-    loaded = loaded_model("resnet18")
-    model, batch = loaded.module, photos(1, 112)
-    with torch.no_grad():
-        target = int(model(batch).argmax(1))
-
-    def bare():
-        with torch.no_grad():
-            model(batch)
+    loaded, batch, targets, bare = on_photos("resnet18", 1, 112)
+    model, target = loaded.module, int(targets[0])
 
     options = MethodOptions(samples=2, batch_size=64)
     print("\n### Ablation-CAM, SS-CAM, IS-CAM: resnet18, 1 image at 112×112, layer4 (512 channels); "
