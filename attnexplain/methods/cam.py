@@ -71,6 +71,13 @@ def principal_projection(contributions: torch.Tensor) -> torch.Tensor:
     return _largest_magnitude_positive(projection).reshape(batch, height, width).float()
 
 
+def scaled_per_map(maps: torch.Tensor) -> torch.Tensor:
+    """Each (…, H, W) map minus its minimum, divided by its range: [0, 1] (0 where it is flat)."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low + 1e-8)
+
+
 def cam_map(contributions: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
     """Channel contributions → (B, H, W) map: ReLU of their sum, or of their principal projection."""
     if eigen_smooth and contributions.shape[1] > 1:  # one channel is its own principal component

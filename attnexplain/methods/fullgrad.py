@@ -11,6 +11,7 @@ from torch import nn
 
 from ..capture import capture_activations, frozen_parameters
 from ..errors import MethodError
+from .cam import scaled_per_map
 
 
 def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model: nn.Module,
@@ -32,12 +33,12 @@ def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model
         gradients = torch.autograd.grad(chosen, [inputs] + [captured[name] for name in ran],
                                         allow_unused=True)
     size = tuple(batch.shape[-2:])
-    total = _scaled_per_channel((gradients[0] * batch).abs()).sum(dim=1)
+    total = scaled_per_map((gradients[0] * batch).abs()).sum(dim=1)
     for name, gradient in zip(ran, gradients[1:]):
         if gradient is None or gradient.dim() != 4:
             continue  # a layer that does not feed the score, or not a (B, C, H, W) map
         bias = biases[name].to(gradient.device, gradient.dtype)[None, :, None, None]
-        layer_map = _scaled_per_channel((bias * gradient).abs()).sum(dim=1, keepdim=True)
+        layer_map = scaled_per_map((bias * gradient).abs()).sum(dim=1, keepdim=True)
         # Upsampling is linear: the sum of upsampled channels is the upsampled sum.
         total = total + F.interpolate(layer_map, size=size, mode="bilinear", align_corners=False)[:, 0]
     return total.detach()
@@ -55,8 +56,3 @@ def _spatial_biases(model: nn.Module) -> dict[str, torch.Tensor]:
             biases[name] = (module.bias - module.running_mean * scale).detach()
     return biases
 
-
-def _scaled_per_channel(maps: torch.Tensor) -> torch.Tensor:
-    """Each (B, C) map minus its minimum, divided by its new maximum (pytorch-grad-cam's ψ)."""
-    shifted = maps - maps.amin(dim=(2, 3), keepdim=True)
-    return shifted / (shifted.amax(dim=(2, 3), keepdim=True) + 1e-7)

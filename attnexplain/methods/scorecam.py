@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cam import scaled_per_map
+
 
 def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
              batch: torch.Tensor, targets: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -22,7 +24,7 @@ def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.T
     """
     with torch.no_grad():
         masks = F.interpolate(activation, size=batch.shape[-2:], mode="bilinear", align_corners=True)
-        masks = _scaled_per_channel(masks)
+        masks = scaled_per_map(masks)
         weights = [torch.softmax(_masked_scores(forward, image, image_masks[None], target, batch_size)[0],
                                  dim=0)
                    for image, image_masks, target in zip(batch, masks, targets.tolist())]
@@ -69,16 +71,9 @@ def iscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tens
         return torch.stack(weights)[:, :, None, None] * activation
 
 
-def _scaled_per_channel(maps: torch.Tensor) -> torch.Tensor:
-    """Each (…, H, W) map scaled to [0, 1] (min-max)."""
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    high = maps.amax(dim=(-2, -1), keepdim=True)
-    return (maps - low) / (high - low + 1e-8)
-
-
 def _input_masks(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """torchcam's masks: each channel scaled to [0, 1] at the layer's resolution, then upsampled."""
-    return F.interpolate(_scaled_per_channel(activation), size=tuple(size), mode="bilinear",
+    return F.interpolate(scaled_per_map(activation), size=tuple(size), mode="bilinear",
                          align_corners=False)
 
 
