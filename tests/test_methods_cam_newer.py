@@ -449,3 +449,32 @@ def test_densenet_new_cams_are_the_same_on_cpu_and_cuda(plain_densenet, pixels):
     on_cuda = attnexplain.explain(copy.deepcopy(plain_densenet).cuda(), pixels, names, size=SIZE)
     for name in on_cpu.maps:
         assert correlation(on_cpu.maps[name].heatmap, on_cuda.maps[name].heatmap) >= 0.9999, name
+
+
+def test_ablation_zeroes_a_map_channel_in_the_layers_own_layout(small_vit):
+    """A ViT block's (B, tokens, C) output: zeroing map channel c in the token layout zeroes that
+    channel of the map and nothing else; a layout that computes new values is refused."""
+    from attnexplain.errors import MethodError
+    from attnexplain.explanation import _as_loaded_model, _layer_map
+    from attnexplain.methods.ablation import _channel_positions
+
+    loaded = _as_loaded_model(small_vit)
+    name = "encoder.layers.encoder_layer_1"
+    captured = {}
+    handle = small_vit.get_submodule(name).register_forward_hook(lambda m, i, o: captured.update(out=o))
+    with torch.no_grad():
+        small_vit(torch.randn(1, 3, SIZE, SIZE))
+    handle.remove()
+    output = captured["out"]  # (1, 1 + 64 tokens, 32)
+    as_map = _layer_map(loaded, name, output, (SIZE, SIZE))
+    positions = _channel_positions(output, as_map)
+    assert positions.shape == (32, 64)
+    for channel in (0, 17):
+        ablated = output.reshape(-1).clone()
+        ablated[positions[channel]] = 0
+        laid_out, original = as_map(ablated.reshape(output.shape)), as_map(output)
+        assert bool((laid_out[0, channel] == 0).all())
+        others = [c for c in range(32) if c != channel]
+        assert torch.equal(laid_out[0, others], original[0, others])
+    with pytest.raises(MethodError, match="rearranges"):
+        _channel_positions(output, lambda tensor: as_map(tensor) * 0.5)
