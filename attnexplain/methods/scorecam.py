@@ -1,7 +1,8 @@
 """The Score-CAM family: channels weighted by the target's score on the image masked by each channel.
 
 Score-CAM (Wang et al. 2020) and its smoothed (SS-CAM) and integrated (IS-CAM) variants. Masked images
-are scored ``batch_size`` at a time, channels and samples together.
+are scored ``batch_size`` at a time, one sample's (C, H, W) masks at a time, so that memory does not
+grow with the number of samples.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.T
     with torch.no_grad():
         masks = F.interpolate(activation, size=batch.shape[-2:], mode="bilinear", align_corners=True)
         masks = scaled_per_map(masks)
-        weights = [torch.softmax(_masked_scores(forward, image, image_masks[None], target, batch_size)[0],
-                                 dim=0)
+        weights = [torch.softmax(_masked_scores(forward, image, image_masks, target, batch_size), dim=0)
                    for image, image_masks, target in zip(batch, masks, targets.tolist())]
         return torch.stack(weights)[:, :, None, None] * activation
 
@@ -46,11 +46,12 @@ def sscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tens
         weights = []
         for image, image_masks, target in zip(batch, masks, targets.tolist()):
             generator = torch.Generator().manual_seed(seed)
-            draws = torch.stack([torch.randn(image_masks.shape, generator=generator)
-                                 for _ in range(samples)]).to(image_masks.device, image_masks.dtype)
-            noisy = image_masks[None] + noise * draws
-            weights.append(torch.softmax(
-                _masked_scores(forward, image, noisy, target, batch_size).mean(dim=0), dim=0))
+            total = torch.zeros(image_masks.shape[0], device=image_masks.device)
+            for _ in range(samples):  # one sample's masks at a time: (C, H, W) at input resolution
+                draw = torch.randn(image_masks.shape, generator=generator)
+                noisy = image_masks + noise * draw.to(image_masks.device, image_masks.dtype)
+                total += _masked_scores(forward, image, noisy, target, batch_size)
+            weights.append(torch.softmax(total / samples, dim=0))
         return torch.stack(weights)[:, :, None, None] * activation
 
 
@@ -60,14 +61,14 @@ def iscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tens
     """IS-CAM (Naidu et al. 2020, "Integrated Score-CAM"), as torchcam defines it: Score-CAM whose
     weights are the target's logits averaged over ``samples`` masks scaled by the cumulative
     coefficients Σⱼ₌₁..ᵢ j/N (i = 1..N); costs samples × C masked forwards."""
-    coefficients = torch.arange(1, samples + 1, dtype=torch.float64).div(samples).cumsum(0)
+    coefficients = torch.arange(1, samples + 1, dtype=torch.float64).div(samples).cumsum(0).tolist()
     with torch.no_grad():
         masks = _input_masks(activation, batch.shape[-2:])
         weights = []
         for image, image_masks, target in zip(batch, masks, targets.tolist()):
-            scaled = coefficients.to(image_masks.device, image_masks.dtype)[:, None, None, None] * image_masks[None]
-            weights.append(torch.softmax(
-                _masked_scores(forward, image, scaled, target, batch_size).mean(dim=0), dim=0))
+            total = sum(_masked_scores(forward, image, coefficient * image_masks, target, batch_size)
+                        for coefficient in coefficients)
+            weights.append(torch.softmax(total / samples, dim=0))
         return torch.stack(weights)[:, :, None, None] * activation
 
 
@@ -79,8 +80,6 @@ def _input_masks(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 def _masked_scores(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                    masks: torch.Tensor, target: int, batch_size: int) -> torch.Tensor:
-    """The target's logits (S, C) on ``image`` (3, H, W) times each of ``masks`` (S, C, H, W)."""
-    flat = masks.reshape(-1, *masks.shape[-2:])
-    scores = [forward(chunk[:, None] * image[None])[:, target].float() for chunk in flat.split(batch_size)]
-    return torch.cat(scores).reshape(masks.shape[:2])
-
+    """The target's logits (C,) on ``image`` (3, H, W) times each of ``masks`` (C, H, W)."""
+    return torch.cat([forward(chunk[:, None] * image[None])[:, target].float()
+                      for chunk in masks.split(batch_size)])
