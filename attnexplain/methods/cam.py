@@ -71,11 +71,12 @@ def principal_projection(contributions: torch.Tensor) -> torch.Tensor:
     return _largest_magnitude_positive(projection).reshape(batch, height, width).float()
 
 
-def scaled_per_map(maps: torch.Tensor) -> torch.Tensor:
-    """Each (…, H, W) map minus its minimum, divided by its range: [0, 1] (0 where it is flat)."""
+def scaled_per_map(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each (…, H, W) map minus its minimum, divided by its range + ``eps``: [0, 1] (0 where it is
+    flat). ``eps`` is an absolute floor: a map whose range is near it is scaled down, not up."""
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
-    return (maps - low) / (high - low + 1e-8)
+    return (maps - low) / (high - low + eps)
 
 
 def cam_map(contributions: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
@@ -108,8 +109,12 @@ def kpcacam(activation: torch.Tensor, gradient: torch.Tensor | None = None) -> t
     kernel = (kernel - kernel.mean(dim=1, keepdim=True) - kernel.mean(dim=2, keepdim=True)
               + kernel.mean(dim=(1, 2), keepdim=True))
     values, vectors = torch.linalg.eigh(kernel)  # ascending: the last is the first component
-    projection = vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()
-    return _largest_magnitude_positive(projection).reshape(batch, 1, height, width).float()
+    vector = vectors[..., -1]
+    # scikit-learn's svd_flip: the first entry of largest magnitude is made positive.
+    largest = vector.gather(1, vector.abs().argmax(dim=1, keepdim=True))
+    projection = vector * torch.where(largest < 0, -1.0, 1.0).to(vector.dtype)
+    projection = projection * values[..., -1:].clamp_min(0).sqrt()
+    return projection.reshape(batch, 1, height, width).float()
 
 
 def _largest_magnitude_positive(projection: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ from ..capture import capture_activations, frozen_parameters
 from ..errors import MethodError
 from .cam import scaled_per_map
 
+#: pytorch-grad-cam's floor under each map's range. It is absolute: a layer whose bias gradients span
+#: less than it (deep layers of a random EfficientNet) weighs less in the sum; a smaller floor changes
+#: the map (r = 0.93 on EfficientNet-B0 with 1e-8).
+_EPS = 1e-7
+
 
 def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model: nn.Module,
              **_: Any) -> torch.Tensor:
@@ -33,12 +38,12 @@ def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model
         gradients = torch.autograd.grad(chosen, [inputs] + [captured[name] for name in ran],
                                         allow_unused=True)
     size = tuple(batch.shape[-2:])
-    total = scaled_per_map((gradients[0] * batch).abs()).sum(dim=1)
+    total = scaled_per_map((gradients[0] * batch).abs(), _EPS).sum(dim=1)
     for name, gradient in zip(ran, gradients[1:]):
         if gradient is None or gradient.dim() != 4:
             continue  # a layer that does not feed the score, or not a (B, C, H, W) map
         bias = biases[name].to(gradient.device, gradient.dtype)[None, :, None, None]
-        layer_map = scaled_per_map((bias * gradient).abs()).sum(dim=1, keepdim=True)
+        layer_map = scaled_per_map((bias * gradient).abs(), _EPS).sum(dim=1, keepdim=True)
         # Upsampling is linear: the sum of upsampled channels is the upsampled sum.
         total = total + F.interpolate(layer_map, size=size, mode="bilinear", align_corners=False)[:, 0]
     return total.detach()
