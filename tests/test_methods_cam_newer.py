@@ -34,19 +34,25 @@ def grad_cam_package(model, layers, cam_class, pixels, targets, size=SIZE, resha
     """pytorch-grad-cam's map; it backpropagates into the parameters, so they need gradients.
 
     Its EigenGradCAM keeps the sign SVD happens to return; ours makes the larger magnitude positive,
-    as its own ``get_2d_projection_with_sign_correction`` does, which it is given here.
+    as its own ``get_2d_projection_with_sign_correction`` does, which it is given here. Its KPCA-CAM
+    runs scikit-learn on float32 activations: with γ = 1/C the kernel's variations (about 1e-8 of
+    tanh(1) on EfficientNet-B0's 1280 channels) are below float32's resolution; ours is in float64,
+    as its own function is given here.
     """
     import pytorch_grad_cam.eigen_grad_cam as eigen_grad_cam
+    import pytorch_grad_cam.kpca_cam as kpca_cam
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 
     model.requires_grad_(True)
-    original = eigen_grad_cam.get_2d_projection
+    originals = eigen_grad_cam.get_2d_projection, kpca_cam.get_2d_projection_kernel
     eigen_grad_cam.get_2d_projection = get_2d_projection_with_sign_correction
+    kpca_cam.get_2d_projection_kernel = lambda activations, *args: originals[1](
+        activations.astype(np.float64), *args)
     try:
         with cam_class(model=model, target_layers=layers, reshape_transform=reshape) as cam:
             return cam(input_tensor=_batch(pixels, size), targets=targets, **call)[0]
     finally:
-        eigen_grad_cam.get_2d_projection = original
+        eigen_grad_cam.get_2d_projection, kpca_cam.get_2d_projection_kernel = originals
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
 
