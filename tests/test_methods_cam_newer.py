@@ -364,7 +364,7 @@ def _architecture(name):
         "convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=5), "features", 64, None),
         "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=5), "features", 64, None),
         "inception_v3": (lambda: torchvision.models.inception_v3(num_classes=5, aux_logits=False,
-                                                                 init_weights=True), "Mixed_7c", 96, None),
+                                                                 init_weights=True), "Mixed_7c", 160, None),
         "swin_t": (lambda: torchvision.models.swin_t(num_classes=5), "features.5", 128, _channels_last),
     }
     build, layer, size, reshape = builders[name]
@@ -385,7 +385,9 @@ def test_new_cams_match_pytorch_grad_cam_on_every_architecture(architecture, pix
                                   KPCA_CAM, ShapleyCAM)
 
     model, layer, size, reshape = _architecture(architecture)
-    names = ["gradcam_elementwise", "eigengradcam", "kpcacam", "shapleycam", "finercam"]
+    names = ["gradcam_elementwise", "eigengradcam", "kpcacam", "finercam"]
+    if reshape is None:  # pytorch-grad-cam's ShapleyCAM skips reshape_transform on its activations
+        names.append("shapleycam")
     if architecture in RECTIFIED:
         names.append("ablationcam")
     result = attnexplain.explain(model, pixels, ",".join(names), layer=layer, size=size)
@@ -398,6 +400,9 @@ def test_new_cams_match_pytorch_grad_cam_on_every_architecture(architecture, pix
             reference = grad_cam_package(model, layers, FinerCAM, pixels, None, size, reshape, target_idx=target)
         else:
             reference = grad_cam_package(model, layers, classes[name], pixels, _target(target), size, reshape)
+        if np.ptp(reference) == 0:  # every weight negative (Finer-CAM on the random Inception): both 0
+            assert np.ptp(result.maps[name].heatmap) == 0, name
+            continue
         assert correlation(result.maps[name].heatmap, reference) >= 0.999, name
     fullgrad = attnexplain.explain(model, pixels, "fullgrad", size=size)
     reference = grad_cam_package(model, [], FullGrad, pixels, _target(fullgrad.target.index), size)
