@@ -76,6 +76,17 @@ def capture_activations(model: nn.Module, names: list[str],
 
 
 @contextmanager
+def replaced_output(model: nn.Module, name: str, output: torch.Tensor) -> Iterator[None]:
+    """Layer ``name`` returns ``output`` instead of what it computes, in the block (what an ablation
+    hands on to the rest of the network; its batch may differ from the input's)."""
+    handle = _submodule(model, name).register_forward_hook(lambda module, args, computed: output)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def replaced_forward(module: nn.Module, wrapper) -> Iterator[None]:
     """Run ``wrapper(original_forward, *args, **kwargs)`` instead of ``module.forward`` in the block.
 

@@ -179,8 +179,9 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
         steps=click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
                      help="integrated_gradients: interpolation steps."),
         samples=click.option("--samples", type=click.IntRange(min=1),
-                     help="smoothgrad, gradientshap: noisy copies (default 16); rise: random masks "
-                          "(1000); kernelshap, lime: perturbed samples (256)."),
+                     help="smoothgrad, smoothgradcampp, gradientshap: noisy copies (default 16); sscam, "
+                          "iscam: masks per channel (35, 10); rise: random masks (1000); kernelshap, "
+                          "lime: perturbed samples (256)."),
         window=click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
                      help="occlusion: window side in model-input pixels (stride: half of it)."),
         baseline=click.option("--baseline", default="mean", show_default=True,
@@ -189,8 +190,10 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
                           "normalisation's mean colour (0 after normalisation); black: pixel value "
                           "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
         batch_size=click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                     help="Masked or perturbed images per forward pass (scorecam, occlusion, IG, rise, "
-                          "feature_ablation, kernelshap, lime)."),
+                     help="Masked or perturbed images per forward pass (scorecam, sscam, iscam, ablationcam, "
+                          "occlusion, IG, rise, feature_ablation, kernelshap, lime)."),
+        finer_classes=click.option("--finer-classes", default=3, show_default=True, type=click.IntRange(min=1),
+                     help="finercam: how many of the most similar classes the target is compared with."),
     )
     return _with_options(function, options, leave_out)
 
@@ -258,13 +261,13 @@ def overlay_size_option(default: str):
 
 
 def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples, window,
-                     baseline, batch_size):
+                     baseline, batch_size, finer_classes):
     from .options import MethodOptions
 
     return MethodOptions(head_fusion=head_fusion, discard_ratio=discard_ratio,
                          eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, steps=steps,
                          samples=samples, window=window, stride=max(1, window // 2),
-                         batch_size=batch_size, baseline=baseline)
+                         batch_size=batch_size, baseline=baseline, finer_classes=finer_classes)
 
 
 @main.command()
@@ -283,7 +286,7 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
                    "\"metrics\"; `attnexplain evaluate` compares methods over many images).")
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-        samples: int | None, window: int, baseline: str, batch_size: int,
+        samples: int | None, window: int, baseline: str, batch_size: int, finer_classes: int,
         arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, colormap: str, top_k: int,
         max_pixels: int, out_dir: Path, overlay_format: str, overlay_size: int | None, as_json: bool,
@@ -297,7 +300,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
     from .report import output_dir_for, writable_output_folder
 
     settings = _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps, samples,
-                                window, baseline, batch_size)
+                                window, baseline, batch_size, finer_classes)
     started = time.perf_counter()
     # A bad image fails before the slow part: decoded now at full size; a smaller decode needs the
     # model's input size, so its header is checked now and it is decoded after the model loads.
@@ -530,7 +533,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @overlay_size_option("2048")
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
-          samples: int | None, window: int, baseline: str, batch_size: int, arch, num_classes, labels,
+          samples: int | None, window: int, baseline: str, batch_size: int, finer_classes: int, arch,
+          num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, engine: str, address: str | None,
@@ -577,7 +581,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         max_pixels=max_pixels, truth=read_truth(truth) if truth else None,
         images_per_batch=images_per_batch, workers=workers, metrics=tuple(metric_names),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
-                                 samples, window, baseline, batch_size))
+                                 samples, window, baseline, batch_size, finer_classes))
     try:
         # --out is checked before the model loads (a bad --out fails first), and is removed again
         # if the run cannot start (no image found): a refused run leaves no folder behind.
@@ -673,7 +677,7 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
              boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
-             aug_smooth, samples, window, baseline, batch_size, arch, num_classes, labels, trust_model,
+             aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, num_classes, labels, trust_model,
              plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,
              out_dir: Path, as_json: bool) -> None:
     """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
@@ -695,7 +699,7 @@ def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: P
         max_pixels=max_pixels, images_per_batch=images_per_batch, colormap=colormap,
         metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64)),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
-                                 window, baseline, batch_size))
+                                 window, baseline, batch_size, finer_classes))
     with writable_output_folder(out_dir), output_lock(out_dir):
         loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
         evaluation = run_evaluation(loaded, list(inputs), settings, masks=masks, boxes=boxes, exclude=out_dir)

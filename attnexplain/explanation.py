@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from .capture import (attention_gradients, capture_activations, frozen_parameters,
-                      probe_layers, replaced_forward)
+                      probe_layers, replaced_forward, replaced_output)
 from .errors import AttnExplainError, MethodError, ModelRunError, NothingToExplain
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
-from .methods.attribution import baseline_images
+from .methods.attribution import NOISE_SEED, NOISY_COPIES, baseline_images, noisy_copies
 from .formats import DEFAULT_COLORMAP
 from .methods.attention import attention_received, raw_attention, rollout_by_depth
 from .plugins import Detections, TokenReadout, WindowedAttention
-from .methods.cam import cam_map
+from .methods.cam import cam_map, finer_scores, hessian_products
 from .options import MethodOptions
 from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
 
@@ -307,7 +307,8 @@ def resolve_methods(loaded: LoadedModel, requested: str | Sequence[str]) -> list
             raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them "
                               f"(auto, {', '.join(METHODS)}).")
         method = METHODS[name]
-        needs_layers = method.family != "input" or method.name == "guided_gradcam" or method.needs_modules
+        needs_layers = (method.family != "input" or method.name in ("guided_gradcam", "fullgrad")
+                        or method.needs_modules)
         if needs_layers and not loaded.inner_layers:
             raise MethodError(f"{name} needs the model's inner layers, which a {loaded.loader} model "
                               f"does not expose; use --method saliency, or load the weights as a "
@@ -596,7 +597,9 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
     module = loaded.module
     size = tuple(batch.shape[-2:])
     captured: dict[str, torch.Tensor] = {}
+    names = {m.name for m in methods}
     needs_gradient = any(m.needs_gradient for m in methods)
+    extras: dict[str, list[torch.Tensor]] = {}
     with frozen_parameters(module), capture_activations(module, layers, captured), \
             torch.set_grad_enabled(needs_gradient):
         logits, targets = score(module(batch))
@@ -613,24 +616,86 @@ def _cam_pass(loaded: LoadedModel, batch: torch.Tensor, methods: list[Method], l
             if not score.requires_grad:
                 raise MethodError(_no_gradient(f"layer {layers[0]!r}", "--method eigencam or scorecam "
                                                                       "(gradient-free), or another --layer"))
-            gradients = list(torch.autograd.grad(score, activations, allow_unused=True))
+            # Shapley-CAM differentiates the gradient again: keep its graph.
+            gradients = list(torch.autograd.grad(score, activations, allow_unused=True,
+                                                 retain_graph=bool(names & {"finercam", "shapleycam"}),
+                                                 create_graph="shapleycam" in names))
             for name, gradient in zip(layers, gradients):
                 if gradient is None:
                     raise MethodError(f"The model's output does not depend on layer {name!r}.")
+            if "shapleycam" in names:
+                extras["shapleycam"] = hessian_products(gradients, activations)
+                gradients = [gradient.detach() for gradient in gradients]
+            if "finercam" in names:
+                finer = finer_scores(logits, targets, options.finer_classes).sum()
+                extras["finercam"] = list(torch.autograd.grad(finer, activations))
+    if "smoothgradcampp" in names:
+        extras["smoothgradcampp"] = _noisy_gradients(loaded, batch, layers, targets, options)
     forward = _scores_of(loaded)
     results = {}
     for method in methods:
         per_layer = []
-        for activation, gradient, as_map in zip(activations, gradients, as_maps):
-            activation = as_map(activation.detach())
+        for index, (name, activation, gradient, as_map) in enumerate(zip(layers, activations, gradients,
+                                                                         as_maps)):
+            layer_output = activation.detach()
+            activation = as_map(layer_output)
             gradient = None if gradient is None else as_map(gradient)
-            if method.name == "scorecam":
-                contributions = method.compute(activation, forward, batch, targets, options.batch_size)
+            if method.name in ("scorecam", "sscam", "iscam"):
+                settings = {"sscam": {"noise": options.mask_noise, "seed": NOISE_SEED},
+                            "iscam": {}}.get(method.name, {})
+                if method.name != "scorecam" and options.samples is not None:  # else its own default
+                    settings["samples"] = options.samples
+                contributions = method.compute(activation, forward, batch, targets,
+                                               batch_size=options.batch_size, **settings)
+            elif method.name == "ablationcam":
+                clean = logits.detach().gather(1, targets[:, None])[:, 0]
+                contributions = method.compute(activation, layer_output, as_map,
+                                               _with_layer_output(loaded, name), batch, targets, clean,
+                                               options.batch_size)
+            elif method.name == "randomcam":
+                contributions = method.compute(activation, seed=NOISE_SEED)
+            elif method.name in ("shapleycam", "finercam"):
+                extra = as_map(extras[method.name][index].detach())
+                contributions = method.compute(activation, gradient, extra)
+            elif method.name == "smoothgradcampp":
+                contributions = method.compute(activation, extras[method.name][index])
             else:
                 contributions = method.compute(activation, gradient)
             per_layer.append(_upsample(cam_map(contributions, options.eigen_smooth), size))
         results[method.name] = _fuse_layers(per_layer)
     return results
+
+
+def _with_layer_output(loaded: LoadedModel, name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's (k, classes) scores on ``inputs`` with layer ``name``'s output replaced."""
+
+    def run(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), replaced_output(loaded.module, name, output):
+            return loaded.plugin.class_scores(loaded.module, loaded.module(inputs))[0]
+
+    return run
+
+
+def _noisy_gradients(loaded: LoadedModel, batch: torch.Tensor, layers: list[str], targets: torch.Tensor,
+                     options: MethodOptions) -> list[torch.Tensor]:
+    """Per layer, (samples, B, …) gradients of the target score on noisy copies of each image, laid
+    out as maps (Smooth Grad-CAM++). The noise is SmoothGrad's: σ a share of each image's range,
+    drawn per image from the same seeded generator."""
+    module = loaded.module
+    size = tuple(batch.shape[-2:])
+    samples = NOISY_COPIES if options.samples is None else options.samples
+    noisy = noisy_copies(batch, samples, options.noise)  # (samples, B, 3, H, W)
+    per_sample: list[list[torch.Tensor]] = [[] for _ in layers]
+    for copies in noisy:
+        captured: dict[str, torch.Tensor] = {}
+        with frozen_parameters(module), capture_activations(module, layers, captured), torch.enable_grad():
+            logits = loaded.plugin.class_scores(module, module(copies))[0]
+            chosen = logits.gather(1, targets[:, None]).sum()
+            outputs = [captured[name] for name in layers]
+            gradients = torch.autograd.grad(chosen, outputs)
+        for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
+            per_sample[index].append(_layer_map(loaded, name, output, size)(gradient))
+    return [torch.stack(gradients) for gradients in per_sample]
 
 
 def _check_scores(logits: torch.Tensor, batch_size: int) -> None:

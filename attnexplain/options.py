@@ -31,19 +31,23 @@ class MethodOptions:
     baseline: str = "mean"  # integrated_gradients, occlusion: mean (0 after normalisation), black, blur
     window: int = 16  # occlusion, pixels at model resolution
     stride: int = 8  # occlusion
-    batch_size: int = 32  # scorecam, occlusion, integrated_gradients, smoothgrad
+    batch_size: int = 32  # scorecam, sscam, iscam, ablationcam, occlusion, integrated_gradients, smoothgrad
+    finer_classes: int = 3  # finercam: the most similar classes the target is compared with
+    mask_noise: float = 2.0  # sscam: σ of the Gaussian noise added to its [0, 1] masks (torchcam's)
 
     def __post_init__(self) -> None:
         if self.head_fusion not in ("mean", "max", "min"):
             raise MethodError(f"Head fusion must be mean, max or min, not {self.head_fusion!r}.")
         if not 0.0 <= self.discard_ratio < 1.0:
             raise MethodError(f"The discard ratio must be in [0, 1), not {self.discard_ratio}.")
-        for name in ("steps", "samples", "window", "stride", "batch_size"):
+        for name in ("steps", "samples", "window", "stride", "batch_size", "finer_classes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MethodError(f"{name} must be at least 1.")
         if self.samples is not None and self.samples > MAX_SAMPLES:
             raise MethodError(f"samples must be at most {MAX_SAMPLES:,}, not {self.samples:,}: each one "
                               f"is a forward pass (or a noisy copy) per image.")
+        if not 0.0 <= self.mask_noise <= 100.0:
+            raise MethodError(f"The mask noise must be in [0, 100], not {self.mask_noise}.")
         if self.baseline not in BASELINES:
             raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
 

@@ -8,6 +8,10 @@ pytorch-grad-cam, torchcam and Captum on the same batch, layer and targets. Also
 
     .venv/bin/python benchmarks/methods_speed.py [--batch 8] [--repeats 5] [--sections swin,maxvit]
 
+Sections ``newer`` and ``masking`` (issue #13) time the newer CAMs with paired ratios (bare forward and
+method timed one after the other, median of the per-pair ratios), which a shared machine's load
+affects less.
+
 Goals (issue #4): each gradient CAM ≤ 1.2×, five gradient CAMs together ≤ 1.4×, rollout ≤ 1.3×
 (also measured here for Swin-T and MaxViT-T, whose attention is recorded inside a function, and for a
 detector's box-score target).
@@ -66,10 +70,10 @@ def loaded_model(name: str, **kwargs) -> LoadedModel:
                        plugin=select_plugin(module))
 
 
-def model_and_batch(name: str, batch_size: int, **kwargs):
-    """The model, a batch of photos at 224, its top-1 targets and its bare no-grad forward."""
+def model_and_batch(name: str, batch_size: int, size: int = 224, **kwargs):
+    """The model, a batch of photos, its top-1 targets and its bare no-grad forward on that batch."""
     loaded = loaded_model(name, **kwargs)
-    model, batch = loaded.module, photos(batch_size, 224)
+    model, batch = loaded.module, photos(batch_size, size)
     with torch.no_grad():
         targets = model(batch).argmax(1)
 
@@ -78,6 +82,10 @@ def model_and_batch(name: str, batch_size: int, **kwargs):
             model(batch)
 
     return loaded, batch, targets, bare
+
+
+def verdict(ratio: float, goal: float | None) -> str:
+    return "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
 
 
 class Table:
@@ -89,8 +97,7 @@ class Table:
 
     def row(self, who: str, what: str, seconds: float, goal: float | None = None) -> None:
         ratio = seconds / self.forward_s
-        verdict = "" if goal is None else (f"≤ {goal:.1f}×: " + ("met" if ratio <= goal else "MISSED"))
-        print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict} |", flush=True)
+        print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict(ratio, goal)} |", flush=True)
 
 
 def cnn_section(batch_size: int, repeats: int) -> None:
@@ -141,6 +148,127 @@ def cnn_section(batch_size: int, repeats: int) -> None:
         lambda: captum_cam.attribute(batch, target=targets.tolist()), repeats))
 
 
+def paired_ratio(bare, function, repeats: int) -> tuple[float, float]:
+    """Median of per-pair ratios (method ÷ bare forward, timed one after the other), and the median
+    method time: on a shared machine the pairs see the same load, where separate medians do not."""
+    bare()
+    function()  # warm-up
+    ratios, times = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        bare()
+        bare_s = time.perf_counter() - started
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+        ratios.append(times[-1] / bare_s)
+    return statistics.median(ratios), statistics.median(times)
+
+
+def paired_row(who: str, what: str, ratio_and_seconds: tuple[float, float],
+               goal: float | None = None) -> None:
+    ratio, seconds = ratio_and_seconds
+    print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict(ratio, goal)} |", flush=True)
+
+
+#: Issue #13's CAMs from the shared pass, and pytorch-grad-cam's class for each.
+NEWER_CAMS = {"gradcam_elementwise": "GradCAMElementWise", "eigengradcam": "EigenGradCAM",
+              "kpcacam": "KPCA_CAM", "finercam": "FinerCAM", "shapleycam": "ShapleyCAM",
+              "randomcam": "RandomCAM", "fullgrad": "FullGrad", "smoothgradcampp": None}
+SHARED_PASS = ("gradcam_elementwise", "eigengradcam", "kpcacam", "finercam", "randomcam")
+
+
+def newer_cams_section(batch_size: int, repeats: int) -> None:
+    """Issue #13's CAMs on resnet50 (paired ratios), beside pytorch-grad-cam and torchcam."""
+    import pytorch_grad_cam
+    import torchcam.methods
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from attnexplain.explanation import MethodOptions
+
+    loaded, batch, targets, bare = model_and_batch("resnet50", batch_size, 224)
+    model = loaded.module
+
+    smooth = MethodOptions(samples=4)  # torchcam's default number of samples
+    print(f"\n### Issue #13's CAMs: resnet50, batch {batch_size} at 224×224, layer4; paired ratios\n")
+    print("| who | what | median ms | ÷ bare forward (median of pairs) | goal |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for name in NEWER_CAMS:
+        methods = resolve_methods(loaded, name)
+        layers = [] if name == "fullgrad" else ["layer4"]
+        options = smooth if name == "smoothgradcampp" else None
+        paired_row("attnexplain", name, paired_ratio(
+            bare, lambda: compute_maps(loaded, batch, methods, layers, options=options), repeats),
+            goal=1.2 if name in SHARED_PASS else None)
+    methods = resolve_methods(loaded, ",".join(SHARED_PASS))
+    paired_row("attnexplain", "the five shared-pass CAMs together", paired_ratio(
+        bare, lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats), goal=1.4)
+    package_targets = [ClassifierOutputTarget(int(t)) for t in targets]
+    model.requires_grad_(True)
+    for name, class_name in NEWER_CAMS.items():
+        if class_name is None:
+            continue
+        layers = [] if name == "fullgrad" else [model.layer4]  # FullGrad takes every biased layer
+        cam = getattr(pytorch_grad_cam, class_name)(model=model, target_layers=layers)
+        if name == "finercam":
+            run = lambda: cam(input_tensor=batch, targets=None)  # noqa: E731 - the top class vs its neighbours
+        else:
+            run = lambda: cam(input_tensor=batch, targets=package_targets)  # noqa: E731
+        paired_row("pytorch-grad-cam", name, paired_ratio(bare, run, repeats))
+        getattr(cam, "base_cam", cam).activations_and_grads.release()
+    extractor = torchcam.methods.SmoothGradCAMpp(model, target_layer="layer4", num_samples=4)
+
+    def run_torchcam():
+        extractor(targets.tolist(), model(batch))
+
+    paired_row("torchcam", "smoothgradcampp", paired_ratio(bare, run_torchcam, repeats))
+    extractor.remove_hooks()
+    model.requires_grad_(False)
+
+
+def masking_cams_section(repeats: int) -> None:
+    """Ablation-CAM, SS-CAM and IS-CAM cost forwards per channel: resnet18, one image at 112×112,
+    layer4 (512 channels), 2 samples for SS-CAM and IS-CAM; beside pytorch-grad-cam and torchcam."""
+    import pytorch_grad_cam
+    import torchcam.methods
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from attnexplain.explanation import MethodOptions
+
+    loaded, batch, targets, bare = model_and_batch("resnet18", 1, 112)
+    model, target = loaded.module, int(targets[0])
+
+    options = MethodOptions(samples=2, batch_size=64)
+    print("\n### Ablation-CAM, SS-CAM, IS-CAM: resnet18, 1 image at 112×112, layer4 (512 channels); "
+          "paired ratios\n")
+    print("| who | what | median ms | ÷ bare forward (median of pairs) | forwards needed |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for name, needed in (("ablationcam", "512 above layer4"), ("sscam", "2 × 512"), ("iscam", "2 × 512")):
+        methods = resolve_methods(loaded, name)
+        ratio, seconds = paired_ratio(
+            bare, lambda: compute_maps(loaded, batch, methods, ["layer4"], options=options), repeats)
+        print(f"| attnexplain | {name} | {seconds * 1e3:.0f} | {ratio:.1f}× | {needed} |", flush=True)
+    model.requires_grad_(True)
+    ablation = pytorch_grad_cam.AblationCAM(model=model, target_layers=[model.layer4], batch_size=64)
+    ratio, seconds = paired_ratio(
+        bare, lambda: ablation(input_tensor=batch, targets=[ClassifierOutputTarget(target)]), repeats)
+    print(f"| pytorch-grad-cam | ablationcam | {seconds * 1e3:.0f} | {ratio:.1f}× | 512 whole |", flush=True)
+    ablation.activations_and_grads.release()
+    for name, class_name in (("sscam", "SSCAM"), ("iscam", "ISCAM")):
+        extractor = getattr(torchcam.methods, class_name)(model, target_layer="layer4", batch_size=64,
+                                                          num_samples=2, input_shape=(3, 112, 112))
+
+        def run_torchcam():
+            with torch.no_grad():
+                output = model(batch)
+            extractor(target, output)
+
+        ratio, seconds = paired_ratio(bare, run_torchcam, repeats)
+        print(f"| torchcam | {name} | {seconds * 1e3:.0f} | {ratio:.1f}× | 2 × 512 |", flush=True)
+        extractor.remove_hooks()
+    model.requires_grad_(False)
+
+
 def transformer_section(name: str, batch_size: int, repeats: int) -> None:
     loaded = loaded_model(name)
     model, batch = loaded.module, photos(batch_size, 224)
@@ -185,25 +313,8 @@ def detection_section(batch_size: int, repeats: int) -> None:
             lambda: compute_maps(loaded, batch, methods, [layer]), repeats), goal=1.2)
 
 
-def paired_ratio(bare, method, repeats: int) -> tuple[float, float]:
-    """(median seconds of ``method``, median over pairs of method time ÷ bare time), the two run
-    alternately: on a shared machine a slow spell then hits both sides of a pair."""
-    bare()
-    method()  # warm-up
-    seconds, ratios = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        bare()
-        bare_s = time.perf_counter() - started
-        started = time.perf_counter()
-        method()
-        seconds.append(time.perf_counter() - started)
-        ratios.append(seconds[-1] / bare_s)
-    return statistics.median(seconds), statistics.median(ratios)
-
-
-def paired_row(who: str, what: str, bare, method, repeats: int, note: str = "") -> None:
-    seconds, ratio = paired_ratio(bare, method, repeats)
+def timed_row(who: str, what: str, bare, method, repeats: int, note: str = "") -> None:
+    ratio, seconds = paired_ratio(bare, method, repeats)
     print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {note} |", flush=True)
 
 
@@ -232,7 +343,7 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
         for method in ours:
             methods = resolve_methods(loaded, method)
             options = MethodOptions(samples=samples, batch_size=chunk)
-            paired_row("attnexplain", method, bare, lambda: compute_maps(
+            timed_row("attnexplain", method, bare, lambda: compute_maps(
                 loaded, batch, methods, [], targets=torch.tensor(targets), options=options), repeats,
                 f"--samples {samples}" if method in ("gradientshap", "kernelshap", "lime", "rise") else "")
         leaf = lambda: batch.clone().requires_grad_(True)
@@ -262,7 +373,7 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
                 "lime (same superpixels)": per_image(captum.Lime(model), n_samples=samples),
             }
         for what, run in peers.items():
-            paired_row("captum", what, bare, run, repeats)
+            timed_row("captum", what, bare, run, repeats)
         if name == "resnet18":
             # What RISE cannot do without: samples × batch masked images, forwarded chunk at a time.
             masked = batch[:1] * rise_masks(chunk, tuple(batch.shape[-2:]))[:, None]
@@ -272,7 +383,7 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
                     for _ in range(samples * batch_size // chunk):
                         torch.softmax(model(masked), dim=1)
 
-            paired_row("reference", f"the {samples * batch_size} masked forwards RISE needs "
+            timed_row("reference", f"the {samples * batch_size} masked forwards RISE needs "
                        f"({chunk} per pass)", bare, needed_forwards, repeats)
 
 
@@ -285,14 +396,14 @@ def legrad_section(batch_size: int, repeats: int) -> None:
     print(f"\n### vit_b_16, batch {batch_size} at 224×224: LeGrad (all 12 blocks)\n")
     print(PAIRED_HEADER)
     methods = resolve_methods(loaded, "legrad")
-    paired_row("attnexplain", "legrad", bare,
+    timed_row("attnexplain", "legrad", bare,
                lambda: compute_maps(loaded, batch, methods, [], targets=targets), repeats)
 
     def run_torchcam():  # its hooks refuse the no-grad bare forward: present only during its own
         with torchcam.methods.LeGrad(model, list(model.encoder.layers)) as extractor, torch.enable_grad():
             extractor(targets.tolist(), model(batch))
 
-    paired_row("torchcam", "LeGrad", bare, run_torchcam, repeats)
+    timed_row("torchcam", "LeGrad", bare, run_torchcam, repeats)
 
 
 def startup_section() -> None:
@@ -307,8 +418,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=32,
                         help="attribution: masks, noisy copies or perturbations per image")
-    parser.add_argument("--sections", default="cnn,vit,swin,maxvit,detection,startup",
-                        help="comma-separated: cnn, vit, swin, maxvit, detection, startup, "
+    parser.add_argument("--sections", default="cnn,newer,masking,vit,swin,maxvit,detection,startup",
+                        help="comma-separated: cnn, newer, masking, vit, swin, maxvit, detection, startup, "
                              "attribution, legrad (the last two: not in the default)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -322,6 +433,8 @@ def main() -> None:
         "startup": startup_section,
         "attribution": lambda: attribution_section(max(1, args.batch // 4), args.repeats, args.samples),
         "legrad": lambda: legrad_section(max(1, args.batch // 4), args.repeats),
+        "newer": lambda: newer_cams_section(args.batch, args.repeats),
+        "masking": lambda: masking_cams_section(args.repeats),
     }
     for name in args.sections.split(","):
         sections[name.strip()]()

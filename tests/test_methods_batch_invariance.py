@@ -6,10 +6,10 @@ over the whole batch (SmoothGrad's σ once was) or random draws that depend on a
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from attnexplain.explanation import MethodOptions, _as_loaded_model, compute_maps, plan_explanation
 from attnexplain.methods import METHODS
@@ -39,18 +39,26 @@ def _model_for(method: str, small_resnet, small_vit, gated_model, plain_cnn):
     return {"attention": small_vit, "gates": gated_model}.get(family, small_resnet)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+#: Forwards per channel and per sample on ResNet-18's layer1 (tens of seconds on a shared CPU): under
+#: -m heavy here; tests/test_methods_cam_newer.py checks them by default on a model with 12 channels.
+SLOW = ("sscam", "iscam", "ablationcam")
+
+
+@pytest.mark.parametrize("method", [pytest.param(name, marks=pytest.mark.heavy) if name in SLOW else name
+                                    for name in METHODS])
 def test_each_image_gets_the_same_map_alone_as_in_a_batch(method, photos, small_resnet, small_vit,
                                                           gated_model, plain_cnn):
     loaded = _as_loaded_model(_model_for(method, small_resnet, small_vit, gated_model, plain_cnn))
-    # Score-CAM costs a forward per channel: a layer with few of them.
-    plan = plan_explanation(loaded, method, "layer1" if method == "scorecam" else None, size=SIZE)
+    # The Score-CAM family and Ablation-CAM cost forwards per channel: a layer with few of them.
+    per_channel = method in ("scorecam", "sscam", "iscam", "ablationcam")
+    plan = plan_explanation(loaded, method, "layer1" if per_channel else None, size=SIZE)
+    options = dataclasses.replace(OPTIONS, samples=2) if per_channel else OPTIONS
     # A different global random state before each call: a method drawing from it would differ.
     torch.manual_seed(123)
-    together = compute_maps(loaded, photos, plan.methods, plan.layers, options=OPTIONS)
+    together = compute_maps(loaded, photos, plan.methods, plan.layers, options=options)
     for index in range(len(photos)):
         torch.manual_seed(index)
-        alone = compute_maps(loaded, photos[index:index + 1], plan.methods, plan.layers, options=OPTIONS)
+        alone = compute_maps(loaded, photos[index:index + 1], plan.methods, plan.layers, options=options)
         assert int(alone.targets[0]) == int(together.targets[index])
         expected = alone.maps[method][0].numpy()
         scale = float(np.abs(expected).max()) or 1.0

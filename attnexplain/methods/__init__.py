@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import attention, attribution, cam, gates, rise, scorecam
+from . import ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,42 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("scorecam", "cam", False, "Channels weighted by the target's score on the image masked "
            "by each; gradient-free.", _CNN, "1 forward + one forward per channel (batched)",
            "Wang et al. 2020, Score-CAM", scorecam.scorecam, scale="rise of {target}'s score when only that region is kept"),
+    Method("gradcam_elementwise", "cam", True, "Gradient × activation rectified element by element, "
+           "then summed: negative evidence cannot cancel positive.", _CNN,
+           "1 forward + backward to the layer", "Gildenblat et al., pytorch-grad-cam (GradCAMElementWise)",
+           cam.gradcam_elementwise),
+    Method("eigengradcam", "cam", True, "First principal component of gradient × activation: "
+           "Eigen-CAM made class-specific.", _CNN, "1 forward + backward to the layer",
+           "Gildenblat et al., pytorch-grad-cam (EigenGradCAM), after Muhammad & Yeasin 2020",
+           cam.eigengradcam),
+    Method("kpcacam", "cam", False, "First kernel principal component (sigmoid kernel) of the "
+           "activations; class-agnostic, no gradients.", _CNN,
+           "1 forward + an eigendecomposition of a (positions × positions) kernel per image",
+           "Karmani et al. 2024, KPCA-CAM", cam.kpcacam),
+    Method("ablationcam", "cam", False, "Channels weighted by the target's relative score drop when "
+           "each is zeroed; gradient-free.", _CNN, "1 forward + C forwards of the network above "
+           "the layer (batched, --batch-size at a time)",
+           "Desai & Ramaswamy 2020, Ablation-CAM", ablation.ablationcam),
+    Method("shapleycam", "cam", True, "Channels weighted by a second-order Shapley-value estimate: "
+           "mean of g − ½·H·A (Hessian-vector product).", _CNN,
+           "1 forward + backward to the layer with its graph kept + 1 Hessian-vector product "
+           "(a second backward above the layer): about 2× Grad-CAM's backward",
+           "Cai et al. 2025, CAMs as Shapley Value-based Explainers", cam.shapleycam),
+    Method("finercam", "cam", True, "Grad-CAM of the target's logit against its most similar classes "
+           "(--finer-classes): what sets it apart from them.", _CNN,
+           "1 forward + 2 backwards to the layer", "Zhang et al. 2025, Finer-CAM", cam.finercam),
+    Method("smoothgradcampp", "cam", True, "Grad-CAM++ with derivatives averaged over noisy copies "
+           "of the image (--samples, --noise).", _CNN, "1 forward + samples × (forward + backward "
+           "to the layer)", "Omeiza et al. 2019, Smooth Grad-CAM++", cam.smoothgradcampp),
+    Method("sscam", "cam", False, "Score-CAM averaged over masks with Gaussian noise (--samples); "
+           "gradient-free.", _CNN, "1 forward + samples × C masked forwards (batched)",
+           "Wang et al. 2020, SS-CAM: Smoothed Score-CAM", scorecam.sscam),
+    Method("iscam", "cam", False, "Score-CAM integrated over masks scaled up in --samples steps; "
+           "gradient-free.", _CNN, "1 forward + samples × C masked forwards (batched)",
+           "Naidu et al. 2020, IS-CAM: Integrated Score-CAM", scorecam.iscam),
+    Method("randomcam", "cam", False, "Channels weighted by seeded uniform draws from [-1, 1]: the "
+           "baseline a CAM must beat.", _CNN, "1 forward",
+           "Gildenblat et al., pytorch-grad-cam (RandomCAM), a sanity baseline", cam.randomcam),
     Method("rollout", "attention", False, "Attention flow from the class token to every patch "
            "through all layers.", _VIT, "1 forward", "Abnar & Zuidema 2020, Quantifying Attention "
            "Flow in Transformers", attention.rollout, scale="share of the class token's attention flow, all layers"),
@@ -89,6 +125,10 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("occlusion", "input", False, "How much the score drops when each window is replaced by "
            "the baseline (--baseline: the dataset's mean colour, black or blurred; Captum).", _ANY, "one forward per window position (batched)",
            "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion, scale="drop of {target}'s score when the window is hidden"),
+    Method("fullgrad", "input", True, "Input gradient × input plus the bias gradients of every "
+           "convolution and batch norm, each rectified and scaled.", "CNNs with biased Conv2d or "
+           "BatchNorm2d layers", "1 forward + 1 backward to the input",
+           "Srinivas & Fleuret 2019, Full-Gradient Representation", fullgrad.fullgrad),
     Method("guided_gradcam", "input", True, "Guided backpropagation × Grad-CAM: fine detail of "
            "the class evidence (Captum's guided backpropagation).", _CNN + "; transformers through "
            "their plugin's layer layout, as the CAMs", "2 × (forward + backward)",

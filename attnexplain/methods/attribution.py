@@ -17,6 +17,8 @@ from ..options import BASELINES
 #: The noise of SmoothGrad is drawn from a generator with this seed for every image: the same image
 #: gets the same noisy copies alone, in any batch, at any position, and from one run to the next.
 NOISE_SEED = 0
+#: Noisy copies per image of smoothgrad, smoothgradcampp and gradientshap when --samples is not given.
+NOISY_COPIES = 16
 
 
 def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any) -> torch.Tensor:
@@ -38,7 +40,7 @@ def integrated_gradients(forward: Callable, batch: torch.Tensor, target: list[in
     return attribution.sum(dim=1).abs()
 
 
-def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, samples: int = 16,
+def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, samples: int = NOISY_COPIES,
                noise: float = 0.15, batch_size: int = 32, **_: Any) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): saliency (Captum's) averaged over noisy copies of each image.
 
@@ -50,16 +52,25 @@ def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, sam
 
     attribute = Saliency(forward).attribute
     maps = []
-    for image, image_target in zip(batch, target):
-        spread = float(image.max() - image.min()) * noise
-        generator = torch.Generator().manual_seed(NOISE_SEED)  # on the CPU: the same noise on any device
-        draws = torch.randn((samples, *image.shape), generator=generator)
-        noisy = image + spread * draws.to(device=image.device, dtype=image.dtype)
+    for image, image_target, noisy in zip(batch, target, noisy_copies(batch, samples, noise).transpose(0, 1)):
         total = torch.zeros_like(image, dtype=torch.float32)
         for chunk in noisy.split(batch_size):
             total += attribute(_leaf(chunk), target=[image_target] * len(chunk), abs=True).float().sum(dim=0)
         maps.append((total / samples).amax(dim=0))
     return torch.stack(maps)
+
+
+def noisy_copies(batch: torch.Tensor, samples: int, noise: float) -> torch.Tensor:
+    """(samples, B, …) noisy copies of each image: Gaussian noise of σ = ``noise`` × the image's own
+    range (x_max − x_min), drawn for each image from a generator seeded with :data:`NOISE_SEED` on
+    the CPU, so that an image's copies depend neither on its batch nor on the device."""
+    copies = []
+    for image in batch:
+        spread = float(image.max() - image.min()) * noise
+        generator = torch.Generator().manual_seed(NOISE_SEED)
+        draws = torch.randn((samples, *image.shape), generator=generator)
+        copies.append(image + spread * draws.to(device=image.device, dtype=image.dtype))
+    return torch.stack(copies, dim=1)
 
 
 def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
@@ -111,7 +122,7 @@ def deeplift(forward: Callable, batch: torch.Tensor, target: list[int], *, model
 
 
 def gradientshap(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
-                 samples: int = 16, noise: float = 0.15, **_: Any) -> torch.Tensor:
+                 samples: int = NOISY_COPIES, noise: float = 0.15, **_: Any) -> torch.Tensor:
     """GradientSHAP (Lundberg & Lee 2017; Captum's GradientShap): gradients at random points between
     ``baseline`` and noisy copies of the image (σ as SmoothGrad's), times (image − baseline), over
     ``samples`` draws; |sum over channels|. Draws are seeded per image (:data:`NOISE_SEED`)."""

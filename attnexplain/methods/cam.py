@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import MethodError
+
 _EPS = 1e-7
 
 
@@ -66,9 +68,15 @@ def principal_projection(contributions: torch.Tensor) -> torch.Tensor:
     positions = positions - positions.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(positions, full_matrices=False)
     projection = (positions @ vh[:, 0, :, None])[..., 0]
-    flip = projection.amin(dim=1).abs() > projection.amax(dim=1).abs()
-    projection = torch.where(flip[:, None], -projection, projection)
-    return projection.reshape(batch, height, width).float()
+    return _largest_magnitude_positive(projection).reshape(batch, height, width).float()
+
+
+def scaled_per_map(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each (…, H, W) map minus its minimum, divided by its range + ``eps``: [0, 1] (0 where it is
+    flat). ``eps`` is an absolute floor: a map whose range is near it is scaled down, not up."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low + eps)
 
 
 def cam_map(contributions: torch.Tensor, eigen_smooth: bool = False) -> torch.Tensor:
@@ -76,3 +84,116 @@ def cam_map(contributions: torch.Tensor, eigen_smooth: bool = False) -> torch.Te
     if eigen_smooth and contributions.shape[1] > 1:  # one channel is its own principal component
         return torch.relu(principal_projection(contributions))
     return torch.relu(contributions.sum(dim=1))
+
+
+def gradcam_elementwise(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM element-wise (pytorch-grad-cam): HiResCAM's gradient × activation with each product
+    rectified before the channels are summed, so that negative evidence cannot cancel positive."""
+    return torch.relu(gradient * activation)
+
+
+def eigengradcam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Eigen-Grad-CAM (pytorch-grad-cam; Eigen-CAM of Muhammad & Yeasin 2020 made class-specific):
+    the first principal component of gradient × activation."""
+    return principal_projection(gradient * activation)[:, None]
+
+
+def kpcacam(activation: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
+    """KPCA-CAM (Karmani et al. 2024): Eigen-CAM with kernel PCA, a sigmoid kernel
+    tanh(γ·x·yᵀ + 1) with γ = 1 / channels over the centred positions; no gradient needed."""
+    batch, channels, height, width = activation.shape
+    positions = activation.reshape(batch, channels, height * width).transpose(1, 2).double()
+    positions = positions - positions.mean(dim=1, keepdim=True)
+    kernel = torch.tanh(positions @ positions.transpose(1, 2) / channels + 1.0)
+    # Centring in feature space: K - 1K - K1 + 1K1, with 1 the (n × n) matrix of 1/n.
+    kernel = (kernel - kernel.mean(dim=1, keepdim=True) - kernel.mean(dim=2, keepdim=True)
+              + kernel.mean(dim=(1, 2), keepdim=True))
+    values, vectors = torch.linalg.eigh(kernel)  # ascending: the last is the first component
+    vector = vectors[..., -1]
+    # scikit-learn's svd_flip: the first entry of largest magnitude is made positive.
+    largest = vector.gather(1, vector.abs().argmax(dim=1, keepdim=True))
+    projection = vector * torch.where(largest < 0, -1.0, 1.0).to(vector.dtype)
+    projection = projection * values[..., -1:].clamp_min(0).sqrt()
+    return projection.reshape(batch, 1, height, width).float()
+
+
+def _largest_magnitude_positive(projection: torch.Tensor) -> torch.Tensor:
+    """(B, N) projections with the sign that an eigen-solver leaves open chosen so that the entry of
+    largest magnitude is positive (Chung & Ying 2025, eq. 13; scikit-learn's svd_flip does the same)."""
+    flip = projection.amin(dim=1).abs() > projection.amax(dim=1).abs()
+    return torch.where(flip[:, None], -projection, projection)
+
+
+def randomcam(activation: torch.Tensor, gradient: torch.Tensor | None = None,
+              seed: int = 0) -> torch.Tensor:
+    """Random-CAM, the baseline a CAM must beat (pytorch-grad-cam's RandomCAM): channels weighted by
+    uniform draws from [-1, 1].
+
+    The draws come from a generator seeded with ``seed`` on the CPU, the same for every image: an
+    image gets the same map alone or in any batch, on any device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.rand(activation.shape[1], generator=generator, dtype=torch.float64) * 2 - 1
+    return weights.to(activation.device, activation.dtype)[None, :, None, None] * activation
+
+
+def shapleycam(activation: torch.Tensor, gradient: torch.Tensor,
+               hessian_product: torch.Tensor) -> torch.Tensor:
+    """Shapley-CAM (Cai et al. 2025, pytorch-grad-cam PR #550): channels weighted by the
+    position-average of g − ½·H·A, a second-order estimate of each channel's Shapley value, where
+    H·A is the Hessian of the score with respect to the layer times the activation itself.
+
+    Through piecewise-linear heads (ReLU networks above the layer) H·A is 0 and this is Grad-CAM.
+    """
+    return (gradient - 0.5 * hessian_product).mean(dim=(2, 3), keepdim=True) * activation
+
+
+def smoothgradcampp(activation: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ with the first, second and third derivatives
+    each averaged over noisy copies of the image, ``gradients`` (samples, B, C, H, W); ``activation``
+    is the clean image's."""
+    first, second, third = (gradients.mean(dim=0), gradients.pow(2).mean(dim=0),
+                            gradients.pow(3).mean(dim=0))
+    total = activation.sum(dim=(2, 3), keepdim=True)
+    alpha = second / (2 * second + total * third + 1e-6)
+    alpha = torch.where(second != 0, alpha, torch.zeros_like(alpha))
+    return (torch.relu(first) * alpha).sum(dim=(2, 3), keepdim=True) * activation
+
+
+def hessian_products(gradients: list[torch.Tensor], activations: list[torch.Tensor]) -> list[torch.Tensor]:
+    """H·A per layer: the Hessian of the score with respect to the layer's activation A, times A.
+
+    One more backward through the network above the layer, along the graph that ``gradients`` were
+    taken with (``create_graph=True``); 0 where the gradient does not depend on A (a linear head).
+    """
+    products = []
+    for gradient, activation in zip(gradients, activations):
+        product = None
+        if gradient.requires_grad:
+            product = torch.autograd.grad(gradient, activation, grad_outputs=activation.detach(),
+                                          retain_graph=True, allow_unused=True)[0]
+        products.append(torch.zeros_like(activation) if product is None else product)
+    return products
+
+
+def finer_scores(logits: torch.Tensor, targets: torch.Tensor, classes: int = 3,
+                 alpha: float = 1.0) -> torch.Tensor:
+    """Finer-CAM's target (Zhang et al. 2025): per image, the target's logit y_t against the
+    ``classes`` classes whose logits are closest to it, Σⱼ pⱼ·(y_t − α·yⱼ) / Σⱼ pⱼ with pⱼ their
+    softmax probabilities (B,)."""
+    if logits.shape[1] < 2:
+        raise MethodError("finercam compares the target with similar classes; the model has one class.")
+    chosen = logits.gather(1, targets[:, None])
+    distance = (logits - chosen).abs().detach()
+    distance.scatter_(1, targets[:, None], -1.0)  # the target itself sorts first and is skipped
+    similar = distance.argsort(dim=1, stable=True)[:, 1:1 + classes]
+    weights = torch.softmax(logits, dim=1).gather(1, similar)
+    compared = (weights * (chosen - alpha * logits.gather(1, similar))).sum(dim=1)
+    return compared / (weights.sum(dim=1) + 1e-9)
+
+
+def finercam(activation: torch.Tensor, gradient: torch.Tensor | None,
+             finer_gradient: torch.Tensor) -> torch.Tensor:
+    """Finer-CAM (Zhang et al. 2025): Grad-CAM of :func:`finer_scores`, what sets the target apart
+    from the classes the model finds most like it."""
+    return gradcam(activation, finer_gradient)
