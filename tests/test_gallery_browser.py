@@ -277,7 +277,8 @@ def test_gallery_filters_to_the_misclassified_images(judged_gallery, page):
     page.select_option("#correct", "correct")
     assert sorted(_shown_names(page)) == sorted(set(r["image"] for r in records) - set(wrong))
     page.select_option("#correct", "")
-    page.click("#show-misclassified")
+    page.click("#show-misclassified")  # a link to #correct=incorrect: the page redraws on hashchange, later
+    page.wait_for_function(f"document.getElementById('shown').textContent === '{len(wrong)} shown'")
     assert _shown_names(page) == wrong
     assert page.dialogs == [] and page.eval_on_selector_all("img[src='x']", "i => i.length") == 0
     _screenshots(page, "gallery")
