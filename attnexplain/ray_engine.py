@@ -82,6 +82,15 @@ def _connect(ray, cluster: RayCluster) -> bool:
     return True
 
 
+def _local_torch_threads(cluster: RayCluster) -> int | None:
+    """Torch threads per CPU actor when the Ray instance is our own, on this machine: its cores shared
+    by the actors (decoding tasks are light next to the model). None on a cluster: Ray's own
+    thread setting, one per CPU it gave the actor, since other work may share those machines."""
+    if cluster.address is not None or cluster.num_gpus_per_worker:
+        return None
+    return max(1, (os.cpu_count() or 1) // cluster.workers)
+
+
 def _check_room(ray, cluster: RayCluster) -> None:
     """Refuse a pool the cluster cannot hold: Ray would wait for it forever."""
     resources = ray.cluster_resources()
@@ -132,9 +141,11 @@ class _ExplainWorker:
     """A Ray actor: the model loaded once, then batches explained and written into ``out``."""
 
     def __init__(self, model_spec: dict[str, Any], settings: BatchSettings, out: str,
-                 use_gpu: bool) -> None:
+                 use_gpu: bool, torch_threads: int | None = None) -> None:
         import torch
 
+        if torch_threads:  # Ray gives a 1-CPU actor one thread; on our own machine it may have more
+            torch.set_num_threads(torch_threads)
         from .explanation import plan_explanation
         from .loading import load_model
 
@@ -221,7 +232,8 @@ def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: I
                 num_gpus=cluster.num_gpus_per_worker or None,
                 fn_constructor_kwargs={"model_spec": worker_spec, "settings": settings,
                                        "out": os.path.abspath(out),
-                                       "use_gpu": cluster.num_gpus_per_worker > 0})
+                                       "use_gpu": cluster.num_gpus_per_worker > 0,
+                                       "torch_threads": _local_torch_threads(cluster)})
             for block in explained.iter_batches(batch_size=None, batch_format="numpy"):
                 for text in block["record"]:
                     if text:
