@@ -655,8 +655,9 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--method", default="default", show_default=True,
               help="Methods to compare, comma-separated; default: every method that applies to the model "
-                   "except the costly scorecam, occlusion, integrated_gradients and smoothgrad; all: "
-                   "every one that applies.")
+                   "except those that cost many forwards per image (the Score-CAM family, ablationcam, "
+                   "occlusion, integrated_gradients, smoothgrad(campp), gradientshap, rise, "
+                   "feature_ablation, kernelshap, lime); all: every one that applies.")
 @click.option("--metrics", callback=_metric_names,
               help="Comma-separated: deletion, insertion, road, drop, pointing, mass, rank, "
                    "randomization (default: all that apply; localisation needs --masks or --boxes).")

@@ -28,7 +28,6 @@ EVALUATION_JSON = "evaluation.json"
 EVALUATION_CSV = "evaluation.csv"
 EVALUATION_HTML = "evaluation.html"
 #: Left out of the default methods: tens of forwards and backwards per image each (say so in --help).
-COSTLY_METHODS = ("scorecam", "occlusion", "integrated_gradients", "smoothgrad")
 #: Untrusted boxes file: its size, and boxes per image.
 MAX_BOXES_BYTES = 64 * 1024 * 1024
 MAX_BOXES_PER_IMAGE = 1000
@@ -83,14 +82,15 @@ def explanation_metrics(explanation, metrics: Sequence[str],
 
 
 def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> list[str]:
-    """The method names to evaluate: ``default`` every method the model allows except the costly
-    ones, ``all`` every one it allows, or the given names (checked)."""
+    """The method names to evaluate: ``default`` every method the model allows except those that cost
+    many forwards per image (``Method.many_forwards``), ``all`` every one it allows, or the given
+    names (checked)."""
     from .explanation import resolve_methods
     from .methods import METHODS
 
     if requested not in ("default", "all"):
         return [m.name for m in resolve_methods(loaded, requested)]
-    names = [name for name in METHODS if requested == "all" or name not in COSTLY_METHODS]
+    names = [name for name, method in METHODS.items() if requested == "all" or not method.many_forwards]
     usable = []
     for name in names:
         try:

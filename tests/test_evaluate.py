@@ -236,3 +236,18 @@ def test_batch_metrics_go_into_each_record_and_detail_page(sample_resnet_file, c
         assert set(record["metrics"]) == {"gradcam"} and 0 <= record["metrics"]["gradcam"]["insertion"] <= 1
         assert ok_record_problem(record) is None
         assert "<h2>Metrics</h2>" in (out / record["detail"]).read_text()
+
+
+def test_default_methods_leave_out_those_that_cost_many_forwards_per_image(small_resnet):
+    """evaluate's metrics multiply every map's cost: its default keeps the methods of one or two passes
+    (a user names the others, or asks for all)."""
+    from attnexplain.evaluation import applicable_methods
+    from attnexplain.methods import METHODS
+
+    loaded = _as_loaded_model(small_resnet)
+    default, every = applicable_methods(loaded, "default"), applicable_methods(loaded, "all")
+    many = {name for name, method in METHODS.items() if method.many_forwards}
+    assert {"scorecam", "sscam", "ablationcam", "rise", "kernelshap", "lime", "occlusion"} <= many
+    assert {"gradcam", "saliency", "fullgrad", "shapleycam"} <= set(default)
+    assert not many & set(default) and many <= set(every)
+    assert set(default) < set(every)

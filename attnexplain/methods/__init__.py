@@ -34,6 +34,9 @@ class Method:
     scale: str = "relative importance for {target}"
     #: Rewrites the backward of the model's own modules (Captum's hooks), so needs them (not TorchScript).
     needs_modules: bool = False
+    #: Costs many forwards per image (one per channel, window, mask, step or sample): left out of
+    #: ``attnexplain evaluate``'s default, whose perturbation metrics multiply every map's cost.
+    many_forwards: bool = False
 
 
 _CNN = "CNNs: any layer with a (B, C, H, W) output"
@@ -63,7 +66,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            cam.eigencam, scale="strength of the layer's main activation pattern (any class)"),
     Method("scorecam", "cam", False, "Channels weighted by the target's score on the image masked "
            "by each; gradient-free.", _CNN, "1 forward + one forward per channel (batched)",
-           "Wang et al. 2020, Score-CAM", scorecam.scorecam, scale="rise of {target}'s score when only that region is kept"),
+           "Wang et al. 2020, Score-CAM", scorecam.scorecam, scale="rise of {target}'s score when only that region is kept", many_forwards=True),
     Method("gradcam_elementwise", "cam", True, "Gradient × activation rectified element by element, "
            "then summed: negative evidence cannot cancel positive.", _CNN,
            "1 forward + backward to the layer", "Gildenblat et al., pytorch-grad-cam (GradCAMElementWise)",
@@ -79,7 +82,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("ablationcam", "cam", False, "Channels weighted by the target's relative score drop when "
            "each is zeroed; gradient-free.", _CNN, "1 forward + C forwards of the network above "
            "the layer (batched, --batch-size at a time)",
-           "Desai & Ramaswamy 2020, Ablation-CAM", ablation.ablationcam),
+           "Desai & Ramaswamy 2020, Ablation-CAM", ablation.ablationcam, many_forwards=True),
     Method("shapleycam", "cam", True, "Channels weighted by a second-order Shapley-value estimate: "
            "mean of g − ½·H·A (Hessian-vector product).", _CNN,
            "1 forward + backward to the layer with its graph kept + 1 Hessian-vector product "
@@ -90,13 +93,13 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            "1 forward + 2 backwards to the layer", "Zhang et al. 2025, Finer-CAM", cam.finercam),
     Method("smoothgradcampp", "cam", True, "Grad-CAM++ with derivatives averaged over noisy copies "
            "of the image (--samples, --noise).", _CNN, "1 forward + samples × (forward + backward "
-           "to the layer)", "Omeiza et al. 2019, Smooth Grad-CAM++", cam.smoothgradcampp),
+           "to the layer)", "Omeiza et al. 2019, Smooth Grad-CAM++", cam.smoothgradcampp, many_forwards=True),
     Method("sscam", "cam", False, "Score-CAM averaged over masks with Gaussian noise (--samples); "
            "gradient-free.", _CNN, "1 forward + samples × C masked forwards (batched)",
-           "Wang et al. 2020, SS-CAM: Smoothed Score-CAM", scorecam.sscam),
+           "Wang et al. 2020, SS-CAM: Smoothed Score-CAM", scorecam.sscam, many_forwards=True),
     Method("iscam", "cam", False, "Score-CAM integrated over masks scaled up in --samples steps; "
            "gradient-free.", _CNN, "1 forward + samples × C masked forwards (batched)",
-           "Naidu et al. 2020, IS-CAM: Integrated Score-CAM", scorecam.iscam),
+           "Naidu et al. 2020, IS-CAM: Integrated Score-CAM", scorecam.iscam, many_forwards=True),
     Method("randomcam", "cam", False, "Channels weighted by seeded uniform draws from [-1, 1]: the "
            "baseline a CAM must beat.", _CNN, "1 forward",
            "Gildenblat et al., pytorch-grad-cam (RandomCAM), a sanity baseline", cam.randomcam),
@@ -118,13 +121,13 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            attribution.saliency, scale="size of {target}'s score gradient per pixel"),
     Method("integrated_gradients", "input", True, "Gradients integrated along a path from a baseline "
            "image (--baseline: the dataset's mean colour, black or a blurred copy; Captum).", _ANY, "steps × (forward + backward)",
-           "Sundararajan et al. 2017, Axiomatic Attribution", attribution.integrated_gradients, scale="attribution to {target} along the path from the baseline"),
+           "Sundararajan et al. 2017, Axiomatic Attribution", attribution.integrated_gradients, scale="attribution to {target} along the path from the baseline", many_forwards=True),
     Method("smoothgrad", "input", True, "Saliency averaged over noisy copies of the image (noise σ: "
            "a share of the image's range; the same noise for every image).", _ANY, "samples × (forward + backward)",
-           "Smilkov et al. 2017, SmoothGrad", attribution.smoothgrad, scale="size of {target}'s score gradient, averaged over noisy copies"),
+           "Smilkov et al. 2017, SmoothGrad", attribution.smoothgrad, scale="size of {target}'s score gradient, averaged over noisy copies", many_forwards=True),
     Method("occlusion", "input", False, "How much the score drops when each window is replaced by "
            "the baseline (--baseline: the dataset's mean colour, black or blurred; Captum).", _ANY, "one forward per window position (batched)",
-           "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion, scale="drop of {target}'s score when the window is hidden"),
+           "Zeiler & Fergus 2014, Visualizing and Understanding CNNs", attribution.occlusion, scale="drop of {target}'s score when the window is hidden", many_forwards=True),
     Method("fullgrad", "input", True, "Input gradient × input plus the bias gradients of every "
            "convolution and batch norm, each rectified and scaled.", "CNNs with biased Conv2d or "
            "BatchNorm2d layers", "1 forward + 1 backward to the input",
@@ -141,7 +144,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("rise", "input", False, "Random masks weighted by the target's probability on the image "
            "seen through each (--samples masks, seeded: the same for every image).", _BLACK_BOX,
            "samples forwards per image (batched), no backward",
-           "Petsiuk et al. 2018, RISE: Randomized Input Sampling", rise.rise),
+           "Petsiuk et al. 2018, RISE: Randomized Input Sampling", rise.rise, many_forwards=True),
     Method("input_x_gradient", "input", True, "The input times its gradient (Captum).", _ANY,
            "1 forward + 1 backward", "Shrikumar et al. 2016, Not Just a Black Box",
            attribution.input_x_gradient),
@@ -152,7 +155,7 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("gradientshap", "input", True, "Gradients at random points between the --baseline and "
            "noisy copies of the image, times image − baseline (Captum; --samples, seeded).", _ANY,
            "samples × (forward + backward)", "Lundberg & Lee 2017, A Unified Approach (SHAP)",
-           attribution.gradientshap),
+           attribution.gradientshap, many_forwards=True),
     Method("guided_backprop", "input", True, "The input gradient with negative gradients stopped "
            "at every ReLU on the way back (Captum).", _RELUS,
            "1 forward + 1 backward", "Springenberg et al. 2015, Striving for Simplicity",
@@ -167,15 +170,15 @@ METHODS: dict[str, Method] = {method.name: method for method in (
     Method("feature_ablation", "input", False, "The score's drop when each superpixel is replaced by "
            "the --baseline (Captum).", _BLACK_BOX, "one forward per superpixel (batched)",
            "Zeiler & Fergus 2014, over SLIC superpixels (Achanta et al. 2012)",
-           attribution.feature_ablation),
+           attribution.feature_ablation, many_forwards=True),
     Method("kernelshap", "input", False, "Shapley values of superpixels, estimated from --samples "
            "coalitions by kernel-weighted regression (Captum; seeded).", _BLACK_BOX,
            "samples forwards per image (batched) + a linear fit",
-           "Lundberg & Lee 2017, A Unified Approach (Kernel SHAP)", attribution.kernelshap),
+           "Lundberg & Lee 2017, A Unified Approach (Kernel SHAP)", attribution.kernelshap, many_forwards=True),
     Method("lime", "input", False, "A sparse linear model of the score over superpixels, fitted on "
            "--samples perturbations near the image (Captum; seeded).", _BLACK_BOX,
            "samples forwards per image (batched) + a Lasso fit",
-           "Ribeiro et al. 2016, \"Why Should I Trust You?\" (LIME)", attribution.lime),
+           "Ribeiro et al. 2016, \"Why Should I Trust You?\" (LIME)", attribution.lime, many_forwards=True),
 )}
 
 __all__ = ["METHODS", "Method"]
