@@ -733,6 +733,8 @@ def _print_evaluation(evaluation: dict[str, Any]) -> None:
     # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
     Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
     click.echo(evaluation["verdict"])
+    for name, reason in evaluation["settings"].get("left_out", {}).items():
+        click.echo(f"Left out {name}: {reason}", err=True)
 
 
 @main.command()

@@ -238,6 +238,8 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
                             std=settings.std)
     options = settings.options or MethodOptions()
     run_device = torch.device(device) if device else _model_device(loaded.module)
+    plan, left_out = _runnable(loaded, plan, options, run_device,
+                               explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]
     records: list[dict[str, Any]] = [{"image": spec, "path": spec, "status": "failed", "reason": reason}
                                      for spec, reason in inputs.missing]
@@ -301,7 +303,35 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     if pending:
         run_chunk(pending)
     return _summary(loaded, plan, names, metrics, settings, records, sums, examples,
-                    time.perf_counter() - started, list(input_specs))
+                    time.perf_counter() - started, list(input_specs), left_out)
+
+
+def _runnable(loaded, plan, options, device, explicit: bool):
+    """The plan without the methods this model refuses, and why each was left out. Some refusals show
+    only when the model runs (Captum's rules cannot follow a module called twice, as ResNet's shared
+    ReLU): one blank input through each method finds them before any image, instead of every image
+    failing. A method the user named is not left out: its refusal is the run's error."""
+    import dataclasses
+
+    import torch
+
+    from .explanation import compute_maps
+
+    blank = torch.zeros(1, 3, *plan.preprocessing.size, device=device)
+    kept, left_out = [], {}
+    for method in plan.methods:
+        try:
+            compute_maps(loaded, blank, [method], plan.layers, target=0, options=options,
+                         preprocessing=plan.preprocessing)
+        except MethodError as error:
+            if explicit:
+                raise
+            left_out[method.name] = str(error)
+            continue
+        kept.append(method)
+    if not kept:
+        raise MethodError("No method runs on this model: " + "; ".join(left_out.values()))
+    return dataclasses.replace(plan, methods=kept), left_out
 
 
 def _compute(loaded, batch, plan, settings, options):
@@ -463,7 +493,8 @@ def faithfulness(summary: dict[str, dict[str, Any]]) -> float:
     return math.nan
 
 
-def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wall_s, input_specs):
+def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wall_s, input_specs,
+             left_out: dict[str, str]):
     from .report import versions
 
     ok = [r for r in records if r["status"] == "ok"]
@@ -485,7 +516,7 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
     evaluation = {
         "model": loaded.describe(),
         "inputs": input_specs,
-        "settings": {"methods": names[:-1], "metrics": metrics, "layers": plan.layers,
+        "settings": {"methods": names[:-1], "left_out": left_out, "metrics": metrics, "layers": plan.layers,
                      "target": settings.target, "preprocessing": plan.preprocessing.as_dict(),
                      **settings.metric_settings.as_dict(), "randomization_limit": RANDOMIZATION_LIMIT,
                      "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names}},

@@ -251,3 +251,21 @@ def test_default_methods_leave_out_those_that_cost_many_forwards_per_image(small
     assert {"gradcam", "saliency", "fullgrad", "shapleycam"} <= set(default)
     assert not many & set(default) and many <= set(every)
     assert set(default) < set(every)
+
+
+def test_methods_the_model_refuses_only_when_it_runs_are_left_out_not_every_image_failed(
+        sample_resnet_file, composites, tmp_path):
+    """DeepLIFT and LRP refuse a ResNet (its blocks call one ReLU twice) only once the model runs: the
+    default evaluation leaves them out, says why, and measures the images; named, they are the error."""
+    result, out = _evaluate([str(sample_resnet_file), str(composites / "images"), "--metrics", "deletion",
+                             "--steps", "4", "--size", "64"], tmp_path)
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["images"]["failed"] == 0 and evaluation["images"]["ok"] > 0
+    assert {"deeplift", "lrp"} <= set(evaluation["settings"]["left_out"])
+    assert "deeplift" not in evaluation["methods"] and "gradcam" in evaluation["methods"]
+    assert "Left out deeplift: deeplift cannot run on this model" in result.output
+    assert "Left out lrp" in (out / "evaluation.html").read_text()
+    named, _ = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam,deeplift",
+                          "--metrics", "deletion", "--steps", "4", "--size", "64"], tmp_path / "named")
+    assert named.exit_code == 1 and "deeplift cannot run on this model" in named.output
