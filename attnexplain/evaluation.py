@@ -315,6 +315,7 @@ def _runnable(loaded, plan, options, device, explicit: bool):
 
     import torch
 
+    from .errors import NothingToExplain
     from .explanation import compute_maps
 
     blank = torch.zeros(1, 3, *plan.preprocessing.size, device=device)
@@ -323,11 +324,15 @@ def _runnable(loaded, plan, options, device, explicit: bool):
         try:
             compute_maps(loaded, blank, [method], plan.layers, target=0, options=options,
                          preprocessing=plan.preprocessing)
+        except NothingToExplain:  # about the blank input (nothing detected on it), not the method
+            pass
         except MethodError as error:
             if explicit:
                 raise
             left_out[method.name] = str(error)
             continue
+        except AttnExplainError:  # another refusal of the blank input itself
+            pass
         kept.append(method)
     if not kept:
         raise MethodError("No method runs on this model: " + "; ".join(left_out.values()))
