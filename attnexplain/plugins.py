@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping
 
 from .errors import PluginError
 
@@ -21,10 +22,13 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .methods import Method
     from .preprocess import Preprocessing
 
-#: Bumped when a method below changes meaning; plugins declare the version they were written for.
-PLUGIN_API_VERSION = 1
+#: Bumped when the plugin API changes; plugins declare the version they were written for.
+#: Version 2 added hooks (all with defaults that keep version 1's behaviour), so both are spoken.
+PLUGIN_API_VERSION = 2
+SUPPORTED_API_VERSIONS = (1, 2)
 ENTRY_POINT_GROUP = "attnexplain.plugins"
 
 
@@ -51,6 +55,22 @@ class WindowedAttention:
 
     probabilities: "torch.Tensor"  # (B, windows, heads, tokens, tokens), rows sum to 1
     positions: "torch.Tensor"  # (windows, tokens) long
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class SpatialAttention:
+    """Attention weights over one layer's own grid of positions, recorded as they are (API v2).
+
+    For attention that is already spatial and does not chain from layer to layer: a CBAM-style
+    spatial attention map, a "Show, Attend and Tell" soft-attention pooling over a feature map. Each
+    layer keeps its own resolution (32², 16², 8² in one model is fine); the core resizes each to the
+    input. Rollout and Chefer need attention between the same tokens at every layer, so they are
+    refused for a model whose attention is recorded this way.
+    """
+
+    weights: "torch.Tensor"  # (B, H, W) or (B, heads, H, W), non-negative
     height: int
     width: int
 
@@ -94,6 +114,10 @@ class NamedModel:
     labels: list[str] | None = None
     preprocessing: "Preprocessing | None" = None
     notes: tuple[str, ...] = ()  # shown in the report, e.g. "random weights"
+    #: Whether the weights are random (API v2). None: the core decides as version 1 did (random
+    #: when no WEIGHTS were named). A plugin whose names always carry trained weights (a Hugging
+    #: Face model from the cache) says False, so no "random weights" note is written.
+    random_weights: bool | None = None
 
 
 class ModelPlugin:
@@ -237,6 +261,62 @@ class ModelPlugin:
         """Default input preprocessing when neither weights nor checkpoint say."""
         return None
 
+    # --- API version 2 --------------------------------------------------------------------------
+
+    def split_spec(self, rest: str) -> tuple[str, str | None]:
+        """``PREFIX:REST`` → (name, weights) for :meth:`load_named`. Default: ``NAME[:WEIGHTS]``.
+        A plugin whose names may contain ``:`` (a Windows path, ``hf:C:\\models\\x``) takes the
+        whole rest as the name."""
+        name, _, weights = rest.partition(":")
+        return name, weights or None
+
+    def claims_path(self, path: Path) -> bool:
+        """Whether this plugin loads ``path`` (a folder, or a file of its own format) itself, through
+        :meth:`load_path`, before the core tries (and refuses) it. Must be cheap and must not run
+        code from the path: look at file names and small metadata files only."""
+        return False
+
+    def load_path(self, path: Path, *, trust_model: bool = False) -> NamedModel:
+        """Build the model at a path this plugin claims. Runs no code from the path unless
+        ``trust_model`` (the same promise the core keeps for pickles)."""
+        raise PluginError(f"Plugin {self.name} does not load model paths.")
+
+    def labels(self, model: "nn.Module") -> list[str] | None:
+        """Class names the model itself carries (a Hugging Face config's ``id2label``, a timm
+        model's pretrained config), for a module passed to ``explain`` in memory. None: unknown."""
+        return None
+
+    def methods(self) -> list["Method"]:
+        """Methods this plugin adds under names of its own (``cbam_spatial``), each a
+        :class:`attnexplain.methods.Method` of an existing family, with its summary, paper and the
+        report's wording. The names must not clash with the built-in methods'."""
+        return []
+
+    def refuse_method(self, model: "nn.Module", method: str) -> str | None:
+        """A one-line reason why ``method`` does not apply to this model, or None (it may apply)."""
+        return None
+
+    def forward_kwargs(self, model: "nn.Module", input_size: tuple[int, int]) -> dict[str, Any]:
+        """Keyword arguments for every forward of the model, e.g. ``{"interpolate_pos_encoding":
+        True}`` for a transformer given an input of another size than it was trained on."""
+        return {}
+
+    def recording(self, model: "nn.Module") -> ContextManager[None]:
+        """A context the model runs in while attention is recorded, e.g. a transformer switched to
+        its eager attention, whose softmax probabilities exist (fused kernels never form them). It
+        must leave the model's outputs unchanged and restore the model when it exits."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def select_output(self, model: "nn.Module", layer: str, output: Any) -> "torch.Tensor | None":
+        """The tensor of a CAM layer's output that the CAM explains, when the module returns several
+        (a tuple, a ``ModelOutput``): e.g. a Hugging Face Swin stage's hidden states. None: the
+        output is not usable (the core says so). Default: the output itself when it is a tensor."""
+        import torch
+
+        return output if isinstance(output, torch.Tensor) else None
+
 
 def vit_cam_block(blocks: int) -> int:
     """The transformer block whose input (its first norm) a class-token ViT's CAMs explain by default.
@@ -299,9 +379,10 @@ def discover_plugins() -> list[PluginInfo]:
             plugin = loaded() if isinstance(loaded, type) else loaded
             if not isinstance(plugin, ModelPlugin):
                 raise TypeError(f"{point.value} is not an attnexplain.plugins.ModelPlugin")
-            if plugin.api_version != PLUGIN_API_VERSION:
+            if plugin.api_version not in SUPPORTED_API_VERSIONS:
+                spoken = ", ".join(str(version) for version in SUPPORTED_API_VERSIONS)
                 raise TypeError(f"written for plugin API {plugin.api_version}, "
-                                f"this attnexplain speaks {PLUGIN_API_VERSION}")
+                                f"this attnexplain speaks {spoken}")
         except Exception as error:  # a broken plugin must not break the others
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             found.append(PluginInfo(point.name, dist_name, dist_version, None, message))
