@@ -113,7 +113,14 @@ def model_options(function):
     """Options that say how to load the model, shared by every command that takes MODEL."""
     options = [
         click.option("--arch", help="Architecture of a state_dict file: a torchvision builder name "
-                                    "(resnet50, vit_b_16, ...) or any name a plugin provides."),
+                                    "(resnet50, vit_b_16, ...), any name a plugin provides (one "
+                                    "plugin's: timm:convnext_tiny), or your own class: "
+                                    "path/to/model.py:MyNet or package.module:MyNet (imported)."),
+        click.option("--arch-kwargs", metavar="JSON",
+                     help="Keyword arguments for the architecture, as a JSON object: "
+                          "'{\"num_classes\": 7}'."),
+        click.option("--ema", is_flag=True,
+                     help="Use a training checkpoint's EMA weights (timm train.py's state_dict_ema)."),
         click.option("--num-classes", type=click.IntRange(min=1),
                      help="Number of classes (default: read from the weights' head)."),
         click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
@@ -131,11 +138,13 @@ def model_options(function):
     return function
 
 
-def _load(model: str, arch, num_classes, labels, trust_model, plugin, device):
-    from .loading import load_model
+def _load(model: str, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs=None,
+          ema=False):
+    from .loading import arch_kwargs_from_json, load_model
 
     return load_model(model, arch=arch, num_classes=num_classes, labels=labels,
-                      trust_model=trust_model, plugin=plugin, device=device)
+                      trust_model=trust_model, plugin=plugin, device=device, ema=ema,
+                      arch_kwargs=arch_kwargs_from_json(arch_kwargs) if arch_kwargs else None)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -287,14 +296,16 @@ def _method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps
 def run(model: str, image: Path, method: str, target: str | None, layer: str | None,
         head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
         samples: int | None, window: int, baseline: str, batch_size: int, finer_classes: int,
-        arch: str | None, num_classes: int | None, labels: Path | None, trust_model: bool,
+        arch: str | None, arch_kwargs: str | None, ema: bool, num_classes: int | None,
+        labels: Path | None, trust_model: bool,
         plugin: str | None, device: str, size, mean, std, alpha: float, colormap: str, top_k: int,
         max_pixels: int, out_dir: Path, overlay_format: str, overlay_size: int | None, as_json: bool,
         metric_names: list[str]) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
-    MODEL is a saved model file (state_dict with --arch, .safetensors, TorchScript, torch.export .pt2,
-    or a pickled module with --trust-model) or torchvision:NAME[:WEIGHTS].
+    MODEL is a saved model file (state_dict or training checkpoint with --arch, Lightning .ckpt, timm
+    train.py checkpoint, .safetensors, TorchScript, torch.export .pt2, or a pickled module with
+    --trust-model), a folder a plugin loads, or torchvision:NAME[:WEIGHTS].
     """
     from .images import check_image, load_image
     from .report import output_dir_for, writable_output_folder
@@ -319,7 +330,7 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
 
         import_s = time.perf_counter() - started
         started = time.perf_counter()
-        loaded = _load(model, arch, num_classes, label_names, trust_model, plugin, device)
+        loaded = _load(model, arch, num_classes, label_names, trust_model, plugin, device, arch_kwargs, ema)
         model_s = time.perf_counter() - started
         if picture is None:
             started = time.perf_counter()
@@ -447,7 +458,7 @@ def methods() -> None:
 @model_options
 @click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Input size to probe with: N or H,W.")
 @click.option("--all", "show_all", is_flag=True, help="List every layer, not only spatial ones.")
-def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, size,
+def layers(model: str, arch, arch_kwargs, ema, num_classes, labels, trust_model, plugin, device, size,
            show_all: bool) -> None:
     """List MODEL's layers that Grad-CAM can use, with their output shapes."""
     from rich.console import Console
@@ -455,7 +466,7 @@ def layers(model: str, arch, num_classes, labels, trust_model, plugin, device, s
 
     from .errors import MethodError
 
-    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+    loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs, ema)
     # Imported after the model path and labels are checked: those fail without importing torch.
     import torch
 
@@ -534,7 +545,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
           head_fusion: str, discard_ratio: float, eigen_smooth: bool, aug_smooth: bool, steps: int,
           samples: int | None, window: int, baseline: str, batch_size: int, finer_classes: int, arch,
-          num_classes, labels,
+          arch_kwargs, ema, num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int, engine: str, address: str | None,
@@ -586,9 +597,11 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         # --out is checked before the model loads (a bad --out fails first), and is removed again
         # if the run cannot start (no image found): a refused run leaves no folder behind.
         with stop_signals_interrupt(), writable_output_folder(out_dir):
-            loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+            loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs,
+                           ema)
             spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
-                    "trust_model": trust_model, "plugin": plugin}
+                    "trust_model": trust_model, "plugin": plugin, "arch_kwargs": arch_kwargs,
+                    "ema": ema}
             result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume,
                                shard=shard, quiet=quiet, cluster=cluster)
     except Stopped as stop:
@@ -678,7 +691,8 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
              boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
-             aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, num_classes, labels, trust_model,
+             aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, arch_kwargs, ema,
+             num_classes, labels, trust_model,
              plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,
              out_dir: Path, as_json: bool) -> None:
     """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
@@ -702,7 +716,7 @@ def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: P
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
                                  window, baseline, batch_size, finer_classes))
     with writable_output_folder(out_dir), output_lock(out_dir):
-        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device)
+        loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs, ema)
         evaluation = run_evaluation(loaded, list(inputs), settings, masks=masks, boxes=boxes, exclude=out_dir)
         write_evaluation(out_dir, evaluation)
     if as_json:

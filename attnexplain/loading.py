@@ -1,8 +1,10 @@
 """Loading a model the way people save them.
 
-Supported: a state_dict (``.pt``/``.pth``, optionally wrapped in a training checkpoint) plus an
-architecture name, ``.safetensors``, and ``PREFIX:NAME[:WEIGHTS]`` specifications built by a plugin
-(``torchvision:resnet50:DEFAULT``). Files that hold code load only with ``trust_model=True``: a whole
+Supported: a state_dict (``.pt``/``.pth``, optionally wrapped in a training checkpoint: PyTorch
+Lightning's ``.ckpt``, timm ``train.py``'s with its EMA weights) plus an architecture name (a plugin's
+builder, ``PREFIX:NAME`` where two plugins know a name, or the user's own class ``model.py:MyNet``),
+``.safetensors``, ``PREFIX:NAME[:WEIGHTS]`` specifications built by a plugin
+(``torchvision:resnet50:DEFAULT``), paths (folders) a plugin claims, and modules already in memory. Files that hold code load only with ``trust_model=True``: a whole
 pickled module (unpickling runs code), TorchScript (a program, run while loading) and ``torch.export``
 programs (``.pt2``: torch.export.load unpickles parts of the archive).
 
@@ -28,13 +30,22 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, ModelLoadError, UntrustedModelError, WeightsDoNotFit, shown
-from .plugins import ModelPlugin, all_builders, find_builder, plugin_for_prefix, select_plugin
+from .plugins import (ModelPlugin, NamedModel, _builder_order, all_builders, plugin_for_prefix,
+                      select_plugin)
 from .preprocess import FILE_MAX_SIZE, Preprocessing, normalization_values, normalize_size
 
 # Keys under which training scripts commonly nest the weights.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+# Keys under which training scripts keep an exponential moving average of the weights (timm's
+# train.py: state_dict_ema), used with --ema.
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 _KEY_PREFIXES = ("module.", "_orig_mod.")
+# Top-level keys only PyTorch Lightning's checkpoints have: its LightningModule may hold more than the
+# architecture (a loss's weights, metric states), whose keys are then left out.
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "lightning_version", "global_step", "loops")
+# What not_a_regular_file says of a folder: a path only a plugin can load.
+_FOLDER = "is a folder, not a file"
 _LABEL_KEYS = ("labels", "classes", "class_names", "categories")
 # More class names than any real label set (ImageNet-21k has 21,843): a longer list is not labels.
 _MAX_LABELS = 100_000
@@ -72,32 +83,81 @@ class LoadedModel:
             return "unknown"
 
 
-def load_model(spec: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+def load_model(spec: "str | Path | nn.Module", *, arch: str | None = None,
+               arch_kwargs: Mapping[str, Any] | None = None, num_classes: int | None = None,
                labels: str | Path | list[str] | None = None, trust_model: bool = False,
-               plugin: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load ``spec`` (a file or ``PREFIX:NAME[:WEIGHTS]``) into an eval-mode model on ``device``
-    (``"auto"``: CUDA, else MPS, else the CPU)."""
-    path = Path(spec)
-    problem = check_model_path(path)
+               plugin: str | None = None, device: str | None = None, ema: bool = False) -> LoadedModel:
+    """Load ``spec`` into an eval-mode model on ``device`` (``"auto"``: CUDA, else MPS, else the CPU;
+    None: the CPU, or where an in-memory module already is).
+
+    ``spec`` is a model file, a path a plugin claims (a folder), ``PREFIX:NAME[:WEIGHTS]``, or an
+    ``nn.Module`` already in memory (left where it is and as it is, but for ``eval()``). ``arch``
+    names the architecture of a state_dict: a builder name (``resnet50``), one plugin's
+    (``timm:convnext_tiny``), or the user's own class, ``path/to/model.py:MyNet`` or
+    ``package.module:MyNet`` (imported: the user named it), built with ``arch_kwargs``. ``ema``
+    loads a training checkpoint's EMA weights (timm's ``state_dict_ema``). ``labels`` (a list or a
+    file of one name per line) wins over the class names the file or the model's plugin knows.
+    """
     # What can be checked without torch is checked before importing it (~2 s).
     given_labels = read_labels(labels) if labels is not None else None
-    run_device = resolve_device(device)
-    if problem is None:
-        loaded = _load_file(path, arch=arch, num_classes=num_classes, trust_model=trust_model)
+    given_kwargs = _given_arch_kwargs(arch_kwargs) if arch_kwargs is not None else None
+    if not isinstance(spec, (str, Path)):
+        if arch is not None or arch_kwargs is not None or num_classes is not None or ema:
+            raise ModelLoadError("arch, arch_kwargs, num_classes and ema describe a file's weights; "
+                                 "a module in memory is already built.")
+        loaded = _in_memory(spec)
+        run_device = resolve_device(device) if device is not None else None
     else:
-        loaded = _load_named(str(spec), arch)
+        run_device = resolve_device(device or "cpu")
+        loaded = _load_spec(spec, arch=arch, arch_kwargs=given_kwargs, num_classes=num_classes,
+                            trust_model=trust_model, ema=ema)
     if given_labels is not None:
         loaded.labels = given_labels
     _finish(loaded, plugin, run_device)
     return loaded
 
 
+def _load_spec(spec: str | Path, *, arch: str | None, arch_kwargs: dict[str, Any] | None,
+               num_classes: int | None, trust_model: bool, ema: bool) -> LoadedModel:
+    path = Path(spec)
+    problem = check_model_path(path)
+    notes: list[str] = []
+    if problem in (None, _FOLDER):
+        claimant = _claiming_plugin(path, notes)
+        if claimant is not None:
+            _no_ema(ema, f"{path} is loaded by plugin {claimant.name}, not from a training checkpoint")
+            named = _plugin_load(claimant, f"Plugin {claimant.name} could not load {path}",
+                                 lambda: claimant.load_path(path, trust_model=trust_model))
+            loaded = _from_named(named, str(path), claimant.source_prefix or claimant.name, None)
+        elif problem == _FOLDER:
+            raise ModelLoadError(f"Model path {path} is a folder, and no installed plugin loads "
+                                 f"folders like it; give a model file.")
+        else:
+            loaded = _load_file(path, _Asked(arch, arch_kwargs, num_classes, ema), trust_model)
+    else:
+        _no_ema(ema, f"{spec} is a named model, not a training checkpoint")
+        loaded = _load_named(str(spec))
+    loaded.notes[:0] = notes
+    return loaded
+
+
+def _in_memory(module: Any) -> LoadedModel:
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(f"A model is a path, a PREFIX:NAME specification or a torch.nn.Module, "
+                             f"not a {type(module).__name__}.")
+    return LoadedModel(module=module, source=f"<{type(module).__name__} object>", loader="object",
+                       architecture=type(module).__name__)
+
+
 def check_model_path(path: Path) -> str | None:
     """Refuse a model path that is a FIFO or a device; return ``"does not exist"`` for a name that
-    is not a file (a ``PREFIX:NAME`` specification, or a missing file), else None. Decided with stat
-    before anything opens the path: opening a FIFO blocks, a device never ends."""
+    is not a file (a ``PREFIX:NAME`` specification, or a missing file), :data:`_FOLDER` for a folder
+    (which a plugin may load), else None. Decided with stat before anything opens the path: opening a
+    FIFO blocks, a device never ends."""
     problem = not_a_regular_file(path)
-    if problem not in (None, "does not exist"):
+    if problem not in (None, "does not exist", _FOLDER):
         raise ModelLoadError(f"Model path {path} {problem}.")
     return problem
 
@@ -119,11 +179,17 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def _finish(loaded: LoadedModel, plugin_name: str | None, device: str) -> None:
+def _finish(loaded: LoadedModel, plugin_name: str | None, device: str | None) -> None:
+    """Eval mode, no gradients, on ``device`` (None: a module from memory, left where and as it is but
+    for eval mode); the plugin, its preprocessing and its class names where none were given."""
     import torch
 
     module = loaded.module
-    if isinstance(module, torch.nn.Module):
+    if loaded.loader == "object":
+        module.eval()
+        if device is not None:
+            module.to(device)
+    elif isinstance(module, torch.nn.Module):
         # A trusted pickle's classes are the file's code: whatever they raise is a load failure.
         with _load_failures_reported(f"Preparing the model from {loaded.source} failed"):
             try:
@@ -137,6 +203,28 @@ def _finish(loaded: LoadedModel, plugin_name: str | None, device: str) -> None:
     loaded.plugin = select_plugin(module, plugin_name)
     if loaded.preprocessing is None:
         loaded.preprocessing = loaded.plugin.preprocessing(module)
+    if loaded.labels is None:
+        loaded.labels = _plugin_labels(loaded)
+
+
+def _plugin_labels(loaded: LoadedModel) -> list[str] | None:
+    """The class names the model's plugin reads off the model (API v2's ``labels`` hook). A plugin
+    that fails here costs the names, not the explanation: the failure is a note."""
+    plugin = loaded.plugin
+    try:
+        names = plugin.labels(loaded.module)
+    except Exception as error:  # noqa: BLE001 - third-party code
+        loaded.notes.append(f"plugin {plugin.name} could not read the model's class names "
+                            f"({type(error).__name__}: {_first_line(error)}); none are shown")
+        return None
+    if names is None:
+        return None
+    if (not isinstance(names, (list, tuple)) or len(names) > _MAX_LABELS
+            or not all(isinstance(name, (str, int)) for name in names)):
+        loaded.notes.append(f"plugin {plugin.name} gave class names that are not a list of names; "
+                            f"none are shown")
+        return None
+    return [str(name) for name in names]
 
 
 def read_labels(labels: str | Path | list[str]) -> list[str]:
@@ -170,7 +258,7 @@ def read_labels(labels: str | Path | list[str]) -> list[str]:
 
 # --- named models ------------------------------------------------------------------------------
 
-def _load_named(spec: str, arch: str | None) -> LoadedModel:
+def _load_named(spec: str) -> LoadedModel:
     prefix, _, rest = spec.partition(":")
     plugin = plugin_for_prefix(prefix) if rest else None
     if plugin is None:
@@ -178,21 +266,73 @@ def _load_named(spec: str, arch: str | None) -> LoadedModel:
             raise ModelLoadError(f"Model file not found, and no installed plugin builds "
                                  f"'{prefix}:' models: {spec}")
         raise ModelLoadError(f"Model file not found: {spec}")
-    name, _, weights = rest.partition(":")
-    named = plugin.load_named(name, weights or None)
-    loaded = LoadedModel(module=named.module, source=spec, loader=prefix,
+    name, weights = _plugin_load(plugin, f"Plugin {plugin.name} could not read {spec}",
+                                 lambda: plugin.split_spec(rest))
+    named = _plugin_load(plugin, f"Plugin {plugin.name} could not build {spec}",
+                         lambda: plugin.load_named(name, weights))
+    return _from_named(named, spec, prefix, weights)
+
+
+def _from_named(named: NamedModel, source: str, loader: str, weights: str | None) -> LoadedModel:
+    """A plugin's :class:`NamedModel` as a :class:`LoadedModel`. ``weights``: the WEIGHTS the
+    specification named (None: none), which decide the "random weights" note where the plugin does
+    not say (``NamedModel.random_weights`` None, as plugins of API version 1 leave it)."""
+    if not isinstance(named, NamedModel):
+        raise ModelLoadError(f"Loading {source} gave a {type(named).__name__}, not the NamedModel a "
+                             f"plugin must return.")
+    loaded = LoadedModel(module=named.module, source=source, loader=loader,
                          architecture=named.architecture, weights=named.weights,
-                         labels=named.labels, preprocessing=named.preprocessing,
-                         notes=list(named.notes))
-    if weights == "":
-        loaded.notes.append("random weights: no WEIGHTS were named, so predictions mean nothing")
+                         labels=list(named.labels) if named.labels is not None else None,
+                         preprocessing=named.preprocessing, notes=list(named.notes))
+    random_weights = named.random_weights if named.random_weights is not None else not weights
+    if random_weights:
+        loaded.notes.append("random weights: no WEIGHTS were named, so predictions mean nothing"
+                            if named.random_weights is None else
+                            "random weights: predictions mean nothing")
     return loaded
+
+
+def _plugin_load(plugin: ModelPlugin, what: str, call: Callable[[], Any]) -> Any:
+    """``call()`` into a plugin, whatever it raises reported as one line that names it."""
+    with _load_failures_reported(what):
+        return call()
+
+
+def _claiming_plugin(path: Path, notes: list[str]) -> ModelPlugin | None:
+    """The plugin that loads ``path`` itself (API v2's ``claims_path``): attnexplain's own plugins
+    first, then the others by name, as for builders. A plugin that raises while looking is taken as
+    not claiming the path: one broken plugin must not stop every model file from loading. The
+    failure is kept in ``notes`` (the report says it)."""
+    for plugin in _builder_order():
+        try:
+            claims = plugin.claims_path(path)
+        except Exception as error:  # noqa: BLE001 - third-party code
+            notes.append(f"plugin {plugin.name} failed while checking whether it loads {path.name} "
+                         f"({type(error).__name__}: {_first_line(error)}); ignored")
+            continue
+        if claims is True:
+            return plugin
+    return None
+
+
+def _no_ema(ema: bool, reason: str) -> None:
+    if ema:
+        raise ModelLoadError(f"--ema (ema=True) loads a training checkpoint's EMA weights, but {reason}.")
 
 
 # --- files -------------------------------------------------------------------------------------
 
-def _load_file(path: Path, *, arch: str | None, num_classes: int | None,
-               trust_model: bool) -> LoadedModel:
+@dataclass(frozen=True)
+class _Asked:
+    """What the user said about a file's weights (``--arch``, ``--arch-kwargs``, ...)."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None  # None: not given (a checkpoint's own then apply)
+    num_classes: int | None = None
+    ema: bool = False
+
+
+def _load_file(path: Path, asked: _Asked, trust_model: bool) -> LoadedModel:
     if path.stat().st_size == 0:
         raise ModelLoadError(f"Model file is empty: {path}")
     try:  # a regular file: opening it cannot block
@@ -201,7 +341,7 @@ def _load_file(path: Path, *, arch: str | None, num_classes: int | None,
     except OSError as error:
         raise ModelLoadError(f"Cannot read model file {path}: {error.strerror or error}") from None
     if path.suffix == ".safetensors":
-        return _load_safetensors(path, arch, num_classes)
+        return _load_safetensors(path, asked)
     # The kind is read from the archive's members, never from the suffix: a TorchScript or
     # torch.export archive renamed to .pt is still code.
     kind = _archive_kind(path)
@@ -210,14 +350,16 @@ def _load_file(path: Path, *, arch: str | None, num_classes: int | None,
             raise UntrustedModelError(
                 f"{path} is a TorchScript program: loading it runs code stored in the file (which can "
                 f"read and write any file), so it is refused. {_TRUST_HINT}")
+        _no_ema(asked.ema, f"{path} is a TorchScript program, not a training checkpoint")
         return _load_torchscript(path)
     if kind == "export":
         if not trust_model:
             raise UntrustedModelError(
                 f"{path} is a torch.export program: loading it unpickles parts of the archive, which "
                 f"can run arbitrary code, so it is refused. {_TRUST_HINT}")
+        _no_ema(asked.ema, f"{path} is a torch.export program, not a training checkpoint")
         return _load_exported(path)
-    return _load_pickle(path, arch, num_classes, trust_model)
+    return _load_pickle(path, asked, trust_model)
 
 
 def _archive_kind(path: Path) -> str | None:
@@ -335,6 +477,11 @@ def _harmless_globals() -> list[Any]:
     as numpy scalars, numpy arrays and dtypes, paths and timestamps. Each of these, called with any
     arguments, builds a value and does nothing else, so allowing them lets those checkpoints load
     without --trust-model while unpickling still cannot run code.
+
+    PyTorch Lightning's ``AttributeDict`` (a dict whose keys read as attributes, in
+    ``hyper_parameters``) is read as the plain dict it is, under each name Lightning has given it:
+    Lightning need not be installed, and its class is never imported. Paths are allowed under the
+    names Python 3.13 gives them too (``pathlib._local``), so a checkpoint saved there loads here.
     """
     import argparse
     import datetime
@@ -348,14 +495,23 @@ def _harmless_globals() -> list[Any]:
         from numpy.core import multiarray
     dtype_classes = [cls for cls in vars(getattr(np, "dtypes", object)).values()
                      if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    paths = [pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.PurePosixPath,
+             pathlib.WindowsPath, pathlib.PureWindowsPath]
+    path_aliases = [(cls, f"{module}.{cls.__name__}") for cls in paths
+                    for module in ("pathlib", "pathlib._local") if cls.__module__ != module]
+    attribute_dicts = [(dict, name) for name in (
+        "lightning.fabric.utilities.data.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+        "lightning.pytorch.utilities.parsing.AttributeDict",
+        "pytorch_lightning.utilities.parsing.AttributeDict")]
     return [argparse.Namespace, frozenset,
             multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtype_classes,
-            pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.PurePosixPath,
-            pathlib.WindowsPath, pathlib.PureWindowsPath,
+            *paths, *path_aliases, *attribute_dicts,
             datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone]
 
 
 def _global_name(value: Any) -> str:
+    if isinstance(value, tuple):  # (object, the name a pickle gives it)
+        return value[1]
     return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
 
 
@@ -371,8 +527,7 @@ def _unsafe_globals(path: Path, error: Exception) -> list[str]:
     return [name for name in dict.fromkeys(names) if name not in harmless]
 
 
-def _load_pickle(path: Path, arch: str | None, num_classes: int | None,
-                 trust_model: bool) -> LoadedModel:
+def _load_pickle(path: Path, asked: _Asked, trust_model: bool) -> LoadedModel:
     import torch
 
     try:
@@ -392,19 +547,20 @@ def _load_pickle(path: Path, arch: str | None, num_classes: int | None,
             content = torch.load(str(path), map_location="cpu", weights_only=False)
 
     if isinstance(content, torch.nn.Module):
+        _no_ema(asked.ema, f"{path} holds a whole model, not a training checkpoint")
         return LoadedModel(module=content, source=str(path), loader="pickle",
                            architecture=type(content).__name__)
     if isinstance(content, Mapping):
-        inner = next((content[k] for k in _WRAPPER_KEYS if isinstance(content.get(k), torch.nn.Module)),
-                     None)
+        keys = _EMA_KEYS if asked.ema else _WRAPPER_KEYS
+        inner = next((content[k] for k in keys if isinstance(content.get(k), torch.nn.Module)), None)
         if inner is not None:
             return LoadedModel(module=inner, source=str(path), loader="pickle",
                                architecture=type(inner).__name__)
-        return _from_checkpoint(content, path, "state_dict", arch, num_classes)
+        return _from_checkpoint(content, path, "state_dict", asked)
     raise ModelLoadError(f"{path} holds a {type(content).__name__}, not a model or a state_dict.")
 
 
-def _load_safetensors(path: Path, arch: str | None, num_classes: int | None) -> LoadedModel:
+def _load_safetensors(path: Path, asked: _Asked) -> LoadedModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -425,26 +581,33 @@ def _load_safetensors(path: Path, arch: str | None, num_classes: int | None) -> 
                 except (json.JSONDecodeError, RecursionError):
                     raise ModelLoadError(f"Metadata {key!r} of {path} is not valid JSON.") from None
             checkpoint[key] = value
-    return _from_checkpoint(checkpoint, path, "safetensors", arch, num_classes)
+    return _from_checkpoint(checkpoint, path, "safetensors", asked)
 
 
-def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str, arch: str | None,
-                     num_classes: int | None) -> LoadedModel:
-    """Build the architecture named by ``arch`` (or the checkpoint) and load the weights into it."""
-    state_dict = _find_state_dict(checkpoint, path)
-    arch_name = arch or checkpoint.get("arch")
+def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
+                     asked: _Asked) -> LoadedModel:
+    """Build the architecture named by ``asked.arch`` (or the checkpoint) and load the weights into it."""
+    state_dict = _find_state_dict(checkpoint, path, ema=asked.ema)
+    arch_name = asked.arch or checkpoint.get("arch")
     if not arch_name:
         raise ModelLoadError(
             f"{path} holds only weights (a state_dict); name the architecture they belong to with "
-            f"--arch NAME, e.g. --arch resnet50 (any torchvision builder works)."
+            f"--arch NAME, e.g. --arch resnet50 (any torchvision builder works), or your own class "
+            f"with --arch model.py:MyNet."
         )
     if not isinstance(arch_name, str):
         raise ModelLoadError(f"The 'arch' entry of {path} is not a name: {shown(arch_name)}")
-    arch_kwargs = _checkpoint_arch_kwargs(checkpoint.get("arch_kwargs"), path) if arch is None else {}
+    if asked.arch_kwargs is not None:
+        arch_kwargs = asked.arch_kwargs
+    else:
+        arch_kwargs = _checkpoint_arch_kwargs(checkpoint.get("arch_kwargs"), path) if asked.arch is None else {}
     labels = _checkpoint_labels(checkpoint, path)
     preprocessing = _checkpoint_preprocessing(checkpoint.get("preprocessing"), path)
+    notes: list[str] = []
     try:
-        module = build_architecture(arch_name, state_dict, arch_kwargs, num_classes, initialise=False)
+        module, state_dict = _fitted_architecture(
+            arch_name, state_dict, arch_kwargs, asked.num_classes, initialise=False,
+            outside_ok=any(key in checkpoint for key in _LIGHTNING_KEYS), notes=notes)
     except WeightsDoNotFit as mismatch:
         raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: {mismatch.detail}. "
                              f"Is --arch right?") from None
@@ -462,8 +625,10 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str, arc
     except Exception as error:  # a builder's own _load_from_state_dict may raise anything
         raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: "
                              f"{_first_mismatch(error)}. Is --arch right?") from None
+    if asked.ema:
+        notes.append("EMA weights (the checkpoint's moving average of the trained weights)")
     return LoadedModel(module=module, source=str(path), loader=loader, architecture=arch_name,
-                       labels=labels, preprocessing=preprocessing)
+                       labels=labels, preprocessing=preprocessing, notes=notes)
 
 
 def _checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
@@ -494,9 +659,17 @@ def _checkpoint_labels(checkpoint: Mapping[str, Any], path: Path) -> list[str] |
     return None
 
 
-def _find_state_dict(checkpoint: Mapping[str, Any], path: Path) -> OrderedDict[str, Any]:
+def _find_state_dict(checkpoint: Mapping[str, Any], path: Path, *, ema: bool = False) -> OrderedDict[str, Any]:
     import torch
 
+    if ema:
+        found = next((checkpoint[key] for key in _EMA_KEYS if isinstance(checkpoint.get(key), Mapping)),
+                     None)
+        if found is None:
+            held = ", ".join(str(key)[:40] for key in list(checkpoint)[:8])
+            raise ModelLoadError(f"--ema asks for EMA weights, but {path} has none (no "
+                                 f"{' / '.join(_EMA_KEYS)} entry; it holds {held}). Leave out --ema.")
+        checkpoint = found
     current: Any = checkpoint
     for _ in range(3):  # {"model": {"state_dict": ...}} and the like
         if isinstance(current, Mapping) and current and all(
@@ -512,26 +685,28 @@ def _find_state_dict(checkpoint: Mapping[str, Any], path: Path) -> OrderedDict[s
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
-    """Keys without DataParallel/torch.compile prefixes, keeping torch's per-module ``_metadata``
-    (module versions that some modules' loading depends on)."""
-    metadata = getattr(state_dict, "_metadata", None)
-    keys = list(state_dict)
+    """Keys without DataParallel/torch.compile prefixes (see :func:`_under_prefix`)."""
     changed = True
     while changed:
         changed = False
         for prefix in _KEY_PREFIXES:
-            if all(key.startswith(prefix) for key in keys):
-                keys = [key[len(prefix):] for key in keys]
-                if metadata is not None:  # module names: the wrapper's root goes, its child is root
-                    root = prefix.rstrip(".")
-                    metadata = OrderedDict(("" if key == root else key[len(prefix):], value)
-                                           for key, value in metadata.items()
-                                           if key == root or key.startswith(prefix))
-                changed = True
-    stripped = OrderedDict(zip(keys, state_dict.values()))
-    if metadata is not None:
-        stripped._metadata = metadata  # type: ignore[attr-defined]
-    return stripped
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict, changed = _under_prefix(state_dict, prefix), True
+    return state_dict if isinstance(state_dict, OrderedDict) else _under_prefix(state_dict, "")
+
+
+def _under_prefix(state_dict: Mapping[str, Any], prefix: str) -> OrderedDict[str, Any]:
+    """The entries whose keys start with ``prefix``, without it, keeping torch's per-module
+    ``_metadata`` (module versions that some modules' loading depends on) for the modules under it."""
+    metadata = getattr(state_dict, "_metadata", None)
+    kept = OrderedDict((key[len(prefix):], value) for key, value in state_dict.items()
+                       if key.startswith(prefix))
+    if metadata is not None:  # module names: the prefix's module becomes the root
+        root = prefix.rstrip(".")
+        kept._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ("" if key == root else key[len(prefix):], value) for key, value in metadata.items()
+            if key == root or key.startswith(prefix)) if prefix else metadata
+    return kept
 
 
 def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: dict[str, Any],
@@ -543,41 +718,303 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
     bounded by the file, whatever ``arch_kwargs`` say. Raises :class:`WeightsDoNotFit` otherwise.
     ``initialise=False`` leaves the weights as allocated (not random), for a caller that loads every
     one of them next (``load_state_dict(strict=True)``): random initialisation is most of the build
-    (ResNet-50: 0.2 s of 0.21 s).
+    (ResNet-50: 0.2 s of 0.21 s). ``arch`` is resolved as :func:`architecture_candidates` says.
     """
-    found = find_builder(arch)
-    if found is None:
-        close = difflib.get_close_matches(arch, all_builders(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelLoadError(f"Unknown architecture {arch[:80]!r}.{hint}")
-    _, builder = found
-    budget = _BuildBudget(state_dict)
-    if num_classes is None and "num_classes" not in arch_kwargs:
-        num_classes = _infer_num_classes(builder, arch_kwargs, state_dict, budget)
-    if num_classes is not None:
-        arch_kwargs = {**arch_kwargs, "num_classes": int(num_classes)}
+    module, _ = _fitted_architecture(arch, state_dict, arch_kwargs, num_classes, initialise=initialise)
+    return module
 
-    def build(meta: bool) -> Any:
+
+def architecture_candidates(arch: str) -> list[tuple[str, Callable[..., Any]]]:
+    """Every (name, constructor) ``arch`` may mean, the one to try first first.
+
+    ``PREFIX:NAME`` is that plugin's builder. ``path/model.py:Class`` and ``package.module:Class`` are
+    the user's own class (imported here: the user named it). A bare name is every plugin's builder of
+    that name or of ``PREFIX:NAME``, attnexplain's own plugins first (``convnext_tiny`` is
+    torchvision's and ``timm:convnext_tiny``), each named with its plugin's prefix.
+    """
+    prefix, colon, rest = arch.partition(":")
+    if colon:
+        plugin = plugin_for_prefix(prefix)
+        if plugin is not None:
+            builders = plugin.builders()
+            builder = builders.get(arch) or builders.get(rest)
+            return [(arch, builder)] if builder is not None else []
+        if _names_a_class(arch):
+            return [_user_class(arch)]
+    found: list[tuple[str, Callable[..., Any]]] = []
+    for plugin in _builder_order():
+        builders = plugin.builders()
+        builder = builders.get(arch)
+        if builder is None and plugin.source_prefix and not colon:
+            builder = builders.get(f"{plugin.source_prefix}:{arch}")
+        if builder is not None:
+            found.append((f"{plugin.source_prefix}:{arch}" if plugin.source_prefix and not colon
+                          else arch, builder))
+    return found
+
+
+def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: dict[str, Any],
+                         num_classes: int | None, *, initialise: bool, outside_ok: bool = False,
+                         notes: list[str] | None = None) -> tuple[Any, OrderedDict[str, Any]]:
+    """:func:`build_architecture`, also finding where in ``state_dict`` the architecture's keys are
+    (a LightningModule's ``model.``) and trying each of :func:`architecture_candidates` in turn.
+
+    Returns the module and the state_dict re-keyed to fit it; says what it did in ``notes``. The
+    first candidate whose keys fit is taken (a name two plugins know keeps attnexplain's meaning when
+    both fit); when none fits, the error lists them all with their plugin prefix.
+    """
+    notes = notes if notes is not None else []
+    candidates = architecture_candidates(arch)
+    if not candidates:
+        raise ModelLoadError(f"Unknown architecture {arch[:80]!r}.{_did_you_mean(arch, state_dict)}")
+    failures: list[str] = []
+    for index, (name, builder) in enumerate(candidates):
         try:
-            return budget.build(builder, arch_kwargs, meta=meta, initialise=initialise)
-        except _TooLarge as error:
-            raise ModelLoadError(f"{arch} built with {shown(arch_kwargs)} is far larger than the "
-                                 f"weights it should hold ({error}); refused before it fills "
-                                 f"memory.") from None
-        except Exception as error:
-            if meta:
-                return None  # some builders compute with tensors while constructing (RegNet)
-            if isinstance(error, (TypeError, ValueError)):
-                raise ModelLoadError(f"Cannot build {arch} with {shown(arch_kwargs)}: "
-                                     f"{_first_line(error)}") from None
-            # builders are third-party code; report, don't crash
-            raise ModelLoadError(f"Building {arch} failed: {type(error).__name__}: "
-                                 f"{_first_line(error)}") from None
+            kwargs, built, fitted, found = _fit(name, builder, state_dict, arch_kwargs, num_classes,
+                                                outside_ok)
+        except WeightsDoNotFit as error:
+            failures.append(f"{name} ({error.detail})")
+            continue
+        if index:
+            notes.append(f"the weights fit {name}, not {candidates[0][0]} (the other plugin that "
+                         f"builds {arch})")
+        notes.extend(found)
+        module = built if built is not None else _build(name, builder, _BuildBudget(fitted), kwargs,
+                                                         meta=False, initialise=initialise)
+        return module, fitted
+    if len(candidates) == 1:
+        detail = failures[0][len(candidates[0][0]) + 2:-1]
+        raise WeightsDoNotFit(arch, detail + _did_you_mean(arch, state_dict, exclude=arch))
+    raise WeightsDoNotFit(arch, f"{len(candidates)} plugins build {arch} and the weights fit none of "
+                                f"them: {'; '.join(failures)}")
 
-    skeleton = build(meta=True)
-    module = skeleton if skeleton is not None else build(meta=False)
-    _check_fit(arch, module.state_dict(), state_dict)
-    return build(meta=False) if skeleton is not None else module
+
+def _fit(name: str, builder: Callable[..., Any], state_dict: Mapping[str, Any],
+         arch_kwargs: dict[str, Any], num_classes: int | None, outside_ok: bool,
+         ) -> tuple[dict[str, Any], Any, OrderedDict[str, Any], list[str]]:
+    """Whether ``builder``'s tensors match ``state_dict``'s, decided on the meta device.
+
+    Returns the constructor's keyword arguments, the module when it had to be built for real already
+    (some builders cannot build on the meta device), the state_dict keyed as the module's, and notes.
+    Raises :class:`WeightsDoNotFit`.
+    """
+    budget = _BuildBudget(state_dict)
+    _check_arch_kwargs(name, builder, {**arch_kwargs, **({"num_classes": num_classes}
+                                                         if num_classes is not None else {})})
+    fitted, notes = _keys_for(name, builder, arch_kwargs, state_dict, budget, outside_ok)
+    if num_classes is None and "num_classes" not in arch_kwargs and _takes(builder, "num_classes"):
+        num_classes = _infer_num_classes(builder, arch_kwargs, fitted, budget)
+    kwargs = {**arch_kwargs, "num_classes": int(num_classes)} if num_classes is not None else arch_kwargs
+    skeleton = _build(name, builder, budget, kwargs, meta=True)
+    module = skeleton if skeleton is not None else _build(name, builder, budget, kwargs, meta=False,
+                                                          initialise=False)
+    _check_fit(name, module.state_dict(), fitted)
+    return kwargs, None if skeleton is not None else module, fitted, notes
+
+
+def _build(name: str, builder: Callable[..., Any], budget: "_BuildBudget", kwargs: dict[str, Any], *,
+           meta: bool, initialise: bool = True) -> Any:
+    """``builder(**kwargs)`` within ``budget``; on the meta device, None where the builder cannot."""
+    try:
+        return budget.build(builder, kwargs, meta=meta, initialise=initialise)
+    except _TooLarge as error:
+        raise ModelLoadError(f"{name} built with {shown(kwargs)} is far larger than the "
+                             f"weights it should hold ({error}); refused before it fills "
+                             f"memory.") from None
+    except AttnExplainError:
+        raise
+    except Exception as error:
+        if meta:
+            return None  # some builders compute with tensors while constructing (RegNet)
+        if isinstance(error, (TypeError, ValueError)):
+            raise ModelLoadError(f"Cannot build {name} with {shown(kwargs)}: "
+                                 f"{_first_line(error)}") from None
+        # builders are third-party (or the user's) code; report, don't crash
+        raise ModelLoadError(f"Building {name} failed: {type(error).__name__}: "
+                             f"{_first_line(error)}") from None
+    except BaseException as error:  # noqa: BLE001 - a user's class calling sys.exit()
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        raise ModelLoadError(f"Building {name} failed: {type(error).__name__}: "
+                             f"{_first_line(error)}") from None
+
+
+def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any],
+              state_dict: Mapping[str, Any], budget: "_BuildBudget",
+              outside_ok: bool) -> tuple[OrderedDict[str, Any], list[str]]:
+    """``state_dict`` keyed as ``builder``'s module: under the prefix where its keys all are.
+
+    A LightningModule saves its network's keys under its attribute's name (``model.``, ``net.``,
+    ``model.backbone.``) beside other modules' (a loss's ``criterion.weight``); those outside the
+    prefix are left out (and counted in the note). Without a prefix, keys the architecture does not
+    have are left out only where ``outside_ok`` (a Lightning checkpoint); elsewhere they are a
+    mismatch, which the shape check reports.
+    """
+    skeleton = _build(name, builder, budget, arch_kwargs, meta=True)
+    if skeleton is None:
+        try:
+            skeleton = budget.build(builder, arch_kwargs, meta=False, initialise=False)
+        except Exception:  # noqa: BLE001 - the real build reports it
+            return _under_prefix(state_dict, ""), []
+    expected = list(skeleton.state_dict())
+    given = set(state_dict)
+    if not expected or all(key in given for key in expected):
+        prefix = ""
+    else:
+        first = expected[0]
+        prefixes = {key[:-len(first)] for key in given if key.endswith("." + first)}
+        prefixes = {prefix for prefix in prefixes if all(prefix + key in given for key in expected)}
+        if not prefixes:
+            return _under_prefix(state_dict, ""), []
+        # The prefix with the fewest other keys under it (the architecture itself), then the shortest.
+        prefix = min(prefixes, key=lambda p: (sum(key.startswith(p) for key in given), len(p)))
+    wanted = set(expected)
+    fitted = _under_prefix(state_dict, prefix)
+    if not prefix and not outside_ok:
+        return fitted, []
+    outside = sorted(key for key in given if not key.startswith(prefix) or key[len(prefix):] not in wanted)
+    if prefix:  # keys under the prefix that the architecture lacks are a mismatch, not outside it
+        outside = [key for key in outside if not key.startswith(prefix)]
+    for key in outside:
+        fitted.pop(key[len(prefix):] if key.startswith(prefix) else key, None)
+    notes = [f"the weights are under '{prefix}' in the checkpoint"] if prefix else []
+    if outside:
+        notes.append(f"{len(outside)} tensors outside {name} left out ({', '.join(outside[:3])}"
+                     f"{', ...' if len(outside) > 3 else ''})")
+    return fitted, notes
+
+
+def _takes(builder: Callable[..., Any], argument: str) -> bool:
+    """Whether ``builder`` accepts the keyword ``argument`` (True when it cannot be told)."""
+    parameters = _parameters(builder)
+    return parameters is None or argument in parameters
+
+
+def _parameters(builder: Callable[..., Any]) -> list[str] | None:
+    """The keyword arguments ``builder`` takes; None when it takes any (``**kwargs``) or cannot be told."""
+    import inspect
+
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return [name for name, p in signature.parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def _check_arch_kwargs(name: str, builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+    parameters = _parameters(builder)
+    unknown = [key for key in kwargs if parameters is not None and key not in parameters]
+    if unknown:
+        takes = ", ".join(parameters[:12]) if parameters else "no arguments"
+        raise ModelLoadError(f"{name} takes no argument {', '.join(map(repr, unknown))} (it takes "
+                             f"{takes}); check --arch-kwargs / --num-classes.")
+
+
+def _did_you_mean(arch: str, state_dict: Mapping[str, Any], exclude: str | None = None) -> str:
+    """" Did you mean ...?" for an architecture name that is unknown or whose weights do not fit
+    (a checkpoint's ``arch`` that is a class name: ``convnext``, ``ResNet``): the close names whose
+    builders the weights fit, else the close names. Nothing is built but on the meta device."""
+    names = [name for name in all_builders() if "." not in name and name != exclude]
+    lowered: dict[str, str] = {}
+    for name in names:
+        lowered.setdefault(name.lower().split(":")[-1], name.split(":")[-1])
+    wanted = arch.lower().split(":")[-1]
+    close = difflib.get_close_matches(wanted, lowered, n=5, cutoff=0.6)
+    starting = sorted((name for name in lowered if name.startswith(wanted)), key=lambda n: (len(n), n))
+    pool = [lowered[name] for name in dict.fromkeys(close + starting[:8]) if lowered[name] != exclude]
+    fitting: list[str] = []
+    if state_dict:
+        for name in pool[:12]:
+            for index, (label, builder) in enumerate(architecture_candidates(name)):
+                try:
+                    _fit(label, builder, state_dict, {}, None, outside_ok=True)
+                except AttnExplainError:
+                    continue
+                fitting.append(label if index else name)  # a bare name means the first candidate
+                break
+    if fitting:
+        return f" Did you mean {', '.join(fitting[:3])}? (the weights fit {'it' if len(fitting) == 1 else 'each'})"
+    return f" Did you mean {', '.join(pool[:3])}?" if pool else ""
+
+
+def _names_a_class(arch: str) -> bool:
+    """``path/model.py:Class`` or ``package.module:Class`` (a Windows path's drive colon aside)."""
+    where, _, name = arch.rpartition(":")
+    return name.isidentifier() and (where.endswith(".py") or "/" in where or "\\" in where
+                                    or all(part.isidentifier() for part in where.split(".")))
+
+
+def _user_class(arch: str) -> tuple[str, Callable[..., Any]]:
+    """The user's own ``nn.Module`` class named by ``arch``, imported (which runs the user's file:
+    the user named it on the command line, as ``python model.py`` would)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    import torch
+
+    where, _, name = arch.rpartition(":")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        problem = not_a_regular_file(path)
+        if problem is not None:
+            raise ModelLoadError(f"The model class file {path} {problem} (--arch {arch[:120]}).")
+        described = str(path)
+        module_name = f"attnexplain_user_model_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ModelLoadError(f"{path} cannot be imported as Python (--arch {arch[:120]}).")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look classes up there
+        # Its own imports (``from layers import Block``) are found beside it.
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            with _load_failures_reported(f"Importing {path} failed"):
+                spec.loader.exec_module(module)
+        except AttnExplainError:
+            sys.modules.pop(module_name, None)
+            raise
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        described = f"module {where}"
+        with _load_failures_reported(f"Importing {where} (--arch {arch[:120]}) failed"):
+            module = importlib.import_module(where)
+    found = getattr(module, name, None)
+    if found is None:
+        classes = sorted(key for key, value in vars(module).items() if isinstance(value, type)
+                         and issubclass(value, torch.nn.Module) and value.__module__ == module.__name__)
+        defined = f"; its nn.Module classes: {', '.join(classes[:8])}" if classes else ""
+        raise ModelLoadError(f"{described} has no class {name}{defined}.")
+    if not (isinstance(found, type) and issubclass(found, torch.nn.Module)):
+        raise ModelLoadError(f"{name} in {described} is a {type(found).__name__}, not a "
+                             f"torch.nn.Module class.")
+    return arch, found
+
+
+def arch_kwargs_from_json(text: str) -> dict[str, Any]:
+    """``--arch-kwargs`` (a JSON object of the architecture's keyword arguments) as a dict."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ModelLoadError(f"--arch-kwargs is not valid JSON ({_first_line(error)}): "
+                             f"{shown(text)}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 7}}', "
+                             f"not {shown(value)}")
+    return _given_arch_kwargs(value)
+
+
+def _given_arch_kwargs(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise ModelLoadError(f"arch_kwargs must map argument names to values, not {shown(value)}")
+    if "weights" in value or "weights_backbone" in value or "pretrained" in value:
+        raise ModelLoadError("arch_kwargs may not ask for pretrained weights: the file's weights are "
+                             "loaded into the architecture.")
+    return dict(value)
 
 
 class _TooLarge(Exception):

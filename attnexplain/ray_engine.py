@@ -147,13 +147,15 @@ class _ExplainWorker:
         if torch_threads:  # Ray gives a 1-CPU actor one thread; on our own machine it may have more
             torch.set_num_threads(torch_threads)
         from .explanation import plan_explanation
-        from .loading import load_model
+        from .loading import arch_kwargs_from_json, load_model
 
         device = "cuda" if use_gpu else "cpu"
         spec = dict(model_spec)
+        arch_kwargs = arch_kwargs_from_json(spec["arch_kwargs"]) if spec.get("arch_kwargs") else None
         self.loaded = load_model(spec.pop("model"), device=device,
                                  **{key: spec.get(key) for key in ("arch", "num_classes", "labels", "plugin")},
-                                 trust_model=bool(spec.get("trust_model")))
+                                 trust_model=bool(spec.get("trust_model")), arch_kwargs=arch_kwargs,
+                                 ema=bool(spec.get("ema")))
         self.plan = plan_explanation(self.loaded, settings.method, settings.layer, size=settings.size,
                                      mean=settings.mean, std=settings.std)
         self.settings, self.out, self.device = settings, Path(out), torch.device(device)
