@@ -14,12 +14,12 @@ from importlib import import_module
 from typing import Any
 
 __all__ = ["explain", "Explanation", "load_model", "LoadedModel", "load_image", "LoadedImage",
-           "ModelPlugin", "AttnExplainError", "METHODS"]
+           "MethodOptions", "ModelPlugin", "AttnExplainError", "METHODS"]
 
 _HOMES = {
     "explain": "explanation", "Explanation": "explanation", "load_model": "loading", "LoadedModel": "loading",
     "load_image": "images", "LoadedImage": "images", "ModelPlugin": "plugins",
-    "AttnExplainError": "errors", "METHODS": "methods",
+    "AttnExplainError": "errors", "METHODS": "methods", "MethodOptions": "options",
 }
 
 

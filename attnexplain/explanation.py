@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .capture import (attention_gradients, capture_activations, frozen_parameters,
                       probe_layers, replaced_forward, replaced_output)
 from .errors import AttnExplainError, MethodError, ModelRunError, NothingToExplain
-from .images import LoadedImage, from_array, load_image
+from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
 from .methods import METHODS, Method
 from .methods.attribution import NOISE_SEED, NOISY_COPIES, baseline_images, noisy_copies
@@ -139,28 +139,32 @@ class Explanation:
 
 
 def explain(model: LoadedModel | torch.nn.Module | str | Path,
-            image: LoadedImage | np.ndarray | str | Path, method: str | Sequence[str] = "auto", *,
+            image: Any, method: str | Sequence[str] = "auto", *,
             target: int | str | None = None, layer: str | Sequence[str] | None = None, top_k: int = 5,
             size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
             std: Sequence[float] | None = None, options: MethodOptions | None = None,
-            device: str | None = None) -> Explanation:
+            device: str | None = None, labels: str | Path | Sequence[str] | None = None) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
     ``model`` may be a :class:`LoadedModel`, a plain ``nn.Module`` or anything :func:`load_model`
-    accepts; ``image`` a :class:`LoadedImage`, an RGB uint8 array or a path. ``method`` is a name, a
+    accepts. ``image`` may be a :class:`LoadedImage`, a path, a PIL image, a numpy array ((H, W, 3)
+    or (H, W): uint8, or floats in [0, 1]) or a torch tensor ((3, H, W) or (1, 3, H, W) in [0, 1], or
+    uint8). ``method`` is a name, a
     comma-separated list or a sequence of names (see :data:`attnexplain.METHODS`); ``"auto"`` picks
     attention rollout for models whose plugin knows their attention, Grad-CAM otherwise (saliency where
     inner layers are out of reach). Methods of the same family share their forward and backward pass.
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
-    (default: the top-1 prediction).
+    (default: the top-1 prediction). ``labels`` (a list of class names or a file of one per line)
+    win over those the model carries. ``device`` (cpu, cuda, mps, auto) moves the model there;
+    None runs it where it is.
     """
     options = options or MethodOptions()
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    loaded = _as_loaded_model(model)
-    picture = _as_image(image)
+    picture = image_from(image)
+    loaded = _as_loaded_model(model, labels=labels, device=device)
     module = loaded.module
-    run_device = _model_device(module) if device is None else torch.device(device)
+    run_device = _model_device(module)
 
     plan = plan_explanation(loaded, method, layer, size=size, mean=mean, std=std)
     timings["plan_s"] = time.perf_counter() - started  # methods, layers (the default layer's probe)
@@ -995,25 +999,20 @@ def _label(labels: list[str] | None, index: int) -> str | None:
     return labels[index] if labels is not None and index < len(labels) else None
 
 
-def _as_loaded_model(model: LoadedModel | torch.nn.Module | str | Path) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, torch.nn.Module):
-        from .plugins import select_plugin
+def _as_loaded_model(model: LoadedModel | torch.nn.Module | str | Path, *,
+                     labels: str | Path | Sequence[str] | None = None,
+                     device: str | None = None) -> LoadedModel:
+    """``model`` as a :class:`LoadedModel` on ``device`` (None: where it is), with ``labels`` if given.
+    A :class:`LoadedModel` passed in is not changed: a copy gets the labels."""
+    if not isinstance(model, LoadedModel):
+        return load_model(model, labels=labels, device=device)
+    from .loading import read_labels, resolve_device
 
-        plugin = select_plugin(model)
-        return LoadedModel(module=model.eval(), source=f"<{type(model).__name__} object>",
-                           loader="object", architecture=type(model).__name__, plugin=plugin,
-                           preprocessing=plugin.preprocessing(model))
-    return load_model(model)
-
-
-def _as_image(image: LoadedImage | np.ndarray | str | Path) -> LoadedImage:
-    if isinstance(image, LoadedImage):
-        return image
-    if isinstance(image, np.ndarray):
-        return from_array(image)
-    return load_image(image)
+    if labels is not None:
+        model = dataclasses.replace(model, labels=read_labels(labels))
+    if device is not None:
+        model.module.to(resolve_device(device))
+    return model
 
 
 def _model_device(module: Any) -> torch.device:

@@ -198,8 +198,71 @@ def from_array(pixels: np.ndarray, name: str | None = None) -> LoadedImage:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise ImageError("An image array must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4).")
+        raise ImageError(f"An image array must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4), "
+                         f"not {array.dtype} {tuple(np.shape(pixels))}.")
+    if not array.shape[0] or not array.shape[1]:
+        raise ImageError(f"The image array is empty: {tuple(np.shape(pixels))}.")
     if array.shape[2] == 4:
         array = to_rgb_array(Image.fromarray(array))
     return LoadedImage(pixels=np.ascontiguousarray(array), path=Path(name) if name else None,
                        format=None, mode="RGB")
+
+
+def image_from(image: Any) -> LoadedImage:
+    """An image as Python code holds it, as a :class:`LoadedImage`: a path, a PIL image, a numpy
+    array ((H, W) or (H, W, 3): uint8, or floats in [0, 1]) or a torch tensor ((3, H, W) or
+    (1, 3, H, W), channels first as torchvision gives them: uint8, or floats in [0, 1]).
+
+    Anything else (a normalised tensor, NaN, a batch of several images) is an :class:`ImageError`
+    that says what was expected: guessing a range would explain a different picture.
+    """
+    if isinstance(image, LoadedImage):
+        return image
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        mode = image.mode
+        upright = ImageOps.exif_transpose(image)
+        return LoadedImage(pixels=to_rgb_array(upright), path=None, format=image.format, mode=mode)
+    if type(image).__module__.split(".")[0] == "torch" and hasattr(image, "detach"):
+        return _from_channels_first(image)
+    if isinstance(image, np.ndarray):
+        return from_array(_as_uint8(image, "array"))
+    raise ImageError(f"An image is a path, a PIL image, a numpy array or a torch tensor, not a "
+                     f"{type(image).__name__}.")
+
+
+def _from_channels_first(tensor: Any) -> LoadedImage:
+    shape = tuple(tensor.shape)
+    if len(shape) == 4 and shape[0] == 1:
+        tensor, shape = tensor[0], shape[1:]
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        batch = (" One image at a time: explain each, or save them and use `attnexplain batch`."
+                 if len(shape) == 4 else "")
+        raise ImageError(f"An image tensor must be (3, H, W) or (1, 3, H, W), channels first, not "
+                         f"{shape}.{batch}")
+    array = tensor.detach().cpu()
+    if array.is_floating_point():
+        array = array.float()
+    pixels = array.numpy().transpose(1, 2, 0)
+    return from_array(_as_uint8(pixels[:, :, 0] if shape[0] == 1 else pixels, "tensor"))
+
+
+def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """uint8 pixels as they are; floats in [0, 1] scaled to 0–255; anything else refused."""
+    if array.dtype == np.uint8:
+        return array
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ImageError(f"An image {what} must be uint8 (0-255) or floats in [0, 1], not "
+                         f"{array.dtype}.")
+    if array.size == 0:
+        raise ImageError(f"The image {what} is empty: {array.shape}.")
+    values = array.astype(np.float32, copy=False)
+    if not np.isfinite(values).all():
+        raise ImageError(f"The image {what} holds NaN or infinite values.")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise ImageError(f"A float image {what} must hold values in [0, 1]; this one spans "
+                         f"[{low:.3g}, {high:.3g}] (0-255 values: pass uint8; a normalised tensor: "
+                         f"undo the normalisation, attnexplain applies the model's own).")
+    return (values * 255.0 + 0.5).astype(np.uint8)

@@ -26,13 +26,15 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, ModelLoadError, UntrustedModelError, WeightsDoNotFit, shown
-from .plugins import (ModelPlugin, NamedModel, _builder_order, all_builders, plugin_for_prefix,
-                      select_plugin)
+from .plugins import ModelPlugin, NamedModel, _builder_order, plugin_for_prefix, select_plugin
 from .preprocess import FILE_MAX_SIZE, Preprocessing, normalization_values, normalize_size
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # Keys under which training scripts commonly nest the weights.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -85,7 +87,7 @@ class LoadedModel:
 
 def load_model(spec: "str | Path | nn.Module", *, arch: str | None = None,
                arch_kwargs: Mapping[str, Any] | None = None, num_classes: int | None = None,
-               labels: str | Path | list[str] | None = None, trust_model: bool = False,
+               labels: str | Path | Sequence[str] | None = None, trust_model: bool = False,
                plugin: str | None = None, device: str | None = None, ema: bool = False) -> LoadedModel:
     """Load ``spec`` into an eval-mode model on ``device`` (``"auto"``: CUDA, else MPS, else the CPU;
     None: the CPU, or where an in-memory module already is).
@@ -227,7 +229,7 @@ def _plugin_labels(loaded: LoadedModel) -> list[str] | None:
     return [str(name) for name in names]
 
 
-def read_labels(labels: str | Path | list[str]) -> list[str]:
+def read_labels(labels: str | Path | Sequence[str]) -> list[str]:
     """Class names from a list or a text file with one label per line."""
     if isinstance(labels, (list, tuple)):
         return [str(label) for label in labels]
@@ -724,13 +726,15 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
     return module
 
 
-def architecture_candidates(arch: str) -> list[tuple[str, Callable[..., Any]]]:
+def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None,
+                            ) -> list[tuple[str, Callable[..., Any]]]:
     """Every (name, constructor) ``arch`` may mean, the one to try first first.
 
     ``PREFIX:NAME`` is that plugin's builder. ``path/model.py:Class`` and ``package.module:Class`` are
     the user's own class (imported here: the user named it). A bare name is every plugin's builder of
     that name or of ``PREFIX:NAME``, attnexplain's own plugins first (``convnext_tiny`` is
-    torchvision's and ``timm:convnext_tiny``), each named with its plugin's prefix.
+    torchvision's and ``timm:convnext_tiny``), each named with its plugin's prefix. ``known``: every
+    plugin's builders, for a caller that asks about many names.
     """
     prefix, colon, rest = arch.partition(":")
     if colon:
@@ -742,8 +746,7 @@ def architecture_candidates(arch: str) -> list[tuple[str, Callable[..., Any]]]:
         if _names_a_class(arch):
             return [_user_class(arch)]
     found: list[tuple[str, Callable[..., Any]]] = []
-    for plugin in _builder_order():
-        builders = plugin.builders()
+    for plugin, builders in known or [(plugin, plugin.builders()) for plugin in _builder_order()]:
         builder = builders.get(arch)
         if builder is None and plugin.source_prefix and not colon:
             builder = builders.get(f"{plugin.source_prefix}:{arch}")
@@ -772,8 +775,10 @@ def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: 
         try:
             kwargs, built, fitted, found = _fit(name, builder, state_dict, arch_kwargs, num_classes,
                                                 outside_ok)
-        except WeightsDoNotFit as error:
-            failures.append(f"{name} ({error.detail})")
+        except ModelLoadError as error:
+            if len(candidates) == 1 and not isinstance(error, WeightsDoNotFit):
+                raise
+            failures.append(f"{name} ({getattr(error, 'detail', error)})")
             continue
         if index:
             notes.append(f"the weights fit {name}, not {candidates[0][0]} (the other plugin that "
@@ -801,7 +806,9 @@ def _fit(name: str, builder: Callable[..., Any], state_dict: Mapping[str, Any],
     budget = _BuildBudget(state_dict)
     _check_arch_kwargs(name, builder, {**arch_kwargs, **({"num_classes": num_classes}
                                                          if num_classes is not None else {})})
-    fitted, notes = _keys_for(name, builder, arch_kwargs, state_dict, budget, outside_ok)
+    fitted, notes, expected = _keys_for(name, builder, arch_kwargs, state_dict, budget, outside_ok)
+    if expected is not None:  # names first: a mismatch needs no more builds
+        _check_fit(name, dict.fromkeys(expected), dict.fromkeys(fitted), shapes=False)
     if num_classes is None and "num_classes" not in arch_kwargs and _takes(builder, "num_classes"):
         num_classes = _infer_num_classes(builder, arch_kwargs, fitted, budget)
     kwargs = {**arch_kwargs, "num_classes": int(num_classes)} if num_classes is not None else arch_kwargs
@@ -841,8 +848,9 @@ def _build(name: str, builder: Callable[..., Any], budget: "_BuildBudget", kwarg
 
 def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any],
               state_dict: Mapping[str, Any], budget: "_BuildBudget",
-              outside_ok: bool) -> tuple[OrderedDict[str, Any], list[str]]:
-    """``state_dict`` keyed as ``builder``'s module: under the prefix where its keys all are.
+              outside_ok: bool) -> tuple[OrderedDict[str, Any], list[str], list[str] | None]:
+    """``state_dict`` keyed as ``builder``'s module: under the prefix where its keys all are, with
+    notes and the module's keys (None where it could not be built).
 
     A LightningModule saves its network's keys under its attribute's name (``model.``, ``net.``,
     ``model.backbone.``) beside other modules' (a loss's ``criterion.weight``); those outside the
@@ -855,7 +863,7 @@ def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any
         try:
             skeleton = budget.build(builder, arch_kwargs, meta=False, initialise=False)
         except Exception:  # noqa: BLE001 - the real build reports it
-            return _under_prefix(state_dict, ""), []
+            return _under_prefix(state_dict, ""), [], None
     expected = list(skeleton.state_dict())
     given = set(state_dict)
     if not expected or all(key in given for key in expected):
@@ -865,13 +873,13 @@ def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any
         prefixes = {key[:-len(first)] for key in given if key.endswith("." + first)}
         prefixes = {prefix for prefix in prefixes if all(prefix + key in given for key in expected)}
         if not prefixes:
-            return _under_prefix(state_dict, ""), []
+            return _under_prefix(state_dict, ""), [], expected
         # The prefix with the fewest other keys under it (the architecture itself), then the shortest.
         prefix = min(prefixes, key=lambda p: (sum(key.startswith(p) for key in given), len(p)))
     wanted = set(expected)
     fitted = _under_prefix(state_dict, prefix)
     if not prefix and not outside_ok:
-        return fitted, []
+        return fitted, [], expected
     outside = sorted(key for key in given if not key.startswith(prefix) or key[len(prefix):] not in wanted)
     if prefix:  # keys under the prefix that the architecture lacks are a mismatch, not outside it
         outside = [key for key in outside if not key.startswith(prefix)]
@@ -879,9 +887,9 @@ def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any
         fitted.pop(key[len(prefix):] if key.startswith(prefix) else key, None)
     notes = [f"the weights are under '{prefix}' in the checkpoint"] if prefix else []
     if outside:
-        notes.append(f"{len(outside)} tensors outside {name} left out ({', '.join(outside[:3])}"
+        notes.append(f"{len(outside)} tensor{'' if len(outside) == 1 else 's'} outside {name} left out ({', '.join(outside[:3])}"
                      f"{', ...' if len(outside) > 3 else ''})")
-    return fitted, notes
+    return fitted, notes, expected
 
 
 def _takes(builder: Callable[..., Any], argument: str) -> bool:
@@ -917,7 +925,8 @@ def _did_you_mean(arch: str, state_dict: Mapping[str, Any], exclude: str | None 
     """" Did you mean ...?" for an architecture name that is unknown or whose weights do not fit
     (a checkpoint's ``arch`` that is a class name: ``convnext``, ``ResNet``): the close names whose
     builders the weights fit, else the close names. Nothing is built but on the meta device."""
-    names = [name for name in all_builders() if "." not in name and name != exclude]
+    known = [(plugin, plugin.builders()) for plugin in _builder_order()]
+    names = [name for _, builders in known for name in builders if "." not in name and name != exclude]
     lowered: dict[str, str] = {}
     for name in names:
         lowered.setdefault(name.lower().split(":")[-1], name.split(":")[-1])
@@ -927,10 +936,10 @@ def _did_you_mean(arch: str, state_dict: Mapping[str, Any], exclude: str | None 
     pool = [lowered[name] for name in dict.fromkeys(close + starting[:8]) if lowered[name] != exclude]
     fitting: list[str] = []
     if state_dict:
-        for name in pool[:12]:
-            for index, (label, builder) in enumerate(architecture_candidates(name)):
+        for name in pool[:8]:
+            for index, (label, builder) in enumerate(architecture_candidates(name, known)):
                 try:
-                    _fit(label, builder, state_dict, {}, None, outside_ok=True)
+                    _fit(label, builder, state_dict, {}, None, outside_ok=False)
                 except AttnExplainError:
                     continue
                 fitting.append(label if index else name)  # a bare name means the first candidate
@@ -1112,11 +1121,14 @@ def _initialisation_skipped(skipped: bool) -> Iterator[None]:
 _initialisers_lock = threading.Lock()
 
 
-def _check_fit(arch: str, expected: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+def _check_fit(arch: str, expected: Mapping[str, Any], given: Mapping[str, Any], *,
+               shapes: bool = True) -> None:
     missing, unexpected = _compare_keys(expected, given)
     if missing or unexpected:
         raise WeightsDoNotFit(arch, f"{_few(missing, 'missing')}{'; ' if missing and unexpected else ''}"
                                f"{_few(unexpected, 'unexpected')}")
+    if not shapes:
+        return
     for key, tensor in expected.items():
         if tuple(tensor.shape) != tuple(given[key].shape):
             raise WeightsDoNotFit(arch, f"size mismatch for {key}: the file has "
