@@ -273,17 +273,27 @@ class ModelPlugin:
     def claims_path(self, path: Path) -> bool:
         """Whether this plugin loads ``path`` (a folder, or a file of its own format) itself, through
         :meth:`load_path`, before the core tries (and refuses) it. Must be cheap and must not run
-        code from the path: look at file names and small metadata files only."""
+        code from the path: look at file names and small metadata files only.
+
+        Asked of every plugin, attnexplain's own first, then the others by name; the first that
+        answers True loads the path. A plugin that raises here is taken as not claiming it (one
+        broken plugin must not stop every model file from loading); the report notes the failure."""
         return False
 
     def load_path(self, path: Path, *, trust_model: bool = False) -> NamedModel:
         """Build the model at a path this plugin claims. Runs no code from the path unless
-        ``trust_model`` (the same promise the core keeps for pickles)."""
+        ``trust_model`` (the same promise the core keeps for pickles). Raise an
+        :class:`~attnexplain.errors.AttnExplainError` for what the user can fix; anything else raised
+        is reported as one line naming the plugin. Set ``NamedModel.random_weights``: a path's
+        weights are usually real (False), and None would mean random (no WEIGHTS were named)."""
         raise PluginError(f"Plugin {self.name} does not load model paths.")
 
     def labels(self, model: "nn.Module") -> list[str] | None:
         """Class names the model itself carries (a Hugging Face config's ``id2label``, a timm
-        model's pretrained config), for a module passed to ``explain`` in memory. None: unknown."""
+        model's pretrained config), for a module passed to ``explain`` in memory, or any loaded
+        model whose file named none. None: unknown. Names given by the user (``labels=``,
+        ``--labels``) or by the file win; a plugin that raises here costs the names (a note says
+        so), not the explanation."""
         return None
 
     def methods(self) -> list["Method"]:

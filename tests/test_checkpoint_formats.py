@@ -173,6 +173,7 @@ def timm_train_checkpoint(tmp_path_factory):
     return path, trained, averaged, checkpoint
 
 
+@pytest.mark.heavy
 def test_timm_train_checkpoint_loads_with_its_arch_and_its_ema_weights(timm_train_checkpoint):
     path, trained, averaged, _ = timm_train_checkpoint
     loaded = load_model(path)
@@ -243,7 +244,9 @@ def test_an_explicit_plugin_prefix_selects_that_plugin(tmp_path):
     assert chosen.plugin.name == "timm" and _same_outputs(chosen.module, model)
 
 
-@pytest.mark.parametrize("arch, suggested", [("convnext", "convnext_atto"), ("ResNet", "resnet50")])
+@pytest.mark.parametrize("arch, suggested", [
+    pytest.param("convnext", "convnext_atto", marks=pytest.mark.heavy),  # ~20 timm builds (meta)
+    ("ResNet", "resnet50")])
 def test_a_class_name_as_arch_gets_a_did_you_mean(tmp_path, arch, suggested):
     weights = (timm.create_model("convnext_atto", num_classes=3) if arch == "convnext"
                else torchvision.models.resnet50(num_classes=3)).state_dict()
