@@ -609,7 +609,8 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
     try:
         module, state_dict = _fitted_architecture(
             arch_name, state_dict, arch_kwargs, asked.num_classes, initialise=False,
-            outside_ok=any(key in checkpoint for key in _LIGHTNING_KEYS), notes=notes)
+            outside_ok=any(key in checkpoint for key in _LIGHTNING_KEYS), notes=notes,
+            user_classes=asked.arch is not None)
     except WeightsDoNotFit as mismatch:
         raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: {mismatch.detail}. "
                              f"Is --arch right?") from None
@@ -727,14 +728,15 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
 
 
 def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None,
-                            ) -> list[tuple[str, Callable[..., Any]]]:
+                            *, user_classes: bool = True) -> list[tuple[str, Callable[..., Any]]]:
     """Every (name, constructor) ``arch`` may mean, the one to try first first.
 
     ``PREFIX:NAME`` is that plugin's builder. ``path/model.py:Class`` and ``package.module:Class`` are
     the user's own class (imported here: the user named it). A bare name is every plugin's builder of
     that name or of ``PREFIX:NAME``, attnexplain's own plugins first (``convnext_tiny`` is
     torchvision's and ``timm:convnext_tiny``), each named with its plugin's prefix. ``known``: every
-    plugin's builders, for a caller that asks about many names.
+    plugin's builders, for a caller that asks about many names. ``user_classes=False`` refuses a
+    class to import: a name a file gives (a checkpoint's ``arch``) must not make us run code.
     """
     prefix, colon, rest = arch.partition(":")
     if colon:
@@ -744,6 +746,10 @@ def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[s
             builder = builders.get(arch) or builders.get(rest)
             return [(arch, builder)] if builder is not None else []
         if _names_a_class(arch):
+            if not user_classes:
+                raise ModelLoadError(f"The architecture {arch[:120]!r} that the file names is a Python "
+                                     f"class to import, which a file may not ask for (importing "
+                                     f"runs code); if you trust it, pass --arch {arch[:120]} yourself.")
             return [_user_class(arch)]
     found: list[tuple[str, Callable[..., Any]]] = []
     for plugin, builders in known or [(plugin, plugin.builders()) for plugin in _builder_order()]:
@@ -758,7 +764,8 @@ def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[s
 
 def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: dict[str, Any],
                          num_classes: int | None, *, initialise: bool, outside_ok: bool = False,
-                         notes: list[str] | None = None) -> tuple[Any, OrderedDict[str, Any]]:
+                         notes: list[str] | None = None,
+                         user_classes: bool = True) -> tuple[Any, OrderedDict[str, Any]]:
     """:func:`build_architecture`, also finding where in ``state_dict`` the architecture's keys are
     (a LightningModule's ``model.``) and trying each of :func:`architecture_candidates` in turn.
 
@@ -767,7 +774,7 @@ def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: 
     both fit); when none fits, the error lists them all with their plugin prefix.
     """
     notes = notes if notes is not None else []
-    candidates = architecture_candidates(arch)
+    candidates = architecture_candidates(arch, user_classes=user_classes)
     if not candidates:
         raise ModelLoadError(f"Unknown architecture {arch[:80]!r}.{_did_you_mean(arch, state_dict)}")
     failures: list[str] = []
@@ -987,7 +994,8 @@ def _user_class(arch: str) -> tuple[str, Callable[..., Any]]:
             sys.modules.pop(module_name, None)
             raise
         finally:
-            sys.path.remove(str(path.resolve().parent))
+            if str(path.resolve().parent) in sys.path:
+                sys.path.remove(str(path.resolve().parent))
     else:
         described = f"module {where}"
         with _load_failures_reported(f"Importing {where} (--arch {arch[:120]}) failed"):

@@ -345,6 +345,19 @@ def test_users_own_class_errors_are_one_line(tmp_path, user_model, photo, arch, 
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_a_checkpoint_cannot_make_us_import_a_class(tmp_path, user_model):
+    source, weights, _ = user_model
+    marker = tmp_path / "imported"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    for arch in (f"{evil}:TinyNet", "evil:TinyNet"):
+        path = tmp_path / "checkpoint.pth"
+        torch.save({"arch": arch, "state_dict": torch.load(weights)}, path)
+        with pytest.raises(ModelLoadError, match="a file may not ask for"):
+            load_model(path)
+    assert not marker.exists()
+
+
 # --- plugin API v2: claimed paths, whole specs, random_weights, labels ----------------------------
 
 class _FolderPlugin(ModelPlugin):
