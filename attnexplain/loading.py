@@ -130,7 +130,8 @@ def _load_spec(spec: str | Path, *, arch: str | None, arch_kwargs: dict[str, Any
             _no_ema(ema, f"{path} is loaded by plugin {claimant.name}, not from a training checkpoint")
             named = _plugin_load(claimant, f"Plugin {claimant.name} could not load {path}",
                                  lambda: claimant.load_path(path, trust_model=trust_model))
-            loaded = _from_named(named, str(path), claimant.source_prefix or claimant.name, None)
+            loaded = _from_named(named, str(path), claimant.source_prefix or claimant.name,
+                                 random_unless_said=False)
         elif problem == _FOLDER:
             raise ModelLoadError(f"Model path {path} is a folder, and no installed plugin loads "
                                  f"folders like it; give a model file.")
@@ -268,25 +269,32 @@ def _load_named(spec: str) -> LoadedModel:
             raise ModelLoadError(f"Model file not found, and no installed plugin builds "
                                  f"'{prefix}:' models: {spec}")
         raise ModelLoadError(f"Model file not found: {spec}")
-    name, weights = _plugin_load(plugin, f"Plugin {plugin.name} could not read {spec}",
-                                 lambda: plugin.split_spec(rest))
+    parts = _plugin_load(plugin, f"Plugin {plugin.name} could not read {spec}",
+                         lambda: plugin.split_spec(rest))
+    if not (isinstance(parts, tuple) and len(parts) == 2 and isinstance(parts[0], str)
+            and (parts[1] is None or isinstance(parts[1], str))):
+        raise ModelLoadError(f"Plugin {plugin.name} split {spec} into {shown(parts)}, not "
+                             f"(name, weights or None).")
+    name, weights = parts
     named = _plugin_load(plugin, f"Plugin {plugin.name} could not build {spec}",
                          lambda: plugin.load_named(name, weights))
-    return _from_named(named, spec, prefix, weights)
+    return _from_named(named, spec, prefix, random_unless_said=not weights)
 
 
-def _from_named(named: NamedModel, source: str, loader: str, weights: str | None) -> LoadedModel:
-    """A plugin's :class:`NamedModel` as a :class:`LoadedModel`. ``weights``: the WEIGHTS the
-    specification named (None: none), which decide the "random weights" note where the plugin does
-    not say (``NamedModel.random_weights`` None, as plugins of API version 1 leave it)."""
-    if not isinstance(named, NamedModel):
-        raise ModelLoadError(f"Loading {source} gave a {type(named).__name__}, not the NamedModel a "
-                             f"plugin must return.")
+def _from_named(named: NamedModel, source: str, loader: str, *, random_unless_said: bool) -> LoadedModel:
+    """A plugin's :class:`NamedModel` as a :class:`LoadedModel`. ``random_unless_said``: whether the
+    weights are random where the plugin does not say (``NamedModel.random_weights`` None, as plugins
+    of API version 1 leave it): a name without WEIGHTS is; a path a plugin loads is not."""
+    import torch
+
+    if not isinstance(named, NamedModel) or not isinstance(named.module, torch.nn.Module):
+        raise ModelLoadError(f"Loading {source} gave a {type(named).__name__}, not the NamedModel "
+                             f"(holding an nn.Module) a plugin must return.")
     loaded = LoadedModel(module=named.module, source=source, loader=loader,
                          architecture=named.architecture, weights=named.weights,
                          labels=list(named.labels) if named.labels is not None else None,
                          preprocessing=named.preprocessing, notes=list(named.notes))
-    random_weights = named.random_weights if named.random_weights is not None else not weights
+    random_weights = named.random_weights if named.random_weights is not None else random_unless_said
     if random_weights:
         loaded.notes.append("random weights: no WEIGHTS were named, so predictions mean nothing"
                             if named.random_weights is None else

@@ -377,6 +377,8 @@ class _FolderPlugin(ModelPlugin):
 
     def load_path(self, path: Path, *, trust_model: bool = False) -> NamedModel:
         config = json.loads((path / "tiny-config.json").read_text())
+        if config.get("explode"):
+            raise RuntimeError("the plugin's own bug")
         return NamedModel(module=_tiny_folder_net(len(config["id2label"])), architecture="TinyFolderNet",
                           weights=str(path), labels=None, random_weights=False)
 
@@ -456,3 +458,13 @@ def test_explicit_labels_win_over_the_labels_hook(tiny_plugins):
     model = _tiny_folder_net(2)
     assert load_model(model).labels == ["tiny-0", "tiny-1"]
     assert load_model(model, labels=["cat", "dog"]).labels == ["cat", "dog"]
+
+
+def test_a_plugin_failing_to_load_its_path_is_one_line_naming_it(tmp_path, tiny_plugins, photo):
+    folder = tmp_path / "bad-model"
+    folder.mkdir()
+    (folder / "tiny-config.json").write_text(json.dumps({"explode": True}))
+    result = CliRunner().invoke(main, ["run", str(folder), str(photo), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: Plugin tiny-folders could not load {folder}: RuntimeError: the plugin's own bug"]
