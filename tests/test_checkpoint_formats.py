@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import textwrap
 from pathlib import Path
 
 import pytest
