@@ -176,9 +176,11 @@ def resolve_device(name: str) -> str:
             return "mps"
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnExplainError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU here.")
+        raise AttnExplainError(f"Device {name} was asked for (--device, device=), but PyTorch sees "
+                               f"no CUDA GPU here; use cpu or auto.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise AttnExplainError("--device mps was asked for, but this PyTorch has no MPS device.")
+        raise AttnExplainError("Device mps was asked for (--device, device=), but this PyTorch has no "
+                               "MPS device; use cpu or auto.")
     return name
 
 
