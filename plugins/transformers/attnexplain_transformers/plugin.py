@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, vit_cam_block
+from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, WindowedAttention, vit_cam_block
 
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
 
@@ -38,11 +38,11 @@ if TYPE_CHECKING:
 GLOBAL_ATTENTION = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip")
 #: Families whose position embeddings are resampled to another input size only when asked.
 INTERPOLATE_ON_REQUEST = ("vit", "deit", "beit", "clip")
-#: Families attending inside shifted windows: not recorded (see :meth:`refuse_method`).
+#: Families attending inside shifted windows: recorded as WindowedAttention.
 WINDOWED_ATTENTION = ("swin", "swinv2")
+SWIN_BLOCKS = ("SwinLayer", "Swinv2Layer")
 #: Convolutional families: Grad-CAM on their last stage.
 CONVOLUTIONAL = ("convnext", "convnextv2", "resnet")
-ATTENTION_METHODS = ("attention", "rollout", "chefer", "legrad")
 # A Hub repository id: ORG/NAME (or NAME) of letters, digits, "-", "_", ".".
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # transformers' placeholder names when a config gives none: not class names.
@@ -188,6 +188,8 @@ class TransformersPlugin(ModelPlugin):
     # --- attention ---------------------------------------------------------------------------------
 
     def attention_modules(self, model: Any) -> list[str]:
+        if _model_type(model) in WINDOWED_ATTENTION:
+            return [f"{name}.attention" for name in _swin_layers(model)]
         attention_class = _attention_class(model)
         if attention_class is None:
             return []
@@ -236,7 +238,11 @@ class TransformersPlugin(ModelPlugin):
 
     @contextmanager
     def capture_attention(self, model: Any, names: list[str],
-                          sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
+                          sink: dict[str, "torch.Tensor | WindowedAttention"]) -> Iterator[None]:
+        if _model_type(model) in WINDOWED_ATTENTION:
+            with self.recording(model), _capture_swin_attention(model, names, sink):
+                yield
+            return
         attention_class = _attention_class(model)
         modules = {}
         for name in names:
@@ -267,10 +273,60 @@ class TransformersPlugin(ModelPlugin):
             yield
 
     def refuse_method(self, model: Any, method: str) -> str | None:
-        if _model_type(model) in WINDOWED_ATTENTION and method in ATTENTION_METHODS:
-            return (f"{method} is not available for Hugging Face Swin: it attends inside shifted "
-                    f"windows, which this plugin does not record yet; use --method gradcam.")
+        if _model_type(model) in WINDOWED_ATTENTION and method == "legrad":
+            return ("legrad reads each layer's tokens through the head, which Swin's patch merging "
+                    "between stages does not allow; use --method chefer or rollout.")
         return None
+
+
+def _swin_layers(model: Any) -> list[str]:
+    """The shifted-window blocks (``SwinLayer``, ``Swinv2Layer``), input to output."""
+    return [name for name, module in model.named_modules()
+            if type(module).__name__ in SWIN_BLOCKS and hasattr(module, "attention")]
+
+
+@contextmanager
+def _capture_swin_attention(model: Any, names: list[str],
+                            sink: dict[str, WindowedAttention]) -> Iterator[None]:
+    """Each block's softmax, with where every window token lies on the block's map.
+
+    A block pads its (height, width) map at the bottom/right to whole windows, rolls it by
+    ``-shift_size`` (every other block) and cuts it into windows, which its ``attention`` attends
+    within: the same partition torchvision's Swin makes, so the same positions. The window and
+    shift are read when the attention runs (v1 shrinks them for maps smaller than a window).
+    """
+    from attnexplain.capture import capture_softmax
+    from attnexplain.default_plugins.torchvision_attention import _swin_positions
+
+    dimensions: dict[str, tuple[int, int]] = {}
+
+    def keep_dimensions(block: str):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            size = kwargs.get("input_dimensions", args[1] if len(args) > 1 else None)
+            dimensions[block] = (int(size[0]), int(size[1]))
+
+        return hook
+
+    def record(name: str, module: Any, args: tuple, probabilities: "torch.Tensor") -> None:
+        block = name.rpartition(".")[0]
+        height, width = dimensions[block]
+        layer = model.get_submodule(block)
+        window, shift = int(layer.window_size), int(layer.shift_size)
+        positions = _swin_positions(height, width, [window, window], [shift, shift])
+        windows = positions.shape[0]
+        sink[name] = WindowedAttention(probabilities.reshape(-1, windows, *probabilities.shape[1:]),
+                                       positions.to(probabilities.device), height, width)
+
+    with ExitStack() as stack:
+        for name in names:
+            block = name.rpartition(".")[0]
+            if type(model.get_submodule(block)).__name__ not in SWIN_BLOCKS:
+                raise MethodError(f"Layer {name!r} is not the attention of a Swin block.")
+            handle = model.get_submodule(block).register_forward_pre_hook(keep_dimensions(block),
+                                                                          with_kwargs=True)
+            stack.callback(handle.remove)
+        stack.enter_context(capture_softmax(model, names, record))
+        yield
 
 
 def _first_norm(block: Any) -> str:

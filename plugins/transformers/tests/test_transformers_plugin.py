@@ -369,20 +369,94 @@ def test_chefer_differentiates_the_models_own_probabilities(family, folders):
     assert _pearson(ours[0].detach(), expected.detach()) >= 0.999
 
 
-def test_explain_shows_rollout_on_an_in_memory_model(folders):
+@pytest.mark.parametrize("family,method", [("deit", "rollout"), ("vit", "chefer"), ("swin", "rollout"),
+                                           ("swinv2", "chefer")])
+def test_explain_shows_attention_of_an_in_memory_model(family, method, folders):
     """explain() on the module itself: the plugin switches to eager attention while it records."""
-    model = folders["deit"][1]
-    result = explain(model, IMAGE, "rollout")
-    assert result.heatmap.std() > 0 and model.config._attn_implementation == "sdpa"
+    model = folders[family][1]
+    before = model.config._attn_implementation
+    result = explain(model, IMAGE, method)
+    assert np.isfinite(result.heatmap).all() and result.heatmap.std() > 0
+    assert model.config._attn_implementation == before
+
+
+def _transformers_window_positions(block, height: int, width: int) -> torch.Tensor:
+    """Where each window token lies, by the block's own padding, roll and transformers'
+    window_partition applied to a map of position numbers (padding: -1)."""
+    from transformers.models.swin.modeling_swin import window_partition
+
+    numbers = torch.arange(1, height * width + 1, dtype=torch.float32).reshape(1, height, width, 1)
+    padded, _ = block.maybe_pad(numbers, height, width)
+    if block.shift_size > 0:
+        padded = torch.roll(padded, shifts=(-block.shift_size, -block.shift_size), dims=(1, 2))
+    windows = window_partition(padded, block.window_size)
+    return windows.reshape(windows.shape[0], -1).long() - 1
+
+
+def reference_windowed_rollout(layers) -> torch.Tensor:
+    """Rollout with every layer's dense (positions × positions) matrix: 0.5·A + 0.5·I row-normalised,
+    applied from a uniform row at the output back to the input; across a patch merging, position
+    (r, c) of the finer map shares the value of (r // 2, c // 2) with the others merged into it."""
+    row = None
+    for layer in reversed(layers):
+        count = layer.height * layer.width
+        fused = layer.probabilities[0].double().mean(dim=1)  # (windows, tokens, tokens)
+        queries = layer.positions[:, :, None].expand_as(fused)
+        keys = layer.positions[:, None, :].expand_as(fused)
+        real = (queries >= 0) & (keys >= 0)
+        dense = torch.zeros(count, count, dtype=torch.float64)
+        dense.index_put_((queries[real], keys[real]), fused[real], accumulate=True)
+        mixed = 0.5 * dense + 0.5 * torch.eye(count, dtype=torch.float64)
+        mixed = mixed / mixed.sum(dim=1, keepdim=True)
+        if row is None:
+            row = torch.full((count,), 1.0 / count, dtype=torch.float64)
+        elif row.numel() != count:
+            coarse_width = -(-layer.width // 2)
+            parents = torch.tensor([(r // 2) * coarse_width + c // 2 for r in range(layer.height)
+                                    for c in range(layer.width)])
+            row = row[parents] / torch.bincount(parents)[parents]
+        row = row @ mixed
+    return row.reshape(layers[0].height, layers[0].width)
 
 
 @pytest.mark.parametrize("family", ["swin", "swinv2"])
-def test_swin_refuses_attention_methods_in_one_line(family, folders):
+@pytest.mark.parametrize("size", [(32, 32), (40, 56)])  # 40×56: maps of 10×14 and 5×7, padded to windows
+def test_swin_attention_is_recorded_per_window_with_its_positions(family, size, folders):
     model = folders[family][1]
-    assert plugin.attention_modules(model) == []
-    reason = plugin.refuse_method(model, "rollout")
-    assert "shifted windows" in reason and "\n" not in reason
-    assert plugin.refuse_method(model, "gradcam") is None
+    names = plugin.attention_modules(model)
+    assert len(names) == 4 and plugin.refuse_method(model, "rollout") is None
+    x = _pixels(6, *size)
+    captured, reference = {}, {}
+    before = model.config._attn_implementation
+    with torch.no_grad():
+        plain = model(x).logits
+        with plugin.recording(model), plugin.capture_attention(model, names, captured):
+            recorded = model(x).logits
+        # transformers' own attention weights: the second output of each block's attention, eager.
+        model.set_attn_implementation("eager")
+        def keep(name):
+            def hook(module, args, output):
+                reference[name] = output[1]
+
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+        try:
+            model(x, output_attentions=True)  # Swin v2's attention returns its weights only then
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.set_attn_implementation(before)
+    assert model.config._attn_implementation == before
+    assert torch.allclose(recorded, plain, atol=1e-5)
+    for name in names:
+        layer = captured[name]
+        block = model.get_submodule(name.rpartition(".")[0])
+        assert torch.equal(layer.positions, _transformers_window_positions(block, layer.height, layer.width))
+        assert torch.allclose(layer.probabilities.flatten(0, 1), reference[name], atol=1e-6)
+    layers = [captured[name] for name in names]
+    assert _pearson(rollout(layers, None), reference_windowed_rollout(layers)) >= 0.999
+    assert plugin.refuse_method(model, "legrad") is not None
 
 
 # --- Grad-CAM through the plugin's layer layout ----------------------------------------------------
