@@ -174,6 +174,7 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize("change,error,text", [
     (dict(auto_map={"AutoModelForImageClassification": "evil.EvilModel"}), UntrustedModelError,
      "custom modelling code"),
+    (dict(trust_remote_code=True), UntrustedModelError, "custom modelling code"),
     (dict(hidden_size=64 * 1024), ModelLoadError, "parameters but the weights hold"),
     (dict(hidden_size=10 ** 9), ModelLoadError, "no vision model's configuration"),
     (dict(image_size=100000), ModelLoadError, "image_size"),
@@ -201,6 +202,13 @@ def test_hostile_files_are_refused(folders, tmp_path):
     folder = _copy(folders["vit"][0], tmp_path / "broken-header")
     (folder / "model.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
     with pytest.raises(ModelLoadError, match="not a safetensors file"):
+        plugin.load_path(folder)
+    folder = _copy(folders["vit"][0], tmp_path / "sharded")
+    (folder / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"classifier.weight": "../outside.safetensors"}}))
+    assert plugin.claims_path(folder)
+    with pytest.raises(ModelLoadError, match="not a file in the folder"):
         plugin.load_path(folder)
 
 
@@ -522,6 +530,21 @@ def test_swin_stages_give_their_hidden_states(folders):
 
 
 # --- end to end (the core calls the v2 hooks) ----------------------------------------------------
+
+@pytest.mark.parametrize("family,method", [("vit", "rollout"), ("swin", "gradcam")])
+def test_cli_runs_hf_prefixed_folder(family, method, tmp_path):
+    """``hf:FOLDER`` goes through the plugin's load_named today (the plain folder needs the core's
+    claims_path wiring): exit 0, a report naming the id2label class, the processor's size."""
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    folder = _saved(family, tmp_path / "saved", processor)
+    result = CliRunner().invoke(main, ["run", f"hf:{folder}", str(IMAGE), "--method", method,
+                                       "--out", str(tmp_path / "D"), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(getattr(result, "stdout", result.output))
+    assert report["model"]["plugin"] == "transformers" and report["method"] == method
+    assert report["target"]["label"] in LABELS.values() and report["preprocessing"]["size"] == [32, 32]
+    assert (Path(report["outputs"]["directory"]) / "report.html").is_file()
+
 
 @NEEDS_CORE
 def test_cli_runs_a_saved_folder(folders, tmp_path):
