@@ -243,16 +243,13 @@ class TransformersPlugin(ModelPlugin):
             with self.recording(model), _capture_swin_attention(model, names, sink):
                 yield
             return
-        attention_class = _attention_class(model)
-        modules = {}
-        for name in names:
-            try:
-                modules[name] = model.get_submodule(name)
-            except AttributeError:
-                raise MethodError(f"The model has no layer named {name!r}.") from None
-            if attention_class is None or not isinstance(modules[name], attention_class):
-                raise MethodError(f"Layer {name!r} is a {type(modules[name]).__name__}, not an "
-                                  f"attention module whose probabilities this plugin records.")
+        attention_class = _attention_class(model) or ()
+        modules = {name: module for name, module in model.named_modules()
+                   if name in names and isinstance(module, attention_class)}
+        unknown = [name for name in names if name not in modules]
+        if unknown:
+            raise MethodError(f"Layer {unknown[0]!r} is not an attention module whose probabilities "
+                              f"the transformers plugin records ({', '.join(self.attention_modules(model)) or 'none here'}).")
 
         def recorder(name: str):
             def hook(module: Any, args: Any, output: Any) -> None:
@@ -317,11 +314,14 @@ def _capture_swin_attention(model: Any, names: list[str],
         sink[name] = WindowedAttention(probabilities.reshape(-1, windows, *probabilities.shape[1:]),
                                        positions.to(probabilities.device), height, width)
 
+    blocks = set(_swin_layers(model))
+    unknown = [name for name in names if name.rpartition(".")[0] not in blocks
+               or not name.endswith(".attention")]
+    if unknown:
+        raise MethodError(f"Layer {unknown[0]!r} is not the attention of a Swin block.")
     with ExitStack() as stack:
         for name in names:
             block = name.rpartition(".")[0]
-            if type(model.get_submodule(block)).__name__ not in SWIN_BLOCKS:
-                raise MethodError(f"Layer {name!r} is not the attention of a Swin block.")
             handle = model.get_submodule(block).register_forward_pre_hook(keep_dimensions(block),
                                                                           with_kwargs=True)
             stack.callback(handle.remove)

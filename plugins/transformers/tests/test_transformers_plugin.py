@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from attnexplain import explain  # noqa: E402
 from attnexplain.capture import attention_gradients  # noqa: E402
 from attnexplain.cli import main  # noqa: E402
-from attnexplain.errors import ModelLoadError, UntrustedModelError  # noqa: E402
+from attnexplain.errors import MethodError, ModelLoadError, UntrustedModelError  # noqa: E402
 from attnexplain.methods.attention import gradient_rollout, rollout  # noqa: E402
 from attnexplain.plugins import discover_plugins, select_plugin  # noqa: E402
 from attnexplain.preprocess import prepare  # noqa: E402
@@ -465,6 +465,15 @@ def test_swin_attention_is_recorded_per_window_with_its_positions(family, size, 
     layers = [captured[name] for name in names]
     assert _pearson(rollout(layers, None), reference_windowed_rollout(layers)) >= 0.999
     assert plugin.refuse_method(model, "legrad") is not None
+    with pytest.raises(MethodError, match="not the attention of a Swin block"):
+        with plugin.capture_attention(model, ["swin.no.such.attention"], {}):
+            pass
+
+
+def test_capture_refuses_layers_that_are_not_attention(folders):
+    with pytest.raises(MethodError, match="not an attention module"):
+        with plugin.capture_attention(folders["vit"][1], ["vit.layers.0.mlp"], {}):
+            pass
 
 
 # --- Grad-CAM through the plugin's layer layout ----------------------------------------------------
