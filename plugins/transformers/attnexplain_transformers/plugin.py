@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, WindowedAttention, vit_cam_block
+from attnexplain.plugins import (ModelPlugin, NamedModel, TokenGrid, TokenReadout, WindowedAttention,
+                                 vit_cam_block)
 
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
 
@@ -212,6 +213,15 @@ class TransformersPlugin(ModelPlugin):
         return TokenGrid(prefix_tokens=prefix, height=input_size[0] // patch_h,
                          width=input_size[1] // patch_w, query=0)
 
+    def token_readout(self, model: Any) -> TokenReadout | None:
+        head = _head_on_pooled_tokens(model)
+        names = self.attention_modules(model) if head is not None else []
+        if not names:
+            return None
+        # Each attention module's parent is its block, whose output is the (B, tokens, C) sequence.
+        return TokenReadout([name.rpartition(".")[0] for name in names],
+                            lambda tokens: head(tokens.mean(dim=1)))
+
     def forward_kwargs(self, model: Any, input_size: tuple[int, int]) -> dict[str, Any]:
         if not _is_transformers(model) or _image_size(model) in (None, tuple(input_size)):
             return {}
@@ -327,6 +337,22 @@ def _capture_swin_attention(model: Any, names: list[str],
             stack.callback(handle.remove)
         stack.enter_context(capture_softmax(model, names, record))
         yield
+
+
+def _head_on_pooled_tokens(model: Any) -> Any:
+    """The model's head as a function of one pooled (B, C) token, as LeGrad reads a block: the final
+    norm and classifier(s) of ViT and DeiT (a distilled DeiT averages its two heads, as its logits
+    do), CLIP's classifier (it reads the encoder's tokens without a norm). None for the others:
+    BEiT's and DINOv2's heads pool tokens their own way."""
+    model_type = _model_type(model)
+    if model_type == "clip" and hasattr(model, "classifier"):
+        return model.classifier
+    if model_type not in ("vit", "deit") or not hasattr(model.base_model, "layernorm"):
+        return None
+    norm = model.base_model.layernorm
+    if hasattr(model, "distillation_classifier"):
+        return lambda pooled: (model.cls_classifier(norm(pooled)) + model.distillation_classifier(norm(pooled))) / 2
+    return (lambda pooled: model.classifier(norm(pooled))) if hasattr(model, "classifier") else None
 
 
 def _first_norm(block: Any) -> str:

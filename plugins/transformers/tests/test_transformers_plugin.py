@@ -377,6 +377,48 @@ def test_chefer_differentiates_the_models_own_probabilities(family, folders):
     assert _pearson(ours[0].detach(), expected.detach()) >= 0.999
 
 
+@pytest.mark.parametrize("family", ["vit", "deit", "clip"])
+def test_legrad_matches_the_authors_formula(family, folders):
+    """Bousselham et al. 2024 by hand from transformers' own hidden states and attentions: per block
+    l, the model's head (final norm, classifier) on the mean of the block's output tokens gives sˡ;
+    relu(∂sˡ/∂Aˡ) averaged over heads and queries, patch keys only; mean over blocks."""
+    import torch.nn.functional as F
+
+    from attnexplain.explanation import compute_maps
+    from attnexplain.loading import LoadedModel
+    from attnexplain.methods import METHODS
+
+    model = folders[family][1]
+    x = _pixels(7, 32, 32)
+    target = 1
+    loaded = LoadedModel(module=model, source="<test>", loader="object", plugin=plugin)
+    computed = compute_maps(loaded, x, [METHODS["legrad"]], [], targets=torch.tensor([target]))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        output = model(x.clone().requires_grad_(True), output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(previous)
+    hidden = output.hidden_states[-len(output.attentions):]  # each block's output
+    if family == "clip":
+        def head(pooled):
+            return model.classifier(pooled)
+    elif family == "deit":
+        def head(pooled):
+            normed = model.deit.layernorm(pooled)
+            return (model.cls_classifier(normed) + model.distillation_classifier(normed)) / 2
+    else:
+        def head(pooled):
+            return model.classifier(model.vit.layernorm(pooled))
+    per_layer = []
+    for tokens, attention in zip(hidden, output.attentions):
+        gradient, = torch.autograd.grad(head(tokens.mean(dim=1))[0, target], attention, retain_graph=True)
+        per_layer.append(gradient[0].clamp_min(0).mean(dim=(0, 1))[PREFIX[family]:])
+    grid = torch.stack(per_layer).mean(dim=0).reshape(1, 1, 4, 4)
+    expected = F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
+    assert _pearson(computed.maps["legrad"][0].numpy(), expected.detach().numpy()) >= 0.999
+
+
 @pytest.mark.parametrize("family,method", [("deit", "rollout"), ("vit", "chefer"), ("swin", "rollout"),
                                            ("swinv2", "chefer")])
 def test_explain_shows_attention_of_an_in_memory_model(family, method, folders):
