@@ -43,13 +43,26 @@ _PLAIN_NAME = re.compile(r"^[\w.-]+$")
 
 
 def looks_saved_pretrained(path: Path) -> bool:
-    """A folder with config.json and a weights file: what ``save_pretrained`` writes. Names only."""
+    """A folder with config.json and a weights file, as ``save_pretrained`` writes, unless its
+    config.json is plainly another library's (a JSON object without ``model_type``: timm's hub
+    folders hold config.json and model.safetensors too). A config.json too large or malformed to
+    tell is claimed, so that :func:`read_json` refuses it with its reason."""
     try:
         if not path.is_dir() or not_a_regular_file(path / CONFIG) is not None:
             return False
-        return any((path / name).is_file() for name in SAFE_WEIGHTS + PICKLED_WEIGHTS)
+        if not any((path / name).is_file() for name in SAFE_WEIGHTS + PICKLED_WEIGHTS):
+            return False
+        with (path / CONFIG).open("rb") as handle:
+            head = handle.read(MAX_JSON_BYTES + 1)
     except OSError:
         return False
+    if len(head) > MAX_JSON_BYTES:
+        return True
+    try:
+        config = json.loads(head)
+    except (ValueError, RecursionError):
+        return True
+    return not isinstance(config, dict) or "model_type" in config
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -86,7 +86,8 @@ class TransformersPlugin(ModelPlugin):
     families = ("Hugging Face image classifiers: save_pretrained folders and hf:ORG/NAME (local cache)",
                 "ViT, DeiT incl. distilled, BEiT, DINOv2 incl. registers, CLIP vision "
                 "(attention, rollout, chefer; Grad-CAM on blocks)",
-                "Swin v1/v2, ConvNeXt v1/v2, ResNet (CAM family)")
+                "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
+                "ConvNeXt v1/v2, ResNet (CAM family)")
     source_prefix = "hf"
 
     # --- loading ----------------------------------------------------------------------------------

@@ -147,8 +147,14 @@ def test_loads_a_save_pretrained_folder(family, folders):
 
 def test_claims_only_folders_save_pretrained_writes(tmp_path, folders):
     assert not plugin.claims_path(tmp_path)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
     assert not plugin.claims_path(tmp_path)  # no weights file
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert plugin.claims_path(tmp_path)
+    (tmp_path / "config.json").write_text('{"architecture": "resnet50", "num_classes": 3}')
+    assert not plugin.claims_path(tmp_path)  # timm's hub folder: another plugin's
+    (tmp_path / "config.json").write_text('{"model_type": ')
+    assert plugin.claims_path(tmp_path)  # broken: claimed, so that load_path says why
     assert not plugin.claims_path(folders["vit"][0] / "config.json")  # a file, not a folder
 
 
