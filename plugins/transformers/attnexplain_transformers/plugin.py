@@ -394,7 +394,7 @@ def _cached_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
     except Exception as error:  # LocalEntryNotFoundError, a damaged cache entry, ...
         raise ModelLoadError(f"hf:{repo_id} is not in the local Hugging Face cache ({cache}); "
-                             f"attnexplain never downloads. Fetch it first (huggingface-cli download "
+                             f"attnexplain never downloads. Fetch it first (hf download "
                              f"{repo_id}) or save it with save_pretrained and pass the folder "
                              f"({type(error).__name__}).") from None
 
