@@ -8,11 +8,11 @@ OUT ?= attnexplain-out
 
 .PHONY: install demo test test-heavy samples clean
 
-PLUGINS := plugins/attention-cnn plugins/timm
+PLUGINS := plugins/attention-cnn plugins/timm plugins/transformers
 
 # The demo needs the package and the attention-CNN plugin its third model uses; the test extras
-# (reference implementations, scikit-image, Playwright), the Ray extra and the timm plugin are for
-# `make test`.
+# (reference implementations, scikit-image, Playwright), the Ray extra and the timm and transformers
+# plugins are for `make test`.
 $(BIN)/.installed-demo: pyproject.toml constraints.txt plugins/attention-cnn/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

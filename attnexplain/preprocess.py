@@ -30,6 +30,12 @@ class Preprocessing:
     evaluation transforms of published weights. ``letterbox=True`` (with ``resize=None``) keeps the
     photo's aspect ratio instead: it is shrunk to fit ``size`` and centred, the rest padded with the
     mean colour (0 after normalisation), as detectors trained on unstretched photos want.
+    ``resize_to`` (height, width), instead of ``resize``, first stretches the whole photo to exactly
+    that size and then centre-crops ``size`` (Hugging Face's DeiT processor: 256×256, then 224).
+    ``resize_v2=True`` resizes with ``torchvision.transforms.v2`` (Hugging Face's image processors
+    do): its native 8-bit bilinear kernel rounds about 1% of pixels one level away from v1's, which
+    torchvision's weight presets use. ``crop_rounds_down=True`` places an odd margin's extra pixel
+    after the centre crop, not where ``round`` puts it (Hugging Face's crop again).
     """
 
     size: tuple[int, int] = DEFAULT_SIZE  # (height, width) of the model input
@@ -39,6 +45,9 @@ class Preprocessing:
     interpolation: str = "bilinear"
     source: str = "default"  # where these settings came from, for the report
     letterbox: bool = False
+    resize_to: tuple[int, int] | None = None
+    resize_v2: bool = False
+    crop_rounds_down: bool = False
 
     def with_overrides(self, size: Sequence[int] | int | None = None,
                        mean: Sequence[float] | None = None,
@@ -49,6 +58,9 @@ class Preprocessing:
             new_size = normalize_size(size)
             if self.resize is not None:
                 changes["resize"] = round(self.resize * min(new_size) / min(self.size))
+            if self.resize_to is not None:
+                changes["resize_to"] = tuple(round(side * new / old) for side, new, old
+                                             in zip(self.resize_to, new_size, self.size))
             changes["size"] = new_size
         if mean is not None:
             changes["mean"] = normalization_values(mean, "--mean")
@@ -62,12 +74,18 @@ class Preprocessing:
     def shortest_side(self) -> int:
         """The shorter side a photo needs so that preprocessing only ever shrinks it (whatever the
         photo's aspect ratio): what a reduced decode (``load_image(longest_side=...)``) keeps."""
-        return max(*self.size, self.resize or 0)
+        return max(*self.size, self.resize or 0, *(self.resize_to or ()))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "resize": self.resize, "letterbox": self.letterbox,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
-                "source": self.source}
+        shown = {"size": list(self.size), "resize": self.resize, "letterbox": self.letterbox,
+                 "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                 "source": self.source}
+        if self.resize_to is not None:  # only then: reports of every other model stay as they were
+            shown["resize_to"] = list(self.resize_to)
+        for flag in ("resize_v2", "crop_rounds_down"):
+            if getattr(self, flag):
+                shown[flag] = True
+        return shown
 
 
 @dataclass(frozen=True)
@@ -137,27 +155,37 @@ def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
     height, width = pixels.shape[:2]
     crop_h, crop_w = preprocessing.size
     mode = InterpolationMode(preprocessing.interpolation)
+    resize = F.resize
+    if preprocessing.resize_v2:
+        from torchvision.transforms.v2 import functional as F2
+
+        resize = F2.resize
     image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)  # resize copies it anyway
     pad = None
     if preprocessing.resize is None and preprocessing.letterbox:
         scale = min(crop_h / height, crop_w / width)
         fit_h, fit_w = max(1, round(height * scale)), max(1, round(width * scale))
-        resized = F.resize(image, [fit_h, fit_w], interpolation=mode, antialias=True)
+        resized = resize(image, [fit_h, fit_w], interpolation=mode, antialias=True)
         top, left = (crop_h - fit_h) // 2, (crop_w - fit_w) // 2
         pad = (left, crop_w - fit_w - left, top, crop_h - fit_h - top)
         # The input covers the photo plus the padding around it, in the photo's pixels.
         scale_x, scale_y = fit_w / width, fit_h / height
         box = (-left / scale_x, -top / scale_y, (crop_w - left) / scale_x, (crop_h - top) / scale_y)
-    elif preprocessing.resize is None:
-        resized = F.resize(image, [crop_h, crop_w], interpolation=mode, antialias=True)
+    elif preprocessing.resize is None and preprocessing.resize_to is None:
+        resized = resize(image, [crop_h, crop_w], interpolation=mode, antialias=True)
         box = (0.0, 0.0, float(width), float(height))
     else:
-        resized = F.resize(image, [preprocessing.resize], interpolation=mode, antialias=True)
+        target = list(preprocessing.resize_to) if preprocessing.resize_to else [preprocessing.resize]
+        resized = resize(image, target, interpolation=mode, antialias=True)
         new_h, new_w = resized.shape[1:]
-        resized = F.center_crop(resized, [crop_h, crop_w])
-        # Same rounding as torchvision's center_crop, so the box matches the pixels it kept.
-        top = int(round((new_h - crop_h) / 2.0))
-        left = int(round((new_w - crop_w) / 2.0))
+        if preprocessing.crop_rounds_down:
+            top, left = int((new_h - crop_h) / 2.0), int((new_w - crop_w) / 2.0)
+            resized = F.crop(resized, top, left, crop_h, crop_w)
+        else:
+            resized = F.center_crop(resized, [crop_h, crop_w])
+            # Same rounding as torchvision's center_crop, so the box matches the pixels it kept.
+            top = int(round((new_h - crop_h) / 2.0))
+            left = int(round((new_w - crop_w) / 2.0))
         scale_x, scale_y = new_w / width, new_h / height
         box = (left / scale_x, top / scale_y, (left + crop_w) / scale_x, (top + crop_h) / scale_y)
     tensor = F.normalize(resized.float().div_(255.0), list(preprocessing.mean), list(preprocessing.std))

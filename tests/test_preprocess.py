@@ -42,6 +42,33 @@ def test_no_resize_means_the_whole_photo():
     assert prepared.box == (0.0, 0.0, 451.0, 300.0)
 
 
+def test_stretch_then_crop_keeps_the_box_it_shows():
+    """resize_to stretches the whole photo, then the centre crop is taken (Hugging Face's DeiT)."""
+    preprocessing = Preprocessing(size=(224, 224), resize_to=(256, 256))
+    pixels = _photo(300, 451)
+    prepared = prepare(pixels, preprocessing)
+    stretched = torchvision.transforms.functional.resize(torch.from_numpy(pixels).permute(2, 0, 1),
+                                                         [256, 256], antialias=True)
+    expected = torchvision.transforms.functional.normalize(
+        stretched[:, 16:240, 16:240].float() / 255, list(preprocessing.mean), list(preprocessing.std))
+    assert torch.allclose(prepared.tensor[0], expected, atol=1e-6)
+    left, top, right, bottom = prepared.box
+    assert np.allclose([left, top, right, bottom], [16 * 451 / 256, 16 * 300 / 256,
+                                                    240 * 451 / 256, 240 * 300 / 256])
+    assert preprocessing.with_overrides(size=112).resize_to == (128, 128)
+    assert preprocessing.as_dict()["resize_to"] == [256, 256]
+    assert "resize_to" not in Preprocessing().as_dict()  # other models' reports are unchanged
+
+
+def test_crop_rounds_down_puts_an_odd_margins_pixel_after_the_crop():
+    pixels = _photo(9, 12)  # a 3-pixel margin across, 2 down: round(1.5) = 2, floor = 1
+    kept = {flag: prepare(pixels, Preprocessing(size=(7, 9), resize=9, crop_rounds_down=flag,
+                                                mean=(0, 0, 0), std=(1, 1, 1)))
+            for flag in (False, True)}
+    assert kept[True].box == (1.0, 1.0, 10.0, 8.0) and kept[False].box == (2.0, 1.0, 11.0, 8.0)
+    assert torch.allclose(kept[True].tensor[0] * 255, torch.from_numpy(pixels[1:8, 1:10]).permute(2, 0, 1).float())
+
+
 def test_overrides_keep_the_crop_ratio_and_check_values():
     base = Preprocessing(size=(224, 224), resize=256)
     bigger = base.with_overrides(size=[448])

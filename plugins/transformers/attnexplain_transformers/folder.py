@@ -1,0 +1,265 @@
+"""Reading a folder written by ``save_pretrained`` (and a snapshot of the Hugging Face cache), never
+running code from it unless the user trusts it.
+
+What the folder may ask for is checked before transformers builds anything: config.json is plain
+JSON of a bounded size; ``auto_map`` (custom modelling code that transformers would import from the
+folder) needs ``trust_model``, and so do weights stored only as ``pytorch_model.bin`` (a pickle); the
+parameters the config asks for must be held by the weights file (a config with ``hidden_size``
+10⁶ next to a 1 MB file would otherwise allocate terabytes of random weights).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from attnexplain._files import not_a_regular_file
+from attnexplain.errors import ModelLoadError, UntrustedModelError
+from attnexplain.preprocess import FILE_MAX_SIZE
+
+if TYPE_CHECKING:
+    from torch import nn
+
+CONFIG = "config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: config.json of ImageNet-21k's 21,843 labels is ~1 MB; anything far larger is not a config.
+MAX_JSON_BYTES = 4 * 1024 * 1024
+#: No size in a vision model's config (widths, depths, heads, labels) comes near a million.
+MAX_CONFIG_INT = 1_000_000
+#: safetensors' own reader refuses headers over 100 MB; real ones are a few hundred kB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The parameters a config asks for may exceed what the file holds by this much (buffers saved as
+#: parameters, tied weights): beyond it, the config is not the file's.
+PARAMETER_SLACK = 1.05
+_TRUST_HINT = "If you trust where it came from, pass --trust-model (trust_model=True)."
+# A file name inside the folder, as an index of shards may name it: no folders, no "..".
+_PLAIN_NAME = re.compile(r"^[\w.-]+$")
+
+
+def looks_saved_pretrained(path: Path) -> bool:
+    """A folder with config.json and a weights file, as ``save_pretrained`` writes, unless its
+    config.json is plainly another library's (a JSON object without ``model_type``: timm's hub
+    folders hold config.json and model.safetensors too). A config.json too large or malformed to
+    tell is claimed, so that :func:`read_json` refuses it with its reason."""
+    try:
+        if not path.is_dir() or not_a_regular_file(path / CONFIG) is not None:
+            return False
+        if not any((path / name).is_file() for name in SAFE_WEIGHTS + PICKLED_WEIGHTS):
+            return False
+        with (path / CONFIG).open("rb") as handle:
+            head = handle.read(MAX_JSON_BYTES + 1)
+    except OSError:
+        return False
+    if len(head) > MAX_JSON_BYTES:
+        return True
+    try:
+        config = json.loads(head)
+    except (ValueError, RecursionError):
+        return True
+    return not isinstance(config, dict) or "model_type" in config
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, refused (one line) when it is not a small regular file of JSON."""
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise ModelLoadError(f"{what} {path} {problem}.")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ModelLoadError(f"{what} {path} is {size:,} bytes; a Hugging Face {what} is far smaller "
+                             f"(at most {MAX_JSON_BYTES:,} accepted).")
+    try:
+        content = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:
+        raise ModelLoadError(f"{what} {path} is not valid JSON: {str(error).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise ModelLoadError(f"{what} {path} holds a JSON {type(content).__name__}, not an object.")
+    _check_numbers(content, f"{what} {path}")
+    return content
+
+
+def _check_numbers(value: Any, where: str, key: str = "") -> None:
+    """Refuse integers no vision model's configuration holds (they size the model that is built)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and abs(value) > MAX_CONFIG_INT:
+        raise ModelLoadError(f"{where} asks for {key or 'a value'} = {value:,}; no vision model's "
+                             f"configuration holds a number above {MAX_CONFIG_INT:,}.")
+    if isinstance(value, dict):
+        for inner_key, inner in value.items():
+            _check_numbers(inner, where, str(inner_key))
+    elif isinstance(value, list):
+        for inner in value:
+            _check_numbers(inner, where, key)
+
+
+def check_config(config: dict[str, Any], folder: Path, trust_model: bool) -> bool:
+    """Refuse a config.json that is not a plain transformers configuration; return whether it asks
+    for custom code (``auto_map``), which only ``trust_model`` allows."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(f"{folder / CONFIG} has no model_type string: not a transformers config.")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise ModelLoadError(f"{folder / CONFIG}: architectures must be a list of class names.")
+    custom = "auto_map" in config or bool(config.get("trust_remote_code"))
+    if custom and not trust_model:
+        raise UntrustedModelError(
+            f"{folder} asks for custom modelling code (auto_map in config.json), which transformers "
+            f"would import and run from the folder, so it is refused. {_TRUST_HINT}")
+    for holder in (config, config.get("vision_config")):
+        size = holder.get("image_size") if isinstance(holder, dict) else None
+        sides = size if isinstance(size, list) else [size]
+        if size is not None and not all(isinstance(s, int) and not isinstance(s, bool)
+                                        and 1 <= s <= FILE_MAX_SIZE for s in sides):
+            raise ModelLoadError(f"{folder / CONFIG} asks for image_size {size!r}; a model file may "
+                                 f"ask for whole sides between 1 and {FILE_MAX_SIZE} pixels.")
+    labels = config.get("id2label")
+    if labels is not None and not (isinstance(labels, dict)
+                                   and all(isinstance(v, str) for v in labels.values())):
+        raise ModelLoadError(f"{folder / CONFIG}: id2label must map class numbers to names.")
+    return custom
+
+
+def safe_weights(folder: Path, trust_model: bool) -> bool:
+    """Whether the folder's weights are safetensors (True) or, only with ``trust_model``, a pickle."""
+    if any((folder / name).is_file() for name in SAFE_WEIGHTS):
+        return True
+    if any((folder / name).is_file() for name in PICKLED_WEIGHTS):
+        if not trust_model:
+            raise UntrustedModelError(
+                f"{folder} holds its weights only as pytorch_model.bin, a pickle: unpickling can run "
+                f"arbitrary code, so it is refused. {_TRUST_HINT} Or re-save it with "
+                f"save_pretrained(), which writes model.safetensors.")
+        return False
+    raise ModelLoadError(f"{folder} has no weights file (model.safetensors or pytorch_model.bin).")
+
+
+def stored_parameters(folder: Path) -> int:
+    """How many numbers the folder's safetensors files hold, read from their headers alone."""
+    index = folder / SAFE_WEIGHTS[1]
+    if (folder / SAFE_WEIGHTS[0]).is_file():
+        files = [folder / SAFE_WEIGHTS[0]]
+    else:
+        weight_map = read_json(index, "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index} has no weight_map of tensor names to file names.")
+        names = sorted(set(weight_map.values()))
+        unsafe = [name for name in names if not _PLAIN_NAME.match(name) or name in (".", "..")]
+        if unsafe:
+            raise ModelLoadError(f"{index} names shard {unsafe[0]!r}, which is not a file in the "
+                                 f"folder; refused.")
+        files = [folder / name for name in names]
+    return sum(_header_numel(path) for path in files)
+
+
+def _header_numel(path: Path) -> int:
+    problem = not_a_regular_file(path)
+    if problem is not None:
+        raise ModelLoadError(f"Weights file {path} {problem}.")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise ModelLoadError(f"{path} is not a safetensors file (its header length is wrong).")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a safetensors file (its header is not a JSON object).")
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ModelLoadError(f"{path}: tensor {name!r} has no valid shape in the header.")
+        count = 1
+        for side in shape:
+            count *= side
+        total += count
+    return total
+
+
+def classifier_class_name(config: dict[str, Any], folder: Path) -> str:
+    """The transformers class that the folder's model is, when it is an image classifier."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    model_type = config["model_type"]
+    known = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    classifiers = [known] if isinstance(known, str) else list(known or ())
+    for name in config.get("architectures") or ():
+        if name in classifiers:
+            return name
+    if not classifiers:
+        raise ModelLoadError(f"{folder} holds a {model_type!r} model, which transformers has no "
+                             f"image classifier for; attnexplain explains image classifiers.")
+    if config.get("architectures"):
+        raise ModelLoadError(f"{folder} holds a {config['architectures'][0]}, not an image classifier "
+                             f"({' or '.join(classifiers)}): it has no class scores to explain.")
+    return classifiers[0]
+
+
+@contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """transformers' log lines (load reports, deprecation notes) kept off the terminal meanwhile."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights: 100%" on the CLI's stderr
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_folder(folder: Path, trust_model: bool) -> "nn.Module":
+    """The image classifier saved in ``folder``, in eval mode, with every weight from the folder."""
+    import torch
+    import transformers
+
+    config = read_json(folder / CONFIG, "config")
+    custom = check_config(config, folder, trust_model)
+    safe = safe_weights(folder, trust_model)
+    try:
+        with transformers_quiet():
+            if custom:  # trusted: the folder's own class, through its auto_map
+                model_class = transformers.AutoModelForImageClassification
+            else:
+                model_class = getattr(transformers, classifier_class_name(config, folder))
+                hf_config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+                if safe:
+                    with torch.device("meta"):
+                        asked = sum(p.numel() for p in model_class._from_config(hf_config).parameters())
+                    held = stored_parameters(folder)
+                    if asked > held * PARAMETER_SLACK + 1024:
+                        raise ModelLoadError(
+                            f"{folder / CONFIG} describes a model of {asked:,} parameters but the "
+                            f"weights hold {held:,} numbers: the config is not the weights'.")
+            model, info = model_class.from_pretrained(
+                folder, local_files_only=True, use_safetensors=safe, trust_remote_code=custom,
+                output_loading_info=True)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        text = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ModelLoadError(f"transformers could not load {folder}: {type(error).__name__}: {text}") from None
+    unfilled = list(info.get("missing_keys") or ()) + [str(k[0]) if isinstance(k, tuple) else str(k)
+                                                       for k in info.get("mismatched_keys") or ()]
+    if unfilled:
+        shown = ", ".join(sorted(unfilled)[:3]) + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "")
+        raise ModelLoadError(f"{folder}'s weights do not fill the model its config describes "
+                              f"(missing or misshapen: {shown}).")
+    return model.eval()
