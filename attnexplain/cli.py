@@ -378,16 +378,22 @@ def _print_run(report: dict[str, Any]) -> None:
 
 def _print_listing(title: str, columns: list[str], rows: list[list[Any]], *,
                    prose: tuple[str, ...] = ()) -> None:
-    """A listing: a table on a terminal; anywhere else (a pipe, a file) a header line and one
-    tab-separated line per row, so that no name is ever wrapped or cut and ``cut -f`` works.
-
-    On a terminal only the ``prose`` columns (sentences) wrap; every other column keeps each value
-    on one line."""
+    """A listing: on a terminal, aligned columns under ``title`` (a table whose ``prose`` columns,
+    sentences, wrap); anywhere else (a pipe, a file) a header line and one tab-separated line per
+    row, so that no name is ever wrapped or cut and ``cut -f`` works."""
     cells = [["" if value is None else " ".join(str(value).split()) for value in row] for row in rows]
     if not sys.stdout.isatty():
         with _reader_may_leave():
             for line in [columns, *cells]:
                 click.echo("\t".join(line))
+        return
+    if not prose:
+        # Plain aligned columns: a box table of a thousand rows takes Rich a second to lay out.
+        widths = [max(len(line[index]) for line in [columns, *cells]) for index in range(len(columns))]
+        with _reader_may_leave():
+            click.echo(title)
+            for line in [columns, *cells]:
+                click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip())
         return
     from rich.console import Console
     from rich.table import Table
