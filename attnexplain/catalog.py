@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import PluginError
-from .plugins import CatalogEntry, ModelPlugin, PluginInfo, plugin_infos
+from .plugins import CatalogEntry, ModelPlugin, PluginInfo, plugin_infos, plugin_named
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -70,26 +70,24 @@ class Catalog:
     errors: dict[str, str]  # plugin name → one line
 
 
-def read_catalog(plugin: str | None = None, *, cached: bool = True) -> Catalog:
-    """The catalog of every working plugin (or of the plugin named ``plugin``), plugins by name.
+def read_catalog(plugin: str | None = None) -> Catalog:
+    """The catalog of every working plugin (or of the plugin named ``plugin``), plugins by name,
+    from the cache when it is current (written when not).
 
-    ``cached``: read each plugin's catalog from the cache when it is current (and write it when
-    not); otherwise ask the plugins. A plugin whose ``catalog()`` raises or returns something else
-    than :class:`CatalogEntry` objects is left out with its error, so it cannot break the listing.
+    A plugin whose ``catalog()`` raises or returns something else than :class:`CatalogEntry`
+    objects is left out with its error, so it cannot break the listing.
     """
     infos = sorted((info for info in plugin_infos() if info.plugin is not None), key=lambda i: i.name)
     if plugin is not None:
-        infos = [info for info in infos if info.name == plugin]
-        if not infos:
-            known = ", ".join(info.name for info in plugin_infos() if info.plugin is not None) or "none"
-            raise PluginError(f"No plugin named {plugin!r} is installed (installed: {known}).")
+        wanted = plugin_named(plugin)
+        infos = [info for info in infos if info.plugin is wanted]
     entries: list[tuple[ModelPlugin, CatalogEntry]] = []
     errors: dict[str, str] = {}
     for info in infos:
         try:
-            found = _cached_catalog(info) if cached else live_catalog(info.plugin)
+            found = _cached_catalog(info)
         except Exception as error:  # a broken plugin must not break the listing
-            errors[info.name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            errors[info.name] = _one_line(error)
             continue
         entries += [(info.plugin, entry) for entry in found]
     return Catalog(entries, errors)
@@ -167,10 +165,14 @@ def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
                 taken.add(method.name)
             records = [_method_record(method, info.name) for method in added]
         except Exception as error:  # a broken plugin must not break the listing
-            errors[info.name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            errors[info.name] = _one_line(error)
             continue
         listed += records
     return listed, errors
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def _method_record(method: "Method", plugin: str | None) -> dict[str, Any]:

@@ -426,13 +426,9 @@ def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:
     Ties are broken by plugin name so that the choice never depends on installation order; a model
     no plugin claims gets the generic behaviour.
     """
-    plugins = installed_plugins()
     if name is not None:
-        for plugin in plugins:
-            if plugin.name == name:
-                return plugin
-        known = ", ".join(sorted(p.name for p in plugins)) or "none"
-        raise PluginError(f"No plugin named {name!r} is installed (installed: {known}).")
+        return plugin_named(name)
+    plugins = installed_plugins()
     ranked = []
     for plugin in plugins:
         score = plugin.specificity(model)
@@ -441,6 +437,16 @@ def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:
     if not ranked:
         return ModelPlugin()
     return min(ranked, key=lambda item: item[:2])[2]
+
+
+def plugin_named(name: str) -> ModelPlugin:
+    """The working plugin called ``name``; :class:`PluginError` naming the installed ones if none is."""
+    plugins = installed_plugins()
+    for plugin in plugins:
+        if plugin.name == name:
+            return plugin
+    known = ", ".join(sorted(p.name for p in plugins)) or "none"
+    raise PluginError(f"No plugin named {name!r} is installed (installed: {known}).")
 
 
 def _builder_order() -> list[ModelPlugin]:

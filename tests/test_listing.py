@@ -289,3 +289,16 @@ def test_layers_json(resnet_state_dict_file):
     assert "fc" not in layers and "avgpool" not in layers  # not spatial: only with --all
     everything = _json("layers", str(resnet_state_dict_file), "--arch", "resnet18", "--size", "64", "--all")
     assert {"fc", "avgpool"} <= {layer["name"] for layer in everything["layers"]}
+
+
+def test_terminal_listing_keeps_every_name_on_one_line(monkeypatch, capsys):
+    from attnexplain.cli import _print_listing
+
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    long_name = "timm:" + "x" * 60
+    _print_listing("Models by name (2)", ["model", "input"], [[long_name, 224], ["short", 96]])
+    title, header, first, second = capsys.readouterr().out.splitlines()
+    assert title == "Models by name (2)" and header.split() == ["model", "input"]
+    assert first.split() == [long_name, "224"] and second.split() == ["short", "96"]
+    assert first.index("224") == second.index("96") == header.index("input")  # aligned
