@@ -302,3 +302,23 @@ def test_terminal_listing_keeps_every_name_on_one_line(monkeypatch, capsys):
     assert title == "Models by name (2)" and header.split() == ["model", "input"]
     assert first.split() == [long_name, "224"] and second.split() == ["short", "96"]
     assert first.index("224") == second.index("96") == header.index("input")  # aligned
+
+
+def test_the_cache_follows_the_libraries_the_plugin_requires(monkeypatch):
+    import importlib.metadata
+
+    from attnexplain.plugins import CatalogEntry
+
+    plugin = _plugin("attention-cnn")
+    catalog.read_catalog("attention-cnn")  # cached: one entry
+    original = plugin.catalog
+    monkeypatch.setattr(plugin, "catalog", lambda: [*original(), CatalogEntry("Newer", "classification",
+                                                                               64, lambda: None)])
+    catalog._live_catalog.cache_clear()
+    names = lambda: [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries]  # noqa: E731
+    assert names() == ["AttentionPoolingCNN"]  # same plugin file, same versions: the cache answers
+    # attnexplain-attention-cnn requires torch: another torch version is another catalog.
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0.1" if name == "torch" else version(name))
+    assert names() == ["AttentionPoolingCNN", "Newer"]
