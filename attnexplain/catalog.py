@@ -1,32 +1,318 @@
-"""Which models attnexplain can explain out of the box: every plugin's catalog, checked by running."""
+"""What attnexplain can explain out of the box: every plugin's models (listed, described, checked
+by running) and every method, for ``attnexplain models``, ``plugins`` and ``methods``.
+
+A listing must answer at once, but a plugin reads its catalog from its library's registry
+(torchvision's, timm's), whose import alone takes seconds. So each plugin's catalog is kept as a
+small JSON file in the user's cache folder, keyed by what it was read from (the plugin's module file,
+the versions of its distribution and of everything that distribution requires): a listing from the
+cache imports no torch. An entry read from the cache builds its model through the plugin's live
+catalog, and only when asked (``--check``, ``--details``).
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from .plugins import CatalogEntry, ModelPlugin, installed_plugins
+from .errors import PluginError
+from .plugins import CatalogEntry, ModelPlugin, PluginInfo, plugin_infos, plugin_named
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
+    from .methods import Method
+
+#: Where the cached catalogs live; default ``$XDG_CACHE_HOME/attnexplain`` or ``~/.cache/attnexplain``.
+CACHE_ENV = "ATTNEXPLAIN_CACHE_DIR"
+#: Bumped when the cached file's layout changes, so that an older file is simply recomputed.
+_CACHE_FORMAT = 1
+#: A cache file is the user's, but still a file: one larger than this is not read (timm's ~1,400
+#: entries take ~150 kB).
+_CACHE_MAX_BYTES = 16 * 1024 * 1024
+_CACHED_FIELDS = ("name", "task", "input_size", "supported", "note", "default_size")
+_MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
 class CatalogRow:
+    """One catalog entry as ``attnexplain models`` lists it; method and layer only once described
+    or checked."""
+
     entry: CatalogEntry
     plugin: str
     method: str | None = None
     layer: str | None = None
-    status: str = "not checked"  # "ok", "failed: ...", "not supported: ..."
+    status: str = "not checked"  # "supported", "ok", "failed: ...", "not supported: ..."
     seconds: float | None = None
+    spec: str | None = None  # PREFIX:NAME when the plugin builds models by name
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as ``attnexplain models --json`` prints it."""
+        return {"name": self.entry.name, "spec": self.spec, "plugin": self.plugin,
+                "task": self.entry.task, "input_size": self.entry.real_size,
+                "check_size": self.entry.input_size, "supported": self.entry.supported,
+                "note": self.entry.note, "method": self.method, "layer": self.layer,
+                "status": self.status, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every installed plugin's catalog: the entries, and why a plugin's could not be read."""
+
+    entries: list[tuple[ModelPlugin, CatalogEntry]]
+    errors: dict[str, str]  # plugin name → one line
+
+
+def read_catalog(plugin: str | None = None) -> Catalog:
+    """The catalog of every working plugin (or of the plugin named ``plugin``), plugins by name,
+    from the cache when it is current (written when not).
+
+    A plugin whose ``catalog()`` raises or returns something else than :class:`CatalogEntry`
+    objects is left out with its error, so it cannot break the listing.
+    """
+    infos = sorted((info for info in plugin_infos() if info.plugin is not None), key=lambda i: i.name)
+    if plugin is not None:
+        wanted = plugin_named(plugin)
+        infos = [info for info in infos if info.plugin is wanted]
+    entries: list[tuple[ModelPlugin, CatalogEntry]] = []
+    errors: dict[str, str] = {}
+    for info in infos:
+        try:
+            found = _cached_catalog(info)
+        except Exception as error:  # a broken plugin must not break the listing
+            errors[info.name] = _one_line(error)
+            continue
+        entries += [(info.plugin, entry) for entry in found]
+    return Catalog(entries, errors)
 
 
 def catalog_entries() -> list[tuple[ModelPlugin, CatalogEntry]]:
-    return [(plugin, entry) for plugin in sorted(installed_plugins(), key=lambda p: p.name)
-            for entry in plugin.catalog()]
+    """Every working plugin's catalog entries (plugins by name), from the cache when current."""
+    return read_catalog().entries
+
+
+def select_entries(entries: list[tuple[ModelPlugin, CatalogEntry]], *, pattern: str | None = None,
+                   task: str | None = None) -> list[tuple[ModelPlugin, CatalogEntry]]:
+    """The entries of ``task`` whose name (or ``PREFIX:NAME``) contains ``pattern``, or matches it as
+    a glob when it has ``*``, ``?`` or ``[``; case-insensitive."""
+    from fnmatch import fnmatchcase
+
+    def matches(plugin: ModelPlugin, entry: CatalogEntry) -> bool:
+        if pattern is None:
+            return True
+        names = [entry.name.lower()]
+        if plugin.source_prefix:
+            names.append(f"{plugin.source_prefix}:{entry.name}".lower())
+        wanted = pattern.lower()
+        if any(character in wanted for character in "*?["):
+            return any(fnmatchcase(name, wanted) for name in names)
+        return any(wanted in name for name in names)
+
+    return [(plugin, entry) for plugin, entry in entries
+            if (task is None or entry.task == task) and matches(plugin, entry)]
+
+
+def plugin_listing() -> list[dict[str, Any]]:
+    """Every installed plugin, working or broken, as ``attnexplain plugins --json`` prints it: how
+    many models its catalog lists (None when it cannot be read: ``error`` says why)."""
+    catalog = read_catalog()
+    counts: dict[str, int] = {}
+    for plugin, _ in catalog.entries:
+        counts[plugin.name] = counts.get(plugin.name, 0) + 1
+    listed = []
+    for info in plugin_infos():
+        plugin = info.plugin
+        error = info.error or catalog.errors.get(info.name)
+        listed.append({
+            "name": info.name, "entry_point": info.entry_point, "distribution": info.distribution,
+            "version": info.version,
+            "api_version": plugin.api_version if plugin is not None else None,
+            "source_prefix": plugin.source_prefix if plugin is not None else None,
+            "families": [str(family) for family in plugin.families] if plugin is not None else [],
+            "models": counts.get(info.name, 0) if plugin is not None and info.name not in catalog.errors
+            else None,
+            "error": error})
+    return listed
+
+
+def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every method ``--method`` takes, as ``attnexplain methods --json`` prints it: the built-in
+    ones, then each working plugin's own (:meth:`ModelPlugin.methods`, ``plugin`` naming it); and
+    why a plugin's methods could not be listed (a plugin that raises, returns something else than
+    methods, or reuses a taken name), which leaves the others listed."""
+    from .methods import METHODS, Method
+
+    listed = [_method_record(method, None) for method in METHODS.values()]
+    taken = set(METHODS)
+    errors: dict[str, str] = {}
+    for info in sorted(plugin_infos(), key=lambda i: i.name):
+        if info.plugin is None:
+            continue
+        try:
+            added = list(info.plugin.methods())
+            for method in added:
+                if not isinstance(method, Method):
+                    raise TypeError(f"methods() returned a {type(method).__name__}, not a Method")
+                if method.name in taken:
+                    raise ValueError(f"method name {method.name!r} is already taken")
+                taken.add(method.name)
+            records = [_method_record(method, info.name) for method in added]
+        except Exception as error:  # a broken plugin must not break the listing
+            errors[info.name] = _one_line(error)
+            continue
+        listed += records
+    return listed, errors
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+def _method_record(method: "Method", plugin: str | None) -> dict[str, Any]:
+    record: dict[str, Any] = {field: str(getattr(method, field))
+                              for field in ("name", "family", "summary", "applies_to", "cost", "paper")}
+    return {**record, "needs_gradient": bool(method.needs_gradient), "plugin": plugin}
+
+
+def catalog_row(plugin: ModelPlugin, entry: CatalogEntry, **found: Any) -> CatalogRow:
+    """``entry`` as listed without building anything (``found``: method, layer, status, seconds)."""
+    spec = f"{plugin.source_prefix}:{entry.name}" if plugin.source_prefix else None
+    status = "supported" if entry.supported else f"not supported: {entry.note}"
+    return CatalogRow(entry, plugin.name, spec=spec, **{"status": status, **found})
+
+
+def live_catalog(plugin: ModelPlugin) -> list[CatalogEntry]:
+    """``plugin.catalog()``, asked once per process, each entry checked."""
+    return list(_live_catalog(plugin))
+
+
+@functools.lru_cache(maxsize=None)
+def _live_catalog(plugin: ModelPlugin) -> tuple[CatalogEntry, ...]:
+    entries = tuple(plugin.catalog())
+    for entry in entries:
+        if not isinstance(entry, CatalogEntry) or _plain_fields(_cached_fields(entry)) is None:
+            raise PluginError(f"plugin {plugin.name}'s catalog() returned {type(entry).__name__} "
+                              f"{str(entry)[:80]!r}, not a CatalogEntry of plain values")
+    return entries
+
+
+def _cached_fields(entry: CatalogEntry) -> dict[str, Any]:
+    """What the cache keeps of ``entry``: everything but its builder."""
+    return {field: getattr(entry, field) for field in _CACHED_FIELDS}
+
+
+def _plain_fields(item: Any) -> dict[str, Any] | None:
+    """A cached entry's fields when every one has the type and range a CatalogEntry's must, else
+    None. The cache is a file: it is read as if anyone could have written it."""
+    if not isinstance(item, dict) or set(item) != set(_CACHED_FIELDS):
+        return None
+    texts_ok = all(isinstance(item[key], str) for key in ("name", "task", "note"))
+    if not texts_ok or not 0 < len(item["name"]) <= 200 or len(item["task"]) > 50 or len(item["note"]) > 500:
+        return None
+    if any(ord(character) < 32 for key in ("name", "task", "note") for character in item[key]):
+        return None  # a newline or tab would forge rows of the plain-text listing
+    sizes = (item["input_size"], item["default_size"])
+    if any(type(size) is not int or not 1 <= size <= _MAX_SIDE for size in sizes if size is not None):
+        return None
+    if item["input_size"] is None or type(item["supported"]) is not bool:
+        return None
+    return item
+
+
+def cache_folder() -> Path:
+    """Where cached catalogs are kept: ``$ATTNEXPLAIN_CACHE_DIR``, else the XDG cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attnexplain"
+
+
+def _cache_key(info: PluginInfo) -> str:
+    """What a plugin's catalog is read from: its code, its distribution and every distribution that
+    requires (torchvision, timm), by version. A new version of any of them, or an edited plugin
+    module, gives another key."""
+    from importlib import metadata
+
+    module = sys.modules.get(type(info.plugin).__module__)
+    source = getattr(module, "__file__", None)
+    try:
+        stat = os.stat(source) if source else None
+    except OSError:
+        stat = None
+    parts: list[Any] = [_CACHE_FORMAT, info.name, type(info.plugin).__qualname__, source,
+                        stat and (stat.st_mtime_ns, stat.st_size), info.distribution, info.version]
+    requires: list[str] = []
+    if info.distribution is not None:
+        try:
+            requires = metadata.requires(info.distribution) or []
+        except metadata.PackageNotFoundError:
+            pass
+    for requirement in sorted(requires):
+        if "extra ==" in requirement.replace('"', "").replace("'", ""):
+            continue  # an optional extra does not feed the catalog
+        name = re.split(r"[\s\[<>=!~;(@]", requirement, maxsplit=1)[0]
+        try:
+            parts.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            parts.append((name, None))
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _cached_catalog(info: PluginInfo) -> list[CatalogEntry]:
+    plugin = info.plugin
+    key = _cache_key(info)
+    # The file is named by a hash of the plugin's name: a plugin's name is not a safe path.
+    path = cache_folder() / "catalogs" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+    items = _read_cache(path, key)
+    if items is None:
+        live = live_catalog(plugin)
+        items = [_cached_fields(entry) for entry in live]
+        _write_cache(path, key, items)
+        return live
+    return [CatalogEntry(build=functools.partial(_build_live, plugin, item["name"]), **item)
+            for item in items]
+
+
+def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_CACHE_MAX_BYTES + 1)
+        if len(data) > _CACHE_MAX_BYTES:
+            return None
+        document = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("key") != key:
+        return None
+    entries = document.get("entries")
+    if not isinstance(entries, list):
+        return None
+    checked = [_plain_fields(item) for item in entries]
+    return None if any(item is None for item in checked) else checked
+
+
+def _write_cache(path: Path, key: str, items: list[dict[str, Any]]) -> None:
+    from ._atomic import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(path, json.dumps({"key": key, "entries": items}).encode())
+    except OSError:
+        pass  # a read-only home: every listing asks the plugins, as without a cache
+
+
+def _build_live(plugin: ModelPlugin, name: str) -> Any:
+    """Build catalog entry ``name`` of ``plugin`` through its live catalog (the cache holds no code)."""
+    for entry in live_catalog(plugin):
+        if entry.name == name:
+            return entry.build()
+    raise PluginError(f"Plugin {plugin.name}'s catalog no longer has {name!r}.")
 
 
 def _loaded(plugin: ModelPlugin, entry: CatalogEntry, module) -> "LoadedModel":
@@ -49,7 +335,7 @@ def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
     from .explanation import default_layer, resolve_methods
 
     if not entry.supported:
-        return CatalogRow(entry, plugin.name, status=f"not supported: {entry.note}")
+        return catalog_row(plugin, entry)
     try:
         with torch.device("meta"):
             module = entry.build().eval()
@@ -60,8 +346,8 @@ def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
             probe = torch.zeros(1, 3, entry.input_size, entry.input_size, device="meta")
             layer = default_layer(loaded, probe)
     except Exception:  # a builder that computes with real tensors while constructing
-        return CatalogRow(entry, plugin.name, status="supported (method and layer: see --check)")
-    return CatalogRow(entry, plugin.name, ",".join(m.name for m in methods), layer, "supported")
+        return catalog_row(plugin, entry, status="supported (method and layer: see --check)")
+    return catalog_row(plugin, entry, method=",".join(m.name for m in methods), layer=layer)
 
 
 def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> CatalogRow:
@@ -70,12 +356,13 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
     Passes when the heatmap is finite and not constant and the overlay has the image's size (and, for
     a detector, the explained box is among the detections).
     """
+    import numpy as np
     import torch
 
     from .explanation import explain
 
     if not entry.supported:
-        return CatalogRow(entry, plugin.name, status=f"not supported: {entry.note}")
+        return catalog_row(plugin, entry)
     started = time.perf_counter()
     try:
         torch.manual_seed(seed)
@@ -95,9 +382,9 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
         if entry.task == "detection" and not any(box["explained"] for box in result.detections or []):
             problems.append("no detected box is marked as the one explained")
         status = "ok" if not problems else "failed: " + "; ".join(problems)
-        return CatalogRow(entry, plugin.name, ",".join(result.maps), result.layer, status,
-                          time.perf_counter() - started)
+        return catalog_row(plugin, entry, method=",".join(result.maps), layer=result.layer,
+                           status=status, seconds=time.perf_counter() - started)
     except Exception as error:
         text = " ".join(str(error).split())[:200]
-        return CatalogRow(entry, plugin.name, status=f"failed: {type(error).__name__}: {text}",
-                          seconds=time.perf_counter() - started)
+        return catalog_row(plugin, entry, status=f"failed: {type(error).__name__}: {text}",
+                           seconds=time.perf_counter() - started)

@@ -387,70 +387,145 @@ def _print_run(report: dict[str, Any]) -> None:
         console.print(f"  {key:<34} {folder / report['outputs'][key]}", highlight=False, soft_wrap=True)
 
 
-@main.command()
-def plugins() -> None:
-    """List installed model plugins; a plugin that fails to load is shown with its error."""
+def _print_listing(title: str, columns: list[str], rows: list[list[Any]], *,
+                   prose: tuple[str, ...] = ()) -> None:
+    """A listing: on a terminal, aligned columns under ``title`` (a table whose ``prose`` columns,
+    sentences, wrap); anywhere else (a pipe, a file) a header line and one tab-separated line per
+    row, so that no name is ever wrapped or cut and ``cut -f`` works."""
+    cells = [["" if value is None else " ".join(str(value).split()) for value in row] for row in rows]
+    if not sys.stdout.isatty():
+        with _reader_may_leave():
+            for line in [columns, *cells]:
+                click.echo("\t".join(line))
+        return
+    if not prose:
+        # Plain aligned columns: a box table of a thousand rows takes Rich a second to lay out.
+        widths = [max(len(line[index]) for line in [columns, *cells]) for index in range(len(columns))]
+        with _reader_may_leave():
+            click.echo(title)
+            for line in [columns, *cells]:
+                click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
-    from .plugins import plugin_infos
+    table = Table(title=title, show_lines=bool(prose))
+    for column in columns:
+        if column in prose:
+            table.add_column(column, min_width=12)
+        else:
+            table.add_column(column, no_wrap=True, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    Console(highlight=False).print(table, markup=False)
 
-    table = Table(title="Model plugins (entry-point group attnexplain.plugins)")
-    for column in ("plugin", "version", "distribution", "families", "status"):
-        table.add_column(column, overflow="fold")
-    for info in plugin_infos():
-        families = ", ".join(info.plugin.families) if info.plugin is not None else ""
-        status = "ok" if info.error is None else f"[red]broken[/red]: {info.error}"
-        table.add_row(info.name, info.version or "", info.distribution or "", families, status)
-    Console().print(table)
+
+def _print_json(data: Any) -> None:
+    """What every ``--json`` prints, as ``run --json`` does."""
+    with _reader_may_leave():
+        click.echo(json.dumps(data, indent=2))
+
+
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """A listing piped into ``head`` loses its reader early: end quietly with the shell's SIGPIPE
+    status (141), as ``ls | head`` does, not with an error about a broken pipe."""
+    import os
+
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail the same way.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the plugins as JSON on stdout.")
+def plugins(as_json: bool) -> None:
+    """List installed model plugins and how many models each builds by name; a plugin that fails
+    to load is shown with its error."""
+    from .catalog import plugin_listing
+
+    listed = plugin_listing()
+    if as_json:
+        _print_json(listed)
+        return
+    rows = [[plugin["name"], plugin["version"], plugin["distribution"], plugin["models"],
+             ", ".join(plugin["families"]),
+             "ok" if plugin["error"] is None else f"broken: {plugin['error']}"] for plugin in listed]
+    _print_listing("Model plugins (entry-point group attnexplain.plugins)",
+                   ["plugin", "version", "distribution", "models", "families", "status"], rows,
+                   prose=("families", "status"))
+
+
+@main.command()
+@click.argument("pattern", required=False)
+@click.option("--plugin", "plugin_name", help="Only this plugin's models (see `attnexplain plugins`).")
+@click.option("--task", help="Only this task (classification, segmentation, detection).")
+@click.option("--details", is_flag=True, help="Also say what --method auto means for each model and "
+                                              "its default layer (builds each model, without weights).")
 @click.option("--check", is_flag=True, help="Build each model with random weights and explain an "
                                             "image with --method auto (minutes).")
-@click.option("--task", help="Only this task (classification, segmentation, detection).")
-@click.option("--name", "pattern", help="Only builders whose name contains this text.")
-def models(check: bool, task: str | None, pattern: str | None) -> None:
-    """List the models plugins build by name: plugin, default method and layer, status."""
-    from rich.console import Console
-    from rich.table import Table
+@click.option("--json", "as_json", is_flag=True, help="Print the models as JSON on stdout.")
+def models(pattern: str | None, plugin_name: str | None, task: str | None, details: bool,
+           check: bool, as_json: bool) -> None:
+    """List the models installed plugins build by name: name, task, plugin, the input size it is
+    run at, status.
 
-    from .catalog import catalog_entries, check_entry, describe_entry
+    PATTERN keeps the models whose name contains it, or matches it as a glob ('vit_*_224').
+    Listing builds nothing; --details and --check build every model listed, so narrow them with
+    PATTERN, --plugin or --task. Exit code 1 when --check finds a failure.
+    """
+    from .catalog import catalog_row, check_entry, describe_entry, read_catalog, select_entries
 
-    console = Console()
-    selected = [(plugin, entry) for plugin, entry in catalog_entries()
-                if (task is None or entry.task == task) and (pattern is None or pattern in entry.name)]
-    table = Table(title=f"Models by name ({len(selected)})")
-    for column in ("builder", "task", "plugin", "input", "method", "layer", "status"):
-        table.add_column(column, overflow="fold")
-    failures = 0
-    for plugin, entry in selected:
-        with console.status(f"{'checking' if check else 'describing'} {entry.name}..."):
-            row = (check_entry if check else describe_entry)(plugin, entry)
-        failures += row.status.startswith("failed")
-        status = row.status if row.seconds is None else f"{row.status} ({row.seconds:.1f}s)"
-        table.add_row(entry.name, entry.task, row.plugin, str(entry.input_size), row.method or "",
-                      row.layer or "", status)
-    console.print(table)
+    catalog = read_catalog(plugin_name)
+    for name, error in catalog.errors.items():
+        click.echo(f"Warning: plugin {name}'s models cannot be listed: {error}", err=True)
+    selected = select_entries(catalog.entries, pattern=pattern, task=task)
+    if check or details:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        rows = []
+        for plugin, entry in selected:
+            with console.status(f"{'checking' if check else 'describing'} {entry.name}..."):
+                rows.append((check_entry if check else describe_entry)(plugin, entry))
+    else:
+        rows = [catalog_row(plugin, entry) for plugin, entry in selected]
+    if as_json:
+        _print_json({"models": [row.as_dict() for row in rows], "errors": catalog.errors})
+    else:
+        columns = ["model", "task", "plugin", "input"] + (["method", "layer"] if check or details else [])
+        cells = [[row.spec or row.entry.name, row.entry.task, row.plugin, row.entry.real_size]
+                 + ([row.method, row.layer] if check or details else [])
+                 + [row.status if row.seconds is None else f"{row.status} ({row.seconds:.1f}s)"]
+                 for row in rows]
+        _print_listing(f"Models by name ({len(rows)})", columns + ["status"], cells)
+    failures = sum(row.status.startswith("failed") for row in rows)
     if failures:
         raise click.ClickException(f"{failures} model(s) failed the check.")
 
 
 @main.command()
-def methods() -> None:
-    """List every explanation method: what it shows, where it applies, its cost and its paper."""
-    from rich.console import Console
-    from rich.table import Table
+@click.option("--json", "as_json", is_flag=True, help="Print the methods as JSON on stdout.")
+def methods(as_json: bool) -> None:
+    """List every explanation method: what it shows, where it applies, its cost and its paper;
+    methods a plugin adds name their plugin."""
+    from .catalog import method_listing
 
-    from .methods import METHODS
-
-    table = Table(title="Explanation methods (--method NAME[,NAME...])", show_lines=True)
-    for column in ("method", "family", "what it shows", "applies to", "cost", "paper"):
-        table.add_column(column, overflow="fold")
-    for method in METHODS.values():
-        table.add_row(method.name, method.family, method.summary, method.applies_to, method.cost,
-                      method.paper)
-    Console().print(table)
+    listed, errors = method_listing()
+    for name, error in errors.items():
+        click.echo(f"Warning: plugin {name}'s methods cannot be listed: {error}", err=True)
+    if as_json:
+        _print_json({"methods": listed, "errors": errors})
+        return
+    rows = [[method["name"], method["family"], method["summary"], method["applies_to"], method["cost"],
+             method["paper"], method["plugin"] or "attnexplain"] for method in listed]
+    _print_listing("Explanation methods (--method NAME[,NAME...])",
+                   ["method", "family", "what it shows", "applies to", "cost", "paper", "from"], rows,
+                   prose=("what it shows", "applies to", "cost", "paper"))
 
 
 @main.command()
@@ -458,12 +533,10 @@ def methods() -> None:
 @model_options
 @click.option("--size", callback=_numbers(int, (1, 2), _checked_size), help="Input size to probe with: N or H,W.")
 @click.option("--all", "show_all", is_flag=True, help="List every layer, not only spatial ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print the layers as JSON on stdout.")
 def layers(model: str, arch, arch_kwargs, ema, num_classes, labels, trust_model, plugin, device, size,
-           show_all: bool) -> None:
+           show_all: bool, as_json: bool) -> None:
     """List MODEL's layers that Grad-CAM can use, with their output shapes."""
-    from rich.console import Console
-    from rich.table import Table
-
     from .errors import MethodError
 
     loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs, ema)
@@ -480,20 +553,20 @@ def layers(model: str, arch, arch_kwargs, ema, num_classes, labels, trust_model,
                         device=parameter.device if parameter is not None else "cpu")
     found = layer_maps(loaded, batch)
     chosen = default_layer(loaded, batch) if any(info.is_spatial for info, _ in found) else None
-    table = Table(title=f"Layers of {loaded.architecture or model} at {preprocessing.size[0]}x"
-                        f"{preprocessing.size[1]} (in the order they finish)")
-    table.add_column("layer", overflow="fold")
-    table.add_column("type")
-    table.add_column("output shape")
-    table.add_column("map for CAM")
-    table.add_column("")
-    for info, map_shape in found:
-        if not (show_all or map_shape is not None):
-            continue
-        shape = "x".join(map(str, info.shape)) if info.shape else "(not a tensor)"
-        laid_out = "x".join(map(str, map_shape)) if map_shape else ""
-        table.add_row(info.name, info.kind, shape, laid_out, "default" if info.name == chosen else "")
-    Console().print(table)
+    listed = [{"name": info.name, "type": info.kind, "shape": list(info.shape) if info.shape else None,
+               "map_shape": list(map_shape) if map_shape else None, "default": info.name == chosen}
+              for info, map_shape in found if show_all or map_shape is not None]
+    if as_json:
+        _print_json({"model": model, "architecture": loaded.architecture, "plugin": loaded.plugin.name,
+                     "size": list(preprocessing.size), "default": chosen, "layers": listed})
+        return
+    rows = [[layer["name"], layer["type"],
+             "x".join(map(str, layer["shape"])) if layer["shape"] else "(not a tensor)",
+             "x".join(map(str, layer["map_shape"])) if layer["map_shape"] else "",
+             "default" if layer["default"] else ""] for layer in listed]
+    _print_listing(f"Layers of {loaded.architecture or model} at {preprocessing.size[0]}x"
+                   f"{preprocessing.size[1]} (in the order they finish)",
+                   ["layer", "type", "output shape", "map for CAM", ""], rows)
 
 
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None):

@@ -94,14 +94,27 @@ class Detections:
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """A model a plugin can build by name, for ``attnexplain models`` and coverage tests."""
+    """A model a plugin can build by name, for ``attnexplain models`` and coverage tests.
 
-    name: str
+    Listings read every field but ``build`` from a cache (see :mod:`attnexplain.catalog`), so the
+    values must be plain: strings, integers, booleans.
+    """
+
+    name: str  # the NAME of PREFIX:NAME, or an --arch name when the plugin has no source_prefix
     task: str  # classification | segmentation | detection | ...
-    input_size: int  # a small square input the architecture accepts
+    input_size: int  # a small square input the architecture accepts: what ``--check`` explains
     build: Callable[[], "nn.Module"]  # random weights, nothing downloaded
     supported: bool = True  # False: listed, but not explained yet
     note: str = ""
+    #: The side of the square input the model is run at by default: its published weights'
+    #: preprocessing (what ``PREFIX:NAME:DEFAULT`` uses), shown by ``attnexplain models``. None:
+    #: ``input_size`` is that size already.
+    default_size: int | None = None
+
+    @property
+    def real_size(self) -> int:
+        """The input side ``attnexplain models`` shows: ``default_size``, else ``input_size``."""
+        return self.default_size if self.default_size is not None else self.input_size
 
 
 @dataclass(frozen=True)
@@ -423,13 +436,9 @@ def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:
     Ties are broken by plugin name so that the choice never depends on installation order; a model
     no plugin claims gets the generic behaviour.
     """
-    plugins = installed_plugins()
     if name is not None:
-        for plugin in plugins:
-            if plugin.name == name:
-                return plugin
-        known = ", ".join(sorted(p.name for p in plugins)) or "none"
-        raise PluginError(f"No plugin named {name!r} is installed (installed: {known}).")
+        return plugin_named(name)
+    plugins = installed_plugins()
     ranked = []
     for plugin in plugins:
         score = plugin.specificity(model)
@@ -438,6 +447,16 @@ def select_plugin(model: "nn.Module", name: str | None = None) -> ModelPlugin:
     if not ranked:
         return ModelPlugin()
     return min(ranked, key=lambda item: item[:2])[2]
+
+
+def plugin_named(name: str) -> ModelPlugin:
+    """The working plugin called ``name``; :class:`PluginError` naming the installed ones if none is."""
+    plugins = installed_plugins()
+    for plugin in plugins:
+        if plugin.name == name:
+            return plugin
+    known = ", ".join(sorted(p.name for p in plugins)) or "none"
+    raise PluginError(f"No plugin named {name!r} is installed (installed: {known}).")
 
 
 def _builder_order() -> list[ModelPlugin]:

@@ -21,6 +21,8 @@ sys.path.insert(0, str(SAMPLES))  # samples/composites.py: the sample data, impo
 def _isolated_torch_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.getbasetemp() / "torch-home"
     monkeypatch.setenv("TORCH_HOME", str(home))
+    # The listings' catalog cache, kept out of the user's home as torch's is.
+    monkeypatch.setenv("ATTNEXPLAIN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "attnexplain-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -44,31 +44,32 @@ def test_every_supported_builder_explains(key):
 
 
 def _table_rows(*arguments):
-    """`attnexplain models ARGS` as builder → [task, plugin, input, method, layer, status]."""
-    listing = CliRunner().invoke(main, ["models", *arguments], env={"COLUMNS": "300"})
+    """`attnexplain models --plugin torchvision ARGS` (piped: tab-separated lines) as builder →
+    [task, plugin, input, (method, layer,) status]."""
+    listing = CliRunner().invoke(main, ["models", "--plugin", "torchvision", *arguments])
     assert listing.exit_code == 0, listing.output
-    return {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
-            for line in listing.output.splitlines() if line.startswith("│")}
+    header, *rows = listing.output.splitlines()
+    assert header.startswith("model\ttask\tplugin\tinput\t")
+    return {row.split("\t")[0].removeprefix("torchvision:"): row.split("\t")[1:] for row in rows}
 
 
 def test_models_command_shows_default_method_and_layer():
-    detectors = _table_rows("--task", "detection")
+    detectors = _table_rows("--task", "detection", "--details")
     assert len(detectors) == 12
     assert detectors["maskrcnn_resnet50_fpn"][3:] == ["layercam", "backbone.body.layer4", "supported"]
-    assert _table_rows("--name", "swin_t")["swin_t"][3] == "rollout"
-    assert _table_rows("--name", "fcn_resnet50")["fcn_resnet50"][3:5] == ["gradcam", "backbone.layer4"]
+    assert _table_rows("--details", "swin_t")["swin_t"][3] == "rollout"
+    assert _table_rows("--details", "fcn_resnet50")["fcn_resnet50"][3:5] == ["gradcam", "backbone.layer4"]
 
 
 @pytest.mark.heavy
 def test_models_command_lists_every_builder_as_supported():
-    rows = _table_rows()
+    rows = _table_rows("--details")
     assert len(rows) == 98
     assert all(row[5].startswith("supported") for row in rows.values())
     assert rows["maxvit_t"][3] == "rollout" and rows["resnet50"][3:5] == ["gradcam", "layer4"]
 
 
 def test_models_command_checks():
-    checked = CliRunner().invoke(main, ["models", "--check", "--name", "shufflenet_v2_x0_5"],
-                                 env={"COLUMNS": "300"})
+    checked = CliRunner().invoke(main, ["models", "--check", "torchvision:shufflenet_v2_x0_5"])
     assert checked.exit_code == 0, checked.output
     assert "shufflenet_v2_x0_5" in checked.output and "ok (" in checked.output

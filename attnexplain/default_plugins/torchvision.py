@@ -47,8 +47,6 @@ class TorchvisionPlugin(ModelPlugin):
         return 10 if _defined_in(model, "torchvision.models") else None
 
     def builders(self) -> Mapping[str, Callable[..., Any]]:
-        import functools
-
         import torchvision
 
         found: dict[str, Callable[..., Any]] = {name: _builder(name)
@@ -59,15 +57,14 @@ class TorchvisionPlugin(ModelPlugin):
         return found
 
     def catalog(self) -> list[CatalogEntry]:
-        import functools
-
         import torchvision
 
-        entries = [CatalogEntry(name, "classification", _smallest_input(name), _builder(name))
+        entries = [CatalogEntry(name, "classification", _smallest_input(name), _builder(name),
+                                default_size=_weights_size(name))
                    for name in torchvision.models.list_models(module=torchvision.models)]
-        entries += [CatalogEntry(name, "segmentation", 96, _builder(name))
+        entries += [CatalogEntry(name, "segmentation", 96, _builder(name), default_size=_weights_size(name))
                     for name in torchvision.models.list_models(module=torchvision.models.segmentation)]
-        entries += [CatalogEntry(name, "detection", *_small_detector(name))
+        entries += [CatalogEntry(name, "detection", *_small_detector(name), default_size=_detector_size(name))
                     for name in torchvision.models.list_models(module=torchvision.models.detection)]
         return entries
 
@@ -266,6 +263,26 @@ def _smallest_input(name: str) -> int:
     if name.startswith(("vit_", "maxvit")):
         return 224  # fixed positional embeddings / partition sizes
     return 128
+
+
+def _weights_size(name: str) -> int | None:
+    """The input side of ``name``'s DEFAULT weights, read from their preset (nothing downloaded):
+    the centre crop of a classifier's, the resized shorter side of a segmentation model's."""
+    import torchvision
+
+    preset = from_torchvision_transforms(torchvision.models.get_model_weights(name).DEFAULT.transforms(),
+                                         source=name)
+    return preset.size[0] if preset is not None else None
+
+
+def _detector_size(name: str) -> int:
+    """The side a detector resizes photos to itself (what :func:`detector_preprocessing` reads off
+    the built model's ``transform``), known without building it: SSD300 and SSDlite320 have a fixed
+    size, the 320 px MobileNet Faster R-CNN is built with ``min_size=320``, and every other
+    torchvision detector (R-CNNs, RetinaNet, FCOS) keeps the default ``min_size=800``."""
+    if name.startswith("ssd300"):
+        return 300
+    return 320 if name.startswith("ssdlite320") or "_320_" in name else 800
 
 
 def _small_detector(name: str) -> tuple[int, Callable[..., Any]]:

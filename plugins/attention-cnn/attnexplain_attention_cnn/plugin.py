@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.errors import MethodError
-from attnexplain.plugins import ModelPlugin, TokenGrid
+from attnexplain.plugins import CatalogEntry, ModelPlugin, TokenGrid
 from attnexplain.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -48,6 +48,12 @@ class AttentionCNNPlugin(ModelPlugin):
     def builders(self) -> Mapping[str, Callable[..., "nn.Module"]]:
         model_class, _ = _model_classes()
         return {"AttentionPoolingCNN": model_class}
+
+    def catalog(self) -> list[CatalogEntry]:
+        # 128: AttentionPoolingCNN's default image_size (model.py imports torch, which a listing
+        # must not pay for). No source_prefix: the name is what --arch and checkpoints use.
+        return [CatalogEntry("AttentionPoolingCNN", "classification", 128,
+                             lambda: _model_classes()[0]())]
 
     def default_method(self, model: "nn.Module") -> str | None:
         # The model's own learned attention first, Grad-CAM on its last block beside it.

@@ -20,7 +20,8 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import ModelPlugin, NamedModel, TokenGrid, TokenReadout, vit_cam_block
+from attnexplain.plugins import (CatalogEntry, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
+                                 vit_cam_block)
 from attnexplain.preprocess import Preprocessing, normalize_size
 
 if TYPE_CHECKING:
@@ -140,6 +141,19 @@ class TimmPlugin(ModelPlugin):
             if name not in taken:
                 found[name] = build
         return found
+
+    def catalog(self) -> list[CatalogEntry]:
+        """Every timm architecture (``timm:NAME``), at the input size of its default pretrained
+        configuration, read from timm's registry: listing builds no model."""
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        entries = []
+        for name in timm.list_models():
+            config = get_pretrained_cfg(name)
+            size = int(max(config.input_size[-2:])) if config is not None and config.input_size else 224
+            entries.append(CatalogEntry(name, "classification", size, functools.partial(create, name)))
+        return entries
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
         import timm
