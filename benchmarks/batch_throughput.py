@@ -34,9 +34,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from stage_timing import StageClock
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "samples" / "models" / "resnet-composites.pt"
@@ -230,13 +231,10 @@ def stage_profile(args) -> None:
     """One whole run_batch with each stage's CPU time (``time.thread_time`` on the thread that runs
     it) summed: a light wrapper per stage, not a profiler, whose per-call overhead would inflate
     the Python-heavy stages (the detail page) several times."""
-    import contextlib
-    import importlib
-
-    from attnexplain.batch import run_batch
-
     import cv2
     import torch
+
+    from attnexplain.batch import run_batch
 
     # OpenCV's and torch's own thread pools would do part of a stage's work on threads whose time
     # no wrapper sees: one thread each, so that every stage's CPU is on the thread that calls it.
@@ -245,46 +243,12 @@ def stage_profile(args) -> None:
     loaded, spec = load(args)
     folder = Path(args.tmp) / "in"
     make_inputs(args, folder)
-    spent = {label: 0.0 for label, _, _ in STAGES}
-    lock = threading.Lock()
-
-    def add(label: str, seconds: float) -> None:
-        with lock:
-            spent[label] += seconds
-
-    def timed(label: str, function):
-        def wrapper(*a, **k):
-            began = time.thread_time()
-            try:
-                return function(*a, **k)
-            finally:
-                add(label, time.thread_time() - began)
-        return wrapper
-
-    def timed_context(label: str, function):
-        @contextlib.contextmanager
-        def wrapper(*a, **k):
-            began = time.thread_time()
-            with function(*a, **k) as value:
-                add(label, time.thread_time() - began)
-                yield value
-                began = time.thread_time()
-            add(label, time.thread_time() - began)
-        return wrapper
-
-    for label, module_name, attribute in STAGES:
-        owner = importlib.import_module(module_name)
-        if "." in attribute:
-            class_name, attribute = attribute.split(".")
-            owner = getattr(owner, class_name)
-        function = getattr(owner, attribute)
-        wrap = timed_context if attribute == "atomic_directory" else timed
-        setattr(owner, attribute, wrap(label, function))
+    stages = StageClock(STAGES, time.thread_time, contexts=("atomic_directory",))
     # A first run pays for the imports and lazy initialisation of a fresh process (~2 s of CPU):
     # not an image's cost.
     run_batch(loaded, spec, [str(folder)], Path(args.tmp) / "warm-up", _settings(args), quiet=True,
               device=args.device)
-    spent.update((label, 0.0) for label in spent)
+    stages.reset()
     began_cpu, began_main = time.process_time(), time.thread_time()
     result = run_batch(loaded, spec, [str(folder)], Path(args.tmp) / "out", _settings(args),
                        quiet=True, device=args.device)
@@ -293,7 +257,7 @@ def stage_profile(args) -> None:
     print(f"CPU ms per image by stage ({result.ok} images, {_model_name(args)}, "
           f"{args.worker_counts[0]} workers, OpenCV and torch on one thread each; time.thread_time "
           f"on the thread that runs each; the last two hold the others):")
-    for label, seconds in spent.items():
+    for label, seconds in stages.spent.items():
         print(f"  {label:48s} {seconds * per_image:7.2f}")
     print(f"  {'whole run, the calling thread (the model runs there)':48s} {main * per_image:7.2f}")
     print(f"  {'whole run, every thread (process_time)':48s} {total * per_image:7.2f}")

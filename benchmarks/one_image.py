@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stage_timing import StageClock
+
 REPO = Path(__file__).resolve().parents[1]
 
 BARE = """
@@ -77,35 +79,17 @@ PARTS = (
 
 def in_process(model: Path, photo: Path, arch: str, overlay_size: str, repeats: int, out: Path) -> None:
     """`attnexplain run` called in this process, each part's CPU time summed by a wrapper."""
-    import importlib
-
     from click.testing import CliRunner
 
     from attnexplain.cli import main as cli
 
     spent: dict[str, list[float]] = {label: [] for label, _, _ in PARTS}
-    current: dict[str, float] = {}
-
-    def timed_part(label: str, function):
-        def wrapper(*args, **kwargs):
-            began = time.process_time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                current[label] = current.get(label, 0.0) + time.process_time() - began
-        return wrapper
-
-    for label, module_name, attribute in PARTS:
-        owner = importlib.import_module(module_name)
-        if "." in attribute:
-            class_name, attribute = attribute.split(".")
-            owner = getattr(owner, class_name)
-        setattr(owner, attribute, timed_part(label, getattr(owner, attribute)))
+    parts = StageClock(PARTS, time.process_time)
     command = ["run", str(model), str(photo), "--arch", arch, "--device", "cpu", "--overlay-size",
                overlay_size, "--json", "--out", str(out)]
     totals = []
     for repeat in range(repeats + 1):  # the first pays for imports and lazy initialisation
-        current.clear()
+        parts.reset()
         began = time.process_time()
         result = CliRunner().invoke(cli, command, catch_exceptions=False)
         if result.exit_code != 0:
@@ -113,7 +97,7 @@ def in_process(model: Path, photo: Path, arch: str, overlay_size: str, repeats: 
         if repeat:
             totals.append(time.process_time() - began)
             for label in spent:
-                spent[label].append(current.get(label, 0.0))
+                spent[label].append(parts.spent[label])
     model_s = spent["explain (the model's part)"]
     print(f"CPU seconds per run, median of {repeats} (nested parts are inside the later 'whole' lines):")
     for label, values in spent.items():
