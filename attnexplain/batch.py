@@ -864,6 +864,8 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
             on_batch(batches)
         # What has finished so far; skipped while the last refresh still runs (the next is due soon).
         if batches % refresh_every == 0 and (refreshing is None or refreshing.done()):
+            if refreshing is not None:
+                refreshing.result()  # raises what the last one could not handle (a full disk it can)
             refreshing = reporter.submit(refresh, False)
 
     try:

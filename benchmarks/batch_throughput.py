@@ -1,7 +1,8 @@
 """End-to-end throughput of `attnexplain batch` against the bare explanation core, and its memory.
 
     python benchmarks/batch_throughput.py [--images 200] [--size 64] [--images-per-batch 16]
-                                          [--workers 2] [--memory 200,2000] [--device cpu]
+                                          [--workers 2[,4...]] [--pairs 3] [--memory 200,2000]
+                                          [--device cpu]
     python benchmarks/batch_throughput.py --arch resnet50 --photos --images 96 --memory ''
     python benchmarks/batch_throughput.py --simulated-device-ms 10 --photos --workers 1,2,4 --memory ''
     python benchmarks/batch_throughput.py --stages --images 300 --memory ''
@@ -19,9 +20,9 @@ Prints: images/s of run_batch (decode + explain + write everything) versus compu
 same preprocessed batches (goal: >= 0.9x), timed alternately in ``--pairs`` pairs (bare, then
 run_batch at each worker count) with the median of the paired ratios; where an image's time goes
 (the timings results.jsonl records); and the peak resident memory of a whole run (in a fresh
-process each) at each --memory image count (goal: flat). ``--stages`` instead times one whole
-run_batch's stages (CPU time by ``time.thread_time`` on each thread) and prints the CPU milliseconds per image
-of each stage.
+process each) at each --memory image count (goal: flat). ``--stages`` instead times the stages of
+one whole run_batch (CPU time by ``time.thread_time`` on each thread, see ``stage_timing.py``) and
+prints the CPU milliseconds per image of each.
 """
 
 from __future__ import annotations
