@@ -587,9 +587,11 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @image_options
 @click.option("--images-per-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Threads that decode and write images while the model runs; with --engine ray, "
-                   "model actors (one CPU each, and --num-gpus-per-worker GPUs; default 1).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Threads that decode images, and as many that write them, while the model runs "
+                   "(default: from the cores this process may use: 2, or a quarter of them, with "
+                   "the model on the CPU; every core but one, half each, on a GPU); with --engine "
+                   "ray, model actors (one CPU each, and --num-gpus-per-worker GPUs; default 1).")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
                    "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).")
@@ -621,7 +623,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           arch_kwargs, ema, num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
-          images_per_batch: int, workers: int, engine: str, address: str | None,
+          images_per_batch: int, workers: int | None, engine: str, address: str | None,
           num_gpus_per_worker: float, out_dir: Path, resume: bool,
           shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str,
           metric_names: list[str], overlay_size: int | None) -> None:

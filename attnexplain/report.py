@@ -275,8 +275,10 @@ def templates():
 
     from jinja2 import Environment, PackageLoader, select_autoescape
 
+    # auto_reload off: the templates ship with the package, and checking each file's mtime on every
+    # page (8 stat calls for a detail page) cost more than a third of rendering it.
     environment = Environment(loader=PackageLoader("attnexplain", "templates"),
-                              autoescape=select_autoescape(["html", "j2"]),
+                              autoescape=select_autoescape(["html", "j2"]), auto_reload=False,
                               trim_blocks=True, lstrip_blocks=True)  # thousands of pages: no idle bytes
     # Relative links to output files whose names may hold spaces, '#', '?' or worse.
     environment.filters["url"] = lambda path: quote(path, safe="/")

@@ -1,6 +1,6 @@
 """`attnexplain run` on one photo, as a user runs it: a whole process, start to finish.
 
-    python benchmarks/one_image.py [--arch resnet50] [--side 4000] [--repeats 5]
+    python benchmarks/one_image.py [--arch resnet50] [--side 4000] [--repeats 5] [--in-process]
                                    [--overlay-size full] [--before /path/to/an/older/tree]
 
 Saves a torchvision ARCH with random weights as a state_dict and a 4:3 JPEG photo SIDE pixels
@@ -15,6 +15,11 @@ earlier commit), and the "before ÷ now" ratio is printed.
 
 Pairs alternate on purpose: on a shared machine single timings spread, ratios within a pair much
 less.
+
+``--in-process`` instead measures the CPU time (``time.process_time``: every thread of the process)
+of each part of `run` besides the model, in one process, REPEATS times after a warm-up: decoding
+the photo, the overlay, encoding it, the heatmap file, the report's previews and pages. A busy
+machine changes wall times much more than CPU times.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from stage_timing import StageClock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +63,50 @@ def make_inputs(folder: Path, arch: str, side: int) -> tuple[Path, Path]:
     return model, path
 
 
+#: What ``--in-process`` times: (label, module, attribute) of each part of `run` besides the model.
+PARTS = (
+    ("decode the photo", "attnexplain.images", "load_image"),
+    ("explain (the model's part)", "attnexplain.explanation", "explain"),
+    ("overlay", "attnexplain.explanation", "Explanation.overlay"),
+    ("encode the overlay", "attnexplain.report", "encode_image"),
+    ("heatmap .npy", "attnexplain.report", "write_npy"),
+    ("shrink the previews", "attnexplain.report", "downscale"),
+    ("report.html: the model's view", "attnexplain.report", "render_model_view"),
+    ("report.html, whole", "attnexplain.report", "render_html"),
+    ("save every output, whole", "attnexplain.report", "save_explanation"),
+)
+
+
+def in_process(model: Path, photo: Path, arch: str, overlay_size: str, repeats: int, out: Path) -> None:
+    """`attnexplain run` called in this process, each part's CPU time summed by a wrapper."""
+    from click.testing import CliRunner
+
+    from attnexplain.cli import main as cli
+
+    spent: dict[str, list[float]] = {label: [] for label, _, _ in PARTS}
+    parts = StageClock(PARTS, time.process_time)
+    command = ["run", str(model), str(photo), "--arch", arch, "--device", "cpu", "--overlay-size",
+               overlay_size, "--json", "--out", str(out)]
+    totals = []
+    for repeat in range(repeats + 1):  # the first pays for imports and lazy initialisation
+        parts.reset()
+        began = time.process_time()
+        result = CliRunner().invoke(cli, command, catch_exceptions=False)
+        if result.exit_code != 0:
+            raise SystemExit(result.output)
+        if repeat:
+            totals.append(time.process_time() - began)
+            for label in spent:
+                spent[label].append(parts.spent[label])
+    model_s = spent["explain (the model's part)"]
+    print(f"CPU seconds per run, median of {repeats} (nested parts are inside the later 'whole' lines):")
+    for label, values in spent.items():
+        print(f"  {label:36s} {statistics.median(values):7.3f}")
+    print(f"  {'whole run command (model loading too)':36s} {statistics.median(totals):7.3f}")
+    besides = [total - explained for total, explained in zip(totals, model_s)]
+    print(f"  {'whole run besides explain':36s} {statistics.median(besides):7.3f}")
+
+
 def timed(command: list[str], tree: Path | None = None) -> tuple[float, str]:
     env = dict(os.environ, ATTNEXPLAIN_OFFLINE="1")
     if tree is not None:
@@ -76,10 +127,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--overlay-size", default="full")
     parser.add_argument("--before", type=Path, help="another checkout to compare with")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU time of each part of `run` in this process (see above).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         model, photo = make_inputs(folder, args.arch, args.side)
+        if args.in_process:
+            in_process(model, photo, args.arch, args.overlay_size, args.repeats, folder / "out")
+            return
         run = [sys.executable, "-m", "attnexplain", "run", str(model), str(photo), "--arch", args.arch,
                "--device", "cpu", "--overlay-size", args.overlay_size, "--json", "--out",
                str(folder / "out")]
