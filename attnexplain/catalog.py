@@ -46,7 +46,7 @@ def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
     found from shapes alone. Status ``supported`` means listed as explained, not yet checked."""
     import torch
 
-    from .explanation import default_layer, resolve_methods
+    from .planning import default_layer, resolve_methods
 
     if not entry.supported:
         return CatalogRow(entry, plugin.name, status=f"not supported: {entry.note}")

@@ -85,7 +85,7 @@ def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> li
     """The method names to evaluate: ``default`` every method the model allows except those that cost
     many forwards per image (``Method.many_forwards``), ``all`` every one it allows, or the given
     names (checked)."""
-    from .explanation import resolve_methods
+    from .planning import resolve_methods
     from .methods import METHODS
 
     if requested not in ("default", "all"):
@@ -219,7 +219,8 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     import torch
 
     from .batch import NoImages, _failed, _read_image, collect_inputs
-    from .explanation import MethodOptions, _model_device, plan_explanation
+    from .explanation import _model_device, plan_explanation
+    from .options import MethodOptions
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -316,7 +317,7 @@ def _runnable(loaded, plan, options, device, explicit: bool):
     import torch
 
     from .errors import NothingToExplain
-    from .explanation import compute_maps
+    from .engine import compute_maps
 
     blank = torch.zeros(1, 3, *plan.preprocessing.size, device=device)
     kept, left_out = [], {}
@@ -340,7 +341,7 @@ def _runnable(loaded, plan, options, device, explicit: bool):
 
 
 def _compute(loaded, batch, plan, settings, options):
-    from .explanation import compute_maps
+    from .engine import compute_maps
 
     return compute_maps(loaded, batch, plan.methods, plan.layers, target=settings.target, options=options,
                         preprocessing=plan.preprocessing)
@@ -429,7 +430,7 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     cascading step (B, M, steps); the value is the last step's."""
     import torch
 
-    from .explanation import compute_maps
+    from .engine import compute_maps
     from .metrics import random_maps, randomization_correlations
 
     def maps_of(randomized, step: int) -> torch.Tensor:

@@ -383,6 +383,12 @@ def discover_plugins() -> list[PluginInfo]:
                 spoken = ", ".join(str(version) for version in SUPPORTED_API_VERSIONS)
                 raise TypeError(f"written for plugin API {plugin.api_version}, "
                                 f"this attnexplain speaks {spoken}")
+            if type(plugin).methods is not ModelPlugin.methods:  # only then: it imports torch
+                from .methods import method_clashes
+
+                clash = method_clashes(plugin)
+                if clash is not None:
+                    raise TypeError(clash)
         except Exception as error:  # a broken plugin must not break the others
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             found.append(PluginInfo(point.name, dist_name, dist_version, None, message))

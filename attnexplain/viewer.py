@@ -20,7 +20,7 @@ from .formats import COLORMAP_NAMES
 from .render import colormap_table, normalize_each, normalize_heatmap
 
 if TYPE_CHECKING:
-    from .explanation import MethodMap
+    from .results import MethodMap
 
 #: Longest side of the maps report.html embeds (model inputs are ~224 px: kept whole).
 REPORT_MAP_SIDE = 256

@@ -14,9 +14,17 @@ Families, by what they need:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from ..errors import MethodError
 from . import ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam
+
+
+if TYPE_CHECKING:
+    from ..plugins import ModelPlugin
+
+#: The method families, each computed by one pass (see :mod:`attnexplain.passes`).
+FAMILIES = ("cam", "attention", "gates", "input")
 
 
 @dataclass(frozen=True)
@@ -181,4 +189,52 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            "Ribeiro et al. 2016, \"Why Should I Trust You?\" (LIME)", attribution.lime, many_forwards=True),
 )}
 
-__all__ = ["METHODS", "Method"]
+
+
+def plugin_methods() -> dict[str, tuple["ModelPlugin", Method]]:
+    """Every method an installed plugin adds under its own name, with that plugin (see
+    :meth:`attnexplain.plugins.ModelPlugin.methods`; a plugin whose names clash was refused at
+    discovery)."""
+    from ..plugins import installed_plugins
+
+    found: dict[str, tuple[ModelPlugin, Method]] = {}
+    for plugin in installed_plugins():
+        for method in plugin.methods():
+            found.setdefault(method.name, (plugin, method))
+    return found
+
+
+def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
+    """The method called ``name``: a built-in one, or one that ``plugin`` (the model's) adds.
+
+    A name another installed plugin adds is refused with the plugin that provides it; an unknown one
+    with the known names. Planning, the CLI and ``evaluate`` all look methods up here.
+    """
+    if name in METHODS:
+        return METHODS[name]
+    own = {method.name: method for method in plugin.methods()} if plugin is not None else {}
+    if name in own:
+        return own[name]
+    elsewhere = plugin_methods().get(name)
+    if elsewhere is not None:
+        raise MethodError(f"{name} is provided by plugin {elsewhere[0].name} for its models; this "
+                          f"model's plugin is {plugin.name if plugin is not None else 'none'}.")
+    known = ", ".join([*METHODS, *own])
+    raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them (auto, {known}).")
+
+
+def method_clashes(plugin: "ModelPlugin") -> str | None:
+    """Why ``plugin``'s own methods cannot be registered (a name taken by a built-in method, a method
+    of no known family), or None."""
+    for method in plugin.methods():
+        if not isinstance(method, Method):
+            return f"its methods() returned {type(method).__name__}, not attnexplain.methods.Method"
+        if method.name in METHODS or method.name == "auto":
+            return f"its method {method.name!r} has the name of a built-in method"
+        if method.family not in FAMILIES:
+            return (f"its method {method.name!r} is of family {method.family!r}, not one of "
+                    f"{', '.join(FAMILIES)}")
+    return None
+
+
+__all__ = ["FAMILIES", "METHODS", "Method", "find_method", "method_clashes", "plugin_methods"]
