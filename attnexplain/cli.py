@@ -431,7 +431,7 @@ def methods() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .methods import METHODS
+    from .methods import METHODS, plugin_methods
 
     table = Table(title="Explanation methods (--method NAME[,NAME...])", show_lines=True)
     for column in ("method", "family", "what it shows", "applies to", "cost", "paper"):
@@ -439,6 +439,9 @@ def methods() -> None:
     for method in METHODS.values():
         table.add_row(method.name, method.family, method.summary, method.applies_to, method.cost,
                       method.paper)
+    for plugin, method in plugin_methods().values():  # a plugin's own, for its models only
+        table.add_row(method.name, f"{method.family} (plugin {plugin.name})", method.summary,
+                      method.applies_to, method.cost, method.paper)
     Console().print(table)
 
 

@@ -90,7 +90,8 @@ def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> li
 
     if requested not in ("default", "all"):
         return [m.name for m in resolve_methods(loaded, requested)]
-    names = [name for name, method in METHODS.items() if requested == "all" or not method.many_forwards]
+    candidates = [*METHODS.values(), *loaded.plugin.methods()]  # the model's plugin's own too
+    names = [method.name for method in candidates if requested == "all" or not method.many_forwards]
     usable = []
     for name in names:
         try:

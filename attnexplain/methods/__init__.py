@@ -23,14 +23,10 @@ from . import ablation, attention, attribution, cam, fullgrad, gates, rise, scor
 if TYPE_CHECKING:
     from ..plugins import ModelPlugin
 
-#: The method families, each computed by one pass (see :mod:`attnexplain.passes`).
-FAMILIES = ("cam", "attention", "gates", "input")
-
-
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # "cam" | "attention" | "gates" | "input"
+    family: str  # "cam" | "attention" | "gates" | "input": the pass that computes it (attnexplain.passes)
     needs_gradient: bool
     summary: str
     applies_to: str
@@ -205,20 +201,23 @@ def plugin_methods() -> dict[str, tuple["ModelPlugin", Method]]:
 
 
 def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
-    """The method called ``name``: a built-in one, or one that ``plugin`` (the model's) adds.
+    """The method called ``name``: a built-in one, or one a plugin adds under its own name.
 
-    A name another installed plugin adds is refused with the plugin that provides it; an unknown one
-    with the known names. Planning, the CLI and ``evaluate`` all look methods up here.
+    With ``plugin`` (the model's), only that plugin's own methods count: a name another installed
+    plugin adds is refused, naming the plugin that provides it. Without, any installed plugin's
+    (for describing a map already made). Unknown names are refused with the known ones. Planning,
+    the CLI, ``evaluate`` and the pages all look methods up here.
     """
     if name in METHODS:
         return METHODS[name]
-    own = {method.name: method for method in plugin.methods()} if plugin is not None else {}
+    provided = plugin_methods()
+    own = {method.name: method for method in plugin.methods()} if plugin is not None else \
+        {method_name: method for method_name, (_, method) in provided.items()}
     if name in own:
         return own[name]
-    elsewhere = plugin_methods().get(name)
-    if elsewhere is not None:
-        raise MethodError(f"{name} is provided by plugin {elsewhere[0].name} for its models; this "
-                          f"model's plugin is {plugin.name if plugin is not None else 'none'}.")
+    if name in provided:
+        raise MethodError(f"{name} is provided by plugin {provided[name][0].name} for its models; "
+                          f"this model's plugin is {plugin.name}.")
     known = ", ".join([*METHODS, *own])
     raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them (auto, {known}).")
 
@@ -226,15 +225,17 @@ def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
 def method_clashes(plugin: "ModelPlugin") -> str | None:
     """Why ``plugin``'s own methods cannot be registered (a name taken by a built-in method, a method
     of no known family), or None."""
+    from ..passes import PASSES  # the families are the passes registered
+
     for method in plugin.methods():
         if not isinstance(method, Method):
             return f"its methods() returned {type(method).__name__}, not attnexplain.methods.Method"
         if method.name in METHODS or method.name == "auto":
             return f"its method {method.name!r} has the name of a built-in method"
-        if method.family not in FAMILIES:
+        if method.family not in PASSES:
             return (f"its method {method.name!r} is of family {method.family!r}, not one of "
-                    f"{', '.join(FAMILIES)}")
+                    f"{', '.join(PASSES)}")
     return None
 
 
-__all__ = ["FAMILIES", "METHODS", "Method", "find_method", "method_clashes", "plugin_methods"]
+__all__ = ["METHODS", "Method", "find_method", "method_clashes", "plugin_methods"]
