@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .engine import BatchMaps, compute_maps
+from .errors import MethodError
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, from_array, load_image
 from .loading import LoadedModel, load_model
