@@ -360,11 +360,9 @@ def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequenc
     import torch
 
     from . import metrics as measure
+    from .running import probabilities_of
 
-    module, plugin = loaded.module, loaded.plugin
-
-    def score(inputs):
-        return plugin.class_scores(module, module(inputs))[1]
+    score = probabilities_of(loaded, tuple(batch.shape[-2:]))  # the model as the engine calls it
 
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, Any] = {}
