@@ -28,7 +28,7 @@ from .results import MethodMap, Prediction
 from .targets import (NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions,
                       unusable_scores)
 
-#: Importable from here as before the engine moved out (the CLI, batch and evaluate import them so).
+#: Importable from here as before the engine moved out (tests, samples and plugins import them so).
 __all__ = ["BatchMaps", "Explanation", "MethodMap", "MethodOptions", "NonFiniteScores", "Plan",
            "Prediction", "boxes_on_photo", "compute_maps", "default_layer", "explain", "image_outcome",
            "layer_maps", "plan_explanation", "plan_preprocessing", "resolve_methods", "resolve_targets",
