@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from .augmentation import augmentation_smoothing
-from .errors import NothingToExplain
+from .errors import MethodError, NothingToExplain
 from .methods import Method
 from .options import MethodOptions
-from .passes import PASSES, PassRun
+from .passes import PASSES, PassOutput, PassRun
 from .passes.gates import ChannelGates
 from .plugins import Detections
 from .preprocess import DEFAULT_SIZE, Preprocessing
@@ -123,21 +123,18 @@ def _compute_once(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Meth
 
     run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black,
                   state=state)
-    merged = BatchMaps(probabilities=torch.empty(0), targets=torch.empty(0), maps={}, layers={})
+    unknown = [m.name for m in methods if m.family not in PASSES]
+    if unknown:
+        raise MethodError(f"No pass computes the family of {', '.join(unknown)}.")
+    made = PassOutput(maps=run.maps, layers={})  # later passes see earlier maps through run.maps
     for family, run_pass in PASSES.items():
         of_family = [m for m in methods if m.family == family]
-        if not of_family:
-            continue
-        output = run_pass(run, of_family)
-        run.maps.update(output.maps)
-        merged.layers.update(output.layers)
-        merged.attention_grids.update(output.attention_grids)
-        merged.channel_gates.update(output.channel_gates)
-        merged.depth_maps.update(output.depth_maps)
-    run.targets()  # every pass may have been skipped (no method): the prediction still stands
+        if of_family:
+            made.add(run_pass(run, of_family))
+    explained = run.targets()  # set by the first pass's forward (or now, when no pass ran)
     order = [m.name for m in methods]  # as asked for
-    merged.probabilities, merged.targets = state["probabilities"], state["targets"]
-    merged.maps = {name: run.maps[name] for name in order}
-    merged.layers = {name: merged.layers[name] for name in order}
-    merged.detections = state.get("detections")
-    return merged
+    return BatchMaps(probabilities=state["probabilities"], targets=explained,
+                     maps={name: made.maps[name] for name in order},
+                     layers={name: made.layers[name] for name in order},
+                     attention_grids=made.attention_grids, channel_gates=made.channel_gates,
+                     depth_maps=made.depth_maps, detections=state.get("detections"))

@@ -412,3 +412,5 @@ def test_a_new_family_is_a_registered_pass_and_needs_no_dispatcher():
             register_pass("constant")(constant_pass)
     finally:
         del PASSES["constant"]
+    with pytest.raises(MethodError, match="No pass computes the family of ones"):
+        compute_maps(loaded, torch.zeros(1, 3, 32, 32), [method], [])

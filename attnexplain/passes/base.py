@@ -71,6 +71,14 @@ class PassOutput:
     channel_gates: dict[str, Any] = field(default_factory=dict)  # method → gates.ChannelGates
     depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
 
+    def add(self, other: "PassOutput") -> None:
+        """Take in another pass's maps and what it kept beside them."""
+        self.maps.update(other.maps)
+        self.layers.update(other.layers)
+        self.attention_grids.update(other.attention_grids)
+        self.channel_gates.update(other.channel_gates)
+        self.depth_maps.update(other.depth_maps)
+
 
 def no_gradient(what: str, alternative: str) -> str:
     return (f"The model's output carries no gradient back to {what}: its forward runs under "
