@@ -39,7 +39,7 @@ import numpy as np
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, shown
-from .formats import DEFAULT_COLORMAP, INDEX_HTML, REPORT_JSON, RESULTS_JSONL, SUMMARY_CSV
+from .formats import DEFAULT_COLORMAP, RESULTS_JSONL
 from .truth import MAX_LABEL_LENGTH
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
