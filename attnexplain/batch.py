@@ -1,7 +1,7 @@
 """Explaining many images: a streaming pipeline that decodes, explains in batches and writes as it goes.
 
 Decoding + preprocessing and encoding + writing run on worker threads while the model runs batches on
-the calling thread through :func:`attnexplain.explanation.compute_maps`. At most a bounded number of
+the calling thread through :func:`attnexplain.engine.compute_maps`. At most a bounded number of
 images is in flight at any time, so memory does not grow with the number of images.
 
 Never losing work: every file is written atomically (per-image folders as a whole), ``results.jsonl``
@@ -39,14 +39,10 @@ import numpy as np
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, shown
-from .formats import DEFAULT_COLORMAP
+from .formats import DEFAULT_COLORMAP, RESULTS_JSONL
 from .truth import MAX_LABEL_LENGTH
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-RESULTS_JSONL = "results.jsonl"
-SUMMARY_CSV = "summary.csv"
-REPORT_JSON = "report.json"
-INDEX_HTML = "index.html"
 IMAGES_DIR = "images"
 DETAIL_HTML = "detail.html"
 #: The photo, shrunk: the detail page's and the gallery card's.
@@ -519,7 +515,8 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
     import torch
 
     from .errors import MethodError, NothingToExplain
-    from .explanation import boxes_on_photo, compute_maps, image_outcome
+    from .engine import compute_maps
+    from .targets import boxes_on_photo, image_outcome
 
     batch = torch.cat(tensors).to(device)
     try:

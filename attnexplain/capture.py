@@ -6,9 +6,10 @@ probabilities; methods are functions of what was recorded.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -45,26 +46,34 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextmanager
-def capture_activations(model: nn.Module, names: list[str],
-                        sink: dict[str, torch.Tensor]) -> Iterator[None]:
+def capture_activations(model: nn.Module, names: list[str], sink: dict[str, torch.Tensor],
+                        select: Callable[[str, Any], torch.Tensor | None] | None = None) -> Iterator[None]:
     """Record each named layer's output as a tensor that gradients can be taken with respect to.
 
     The first captured layer becomes a leaf of the autograd graph (nothing before it is recorded);
     the hook hands the rest of the network a copy of what it records, so a later in-place operation
     (``relu(x, inplace=True)`` after the layer) neither fails nor changes the recorded values. A layer
     called several times is recorded at its last call.
+
+    A layer whose module returns several tensors (a tuple, a ``ModelOutput``) is recorded through
+    ``select(name, output)`` (the plugin's :meth:`~attnexplain.plugins.ModelPlugin.select_output`),
+    which picks one of them; the rest of the network gets the output with that one replaced by the
+    recorded tensor, so gradients are taken of the very tensor the model goes on with.
     """
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not isinstance(output, torch.Tensor):
-                raise MethodError(f"Layer {name!r} returns {type(output).__name__}, not a tensor; "
-                                  f"choose another layer with --layer.")
+            chosen = output if isinstance(output, torch.Tensor) else \
+                select(name, output) if select is not None else None
+            if not isinstance(chosen, torch.Tensor):
+                raise MethodError(f"Layer {name!r} returns {type(output).__name__}, not a tensor, and "
+                                  f"its plugin does not say which of its parts to use; choose another "
+                                  f"layer with --layer.")
             # Downstream of another captured layer the output is already in the graph: keep it
             # there, so that gradients reach every captured layer.
-            recorded = output if output.requires_grad else output.detach().requires_grad_(True)
+            recorded = chosen if chosen.requires_grad else chosen.detach().requires_grad_(True)
             sink[name] = recorded
-            return recorded.clone()
+            return _with_part_replaced(name, output, chosen, recorded.clone())
 
         return hook
 
@@ -73,6 +82,27 @@ def capture_activations(model: nn.Module, names: list[str],
             handle = _submodule(model, name).register_forward_hook(make_hook(name))
             stack.callback(handle.remove)
         yield
+
+
+def _with_part_replaced(name: str, output: Any, part: torch.Tensor, replacement: torch.Tensor) -> Any:
+    """``output`` with its element ``part`` (the very tensor) replaced: the output itself when it is
+    that tensor, else one element of a tuple, list or mapping (a ``ModelOutput`` is one)."""
+    if output is part:
+        return replacement
+    if isinstance(output, (tuple, list)):
+        for index, element in enumerate(output):
+            if element is part:
+                items = list(output)
+                items[index] = replacement
+                # A named tuple is rebuilt from its fields, a plain tuple or list from its items.
+                return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    elif isinstance(output, Mapping):
+        for key, element in output.items():
+            if element is part:
+                output[key] = replacement  # a ModelOutput keeps its attribute in step
+                return output
+    raise MethodError(f"The tensor chosen from layer {name!r}'s output is not one of its elements; "
+                      f"the plugin's select_output must return one of them as it is.")
 
 
 @contextmanager
@@ -248,6 +278,9 @@ class LayerInfo:
     name: str
     kind: str  # class name
     shape: tuple[int, ...] | None  # None when the output is not a single tensor
+    #: Whether the output changes with the input. A module applied to a constant (a relative
+    #: position bias computed from a fixed table) gives a map that explains nothing.
+    depends_on_input: bool = True
 
     @property
     def is_spatial(self) -> bool:
@@ -255,39 +288,73 @@ class LayerInfo:
         return self.shape is not None and len(self.shape) == 4 and self.shape[2] * self.shape[3] > 1
 
 
-def probe_layers(model: nn.Module, batch: torch.Tensor) -> list[LayerInfo]:
+#: A layer's output → the tensor of it to describe (a plugin's ``select_output``), or None.
+Selector = Callable[[str, Any], "torch.Tensor | None"]
+
+
+def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[str, Any] | None = None,
+                 select: Selector | None = None) -> list[LayerInfo]:
     """List every submodule, with its output shape, in the order its (last) call finished.
 
     Shapes are propagated on the meta device (no arithmetic: ~35 ms for ResNet-50 where a forward
     takes ~110 ms and fake tensors, whose dispatch is slow, 160-550 ms); a model that meta tensors
     cannot run through (tensors kept outside its parameters and buffers, data-dependent control
-    flow) is probed with fake tensors, and failing those, with a real forward pass.
+    flow) is probed with fake tensors, and failing those, with a real forward pass. The model is
+    called with ``forward_kwargs``; an output that is not a tensor is described by the tensor
+    ``select`` picks from it.
+
+    Whether an output depends on the input is read off autograd (the input requires a gradient,
+    the parameters do not), which the meta device tracks without computing anything. A model whose
+    forward records no gradient at all (``torch.no_grad()`` inside) leaves it unknown: every layer
+    then counts as depending on the input.
     """
-    try:
-        return _probe(model, batch.to("meta"), on_meta=True)
-    except Exception:
-        pass
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    kwargs = forward_kwargs or {}
+    with frozen_parameters(model):
+        try:
+            found = _probe(model, batch.to("meta"), kwargs, select, on_meta=True)
+        except Exception:
+            found = None
+        if found is None:
+            try:
+                from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            return _probe(model, mode.from_tensor(batch))
-    except Exception:
-        return _probe(model, batch)
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    found = _probe(model, mode.from_tensor(batch), kwargs, select)
+            except Exception:
+                pass
+        if found is None:
+            try:
+                found = _probe(model, batch, kwargs, select)
+            except Exception:  # a forward that refuses inputs with gradients (.numpy() inside)
+                found = _probe(model, batch, kwargs, select, track_input=False)
+    if not any(info.depends_on_input for info in found):
+        found = [dataclasses.replace(info, depends_on_input=True) for info in found]
+    return found
 
 
-def _probe(model: nn.Module, batch: torch.Tensor, on_meta: bool = False) -> list[LayerInfo]:
+def _probe(model: nn.Module, batch: torch.Tensor, kwargs: dict[str, Any] | None = None,
+           select: Selector | None = None,
+           on_meta: bool = False, track_input: bool = True) -> list[LayerInfo]:
     finished: dict[str, LayerInfo] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            tensor = output
+            if not isinstance(output, torch.Tensor) and select is not None:
+                try:
+                    tensor = select(name, output)
+                except Exception:  # a plugin's answer on shapes alone: unknown, not a failure
+                    tensor = None
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+            depends = isinstance(tensor, torch.Tensor) and tensor.requires_grad
             finished.pop(name, None)  # a module called again moves to its latest position
-            finished[name] = LayerInfo(name, type(module).__name__, shape)
+            finished[name] = LayerInfo(name, type(module).__name__, shape, depends)
 
         return hook
 
-    with ExitStack() as stack, torch.no_grad():
+    # A copy of an input that requires a gradient: the model may change its input in place.
+    inputs = batch.detach().requires_grad_(True).clone() if track_input else batch
+    with ExitStack() as stack, torch.set_grad_enabled(track_input):
         for name, module in model.named_modules():
             if name:  # the model itself is not a layer
                 stack.callback(module.register_forward_hook(make_hook(name)).remove)
@@ -295,7 +362,7 @@ def _probe(model: nn.Module, batch: torch.Tensor, on_meta: bool = False) -> list
             # Tied tensors are listed once: functional_call ties their other names to them.
             tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
             functional_call(model, {name: torch.empty_like(tensor, device="meta")
-                                    for name, tensor in tensors.items()}, (batch,))
+                                    for name, tensor in tensors.items()}, (inputs,), kwargs or {})
         else:
-            model(batch)
+            model(inputs, **(kwargs or {}))
     return list(finished.values())

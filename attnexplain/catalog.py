@@ -145,30 +145,14 @@ def plugin_listing() -> list[dict[str, Any]]:
 def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Every method ``--method`` takes, as ``attnexplain methods --json`` prints it: the built-in
     ones, then each working plugin's own (:meth:`ModelPlugin.methods`, ``plugin`` naming it); and
-    why a plugin's methods could not be listed (a plugin that raises, returns something else than
-    methods, or reuses a taken name), which leaves the others listed."""
-    from .methods import METHODS, Method
+    why a plugin's methods are left out (a plugin that raises, returns something else than methods,
+    or reuses a taken name), which leaves the others listed."""
+    from .methods import METHODS, plugin_methods, refused_plugin_methods
 
     listed = [_method_record(method, None) for method in METHODS.values()]
-    taken = set(METHODS)
-    errors: dict[str, str] = {}
-    for info in sorted(plugin_infos(), key=lambda i: i.name):
-        if info.plugin is None:
-            continue
-        try:
-            added = list(info.plugin.methods())
-            for method in added:
-                if not isinstance(method, Method):
-                    raise TypeError(f"methods() returned a {type(method).__name__}, not a Method")
-                if method.name in taken:
-                    raise ValueError(f"method name {method.name!r} is already taken")
-                taken.add(method.name)
-            records = [_method_record(method, info.name) for method in added]
-        except Exception as error:  # a broken plugin must not break the listing
-            errors[info.name] = _one_line(error)
-            continue
-        listed += records
-    return listed, errors
+    added = sorted(plugin_methods().values(), key=lambda found: (found[0].name, found[1].name))
+    listed += [_method_record(method, plugin.name) for plugin, method in added]
+    return listed, refused_plugin_methods()
 
 
 def _one_line(error: Exception) -> str:
@@ -332,7 +316,7 @@ def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
     found from shapes alone. Status ``supported`` means listed as explained, not yet checked."""
     import torch
 
-    from .explanation import default_layer, resolve_methods
+    from .planning import default_layer, resolve_methods
 
     if not entry.supported:
         return catalog_row(plugin, entry)

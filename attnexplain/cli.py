@@ -543,7 +543,8 @@ def layers(model: str, arch, arch_kwargs, ema, num_classes, labels, trust_model,
     # Imported after the model path and labels are checked: those fail without importing torch.
     import torch
 
-    from .explanation import default_layer, layer_maps, plan_preprocessing
+    from .explanation import plan_preprocessing
+    from .planning import default_layer, layer_maps
 
     if not loaded.inner_layers:
         raise MethodError(f"A {loaded.loader} model does not expose its inner layers to hooks.")

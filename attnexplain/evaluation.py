@@ -85,12 +85,13 @@ def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> li
     """The method names to evaluate: ``default`` every method the model allows except those that cost
     many forwards per image (``Method.many_forwards``), ``all`` every one it allows, or the given
     names (checked)."""
-    from .explanation import resolve_methods
+    from .planning import resolve_methods
     from .methods import METHODS
 
     if requested not in ("default", "all"):
         return [m.name for m in resolve_methods(loaded, requested)]
-    names = [name for name, method in METHODS.items() if requested == "all" or not method.many_forwards]
+    candidates = [*METHODS.values(), *loaded.plugin.methods()]  # the model's plugin's own too
+    names = [method.name for method in candidates if requested == "all" or not method.many_forwards]
     usable = []
     for name in names:
         try:
@@ -219,7 +220,8 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     import torch
 
     from .batch import NoImages, _failed, _read_image, collect_inputs
-    from .explanation import MethodOptions, _model_device, plan_explanation
+    from .explanation import _model_device, plan_explanation
+    from .options import MethodOptions
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -316,7 +318,7 @@ def _runnable(loaded, plan, options, device, explicit: bool):
     import torch
 
     from .errors import NothingToExplain
-    from .explanation import compute_maps
+    from .engine import compute_maps
 
     blank = torch.zeros(1, 3, *plan.preprocessing.size, device=device)
     kept, left_out = [], {}
@@ -340,7 +342,7 @@ def _runnable(loaded, plan, options, device, explicit: bool):
 
 
 def _compute(loaded, batch, plan, settings, options):
-    from .explanation import compute_maps
+    from .engine import compute_maps
 
     return compute_maps(loaded, batch, plan.methods, plan.layers, target=settings.target, options=options,
                         preprocessing=plan.preprocessing)
@@ -358,11 +360,9 @@ def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequenc
     import torch
 
     from . import metrics as measure
+    from .running import probabilities_of
 
-    module, plugin = loaded.module, loaded.plugin
-
-    def score(inputs):
-        return plugin.class_scores(module, module(inputs))[1]
+    score = probabilities_of(loaded, tuple(batch.shape[-2:]))  # the model as the engine calls it
 
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, Any] = {}
@@ -429,7 +429,7 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     cascading step (B, M, steps); the value is the last step's."""
     import torch
 
-    from .explanation import compute_maps
+    from .engine import compute_maps
     from .metrics import random_maps, randomization_correlations
 
     def maps_of(randomized, step: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any, Sequence
 
 from ._atomic import write_bytes_atomic
+from .formats import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
 from .report import templates
 
 
@@ -37,7 +38,6 @@ def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None,
     """One image's page, placed in its own output folder (links are relative to it). ``viewer``
     (see :func:`attnexplain.viewer.viewer_data`) makes its maps interactive over the photo at
     ``photo_src``; without them (an earlier run's record) the page shows the written overlays."""
-    from .batch import INDEX_HTML
 
     root = "../" * len(PurePosixPath(record["output"]).parts)
     return templates().get_template("batch_detail.html.j2").render(
@@ -179,7 +179,6 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
     """(Re)write report.json, summary.csv and index.html from the records, each atomically. A file
     that cannot be written (a full disk) does not keep the others from being tried; the first such
     error is raised after all three were tried."""
-    from .batch import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
     from .report import versions
 
     report = {"run": meta, **totals(records), "versions": versions()}

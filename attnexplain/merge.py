@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 from ._files import not_a_regular_file
 from ._lock import LOCK_NAME, reading_lock
-from .batch import (REPORT_JSON, RESULTS_JSONL, BatchRun, _is_number, ok_record_problem,
-                    read_results, record_file_names)
+from .batch import BatchRun, _is_number, ok_record_problem, read_results, record_file_names
 from .errors import AttnExplainError, shown
+from .formats import REPORT_JSON, RESULTS_JSONL
 
 #: ``key`` of a record: "<fingerprint of model and options>:<sha256 of the image file>".
 _KEY = re.compile(r"([0-9a-f]{8,64}):([0-9a-f]{64})")

@@ -14,22 +14,42 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
 
 from ._atomic import atomic_directory
 from .errors import OutputError
-from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS
+from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS, REPORT_HTML, REPORT_JSON
 from .render import downscale, encode_image, flat_map, render_attention_grid, render_model_view
 from .viewer import (REPORT_MAP_SIDE, colormap_tables, file_name, human_duration, preprocessing_text, timing_name,
                      viewer_data)
 
 if TYPE_CHECKING:
-    from .explanation import Explanation, MethodMap
+    from .images import LoadedImage
+    from .preprocess import Preprocessing
+    from .results import MethodMap, Prediction
 
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
+
+class Explained(Protocol):
+    """What the writers read of an :class:`attnexplain.Explanation`, which imports this module to
+    save itself (so this module does not import it back)."""
+
+    image: "LoadedImage"
+    maps: dict[str, "MethodMap"]
+    target: "Prediction"
+    box: tuple[float, float, float, float]
+    preprocessing: "Preprocessing"
+    detections: list[dict[str, Any]] | None
+
+    @property
+    def method(self) -> str: ...
+
+    def overlay(self, alpha: float = 0.5, method: str | None = None,
+                colormap: str = DEFAULT_COLORMAP) -> np.ndarray: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 _PREVIEW_SIDE = 1024  # pixels; keeps report.html small enough to mail
 
 
@@ -131,7 +151,7 @@ def _safe_name(name: str) -> str:
     return cleaned[:100] or "image"
 
 
-def save_explanation(explanation: "Explanation", directory: Path, alpha: float,
+def save_explanation(explanation: Explained, directory: Path, alpha: float,
                      overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP) -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
     try:
@@ -141,7 +161,7 @@ def save_explanation(explanation: "Explanation", directory: Path, alpha: float,
                           f"nothing was written there (an earlier result is kept).") from None
 
 
-def _save_explanation(explanation: "Explanation", directory: Path, alpha: float,
+def _save_explanation(explanation: Explained, directory: Path, alpha: float,
                       overlay_format: str, colormap: str) -> dict[str, Any]:
     report = explanation.to_dict()
     files: dict[str, dict[str, str]] = {}
@@ -246,7 +266,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def render_html(report: dict[str, Any], explanation: "Explanation", previews: list[dict[str, Any]],
+def render_html(report: dict[str, Any], explanation: Explained, previews: list[dict[str, Any]],
                 alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> str:
     """The report as one HTML file with its images and raw maps embedded, so it opens from disk or
     an e-mail and redraws the overlays itself (opacity, colormap, values under the pointer)."""

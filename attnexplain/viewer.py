@@ -20,7 +20,7 @@ from .formats import COLORMAP_NAMES
 from .render import colormap_table, normalize_each, normalize_heatmap
 
 if TYPE_CHECKING:
-    from .explanation import MethodMap
+    from .results import MethodMap
 
 #: Longest side of the maps report.html embeds (model inputs are ~224 px: kept whole).
 REPORT_MAP_SIDE = 256
@@ -53,9 +53,13 @@ def colormap_tables() -> dict[str, str]:
 def method_entry(result: "MethodMap", target_label: str, side: int) -> dict[str, Any]:
     """One method's map for the page, its caption (what it is, its paper, what its colours mean)
     and, where the method has them, the learned attention per layer × head and rollout per depth."""
-    from .methods import METHODS
+    from .errors import MethodError
+    from .methods import find_method
 
-    method = METHODS.get(result.method)
+    try:
+        method = find_method(result.method)  # built-in, or the plugin's that made it
+    except MethodError:
+        method = None
     heatmap = np.nan_to_num(np.asarray(result.heatmap, dtype=np.float32))
     unit = _shrunk(normalize_heatmap(heatmap), side)
     entry: dict[str, Any] = {

@@ -5,7 +5,8 @@
 Writes ``resnet-composites.pt`` (torchvision ResNet, BasicBlock [1, 1, 1, 1]),
 ``vit-composites.pt`` (torchvision VisionTransformer, 16 px patches at 128 px) and
 ``attention-cnn-composites.pt`` (the attention-pooling CNN of the example plugin
-plugins/attention-cnn, which must be installed: ``pip install -e plugins/attention-cnn``) as plain
+plugins/attention-cnn, which must be installed: ``pip install -e plugins/attention-cnn``) and
+``cbam-composites.pt`` (the same plugin's CBAM CNN) as plain
 dicts that load with ``torch.load(path, weights_only=True)``; see samples/README.md for the format.
 The reported test accuracy is measured after the fp16 round trip, on what was saved.
 """
@@ -38,8 +39,11 @@ VIT_KWARGS = {"image_size": SIZE, "patch_size": 16, "num_layers": 4, "num_heads"
               "hidden_dim": 96, "mlp_dim": 192, "num_classes": len(LABELS)}
 ATTENTION_CNN_KWARGS = {"channels": [32, 64, 128], "convs_per_stage": 2, "attention_dim": 64,
                         "dropout": 0.1, "image_size": SIZE, "num_classes": len(LABELS)}
+CBAM_KWARGS = {"channels": [16, 32, 64, 96], "reduction": 8, "image_size": SIZE, "num_classes": len(LABELS)}
 #: Short names accepted by --only besides the architecture names.
-ALIASES = {"attention-cnn": "AttentionPoolingCNN"}
+ALIASES = {"attention-cnn": "AttentionPoolingCNN", "cbam": "CBAMCNN"}
+#: Convolutional models: trained channels-last (faster convolutions on CPU).
+CONVOLUTIONAL = ("ResNet", "AttentionPoolingCNN", "CBAMCNN")
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -53,6 +57,12 @@ def build(arch: str) -> torch.nn.Module:
             sys.exit("AttentionPoolingCNN comes from the example plugin: "
                      "pip install -e plugins/attention-cnn first.")
         return AttentionPoolingCNN(**ATTENTION_CNN_KWARGS)
+    if arch == "CBAMCNN":
+        try:
+            from attnexplain_attention_cnn.cbam import CBAMCNN
+        except ImportError:
+            sys.exit("CBAMCNN comes from the example plugin: pip install -e plugins/attention-cnn first.")
+        return CBAMCNN(**CBAM_KWARGS)
     return torchvision.models.VisionTransformer(**VIT_KWARGS)
 
 
@@ -114,7 +124,7 @@ def train(arch: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    channels_last = arch in ("ResNet", "AttentionPoolingCNN")  # faster convolutions on CPU
+    channels_last = arch in CONVOLUTIONAL
     for epoch in range(epochs):
         model.train()
         started = time.perf_counter()
@@ -151,9 +161,10 @@ def main() -> None:
     parser.add_argument("--resnet-epochs", type=int, default=2)
     parser.add_argument("--vit-epochs", type=int, default=6)
     parser.add_argument("--attention-cnn-epochs", type=int, default=2)
-    parser.add_argument("--only", choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN",
+    parser.add_argument("--cbam-epochs", type=int, default=2)
+    parser.add_argument("--only", choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN",
                                            *ALIASES], default=None,
-                        help="train one model (attention-cnn = AttentionPoolingCNN)")
+                        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN)")
     args = parser.parse_args()
     args.only = ALIASES.get(args.only, args.only)
 
@@ -186,13 +197,16 @@ def main() -> None:
                                     epochs=args.attention_cnn_epochs, lr=2e-3, weight_decay=1e-4,
                                     batch_size=64, warmup_epochs=0.5, shift=12,
                                     label_smoothing=0.0, seed=3),
+        "CBAMCNN": dict(file="cbam-composites.pt", kwargs=CBAM_KWARGS, epochs=args.cbam_epochs, lr=2e-3,
+                        weight_decay=1e-4, batch_size=64, warmup_epochs=0.5, shift=12,
+                        label_smoothing=0.0, seed=4),
     }
     for arch, plan in plans.items():
         if args.only and arch != args.only:
             continue
         torch.manual_seed(plan["seed"])
         model = build(arch)
-        if arch in ("ResNet", "AttentionPoolingCNN"):
+        if arch in CONVOLUTIONAL:
             model = model.to(memory_format=torch.channels_last)
         arch_started = time.perf_counter()
         train(arch, model, x_train, y_train, epochs=plan["epochs"], lr=plan["lr"],

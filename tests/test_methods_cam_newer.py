@@ -466,7 +466,8 @@ def test_ablation_zeroes_a_map_channel_in_the_layers_own_layout(small_vit):
     """A ViT block's (B, tokens, C) output: zeroing map channel c in the token layout zeroes that
     channel of the map and nothing else; a layout that computes new values is refused."""
     from attnexplain.errors import MethodError
-    from attnexplain.explanation import _as_loaded_model, _layer_map
+    from attnexplain.explanation import _as_loaded_model
+    from attnexplain.passes.cam import layer_map as _layer_map
     from attnexplain.methods.ablation import _channel_positions
 
     loaded = _as_loaded_model(small_vit)

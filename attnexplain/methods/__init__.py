@@ -14,15 +14,19 @@ Families, by what they need:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
+from ..errors import MethodError
 from . import ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam
 
+
+if TYPE_CHECKING:
+    from ..plugins import ModelPlugin
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # "cam" | "attention" | "gates" | "input"
+    family: str  # "cam" | "attention" | "gates" | "input": the pass that computes it (attnexplain.passes)
     needs_gradient: bool
     summary: str
     applies_to: str
@@ -181,4 +185,80 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            "Ribeiro et al. 2016, \"Why Should I Trust You?\" (LIME)", attribution.lime, many_forwards=True),
 )}
 
-__all__ = ["METHODS", "Method"]
+
+
+def plugin_methods() -> dict[str, tuple["ModelPlugin", Method]]:
+    """Every method an installed plugin adds under its own name, with that plugin (see
+    :meth:`attnexplain.plugins.ModelPlugin.methods`). A plugin whose methods cannot be registered
+    adds none: :func:`refused_plugin_methods` says why."""
+    return _plugin_methods()[0]
+
+
+def refused_plugin_methods() -> dict[str, str]:
+    """Plugin name → why its methods are left out (:func:`method_clashes`, or methods() raised)."""
+    return _plugin_methods()[1]
+
+
+def _plugin_methods() -> tuple[dict[str, tuple["ModelPlugin", Method]], dict[str, str]]:
+    # Checked here, when methods are first needed, not at plugin discovery: the check needs the
+    # built-in methods, which import torch, and listings (`attnexplain plugins`, `models`) must not.
+    from ..plugins import installed_plugins
+
+    found: dict[str, tuple[ModelPlugin, Method]] = {}
+    refused: dict[str, str] = {}
+    for plugin in installed_plugins():
+        try:
+            problem = method_clashes(plugin, taken=found)
+            added = [] if problem is not None else list(plugin.methods())
+        except Exception as error:  # a broken plugin must not break the others
+            problem = f"its methods() raised {type(error).__name__}: {error}".splitlines()[0][:300]
+            added = []
+        if problem is not None:
+            refused[plugin.name] = problem
+        for method in added:
+            found[method.name] = (plugin, method)
+    return found, refused
+
+
+def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
+    """The method called ``name``: a built-in one, or one a plugin adds under its own name.
+
+    With ``plugin`` (the model's), only that plugin's own methods count: a name another installed
+    plugin adds is refused, naming the plugin that provides it. Without, any installed plugin's
+    (for describing a map already made). Unknown names are refused with the known ones. Planning,
+    the CLI, ``evaluate`` and the pages all look methods up here.
+    """
+    if name in METHODS:
+        return METHODS[name]
+    provided = plugin_methods()
+    own = {method_name: method for method_name, (owner, method) in provided.items()
+           if plugin is None or owner is plugin}
+    if name in own:
+        return own[name]
+    if name in provided:
+        raise MethodError(f"{name} is provided by plugin {provided[name][0].name} for its models; "
+                          f"this model's plugin is {plugin.name}.")
+    known = ", ".join([*METHODS, *own])
+    raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them (auto, {known}).")
+
+
+def method_clashes(plugin: "ModelPlugin",
+                   taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None) -> str | None:
+    """Why ``plugin``'s own methods cannot be registered (a name taken by a built-in method or by
+    another plugin's, ``taken``; a method of no known family), or None."""
+    from ..passes import PASSES  # the families are the passes registered
+
+    for method in plugin.methods():
+        if not isinstance(method, Method):
+            return f"its methods() returned {type(method).__name__}, not attnexplain.methods.Method"
+        if method.name in METHODS or method.name == "auto":
+            return f"its method {method.name!r} has the name of a built-in method"
+        if taken and method.name in taken:
+            return f"its method {method.name!r} is plugin {taken[method.name][0].name}'s already"
+        if method.family not in PASSES:
+            return (f"its method {method.name!r} is of family {method.family!r}, not one of "
+                    f"{', '.join(PASSES)}")
+    return None
+
+
+__all__ = ["METHODS", "Method", "find_method", "method_clashes", "plugin_methods", "refused_plugin_methods"]

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..plugins import TokenGrid, WindowedAttention
+from ..plugins import SpatialAttention, TokenGrid, WindowedAttention
+from .combine import fuse_maps, upsample
 
 
 def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
@@ -266,3 +267,41 @@ def _discard_lowest_windowed(fused: torch.Tensor, ratio: float) -> torch.Tensor:
         return fused
     lowest = fused.topk(count, dim=1, largest=False).indices
     return fused.scatter(1, lowest, 0.0)
+
+
+# --- per-layer spatial attention --------------------------------------------------------------
+
+def spatial_attention(layers: Sequence[SpatialAttention], size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) at ``size`` from attention recorded per layer on its own grid: each layer's weights
+    (heads averaged) resized to ``size``; one layer as it is, several the mean of each scaled to
+    [0, 1] per image (:func:`~attnexplain.methods.combine.fuse_maps`), so that a layer whose
+    weights are spread over more positions (smaller values) weighs as much as one with fewer."""
+    return fuse_maps([upsample(_heads_of(layer).mean(dim=1), size) for layer in layers])
+
+
+def spatial_attention_grid(layers: Sequence[SpatialAttention]) -> torch.Tensor:
+    """(B, layers, heads, h, w) for the report: every layer resized to the finest layer's grid,
+    NaN in the heads a layer does not have."""
+    height = max(layer.height for layer in layers)
+    width = max(layer.width for layer in layers)
+    heads = max(_heads_of(layer).shape[1] for layer in layers)
+    grids = []
+    for layer in layers:
+        weights = _heads_of(layer).float()
+        resized = F.interpolate(weights, size=(height, width), mode="bilinear", align_corners=False)
+        missing = heads - resized.shape[1]
+        if missing:
+            resized = torch.cat([resized, resized.new_full((resized.shape[0], missing, height, width),
+                                                           float("nan"))], dim=1)
+        grids.append(resized)
+    return torch.stack(grids, dim=1)
+
+
+def _heads_of(layer: SpatialAttention) -> torch.Tensor:
+    weights = layer.weights
+    if weights.dim() == 3:
+        weights = weights[:, None]
+    if weights.dim() != 4 or tuple(weights.shape[-2:]) != (layer.height, layer.width):
+        raise ValueError(f"spatial attention of shape {tuple(layer.weights.shape)} is not (batch, "
+                         f"[heads,] {layer.height}, {layer.width})")
+    return weights

@@ -1,0 +1,140 @@
+"""The batch-level engine: every requested map for a batch of preprocessed images.
+
+:func:`compute_maps` runs, once each, the pass of every method family requested (the registry in
+:mod:`attnexplain.passes`); :func:`attnexplain.explain` and the batch command both call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .augmentation import augmentation_smoothing
+from .errors import MethodError, NothingToExplain
+from .methods import Method
+from .options import MethodOptions
+from .passes import PASSES, PassOutput, PassRun
+from .passes.gates import ChannelGates
+from .plugins import Detections
+from .preprocess import DEFAULT_SIZE, Preprocessing
+from .results import MethodMap
+from .running import model_failures
+from .targets import NonFiniteScores, check_scores, resolve_targets, unusable_scores
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
+
+@dataclass
+class BatchMaps:
+    """Every requested map for a batch of preprocessed images, at the input's resolution."""
+
+    probabilities: torch.Tensor  # (B, classes), as the plugin defines them (softmax for classifiers)
+    targets: torch.Tensor  # (B,) the class each map explains
+    maps: dict[str, torch.Tensor]  # method → (B, H, W) float32
+    layers: dict[str, list[str]]  # method → the layers it used (empty for non-layer methods)
+    attention_grids: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, heads, h, w)
+    channel_gates: dict[str, ChannelGates] = field(default_factory=dict)
+    depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
+    detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
+
+    def image_maps(self) -> list[dict[str, MethodMap]]:
+        """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
+
+        def numpy(tensor: torch.Tensor) -> np.ndarray:
+            return tensor.detach().float().cpu().numpy()
+
+        heatmaps = {name: numpy(heatmap) for name, heatmap in self.maps.items()}
+        grids = {name: numpy(grid) for name, grid in self.attention_grids.items()}
+        gate_maps = {name: numpy(recorded.top_maps) for name, recorded in self.channel_gates.items()}
+        depth_maps = {name: numpy(maps) for name, maps in self.depth_maps.items()}
+        images = []
+        for index in range(len(self.targets)):
+            image = {name: MethodMap(name, np.array(values[index]), self.layers[name],
+                                     np.array(grids[name][index]) if name in grids else None)
+                     for name, values in heatmaps.items()}
+            for name, recorded in self.channel_gates.items():
+                image[name].gates = recorded.summary(image_index=index)
+                image[name].gate_maps = np.array(gate_maps[name][index])
+            for name, maps in depth_maps.items():
+                image[name].depth_maps = np.array(maps[index])
+            images.append(image)
+        return images
+
+
+def compute_maps(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Method], layers: list[str],
+                 *, target: int | str | None = None, options: MethodOptions | None = None,
+                 targets: torch.Tensor | None = None,
+                 preprocessing: Preprocessing | None = None) -> BatchMaps:
+    """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
+
+    ``target`` (an index or label) is explained for every image; by default each image's top-1
+    class. ``targets`` fixes the classes outright. ``layers`` are the CAM layers (see
+    :func:`attnexplain.planning.default_layer`). ``preprocessing`` is how ``batch`` was normalised
+    (default: the model's), which says what a black pixel is for ``--baseline black``. This is the
+    batch-level core that :func:`attnexplain.explain` wraps. Every image's maps are the same as if
+    it were alone.
+    """
+    options = options or MethodOptions()
+    normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
+    black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
+
+    with model_failures(loaded.module):
+        computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black)
+        if options.aug_smooth:
+            def maps_of(augmented: torch.Tensor) -> dict[str, torch.Tensor]:
+                return _compute_once(loaded, augmented, methods, layers, None, options, computed.targets,
+                                     black).maps
+
+            computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch,
+                                                                                 computed.maps))
+    return computed
+
+
+def _compute_once(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Method], layers: list[str],
+                  target: int | str | None, options: MethodOptions,
+                  targets: torch.Tensor | None, black: torch.Tensor) -> BatchMaps:
+    module = loaded.module
+    state: dict[str, Any] = {}
+
+    def score(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, classes) differentiable target scores and (B,) targets from the model's raw output.
+        The first pass's output is the prediction; its targets hold for every later pass."""
+        logits, probabilities = loaded.plugin.class_scores(module, output)
+        check_scores(logits, batch.shape[0])
+        if "probabilities" not in state:
+            state["probabilities"] = probabilities.detach()
+            detected = loaded.plugin.detections(module, output)
+            if detected is not None:
+                state["detections"] = detected
+            unusable = unusable_scores(logits)
+            if unusable is not None and not bool(torch.isfinite(probabilities).any()):
+                raise NonFiniteScores(unusable)  # every image; else each image says it for itself
+            if not bool((state["probabilities"] > 0).any()):
+                raise NothingToExplain()
+        if "targets" not in state:
+            state["targets"] = targets.to(probabilities.device) if targets is not None else \
+                resolve_targets(target, state["probabilities"], loaded.labels)
+        return logits, state["targets"]
+
+    run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black,
+                  state=state)
+    unknown = [m.name for m in methods if m.family not in PASSES]
+    if unknown:
+        raise MethodError(f"No pass computes the family of {', '.join(unknown)}.")
+    made = PassOutput(maps=run.maps, layers={})  # later passes see earlier maps through run.maps
+    for family, run_pass in PASSES.items():
+        of_family = [m for m in methods if m.family == family]
+        if of_family:
+            made.add(run_pass(run, of_family))
+    explained = run.targets()  # set by the first pass's forward (or now, when no pass ran)
+    order = [m.name for m in methods]  # as asked for
+    return BatchMaps(probabilities=state["probabilities"], targets=explained,
+                     maps={name: made.maps[name] for name in order},
+                     layers={name: made.layers[name] for name in order},
+                     attention_grids=made.attention_grids, channel_gates=made.channel_gates,
+                     depth_maps=made.depth_maps, detections=state.get("detections"))

@@ -1,0 +1,153 @@
+"""The ``cam`` family's pass: one forward and one backward down to the CAM layers serve every CAM
+method requested; each method weights the captured activations (see :mod:`attnexplain.methods.cam`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..capture import capture_activations, frozen_parameters, replaced_output
+from ..errors import MethodError
+from ..methods import Method
+from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
+from ..methods.cam import cam_map, finer_scores, hessian_products
+from ..running import model_as_called, scores_of
+from . import register_pass
+from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
+
+
+@register_pass("cam")
+def cam_pass(run: PassRun, methods: list[Method]) -> PassOutput:
+    maps = cam_maps(run, methods)
+    return PassOutput(maps=maps, layers={name: list(run.layers) for name in maps})
+
+
+def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
+    """Every method of ``methods`` (all of the cam family) on ``run``'s layers, fused across layers."""
+    loaded, batch, layers, options = run.loaded, run.batch, run.layers, run.options
+    module = loaded.module
+    size = run.size
+    captured: dict[str, torch.Tensor] = {}
+    names = {m.name for m in methods}
+    needs_gradient = any(m.needs_gradient for m in methods)
+    extras: dict[str, list[torch.Tensor]] = {}
+    with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
+            torch.set_grad_enabled(needs_gradient):
+        logits, targets = run.score(run.forward(batch))
+        missing = [name for name in layers if name not in captured]
+        if missing:
+            raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
+        activations = [captured[name] for name in layers]
+        as_maps = [layer_map(loaded, name, activation, size)
+                   for name, activation in zip(layers, activations)]
+        gradients: list[torch.Tensor | None] = [None] * len(layers)
+        if needs_gradient:
+            # Images are independent, so the gradient of the sum is each image's own gradient.
+            score = logits.gather(1, targets[:, None]).sum()
+            if not score.requires_grad:
+                raise MethodError(no_gradient(f"layer {layers[0]!r}", "--method eigencam or scorecam "
+                                                                     "(gradient-free), or another --layer"))
+            # Shapley-CAM differentiates the gradient again: keep its graph.
+            gradients = list(torch.autograd.grad(score, activations, allow_unused=True,
+                                                 retain_graph=bool(names & {"finercam", "shapleycam"}),
+                                                 create_graph="shapleycam" in names))
+            for name, gradient in zip(layers, gradients):
+                if gradient is None:
+                    raise MethodError(f"The model's output does not depend on layer {name!r}.")
+            if "shapleycam" in names:
+                extras["shapleycam"] = hessian_products(gradients, activations)
+                gradients = [gradient.detach() for gradient in gradients]
+            if "finercam" in names:
+                finer = finer_scores(logits, targets, options.finer_classes).sum()
+                extras["finercam"] = list(torch.autograd.grad(finer, activations))
+    if "smoothgradcampp" in names:
+        extras["smoothgradcampp"] = _noisy_gradients(run, targets)
+    forward = scores_of(loaded, size)
+    results = {}
+    for method in methods:
+        per_layer = []
+        for index, (name, activation, gradient, as_map) in enumerate(zip(layers, activations, gradients,
+                                                                         as_maps)):
+            layer_output = activation.detach()
+            activation = as_map(layer_output)
+            gradient = None if gradient is None else as_map(gradient)
+            if method.name in ("scorecam", "sscam", "iscam"):
+                settings = {"sscam": {"noise": options.mask_noise, "seed": NOISE_SEED},
+                            "iscam": {}}.get(method.name, {})
+                if method.name != "scorecam" and options.samples is not None:  # else its own default
+                    settings["samples"] = options.samples
+                contributions = method.compute(activation, forward, batch, targets,
+                                               batch_size=options.batch_size, **settings)
+            elif method.name == "ablationcam":
+                clean = logits.detach().gather(1, targets[:, None])[:, 0]
+                contributions = method.compute(activation, layer_output, as_map,
+                                               _with_layer_output(loaded, name, size), batch, targets,
+                                               clean, options.batch_size)
+            elif method.name == "randomcam":
+                contributions = method.compute(activation, seed=NOISE_SEED)
+            elif method.name in ("shapleycam", "finercam"):
+                extra = as_map(extras[method.name][index].detach())
+                contributions = method.compute(activation, gradient, extra)
+            elif method.name == "smoothgradcampp":
+                contributions = method.compute(activation, extras[method.name][index])
+            else:  # the common contract, a plugin's CAM methods' too: (activation, gradient)
+                contributions = method.compute(activation, gradient)
+            per_layer.append(upsample(cam_map(contributions, options.eigen_smooth), size))
+        results[method.name] = fuse_maps(per_layer)
+    return results
+
+
+def _selector(loaded: "LoadedModel") -> Callable[[str, object], torch.Tensor | None]:
+    """The plugin's choice of the tensor a layer's output holds (a tuple's, a ``ModelOutput``'s)."""
+    return lambda name, output: loaded.plugin.select_output(loaded.module, name, output)
+
+
+def _with_layer_output(loaded: "LoadedModel", name: str,
+                       size: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's (k, classes) scores on ``inputs`` with layer ``name``'s output replaced."""
+    call = model_as_called(loaded, size)
+
+    def run(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), replaced_output(loaded.module, name, output):
+            return loaded.plugin.class_scores(loaded.module, call(inputs))[0]
+
+    return run
+
+
+def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, (samples, B, …) gradients of the target score on noisy copies of each image, laid
+    out as maps (Smooth Grad-CAM++). The noise is SmoothGrad's: σ a share of each image's range,
+    drawn per image from the same seeded generator."""
+    loaded, layers, options = run.loaded, run.layers, run.options
+    module = loaded.module
+    samples = NOISY_COPIES if options.samples is None else options.samples
+    noisy = noisy_copies(run.batch, samples, options.noise)  # (samples, B, 3, H, W)
+    per_sample: list[list[torch.Tensor]] = [[] for _ in layers]
+    for copies in noisy:
+        captured: dict[str, torch.Tensor] = {}
+        with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
+                torch.enable_grad():
+            logits = loaded.plugin.class_scores(module, run.forward(copies))[0]
+            chosen = logits.gather(1, targets[:, None]).sum()
+            outputs = [captured[name] for name in layers]
+            gradients = torch.autograd.grad(chosen, outputs)
+        for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
+            per_sample[index].append(layer_map(loaded, name, output, run.size)(gradient))
+    return [torch.stack(gradients) for gradients in per_sample]
+
+
+def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
+              size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
+    token sequences and channels-last layers), to apply alike to the output and its gradient."""
+    if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
+        return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
+    if activation.dim() != 4:
+        raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
+                          f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
+                          f"say how to lay it out; choose one that `attnexplain layers` lists.")
+    return lambda tensor: tensor

@@ -1,0 +1,36 @@
+"""What an explanation yields per image: its predictions and each method's map (plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str | None
+    prob: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "prob": self.prob}
+
+
+@dataclass
+class MethodMap:
+    """One method's result."""
+
+    method: str
+    heatmap: np.ndarray  # (h, w) float32 at the model's input resolution
+    layers: list[str] = field(default_factory=list)
+    #: Raw attention only: (layers, heads, grid h, grid w) class-token attention.
+    attention_grid: np.ndarray | None = None
+    #: Gates only: per block, its name, mean gate and most-gated channels; and the last block's
+    #: most-gated channels' activation maps (k, h, w).
+    gates: list[dict[str, Any]] | None = None
+    gate_maps: np.ndarray | None = None
+    #: Rollout over global attention only: (layers, grid h, grid w), the rollout through the first
+    #: 1, 2, … layers (the last is the map before upsampling).
+    depth_maps: np.ndarray | None = None

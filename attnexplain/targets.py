@@ -1,0 +1,136 @@
+"""What a target class is: the model's scores checked, targets chosen, predictions ranked, a
+detector's boxes placed on the photo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import MethodError, ModelRunError, NothingToExplain
+from .plugins import Detections
+from .results import Prediction
+
+
+class NonFiniteScores(NothingToExplain):
+    """The model's scores for an image are NaN or infinite: an outcome of that image (a batch
+    records it and goes on), though usually of the weights."""
+
+
+def unusable_scores(scores: torch.Tensor) -> str | None:
+    """Why a model's scores cannot be explained (NaN or infinite values), or None."""
+    values = scores.detach()
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        what = "NaN (not a number)" if bool(torch.isnan(values).any()) else "infinite values"
+        return (f"The model's scores hold {what}, so there is nothing to explain; its weights are "
+                f"probably broken (a training run that diverged saves NaN), or --mean/--std do not "
+                f"fit it.")
+    return None
+
+
+def check_scores(logits: torch.Tensor, batch_size: int) -> None:
+    """Refuse scores that cannot be explained, naming why (not a later, puzzling failure)."""
+    shape = tuple(logits.shape)
+    if logits.dim() != 2:
+        raise ModelRunError(f"The model's scores have shape {shape}, not (batch, classes).")
+    if shape[0] != batch_size:
+        raise ModelRunError(f"The model returned scores for {shape[0]} images from a batch of {batch_size} "
+                            f"(shape {shape}): the first dimension of its output must be the batch.")
+    if shape[1] == 0:
+        raise ModelRunError(f"The model's output has no classes (shape {shape}), so there is nothing to "
+                            f"explain; check --num-classes and the model's head.")
+    if not logits.is_floating_point():
+        raise ModelRunError(f"The model's scores are {str(logits.dtype).removeprefix('torch.')} numbers, "
+                            f"not floating point: gradients and probabilities need float scores "
+                            f"(logits).")
+
+
+def resolve_targets(target: int | str | None, logits: torch.Tensor,
+                    labels: list[str] | None) -> torch.Tensor:
+    """(B,) class indices: ``target`` (an index or label) for every image, or each one's top-1
+    (the largest of ``logits``, which may be any per-class ranking such as probabilities)."""
+    num_classes = logits.shape[1]
+    if labels is not None and len(labels) != num_classes:
+        raise MethodError(f"{len(labels)} labels were given but the model has {num_classes} classes.")
+    if target is None:
+        return logits.argmax(dim=1)
+    index = _target_index(target, num_classes, labels)
+    return torch.full((logits.shape[0],), index, dtype=torch.long, device=logits.device)
+
+
+def _target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
+    if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
+        if labels is None:
+            raise MethodError(f"Target {target!r} is a label, but the model has no class names; "
+                              f"give a class index or --labels.")
+        matches = [i for i, label in enumerate(labels) if label == target] or \
+                  [i for i, label in enumerate(labels) if label.lower() == target.lower()]
+        if not matches:
+            raise MethodError(f"No class is labelled {target!r}.")
+        return matches[0]
+    index = int(target)
+    if not 0 <= index < num_classes:
+        raise MethodError(f"Target class {index} is out of range: the model has {num_classes} "
+                          f"classes (0-{num_classes - 1}).")
+    return index
+
+
+def top_predictions(probabilities: torch.Tensor, labels: list[str] | None, k: int) -> list[Prediction]:
+    probabilities = probabilities.float()
+    # Stable sort: ties keep index order, so the top-1 agrees with argmax (the default target).
+    values, indices = torch.sort(probabilities, descending=True, stable=True)
+    values, indices = values[:max(k, 1)], indices[:max(k, 1)]
+    return [Prediction(int(i), _label(labels, int(i)), float(v)) for v, i in zip(values, indices)]
+
+
+def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[str] | None,
+                  top_k: int, target_given: bool) -> tuple[Prediction, list[Prediction]]:
+    """One image's explained target and top-k predictions from its (classes,) probabilities.
+
+    A target the user asked for that has probability 0 (a segmentation class with no pixels, a
+    class no box was detected as) is refused: its map would be empty; so is an image in which no
+    class scores above 0 (a detector that found nothing).
+    """
+    unusable = unusable_scores(probabilities)
+    if unusable is not None:
+        raise NonFiniteScores(unusable)
+    if not bool((probabilities > 0).any()):
+        raise NothingToExplain()
+    probability = float(probabilities[target_index])
+    if target_given and probability == 0.0:
+        name = _label(labels, target_index) or target_index
+        raise MethodError(f"Class {name} is not in this image (its probability is 0), so there is "
+                          f"nothing to explain for it.")
+    return (Prediction(target_index, _label(labels, target_index), probability),
+            top_predictions(probabilities, labels, top_k))
+
+
+def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | None,
+                   input_size: tuple[int, int], box: tuple[float, float, float, float],
+                   photo_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """A detector's boxes in the photo's pixels, best first, for drawing and for the report.
+
+    ``box`` is the region of the photo the model's input covers (beyond the photo where it was
+    letterboxed: boxes are clipped to the photo's ``photo_size``, (width, height)). The box explained for
+    ``target_index`` is that class's highest-scoring one (how a detector's plugin scores a class)
+    and is marked ``explained``.
+    """
+    left, top, right, bottom = box
+    scale_x, scale_y = (right - left) / input_size[1], (bottom - top) / input_size[0]
+    order = torch.argsort(detected.scores, descending=True, stable=True).tolist()
+    of_target = [i for i in order if int(detected.labels[i]) == target_index]
+    explained = of_target[0] if of_target else None
+    boxes = []
+    for i in order:
+        x0, y0, x1, y1 = (float(v) for v in detected.boxes[i])
+        label_index = int(detected.labels[i])
+        xs = [round(min(max(left + x * scale_x, 0.0), photo_size[0]), 2) for x in (x0, x1)]
+        ys = [round(min(max(top + y * scale_y, 0.0), photo_size[1]), 2) for y in (y0, y1)]
+        boxes.append({"box": [xs[0], ys[0], xs[1], ys[1]],
+                      "index": label_index, "label": _label(labels, label_index),
+                      "score": float(detected.scores[i]), "explained": i == explained})
+    return boxes
+
+
+def _label(labels: list[str] | None, index: int) -> str | None:
+    return labels[index] if labels is not None and index < len(labels) else None
