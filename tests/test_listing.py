@@ -272,8 +272,8 @@ def test_methods_json_lists_builtin_and_plugin_methods(monkeypatch):
                                  "plugin": None}
     assert by_name["own_map"]["plugin"] == "attention-cnn"
     assert by_name["own_map"]["summary"] == "The plugin's own map."
-    assert "already taken" in listed["errors"]["timm"]
-    assert listed["errors"]["torchvision"] == "RuntimeError: cannot say"
+    assert "has the name of a built-in method" in listed["errors"]["timm"]
+    assert listed["errors"]["torchvision"] == "its methods() raised RuntimeError: cannot say"
     assert "Warning: plugin torchvision's methods cannot be listed" in result.stderr
     table = _invoke("methods")
     row = next(line.split("\t") for line in table.stdout.splitlines() if line.startswith("own_map\t"))

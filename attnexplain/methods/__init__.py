@@ -231,8 +231,10 @@ def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
     if name in METHODS:
         return METHODS[name]
     provided = plugin_methods()
-    own = {method_name: method for method_name, (owner, method) in provided.items()
-           if plugin is None or owner is plugin}
+    if plugin is None:
+        own = {method_name: method for method_name, (_, method) in provided.items()}
+    else:  # the model's plugin, installed or handed to the API in memory
+        own = {method.name: method for method in plugin.methods()} if method_clashes(plugin) is None else {}
     if name in own:
         return own[name]
     if name in provided:

@@ -68,10 +68,11 @@ class AttentionCNNPlugin(ModelPlugin):
         return {"AttentionPoolingCNN": model_class, "CBAMCNN": _cbam_class()}
 
     def catalog(self) -> list[CatalogEntry]:
-        # 128: AttentionPoolingCNN's default image_size (model.py imports torch, which a listing
+        # 128: both models' default image_size (model.py imports torch, which a listing
         # must not pay for). No source_prefix: the name is what --arch and checkpoints use.
         return [CatalogEntry("AttentionPoolingCNN", "classification", 128,
-                             lambda: _model_classes()[0]())]
+                             lambda: _model_classes()[0]()),
+                CatalogEntry("CBAMCNN", "classification", 128, lambda: _cbam_class()())]
 
     def default_method(self, model: "nn.Module") -> str | None:
         # The model's own learned attention first, Grad-CAM on its last block beside it.

@@ -30,7 +30,6 @@ from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, re
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from attnexplain.preprocess import Preprocessing
 

@@ -30,7 +30,6 @@ IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
 LABELS = {0: "tabby", 1: "rocket", 2: "mug"}
 VIT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                 patch_size=8, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
-NEEDS_CORE = pytest.mark.xfail(reason="needs the core's API-v2 wiring (merged separately)", strict=False)
 
 
 def _config(family: str):
@@ -603,7 +602,6 @@ def test_cli_runs_hf_prefixed_folder(family, method, tmp_path):
     assert (Path(report["outputs"]["directory"]) / "report.html").is_file()
 
 
-@NEEDS_CORE
 def test_cli_runs_a_saved_folder(folders, tmp_path):
     folder = _saved("vit", tmp_path / "saved-folder", transformers.ViTImageProcessor(size={"height": 32, "width": 32}))
     result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--out", str(tmp_path / "D"), "--json"],
@@ -616,13 +614,11 @@ def test_cli_runs_a_saved_folder(folders, tmp_path):
     assert (Path(report["outputs"]["directory"]) / "report.html").is_file()
 
 
-@NEEDS_CORE
 def test_explain_on_an_in_memory_model_gets_its_labels(folders):
     result = explain(folders["vit"][1], IMAGE, "gradcam")
     assert result.predictions[0].label in LABELS.values()
 
 
-@NEEDS_CORE
 def test_explain_a_non_square_input_interpolates_positions(folders):
     result = explain(folders["vit"][1], IMAGE, "rollout", size=(32, 48))
     assert result.heatmap.shape == (32, 48) and result.heatmap.std() > 0
