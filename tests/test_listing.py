@@ -88,6 +88,7 @@ def test_models_show_the_size_the_weights_are_run_at_not_the_probes():
     import timm
     import torch
     import torchvision
+    from attnexplain_attention_cnn.cbam import CBAMCNN
     from attnexplain_attention_cnn.model import AttentionPoolingCNN
 
     from attnexplain.default_plugins.torchvision_detection import detector_preprocessing
@@ -110,6 +111,7 @@ def test_models_show_the_size_the_weights_are_run_at_not_the_probes():
         assert sizes[("timm", name)] == model.pretrained_cfg["input_size"][-1], name
     assert sizes[("timm", "vit_base_patch16_384")] == 384
     assert sizes[("attention-cnn", "AttentionPoolingCNN")] == AttentionPoolingCNN().image_size
+    assert sizes[("attention-cnn", "CBAMCNN")] == CBAMCNN().image_size
 
 
 def test_listing_builds_no_model_and_details_do(builds_counted):
@@ -193,7 +195,8 @@ def test_a_hostile_cache_file_is_ignored_and_rewritten(fresh_cache, content):
     [path] = [p for p in (fresh_cache / "catalogs").iterdir()]
     path.write_text(content.replace("KEY", catalog._cache_key(info)))
     listed = _json("models", "--plugin", "attention-cnn")["models"]
-    assert [m["name"] for m in listed] == ["AttentionPoolingCNN"] and listed[0]["input_size"] == 128
+    assert [m["name"] for m in listed] == ["AttentionPoolingCNN", "CBAMCNN"]
+    assert [m["input_size"] for m in listed] == [128, 128]
     assert json.loads(path.read_text())["entries"][0]["name"] == "AttentionPoolingCNN"
 
 
@@ -207,7 +210,7 @@ def test_a_huge_cache_file_is_not_read(fresh_cache, monkeypatch):
     original = plugin.catalog
     monkeypatch.setattr(plugin, "catalog", lambda: asked.append(1) or original())
     catalog._live_catalog.cache_clear()
-    assert [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries] == ["AttentionPoolingCNN"]
+    assert [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries] == ["AttentionPoolingCNN", "CBAMCNN"]
     assert asked == [1]
 
 
@@ -215,7 +218,7 @@ def test_an_unwritable_cache_folder_still_lists(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv(catalog.CACHE_ENV, str(blocker / "cache"))
-    assert [m["name"] for m in _json("models", "--plugin", "attention-cnn")["models"]] == ["AttentionPoolingCNN"]
+    assert [m["name"] for m in _json("models", "--plugin", "attention-cnn")["models"]] == ["AttentionPoolingCNN", "CBAMCNN"]
 
 
 def test_a_broken_catalog_is_reported_and_the_others_listed(monkeypatch):
@@ -316,9 +319,9 @@ def test_the_cache_follows_the_libraries_the_plugin_requires(monkeypatch):
                                                                                64, lambda: None)])
     catalog._live_catalog.cache_clear()
     names = lambda: [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries]  # noqa: E731
-    assert names() == ["AttentionPoolingCNN"]  # same plugin file, same versions: the cache answers
+    assert names() == ["AttentionPoolingCNN", "CBAMCNN"]  # same plugin file, same versions: the cache answers
     # attnexplain-attention-cnn requires torch: another torch version is another catalog.
     version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "0.0.1" if name == "torch" else version(name))
-    assert names() == ["AttentionPoolingCNN", "Newer"]
+    assert names() == ["AttentionPoolingCNN", "CBAMCNN", "Newer"]
