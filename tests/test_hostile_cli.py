@@ -255,6 +255,7 @@ def test_stderr_is_one_line_after_loading_a_torchscript_file(tmp_path, small_pho
     assert json.loads(worked.stdout)["method"] == "saliency"
 
 
+@pytest.mark.heavy  # a whole subprocess run (~7 s); the one-line default is checked in the fast suite
 def test_debug_after_the_command_shows_the_models_traceback(tmp_path, small_photo):
     model = _pickled(tmp_path, "raises")
     args = ["run", model, small_photo, "--trust-model", "--size", "32", "--out", tmp_path / "out"]

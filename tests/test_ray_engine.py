@@ -85,6 +85,7 @@ def _files(out: Path) -> set[str]:
     return {path.relative_to(out).as_posix() for path in (out / "images").rglob("*") if path.is_file()}
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_ray_run_writes_the_folders_files_and_records_of_a_local_run(ray_run, local_run):
     result, out = ray_run
     assert result.exit_code == 3, result.output
@@ -96,6 +97,7 @@ def test_ray_run_writes_the_folders_files_and_records_of_a_local_run(ray_run, lo
     _assert_same(_comparable(out), _comparable(local_run))
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_ray_run_writes_the_reports_of_a_local_run(ray_run, local_run):
     _, out = ray_run
     ray_report = json.loads((out / "report.json").read_text())
@@ -115,6 +117,7 @@ def test_ray_run_writes_the_reports_of_a_local_run(ray_run, local_run):
     assert any("<img src=x onerror=alert(1)>" in row[0] for row in shown)
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_bad_image_is_a_failure_of_that_image_on_ray(ray_run, local_run):
     _, out = ray_run
     records = _comparable(out)
@@ -123,12 +126,14 @@ def test_bad_image_is_a_failure_of_that_image_on_ray(ray_run, local_run):
     assert failed[BAD] == _comparable(local_run)[BAD]["reason"]
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_driver_shows_progress_from_the_workers_results(ray_run):
     result, _ = ray_run
     assert "[attnexplain] 24/24 images" in result.stderr
     assert "23 explained (0 from an earlier run), 1 failed" in result.stderr
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_local_run_resumes_a_ray_run(ray_run, local_run, images, model_file, tmp_path):
     from attnexplain.loading import load_model
 
@@ -200,6 +205,7 @@ def test_killed_actor_has_its_images_retried_none_lost_or_twice(ray_instance, im
     _assert_same(_comparable(out), _comparable(local_run))
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_out_lock_holds_for_the_ray_driver(ray_instance, images, model_file, tmp_path):
     from attnexplain._lock import OutputInUse, output_lock
     from attnexplain.loading import load_model
@@ -213,6 +219,7 @@ def test_out_lock_holds_for_the_ray_driver(ray_instance, images, model_file, tmp
     assert not (out / RESULTS_JSONL).exists()
 
 
+@pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
 def test_too_many_workers_for_the_cluster_is_refused_before_writing(ray_instance, images, model_file,
                                                                    tmp_path):
     out = tmp_path / "out"
