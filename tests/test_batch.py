@@ -183,6 +183,7 @@ def test_interrupted_run_resumes_to_the_same_results(full_run, images, loaded, m
     _assert_same(_comparable(out), _comparable(full_run[1]))
 
 
+@pytest.mark.heavy  # a whole subprocess killed mid-run (~4 s); kill and resume stay in the fast suite through test_hostile_batch's SIGKILL test
 def test_killed_subprocess_then_resume(images, model_file, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, ATTNEXPLAIN_OFFLINE="1")

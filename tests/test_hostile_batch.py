@@ -423,6 +423,7 @@ def test_no_image_found_is_an_error_with_one_line(resnet_state_dict_file, tmp_pa
     assert not out.exists()  # nothing written for a run that could not start
 
 
+@pytest.mark.heavy  # a whole subprocess on a full tmpfs (~5 s)
 def test_full_disk_records_the_failed_images_and_exits_3(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 12)
     out = tmp_path / "out"

@@ -231,6 +231,7 @@ def test_a_python_api_model_calling_exit_raises_an_error(small_photo):
 
 # --- 20: one line on stderr, --debug anywhere ----------------------------------------------------------
 
+@pytest.mark.heavy  # a whole subprocess (~5 s); the one-line rule is checked in process by the fast suite
 def test_stderr_is_one_line_when_a_googlenet_state_dict_does_not_fit(tmp_path, small_photo,
                                                                      resnet_state_dict_file):
     failed = _subprocess("run", resnet_state_dict_file, small_photo, "--arch", "googlenet",
@@ -239,6 +240,7 @@ def test_stderr_is_one_line_when_a_googlenet_state_dict_does_not_fit(tmp_path, s
     _one_error_line(failed.stderr, "googlenet")
 
 
+@pytest.mark.heavy  # a whole subprocess (~7 s)
 def test_stderr_is_one_line_after_loading_a_torchscript_file(tmp_path, small_photo):
     import torch
 
