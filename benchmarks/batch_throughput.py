@@ -129,7 +129,8 @@ def _settings(args, workers: int | None = None):
     return BatchSettings(method=args.method, size=(args.size, args.size),
                          images_per_batch=args.images_per_batch,
                          workers=workers if workers is not None else args.worker_counts[0],
-                         overlay_format=args.overlay_format, options=MethodOptions())
+                         overlay_format=args.overlay_format, overlay_size=args.overlay_size,
+                         options=MethodOptions())
 
 
 def _model_name(args) -> str:
@@ -297,6 +298,8 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true",
                         help="Profile one run_batch: CPU ms per image of each stage.")
     parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--overlay-size", type=int, default=2048,
+                        help="Overlays' longer side, as `attnexplain batch --overlay-size` (default 2048).")
     parser.add_argument("--overlay-format", default="jpg", choices=("png", "jpg"),
                         help="Overlay files, as `attnexplain batch --overlay-format` (default jpg).")
     parser.add_argument("--device", default="cpu")
