@@ -10,7 +10,7 @@ OUT ?= attnexplain-out
 
 PLUGINS := plugins/attention-cnn plugins/timm plugins/transformers
 
-# The demo needs the package and the attention-CNN plugin its third model uses; the test extras
+# The demo needs the package and the attention-CNN plugin its third and fourth models use; the test extras
 # (reference implementations, scikit-image, Playwright), the Ray extra and the timm and transformers
 # plugins are for `make test`.
 $(BIN)/.installed-demo: pyproject.toml constraints.txt plugins/attention-cnn/pyproject.toml
@@ -33,10 +33,12 @@ demo: $(BIN)/.installed-demo
 	$(BIN)/attnexplain run samples/models/resnet-composites.pt samples/images/cat-on-grass.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/vit-composites.pt samples/images/rocket-on-brick.png --out $(OUT)
 	$(BIN)/attnexplain run samples/models/attention-cnn-composites.pt samples/images/coffee-on-gravel.png --out $(OUT)
+	$(BIN)/attnexplain run samples/models/cbam-composites.pt samples/images/astronaut-on-grass.png --out $(OUT)
 	@echo
 	@echo "Outputs are in $(OUT)/ — open $(OUT)/cat-on-grass/report.html (ResNet, Grad-CAM),"
 	@echo "$(OUT)/rocket-on-brick/report.html (ViT, attention rollout) and"
-	@echo "$(OUT)/coffee-on-gravel/report.html (attention CNN: its learned attention beside Grad-CAM)"
+	@echo "$(OUT)/coffee-on-gravel/report.html (attention CNN: its learned attention beside Grad-CAM) and"
+	@echo "$(OUT)/astronaut-on-grass/report.html (CBAM CNN: its spatial attention, cbam_spatial, beside Grad-CAM)"
 
 test: install
 	$(BIN)/python -m pytest -q
