@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PluginError
+from .errors import PluginError, error_line
 from .plugins import CatalogEntry, ModelPlugin, PluginInfo, plugin_infos, plugin_named
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def read_catalog(plugin: str | None = None) -> Catalog:
         try:
             found = _cached_catalog(info)
         except Exception as error:  # a broken plugin must not break the listing
-            errors[info.name] = _one_line(error)
+            errors[info.name] = error_line(error, limit=300)
             continue
         entries += [(info.plugin, entry) for entry in found]
     return Catalog(entries, errors)
@@ -153,10 +153,6 @@ def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
     added = sorted(plugin_methods().values(), key=lambda found: (found[0].name, found[1].name))
     listed += [_method_record(method, plugin.name) for plugin, method in added]
     return listed, refused_plugin_methods()
-
-
-def _one_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def _method_record(method: "Method", plugin: str | None) -> dict[str, Any]:

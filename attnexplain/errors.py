@@ -16,6 +16,13 @@ class AttnExplainError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def error_line(error: BaseException, limit: int | None = None) -> str:
+    """``Type: message``, its first line only (cut to ``limit`` characters), for an error that must
+    not break the others: a broken plugin in a listing."""
+    line = f"{type(error).__name__}: {error}".splitlines()[0]
+    return line if limit is None else line[:limit]
+
+
 def shown(value: object, limit: int = 80) -> str:
     """An untrusted value (from a file, a record) for an error line: its repr, cut short."""
     text = repr(value)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping
 
-from .errors import PluginError
+from .errors import PluginError, error_line
 
 if TYPE_CHECKING:
     import torch
@@ -407,7 +407,7 @@ def discover_plugins() -> list[PluginInfo]:
                 raise TypeError(f"written for plugin API {plugin.api_version}, "
                                 f"this attnexplain speaks {spoken}")
         except Exception as error:  # a broken plugin must not break the others
-            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            message = error_line(error)
             found.append(PluginInfo(point.name, dist_name, dist_version, None, message))
             continue
         found.append(PluginInfo(point.name, dist_name, dist_version, plugin, None))

@@ -207,12 +207,7 @@ def _plugin_methods() -> tuple[dict[str, tuple["ModelPlugin", Method]], dict[str
     found: dict[str, tuple[ModelPlugin, Method]] = {}
     refused: dict[str, str] = {}
     for plugin in installed_plugins():
-        try:
-            problem = method_clashes(plugin, taken=found)
-            added = [] if problem is not None else list(plugin.methods())
-        except Exception as error:  # a broken plugin must not break the others
-            problem = f"its methods() raised {type(error).__name__}: {error}".splitlines()[0][:300]
-            added = []
+        added, problem = _registered_methods(plugin, taken=found)
         if problem is not None:
             refused[plugin.name] = problem
         for method in added:
@@ -230,16 +225,18 @@ def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
     """
     if name in METHODS:
         return METHODS[name]
-    provided = plugin_methods()
     if plugin is None:
+        provided = plugin_methods()
         own = {method_name: method for method_name, (_, method) in provided.items()}
     else:  # the model's plugin, installed or handed to the API in memory
-        own = {method.name: method for method in plugin.methods()} if method_clashes(plugin) is None else {}
+        own = {method.name: method for method in _registered_methods(plugin)[0]}
     if name in own:
         return own[name]
-    if name in provided:
-        raise MethodError(f"{name} is provided by plugin {provided[name][0].name} for its models; "
-                          f"this model's plugin is {plugin.name}.")
+    if plugin is not None:
+        provided = plugin_methods()
+        if name in provided:
+            raise MethodError(f"{name} is provided by plugin {provided[name][0].name} for its models; "
+                              f"this model's plugin is {plugin.name}.")
     known = ", ".join([*METHODS, *own])
     raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them (auto, {known}).")
 
@@ -248,19 +245,30 @@ def method_clashes(plugin: "ModelPlugin",
                    taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None) -> str | None:
     """Why ``plugin``'s own methods cannot be registered (a name taken by a built-in method or by
     another plugin's, ``taken``; a method of no known family), or None."""
+    return _registered_methods(plugin, taken)[1]
+
+
+def _registered_methods(plugin: "ModelPlugin", taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None
+                        ) -> tuple[list[Method], str | None]:
+    """``plugin``'s own methods, asked once, and why they cannot be registered (then none are)."""
+    from ..errors import error_line
     from ..passes import PASSES  # the families are the passes registered
 
-    for method in plugin.methods():
+    try:
+        methods = list(plugin.methods())
+    except Exception as error:  # a broken plugin must not break the others
+        return [], f"its methods() raised {error_line(error)}"[:300]
+    for method in methods:
         if not isinstance(method, Method):
-            return f"its methods() returned {type(method).__name__}, not attnexplain.methods.Method"
+            return [], f"its methods() returned {type(method).__name__}, not attnexplain.methods.Method"
         if method.name in METHODS or method.name == "auto":
-            return f"its method {method.name!r} has the name of a built-in method"
+            return [], f"its method {method.name!r} has the name of a built-in method"
         if taken and method.name in taken:
-            return f"its method {method.name!r} is plugin {taken[method.name][0].name}'s already"
+            return [], f"its method {method.name!r} is plugin {taken[method.name][0].name}'s already"
         if method.family not in PASSES:
-            return (f"its method {method.name!r} is of family {method.family!r}, not one of "
-                    f"{', '.join(PASSES)}")
-    return None
+            return [], (f"its method {method.name!r} is of family {method.family!r}, not one of "
+                        f"{', '.join(PASSES)}")
+    return methods, None
 
 
 __all__ = ["METHODS", "Method", "find_method", "method_clashes", "plugin_methods", "refused_plugin_methods"]
