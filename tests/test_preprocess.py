@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torchvision
+import torchvision.transforms.v2.functional
 
 from attnexplain.errors import AttnExplainError
 from attnexplain.preprocess import Preprocessing, from_torchvision_transforms, prepare
@@ -16,15 +19,41 @@ def _photo(height=300, width=451):
     return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
-def test_weights_preset_matches_torchvision_transforms():
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    preprocessing = from_torchvision_transforms(weights.transforms(), source="test")
-    assert preprocessing.size == (224, 224) and preprocessing.resize == 256
-    pixels = _photo()
-    ours = prepare(pixels, preprocessing).tensor
-    theirs = weights.transforms()(torch.from_numpy(pixels).permute(2, 0, 1))
-    assert ours.shape == (1, 3, 224, 224)
-    assert torch.allclose(ours[0], theirs, atol=1e-6)
+def _camera_photo(size=(451, 300)):
+    """A real photo (scikit-image's coffee) at a size that is no multiple of the crop: random noise
+    would hide how a resize treats smooth regions, where the kernels' roundings show."""
+    from PIL import Image
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.coffee()).resize(size, Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("weights_name", ["ResNet18_Weights.IMAGENET1K_V1",  # bilinear, 256 → 224
+                                          "EfficientNet_B3_Weights.IMAGENET1K_V1"])  # bicubic, 320 → 300
+def test_weights_preset_matches_torchvision_transforms(weights_name):
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    weights = torchvision.models.get_weight(weights_name)
+    preset = weights.transforms()
+    preprocessing = from_torchvision_transforms(preset, source="test")
+    pixels = _camera_photo()
+    ours = prepare(pixels, preprocessing).tensor[0]
+    assert ours.shape == (3, *preset.crop_size * 2)
+    # The same preset written with torchvision.transforms.v2 on the uint8 photo: the same 8-bit
+    # pixels (one grey level is 0.017 after normalising; what is left is float rounding).
+    as_v2 = v2.Compose([v2.Resize(preset.resize_size, interpolation=preset.interpolation, antialias=True),
+                        v2.CenterCrop(preset.crop_size), v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(preset.mean, preset.std)])
+    assert torch.allclose(ours, as_v2(torch.from_numpy(pixels.copy()).permute(2, 0, 1)), atol=1e-5)
+    # The preset itself on a PIL image (how ImageFolder feeds it): one grey level at most, rarely.
+    on_pil = preset(Image.fromarray(pixels))
+    levels = (ours - on_pil).abs() * torch.tensor(preset.std).view(3, 1, 1) * 255
+    assert levels.max() < 2.5 and (levels > 0.5).float().mean() < 0.005
+    # The v1 kernel on request: the preset on a uint8 tensor, bit for bit.
+    v1 = prepare(pixels, replace(preprocessing, resize_v2=False)).tensor[0]
+    assert torch.allclose(v1, preset(torch.from_numpy(pixels.copy()).permute(2, 0, 1)), atol=1e-6)
+    assert not torch.equal(v1, ours)  # the two kernels do differ: the choice above is a real one
 
 
 def test_centre_crop_box_is_the_region_kept():
@@ -47,8 +76,8 @@ def test_stretch_then_crop_keeps_the_box_it_shows():
     preprocessing = Preprocessing(size=(224, 224), resize_to=(256, 256))
     pixels = _photo(300, 451)
     prepared = prepare(pixels, preprocessing)
-    stretched = torchvision.transforms.functional.resize(torch.from_numpy(pixels).permute(2, 0, 1),
-                                                         [256, 256], antialias=True)
+    stretched = torchvision.transforms.v2.functional.resize(torch.from_numpy(pixels).permute(2, 0, 1),
+                                                            [256, 256], antialias=True)
     expected = torchvision.transforms.functional.normalize(
         stretched[:, 16:240, 16:240].float() / 255, list(preprocessing.mean), list(preprocessing.std))
     assert torch.allclose(prepared.tensor[0], expected, atol=1e-6)
