@@ -192,6 +192,16 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
+def channels_first(pixels: np.ndarray) -> Any:
+    """An (H, W, 3) uint8 array as a (3, H, W) uint8 torch tensor sharing its memory: torchvision's
+    8-bit resize reads that channels-last layout as it lies. Copied only where torch cannot share
+    it: a read-only array (a decoded photo; torch would warn), a strided one, another dtype."""
+    import torch
+
+    shareable = pixels.dtype == np.uint8 and pixels.flags.writeable and pixels.flags.c_contiguous
+    return torch.from_numpy(pixels if shareable else np.array(pixels, dtype=np.uint8, order="C")).permute(2, 0, 1)
+
+
 def from_array(pixels: np.ndarray, name: str | None = None) -> LoadedImage:
     """Wrap an (H, W, 3) uint8 RGB array (or a grayscale (H, W) one) as a :class:`LoadedImage`."""
     array = np.asarray(pixels)

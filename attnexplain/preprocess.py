@@ -152,17 +152,18 @@ def from_torchvision_transforms(transforms: Any, source: str) -> Preprocessing |
 
 def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
     """Resize, crop and normalize an (H, W, 3) uint8 RGB array into a (1, 3, h, w) float tensor."""
-    import numpy as np
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F  # what torchvision's weight presets use
     from torchvision.transforms.v2 import functional as F2
 
+    from .images import channels_first
+
     height, width = pixels.shape[:2]
     crop_h, crop_w = preprocessing.size
     mode = InterpolationMode(preprocessing.interpolation)
     resize = F2.resize if preprocessing.resize_v2 else F.resize
-    image = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)  # resize copies it anyway
+    image = channels_first(pixels)  # every path below resizes into a new tensor: never written to
     pad = None
     if preprocessing.resize is None and preprocessing.letterbox:
         scale = min(crop_h / height, crop_w / width)

@@ -47,27 +47,33 @@ def normalize_each(maps: np.ndarray) -> np.ndarray:
 COLORMAPS = {name: getattr(cv2, f"COLORMAP_{name.upper()}") for name in COLORMAP_NAMES}
 
 
+#: Each of :data:`COLORMAPS` as a (256, 1, 3) table in RGB order, the form ``applyColorMap`` takes a
+#: table of one's own in: colouring straight into RGB spares a BGR → RGB pass over the picture.
+_RGB_TABLES = {name: np.ascontiguousarray(
+                   cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, :, ::-1])
+               for name, code in COLORMAPS.items()}
+
+
+def _rgb_table(colormap: str) -> np.ndarray:
+    if colormap not in COLORMAPS:
+        raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)}, not {colormap!r}")
+    return _RGB_TABLES[colormap]
+
+
 def colormap_table(colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """(256, 3) uint8 RGB: the colour of each level, so that a page colours maps as the PNGs are."""
-    return colorize(np.arange(256, dtype=np.float32) / 255.0, colormap).reshape(256, 3)
-
-
-#: Each of :data:`COLORMAPS` as a table in RGB order, the form ``applyColorMap`` takes a table of
-#: one's own in: colouring straight into RGB spares a BGR → RGB pass over the whole picture.
-_RGB_TABLES = {name: np.ascontiguousarray(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, :, ::-1])
-               for name, code in COLORMAPS.items()}
+    return _rgb_table(colormap).reshape(256, 3).copy()
 
 
 def colorize(unit_map: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
     """[0, 1] map → (H, W, 3) uint8 RGB with one of :data:`COLORMAPS` (low = dark or blue, high =
     bright or red)."""
-    if colormap not in COLORMAPS:
-        raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)}, not {colormap!r}")
+    table = _rgb_table(colormap)
     values = np.asarray(unit_map, dtype=np.float32)
     # OpenCV's saturating conversion does in one pass what clip, scale and cast do in four with
     # NumPy: ×255 rounded to nearest, below 0 → 0, above 1 → 255, NaN → 0.
     levels = cv2.multiply(np.ascontiguousarray(values.reshape(values.shape[0], -1)), 255.0, dtype=cv2.CV_8U)
-    return cv2.applyColorMap(levels, _RGB_TABLES[colormap]).reshape(*values.shape, 3)
+    return cv2.applyColorMap(levels, table).reshape(*values.shape, 3)
 
 
 def render_explained_overlay(pixels: np.ndarray, heatmap: np.ndarray,
@@ -136,20 +142,18 @@ def encode_image(pixels: np.ndarray, extension: str = ".png", quality: int = 90)
 def downscale(pixels: np.ndarray, longest_side: int) -> np.ndarray:
     """Shrink an (H, W, 3) uint8 picture so that the longest side is at most ``longest_side`` (for
     previews), antialiased."""
-    import torch
     from torchvision.transforms.v2.functional import resize
+
+    from .images import channels_first
 
     height, width = pixels.shape[:2]
     scale = longest_side / max(height, width)
     if scale >= 1.0:
         return pixels
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
-    # torchvision's 8-bit antialiased bilinear kernel (Pillow's filter, read channels-last as it
-    # lies): 4× cheaper than OpenCV's area averaging at a photo's size, for the same look. A
-    # read-only array (a decoded photo) is copied: torch would warn on it.
-    array = pixels if pixels.flags.writeable and pixels.flags.c_contiguous else np.array(pixels)
-    image = torch.from_numpy(array).permute(2, 0, 1)
-    return resize(image, size, antialias=True).permute(1, 2, 0).numpy()
+    # torchvision's 8-bit antialiased bilinear kernel (Pillow's filter): 4× cheaper than OpenCV's
+    # area averaging at a photo's size, for the same look.
+    return resize(channels_first(pixels), size, antialias=True).permute(1, 2, 0).numpy()
 
 
 def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2,
