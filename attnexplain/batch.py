@@ -1,8 +1,9 @@
 """Explaining many images: a streaming pipeline that decodes, explains in batches and writes as it goes.
 
-Decoding + preprocessing and encoding + writing run on worker threads while the model runs batches on
-the calling thread through :func:`attnexplain.engine.compute_maps`. At most a bounded number of
-images is in flight at any time, so memory does not grow with the number of images.
+Decoding + preprocessing and encoding + writing run on worker threads while the model runs batches
+through :func:`attnexplain.engine.compute_maps`: on the calling thread, or, on a CPU, two at once on
+replicas of the model (:mod:`attnexplain.replicas`). At most a bounded number of images is in flight
+at any time, so memory does not grow with the number of images.
 
 Never losing work: every file is written atomically (per-image folders as a whole), ``results.jsonl``
 gets one line per image, flushed as soon as that image's files are in place (by the thread that wrote
@@ -288,13 +289,16 @@ class BatchSettings:
     images_per_batch: int = 16
     #: Decoding threads, and as many writing threads; None: :func:`default_workers` decides.
     workers: int | None = None
+    #: Batches explained at once, each on its own replica of the model (see
+    #: :mod:`attnexplain.replicas`); None: :func:`attnexplain.replicas.default_parallel_batches`.
+    parallel_batches: int | None = None
     options: Any = None  # MethodOptions
     truth: Any = None  # attnexplain.truth.TrueClasses: each image's true class (--truth)
     metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.evaluation)
 
     def describe(self) -> dict[str, Any]:
         data = {key: value for key, value in asdict(self).items()
-                if key not in ("options", "images_per_batch", "workers", "truth")
+                if key not in ("options", "images_per_batch", "workers", "parallel_batches", "truth")
                 and not (key == "metrics" and not value)}  # runs without metrics keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
@@ -818,6 +822,7 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     import torch
 
     from .explanation import _model_device
+    from .replicas import ModelReplicas, default_parallel_batches
 
     run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
     selected, missing, key_prefix, ledger = run.selected, run.missing, run.key_prefix, run.ledger
@@ -826,6 +831,7 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     run_device = torch.device(device) if device else _model_device(loaded.module)
     workers = settings.workers if settings.workers is not None else default_workers(run_device.type)
     workers = max(1, workers)
+    parallel = settings.parallel_batches or default_parallel_batches(run_device.type)
     readers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-read")
     writers = ThreadPoolExecutor(workers, thread_name_prefix="attnexplain-write")
     # One thread refreshes the reports: their cost grows with the images done, and the model's
@@ -834,9 +840,10 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     refreshing: Future | None = None
     pending_reads: deque[Future] = deque()
     pending_writes: deque[Future] = deque()
+    explaining: deque[tuple[list[Decoded], Future]] = deque()  # batches handed to the model, in order
     # Bounded: memory does not grow with the number of images. Up to two batches are decoded
-    # ahead (the next one is ready when the model finishes this one) and a batch's writes go on
-    # while the model runs the next.
+    # ahead (the next one is ready when the model finishes one) and a batch's writes go on while
+    # the model runs the next.
     max_reads = settings.images_per_batch * 2 + workers
     max_writes = settings.images_per_batch + 2 * workers
     batches = 0
@@ -849,13 +856,16 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
         while pending_writes and (len(pending_writes) > limit or pending_writes[0].done()):
             pending_writes.popleft().result()  # raises what a writer could not handle
 
-    def run_model(chunk: list[Decoded]) -> None:
-        nonlocal batches, refreshing
-        results, model_s = explain_decoded(loaded, chunk, run.plan, settings, run_device)
+    def hand_to_writers(chunk: list[Decoded], explained: Future) -> None:
+        results, model_s = explained.result()  # raises what the model could not handle
         for decoded, result in zip(chunk, results):
             decoded.tensor = None
             wait_for_writes(max_writes)
             pending_writes.append(writers.submit(write, decoded, result, model_s))
+
+    def oldest_explained() -> None:
+        nonlocal batches, refreshing
+        hand_to_writers(*explaining.popleft())
         batches += 1
         if on_batch is not None:
             on_batch(batches)
@@ -865,6 +875,12 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
                 refreshing.result()  # raises what the last one could not handle (a full disk it can)
             refreshing = reporter.submit(refresh, False)
 
+    def run_model(chunk: list[Decoded]) -> None:
+        explaining.append((chunk, replicas.submit(explain_decoded, chunk, run.plan, settings, run_device)))
+        while len(explaining) >= replicas.count:  # every replica busy: wait for the oldest batch
+            oldest_explained()
+
+    replicas = ModelReplicas(loaded, parallel)
     try:
         for spec, reason in missing:
             finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
@@ -896,6 +912,8 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
                 chunk = []
         if chunk:
             run_model(chunk)
+        while explaining:
+            oldest_explained()
         wait_for_writes(0)
     except KeyboardInterrupt:  # Ctrl-C, and SIGTERM / SIGHUP under the CLI (see _signals)
         summary.interrupted = True
@@ -904,6 +922,10 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
         for future in pending_reads:
             future.cancel()
         readers.shutdown(wait=True, cancel_futures=True)
+        replicas.close()  # replicas still explaining stop at their next layer
+        for chunk, explained in explaining:  # batches the model finished are written all the same
+            if explained.done() and not explained.cancelled() and explained.exception() is None:
+                hand_to_writers(chunk, explained)
         writers.shutdown(wait=True)  # images already explained are written and recorded
         reporter.shutdown(wait=True)  # before the final refresh, which must be the last
         ledger.close()

@@ -593,6 +593,11 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
                    "(default: from the cores this process may use: 2, or a quarter of them, with "
                    "the model on the CPU; every core but one, half each, on a GPU); with --engine "
                    "ray, model actors (one CPU each, and --num-gpus-per-worker GPUs; default 1).")
+@click.option("--parallel-batches", type=click.IntRange(min=1),
+              help="Batches the model explains at once, each on its own copy of the model sharing "
+                   "its weights, torch's CPU threads divided between them (default: 2 with the "
+                   "model on a CPU of 2 cores or more, where it is faster; 1 on a GPU). --engine "
+                   "local only.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
                    "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).")
@@ -624,7 +629,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           arch_kwargs, ema, num_classes, labels,
           trust_model, plugin,
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
-          images_per_batch: int, workers: int | None, engine: str, address: str | None,
+          images_per_batch: int, workers: int | None, parallel_batches: int | None, engine: str,
+          address: str | None,
           num_gpus_per_worker: float, out_dir: Path, resume: bool,
           shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str,
           metric_names: list[str], overlay_size: int | None) -> None:
@@ -656,6 +662,9 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     from .report import writable_output_folder
     from .truth import read_truth
 
+    if engine == "ray" and parallel_batches is not None:
+        raise click.UsageError("--parallel-batches is for --engine local; with --engine ray, "
+                               "--workers sets how many model actors explain at once.")
     ray_workers = workers if _given(click.get_current_context(), "workers") else 1
     cluster = _ray_cluster(engine, address, num_gpus_per_worker, ray_workers)
     if cluster is not None:
@@ -666,7 +675,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
         alpha=alpha, colormap=colormap, overlay_format=overlay_format, overlay_size=overlay_size,
         max_pixels=max_pixels, truth=read_truth(truth) if truth else None,
-        images_per_batch=images_per_batch, workers=workers, metrics=tuple(metric_names),
+        images_per_batch=images_per_batch, workers=workers, parallel_batches=parallel_batches,
+        metrics=tuple(metric_names),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, steps,
                                  samples, window, baseline, batch_size, finer_classes))
     try:

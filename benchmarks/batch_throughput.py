@@ -4,6 +4,7 @@
                                           [--workers 2[,4...]] [--pairs 3] [--memory 200,2000]
                                           [--device cpu]
     python benchmarks/batch_throughput.py --arch resnet50 --photos --images 96 --memory ''
+    python benchmarks/batch_throughput.py --arch resnet50 --photos --images 96 --parallel-batches 1,2 --memory ''
     python benchmarks/batch_throughput.py --simulated-device-ms 10 --photos --workers 1,2,4 --memory ''
     python benchmarks/batch_throughput.py --stages --images 300 --memory ''
 
@@ -17,8 +18,10 @@ image of the batch: a device that costs the CPU nothing, as a GPU does, so that 
 whether decoding and writing keep such a device busy (``--workers 1,2,4`` compares worker counts).
 
 Prints: images/s of run_batch (decode + explain + write everything) versus compute_maps alone on the
-same preprocessed batches (goal: >= 0.9x), timed alternately in ``--pairs`` pairs (bare, then
-run_batch at each worker count) with the median of the paired ratios; where an image's time goes
+same preprocessed batches, one at a time on torch's threads (goal: >= 0.9x), timed alternately in
+``--pairs`` pairs (bare, then run_batch at each worker count and ``--parallel-batches`` count) with
+the median of the paired ratios; for a parallel count above 1, also against compute_maps on as
+many replicas at once (what the pipeline around the model costs); where an image's time goes
 (the timings results.jsonl records); and the peak resident memory of a whole run (in a fresh
 process each) at each --memory image count (goal: flat). ``--stages`` instead times the stages of
 one whole run_batch (CPU time by ``time.thread_time`` on each thread, see ``stage_timing.py``) and
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 from stage_timing import StageClock
@@ -122,13 +126,14 @@ def make_inputs(args, folder: Path) -> None:
         make_images(folder, args.images, side=96 if args.memory_child else 160)
 
 
-def _settings(args, workers: int | None = None):
+def _settings(args, workers: int | None = None, parallel: int | str | None = "first"):
     from attnexplain.batch import BatchSettings
     from attnexplain.explanation import MethodOptions
 
     return BatchSettings(method=args.method, size=(args.size, args.size),
                          images_per_batch=args.images_per_batch,
                          workers=workers if workers is not None else args.worker_counts[0],
+                         parallel_batches=args.parallel_counts[0] if parallel == "first" else parallel,
                          overlay_format=args.overlay_format, overlay_size=args.overlay_size,
                          options=MethodOptions())
 
@@ -146,6 +151,7 @@ def throughput(args) -> None:
     from attnexplain.explanation import compute_maps, plan_explanation
     from attnexplain.images import load_image
     from attnexplain.preprocess import prepare
+    from attnexplain.replicas import ModelReplicas
 
     loaded, spec = load(args)
     settings = _settings(args)
@@ -158,33 +164,55 @@ def throughput(args) -> None:
                for i in range(0, len(tensors), args.images_per_batch)]
     compute_maps(loaded, batches[0], plan.methods, plan.layers)  # warm-up
 
-    def bare_pass() -> tuple[float, float]:
+    def maps_on_cpu(model, batch):
+        maps = compute_maps(model, batch, plan.methods, plan.layers)
+        return [heatmap.cpu() for heatmap in maps.maps.values()]
+
+    def bare_pass(parallel: int = 1) -> tuple[float, float]:
+        """compute_maps over the batches: one at a time on torch's threads (what the goal is
+        measured against), or ``parallel`` at once on replicas, as run_batch explains them."""
         began, cpu = time.perf_counter(), time.process_time()
-        for batch in batches:
-            maps = compute_maps(loaded, batch, plan.methods, plan.layers)
-            for heatmap in maps.maps.values():
-                heatmap.cpu()
+        if parallel == 1:
+            for batch in batches:
+                maps_on_cpu(loaded, batch)
+        else:
+            with ModelReplicas(loaded, parallel) as replicas:
+                explaining = deque()
+                for batch in batches:
+                    explaining.append(replicas.submit(maps_on_cpu, batch))
+                    while len(explaining) >= replicas.count:
+                        explaining.popleft().result()
+                for future in explaining:
+                    future.result()
         return len(tensors) / (time.perf_counter() - began), (time.process_time() - cpu) / len(tensors)
 
-    def batch_pass(workers: int):
+    def batch_pass(workers: int, parallel: int | None):
         out = Path(args.tmp) / "out"
         shutil.rmtree(out, ignore_errors=True)
         began, cpu = time.perf_counter(), time.process_time()
-        result = run_batch(loaded, spec, [str(folder)], out, _settings(args, workers), quiet=True,
-                           device=args.device)
+        result = run_batch(loaded, spec, [str(folder)], out, _settings(args, workers, parallel),
+                           quiet=True, device=args.device)
         rate = result.ok / (time.perf_counter() - began)
         return rate, (time.process_time() - cpu) / result.ok, out
 
+    configs = [(workers, parallel) for parallel in args.parallel_counts for workers in args.worker_counts]
+    bare_parallel = sorted({p for p in args.parallel_counts if p is not None and p > 1})
     bare_pass()  # the first pass still pays for lazy initialisation
     bares: list[tuple[float, float]] = []
-    runs: dict[int, list[tuple[float, float]]] = {workers: [] for workers in args.worker_counts}
-    ratios: dict[int, list[float]] = {workers: [] for workers in args.worker_counts}
+    bares_parallel: dict[int, list[tuple[float, float]]] = {p: [] for p in bare_parallel}
+    runs: dict[tuple, list[tuple[float, float]]] = {config: [] for config in configs}
+    ratios: dict[tuple, list[float]] = {config: [] for config in configs}
+    own_ratios: dict[tuple, list[float]] = {config: [] for config in configs}
     for _ in range(args.pairs):  # alternated: a load that comes and goes hits both sides
         bares.append(bare_pass())
-        for workers in args.worker_counts:
-            rate, cpu, out = batch_pass(workers)
-            runs[workers].append((rate, cpu))
-            ratios[workers].append(rate / bares[-1][0])
+        for parallel in bare_parallel:
+            bares_parallel[parallel].append(bare_pass(parallel))
+        for config in configs:
+            rate, cpu, out = batch_pass(*config)
+            runs[config].append((rate, cpu))
+            ratios[config].append(rate / bares[-1][0])
+            if config[1] in bares_parallel:
+                own_ratios[config].append(rate / bares_parallel[config[1]][-1][0])
     records = [r for r in read_results(out / "results.jsonl") if r.get("status") == "ok"]
     stages = {key: 1000 * sum(r["timings"].get(key, 0.0) for r in records) / len(records)
               for key in records[0]["timings"]}
@@ -197,12 +225,21 @@ def throughput(args) -> None:
           f"{_model_name(args)}, batch {args.images_per_batch}, {args.size}px, {args.method}, "
           f"{args.device}, {torch.get_num_threads()} torch threads); CPU "
           f"{listed((1000 * b[1] for b in bares))} ms/image")
-    for workers in args.worker_counts:
-        print(f"attnexplain batch : {listed(r[0] for r in runs[workers])} images/s with {workers} "
-              f"workers (decode + explain + write all outputs; photos {pixels / 1e6:.2f} MP on "
-              f"average); CPU {listed(1000 * r[1] for r in runs[workers])} ms/image (all threads)")
-        print(f"ratio, {workers} workers : median {statistics.median(ratios[workers]):.2f}x of "
-              f"{args.pairs} pairs ({listed(ratios[workers], '{:.2f}')}; goal >= 0.90x)")
+    for parallel, passes in bares_parallel.items():
+        print(f"bare, {parallel} at once: {listed(b[0] for b in passes)} images/s (compute_maps on "
+              f"{parallel} replicas, as run_batch with {parallel} parallel batches); CPU "
+              f"{listed((1000 * b[1] for b in passes))} ms/image")
+    for config in configs:
+        workers, parallel = config
+        named = f"{workers} workers, {'default' if parallel is None else parallel} parallel batches"
+        print(f"attnexplain batch : {listed(r[0] for r in runs[config])} images/s with {named} "
+              f"(decode + explain + write all outputs; photos {pixels / 1e6:.2f} MP on "
+              f"average); CPU {listed(1000 * r[1] for r in runs[config])} ms/image (all threads)")
+        print(f"ratio, {named} : median {statistics.median(ratios[config]):.2f}x of "
+              f"{args.pairs} pairs ({listed(ratios[config], '{:.2f}')}; goal >= 0.90x)")
+        if own_ratios[config]:
+            print(f"  against bare with {parallel} at once: median "
+                  f"{statistics.median(own_ratios[config]):.2f}x ({listed(own_ratios[config], '{:.2f}')})")
     print("per image (ms)    : " + ", ".join(f"{key[:-2]} {value:.1f}" for key, value in stages.items())
           + "  (wall time on its thread; threads overlap)")
 
@@ -213,7 +250,7 @@ STAGES = (
     ("sha256 of the file", "attnexplain.batch", "file_sha256"),
     ("decode", "attnexplain.images", "load_image"),
     ("preprocess", "attnexplain.preprocess", "prepare"),
-    ("model (explain_decoded, on the model's thread)", "attnexplain.batch", "explain_decoded"),
+    ("model (explain_decoded, on the model's threads)", "attnexplain.batch", "explain_decoded"),
     ("overlay", "attnexplain.render", "render_explained_overlay"),
     ("overlay's encode", "attnexplain.report", "encode_image"),
     ("heatmap .npy", "attnexplain.report", "write_npy"),
@@ -261,7 +298,8 @@ def stage_profile(args) -> None:
           f"on the thread that runs each; the last two hold the others):")
     for label, seconds in stages.spent.items():
         print(f"  {label:48s} {seconds * per_image:7.2f}")
-    print(f"  {'whole run, the calling thread (the model runs there)':48s} {main * per_image:7.2f}")
+    print(f"  {'whole run, the calling thread':48s} {main * per_image:7.2f}  (the model's with "
+          f"--parallel-batches 1)")
     print(f"  {'whole run, every thread (process_time)':48s} {total * per_image:7.2f}")
 
 
@@ -290,6 +328,11 @@ def main() -> None:
     parser.add_argument("--workers", default="2",
                         help="Decode/write worker threads of run_batch; a comma-separated list "
                              "(e.g. 1,2,4) times each against the same bare passes.")
+    parser.add_argument("--parallel-batches",
+                        help="run_batch's parallel batches (BatchSettings.parallel_batches); a "
+                             "comma-separated list (e.g. 1,2), 'default' for its rule (the default; "
+                             "1 with --simulated-device-ms, as on a GPU). Each count > 1 is also "
+                             "timed bare, on as many replicas.")
     parser.add_argument("--pairs", type=int, default=3,
                         help="Alternated (bare, run_batch) pairs; the median paired ratio is the figure.")
     parser.add_argument("--simulated-device-ms", type=float,
@@ -308,6 +351,10 @@ def main() -> None:
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.worker_counts = [int(count) for count in args.workers.split(",")]
+    if args.parallel_batches is None:
+        args.parallel_batches = "1" if args.simulated_device_ms is not None else "default"
+    args.parallel_counts = [None if count == "default" else int(count)
+                            for count in args.parallel_batches.split(",")]
     if args.size is None:
         args.size = 224 if args.arch else 64
     with tempfile.TemporaryDirectory() as tmp:
@@ -322,7 +369,8 @@ def main() -> None:
     for count in [int(c) for c in args.memory.split(",") if c.strip()]:
         command = [sys.executable, __file__, "--memory-child", "--images", str(count),
                    "--size", str(args.size), "--images-per-batch", str(args.images_per_batch),
-                   "--workers", str(args.worker_counts[0]), "--method", args.method, "--device", args.device]
+                   "--workers", str(args.worker_counts[0]), "--method", args.method, "--device", args.device,
+                   "--parallel-batches", args.parallel_batches.split(",")[0]]
         if args.simulated_device_ms is not None:
             command += ["--simulated-device-ms", str(args.simulated_device_ms)]
         command += (["--arch", args.arch] if args.arch else []) + (["--photos"] if args.photos else [])

@@ -7,6 +7,7 @@ own, so that an image's map is the same alone and among others (what ``batch`` r
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -17,6 +18,9 @@ from ..options import BASELINES
 #: The noise of SmoothGrad is drawn from a generator with this seed for every image: the same image
 #: gets the same noisy copies alone, in any batch, at any position, and from one run to the next.
 NOISE_SEED = 0
+#: Held while a seeded section draws from the global generators: batches explained at once on
+#: replicas (attnexplain.replicas) would otherwise interleave their draws and each get other noise.
+_GLOBAL_GENERATORS = threading.Lock()
 #: Noisy copies per image of smoothgrad, smoothgradcampp and gradientshap when --samples is not given.
 NOISY_COPIES = 16
 
@@ -241,18 +245,20 @@ def _surrogate_fit(explainer: Any, batch: torch.Tensor, target: list[int], basel
 @contextmanager
 def _seeded(device: torch.device) -> Iterator[None]:
     """Random draws inside seeded with :data:`NOISE_SEED`, torch's and NumPy's (Captum draws
-    GradientSHAP's path points from NumPy's global generator); the caller's states restored after."""
+    GradientSHAP's path points from NumPy's global generator); the caller's states restored after.
+    One thread at a time in the process: the generators are global."""
     import numpy as np
 
     devices = [device] if device.type == "cuda" else []
-    numpy_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(NOISE_SEED)
-            np.random.seed(NOISE_SEED)
-            yield
-    finally:
-        np.random.set_state(numpy_state)
+    with _GLOBAL_GENERATORS:
+        numpy_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(NOISE_SEED)
+                np.random.seed(NOISE_SEED)
+                yield
+        finally:
+            np.random.set_state(numpy_state)
 
 
 def _refuse_reused_modules(model: torch.nn.Module, forward: Callable, probe: torch.Tensor, method: str) -> None:

@@ -1,0 +1,127 @@
+"""Explaining several batches at once, each on its own replica of the model.
+
+On a CPU, one batch at a time with torch's threads spread over every core keeps them waiting on
+one another at the end of each operation; two batches at once, each on its own thread with half of
+the threads, explained 1.09–1.28× the images per second on the 2-core VM of
+``benchmarks/RESULTS.md`` (ResNet-50 and the 0.6 MB sample model alike). Each batch needs a model of its own: what a pass
+does to a model — the capture hooks, a replaced ``forward``, the parameters' gradient flags — holds
+for the whole model while the pass runs. A replica shares the original's weights (new ``Parameter``
+objects over the same memory, each with its own flag) and copies everything else (buffers, the
+modules themselves), so it costs a model's structure, not its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def default_parallel_batches(device_type: str, threads: int | None = None) -> int:
+    """Batches explained at once when the run does not say: 2 with the model on a CPU where torch
+    may use 2 threads or more (``threads``, by default torch's own count: the cores this process
+    may use, or what ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` allow; measured on 2 cores
+    only), else 1; 1 on a GPU, whose kernels run one after another anyway."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return 2 if device_type == "cpu" and threads >= 2 else 1
+
+
+def replicate(module: nn.Module) -> nn.Module | None:
+    """A copy of ``module`` whose parameters share the original's memory; None where it cannot be
+    copied (TorchScript, which has its own copy semantics, or a module holding something that
+    ``copy.deepcopy`` refuses)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    # deepcopy takes what ``memo`` already holds for an object: the same Parameter wherever the
+    # model ties one (shared embeddings stay shared), over the original's tensor.
+    memo: dict[int, Any] = {id(parameter): nn.Parameter(parameter.detach(), parameter.requires_grad)
+                            for parameter in module.parameters() if type(parameter) is nn.Parameter}
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception:  # noqa: BLE001 - a model we cannot copy is explained one batch at a time
+        return None
+
+
+class _Stopped(BaseException):
+    """Raised inside a replica's forward once the run stops: a BaseException, so that no handler
+    for the model's own errors (``except Exception``) turns it into a failed image."""
+
+
+class ModelReplicas:
+    """Runs functions of a loaded model on ``count`` threads, each with its own replica (the first
+    is ``loaded`` itself), torch's CPU threads divided between them. With a count of 1 (or a model
+    that cannot be replicated: :attr:`count` says which), :meth:`submit` runs the function on the
+    calling thread, as if there were no pool.
+
+    :meth:`close` (or leaving the ``with`` block) stops replicas that still run a batch at their next
+    layer (an interrupted run does not wait for them) and restores torch's thread count.
+    """
+
+    def __init__(self, loaded: Any, count: int) -> None:
+        self.loaded = loaded
+        models = [loaded]
+        for _ in range(count - 1):
+            module = replicate(loaded.module)
+            if module is None:
+                models = [loaded]
+                break
+            models.append(dataclasses.replace(loaded, module=module))
+        self.count = len(models)
+        self._stop = threading.Event()
+        self._hooks = ExitStack()
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads_before = torch.get_num_threads()
+        if self.count == 1:
+            return
+        for model in models:
+            for module in model.module.modules():
+                self._hooks.callback(module.register_forward_pre_hook(self._check_stop).remove)
+        # torch's threads divided between the replicas (3 threads: 2 and 1), at least one each.
+        shares = [max(1, self._threads_before // self.count + (index < self._threads_before % self.count))
+                  for index in range(self.count)]
+        free: queue.SimpleQueue[tuple[Any, int]] = queue.SimpleQueue()
+        for model, threads in zip(models, shares):
+            free.put((model, threads))
+        self._mine = threading.local()
+
+        def start_thread() -> None:  # each pool thread takes one replica for its whole life
+            self._mine.model, threads = free.get_nowait()
+            torch.set_num_threads(threads)  # this thread's own count (OpenMP's is per thread)
+
+        self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="attnexplain-model",
+                                        initializer=start_thread)
+
+    def _check_stop(self, module: nn.Module, args: Any) -> None:
+        if self._stop.is_set():
+            raise _Stopped()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        """``function(model, *args)`` on a free replica; its future (already done with one replica)."""
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result(function(self.loaded, *args))
+            return done
+        return self._pool.submit(lambda: function(self._mine.model, *args))
+
+    def close(self) -> None:
+        """Stop the replicas (a batch still running stops at its next layer), wait for their threads
+        and restore torch's thread count."""
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._hooks.close()
+        if self._pool is not None:
+            torch.set_num_threads(self._threads_before)
+
+    def __enter__(self) -> "ModelReplicas":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,201 @@
+"""Batches explained at once on replicas of the model (attnexplain.replicas, batch --parallel-batches)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+from attnexplain.batch import RESULTS_JSONL, BatchSettings, read_results, run_batch
+from attnexplain.cli import main
+from attnexplain.explanation import MethodOptions
+from attnexplain.loading import load_model
+from attnexplain.replicas import ModelReplicas, default_parallel_batches, replicate
+
+
+class TiedNet(nn.Module):
+    """A small CNN whose head reuses the embedding's weight (tied parameters) and holds a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.embed = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 8)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        return self.head(self.embed(self.features(x).mean(dim=(2, 3)))) * self.scale
+
+
+def test_a_replica_shares_the_weights_but_not_their_flags_or_buffers():
+    torch.manual_seed(0)
+    model = TiedNet().eval()
+    copy = replicate(model)
+    assert copy is not None and copy is not model
+    for (name, original), (_, replica) in zip(model.named_parameters(), copy.named_parameters()):
+        assert replica is not original, name
+        assert replica.data_ptr() == original.data_ptr(), name  # the same memory: no second model
+    assert copy.head.weight is copy.embed.weight  # tied in the original, tied in the replica
+    copy.features[0].weight.requires_grad_(False)  # a pass freezing its replica's parameters...
+    assert model.features[0].weight.requires_grad  # ...leaves the original's alone
+    assert copy.scale.data_ptr() != model.scale.data_ptr()  # buffers are the replica's own
+    batch = torch.rand(2, 3, 8, 8)
+    assert torch.equal(copy(batch), model(batch))
+
+
+class Unpicklable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.lock = threading.Lock()  # copy.deepcopy refuses locks
+
+    def forward(self, x):
+        return self.layer(x.mean(dim=(2, 3)))
+
+
+def test_a_model_that_cannot_be_copied_runs_one_batch_at_a_time(small_resnet):
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 1)).eval())
+    assert replicate(scripted) is None
+    assert replicate(Unpicklable()) is None
+    loaded = load_model(Unpicklable())
+    with ModelReplicas(loaded, 2) as replicas:
+        assert replicas.count == 1
+        assert replicas.submit(lambda model: threading.current_thread()).result() is threading.current_thread()
+    assert default_parallel_batches("cpu", 2) == 2
+    assert default_parallel_batches("cpu", 1) == 1  # OMP_NUM_THREADS=1 or one core: the user's limit holds
+    assert default_parallel_batches("cuda", 16) == 1
+
+
+@pytest.fixture(params=["torch's own", 3])
+def torch_threads(request):
+    """torch's thread count as the process has it, and an odd one."""
+    before = torch.get_num_threads()
+    if isinstance(request.param, int):
+        torch.set_num_threads(request.param)
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
+def test_replicas_run_at_once_each_on_its_share_of_the_threads(torch_threads):
+    """Two batches meet at a barrier inside the forward: only two that really run at the same time
+    get past it (one replica after the other would wait out the barrier's timeout and fail)."""
+    threads_before = torch_threads
+    meeting = threading.Barrier(2, timeout=30)
+    seen: list[tuple[str, int]] = []
+
+    class Meeting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+
+        def forward(self, x):
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            meeting.wait()
+            return self.layer(x)
+
+    loaded = load_model(Meeting())
+    with ModelReplicas(loaded, 2) as replicas:
+        assert replicas.count == 2
+        futures = [replicas.submit(lambda model, x: model.module(x), torch.rand(1, 3)) for _ in range(2)]
+        outputs = [future.result() for future in futures]
+    assert [tuple(output.shape) for output in outputs] == [(1, 2), (1, 2)]
+    assert len({name for name, _ in seen}) == 2
+    assert all(name.startswith("attnexplain-model") for name, _ in seen)
+    assert sorted(threads for _, threads in seen) == sorted([max(1, threads_before // 2),
+                                                             max(1, threads_before - threads_before // 2)])
+    assert torch.get_num_threads() == threads_before  # restored for the rest of the process
+    assert not loaded.module._forward_pre_hooks  # the stop checks are gone with the replicas
+
+
+def test_leaving_stops_a_batch_that_is_still_running():
+    """An interrupted run does not wait for the batch a replica explains: it stops at its next
+    layer. Without the stop, the loop below runs to its end and returns its count."""
+    loaded = load_model(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)).eval())
+    started = threading.Event()
+
+    def endless(model, x):
+        for calls in range(200_000):
+            model.module(x)
+            started.set()
+        return calls
+
+    with ModelReplicas(loaded, 2) as replicas:
+        running = replicas.submit(endless, torch.rand(1, 3))
+        assert started.wait(30)
+    assert running.done()
+    assert running.exception() is not None and not isinstance(running.exception(), Exception)
+
+
+def _photos(folder: Path, count: int) -> Path:
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    sources = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    for index in range(count):
+        photo = Image.fromarray(sources[index % len(sources)])
+        side = 96 + 24 * index
+        photo.thumbnail((side, side))
+        photo.save(folder / f"photo{index}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory) -> Path:
+    import torchvision
+
+    from conftest import with_random_batchnorm_statistics
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("replicas-model") / "resnet18.pt"
+    model = with_random_batchnorm_statistics(torchvision.models.resnet18(num_classes=6).eval())
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_parallel_batches_give_the_maps_of_one_batch_at_a_time(tmp_path, resnet_file):
+    """A state_dict saved to disk and loaded back, real photos of several sizes, three batches; a
+    method drawing from the global generators (GradientSHAP, through Captum) among them: two at
+    once on replicas write what one at a time writes."""
+    photos = _photos(tmp_path / "in", 6)
+    loaded = load_model(resnet_file, arch="resnet18")
+    spec = {"model": str(resnet_file), "arch": "resnet18"}
+    outs = {}
+    for parallel in (1, 2):
+        settings = BatchSettings(method="gradcam,gradientshap,occlusion", size=(48, 48), images_per_batch=2,
+                                 workers=1, parallel_batches=parallel, options=MethodOptions(samples=4))
+        outs[parallel] = tmp_path / f"out{parallel}"
+        summary = run_batch(loaded, spec, [str(photos)], outs[parallel], settings, quiet=True)
+        assert (summary.ok, summary.failed) == (6, 0)
+    records = [{r["image"]: r for r in read_results(outs[p] / RESULTS_JSONL)} for p in (1, 2)]
+    assert set(records[0]) == set(records[1]) and len(records[0]) == 6
+    for image, one in records[0].items():
+        two = records[1][image]
+        assert one["key"] == two["key"]  # --parallel-batches is not part of the fingerprint
+        assert [p["index"] for p in one["predictions"]] == [p["index"] for p in two["predictions"]]
+        for method, files in one["files"].items():
+            heatmaps = [np.load(outs[p] / one["output"] / files["heatmap"]) for p in (1, 2)]
+            assert np.allclose(*heatmaps, atol=1e-5), (image, method)
+
+
+def test_parallel_batches_option(tmp_path, resnet_file):
+    photos = _photos(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["batch", str(resnet_file), str(photos), "--arch", "resnet18",
+                                       "--size", "32", "--images-per-batch", "1", "--parallel-batches", "2",
+                                       "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len([r for r in read_results(out / RESULTS_JSONL) if r["status"] == "ok"]) == 3
+    for wrong, says in ((["--parallel-batches", "0"], "0 is not in the range x>=1"),
+                        (["--parallel-batches", "2", "--engine", "ray"],
+                         "--parallel-batches is for --engine local")):
+        result = CliRunner().invoke(main, ["batch", str(resnet_file), str(photos), "--arch", "resnet18",
+                                           "--out", str(tmp_path / "refused"), *wrong])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert not (tmp_path / "refused").exists()
