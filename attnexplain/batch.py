@@ -320,8 +320,12 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_spec: dict[str, Any], settings: BatchSettings) -> str:
-    """Identifies the model (its file's content where it is a file) and every output-relevant option."""
+def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) -> str:
+    """Identifies the model (its file's content where it is a file, and the content of the file
+    ``--arch path/model.py:Class`` names), every output-relevant option and what the run's ``plan``
+    (:class:`attnexplain.explanation.Plan`) decided from them: the methods, layers and
+    preprocessing, which a new version of attnexplain or of a plugin may decide differently (the
+    8-bit resize did), so that ``--resume`` never mixes the two."""
     spec = {key: str(value) if isinstance(value, Path) else value
             for key, value in model_spec.items() if value is not None and value is not False}
     source = spec.get("model")
@@ -331,8 +335,15 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings) -> str:
     labels = spec.get("labels")
     if labels and Path(str(labels)).is_file():
         spec["labels"] = file_sha256(Path(str(labels)))
+    class_file = str(spec.get("arch", "")).rpartition(":")[0]
+    if class_file and Path(class_file).is_file():  # a regular file: never a FIFO, which would block
+        spec["arch_sha256"] = file_sha256(Path(class_file))
     spec.pop("device", None)  # the same model on another device gives the same explanation
-    text = json.dumps({"model": spec, "settings": settings.describe()}, sort_keys=True, default=str)
+    decided = None if plan is None else {
+        "methods": [method.name for method in plan.methods], "layers": list(plan.layers),
+        "preprocessing": {**plan.preprocessing.as_dict(), "resize_v2": plan.preprocessing.resize_v2}}
+    text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
@@ -648,6 +659,9 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     from ._lock import output_lock
 
     started = time.perf_counter()
+    if cluster is not None and (settings.parallel_batches or 1) > 1:
+        raise AttnExplainError("parallel_batches is for the local engine; on Ray, the cluster's "
+                               "workers (model actors) explain batches at once.")
     out = Path(out)
     inputs = collect_inputs(input_specs, exclude=out)
     if not inputs.images:
@@ -700,7 +714,7 @@ def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settin
     missing = [(spec, reason) for spec, reason in inputs.missing if in_shard(spec, shard)]
     plan = plan_explanation(loaded, settings.method, settings.layer, size=settings.size,
                             mean=settings.mean, std=settings.std)
-    key_prefix = fingerprint(model_spec, settings)
+    key_prefix = fingerprint(model_spec, settings, plan)
     meta = {"model": loaded.describe(), "model_spec": {k: (str(v) if v is not None else None)
                                                        for k, v in model_spec.items()},
             "options": settings.describe(), "preprocessing": plan.preprocessing.as_dict(),
@@ -880,8 +894,10 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
         while len(explaining) >= replicas.count:  # every replica busy: wait for the oldest batch
             oldest_explained()
 
-    replicas = ModelReplicas(loaded, parallel)
+    replicas: ModelReplicas | None = None
     try:
+        replicas = ModelReplicas(loaded, parallel)
+        ledger.meta["parallel_batches"] = replicas.count  # 1 where the model cannot be replicated
         for spec, reason in missing:
             finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
         done_keys = run.done_keys
@@ -922,13 +938,16 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
         for future in pending_reads:
             future.cancel()
         readers.shutdown(wait=True, cancel_futures=True)
-        replicas.close()  # replicas still explaining stop at their next layer
-        for chunk, explained in explaining:  # batches the model finished are written all the same
-            if explained.done() and not explained.cancelled() and explained.exception() is None:
-                hand_to_writers(chunk, explained)
-        writers.shutdown(wait=True)  # images already explained are written and recorded
-        reporter.shutdown(wait=True)  # before the final refresh, which must be the last
-        ledger.close()
+        try:
+            if replicas is not None:
+                replicas.close()  # replicas still explaining stop at their next layer
+            for chunk, explained in explaining:  # batches the model finished are written all the same
+                if explained.done() and not explained.cancelled() and explained.exception() is None:
+                    hand_to_writers(chunk, explained)
+        finally:
+            writers.shutdown(wait=True)  # images already explained are written and recorded
+            reporter.shutdown(wait=True)  # before the final refresh, which must be the last
+            ledger.close()
     return summary
 
 

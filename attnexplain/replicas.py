@@ -5,17 +5,28 @@ one another at the end of each operation; two batches at once, each on its own t
 the threads, explained 1.09–1.28× the images per second on the 2-core VM of
 ``benchmarks/RESULTS.md`` (ResNet-50 and the 0.6 MB sample model alike). Each batch needs a model of its own: what a pass
 does to a model — the capture hooks, a replaced ``forward``, the parameters' gradient flags — holds
-for the whole model while the pass runs. A replica shares the original's weights (new ``Parameter``
-objects over the same memory, each with its own flag) and copies everything else (buffers, the
-modules themselves), so it costs a model's structure, not its weights.
+for the whole model while the pass runs. A replica shares the original's parameters (new
+``Parameter`` objects over the same memory, each with its own flag) and copies everything else (the
+modules, buffers, and the weights of quantized layers, which are not parameters).
+
+A model is explained one batch at a time where a replica could not be its own: TorchScript
+anywhere in it (its modules take no hooks and copy their weights), a module that ``copy.deepcopy``
+refuses, and functions with a closure kept on a module or as a hook (``self.block = lambda x:
+self.conv(x)``): deepcopy shares functions, so the replica's would run the original's layers.
+
+torch's thread count is a per-thread setting whose last value is also the default of every thread
+that first uses torch afterwards: a thread that starts using torch while replicas run gets a
+replica's share for its whole life (the pipeline's own threads start before the replicas do).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import queue
 import threading
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any, Callable
@@ -33,11 +44,30 @@ def default_parallel_batches(device_type: str, threads: int | None = None) -> in
     return 2 if device_type == "cpu" and threads >= 2 else 1
 
 
+#: The hooks that run with the model (those of ``state_dict`` do not).
+_RUN_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _holds_closures(module: nn.Module) -> bool:
+    """Whether a module of ``module`` keeps, as an attribute of its own or as a hook, a function with
+    a closure (or a ``functools.partial`` of one), which a deepcopy would share with the original."""
+    for submodule in module.modules():
+        kept = list(vars(submodule).values())
+        for name in _RUN_HOOKS:
+            kept.extend(getattr(submodule, name, {}).values())
+        for value in kept:
+            while isinstance(value, functools.partial):
+                value = value.func
+            if isinstance(value, types.FunctionType) and value.__closure__:
+                return True
+    return False
+
+
 def replicate(module: nn.Module) -> nn.Module | None:
-    """A copy of ``module`` whose parameters share the original's memory; None where it cannot be
-    copied (TorchScript, which has its own copy semantics, or a module holding something that
-    ``copy.deepcopy`` refuses)."""
-    if isinstance(module, torch.jit.ScriptModule):
+    """A copy of ``module`` whose parameters share the original's memory; None where a copy could
+    not be its own (see the module's docstring)."""
+    if any(isinstance(submodule, torch.jit.ScriptModule) for submodule in module.modules()) \
+            or _holds_closures(module):
         return None
     # deepcopy takes what ``memo`` already holds for an object: the same Parameter wherever the
     # model ties one (shared embeddings stay shared), over the original's tensor.
@@ -80,9 +110,14 @@ class ModelReplicas:
         self._threads_before = torch.get_num_threads()
         if self.count == 1:
             return
-        for model in models:
-            for module in model.module.modules():
-                self._hooks.callback(module.register_forward_pre_hook(self._check_stop).remove)
+        try:
+            for model in models:
+                for module in model.module.modules():
+                    self._hooks.callback(module.register_forward_pre_hook(self._check_stop).remove)
+        except Exception:  # noqa: BLE001 - a module that takes no hooks: one batch at a time
+            self._hooks.close()
+            self.count = 1
+            return
         # torch's threads divided between the replicas (3 threads: 2 and 1), at least one each.
         shares = [max(1, self._threads_before // self.count + (index < self._threads_before % self.count))
                   for index in range(self.count)]
@@ -93,7 +128,10 @@ class ModelReplicas:
 
         def start_thread() -> None:  # each pool thread takes one replica for its whole life
             self._mine.model, threads = free.get_nowait()
-            torch.set_num_threads(threads)  # this thread's own count (OpenMP's is per thread)
+            # The first call sets this thread up from the process's default, which the other
+            # replica's thread may be changing: done before setting this thread's own count.
+            torch.get_num_threads()
+            torch.set_num_threads(threads)
 
         self._pool = ThreadPoolExecutor(self.count, thread_name_prefix="attnexplain-model",
                                         initializer=start_thread)
@@ -114,11 +152,13 @@ class ModelReplicas:
         """Stop the replicas (a batch still running stops at its next layer), wait for their threads
         and restore torch's thread count."""
         self._stop.set()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._hooks.close()
-        if self._pool is not None:
-            torch.set_num_threads(self._threads_before)
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # even when a second Ctrl-C ends the wait: the user's model must not keep the checks
+            self._hooks.close()
+            if self._pool is not None:
+                torch.set_num_threads(self._threads_before)
 
     def __enter__(self) -> "ModelReplicas":
         return self

@@ -183,6 +183,68 @@ def test_interrupted_run_resumes_to_the_same_results(full_run, images, loaded, m
     _assert_same(_comparable(out), _comparable(full_run[1]))
 
 
+NET_PY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3))) * SCALE
+
+
+SCALE = 1.0
+"""
+
+
+def test_resume_redoes_the_images_when_the_class_file_or_the_plan_changed(images, tmp_path):
+    """--arch path/net.py:Net: the class file is part of the fingerprint (an edited forward gives
+    other maps), as is what the plan decided (here: the resize kernel a new version chose)."""
+    import dataclasses
+
+    from attnexplain.batch import fingerprint
+    from attnexplain.explanation import plan_explanation
+
+    class_file = tmp_path / "net.py"
+    class_file.write_text(NET_PY)
+    weights = _saved(class_file, tmp_path / "net.pt")
+    loaded = load_model(weights, arch=f"{class_file}:Net")
+    spec = {"model": str(weights), "arch": f"{class_file}:Net"}
+    inputs, out = [str(images / "a" / "deep")], tmp_path / "out"
+    settings = BatchSettings(size=(32, 32), images_per_batch=8, workers=1, options=MethodOptions())
+    first = run_batch(loaded, spec, inputs, out, settings, quiet=True)
+    again = run_batch(loaded, spec, inputs, out, settings, quiet=True, resume=True)
+    assert first.ok > 0 and again.skipped == first.ok  # nothing changed: every image kept
+    class_file.write_text(NET_PY.replace("SCALE = 1.0", "SCALE = 2.0"))
+    edited = run_batch(loaded, spec, inputs, out, settings, quiet=True, resume=True)
+    assert edited.skipped == 0 and edited.ok == first.ok  # the edited class: every image redone
+
+    plan = plan_explanation(loaded, "gradcam", size=(32, 32))
+    float_resize = dataclasses.replace(plan, preprocessing=dataclasses.replace(plan.preprocessing,
+                                                                               resize_v2=False))
+    assert fingerprint(spec, settings, plan) == fingerprint(spec, settings, plan)
+    assert fingerprint(spec, settings, plan) != fingerprint(spec, settings, float_resize)
+
+
+def _saved(class_file: Path, weights: Path) -> Path:
+    """``Net``'s random weights as a state_dict file, as its author would save them."""
+    import importlib.util
+
+    import torch
+
+    module_spec = importlib.util.spec_from_file_location("net_for_weights", class_file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    torch.save(module.Net().state_dict(), weights)
+    return weights
+
+
 @pytest.mark.heavy  # a whole subprocess killed mid-run (~4 s); kill and resume stay in the fast suite through test_hostile_batch's SIGKILL test
 def test_killed_subprocess_then_resume(images, model_file, tmp_path):
     out = tmp_path / "out"

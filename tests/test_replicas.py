@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from torch import nn
 
 from attnexplain.batch import RESULTS_JSONL, BatchSettings, read_results, run_batch
 from attnexplain.cli import main
+from attnexplain.errors import AttnExplainError
 from attnexplain.explanation import MethodOptions
 from attnexplain.loading import load_model
+from attnexplain.ray_engine import RayCluster
 from attnexplain.replicas import ModelReplicas, default_parallel_batches, replicate
 
 
@@ -60,10 +63,32 @@ class Unpicklable(nn.Module):
         return self.layer(x.mean(dim=(2, 3)))
 
 
-def test_a_model_that_cannot_be_copied_runs_one_batch_at_a_time(small_resnet):
+class Closures(nn.Module):
+    """Keeps a lambda over ``self``: a deepcopy shares the function, whose ``self`` is the original."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = lambda x: torch.relu(self.conv(x))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean(dim=(2, 3)))
+
+
+def test_a_model_that_cannot_be_its_own_replica_runs_one_batch_at_a_time():
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 1)).eval())
     assert replicate(scripted) is None
+    assert replicate(nn.Sequential(nn.Conv2d(3, 2, 1), scripted)) is None  # TorchScript inside
     assert replicate(Unpicklable()) is None
+    assert replicate(Closures()) is None  # its replica would run the original's layers
+    hooked = nn.Linear(3, 2)
+    seen = []
+    hooked.register_forward_hook(lambda module, args, output: seen.append(output))  # a closure
+    assert replicate(hooked) is None
+    kept_function = nn.Sequential(nn.Linear(3, 2))
+    kept_function.activation = torch.relu  # a function without a closure is the same in any copy
+    assert replicate(kept_function) is not None
     loaded = load_model(Unpicklable())
     with ModelReplicas(loaded, 2) as replicas:
         assert replicas.count == 1
@@ -110,7 +135,13 @@ def test_replicas_run_at_once_each_on_its_share_of_the_threads(torch_threads):
     assert all(name.startswith("attnexplain-model") for name, _ in seen)
     assert sorted(threads for _, threads in seen) == sorted([max(1, threads_before // 2),
                                                              max(1, threads_before - threads_before // 2)])
-    assert torch.get_num_threads() == threads_before  # restored for the rest of the process
+    # Restored for the rest of the process: a thread that first uses torch now gets the count the
+    # process had (torch gives it the last count set on any thread, a replica's without the restore).
+    later: list[int] = []
+    fresh = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert later == [threads_before]
     assert not loaded.module._forward_pre_hooks  # the stop checks are gone with the replicas
 
 
@@ -173,6 +204,8 @@ def test_parallel_batches_give_the_maps_of_one_batch_at_a_time(tmp_path, resnet_
         outs[parallel] = tmp_path / f"out{parallel}"
         summary = run_batch(loaded, spec, [str(photos)], outs[parallel], settings, quiet=True)
         assert (summary.ok, summary.failed) == (6, 0)
+    assert [json.loads((outs[p] / "report.json").read_text())["run"]["parallel_batches"] for p in (1, 2)] \
+        == [1, 2]  # two replicas did run
     records = [{r["image"]: r for r in read_results(outs[p] / RESULTS_JSONL)} for p in (1, 2)]
     assert set(records[0]) == set(records[1]) and len(records[0]) == 6
     for image, one in records[0].items():
@@ -182,6 +215,23 @@ def test_parallel_batches_give_the_maps_of_one_batch_at_a_time(tmp_path, resnet_
         for method, files in one["files"].items():
             heatmaps = [np.load(outs[p] / one["output"] / files["heatmap"]) for p in (1, 2)]
             assert np.allclose(*heatmaps, atol=1e-5), (image, method)
+
+
+def test_a_model_with_torchscript_inside_is_explained_one_batch_at_a_time(tmp_path):
+    """TorchScript modules take no hooks: such a model runs as before, with a full report, and its
+    modules keep no hook of the replicas'."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), torch.jit.script(nn.Sequential(nn.ReLU())),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    photos = _photos(tmp_path / "in", 3)
+    settings = BatchSettings(method="saliency", size=(32, 32), images_per_batch=1, workers=1,
+                             parallel_batches=2, options=MethodOptions())
+    summary = run_batch(load_model(module), {"model": "scripted-inside"}, [str(photos)], tmp_path / "out",
+                        settings, quiet=True)
+    assert (summary.ok, summary.failed) == (3, 0)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["run"]["parallel_batches"] == 1 and report["run"]["complete"] is True
+    assert not any(m._forward_pre_hooks for m in module.modules() if not isinstance(m, torch.jit.ScriptModule))
 
 
 def test_parallel_batches_option(tmp_path, resnet_file):
@@ -199,3 +249,8 @@ def test_parallel_batches_option(tmp_path, resnet_file):
                                            "--out", str(tmp_path / "refused"), *wrong])
         assert result.exit_code == 2 and says in result.output, result.output
         assert not (tmp_path / "refused").exists()
+    settings = BatchSettings(parallel_batches=2, options=MethodOptions())
+    with pytest.raises(AttnExplainError, match="parallel_batches is for the local engine"):
+        run_batch(load_model(resnet_file, arch="resnet18"), {"model": str(resnet_file), "arch": "resnet18"},
+                  [str(photos)], tmp_path / "refused", settings, cluster=RayCluster())
+    assert not (tmp_path / "refused").exists()
