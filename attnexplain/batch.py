@@ -326,6 +326,8 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) 
     (:class:`attnexplain.explanation.Plan`) decided from them: the methods, layers and
     preprocessing, which a new version of attnexplain or of a plugin may decide differently (the
     8-bit resize did), so that ``--resume`` never mixes the two."""
+    from .loading import class_file
+
     spec = {key: str(value) if isinstance(value, Path) else value
             for key, value in model_spec.items() if value is not None and value is not False}
     source = spec.get("model")
@@ -335,13 +337,14 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) 
     labels = spec.get("labels")
     if labels and Path(str(labels)).is_file():
         spec["labels"] = file_sha256(Path(str(labels)))
-    class_file = str(spec.get("arch", "")).rpartition(":")[0]
-    if class_file and Path(class_file).is_file():  # a regular file: never a FIFO, which would block
-        spec["arch_sha256"] = file_sha256(Path(class_file))
+    arch_file = class_file(spec["arch"]) if isinstance(spec.get("arch"), str) else None
+    if arch_file is not None and arch_file.is_file():  # a regular file: never a FIFO, which would block
+        spec["arch_sha256"] = file_sha256(arch_file)
     spec.pop("device", None)  # the same model on another device gives the same explanation
+    # Every field of the preprocessing, defaults included (the report's as_dict leaves them out).
     decided = None if plan is None else {
         "methods": [method.name for method in plan.methods], "layers": list(plan.layers),
-        "preprocessing": {**plan.preprocessing.as_dict(), "resize_v2": plan.preprocessing.resize_v2}}
+        "preprocessing": asdict(plan.preprocessing)}
     text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]

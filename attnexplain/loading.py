@@ -966,10 +966,17 @@ def _did_you_mean(arch: str, state_dict: Mapping[str, Any], exclude: str | None 
     return f" Did you mean {', '.join(pool[:3])}?" if pool else ""
 
 
+def class_file(arch: str) -> Path | None:
+    """The file ``--arch path/model.py:Class`` names (a Windows path's drive colon aside); None for a
+    builder's name or ``package.module:Class``."""
+    where = arch.rpartition(":")[0]
+    return Path(where) if where.endswith(".py") or "/" in where or "\\" in where else None
+
+
 def _names_a_class(arch: str) -> bool:
     """``path/model.py:Class`` or ``package.module:Class`` (a Windows path's drive colon aside)."""
     where, _, name = arch.rpartition(":")
-    return name.isidentifier() and (where.endswith(".py") or "/" in where or "\\" in where
+    return name.isidentifier() and (class_file(arch) is not None
                                     or all(part.isidentifier() for part in where.split(".")))
 
 
@@ -983,8 +990,8 @@ def _user_class(arch: str) -> tuple[str, Callable[..., Any]]:
     import torch
 
     where, _, name = arch.rpartition(":")
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where)
+    path = class_file(arch)
+    if path is not None:
         problem = not_a_regular_file(path)
         if problem is not None:
             raise ModelLoadError(f"The model class file {path} {problem} (--arch {arch[:120]}).")

@@ -31,6 +31,7 @@ prints the CPU milliseconds per image of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import shutil
@@ -126,14 +127,14 @@ def make_inputs(args, folder: Path) -> None:
         make_images(folder, args.images, side=96 if args.memory_child else 160)
 
 
-def _settings(args, workers: int | None = None, parallel: int | str | None = "first"):
+def _settings(args, workers: int | None = None):
     from attnexplain.batch import BatchSettings
     from attnexplain.explanation import MethodOptions
 
     return BatchSettings(method=args.method, size=(args.size, args.size),
                          images_per_batch=args.images_per_batch,
                          workers=workers if workers is not None else args.worker_counts[0],
-                         parallel_batches=args.parallel_counts[0] if parallel == "first" else parallel,
+                         parallel_batches=args.parallel_counts[0],
                          overlay_format=args.overlay_format, overlay_size=args.overlay_size,
                          options=MethodOptions())
 
@@ -190,8 +191,8 @@ def throughput(args) -> None:
         out = Path(args.tmp) / "out"
         shutil.rmtree(out, ignore_errors=True)
         began, cpu = time.perf_counter(), time.process_time()
-        result = run_batch(loaded, spec, [str(folder)], out, _settings(args, workers, parallel),
-                           quiet=True, device=args.device)
+        settings = dataclasses.replace(_settings(args, workers), parallel_batches=parallel)
+        result = run_batch(loaded, spec, [str(folder)], out, settings, quiet=True, device=args.device)
         rate = result.ok / (time.perf_counter() - began)
         return rate, (time.process_time() - cpu) / result.ok, out
 
