@@ -883,6 +883,8 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     def oldest_explained() -> None:
         nonlocal batches, refreshing
         hand_to_writers(*explaining.popleft())
+        # Known once the first batch has run: 1 where the model or the memory allows no more.
+        ledger.meta["parallel_batches"] = replicas.count
         batches += 1
         if on_batch is not None:
             on_batch(batches)
@@ -900,7 +902,6 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
     replicas: ModelReplicas | None = None
     try:
         replicas = ModelReplicas(loaded, parallel)
-        ledger.meta["parallel_batches"] = replicas.count  # 1 where the model cannot be replicated
         for spec, reason in missing:
             finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
         done_keys = run.done_keys

@@ -597,7 +597,8 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
               help="Batches the model explains at once, each on its own copy of the model sharing "
                    "its weights, torch's CPU threads divided between them (default: 2 with the "
                    "model on a CPU where torch may use 2 threads or more, where it is faster; 1 on "
-                   "a GPU). --engine local only.")
+                   "a GPU); the others start once the first batch has shown that they fit in "
+                   "memory. --engine local only.")
 @click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
                    "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).")

@@ -19,7 +19,7 @@ from attnexplain.errors import AttnExplainError
 from attnexplain.explanation import MethodOptions
 from attnexplain.loading import load_model
 from attnexplain.ray_engine import RayCluster
-from attnexplain.replicas import ModelReplicas, default_parallel_batches, replicate
+from attnexplain.replicas import ModelReplicas, available_memory, default_parallel_batches, replicate
 
 
 class TiedNet(nn.Module):
@@ -127,9 +127,12 @@ def test_replicas_run_at_once_each_on_its_share_of_the_threads(torch_threads):
 
     loaded = load_model(Meeting())
     with ModelReplicas(loaded, 2) as replicas:
-        assert replicas.count == 2
+        assert replicas.count == 1  # until the first has shown that a second one fits in memory
+        alone = replicas.submit(lambda model: torch.get_num_threads()).result()
+        assert replicas.count == 2  # a Linear layer's batch fits
         futures = [replicas.submit(lambda model, x: model.module(x), torch.rand(1, 3)) for _ in range(2)]
         outputs = [future.result() for future in futures]
+    assert alone == threads_before  # the first function, alone, on all of torch's threads
     assert [tuple(output.shape) for output in outputs] == [(1, 2), (1, 2)]
     assert len({name for name, _ in seen}) == 2
     assert all(name.startswith("attnexplain-model") for name, _ in seen)
@@ -215,6 +218,45 @@ def test_parallel_batches_give_the_maps_of_one_batch_at_a_time(tmp_path, resnet_
         for method, files in one["files"].items():
             heatmaps = [np.load(outs[p] / one["output"] / files["heatmap"]) for p in (1, 2)]
             assert np.allclose(*heatmaps, atol=1e-5), (image, method)
+
+
+def test_a_second_batch_starts_only_if_it_fits_in_memory(tmp_path, resnet_file, monkeypatch):
+    """The first batch runs alone and measures what it took; with no memory to spare (Score-CAM on
+    ResNet-50 two at once was killed for memory on a 24 GB machine) the run goes on one batch at a
+    time, and says so."""
+    import attnexplain.replicas
+
+    monkeypatch.setattr(attnexplain.replicas, "available_memory", lambda: 0)
+    with ModelReplicas(load_model(nn.Linear(3, 2)), 2) as replicas:
+        threads = [replicas.submit(lambda model: torch.get_num_threads()).result() for _ in range(3)]
+    assert replicas.count == 1
+    assert threads == [torch.get_num_threads()] * 3  # one at a time, each on all of torch's threads
+    photos = _photos(tmp_path / "in", 4)
+    settings = BatchSettings(method="gradcam", size=(32, 32), images_per_batch=1, workers=1,
+                             parallel_batches=2, options=MethodOptions())
+    spec = {"model": str(resnet_file), "arch": "resnet18"}
+    summary = run_batch(load_model(resnet_file, arch="resnet18"), spec, [str(photos)], tmp_path / "out",
+                        settings, quiet=True)
+    assert (summary.ok, summary.failed) == (4, 0)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["run"]["parallel_batches"] == 1
+
+
+@pytest.mark.parametrize("limit_file, usage_file, unlimited", [
+    ("memory.max", "memory.current", "max"),  # cgroup v2
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "9223372036854771712"),  # v1
+])
+def test_available_memory_keeps_to_a_containers_limit(tmp_path, monkeypatch, limit_file, usage_file, unlimited):
+    import attnexplain.replicas
+
+    monkeypatch.setattr(attnexplain.replicas, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "memory").mkdir()
+    (tmp_path / limit_file).write_text("3000000\n")
+    (tmp_path / usage_file).write_text("1000000\n")
+    assert available_memory() == 2_000_000  # the container's limit, far below the machine's memory
+    (tmp_path / limit_file).write_text(unlimited + "\n")
+    assert available_memory() > 2_000_000  # no limit: what the machine has
+    (tmp_path / limit_file).unlink()
+    assert available_memory() > 2_000_000  # not in a container
 
 
 def test_a_model_with_torchscript_inside_is_explained_one_batch_at_a_time(tmp_path):
