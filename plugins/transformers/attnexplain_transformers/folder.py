@@ -4,8 +4,11 @@ running code from it unless the user trusts it.
 What the folder may ask for is checked before transformers builds anything: config.json is plain
 JSON of a bounded size; ``auto_map`` (custom modelling code that transformers would import from the
 folder) needs ``trust_model``, and so do weights stored only as ``pytorch_model.bin`` (a pickle); the
+model it describes is within :data:`MODEL_LIMITS` (50,000 layers would take hours to build); the
 parameters the config asks for must be held by the weights file (a config with ``hidden_size``
-10⁶ next to a 1 MB file would otherwise allocate terabytes of random weights).
+10⁶ next to a 1 MB file would otherwise allocate terabytes of random weights). Keys that choose code
+(an attention implementation naming a Hub kernel, ...) are dropped, a quantized model is refused, and
+transformers gets the configuration built from what was checked, never the file itself.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import json
 import re
 import struct
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from attnexplain._files import not_a_regular_file
-from attnexplain.errors import ModelLoadError, UntrustedModelError
+from attnexplain.errors import ModelLoadError, UntrustedModelError, shown
 from attnexplain.preprocess import FILE_MAX_SIZE
 
 if TYPE_CHECKING:
@@ -37,6 +41,49 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: The parameters a config asks for may exceed what the file holds by this much (buffers saved as
 #: parameters, tied weights): beyond it, the config is not the file's.
 PARAMETER_SLACK = 1.05
+#: config.json keys (at any depth: a composite model's vision_config has its own) that choose which
+#: code transformers runs or which file it reads instead of the one checked here. They are dropped
+#: before transformers sees the config: attnexplain picks the attention (transformers' default,
+#: sdpa, or eager where the model has no other; eager while recording), never the folder.
+CODE_SELECTING_KEYS = (
+    "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+    "_attn_implementation_autoset",  # a Hub kernel name ("kernels-community/...") is downloaded and imported
+    "experts_implementation", "_experts_implementation", "_experts_implementation_internal",
+    "use_kernels", "kernel_config",  # Hub kernels replacing layers
+    "fusion_config",  # patches the model class's modules while loading
+    "transformers_weights",  # another weights file than the one whose header is checked
+    "configuration_files",  # another config file than the one checked
+    "custom_pipelines",  # pipeline code from the Hub
+)
+#: Keys refused whatever they say: a quantized model needs a quantizer (bitsandbytes, optimum, ...)
+#: imported and run on its weights, and its layers are not the float layers attnexplain explains.
+REFUSED_KEYS = ("quantization_config",)
+#: The largest model a config.json may describe, a margin beyond every public vision model (ViT-22B:
+#: 48 layers, hidden 6144, MLP 24576, 48 heads, patch 14; DINOv2-giant: 40 layers, 1536, 518/14;
+#: SwinV2-G: 50 blocks, heads to 128, 640/4; ConvNeXt-XXL: 40 blocks, width 3072; BiT-R152x4: width
+#: 8192; CLIP bigG's towers: 48 and 32 layers). Checked before anything is built: building even on
+#: the meta device takes a second per dozen layers (2,000 layers: 105 s and +330 MB).
+MODEL_LIMITS = {
+    "num_hidden_layers": 128,
+    "hidden_size": 16384,
+    "intermediate_size": 65536,
+    "num_attention_heads": 256,
+    "embed_dim": 16384,
+    "hidden_sizes": 16384,  # each stage's width
+    "num_heads": 256,  # each stage's heads
+    "patch_size": FILE_MAX_SIZE,
+    "window_size": 64,
+    "num_register_tokens": 256,
+}
+#: Blocks of all stages together (``depths``): as many as ``num_hidden_layers`` may ask for.
+MAX_BLOCKS = MODEL_LIMITS["num_hidden_layers"]
+#: An MLP's width over the hidden size (DINOv2's ``mlp_ratio``: 4; ViT-22B's 4).
+MAX_MLP_RATIO = 16
+#: Patches along a side of the config's image (SwinV2-G: 160; a ViT-S/8 at 1024 pixels: 128).
+MAX_PATCH_GRID = 256
+#: layers × hidden × (4·hidden + 2·MLP width), the parameters of the transformer blocks: ViT-22B's is
+#: 2.2·10¹⁰. A config beyond it describes no vision model that exists.
+MAX_PARAMETER_ESTIMATE = 10 ** 11
 _TRUST_HINT = "If you trust where it came from, pass --trust-model (trust_model=True)."
 # A file name inside the folder, as an index of shards may name it: no folders, no "..".
 _PLAIN_NAME = re.compile(r"^[\w.-]+$")
@@ -99,6 +146,110 @@ def _check_numbers(value: Any, where: str, key: str = "") -> None:
             _check_numbers(inner, where, key)
 
 
+def _configurations(config: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """The config and its sub-configurations (``vision_config``, ``text_config``, ...) with where
+    each lies (``"vision_config."``)."""
+    pending = [(path, config)]
+    while pending:  # not recursive: a deeply nested file must not exhaust Python's stack
+        prefix, holder = pending.pop()
+        yield prefix, holder
+        pending.extend((f"{prefix}{key}.", value) for key, value in holder.items()
+                       if isinstance(value, dict) and key.endswith("_config"))
+
+
+def check_model_size(config: dict[str, Any], where: str) -> None:
+    """Refuse a config describing a model beyond :data:`MODEL_LIMITS` (layers, widths, heads, patch
+    grid, their product), naming the field, before transformers builds anything."""
+    for prefix, holder in _configurations(config):
+        refuse = partial(_refuse_size, where, prefix)
+        for field, limit in MODEL_LIMITS.items():
+            value = holder.get(field)
+            least = 0 if field == "num_register_tokens" else 1
+            for side in (value if isinstance(value, list) else [value]):
+                if value is not None and not (_whole(side) and least <= side <= limit):
+                    refuse(field, value, f"a model file may ask for whole numbers from {least} to {limit:,}")
+        depths = holder.get("depths")
+        if depths is not None and not (isinstance(depths, list) and all(_whole(d) and d >= 0 for d in depths)
+                                       and sum(depths) <= MAX_BLOCKS):
+            refuse("depths", depths, f"a model file may ask for at most {MAX_BLOCKS} blocks in all")
+        ratio = holder.get("mlp_ratio")
+        if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+                                      and 0 < ratio <= MAX_MLP_RATIO):
+            refuse("mlp_ratio", ratio, f"a model file may ask for an MLP at most {MAX_MLP_RATIO}× as wide")
+        image, patch = _sides(holder.get("image_size")), _sides(holder.get("patch_size"))
+        if image and patch and any(-(-i // p) > MAX_PATCH_GRID for i, p in zip(image, patch)):
+            refuse("patch_size", holder["patch_size"], f"on image_size {shown(holder['image_size'])} "
+                   f"that is more than {MAX_PATCH_GRID} patches along a side")
+        estimate = _parameter_estimate(holder)
+        if estimate > MAX_PARAMETER_ESTIMATE:
+            refuse("num_hidden_layers", holder.get("num_hidden_layers", holder.get("depths")),
+                   f"with its widths (hidden_size, intermediate_size) that is about {estimate:.1e} "
+                   f"parameters, more than {MAX_PARAMETER_ESTIMATE:.0e}")
+
+
+def _refuse_size(where: str, prefix: str, field: str, value: Any, bound: str) -> None:
+    raise ModelLoadError(f"{where} asks for {prefix}{field} = {shown(value)}; {bound}, beyond every "
+                         f"public vision model, so the config is refused.")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sides(value: Any) -> list[int] | None:
+    sides = value if isinstance(value, list) else [value, value]
+    return sides if len(sides) == 2 and all(_whole(side) and side >= 1 for side in sides) else None
+
+
+def _parameter_estimate(holder: dict[str, Any]) -> int:
+    """The parameters of the blocks a (checked) configuration describes, roughly: blocks × width ×
+    (4·width for attention + 2·MLP width), with a ViT-Base's 12 layers and width 768 where the
+    config says nothing (transformers' defaults are of that size)."""
+    depths = holder.get("depths")
+    blocks = sum(depths) if isinstance(depths, list) else holder.get("num_hidden_layers") or 12
+    widths = [holder.get("hidden_size"), holder.get("embed_dim"), *(holder.get("hidden_sizes") or [])]
+    width = max([w for w in widths if _whole(w)] or [768])
+    ratio = holder.get("mlp_ratio")
+    mlp = holder.get("intermediate_size") or int(width * (ratio if isinstance(ratio, (int, float)) else 4))
+    return int(blocks) * width * (4 * width + 2 * int(mlp))
+
+
+def without_code_selecting_keys(config: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``config`` without :data:`CODE_SELECTING_KEYS` at any depth, and where each was."""
+    dropped: list[str] = []
+
+    def plain(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            kept = {}
+            for key, inner in value.items():
+                if key in CODE_SELECTING_KEYS:
+                    dropped.append(f"{path}{key}")
+                else:
+                    kept[key] = plain(inner, f"{path}{key}.")
+            return kept
+        if isinstance(value, list):
+            return [plain(inner, path) for inner in value]
+        return value
+
+    return plain(config, ""), dropped
+
+
+def _refused_key(value: Any, path: str = "") -> str | None:
+    """Where a :data:`REFUSED_KEYS` key lies in the config, at any depth (a ``text_config``'s
+    ``quantization_config`` counts as the model's for transformers), or None."""
+    pending = [(path, value)]
+    while pending:
+        prefix, item = pending.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if key in REFUSED_KEYS and inner is not None:
+                    return f"{prefix}{key}"
+                pending.append((f"{prefix}{key}.", inner))
+        elif isinstance(item, list):
+            pending.extend((prefix, inner) for inner in item)
+    return None
+
+
 def check_config(config: dict[str, Any], folder: Path, trust_model: bool) -> bool:
     """Refuse a config.json that is not a plain transformers configuration; return whether it asks
     for custom code (``auto_map``), which only ``trust_model`` allows."""
@@ -125,6 +276,13 @@ def check_config(config: dict[str, Any], folder: Path, trust_model: bool) -> boo
     if labels is not None and not (isinstance(labels, dict)
                                    and all(isinstance(v, str) for v in labels.values())):
         raise ModelLoadError(f"{folder / CONFIG}: id2label must map class numbers to names.")
+    quantized = _refused_key(config)
+    if quantized is not None:
+        raise ModelLoadError(
+            f"{folder / CONFIG} holds {quantized}: a quantized model, which transformers would load "
+            f"by importing and running a quantizer (bitsandbytes, optimum, ...); attnexplain explains "
+            f"float models. Load it, dequantize it and save it with save_pretrained first.")
+    check_model_size(config, str(folder / CONFIG))
     return custom
 
 
@@ -187,6 +345,11 @@ def _header_numel(path: Path) -> int:
         for side in shape:
             count *= side
         total += count
+    # No dtype stores a number in under half a byte: a header promising more is forged, and the
+    # parameter check that trusts it would let a config allocate what the file does not hold.
+    if total > 2 * (size - 8 - length):
+        raise ModelLoadError(f"{path} is not a safetensors file: its header describes {total:,} numbers "
+                             f"but the file holds {size - 8 - length:,} bytes of data.")
     return total
 
 
@@ -225,21 +388,31 @@ def transformers_quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_folder(folder: Path, trust_model: bool) -> "nn.Module":
-    """The image classifier saved in ``folder``, in eval mode, with every weight from the folder."""
+def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]]:
+    """The image classifier saved in ``folder``, in eval mode, with every weight from the folder; and
+    the config.json keys that were ignored because they choose code (:data:`CODE_SELECTING_KEYS`).
+
+    transformers gets the configuration checked here, built from the dict read here: it never reads
+    config.json (or a file that config.json names) itself, except for a trusted folder's own code."""
     import torch
     import transformers
 
     config = read_json(folder / CONFIG, "config")
     custom = check_config(config, folder, trust_model)
     safe = safe_weights(folder, trust_model)
+    plain, ignored = without_code_selecting_keys(config)
     try:
         with transformers_quiet():
             if custom:  # trusted: the folder's own class, through its auto_map
-                model_class = transformers.AutoModelForImageClassification
+                model, info = transformers.AutoModelForImageClassification.from_pretrained(
+                    folder, local_files_only=True, use_safetensors=safe, trust_remote_code=True,
+                    output_loading_info=True)
+                ignored = []
             else:
                 model_class = getattr(transformers, classifier_class_name(config, folder))
-                hf_config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+                # No attention implementation in the config: transformers' default for the class
+                # (sdpa, else eager), which recording() switches to eager and back.
+                hf_config = model_class.config_class.from_dict(plain)
                 if safe:
                     with torch.device("meta"):
                         asked = sum(p.numel() for p in model_class._from_config(hf_config).parameters())
@@ -248,9 +421,9 @@ def load_folder(folder: Path, trust_model: bool) -> "nn.Module":
                         raise ModelLoadError(
                             f"{folder / CONFIG} describes a model of {asked:,} parameters but the "
                             f"weights hold {held:,} numbers: the config is not the weights'.")
-            model, info = model_class.from_pretrained(
-                folder, local_files_only=True, use_safetensors=safe, trust_remote_code=custom,
-                output_loading_info=True)
+                model, info = model_class.from_pretrained(
+                    folder, config=hf_config, local_files_only=True, use_safetensors=safe,
+                    output_loading_info=True)
     except ModelLoadError:
         raise
     except Exception as error:
@@ -259,7 +432,7 @@ def load_folder(folder: Path, trust_model: bool) -> "nn.Module":
     unfilled = list(info.get("missing_keys") or ()) + [str(k[0]) if isinstance(k, tuple) else str(k)
                                                        for k in info.get("mismatched_keys") or ()]
     if unfilled:
-        shown = ", ".join(sorted(unfilled)[:3]) + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "")
+        shown_keys = ", ".join(sorted(unfilled)[:3]) + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "")
         raise ModelLoadError(f"{folder}'s weights do not fill the model its config describes "
-                              f"(missing or misshapen: {shown}).")
-    return model.eval()
+                              f"(missing or misshapen: {shown_keys}).")
+    return model.eval(), ignored

@@ -26,6 +26,7 @@ from attnexplain.errors import MethodError, ModelLoadError
 from attnexplain.plugins import (ModelPlugin, NamedModel, TokenGrid, TokenReadout, WindowedAttention,
                                  vit_cam_block)
 
+from .cache import cached_snapshot
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
 
 if TYPE_CHECKING:
@@ -58,8 +59,13 @@ def _model_type(model: Any) -> str | None:
 
 
 def _vision_config(model: Any) -> Any:
+    """The configuration the model's vision layers are built from: a composite model's (CLIP's)
+    ``vision_config`` sub-configuration, else the config itself. A ``vision_config`` that the class
+    does not declare (a plain dict a ViT's config.json carries along) is not what the model reads."""
     config = model.config
-    return getattr(config, "vision_config", None) or config
+    if "vision_config" in (getattr(type(config), "sub_configs", None) or {}):
+        return getattr(config, "vision_config", None) or config
+    return config
 
 
 def _image_size(model: Any) -> tuple[int, int] | None:
@@ -102,11 +108,15 @@ class TransformersPlugin(ModelPlugin):
 
     def load_path(self, path: Path, *, trust_model: bool = False) -> NamedModel:
         folder = Path(path)
-        module = load_folder(folder, trust_model)
+        module, ignored = load_folder(folder, trust_model)
         config = module.config
+        notes = [f"transformers {config.model_type} from {folder}"]
+        if ignored:
+            notes.append(f"config.json's {', '.join(ignored)} ignored: a model folder does not choose the "
+                         f"code that runs (attention: transformers' default, eager while recording)")
         return NamedModel(module=module, architecture=type(module).__name__, weights=str(folder),
                           labels=self.labels(module), preprocessing=self._folder_preprocessing(folder, module),
-                          notes=(f"transformers {config.model_type} from {folder}",), random_weights=False)
+                          notes=tuple(notes), random_weights=False)
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
         if Path(name).is_dir():  # hf:C:\models\x, hf:./folder
@@ -117,7 +127,7 @@ class TransformersPlugin(ModelPlugin):
         if not _REPO_ID.match(name) or ".." in name:
             raise ModelLoadError(f"hf:{name} is neither a folder nor a Hugging Face repository id "
                                  f"(ORG/NAME).")
-        return self.load_path(_cached_snapshot(name))
+        return self.load_path(cached_snapshot(name))
 
     def labels(self, model: Any) -> list[str] | None:
         if not _is_transformers(model):
@@ -382,20 +392,6 @@ def _swin_layer_map(model: Any, output: "torch.Tensor", input_size: tuple[int, i
             return output.transpose(1, 2).reshape(output.shape[0], output.shape[2], height, width)
         height, width = -(-height // 2), -(-width // 2)
     return None
-
-
-def _cached_snapshot(repo_id: str) -> Path:
-    """The local snapshot of ``repo_id`` in the Hugging Face cache; nothing is downloaded."""
-    from huggingface_hub import constants, snapshot_download
-
-    cache = constants.HF_HUB_CACHE
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
-    except Exception as error:  # LocalEntryNotFoundError, a damaged cache entry, ...
-        raise ModelLoadError(f"hf:{repo_id} is not in the local Hugging Face cache ({cache}); "
-                             f"attnexplain never downloads. Fetch it first (hf download "
-                             f"{repo_id}) or save it with save_pretrained and pass the folder "
-                             f"({type(error).__name__}).") from None
 
 
 plugin = TransformersPlugin()

@@ -180,7 +180,7 @@ def _edit_config(folder: Path, **changes) -> None:
     (dict(auto_map={"AutoModelForImageClassification": "evil.EvilModel"}), UntrustedModelError,
      "custom modelling code"),
     (dict(trust_remote_code=True), UntrustedModelError, "custom modelling code"),
-    (dict(hidden_size=64 * 1024), ModelLoadError, "parameters but the weights hold"),
+    (dict(hidden_size=8 * 1024), ModelLoadError, "parameters but the weights hold"),
     (dict(hidden_size=10 ** 9), ModelLoadError, "no vision model's configuration"),
     (dict(image_size=100000), ModelLoadError, "image_size"),
     (dict(model_type=["vit"]), ModelLoadError, "no model_type string"),
