@@ -256,6 +256,268 @@ def test_hf_names_load_from_the_local_cache_only(folders, tmp_path, monkeypatch)
         plugin.load_named("../no/such/../repo", None)
 
 
+# --- a tampered cache, config.json sizes and code-selecting keys (issue 23) -------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _cached_repo(cache: Path, folders, ref: str | None = COMMIT) -> Path:
+    """models--tiny-org--tiny-vit laid out as huggingface_hub writes it: the snapshot's files are
+    links into blobs/."""
+    repo = cache / "models--tiny-org--tiny-vit"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for number, source in enumerate(sorted(folders["vit"][0].iterdir())):
+        blob = repo / "blobs" / f"blob{number}"
+        blob.write_bytes(source.read_bytes())
+        (snapshot / source.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir()
+    if ref is not None:
+        (repo / "refs" / "main").write_text(ref)
+    return repo
+
+
+def test_hf_names_load_from_a_cache_laid_out_as_huggingface_hub_writes_it(folders, tmp_path, monkeypatch):
+    _cached_repo(_cache(tmp_path, monkeypatch), folders)
+    named = plugin.load_named("tiny-org/tiny-vit", None)
+    x = _pixels(3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(named.module(x).logits, folders["vit"][1](x).logits)
+
+
+def _outside_model(folders, tmp_path) -> Path:
+    """A loadable model outside the cache, where a tampered ref or link would take the load."""
+    return _copy(folders["deit"][0], tmp_path / "x")
+
+
+@pytest.mark.parametrize("tamper,text", [
+    ("fifo", "is a FIFO"),
+    ("dev-zero", "is a device"),
+    ("climbs-out", "does not hold a commit hash"),
+    ("huge", "does not hold a commit hash"),
+    ("snapshot-link-out", "lies outside"),
+    ("file-link-out", "links outside"),
+])
+def test_a_tampered_cache_ref_is_refused_in_one_line(tamper, text, folders, tmp_path, monkeypatch):
+    """refs/main is read as an untrusted file (a FIFO would block, /dev/zero never end) and the
+    snapshot it names, and every file in it, must lie in the repository's cache folder."""
+    import os
+    import shutil
+    import time
+
+    repo = _cached_repo(_cache(tmp_path, monkeypatch), folders)
+    outside = _outside_model(folders, tmp_path)
+    ref = repo / "refs" / "main"
+    ref.unlink()
+    if tamper == "fifo":
+        os.mkfifo(ref)
+    elif tamper == "dev-zero":
+        ref.symlink_to("/dev/zero")
+    elif tamper == "climbs-out":
+        ref.write_text("../../../x")  # hub/models--tiny-org--tiny-vit/snapshots/../../../x is tmp/x
+    elif tamper == "huge":
+        ref.write_text(COMMIT * 100_000)
+    else:
+        ref.write_text(COMMIT)
+        snapshot = repo / "snapshots" / COMMIT
+        if tamper == "snapshot-link-out":
+            shutil.rmtree(snapshot)
+            snapshot.symlink_to(outside, target_is_directory=True)
+        else:
+            (snapshot / "model.safetensors").unlink()
+            (snapshot / "model.safetensors").symlink_to(outside / "model.safetensors")
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=text) as raised:
+        plugin.load_named("tiny-org/tiny-vit", None)
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(raised.value) and "damaged or tampered" in str(raised.value)
+
+
+def test_a_cache_ref_to_a_missing_snapshot_says_so(folders, tmp_path, monkeypatch):
+    repo = _cached_repo(_cache(tmp_path, monkeypatch), folders, ref="f" * 40)
+    with pytest.raises(ModelLoadError, match=f"names commit {'f' * 40}, whose snapshot is not in the local cache"):
+        plugin.load_named("tiny-org/tiny-vit", None)
+    assert (repo / "snapshots" / COMMIT).is_dir()
+
+
+FIELD_LIMITS = [  # (field, the limit, a value a real model has beside it)
+    ("num_hidden_layers", 128, 48), ("hidden_size", 16384, 6144), ("intermediate_size", 65536, 24576),
+    ("num_attention_heads", 256, 48), ("patch_size", 1024, 14), ("window_size", 64, 24),
+    ("num_register_tokens", 256, 4), ("embed_dim", 16384, 512),
+]
+
+
+@pytest.mark.parametrize("field,limit,real", FIELD_LIMITS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_config_sizes_are_bounded_at_a_limit_no_real_model_reaches(field, limit, real, nested):
+    from attnexplain_transformers.folder import check_model_size
+
+    def config(value):
+        # Few layers of width 8, so that only the field under test can be over its limit.
+        holder = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 8, "image_size": 1024,
+                  field: value}
+        return {"model_type": "clip", "vision_config": holder} if nested else dict(holder, model_type="vit")
+
+    check_model_size(config(real), "config.json")
+    check_model_size(config(limit), "config.json")  # at the limit: accepted
+    name = f"vision_config.{field}" if nested else field
+    with pytest.raises(ModelLoadError, match=f"asks for {name} = {limit + 1};.*from . to {limit:,}"):
+        check_model_size(config(limit + 1), "config.json")
+    with pytest.raises(ModelLoadError, match=f"asks for {name} = '8'"):
+        check_model_size(config("8"), "config.json")
+
+
+def test_config_sizes_bound_blocks_stages_grid_and_their_product():
+    from attnexplain_transformers.folder import check_model_size
+
+    swin = {"model_type": "swin", "image_size": 640, "patch_size": 4, "embed_dim": 512,
+            "depths": [2, 2, 42, 4], "num_heads": [16, 32, 64, 128], "window_size": 40}
+    check_model_size(swin, "config.json")  # SwinV2-G's size
+    for change, field in [(dict(depths=[2, 2, 122, 4]), "depths"), (dict(num_heads=[16, 32, 64, 257]), "num_heads"),
+                          (dict(image_size=[1024, 1024], patch_size=[4, 3]), "patch_size"),
+                          (dict(hidden_sizes=[96, 10 ** 5]), "hidden_sizes")]:
+        with pytest.raises(ModelLoadError, match=f"asks for {field} = "):
+            check_model_size(dict(swin, **change), "config.json")
+    vit_22b = {"model_type": "vit", "num_hidden_layers": 48, "hidden_size": 6144, "intermediate_size": 24576}
+    check_model_size(vit_22b, "config.json")
+    with pytest.raises(ModelLoadError, match="about 1.2e\\+11 parameters"):
+        check_model_size(dict(vit_22b, num_hidden_layers=128, intermediate_size=65536), "config.json")
+    for ratio in (17, float("inf"), float("nan"), True):
+        with pytest.raises(ModelLoadError, match="mlp_ratio"):
+            check_model_size({"model_type": "dinov2", "mlp_ratio": ratio}, "config.json")
+
+
+def test_a_config_of_thousands_of_layers_is_refused_before_building(folders, tmp_path):
+    """2,000 layers took 105 s and +330 MB to build on the meta device before the parameter check."""
+    import time
+
+    folder = _copy(folders["vit"][0], tmp_path / "deep")
+    _edit_config(folder, num_hidden_layers=2000)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="num_hidden_layers = 2000; a model file may ask for whole "
+                                             "numbers from 1 to 128"):
+        plugin.load_path(folder)
+    assert time.monotonic() - started < 5
+    _edit_config(folder, num_hidden_layers=128)  # at the limit: built, then found not to be the weights'
+    with pytest.raises(ModelLoadError, match="parameters but the weights hold"):
+        plugin.load_path(folder)
+
+
+def test_a_safetensors_header_may_not_promise_more_than_the_file_holds(folders, tmp_path):
+    import struct
+
+    folder = _copy(folders["vit"][0], tmp_path / "forged")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 16]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    _edit_config(folder, hidden_size=8192)  # a config the forged header would vouch for
+    with pytest.raises(ModelLoadError, match="describes 1,000,000,000,000 numbers but the file holds 16 bytes"):
+        plugin.load_path(folder)
+
+
+def _record_kernel_imports(monkeypatch) -> list:
+    """transformers' one way to a Hub kernel for attention, recorded instead of run."""
+    import transformers.modeling_utils
+
+    asked = []
+
+    def record(implementation, *args, **kwargs):
+        asked.append(implementation)
+        raise ImportError("a test records this call instead of importing a kernel")
+
+    monkeypatch.setattr(transformers.modeling_utils, "lazy_import_flash_attention", record)
+    return asked
+
+
+@pytest.mark.parametrize("family,where", [("vit", ()), ("clip", ()), ("clip", ("vision_config",))])
+def test_the_folder_never_chooses_the_attention_implementation(family, where, folders, tmp_path, monkeypatch):
+    """"kernels-community/flash-attn3" in config.json made transformers fetch and import a Hub
+    kernel while loading; attnexplain loads with transformers' default and says it ignored the key
+    (also in a sub-configuration, which transformers 5.24 happens to override today)."""
+    key = "attn_implementation"
+    import sys
+
+    asked = _record_kernel_imports(monkeypatch)
+    folder = _copy(folders[family][0], tmp_path / "kernel")
+    config = json.loads((folder / "config.json").read_text())
+    holder = config
+    for name in where:
+        holder = holder[name]
+    holder[key] = "kernels-community/flash-attn3"
+    (folder / "config.json").write_text(json.dumps(config))
+    named = plugin.load_path(folder)
+    assert asked == [] and "kernels" not in sys.modules
+    assert named.module.config._attn_implementation == "sdpa"
+    assert _vision_implementation(named.module) == "sdpa"
+    assert any(f"{'.'.join(where + (key,))} ignored" in note for note in named.notes), named.notes
+    x = _pixels(4, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(named.module(x).logits, folders[family][1](x).logits)
+    result = explain(named.module, IMAGE, "rollout")  # recording switches to eager and back
+    assert result.heatmap.std() > 0 and named.module.config._attn_implementation == "sdpa"
+
+
+def _vision_implementation(model) -> str:
+    vision = getattr(model.config, "vision_config", None) or model.config
+    return vision._attn_implementation
+
+
+@pytest.mark.parametrize("where", [(), ("text_config",)])
+def test_a_quantized_config_is_refused_before_any_quantizer(where, folders, tmp_path, monkeypatch):
+    from transformers.quantizers import auto
+
+    asked = []
+    monkeypatch.setattr(auto.AutoHfQuantizer, "from_config",
+                        classmethod(lambda cls, *args, **kwargs: asked.append(args) or None))
+    folder = _copy(folders["clip"][0], tmp_path / "quantized")
+    config = json.loads((folder / "config.json").read_text())
+    holder = config[where[0]] if where else config
+    holder["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    name = ".".join(where + ("quantization_config",))
+    with pytest.raises(ModelLoadError, match=f"holds {name}: a quantized model") as raised:
+        plugin.load_path(folder)
+    assert asked == [] and "\n" not in str(raised.value)
+
+
+def test_config_json_names_no_other_config_or_weights_file(folders, tmp_path):
+    """configuration_files made transformers read another config file than the one checked, and
+    transformers_weights another weights file than the one whose header was counted."""
+    folder = _copy(folders["vit"][0], tmp_path / "elsewhere")
+    other = json.loads((folder / "config.json").read_text())
+    other["id2label"] = {"0": "other", "1": "labels", "2": "here"}
+    (folder / "config.4.0.0.json").write_text(json.dumps(other))
+    _build("vit", seed=7).save_pretrained(tmp_path / "seven")
+    (tmp_path / "seven" / "model.safetensors").rename(folder / "other.safetensors")
+    _edit_config(folder, configuration_files=["config.4.0.0.json"], transformers_weights="other.safetensors")
+    named = plugin.load_path(folder)
+    assert named.labels == ["tabby", "rocket", "mug"]
+    x = _pixels(5, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(named.module(x).logits, folders["vit"][1](x).logits)
+    assert any("configuration_files, transformers_weights ignored" in note for note in named.notes)
+
+
+def test_a_stray_vision_config_does_not_hide_the_image_size(folders, tmp_path):
+    """A ViT's config.json carrying a vision_config dict gave "Input image size (224*224) doesn't
+    match model (32*32)": the size is read where the model's class keeps it."""
+    folder = _copy(folders["vit"][0], tmp_path / "stray")
+    _edit_config(folder, vision_config={"image_size": 224, "patch_size": 16})
+    named = plugin.load_path(folder)
+    assert named.preprocessing.size == (32, 32)
+    assert plugin.token_grid(named.module, (32, 32)).height == 4
+    result = explain(named.module, IMAGE, "rollout")
+    assert result.heatmap.std() > 0
+
+
 # --- preprocessing: the image processor itself is the reference ------------------------------------
 
 def _photos() -> dict[str, np.ndarray]:
