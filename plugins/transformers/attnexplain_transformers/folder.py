@@ -34,6 +34,8 @@ SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 #: config.json of ImageNet-21k's 21,843 labels is ~1 MB; anything far larger is not a config.
 MAX_JSON_BYTES = 4 * 1024 * 1024
+#: A config nests a sub-configuration, its label map and a list or two: a few levels.
+MAX_JSON_DEPTH = 32
 #: No size in a vision model's config (widths, depths, heads, labels) comes near a million.
 MAX_CONFIG_INT = 1_000_000
 #: safetensors' own reader refuses headers over 100 MB; real ones are a few hundred kB.
@@ -127,8 +129,24 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ModelLoadError(f"{what} {path} is not valid JSON: {str(error).splitlines()[0]}") from None
     if not isinstance(content, dict):
         raise ModelLoadError(f"{what} {path} holds a JSON {type(content).__name__}, not an object.")
+    if _nesting(content) > MAX_JSON_DEPTH:
+        raise ModelLoadError(f"{what} {path} nests values over {MAX_JSON_DEPTH} levels deep; a Hugging "
+                             f"Face {what} nests a few.")
     _check_numbers(content, f"{what} {path}")
     return content
+
+
+def _nesting(value: Any) -> int:
+    """How deep lists and objects nest in ``value``, counted without recursion (the checks after
+    this one recurse, and 990 levels would exhaust Python's stack)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                pending.extend((inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _check_numbers(value: Any, where: str, key: str = "") -> None:

@@ -51,8 +51,10 @@ def _translate(settings: dict[str, Any], source: str) -> Preprocessing:
         if processor.startswith("ConvNext"):
             if shortest < _CONVNEXT_CROP_BELOW:
                 crop_pct = float(settings.get("crop_pct", 224 / 256))
-                if not 0 < crop_pct <= 1:
-                    raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+                # Bounded below too: crop_pct 1e-9 would resize the shorter side to 224·10⁹ pixels.
+                if not shortest / FILE_MAX_SIZE <= crop_pct <= 1:
+                    raise ValueError(f"crop_pct must be in [{shortest / FILE_MAX_SIZE:.3g}, 1] (a resize "
+                                     f"to at most {FILE_MAX_SIZE} pixels), got {crop_pct}")
                 resize, final = int(shortest / crop_pct), (shortest, shortest)
             else:
                 final = (shortest, shortest)  # stretched to a square: attnexplain's resize=None

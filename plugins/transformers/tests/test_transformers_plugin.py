@@ -204,6 +204,11 @@ def test_hostile_files_are_refused(folders, tmp_path):
     (folder / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match="not an object"):
         plugin.load_path(folder)
+    # 990 levels that json parses exhausted the stack of the (recursive) checks after it: RecursionError.
+    folder = _copy(folders["vit"][0], tmp_path / "nested")
+    _edit_config(folder, anything=json.loads("[" * 100 + "]" * 100))
+    with pytest.raises(ModelLoadError, match="nests values over 32 levels deep"):
+        plugin.load_path(folder)
     folder = _copy(folders["vit"][0], tmp_path / "broken-header")
     (folder / "model.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
     with pytest.raises(ModelLoadError, match="not a safetensors file"):
@@ -569,6 +574,18 @@ def test_a_hostile_preprocessor_config_is_refused(folders, tmp_path):
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"height": "224"}}))
     with pytest.raises(ModelLoadError, match="preprocessor_config.json"):
         plugin.load_path(folder)
+
+
+@pytest.mark.parametrize("crop_pct", [1e-9, 0.2])
+def test_a_tiny_crop_pct_cannot_ask_for_a_huge_resize(crop_pct, folders, tmp_path):
+    """ConvNeXt's processor resizes the shorter side to shortest_edge / crop_pct: 1e-9 asked for
+    224·10⁹ pixels."""
+    folder = _copy(folders["convnext"][0], tmp_path / "crop")
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=crop_pct).save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match=f"crop_pct must be in \\[0.219, 1\\].*got {crop_pct}"):
+        plugin.load_path(folder)
+    transformers.ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875).save_pretrained(folder)
+    assert plugin.load_path(folder).preprocessing.resize == 256
 
 
 # --- attention ----------------------------------------------------------------------------------
