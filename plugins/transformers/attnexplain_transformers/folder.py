@@ -300,6 +300,12 @@ def check_config(config: dict[str, Any], folder: Path, trust_model: bool) -> boo
             f"{folder / CONFIG} holds {quantized}: a quantized model, which transformers would load "
             f"by importing and running a quantizer (bitsandbytes, optimum, ...); attnexplain explains "
             f"float models. Load it, dequantize it and save it with save_pretrained first.")
+    model_args = config.get("model_args")
+    if model_args:  # timm_wrapper: keyword arguments for timm.create_model, beyond every check here
+        raise ModelLoadError(
+            f"{folder / CONFIG} holds model_args {shown(model_args)}: arguments transformers passes to "
+            f"timm.create_model as they are (a checkpoint_path read from anywhere, sizes no check "
+            f"here sees), so it is refused. A timm model loads through the timm plugin.")
     check_model_size(config, str(folder / CONFIG))
     return custom
 

@@ -511,6 +511,28 @@ def test_config_json_names_no_other_config_or_weights_file(folders, tmp_path):
     assert any("configuration_files, transformers_weights ignored" in note for note in named.notes)
 
 
+def test_timm_wrapper_model_args_never_reach_timm(tmp_path, monkeypatch):
+    """A timm_wrapper config's model_args went to timm.create_model as they were: a checkpoint_path
+    anywhere (a FIFO blocked for ever), or a size no check here sees."""
+    pytest.importorskip("timm")
+    import os
+
+    import timm.models._factory
+
+    read = []
+    monkeypatch.setattr(timm.models._factory, "load_checkpoint", lambda model, path, *a, **k: read.append(path))
+    config = transformers.TimmWrapperConfig(architecture="test_resnet", num_labels=3, id2label=LABELS,
+                                            label2id={v: k for k, v in LABELS.items()})
+    folder = tmp_path / "timm-wrapper"
+    transformers.TimmWrapperForImageClassification(config).save_pretrained(folder)
+    assert plugin.load_path(folder).labels == ["tabby", "rocket", "mug"]  # without model_args: loads
+    os.mkfifo(tmp_path / "fifo")
+    _edit_config(folder, model_args={"checkpoint_path": str(tmp_path / "fifo")})
+    with pytest.raises(ModelLoadError, match="holds model_args .*checkpoint_path.* refused"):
+        plugin.load_path(folder)
+    assert read == []
+
+
 def test_a_stray_vision_config_does_not_hide_the_image_size(folders, tmp_path):
     """A ViT's config.json carrying a vision_config dict gave "Input image size (224*224) doesn't
     match model (32*32)": the size is read where the model's class keeps it."""
