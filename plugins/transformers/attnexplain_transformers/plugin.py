@@ -22,7 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from attnexplain.errors import MethodError, ModelLoadError
+from attnexplain.errors import MethodError, ModelLoadError, shown
 from attnexplain.plugins import (ModelPlugin, NamedModel, TokenGrid, TokenReadout, WindowedAttention,
                                  vit_cam_block)
 
@@ -42,6 +42,10 @@ INTERPOLATE_ON_REQUEST = ("vit", "deit", "beit", "clip")
 #: Families attending inside shifted windows: recorded as WindowedAttention.
 WINDOWED_ATTENTION = ("swin", "swinv2")
 SWIN_BLOCKS = ("SwinLayer", "Swinv2Layer")
+#: Tokens of a global-attention model's input that a folder may ask for (through its preprocessing's
+#: size and its patch size): each attends to every other, so memory grows with their square, and
+#: recording keeps every layer's. A ViT-S/8 at 1024 pixels has this many.
+MAX_ATTENTION_TOKENS = 128 * 128
 #: Convolutional families: Grad-CAM on their last stage.
 CONVOLUTIONAL = ("convnext", "convnextv2", "resnet")
 # A Hub repository id: ORG/NAME (or NAME) of letters, digits, "-", "_", ".".
@@ -110,12 +114,20 @@ class TransformersPlugin(ModelPlugin):
         folder = Path(path)
         module, ignored = load_folder(folder, trust_model)
         config = module.config
+        preprocessing = self._folder_preprocessing(folder, module)
+        grid = self.token_grid(module, preprocessing.size) if preprocessing is not None else None
+        if grid is not None and grid.height * grid.width > MAX_ATTENTION_TOKENS:
+            raise ModelLoadError(
+                f"{folder}: its {preprocessing.size[0]}×{preprocessing.size[1]} input in patches of "
+                f"{shown(_vision_config(module).patch_size)} makes {grid.height * grid.width:,} tokens, "
+                f"each attending to every other; a model folder may ask for at most "
+                f"{MAX_ATTENTION_TOKENS:,} (DINOv2 at 518 pixels has 1,369).")
         notes = [f"transformers {config.model_type} from {folder}"]
         if ignored:
             notes.append(f"config.json's {', '.join(ignored)} ignored: a model folder does not choose the "
                          f"code that runs (attention: transformers' default, eager while recording)")
         return NamedModel(module=module, architecture=type(module).__name__, weights=str(folder),
-                          labels=self.labels(module), preprocessing=self._folder_preprocessing(folder, module),
+                          labels=self.labels(module), preprocessing=preprocessing,
                           notes=tuple(notes), random_weights=False)
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:

@@ -511,6 +511,19 @@ def test_config_json_names_no_other_config_or_weights_file(folders, tmp_path):
     assert any("configuration_files, transformers_weights ignored" in note for note in named.notes)
 
 
+def test_a_folder_may_not_ask_for_a_million_attention_tokens(tmp_path):
+    """A ViT of patch 2 with a processor at 1024 pixels made 262,144 tokens attending to each other
+    (terabytes for one attention matrix); at 64 pixels it is an ordinary model."""
+    config = transformers.ViTConfig(**dict(VIT_LIKE, patch_size=2), intermediate_size=64)
+    folder = tmp_path / "patch2"
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    assert plugin.load_path(folder).preprocessing.size == (64, 64)  # 1,024 tokens
+    transformers.ViTImageProcessor(size={"height": 1024, "width": 1024}).save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="1024×1024 input in patches of 2 makes 262,144 tokens"):
+        plugin.load_path(folder)
+
+
 def test_timm_wrapper_model_args_never_reach_timm(tmp_path, monkeypatch):
     """A timm_wrapper config's model_args went to timm.create_model as they were: a checkpoint_path
     anywhere (a FIFO blocked for ever), or a size no check here sees."""
