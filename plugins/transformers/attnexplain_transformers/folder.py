@@ -48,8 +48,9 @@ PARAMETER_SLACK = 1.05
 #: before transformers sees the config: attnexplain picks the attention (transformers' default,
 #: sdpa, or eager where the model has no other; eager while recording), never the folder.
 CODE_SELECTING_KEYS = (
+    # A Hub kernel's name ("kernels-community/flash-attn3") is downloaded and its code imported.
     "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
-    "_attn_implementation_autoset",  # a Hub kernel name ("kernels-community/...") is downloaded and imported
+    "_attn_implementation_autoset",
     "experts_implementation", "_experts_implementation", "_experts_implementation_internal",
     "use_kernels", "kernel_config",  # Hub kernels replacing layers
     "fusion_config",  # patches the model class's modules while loading
@@ -63,8 +64,8 @@ REFUSED_KEYS = ("quantization_config",)
 #: The largest model a config.json may describe, a margin beyond every public vision model (ViT-22B:
 #: 48 layers, hidden 6144, MLP 24576, 48 heads, patch 14; DINOv2-giant: 40 layers, 1536, 518/14;
 #: SwinV2-G: 50 blocks, heads to 128, 640/4; ConvNeXt-XXL: 40 blocks, width 3072; BiT-R152x4: width
-#: 8192; CLIP bigG's towers: 48 and 32 layers). Checked before anything is built: building even on
-#: the meta device takes a second per dozen layers (2,000 layers: 105 s and +330 MB).
+#: 8192; CLIP bigG's towers: 48 and 32 layers). Checked before anything is built: building takes
+#: time with every layer, even on the meta device (2,000 layers: 105 s and +330 MB, issue 23).
 MODEL_LIMITS = {
     "num_hidden_layers": 128,
     "hidden_size": 16384,
