@@ -819,20 +819,33 @@ def _print_evaluation(evaluation: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .evaluation_report import CONVENTION, shown_mean, shown_metrics, shown_number
+
     table = Table(title=f"{evaluation['images']['ok']} images, ranked by faithfulness")
-    metrics = list(dict.fromkeys(m for summary in evaluation["methods"].values() for m in summary))
-    better = evaluation["settings"]["better"]
+    metrics = shown_metrics(evaluation)
+    uninformative = evaluation.get("uninformative", [])
     table.add_column("method")
-    table.add_column("faithfulness", justify="right")
-    for metric in metrics:
-        table.add_column(f"{metric} {'↑' if better[metric] == 'higher' else '↓'}", justify="right")
+    table.add_column("faithfulness ↑", justify="right")
+    for metric, display in metrics.items():
+        table.add_column(f"{display['label']} {display['arrow']}{'*' if metric in uninformative else ''}",
+                         justify="right")
     for row in evaluation["ranking"]:
         summary = evaluation["methods"][row["method"]]
         name = row["method"] + (" (fails randomization)" if row["method"] in evaluation["randomization_failed"] else "")
-        table.add_row(name, "–" if row["faithfulness"] is None else f"{row['faithfulness']:.3f}",
-                      *[f"{summary[m]['mean']:.3f}" if m in summary else "–" for m in metrics])
+        table.add_row(name, shown_number(row["faithfulness"]),
+                      *[shown_mean(summary.get(metric), display)[0] for metric, display in metrics.items()])
     # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
     Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
+    click.echo(CONVENTION)
+    if uninformative:
+        click.echo(f"* Uninformative on these images, left out of the ranking (no method separates from the "
+                   f"random map): {', '.join(uninformative)}.")
+    agreement = evaluation.get("agreement")
+    if agreement:
+        lowest = min((pair for pair in agreement["pairs"] if pair["tau"] is not None), key=lambda p: p["tau"])
+        click.echo(f"Agreement of the metrics on the order of the methods: mean Kendall τ "
+                   f"{shown_number(agreement['mean_tau'])} (lowest: {' · '.join(lowest['metrics'])} "
+                   f"{shown_number(lowest['tau'])}).")
     click.echo(evaluation["verdict"])
     for name, reason in evaluation["settings"].get("left_out", {}).items():
         click.echo(f"Left out {name}: {reason}", err=True)
