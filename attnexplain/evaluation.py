@@ -406,7 +406,8 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
     if any(name in LOCALISATION for name in metrics):
         object_masks, errors = _object_masks(chunk, plan.preprocessing, box_table, masks_dir,
                                              settings.max_pixels, tuple(batch.shape[-2:]))
-        found = measure.localisation(maps.cpu(), object_masks)
+        found = measure.localisation(maps.cpu(), object_masks, config.pointing_tolerance,
+                                     _photo_pixel_sizes(chunk, tuple(batch.shape[-2:])))
         values.update({name: found[name] for name in LOCALISATION if name in metrics})
         curves["mask_errors"] = errors
     if "randomization" in metrics:
@@ -436,6 +437,15 @@ def _object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
         except MaskError as error:
             errors[i] = f"No localisation for {decoded.item.relative}: {error}."
     return result, errors
+
+
+def _photo_pixel_sizes(chunk, size: tuple[int, int]):
+    """(B, 2) photo pixels per model-input pixel (height, width) of each image: the pointing game's
+    tolerance is in the photo's pixels, as the paper's, whatever the model's input size."""
+    import torch
+
+    return torch.tensor([[(decoded.box[3] - decoded.box[1]) / size[0], (decoded.box[2] - decoded.box[0]) / size[1]]
+                         for decoded in chunk], dtype=torch.float64)
 
 
 def _randomization(loaded, batch, maps, targets, names, plan, options, config):

@@ -60,6 +60,7 @@ def test_evaluate_writes_json_csv_and_page_with_the_random_baseline(sample_resne
         low, high = gradcam[metric]["ci95"]
         assert low <= gradcam[metric]["mean"] <= high and gradcam[metric]["images"] == 4
     assert evaluation["images"] == {"total": 4, "ok": 4, "failed": 0, "mask_errors": 0}
+    assert evaluation["settings"]["pointing_tolerance"] == 15.0  # Zhang et al.'s, by default
     assert len(evaluation["curves"]["deletion"]["gradcam"]) == len(evaluation["curves"]["fractions"]) == 9
     assert [row["method"] for row in evaluation["ranking"]][0] in ("gradcam", "saliency", RANDOM_MAP)
     assert evaluation["verdict"].startswith(("Most faithful on these 4 images:", "No single winner:"))
@@ -411,3 +412,23 @@ def test_metrics_are_shown_as_a_reader_expects_and_never_as_negative_zero(capsys
         assert "stored in evaluation.json as the change after − before" in shown  # the convention, once
         assert shown.count("stored in evaluation.json as the change") == 1
     assert "[0.699, 0.701]" in page  # the interval flips with the sign, low to high
+
+
+def test_the_pointing_tolerance_is_in_the_photos_pixels_whatever_the_model_input_size():
+    """A 300×150 photo stretched to a 50×50 input: a model pixel is 3 photo pixels high and 6 wide, so
+    a peak 3 model pixels below the object is 9 photo pixels away (a hit at 15), 3 beside it 18 (a miss)."""
+    from types import SimpleNamespace
+
+    from attnexplain.evaluation import _photo_pixel_sizes
+    from attnexplain.metrics import localisation
+    from attnexplain.preprocess import Preprocessing, prepare
+
+    box = prepare(np.zeros((150, 300, 3), np.uint8), Preprocessing(size=(50, 50))).box
+    sizes = _photo_pixel_sizes([SimpleNamespace(box=box)], (50, 50))
+    assert sizes.tolist() == [[3.0, 6.0]]
+    mask = torch.zeros(1, 50, 50, dtype=torch.bool)
+    mask[0, 20:30, 20:30] = True
+    maps = torch.zeros(1, 2, 50, 50)
+    maps[0, 0, 32, 25] = 1.0  # 3 rows below the object
+    maps[0, 1, 25, 32] = 1.0  # 3 columns beside it
+    assert localisation(maps, mask, 15.0, sizes)["pointing"].tolist() == [[1.0, 0.0]]
