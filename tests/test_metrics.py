@@ -49,7 +49,7 @@ def _rise_kernel(size: int, sigma: float) -> torch.Tensor:
 
 
 def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: str, step: int,
-                        substrate) -> float:
+                        substrate, scores_too: bool = False):
     pixels = image.shape[-1] * image.shape[-2]
     with torch.no_grad():
         target = int(model(image).argmax(1)[0])
@@ -65,7 +65,8 @@ def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: 
             if i < steps:
                 coords = order[:, step * i:step * (i + 1)]
                 start.numpy().reshape(1, 3, pixels)[0, :, coords] = finish.numpy().reshape(1, 3, pixels)[0, :, coords]
-    return (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+    area = (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+    return (area, scores) if scores_too else area
 
 
 @pytest.mark.heavy
@@ -110,6 +111,27 @@ def test_deletion_and_insertion_equal_rise_causal_metric_on_a_small_image(tiny_c
             assert float(insertion[b, m]) == pytest.approx(_rise_causal_metric(
                 probability, images[b:b + 1], saliency[b, m].numpy(), "ins", 32,
                 lambda x: torch.nn.functional.conv2d(x, kernel, padding=5)), abs=1e-5)
+
+
+def test_deletion_points_equal_rise_and_the_area_integrates_over_the_true_fractions(tiny_cnn):
+    """Where the step does not divide the pixels (32×32 in 10 steps of 103: the last removes 97), every
+    point of the curve equals RISE's score, and our area is the trapezoid over the true fractions;
+    RISE's auc() spaces its points equally, so its area differs."""
+    torch.manual_seed(6)
+    image = torch.randn(1, 3, 32, 32)
+    saliency = torch.rand(1, 1, 32, 32)
+    probability = _Softmaxed(tiny_cnn)
+    with torch.no_grad():
+        probabilities = probability(image)
+    curves = causal_curves(_score(tiny_cnn), image, saliency, probabilities.argmax(1), probabilities.amax(1),
+                           MetricSettings(steps=10, batch_size=50))
+    rise_area, rise_scores = _rise_causal_metric(probability, image, saliency[0, 0].numpy(), "del", 103,
+                                                 torch.zeros_like, scores_too=True)
+    np.testing.assert_allclose(curves.deletion[0, 0].numpy(), rise_scores, atol=1e-5)
+    true_fractions = np.minimum(np.arange(11) * 103, 1024) / 1024
+    ours = float(curves.areas()[0][0, 0])
+    assert ours == pytest.approx(np.trapezoid(rise_scores, true_fractions), abs=1e-6)
+    assert abs(ours - rise_area) > 1e-6
 
 
 # --- ROAD against pytorch-grad-cam 1.5.7 ---------------------------------------------------------
