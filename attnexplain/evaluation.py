@@ -219,7 +219,9 @@ class _Sums:
         mean = getattr(self, which)[method] / count
         spread = np.sqrt(np.maximum(self.squares[key] / count - mean ** 2, 0) * count / (count - 1))
         half = 1.96 * spread / math.sqrt(count)
-        return [[round(float(low), 6), round(float(high), 6)] for low, high in zip(mean - half, mean + half)]
+        # A probability's curve: the band stays within [0, 1] where the approximation would leave it.
+        return [[round(float(low), 6), round(float(high), 6)]
+                for low, high in zip(np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1))]
 
     def means(self, which: str) -> dict[str, list[float]]:
         return {method: [round(float(v), 6) for v in total / self.counts[f"{which}:{method}"]]

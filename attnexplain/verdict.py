@@ -152,7 +152,8 @@ def judge(records: Sequence[dict[str, Any]], names: Sequence[str], value_names: 
         against_random[metric] = {method: paired_difference(BETTER[metric] * per_image(records, method, metric),
                                                             BETTER[metric] * chance, seed)
                                   for method in methods}
-        if not any(difference.separates for difference in against_random[metric].values()):
+        # On fewer than two images nothing separates: that is too few to judge, not a saturated metric.
+        if len(records) >= 2 and not any(difference.separates for difference in against_random[metric].values()):
             uninformative.append(metric)
     informative = [metric for metric in measured if metric not in uninformative]
     parts = score_parts(informative)
@@ -217,25 +218,27 @@ def _listed(names: Sequence[str]) -> str:
 
 def verdict_text(judgement: Judgement, randomization_checked: bool) -> str:
     """The one line the terminal and the page lead with."""
-    images = judgement.images
+    images = f"{judgement.images} image" + ("" if judgement.images == 1 else "s")
+    if not judgement.images:
+        return "No image was measured."
     if not judgement.parts:
         flagged = [metric for tier in SCORE_TIERS for metric in tier if metric in judgement.uninformative]
         if flagged:
-            text = (f"No ranking metric separates any method from the random map on these {images} images "
+            text = (f"No ranking metric separates any method from the random map on these {images} "
                     f"({', '.join(flagged)} uninformative): no method is recommended.")
         else:
-            text = f"No faithfulness metric was measured on {images} images."
+            text = f"No faithfulness metric was measured on {images}."
     elif not judgement.candidates:
-        text = f"No method can be recommended on these {images} images"
+        text = f"No method can be recommended on these {images}"
         text += ": every one fails the randomization check." if judgement.failing else "."
     elif judgement.winner is not None:
-        text = f"Most faithful on these {images} images: {judgement.winner}"
+        text = f"Most faithful on these {images}: {judgement.winner}"
         versus = judgement.pairwise.get((judgement.winner, RANDOM_MAP))
         if versus is None or not versus.separates or versus.mean <= 0:
             text += " (but no better than a random map)"
         text += "."
     else:
-        text = f"No single winner: {_listed(judgement.tied)}: no difference on {images} images."
+        text = f"No single winner: {_listed(judgement.tied)}: no difference on {images}."
     if judgement.parts:
         text += f" Ranked by {score_formula(judgement.parts)}"
         if judgement.uninformative:
@@ -245,6 +248,8 @@ def verdict_text(judgement: Judgement, randomization_checked: bool) -> str:
     if randomization_checked:
         text += (f" Never recommended, they fail the randomization check: {', '.join(judgement.failing)}."
                  if judgement.failing else " Every method passes the randomization check.")
+    elif judgement.candidates:
+        text += " The randomization check was not run: a method it would reject may lead."
     return text
 
 

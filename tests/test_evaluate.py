@@ -432,3 +432,18 @@ def test_the_pointing_tolerance_is_in_the_photos_pixels_whatever_the_model_input
     maps[0, 0, 32, 25] = 1.0  # 3 rows below the object
     maps[0, 1, 25, 32] = 1.0  # 3 columns beside it
     assert localisation(maps, mask, 15.0, sizes)["pointing"].tolist() == [[1.0, 0.0]]
+
+
+def test_too_few_images_name_no_winner_and_flag_no_metric():
+    """One image proves nothing (no interval), and no image is said plainly: nothing is flagged as
+    saturated for want of images."""
+    from attnexplain.verdict import judge, verdict_text
+
+    one = _records({"gradcam": {"deletion": np.array([0.1])}, "saliency": {"deletion": np.array([0.4])},
+                    RANDOM_MAP: {"deletion": np.array([0.6])}})
+    judged = judge(one, ["gradcam", "saliency", RANDOM_MAP], ["deletion"], [])
+    assert judged.winner is None and judged.uninformative == []
+    assert verdict_text(judged, False).startswith("No single winner: gradcam and saliency: no difference on 1 image.")
+    nothing = judge([], ["gradcam", RANDOM_MAP], ["deletion"], [])
+    assert verdict_text(nothing, True) == "No image was measured."
+    assert json.dumps(nothing.as_dict(), allow_nan=False)  # no NaN where nothing was measured
