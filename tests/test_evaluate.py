@@ -283,7 +283,7 @@ def _records(values: dict[str, dict[str, np.ndarray]]) -> list[dict]:
                          for method, by_metric in values.items()}} for i in range(count)]
 
 
-def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str]) -> dict:
+def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str], sums=None) -> dict:
     """What evaluation.json holds for these records (the summary of a run, its model faked)."""
     from types import SimpleNamespace
 
@@ -292,8 +292,8 @@ def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str]) ->
 
     loaded = SimpleNamespace(describe=lambda: {"source": "synthetic", "task": "classification"})
     plan = SimpleNamespace(layers=[], preprocessing=Preprocessing())
-    return _summary(loaded, plan, list(values), metrics, EvaluationSettings(), _records(values), _Sums(), [],
-                    1.0, ["synthetic"], {})
+    return _summary(loaded, plan, list(values), metrics, EvaluationSettings(), _records(values), sums or _Sums(),
+                    [], 1.0, ["synthetic"], {})
 
 
 def test_no_winner_where_the_paired_interval_of_two_methods_includes_zero():
@@ -447,3 +447,35 @@ def test_too_few_images_name_no_winner_and_flag_no_metric():
     nothing = judge([], ["gradcam", RANDOM_MAP], ["deletion"], [])
     assert verdict_text(nothing, True) == "No image was measured."
     assert json.dumps(nothing.as_dict(), allow_nan=False)  # no NaN where nothing was measured
+
+
+def test_the_curves_are_large_with_a_line_style_per_method_and_the_random_maps_band():
+    """Eight methods and the random map: no two lines look alike (colour and dash), the random map's
+    95% band (mean ± 1.96 standard errors per point) is drawn under them, as evaluation.json has it."""
+    import re
+
+    from attnexplain.evaluation import _Sums
+
+    rng = np.random.default_rng(7)
+    names = [f"method{i}" for i in range(8)] + [RANDOM_MAP]
+    fractions = np.linspace(0, 1, 6)
+    sums = _Sums(fractions=fractions)
+    curves = {name: np.clip(1 - fractions[None] * rng.uniform(0.5, 1, (10, 1)), 0, 1) for name in names}
+    for which in ("deletion", "insertion"):
+        for name in names:
+            sums.add(which, name, curves[name])
+    values = {name: {"deletion": curves[name].mean(axis=1)} for name in names}
+    evaluation = _summarised(values, ["deletion"], sums)
+    band = np.array(evaluation["curves"]["random_band"]["deletion"])
+    random_curves = curves[RANDOM_MAP]
+    half = 1.96 * random_curves.std(axis=0, ddof=1) / np.sqrt(10)
+    np.testing.assert_allclose(band, np.stack([random_curves.mean(0) - half, random_curves.mean(0) + half], 1).clip(0, 1),
+                               atol=1e-6)
+    page = render_evaluation_html(evaluation)
+    assert page.count('<svg width="480" height="300"') == 2 and page.count('<polygon class="band"') == 2
+    styles = re.findall(r'<polyline class="curve" data-method="([^"]+)" fill="none" stroke="([^"]+)" '
+                        r'stroke-width="[^"]+"(?: stroke-dasharray="([^"]+)")?', page)
+    assert len(styles) == 2 * 9
+    looks = {method: (colour, dash) for method, colour, dash in styles}
+    assert len(set(looks.values())) == 9  # every line its own colour and dash
+    assert looks[RANDOM_MAP] == ("#000", "5,3")
