@@ -750,6 +750,18 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _pointing_tolerance(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """The API's own check at parse time: a bad tolerance (negative, NaN, inf) is a usage error."""
+    from .errors import AttnExplainError
+    from .metrics import MetricSettings
+
+    try:
+        MetricSettings(pointing_tolerance=value)
+    except AttnExplainError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
 @main.command()
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
@@ -767,6 +779,9 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
               help="JSON file: file name → [[x, y, w, h], ...] in photo pixels, or a COCO file.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=2, max=10_000),
               help="Deletion/insertion: points per curve.")
+@click.option("--pointing-tolerance", default=15.0, show_default=True, type=float, callback=_pointing_tolerance,
+              help="Pointing game: a maximum of the map closer than this many pixels of the photo to the "
+                   "object still hits it (Zhang et al. 2018 count 15); 0: only a maximum on the object.")
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
 @functools.partial(image_options, leave_out=("alpha", "top_k"))
@@ -777,7 +792,7 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
-             boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
+             boxes: Path | None, steps: int, pointing_tolerance: float, target, layer, head_fusion, discard_ratio, eigen_smooth,
              aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, arch_kwargs, ema,
              num_classes, labels, trust_model,
              plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,
@@ -799,7 +814,8 @@ def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: P
     settings = EvaluationSettings(
         method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
         max_pixels=max_pixels, images_per_batch=images_per_batch, colormap=colormap,
-        metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64)),
+        metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64),
+                                       pointing_tolerance=pointing_tolerance),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
                                  window, baseline, batch_size, finer_classes))
     with writable_output_folder(out_dir), output_lock(out_dir):
@@ -819,20 +835,33 @@ def _print_evaluation(evaluation: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .evaluation_report import CONVENTION, shown_mean, shown_metrics, shown_number
+
     table = Table(title=f"{evaluation['images']['ok']} images, ranked by faithfulness")
-    metrics = list(dict.fromkeys(m for summary in evaluation["methods"].values() for m in summary))
-    better = evaluation["settings"]["better"]
+    metrics = shown_metrics(evaluation)
+    uninformative = evaluation.get("uninformative", [])
     table.add_column("method")
-    table.add_column("faithfulness", justify="right")
-    for metric in metrics:
-        table.add_column(f"{metric} {'↑' if better[metric] == 'higher' else '↓'}", justify="right")
+    table.add_column("faithfulness ↑", justify="right")
+    for metric, display in metrics.items():
+        table.add_column(f"{display['label']} {display['arrow']}{'*' if metric in uninformative else ''}",
+                         justify="right")
     for row in evaluation["ranking"]:
         summary = evaluation["methods"][row["method"]]
         name = row["method"] + (" (fails randomization)" if row["method"] in evaluation["randomization_failed"] else "")
-        table.add_row(name, "–" if row["faithfulness"] is None else f"{row['faithfulness']:.3f}",
-                      *[f"{summary[m]['mean']:.3f}" if m in summary else "–" for m in metrics])
+        table.add_row(name, shown_number(row["faithfulness"]),
+                      *[shown_mean(summary.get(metric), display)[0] for metric, display in metrics.items()])
     # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
     Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
+    click.echo(CONVENTION)
+    if uninformative:
+        click.echo(f"* Uninformative on these images, left out of the ranking (no method separates from the "
+                   f"random map): {', '.join(uninformative)}.")
+    agreement = evaluation.get("agreement")
+    if agreement:
+        lowest = min((pair for pair in agreement["pairs"] if pair["tau"] is not None), key=lambda p: p["tau"])
+        click.echo(f"Agreement of the metrics on the order of the methods: mean Kendall τ "
+                   f"{shown_number(agreement['mean_tau'])} (lowest: {' · '.join(lowest['metrics'])} "
+                   f"{shown_number(lowest['tau'])}).")
     click.echo(evaluation["verdict"])
     for name, reason in evaluation["settings"].get("left_out", {}).items():
         click.echo(f"Left out {name}: {reason}", err=True)

@@ -23,6 +23,7 @@ from .errors import AttnExplainError, MethodError, shown
 from .formats import DEFAULT_COLORMAP
 from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_LIMIT,
                       MetricSettings)
+from .verdict import bootstrap_interval, judge, verdict_text
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_CSV = "evaluation.csv"
@@ -32,7 +33,6 @@ EVALUATION_HTML = "evaluation.html"
 MAX_BOXES_BYTES = 64 * 1024 * 1024
 MAX_BOXES_PER_IMAGE = 1000
 EXAMPLE_IMAGES = 3
-BOOTSTRAP_SAMPLES = 1000
 
 
 class MaskError(AttnExplainError):
@@ -199,6 +199,7 @@ class _Sums:
     randomization: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     fractions: np.ndarray | None = None
+    squares: dict[str, np.ndarray] = field(default_factory=dict)  # "which:method" → sum of squares
 
     def add(self, which: str, method: str, per_image: np.ndarray) -> None:
         """Add (images, points) curves."""
@@ -206,6 +207,21 @@ class _Sums:
         table[method] = table.get(method, 0) + per_image.sum(axis=0)
         key = f"{which}:{method}"
         self.counts[key] = self.counts.get(key, 0) + per_image.shape[0]
+        self.squares[key] = self.squares.get(key, 0) + np.square(per_image.astype(np.float64)).sum(axis=0)
+
+    def band(self, which: str, method: str) -> list[list[float]]:
+        """Per point, the 95% interval of the mean curve (normal approximation): the page draws the
+        random map's, so a method's mean curve can be seen inside or outside chance."""
+        key = f"{which}:{method}"
+        if key not in self.counts or self.counts[key] < 2:
+            return []
+        count = self.counts[key]
+        mean = getattr(self, which)[method] / count
+        spread = np.sqrt(np.maximum(self.squares[key] / count - mean ** 2, 0) * count / (count - 1))
+        half = 1.96 * spread / math.sqrt(count)
+        # A probability's curve: the band stays within [0, 1] where the approximation would leave it.
+        return [[round(float(low), 6), round(float(high), 6)]
+                for low, high in zip(np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1))]
 
     def means(self, which: str) -> dict[str, list[float]]:
         return {method: [round(float(v), 6) for v in total / self.counts[f"{which}:{method}"]]
@@ -392,7 +408,8 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
     if any(name in LOCALISATION for name in metrics):
         object_masks, errors = _object_masks(chunk, plan.preprocessing, box_table, masks_dir,
                                              settings.max_pixels, tuple(batch.shape[-2:]))
-        found = measure.localisation(maps.cpu(), object_masks)
+        found = measure.localisation(maps.cpu(), object_masks, config.pointing_tolerance,
+                                     _photo_pixel_sizes(chunk, tuple(batch.shape[-2:])))
         values.update({name: found[name] for name in LOCALISATION if name in metrics})
         curves["mask_errors"] = errors
     if "randomization" in metrics:
@@ -422,6 +439,15 @@ def _object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
         except MaskError as error:
             errors[i] = f"No localisation for {decoded.item.relative}: {error}."
     return result, errors
+
+
+def _photo_pixel_sizes(chunk, size: tuple[int, int]):
+    """(B, 2) photo pixels per model-input pixel (height, width) of each image: the pointing game's
+    tolerance is in the photo's pixels, as the paper's, whatever the model's input size."""
+    import torch
+
+    return torch.tensor([[(decoded.box[3] - decoded.box[1]) / size[0], (decoded.box[2] - decoded.box[0]) / size[1]]
+                         for decoded in chunk], dtype=torch.float64)
 
 
 def _randomization(loaded, batch, maps, targets, names, plan, options, config):
@@ -473,31 +499,6 @@ def _rounded(value) -> float:
 
 # --- the summary ---------------------------------------------------------------------------------
 
-def bootstrap_interval(values: Sequence[float], seed: int = 0,
-                       samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean."""
-    data = np.asarray(values, dtype=np.float64)
-    if data.size < 2:
-        return (float(data.mean()), float(data.mean())) if data.size else (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def faithfulness(summary: dict[str, dict[str, Any]]) -> float:
-    """One number to rank methods by, higher better: insertion − deletion where measured, else ROAD,
-    else minus the average drop."""
-    def mean(metric):
-        return summary.get(metric, {}).get("mean")
-
-    if mean("insertion") is not None and mean("deletion") is not None:
-        return mean("insertion") - mean("deletion")
-    for metric, sign in (("insertion", 1), ("deletion", -1), ("road", 1), ("avg_drop", -1)):
-        if mean(metric) is not None:
-            return sign * mean(metric)
-    return math.nan
-
-
 def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wall_s, input_specs,
              left_out: dict[str, str]):
     from .report import versions
@@ -514,9 +515,9 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
                 summary[metric] = {"mean": _rounded(np.mean(column)), "ci95": [_rounded(low), _rounded(high)],
                                    "images": len(column)}
         methods[name] = summary
-    ranking = sorted((name for name in names), key=lambda n: -_finite(faithfulness(methods[n])))
     failing = [name for name in names if name != RANDOM_MAP
                and methods[name].get("randomization", {}).get("mean", -1) > RANDOMIZATION_LIMIT]
+    judgement = judge(ok, names, value_names, failing, settings.metric_settings.seed)
     fractions = sums.fractions
     evaluation = {
         "model": loaded.describe(),
@@ -529,35 +530,16 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
         "images": {"total": len(records), "ok": len(ok), "failed": len(records) - len(ok),
                    "mask_errors": sum(1 for r in ok if "mask_error" in r)},
         "methods": methods,
-        "ranking": [{"method": name, "faithfulness": _rounded(faithfulness(methods[name]))
-                     if not math.isnan(faithfulness(methods[name])) else None} for name in ranking],
+        "ranking": judgement.ranking,
+        **judgement.as_dict(),
         "randomization_failed": failing,
-        "verdict": _verdict(ranking, methods, failing, len(ok), "randomization" in metrics),
+        "verdict": verdict_text(judgement, "randomization" in metrics),
         "curves": {"fractions": [round(float(f), 6) for f in fractions] if fractions is not None else [],
                    "deletion": sums.means("deletion"), "insertion": sums.means("insertion"),
+                   "random_band": {which: sums.band(which, RANDOM_MAP) for which in ("deletion", "insertion")
+                                   if RANDOM_MAP in getattr(sums, which)},
                    "randomization": sums.means("randomization")},
         "per_image": records,
         "wall_s": round(wall_s, 3),
     }
     return {**evaluation, "examples": examples}
-
-
-def _finite(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
-
-
-def _verdict(ranking, methods, failing, images, checked) -> str:
-    real = [name for name in ranking if name != RANDOM_MAP and not math.isnan(faithfulness(methods[name]))]
-    if not real:
-        return f"No faithfulness metric was measured on {images} images."
-    best = real[0]
-    text = f"Most faithful on these {images} images: {best}"
-    chance = faithfulness(methods.get(RANDOM_MAP, {}))
-    if not math.isnan(chance) and faithfulness(methods[best]) <= chance:
-        text += " (but no better than a random map)"
-    if checked:
-        text += (f"; fails the randomization check (maps unchanged with random weights): {', '.join(failing)}."
-                 if failing else "; every method passes the randomization check.")
-    else:
-        text += "."
-    return text

@@ -20,7 +20,18 @@ from .metrics import RANDOM_MAP
 from .report import templates
 
 #: Plot area of the curves on the page, in SVG user units.
-PLOT_WIDTH, PLOT_HEIGHT = 320, 200
+PLOT_WIDTH, PLOT_HEIGHT = 480, 300
+#: How a value is shown, where evaluation.json's sign is not what a reader expects: ROAD stores the
+#: change of probability (after − before), so a faithful map's MoRF is negative and "lower is
+#: better"; shown as the drop (before − after), larger means a larger effect, as every other value.
+SHOWN_AS_DROP = ("road_morf", "road_lerf")
+#: The convention, stated once on the page and the terminal.
+CONVENTION = ("Every value is shown as a size of effect: areas under the probability curves, drops "
+              "of the target's probability (road_morf and road_lerf: before − after, stored in "
+              "evaluation.json as the change after − before), shares of images or of the map; "
+              "↑ higher is better, ↓ lower is better.")
+#: Line styles of the curves: methods differ by dash as well as by colour (colour-blind readers, print).
+DASHES = ("", "8,4", "2,3", "10,3,2,3", "4,4", "1,5", "12,6", "6,2,2,2,2,2")
 
 
 def evaluation_csv(evaluation: dict[str, Any]) -> str:
@@ -49,25 +60,77 @@ def curve_paths(curves: dict[str, list[float]], fractions: list[float]) -> dict[
             for method, values in curves.items()}
 
 
+def band_path(band: list[list[float]] | None, fractions: list[float]) -> str | None:
+    """SVG polygon points of the random map's band (per point [low, high]), or None."""
+    if not band or len(band) != len(fractions):
+        return None
+    def point(x: float, y: float) -> str:
+        return f"{PLOT_WIDTH * x:.1f},{PLOT_HEIGHT * (1 - min(max(y, 0.0), 1.0)):.1f}"
+    upper = [point(x, high) for x, (_, high) in zip(fractions, band)]
+    lower = [point(x, low) for x, (low, _) in zip(fractions, band)]
+    return " ".join(upper + lower[::-1])
+
+
+def pairs_of(pairwise: list[dict[str, Any]], method: str | None) -> list[dict[str, Any]]:
+    """``method``'s paired differences with every other, each as ``method`` − other."""
+    found = []
+    for pair in pairwise:
+        if pair["method"] == method:
+            found.append(pair)
+        elif pair["other"] == method and pair["ci95"] is not None:
+            low, high = pair["ci95"]
+            found.append({"method": method, "other": pair["method"], "difference": -pair["difference"],
+                          "ci95": [-high, -low], "images": pair["images"]})
+    return found
+
+
 def render_evaluation_html(evaluation: dict[str, Any]) -> str:
-    metrics = list(dict.fromkeys(metric for summary in evaluation["methods"].values() for metric in summary))
     fractions = evaluation["curves"]["fractions"]
-    plots = [(name, curve_paths(evaluation["curves"][name], fractions))
+    bands = evaluation["curves"].get("random_band", {})
+    plots = [(name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
              for name in ("deletion", "insertion") if evaluation["curves"][name]]
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                "#bcbd22", "#7f7f7f"]
-    colours = {}
+    colours, dashes = {}, {}
     for method in evaluation["methods"]:
         colours[method] = "#000" if method == RANDOM_MAP else palette[len(colours) % len(palette)]
+        # 8 dashes beside 10 colours: the first 40 methods differ in colour or dash from each other.
+        dashes[method] = "5,3" if method == RANDOM_MAP else DASHES[(len(dashes)) % len(DASHES)]
+    best = evaluation.get("winner") or next(iter(evaluation.get("no_difference") or []), None)
     return templates().get_template("evaluation.html.j2").render(
-        evaluation=evaluation, metrics=metrics, plots=plots, colours=colours, random_map=RANDOM_MAP,
-        width=PLOT_WIDTH, height=PLOT_HEIGHT, shown=_shown)
+        evaluation=evaluation, best=best, best_pairs=pairs_of(evaluation.get("pairwise", []), best), metrics=shown_metrics(evaluation), plots=plots, colours=colours, dashes=dashes,
+        random_map=RANDOM_MAP, width=PLOT_WIDTH, height=PLOT_HEIGHT, shown=shown_number, shown_mean=shown_mean,
+        convention=CONVENTION)
 
 
-def _shown(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def shown_number(value: Any, sign: int = 1) -> str:
+    """``value`` × ``sign`` with three decimals, "–" where missing; never "-0.000"."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
-    return f"{value:.3f}"
+    return f"{round(sign * value, 3) + 0.0:.3f}"  # + 0.0 turns a rounded -0.0 into 0.0
+
+
+def metric_display(metric: str, better: str) -> dict[str, Any]:
+    """How ``metric`` is shown: its label, the sign its values are shown with, and the arrow of the
+    better direction once that sign is applied (``better`` as evaluation.json's settings give it)."""
+    sign = -1 if metric in SHOWN_AS_DROP else 1
+    higher = (better == "higher") == (sign > 0)
+    return {"label": f"{metric} drop" if sign < 0 else metric, "sign": sign, "arrow": "↑" if higher else "↓"}
+
+
+def shown_mean(summary: dict[str, Any] | None, display: dict[str, Any]) -> tuple[str, str]:
+    """A metric's mean and its interval ``[low, high]`` as shown (the interval flips with the sign)."""
+    if not summary:
+        return "–", ""
+    ends = sorted(display["sign"] * value for value in summary["ci95"])
+    return shown_number(summary["mean"], display["sign"]), f"[{shown_number(ends[0])}, {shown_number(ends[1])}]"
+
+
+def shown_metrics(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every metric measured (in the order measured) → :func:`metric_display`."""
+    better = evaluation["settings"]["better"]
+    metrics = dict.fromkeys(metric for summary in evaluation["methods"].values() for metric in summary)
+    return {metric: metric_display(metric, better[metric]) for metric in metrics}
 
 
 def write_evaluation(out: Path, evaluation: dict[str, Any]) -> dict[str, Path]:

@@ -16,6 +16,7 @@ from PIL import Image
 from attnexplain.cli import main
 from attnexplain.explanation import _as_loaded_model
 from attnexplain.evaluation import EvaluationSettings, evaluate
+from attnexplain.evaluation_report import render_evaluation_html
 from attnexplain.loading import load_model
 from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_correlations
 
@@ -59,9 +60,10 @@ def test_evaluate_writes_json_csv_and_page_with_the_random_baseline(sample_resne
         low, high = gradcam[metric]["ci95"]
         assert low <= gradcam[metric]["mean"] <= high and gradcam[metric]["images"] == 4
     assert evaluation["images"] == {"total": 4, "ok": 4, "failed": 0, "mask_errors": 0}
+    assert evaluation["settings"]["pointing_tolerance"] == 15.0  # Zhang et al.'s, by default
     assert len(evaluation["curves"]["deletion"]["gradcam"]) == len(evaluation["curves"]["fractions"]) == 9
     assert [row["method"] for row in evaluation["ranking"]][0] in ("gradcam", "saliency", RANDOM_MAP)
-    assert evaluation["verdict"].startswith("Most faithful on these 4 images:")
+    assert evaluation["verdict"].startswith(("Most faithful on these 4 images:", "No single winner:"))
     assert evaluation["verdict"] in result.output
     rows = list(csv.DictReader(io.StringIO((out / "evaluation.csv").read_text())))
     assert len(rows) == 4 * 3 and {row["method"] for row in rows} == {"gradcam", "saliency", RANDOM_MAP}
@@ -269,3 +271,211 @@ def test_methods_the_model_refuses_only_when_it_runs_are_left_out_not_every_imag
     named, _ = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam,deeplift",
                           "--metrics", "deletion", "--steps", "4", "--size", "64"], tmp_path / "named")
     assert named.exit_code == 1 and "deeplift cannot run on this model" in named.output
+
+
+# --- the verdict: paired intervals, the randomization check, saturated metrics (no model) -------
+
+def _records(values: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """``ok`` per-image records as evaluate writes them, from {method: {metric: value per image}}."""
+    count = len(next(iter(next(iter(values.values())).values())))
+    return [{"image": f"i{i}.png", "path": f"i{i}.png", "status": "ok",
+             "metrics": {method: {metric: float(column[i]) for metric, column in by_metric.items()}
+                         for method, by_metric in values.items()}} for i in range(count)]
+
+
+def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str], sums=None) -> dict:
+    """What evaluation.json holds for these records (the summary of a run, its model faked)."""
+    from types import SimpleNamespace
+
+    from attnexplain.evaluation import _Sums, _summary
+    from attnexplain.preprocess import Preprocessing
+
+    loaded = SimpleNamespace(describe=lambda: {"source": "synthetic", "task": "classification"})
+    plan = SimpleNamespace(layers=[], preprocessing=Preprocessing())
+    return _summary(loaded, plan, list(values), metrics, EvaluationSettings(), _records(values), sums or _Sums(),
+                    [], 1.0, ["synthetic"], {})
+
+
+def test_no_winner_where_the_paired_interval_of_two_methods_includes_zero():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.1, 0.6, 24)
+    evaluation = _summarised({"gradcam": {"deletion": base}, "layercam": {"deletion": base + rng.normal(0, 0.02, 24)},
+                              "xgradcam": {"deletion": base + rng.normal(0, 0.02, 24)},
+                              RANDOM_MAP: {"deletion": base + 0.2}}, ["deletion"])
+    assert evaluation["winner"] is None
+    assert set(evaluation["no_difference"]) == {"gradcam", "layercam", "xgradcam"}
+    assert ": no difference on 24 images." in evaluation["verdict"]
+    assert not evaluation["verdict"].startswith("Most faithful")
+    pairs = {(p["method"], p["other"]): p for p in evaluation["pairwise"]}
+    assert len(pairs) == 6  # every two of the three methods and the random map
+    top = evaluation["no_difference"][0]
+    for other in set(evaluation["no_difference"]) - {top}:
+        low, high = pairs[(top, other)]["ci95"]
+        assert low <= 0 <= high and pairs[(top, other)]["images"] == 24
+
+
+def test_a_winner_where_the_paired_interval_excludes_zero_though_the_means_intervals_overlap():
+    """Images differ far more than methods do: the methods' own intervals overlap, but on every image
+    gradcam deletes the class faster than saliency, which only a paired comparison sees."""
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.1, 0.6, 24)
+    evaluation = _summarised({"gradcam": {"deletion": base}, "saliency": {"deletion": base + 0.01 + rng.normal(0, 0.003, 24)},
+                              RANDOM_MAP: {"deletion": base + 0.2}}, ["deletion"])
+    gradcam, saliency = evaluation["methods"]["gradcam"]["deletion"], evaluation["methods"]["saliency"]["deletion"]
+    assert saliency["ci95"][0] < gradcam["ci95"][1]  # unpaired, they overlap
+    pair = next(p for p in evaluation["pairwise"] if (p["method"], p["other"]) == ("gradcam", "saliency"))
+    saliency_values = np.array([r["metrics"]["saliency"]["deletion"] for r in evaluation["per_image"]])
+    assert pair["ci95"][0] > 0 and pair["difference"] == pytest.approx(np.mean(saliency_values - base), abs=1e-6)
+    assert evaluation["winner"] == "gradcam" and evaluation["no_difference"] == []
+    assert evaluation["verdict"].startswith("Most faithful on these 24 images: gradcam. Ranked by −deletion.")
+
+
+def test_a_method_failing_the_randomization_check_is_never_recommended():
+    from attnexplain.verdict import judge, verdict_text
+
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.1, 0.6, 24)
+    records = _records({"guided_backprop": {"deletion": base - 0.2}, "gradcam": {"deletion": base},
+                        "saliency": {"deletion": base + 0.1}, RANDOM_MAP: {"deletion": base + 0.3}})
+    names = ["guided_backprop", "gradcam", "saliency", RANDOM_MAP]
+    judged = judge(records, names, ["deletion"], failing=["guided_backprop"])
+    assert judged.ranking[0]["method"] == "guided_backprop"  # the most faithful by far...
+    assert judged.winner == "gradcam"  # ...but never the recommendation
+    text = verdict_text(judged, randomization_checked=True)
+    assert text.startswith("Most faithful on these 24 images: gradcam.")
+    assert text.endswith("Never recommended, they fail the randomization check: guided_backprop.")
+    every = judge(records, names, ["deletion"], failing=["guided_backprop", "gradcam", "saliency"])
+    assert every.winner is None and every.tied == []
+    assert "No method can be recommended" in verdict_text(every, randomization_checked=True)
+
+
+def test_a_saturated_metric_is_flagged_uninformative_and_left_out_of_the_ranking():
+    """RISE's blur-baseline insertion on an easy model: about 0.998 for every method and the random
+    map, within the images' noise. It is flagged, and the ranking score is −deletion alone."""
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.1, 0.6, 24)
+    chance = 0.994 + rng.uniform(-0.004, 0.004, 24)
+    swing = np.tile([0.004, -0.004], 12)  # per image a method is above or below chance, on average neither
+    values = {name: {"deletion": base + shift, "insertion": chance + swing * sign}
+              for name, shift, sign in (("gradcam", 0.0, 1), ("saliency", 0.05, -1), (RANDOM_MAP, 0.2, 0))}
+    evaluation = _summarised(values, ["deletion", "insertion"])
+    assert evaluation["uninformative"] == ["insertion"]
+    for method in ("gradcam", "saliency"):
+        low, high = evaluation["against_random"]["insertion"][method]["ci95"]
+        assert low <= 0 <= high
+        assert evaluation["against_random"]["deletion"][method]["ci95"][0] > 0
+    assert evaluation["score"] == {"metrics": ["deletion"], "formula": "−deletion"}
+    for row in evaluation["ranking"]:
+        assert row["faithfulness"] == pytest.approx(-np.mean(values[row["method"]]["deletion"]), abs=1e-6)
+    assert "uninformative on these images (no method separates from the random map): insertion" in evaluation["verdict"]
+    page = render_evaluation_html(evaluation)
+    assert "Uninformative on these 24 images, left out of the ranking: insertion" in page
+
+
+def test_the_agreement_of_the_metrics_is_kendall_tau_between_their_rankings():
+    """deletion and pointing order the three methods alike (τ 1 once each is signed so that higher is
+    better), mass in reverse (τ −1)."""
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(5)
+    noise = lambda: rng.normal(0, 0.001, 12)  # noqa: E731
+    values = {name: {"deletion": 0.1 * rank + 0.1 + noise(), "pointing": 0.9 - 0.2 * rank + noise(),
+                     "mass": 0.2 + 0.2 * rank + noise()}
+              for rank, name in enumerate(("gradcam", "layercam", "saliency"))}
+    values[RANDOM_MAP] = {"deletion": 0.8 + noise(), "pointing": 0.1 + noise(), "mass": 0.05 + noise()}
+    evaluation = _summarised(values, ["deletion", "pointing", "mass"])
+    taus = {tuple(pair["metrics"]): pair["tau"] for pair in evaluation["agreement"]["pairs"]}
+    assert taus == {("deletion", "pointing"): 1.0, ("deletion", "mass"): -1.0, ("pointing", "mass"): -1.0}
+    assert evaluation["agreement"]["mean_tau"] == pytest.approx(-1 / 3, abs=1e-6)
+    assert kendalltau([1, 2, 3], [3, 2, 1]).statistic == -1.0  # the convention: reversed order is −1
+    assert "Kendall τ" in render_evaluation_html(evaluation)
+
+
+def test_metrics_are_shown_as_a_reader_expects_and_never_as_negative_zero(capsys):
+    """ROAD's MoRF is stored as the change of probability (−0.7: a faithful map) and shown as the drop
+    (0.700, ↑ better); a value that rounds to zero is 0.000 on the page and the terminal, never -0.000."""
+    from attnexplain.cli import _print_evaluation
+
+    rng = np.random.default_rng(6)
+    values = {name: {"road_morf": morf + np.tile([0.001, -0.001], 4), "road_lerf": np.full(8, -0.0001),
+                     "road": rng.normal(-0.0002, 0.00001, 8)}
+              for name, morf in (("gradcam", -0.7), ("saliency", -0.5), (RANDOM_MAP, -0.2))}
+    evaluation = _summarised(values, ["road"])
+    assert evaluation["methods"]["gradcam"]["road_morf"]["mean"] == pytest.approx(-0.7, abs=0.01)
+    page = render_evaluation_html(evaluation)
+    _print_evaluation(evaluation)
+    terminal = capsys.readouterr().out
+    for shown in (page, terminal):
+        assert "-0.000" not in shown and "−0.000" not in shown
+        assert "road_morf drop ↑" in shown and "road_lerf drop ↓" in shown
+        assert "0.700" in shown and "-0.700" not in shown
+        assert "stored in evaluation.json as the change after − before" in shown  # the convention, once
+        assert shown.count("stored in evaluation.json as the change") == 1
+    assert "[0.699, 0.701]" in page  # the interval flips with the sign, low to high
+
+
+def test_the_pointing_tolerance_is_in_the_photos_pixels_whatever_the_model_input_size():
+    """A 300×150 photo stretched to a 50×50 input: a model pixel is 3 photo pixels high and 6 wide, so
+    a peak 3 model pixels below the object is 9 photo pixels away (a hit at 15), 3 beside it 18 (a miss)."""
+    from types import SimpleNamespace
+
+    from attnexplain.evaluation import _photo_pixel_sizes
+    from attnexplain.metrics import localisation
+    from attnexplain.preprocess import Preprocessing, prepare
+
+    box = prepare(np.zeros((150, 300, 3), np.uint8), Preprocessing(size=(50, 50))).box
+    sizes = _photo_pixel_sizes([SimpleNamespace(box=box)], (50, 50))
+    assert sizes.tolist() == [[3.0, 6.0]]
+    mask = torch.zeros(1, 50, 50, dtype=torch.bool)
+    mask[0, 20:30, 20:30] = True
+    maps = torch.zeros(1, 2, 50, 50)
+    maps[0, 0, 32, 25] = 1.0  # 3 rows below the object
+    maps[0, 1, 25, 32] = 1.0  # 3 columns beside it
+    assert localisation(maps, mask, 15.0, sizes)["pointing"].tolist() == [[1.0, 0.0]]
+
+
+def test_too_few_images_name_no_winner_and_flag_no_metric():
+    """One image proves nothing (no interval), and no image is said plainly: nothing is flagged as
+    saturated for want of images."""
+    from attnexplain.verdict import judge, verdict_text
+
+    one = _records({"gradcam": {"deletion": np.array([0.1])}, "saliency": {"deletion": np.array([0.4])},
+                    RANDOM_MAP: {"deletion": np.array([0.6])}})
+    judged = judge(one, ["gradcam", "saliency", RANDOM_MAP], ["deletion"], [])
+    assert judged.winner is None and judged.uninformative == []
+    assert verdict_text(judged, False).startswith("No single winner: gradcam and saliency: no difference on 1 image.")
+    nothing = judge([], ["gradcam", RANDOM_MAP], ["deletion"], [])
+    assert verdict_text(nothing, True) == "No image was measured."
+    assert json.dumps(nothing.as_dict(), allow_nan=False)  # no NaN where nothing was measured
+
+
+def test_the_curves_are_large_with_a_line_style_per_method_and_the_random_maps_band():
+    """Eight methods and the random map: no two lines look alike (colour and dash), the random map's
+    95% band (mean ± 1.96 standard errors per point) is drawn under them, as evaluation.json has it."""
+    import re
+
+    from attnexplain.evaluation import _Sums
+
+    rng = np.random.default_rng(7)
+    names = [f"method{i}" for i in range(8)] + [RANDOM_MAP]
+    fractions = np.linspace(0, 1, 6)
+    sums = _Sums(fractions=fractions)
+    curves = {name: np.clip(1 - fractions[None] * rng.uniform(0.5, 1, (10, 1)), 0, 1) for name in names}
+    for which in ("deletion", "insertion"):
+        for name in names:
+            sums.add(which, name, curves[name])
+    values = {name: {"deletion": curves[name].mean(axis=1)} for name in names}
+    evaluation = _summarised(values, ["deletion"], sums)
+    band = np.array(evaluation["curves"]["random_band"]["deletion"])
+    random_curves = curves[RANDOM_MAP]
+    half = 1.96 * random_curves.std(axis=0, ddof=1) / np.sqrt(10)
+    np.testing.assert_allclose(band, np.stack([random_curves.mean(0) - half, random_curves.mean(0) + half], 1).clip(0, 1),
+                               atol=1e-6)
+    page = render_evaluation_html(evaluation)
+    assert page.count('<svg width="480" height="300"') == 2 and page.count('<polygon class="band"') == 2
+    styles = re.findall(r'<polyline class="curve" data-method="([^"]+)" fill="none" stroke="([^"]+)" '
+                        r'stroke-width="[^"]+"(?: stroke-dasharray="([^"]+)")?', page)
+    assert len(styles) == 2 * 9
+    looks = {method: (colour, dash) for method, colour, dash in styles}
+    assert len(set(looks.values())) == 9  # every line its own colour and dash
+    assert looks[RANDOM_MAP] == ("#000", "5,3")

@@ -361,3 +361,26 @@ def test_a_constant_map_says_constant_in_the_report(tmp_path, small_photo):
     report = explanation.save(tmp_path / "saved")
     assert "constant" in report["maps"]["gradcam"]["warning"]
     assert "constant" in (tmp_path / "saved" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1e9", "fifteen"])
+def test_a_bad_pointing_tolerance_is_a_one_line_usage_error(tmp_path, value):
+    """Refused while the options are parsed: before any model loads, nothing written."""
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "model.pt"), str(tmp_path), "--out", str(out),
+                                       "--pointing-tolerance", value])
+    assert result.exit_code == 2, result.output
+    assert "--pointing-tolerance" in result.output and "Traceback" not in result.output
+    reason = "is not a valid float" if value == "fifteen" else "pointing tolerance must be a number of pixels"
+    assert reason in result.output
+    assert not out.exists()
+
+
+def test_a_bad_pointing_tolerance_through_the_api_is_a_one_line_error():
+    from attnexplain.errors import AttnExplainError
+    from attnexplain.metrics import MetricSettings
+
+    for value in (float("nan"), -0.5, float("inf"), "15", True):
+        with pytest.raises(AttnExplainError, match="pointing tolerance must be a number of pixels"):
+            MetricSettings(pointing_tolerance=value)
+    assert MetricSettings().pointing_tolerance == 15.0 and MetricSettings(pointing_tolerance=0).pointing_tolerance == 0

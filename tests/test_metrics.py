@@ -49,7 +49,7 @@ def _rise_kernel(size: int, sigma: float) -> torch.Tensor:
 
 
 def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: str, step: int,
-                        substrate) -> float:
+                        substrate, scores_too: bool = False):
     pixels = image.shape[-1] * image.shape[-2]
     with torch.no_grad():
         target = int(model(image).argmax(1)[0])
@@ -65,7 +65,8 @@ def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: 
             if i < steps:
                 coords = order[:, step * i:step * (i + 1)]
                 start.numpy().reshape(1, 3, pixels)[0, :, coords] = finish.numpy().reshape(1, 3, pixels)[0, :, coords]
-    return (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+    area = (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+    return (area, scores) if scores_too else area
 
 
 @pytest.mark.heavy
@@ -110,6 +111,27 @@ def test_deletion_and_insertion_equal_rise_causal_metric_on_a_small_image(tiny_c
             assert float(insertion[b, m]) == pytest.approx(_rise_causal_metric(
                 probability, images[b:b + 1], saliency[b, m].numpy(), "ins", 32,
                 lambda x: torch.nn.functional.conv2d(x, kernel, padding=5)), abs=1e-5)
+
+
+def test_deletion_points_equal_rise_and_the_area_integrates_over_the_true_fractions(tiny_cnn):
+    """Where the step does not divide the pixels (32×32 in 10 steps of 103: the last removes 97), every
+    point of the curve equals RISE's score, and our area is the trapezoid over the true fractions;
+    RISE's auc() spaces its points equally, so its area differs."""
+    torch.manual_seed(6)
+    image = torch.randn(1, 3, 32, 32)
+    saliency = torch.rand(1, 1, 32, 32)
+    probability = _Softmaxed(tiny_cnn)
+    with torch.no_grad():
+        probabilities = probability(image)
+    curves = causal_curves(_score(tiny_cnn), image, saliency, probabilities.argmax(1), probabilities.amax(1),
+                           MetricSettings(steps=10, batch_size=50))
+    rise_area, rise_scores = _rise_causal_metric(probability, image, saliency[0, 0].numpy(), "del", 103,
+                                                 torch.zeros_like, scores_too=True)
+    np.testing.assert_allclose(curves.deletion[0, 0].numpy(), rise_scores, atol=1e-5)
+    true_fractions = np.minimum(np.arange(11) * 103, 1024) / 1024
+    ours = float(curves.areas()[0][0, 0])
+    assert ours == pytest.approx(np.trapezoid(rise_scores, true_fractions), abs=1e-6)
+    assert abs(ours - rise_area) > 1e-6
 
 
 # --- ROAD against pytorch-grad-cam 1.5.7 ---------------------------------------------------------
@@ -236,6 +258,60 @@ def test_localisation_equals_the_pointing_game_relevance_mass_and_rank_formulas(
 def test_localisation_is_nan_for_an_empty_mask():
     values = localisation(torch.rand(1, 1, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool))
     assert all(bool(torch.isnan(v).all()) for v in values.values())
+
+
+# --- the pointing game's tolerance (Zhang et al. 2018: 15 px) -------------------------------------
+
+def _peak_at(y: int, x: int, size=(20, 20)) -> torch.Tensor:
+    heatmap = torch.zeros(1, 1, *size)
+    heatmap[0, 0, y, x] = 1.0
+    return heatmap
+
+
+def test_pointing_counts_a_maximum_closer_than_the_tolerance_in_photo_pixels_as_a_hit():
+    """By hand: the object is rows 0-4, the peak at row 10 (6 map pixels below it). A map pixel of 2
+    photo pixels in height puts it 12 photo pixels away; in width it changes nothing."""
+    mask = torch.zeros(1, 20, 20, dtype=torch.bool)
+    mask[0, :5] = True
+    peak = _peak_at(10, 3)
+
+    def hit(tolerance, pixel_size=None):
+        sizes = None if pixel_size is None else torch.tensor([pixel_size], dtype=torch.float64)
+        return float(localisation(peak, mask, tolerance, sizes)["pointing"][0, 0])
+
+    assert hit(0) == 0.0
+    assert hit(6) == 0.0 and hit(6.5) == 1.0  # closer than, as TorchRay's acceptance disc
+    assert hit(15, (2.0, 1.0)) == 1.0 and hit(12, (2.0, 1.0)) == 0.0 and hit(12.5, (2.0, 1.0)) == 1.0
+    assert hit(15, (3.0, 1.0)) == 0.0  # 18 photo pixels away
+    assert hit(6.5, (1.0, 3.0)) == 1.0  # a wider pixel: the peak is straight below the object
+    # Diagonal: a one-pixel object at (1, 2), the peak at (10, 10): sqrt(9² + 8²) ≈ 12.04 pixels.
+    corner = torch.zeros(1, 20, 20, dtype=torch.bool)
+    corner[0, 1, 2] = True
+    diagonal = localisation(_peak_at(10, 10), corner, 12.0)["pointing"], localisation(_peak_at(10, 10), corner, 12.1)["pointing"]
+    assert [float(v[0, 0]) for v in diagonal] == [0.0, 1.0]
+    # Mass and rank do not take a tolerance.
+    for name in ("mass", "rank"):
+        assert torch.equal(localisation(peak, mask, 15.0)[name], localisation(peak, mask)[name])
+
+
+def _torchray_pointing(mask: np.ndarray, point: tuple[int, int], tolerance: float) -> bool:
+    """TorchRay's PointingGame.evaluate (Zhang et al.'s benchmark), written out: a hit when an object
+    pixel lies in the open disc of radius ``tolerance`` around ``point`` (u: column, v: row)."""
+    rows = (np.arange(mask.shape[0], dtype=np.float32) - point[1]) ** 2
+    cols = (np.arange(mask.shape[1], dtype=np.float32) - point[0]) ** 2
+    accept = (rows[:, None] + cols[None, :]) < tolerance ** 2
+    return bool((mask & accept).any())
+
+
+@pytest.mark.parametrize("tolerance", [1.5, 4.0, 7.0])
+def test_pointing_with_a_tolerance_equals_torchray_pointing_game(tolerance):
+    maps, masks = _composite_maps_and_masks()
+    ours = localisation(torch.from_numpy(maps[:, None]), torch.from_numpy(masks), tolerance)["pointing"][:, 0]
+    theirs = [_torchray_pointing(mask, tuple(int(v) for v in np.unravel_index(np.argmax(a_map), a_map.shape)[::-1]),
+                                 tolerance) for a_map, mask in zip(maps, masks)]
+    assert ours.tolist() == [float(v) for v in theirs]
+    strict = localisation(torch.from_numpy(maps[:, None]), torch.from_numpy(masks))["pointing"][:, 0]
+    assert (ours >= strict).all()  # a tolerance only adds hits
 
 
 # --- localisation: Quantus 0.6.0 itself on the same maps and masks ------------------------------
