@@ -767,6 +767,12 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
               help="JSON file: file name → [[x, y, w, h], ...] in photo pixels, or a COCO file.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=2, max=10_000),
               help="Deletion/insertion: points per curve.")
+@click.option("--randomization-images", default=8, show_default=True, type=click.IntRange(min=1, max=100_000),
+              help="Randomization check: how many of the first images it measures (a subset is enough for "
+                   "a per-method verdict; each costs every method's maps once per step).")
+@click.option("--randomization-steps", default=5, show_default=True, type=click.IntRange(min=1, max=1000),
+              help="Randomization check: at most this many cascading steps, one block each from the head "
+                   "down; the last step re-initialises all the rest.")
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
 @functools.partial(image_options, leave_out=("alpha", "top_k"))
@@ -777,7 +783,7 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
-             boxes: Path | None, steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
+             boxes: Path | None, steps: int, randomization_images: int, randomization_steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
              aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, arch_kwargs, ema,
              num_classes, labels, trust_model,
              plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,
@@ -799,7 +805,9 @@ def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: P
     settings = EvaluationSettings(
         method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
         max_pixels=max_pixels, images_per_batch=images_per_batch, colormap=colormap,
-        metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64)),
+        metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64),
+                                       randomization_images=randomization_images,
+                                       randomization_steps=randomization_steps),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
                                  window, baseline, batch_size, finer_classes))
     with writable_output_folder(out_dir), output_lock(out_dir):

@@ -45,9 +45,13 @@ BETTER: dict[str, int] = {"deletion": -1, "insertion": 1, "road_morf": -1, "road
                           "avg_drop": -1, "increase": 1, "pointing": 1, "mass": 1, "rank": 1,
                           "randomization": -1}
 LOCALISATION = ("pointing", "mass", "rank")
-#: A method whose maps keep a Spearman correlation above this with the trained model's maps once
-#: every layer is randomized fails the sanity check.
+#: A method whose maps keep, on average over the images, a Spearman correlation above this with the
+#: trained model's maps after the head alone, or over the first RANDOMIZATION_EARLY_STEPS cascading
+#: steps (the head, then the head and the last block), fails the sanity check (Adebayo et al. 2018:
+#: the map must change as soon as the top layers lose their weights, not only once the whole model
+#: has). See metrics.randomization_scores.
 RANDOMIZATION_LIMIT = 0.5
+RANDOMIZATION_EARLY_STEPS = 2
 #: The random-map baseline's name in every table.
 RANDOM_MAP = "random"
 
@@ -59,14 +63,16 @@ class MetricSettings:
     blur_sigma: float = 5.0
     road_percentiles: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
     road_noise: float = 0.01  # noisy linear imputation's noise (absolute, on the normalised input)
-    randomization_steps: int = 4  # cascading randomization: layer groups, top first
+    randomization_steps: int = 5  # cascading randomization: at most this many steps, the head first
+    randomization_images: int = 8  # the first images measured; a subset is enough for a per-method verdict
     batch_size: int = 64  # perturbed copies per forward
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "blur_size": self.blur_size, "blur_sigma": self.blur_sigma,
                 "road_percentiles": list(self.road_percentiles), "road_noise": self.road_noise,
-                "randomization_steps": self.randomization_steps, "batch_size": self.batch_size,
+                "randomization_steps": self.randomization_steps,
+                "randomization_images": self.randomization_images, "batch_size": self.batch_size,
                 "seed": self.seed}
 
 
@@ -337,6 +343,58 @@ def parameter_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
             if any(True for _ in layer.parameters(recurse=False))]
 
 
+def _block_of(name: str, containers: set[str]) -> str:
+    """The block a module named ``name`` belongs to: its path up to the first element of a
+    Sequential/ModuleList/ModuleDict (``layer4.0``, ``encoder.layers.encoder_layer_3``,
+    ``blocks.3``), or the module itself when no container holds it (``fc``, ``conv1``)."""
+    parts = name.split(".") if name else []
+    for depth in range(1, len(parts) + 1):
+        if ".".join(parts[:depth - 1]) in containers:
+            return ".".join(parts[:depth])
+    return name
+
+
+def randomization_blocks(module: torch.nn.Module) -> list[tuple[str, list[torch.nn.Module]]]:
+    """The model's blocks with parameters, output side first: (name, layers) each, as the cascading
+    check randomizes them one at a time. A block is an element of one of the model's containers (as
+    Adebayo et al. 2018 step through Inception's named blocks) or a module with parameters outside
+    any. A block whose parameters are all 1-D (a normalisation's scale and shift, which re-initialise
+    to the identity) joins the next block towards the input, so that every step changes weights."""
+    containers = {name for name, layer in module.named_modules()
+                  if isinstance(layer, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))}
+    names = {id(layer): name for name, layer in module.named_modules()}
+    blocks: list[tuple[str, list[torch.nn.Module]]] = []
+    for layer in parameter_layers(module):
+        block = _block_of(names[id(layer)], containers)
+        if blocks and blocks[-1][0] == block:
+            blocks[-1][1].append(layer)
+        else:
+            blocks.append((block, [layer]))
+    merged: list[tuple[str, list[torch.nn.Module]]] = []
+    pending: list[tuple[str, list[torch.nn.Module]]] = []
+    for name, layers in blocks:
+        pending.append((name, layers))
+        if any(parameter.dim() > 1 for layer in layers for parameter in layer.parameters(recurse=False)):
+            merged.append((" + ".join(n or "(model)" for n, _ in pending), [l for _, ls in pending for l in ls]))
+            pending = []
+    if pending:  # only 1-D parameters left at the input side: they make the last step
+        merged.append((" + ".join(n or "(model)" for n, _ in pending), [l for _, ls in pending for l in ls]))
+    return merged
+
+
+def cascade_steps(module: torch.nn.Module, steps: int) -> list[tuple[str, list[torch.nn.Module]]]:
+    """What each cascading step randomizes, output side first: one block per step (the head first),
+    at most ``steps`` steps; when the model has more blocks, the last step randomizes all the rest,
+    so the last step always leaves no trained parameter."""
+    blocks = randomization_blocks(module)
+    if len(blocks) <= max(1, steps):
+        return blocks
+    kept = blocks[:max(1, steps) - 1]
+    rest = blocks[len(kept):]
+    label = rest[0][0] if len(rest) == 1 else f"{rest[0][0]} … {rest[-1][0]}"
+    return [*kept, (label, [layer for _, layers in rest for layer in layers])]
+
+
 def randomize_layer(layer: torch.nn.Module, generator: torch.Generator) -> None:
     """Fresh random parameters for ``layer``: its own initialiser where it has one, else Gaussian
     noise of each tensor's standard deviation."""
@@ -356,30 +414,95 @@ def randomize_layer(layer: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def cascading_randomization(module: torch.nn.Module, steps: int, seed: int = 0) -> Iterator[torch.nn.Module]:
-    """A copy of ``module`` randomized cumulatively from the output side, yielded after each of
-    ``steps`` groups of layers (the last yield has every layer randomized). ``module`` itself is
+    """A copy of ``module`` randomized cumulatively from the output side, yielded after each step of
+    :func:`cascade_steps` (the last yield has every layer randomized). ``module`` itself is
     never changed."""
     randomized = copy.deepcopy(module)
-    layers = parameter_layers(randomized)
     generator = torch.Generator().manual_seed(seed)
-    groups = np.array_split(np.arange(len(layers)), max(1, min(steps, len(layers))))
-    for group in groups:
-        for index in group:
-            randomize_layer(layers[int(index)], generator)
+    for _, layers in cascade_steps(randomized, steps):
+        for layer in layers:
+            randomize_layer(layer, generator)
         yield randomized
 
 
-def randomization_correlations(module: torch.nn.Module, maps_of: Callable[[torch.nn.Module, int], torch.Tensor],
-                               original: torch.Tensor, steps: int, seed: int = 0) -> np.ndarray:
-    """(B, M, steps) Spearman correlation of each of the ``original`` maps (B, M, H, W) with the map
-    ``maps_of(randomized module, step)`` gives after each cascading randomization step."""
+#: The similarities measured at every step, as Adebayo et al. 2018: Spearman's ρ and SSIM, each on
+#: the map as the method gives it (signed) and on its absolute value.
+SIMILARITIES = ("spearman", "spearman_abs", "ssim", "ssim_abs")
+
+
+def _robustly_scaled(heatmap: np.ndarray) -> np.ndarray:
+    """``heatmap`` divided by the 99th percentile of its absolute values and clipped to [-1, 1]
+    (Adebayo et al.'s normalisation before SSIM): the maps of a randomized model can be orders of
+    magnitude larger or smaller, and one extreme pixel must not flatten the rest."""
+    scale = float(np.percentile(np.abs(heatmap), 99))
+    if not math.isfinite(scale) or scale <= 0:
+        scale = float(np.abs(heatmap).max())
+    if not math.isfinite(scale) or scale <= 0:
+        return np.zeros_like(heatmap)
+    return np.clip(heatmap / scale, -1.0, 1.0)
+
+
+def ssim(first: np.ndarray, second: np.ndarray, signed: bool = True) -> float:
+    """SSIM (scikit-image's, 7-pixel window or the map's side when smaller) of two maps after
+    :func:`_robustly_scaled`; data range 2 for signed maps ([-1, 1]), 1 for absolute ones. NaN when
+    ``first`` is constant (as :func:`spearman`) or the map is under 3 pixels on a side."""
+    from skimage.metrics import structural_similarity
+
+    if np.ptp(first) == 0 or min(first.shape) < 3:
+        return float("nan")
+    window = min(7, *first.shape)
+    window -= 1 - window % 2  # odd, as SSIM's window must be
+    return float(structural_similarity(_robustly_scaled(first), _robustly_scaled(second), win_size=window,
+                                       data_range=2.0 if signed else 1.0))
+
+
+def map_similarities(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """Every measure of :data:`SIMILARITIES` between two (H, W) maps. On maps without negative
+    values (most methods' maps) the absolute value changes nothing and is not computed twice."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    found = {"spearman": spearman(before, after), "ssim": ssim(before, after, signed=True)}
+    if before.min() >= 0 and after.min() >= 0:
+        found["spearman_abs"] = found["spearman"]
+        found["ssim_abs"] = ssim(before, after, signed=False)
+    else:
+        found["spearman_abs"] = spearman(np.abs(before), np.abs(after))
+        found["ssim_abs"] = ssim(np.abs(before), np.abs(after), signed=False)
+    return found
+
+
+def randomization_similarities(module: torch.nn.Module, maps_of: Callable[[torch.nn.Module, int], torch.Tensor],
+                               original: torch.Tensor, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per measure of :data:`SIMILARITIES`, (B, M, S) its value between each of the ``original``
+    maps (B, M, H, W) and the map ``maps_of(randomized module, step)`` gives after each of the S
+    cascading steps (head first). NaN where the original map is constant (it has no order to keep)."""
     before = original.float().cpu().numpy()
-    found = []
+    found: dict[str, list] = {name: [] for name in SIMILARITIES}
     for step, randomized in enumerate(cascading_randomization(module, steps, seed)):
         after = maps_of(randomized, step).float().cpu().numpy()
-        found.append([[spearman(before[b, m], after[b, m]) for m in range(before.shape[1])]
-                      for b in range(before.shape[0])])
-    return np.array(found, dtype=np.float64).transpose(1, 2, 0)
+        pairs = [[map_similarities(before[b, m], after[b, m]) for m in range(before.shape[1])]
+                 for b in range(before.shape[0])]
+        for name in SIMILARITIES:
+            found[name].append([[pair[name] for pair in row] for row in pairs])
+    return {name: np.array(values, dtype=np.float64).reshape(-1, *before.shape[:2]).transpose(1, 2, 0)
+            for name, values in found.items()}
+
+
+def judged_similarity(similarities: dict[str, np.ndarray]) -> np.ndarray:
+    """The similarity the verdict judges, per step: the larger of the two Spearman ρ (signed,
+    absolute), so that a map that survives up to its sign counts as surviving. NaN only where both
+    are NaN."""
+    return np.fmax(similarities["spearman"], similarities["spearman_abs"])
+
+
+def randomization_scores(similarities: dict[str, np.ndarray], early_steps: int) -> np.ndarray:
+    """How similar each map stays once the head, then the first blocks, are randomized: the larger
+    of :func:`judged_similarity` after the head alone and its mean over the first ``early_steps``
+    steps (the last axis). The head-only step alone can fail a map (one that does not depend on the
+    head at all, as attention rollout, keeps ρ = 1 there whatever the next block does); the mean
+    keeps one step that happens to bounce back from failing a map that changed. NaN where any of
+    those steps is NaN: a map whose similarity cannot be measured is never counted as changed."""
+    judged = judged_similarity(similarities)
+    return np.maximum(judged[..., 0], judged[..., :max(1, early_steps)].mean(axis=-1))
 
 
 def random_maps(count: int, size: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:

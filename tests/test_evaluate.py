@@ -17,7 +17,7 @@ from attnexplain.cli import main
 from attnexplain.explanation import _as_loaded_model
 from attnexplain.evaluation import EvaluationSettings, evaluate
 from attnexplain.loading import load_model
-from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_correlations
+from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_similarities
 
 from composites import TEST_SEED, make_composites  # samples/, on sys.path via conftest
 
@@ -198,7 +198,7 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     original = compute_maps(trained, batch, plan.methods, plan.layers)
     targets = original.targets
     before = torch.stack([original.maps["gradcam"], sobel_edges(batch)], dim=1)
-    correlations = randomization_correlations(trained.module, maps_of, before, steps=4)
+    correlations = randomization_similarities(trained.module, maps_of, before, steps=4)["spearman"]
     final = np.nanmean(correlations[..., -1], axis=0)
     assert final[1] > RANDOMIZATION_LIMIT  # the edge detector: flagged
     assert final[0] < RANDOMIZATION_LIMIT  # Grad-CAM depends on the weights
