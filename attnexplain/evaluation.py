@@ -23,7 +23,7 @@ from .errors import AttnExplainError, MethodError, shown
 from .formats import DEFAULT_COLORMAP
 from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS,
                       RANDOMIZATION_LIMIT, SIMILARITIES, MetricSettings, cascade_steps, judged_similarity,
-                      randomization_scores)
+                      randomization_scores, randomization_verdict)
 
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_CSV = "evaluation.csv"
@@ -433,8 +433,8 @@ def _object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
 def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     """The cascading randomization check of the images of ``batch`` (the first ones of the run, up
     to ``randomization_images``): per measure of :data:`~attnexplain.metrics.SIMILARITIES`, the
-    similarity with the trained model's map after each step, (B, M, steps); and (B, M) the value the
-    verdict judges (:func:`~attnexplain.metrics.randomization_scores`)."""
+    similarity with the trained model's map after each step, (B, M, steps); and (B, M) each image's
+    value, the mean over the early steps (:func:`~attnexplain.metrics.randomization_scores`)."""
     import torch
 
     from .engine import compute_maps
@@ -451,7 +451,8 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
 
     similarities = randomization_similarities(loaded.module, maps_of, maps, config.randomization_steps,
                                               config.seed)
-    return torch.from_numpy(randomization_scores(similarities, RANDOMIZATION_EARLY_STEPS)), similarities
+    _, early = randomization_scores(similarities, RANDOMIZATION_EARLY_STEPS)
+    return torch.from_numpy(early), similarities
 
 
 def _randomization_record(similarities: dict[str, np.ndarray], image: int, names) -> dict[str, Any]:
@@ -564,9 +565,9 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
 
 def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
     """The randomization check over the images that had it: per method its mean curve of each
-    measure (null where no image gave a value; NaN is never averaged as 0), the score the verdict
-    judges and the verdict. A method fails when its mean score is above the limit, and also when no
-    image gave it a score: a similarity that cannot be measured never counts as a pass. Records are
+    measure (null where no image gave a value; NaN is never averaged as 0), its score and verdict
+    (:func:`~attnexplain.metrics.randomization_verdict`: a method no image could measure fails, a
+    similarity that cannot be measured never counts as a pass). Records are
     untrusted (``--resume``): an entry that is not a list per measure of one number or null per step,
     each in [-1, 1], is left out."""
     per_method: dict[str, dict[str, list]] = {name: {measure: [] for measure in SIMILARITIES} for name in names}
@@ -584,18 +585,13 @@ def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
     for name in names:
         found = {measure: np.array(rows, dtype=np.float64).reshape(-1, len(steps))
                  for measure, rows in per_method[name].items()}
-        judged = judged_similarity(found)
-        scores = randomization_scores(found, RANDOMIZATION_EARLY_STEPS)
-        scores = scores[np.isfinite(scores)]
-        score = float(scores.mean()) if scores.size else None
-        if name == RANDOM_MAP:
-            verdict = "chance level"
-        else:
-            verdict = "fails" if score is None or score > RANDOMIZATION_LIMIT else "passes"
-        methods[name] = {"score": None if score is None else _rounded(score), "images": int(scores.size),
-                         "verdict": verdict,
+        head, early = randomization_scores(found, RANDOMIZATION_EARLY_STEPS)
+        score, fails = randomization_verdict(head, early)
+        verdict = "chance level" if name == RANDOM_MAP else "fails" if fails else "passes"
+        methods[name] = {"score": None if score is None else _rounded(score),
+                         "images": int((np.isfinite(head) & np.isfinite(early)).sum()), "verdict": verdict,
                          "curves": {measure: _nan_mean_curve(values) for measure, values
-                                    in (*found.items(), ("judged", judged))}}
+                                    in (*found.items(), ("judged", judged_similarity(found)))}}
     images = sum(1 for record in records if record.get("status") == "ok" and isinstance(record.get("randomization"), dict))
     return {"steps": steps, "early_steps": RANDOMIZATION_EARLY_STEPS, "limit": RANDOMIZATION_LIMIT,
             "images": images, "methods": methods}

@@ -49,7 +49,7 @@ LOCALISATION = ("pointing", "mass", "rank")
 #: trained model's maps after the head alone, or over the first RANDOMIZATION_EARLY_STEPS cascading
 #: steps (the head, then the head and the last block), fails the sanity check (Adebayo et al. 2018:
 #: the map must change as soon as the top layers lose their weights, not only once the whole model
-#: has). See metrics.randomization_scores.
+#: has). See metrics.randomization_verdict.
 RANDOMIZATION_LIMIT = 0.5
 RANDOMIZATION_EARLY_STEPS = 2
 #: The random-map baseline's name in every table.
@@ -494,15 +494,30 @@ def judged_similarity(similarities: dict[str, np.ndarray]) -> np.ndarray:
     return np.fmax(similarities["spearman"], similarities["spearman_abs"])
 
 
-def randomization_scores(similarities: dict[str, np.ndarray], early_steps: int) -> np.ndarray:
-    """How similar each map stays once the head, then the first blocks, are randomized: the larger
-    of :func:`judged_similarity` after the head alone and its mean over the first ``early_steps``
-    steps (the last axis). The head-only step alone can fail a map (one that does not depend on the
-    head at all, as attention rollout, keeps ρ = 1 there whatever the next block does); the mean
-    keeps one step that happens to bounce back from failing a map that changed. NaN where any of
-    those steps is NaN: a map whose similarity cannot be measured is never counted as changed."""
+def randomization_scores(similarities: dict[str, np.ndarray], early_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per map, :func:`judged_similarity` after the head alone, and its mean over the first
+    ``early_steps`` steps (the last axis): what the verdict weighs (:func:`randomization_verdict`).
+    NaN where any of those steps is NaN: a map whose similarity cannot be measured is never counted
+    as changed."""
     judged = judged_similarity(similarities)
-    return np.maximum(judged[..., 0], judged[..., :max(1, early_steps)].mean(axis=-1))
+    return judged[..., 0], judged[..., :max(1, early_steps)].mean(axis=-1)
+
+
+def randomization_verdict(head: np.ndarray, early: np.ndarray) -> tuple[float | None, bool]:
+    """A method's score and whether it fails, from its images' values of
+    :func:`randomization_scores`: the larger of the mean after the head alone and the mean over the
+    early steps, above :data:`RANDOMIZATION_LIMIT` fails. The head-only step alone can fail a map (one
+    that does not read the head, as attention rollout, keeps ρ = 1 there whatever the next block
+    does); the early steps' mean keeps one step that bounces back from failing a map that changed.
+    Means over the images, not a maximum per image: a random head is one draw per class, and a
+    per-image maximum would pick that draw's lucky images. Images without a value are left out of
+    the means; a method without any image fails (score None): NaN is never a pass."""
+    head, early = np.asarray(head, dtype=np.float64), np.asarray(early, dtype=np.float64)
+    usable = np.isfinite(head) & np.isfinite(early)
+    if not usable.any():
+        return None, True
+    score = float(max(head[usable].mean(), early[usable].mean()))
+    return score, score > RANDOMIZATION_LIMIT
 
 
 def random_maps(count: int, size: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
