@@ -444,16 +444,22 @@ def _robustly_scaled(heatmap: np.ndarray) -> np.ndarray:
 
 def ssim(first: np.ndarray, second: np.ndarray, signed: bool = True) -> float:
     """SSIM (scikit-image's, 7-pixel window or the map's side when smaller) of two maps after
-    :func:`_robustly_scaled`; data range 2 for signed maps ([-1, 1]), 1 for absolute ones. NaN when
-    ``first`` is constant (as :func:`spearman`) or the map is under 3 pixels on a side."""
+    :func:`_robustly_scaled`, a signed map's [-1, 1] moved to [0, 1] (zero at 0.5): SSIM's terms
+    assume values that are not negative, and on raw signed maps a map and its negative have an SSIM
+    near +1 (two negative factors). NaN when ``first`` is constant (as :func:`spearman`) or the map
+    is under 3 pixels on a side."""
     from skimage.metrics import structural_similarity
 
     if np.ptp(first) == 0 or min(first.shape) < 3:
         return float("nan")
     window = min(7, *first.shape)
     window -= 1 - window % 2  # odd, as SSIM's window must be
-    return float(structural_similarity(_robustly_scaled(first), _robustly_scaled(second), win_size=window,
-                                       data_range=2.0 if signed else 1.0))
+
+    def scaled(heatmap: np.ndarray) -> np.ndarray:
+        found = _robustly_scaled(heatmap)
+        return (found + 1) / 2 if signed else found
+
+    return float(structural_similarity(scaled(first), scaled(second), win_size=window, data_range=1.0))
 
 
 def map_similarities(before: np.ndarray, after: np.ndarray) -> dict[str, float]:

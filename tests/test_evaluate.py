@@ -288,6 +288,34 @@ def test_randomization_measures_only_the_first_images_and_the_page_draws_its_cur
     assert 'class="limit"' in section and "layer4.0 … bn1 + conv1" in page
 
 
+def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_records():
+    from attnexplain.evaluation import _randomization_summary
+
+    def entry(head, second):
+        return {measure: [head, second] for measure in ("spearman", "spearman_abs", "ssim", "ssim_abs")}
+
+    records = [
+        {"status": "ok", "randomization": {"gradcam": entry(0.1, 0.2), "blank": entry(None, None),
+                                           "noisy": entry(None, 0.9)}},
+        {"status": "ok", "randomization": {"gradcam": entry(0.3, None), "blank": entry(None, None),
+                                           "noisy": entry(0.2, 0.1)}},
+        # Hostile or garbled (a resumed record is untrusted): each entry is left out, never a crash.
+        {"status": "ok", "randomization": {"gradcam": entry(1e308, 1.0), "noisy": entry("0.1", 0.1),
+                                           "blank": {"spearman": [0.1] * 10**4}}},
+        {"status": "ok", "randomization": {"gradcam": entry(True, 1.0), "noisy": [[0.9, 0.9]],
+                                           "blank": entry(10**400, float("nan"))}},
+        {"status": "ok", "randomization": "x"},
+        {"status": "failed", "randomization": {"gradcam": entry(0.99, 0.99)}},
+    ]
+    summary = _randomization_summary(records, ["gradcam", "blank", "noisy"], ["fc", "layer4.0"])
+    gradcam, blank, noisy = (summary["methods"][name] for name in ("gradcam", "blank", "noisy"))
+    assert gradcam["curves"]["spearman"] == [0.2, 0.2]  # the second step: one image, not (0.2 + 0) / 2
+    assert gradcam["verdict"] == "passes" and gradcam["images"] == 1  # the image with both early steps
+    assert blank["curves"]["judged"] == [None, None] and blank["score"] is None and blank["verdict"] == "fails"
+    assert noisy["curves"]["judged"] == [0.2, 0.5]
+    json.dumps(summary, allow_nan=False)  # as evaluation.json is written
+
+
 def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", str(sample_resnet_file), str(composites / "images" / "c0.png"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -415,6 +416,62 @@ def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomi
     np.testing.assert_allclose(ours[:, 1, :], 1.0)
     for layer, values in mprt_run["scores"][1].items():
         np.testing.assert_allclose(values, 1.0, err_msg=layer)
+
+
+# --- randomization: steps, similarities, verdict ------------------------------------------------
+
+def test_randomization_steps_are_the_models_blocks_from_the_head_down(small_resnet, small_vit):
+    from attnexplain.metrics import cascade_steps, parameter_layers, randomization_blocks
+
+    resnet = [name for name, _ in randomization_blocks(small_resnet)]
+    assert resnet == ["fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0", "layer1.1",
+                      "layer1.0", "bn1 + conv1"]  # a normalisation alone is no step: it joins the next block
+    vit = [name for name, _ in randomization_blocks(small_vit)]
+    assert vit[:3] == ["heads.head", "encoder.ln + encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_1"]
+    capped = cascade_steps(small_resnet, 3)
+    assert [name for name, _ in capped] == ["fc", "layer4.1", "layer4.0 … bn1 + conv1"]
+    # The last step leaves no trained parameter; every layer is randomized exactly once.
+    randomized = [id(layer) for _, layers in capped for layer in layers]
+    assert sorted(randomized) == sorted(id(layer) for layer in parameter_layers(small_resnet))
+
+
+def test_randomization_similarities_on_signed_and_absolute_maps_as_adebayo():
+    from skimage.metrics import structural_similarity
+
+    from attnexplain.metrics import map_similarities, ssim
+
+    rng = np.random.default_rng(4)
+    signed = rng.standard_normal((24, 24)).cumsum(0).cumsum(1)  # smooth, both signs
+    flipped = map_similarities(signed, -signed)
+    assert flipped["spearman"] == pytest.approx(-1.0) and flipped["spearman_abs"] == pytest.approx(1.0)
+    assert flipped["ssim_abs"] == pytest.approx(1.0) and flipped["ssim"] < 0
+    # Normalised before SSIM: a randomized model's map 1000 times larger is still the same map.
+    assert ssim(signed, 1000 * signed) == pytest.approx(1.0)
+    scaled = (np.clip(signed / np.percentile(np.abs(signed), 99), -1, 1) + 1) / 2
+    other = rng.random((24, 24))
+    assert ssim(signed, other) == pytest.approx(structural_similarity(
+        scaled, (np.clip(other / np.percentile(other, 99), -1, 1) + 1) / 2, win_size=7, data_range=1.0))
+    assert ssim(other, other * 7, signed=False) == pytest.approx(1.0)
+    assert math.isnan(ssim(np.ones((24, 24)), other)) and math.isnan(ssim(other[:2], other[:2]))
+    assert map_similarities(np.ones((8, 8)), other[:8, :8])["spearman"] != map_similarities(
+        np.ones((8, 8)), other[:8, :8])["spearman"]  # NaN: a constant map has no order to keep
+
+
+def test_randomization_nan_never_counts_as_a_pass():
+    from attnexplain.metrics import randomization_scores, randomization_verdict
+
+    nan = math.nan
+    # Two images, three steps; the first image's head step could not be measured.
+    similarities = {"spearman": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]]),
+                    "spearman_abs": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]])}
+    head, early = randomization_scores(similarities, 2)
+    assert math.isnan(head[0]) and math.isnan(early[0])  # never 0
+    assert randomization_verdict(head, early) == (pytest.approx(0.9), True)  # the image with a value judges
+    assert randomization_verdict(np.array([nan, nan]), np.array([nan, nan])) == (None, True)
+    # The head alone fails a map that ignores it; the early mean alone fails one that changes slowly.
+    assert randomization_verdict(np.array([1.0]), np.array([0.45]))[1]
+    assert randomization_verdict(np.array([0.4]), np.array([0.6]))[1]
+    assert not randomization_verdict(np.array([0.3, -0.2]), np.array([0.4, 0.2]))[1]
 
 
 # --- the "metrics" key of results.jsonl records (shared schema) ----------------------------------
