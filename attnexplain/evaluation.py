@@ -442,11 +442,15 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
 
     def maps_of(randomized, step: int) -> torch.Tensor:
         changed = dataclasses.replace(loaded, module=randomized)
-        computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
-                                preprocessing=plan.preprocessing)
         # The chance level: two independent random maps.
         chance = random_maps(len(batch), tuple(batch.shape[-2:]),
                              [10_000_019 * (step + 1) + i for i in range(len(batch))])
+        try:
+            computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
+                                    preprocessing=plan.preprocessing)
+        except AttnExplainError:  # e.g. a randomized detector that finds nothing: no value (NaN), no pass
+            return torch.cat([torch.full((len(batch), len(names) - 1, *batch.shape[-2:]), math.nan),
+                              chance[:, None]], dim=1)
         return torch.stack([computed.maps[name].float().cpu() for name in names[:-1]] + [chance], dim=1)
 
     similarities = randomization_similarities(loaded.module, maps_of, maps, config.randomization_steps,

@@ -463,9 +463,12 @@ def ssim(first: np.ndarray, second: np.ndarray, signed: bool = True) -> float:
 
 
 def map_similarities(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
-    """Every measure of :data:`SIMILARITIES` between two (H, W) maps. On maps without negative
-    values (most methods' maps) the absolute value changes nothing and is not computed twice."""
+    """Every measure of :data:`SIMILARITIES` between two (H, W) maps, all NaN where either holds a
+    value that is not finite. On maps without negative values (most methods' maps) the absolute
+    value changes nothing and is not computed twice."""
     before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if not (np.isfinite(before).all() and np.isfinite(after).all()):  # a map that could not be made
+        return {name: float("nan") for name in SIMILARITIES}
     found = {"spearman": spearman(before, after), "ssim": ssim(before, after, signed=True)}
     if before.min() >= 0 and after.min() >= 0:
         found["spearman_abs"] = found["spearman"]
