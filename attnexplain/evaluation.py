@@ -587,7 +587,7 @@ def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
                     per_method[name][measure].append([math.nan if v is None else float(v) for v in curves[measure]])
     methods = {}
     for name in names:
-        found = {measure: np.array(rows, dtype=np.float64).reshape(-1, len(steps))
+        found = {measure: np.array(rows, dtype=np.float64).reshape(len(rows), len(steps))
                  for measure, rows in per_method[name].items()}
         head, early = randomization_scores(found, RANDOMIZATION_EARLY_STEPS)
         score, fails = randomization_verdict(head, early)

@@ -509,6 +509,8 @@ def randomization_scores(similarities: dict[str, np.ndarray], early_steps: int) 
     NaN where any of those steps is NaN: a map whose similarity cannot be measured is never counted
     as changed."""
     judged = judged_similarity(similarities)
+    if judged.shape[-1] == 0:  # a model without parameters: nothing was randomized, nothing measured
+        return np.full(judged.shape[:-1], np.nan), np.full(judged.shape[:-1], np.nan)
     return judged[..., 0], judged[..., :max(1, early_steps)].mean(axis=-1)
 
 
