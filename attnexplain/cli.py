@@ -783,7 +783,8 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
-             boxes: Path | None, steps: int, randomization_images: int, randomization_steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
+             boxes: Path | None, steps: int, randomization_images: int, randomization_steps: int, target,
+             layer, head_fusion, discard_ratio, eigen_smooth,
              aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, arch_kwargs, ema,
              num_classes, labels, trust_model,
              plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,

@@ -596,7 +596,8 @@ def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
                          "images": int((np.isfinite(head) & np.isfinite(early)).sum()), "verdict": verdict,
                          "curves": {measure: _nan_mean_curve(values) for measure, values
                                     in (*found.items(), ("judged", judged_similarity(found)))}}
-    images = sum(1 for record in records if record.get("status") == "ok" and isinstance(record.get("randomization"), dict))
+    images = sum(1 for record in records
+                 if record.get("status") == "ok" and isinstance(record.get("randomization"), dict))
     return {"steps": steps, "early_steps": RANDOMIZATION_EARLY_STEPS, "limit": RANDOMIZATION_LIMIT,
             "images": images, "methods": methods}
 
