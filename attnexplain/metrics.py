@@ -469,14 +469,11 @@ def map_similarities(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
     before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     if not (np.isfinite(before).all() and np.isfinite(after).all()):  # a map that could not be made
         return {name: float("nan") for name in SIMILARITIES}
-    found = {"spearman": spearman(before, after), "ssim": ssim(before, after, signed=True)}
-    if before.min() >= 0 and after.min() >= 0:
-        found["spearman_abs"] = found["spearman"]
-        found["ssim_abs"] = ssim(before, after, signed=False)
-    else:
-        found["spearman_abs"] = spearman(np.abs(before), np.abs(after))
-        found["ssim_abs"] = ssim(np.abs(before), np.abs(after), signed=False)
-    return found
+    if before.min() >= 0 and after.min() >= 0:  # on [0, 1] as they are: no shift to make room for signs
+        same, similar = spearman(before, after), ssim(before, after, signed=False)
+        return {"spearman": same, "spearman_abs": same, "ssim": similar, "ssim_abs": similar}
+    return {"spearman": spearman(before, after), "spearman_abs": spearman(np.abs(before), np.abs(after)),
+            "ssim": ssim(before, after, signed=True), "ssim_abs": ssim(np.abs(before), np.abs(after), signed=False)}
 
 
 def randomization_similarities(module: torch.nn.Module, maps_of: Callable[[torch.nn.Module, int], torch.Tensor],

@@ -285,7 +285,7 @@ def test_randomization_measures_only_the_first_images_and_the_page_draws_its_cur
     page = (out / "evaluation.html").read_text()
     section = page[page.index('id="randomization"'):page.index('id="randomization-table"')]
     assert section.count('class="curve" data-method="saliency"') == 2  # the ρ plot and the SSIM plot
-    assert 'class="limit"' in section and "layer4.0 … bn1 + conv1" in page
+    assert 'class="limit"' in section and "2 layer4.0 … bn1 + conv1." in page
 
 
 def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_records():

@@ -452,6 +452,10 @@ def test_randomization_similarities_on_signed_and_absolute_maps_as_adebayo():
     assert ssim(signed, other) == pytest.approx(structural_similarity(
         scaled, (np.clip(other / np.percentile(other, 99), -1, 1) + 1) / 2, win_size=7, data_range=1.0))
     assert ssim(other, other * 7, signed=False) == pytest.approx(1.0)
+    # Maps without negative values (most methods'): signed and absolute are the same map, and SSIM is
+    # not inflated by shifting them into [0.5, 1].
+    positive = map_similarities(other, rng.random((24, 24)))
+    assert positive["ssim"] == positive["ssim_abs"] < 0.2 and positive["spearman"] == positive["spearman_abs"]
     assert math.isnan(ssim(np.ones((24, 24)), other)) and math.isnan(ssim(other[:2], other[:2]))
     assert math.isnan(map_similarities(np.ones((8, 8)), other[:8, :8])["spearman"])  # no order to keep
     # A randomized model the method could not explain: no value at all, never a similarity to zeros.
