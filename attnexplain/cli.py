@@ -782,6 +782,12 @@ def _pointing_tolerance(ctx: click.Context, param: click.Parameter, value: float
 @click.option("--pointing-tolerance", default=15.0, show_default=True, type=float, callback=_pointing_tolerance,
               help="Pointing game: a maximum of the map closer than this many pixels of the photo to the "
                    "object still hits it (Zhang et al. 2018 count 15); 0: only a maximum on the object.")
+@click.option("--randomization-images", default=8, show_default=True, type=click.IntRange(min=1, max=100_000),
+              help="Randomization check: how many of the first images it measures (a subset is enough for "
+                   "a per-method verdict; each costs every method's maps once per step).")
+@click.option("--randomization-steps", default=5, show_default=True, type=click.IntRange(min=1, max=1000),
+              help="Randomization check: at most this many cascading steps, one block each from the head "
+                   "down; the last step re-initialises all the rest.")
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
 @functools.partial(image_options, leave_out=("alpha", "top_k"))
@@ -792,7 +798,8 @@ def _pointing_tolerance(ctx: click.Context, param: click.Parameter, value: float
               help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print evaluation.json on stdout.")
 def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
-             boxes: Path | None, steps: int, pointing_tolerance: float, target, layer, head_fusion, discard_ratio, eigen_smooth,
+             boxes: Path | None, steps: int, pointing_tolerance: float, randomization_images: int,
+             randomization_steps: int, target, layer, head_fusion, discard_ratio, eigen_smooth,
              aug_smooth, samples, window, baseline, batch_size, finer_classes, arch, arch_kwargs, ema,
              num_classes, labels, trust_model,
              plugin, device: str, size, mean, std, colormap: str, max_pixels: int, images_per_batch: int,
@@ -815,7 +822,9 @@ def evaluate(model: str, inputs: tuple[str, ...], method: str, metrics, masks: P
         method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
         max_pixels=max_pixels, images_per_batch=images_per_batch, colormap=colormap,
         metric_settings=MetricSettings(steps=steps, batch_size=max(batch_size, 64),
-                                       pointing_tolerance=pointing_tolerance),
+                                       pointing_tolerance=pointing_tolerance,
+                                       randomization_images=randomization_images,
+                                       randomization_steps=randomization_steps),
         options=_method_settings(head_fusion, discard_ratio, eigen_smooth, aug_smooth, 32, samples,
                                  window, baseline, batch_size, finer_classes))
     with writable_output_folder(out_dir), output_lock(out_dir):

@@ -21,8 +21,9 @@ import numpy as np
 
 from .errors import AttnExplainError, MethodError, shown
 from .formats import DEFAULT_COLORMAP
-from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_LIMIT,
-                      MetricSettings)
+from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS,
+                      RANDOMIZATION_LIMIT, SIMILARITIES, MetricSettings, cascade_steps, judged_similarity,
+                      randomization_scores, randomization_verdict)
 from .verdict import bootstrap_interval, judge, verdict_text
 
 EVALUATION_JSON = "evaluation.json"
@@ -196,7 +197,6 @@ class _Sums:
 
     deletion: dict[str, np.ndarray] = field(default_factory=dict)
     insertion: dict[str, np.ndarray] = field(default_factory=dict)
-    randomization: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     fractions: np.ndarray | None = None
     squares: dict[str, np.ndarray] = field(default_factory=dict)  # "which:method" → sum of squares
@@ -282,8 +282,10 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
             return
         maps = torch.stack([computed.maps[name].float() for name in names[:-1]], dim=1)
         maps = torch.cat([maps, random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(maps)], 1)
+        checked = sum(1 for record in records if "randomization" in record)
         values, curves = _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan,
-                                        options, chunk, box_table, masks)
+                                        options, chunk, box_table, masks,
+                                        randomize=max(0, settings.metric_settings.randomization_images - checked))
         for i, decoded in enumerate(chunk):
             target = int(computed.targets[i])
             record = {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "ok",
@@ -294,14 +296,13 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
                                   for m, name in enumerate(names)}}
             if i in curves.get("mask_errors", {}):
                 record["mask_error"] = curves["mask_errors"][i]
+            if "randomization" in curves and i < len(curves["randomization"]["spearman"]):
+                record["randomization"] = _randomization_record(curves["randomization"], i, names)
             records.append(record)
         for which in ("deletion", "insertion"):
             if which in curves:
                 for m, name in enumerate(names):
                     sums.add(which, name, curves[which][:, m])
-        if "randomization" in curves:
-            for m, name in enumerate(names):
-                sums.add("randomization", name, np.nan_to_num(curves["randomization"][:, m]))
         if "fractions" in curves:
             sums.fractions = curves["fractions"]
         if len(examples) < EXAMPLE_IMAGES:
@@ -398,7 +399,9 @@ def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequenc
 
 
 def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan, options, chunk,
-                   box_table, masks_dir):
+                   box_table, masks_dir, randomize: int = 0):
+    import torch
+
     from . import metrics as measure
 
     targets = computed.targets
@@ -413,8 +416,11 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
         values.update({name: found[name] for name in LOCALISATION if name in metrics})
         curves["mask_errors"] = errors
     if "randomization" in metrics:
-        values["randomization"], curves["randomization"] = _randomization(loaded, batch, maps, targets, names,
-                                                                          plan, options, config)
+        values["randomization"] = torch.full(maps.shape[:2], math.nan)
+        if randomize > 0:  # the first images of the run only: enough for a per-method verdict
+            scores, curves["randomization"] = _randomization(loaded, batch[:randomize], maps[:randomize],
+                                                             targets[:randomize], names, plan, options, config)
+            values["randomization"][:randomize] = scores
     return {name: value.float().cpu() for name, value in values.items()}, curves
 
 
@@ -451,25 +457,39 @@ def _photo_pixel_sizes(chunk, size: tuple[int, int]):
 
 
 def _randomization(loaded, batch, maps, targets, names, plan, options, config):
-    """Per image and method, the Spearman correlation with the trained model's map after each
-    cascading step (B, M, steps); the value is the last step's."""
+    """The cascading randomization check of the images of ``batch`` (the first ones of the run, up
+    to ``randomization_images``): per measure of :data:`~attnexplain.metrics.SIMILARITIES`, the
+    similarity with the trained model's map after each step, (B, M, steps); and (B, M) each image's
+    value, the mean over the early steps (:func:`~attnexplain.metrics.randomization_scores`)."""
     import torch
 
     from .engine import compute_maps
-    from .metrics import random_maps, randomization_correlations
+    from .metrics import random_maps, randomization_similarities
 
     def maps_of(randomized, step: int) -> torch.Tensor:
         changed = dataclasses.replace(loaded, module=randomized)
-        computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
-                                preprocessing=plan.preprocessing)
         # The chance level: two independent random maps.
         chance = random_maps(len(batch), tuple(batch.shape[-2:]),
                              [10_000_019 * (step + 1) + i for i in range(len(batch))])
+        try:
+            computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
+                                    preprocessing=plan.preprocessing)
+        except AttnExplainError:  # e.g. a randomized detector that finds nothing: no value (NaN), no pass
+            return torch.cat([torch.full((len(batch), len(names) - 1, *batch.shape[-2:]), math.nan),
+                              chance[:, None]], dim=1)
         return torch.stack([computed.maps[name].float().cpu() for name in names[:-1]] + [chance], dim=1)
 
-    correlations = randomization_correlations(loaded.module, maps_of, maps, config.randomization_steps,
+    similarities = randomization_similarities(loaded.module, maps_of, maps, config.randomization_steps,
                                               config.seed)
-    return torch.from_numpy(correlations[..., -1]), correlations
+    _, early = randomization_scores(similarities, RANDOMIZATION_EARLY_STEPS)
+    return torch.from_numpy(early), similarities
+
+
+def _randomization_record(similarities: dict[str, np.ndarray], image: int, names) -> dict[str, Any]:
+    """An image's ``"randomization"`` record entry: per method, per measure, the similarity after
+    each step (null where it cannot be measured: JSON has no NaN)."""
+    return {name: {measure: [None if math.isnan(v) else _rounded(v) for v in values[image, m]]
+                   for measure, values in similarities.items()} for m, name in enumerate(names)}
 
 
 def _examples(chunk, maps, names, count, colormap: str):
@@ -515,8 +535,10 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
                 summary[metric] = {"mean": _rounded(np.mean(column)), "ci95": [_rounded(low), _rounded(high)],
                                    "images": len(column)}
         methods[name] = summary
-    failing = [name for name in names if name != RANDOM_MAP
-               and methods[name].get("randomization", {}).get("mean", -1) > RANDOMIZATION_LIMIT]
+    randomization = (_randomization_summary(records, names, [label for label, _ in cascade_steps(
+        loaded.module, settings.metric_settings.randomization_steps)]) if "randomization" in metrics else None)
+    failing = [name for name, found in (randomization or {}).get("methods", {}).items()
+               if found["verdict"] == "fails"]
     judgement = judge(ok, names, value_names, failing, settings.metric_settings.seed)
     fractions = sums.fractions
     evaluation = {
@@ -525,6 +547,7 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
         "settings": {"methods": names[:-1], "left_out": left_out, "metrics": metrics, "layers": plan.layers,
                      "target": settings.target, "preprocessing": plan.preprocessing.as_dict(),
                      **settings.metric_settings.as_dict(), "randomization_limit": RANDOMIZATION_LIMIT,
+                     "randomization_early_steps": RANDOMIZATION_EARLY_STEPS,
                      "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names}},
         "versions": versions(),
         "images": {"total": len(records), "ok": len(ok), "failed": len(records) - len(ok),
@@ -533,13 +556,65 @@ def _summary(loaded, plan, names, metrics, settings, records, sums, examples, wa
         "ranking": judgement.ranking,
         **judgement.as_dict(),
         "randomization_failed": failing,
+        "randomization": randomization,
         "verdict": verdict_text(judgement, "randomization" in metrics),
         "curves": {"fractions": [round(float(f), 6) for f in fractions] if fractions is not None else [],
                    "deletion": sums.means("deletion"), "insertion": sums.means("insertion"),
                    "random_band": {which: sums.band(which, RANDOM_MAP) for which in ("deletion", "insertion")
                                    if RANDOM_MAP in getattr(sums, which)},
-                   "randomization": sums.means("randomization")},
+                   "randomization": {name: found["curves"]["judged"] for name, found
+                                     in (randomization or {}).get("methods", {}).items()}},
         "per_image": records,
         "wall_s": round(wall_s, 3),
     }
     return {**evaluation, "examples": examples}
+
+
+def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
+    """The randomization check over the images that had it: per method its mean curve of each
+    measure (null where no image gave a value; NaN is never averaged as 0), its score and verdict
+    (:func:`~attnexplain.metrics.randomization_verdict`: a method no image could measure fails, a
+    similarity that cannot be measured never counts as a pass). Records are
+    untrusted (``--resume``): an entry that is not a list per measure of one number or null per step,
+    each in [-1, 1], is left out."""
+    per_method: dict[str, dict[str, list]] = {name: {measure: [] for measure in SIMILARITIES} for name in names}
+    for record in records:
+        entry = record.get("randomization") if record.get("status") == "ok" else None
+        if not isinstance(entry, dict):
+            continue
+        for name in names:
+            curves = entry.get(name)
+            if isinstance(curves, dict) and all(_similarity_curve(curves.get(measure), len(steps))
+                                                for measure in SIMILARITIES):
+                for measure in SIMILARITIES:
+                    per_method[name][measure].append([math.nan if v is None else float(v) for v in curves[measure]])
+    methods = {}
+    for name in names:
+        found = {measure: np.array(rows, dtype=np.float64).reshape(len(rows), len(steps))
+                 for measure, rows in per_method[name].items()}
+        head, early = randomization_scores(found, RANDOMIZATION_EARLY_STEPS)
+        score, fails = randomization_verdict(head, early)
+        verdict = "chance level" if name == RANDOM_MAP else "fails" if fails else "passes"
+        methods[name] = {"score": None if score is None else _rounded(score),
+                         "images": int((np.isfinite(head) & np.isfinite(early)).sum()), "verdict": verdict,
+                         "curves": {measure: _nan_mean_curve(values) for measure, values
+                                    in (*found.items(), ("judged", judged_similarity(found)))}}
+    images = sum(1 for record in records
+                 if record.get("status") == "ok" and isinstance(record.get("randomization"), dict))
+    return {"steps": steps, "early_steps": RANDOMIZATION_EARLY_STEPS, "limit": RANDOMIZATION_LIMIT,
+            "images": images, "methods": methods}
+
+
+def _similarity_curve(values: Any, steps: int) -> bool:
+    return (isinstance(values, list) and len(values) == steps
+            # A comparison, not math.isfinite: that raises on an int of 400 digits; NaN compares false.
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and -1.0 - 1e-6 <= v <= 1.0 + 1e-6) for v in values))
+
+
+def _nan_mean_curve(values: np.ndarray) -> list[float | None]:
+    """Per step the mean of the images' finite values, null where there is none."""
+    counts = np.isfinite(values).sum(axis=0)
+    sums = np.where(np.isfinite(values), values, 0.0).sum(axis=0)
+    return [_rounded(total / count) if count else None for total, count in zip(sums, counts)]
+

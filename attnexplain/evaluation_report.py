@@ -84,6 +84,31 @@ def pairs_of(pairwise: list[dict[str, Any]], method: str | None) -> list[dict[st
     return found
 
 
+def randomization_plots(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The randomization check's curves for the page, or None when it was not run: per measure,
+    method → SVG polyline points (x: the trained model, then each cascading step; y: similarity in
+    [-1, 1]); a step with no value is left out of its line, never drawn as 0."""
+    found = evaluation.get("randomization")
+    if not found or not found.get("steps"):
+        return None
+    steps = found["steps"]
+    xs = [PLOT_WIDTH * i / len(steps) for i in range(len(steps) + 1)]
+
+    def y(value: float) -> float:
+        return PLOT_HEIGHT * (1 - (min(max(value, -1.0), 1.0) + 1) / 2)
+
+    plots = []
+    for measure, title in (("judged", "Spearman ρ (the larger of signed and absolute; judged)"),
+                           ("ssim", "SSIM (signed map)")):
+        lines = {}
+        for method, result in found["methods"].items():
+            values = [1.0, *result["curves"][measure]]  # the trained model's map is itself
+            lines[method] = " ".join(f"{x:.1f},{y(v):.1f}" for x, v in zip(xs, values) if v is not None)
+        plots.append((title, lines))
+    return {"plots": plots, "ticks": list(zip(xs, ["trained", *steps])), "limit_y": y(found["limit"]),
+            "zero_y": y(0.0), "early_x": xs[min(found["early_steps"], len(steps))]}
+
+
 def render_evaluation_html(evaluation: dict[str, Any]) -> str:
     fractions = evaluation["curves"]["fractions"]
     bands = evaluation["curves"].get("random_band", {})
@@ -98,9 +123,10 @@ def render_evaluation_html(evaluation: dict[str, Any]) -> str:
         dashes[method] = "5,3" if method == RANDOM_MAP else DASHES[(len(dashes)) % len(DASHES)]
     best = evaluation.get("winner") or next(iter(evaluation.get("no_difference") or []), None)
     return templates().get_template("evaluation.html.j2").render(
-        evaluation=evaluation, best=best, best_pairs=pairs_of(evaluation.get("pairwise", []), best), metrics=shown_metrics(evaluation), plots=plots, colours=colours, dashes=dashes,
+        evaluation=evaluation, best=best, best_pairs=pairs_of(evaluation.get("pairwise", []), best),
+        metrics=shown_metrics(evaluation), plots=plots, colours=colours, dashes=dashes,
         random_map=RANDOM_MAP, width=PLOT_WIDTH, height=PLOT_HEIGHT, shown=shown_number, shown_mean=shown_mean,
-        convention=CONVENTION)
+        convention=CONVENTION, randomization=randomization_plots(evaluation))
 
 
 def shown_number(value: Any, sign: int = 1) -> str:

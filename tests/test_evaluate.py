@@ -18,7 +18,7 @@ from attnexplain.explanation import _as_loaded_model
 from attnexplain.evaluation import EvaluationSettings, evaluate
 from attnexplain.evaluation_report import render_evaluation_html
 from attnexplain.loading import load_model
-from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_correlations
+from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_similarities
 
 from composites import TEST_SEED, make_composites  # samples/, on sys.path via conftest
 
@@ -200,11 +200,122 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     original = compute_maps(trained, batch, plan.methods, plan.layers)
     targets = original.targets
     before = torch.stack([original.maps["gradcam"], sobel_edges(batch)], dim=1)
-    correlations = randomization_correlations(trained.module, maps_of, before, steps=4)
+    correlations = randomization_similarities(trained.module, maps_of, before, steps=4)["spearman"]
     final = np.nanmean(correlations[..., -1], axis=0)
     assert final[1] > RANDOMIZATION_LIMIT  # the edge detector: flagged
     assert final[0] < RANDOMIZATION_LIMIT  # Grad-CAM depends on the weights
     assert trained.module.fc.weight.abs().sum() > 0  # the trained model itself was never changed
+
+
+def _randomization_check(loaded, images, methods: str, *, size=None, steps=3, first=4, **settings):
+    return evaluate(loaded, images, EvaluationSettings(
+        method=methods, metrics=["randomization"], size=size, images_per_batch=4,
+        metric_settings=MetricSettings(randomization_steps=steps, randomization_images=first, **settings)))
+
+
+def test_randomization_fails_guided_backprop_and_saliency_and_passes_gradcam_on_the_sample_resnet(
+        trained, composites):
+    # The measurement: judged on the fully randomized model only, every one of these passed.
+    evaluation = _randomization_check(trained, [str(composites / "images")], "gradcam,guided_backprop,saliency")
+    check = evaluation["randomization"]
+    assert check["steps"] == ["fc", "layer4.0", "layer3.0 … bn1 + conv1"]  # the head first, one block a step
+    verdicts = {name: found["verdict"] for name, found in check["methods"].items()}
+    assert verdicts == {"gradcam": "passes", "guided_backprop": "fails", "saliency": "fails",
+                        RANDOM_MAP: "chance level"}
+    assert evaluation["randomization_failed"] == ["guided_backprop", "saliency"]
+    guided = check["methods"]["guided_backprop"]["curves"]
+    assert guided["judged"][0] > 0.9 > guided["judged"][-1]  # survives the head, not the whole model
+    for name, found in check["methods"].items():
+        for measure in ("spearman", "spearman_abs", "ssim", "ssim_abs", "judged"):
+            assert len(found["curves"][measure]) == 3 and all(-1 <= v <= 1 for v in found["curves"][measure])
+    assert abs(check["methods"][RANDOM_MAP]["score"]) < 0.1  # two random maps: the chance level
+
+
+def test_randomization_fails_rollout_and_raw_attention_and_passes_gradcam_on_the_sample_vit(
+        sample_vit_file, composites):
+    evaluation = _randomization_check(load_model(sample_vit_file), [str(composites / "images")],
+                                      "rollout,attention,gradcam")
+    methods = evaluation["randomization"]["methods"]
+    # Neither reads the head: randomizing it leaves their maps bit-identical.
+    assert methods["rollout"]["curves"]["spearman"][0] == methods["attention"]["curves"]["spearman"][0] == 1.0
+    assert evaluation["randomization_failed"] == ["rollout", "attention"]
+    assert methods["gradcam"]["verdict"] == "passes"
+
+
+def test_randomization_fails_rollout_and_raw_attention_on_a_vit_the_test_builds(small_vit, composites):
+    evaluation = _randomization_check(_as_loaded_model(small_vit), [str(composites / "images")],
+                                      "rollout,attention,gradcam", size=64)
+    assert evaluation["randomization"]["steps"][:2] == ["heads.head", "encoder.ln + encoder.layers.encoder_layer_2"]
+    assert evaluation["randomization_failed"] == ["rollout", "attention"]
+
+
+@pytest.mark.heavy  # a ResNet-18 explained 4 times over (about a minute on 2 loaded cores)
+def test_randomization_fails_guided_backprop_and_passes_gradcam_on_a_resnet_the_test_builds(small_resnet,
+                                                                                            composites):
+    evaluation = _randomization_check(_as_loaded_model(small_resnet), [str(composites / "images")],
+                                      "gradcam,guided_backprop", size=64)
+    assert evaluation["randomization_failed"] == ["guided_backprop"]
+
+
+@pytest.mark.heavy  # every default method, 8 images, 5 steps: minutes on 2 loaded cores
+def test_randomization_with_the_defaults_on_the_sample_resnet_and_vit(trained, sample_vit_file, tmp_path):
+    images = _write_composites(tmp_path, 8)
+    resnet = evaluate(trained, [str(images / "images")], EvaluationSettings(metrics=["randomization"]))
+    assert "gradcam" not in resnet["randomization_failed"]
+    assert {"guided_backprop", "saliency", "input_x_gradient"} <= set(resnet["randomization_failed"])
+    vit = evaluate(load_model(sample_vit_file), [str(images / "images")],
+                   EvaluationSettings(method="rollout,attention,chefer,gradcam,saliency", metrics=["randomization"]))
+    assert set(vit["randomization_failed"]) >= {"rollout", "attention"}
+    assert "gradcam" not in vit["randomization_failed"]
+
+
+def test_randomization_measures_only_the_first_images_and_the_page_draws_its_curves(
+        sample_resnet_file, composites, tmp_path):
+    result, out = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam,saliency",
+                             "--metrics", "deletion,randomization", "--steps", "4", "--randomization-images", "2",
+                             "--randomization-steps", "2", "--size", "64"], tmp_path)
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    checked = [record["image"] for record in evaluation["per_image"] if "randomization" in record]
+    assert checked == ["c0.png", "c1.png"] and evaluation["randomization"]["images"] == 2
+    assert evaluation["settings"]["randomization_images"] == 2
+    assert evaluation["methods"]["gradcam"]["randomization"]["images"] == 2
+    assert evaluation["methods"]["gradcam"]["deletion"]["images"] == 4  # the other metrics: every image
+    record = evaluation["per_image"][0]["randomization"]
+    assert set(record) == {"gradcam", "saliency", RANDOM_MAP}
+    assert set(record["gradcam"]) == {"spearman", "spearman_abs", "ssim", "ssim_abs"}
+    page = (out / "evaluation.html").read_text()
+    section = page[page.index('id="randomization"'):page.index('id="randomization-table"')]
+    assert section.count('class="curve" data-method="saliency"') == 2  # the ρ plot and the SSIM plot
+    assert 'class="limit"' in section and "2 layer4.0 … bn1 + conv1." in page
+
+
+def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_records():
+    from attnexplain.evaluation import _randomization_summary
+
+    def entry(head, second):
+        return {measure: [head, second] for measure in ("spearman", "spearman_abs", "ssim", "ssim_abs")}
+
+    records = [
+        {"status": "ok", "randomization": {"gradcam": entry(0.1, 0.2), "blank": entry(None, None),
+                                           "noisy": entry(None, 0.9)}},
+        {"status": "ok", "randomization": {"gradcam": entry(0.3, None), "blank": entry(None, None),
+                                           "noisy": entry(0.2, 0.1)}},
+        # Hostile or garbled (a resumed record is untrusted): each entry is left out, never a crash.
+        {"status": "ok", "randomization": {"gradcam": entry(1e308, 1.0), "noisy": entry("0.1", 0.1),
+                                           "blank": {"spearman": [0.1] * 10**4}}},
+        {"status": "ok", "randomization": {"gradcam": entry(True, 1.0), "noisy": [[0.9, 0.9]],
+                                           "blank": entry(10**400, float("nan"))}},
+        {"status": "ok", "randomization": "x"},
+        {"status": "failed", "randomization": {"gradcam": entry(0.99, 0.99)}},
+    ]
+    summary = _randomization_summary(records, ["gradcam", "blank", "noisy"], ["fc", "layer4.0"])
+    gradcam, blank, noisy = (summary["methods"][name] for name in ("gradcam", "blank", "noisy"))
+    assert gradcam["curves"]["spearman"] == [0.2, 0.2]  # the second step: one image, not (0.2 + 0) / 2
+    assert gradcam["verdict"] == "passes" and gradcam["images"] == 1  # the image with both early steps
+    assert blank["curves"]["judged"] == [None, None] and blank["score"] is None and blank["verdict"] == "fails"
+    assert noisy["curves"]["judged"] == [0.2, 0.5]
+    json.dumps(summary, allow_nan=False)  # as evaluation.json is written
 
 
 def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites, tmp_path):

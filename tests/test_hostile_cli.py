@@ -195,6 +195,14 @@ def test_bad_size_and_std_are_usage_errors(tmp_path, small_photo, args):
     assert "Invalid value for '--" in result.output
 
 
+@pytest.mark.parametrize("args", [["--randomization-images", "0"], ["--randomization-images", "1" + "0" * 30],
+                                  ["--randomization-steps", "0"], ["--randomization-steps", "nan"]])
+def test_bad_randomization_images_and_steps_are_usage_errors(tmp_path, small_photo, args):
+    result = _run("evaluate", tmp_path / "no-such-model.pt", small_photo, *args, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[0]}'" in result.output and not (tmp_path / "out").exists()
+
+
 def test_layers_bad_size_is_a_usage_error(tmp_path):
     result = _run("layers", tmp_path / "no-such-model.pt", "--size", "4")
     assert result.exit_code == 2, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -475,12 +476,12 @@ def test_randomization_spearman_equals_quantus_mprt_on_the_maps_mprt_computed(mp
 
 
 def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomized(mprt_run):
-    from attnexplain.metrics import randomization_correlations
+    from attnexplain.metrics import randomization_similarities
 
     images, targets = mprt_run["images"], mprt_run["targets"]
     layers = len(mprt_run["scores"][0]) - 1
-    ours = randomization_correlations(mprt_run["model"], lambda module, step: mprt_run["maps_of"](
-        module, images, targets), mprt_run["before"], steps=layers, seed=0)  # one layer per step, as MPRT
+    ours = randomization_similarities(mprt_run["model"], lambda module, step: mprt_run["maps_of"](
+        module, images, targets), mprt_run["before"], steps=layers, seed=0)["spearman"]  # a layer a step, as MPRT
     last = list(mprt_run["scores"][0])[-1]
     # The random weights differ (Quantus reseeds every layer with seed + 1, we draw a seed per layer),
     # so the saliency maps' correlations agree in the mean, not image by image.
@@ -491,6 +492,67 @@ def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomi
     np.testing.assert_allclose(ours[:, 1, :], 1.0)
     for layer, values in mprt_run["scores"][1].items():
         np.testing.assert_allclose(values, 1.0, err_msg=layer)
+
+
+# --- randomization: steps, similarities, verdict ------------------------------------------------
+
+def test_randomization_steps_are_the_models_blocks_from_the_head_down(small_resnet, small_vit):
+    from attnexplain.metrics import cascade_steps, parameter_layers, randomization_blocks
+
+    resnet = [name for name, _ in randomization_blocks(small_resnet)]
+    assert resnet == ["fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0", "layer1.1",
+                      "layer1.0", "bn1 + conv1"]  # a normalisation alone is no step: it joins the next block
+    vit = [name for name, _ in randomization_blocks(small_vit)]
+    assert vit[:3] == ["heads.head", "encoder.ln + encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_1"]
+    capped = cascade_steps(small_resnet, 3)
+    assert [name for name, _ in capped] == ["fc", "layer4.1", "layer4.0 … bn1 + conv1"]
+    # The last step leaves no trained parameter; every layer is randomized exactly once.
+    randomized = [id(layer) for _, layers in capped for layer in layers]
+    assert sorted(randomized) == sorted(id(layer) for layer in parameter_layers(small_resnet))
+
+
+def test_randomization_similarities_on_signed_and_absolute_maps_as_adebayo():
+    from skimage.metrics import structural_similarity
+
+    from attnexplain.metrics import map_similarities, ssim
+
+    rng = np.random.default_rng(4)
+    signed = rng.standard_normal((24, 24)).cumsum(0).cumsum(1)  # smooth, both signs
+    flipped = map_similarities(signed, -signed)
+    assert flipped["spearman"] == pytest.approx(-1.0) and flipped["spearman_abs"] == pytest.approx(1.0)
+    assert flipped["ssim_abs"] == pytest.approx(1.0) and flipped["ssim"] < 0
+    # Normalised before SSIM: a randomized model's map 1000 times larger is still the same map.
+    assert ssim(signed, 1000 * signed) == pytest.approx(1.0)
+    scaled = (np.clip(signed / np.percentile(np.abs(signed), 99), -1, 1) + 1) / 2
+    other = rng.random((24, 24))
+    assert ssim(signed, other) == pytest.approx(structural_similarity(
+        scaled, (np.clip(other / np.percentile(other, 99), -1, 1) + 1) / 2, win_size=7, data_range=1.0))
+    assert ssim(other, other * 7, signed=False) == pytest.approx(1.0)
+    # Maps without negative values (most methods'): signed and absolute are the same map, and SSIM is
+    # not inflated by shifting them into [0.5, 1].
+    positive = map_similarities(other, rng.random((24, 24)))
+    assert positive["ssim"] == positive["ssim_abs"] < 0.2 and positive["spearman"] == positive["spearman_abs"]
+    assert math.isnan(ssim(np.ones((24, 24)), other)) and math.isnan(ssim(other[:2], other[:2]))
+    assert math.isnan(map_similarities(np.ones((8, 8)), other[:8, :8])["spearman"])  # no order to keep
+    # A randomized model the method could not explain: no value at all, never a similarity to zeros.
+    assert all(math.isnan(v) for v in map_similarities(other, np.full((24, 24), np.nan)).values())
+
+
+def test_randomization_nan_never_counts_as_a_pass():
+    from attnexplain.metrics import randomization_scores, randomization_verdict
+
+    nan = math.nan
+    # Two images, three steps; the first image's head step could not be measured.
+    similarities = {"spearman": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]]),
+                    "spearman_abs": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]])}
+    head, early = randomization_scores(similarities, 2)
+    assert math.isnan(head[0]) and math.isnan(early[0])  # never 0
+    assert randomization_verdict(head, early) == (pytest.approx(0.9), True)  # the image with a value judges
+    assert randomization_verdict(np.array([nan, nan]), np.array([nan, nan])) == (None, True)
+    # The head alone fails a map that ignores it; the early mean alone fails one that changes slowly.
+    assert randomization_verdict(np.array([1.0]), np.array([0.45]))[1]
+    assert randomization_verdict(np.array([0.4]), np.array([0.6]))[1]
+    assert not randomization_verdict(np.array([0.3, -0.2]), np.array([0.4, 0.2]))[1]
 
 
 # --- the "metrics" key of results.jsonl records (shared schema) ----------------------------------
