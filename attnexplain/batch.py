@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ._files import not_a_regular_file
+from ._untrusted import finite_number, is_finite_number
 from .errors import AttnExplainError, shown
 from .formats import DEFAULT_COLORMAP, RESULTS_JSONL
 from .truth import MAX_LABEL_LENGTH
@@ -352,40 +353,76 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) 
 
 # --- results.jsonl ---------------------------------------------------------------------------------
 
-#: A record is a few kilobytes; a longer line is not one of ours and is skipped without reading it whole.
-MAX_RECORD_BYTES = 1 << 22
+#: The longest line of results.jsonl read as a record. A record is a few kilobytes, but its
+#: predictions grow with --top-k: every class of a model with tens of thousands (ImageNet-21k's
+#: 21,843, each name up to a few hundred characters, written as JSON escapes) makes a line of 10 to
+#: 30 MiB. Beyond this, a line is not one of ours (batch refuses to write one, see
+#: :meth:`ResultsLog.append`) and is dropped, and said, without being read whole: the limit bounds
+#: the memory a damaged or hostile file can take.
+MAX_RECORD_BYTES = 64 << 20
 
 
-def _complete_lines(handle, limit: int) -> Iterable[bytes]:
-    """The lines of a binary file that end with a newline and are at most ``limit`` bytes long."""
+class RecordTooLarge(AttnExplainError):
+    """An image's record would be a line longer than :data:`MAX_RECORD_BYTES`."""
+
+
+@dataclass
+class ResultsFile:
+    """What :func:`read_records` found in a results.jsonl: the records (the last line per image),
+    and a sentence per line it could not use (``"line 3: not JSON"``)."""
+
+    records: list[dict[str, Any]]
+    dropped: list[str]
+
+
+def _numbered_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, line, None) for each line of a binary file that ends with a newline and is at
+    most ``limit`` bytes long; (line number, None, why) for the others, read in pieces."""
+    number = 0
     while line := handle.readline(limit + 1):
+        number += 1
         if line.endswith(b"\n"):
-            yield line
+            yield number, line, None
             continue
         if len(line) <= limit:
-            return  # the last line was cut short
+            yield number, None, "cut short (no newline at its end: an interrupted write)"
+            return
         while (rest := handle.readline(limit)) and not rest.endswith(b"\n"):
             pass  # the rest of an overlong line
+        yield number, None, f"over {limit:,} bytes"
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a results.jsonl; a truncated, garbled or overlong line (an interrupted
-    write, a damaged file) is skipped. Later lines for the same image replace earlier ones."""
+def read_records(path: Path) -> ResultsFile:
+    """Every complete line of a results.jsonl that is a record (a JSON object naming its image);
+    later lines for the same image replace earlier ones. A truncated, garbled or overlong line (an
+    interrupted write, a damaged file) is left out and said in ``dropped``."""
     reason = not_a_regular_file(path)
     if reason == "does not exist":
-        return []
+        return ResultsFile([], [])
     if reason is not None:
         raise AttnExplainError(f"{path} {reason}.")
     records: dict[str, dict[str, Any]] = {}
+    dropped: list[str] = []
     with open(path, "rb") as handle:
-        for line in _complete_lines(handle, MAX_RECORD_BYTES):
-            try:
-                record = json.loads(line.decode("utf-8", errors="replace"))
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(record, dict) and isinstance(record.get("image"), str):
-                records[record["image"]] = record
-    return list(records.values())
+        for number, line, why in _numbered_lines(handle, MAX_RECORD_BYTES):
+            if line is not None:
+                try:
+                    record = json.loads(line.decode("utf-8", errors="replace"))
+                except (ValueError, RecursionError):  # ValueError: also an int of over 4300 digits
+                    why = "not JSON" if line.strip() else None  # a blank line is no record
+                else:
+                    if isinstance(record, dict) and isinstance(record.get("image"), str):
+                        records[record["image"]] = record
+                    else:
+                        why = "not a record naming its image"
+            if why is not None:
+                dropped.append(f"line {number}: {why}")
+    return ResultsFile(list(records.values()), dropped)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a results.jsonl (:func:`read_records`), lines it cannot use left out."""
+    return read_records(path).records
 
 
 class ResultsLog:
@@ -403,8 +440,13 @@ class ResultsLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Raises OSError (a full disk) with the file as it was: never half a line."""
+        """Raises OSError (a full disk) with the file as it was: never half a line, and
+        :class:`RecordTooLarge` for a line :func:`read_records` would not read back."""
         line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        if len(line) > MAX_RECORD_BYTES:
+            raise RecordTooLarge(f"its record would be a line of {len(line):,} bytes in {RESULTS_JSONL}, "
+                                 f"over the {MAX_RECORD_BYTES:,} a record may take; ask for fewer "
+                                 f"classes (--top-k)")
         size = os.fstat(self._fd).st_size  # callers append one at a time
         try:
             while line:
@@ -463,6 +505,9 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     truth = record.get("truth")
     if truth is not None and not (isinstance(truth, str) and 0 < len(truth) <= MAX_LABEL_LENGTH):
         return f"has the true class {shown(truth)}, which is not a class name"
+    problem = timings_problem(record.get("timings"))
+    if problem is not None:
+        return problem
     if "metrics" in record:
         from .metrics import metrics_table_problem
 
@@ -470,14 +515,32 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+#: Seconds a step of one image may take in a record (a year): the report sums them over images,
+#: and 1e308 twice is infinity, which JSON cannot hold.
+MAX_STEP_SECONDS = 365 * 24 * 3600
+
+
+def timings_problem(timings: Any) -> str | None:
+    """Why a record's ``timings`` (absent, or seconds by step) cannot be summed, or None."""
+    if timings is not None and not (isinstance(timings, dict) and all(map(_is_seconds, timings.values()))):
+        return "has timings that are not numbers of seconds"
+    return None
+
+
+def _is_seconds(value: Any) -> bool:
+    seconds = finite_number(value)
+    return seconds is not None and 0 <= seconds <= MAX_STEP_SECONDS
+
+
+#: A class index beyond this is not one (a model has at most millions of classes); it keeps every
+#: index a record brings within what NumPy and the pages' JavaScript hold exactly.
+MAX_CLASS_INDEX = 2**31 - 1
 
 
 def _is_prediction(value: Any) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("index"), int)
-            and not isinstance(value.get("index"), bool) and _is_number(value.get("prob"))
-            and isinstance(value.get("label"), (str, type(None))))
+    index = value.get("index") if isinstance(value, dict) else None
+    return (isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= MAX_CLASS_INDEX
+            and is_finite_number(value.get("prob")) and isinstance(value.get("label"), (str, type(None))))
 
 
 def _is_file_name(name: Any) -> bool:
@@ -492,16 +555,37 @@ def _is_image_name(image: Any) -> bool:
             and all(part not in ("", ".", "..") for part in image.split("/")))
 
 
+def record_files_problem(root: Path, record: dict[str, Any]) -> str | None:
+    """Why the files an ok record (checked by :func:`ok_record_problem`) lists are not where batch
+    puts them inside the output folder ``root`` (resolved), or None: its folder must not be reached
+    through a symbolic link (which could point anywhere), and each file must be a regular file, not
+    a link. ``--resume`` and ``merge`` both ask this before they use an earlier record's files."""
+    output = record["output"]
+    folder = root / output
+    try:
+        resolved = folder.resolve()
+    except (OSError, RuntimeError):
+        resolved = None
+    if resolved != folder:
+        return (f"has its folder {output} behind a symbolic link (it resolves to {resolved}, not "
+                f"inside {root}/{output})")
+    for name in record_file_names(record):
+        path = folder / name
+        why = "is a symbolic link" if os.path.islink(path) else not_a_regular_file(path)
+        if why is not None:
+            return f"lists the file {output}/{name}, which {why}"
+    return None
+
+
 def _reusable(record: dict[str, Any], key_prefix: str, wanted: set[str], out: Path) -> bool:
     """Whether an earlier run's record can stand for its image: made with this model and these
     options, for an image of this run, trustworthy (:func:`ok_record_problem`), every file it lists
-    in place."""
+    in place inside ``out`` (resolved; :func:`record_files_problem`)."""
     key = record.get("key")
     if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
             or record.get("image") not in wanted or ok_record_problem(record) is not None:
         return False
-    folder = out / record["output"]
-    return all((folder / name).is_file() for name in record_file_names(record))
+    return record_files_problem(out, record) is None
 
 
 # --- the pure per-batch part -----------------------------------------------------------------------
@@ -601,10 +685,12 @@ class BatchRun:
     out: Path | None = None
     skipped_inputs: list[tuple[str, str]] = field(default_factory=list)  # not regular files, ...
     report_error: str | None = None  # why report.json / summary.csv / index.html could not be written
+    #: merge: the lines of the sources' results.jsonl no record could be read from (images lost)
+    dropped_records: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed or self.report_error else 0
+        return EXIT_SOME_FAILED if self.failed or self.report_error or self.dropped_records else 0
 
 
 class _Progress:
@@ -650,8 +736,12 @@ class _Progress:
 def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], out: Path,
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
-              on_batch: Callable[[int], None] | None = None, cluster=None) -> BatchRun:
+              on_batch: Callable[[int], None] | None = None, cluster=None,
+              overwrite: bool = False) -> BatchRun:
     """Explain every image ``input_specs`` names into ``out``; see the module's docstring.
+
+    An ``out`` that holds an earlier run's explained images is refused (:class:`EarlierRun`) unless
+    ``resume`` keeps them or ``overwrite`` replaces its records with this run's.
 
     ``cluster``: a :class:`attnexplain.ray_engine.RayCluster` to explain on Ray actors (the model
     loaded in each from ``model_spec``) instead of in this process; the outputs are the same.
@@ -682,6 +772,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         except OSError as error:
             raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
         with output_lock(out):
+            _refuse_earlier_run(out, resume, overwrite)  # under the lock: no run adds records meanwhile
             remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
             if cluster is not None:
                 return run_on_ray(model_spec, input_specs, inputs, out, settings, cluster, resume,
@@ -692,6 +783,43 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
 
 class NoImages(AttnExplainError):
     """The inputs name no image at all."""
+
+
+class EarlierRun(AttnExplainError):
+    """``--out`` holds an earlier run's explained images, and neither ``--resume`` nor
+    ``--overwrite`` says what becomes of them."""
+
+
+def check_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """What :func:`run_batch` refuses (:class:`EarlierRun`) about ``out``'s earlier records, asked
+    before the run starts (the CLI asks before the model loads). A folder another run is writing is
+    left to the run's own lock to refuse, naming that run."""
+    from ._lock import OutputInUse, reading_lock
+
+    with ExitStack() as held:
+        if os.path.isdir(out):
+            try:
+                held.enter_context(reading_lock(Path(out)))
+            except OutputInUse:
+                return
+        _refuse_earlier_run(Path(out), resume, overwrite)
+
+
+def _refuse_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses a run that would replace the records of an earlier run in ``out`` without being told
+    to: its results.jsonl is rewritten with what the run keeps, and images no longer in it vanish from
+    the gallery and the summary. ``resume`` keeps them (for this run's inputs); ``overwrite`` replaces
+    them (their folders stay until an image of the same name is written again)."""
+    if resume and overwrite:
+        raise AttnExplainError("--resume keeps the earlier run's records in --out and --overwrite "
+                               "replaces them: give one of them.")
+    if resume or overwrite:
+        return
+    explained = sum(record.get("status") == "ok" for record in read_results(out / RESULTS_JSONL))
+    if explained:
+        raise EarlierRun(f"{out} holds an earlier run's results ({explained} explained image(s) in "
+                         f"{RESULTS_JSONL}): add --resume to keep them and explain only what is new "
+                         f"or changed, or --overwrite to replace them, or choose another --out.")
 
 
 @dataclass
@@ -728,8 +856,9 @@ def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settin
 
     wanted = {item.relative for item in selected}
     # Per image, not per content: two files with the same bytes are two images, each with its row.
+    root = Path(os.path.realpath(out))  # the records' folders must resolve inside it
     kept = {record["image"]: record for record in (read_results(out / RESULTS_JSONL) if resume else [])
-            if _reusable(record, key_prefix, wanted, out)}
+            if _reusable(record, key_prefix, wanted, root)}
     summary = BatchRun(total=len(selected) + len(missing), out=out, skipped_inputs=inputs.skipped)
     ledger = RunLedger(out, meta, kept, summary, quiet, started)
     return RunStart(selected, missing, plan, key_prefix,
@@ -756,10 +885,15 @@ class RunLedger:
         with self.lock:
             try:
                 self.log.append(record)
-            except OSError as error:  # a full disk: the image fails, the run goes on
+            except (OSError, RecordTooLarge) as error:  # a full disk: the image fails, the run goes on
+                why = error.strerror or error if isinstance(error, OSError) else error
                 record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
-                          "status": "failed",
-                          "reason": f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}"}
+                          "status": "failed", "reason": f"Cannot record it in {RESULTS_JSONL}: {why}"}
+                if isinstance(error, RecordTooLarge):  # its failure, a few hundred bytes, is recorded
+                    try:
+                        self.log.append(record)
+                    except (OSError, RecordTooLarge):
+                        pass  # a full disk (or names of megabytes): the reports still say it
             self.records[record["image"]] = record
             if record["status"] == "ok":
                 self.summary.ok += 1
