@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from ._files import not_a_regular_file
 from ._lock import LOCK_NAME, reading_lock
-from ._untrusted import finite_number
+from ._untrusted import finite_number, is_finite_number
 from .batch import (BatchRun, ok_record_problem, read_records, record_file_names, record_files_problem,
                     timings_problem)
 from .errors import AttnExplainError, shown
@@ -123,14 +123,33 @@ def _read_run(given: Path) -> dict[str, Any] | None:
         raise AttnExplainError(f"Cannot merge: {report} {why}.")
     try:
         run = json.loads(report.read_text(encoding="utf-8")).get("run")
-    except (OSError, ValueError, AttributeError) as error:
+    except (OSError, ValueError, AttributeError, RecursionError) as error:
         raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
                                f"({type(error).__name__}).") from None
-    if not isinstance(run, dict) or not all(isinstance(run.get(name), (list, type(None)))
-                                            for name in ("methods", "layers")):
+    if not isinstance(run, dict) or _run_problem(run):
         raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
                                f"(its \"run\" section is missing or malformed).")
     return run
+
+
+def _run_problem(run: dict[str, Any]) -> bool:
+    """Whether what the merged pages show of a source's "run" (its methods, layers, model and
+    preprocessing, which become the merged report's) is not what batch writes there."""
+    if not all(value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+               for value in (run.get("methods"), run.get("layers"))):
+        return True
+    model, preprocessing = run.get("model"), run.get("preprocessing")
+    if model is not None and not (isinstance(model, dict) and all(
+            isinstance(model.get(key), (str, type(None))) for key in ("source", "architecture"))):
+        return True
+    if preprocessing is None:
+        return False
+    # The pages write the size and resize as text and the mean and std as numbers (float()).
+    return not (isinstance(preprocessing, dict)
+                and isinstance(preprocessing.get("size") or [], list)
+                and all(isinstance(preprocessing.get(key) or [], list)
+                        and all(is_finite_number(v) for v in preprocessing.get(key) or [])
+                        for key in ("mean", "std")))
 
 
 def _check_record(source: _Source, record: dict[str, Any]) -> None:

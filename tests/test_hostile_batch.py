@@ -601,3 +601,20 @@ def test_a_truth_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(res
                                              "--out", tmp_path / "out"), fifo)
     assert result.exit_code == 1, result.output
     assert result.output.strip() == f"Error: The --truth file {fifo} is a FIFO (named pipe), not a file."
+
+
+@pytest.mark.parametrize("note", ['{"pid": Infinity, "host": "h", "started": "t"}', "[" * 3000],
+                         ids=["pid-infinity", "nested"])
+def test_a_held_lock_whose_note_is_hostile_still_says_the_folder_is_in_use(tmp_path, note):
+    import fcntl
+
+    from attnexplain._lock import LOCK_NAME, OutputInUse, output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(note)
+    with open(out / LOCK_NAME, "rb") as held:  # another run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(OutputInUse, match="in use by another attnexplain run .holder unknown."):
+            with output_lock(out):
+                pass

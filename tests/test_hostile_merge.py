@@ -496,3 +496,22 @@ def test_a_record_of_several_mebibytes_is_merged_not_dropped(resnet_state_dict_f
     assert result.exit_code == 0, result.output
     assert "1 explained, 0 failed" in result.output
     assert len(_records(merged)["big.png"]["predictions"]) == 5
+
+
+@pytest.mark.parametrize("run", [{"methods": ["gradcam"], "preprocessing": {"mean": [10**400, 0, 0]}},
+                                 {"methods": ["gradcam"], "model": "a name, not a table"},
+                                 {"methods": [["nested"]]}], ids=["huge-mean", "model-text", "methods-nested"])
+def test_a_report_whose_run_the_pages_cannot_show_is_refused(copies, tmp_path, run):
+    first, second = copies("A0"), copies("A1")
+    report = json.loads((first / "report.json").read_text())
+    report["run"].update(run)
+    (first / "report.json").write_text(json.dumps(report))
+    merged = tmp_path / "merged"
+    _refused(_merge(first, second, "--out", merged), str(first / "report.json"), "not a report")
+    assert not merged.exists()
+
+
+def test_a_report_nested_too_deep_to_parse_is_refused(copies, tmp_path):
+    first, second = copies("A0"), copies("A1")
+    (first / "report.json").write_text('{"run": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _refused(_merge(first, second, "--out", tmp_path / "merged"), str(first / "report.json"), "not a report")
