@@ -661,7 +661,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     listed in report.json. A bad image is recorded with its reason and the run goes on.
     results.jsonl is written as images finish and the reports are refreshed periodically, so an
     interrupted run (Ctrl-C, SIGTERM, SIGHUP) leaves a valid partial report; --resume finishes it.
-    Another batch writing to the same --out is refused.
+    Another batch writing to the same --out is refused, and so is an --out holding an earlier run's
+    explained images unless --resume keeps them or --overwrite replaces them.
 
     \b
     Exit codes:
