@@ -685,7 +685,6 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     if resume and overwrite:
         raise click.UsageError("--resume keeps the earlier run's records in --out and --overwrite "
                                "replaces them: give one of them.")
-    check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
     ray_workers = workers if _given(click.get_current_context(), "workers") else 1
     cluster = _ray_cluster(engine, address, num_gpus_per_worker, ray_workers)
     if cluster is not None:
@@ -704,6 +703,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         # --out is checked before the model loads (a bad --out fails first), and is removed again
         # if the run cannot start (no image found): a refused run leaves no folder behind.
         with stop_signals_interrupt(), writable_output_folder(out_dir):
+            check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
             loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs,
                            ema)
             spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,

@@ -576,13 +576,13 @@ def test_a_second_batch_into_a_finished_run_is_refused_without_resume_or_overwri
 
 def test_a_record_longer_than_a_results_line_may_be_fails_its_image_only(resnet_state_dict_file, tmp_path,
                                                                         monkeypatch):
-    from attnexplain import batch
+    from attnexplain import records
 
     photos = _folder(tmp_path / "photos", 2)
     out = tmp_path / "out"
     labels = tmp_path / "labels.txt"  # five classes of 400 characters: a record of over 2,400 bytes
     labels.write_text("".join(f"{index}{'n' * 399}\n" for index in range(5)))
-    monkeypatch.setattr(batch, "MAX_RECORD_BYTES", 1500)
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 1500)
     result = _batch(resnet_state_dict_file, photos, "--out", out, "--top-k", "5", "--labels", labels)
     assert result.exit_code == EXIT_SOME_FAILED, result.output
     records = _records(out)  # every line written can be read back: none dropped
