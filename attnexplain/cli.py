@@ -393,9 +393,11 @@ def _print_run(report: dict[str, Any]) -> None:
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():
-            console.print(f"  {method + ' ' + kind:<34} {folder / name}", highlight=False, soft_wrap=True)
+            console.print(f"  {method + ' ' + kind:<34} {_shown_text(folder / name)}", highlight=False,
+                          soft_wrap=True)
     for key in ("report_json", "report_html"):
-        console.print(f"  {key:<34} {folder / report['outputs'][key]}", highlight=False, soft_wrap=True)
+        console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False,
+                      soft_wrap=True)
 
 
 def _print_listing(title: str, columns: list[str], rows: list[list[Any]], *,

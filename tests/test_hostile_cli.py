@@ -371,12 +371,15 @@ def test_control_and_bidi_characters_of_labels_are_shown_escaped_on_the_terminal
     # A labels file has one name a line, so no CR or LF; everything else a terminal acts on can be there.
     names = ["\u202egnp.exe", "red\x1b[2J", "bell\x07", "[red]hot[/red]", "iso\u2066late"]
     labels.write_text("\n".join(names) + "\n", encoding="utf-8")
-    result = _run("run", resnet_state_dict_file, small_photo, "--arch", "resnet18", "--labels", labels,
+    photo = tmp_path / "[bold]cat\u202egnp.png"  # its output folder is named after it
+    photo.write_bytes(small_photo.read_bytes())
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--labels", labels,
                   "--top-k", "5", "--size", "32", "--device", "cpu", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     for raw in ("\u202e", "\x1b", "\x07", "\u2066"):
         assert raw not in result.output
-    for shown in ("\\u202egnp.exe", "red\\x1b[2J", "bell\\x07", "[red]hot[/red]", "iso\\u2066late"):
+    for shown in ("\\u202egnp.exe", "red\\x1b[2J", "bell\\x07", "[red]hot[/red]", "iso\\u2066late",
+                  "[bold]cat\\u202egnp"):
         assert shown in result.output
 
 
