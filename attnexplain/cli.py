@@ -880,9 +880,9 @@ def merge(sources: tuple[Path, ...], out_dir: Path) -> None:
 
     result = merge_outputs(list(sources), out_dir)
     if result.dropped_records:
-        more = f" (and {len(result.dropped_records) - 1} more)" if len(result.dropped_records) > 1 else ""
-        click.echo(f"Warning: {len(result.dropped_records)} line(s) of the sources' results.jsonl are no "
-                   f"record and were left out, listed in report.json: "
+        more = " (and more)" if len(result.dropped_records) > 1 else ""
+        click.echo(f"Warning: lines of the sources' results.jsonl that are no record were left out, "
+                   f"listed in report.json (run.dropped_records): "
                    f"{terminal_text(result.dropped_records[0])}{more}", err=True)
     click.echo(f"{result.ok} explained, {result.failed} failed. Gallery: {out_dir / 'index.html'}",
                err=True)

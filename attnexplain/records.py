@@ -33,6 +33,9 @@ DETAIL_HTML = "detail.html"
 #: to write one, see :meth:`ResultsLog.append`) and is dropped, and said, without being read whole:
 #: the limit bounds the memory a damaged or hostile file can take.
 MAX_RECORD_BYTES = 64 << 20
+#: Lines no record can be read from that are each said; the rest are counted in one sentence (a
+#: damaged file of millions of lines must not make a list of millions).
+MAX_DROPPED_SAID = 100
 
 
 class RecordTooLarge(AttnExplainError):
@@ -42,7 +45,8 @@ class RecordTooLarge(AttnExplainError):
 @dataclass
 class ResultsFile:
     """What :func:`read_records` found in a results.jsonl: the records (the last line per image),
-    and a sentence per line it could not use (``"line 3: not JSON"``)."""
+    and a sentence per line it could not use (``"line 3: not JSON"``; past :data:`MAX_DROPPED_SAID`,
+    one sentence counts the others)."""
 
     records: list[dict[str, Any]]
     dropped: list[str]
@@ -76,6 +80,7 @@ def read_records(path: Path) -> ResultsFile:
         raise AttnExplainError(f"{path} {reason}.")
     records: dict[str, dict[str, Any]] = {}
     dropped: list[str] = []
+    more = 0
     with open(path, "rb") as handle:
         for number, line, why in _numbered_lines(handle, MAX_RECORD_BYTES):
             if line is not None:
@@ -88,8 +93,12 @@ def read_records(path: Path) -> ResultsFile:
                         records[record["image"]] = record
                     else:
                         why = "not a record naming its image"
-            if why is not None:
+            if why is not None and len(dropped) < MAX_DROPPED_SAID:
                 dropped.append(f"line {number}: {why}")
+            elif why is not None:
+                more += 1
+    if more:
+        dropped.append(f"and {more} more lines that are no record")
     return ResultsFile(list(records.values()), dropped)
 
 

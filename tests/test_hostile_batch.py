@@ -476,6 +476,18 @@ def test_results_with_deeply_nested_or_overlong_lines_are_read(tmp_path):
     assert {r["image"] for r in read_results(path)} == {"a.png", "b.png"}
 
 
+def test_lines_no_record_can_be_read_from_are_said_each_up_to_a_bound(tmp_path):
+    from attnexplain.records import MAX_DROPPED_SAID, read_records
+
+    path = tmp_path / RESULTS_JSONL
+    path.write_text(json.dumps({"image": "a.png", "status": "ok"}) + "\n" + "{garbled\n" * 250 + "\n")
+    found = read_records(path)
+    assert [r["image"] for r in found.records] == ["a.png"]
+    assert found.dropped[:2] == ["line 2: not JSON", "line 3: not JSON"]
+    assert len(found.dropped) == MAX_DROPPED_SAID + 1
+    assert found.dropped[-1] == f"and {250 - MAX_DROPPED_SAID} more lines that are no record"
+
+
 @pytest.mark.heavy
 def test_resume_with_a_fifo_for_results_fails_with_one_line(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 1)

@@ -462,7 +462,7 @@ def test_lines_no_record_can_be_read_from_are_said_on_stderr_and_in_the_report(c
     merged = tmp_path / "merged"
     result = _merge(first, second, "--out", merged)
     assert result.exit_code == EXIT_SOME_FAILED, result.output
-    assert "Warning: 2 line(s) of the sources' results.jsonl are no record" in result.output
+    assert "Warning: lines of the sources' results.jsonl that are no record were left out" in result.output
     assert f"{second / RESULTS_JSONL} line {garbled}: not JSON" in result.output
     run = json.loads((merged / "report.json").read_text())["run"]
     assert run["dropped_records"] == [f"{second / RESULTS_JSONL} line {garbled}: not JSON",
