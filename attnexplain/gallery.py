@@ -112,7 +112,7 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
         metrics = r.get("metrics") or {}
         top = r["predictions"][0]
         right = correct(r)
-        # Records are checked before they come here (batch.ok_record_problem), but a number that
+        # Records are checked before they come here (records.ok_record_problem), but a number that
         # is no finite float must not stop every other image's gallery: it is shown as unknown.
         confidence = finite_number(top.get("prob"))
         rows.append([r["image"], quote(r["output"]), _label(top),
