@@ -30,7 +30,8 @@ def _holder(fd: int) -> str:
     try:
         note = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
         return f"pid {int(note['pid'])} on {note['host']}, started {note['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    # The note is in --out, anyone's to edit: a pid of Infinity or deep nesting leaves the holder unknown.
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return "holder unknown"
 
 

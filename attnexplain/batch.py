@@ -25,7 +25,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import posixpath
 import sys
 import threading
 import time
@@ -34,18 +33,17 @@ from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ._files import not_a_regular_file
-from .errors import AttnExplainError, shown
+from .errors import AttnExplainError
 from .formats import DEFAULT_COLORMAP, RESULTS_JSONL
-from .truth import MAX_LABEL_LENGTH
+from .records import (DETAIL_HTML, IMAGES_DIR, RecordTooLarge, ResultsLog, ok_record_problem, read_results,
+                      record_files_problem)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-IMAGES_DIR = "images"
-DETAIL_HTML = "detail.html"
 #: The photo, shrunk: the detail page's and the gallery card's.
 PHOTO_JPG = "photo.jpg"
 PHOTO_SIDE = 512
@@ -350,158 +348,15 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) 
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-# --- results.jsonl ---------------------------------------------------------------------------------
-
-#: A record is a few kilobytes; a longer line is not one of ours and is skipped without reading it whole.
-MAX_RECORD_BYTES = 1 << 22
-
-
-def _complete_lines(handle, limit: int) -> Iterable[bytes]:
-    """The lines of a binary file that end with a newline and are at most ``limit`` bytes long."""
-    while line := handle.readline(limit + 1):
-        if line.endswith(b"\n"):
-            yield line
-            continue
-        if len(line) <= limit:
-            return  # the last line was cut short
-        while (rest := handle.readline(limit)) and not rest.endswith(b"\n"):
-            pass  # the rest of an overlong line
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of a results.jsonl; a truncated, garbled or overlong line (an interrupted
-    write, a damaged file) is skipped. Later lines for the same image replace earlier ones."""
-    reason = not_a_regular_file(path)
-    if reason == "does not exist":
-        return []
-    if reason is not None:
-        raise AttnExplainError(f"{path} {reason}.")
-    records: dict[str, dict[str, Any]] = {}
-    with open(path, "rb") as handle:
-        for line in _complete_lines(handle, MAX_RECORD_BYTES):
-            try:
-                record = json.loads(line.decode("utf-8", errors="replace"))
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(record, dict) and isinstance(record.get("image"), str):
-                records[record["image"]] = record
-    return list(records.values())
-
-
-class ResultsLog:
-    """Appends one JSON line per image and flushes it to disk at once.
-
-    Each line is one ``write`` call on an unbuffered file opened for appending, so a line is never
-    interleaved with another and a failed write (a full disk) leaves nothing buffered to retry."""
-
-    def __init__(self, path: Path, keep: Iterable[dict[str, Any]]) -> None:
-        from ._atomic import write_bytes_atomic
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in keep)
-        write_bytes_atomic(path, text.encode("utf-8"))  # a fresh file holding only what is kept
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-    def append(self, record: dict[str, Any]) -> None:
-        """Raises OSError (a full disk) with the file as it was: never half a line."""
-        line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
-        size = os.fstat(self._fd).st_size  # callers append one at a time
-        try:
-            while line:
-                line = line[os.write(self._fd, line):]
-            os.fsync(self._fd)
-        except OSError:
-            try:
-                os.ftruncate(self._fd, size)  # needs no space
-            except OSError:
-                pass  # read_results skips a garbled line
-            raise
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def record_file_names(record: dict[str, Any]) -> list[str]:
-    """The files an ok record says its folder holds: its detail page and every method's files."""
-    names = [DETAIL_HTML] + ([record["photo"]] if "photo" in record else [])
-    for per_method in record["files"].values():
-        names.extend(per_method.values())
-    return names
-
-
-def ok_record_problem(record: dict[str, Any]) -> str | None:
-    """Why an ``ok`` record of a results.jsonl cannot be trusted to stand for its image, or None.
-
-    Records are plain text anyone can edit: its folder must be where batch puts it
-    (``images/<image>``, the image a normalised relative path: nothing absolute, no ``..``), its
-    files plain names inside that folder, its predictions and target what the reports show, its
-    ``metrics`` (when present) a small table of finite numbers for its own methods.
-    ``--resume`` and ``merge`` both ask this before they use a record's paths.
-    """
-    image = record.get("image")
-    if not _is_image_name(image):
-        return "is not a relative path inside the output (absolute, '..' or not normalised)"
-    output = f"{IMAGES_DIR}/{image}"
-    if record.get("output") != output:
-        return f"has the output {shown(record.get('output'))}, not {shown(output)} as batch writes it"
-    if record.get("detail") != f"{output}/{DETAIL_HTML}":
-        return (f"has the detail page {shown(record.get('detail'))}, not "
-                f"{shown(output + '/' + DETAIL_HTML)}")
-    predictions = record.get("predictions")
-    if not (isinstance(predictions, list) and predictions and all(map(_is_prediction, predictions))
-            and _is_prediction(record.get("target"))):
-        return "has predictions or a target the reports cannot show"
-    methods = record.get("methods")
-    if not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
-        return "has methods that are not a list of names"
-    files = record.get("files")
-    if not (isinstance(files, dict) and files and all(isinstance(named, dict) for named in files.values())):
-        return "has no table of file names"
-    bad = next((name for name in record_file_names(record) if not _is_file_name(name)), None)
-    if bad is not None:
-        return f"names the file {shown(bad)}, which is not a plain file name"
-    truth = record.get("truth")
-    if truth is not None and not (isinstance(truth, str) and 0 < len(truth) <= MAX_LABEL_LENGTH):
-        return f"has the true class {shown(truth)}, which is not a class name"
-    if "metrics" in record:
-        from .metrics import metrics_table_problem
-
-        return metrics_table_problem(record["metrics"], methods)
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_prediction(value: Any) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("index"), int)
-            and not isinstance(value.get("index"), bool) and _is_number(value.get("prob"))
-            and isinstance(value.get("label"), (str, type(None))))
-
-
-def _is_file_name(name: Any) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..")
-            and not any(char in name for char in "/\\\0"))
-
-
-def _is_image_name(image: Any) -> bool:
-    """The relative posix path batch names an image by: normalised, nothing absolute, no ``..``."""
-    return (isinstance(image, str) and bool(image) and "\0" not in image
-            and not image.startswith("/") and posixpath.normpath(image) == image
-            and all(part not in ("", ".", "..") for part in image.split("/")))
-
-
 def _reusable(record: dict[str, Any], key_prefix: str, wanted: set[str], out: Path) -> bool:
     """Whether an earlier run's record can stand for its image: made with this model and these
     options, for an image of this run, trustworthy (:func:`ok_record_problem`), every file it lists
-    in place."""
+    in place inside ``out`` (resolved; :func:`record_files_problem`)."""
     key = record.get("key")
     if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
             or record.get("image") not in wanted or ok_record_problem(record) is not None:
         return False
-    folder = out / record["output"]
-    return all((folder / name).is_file() for name in record_file_names(record))
+    return record_files_problem(out, record) is None
 
 
 # --- the pure per-batch part -----------------------------------------------------------------------
@@ -601,10 +456,12 @@ class BatchRun:
     out: Path | None = None
     skipped_inputs: list[tuple[str, str]] = field(default_factory=list)  # not regular files, ...
     report_error: str | None = None  # why report.json / summary.csv / index.html could not be written
+    #: merge: the lines of the sources' results.jsonl no record could be read from (images lost)
+    dropped_records: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed or self.report_error else 0
+        return EXIT_SOME_FAILED if self.failed or self.report_error or self.dropped_records else 0
 
 
 class _Progress:
@@ -650,8 +507,12 @@ class _Progress:
 def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], out: Path,
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
-              on_batch: Callable[[int], None] | None = None, cluster=None) -> BatchRun:
+              on_batch: Callable[[int], None] | None = None, cluster=None,
+              overwrite: bool = False) -> BatchRun:
     """Explain every image ``input_specs`` names into ``out``; see the module's docstring.
+
+    An ``out`` that holds an earlier run's explained images is refused (:class:`EarlierRun`) unless
+    ``resume`` keeps them or ``overwrite`` replaces its records with this run's.
 
     ``cluster``: a :class:`attnexplain.ray_engine.RayCluster` to explain on Ray actors (the model
     loaded in each from ``model_spec``) instead of in this process; the outputs are the same.
@@ -682,6 +543,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
         except OSError as error:
             raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
         with output_lock(out):
+            _refuse_earlier_run(out, resume, overwrite)  # under the lock: no run adds records meanwhile
             remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
             if cluster is not None:
                 return run_on_ray(model_spec, input_specs, inputs, out, settings, cluster, resume,
@@ -692,6 +554,43 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
 
 class NoImages(AttnExplainError):
     """The inputs name no image at all."""
+
+
+class EarlierRun(AttnExplainError):
+    """``--out`` holds an earlier run's explained images, and neither ``--resume`` nor
+    ``--overwrite`` says what becomes of them."""
+
+
+def check_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """What :func:`run_batch` refuses (:class:`EarlierRun`) about ``out``'s earlier records, asked
+    before the run starts (the CLI asks before the model loads). A folder another run is writing is
+    left to the run's own lock to refuse, naming that run."""
+    from ._lock import OutputInUse, reading_lock
+
+    with ExitStack() as held:
+        if os.path.isdir(out):
+            try:
+                held.enter_context(reading_lock(Path(out)))
+            except OutputInUse:
+                return
+        _refuse_earlier_run(Path(out), resume, overwrite)
+
+
+def _refuse_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuses a run that would replace the records of an earlier run in ``out`` without being told
+    to: its results.jsonl is rewritten with what the run keeps, and images no longer in it vanish from
+    the gallery and the summary. ``resume`` keeps them (for this run's inputs); ``overwrite`` replaces
+    them (their folders stay until an image of the same name is written again)."""
+    if resume and overwrite:
+        raise AttnExplainError("--resume keeps the earlier run's records in --out and --overwrite "
+                               "replaces them: give one of them.")
+    if resume or overwrite:
+        return
+    explained = sum(record.get("status") == "ok" for record in read_results(out / RESULTS_JSONL))
+    if explained:
+        raise EarlierRun(f"{out} holds an earlier run's results ({explained} explained image(s) in "
+                         f"{RESULTS_JSONL}): add --resume to keep them and explain only what is new "
+                         f"or changed, or --overwrite to replace them, or choose another --out.")
 
 
 @dataclass
@@ -728,8 +627,9 @@ def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settin
 
     wanted = {item.relative for item in selected}
     # Per image, not per content: two files with the same bytes are two images, each with its row.
+    root = Path(os.path.realpath(out))  # the records' folders must resolve inside it
     kept = {record["image"]: record for record in (read_results(out / RESULTS_JSONL) if resume else [])
-            if _reusable(record, key_prefix, wanted, out)}
+            if _reusable(record, key_prefix, wanted, root)}
     summary = BatchRun(total=len(selected) + len(missing), out=out, skipped_inputs=inputs.skipped)
     ledger = RunLedger(out, meta, kept, summary, quiet, started)
     return RunStart(selected, missing, plan, key_prefix,
@@ -756,10 +656,15 @@ class RunLedger:
         with self.lock:
             try:
                 self.log.append(record)
-            except OSError as error:  # a full disk: the image fails, the run goes on
+            except (OSError, RecordTooLarge) as error:  # a full disk: the image fails, the run goes on
+                why = error.strerror or error if isinstance(error, OSError) else error
                 record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
-                          "status": "failed",
-                          "reason": f"Cannot record it in {RESULTS_JSONL}: {error.strerror or error}"}
+                          "status": "failed", "reason": f"Cannot record it in {RESULTS_JSONL}: {why}"}
+                if isinstance(error, RecordTooLarge):  # its failure, a few hundred bytes, is recorded
+                    try:
+                        self.log.append(record)
+                    except (OSError, RecordTooLarge):
+                        pass  # a full disk (or names of megabytes): the reports still say it
             self.records[record["image"]] = record
             if record["status"] == "ok":
                 self.summary.ok += 1

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from ._untrusted import terminal_text
 from .formats import COLORMAP_NAMES, DEFAULT_COLORMAP
 
 
@@ -52,7 +53,8 @@ class _Group(click.Group):
                 import traceback
 
                 traceback.print_exception(error.__cause__, file=sys.stderr)
-            raise click.ClickException(str(error)) from None
+            # One line, and no character that rewrites it: messages name the user's files.
+            raise click.ClickException(terminal_text(str(error))) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -61,7 +63,7 @@ class _Group(click.Group):
         except Exception as error:
             if ctx.find_root().params.get("debug"):
                 raise
-            text = " ".join(str(error).split()) or type(error).__name__
+            text = terminal_text(" ".join(str(error).split()) or type(error).__name__)
             raise click.ClickException(f"Unexpected {type(error).__name__}: {text} "
                                        f"(rerun with --debug for the traceback)") from None
 
@@ -359,32 +361,43 @@ def run(model: str, image: Path, method: str, target: str | None, layer: str | N
         _print_run(report)
 
 
+def _shown_text(value: Any) -> str:
+    """Text from the user's files (class names, file names, a model's notes) for Rich: control and
+    bidirectional characters escaped (:func:`terminal_text`; a CR or U+202E would rewrite the line)
+    and Rich's markup too (``[link=...]`` is markup)."""
+    from rich.markup import escape
+
+    return escape(terminal_text(value))
+
+
 def _print_run(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     for note in report["model"]["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    table = Table(title=f"{report['method']} · {Path(report['image']['path']).name}")
+        console.print(f"[yellow]note:[/yellow] {_shown_text(note)}")
+    table = Table(title=f"{report['method']} · {_shown_text(Path(report['image']['path']).name)}")
     table.add_column("#", justify="right")
     table.add_column("class")
     table.add_column("index", justify="right")
     table.add_column("probability", justify="right")
     for rank, prediction in enumerate(report["predictions"], start=1):
-        table.add_row(str(rank), str(prediction["label"] if prediction["label"] is not None else "—"),
+        table.add_row(str(rank), _shown_text(prediction["label"] if prediction["label"] is not None else "—"),
                       str(prediction["index"]), f"{prediction['prob']:.4f}")
     console.print(table)
     target = report["target"]
-    layer = f" on layer {report['layer']}" if report["layer"] else ""
-    console.print(f"Explained class {target['label'] or target['index']} with "
+    layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
+    console.print(f"Explained class {_shown_text(target['label'] or target['index'])} with "
                   f"{', '.join(report['methods'])}{layer}.")
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():
-            console.print(f"  {method + ' ' + kind:<34} {folder / name}", highlight=False, soft_wrap=True)
+            console.print(f"  {method + ' ' + kind:<34} {_shown_text(folder / name)}", highlight=False,
+                          soft_wrap=True)
     for key in ("report_json", "report_html"):
-        console.print(f"  {key:<34} {folder / report['outputs'][key]}", highlight=False, soft_wrap=True)
+        console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False,
+                      soft_wrap=True)
 
 
 def _print_listing(title: str, columns: list[str], rows: list[list[Any]], *,
@@ -392,7 +405,8 @@ def _print_listing(title: str, columns: list[str], rows: list[list[Any]], *,
     """A listing: on a terminal, aligned columns under ``title`` (a table whose ``prose`` columns,
     sentences, wrap); anywhere else (a pipe, a file) a header line and one tab-separated line per
     row, so that no name is ever wrapped or cut and ``cut -f`` works."""
-    cells = [["" if value is None else " ".join(str(value).split()) for value in row] for row in rows]
+    cells = [["" if value is None else terminal_text(" ".join(str(value).split())) for value in row]
+             for row in rows]
     if not sys.stdout.isatty():
         with _reader_may_leave():
             for line in [columns, *cells]:
@@ -611,6 +625,9 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
               help="Folder for the outputs (never read as inputs; one run at a time writes there).")
 @click.option("--resume", is_flag=True, help="Skip images already explained in --out with the same "
                                              "model, options and file content; do the rest.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the records of an earlier run in --out (without it, or --resume, an --out "
+                   "holding explained images is refused).")
 @click.option("--shard", callback=_shard,
               help="I/N: explain only a deterministic 1/N of the inputs, counting from 1 (--shard 1/2, "
                    "--shard 2/2; merge the outputs with `attnexplain merge`).")
@@ -632,7 +649,7 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
           device: str, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
           images_per_batch: int, workers: int | None, parallel_batches: int | None, engine: str,
           address: str | None,
-          num_gpus_per_worker: float, out_dir: Path, resume: bool,
+          num_gpus_per_worker: float, out_dir: Path, resume: bool, overwrite: bool,
           shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str,
           metric_names: list[str], overlay_size: int | None) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
@@ -646,7 +663,8 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     listed in report.json. A bad image is recorded with its reason and the run goes on.
     results.jsonl is written as images finish and the reports are refreshed periodically, so an
     interrupted run (Ctrl-C, SIGTERM, SIGHUP) leaves a valid partial report; --resume finishes it.
-    Another batch writing to the same --out is refused.
+    Another batch writing to the same --out is refused, and so is an --out holding an earlier run's
+    explained images unless --resume keeps them or --overwrite replaces them.
 
     \b
     Exit codes:
@@ -659,13 +677,16 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
     from ._signals import Stopped, stop_signals_interrupt
-    from .batch import run_batch, BatchSettings
+    from .batch import BatchSettings, check_earlier_run, run_batch
     from .report import writable_output_folder
     from .truth import read_truth
 
     if engine == "ray" and parallel_batches is not None:
         raise click.UsageError("--parallel-batches is for --engine local; with --engine ray, "
                                "--workers sets how many model actors explain at once.")
+    if resume and overwrite:
+        raise click.UsageError("--resume keeps the earlier run's records in --out and --overwrite "
+                               "replaces them: give one of them.")
     ray_workers = workers if _given(click.get_current_context(), "workers") else 1
     cluster = _ray_cluster(engine, address, num_gpus_per_worker, ray_workers)
     if cluster is not None:
@@ -684,19 +705,20 @@ def batch(model: str, inputs: tuple[str, ...], method: str, target: str | None, 
         # --out is checked before the model loads (a bad --out fails first), and is removed again
         # if the run cannot start (no image found): a refused run leaves no folder behind.
         with stop_signals_interrupt(), writable_output_folder(out_dir):
+            check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
             loaded = _load(model, arch, num_classes, labels, trust_model, plugin, device, arch_kwargs,
                            ema)
             spec = {"model": model, "arch": arch, "num_classes": num_classes, "labels": labels,
                     "trust_model": trust_model, "plugin": plugin, "arch_kwargs": arch_kwargs,
                     "ema": ema}
             result = run_batch(loaded, spec, list(inputs), out_dir, settings, resume=resume,
-                               shard=shard, quiet=quiet, cluster=cluster)
+                               shard=shard, quiet=quiet, cluster=cluster, overwrite=overwrite)
     except Stopped as stop:
         where = f"; the partial report is in {out_dir}" if (out_dir / "report.json").is_file() else ""
         click.echo(f"Stopped by {stop}{where}.", err=True)
         sys.exit(stop.exit_code)
     if result.skipped_inputs:
-        shown = "; ".join(f"{path} {reason}" for path, reason in result.skipped_inputs[:5])
+        shown = terminal_text("; ".join(f"{path} {reason}" for path, reason in result.skipped_inputs[:5]))
         more = f" (and {len(result.skipped_inputs) - 5} more)" if len(result.skipped_inputs) > 5 else ""
         click.echo(f"Skipped {len(result.skipped_inputs)} entries of the inputs, listed in report.json: "
                    f"{shown}{more}", err=True)
@@ -895,6 +917,11 @@ def merge(sources: tuple[Path, ...], out_dir: Path) -> None:
     from .merge import merge_outputs
 
     result = merge_outputs(list(sources), out_dir)
+    if result.dropped_records:
+        more = " (and more)" if len(result.dropped_records) > 1 else ""
+        click.echo(f"Warning: lines of the sources' results.jsonl that are no record were left out, "
+                   f"listed in report.json (run.dropped_records): "
+                   f"{terminal_text(result.dropped_records[0])}{more}", err=True)
     click.echo(f"{result.ok} explained, {result.failed} failed. Gallery: {out_dir / 'index.html'}",
                err=True)
     if result.exit_code:

@@ -119,14 +119,23 @@ def chosen_metrics(requested: Sequence[str] | None, has_masks: bool) -> list[str
 
 def read_boxes(path: Path) -> dict[str, list[list[float]]]:
     """File name → boxes [x, y, width, height] in photo pixels, from ``{"name": [[x, y, w, h], ...]}``
-    or a COCO file (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``bbox``)."""
+    or a COCO file (``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``bbox``).
+    The boxes themselves are checked per image (:func:`boxes_mask`): a bad one is that image's."""
+    from ._files import not_a_regular_file
+
+    reason = not_a_regular_file(path)  # a FIFO would block for ever, a device never end
+    if reason is not None:
+        raise AttnExplainError(f"The boxes file {path} {reason}.")
     try:
-        if path.stat().st_size > MAX_BOXES_BYTES:
-            raise AttnExplainError(f"{path} is over {MAX_BOXES_BYTES // 2**20} MiB; a boxes file is not that large.")
-        data = json.loads(path.read_bytes())
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_BOXES_BYTES + 1)  # bounded even if the file grows meanwhile
     except OSError as error:
         raise AttnExplainError(f"Cannot read the boxes file {path}: {error.strerror or error}.") from None
-    except (ValueError, RecursionError) as error:
+    if len(raw) > MAX_BOXES_BYTES:
+        raise AttnExplainError(f"{path} is over {MAX_BOXES_BYTES // 2**20} MiB; a boxes file is not that large.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # ValueError: also an int of over 4300 digits
         raise AttnExplainError(f"The boxes file {path} is not valid JSON: {shown(str(error))}.") from None
     if isinstance(data, dict) and "annotations" in data and "images" in data:
         if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
@@ -135,8 +144,14 @@ def read_boxes(path: Path) -> dict[str, list[list[float]]]:
                  if isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
                  and isinstance(entry.get("id"), (int, str))}
         boxes: dict[str, list] = {}
-        for annotation in data["annotations"]:
-            if isinstance(annotation, dict) and annotation.get("image_id") in names:
+        for number, annotation in enumerate(data["annotations"], start=1):
+            if not isinstance(annotation, dict):
+                continue
+            image_id = annotation.get("image_id")
+            if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+                raise AttnExplainError(f"The COCO file {path}: annotation {number} has the image_id "
+                                       f"{shown(image_id)}, which is not an image's id (a number or text).")
+            if image_id in names:
                 boxes.setdefault(names[annotation["image_id"]], []).append(annotation.get("bbox"))
         return boxes
     if not isinstance(data, dict):
@@ -147,18 +162,22 @@ def read_boxes(path: Path) -> dict[str, list[list[float]]]:
 
 def boxes_mask(boxes: Any, width: int, height: int) -> np.ndarray:
     """(height, width) bool mask of ``boxes`` (untrusted: each checked), or :class:`MaskError`."""
+    from ._untrusted import finite_number
+
     if not isinstance(boxes, list) or not boxes:
         raise MaskError("its entry in the boxes file is not a non-empty list of [x, y, w, h] boxes")
     if len(boxes) > MAX_BOXES_PER_IMAGE:
         raise MaskError(f"it has over {MAX_BOXES_PER_IMAGE} boxes")
     mask = np.zeros((height, width), dtype=bool)
     for box in boxes:
-        if (not isinstance(box, list) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                           for v in box) or box[2] <= 0 or box[3] <= 0):
-            raise MaskError(f"box {shown(box)} is not [x, y, width, height] with a positive size")
-        left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
-        right, bottom = min(width, math.ceil(box[0] + box[2])), min(height, math.ceil(box[1] + box[3]))
+        # Each value a finite float (10**400 is not), and so are the far corner's (1e308 + 1e308 is not).
+        values = [finite_number(v) for v in box] if isinstance(box, list) and len(box) == 4 else [None]
+        if (None in values or values[2] <= 0 or values[3] <= 0
+                or not math.isfinite(values[0] + values[2]) or not math.isfinite(values[1] + values[3])):
+            raise MaskError(f"box {shown(box)} is not [x, y, width, height] with a positive, finite size")
+        x, y, w, h = values
+        left, top = min(width, max(0, math.floor(x))), min(height, max(0, math.floor(y)))
+        right, bottom = max(0, min(width, math.ceil(x + w))), max(0, min(height, math.ceil(y + h)))
         mask[top:bottom, left:right] = True
     return mask
 

@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any, Sequence
 
 from ._atomic import write_bytes_atomic
+from ._untrusted import finite_number
 from .formats import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
 from .report import templates
 
@@ -111,7 +112,11 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
         metrics = r.get("metrics") or {}
         top = r["predictions"][0]
         right = correct(r)
-        rows.append([r["image"], quote(r["output"]), _label(top), round(float(top["prob"]), 6),
+        # Records are checked before they come here (records.ok_record_problem), but a number that
+        # is no finite float must not stop every other image's gallery: it is shown as unknown.
+        confidence = finite_number(top.get("prob"))
+        rows.append([r["image"], quote(r["output"]), _label(top),
+                     None if confidence is None else round(confidence, 6),
                      r.get("truth") if isinstance(r.get("truth"), str) else None,
                      -1 if right is None else int(right),
                      [quote(files.get("thumb", "")) for files in r["files"].values()],
@@ -133,7 +138,7 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     sums = Counter()
     for record in records:
         for key, value in (record.get("timings") or {}).items():
-            sums[key] += float(value)
+            sums[key] += finite_number(value) or 0.0
     judged = accuracy_and_confusion(records)
     return {
         "totals": {"images": len(records), "ok": len(ok), "failed": len(records) - len(ok)},
@@ -156,6 +161,11 @@ def spreadsheet_safe(cell: Any) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
+def _confidence_cell(top: dict[str, Any] | None) -> str:
+    confidence = finite_number(top.get("prob")) if top else None
+    return "" if confidence is None else f"{confidence:.6f}"
+
+
 def summary_csv(records: Sequence[dict[str, Any]]) -> str:
     """One row per image. File names and labels come from the user's files, so every cell is
     neutralised (:func:`spreadsheet_safe`): the CSV is meant to be opened in a spreadsheet."""
@@ -167,7 +177,7 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
         top = (r.get("predictions") or [None])[0]
         target = r.get("target") or {}
         writer.writerow(map(spreadsheet_safe, [r["image"], r.get("status"), top["index"] if top else "",
-                         (top.get("label") or "") if top else "", f"{top['prob']:.6f}" if top else "",
+                         (top.get("label") or "") if top else "", _confidence_cell(top),
                          target.get("index", ""), target.get("label") or "",
                          ",".join(r.get("methods") or []), r.get("layer") or "", r.get("output") or "",
                          r.get("reason") or "", r.get("truth") or "",
@@ -182,7 +192,7 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
     from .report import versions
 
     report = {"run": meta, **totals(records), "versions": versions()}
-    wall = float(meta.get("wall_s") or 0.0)
+    wall = finite_number(meta.get("wall_s")) or 0.0
     report["timings"] = {"wall_s": round(wall, 3),
                          "images_per_s": round(len(records) / wall, 3) if wall > 0 else None}
     ok = [r for r in records if r.get("status") == "ok"]

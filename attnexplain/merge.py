@@ -22,7 +22,10 @@ from typing import Any, Sequence
 
 from ._files import not_a_regular_file
 from ._lock import LOCK_NAME, reading_lock
-from .batch import BatchRun, _is_number, ok_record_problem, read_results, record_file_names
+from ._untrusted import finite_number, is_finite_number
+from .batch import BatchRun
+from .records import (ok_record_problem, read_records, record_file_names, record_files_problem,
+                      timings_problem)
 from .errors import AttnExplainError, shown
 from .formats import REPORT_JSON, RESULTS_JSONL
 
@@ -38,6 +41,7 @@ class _Source:
     records: list[dict[str, Any]]
     fingerprint: str | None = None  # the run's, or that of all its records
     files: dict[str, dict[str, Path]] = field(default_factory=dict)  # image → destination → file
+    dropped: list[str] = field(default_factory=list)  # results.jsonl's lines that are no record
 
 
 def merge_outputs(sources: Sequence[Path], out: Path) -> BatchRun:
@@ -72,14 +76,16 @@ def _merge_unlocked(sources: Sequence[Path], out: Path) -> BatchRun:
     ordered = [records[image] for image in sorted(records)]
     metas = [source.meta for source in read]
     meta = dict(next((m for m in metas if m is not None), {}))
+    # A line no record could be read from is an image the merge cannot hold: said, never lost silently.
+    dropped = [f"{source.given / RESULTS_JSONL} {line}" for source in read for line in source.dropped]
     meta.update(shard=None, merged_from=[str(source.given) for source in read],
                 fingerprint=fingerprint, complete=all(m is not None and m.get("complete") is True
-                                                      for m in metas),
-                wall_s=sum(float(m.get("wall_s") or 0) for m in metas
-                           if m is not None and _is_number(m.get("wall_s"))))
+                                                      for m in metas) and not dropped,
+                wall_s=sum(finite_number(m.get("wall_s")) or 0.0 for m in metas if m is not None),
+                dropped_records=dropped)
     _write_merged(out, ordered, files, meta)
     ok = sum(record["status"] == "ok" for record in ordered)
-    return BatchRun(total=len(ordered), ok=ok, failed=len(ordered) - ok, out=out)
+    return BatchRun(total=len(ordered), ok=ok, failed=len(ordered) - ok, out=out, dropped_records=dropped)
 
 
 # --- reading and checking the sources ----------------------------------------------------------
@@ -97,13 +103,13 @@ def _read_source(given: Path) -> _Source:
                                f"batch` output.")
     try:
         root = given.resolve(strict=True)
-        records = read_results(results)
+        found = read_records(results)
     except (OSError, RuntimeError) as error:
         raise AttnExplainError(f"Cannot merge: cannot read {results}: {error}.") from None
-    source = _Source(given, root, _read_run(given), records)
+    source = _Source(given, root, _read_run(given), found.records, dropped=found.dropped)
     if source.meta is not None and isinstance(source.meta.get("fingerprint"), str):
         source.fingerprint = source.meta["fingerprint"]
-    for record in records:
+    for record in source.records:
         _check_record(source, record)
     return source
 
@@ -118,14 +124,33 @@ def _read_run(given: Path) -> dict[str, Any] | None:
         raise AttnExplainError(f"Cannot merge: {report} {why}.")
     try:
         run = json.loads(report.read_text(encoding="utf-8")).get("run")
-    except (OSError, ValueError, AttributeError) as error:
+    except (OSError, ValueError, AttributeError, RecursionError) as error:
         raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
                                f"({type(error).__name__}).") from None
-    if not isinstance(run, dict) or not all(isinstance(run.get(name), (list, type(None)))
-                                            for name in ("methods", "layers")):
+    if not isinstance(run, dict) or _run_problem(run):
         raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
                                f"(its \"run\" section is missing or malformed).")
     return run
+
+
+def _run_problem(run: dict[str, Any]) -> bool:
+    """Whether what the merged pages show of a source's "run" (its methods, layers, model and
+    preprocessing, which become the merged report's) is not what batch writes there."""
+    if not all(value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+               for value in (run.get("methods"), run.get("layers"))):
+        return True
+    model, preprocessing = run.get("model"), run.get("preprocessing")
+    if model is not None and not (isinstance(model, dict) and all(
+            isinstance(model.get(key), (str, type(None))) for key in ("source", "architecture"))):
+        return True
+    if preprocessing is None:
+        return False
+    # The pages write the size and resize as text and the mean and std as numbers (float()).
+    return not (isinstance(preprocessing, dict)
+                and isinstance(preprocessing.get("size") or [], list)
+                and all(isinstance(preprocessing.get(key) or [], list)
+                        and all(is_finite_number(v) for v in preprocessing.get(key) or [])
+                        for key in ("mean", "std")))
 
 
 def _check_record(source: _Source, record: dict[str, Any]) -> None:
@@ -140,33 +165,18 @@ def _check_record(source: _Source, record: dict[str, Any]) -> None:
     for name in ("reason", "layer", "path", "sha256"):
         if not isinstance(record.get(name), (str, type(None))):
             raise _refuse(source, image, f"has a {name} that is not text")
-    timings = record.get("timings")
-    if timings is not None and not (isinstance(timings, dict)
-                                    and all(_is_number(v) for v in timings.values())):
-        raise _refuse(source, image, "has timings that are not numbers")
+    problem = timings_problem(record.get("timings"))
+    if problem is not None:
+        raise _refuse(source, image, problem)
     _check_key(source, record)
     if status != "ok":
         return
-    problem = ok_record_problem(record)
+    problem = ok_record_problem(record) or record_files_problem(source.root, record)
     if problem is not None:
         raise _refuse(source, image, problem)
-    output, names = record["output"], record_file_names(record)
-    folder = source.root / output
-    try:
-        resolved = folder.resolve()
-    except (OSError, RuntimeError):
-        resolved = None
-    if resolved != folder:
-        raise _refuse(source, image, f"has its folder {output} behind a symbolic link (it "
-                                     f"resolves to {resolved}, not inside {source.root}/{output})")
-    brought = {}
-    for name in names:
-        path = folder / name
-        why = "is a symbolic link" if os.path.islink(path) else not_a_regular_file(path)
-        if why is not None:
-            raise _refuse(source, image, f"lists the file {output}/{name}, which {why}")
-        brought[f"{output}/{name}"] = path
-    source.files[image] = brought
+    output = record["output"]
+    source.files[image] = {f"{output}/{name}": source.root / output / name
+                           for name in record_file_names(record)}
 
 
 def _check_key(source: _Source, record: dict[str, Any]) -> None:
@@ -259,7 +269,13 @@ def _check_out(out: Path, sources: list[_Source], merged: set[str]) -> None:
         raise AttnExplainError(f"Cannot merge: --out {out} holds files and no {RESULTS_JSONL}: it "
                                f"is not an attnexplain output, and the merge would replace it. "
                                f"Choose a new or empty folder.")
-    earlier = read_results(results)
+    found = read_records(results)
+    if found.dropped:
+        raise AttnExplainError(
+            f"Cannot merge: --out {out} holds lines of {RESULTS_JSONL} that are no record "
+            f"({found.dropped[0]}); the merge would replace the images they stood for. Name {out} as "
+            f"a source too (its unreadable lines are then listed), or choose another --out.")
+    earlier = found.records
     lost = sorted(str(r["image"]) for r in earlier if r.get("status") == "ok" and r["image"] not in merged)
     if lost:
         raise AttnExplainError(

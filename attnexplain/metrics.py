@@ -576,6 +576,8 @@ def metrics_table_problem(table: Any, methods: Sequence[str]) -> str | None:
     """Why ``table``, a record's ``"metrics"`` (``{"<method>": {"<metric>": <float>}}``), cannot be
     shown, or None: it must be that shape, name only ``methods`` (or the random map), hold finite
     numbers, and stay small."""
+    from ._untrusted import is_finite_number
+
     if not isinstance(table, dict) or len(table) > MAX_TABLE_ENTRIES:
         return "has metrics that are not a table of methods"
     for method, values in table.items():
@@ -586,6 +588,6 @@ def metrics_table_problem(table: Any, methods: Sequence[str]) -> str | None:
         for metric, value in values.items():
             if not (isinstance(metric, str) and 0 < len(metric) <= MAX_NAME_LENGTH):
                 return "has a metric without a short name"
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            if not is_finite_number(value):  # 10**400 too: math.isfinite would raise OverflowError
                 return f"has the metric {shown(metric)} with a value that is not a finite number"
     return None

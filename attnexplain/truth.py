@@ -9,6 +9,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ._files import not_a_regular_file
 from .errors import AttnExplainError, shown
 
 FOLDERS = "folders"
@@ -51,6 +52,9 @@ def read_truth(spec: str) -> TrueClasses:
     if spec == FOLDERS:
         return TrueClasses(from_folders=True)
     path = Path(spec)
+    reason = not_a_regular_file(path)  # a FIFO would block for ever, a device never end
+    if reason is not None:
+        raise TruthError(f"The --truth file {path} {reason}.")
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_TRUTH_BYTES + 1)

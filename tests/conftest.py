@@ -140,6 +140,32 @@ def read_gallery_data(out: Path) -> dict:
     return json.loads(script[len(prefix):].rstrip().rstrip(";"))
 
 
+def without_blocking(call, fifo: Path, seconds: float = 30.0):
+    """``call()``'s result (or its exception), failing the test where it blocks on the FIFO
+    ``fifo`` (opened for reading, which waits for a writer for ever): a thread calls it, and after
+    ``seconds`` a writer opens and closes the FIFO so that the blocked reader, and the test, end."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader gets end-of-file
+        thread.join(seconds)
+        pytest.fail(f"blocked on the FIFO {fifo} for {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @pytest.fixture
 def gallery_images():
     """The image names of a batch's gallery, from its data script."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -590,3 +591,56 @@ def test_the_curves_are_large_with_a_line_style_per_method_and_the_random_maps_b
     looks = {method: (colour, dash) for method, colour, dash in styles}
     assert len(set(looks.values())) == 9  # every line its own colour and dash
     assert looks[RANDOM_MAP] == ("#000", "5,3")
+
+
+def test_a_boxes_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(sample_resnet_file, tmp_path):
+    from conftest import without_blocking
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(make_composites(1, TEST_SEED)[0][0]).save(images / "a.png")
+    fifo = tmp_path / "boxes.json"
+    os.mkfifo(fifo)
+    result, _ = without_blocking(lambda: _evaluate([str(sample_resnet_file), str(images), "--boxes", str(fifo)],
+                                                   tmp_path), fifo)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"Error: The boxes file {fifo} is a FIFO (named pipe), not a file."
+
+
+@pytest.mark.parametrize("box", [[1e308, 0, 1e308, 10], [0, 0, 10**400, 10], [0, 0, float("nan"), 10],
+                                 [0, 0, 1e309, 10], [True, 0, 5, 5]],
+                         ids=["far-corner-overflows", "int-beyond-float", "nan", "infinite", "bool"])
+def test_a_box_no_float_can_hold_is_an_error_of_its_image(box):
+    from attnexplain.evaluation import MaskError, boxes_mask
+
+    with pytest.raises(MaskError, match=r"is not \[x, y, width, height\]"):
+        boxes_mask([box], 32, 24)
+    assert boxes_mask([[-1e300, -5, 2e300, 1e300]], 32, 24).all()  # huge but finite: clipped to the photo
+
+
+def test_hostile_numbers_in_a_boxes_file_fail_their_image_and_a_bad_coco_id_the_file(sample_resnet_file,
+                                                                                      tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels, _, _ = make_composites(3, TEST_SEED)
+    for name, image in zip(("a.png", "b.png", "c.png"), pixels):
+        Image.fromarray(image).save(images / name)
+    boxes = tmp_path / "boxes.json"
+    # json writes 10**400 as its digits and 1e308 as is: Python reads them back as they were.
+    boxes.write_text(json.dumps({"a.png": [[1e308, 0, 1e308, 10]], "b.png": [[0, 0, 10**400, 10]],
+                                 "c.png": [[10, 10, 40, 40]]}))
+    result, out = _evaluate([str(sample_resnet_file), str(images), "--method", "gradcam", "--metrics",
+                             "pointing,mass", "--boxes", str(boxes), "--size", "64"], tmp_path)
+    assert result.exit_code == 0, result.output
+    records = {r["image"]: r for r in json.loads((out / "evaluation.json").read_text())["per_image"]}
+    assert "positive, finite size" in records["a.png"]["mask_error"]
+    assert "positive, finite size" in records["b.png"]["mask_error"]
+    assert "mass" in records["c.png"]["metrics"]["gradcam"]
+
+    coco = {"images": [{"id": 1, "file_name": "a.png"}],
+            "annotations": [{"image_id": 1, "bbox": [1, 1, 5, 5]}, {"image_id": [1], "bbox": [1, 1, 5, 5]}]}
+    boxes.write_text(json.dumps(coco))
+    result, _ = _evaluate([str(sample_resnet_file), str(images), "--boxes", str(boxes)], tmp_path)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"Error: The COCO file {boxes}: annotation 2 has the image_id [1], "
+                                     f"which is not an image's id (a number or text).")

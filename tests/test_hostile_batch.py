@@ -344,13 +344,13 @@ def test_stale_staging_cleanup_removes_only_our_names(tmp_path):
 def test_out_inside_the_input_folder_is_not_read_as_input(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 3)
     out = photos / "explained"
-    for _ in range(2):
-        result = _batch(resnet_state_dict_file, photos, "--out", out)
+    for again in ([], ["--overwrite"]):
+        result = _batch(resnet_state_dict_file, photos, "--out", out, *again)
         assert result.exit_code == 0, result.output
         assert set(_records(out)) == {"img00.png", "img01.png", "img02.png"}
     # Named explicitly, an output is not an input either.
     again = _batch(resnet_state_dict_file, photos, out / "images" / "img00.png" / "overlay-gradcam.jpg",
-                   "--out", out)
+                   "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
     assert len(_records(out)) == 3
 
@@ -476,6 +476,18 @@ def test_results_with_deeply_nested_or_overlong_lines_are_read(tmp_path):
     assert {r["image"] for r in read_results(path)} == {"a.png", "b.png"}
 
 
+def test_lines_no_record_can_be_read_from_are_said_each_up_to_a_bound(tmp_path):
+    from attnexplain.records import MAX_DROPPED_SAID, read_records
+
+    path = tmp_path / RESULTS_JSONL
+    path.write_text(json.dumps({"image": "a.png", "status": "ok"}) + "\n" + "{garbled\n" * 250 + "\n")
+    found = read_records(path)
+    assert [r["image"] for r in found.records] == ["a.png"]
+    assert found.dropped[:2] == ["line 2: not JSON", "line 3: not JSON"]
+    assert len(found.dropped) == MAX_DROPPED_SAID + 1
+    assert found.dropped[-1] == f"and {250 - MAX_DROPPED_SAID} more lines that are no record"
+
+
 @pytest.mark.heavy
 def test_resume_with_a_fifo_for_results_fails_with_one_line(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 1)
@@ -489,3 +501,132 @@ def test_resume_with_a_fifo_for_results_fails_with_one_line(resnet_state_dict_fi
                                                 f"not a file."]
     with pytest.raises(AttnExplainError):
         read_results(out / RESULTS_JSONL)
+
+
+def _edit_records(out: Path, **per_image) -> None:
+    """Rewrite results.jsonl with per image (name=callable) a change applied to its record."""
+    records = _records(out)
+    for image, change in per_image.items():
+        change(records[image])
+    (out / RESULTS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+
+
+def test_resume_re_explains_images_whose_records_hold_numbers_beyond_a_float(resnet_state_dict_file,
+                                                                              tmp_path):
+    photos = _folder(tmp_path / "photos", 3)
+    out = tmp_path / "out"
+    assert _batch(resnet_state_dict_file, photos, "--out", out).exit_code == 0
+    huge = 10**400  # JSON holds it; float() and math.isfinite() raise OverflowError on it
+
+    def metric(record):
+        record["metrics"] = {record["methods"][0]: {"deletion": huge}}
+
+    def prob(record):
+        record["predictions"][0]["prob"] = huge
+
+    def timing(record):
+        record["timings"]["model_s"] = 1e308  # finite, but two of them sum to infinity
+
+    _edit_records(out, **{"img00.png": metric, "img01.png": prob, "img02.png": timing})
+    resumed = _batch(resnet_state_dict_file, photos, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    records = _records(out)
+    assert set(records) == {"img00.png", "img01.png", "img02.png"}
+    assert all(r["status"] == "ok" and "metrics" not in r and r["predictions"][0]["prob"] <= 1
+               and r["timings"]["model_s"] < 1e6 for r in records.values())
+    report = json.loads((out / "report.json").read_text())  # strict JSON: no Infinity
+    assert report["totals"]["ok"] == 3 and all(v < 1e6 for v in report["timings_total_s"].values())
+
+
+def test_resume_never_reuses_a_record_whose_folder_is_a_link_out_of_out(resnet_state_dict_file, tmp_path):
+    photos = _folder(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+    assert _batch(resnet_state_dict_file, photos, "--out", out).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(out / "images" / "img00.png", elsewhere / "img00.png")
+    (out / "images" / "img00.png").symlink_to(elsewhere / "img00.png", target_is_directory=True)
+    before = {path.name: path.read_bytes() for path in (elsewhere / "img00.png").iterdir()}
+    resumed = CliRunner().invoke(main, ["batch", str(resnet_state_dict_file), str(photos), "--out", str(out),
+                                        "--resume", "--arch", "resnet18", "--size", "32", "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    # img00.png explained again (merge refuses the same record); img01.png's record still stands
+    assert "2 explained (1 from an earlier run)" in resumed.output
+    assert not (out / "images" / "img00.png").is_symlink()
+    assert (out / "images" / "img00.png" / "detail.html").is_file()
+    assert {path.name: path.read_bytes() for path in (elsewhere / "img00.png").iterdir()} == before
+
+
+def test_a_second_batch_into_a_finished_run_is_refused_without_resume_or_overwrite(resnet_state_dict_file,
+                                                                                   tmp_path):
+    first, second = _folder(tmp_path / "first", 2), _folder(tmp_path / "second", 1)
+    out = tmp_path / "out"
+    assert _batch(resnet_state_dict_file, first, "--out", out).exit_code == 0
+    kept = (out / RESULTS_JSONL).read_bytes()
+    # Refused before the model loads: a model file that does not exist is not even looked at.
+    refused = _batch(tmp_path / "no-such-model.pt", second, "--out", out)
+    assert refused.exit_code == 1, refused.output
+    line = refused.output.strip()
+    assert "\n" not in line and line.startswith("Error: ") and "2 explained image(s)" in line
+    assert "--resume" in line and "--overwrite" in line
+    assert (out / RESULTS_JSONL).read_bytes() == kept
+    both = _batch(resnet_state_dict_file, second, "--out", out, "--resume", "--overwrite")
+    assert both.exit_code == 2 and "give one of them" in both.output
+    # The API refuses the same, under the run's lock.
+    from attnexplain.batch import BatchSettings, EarlierRun, run_batch
+    from attnexplain.loading import load_model
+
+    loaded = load_model(resnet_state_dict_file, arch="resnet18")
+    with pytest.raises(EarlierRun, match="--overwrite"):
+        run_batch(loaded, {"model": str(resnet_state_dict_file), "arch": "resnet18"}, [str(second)], out,
+                  BatchSettings(size=(32, 32)), quiet=True)
+    assert (out / RESULTS_JSONL).read_bytes() == kept
+    replaced = _batch(resnet_state_dict_file, second, "--out", out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert set(_records(out)) == {"img00.png"} and len(read_results(out / RESULTS_JSONL)) == 1
+
+
+def test_a_record_longer_than_a_results_line_may_be_fails_its_image_only(resnet_state_dict_file, tmp_path,
+                                                                        monkeypatch):
+    from attnexplain import records
+
+    photos = _folder(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+    labels = tmp_path / "labels.txt"  # five classes of 400 characters: a record of over 2,400 bytes
+    labels.write_text("".join(f"{index}{'n' * 399}\n" for index in range(5)))
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 1500)
+    result = _batch(resnet_state_dict_file, photos, "--out", out, "--top-k", "5", "--labels", labels)
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    records = _records(out)  # every line written can be read back: none dropped
+    assert set(records) == {"img00.png", "img01.png"}
+    assert all(r["status"] == "failed" and "over the 1,500 a record may take; ask for fewer classes "
+               "(--top-k)" in r["reason"] for r in records.values())
+
+
+def test_a_truth_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(resnet_state_dict_file, tmp_path):
+    from conftest import without_blocking
+
+    photos = _folder(tmp_path / "photos", 1)
+    fifo = tmp_path / "truth.csv"
+    os.mkfifo(fifo)
+    result = without_blocking(lambda: _batch(resnet_state_dict_file, photos, "--truth", fifo,
+                                             "--out", tmp_path / "out"), fifo)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"Error: The --truth file {fifo} is a FIFO (named pipe), not a file."
+
+
+@pytest.mark.parametrize("note", ['{"pid": Infinity, "host": "h", "started": "t"}', "[" * 3000],
+                         ids=["pid-infinity", "nested"])
+def test_a_held_lock_whose_note_is_hostile_still_says_the_folder_is_in_use(tmp_path, note):
+    import fcntl
+
+    from attnexplain._lock import LOCK_NAME, OutputInUse, output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(note)
+    with open(out / LOCK_NAME, "rb") as held:  # another run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(OutputInUse, match="in use by another attnexplain run .holder unknown."):
+            with output_lock(out):
+                pass

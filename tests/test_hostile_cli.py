@@ -392,3 +392,30 @@ def test_a_bad_pointing_tolerance_through_the_api_is_a_one_line_error():
         with pytest.raises(AttnExplainError, match="pointing tolerance must be a number of pixels"):
             MetricSettings(pointing_tolerance=value)
     assert MetricSettings().pointing_tolerance == 15.0 and MetricSettings(pointing_tolerance=0).pointing_tolerance == 0
+
+
+# --- labels that would rewrite the terminal -----------------------------------------------------------------
+
+def test_control_and_bidi_characters_of_labels_are_shown_escaped_on_the_terminal(tmp_path, small_photo,
+                                                                                  resnet_state_dict_file):
+    labels = tmp_path / "labels.txt"
+    # A labels file has one name a line, so no CR or LF; everything else a terminal acts on can be there.
+    names = ["\u202egnp.exe", "red\x1b[2J", "bell\x07", "[red]hot[/red]", "iso\u2066late"]
+    labels.write_text("\n".join(names) + "\n", encoding="utf-8")
+    photo = tmp_path / "[bold]cat\u202egnp.png"  # its output folder is named after it
+    photo.write_bytes(small_photo.read_bytes())
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--labels", labels,
+                  "--top-k", "5", "--size", "32", "--device", "cpu", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    for raw in ("\u202e", "\x1b", "\x07", "\u2066"):
+        assert raw not in result.output
+    for shown in ("\\u202egnp.exe", "red\\x1b[2J", "bell\\x07", "[red]hot[/red]", "iso\\u2066late",
+                  "[bold]cat\\u202egnp"):
+        assert shown in result.output
+
+
+def test_terminal_text_escapes_line_breaks_and_invisible_characters_only():
+    from attnexplain._untrusted import terminal_text
+
+    assert terminal_text("a\rb\nc\u2028d\u202ee\u200bf\ud800") == "a\\rb\\nc\\u2028d\\u202ee\\u200bf\\ud800"
+    assert terminal_text("chat noir – 猫, 🐈, naïve") == "chat noir – 猫, 🐈, naïve"

@@ -415,3 +415,103 @@ def test_a_folder_a_batch_is_writing_is_not_merged(copies, tmp_path, locked):
     assert f"pid {os.getpid()}" in line
     assert not (out / RESULTS_JSONL).exists()
     assert _merge(first, second, "--out", out).exit_code in (0, 3)  # free again once it ends
+
+
+# --- numbers and lines a record cannot be read from ---------------------------------------------------
+
+def _huge_metric(record: dict) -> dict:
+    return {"metrics": {record["methods"][0]: {"deletion": 10**400}}}
+
+
+def _huge_prob(record: dict) -> dict:
+    return {"predictions": [dict(record["predictions"][0], prob=10**400)]}
+
+
+def _huge_timing(record: dict) -> dict:
+    return {"timings": dict(record["timings"], model_s=10**400)}
+
+
+@pytest.mark.parametrize("change", [_huge_metric, _huge_prob, _huge_timing])
+def test_a_number_beyond_a_float_is_refused_naming_the_source_and_image(copies, tmp_path, change):
+    first, second = copies("A0"), copies("A1")
+    image = _an_ok_image(first)
+    _rewrite(first, image, **change(_records(first)[image]))
+    merged = tmp_path / "merged"
+    _refused(_merge(first, second, "--out", merged), str(first), repr(image))
+    assert not merged.exists()
+
+
+def test_a_wall_time_beyond_a_float_in_a_report_is_not_summed(copies, tmp_path):
+    first, second = copies("A0"), copies("A1")
+    report = json.loads((first / "report.json").read_text())
+    report["run"]["wall_s"] = 10**400
+    (first / "report.json").write_text(json.dumps(report))
+    merged = tmp_path / "merged"
+    assert _merge(first, second, "--out", merged).exit_code == EXIT_SOME_FAILED
+    assert json.loads((merged / "report.json").read_text())["run"]["wall_s"] < 1e6
+
+
+def test_lines_no_record_can_be_read_from_are_said_on_stderr_and_in_the_report(copies, tmp_path):
+    first, second = copies("A0"), copies("A1")
+    image = _an_ok_image(second)
+    lines = (second / RESULTS_JSONL).read_text(encoding="utf-8").splitlines(keepends=True)
+    garbled = next(number for number, line in enumerate(lines, start=1) if f'"{image}"' in line)
+    lines[garbled - 1] = lines[garbled - 1][:40] + "\n"  # that image's record, damaged
+    (second / RESULTS_JSONL).write_text("".join(lines) + '{"image": "cut-short.png", "sta',
+                                        encoding="utf-8")
+    merged = tmp_path / "merged"
+    result = _merge(first, second, "--out", merged)
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    assert "Warning: lines of the sources' results.jsonl that are no record were left out" in result.output
+    assert f"{second / RESULTS_JSONL} line {garbled}: not JSON" in result.output
+    run = json.loads((merged / "report.json").read_text())["run"]
+    assert run["dropped_records"] == [f"{second / RESULTS_JSONL} line {garbled}: not JSON",
+                                      f"{second / RESULTS_JSONL} line {len(lines) + 1}: cut short "
+                                      f"(no newline at its end: an interrupted write)"]
+    assert run["complete"] is False and image not in _records(merged)
+
+
+def test_an_out_holding_lines_no_record_can_be_read_from_is_not_replaced(copies, tmp_path):
+    first, second = copies("A0"), copies("A1")
+    merged = tmp_path / "merged"
+    assert _merge(first, second, "--out", merged).exit_code == EXIT_SOME_FAILED
+    with open(merged / RESULTS_JSONL, "a", encoding="utf-8") as handle:
+        handle.write("{damaged\n")
+    before = _snapshot(merged)
+    _refused(_merge(first, second, "--out", merged), "line", "not JSON", "Name")
+    assert _snapshot(merged) == before
+
+
+def test_a_record_of_several_mebibytes_is_merged_not_dropped(resnet_state_dict_file, tmp_path):
+    # Five classes named with a mebibyte each: every record of this real run is over 5 MiB, as a
+    # large --top-k over a model with tens of thousands of classes makes it.
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {index} " + "n" * (1 << 20) + "\n" for index in range(5)))
+    photos = _write_photos(tmp_path / "photos", ["big.png"], seed=3)
+    source = _batch(resnet_state_dict_file, photos, tmp_path / "source", "--labels", str(labels),
+                    "--top-k", "5")
+    assert (source / RESULTS_JSONL).stat().st_size > 5 << 20
+    merged = tmp_path / "merged"
+    result = _merge(source, "--out", merged)
+    assert result.exit_code == 0, result.output
+    assert "1 explained, 0 failed" in result.output
+    assert len(_records(merged)["big.png"]["predictions"]) == 5
+
+
+@pytest.mark.parametrize("run", [{"methods": ["gradcam"], "preprocessing": {"mean": [10**400, 0, 0]}},
+                                 {"methods": ["gradcam"], "model": "a name, not a table"},
+                                 {"methods": [["nested"]]}], ids=["huge-mean", "model-text", "methods-nested"])
+def test_a_report_whose_run_the_pages_cannot_show_is_refused(copies, tmp_path, run):
+    first, second = copies("A0"), copies("A1")
+    report = json.loads((first / "report.json").read_text())
+    report["run"].update(run)
+    (first / "report.json").write_text(json.dumps(report))
+    merged = tmp_path / "merged"
+    _refused(_merge(first, second, "--out", merged), str(first / "report.json"), "not a report")
+    assert not merged.exists()
+
+
+def test_a_report_nested_too_deep_to_parse_is_refused(copies, tmp_path):
+    first, second = copies("A0"), copies("A1")
+    (first / "report.json").write_text('{"run": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    _refused(_merge(first, second, "--out", tmp_path / "merged"), str(first / "report.json"), "not a report")
