@@ -3,6 +3,7 @@ evaluation on SIGTERM, --resume that reuses what an earlier run measured (and on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: Small and quick, but every stage: maps, perturbations, localisation and the randomization check.
 OPTIONS = ["--method", "gradcam,saliency", "--metrics", "deletion,insertion,pointing,randomization",
            "--steps", "4", "--size", "64", "--images-per-batch", "1", "--randomization-images", "2"]
+#: Where the lines and masks are what matters: without the randomization check (it costs the most).
+NO_RANDOMIZATION = [*OPTIONS, "--method", "gradcam", "--metrics", "deletion,pointing"]
 
 
 @pytest.fixture
@@ -44,9 +47,9 @@ def composites(tmp_path):
     return tmp_path
 
 
-def _args(model, composites, out, *more):
+def _args(model, composites, out, *more, options=OPTIONS):
     return ["evaluate", str(model), str(composites / "images"), "--masks", str(composites / "masks"),
-            *OPTIONS, "--out", str(out), *map(str, more)]
+            *options, "--out", str(out), *map(str, more)]
 
 
 def _lines(out: Path) -> list[dict]:
@@ -67,47 +70,48 @@ def computed_images(monkeypatch):
     return counts
 
 
-# --- progress --------------------------------------------------------------------------------------
+# --- progress, a line per image, the randomization check on the first images ------------------------
 
-def test_progress_lines_by_image_and_stage_on_stderr_and_none_when_quiet(sample_resnet_file, composites,
-                                                                          tmp_path, monkeypatch):
+def test_progress_by_image_and_stage_on_stderr_and_the_randomization_check_on_the_first_images(
+        sample_resnet_file, composites, tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line at every step, not every 5 s
-    result = CliRunner().invoke(main, _args(sample_resnet_file, composites, tmp_path / "out"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, _args(sample_resnet_file, composites, out))
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("[attnexplain]")]
     assert lines[-1].startswith("[attnexplain] 4/4 images, ") and "img/s" in lines[-1]
     for stage in ("maps of image 1", "perturbations of image 2", "randomization of image 2"):
         assert any(line.endswith(stage) for line in lines), (stage, lines)
-    # the randomization check measures only the first 2 images (--randomization-images 2)
-    assert not any("randomization of image 3" in line for line in lines)
+    assert not any("randomization of image 3" in line for line in lines)  # --randomization-images 2
     assert "[attnexplain]" not in result.stdout
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    shown = {record["image"]: record for record in evaluation["per_image"]}
+    randomized = sorted(name for name, record in shown.items() if "randomization" in record["metrics"]["gradcam"])
+    assert randomized == ["c0.png", "c1.png"]
+    assert evaluation["methods"]["gradcam"]["randomization"]["images"] == 2
+    assert evaluation["settings"]["randomization_images"] == 2
+    assert evaluation["complete"] is True and evaluation["reused"] == 0
 
-    quiet = CliRunner().invoke(main, _args(sample_resnet_file, composites, tmp_path / "quiet", "--quiet"))
-    assert quiet.exit_code == 0, quiet.output
-    assert "[attnexplain]" not in quiet.stderr
-    assert json.loads((tmp_path / "quiet" / "evaluation.json").read_text())["complete"] is True
 
-
-# --- a line per image, and the randomization check on a subset ---------------------------------------
-
-def test_each_image_has_its_line_and_the_randomization_check_only_the_first_images(sample_resnet_file,
-                                                                                   composites, tmp_path):
+def test_each_image_has_its_line_in_evaluation_jsonl_and_quiet_prints_no_progress(
+        sample_resnet_file, composites, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet"))
+    result = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet",
+                                            options=NO_RANDOMIZATION))
     assert result.exit_code == 0, result.output
+    assert "[attnexplain]" not in result.stderr
     lines = {line["image"]: line for line in _lines(out)}
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert set(lines) == {f"c{i}.png" for i in range(4)}
     shown = {record["image"]: record for record in evaluation["per_image"]}
     for name, line in lines.items():
         assert line["status"] == "ok" and line["metrics"] == shown[name]["metrics"]
+        # what --resume compares: the image's and its mask's bytes
+        assert line["key"].split(":")[1] == hashlib.sha256((composites / "images" / name).read_bytes()).hexdigest()
+        assert line["mask_sha256"] == hashlib.sha256((composites / "masks" / name).read_bytes()).hexdigest()
         assert "curves" not in shown[name] and "key" not in shown[name]
         assert len(line["curves"]["deletion"]["gradcam"]) == len(line["curves"]["fractions"]) == 5
-    randomized = sorted(name for name, record in shown.items() if "randomization" in record["metrics"]["gradcam"])
-    assert randomized == ["c0.png", "c1.png"]
-    assert evaluation["methods"]["gradcam"]["randomization"]["images"] == 2
-    assert evaluation["settings"]["randomization_images"] == 2
-    assert evaluation["complete"] is True and evaluation["reused"] == 0
 
 
 # --- SIGTERM, then --resume ----------------------------------------------------------------------------
@@ -216,7 +220,7 @@ def test_ctrl_c_in_the_api_writes_the_partial_evaluation(sample_resnet_file, com
 def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_file, composites, tmp_path,
                                                                   computed_images):
     out = tmp_path / "out"
-    first = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet"))
+    first = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet", options=NO_RANDOMIZATION))
     assert first.exit_code == 0, first.output
     lines = {line["image"]: line for line in _lines(out)}
     # c1: a metric that is not a number; c2: a curve longer than its fractions; c3: its mask changed.
@@ -226,7 +230,8 @@ def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_f
                                         + '{"image": "c0.png", "status": "ok", "garbled\n')
     Image.fromarray(np.zeros((128, 128), np.uint8)).save(composites / "masks" / "c3.png")
     computed_images.clear()
-    resumed = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet"))
+    resumed = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet",
+                                             options=NO_RANDOMIZATION))
     assert resumed.exit_code == 0, resumed.output
     assert sum(computed_images) == 3  # only c0 stands
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -237,8 +242,8 @@ def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_f
 
     # Other settings (more steps): nothing of the earlier run stands.
     computed_images.clear()
-    again = CliRunner().invoke(main, [*_args(sample_resnet_file, composites, out, "--resume", "--quiet"),
-                                      "--steps", "5"])
+    again = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet",
+                                           "--steps", "5", options=NO_RANDOMIZATION))
     assert again.exit_code == 0, again.output
     assert sum(computed_images) == 4
     assert json.loads((out / "evaluation.json").read_text())["reused"] == 0
