@@ -302,7 +302,8 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     position = {item.relative: i for i, item in enumerate(inputs.images)}
     spec = model_spec if model_spec is not None else {"model": loaded.describe()["source"]}
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
-    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, masks) if resume else {}
+    value_names = {value for group in metrics for value in METRIC_VALUES[group]}
+    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks) if resume else {}
 
     records: list[dict[str, Any]] = []
     sums = _Sums()
@@ -325,8 +326,12 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
 
     for spec_text, reason in inputs.missing:
         finish({"image": spec_text, "path": spec_text, "status": "failed", "reason": reason})
+    paths = {item.relative: str(item.path) for item in inputs.images}
     for line in sorted(kept.values(), key=lambda line: position[line["image"]]):
-        records.append(log_lines.shown_record(line))
+        # What the line may not decide: the image's path and its class's label are this run's.
+        index = line["target"]["index"]
+        records.append({**log_lines.shown_record(line), "path": paths[line["image"]],
+                        "target": {"index": index, "label": _label(loaded.labels, index)}})
         curves = log_lines.line_curves(line)
         _add_curves(sums, curves)
         randomized["images"] += "randomization" in curves
@@ -399,8 +404,10 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         if pending:
             run_chunk(pending)
     except BaseException as error:  # Ctrl-C, SIGTERM/SIGHUP (attnexplain._signals), a failure
-        stopped = str(error) if isinstance(error, Stopped) else (
-            "Ctrl-C" if isinstance(error, KeyboardInterrupt) else shown(str(error) or type(error).__name__))
+        if isinstance(error, KeyboardInterrupt):
+            stopped = str(error) if isinstance(error, Stopped) else "Ctrl-C"
+        else:
+            stopped = f"an error ({' '.join(str(error).split())[:300] or type(error).__name__})"
         raise
     finally:
         progress.close()

@@ -79,18 +79,21 @@ def line_curves(line: dict[str, Any]) -> dict[str, Any]:
             for name, table in curves.items()}
 
 
-def reusable_lines(out: Path, key_prefix: str, wanted: set[str], names: Sequence[str],
+def reusable_lines(out: Path, key_prefix: str, wanted: set[str], names: Sequence[str], values: set[str],
                    masks: Path | None) -> dict[str, dict[str, Any]]:
-    """Image → the earlier run's line that still stands for it (see the module's docstring)."""
+    """Image → the earlier run's line that still stands for it (see the module's docstring):
+    ``wanted`` the images of this run, ``names`` its methods (and the random map), ``values`` the
+    names of the values it measures."""
     kept = {}
     for line in read_results(out / EVALUATION_JSONL):
-        if line_problem(line, key_prefix, wanted, names) is None \
+        if line_problem(line, key_prefix, wanted, names, values) is None \
                 and line.get("mask_sha256") == mask_digest(masks, line["image"]):
             kept[line["image"]] = line
     return kept
 
 
-def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names: Sequence[str]) -> str | None:
+def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names: Sequence[str],
+                 values: set[str]) -> str | None:
     """Why an earlier line cannot stand for its image in this run, or None."""
     key = line.get("key")
     if line.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":"):
@@ -106,6 +109,8 @@ def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names:
     problem = metrics_table_problem(line.get("metrics"), names)
     if problem is not None:
         return problem
+    if any(not set(table) <= values for table in line["metrics"].values()):
+        return "has values this run does not measure"
     if "mask_error" in line and not _is_text(line["mask_error"]):
         return "has a mask error that is not a short text"
     return _curves_problem(line.get("curves", {}), names)

@@ -223,8 +223,11 @@ def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_f
     first = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet", options=NO_RANDOMIZATION))
     assert first.exit_code == 0, first.output
     lines = {line["image"]: line for line in _lines(out)}
-    # c1: a metric that is not a number; c2: a curve longer than its fractions; c3: its mask changed.
-    lines["c1.png"]["metrics"]["gradcam"]["deletion"] = "0.1"
+    # c0 stands, but its path and label are this run's; c1: a value this run does not measure; c2: a
+    # curve longer than its fractions; c3: its mask changed.
+    lines["c0.png"].update(path="/etc/passwd", target={"index": lines["c0.png"]["target"]["index"],
+                                                       "label": "<script>"})
+    lines["c1.png"]["metrics"]["gradcam"]["bogus"] = 0.5
     lines["c2.png"]["curves"]["deletion"]["gradcam"].append(0.5)
     (out / EVALUATION_JSONL).write_text("".join(json.dumps(line) + "\n" for line in lines.values())
                                         + '{"image": "c0.png", "status": "ok", "garbled\n')
@@ -237,7 +240,9 @@ def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_f
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["reused"] == 1
     records = {record["image"]: record for record in evaluation["per_image"]}
-    assert isinstance(records["c1.png"]["metrics"]["gradcam"]["deletion"], float)
+    assert records["c0.png"]["path"] == str(composites / "images" / "c0.png")
+    assert records["c0.png"]["target"]["label"] in ("astronaut", "cat", "coffee", "rocket")
+    assert "bogus" not in records["c1.png"]["metrics"]["gradcam"]
     assert "pointing" not in records["c3.png"]["metrics"]["gradcam"]  # the empty mask, measured anew
 
     # Other settings (more steps): nothing of the earlier run stands.
