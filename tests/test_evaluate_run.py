@@ -285,3 +285,28 @@ def test_the_cli_defaults_are_the_metric_settings_defaults():
     defaults = {option.name: option.default for option in command.params}
     assert defaults["steps"] == MetricSettings.steps
     assert defaults["randomization_images"] == MetricSettings.randomization_images
+
+
+def test_the_fingerprint_follows_the_boxes_and_settings_and_a_fifo_mask_is_never_opened(tmp_path):
+    from attnexplain.evaluation_log import mask_digest, run_fingerprint
+
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": [[0, 0, 4, 4]]}))
+    spec, settings = {"model": "torchvision:resnet18"}, EvaluationSettings()
+    first = run_fingerprint(spec, settings, None, ["deletion", "pointing"], boxes)
+    assert run_fingerprint(spec, settings, None, ["deletion", "pointing"], boxes) == first
+    assert run_fingerprint(spec, settings, None, ["deletion"], boxes) != first
+    assert run_fingerprint(spec, EvaluationSettings(metric_settings=MetricSettings(steps=11)), None,
+                           ["deletion", "pointing"], boxes) != first
+    # how many copies go through the model at once does not change a number
+    assert run_fingerprint(spec, EvaluationSettings(metric_settings=MetricSettings(batch_size=7)), None,
+                           ["deletion", "pointing"], boxes) == first
+    boxes.write_text(json.dumps({"a.png": [[0, 0, 5, 4]]}))
+    assert run_fingerprint(spec, settings, None, ["deletion", "pointing"], boxes) != first
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    os.mkfifo(masks / "a.png")  # reading it would block the run forever
+    assert mask_digest(masks, "a.png") is None and mask_digest(masks, "missing.png") is None
+    (masks / "b.png").write_bytes(b"mask")
+    assert mask_digest(masks, "b.jpg") == hashlib.sha256(b"mask").hexdigest()
