@@ -25,10 +25,13 @@ from .metrics import metrics_table_problem
 
 EVALUATION_JSONL = "evaluation.jsonl"
 #: The record fields evaluation.json shows per image; the log's other fields rebuild the totals.
-SHOWN_FIELDS = ("image", "path", "status", "reason", "target", "probability", "metrics", "mask_error")
+SHOWN_FIELDS = ("image", "path", "status", "reason", "target", "probability", "metrics", "mask_error",
+                "randomization")
 #: Curves a record carries, each ``{"<method>": [value per point]}``; NaN is written as null.
 CURVES = ("deletion", "insertion", "randomization")
 MAX_TEXT = 4096
+#: A record's randomization entry: similarity measures per method, steps per measure.
+MAX_MEASURES, MAX_STEPS = 16, 1000
 
 
 def run_fingerprint(model_spec: dict[str, Any], settings, plan, metrics: Sequence[str],
@@ -113,6 +116,8 @@ def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names:
         return "has values this run does not measure"
     if "mask_error" in line and not _is_text(line["mask_error"]):
         return "has a mask error that is not a short text"
+    if "randomization" in line and _steps_problem(line["randomization"], names):
+        return "has a randomization entry that is not per method and measure a list of numbers"
     return _curves_problem(line.get("curves", {}), names)
 
 
@@ -135,6 +140,21 @@ def _curves_problem(curves: Any, names: Sequence[str]) -> str | None:
         if any(not (v is None or _is_finite(v)) for values in table.values() for v in values):
             return f"has {name} curves that are not numbers"
     return None
+
+
+def _steps_problem(entry: Any, names: Sequence[str]) -> bool:
+    """Whether a record's ``"randomization"`` (``{"<method>": {"<measure>": [value or null per step]}}``)
+    is anything else."""
+    if not isinstance(entry, dict) or not set(entry) <= set(names):
+        return True
+    for measures in entry.values():
+        if not isinstance(measures, dict) or len(measures) > MAX_MEASURES:
+            return True
+        for measure, values in measures.items():
+            if not (_is_text(measure) and isinstance(values, list) and len(values) <= MAX_STEPS
+                    and all(v is None or _is_finite(v) for v in values)):
+                return True
+    return False
 
 
 def _is_int(value: Any) -> bool:

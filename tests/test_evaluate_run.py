@@ -310,3 +310,26 @@ def test_the_fingerprint_follows_the_boxes_and_settings_and_a_fifo_mask_is_never
     assert mask_digest(masks, "a.png") is None and mask_digest(masks, "missing.png") is None
     (masks / "b.png").write_bytes(b"mask")
     assert mask_digest(masks, "b.jpg") == hashlib.sha256(b"mask").hexdigest()
+
+
+def test_an_earlier_line_stands_only_with_this_runs_key_images_methods_and_finite_numbers():
+    from attnexplain.evaluation_log import line_problem
+
+    names, values = ["gradcam", "random"], {"deletion", "randomization"}
+    good = {"image": "a.png", "path": "/x/a.png", "status": "ok", "key": "abc:123",
+            "target": {"index": 1, "label": "cat"}, "probability": 0.9,
+            "metrics": {"gradcam": {"deletion": 0.2}, "random": {"deletion": 0.5}},
+            "randomization": {"gradcam": {"spearman": [0.5, None, 0.1]}},
+            "curves": {"fractions": [0.0, 0.5, 1.0], "deletion": {"gradcam": [0.9, 0.4, 0.1]}}}
+    assert line_problem(good, "abc", {"a.png"}, names, values) is None
+    hostile = [
+        {"key": "other:123"}, {"status": "failed"}, {"image": "../b.png"},
+        {"target": {"index": True, "label": None}}, {"probability": float("inf")},
+        {"metrics": {"lrp": {"deletion": 0.1}}}, {"metrics": {"gradcam": {"road": 0.1}}},
+        {"mask_error": "x" * 10_000}, {"randomization": {"gradcam": {"spearman": ["0.5"]}}},
+        {"randomization": {"evil": {}}}, {"curves": {"deletion": {"gradcam": [0.9, 0.4]},
+                                                     "fractions": [0.0, 0.5, 1.0]}},
+        {"curves": {"fractions": [0.0, float("nan")], "deletion": {}}}, {"curves": []},
+    ]
+    for change in hostile:
+        assert line_problem({**good, **change}, "abc", {"a.png"}, names, values) is not None, change
