@@ -25,7 +25,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from .errors import AttnExplainError
 from .formats import DEFAULT_COLORMAP, RESULTS_JSONL
 from .records import (DETAIL_HTML, IMAGES_DIR, RecordTooLarge, ResultsLog, ok_record_problem, read_results,
                       record_files_problem)
+from .progress import Progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 #: The photo, shrunk: the detail page's and the gallery card's.
@@ -464,46 +464,6 @@ class BatchRun:
         return EXIT_SOME_FAILED if self.failed or self.report_error or self.dropped_records else 0
 
 
-class _Progress:
-    """Rich bar on a terminal, a plain line every few seconds otherwise, nothing when quiet."""
-
-    def __init__(self, total: int, quiet: bool, stream=None, already: int = 0) -> None:
-        # ``already``: images done by an earlier run (--resume); they do not count in the rate.
-        self.total, self.quiet, self.done, self.already = total, quiet, already, already
-        self.stream = stream or sys.stderr
-        self.started = self.last = time.perf_counter()
-        self.bar = None
-        if not quiet and self.stream.isatty():
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("explaining"), BarColumn(), MofNCompleteColumn(),
-                                TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                console=Console(file=self.stream), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("batch", total=total, completed=already, rate="")
-
-    def advance(self, count: int = 1, earlier: bool = False) -> None:
-        """``earlier``: done by an earlier run (--resume), not counted in the rate."""
-        self.done += count
-        self.already += count if earlier else 0
-        now = time.perf_counter()
-        rate = (self.done - self.already) / max(now - self.started, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, advance=count, rate=f"{rate:.1f} img/s")
-        elif not self.quiet and (now - self.last >= 5.0 or self.done == self.total):
-            self.last = now
-            remaining = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"[attnexplain] {self.done}/{self.total} images, {rate:.1f} img/s, "
-                  f"ETA {remaining:.0f}s", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], out: Path,
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
@@ -648,7 +608,7 @@ class RunLedger:
             raise AttnExplainError(f"Cannot write {out / RESULTS_JSONL}: {error.strerror or error}.") from None
         self.out, self.meta, self.summary, self.started = out, meta, summary, started
         self.records: dict[str, dict[str, Any]] = dict(kept)  # image → record, small dicts only
-        self.progress = _Progress(summary.total, quiet)
+        self.progress = Progress(summary.total, quiet)
         self.lock = threading.Lock()
 
     def finish(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._signals import Stopped
 from .errors import AttnExplainError, MethodError, shown
 from .formats import DEFAULT_COLORMAP
 from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS,
@@ -34,6 +35,12 @@ EVALUATION_HTML = "evaluation.html"
 MAX_BOXES_BYTES = 64 * 1024 * 1024
 MAX_BOXES_PER_IMAGE = 1000
 EXAMPLE_IMAGES = 3
+#: Why ROAD is not a default metric: its noisy linear imputation is a sparse solve per perturbed copy
+#: (2 orders × 9 percentiles per map and image), measured under load on 2 cores at ~1 s per map and
+#: 128 px image, over ten times the rest of the default metrics together.
+DEFAULT_LEAVES_OUT_ROAD = "about 1 s of CPU per map and image at 128 px"
+#: Finer deletion/insertion curves, as torchcam's default (and ours before CPU runs had to finish).
+FINE_STEPS = 100
 
 
 class MaskError(AttnExplainError):
@@ -43,7 +50,8 @@ class MaskError(AttnExplainError):
 @dataclass(frozen=True)
 class EvaluationSettings:
     method: str | Sequence[str] = "default"  # "default" (all that apply, not the costly), "all", names
-    metrics: Sequence[str] | None = None  # None: every metric that applies
+    #: None: every metric that applies but ROAD (see DEFAULT_LEAVES_OUT_ROAD); "all": every one; names.
+    metrics: Sequence[str] | str | None = None
     target: int | str | None = None
     layer: str | Sequence[str] | None = None
     size: Sequence[int] | int | None = None
@@ -54,6 +62,19 @@ class EvaluationSettings:
     metric_settings: MetricSettings = field(default_factory=MetricSettings)
     options: Any = None  # MethodOptions
     colormap: str = DEFAULT_COLORMAP  # of the example overlays on the page
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting that changes a measured number (for ``--resume``'s fingerprint)."""
+        from .preprocess import normalize_size
+
+        metric_settings = {key: value for key, value in self.metric_settings.as_dict().items()
+                           if key != "batch_size"}  # how many copies per forward: the same numbers
+        return {"method": self.method if isinstance(self.method, str) else list(self.method),
+                "target": self.target, "layer": self.layer if isinstance(self.layer, (str, type(None)))
+                else list(self.layer), "size": list(normalize_size(self.size)) if self.size else None,
+                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+                "max_pixels": self.max_pixels, "metric_settings": metric_settings,
+                "options": self.options.as_dict() if self.options is not None else None}
 
 
 # --- what to compute -----------------------------------------------------------------------------
@@ -103,10 +124,12 @@ def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> li
     return usable
 
 
-def chosen_metrics(requested: Sequence[str] | None, has_masks: bool) -> list[str]:
-    """Metric groups to compute: the requested ones (checked), else all that apply."""
-    if requested is None:
-        return [name for name in METRIC_VALUES if has_masks or name not in LOCALISATION]
+def chosen_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> list[str]:
+    """Metric groups to compute: the requested ones (checked); ``"all"`` every one that applies; None
+    (the default) every one that applies but ROAD (:data:`DEFAULT_LEAVES_OUT_ROAD`)."""
+    if requested is None or requested == "all":
+        return [name for name in METRIC_VALUES if (has_masks or name not in LOCALISATION)
+                and (requested == "all" or name != "road")]
     unknown = [name for name in requested if name not in METRIC_VALUES]
     if unknown:
         raise MethodError(f"Unknown metric {shown(unknown[0])}; metrics: {', '.join(METRIC_VALUES)}.")
@@ -249,14 +272,45 @@ class _Sums:
 
 def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = EvaluationSettings(), *,
              masks: Path | None = None, boxes: Path | None = None, exclude: Path | None = None,
-             device: str | None = None) -> dict[str, Any]:
+             device: str | None = None, out: Path | None = None, resume: bool = False, quiet: bool = True,
+             model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure every method on the images ``input_specs`` name (as ``batch`` takes them): returns the
-    evaluation (what evaluation.json holds, plus ``examples`` for the page)."""
+    evaluation (what evaluation.json holds, plus ``examples`` for the page).
+
+    With ``out``, the run holds that folder's lock, appends each image's line to evaluation.jsonl as
+    it is measured (:mod:`attnexplain.evaluation_log`) and writes evaluation.json, .csv and .html at
+    the end, and also when it is stopped (Ctrl-C; SIGTERM and SIGHUP under the CLI) or fails: then
+    they hold the images measured so far and say ``"complete": false``. ``resume`` reuses the lines of
+    an earlier run in ``out`` made with the same model, settings, image and mask (``model_spec``: how
+    the model was named, as ``batch`` takes it; default: ``loaded.describe()``). ``quiet=False``:
+    progress on stderr, by image and by stage (maps, perturbations, randomization)."""
+    if out is None:
+        if resume:
+            raise AttnExplainError("Resuming needs the output folder of the earlier run.")
+        return _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, None, False, quiet,
+                         model_spec)
+    from ._atomic import remove_stale_staging
+    from ._lock import output_lock
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
+    with output_lock(out):
+        remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
+        return _evaluate(loaded, input_specs, settings, masks, boxes, out if exclude is None else exclude,
+                         device, out, resume, quiet, model_spec)
+
+
+def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out, resume, quiet, model_spec):
     import torch
 
+    from . import evaluation_log as log_lines
     from .batch import NoImages, _failed, _read_image, collect_inputs
     from .explanation import _model_device, plan_explanation
     from .options import MethodOptions
+    from .progress import Progress
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -278,33 +332,75 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     plan, left_out = _runnable(loaded, plan, options, run_device,
                                explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]
-    records: list[dict[str, Any]] = [{"image": spec, "path": spec, "status": "failed", "reason": reason}
-                                     for spec, reason in inputs.missing]
+    # Each image's random map and place among the randomized images follow its place in the inputs,
+    # not the order it was measured in: a resumed run gives the numbers a whole run gives.
+    position = {item.relative: i for i, item in enumerate(inputs.images)}
+    spec = model_spec if model_spec is not None else {"model": loaded.describe()["source"]}
+    key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
+    value_names = {value for group in metrics for value in METRIC_VALUES[group]}
+    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks) if resume else {}
+
+    records: list[dict[str, Any]] = []
     sums = _Sums()
     examples: list[dict[str, Any]] = []
-    counter = {"images": 0}
+    log = log_lines.open_log(out, kept.values()) if out is not None else None
+    progress = Progress(len(inputs.images) + len(inputs.missing), quiet, label="evaluating")
+    randomized = {"images": 0}  # images the randomization check has measured (it costs the most)
+
+    def finish(record: dict[str, Any], key: str | None = None, curves: dict[str, Any] | None = None) -> None:
+        """One image measured: its line in evaluation.jsonl at once, its curves in the totals."""
+        if log is not None:
+            mask_sha = log_lines.mask_digest(masks, record["image"]) if record["status"] == "ok" else None
+            try:
+                log.append(log_lines.logged(record, key, mask_sha, curves))
+            except OSError as error:  # a full disk: the image is measured, only --resume loses it
+                record = {**record, "log_error": f"{error.strerror or error}"}
+        records.append(record)
+        _add_curves(sums, curves or {})
+        progress.advance()
+
+    for spec_text, reason in inputs.missing:
+        finish({"image": spec_text, "path": spec_text, "status": "failed", "reason": reason})
+    paths = {item.relative: str(item.path) for item in inputs.images}
+    for line in sorted(kept.values(), key=lambda line: position[line["image"]]):
+        # What the line may not decide: the image's path and its class's label are this run's.
+        index = line["target"]["index"]
+        records.append({**log_lines.shown_record(line), "path": paths[line["image"]],
+                        "target": {"index": index, "label": _label(loaded.labels, index)}})
+        curves = log_lines.line_curves(line)
+        _add_curves(sums, curves)
+        randomized["images"] += "randomization" in line
+        progress.advance(earlier=True)
 
     def run_chunk(chunk: list) -> None:
         from .metrics import random_maps
 
+        first, last = position[chunk[0].item.relative] + 1, position[chunk[-1].item.relative] + 1
+        where = f"image {first}" if len(chunk) == 1 else f"images {first}-{last}"
         batch = torch.cat([d.tensor for d in chunk]).to(run_device)
-        seeds = [settings.metric_settings.seed + counter["images"] + i for i in range(len(chunk))]
-        counter["images"] += len(chunk)
+        seeds = [settings.metric_settings.seed + position[d.item.relative] for d in chunk]
+        progress.stage(f"maps of {where}")
         try:
             computed = _compute(loaded, batch, plan, settings, options)
         except AttnExplainError as error:
             if len(chunk) == 1:
-                records.append(_failed(chunk[0], str(error)))
+                finish(_failed(chunk[0], str(error)))
                 return
             for decoded in chunk:  # each image alone: one bad image must not fail the others
                 run_chunk([decoded])
             return
         maps = torch.stack([computed.maps[name].float() for name in names[:-1]], dim=1)
         maps = torch.cat([maps, random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(maps)], 1)
-        checked = sum(1 for record in records if "randomization" in record)
+        randomize = 0
+        if "randomization" in metrics:  # the first images of the run only: enough for a per-method verdict
+            randomize = max(0, min(len(chunk), settings.metric_settings.randomization_images - randomized["images"]))
+            randomized["images"] += randomize
+
+        def stage(name: str) -> None:
+            progress.stage(f"{name} of {where}")
+
         values, curves = _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan,
-                                        options, chunk, box_table, masks,
-                                        randomize=max(0, settings.metric_settings.randomization_images - checked))
+                                        options, chunk, box_table, masks, randomize, stage)
         for i, decoded in enumerate(chunk):
             target = int(computed.targets[i])
             record = {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "ok",
@@ -317,31 +413,91 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
                 record["mask_error"] = curves["mask_errors"][i]
             if "randomization" in curves and i < len(curves["randomization"]["spearman"]):
                 record["randomization"] = _randomization_record(curves["randomization"], i, names)
-            records.append(record)
-        for which in ("deletion", "insertion"):
-            if which in curves:
-                for m, name in enumerate(names):
-                    sums.add(which, name, curves[which][:, m])
-        if "fractions" in curves:
-            sums.fractions = curves["fractions"]
+            image_curves = {which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(names)}
+                            for which in ("deletion", "insertion") if which in curves}
+            if "fractions" in curves:
+                image_curves["fractions"] = [float(f) for f in curves["fractions"]]
+            finish(record, decoded.key, image_curves)
         if len(examples) < EXAMPLE_IMAGES:
             examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples),
                                       settings.colormap))
 
-    pending: list = []
-    for item in inputs.images:
-        decoded = _read_image(item, "", {}, plan.preprocessing, settings.max_pixels)
-        if decoded.error is not None:
-            records.append(_failed(decoded, decoded.error))
-            continue
-        pending.append(decoded)
-        if len(pending) >= settings.images_per_batch:
+    done_keys = {image: line["key"] for image, line in kept.items()}
+    stopped = None
+    try:
+        pending: list = []
+        for item in inputs.images:
+            decoded = _read_image(item, key_prefix, done_keys, plan.preprocessing, settings.max_pixels)
+            if decoded.skipped is not None:
+                continue  # its earlier line stands (counted above)
+            if decoded.error is not None:
+                finish(_failed(decoded, decoded.error))
+                continue
+            pending.append(decoded)
+            if len(pending) >= settings.images_per_batch:
+                run_chunk(pending)
+                pending = []
+        if pending:
             run_chunk(pending)
-            pending = []
-    if pending:
-        run_chunk(pending)
-    return _summary(loaded, plan, names, metrics, settings, records, sums, examples,
-                    time.perf_counter() - started, list(input_specs), left_out)
+    except BaseException as error:  # Ctrl-C, SIGTERM/SIGHUP (attnexplain._signals), a failure
+        if isinstance(error, KeyboardInterrupt):
+            stopped = str(error) if isinstance(error, Stopped) else "Ctrl-C"
+        else:
+            stopped = f"an error ({' '.join(str(error).split())[:300] or type(error).__name__})"
+        raise
+    finally:
+        progress.close()
+        if log is not None:
+            log.close()
+        try:
+            evaluation = _summary(loaded, plan, names, metrics, settings, records, sums, examples,
+                                  time.perf_counter() - started, list(input_specs), left_out)
+            evaluation.update(complete=stopped is None, reused=len(kept))
+            if stopped is not None:
+                evaluation["stopped"] = {"by": stopped, "images_measured": len(records),
+                                         "images_given": len(inputs.images) + len(inputs.missing)}
+            evaluation["settings"]["default_leaves_out"] = leaves_out(settings)
+            if out is not None:
+                from .evaluation_report import write_evaluation
+
+                write_evaluation(out, evaluation)
+        except Exception as error:
+            if stopped is not None:
+                pass  # the stop or failure under way is what the user must see; the log keeps the images
+            elif isinstance(error, OSError):
+                raise AttnExplainError(f"Cannot write the evaluation into {out}: "
+                                       f"{error.strerror or error}.") from None
+            else:
+                raise
+    return evaluation
+
+
+def _add_curves(sums: "_Sums", curves: dict[str, Any]) -> None:
+    """One image's curves (``{"deletion": {"<method>": [...]}, ...}``) into the run's running sums."""
+    for which in ("deletion", "insertion"):
+        for name, values in curves.get(which, {}).items():
+            sums.add(which, name, np.asarray([values], dtype=np.float64))
+    if "fractions" in curves:
+        sums.fractions = np.asarray(curves["fractions"], dtype=np.float64)
+
+
+def leaves_out(settings: EvaluationSettings) -> list[str]:
+    """What these settings leave out of what ``evaluate`` can measure, and how to ask for it (said
+    in --help, in evaluation.json and on the page)."""
+    found = []
+    if settings.method == "default":
+        found.append("the methods that cost many forwards per image (--method all, or name them)")
+    if settings.metrics is None:
+        found.append(f"ROAD, a sparse solve per perturbed copy ({DEFAULT_LEAVES_OUT_ROAD}; "
+                     f"--metrics all, or name it)")
+    config = settings.metric_settings
+    if settings.metrics in (None, "all") or "randomization" in settings.metrics:
+        found.append(f"the randomization check beyond the first {config.randomization_images} images "
+                     f"(--randomization-images N)")
+    if config.steps < FINE_STEPS:
+        found.append(f"deletion and insertion curves of {config.steps} steps (--steps {FINE_STEPS} for "
+                     f"finer ones)")
+    return found
 
 
 def _runnable(loaded, plan, options, device, explicit: bool):
@@ -418,7 +574,9 @@ def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequenc
 
 
 def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan, options, chunk,
-                   box_table, masks_dir, randomize: int = 0):
+                   box_table, masks_dir, randomize: int, stage: Callable[[str], None]):
+    """Every metric of the chunk's maps; the randomization check on its first ``randomize`` images
+    only (NaN for the others). ``stage`` is told each costly step as it starts (progress)."""
     import torch
 
     from . import metrics as measure
@@ -426,6 +584,7 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
     targets = computed.targets
     original = computed.probabilities.gather(1, targets[:, None])[:, 0]
     config = settings.metric_settings
+    stage("perturbations")
     values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
     if any(name in LOCALISATION for name in metrics):
         object_masks, errors = _object_masks(chunk, plan.preprocessing, box_table, masks_dir,
@@ -437,6 +596,7 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
     if "randomization" in metrics:
         values["randomization"] = torch.full(maps.shape[:2], math.nan)
         if randomize > 0:  # the first images of the run only: enough for a per-method verdict
+            stage("randomization")
             scores, curves["randomization"] = _randomization(loaded, batch[:randomize], maps[:randomize],
                                                              targets[:randomize], names, plan, options, config)
             values["randomization"][:randomize] = scores

@@ -1,0 +1,177 @@
+"""evaluation.jsonl: ``evaluate``'s line per image, written as each image is measured, and what
+``--resume`` reuses of it.
+
+Each line is an image's record as evaluation.json shows it, plus what rebuilds the run's totals
+without the image (its key and its curves). The file is written with :class:`attnexplain.batch.
+ResultsLog` (one flushed line per image, never half a line) and read back with
+:func:`attnexplain.batch.read_results`. Its lines are untrusted on ``--resume``: a line stands for its
+image only when it was made with the same model, methods, metrics and settings (the fingerprint
+``batch`` uses), from the same image bytes and the same mask, and holds what this run would have
+written (finite numbers, the run's methods, curves of the run's length); anything else is measured
+again.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ._files import not_a_regular_file
+from .batch import ResultsLog, file_sha256, fingerprint, read_results
+from .errors import AttnExplainError
+from .metrics import metrics_table_problem
+
+EVALUATION_JSONL = "evaluation.jsonl"
+#: The record fields evaluation.json shows per image; the log's other fields rebuild the totals.
+SHOWN_FIELDS = ("image", "path", "status", "reason", "target", "probability", "metrics", "mask_error",
+                "randomization")
+#: Curves a record carries, each ``{"<method>": [value per point]}``; NaN is written as null.
+CURVES = ("deletion", "insertion")
+MAX_TEXT = 4096
+#: A record's randomization entry: similarity measures per method, steps per measure.
+MAX_MEASURES, MAX_STEPS = 16, 1000
+
+
+def run_fingerprint(model_spec: dict[str, Any], settings, plan, metrics: Sequence[str],
+                    boxes: Path | None) -> str:
+    """:func:`attnexplain.batch.fingerprint` of an evaluation: the model, the plan, every setting that
+    changes a number (:meth:`EvaluationSettings.describe`), the metrics measured and the boxes file's
+    content. Masks are checked per image (:func:`mask_digest`)."""
+    described = {**settings.describe(), "metrics": list(metrics),
+                 "boxes_sha256": file_sha256(boxes) if boxes is not None else None}
+    # fingerprint() asks its settings for describe() only.
+    return fingerprint(model_spec, types.SimpleNamespace(describe=lambda: described), plan)
+
+
+def mask_digest(masks: Path | None, relative: str) -> str | None:
+    """sha256 of the mask file an image's localisation reads, None where there is none to read."""
+    if masks is None:
+        return None
+    path = masks / Path(relative).with_suffix(".png")
+    if not_a_regular_file(path) is not None:  # a FIFO would block: never opened
+        return None
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def logged(record: dict[str, Any], key: str | None, mask_sha256: str | None,
+           curves: dict[str, Any] | None) -> dict[str, Any]:
+    """The log's line for ``record``."""
+    line = {**record, "key": key, "mask_sha256": mask_sha256}
+    if curves:
+        line["curves"] = {name: ({method: [None if math.isnan(v) else v for v in values]
+                                  for method, values in table.items()} if name in CURVES else table)
+                          for name, table in curves.items()}
+    return line
+
+
+def shown_record(line: dict[str, Any]) -> dict[str, Any]:
+    """The record evaluation.json shows for a log line."""
+    return {name: line[name] for name in SHOWN_FIELDS if name in line}
+
+
+def line_curves(line: dict[str, Any]) -> dict[str, Any]:
+    """A checked line's curves, null back to NaN."""
+    curves = line.get("curves") or {}
+    return {name: ({method: [math.nan if v is None else float(v) for v in values]
+                    for method, values in table.items()} if name in CURVES else table)
+            for name, table in curves.items()}
+
+
+def reusable_lines(out: Path, key_prefix: str, wanted: set[str], names: Sequence[str], values: set[str],
+                   masks: Path | None) -> dict[str, dict[str, Any]]:
+    """Image → the earlier run's line that still stands for it (see the module's docstring):
+    ``wanted`` the images of this run, ``names`` its methods (and the random map), ``values`` the
+    names of the values it measures."""
+    kept = {}
+    for line in read_results(out / EVALUATION_JSONL):
+        if line_problem(line, key_prefix, wanted, names, values) is None \
+                and line.get("mask_sha256") == mask_digest(masks, line["image"]):
+            kept[line["image"]] = line
+    return kept
+
+
+def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names: Sequence[str],
+                 values: set[str]) -> str | None:
+    """Why an earlier line cannot stand for its image in this run, or None."""
+    key = line.get("key")
+    if line.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":"):
+        return "not an ok line of this model and these settings"
+    if line.get("image") not in wanted or not isinstance(line.get("path"), str):
+        return "not an image of this run"
+    target = line.get("target")
+    if not (isinstance(target, dict) and _is_int(target.get("index"))
+            and (target.get("label") is None or _is_text(target.get("label")))):
+        return "has a target that is not a class"
+    if not _is_finite(line.get("probability")):
+        return "has a probability that is not a finite number"
+    problem = metrics_table_problem(line.get("metrics"), names)
+    if problem is not None:
+        return problem
+    if any(not set(table) <= values for table in line["metrics"].values()):
+        return "has values this run does not measure"
+    if "mask_error" in line and not _is_text(line["mask_error"]):
+        return "has a mask error that is not a short text"
+    if "randomization" in line and _steps_problem(line["randomization"], names):
+        return "has a randomization entry that is not per method and measure a list of numbers"
+    return _curves_problem(line.get("curves", {}), names)
+
+
+def _curves_problem(curves: Any, names: Sequence[str]) -> str | None:
+    if not isinstance(curves, dict) or not set(curves) <= {*CURVES, "fractions"}:
+        return "has curves that are not a table"
+    fractions = curves.get("fractions")
+    if fractions is not None and not (isinstance(fractions, list) and len(fractions) <= 100_001
+                                      and all(map(_is_finite, fractions))):
+        return "has fractions that are not finite numbers"
+    for name in CURVES:
+        table = curves.get(name, {})
+        if not isinstance(table, dict) or not set(table) <= set(names):
+            return f"has {name} curves for methods not in this run"
+        lengths = {len(values) if isinstance(values, list) else -1 for values in table.values()}
+        if -1 in lengths or len(lengths) > 1:
+            return f"has {name} curves that are not lists of one length"
+        if table and (fractions is None or lengths != {len(fractions)}):
+            return f"has {name} curves that do not match its fractions"
+        if any(not (v is None or _is_finite(v)) for values in table.values() for v in values):
+            return f"has {name} curves that are not numbers"
+    return None
+
+
+def _steps_problem(entry: Any, names: Sequence[str]) -> bool:
+    """Whether a record's ``"randomization"`` (``{"<method>": {"<measure>": [value or null per step]}}``)
+    is anything else."""
+    if not isinstance(entry, dict) or not set(entry) <= set(names):
+        return True
+    for measures in entry.values():
+        if not isinstance(measures, dict) or len(measures) > MAX_MEASURES:
+            return True
+        for measure, values in measures.items():
+            if not (_is_text(measure) and isinstance(values, list) and len(values) <= MAX_STEPS
+                    and all(v is None or _is_finite(v) for v in values)):
+                return True
+    return False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_TEXT
+
+
+def open_log(out: Path, kept: Iterable[dict[str, Any]]) -> ResultsLog:
+    """evaluation.jsonl holding only the ``kept`` lines, open for appending."""
+    try:
+        return ResultsLog(out / EVALUATION_JSONL, kept)
+    except OSError as error:  # a full disk before anything started
+        raise AttnExplainError(f"Cannot write {out / EVALUATION_JSONL}: {error.strerror or error}.") from None
