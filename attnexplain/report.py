@@ -258,9 +258,9 @@ def map_warning(result: "MethodMap") -> str | None:
         low, high = float(np.nanmin(result.heatmap)), float(np.nanmax(result.heatmap))
         # Still drawn stretched (the pattern is all the map has), but never without this word.
         return (f"The {result.method} map{where} varies by only {variation:.1%} of its level ({low:.3g} "
-                f"to {high:.3g}; below {NEARLY_FLAT_VARIATION:.0%}, where maps of untrained weights lie), "
-                f"too little to mean anything: its overlay stretches that to full contrast. Check that "
-                f"the model's weights are trained.")
+                f"to {high:.3g}; under {NEARLY_FLAT_VARIATION:.0%}, as maps of untrained weights do), too "
+                f"little to mean anything: its overlay stretches that to full contrast. Check that the "
+                f"model's weights are trained.")
     cause = ("no positive evidence for this class there, or random weights" if flat == "all zero"
              else "it differs only by float32 rounding")
     advice = ("try another --layer (`attnexplain layers` lists them) or --method layercam"

@@ -3,7 +3,7 @@ detector's boxes placed on the photo."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -50,6 +50,13 @@ def uniform_scores(probabilities: torch.Tensor) -> str | None:
             f"(probability {high:.4g} each): the model's scores do not change with this image, so "
             f"there is nothing to explain; its weights are probably untrained or broken (a classifier "
             f"head of zeros, features that die out before it).")
+
+
+def explains_a_class(methods: Sequence[Any]) -> bool:
+    """Whether any of ``methods`` maps the target class's score (its colour scale names the target):
+    those maps are rounding noise when every class scores alike. Rollout, raw attention, gates and
+    Eigen-CAM show the model whatever its head says (a pretrained backbone under a fresh zero head)."""
+    return any("{target}" in method.scale for method in methods)
 
 
 def check_scores(logits: torch.Tensor, batch_size: int) -> None:
@@ -108,20 +115,21 @@ def top_predictions(probabilities: torch.Tensor, labels: list[str] | None, k: in
 
 
 def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[str] | None,
-                  top_k: int, target_given: bool) -> tuple[Prediction, list[Prediction]]:
+                  top_k: int, target_given: bool,
+                  methods: Sequence[Any] | None = None) -> tuple[Prediction, list[Prediction]]:
     """One image's explained target and top-k predictions from its (classes,) probabilities.
 
     A target the user asked for that has probability 0 (a segmentation class with no pixels, a
     class no box was detected as) is refused: its map would be empty; so is an image in which no
     class scores above 0 (a detector that found nothing), and one in which every class scores the
-    same (:func:`uniform_scores`).
+    same (:func:`uniform_scores`) where ``methods`` (default: any) map a class (:func:`explains_a_class`).
     """
     unusable = unusable_scores(probabilities)
     if unusable is not None:
         raise NonFiniteScores(unusable)
     if not bool((probabilities > 0).any()):
         raise NothingToExplain()
-    uniform = uniform_scores(probabilities)
+    uniform = uniform_scores(probabilities) if methods is None or explains_a_class(methods) else None
     if uniform is not None:  # whatever the target: every class's map would be rounding noise
         raise UniformScores(uniform)
     probability = float(probabilities[target_index])

@@ -135,6 +135,12 @@ def test_scores_equal_for_every_class_are_nothing_to_explain_in_the_api(small_ph
     mobilenet = torchvision.models.mobilenet_v3_small(num_classes=6).eval()
     with pytest.raises(UniformScores, match="every one of its 6 classes the same score"):
         attnexplain.explain(mobilenet, small_photo, size=64)
+    # Maps of no class stay: a ViT's attention under a fresh (zero) head, as fine-tuning starts
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=4).eval()
+    assert np.ptp(attnexplain.explain(vit, small_photo, "rollout").heatmap) > 0
+    with pytest.raises(UniformScores):
+        attnexplain.explain(vit, small_photo, "rollout,chefer")
     loaded = attnexplain.load_model(hostile_modules.build("zero-head"))
     plan = plan_explanation(loaded, "gradcam", size=32)
     batch = torch.rand(2, 3, 32, 32)
