@@ -32,9 +32,9 @@ def flat_map(heatmap: np.ndarray) -> str | None:
 
 #: A map whose range is below this share of its mean level varies too little to mean anything.
 #: Measured (``(max - min) / |mean|``, docs/methods.md "Nearly flat maps"): every map of the trained
-#: sample models, every method, varies by 0.16 (RISE at its mask noise) to 84; maps of untrained
-#: weights that look flat but are drawn as strong patterns vary by 0.005-0.06 (the attention CNN's
-#: α 0.005-0.017, torchvision Swin-T rollout 0.057, a Hugging Face ViT's rollout 0.04).
+#: sample models, every method, varies by 0.118 (RISE at its mask noise) to 84; maps of untrained
+#: weights that look flat but are drawn as strong patterns vary by 0.005-0.061 (the attention CNN's
+#: α 0.005-0.017, torchvision Swin-T rollout 0.049-0.061, a Hugging Face ViT's rollout 0.04).
 NEARLY_FLAT_VARIATION = 0.1
 
 
