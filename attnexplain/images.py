@@ -17,10 +17,10 @@ from .errors import ImageError
 #: Images larger than this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 100_000_000
 
-#: The longest a photo's longer side may be, as a multiple of its shorter side. Cameras give 4:3 to
-#: 16:9, phone panoramas up to ~1:10 and a full 360° strip ~1:12; beyond this no camera's picture
-#: lies, and "resize the shorter side" turns a thin image of a few hundred bytes into a bomb: a
-#: 1×100000 PNG resized to a shorter side of 256 asks for 19.7 GB (1024: 315 GB).
+#: The longest a photo's longer side may be, as a multiple of its shorter side. Photos are 4:3 to
+#: 16:9 and panoramas a few times wider; far beyond that, "resize the shorter side" turns a thin
+#: image of a few hundred bytes into a bomb: a 1×100000 PNG resized to a shorter side of 256 asks
+#: for 19.7 GB (1024, Hugging Face's ``shortest_edge``: 315 GB).
 MAX_ASPECT_RATIO = 50
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO")
