@@ -408,7 +408,7 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
         try:
             target, predictions = image_outcome(probabilities[index], int(targets[index]),
                                                 loaded.labels, settings.top_k,
-                                                target_given=settings.target is not None)
+                                                target_given=settings.target is not None, methods=methods)
         except MethodError as error:  # this image only: the others of the batch are fine
             result["error"] = str(error)
         else:

@@ -330,16 +330,46 @@ def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
     return catalog_row(plugin, entry, method=",".join(m.name for m in methods), layer=layer)
 
 
+#: The status note of a builder whose random weights give every class the same score, even with
+#: BatchNorm statistics of the check's image (see :func:`_brought_to_life`).
+RANDOM_UNIFORM = "random weights score every class alike, no map checked"
+
+
+def _brought_to_life(module: Any, batch: Any) -> None:
+    """Random weights whose scores depend on the image: every all-zero weight matrix drawn from
+    N(0, 0.02²) and every BatchNorm2d's running statistics those of ``batch`` (one forward, only
+    the norm layers in training mode: a detector's own forward stays as in eval)."""
+    import torch
+
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.dim() >= 2 and not bool(parameter.any()):
+                parameter.normal_(0.0, 0.02)
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average: after one forward, that batch's statistics
+            norm.train()
+        try:
+            module(batch.to(next(module.parameters()).device))
+        finally:
+            for norm in norms:
+                norm.eval()
+
+
 def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> CatalogRow:
     """Build ``entry`` with random weights and explain a synthetic image with ``--method auto``.
 
     Passes when the heatmap is finite and not constant and the overlay has the image's size (and, for
-    a detector, the explained box is among the detections).
+    a detector, the explained box is among the detections); ``ok (...)`` when the random weights
+    score every class alike, so that there is no map to check.
     """
     import numpy as np
     import torch
 
-    from .explanation import explain
+    from .explanation import explain, plan_preprocessing
+    from .preprocess import prepare
+    from .targets import UniformScores
 
     if not entry.supported:
         return catalog_row(plugin, entry)
@@ -350,7 +380,19 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
         loaded = _loaded(plugin, entry, module)
         height, width = entry.input_size + 16, entry.input_size + 40  # not square, not input-sized
         image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-        result = explain(loaded, image, "auto", size=entry.input_size)
+        try:
+            result = explain(loaded, image, "auto", size=entry.input_size)
+        except UniformScores:
+            # Random EfficientNets, MobileNetV3s, MNASNets (signals that die out layer by layer: fan-out
+            # initialisation under identity BatchNorm statistics) and ViTs (a zero-initialised head)
+            # score every class alike, which explain() refuses. Give them what training would: norm
+            # statistics of a real input, and no all-zero weight matrix; then check as any other.
+            _brought_to_life(module, prepare(image, plan_preprocessing(loaded, size=entry.input_size)).tensor)
+            try:
+                result = explain(loaded, image, "auto", size=entry.input_size)
+            except UniformScores:
+                return catalog_row(plugin, entry, status=f"ok: {RANDOM_UNIFORM}",
+                                   seconds=time.perf_counter() - started)
         heatmap = result.heatmap
         problems = []
         if not np.isfinite(heatmap).all():

@@ -23,7 +23,8 @@ from .plugins import Detections
 from .preprocess import DEFAULT_SIZE, Preprocessing
 from .results import MethodMap
 from .running import model_failures
-from .targets import NonFiniteScores, check_scores, resolve_targets, unusable_scores
+from .targets import (NonFiniteScores, UniformScores, check_scores, explains_a_class, resolve_targets,
+                      uniform_scores, unusable_scores)
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -116,6 +117,13 @@ def _compute_once(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Meth
                 raise NonFiniteScores(unusable)  # every image; else each image says it for itself
             if not bool((state["probabilities"] > 0).any()):
                 raise NothingToExplain()
+            # Every image's scores equal across classes: no map of a class is worth computing (each
+            # image says it for itself otherwise). Not when the targets are fixed (evaluate's
+            # randomization check explains the trained model's classes on re-initialised weights).
+            if targets is None and explains_a_class(methods):
+                uniform = [uniform_scores(row) for row in state["probabilities"]]
+                if all(uniform):
+                    raise UniformScores(uniform[0])
         if "targets" not in state:
             state["targets"] = targets.to(probabilities.device) if targets is not None else \
                 resolve_targets(target, state["probabilities"], loaded.labels)

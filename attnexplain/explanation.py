@@ -161,7 +161,7 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
     maps = computed.image_maps()[0]
     chosen_target, predictions = image_outcome(probabilities, target_index, loaded.labels, top_k,
-                                               target_given=target is not None)
+                                               target_given=target is not None, methods=plan.methods)
     detections = None
     if computed.detections is not None:
         detections = boxes_on_photo(computed.detections[0], target_index, loaded.labels,

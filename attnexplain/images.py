@@ -17,6 +17,12 @@ from .errors import ImageError
 #: Images larger than this many pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_PIXELS = 100_000_000
 
+#: The longest a photo's longer side may be, as a multiple of its shorter side. Photos are 4:3 to
+#: 16:9 and panoramas a few times wider; far beyond that, "resize the shorter side" turns a thin
+#: image of a few hundred bytes into a bomb: a 1×100000 PNG resized to a shorter side of 256 asks
+#: for 19.7 GB (1024, Hugging Face's ``shortest_edge``: 315 GB).
+MAX_ASPECT_RATIO = 50
+
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO")
 
 
@@ -93,6 +99,7 @@ def _read(path: Path, max_pixels: int, longest_side: int | None, shortest_side: 
                     f"Image is too large: {path} has {width}x{height} = {width * height:,} pixels, "
                     f"more than the limit of {max_pixels:,} (raise it with --max-pixels)."
                 )
+            check_aspect_ratio(width, height, path)
             if opened.format not in SUPPORTED_FORMATS:
                 raise ImageError(
                     f"Unsupported image format {opened.format} for {path}; "
@@ -129,6 +136,15 @@ def _read(path: Path, max_pixels: int, longest_side: int | None, shortest_side: 
     reduced = (pixels.shape[1], pixels.shape[0]) != full_size
     return LoadedImage(pixels=pixels, path=path, format=image_format, mode=mode,
                        file_size=full_size if reduced else None)
+
+
+def check_aspect_ratio(width: int, height: int, name: object = None) -> None:
+    """Refuse a picture longer than :data:`MAX_ASPECT_RATIO` times its width (or wider than that
+    times its height) with an :class:`ImageError`: explaining it would resize it into gigabytes."""
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        what = f"Image {name}" if name is not None else "The image"
+        raise ImageError(f"{what} is {width}x{height} pixels, an aspect ratio beyond 1:{MAX_ASPECT_RATIO} "
+                         f"that no camera makes; crop it to the part to explain.")
 
 
 def _reduction(width: int, height: int, longest_side: int | None, shortest_side: int) -> float:

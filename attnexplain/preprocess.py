@@ -157,9 +157,10 @@ def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:
     from torchvision.transforms import functional as F  # what torchvision's weight presets use
     from torchvision.transforms.v2 import functional as F2
 
-    from .images import channels_first
+    from .images import channels_first, check_aspect_ratio
 
     height, width = pixels.shape[:2]
+    check_aspect_ratio(width, height)  # before any resize: arrays and tensors from the API too
     crop_h, crop_w = preprocessing.size
     mode = InterpolationMode(preprocessing.interpolation)
     resize = F2.resize if preprocessing.resize_v2 else F.resize

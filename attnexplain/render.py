@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -26,6 +28,26 @@ def flat_map(heatmap: np.ndarray) -> str | None:
     if high - low <= FLAT_RELATIVE_RANGE * max(abs(low), abs(high)):
         return "constant"
     return None
+
+
+#: A map whose range is below this share of its mean level varies too little to mean anything.
+#: Measured (``(max - min) / |mean|``, docs/methods.md "Nearly flat maps"): every map of the trained
+#: sample models, every method, varies by 0.118 (RISE at its mask noise) to 84; maps of untrained
+#: weights that look flat but are drawn as strong patterns vary by 0.005-0.061 (the attention CNN's
+#: α 0.005-0.017, torchvision Swin-T rollout 0.049-0.061, a Hugging Face ViT's rollout 0.04).
+NEARLY_FLAT_VARIATION = 0.1
+
+
+def nearly_flat(heatmap: np.ndarray) -> float | None:
+    """The map's variation, ``(max - min) / |mean|``, where it is below
+    :data:`NEARLY_FLAT_VARIATION` (a map whose values all sit far from zero and close together);
+    None otherwise, and for a flat map (see :func:`flat_map`) or one centred on zero."""
+    values = np.nan_to_num(np.asarray(heatmap, dtype=np.float64))
+    if flat_map(values) is not None:
+        return None
+    level = abs(float(values.mean()))
+    variation = (float(values.max()) - float(values.min())) / level if level > 0 else math.inf
+    return variation if variation < NEARLY_FLAT_VARIATION else None
 
 
 def normalize_heatmap(heatmap: np.ndarray) -> np.ndarray:
@@ -101,8 +123,8 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, fl
     # What the model did not see, dimmed (nothing, when it saw the whole photo).
     result = None if whole else cv2.LUT(np.ascontiguousarray(pixels), _DIMMED)
     if x1 > x0 and y1 > y0:
-        stretched = cv2.resize(normalize_heatmap(heatmap), (box_w, box_h), interpolation=cv2.INTER_LINEAR)
-        colors = colorize(stretched[y0 - top:y1 - top, x0 - left:x1 - left], colormap)
+        colors = colorize(_stretched_part(normalize_heatmap(heatmap), (left, top, box_w, box_h),
+                                          (x0, y0, x1, y1)), colormap)
         # OpenCV blends uint8 directly (rounded to nearest): at a photo's resolution, 4× faster
         # than the same arithmetic in float32 NumPy arrays.
         blended = cv2.addWeighted(np.ascontiguousarray(pixels[y0:y1, x0:x1]), 1.0 - alpha, colors, alpha, 0.0)
@@ -110,6 +132,25 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, fl
             return blended
         result[y0:y1, x0:x1] = blended
     return result
+
+
+def _stretched_part(unit_map: np.ndarray, box: tuple[int, int, int, int],
+                    visible: tuple[int, int, int, int]) -> np.ndarray:
+    """``unit_map`` stretched over ``box`` (left, top, width, height), only its ``visible`` part
+    (x0, y0, x1, y1 in the photo). A letterboxed thin photo's box is a square of its long side
+    (padding included): a 1:50 photo of 100 million pixels would stretch the map over 5 billion
+    pixels (20 GB of float32) to keep 2% of them, so the part beyond the photo is never computed."""
+    left, top, box_w, box_h = box
+    x0, y0, x1, y1 = visible
+    if (x1 - x0, y1 - y0) == (box_w, box_h):  # the box lies inside the photo: all of it shows
+        return cv2.resize(unit_map, (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+    height, width = unit_map.shape
+    scale_x, scale_y = box_w / width, box_h / height
+    # cv2.resize's pixel-centre alignment (source = (target + ½) / scale − ½), shifted to the part.
+    transform = np.array([[scale_x, 0.0, 0.5 * scale_x - 0.5 - (x0 - left)],
+                          [0.0, scale_y, 0.5 * scale_y - 0.5 - (y0 - top)]])
+    return cv2.warpAffine(np.ascontiguousarray(unit_map, dtype=np.float32), transform, (x1 - x0, y1 - y0),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 #: Dimming of the parts of a photo the model did not see, as a lookup table (uint8 → uint8).

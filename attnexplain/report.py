@@ -21,7 +21,8 @@ import numpy as np
 from ._atomic import atomic_directory
 from .errors import OutputError
 from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS, REPORT_HTML, REPORT_JSON
-from .render import downscale, encode_image, flat_map, render_attention_grid, render_model_view
+from .render import (NEARLY_FLAT_VARIATION, downscale, encode_image, flat_map, nearly_flat, render_attention_grid,
+                     render_model_view)
 from .viewer import (REPORT_MAP_SIDE, colormap_tables, file_name, human_duration, preprocessing_text, timing_name,
                      viewer_data)
 
@@ -232,7 +233,7 @@ def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarr
 def method_summary(result: "MethodMap") -> dict[str, Any]:
     """What a page shows beside one method's pictures: its layers, the attention grid's shape
     (layers, heads) and the gates' per-block summary, where the method has them, and a warning
-    when the map is flat (all zero or constant: the overlay shows nothing)."""
+    when the map is flat (all zero or constant: the overlay shows nothing) or nearly flat."""
     summary: dict[str, Any] = {"layers": list(result.layers)}
     warning = map_warning(result)
     if warning is not None:
@@ -245,12 +246,21 @@ def method_summary(result: "MethodMap") -> dict[str, Any]:
 
 
 def map_warning(result: "MethodMap") -> str | None:
-    """A sentence for a map with nothing to show (see :func:`attnexplain.render.flat_map`), saying
-    what to try; None for a map with contrast."""
+    """A sentence for a map with nothing to show (see :func:`attnexplain.render.flat_map`) or too
+    little variation to mean anything (:func:`attnexplain.render.nearly_flat`), saying what to try;
+    None for a map with contrast."""
+    where = f" at layer {', '.join(result.layers)}" if result.layers else ""
     flat = flat_map(result.heatmap)
     if flat is None:
-        return None
-    where = f" at layer {', '.join(result.layers)}" if result.layers else ""
+        variation = nearly_flat(result.heatmap)
+        if variation is None:
+            return None
+        low, high = float(np.nanmin(result.heatmap)), float(np.nanmax(result.heatmap))
+        # Still drawn stretched (the pattern is all the map has), but never without this word.
+        return (f"The {result.method} map{where} varies by only {variation:.1%} of its level ({low:.3g} "
+                f"to {high:.3g}; under {NEARLY_FLAT_VARIATION:.0%}, as maps of untrained weights do), too "
+                f"little to mean anything: its overlay stretches that to full contrast. Check that the "
+                f"model's weights are trained.")
     cause = ("no positive evidence for this class there, or random weights" if flat == "all zero"
              else "it differs only by float32 rounding")
     advice = ("try another --layer (`attnexplain layers` lists them) or --method layercam"

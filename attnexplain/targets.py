@@ -3,7 +3,7 @@ detector's boxes placed on the photo."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +26,37 @@ def unusable_scores(scores: torch.Tensor) -> str | None:
                 f"probably broken (a training run that diverged saves NaN), or --mean/--std do not "
                 f"fit it.")
     return None
+
+
+class UniformScores(NothingToExplain):
+    """The model gives every class the same score for an image: its prediction does not depend on
+    the image (a head of zeros, an untrained model whose features die out), so a map of it would
+    only stretch rounding noise (Grad-CAM of ~1e-9) to full contrast."""
+
+
+def uniform_scores(probabilities: torch.Tensor) -> str | None:
+    """Why an image's (classes,) probabilities cannot be explained because every class has the
+    same one (to within float32 rounding, as a constant map), or None. One class is not uniform:
+    it is the whole prediction."""
+    from .render import FLAT_RELATIVE_RANGE  # one rounding tolerance for maps and scores
+
+    values = probabilities.detach().float()
+    if values.numel() < 2 or not bool(torch.isfinite(values).all()):
+        return None
+    low, high = float(values.min()), float(values.max())
+    if high - low > FLAT_RELATIVE_RANGE * max(abs(low), abs(high)):
+        return None
+    return (f"The model gives every one of its {values.numel()} classes the same score for this image "
+            f"(probability {high:.4g} each): the model's scores do not change with this image, so "
+            f"there is nothing to explain; its weights are probably untrained or broken (a classifier "
+            f"head of zeros, features that die out before it).")
+
+
+def explains_a_class(methods: Sequence[Any]) -> bool:
+    """Whether any of ``methods`` maps the target class's score (its colour scale names the target):
+    those maps are rounding noise when every class scores alike. Rollout, raw attention, gates and
+    Eigen-CAM show the model whatever its head says (a pretrained backbone under a fresh zero head)."""
+    return any("{target}" in method.scale for method in methods)
 
 
 def check_scores(logits: torch.Tensor, batch_size: int) -> None:
@@ -84,18 +115,23 @@ def top_predictions(probabilities: torch.Tensor, labels: list[str] | None, k: in
 
 
 def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[str] | None,
-                  top_k: int, target_given: bool) -> tuple[Prediction, list[Prediction]]:
+                  top_k: int, target_given: bool,
+                  methods: Sequence[Any] | None = None) -> tuple[Prediction, list[Prediction]]:
     """One image's explained target and top-k predictions from its (classes,) probabilities.
 
     A target the user asked for that has probability 0 (a segmentation class with no pixels, a
     class no box was detected as) is refused: its map would be empty; so is an image in which no
-    class scores above 0 (a detector that found nothing).
+    class scores above 0 (a detector that found nothing), and one in which every class scores the
+    same (:func:`uniform_scores`) where ``methods`` (default: any) map a class (:func:`explains_a_class`).
     """
     unusable = unusable_scores(probabilities)
     if unusable is not None:
         raise NonFiniteScores(unusable)
     if not bool((probabilities > 0).any()):
         raise NothingToExplain()
+    uniform = uniform_scores(probabilities) if methods is None or explains_a_class(methods) else None
+    if uniform is not None:  # whatever the target: every class's map would be rounding noise
+        raise UniformScores(uniform)
     probability = float(probabilities[target_index])
     if target_given and probability == 0.0:
         name = _label(labels, target_index) or target_index

@@ -68,15 +68,35 @@ class _ExitInBackward(torch.autograd.Function):
 
 def build(kind: str, classes: int = 3) -> TinyNet:
     """A TinyNet with fixed random weights; ``dead``: its last ReLU never fires, so every CAM map
-    at its layers is all zero (no positive evidence anywhere)."""
+    at its layers is all zero (no positive evidence anywhere); ``zero-head``: its head's weights and
+    bias are zero, so every class scores 0 whatever the image."""
     torch.manual_seed(0)
     model = TinyNet(kind, classes).eval()
     if kind == "dead":
         with torch.no_grad():
             model.features[2].bias.fill_(-1e4)
+    if kind == "zero-head":
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
     return model
 
 
 def save(kind: str, path, classes: int = 3):
     torch.save(build(kind, classes), path)
     return path
+
+
+class NearlyEvenNet(torch.nn.Module):
+    """Scores that weigh every pixel of a 32×32 input alike to within ``spread`` (each weight
+    1 ± spread): its saliency map varies by about that share of its level, a nearly flat map."""
+
+    def __init__(self, spread: float, classes: int = 3) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        jitter = 2 * torch.rand(classes, 3, 32, 32, generator=generator) - 1
+        self.weight = torch.nn.Parameter(1 + spread * jitter)
+        self.bias = torch.nn.Parameter(torch.arange(classes, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,kchw->bk", x, self.weight) / x[0].numel() + self.bias

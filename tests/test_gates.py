@@ -22,6 +22,9 @@ def gated_model():
         for module in model.modules():
             if isinstance(module, torchvision.ops.SqueezeExcitation):
                 module.fc2.bias.normal_(0, 2)
+        # A fresh MobileNetV3's signal dies out before its head: every class would score 0, which
+        # run and batch refuse for maps of a class (gradcam beside gates)
+        model.classifier[-1].bias.normal_(0, 1)
     return model
 
 

@@ -447,6 +447,37 @@ def test_full_disk_records_the_failed_images_and_exits_3(resnet_state_dict_file,
     assert report["totals"] == {"images": 12, "ok": len(records), "failed": len(failed)}
 
 
+# --- #23.5: a thin image is that image's failure ----------------------------------------------------------
+
+def test_a_thin_image_fails_alone_with_its_aspect_ratio(resnet_state_dict_file, tmp_path):
+    photos = _folder(tmp_path / "photos", 1)
+    # 1×5000 pixels, a few hundred bytes: resized to a shorter side of 256 it would take 3.8 GB
+    Image.fromarray(np.zeros((1, 5000, 3), np.uint8)).save(photos / "thin.png")
+    out = tmp_path / "out"
+    result = _batch(resnet_state_dict_file, photos, "--out", out)
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    assert "Traceback" not in result.output
+    records = _records(out)
+    assert records["img00.png"]["status"] == "ok"
+    assert records["thin.png"]["status"] == "failed"
+    assert "5000x1 pixels, an aspect ratio beyond 1:50" in records["thin.png"]["reason"]
+
+
+# --- #23.16: scores that do not change with the image ------------------------------------------------------
+
+def test_a_model_whose_scores_are_all_equal_fails_each_image_saying_why(tmp_path):
+    import hostile_modules
+
+    model = hostile_modules.save("zero-head", tmp_path / "zero-head.pt")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["batch", str(model), str(_folder(tmp_path / "photos", 2)), "--out", str(out),
+                                       "--trust-model", "--size", "32", "--quiet"])
+    assert result.exit_code == EXIT_SOME_FAILED, result.output
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 2 and all(row["status"] == "failed" for row in rows)
+    assert all("the model's scores do not change with this image" in row["reason"] for row in rows)
+
+
 # --- results.jsonl of an earlier run is data, not trusted ----------------------------------------------------
 
 def test_resume_never_trusts_output_paths_outside_out(resnet_state_dict_file, tmp_path):

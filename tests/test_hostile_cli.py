@@ -70,6 +70,8 @@ def _pickled(tmp_path: Path, kind: str, classes: int = 3) -> Path:
     ("raises", 3, ["The model raised RuntimeError", "(1, 3, 32, 32)", "boom inside forward"]),
     ("gray", 3, ["3 channels", "expects another number of channels"]),
     ("no-grad", 3, ["no gradient", "torch.no_grad()", "eigencam"]),
+    ("zero-head", 3, ["every one of its 3 classes the same score", "probability 0.3333 each",
+                      "the model's scores do not change with this image", "nothing to explain"]),
 ])
 def test_a_model_that_misbehaves_is_told_what_it_did(tmp_path, small_photo, kind, classes, fragments):
     result = _run("run", _pickled(tmp_path, kind, classes), small_photo, "--trust-model", "--size", "32",
@@ -117,6 +119,36 @@ def test_a_fifo_image_is_called_a_fifo_not_empty(tmp_path, resnet_state_dict_fil
     assert result.exit_code == 1
     line = _one_error_line(result.output, "FIFO")
     assert "empty" not in line
+
+
+def test_scores_equal_for_every_class_are_nothing_to_explain_in_the_api(small_photo):
+    import attnexplain
+    import torch
+    import torchvision
+
+    from attnexplain.engine import compute_maps
+    from attnexplain.explanation import plan_explanation
+    from attnexplain.targets import UniformScores
+
+    # torchvision's random MobileNetV3: its features die out before the head, every class scores 0
+    torch.manual_seed(0)
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=6).eval()
+    with pytest.raises(UniformScores, match="every one of its 6 classes the same score"):
+        attnexplain.explain(mobilenet, small_photo, size=64)
+    # Maps of no class stay: a ViT's attention under a fresh (zero) head, as fine-tuning starts
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=4).eval()
+    assert np.ptp(attnexplain.explain(vit, small_photo, "rollout").heatmap) > 0
+    with pytest.raises(UniformScores):
+        attnexplain.explain(vit, small_photo, "rollout,chefer")
+    loaded = attnexplain.load_model(hostile_modules.build("zero-head"))
+    plan = plan_explanation(loaded, "gradcam", size=32)
+    batch = torch.rand(2, 3, 32, 32)
+    with pytest.raises(UniformScores):
+        compute_maps(loaded, batch, plan.methods, plan.layers)
+    # Targets fixed from elsewhere (evaluate's randomization check on re-initialised weights): maps
+    fixed = compute_maps(loaded, batch, plan.methods, plan.layers, targets=torch.tensor([0, 2]))
+    assert fixed.maps["gradcam"].shape == (2, 32, 32)
 
 
 # --- 18: output folder checked before the model runs; a full disk leaves nothing half-written -------
@@ -320,6 +352,66 @@ def test_max_pixels_above_pillows_own_limit_is_the_limit(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is back for everyone else
 
 
+# --- #23.5: a thin image is refused before any resize ---------------------------------------------------
+
+def test_a_thin_image_is_refused_in_one_line_before_a_shorter_side_resize(tmp_path, small_resnet):
+    import torch
+
+    model = tmp_path / "resized.pt"  # its file asks for "resize the shorter side to 64, crop 32"
+    torch.save({"arch": "resnet18", "state_dict": small_resnet.state_dict(),
+                "preprocessing": {"size": 32, "resize": 64}}, model)
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.zeros((6000, 2, 3), np.uint8)).save(thin)  # a few hundred bytes
+    assert thin.stat().st_size < 1000
+    result = _run("run", model, thin, "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    _one_error_line(result.output, "2x6000 pixels", "beyond 1:50", "crop it")
+    assert not (tmp_path / "out").exists()
+
+
+def test_arrays_beyond_the_aspect_limit_are_refused_and_at_it_are_explained():
+    from attnexplain.errors import ImageError
+    from attnexplain.preprocess import Preprocessing, prepare
+
+    preprocessing = Preprocessing(size=(32, 32), resize=256)
+    with pytest.raises(ImageError, match="The image is 5100x100 pixels, an aspect ratio beyond 1:50"):
+        prepare(np.zeros((100, 5100, 3), np.uint8), preprocessing)  # 256 × 13,056 before the crop
+    assert prepare(np.zeros((100, 5000, 3), np.uint8), preprocessing).tensor.shape == (1, 3, 32, 32)
+
+
+def test_thin_header_is_refused_before_decoding(tmp_path):
+    from attnexplain.errors import ImageError
+    from attnexplain.images import check_image
+
+    with pytest.raises(ImageError, match="1x100000 pixels"):  # no pixel data at all: the header decides
+        check_image(_png_header_only(tmp_path / "thin.png", 1, 100_000))
+
+
+def test_a_letterboxed_thin_photo_stretches_its_map_only_over_the_photo(monkeypatch):
+    """A letterbox's box is a square of the photo's long side: the map is stretched over the part
+    that shows, never the padding (a 1:50 photo of 100 M pixels: 5 G pixels of float32)."""
+    import cv2
+
+    from attnexplain import render
+    from attnexplain.preprocess import Preprocessing, prepare
+
+    photo = np.random.default_rng(0).integers(0, 256, (40, 2000, 3), dtype=np.uint8)
+    box = prepare(photo, Preprocessing(size=(32, 32), letterbox=True)).box
+    heatmap = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    left, top, right, bottom = (int(round(v)) for v in box)
+    stretched = cv2.resize(render.normalize_heatmap(heatmap), (right - left, bottom - top),
+                           interpolation=cv2.INTER_LINEAR)[-top:-top + 40, -left:-left + 2000]
+    expected = cv2.addWeighted(photo, 0.5, render.colorize(stretched), 0.5, 0.0)
+    asked = []  # the (width, height) of every picture OpenCV is asked to stretch the map into
+    resize, warp = cv2.resize, cv2.warpAffine
+    monkeypatch.setattr(cv2, "resize", lambda src, size, *a, **k: asked.append(size) or resize(src, size, *a, **k))
+    monkeypatch.setattr(cv2, "warpAffine",
+                        lambda src, m, size, *a, **k: asked.append(size) or warp(src, m, size, *a, **k))
+    overlay = render.render_overlay(photo, heatmap, box)
+    assert asked and all(width * height <= 2000 * 40 for width, height in asked), asked
+    assert np.abs(overlay.astype(int) - expected.astype(int)).max() <= 1
+
+
 # --- 25 and #15.4: a map with nothing to show says so -------------------------------------------------
 
 def test_an_all_zero_map_is_reported_on_terminal_json_and_html(tmp_path, small_photo):
@@ -358,6 +450,47 @@ def test_rounding_noise_is_not_stretched_into_colour():
     np.testing.assert_array_equal(render_overlay(photo, noisy, box), render_overlay(photo, np.zeros((2, 2)), box))
     real = np.array([[0.0, 1e-3], [2e-3, 1.0]], np.float32)
     assert flat_map(real) is None and normalize_heatmap(real).max() == 1.0
+
+
+@pytest.mark.parametrize("spread, warned", [(0.02, True), (0.5, False)])
+def test_a_nearly_flat_map_is_reported_on_terminal_json_and_html(tmp_path, small_photo, spread, warned):
+    import torch
+
+    model = tmp_path / "even.pt"
+    torch.save(hostile_modules.NearlyEvenNet(spread), model)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(model), str(small_photo), "--trust-model", "--size", "32",
+                                       "--method", "saliency", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads(result.stdout)
+    heatmap = np.load(out / "noise" / "heatmap-saliency.npy")
+    variation = (heatmap.max() - heatmap.min()) / heatmap.mean()
+    assert (variation < 0.1) == warned, variation  # the model gives the map it was built for
+    if not warned:
+        assert "warning" not in report["maps"]["saliency"] and not result.stderr.strip()
+        return
+    warning = report["maps"]["saliency"]["warning"]
+    assert f"varies by only {variation:.1%} of its level" in warning, warning
+    assert "too little to mean anything" in warning
+    assert result.stderr.strip() == f"Warning: {warning}"
+    assert "varies by only" in (out / "noise" / "report.html").read_text()
+    batch = tmp_path / "batch"
+    done = CliRunner().invoke(main, ["batch", str(model), str(small_photo), "--trust-model", "--size", "32",
+                                     "--method", "saliency", "--out", str(batch), "--quiet"])
+    assert done.exit_code == 0, done.output
+    record = json.loads((batch / "results.jsonl").read_text().splitlines()[0])
+    assert "varies by only" in record["maps"]["saliency"]["warning"]
+    assert "varies by only" in (batch / record["detail"]).read_text()
+
+
+def test_a_map_centred_on_zero_is_not_nearly_flat():
+    from attnexplain.render import nearly_flat
+
+    signed = np.array([[-1.0, 1.0], [-0.5, 0.5]], np.float32)  # mean 0: no level to be flat around
+    assert nearly_flat(signed) is None
+    assert nearly_flat(np.array([[1.0, 1.05]], np.float32)) == pytest.approx(0.05 / 1.025)
+    assert nearly_flat(np.array([[1.0, 1.2]], np.float32)) is None
+    assert nearly_flat(np.full((4, 4), 3.0, np.float32)) is None  # constant: flat_map's, not this
 
 
 def test_a_constant_map_says_constant_in_the_report(tmp_path, small_photo):
