@@ -3,8 +3,8 @@ method requested; each method weights the captured activations (see :mod:`attnex
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable, ContextManager
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -103,7 +103,7 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
     return results
 
 
-def _twice_differentiable() -> ContextManager[None]:
+def _twice_differentiable() -> AbstractContextManager[object]:
     """Scaled-dot-product attention on its math kernel: the fused kernels (flash and memory-efficient,
     which PyTorch picks on the CPU and the GPU) have no derivative of their backward, so Shapley-CAM's
     Hessian-vector product through an attention layer would fail. The math kernel is the same
