@@ -26,6 +26,8 @@ class TinyNet(nn.Module):
             raise SystemExit(0)
         if kind == "exits-in-backward":
             return _ExitInBackward.apply(self._logits(x))
+        if kind == "once-differentiable":
+            return _SquaredOnce.apply(self._logits(x))
         if kind == "no-grad":
             with torch.no_grad():
                 return self._logits(x)
@@ -64,6 +66,31 @@ class _ExitInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         raise SystemExit(0)
+
+
+class _SquaredOnce(torch.autograd.Function):
+    """x² through a "fused kernel" whose backward has no derivative itself, as a custom CUDA kernel's
+    (or PyTorch's fused attention's): a first backward works, a second raises."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.save_for_backward(logits)
+        return logits * logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        (logits,) = ctx.saved_tensors
+        return _SquaredOnceBackward.apply(logits, grad)
+
+
+class _SquaredOnceBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, grad):
+        return 2 * logits * grad
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("derivative for squared_once_backward is not implemented")
 
 
 def build(kind: str, classes: int = 3) -> TinyNet:

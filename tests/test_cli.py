@@ -284,6 +284,20 @@ def test_several_methods_in_one_run_are_reported_side_by_side(tmp_path, sample_v
     assert html.count('aria-label="rollout overlay"') == 1 and "Learned attention explorer" in html
 
 
+def test_shapleycam_runs_through_the_sample_vits_attention(tmp_path, sample_vit_file):
+    """Shapley-CAM differentiates the score twice, through the blocks' scaled-dot-product attention,
+    whose fused CPU kernel has no second derivative: the run must still give its map (with the
+    Hessian term, so not Grad-CAM's), not an error."""
+    out = tmp_path / "out"
+    image = sample_vit_file.parents[1] / "images" / "rocket-on-brick.png"
+    result = _run("run", sample_vit_file, image, "--method", "shapleycam,gradcam", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    maps = json.loads(result.output)["outputs"]["maps"]
+    shapley, grad = (np.load(out / "rocket-on-brick" / maps[name]["heatmap"]) for name in ("shapleycam", "gradcam"))
+    assert np.isfinite(shapley).all() and shapley.std() > 0
+    assert np.corrcoef(shapley.ravel(), grad.ravel())[0, 1] < 0.9999  # ½·H·A through attention is not 0
+
+
 def test_methods_command_lists_every_method():
     from attnexplain.methods import METHODS
 

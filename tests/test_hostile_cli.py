@@ -249,6 +249,31 @@ def test_a_model_calling_exit_0_does_not_end_the_cli_successfully(tmp_path, smal
     assert not (tmp_path / "out" / "noise").exists()
 
 
+def test_shapleycam_on_a_model_pytorch_cannot_differentiate_twice_is_one_line(tmp_path, small_photo):
+    """Shapley-CAM's Hessian needs a second backward; an operation without one (a custom kernel's,
+    built here) makes it a method error: named, the run's one line; in evaluate's default set, left
+    out with the reason while the other methods are measured (below)."""
+    model = _pickled(tmp_path, "once-differentiable")
+    named = _run("run", model, small_photo, "--trust-model", "--size", "32", "--method", "shapleycam",
+                 "--out", tmp_path / "out")
+    assert named.exit_code == 1
+    _one_error_line(named.output, "shapleycam cannot run on this model", "differentiate",
+                    "squared_once_backward is not implemented", "Use gradcam")
+    assert not (tmp_path / "out" / "noise").exists()
+
+
+def test_evaluate_leaves_out_shapleycam_where_pytorch_cannot_differentiate_twice(tmp_path, small_photo):
+    model = _pickled(tmp_path, "once-differentiable")
+    out = tmp_path / "eval"
+    evaluated = _run("evaluate", model, small_photo.parent, "--trust-model", "--size", "32", "--metrics",
+                     "deletion", "--steps", "4", "--out", out)
+    assert evaluated.exit_code == 0, evaluated.output
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert "shapleycam cannot run on this model" in evaluation["settings"]["left_out"]["shapleycam"]
+    assert "shapleycam" not in evaluation["methods"] and "gradcam" in evaluation["methods"]
+    assert evaluation["images"]["ok"] == 1 and evaluation["images"]["failed"] == 0
+
+
 def test_exit_0_from_anything_the_command_runs_is_not_success(tmp_path, small_photo, monkeypatch):
     import attnexplain.images
 

@@ -124,6 +124,40 @@ def test_shapleycam_uses_the_hessian_where_the_head_is_not_piecewise_linear(smal
     assert correlation(result.maps["shapleycam"].heatmap, result.maps["gradcam"].heatmap) < 0.9999
 
 
+class AttentionHead(nn.Module):
+    """A conv layer, then self-attention over its positions (``F.scaled_dot_product_attention``, as
+    ViTs and timm's blocks call it) and a linear head: the Hessian above `features` is not 0."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+        self.qkv = nn.Conv2d(8, 24, 1)  # a per-position linear layer on the map itself
+        nn.init.normal_(self.qkv.weight)  # peaked attention: its curvature shows in the map
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, positions, 3 × 8), laid out as a ViT's tokens (fused kernels need the last dim contiguous)
+        tokens = self.qkv(self.features(x)).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = (part.unflatten(-1, (2, 4)).transpose(1, 2) for part in tokens.chunk(3, dim=-1))  # 2 heads
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, positions, 8)
+        return self.head(attended.mean(dim=1))
+
+
+def test_shapleycam_differentiates_twice_through_scaled_dot_product_attention(pixels):
+    """The fused kernels PyTorch picks for attention (flash on the CPU) have no second derivative;
+    ours matches pytorch-grad-cam's ShapleyCAM run with attention on the math kernel."""
+    from pytorch_grad_cam import ShapleyCAM
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(4)
+    model = AttentionHead().eval()
+    result = attnexplain.explain(model, pixels, "shapleycam,gradcam", layer="features", size=SIZE)
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = grad_cam_package(model, [model.features], ShapleyCAM, pixels, _target(result.target.index))
+    assert correlation(result.maps["shapleycam"].heatmap, reference) >= 0.999
+    assert correlation(result.maps["shapleycam"].heatmap, result.maps["gradcam"].heatmap) < 0.9999
+
+
 def test_finercam_compares_with_the_chosen_number_of_similar_classes(small_resnet, pixels):
     from pytorch_grad_cam import FinerCAM
 

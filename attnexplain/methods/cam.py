@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MethodError
+from ..errors import MethodError, error_line
 
 _EPS = 1e-7
 
@@ -170,8 +170,15 @@ def hessian_products(gradients: list[torch.Tensor], activations: list[torch.Tens
     for gradient, activation in zip(gradients, activations):
         product = None
         if gradient.requires_grad:
-            product = torch.autograd.grad(gradient, activation, grad_outputs=activation.detach(),
-                                          retain_graph=True, allow_unused=True)[0]
+            try:
+                product = torch.autograd.grad(gradient, activation, grad_outputs=activation.detach(),
+                                              retain_graph=True, allow_unused=True)[0]
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # an operation of the model with no second derivative
+                raise MethodError(f"shapleycam cannot run on this model: it differentiates the score "
+                                  f"twice, and PyTorch cannot differentiate one of the model's operations "
+                                  f"twice ({error_line(error, 300)}). Use gradcam or finercam.") from error
         products.append(torch.zeros_like(activation) if product is None else product)
     return products
 

@@ -3,6 +3,7 @@ method requested; each method weights the captured activations (see :mod:`attnex
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -36,7 +37,8 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
     needs_gradient = any(m.needs_gradient for m in methods)
     extras: dict[str, list[torch.Tensor]] = {}
     with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
-            torch.set_grad_enabled(needs_gradient):
+            torch.set_grad_enabled(needs_gradient), \
+            _twice_differentiable() if "shapleycam" in names else nullcontext():
         logits, targets = run.score(run.forward(batch))
         missing = [name for name in layers if name not in captured]
         if missing:
@@ -99,6 +101,16 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
             per_layer.append(upsample(cam_map(contributions, options.eigen_smooth), size))
         results[method.name] = fuse_maps(per_layer)
     return results
+
+
+def _twice_differentiable() -> AbstractContextManager[object]:
+    """Scaled-dot-product attention on its math kernel: the fused kernels (flash and memory-efficient,
+    which PyTorch picks on the CPU and the GPU) have no derivative of their backward, so Shapley-CAM's
+    Hessian-vector product through an attention layer would fail. The math kernel is the same
+    attention written in ordinary differentiable operations."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _selector(loaded: "LoadedModel") -> Callable[[str, object], torch.Tensor | None]:
