@@ -917,6 +917,12 @@ def _print_evaluation(evaluation: dict[str, Any]) -> None:
         click.echo(f"Agreement of the metrics on the order of the methods: mean Kendall τ "
                    f"{shown_number(agreement['mean_tau'])} (lowest: {' · '.join(lowest['metrics'])} "
                    f"{shown_number(lowest['tau'])}).")
+    check = evaluation.get("randomization")
+    if check:
+        click.echo(f"Randomization check on {check['images']} images (ρ after the head, or over the first "
+                   f"{check['early_steps']} steps, above {check['limit']} fails): "
+                   + ", ".join(f"{name} {shown_number(found['score'])} {found['verdict']}"
+                               for name, found in check["methods"].items()) + ".")
     click.echo(evaluation["verdict"])
     for name, reason in evaluation["settings"].get("left_out", {}).items():
         click.echo(f"Left out {name}: {reason}", err=True)

@@ -30,7 +30,6 @@ from .verdict import bootstrap_interval, judge, verdict_text
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_CSV = "evaluation.csv"
 EVALUATION_HTML = "evaluation.html"
-#: Left out of the default methods: tens of forwards and backwards per image each (say so in --help).
 #: Untrusted boxes file: its size, and boxes per image.
 MAX_BOXES_BYTES = 64 * 1024 * 1024
 MAX_BOXES_PER_IMAGE = 1000
@@ -338,7 +337,14 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     spec = model_spec if model_spec is not None else {"model": loaded.describe()["source"]}
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
-    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks) if resume else {}
+    steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))
+    kept = (log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks, steps)
+            if resume else {})
+    paths = {item.relative: item.path for item in inputs.images}
+    # A line stands only for the very bytes it measured: an image changed since is measured again,
+    # and its old line must not be counted beside the new one.
+    kept = {image: line for image, line in kept.items()
+            if line["key"] == f"{key_prefix}:{_file_sha256_or_none(paths[image])}"}
 
     records: list[dict[str, Any]] = []
     sums = _Sums()
@@ -361,11 +367,10 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
 
     for spec_text, reason in inputs.missing:
         finish({"image": spec_text, "path": spec_text, "status": "failed", "reason": reason})
-    paths = {item.relative: str(item.path) for item in inputs.images}
     for line in sorted(kept.values(), key=lambda line: position[line["image"]]):
         # What the line may not decide: the image's path and its class's label are this run's.
         index = line["target"]["index"]
-        records.append({**log_lines.shown_record(line), "path": paths[line["image"]],
+        records.append({**log_lines.shown_record(line), "path": str(paths[line["image"]]),
                         "target": {"index": index, "label": _label(loaded.labels, index)}})
         curves = log_lines.line_curves(line)
         _add_curves(sums, curves)
@@ -449,6 +454,9 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         progress.close()
         if log is not None:
             log.close()
+        # The records in a whole run's order (the inputs that could not be read, then the images in
+        # input order), whatever was reused or measured when: the bootstrap resamples by position.
+        records.sort(key=lambda record: position.get(record["image"], -1))
         try:
             evaluation = _summary(loaded, plan, names, metrics, settings, records, sums, examples,
                                   time.perf_counter() - started, list(input_specs), left_out)
@@ -531,6 +539,15 @@ def _runnable(loaded, plan, options, device, explicit: bool):
     if not kept:
         raise MethodError("No method runs on this model: " + "; ".join(left_out.values()))
     return dataclasses.replace(plan, methods=kept), left_out
+
+
+def _file_sha256_or_none(path: Path) -> str | None:
+    from .batch import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:  # unreadable now: measured (and reported) as a new image
+        return None
 
 
 def _compute(loaded, batch, plan, settings, options):
@@ -693,7 +710,7 @@ def _label(labels, index: int) -> str | None:
 
 
 def _rounded(value) -> float:
-    return round(float(value), 6)
+    return round(float(value), 6) + 0.0  # + 0.0: never a -0.0 in evaluation.json or the CSV
 
 
 # --- the summary ---------------------------------------------------------------------------------
@@ -756,6 +773,8 @@ def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
     similarity that cannot be measured never counts as a pass). Records are
     untrusted (``--resume``): an entry that is not a list per measure of one number or null per step,
     each in [-1, 1], is left out."""
+    from .evaluation_log import randomization_curves_fit
+
     per_method: dict[str, dict[str, list]] = {name: {measure: [] for measure in SIMILARITIES} for name in names}
     for record in records:
         entry = record.get("randomization") if record.get("status") == "ok" else None
@@ -763,8 +782,7 @@ def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
             continue
         for name in names:
             curves = entry.get(name)
-            if isinstance(curves, dict) and all(_similarity_curve(curves.get(measure), len(steps))
-                                                for measure in SIMILARITIES):
+            if randomization_curves_fit(curves, len(steps)):
                 for measure in SIMILARITIES:
                     per_method[name][measure].append([math.nan if v is None else float(v) for v in curves[measure]])
     methods = {}
@@ -782,13 +800,6 @@ def _randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
                  if record.get("status") == "ok" and isinstance(record.get("randomization"), dict))
     return {"steps": steps, "early_steps": RANDOMIZATION_EARLY_STEPS, "limit": RANDOMIZATION_LIMIT,
             "images": images, "methods": methods}
-
-
-def _similarity_curve(values: Any, steps: int) -> bool:
-    return (isinstance(values, list) and len(values) == steps
-            # A comparison, not math.isfinite: that raises on an int of 400 digits; NaN compares false.
-            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                  and -1.0 - 1e-6 <= v <= 1.0 + 1e-6) for v in values))
 
 
 def _nan_mean_curve(values: np.ndarray) -> list[float | None]:

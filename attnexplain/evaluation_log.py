@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 from ._files import not_a_regular_file
 from .batch import ResultsLog, file_sha256, fingerprint, read_results
 from .errors import AttnExplainError
-from .metrics import metrics_table_problem
+from .metrics import SIMILARITIES, metrics_table_problem
 
 EVALUATION_JSONL = "evaluation.jsonl"
 #: The record fields evaluation.json shows per image; the log's other fields rebuild the totals.
@@ -30,8 +30,6 @@ SHOWN_FIELDS = ("image", "path", "status", "reason", "target", "probability", "m
 #: Curves a record carries, each ``{"<method>": [value per point]}``; NaN is written as null.
 CURVES = ("deletion", "insertion")
 MAX_TEXT = 4096
-#: A record's randomization entry: similarity measures per method, steps per measure.
-MAX_MEASURES, MAX_STEPS = 16, 1000
 
 
 def run_fingerprint(model_spec: dict[str, Any], settings, plan, metrics: Sequence[str],
@@ -83,20 +81,20 @@ def line_curves(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def reusable_lines(out: Path, key_prefix: str, wanted: set[str], names: Sequence[str], values: set[str],
-                   masks: Path | None) -> dict[str, dict[str, Any]]:
+                   masks: Path | None, steps: int) -> dict[str, dict[str, Any]]:
     """Image → the earlier run's line that still stands for it (see the module's docstring):
     ``wanted`` the images of this run, ``names`` its methods (and the random map), ``values`` the
     names of the values it measures."""
     kept = {}
     for line in read_results(out / EVALUATION_JSONL):
-        if line_problem(line, key_prefix, wanted, names, values) is None \
+        if line_problem(line, key_prefix, wanted, names, values, steps) is None \
                 and line.get("mask_sha256") == mask_digest(masks, line["image"]):
             kept[line["image"]] = line
     return kept
 
 
 def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names: Sequence[str],
-                 values: set[str]) -> str | None:
+                 values: set[str], steps: int) -> str | None:
     """Why an earlier line cannot stand for its image in this run, or None."""
     key = line.get("key")
     if line.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":"):
@@ -116,7 +114,10 @@ def line_problem(line: dict[str, Any], key_prefix: str, wanted: set[str], names:
         return "has values this run does not measure"
     if "mask_error" in line and not _is_text(line["mask_error"]):
         return "has a mask error that is not a short text"
-    if "randomization" in line and _steps_problem(line["randomization"], names):
+    if "randomization" in line and not (isinstance(line["randomization"], dict)
+                                        and set(line["randomization"]) == set(names)
+                                        and all(randomization_curves_fit(curves, steps)
+                                                for curves in line["randomization"].values())):
         return "has a randomization entry that is not per method and measure a list of numbers"
     return _curves_problem(line.get("curves", {}), names)
 
@@ -142,19 +143,19 @@ def _curves_problem(curves: Any, names: Sequence[str]) -> str | None:
     return None
 
 
-def _steps_problem(entry: Any, names: Sequence[str]) -> bool:
-    """Whether a record's ``"randomization"`` (``{"<method>": {"<measure>": [value or null per step]}}``)
-    is anything else."""
-    if not isinstance(entry, dict) or not set(entry) <= set(names):
-        return True
-    for measures in entry.values():
-        if not isinstance(measures, dict) or len(measures) > MAX_MEASURES:
-            return True
-        for measure, values in measures.items():
-            if not (_is_text(measure) and isinstance(values, list) and len(values) <= MAX_STEPS
-                    and all(v is None or _is_finite(v) for v in values)):
-                return True
-    return False
+def randomization_curves_fit(curves: Any, steps: int) -> bool:
+    """Whether one method's entry of a record's ``"randomization"`` is what the check writes: per
+    measure of :data:`~attnexplain.metrics.SIMILARITIES` one similarity in [-1, 1] or null per step.
+    The one rule for a resumed line and for the summary that averages it."""
+    return isinstance(curves, dict) and all(_similarity_curve(curves.get(measure), steps)
+                                            for measure in SIMILARITIES)
+
+
+def _similarity_curve(values: Any, steps: int) -> bool:
+    return (isinstance(values, list) and len(values) == steps
+            # A comparison, not math.isfinite: that raises on an int of 400 digits; NaN compares false.
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and -1.0 - 1e-6 <= v <= 1.0 + 1e-6) for v in values))
 
 
 def _is_int(value: Any) -> bool:

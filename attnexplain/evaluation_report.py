@@ -155,7 +155,10 @@ def shown_mean(summary: dict[str, Any] | None, display: dict[str, Any]) -> tuple
 def shown_metrics(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every metric measured (in the order measured) → :func:`metric_display`."""
     better = evaluation["settings"]["better"]
-    metrics = dict.fromkeys(metric for summary in evaluation["methods"].values() for metric in summary)
+    # The randomization check has its own table (its judged score and verdict): a mean of the images'
+    # early-step values beside it would be a second, different number under the same name.
+    metrics = dict.fromkeys(metric for summary in evaluation["methods"].values() for metric in summary
+                            if metric != "randomization" or not evaluation.get("randomization"))
     return {metric: metric_display(metric, better[metric]) for metric in metrics}
 
 

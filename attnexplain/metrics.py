@@ -81,6 +81,11 @@ class MetricSettings:
                 or not 0 <= tolerance <= MAX_POINTING_TOLERANCE):
             raise AttnExplainError(f"The pointing tolerance must be a number of pixels from 0 to "
                                    f"{MAX_POINTING_TOLERANCE}, not {shown(tolerance)}.")
+        images = self.randomization_images
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            # 0 would leave every method unmeasured, and an unmeasured method fails the check.
+            raise AttnExplainError(f"The randomization check needs at least one image, not {shown(images)} "
+                                   f"(leave randomization out of the metrics to skip it).")
 
     def as_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "blur_size": self.blur_size, "blur_sigma": self.blur_sigma,

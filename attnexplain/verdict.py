@@ -153,7 +153,8 @@ def judge(records: Sequence[dict[str, Any]], names: Sequence[str], value_names: 
                                                             BETTER[metric] * chance, seed)
                                   for method in methods}
         # On fewer than two images nothing separates: that is too few to judge, not a saturated metric.
-        if len(records) >= 2 and not any(difference.separates for difference in against_random[metric].values()):
+        measured_on = max((difference.images for difference in against_random[metric].values()), default=0)
+        if measured_on >= 2 and not any(difference.separates for difference in against_random[metric].values()):
             uninformative.append(metric)
     informative = [metric for metric in measured if metric not in uninformative]
     parts = score_parts(informative)

@@ -254,6 +254,34 @@ def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_f
     assert json.loads((out / "evaluation.json").read_text())["reused"] == 0
 
 
+def test_a_changed_image_is_measured_once_and_a_resumed_run_judges_as_a_whole_run(sample_resnet_file, composites,
+                                                                                  tmp_path, computed_images):
+    """An image whose bytes changed is measured again and its old line dropped (never counted twice),
+    and a resumed run whose reused images are not the first ones still gives a whole run's verdict:
+    the records are in input order whatever was measured when (the bootstrap resamples by position)."""
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    first = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet", options=OPTIONS))
+    assert first.exit_code == 0, first.output
+    changed = composites / "images" / "c0.png"
+    pixels = np.array(Image.open(changed))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(changed)
+    computed_images.clear()
+    resumed = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet",
+                                             options=OPTIONS))
+    assert resumed.exit_code == 0, resumed.output
+    assert sum(computed_images) == 1
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert [record["image"] for record in evaluation["per_image"]] == ["c0.png", "c1.png", "c2.png", "c3.png"]
+    assert evaluation["images"]["total"] == 4 and evaluation["reused"] == 3
+    assert [line["image"] for line in _lines(out)].count("c0.png") == 1
+    again = CliRunner().invoke(main, _args(sample_resnet_file, composites, whole, "--quiet", options=OPTIONS))
+    assert again.exit_code == 0, again.output
+    expected = json.loads((whole / "evaluation.json").read_text())
+    for key in ("methods", "ranking", "pairwise", "against_random", "uninformative", "verdict", "randomization"):
+        assert evaluation[key] == expected[key], key
+
+
 def test_resume_without_an_output_folder_is_refused_in_one_line(sample_resnet_file, composites):
     from attnexplain.errors import AttnExplainError
     from attnexplain.loading import load_model
@@ -314,22 +342,30 @@ def test_the_fingerprint_follows_the_boxes_and_settings_and_a_fifo_mask_is_never
 
 def test_an_earlier_line_stands_only_with_this_runs_key_images_methods_and_finite_numbers():
     from attnexplain.evaluation_log import line_problem
+    from attnexplain.metrics import SIMILARITIES
 
     names, values = ["gradcam", "random"], {"deletion", "randomization"}
     good = {"image": "a.png", "path": "/x/a.png", "status": "ok", "key": "abc:123",
             "target": {"index": 1, "label": "cat"}, "probability": 0.9,
             "metrics": {"gradcam": {"deletion": 0.2}, "random": {"deletion": 0.5}},
-            "randomization": {"gradcam": {"spearman": [0.5, None, 0.1]}},
+            "randomization": {name: {measure: [0.5, None, 0.1] for measure in SIMILARITIES} for name in names},
             "curves": {"fractions": [0.0, 0.5, 1.0], "deletion": {"gradcam": [0.9, 0.4, 0.1]}}}
-    assert line_problem(good, "abc", {"a.png"}, names, values) is None
+    assert line_problem(good, "abc", {"a.png"}, names, values, 3) is None
     hostile = [
         {"key": "other:123"}, {"status": "failed"}, {"image": "../b.png"},
         {"target": {"index": True, "label": None}}, {"probability": float("inf")},
         {"metrics": {"lrp": {"deletion": 0.1}}}, {"metrics": {"gradcam": {"road": 0.1}}},
         {"mask_error": "x" * 10_000}, {"randomization": {"gradcam": {"spearman": ["0.5"]}}},
-        {"randomization": {"evil": {}}}, {"curves": {"deletion": {"gradcam": [0.9, 0.4]},
+        {"randomization": {"evil": {}}},
+        # What the summary could not average must not stand either (one rule for both): a method or a
+        # measure missing, a step too few, a similarity beyond [-1, 1].
+        {"randomization": {"gradcam": good["randomization"]["gradcam"]}},
+        {"randomization": {**good["randomization"], "gradcam": {"spearman": [0.5, None, 0.1]}}},
+        {"randomization": {**good["randomization"], "random": {m: [0.5, 0.1] for m in SIMILARITIES}}},
+        {"randomization": {**good["randomization"], "random": {m: [0.5, 2.0, 0.1] for m in SIMILARITIES}}},
+        {"curves": {"deletion": {"gradcam": [0.9, 0.4]},
                                                      "fractions": [0.0, 0.5, 1.0]}},
         {"curves": {"fractions": [0.0, float("nan")], "deletion": {}}}, {"curves": []},
     ]
     for change in hostile:
-        assert line_problem({**good, **change}, "abc", {"a.png"}, names, values) is not None, change
+        assert line_problem({**good, **change}, "abc", {"a.png"}, names, values, 3) is not None, change
