@@ -600,7 +600,8 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
                      asked: _Asked) -> LoadedModel:
     """Build the architecture named by ``asked.arch`` (or the checkpoint) and load the weights into it."""
     state_dict = _find_state_dict(checkpoint, path, ema=asked.ema)
-    arch_name = asked.arch or checkpoint.get("arch")
+    hyper_arch, hyper_classes = _hyper_parameters(checkpoint)
+    arch_name = asked.arch or checkpoint.get("arch") or hyper_arch
     if not arch_name:
         raise ModelLoadError(
             f"{path} holds only weights (a state_dict); name the architecture they belong to with "
@@ -616,9 +617,14 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
     labels = _checkpoint_labels(checkpoint, path)
     preprocessing = _checkpoint_preprocessing(checkpoint.get("preprocessing"), path)
     notes: list[str] = []
+    # The hyper-parameters' class count goes with their arch: an --arch of the user's own may
+    # have another head.
+    num_classes = asked.num_classes
+    if num_classes is None and asked.arch is None and arch_name == hyper_arch:
+        num_classes = hyper_classes
     try:
         module, state_dict = _fitted_architecture(
-            arch_name, state_dict, arch_kwargs, asked.num_classes, initialise=False,
+            arch_name, state_dict, arch_kwargs, num_classes, initialise=False,
             outside_ok=any(key in checkpoint for key in _LIGHTNING_KEYS), notes=notes,
             user_classes=asked.arch is not None)
     except WeightsDoNotFit as mismatch:
@@ -642,6 +648,20 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
         notes.append("EMA weights (the checkpoint's moving average of the trained weights)")
     return LoadedModel(module=module, source=str(path), loader=loader, architecture=arch_name,
                        labels=labels, preprocessing=preprocessing, notes=notes)
+
+
+def _hyper_parameters(checkpoint: Mapping[str, Any]) -> tuple[Any, int | None]:
+    """``arch`` and ``num_classes`` of a Lightning checkpoint's ``hyper_parameters`` (what
+    ``save_hyperparameters()`` kept of the LightningModule's arguments), each None where absent.
+    The values come from a file: the arch is checked as the top level's is, where it is used; a
+    class count is used only where it is a plausible integer (the head's shape is the other witness)."""
+    hyper = checkpoint.get("hyper_parameters")
+    if not isinstance(hyper, Mapping):
+        return None, None
+    classes = hyper.get("num_classes")
+    if type(classes) is not int or not 1 <= classes <= _MAX_LABELS:
+        classes = None  # e.g. a float or 10**400: the head's shape says it instead
+    return hyper.get("arch"), classes
 
 
 def _checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
