@@ -9,6 +9,7 @@ import torch
 
 from ..capture import capture_activations, frozen_parameters, replaced_output
 from ..errors import MethodError
+from ..layout import as_map
 from ..methods import Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
@@ -35,6 +36,7 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
     names = {m.name for m in methods}
     needs_gradient = any(m.needs_gradient for m in methods)
     extras: dict[str, list[torch.Tensor]] = {}
+    _probe_layouts(loaded, batch)
     with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
             torch.set_grad_enabled(needs_gradient):
         logits, targets = run.score(run.forward(batch))
@@ -140,14 +142,31 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
     return [torch.stack(gradients) for gradients in per_sample]
 
 
+def _probe_layouts(loaded: "LoadedModel", batch: torch.Tensor) -> None:
+    """Probe the model's layers for ``batch``'s shape before the capture hooks are on (the probe runs
+    the model; :func:`layer_map` then reads the remembered answer)."""
+    from ..planning import layer_infos
+
+    layer_infos(loaded, batch)
+
+
 def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
               size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
-    token sequences and channels-last layers), to apply alike to the output and its gradient."""
+    token sequences and channels-last layers), to apply alike to the output and its gradient. A 4-D
+    output is read as the plugin or the evidence of the model's layers says
+    (:mod:`attnexplain.layout`), never taken as (B, C, H, W) on its shape alone."""
     if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
         return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
     if activation.dim() != 4:
         raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
                           f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
                           f"say how to lay it out; choose one that `attnexplain layers` lists.")
-    return lambda tensor: tensor
+    from ..planning import layer_infos, map_layout
+
+    probe = torch.zeros(activation.shape[0], 3, *size, device=activation.device)
+    inferred = next((info.layout for info in layer_infos(loaded, probe) if info.name == name), None)
+    layout, reason = map_layout(loaded, name, tuple(activation.shape), size, inferred, activation.shape[0])
+    if layout is None:
+        raise MethodError(f"{reason[0].upper()}{reason[1:]}; choose one that `attnexplain layers` lists.")
+    return lambda tensor: as_map(layout, tensor)

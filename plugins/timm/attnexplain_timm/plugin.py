@@ -20,8 +20,8 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import (CatalogEntry, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
-                                 vit_cam_block)
+from attnexplain.plugins import (CHANNELS_FIRST, CHANNELS_LAST, CatalogEntry, ModelPlugin, NamedModel,
+                                 TokenGrid, TokenReadout, vit_cam_block)
 from attnexplain.preprocess import Preprocessing, normalize_size
 
 if TYPE_CHECKING:
@@ -186,17 +186,44 @@ class TimmPlugin(ModelPlugin):
             # (ModelPlugin.layer_map). Explain a block's input, its first norm: the block at half
             # depth, the torchvision plugin's rule (see attnexplain.plugins.vit_cam_block).
             return f"blocks.{vit_cam_block(len(model.blocks))}.norm1"
-        if _is_timm(model) and _patch_projection(model):
-            # Other transformers (ViTs pooling without a class token, Swin, ...): blocks output
-            # (B, tokens, C) or channels-last (B, h, w, C) with no known layout here; the generic
-            # shape-based choice would be an attention internal (q_norm: (B, heads, tokens, dim))
-            # or a channels-last norm. The patch projection is their one (B, C, h, w) map.
-            return "patch_embed.proj"
         if _is_timm(model) and type(model).__name__ == "ConvNeXt" and len(model.stages):
             # After the last stage come norm_pre (an Identity, which the generic choice would name)
             # and the head, whose pooled (B, C, 1, 1) maps are not spatial.
             return f"stages.{len(model.stages) - 1}"
-        return None  # ResNet & co: the generic choice (layer4) is the usual one
+        # ResNet & co: the generic choice (layer4) is the usual one. Swin, MaxViT, MambaOut and the
+        # other channels-last families: the last map the core can read, laid out by layer_layout
+        # (Swin: its final norm, 7x7 at 224); ViTs without a class token: the patch projection,
+        # their one map (their blocks' tokens have no grid here).
+        return None
+
+    def layer_layout(self, model: Any, layer: str) -> str | None:
+        """timm's own conventions, where torch's layers say nothing (see attnexplain.layout).
+
+        Models that declare ``output_fmt = "NHWC"`` (Swin v1/v2, MambaOut, Sequencer, Hiera-SAM2,
+        ...) output channels-last features from every stage ``feature_info`` names; timm names its
+        channels-last modules ``...Cl`` (MaxViT's ``PartitionAttentionCl``, ``AttentionCl``) and its
+        channels-first layers ``...2d...`` (``LayerNorm2d``, ``BatchNormAct2d``, ``Conv2dSame``); its
+        own ``LayerNorm``/``RmsNorm``/``SimpleNorm`` (with a forward of their own, so torch's
+        definition does not apply) normalise the last dimension, the channels of a 4-D map.
+        """
+        if not _is_timm(model):
+            return None
+        if getattr(model, "output_fmt", None) == "NHWC" and layer in _feature_modules(model):
+            return CHANNELS_LAST
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            return None
+        kind = type(module)
+        if not kind.__module__.startswith("timm."):
+            return None
+        if kind.__name__.endswith("Cl"):
+            return CHANNELS_LAST
+        if "2d" in kind.__name__ or kind.__name__ in ("GroupNorm", "GroupNorm1"):
+            return CHANNELS_FIRST  # LayerNorm2d, LayerNorm2dFp32, BatchNormAct2d, Conv2dSame, ...
+        if kind.__name__ in _LAST_DIMENSION_NORMS:
+            return CHANNELS_LAST
+        return None
 
     def attention_modules(self, model: Any) -> list[str]:
         return _vit_attention_names(model)
@@ -286,10 +313,15 @@ class TimmPlugin(ModelPlugin):
                              source=source)
 
 
-def _patch_projection(model: Any) -> bool:
-    from torch import nn
+#: timm's norms over the last dimension whose forward is their own (fast or fp32 paths).
+_LAST_DIMENSION_NORMS = ("LayerNorm", "LayerNormFp32", "LayerNormAct", "RmsNorm", "RmsNormFp32",
+                         "SimpleNorm", "SimpleNormFp32")
 
-    return isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d)
+
+def _feature_modules(model: Any) -> set[str]:
+    """The modules whose outputs timm hands out as features (``feature_info``), by name."""
+    info = getattr(model, "feature_info", None) or []
+    return {entry["module"] for entry in info if isinstance(entry, dict) and isinstance(entry.get("module"), str)}
 
 
 def _fixed_input_size(model: Any) -> tuple[int, int] | None:
