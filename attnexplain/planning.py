@@ -120,8 +120,9 @@ def _layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, t
             elif len(info.shape) == 4:
                 layout, reason = map_layout(loaded, info.name, info.shape, size, info.layout,
                                             int(batch.shape[0]))
-                if layout is not None:
-                    shape = tuple(as_map(layout, torch.empty(info.shape, device="meta")).shape)
+                laid_out = as_map(layout, torch.empty(info.shape, device="meta")) if layout else None
+                if laid_out is not None and laid_out.shape[2] * laid_out.shape[3] > 1:
+                    shape = tuple(laid_out.shape)  # one position (pooled) is nothing to weight
         found.append((info, shape, reason))
     return found
 
