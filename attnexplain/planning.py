@@ -104,26 +104,21 @@ def layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tu
     map the CAM methods would weight, None where its output is none (after the plugin's
     :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, or laid out as :func:`map_layout` says;
     shapes only: nothing is computed)."""
-    return [(info, shape) for info, shape, _ in _layer_maps(loaded, batch)]
-
-
-def _layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tuple[int, ...] | None, str]]:
     size = tuple(batch.shape[-2:])
     found = []
     for info in layer_infos(loaded, batch):
-        shape, reason = None, ""
+        shape = None
         if info.shape is not None:
             laid_out = loaded.plugin.layer_map(loaded.module, info.name,
                                                torch.empty(info.shape, device="meta"), size)
             if laid_out is not None:
                 shape = tuple(laid_out.shape)
             elif len(info.shape) == 4:
-                layout, reason = map_layout(loaded, info.name, info.shape, size, info.layout,
-                                            int(batch.shape[0]))
+                layout, _ = map_layout(loaded, info.name, info.shape, size, info.layout, int(batch.shape[0]))
                 laid_out = as_map(layout, torch.empty(info.shape, device="meta")) if layout else None
                 if laid_out is not None and laid_out.shape[2] * laid_out.shape[3] > 1:
                     shape = tuple(laid_out.shape)  # one position (pooled) is nothing to weight
-        found.append((info, shape, reason))
+        found.append((info, shape))
     return found
 
 

@@ -44,7 +44,7 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
         activations = [captured[name] for name in layers]
-        as_maps = [layer_map(loaded, name, activation, size)
+        as_maps = [layer_map(loaded, name, activation, batch)
                    for name, activation in zip(layers, activations)]
         gradients: list[torch.Tensor | None] = [None] * len(layers)
         if needs_gradient:
@@ -138,7 +138,7 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
             outputs = [captured[name] for name in layers]
             gradients = torch.autograd.grad(chosen, outputs)
         for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
-            per_sample[index].append(layer_map(loaded, name, output, run.size)(gradient))
+            per_sample[index].append(layer_map(loaded, name, output, copies)(gradient))
     return [torch.stack(gradients) for gradients in per_sample]
 
 
@@ -151,22 +151,22 @@ def _probe_layouts(loaded: "LoadedModel", batch: torch.Tensor) -> None:
 
 
 def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
-              size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
-    token sequences and channels-last layers), to apply alike to the output and its gradient. A 4-D
-    output is read as the plugin or the evidence of the model's layers says
+              batch: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rearrangement that makes layer ``name``'s output on ``batch`` a (B, C, H, W) map (the
+    plugin's, for token sequences and channels-last layers), to apply alike to the output and its
+    gradient. A 4-D output is read as the plugin or the evidence of the model's layers says
     (:mod:`attnexplain.layout`), never taken as (B, C, H, W) on its shape alone."""
+    from ..planning import layer_infos, map_layout
+
+    size = tuple(batch.shape[-2:])
     if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
         return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
     if activation.dim() != 4:
         raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
                           f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
                           f"say how to lay it out; choose one that `attnexplain layers` lists.")
-    from ..planning import layer_infos, map_layout
-
-    probe = torch.zeros(activation.shape[0], 3, *size, device=activation.device)
-    inferred = next((info.layout for info in layer_infos(loaded, probe) if info.name == name), None)
-    layout, reason = map_layout(loaded, name, tuple(activation.shape), size, inferred, activation.shape[0])
+    inferred = next((info.layout for info in layer_infos(loaded, batch) if info.name == name), None)
+    layout, reason = map_layout(loaded, name, tuple(activation.shape), size, inferred, batch.shape[0])
     if layout is None:
         raise MethodError(f"{reason[0].upper()}{reason[1:]}; choose one that `attnexplain layers` lists.")
     return lambda tensor: as_map(layout, tensor)

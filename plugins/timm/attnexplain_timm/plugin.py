@@ -399,7 +399,8 @@ _LAST_DIMENSION_NORMS = ("LayerNorm", "LayerNormFp32", "LayerNormAct", "RmsNorm"
 def _feature_modules(model: Any) -> set[str]:
     """The modules whose outputs timm hands out as features (``feature_info``), by name."""
     info = getattr(model, "feature_info", None) or []
-    return {entry["module"] for entry in info if isinstance(entry, dict) and isinstance(entry.get("module"), str)}
+    return {entry["module"] for entry in info
+            if isinstance(entry, dict) and isinstance(entry.get("module"), str)}
 
 
 def _fixed_input_size(model: Any) -> tuple[int, int] | None:
