@@ -9,7 +9,7 @@ import torch
 
 from ..capture import capture_activations, frozen_parameters, replaced_output
 from ..errors import MethodError
-from ..layout import as_map
+from ..layout import as_map, own_layout
 from ..methods import Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
@@ -36,7 +36,6 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
     names = {m.name for m in methods}
     needs_gradient = any(m.needs_gradient for m in methods)
     extras: dict[str, list[torch.Tensor]] = {}
-    _probe_layouts(loaded, batch)
     with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
             torch.set_grad_enabled(needs_gradient):
         logits, targets = run.score(run.forward(batch))
@@ -44,8 +43,6 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
         activations = [captured[name] for name in layers]
-        as_maps = [layer_map(loaded, name, activation, batch)
-                   for name, activation in zip(layers, activations)]
         gradients: list[torch.Tensor | None] = [None] * len(layers)
         if needs_gradient:
             # Images are independent, so the gradient of the sum is each image's own gradient.
@@ -66,6 +63,8 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
             if "finercam" in names:
                 finer = finer_scores(logits, targets, options.finer_classes).sum()
                 extras["finercam"] = list(torch.autograd.grad(finer, activations))
+    # Laid out once the capture hooks are off: finding a layout may run a shapes-only probe.
+    as_maps = [layer_map(loaded, name, activation, batch) for name, activation in zip(layers, activations)]
     if "smoothgradcampp" in names:
         extras["smoothgradcampp"] = _noisy_gradients(run, targets)
     forward = scores_of(loaded, size)
@@ -142,14 +141,6 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
     return [torch.stack(gradients) for gradients in per_sample]
 
 
-def _probe_layouts(loaded: "LoadedModel", batch: torch.Tensor) -> None:
-    """Probe the model's layers for ``batch``'s shape before the capture hooks are on (the probe runs
-    the model; :func:`layer_map` then reads the remembered answer)."""
-    from ..planning import layer_infos
-
-    layer_infos(loaded, batch)
-
-
 def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
               batch: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rearrangement that makes layer ``name``'s output on ``batch`` a (B, C, H, W) map (the
@@ -165,8 +156,15 @@ def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
         raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
                           f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
                           f"say how to lay it out; choose one that `attnexplain layers` lists.")
-    inferred = next((info.layout for info in layer_infos(loaded, batch) if info.name == name), None)
-    layout, reason = map_layout(loaded, name, tuple(activation.shape), size, inferred, batch.shape[0])
+    # The plugin's word, the module's own definition or a reading that fits the input decide without
+    # running the model again; else the probe's evidence (a probe's fake tensors can stay cached in
+    # a model, a detector's anchors: it runs only where needed, never inside the capture hooks).
+    shape, count = tuple(activation.shape), batch.shape[0]
+    own = own_layout(loaded.module.get_submodule(name), activation)
+    layout, reason = map_layout(loaded, name, shape, size, own, count)
+    if layout is None:
+        inferred = next((info.layout for info in layer_infos(loaded, batch) if info.name == name), None)
+        layout, reason = map_layout(loaded, name, shape, size, inferred, count)
     if layout is None:
         raise MethodError(f"{reason[0].upper()}{reason[1:]}; choose one that `attnexplain layers` lists.")
     return lambda tensor: as_map(layout, tensor)
