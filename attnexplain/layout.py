@@ -75,7 +75,10 @@ def decide(plugin: "ModelPlugin", model: nn.Module, layer: str, shape: tuple[int
     """How layer ``layer``'s 4-D output of ``shape`` is read for a batch of ``batch`` images of
     ``input_size``: (layout, "") or (None, the reason it cannot be read as a map). ``inferred`` is
     what the probe found from torch's layers (:func:`own_layout`, passed on through the model)."""
-    said = plugin.layer_layout(model, layer)
+    try:
+        said = plugin.layer_layout(model, layer)
+    except Exception:  # noqa: BLE001 - a plugin failing here leaves the layer to the evidence
+        said = None
     if said is not None and said not in LAYOUTS:
         said = None  # a plugin's odd answer is no word
     layout = said or inferred

@@ -113,3 +113,24 @@ def test_channels_last_outputs_are_laid_out_on_evidence_and_refused_without():
         with pytest.raises(MethodError, match=reason) as refused:
             explain(loaded, image, "gradcam", layer=layer, size=64)
         assert "\n" not in str(refused.value)
+
+
+def test_a_plugins_odd_or_failing_layout_word_is_no_word():
+    from attnexplain.loading import LoadedModel
+    from attnexplain.planning import layer_maps
+    from attnexplain.plugins import ModelPlugin
+
+    class Odd(ModelPlugin):
+        name = "odd"
+
+        def layer_layout(self, model, layer):
+            if layer == "norm":
+                raise RuntimeError("broken plugin")
+            return "sideways" if layer == "permuted" else ["channels_first"]
+
+    model = _MixedLayouts()
+    loaded = LoadedModel(module=model.eval(), source="<test>", loader="object", architecture="mixed",
+                         plugin=Odd())
+    maps = {info.name: shape for info, shape in layer_maps(loaded, torch.zeros(1, 3, 64, 64))}
+    assert maps["norm"] == maps["mix"] == (1, 8, 16, 16) and maps["conv"] == (1, 8, 16, 16)
+    assert maps["permuted"] is None and maps["attn"] is None
