@@ -64,7 +64,8 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                 finer = finer_scores(logits, targets, options.finer_classes).sum()
                 extras["finercam"] = list(torch.autograd.grad(finer, activations))
     # Laid out once the capture hooks are off: finding a layout may run a shapes-only probe.
-    as_maps = [layer_map(loaded, name, activation, batch) for name, activation in zip(layers, activations)]
+    as_maps = [layer_map(loaded, name, activation, size, batch)
+               for name, activation in zip(layers, activations)]
     if "smoothgradcampp" in names:
         extras["smoothgradcampp"] = _noisy_gradients(run, targets)
     forward = scores_of(loaded, size)
@@ -137,19 +138,21 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
             outputs = [captured[name] for name in layers]
             gradients = torch.autograd.grad(chosen, outputs)
         for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
-            per_sample[index].append(layer_map(loaded, name, output, copies)(gradient))
+            per_sample[index].append(layer_map(loaded, name, output, run.size, copies)(gradient))
     return [torch.stack(gradients) for gradients in per_sample]
 
 
-def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
-              batch: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The rearrangement that makes layer ``name``'s output on ``batch`` a (B, C, H, W) map (the
-    plugin's, for token sequences and channels-last layers), to apply alike to the output and its
-    gradient. A 4-D output is read as the plugin or the evidence of the model's layers says
-    (:mod:`attnexplain.layout`), never taken as (B, C, H, W) on its shape alone."""
+def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor, size: tuple[int, int],
+              batch: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
+    token sequences and channels-last layers), to apply alike to the output and its gradient. A 4-D
+    output is read as the plugin or the evidence of the model's layers says
+    (:mod:`attnexplain.layout`), never taken as (B, C, H, W) on its shape alone. ``batch``: the
+    input the output came from, for a probe of the model's layers where one is needed (default:
+    images of ``size``)."""
     from ..planning import layer_infos, map_layout
 
-    size = tuple(batch.shape[-2:])
+    size = (int(size[0]), int(size[1]))
     if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
         return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
     if activation.dim() != 4:
@@ -159,10 +162,12 @@ def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
     # The plugin's word, the module's own definition or a reading that fits the input decide without
     # running the model again; else the probe's evidence (a probe's fake tensors can stay cached in
     # a model, a detector's anchors: it runs only where needed, never inside the capture hooks).
-    shape, count = tuple(activation.shape), batch.shape[0]
+    shape, count = tuple(activation.shape), activation.shape[0]
     own = own_layout(loaded.module.get_submodule(name), activation)
     layout, reason = map_layout(loaded, name, shape, size, own, count)
     if layout is None:
+        if batch is None:
+            batch = torch.zeros(count, 3, *size, device=activation.device)
         inferred = next((info.layout for info in layer_infos(loaded, batch) if info.name == name), None)
         layout, reason = map_layout(loaded, name, shape, size, inferred, count)
     if layout is None:
