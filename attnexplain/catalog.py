@@ -323,12 +323,12 @@ def plugins_for_arch(arch: str) -> list[tuple[ModelPlugin, bool]]:
 
 
 def _cached_builder_names(info: PluginInfo) -> frozenset[str]:
-    return _builder_names_for_key(info, _cache_key(info))
+    path = cache_folder() / "builders" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+    return _builder_names_for_key(info, _cache_key(info), path)
 
 
 @functools.lru_cache(maxsize=None)
-def _builder_names_for_key(info: PluginInfo, key: str) -> frozenset[str]:
-    path = cache_folder() / "builders" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+def _builder_names_for_key(info: PluginInfo, key: str, path: Path) -> frozenset[str]:
     names = _read_builder_names(path, key)
     if names is None:
         names = [name for name in info.plugin.builders() if isinstance(name, str)]
