@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from .errors import MethodError
+from .layout import CHANNELS_FIRST, LAYOUTS, own_layout
 
 
 @contextmanager
@@ -281,6 +282,9 @@ class LayerInfo:
     #: Whether the output changes with the input. A module applied to a constant (a relative
     #: position bias computed from a fixed table) gives a map that explains nothing.
     depends_on_input: bool = True
+    #: What torch's own layers say of a 4-D output's layout (see :mod:`attnexplain.layout`), None
+    #: where they say nothing.
+    layout: str | None = None
 
     @property
     def is_spatial(self) -> bool:
@@ -290,10 +294,12 @@ class LayerInfo:
 
 #: A layer's output → the tensor of it to describe (a plugin's ``select_output``), or None.
 Selector = Callable[[str, Any], "torch.Tensor | None"]
+#: A layer's name → the layout its plugin says its 4-D output has (``layer_layout``), or None.
+Layouts = Callable[[str], "str | None"]
 
 
 def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[str, Any] | None = None,
-                 select: Selector | None = None) -> list[LayerInfo]:
+                 select: Selector | None = None, said: Layouts | None = None) -> list[LayerInfo]:
     """List every submodule, with its output shape, in the order its (last) call finished.
 
     Shapes are propagated on the meta device (no arithmetic: ~35 ms for ResNet-50 where a forward
@@ -303,6 +309,10 @@ def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[
     called with ``forward_kwargs``; an output that is not a tensor is described by the tensor
     ``select`` picks from it.
 
+    Each 4-D output's layout is worked out as the forward runs (``LayerInfo.layout``): the plugin's
+    word (``said``), else torch's definition of the layer (:func:`attnexplain.layout.own_layout`),
+    else the layout of the tensor it hands on or, keeping its input's shape, of its input.
+
     Whether an output depends on the input is read off autograd (the input requires a gradient,
     the parameters do not), which the meta device tracks without computing anything. A model whose
     forward records no gradient at all (``torch.no_grad()`` inside) leaves it unknown: every layer
@@ -311,7 +321,7 @@ def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[
     kwargs = forward_kwargs or {}
     with frozen_parameters(model):
         try:
-            found = _probe(model, batch.to("meta"), kwargs, select, on_meta=True)
+            found = _probe(model, batch.to("meta"), kwargs, select, said, on_meta=True)
         except Exception:
             found = None
         if found is None:
@@ -319,23 +329,44 @@ def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
                 with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    found = _probe(model, mode.from_tensor(batch), kwargs, select)
+                    found = _probe(model, mode.from_tensor(batch), kwargs, select, said)
             except Exception:
                 pass
         if found is None:
             try:
-                found = _probe(model, batch, kwargs, select)
+                found = _probe(model, batch, kwargs, select, said)
             except Exception:  # a forward that refuses inputs with gradients (.numpy() inside)
-                found = _probe(model, batch, kwargs, select, track_input=False)
+                found = _probe(model, batch, kwargs, select, said, track_input=False)
     if not any(info.depends_on_input for info in found):
         found = [dataclasses.replace(info, depends_on_input=True) for info in found]
     return found
 
 
 def _probe(model: nn.Module, batch: torch.Tensor, kwargs: dict[str, Any] | None = None,
-           select: Selector | None = None,
+           select: Selector | None = None, said: Layouts | None = None,
            on_meta: bool = False, track_input: bool = True) -> list[LayerInfo]:
     finished: dict[str, LayerInfo] = {}
+    # Layouts of the tensors seen so far, by identity (the tensors are kept, so ids stay theirs).
+    layouts: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def plugin_says(name: str, tensor: torch.Tensor) -> str | None:
+        try:
+            answer = said(name) if said is not None and tensor.dim() == 4 else None
+        except Exception:  # a plugin's answer on shapes alone: no word, not a failure
+            return None
+        return answer if answer in LAYOUTS else None
+
+    def layout_of(name: str, module: nn.Module, args: Any, tensor: torch.Tensor) -> str | None:
+        known = layouts.get(id(tensor))
+        layout = plugin_says(name, tensor)
+        if layout is None:
+            layout = known[1] if known is not None and known[0] is tensor else own_layout(module, tensor)
+        if layout is None and args and isinstance(args[0], torch.Tensor) and args[0].shape == tensor.shape:
+            given = layouts.get(id(args[0]))  # a residual block keeps its input's shape and layout
+            layout = given[1] if given is not None and given[0] is args[0] else None
+        if layout is not None:
+            layouts[id(tensor)] = (tensor, layout)
+        return layout
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -347,13 +378,15 @@ def _probe(model: nn.Module, batch: torch.Tensor, kwargs: dict[str, Any] | None 
                     tensor = None
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
             depends = isinstance(tensor, torch.Tensor) and tensor.requires_grad
+            layout = layout_of(name, module, args, tensor) if isinstance(tensor, torch.Tensor) else None
             finished.pop(name, None)  # a module called again moves to its latest position
-            finished[name] = LayerInfo(name, type(module).__name__, shape, depends)
+            finished[name] = LayerInfo(name, type(module).__name__, shape, depends, layout)
 
         return hook
 
     # A copy of an input that requires a gradient: the model may change its input in place.
     inputs = batch.detach().requires_grad_(True).clone() if track_input else batch
+    layouts[id(inputs)] = (inputs, CHANNELS_FIRST)  # the images: (B, 3, H, W)
     with ExitStack() as stack, torch.set_grad_enabled(track_input):
         for name, module in model.named_modules():
             if name:  # the model itself is not a layer

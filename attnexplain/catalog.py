@@ -287,6 +287,80 @@ def _write_cache(path: Path, key: str, items: list[dict[str, Any]]) -> None:
         pass  # a read-only home: every listing asks the plugins, as without a cache
 
 
+#: Bounds on a cached list of builder names (timm's ~5,000 names take ~150 kB).
+_MAX_BUILDER_NAMES = 200_000
+_MAX_NAME_LENGTH = 300
+
+
+def plugins_for_arch(arch: str) -> list[tuple[ModelPlugin, bool]]:
+    """The plugins to ask for the builder of a bare architecture name, in builder order, each with
+    whether its cached names hold the name (False: it is to be asked live).
+
+    attnexplain's own plugins are always asked (their ``builders()`` import only the library that
+    builds the model anyway). A plugin from another distribution is asked only when its builder
+    names, cached as its catalog is, hold ``arch`` or ``PREFIX:arch``: asking timm's plugin imports
+    all of timm (18 s of the 24 s it took to load a ResNet-18 state_dict), which a torchvision name
+    must not cost. Plugins without a distribution (built in memory) have no version to key a cache
+    by and are asked live.
+    """
+    from .plugins import _builder_order
+
+    infos = {id(info.plugin): info for info in plugin_infos() if info.plugin is not None}
+    chosen = []
+    for plugin in _builder_order():
+        info = infos[id(plugin)]
+        if info.distribution in (None, "attnexplain"):
+            chosen.append((plugin, False))
+            continue
+        try:
+            names = _cached_builder_names(info)
+        except Exception:  # a plugin that fails listing its names is asked as before, live
+            chosen.append((plugin, False))
+            continue
+        if arch in names or (plugin.source_prefix and f"{plugin.source_prefix}:{arch}" in names):
+            chosen.append((plugin, True))
+    return chosen
+
+
+def _cached_builder_names(info: PluginInfo) -> frozenset[str]:
+    path = cache_folder() / "builders" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+    return _builder_names_for_key(info, _cache_key(info), path)
+
+
+@functools.lru_cache(maxsize=None)
+def _builder_names_for_key(info: PluginInfo, key: str, path: Path) -> frozenset[str]:
+    names = _read_builder_names(path, key)
+    if names is None:
+        names = [name for name in info.plugin.builders() if isinstance(name, str)]
+        if len(names) <= _MAX_BUILDER_NAMES and all(_plain_name(name) for name in names):
+            _write_cache(path, key, names)
+    return frozenset(names)
+
+
+def _plain_name(name: Any) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= _MAX_NAME_LENGTH
+            and not any(ord(character) < 32 for character in name))
+
+
+def _read_builder_names(path: Path, key: str) -> list[str] | None:
+    """The cached names, or None where the file is absent, stale or not what this writes (it is
+    read as if anyone could have written it: a wrong name only makes a plugin be asked for nothing)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_CACHE_MAX_BYTES + 1)
+        if len(data) > _CACHE_MAX_BYTES:
+            return None
+        document = json.loads(data)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("key") != key:
+        return None
+    names = document.get("entries")
+    if not isinstance(names, list) or len(names) > _MAX_BUILDER_NAMES or not all(map(_plain_name, names)):
+        return None
+    return names
+
+
 def _build_live(plugin: ModelPlugin, name: str) -> Any:
     """Build catalog entry ``name`` of ``plugin`` through its live catalog (the cache holds no code)."""
     for entry in live_catalog(plugin):

@@ -600,7 +600,8 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
                      asked: _Asked) -> LoadedModel:
     """Build the architecture named by ``asked.arch`` (or the checkpoint) and load the weights into it."""
     state_dict = _find_state_dict(checkpoint, path, ema=asked.ema)
-    arch_name = asked.arch or checkpoint.get("arch")
+    hyper_arch, hyper_classes = _hyper_parameters(checkpoint)
+    arch_name = asked.arch or checkpoint.get("arch") or hyper_arch
     if not arch_name:
         raise ModelLoadError(
             f"{path} holds only weights (a state_dict); name the architecture they belong to with "
@@ -616,9 +617,14 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
     labels = _checkpoint_labels(checkpoint, path)
     preprocessing = _checkpoint_preprocessing(checkpoint.get("preprocessing"), path)
     notes: list[str] = []
+    # The hyper-parameters' class count goes with their arch: an --arch of the user's own may
+    # have another head.
+    num_classes = asked.num_classes
+    if num_classes is None and asked.arch is None and arch_name == hyper_arch:
+        num_classes = hyper_classes
     try:
         module, state_dict = _fitted_architecture(
-            arch_name, state_dict, arch_kwargs, asked.num_classes, initialise=False,
+            arch_name, state_dict, arch_kwargs, num_classes, initialise=False,
             outside_ok=any(key in checkpoint for key in _LIGHTNING_KEYS), notes=notes,
             user_classes=asked.arch is not None)
     except WeightsDoNotFit as mismatch:
@@ -642,6 +648,20 @@ def _from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
         notes.append("EMA weights (the checkpoint's moving average of the trained weights)")
     return LoadedModel(module=module, source=str(path), loader=loader, architecture=arch_name,
                        labels=labels, preprocessing=preprocessing, notes=notes)
+
+
+def _hyper_parameters(checkpoint: Mapping[str, Any]) -> tuple[Any, int | None]:
+    """``arch`` and ``num_classes`` of a Lightning checkpoint's ``hyper_parameters`` (what
+    ``save_hyperparameters()`` kept of the LightningModule's arguments), each None where absent.
+    The values come from a file: the arch is checked as the top level's is, where it is used; a
+    class count is used only where it is a plausible integer (the head's shape is the other witness)."""
+    hyper = checkpoint.get("hyper_parameters")
+    if not isinstance(hyper, Mapping):
+        return None, None
+    classes = hyper.get("num_classes")
+    if type(classes) is not int or not 1 <= classes <= _MAX_LABELS:
+        classes = None  # e.g. a float or 10**400: the head's shape says it instead
+    return hyper.get("arch"), classes
 
 
 def _checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
@@ -748,27 +768,72 @@ def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[s
     plugin's builders, for a caller that asks about many names. ``user_classes=False`` refuses a
     class to import: a name a file gives (a checkpoint's ``arch``) must not make us run code.
     """
+    found = []
+    for name, builder in _lazy_candidates(arch, known, user_classes=user_classes):
+        resolved = builder()
+        if resolved is not None:
+            found.append((name, resolved))
+    return found
+
+
+def _lazy_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None,
+                     *, user_classes: bool = True) -> list[tuple[str, Callable[[], Any]]]:
+    """:func:`architecture_candidates` with each constructor looked up only when called (None where
+    the plugin no longer has it): a plugin whose cached names hold a bare name is asked for its
+    builders only if the candidates before it do not fit (see :func:`catalog.plugins_for_arch`)."""
     prefix, colon, rest = arch.partition(":")
     if colon:
         plugin = plugin_for_prefix(prefix)
         if plugin is not None:
             builders = plugin.builders()
             builder = builders.get(arch) or builders.get(rest)
-            return [(arch, builder)] if builder is not None else []
+            return [(arch, lambda: builder)] if builder is not None else []
         if _names_a_class(arch):
             if not user_classes:
                 raise ModelLoadError(f"The architecture {arch[:120]!r} that the file names is a Python "
                                      f"class to import, which a file may not ask for (importing "
                                      f"runs code); if you trust it, pass --arch {arch[:120]} yourself.")
-            return [_user_class(arch)]
-    found: list[tuple[str, Callable[..., Any]]] = []
-    for plugin, builders in known or [(plugin, plugin.builders()) for plugin in _builder_order()]:
-        builder = builders.get(arch)
-        if builder is None and plugin.source_prefix and not colon:
-            builder = builders.get(f"{plugin.source_prefix}:{arch}")
-        if builder is not None:
-            found.append((f"{plugin.source_prefix}:{arch}" if plugin.source_prefix and not colon
-                          else arch, builder))
+            found_class = _user_class(arch)
+            return [(found_class[0], lambda: found_class[1])]
+    if known is not None:
+        return _plugin_candidates(arch, [(plugin, builders, False) for plugin, builders in known])
+    if not colon:
+        from .catalog import plugins_for_arch
+
+        lazy = _plugin_candidates(arch, [(plugin, None, cached) for plugin, cached in plugins_for_arch(arch)])
+        if lazy:
+            return lazy
+        # No plugin's cached names hold it: ask every plugin (a stale cache must not hide a name).
+    return _plugin_candidates(arch, [(plugin, None, False) for plugin in _builder_order()])
+
+
+def _plugin_candidates(arch: str, plugins: "list[tuple[ModelPlugin, Mapping[str, Any] | None, bool]]",
+                       ) -> list[tuple[str, Callable[[], Any]]]:
+    """The plugins' builders of ``arch`` (or ``PREFIX:arch``), as (plugin, its builders or None,
+    whether its cached names hold ``arch``). A plugin whose cached names hold it is asked for its
+    builders only when called, if a candidate comes before it; the others are asked at once."""
+    _, colon, _ = arch.partition(":")
+
+    def lookup(plugin: ModelPlugin, builders: "Mapping[str, Any] | None") -> Callable[[], Any]:
+        def builder() -> Any:
+            table = builders if builders is not None else plugin.builders()
+            found = table.get(arch)
+            if found is None and plugin.source_prefix and not colon:
+                found = table.get(f"{plugin.source_prefix}:{arch}")
+            return found
+
+        return builder
+
+    found: list[tuple[str, Callable[[], Any]]] = []
+    for plugin, builders, cached in plugins:
+        builder = lookup(plugin, builders)
+        if not (cached and found):
+            resolved = builder()
+            if resolved is None:
+                continue
+            builder = lambda resolved=resolved: resolved  # noqa: E731 - looked up already
+        found.append((f"{plugin.source_prefix}:{arch}" if plugin.source_prefix and not colon
+                      else arch, builder))
     return found
 
 
@@ -781,14 +846,19 @@ def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: 
 
     Returns the module and the state_dict re-keyed to fit it; says what it did in ``notes``. The
     first candidate whose keys fit is taken (a name two plugins know keeps attnexplain's meaning when
-    both fit); when none fits, the error lists them all with their plugin prefix.
+    both fit, and the other plugin is not even asked); when none fits, the error lists them all
+    with their plugin prefix.
     """
     notes = notes if notes is not None else []
-    candidates = architecture_candidates(arch, user_classes=user_classes)
+    candidates = _lazy_candidates(arch, user_classes=user_classes)
     if not candidates:
         raise ModelLoadError(f"Unknown architecture {arch[:80]!r}.{_did_you_mean(arch, state_dict)}")
     failures: list[str] = []
-    for index, (name, builder) in enumerate(candidates):
+    for index, (name, lookup) in enumerate(candidates):
+        builder = lookup()
+        if builder is None:
+            failures.append(f"{name} (its plugin no longer builds it)")
+            continue
         try:
             kwargs, built, fitted, found = _fit(name, builder, state_dict, arch_kwargs, num_classes,
                                                 outside_ok)

@@ -10,6 +10,7 @@ import torch
 
 from .capture import LayerInfo, probe_layers
 from .errors import MethodError
+from .layout import as_map, decide
 from .methods import Method, find_method
 from .passes.attention import token_readout
 from .running import model_failures
@@ -79,7 +80,9 @@ def _split_names(requested: str | Sequence[str]) -> list[str]:
 
 
 def default_layer(loaded: "LoadedModel", batch: torch.Tensor) -> str:
-    """The plugin's choice, else the last layer to produce a spatial (B, C, H, W) map."""
+    """The plugin's choice, else the last layer to produce a spatial map the core can read (a
+    (B, C, H, W) map, or one the plugin or the layout evidence lays out as one; see
+    :mod:`attnexplain.layout`)."""
     chosen = loaded.plugin.default_layer(loaded.module)
     if chosen:
         return chosen
@@ -87,8 +90,8 @@ def default_layer(loaded: "LoadedModel", batch: torch.Tensor) -> str:
     known = _probed_layers.setdefault(loaded.module, {})
     shape = tuple(batch.shape[1:])
     if shape not in known:
-        with model_failures(loaded.module):
-            spatial = [info for info in _probe(loaded, batch) if info.is_spatial and info.depends_on_input]
+        spatial = [info for info, map_shape in layer_maps(loaded, batch)
+                   if map_shape is not None and map_shape[2] * map_shape[3] > 1 and info.depends_on_input]
         known[shape] = spatial[-1].name if spatial else None
     if known[shape] is None:
         raise MethodError("No layer of this model outputs a spatial (batch, channels, height, width) "
@@ -99,32 +102,56 @@ def default_layer(loaded: "LoadedModel", batch: torch.Tensor) -> str:
 def layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tuple[int, ...] | None]]:
     """Every layer (see :func:`attnexplain.capture.probe_layers`) with the shape of the (B, C, H, W)
     map the CAM methods would weight, None where its output is none (after the plugin's
-    :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, shapes only: nothing is computed)."""
+    :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, or laid out as :func:`map_layout` says;
+    shapes only: nothing is computed)."""
     size = tuple(batch.shape[-2:])
     found = []
-    with model_failures(loaded.module):
-        probed = _probe(loaded, batch)
-    for info in probed:
+    for info in layer_infos(loaded, batch):
         shape = None
         if info.shape is not None:
             laid_out = loaded.plugin.layer_map(loaded.module, info.name,
                                                torch.empty(info.shape, device="meta"), size)
             if laid_out is not None:
                 shape = tuple(laid_out.shape)
-            elif info.is_spatial:
-                shape = info.shape
+            elif len(info.shape) == 4:
+                layout, _ = map_layout(loaded, info.name, info.shape, size, info.layout, int(batch.shape[0]))
+                laid_out = as_map(layout, torch.empty(info.shape, device="meta")) if layout else None
+                if laid_out is not None and laid_out.shape[2] * laid_out.shape[3] > 1:
+                    shape = tuple(laid_out.shape)  # one position (pooled) is nothing to weight
         found.append((info, shape))
     return found
+
+
+def map_layout(loaded: "LoadedModel", layer: str, shape: tuple[int, ...], size: tuple[int, ...],
+               inferred: str | None, batch: int) -> tuple[str | None, str]:
+    """How layer ``layer``'s 4-D output of ``shape`` is read as a map, for a batch of ``batch``
+    inputs of ``size``: its layout, or None and the reason it cannot be
+    (:func:`attnexplain.layout.decide`)."""
+    return decide(loaded.plugin, loaded.module, layer, tuple(shape), inferred,
+                  (int(size[0]), int(size[1])), batch)
+
+
+def layer_infos(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
+    """:func:`_probe`'s answer for ``batch``'s shape, remembered per model and shape."""
+    known = _probed_infos.setdefault(loaded.module, {})
+    shape = tuple(batch.shape)
+    if shape not in known:
+        with model_failures(loaded.module):
+            known[shape] = _probe(loaded, batch)
+    return known[shape]
 
 
 def _probe(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
     """Every layer's output shape, the model called as every pass calls it."""
     module, plugin = loaded.module, loaded.plugin
     return probe_layers(module, batch, forward_kwargs=plugin.forward_kwargs(module, tuple(batch.shape[-2:])),
-                        select=lambda name, output: plugin.select_output(module, name, output))
+                        select=lambda name, output: plugin.select_output(module, name, output),
+                        said=lambda name: plugin.layer_layout(module, name))
 
 
 _probed_layers: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str | None]]" = \
+    weakref.WeakKeyDictionary()
+_probed_infos: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], list[LayerInfo]]]" = \
     weakref.WeakKeyDictionary()
 
 

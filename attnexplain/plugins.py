@@ -31,6 +31,12 @@ PLUGIN_API_VERSION = 2
 SUPPORTED_API_VERSIONS = (1, 2)
 ENTRY_POINT_GROUP = "attnexplain.plugins"
 
+#: How a layer's 4-D output is laid out (:meth:`ModelPlugin.layer_layout`, :mod:`attnexplain.layout`).
+CHANNELS_FIRST = "channels_first"  # (B, C, H, W)
+CHANNELS_LAST = "channels_last"  # (B, H, W, C)
+NOT_A_MAP = "not_a_map"  # attention probabilities, a head's internals: no map of the image
+LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP)
+
 
 @dataclass(frozen=True)
 class TokenGrid:
@@ -199,6 +205,16 @@ class ModelPlugin:
             return None
         patches = output[:, grid.prefix_tokens:]
         return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], grid.height, grid.width)
+
+    def layer_layout(self, model: "nn.Module", layer: str) -> str | None:
+        """How ``layer``'s 4-D output is laid out (API v2): ``"channels_first"`` (B, C, H, W),
+        ``"channels_last"`` (B, H, W, C) or ``"not_a_map"`` (attention probabilities, a head's
+        internals), as :mod:`attnexplain.layout` names them. None: no word; the core then reads the
+        layout off torch's own layers (a ``Conv2d`` writes channels first, a ``Linear`` channels
+        last), else takes a (B, C, H, W) reading only where its grid fits the input image and the
+        channels-last one does not, and refuses the layer otherwise. :meth:`layer_map`, when it
+        answers, comes first."""
+        return None
 
     def attention_modules(self, model: "nn.Module") -> list[str]:
         """Names of the submodules whose attention probabilities rollout multiplies, input to output."""

@@ -82,6 +82,32 @@ def test_lightning_module_whose_own_attributes_are_the_network(tmp_path, four_cl
         load_model(plain, arch="resnet18")
 
 
+def test_lightning_checkpoint_names_its_arch_and_classes_in_hyper_parameters(tmp_path, four_class_resnet):
+    # save_hyperparameters() keeps the LightningModule's arguments: arch and num_classes among them.
+    checkpoint = _lightning_checkpoint(four_class_resnet, "model.")
+    checkpoint["hyper_parameters"]["arch"] = "resnet18"
+    path = tmp_path / "epoch=4-step=250.ckpt"
+    torch.save(checkpoint, path)
+    loaded = load_model(path)
+    assert loaded.architecture == "resnet18" and loaded.module.fc.out_features == 4
+    assert _same_outputs(loaded.module, four_class_resnet)
+    # The hyper-parameters' class count is used: one that the head contradicts is an error.
+    checkpoint["hyper_parameters"]["num_classes"] = 7
+    torch.save(checkpoint, path)
+    with pytest.raises(ModelLoadError, match="do not fit resnet18"):
+        load_model(path)
+    # --arch overrides them (and their class count with them); a name that is no string is refused.
+    checkpoint["hyper_parameters"]["arch"] = "resnet34"
+    torch.save(checkpoint, path)
+    assert load_model(path, arch="resnet18").module.fc.out_features == 4
+    checkpoint["hyper_parameters"]["arch"] = ["resnet18"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ModelLoadError, match="'arch' entry .* is not a name"):
+        load_model(path)
+    result = CliRunner().invoke(main, ["layers", str(path)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+
+
 def test_lightning_attribute_dict_hyper_parameters_load_as_plain_data(tmp_path, four_class_resnet):
     # Lightning pickles its AttributeDict by reference; here a stand-in class with its name does.
     import sys

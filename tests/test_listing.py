@@ -143,6 +143,44 @@ def test_a_warm_listing_imports_no_torch(fresh_cache):
     assert len(json.loads(done.stdout)["models"]) == len(catalog.catalog_entries())
 
 
+def test_a_torchvision_arch_imports_neither_timm_nor_transformers(tmp_path, fresh_cache):
+    timm = pytest.importorskip("timm")
+    import torch
+    import torchvision
+
+    from attnexplain.loading import load_model
+
+    for name, model in (("resnet18", torchvision.models.resnet18(num_classes=3)),
+                        ("convnext_tiny", torchvision.models.convnext_tiny(num_classes=3)),
+                        ("resnet10t", timm.create_model("resnet10t", num_classes=3))):
+        torch.save(model.state_dict(), tmp_path / f"{name}.pt")
+    # The first look-up asks timm's plugin once for its names (the cache is empty); later ones read them.
+    catalog._builder_names_for_key.cache_clear()
+    assert [plugin.name for plugin, _ in catalog.plugins_for_arch("resnet18")][0] == "torchvision"
+    # convnext_tiny is a name both build: torchvision's fits, so timm's plugin is never asked.
+    probe = ("import sys\nfrom attnexplain.loading import load_model\n"
+             f"for name in ('resnet18', 'convnext_tiny'):\n"
+             f"    loaded = load_model({str(tmp_path)!r} + f'/{{name}}.pt', arch=name)\n"
+             "    print(type(loaded.module).__module__, file=sys.stderr)\n"
+             "print('timm' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, catalog.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.split()[-4:] == ["torchvision.models.resnet", "torchvision.models.convnext",
+                                        "False", "False"]
+    # A name only timm builds is found through the cache; a cache file that lies (holds no name)
+    # costs time, never a name: every plugin is then asked.
+    assert type(load_model(tmp_path / "resnet10t.pt", arch="resnet10t").module).__module__ == "timm.models.resnet"
+    [names] = [path for path in (fresh_cache / "builders").iterdir()
+               if "timm:resnet18" in json.loads(path.read_text())["entries"]]
+    names.write_text(json.dumps({"key": json.loads(names.read_text())["key"], "entries": []}))
+    catalog._builder_names_for_key.cache_clear()
+    assert [plugin.name for plugin, _ in catalog.plugins_for_arch("resnet10t")] == ["torchvision"]
+    assert type(load_model(tmp_path / "resnet10t.pt", arch="resnet10t").module).__module__ == "timm.models.resnet"
+    catalog._builder_names_for_key.cache_clear()  # the lie stays with this test's cache folder
+
+
 def test_piped_listing_is_one_whole_line_per_model():
     listed = _json("models")["models"]
     result = CliRunner().invoke(main, ["models"], env={"COLUMNS": "40"})

@@ -10,6 +10,7 @@ import torch
 
 from ..capture import capture_activations, frozen_parameters, replaced_output
 from ..errors import MethodError
+from ..layout import as_map, own_layout
 from ..methods import Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
@@ -44,8 +45,6 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
         if missing:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
         activations = [captured[name] for name in layers]
-        as_maps = [layer_map(loaded, name, activation, size)
-                   for name, activation in zip(layers, activations)]
         gradients: list[torch.Tensor | None] = [None] * len(layers)
         if needs_gradient:
             # Images are independent, so the gradient of the sum is each image's own gradient.
@@ -66,6 +65,9 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
             if "finercam" in names:
                 finer = finer_scores(logits, targets, options.finer_classes).sum()
                 extras["finercam"] = list(torch.autograd.grad(finer, activations))
+    # Laid out once the capture hooks are off: finding a layout may run a shapes-only probe.
+    as_maps = [layer_map(loaded, name, activation, size, batch)
+               for name, activation in zip(layers, activations)]
     if "smoothgradcampp" in names:
         extras["smoothgradcampp"] = _noisy_gradients(run, targets)
     forward = scores_of(loaded, size)
@@ -148,18 +150,38 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
             outputs = [captured[name] for name in layers]
             gradients = torch.autograd.grad(chosen, outputs)
         for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
-            per_sample[index].append(layer_map(loaded, name, output, run.size)(gradient))
+            per_sample[index].append(layer_map(loaded, name, output, run.size, copies)(gradient))
     return [torch.stack(gradients) for gradients in per_sample]
 
 
-def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor,
-              size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor, size: tuple[int, int],
+              batch: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
-    token sequences and channels-last layers), to apply alike to the output and its gradient."""
+    token sequences and channels-last layers), to apply alike to the output and its gradient. A 4-D
+    output is read as the plugin or the evidence of the model's layers says
+    (:mod:`attnexplain.layout`), never taken as (B, C, H, W) on its shape alone. ``batch``: the
+    input the output came from, for a probe of the model's layers where one is needed (default:
+    images of ``size``)."""
+    from ..planning import layer_infos, map_layout
+
+    size = (int(size[0]), int(size[1]))
     if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
         return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
     if activation.dim() != 4:
         raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
                           f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
                           f"say how to lay it out; choose one that `attnexplain layers` lists.")
-    return lambda tensor: tensor
+    # The plugin's word, the module's own definition or a reading that fits the input decide without
+    # running the model again; else the probe's evidence (a probe's fake tensors can stay cached in
+    # a model, a detector's anchors: it runs only where needed, never inside the capture hooks).
+    shape, count = tuple(activation.shape), activation.shape[0]
+    own = own_layout(loaded.module.get_submodule(name), activation)
+    layout, reason = map_layout(loaded, name, shape, size, own, count)
+    if layout is None:
+        if batch is None:
+            batch = torch.zeros(count, 3, *size, device=activation.device)
+        inferred = next((info.layout for info in layer_infos(loaded, batch) if info.name == name), None)
+        layout, reason = map_layout(loaded, name, shape, size, inferred, count)
+    if layout is None:
+        raise MethodError(f"{reason[0].upper()}{reason[1:]}; choose one that `attnexplain layers` lists.")
+    return lambda tensor: as_map(layout, tensor)

@@ -20,8 +20,8 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import (CatalogEntry, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
-                                 vit_cam_block)
+from attnexplain.plugins import (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP, CatalogEntry, ModelPlugin,
+                                 NamedModel, TokenGrid, TokenReadout, WindowedAttention, vit_cam_block)
 from attnexplain.preprocess import Preprocessing, normalize_size
 
 if TYPE_CHECKING:
@@ -119,7 +119,9 @@ class TimmPlugin(ModelPlugin):
     name = "timm"
     families = ("every timm model by name (timm:NAME) and as --arch timm:NAME",
                 "ViT, DeiT incl. distilled (attention rollout, chefer, attention)",
-                "ConvNeXt, ResNet and other timm CNNs (CAM family)")
+                "Swin (window attention: rollout, chefer, attention)",
+                "ConvNeXt, ResNet and other timm CNNs (CAM family)",
+                "Swin, MaxViT, MambaOut and other channels-last models (CAM on their maps)")
     source_prefix = "timm"
 
     def specificity(self, model: Any) -> int | None:
@@ -186,20 +188,51 @@ class TimmPlugin(ModelPlugin):
             # (ModelPlugin.layer_map). Explain a block's input, its first norm: the block at half
             # depth, the torchvision plugin's rule (see attnexplain.plugins.vit_cam_block).
             return f"blocks.{vit_cam_block(len(model.blocks))}.norm1"
-        if _is_timm(model) and _patch_projection(model):
-            # Other transformers (ViTs pooling without a class token, Swin, ...): blocks output
-            # (B, tokens, C) or channels-last (B, h, w, C) with no known layout here; the generic
-            # shape-based choice would be an attention internal (q_norm: (B, heads, tokens, dim))
-            # or a channels-last norm. The patch projection is their one (B, C, h, w) map.
-            return "patch_embed.proj"
         if _is_timm(model) and type(model).__name__ == "ConvNeXt" and len(model.stages):
             # After the last stage come norm_pre (an Identity, which the generic choice would name)
             # and the head, whose pooled (B, C, 1, 1) maps are not spatial.
             return f"stages.{len(model.stages) - 1}"
-        return None  # ResNet & co: the generic choice (layer4) is the usual one
+        # ResNet & co: the generic choice (layer4) is the usual one. Swin, MaxViT, MambaOut and the
+        # other channels-last families: the last map the core can read, laid out by layer_layout
+        # (Swin: its final norm, 7x7 at 224); ViTs without a class token: the patch projection,
+        # their one map (their blocks' tokens have no grid here).
+        return None
+
+    def layer_layout(self, model: Any, layer: str) -> str | None:
+        """timm's own conventions, where torch's layers say nothing (see attnexplain.layout).
+
+        Models that declare ``output_fmt = "NHWC"`` (Swin v1/v2, MambaOut, Sequencer, Hiera-SAM2,
+        ...) output channels-last features from every stage ``feature_info`` names; timm names its
+        channels-last modules ``...Cl`` (MaxViT's ``PartitionAttentionCl``, ``AttentionCl``) and its
+        channels-first layers ``...2d...`` (``LayerNorm2d``, ``BatchNormAct2d``, ``Conv2dSame``); its
+        own ``LayerNorm``/``RmsNorm``/``SimpleNorm`` (with a forward of their own, so torch's
+        definition does not apply) normalise the last dimension, the channels of a 4-D map.
+        """
+        if not _is_timm(model):
+            return None
+        if layer.rpartition(".")[2] in _ATTENTION_INTERNALS:
+            # Probabilities (B, heads, tokens, tokens) and their talking-heads mixes (CaiT): square
+            # like a map when there is one window, but rows of tokens, not of the image.
+            return NOT_A_MAP
+        if getattr(model, "output_fmt", None) == "NHWC" and layer in _feature_modules(model):
+            return CHANNELS_LAST
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            return None
+        kind = type(module)
+        if not kind.__module__.startswith("timm."):
+            return None
+        if kind.__name__.endswith("Cl"):
+            return CHANNELS_LAST
+        if "2d" in kind.__name__ or kind.__name__ in ("GroupNorm", "GroupNorm1"):
+            return CHANNELS_FIRST  # LayerNorm2d, LayerNorm2dFp32, BatchNormAct2d, Conv2dSame, ...
+        if kind.__name__ in _LAST_DIMENSION_NORMS:
+            return CHANNELS_LAST
+        return None
 
     def attention_modules(self, model: Any) -> list[str]:
-        return _vit_attention_names(model)
+        return _vit_attention_names(model) or _swin_attention_names(model)
 
     def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
         if not _vit_attention_names(model):
@@ -241,7 +274,8 @@ class TimmPlugin(ModelPlugin):
             except AttributeError:
                 raise MethodError(f"The model has no layer named {name!r}.") from None
         ours = [name for name in names if _is_timm_attention(modules[name])]
-        others = [name for name in names if name not in ours]
+        windowed = [name for name in names if _is_swin_attention(modules[name])]
+        others = [name for name in names if name not in ours and name not in windowed]
 
         def recorder(name: str):
             def hook(module: Any, args: Any, output: Any) -> None:
@@ -256,6 +290,8 @@ class TimmPlugin(ModelPlugin):
                 module = modules[name]
                 stack.enter_context(_unfused(module))
                 stack.callback(module.attn_drop.register_forward_hook(recorder(name)).remove)
+            for name in windowed:
+                _record_swin_window_attention(stack, model, name, modules[name], sink)
             yield
 
     def preprocessing(self, model: Any) -> Preprocessing | None:
@@ -286,10 +322,85 @@ class TimmPlugin(ModelPlugin):
                              source=source)
 
 
-def _patch_projection(model: Any) -> bool:
-    from torch import nn
+def _is_swin_attention(module: Any) -> bool:
+    """timm's Swin (v1) window attention, with the forward this plugin reads."""
+    if module is None or not type(module).__module__.startswith("timm."):
+        return False
+    from timm.models.swin_transformer import WindowAttention
 
-    return isinstance(getattr(getattr(model, "patch_embed", None), "proj", None), nn.Conv2d)
+    return (isinstance(module, WindowAttention) and type(module).forward is WindowAttention.forward
+            and hasattr(module, "fused_attn"))
+
+
+def _swin_attention_names(model: Any) -> list[str]:
+    """``layers.S.blocks.N.attn`` of a timm Swin (v1) whose every block uses timm's WindowAttention
+    inside timm's block, input to output (else empty)."""
+    if not _is_timm(model):
+        return []
+    from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+
+    if not isinstance(model, SwinTransformer):
+        return []
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, SwinTransformerBlock):
+            if type(module)._attn is not SwinTransformerBlock._attn or not _is_swin_attention(module.attn):
+                return []  # rollout multiplies every layer: one unknown block makes it meaningless
+            names.append(f"{name}.attn")
+    return names
+
+
+def _record_swin_window_attention(stack: ExitStack, model: Any, name: str, module: Any,
+                                  sink: dict[str, Any]) -> None:
+    """Record a :class:`WindowedAttention` for the Swin block whose attention is ``name``.
+
+    The block (``SwinTransformerBlock._attn``) rolls its (B, H, W, C) map by minus its shift, pads it
+    at the bottom and right to whole windows and partitions it with ``window_partition``; the same
+    steps on a map of position numbers say where every token of every window lies. The
+    probabilities are what ``attn_drop`` returns on the unfused path (softmax of the scores plus
+    the relative position bias and the shift mask), the tensor ``attn @ v`` multiplies."""
+    import torch
+    import torch.nn.functional as F
+    from timm.models.swin_transformer import window_partition
+
+    block = model.get_submodule(name.rpartition(".")[0])
+    shape: dict[str, tuple[int, int]] = {}
+
+    def keep_size(_: Any, args: tuple) -> None:
+        shape["map"] = tuple(args[0].shape[1:3])
+
+    def record(_: Any, args: tuple, probabilities: "torch.Tensor") -> None:
+        height, width = shape["map"]
+        window, shift = tuple(block.window_size), tuple(block.shift_size)
+        positions = torch.arange(height * width).reshape(1, height, width, 1)
+        if any(shift):
+            positions = torch.roll(positions, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        pad_h, pad_w = (-height) % window[0], (-width) % window[1]
+        positions = F.pad(positions, (0, 0, 0, pad_w, 0, pad_h), value=-1)
+        positions = window_partition(positions, window).reshape(-1, window[0] * window[1])
+        windows = positions.shape[0]
+        # (B · windows, heads, T, T), the windows of one image consecutive
+        grouped = probabilities.reshape(-1, windows, *probabilities.shape[1:])
+        sink[name] = WindowedAttention(grouped, positions.to(probabilities.device), height, width)
+
+    stack.enter_context(_unfused(module))
+    stack.callback(block.register_forward_pre_hook(keep_size).remove)
+    stack.callback(module.attn_drop.register_forward_hook(record).remove)
+
+
+#: What timm's attention modules call their internals: the probabilities after softmax
+#: (``attn_drop``, ``softmax``), the queries' and keys' norms, CaiT's talking-heads projections.
+_ATTENTION_INTERNALS = ("attn_drop", "softmax", "q_norm", "k_norm", "proj_l", "proj_w")
+#: timm's norms over the last dimension whose forward is their own (fast or fp32 paths).
+_LAST_DIMENSION_NORMS = ("LayerNorm", "LayerNormFp32", "LayerNormAct", "RmsNorm", "RmsNormFp32",
+                         "SimpleNorm", "SimpleNormFp32")
+
+
+def _feature_modules(model: Any) -> set[str]:
+    """The modules whose outputs timm hands out as features (``feature_info``), by name."""
+    info = getattr(model, "feature_info", None) or []
+    return {entry["module"] for entry in info
+            if isinstance(entry, dict) and isinstance(entry.get("module"), str)}
 
 
 def _fixed_input_size(model: Any) -> tuple[int, int] | None:

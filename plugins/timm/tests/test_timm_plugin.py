@@ -231,7 +231,9 @@ def test_recorded_attention_carries_the_models_gradient(deit_distilled):
 def test_vits_without_a_class_token_fall_back_to_gradcam_on_the_patch_grid():
     model = create("test_vit2")  # global average pooling, no class token: no query to roll out
     assert plugin.attention_modules(model) == [] and plugin.token_grid(model, (64, 64)) is None
-    assert plugin.default_layer(model) == "patch_embed.proj"
+    # The core's choice, the last map it can read: the patch projection (the blocks' tokens have no
+    # grid here, and the attention internals are no maps).
+    assert plugin.default_layer(model) is None
     result = explain(model, IMAGE, "auto", size=64)
     assert (result.method, result.layer) == ("gradcam", "patch_embed.proj")
 
@@ -338,3 +340,124 @@ def test_arch_names_shared_with_torchvision_stay_torchvisions():
     assert builders["timm:resnet18"][0].name == "timm"
     assert builders["vit_tiny_patch16_224"][0].name == "timm"  # unambiguous: plain name too
     assert builders["timm:resnet50.a1_in1k"][0].name == "timm"  # pretrained tags: their cfg
+
+
+# --- channels-last families: laid out, never read as (B, C, H, W) ----------------------------------
+
+def _axis_ratio(heatmap: np.ndarray) -> float:
+    """How evenly a map's variation is spread over its two axes: the smaller of the variances of its
+    row means and column means over the larger. Stripes (a (B, H, W, C) map read as (B, C, H, W):
+    positions along width by channel) vary along one axis only: on timm's Swin at 224 the misread
+    last stage and final norm give 0.005-0.006, the right readings 0.4-0.8; other families' right
+    maps with random weights gave 0.03 (cpubone_nano's head) to 0.95."""
+    centred = heatmap.astype(np.float64) - heatmap.mean()
+    rows, columns = centred.mean(axis=1).var(), centred.mean(axis=0).var()
+    return float(min(rows, columns) / max(rows, columns, 1e-30))
+
+
+def _family_representatives() -> dict[str, str]:
+    """One small model per timm family (the module of timm.models that builds it), by its name."""
+    import re
+
+    sizes = ["atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "s"]
+
+    def smallness(name: str) -> tuple:
+        found = [i for i, size in enumerate(sizes) if re.search(rf"(^|_){size}($|_|\d)", name)]
+        return (found[0] if found else len(sizes), len(name), name)
+
+    families: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+        families.setdefault(module, []).append(name)
+    return {family: min(names, key=smallness) for family, names in sorted(families.items())}
+
+
+#: The channels-last families (and ConvNeXt, whose blocks work channels-last inside), at their own
+#: input size: Swin's stages, MaxViT's partition attention, MambaOut's stages are (B, H, W, C).
+FAST_FAMILIES = {"swin_transformer": ("swin_tiny_patch4_window7_224", "norm"),
+                 "convnext": ("convnext_atto", "stages.3"),
+                 "maxxvit": ("maxvit_pico_rw_256", "norm"),
+                 "mambaout": ("mambaout_femto", "stages")}
+
+
+def _explained_without_stripes(name: str, **kwargs):
+    torch.manual_seed(0)
+    result = explain(load_model(f"timm:{name}"), IMAGE, "gradcam", **kwargs)
+    assert np.isfinite(result.heatmap).all() and result.heatmap.std() > 0
+    assert _axis_ratio(result.heatmap) > 0.01, (name, result.layer, _axis_ratio(result.heatmap))
+    return result
+
+
+@pytest.mark.parametrize("family", sorted(FAST_FAMILIES))
+def test_channels_last_families_are_explained_without_stripes(family):
+    name, layer = FAST_FAMILIES[family]
+    assert _explained_without_stripes(name).layer == layer
+
+
+def test_swin_stages_are_laid_out_and_attention_is_no_cam_layer():
+    # The issue's model and layer: layers.3 is (1, 7, 7, 768), channels-last.
+    _explained_without_stripes("swin_tiny_patch4_window7_224", layer="layers.3")
+    result = CliRunner().invoke(main, ["layers", "timm:swin_tiny_patch4_window7_224", "--json"])
+    assert result.exit_code == 0, result.output
+    listing = json.loads(_stdout(result))
+    layers = {layer["name"]: layer for layer in listing["layers"]}
+    assert listing["default"] == "norm"
+    assert layers["layers.3"]["shape"] == [1, 7, 7, 768] and layers["layers.3"]["map_shape"] == [1, 768, 7, 7]
+    assert layers["patch_embed.proj"]["map_shape"] == [1, 96, 56, 56]
+    assert not any(name.endswith(("softmax", "attn_drop")) for name in layers)
+    # Every channels-last output listed is laid out as channels first.
+    for layer in layers.values():
+        if len(layer["shape"]) == 4 and layer["shape"][-1] in (96, 192, 384, 768) and layer["shape"][1] < 96:
+            assert layer["map_shape"] == [1, layer["shape"][3], *layer["shape"][1:3]], layer
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", sorted(_family_representatives()))
+def test_every_timm_family_is_explained_without_stripes_or_refused_with_a_reason(family):
+    from attnexplain.errors import AttnExplainError
+
+    from attnexplain.render import flat_map
+
+    name = _family_representatives()[family]
+    torch.manual_seed(0)
+    try:
+        result = explain(load_model(f"timm:{name}"), IMAGE, "gradcam")
+    except AttnExplainError as refused:  # a one-line reason is a promise kept; stripes are not
+        assert "\n" not in str(refused)
+        return
+    assert np.isfinite(result.heatmap).all()
+    # A random model's Grad-CAM may be all zero (every weighted channel negative): the report says
+    # the map is flat. A map with contrast must not be stripes.
+    if flat_map(result.heatmap) is None:
+        assert _axis_ratio(result.heatmap) > 0.01, (name, result.layer, _axis_ratio(result.heatmap))
+
+
+def test_swin_window_attention_is_recorded_where_the_model_puts_each_token():
+    from attnexplain.plugins import WindowedAttention
+
+    torch.manual_seed(0)
+    model = create("swin_tiny_patch4_window7_224").eval()
+    names = plugin.attention_modules(model)
+    assert len(names) == 12 and names[1] == "layers.0.blocks.1.attn"  # every block, shifted ones too
+    sink: dict = {}
+    batch = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        reference = model(batch)
+        with plugin.capture_attention(model, names, sink):
+            assert torch.allclose(model(batch), reference, atol=1e-4)  # the output is the model's
+    recorded = sink["layers.0.blocks.1.attn"]
+    assert isinstance(recorded, WindowedAttention) and (recorded.height, recorded.width) == (56, 56)
+    assert recorded.probabilities.shape == (1, 64, 3, 49, 49)
+    assert torch.allclose(recorded.probabilities.sum(dim=-1), torch.ones(1, 64, 3, 49))
+    # Where the block really puts each token: its own roll and partition of a map of position numbers.
+    block = model.get_submodule("layers.0.blocks.1")
+    windows = {}
+    hook = block.attn.register_forward_pre_hook(lambda module, args: windows.update(x=args[0]))
+    numbers = torch.arange(56 * 56, dtype=torch.float32).reshape(1, 56, 56, 1).expand(1, 56, 56, 96)
+    with torch.no_grad():
+        block._attn(numbers.contiguous())
+    hook.remove()
+    assert torch.equal(windows["x"][:, :, 0].long(), recorded.positions)
+    # Rollout (auto) then works on timm's Swin, as on torchvision's.
+    result = explain(model, IMAGE, "auto")
+    assert result.method == "rollout" and np.isfinite(result.heatmap).all() and result.heatmap.std() > 0
