@@ -260,18 +260,24 @@ def _cached_catalog(info: PluginInfo) -> list[CatalogEntry]:
             for item in items]
 
 
-def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
+def _cached_entries(path: Path, key: str) -> Any:
+    """The ``entries`` of a cache file written for ``key``, or None where the file is absent, stale,
+    too large or not JSON (read as if anyone could have written it: deep nesting included)."""
     try:
         with open(path, "rb") as file:
             data = file.read(_CACHE_MAX_BYTES + 1)
         if len(data) > _CACHE_MAX_BYTES:
             return None
         document = json.loads(data)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(document, dict) or document.get("key") != key:
         return None
-    entries = document.get("entries")
+    return document.get("entries")
+
+
+def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
+    entries = _cached_entries(path, key)
     if not isinstance(entries, list):
         return None
     checked = [_plain_fields(item) for item in entries]
@@ -345,17 +351,7 @@ def _plain_name(name: Any) -> bool:
 def _read_builder_names(path: Path, key: str) -> list[str] | None:
     """The cached names, or None where the file is absent, stale or not what this writes (it is
     read as if anyone could have written it: a wrong name only makes a plugin be asked for nothing)."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(_CACHE_MAX_BYTES + 1)
-        if len(data) > _CACHE_MAX_BYTES:
-            return None
-        document = json.loads(data)
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or document.get("key") != key:
-        return None
-    names = document.get("entries")
+    names = _cached_entries(path, key)
     if not isinstance(names, list) or len(names) > _MAX_BUILDER_NAMES or not all(map(_plain_name, names)):
         return None
     return names
