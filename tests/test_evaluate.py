@@ -64,7 +64,9 @@ def test_evaluate_writes_json_csv_and_page_with_the_random_baseline(sample_resne
     assert evaluation["settings"]["pointing_tolerance"] == 15.0  # Zhang et al.'s, by default
     assert len(evaluation["curves"]["deletion"]["gradcam"]) == len(evaluation["curves"]["fractions"]) == 9
     assert [row["method"] for row in evaluation["ranking"]][0] in ("gradcam", "saliency", RANDOM_MAP)
-    assert evaluation["verdict"].startswith(("Most faithful on these 4 images:", "No single winner:"))
+    # On 4 images the intervals are wide: a verdict may also be that nothing is apart from chance.
+    assert evaluation["verdict"].startswith(("Most faithful on these 4 images:", "No single winner:",
+                                             "No ranking metric separates any method from the random map"))
     assert evaluation["verdict"] in result.output
     rows = list(csv.DictReader(io.StringIO((out / "evaluation.csv").read_text())))
     assert len(rows) == 4 * 3 and {row["method"] for row in rows} == {"gradcam", "saliency", RANDOM_MAP}
