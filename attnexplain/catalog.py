@@ -147,7 +147,8 @@ def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
     ones, then each working plugin's own (:meth:`ModelPlugin.methods`, ``plugin`` naming it); and
     why a plugin's methods are left out (a plugin that raises, returns something else than methods,
     or reuses a taken name), which leaves the others listed."""
-    from .methods import METHODS, plugin_methods, refused_plugin_methods
+    from .method_registry import plugin_methods, refused_plugin_methods
+    from .methods import METHODS
 
     listed = [_method_record(method, None) for method in METHODS.values()]
     added = sorted(plugin_methods().values(), key=lambda found: (found[0].name, found[1].name))

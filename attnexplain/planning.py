@@ -11,7 +11,8 @@ import torch
 from .capture import LayerInfo, probe_layers
 from .errors import MethodError
 from .layout import as_map, decide
-from .methods import Method, find_method
+from .method_registry import find_method
+from .methods import Method
 from .passes.attention import token_readout
 from .running import model_failures
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 def resolve_methods(loaded: "LoadedModel", requested: str | Sequence[str]) -> list[Method]:
     """The methods called ``requested`` (``auto`` chooses), checked against what the model allows.
 
-    Names are built-in methods or those the model's plugin adds (:func:`~attnexplain.methods.find_method`).
+    Names are built-in methods or those the model's plugin adds (:func:`~attnexplain.method_registry.find_method`).
     The plugin is asked about every method (:meth:`~attnexplain.plugins.ModelPlugin.refuse_method`):
     a method it refuses is an error when named, and ``auto`` leaves it out.
     """

@@ -54,7 +54,7 @@ def method_entry(result: "MethodMap", target_label: str, side: int) -> dict[str,
     """One method's map for the page, its caption (what it is, its paper, what its colours mean)
     and, where the method has them, the learned attention per layer × head and rollout per depth."""
     from .errors import MethodError
-    from .methods import find_method
+    from .method_registry import find_method
 
     try:
         method = find_method(result.method)  # built-in, or the plugin's that made it

@@ -18,7 +18,8 @@ from attnexplain.capture import probe_layers
 from attnexplain.engine import compute_maps
 from attnexplain.errors import MethodError
 from attnexplain.loading import LoadedModel
-from attnexplain.methods import METHODS, Method, find_method, method_clashes
+from attnexplain.method_registry import find_method, method_clashes
+from attnexplain.methods import METHODS, Method
 from attnexplain.options import MethodOptions
 from attnexplain.passes import PASSES, PassOutput, register_pass
 from attnexplain.planning import default_layer, resolve_methods
@@ -303,8 +304,9 @@ class _NamingPlugin(_SpatialPlugin):
     name = "naming-test"
 
     def methods(self):
-        return [Method("last_gate", "attention", False, "The last stage's gate.", "tests", "1 forward",
-                       "Nobody 2026, Tests", _own_map, scale="gate")]
+        return [Method(name="last_gate", family="attention", needs_gradient=False, summary="The last stage's gate.",
+                       applies_to="tests", cost="1 forward", paper="Nobody 2026, Tests", compute=_own_map,
+                       scale="gate")]
 
     def refuse_method(self, model, method):
         return "the test plugin does not do that." if method == "layercam" else None
@@ -355,6 +357,11 @@ def test_find_method_names_the_plugin_that_provides_a_method():
     assert find_method("gradcam", ModelPlugin()) is METHODS["gradcam"]
 
 
+def test_a_method_is_built_from_keyword_arguments_only():
+    with pytest.raises(TypeError):
+        Method("ones", "constant", False, "All ones.", "any", "1 forward", "-", lambda batch: batch)
+
+
 class _Clashing(ModelPlugin):
     name = "clashing"
 
@@ -382,7 +389,7 @@ def test_a_plugin_whose_method_clashes_with_a_built_in_adds_no_method_and_says_w
     import importlib.metadata
 
     from attnexplain.catalog import method_listing
-    from attnexplain.methods import plugin_methods, refused_plugin_methods
+    from attnexplain.method_registry import plugin_methods, refused_plugin_methods
 
     points = [_EntryPoint("clashing", _Clashing()), _EntryPoint("naming", _NamingPlugin())]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points)
@@ -412,8 +419,9 @@ def test_a_new_family_is_a_registered_pass_and_needs_no_dispatcher():
         return PassOutput(maps=maps, layers={m.name: [] for m in maps and methods})
 
     try:
-        method = Method("ones", "constant", False, "All ones.", "any", "1 forward", "-",
-                        lambda batch: torch.ones(batch.shape[0], *batch.shape[-2:]))
+        method = Method(name="ones", family="constant", needs_gradient=False, summary="All ones.", applies_to="any",
+                        cost="1 forward", paper="-",
+                        compute=lambda batch: torch.ones(batch.shape[0], *batch.shape[-2:]))
         loaded = _loaded(_RecordedCNN(), ModelPlugin())
         computed = compute_maps(loaded, torch.zeros(2, 3, 32, 32), [method, METHODS["gradcam"]], ["stage2"])
         assert list(computed.maps) == ["ones", "gradcam"]

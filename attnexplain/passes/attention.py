@@ -20,8 +20,8 @@ from ..methods import Method
 from ..methods.attention import (raw_attention, rollout_by_depth, spatial_attention,
                                  spatial_attention_grid, attention_received)
 from ..plugins import SpatialAttention, TokenReadout, WindowedAttention
-from . import register_pass
 from .base import PassOutput, PassRun, no_gradient, upsample
+from .registry import register_pass
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel

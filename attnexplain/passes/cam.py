@@ -15,8 +15,8 @@ from ..methods import Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
 from ..running import model_as_called, scores_of
-from . import register_pass
 from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
+from .registry import register_pass
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel

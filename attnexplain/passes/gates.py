@@ -11,8 +11,8 @@ import torch
 from ..errors import MethodError
 from ..methods import Method
 from ..methods.gates import most_gated
-from . import register_pass
 from .base import PassOutput, PassRun, upsample
+from .registry import register_pass
 
 
 @dataclass

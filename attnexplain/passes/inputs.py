@@ -13,9 +13,9 @@ from ..methods import METHODS, Method
 from ..methods.attribution import baseline_images
 from ..options import MethodOptions
 from ..running import probabilities_of, scores_of
-from . import register_pass
 from .base import PassOutput, PassRun, no_gradient, upsample
 from .cam import cam_maps
+from .registry import register_pass
 
 
 @register_pass("input")

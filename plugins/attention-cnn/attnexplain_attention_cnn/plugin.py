@@ -101,12 +101,12 @@ class AttentionCNNPlugin(ModelPlugin):
         from attnexplain.methods import Method
         from attnexplain.methods.attention import spatial_attention
 
-        return [Method(CBAM_SPATIAL, "attention", False,
-                       "CBAM's learned spatial attention σ(conv7×7([mean; max])) of every stage, each "
-                       "resized to the input, scaled to [0, 1] and averaged.",
-                       "CNNs with CBAM blocks whose plugin records them (attention-cnn's CBAMCNN)",
-                       "1 forward", "Woo et al. 2018, CBAM: Convolutional Block Attention Module",
-                       spatial_attention, scale="share of each stage's features let through (any class)")]
+        return [Method(name=CBAM_SPATIAL, family="attention", needs_gradient=False,
+                       summary=("CBAM's learned spatial attention σ(conv7×7([mean; max])) of every stage, "
+                                "each resized to the input, scaled to [0, 1] and averaged."),
+                       applies_to="CNNs with CBAM blocks whose plugin records them (attention-cnn's CBAMCNN)",
+                       cost="1 forward", paper="Woo et al. 2018, CBAM: Convolutional Block Attention Module",
+                       compute=spatial_attention, scale="share of each stage's features let through (any class)")]
 
     def refuse_method(self, model: "nn.Module", method: str) -> str | None:
         if method in ("rollout", "chefer", "legrad") and _cbam(model):

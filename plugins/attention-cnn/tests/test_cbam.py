@@ -20,7 +20,7 @@ os.environ.setdefault("ATTNEXPLAIN_OFFLINE", "1")  # nothing here may download
 from attnexplain import explain  # noqa: E402
 from attnexplain.errors import MethodError  # noqa: E402
 from attnexplain.loading import load_model  # noqa: E402
-from attnexplain.methods import find_method, plugin_methods  # noqa: E402
+from attnexplain.method_registry import find_method, plugin_methods  # noqa: E402
 from attnexplain.preprocess import Preprocessing, prepare  # noqa: E402
 from attnexplain_attention_cnn.cbam import CBAMCNN  # noqa: E402
 from attnexplain_attention_cnn.model import AttentionPoolingCNN  # noqa: E402
