@@ -703,14 +703,14 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
                 started: float) -> BatchRun:
     import torch
 
-    from .explanation import _model_device
     from .replicas import ModelReplicas, default_parallel_batches
+    from .running import model_device
 
     run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
     selected, missing, key_prefix, ledger = run.selected, run.missing, run.key_prefix, run.ledger
     preprocessing, summary = run.plan.preprocessing, ledger.summary
     finish, refresh = ledger.finish, ledger.refresh
-    run_device = torch.device(device) if device else _model_device(loaded.module)
+    run_device = torch.device(device) if device else model_device(loaded.module)
     workers = settings.workers if settings.workers is not None else default_workers(run_device.type)
     workers = max(1, workers)
     parallel = settings.parallel_batches or default_parallel_batches(run_device.type)

@@ -307,9 +307,10 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
 
     from . import evaluation_log as log_lines
     from .batch import NoImages, _failed, _read_image, collect_inputs
-    from .explanation import _model_device, plan_explanation
     from .options import MethodOptions
+    from .planning import plan_explanation
     from .progress import Progress
+    from .running import model_device
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -327,7 +328,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     plan = plan_explanation(loaded, method_names, settings.layer, size=settings.size, mean=settings.mean,
                             std=settings.std)
     options = settings.options or MethodOptions()
-    run_device = torch.device(device) if device else _model_device(loaded.module)
+    run_device = torch.device(device) if device else model_device(loaded.module)
     plan, left_out = _runnable(loaded, plan, options, run_device,
                                explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]

@@ -1,8 +1,9 @@
 """explain(): one image, one model, one or more methods → an :class:`Explanation`.
 
 The public API and its result; the engine it drives lives apart: :mod:`attnexplain.planning`
-(methods and layers), :mod:`attnexplain.engine` (every map for a batch, through the family passes of
-:mod:`attnexplain.passes`), :mod:`attnexplain.targets` (scores, targets, predictions).
+(the plan: preprocessing, methods and layers), :mod:`attnexplain.engine` (every map for a batch,
+through the family passes of :mod:`attnexplain.passes`), :mod:`attnexplain.targets` (scores,
+targets, predictions).
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ import numpy as np
 import torch
 
 from .engine import BatchMaps, compute_maps
-from .errors import MethodError
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
-from .methods import Method
 from .options import MethodOptions
-from .planning import default_layer, layer_maps, layer_names, resolve_methods
-from .preprocess import DEFAULT_SIZE, Preprocessing, prepare
+from .planning import Plan, default_layer, layer_maps, plan_explanation, plan_preprocessing, resolve_methods
+from .preprocess import Preprocessing, prepare
 from .results import MethodMap, Prediction
+from .running import model_device
 from .targets import (NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions,
                       unusable_scores)
 
-#: Importable from here as before the engine moved out (tests, samples and plugins import them so).
+#: Importable from here as before the engine and the plan moved out (tests, samples and plugins import them so).
 __all__ = ["BatchMaps", "Explanation", "MethodMap", "MethodOptions", "NonFiniteScores", "Plan",
            "Prediction", "boxes_on_photo", "compute_maps", "default_layer", "explain", "image_outcome",
            "layer_maps", "plan_explanation", "plan_preprocessing", "resolve_methods", "resolve_targets",
@@ -141,7 +141,7 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     picture = image_from(image)
     loaded = _as_loaded_model(model, labels=labels, device=device)
     module = loaded.module
-    run_device = _model_device(module)
+    run_device = model_device(module)
 
     plan = plan_explanation(loaded, method, layer, size=size, mean=mean, std=std)
     timings["plan_s"] = time.perf_counter() - started  # methods, layers (the default layer's probe)
@@ -171,41 +171,6 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
                        options=options, timings=timings, detections=detections)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What an explanation will do, decided once before any image is seen."""
-
-    preprocessing: Preprocessing
-    methods: list[Method]
-    layers: list[str]  # CAM layers (empty when no method needs one)
-
-
-def plan_explanation(loaded: LoadedModel, method: str | Sequence[str] = "auto",
-                     layer: str | Sequence[str] | None = None, *,
-                     size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None) -> Plan:
-    """Preprocessing, methods and layers for ``loaded``: what :func:`explain` and the batch command
-    share. The default layer is found from the input's shape alone."""
-    preprocessing = plan_preprocessing(loaded, size=size, mean=mean, std=std)
-    methods = resolve_methods(loaded, method)
-    layers = layer_names(layer)
-    needs_layer = any(m.family == "cam" or m.name == "guided_gradcam" for m in methods)
-    if layers and not needs_layer:
-        raise MethodError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
-    if needs_layer and not layers:
-        probe = torch.zeros(1, 3, *preprocessing.size, device=_model_device(loaded.module))
-        layers = [default_layer(loaded, probe)]
-    return Plan(preprocessing, methods, layers)
-
-
-def plan_preprocessing(loaded: LoadedModel, *, size: Sequence[int] | int | None = None,
-                       mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None) -> Preprocessing:
-    """The model's preprocessing (its file's, its plugin's, or the default) with the user's overrides."""
-    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
-        size=size, mean=mean, std=std)
-
-
 def _as_loaded_model(model: LoadedModel | torch.nn.Module | str | Path, *,
                      labels: str | Path | Sequence[str] | None = None,
                      device: str | None = None) -> LoadedModel:
@@ -220,9 +185,3 @@ def _as_loaded_model(model: LoadedModel | torch.nn.Module | str | Path, *,
     if device is not None:
         model.module.to(resolve_device(device))
     return model
-
-
-def _model_device(module: Any) -> torch.device:
-    for parameter in module.parameters():
-        return parameter.device
-    return torch.device("cpu")

@@ -1,20 +1,23 @@
-"""Choosing what to compute before any image is seen: the methods a name stands for (``auto``
-included), checked against what the model allows, and the CAM layers."""
+"""Choosing what to compute before any image is seen (:func:`plan_explanation`, a :class:`Plan`):
+the preprocessing, the methods a name stands for (``auto`` included), checked against what the model
+allows, and the CAM layers."""
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .capture import LayerInfo, probe_layers
 from .errors import MethodError
-from .layout import as_map, decide
+from .layer_probe import layer_infos, map_layout
+from .layout import as_map
 from .method_registry import find_method
 from .methods import Method
 from .passes.attention import token_readout
-from .running import model_failures
+from .preprocess import DEFAULT_SIZE, Preprocessing
+from .running import model_device
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -103,7 +106,8 @@ def default_layer(loaded: "LoadedModel", batch: torch.Tensor) -> str:
 def layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tuple[int, ...] | None]]:
     """Every layer (see :func:`attnexplain.capture.probe_layers`) with the shape of the (B, C, H, W)
     map the CAM methods would weight, None where its output is none (after the plugin's
-    :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, or laid out as :func:`map_layout` says;
+    :meth:`~attnexplain.plugins.ModelPlugin.layer_map`, or laid out as
+    :func:`~attnexplain.layer_probe.map_layout` says;
     shapes only: nothing is computed)."""
     size = tuple(batch.shape[-2:])
     found = []
@@ -123,38 +127,44 @@ def layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tu
     return found
 
 
-def map_layout(loaded: "LoadedModel", layer: str, shape: tuple[int, ...], size: tuple[int, ...],
-               inferred: str | None, batch: int) -> tuple[str | None, str]:
-    """How layer ``layer``'s 4-D output of ``shape`` is read as a map, for a batch of ``batch``
-    inputs of ``size``: its layout, or None and the reason it cannot be
-    (:func:`attnexplain.layout.decide`)."""
-    return decide(loaded.plugin, loaded.module, layer, tuple(shape), inferred,
-                  (int(size[0]), int(size[1])), batch)
-
-
-def layer_infos(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
-    """:func:`_probe`'s answer for ``batch``'s shape, remembered per model and shape."""
-    known = _probed_infos.setdefault(loaded.module, {})
-    shape = tuple(batch.shape)
-    if shape not in known:
-        with model_failures(loaded.module):
-            known[shape] = _probe(loaded, batch)
-    return known[shape]
-
-
-def _probe(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
-    """Every layer's output shape, the model called as every pass calls it."""
-    module, plugin = loaded.module, loaded.plugin
-    return probe_layers(module, batch, forward_kwargs=plugin.forward_kwargs(module, tuple(batch.shape[-2:])),
-                        select=lambda name, output: plugin.select_output(module, name, output),
-                        said=lambda name: plugin.layer_layout(module, name))
-
-
 _probed_layers: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str | None]]" = \
-    weakref.WeakKeyDictionary()
-_probed_infos: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], list[LayerInfo]]]" = \
     weakref.WeakKeyDictionary()
 
 
 def layer_names(layer: str | Sequence[str] | None) -> list[str]:
     return [] if layer is None else _split_names(layer)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an explanation will do, decided once before any image is seen."""
+
+    preprocessing: Preprocessing
+    methods: list[Method]
+    layers: list[str]  # CAM layers (empty when no method needs one)
+
+
+def plan_explanation(loaded: "LoadedModel", method: str | Sequence[str] = "auto",
+                     layer: str | Sequence[str] | None = None, *,
+                     size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None) -> Plan:
+    """Preprocessing, methods and layers for ``loaded``: what :func:`attnexplain.explain` and the batch command
+    share. The default layer is found from the input's shape alone."""
+    preprocessing = plan_preprocessing(loaded, size=size, mean=mean, std=std)
+    methods = resolve_methods(loaded, method)
+    layers = layer_names(layer)
+    needs_layer = any(m.family == "cam" or m.name == "guided_gradcam" for m in methods)
+    if layers and not needs_layer:
+        raise MethodError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
+    if needs_layer and not layers:
+        probe = torch.zeros(1, 3, *preprocessing.size, device=model_device(loaded.module))
+        layers = [default_layer(loaded, probe)]
+    return Plan(preprocessing, methods, layers)
+
+
+def plan_preprocessing(loaded: "LoadedModel", *, size: Sequence[int] | int | None = None,
+                       mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None) -> Preprocessing:
+    """The model's preprocessing (its file's, its plugin's, or the default) with the user's overrides."""
+    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
+        size=size, mean=mean, std=std)

@@ -1,5 +1,5 @@
-"""Running the model: the model as every pass calls it (with its plugin's forward arguments) and
-its own failures turned into one-line errors."""
+"""Running the model: the model as every pass calls it (with its plugin's forward arguments), the
+device it runs on, and its own failures turned into one-line errors."""
 
 from __future__ import annotations
 
@@ -81,3 +81,10 @@ def probabilities_of(loaded: "LoadedModel", input_size: tuple[int, int]) -> Call
     """The model as a function from input to (B, classes) probabilities, as its plugin defines them."""
     call = model_as_called(loaded, input_size)
     return lambda inputs: loaded.plugin.class_scores(loaded.module, call(inputs))[1]
+
+
+def model_device(module: Any) -> torch.device:
+    """The device ``module``'s parameters are on (the CPU for a model without any): where its inputs go."""
+    for parameter in module.parameters():
+        return parameter.device
+    return torch.device("cpu")

@@ -10,6 +10,7 @@ import torch
 
 from ..capture import capture_activations, frozen_parameters, replaced_output
 from ..errors import MethodError
+from ..layer_probe import layer_infos, map_layout
 from ..layout import as_map, own_layout
 from ..methods import Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
@@ -162,8 +163,6 @@ def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor, size: 
     (:mod:`attnexplain.layout`), never taken as (B, C, H, W) on its shape alone. ``batch``: the
     input the output came from, for a probe of the model's layers where one is needed (default:
     images of ``size``)."""
-    from ..planning import layer_infos, map_layout
-
     size = (int(size[0]), int(size[1]))
     if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
         return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
