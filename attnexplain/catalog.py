@@ -309,11 +309,11 @@ def plugins_for_arch(arch: str) -> list[tuple[ModelPlugin, bool]]:
     must not cost. Plugins without a distribution (built in memory) have no version to key a cache
     by and are asked live.
     """
-    from .plugins import _builder_order
+    from .plugins import builder_order
 
     infos = {id(info.plugin): info for info in plugin_infos() if info.plugin is not None}
     chosen = []
-    for plugin in _builder_order():
+    for plugin in builder_order():
         info = infos[id(plugin)]
         if info.distribution in (None, "attnexplain"):
             chosen.append((plugin, False))

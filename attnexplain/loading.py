@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError, ModelLoadError, UntrustedModelError, WeightsDoNotFit, shown
-from .plugins import ModelPlugin, NamedModel, _builder_order, plugin_for_prefix, select_plugin
+from .plugins import ModelPlugin, NamedModel, builder_order, plugin_for_prefix, select_plugin
 from .preprocess import FILE_MAX_SIZE, Preprocessing, normalization_values, normalize_size
 
 if TYPE_CHECKING:
@@ -315,7 +315,7 @@ def _claiming_plugin(path: Path, notes: list[str]) -> ModelPlugin | None:
     first, then the others by name, as for builders. A plugin that raises while looking is taken as
     not claiming the path: one broken plugin must not stop every model file from loading. The
     failure is kept in ``notes`` (the report says it)."""
-    for plugin in _builder_order():
+    for plugin in builder_order():
         try:
             claims = plugin.claims_path(path)
         except Exception as error:  # noqa: BLE001 - third-party code
@@ -804,7 +804,7 @@ def _lazy_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any
         if lazy:
             return lazy
         # No plugin's cached names hold it: ask every plugin (a stale cache must not hide a name).
-    return _plugin_candidates(arch, [(plugin, None, False) for plugin in _builder_order()])
+    return _plugin_candidates(arch, [(plugin, None, False) for plugin in builder_order()])
 
 
 def _plugin_candidates(arch: str, plugins: "list[tuple[ModelPlugin, Mapping[str, Any] | None, bool]]",
@@ -1012,7 +1012,7 @@ def _did_you_mean(arch: str, state_dict: Mapping[str, Any], exclude: str | None 
     """" Did you mean ...?" for an architecture name that is unknown or whose weights do not fit
     (a checkpoint's ``arch`` that is a class name: ``convnext``, ``ResNet``): the close names whose
     builders the weights fit, else the close names. Nothing is built but on the meta device."""
-    known = [(plugin, plugin.builders()) for plugin in _builder_order()]
+    known = [(plugin, plugin.builders()) for plugin in builder_order()]
     names = [name for _, builders in known for name in builders if "." not in name and name != exclude]
     lowered: dict[str, str] = {}
     for name in names:
