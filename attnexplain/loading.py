@@ -780,7 +780,7 @@ def _lazy_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any
                      *, user_classes: bool = True) -> list[tuple[str, Callable[[], Any]]]:
     """:func:`architecture_candidates` with each constructor looked up only when called (None where
     the plugin no longer has it): a plugin whose cached names hold a bare name is asked for its
-    builders only if the candidates before it do not fit (see :func:`catalog.plugins_for_arch`)."""
+    builders only if the candidates before it do not fit (see :func:`plugin_cache.plugins_for_arch`)."""
     prefix, colon, rest = arch.partition(":")
     if colon:
         plugin = plugin_for_prefix(prefix)
@@ -798,7 +798,7 @@ def _lazy_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any
     if known is not None:
         return _plugin_candidates(arch, [(plugin, builders, False) for plugin, builders in known])
     if not colon:
-        from .catalog import plugins_for_arch
+        from .plugin_cache import plugins_for_arch
 
         lazy = _plugin_candidates(arch, [(plugin, None, cached) for plugin, cached in plugins_for_arch(arch)])
         if lazy:
