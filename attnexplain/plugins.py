@@ -475,7 +475,7 @@ def plugin_named(name: str) -> ModelPlugin:
     raise PluginError(f"No plugin named {name!r} is installed (installed: {known}).")
 
 
-def _builder_order() -> list[ModelPlugin]:
+def builder_order() -> list[ModelPlugin]:
     """attnexplain's own plugins first, then the others by name: a name two plugins offer keeps its
     built-in meaning, and the common case never imports a third-party library."""
     infos = [info for info in plugin_infos() if info.plugin is not None]
@@ -484,8 +484,8 @@ def _builder_order() -> list[ModelPlugin]:
 
 
 def find_builder(arch: str) -> tuple[ModelPlugin, Callable[..., Any]] | None:
-    """The plugin and constructor for architecture ``arch``, asking plugins in :func:`_builder_order`."""
-    for plugin in _builder_order():
+    """The plugin and constructor for architecture ``arch``, asking plugins in :func:`builder_order`."""
+    for plugin in builder_order():
         builder = plugin.builders().get(arch)
         if builder is not None:
             return plugin, builder
@@ -495,7 +495,7 @@ def find_builder(arch: str) -> tuple[ModelPlugin, Callable[..., Any]] | None:
 def all_builders() -> dict[str, tuple[ModelPlugin, Callable[..., Any]]]:
     """Every architecture name any plugin can build, with the plugin that provides it."""
     names: dict[str, tuple[ModelPlugin, Callable[..., Any]]] = {}
-    for plugin in _builder_order():
+    for plugin in builder_order():
         for arch, builder in plugin.builders().items():
             names.setdefault(arch, (plugin, builder))
     return names

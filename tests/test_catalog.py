@@ -80,7 +80,8 @@ def test_models_command_checks():
 def test_a_cache_file_nested_too_deep_to_parse_is_a_stale_cache_not_a_crash(tmp_path):
     """The catalog's and the builder names' cache files are read as if anyone wrote them: JSON nested
     beyond Python's recursion limit is no cache (it raised RecursionError out of the catalog)."""
-    from attnexplain.catalog import _read_builder_names, _read_cache
+    from attnexplain.catalog import _read_cache
+    from attnexplain.plugin_cache import _read_builder_names
 
     deep = tmp_path / "cache.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)

@@ -12,7 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from attnexplain import catalog
+from attnexplain import catalog, plugin_cache
 from attnexplain.cli import main
 from attnexplain.plugins import plugin_infos
 
@@ -20,7 +20,7 @@ from attnexplain.plugins import plugin_infos
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
     """An empty catalog cache of the test's own, and no catalog remembered from an earlier test."""
-    monkeypatch.setenv(catalog.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(plugin_cache.CACHE_ENV, str(tmp_path / "cache"))
     catalog._live_catalog.cache_clear()
     yield tmp_path / "cache"
     catalog._live_catalog.cache_clear()
@@ -135,7 +135,7 @@ def test_a_warm_listing_imports_no_torch(fresh_cache):
     probe = ("import sys\nfrom attnexplain.cli import main\n"
              "main.main(['models', '--json'], standalone_mode=False)\n"
              "print('torch' in sys.modules, 'timm' in sys.modules, file=sys.stderr)")
-    env = {**os.environ, catalog.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, plugin_cache.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -155,15 +155,15 @@ def test_a_torchvision_arch_imports_neither_timm_nor_transformers(tmp_path, fres
                         ("resnet10t", timm.create_model("resnet10t", num_classes=3))):
         torch.save(model.state_dict(), tmp_path / f"{name}.pt")
     # The first look-up asks timm's plugin once for its names (the cache is empty); later ones read them.
-    catalog._builder_names_for_key.cache_clear()
-    assert [plugin.name for plugin, _ in catalog.plugins_for_arch("resnet18")][0] == "torchvision"
+    plugin_cache._builder_names_for_key.cache_clear()
+    assert [plugin.name for plugin, _ in plugin_cache.plugins_for_arch("resnet18")][0] == "torchvision"
     # convnext_tiny is a name both build: torchvision's fits, so timm's plugin is never asked.
     probe = ("import sys\nfrom attnexplain.loading import load_model\n"
              f"for name in ('resnet18', 'convnext_tiny'):\n"
              f"    loaded = load_model({str(tmp_path)!r} + f'/{{name}}.pt', arch=name)\n"
              "    print(type(loaded.module).__module__, file=sys.stderr)\n"
              "print('timm' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
-    env = {**os.environ, catalog.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, plugin_cache.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
                           timeout=240)
     assert done.returncode == 0, done.stderr
@@ -175,10 +175,10 @@ def test_a_torchvision_arch_imports_neither_timm_nor_transformers(tmp_path, fres
     [names] = [path for path in (fresh_cache / "builders").iterdir()
                if "timm:resnet18" in json.loads(path.read_text())["entries"]]
     names.write_text(json.dumps({"key": json.loads(names.read_text())["key"], "entries": []}))
-    catalog._builder_names_for_key.cache_clear()
-    assert [plugin.name for plugin, _ in catalog.plugins_for_arch("resnet10t")] == ["torchvision"]
+    plugin_cache._builder_names_for_key.cache_clear()
+    assert [plugin.name for plugin, _ in plugin_cache.plugins_for_arch("resnet10t")] == ["torchvision"]
     assert type(load_model(tmp_path / "resnet10t.pt", arch="resnet10t").module).__module__ == "timm.models.resnet"
-    catalog._builder_names_for_key.cache_clear()  # the lie stays with this test's cache folder
+    plugin_cache._builder_names_for_key.cache_clear()  # the lie stays with this test's cache folder
 
 
 def test_piped_listing_is_one_whole_line_per_model():
@@ -231,7 +231,7 @@ def test_a_hostile_cache_file_is_ignored_and_rewritten(fresh_cache, content):
     info = next(info for info in plugin_infos() if info.name == "attention-cnn")
     catalog.read_catalog("attention-cnn")
     [path] = [p for p in (fresh_cache / "catalogs").iterdir()]
-    path.write_text(content.replace("KEY", catalog._cache_key(info)))
+    path.write_text(content.replace("KEY", plugin_cache.cache_key(info)))
     listed = _json("models", "--plugin", "attention-cnn")["models"]
     assert [m["name"] for m in listed] == ["AttentionPoolingCNN", "CBAMCNN"]
     assert [m["input_size"] for m in listed] == [128, 128]
@@ -241,8 +241,8 @@ def test_a_hostile_cache_file_is_ignored_and_rewritten(fresh_cache, content):
 def test_a_huge_cache_file_is_not_read(fresh_cache, monkeypatch):
     catalog.read_catalog("attention-cnn")
     [path] = list((fresh_cache / "catalogs").iterdir())
-    monkeypatch.setattr(catalog, "_CACHE_MAX_BYTES", path.stat().st_size - 1)
-    monkeypatch.setattr(catalog, "_write_cache", lambda *args: None)
+    monkeypatch.setattr(plugin_cache, "_CACHE_MAX_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(catalog, "write_cache", lambda *args: None)
     asked = []
     plugin = _plugin("attention-cnn")
     original = plugin.catalog
@@ -255,7 +255,7 @@ def test_a_huge_cache_file_is_not_read(fresh_cache, monkeypatch):
 def test_an_unwritable_cache_folder_still_lists(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv(catalog.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setenv(plugin_cache.CACHE_ENV, str(blocker / "cache"))
     assert [m["name"] for m in _json("models", "--plugin", "attention-cnn")["models"]] == ["AttentionPoolingCNN", "CBAMCNN"]
 
 

@@ -91,7 +91,7 @@ def test_the_other_quoted_errors_are_the_codes():
 
 
 def test_the_name_clash_rule_is_attnexplains_own_plugins_first():
-    order = [plugin.name for plugin in plugins._builder_order()]
+    order = [plugin.name for plugin in plugins.builder_order()]
     assert order[0] == "torchvision"
     assert "attnexplain's\nown plugins (those of the `attnexplain` distribution: torchvision) are asked first" in DOCS
     assert "sorts first wins" not in DOCS.split("## 5.")[0]
