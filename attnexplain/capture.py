@@ -1,7 +1,9 @@
 """Hooks that record what a model computes, always removed when the ``with`` block ends.
 
 Capture once, compute many: a single forward pass records layer activations and attention
-probabilities; methods are functions of what was recorded.
+probabilities; methods are functions of what was recorded. Plugins record attention with the helpers
+here (through :mod:`attnexplain.plugin_api`), and place window attention on the token map with
+:func:`shifted_window_positions`.
 """
 
 from __future__ import annotations
@@ -219,6 +221,25 @@ def capture_softmax(model: nn.Module, names: list[str], record) -> Iterator[None
         for name, module in module_of.items():
             stack.enter_context(replaced_forward(module, make_wrapper(name)))
         yield
+
+
+def shifted_window_positions(height: int, width: int, window: list[int], shift: list[int]) -> torch.Tensor:
+    """(windows, tokens) positions of torchvision's ``shifted_window_attention`` on a height × width
+    map: the same padding, cyclic shift and partition, applied to the positions instead of the
+    features. For a :class:`~attnexplain.plugins.WindowedAttention` of any Swin-style model (window
+    and shift as (rows, columns)); the model must pad at the bottom and right, roll by ``-shift``
+    and cut windows row by row, as torchvision's and Hugging Face's Swin do."""
+    pad_bottom = (window[0] - height % window[0]) % window[0]
+    pad_right = (window[1] - width % window[1]) % window[1]
+    positions = torch.arange(height * width).reshape(1, 1, height, width)
+    positions = F.pad(positions, (0, pad_right, 0, pad_bottom), value=-1)[0, 0]
+    padded_h, padded_w = positions.shape
+    # The function drops the shift along a side that a single window covers.
+    shift = [0 if window[0] >= padded_h else shift[0], 0 if window[1] >= padded_w else shift[1]]
+    if any(shift):
+        positions = torch.roll(positions, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    positions = positions.reshape(padded_h // window[0], window[0], padded_w // window[1], window[1])
+    return positions.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
 
 
 @contextmanager

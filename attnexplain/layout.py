@@ -12,36 +12,48 @@ channels-last reading does not. Anything else is refused with the reason.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
-
-from torch import nn
-
-from .plugins import CHANNELS_FIRST, CHANNELS_LAST, LAYOUTS, NOT_A_MAP
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from .plugins import ModelPlugin
 
 __all__ = ["CHANNELS_FIRST", "CHANNELS_LAST", "LAYOUTS", "NOT_A_MAP", "as_map", "decide", "grid_fits",
            "own_layout"]
 
+#: The layouts' names: what :meth:`~attnexplain.plugins.ModelPlugin.layer_layout` answers and
+#: ``LayerInfo.layout`` records. This module imports torch only inside its functions, so that a
+#: plugin can name them (through :mod:`attnexplain.plugin_api`) without importing torch.
+CHANNELS_FIRST = "channels_first"  # (B, C, H, W)
+CHANNELS_LAST = "channels_last"  # (B, H, W, C)
+NOT_A_MAP = "not_a_map"  # attention probabilities, a head's internals: no map of the image
+LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP)
 
-#: Layers torch defines on (N, C, H, W) inputs.
-_CHANNELS_FIRST_LAYERS = (
-    nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LocalResponseNorm,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
-    nn.FractionalMaxPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout2d, nn.Softmax2d,
-    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+
+@functools.cache
+def _channels_first_layers() -> tuple[type, ...]:
+    """Layers torch defines on (N, C, H, W) inputs."""
+    from torch import nn
+
+    return (
+        nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LocalResponseNorm,
+        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+        nn.FractionalMaxPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout2d, nn.Softmax2d,
+        nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
 
 
-def own_layout(module: nn.Module, output: "torch.Tensor") -> str | None:
+def own_layout(module: "nn.Module", output: "torch.Tensor") -> str | None:
     """What torch's definition of ``module`` says of its 4-D ``output`` (a subclass with a forward of
     its own may do anything: None)."""
+    from torch import nn
+
     if output.dim() != 4:
         return None
     kind = type(module)
-    for layer in _CHANNELS_FIRST_LAYERS:
+    for layer in _channels_first_layers():
         if isinstance(module, layer) and kind.forward is layer.forward:
             return CHANNELS_FIRST
     if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
@@ -70,7 +82,7 @@ def grid_fits(height: int, width: int, input_size: tuple[int, int]) -> bool:
     return max(low_h, low_w) <= min(high_h, high_w)
 
 
-def decide(plugin: "ModelPlugin", model: nn.Module, layer: str, shape: tuple[int, ...],
+def decide(plugin: "ModelPlugin", model: "nn.Module", layer: str, shape: tuple[int, ...],
            inferred: str | None, input_size: tuple[int, int], batch: int) -> tuple[str | None, str]:
     """How layer ``layer``'s 4-D output of ``shape`` is read for a batch of ``batch`` images of
     ``input_size``: (layout, "") or (None, the reason it cannot be read as a map). ``inferred`` is

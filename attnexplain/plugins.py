@@ -2,7 +2,10 @@
 
 A plugin is an object (usually an instance of :class:`ModelPlugin`) published under the entry-point
 group ``attnexplain.plugins``. attnexplain's own torchvision support is registered the same way, from
-``attnexplain.default_plugins``; the core never names an architecture.
+``attnexplain.default_plugins``; the core never names an architecture. This module holds the
+contract (:class:`ModelPlugin` and the data classes its hooks return) and the discovery of installed
+plugins (with :func:`use_plugins`, which installs plugins for a test); plugins import the contract
+through :mod:`attnexplain.plugin_api`.
 
 Discovery uses :mod:`importlib.metadata` directly rather than pluggy: choosing a plugin is a ranking
 (the plugin that knows a model most specifically answers every question about it), not a broadcast of
@@ -30,12 +33,6 @@ if TYPE_CHECKING:
 PLUGIN_API_VERSION = 2
 SUPPORTED_API_VERSIONS = (1, 2)
 ENTRY_POINT_GROUP = "attnexplain.plugins"
-
-#: How a layer's 4-D output is laid out (:meth:`ModelPlugin.layer_layout`, :mod:`attnexplain.layout`).
-CHANNELS_FIRST = "channels_first"  # (B, C, H, W)
-CHANNELS_LAST = "channels_last"  # (B, H, W, C)
-NOT_A_MAP = "not_a_map"  # attention probabilities, a head's internals: no map of the image
-LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP)
 
 
 @dataclass(frozen=True)
@@ -239,7 +236,7 @@ class ModelPlugin:
                           sink: dict[str, "torch.Tensor | WindowedAttention"]) -> Iterator[None]:
         """Record each named module's attention probabilities (batch, heads, queries, keys) into sink,
         or, for attention inside windows of the token map, a :class:`WindowedAttention`
-        (:func:`attnexplain.capture.capture_softmax` records a softmax computed inside a module).
+        (:func:`attnexplain.plugin_api.capture_softmax` records a softmax computed inside a module).
 
         Record the tensor the module's output is computed from (not a detached copy), so that
         gradient methods (``chefer``) can differentiate with respect to it. Queries and keys are the
@@ -327,7 +324,7 @@ class ModelPlugin:
 
     def methods(self) -> list["Method"]:
         """Methods this plugin adds under names of its own (``cbam_spatial``), each a
-        :class:`attnexplain.methods.Method` of an existing family, with its summary, paper and the
+        :class:`attnexplain.plugin_api.Method` of an existing family, with its summary, paper and the
         report's wording. The names must not clash with the built-in methods'."""
         return []
 
@@ -439,6 +436,28 @@ def plugin_infos(reload: bool = False) -> list[PluginInfo]:
     if _cache is None or reload:
         _cache = discover_plugins()
     return _cache
+
+
+@contextmanager
+def use_plugins(*plugins: ModelPlugin | PluginInfo, keep_installed: bool = False) -> Iterator[None]:
+    """Within the block, attnexplain sees ``plugins`` as its installed plugins; the plugins found
+    before are back when it ends, also on errors. For tests: a plugin is tried out without
+    installing a distribution (or with a fake one), and nothing else installed can answer for it.
+
+    A :class:`ModelPlugin` counts as installed in memory (no distribution, no version); a
+    :class:`PluginInfo` is taken as it is (a distribution's name, a broken plugin's error).
+    ``keep_installed``: the discovered plugins stay, and ``plugins`` come after them.
+    """
+    global _cache
+    infos = [plugin if isinstance(plugin, PluginInfo) else PluginInfo(plugin.name, None, None, plugin, None)
+             for plugin in plugins]
+    kept = list(plugin_infos()) if keep_installed else []
+    saved = _cache
+    _cache = kept + infos
+    try:
+        yield
+    finally:
+        _cache = saved
 
 
 def installed_plugins() -> list[ModelPlugin]:

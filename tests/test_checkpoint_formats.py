@@ -13,10 +13,10 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from attnexplain import plugins
 from attnexplain.cli import main
 from attnexplain.errors import ModelLoadError, UntrustedModelError
 from attnexplain.loading import load_model
+from attnexplain.plugin_api import use_plugins
 from attnexplain.plugins import ModelPlugin, NamedModel, PluginInfo
 
 
@@ -435,12 +435,11 @@ class _BrokenClaims(ModelPlugin):
 
 
 @pytest.fixture
-def tiny_plugins(monkeypatch):
+def tiny_plugins():
     plugin = _FolderPlugin()
-    installed = plugins.plugin_infos() + [PluginInfo("tiny-folders", "tiny-dist", "1.0", plugin, None),
-                                          PluginInfo("broken-claims", "tiny-dist", "1.0", _BrokenClaims(), None)]
-    monkeypatch.setattr(plugins, "_cache", installed)
-    return plugin
+    with use_plugins(PluginInfo("tiny-folders", "tiny-dist", "1.0", plugin, None),
+                     PluginInfo("broken-claims", "tiny-dist", "1.0", _BrokenClaims(), None), keep_installed=True):
+        yield plugin
 
 
 def test_a_folder_a_plugin_claims_is_loaded_by_it(tmp_path, tiny_plugins, photo):

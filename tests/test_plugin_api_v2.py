@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import attnexplain.plugins as plugins_module
 from attnexplain import explain
 from attnexplain.capture import probe_layers
 from attnexplain.engine import compute_maps
@@ -23,7 +22,8 @@ from attnexplain.methods import METHODS, Method
 from attnexplain.options import MethodOptions
 from attnexplain.passes import PASSES, PassOutput, register_pass
 from attnexplain.planning import default_layer, resolve_methods
-from attnexplain.plugins import ModelPlugin, PluginInfo, SpatialAttention
+from attnexplain.plugin_api import use_plugins
+from attnexplain.plugins import ModelPlugin, SpatialAttention, discover_plugins
 
 
 def _photo(height: int = 40, width: int = 56) -> np.ndarray:
@@ -319,7 +319,7 @@ def test_a_plugins_method_runs_under_its_own_name_and_wording():
     assert result.maps["last_gate"].heatmap.shape == (32, 32)
     from attnexplain.viewer import method_entry
 
-    with _installed(_NamingPlugin()):
+    with use_plugins(_NamingPlugin()):
         entry = method_entry(result.maps["last_gate"], "cat", 32)
     assert entry["summary"] == "The last stage's gate." and entry["paper"] == "Nobody 2026, Tests"
 
@@ -337,18 +337,8 @@ def test_a_method_the_plugin_refuses_is_an_error_when_named_and_left_out_of_auto
     assert names == ["gradcam"]
 
 
-@contextmanager
-def _installed(*installed: ModelPlugin):
-    saved = plugins_module._cache
-    plugins_module._cache = [PluginInfo(p.name, None, None, p, None) for p in installed]
-    try:
-        yield
-    finally:
-        plugins_module._cache = saved
-
-
 def test_find_method_names_the_plugin_that_provides_a_method():
-    with _installed(_NamingPlugin()):
+    with use_plugins(_NamingPlugin()):
         assert find_method("last_gate").name == "last_gate"
         with pytest.raises(MethodError, match="last_gate is provided by plugin naming-test for its models"):
             find_method("last_gate", ModelPlugin())
@@ -393,17 +383,17 @@ def test_a_plugin_whose_method_clashes_with_a_built_in_adds_no_method_and_says_w
 
     points = [_EntryPoint("clashing", _Clashing()), _EntryPoint("naming", _NamingPlugin())]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points)
-    monkeypatch.setattr(plugins_module, "_cache", None)
     # Discovery does not ask for methods (that imports torch, which listings must not pay for).
-    found = {info.entry_point: info for info in plugins_module.discover_plugins()}
+    found = {info.entry_point: info for info in discover_plugins()}
     assert found["clashing"].plugin is not None and found["naming"].plugin is not None
     clashing = found["clashing"].plugin.name
-    assert "'gradcam' has the name of a built-in method" in refused_plugin_methods()[clashing]
-    assert find_method("gradcam") is METHODS["gradcam"]  # the built-in keeps its name
-    assert all(plugin.name != clashing for plugin, _ in plugin_methods().values())
-    listed, errors = method_listing()
-    assert "'gradcam' has the name of a built-in method" in errors[clashing]
-    assert [m["name"] for m in listed].count("gradcam") == 1
+    with use_plugins(*found.values()):
+        assert "'gradcam' has the name of a built-in method" in refused_plugin_methods()[clashing]
+        assert find_method("gradcam") is METHODS["gradcam"]  # the built-in keeps its name
+        assert all(plugin.name != clashing for plugin, _ in plugin_methods().values())
+        listed, errors = method_listing()
+        assert "'gradcam' has the name of a built-in method" in errors[clashing]
+        assert [m["name"] for m in listed].count("gradcam") == 1
     assert method_clashes(_NamingPlugin()) is None
 
 

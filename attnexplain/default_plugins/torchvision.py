@@ -8,10 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from ..errors import ModelLoadError
-from ..plugins import (CatalogEntry, Detections, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
-                       vit_cam_block)
-from ..preprocess import Preprocessing, from_torchvision_transforms
+from ..plugin_api import (CatalogEntry, Detections, ModelLoadError, ModelPlugin, NamedModel, Preprocessing, TokenGrid,
+                          TokenReadout, from_torchvision_transforms, vit_cam_block)
 from .torchvision_detection import (box_scores, detections, detector_layer, detector_preprocessing,
                                     is_detector)
 

@@ -10,8 +10,9 @@
   apart ("grid" attention, a dilated window).
 
 Neither Swin nor MaxViT materialises the probabilities outside the function, so both are recorded
-with :func:`attnexplain.capture.capture_softmax`, and each layer's positions are worked out from the
-shape of the map it was called on, following the same partition the model used.
+with :func:`attnexplain.plugin_api.capture_softmax`, and each layer's positions are worked out from
+the shape of the map it was called on, following the same partition the model used (Swin's:
+:func:`attnexplain.plugin_api.shifted_window_positions`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..capture import capture_softmax
-from ..plugins import WindowedAttention
+from ..plugin_api import WindowedAttention, capture_softmax, shifted_window_positions
 
 
 def windowed_attention_modules(model: nn.Module) -> list[str]:
@@ -57,7 +56,8 @@ def capture_windowed_attention(model: nn.Module, names: list[str],
             windows = positions.shape[0]
         else:
             _, height, width, _ = args[0].shape
-            positions = _swin_positions(height, width, list(module.window_size), list(module.shift_size))
+            positions = shifted_window_positions(height, width, list(module.window_size),
+                                                 list(module.shift_size))
             windows = positions.shape[0]
             # (B · windows, heads, T, T), windows of one image consecutive
             probabilities = probabilities.reshape(-1, windows, *probabilities.shape[1:])
@@ -65,22 +65,6 @@ def capture_windowed_attention(model: nn.Module, names: list[str],
 
     with capture_softmax(model, names, record):
         yield
-
-
-def _swin_positions(height: int, width: int, window: list[int], shift: list[int]) -> torch.Tensor:
-    """(windows, tokens) positions of ``shifted_window_attention`` on a height × width map: the same
-    padding, cyclic shift and partition, applied to the positions instead of the features."""
-    pad_bottom = (window[0] - height % window[0]) % window[0]
-    pad_right = (window[1] - width % window[1]) % window[1]
-    positions = torch.arange(height * width).reshape(1, 1, height, width)
-    positions = F.pad(positions, (0, pad_right, 0, pad_bottom), value=-1)[0, 0]
-    padded_h, padded_w = positions.shape
-    # The function drops the shift along a side that a single window covers.
-    shift = [0 if window[0] >= padded_h else shift[0], 0 if window[1] >= padded_w else shift[1]]
-    if any(shift):
-        positions = torch.roll(positions, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-    positions = positions.reshape(padded_h // window[0], window[0], padded_w // window[1], window[1])
-    return positions.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
 
 
 def _maxvit_positions(layer: Any) -> tuple[torch.Tensor, int, int]:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..plugins import Detections
-from ..preprocess import Preprocessing
+from ..plugin_api import Detections, Preprocessing
 
 if TYPE_CHECKING:
     import torch

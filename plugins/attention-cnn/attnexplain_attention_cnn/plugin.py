@@ -14,15 +14,13 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from attnexplain.errors import MethodError
-from attnexplain.plugins import CatalogEntry, ModelPlugin, SpatialAttention, TokenGrid
-from attnexplain.preprocess import Preprocessing
+from attnexplain.plugin_api import CatalogEntry, MethodError, ModelPlugin, Preprocessing, SpatialAttention, TokenGrid
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from attnexplain.methods import Method
+    from attnexplain.plugin_api import Method
 
 #: The name of the CBAM model's own map (see :meth:`AttentionCNNPlugin.methods`).
 CBAM_SPATIAL = "cbam_spatial"
@@ -98,8 +96,7 @@ class AttentionCNNPlugin(ModelPlugin):
         """``cbam_spatial``: the CBAM model's spatial attention, every stage's map resized to the
         input and averaged (each scaled to [0, 1] first; see
         :func:`attnexplain.methods.attention.spatial_attention`)."""
-        from attnexplain.methods import Method
-        from attnexplain.methods.attention import spatial_attention
+        from attnexplain.plugin_api import Method, spatial_attention
 
         return [Method(name=CBAM_SPATIAL, family="attention", needs_gradient=False,
                        summary=("CBAM's learned spatial attention σ(conv7×7([mean; max])) of every stage, "

@@ -19,10 +19,9 @@ import math
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from attnexplain.errors import MethodError, ModelLoadError
-from attnexplain.plugins import (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP, CatalogEntry, ModelPlugin,
-                                 NamedModel, TokenGrid, TokenReadout, WindowedAttention, vit_cam_block)
-from attnexplain.preprocess import Preprocessing, normalize_size
+from attnexplain.plugin_api import (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP, CatalogEntry, MethodError,
+                                    ModelLoadError, ModelPlugin, NamedModel, Preprocessing, TokenGrid, TokenReadout,
+                                    WindowedAttention, normalize_size, vit_cam_block)
 
 if TYPE_CHECKING:
     import torch

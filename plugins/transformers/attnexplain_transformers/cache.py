@@ -14,8 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from attnexplain._files import not_a_regular_file
-from attnexplain.errors import ModelLoadError
+from attnexplain.plugin_api import ModelLoadError, not_a_regular_file
 
 #: A ref holds a commit hash and a newline; anything longer is not a ref.
 MAX_REF_BYTES = 256

@@ -21,9 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from attnexplain._files import not_a_regular_file
-from attnexplain.errors import ModelLoadError, UntrustedModelError, shown
-from attnexplain.preprocess import FILE_MAX_SIZE
+from attnexplain.plugin_api import FILE_MAX_SIZE, ModelLoadError, UntrustedModelError, not_a_regular_file, shown
 
 if TYPE_CHECKING:
     from torch import nn

@@ -22,9 +22,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from attnexplain.errors import MethodError, ModelLoadError, shown
-from attnexplain.plugins import (ModelPlugin, NamedModel, TokenGrid, TokenReadout, WindowedAttention,
-                                 vit_cam_block)
+from attnexplain.plugin_api import (MethodError, ModelLoadError, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
+                                    WindowedAttention, shown, vit_cam_block)
 
 from .cache import cached_snapshot
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
@@ -32,7 +31,7 @@ from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, re
 if TYPE_CHECKING:
     import torch
 
-    from attnexplain.preprocess import Preprocessing
+    from attnexplain.plugin_api import Preprocessing
 
 #: Families whose encoder attends globally over [class token, (distillation | register tokens),
 #: patches]: their attention is recorded and rolled out; a block's tokens are laid on the grid.
@@ -324,8 +323,7 @@ def _capture_swin_attention(model: Any, names: list[str],
     within: the same partition torchvision's Swin makes, so the same positions. The window and
     shift are read when the attention runs (v1 shrinks them for maps smaller than a window).
     """
-    from attnexplain.capture import capture_softmax
-    from attnexplain.default_plugins.torchvision_attention import _swin_positions
+    from attnexplain.plugin_api import capture_softmax, shifted_window_positions
 
     dimensions: dict[str, tuple[int, int]] = {}
 
@@ -341,7 +339,7 @@ def _capture_swin_attention(model: Any, names: list[str],
         height, width = dimensions[block]
         layer = model.get_submodule(block)
         window, shift = int(layer.window_size), int(layer.shift_size)
-        positions = _swin_positions(height, width, [window, window], [shift, shift])
+        positions = shifted_window_positions(height, width, [window, window], [shift, shift])
         windows = positions.shape[0]
         sink[name] = WindowedAttention(probabilities.reshape(-1, windows, *probabilities.shape[1:]),
                                        positions.to(probabilities.device), height, width)

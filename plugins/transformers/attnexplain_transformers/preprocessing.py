@@ -13,8 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from attnexplain.errors import ModelLoadError
-from attnexplain.preprocess import FILE_MAX_SIZE, Preprocessing, normalization_values, normalize_size
+from attnexplain.plugin_api import FILE_MAX_SIZE, ModelLoadError, Preprocessing, normalization_values, normalize_size
 
 #: PIL's resampling numbers (what ``resample`` holds) → attnexplain's interpolation names.
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
