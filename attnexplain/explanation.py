@@ -141,7 +141,7 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     picture = image_from(image)
     loaded = _as_loaded_model(model, labels=labels, device=device)
     module = loaded.module
-    run_device = _model_device(module)
+    run_device = model_device(module)
 
     plan = plan_explanation(loaded, method, layer, size=size, mean=mean, std=std)
     timings["plan_s"] = time.perf_counter() - started  # methods, layers (the default layer's probe)
@@ -193,7 +193,7 @@ def plan_explanation(loaded: LoadedModel, method: str | Sequence[str] = "auto",
     if layers and not needs_layer:
         raise MethodError(f"--layer does not apply to {', '.join(m.name for m in methods)}.")
     if needs_layer and not layers:
-        probe = torch.zeros(1, 3, *preprocessing.size, device=_model_device(loaded.module))
+        probe = torch.zeros(1, 3, *preprocessing.size, device=model_device(loaded.module))
         layers = [default_layer(loaded, probe)]
     return Plan(preprocessing, methods, layers)
 
@@ -222,7 +222,8 @@ def _as_loaded_model(model: LoadedModel | torch.nn.Module | str | Path, *,
     return model
 
 
-def _model_device(module: Any) -> torch.device:
+def model_device(module: Any) -> torch.device:
+    """Where ``module`` runs: its first parameter's device (the CPU for a module without any)."""
     for parameter in module.parameters():
         return parameter.device
     return torch.device("cpu")
