@@ -585,7 +585,7 @@ def layers(model: str, arch, arch_kwargs, ema, num_classes, labels, trust_model,
 
 
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
-    from .batch import parse_shard
+    from .inputs import parse_shard
     from .errors import AttnExplainError
 
     try:
@@ -754,7 +754,7 @@ def _map_metric_names(value: str | None) -> list[str]:
     """run --metrics: the perturbation metrics named ("all": every one), checked when measured."""
     if not value:
         return []
-    from .evaluation import PERTURBATION_METRICS
+    from .metrics import PERTURBATION_METRICS
 
     if value.strip() == "all":
         return list(PERTURBATION_METRICS)

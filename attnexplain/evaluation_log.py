@@ -2,9 +2,9 @@
 ``--resume`` reuses of it.
 
 Each line is an image's record as evaluation.json shows it, plus what rebuilds the run's totals
-without the image (its key and its curves). The file is written with :class:`attnexplain.batch.
+without the image (its key and its curves). The file is written with :class:`attnexplain.records.
 ResultsLog` (one flushed line per image, never half a line) and read back with
-:func:`attnexplain.batch.read_results`. Its lines are untrusted on ``--resume``: a line stands for its
+:func:`attnexplain.records.read_results`. Its lines are untrusted on ``--resume``: a line stands for its
 image only when it was made with the same model, methods, metrics and settings (the fingerprint
 ``batch`` uses), from the same image bytes and the same mask, and holds what this run would have
 written (finite numbers, the run's methods, curves of the run's length); anything else is measured
@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ._files import not_a_regular_file
-from .batch import ResultsLog, file_sha256, fingerprint, read_results
 from .errors import AttnExplainError
 from .metrics import SIMILARITIES, metrics_table_problem
+from .records import ResultsLog, file_sha256, fingerprint, read_results
 
 EVALUATION_JSONL = "evaluation.jsonl"
 #: The record fields evaluation.json shows per image; the log's other fields rebuild the totals.
@@ -34,7 +34,7 @@ MAX_TEXT = 4096
 
 def run_fingerprint(model_spec: dict[str, Any], settings, plan, metrics: Sequence[str],
                     boxes: Path | None) -> str:
-    """:func:`attnexplain.batch.fingerprint` of an evaluation: the model, the plan, every setting that
+    """:func:`attnexplain.records.fingerprint` of an evaluation: the model, the plan, every setting that
     changes a number (:meth:`EvaluationSettings.describe`), the metrics measured and the boxes file's
     content. Masks are checked per image (:func:`mask_digest`)."""
     described = {**settings.describe(), "metrics": list(metrics),

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import write_bytes_atomic
-from .evaluation import EVALUATION_CSV, EVALUATION_HTML, EVALUATION_JSON
 from .gallery import spreadsheet_safe
 from .metrics import RANDOM_MAP
 from .report import templates
 
+#: The files ``evaluate`` writes into ``--out`` (beside its log, evaluation.jsonl).
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_CSV = "evaluation.csv"
+EVALUATION_HTML = "evaluation.html"
 #: Plot area of the curves on the page, in SVG user units.
 PLOT_WIDTH, PLOT_HEIGHT = 480, 300
 #: How a value is shown, where evaluation.json's sign is not what a reader expects: ROAD stores the

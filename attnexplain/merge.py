@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from ._files import not_a_regular_file
 from ._lock import LOCK_NAME, reading_lock
 from ._untrusted import finite_number, is_finite_number
-from .batch import BatchRun
+from .batch_ledger import BatchRun
 from .records import (ok_record_problem, read_records, record_file_names, record_files_problem,
                       timings_problem)
 from .errors import AttnExplainError, shown

@@ -45,6 +45,8 @@ BETTER: dict[str, int] = {"deletion": -1, "insertion": 1, "road_morf": -1, "road
                           "avg_drop": -1, "increase": 1, "pointing": 1, "mass": 1, "rank": 1,
                           "randomization": -1}
 LOCALISATION = ("pointing", "mass", "rank")
+#: The metrics measured from the model and the maps alone (no masks, no second model).
+PERTURBATION_METRICS = ("deletion", "insertion", "road", "drop")
 #: A method whose maps keep, on average over the images, a Spearman correlation above this with the
 #: trained model's maps after the head alone, or over the first RANDOMIZATION_EARLY_STEPS cascading
 #: steps (the head, then the head and the last block), fails the sanity check (Adebayo et al. 2018:
@@ -317,6 +319,35 @@ def confidence_change(score: ScoreFunction, images: torch.Tensor, maps: torch.Te
     masked = batched_target_scores(score, copies, targets.cpu()[job_image], settings.batch_size).view(batch, methods)
     before = original.float().cpu()[:, None]
     return {"avg_drop": torch.relu(before - masked) / (before + 1e-7), "increase": (masked > before).float()}
+
+
+# --- the perturbation metrics of a batch's maps ----------------------------------------------------
+
+def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequence[str],
+                        config: MetricSettings = MetricSettings()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The perturbation metrics among ``metrics`` for ``maps`` (B, M, H, W) of ``batch``: per value
+    name a (B, M) tensor, and the deletion/insertion curves (NumPy) with their ``fractions``.
+    ``original`` (B,) is each target's probability on the intact image. What ``evaluate`` measures
+    of every map, and ``run`` / ``batch --metrics`` of theirs."""
+    from .running import probabilities_of
+
+    score = probabilities_of(loaded, tuple(batch.shape[-2:]))  # the model as the engine calls it
+
+    values: dict[str, torch.Tensor] = {}
+    curves: dict[str, Any] = {}
+    if "deletion" in metrics or "insertion" in metrics:
+        found = causal_curves(score, batch, maps, targets, original, config)
+        deletion, insertion = found.areas()
+        curves["fractions"] = found.fractions.numpy()
+        for which, area, curve in (("deletion", deletion, found.deletion), ("insertion", insertion, found.insertion)):
+            if which in metrics:
+                values[which] = area
+                curves[which] = curve.numpy()
+    if "road" in metrics:
+        values.update(road_scores(score, batch, maps, targets, original, config))
+    if "drop" in metrics:
+        values.update(confidence_change(score, batch, maps, targets, original, config))
+    return values, curves
 
 
 # --- localisation --------------------------------------------------------------------------------

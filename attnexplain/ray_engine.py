@@ -1,12 +1,13 @@
 """Explaining many images on a Ray cluster: the same stages as :mod:`attnexplain.batch`, spread by Ray Data.
 
-Per image, Ray tasks read and decode (:func:`attnexplain.batch._read_image`); an actor pool of
+Per image, Ray tasks read and decode (:func:`attnexplain.inputs.read_image`); an actor pool of
 ``workers`` actors, each holding the model loaded once, explains batches with the same
-:func:`attnexplain.batch.explain_decoded` and writes each image's folder itself
-(:func:`attnexplain.batch._write_image`) into ``out``, which the workers must see at the same path
-(a local folder on one machine, a shared mount on a cluster). Only the records (a few kilobytes per
-image) come back to the driver, which keeps ``results.jsonl``, the reports and the progress output
-through the same :class:`attnexplain.batch.RunLedger` as a local run, and holds the ``--out`` lock.
+:func:`attnexplain.batch_stages.explain_decoded` and writes each image's folder itself
+(:func:`attnexplain.batch_stages.write_image`) into ``out``, which the workers must see at the same
+path (a local folder on one machine, a shared mount on a cluster). Only the records (a few kilobytes
+per image) come back to the driver, which keeps ``results.jsonl``, the reports and the progress
+output through the same :class:`attnexplain.batch_ledger.RunLedger` as a local run, and holds the
+``--out`` lock (:func:`attnexplain.batch.run_batch` takes it before it calls :func:`run_on_ray`).
 
 Ray restarts an actor that dies and retries its batch; a retried batch rewrites whole folders
 atomically and its records reach the driver once, so no image is lost or recorded twice.
@@ -27,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .batch import (BatchRun, BatchSettings, Decoded, Inputs, InputImage, _failed, _read_image,
-                    _write_image, explain_decoded, start_run)
+from .batch_ledger import BatchRun, start_run
+from .batch_stages import BatchSettings, explain_decoded, write_image
 from .errors import AttnExplainError
+from .inputs import Decoded, InputImage, Inputs, failed_record, read_image
 
 #: What ``--engine ray`` says when Ray is not installed.
 INSTALL_HINT = "--engine ray needs Ray, an optional extra: pip install 'attnexplain[ray]'"
@@ -129,7 +131,7 @@ def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels:
     of the image's record from an earlier run that still stands (--resume), or ""."""
     item = InputImage(Path(row["path"]), row["relative"])
     earlier = {item.relative: row["earlier"]} if row["earlier"] else {}
-    decoded = _read_image(item, key_prefix, earlier, preprocessing, max_pixels, overlay_size)
+    decoded = read_image(item, key_prefix, earlier, preprocessing, max_pixels, overlay_size)
     if decoded.tensor is not None:
         decoded.tensor = decoded.tensor.numpy()  # pickles without torch's shared-memory handles
     # Rows differ in what they hold (a failed decode has no pixels), and Arrow wants one schema per
@@ -170,7 +172,7 @@ class _ExplainWorker:
             if one.skipped is not None:
                 records[index] = None  # an earlier run's record stands
             elif one.error is not None:
-                records[index] = _failed(one, one.error)
+                records[index] = failed_record(one, one.error)
             else:
                 one.tensor = torch.from_numpy(one.tensor)
                 chunk.append((index, one))
@@ -179,7 +181,7 @@ class _ExplainWorker:
                                                self.settings, self.device)
             for (index, one), result in zip(chunk, results):
                 one.tensor = None
-                records[index] = _write_image(self.out, one, result, self.settings, model_s)
+                records[index] = write_image(self.out, one, result, self.settings, model_s)
         ordered = [records[index] for index in range(len(decoded))]
         return {"image": [one.item.relative for one in decoded],
                 "record": [json.dumps(record) if record is not None else "" for record in ordered]}

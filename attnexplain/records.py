@@ -1,26 +1,33 @@
-"""``results.jsonl``: one JSON line per image of a batch run, and what such a line may hold.
+"""``results.jsonl``: one JSON line per image of a batch run, what such a line may hold, and the key
+that says whether it still stands for its image.
 
 ``batch`` appends a record as each image finishes; ``--resume`` and ``merge`` read the records of
 earlier runs back. Those are plain text anyone can edit, so nothing here trusts them: every line is
 bounded in size, every record is checked (:func:`ok_record_problem`, :func:`record_files_problem`)
 before its paths or numbers are used, and a line no record can be read from is said, not skipped
-silently (:func:`read_records`).
+silently (:func:`read_records`). A record's key is the run's :func:`fingerprint` (the model, the
+options and what the plan decided) and the sha256 of the image's bytes (:func:`file_sha256`);
+``evaluate``'s log (:mod:`attnexplain.evaluation_log`) is written and keyed the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ._files import not_a_regular_file
 from ._untrusted import finite_number, is_finite_number
 from .errors import AttnExplainError, shown
 from .formats import RESULTS_JSONL
 from .truth import MAX_LABEL_LENGTH
+
+if TYPE_CHECKING:
+    from .batch_stages import BatchSettings
 
 #: Where batch writes an image's folder (``images/<image>``) and, in it, its detail page.
 IMAGES_DIR = "images"
@@ -257,3 +264,55 @@ def record_files_problem(root: Path, record: dict[str, Any]) -> str | None:
         if why is not None:
             return f"lists the file {output}/{name}, which {why}"
     return None
+
+
+# --- keys: what says an earlier record still stands ------------------------------------------------
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (read ``chunk`` bytes at a time), hex: what a key says of an image."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) -> str:
+    """Identifies the model (its file's content where it is a file, and the content of the file
+    ``--arch path/model.py:Class`` names), every output-relevant option and what the run's ``plan``
+    (:class:`attnexplain.explanation.Plan`) decided from them: the methods, layers and
+    preprocessing, which a new version of attnexplain or of a plugin may decide differently (the
+    8-bit resize did), so that ``--resume`` never mixes the two."""
+    from .loading import class_file
+
+    spec = {key: str(value) if isinstance(value, Path) else value
+            for key, value in model_spec.items() if value is not None and value is not False}
+    source = spec.get("model")
+    if source and Path(str(source)).is_file():
+        spec["model_sha256"] = file_sha256(Path(str(source)))
+        spec["model"] = Path(str(source)).name
+    labels = spec.get("labels")
+    if labels and Path(str(labels)).is_file():
+        spec["labels"] = file_sha256(Path(str(labels)))
+    arch_file = class_file(spec["arch"]) if isinstance(spec.get("arch"), str) else None
+    if arch_file is not None and arch_file.is_file():  # a regular file: never a FIFO, which would block
+        spec["arch_sha256"] = file_sha256(arch_file)
+    spec.pop("device", None)  # the same model on another device gives the same explanation
+    # Every field of the preprocessing, defaults included (the report's as_dict leaves them out).
+    decided = None if plan is None else {
+        "methods": [method.name for method in plan.methods], "layers": list(plan.layers),
+        "preprocessing": asdict(plan.preprocessing)}
+    text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def reusable_record(record: dict[str, Any], key_prefix: str, wanted: set[str], out: Path) -> bool:
+    """Whether an earlier run's record can stand for its image: made with this model and these
+    options, for an image of this run, trustworthy (:func:`ok_record_problem`), every file it lists
+    in place inside ``out`` (resolved; :func:`record_files_problem`)."""
+    key = record.get("key")
+    if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
+            or record.get("image") not in wanted or ok_record_problem(record) is not None:
+        return False
+    return record_files_problem(out, record) is None

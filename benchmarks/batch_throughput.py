@@ -128,7 +128,7 @@ def make_inputs(args, folder: Path) -> None:
 
 
 def _settings(args, workers: int | None = None):
-    from attnexplain.batch import BatchSettings
+    from attnexplain.batch_stages import BatchSettings
     from attnexplain.explanation import MethodOptions
 
     return BatchSettings(method=args.method, size=(args.size, args.size),
@@ -148,10 +148,12 @@ def _model_name(args) -> str:
 def throughput(args) -> None:
     import torch
 
-    from attnexplain.batch import collect_inputs, read_results, run_batch
+    from attnexplain.batch import run_batch
     from attnexplain.explanation import compute_maps, plan_explanation
     from attnexplain.images import load_image
+    from attnexplain.inputs import collect_inputs
     from attnexplain.preprocess import prepare
+    from attnexplain.records import read_results
     from attnexplain.replicas import ModelReplicas
 
     loaded, spec = load(args)
@@ -248,7 +250,7 @@ def throughput(args) -> None:
 #: What ``--stages`` times: (label, module, attribute) of each function a stage is; the functions
 #: are looked up by the pipeline when it runs, so a timing wrapper put in their place sees every call.
 STAGES = (
-    ("sha256 of the file", "attnexplain.batch", "file_sha256"),
+    ("sha256 of the file", "attnexplain.inputs", "file_sha256"),
     ("decode", "attnexplain.images", "load_image"),
     ("preprocess", "attnexplain.preprocess", "prepare"),
     ("model (explain_decoded, on the model's threads)", "attnexplain.batch", "explain_decoded"),
@@ -260,10 +262,10 @@ STAGES = (
     ("detail page: viewer data", "attnexplain.viewer", "viewer_data"),
     ("detail page: HTML", "attnexplain.gallery", "render_detail"),
     ("atomic folder: staging + rename", "attnexplain._atomic", "atomic_directory"),
-    ("results.jsonl line (fsync included)", "attnexplain.batch", "ResultsLog.append"),
-    ("report refresh", "attnexplain.batch", "RunLedger.refresh"),
-    ("_read_image, whole", "attnexplain.batch", "_read_image"),
-    ("_write_image, whole", "attnexplain.batch", "_write_image"),
+    ("results.jsonl line (fsync included)", "attnexplain.records", "ResultsLog.append"),
+    ("report refresh", "attnexplain.batch_ledger", "RunLedger.refresh"),
+    ("read_image, whole", "attnexplain.batch", "read_image"),
+    ("write_image, whole", "attnexplain.batch", "write_image"),
 )
 
 

@@ -17,8 +17,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from attnexplain.batch import (EXIT_SOME_FAILED, RESULTS_JSONL, BatchSettings, collect_inputs,
-                               in_shard, parse_shard, read_results, run_batch)
+from attnexplain.batch import run_batch
+from attnexplain.batch_ledger import EXIT_SOME_FAILED
+from attnexplain.batch_stages import BatchSettings
+from attnexplain.formats import RESULTS_JSONL
+from attnexplain.inputs import collect_inputs, in_shard, parse_shard
+from attnexplain.records import read_results
 from attnexplain.errors import AttnExplainError
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
@@ -207,7 +211,7 @@ def test_resume_redoes_the_images_when_the_class_file_or_the_plan_changed(images
     other maps), as is what the plan decided (here: the resize kernel a new version chose)."""
     import dataclasses
 
-    from attnexplain.batch import fingerprint
+    from attnexplain.records import fingerprint
     from attnexplain.explanation import plan_explanation
 
     class_file = tmp_path / "net.py"

@@ -20,8 +20,11 @@ import torch
 from PIL import Image
 
 import attnexplain.batch as batch
-from attnexplain.batch import (RESULTS_JSONL, BatchSettings, RunLedger, available_cores, default_workers,
-                               read_results, run_batch)
+from attnexplain.batch import available_cores, default_workers, run_batch
+from attnexplain.batch_ledger import RunLedger
+from attnexplain.batch_stages import BatchSettings
+from attnexplain.formats import RESULTS_JSONL
+from attnexplain.records import read_results
 from attnexplain.explanation import MethodOptions
 from attnexplain.loading import LoadedModel, _finish
 
@@ -110,7 +113,7 @@ def photos(tmp_path) -> Path:
 
 def _recorded_run(photos: Path, out: Path, monkeypatch, workers: int | None) -> Recorder:
     recorder = Recorder([path.name for path in photos.iterdir()])
-    read_image, write_image = batch._read_image, batch._write_image
+    read_image, write_image = batch.read_image, batch.write_image
 
     def reading(item, *args, **kwargs):  # batch k+1 meets forward k
         return recorder.stage("decode", item.relative, recorder.batch_of[item.relative] - 1,
@@ -121,8 +124,8 @@ def _recorded_run(photos: Path, out: Path, monkeypatch, workers: int | None) -> 
         return recorder.stage("write", image, recorder.batch_of[image] + 1,
                               lambda: write_image(out_folder, decoded, *args, **kwargs))
 
-    monkeypatch.setattr(batch, "_read_image", reading)
-    monkeypatch.setattr(batch, "_write_image", writing)
+    monkeypatch.setattr(batch, "read_image", reading)
+    monkeypatch.setattr(batch, "write_image", writing)
     torch.manual_seed(0)
     loaded = LoadedModel(WaitingNet(recorder), "waiting-net", "module")
     _finish(loaded, None, "cpu")

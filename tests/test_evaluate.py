@@ -294,7 +294,7 @@ def test_randomization_measures_only_the_first_images_and_the_page_draws_its_cur
 
 
 def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_records():
-    from attnexplain.evaluation import _randomization_summary
+    from attnexplain.evaluation_summary import randomization_summary
 
     def entry(head, second):
         return {measure: [head, second] for measure in ("spearman", "spearman_abs", "ssim", "ssim_abs")}
@@ -312,7 +312,7 @@ def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_reco
         {"status": "ok", "randomization": "x"},
         {"status": "failed", "randomization": {"gradcam": entry(0.99, 0.99)}},
     ]
-    summary = _randomization_summary(records, ["gradcam", "blank", "noisy"], ["fc", "layer4.0"])
+    summary = randomization_summary(records, ["gradcam", "blank", "noisy"], ["fc", "layer4.0"])
     gradcam, blank, noisy = (summary["methods"][name] for name in ("gradcam", "blank", "noisy"))
     assert gradcam["curves"]["spearman"] == [0.2, 0.2]  # the second step: one image, not (0.2 + 0) / 2
     assert gradcam["verdict"] == "passes" and gradcam["images"] == 1  # the image with both early steps
@@ -339,7 +339,7 @@ def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites
 
 
 def test_batch_metrics_go_into_each_record_and_detail_page(sample_resnet_file, composites, tmp_path):
-    from attnexplain.batch import ok_record_problem, read_results
+    from attnexplain.records import ok_record_problem, read_results
 
     out = tmp_path / "batch"
     result = CliRunner().invoke(main, ["batch", str(sample_resnet_file), str(composites / "images"), "--method",
@@ -401,13 +401,13 @@ def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str], su
     """What evaluation.json holds for these records (the summary of a run, its model faked)."""
     from types import SimpleNamespace
 
-    from attnexplain.evaluation import _Sums, _summary
+    from attnexplain.evaluation_summary import CurveSums, summarize
     from attnexplain.preprocess import Preprocessing
 
     loaded = SimpleNamespace(describe=lambda: {"source": "synthetic", "task": "classification"})
     plan = SimpleNamespace(layers=[], preprocessing=Preprocessing())
-    return _summary(loaded, plan, list(values), metrics, EvaluationSettings(), _records(values), sums or _Sums(),
-                    [], 1.0, ["synthetic"], {})
+    return summarize(loaded, plan, list(values), metrics, EvaluationSettings(), _records(values), sums or CurveSums(),
+                     [], 1.0, ["synthetic"], {})
 
 
 def test_no_winner_where_the_paired_interval_of_two_methods_includes_zero():
@@ -551,12 +551,12 @@ def test_the_pointing_tolerance_is_in_the_photos_pixels_whatever_the_model_input
     a peak 3 model pixels below the object is 9 photo pixels away (a hit at 15), 3 beside it 18 (a miss)."""
     from types import SimpleNamespace
 
-    from attnexplain.evaluation import _photo_pixel_sizes
+    from attnexplain.evaluation_masks import photo_pixel_sizes
     from attnexplain.metrics import localisation
     from attnexplain.preprocess import Preprocessing, prepare
 
     box = prepare(np.zeros((150, 300, 3), np.uint8), Preprocessing(size=(50, 50))).box
-    sizes = _photo_pixel_sizes([SimpleNamespace(box=box)], (50, 50))
+    sizes = photo_pixel_sizes([SimpleNamespace(box=box)], (50, 50))
     assert sizes.tolist() == [[3.0, 6.0]]
     mask = torch.zeros(1, 50, 50, dtype=torch.bool)
     mask[0, 20:30, 20:30] = True
@@ -586,12 +586,12 @@ def test_the_curves_are_large_with_a_line_style_per_method_and_the_random_maps_b
     95% band (mean ± 1.96 standard errors per point) is drawn under them, as evaluation.json has it."""
     import re
 
-    from attnexplain.evaluation import _Sums
+    from attnexplain.evaluation_summary import CurveSums
 
     rng = np.random.default_rng(7)
     names = [f"method{i}" for i in range(8)] + [RANDOM_MAP]
     fractions = np.linspace(0, 1, 6)
-    sums = _Sums(fractions=fractions)
+    sums = CurveSums(fractions=fractions)
     curves = {name: np.clip(1 - fractions[None] * rng.uniform(0.5, 1, (10, 1)), 0, 1) for name in names}
     for which in ("deletion", "insertion"):
         for name in names:
@@ -631,7 +631,7 @@ def test_a_boxes_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(sam
                                  [0, 0, 1e309, 10], [True, 0, 5, 5]],
                          ids=["far-corner-overflows", "int-beyond-float", "nan", "infinite", "bool"])
 def test_a_box_no_float_can_hold_is_an_error_of_its_image(box):
-    from attnexplain.evaluation import MaskError, boxes_mask
+    from attnexplain.evaluation_masks import MaskError, boxes_mask
 
     with pytest.raises(MaskError, match=r"is not \[x, y, width, height\]"):
         boxes_mask([box], 32, 24)

@@ -24,7 +24,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attnexplain import _atomic
-from attnexplain.batch import EXIT_SOME_FAILED, RESULTS_JSONL, read_results
+from attnexplain.batch_ledger import EXIT_SOME_FAILED
+from attnexplain.formats import RESULTS_JSONL
+from attnexplain.records import read_results
 from attnexplain.cli import main
 from attnexplain.errors import AttnExplainError
 
@@ -208,7 +210,7 @@ def test_recursive_glob_does_not_follow_symlink_loops(tmp_path):
     (photos / "again").symlink_to(".")
     (photos / "once-more").symlink_to(".")
     # A subprocess: glob.glob follows both links 40 levels deep (2**40 paths) and never ends.
-    code = (f"from attnexplain.batch import collect_inputs; "
+    code = (f"from attnexplain.inputs import collect_inputs; "
             f"print(sorted(i.relative for i in collect_inputs([{str(photos / '**' / '*.png')!r}]).images))")
     done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
                           timeout=60)
@@ -604,7 +606,8 @@ def test_a_second_batch_into_a_finished_run_is_refused_without_resume_or_overwri
     both = _batch(resnet_state_dict_file, second, "--out", out, "--resume", "--overwrite")
     assert both.exit_code == 2 and "give one of them" in both.output
     # The API refuses the same, under the run's lock.
-    from attnexplain.batch import BatchSettings, EarlierRun, run_batch
+    from attnexplain.batch import EarlierRun, run_batch
+    from attnexplain.batch_stages import BatchSettings
     from attnexplain.loading import load_model
 
     loaded = load_model(resnet_state_dict_file, arch="resnet18")

@@ -15,7 +15,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from attnexplain.batch import EXIT_SOME_FAILED, RESULTS_JSONL, read_results
+from attnexplain.batch_ledger import EXIT_SOME_FAILED
+from attnexplain.formats import RESULTS_JSONL
+from attnexplain.records import read_results
 from attnexplain.cli import main
 
 GOOD = [f"img{i}.png" for i in range(8)] + ["sub/img8.png", "sub/img9.png"]

@@ -576,7 +576,7 @@ def _record(**metrics_key):
     ([["gradcam", 0.2]], "not a table of methods"),
 ])
 def test_an_earlier_records_metrics_are_validated_on_resume_and_merge(table, problem):
-    from attnexplain.batch import ok_record_problem
+    from attnexplain.records import ok_record_problem
 
     assert ok_record_problem(_record()) is None
     found = ok_record_problem(_record(metrics=table))

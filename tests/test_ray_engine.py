@@ -17,9 +17,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from attnexplain.batch import RESULTS_JSONL, BatchSettings, read_results, run_batch
+from attnexplain.batch import run_batch
+from attnexplain.batch_stages import BatchSettings
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
+from attnexplain.formats import RESULTS_JSONL
+from attnexplain.records import read_results
 from conftest import read_gallery_data
 from test_batch import _assert_same, _comparable, model_file  # noqa: F401 - the fixture
 

@@ -13,12 +13,15 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from attnexplain.batch import RESULTS_JSONL, BatchSettings, read_results, run_batch
+from attnexplain.batch import run_batch
+from attnexplain.batch_stages import BatchSettings
 from attnexplain.cli import main
 from attnexplain.errors import AttnExplainError
 from attnexplain.explanation import MethodOptions
+from attnexplain.formats import RESULTS_JSONL
 from attnexplain.loading import load_model
 from attnexplain.ray_engine import RayCluster
+from attnexplain.records import read_results
 from attnexplain.replicas import ModelReplicas, available_memory, default_parallel_batches, replicate
 
 

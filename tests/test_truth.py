@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from attnexplain.batch import ok_record_problem
 from attnexplain.cli import main
 from attnexplain.gallery import accuracy_and_confusion
+from attnexplain.records import ok_record_problem
 from attnexplain.truth import TruthError, read_truth
 
 
