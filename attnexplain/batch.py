@@ -39,6 +39,7 @@ import numpy as np
 from ._files import not_a_regular_file
 from .errors import AttnExplainError
 from .formats import DEFAULT_COLORMAP, RESULTS_JSONL
+from .model_spec import ModelSpec
 from .records import (DETAIL_HTML, IMAGES_DIR, RecordTooLarge, ResultsLog, ok_record_problem, read_results,
                       record_files_problem)
 from .progress import Progress
@@ -318,7 +319,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) -> str:
+def fingerprint(model_spec: ModelSpec | dict[str, Any], settings: BatchSettings, plan=None) -> str:
     """Identifies the model (its file's content where it is a file, and the content of the file
     ``--arch path/model.py:Class`` names), every output-relevant option and what the run's ``plan``
     (:class:`attnexplain.explanation.Plan`) decided from them: the methods, layers and
@@ -327,7 +328,7 @@ def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) 
     from .loading import class_file
 
     spec = {key: str(value) if isinstance(value, Path) else value
-            for key, value in model_spec.items() if value is not None and value is not False}
+            for key, value in ModelSpec.of(model_spec).identity().items() if value is not None and value is not False}
     source = spec.get("model")
     if source and Path(str(source)).is_file():
         spec["model_sha256"] = file_sha256(Path(str(source)))
@@ -464,7 +465,7 @@ class BatchRun:
         return EXIT_SOME_FAILED if self.failed or self.report_error or self.dropped_records else 0
 
 
-def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], out: Path,
+def run_batch(loaded, model_spec: ModelSpec | dict[str, Any], input_specs: Sequence[str], out: Path,
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
               on_batch: Callable[[int], None] | None = None, cluster=None,
@@ -483,6 +484,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     from ._lock import output_lock
 
     started = time.perf_counter()
+    model_spec = ModelSpec.of(model_spec)  # the dict of its fields, as before there was a ModelSpec
     if cluster is not None and (settings.parallel_batches or 1) > 1:
         raise AttnExplainError("parallel_batches is for the local engine; on Ray, the cluster's "
                                "workers (model actors) explain batches at once.")
@@ -578,7 +580,7 @@ def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settin
                             mean=settings.mean, std=settings.std)
     key_prefix = fingerprint(model_spec, settings, plan)
     meta = {"model": loaded.describe(), "model_spec": {k: (str(v) if v is not None else None)
-                                                       for k, v in model_spec.items()},
+                                                       for k, v in model_spec.identity().items()},
             "options": settings.describe(), "preprocessing": plan.preprocessing.as_dict(),
             "methods": [m.name for m in plan.methods], "layers": plan.layers, "fingerprint": key_prefix,
             "shard": list(shard) if shard else None, "inputs": [str(s) for s in input_specs],

@@ -22,6 +22,7 @@ import numpy as np
 from ._signals import Stopped
 from .errors import AttnExplainError, MethodError, shown
 from .formats import DEFAULT_COLORMAP
+from .model_spec import ModelSpec
 from .metrics import (BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS,
                       RANDOMIZATION_LIMIT, SIMILARITIES, MetricSettings, cascade_steps, judged_similarity,
                       randomization_scores, randomization_verdict)
@@ -272,7 +273,7 @@ class _Sums:
 def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = EvaluationSettings(), *,
              masks: Path | None = None, boxes: Path | None = None, exclude: Path | None = None,
              device: str | None = None, out: Path | None = None, resume: bool = False, quiet: bool = True,
-             model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+             model_spec: ModelSpec | dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure every method on the images ``input_specs`` name (as ``batch`` takes them): returns the
     evaluation (what evaluation.json holds, plus ``examples`` for the page).
 
@@ -334,7 +335,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     # Each image's random map and place among the randomized images follow its place in the inputs,
     # not the order it was measured in: a resumed run gives the numbers a whole run gives.
     position = {item.relative: i for i, item in enumerate(inputs.images)}
-    spec = model_spec if model_spec is not None else {"model": loaded.describe()["source"]}
+    spec = model_spec if model_spec is not None else ModelSpec(loaded.describe()["source"])
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
     steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))
