@@ -36,10 +36,11 @@ from .batch_stages import BatchSettings, explain_decoded, write_image
 from .errors import AttnExplainError
 from .formats import RESULTS_JSONL
 from .inputs import Decoded, Inputs, NoImages, collect_inputs, decoded_chunks, read_image
+from .model_spec import ModelSpec
 from .records import read_results
 
 
-def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], out: Path,
+def run_batch(loaded, model_spec: ModelSpec | dict[str, Any], input_specs: Sequence[str], out: Path,
               settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
               quiet: bool = False, device: str | None = None, refresh_every: int = 20,
               on_batch: Callable[[int], None] | None = None, cluster=None,
@@ -58,6 +59,7 @@ def run_batch(loaded, model_spec: dict[str, Any], input_specs: Sequence[str], ou
     from ._lock import output_lock
 
     started = time.perf_counter()
+    model_spec = ModelSpec.of(model_spec)  # the dict of its fields, as before there was a ModelSpec
     if cluster is not None and (settings.parallel_batches or 1) > 1:
         raise AttnExplainError("parallel_batches is for the local engine; on Ray, the cluster's "
                                "workers (model actors) explain batches at once.")

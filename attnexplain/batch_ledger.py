@@ -77,7 +77,7 @@ def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settin
                             mean=settings.mean, std=settings.std)
     key_prefix = fingerprint(model_spec, settings, plan)
     meta = {"model": loaded.describe(), "model_spec": {k: (str(v) if v is not None else None)
-                                                       for k, v in model_spec.items()},
+                                                       for k, v in model_spec.identity().items()},
             "options": settings.describe(), "preprocessing": plan.preprocessing.as_dict(),
             "methods": [m.name for m in plan.methods], "layers": plan.layers, "fingerprint": key_prefix,
             "shard": list(shard) if shard else None, "inputs": [str(s) for s in input_specs],

@@ -300,7 +300,8 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
     import numpy as np
     import torch
 
-    from .explanation import explain, plan_preprocessing
+    from .explanation import explain
+    from .planning import plan_preprocessing
     from .preprocess import prepare
     from .targets import UniformScores
 

@@ -29,6 +29,7 @@ from .evaluation_masks import object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
 from .formats import DEFAULT_COLORMAP
 from .inputs import NoImages, collect_inputs, decoded_chunks, failed_record, read_image
+from .model_spec import ModelSpec
 from .metrics import (LOCALISATION, METRIC_VALUES, PERTURBATION_METRICS, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS,
                       MetricSettings, cascade_steps, perturbation_values, randomization_scores)
 
@@ -137,7 +138,7 @@ def chosen_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> li
 def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = EvaluationSettings(), *,
              masks: Path | None = None, boxes: Path | None = None, exclude: Path | None = None,
              device: str | None = None, out: Path | None = None, resume: bool = False, quiet: bool = True,
-             model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+             model_spec: ModelSpec | dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure every method on the images ``input_specs`` name (as ``batch`` takes them): returns the
     evaluation (what evaluation.json holds, plus ``examples`` for the page).
 
@@ -199,7 +200,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     # Each image's random map and place among the randomized images follow its place in the inputs,
     # not the order it was measured in: a resumed run gives the numbers a whole run gives.
     position = {item.relative: i for i, item in enumerate(inputs.images)}
-    spec = model_spec if model_spec is not None else {"model": loaded.describe()["source"]}
+    spec = model_spec if model_spec is not None else ModelSpec(loaded.describe()["source"])
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
     steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError
+from .model_spec import ModelSpec
 from .metrics import SIMILARITIES, metrics_table_problem
 from .records import ResultsLog, file_sha256, fingerprint, read_results
 
@@ -32,7 +33,7 @@ CURVES = ("deletion", "insertion")
 MAX_TEXT = 4096
 
 
-def run_fingerprint(model_spec: dict[str, Any], settings, plan, metrics: Sequence[str],
+def run_fingerprint(model_spec: ModelSpec | dict[str, Any], settings, plan, metrics: Sequence[str],
                     boxes: Path | None) -> str:
     """:func:`attnexplain.records.fingerprint` of an evaluation: the model, the plan, every setting that
     changes a number (:meth:`EvaluationSettings.describe`), the metrics measured and the boxes file's

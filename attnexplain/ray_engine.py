@@ -24,7 +24,7 @@ import math
 import os
 import pickle
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,6 +32,7 @@ from .batch_ledger import BatchRun, start_run
 from .batch_stages import BatchSettings, explain_decoded, write_image
 from .errors import AttnExplainError
 from .inputs import Decoded, InputImage, Inputs, failed_record, read_image
+from .model_spec import ModelSpec
 
 #: What ``--engine ray`` says when Ray is not installed.
 INSTALL_HINT = "--engine ray needs Ray, an optional extra: pip install 'attnexplain[ray]'"
@@ -142,22 +143,16 @@ def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels:
 class _ExplainWorker:
     """A Ray actor: the model loaded once, then batches explained and written into ``out``."""
 
-    def __init__(self, model_spec: dict[str, Any], settings: BatchSettings, out: str,
+    def __init__(self, model_spec: ModelSpec, settings: BatchSettings, out: str,
                  use_gpu: bool, torch_threads: int | None = None) -> None:
         import torch
 
         if torch_threads:  # Ray gives a 1-CPU actor one thread; on our own machine it may have more
             torch.set_num_threads(torch_threads)
-        from .explanation import plan_explanation
-        from .loading import arch_kwargs_from_json, load_model
+        from .planning import plan_explanation
 
         device = "cuda" if use_gpu else "cpu"
-        spec = dict(model_spec)
-        arch_kwargs = arch_kwargs_from_json(spec["arch_kwargs"]) if spec.get("arch_kwargs") else None
-        self.loaded = load_model(spec.pop("model"), device=device,
-                                 **{key: spec.get(key) for key in ("arch", "num_classes", "labels", "plugin")},
-                                 trust_model=bool(spec.get("trust_model")), arch_kwargs=arch_kwargs,
-                                 ema=bool(spec.get("ema")))
+        self.loaded = replace(model_spec, device=device).load()
         self.plan = plan_explanation(self.loaded, settings.method, settings.layer, size=settings.size,
                                      mean=settings.mean, std=settings.std)
         self.settings, self.out, self.device = settings, Path(out), torch.device(device)
@@ -200,15 +195,15 @@ def ray_session(cluster: RayCluster) -> Iterator[None]:
             ray.shutdown()
 
 
-def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: Inputs, out: Path,
+def run_on_ray(model_spec: ModelSpec, input_specs: Sequence[str], inputs: Inputs, out: Path,
                settings: BatchSettings, cluster: RayCluster, resume: bool, shard, quiet: bool,
                refresh_every: int, on_batch: Callable[[int], None] | None, started: float,
                loaded) -> BatchRun:
     """:func:`attnexplain.batch.run_batch`'s work on Ray, inside :func:`ray_session` and with the
     ``--out`` lock held. ``loaded``: the driver's copy of the model, for the plan and the reports."""
     ray = require_ray()
-    if not model_spec.get("model"):
-        raise AttnExplainError("The Ray engine loads the model in each actor from model_spec['model'] "
+    if not model_spec.model:
+        raise AttnExplainError("The Ray engine loads the model in each actor from model_spec.model "
                                "(a file or PREFIX:NAME), and none was given.")
     run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
     ledger, summary = run.ledger, run.ledger.summary
@@ -219,7 +214,8 @@ def run_on_ray(model_spec: dict[str, Any], input_specs: Sequence[str], inputs: I
             ledger.finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
         if run.selected:
             _quiet_ray_data(ray)
-            worker_spec = {key: _shared_path(value) for key, value in model_spec.items()}
+            worker_spec = replace(model_spec, **{key: _shared_path(value)
+                                                 for key, value in model_spec.identity().items()})
             # Each row carries its own earlier key: no task gets the whole run's table.
             rows = [{"relative": item.relative, "path": str(item.path),
                      "earlier": run.done_keys.get(item.relative, "")} for item in run.selected]

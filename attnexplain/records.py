@@ -28,6 +28,7 @@ from .truth import MAX_LABEL_LENGTH
 
 if TYPE_CHECKING:
     from .batch_stages import BatchSettings
+    from .model_spec import ModelSpec
 
 #: Where batch writes an image's folder (``images/<image>``) and, in it, its detail page.
 IMAGES_DIR = "images"
@@ -277,16 +278,17 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_spec: dict[str, Any], settings: BatchSettings, plan=None) -> str:
+def fingerprint(model_spec: ModelSpec | dict[str, Any], settings: BatchSettings, plan=None) -> str:
     """Identifies the model (its file's content where it is a file, and the content of the file
     ``--arch path/model.py:Class`` names), every output-relevant option and what the run's ``plan``
     (:class:`attnexplain.explanation.Plan`) decided from them: the methods, layers and
     preprocessing, which a new version of attnexplain or of a plugin may decide differently (the
     8-bit resize did), so that ``--resume`` never mixes the two."""
     from .loading import class_file
+    from .model_spec import ModelSpec
 
     spec = {key: str(value) if isinstance(value, Path) else value
-            for key, value in model_spec.items() if value is not None and value is not False}
+            for key, value in ModelSpec.of(model_spec).identity().items() if value is not None and value is not False}
     source = spec.get("model")
     if source and Path(str(source)).is_file():
         spec["model_sha256"] = file_sha256(Path(str(source)))

@@ -526,7 +526,7 @@ def test_the_agreement_of_the_metrics_is_kendall_tau_between_their_rankings():
 def test_metrics_are_shown_as_a_reader_expects_and_never_as_negative_zero(capsys):
     """ROAD's MoRF is stored as the change of probability (−0.7: a faithful map) and shown as the drop
     (0.700, ↑ better); a value that rounds to zero is 0.000 on the page and the terminal, never -0.000."""
-    from attnexplain.cli import _print_evaluation
+    from attnexplain.cli.printing import print_evaluation
 
     rng = np.random.default_rng(6)
     values = {name: {"road_morf": morf + np.tile([0.001, -0.001], 4), "road_lerf": np.full(8, -0.0001),
@@ -535,7 +535,7 @@ def test_metrics_are_shown_as_a_reader_expects_and_never_as_negative_zero(capsys
     evaluation = _summarised(values, ["road"])
     assert evaluation["methods"]["gradcam"]["road_morf"]["mean"] == pytest.approx(-0.7, abs=0.01)
     page = render_evaluation_html(evaluation)
-    _print_evaluation(evaluation)
+    print_evaluation(evaluation)
     terminal = capsys.readouterr().out
     for shown in (page, terminal):
         assert "-0.000" not in shown and "−0.000" not in shown

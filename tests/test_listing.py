@@ -333,12 +333,12 @@ def test_layers_json(resnet_state_dict_file):
 
 
 def test_terminal_listing_keeps_every_name_on_one_line(monkeypatch, capsys):
-    from attnexplain.cli import _print_listing
+    from attnexplain.cli.printing import print_listing
 
     monkeypatch.setenv("COLUMNS", "40")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     long_name = "timm:" + "x" * 60
-    _print_listing("Models by name (2)", ["model", "input"], [[long_name, 224], ["short", 96]])
+    print_listing("Models by name (2)", ["model", "input"], [[long_name, 224], ["short", 96]])
     title, header, first, second = capsys.readouterr().out.splitlines()
     assert title == "Models by name (2)" and header.split() == ["model", "input"]
     assert first.split() == [long_name, "224"] and second.split() == ["short", "96"]

@@ -1,0 +1,5 @@
+"""``python -m attnexplain.cli``, as ``python -m attnexplain``."""
+
+from . import main
+
+main()

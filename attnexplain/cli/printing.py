@@ -1,0 +1,156 @@
+"""What the commands print on the terminal: a run's predictions and files, an evaluation's table,
+the listings (aligned columns on a terminal, tab-separated lines in a pipe) and ``--json``.
+
+Text from the user's files is escaped before it is printed: a class name or file name must not
+rewrite the line (:func:`attnexplain._untrusted.terminal_text`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from .._untrusted import terminal_text
+
+
+def _shown_text(value: Any) -> str:
+    """Text from the user's files (class names, file names, a model's notes) for Rich: control and
+    bidirectional characters escaped (:func:`terminal_text`; a CR or U+202E would rewrite the line)
+    and Rich's markup too (``[link=...]`` is markup)."""
+    from rich.markup import escape
+
+    return escape(terminal_text(value))
+
+
+def print_run(report: dict[str, Any]) -> None:
+    """A run's report: the model's notes, the predictions, the class explained and the files written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for note in report["model"]["notes"]:
+        console.print(f"[yellow]note:[/yellow] {_shown_text(note)}")
+    table = Table(title=f"{report['method']} · {_shown_text(Path(report['image']['path']).name)}")
+    table.add_column("#", justify="right")
+    table.add_column("class")
+    table.add_column("index", justify="right")
+    table.add_column("probability", justify="right")
+    for rank, prediction in enumerate(report["predictions"], start=1):
+        table.add_row(str(rank), _shown_text(prediction["label"] if prediction["label"] is not None else "—"),
+                      str(prediction["index"]), f"{prediction['prob']:.4f}")
+    console.print(table)
+    target = report["target"]
+    layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
+    console.print(f"Explained class {_shown_text(target['label'] or target['index'])} with "
+                  f"{', '.join(report['methods'])}{layer}.")
+    folder = Path(report["outputs"]["directory"])
+    for method, files in report["outputs"]["maps"].items():
+        for kind, name in files.items():
+            console.print(f"  {method + ' ' + kind:<34} {_shown_text(folder / name)}", highlight=False,
+                          soft_wrap=True)
+    for key in ("report_json", "report_html"):
+        console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False,
+                      soft_wrap=True)
+
+
+def print_listing(title: str, columns: list[str], rows: list[list[Any]], *,
+                   prose: tuple[str, ...] = ()) -> None:
+    """A listing: on a terminal, aligned columns under ``title`` (a table whose ``prose`` columns,
+    sentences, wrap); anywhere else (a pipe, a file) a header line and one tab-separated line per
+    row, so that no name is ever wrapped or cut and ``cut -f`` works."""
+    cells = [["" if value is None else terminal_text(" ".join(str(value).split())) for value in row]
+             for row in rows]
+    if not sys.stdout.isatty():
+        with _reader_may_leave():
+            for line in [columns, *cells]:
+                click.echo("\t".join(line))
+        return
+    if not prose:
+        # Plain aligned columns: a box table of a thousand rows takes Rich a second to lay out.
+        widths = [max(len(line[index]) for line in [columns, *cells]) for index in range(len(columns))]
+        with _reader_may_leave():
+            click.echo(title)
+            for line in [columns, *cells]:
+                click.echo("  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=bool(prose))
+    for column in columns:
+        if column in prose:
+            table.add_column(column, min_width=12)
+        else:
+            table.add_column(column, no_wrap=True, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    Console(highlight=False).print(table, markup=False)
+
+
+def print_json(data: Any) -> None:
+    """What every ``--json`` prints, as ``run --json`` does."""
+    with _reader_may_leave():
+        click.echo(json.dumps(data, indent=2))
+
+
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """A listing piped into ``head`` loses its reader early: end quietly with the shell's SIGPIPE
+    status (141), as ``ls | head`` does, not with an error about a broken pipe."""
+    import os
+
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail the same way.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+
+
+def print_evaluation(evaluation: dict[str, Any]) -> None:
+    """An evaluation: the methods ranked by faithfulness, how far the metrics agree, the
+    randomization check and the verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluation_report import CONVENTION, shown_mean, shown_metrics, shown_number
+
+    table = Table(title=f"{evaluation['images']['ok']} images, ranked by faithfulness")
+    metrics = shown_metrics(evaluation)
+    uninformative = evaluation.get("uninformative", [])
+    table.add_column("method")
+    table.add_column("faithfulness ↑", justify="right")
+    for metric, display in metrics.items():
+        table.add_column(f"{display['label']} {display['arrow']}{'*' if metric in uninformative else ''}",
+                         justify="right")
+    for row in evaluation["ranking"]:
+        summary = evaluation["methods"][row["method"]]
+        name = row["method"] + (" (fails randomization)" if row["method"] in evaluation["randomization_failed"] else "")
+        table.add_row(name, shown_number(row["faithfulness"]),
+                      *[shown_mean(summary.get(metric), display)[0] for metric, display in metrics.items()])
+    # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
+    click.echo(CONVENTION)
+    if uninformative:
+        click.echo(f"* Uninformative on these images, left out of the ranking (no method separates from the "
+                   f"random map): {', '.join(uninformative)}.")
+    agreement = evaluation.get("agreement")
+    if agreement:
+        lowest = min((pair for pair in agreement["pairs"] if pair["tau"] is not None), key=lambda p: p["tau"])
+        click.echo(f"Agreement of the metrics on the order of the methods: mean Kendall τ "
+                   f"{shown_number(agreement['mean_tau'])} (lowest: {' · '.join(lowest['metrics'])} "
+                   f"{shown_number(lowest['tau'])}).")
+    check = evaluation.get("randomization")
+    if check:
+        click.echo(f"Randomization check on {check['images']} images (ρ after the head, or over the first "
+                   f"{check['early_steps']} steps, above {check['limit']} fails): "
+                   + ", ".join(f"{name} {shown_number(found['score'])} {found['verdict']}"
+                               for name, found in check["methods"].items()) + ".")
+    click.echo(evaluation["verdict"])
+    for name, reason in evaluation["settings"].get("left_out", {}).items():
+        click.echo(f"Left out {name}: {reason}", err=True)
