@@ -178,11 +178,14 @@ def test_lightning_checkpoint_explained_from_the_cli(tmp_path, four_class_resnet
 
 # --- timm train.py ------------------------------------------------------------------------------
 
-timm = pytest.importorskip("timm")
+@pytest.fixture(scope="module")
+def timm():
+    """timm, the timm plugin's dependency: only the cases that use it skip where it is missing."""
+    return pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")
-def timm_train_checkpoint(tmp_path_factory):
+def timm_train_checkpoint(tmp_path_factory, timm):
     """What timm's train.py (CheckpointSaver) writes, for a model torchvision does not have."""
     torch.manual_seed(1)
     trained = timm.create_model("convnext_atto", num_classes=6).eval()
@@ -234,7 +237,7 @@ def test_timm_train_checkpoint_with_ema_explained_from_the_cli(tmp_path, timm_tr
 # --- a name two plugins know --------------------------------------------------------------------
 
 @pytest.mark.heavy
-def test_a_name_two_plugins_know_takes_the_builder_the_weights_fit(tmp_path):
+def test_a_name_two_plugins_know_takes_the_builder_the_weights_fit(tmp_path, timm):
     torch.manual_seed(2)
     timm_model = timm.create_model("convnext_tiny", num_classes=5).eval()
     path = tmp_path / "convnext.pt"
@@ -249,7 +252,7 @@ def test_a_name_two_plugins_know_takes_the_builder_the_weights_fit(tmp_path):
     assert loaded.plugin.name == "torchvision" and _same_outputs(loaded.module, torchvision_model)
 
 
-def test_weights_neither_plugin_fits_list_both_candidates_with_their_prefix(tmp_path):
+def test_weights_neither_plugin_fits_list_both_candidates_with_their_prefix(tmp_path, timm):
     path = tmp_path / "other.pt"
     torch.save(timm.create_model("convnext_atto", num_classes=5).state_dict(), path)
     with pytest.raises(ModelLoadError) as error:
@@ -259,7 +262,7 @@ def test_weights_neither_plugin_fits_list_both_candidates_with_their_prefix(tmp_
     assert "\n" not in message
 
 
-def test_an_explicit_plugin_prefix_selects_that_plugin(tmp_path):
+def test_an_explicit_plugin_prefix_selects_that_plugin(tmp_path, timm):
     torch.manual_seed(3)
     model = timm.create_model("resnet18", num_classes=3).eval()  # the same keys as torchvision's
     path = tmp_path / "resnet.pt"
@@ -272,8 +275,8 @@ def test_an_explicit_plugin_prefix_selects_that_plugin(tmp_path):
 @pytest.mark.parametrize("arch, suggested", [
     pytest.param("convnext", "convnext_atto", marks=pytest.mark.heavy),  # ~20 timm builds (meta)
     ("ResNet", "resnet50")])
-def test_a_class_name_as_arch_gets_a_did_you_mean(tmp_path, arch, suggested):
-    weights = (timm.create_model("convnext_atto", num_classes=3) if arch == "convnext"
+def test_a_class_name_as_arch_gets_a_did_you_mean(tmp_path, request, arch, suggested):
+    weights = (request.getfixturevalue("timm").create_model("convnext_atto", num_classes=3) if arch == "convnext"
                else torchvision.models.resnet50(num_classes=3)).state_dict()
     path = tmp_path / "checkpoint.pth"
     torch.save({"arch": arch, "state_dict": weights}, path)  # timm writes type(model).__name__.lower()

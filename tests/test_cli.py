@@ -318,14 +318,32 @@ def test_bad_method_options_fail_cleanly(tmp_path, sample_resnet_file, sample_vi
     _assert_clean_failure(result, message)
 
 
-def test_samples_sets_the_masks_of_rise(tmp_path, resnet_state_dict_file, photo):
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--num-classes", "5",
-                  "--size", "64", "--method", "rise", "--samples", "8", "--batch-size", "4",
-                  "--out", tmp_path / "out", "--json")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["methods"] == ["rise"] and report["options"]["samples"] == 8
-    assert (Path(report["outputs"]["directory"]) / "heatmap-rise.npy").is_file()
+def test_samples_sets_how_many_masked_images_rise_forwards(tmp_path, resnet_state_dict_file, photo):
+    """--samples is RISE's number of random masks: each is one masked image through the model, so
+    asking for 8 more masks forwards exactly 8 more images (counted at the model's own forward)."""
+    import torch
+    import torchvision
+
+    forwarded: list[int] = []
+
+    def count_images(module, inputs):
+        if isinstance(module, torchvision.models.ResNet):
+            forwarded[-1] += inputs[0].shape[0]
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count_images)
+    try:
+        for samples in (8, 16):
+            forwarded.append(0)
+            result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--num-classes", "5",
+                          "--size", "64", "--method", "rise", "--samples", samples, "--batch-size", "4",
+                          "--out", tmp_path / f"out-{samples}", "--json")
+            assert result.exit_code == 0, result.output
+            report = json.loads(result.output)
+            assert report["methods"] == ["rise"]
+            assert (Path(report["outputs"]["directory"]) / "heatmap-rise.npy").is_file()
+    finally:
+        hook.remove()
+    assert forwarded[0] >= 8 and forwarded[1] - forwarded[0] == 8, forwarded
 
 
 def test_lrp_on_a_resnet_fails_in_one_line(tmp_path, resnet_state_dict_file, photo):
