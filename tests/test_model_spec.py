@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import attnexplain.batch as batch_module
-from attnexplain.batch import BatchSettings, file_sha256, fingerprint, run_batch
+import attnexplain.batch_ledger as batch_ledger
+from attnexplain.batch import run_batch
+from attnexplain.batch_stages import BatchSettings
+from attnexplain.records import file_sha256, fingerprint
 from attnexplain.cli import main
 from attnexplain.errors import AttnExplainError
 from attnexplain.evaluation_log import run_fingerprint
@@ -112,13 +114,13 @@ def test_a_batch_run_records_the_model_spec_and_fingerprint_the_dict_gave(tmp_pa
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"class {index}" for index in range(5)))
     given = []
-    real = batch_module.fingerprint
+    real = batch_ledger.fingerprint
 
     def recorded(model_spec, settings, plan=None):
         given.append((model_spec, settings, plan))
         return real(model_spec, settings, plan)
 
-    monkeypatch.setattr(batch_module, "fingerprint", recorded)
+    monkeypatch.setattr(batch_ledger, "fingerprint", recorded)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["batch", str(resnet_state_dict_file), str(photos), "--arch", "resnet18",
                                        "--labels", str(labels), "--arch-kwargs", '{"num_classes": 5}',
