@@ -13,13 +13,30 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["explain", "Explanation", "load_model", "LoadedModel", "load_image", "LoadedImage",
-           "MethodOptions", "ModelPlugin", "AttnExplainError", "METHODS"]
+__all__ = [
+    "explain",
+    "Explanation",
+    "load_model",
+    "LoadedModel",
+    "load_image",
+    "LoadedImage",
+    "MethodOptions",
+    "ModelPlugin",
+    "AttnExplainError",
+    "METHODS",
+]
 
 _HOMES = {
-    "explain": "explanation", "Explanation": "explanation", "load_model": "loading", "LoadedModel": "loading",
-    "load_image": "images", "LoadedImage": "images", "ModelPlugin": "plugins",
-    "AttnExplainError": "errors", "METHODS": "methods", "MethodOptions": "options",
+    "explain": "explanation",
+    "Explanation": "explanation",
+    "load_model": "loading",
+    "LoadedModel": "loading",
+    "load_image": "images",
+    "LoadedImage": "images",
+    "ModelPlugin": "plugins",
+    "AttnExplainError": "errors",
+    "METHODS": "methods",
+    "MethodOptions": "options",
 }
 
 

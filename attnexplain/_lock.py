@@ -41,10 +41,18 @@ def output_lock(folder: Path) -> Iterator[None]:
     # O_NOFOLLOW: a link planted there must not make us write elsewhere.
     fd = _open_lock(folder, os.O_RDWR | os.O_CREAT)
     try:
-        _take(fd, folder, fcntl.LOCK_EX, "is in use by another attnexplain run",
-              "wait for it to finish or choose another --out")
-        note = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _take(
+            fd,
+            folder,
+            fcntl.LOCK_EX,
+            "is in use by another attnexplain run",
+            "wait for it to finish or choose another --out",
+        )
+        note = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(note).encode("utf-8"), 0)
@@ -65,8 +73,7 @@ def reading_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        _take(fd, folder, fcntl.LOCK_SH, "is being written by another attnexplain run",
-              "wait for it to finish")
+        _take(fd, folder, fcntl.LOCK_SH, "is being written by another attnexplain run", "wait for it to finish")
         yield
     finally:
         os.close(fd)
@@ -82,8 +89,7 @@ def _open_lock(folder: Path, flags: int) -> int | None:
             raise AttnExplainError(f"Cannot lock {folder}: it does not exist.") from None
         return None
     except OSError as error:
-        raise AttnExplainError(f"Cannot lock {folder}: {path} cannot be opened "
-                               f"({error.strerror or error}).") from None
+        raise AttnExplainError(f"Cannot lock {folder}: {path} cannot be opened ({error.strerror or error}).") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise AttnExplainError(f"Cannot lock {folder}: {path} is not a regular file.")

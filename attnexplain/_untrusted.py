@@ -41,5 +41,7 @@ def terminal_text(value: Any) -> str:
     text = str(value)
     if text.isprintable():  # the common case, in C
         return text
-    return "".join(char.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(char) in _NOT_SHOWN else char for char in text)
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in _NOT_SHOWN else char
+        for char in text
+    )

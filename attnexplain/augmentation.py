@@ -13,8 +13,9 @@ from .errors import NothingToExplain
 MapsOf = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def augmentation_smoothing(maps_of: MapsOf, batch: torch.Tensor,
-                           plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def augmentation_smoothing(
+    maps_of: MapsOf, batch: torch.Tensor, plain: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Average each map over the image, its mirror image and zoomed-in copies, each mapped back.
 
     Zooming crops the centre and resizes it back to the input size (the model keeps its input
@@ -36,10 +37,11 @@ def augmentation_smoothing(maps_of: MapsOf, batch: torch.Tensor,
                 continue
             for name, heatmap in copy.items():
                 restored = heatmap.flip(-1) if flip else heatmap
-                shrunk = F.interpolate(restored[:, None], size=(crop_h, crop_w), mode="bilinear",
-                                       align_corners=False)[:, 0]
-                sums[name][:, top:top + crop_h, left:left + crop_w] += shrunk
-            counts[top:top + crop_h, left:left + crop_w] += 1
+                shrunk = F.interpolate(restored[:, None], size=(crop_h, crop_w), mode="bilinear", align_corners=False)[
+                    :, 0
+                ]
+                sums[name][:, top : top + crop_h, left : left + crop_w] += shrunk
+            counts[top : top + crop_h, left : left + crop_w] += 1
     return {name: total / counts for name, total in sums.items()}
 
 
@@ -47,7 +49,7 @@ def _augment(batch: torch.Tensor, flip: bool, zoom: float):
     height, width = batch.shape[-2:]
     crop_h, crop_w = round(height / zoom), round(width / zoom)
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    augmented = batch[..., top:top + crop_h, left:left + crop_w]
+    augmented = batch[..., top : top + crop_h, left : left + crop_w]
     if zoom != 1.0:
         augmented = F.interpolate(augmented, size=(height, width), mode="bilinear", align_corners=False)
     if flip:

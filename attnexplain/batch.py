@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,11 +40,22 @@ from .model_spec import ModelSpec
 from .records import read_results
 
 
-def run_batch(loaded, model_spec: ModelSpec | dict[str, Any], input_specs: Sequence[str], out: Path,
-              settings: BatchSettings, *, resume: bool = False, shard: tuple[int, int] | None = None,
-              quiet: bool = False, device: str | None = None, refresh_every: int = 20,
-              on_batch: Callable[[int], None] | None = None, cluster=None,
-              overwrite: bool = False) -> BatchRun:
+def run_batch(
+    loaded,
+    model_spec: ModelSpec | dict[str, Any],
+    input_specs: Sequence[str],
+    out: Path,
+    settings: BatchSettings,
+    *,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+    quiet: bool = False,
+    device: str | None = None,
+    refresh_every: int = 20,
+    on_batch: Callable[[int], None] | None = None,
+    cluster=None,
+    overwrite: bool = False,
+) -> BatchRun:
     """Explain every image ``input_specs`` names into ``out``; see the module's docstring.
 
     An ``out`` that holds an earlier run's explained images is refused (:class:`EarlierRun`) unless
@@ -61,8 +72,10 @@ def run_batch(loaded, model_spec: ModelSpec | dict[str, Any], input_specs: Seque
     started = time.perf_counter()
     model_spec = ModelSpec.of(model_spec)  # the dict of its fields, as before there was a ModelSpec
     if cluster is not None and (settings.parallel_batches or 1) > 1:
-        raise AttnExplainError("parallel_batches is for the local engine; on Ray, the cluster's "
-                               "workers (model actors) explain batches at once.")
+        raise AttnExplainError(
+            "parallel_batches is for the local engine; on Ray, the cluster's "
+            "workers (model actors) explain batches at once."
+        )
     out = Path(out)
     inputs = collect_inputs(input_specs, exclude=out)
     if not inputs.images:
@@ -83,10 +96,36 @@ def run_batch(loaded, model_spec: ModelSpec | dict[str, Any], input_specs: Seque
             _refuse_earlier_run(out, resume, overwrite)  # under the lock: no run adds records meanwhile
             remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
             if cluster is not None:
-                return run_on_ray(model_spec, input_specs, inputs, out, settings, cluster, resume,
-                                  shard, quiet, refresh_every, on_batch, started, loaded)
-            return _run_locked(loaded, model_spec, input_specs, inputs, out, settings, resume, shard,
-                               quiet, device, refresh_every, on_batch, started)
+                return run_on_ray(
+                    model_spec,
+                    input_specs,
+                    inputs,
+                    out,
+                    settings,
+                    cluster,
+                    resume,
+                    shard,
+                    quiet,
+                    refresh_every,
+                    on_batch,
+                    started,
+                    loaded,
+                )
+            return _run_locked(
+                loaded,
+                model_spec,
+                input_specs,
+                inputs,
+                out,
+                settings,
+                resume,
+                shard,
+                quiet,
+                device,
+                refresh_every,
+                on_batch,
+                started,
+            )
 
 
 class EarlierRun(AttnExplainError):
@@ -115,15 +154,19 @@ def _refuse_earlier_run(out: Path, resume: bool, overwrite: bool) -> None:
     the gallery and the summary. ``resume`` keeps them (for this run's inputs); ``overwrite`` replaces
     them (their folders stay until an image of the same name is written again)."""
     if resume and overwrite:
-        raise AttnExplainError("--resume keeps the earlier run's records in --out and --overwrite "
-                               "replaces them: give one of them.")
+        raise AttnExplainError(
+            "--resume keeps the earlier run's records in --out and --overwrite replaces them: give one of them."
+        )
     if resume or overwrite:
         return
     explained = sum(record.get("status") == "ok" for record in read_results(out / RESULTS_JSONL))
     if explained:
-        raise EarlierRun(f"{out} holds an earlier run's results ({explained} explained image(s) in "
-                         f"{RESULTS_JSONL}): add --resume to keep them and explain only what is new "
-                         f"or changed, or --overwrite to replace them, or choose another --out.")
+        raise EarlierRun(
+            f"{out} holds an earlier run's results ({explained} explained image(s) in "
+            f"{RESULTS_JSONL}): add --resume to keep them and explain only what is new "
+            f"or changed, or --overwrite to replace them, or choose another --out."
+        )
+
 
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity: a container's or ``taskset``'s limit),
@@ -148,9 +191,21 @@ def default_workers(device_type: str, cores: int | None = None) -> int:
     return max(2, (cores - 1) // 2)
 
 
-def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settings: BatchSettings,
-                resume: bool, shard, quiet: bool, device, refresh_every: int, on_batch,
-                started: float) -> BatchRun:
+def _run_locked(
+    loaded,
+    model_spec,
+    input_specs,
+    inputs: Inputs,
+    out: Path,
+    settings: BatchSettings,
+    resume: bool,
+    shard,
+    quiet: bool,
+    device,
+    refresh_every: int,
+    on_batch,
+    started: float,
+) -> BatchRun:
     import torch
 
     from .replicas import ModelReplicas, default_parallel_batches
@@ -224,9 +279,17 @@ def _run_locked(loaded, model_spec, input_specs, inputs: Inputs, out: Path, sett
                 if item is None:
                     exhausted = True
                     break
-                pending_reads.append(readers.submit(read_image, item, key_prefix, run.done_keys,
-                                                    preprocessing, settings.max_pixels,
-                                                    settings.overlay_size))
+                pending_reads.append(
+                    readers.submit(
+                        read_image,
+                        item,
+                        key_prefix,
+                        run.done_keys,
+                        preprocessing,
+                        settings.max_pixels,
+                        settings.overlay_size,
+                    )
+                )
             if not pending_reads:
                 return
             yield pending_reads.popleft().result()

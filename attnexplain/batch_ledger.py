@@ -51,7 +51,6 @@ class BatchRun:
         return EXIT_SOME_FAILED if self.failed or self.report_error or self.dropped_records else 0
 
 
-
 @dataclass
 class RunStart:
     """What both engines decide on the driver before any image is read: the images of this run,
@@ -65,42 +64,70 @@ class RunStart:
     ledger: "RunLedger"
 
 
-def start_run(loaded, model_spec, input_specs, inputs: Inputs, out: Path, settings: BatchSettings,
-              resume: bool, shard, quiet: bool, started: float) -> RunStart:
+def start_run(
+    loaded,
+    model_spec,
+    input_specs,
+    inputs: Inputs,
+    out: Path,
+    settings: BatchSettings,
+    resume: bool,
+    shard,
+    quiet: bool,
+    started: float,
+) -> RunStart:
     """The images of this run (its shard), its plan and its ledger, holding the records of an
     earlier run that still stand (``resume``)."""
     from .planning import plan_explanation
 
     selected = [item for item in inputs.images if in_shard(item.relative, shard)]
     missing = [(spec, reason) for spec, reason in inputs.missing if in_shard(spec, shard)]
-    plan = plan_explanation(loaded, settings.method, settings.layer, size=settings.size,
-                            mean=settings.mean, std=settings.std)
+    plan = plan_explanation(
+        loaded, settings.method, settings.layer, size=settings.size, mean=settings.mean, std=settings.std
+    )
     key_prefix = fingerprint(model_spec, settings, plan)
-    meta = {"model": loaded.describe(), "model_spec": {k: (str(v) if v is not None else None)
-                                                       for k, v in model_spec.identity().items()},
-            "options": settings.describe(), "preprocessing": plan.preprocessing.as_dict(),
-            "methods": [m.name for m in plan.methods], "layers": plan.layers, "fingerprint": key_prefix,
-            "shard": list(shard) if shard else None, "inputs": [str(s) for s in input_specs],
-            "root": str(inputs.root) if inputs.root else None,
-            "skipped_inputs": [{"path": path, "reason": reason} for path, reason in inputs.skipped]}
+    meta = {
+        "model": loaded.describe(),
+        "model_spec": {k: (str(v) if v is not None else None) for k, v in model_spec.identity().items()},
+        "options": settings.describe(),
+        "preprocessing": plan.preprocessing.as_dict(),
+        "methods": [m.name for m in plan.methods],
+        "layers": plan.layers,
+        "fingerprint": key_prefix,
+        "shard": list(shard) if shard else None,
+        "inputs": [str(s) for s in input_specs],
+        "root": str(inputs.root) if inputs.root else None,
+        "skipped_inputs": [{"path": path, "reason": reason} for path, reason in inputs.skipped],
+    }
 
     wanted = {item.relative for item in selected}
     # Per image, not per content: two files with the same bytes are two images, each with its row.
     root = Path(os.path.realpath(out))  # the records' folders must resolve inside it
-    kept = {record["image"]: record for record in (read_results(out / RESULTS_JSONL) if resume else [])
-            if reusable_record(record, key_prefix, wanted, root)}
+    kept = {
+        record["image"]: record
+        for record in (read_results(out / RESULTS_JSONL) if resume else [])
+        if reusable_record(record, key_prefix, wanted, root)
+    }
     summary = BatchRun(total=len(selected) + len(missing), out=out, skipped_inputs=inputs.skipped)
     ledger = RunLedger(out, meta, kept, summary, quiet, started)
-    return RunStart(selected, missing, plan, key_prefix,
-                    {image: record["key"] for image, record in kept.items()}, ledger)
+    return RunStart(
+        selected, missing, plan, key_prefix, {image: record["key"] for image, record in kept.items()}, ledger
+    )
 
 
 class RunLedger:
     """The driver's book of a run: results.jsonl, the records the reports show, the counts and the
     progress output. Whatever engine explains the images, their records end here, one at a time."""
 
-    def __init__(self, out: Path, meta: dict[str, Any], kept: dict[str, dict[str, Any]],
-                 summary: BatchRun, quiet: bool, started: float) -> None:
+    def __init__(
+        self,
+        out: Path,
+        meta: dict[str, Any],
+        kept: dict[str, dict[str, Any]],
+        summary: BatchRun,
+        quiet: bool,
+        started: float,
+    ) -> None:
         try:
             self.log = ResultsLog(out / RESULTS_JSONL, kept.values())
         except OSError as error:  # a full disk before anything started
@@ -117,8 +144,11 @@ class RunLedger:
                 self.log.append(record)
             except (OSError, RecordTooLarge) as error:  # a full disk: the image fails, the run goes on
                 why = error.strerror or error if isinstance(error, OSError) else error
-                record = {**{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
-                          "status": "failed", "reason": f"Cannot record it in {RESULTS_JSONL}: {why}"}
+                record = {
+                    **{key: record.get(key) for key in ("image", "path", "key", "sha256", "timings")},
+                    "status": "failed",
+                    "reason": f"Cannot record it in {RESULTS_JSONL}: {why}",
+                }
                 if isinstance(error, RecordTooLarge):  # its failure, a few hundred bytes, is recorded
                     try:
                         self.log.append(record)
@@ -143,8 +173,12 @@ class RunLedger:
         """report.json, summary.csv and index.html from the records so far."""
         from .gallery import write_reports
 
-        meta_now = dict(self.meta, complete=complete, wall_s=round(time.perf_counter() - self.started, 3),
-                        interrupted=self.summary.interrupted)
+        meta_now = dict(
+            self.meta,
+            complete=complete,
+            wall_s=round(time.perf_counter() - self.started, 3),
+            interrupted=self.summary.interrupted,
+        )
         with self.lock:
             finished = sorted(self.records.values(), key=lambda r: r["image"])
         try:

@@ -23,6 +23,7 @@ THUMB_SIDE = 192
 
 # --- settings ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BatchSettings:
     """Everything besides the model that decides an image's outputs."""
@@ -52,9 +53,12 @@ class BatchSettings:
     metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.metrics.perturbation_values)
 
     def describe(self) -> dict[str, Any]:
-        data = {key: value for key, value in asdict(self).items()
-                if key not in ("options", "images_per_batch", "workers", "parallel_batches", "truth")
-                and not (key == "metrics" and not value)}  # runs without metrics keep their fingerprint
+        data = {
+            key: value
+            for key, value in asdict(self).items()
+            if key not in ("options", "images_per_batch", "workers", "parallel_batches", "truth")
+            and not (key == "metrics" and not value)
+        }  # runs without metrics keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -69,10 +73,18 @@ class BatchSettings:
 
 # --- the pure per-batch part -----------------------------------------------------------------------
 
-def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settings: BatchSettings,
-                  device, regions: Sequence[tuple[float, float, float, float]] | None = None,
-                  photo_sizes: Sequence[tuple[int, int]] | None = None,
-                  preprocessing=None) -> list[dict[str, Any]]:
+
+def explain_batch(
+    loaded,
+    tensors: list[Any],
+    methods,
+    layers: list[str],
+    settings: BatchSettings,
+    device,
+    regions: Sequence[tuple[float, float, float, float]] | None = None,
+    photo_sizes: Sequence[tuple[int, int]] | None = None,
+    preprocessing=None,
+) -> list[dict[str, Any]]:
     """A pure function of its inputs: (B, 3, h, w) → per image, its maps (``MethodMap`` per method,
     attention grids and gates included), predictions and target, a detector's boxes (on the photo
     of ``photo_sizes`` (width, height), whose part the model saw is the image's ``regions`` entry;
@@ -81,14 +93,21 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
     tensors were normalised (default: the model's), which says what ``--baseline black`` is."""
     import torch
 
-    from .errors import MethodError, NothingToExplain
     from .engine import compute_maps
+    from .errors import MethodError, NothingToExplain
     from .targets import boxes_on_photo, image_outcome
 
     batch = torch.cat(tensors).to(device)
     try:
-        computed = compute_maps(loaded, batch, methods, layers, target=settings.target,
-                                options=settings.options, preprocessing=preprocessing)
+        computed = compute_maps(
+            loaded,
+            batch,
+            methods,
+            layers,
+            target=settings.target,
+            options=settings.options,
+            preprocessing=preprocessing,
+        )
     except NothingToExplain as error:  # no image of the batch has anything to explain
         return [{"error": str(error)} for _ in tensors]
     probabilities = computed.probabilities.float().cpu()
@@ -100,9 +119,14 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
         if measured is not None:
             result["metrics"] = measured[index]
         try:
-            target, predictions = image_outcome(probabilities[index], int(targets[index]),
-                                                loaded.labels, settings.top_k,
-                                                target_given=settings.target is not None, methods=methods)
+            target, predictions = image_outcome(
+                probabilities[index],
+                int(targets[index]),
+                loaded.labels,
+                settings.top_k,
+                target_given=settings.target is not None,
+                methods=methods,
+            )
         except MethodError as error:  # this image only: the others of the batch are fine
             result["error"] = str(error)
         else:
@@ -112,8 +136,9 @@ def explain_batch(loaded, tensors: list[Any], methods, layers: list[str], settin
                 height, width = batch.shape[-2:]
                 region = regions[index] if regions is not None else (0.0, 0.0, float(width), float(height))
                 photo = photo_sizes[index] if photo_sizes is not None else (width, height)
-                result["detections"] = boxes_on_photo(computed.detections[index], target.index,
-                                                      loaded.labels, (height, width), region, photo)
+                result["detections"] = boxes_on_photo(
+                    computed.detections[index], target.index, loaded.labels, (height, width), region, photo
+                )
         results.append(result)
     return results
 
@@ -130,26 +155,44 @@ def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[s
     maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
     original = computed.probabilities.gather(1, computed.targets[:, None])[:, 0]
     values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics)
-    return [{name: {metric: round(float(value[b, m]), 6) for metric, value in values.items()
-                    if math.isfinite(float(value[b, m]))} for m, name in enumerate(names)}
-            for b in range(batch.shape[0])]
+    return [
+        {
+            name: {
+                metric: round(float(value[b, m]), 6)
+                for metric, value in values.items()
+                if math.isfinite(float(value[b, m]))
+            }
+            for m, name in enumerate(names)
+        }
+        for b in range(batch.shape[0])
+    ]
 
 
-def explain_decoded(loaded, chunk: list[Decoded], plan, settings: BatchSettings,
-                    device) -> tuple[list[dict[str, Any]], float]:
+def explain_decoded(
+    loaded, chunk: list[Decoded], plan, settings: BatchSettings, device
+) -> tuple[list[dict[str, Any]], float]:
     """:func:`explain_batch` on decoded images: their results and the model's seconds per image."""
     began = time.perf_counter()
-    results = explain_batch(loaded, [d.tensor for d in chunk], plan.methods, plan.layers, settings,
-                            device, regions=[d.box for d in chunk],
-                            photo_sizes=[d.pixels.shape[1::-1] for d in chunk],
-                            preprocessing=plan.preprocessing)
+    results = explain_batch(
+        loaded,
+        [d.tensor for d in chunk],
+        plan.methods,
+        plan.layers,
+        settings,
+        device,
+        regions=[d.box for d in chunk],
+        photo_sizes=[d.pixels.shape[1::-1] for d in chunk],
+        preprocessing=plan.preprocessing,
+    )
     return results, (time.perf_counter() - began) / len(chunk)
 
 
 # --- an image's folder -----------------------------------------------------------------------------
 
-def write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings,
-                model_s: float) -> dict[str, Any]:
+
+def write_image(
+    out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings, model_s: float
+) -> dict[str, Any]:
     """One image's folder, atomically: per method the files ``attnexplain run`` writes (see
     :func:`attnexplain.report.write_method_outputs`) and a thumbnail, and the detail page."""
     from ._atomic import atomic_directory
@@ -166,20 +209,32 @@ def write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: B
     try:
         with atomic_directory(out / output) as staging:
             for name, method_map in result["maps"].items():
-                overlay = render_explained_overlay(decoded.pixels, method_map.heatmap, decoded.box,
-                                                   settings.alpha, result.get("detections"),
-                                                   settings.colormap)
-                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format,
-                                               settings.colormap)
+                overlay = render_explained_overlay(
+                    decoded.pixels,
+                    method_map.heatmap,
+                    decoded.box,
+                    settings.alpha,
+                    result.get("detections"),
+                    settings.colormap,
+                )
+                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format, settings.colormap)
                 files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
                 (staging / files[name]["thumb"]).write_bytes(
-                    encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))
+                    encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80)
+                )
             first = next(iter(result["maps"].values()))
             record = {
-                "image": decoded.item.relative, "path": str(decoded.item.path), "status": "ok",
-                "key": decoded.key, "sha256": decoded.sha256, "output": output, "files": files,
-                "detail": f"{output}/{DETAIL_HTML}", "image_info": decoded.image_info,
-                "predictions": result["predictions"], "target": result["target"],
+                "image": decoded.item.relative,
+                "path": str(decoded.item.path),
+                "status": "ok",
+                "key": decoded.key,
+                "sha256": decoded.sha256,
+                "output": output,
+                "files": files,
+                "detail": f"{output}/{DETAIL_HTML}",
+                "image_info": decoded.image_info,
+                "predictions": result["predictions"],
+                "target": result["target"],
                 "methods": list(result["maps"]),
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
                 "layer": ",".join(first.layers) or None,
@@ -187,15 +242,24 @@ def write_image(out: Path, decoded: Decoded, result: dict[str, Any], settings: B
                 **({"metrics": result["metrics"]} if "metrics" in result else {}),
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
                 "photo": PHOTO_JPG,
-                **({"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
-                   if settings.truth is not None else {}),
+                **(
+                    {"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
+                    if settings.truth is not None
+                    else {}
+                ),
             }
-            (staging / PHOTO_JPG).write_bytes(encode_image(downscale(decoded.pixels, PHOTO_SIDE), ".jpg",
-                                                           quality=85))
+            (staging / PHOTO_JPG).write_bytes(encode_image(downscale(decoded.pixels, PHOTO_SIDE), ".jpg", quality=85))
             target = result["target"]
-            viewer = viewer_data(result["maps"], target["label"] or f"class {target['index']}", decoded.box,
-                                 decoded.pixels.shape[1::-1], DETAIL_MAP_SIDE, settings.colormap,
-                                 settings.alpha, result.get("detections"))
+            viewer = viewer_data(
+                result["maps"],
+                target["label"] or f"class {target['index']}",
+                decoded.box,
+                decoded.pixels.shape[1::-1],
+                DETAIL_MAP_SIDE,
+                settings.colormap,
+                settings.alpha,
+                result.get("detections"),
+            )
             (staging / DETAIL_HTML).write_text(render_detail(record, viewer, PHOTO_JPG), encoding="utf-8")
             record["timings"]["write_s"] = round(time.perf_counter() - began, 6)
     except Exception as error:  # noqa: BLE001 - a disk or encoding problem fails this image only

@@ -44,13 +44,18 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise MethodError(f"The model has no layer named {name!r}; "
-                          f"`attnexplain layers MODEL` lists the candidates.") from None
+        raise MethodError(
+            f"The model has no layer named {name!r}; `attnexplain layers MODEL` lists the candidates."
+        ) from None
 
 
 @contextmanager
-def capture_activations(model: nn.Module, names: list[str], sink: dict[str, torch.Tensor],
-                        select: Callable[[str, Any], torch.Tensor | None] | None = None) -> Iterator[None]:
+def capture_activations(
+    model: nn.Module,
+    names: list[str],
+    sink: dict[str, torch.Tensor],
+    select: Callable[[str, Any], torch.Tensor | None] | None = None,
+) -> Iterator[None]:
     """Record each named layer's output as a tensor that gradients can be taken with respect to.
 
     The first captured layer becomes a leaf of the autograd graph (nothing before it is recorded);
@@ -66,12 +71,15 @@ def capture_activations(model: nn.Module, names: list[str], sink: dict[str, torc
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            chosen = output if isinstance(output, torch.Tensor) else \
-                select(name, output) if select is not None else None
+            chosen = (
+                output if isinstance(output, torch.Tensor) else select(name, output) if select is not None else None
+            )
             if not isinstance(chosen, torch.Tensor):
-                raise MethodError(f"Layer {name!r} returns {type(output).__name__}, not a tensor, and "
-                                  f"its plugin does not say which of its parts to use; choose another "
-                                  f"layer with --layer.")
+                raise MethodError(
+                    f"Layer {name!r} returns {type(output).__name__}, not a tensor, and "
+                    f"its plugin does not say which of its parts to use; choose another "
+                    f"layer with --layer."
+                )
             # Downstream of another captured layer the output is already in the graph: keep it
             # there, so that gradients reach every captured layer.
             recorded = chosen if chosen.requires_grad else chosen.detach().requires_grad_(True)
@@ -104,8 +112,10 @@ def _with_part_replaced(name: str, output: Any, part: torch.Tensor, replacement:
             if element is part:
                 output[key] = replacement  # a ModelOutput keeps its attribute in step
                 return output
-    raise MethodError(f"The tensor chosen from layer {name!r}'s output is not one of its elements; "
-                      f"the plugin's select_output must return one of them as it is.")
+    raise MethodError(
+        f"The tensor chosen from layer {name!r}'s output is not one of its elements; "
+        f"the plugin's select_output must return one of them as it is."
+    )
 
 
 @contextmanager
@@ -140,8 +150,7 @@ def replaced_forward(module: nn.Module, wrapper) -> Iterator[None]:
 
 
 @contextmanager
-def capture_multihead_attention(model: nn.Module, names: list[str],
-                                sink: dict[str, torch.Tensor]) -> Iterator[None]:
+def capture_multihead_attention(model: nn.Module, names: list[str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
     """Record the per-head attention probabilities (B, heads, T, T) of ``nn.MultiheadAttention`` modules.
 
     Callers often pass ``need_weights=False`` so that PyTorch can use its fused kernel, which never
@@ -155,8 +164,10 @@ def capture_multihead_attention(model: nn.Module, names: list[str],
     def make_wrapper(name: str):
         def wrapper(original, *args, **kwargs):
             args = list(args)
-            for position, key, value in ((need_weights_position, "need_weights", True),
-                                         (average_position, "average_attn_weights", False)):
+            for position, key, value in (
+                (need_weights_position, "need_weights", True),
+                (average_position, "average_attn_weights", False),
+            ):
                 if len(args) > position:
                     args[position] = value
                 else:
@@ -171,8 +182,10 @@ def capture_multihead_attention(model: nn.Module, names: list[str],
         for name in names:
             module = _submodule(model, name)
             if not isinstance(module, nn.MultiheadAttention):
-                raise MethodError(f"Layer {name!r} is a {type(module).__name__}, not a "
-                                  f"MultiheadAttention; its plugin must say how to capture it.")
+                raise MethodError(
+                    f"Layer {name!r} is a {type(module).__name__}, not a "
+                    f"MultiheadAttention; its plugin must say how to capture it."
+                )
             stack.enter_context(replaced_forward(module, make_wrapper(name)))
         yield
 
@@ -209,8 +222,10 @@ def capture_softmax(model: nn.Module, names: list[str], record) -> Iterator[None
             with recorder:
                 output = original(*args, **kwargs)
             if len(recorder.results) != 1:
-                raise MethodError(f"Layer {name!r} computed {len(recorder.results)} softmaxes in one "
-                                  f"call, not one; its plugin must say which holds the attention.")
+                raise MethodError(
+                    f"Layer {name!r} computed {len(recorder.results)} softmaxes in one "
+                    f"call, not one; its plugin must say which holds the attention."
+                )
             record(name, module_of[name], args, recorder.results[0])
             return output
 
@@ -243,8 +258,9 @@ def shifted_window_positions(height: int, width: int, window: list[int], shift: 
 
 
 @contextmanager
-def capture_channel_gates(model: nn.Module, names: list[str],
-                          sink: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+def capture_channel_gates(
+    model: nn.Module, names: list[str], sink: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[None]:
     """Record squeeze-and-excitation gates: for each named block, (gates (B, C), input (B, C, H, W)).
 
     The block multiplies its input by ``scale_activation``'s output (the gate of each channel, in
@@ -266,16 +282,16 @@ def capture_channel_gates(model: nn.Module, names: list[str],
             block = _submodule(model, name)
             gate = getattr(block, "scale_activation", None)
             if not isinstance(gate, nn.Module):
-                raise MethodError(f"Layer {name!r} has no scale_activation; its plugin must say how to "
-                                  f"read its gates.")
+                raise MethodError(f"Layer {name!r} has no scale_activation; its plugin must say how to read its gates.")
             keep_input, keep_gates = make_hooks(name)
             stack.callback(block.register_forward_pre_hook(keep_input).remove)
             stack.callback(gate.register_forward_hook(keep_gates).remove)
         yield
 
 
-def attention_gradients(score: torch.Tensor, attentions: list[torch.Tensor],
-                        retain_graph: bool = False) -> list[torch.Tensor]:
+def attention_gradients(
+    score: torch.Tensor, attentions: list[torch.Tensor], retain_graph: bool = False
+) -> list[torch.Tensor]:
     """∂score/∂attention for recorded attention probabilities.
 
     A recorded tensor may be a view (``nn.MultiheadAttention`` returns its probabilities reshaped
@@ -319,8 +335,14 @@ Selector = Callable[[str, Any], "torch.Tensor | None"]
 Layouts = Callable[[str], "str | None"]
 
 
-def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[str, Any] | None = None,
-                 select: Selector | None = None, said: Layouts | None = None) -> list[LayerInfo]:
+def probe_layers(
+    model: nn.Module,
+    batch: torch.Tensor,
+    *,
+    forward_kwargs: dict[str, Any] | None = None,
+    select: Selector | None = None,
+    said: Layouts | None = None,
+) -> list[LayerInfo]:
     """List every submodule, with its output shape, in the order its (last) call finished.
 
     Shapes are propagated on the meta device (no arithmetic: ~35 ms for ResNet-50 where a forward
@@ -363,9 +385,15 @@ def probe_layers(model: nn.Module, batch: torch.Tensor, *, forward_kwargs: dict[
     return found
 
 
-def _probe(model: nn.Module, batch: torch.Tensor, kwargs: dict[str, Any] | None = None,
-           select: Selector | None = None, said: Layouts | None = None,
-           on_meta: bool = False, track_input: bool = True) -> list[LayerInfo]:
+def _probe(
+    model: nn.Module,
+    batch: torch.Tensor,
+    kwargs: dict[str, Any] | None = None,
+    select: Selector | None = None,
+    said: Layouts | None = None,
+    on_meta: bool = False,
+    track_input: bool = True,
+) -> list[LayerInfo]:
     finished: dict[str, LayerInfo] = {}
     # Layouts of the tensors seen so far, by identity (the tensors are kept, so ids stay theirs).
     layouts: dict[int, tuple[torch.Tensor, str]] = {}
@@ -415,8 +443,12 @@ def _probe(model: nn.Module, batch: torch.Tensor, kwargs: dict[str, Any] | None 
         if on_meta:  # the model's own tensors stay where they are; the call sees shapeless copies
             # Tied tensors are listed once: functional_call ties their other names to them.
             tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-            functional_call(model, {name: torch.empty_like(tensor, device="meta")
-                                    for name, tensor in tensors.items()}, (inputs,), kwargs or {})
+            functional_call(
+                model,
+                {name: torch.empty_like(tensor, device="meta") for name, tensor in tensors.items()},
+                (inputs,),
+                kwargs or {},
+            )
         else:
             model(inputs, **(kwargs or {}))
     return list(finished.values())

@@ -45,11 +45,20 @@ class CatalogRow:
 
     def as_dict(self) -> dict[str, Any]:
         """The row as ``attnexplain models --json`` prints it."""
-        return {"name": self.entry.name, "spec": self.spec, "plugin": self.plugin,
-                "task": self.entry.task, "input_size": self.entry.real_size,
-                "check_size": self.entry.input_size, "supported": self.entry.supported,
-                "note": self.entry.note, "method": self.method, "layer": self.layer,
-                "status": self.status, "seconds": self.seconds}
+        return {
+            "name": self.entry.name,
+            "spec": self.spec,
+            "plugin": self.plugin,
+            "task": self.entry.task,
+            "input_size": self.entry.real_size,
+            "check_size": self.entry.input_size,
+            "supported": self.entry.supported,
+            "note": self.entry.note,
+            "method": self.method,
+            "layer": self.layer,
+            "status": self.status,
+            "seconds": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,9 @@ def catalog_entries() -> list[tuple[ModelPlugin, CatalogEntry]]:
     return read_catalog().entries
 
 
-def select_entries(entries: list[tuple[ModelPlugin, CatalogEntry]], *, pattern: str | None = None,
-                   task: str | None = None) -> list[tuple[ModelPlugin, CatalogEntry]]:
+def select_entries(
+    entries: list[tuple[ModelPlugin, CatalogEntry]], *, pattern: str | None = None, task: str | None = None
+) -> list[tuple[ModelPlugin, CatalogEntry]]:
     """The entries of ``task`` whose name (or ``PREFIX:NAME``) contains ``pattern``, or matches it as
     a glob when it has ``*``, ``?`` or ``[``; case-insensitive."""
     from fnmatch import fnmatchcase
@@ -105,8 +115,9 @@ def select_entries(entries: list[tuple[ModelPlugin, CatalogEntry]], *, pattern: 
             return any(fnmatchcase(name, wanted) for name in names)
         return any(wanted in name for name in names)
 
-    return [(plugin, entry) for plugin, entry in entries
-            if (task is None or entry.task == task) and matches(plugin, entry)]
+    return [
+        (plugin, entry) for plugin, entry in entries if (task is None or entry.task == task) and matches(plugin, entry)
+    ]
 
 
 def plugin_listing() -> list[dict[str, Any]]:
@@ -120,15 +131,19 @@ def plugin_listing() -> list[dict[str, Any]]:
     for info in plugin_infos():
         plugin = info.plugin
         error = info.error or catalog.errors.get(info.name)
-        listed.append({
-            "name": info.name, "entry_point": info.entry_point, "distribution": info.distribution,
-            "version": info.version,
-            "api_version": plugin.api_version if plugin is not None else None,
-            "source_prefix": plugin.source_prefix if plugin is not None else None,
-            "families": [str(family) for family in plugin.families] if plugin is not None else [],
-            "models": counts.get(info.name, 0) if plugin is not None and info.name not in catalog.errors
-            else None,
-            "error": error})
+        listed.append(
+            {
+                "name": info.name,
+                "entry_point": info.entry_point,
+                "distribution": info.distribution,
+                "version": info.version,
+                "api_version": plugin.api_version if plugin is not None else None,
+                "source_prefix": plugin.source_prefix if plugin is not None else None,
+                "families": [str(family) for family in plugin.families] if plugin is not None else [],
+                "models": counts.get(info.name, 0) if plugin is not None and info.name not in catalog.errors else None,
+                "error": error,
+            }
+        )
     return listed
 
 
@@ -147,8 +162,9 @@ def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 
 def _method_record(method: "Method", plugin: str | None) -> dict[str, Any]:
-    record: dict[str, Any] = {field: str(getattr(method, field))
-                              for field in ("name", "family", "summary", "applies_to", "cost", "paper")}
+    record: dict[str, Any] = {
+        field: str(getattr(method, field)) for field in ("name", "family", "summary", "applies_to", "cost", "paper")
+    }
     return {**record, "needs_gradient": bool(method.needs_gradient), "plugin": plugin}
 
 
@@ -169,8 +185,10 @@ def _live_catalog(plugin: ModelPlugin) -> tuple[CatalogEntry, ...]:
     entries = tuple(plugin.catalog())
     for entry in entries:
         if not isinstance(entry, CatalogEntry) or _plain_fields(_cached_fields(entry)) is None:
-            raise PluginError(f"plugin {plugin.name}'s catalog() returned {type(entry).__name__} "
-                              f"{str(entry)[:80]!r}, not a CatalogEntry of plain values")
+            raise PluginError(
+                f"plugin {plugin.name}'s catalog() returned {type(entry).__name__} "
+                f"{str(entry)[:80]!r}, not a CatalogEntry of plain values"
+            )
     return entries
 
 
@@ -208,8 +226,7 @@ def _cached_catalog(info: PluginInfo) -> list[CatalogEntry]:
         items = [_cached_fields(entry) for entry in live]
         write_cache(path, key, items)
         return live
-    return [CatalogEntry(build=functools.partial(_build_live, plugin, item["name"]), **item)
-            for item in items]
+    return [CatalogEntry(build=functools.partial(_build_live, plugin, item["name"]), **item) for item in items]
 
 
 def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:
@@ -235,8 +252,14 @@ def _loaded(plugin: ModelPlugin, entry: CatalogEntry, module) -> "LoadedModel":
     from .plugins import select_plugin
 
     chosen = select_plugin(module)
-    return LoadedModel(module=module, source=f"{plugin.name}:{entry.name}", loader=plugin.name,
-                       architecture=entry.name, plugin=chosen, preprocessing=chosen.preprocessing(module))
+    return LoadedModel(
+        module=module,
+        source=f"{plugin.name}:{entry.name}",
+        loader=plugin.name,
+        architecture=entry.name,
+        plugin=chosen,
+        preprocessing=chosen.preprocessing(module),
+    )
 
 
 def describe_entry(plugin: ModelPlugin, entry: CatalogEntry) -> CatalogRow:
@@ -325,8 +348,7 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
             try:
                 result = explain(loaded, image, "auto", size=entry.input_size)
             except UniformScores:
-                return catalog_row(plugin, entry, status=f"ok: {RANDOM_UNIFORM}",
-                                   seconds=time.perf_counter() - started)
+                return catalog_row(plugin, entry, status=f"ok: {RANDOM_UNIFORM}", seconds=time.perf_counter() - started)
         heatmap = result.heatmap
         problems = []
         if not np.isfinite(heatmap).all():
@@ -338,9 +360,16 @@ def check_entry(plugin: ModelPlugin, entry: CatalogEntry, seed: int = 0) -> Cata
         if entry.task == "detection" and not any(box["explained"] for box in result.detections or []):
             problems.append("no detected box is marked as the one explained")
         status = "ok" if not problems else "failed: " + "; ".join(problems)
-        return catalog_row(plugin, entry, method=",".join(result.maps), layer=result.layer,
-                           status=status, seconds=time.perf_counter() - started)
+        return catalog_row(
+            plugin,
+            entry,
+            method=",".join(result.maps),
+            layer=result.layer,
+            status=status,
+            seconds=time.perf_counter() - started,
+        )
     except Exception as error:
         text = " ".join(str(error).split())[:200]
-        return catalog_row(plugin, entry, status=f"failed: {type(error).__name__}: {text}",
-                           seconds=time.perf_counter() - started)
+        return catalog_row(
+            plugin, entry, status=f"failed: {type(error).__name__}: {text}", seconds=time.perf_counter() - started
+        )

@@ -23,8 +23,15 @@ from .plugins import Detections
 from .preprocess import DEFAULT_SIZE, Preprocessing
 from .results import MethodMap
 from .running import model_failures
-from .targets import (NonFiniteScores, UniformScores, check_scores, explains_a_class, resolve_targets,
-                      uniform_scores, unusable_scores)
+from .targets import (
+    NonFiniteScores,
+    UniformScores,
+    check_scores,
+    explains_a_class,
+    resolve_targets,
+    uniform_scores,
+    unusable_scores,
+)
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -55,9 +62,15 @@ class BatchMaps:
         depth_maps = {name: numpy(maps) for name, maps in self.depth_maps.items()}
         images = []
         for index in range(len(self.targets)):
-            image = {name: MethodMap(name, np.array(values[index]), self.layers[name],
-                                     np.array(grids[name][index]) if name in grids else None)
-                     for name, values in heatmaps.items()}
+            image = {
+                name: MethodMap(
+                    name,
+                    np.array(values[index]),
+                    self.layers[name],
+                    np.array(grids[name][index]) if name in grids else None,
+                )
+                for name, values in heatmaps.items()
+            }
             for name, recorded in self.channel_gates.items():
                 image[name].gates = recorded.summary(image_index=index)
                 image[name].gate_maps = np.array(gate_maps[name][index])
@@ -67,10 +80,17 @@ class BatchMaps:
         return images
 
 
-def compute_maps(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Method], layers: list[str],
-                 *, target: int | str | None = None, options: MethodOptions | None = None,
-                 targets: torch.Tensor | None = None,
-                 preprocessing: Preprocessing | None = None) -> BatchMaps:
+def compute_maps(
+    loaded: "LoadedModel",
+    batch: torch.Tensor,
+    methods: list[Method],
+    layers: list[str],
+    *,
+    target: int | str | None = None,
+    options: MethodOptions | None = None,
+    targets: torch.Tensor | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
     ``target`` (an index or label) is explained for every image; by default each image's top-1
@@ -87,18 +107,24 @@ def compute_maps(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Metho
     with model_failures(loaded.module):
         computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black)
         if options.aug_smooth:
-            def maps_of(augmented: torch.Tensor) -> dict[str, torch.Tensor]:
-                return _compute_once(loaded, augmented, methods, layers, None, options, computed.targets,
-                                     black).maps
 
-            computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch,
-                                                                                 computed.maps))
+            def maps_of(augmented: torch.Tensor) -> dict[str, torch.Tensor]:
+                return _compute_once(loaded, augmented, methods, layers, None, options, computed.targets, black).maps
+
+            computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch, computed.maps))
     return computed
 
 
-def _compute_once(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Method], layers: list[str],
-                  target: int | str | None, options: MethodOptions,
-                  targets: torch.Tensor | None, black: torch.Tensor) -> BatchMaps:
+def _compute_once(
+    loaded: "LoadedModel",
+    batch: torch.Tensor,
+    methods: list[Method],
+    layers: list[str],
+    target: int | str | None,
+    options: MethodOptions,
+    targets: torch.Tensor | None,
+    black: torch.Tensor,
+) -> BatchMaps:
     module = loaded.module
     state: dict[str, Any] = {}
 
@@ -125,12 +151,14 @@ def _compute_once(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Meth
                 if all(uniform):
                     raise UniformScores(uniform[0])
         if "targets" not in state:
-            state["targets"] = targets.to(probabilities.device) if targets is not None else \
-                resolve_targets(target, state["probabilities"], loaded.labels)
+            state["targets"] = (
+                targets.to(probabilities.device)
+                if targets is not None
+                else resolve_targets(target, state["probabilities"], loaded.labels)
+            )
         return logits, state["targets"]
 
-    run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black,
-                  state=state)
+    run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black, state=state)
     unknown = [m.name for m in methods if m.family not in PASSES]
     if unknown:
         raise MethodError(f"No pass computes the family of {', '.join(unknown)}.")
@@ -141,8 +169,13 @@ def _compute_once(loaded: "LoadedModel", batch: torch.Tensor, methods: list[Meth
             made.add(run_pass(run, of_family))
     explained = run.targets()  # set by the first pass's forward (or now, when no pass ran)
     order = [m.name for m in methods]  # as asked for
-    return BatchMaps(probabilities=state["probabilities"], targets=explained,
-                     maps={name: made.maps[name] for name in order},
-                     layers={name: made.layers[name] for name in order},
-                     attention_grids=made.attention_grids, channel_gates=made.channel_gates,
-                     depth_maps=made.depth_maps, detections=state.get("detections"))
+    return BatchMaps(
+        probabilities=state["probabilities"],
+        targets=explained,
+        maps={name: made.maps[name] for name in order},
+        layers={name: made.layers[name] for name in order},
+        attention_grids=made.attention_grids,
+        channel_gates=made.channel_gates,
+        depth_maps=made.depth_maps,
+        detections=state.get("detections"),
+    )

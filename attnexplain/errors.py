@@ -61,9 +61,12 @@ class NothingToExplain(MethodError):
     """The model scores no class in this image (a detector found no box): an outcome of the image,
     so a batch records it for the images concerned and goes on."""
 
-    def __init__(self, message: str = "The model scores no class above 0 in this image (a detector "
-                                      "found no box above its score threshold), so there is "
-                                      "nothing to explain.") -> None:
+    def __init__(
+        self,
+        message: str = "The model scores no class above 0 in this image (a detector "
+        "found no box above its score threshold), so there is "
+        "nothing to explain.",
+    ) -> None:
         super().__init__(message)
 
 

@@ -29,9 +29,18 @@ from .evaluation_masks import object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
 from .formats import DEFAULT_COLORMAP
 from .inputs import NoImages, collect_inputs, decoded_chunks, failed_record, read_image
+from .metrics import (
+    LOCALISATION,
+    METRIC_VALUES,
+    PERTURBATION_METRICS,
+    RANDOM_MAP,
+    RANDOMIZATION_EARLY_STEPS,
+    MetricSettings,
+    cascade_steps,
+    perturbation_values,
+    randomization_scores,
+)
 from .model_spec import ModelSpec
-from .metrics import (LOCALISATION, METRIC_VALUES, PERTURBATION_METRICS, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS,
-                      MetricSettings, cascade_steps, perturbation_values, randomization_scores)
 
 EXAMPLE_IMAGES = 3
 #: Why ROAD is not a default metric: its noisy linear imputation is a sparse solve per perturbed copy
@@ -62,20 +71,28 @@ class EvaluationSettings:
         """Every setting that changes a measured number (for ``--resume``'s fingerprint)."""
         from .preprocess import normalize_size
 
-        metric_settings = {key: value for key, value in self.metric_settings.as_dict().items()
-                           if key != "batch_size"}  # how many copies per forward: the same numbers
-        return {"method": self.method if isinstance(self.method, str) else list(self.method),
-                "target": self.target, "layer": self.layer if isinstance(self.layer, (str, type(None)))
-                else list(self.layer), "size": list(normalize_size(self.size)) if self.size else None,
-                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
-                "max_pixels": self.max_pixels, "metric_settings": metric_settings,
-                "options": self.options.as_dict() if self.options is not None else None}
+        metric_settings = {
+            key: value for key, value in self.metric_settings.as_dict().items() if key != "batch_size"
+        }  # how many copies per forward: the same numbers
+        return {
+            "method": self.method if isinstance(self.method, str) else list(self.method),
+            "target": self.target,
+            "layer": self.layer if isinstance(self.layer, (str, type(None))) else list(self.layer),
+            "size": list(normalize_size(self.size)) if self.size else None,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "max_pixels": self.max_pixels,
+            "metric_settings": metric_settings,
+            "options": self.options.as_dict() if self.options is not None else None,
+        }
 
 
 # --- what to compute -----------------------------------------------------------------------------
 
-def explanation_metrics(explanation, metrics: Sequence[str],
-                        config: MetricSettings = MetricSettings()) -> dict[str, dict[str, float]]:
+
+def explanation_metrics(
+    explanation, metrics: Sequence[str], config: MetricSettings = MetricSettings()
+) -> dict[str, dict[str, float]]:
     """``{"<method>": {"<metric>": value}}`` for one :class:`~attnexplain.explanation.Explanation`:
     the perturbation metrics of each of its maps (what ``run --metrics`` puts in report.json)."""
     import torch
@@ -84,8 +101,10 @@ def explanation_metrics(explanation, metrics: Sequence[str],
 
     unknown = [name for name in metrics if name not in PERTURBATION_METRICS]
     if unknown:
-        raise MethodError(f"--metrics here takes {', '.join(PERTURBATION_METRICS)}, not {shown(unknown[0])} "
-                          f"(`attnexplain evaluate` measures the others).")
+        raise MethodError(
+            f"--metrics here takes {', '.join(PERTURBATION_METRICS)}, not {shown(unknown[0])} "
+            f"(`attnexplain evaluate` measures the others)."
+        )
     loaded = explanation.model
     device = next(iter(loaded.module.parameters()), torch.zeros(0)).device
     batch = prepare(explanation.image.pixels, explanation.preprocessing).tensor.to(device)
@@ -94,16 +113,18 @@ def explanation_metrics(explanation, metrics: Sequence[str],
     targets = torch.tensor([explanation.target.index], device=device)
     original = torch.tensor([explanation.target.prob])
     values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
-    return {name: {metric: rounded(value[0, m]) for metric, value in values.items()
-                   if math.isfinite(float(value[0, m]))} for m, name in enumerate(names)}
+    return {
+        name: {metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))}
+        for m, name in enumerate(names)
+    }
 
 
 def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> list[str]:
     """The method names to evaluate: ``default`` every method the model allows except those that cost
     many forwards per image (``Method.many_forwards``), ``all`` every one it allows, or the given
     names (checked)."""
-    from .planning import resolve_methods
     from .methods import METHODS
+    from .planning import resolve_methods
 
     if requested not in ("default", "all"):
         return [m.name for m in resolve_methods(loaded, requested)]
@@ -123,8 +144,11 @@ def chosen_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> li
     """Metric groups to compute: the requested ones (checked); ``"all"`` every one that applies; None
     (the default) every one that applies but ROAD (:data:`DEFAULT_LEAVES_OUT_ROAD`)."""
     if requested is None or requested == "all":
-        return [name for name in METRIC_VALUES if (has_masks or name not in LOCALISATION)
-                and (requested == "all" or name != "road")]
+        return [
+            name
+            for name in METRIC_VALUES
+            if (has_masks or name not in LOCALISATION) and (requested == "all" or name != "road")
+        ]
     unknown = [name for name in requested if name not in METRIC_VALUES]
     if unknown:
         raise MethodError(f"Unknown metric {shown(unknown[0])}; metrics: {', '.join(METRIC_VALUES)}.")
@@ -135,10 +159,21 @@ def chosen_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> li
 
 # --- the run -------------------------------------------------------------------------------------
 
-def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = EvaluationSettings(), *,
-             masks: Path | None = None, boxes: Path | None = None, exclude: Path | None = None,
-             device: str | None = None, out: Path | None = None, resume: bool = False, quiet: bool = True,
-             model_spec: ModelSpec | dict[str, Any] | None = None) -> dict[str, Any]:
+
+def evaluate(
+    loaded,
+    input_specs: Sequence[str],
+    settings: EvaluationSettings = EvaluationSettings(),
+    *,
+    masks: Path | None = None,
+    boxes: Path | None = None,
+    exclude: Path | None = None,
+    device: str | None = None,
+    out: Path | None = None,
+    resume: bool = False,
+    quiet: bool = True,
+    model_spec: ModelSpec | dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Measure every method on the images ``input_specs`` name (as ``batch`` takes them): returns the
     evaluation (what evaluation.json holds, plus ``examples`` for the page).
 
@@ -152,8 +187,7 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
     if out is None:
         if resume:
             raise AttnExplainError("Resuming needs the output folder of the earlier run.")
-        return _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, None, False, quiet,
-                         model_spec)
+        return _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, None, False, quiet, model_spec)
     from ._atomic import remove_stale_staging
     from ._lock import output_lock
 
@@ -164,8 +198,19 @@ def evaluate(loaded, input_specs: Sequence[str], settings: EvaluationSettings = 
         raise AttnExplainError(f"Cannot create the output folder {out}: {error.strerror or error}.") from None
     with output_lock(out):
         remove_stale_staging(out)  # what a killed run left: ours, since we hold the lock
-        return _evaluate(loaded, input_specs, settings, masks, boxes, out if exclude is None else exclude,
-                         device, out, resume, quiet, model_spec)
+        return _evaluate(
+            loaded,
+            input_specs,
+            settings,
+            masks,
+            boxes,
+            out if exclude is None else exclude,
+            device,
+            out,
+            resume,
+            quiet,
+            model_spec,
+        )
 
 
 def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out, resume, quiet, model_spec):
@@ -190,12 +235,12 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     method_names = applicable_methods(loaded, settings.method)
     if not method_names:
         raise MethodError("No method applies to this model.")
-    plan = plan_explanation(loaded, method_names, settings.layer, size=settings.size, mean=settings.mean,
-                            std=settings.std)
+    plan = plan_explanation(
+        loaded, method_names, settings.layer, size=settings.size, mean=settings.mean, std=settings.std
+    )
     options = settings.options or MethodOptions()
     run_device = torch.device(device) if device else model_device(loaded.module)
-    plan, left_out = _runnable(loaded, plan, options, run_device,
-                               explicit=settings.method not in ("default", "all"))
+    plan, left_out = _runnable(loaded, plan, options, run_device, explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]
     # Each image's random map and place among the randomized images follow its place in the inputs,
     # not the order it was measured in: a resumed run gives the numbers a whole run gives.
@@ -204,13 +249,15 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
     steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))
-    kept = (log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks, steps)
-            if resume else {})
+    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks, steps) if resume else {}
     paths = {item.relative: item.path for item in inputs.images}
     # A line stands only for the very bytes it measured: an image changed since is measured again,
     # and its old line must not be counted beside the new one.
-    kept = {image: line for image, line in kept.items()
-            if line["key"] == f"{key_prefix}:{_file_sha256_or_none(paths[image])}"}
+    kept = {
+        image: line
+        for image, line in kept.items()
+        if line["key"] == f"{key_prefix}:{_file_sha256_or_none(paths[image])}"
+    }
 
     records: list[dict[str, Any]] = []
     sums = CurveSums()
@@ -236,8 +283,13 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     for line in sorted(kept.values(), key=lambda line: position[line["image"]]):
         # What the line may not decide: the image's path and its class's label are this run's.
         index = line["target"]["index"]
-        records.append({**log_lines.shown_record(line), "path": str(paths[line["image"]]),
-                        "target": {"index": index, "label": _label(loaded.labels, index)}})
+        records.append(
+            {
+                **log_lines.shown_record(line),
+                "path": str(paths[line["image"]]),
+                "target": {"index": index, "label": _label(loaded.labels, index)},
+            }
+        )
         curves = log_lines.line_curves(line)
         add_curves(sums, curves)
         randomized["images"] += "randomization" in line
@@ -270,35 +322,57 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         def stage(name: str) -> None:
             progress.stage(f"{name} of {where}")
 
-        values, curves = _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan,
-                                        options, chunk, box_table, masks, randomize, stage)
+        values, curves = _chunk_metrics(
+            loaded,
+            batch,
+            maps,
+            computed,
+            names,
+            metrics,
+            settings,
+            plan,
+            options,
+            chunk,
+            box_table,
+            masks,
+            randomize,
+            stage,
+        )
         for i, decoded in enumerate(chunk):
             target = int(computed.targets[i])
-            record = {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "ok",
-                      "target": {"index": target, "label": _label(loaded.labels, target)},
-                      "probability": round(float(computed.probabilities[i, target]), 6),
-                      "metrics": {name: {metric: rounded(v[i, m]) for metric, v in values.items()
-                                         if not math.isnan(float(v[i, m]))}
-                                  for m, name in enumerate(names)}}
+            record = {
+                "image": decoded.item.relative,
+                "path": str(decoded.item.path),
+                "status": "ok",
+                "target": {"index": target, "label": _label(loaded.labels, target)},
+                "probability": round(float(computed.probabilities[i, target]), 6),
+                "metrics": {
+                    name: {metric: rounded(v[i, m]) for metric, v in values.items() if not math.isnan(float(v[i, m]))}
+                    for m, name in enumerate(names)
+                },
+            }
             if i in curves.get("mask_errors", {}):
                 record["mask_error"] = curves["mask_errors"][i]
             if "randomization" in curves and i < len(curves["randomization"]["spearman"]):
                 record["randomization"] = _randomization_record(curves["randomization"], i, names)
-            image_curves = {which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(names)}
-                            for which in ("deletion", "insertion") if which in curves}
+            image_curves = {
+                which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(names)}
+                for which in ("deletion", "insertion")
+                if which in curves
+            }
             if "fractions" in curves:
                 image_curves["fractions"] = [float(f) for f in curves["fractions"]]
             finish(record, decoded.key, image_curves)
         if len(examples) < EXAMPLE_IMAGES:
-            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples),
-                                      settings.colormap))
+            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples), settings.colormap))
 
     done_keys = {image: line["key"] for image, line in kept.items()}
     stopped = None
     try:
         # An image whose earlier line stands is passed over: it was counted above.
-        decoded = (read_image(item, key_prefix, done_keys, plan.preprocessing, settings.max_pixels)
-                   for item in inputs.images)
+        decoded = (
+            read_image(item, key_prefix, done_keys, plan.preprocessing, settings.max_pixels) for item in inputs.images
+        )
         for chunk in decoded_chunks(decoded, settings.images_per_batch, finish):
             run_chunk(chunk)
     except BaseException as error:  # Ctrl-C, SIGTERM/SIGHUP (attnexplain._signals), a failure
@@ -315,12 +389,26 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         # input order), whatever was reused or measured when: the bootstrap resamples by position.
         records.sort(key=lambda record: position.get(record["image"], -1))
         try:
-            evaluation = summarize(loaded, plan, names, metrics, settings, records, sums, examples,
-                                   time.perf_counter() - started, list(input_specs), left_out)
+            evaluation = summarize(
+                loaded,
+                plan,
+                names,
+                metrics,
+                settings,
+                records,
+                sums,
+                examples,
+                time.perf_counter() - started,
+                list(input_specs),
+                left_out,
+            )
             evaluation.update(complete=stopped is None, reused=len(kept))
             if stopped is not None:
-                evaluation["stopped"] = {"by": stopped, "images_measured": len(records),
-                                         "images_given": len(inputs.images) + len(inputs.missing)}
+                evaluation["stopped"] = {
+                    "by": stopped,
+                    "images_measured": len(records),
+                    "images_given": len(inputs.images) + len(inputs.missing),
+                }
             evaluation["settings"]["default_leaves_out"] = leaves_out(settings)
             if out is not None:
                 from .evaluation_report import write_evaluation
@@ -330,8 +418,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
             if stopped is not None:
                 pass  # the stop or failure under way is what the user must see; the log keeps the images
             elif isinstance(error, OSError):
-                raise AttnExplainError(f"Cannot write the evaluation into {out}: "
-                                       f"{error.strerror or error}.") from None
+                raise AttnExplainError(f"Cannot write the evaluation into {out}: {error.strerror or error}.") from None
             else:
                 raise
     return evaluation
@@ -344,15 +431,14 @@ def leaves_out(settings: EvaluationSettings) -> list[str]:
     if settings.method == "default":
         found.append("the methods that cost many forwards per image (--method all, or name them)")
     if settings.metrics is None:
-        found.append(f"ROAD, a sparse solve per perturbed copy ({DEFAULT_LEAVES_OUT_ROAD}; "
-                     f"--metrics all, or name it)")
+        found.append(f"ROAD, a sparse solve per perturbed copy ({DEFAULT_LEAVES_OUT_ROAD}; --metrics all, or name it)")
     config = settings.metric_settings
     if settings.metrics in (None, "all") or "randomization" in settings.metrics:
-        found.append(f"the randomization check beyond the first {config.randomization_images} images "
-                     f"(--randomization-images N)")
+        found.append(
+            f"the randomization check beyond the first {config.randomization_images} images (--randomization-images N)"
+        )
     if config.steps < FINE_STEPS:
-        found.append(f"deletion and insertion curves of {config.steps} steps (--steps {FINE_STEPS} for "
-                     f"finer ones)")
+        found.append(f"deletion and insertion curves of {config.steps} steps (--steps {FINE_STEPS} for finer ones)")
     return found
 
 
@@ -365,15 +451,16 @@ def _runnable(loaded, plan, options, device, explicit: bool):
 
     import torch
 
-    from .errors import NothingToExplain
     from .engine import compute_maps
+    from .errors import NothingToExplain
 
     blank = torch.zeros(1, 3, *plan.preprocessing.size, device=device)
     kept, left_out = [], {}
     for method in plan.methods:
         try:
-            compute_maps(loaded, blank, [method], plan.layers, target=0, options=options,
-                         preprocessing=plan.preprocessing)
+            compute_maps(
+                loaded, blank, [method], plan.layers, target=0, options=options, preprocessing=plan.preprocessing
+            )
         except NothingToExplain:  # about the blank input (nothing detected on it), not the method
             pass
         except MethodError as error:
@@ -401,12 +488,33 @@ def _file_sha256_or_none(path: Path) -> str | None:
 def _compute(loaded, batch, plan, settings, options):
     from .engine import compute_maps
 
-    return compute_maps(loaded, batch, plan.methods, plan.layers, target=settings.target, options=options,
-                        preprocessing=plan.preprocessing)
+    return compute_maps(
+        loaded,
+        batch,
+        plan.methods,
+        plan.layers,
+        target=settings.target,
+        options=options,
+        preprocessing=plan.preprocessing,
+    )
 
 
-def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan, options, chunk,
-                   box_table, masks_dir, randomize: int, stage: Callable[[str], None]):
+def _chunk_metrics(
+    loaded,
+    batch,
+    maps,
+    computed,
+    names,
+    metrics,
+    settings,
+    plan,
+    options,
+    chunk,
+    box_table,
+    masks_dir,
+    randomize: int,
+    stage: Callable[[str], None],
+):
     """Every metric of the chunk's maps; the randomization check on its first ``randomize`` images
     only (NaN for the others). ``stage`` is told each costly step as it starts (progress)."""
     import torch
@@ -419,18 +527,21 @@ def _chunk_metrics(loaded, batch, maps, computed, names, metrics, settings, plan
     stage("perturbations")
     values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
     if any(name in LOCALISATION for name in metrics):
-        masks, errors = object_masks(chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels,
-                                     tuple(batch.shape[-2:]))
-        found = localisation(maps.cpu(), masks, config.pointing_tolerance,
-                             photo_pixel_sizes(chunk, tuple(batch.shape[-2:])))
+        masks, errors = object_masks(
+            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:])
+        )
+        found = localisation(
+            maps.cpu(), masks, config.pointing_tolerance, photo_pixel_sizes(chunk, tuple(batch.shape[-2:]))
+        )
         values.update({name: found[name] for name in LOCALISATION if name in metrics})
         curves["mask_errors"] = errors
     if "randomization" in metrics:
         values["randomization"] = torch.full(maps.shape[:2], math.nan)
         if randomize > 0:  # the first images of the run only: enough for a per-method verdict
             stage("randomization")
-            scores, curves["randomization"] = _randomization(loaded, batch[:randomize], maps[:randomize],
-                                                             targets[:randomize], names, plan, options, config)
+            scores, curves["randomization"] = _randomization(
+                loaded, batch[:randomize], maps[:randomize], targets[:randomize], names, plan, options, config
+            )
             values["randomization"][:randomize] = scores
     return {name: value.float().cpu() for name, value in values.items()}, curves
 
@@ -448,18 +559,26 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     def maps_of(randomized, step: int) -> torch.Tensor:
         changed = dataclasses.replace(loaded, module=randomized)
         # The chance level: two independent random maps.
-        chance = random_maps(len(batch), tuple(batch.shape[-2:]),
-                             [10_000_019 * (step + 1) + i for i in range(len(batch))])
+        chance = random_maps(
+            len(batch), tuple(batch.shape[-2:]), [10_000_019 * (step + 1) + i for i in range(len(batch))]
+        )
         try:
-            computed = compute_maps(changed, batch, plan.methods, plan.layers, options=options, targets=targets,
-                                    preprocessing=plan.preprocessing)
+            computed = compute_maps(
+                changed,
+                batch,
+                plan.methods,
+                plan.layers,
+                options=options,
+                targets=targets,
+                preprocessing=plan.preprocessing,
+            )
         except AttnExplainError:  # e.g. a randomized detector that finds nothing: no value (NaN), no pass
-            return torch.cat([torch.full((len(batch), len(names) - 1, *batch.shape[-2:]), math.nan),
-                              chance[:, None]], dim=1)
+            return torch.cat(
+                [torch.full((len(batch), len(names) - 1, *batch.shape[-2:]), math.nan), chance[:, None]], dim=1
+            )
         return torch.stack([computed.maps[name].float().cpu() for name in names[:-1]] + [chance], dim=1)
 
-    similarities = randomization_similarities(loaded.module, maps_of, maps, config.randomization_steps,
-                                              config.seed)
+    similarities = randomization_similarities(loaded.module, maps_of, maps, config.randomization_steps, config.seed)
     _, early = randomization_scores(similarities, RANDOMIZATION_EARLY_STEPS)
     return torch.from_numpy(early), similarities
 
@@ -467,8 +586,13 @@ def _randomization(loaded, batch, maps, targets, names, plan, options, config):
 def _randomization_record(similarities: dict[str, np.ndarray], image: int, names) -> dict[str, Any]:
     """An image's ``"randomization"`` record entry: per method, per measure, the similarity after
     each step (null where it cannot be measured: JSON has no NaN)."""
-    return {name: {measure: [None if math.isnan(v) else rounded(v) for v in values[image, m]]
-                   for measure, values in similarities.items()} for m, name in enumerate(names)}
+    return {
+        name: {
+            measure: [None if math.isnan(v) else rounded(v) for v in values[image, m]]
+            for measure, values in similarities.items()
+        }
+        for m, name in enumerate(names)
+    }
 
 
 def _examples(chunk, maps, names, count, colormap: str):
@@ -480,8 +604,9 @@ def _examples(chunk, maps, names, count, colormap: str):
     for i, decoded in enumerate(chunk[:count]):
         overlays = {}
         for m, name in enumerate(names):
-            overlay = render_explained_overlay(decoded.pixels, maps[i, m].float().cpu().numpy(), decoded.box,
-                                               colormap=colormap)
+            overlay = render_explained_overlay(
+                decoded.pixels, maps[i, m].float().cpu().numpy(), decoded.box, colormap=colormap
+            )
             data = base64.b64encode(encode_image(downscale(overlay, 160), ".jpg", quality=80)).decode()
             overlays[name] = f"data:image/jpeg;base64,{data}"
         found.append({"image": decoded.item.relative, "overlays": overlays})

@@ -50,23 +50,30 @@ def read_boxes(path: Path) -> dict[str, list[list[float]]]:
     if isinstance(data, dict) and "annotations" in data and "images" in data:
         if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
             raise AttnExplainError(f"The COCO file {path} needs lists under images and annotations.")
-        names = {entry.get("id"): entry.get("file_name") for entry in data["images"]
-                 if isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
-                 and isinstance(entry.get("id"), (int, str))}
+        names = {
+            entry.get("id"): entry.get("file_name")
+            for entry in data["images"]
+            if isinstance(entry, dict)
+            and isinstance(entry.get("file_name"), str)
+            and isinstance(entry.get("id"), (int, str))
+        }
         boxes: dict[str, list] = {}
         for number, annotation in enumerate(data["annotations"], start=1):
             if not isinstance(annotation, dict):
                 continue
             image_id = annotation.get("image_id")
             if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
-                raise AttnExplainError(f"The COCO file {path}: annotation {number} has the image_id "
-                                       f"{shown(image_id)}, which is not an image's id (a number or text).")
+                raise AttnExplainError(
+                    f"The COCO file {path}: annotation {number} has the image_id "
+                    f"{shown(image_id)}, which is not an image's id (a number or text)."
+                )
             if image_id in names:
                 boxes.setdefault(names[annotation["image_id"]], []).append(annotation.get("bbox"))
         return boxes
     if not isinstance(data, dict):
-        raise AttnExplainError(f"The boxes file {path} must map file names to lists of [x, y, w, h] "
-                               f"boxes (or be a COCO file).")
+        raise AttnExplainError(
+            f"The boxes file {path} must map file names to lists of [x, y, w, h] boxes (or be a COCO file)."
+        )
     return {name: value for name, value in data.items() if isinstance(name, str)}
 
 
@@ -82,8 +89,13 @@ def boxes_mask(boxes: Any, width: int, height: int) -> np.ndarray:
     for box in boxes:
         # Each value a finite float (10**400 is not), and so are the far corner's (1e308 + 1e308 is not).
         values = [finite_number(v) for v in box] if isinstance(box, list) and len(box) == 4 else [None]
-        if (None in values or values[2] <= 0 or values[3] <= 0
-                or not math.isfinite(values[0] + values[2]) or not math.isfinite(values[1] + values[3])):
+        if (
+            None in values
+            or values[2] <= 0
+            or values[3] <= 0
+            or not math.isfinite(values[0] + values[2])
+            or not math.isfinite(values[1] + values[3])
+        ):
             raise MaskError(f"box {shown(box)} is not [x, y, width, height] with a positive, finite size")
         x, y, w, h = values
         left, top = min(width, max(0, math.floor(x))), min(height, max(0, math.floor(y)))
@@ -136,8 +148,9 @@ def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
                     raise MaskError("the boxes file has no entry for it")
                 photo_mask = boxes_mask(entry, width, height)
             else:
-                photo_mask = mask_file_mask(masks_dir / Path(decoded.item.relative).with_suffix(".png"),
-                                            width, height, max_pixels)
+                photo_mask = mask_file_mask(
+                    masks_dir / Path(decoded.item.relative).with_suffix(".png"), width, height, max_pixels
+                )
             result[i] = torch.from_numpy(model_frame_mask(photo_mask, preprocessing))
         except MaskError as error:
             errors[i] = f"No localisation for {decoded.item.relative}: {error}."
@@ -149,5 +162,10 @@ def photo_pixel_sizes(chunk, size: tuple[int, int]):
     tolerance is in the photo's pixels, as the paper's, whatever the model's input size."""
     import torch
 
-    return torch.tensor([[(decoded.box[3] - decoded.box[1]) / size[0], (decoded.box[2] - decoded.box[0]) / size[1]]
-                         for decoded in chunk], dtype=torch.float64)
+    return torch.tensor(
+        [
+            [(decoded.box[3] - decoded.box[1]) / size[0], (decoded.box[2] - decoded.box[0]) / size[1]]
+            for decoded in chunk
+        ],
+        dtype=torch.float64,
+    )

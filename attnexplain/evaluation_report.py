@@ -29,10 +29,12 @@ PLOT_WIDTH, PLOT_HEIGHT = 480, 300
 #: better"; shown as the drop (before − after), larger means a larger effect, as every other value.
 SHOWN_AS_DROP = ("road_morf", "road_lerf")
 #: The convention, stated once on the page and the terminal.
-CONVENTION = ("Every value is shown as a size of effect: areas under the probability curves, drops "
-              "of the target's probability (road_morf and road_lerf: before − after, stored in "
-              "evaluation.json as the change after − before), shares of images or of the map; "
-              "↑ higher is better, ↓ lower is better.")
+CONVENTION = (
+    "Every value is shown as a size of effect: areas under the probability curves, drops "
+    "of the target's probability (road_morf and road_lerf: before − after, stored in "
+    "evaluation.json as the change after − before), shares of images or of the map; "
+    "↑ higher is better, ↓ lower is better."
+)
 #: Line styles of the curves: methods differ by dash as well as by colour (colour-blind readers, print).
 DASHES = ("", "8,4", "2,3", "10,3,2,3", "4,4", "1,5", "12,6", "6,2,2,2,2,2")
 
@@ -46,29 +48,47 @@ def evaluation_csv(evaluation: dict[str, Any]) -> str:
     writer.writerow(["image", "status", "method", *metrics, "reason"])
     for record in evaluation["per_image"]:
         if record["status"] != "ok":
-            writer.writerow([spreadsheet_safe(record["image"]), "failed", "", *[""] * len(metrics),
-                             spreadsheet_safe(record.get("reason", ""))])
+            writer.writerow(
+                [
+                    spreadsheet_safe(record["image"]),
+                    "failed",
+                    "",
+                    *[""] * len(metrics),
+                    spreadsheet_safe(record.get("reason", "")),
+                ]
+            )
             continue
         for method, values in record["metrics"].items():
-            writer.writerow([spreadsheet_safe(record["image"]), "ok", spreadsheet_safe(method),
-                             *[values.get(metric, "") for metric in metrics],
-                             spreadsheet_safe(record.get("mask_error", ""))])
+            writer.writerow(
+                [
+                    spreadsheet_safe(record["image"]),
+                    "ok",
+                    spreadsheet_safe(method),
+                    *[values.get(metric, "") for metric in metrics],
+                    spreadsheet_safe(record.get("mask_error", "")),
+                ]
+            )
     return buffer.getvalue()
 
 
 def curve_paths(curves: dict[str, list[float]], fractions: list[float]) -> dict[str, str]:
     """Method → SVG polyline points of its mean curve (x: share of pixels, y: probability)."""
-    return {method: " ".join(f"{PLOT_WIDTH * x:.1f},{PLOT_HEIGHT * (1 - min(max(y, 0.0), 1.0)):.1f}"
-                             for x, y in zip(fractions, values))
-            for method, values in curves.items()}
+    return {
+        method: " ".join(
+            f"{PLOT_WIDTH * x:.1f},{PLOT_HEIGHT * (1 - min(max(y, 0.0), 1.0)):.1f}" for x, y in zip(fractions, values)
+        )
+        for method, values in curves.items()
+    }
 
 
 def band_path(band: list[list[float]] | None, fractions: list[float]) -> str | None:
     """SVG polygon points of the random map's band (per point [low, high]), or None."""
     if not band or len(band) != len(fractions):
         return None
+
     def point(x: float, y: float) -> str:
         return f"{PLOT_WIDTH * x:.1f},{PLOT_HEIGHT * (1 - min(max(y, 0.0), 1.0)):.1f}"
+
     upper = [point(x, high) for x, (_, high) in zip(fractions, band)]
     lower = [point(x, low) for x, (low, _) in zip(fractions, band)]
     return " ".join(upper + lower[::-1])
@@ -82,8 +102,15 @@ def pairs_of(pairwise: list[dict[str, Any]], method: str | None) -> list[dict[st
             found.append(pair)
         elif pair["other"] == method and pair["ci95"] is not None:
             low, high = pair["ci95"]
-            found.append({"method": method, "other": pair["method"], "difference": -pair["difference"],
-                          "ci95": [-high, -low], "images": pair["images"]})
+            found.append(
+                {
+                    "method": method,
+                    "other": pair["method"],
+                    "difference": -pair["difference"],
+                    "ci95": [-high, -low],
+                    "images": pair["images"],
+                }
+            )
     return found
 
 
@@ -101,35 +128,70 @@ def randomization_plots(evaluation: dict[str, Any]) -> dict[str, Any] | None:
         return PLOT_HEIGHT * (1 - (min(max(value, -1.0), 1.0) + 1) / 2)
 
     plots = []
-    for measure, title in (("judged", "Spearman ρ (the larger of signed and absolute; judged)"),
-                           ("ssim", "SSIM (signed map)")):
+    for measure, title in (
+        ("judged", "Spearman ρ (the larger of signed and absolute; judged)"),
+        ("ssim", "SSIM (signed map)"),
+    ):
         lines = {}
         for method, result in found["methods"].items():
             values = [1.0, *result["curves"][measure]]  # the trained model's map is itself
             lines[method] = " ".join(f"{x:.1f},{y(v):.1f}" for x, v in zip(xs, values) if v is not None)
         plots.append((title, lines))
-    return {"plots": plots, "ticks": list(zip(xs, ["trained", *steps])), "limit_y": y(found["limit"]),
-            "zero_y": y(0.0), "early_x": xs[min(found["early_steps"], len(steps))]}
+    return {
+        "plots": plots,
+        "ticks": list(zip(xs, ["trained", *steps])),
+        "limit_y": y(found["limit"]),
+        "zero_y": y(0.0),
+        "early_x": xs[min(found["early_steps"], len(steps))],
+    }
 
 
 def render_evaluation_html(evaluation: dict[str, Any]) -> str:
     fractions = evaluation["curves"]["fractions"]
     bands = evaluation["curves"].get("random_band", {})
-    plots = [(name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
-             for name in ("deletion", "insertion") if evaluation["curves"][name]]
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-               "#bcbd22", "#7f7f7f"]
+    plots = [
+        (name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
+        for name in ("deletion", "insertion")
+        if evaluation["curves"][name]
+    ]
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#17becf",
+        "#bcbd22",
+        "#7f7f7f",
+    ]
     colours, dashes = {}, {}
     for method in evaluation["methods"]:
         colours[method] = "#000" if method == RANDOM_MAP else palette[len(colours) % len(palette)]
         # 8 dashes beside 10 colours: the first 40 methods differ in colour or dash from each other.
         dashes[method] = "5,3" if method == RANDOM_MAP else DASHES[(len(dashes)) % len(DASHES)]
     best = evaluation.get("winner") or next(iter(evaluation.get("no_difference") or []), None)
-    return templates().get_template("evaluation.html.j2").render(
-        evaluation=evaluation, best=best, best_pairs=pairs_of(evaluation.get("pairwise", []), best),
-        metrics=shown_metrics(evaluation), plots=plots, colours=colours, dashes=dashes,
-        random_map=RANDOM_MAP, width=PLOT_WIDTH, height=PLOT_HEIGHT, shown=shown_number, shown_mean=shown_mean,
-        convention=CONVENTION, randomization=randomization_plots(evaluation))
+    return (
+        templates()
+        .get_template("evaluation.html.j2")
+        .render(
+            evaluation=evaluation,
+            best=best,
+            best_pairs=pairs_of(evaluation.get("pairwise", []), best),
+            metrics=shown_metrics(evaluation),
+            plots=plots,
+            colours=colours,
+            dashes=dashes,
+            random_map=RANDOM_MAP,
+            width=PLOT_WIDTH,
+            height=PLOT_HEIGHT,
+            shown=shown_number,
+            shown_mean=shown_mean,
+            convention=CONVENTION,
+            randomization=randomization_plots(evaluation),
+        )
+    )
 
 
 def shown_number(value: Any, sign: int = 1) -> str:
@@ -160,17 +222,23 @@ def shown_metrics(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     better = evaluation["settings"]["better"]
     # The randomization check has its own table (its judged score and verdict): a mean of the images'
     # early-step values beside it would be a second, different number under the same name.
-    metrics = dict.fromkeys(metric for summary in evaluation["methods"].values() for metric in summary
-                            if metric != "randomization" or not evaluation.get("randomization"))
+    metrics = dict.fromkeys(
+        metric
+        for summary in evaluation["methods"].values()
+        for metric in summary
+        if metric != "randomization" or not evaluation.get("randomization")
+    )
     return {metric: metric_display(metric, better[metric]) for metric in metrics}
 
 
 def write_evaluation(out: Path, evaluation: dict[str, Any]) -> dict[str, Path]:
     """Write the three files into ``out``; returns their paths."""
     report = {key: value for key, value in evaluation.items() if key != "examples"}
-    files = {EVALUATION_JSON: json.dumps(report, indent=2, allow_nan=False).encode(),
-             EVALUATION_CSV: evaluation_csv(evaluation).encode(),
-             EVALUATION_HTML: render_evaluation_html(evaluation).encode()}
+    files = {
+        EVALUATION_JSON: json.dumps(report, indent=2, allow_nan=False).encode(),
+        EVALUATION_CSV: evaluation_csv(evaluation).encode(),
+        EVALUATION_HTML: render_evaluation_html(evaluation).encode(),
+    }
     for name, data in files.items():
         write_bytes_atomic(out / name, data)
     return {name: out / name for name in files}

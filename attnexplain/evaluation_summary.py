@@ -15,9 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import (BETTER, METRIC_VALUES, RANDOM_MAP, RANDOMIZATION_EARLY_STEPS, RANDOMIZATION_LIMIT,
-                      SIMILARITIES, cascade_steps, judged_similarity, randomization_scores,
-                      randomization_verdict)
+from .metrics import (
+    BETTER,
+    METRIC_VALUES,
+    RANDOM_MAP,
+    RANDOMIZATION_EARLY_STEPS,
+    RANDOMIZATION_LIMIT,
+    SIMILARITIES,
+    cascade_steps,
+    judged_similarity,
+    randomization_scores,
+    randomization_verdict,
+)
 from .verdict import bootstrap_interval, judge, verdict_text
 
 
@@ -27,6 +36,7 @@ def rounded(value) -> float:
 
 
 # --- the running sums of the curves --------------------------------------------------------------
+
 
 @dataclass
 class CurveSums:
@@ -54,15 +64,19 @@ class CurveSums:
             return []
         count = self.counts[key]
         mean = getattr(self, which)[method] / count
-        spread = np.sqrt(np.maximum(self.squares[key] / count - mean ** 2, 0) * count / (count - 1))
+        spread = np.sqrt(np.maximum(self.squares[key] / count - mean**2, 0) * count / (count - 1))
         half = 1.96 * spread / math.sqrt(count)
         # A probability's curve: the band stays within [0, 1] where the approximation would leave it.
-        return [[round(float(low), 6), round(float(high), 6)]
-                for low, high in zip(np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1))]
+        return [
+            [round(float(low), 6), round(float(high), 6)]
+            for low, high in zip(np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1))
+        ]
 
     def means(self, which: str) -> dict[str, list[float]]:
-        return {method: [round(float(v), 6) for v in total / self.counts[f"{which}:{method}"]]
-                for method, total in getattr(self, which).items()}
+        return {
+            method: [round(float(v), 6) for v in total / self.counts[f"{which}:{method}"]]
+            for method, total in getattr(self, which).items()
+        }
 
 
 def add_curves(sums: CurveSums, curves: dict[str, Any]) -> None:
@@ -76,8 +90,10 @@ def add_curves(sums: CurveSums, curves: dict[str, Any]) -> None:
 
 # --- the summary ---------------------------------------------------------------------------------
 
-def summarize(loaded, plan, names, metrics, settings, records, sums, examples, wall_s, input_specs,
-              left_out: dict[str, str]):
+
+def summarize(
+    loaded, plan, names, metrics, settings, records, sums, examples, wall_s, input_specs, left_out: dict[str, str]
+):
     """The evaluation of a run: what evaluation.json holds (``records`` in the run's order, ``sums``
     its :class:`CurveSums`), plus ``examples`` for the page."""
     from .report import versions
@@ -91,38 +107,65 @@ def summarize(loaded, plan, names, metrics, settings, records, sums, examples, w
             column = [r["metrics"][name][metric] for r in ok if metric in r["metrics"].get(name, {})]
             if column:
                 low, high = bootstrap_interval(column, settings.metric_settings.seed)
-                summary[metric] = {"mean": rounded(np.mean(column)), "ci95": [rounded(low), rounded(high)],
-                                   "images": len(column)}
+                summary[metric] = {
+                    "mean": rounded(np.mean(column)),
+                    "ci95": [rounded(low), rounded(high)],
+                    "images": len(column),
+                }
         methods[name] = summary
-    randomization = (randomization_summary(records, names, [label for label, _ in cascade_steps(
-        loaded.module, settings.metric_settings.randomization_steps)]) if "randomization" in metrics else None)
-    failing = [name for name, found in (randomization or {}).get("methods", {}).items()
-               if found["verdict"] == "fails"]
+    randomization = (
+        randomization_summary(
+            records,
+            names,
+            [label for label, _ in cascade_steps(loaded.module, settings.metric_settings.randomization_steps)],
+        )
+        if "randomization" in metrics
+        else None
+    )
+    failing = [name for name, found in (randomization or {}).get("methods", {}).items() if found["verdict"] == "fails"]
     judgement = judge(ok, names, value_names, failing, settings.metric_settings.seed)
     fractions = sums.fractions
     evaluation = {
         "model": loaded.describe(),
         "inputs": input_specs,
-        "settings": {"methods": names[:-1], "left_out": left_out, "metrics": metrics, "layers": plan.layers,
-                     "target": settings.target, "preprocessing": plan.preprocessing.as_dict(),
-                     **settings.metric_settings.as_dict(), "randomization_limit": RANDOMIZATION_LIMIT,
-                     "randomization_early_steps": RANDOMIZATION_EARLY_STEPS,
-                     "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names}},
+        "settings": {
+            "methods": names[:-1],
+            "left_out": left_out,
+            "metrics": metrics,
+            "layers": plan.layers,
+            "target": settings.target,
+            "preprocessing": plan.preprocessing.as_dict(),
+            **settings.metric_settings.as_dict(),
+            "randomization_limit": RANDOMIZATION_LIMIT,
+            "randomization_early_steps": RANDOMIZATION_EARLY_STEPS,
+            "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names},
+        },
         "versions": versions(),
-        "images": {"total": len(records), "ok": len(ok), "failed": len(records) - len(ok),
-                   "mask_errors": sum(1 for r in ok if "mask_error" in r)},
+        "images": {
+            "total": len(records),
+            "ok": len(ok),
+            "failed": len(records) - len(ok),
+            "mask_errors": sum(1 for r in ok if "mask_error" in r),
+        },
         "methods": methods,
         "ranking": judgement.ranking,
         **judgement.as_dict(),
         "randomization_failed": failing,
         "randomization": randomization,
         "verdict": verdict_text(judgement, "randomization" in metrics),
-        "curves": {"fractions": [round(float(f), 6) for f in fractions] if fractions is not None else [],
-                   "deletion": sums.means("deletion"), "insertion": sums.means("insertion"),
-                   "random_band": {which: sums.band(which, RANDOM_MAP) for which in ("deletion", "insertion")
-                                   if RANDOM_MAP in getattr(sums, which)},
-                   "randomization": {name: found["curves"]["judged"] for name, found
-                                     in (randomization or {}).get("methods", {}).items()}},
+        "curves": {
+            "fractions": [round(float(f), 6) for f in fractions] if fractions is not None else [],
+            "deletion": sums.means("deletion"),
+            "insertion": sums.means("insertion"),
+            "random_band": {
+                which: sums.band(which, RANDOM_MAP)
+                for which in ("deletion", "insertion")
+                if RANDOM_MAP in getattr(sums, which)
+            },
+            "randomization": {
+                name: found["curves"]["judged"] for name, found in (randomization or {}).get("methods", {}).items()
+            },
+        },
         "per_image": records,
         "wall_s": round(wall_s, 3),
     }
@@ -150,19 +193,32 @@ def randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
                     per_method[name][measure].append([math.nan if v is None else float(v) for v in curves[measure]])
     methods = {}
     for name in names:
-        found = {measure: np.array(rows, dtype=np.float64).reshape(len(rows), len(steps))
-                 for measure, rows in per_method[name].items()}
+        found = {
+            measure: np.array(rows, dtype=np.float64).reshape(len(rows), len(steps))
+            for measure, rows in per_method[name].items()
+        }
         head, early = randomization_scores(found, RANDOMIZATION_EARLY_STEPS)
         score, fails = randomization_verdict(head, early)
         verdict = "chance level" if name == RANDOM_MAP else "fails" if fails else "passes"
-        methods[name] = {"score": None if score is None else rounded(score),
-                         "images": int((np.isfinite(head) & np.isfinite(early)).sum()), "verdict": verdict,
-                         "curves": {measure: _nan_mean_curve(values) for measure, values
-                                    in (*found.items(), ("judged", judged_similarity(found)))}}
-    images = sum(1 for record in records
-                 if record.get("status") == "ok" and isinstance(record.get("randomization"), dict))
-    return {"steps": steps, "early_steps": RANDOMIZATION_EARLY_STEPS, "limit": RANDOMIZATION_LIMIT,
-            "images": images, "methods": methods}
+        methods[name] = {
+            "score": None if score is None else rounded(score),
+            "images": int((np.isfinite(head) & np.isfinite(early)).sum()),
+            "verdict": verdict,
+            "curves": {
+                measure: _nan_mean_curve(values)
+                for measure, values in (*found.items(), ("judged", judged_similarity(found)))
+            },
+        }
+    images = sum(
+        1 for record in records if record.get("status") == "ok" and isinstance(record.get("randomization"), dict)
+    )
+    return {
+        "steps": steps,
+        "early_steps": RANDOMIZATION_EARLY_STEPS,
+        "limit": RANDOMIZATION_LIMIT,
+        "images": images,
+        "methods": methods,
+    }
 
 
 def _nan_mean_curve(values: np.ndarray) -> list[float | None]:

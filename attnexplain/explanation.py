@@ -25,14 +25,30 @@ from .planning import Plan, default_layer, layer_maps, plan_explanation, plan_pr
 from .preprocess import Preprocessing, prepare
 from .results import MethodMap, Prediction
 from .running import model_device
-from .targets import (NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions,
-                      unusable_scores)
+from .targets import NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions, unusable_scores
 
 #: Importable from here as before the engine and the plan moved out (tests, samples and plugins import them so).
-__all__ = ["BatchMaps", "Explanation", "MethodMap", "MethodOptions", "NonFiniteScores", "Plan",
-           "Prediction", "boxes_on_photo", "compute_maps", "default_layer", "explain", "image_outcome",
-           "layer_maps", "plan_explanation", "plan_preprocessing", "resolve_methods", "resolve_targets",
-           "top_predictions", "unusable_scores"]
+__all__ = [
+    "BatchMaps",
+    "Explanation",
+    "MethodMap",
+    "MethodOptions",
+    "NonFiniteScores",
+    "Plan",
+    "Prediction",
+    "boxes_on_photo",
+    "compute_maps",
+    "default_layer",
+    "explain",
+    "image_outcome",
+    "layer_maps",
+    "plan_explanation",
+    "plan_preprocessing",
+    "resolve_methods",
+    "resolve_targets",
+    "top_predictions",
+    "unusable_scores",
+]
 
 
 @dataclass
@@ -75,16 +91,16 @@ class Explanation:
         of :data:`attnexplain.render.COLORMAPS`."""
         from .render import render_explained_overlay
 
-        return render_explained_overlay(self.image.pixels, self.maps[method or self.method].heatmap,
-                                        self.box, alpha, self.detections, colormap)
+        return render_explained_overlay(
+            self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha, self.detections, colormap
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
         from .report import method_summary, versions
 
         return {
-            "image": {"path": str(self.image.path.resolve()) if self.image.path else None,
-                      **self.image.describe()},
+            "image": {"path": str(self.image.path.resolve()) if self.image.path else None, **self.image.describe()},
             "model": self.model.describe(),
             "method": self.method,
             "methods": list(self.maps),
@@ -93,18 +109,25 @@ class Explanation:
             "predictions": [p.as_dict() for p in self.predictions],
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
-            "maps": {name: {**method_summary(result),
-                            "height": int(result.heatmap.shape[0]), "width": int(result.heatmap.shape[1]),
-                            "min": float(result.heatmap.min()), "max": float(result.heatmap.max())}
-                     for name, result in self.maps.items()},
+            "maps": {
+                name: {
+                    **method_summary(result),
+                    "height": int(result.heatmap.shape[0]),
+                    "width": int(result.heatmap.shape[1]),
+                    "min": float(result.heatmap.min()),
+                    "max": float(result.heatmap.max()),
+                }
+                for name, result in self.maps.items()
+            },
             **({"detections": self.detections} if self.detections is not None else {}),
             **({"metrics": self.metrics} if self.metrics is not None else {}),
             "timings": {key: round(value, 6) for key, value in self.timings.items()},
             "versions": versions(),
         }
 
-    def save(self, directory: str | Path, alpha: float = 0.5, overlay_format: str = "png",
-             colormap: str = DEFAULT_COLORMAP) -> dict[str, Any]:
+    def save(
+        self, directory: str | Path, alpha: float = 0.5, overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP
+    ) -> dict[str, Any]:
         """Write overlays, heatmaps, report.json and report.html into ``directory``, all or nothing.
         ``colormap`` colours the written pictures (the page lets the reader switch).
 
@@ -115,12 +138,21 @@ class Explanation:
         return save_explanation(self, Path(directory), alpha, overlay_format, colormap)
 
 
-def explain(model: LoadedModel | torch.nn.Module | str | Path,
-            image: Any, method: str | Sequence[str] = "auto", *,
-            target: int | str | None = None, layer: str | Sequence[str] | None = None, top_k: int = 5,
-            size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
-            std: Sequence[float] | None = None, options: MethodOptions | None = None,
-            device: str | None = None, labels: str | Path | Sequence[str] | None = None) -> Explanation:
+def explain(
+    model: LoadedModel | torch.nn.Module | str | Path,
+    image: Any,
+    method: str | Sequence[str] = "auto",
+    *,
+    target: int | str | None = None,
+    layer: str | Sequence[str] | None = None,
+    top_k: int = 5,
+    size: Sequence[int] | int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    options: MethodOptions | None = None,
+    device: str | None = None,
+    labels: str | Path | Sequence[str] | None = None,
+) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
     ``model`` may be a :class:`LoadedModel`, a plain ``nn.Module`` or anything :func:`load_model`
@@ -152,28 +184,43 @@ def explain(model: LoadedModel | torch.nn.Module | str | Path,
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    computed = compute_maps(loaded, batch, plan.methods, plan.layers, target=target, options=options,
-                            preprocessing=preprocessing)
+    computed = compute_maps(
+        loaded, batch, plan.methods, plan.layers, target=target, options=options, preprocessing=preprocessing
+    )
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
     timings["explain_s"] = time.perf_counter() - started
 
     probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
     maps = computed.image_maps()[0]
-    chosen_target, predictions = image_outcome(probabilities, target_index, loaded.labels, top_k,
-                                               target_given=target is not None, methods=plan.methods)
+    chosen_target, predictions = image_outcome(
+        probabilities, target_index, loaded.labels, top_k, target_given=target is not None, methods=plan.methods
+    )
     detections = None
     if computed.detections is not None:
-        detections = boxes_on_photo(computed.detections[0], target_index, loaded.labels,
-                                    tuple(batch.shape[-2:]), prepared.box, picture.size)
-    return Explanation(image=picture, model=loaded, maps=maps, target=chosen_target,
-                       predictions=predictions, box=prepared.box, preprocessing=preprocessing,
-                       options=options, timings=timings, detections=detections)
+        detections = boxes_on_photo(
+            computed.detections[0], target_index, loaded.labels, tuple(batch.shape[-2:]), prepared.box, picture.size
+        )
+    return Explanation(
+        image=picture,
+        model=loaded,
+        maps=maps,
+        target=chosen_target,
+        predictions=predictions,
+        box=prepared.box,
+        preprocessing=preprocessing,
+        options=options,
+        timings=timings,
+        detections=detections,
+    )
 
 
-def _as_loaded_model(model: LoadedModel | torch.nn.Module | str | Path, *,
-                     labels: str | Path | Sequence[str] | None = None,
-                     device: str | None = None) -> LoadedModel:
+def _as_loaded_model(
+    model: LoadedModel | torch.nn.Module | str | Path,
+    *,
+    labels: str | Path | Sequence[str] | None = None,
+    device: str | None = None,
+) -> LoadedModel:
     """``model`` as a :class:`LoadedModel` on ``device`` (None: where it is), with ``labels`` if given.
     A :class:`LoadedModel` passed in is not changed: a copy gets the labels."""
     if not isinstance(model, LoadedModel):

@@ -34,17 +34,27 @@ PAGES_CSS = "pages.css"
 DETAIL_JS = "detail.js"
 
 
-def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None,
-                  photo_src: str | None = None) -> str:
+def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None, photo_src: str | None = None) -> str:
     """One image's page, placed in its own output folder (links are relative to it). ``viewer``
     (see :func:`attnexplain.viewer.viewer_data`) makes its maps interactive over the photo at
     ``photo_src``; without them (an earlier run's record) the page shows the written overlays."""
 
     root = "../" * len(PurePosixPath(record["output"]).parts)
-    return templates().get_template("batch_detail.html.j2").render(
-        record=record, index_url=root + INDEX_HTML, data_url=root + GALLERY_DATA_JS, root=root,
-        target_label=_label(record["target"]), label=_label, viewer=viewer, photo_src=photo_src,
-        title=PurePosixPath(record["image"]).name)
+    return (
+        templates()
+        .get_template("batch_detail.html.j2")
+        .render(
+            record=record,
+            index_url=root + INDEX_HTML,
+            data_url=root + GALLERY_DATA_JS,
+            root=root,
+            target_label=_label(record["target"]),
+            label=_label,
+            viewer=viewer,
+            photo_src=photo_src,
+            title=PurePosixPath(record["image"]).name,
+        )
+    )
 
 
 def correct(record: dict[str, Any]) -> bool | None:
@@ -87,14 +97,21 @@ def accuracy_and_confusion(records: Sequence[dict[str, Any]]) -> dict[str, Any] 
     def named(name: str) -> str:
         return name if name in shown_classes else other
 
-    counts = Counter((named(r["truth"]), named(_label(r["predictions"][0]) if correct(r) is False
-                                               else r["truth"])) for r in judged)
+    counts = Counter(
+        (named(r["truth"]), named(_label(r["predictions"][0]) if correct(r) is False else r["truth"])) for r in judged
+    )
     columns = shown_classes + ([other] if any(other in pair for pair in counts) else [])
     right = sum(1 for r in judged if correct(r))
-    return {"judged": len(judged), "correct": right, "accuracy": round(right / len(judged), 6),
-            "classes": columns,
-            "confusion": {truth: {predicted: counts[truth, predicted] for predicted in columns
-                                  if counts[truth, predicted]} for truth in columns}}
+    return {
+        "judged": len(judged),
+        "correct": right,
+        "accuracy": round(right / len(judged), 6),
+        "classes": columns,
+        "confusion": {
+            truth: {predicted: counts[truth, predicted] for predicted in columns if counts[truth, predicted]}
+            for truth in columns
+        },
+    }
 
 
 def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -103,8 +120,15 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
     address percent-encoded here, every text set as text by the page."""
     from urllib.parse import quote
 
-    measured = sorted({(method, metric) for r in records if r.get("status") == "ok"
-                       for method, values in (r.get("metrics") or {}).items() for metric in values})
+    measured = sorted(
+        {
+            (method, metric)
+            for r in records
+            if r.get("status") == "ok"
+            for method, values in (r.get("metrics") or {}).items()
+            for metric in values
+        }
+    )
     rows = []
     for r in records:
         if r.get("status") != "ok":
@@ -115,18 +139,39 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
         # Records are checked before they come here (records.ok_record_problem), but a number that
         # is no finite float must not stop every other image's gallery: it is shown as unknown.
         confidence = finite_number(top.get("prob"))
-        rows.append([r["image"], quote(r["output"]), _label(top),
-                     None if confidence is None else round(confidence, 6),
-                     r.get("truth") if isinstance(r.get("truth"), str) else None,
-                     -1 if right is None else int(right),
-                     [quote(files.get("thumb", "")) for files in r["files"].values()],
-                     list(r["files"]), quote(r["photo"]) if isinstance(r.get("photo"), str) else None,
-                     [metrics.get(method, {}).get(metric) for method, metric in measured]])
-    payload = {"columns": ["image", "folder", "label", "confidence", "truth", "correct", "thumbs",
-                           "methods", "photo", "metrics"],
-               # the per-image values of --metrics, in this order: what the gallery can sort by
-               "metrics": [f"{method} {metric}" for method, metric in measured],
-               "methods": list(meta.get("methods") or []), "model": _model_line(meta), "images": rows}
+        rows.append(
+            [
+                r["image"],
+                quote(r["output"]),
+                _label(top),
+                None if confidence is None else round(confidence, 6),
+                r.get("truth") if isinstance(r.get("truth"), str) else None,
+                -1 if right is None else int(right),
+                [quote(files.get("thumb", "")) for files in r["files"].values()],
+                list(r["files"]),
+                quote(r["photo"]) if isinstance(r.get("photo"), str) else None,
+                [metrics.get(method, {}).get(metric) for method, metric in measured],
+            ]
+        )
+    payload = {
+        "columns": [
+            "image",
+            "folder",
+            "label",
+            "confidence",
+            "truth",
+            "correct",
+            "thumbs",
+            "methods",
+            "photo",
+            "metrics",
+        ],
+        # the per-image values of --metrics, in this order: what the gallery can sort by
+        "metrics": [f"{method} {metric}" for method, metric in measured],
+        "methods": list(meta.get("methods") or []),
+        "model": _model_line(meta),
+        "images": rows,
+    }
     text = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
     # Inside a script: no way out of it, whatever the names hold.
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -144,10 +189,10 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "totals": {"images": len(records), "ok": len(ok), "failed": len(records) - len(ok)},
         **({"truth": judged} if judged is not None else {}),
         "timings_total_s": {key: round(value, 6) for key, value in sorted(sums.items())},
-        "class_histogram": dict(sorted(Counter(_label(r["predictions"][0]) for r in ok
-                                               if r.get("predictions")).items())),
-        "failures": [{"image": r["image"], "reason": r.get("reason")} for r in records
-                     if r.get("status") != "ok"],
+        "class_histogram": dict(
+            sorted(Counter(_label(r["predictions"][0]) for r in ok if r.get("predictions")).items())
+        ),
+        "failures": [{"image": r["image"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
     }
 
 
@@ -171,17 +216,46 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
     neutralised (:func:`spreadsheet_safe`): the CSV is meant to be opened in a spreadsheet."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["image", "status", "top1_index", "top1_label", "confidence", "target_index",
-                     "target_label", "methods", "layer", "output", "reason", "truth", "correct"])
+    writer.writerow(
+        [
+            "image",
+            "status",
+            "top1_index",
+            "top1_label",
+            "confidence",
+            "target_index",
+            "target_label",
+            "methods",
+            "layer",
+            "output",
+            "reason",
+            "truth",
+            "correct",
+        ]
+    )
     for r in records:
         top = (r.get("predictions") or [None])[0]
         target = r.get("target") or {}
-        writer.writerow(map(spreadsheet_safe, [r["image"], r.get("status"), top["index"] if top else "",
-                         (top.get("label") or "") if top else "", _confidence_cell(top),
-                         target.get("index", ""), target.get("label") or "",
-                         ",".join(r.get("methods") or []), r.get("layer") or "", r.get("output") or "",
-                         r.get("reason") or "", r.get("truth") or "",
-                         {True: "yes", False: "no", None: ""}[correct(r)]]))
+        writer.writerow(
+            map(
+                spreadsheet_safe,
+                [
+                    r["image"],
+                    r.get("status"),
+                    top["index"] if top else "",
+                    (top.get("label") or "") if top else "",
+                    _confidence_cell(top),
+                    target.get("index", ""),
+                    target.get("label") or "",
+                    ",".join(r.get("methods") or []),
+                    r.get("layer") or "",
+                    r.get("output") or "",
+                    r.get("reason") or "",
+                    r.get("truth") or "",
+                    {True: "yes", False: "no", None: ""}[correct(r)],
+                ],
+            )
+        )
     return buffer.getvalue()
 
 
@@ -193,22 +267,34 @@ def write_reports(out, records: Sequence[dict[str, Any]], meta: dict[str, Any]) 
 
     report = {"run": meta, **totals(records), "versions": versions()}
     wall = finite_number(meta.get("wall_s")) or 0.0
-    report["timings"] = {"wall_s": round(wall, 3),
-                         "images_per_s": round(len(records) / wall, 3) if wall > 0 else None}
+    report["timings"] = {"wall_s": round(wall, 3), "images_per_s": round(len(records) / wall, 3) if wall > 0 else None}
     ok = [r for r in records if r.get("status") == "ok"]
     classes = sorted(report["class_histogram"].items())
     errors: list[OSError] = []
     for name, content in (
-            (GALLERY_DATA_JS, lambda: gallery_data(records, meta)),
-            # What every detail page shares, once per run rather than once per image.
-            (VIEWER_JS, lambda: templates().get_template("viewer.js.j2").render()),
-            (PAGES_CSS, lambda: templates().get_template("_page.css.j2").render()),
-            (DETAIL_JS, lambda: templates().get_template("detail.js.j2").render()),
-            (REPORT_JSON, lambda: json.dumps(report, indent=2, default=str) + "\n"),
-            (SUMMARY_CSV, lambda: summary_csv(records)),
-            (INDEX_HTML, lambda: templates().get_template("index.html.j2").render(
-                meta=meta, report=report, ok=ok, failed=[r for r in records if r.get("status") != "ok"],
-                classes=classes, label=_label))):
+        (GALLERY_DATA_JS, lambda: gallery_data(records, meta)),
+        # What every detail page shares, once per run rather than once per image.
+        (VIEWER_JS, lambda: templates().get_template("viewer.js.j2").render()),
+        (PAGES_CSS, lambda: templates().get_template("_page.css.j2").render()),
+        (DETAIL_JS, lambda: templates().get_template("detail.js.j2").render()),
+        (REPORT_JSON, lambda: json.dumps(report, indent=2, default=str) + "\n"),
+        (SUMMARY_CSV, lambda: summary_csv(records)),
+        (
+            INDEX_HTML,
+            lambda: (
+                templates()
+                .get_template("index.html.j2")
+                .render(
+                    meta=meta,
+                    report=report,
+                    ok=ok,
+                    failed=[r for r in records if r.get("status") != "ok"],
+                    classes=classes,
+                    label=_label,
+                )
+            ),
+        ),
+    ):
         try:
             write_bytes_atomic(out / name, content().encode("utf-8"))
         except OSError as error:

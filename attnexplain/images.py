@@ -51,8 +51,12 @@ class LoadedImage:
     def describe(self) -> dict[str, Any]:
         """The photo's size in the file, format and mode, and the size it was decoded at if smaller
         (the overlays' size and the pixels detection boxes are given in)."""
-        described: dict[str, Any] = {"width": self.full_size[0], "height": self.full_size[1],
-                                     "format": self.format, "mode": self.mode}
+        described: dict[str, Any] = {
+            "width": self.full_size[0],
+            "height": self.full_size[1],
+            "format": self.format,
+            "mode": self.mode,
+        }
         if self.file_size is not None:
             described["decoded"] = {"width": self.size[0], "height": self.size[1]}
         return described
@@ -62,8 +66,9 @@ class LoadedImage:
         return self.path.name if self.path is not None else "image"
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-               longest_side: int | None = None, shortest_side: int = 0) -> LoadedImage:
+def load_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, longest_side: int | None = None, shortest_side: int = 0
+) -> LoadedImage:
     """Read ``path`` into an upright RGB image, or raise :class:`ImageError` with the reason.
 
     ``longest_side`` asks for pixels no longer than that on their longer side (an overlay's size),
@@ -82,8 +87,9 @@ def check_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     _read(Path(path), max_pixels, None, 0, decode=False)
 
 
-def _read(path: Path, max_pixels: int, longest_side: int | None, shortest_side: int,
-          decode: bool) -> LoadedImage | None:
+def _read(
+    path: Path, max_pixels: int, longest_side: int | None, shortest_side: int, decode: bool
+) -> LoadedImage | None:
     reason = not_a_regular_file(path)
     if reason == "does not exist":
         raise ImageError(f"Image not found: {path}")
@@ -102,8 +108,7 @@ def _read(path: Path, max_pixels: int, longest_side: int | None, shortest_side: 
             check_aspect_ratio(width, height, path)
             if opened.format not in SUPPORTED_FORMATS:
                 raise ImageError(
-                    f"Unsupported image format {opened.format} for {path}; "
-                    f"use JPEG, PNG, WebP, BMP or TIFF."
+                    f"Unsupported image format {opened.format} for {path}; use JPEG, PNG, WebP, BMP or TIFF."
                 )
             if not decode:
                 return None
@@ -134,8 +139,9 @@ def _read(path: Path, max_pixels: int, longest_side: int | None, shortest_side: 
 
             pixels = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
     reduced = (pixels.shape[1], pixels.shape[0]) != full_size
-    return LoadedImage(pixels=pixels, path=path, format=image_format, mode=mode,
-                       file_size=full_size if reduced else None)
+    return LoadedImage(
+        pixels=pixels, path=path, format=image_format, mode=mode, file_size=full_size if reduced else None
+    )
 
 
 def check_aspect_ratio(width: int, height: int, name: object = None) -> None:
@@ -143,8 +149,10 @@ def check_aspect_ratio(width: int, height: int, name: object = None) -> None:
     times its height) with an :class:`ImageError`: explaining it would resize it into gigabytes."""
     if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
         what = f"Image {name}" if name is not None else "The image"
-        raise ImageError(f"{what} is {width}x{height} pixels, an aspect ratio beyond 1:{MAX_ASPECT_RATIO} "
-                         f"that no camera makes; crop it to the part to explain.")
+        raise ImageError(
+            f"{what} is {width}x{height} pixels, an aspect ratio beyond 1:{MAX_ASPECT_RATIO} "
+            f"that no camera makes; crop it to the part to explain."
+        )
 
 
 def _reduction(width: int, height: int, longest_side: int | None, shortest_side: int) -> float:
@@ -224,14 +232,15 @@ def from_array(pixels: np.ndarray, name: str | None = None) -> LoadedImage:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise ImageError(f"An image array must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4), "
-                         f"not {array.dtype} {tuple(np.shape(pixels))}.")
+        raise ImageError(
+            f"An image array must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4), "
+            f"not {array.dtype} {tuple(np.shape(pixels))}."
+        )
     if not array.shape[0] or not array.shape[1]:
         raise ImageError(f"The image array is empty: {tuple(np.shape(pixels))}.")
     if array.shape[2] == 4:
         array = to_rgb_array(Image.fromarray(array))
-    return LoadedImage(pixels=np.ascontiguousarray(array), path=Path(name) if name else None,
-                       format=None, mode="RGB")
+    return LoadedImage(pixels=np.ascontiguousarray(array), path=Path(name) if name else None, format=None, mode="RGB")
 
 
 def image_from(image: Any) -> LoadedImage:
@@ -254,8 +263,7 @@ def image_from(image: Any) -> LoadedImage:
         return _from_channels_first(image)
     if isinstance(image, np.ndarray):
         return from_array(_as_uint8(image, "array"))
-    raise ImageError(f"An image is a path, a PIL image, a numpy array or a torch tensor, not a "
-                     f"{type(image).__name__}.")
+    raise ImageError(f"An image is a path, a PIL image, a numpy array or a torch tensor, not a {type(image).__name__}.")
 
 
 def _from_channels_first(tensor: Any) -> LoadedImage:
@@ -263,10 +271,10 @@ def _from_channels_first(tensor: Any) -> LoadedImage:
     if len(shape) == 4 and shape[0] == 1:
         tensor, shape = tensor[0], shape[1:]
     if len(shape) != 3 or shape[0] not in (1, 3):
-        batch = (" One image at a time: explain each, or save them and use `attnexplain batch`."
-                 if len(shape) == 4 else "")
-        raise ImageError(f"An image tensor must be (3, H, W) or (1, 3, H, W), channels first, not "
-                         f"{shape}.{batch}")
+        batch = (
+            " One image at a time: explain each, or save them and use `attnexplain batch`." if len(shape) == 4 else ""
+        )
+        raise ImageError(f"An image tensor must be (3, H, W) or (1, 3, H, W), channels first, not {shape}.{batch}")
     array = tensor.detach().cpu()
     if array.is_floating_point():
         array = array.float()
@@ -279,8 +287,7 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if not np.issubdtype(array.dtype, np.floating):
-        raise ImageError(f"An image {what} must be uint8 (0-255) or floats in [0, 1], not "
-                         f"{array.dtype}.")
+        raise ImageError(f"An image {what} must be uint8 (0-255) or floats in [0, 1], not {array.dtype}.")
     if array.size == 0:
         raise ImageError(f"The image {what} is empty: {array.shape}.")
     values = array.astype(np.float32, copy=False)
@@ -288,7 +295,9 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
         raise ImageError(f"The image {what} holds NaN or infinite values.")
     low, high = float(values.min()), float(values.max())
     if low < 0.0 or high > 1.0:
-        raise ImageError(f"A float image {what} must hold values in [0, 1]; this one spans "
-                         f"[{low:.3g}, {high:.3g}] (0-255 values: pass uint8; a normalised tensor: "
-                         f"undo the normalisation, attnexplain applies the model's own).")
+        raise ImageError(
+            f"A float image {what} must hold values in [0, 1]; this one spans "
+            f"[{low:.3g}, {high:.3g}] (0-255 values: pass uint8; a normalised tensor: "
+            f"undo the normalisation, attnexplain applies the model's own)."
+        )
     return (values * 255.0 + 0.5).astype(np.uint8)

@@ -36,6 +36,7 @@ class NoImages(AttnExplainError):
 
 # --- inputs --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class InputImage:
     path: Path  # absolute, symbolic links kept: the name the user gave or the folder holds
@@ -183,8 +184,7 @@ def _glob_matches(base: Path, patterns: Sequence[str]) -> Iterator[Path]:
                 yield Path(entry.path)
         return
     for entry in entries:
-        if (entry.name.startswith(".") and not head.startswith(".")) \
-                or not fnmatch.fnmatchcase(entry.name, head):
+        if (entry.name.startswith(".") and not head.startswith(".")) or not fnmatch.fnmatchcase(entry.name, head):
             continue
         if not rest:
             yield Path(entry.path)
@@ -218,8 +218,7 @@ def collect_inputs(specs: Sequence[str], exclude: Path | None = None) -> Inputs:
     if not paths:
         return Inputs([], collector.missing, None, collector.skipped)
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    images = sorted((InputImage(p, p.relative_to(root).as_posix()) for p in paths),
-                    key=lambda item: item.relative)
+    images = sorted((InputImage(p, p.relative_to(root).as_posix()) for p in paths), key=lambda item: item.relative)
     return Inputs(images, collector.missing, root, collector.skipped)
 
 
@@ -248,6 +247,7 @@ def in_shard(relative: str, shard: tuple[int, int] | None) -> bool:
 
 # --- decoding ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Decoded:
     item: InputImage
@@ -264,13 +264,25 @@ class Decoded:
 
 def failed_record(decoded: Decoded, reason: str) -> dict[str, Any]:
     """The record of an image that failed (its decode, its explanation or its writing)."""
-    return {"image": decoded.item.relative, "path": str(decoded.item.path), "status": "failed",
-            "reason": reason, "key": decoded.key, "sha256": decoded.sha256,
-            "timings": {"decode_s": round(decoded.decode_s, 6)}}
+    return {
+        "image": decoded.item.relative,
+        "path": str(decoded.item.path),
+        "status": "failed",
+        "reason": reason,
+        "key": decoded.key,
+        "sha256": decoded.sha256,
+        "timings": {"decode_s": round(decoded.decode_s, 6)},
+    }
 
 
-def read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], preprocessing,
-               max_pixels: int, overlay_size: int | None = None) -> Decoded:
+def read_image(
+    item: InputImage,
+    key_prefix: str,
+    done_keys: dict[str, str],
+    preprocessing,
+    max_pixels: int,
+    overlay_size: int | None = None,
+) -> Decoded:
     """``item`` read and decoded at most once: its key (``key_prefix`` + the sha256 of its bytes),
     ``skipped`` where ``done_keys`` holds that key for it (an earlier record stands), else its
     pixels (the longest side at most ``overlay_size``) and the model's tensor, or ``error``."""
@@ -291,8 +303,9 @@ def read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], pre
         decoded.skipped = {}
         return decoded
     try:
-        picture = load_image(item.path, max_pixels=max_pixels, longest_side=overlay_size,
-                             shortest_side=preprocessing.shortest_side)
+        picture = load_image(
+            item.path, max_pixels=max_pixels, longest_side=overlay_size, shortest_side=preprocessing.shortest_side
+        )
         prepared = prepare(picture.pixels, preprocessing)
     except AttnExplainError as error:
         decoded.error = str(error)
@@ -305,8 +318,12 @@ def read_image(item: InputImage, key_prefix: str, done_keys: dict[str, str], pre
     return decoded
 
 
-def decoded_chunks(decoded: Iterable[Decoded], size: int, failed: Callable[[dict[str, Any]], Any],
-                   earlier: Callable[[], Any] | None = None) -> Iterator[list[Decoded]]:
+def decoded_chunks(
+    decoded: Iterable[Decoded],
+    size: int,
+    failed: Callable[[dict[str, Any]], Any],
+    earlier: Callable[[], Any] | None = None,
+) -> Iterator[list[Decoded]]:
     """The images of ``decoded`` that decoded, in chunks of ``size`` (the last one shorter), for the
     model: a failed decode's record goes to ``failed`` (:func:`failed_record`), an image whose
     earlier record stands to ``earlier``. ``decoded`` is read only as the chunks are taken, so a

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 
-def map_layout(loaded: "LoadedModel", layer: str, shape: tuple[int, ...], size: tuple[int, ...],
-               inferred: str | None, batch: int) -> tuple[str | None, str]:
+def map_layout(
+    loaded: "LoadedModel", layer: str, shape: tuple[int, ...], size: tuple[int, ...], inferred: str | None, batch: int
+) -> tuple[str | None, str]:
     """How layer ``layer``'s 4-D output of ``shape`` is read as a map, for a batch of ``batch``
     inputs of ``size``: its layout, or None and the reason it cannot be
     (:func:`attnexplain.layout.decide`)."""
-    return decide(loaded.plugin, loaded.module, layer, tuple(shape), inferred,
-                  (int(size[0]), int(size[1])), batch)
+    return decide(loaded.plugin, loaded.module, layer, tuple(shape), inferred, (int(size[0]), int(size[1])), batch)
 
 
 def layer_infos(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
@@ -40,13 +40,16 @@ def layer_infos(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
 def _probe(loaded: "LoadedModel", batch: torch.Tensor) -> list[LayerInfo]:
     """Every layer's output shape, the model called as every pass calls it."""
     module, plugin = loaded.module, loaded.plugin
-    return probe_layers(module, batch, forward_kwargs=plugin.forward_kwargs(module, tuple(batch.shape[-2:])),
-                        select=lambda name, output: plugin.select_output(module, name, output),
-                        said=lambda name: plugin.layer_layout(module, name))
+    return probe_layers(
+        module,
+        batch,
+        forward_kwargs=plugin.forward_kwargs(module, tuple(batch.shape[-2:])),
+        select=lambda name, output: plugin.select_output(module, name, output),
+        said=lambda name: plugin.layer_layout(module, name),
+    )
 
 
-_probed_infos: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], list[LayerInfo]]]" = \
-    weakref.WeakKeyDictionary()
+_probed_infos: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], list[LayerInfo]]]" = weakref.WeakKeyDictionary()
 
 
 __all__ = ["layer_infos", "map_layout"]

@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 
     from .plugins import ModelPlugin
 
-__all__ = ["CHANNELS_FIRST", "CHANNELS_LAST", "LAYOUTS", "NOT_A_MAP", "as_map", "decide", "grid_fits",
-           "own_layout"]
+__all__ = ["CHANNELS_FIRST", "CHANNELS_LAST", "LAYOUTS", "NOT_A_MAP", "as_map", "decide", "grid_fits", "own_layout"]
 
 #: The layouts' names: what :meth:`~attnexplain.plugins.ModelPlugin.layer_layout` answers and
 #: ``LayerInfo.layout`` records. This module imports torch only inside its functions, so that a
@@ -39,10 +38,28 @@ def _channels_first_layers() -> tuple[type, ...]:
     from torch import nn
 
     return (
-        nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LocalResponseNorm,
-        nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
-        nn.FractionalMaxPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout2d, nn.Softmax2d,
-        nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+        nn.Conv2d,
+        nn.ConvTranspose2d,
+        nn.BatchNorm2d,
+        nn.InstanceNorm2d,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.LPPool2d,
+        nn.FractionalMaxPool2d,
+        nn.Upsample,
+        nn.PixelShuffle,
+        nn.PixelUnshuffle,
+        nn.Dropout2d,
+        nn.Softmax2d,
+        nn.ZeroPad2d,
+        nn.ConstantPad2d,
+        nn.ReflectionPad2d,
+        nn.ReplicationPad2d,
+    )
 
 
 def own_layout(module: "nn.Module", output: "torch.Tensor") -> str | None:
@@ -58,8 +75,7 @@ def own_layout(module: "nn.Module", output: "torch.Tensor") -> str | None:
             return CHANNELS_FIRST
     if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
         return CHANNELS_LAST  # its features are the last dimension
-    if (isinstance(module, nn.LayerNorm) and kind.forward is nn.LayerNorm.forward
-            and len(module.normalized_shape) == 1):
+    if isinstance(module, nn.LayerNorm) and kind.forward is nn.LayerNorm.forward and len(module.normalized_shape) == 1:
         return CHANNELS_LAST
     if isinstance(module, nn.Softmax) and kind.forward is nn.Softmax.forward and module.dim in (-1, 3):
         # Normalised along its last dimension: attention probabilities (a map would not be
@@ -72,6 +88,7 @@ def grid_fits(height: int, width: int, input_size: tuple[int, int]) -> bool:
     """Whether a height × width grid can be the input image seen at some stride: the strides the two
     sides imply agree, up to rounding (a side may be a cell or so off, as padding and odd sizes
     make it) and up to 10% (a detector pads its resized input to a multiple of 32)."""
+
     def strides(cells: int, pixels: int) -> tuple[float, float]:
         return pixels / (cells + 1.5) / 1.1, pixels / max(cells - 1.5, 0.5) * 1.1
 
@@ -82,8 +99,15 @@ def grid_fits(height: int, width: int, input_size: tuple[int, int]) -> bool:
     return max(low_h, low_w) <= min(high_h, high_w)
 
 
-def decide(plugin: "ModelPlugin", model: "nn.Module", layer: str, shape: tuple[int, ...],
-           inferred: str | None, input_size: tuple[int, int], batch: int) -> tuple[str | None, str]:
+def decide(
+    plugin: "ModelPlugin",
+    model: "nn.Module",
+    layer: str,
+    shape: tuple[int, ...],
+    inferred: str | None,
+    input_size: tuple[int, int],
+    batch: int,
+) -> tuple[str | None, str]:
     """How layer ``layer``'s 4-D output of ``shape`` is read for a batch of ``batch`` images of
     ``input_size``: (layout, "") or (None, the reason it cannot be read as a map). ``inferred`` is
     what the probe found from torch's layers (:func:`own_layout`, passed on through the model)."""
@@ -96,23 +120,32 @@ def decide(plugin: "ModelPlugin", model: "nn.Module", layer: str, shape: tuple[i
     layout = said or inferred
     shown = "x".join(map(str, shape))
     if shape[0] != batch and layout != NOT_A_MAP:
-        return None, (f"layer {layer!r} outputs {shown}, whose first dimension is not the batch of "
-                      f"{batch} image(s) (windows or groups of a map)")
+        return None, (
+            f"layer {layer!r} outputs {shown}, whose first dimension is not the batch of "
+            f"{batch} image(s) (windows or groups of a map)"
+        )
     if layout == NOT_A_MAP:
-        what = (f"which plugin {plugin.name} says is not a map of the image" if said else
-                "attention probabilities (a softmax along its last dimension), not a map of the image")
+        what = (
+            f"which plugin {plugin.name} says is not a map of the image"
+            if said
+            else "attention probabilities (a softmax along its last dimension), not a map of the image"
+        )
         return None, f"layer {layer!r} outputs {shown}, {what}"
     if layout is None:
         first, last = grid_fits(shape[2], shape[3], input_size), grid_fits(shape[1], shape[2], input_size)
         if first and not last:
             layout = CHANNELS_FIRST
         else:
-            why = ("could be (batch, channels, height, width) or channels-last (batch, height, width, "
-                   "channels)" if first else "does not fit the input image as (batch, channels, "
-                   "height, width)")
-            return None, (f"layer {layer!r} outputs {shown}, which {why} at "
-                          f"{input_size[0]}x{input_size[1]}, and plugin {plugin.name} does not say "
-                          f"how it is laid out")
+            why = (
+                "could be (batch, channels, height, width) or channels-last (batch, height, width, channels)"
+                if first
+                else "does not fit the input image as (batch, channels, height, width)"
+            )
+            return None, (
+                f"layer {layer!r} outputs {shown}, which {why} at "
+                f"{input_size[0]}x{input_size[1]}, and plugin {plugin.name} does not say "
+                f"how it is laid out"
+            )
     return layout, ""
 
 

@@ -24,10 +24,9 @@ from ._files import not_a_regular_file
 from ._lock import LOCK_NAME, reading_lock
 from ._untrusted import finite_number, is_finite_number
 from .batch_ledger import BatchRun
-from .records import (ok_record_problem, read_records, record_file_names, record_files_problem,
-                      timings_problem)
 from .errors import AttnExplainError, shown
 from .formats import REPORT_JSON, RESULTS_JSONL
+from .records import ok_record_problem, read_records, record_file_names, record_files_problem, timings_problem
 
 #: ``key`` of a record: "<fingerprint of model and options>:<sha256 of the image file>".
 _KEY = re.compile(r"([0-9a-f]{8,64}):([0-9a-f]{64})")
@@ -78,11 +77,14 @@ def _merge_unlocked(sources: Sequence[Path], out: Path) -> BatchRun:
     meta = dict(next((m for m in metas if m is not None), {}))
     # A line no record could be read from is an image the merge cannot hold: said, never lost silently.
     dropped = [f"{source.given / RESULTS_JSONL} {line}" for source in read for line in source.dropped]
-    meta.update(shard=None, merged_from=[str(source.given) for source in read],
-                fingerprint=fingerprint, complete=all(m is not None and m.get("complete") is True
-                                                      for m in metas) and not dropped,
-                wall_s=sum(finite_number(m.get("wall_s")) or 0.0 for m in metas if m is not None),
-                dropped_records=dropped)
+    meta.update(
+        shard=None,
+        merged_from=[str(source.given) for source in read],
+        fingerprint=fingerprint,
+        complete=all(m is not None and m.get("complete") is True for m in metas) and not dropped,
+        wall_s=sum(finite_number(m.get("wall_s")) or 0.0 for m in metas if m is not None),
+        dropped_records=dropped,
+    )
     _write_merged(out, ordered, files, meta)
     ok = sum(record["status"] == "ok" for record in ordered)
     return BatchRun(total=len(ordered), ok=ok, failed=len(ordered) - ok, out=out, dropped_records=dropped)
@@ -90,17 +92,16 @@ def _merge_unlocked(sources: Sequence[Path], out: Path) -> BatchRun:
 
 # --- reading and checking the sources ----------------------------------------------------------
 
+
 def _refuse(source: _Source, image: Any, why: str) -> AttnExplainError:
-    return AttnExplainError(f"Cannot merge: {source.given}: image {shown(image)} {why}; "
-                            f"nothing was written.")
+    return AttnExplainError(f"Cannot merge: {source.given}: image {shown(image)} {why}; nothing was written.")
 
 
 def _read_source(given: Path) -> _Source:
     results = given / RESULTS_JSONL
     why = not_a_regular_file(results)
     if why is not None:
-        raise AttnExplainError(f"Cannot merge: {results} {why}: {given} is not an `attnexplain "
-                               f"batch` output.")
+        raise AttnExplainError(f"Cannot merge: {results} {why}: {given} is not an `attnexplain batch` output.")
     try:
         root = given.resolve(strict=True)
         found = read_records(results)
@@ -125,32 +126,43 @@ def _read_run(given: Path) -> dict[str, Any] | None:
     try:
         run = json.loads(report.read_text(encoding="utf-8")).get("run")
     except (OSError, ValueError, AttributeError, RecursionError) as error:
-        raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
-                               f"({type(error).__name__}).") from None
+        raise AttnExplainError(
+            f"Cannot merge: {report} is not a report of `attnexplain batch` ({type(error).__name__})."
+        ) from None
     if not isinstance(run, dict) or _run_problem(run):
-        raise AttnExplainError(f"Cannot merge: {report} is not a report of `attnexplain batch` "
-                               f"(its \"run\" section is missing or malformed).")
+        raise AttnExplainError(
+            f"Cannot merge: {report} is not a report of `attnexplain batch` "
+            f'(its "run" section is missing or malformed).'
+        )
     return run
 
 
 def _run_problem(run: dict[str, Any]) -> bool:
     """Whether what the merged pages show of a source's "run" (its methods, layers, model and
     preprocessing, which become the merged report's) is not what batch writes there."""
-    if not all(value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-               for value in (run.get("methods"), run.get("layers"))):
+    if not all(
+        value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        for value in (run.get("methods"), run.get("layers"))
+    ):
         return True
     model, preprocessing = run.get("model"), run.get("preprocessing")
-    if model is not None and not (isinstance(model, dict) and all(
-            isinstance(model.get(key), (str, type(None))) for key in ("source", "architecture"))):
+    if model is not None and not (
+        isinstance(model, dict)
+        and all(isinstance(model.get(key), (str, type(None))) for key in ("source", "architecture"))
+    ):
         return True
     if preprocessing is None:
         return False
     # The pages write the size and resize as text and the mean and std as numbers (float()).
-    return not (isinstance(preprocessing, dict)
-                and isinstance(preprocessing.get("size") or [], list)
-                and all(isinstance(preprocessing.get(key) or [], list)
-                        and all(is_finite_number(v) for v in preprocessing.get(key) or [])
-                        for key in ("mean", "std")))
+    return not (
+        isinstance(preprocessing, dict)
+        and isinstance(preprocessing.get("size") or [], list)
+        and all(
+            isinstance(preprocessing.get(key) or [], list)
+            and all(is_finite_number(v) for v in preprocessing.get(key) or [])
+            for key in ("mean", "std")
+        )
+    )
 
 
 def _check_record(source: _Source, record: dict[str, Any]) -> None:
@@ -175,8 +187,7 @@ def _check_record(source: _Source, record: dict[str, Any]) -> None:
     if problem is not None:
         raise _refuse(source, image, problem)
     output = record["output"]
-    source.files[image] = {f"{output}/{name}": source.root / output / name
-                           for name in record_file_names(record)}
+    source.files[image] = {f"{output}/{name}": source.root / output / name for name in record_file_names(record)}
 
 
 def _check_key(source: _Source, record: dict[str, Any]) -> None:
@@ -187,18 +198,23 @@ def _check_key(source: _Source, record: dict[str, Any]) -> None:
         return
     match = _KEY.fullmatch(key) if isinstance(key, str) else None
     if match is None:
-        raise _refuse(source, image, f"has no fingerprint: its key {shown(key)} is not "
-                                     f"'<fingerprint>:<sha256>'")
+        raise _refuse(source, image, f"has no fingerprint: its key {shown(key)} is not '<fingerprint>:<sha256>'")
     if record.get("sha256") not in (None, match.group(2)):
         raise _refuse(source, image, "has a sha256 that differs from the one in its key")
     found = match.group(1)
     if source.fingerprint is None:
         source.fingerprint = found
     elif found != source.fingerprint:
-        known = "the run's report.json says" if source.meta is not None and \
-            source.meta.get("fingerprint") == source.fingerprint else "its other images have"
-        raise _refuse(source, image, f"was explained with fingerprint {found} but {known} "
-                                     f"{source.fingerprint} (another model or other options)")
+        known = (
+            "the run's report.json says"
+            if source.meta is not None and source.meta.get("fingerprint") == source.fingerprint
+            else "its other images have"
+        )
+        raise _refuse(
+            source,
+            image,
+            f"was explained with fingerprint {found} but {known} {source.fingerprint} (another model or other options)",
+        )
 
 
 def _common_fingerprint(sources: list[_Source]) -> str | None:
@@ -208,7 +224,8 @@ def _common_fingerprint(sources: list[_Source]) -> str | None:
             raise AttnExplainError(
                 f"Cannot merge: {first.given} and {source.given} were made with different models or "
                 f"options (fingerprints {first.fingerprint} and {source.fingerprint}); merging them "
-                f"would mix explanations. Nothing was written.")
+                f"would mix explanations. Nothing was written."
+            )
     return first.fingerprint if first is not None else None
 
 
@@ -225,12 +242,13 @@ def _merged_records(sources: list[_Source]) -> tuple[dict[str, dict[str, Any]], 
                     raise AttnExplainError(
                         f"Cannot merge: {previous[1].given} and {source.given} both explain image "
                         f"{shown(image)}, from different files (sha256 {_sha(previous[0])[:12]}… and "
-                        f"{_sha(record)[:12]}…); merge only the one you want. Nothing was written.")
+                        f"{_sha(record)[:12]}…); merge only the one you want. Nothing was written."
+                    )
                 continue
             kept[image] = (record, source)
     files: dict[str, Path] = {}
     owner: dict[str, str] = {}  # destination → image
-    for image, (record, source) in kept.items():
+    for image, (_record, source) in kept.items():
         for destination, path in source.files.get(image, {}).items():  # ok records only
             files[destination] = path
             owner[destination] = image
@@ -240,9 +258,11 @@ def _merged_records(sources: list[_Source]) -> tuple[dict[str, dict[str, Any]], 
         folder = PurePosixPath(record["output"])
         for part in (folder, *folder.parents):
             if str(part) in owner:  # a.png/detail.html/x.png would need a folder where a file is
-                raise AttnExplainError(f"Cannot merge: image {shown(image)} needs the folder "
-                                       f"{part}, which is a file of image {shown(owner[str(part)])}. "
-                                       f"Nothing was written.")
+                raise AttnExplainError(
+                    f"Cannot merge: image {shown(image)} needs the folder "
+                    f"{part}, which is a file of image {shown(owner[str(part)])}. "
+                    f"Nothing was written."
+                )
     return {image: record for image, (record, _) in kept.items()}, files
 
 
@@ -260,34 +280,40 @@ def _check_out(out: Path, sources: list[_Source], merged: set[str]) -> None:
     roots = {source.root for source in sources}
     inside = next((source for source in sources if resolved in source.root.parents), None)
     if inside is not None:
-        raise AttnExplainError(f"Cannot merge: --out {out} holds the source {inside.given}; "
-                               f"replacing --out would delete it. Choose another --out.")
+        raise AttnExplainError(
+            f"Cannot merge: --out {out} holds the source {inside.given}; "
+            f"replacing --out would delete it. Choose another --out."
+        )
     if resolved in roots or all(entry.name == LOCK_NAME for entry in out.iterdir()):
         return
     results = out / RESULTS_JSONL
     if not_a_regular_file(results) is not None:
-        raise AttnExplainError(f"Cannot merge: --out {out} holds files and no {RESULTS_JSONL}: it "
-                               f"is not an attnexplain output, and the merge would replace it. "
-                               f"Choose a new or empty folder.")
+        raise AttnExplainError(
+            f"Cannot merge: --out {out} holds files and no {RESULTS_JSONL}: it "
+            f"is not an attnexplain output, and the merge would replace it. "
+            f"Choose a new or empty folder."
+        )
     found = read_records(results)
     if found.dropped:
         raise AttnExplainError(
             f"Cannot merge: --out {out} holds lines of {RESULTS_JSONL} that are no record "
             f"({found.dropped[0]}); the merge would replace the images they stood for. Name {out} as "
-            f"a source too (its unreadable lines are then listed), or choose another --out.")
+            f"a source too (its unreadable lines are then listed), or choose another --out."
+        )
     earlier = found.records
     lost = sorted(str(r["image"]) for r in earlier if r.get("status") == "ok" and r["image"] not in merged)
     if lost:
         raise AttnExplainError(
             f"Cannot merge: --out {out} already holds {len(lost)} explained image(s) that no source "
             f"has (e.g. {shown(lost[0])}); the merge would replace them. Name {out} as a source "
-            f"too to keep them, or choose another --out.")
+            f"too to keep them, or choose another --out."
+        )
 
 
 # --- writing ---------------------------------------------------------------------------------------
 
-def _write_merged(out: Path, records: list[dict[str, Any]], files: dict[str, Path],
-                  meta: dict[str, Any]) -> None:
+
+def _write_merged(out: Path, records: list[dict[str, Any]], files: dict[str, Path], meta: dict[str, Any]) -> None:
     from ._atomic import atomic_directory, write_bytes_atomic
     from .gallery import write_reports
 
@@ -305,6 +331,8 @@ def _write_merged(out: Path, records: list[dict[str, Any]], files: dict[str, Pat
             write_bytes_atomic(staging / RESULTS_JSONL, text.encode("utf-8"))
             write_reports(staging, records, meta)
     except OSError as error:
-        raise AttnExplainError(f"Cannot write the merged output beside {out}: "
-                               f"{error.strerror or error} ({error.filename or ''}); --out is "
-                               f"unchanged.") from None
+        raise AttnExplainError(
+            f"Cannot write the merged output beside {out}: "
+            f"{error.strerror or error} ({error.filename or ''}); --out is "
+            f"unchanged."
+        ) from None

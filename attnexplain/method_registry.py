@@ -66,21 +66,25 @@ def find_method(name: str, plugin: "ModelPlugin | None" = None) -> Method:
     if plugin is not None:
         provided = plugin_methods()
         if name in provided:
-            raise MethodError(f"{name} is provided by plugin {provided[name][0].name} for its models; "
-                              f"this model's plugin is {plugin.name}.")
+            raise MethodError(
+                f"{name} is provided by plugin {provided[name][0].name} for its models; "
+                f"this model's plugin is {plugin.name}."
+            )
     known = ", ".join([*METHODS, *own])
     raise MethodError(f"Unknown method {name!r}; `attnexplain methods` lists them (auto, {known}).")
 
 
-def method_clashes(plugin: "ModelPlugin",
-                   taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None) -> str | None:
+def method_clashes(
+    plugin: "ModelPlugin", taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None
+) -> str | None:
     """Why ``plugin``'s own methods cannot be registered (a name taken by a built-in method or by
     another plugin's, ``taken``; a method of no known family), or None."""
     return _registered_methods(plugin, taken)[1]
 
 
-def _registered_methods(plugin: "ModelPlugin", taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None
-                        ) -> tuple[list[Method], str | None]:
+def _registered_methods(
+    plugin: "ModelPlugin", taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None
+) -> tuple[list[Method], str | None]:
     """``plugin``'s own methods, asked once, and why they cannot be registered (then none are)."""
     try:
         methods = list(plugin.methods())
@@ -94,8 +98,7 @@ def _registered_methods(plugin: "ModelPlugin", taken: "Mapping[str, tuple[ModelP
         if taken and method.name in taken:
             return [], f"its method {method.name!r} is plugin {taken[method.name][0].name}'s already"
         if method.family not in PASSES:
-            return [], (f"its method {method.name!r} is of family {method.family!r}, not one of "
-                        f"{', '.join(PASSES)}")
+            return [], (f"its method {method.name!r} is of family {method.family!r}, not one of {', '.join(PASSES)}")
     return methods, None
 
 

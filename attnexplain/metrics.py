@@ -41,9 +41,19 @@ METRIC_VALUES: dict[str, tuple[str, ...]] = {
     "randomization": ("randomization",),
 }
 #: Which way is better for each value: +1 higher, -1 lower.
-BETTER: dict[str, int] = {"deletion": -1, "insertion": 1, "road_morf": -1, "road_lerf": 1, "road": 1,
-                          "avg_drop": -1, "increase": 1, "pointing": 1, "mass": 1, "rank": 1,
-                          "randomization": -1}
+BETTER: dict[str, int] = {
+    "deletion": -1,
+    "insertion": 1,
+    "road_morf": -1,
+    "road_lerf": 1,
+    "road": 1,
+    "avg_drop": -1,
+    "increase": 1,
+    "pointing": 1,
+    "mass": 1,
+    "rank": 1,
+    "randomization": -1,
+}
 LOCALISATION = ("pointing", "mass", "rank")
 #: The metrics measured from the model and the maps alone (no masks, no second model).
 PERTURBATION_METRICS = ("deletion", "insertion", "road", "drop")
@@ -79,28 +89,45 @@ class MetricSettings:
 
     def __post_init__(self) -> None:
         tolerance = self.pointing_tolerance
-        if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance)
-                or not 0 <= tolerance <= MAX_POINTING_TOLERANCE):
-            raise AttnExplainError(f"The pointing tolerance must be a number of pixels from 0 to "
-                                   f"{MAX_POINTING_TOLERANCE}, not {shown(tolerance)}.")
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, (int, float))
+            or not math.isfinite(tolerance)
+            or not 0 <= tolerance <= MAX_POINTING_TOLERANCE
+        ):
+            raise AttnExplainError(
+                f"The pointing tolerance must be a number of pixels from 0 to "
+                f"{MAX_POINTING_TOLERANCE}, not {shown(tolerance)}."
+            )
         images = self.randomization_images
         if isinstance(images, bool) or not isinstance(images, int) or images < 1:
             # 0 would leave every method unmeasured, and an unmeasured method fails the check.
-            raise AttnExplainError(f"The randomization check needs at least one image, not {shown(images)} "
-                                   f"(leave randomization out of the metrics to skip it).")
+            raise AttnExplainError(
+                f"The randomization check needs at least one image, not {shown(images)} "
+                f"(leave randomization out of the metrics to skip it)."
+            )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "blur_size": self.blur_size, "blur_sigma": self.blur_sigma,
-                "road_percentiles": list(self.road_percentiles), "road_noise": self.road_noise,
-                "randomization_steps": self.randomization_steps,
-                "randomization_images": self.randomization_images, "batch_size": self.batch_size,
-                "seed": self.seed, "pointing_tolerance": self.pointing_tolerance}
+        return {
+            "steps": self.steps,
+            "blur_size": self.blur_size,
+            "blur_sigma": self.blur_sigma,
+            "road_percentiles": list(self.road_percentiles),
+            "road_noise": self.road_noise,
+            "randomization_steps": self.randomization_steps,
+            "randomization_images": self.randomization_images,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "pointing_tolerance": self.pointing_tolerance,
+        }
 
 
 # --- scoring copies ------------------------------------------------------------------------------
 
-def batched_target_scores(score: ScoreFunction, make_copies: Callable[[slice], torch.Tensor],
-                          targets: torch.Tensor, batch_size: int) -> torch.Tensor:
+
+def batched_target_scores(
+    score: ScoreFunction, make_copies: Callable[[slice], torch.Tensor], targets: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """Each copy's target probability: (J,) for the J copies ``make_copies`` builds slice by slice,
     ``targets`` (J,) their classes. One forward per ``batch_size`` copies, no autograd."""
     values = []
@@ -108,8 +135,7 @@ def batched_target_scores(score: ScoreFunction, make_copies: Callable[[slice], t
         for start in range(0, len(targets), batch_size):
             part = slice(start, min(start + batch_size, len(targets)))
             probabilities = score(make_copies(part))
-            values.append(probabilities.float().gather(
-                1, targets[part].to(probabilities.device)[:, None])[:, 0].cpu())
+            values.append(probabilities.float().gather(1, targets[part].to(probabilities.device)[:, None])[:, 0].cpu())
     return torch.cat(values) if values else torch.zeros(0)
 
 
@@ -150,6 +176,7 @@ def blurred(images: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
 
 # --- deletion and insertion ----------------------------------------------------------------------
 
+
 @dataclass
 class CausalCurves:
     fractions: torch.Tensor  # (P,) share of pixels removed (deletion) / revealed (insertion)
@@ -158,12 +185,20 @@ class CausalCurves:
 
     def areas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M) areas under the deletion and insertion curves (trapezoid rule over fractions)."""
-        return (torch.trapezoid(self.deletion, self.fractions, dim=-1),
-                torch.trapezoid(self.insertion, self.fractions, dim=-1))
+        return (
+            torch.trapezoid(self.deletion, self.fractions, dim=-1),
+            torch.trapezoid(self.insertion, self.fractions, dim=-1),
+        )
 
 
-def causal_curves(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
-                  original: torch.Tensor, settings: MetricSettings = MetricSettings()) -> CausalCurves:
+def causal_curves(
+    score: ScoreFunction,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    original: torch.Tensor,
+    settings: MetricSettings = MetricSettings(),
+) -> CausalCurves:
     """Deletion and insertion curves of ``maps`` (B, M, H, W): M maps per image of ``images``
     (B, 3, H, W), explaining ``targets`` (B,) whose probabilities on the intact images are
     ``original`` (B,). Deletion replaces pixels, most relevant first, by zeros (the dataset's mean
@@ -183,9 +218,13 @@ def causal_curves(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor
     end_images = torch.arange(batch).repeat(2)
     end_kinds = torch.arange(2).repeat_interleave(batch)
     ends = batched_target_scores(
-        score, lambda part: torch.where((end_kinds[part] == 0).to(images.device)[:, None, None], flat_zeros,
-                                        substrate[end_images[part]]).view(-1, *images.shape[1:]),
-        targets.cpu()[end_images], settings.batch_size).view(2, batch)
+        score,
+        lambda part: torch.where(
+            (end_kinds[part] == 0).to(images.device)[:, None, None], flat_zeros, substrate[end_images[part]]
+        ).view(-1, *images.shape[1:]),
+        targets.cpu()[end_images],
+        settings.batch_size,
+    ).view(2, batch)
 
     # Every other point of every curve of every image and method: one job each.
     inner_counts = torch.tensor(counts[1:-1], dtype=torch.long)
@@ -219,12 +258,14 @@ def causal_curves(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor
 
 #: Noisy linear imputation's neighbourhood (ROAD): each removed pixel is the weighted mean of its
 #: eight neighbours, edges twice the weight of corners.
-_NEIGHBOURS = tuple(((dy, dx), 1 / 6 if dy == 0 or dx == 0 else 1 / 12)
-                    for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+_NEIGHBOURS = tuple(
+    ((dy, dx), 1 / 6 if dy == 0 or dx == 0 else 1 / 12) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
+)
 
 
-def linear_imputation(image: torch.Tensor, removed: torch.Tensor, noise: float = 0.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def linear_imputation(
+    image: torch.Tensor, removed: torch.Tensor, noise: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``image`` (C, H, W) with the ``removed`` (H, W) pixels replaced by the solution of
     "each removed pixel = the weighted mean of its neighbours inside the image" (one sparse linear
     system, all channels at once), plus Gaussian noise of standard deviation ``noise``."""
@@ -274,8 +315,14 @@ def road_removed(heatmap: np.ndarray, percentile: float, most_relevant: bool) ->
     return ordered >= np.percentile(ordered, percentile)
 
 
-def road_scores(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
-                original: torch.Tensor, settings: MetricSettings = MetricSettings()) -> dict[str, torch.Tensor]:
+def road_scores(
+    score: ScoreFunction,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    original: torch.Tensor,
+    settings: MetricSettings = MetricSettings(),
+) -> dict[str, torch.Tensor]:
     """ROAD (B, M) values: the mean change of the target probability over the percentiles when the
     most (``road_morf``, lower is better) or least (``road_lerf``, higher is better) relevant pixels
     are imputed; ``road`` = (lerf − morf) / 2. Imputation runs on the CPU (a sparse solve per copy);
@@ -285,13 +332,22 @@ def road_scores(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor, 
     cpu_maps = maps.float().cpu().numpy()
     cpu_images = images.float().cpu()
     percentiles = settings.road_percentiles
-    jobs = [(b, m, order, p) for b in range(batch) for m in range(methods) for order in (0, 1)
-            for p in percentiles]  # order 0: most relevant first
+    jobs = [
+        (b, m, order, p) for b in range(batch) for m in range(methods) for order in (0, 1) for p in percentiles
+    ]  # order 0: most relevant first
 
     def copies(part: slice) -> torch.Tensor:
-        return torch.stack([linear_imputation(cpu_images[b], torch.from_numpy(
-            road_removed(cpu_maps[b, m], p, most_relevant=order == 0)), settings.road_noise, generator)
-            for b, m, order, p in jobs[part]]).to(images.device)
+        return torch.stack(
+            [
+                linear_imputation(
+                    cpu_images[b],
+                    torch.from_numpy(road_removed(cpu_maps[b, m], p, most_relevant=order == 0)),
+                    settings.road_noise,
+                    generator,
+                )
+                for b, m, order, p in jobs[part]
+            ]
+        ).to(images.device)
 
     job_targets = targets.cpu()[torch.tensor([b for b, *_ in jobs], dtype=torch.long)]
     after = batched_target_scores(score, copies, job_targets, settings.batch_size)
@@ -302,8 +358,15 @@ def road_scores(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor, 
 
 # --- average drop / increase in confidence -------------------------------------------------------
 
-def confidence_change(score: ScoreFunction, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
-                      original: torch.Tensor, settings: MetricSettings = MetricSettings()) -> dict[str, torch.Tensor]:
+
+def confidence_change(
+    score: ScoreFunction,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    original: torch.Tensor,
+    settings: MetricSettings = MetricSettings(),
+) -> dict[str, torch.Tensor]:
     """(B, M) drop (max(0, p − p') / p) and increase (p' > p, 0 or 1) of the target probability p
     when the model sees the input multiplied by the map scaled to [0, 1] (p')."""
     batch, methods = maps.shape[:2]
@@ -323,8 +386,10 @@ def confidence_change(score: ScoreFunction, images: torch.Tensor, maps: torch.Te
 
 # --- the perturbation metrics of a batch's maps ----------------------------------------------------
 
-def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequence[str],
-                        config: MetricSettings = MetricSettings()) -> tuple[dict[str, Any], dict[str, Any]]:
+
+def perturbation_values(
+    loaded, batch, maps, targets, original, metrics: Sequence[str], config: MetricSettings = MetricSettings()
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The perturbation metrics among ``metrics`` for ``maps`` (B, M, H, W) of ``batch``: per value
     name a (B, M) tensor, and the deletion/insertion curves (NumPy) with their ``fractions``.
     ``original`` (B,) is each target's probability on the intact image. What ``evaluate`` measures
@@ -352,8 +417,10 @@ def perturbation_values(loaded, batch, maps, targets, original, metrics: Sequenc
 
 # --- localisation --------------------------------------------------------------------------------
 
-def localisation(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 0.0,
-                 pixel_size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+
+def localisation(
+    maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 0.0, pixel_size: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """(B, M) localisation of ``maps`` (B, M, H, W) against the object ``masks`` (B, H, W) bool:
     ``pointing`` 1 when a maximum of the map is on the object or within ``tolerance`` of it (the
     pointing game of Zhang et al. 2018 counts a 15-pixel tolerance), distances measured in the
@@ -364,9 +431,20 @@ def localisation(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 0.0
     flat = maps.flatten(2).float()
     inside = masks.flatten(1)[:, None, :].expand_as(flat)
     peaks = flat == flat.amax(dim=2, keepdim=True)
-    near = masks if tolerance <= 0 else torch.from_numpy(np.stack([
-        near_object(mask.cpu().numpy(), tolerance, (1.0, 1.0) if pixel_size is None else tuple(map(float, size)))
-        for mask, size in zip(masks, pixel_size if pixel_size is not None else [None] * len(masks))]))
+    near = (
+        masks
+        if tolerance <= 0
+        else torch.from_numpy(
+            np.stack(
+                [
+                    near_object(
+                        mask.cpu().numpy(), tolerance, (1.0, 1.0) if pixel_size is None else tuple(map(float, size))
+                    )
+                    for mask, size in zip(masks, pixel_size if pixel_size is not None else [None] * len(masks))
+                ]
+            )
+        )
+    )
     pointing = (peaks & near.flatten(1)[:, None, :].to(peaks.device)).any(dim=2).float()
     positive = flat.clamp_min(0)
     mass = (positive * inside).sum(dim=2) / positive.sum(dim=2).clamp_min(1e-30)
@@ -375,8 +453,10 @@ def localisation(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 0.0
     top = ranks < size[:, None, None]
     rank = (top & inside).sum(dim=2) / size[:, None].clamp_min(1)
     empty = (size == 0)[:, None].expand_as(pointing)
-    return {name: torch.where(empty, torch.nan, value.float()) for name, value in
-            (("pointing", pointing), ("mass", mass), ("rank", rank))}
+    return {
+        name: torch.where(empty, torch.nan, value.float())
+        for name, value in (("pointing", pointing), ("mass", mass), ("rank", rank))
+    }
 
 
 def near_object(mask: np.ndarray, tolerance: float, pixel_size: tuple[float, float]) -> np.ndarray:
@@ -395,6 +475,7 @@ def near_object(mask: np.ndarray, tolerance: float, pixel_size: tuple[float, flo
 
 # --- randomization -------------------------------------------------------------------------------
 
+
 def spearman(first: np.ndarray, second: np.ndarray) -> float:
     """Spearman's rank correlation of two maps' pixels (ties ranked by their mean rank). NaN when
     ``first`` is constant (it has no order to keep); 0 when only ``second`` is (the order is lost)."""
@@ -410,8 +491,11 @@ def spearman(first: np.ndarray, second: np.ndarray) -> float:
 
 def parameter_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules that hold parameters of their own, output side first (the cascading order)."""
-    return [layer for _, layer in reversed(list(module.named_modules()))
-            if any(True for _ in layer.parameters(recurse=False))]
+    return [
+        layer
+        for _, layer in reversed(list(module.named_modules()))
+        if any(True for _ in layer.parameters(recurse=False))
+    ]
 
 
 def _block_of(name: str, containers: set[str]) -> str:
@@ -420,7 +504,7 @@ def _block_of(name: str, containers: set[str]) -> str:
     ``blocks.3``), or the module itself when no container holds it (``fc``, ``conv1``)."""
     parts = name.split(".") if name else []
     for depth in range(1, len(parts) + 1):
-        if ".".join(parts[:depth - 1]) in containers:
+        if ".".join(parts[: depth - 1]) in containers:
             return ".".join(parts[:depth])
     return name
 
@@ -431,8 +515,11 @@ def randomization_blocks(module: torch.nn.Module) -> list[tuple[str, list[torch.
     Adebayo et al. 2018 step through Inception's named blocks) or a module with parameters outside
     any. A block whose parameters are all 1-D (a normalisation's scale and shift, which re-initialise
     to the identity) joins the next block towards the input, so that every step changes weights."""
-    containers = {name for name, layer in module.named_modules()
-                  if isinstance(layer, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))}
+    containers = {
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
+    }
     names = {id(layer): name for name, layer in module.named_modules()}
     blocks: list[tuple[str, list[torch.nn.Module]]] = []
     for layer in parameter_layers(module):
@@ -446,11 +533,16 @@ def randomization_blocks(module: torch.nn.Module) -> list[tuple[str, list[torch.
     for name, layers in blocks:
         pending.append((name, layers))
         if any(parameter.dim() > 1 for layer in layers for parameter in layer.parameters(recurse=False)):
-            merged.append((" + ".join(n or "(model)" for n, _ in pending), [l for _, ls in pending for l in ls]))
+            merged.append(_one_step(pending))
             pending = []
     if pending:  # only 1-D parameters left at the input side: they make the last step
-        merged.append((" + ".join(n or "(model)" for n, _ in pending), [l for _, ls in pending for l in ls]))
+        merged.append(_one_step(pending))
     return merged
+
+
+def _one_step(pending: list[tuple[str, list[torch.nn.Module]]]) -> tuple[str, list[torch.nn.Module]]:
+    """Blocks randomized together: their names joined, their layers in one list."""
+    return " + ".join(n or "(model)" for n, _ in pending), [layer for _, ls in pending for layer in ls]
 
 
 def cascade_steps(module: torch.nn.Module, steps: int) -> list[tuple[str, list[torch.nn.Module]]]:
@@ -460,8 +552,8 @@ def cascade_steps(module: torch.nn.Module, steps: int) -> list[tuple[str, list[t
     blocks = randomization_blocks(module)
     if len(blocks) <= max(1, steps):
         return blocks
-    kept = blocks[:max(1, steps) - 1]
-    rest = blocks[len(kept):]
+    kept = blocks[: max(1, steps) - 1]
+    rest = blocks[len(kept) :]
     label = rest[0][0] if len(rest) == 1 else f"{rest[0][0]} … {rest[-1][0]}"
     return [*kept, (label, [layer for _, layers in rest for layer in layers])]
 
@@ -543,12 +635,21 @@ def map_similarities(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
     if before.min() >= 0 and after.min() >= 0:  # on [0, 1] as they are: no shift to make room for signs
         same, similar = spearman(before, after), ssim(before, after, signed=False)
         return {"spearman": same, "spearman_abs": same, "ssim": similar, "ssim_abs": similar}
-    return {"spearman": spearman(before, after), "spearman_abs": spearman(np.abs(before), np.abs(after)),
-            "ssim": ssim(before, after, signed=True), "ssim_abs": ssim(np.abs(before), np.abs(after), signed=False)}
+    return {
+        "spearman": spearman(before, after),
+        "spearman_abs": spearman(np.abs(before), np.abs(after)),
+        "ssim": ssim(before, after, signed=True),
+        "ssim_abs": ssim(np.abs(before), np.abs(after), signed=False),
+    }
 
 
-def randomization_similarities(module: torch.nn.Module, maps_of: Callable[[torch.nn.Module, int], torch.Tensor],
-                               original: torch.Tensor, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+def randomization_similarities(
+    module: torch.nn.Module,
+    maps_of: Callable[[torch.nn.Module, int], torch.Tensor],
+    original: torch.Tensor,
+    steps: int,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Per measure of :data:`SIMILARITIES`, (B, M, S) its value between each of the ``original``
     maps (B, M, H, W) and the map ``maps_of(randomized module, step)`` gives after each of the S
     cascading steps (head first). NaN where the original map is constant (it has no order to keep)."""
@@ -556,12 +657,16 @@ def randomization_similarities(module: torch.nn.Module, maps_of: Callable[[torch
     found: dict[str, list] = {name: [] for name in SIMILARITIES}
     for step, randomized in enumerate(cascading_randomization(module, steps, seed)):
         after = maps_of(randomized, step).float().cpu().numpy()
-        pairs = [[map_similarities(before[b, m], after[b, m]) for m in range(before.shape[1])]
-                 for b in range(before.shape[0])]
+        pairs = [
+            [map_similarities(before[b, m], after[b, m]) for m in range(before.shape[1])]
+            for b in range(before.shape[0])
+        ]
         for name in SIMILARITIES:
             found[name].append([[pair[name] for pair in row] for row in pairs])
-    return {name: np.array(values, dtype=np.float64).reshape(-1, *before.shape[:2]).transpose(1, 2, 0)
-            for name, values in found.items()}
+    return {
+        name: np.array(values, dtype=np.float64).reshape(-1, *before.shape[:2]).transpose(1, 2, 0)
+        for name, values in found.items()
+    }
 
 
 def judged_similarity(similarities: dict[str, np.ndarray]) -> np.ndarray:
@@ -579,7 +684,7 @@ def randomization_scores(similarities: dict[str, np.ndarray], early_steps: int) 
     judged = judged_similarity(similarities)
     if judged.shape[-1] == 0:  # a model without parameters: nothing was randomized, nothing measured
         return np.full(judged.shape[:-1], np.nan), np.full(judged.shape[:-1], np.nan)
-    return judged[..., 0], judged[..., :max(1, early_steps)].mean(axis=-1)
+    return judged[..., 0], judged[..., : max(1, early_steps)].mean(axis=-1)
 
 
 def randomization_verdict(head: np.ndarray, early: np.ndarray) -> tuple[float | None, bool]:
@@ -601,8 +706,7 @@ def randomization_verdict(head: np.ndarray, early: np.ndarray) -> tuple[float | 
 
 def random_maps(count: int, size: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
     """(count, H, W) uniform random maps, one seed per image: the chance level of every metric."""
-    return torch.stack([torch.rand(size, generator=torch.Generator().manual_seed(int(seed)))
-                        for seed in seeds[:count]])
+    return torch.stack([torch.rand(size, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds[:count]])
 
 
 #: Records of earlier runs are untrusted: how large their metrics table may be.

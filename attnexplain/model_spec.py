@@ -52,8 +52,9 @@ class ModelSpec:
         known = {field.name for field in fields(cls)}
         unknown = sorted(str(key) for key in value if key not in known)
         if unknown:
-            raise AttnExplainError(f"A model specification has no field {unknown[0]!r} "
-                                   f"(its fields: {', '.join(sorted(known))}).")
+            raise AttnExplainError(
+                f"A model specification has no field {unknown[0]!r} (its fields: {', '.join(sorted(known))})."
+            )
         return cls(**{"model": None, **value})
 
     def identity(self) -> dict[str, Any]:
@@ -76,9 +77,17 @@ class ModelSpec:
         from .loading import arch_kwargs_from_json, load_model
 
         self._require_model()
-        return load_model(self.model, arch=self.arch, num_classes=self.num_classes, labels=self.labels,
-                          trust_model=self.trust_model, plugin=self.plugin, device=self.device, ema=self.ema,
-                          arch_kwargs=arch_kwargs_from_json(self.arch_kwargs) if self.arch_kwargs else None)
+        return load_model(
+            self.model,
+            arch=self.arch,
+            num_classes=self.num_classes,
+            labels=self.labels,
+            trust_model=self.trust_model,
+            plugin=self.plugin,
+            device=self.device,
+            ema=self.ema,
+            arch_kwargs=arch_kwargs_from_json(self.arch_kwargs) if self.arch_kwargs else None,
+        )
 
     def _require_model(self) -> None:
         if self.model is None:

@@ -44,8 +44,10 @@ class MethodOptions:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MethodError(f"{name} must be at least 1.")
         if self.samples is not None and self.samples > MAX_SAMPLES:
-            raise MethodError(f"samples must be at most {MAX_SAMPLES:,}, not {self.samples:,}: each one "
-                              f"is a forward pass (or a noisy copy) per image.")
+            raise MethodError(
+                f"samples must be at most {MAX_SAMPLES:,}, not {self.samples:,}: each one "
+                f"is a forward pass (or a noisy copy) per image."
+            )
         if not 0.0 <= self.mask_noise <= 100.0:
             raise MethodError(f"The mask noise must be in [0, 100], not {self.mask_noise}.")
         if self.baseline not in BASELINES:

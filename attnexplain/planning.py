@@ -38,7 +38,7 @@ def resolve_methods(loaded: "LoadedModel", requested: str | Sequence[str]) -> li
     if "auto" in names:
         automatic = _automatic_methods(loaded, has_attention)
         position = names.index("auto")
-        names[position:position + 1] = automatic
+        names[position : position + 1] = automatic
     chosen: list[Method] = []
     for name in names:
         method = find_method(name, loaded.plugin)
@@ -47,25 +47,31 @@ def resolve_methods(loaded: "LoadedModel", requested: str | Sequence[str]) -> li
             if name in automatic:
                 continue
             raise MethodError(f"{name}: {refusal}")
-        needs_layers = (method.family != "input" or method.name in ("guided_gradcam", "fullgrad")
-                        or method.needs_modules)
+        needs_layers = method.family != "input" or method.name in ("guided_gradcam", "fullgrad") or method.needs_modules
         if needs_layers and not loaded.inner_layers:
-            raise MethodError(f"{name} needs the model's inner layers, which a {loaded.loader} model "
-                              f"does not expose; use --method saliency, or load the weights as a "
-                              f"state_dict with --arch.")
+            raise MethodError(
+                f"{name} needs the model's inner layers, which a {loaded.loader} model "
+                f"does not expose; use --method saliency, or load the weights as a "
+                f"state_dict with --arch."
+            )
         if method.family == "gates" and not loaded.plugin.gate_modules(loaded.module):
-            raise MethodError(f"{name} needs squeeze-and-excitation blocks; plugin "
-                              f"{loaded.plugin.name} knows none in this {type(loaded.module).__name__}.")
+            raise MethodError(
+                f"{name} needs squeeze-and-excitation blocks; plugin "
+                f"{loaded.plugin.name} knows none in this {type(loaded.module).__name__}."
+            )
         if method.family == "attention" and not has_attention:
-            raise MethodError(f"{name} needs attention layers; plugin {loaded.plugin.name} knows none "
-                              f"in this {type(loaded.module).__name__}. Use --method gradcam.")
+            raise MethodError(
+                f"{name} needs attention layers; plugin {loaded.plugin.name} knows none "
+                f"in this {type(loaded.module).__name__}. Use --method gradcam."
+            )
         if method.name == "legrad":
             token_readout(loaded)
         if method not in chosen:
             chosen.append(method)
     if not chosen:
-        raise MethodError(f"Plugin {loaded.plugin.name} refuses every method `auto` chose "
-                          f"({', '.join(automatic)}); name a --method.")
+        raise MethodError(
+            f"Plugin {loaded.plugin.name} refuses every method `auto` chose ({', '.join(automatic)}); name a --method."
+        )
     return chosen
 
 
@@ -94,12 +100,17 @@ def default_layer(loaded: "LoadedModel", batch: torch.Tensor) -> str:
     known = _probed_layers.setdefault(loaded.module, {})
     shape = tuple(batch.shape[1:])
     if shape not in known:
-        spatial = [info for info, map_shape in layer_maps(loaded, batch)
-                   if map_shape is not None and map_shape[2] * map_shape[3] > 1 and info.depends_on_input]
+        spatial = [
+            info
+            for info, map_shape in layer_maps(loaded, batch)
+            if map_shape is not None and map_shape[2] * map_shape[3] > 1 and info.depends_on_input
+        ]
         known[shape] = spatial[-1].name if spatial else None
     if known[shape] is None:
-        raise MethodError("No layer of this model outputs a spatial (batch, channels, height, width) "
-                          "map, so the CAM methods have nothing to weight; try --method saliency.")
+        raise MethodError(
+            "No layer of this model outputs a spatial (batch, channels, height, width) "
+            "map, so the CAM methods have nothing to weight; try --method saliency."
+        )
     return known[shape]
 
 
@@ -114,8 +125,7 @@ def layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tu
     for info in layer_infos(loaded, batch):
         shape = None
         if info.shape is not None:
-            laid_out = loaded.plugin.layer_map(loaded.module, info.name,
-                                               torch.empty(info.shape, device="meta"), size)
+            laid_out = loaded.plugin.layer_map(loaded.module, info.name, torch.empty(info.shape, device="meta"), size)
             if laid_out is not None:
                 shape = tuple(laid_out.shape)
             elif len(info.shape) == 4:
@@ -127,8 +137,7 @@ def layer_maps(loaded: "LoadedModel", batch: torch.Tensor) -> list[tuple[Any, tu
     return found
 
 
-_probed_layers: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str | None]]" = \
-    weakref.WeakKeyDictionary()
+_probed_layers: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], str | None]]" = weakref.WeakKeyDictionary()
 
 
 def layer_names(layer: str | Sequence[str] | None) -> list[str]:
@@ -144,10 +153,15 @@ class Plan:
     layers: list[str]  # CAM layers (empty when no method needs one)
 
 
-def plan_explanation(loaded: "LoadedModel", method: str | Sequence[str] = "auto",
-                     layer: str | Sequence[str] | None = None, *,
-                     size: Sequence[int] | int | None = None, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None) -> Plan:
+def plan_explanation(
+    loaded: "LoadedModel",
+    method: str | Sequence[str] = "auto",
+    layer: str | Sequence[str] | None = None,
+    *,
+    size: Sequence[int] | int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Plan:
     """Preprocessing, methods and layers for ``loaded``: what :func:`attnexplain.explain` and the batch command
     share. The default layer is found from the input's shape alone."""
     preprocessing = plan_preprocessing(loaded, size=size, mean=mean, std=std)
@@ -162,9 +176,12 @@ def plan_explanation(loaded: "LoadedModel", method: str | Sequence[str] = "auto"
     return Plan(preprocessing, methods, layers)
 
 
-def plan_preprocessing(loaded: "LoadedModel", *, size: Sequence[int] | int | None = None,
-                       mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None) -> Preprocessing:
+def plan_preprocessing(
+    loaded: "LoadedModel",
+    *,
+    size: Sequence[int] | int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Preprocessing:
     """The model's preprocessing (its file's, its plugin's, or the default) with the user's overrides."""
-    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(
-        size=size, mean=mean, std=std)
+    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(size=size, mean=mean, std=std)

@@ -20,6 +20,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Files: why a path a plugin is about to read is not a regular file (a FIFO blocks, a device never
+# ends), checked before opening it; None for a file.
+from ._files import not_a_regular_file
+
+# Errors: what a plugin raises for what the user can fix, one sentence each (the CLI prints one
+# line). ModelLoadError (building, loading; UntrustedModelError: loading would run the file's code),
+# MethodError (methods, layers), PluginError (a hook the plugin does not provide), all
+# AttnExplainErrors. shown() quotes a value read from a file in such a message, cut short.
+from .errors import AttnExplainError, MethodError, ModelLoadError, PluginError, UntrustedModelError, shown
+
+# The answers of ModelPlugin.layer_layout: how a layer's 4-D output is laid out.
+from .layout import CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP
+
 # The plugin. Subclass ModelPlugin, override the hooks that apply (each defaults to "don't know")
 # and publish an instance under the entry-point group ``attnexplain.plugins``; leave api_version at
 # PLUGIN_API_VERSION. The data classes are what the hooks return: CatalogEntry (catalog), NamedModel
@@ -28,31 +41,29 @@ from typing import TYPE_CHECKING, Any
 # queries, keys) tensor: WindowedAttention (inside windows of a token map), SpatialAttention (over a
 # layer's own grid). vit_cam_block picks a class-token ViT's default CAM block (default_layer);
 # classification_logits reads logits off a classifier's output (what class_scores does by default).
-from .plugins import (PLUGIN_API_VERSION, CatalogEntry, Detections, ModelPlugin, NamedModel, SpatialAttention,
-                      TokenGrid, TokenReadout, WindowedAttention, classification_logits, vit_cam_block)
-
-# The answers of ModelPlugin.layer_layout: how a layer's 4-D output is laid out.
-from .layout import CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP
+# Tests: use_plugins makes attnexplain see the given plugins (ModelPlugin instances, or PluginInfo
+# rows with a distribution or an error) as the installed ones inside a ``with`` block.
+from .plugins import (
+    PLUGIN_API_VERSION,
+    CatalogEntry,
+    Detections,
+    ModelPlugin,
+    NamedModel,
+    PluginInfo,
+    SpatialAttention,
+    TokenGrid,
+    TokenReadout,
+    WindowedAttention,
+    classification_logits,
+    use_plugins,
+    vit_cam_block,
+)
 
 # Preprocessing, what the preprocessing hook and NamedModel carry, and the helpers that check the
 # values a plugin reads from a model's files or a library's config: sizes (normalize_size, with
 # FILE_MAX_SIZE as the limit for a file's word), mean and std (normalization_values), and a
 # torchvision weights preset's transforms (from_torchvision_transforms).
 from .preprocess import FILE_MAX_SIZE, Preprocessing, from_torchvision_transforms, normalization_values, normalize_size
-
-# Errors: what a plugin raises for what the user can fix, one sentence each (the CLI prints one
-# line). ModelLoadError (building, loading; UntrustedModelError: loading would run the file's code),
-# MethodError (methods, layers), PluginError (a hook the plugin does not provide), all
-# AttnExplainErrors. shown() quotes a value read from a file in such a message, cut short.
-from .errors import AttnExplainError, MethodError, ModelLoadError, PluginError, UntrustedModelError, shown
-
-# Files: why a path a plugin is about to read is not a regular file (a FIFO blocks, a device never
-# ends), checked before opening it; None for a file.
-from ._files import not_a_regular_file
-
-# Tests: use_plugins makes attnexplain see the given plugins (ModelPlugin instances, or PluginInfo
-# rows with a distribution or an error) as the installed ones inside a ``with`` block.
-from .plugins import PluginInfo, use_plugins
 
 #: The names that need torch, imported on first use: name → its module in the package.
 _NEEDS_TORCH = {
@@ -74,30 +85,62 @@ _NEEDS_TORCH = {
 }
 
 if TYPE_CHECKING:
-    from .capture import (attention_gradients, capture_channel_gates, capture_multihead_attention, capture_softmax,
-                          replaced_forward, shifted_window_positions)
+    from .capture import (
+        attention_gradients,
+        capture_channel_gates,
+        capture_multihead_attention,
+        capture_softmax,
+        replaced_forward,
+        shifted_window_positions,
+    )
     from .methods import Method
     from .methods.attention import spatial_attention
 
 __all__ = [
     # the plugin
-    "ModelPlugin", "PLUGIN_API_VERSION", "CatalogEntry", "NamedModel", "TokenGrid", "TokenReadout", "Detections",
-    "WindowedAttention", "SpatialAttention", "vit_cam_block", "classification_logits",
+    "ModelPlugin",
+    "PLUGIN_API_VERSION",
+    "CatalogEntry",
+    "NamedModel",
+    "TokenGrid",
+    "TokenReadout",
+    "Detections",
+    "WindowedAttention",
+    "SpatialAttention",
+    "vit_cam_block",
+    "classification_logits",
     # layouts
-    "CHANNELS_FIRST", "CHANNELS_LAST", "NOT_A_MAP",
+    "CHANNELS_FIRST",
+    "CHANNELS_LAST",
+    "NOT_A_MAP",
     # preprocessing
-    "Preprocessing", "normalize_size", "normalization_values", "from_torchvision_transforms", "FILE_MAX_SIZE",
+    "Preprocessing",
+    "normalize_size",
+    "normalization_values",
+    "from_torchvision_transforms",
+    "FILE_MAX_SIZE",
     # errors
-    "AttnExplainError", "ModelLoadError", "UntrustedModelError", "MethodError", "PluginError", "shown",
+    "AttnExplainError",
+    "ModelLoadError",
+    "UntrustedModelError",
+    "MethodError",
+    "PluginError",
+    "shown",
     # files
     "not_a_regular_file",
     # recording (needs torch)
-    "capture_softmax", "capture_multihead_attention", "capture_channel_gates", "replaced_forward",
-    "shifted_window_positions", "attention_gradients",
+    "capture_softmax",
+    "capture_multihead_attention",
+    "capture_channel_gates",
+    "replaced_forward",
+    "shifted_window_positions",
+    "attention_gradients",
     # methods (needs torch)
-    "Method", "spatial_attention",
+    "Method",
+    "spatial_attention",
     # tests
-    "use_plugins", "PluginInfo",
+    "use_plugins",
+    "PluginInfo",
 ]
 
 

@@ -51,8 +51,15 @@ def cache_key(info: PluginInfo) -> str:
         stat = os.stat(source) if source else None
     except OSError:
         stat = None
-    parts: list[Any] = [_CACHE_FORMAT, info.name, type(info.plugin).__qualname__, source,
-                        stat and (stat.st_mtime_ns, stat.st_size), info.distribution, info.version]
+    parts: list[Any] = [
+        _CACHE_FORMAT,
+        info.name,
+        type(info.plugin).__qualname__,
+        source,
+        stat and (stat.st_mtime_ns, stat.st_size),
+        info.distribution,
+        info.version,
+    ]
     requires: list[str] = []
     if info.distribution is not None:
         try:
@@ -146,8 +153,11 @@ def _builder_names_for_key(info: PluginInfo, key: str, path: Path) -> frozenset[
 
 
 def _plain_name(name: Any) -> bool:
-    return (isinstance(name, str) and 0 < len(name) <= _MAX_NAME_LENGTH
-            and not any(ord(character) < 32 for character in name))
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= _MAX_NAME_LENGTH
+        and not any(ord(character) < 32 for character in name)
+    )
 
 
 def _read_builder_names(path: Path, key: str) -> list[str] | None:

@@ -187,8 +187,9 @@ class ModelPlugin:
         """The CAM target layer; None lets the core pick the last layer with a spatial map."""
         return None
 
-    def layer_map(self, model: "nn.Module", layer: str, output: "torch.Tensor",
-                  input_size: tuple[int, int]) -> "torch.Tensor | None":
+    def layer_map(
+        self, model: "nn.Module", layer: str, output: "torch.Tensor", input_size: tuple[int, int]
+    ) -> "torch.Tensor | None":
         """A CAM layer's output as a (B, C, H, W) map, when the layer outputs something else: a
         transformer block's token sequence, a channels-last (B, H, W, C) stage (Swin). None: the
         output is used as it is (it must then be a (B, C, H, W) map).
@@ -200,7 +201,7 @@ class ModelPlugin:
         grid = self.token_grid(model, input_size) if output.dim() == 3 else None
         if grid is None or output.shape[1] != grid.prefix_tokens + grid.height * grid.width:
             return None
-        patches = output[:, grid.prefix_tokens:]
+        patches = output[:, grid.prefix_tokens :]
         return patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], grid.height, grid.width)
 
     def layer_layout(self, model: "nn.Module", layer: str) -> str | None:
@@ -232,8 +233,9 @@ class ModelPlugin:
         return None
 
     @contextmanager
-    def capture_attention(self, model: "nn.Module", names: list[str],
-                          sink: dict[str, "torch.Tensor | WindowedAttention"]) -> Iterator[None]:
+    def capture_attention(
+        self, model: "nn.Module", names: list[str], sink: dict[str, "torch.Tensor | WindowedAttention"]
+    ) -> Iterator[None]:
         """Record each named module's attention probabilities (batch, heads, queries, keys) into sink,
         or, for attention inside windows of the token map, a :class:`WindowedAttention`
         (:func:`attnexplain.plugin_api.capture_softmax` records a softmax computed inside a module).
@@ -274,8 +276,9 @@ class ModelPlugin:
         return []
 
     @contextmanager
-    def capture_gates(self, model: "nn.Module", names: list[str],
-                      sink: dict[str, tuple["torch.Tensor", "torch.Tensor"]]) -> Iterator[None]:
+    def capture_gates(
+        self, model: "nn.Module", names: list[str], sink: dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+    ) -> Iterator[None]:
         """Record each block's (gates (B, C), gated input (B, C, H, W)) into sink. The default reads
         blocks shaped like ``torchvision.ops.SqueezeExcitation`` (a ``scale_activation`` submodule)."""
         from .capture import capture_channel_gates
@@ -382,8 +385,10 @@ def classification_logits(output: Any) -> "torch.Tensor":
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 2:
         return output[0]
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    raise MethodError(f"The model's output is {shape}, not classification scores of shape "
-                      f"(batch, classes); a plugin must say how to score it.")
+    raise MethodError(
+        f"The model's output is {shape}, not classification scores of shape "
+        f"(batch, classes); a plugin must say how to score it."
+    )
 
 
 @dataclass(frozen=True)
@@ -417,8 +422,7 @@ def discover_plugins() -> list[PluginInfo]:
                 raise TypeError(f"{point.value} is not an attnexplain.plugins.ModelPlugin")
             if plugin.api_version not in SUPPORTED_API_VERSIONS:
                 spoken = ", ".join(str(version) for version in SUPPORTED_API_VERSIONS)
-                raise TypeError(f"written for plugin API {plugin.api_version}, "
-                                f"this attnexplain speaks {spoken}")
+                raise TypeError(f"written for plugin API {plugin.api_version}, this attnexplain speaks {spoken}")
         except Exception as error:  # a broken plugin must not break the others
             message = error_line(error)
             found.append(PluginInfo(point.name, dist_name, dist_version, None, message))
@@ -449,8 +453,10 @@ def use_plugins(*plugins: ModelPlugin | PluginInfo, keep_installed: bool = False
     ``keep_installed``: the discovered plugins stay, and ``plugins`` come after them.
     """
     global _cache
-    infos = [plugin if isinstance(plugin, PluginInfo) else PluginInfo(plugin.name, None, None, plugin, None)
-             for plugin in plugins]
+    infos = [
+        plugin if isinstance(plugin, PluginInfo) else PluginInfo(plugin.name, None, None, plugin, None)
+        for plugin in plugins
+    ]
     kept = list(plugin_infos()) if keep_installed else []
     saved = _cache
     _cache = kept + infos

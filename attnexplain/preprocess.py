@@ -53,9 +53,12 @@ class Preprocessing:
     resize_v2: bool = True
     crop_rounds_down: bool = False
 
-    def with_overrides(self, size: Sequence[int] | int | None = None,
-                       mean: Sequence[float] | None = None,
-                       std: Sequence[float] | None = None) -> "Preprocessing":
+    def with_overrides(
+        self,
+        size: Sequence[int] | int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> "Preprocessing":
         """Apply user overrides; a new ``size`` keeps the resize-to-crop ratio of published transforms."""
         changes: dict[str, Any] = {}
         if size is not None:
@@ -63,8 +66,9 @@ class Preprocessing:
             if self.resize is not None:
                 changes["resize"] = round(self.resize * min(new_size) / min(self.size))
             if self.resize_to is not None:
-                changes["resize_to"] = tuple(round(side * new / old) for side, new, old
-                                             in zip(self.resize_to, new_size, self.size))
+                changes["resize_to"] = tuple(
+                    round(side * new / old) for side, new, old in zip(self.resize_to, new_size, self.size)
+                )
             changes["size"] = new_size
         if mean is not None:
             changes["mean"] = normalization_values(mean, "--mean")
@@ -81,9 +85,15 @@ class Preprocessing:
         return max(*self.size, self.resize or 0, *(self.resize_to or ()))
 
     def as_dict(self) -> dict[str, Any]:
-        shown = {"size": list(self.size), "resize": self.resize, "letterbox": self.letterbox,
-                 "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
-                 "source": self.source}
+        shown = {
+            "size": list(self.size),
+            "resize": self.resize,
+            "letterbox": self.letterbox,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "source": self.source,
+        }
         if self.resize_to is not None:  # only then: reports of every other model stay as they were
             shown["resize_to"] = list(self.resize_to)
         if not self.resize_v2:  # only when not the default, as the other two
@@ -114,8 +124,7 @@ def normalize_size(size: Sequence[int] | int, limit: int = MAX_SIZE) -> tuple[in
     return values  # type: ignore[return-value]
 
 
-def normalization_values(values: Sequence[float], what: str, *,
-                         positive: bool = False) -> tuple[float, float, float]:
+def normalization_values(values: Sequence[float], what: str, *, positive: bool = False) -> tuple[float, float, float]:
     """A normalisation mean or std as three finite numbers (one number means all three), named
     ``what`` in the error; ``positive`` for a std, which divides."""
     numbers = tuple(float(v) for v in values)
@@ -146,8 +155,14 @@ def from_torchvision_transforms(transforms: Any, source: str) -> Preprocessing |
         # Segmentation presets only resize the shorter side; explain a square of that side.
         size = normalize_size(resize_short)
         resize_short = None
-    return Preprocessing(size=size, resize=resize_short, mean=tuple(mean), std=tuple(std),
-                         interpolation=str(interpolation), source=source)
+    return Preprocessing(
+        size=size,
+        resize=resize_short,
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=str(interpolation),
+        source=source,
+    )
 
 
 def prepare(pixels: Any, preprocessing: Preprocessing) -> PreparedInput:

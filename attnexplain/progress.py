@@ -15,8 +15,7 @@ class Progress:
     """Counts images done out of ``total``; ``label`` says what is done to them, :meth:`stage` what
     is being done now (shown beside the count)."""
 
-    def __init__(self, total: int, quiet: bool, stream=None, already: int = 0,
-                 label: str = "explaining") -> None:
+    def __init__(self, total: int, quiet: bool, stream=None, already: int = 0, label: str = "explaining") -> None:
         # ``already``: images done by an earlier run (--resume); they do not count in the rate.
         self.total, self.quiet, self.done, self.already = total, quiet, already, already
         self.stream = stream or sys.stderr
@@ -25,13 +24,31 @@ class Progress:
         self.bar = None
         if not quiet and self.stream.isatty():
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TaskProgressColumn,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as Bar,
+            )
 
-            self.bar = Bar(TextColumn(label), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                           TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                           TimeRemainingColumn(), TextColumn("{task.fields[stage]}"),
-                           console=Console(file=self.stream), transient=False)
+            self.bar = Bar(
+                TextColumn(label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stage]}"),
+                console=Console(file=self.stream),
+                transient=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task(label, total=total, completed=already, rate="", stage="")
 
@@ -65,8 +82,11 @@ class Progress:
         rate = self.rate()
         remaining = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "unknown"
         stage = f", {self.current}" if self.current and self.done < self.total else ""
-        print(f"[attnexplain] {self.done}/{self.total} images, {rate:.2f} img/s, ETA {remaining}{stage}",
-              file=self.stream, flush=True)
+        print(
+            f"[attnexplain] {self.done}/{self.total} images, {rate:.2f} img/s, ETA {remaining}{stage}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -102,12 +102,15 @@ def _check_room(ray, cluster: RayCluster) -> None:
         raise AttnExplainError(
             f"--workers {cluster.workers} asks for {cluster.workers} CPU(s), one per model actor, and "
             f"the decoding tasks need a share of one more, but the Ray cluster has {cpus:g} CPU(s): "
-            f"use --workers {max(1, math.floor(cpus - DECODE_CPUS))} or fewer.")
+            f"use --workers {max(1, math.floor(cpus - DECODE_CPUS))} or fewer."
+        )
     wanted = cluster.workers * cluster.num_gpus_per_worker
     if wanted > gpus:
-        raise AttnExplainError(f"--workers {cluster.workers} with --num-gpus-per-worker "
-                               f"{cluster.num_gpus_per_worker:g} asks for {wanted:g} GPU(s), but the "
-                               f"Ray cluster has {gpus:g}.")
+        raise AttnExplainError(
+            f"--workers {cluster.workers} with --num-gpus-per-worker "
+            f"{cluster.num_gpus_per_worker:g} asks for {wanted:g} GPU(s), but the "
+            f"Ray cluster has {gpus:g}."
+        )
 
 
 def _quiet_ray_data(ray) -> None:
@@ -126,8 +129,9 @@ def _shared_path(value: Any) -> Any:
     return value
 
 
-def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels: int,
-                overlay_size: int | None) -> dict[str, Any]:
+def _decode_row(
+    row: dict[str, Any], key_prefix: str, preprocessing, max_pixels: int, overlay_size: int | None
+) -> dict[str, Any]:
     """A Ray task: read and decode one image with batch's own reader. ``row["earlier"]``: the key
     of the image's record from an earlier run that still stands (--resume), or ""."""
     item = InputImage(Path(row["path"]), row["relative"])
@@ -143,8 +147,9 @@ def _decode_row(row: dict[str, Any], key_prefix: str, preprocessing, max_pixels:
 class _ExplainWorker:
     """A Ray actor: the model loaded once, then batches explained and written into ``out``."""
 
-    def __init__(self, model_spec: ModelSpec, settings: BatchSettings, out: str,
-                 use_gpu: bool, torch_threads: int | None = None) -> None:
+    def __init__(
+        self, model_spec: ModelSpec, settings: BatchSettings, out: str, use_gpu: bool, torch_threads: int | None = None
+    ) -> None:
         import torch
 
         if torch_threads:  # Ray gives a 1-CPU actor one thread; on our own machine it may have more
@@ -153,8 +158,9 @@ class _ExplainWorker:
 
         device = "cuda" if use_gpu else "cpu"
         self.loaded = replace(model_spec, device=device).load()
-        self.plan = plan_explanation(self.loaded, settings.method, settings.layer, size=settings.size,
-                                     mean=settings.mean, std=settings.std)
+        self.plan = plan_explanation(
+            self.loaded, settings.method, settings.layer, size=settings.size, mean=settings.mean, std=settings.std
+        )
         self.settings, self.out, self.device = settings, Path(out), torch.device(device)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -172,14 +178,17 @@ class _ExplainWorker:
                 one.tensor = torch.from_numpy(one.tensor)
                 chunk.append((index, one))
         if chunk:
-            results, model_s = explain_decoded(self.loaded, [one for _, one in chunk], self.plan,
-                                               self.settings, self.device)
+            results, model_s = explain_decoded(
+                self.loaded, [one for _, one in chunk], self.plan, self.settings, self.device
+            )
             for (index, one), result in zip(chunk, results):
                 one.tensor = None
                 records[index] = write_image(self.out, one, result, self.settings, model_s)
         ordered = [records[index] for index in range(len(decoded))]
-        return {"image": [one.item.relative for one in decoded],
-                "record": [json.dumps(record) if record is not None else "" for record in ordered]}
+        return {
+            "image": [one.item.relative for one in decoded],
+            "record": [json.dumps(record) if record is not None else "" for record in ordered],
+        }
 
 
 @contextmanager
@@ -195,16 +204,29 @@ def ray_session(cluster: RayCluster) -> Iterator[None]:
             ray.shutdown()
 
 
-def run_on_ray(model_spec: ModelSpec, input_specs: Sequence[str], inputs: Inputs, out: Path,
-               settings: BatchSettings, cluster: RayCluster, resume: bool, shard, quiet: bool,
-               refresh_every: int, on_batch: Callable[[int], None] | None, started: float,
-               loaded) -> BatchRun:
+def run_on_ray(
+    model_spec: ModelSpec,
+    input_specs: Sequence[str],
+    inputs: Inputs,
+    out: Path,
+    settings: BatchSettings,
+    cluster: RayCluster,
+    resume: bool,
+    shard,
+    quiet: bool,
+    refresh_every: int,
+    on_batch: Callable[[int], None] | None,
+    started: float,
+    loaded,
+) -> BatchRun:
     """:func:`attnexplain.batch.run_batch`'s work on Ray, inside :func:`ray_session` and with the
     ``--out`` lock held. ``loaded``: the driver's copy of the model, for the plan and the reports."""
     ray = require_ray()
     if not model_spec.model:
-        raise AttnExplainError("The Ray engine loads the model in each actor from model_spec.model "
-                               "(a file or PREFIX:NAME), and none was given.")
+        raise AttnExplainError(
+            "The Ray engine loads the model in each actor from model_spec.model "
+            "(a file or PREFIX:NAME), and none was given."
+        )
     run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
     ledger, summary = run.ledger, run.ledger.summary
     batches = 0
@@ -214,26 +236,42 @@ def run_on_ray(model_spec: ModelSpec, input_specs: Sequence[str], inputs: Inputs
             ledger.finish({"image": spec, "path": spec, "status": "failed", "reason": reason, "key": None})
         if run.selected:
             _quiet_ray_data(ray)
-            worker_spec = replace(model_spec, **{key: _shared_path(value)
-                                                 for key, value in model_spec.identity().items()})
+            worker_spec = replace(
+                model_spec, **{key: _shared_path(value) for key, value in model_spec.identity().items()}
+            )
             # Each row carries its own earlier key: no task gets the whole run's table.
-            rows = [{"relative": item.relative, "path": str(item.path),
-                     "earlier": run.done_keys.get(item.relative, "")} for item in run.selected]
+            rows = [
+                {"relative": item.relative, "path": str(item.path), "earlier": run.done_keys.get(item.relative, "")}
+                for item in run.selected
+            ]
             images = ray.data.from_items(
-                rows, override_num_blocks=max(1, math.ceil(len(rows) / settings.images_per_batch)))
-            decoded = images.map(_decode_row, num_cpus=DECODE_CPUS,
-                                 fn_kwargs={"key_prefix": run.key_prefix,
-                                            "preprocessing": run.plan.preprocessing,
-                                            "max_pixels": settings.max_pixels,
-                                            "overlay_size": settings.overlay_size})
+                rows, override_num_blocks=max(1, math.ceil(len(rows) / settings.images_per_batch))
+            )
+            decoded = images.map(
+                _decode_row,
+                num_cpus=DECODE_CPUS,
+                fn_kwargs={
+                    "key_prefix": run.key_prefix,
+                    "preprocessing": run.plan.preprocessing,
+                    "max_pixels": settings.max_pixels,
+                    "overlay_size": settings.overlay_size,
+                },
+            )
             explained = decoded.map_batches(
-                _ExplainWorker, batch_size=settings.images_per_batch, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cluster.workers), num_cpus=1,
+                _ExplainWorker,
+                batch_size=settings.images_per_batch,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cluster.workers),
+                num_cpus=1,
                 num_gpus=cluster.num_gpus_per_worker or None,
-                fn_constructor_kwargs={"model_spec": worker_spec, "settings": settings,
-                                       "out": os.path.abspath(out),
-                                       "use_gpu": cluster.num_gpus_per_worker > 0,
-                                       "torch_threads": _local_torch_threads(cluster)})
+                fn_constructor_kwargs={
+                    "model_spec": worker_spec,
+                    "settings": settings,
+                    "out": os.path.abspath(out),
+                    "use_gpu": cluster.num_gpus_per_worker > 0,
+                    "torch_threads": _local_torch_threads(cluster),
+                },
+            )
             for block in explained.iter_batches(batch_size=None, batch_format="numpy"):
                 for text in block["record"]:
                     if text:

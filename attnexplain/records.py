@@ -134,13 +134,15 @@ class ResultsLog:
         :class:`RecordTooLarge` for a line :func:`read_records` would not read back."""
         line = memoryview((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
         if len(line) > MAX_RECORD_BYTES:
-            raise RecordTooLarge(f"its record would be a line of {len(line):,} bytes in {RESULTS_JSONL}, "
-                                 f"over the {MAX_RECORD_BYTES:,} a record may take; ask for fewer "
-                                 f"classes (--top-k)")
+            raise RecordTooLarge(
+                f"its record would be a line of {len(line):,} bytes in {RESULTS_JSONL}, "
+                f"over the {MAX_RECORD_BYTES:,} a record may take; ask for fewer "
+                f"classes (--top-k)"
+            )
         size = os.fstat(self._fd).st_size  # callers append one at a time
         try:
             while line:
-                line = line[os.write(self._fd, line):]
+                line = line[os.write(self._fd, line) :]
             os.fsync(self._fd)
         except OSError:
             try:
@@ -177,11 +179,14 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     if record.get("output") != output:
         return f"has the output {shown(record.get('output'))}, not {shown(output)} as batch writes it"
     if record.get("detail") != f"{output}/{DETAIL_HTML}":
-        return (f"has the detail page {shown(record.get('detail'))}, not "
-                f"{shown(output + '/' + DETAIL_HTML)}")
+        return f"has the detail page {shown(record.get('detail'))}, not {shown(output + '/' + DETAIL_HTML)}"
     predictions = record.get("predictions")
-    if not (isinstance(predictions, list) and predictions and all(map(_is_prediction, predictions))
-            and _is_prediction(record.get("target"))):
+    if not (
+        isinstance(predictions, list)
+        and predictions
+        and all(map(_is_prediction, predictions))
+        and _is_prediction(record.get("target"))
+    ):
         return "has predictions or a target the reports cannot show"
     methods = record.get("methods")
     if not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
@@ -229,20 +234,29 @@ MAX_CLASS_INDEX = 2**31 - 1
 
 def _is_prediction(value: Any) -> bool:
     index = value.get("index") if isinstance(value, dict) else None
-    return (isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= MAX_CLASS_INDEX
-            and is_finite_number(value.get("prob")) and isinstance(value.get("label"), (str, type(None))))
+    return (
+        isinstance(index, int)
+        and not isinstance(index, bool)
+        and 0 <= index <= MAX_CLASS_INDEX
+        and is_finite_number(value.get("prob"))
+        and isinstance(value.get("label"), (str, type(None)))
+    )
 
 
 def _is_file_name(name: Any) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..")
-            and not any(char in name for char in "/\\\0"))
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(char in name for char in "/\\\0")
 
 
 def _is_image_name(image: Any) -> bool:
     """The relative posix path batch names an image by: normalised, nothing absolute, no ``..``."""
-    return (isinstance(image, str) and bool(image) and "\0" not in image
-            and not image.startswith("/") and posixpath.normpath(image) == image
-            and all(part not in ("", ".", "..") for part in image.split("/")))
+    return (
+        isinstance(image, str)
+        and bool(image)
+        and "\0" not in image
+        and not image.startswith("/")
+        and posixpath.normpath(image) == image
+        and all(part not in ("", ".", "..") for part in image.split("/"))
+    )
 
 
 def record_files_problem(root: Path, record: dict[str, Any]) -> str | None:
@@ -257,8 +271,7 @@ def record_files_problem(root: Path, record: dict[str, Any]) -> str | None:
     except (OSError, RuntimeError):
         resolved = None
     if resolved != folder:
-        return (f"has its folder {output} behind a symbolic link (it resolves to {resolved}, not "
-                f"inside {root}/{output})")
+        return f"has its folder {output} behind a symbolic link (it resolves to {resolved}, not inside {root}/{output})"
     for name in record_file_names(record):
         path = folder / name
         why = "is a symbolic link" if os.path.islink(path) else not_a_regular_file(path)
@@ -268,6 +281,7 @@ def record_files_problem(root: Path, record: dict[str, Any]) -> str | None:
 
 
 # --- keys: what says an earlier record still stands ------------------------------------------------
+
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     """The sha256 of a file's bytes (read ``chunk`` bytes at a time), hex: what a key says of an image."""
@@ -287,8 +301,11 @@ def fingerprint(model_spec: ModelSpec | dict[str, Any], settings: BatchSettings,
     from .loading import class_file
     from .model_spec import ModelSpec
 
-    spec = {key: str(value) if isinstance(value, Path) else value
-            for key, value in ModelSpec.of(model_spec).identity().items() if value is not None and value is not False}
+    spec = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in ModelSpec.of(model_spec).identity().items()
+        if value is not None and value is not False
+    }
     source = spec.get("model")
     if source and Path(str(source)).is_file():
         spec["model_sha256"] = file_sha256(Path(str(source)))
@@ -301,11 +318,16 @@ def fingerprint(model_spec: ModelSpec | dict[str, Any], settings: BatchSettings,
         spec["arch_sha256"] = file_sha256(arch_file)
     spec.pop("device", None)  # the same model on another device gives the same explanation
     # Every field of the preprocessing, defaults included (the report's as_dict leaves them out).
-    decided = None if plan is None else {
-        "methods": [method.name for method in plan.methods], "layers": list(plan.layers),
-        "preprocessing": asdict(plan.preprocessing)}
-    text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True,
-                      default=str)
+    decided = (
+        None
+        if plan is None
+        else {
+            "methods": [method.name for method in plan.methods],
+            "layers": list(plan.layers),
+            "preprocessing": asdict(plan.preprocessing),
+        }
+    )
+    text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
@@ -314,7 +336,12 @@ def reusable_record(record: dict[str, Any], key_prefix: str, wanted: set[str], o
     options, for an image of this run, trustworthy (:func:`ok_record_problem`), every file it lists
     in place inside ``out`` (resolved; :func:`record_files_problem`)."""
     key = record.get("key")
-    if record.get("status") != "ok" or not isinstance(key, str) or not key.startswith(key_prefix + ":") \
-            or record.get("image") not in wanted or ok_record_problem(record) is not None:
+    if (
+        record.get("status") != "ok"
+        or not isinstance(key, str)
+        or not key.startswith(key_prefix + ":")
+        or record.get("image") not in wanted
+        or ok_record_problem(record) is not None
+    ):
         return False
     return record_files_problem(out, record) is None

@@ -9,7 +9,6 @@ import numpy as np
 
 from .formats import COLORMAP_NAMES, DEFAULT_COLORMAP
 
-
 #: A map whose range is below this share of its largest magnitude is constant. float32 carries
 #: about 7 significant digits (eps = 1.2e-7): a map computed as sums of many float32 products and
 #: upsampled carries rounding noise of a few eps of its magnitude, and stretching that noise over
@@ -71,9 +70,10 @@ COLORMAPS = {name: getattr(cv2, f"COLORMAP_{name.upper()}") for name in COLORMAP
 
 #: Each of :data:`COLORMAPS` as a (256, 1, 3) table in RGB order, the form ``applyColorMap`` takes a
 #: table of one's own in: colouring straight into RGB spares a BGR → RGB pass over the picture.
-_RGB_TABLES = {name: np.ascontiguousarray(
-                   cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, :, ::-1])
-               for name, code in COLORMAPS.items()}
+_RGB_TABLES = {
+    name: np.ascontiguousarray(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, :, ::-1])
+    for name, code in COLORMAPS.items()
+}
 
 
 def _rgb_table(colormap: str) -> np.ndarray:
@@ -98,17 +98,26 @@ def colorize(unit_map: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarr
     return cv2.applyColorMap(levels, table).reshape(*values.shape, 3)
 
 
-def render_explained_overlay(pixels: np.ndarray, heatmap: np.ndarray,
-                             box: tuple[float, float, float, float], alpha: float = 0.5,
-                             detections: list[dict] | None = None,
-                             colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+def render_explained_overlay(
+    pixels: np.ndarray,
+    heatmap: np.ndarray,
+    box: tuple[float, float, float, float],
+    alpha: float = 0.5,
+    detections: list[dict] | None = None,
+    colormap: str = DEFAULT_COLORMAP,
+) -> np.ndarray:
     """The overlay ``run`` and ``batch`` write: the blended map and, for a detector, its boxes."""
     blended = render_overlay(pixels, heatmap, box, alpha, colormap)
     return draw_boxes(blended, detections) if detections else blended
 
 
-def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, float, float, float],
-                   alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+def render_overlay(
+    pixels: np.ndarray,
+    heatmap: np.ndarray,
+    box: tuple[float, float, float, float],
+    alpha: float = 0.5,
+    colormap: str = DEFAULT_COLORMAP,
+) -> np.ndarray:
     """Blend the colormapped heatmap over the photo at the photo's own resolution.
 
     ``box`` is the region of the photo the model saw (left, top, right, bottom); the heatmap is
@@ -123,8 +132,9 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, fl
     # What the model did not see, dimmed (nothing, when it saw the whole photo).
     result = None if whole else cv2.LUT(np.ascontiguousarray(pixels), _DIMMED)
     if x1 > x0 and y1 > y0:
-        colors = colorize(_stretched_part(normalize_heatmap(heatmap), (left, top, box_w, box_h),
-                                          (x0, y0, x1, y1)), colormap)
+        colors = colorize(
+            _stretched_part(normalize_heatmap(heatmap), (left, top, box_w, box_h), (x0, y0, x1, y1)), colormap
+        )
         # OpenCV blends uint8 directly (rounded to nearest): at a photo's resolution, 4× faster
         # than the same arithmetic in float32 NumPy arrays.
         blended = cv2.addWeighted(np.ascontiguousarray(pixels[y0:y1, x0:x1]), 1.0 - alpha, colors, alpha, 0.0)
@@ -134,8 +144,9 @@ def render_overlay(pixels: np.ndarray, heatmap: np.ndarray, box: tuple[float, fl
     return result
 
 
-def _stretched_part(unit_map: np.ndarray, box: tuple[int, int, int, int],
-                    visible: tuple[int, int, int, int]) -> np.ndarray:
+def _stretched_part(
+    unit_map: np.ndarray, box: tuple[int, int, int, int], visible: tuple[int, int, int, int]
+) -> np.ndarray:
     """``unit_map`` stretched over ``box`` (left, top, width, height), only its ``visible`` part
     (x0, y0, x1, y1 in the photo). A letterboxed thin photo's box is a square of its long side
     (padding included): a 1:50 photo of 100 million pixels would stretch the map over 5 billion
@@ -147,18 +158,28 @@ def _stretched_part(unit_map: np.ndarray, box: tuple[int, int, int, int],
     height, width = unit_map.shape
     scale_x, scale_y = box_w / width, box_h / height
     # cv2.resize's pixel-centre alignment (source = (target + ½) / scale − ½), shifted to the part.
-    transform = np.array([[scale_x, 0.0, 0.5 * scale_x - 0.5 - (x0 - left)],
-                          [0.0, scale_y, 0.5 * scale_y - 0.5 - (y0 - top)]])
-    return cv2.warpAffine(np.ascontiguousarray(unit_map, dtype=np.float32), transform, (x1 - x0, y1 - y0),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    transform = np.array(
+        [[scale_x, 0.0, 0.5 * scale_x - 0.5 - (x0 - left)], [0.0, scale_y, 0.5 * scale_y - 0.5 - (y0 - top)]]
+    )
+    return cv2.warpAffine(
+        np.ascontiguousarray(unit_map, dtype=np.float32),
+        transform,
+        (x1 - x0, y1 - y0),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
 
 
 #: Dimming of the parts of a photo the model did not see, as a lookup table (uint8 → uint8).
 _DIMMED = np.clip(np.arange(256, dtype=np.float32) * 0.4 + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_model_view(pixels: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int],
-                      fill: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+def render_model_view(
+    pixels: np.ndarray,
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
+    fill: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> np.ndarray:
     """The picture the model saw: the photo's ``box`` (left, top, right, bottom, which may reach past
     the photo, as a letterbox does) stretched to ``size`` (height, width); outside the photo ``fill``
     (RGB 0–255, the padding's colour)."""
@@ -166,9 +187,14 @@ def render_model_view(pixels: np.ndarray, box: tuple[float, float, float, float]
     left, top, right, bottom = box
     scale_x, scale_y = width / max(right - left, 1e-6), height / max(bottom - top, 1e-6)
     transform = np.array([[scale_x, 0.0, -left * scale_x], [0.0, scale_y, -top * scale_y]])
-    return cv2.warpAffine(np.ascontiguousarray(pixels), transform, (width, height), flags=cv2.INTER_AREA
-                          if scale_x < 1 else cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=tuple(float(v) for v in fill))
+    return cv2.warpAffine(
+        np.ascontiguousarray(pixels),
+        transform,
+        (width, height),
+        flags=cv2.INTER_AREA if scale_x < 1 else cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=tuple(float(v) for v in fill),
+    )
 
 
 def encode_image(pixels: np.ndarray, extension: str = ".png", quality: int = 90) -> bytes:
@@ -197,8 +223,9 @@ def downscale(pixels: np.ndarray, longest_side: int) -> np.ndarray:
     return resize(channels_first(pixels), size, antialias=True).permute(1, 2, 0).numpy()
 
 
-def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2,
-                          colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+def render_attention_grid(
+    grid: np.ndarray, cell: int = 48, gap: int = 2, colormap: str = DEFAULT_COLORMAP
+) -> np.ndarray:
     """(layers, heads, h, w) attention maps → one RGB mosaic, a row per layer and a column per head.
 
     Each cell is scaled to its own range, so weak and strong heads are both readable. A layer with
@@ -210,10 +237,9 @@ def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2,
         for column in range(heads):
             if np.isnan(grid[row, column]).all():
                 continue
-            tile = cv2.resize(normalize_heatmap(grid[row, column]), (cell, cell),
-                              interpolation=cv2.INTER_NEAREST)
+            tile = cv2.resize(normalize_heatmap(grid[row, column]), (cell, cell), interpolation=cv2.INTER_NEAREST)
             y, x = row * (cell + gap), column * (cell + gap)
-            mosaic[y:y + cell, x:x + cell] = colorize(tile, colormap)
+            mosaic[y : y + cell, x : x + cell] = colorize(tile, colormap)
     return mosaic
 
 
@@ -221,8 +247,9 @@ def render_attention_grid(grid: np.ndarray, cell: int = 48, gap: int = 2,
 SHOWN_BOX_SCORE = 0.5
 
 
-def draw_boxes(pixels: np.ndarray, detections: list[dict], min_score: float = SHOWN_BOX_SCORE,
-               most: int = 20) -> np.ndarray:
+def draw_boxes(
+    pixels: np.ndarray, detections: list[dict], min_score: float = SHOWN_BOX_SCORE, most: int = 20
+) -> np.ndarray:
     """Draw a detector's boxes (``boxes_on_photo`` records, photo pixels, best first) on a copy.
 
     The explained box is always drawn, thick and white; up to ``most`` others scoring at least
@@ -247,6 +274,7 @@ def draw_boxes(pixels: np.ndarray, detections: list[dict], min_score: float = SH
         (text_w, text_h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         y_text = max(y0, text_h + baseline + 2)
         cv2.rectangle(picture, (x0, y_text - text_h - baseline - 2), (x0 + text_w + 4, y_text), color, -1)
-        cv2.putText(picture, text, (x0 + 2, y_text - baseline), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            picture, text, (x0 + 2, y_text - baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA
+        )
     return picture

@@ -60,8 +60,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 def _cgroup_headroom() -> int | None:
     """What a Linux container's memory limit (cgroup v2, else v1) still allows; None without one."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = (CGROUP_ROOT / limit_file).read_text().strip()
             usage = int((CGROUP_ROOT / usage_file).read_text())
@@ -113,13 +115,15 @@ def _holds_closures(module: nn.Module) -> bool:
 def replicate(module: nn.Module) -> nn.Module | None:
     """A copy of ``module`` whose parameters share the original's memory; None where a copy could
     not be its own (see the module's docstring)."""
-    if any(isinstance(submodule, torch.jit.ScriptModule) for submodule in module.modules()) \
-            or _holds_closures(module):
+    if any(isinstance(submodule, torch.jit.ScriptModule) for submodule in module.modules()) or _holds_closures(module):
         return None
     # deepcopy takes what ``memo`` already holds for an object: the same Parameter wherever the
     # model ties one (shared embeddings stay shared), over the original's tensor.
-    memo: dict[int, Any] = {id(parameter): nn.Parameter(parameter.detach(), parameter.requires_grad)
-                            for parameter in module.parameters() if type(parameter) is nn.Parameter}
+    memo: dict[int, Any] = {
+        id(parameter): nn.Parameter(parameter.detach(), parameter.requires_grad)
+        for parameter in module.parameters()
+        if type(parameter) is nn.Parameter
+    }
     try:
         return copy.deepcopy(module, memo)
     except Exception:  # noqa: BLE001 - a model we cannot copy is explained one batch at a time
@@ -171,8 +175,10 @@ class ModelReplicas:
             self.count = 1
             return
         # torch's threads divided between the replicas (3 threads: 2 and 1), at least one each.
-        shares = [max(1, self._threads_before // self._wanted + (index < self._threads_before % self._wanted))
-                  for index in range(self._wanted)]
+        shares = [
+            max(1, self._threads_before // self._wanted + (index < self._threads_before % self._wanted))
+            for index in range(self._wanted)
+        ]
         free: queue.SimpleQueue[tuple[Any, int]] = queue.SimpleQueue()
         for model, threads in zip(models, shares):
             free.put((model, threads))
@@ -184,8 +190,7 @@ class ModelReplicas:
             # replica's thread may be changing: done before any count of this thread's own is set.
             torch.get_num_threads()
 
-        self._pool = ThreadPoolExecutor(self._wanted, thread_name_prefix="attnexplain-model",
-                                        initializer=start_thread)
+        self._pool = ThreadPoolExecutor(self._wanted, thread_name_prefix="attnexplain-model", initializer=start_thread)
         self.count = 1  # until the first batch has shown that the others fit in memory
 
     def _check_stop(self, module: nn.Module, args: Any) -> None:
@@ -215,8 +220,7 @@ class ModelReplicas:
         before = psutil.Process().memory_info().rss
         result = self._running(function, args)
         peak, available = _peak_resident_bytes(), available_memory()
-        if peak is not None and available is not None \
-                and max(0, peak - before) * self._wanted <= available // 2:
+        if peak is not None and available is not None and max(0, peak - before) * self._wanted <= available // 2:
             self.count = self._wanted
         return result
 

@@ -21,10 +21,24 @@ import numpy as np
 from ._atomic import atomic_directory
 from .errors import OutputError
 from .formats import DEFAULT_COLORMAP, OVERLAY_FORMATS, REPORT_HTML, REPORT_JSON
-from .render import (NEARLY_FLAT_VARIATION, downscale, encode_image, flat_map, nearly_flat, render_attention_grid,
-                     render_model_view)
-from .viewer import (REPORT_MAP_SIDE, colormap_tables, file_name, human_duration, preprocessing_text, timing_name,
-                     viewer_data)
+from .render import (
+    NEARLY_FLAT_VARIATION,
+    downscale,
+    encode_image,
+    flat_map,
+    nearly_flat,
+    render_attention_grid,
+    render_model_view,
+)
+from .viewer import (
+    REPORT_MAP_SIDE,
+    colormap_tables,
+    file_name,
+    human_duration,
+    preprocessing_text,
+    timing_name,
+    viewer_data,
+)
 
 if TYPE_CHECKING:
     from .images import LoadedImage
@@ -46,10 +60,12 @@ class Explained(Protocol):
     @property
     def method(self) -> str: ...
 
-    def overlay(self, alpha: float = 0.5, method: str | None = None,
-                colormap: str = DEFAULT_COLORMAP) -> np.ndarray: ...
+    def overlay(
+        self, alpha: float = 0.5, method: str | None = None, colormap: str = DEFAULT_COLORMAP
+    ) -> np.ndarray: ...
 
     def to_dict(self) -> dict[str, Any]: ...
+
 
 _PREVIEW_SIDE = 1024  # pixels; keeps report.html small enough to mail
 
@@ -103,8 +119,9 @@ def ensure_writable_folder(folder: str | Path) -> list[Path]:
             os.unlink(probe)
     except OSError as error:
         _remove_empty(created)
-        raise OutputError(f"Cannot write in the output folder {folder}: {_why_not_written(folder, error)}; "
-                          f"choose another --out.") from None
+        raise OutputError(
+            f"Cannot write in the output folder {folder}: {_why_not_written(folder, error)}; choose another --out."
+        ) from None
     return created
 
 
@@ -134,9 +151,13 @@ def _why_not_written(path: Path, error: OSError) -> str:
         blocking = next((parent for parent in (path, *path.parents) if parent.is_file()), None)
         if blocking is not None:
             return f"{blocking} is a file, not a folder"
-    reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-               errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device",
-               errno.EDQUOT: "the disk quota is exceeded"}
+    reasons = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }
     return reasons.get(error.errno, error.strerror or str(error))
 
 
@@ -152,37 +173,50 @@ def _safe_name(name: str) -> str:
     return cleaned[:100] or "image"
 
 
-def save_explanation(explanation: Explained, directory: Path, alpha: float,
-                     overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP) -> dict[str, Any]:
+def save_explanation(
+    explanation: Explained, directory: Path, alpha: float, overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP
+) -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
     try:
         return _save_explanation(explanation, directory, alpha, overlay_format, colormap)
     except OSError as error:
-        raise OutputError(f"Could not write the outputs to {directory}: {_why_not_written(directory, error)}; "
-                          f"nothing was written there (an earlier result is kept).") from None
+        raise OutputError(
+            f"Could not write the outputs to {directory}: {_why_not_written(directory, error)}; "
+            f"nothing was written there (an earlier result is kept)."
+        ) from None
 
 
-def _save_explanation(explanation: Explained, directory: Path, alpha: float,
-                      overlay_format: str, colormap: str) -> dict[str, Any]:
+def _save_explanation(
+    explanation: Explained, directory: Path, alpha: float, overlay_format: str, colormap: str
+) -> dict[str, Any]:
     report = explanation.to_dict()
     files: dict[str, dict[str, str]] = {}
     previews: list[dict[str, Any]] = []
     with atomic_directory(directory) as staging:
         for name, result in explanation.maps.items():
-            written = write_method_outputs(staging, result, explanation.overlay(alpha, name, colormap),
-                                           overlay_format, colormap)
+            written = write_method_outputs(
+                staging, result, explanation.overlay(alpha, name, colormap), overlay_format, colormap
+            )
             files[name] = written.files
-            preview = {"method": name, **method_summary(result),
-                       "overlay_uri": _data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE))}
+            preview = {
+                "method": name,
+                **method_summary(result),
+                "overlay_uri": _data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE)),
+            }
             if "attention_grid" in written.pictures:
                 preview["grid_uri"] = _data_uri(written.pictures["attention_grid"], ".png")
             if "gate_maps" in written.pictures:
                 preview["gate_maps_uri"] = _data_uri(written.pictures["gate_maps"], ".png")
             previews.append(preview)
         first = files[explanation.method]
-        report["outputs"] = {"directory": str(directory.resolve()), "overlay": first["overlay"],
-                             "heatmap": first["heatmap"], "maps": files,
-                             "report_json": REPORT_JSON, "report_html": REPORT_HTML}
+        report["outputs"] = {
+            "directory": str(directory.resolve()),
+            "overlay": first["overlay"],
+            "heatmap": first["heatmap"],
+            "maps": files,
+            "report_json": REPORT_JSON,
+            "report_html": REPORT_HTML,
+        }
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         html = render_html(report, explanation, previews, alpha, colormap)
         (staging / REPORT_HTML).write_text(html, encoding="utf-8")
@@ -197,8 +231,13 @@ class MethodOutputs:
     pictures: dict[str, np.ndarray]  # kind → the RGB picture written, for previews and thumbnails
 
 
-def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarray,
-                         overlay_format: str = "png", colormap: str = DEFAULT_COLORMAP) -> MethodOutputs:
+def write_method_outputs(
+    directory: Path,
+    result: "MethodMap",
+    overlay: np.ndarray,
+    overlay_format: str = "png",
+    colormap: str = DEFAULT_COLORMAP,
+) -> MethodOutputs:
     """One method's files, the same for ``run`` and ``batch``.
 
     ``overlay-M.png`` or ``.jpg`` (``overlay``: the map over the photo, at the photo's resolution) and
@@ -208,8 +247,7 @@ def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarr
     """
     name = result.method
     if overlay_format not in OVERLAY_FORMATS:
-        raise ValueError(f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, "
-                         f"not {overlay_format!r}")
+        raise ValueError(f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, not {overlay_format!r}")
     files = {"overlay": f"overlay-{name}.{overlay_format}", "heatmap": f"heatmap-{name}.npy"}
     pictures = {"overlay": overlay}
     (directory / files["overlay"]).write_bytes(encode_image(overlay, f".{overlay_format}"))
@@ -218,9 +256,9 @@ def write_method_outputs(directory: Path, result: "MethodMap", overlay: np.ndarr
         files["attention_grid"] = f"attention-grid-{name}.png"
         files["attention_grid_npy"] = f"attention-grid-{name}.npy"
         heads = result.attention_grid.shape[1]
-        pictures["attention_grid"] = render_attention_grid(result.attention_grid,
-                                                           cell=max(48, min(192, 480 // heads)),
-                                                           colormap=colormap)
+        pictures["attention_grid"] = render_attention_grid(
+            result.attention_grid, cell=max(48, min(192, 480 // heads)), colormap=colormap
+        )
         (directory / files["attention_grid"]).write_bytes(encode_image(pictures["attention_grid"], ".png"))
         write_npy(directory / files["attention_grid_npy"], result.attention_grid)
     if result.gate_maps is not None:
@@ -257,16 +295,23 @@ def map_warning(result: "MethodMap") -> str | None:
             return None
         low, high = float(np.nanmin(result.heatmap)), float(np.nanmax(result.heatmap))
         # Still drawn stretched (the pattern is all the map has), but never without this word.
-        return (f"The {result.method} map{where} varies by only {variation:.1%} of its level ({low:.3g} "
-                f"to {high:.3g}; under {NEARLY_FLAT_VARIATION:.0%}, as maps of untrained weights do), too "
-                f"little to mean anything: its overlay stretches that to full contrast. Check that the "
-                f"model's weights are trained.")
-    cause = ("no positive evidence for this class there, or random weights" if flat == "all zero"
-             else "it differs only by float32 rounding")
-    advice = ("try another --layer (`attnexplain layers` lists them) or --method layercam"
-              if result.layers else "try another --method (e.g. layercam or saliency)")
-    return (f"The {result.method} map{where} is {flat} ({cause}), so its overlay shows no region; "
-            f"{advice}.")
+        return (
+            f"The {result.method} map{where} varies by only {variation:.1%} of its level ({low:.3g} "
+            f"to {high:.3g}; under {NEARLY_FLAT_VARIATION:.0%}, as maps of untrained weights do), too "
+            f"little to mean anything: its overlay stretches that to full contrast. Check that the "
+            f"model's weights are trained."
+        )
+    cause = (
+        "no positive evidence for this class there, or random weights"
+        if flat == "all zero"
+        else "it differs only by float32 rounding"
+    )
+    advice = (
+        "try another --layer (`attnexplain layers` lists them) or --method layercam"
+        if result.layers
+        else "try another --method (e.g. layercam or saliency)"
+    )
+    return f"The {result.method} map{where} is {flat} ({cause}), so its overlay shows no region; {advice}."
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -276,21 +321,42 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def render_html(report: dict[str, Any], explanation: Explained, previews: list[dict[str, Any]],
-                alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> str:
+def render_html(
+    report: dict[str, Any],
+    explanation: Explained,
+    previews: list[dict[str, Any]],
+    alpha: float = 0.5,
+    colormap: str = DEFAULT_COLORMAP,
+) -> str:
     """The report as one HTML file with its images and raw maps embedded, so it opens from disk or
     an e-mail and redraws the overlays itself (opacity, colormap, values under the pointer)."""
     preprocessing = explanation.preprocessing
-    seen = render_model_view(explanation.image.pixels, explanation.box, preprocessing.size,
-                             tuple(255.0 * v for v in preprocessing.mean))
+    seen = render_model_view(
+        explanation.image.pixels, explanation.box, preprocessing.size, tuple(255.0 * v for v in preprocessing.mean)
+    )
     target = explanation.target
-    data = viewer_data(explanation.maps, target.label if target.label is not None else f"class {target.index}",
-                       explanation.box, explanation.image.size, REPORT_MAP_SIDE, colormap, alpha,
-                       explanation.detections)
-    return templates().get_template("report.html.j2").render(
-        report=report, title=file_name(report["image"]["path"]),
-        photo_uri=_data_uri(downscale(explanation.image.pixels, _PREVIEW_SIDE)),
-        model_view_uri=_data_uri(downscale(seen, _PREVIEW_SIDE), ".png"), previews=previews, viewer=data)
+    data = viewer_data(
+        explanation.maps,
+        target.label if target.label is not None else f"class {target.index}",
+        explanation.box,
+        explanation.image.size,
+        REPORT_MAP_SIDE,
+        colormap,
+        alpha,
+        explanation.detections,
+    )
+    return (
+        templates()
+        .get_template("report.html.j2")
+        .render(
+            report=report,
+            title=file_name(report["image"]["path"]),
+            photo_uri=_data_uri(downscale(explanation.image.pixels, _PREVIEW_SIDE)),
+            model_view_uri=_data_uri(downscale(seen, _PREVIEW_SIDE), ".png"),
+            previews=previews,
+            viewer=data,
+        )
+    )
 
 
 def _data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
@@ -307,9 +373,13 @@ def templates():
 
     # auto_reload off: the templates ship with the package, and checking each file's mtime on every
     # page (8 stat calls for a detail page) cost more than a third of rendering it.
-    environment = Environment(loader=PackageLoader("attnexplain", "templates"),
-                              autoescape=select_autoescape(["html", "j2"]), auto_reload=False,
-                              trim_blocks=True, lstrip_blocks=True)  # thousands of pages: no idle bytes
+    environment = Environment(
+        loader=PackageLoader("attnexplain", "templates"),
+        autoescape=select_autoescape(["html", "j2"]),
+        auto_reload=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )  # thousands of pages: no idle bytes
     # Relative links to output files whose names may hold spaces, '#', '?' or worse.
     environment.filters["url"] = lambda path: quote(path, safe="/")
     environment.filters["duration"] = human_duration

@@ -34,19 +34,30 @@ def model_failures(module: torch.nn.Module) -> Iterator[None]:
         with replaced_forward(module, guarded):
             yield
     except SystemExit as exiting:
-        raise ModelRunError(f"The model's code called exit() (SystemExit({exiting.code!r})) while it "
-                            f"ran; a model must return its scores, not end the program.") from None
+        raise ModelRunError(
+            f"The model's code called exit() (SystemExit({exiting.code!r})) while it "
+            f"ran; a model must return its scores, not end the program."
+        ) from None
 
 
 _FORWARD_HINTS = (
-    (re.compile(r"channels", re.I),
-     "attnexplain feeds RGB images (3 channels); this model expects another number of channels"),
-    (re.compile(r"too small|can't be greater than actual input size|non-positive|size \d+ is too",
-                re.I), "the input size may be too small for the model's downsampling: try a larger --size "
-                       "(the size it was trained at)"),
-    (re.compile(r"wrong image (height|width)|image size|shapes cannot be multiplied|size mismatch|"
-                r"must match the size|to be equal to \d+, but got \d+", re.I),
-     "the model expects another input size: set --size to the size it was trained at"),
+    (
+        re.compile(r"channels", re.I),
+        "attnexplain feeds RGB images (3 channels); this model expects another number of channels",
+    ),
+    (
+        re.compile(r"too small|can't be greater than actual input size|non-positive|size \d+ is too", re.I),
+        "the input size may be too small for the model's downsampling: try a larger --size "
+        "(the size it was trained at)",
+    ),
+    (
+        re.compile(
+            r"wrong image (height|width)|image size|shapes cannot be multiplied|size mismatch|"
+            r"must match the size|to be equal to \d+, but got \d+",
+            re.I,
+        ),
+        "the model expects another input size: set --size to the size it was trained at",
+    ),
 )
 
 
@@ -55,8 +66,10 @@ def _forward_failure(error: Exception, args: tuple[Any, ...]) -> str:
     text = " ".join(str(error).split()) or "(no message)"
     if len(text) > 300:
         text = text[:300] + "..."
-    hint = next((hint for pattern, hint in _FORWARD_HINTS if pattern.search(text)),
-                "check that --arch, --size, --mean and --std fit the model (--debug shows the traceback)")
+    hint = next(
+        (hint for pattern, hint in _FORWARD_HINTS if pattern.search(text)),
+        "check that --arch, --size, --mean and --std fit the model (--debug shows the traceback)",
+    )
     end = "" if text.endswith((".", "!", "?")) else "."
     return f"The model raised {type(error).__name__} on an input{shape}: {text}{end} Hint: {hint}."
 

@@ -22,9 +22,11 @@ def unusable_scores(scores: torch.Tensor) -> str | None:
     values = scores.detach()
     if values.is_floating_point() and not bool(torch.isfinite(values).all()):
         what = "NaN (not a number)" if bool(torch.isnan(values).any()) else "infinite values"
-        return (f"The model's scores hold {what}, so there is nothing to explain; its weights are "
-                f"probably broken (a training run that diverged saves NaN), or --mean/--std do not "
-                f"fit it.")
+        return (
+            f"The model's scores hold {what}, so there is nothing to explain; its weights are "
+            f"probably broken (a training run that diverged saves NaN), or --mean/--std do not "
+            f"fit it."
+        )
     return None
 
 
@@ -46,10 +48,12 @@ def uniform_scores(probabilities: torch.Tensor) -> str | None:
     low, high = float(values.min()), float(values.max())
     if high - low > FLAT_RELATIVE_RANGE * max(abs(low), abs(high)):
         return None
-    return (f"The model gives every one of its {values.numel()} classes the same score for this image "
-            f"(probability {high:.4g} each): the model's scores do not change with this image, so "
-            f"there is nothing to explain; its weights are probably untrained or broken (a classifier "
-            f"head of zeros, features that die out before it).")
+    return (
+        f"The model gives every one of its {values.numel()} classes the same score for this image "
+        f"(probability {high:.4g} each): the model's scores do not change with this image, so "
+        f"there is nothing to explain; its weights are probably untrained or broken (a classifier "
+        f"head of zeros, features that die out before it)."
+    )
 
 
 def explains_a_class(methods: Sequence[Any]) -> bool:
@@ -65,19 +69,24 @@ def check_scores(logits: torch.Tensor, batch_size: int) -> None:
     if logits.dim() != 2:
         raise ModelRunError(f"The model's scores have shape {shape}, not (batch, classes).")
     if shape[0] != batch_size:
-        raise ModelRunError(f"The model returned scores for {shape[0]} images from a batch of {batch_size} "
-                            f"(shape {shape}): the first dimension of its output must be the batch.")
+        raise ModelRunError(
+            f"The model returned scores for {shape[0]} images from a batch of {batch_size} "
+            f"(shape {shape}): the first dimension of its output must be the batch."
+        )
     if shape[1] == 0:
-        raise ModelRunError(f"The model's output has no classes (shape {shape}), so there is nothing to "
-                            f"explain; check --num-classes and the model's head.")
+        raise ModelRunError(
+            f"The model's output has no classes (shape {shape}), so there is nothing to "
+            f"explain; check --num-classes and the model's head."
+        )
     if not logits.is_floating_point():
-        raise ModelRunError(f"The model's scores are {str(logits.dtype).removeprefix('torch.')} numbers, "
-                            f"not floating point: gradients and probabilities need float scores "
-                            f"(logits).")
+        raise ModelRunError(
+            f"The model's scores are {str(logits.dtype).removeprefix('torch.')} numbers, "
+            f"not floating point: gradients and probabilities need float scores "
+            f"(logits)."
+        )
 
 
-def resolve_targets(target: int | str | None, logits: torch.Tensor,
-                    labels: list[str] | None) -> torch.Tensor:
+def resolve_targets(target: int | str | None, logits: torch.Tensor, labels: list[str] | None) -> torch.Tensor:
     """(B,) class indices: ``target`` (an index or label) for every image, or each one's top-1
     (the largest of ``logits``, which may be any per-class ranking such as probabilities)."""
     num_classes = logits.shape[1]
@@ -92,17 +101,20 @@ def resolve_targets(target: int | str | None, logits: torch.Tensor,
 def _target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
     if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
         if labels is None:
-            raise MethodError(f"Target {target!r} is a label, but the model has no class names; "
-                              f"give a class index or --labels.")
-        matches = [i for i, label in enumerate(labels) if label == target] or \
-                  [i for i, label in enumerate(labels) if label.lower() == target.lower()]
+            raise MethodError(
+                f"Target {target!r} is a label, but the model has no class names; give a class index or --labels."
+            )
+        matches = [i for i, label in enumerate(labels) if label == target] or [
+            i for i, label in enumerate(labels) if label.lower() == target.lower()
+        ]
         if not matches:
             raise MethodError(f"No class is labelled {target!r}.")
         return matches[0]
     index = int(target)
     if not 0 <= index < num_classes:
-        raise MethodError(f"Target class {index} is out of range: the model has {num_classes} "
-                          f"classes (0-{num_classes - 1}).")
+        raise MethodError(
+            f"Target class {index} is out of range: the model has {num_classes} classes (0-{num_classes - 1})."
+        )
     return index
 
 
@@ -110,13 +122,18 @@ def top_predictions(probabilities: torch.Tensor, labels: list[str] | None, k: in
     probabilities = probabilities.float()
     # Stable sort: ties keep index order, so the top-1 agrees with argmax (the default target).
     values, indices = torch.sort(probabilities, descending=True, stable=True)
-    values, indices = values[:max(k, 1)], indices[:max(k, 1)]
+    values, indices = values[: max(k, 1)], indices[: max(k, 1)]
     return [Prediction(int(i), _label(labels, int(i)), float(v)) for v, i in zip(values, indices)]
 
 
-def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[str] | None,
-                  top_k: int, target_given: bool,
-                  methods: Sequence[Any] | None = None) -> tuple[Prediction, list[Prediction]]:
+def image_outcome(
+    probabilities: torch.Tensor,
+    target_index: int,
+    labels: list[str] | None,
+    top_k: int,
+    target_given: bool,
+    methods: Sequence[Any] | None = None,
+) -> tuple[Prediction, list[Prediction]]:
     """One image's explained target and top-k predictions from its (classes,) probabilities.
 
     A target the user asked for that has probability 0 (a segmentation class with no pixels, a
@@ -135,15 +152,23 @@ def image_outcome(probabilities: torch.Tensor, target_index: int, labels: list[s
     probability = float(probabilities[target_index])
     if target_given and probability == 0.0:
         name = _label(labels, target_index) or target_index
-        raise MethodError(f"Class {name} is not in this image (its probability is 0), so there is "
-                          f"nothing to explain for it.")
-    return (Prediction(target_index, _label(labels, target_index), probability),
-            top_predictions(probabilities, labels, top_k))
+        raise MethodError(
+            f"Class {name} is not in this image (its probability is 0), so there is nothing to explain for it."
+        )
+    return (
+        Prediction(target_index, _label(labels, target_index), probability),
+        top_predictions(probabilities, labels, top_k),
+    )
 
 
-def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | None,
-                   input_size: tuple[int, int], box: tuple[float, float, float, float],
-                   photo_size: tuple[int, int]) -> list[dict[str, Any]]:
+def boxes_on_photo(
+    detected: Detections,
+    target_index: int,
+    labels: list[str] | None,
+    input_size: tuple[int, int],
+    box: tuple[float, float, float, float],
+    photo_size: tuple[int, int],
+) -> list[dict[str, Any]]:
     """A detector's boxes in the photo's pixels, best first, for drawing and for the report.
 
     ``box`` is the region of the photo the model's input covers (beyond the photo where it was
@@ -162,9 +187,15 @@ def boxes_on_photo(detected: Detections, target_index: int, labels: list[str] | 
         label_index = int(detected.labels[i])
         xs = [round(min(max(left + x * scale_x, 0.0), photo_size[0]), 2) for x in (x0, x1)]
         ys = [round(min(max(top + y * scale_y, 0.0), photo_size[1]), 2) for y in (y0, y1)]
-        boxes.append({"box": [xs[0], ys[0], xs[1], ys[1]],
-                      "index": label_index, "label": _label(labels, label_index),
-                      "score": float(detected.scores[i]), "explained": i == explained})
+        boxes.append(
+            {
+                "box": [xs[0], ys[0], xs[1], ys[1]],
+                "index": label_index,
+                "label": _label(labels, label_index),
+                "score": float(detected.scores[i]),
+                "explained": i == explained,
+            }
+        )
     return boxes
 
 

@@ -36,7 +36,7 @@ class TrueClasses:
     def label_for(self, relative: str, path: str | Path | None = None) -> str | None:
         """The true class of the image batch names ``relative`` (found at ``path``), or None."""
         if self.from_folders:
-            parent = (Path(path).parent.name if path is not None else PurePosixPath(relative).parent.name)
+            parent = Path(path).parent.name if path is not None else PurePosixPath(relative).parent.name
             return parent if _is_label(parent) else None
         found = self.by_image.get(relative)
         return found if found is not None else self.by_image.get(PurePosixPath(relative).name)
@@ -61,12 +61,13 @@ def read_truth(spec: str) -> TrueClasses:
     except OSError as error:
         raise TruthError(f"Cannot read the --truth file {path}: {error.strerror or error}.") from None
     if len(raw) > MAX_TRUTH_BYTES:
-        raise TruthError(f"The --truth file {path} is over {MAX_TRUTH_BYTES // 2**20} MiB; "
-                         f"give a CSV of image,class rows.")
+        raise TruthError(
+            f"The --truth file {path} is over {MAX_TRUTH_BYTES // 2**20} MiB; give a CSV of image,class rows."
+        )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
+        line = raw[: error.start].count(b"\n") + 1
         raise TruthError(f"The --truth file {path} is not UTF-8 text (line {line}); save it as UTF-8 CSV.") from None
     csv.field_size_limit(MAX_LABEL_LENGTH * 50)
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -75,9 +76,11 @@ def read_truth(spec: str) -> TrueClasses:
         image_column = next((header.index(n) for n in _IMAGE_COLUMNS if n in header), None)
         class_column = next((header.index(n) for n in _CLASS_COLUMNS if n in header), None)
         if image_column is None or class_column is None:
-            raise TruthError(f"The --truth file {path} needs a header with an image column "
-                             f"({', '.join(_IMAGE_COLUMNS)}) and a class column "
-                             f"({', '.join(_CLASS_COLUMNS)}); its first row is {shown(header)}.")
+            raise TruthError(
+                f"The --truth file {path} needs a header with an image column "
+                f"({', '.join(_IMAGE_COLUMNS)}) and a class column "
+                f"({', '.join(_CLASS_COLUMNS)}); its first row is {shown(header)}."
+            )
         by_image: dict[str, str] = {}
         for row in reader:
             if reader.line_num > MAX_TRUTH_ROWS:
@@ -85,17 +88,23 @@ def read_truth(spec: str) -> TrueClasses:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) <= max(image_column, class_column):
-                raise TruthError(f"Line {reader.line_num} of the --truth file {path} has no "
-                                 f"{header[class_column]} cell: {shown(row)}.")
+                raise TruthError(
+                    f"Line {reader.line_num} of the --truth file {path} has no "
+                    f"{header[class_column]} cell: {shown(row)}."
+                )
             image, label = row[image_column].strip(), row[class_column].strip()
             if not image or not _is_label(label):
-                raise TruthError(f"Line {reader.line_num} of the --truth file {path} has no image or "
-                                 f"a class that is not a name (1–{MAX_LABEL_LENGTH} printable "
-                                 f"characters): {shown(row)}.")
+                raise TruthError(
+                    f"Line {reader.line_num} of the --truth file {path} has no image or "
+                    f"a class that is not a name (1–{MAX_LABEL_LENGTH} printable "
+                    f"characters): {shown(row)}."
+                )
             image = PurePosixPath(image.replace("\\", "/")).as_posix()
             if by_image.get(image, label) != label:
-                raise TruthError(f"Line {reader.line_num} of the --truth file {path} gives {shown(image)} "
-                                 f"the class {shown(label)}, an earlier line {shown(by_image[image])}.")
+                raise TruthError(
+                    f"Line {reader.line_num} of the --truth file {path} gives {shown(image)} "
+                    f"the class {shown(label)}, an earlier line {shown(by_image[image])}."
+                )
             by_image[image] = label
     except csv.Error as error:
         raise TruthError(f"Line {reader.line_num} of the --truth file {path} is not CSV: {error}.") from None

@@ -28,8 +28,7 @@ SCORE_TIERS: tuple[tuple[str, ...], ...] = (("insertion", "deletion"), ("road",)
 NOT_AGAINST_RANDOM = ("randomization",)
 
 
-def bootstrap_interval(values: Sequence[float], seed: int = 0,
-                       samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+def bootstrap_interval(values: Sequence[float], seed: int = 0, samples: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean."""
     data = np.asarray(values, dtype=np.float64)
     if data.size < 2:
@@ -56,12 +55,16 @@ class Difference:
     def as_dict(self) -> dict[str, Any]:
         if not self.images:  # no image has both values: nothing to say (and no NaN in the JSON)
             return {"difference": None, "ci95": None, "images": 0}
-        return {"difference": _rounded(self.mean), "ci95": [_rounded(self.low), _rounded(self.high)],
-                "images": self.images}
+        return {
+            "difference": _rounded(self.mean),
+            "ci95": [_rounded(self.low), _rounded(self.high)],
+            "images": self.images,
+        }
 
 
-def paired_difference(first: np.ndarray, second: np.ndarray, seed: int = 0,
-                      samples: int = BOOTSTRAP_SAMPLES) -> Difference:
+def paired_difference(
+    first: np.ndarray, second: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES
+) -> Difference:
     """``first`` − ``second``, two per-image arrays aligned on the same images (NaN where a value is
     missing: those images are left out of this pair), with the bootstrap interval of the mean
     difference: each resample draws images, and both values of a drawn image come with it."""
@@ -88,8 +91,7 @@ def _intervals_apart(first: np.ndarray, second: np.ndarray, seed: int) -> bool:
 
 def per_image(records: Sequence[dict[str, Any]], method: str, metric: str) -> np.ndarray:
     """One value per record (NaN where the record has none), aligned across methods and metrics."""
-    return np.array([record["metrics"].get(method, {}).get(metric, math.nan) for record in records],
-                    dtype=np.float64)
+    return np.array([record["metrics"].get(method, {}).get(metric, math.nan) for record in records], dtype=np.float64)
 
 
 def faithfulness(records: Sequence[dict[str, Any]], method: str, parts: Sequence[str]) -> np.ndarray:
@@ -139,18 +141,27 @@ class Judgement:
         return {
             "score": {"metrics": self.parts, "formula": score_formula(self.parts) or None},
             "uninformative": self.uninformative,
-            "against_random": {metric: {method: difference.as_dict() for method, difference in by_method.items()}
-                               for metric, by_method in self.against_random.items()},
-            "pairwise": [{"method": first, "other": second, **difference.as_dict()}
-                         for (first, second), difference in self.pairwise.items()],
+            "against_random": {
+                metric: {method: difference.as_dict() for method, difference in by_method.items()}
+                for metric, by_method in self.against_random.items()
+            },
+            "pairwise": [
+                {"method": first, "other": second, **difference.as_dict()}
+                for (first, second), difference in self.pairwise.items()
+            ],
             "winner": self.winner,
             "no_difference": self.tied if self.winner is None else [],
             "agreement": self.agreement,
         }
 
 
-def judge(records: Sequence[dict[str, Any]], names: Sequence[str], value_names: Sequence[str],
-          failing: Sequence[str], seed: int = 0) -> Judgement:
+def judge(
+    records: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    value_names: Sequence[str],
+    failing: Sequence[str],
+    seed: int = 0,
+) -> Judgement:
     """Rank ``names`` (the methods and the random map) on the ``ok`` per-image ``records``.
 
     ``value_names`` are the metric values measured; ``failing`` the methods that fail the
@@ -162,14 +173,18 @@ def judge(records: Sequence[dict[str, Any]], names: Sequence[str], value_names: 
     for metric in measured:
         chance = per_image(records, RANDOM_MAP, metric)
         # Signed so that a positive difference means better than the random map.
-        against_random[metric] = {method: paired_difference(BETTER[metric] * per_image(records, method, metric),
-                                                            BETTER[metric] * chance, seed)
-                                  for method in methods}
+        against_random[metric] = {
+            method: paired_difference(
+                BETTER[metric] * per_image(records, method, metric), BETTER[metric] * chance, seed
+            )
+            for method in methods
+        }
         # On fewer than two images nothing separates: that is too few to judge, not a saturated metric.
         measured_on = max((difference.images for difference in against_random[metric].values()), default=0)
-        if measured_on >= 2 and not any(difference.separates and _intervals_apart(per_image(records, method, metric),
-                                                                                   chance, seed)
-                                        for method, difference in against_random[metric].items()):
+        if measured_on >= 2 and not any(
+            difference.separates and _intervals_apart(per_image(records, method, metric), chance, seed)
+            for method, difference in against_random[metric].items()
+        ):
             uninformative.append(metric)
     informative = [metric for metric in measured if metric not in uninformative]
     parts = score_parts(informative)
@@ -179,49 +194,78 @@ def judge(records: Sequence[dict[str, Any]], names: Sequence[str], value_names: 
     for name in names:
         finite = scores[name][np.isfinite(scores[name])]
         low, high = bootstrap_interval(finite, seed) if finite.size else (math.nan, math.nan)
-        rows.append({"method": name, "faithfulness": _rounded(finite.mean()) if finite.size else None,
-                     "ci95": [_rounded(low), _rounded(high)] if finite.size else None,
-                     "images": int(finite.size)})
+        rows.append(
+            {
+                "method": name,
+                "faithfulness": _rounded(finite.mean()) if finite.size else None,
+                "ci95": [_rounded(low), _rounded(high)] if finite.size else None,
+                "images": int(finite.size),
+            }
+        )
     rows.sort(key=lambda row: -math.inf if row["faithfulness"] is None else -row["faithfulness"])
     order = [row["method"] for row in rows]
-    pairwise = {(first, second): paired_difference(scores[first], scores[second], seed)
-                for i, first in enumerate(order) for second in order[i + 1:]
-                if np.isfinite(scores[first]).any() and np.isfinite(scores[second]).any()}
+    pairwise = {
+        (first, second): paired_difference(scores[first], scores[second], seed)
+        for i, first in enumerate(order)
+        for second in order[i + 1 :]
+        if np.isfinite(scores[first]).any() and np.isfinite(scores[second]).any()
+    }
 
-    candidates = [name for name in order if name in methods and name not in failing
-                  and np.isfinite(scores[name]).any()]
+    candidates = [name for name in order if name in methods and name not in failing and np.isfinite(scores[name]).any()]
     winner, tied = None, []
     if candidates:
         best = candidates[0]
         tied = [best] + [other for other in candidates[1:] if not pairwise[(best, other)].separates]
         if len(tied) == 1:
             winner = best
-    return Judgement(images=len(records), measured=measured, uninformative=uninformative,
-                     against_random=against_random, parts=parts, ranking=rows, pairwise=pairwise,
-                     candidates=candidates, winner=winner, tied=tied,
-                     agreement=metric_agreement(records, methods, informative), failing=list(failing))
+    return Judgement(
+        images=len(records),
+        measured=measured,
+        uninformative=uninformative,
+        against_random=against_random,
+        parts=parts,
+        ranking=rows,
+        pairwise=pairwise,
+        candidates=candidates,
+        winner=winner,
+        tied=tied,
+        agreement=metric_agreement(records, methods, informative),
+        failing=list(failing),
+    )
 
 
-def metric_agreement(records: Sequence[dict[str, Any]], methods: Sequence[str],
-                     metrics: Sequence[str]) -> dict[str, Any] | None:
+def metric_agreement(
+    records: Sequence[dict[str, Any]], methods: Sequence[str], metrics: Sequence[str]
+) -> dict[str, Any] | None:
     """How far the metrics agree on the order of the methods: Kendall's τ (τ-b, ties allowed)
     between every two metrics' rankings of the methods by their means, each signed so that higher is
     better (1: the same order, −1: reversed). None with fewer than two metrics or methods."""
     from scipy.stats import kendalltau
 
-    means = {metric: {method: float(np.nanmean(values)) for method in methods
-                      if np.isfinite(values := per_image(records, method, metric)).any()}
-             for metric in metrics}
+    means = {
+        metric: {
+            method: float(np.nanmean(values))
+            for method in methods
+            if np.isfinite(values := per_image(records, method, metric)).any()
+        }
+        for metric in metrics
+    }
     pairs = []
     for i, first in enumerate(metrics):
-        for second in metrics[i + 1:]:
+        for second in metrics[i + 1 :]:
             shared = [method for method in methods if method in means[first] and method in means[second]]
             if len(shared) < 2:
                 continue
-            tau = kendalltau([BETTER[first] * means[first][m] for m in shared],
-                             [BETTER[second] * means[second][m] for m in shared]).statistic
-            pairs.append({"metrics": [first, second], "tau": _rounded(tau) if math.isfinite(tau) else None,
-                          "methods": len(shared)})
+            tau = kendalltau(
+                [BETTER[first] * means[first][m] for m in shared], [BETTER[second] * means[second][m] for m in shared]
+            ).statistic
+            pairs.append(
+                {
+                    "metrics": [first, second],
+                    "tau": _rounded(tau) if math.isfinite(tau) else None,
+                    "methods": len(shared),
+                }
+            )
     finite = [pair["tau"] for pair in pairs if pair["tau"] is not None]
     if not finite:
         return None
@@ -240,8 +284,10 @@ def verdict_text(judgement: Judgement, randomization_checked: bool) -> str:
     if not judgement.parts:
         flagged = [metric for tier in SCORE_TIERS for metric in tier if metric in judgement.uninformative]
         if flagged:
-            text = (f"No ranking metric separates any method from the random map on these {images} "
-                    f"({', '.join(flagged)} uninformative): no method is recommended.")
+            text = (
+                f"No ranking metric separates any method from the random map on these {images} "
+                f"({', '.join(flagged)} uninformative): no method is recommended."
+            )
         else:
             text = f"No faithfulness metric was measured on {images}."
     elif not judgement.candidates:
@@ -258,12 +304,17 @@ def verdict_text(judgement: Judgement, randomization_checked: bool) -> str:
     if judgement.parts:
         text += f" Ranked by {score_formula(judgement.parts)}"
         if judgement.uninformative:
-            text += (f"; uninformative on these images (no method separates from the random map): "
-                     f"{', '.join(judgement.uninformative)}")
+            text += (
+                f"; uninformative on these images (no method separates from the random map): "
+                f"{', '.join(judgement.uninformative)}"
+            )
         text += "."
     if randomization_checked:
-        text += (f" Never recommended, they fail the randomization check: {', '.join(judgement.failing)}."
-                 if judgement.failing else " Every method passes the randomization check.")
+        text += (
+            f" Never recommended, they fail the randomization check: {', '.join(judgement.failing)}."
+            if judgement.failing
+            else " Every method passes the randomization check."
+        )
     elif judgement.candidates:
         text += " The randomization check was not run: a method it would reject may lead."
     return text

@@ -63,30 +63,52 @@ def method_entry(result: "MethodMap", target_label: str, side: int) -> dict[str,
     heatmap = np.nan_to_num(np.asarray(result.heatmap, dtype=np.float32))
     unit = _shrunk(normalize_heatmap(heatmap), side)
     entry: dict[str, Any] = {
-        "method": result.method, "summary": method.summary if method else "",
+        "method": result.method,
+        "summary": method.summary if method else "",
         "paper": method.paper if method else "",
         "scale": (method.scale if method else "relative importance for {target}").replace("{target}", target_label),
-        "layers": list(result.layers), "min": float(heatmap.min()), "max": float(heatmap.max()),
-        "width": int(unit.shape[1]), "height": int(unit.shape[0]), "levels": encode_levels(unit)}
+        "layers": list(result.layers),
+        "min": float(heatmap.min()),
+        "max": float(heatmap.max()),
+        "width": int(unit.shape[1]),
+        "height": int(unit.shape[0]),
+        "levels": encode_levels(unit),
+    }
     if result.attention_grid is not None:
         grid = np.asarray(result.attention_grid, dtype=np.float32)
         present = ~np.isnan(grid).all(axis=(2, 3))  # windowed models: fewer heads in early layers
-        entry["attention"] = {"layers": int(grid.shape[0]), "heads": int(grid.shape[1]),
-                              "height": int(grid.shape[2]), "width": int(grid.shape[3]),
-                              "present": present.astype(int).tolist(),
-                              "levels": encode_levels(normalize_each(grid)),
-                              "mean_levels": encode_levels(normalize_each(np.nanmean(
-                                  np.where(present[..., None, None], grid, np.nan), axis=1)))}
+        entry["attention"] = {
+            "layers": int(grid.shape[0]),
+            "heads": int(grid.shape[1]),
+            "height": int(grid.shape[2]),
+            "width": int(grid.shape[3]),
+            "present": present.astype(int).tolist(),
+            "levels": encode_levels(normalize_each(grid)),
+            "mean_levels": encode_levels(
+                normalize_each(np.nanmean(np.where(present[..., None, None], grid, np.nan), axis=1))
+            ),
+        }
     if result.depth_maps is not None:
         depths = np.asarray(result.depth_maps, dtype=np.float32)
-        entry["depths"] = {"depths": int(depths.shape[0]), "height": int(depths.shape[1]),
-                           "width": int(depths.shape[2]), "levels": encode_levels(normalize_each(depths))}
+        entry["depths"] = {
+            "depths": int(depths.shape[0]),
+            "height": int(depths.shape[1]),
+            "width": int(depths.shape[2]),
+            "levels": encode_levels(normalize_each(depths)),
+        }
     return entry
 
 
-def viewer_data(maps: dict[str, "MethodMap"], target_label: str, box: tuple[float, float, float, float],
-                photo_size: tuple[int, int], side: int, colormap: str, alpha: float,
-                detections: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def viewer_data(
+    maps: dict[str, "MethodMap"],
+    target_label: str,
+    box: tuple[float, float, float, float],
+    photo_size: tuple[int, int],
+    side: int,
+    colormap: str,
+    alpha: float,
+    detections: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Everything the page script draws from: the region of the photo the model saw (as shares of
     the photo: the page's photo may be shrunk) and each method's entry (the colormap tables are in
     the script, :func:`colormap_tables`)."""
@@ -94,16 +116,23 @@ def viewer_data(maps: dict[str, "MethodMap"], target_label: str, box: tuple[floa
 
     width, height = photo_size
     left, top, right, bottom = box
-    data = {"box": [left / width, top / height, right / width, bottom / height],
-            "methods": [method_entry(result, target_label, side) for result in maps.values()],
-            "colormap": colormap, "alpha": alpha}
+    data = {
+        "box": [left / width, top / height, right / width, bottom / height],
+        "methods": [method_entry(result, target_label, side) for result in maps.values()],
+        "colormap": colormap,
+        "alpha": alpha,
+    }
     if detections:  # a detector's boxes, drawn over every overlay as the written pictures have them
         shown = [d for d in detections if d.get("explained")]
         shown += [d for d in detections if not d.get("explained") and d["score"] >= SHOWN_BOX_SCORE][:20]
-        data["detections"] = [{"box": [d["box"][0] / width, d["box"][1] / height, d["box"][2] / width,
-                                       d["box"][3] / height],
-                               "text": f"{d.get('label') or 'class ' + str(d['index'])} {d['score']:.2f}",
-                               "explained": bool(d.get("explained"))} for d in shown]
+        data["detections"] = [
+            {
+                "box": [d["box"][0] / width, d["box"][1] / height, d["box"][2] / width, d["box"][3] / height],
+                "text": f"{d.get('label') or 'class ' + str(d['index'])} {d['score']:.2f}",
+                "explained": bool(d.get("explained")),
+            }
+            for d in shown
+        ]
     return data
 
 
@@ -141,5 +170,5 @@ def preprocessing_text(preprocessing: dict[str, Any]) -> str:
 
     def numbers(key: str) -> str:
         return ", ".join(f"{float(v):.3g}" for v in preprocessing.get(key) or [])
-    return (f"{how}; normalised with mean {numbers('mean')} and std {numbers('std')} "
-            f"({preprocessing.get('source', '')})")
+
+    return f"{how}; normalised with mean {numbers('mean')} and std {numbers('std')} ({preprocessing.get('source', '')})"

@@ -74,8 +74,7 @@ def make_photos(folder: Path, count: int) -> None:
         photo = Image.fromarray(getattr(data, PHOTOS[index % len(PHOTOS)])())
         long_side = LONG_SIDES[(index // len(PHOTOS)) % len(LONG_SIDES)]
         scale = long_side / max(photo.size)
-        resized = photo.resize((round(photo.width * scale), round(photo.height * scale)),
-                               Image.Resampling.BICUBIC)
+        resized = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.Resampling.BICUBIC)
         resized.save(folder / f"photo{index:05d}.jpg", quality=90)
 
 
@@ -87,8 +86,12 @@ def sleeping_model(device_ms_per_image: float):
     class SleepingNet(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(),
-                                                torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
+            self.features = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, stride=4),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 16, 3, stride=2),
+                torch.nn.ReLU(),
+            )
             self.head = torch.nn.Linear(16, 10)
 
         def forward(self, x):
@@ -131,12 +134,16 @@ def _settings(args, workers: int | None = None):
     from attnexplain.batch_stages import BatchSettings
     from attnexplain.explanation import MethodOptions
 
-    return BatchSettings(method=args.method, size=(args.size, args.size),
-                         images_per_batch=args.images_per_batch,
-                         workers=workers if workers is not None else args.worker_counts[0],
-                         parallel_batches=args.parallel_counts[0],
-                         overlay_format=args.overlay_format, overlay_size=args.overlay_size,
-                         options=MethodOptions())
+    return BatchSettings(
+        method=args.method,
+        size=(args.size, args.size),
+        images_per_batch=args.images_per_batch,
+        workers=workers if workers is not None else args.worker_counts[0],
+        parallel_batches=args.parallel_counts[0],
+        overlay_format=args.overlay_format,
+        overlay_size=args.overlay_size,
+        options=MethodOptions(),
+    )
 
 
 def _model_name(args) -> str:
@@ -161,10 +168,14 @@ def throughput(args) -> None:
     folder = Path(args.tmp) / "in"
     make_inputs(args, folder)
     plan = plan_explanation(loaded, args.method, size=settings.size)
-    tensors = [prepare(load_image(item.path).pixels, plan.preprocessing).tensor
-               for item in collect_inputs([str(folder)]).images]
-    batches = [torch.cat(tensors[i:i + args.images_per_batch]).to(args.device)
-               for i in range(0, len(tensors), args.images_per_batch)]
+    tensors = [
+        prepare(load_image(item.path).pixels, plan.preprocessing).tensor
+        for item in collect_inputs([str(folder)]).images
+    ]
+    batches = [
+        torch.cat(tensors[i : i + args.images_per_batch]).to(args.device)
+        for i in range(0, len(tensors), args.images_per_batch)
+    ]
     compute_maps(loaded, batches[0], plan.methods, plan.layers)  # warm-up
 
     def maps_on_cpu(model, batch):
@@ -217,34 +228,48 @@ def throughput(args) -> None:
             if config[1] in bares_parallel:
                 own_ratios[config].append(rate / bares_parallel[config[1]][-1][0])
     records = [r for r in read_results(out / "results.jsonl") if r.get("status") == "ok"]
-    stages = {key: 1000 * sum(r["timings"].get(key, 0.0) for r in records) / len(records)
-              for key in records[0]["timings"]}
+    stages = {
+        key: 1000 * sum(r["timings"].get(key, 0.0) for r in records) / len(records) for key in records[0]["timings"]
+    }
     pixels = sum(r["image_info"]["width"] * r["image_info"]["height"] for r in records) / len(records)
 
     def listed(values, form="{:.1f}") -> str:
         return ", ".join(form.format(v) for v in values)
 
-    print(f"bare compute_maps : {listed(b[0] for b in bares)} images/s ({args.images} images, "
-          f"{_model_name(args)}, batch {args.images_per_batch}, {args.size}px, {args.method}, "
-          f"{args.device}, {torch.get_num_threads()} torch threads); CPU "
-          f"{listed((1000 * b[1] for b in bares))} ms/image")
+    print(
+        f"bare compute_maps : {listed(b[0] for b in bares)} images/s ({args.images} images, "
+        f"{_model_name(args)}, batch {args.images_per_batch}, {args.size}px, {args.method}, "
+        f"{args.device}, {torch.get_num_threads()} torch threads); CPU "
+        f"{listed((1000 * b[1] for b in bares))} ms/image"
+    )
     for parallel, passes in bares_parallel.items():
-        print(f"bare, {parallel} at once: {listed(b[0] for b in passes)} images/s (compute_maps on "
-              f"{parallel} replicas, as run_batch with {parallel} parallel batches); CPU "
-              f"{listed((1000 * b[1] for b in passes))} ms/image")
+        print(
+            f"bare, {parallel} at once: {listed(b[0] for b in passes)} images/s (compute_maps on "
+            f"{parallel} replicas, as run_batch with {parallel} parallel batches); CPU "
+            f"{listed((1000 * b[1] for b in passes))} ms/image"
+        )
     for config in configs:
         workers, parallel = config
         named = f"{workers} workers, {'default' if parallel is None else parallel} parallel batches"
-        print(f"attnexplain batch : {listed(r[0] for r in runs[config])} images/s with {named} "
-              f"(decode + explain + write all outputs; photos {pixels / 1e6:.2f} MP on "
-              f"average); CPU {listed(1000 * r[1] for r in runs[config])} ms/image (all threads)")
-        print(f"ratio, {named} : median {statistics.median(ratios[config]):.2f}x of "
-              f"{args.pairs} pairs ({listed(ratios[config], '{:.2f}')}; goal >= 0.90x)")
+        print(
+            f"attnexplain batch : {listed(r[0] for r in runs[config])} images/s with {named} "
+            f"(decode + explain + write all outputs; photos {pixels / 1e6:.2f} MP on "
+            f"average); CPU {listed(1000 * r[1] for r in runs[config])} ms/image (all threads)"
+        )
+        print(
+            f"ratio, {named} : median {statistics.median(ratios[config]):.2f}x of "
+            f"{args.pairs} pairs ({listed(ratios[config], '{:.2f}')}; goal >= 0.90x)"
+        )
         if own_ratios[config]:
-            print(f"  against bare with {parallel} at once: median "
-                  f"{statistics.median(own_ratios[config]):.2f}x ({listed(own_ratios[config], '{:.2f}')})")
-    print("per image (ms)    : " + ", ".join(f"{key[:-2]} {value:.1f}" for key, value in stages.items())
-          + "  (wall time on its thread; threads overlap)")
+            print(
+                f"  against bare with {parallel} at once: median "
+                f"{statistics.median(own_ratios[config]):.2f}x ({listed(own_ratios[config], '{:.2f}')})"
+            )
+    print(
+        "per image (ms)    : "
+        + ", ".join(f"{key[:-2]} {value:.1f}" for key, value in stages.items())
+        + "  (wall time on its thread; threads overlap)"
+    )
 
 
 #: What ``--stages`` times: (label, module, attribute) of each function a stage is; the functions
@@ -288,21 +313,22 @@ def stage_profile(args) -> None:
     stages = StageClock(STAGES, time.thread_time, contexts=("atomic_directory",))
     # A first run pays for the imports and lazy initialisation of a fresh process (~2 s of CPU):
     # not an image's cost.
-    run_batch(loaded, spec, [str(folder)], Path(args.tmp) / "warm-up", _settings(args), quiet=True,
-              device=args.device)
+    run_batch(loaded, spec, [str(folder)], Path(args.tmp) / "warm-up", _settings(args), quiet=True, device=args.device)
     stages.reset()
     began_cpu, began_main = time.process_time(), time.thread_time()
-    result = run_batch(loaded, spec, [str(folder)], Path(args.tmp) / "out", _settings(args),
-                       quiet=True, device=args.device)
+    result = run_batch(
+        loaded, spec, [str(folder)], Path(args.tmp) / "out", _settings(args), quiet=True, device=args.device
+    )
     total, main = time.process_time() - began_cpu, time.thread_time() - began_main
     per_image = 1000 / result.ok
-    print(f"CPU ms per image by stage ({result.ok} images, {_model_name(args)}, "
-          f"{args.worker_counts[0]} workers, OpenCV and torch on one thread each; time.thread_time "
-          f"on the thread that runs each; the last two hold the others):")
+    print(
+        f"CPU ms per image by stage ({result.ok} images, {_model_name(args)}, "
+        f"{args.worker_counts[0]} workers, OpenCV and torch on one thread each; time.thread_time "
+        f"on the thread that runs each; the last two hold the others):"
+    )
     for label, seconds in stages.spent.items():
         print(f"  {label:48s} {seconds * per_image:7.2f}")
-    print(f"  {'whole run, the calling thread':48s} {main * per_image:7.2f}  (the model's with "
-          f"--parallel-batches 1)")
+    print(f"  {'whole run, the calling thread':48s} {main * per_image:7.2f}  (the model's with --parallel-batches 1)")
     print(f"  {'whole run, every thread (process_time)':48s} {total * per_image:7.2f}")
 
 
@@ -313,8 +339,9 @@ def memory_child(args) -> None:
     loaded, spec = load(args)
     folder = Path(args.tmp) / "in"
     make_inputs(args, folder)
-    result = run_batch(loaded, spec, [str(folder)], Path(args.tmp) / "out", _settings(args),
-                       quiet=True, device=args.device)
+    result = run_batch(
+        loaded, spec, [str(folder)], Path(args.tmp) / "out", _settings(args), quiet=True, device=args.device
+    )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"images": args.images, "ok": result.ok, "peak_rss_mib": round(peak_mib, 1)}))
 
@@ -322,42 +349,63 @@ def memory_child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--arch", help="A torchvision model with random weights (e.g. resnet50) "
-                                       "instead of the shipped sample ResNet.")
-    parser.add_argument("--photos", action="store_true",
-                        help="Real photos of 480-1920 px instead of 160 px synthetic images.")
+    parser.add_argument(
+        "--arch", help="A torchvision model with random weights (e.g. resnet50) instead of the shipped sample ResNet."
+    )
+    parser.add_argument(
+        "--photos", action="store_true", help="Real photos of 480-1920 px instead of 160 px synthetic images."
+    )
     parser.add_argument("--size", type=int, help="Model input side (default: 64, 224 with --arch).")
     parser.add_argument("--images-per-batch", type=int, default=16)
-    parser.add_argument("--workers", default="2",
-                        help="Decode/write worker threads of run_batch; a comma-separated list "
-                             "(e.g. 1,2,4) times each against the same bare passes.")
-    parser.add_argument("--parallel-batches",
-                        help="run_batch's parallel batches (BatchSettings.parallel_batches); a "
-                             "comma-separated list (e.g. 1,2), 'default' for its rule (the default; "
-                             "1 with --simulated-device-ms, as on a GPU). Each count > 1 is also "
-                             "timed bare, on as many replicas.")
-    parser.add_argument("--pairs", type=int, default=3,
-                        help="Alternated (bare, run_batch) pairs; the median paired ratio is the figure.")
-    parser.add_argument("--simulated-device-ms", type=float,
-                        help="Explain with a small network whose forward sleeps this many ms per "
-                             "image (a device that costs no CPU, as a GPU).")
-    parser.add_argument("--stages", action="store_true",
-                        help="Profile one run_batch: CPU ms per image of each stage.")
+    parser.add_argument(
+        "--workers",
+        default="2",
+        help="Decode/write worker threads of run_batch; a comma-separated list "
+        "(e.g. 1,2,4) times each against the same bare passes.",
+    )
+    parser.add_argument(
+        "--parallel-batches",
+        help="run_batch's parallel batches (BatchSettings.parallel_batches); a "
+        "comma-separated list (e.g. 1,2), 'default' for its rule (the default; "
+        "1 with --simulated-device-ms, as on a GPU). Each count > 1 is also "
+        "timed bare, on as many replicas.",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        help="Alternated (bare, run_batch) pairs; the median paired ratio is the figure.",
+    )
+    parser.add_argument(
+        "--simulated-device-ms",
+        type=float,
+        help="Explain with a small network whose forward sleeps this many ms per "
+        "image (a device that costs no CPU, as a GPU).",
+    )
+    parser.add_argument("--stages", action="store_true", help="Profile one run_batch: CPU ms per image of each stage.")
     parser.add_argument("--method", default="gradcam")
-    parser.add_argument("--overlay-size", type=int, default=2048,
-                        help="Overlays' longer side, as `attnexplain batch --overlay-size` (default 2048).")
-    parser.add_argument("--overlay-format", default="jpg", choices=("png", "jpg"),
-                        help="Overlay files, as `attnexplain batch --overlay-format` (default jpg).")
+    parser.add_argument(
+        "--overlay-size",
+        type=int,
+        default=2048,
+        help="Overlays' longer side, as `attnexplain batch --overlay-size` (default 2048).",
+    )
+    parser.add_argument(
+        "--overlay-format",
+        default="jpg",
+        choices=("png", "jpg"),
+        help="Overlay files, as `attnexplain batch --overlay-format` (default jpg).",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--memory", default="200,2000",
-                        help="Image counts for the peak-memory runs (comma-separated; '' skips).")
+    parser.add_argument(
+        "--memory", default="200,2000", help="Image counts for the peak-memory runs (comma-separated; '' skips)."
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.worker_counts = [int(count) for count in args.workers.split(",")]
     if args.parallel_batches is None:
         args.parallel_batches = "1" if args.simulated_device_ms is not None else "default"
-    args.parallel_counts = [None if count == "default" else int(count)
-                            for count in args.parallel_batches.split(",")]
+    args.parallel_counts = [None if count == "default" else int(count) for count in args.parallel_batches.split(",")]
     if args.size is None:
         args.size = 224 if args.arch else 64
     with tempfile.TemporaryDirectory() as tmp:
@@ -370,10 +418,25 @@ def main() -> None:
             return
         throughput(args)
     for count in [int(c) for c in args.memory.split(",") if c.strip()]:
-        command = [sys.executable, __file__, "--memory-child", "--images", str(count),
-                   "--size", str(args.size), "--images-per-batch", str(args.images_per_batch),
-                   "--workers", str(args.worker_counts[0]), "--method", args.method, "--device", args.device,
-                   "--parallel-batches", args.parallel_batches.split(",")[0]]
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            "--images",
+            str(count),
+            "--size",
+            str(args.size),
+            "--images-per-batch",
+            str(args.images_per_batch),
+            "--workers",
+            str(args.worker_counts[0]),
+            "--method",
+            args.method,
+            "--device",
+            args.device,
+            "--parallel-batches",
+            args.parallel_batches.split(",")[0],
+        ]
         if args.simulated_device_ms is not None:
             command += ["--simulated-device-ms", str(args.simulated_device_ms)]
         command += (["--arch", args.arch] if args.arch else []) + (["--photos"] if args.photos else [])

@@ -20,10 +20,12 @@ from attnexplain.images import load_image
 from attnexplain.preprocess import prepare
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-MODELS = {"resnet-composites.pt": "gradcam,layercam,eigencam,saliency,rise",
-          "vit-composites.pt": "rollout,attention,chefer,legrad,gradcam,rise",
-          "cbam-composites.pt": "cbam_spatial,gradcam",
-          "attention-cnn-composites.pt": "auto"}
+MODELS = {
+    "resnet-composites.pt": "gradcam,layercam,eigencam,saliency,rise",
+    "vit-composites.pt": "rollout,attention,chefer,legrad,gradcam,rise",
+    "cbam-composites.pt": "cbam_spatial,gradcam",
+    "attention-cnn-composites.pt": "auto",
+}
 
 
 def variation(heatmap: np.ndarray) -> float:
@@ -58,8 +60,13 @@ def main() -> None:
                 randomized(loaded.module)
             show(file, weights, loaded, methods, photos)
     torch.manual_seed(0)
-    show("torchvision swin_t", "random", attnexplain.load_model(torchvision.models.swin_t(num_classes=6).eval()),
-         "rollout", photos)
+    show(
+        "torchvision swin_t",
+        "random",
+        attnexplain.load_model(torchvision.models.swin_t(num_classes=6).eval()),
+        "rollout",
+        photos,
+    )
 
 
 if __name__ == "__main__":

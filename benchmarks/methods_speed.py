@@ -59,15 +59,15 @@ def photos(count: int, size: int) -> torch.Tensor:
     from skimage import data
 
     sources = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket()]
-    return torch.cat([prepare(sources[i % len(sources)], Preprocessing(size=(size, size))).tensor
-                      for i in range(count)])
+    return torch.cat(
+        [prepare(sources[i % len(sources)], Preprocessing(size=(size, size))).tensor for i in range(count)]
+    )
 
 
 def loaded_model(name: str, **kwargs) -> LoadedModel:
     torch.manual_seed(0)
     module = torchvision.models.get_model(name, **kwargs).eval().requires_grad_(False)
-    return LoadedModel(module=module, source=name, loader="benchmark", architecture=name,
-                       plugin=select_plugin(module))
+    return LoadedModel(module=module, source=name, loader="benchmark", architecture=name, plugin=select_plugin(module))
 
 
 def model_and_batch(name: str, batch_size: int, size: int = 224, **kwargs):
@@ -112,20 +112,27 @@ def cnn_section(batch_size: int, repeats: int) -> None:
     table = Table(median_seconds(bare, repeats))
     for name in GRADIENT_CAMS + ["eigencam"]:
         methods = resolve_methods(loaded, name)
-        table.row("attnexplain", name, median_seconds(
-            lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats),
-            goal=1.2 if name in GRADIENT_CAMS else None)
+        table.row(
+            "attnexplain",
+            name,
+            median_seconds(lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats),
+            goal=1.2 if name in GRADIENT_CAMS else None,
+        )
     methods = resolve_methods(loaded, ",".join(GRADIENT_CAMS))
-    table.row("attnexplain", "the five gradient CAMs together", median_seconds(
-        lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats), goal=1.4)
+    table.row(
+        "attnexplain",
+        "the five gradient CAMs together",
+        median_seconds(lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats),
+        goal=1.4,
+    )
 
     package_targets = [ClassifierOutputTarget(int(t)) for t in targets]
     model.requires_grad_(True)  # pytorch-grad-cam and torchcam backpropagate through the parameters
-    cams = [getattr(pytorch_grad_cam, c)(model=model, target_layers=[model.layer4])
-            for c in PACKAGE_CLASSES]
+    cams = [getattr(pytorch_grad_cam, c)(model=model, target_layers=[model.layer4]) for c in PACKAGE_CLASSES]
     for name, cam in zip(GRADIENT_CAMS, cams):
-        table.row("pytorch-grad-cam", name, median_seconds(
-            lambda: cam(input_tensor=batch, targets=package_targets), repeats))
+        table.row(
+            "pytorch-grad-cam", name, median_seconds(lambda: cam(input_tensor=batch, targets=package_targets), repeats)
+        )
 
     def five():
         for cam in cams:
@@ -144,8 +151,11 @@ def cnn_section(batch_size: int, repeats: int) -> None:
         extractor.remove_hooks()
     model.requires_grad_(False)
     captum_cam = LayerGradCam(model, model.layer4)
-    table.row("captum", "gradcam (LayerGradCam)", median_seconds(
-        lambda: captum_cam.attribute(batch, target=targets.tolist()), repeats))
+    table.row(
+        "captum",
+        "gradcam (LayerGradCam)",
+        median_seconds(lambda: captum_cam.attribute(batch, target=targets.tolist()), repeats),
+    )
 
 
 def paired_ratio(bare, function, repeats: int) -> tuple[float, float]:
@@ -165,16 +175,22 @@ def paired_ratio(bare, function, repeats: int) -> tuple[float, float]:
     return statistics.median(ratios), statistics.median(times)
 
 
-def paired_row(who: str, what: str, ratio_and_seconds: tuple[float, float],
-               goal: float | None = None) -> None:
+def paired_row(who: str, what: str, ratio_and_seconds: tuple[float, float], goal: float | None = None) -> None:
     ratio, seconds = ratio_and_seconds
     print(f"| {who} | {what} | {seconds * 1e3:.0f} | {ratio:.2f}× | {verdict(ratio, goal)} |", flush=True)
 
 
 #: Issue #13's CAMs from the shared pass, and pytorch-grad-cam's class for each.
-NEWER_CAMS = {"gradcam_elementwise": "GradCAMElementWise", "eigengradcam": "EigenGradCAM",
-              "kpcacam": "KPCA_CAM", "finercam": "FinerCAM", "shapleycam": "ShapleyCAM",
-              "randomcam": "RandomCAM", "fullgrad": "FullGrad", "smoothgradcampp": None}
+NEWER_CAMS = {
+    "gradcam_elementwise": "GradCAMElementWise",
+    "eigengradcam": "EigenGradCAM",
+    "kpcacam": "KPCA_CAM",
+    "finercam": "FinerCAM",
+    "shapleycam": "ShapleyCAM",
+    "randomcam": "RandomCAM",
+    "fullgrad": "FullGrad",
+    "smoothgradcampp": None,
+}
 SHARED_PASS = ("gradcam_elementwise", "eigengradcam", "kpcacam", "finercam", "randomcam")
 
 
@@ -197,12 +213,19 @@ def newer_cams_section(batch_size: int, repeats: int) -> None:
         methods = resolve_methods(loaded, name)
         layers = [] if name == "fullgrad" else ["layer4"]
         options = smooth if name == "smoothgradcampp" else None
-        paired_row("attnexplain", name, paired_ratio(
-            bare, lambda: compute_maps(loaded, batch, methods, layers, options=options), repeats),
-            goal=1.2 if name in SHARED_PASS else None)
+        paired_row(
+            "attnexplain",
+            name,
+            paired_ratio(bare, lambda: compute_maps(loaded, batch, methods, layers, options=options), repeats),
+            goal=1.2 if name in SHARED_PASS else None,
+        )
     methods = resolve_methods(loaded, ",".join(SHARED_PASS))
-    paired_row("attnexplain", "the five shared-pass CAMs together", paired_ratio(
-        bare, lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats), goal=1.4)
+    paired_row(
+        "attnexplain",
+        "the five shared-pass CAMs together",
+        paired_ratio(bare, lambda: compute_maps(loaded, batch, methods, ["layer4"]), repeats),
+        goal=1.4,
+    )
     package_targets = [ClassifierOutputTarget(int(t)) for t in targets]
     model.requires_grad_(True)
     for name, class_name in NEWER_CAMS.items():
@@ -239,24 +262,26 @@ def masking_cams_section(repeats: int) -> None:
     model, target = loaded.module, int(targets[0])
 
     options = MethodOptions(samples=2, batch_size=64)
-    print("\n### Ablation-CAM, SS-CAM, IS-CAM: resnet18, 1 image at 112×112, layer4 (512 channels); "
-          "paired ratios\n")
+    print("\n### Ablation-CAM, SS-CAM, IS-CAM: resnet18, 1 image at 112×112, layer4 (512 channels); paired ratios\n")
     print("| who | what | median ms | ÷ bare forward (median of pairs) | forwards needed |")
     print("| --- | --- | ---: | ---: | --- |")
     for name, needed in (("ablationcam", "512 above layer4"), ("sscam", "2 × 512"), ("iscam", "2 × 512")):
         methods = resolve_methods(loaded, name)
         ratio, seconds = paired_ratio(
-            bare, lambda: compute_maps(loaded, batch, methods, ["layer4"], options=options), repeats)
+            bare, lambda: compute_maps(loaded, batch, methods, ["layer4"], options=options), repeats
+        )
         print(f"| attnexplain | {name} | {seconds * 1e3:.0f} | {ratio:.1f}× | {needed} |", flush=True)
     model.requires_grad_(True)
     ablation = pytorch_grad_cam.AblationCAM(model=model, target_layers=[model.layer4], batch_size=64)
     ratio, seconds = paired_ratio(
-        bare, lambda: ablation(input_tensor=batch, targets=[ClassifierOutputTarget(target)]), repeats)
+        bare, lambda: ablation(input_tensor=batch, targets=[ClassifierOutputTarget(target)]), repeats
+    )
     print(f"| pytorch-grad-cam | ablationcam | {seconds * 1e3:.0f} | {ratio:.1f}× | 512 whole |", flush=True)
     ablation.activations_and_grads.release()
     for name, class_name in (("sscam", "SSCAM"), ("iscam", "ISCAM")):
-        extractor = getattr(torchcam.methods, class_name)(model, target_layer="layer4", batch_size=64,
-                                                          num_samples=2, input_shape=(3, 112, 112))
+        extractor = getattr(torchcam.methods, class_name)(
+            model, target_layer="layer4", batch_size=64, num_samples=2, input_shape=(3, 112, 112)
+        )
 
         def run_torchcam():
             with torch.no_grad():
@@ -277,15 +302,21 @@ def transformer_section(name: str, batch_size: int, repeats: int) -> None:
         with torch.no_grad():
             model(batch)
 
-    kind = ("the bare forward uses PyTorch's fused attention" if name.startswith("vit")
-            else "windowed attention, recorded inside the attention function")
+    kind = (
+        "the bare forward uses PyTorch's fused attention"
+        if name.startswith("vit")
+        else "windowed attention, recorded inside the attention function"
+    )
     print(f"\n### {name}, batch {batch_size} at 224×224 ({kind})\n")
     table = Table(median_seconds(bare, repeats))
-    for methods_name, goal in (("rollout", 1.3), ("attention", None), ("rollout,attention", None),
-                               ("chefer", None)):
+    for methods_name, goal in (("rollout", 1.3), ("attention", None), ("rollout,attention", None), ("chefer", None)):
         methods = resolve_methods(loaded, methods_name)
-        table.row("attnexplain", methods_name, median_seconds(
-            lambda: compute_maps(loaded, batch, methods, []), repeats), goal=goal)
+        table.row(
+            "attnexplain",
+            methods_name,
+            median_seconds(lambda: compute_maps(loaded, batch, methods, []), repeats),
+            goal=goal,
+        )
 
 
 def detection_section(batch_size: int, repeats: int) -> None:
@@ -309,8 +340,12 @@ def detection_section(batch_size: int, repeats: int) -> None:
     table = Table(median_seconds(bare, repeats))
     for name in ("layercam", "gradcam,layercam,hirescam"):
         methods = resolve_methods(loaded, name)
-        table.row("attnexplain", name, median_seconds(
-            lambda: compute_maps(loaded, batch, methods, [layer]), repeats), goal=1.2)
+        table.row(
+            "attnexplain",
+            name,
+            median_seconds(lambda: compute_maps(loaded, batch, methods, [layer]), repeats),
+            goal=1.2,
+        )
 
 
 def timed_row(who: str, what: str, bare, method, repeats: int, note: str = "") -> None:
@@ -335,21 +370,39 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
         model, targets = loaded.module, targets.tolist()
         print(f"\n### {name} (10 classes), batch {batch_size} at 224×224: attributions\n")
         print(PAIRED_HEADER)
-        ours = ["deeplift", "lrp"] if name == "vgg11" else \
-            ["input_x_gradient", "guided_backprop", "deconvolution", "gradientshap", "feature_ablation",
-             "kernelshap", "lime", "rise"]
+        ours = (
+            ["deeplift", "lrp"]
+            if name == "vgg11"
+            else [
+                "input_x_gradient",
+                "guided_backprop",
+                "deconvolution",
+                "gradientshap",
+                "feature_ablation",
+                "kernelshap",
+                "lime",
+                "rise",
+            ]
+        )
         from attnexplain.explanation import MethodOptions
 
         for method in ours:
             methods = resolve_methods(loaded, method)
             options = MethodOptions(samples=samples, batch_size=chunk)
-            timed_row("attnexplain", method, bare, lambda: compute_maps(
-                loaded, batch, methods, [], targets=torch.tensor(targets), options=options), repeats,
-                f"--samples {samples}" if method in ("gradientshap", "kernelshap", "lime", "rise") else "")
+            timed_row(
+                "attnexplain",
+                method,
+                bare,
+                lambda: compute_maps(loaded, batch, methods, [], targets=torch.tensor(targets), options=options),
+                repeats,
+                f"--samples {samples}" if method in ("gradientshap", "kernelshap", "lime", "rise") else "",
+            )
         leaf = lambda: batch.clone().requires_grad_(True)
         if name == "vgg11":
-            peers = {"deeplift": lambda: captum.DeepLift(model).attribute(leaf(), target=targets),
-                     "lrp": lambda: captum.LRP(model).attribute(leaf(), target=targets)}
+            peers = {
+                "deeplift": lambda: captum.DeepLift(model).attribute(leaf(), target=targets),
+                "lrp": lambda: captum.LRP(model).attribute(leaf(), target=targets),
+            }
         else:
             masks = superpixels(batch)
 
@@ -357,9 +410,14 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
                 def run():
                     for index, target in enumerate(targets):
                         torch.manual_seed(NOISE_SEED)
-                        explainer.attribute(batch[index:index + 1], target=target,
-                                            feature_mask=masks[index:index + 1],
-                                            perturbations_per_eval=chunk, **kwargs)
+                        explainer.attribute(
+                            batch[index : index + 1],
+                            target=target,
+                            feature_mask=masks[index : index + 1],
+                            perturbations_per_eval=chunk,
+                            **kwargs,
+                        )
+
                 return run
 
             peers = {
@@ -367,7 +425,8 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
                 "guided_backprop": lambda: captum.GuidedBackprop(model).attribute(leaf(), target=targets),
                 "deconvolution": lambda: captum.Deconvolution(model).attribute(leaf(), target=targets),
                 "gradientshap": lambda: captum.GradientShap(model).attribute(
-                    leaf(), baselines=torch.zeros_like(batch), n_samples=samples, target=targets),
+                    leaf(), baselines=torch.zeros_like(batch), n_samples=samples, target=targets
+                ),
                 "feature_ablation (same superpixels)": per_image(captum.FeatureAblation(model)),
                 "kernelshap (same superpixels)": per_image(captum.KernelShap(model), n_samples=samples),
                 "lime (same superpixels)": per_image(captum.Lime(model), n_samples=samples),
@@ -383,8 +442,13 @@ def attribution_section(batch_size: int, repeats: int, samples: int = 32) -> Non
                     for _ in range(samples * batch_size // chunk):
                         torch.softmax(model(masked), dim=1)
 
-            timed_row("reference", f"the {samples * batch_size} masked forwards RISE needs "
-                       f"({chunk} per pass)", bare, needed_forwards, repeats)
+            timed_row(
+                "reference",
+                f"the {samples * batch_size} masked forwards RISE needs ({chunk} per pass)",
+                bare,
+                needed_forwards,
+                repeats,
+            )
 
 
 def legrad_section(batch_size: int, repeats: int) -> None:
@@ -396,8 +460,7 @@ def legrad_section(batch_size: int, repeats: int) -> None:
     print(f"\n### vit_b_16, batch {batch_size} at 224×224: LeGrad (all 12 blocks)\n")
     print(PAIRED_HEADER)
     methods = resolve_methods(loaded, "legrad")
-    timed_row("attnexplain", "legrad", bare,
-               lambda: compute_maps(loaded, batch, methods, [], targets=targets), repeats)
+    timed_row("attnexplain", "legrad", bare, lambda: compute_maps(loaded, batch, methods, [], targets=targets), repeats)
 
     def run_torchcam():  # its hooks refuse the no-grad bare forward: present only during its own
         with torchcam.methods.LeGrad(model, list(model.encoder.layers)) as extractor, torch.enable_grad():
@@ -416,14 +479,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=32,
-                        help="attribution: masks, noisy copies or perturbations per image")
-    parser.add_argument("--sections", default="cnn,newer,masking,vit,swin,maxvit,detection,startup",
-                        help="comma-separated: cnn, newer, masking, vit, swin, maxvit, detection, startup, "
-                             "attribution, legrad (the last two: not in the default)")
+    parser.add_argument(
+        "--samples", type=int, default=32, help="attribution: masks, noisy copies or perturbations per image"
+    )
+    parser.add_argument(
+        "--sections",
+        default="cnn,newer,masking,vit,swin,maxvit,detection,startup",
+        help="comma-separated: cnn, newer, masking, vit, swin, maxvit, detection, startup, "
+        "attribution, legrad (the last two: not in the default)",
+    )
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, numpy {np.__version__}, CPU")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, numpy {np.__version__}, CPU"
+    )
     sections = {
         "cnn": lambda: cnn_section(args.batch, args.repeats),
         "vit": lambda: transformer_section("vit_b_16", args.batch, args.repeats),

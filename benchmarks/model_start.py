@@ -51,22 +51,24 @@ def main() -> None:
         build_architecture(args.arch, state_dict, {}, None).load_state_dict(state_dict)
 
     def assigned() -> None:
-        build_architecture(args.arch, state_dict, {}, None, initialise=False).load_state_dict(
-            state_dict, assign=True)
+        build_architecture(args.arch, state_dict, {}, None, initialise=False).load_state_dict(state_dict, assign=True)
 
     def seconds(function) -> float:
         began = time.perf_counter()
         function()
         return time.perf_counter() - began
 
-    for name, before, now in (("probe: fake tensors / meta device", fake_probe, meta_probe),
-                              ("probe: a real forward / meta device", forward, meta_probe),
-                              ("build + weights: random init + copy / no init + assign",
-                               initialised_and_copied, assigned)):
+    for name, before, now in (
+        ("probe: fake tensors / meta device", fake_probe, meta_probe),
+        ("probe: a real forward / meta device", forward, meta_probe),
+        ("build + weights: random init + copy / no init + assign", initialised_and_copied, assigned),
+    ):
         pairs = [(seconds(before), seconds(now)) for _ in range(args.pairs)]
-        print(f"{args.arch} {name}: {statistics.median(p[0] for p in pairs) * 1000:.0f} ms / "
-              f"{statistics.median(p[1] for p in pairs) * 1000:.0f} ms, median ratio "
-              f"{statistics.median(p[0] / p[1] for p in pairs):.1f}x")
+        print(
+            f"{args.arch} {name}: {statistics.median(p[0] for p in pairs) * 1000:.0f} ms / "
+            f"{statistics.median(p[1] for p in pairs) * 1000:.0f} ms, median ratio "
+            f"{statistics.median(p[0] / p[1] for p in pairs):.1f}x"
+        )
 
 
 if __name__ == "__main__":

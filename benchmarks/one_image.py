@@ -4,12 +4,12 @@
                                    [--overlay-size full] [--before /path/to/an/older/tree]
 
 Saves a torchvision ARCH with random weights as a state_dict and a 4:3 JPEG photo SIDE pixels
-wide (scikit-image's astronaut upscaled and cropped; 4000: 4000×3000, 12 MP), then runs `python -m attnexplain run STATE_DICT PHOTO --arch ARCH` in a
-fresh process REPEATS times. Each run is paired with a "bare" process that imports torch and
-torchvision, loads the same state_dict into the architecture and runs one forward on a 224×224
-input: the least any tool can do. Prints per pair the wall times, their ratio and difference (what
-`run` costs besides importing torch, loading the model and one forward), the medians,
-and the median of each part the report's `timings` records. With --before, each pair also runs
+wide (scikit-image's astronaut upscaled and cropped; 4000: 4000×3000, 12 MP), then runs `python -m
+attnexplain run STATE_DICT PHOTO --arch ARCH` in a fresh process REPEATS times. Each run is paired with a
+"bare" process that imports torch and torchvision, loads the same state_dict into the architecture and
+runs one forward on a 224×224 input: the least any tool can do. Prints per pair the wall times, their
+ratio and difference (what `run` costs besides importing torch, loading the model and one forward), the
+medians, and the median of each part the report's `timings` records. With --before, each pair also runs
 the same command with another checkout of attnexplain on PYTHONPATH (e.g. a `git worktree` of an
 earlier commit), and the "before ÷ now" ratio is printed.
 
@@ -85,8 +85,20 @@ def in_process(model: Path, photo: Path, arch: str, overlay_size: str, repeats: 
 
     spent: dict[str, list[float]] = {label: [] for label, _, _ in PARTS}
     parts = StageClock(PARTS, time.process_time)
-    command = ["run", str(model), str(photo), "--arch", arch, "--device", "cpu", "--overlay-size",
-               overlay_size, "--json", "--out", str(out)]
+    command = [
+        "run",
+        str(model),
+        str(photo),
+        "--arch",
+        arch,
+        "--device",
+        "cpu",
+        "--overlay-size",
+        overlay_size,
+        "--json",
+        "--out",
+        str(out),
+    ]
     totals = []
     for repeat in range(repeats + 1):  # the first pays for imports and lazy initialisation
         parts.reset()
@@ -127,8 +139,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--overlay-size", default="full")
     parser.add_argument("--before", type=Path, help="another checkout to compare with")
-    parser.add_argument("--in-process", action="store_true",
-                        help="CPU time of each part of `run` in this process (see above).")
+    parser.add_argument(
+        "--in-process", action="store_true", help="CPU time of each part of `run` in this process (see above)."
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
@@ -136,18 +149,30 @@ def main() -> None:
         if args.in_process:
             in_process(model, photo, args.arch, args.overlay_size, args.repeats, folder / "out")
             return
-        run = [sys.executable, "-m", "attnexplain", "run", str(model), str(photo), "--arch", args.arch,
-               "--device", "cpu", "--overlay-size", args.overlay_size, "--json", "--out",
-               str(folder / "out")]
+        run = [
+            sys.executable,
+            "-m",
+            "attnexplain",
+            "run",
+            str(model),
+            str(photo),
+            "--arch",
+            args.arch,
+            "--device",
+            "cpu",
+            "--overlay-size",
+            args.overlay_size,
+            "--json",
+            "--out",
+            str(folder / "out"),
+        ]
         bare = [sys.executable, "-c", BARE, str(model), args.arch]
         ratios, extra, before_ratios, parts, before_parts = [], [], [], {}, {}
-        print(f"{args.arch}, {photo.name} ({args.side}x{args.side * 3 // 4}), --overlay-size "
-              f"{args.overlay_size}")
+        print(f"{args.arch}, {photo.name} ({args.side}x{args.side * 3 // 4}), --overlay-size {args.overlay_size}")
         for _ in range(args.repeats):
             bare_s, _ = timed(bare)
             now_s, output = timed(run, REPO)
-            line = (f"bare {bare_s:.2f} s, run {now_s:.2f} s ({now_s / bare_s:.2f}x bare, "
-                    f"{now_s - bare_s:+.2f} s)")
+            line = f"bare {bare_s:.2f} s, run {now_s:.2f} s ({now_s / bare_s:.2f}x bare, {now_s - bare_s:+.2f} s)"
             ratios.append(now_s / bare_s)
             extra.append(now_s - bare_s)
             for key, value in json.loads(output)["timings"].items():
@@ -160,13 +185,17 @@ def main() -> None:
                     before_parts.setdefault(key, []).append(value)
                 line += f", before {before_s:.2f} s ({before_s / now_s:.2f}x now)"
             print(line, flush=True)
-        print(f"median: run {statistics.median(ratios):.2f}x the bare process, "
-              f"{statistics.median(extra):+.2f} s besides what it does"
-              + (f"; before {statistics.median(before_ratios):.2f}x now" if before_ratios else ""))
+        print(
+            f"median: run {statistics.median(ratios):.2f}x the bare process, "
+            f"{statistics.median(extra):+.2f} s besides what it does"
+            + (f"; before {statistics.median(before_ratios):.2f}x now" if before_ratios else "")
+        )
         for name, recorded in (("now", parts), ("before", before_parts)):
             if recorded:
-                print(f"report timings, {name} (median): " + ", ".join(
-                    f"{key} {statistics.median(values):.3f} s" for key, values in recorded.items()))
+                print(
+                    f"report timings, {name} (median): "
+                    + ", ".join(f"{key} {statistics.median(values):.3f} s" for key, values in recorded.items())
+                )
 
 
 if __name__ == "__main__":

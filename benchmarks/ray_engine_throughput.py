@@ -5,11 +5,12 @@
 
 Inputs and models as in batch_throughput.py (160-pixel synthetic JPEGs; the shipped sample ResNet at
 64 px, or a torchvision NAME with random weights at 224 px). One local Ray instance with this machine's
-cores is started once (as ``batch --engine ray`` starts it; its start-up is timed and printed apart); then, ``--pairs`` times, a local run
-and a Ray run into fresh folders, alternately, and the ratio of their images/s per pair. Prints each
-pair and the median ratio (robust to other load on a shared machine). A Ray run also pays, every
-time, for starting its actors (each loads the model once) and Ray Data's set-up: the time of a
-one-image Ray run, timed in each pair too, so that the rate past that fixed cost is printed as well.
+cores is started once (as ``batch --engine ray`` starts it; its start-up is timed and printed apart);
+then, ``--pairs`` times, a local run and a Ray run into fresh folders, alternately, and the ratio of
+their images/s per pair. Prints each pair and the median ratio (robust to other load on a shared
+machine). A Ray run also pays, every time, for starting its actors (each loads the model once) and Ray
+Data's set-up: the time of a one-image Ray run, timed in each pair too, so that the rate past that
+fixed cost is printed as well.
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def main() -> None:
         def timed(engine: str, inputs: Path, index: int) -> float:
             out = Path(tmp) / f"out-{engine}-{index}"
             began = time.perf_counter()
-            result = run_batch(loaded, spec, [str(inputs)], out, settings, quiet=True,
-                               device=args.device, cluster=cluster if engine == "ray" else None)
+            result = run_batch(
+                loaded,
+                spec,
+                [str(inputs)],
+                out,
+                settings,
+                quiet=True,
+                device=args.device,
+                cluster=cluster if engine == "ray" else None,
+            )
             seconds = time.perf_counter() - began
             assert result.ok == result.total, result
             return seconds
@@ -69,9 +78,11 @@ def main() -> None:
         first_run = timed("ray", one, -1)
         ratios, marginal_ratios = [], []
         model = args.arch or "sample ResNet"
-        print(f"{args.images} images, {model}, {args.size}px, batch {args.images_per_batch}, {args.method}, "
-              f"{args.device}; local: {args.workers} threads; ray: {args.ray_workers} actor(s), "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"{args.images} images, {model}, {args.size}px, batch {args.images_per_batch}, {args.method}, "
+            f"{args.device}; local: {args.workers} threads; ray: {args.ray_workers} actor(s), "
+            f"{os.cpu_count()} CPUs"
+        )
         for index in range(args.pairs):
             local = args.images / timed("local", folder, index)
             seconds = timed("ray", folder, index)
@@ -81,11 +92,15 @@ def main() -> None:
             marginal = (args.images - 1) / max(seconds - timed("ray", one, index), 1e-9)
             ratios.append(remote / local)
             marginal_ratios.append(marginal / local)
-            print(f"pair {index + 1}: local {local:6.1f} images/s, ray {remote:6.1f} images/s, "
-                  f"ratio {remote / local:.2f}; ray past its fixed cost {marginal:6.1f} images/s, "
-                  f"ratio {marginal / local:.2f}")
-        print(f"median ratio ray/local : {statistics.median(ratios):.2f} "
-              f"(past the fixed cost: {statistics.median(marginal_ratios):.2f})")
+            print(
+                f"pair {index + 1}: local {local:6.1f} images/s, ray {remote:6.1f} images/s, "
+                f"ratio {remote / local:.2f}; ray past its fixed cost {marginal:6.1f} images/s, "
+                f"ratio {marginal / local:.2f}"
+            )
+        print(
+            f"median ratio ray/local : {statistics.median(ratios):.2f} "
+            f"(past the fixed cost: {statistics.median(marginal_ratios):.2f})"
+        )
         print(f"starting the local Ray instance ({os.cpu_count()} CPUs): {start_up:.1f} s")
         print(f"a one-image Ray run (actor start + model load + Ray Data set-up): {first_run:.1f} s")
         session.__exit__(None, None, None)

@@ -18,8 +18,9 @@ class StageClock:
     attributes that are context managers (timed on entering and on leaving, not in between).
     ``clock``: ``time.thread_time`` (the calling thread's CPU) or ``time.process_time``."""
 
-    def __init__(self, stages: Sequence[tuple[str, str, str]], clock: Callable[[], float],
-                 contexts: Sequence[str] = ()) -> None:
+    def __init__(
+        self, stages: Sequence[tuple[str, str, str]], clock: Callable[[], float], contexts: Sequence[str] = ()
+    ) -> None:
         self.spent = {label: 0.0 for label, _, _ in stages}
         self.clock = clock
         self._lock = threading.Lock()
@@ -46,6 +47,7 @@ class StageClock:
                 return function(*args, **kwargs)
             finally:
                 self._add(label, self.clock() - began)
+
         return wrapper
 
     def _timed_context(self, label: str, function):
@@ -57,4 +59,5 @@ class StageClock:
                 yield value
                 began = self.clock()
             self._add(label, self.clock() - began)
+
         return wrapper

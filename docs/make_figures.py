@@ -26,8 +26,11 @@ MODELS = REPO / "samples" / "models"
 OUT = REPO / "docs" / "images"
 
 import attnexplain  # noqa: E402  (the repository's own copy, first on the path)
-from attnexplain.render import normalize_heatmap, render_attention_grid  # noqa: E402
-from attnexplain.render import render_overlay  # noqa: E402
+from attnexplain.render import (  # noqa: E402
+    normalize_heatmap,
+    render_attention_grid,
+    render_overlay,  # noqa: E402
+)
 
 
 def _labelled(picture: np.ndarray, text: str, side: int = 160) -> np.ndarray:
@@ -66,11 +69,17 @@ def attention_cnn() -> None:
     raw = cv2.resize(normalize_heatmap(alpha), (160, 160), interpolation=cv2.INTER_NEAREST)
     from attnexplain.render import colorize
 
-    _save("attention-cnn-alpha.png", _row([
-        _labelled(image.pixels, "photo"),
-        _labelled(colorize(raw), f"alpha, {alpha.shape[0]}x{alpha.shape[1]} positions"),
-        _labelled(result.overlay(0.5, "attention"), "alpha over the photo"),
-        _labelled(result.overlay(0.5, "gradcam"), "Grad-CAM, same model")]))
+    _save(
+        "attention-cnn-alpha.png",
+        _row(
+            [
+                _labelled(image.pixels, "photo"),
+                _labelled(colorize(raw), f"alpha, {alpha.shape[0]}x{alpha.shape[1]} positions"),
+                _labelled(result.overlay(0.5, "attention"), "alpha over the photo"),
+                _labelled(result.overlay(0.5, "gradcam"), "Grad-CAM, same model"),
+            ]
+        ),
+    )
 
 
 def vit() -> None:
@@ -84,16 +93,41 @@ def vit() -> None:
     canvas = np.full((mosaic.shape[0] + margin_top, mosaic.shape[1] + margin_left, 3), 255, np.uint8)
     canvas[margin_top:, margin_left:] = mosaic
     for head in range(heads):
-        cv2.putText(canvas, f"head {head + 1}", (margin_left + head * 80 + 12, 17), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.45, (30, 30, 30), 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            f"head {head + 1}",
+            (margin_left + head * 80 + 12, 17),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            (30, 30, 30),
+            1,
+            cv2.LINE_AA,
+        )
     for layer in range(layers):
-        cv2.putText(canvas, f"layer {layer + 1}", (6, margin_top + layer * 80 + 42), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.45, (30, 30, 30), 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            f"layer {layer + 1}",
+            (6, margin_top + layer * 80 + 42),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            (30, 30, 30),
+            1,
+            cv2.LINE_AA,
+        )
     _save("vit-heads.png", canvas)
     depths = result.maps["rollout"].depth_maps
-    _save("vit-rollout-depth.png", _row([_labelled(image.pixels, "photo")] + [
-        _labelled(render_overlay(image.pixels, depths[depth], result.box, 0.5), f"rollout, layers 1-{depth + 1}")
-        for depth in range(depths.shape[0])]))
+    _save(
+        "vit-rollout-depth.png",
+        _row(
+            [_labelled(image.pixels, "photo")]
+            + [
+                _labelled(
+                    render_overlay(image.pixels, depths[depth], result.box, 0.5), f"rollout, layers 1-{depth + 1}"
+                )
+                for depth in range(depths.shape[0])
+            ]
+        ),
+    )
 
 
 def resnet() -> None:
@@ -102,8 +136,10 @@ def resnet() -> None:
     for name in ("rocket-on-brick.png", "astronaut-on-grass.png"):
         image = attnexplain.load_image(IMAGES / name)
         result = attnexplain.explain(str(MODELS / "resnet-composites.pt"), image, "gradcam")
-        tiles += [_labelled(image.pixels, "photo"),
-                  _labelled(result.overlay(0.5), f"Grad-CAM: {result.target.label} {result.target.prob:.0%}")]
+        tiles += [
+            _labelled(image.pixels, "photo"),
+            _labelled(result.overlay(0.5), f"Grad-CAM: {result.target.label} {result.target.prob:.0%}"),
+        ]
     _save("resnet-gradcam.png", _row(tiles))
 
 
@@ -120,23 +156,54 @@ def screenshots() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        run = CliRunner().invoke(main, ["run", str(MODELS / "vit-composites.pt"), str(IMAGES / "cat-on-grass.png"),
-                                        "--method", "rollout,attention", "--out", str(work / "run")])
+        run = CliRunner().invoke(
+            main,
+            [
+                "run",
+                str(MODELS / "vit-composites.pt"),
+                str(IMAGES / "cat-on-grass.png"),
+                "--method",
+                "rollout,attention",
+                "--out",
+                str(work / "run"),
+            ],
+        )
         assert run.exit_code == 0, run.output
         truth = work / "truth.csv"
         with truth.open("w", newline="") as handle:
-            csv.writer(handle).writerows([("image", "class"), ("astronaut-on-grass.png", "astronaut"),
-                                          ("cat-on-grass.png", "cat"), ("chelsea.jpg", "cat"),
-                                          ("coffee-on-gravel.png", "coffee"), ("rocket-on-brick.png", "rocket")])
-        batch = CliRunner().invoke(main, ["batch", str(MODELS / "resnet-composites.pt"), str(IMAGES), "--out",
-                                          str(work / "batch"), "--method", "gradcam,saliency", "--truth",
-                                          str(truth), "--quiet"])
+            csv.writer(handle).writerows(
+                [
+                    ("image", "class"),
+                    ("astronaut-on-grass.png", "astronaut"),
+                    ("cat-on-grass.png", "cat"),
+                    ("chelsea.jpg", "cat"),
+                    ("coffee-on-gravel.png", "coffee"),
+                    ("rocket-on-brick.png", "rocket"),
+                ]
+            )
+        batch = CliRunner().invoke(
+            main,
+            [
+                "batch",
+                str(MODELS / "resnet-composites.pt"),
+                str(IMAGES),
+                "--out",
+                str(work / "batch"),
+                "--method",
+                "gradcam,saliency",
+                "--truth",
+                str(truth),
+                "--quiet",
+            ],
+        )
         assert batch.exit_code in (0, 3), batch.output
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1100, "height": 760})
-            for address, name in (((work / "run" / "cat-on-grass" / "report.html").as_uri(), "report.png"),
-                                  ((work / "batch" / "index.html").as_uri(), "gallery.png")):
+            for address, name in (
+                ((work / "run" / "cat-on-grass" / "report.html").as_uri(), "report.png"),
+                ((work / "batch" / "index.html").as_uri(), "gallery.png"),
+            ):
                 page.goto(address)
                 page.wait_for_timeout(400)
                 shot = cv2.imdecode(np.frombuffer(page.screenshot(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]

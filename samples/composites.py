@@ -33,33 +33,62 @@ OBJECT_SCALE = (0.30, 0.60)  # longer side of the pasted object, as a fraction o
 # Each shape is ("poly", [(x, y), ...]) or ("ellipse", (cx, cy), (half_width, half_height)).
 _OUTLINES: dict[str, tuple[str, list]] = {
     # Eileen Collins: hair and face, the helmet ring around the neck, the suit's upper body.
-    "astronaut": ("astronaut", [
-        ("ellipse", (226, 78), (75, 64)),
-        ("ellipse", (225, 130), (50, 50)),
-        ("ellipse", (208, 218), (96, 72)),
-        ("poly", [(125, 240), (70, 275), (45, 330), (35, 400), (360, 400), (358, 320),
-                  (345, 280), (295, 245)]),
-    ]),
+    "astronaut": (
+        "astronaut",
+        [
+            ("ellipse", (226, 78), (75, 64)),
+            ("ellipse", (225, 130), (50, 50)),
+            ("ellipse", (208, 218), (96, 72)),
+            ("poly", [(125, 240), (70, 275), (45, 330), (35, 400), (360, 400), (358, 320), (345, 280), (295, 245)]),
+        ],
+    ),
     # Chelsea: the cat's head and chest, without the grey background on the right and at the top.
-    "cat": ("chelsea", [
-        ("poly", [(0, 40), (30, 12), (75, 0), (120, 0), (180, 0), (290, 0), (330, 10), (360, 0),
-                  (400, 0), (392, 50), (380, 110), (372, 170), (350, 225), (330, 265),
-                  (300, 300), (0, 300)]),
-    ]),
+    "cat": (
+        "chelsea",
+        [
+            (
+                "poly",
+                [
+                    (0, 40),
+                    (30, 12),
+                    (75, 0),
+                    (120, 0),
+                    (180, 0),
+                    (290, 0),
+                    (330, 10),
+                    (360, 0),
+                    (400, 0),
+                    (392, 50),
+                    (380, 110),
+                    (372, 170),
+                    (350, 225),
+                    (330, 265),
+                    (300, 300),
+                    (0, 300),
+                ],
+            ),
+        ],
+    ),
     # The espresso cup on its saucer, with the spoon.
-    "coffee": ("coffee", [
-        ("ellipse", (278, 238), (202, 148)),
-        ("ellipse", (292, 88), (118, 68)),
-        ("poly", [(174, 88), (410, 88), (400, 230), (180, 230)]),
-        ("poly", [(398, 75), (410, 66), (423, 72), (412, 110), (404, 115)]),
-    ]),
+    "coffee": (
+        "coffee",
+        [
+            ("ellipse", (278, 238), (202, 148)),
+            ("ellipse", (292, 88), (118, 68)),
+            ("poly", [(174, 88), (410, 88), (400, 230), (180, 230)]),
+            ("poly", [(398, 75), (410, 66), (423, 72), (412, 110), (404, 115)]),
+        ],
+    ),
     # Falcon 9 with DSCOVR on the pad: the rocket and the launch mount under it.
-    "rocket": ("rocket", [
-        ("ellipse", (322, 146), (14, 22)),
-        ("poly", [(309, 150), (336, 150), (338, 372), (307, 372)]),
-        ("poly", [(290, 362), (356, 362), (362, 406), (286, 406)]),
-        ("poly", [(266, 404), (380, 404), (380, 427), (266, 427)]),
-    ]),
+    "rocket": (
+        "rocket",
+        [
+            ("ellipse", (322, 146), (14, 22)),
+            ("poly", [(309, 150), (336, 150), (338, 372), (307, 372)]),
+            ("poly", [(290, 362), (356, 362), (362, 406), (286, 406)]),
+            ("poly", [(266, 404), (380, 404), (380, 427), (266, 427)]),
+        ],
+    ),
 }
 
 _CUTOUT_SIDE = 192  # cutouts are cached with this longer side, then scaled down per image
@@ -112,7 +141,7 @@ def _background(rng: np.random.Generator, texture_name: str, size: int) -> np.nd
     side = int(rng.integers(160, texture.shape[0] + 1))
     y = int(rng.integers(0, texture.shape[0] - side + 1))
     x = int(rng.integers(0, texture.shape[1] - side + 1))
-    crop = cv2.resize(texture[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+    crop = cv2.resize(texture[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA)
     crop = np.rot90(crop, int(rng.integers(0, 4))).astype(np.float32) / 255.0
     contrast = rng.uniform(0.6, 1.3)
     brightness = rng.uniform(-0.15, 0.15)
@@ -121,8 +150,9 @@ def _background(rng: np.random.Generator, texture_name: str, size: int) -> np.nd
     return np.clip(gray[..., None] * tint, 0.0, 1.0)
 
 
-def make_composite(rng: np.random.Generator, label: int, texture: int,
-                   size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def make_composite(
+    rng: np.random.Generator, label: int, texture: int, size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """One composite of object ``LABELS[label]`` on texture ``TEXTURES[texture]``.
 
     Returns the RGB uint8 image (size, size, 3) and the bool mask (size, size) of the object's
@@ -141,10 +171,10 @@ def make_composite(rng: np.random.Generator, label: int, texture: int,
     obj = np.clip(obj * rng.uniform(0.8, 1.2), 0.0, 1.0)  # lighting of the object
     y = int(rng.integers(0, size - h + 1))
     x = int(rng.integers(0, size - w + 1))
-    region = image[y:y + h, x:x + w]
+    region = image[y : y + h, x : x + w]
     region[:] = region * (1.0 - obj_alpha[..., None]) + obj * obj_alpha[..., None]
     mask = np.zeros((size, size), bool)
-    mask[y:y + h, x:x + w] = obj_alpha >= 0.5
+    mask[y : y + h, x : x + w] = obj_alpha >= 0.5
     return np.round(image * 255.0).astype(np.uint8), mask
 
 

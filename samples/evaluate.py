@@ -22,9 +22,20 @@ sys.path.insert(0, str(HERE))
 from composites import TEST_SEED, make_composites  # noqa: E402
 
 MODELS = {
-    "resnet-composites.pt": ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "eigencam",
-                             "scorecam", "saliency", "integrated_gradients", "smoothgrad",
-                             "occlusion", "guided_gradcam"),
+    "resnet-composites.pt": (
+        "gradcam",
+        "gradcampp",
+        "xgradcam",
+        "layercam",
+        "hirescam",
+        "eigencam",
+        "scorecam",
+        "saliency",
+        "integrated_gradients",
+        "smoothgrad",
+        "occlusion",
+        "guided_gradcam",
+    ),
     "vit-composites.pt": ("rollout", "chefer", "attention", "saliency", "integrated_gradients"),
     "attention-cnn-composites.pt": ("attention", "gradcam"),
 }
@@ -61,8 +72,7 @@ def centre_peak_rate(masks: np.ndarray) -> float:
     return float(masks[:, height // 2, width // 2].mean())
 
 
-def evaluate_vit_layers(model_file: Path, images: int, batch_size: int = 50
-                        ) -> dict[str, dict[str, tuple[float, int]]]:
+def evaluate_vit_layers(model_file: Path, images: int, batch_size: int = 50) -> dict[str, dict[str, tuple[float, int]]]:
     """Per ViT layer (each block's ``ln_1`` and output) and CAM method: (share of peaks inside the
     mask, number of all-zero maps); "rollout" under the key "(attention)" for context."""
     import torch
@@ -79,9 +89,8 @@ def evaluate_vit_layers(model_file: Path, images: int, batch_size: int = 50
     rollout = plan_explanation(loaded, "rollout")
     hits: dict[str, dict[str, list[int]]] = {}
     for start in range(0, images, batch_size):
-        batch = torch.cat([prepare(image, plan.preprocessing).tensor
-                           for image in pixels[start:start + batch_size]])
-        batch_masks = masks[start:start + batch_size]
+        batch = torch.cat([prepare(image, plan.preprocessing).tensor for image in pixels[start : start + batch_size]])
+        batch_masks = masks[start : start + batch_size]
         runs = [(layer, plan.methods, [layer]) for layer in layers] + [("(attention)", rollout.methods, [])]
         for key, methods, used in runs:
             computed = compute_maps(loaded, batch, methods, used)
@@ -90,8 +99,10 @@ def evaluate_vit_layers(model_file: Path, images: int, batch_size: int = 50
                 for heatmap, mask in zip(maps.detach().cpu().numpy(), batch_masks):
                     tally[0] += peak_in_mask(heatmap, mask)
                     tally[1] += not heatmap.any()
-    return {key: {method: (hit / images, zeros) for method, (hit, zeros) in by_method.items()}
-            for key, by_method in hits.items()}
+    return {
+        key: {method: (hit / images, zeros) for method, (hit, zeros) in by_method.items()}
+        for key, by_method in hits.items()
+    }
 
 
 def print_vit_layers(images: int) -> None:
@@ -107,28 +118,34 @@ def print_vit_layers(images: int) -> None:
         cells = [f"{by_method[m][0]:.1%} ({by_method[m][1]})" for m in VIT_CAM_METHODS]
         print(f"| `{layer}` | " + " | ".join(cells) + " |")
     rollout_rate, _ = results["(attention)"]["rollout"]
-    print(f"\nrollout (the `auto` default): {rollout_rate:.1%}; a map peaking at the centre: "
-          f"{centre_peak_rate(masks):.1%}; a random peak (mean object coverage): {masks.mean():.1%}")
+    print(
+        f"\nrollout (the `auto` default): {rollout_rate:.1%}; a map peaking at the centre: "
+        f"{centre_peak_rate(masks):.1%}; a random peak (mean object coverage): {masks.mean():.1%}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--vit-layers", action="store_true",
-                        help="compare gradcam, layercam and hirescam at each of the sample ViT's layers")
+    parser.add_argument(
+        "--vit-layers",
+        action="store_true",
+        help="compare gradcam, layercam and hirescam at each of the sample ViT's layers",
+    )
     args = parser.parse_args()
     if args.vit_layers:
         print_vit_layers(args.images)
         return
     # Share of the image the objects cover: the rate a map that peaks at random would reach.
     _, _, masks = make_composites(args.images, TEST_SEED)
-    print(f"held-out composites: {args.images}; objects cover {masks.mean():.1%} of the pixels "
-          f"on average (a random peak's hit rate)\n")
+    print(
+        f"held-out composites: {args.images}; objects cover {masks.mean():.1%} of the pixels "
+        f"on average (a random peak's hit rate)\n"
+    )
     print("| model | method | peak inside the object | top-1 accuracy |")
     print("| --- | --- | --- | --- |")
     for file_name, methods in MODELS.items():
-        for method, (rate, accuracy) in evaluate(HERE / "models" / file_name, methods,
-                                                 args.images).items():
+        for method, (rate, accuracy) in evaluate(HERE / "models" / file_name, methods, args.images).items():
             print(f"| {file_name} | {method} | {rate:.1%} | {accuracy:.1%} |")
 
 

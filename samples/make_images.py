@@ -31,10 +31,8 @@ def main() -> None:
         rng = np.random.default_rng([SAMPLE_SEED, index])
         image, mask = make_composite(rng, LABELS.index(label), TEXTURES.index(texture), SIZE)
         name = f"{label}-on-{texture}"
-        cv2.imwrite(str(images / f"{name}.png"), image[:, :, ::-1],
-                    [cv2.IMWRITE_PNG_COMPRESSION, 9])
-        cv2.imwrite(str(masks / f"{name}.png"), mask.astype(np.uint8) * 255,
-                    [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        cv2.imwrite(str(images / f"{name}.png"), image[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        cv2.imwrite(str(masks / f"{name}.png"), mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     chelsea = skimage.data.chelsea()
     small = cv2.resize(chelsea, (300, 200), interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(images / "chelsea.jpg"), small[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -26,8 +26,14 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from composites import (BACKGROUND_SEED, LABELS, TEST_SEED, TRAIN_SEED,  # noqa: E402
-                        make_backgrounds, make_composites)
+from composites import (
+    BACKGROUND_SEED,
+    LABELS,
+    TEST_SEED,
+    TRAIN_SEED,  # noqa: E402
+    make_backgrounds,
+    make_composites,
+)
 
 SIZE = 128
 MEAN = [0.485, 0.456, 0.406]
@@ -35,10 +41,23 @@ STD = [0.229, 0.224, 0.225]
 THREADS = 2  # fixed, because the thread count can change float summation order
 
 RESNET_KWARGS = {"block": "BasicBlock", "layers": [1, 1, 1, 1], "num_classes": len(LABELS)}
-VIT_KWARGS = {"image_size": SIZE, "patch_size": 16, "num_layers": 4, "num_heads": 4,
-              "hidden_dim": 96, "mlp_dim": 192, "num_classes": len(LABELS)}
-ATTENTION_CNN_KWARGS = {"channels": [32, 64, 128], "convs_per_stage": 2, "attention_dim": 64,
-                        "dropout": 0.1, "image_size": SIZE, "num_classes": len(LABELS)}
+VIT_KWARGS = {
+    "image_size": SIZE,
+    "patch_size": 16,
+    "num_layers": 4,
+    "num_heads": 4,
+    "hidden_dim": 96,
+    "mlp_dim": 192,
+    "num_classes": len(LABELS),
+}
+ATTENTION_CNN_KWARGS = {
+    "channels": [32, 64, 128],
+    "convs_per_stage": 2,
+    "attention_dim": 64,
+    "dropout": 0.1,
+    "image_size": SIZE,
+    "num_classes": len(LABELS),
+}
 CBAM_KWARGS = {"channels": [16, 32, 64, 96], "reduction": 8, "image_size": SIZE, "num_classes": len(LABELS)}
 #: Short names accepted by --only besides the architecture names.
 ALIASES = {"attention-cnn": "AttentionPoolingCNN", "cbam": "CBAMCNN"}
@@ -54,8 +73,7 @@ def build(arch: str) -> torch.nn.Module:
         try:
             from attnexplain_attention_cnn.model import AttentionPoolingCNN
         except ImportError:
-            sys.exit("AttentionPoolingCNN comes from the example plugin: "
-                     "pip install -e plugins/attention-cnn first.")
+            sys.exit("AttentionPoolingCNN comes from the example plugin: pip install -e plugins/attention-cnn first.")
         return AttentionPoolingCNN(**ATTENTION_CNN_KWARGS)
     if arch == "CBAMCNN":
         try:
@@ -83,7 +101,7 @@ def augment(x: torch.Tensor, rng: np.random.Generator, shift: int) -> torch.Tens
     out = torch.empty_like(x)
     for i in range(n):
         dy, dx = offsets[i]
-        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        crop = padded[i, :, dy : dy + h, dx : dx + w]
         out[i] = crop.flip(-1) if flips[i] else crop
     return out
 
@@ -93,8 +111,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     correct = 0
     with torch.no_grad():
         for start in range(0, len(x), 200):
-            logits = model(x[start:start + 200])
-            correct += int((logits.argmax(1) == y[start:start + 200]).sum())
+            logits = model(x[start : start + 200])
+            correct += int((logits.argmax(1) == y[start : start + 200]).sum())
     return correct / len(x)
 
 
@@ -108,9 +126,21 @@ def soft_targets(labels: torch.Tensor, smoothing: float) -> torch.Tensor:
     return targets
 
 
-def train(arch: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-          lr: float, weight_decay: float, batch_size: int, warmup_epochs: float, shift: int,
-          label_smoothing: float, seed: int) -> None:
+def train(
+    arch: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    warmup_epochs: float,
+    shift: int,
+    label_smoothing: float,
+    seed: int,
+) -> None:
     rng = np.random.default_rng(seed)
     targets = soft_targets(y, label_smoothing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -131,7 +161,7 @@ def train(arch: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
         order = rng.permutation(len(x))
         running = 0.0
         for step in range(steps_per_epoch):
-            index = torch.from_numpy(order[step * batch_size:(step + 1) * batch_size])
+            index = torch.from_numpy(order[step * batch_size : (step + 1) * batch_size])
             batch = augment(x[index], rng, shift)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
@@ -142,29 +172,37 @@ def train(arch: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *
             optimizer.step()
             scheduler.step()
             running += float(loss.detach())
-        print(f"  {arch} epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.3f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"  {arch} epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.3f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
 
 
 def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
-            for k, v in model.state_dict().items()}
+    return {
+        k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "models")
     parser.add_argument("--train-images", type=int, default=6000)
-    parser.add_argument("--background-images", type=int, default=1500,
-                        help="object-free textures trained towards a uniform prediction")
+    parser.add_argument(
+        "--background-images", type=int, default=1500, help="object-free textures trained towards a uniform prediction"
+    )
     parser.add_argument("--test-images", type=int, default=400)
     parser.add_argument("--resnet-epochs", type=int, default=2)
     parser.add_argument("--vit-epochs", type=int, default=6)
     parser.add_argument("--attention-cnn-epochs", type=int, default=2)
     parser.add_argument("--cbam-epochs", type=int, default=2)
-    parser.add_argument("--only", choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN",
-                                           *ALIASES], default=None,
-                        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN)")
+    parser.add_argument(
+        "--only",
+        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES],
+        default=None,
+        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN)",
+    )
     args = parser.parse_args()
     args.only = ALIASES.get(args.only, args.only)
 
@@ -181,25 +219,62 @@ def main() -> None:
     y_train = torch.from_numpy(np.concatenate([train_labels, np.full(len(backgrounds), -1)]))
     x_test, y_test = to_tensor(test_images), torch.from_numpy(test_labels)
     del train_images, backgrounds, test_images
-    print(f"data: {args.train_images} train composites + {args.background_images} backgrounds, "
-          f"{len(x_test)} test composites "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(
+        f"data: {args.train_images} train composites + {args.background_images} backgrounds, "
+        f"{len(x_test)} test composites "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
 
     plans = {
-        "ResNet": dict(file="resnet-composites.pt", kwargs=RESNET_KWARGS, epochs=args.resnet_epochs,
-                       lr=2e-3, weight_decay=1e-4, batch_size=64, warmup_epochs=0.5, shift=12,
-                       label_smoothing=0.0, seed=1),
-        "VisionTransformer": dict(file="vit-composites.pt", kwargs=VIT_KWARGS,
-                                  epochs=args.vit_epochs, lr=1e-3, weight_decay=0.05,
-                                  batch_size=64, warmup_epochs=1.0, shift=16,
-                                  label_smoothing=0.1, seed=2),
-        "AttentionPoolingCNN": dict(file="attention-cnn-composites.pt", kwargs=ATTENTION_CNN_KWARGS,
-                                    epochs=args.attention_cnn_epochs, lr=2e-3, weight_decay=1e-4,
-                                    batch_size=64, warmup_epochs=0.5, shift=12,
-                                    label_smoothing=0.0, seed=3),
-        "CBAMCNN": dict(file="cbam-composites.pt", kwargs=CBAM_KWARGS, epochs=args.cbam_epochs, lr=2e-3,
-                        weight_decay=1e-4, batch_size=64, warmup_epochs=0.5, shift=12,
-                        label_smoothing=0.0, seed=4),
+        "ResNet": dict(
+            file="resnet-composites.pt",
+            kwargs=RESNET_KWARGS,
+            epochs=args.resnet_epochs,
+            lr=2e-3,
+            weight_decay=1e-4,
+            batch_size=64,
+            warmup_epochs=0.5,
+            shift=12,
+            label_smoothing=0.0,
+            seed=1,
+        ),
+        "VisionTransformer": dict(
+            file="vit-composites.pt",
+            kwargs=VIT_KWARGS,
+            epochs=args.vit_epochs,
+            lr=1e-3,
+            weight_decay=0.05,
+            batch_size=64,
+            warmup_epochs=1.0,
+            shift=16,
+            label_smoothing=0.1,
+            seed=2,
+        ),
+        "AttentionPoolingCNN": dict(
+            file="attention-cnn-composites.pt",
+            kwargs=ATTENTION_CNN_KWARGS,
+            epochs=args.attention_cnn_epochs,
+            lr=2e-3,
+            weight_decay=1e-4,
+            batch_size=64,
+            warmup_epochs=0.5,
+            shift=12,
+            label_smoothing=0.0,
+            seed=3,
+        ),
+        "CBAMCNN": dict(
+            file="cbam-composites.pt",
+            kwargs=CBAM_KWARGS,
+            epochs=args.cbam_epochs,
+            lr=2e-3,
+            weight_decay=1e-4,
+            batch_size=64,
+            warmup_epochs=0.5,
+            shift=12,
+            label_smoothing=0.0,
+            seed=4,
+        ),
     }
     for arch, plan in plans.items():
         if args.only and arch != args.only:
@@ -209,16 +284,25 @@ def main() -> None:
         if arch in CONVOLUTIONAL:
             model = model.to(memory_format=torch.channels_last)
         arch_started = time.perf_counter()
-        train(arch, model, x_train, y_train, epochs=plan["epochs"], lr=plan["lr"],
-              weight_decay=plan["weight_decay"], batch_size=plan["batch_size"],
-              warmup_epochs=plan["warmup_epochs"], shift=plan["shift"],
-              label_smoothing=plan["label_smoothing"], seed=plan["seed"])
+        train(
+            arch,
+            model,
+            x_train,
+            y_train,
+            epochs=plan["epochs"],
+            lr=plan["lr"],
+            weight_decay=plan["weight_decay"],
+            batch_size=plan["batch_size"],
+            warmup_epochs=plan["warmup_epochs"],
+            shift=plan["shift"],
+            label_smoothing=plan["label_smoothing"],
+            seed=plan["seed"],
+        )
         fp32_accuracy = evaluate(model, x_test, y_test)
 
         state_dict = fp16_state_dict(model)
         reloaded = build(arch)
-        reloaded.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                  for k, v in state_dict.items()})
+        reloaded.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
         accuracy = evaluate(reloaded, x_test, y_test)
         checkpoint = {
             "arch": arch,
@@ -226,14 +310,21 @@ def main() -> None:
             "state_dict": state_dict,
             "labels": list(LABELS),
             "preprocessing": {"size": [SIZE, SIZE], "mean": MEAN, "std": STD},
-            "metrics": {"test_accuracy": accuracy, "train_images": len(x_train),  # backgrounds included
-                        "test_images": len(x_test), "epochs": plan["epochs"]},
+            "metrics": {
+                "test_accuracy": accuracy,
+                "train_images": len(x_train),  # backgrounds included
+                "test_images": len(x_test),
+                "epochs": plan["epochs"],
+            },
         }
         path = args.out / plan["file"]
         torch.save(checkpoint, path)
-        print(f"{arch}: test accuracy {accuracy:.4f} (fp32 {fp32_accuracy:.4f}), "
-              f"{time.perf_counter() - arch_started:.0f} s, {path} "
-              f"({path.stat().st_size / 1e6:.1f} MB)", flush=True)
+        print(
+            f"{arch}: test accuracy {accuracy:.4f} (fp32 {fp32_accuracy:.4f}), "
+            f"{time.perf_counter() - arch_started:.0f} s, {path} "
+            f"({path.stat().st_size / 1e6:.1f} MB)",
+            flush=True,
+        )
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -55,8 +55,14 @@ def plain_cnn():
     class PlainCNN(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
             self.pool = nn.AdaptiveAvgPool2d(4)
             self.classifier = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 5))
 
@@ -86,9 +92,9 @@ def small_vit():
     import torchvision
 
     torch.manual_seed(1)
-    model = torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=3,
-                                                 num_heads=4, hidden_dim=32, mlp_dim=64,
-                                                 num_classes=6).eval()
+    model = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=6
+    ).eval()
     with torch.no_grad():  # torchvision zero-initialises the head; give it real values
         model.heads.head.weight.normal_(0, 0.2)
     return model
@@ -127,7 +133,7 @@ def sobel_edges(images):
     gray = images.float().mean(1, keepdim=True)
     gx = torch.nn.functional.conv2d(gray, kernel[None, None], padding=1)
     gy = torch.nn.functional.conv2d(gray, kernel.t()[None, None], padding=1)
-    return (gx ** 2 + gy ** 2).sqrt()[:, 0]
+    return (gx**2 + gy**2).sqrt()[:, 0]
 
 
 def read_gallery_data(out: Path) -> dict:
@@ -137,7 +143,7 @@ def read_gallery_data(out: Path) -> dict:
     script = (out / "gallery-data.js").read_text(encoding="utf-8")
     prefix = "window.attnexplainGallery = "
     assert script.startswith(prefix) and script.rstrip().endswith(";")
-    return json.loads(script[len(prefix):].rstrip().rstrip(";"))
+    return json.loads(script[len(prefix) :].rstrip().rstrip(";"))
 
 
 def without_blocking(call, fifo: Path, seconds: float = 30.0):

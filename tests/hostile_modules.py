@@ -13,8 +13,9 @@ class TinyNet(nn.Module):
     def __init__(self, kind: str = "ok", classes: int = 3) -> None:
         super().__init__()
         self.kind = kind
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
         self.head = nn.Linear(8, max(classes, 1))
         self.classes = classes
 

@@ -52,24 +52,30 @@ def test_every_in_memory_form_gives_the_same_pixels(pixels):
 
 def test_grayscale_forms_become_three_equal_channels(pixels):
     gray = pixels[:, :, 0]
-    for image in (gray.astype(np.float32) / 255.0, torch.from_numpy(gray[None].astype(np.float32) / 255.0),
-                  Image.fromarray(gray)):
+    for image in (
+        gray.astype(np.float32) / 255.0,
+        torch.from_numpy(gray[None].astype(np.float32) / 255.0),
+        Image.fromarray(gray),
+    ):
         converted = image_from(image).pixels
         assert converted.shape == (40, 56, 3)
         assert np.abs(converted[:, :, 2].astype(int) - gray).max() <= 1
 
 
-@pytest.mark.parametrize("image, message", [
-    (np.full((8, 8, 3), 255.0), r"values in \[0, 1\]; this one spans \[255, 255\]"),
-    (np.full((8, 8, 3), np.nan), "NaN or infinite"),
-    (np.zeros((8, 8, 3), dtype=np.int64), "uint8 \\(0-255\\) or floats in \\[0, 1\\], not int64"),
-    (np.zeros((8, 8, 5), dtype=np.uint8), r"shape \(H, W\), \(H, W, 3\) or \(H, W, 4\), not uint8 \(8, 8, 5\)"),
-    (np.zeros((0, 8, 3), dtype=np.uint8), "empty"),
-    (torch.zeros(2, 3, 8, 8), "One image at a time"),
-    (torch.zeros(8, 8, 3), r"\(3, H, W\) or \(1, 3, H, W\), channels first, not \(8, 8, 3\)"),
-    (torch.full((3, 8, 8), -1.5), "normalised tensor"),
-    ([[0, 1], [1, 0]], "not a list"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.full((8, 8, 3), 255.0), r"values in \[0, 1\]; this one spans \[255, 255\]"),
+        (np.full((8, 8, 3), np.nan), "NaN or infinite"),
+        (np.zeros((8, 8, 3), dtype=np.int64), "uint8 \\(0-255\\) or floats in \\[0, 1\\], not int64"),
+        (np.zeros((8, 8, 5), dtype=np.uint8), r"shape \(H, W\), \(H, W, 3\) or \(H, W, 4\), not uint8 \(8, 8, 5\)"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), "empty"),
+        (torch.zeros(2, 3, 8, 8), "One image at a time"),
+        (torch.zeros(8, 8, 3), r"\(3, H, W\) or \(1, 3, H, W\), channels first, not \(8, 8, 3\)"),
+        (torch.full((3, 8, 8), -1.5), "normalised tensor"),
+        ([[0, 1], [1, 0]], "not a list"),
+    ],
+)
 def test_images_that_cannot_be_used_are_clear_errors(image, message):
     with pytest.raises(ImageError, match=message) as error:
         image_from(image)

@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_gates import gated_model  # noqa: F401 - the fixture: a MobileNetV3 with non-uniform gates
 
 from attnexplain.batch import run_batch
 from attnexplain.batch_ledger import EXIT_SOME_FAILED
 from attnexplain.batch_stages import BatchSettings
+from attnexplain.cli import main
+from attnexplain.errors import AttnExplainError
+from attnexplain.explanation import MethodOptions
 from attnexplain.formats import RESULTS_JSONL
 from attnexplain.inputs import collect_inputs, in_shard, parse_shard
-from attnexplain.records import read_results
-from attnexplain.errors import AttnExplainError
-from attnexplain.cli import main
-from attnexplain.explanation import MethodOptions
 from attnexplain.loading import load_model
-from test_gates import gated_model  # noqa: F401 - the fixture: a MobileNetV3 with non-uniform gates
+from attnexplain.records import read_results
 
 HOSTILE = "<img src=x onerror=alert(1)>.png"
 BROKEN = {"a/empty.png": "empty", "b/deep/text.jpg": "Not an image", "b/trunc.png": "truncated"}
@@ -55,8 +55,7 @@ def images(tmp_path_factory) -> Path:
 
 
 def _expected(images: Path) -> set[str]:
-    return {p.relative_to(images).as_posix() for p in images.rglob("*")
-            if p.is_file() and p.suffix != ".txt"}
+    return {p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file() and p.suffix != ".txt"}
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +96,7 @@ def _assert_same(got: dict[str, dict], want: dict[str, dict]) -> None:
         for key in set(record) | set(other):
             if key == "predictions":
                 assert [p["index"] for p in record[key]] == [p["index"] for p in other[key]], name
-                assert np.allclose([p["prob"] for p in record[key]], [p["prob"] for p in other[key]],
-                                   atol=1e-4), name
+                assert np.allclose([p["prob"] for p in record[key]], [p["prob"] for p in other[key]], atol=1e-4), name
             elif key == "target":
                 assert record[key]["index"] == other[key]["index"], name
                 assert abs(record[key]["prob"] - other[key]["prob"]) < 1e-4, name
@@ -109,9 +107,26 @@ def _assert_same(got: dict[str, dict], want: dict[str, dict]) -> None:
 @pytest.fixture(scope="module")
 def full_run(images, model_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("batch-full") / "out"
-    result = CliRunner().invoke(main, ["batch", str(model_file), str(images), "--arch", "resnet18",
-                                       "--size", "32", "--images-per-batch", "16", "--workers", "2",
-                                       "--device", "cpu", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(model_file),
+            str(images),
+            "--arch",
+            "resnet18",
+            "--size",
+            "32",
+            "--images-per-batch",
+            "16",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     return result, out
 
 
@@ -170,8 +185,17 @@ def test_interrupted_run_resumes_to_the_same_results(full_run, images, loaded, m
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(loaded, _spec(model_file), [str(images)], out, SETTINGS, quiet=True, device="cpu",
-                  refresh_every=2, on_batch=stop)
+        run_batch(
+            loaded,
+            _spec(model_file),
+            [str(images)],
+            out,
+            SETTINGS,
+            quiet=True,
+            device="cpu",
+            refresh_every=2,
+            on_batch=stop,
+        )
     partial = read_results(out / RESULTS_JSONL)
     assert 0 < len(partial) < len(_expected(images))
     report = json.loads((out / "report.json").read_text())  # a valid partial report
@@ -180,8 +204,7 @@ def test_interrupted_run_resumes_to_the_same_results(full_run, images, loaded, m
     # A kill in the middle of a line leaves it truncated: it must be ignored.
     with open(out / RESULTS_JSONL, "a") as handle:
         handle.write('{"image": "b/img999.png", "status": "o')
-    resumed = run_batch(loaded, _spec(model_file), [str(images)], out, SETTINGS, quiet=True,
-                        device="cpu", resume=True)
+    resumed = run_batch(loaded, _spec(model_file), [str(images)], out, SETTINGS, quiet=True, device="cpu", resume=True)
     assert resumed.skipped >= len([r for r in partial if r["status"] == "ok"]) > 0
     assert resumed.exit_code == EXIT_SOME_FAILED
     _assert_same(_comparable(out), _comparable(full_run[1]))
@@ -211,8 +234,8 @@ def test_resume_redoes_the_images_when_the_class_file_or_the_plan_changed(images
     other maps), as is what the plan decided (here: the resize kernel a new version chose)."""
     import dataclasses
 
-    from attnexplain.records import fingerprint
     from attnexplain.explanation import plan_explanation
+    from attnexplain.records import fingerprint
 
     class_file = tmp_path / "net.py"
     class_file.write_text(NET_PY)
@@ -229,8 +252,7 @@ def test_resume_redoes_the_images_when_the_class_file_or_the_plan_changed(images
     assert edited.skipped == 0 and edited.ok == first.ok  # the edited class: every image redone
 
     plan = plan_explanation(loaded, "gradcam", size=(32, 32))
-    float_resize = dataclasses.replace(plan, preprocessing=dataclasses.replace(plan.preprocessing,
-                                                                               resize_v2=False))
+    float_resize = dataclasses.replace(plan, preprocessing=dataclasses.replace(plan.preprocessing, resize_v2=False))
     assert fingerprint(spec, settings, plan) == fingerprint(spec, settings, plan)
     assert fingerprint(spec, settings, plan) != fingerprint(spec, settings, float_resize)
 
@@ -249,13 +271,33 @@ def _saved(class_file: Path, weights: Path) -> Path:
     return weights
 
 
-@pytest.mark.heavy  # a whole subprocess killed mid-run (~4 s); kill and resume stay in the fast suite through test_hostile_batch's SIGKILL test
+# A whole subprocess killed mid-run (~4 s); kill and resume stay in the fast suite through
+# test_hostile_batch's SIGKILL test.
+@pytest.mark.heavy
 def test_killed_subprocess_then_resume(images, model_file, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, ATTNEXPLAIN_OFFLINE="1")
-    command = [sys.executable, "-m", "attnexplain", "batch", str(model_file), str(images / "a"),
-               "--arch", "resnet18", "--size", "32", "--images-per-batch", "4", "--workers", "1",
-               "--device", "cpu", "--quiet", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "attnexplain",
+        "batch",
+        str(model_file),
+        str(images / "a"),
+        "--arch",
+        "resnet18",
+        "--size",
+        "32",
+        "--images-per-batch",
+        "4",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     process = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 60
     results = out / RESULTS_JSONL
@@ -280,8 +322,7 @@ def test_shards_merge_to_the_single_run(full_run, images, loaded, model_file, tm
     outs = []
     for index in (1, 2):
         out = tmp_path / f"shard{index}"
-        run_batch(loaded, _spec(model_file), [str(images)], out, SETTINGS, quiet=True, device="cpu",
-                  shard=(index, 2))
+        run_batch(loaded, _spec(model_file), [str(images)], out, SETTINGS, quiet=True, device="cpu", shard=(index, 2))
         outs.append(out)
     first, second = _comparable(outs[0]), _comparable(outs[1])
     assert first and second and not set(first) & set(second)
@@ -306,15 +347,17 @@ def test_shards_count_from_one_and_split_the_inputs(images):
 
 
 def test_shard_zero_is_refused_saying_shards_count_from_one(model_file, images, tmp_path):
-    result = CliRunner().invoke(main, ["batch", str(model_file), str(images), "--shard", "0/3",
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["batch", str(model_file), str(images), "--shard", "0/3", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "shards count from 1 (1/3 to 3/3)" in result.output
 
 
 def test_list_file_and_glob_inputs(images, tmp_path):
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{images / 'a' / 'img000.png'}\n# a comment\n{images / 'b' / 'trunc.png'}\n"
-                       f"{images / 'missing.png'}\n")
+    listing.write_text(
+        f"{images / 'a' / 'img000.png'}\n# a comment\n{images / 'b' / 'trunc.png'}\n{images / 'missing.png'}\n"
+    )
     found = collect_inputs([f"@{listing}", str(images / "b" / "deep" / "*.jpg")])
     names = [item.relative for item in found.images]
     assert "a/img000.png" in names and "b/trunc.png" in names
@@ -327,10 +370,24 @@ def test_list_and_glob_from_the_cli(images, model_file, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"{images / 'a' / 'img000.png'}\n{images / 'a' / 'img002.png'}\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["batch", str(model_file), f"@{listing}",
-                                       str(images / "b" / "img00*.png"), "--arch", "resnet18",
-                                       "--size", "32", "--device", "cpu", "--quiet", "--out",
-                                       str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(model_file),
+            f"@{listing}",
+            str(images / "b" / "img00*.png"),
+            "--arch",
+            "resnet18",
+            "--size",
+            "32",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = _comparable(out)
     assert {"a/img000.png", "a/img002.png"} <= set(records)
@@ -357,11 +414,21 @@ def _method_files(folder: Path) -> set[str]:
 def _run_and_batch(tmp_path: Path, model_args: list[str], image: str) -> tuple[Path, Path, dict]:
     """`run` on one sample image and `batch` on all of them, same model and options (PNG overlays, as
     `run` writes): the run's folder, the batch's folder for that image and its record."""
-    run = CliRunner().invoke(main, ["run", *model_args, str(SAMPLE_IMAGES / image), "--out",
-                                    str(tmp_path / "run")])
+    run = CliRunner().invoke(main, ["run", *model_args, str(SAMPLE_IMAGES / image), "--out", str(tmp_path / "run")])
     assert run.exit_code == 0, run.output
-    batch = CliRunner().invoke(main, ["batch", *model_args, str(SAMPLE_IMAGES), "--out",
-                                      str(tmp_path / "batch"), "--quiet", "--overlay-format", "png"])
+    batch = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            *model_args,
+            str(SAMPLE_IMAGES),
+            "--out",
+            str(tmp_path / "batch"),
+            "--quiet",
+            "--overlay-format",
+            "png",
+        ],
+    )
     assert batch.exit_code == 0, batch.output
     records = {r["image"]: r for r in read_results(tmp_path / "batch" / RESULTS_JSONL)}
     assert len(records) == len(list(SAMPLE_IMAGES.iterdir()))
@@ -370,13 +437,12 @@ def _run_and_batch(tmp_path: Path, model_args: list[str], image: str) -> tuple[P
 
 def test_batch_writes_the_attention_grid_per_image_like_run(tmp_path, sample_vit_file):
     run_folder, folder, record = _run_and_batch(
-        tmp_path, [str(sample_vit_file), "--method", "attention,rollout", "--device", "cpu"],
-        "cat-on-grass.png")
+        tmp_path, [str(sample_vit_file), "--method", "attention,rollout", "--device", "cpu"], "cat-on-grass.png"
+    )
     assert _method_files(folder) == _method_files(run_folder)
     assert {"attention-grid-attention.png", "attention-grid-attention.npy"} <= _method_files(folder)
     grid = np.load(folder / "attention-grid-attention.npy")
-    assert grid.ndim == 4 and np.allclose(grid, np.load(run_folder / "attention-grid-attention.npy"),
-                                          atol=1e-5)
+    assert grid.ndim == 4 and np.allclose(grid, np.load(run_folder / "attention-grid-attention.npy"), atol=1e-5)
     assert record["files"]["attention"]["attention_grid"] == "attention-grid-attention.png"
     assert record["files"]["attention"]["attention_grid_npy"] == "attention-grid-attention.npy"
     assert record["maps"]["attention"]["grid_shape"] == list(grid.shape[:2])
@@ -393,14 +459,17 @@ def test_batch_writes_the_gate_maps_per_image_like_run(tmp_path, gated_model):
     path = tmp_path / "mobilenet.pt"
     torch.save(gated_model.state_dict(), path)
     run_folder, folder, record = _run_and_batch(
-        tmp_path, [str(path), "--arch", "mobilenet_v3_small", "--size", "64", "--method",
-                   "gates,gradcam", "--device", "cpu"], "coffee-on-gravel.png")
+        tmp_path,
+        [str(path), "--arch", "mobilenet_v3_small", "--size", "64", "--method", "gates,gradcam", "--device", "cpu"],
+        "coffee-on-gravel.png",
+    )
     assert _method_files(folder) == _method_files(run_folder)
     assert "gate-maps-gates.png" in _method_files(folder)
     assert record["files"]["gates"]["gate_maps"] == "gate-maps-gates.png"
     report = json.loads((run_folder / "report.json").read_text())
-    assert [b["block"] for b in record["maps"]["gates"]["gates"]] == \
-        [b["block"] for b in report["maps"]["gates"]["gates"]]
+    assert [b["block"] for b in record["maps"]["gates"]["gates"]] == [
+        b["block"] for b in report["maps"]["gates"]["gates"]
+    ]
     assert record["maps"]["gates"]["layers"] == report["maps"]["gates"]["layers"]
     detail = (folder / "detail.html").read_text()
     assert "Learned channel gates (gates)" in detail and 'src="gate-maps-gates.png"' in detail
@@ -409,21 +478,21 @@ def test_batch_writes_the_gate_maps_per_image_like_run(tmp_path, gated_model):
 
 # --- progress ----------------------------------------------------------------------------------------
 
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
 
 
-def test_progress_bar_on_a_terminal_shows_rate_and_eta(images, loaded, model_file, tmp_path,
-                                                       monkeypatch):
+def test_progress_bar_on_a_terminal_shows_rate_and_eta(images, loaded, model_file, tmp_path, monkeypatch):
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setenv("COLUMNS", "140")
-    summary = run_batch(loaded, _spec(model_file), [str(images / "b" / "deep")], tmp_path / "out",
-                        SETTINGS, device="cpu")
+    summary = run_batch(
+        loaded, _spec(model_file), [str(images / "b" / "deep")], tmp_path / "out", SETTINGS, device="cpu"
+    )
     shown = terminal.getvalue()
     assert summary.total > 10 and summary.exit_code == EXIT_SOME_FAILED  # text.jpg is broken
     assert "\x1b[" in shown  # drawn by Rich, not the plain lines
     assert "img/s" in shown and "ETA" in shown
     assert f"{summary.total}/{summary.total}" in shown
-

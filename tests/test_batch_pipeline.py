@@ -23,10 +23,10 @@ import attnexplain.batch as batch
 from attnexplain.batch import available_cores, default_workers, run_batch
 from attnexplain.batch_ledger import RunLedger
 from attnexplain.batch_stages import BatchSettings
-from attnexplain.formats import RESULTS_JSONL
-from attnexplain.records import read_results
 from attnexplain.explanation import MethodOptions
+from attnexplain.formats import RESULTS_JSONL
 from attnexplain.loading import LoadedModel, _finish
+from attnexplain.records import read_results
 
 PER_BATCH = 4
 BATCHES = 4
@@ -79,8 +79,9 @@ class WaitingNet(torch.nn.Module):
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()
+        )
         self.head = torch.nn.Linear(8, 5)
         self.recorder = recorder
         self.forwards = 0
@@ -116,30 +117,31 @@ def _recorded_run(photos: Path, out: Path, monkeypatch, workers: int | None) -> 
     read_image, write_image = batch.read_image, batch.write_image
 
     def reading(item, *args, **kwargs):  # batch k+1 meets forward k
-        return recorder.stage("decode", item.relative, recorder.batch_of[item.relative] - 1,
-                              lambda: read_image(item, *args, **kwargs))
+        return recorder.stage(
+            "decode", item.relative, recorder.batch_of[item.relative] - 1, lambda: read_image(item, *args, **kwargs)
+        )
 
     def writing(out_folder, decoded, *args, **kwargs):  # batch k-1 meets forward k
         image = decoded.item.relative
-        return recorder.stage("write", image, recorder.batch_of[image] + 1,
-                              lambda: write_image(out_folder, decoded, *args, **kwargs))
+        return recorder.stage(
+            "write", image, recorder.batch_of[image] + 1, lambda: write_image(out_folder, decoded, *args, **kwargs)
+        )
 
     monkeypatch.setattr(batch, "read_image", reading)
     monkeypatch.setattr(batch, "write_image", writing)
     torch.manual_seed(0)
     loaded = LoadedModel(WaitingNet(recorder), "waiting-net", "module")
     _finish(loaded, None, "cpu")
-    settings = BatchSettings(method="gradcam", size=(32, 32), images_per_batch=PER_BATCH,
-                             workers=workers, options=MethodOptions())
-    result = run_batch(loaded, {"model": "waiting-net"}, [str(photos)], out, settings, quiet=True,
-                       device="cpu")
+    settings = BatchSettings(
+        method="gradcam", size=(32, 32), images_per_batch=PER_BATCH, workers=workers, options=MethodOptions()
+    )
+    result = run_batch(loaded, {"model": "waiting-net"}, [str(photos)], out, settings, quiet=True, device="cpu")
     assert (result.ok, result.failed) == (PER_BATCH * BATCHES, 0)
     return recorder
 
 
 @pytest.mark.parametrize("workers", [1, None])
-def test_next_batch_decodes_and_last_batch_writes_while_the_model_runs(photos, tmp_path, monkeypatch,
-                                                                       workers):
+def test_next_batch_decodes_and_last_batch_writes_while_the_model_runs(photos, tmp_path, monkeypatch, workers):
     recorder = _recorded_run(photos, tmp_path / "out", monkeypatch, workers)
     for index in range(BATCHES):
         started, ended = recorder.first("forward-start", index), recorder.first("forward-end", index)
@@ -165,14 +167,22 @@ def test_periodic_reports_are_refreshed_off_the_model_thread(photos, tmp_path, m
         refresh(self, complete)
 
     monkeypatch.setattr(RunLedger, "refresh", recording)
-    loaded = LoadedModel(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
-                                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                             torch.nn.Linear(4, 3)), "small", "module")
+    loaded = LoadedModel(
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4, 3),
+        ),
+        "small",
+        "module",
+    )
     _finish(loaded, None, "cpu")
-    settings = BatchSettings(method="gradcam", size=(32, 32), images_per_batch=2, workers=1,
-                             options=MethodOptions())
-    run_batch(loaded, {"model": "small"}, [str(photos)], tmp_path / "out", settings, quiet=True,
-              device="cpu", refresh_every=1)
+    settings = BatchSettings(method="gradcam", size=(32, 32), images_per_batch=2, workers=1, options=MethodOptions())
+    run_batch(
+        loaded, {"model": "small"}, [str(photos)], tmp_path / "out", settings, quiet=True, device="cpu", refresh_every=1
+    )
     periodic, final = threads[:-1], threads[-1]
     assert periodic and all(name.startswith("attnexplain-report") for name in periodic)
     assert final == threading.main_thread().name  # the last one, after every write, complete

@@ -13,8 +13,9 @@ def test_probing_on_the_meta_device_finds_the_shapes_of_a_real_forward(small_res
         probed = probe_layers(model, torch.zeros(1, 3, size, size))
         assert probed == _probe(model, torch.zeros(1, 3, size, size))  # a real forward
         after = model.state_dict()  # the model's own tensors stay where and what they were
-        assert all(after[name].device.type == "cpu" and torch.equal(after[name], value)
-                   for name, value in before.items())
+        assert all(
+            after[name].device.type == "cpu" and torch.equal(after[name], value) for name, value in before.items()
+        )
 
 
 class _OffsetOutsideParameters(torch.nn.Module):
@@ -70,8 +71,9 @@ def _loaded_generic(model):
     from attnexplain.loading import LoadedModel
     from attnexplain.plugins import ModelPlugin
 
-    return LoadedModel(module=model.eval(), source="<test>", loader="object", architecture="mixed",
-                       plugin=ModelPlugin())
+    return LoadedModel(
+        module=model.eval(), source="<test>", loader="object", architecture="mixed", plugin=ModelPlugin()
+    )
 
 
 def test_channels_last_outputs_are_laid_out_on_evidence_and_refused_without():
@@ -129,8 +131,7 @@ def test_a_plugins_odd_or_failing_layout_word_is_no_word():
             return "sideways" if layer == "permuted" else ["channels_first"]
 
     model = _MixedLayouts()
-    loaded = LoadedModel(module=model.eval(), source="<test>", loader="object", architecture="mixed",
-                         plugin=Odd())
+    loaded = LoadedModel(module=model.eval(), source="<test>", loader="object", architecture="mixed", plugin=Odd())
     maps = {info.name: shape for info, shape in layer_maps(loaded, torch.zeros(1, 3, 64, 64))}
     assert maps["norm"] == maps["mix"] == (1, 8, 16, 16) and maps["conv"] == (1, 8, 16, 16)
     assert maps["permuted"] is None and maps["attn"] is None

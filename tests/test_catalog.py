@@ -10,16 +10,25 @@ from attnexplain.cli import main
 
 ENTRIES = {(plugin.name, entry.name): (plugin, entry) for plugin, entry in catalog_entries()}
 TORCHVISION = [key for key in ENTRIES if key[0] == "torchvision"]
-QUICK = {"resnet18", "mobilenet_v3_small", "squeezenet1_1", "lraspp_mobilenet_v3_large",
-         "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"}
+QUICK = {
+    "resnet18",
+    "mobilenet_v3_small",
+    "squeezenet1_1",
+    "lraspp_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn",
+}
 
 
 def test_catalog_lists_every_torchvision_builder():
     import torchvision
 
     names = {name for plugin, name in TORCHVISION}
-    for module, count in ((torchvision.models, 80), (torchvision.models.segmentation, 6),
-                          (torchvision.models.detection, 12)):
+    for module, count in (
+        (torchvision.models, 80),
+        (torchvision.models.segmentation, 6),
+        (torchvision.models.detection, 12),
+    ):
         listed = torchvision.models.list_models(module=module)
         assert len(listed) == count and set(listed) <= names
 
@@ -36,8 +45,7 @@ def test_default_layers_skip_pooling_and_class_score_heads():
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("key", sorted(key for key in TORCHVISION if ENTRIES[key][1].supported),
-                         ids=lambda key: key[1])
+@pytest.mark.parametrize("key", sorted(key for key in TORCHVISION if ENTRIES[key][1].supported), ids=lambda key: key[1])
 def test_every_supported_builder_explains(key):
     from attnexplain.catalog import RANDOM_UNIFORM
 

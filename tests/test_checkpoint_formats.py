@@ -34,18 +34,33 @@ def _lightning_checkpoint(network: torch.nn.Module, prefix: str) -> dict:
     state_dict["criterion.weight"] = torch.tensor([1.0, 2.0, 1.0, 0.5])
     state_dict["val_accuracy.tp"] = torch.tensor([3, 1, 0, 2])
     return {
-        "epoch": 4, "global_step": 250, "pytorch-lightning_version": "2.4.0",
+        "epoch": 4,
+        "global_step": 250,
+        "pytorch-lightning_version": "2.4.0",
         "state_dict": state_dict,
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 5, "completed": 4}}}},
-        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
-            "best_model_score": torch.tensor(0.31), "best_model_path": "/runs/epoch=3.ckpt",
-            "dirpath": "/runs", "best_k_models": {"/runs/epoch=3.ckpt": torch.tensor(0.31)}}},
-        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.zeros(3)}},
-                              "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]}],
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+                "best_model_score": torch.tensor(0.31),
+                "best_model_path": "/runs/epoch=3.ckpt",
+                "dirpath": "/runs",
+                "best_k_models": {"/runs/epoch=3.ckpt": torch.tensor(0.31)},
+            }
+        },
+        "optimizer_states": [
+            {
+                "state": {0: {"momentum_buffer": torch.zeros(3)}},
+                "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}],
+            }
+        ],
         "lr_schedulers": [{"step_size": 10, "last_epoch": 4, "_last_lr": [0.1]}],
         "hparams_name": "kwargs",
-        "hyper_parameters": {"lr": 0.1, "num_classes": 4, "data_dir": pathlib.PosixPath("/data/pets"),
-                             "args": argparse.Namespace(batch_size=32, arch="resnet18")},
+        "hyper_parameters": {
+            "lr": 0.1,
+            "num_classes": 4,
+            "data_dir": pathlib.PosixPath("/data/pets"),
+            "args": argparse.Namespace(batch_size=32, arch="resnet18"),
+        },
     }
 
 
@@ -56,8 +71,7 @@ def four_class_resnet():
 
 
 @pytest.mark.parametrize("prefix", ["model.", "net.", "model.backbone."])
-def test_lightning_checkpoint_loads_without_trust_and_says_what_it_left_out(tmp_path, four_class_resnet,
-                                                                            prefix):
+def test_lightning_checkpoint_loads_without_trust_and_says_what_it_left_out(tmp_path, four_class_resnet, prefix):
     path = tmp_path / "epoch=4-step=250.ckpt"
     torch.save(_lightning_checkpoint(four_class_resnet, prefix), path)
     loaded = load_model(path, arch="resnet18")
@@ -158,8 +172,9 @@ def test_lightning_checkpoint_with_code_in_hyper_parameters_is_refused(tmp_path,
     torch.save(checkpoint, path)
     with pytest.raises(UntrustedModelError, match="builtins.getattr"):
         load_model(path, arch="resnet18")
-    result = CliRunner().invoke(main, ["run", str(path), str(photo), "--arch", "resnet18", "--size", "64",
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["run", str(path), str(photo), "--arch", "resnet18", "--size", "64", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1 and "--trust-model" in result.output
     assert not marker.exists() and not (tmp_path / "out").exists()
@@ -168,8 +183,10 @@ def test_lightning_checkpoint_with_code_in_hyper_parameters_is_refused(tmp_path,
 def test_lightning_checkpoint_explained_from_the_cli(tmp_path, four_class_resnet, photo):
     path = tmp_path / "model.ckpt"
     torch.save(_lightning_checkpoint(four_class_resnet, "net."), path)
-    result = CliRunner().invoke(main, ["run", str(path), str(photo), "--arch", "resnet18", "--size", "64",
-                                       "--out", str(tmp_path / "out"), "--json"])
+    result = CliRunner().invoke(
+        main,
+        ["run", str(path), str(photo), "--arch", "resnet18", "--size", "64", "--out", str(tmp_path / "out"), "--json"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert any("criterion.weight" in note for note in report["model"]["notes"])
@@ -177,6 +194,7 @@ def test_lightning_checkpoint_explained_from_the_cli(tmp_path, four_class_resnet
 
 
 # --- timm train.py ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def timm():
@@ -190,12 +208,26 @@ def timm_train_checkpoint(tmp_path_factory, timm):
     torch.manual_seed(1)
     trained = timm.create_model("convnext_atto", num_classes=6).eval()
     averaged = timm.create_model("convnext_atto", num_classes=6).eval()
-    args = argparse.Namespace(model="convnext_atto", lr=0.01, epochs=3, data_dir="/data", mean=None,
-                              input_size=None, model_ema=True, model_ema_decay=0.9998)
-    checkpoint = {"epoch": 2, "arch": "convnext_atto", "state_dict": trained.state_dict(),
-                  "state_dict_ema": averaged.state_dict(),
-                  "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
-                  "version": 2, "args": args, "metric": 71.3}
+    args = argparse.Namespace(
+        model="convnext_atto",
+        lr=0.01,
+        epochs=3,
+        data_dir="/data",
+        mean=None,
+        input_size=None,
+        model_ema=True,
+        model_ema_decay=0.9998,
+    )
+    checkpoint = {
+        "epoch": 2,
+        "arch": "convnext_atto",
+        "state_dict": trained.state_dict(),
+        "state_dict_ema": averaged.state_dict(),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
+        "version": 2,
+        "args": args,
+        "metric": 71.3,
+    }
     path = tmp_path_factory.mktemp("timm") / "model_best.pth.tar"
     torch.save(checkpoint, path)
     return path, trained, averaged, checkpoint
@@ -227,14 +259,16 @@ def test_ema_without_ema_weights_is_a_clear_error(tmp_path, timm_train_checkpoin
 
 def test_timm_train_checkpoint_with_ema_explained_from_the_cli(tmp_path, timm_train_checkpoint, photo):
     path = timm_train_checkpoint[0]
-    result = CliRunner().invoke(main, ["run", str(path), str(photo), "--ema", "--size", "64", "--out",
-                                       str(tmp_path / "out"), "--json"])
+    result = CliRunner().invoke(
+        main, ["run", str(path), str(photo), "--ema", "--size", "64", "--out", str(tmp_path / "out"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["model"]["plugin"] == "timm" and report["model"]["architecture"] == "convnext_atto"
 
 
 # --- a name two plugins know --------------------------------------------------------------------
+
 
 @pytest.mark.heavy
 def test_a_name_two_plugins_know_takes_the_builder_the_weights_fit(tmp_path, timm):
@@ -272,12 +306,19 @@ def test_an_explicit_plugin_prefix_selects_that_plugin(tmp_path, timm):
     assert chosen.plugin.name == "timm" and _same_outputs(chosen.module, model)
 
 
-@pytest.mark.parametrize("arch, suggested", [
-    pytest.param("convnext", "convnext_atto", marks=pytest.mark.heavy),  # ~20 timm builds (meta)
-    ("ResNet", "resnet50")])
+@pytest.mark.parametrize(
+    "arch, suggested",
+    [
+        pytest.param("convnext", "convnext_atto", marks=pytest.mark.heavy),  # ~20 timm builds (meta)
+        ("ResNet", "resnet50"),
+    ],
+)
 def test_a_class_name_as_arch_gets_a_did_you_mean(tmp_path, request, arch, suggested):
-    weights = (request.getfixturevalue("timm").create_model("convnext_atto", num_classes=3) if arch == "convnext"
-               else torchvision.models.resnet50(num_classes=3)).state_dict()
+    weights = (
+        request.getfixturevalue("timm").create_model("convnext_atto", num_classes=3)
+        if arch == "convnext"
+        else torchvision.models.resnet50(num_classes=3)
+    ).state_dict()
     path = tmp_path / "checkpoint.pth"
     torch.save({"arch": arch, "state_dict": weights}, path)  # timm writes type(model).__name__.lower()
     with pytest.raises(ModelLoadError, match=f"Did you mean {suggested}\\b.*the weights fit"):
@@ -326,9 +367,25 @@ def user_model(tmp_path):
 def test_users_own_class_from_a_file_explained_end_to_end(tmp_path, user_model, photo):
     source, weights, model = user_model
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(weights), str(photo), "--arch", f"{source}:TinyNet",
-                                       "--arch-kwargs", '{"width": 6}', "--method", "gradcam",
-                                       "--size", "48", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(weights),
+            str(photo),
+            "--arch",
+            f"{source}:TinyNet",
+            "--arch-kwargs",
+            '{"width": 6}',
+            "--method",
+            "gradcam",
+            "--size",
+            "48",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["model"]["architecture"] == f"{source}:TinyNet"
@@ -345,24 +402,26 @@ def test_users_own_class_from_a_module(tmp_path, user_model, monkeypatch):
     assert _same_outputs(loaded.module, model)
 
 
-@pytest.mark.parametrize("arch, kwargs, message", [
-    ("{dir}/missing.py:TinyNet", None, "missing.py does not exist"),
-    ("{source}:Nope", None, "has no class Nope; its nn.Module classes: TinyNet"),
-    ("{source}:NOT_A_MODULE", None, "NOT_A_MODULE in .* is a int, not a torch.nn.Module class"),
-    ("{source}:TinyNet", '{"depth": 3}', "TinyNet takes no argument 'depth' \\(it takes num_classes, width\\)"),
-    ("{source}:TinyNet", '{"width": 6', "--arch-kwargs is not valid JSON"),
-    ("{source}:TinyNet", '[6]', "--arch-kwargs must be a JSON object"),
-    ("{source}:TinyNet", '{"width": 5}', "do not fit"),
-    ("{broken}:TinyNet", None, "Importing .*broken.py failed: ZeroDivisionError: division by zero"),
-    ("{exits}:TinyNet", None, "Importing .*exits.py failed: SystemExit"),
-    ("no_such_package_xyz.models:Net", None, "No module named 'no_such_package_xyz'"),
-])
+@pytest.mark.parametrize(
+    "arch, kwargs, message",
+    [
+        ("{dir}/missing.py:TinyNet", None, "missing.py does not exist"),
+        ("{source}:Nope", None, "has no class Nope; its nn.Module classes: TinyNet"),
+        ("{source}:NOT_A_MODULE", None, "NOT_A_MODULE in .* is a int, not a torch.nn.Module class"),
+        ("{source}:TinyNet", '{"depth": 3}', "TinyNet takes no argument 'depth' \\(it takes num_classes, width\\)"),
+        ("{source}:TinyNet", '{"width": 6', "--arch-kwargs is not valid JSON"),
+        ("{source}:TinyNet", "[6]", "--arch-kwargs must be a JSON object"),
+        ("{source}:TinyNet", '{"width": 5}', "do not fit"),
+        ("{broken}:TinyNet", None, "Importing .*broken.py failed: ZeroDivisionError: division by zero"),
+        ("{exits}:TinyNet", None, "Importing .*exits.py failed: SystemExit"),
+        ("no_such_package_xyz.models:Net", None, "No module named 'no_such_package_xyz'"),
+    ],
+)
 def test_users_own_class_errors_are_one_line(tmp_path, user_model, photo, arch, kwargs, message):
     source, weights, _ = user_model
     (tmp_path / "broken.py").write_text("import torch\n1 / 0\n")
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
-    arch = arch.format(dir=tmp_path, source=source, broken=tmp_path / "broken.py",
-                       exits=tmp_path / "exits.py")
+    arch = arch.format(dir=tmp_path, source=source, broken=tmp_path / "broken.py", exits=tmp_path / "exits.py")
     arguments = ["run", str(weights), str(photo), "--arch", arch, "--size", "48", "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, arguments + (["--arch-kwargs", kwargs] if kwargs else []))
     assert result.exit_code == 1, result.output
@@ -388,6 +447,7 @@ def test_a_checkpoint_cannot_make_us_import_a_class(tmp_path, user_model):
 
 # --- plugin API v2: claimed paths, whole specs, random_weights, labels ----------------------------
 
+
 class _FolderPlugin(ModelPlugin):
     """A tiny plugin that loads folders holding a ``tiny-config.json`` and builds ``tiny:`` names."""
 
@@ -407,16 +467,22 @@ class _FolderPlugin(ModelPlugin):
         config = json.loads((path / "tiny-config.json").read_text())
         if config.get("explode"):
             raise RuntimeError("the plugin's own bug")
-        return NamedModel(module=_tiny_folder_net(len(config["id2label"])), architecture="TinyFolderNet",
-                          weights=str(path), labels=None, random_weights=False)
+        return NamedModel(
+            module=_tiny_folder_net(len(config["id2label"])),
+            architecture="TinyFolderNet",
+            weights=str(path),
+            labels=None,
+            random_weights=False,
+        )
 
     def split_spec(self, rest: str) -> tuple[str, str | None]:
         self.specs.append(rest)
         return rest, None  # a path with colons (C:\models\x) stays whole
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
-        return NamedModel(module=_tiny_folder_net(3), architecture=name, weights=weights,
-                          random_weights=name.endswith("random"))
+        return NamedModel(
+            module=_tiny_folder_net(3), architecture=name, weights=weights, random_weights=name.endswith("random")
+        )
 
     def labels(self, model):
         return [f"tiny-{index}" for index in range(model[-1].out_features)]
@@ -426,8 +492,13 @@ def _tiny_folder_net(classes: int) -> torch.nn.Module:
     class TinyFolderNet(torch.nn.Sequential):
         pass
 
-    return TinyFolderNet(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                         torch.nn.Flatten(), torch.nn.Linear(4, classes))
+    return TinyFolderNet(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, classes),
+    )
 
 
 class _BrokenClaims(ModelPlugin):
@@ -440,8 +511,11 @@ class _BrokenClaims(ModelPlugin):
 @pytest.fixture
 def tiny_plugins():
     plugin = _FolderPlugin()
-    with use_plugins(PluginInfo("tiny-folders", "tiny-dist", "1.0", plugin, None),
-                     PluginInfo("broken-claims", "tiny-dist", "1.0", _BrokenClaims(), None), keep_installed=True):
+    with use_plugins(
+        PluginInfo("tiny-folders", "tiny-dist", "1.0", plugin, None),
+        PluginInfo("broken-claims", "tiny-dist", "1.0", _BrokenClaims(), None),
+        keep_installed=True,
+    ):
         yield plugin
 
 
@@ -454,8 +528,9 @@ def test_a_folder_a_plugin_claims_is_loaded_by_it(tmp_path, tiny_plugins, photo)
     assert loaded.labels == ["tiny-0", "tiny-1"]  # from the labels hook
     assert not any("random weights" in note for note in loaded.notes)  # random_weights=False
     assert any("broken-claims failed" in note for note in loaded.notes)
-    result = CliRunner().invoke(main, ["run", str(folder), str(photo), "--size", "32", "--out",
-                                       str(tmp_path / "out"), "--json"])
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(photo), "--size", "32", "--out", str(tmp_path / "out"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["predictions"][0]["label"].startswith("tiny-")
 
@@ -494,4 +569,5 @@ def test_a_plugin_failing_to_load_its_path_is_one_line_naming_it(tmp_path, tiny_
     result = CliRunner().invoke(main, ["run", str(folder), str(photo), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: Plugin tiny-folders could not load {folder}: RuntimeError: the plugin's own bug"]
+        f"Error: Plugin tiny-folders could not load {folder}: RuntimeError: the plugin's own bug"
+    ]

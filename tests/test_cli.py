@@ -32,14 +32,12 @@ def _assert_clean_failure(result, message: str):
 
 def test_run_writes_overlay_heatmap_and_reports(tmp_path, resnet_state_dict_file, photo):
     out = tmp_path / "out"
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "96",
-                  "--out", out, "--json")
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "96", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     folder = out / "chelsea"
     assert report["outputs"]["directory"] == str(folder.resolve())
-    for key in ("image", "model", "method", "layer", "target", "predictions", "outputs", "timings",
-                "versions"):
+    for key in ("image", "model", "method", "layer", "target", "predictions", "outputs", "timings", "versions"):
         assert key in report
     assert report["method"] == "gradcam" and report["layer"] == "layer4"
     assert report["model"]["loader"] == "state_dict" and report["model"]["architecture"] == "resnet18"
@@ -56,8 +54,21 @@ def test_run_writes_overlay_heatmap_and_reports(tmp_path, resnet_state_dict_file
 
 
 def test_run_prints_a_table_and_the_paths(tmp_path, resnet_state_dict_file, photo):
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
-                  "--out", tmp_path, "--labels", _labels(tmp_path), "--target", "cat")
+    result = _run(
+        "run",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--size",
+        "64",
+        "--out",
+        tmp_path,
+        "--labels",
+        _labels(tmp_path),
+        "--target",
+        "cat",
+    )
     assert result.exit_code == 0, result.output
     assert "probability" in result.output and "Explained class cat" in result.output
     assert str(tmp_path / "chelsea" / "report.html") in result.output
@@ -75,8 +86,10 @@ def test_same_file_name_from_another_folder_gets_its_own_outputs(tmp_path, resne
     Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
     out = tmp_path / "out"
     for image in (photo, other, photo):
-        assert _run("run", resnet_state_dict_file, image, "--arch", "resnet18", "--size", "64",
-                    "--out", out).exit_code == 0
+        assert (
+            _run("run", resnet_state_dict_file, image, "--arch", "resnet18", "--size", "64", "--out", out).exit_code
+            == 0
+        )
     assert sorted(p.name for p in out.iterdir()) == ["chelsea", "chelsea-2"]
     second = json.loads((out / "chelsea-2" / "report.json").read_text())
     assert second["image"]["path"] == str(other.resolve())
@@ -86,10 +99,22 @@ def test_vit_defaults_to_rollout(tmp_path, small_vit, photo):
     import torch
 
     path = tmp_path / "vit.pt"
-    torch.save({"arch": "VisionTransformer",
-                "arch_kwargs": {"image_size": 64, "patch_size": 8, "num_layers": 3, "num_heads": 4,
-                                "hidden_dim": 32, "mlp_dim": 64, "num_classes": 6},
-                "state_dict": small_vit.state_dict()}, path)
+    torch.save(
+        {
+            "arch": "VisionTransformer",
+            "arch_kwargs": {
+                "image_size": 64,
+                "patch_size": 8,
+                "num_layers": 3,
+                "num_heads": 4,
+                "hidden_dim": 32,
+                "mlp_dim": 64,
+                "num_classes": 6,
+            },
+            "state_dict": small_vit.state_dict(),
+        },
+        path,
+    )
     result = _run("run", path, photo, "--out", tmp_path / "out", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -97,8 +122,20 @@ def test_vit_defaults_to_rollout(tmp_path, small_vit, photo):
 
 
 def test_run_writes_jpeg_overlays_when_asked(tmp_path, resnet_state_dict_file, photo):
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
-                  "--overlay-format", "jpg", "--out", tmp_path, "--json")
+    result = _run(
+        "run",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--size",
+        "64",
+        "--overlay-format",
+        "jpg",
+        "--out",
+        tmp_path,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     overlay = Path(report["outputs"]["directory"]) / report["outputs"]["overlay"]
@@ -140,8 +177,20 @@ def test_torchscript_runs_saliency_and_refuses_gradcam_clearly(tmp_path, small_r
 
 
 def test_run_overlay_size_decodes_smaller_and_says_so(tmp_path, resnet_state_dict_file, photo):
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
-                  "--overlay-size", "200", "--out", tmp_path, "--json")
+    result = _run(
+        "run",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--size",
+        "64",
+        "--overlay-size",
+        "200",
+        "--out",
+        tmp_path,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     full = Image.open(photo).size  # 451 x 300: its shorter side 300 → 200 / 451 * 300 = 133
@@ -149,8 +198,7 @@ def test_run_overlay_size_decodes_smaller_and_says_so(tmp_path, resnet_state_dic
     assert report["image"]["decoded"] == {"width": 200, "height": 133}
     overlay = Path(report["outputs"]["directory"]) / report["outputs"]["overlay"]
     assert Image.open(overlay).size == (200, 133)
-    assert set(report["timings"]) >= {"load_image_s", "import_s", "load_model_s", "plan_s", "preprocess_s",
-                                      "explain_s"}
+    assert set(report["timings"]) >= {"load_image_s", "import_s", "load_model_s", "plan_s", "preprocess_s", "explain_s"}
 
 
 @pytest.mark.parametrize("value", ["8", "big", "-5"])
@@ -163,34 +211,52 @@ def test_a_bad_overlay_size_is_a_usage_error(tmp_path, resnet_state_dict_file, p
 
 def test_batch_caps_overlays_at_the_overlay_size(tmp_path, resnet_state_dict_file, photo):
     out = tmp_path / "out"
-    result = _run("batch", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "32",
-                  "--overlay-size", "100", "--out", out, "--quiet")
+    result = _run(
+        "batch",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--size",
+        "32",
+        "--overlay-size",
+        "100",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     overlay = out / "images" / photo.name / "overlay-gradcam.jpg"
     assert Image.open(overlay).size == (100, 67)
 
 
-@pytest.mark.parametrize("make_args,message", [
-    (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18", "--overlay-size", "99"],
-     "Image not found"),
-    (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18"], "Image not found"),
-    (lambda t, m, p: ["run", m, _write(t / "empty.jpg", b""), "--arch", "resnet18"], "empty"),
-    (lambda t, m, p: ["run", m, _write(t / "text.png", b"hello"), "--arch", "resnet18"], "Not an image"),
-    (lambda t, m, p: ["run", m, _write(t / "cut.jpg", p.read_bytes()[:3000]), "--arch", "resnet18"],
-     "Cannot decode"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--max-pixels", "1000"], "too large"),
-    (lambda t, m, p: ["run", t / "missing.pt", p], "Model file not found"),
-    (lambda t, m, p: ["run", m, p], "--arch"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet50"], "do not fit resnet50"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--layer", "nope"], "no layer named 'nope'"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--target", "9"], "out of range"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--target", "cat"], "no class names"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--method", "rollout"], "needs attention"),
-    (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--method", "magic"], "Unknown method"),
-    (lambda t, m, p: ["run", "torchvision:resnet18:IMAGENET1K_V1", p], "resnet18-f37072fd.pth"),
-])
-def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, resnet_state_dict_file, photo,
-                                                          make_args, message):
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (
+            lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18", "--overlay-size", "99"],
+            "Image not found",
+        ),
+        (lambda t, m, p: ["run", m, t / "missing.jpg", "--arch", "resnet18"], "Image not found"),
+        (lambda t, m, p: ["run", m, _write(t / "empty.jpg", b""), "--arch", "resnet18"], "empty"),
+        (lambda t, m, p: ["run", m, _write(t / "text.png", b"hello"), "--arch", "resnet18"], "Not an image"),
+        (
+            lambda t, m, p: ["run", m, _write(t / "cut.jpg", p.read_bytes()[:3000]), "--arch", "resnet18"],
+            "Cannot decode",
+        ),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--max-pixels", "1000"], "too large"),
+        (lambda t, m, p: ["run", t / "missing.pt", p], "Model file not found"),
+        (lambda t, m, p: ["run", m, p], "--arch"),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet50"], "do not fit resnet50"),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--layer", "nope"], "no layer named 'nope'"),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--target", "9"], "out of range"),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--target", "cat"], "no class names"),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--method", "rollout"], "needs attention"),
+        (lambda t, m, p: ["run", m, p, "--arch", "resnet18", "--method", "magic"], "Unknown method"),
+        (lambda t, m, p: ["run", "torchvision:resnet18:IMAGENET1K_V1", p], "resnet18-f37072fd.pth"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, resnet_state_dict_file, photo, make_args, message):
     out = tmp_path / "out"
     result = _run(*make_args(tmp_path, resnet_state_dict_file, photo), "--size", "64", "--out", out)
     _assert_clean_failure(result, message)
@@ -202,8 +268,7 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def test_a_failure_while_saving_leaves_no_partial_output(tmp_path, resnet_state_dict_file, photo,
-                                                          monkeypatch):
+def test_a_failure_while_saving_leaves_no_partial_output(tmp_path, resnet_state_dict_file, photo, monkeypatch):
     from attnexplain import report
 
     def broken(*args, **kwargs):
@@ -211,8 +276,7 @@ def test_a_failure_while_saving_leaves_no_partial_output(tmp_path, resnet_state_
 
     monkeypatch.setattr(report, "render_html", broken)
     out = tmp_path / "out"
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64",
-                  "--out", out)
+    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--size", "64", "--out", out)
     _assert_clean_failure(result, "disk full")
     assert not out.exists()  # neither the result folder nor its staging folder: the folder made for them is gone too
 
@@ -231,20 +295,37 @@ def test_a_failed_rerun_keeps_the_previous_outputs(tmp_path, resnet_state_dict_f
 
 def test_real_subprocess_run_and_error(tmp_path, resnet_state_dict_file, photo):
     out = tmp_path / "out"
-    done = subprocess.run([*ATTNEXPLAIN, "run", str(resnet_state_dict_file), str(photo), "--arch",
-                           "resnet18", "--size", "64", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *ATTNEXPLAIN,
+            "run",
+            str(resnet_state_dict_file),
+            str(photo),
+            "--arch",
+            "resnet18",
+            "--size",
+            "64",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (out / "chelsea" / "overlay-gradcam.png").is_file()
-    failed = subprocess.run([*ATTNEXPLAIN, "run", str(resnet_state_dict_file), str(tmp_path / "no.jpg")],
-                            capture_output=True, text=True, timeout=300)
+    failed = subprocess.run(
+        [*ATTNEXPLAIN, "run", str(resnet_state_dict_file), str(tmp_path / "no.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [f"Error: Image not found: {tmp_path / 'no.jpg'}"]
 
 
 def test_malicious_model_is_refused_from_the_cli(tmp_path, photo):
     import torch
-
     from test_loading import _Payload
 
     evidence = tmp_path / "pwned"
@@ -256,11 +337,18 @@ def test_malicious_model_is_refused_from_the_cli(tmp_path, photo):
 
 
 def test_help_imports_no_torch_and_is_fast():
-    code = ("import sys, time; t = time.perf_counter(); from attnexplain.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', time.perf_counter() - t)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    code = (
+        "import sys, time; t = time.perf_counter(); from attnexplain.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', time.perf_counter() - t)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     verdict = done.stdout.strip().splitlines()[-1].split()
     assert verdict[0] == "NO-TORCH"
 
@@ -268,14 +356,24 @@ def test_help_imports_no_torch_and_is_fast():
 def test_several_methods_in_one_run_are_reported_side_by_side(tmp_path, sample_vit_file):
     out = tmp_path / "out"
     image = sample_vit_file.parents[1] / "images" / "rocket-on-brick.png"
-    result = _run("run", sample_vit_file, image, "--method", "rollout,chefer,attention",
-                  "--head-fusion", "max", "--out", out, "--json")
+    result = _run(
+        "run",
+        sample_vit_file,
+        image,
+        "--method",
+        "rollout,chefer,attention",
+        "--head-fusion",
+        "max",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["methods"] == ["rollout", "chefer", "attention"]
     assert report["options"]["head_fusion"] == "max"
     folder = out / "rocket-on-brick"
-    for method, files in report["outputs"]["maps"].items():
+    for files in report["outputs"]["maps"].values():
         for name in files.values():
             assert (folder / name).is_file(), name
     grid = np.load(folder / report["outputs"]["maps"]["attention"]["attention_grid_npy"])
@@ -307,10 +405,13 @@ def test_methods_command_lists_every_method():
         assert name in result.output and method.paper.split(",")[0] in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--method", "gradcam,bogus"], "Unknown method 'bogus'"),
-    (["--method", "rollout", "--layer", "layer4"], "--layer does not apply to rollout"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "gradcam,bogus"], "Unknown method 'bogus'"),
+        (["--method", "rollout", "--layer", "layer4"], "--layer does not apply to rollout"),
+    ],
+)
 def test_bad_method_options_fail_cleanly(tmp_path, sample_resnet_file, sample_vit_file, args, message):
     model = sample_vit_file if "rollout" in args else sample_resnet_file
     image = sample_resnet_file.parents[1] / "images" / "cat-on-grass.png"
@@ -334,9 +435,26 @@ def test_samples_sets_how_many_masked_images_rise_forwards(tmp_path, resnet_stat
     try:
         for samples in (8, 16):
             forwarded.append(0)
-            result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--num-classes", "5",
-                          "--size", "64", "--method", "rise", "--samples", samples, "--batch-size", "4",
-                          "--out", tmp_path / f"out-{samples}", "--json")
+            result = _run(
+                "run",
+                resnet_state_dict_file,
+                photo,
+                "--arch",
+                "resnet18",
+                "--num-classes",
+                "5",
+                "--size",
+                "64",
+                "--method",
+                "rise",
+                "--samples",
+                samples,
+                "--batch-size",
+                "4",
+                "--out",
+                tmp_path / f"out-{samples}",
+                "--json",
+            )
             assert result.exit_code == 0, result.output
             report = json.loads(result.output)
             assert report["methods"] == ["rise"]
@@ -347,13 +465,37 @@ def test_samples_sets_how_many_masked_images_rise_forwards(tmp_path, resnet_stat
 
 
 def test_lrp_on_a_resnet_fails_in_one_line(tmp_path, resnet_state_dict_file, photo):
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--num-classes", "5",
-                  "--size", "64", "--method", "lrp", "--out", tmp_path / "out")
+    result = _run(
+        "run",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--num-classes",
+        "5",
+        "--size",
+        "64",
+        "--method",
+        "lrp",
+        "--out",
+        tmp_path / "out",
+    )
     _assert_clean_failure(result, "lrp cannot run on this model")
     assert not (tmp_path / "out" / "chelsea").exists()
 
 
 def test_too_many_samples_fail_in_one_line(tmp_path, resnet_state_dict_file, photo):
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--method", "rise",
-                  "--samples", "1000000000", "--out", tmp_path / "out")
+    result = _run(
+        "run",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--method",
+        "rise",
+        "--samples",
+        "1000000000",
+        "--out",
+        tmp_path / "out",
+    )
     _assert_clean_failure(result, "samples must be at most 100,000")

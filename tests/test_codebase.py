@@ -31,8 +31,9 @@ def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             type_only.update(id(inner) for statement in node.body for inner in ast.walk(statement))
-    return [node for node in ast.walk(tree)
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in type_only]
+    return [
+        node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in type_only
+    ]
 
 
 def _imported_module(current: str, node: ast.ImportFrom) -> str:
@@ -40,7 +41,7 @@ def _imported_module(current: str, node: ast.ImportFrom) -> str:
         return node.module or ""
     is_package = MODULES[current].name == "__init__.py"
     base = current.split(".") if is_package else current.split(".")[:-1]
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -113,16 +114,14 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_package_has_no_import_cycle_at_run_time():
     graph = {module: _dependencies(module) for module in MODULES}
     cycles = _cycles(graph)
-    described = ["; ".join(f"{module} -> {sorted(graph[module] & set(cycle))}" for module in cycle)
-                 for cycle in cycles]
+    described = ["; ".join(f"{module} -> {sorted(graph[module] & set(cycle))}" for module in cycle) for cycle in cycles]
     assert not cycles, "\n".join(described)
 
 
 def test_the_cycle_check_finds_a_cycle_through_a_function_level_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\n"
-                     "def f():\n    import y\n")
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\ndef f():\n    import y\n")
     assert [alias.name for node in _runtime_imports(tree) for alias in node.names] == ["TYPE_CHECKING", "y"]
 
 
@@ -138,10 +137,13 @@ def test_no_private_name_is_imported_from_another_module(path):
     """A name with a leading underscore is its module's own business; a second module that needs it
     means the name has a public home to move to (STYLE.md: one home per concept)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    reaching_in = [f"{path.relative_to(REPO)}:{node.lineno}: {alias.name}"
-                   for node in _runtime_imports(tree) + _type_only_imports(tree)
-                   if isinstance(node, ast.ImportFrom) and _is_ours(node)
-                   for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+    reaching_in = [
+        f"{path.relative_to(REPO)}:{node.lineno}: {alias.name}"
+        for node in _runtime_imports(tree) + _type_only_imports(tree)
+        if isinstance(node, ast.ImportFrom) and _is_ours(node)
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
     assert not reaching_in, reaching_in
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import correlation
 
 import attnexplain
 from attnexplain.catalog import catalog_entries
@@ -19,8 +20,6 @@ from attnexplain.images import load_image
 from attnexplain.loading import load_model
 from attnexplain.methods import METHODS
 from attnexplain.preprocess import prepare
-
-from conftest import correlation
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -36,8 +35,7 @@ def detector():
 @pytest.fixture(scope="module")
 def detector_file(detector, tmp_path_factory):
     path = tmp_path_factory.mktemp("detector") / "detector.pt"
-    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 0.0},
-                "state_dict": detector.state_dict()}, path)
+    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 0.0}, "state_dict": detector.state_dict()}, path)
     return path
 
 
@@ -59,7 +57,7 @@ def test_box_score_target_matches_pytorch_grad_cam(detector, photo):
     # pytorch-grad-cam with the score of the output box that matches ours. (Its own
     # FasterRCNNBoxScoreTarget adds the box's IoU with the reference, which also differentiates the
     # box regression: a different target.)
-    reference_box = detected.boxes[best:best + 1]
+    reference_box = detected.boxes[best : best + 1]
 
     def box_score(output):
         match = torchvision.ops.box_iou(reference_box, output["boxes"].detach()).argmax()
@@ -107,7 +105,7 @@ def test_run_draws_the_boxes_and_reports_them(detector_file, square_photo, tmp_p
     middle = int(round((y0 + y1) / 2))
     for x in (x0, x1):
         column = int(round(x))
-        assert (overlay[middle, max(column - 1, 0):column + 2] == 255).all(axis=1).any()
+        assert (overlay[middle, max(column - 1, 0) : column + 2] == 255).all(axis=1).any()
     # report.html draws the same boxes over its overlays: in shares of the photo, explained first.
     import re
 
@@ -124,15 +122,13 @@ def test_target_label_explains_that_class_best_box(detector_file, photo):
     chosen = attnexplain.explain(loaded, photo, target=other["index"])
     explained = [d for d in chosen.detections if d["explained"]]
     assert len(explained) == 1 and explained[0]["index"] == other["index"]
-    assert explained[0]["score"] == max(d["score"] for d in chosen.detections
-                                        if d["index"] == other["index"])
+    assert explained[0]["score"] == max(d["score"] for d in chosen.detections if d["index"] == other["index"])
     assert not np.allclose(chosen.heatmap, first.heatmap)
 
 
 def test_a_detector_that_finds_nothing_says_so(detector, photo, tmp_path):
     path = tmp_path / "strict.pt"
-    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 1.0},
-                "state_dict": detector.state_dict()}, path)
+    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 1.0}, "state_dict": detector.state_dict()}, path)
     with pytest.raises(NothingToExplain):
         attnexplain.explain(load_model(path), photo)
     result = CliRunner().invoke(main, ["run", str(path), str(photo), "--out", str(tmp_path / "o")])
@@ -140,8 +136,7 @@ def test_a_detector_that_finds_nothing_says_so(detector, photo, tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
-def test_named_detector_weights_bring_coco_labels_and_their_preprocessing(detector, tmp_path,
-                                                                          monkeypatch):
+def test_named_detector_weights_bring_coco_labels_and_their_preprocessing(detector, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.get_model_weights(NAME)["COCO_V1"]
     target = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
@@ -158,16 +153,26 @@ def _photos(folder):
     from skimage import data
 
     folder.mkdir()
-    for name, pixels in (("cat.jpg", data.chelsea()), ("coffee.jpg", data.coffee()),
-                         ("rocket.jpg", data.rocket())):
+    for name, pixels in (("cat.jpg", data.chelsea()), ("coffee.jpg", data.coffee()), ("rocket.jpg", data.rocket())):
         Image.fromarray(pixels).save(folder / name, quality=90)
     return folder
 
 
 def test_batch_draws_and_records_the_same_boxes_as_run(detector_file, tmp_path):
     photos = _photos(tmp_path / "photos")
-    result = CliRunner().invoke(main, ["batch", str(detector_file), str(photos), "--out",
-                                       str(tmp_path / "batch"), "--quiet", "--overlay-format", "png"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(detector_file),
+            str(photos),
+            "--out",
+            str(tmp_path / "batch"),
+            "--quiet",
+            "--overlay-format",
+            "png",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = {r["image"]: r for r in map(json.loads, (tmp_path / "batch" / "results.jsonl").open())}
     assert set(records) == {"cat.jpg", "coffee.jpg", "rocket.jpg"}
@@ -189,11 +194,9 @@ def test_batch_draws_and_records_the_same_boxes_as_run(detector_file, tmp_path):
 
 def test_batch_records_a_detector_that_finds_nothing_per_image(detector, tmp_path):
     path = tmp_path / "strict.pt"
-    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 1.0},
-                "state_dict": detector.state_dict()}, path)
+    torch.save({"arch": NAME, "arch_kwargs": {"box_score_thresh": 1.0}, "state_dict": detector.state_dict()}, path)
     photos = _photos(tmp_path / "photos")
-    result = CliRunner().invoke(main, ["batch", str(path), str(photos), "--out", str(tmp_path / "b"),
-                                       "--quiet"])
+    result = CliRunner().invoke(main, ["batch", str(path), str(photos), "--out", str(tmp_path / "b"), "--quiet"])
     assert result.exit_code == 3, result.output  # some images failed: documented code
     records = list(map(json.loads, (tmp_path / "b" / "results.jsonl").open()))
     assert len(records) == 3
@@ -225,8 +228,11 @@ def test_boxes_of_a_letterboxed_photo_are_mapped_and_clipped_to_it():
     photo = np.zeros((300, 600, 3), dtype=np.uint8)  # 2:1, letterboxed into 100 × 100: 50 × 100
     prepared = prepare(photo, Preprocessing(size=(100, 100), letterbox=True, mean=(0, 0, 0), std=(1, 1, 1)))
     assert prepared.box == (0.0, -150.0, 600.0, 450.0)  # 25 rows of padding above and below
-    detected = Detections(boxes=torch.tensor([[10.0, 30.0, 50.0, 60.0], [0.0, 0.0, 100.0, 20.0]]),
-                          labels=torch.tensor([1, 2]), scores=torch.tensor([0.9, 0.5]))
+    detected = Detections(
+        boxes=torch.tensor([[10.0, 30.0, 50.0, 60.0], [0.0, 0.0, 100.0, 20.0]]),
+        labels=torch.tensor([1, 2]),
+        scores=torch.tensor([0.9, 0.5]),
+    )
     boxes = boxes_on_photo(detected, 1, None, (100, 100), prepared.box, (600, 300))
     assert boxes[0]["box"] == [60.0, 30.0, 300.0, 210.0] and boxes[0]["explained"]
     assert boxes[1]["box"] == [0.0, 0.0, 600.0, 0.0]  # entirely in the padding: clipped to nothing

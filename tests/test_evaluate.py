@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from composites import TEST_SEED, make_composites  # samples/, on sys.path via conftest
 from conftest import sobel_edges
 from PIL import Image
 
 from attnexplain.cli import main
-from attnexplain.explanation import _as_loaded_model
 from attnexplain.evaluation import EvaluationSettings, evaluate
 from attnexplain.evaluation_report import render_evaluation_html
+from attnexplain.explanation import _as_loaded_model
 from attnexplain.loading import load_model
 from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_similarities
-
-from composites import TEST_SEED, make_composites  # samples/, on sys.path via conftest
 
 FAST = MetricSettings(steps=8, randomization_steps=2, batch_size=64)
 
@@ -49,9 +48,23 @@ def _evaluate(args, tmp_path):
 
 
 def test_evaluate_writes_json_csv_and_page_with_the_random_baseline(sample_resnet_file, composites, tmp_path):
-    result, out = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam,saliency",
-                             "--metrics", "deletion,insertion,drop,pointing,mass,rank", "--steps", "8",
-                             "--masks", str(composites / "masks"), "--size", "64"], tmp_path)
+    result, out = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(composites / "images"),
+            "--method",
+            "gradcam,saliency",
+            "--metrics",
+            "deletion,insertion,drop,pointing,mass,rank",
+            "--steps",
+            "8",
+            "--masks",
+            str(composites / "masks"),
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["settings"]["methods"] == ["gradcam", "saliency"]
@@ -65,8 +78,13 @@ def test_evaluate_writes_json_csv_and_page_with_the_random_baseline(sample_resne
     assert len(evaluation["curves"]["deletion"]["gradcam"]) == len(evaluation["curves"]["fractions"]) == 9
     assert [row["method"] for row in evaluation["ranking"]][0] in ("gradcam", "saliency", RANDOM_MAP)
     # On 4 images the intervals are wide: a verdict may also be that nothing is apart from chance.
-    assert evaluation["verdict"].startswith(("Most faithful on these 4 images:", "No single winner:",
-                                             "No ranking metric separates any method from the random map"))
+    assert evaluation["verdict"].startswith(
+        (
+            "Most faithful on these 4 images:",
+            "No single winner:",
+            "No ranking metric separates any method from the random map",
+        )
+    )
     assert evaluation["verdict"] in result.output
     rows = list(csv.DictReader(io.StringIO((out / "evaluation.csv").read_text())))
     assert len(rows) == 4 * 3 and {row["method"] for row in rows} == {"gradcam", "saliency", RANDOM_MAP}
@@ -80,9 +98,23 @@ def test_bad_missing_and_hostile_masks_are_errors_of_their_image(sample_resnet_f
     (masks / "c0.png").write_bytes((composites / "masks" / "c0.png").read_bytes())
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "c1.png")  # wrong size
     (masks / "c2.png").write_bytes(b"not a png at all")
-    result, out = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam",
-                             "--metrics", "deletion,pointing", "--steps", "4", "--masks", str(masks),
-                             "--size", "64"], tmp_path)
+    result, out = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(composites / "images"),
+            "--method",
+            "gradcam",
+            "--metrics",
+            "deletion,pointing",
+            "--steps",
+            "4",
+            "--masks",
+            str(masks),
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     records = {r["image"]: r for r in evaluation["per_image"]}
@@ -104,8 +136,21 @@ def test_hostile_boxes_and_file_names_are_escaped_or_refused(sample_resnet_file,
     Image.fromarray(pixels[1]).save(images / "b.png")
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({hostile: [[10, 10, 40, 40]], "b.png": [["x", 1, 2, 3]]}))
-    result, out = _evaluate([str(sample_resnet_file), str(images), "--method", "gradcam", "--metrics",
-                             "pointing,mass", "--boxes", str(boxes), "--size", "64"], tmp_path)
+    result, out = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(images),
+            "--method",
+            "gradcam",
+            "--metrics",
+            "pointing,mass",
+            "--boxes",
+            str(boxes),
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     records = {r["image"]: r for r in evaluation["per_image"]}
@@ -126,21 +171,36 @@ def test_a_bad_image_is_recorded_and_the_others_measured(sample_resnet_file, com
     images.mkdir()
     (images / "good.png").write_bytes((composites / "images" / "c0.png").read_bytes())
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result, out = _evaluate([str(sample_resnet_file), str(images), "--method", "gradcam", "--metrics",
-                             "deletion", "--steps", "4", "--size", "64"], tmp_path)
+    result, out = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(images),
+            "--method",
+            "gradcam",
+            "--metrics",
+            "deletion",
+            "--steps",
+            "4",
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
     assert result.exit_code == 3, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["images"] == {"total": 2, "ok": 1, "failed": 1, "mask_errors": 0}
     assert "broken.png" in (out / "evaluation.html").read_text()
 
 
-@pytest.mark.parametrize("model,methods", [
-    ("vit", "rollout,chefer"),
-    pytest.param("segmentation", "gradcam", marks=pytest.mark.heavy),
-    pytest.param("detector", "gradcam", marks=pytest.mark.heavy),
-])
-def test_evaluate_works_on_a_vit_a_segmentation_model_and_a_detector(model, methods, small_vit, composites,
-                                                                     tmp_path):
+@pytest.mark.parametrize(
+    "model,methods",
+    [
+        ("vit", "rollout,chefer"),
+        pytest.param("segmentation", "gradcam", marks=pytest.mark.heavy),
+        pytest.param("detector", "gradcam", marks=pytest.mark.heavy),
+    ],
+)
+def test_evaluate_works_on_a_vit_a_segmentation_model_and_a_detector(model, methods, small_vit, composites, tmp_path):
     if model == "vit":
         loaded, size = _as_loaded_model(small_vit), 64
     elif model == "segmentation":
@@ -152,12 +212,26 @@ def test_evaluate_works_on_a_vit_a_segmentation_model_and_a_detector(model, meth
         entry = next(e for _, e in catalog_entries() if e.name == "fasterrcnn_mobilenet_v3_large_320_fpn")
         torch.manual_seed(0)
         path = tmp_path / "detector.pt"
-        torch.save({"arch": entry.name, "arch_kwargs": {"box_score_thresh": 0.0},
-                    "state_dict": entry.build().eval().state_dict()}, path)
+        torch.save(
+            {
+                "arch": entry.name,
+                "arch_kwargs": {"box_score_thresh": 0.0},
+                "state_dict": entry.build().eval().state_dict(),
+            },
+            path,
+        )
         loaded, size = load_model(path), 160
-    evaluation = evaluate(loaded, [str(composites / "images" / "c0.png"), str(composites / "images" / "c1.png")],
-                          EvaluationSettings(method=methods, metrics=["deletion", "insertion", "randomization"],
-                                             size=size, images_per_batch=2, metric_settings=FAST))
+    evaluation = evaluate(
+        loaded,
+        [str(composites / "images" / "c0.png"), str(composites / "images" / "c1.png")],
+        EvaluationSettings(
+            method=methods,
+            metrics=["deletion", "insertion", "randomization"],
+            size=size,
+            images_per_batch=2,
+            metric_settings=FAST,
+        ),
+    )
     assert evaluation["images"]["ok"] == 2, evaluation["per_image"]
     for name in methods.split(","):
         values = evaluation["methods"][name]
@@ -167,6 +241,7 @@ def test_evaluate_works_on_a_vit_a_segmentation_model_and_a_detector(model, meth
 
 # --- on a trained model: a real method beats chance, the sanity check catches a fake ------------
 
+
 @pytest.fixture(scope="module")
 def trained(sample_resnet_file):
     return load_model(sample_resnet_file)
@@ -174,10 +249,17 @@ def trained(sample_resnet_file):
 
 def test_on_the_trained_sample_gradcam_beats_the_random_map(trained, tmp_path):
     composites = _write_composites(tmp_path, 8)
-    evaluation = evaluate(trained, [str(composites / "images")],
-                          EvaluationSettings(method="gradcam", metrics=["deletion", "insertion", "pointing"],
-                                             images_per_batch=8, metric_settings=MetricSettings(steps=16)),
-                          masks=composites / "masks")
+    evaluation = evaluate(
+        trained,
+        [str(composites / "images")],
+        EvaluationSettings(
+            method="gradcam",
+            metrics=["deletion", "insertion", "pointing"],
+            images_per_batch=8,
+            metric_settings=MetricSettings(steps=16),
+        ),
+        masks=composites / "masks",
+    )
     gradcam, chance = evaluation["methods"]["gradcam"], evaluation["methods"][RANDOM_MAP]
     assert gradcam["deletion"]["mean"] < chance["deletion"]["mean"]
     assert gradcam["insertion"]["mean"] > chance["insertion"]["mean"]
@@ -196,8 +278,9 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
     def maps_of(module, step):
         import dataclasses
 
-        computed = compute_maps(dataclasses.replace(trained, module=module), batch, plan.methods, plan.layers,
-                                targets=targets)
+        computed = compute_maps(
+            dataclasses.replace(trained, module=module), batch, plan.methods, plan.layers, targets=targets
+        )
         return torch.stack([computed.maps["gradcam"], sobel_edges(batch)], dim=1)
 
     original = compute_maps(trained, batch, plan.methods, plan.layers)
@@ -211,33 +294,46 @@ def test_randomization_flags_an_edge_detector_and_passes_gradcam(trained, compos
 
 
 def _randomization_check(loaded, images, methods: str, *, size=None, steps=3, first=4, **settings):
-    return evaluate(loaded, images, EvaluationSettings(
-        method=methods, metrics=["randomization"], size=size, images_per_batch=4,
-        metric_settings=MetricSettings(randomization_steps=steps, randomization_images=first, **settings)))
+    return evaluate(
+        loaded,
+        images,
+        EvaluationSettings(
+            method=methods,
+            metrics=["randomization"],
+            size=size,
+            images_per_batch=4,
+            metric_settings=MetricSettings(randomization_steps=steps, randomization_images=first, **settings),
+        ),
+    )
 
 
-def test_randomization_fails_guided_backprop_and_saliency_and_passes_gradcam_on_the_sample_resnet(
-        trained, composites):
+def test_randomization_fails_guided_backprop_and_saliency_and_passes_gradcam_on_the_sample_resnet(trained, composites):
     # The issue's measurement: judged on the fully randomized model only, every one of these passed.
     evaluation = _randomization_check(trained, [str(composites / "images")], "gradcam,guided_backprop,saliency")
     check = evaluation["randomization"]
     assert check["steps"] == ["fc", "layer4.0", "layer3.0 … bn1 + conv1"]  # the head first, one block a step
     verdicts = {name: found["verdict"] for name, found in check["methods"].items()}
-    assert verdicts == {"gradcam": "passes", "guided_backprop": "fails", "saliency": "fails",
-                        RANDOM_MAP: "chance level"}
+    assert verdicts == {
+        "gradcam": "passes",
+        "guided_backprop": "fails",
+        "saliency": "fails",
+        RANDOM_MAP: "chance level",
+    }
     assert evaluation["randomization_failed"] == ["guided_backprop", "saliency"]
     guided = check["methods"]["guided_backprop"]["curves"]
     assert guided["judged"][0] > 0.9 > guided["judged"][-1]  # survives the head, not the whole model
-    for name, found in check["methods"].items():
+    for found in check["methods"].values():
         for measure in ("spearman", "spearman_abs", "ssim", "ssim_abs", "judged"):
             assert len(found["curves"][measure]) == 3 and all(-1 <= v <= 1 for v in found["curves"][measure])
     assert abs(check["methods"][RANDOM_MAP]["score"]) < 0.1  # two random maps: the chance level
 
 
 def test_randomization_fails_rollout_and_raw_attention_and_passes_gradcam_on_the_sample_vit(
-        sample_vit_file, composites):
-    evaluation = _randomization_check(load_model(sample_vit_file), [str(composites / "images")],
-                                      "rollout,attention,gradcam")
+    sample_vit_file, composites
+):
+    evaluation = _randomization_check(
+        load_model(sample_vit_file), [str(composites / "images")], "rollout,attention,gradcam"
+    )
     methods = evaluation["randomization"]["methods"]
     # Neither reads the head: randomizing it leaves their maps bit-identical.
     assert methods["rollout"]["curves"]["spearman"][0] == methods["attention"]["curves"]["spearman"][0] == 1.0
@@ -246,17 +342,18 @@ def test_randomization_fails_rollout_and_raw_attention_and_passes_gradcam_on_the
 
 
 def test_randomization_fails_rollout_and_raw_attention_on_a_vit_the_test_builds(small_vit, composites):
-    evaluation = _randomization_check(_as_loaded_model(small_vit), [str(composites / "images")],
-                                      "rollout,attention,gradcam", size=64)
+    evaluation = _randomization_check(
+        _as_loaded_model(small_vit), [str(composites / "images")], "rollout,attention,gradcam", size=64
+    )
     assert evaluation["randomization"]["steps"][:2] == ["heads.head", "encoder.ln + encoder.layers.encoder_layer_2"]
     assert evaluation["randomization_failed"] == ["rollout", "attention"]
 
 
 @pytest.mark.heavy  # a ResNet-18 explained 4 times over (about a minute on 2 loaded cores)
-def test_randomization_fails_guided_backprop_and_passes_gradcam_on_a_resnet_the_test_builds(small_resnet,
-                                                                                            composites):
-    evaluation = _randomization_check(_as_loaded_model(small_resnet), [str(composites / "images")],
-                                      "gradcam,guided_backprop", size=64)
+def test_randomization_fails_guided_backprop_and_passes_gradcam_on_a_resnet_the_test_builds(small_resnet, composites):
+    evaluation = _randomization_check(
+        _as_loaded_model(small_resnet), [str(composites / "images")], "gradcam,guided_backprop", size=64
+    )
     assert evaluation["randomization_failed"] == ["guided_backprop"]
 
 
@@ -266,17 +363,37 @@ def test_randomization_with_the_defaults_on_the_sample_resnet_and_vit(trained, s
     resnet = evaluate(trained, [str(images / "images")], EvaluationSettings(metrics=["randomization"]))
     assert "gradcam" not in resnet["randomization_failed"]
     assert {"guided_backprop", "saliency", "input_x_gradient"} <= set(resnet["randomization_failed"])
-    vit = evaluate(load_model(sample_vit_file), [str(images / "images")],
-                   EvaluationSettings(method="rollout,attention,chefer,gradcam,saliency", metrics=["randomization"]))
+    vit = evaluate(
+        load_model(sample_vit_file),
+        [str(images / "images")],
+        EvaluationSettings(method="rollout,attention,chefer,gradcam,saliency", metrics=["randomization"]),
+    )
     assert set(vit["randomization_failed"]) >= {"rollout", "attention"}
     assert "gradcam" not in vit["randomization_failed"]
 
 
 def test_randomization_measures_only_the_first_images_and_the_page_draws_its_curves(
-        sample_resnet_file, composites, tmp_path):
-    result, out = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam,saliency",
-                             "--metrics", "deletion,randomization", "--steps", "4", "--randomization-images", "2",
-                             "--randomization-steps", "2", "--size", "64"], tmp_path)
+    sample_resnet_file, composites, tmp_path
+):
+    result, out = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(composites / "images"),
+            "--method",
+            "gradcam,saliency",
+            "--metrics",
+            "deletion,randomization",
+            "--steps",
+            "4",
+            "--randomization-images",
+            "2",
+            "--randomization-steps",
+            "2",
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     checked = [record["image"] for record in evaluation["per_image"] if "randomization" in record]
@@ -288,7 +405,7 @@ def test_randomization_measures_only_the_first_images_and_the_page_draws_its_cur
     assert set(record) == {"gradcam", "saliency", RANDOM_MAP}
     assert set(record["gradcam"]) == {"spearman", "spearman_abs", "ssim", "ssim_abs"}
     page = (out / "evaluation.html").read_text()
-    section = page[page.index('id="randomization"'):page.index('id="randomization-table"')]
+    section = page[page.index('id="randomization"') : page.index('id="randomization-table"')]
     assert section.count('class="curve" data-method="saliency"') == 2  # the ρ plot and the SSIM plot
     assert 'class="limit"' in section and "2 layer4.0 … bn1 + conv1." in page
 
@@ -300,15 +417,31 @@ def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_reco
         return {measure: [head, second] for measure in ("spearman", "spearman_abs", "ssim", "ssim_abs")}
 
     records = [
-        {"status": "ok", "randomization": {"gradcam": entry(0.1, 0.2), "blank": entry(None, None),
-                                           "noisy": entry(None, 0.9)}},
-        {"status": "ok", "randomization": {"gradcam": entry(0.3, None), "blank": entry(None, None),
-                                           "noisy": entry(0.2, 0.1)}},
+        {
+            "status": "ok",
+            "randomization": {"gradcam": entry(0.1, 0.2), "blank": entry(None, None), "noisy": entry(None, 0.9)},
+        },
+        {
+            "status": "ok",
+            "randomization": {"gradcam": entry(0.3, None), "blank": entry(None, None), "noisy": entry(0.2, 0.1)},
+        },
         # Hostile or garbled (a resumed record is untrusted): each entry is left out, never a crash.
-        {"status": "ok", "randomization": {"gradcam": entry(1e308, 1.0), "noisy": entry("0.1", 0.1),
-                                           "blank": {"spearman": [0.1] * 10**4}}},
-        {"status": "ok", "randomization": {"gradcam": entry(True, 1.0), "noisy": [[0.9, 0.9]],
-                                           "blank": entry(10**400, float("nan"))}},
+        {
+            "status": "ok",
+            "randomization": {
+                "gradcam": entry(1e308, 1.0),
+                "noisy": entry("0.1", 0.1),
+                "blank": {"spearman": [0.1] * 10**4},
+            },
+        },
+        {
+            "status": "ok",
+            "randomization": {
+                "gradcam": entry(True, 1.0),
+                "noisy": [[0.9, 0.9]],
+                "blank": entry(10**400, float("nan")),
+            },
+        },
         {"status": "ok", "randomization": "x"},
         {"status": "failed", "randomization": {"gradcam": entry(0.99, 0.99)}},
     ]
@@ -323,9 +456,23 @@ def test_randomization_summary_never_averages_nan_as_zero_and_skips_hostile_reco
 
 def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", str(sample_resnet_file), str(composites / "images" / "c0.png"),
-                                       "--method", "gradcam,saliency", "--metrics", "deletion,drop",
-                                       "--size", "64", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(sample_resnet_file),
+            str(composites / "images" / "c0.png"),
+            "--method",
+            "gradcam,saliency",
+            "--metrics",
+            "deletion,drop",
+            "--size",
+            "64",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "c0" / "report.json").read_text())
     assert set(report["metrics"]) == {"gradcam", "saliency"}
@@ -333,8 +480,18 @@ def test_run_metrics_go_into_report_json_and_page(sample_resnet_file, composites
     assert 0.0 <= report["metrics"]["gradcam"]["deletion"] <= 1.0
     page = (out / "c0" / "report.html").read_text()
     assert "<h2>Metrics</h2>" in page and "%.3f" % report["metrics"]["saliency"]["avg_drop"] in page
-    result = CliRunner().invoke(main, ["run", str(sample_resnet_file), str(composites / "images" / "c0.png"),
-                                       "--metrics", "pointing", "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(sample_resnet_file),
+            str(composites / "images" / "c0.png"),
+            "--metrics",
+            "pointing",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
     assert result.exit_code == 2 and "evaluate" in result.output and "Traceback" not in result.output
 
 
@@ -342,9 +499,23 @@ def test_batch_metrics_go_into_each_record_and_detail_page(sample_resnet_file, c
     from attnexplain.records import ok_record_problem, read_results
 
     out = tmp_path / "batch"
-    result = CliRunner().invoke(main, ["batch", str(sample_resnet_file), str(composites / "images"), "--method",
-                                       "gradcam", "--metrics", "insertion", "--size", "64", "--out", str(out),
-                                       "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(sample_resnet_file),
+            str(composites / "images"),
+            "--method",
+            "gradcam",
+            "--metrics",
+            "insertion",
+            "--size",
+            "64",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = read_results(out / "results.jsonl")
     assert len(records) == 4
@@ -370,11 +541,14 @@ def test_default_methods_leave_out_those_that_cost_many_forwards_per_image(small
 
 
 def test_methods_the_model_refuses_only_when_it_runs_are_left_out_not_every_image_failed(
-        sample_resnet_file, composites, tmp_path):
+    sample_resnet_file, composites, tmp_path
+):
     """DeepLIFT and LRP refuse a ResNet (its blocks call one ReLU twice) only once the model runs: the
     default evaluation leaves them out, says why, and measures the images; named, they are the error."""
-    result, out = _evaluate([str(sample_resnet_file), str(composites / "images"), "--metrics", "deletion",
-                             "--steps", "4", "--size", "64"], tmp_path)
+    result, out = _evaluate(
+        [str(sample_resnet_file), str(composites / "images"), "--metrics", "deletion", "--steps", "4", "--size", "64"],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["images"]["failed"] == 0 and evaluation["images"]["ok"] > 0
@@ -382,19 +556,42 @@ def test_methods_the_model_refuses_only_when_it_runs_are_left_out_not_every_imag
     assert "deeplift" not in evaluation["methods"] and "gradcam" in evaluation["methods"]
     assert "Left out deeplift: deeplift cannot run on this model" in result.output
     assert "Left out lrp" in (out / "evaluation.html").read_text()
-    named, _ = _evaluate([str(sample_resnet_file), str(composites / "images"), "--method", "gradcam,deeplift",
-                          "--metrics", "deletion", "--steps", "4", "--size", "64"], tmp_path / "named")
+    named, _ = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(composites / "images"),
+            "--method",
+            "gradcam,deeplift",
+            "--metrics",
+            "deletion",
+            "--steps",
+            "4",
+            "--size",
+            "64",
+        ],
+        tmp_path / "named",
+    )
     assert named.exit_code == 1 and "deeplift cannot run on this model" in named.output
 
 
 # --- the verdict: paired intervals, the randomization check, saturated metrics (no model) -------
 
+
 def _records(values: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     """``ok`` per-image records as evaluate writes them, from {method: {metric: value per image}}."""
     count = len(next(iter(next(iter(values.values())).values())))
-    return [{"image": f"i{i}.png", "path": f"i{i}.png", "status": "ok",
-             "metrics": {method: {metric: float(column[i]) for metric, column in by_metric.items()}
-                         for method, by_metric in values.items()}} for i in range(count)]
+    return [
+        {
+            "image": f"i{i}.png",
+            "path": f"i{i}.png",
+            "status": "ok",
+            "metrics": {
+                method: {metric: float(column[i]) for metric, column in by_metric.items()}
+                for method, by_metric in values.items()
+            },
+        }
+        for i in range(count)
+    ]
 
 
 def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str], sums=None) -> dict:
@@ -406,16 +603,33 @@ def _summarised(values: dict[str, dict[str, np.ndarray]], metrics: list[str], su
 
     loaded = SimpleNamespace(describe=lambda: {"source": "synthetic", "task": "classification"})
     plan = SimpleNamespace(layers=[], preprocessing=Preprocessing())
-    return summarize(loaded, plan, list(values), metrics, EvaluationSettings(), _records(values), sums or CurveSums(),
-                     [], 1.0, ["synthetic"], {})
+    return summarize(
+        loaded,
+        plan,
+        list(values),
+        metrics,
+        EvaluationSettings(),
+        _records(values),
+        sums or CurveSums(),
+        [],
+        1.0,
+        ["synthetic"],
+        {},
+    )
 
 
 def test_no_winner_where_the_paired_interval_of_two_methods_includes_zero():
     rng = np.random.default_rng(1)
     base = rng.uniform(0.1, 0.6, 24)
-    evaluation = _summarised({"gradcam": {"deletion": base}, "layercam": {"deletion": base + rng.normal(0, 0.02, 24)},
-                              "xgradcam": {"deletion": base + rng.normal(0, 0.02, 24)},
-                              RANDOM_MAP: {"deletion": base + 0.2}}, ["deletion"])
+    evaluation = _summarised(
+        {
+            "gradcam": {"deletion": base},
+            "layercam": {"deletion": base + rng.normal(0, 0.02, 24)},
+            "xgradcam": {"deletion": base + rng.normal(0, 0.02, 24)},
+            RANDOM_MAP: {"deletion": base + 0.2},
+        },
+        ["deletion"],
+    )
     assert evaluation["winner"] is None
     assert set(evaluation["no_difference"]) == {"gradcam", "layercam", "xgradcam"}
     assert ": no difference on 24 images." in evaluation["verdict"]
@@ -433,8 +647,14 @@ def test_a_winner_where_the_paired_interval_excludes_zero_though_the_means_inter
     gradcam deletes the class faster than saliency, which only a paired comparison sees."""
     rng = np.random.default_rng(2)
     base = rng.uniform(0.1, 0.6, 24)
-    evaluation = _summarised({"gradcam": {"deletion": base}, "saliency": {"deletion": base + 0.01 + rng.normal(0, 0.003, 24)},
-                              RANDOM_MAP: {"deletion": base + 0.2}}, ["deletion"])
+    evaluation = _summarised(
+        {
+            "gradcam": {"deletion": base},
+            "saliency": {"deletion": base + 0.01 + rng.normal(0, 0.003, 24)},
+            RANDOM_MAP: {"deletion": base + 0.2},
+        },
+        ["deletion"],
+    )
     gradcam, saliency = evaluation["methods"]["gradcam"]["deletion"], evaluation["methods"]["saliency"]["deletion"]
     assert saliency["ci95"][0] < gradcam["ci95"][1]  # unpaired, they overlap
     pair = next(p for p in evaluation["pairwise"] if (p["method"], p["other"]) == ("gradcam", "saliency"))
@@ -449,8 +669,14 @@ def test_a_method_failing_the_randomization_check_is_never_recommended():
 
     rng = np.random.default_rng(3)
     base = rng.uniform(0.1, 0.6, 24)
-    records = _records({"guided_backprop": {"deletion": base - 0.2}, "gradcam": {"deletion": base},
-                        "saliency": {"deletion": base + 0.1}, RANDOM_MAP: {"deletion": base + 0.3}})
+    records = _records(
+        {
+            "guided_backprop": {"deletion": base - 0.2},
+            "gradcam": {"deletion": base},
+            "saliency": {"deletion": base + 0.1},
+            RANDOM_MAP: {"deletion": base + 0.3},
+        }
+    )
     names = ["guided_backprop", "gradcam", "saliency", RANDOM_MAP]
     judged = judge(records, names, ["deletion"], failing=["guided_backprop"])
     assert judged.ranking[0]["method"] == "guided_backprop"  # the most faithful by far...
@@ -470,8 +696,10 @@ def test_a_saturated_metric_is_flagged_uninformative_and_left_out_of_the_ranking
     base = rng.uniform(0.1, 0.6, 24)
     chance = 0.994 + rng.uniform(-0.004, 0.004, 24)
     swing = np.tile([0.004, -0.004], 12)  # per image a method is above or below chance, on average neither
-    values = {name: {"deletion": base + shift, "insertion": chance + swing * sign}
-              for name, shift, sign in (("gradcam", 0.0, 1), ("saliency", 0.05, -1), (RANDOM_MAP, 0.2, 0))}
+    values = {
+        name: {"deletion": base + shift, "insertion": chance + swing * sign}
+        for name, shift, sign in (("gradcam", 0.0, 1), ("saliency", 0.05, -1), (RANDOM_MAP, 0.2, 0))
+    }
     evaluation = _summarised(values, ["deletion", "insertion"])
     assert evaluation["uninformative"] == ["insertion"]
     for method in ("gradcam", "saliency"):
@@ -494,9 +722,11 @@ def test_a_saturated_metric_with_a_small_steady_paired_lead_is_still_uninformati
     base = rng.uniform(0.1, 0.6, 50)
     chance = np.clip(0.986 + rng.normal(0, 0.03, 50), 0, 1)
     lead = np.minimum(chance + 0.008 + rng.normal(0, 0.002, 50), 1.0)
-    values = {"gradcam": {"deletion": base, "insertion": lead},
-              "saliency": {"deletion": base + 0.05, "insertion": lead},
-              RANDOM_MAP: {"deletion": base + 0.3, "insertion": chance}}
+    values = {
+        "gradcam": {"deletion": base, "insertion": lead},
+        "saliency": {"deletion": base + 0.05, "insertion": lead},
+        RANDOM_MAP: {"deletion": base + 0.3, "insertion": chance},
+    }
     evaluation = _summarised(values, ["deletion", "insertion"])
     assert evaluation["against_random"]["insertion"]["gradcam"]["ci95"][0] > 0  # the paired test alone separates
     assert evaluation["uninformative"] == ["insertion"]
@@ -511,9 +741,14 @@ def test_the_agreement_of_the_metrics_is_kendall_tau_between_their_rankings():
 
     rng = np.random.default_rng(5)
     noise = lambda: rng.normal(0, 0.001, 12)  # noqa: E731
-    values = {name: {"deletion": 0.1 * rank + 0.1 + noise(), "pointing": 0.9 - 0.2 * rank + noise(),
-                     "mass": 0.2 + 0.2 * rank + noise()}
-              for rank, name in enumerate(("gradcam", "layercam", "saliency"))}
+    values = {
+        name: {
+            "deletion": 0.1 * rank + 0.1 + noise(),
+            "pointing": 0.9 - 0.2 * rank + noise(),
+            "mass": 0.2 + 0.2 * rank + noise(),
+        }
+        for rank, name in enumerate(("gradcam", "layercam", "saliency"))
+    }
     values[RANDOM_MAP] = {"deletion": 0.8 + noise(), "pointing": 0.1 + noise(), "mass": 0.05 + noise()}
     evaluation = _summarised(values, ["deletion", "pointing", "mass"])
     taus = {tuple(pair["metrics"]): pair["tau"] for pair in evaluation["agreement"]["pairs"]}
@@ -529,9 +764,14 @@ def test_metrics_are_shown_as_a_reader_expects_and_never_as_negative_zero(capsys
     from attnexplain.cli.printing import print_evaluation
 
     rng = np.random.default_rng(6)
-    values = {name: {"road_morf": morf + np.tile([0.001, -0.001], 4), "road_lerf": np.full(8, -0.0001),
-                     "road": rng.normal(-0.0002, 0.00001, 8)}
-              for name, morf in (("gradcam", -0.7), ("saliency", -0.5), (RANDOM_MAP, -0.2))}
+    values = {
+        name: {
+            "road_morf": morf + np.tile([0.001, -0.001], 4),
+            "road_lerf": np.full(8, -0.0001),
+            "road": rng.normal(-0.0002, 0.00001, 8),
+        }
+        for name, morf in (("gradcam", -0.7), ("saliency", -0.5), (RANDOM_MAP, -0.2))
+    }
     evaluation = _summarised(values, ["road"])
     assert evaluation["methods"]["gradcam"]["road_morf"]["mean"] == pytest.approx(-0.7, abs=0.01)
     page = render_evaluation_html(evaluation)
@@ -571,8 +811,13 @@ def test_too_few_images_name_no_winner_and_flag_no_metric():
     saturated for want of images."""
     from attnexplain.verdict import judge, verdict_text
 
-    one = _records({"gradcam": {"deletion": np.array([0.1])}, "saliency": {"deletion": np.array([0.4])},
-                    RANDOM_MAP: {"deletion": np.array([0.6])}})
+    one = _records(
+        {
+            "gradcam": {"deletion": np.array([0.1])},
+            "saliency": {"deletion": np.array([0.4])},
+            RANDOM_MAP: {"deletion": np.array([0.6])},
+        }
+    )
     judged = judge(one, ["gradcam", "saliency", RANDOM_MAP], ["deletion"], [])
     assert judged.winner is None and judged.uninformative == []
     assert verdict_text(judged, False).startswith("No single winner: gradcam and saliency: no difference on 1 image.")
@@ -601,12 +846,16 @@ def test_the_curves_are_large_with_a_line_style_per_method_and_the_random_maps_b
     band = np.array(evaluation["curves"]["random_band"]["deletion"])
     random_curves = curves[RANDOM_MAP]
     half = 1.96 * random_curves.std(axis=0, ddof=1) / np.sqrt(10)
-    np.testing.assert_allclose(band, np.stack([random_curves.mean(0) - half, random_curves.mean(0) + half], 1).clip(0, 1),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        band, np.stack([random_curves.mean(0) - half, random_curves.mean(0) + half], 1).clip(0, 1), atol=1e-6
+    )
     page = render_evaluation_html(evaluation)
     assert page.count('<svg width="480" height="300"') == 2 and page.count('<polygon class="band"') == 2
-    styles = re.findall(r'<polyline class="curve" data-method="([^"]+)" fill="none" stroke="([^"]+)" '
-                        r'stroke-width="[^"]+"(?: stroke-dasharray="([^"]+)")?', page)
+    styles = re.findall(
+        r'<polyline class="curve" data-method="([^"]+)" fill="none" stroke="([^"]+)" '
+        r'stroke-width="[^"]+"(?: stroke-dasharray="([^"]+)")?',
+        page,
+    )
     assert len(styles) == 2 * 9
     looks = {method: (colour, dash) for method, colour, dash in styles}
     assert len(set(looks.values())) == 9  # every line its own colour and dash
@@ -621,15 +870,18 @@ def test_a_boxes_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(sam
     Image.fromarray(make_composites(1, TEST_SEED)[0][0]).save(images / "a.png")
     fifo = tmp_path / "boxes.json"
     os.mkfifo(fifo)
-    result, _ = without_blocking(lambda: _evaluate([str(sample_resnet_file), str(images), "--boxes", str(fifo)],
-                                                   tmp_path), fifo)
+    result, _ = without_blocking(
+        lambda: _evaluate([str(sample_resnet_file), str(images), "--boxes", str(fifo)], tmp_path), fifo
+    )
     assert result.exit_code == 1, result.output
     assert result.output.strip() == f"Error: The boxes file {fifo} is a FIFO (named pipe), not a file."
 
 
-@pytest.mark.parametrize("box", [[1e308, 0, 1e308, 10], [0, 0, 10**400, 10], [0, 0, float("nan"), 10],
-                                 [0, 0, 1e309, 10], [True, 0, 5, 5]],
-                         ids=["far-corner-overflows", "int-beyond-float", "nan", "infinite", "bool"])
+@pytest.mark.parametrize(
+    "box",
+    [[1e308, 0, 1e308, 10], [0, 0, 10**400, 10], [0, 0, float("nan"), 10], [0, 0, 1e309, 10], [True, 0, 5, 5]],
+    ids=["far-corner-overflows", "int-beyond-float", "nan", "infinite", "bool"],
+)
 def test_a_box_no_float_can_hold_is_an_error_of_its_image(box):
     from attnexplain.evaluation_masks import MaskError, boxes_mask
 
@@ -638,8 +890,7 @@ def test_a_box_no_float_can_hold_is_an_error_of_its_image(box):
     assert boxes_mask([[-1e300, -5, 2e300, 1e300]], 32, 24).all()  # huge but finite: clipped to the photo
 
 
-def test_hostile_numbers_in_a_boxes_file_fail_their_image_and_a_bad_coco_id_the_file(sample_resnet_file,
-                                                                                      tmp_path):
+def test_hostile_numbers_in_a_boxes_file_fail_their_image_and_a_bad_coco_id_the_file(sample_resnet_file, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     pixels, _, _ = make_composites(3, TEST_SEED)
@@ -647,20 +898,38 @@ def test_hostile_numbers_in_a_boxes_file_fail_their_image_and_a_bad_coco_id_the_
         Image.fromarray(image).save(images / name)
     boxes = tmp_path / "boxes.json"
     # json writes 10**400 as its digits and 1e308 as is: Python reads them back as they were.
-    boxes.write_text(json.dumps({"a.png": [[1e308, 0, 1e308, 10]], "b.png": [[0, 0, 10**400, 10]],
-                                 "c.png": [[10, 10, 40, 40]]}))
-    result, out = _evaluate([str(sample_resnet_file), str(images), "--method", "gradcam", "--metrics",
-                             "pointing,mass", "--boxes", str(boxes), "--size", "64"], tmp_path)
+    boxes.write_text(
+        json.dumps({"a.png": [[1e308, 0, 1e308, 10]], "b.png": [[0, 0, 10**400, 10]], "c.png": [[10, 10, 40, 40]]})
+    )
+    result, out = _evaluate(
+        [
+            str(sample_resnet_file),
+            str(images),
+            "--method",
+            "gradcam",
+            "--metrics",
+            "pointing,mass",
+            "--boxes",
+            str(boxes),
+            "--size",
+            "64",
+        ],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     records = {r["image"]: r for r in json.loads((out / "evaluation.json").read_text())["per_image"]}
     assert "positive, finite size" in records["a.png"]["mask_error"]
     assert "positive, finite size" in records["b.png"]["mask_error"]
     assert "mass" in records["c.png"]["metrics"]["gradcam"]
 
-    coco = {"images": [{"id": 1, "file_name": "a.png"}],
-            "annotations": [{"image_id": 1, "bbox": [1, 1, 5, 5]}, {"image_id": [1], "bbox": [1, 1, 5, 5]}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [{"image_id": 1, "bbox": [1, 1, 5, 5]}, {"image_id": [1], "bbox": [1, 1, 5, 5]}],
+    }
     boxes.write_text(json.dumps(coco))
     result, _ = _evaluate([str(sample_resnet_file), str(images), "--boxes", str(boxes)], tmp_path)
     assert result.exit_code == 1, result.output
-    assert result.output.strip() == (f"Error: The COCO file {boxes}: annotation 2 has the image_id [1], "
-                                     f"which is not an image's id (a number or text).")
+    assert result.output.strip() == (
+        f"Error: The COCO file {boxes}: annotation 2 has the image_id [1], "
+        f"which is not an image's id (a number or text)."
+    )

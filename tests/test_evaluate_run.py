@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from composites import TEST_SEED, make_composites  # samples/, on sys.path via conftest
 from PIL import Image
 
 import attnexplain.evaluation as evaluation_module
@@ -25,12 +26,22 @@ from attnexplain.evaluation import EvaluationSettings, leaves_out
 from attnexplain.evaluation_log import EVALUATION_JSONL
 from attnexplain.metrics import MetricSettings
 
-from composites import TEST_SEED, make_composites  # samples/, on sys.path via conftest
-
 REPO = Path(__file__).resolve().parents[1]
 #: Small and quick, but every stage: maps, perturbations, localisation and the randomization check.
-OPTIONS = ["--method", "gradcam,saliency", "--metrics", "deletion,insertion,pointing,randomization",
-           "--steps", "4", "--size", "64", "--images-per-batch", "1", "--randomization-images", "2"]
+OPTIONS = [
+    "--method",
+    "gradcam,saliency",
+    "--metrics",
+    "deletion,insertion,pointing,randomization",
+    "--steps",
+    "4",
+    "--size",
+    "64",
+    "--images-per-batch",
+    "1",
+    "--randomization-images",
+    "2",
+]
 #: Where the lines and masks are what matters: without the randomization check (it costs the most).
 NO_RANDOMIZATION = [*OPTIONS, "--method", "gradcam", "--metrics", "deletion,pointing"]
 
@@ -48,8 +59,17 @@ def composites(tmp_path):
 
 
 def _args(model, composites, out, *more, options=OPTIONS):
-    return ["evaluate", str(model), str(composites / "images"), "--masks", str(composites / "masks"),
-            *options, "--out", str(out), *map(str, more)]
+    return [
+        "evaluate",
+        str(model),
+        str(composites / "images"),
+        "--masks",
+        str(composites / "masks"),
+        *options,
+        "--out",
+        str(out),
+        *map(str, more),
+    ]
 
 
 def _lines(out: Path) -> list[dict]:
@@ -72,8 +92,10 @@ def computed_images(monkeypatch):
 
 # --- progress, a line per image, the randomization check on the first images ------------------------
 
+
 def test_progress_by_image_and_stage_on_stderr_and_the_randomization_check_on_the_first_images(
-        sample_resnet_file, composites, tmp_path, monkeypatch):
+    sample_resnet_file, composites, tmp_path, monkeypatch
+):
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line at every step, not every 5 s
     out = tmp_path / "out"
     result = CliRunner().invoke(main, _args(sample_resnet_file, composites, out))
@@ -94,11 +116,11 @@ def test_progress_by_image_and_stage_on_stderr_and_the_randomization_check_on_th
 
 
 def test_each_image_has_its_line_in_evaluation_jsonl_and_quiet_prints_no_progress(
-        sample_resnet_file, composites, tmp_path, monkeypatch):
+    sample_resnet_file, composites, tmp_path, monkeypatch
+):
     monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet",
-                                            options=NO_RANDOMIZATION))
+    result = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet", options=NO_RANDOMIZATION))
     assert result.exit_code == 0, result.output
     assert "[attnexplain]" not in result.stderr
     lines = {line["image"]: line for line in _lines(out)}
@@ -143,15 +165,26 @@ GATED = textwrap.dedent('''
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.heavy)])
 def test_sigterm_leaves_a_partial_evaluation_and_resume_completes_it_without_recomputing(
-        sample_resnet_file, composites, tmp_path, computed_images, signum):
+    sample_resnet_file, composites, tmp_path, computed_images, signum
+):
     out = tmp_path / "out"
     script = tmp_path / "gated_evaluate.py"
     script.write_text(GATED)
     reached = tmp_path / "reached"
-    env = dict(os.environ, ATTNEXPLAIN_OFFLINE="1", REACHED=str(reached), GATE=str(tmp_path / "gate"),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    process = subprocess.Popen([sys.executable, str(script), *_args(sample_resnet_file, composites, out)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        ATTNEXPLAIN_OFFLINE="1",
+        REACHED=str(reached),
+        GATE=str(tmp_path / "gate"),
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script), *_args(sample_resnet_file, composites, out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not reached.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -205,11 +238,13 @@ def test_ctrl_c_in_the_api_writes_the_partial_evaluation(sample_resnet_file, com
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluation_module, "_compute", interrupted)
-    settings = EvaluationSettings(method="gradcam", metrics=["deletion"], size=64, images_per_batch=1,
-                                  metric_settings=MetricSettings(steps=4))
+    settings = EvaluationSettings(
+        method="gradcam", metrics=["deletion"], size=64, images_per_batch=1, metric_settings=MetricSettings(steps=4)
+    )
     with pytest.raises(KeyboardInterrupt):
-        evaluation_module.evaluate(load_model(sample_resnet_file), [str(composites / "images")], settings,
-                                   out=tmp_path / "out")
+        evaluation_module.evaluate(
+            load_model(sample_resnet_file), [str(composites / "images")], settings, out=tmp_path / "out"
+        )
     partial = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert partial["complete"] is False and partial["stopped"]["by"] == "Ctrl-C"
     assert [record["image"] for record in partial["per_image"]] == ["c0.png", "c1.png"]
@@ -217,24 +252,29 @@ def test_ctrl_c_in_the_api_writes_the_partial_evaluation(sample_resnet_file, com
 
 # --- --resume reuses only what still holds ---------------------------------------------------------------
 
-def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_file, composites, tmp_path,
-                                                                  computed_images):
+
+def test_resume_measures_again_what_changed_or_was_tampered_with(
+    sample_resnet_file, composites, tmp_path, computed_images
+):
     out = tmp_path / "out"
     first = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--quiet", options=NO_RANDOMIZATION))
     assert first.exit_code == 0, first.output
     lines = {line["image"]: line for line in _lines(out)}
     # c0 stands, but its path and label are this run's; c1: a value this run does not measure; c2: a
     # curve longer than its fractions; c3: its mask changed.
-    lines["c0.png"].update(path="/etc/passwd", target={"index": lines["c0.png"]["target"]["index"],
-                                                       "label": "<script>"})
+    lines["c0.png"].update(
+        path="/etc/passwd", target={"index": lines["c0.png"]["target"]["index"], "label": "<script>"}
+    )
     lines["c1.png"]["metrics"]["gradcam"]["bogus"] = 0.5
     lines["c2.png"]["curves"]["deletion"]["gradcam"].append(0.5)
-    (out / EVALUATION_JSONL).write_text("".join(json.dumps(line) + "\n" for line in lines.values())
-                                        + '{"image": "c0.png", "status": "ok", "garbled\n')
+    (out / EVALUATION_JSONL).write_text(
+        "".join(json.dumps(line) + "\n" for line in lines.values()) + '{"image": "c0.png", "status": "ok", "garbled\n'
+    )
     Image.fromarray(np.zeros((128, 128), np.uint8)).save(composites / "masks" / "c3.png")
     computed_images.clear()
-    resumed = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet",
-                                             options=NO_RANDOMIZATION))
+    resumed = CliRunner().invoke(
+        main, _args(sample_resnet_file, composites, out, "--resume", "--quiet", options=NO_RANDOMIZATION)
+    )
     assert resumed.exit_code == 0, resumed.output
     assert sum(computed_images) == 3  # only c0 stands
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -247,15 +287,18 @@ def test_resume_measures_again_what_changed_or_was_tampered_with(sample_resnet_f
 
     # Other settings (more steps): nothing of the earlier run stands.
     computed_images.clear()
-    again = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet",
-                                           "--steps", "5", options=NO_RANDOMIZATION))
+    again = CliRunner().invoke(
+        main,
+        _args(sample_resnet_file, composites, out, "--resume", "--quiet", "--steps", "5", options=NO_RANDOMIZATION),
+    )
     assert again.exit_code == 0, again.output
     assert sum(computed_images) == 4
     assert json.loads((out / "evaluation.json").read_text())["reused"] == 0
 
 
-def test_a_changed_image_is_measured_once_and_a_resumed_run_judges_as_a_whole_run(sample_resnet_file, composites,
-                                                                                  tmp_path, computed_images):
+def test_a_changed_image_is_measured_once_and_a_resumed_run_judges_as_a_whole_run(
+    sample_resnet_file, composites, tmp_path, computed_images
+):
     """An image whose bytes changed is measured again and its old line dropped (never counted twice),
     and a resumed run whose reused images are not the first ones still gives a whole run's verdict:
     the records are in input order whatever was measured when (the bootstrap resamples by position)."""
@@ -267,8 +310,9 @@ def test_a_changed_image_is_measured_once_and_a_resumed_run_judges_as_a_whole_ru
     pixels[0, 0] = 255 - pixels[0, 0]
     Image.fromarray(pixels).save(changed)
     computed_images.clear()
-    resumed = CliRunner().invoke(main, _args(sample_resnet_file, composites, out, "--resume", "--quiet",
-                                             options=OPTIONS))
+    resumed = CliRunner().invoke(
+        main, _args(sample_resnet_file, composites, out, "--resume", "--quiet", options=OPTIONS)
+    )
     assert resumed.exit_code == 0, resumed.output
     assert sum(computed_images) == 1
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -292,6 +336,7 @@ def test_resume_without_an_output_folder_is_refused_in_one_line(sample_resnet_fi
 
 # --- the defaults fit a CPU, and say what they leave out ---------------------------------------------------
 
+
 def test_the_default_leaves_out_road_and_says_how_to_ask_for_it(sample_resnet_file, composites, tmp_path):
     from attnexplain.evaluation import chosen_metrics
 
@@ -301,9 +346,9 @@ def test_the_default_leaves_out_road_and_says_how_to_ask_for_it(sample_resnet_fi
     said = " ".join(leaves_out(EvaluationSettings()))
     for advice in ("--method all", "--metrics all", "--randomization-images", "--steps 100"):
         assert advice in said
-    assert leaves_out(EvaluationSettings(method="all", metrics="all",
-                                         metric_settings=MetricSettings(steps=100)))[0].startswith(
-        "the randomization check beyond")
+    assert leaves_out(EvaluationSettings(method="all", metrics="all", metric_settings=MetricSettings(steps=100)))[
+        0
+    ].startswith("the randomization check beyond")
     help_text = CliRunner().invoke(main, ["evaluate", "--help"]).output
     assert "ROAD (--metrics all)" in help_text and "--resume" in help_text
 
@@ -324,11 +369,23 @@ def test_the_fingerprint_follows_the_boxes_and_settings_and_a_fifo_mask_is_never
     first = run_fingerprint(spec, settings, None, ["deletion", "pointing"], boxes)
     assert run_fingerprint(spec, settings, None, ["deletion", "pointing"], boxes) == first
     assert run_fingerprint(spec, settings, None, ["deletion"], boxes) != first
-    assert run_fingerprint(spec, EvaluationSettings(metric_settings=MetricSettings(steps=11)), None,
-                           ["deletion", "pointing"], boxes) != first
+    assert (
+        run_fingerprint(
+            spec, EvaluationSettings(metric_settings=MetricSettings(steps=11)), None, ["deletion", "pointing"], boxes
+        )
+        != first
+    )
     # how many copies go through the model at once does not change a number
-    assert run_fingerprint(spec, EvaluationSettings(metric_settings=MetricSettings(batch_size=7)), None,
-                           ["deletion", "pointing"], boxes) == first
+    assert (
+        run_fingerprint(
+            spec,
+            EvaluationSettings(metric_settings=MetricSettings(batch_size=7)),
+            None,
+            ["deletion", "pointing"],
+            boxes,
+        )
+        == first
+    )
     boxes.write_text(json.dumps({"a.png": [[0, 0, 5, 4]]}))
     assert run_fingerprint(spec, settings, None, ["deletion", "pointing"], boxes) != first
 
@@ -345,17 +402,28 @@ def test_an_earlier_line_stands_only_with_this_runs_key_images_methods_and_finit
     from attnexplain.metrics import SIMILARITIES
 
     names, values = ["gradcam", "random"], {"deletion", "randomization"}
-    good = {"image": "a.png", "path": "/x/a.png", "status": "ok", "key": "abc:123",
-            "target": {"index": 1, "label": "cat"}, "probability": 0.9,
-            "metrics": {"gradcam": {"deletion": 0.2}, "random": {"deletion": 0.5}},
-            "randomization": {name: {measure: [0.5, None, 0.1] for measure in SIMILARITIES} for name in names},
-            "curves": {"fractions": [0.0, 0.5, 1.0], "deletion": {"gradcam": [0.9, 0.4, 0.1]}}}
+    good = {
+        "image": "a.png",
+        "path": "/x/a.png",
+        "status": "ok",
+        "key": "abc:123",
+        "target": {"index": 1, "label": "cat"},
+        "probability": 0.9,
+        "metrics": {"gradcam": {"deletion": 0.2}, "random": {"deletion": 0.5}},
+        "randomization": {name: {measure: [0.5, None, 0.1] for measure in SIMILARITIES} for name in names},
+        "curves": {"fractions": [0.0, 0.5, 1.0], "deletion": {"gradcam": [0.9, 0.4, 0.1]}},
+    }
     assert line_problem(good, "abc", {"a.png"}, names, values, 3) is None
     hostile = [
-        {"key": "other:123"}, {"status": "failed"}, {"image": "../b.png"},
-        {"target": {"index": True, "label": None}}, {"probability": float("inf")},
-        {"metrics": {"lrp": {"deletion": 0.1}}}, {"metrics": {"gradcam": {"road": 0.1}}},
-        {"mask_error": "x" * 10_000}, {"randomization": {"gradcam": {"spearman": ["0.5"]}}},
+        {"key": "other:123"},
+        {"status": "failed"},
+        {"image": "../b.png"},
+        {"target": {"index": True, "label": None}},
+        {"probability": float("inf")},
+        {"metrics": {"lrp": {"deletion": 0.1}}},
+        {"metrics": {"gradcam": {"road": 0.1}}},
+        {"mask_error": "x" * 10_000},
+        {"randomization": {"gradcam": {"spearman": ["0.5"]}}},
         {"randomization": {"evil": {}}},
         # What the summary could not average must not stand either (one rule for both): a method or a
         # measure missing, a step too few, a similarity beyond [-1, 1].
@@ -363,9 +431,9 @@ def test_an_earlier_line_stands_only_with_this_runs_key_images_methods_and_finit
         {"randomization": {**good["randomization"], "gradcam": {"spearman": [0.5, None, 0.1]}}},
         {"randomization": {**good["randomization"], "random": {m: [0.5, 0.1] for m in SIMILARITIES}}},
         {"randomization": {**good["randomization"], "random": {m: [0.5, 2.0, 0.1] for m in SIMILARITIES}}},
-        {"curves": {"deletion": {"gradcam": [0.9, 0.4]},
-                                                     "fractions": [0.0, 0.5, 1.0]}},
-        {"curves": {"fractions": [0.0, float("nan")], "deletion": {}}}, {"curves": []},
+        {"curves": {"deletion": {"gradcam": [0.9, 0.4]}, "fractions": [0.0, 0.5, 1.0]}},
+        {"curves": {"fractions": [0.0, float("nan")], "deletion": {}}},
+        {"curves": []},
     ]
     for change in hostile:
         assert line_problem({**good, **change}, "abc", {"a.png"}, names, values, 3) is not None, change

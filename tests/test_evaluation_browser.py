@@ -8,10 +8,9 @@ import json
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_gallery_browser import CHROMIUM, HOSTILE, page  # noqa: F401 - the same browser page fixture
 
 from attnexplain.cli import main
-
-from test_gallery_browser import CHROMIUM, HOSTILE, page  # noqa: F401 - the same browser page fixture
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
 
@@ -26,9 +25,24 @@ def evaluation_page(tmp_path_factory, sample_resnet_file):
         Image.fromarray(image).save(folder / f"photo-{index}.png")
     Image.fromarray(pixels[2]).save(folder / HOSTILE)
     out = tmp_path_factory.mktemp("evaluation")
-    result = CliRunner().invoke(main, ["evaluate", str(sample_resnet_file), str(folder), "--out", str(out),
-                                       "--method", "gradcam,saliency", "--metrics", "deletion,insertion",
-                                       "--steps", "8", "--size", "64"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            str(sample_resnet_file),
+            str(folder),
+            "--out",
+            str(out),
+            "--method",
+            "gradcam,saliency",
+            "--metrics",
+            "deletion,insertion",
+            "--steps",
+            "8",
+            "--size",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -40,8 +54,9 @@ def test_evaluation_page_ranks_methods_and_draws_the_curves(evaluation_page, pag
     assert rows == [row["method"] for row in evaluation["ranking"]]
     assert page.text_content("#verdict").strip() == evaluation["verdict"]
     curves = page.eval_on_selector_all(
-        "polyline.curve", "lines => lines.map(l => [l.dataset.method, l.points.numberOfItems, "
-                          "l.getBoundingClientRect().width])")
+        "polyline.curve",
+        "lines => lines.map(l => [l.dataset.method, l.points.numberOfItems, l.getBoundingClientRect().width])",
+    )
     assert len(curves) == 2 * 3  # deletion and insertion, two methods and the random map
     assert all(points == 9 and width > 100 for _, points, width in curves)
     assert {method for method, _, _ in curves} == {"gradcam", "saliency", "random"}

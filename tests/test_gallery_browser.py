@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -38,8 +37,10 @@ def gallery(tmp_path_factory, sample_resnet_file):
         Image.fromarray(image).save(subfolder / f"photo-{index:02d}.png")
     Image.fromarray(pixels[0]).save(folder / HOSTILE)
     out = tmp_path_factory.mktemp("gallery")
-    result = CliRunner().invoke(main, ["batch", str(sample_resnet_file), str(folder), "--out", str(out),
-                                       "--method", "gradcam,saliency", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        ["batch", str(sample_resnet_file), str(folder), "--out", str(out), "--method", "gradcam,saliency", "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -52,8 +53,16 @@ def page():
             executable_path=CHROMIUM,
             # file:// pages are each their own origin: reading a canvas that drew photo.jpg back
             # (as these tests do, never the pages) needs file access treated as one origin.
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--allow-file-access-from-files",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--allow-file-access-from-files",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page()
         page.dialogs = []
         page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
@@ -61,16 +70,19 @@ def page():
         page.on("request", lambda request: page.requests.append(request.url))
         yield page
         # Every page of every test opened from disk alone: files and embedded data, no network.
-        assert page.requests and all(url.startswith(("file:", "data:")) for url in page.requests), \
-            [url for url in page.requests if not url.startswith(("file:", "data:"))]
+        assert page.requests and all(url.startswith(("file:", "data:")) for url in page.requests), [
+            url for url in page.requests if not url.startswith(("file:", "data:"))
+        ]
         browser.close()
 
 
 def _visible(page) -> list[dict]:
     return page.eval_on_selector_all(
-        ".card", "cards => cards.filter(c => c.style.display !== 'none')"
-                 ".map(c => ({name: c.querySelector('.name').textContent, cls: c.dataset['class'],"
-                 " conf: parseFloat(c.dataset.conf)}))")
+        ".card",
+        "cards => cards.filter(c => c.style.display !== 'none')"
+        ".map(c => ({name: c.querySelector('.name').textContent, cls: c.dataset['class'],"
+        " conf: parseFloat(c.dataset.conf)}))",
+    )
 
 
 def test_gallery_renders_every_image_with_loaded_thumbnails(gallery, page):
@@ -122,8 +134,10 @@ def test_cards_link_to_detail_pages(gallery, page):
 def attention_gallery(tmp_path_factory, sample_vit_file):
     images = Path(__file__).resolve().parents[1] / "samples" / "images"
     out = tmp_path_factory.mktemp("attention-gallery")
-    result = CliRunner().invoke(main, ["batch", str(sample_vit_file), str(images), "--out",
-                                       str(out), "--method", "rollout,attention", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        ["batch", str(sample_vit_file), str(images), "--out", str(out), "--method", "rollout,attention", "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -169,10 +183,11 @@ def _set_range(page, selector: str, value: int) -> None:
 def vit_report(tmp_path_factory, sample_vit_file):
     image = sample_vit_file.parents[1] / "images" / "cat-on-grass.png"
     out = tmp_path_factory.mktemp("report")
-    result = CliRunner().invoke(main, ["run", str(sample_vit_file), str(image), "--out", str(out),
-                                       "--method", "rollout,attention", "--json"])
+    result = CliRunner().invoke(
+        main, ["run", str(sample_vit_file), str(image), "--out", str(out), "--method", "rollout,attention", "--json"]
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{"):])
+    report = json.loads(result.output[result.output.index("{") :])
     return out / "cat-on-grass", report
 
 
@@ -211,7 +226,7 @@ def test_report_hover_shows_each_map_value_there(vit_report, page):
     value = float(re.search(r"rollout (\S+)", text).group(1))
     heatmap = np.load(folder / report["outputs"]["maps"]["rollout"]["heatmap"])
     row, column = int(v * heatmap.shape[0]), int(u * heatmap.shape[1])
-    near = heatmap[max(0, row - 2):row + 3, max(0, column - 2):column + 3]
+    near = heatmap[max(0, row - 2) : row + 3, max(0, column - 2) : column + 3]
     step = (heatmap.max() - heatmap.min()) / 255
     assert near.min() - step <= value <= near.max() + step
     assert re.search(r"attention \S+", text)
@@ -256,8 +271,21 @@ def judged_gallery(tmp_path_factory, sample_resnet_file):
     with table.open("w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(rows)
     out = tmp_path_factory.mktemp("judged")
-    result = CliRunner().invoke(main, ["batch", str(sample_resnet_file), str(folder), "--out", str(out),
-                                       "--method", "gradcam", "--truth", str(table), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(sample_resnet_file),
+            str(folder),
+            "--out",
+            str(out),
+            "--method",
+            "gradcam",
+            "--truth",
+            str(table),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -302,8 +330,9 @@ def test_detail_pages_step_through_the_gallery_order(judged_gallery, page):
     assert page.locator("#model-facts").text_content().startswith("Model resnet-composites.pt")
     before = _pixels(page, ".pictures canvas[data-index='0']")
     _set_range(page, "#opacity", 0)
-    np.testing.assert_array_equal(_pixels(page, ".pictures canvas[data-index='0']"),
-                                  _pixels(page, ".pictures canvas[data-index='-1']"))
+    np.testing.assert_array_equal(
+        _pixels(page, ".pictures canvas[data-index='0']"), _pixels(page, ".pictures canvas[data-index='-1']")
+    )
     assert np.abs(before.astype(int) - _pixels(page, ".pictures canvas[data-index='-1']")).mean() > 5
     _screenshots(page, "detail")
     page.click("#to-index")
@@ -317,13 +346,21 @@ def test_gallery_of_ten_thousand_images_opens_one_page(tmp_path, page):
     benchmarks/gallery_open.py for the figure)."""
     from attnexplain.gallery import write_reports
 
-    records = [{"image": f"class-{i % 7}/img{i:05d}.jpg", "status": "ok", "output": f"images/class-{i % 7}/img{i:05d}.jpg",
-                "detail": f"images/class-{i % 7}/img{i:05d}.jpg/detail.html", "photo": "photo.jpg",
-                "files": {"gradcam": {"overlay": "overlay-gradcam.jpg", "thumb": "thumb-gradcam.jpg"}},
-                "methods": ["gradcam"], "truth": f"c{i % 7}",
-                "predictions": [{"index": i % 5, "label": f"c{i % 5}", "prob": (i % 997) / 997}],
-                "target": {"index": i % 5, "label": f"c{i % 5}", "prob": (i % 997) / 997}}
-               for i in range(10_000)]
+    records = [
+        {
+            "image": f"class-{i % 7}/img{i:05d}.jpg",
+            "status": "ok",
+            "output": f"images/class-{i % 7}/img{i:05d}.jpg",
+            "detail": f"images/class-{i % 7}/img{i:05d}.jpg/detail.html",
+            "photo": "photo.jpg",
+            "files": {"gradcam": {"overlay": "overlay-gradcam.jpg", "thumb": "thumb-gradcam.jpg"}},
+            "methods": ["gradcam"],
+            "truth": f"c{i % 7}",
+            "predictions": [{"index": i % 5, "label": f"c{i % 5}", "prob": (i % 997) / 997}],
+            "target": {"index": i % 5, "label": f"c{i % 5}", "prob": (i % 997) / 997},
+        }
+        for i in range(10_000)
+    ]
     write_reports(tmp_path, records, {"methods": ["gradcam"], "complete": True})
     page.goto((tmp_path / "index.html").as_uri())
     page.wait_for_function("document.querySelectorAll('.card').length > 0")
@@ -344,12 +381,21 @@ def test_gallery_sorts_by_a_metric_of_its_records(tmp_path, page):
     from attnexplain.gallery import write_reports
 
     deletion = {"a.jpg": 0.4, "b.jpg": 0.1, "c.jpg": None, "d.jpg": 0.7}
-    records = [{"image": name, "status": "ok", "output": f"images/{name}", "detail": f"images/{name}/detail.html",
-                "photo": "photo.jpg", "files": {"gradcam": {"overlay": "overlay-gradcam.jpg", "thumb": "thumb-gradcam.jpg"}},
-                "methods": ["gradcam"],
-                **({"metrics": {"gradcam": {"deletion": value, "insertion": 0.5}}} if value is not None else {}),
-                "predictions": [{"index": 0, "label": "c0", "prob": 0.5}], "target": {"index": 0, "label": "c0", "prob": 0.5}}
-               for name, value in deletion.items()]
+    records = [
+        {
+            "image": name,
+            "status": "ok",
+            "output": f"images/{name}",
+            "detail": f"images/{name}/detail.html",
+            "photo": "photo.jpg",
+            "files": {"gradcam": {"overlay": "overlay-gradcam.jpg", "thumb": "thumb-gradcam.jpg"}},
+            "methods": ["gradcam"],
+            **({"metrics": {"gradcam": {"deletion": value, "insertion": 0.5}}} if value is not None else {}),
+            "predictions": [{"index": 0, "label": "c0", "prob": 0.5}],
+            "target": {"index": 0, "label": "c0", "prob": 0.5},
+        }
+        for name, value in deletion.items()
+    ]
     write_reports(tmp_path, records, {"methods": ["gradcam"], "complete": True})
     page.goto((tmp_path / "index.html").as_uri())
     options = page.eval_on_selector_all("#sort option", "options => options.map(o => [o.value, o.textContent])")

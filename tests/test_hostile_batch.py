@@ -25,10 +25,10 @@ from PIL import Image
 
 from attnexplain import _atomic
 from attnexplain.batch_ledger import EXIT_SOME_FAILED
-from attnexplain.formats import RESULTS_JSONL
-from attnexplain.records import read_results
 from attnexplain.cli import main
 from attnexplain.errors import AttnExplainError
+from attnexplain.formats import RESULTS_JSONL
+from attnexplain.records import read_results
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = ["--arch", "resnet18", "--size", "32", "--device", "cpu", "--quiet"]
@@ -56,8 +56,9 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, ATTNEXPLAIN_OFFLINE="1",
-                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return dict(
+        os.environ, ATTNEXPLAIN_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
 
 
 def _command(model: Path, *args) -> list[str]:
@@ -99,10 +100,21 @@ class _Gated:
         script.write_text(GATED)
         self.gate, self.reached = tmp_path / "gate", tmp_path / "reached"
         env = dict(_env(), GATE=str(self.gate), REACHED=str(self.reached), GATE_AFTER=str(after))
-        command = [sys.executable, str(script), "batch", str(model), str(inputs), *OPTIONS,
-                   "--images-per-batch", "1", "--workers", "1", "--out", str(out)]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+        command = [
+            sys.executable,
+            str(script),
+            "batch",
+            str(model),
+            str(inputs),
+            *OPTIONS,
+            "--images-per-batch",
+            "1",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not self.reached.exists() and self.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -131,6 +143,7 @@ def gated_cleanup():
 
 # --- 9. files with equal bytes ---------------------------------------------------------------------
 
+
 def test_resume_keeps_every_image_whose_bytes_equal_another(resnet_state_dict_file, tmp_path, gallery_images):
     photos = tmp_path / "photos"
     original = _image(photos / "chelsea.png", seed=1)
@@ -152,6 +165,7 @@ def test_resume_keeps_every_image_whose_bytes_equal_another(resnet_state_dict_fi
 
 # --- 10. FIFOs, devices, symbolic link loops -----------------------------------------------------------
 
+
 def test_fifo_and_device_named_explicitly_are_refused_without_reading(resnet_state_dict_file, tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
@@ -164,9 +178,13 @@ def test_fifo_and_device_named_explicitly_are_refused_without_reading(resnet_sta
     good = _image(tmp_path / "good.png")
     out = tmp_path / "out"
     # A subprocess: the unfixed batch blocks on a FIFO forever; the timeout makes that a failure.
-    done = subprocess.run(_command(resnet_state_dict_file, fifo, zero, f"@{list_fifo}", f"@{list_zero}",
-                                   good, "--out", out),
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        _command(resnet_state_dict_file, fifo, zero, f"@{list_fifo}", f"@{list_zero}", good, "--out", out),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == EXIT_SOME_FAILED, done.stderr
     records = _records(out)
     assert records["good.png"]["status"] == "ok"
@@ -186,8 +204,7 @@ def test_list_file_naming_itself_is_not_an_input(resnet_state_dict_file, tmp_pat
     assert set(_records(out)) == {"a.png"}
 
 
-def test_folder_entries_that_are_not_regular_files_are_listed_with_their_reason(
-        resnet_state_dict_file, tmp_path):
+def test_folder_entries_that_are_not_regular_files_are_listed_with_their_reason(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 2)
     os.mkfifo(photos / "pipe.jpg")
     (photos / "zero.jpg").symlink_to("/dev/zero")
@@ -197,11 +214,16 @@ def test_folder_entries_that_are_not_regular_files_are_listed_with_their_reason(
     result = _batch(resnet_state_dict_file, photos, "--out", out)
     assert result.exit_code == 0, result.output
     assert set(_records(out)) == {"img00.png", "img01.png"}
-    skipped = {Path(entry["path"]).name: entry["reason"]
-               for entry in json.loads((out / "report.json").read_text())["run"]["skipped_inputs"]}
-    assert skipped == {"pipe.jpg": "is a FIFO (named pipe), not a file",
-                       "zero.jpg": "is a device, not a file", "loop.jpg": "is a symbolic link loop",
-                       "up": "is a symbolic link to a folder (not followed)"}
+    skipped = {
+        Path(entry["path"]).name: entry["reason"]
+        for entry in json.loads((out / "report.json").read_text())["run"]["skipped_inputs"]
+    }
+    assert skipped == {
+        "pipe.jpg": "is a FIFO (named pipe), not a file",
+        "zero.jpg": "is a device, not a file",
+        "loop.jpg": "is a symbolic link loop",
+        "up": "is a symbolic link to a folder (not followed)",
+    }
     assert "Skipped 4 entries" in result.output and "pipe.jpg is a FIFO" in result.output
 
 
@@ -210,18 +232,19 @@ def test_recursive_glob_does_not_follow_symlink_loops(tmp_path):
     (photos / "again").symlink_to(".")
     (photos / "once-more").symlink_to(".")
     # A subprocess: glob.glob follows both links 40 levels deep (2**40 paths) and never ends.
-    code = (f"from attnexplain.inputs import collect_inputs; "
-            f"print(sorted(i.relative for i in collect_inputs([{str(photos / '**' / '*.png')!r}]).images))")
-    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
-                          timeout=60)
+    code = (
+        f"from attnexplain.inputs import collect_inputs; "
+        f"print(sorted(i.relative for i in collect_inputs([{str(photos / '**' / '*.png')!r}]).images))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['img00.png', 'img01.png']"
 
 
 # --- 11. two runs on one --out -------------------------------------------------------------------------
 
-def test_second_batch_on_the_same_out_is_refused_while_the_first_runs(resnet_state_dict_file, tmp_path,
-                                                                     gated_cleanup):
+
+def test_second_batch_on_the_same_out_is_refused_while_the_first_runs(resnet_state_dict_file, tmp_path, gated_cleanup):
     photos = _folder(tmp_path / "photos", 6)
     out = tmp_path / "out"
     first = _Gated(tmp_path, resnet_state_dict_file, photos, out, after=2)
@@ -240,10 +263,9 @@ def test_second_batch_on_the_same_out_is_refused_while_the_first_runs(resnet_sta
 
 # --- 12. SIGTERM and SIGHUP ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM,
-                                    pytest.param(signal.SIGHUP, marks=pytest.mark.heavy)])
-def test_sigterm_and_sighup_leave_a_valid_partial_report(resnet_state_dict_file, tmp_path, signum,
-                                                         gated_cleanup):
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.heavy)])
+def test_sigterm_and_sighup_leave_a_valid_partial_report(resnet_state_dict_file, tmp_path, signum, gated_cleanup):
     # While the 3rd image's write is held, the model may explain 3 more (the writes it may queue),
     # however fast it is: 8 images, of which at most 6 can be recorded when the signal stops it.
     photos = _folder(tmp_path / "photos", 8)
@@ -269,6 +291,7 @@ def test_sigterm_and_sighup_leave_a_valid_partial_report(resnet_state_dict_file,
 
 # --- 13. long file names -----------------------------------------------------------------------------------
 
+
 def test_file_names_of_250_bytes_work_in_batch_and_run(resnet_state_dict_file, tmp_path):
     name = "a" * 246 + ".png"
     assert len(name.encode()) == 250
@@ -278,13 +301,15 @@ def test_file_names_of_250_bytes_work_in_batch_and_run(resnet_state_dict_file, t
     assert result.exit_code == 0, result.output
     assert _records(out)[name]["status"] == "ok"
     assert (out / "images" / name / "overlay-gradcam.jpg").is_file()
-    single = CliRunner().invoke(main, ["run", str(resnet_state_dict_file), str(image), *OPTIONS[:-1],
-                                       "--out", str(tmp_path / "run")])
+    single = CliRunner().invoke(
+        main, ["run", str(resnet_state_dict_file), str(image), *OPTIONS[:-1], "--out", str(tmp_path / "run")]
+    )
     assert single.exit_code == 0, single.output
     assert len(list((tmp_path / "run").glob("*/report.json"))) == 1
 
 
 # --- 14. spreadsheet formulas in summary.csv ---------------------------------------------------------------
+
 
 def test_summary_csv_neutralises_formulas_in_names_and_labels(resnet_state_dict_file, tmp_path):
     labels = tmp_path / "labels.txt"
@@ -307,8 +332,10 @@ def test_summary_csv_neutralises_formulas_in_names_and_labels(resnet_state_dict_
 
 # --- 15. staging folders of a killed run ----------------------------------------------------------------
 
-def test_resume_after_sigkill_removes_stale_staging_and_is_not_locked_out(resnet_state_dict_file,
-                                                                          tmp_path, gated_cleanup):
+
+def test_resume_after_sigkill_removes_stale_staging_and_is_not_locked_out(
+    resnet_state_dict_file, tmp_path, gated_cleanup
+):
     photos = _folder(tmp_path / "photos", 5)
     out = tmp_path / "out"
     run = _Gated(tmp_path, resnet_state_dict_file, photos, out, after=2)
@@ -330,8 +357,11 @@ def test_stale_staging_cleanup_removes_only_our_names(tmp_path):
     (tmp_path / "deep").mkdir()
     (tmp_path / "deep" / ".attnexplain-zz99zz99.old").mkdir()
     (tmp_path / ".attnexplain-q1w2e3r4.tmp").write_text("half a report")
-    keep = [tmp_path / ".attnexplain-abc.tmp", tmp_path / ".photo.png.abcd1234.tmp",
-            tmp_path / "deep" / "attnexplain-abcd1234.tmp"]
+    keep = [
+        tmp_path / ".attnexplain-abc.tmp",
+        tmp_path / ".photo.png.abcd1234.tmp",
+        tmp_path / "deep" / "attnexplain-abcd1234.tmp",
+    ]
     for path in keep:
         path.write_text("not ours")
     (tmp_path / ".attnexplain-link0000.tmp").symlink_to(tmp_path / "deep")
@@ -343,6 +373,7 @@ def test_stale_staging_cleanup_removes_only_our_names(tmp_path):
 
 # --- 16. --out inside an input folder -----------------------------------------------------------------------
 
+
 def test_out_inside_the_input_folder_is_not_read_as_input(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 3)
     out = photos / "explained"
@@ -351,13 +382,20 @@ def test_out_inside_the_input_folder_is_not_read_as_input(resnet_state_dict_file
         assert result.exit_code == 0, result.output
         assert set(_records(out)) == {"img00.png", "img01.png", "img02.png"}
     # Named explicitly, an output is not an input either.
-    again = _batch(resnet_state_dict_file, photos, out / "images" / "img00.png" / "overlay-gradcam.jpg",
-                   "--out", out, "--overwrite")
+    again = _batch(
+        resnet_state_dict_file,
+        photos,
+        out / "images" / "img00.png" / "overlay-gradcam.jpg",
+        "--out",
+        out,
+        "--overwrite",
+    )
     assert again.exit_code == 0, again.output
     assert len(_records(out)) == 3
 
 
 # --- 17. symbolic links out of an input folder --------------------------------------------------------------
+
 
 def test_symlink_out_of_the_input_folder_keeps_the_mirrored_layout(resnet_state_dict_file, tmp_path):
     photos = tmp_path / "deep" / "photos"
@@ -375,6 +413,7 @@ def test_symlink_out_of_the_input_folder_keeps_the_mirrored_layout(resnet_state_
 
 
 # --- 22. permissions follow the umask -------------------------------------------------------------------
+
 
 @pytest.fixture()
 def umask(monkeypatch):
@@ -395,8 +434,10 @@ def test_outputs_follow_the_umask(resnet_state_dict_file, tmp_path, umask, mask)
     photos = _folder(tmp_path / "photos", 2)
     out = tmp_path / "out"
     assert _batch(resnet_state_dict_file, photos, "--out", out).exit_code == 0
-    single = CliRunner().invoke(main, ["run", str(resnet_state_dict_file), str(photos / "img00.png"),
-                                       *OPTIONS[:-1], "--out", str(tmp_path / "run")])
+    single = CliRunner().invoke(
+        main,
+        ["run", str(resnet_state_dict_file), str(photos / "img00.png"), *OPTIONS[:-1], "--out", str(tmp_path / "run")],
+    )
     assert single.exit_code == 0, single.output
     for path in [*out.rglob("*"), *(tmp_path / "run").rglob("*")]:
         expected = (0o777 if path.is_dir() else 0o666) & ~mask
@@ -404,6 +445,7 @@ def test_outputs_follow_the_umask(resnet_state_dict_file, tmp_path, umask, mask)
 
 
 # --- exit codes ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shard", ["abc", "3/2", "1/0", "-1/2", "0/2"])
 def test_bad_shard_is_a_usage_error(resnet_state_dict_file, tmp_path, shard):
@@ -435,8 +477,14 @@ def test_full_disk_records_the_failed_images_and_exits_3(resnet_state_dict_file,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (9000, 9000))
 
-    done = subprocess.run(_command(resnet_state_dict_file, photos, "--out", out), env=_env(),
-                          capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    done = subprocess.run(
+        _command(resnet_state_dict_file, photos, "--out", out),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=small_files,
+    )
     assert done.returncode == EXIT_SOME_FAILED, done.stderr
     assert "Traceback" not in done.stderr
     records = _records(out)  # every line complete: no half-written record
@@ -450,6 +498,7 @@ def test_full_disk_records_the_failed_images_and_exits_3(resnet_state_dict_file,
 
 
 # --- #23.5: a thin image is that image's failure ----------------------------------------------------------
+
 
 def test_a_thin_image_fails_alone_with_its_aspect_ratio(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 1)
@@ -467,13 +516,26 @@ def test_a_thin_image_fails_alone_with_its_aspect_ratio(resnet_state_dict_file, 
 
 # --- #23.16: scores that do not change with the image ------------------------------------------------------
 
+
 def test_a_model_whose_scores_are_all_equal_fails_each_image_saying_why(tmp_path):
     import hostile_modules
 
     model = hostile_modules.save("zero-head", tmp_path / "zero-head.pt")
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["batch", str(model), str(_folder(tmp_path / "photos", 2)), "--out", str(out),
-                                       "--trust-model", "--size", "32", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(model),
+            str(_folder(tmp_path / "photos", 2)),
+            "--out",
+            str(out),
+            "--trust-model",
+            "--size",
+            "32",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == EXIT_SOME_FAILED, result.output
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert len(rows) == 2 and all(row["status"] == "failed" for row in rows)
@@ -481,6 +543,7 @@ def test_a_model_whose_scores_are_all_equal_fails_each_image_saying_why(tmp_path
 
 
 # --- results.jsonl of an earlier run is data, not trusted ----------------------------------------------------
+
 
 def test_resume_never_trusts_output_paths_outside_out(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 2)
@@ -490,22 +553,33 @@ def test_resume_never_trusts_output_paths_outside_out(resnet_state_dict_file, tm
     shutil.copytree(out / "images" / "img00.png", elsewhere / "img00.png")
     shutil.copytree(out / "images" / "img01.png", tmp_path / "x")
     records = _records(out)
-    records["img00.png"].update(output=str(elsewhere / "img00.png"),
-                                detail=str(elsewhere / "img00.png" / "detail.html"))
+    records["img00.png"].update(
+        output=str(elsewhere / "img00.png"), detail=str(elsewhere / "img00.png" / "detail.html")
+    )
     records["img01.png"].update(output="../x", detail="../x/detail.html")
     (out / RESULTS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records.values()))
     resumed = _batch(resnet_state_dict_file, photos, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert {name: r["output"] for name, r in _records(out).items()} == \
-        {"img00.png": "images/img00.png", "img01.png": "images/img01.png"}
+    assert {name: r["output"] for name, r in _records(out).items()} == {
+        "img00.png": "images/img00.png",
+        "img01.png": "images/img01.png",
+    }
     assert str(elsewhere) not in (out / "index.html").read_text()
 
 
 def test_results_with_deeply_nested_or_overlong_lines_are_read(tmp_path):
     path = tmp_path / RESULTS_JSONL
     good = json.dumps({"image": "a.png", "status": "ok"})
-    path.write_text(good + "\n" + "[" * 100_000 + "\n" + "x" * (5 << 20) + "\n"
-                    + json.dumps({"image": "b.png", "status": "ok"}) + "\n")
+    path.write_text(
+        good
+        + "\n"
+        + "[" * 100_000
+        + "\n"
+        + "x" * (5 << 20)
+        + "\n"
+        + json.dumps({"image": "b.png", "status": "ok"})
+        + "\n"
+    )
     assert {r["image"] for r in read_results(path)} == {"a.png", "b.png"}
 
 
@@ -527,11 +601,15 @@ def test_resume_with_a_fifo_for_results_fails_with_one_line(resnet_state_dict_fi
     out = tmp_path / "out"
     out.mkdir()
     os.mkfifo(out / RESULTS_JSONL)
-    done = subprocess.run(_command(resnet_state_dict_file, photos, "--out", out, "--resume"), env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        _command(resnet_state_dict_file, photos, "--out", out, "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr
-    assert done.stderr.strip().splitlines() == [f"Error: {out / RESULTS_JSONL} is a FIFO (named pipe), "
-                                                f"not a file."]
+    assert done.stderr.strip().splitlines() == [f"Error: {out / RESULTS_JSONL} is a FIFO (named pipe), not a file."]
     with pytest.raises(AttnExplainError):
         read_results(out / RESULTS_JSONL)
 
@@ -544,8 +622,7 @@ def _edit_records(out: Path, **per_image) -> None:
     (out / RESULTS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in records.values()))
 
 
-def test_resume_re_explains_images_whose_records_hold_numbers_beyond_a_float(resnet_state_dict_file,
-                                                                              tmp_path):
+def test_resume_re_explains_images_whose_records_hold_numbers_beyond_a_float(resnet_state_dict_file, tmp_path):
     photos = _folder(tmp_path / "photos", 3)
     out = tmp_path / "out"
     assert _batch(resnet_state_dict_file, photos, "--out", out).exit_code == 0
@@ -565,8 +642,13 @@ def test_resume_re_explains_images_whose_records_hold_numbers_beyond_a_float(res
     assert resumed.exit_code == 0, resumed.output
     records = _records(out)
     assert set(records) == {"img00.png", "img01.png", "img02.png"}
-    assert all(r["status"] == "ok" and "metrics" not in r and r["predictions"][0]["prob"] <= 1
-               and r["timings"]["model_s"] < 1e6 for r in records.values())
+    assert all(
+        r["status"] == "ok"
+        and "metrics" not in r
+        and r["predictions"][0]["prob"] <= 1
+        and r["timings"]["model_s"] < 1e6
+        for r in records.values()
+    )
     report = json.loads((out / "report.json").read_text())  # strict JSON: no Infinity
     assert report["totals"]["ok"] == 3 and all(v < 1e6 for v in report["timings_total_s"].values())
 
@@ -580,8 +662,23 @@ def test_resume_never_reuses_a_record_whose_folder_is_a_link_out_of_out(resnet_s
     shutil.move(out / "images" / "img00.png", elsewhere / "img00.png")
     (out / "images" / "img00.png").symlink_to(elsewhere / "img00.png", target_is_directory=True)
     before = {path.name: path.read_bytes() for path in (elsewhere / "img00.png").iterdir()}
-    resumed = CliRunner().invoke(main, ["batch", str(resnet_state_dict_file), str(photos), "--out", str(out),
-                                        "--resume", "--arch", "resnet18", "--size", "32", "--device", "cpu"])
+    resumed = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(resnet_state_dict_file),
+            str(photos),
+            "--out",
+            str(out),
+            "--resume",
+            "--arch",
+            "resnet18",
+            "--size",
+            "32",
+            "--device",
+            "cpu",
+        ],
+    )
     assert resumed.exit_code == 0, resumed.output
     # img00.png explained again (merge refuses the same record); img01.png's record still stands
     assert "2 explained (1 from an earlier run)" in resumed.output
@@ -590,8 +687,7 @@ def test_resume_never_reuses_a_record_whose_folder_is_a_link_out_of_out(resnet_s
     assert {path.name: path.read_bytes() for path in (elsewhere / "img00.png").iterdir()} == before
 
 
-def test_a_second_batch_into_a_finished_run_is_refused_without_resume_or_overwrite(resnet_state_dict_file,
-                                                                                   tmp_path):
+def test_a_second_batch_into_a_finished_run_is_refused_without_resume_or_overwrite(resnet_state_dict_file, tmp_path):
     first, second = _folder(tmp_path / "first", 2), _folder(tmp_path / "second", 1)
     out = tmp_path / "out"
     assert _batch(resnet_state_dict_file, first, "--out", out).exit_code == 0
@@ -612,16 +708,21 @@ def test_a_second_batch_into_a_finished_run_is_refused_without_resume_or_overwri
 
     loaded = load_model(resnet_state_dict_file, arch="resnet18")
     with pytest.raises(EarlierRun, match="--overwrite"):
-        run_batch(loaded, {"model": str(resnet_state_dict_file), "arch": "resnet18"}, [str(second)], out,
-                  BatchSettings(size=(32, 32)), quiet=True)
+        run_batch(
+            loaded,
+            {"model": str(resnet_state_dict_file), "arch": "resnet18"},
+            [str(second)],
+            out,
+            BatchSettings(size=(32, 32)),
+            quiet=True,
+        )
     assert (out / RESULTS_JSONL).read_bytes() == kept
     replaced = _batch(resnet_state_dict_file, second, "--out", out, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
     assert set(_records(out)) == {"img00.png"} and len(read_results(out / RESULTS_JSONL)) == 1
 
 
-def test_a_record_longer_than_a_results_line_may_be_fails_its_image_only(resnet_state_dict_file, tmp_path,
-                                                                        monkeypatch):
+def test_a_record_longer_than_a_results_line_may_be_fails_its_image_only(resnet_state_dict_file, tmp_path, monkeypatch):
     from attnexplain import records
 
     photos = _folder(tmp_path / "photos", 2)
@@ -633,8 +734,10 @@ def test_a_record_longer_than_a_results_line_may_be_fails_its_image_only(resnet_
     assert result.exit_code == EXIT_SOME_FAILED, result.output
     records = _records(out)  # every line written can be read back: none dropped
     assert set(records) == {"img00.png", "img01.png"}
-    assert all(r["status"] == "failed" and "over the 1,500 a record may take; ask for fewer classes "
-               "(--top-k)" in r["reason"] for r in records.values())
+    assert all(
+        r["status"] == "failed" and "over the 1,500 a record may take; ask for fewer classes (--top-k)" in r["reason"]
+        for r in records.values()
+    )
 
 
 def test_a_truth_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(resnet_state_dict_file, tmp_path):
@@ -643,14 +746,16 @@ def test_a_truth_file_that_is_a_fifo_is_refused_in_one_line_without_blocking(res
     photos = _folder(tmp_path / "photos", 1)
     fifo = tmp_path / "truth.csv"
     os.mkfifo(fifo)
-    result = without_blocking(lambda: _batch(resnet_state_dict_file, photos, "--truth", fifo,
-                                             "--out", tmp_path / "out"), fifo)
+    result = without_blocking(
+        lambda: _batch(resnet_state_dict_file, photos, "--truth", fifo, "--out", tmp_path / "out"), fifo
+    )
     assert result.exit_code == 1, result.output
     assert result.output.strip() == f"Error: The --truth file {fifo} is a FIFO (named pipe), not a file."
 
 
-@pytest.mark.parametrize("note", ['{"pid": Infinity, "host": "h", "started": "t"}', "[" * 3000],
-                         ids=["pid-infinity", "nested"])
+@pytest.mark.parametrize(
+    "note", ['{"pid": Infinity, "host": "h", "started": "t"}', "[" * 3000], ids=["pid-infinity", "nested"]
+)
 def test_a_held_lock_whose_note_is_hostile_still_says_the_folder_is_in_use(tmp_path, note):
     import fcntl
 

@@ -15,12 +15,12 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hostile_modules
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import hostile_modules
 from attnexplain.cli import main
 
 TESTS = Path(__file__).resolve().parent
@@ -44,8 +44,9 @@ def _one_error_line(text: str, *fragments: str) -> str:
 
 def _subprocess(*args, cwd: Path):
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]))
-    return subprocess.run([*ATTNEXPLAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=environment, timeout=300)
+    return subprocess.run(
+        [*ATTNEXPLAIN, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=environment, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,29 +62,59 @@ def _pickled(tmp_path: Path, kind: str, classes: int = 3) -> Path:
 
 # --- 18: a message naming the cause ---------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, classes, fragments", [
-    ("nan", 3, ["NaN"]),
-    ("inf", 3, ["infinite"]),
-    ("zero-classes", 0, ["no classes", "(1, 0)"]),
-    ("wrong-batch", 3, ["2 images from a batch of 1"]),
-    ("integer", 3, ["int64", "not floating point"]),
-    ("raises", 3, ["The model raised RuntimeError", "(1, 3, 32, 32)", "boom inside forward"]),
-    ("gray", 3, ["3 channels", "expects another number of channels"]),
-    ("no-grad", 3, ["no gradient", "torch.no_grad()", "eigencam"]),
-    ("zero-head", 3, ["every one of its 3 classes the same score", "probability 0.3333 each",
-                      "the model's scores do not change with this image", "nothing to explain"]),
-])
+
+@pytest.mark.parametrize(
+    "kind, classes, fragments",
+    [
+        ("nan", 3, ["NaN"]),
+        ("inf", 3, ["infinite"]),
+        ("zero-classes", 0, ["no classes", "(1, 0)"]),
+        ("wrong-batch", 3, ["2 images from a batch of 1"]),
+        ("integer", 3, ["int64", "not floating point"]),
+        ("raises", 3, ["The model raised RuntimeError", "(1, 3, 32, 32)", "boom inside forward"]),
+        ("gray", 3, ["3 channels", "expects another number of channels"]),
+        ("no-grad", 3, ["no gradient", "torch.no_grad()", "eigencam"]),
+        (
+            "zero-head",
+            3,
+            [
+                "every one of its 3 classes the same score",
+                "probability 0.3333 each",
+                "the model's scores do not change with this image",
+                "nothing to explain",
+            ],
+        ),
+    ],
+)
 def test_a_model_that_misbehaves_is_told_what_it_did(tmp_path, small_photo, kind, classes, fragments):
-    result = _run("run", _pickled(tmp_path, kind, classes), small_photo, "--trust-model", "--size", "32",
-                  "--out", tmp_path / "out")
+    result = _run(
+        "run",
+        _pickled(tmp_path, kind, classes),
+        small_photo,
+        "--trust-model",
+        "--size",
+        "32",
+        "--out",
+        tmp_path / "out",
+    )
     assert result.exit_code == 1
     line = _one_error_line(result.output, *fragments)
     assert "detector" not in line  # a classifier is not told about boxes
 
 
 def test_a_model_without_gradient_is_told_so_by_input_methods(tmp_path, small_photo):
-    result = _run("run", _pickled(tmp_path, "no-grad"), small_photo, "--trust-model", "--size", "32",
-                  "--method", "saliency", "--out", tmp_path / "out")
+    result = _run(
+        "run",
+        _pickled(tmp_path, "no-grad"),
+        small_photo,
+        "--trust-model",
+        "--size",
+        "32",
+        "--method",
+        "saliency",
+        "--out",
+        tmp_path / "out",
+    )
     assert result.exit_code == 1
     _one_error_line(result.output, "no gradient", "occlusion")
 
@@ -100,14 +131,17 @@ def test_layers_with_an_input_size_too_small_says_try_a_larger_size():
     _one_error_line(result.output, "too small", "larger --size")
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--method", "occlusion", "--window", "100"], ["larger than the model's input (32x32)", "--window 32"]),
-    (["--method", "guided_gradcam", "--layer", "head"], ["'head'", "shape (1, 3)"]),
-])
-def test_input_method_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, small_photo, args,
-                                                                           fragments):
-    result = _run("run", _pickled(tmp_path, "ok"), small_photo, "--trust-model", "--size", "32", *args,
-                  "--out", tmp_path / "out")
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--method", "occlusion", "--window", "100"], ["larger than the model's input (32x32)", "--window 32"]),
+        (["--method", "guided_gradcam", "--layer", "head"], ["'head'", "shape (1, 3)"]),
+    ],
+)
+def test_input_method_settings_that_cannot_work_are_refused_with_the_reason(tmp_path, small_photo, args, fragments):
+    result = _run(
+        "run", _pickled(tmp_path, "ok"), small_photo, "--trust-model", "--size", "32", *args, "--out", tmp_path / "out"
+    )
     assert result.exit_code == 1
     _one_error_line(result.output, *fragments)
 
@@ -122,10 +156,10 @@ def test_a_fifo_image_is_called_a_fifo_not_empty(tmp_path, resnet_state_dict_fil
 
 
 def test_scores_equal_for_every_class_are_nothing_to_explain_in_the_api(small_photo):
-    import attnexplain
     import torch
     import torchvision
 
+    import attnexplain
     from attnexplain.engine import compute_maps
     from attnexplain.explanation import plan_explanation
     from attnexplain.targets import UniformScores
@@ -136,8 +170,9 @@ def test_scores_equal_for_every_class_are_nothing_to_explain_in_the_api(small_ph
     with pytest.raises(UniformScores, match="every one of its 6 classes the same score"):
         attnexplain.explain(mobilenet, small_photo, size=64)
     # Maps of no class stay: a ViT's attention under a fresh (zero) head, as fine-tuning starts
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                               hidden_dim=16, mlp_dim=32, num_classes=4).eval()
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4
+    ).eval()
     assert np.ptp(attnexplain.explain(vit, small_photo, "rollout").heatmap) > 0
     with pytest.raises(UniformScores):
         attnexplain.explain(vit, small_photo, "rollout,chefer")
@@ -153,12 +188,14 @@ def test_scores_equal_for_every_class_are_nothing_to_explain_in_the_api(small_ph
 
 # --- 18: output folder checked before the model runs; a full disk leaves nothing half-written -------
 
+
 def test_run_refuses_an_out_under_a_file_before_running_the_model(tmp_path, small_photo):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     # The model would fail when run: the output folder's error must come first.
-    result = _run("run", _pickled(tmp_path, "raises"), small_photo, "--trust-model", "--size", "32",
-                  "--out", blocker / "out")
+    result = _run(
+        "run", _pickled(tmp_path, "raises"), small_photo, "--trust-model", "--size", "32", "--out", blocker / "out"
+    )
     assert result.exit_code == 1
     _one_error_line(result.output, "Cannot write in the output folder", f"{blocker} is a file")
 
@@ -195,8 +232,7 @@ def test_a_read_only_out_folder_is_refused(tmp_path, small_photo):
     _one_error_line(result.output, "permission denied")
 
 
-def test_a_full_disk_while_saving_keeps_the_earlier_result_and_says_one_line(tmp_path, small_photo,
-                                                                              monkeypatch):
+def test_a_full_disk_while_saving_keeps_the_earlier_result_and_says_one_line(tmp_path, small_photo, monkeypatch):
     out = tmp_path / "out"
     model = _pickled(tmp_path, "ok")
     first = _run("run", model, small_photo, "--trust-model", "--size", "32", "--out", out)
@@ -220,6 +256,7 @@ def test_a_full_disk_while_saving_keeps_the_earlier_result_and_says_one_line(tmp
 
 # --- 19: exit codes ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("args", [["--size", "4"], ["--std", "0"], ["--std", "1,0,1"], ["--size", "9000"]])
 def test_bad_size_and_std_are_usage_errors(tmp_path, small_photo, args):
     result = _run("run", tmp_path / "no-such-model.pt", small_photo, *args, "--out", tmp_path)
@@ -227,8 +264,15 @@ def test_bad_size_and_std_are_usage_errors(tmp_path, small_photo, args):
     assert "Invalid value for '--" in result.output
 
 
-@pytest.mark.parametrize("args", [["--randomization-images", "0"], ["--randomization-images", "1" + "0" * 30],
-                                  ["--randomization-steps", "0"], ["--randomization-steps", "nan"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--randomization-images", "0"],
+        ["--randomization-images", "1" + "0" * 30],
+        ["--randomization-steps", "0"],
+        ["--randomization-steps", "nan"],
+    ],
+)
 def test_bad_randomization_images_and_steps_are_usage_errors(tmp_path, small_photo, args):
     result = _run("evaluate", tmp_path / "no-such-model.pt", small_photo, *args, "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output
@@ -242,8 +286,9 @@ def test_layers_bad_size_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize("kind", ["exits", "exits-in-backward"])
 def test_a_model_calling_exit_0_does_not_end_the_cli_successfully(tmp_path, small_photo, kind):
-    result = _run("run", _pickled(tmp_path, kind), small_photo, "--trust-model", "--size", "32",
-                  "--out", tmp_path / "out")
+    result = _run(
+        "run", _pickled(tmp_path, kind), small_photo, "--trust-model", "--size", "32", "--out", tmp_path / "out"
+    )
     assert result.exit_code == 1
     _one_error_line(result.output, "exit()", "SystemExit(0)")
     assert not (tmp_path / "out" / "noise").exists()
@@ -254,19 +299,37 @@ def test_shapleycam_on_a_model_pytorch_cannot_differentiate_twice_is_one_line(tm
     built here) makes it a method error: named, the run's one line; in evaluate's default set, left
     out with the reason while the other methods are measured (below)."""
     model = _pickled(tmp_path, "once-differentiable")
-    named = _run("run", model, small_photo, "--trust-model", "--size", "32", "--method", "shapleycam",
-                 "--out", tmp_path / "out")
+    named = _run(
+        "run", model, small_photo, "--trust-model", "--size", "32", "--method", "shapleycam", "--out", tmp_path / "out"
+    )
     assert named.exit_code == 1
-    _one_error_line(named.output, "shapleycam cannot run on this model", "differentiate",
-                    "squared_once_backward is not implemented", "Use gradcam")
+    _one_error_line(
+        named.output,
+        "shapleycam cannot run on this model",
+        "differentiate",
+        "squared_once_backward is not implemented",
+        "Use gradcam",
+    )
     assert not (tmp_path / "out" / "noise").exists()
 
 
 def test_evaluate_leaves_out_shapleycam_where_pytorch_cannot_differentiate_twice(tmp_path, small_photo):
     model = _pickled(tmp_path, "once-differentiable")
     out = tmp_path / "eval"
-    evaluated = _run("evaluate", model, small_photo.parent, "--trust-model", "--size", "32", "--metrics",
-                     "deletion", "--steps", "4", "--out", out)
+    evaluated = _run(
+        "evaluate",
+        model,
+        small_photo.parent,
+        "--trust-model",
+        "--size",
+        "32",
+        "--metrics",
+        "deletion",
+        "--steps",
+        "4",
+        "--out",
+        out,
+    )
     assert evaluated.exit_code == 0, evaluated.output
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert "shapleycam cannot run on this model" in evaluation["settings"]["left_out"]["shapleycam"]
@@ -296,11 +359,12 @@ def test_a_python_api_model_calling_exit_raises_an_error(small_photo):
 
 # --- 20: one line on stderr, --debug anywhere ----------------------------------------------------------
 
+
 @pytest.mark.heavy  # a whole subprocess (~5 s); the one-line rule is checked in process by the fast suite
-def test_stderr_is_one_line_when_a_googlenet_state_dict_does_not_fit(tmp_path, small_photo,
-                                                                     resnet_state_dict_file):
-    failed = _subprocess("run", resnet_state_dict_file, small_photo, "--arch", "googlenet",
-                         "--out", tmp_path, cwd=tmp_path)
+def test_stderr_is_one_line_when_a_googlenet_state_dict_does_not_fit(tmp_path, small_photo, resnet_state_dict_file):
+    failed = _subprocess(
+        "run", resnet_state_dict_file, small_photo, "--arch", "googlenet", "--out", tmp_path, cwd=tmp_path
+    )
     assert failed.returncode == 1
     _one_error_line(failed.stderr, "googlenet")
 
@@ -311,12 +375,24 @@ def test_stderr_is_one_line_after_loading_a_torchscript_file(tmp_path, small_pho
 
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.trace(hostile_modules.build("ok"), torch.zeros(1, 3, 32, 32)), scripted)
-    failed = _subprocess("run", scripted, small_photo, "--trust-model", "--size", "32",
-                         "--method", "gradcam", "--out", tmp_path, cwd=tmp_path)
+    failed = _subprocess(
+        "run",
+        scripted,
+        small_photo,
+        "--trust-model",
+        "--size",
+        "32",
+        "--method",
+        "gradcam",
+        "--out",
+        tmp_path,
+        cwd=tmp_path,
+    )
     assert failed.returncode == 1
     _one_error_line(failed.stderr, "gradcam needs the model's inner layers")
-    worked = _subprocess("run", scripted, small_photo, "--trust-model", "--size", "32", "--out",
-                         tmp_path / "out", "--json", cwd=tmp_path)
+    worked = _subprocess(
+        "run", scripted, small_photo, "--trust-model", "--size", "32", "--out", tmp_path / "out", "--json", cwd=tmp_path
+    )
     assert worked.returncode == 0, worked.stderr
     assert worked.stderr == ""
     assert json.loads(worked.stdout)["method"] == "saliency"
@@ -345,14 +421,17 @@ def test_warnings_are_silenced_only_during_the_command():
 
 # --- 21: --max-pixels is the one limit -------------------------------------------------------------------
 
+
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG that claims width × height grayscale pixels and holds almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -379,12 +458,15 @@ def test_max_pixels_above_pillows_own_limit_is_the_limit(tmp_path):
 
 # --- #23.5: a thin image is refused before any resize ---------------------------------------------------
 
+
 def test_a_thin_image_is_refused_in_one_line_before_a_shorter_side_resize(tmp_path, small_resnet):
     import torch
 
     model = tmp_path / "resized.pt"  # its file asks for "resize the shorter side to 64, crop 32"
-    torch.save({"arch": "resnet18", "state_dict": small_resnet.state_dict(),
-                "preprocessing": {"size": 32, "resize": 64}}, model)
+    torch.save(
+        {"arch": "resnet18", "state_dict": small_resnet.state_dict(), "preprocessing": {"size": 32, "resize": 64}},
+        model,
+    )
     thin = tmp_path / "thin.png"
     Image.fromarray(np.zeros((6000, 2, 3), np.uint8)).save(thin)  # a few hundred bytes
     assert thin.stat().st_size < 1000
@@ -424,14 +506,16 @@ def test_a_letterboxed_thin_photo_stretches_its_map_only_over_the_photo(monkeypa
     box = prepare(photo, Preprocessing(size=(32, 32), letterbox=True)).box
     heatmap = np.random.default_rng(1).random((32, 32)).astype(np.float32)
     left, top, right, bottom = (int(round(v)) for v in box)
-    stretched = cv2.resize(render.normalize_heatmap(heatmap), (right - left, bottom - top),
-                           interpolation=cv2.INTER_LINEAR)[-top:-top + 40, -left:-left + 2000]
+    stretched = cv2.resize(
+        render.normalize_heatmap(heatmap), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR
+    )[-top : -top + 40, -left : -left + 2000]
     expected = cv2.addWeighted(photo, 0.5, render.colorize(stretched), 0.5, 0.0)
     asked = []  # the (width, height) of every picture OpenCV is asked to stretch the map into
     resize, warp = cv2.resize, cv2.warpAffine
     monkeypatch.setattr(cv2, "resize", lambda src, size, *a, **k: asked.append(size) or resize(src, size, *a, **k))
-    monkeypatch.setattr(cv2, "warpAffine",
-                        lambda src, m, size, *a, **k: asked.append(size) or warp(src, m, size, *a, **k))
+    monkeypatch.setattr(
+        cv2, "warpAffine", lambda src, m, size, *a, **k: asked.append(size) or warp(src, m, size, *a, **k)
+    )
     overlay = render.render_overlay(photo, heatmap, box)
     assert asked and all(width * height <= 2000 * 40 for width, height in asked), asked
     assert np.abs(overlay.astype(int) - expected.astype(int)).max() <= 1
@@ -439,11 +523,23 @@ def test_a_letterboxed_thin_photo_stretches_its_map_only_over_the_photo(monkeypa
 
 # --- 25 and #15.4: a map with nothing to show says so -------------------------------------------------
 
+
 def test_an_all_zero_map_is_reported_on_terminal_json_and_html(tmp_path, small_photo):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [
-        "run", str(_pickled(tmp_path, "dead")), str(small_photo), "--trust-model", "--size", "32",
-        "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(_pickled(tmp_path, "dead")),
+            str(small_photo),
+            "--trust-model",
+            "--size",
+            "32",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(result.stdout)
     warning = report["maps"]["gradcam"]["warning"]
@@ -455,8 +551,9 @@ def test_an_all_zero_map_is_reported_on_terminal_json_and_html(tmp_path, small_p
 
 def test_an_all_zero_map_is_on_the_batch_detail_page(tmp_path, small_photo):
     out = tmp_path / "out"
-    result = _run("batch", _pickled(tmp_path, "dead"), small_photo, "--trust-model", "--size", "32",
-                  "--out", out, "--quiet")
+    result = _run(
+        "batch", _pickled(tmp_path, "dead"), small_photo, "--trust-model", "--size", "32", "--out", out, "--quiet"
+    )
     assert result.exit_code == 0, result.output
     pages = list((out / "images").rglob("detail.html"))
     assert len(pages) == 1 and "all zero" in pages[0].read_text()
@@ -484,8 +581,22 @@ def test_a_nearly_flat_map_is_reported_on_terminal_json_and_html(tmp_path, small
     model = tmp_path / "even.pt"
     torch.save(hostile_modules.NearlyEvenNet(spread), model)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(model), str(small_photo), "--trust-model", "--size", "32",
-                                       "--method", "saliency", "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(model),
+            str(small_photo),
+            "--trust-model",
+            "--size",
+            "32",
+            "--method",
+            "saliency",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads(result.stdout)
     heatmap = np.load(out / "noise" / "heatmap-saliency.npy")
@@ -500,8 +611,22 @@ def test_a_nearly_flat_map_is_reported_on_terminal_json_and_html(tmp_path, small
     assert result.stderr.strip() == f"Warning: {warning}"
     assert "varies by only" in (out / "noise" / "report.html").read_text()
     batch = tmp_path / "batch"
-    done = CliRunner().invoke(main, ["batch", str(model), str(small_photo), "--trust-model", "--size", "32",
-                                     "--method", "saliency", "--out", str(batch), "--quiet"])
+    done = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(model),
+            str(small_photo),
+            "--trust-model",
+            "--size",
+            "32",
+            "--method",
+            "saliency",
+            "--out",
+            str(batch),
+            "--quiet",
+        ],
+    )
     assert done.exit_code == 0, done.output
     record = json.loads((batch / "results.jsonl").read_text().splitlines()[0])
     assert "varies by only" in record["maps"]["saliency"]["warning"]
@@ -522,8 +647,9 @@ def test_a_constant_map_says_constant_in_the_report(tmp_path, small_photo):
     import attnexplain
 
     explanation = attnexplain.explain(hostile_modules.build("ok"), small_photo, size=32)
-    explanation.maps["gradcam"].heatmap = np.full((32, 32), 0.25, np.float32) * \
-        (1 + np.float32(1e-7) * np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32))
+    explanation.maps["gradcam"].heatmap = np.full((32, 32), 0.25, np.float32) * (
+        1 + np.float32(1e-7) * np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32)
+    )
     report = explanation.save(tmp_path / "saved")
     assert "constant" in report["maps"]["gradcam"]["warning"]
     assert "constant" in (tmp_path / "saved" / "report.html").read_text()
@@ -533,8 +659,9 @@ def test_a_constant_map_says_constant_in_the_report(tmp_path, small_photo):
 def test_a_bad_pointing_tolerance_is_a_one_line_usage_error(tmp_path, value):
     """Refused while the options are parsed: before any model loads, nothing written."""
     out = tmp_path / "eval"
-    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "model.pt"), str(tmp_path), "--out", str(out),
-                                       "--pointing-tolerance", value])
+    result = CliRunner().invoke(
+        main, ["evaluate", str(tmp_path / "model.pt"), str(tmp_path), "--out", str(out), "--pointing-tolerance", value]
+    )
     assert result.exit_code == 2, result.output
     assert "--pointing-tolerance" in result.output and "Traceback" not in result.output
     reason = "is not a valid float" if value == "fifteen" else "pointing tolerance must be a number of pixels"
@@ -554,21 +681,44 @@ def test_a_bad_pointing_tolerance_through_the_api_is_a_one_line_error():
 
 # --- labels that would rewrite the terminal -----------------------------------------------------------------
 
-def test_control_and_bidi_characters_of_labels_are_shown_escaped_on_the_terminal(tmp_path, small_photo,
-                                                                                  resnet_state_dict_file):
+
+def test_control_and_bidi_characters_of_labels_are_shown_escaped_on_the_terminal(
+    tmp_path, small_photo, resnet_state_dict_file
+):
     labels = tmp_path / "labels.txt"
     # A labels file has one name a line, so no CR or LF; everything else a terminal acts on can be there.
     names = ["\u202egnp.exe", "red\x1b[2J", "bell\x07", "[red]hot[/red]", "iso\u2066late"]
     labels.write_text("\n".join(names) + "\n", encoding="utf-8")
     photo = tmp_path / "[bold]cat\u202egnp.png"  # its output folder is named after it
     photo.write_bytes(small_photo.read_bytes())
-    result = _run("run", resnet_state_dict_file, photo, "--arch", "resnet18", "--labels", labels,
-                  "--top-k", "5", "--size", "32", "--device", "cpu", "--out", tmp_path / "out")
+    result = _run(
+        "run",
+        resnet_state_dict_file,
+        photo,
+        "--arch",
+        "resnet18",
+        "--labels",
+        labels,
+        "--top-k",
+        "5",
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "out",
+    )
     assert result.exit_code == 0, result.output
     for raw in ("\u202e", "\x1b", "\x07", "\u2066"):
         assert raw not in result.output
-    for shown in ("\\u202egnp.exe", "red\\x1b[2J", "bell\\x07", "[red]hot[/red]", "iso\\u2066late",
-                  "[bold]cat\\u202egnp"):
+    for shown in (
+        "\\u202egnp.exe",
+        "red\\x1b[2J",
+        "bell\\x07",
+        "[red]hot[/red]",
+        "iso\\u2066late",
+        "[bold]cat\\u202egnp",
+    ):
         assert shown in result.output
 
 

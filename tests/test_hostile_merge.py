@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attnexplain.batch_ledger import EXIT_SOME_FAILED
+from attnexplain.cli import main
 from attnexplain.formats import RESULTS_JSONL
 from attnexplain.records import read_results
-from attnexplain.cli import main
 
 GOOD = [f"img{i}.png" for i in range(8)] + ["sub/img8.png", "sub/img9.png"]
 MISSING = "/nowhere/missing.png"  # an input that does not exist: a failed record with no key
@@ -34,8 +34,10 @@ def _write_photos(root: Path, names: list[str], seed: int) -> Path:
 
 
 def _batch(model: Path, photos: Path, out: Path, *more: str) -> Path:
-    result = CliRunner().invoke(main, ["batch", str(model), str(photos), *more, "--arch", "resnet18",
-                                       "--size", "32", "--quiet", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        ["batch", str(model), str(photos), *more, "--arch", "resnet18", "--size", "32", "--quiet", "--out", str(out)],
+    )
     assert result.exit_code in (0, EXIT_SOME_FAILED), result.output
     return out
 
@@ -54,10 +56,12 @@ def runs(tmp_path_factory, resnet_state_dict_file) -> dict[str, Path]:
     other_model = base / "other-resnet18-5.pt"
     torch.save(torchvision.models.resnet18(num_classes=5).eval().state_dict(), other_model)
     other_photos = _write_photos(base / "other-photos", ["img3.png"], seed=1)
-    made = {"A0": _batch(resnet_state_dict_file, photos, base / "A0", MISSING, "--shard", "1/2"),
-            "A1": _batch(resnet_state_dict_file, photos, base / "A1", MISSING, "--shard", "2/2"),
-            "B1": _batch(other_model, photos, base / "B1", "--shard", "2/2"),
-            "A-other": _batch(resnet_state_dict_file, other_photos, base / "A-other")}
+    made = {
+        "A0": _batch(resnet_state_dict_file, photos, base / "A0", MISSING, "--shard", "1/2"),
+        "A1": _batch(resnet_state_dict_file, photos, base / "A1", MISSING, "--shard", "2/2"),
+        "B1": _batch(other_model, photos, base / "B1", "--shard", "2/2"),
+        "A-other": _batch(resnet_state_dict_file, other_photos, base / "A-other"),
+    }
     assert read_results(made["A0"] / RESULTS_JSONL) and read_results(made["A1"] / RESULTS_JSONL)
     return made
 
@@ -65,8 +69,10 @@ def runs(tmp_path_factory, resnet_state_dict_file) -> dict[str, Path]:
 @pytest.fixture
 def copies(runs, tmp_path):
     """Copies of the runs under tmp_path/sources, free to be edited by the test."""
+
     def copy(name: str) -> Path:
         return Path(shutil.copytree(runs[name], tmp_path / "sources" / name, symlinks=True))
+
     return copy
 
 
@@ -116,11 +122,11 @@ def _rewrite(source: Path, which: str, **changes) -> None:
 
 
 def _an_ok_image(source: Path) -> str:
-    return next(image for image, record in sorted(_records(source).items())
-                if record["status"] == "ok")
+    return next(image for image, record in sorted(_records(source).items()) if record["status"] == "ok")
 
 
 # --- what a merge gives ------------------------------------------------------------------------------
+
 
 def test_merged_shards_hold_every_image_hard_linked(copies, tmp_path):
     first, second = copies("A0"), copies("A1")
@@ -132,18 +138,17 @@ def test_merged_shards_hold_every_image_hard_linked(copies, tmp_path):
     assert records["broken.png"]["status"] == "failed" and records[MISSING]["key"] is None
     image = _an_ok_image(first)
     for name in os.listdir(first / "images" / image):
-        assert (merged / "images" / image / name).read_bytes() == \
-            (first / "images" / image / name).read_bytes()
+        assert (merged / "images" / image / name).read_bytes() == (first / "images" / image / name).read_bytes()
     overlay = f"images/{image}/detail.html"
     assert os.stat(merged / overlay).st_ino == os.stat(first / overlay).st_ino  # a hard link
     report = json.loads((merged / "report.json").read_text())
     assert report["run"]["complete"] is True and report["totals"]["ok"] == len(GOOD)
-    assert report["run"]["fingerprint"] == \
-        json.loads((first / "report.json").read_text())["run"]["fingerprint"]
+    assert report["run"]["fingerprint"] == json.loads((first / "report.json").read_text())["run"]["fingerprint"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
 # --- case 6: a record's paths never lead out of its source or out of --out -----------------------
+
 
 @pytest.mark.parametrize("escape", ["absolute", "dot-dot"])
 def test_an_output_path_out_of_the_source_deletes_nothing(copies, tmp_path, escape):
@@ -203,10 +208,19 @@ def _detail_elsewhere(source: Path, image: str, outside: Path) -> str:
     return "detail page"
 
 
-@pytest.mark.parametrize("craft", [_escape_through_symlinked_folder, _escape_through_symlinked_file,
-                                   _escape_through_file_name, _image_out_of_its_folder,
-                                   _no_fingerprint, _predictions_not_a_list, _detail_elsewhere],
-                         ids=lambda craft: craft.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "craft",
+    [
+        _escape_through_symlinked_folder,
+        _escape_through_symlinked_file,
+        _escape_through_file_name,
+        _image_out_of_its_folder,
+        _no_fingerprint,
+        _predictions_not_a_list,
+        _detail_elsewhere,
+    ],
+    ids=lambda craft: craft.__name__.strip("_"),
+)
 def test_a_crafted_record_is_refused_before_anything_is_written(copies, tmp_path, craft):
     first, second = copies("A0"), copies("A1")
     (tmp_path / "victim").mkdir()
@@ -221,6 +235,7 @@ def test_a_crafted_record_is_refused_before_anything_is_written(copies, tmp_path
 
 
 # --- case 7: everything is checked before --out changes ----------------------------------------------
+
 
 def test_mismatched_runs_leave_an_existing_output_unchanged(copies, tmp_path):
     first, second, other_model = copies("A0"), copies("A1"), copies("B1")
@@ -238,6 +253,7 @@ def test_mismatched_runs_leave_an_existing_output_unchanged(copies, tmp_path):
 
 
 # --- case 8: every record's fingerprint, report.json or not ------------------------------------------
+
 
 def test_a_killed_run_of_another_model_is_refused(copies, tmp_path):
     first, killed = copies("A0"), copies("B1")
@@ -271,6 +287,7 @@ def test_a_record_of_another_model_inside_a_source_is_refused(copies, tmp_path):
 
 
 # --- --out: what may be replaced ----------------------------------------------------------------------
+
 
 def test_out_holding_other_files_is_refused(copies, tmp_path):
     first, second = copies("A0"), copies("A1")
@@ -319,11 +336,11 @@ def test_merging_again_replaces_the_earlier_merge(copies, tmp_path):
 
 # --- the same image in two sources ------------------------------------------------------------------
 
+
 def test_one_name_for_two_different_files_is_refused(copies, tmp_path):
     first, second, other_files = copies("A0"), copies("A1"), copies("A-other")
     merged = tmp_path / "merged"
-    _refused(_merge(first, second, other_files, "--out", merged), str(other_files), "'img3.png'",
-             "different files")
+    _refused(_merge(first, second, other_files, "--out", merged), str(other_files), "'img3.png'", "different files")
     assert not merged.exists()
 
 
@@ -344,15 +361,20 @@ def test_an_ok_record_wins_over_a_failed_one(copies, tmp_path):
 
 # --- the run-level files of a source are untrusted too ------------------------------------------------
 
+
 @pytest.mark.parametrize("name", [RESULTS_JSONL, "report.json"])
 def test_a_fifo_in_place_of_a_source_file_is_refused_without_blocking(copies, tmp_path, name):
     first, second = copies("A0"), copies("A1")
     (second / name).unlink()
     os.mkfifo(second / name)  # opening it would wait for a writer forever
     merged = tmp_path / "merged"
-    result = subprocess.run([sys.executable, "-m", "attnexplain", "merge", str(first), str(second),
-                             "--out", str(merged)], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    result = subprocess.run(
+        [sys.executable, "-m", "attnexplain", "merge", str(first), str(second), "--out", str(merged)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])),
+    )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "FIFO" in lines[0] and str(second / name) in lines[0], result.stderr
@@ -421,6 +443,7 @@ def test_a_folder_a_batch_is_writing_is_not_merged(copies, tmp_path, locked):
 
 # --- numbers and lines a record cannot be read from ---------------------------------------------------
 
+
 def _huge_metric(record: dict) -> dict:
     return {"metrics": {record["methods"][0]: {"deletion": 10**400}}}
 
@@ -459,17 +482,17 @@ def test_lines_no_record_can_be_read_from_are_said_on_stderr_and_in_the_report(c
     lines = (second / RESULTS_JSONL).read_text(encoding="utf-8").splitlines(keepends=True)
     garbled = next(number for number, line in enumerate(lines, start=1) if f'"{image}"' in line)
     lines[garbled - 1] = lines[garbled - 1][:40] + "\n"  # that image's record, damaged
-    (second / RESULTS_JSONL).write_text("".join(lines) + '{"image": "cut-short.png", "sta',
-                                        encoding="utf-8")
+    (second / RESULTS_JSONL).write_text("".join(lines) + '{"image": "cut-short.png", "sta', encoding="utf-8")
     merged = tmp_path / "merged"
     result = _merge(first, second, "--out", merged)
     assert result.exit_code == EXIT_SOME_FAILED, result.output
     assert "Warning: lines of the sources' results.jsonl that are no record were left out" in result.output
     assert f"{second / RESULTS_JSONL} line {garbled}: not JSON" in result.output
     run = json.loads((merged / "report.json").read_text())["run"]
-    assert run["dropped_records"] == [f"{second / RESULTS_JSONL} line {garbled}: not JSON",
-                                      f"{second / RESULTS_JSONL} line {len(lines) + 1}: cut short "
-                                      f"(no newline at its end: an interrupted write)"]
+    assert run["dropped_records"] == [
+        f"{second / RESULTS_JSONL} line {garbled}: not JSON",
+        f"{second / RESULTS_JSONL} line {len(lines) + 1}: cut short (no newline at its end: an interrupted write)",
+    ]
     assert run["complete"] is False and image not in _records(merged)
 
 
@@ -490,8 +513,7 @@ def test_a_record_of_several_mebibytes_is_merged_not_dropped(resnet_state_dict_f
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"class {index} " + "n" * (1 << 20) + "\n" for index in range(5)))
     photos = _write_photos(tmp_path / "photos", ["big.png"], seed=3)
-    source = _batch(resnet_state_dict_file, photos, tmp_path / "source", "--labels", str(labels),
-                    "--top-k", "5")
+    source = _batch(resnet_state_dict_file, photos, tmp_path / "source", "--labels", str(labels), "--top-k", "5")
     assert (source / RESULTS_JSONL).stat().st_size > 5 << 20
     merged = tmp_path / "merged"
     result = _merge(source, "--out", merged)
@@ -500,9 +522,15 @@ def test_a_record_of_several_mebibytes_is_merged_not_dropped(resnet_state_dict_f
     assert len(_records(merged)["big.png"]["predictions"]) == 5
 
 
-@pytest.mark.parametrize("run", [{"methods": ["gradcam"], "preprocessing": {"mean": [10**400, 0, 0]}},
-                                 {"methods": ["gradcam"], "model": "a name, not a table"},
-                                 {"methods": [["nested"]]}], ids=["huge-mean", "model-text", "methods-nested"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        {"methods": ["gradcam"], "preprocessing": {"mean": [10**400, 0, 0]}},
+        {"methods": ["gradcam"], "model": "a name, not a table"},
+        {"methods": [["nested"]]},
+    ],
+    ids=["huge-mean", "model-text", "methods-nested"],
+)
 def test_a_report_whose_run_the_pages_cannot_show_is_refused(copies, tmp_path, run):
     first, second = copies("A0"), copies("A1")
     report = json.loads((first / "report.json").read_text())

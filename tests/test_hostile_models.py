@@ -66,6 +66,7 @@ class _Exit:
 
 # --- 1. torch.export archives --------------------------------------------------------------------
 
+
 def _rewrite_zip(path, change) -> None:
     """Rewrite the archive at ``path``; ``change(members)`` edits a {name: bytes} dict in place."""
     with zipfile.ZipFile(path) as archive:
@@ -107,9 +108,18 @@ def _tampered_pt2(tmp_path, where: str, marker, archive: bytes):
         else:  # an opaque constant
             config_name = _member(members, "data/constants/model_constants_config.json")
             prefix = config_name[: -len("model_constants_config.json")]
-            members[config_name] = json.dumps({"config": {"evil": {
-                "path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
-                "tensor_meta": None}}}).encode()
+            members[config_name] = json.dumps(
+                {
+                    "config": {
+                        "evil": {
+                            "path_name": "opaque_obj_0",
+                            "is_param": False,
+                            "use_pickle": True,
+                            "tensor_meta": None,
+                        }
+                    }
+                }
+            ).encode()
             members[prefix + "opaque_obj_0"] = payload
 
     _rewrite_zip(path, change)
@@ -117,8 +127,7 @@ def _tampered_pt2(tmp_path, where: str, marker, archive: bytes):
 
 
 @pytest.mark.parametrize("where", ["sample-inputs", "pickled-weight", "opaque-constant"])
-def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path, photo, where,
-                                                                      exported_archive):
+def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path, photo, where, exported_archive):
     marker = tmp_path / "pwned"
     path = _tampered_pt2(tmp_path, where, marker, exported_archive)
     try:  # control: PyTorch's own loader runs the payload
@@ -130,8 +139,7 @@ def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path,
 
     with pytest.raises(UntrustedModelError, match="torch.export program.*unpickles.*--trust-model"):
         load_model(path)
-    _assert_one_line_error(_cli("run", path, photo, "--out", tmp_path / "out"),
-                           "torch.export program", "--trust-model")
+    _assert_one_line_error(_cli("run", path, photo, "--out", tmp_path / "out"), "torch.export program", "--trust-model")
     _assert_one_line_error(_cli("layers", path), "torch.export program", "--trust-model")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -140,17 +148,20 @@ def test_tampered_export_archive_is_refused_without_running_its_pickle(tmp_path,
 def test_trusted_export_archive_that_fails_to_load_is_one_line(tmp_path, exported_archive):
     path = tmp_path / "exported.pt2"
     path.write_bytes(exported_archive)
-    _rewrite_zip(path, lambda members: members.update(
-        {_member(members, "data/sample_inputs/model.pt"): b"\x80\x04 damaged"}))
+    _rewrite_zip(
+        path, lambda members: members.update({_member(members, "data/sample_inputs/model.pt"): b"\x80\x04 damaged"})
+    )
     # torch logs a whole traceback to stderr before it raises; only our line may come out.
-    done = subprocess.run([*ATTNEXPLAIN, "layers", str(path), "--trust-model"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*ATTNEXPLAIN, "layers", str(path), "--trust-model"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: Cannot load torch.export program"), lines
 
 
 # --- 2. TorchScript ------------------------------------------------------------------------------
+
 
 class _FileWriter(torch.nn.Module):
     """A TorchScript module whose scripted __setstate__ creates a file when the archive is loaded."""
@@ -194,8 +205,7 @@ def test_torchscript_that_writes_a_file_is_refused_unless_trusted(tmp_path, phot
     with pytest.raises(UntrustedModelError, match="TorchScript program.*runs code"):
         load_model(path)
     _assert_one_line_error(_cli("layers", path), "TorchScript program", "--trust-model")
-    _assert_one_line_error(_cli("run", path, photo, "--out", tmp_path / "out"),
-                           "TorchScript program", "--trust-model")
+    _assert_one_line_error(_cli("run", path, photo, "--out", tmp_path / "out"), "TorchScript program", "--trust-model")
     assert not marker.exists()
 
     load_model(path, trust_model=True)  # the user vouched for it: it runs
@@ -203,6 +213,7 @@ def test_torchscript_that_writes_a_file_is_refused_unless_trusted(tmp_path, phot
 
 
 # --- 3. malicious pickles: say what they would run -----------------------------------------------
+
 
 def test_malicious_pickle_is_named_and_never_runs(tmp_path, photo):
     marker = tmp_path / "pwned"
@@ -213,8 +224,7 @@ def test_malicious_pickle_is_named_and_never_runs(tmp_path, photo):
     message = str(raised.value)
     assert f"{os.system.__module__}.system" in message and "arbitrary code" in message
     assert "Not a PyTorch model file" not in message
-    output = _assert_one_line_error(_cli("run", path, photo, "--out", tmp_path / "out"),
-                                    "--trust-model")
+    output = _assert_one_line_error(_cli("run", path, photo, "--out", tmp_path / "out"), "--trust-model")
     assert f"{os.system.__module__}.system" in output
     _assert_one_line_error(_cli("layers", path), f"{os.system.__module__}.system")
     assert not marker.exists()
@@ -234,8 +244,9 @@ def test_trusted_pickle_that_exits_is_a_one_line_error_not_success(tmp_path, pho
     torch.save({"model": _Exit()}, path)
     with pytest.raises(ModelLoadError, match="SystemExit"):
         load_model(path, trust_model=True)
-    _assert_one_line_error(_cli("run", path, photo, "--trust-model", "--out", tmp_path / "out"),
-                           "Cannot unpickle", "SystemExit")
+    _assert_one_line_error(
+        _cli("run", path, photo, "--trust-model", "--out", tmp_path / "out"), "Cannot unpickle", "SystemExit"
+    )
     _assert_one_line_error(_cli("layers", path, "--trust-model"), "SystemExit")
     assert not (tmp_path / "out").exists()
 
@@ -254,17 +265,26 @@ def test_trusted_pickle_that_raises_says_why(tmp_path):
 
 # --- 4. harmless globals of real checkpoints -----------------------------------------------------
 
+
 def test_training_checkpoints_with_plain_data_load_without_trust(tmp_path, small_resnet):
     # What torchvision's and timm's reference scripts and common trainers put next to the weights.
     path = tmp_path / "checkpoint.pth"
-    torch.save({
-        "model": small_resnet.state_dict(), "epoch": 3,
-        "args": argparse.Namespace(model="resnet18", lr=0.1, output_dir=pathlib.Path("/runs/a")),
-        "best_metric": np.float64(71.5), "step": np.int64(1200), "dtype": np.dtype("float32"),
-        "history": np.array([0.5, 0.25], dtype=np.float32), "names": np.array(["a", "b"]),
-        "saved_at": datetime.datetime(2024, 5, 1, 12, 0), "elapsed": datetime.timedelta(hours=2),
-        "tags": frozenset({"final"}),
-    }, path)
+    torch.save(
+        {
+            "model": small_resnet.state_dict(),
+            "epoch": 3,
+            "args": argparse.Namespace(model="resnet18", lr=0.1, output_dir=pathlib.Path("/runs/a")),
+            "best_metric": np.float64(71.5),
+            "step": np.int64(1200),
+            "dtype": np.dtype("float32"),
+            "history": np.array([0.5, 0.25], dtype=np.float32),
+            "names": np.array(["a", "b"]),
+            "saved_at": datetime.datetime(2024, 5, 1, 12, 0),
+            "elapsed": datetime.timedelta(hours=2),
+            "tags": frozenset({"final"}),
+        },
+        path,
+    )
     loaded = load_model(path, arch="resnet18")
     assert loaded.loader == "state_dict" and loaded.module.fc.out_features == 5
     for key, value in small_resnet.state_dict().items():
@@ -285,22 +305,23 @@ def test_allow_list_is_scoped_to_our_load(tmp_path):
 
 # --- 5. memory: what a file says may not cost more than the file ---------------------------------
 
+
 def _tiny_resnet_checkpoint(tmp_path, **extra):
     from attnexplain.default_plugins.torchvision import _build_resnet
 
     torch.manual_seed(0)
     model = _build_resnet(layers=[1, 1, 1, 1], num_classes=3)
     path = tmp_path / "tiny.pt"
-    torch.save({"arch": "ResNet", "arch_kwargs": {"layers": [1, 1, 1, 1]},
-                "state_dict": model.state_dict(), **extra}, path)
+    torch.save(
+        {"arch": "ResNet", "arch_kwargs": {"layers": [1, 1, 1, 1]}, "state_dict": model.state_dict(), **extra}, path
+    )
     return path, model
 
 
 def test_arch_kwargs_that_build_a_huge_model_are_refused_quickly(tmp_path, photo):
     path, model = _tiny_resnet_checkpoint(tmp_path)
     assert load_model(path).module.fc.out_features == 3  # the honest file loads
-    torch.save({"arch": "ResNet", "arch_kwargs": {"layers": [100000, 1, 1, 1]},
-                "state_dict": model.state_dict()}, path)
+    torch.save({"arch": "ResNet", "arch_kwargs": {"layers": [100000, 1, 1, 1]}, "state_dict": model.state_dict()}, path)
     with pytest.raises(ModelLoadError, match="far larger than the weights"):
         load_model(path)
     _assert_one_line_error(_cli("layers", path), "far larger than the weights")
@@ -311,19 +332,24 @@ def test_safetensors_arch_kwargs_with_huge_widths_are_refused(tmp_path, small_vi
 
     path = tmp_path / "vit.safetensors"
     state = {k: v.contiguous() for k, v in small_vit.state_dict().items()}
-    kwargs = {"image_size": 64, "patch_size": 8, "num_layers": 3, "num_heads": 4,
-              "hidden_dim": 32, "mlp_dim": 64}
-    save_file(state, str(path), metadata={"arch": "VisionTransformer",
-                                          "arch_kwargs": json.dumps(kwargs)})
+    kwargs = {"image_size": 64, "patch_size": 8, "num_layers": 3, "num_heads": 4, "hidden_dim": 32, "mlp_dim": 64}
+    save_file(state, str(path), metadata={"arch": "VisionTransformer", "arch_kwargs": json.dumps(kwargs)})
     assert load_model(path).module.hidden_dim == 32
     # 10¹⁰ parameters: stopped while registering them on the meta device.
-    save_file(state, str(path), metadata={"arch": "VisionTransformer", "arch_kwargs": json.dumps(
-        {**kwargs, "hidden_dim": 100_000, "mlp_dim": 100_000, "num_heads": 1})})
+    save_file(
+        state,
+        str(path),
+        metadata={
+            "arch": "VisionTransformer",
+            "arch_kwargs": json.dumps({**kwargs, "hidden_dim": 100_000, "mlp_dim": 100_000, "num_heads": 1}),
+        },
+    )
     with pytest.raises(ModelLoadError, match="far larger than the weights"):
         load_model(path)
     # Within the budget, but not the file's shapes: refused before the real build.
-    save_file(state, str(path), metadata={"arch": "VisionTransformer",
-                                          "arch_kwargs": json.dumps({**kwargs, "mlp_dim": 96})})
+    save_file(
+        state, str(path), metadata={"arch": "VisionTransformer", "arch_kwargs": json.dumps({**kwargs, "mlp_dim": 96})}
+    )
     with pytest.raises(ModelLoadError, match=r"size mismatch for encoder\.layers.*\[64, 32\].*\[96, 32\]"):
         load_model(path)
 
@@ -344,14 +370,17 @@ def test_the_user_may_still_ask_for_a_large_size(tmp_path):
     assert bigger.size == (2048, 2048)
 
 
-@pytest.mark.parametrize("preprocessing,message", [
-    ({"size": 64, "resize": 100000}, "resize must be an integer between 64 and 128"),
-    ({"size": 64, "std": [0, 1, 1]}, "std values must be positive"),
-    ({"size": 64, "mean": ["nan", 0, 0]}, "finite"),
-    ({"size": 64, "interpolation": "lanczos"}, "interpolation"),
-    ({"size": 64, "letterbox": "false"}, "letterbox must be true or false"),
-    ({"size": "huge"}, "between 8 and 1024"),
-])
+@pytest.mark.parametrize(
+    "preprocessing,message",
+    [
+        ({"size": 64, "resize": 100000}, "resize must be an integer between 64 and 128"),
+        ({"size": 64, "std": [0, 1, 1]}, "std values must be positive"),
+        ({"size": 64, "mean": ["nan", 0, 0]}, "finite"),
+        ({"size": 64, "interpolation": "lanczos"}, "interpolation"),
+        ({"size": 64, "letterbox": "false"}, "letterbox must be true or false"),
+        ({"size": "huge"}, "between 8 and 1024"),
+    ],
+)
 def test_absurd_preprocessing_metadata_is_refused(tmp_path, preprocessing, message):
     path, _ = _tiny_resnet_checkpoint(tmp_path, preprocessing=preprocessing)
     with pytest.raises(ModelLoadError, match=message):
@@ -360,8 +389,7 @@ def test_absurd_preprocessing_metadata_is_refused(tmp_path, preprocessing, messa
 
 def test_exported_program_input_size_is_bounded_too(tmp_path):
     path = tmp_path / "wide.pt2"
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten()).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 2048),)), str(path))
     with pytest.raises(ModelLoadError, match="between 8 and 1024"):
         load_model(path, trust_model=True)
@@ -369,15 +397,19 @@ def test_exported_program_input_size_is_bounded_too(tmp_path):
 
 # --- other absurd metadata -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra,message", [
-    ({"labels": [{"name": "cat"}, "dog", "cow"]}, "not a list of class names"),
-    ({"labels": ["x"] * 100_001}, "at most 100,000"),
-    ({"arch_kwargs": "layers=[1,1,1,1]"}, "'arch_kwargs' entry .* is not a mapping"),
-    ({"arch_kwargs": [1, 2]}, "is not a mapping"),
-    ({"arch_kwargs": {"layers": [1, 1, 1, 1], "weights_backbone": "DEFAULT"}}, "pretrained weights"),
-    ({"arch": "os.system"}, "Unknown architecture 'os.system'"),
-    ({"arch": ["resnet18"]}, "is not a name"),
-])
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"labels": [{"name": "cat"}, "dog", "cow"]}, "not a list of class names"),
+        ({"labels": ["x"] * 100_001}, "at most 100,000"),
+        ({"arch_kwargs": "layers=[1,1,1,1]"}, "'arch_kwargs' entry .* is not a mapping"),
+        ({"arch_kwargs": [1, 2]}, "is not a mapping"),
+        ({"arch_kwargs": {"layers": [1, 1, 1, 1], "weights_backbone": "DEFAULT"}}, "pretrained weights"),
+        ({"arch": "os.system"}, "Unknown architecture 'os.system'"),
+        ({"arch": ["resnet18"]}, "is not a name"),
+    ],
+)
 def test_absurd_checkpoint_entries_are_one_line_errors(tmp_path, extra, message):
     path, _ = _tiny_resnet_checkpoint(tmp_path, **extra)
     with pytest.raises(ModelLoadError, match=message):
@@ -415,6 +447,7 @@ def test_a_safetensors_file_that_is_a_pickle_is_refused_without_running(tmp_path
 
 # --- not a regular file --------------------------------------------------------------------------
 
+
 def test_a_fifo_as_model_or_labels_is_refused_without_hanging(tmp_path, photo, resnet_state_dict_file):
     fifo = tmp_path / "model.pt"
     os.mkfifo(fifo)
@@ -422,8 +455,12 @@ def test_a_fifo_as_model_or_labels_is_refused_without_hanging(tmp_path, photo, r
         done = subprocess.run([*ATTNEXPLAIN, *command], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1
         assert done.stderr.strip().splitlines() == [f"Error: Model path {fifo} is a FIFO (named pipe), not a file."]
-    done = subprocess.run([*ATTNEXPLAIN, "layers", str(resnet_state_dict_file), "--arch", "resnet18",
-                           "--labels", str(fifo)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*ATTNEXPLAIN, "layers", str(resnet_state_dict_file), "--arch", "resnet18", "--labels", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"Error: Labels file {fifo} is a FIFO (named pipe), not a file."]
 
@@ -450,6 +487,7 @@ def test_a_huge_labels_file_is_refused(tmp_path, resnet_state_dict_file):
 
 # --- 23/24. real torch.save round trips of torchvision state_dicts -------------------------------
 
+
 def _round_trip(tmp_path, name: str, num_classes: int | None):
     torch.manual_seed(0)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -470,8 +508,7 @@ _DETECTION = torchvision.models.list_models(module=torchvision.models.detection)
 _SEGMENTATION = torchvision.models.list_models(module=torchvision.models.segmentation)
 
 
-@pytest.mark.parametrize("name", ["mnasnet0_5", "mnasnet1_3", "regnet_x_400mf", "squeezenet1_1",
-                                  "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["mnasnet0_5", "mnasnet1_3", "regnet_x_400mf", "squeezenet1_1", "mobilenet_v3_small"])
 def test_state_dict_round_trip_of_representative_builders(tmp_path, name):
     _round_trip(tmp_path, name, num_classes=7)
 
@@ -484,10 +521,13 @@ def test_mnasnet_state_dict_loads_from_the_cli(tmp_path):
     assert "layers" in result.output
 
 
-@pytest.mark.parametrize("name,head", [
-    ("ssdlite320_mobilenet_v3_large", lambda m: m.head.classification_head.num_columns),
-    ("lraspp_mobilenet_v3_large", lambda m: m.classifier.low_classifier.out_channels),
-])
+@pytest.mark.parametrize(
+    "name,head",
+    [
+        ("ssdlite320_mobilenet_v3_large", lambda m: m.head.classification_head.num_columns),
+        ("lraspp_mobilenet_v3_large", lambda m: m.classifier.low_classifier.out_channels),
+    ],
+)
 def test_detection_and_segmentation_heads_give_the_number_of_classes(tmp_path, name, head):
     loaded = _round_trip(tmp_path, name, num_classes=4)
     assert head(loaded.module) == 4

@@ -13,12 +13,14 @@ from attnexplain.images import load_image
 def _gradient(width=40, height=30) -> np.ndarray:
     x = np.linspace(0, 255, width, dtype=np.float64)
     y = np.linspace(0, 255, height, dtype=np.float64)
-    return np.stack([np.add.outer(y * 0, x), np.add.outer(y, x * 0), np.full((height, width), 128.0)],
-                    axis=2).astype(np.uint8)
+    return np.stack([np.add.outer(y * 0, x), np.add.outer(y, x * 0), np.full((height, width), 128.0)], axis=2).astype(
+        np.uint8
+    )
 
 
-@pytest.mark.parametrize("suffix,format_name", [(".jpg", "JPEG"), (".png", "PNG"), (".webp", "WEBP"),
-                                                (".bmp", "BMP"), (".tif", "TIFF")])
+@pytest.mark.parametrize(
+    "suffix,format_name", [(".jpg", "JPEG"), (".png", "PNG"), (".webp", "WEBP"), (".bmp", "BMP"), (".tif", "TIFF")]
+)
 def test_common_formats_load_as_rgb(tmp_path, suffix, format_name):
     path = tmp_path / f"picture{suffix}"
     Image.fromarray(_gradient()).save(path)
@@ -71,12 +73,15 @@ def test_exif_orientation_is_applied(tmp_path):
     assert top[0] > 200 and bottom[0] < 60  # the red half is now on top
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: None, "not found"),
-    (lambda p: p.write_bytes(b""), "empty"),
-    (lambda p: p.write_text("this is not a picture"), "Not an image"),
-    (lambda p: p.mkdir(), "folder"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: None, "not found"),
+        (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_text("this is not a picture"), "Not an image"),
+        (lambda p: p.mkdir(), "folder"),
+    ],
+)
 def test_bad_files_raise_one_line_image_error(tmp_path, make, message):
     path = tmp_path / "bad.jpg"
     make(path)
@@ -101,6 +106,7 @@ def test_pixel_limit_refuses_before_decoding(tmp_path):
 
 
 # --- decoding only what is needed (an overlay's size, the model's input) -------------------------
+
 
 def _photo(path, width=1600, height=1200, orientation=None):
     """A smooth photo-like JPEG (gradients plus a soft disc), optionally with an EXIF rotation."""

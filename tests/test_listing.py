@@ -54,13 +54,19 @@ def builds_counted(monkeypatch):
         def build():
             calls.append(name)
             raise RuntimeError("built")
+
         return build
 
     for info in plugin_infos():
         if info.plugin is not None:
             original = info.plugin.catalog
-            monkeypatch.setattr(info.plugin, "catalog", lambda original=original: [
-                dataclasses.replace(entry, build=counted(entry.name)) for entry in original()])
+            monkeypatch.setattr(
+                info.plugin,
+                "catalog",
+                lambda original=original: [
+                    dataclasses.replace(entry, build=counted(entry.name)) for entry in original()
+                ],
+            )
     return calls
 
 
@@ -76,10 +82,20 @@ def test_models_json_lists_every_installed_plugins_catalog():
     assert {"torchvision", "timm", "attention-cnn"} <= set(by_plugin)
     assert len(by_plugin["timm"]) > 1000 and len(by_plugin["torchvision"]) == 98
     resnet = next(m for m in listed["models"] if m["spec"] == "torchvision:resnet50")
-    assert resnet == {"name": "resnet50", "spec": "torchvision:resnet50", "plugin": "torchvision",
-                      "task": "classification", "input_size": 224, "check_size": 128,
-                      "supported": True, "note": "", "method": None, "layer": None,
-                      "status": "supported", "seconds": None}
+    assert resnet == {
+        "name": "resnet50",
+        "spec": "torchvision:resnet50",
+        "plugin": "torchvision",
+        "task": "classification",
+        "input_size": 224,
+        "check_size": 128,
+        "supported": True,
+        "note": "",
+        "method": None,
+        "layer": None,
+        "status": "supported",
+        "seconds": None,
+    }
     cnn = next(m for m in listed["models"] if m["plugin"] == "attention-cnn")
     assert cnn["spec"] is None and cnn["name"] == "AttentionPoolingCNN"  # an --arch name
 
@@ -94,8 +110,15 @@ def test_models_show_the_size_the_weights_are_run_at_not_the_probes():
     from attnexplain.default_plugins.torchvision_detection import detector_preprocessing
 
     sizes = {(m["plugin"], m["name"]): m["input_size"] for m in _json("models")["models"]}
-    for name in ("resnet50", "vit_h_14", "swin_v2_t", "efficientnet_b7", "inception_v3",
-                 "deeplabv3_resnet50", "lraspp_mobilenet_v3_large"):
+    for name in (
+        "resnet50",
+        "vit_h_14",
+        "swin_v2_t",
+        "efficientnet_b7",
+        "inception_v3",
+        "deeplabv3_resnet50",
+        "lraspp_mobilenet_v3_large",
+    ):
         preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
         expected = preset.crop_size[0] if getattr(preset, "crop_size", None) else preset.resize_size[0]
         assert sizes[("torchvision", name)] == expected, name
@@ -132,12 +155,13 @@ def test_listing_builds_no_model_and_details_do(builds_counted):
 
 def test_a_warm_listing_imports_no_torch(fresh_cache):
     catalog.read_catalog()  # fills the cache
-    probe = ("import sys\nfrom attnexplain.cli import main\n"
-             "main.main(['models', '--json'], standalone_mode=False)\n"
-             "print('torch' in sys.modules, 'timm' in sys.modules, file=sys.stderr)")
+    probe = (
+        "import sys\nfrom attnexplain.cli import main\n"
+        "main.main(['models', '--json'], standalone_mode=False)\n"
+        "print('torch' in sys.modules, 'timm' in sys.modules, file=sys.stderr)"
+    )
     env = {**os.environ, plugin_cache.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.split() == ["False", "False"]
     assert len(json.loads(done.stdout)["models"]) == len(catalog.catalog_entries())
@@ -150,30 +174,35 @@ def test_a_torchvision_arch_imports_neither_timm_nor_transformers(tmp_path, fres
 
     from attnexplain.loading import load_model
 
-    for name, model in (("resnet18", torchvision.models.resnet18(num_classes=3)),
-                        ("convnext_tiny", torchvision.models.convnext_tiny(num_classes=3)),
-                        ("resnet10t", timm.create_model("resnet10t", num_classes=3))):
+    for name, model in (
+        ("resnet18", torchvision.models.resnet18(num_classes=3)),
+        ("convnext_tiny", torchvision.models.convnext_tiny(num_classes=3)),
+        ("resnet10t", timm.create_model("resnet10t", num_classes=3)),
+    ):
         torch.save(model.state_dict(), tmp_path / f"{name}.pt")
     # The first look-up asks timm's plugin once for its names (the cache is empty); later ones read them.
     plugin_cache._builder_names_for_key.cache_clear()
     assert [plugin.name for plugin, _ in plugin_cache.plugins_for_arch("resnet18")][0] == "torchvision"
     # convnext_tiny is a name both build: torchvision's fits, so timm's plugin is never asked.
-    probe = ("import sys\nfrom attnexplain.loading import load_model\n"
-             f"for name in ('resnet18', 'convnext_tiny'):\n"
-             f"    loaded = load_model({str(tmp_path)!r} + f'/{{name}}.pt', arch=name)\n"
-             "    print(type(loaded.module).__module__, file=sys.stderr)\n"
-             "print('timm' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
+    probe = (
+        "import sys\nfrom attnexplain.loading import load_model\n"
+        f"for name in ('resnet18', 'convnext_tiny'):\n"
+        f"    loaded = load_model({str(tmp_path)!r} + f'/{{name}}.pt', arch=name)\n"
+        "    print(type(loaded.module).__module__, file=sys.stderr)\n"
+        "print('timm' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)"
+    )
     env = {**os.environ, plugin_cache.CACHE_ENV: str(fresh_cache), "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                          timeout=240)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=240)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.split()[-4:] == ["torchvision.models.resnet", "torchvision.models.convnext",
-                                        "False", "False"]
+    assert done.stderr.split()[-4:] == ["torchvision.models.resnet", "torchvision.models.convnext", "False", "False"]
     # A name only timm builds is found through the cache; a cache file that lies (holds no name)
     # costs time, never a name: every plugin is then asked.
     assert type(load_model(tmp_path / "resnet10t.pt", arch="resnet10t").module).__module__ == "timm.models.resnet"
-    [names] = [path for path in (fresh_cache / "builders").iterdir()
-               if "timm:resnet18" in json.loads(path.read_text())["entries"]]
+    [names] = [
+        path
+        for path in (fresh_cache / "builders").iterdir()
+        if "timm:resnet18" in json.loads(path.read_text())["entries"]
+    ]
     names.write_text(json.dumps({"key": json.loads(names.read_text())["key"], "entries": []}))
     plugin_cache._builder_names_for_key.cache_clear()
     assert [plugin.name for plugin, _ in plugin_cache.plugins_for_arch("resnet10t")] == ["torchvision"]
@@ -200,8 +229,11 @@ def test_models_filters_by_pattern_glob_plugin_and_task():
     assert {"timm:resnet18", "timm:legacy_seresnet18", "torchvision:resnet18"} <= set(found)
     assert all("resnet18" in name for name in found)
     assert names("*:resnet18") == ["timm:resnet18", "torchvision:resnet18"]
-    assert names("--plugin", "torchvision", "RESNET1*") == ["torchvision:resnet101", "torchvision:resnet152",
-                                                            "torchvision:resnet18"]
+    assert names("--plugin", "torchvision", "RESNET1*") == [
+        "torchvision:resnet101",
+        "torchvision:resnet152",
+        "torchvision:resnet18",
+    ]
     assert names("timm:vit_base_patch16_384") == ["timm:vit_base_patch16_384"]
     assert len(names("--task", "detection")) == 12
     assert names("no-such-model") == []
@@ -216,17 +248,21 @@ def test_models_details_say_the_default_method_and_layer():
     assert (detector["method"], detector["layer"]) == ("layercam", "backbone.body.layer4")
 
 
-@pytest.mark.parametrize("content", [
-    "not json",
-    '{"key": "KEY", "entries": [{"name": "forged\\nrow", "task": "classification", "input_size": 224,'
-    ' "supported": true, "note": "", "default_size": null}]}',
-    '{"key": "KEY", "entries": [{"name": "x", "task": "classification", "input_size": 1000000000,'
-    ' "supported": true, "note": "", "default_size": null}]}',
-    '{"key": "KEY", "entries": [{"name": "x", "task": "classification", "input_size": 224,'
-    ' "supported": "yes", "note": "", "default_size": null, "build": "os.system"}]}',
-    '{"key": "KEY", "entries": {"name": "x"}}',
-    '[1, 2, 3]',
-], ids=["not-json", "newline-in-name", "huge-size", "wrong-types", "not-a-list", "not-a-dict"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        '{"key": "KEY", "entries": [{"name": "forged\\nrow", "task": "classification", "input_size": 224,'
+        ' "supported": true, "note": "", "default_size": null}]}',
+        '{"key": "KEY", "entries": [{"name": "x", "task": "classification", "input_size": 1000000000,'
+        ' "supported": true, "note": "", "default_size": null}]}',
+        '{"key": "KEY", "entries": [{"name": "x", "task": "classification", "input_size": 224,'
+        ' "supported": "yes", "note": "", "default_size": null, "build": "os.system"}]}',
+        '{"key": "KEY", "entries": {"name": "x"}}',
+        "[1, 2, 3]",
+    ],
+    ids=["not-json", "newline-in-name", "huge-size", "wrong-types", "not-a-list", "not-a-dict"],
+)
 def test_a_hostile_cache_file_is_ignored_and_rewritten(fresh_cache, content):
     info = next(info for info in plugin_infos() if info.name == "attention-cnn")
     catalog.read_catalog("attention-cnn")
@@ -248,7 +284,10 @@ def test_a_huge_cache_file_is_not_read(fresh_cache, monkeypatch):
     original = plugin.catalog
     monkeypatch.setattr(plugin, "catalog", lambda: asked.append(1) or original())
     catalog._live_catalog.cache_clear()
-    assert [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries] == ["AttentionPoolingCNN", "CBAMCNN"]
+    assert [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries] == [
+        "AttentionPoolingCNN",
+        "CBAMCNN",
+    ]
     assert asked == [1]
 
 
@@ -256,7 +295,10 @@ def test_an_unwritable_cache_folder_still_lists(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv(plugin_cache.CACHE_ENV, str(blocker / "cache"))
-    assert [m["name"] for m in _json("models", "--plugin", "attention-cnn")["models"]] == ["AttentionPoolingCNN", "CBAMCNN"]
+    assert [m["name"] for m in _json("models", "--plugin", "attention-cnn")["models"]] == [
+        "AttentionPoolingCNN",
+        "CBAMCNN",
+    ]
 
 
 def test_a_broken_catalog_is_reported_and_the_others_listed(monkeypatch):
@@ -307,10 +349,16 @@ def test_methods_json_lists_builtin_and_plugin_methods(monkeypatch):
     listed = json.loads(result.stdout)
     by_name = {method["name"]: method for method in listed["methods"]}
     for name, method in METHODS.items():
-        assert by_name[name] == {"name": name, "family": method.family, "summary": method.summary,
-                                 "applies_to": method.applies_to, "cost": method.cost,
-                                 "paper": method.paper, "needs_gradient": method.needs_gradient,
-                                 "plugin": None}
+        assert by_name[name] == {
+            "name": name,
+            "family": method.family,
+            "summary": method.summary,
+            "applies_to": method.applies_to,
+            "cost": method.cost,
+            "paper": method.paper,
+            "needs_gradient": method.needs_gradient,
+            "plugin": None,
+        }
     assert by_name["own_map"]["plugin"] == "attention-cnn"
     assert by_name["own_map"]["summary"] == "The plugin's own map."
     assert "has the name of a built-in method" in listed["errors"]["timm"]
@@ -353,13 +401,13 @@ def test_the_cache_follows_the_libraries_the_plugin_requires(monkeypatch):
     plugin = _plugin("attention-cnn")
     catalog.read_catalog("attention-cnn")  # cached: one entry
     original = plugin.catalog
-    monkeypatch.setattr(plugin, "catalog", lambda: [*original(), CatalogEntry("Newer", "classification",
-                                                                               64, lambda: None)])
+    monkeypatch.setattr(
+        plugin, "catalog", lambda: [*original(), CatalogEntry("Newer", "classification", 64, lambda: None)]
+    )
     catalog._live_catalog.cache_clear()
     names = lambda: [entry.name for _, entry in catalog.read_catalog("attention-cnn").entries]  # noqa: E731
     assert names() == ["AttentionPoolingCNN", "CBAMCNN"]  # same plugin file, same versions: the cache answers
     # attnexplain-attention-cnn requires torch: another torch version is another catalog.
     version = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "0.0.1" if name == "torch" else version(name))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "torch" else version(name))
     assert names() == ["AttentionPoolingCNN", "CBAMCNN", "Newer"]

@@ -17,8 +17,7 @@ from attnexplain.preprocess import Preprocessing
 DOCS = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text(encoding="utf-8")
 REFERENCE = DOCS.split("\n## API reference\n", 1)[1]
 SECTIONS = {heading.split("\n", 1)[0]: heading for heading in REFERENCE.split("\n### ")[1:]}
-HOOKS = sorted(name for name, value in vars(ModelPlugin).items()
-               if callable(value) and not name.startswith("_"))
+HOOKS = sorted(name for name, value in vars(ModelPlugin).items() if callable(value) and not name.startswith("_"))
 
 
 def _section(title_part: str) -> str:
@@ -48,16 +47,26 @@ def test_the_reference_names_no_hook_the_code_lacks():
 
 
 def test_every_plugin_attribute_is_in_the_reference():
-    attributes = [name for name, value in vars(ModelPlugin).items()
-                  if not name.startswith("_") and not callable(value)]
+    attributes = [name for name, value in vars(ModelPlugin).items() if not name.startswith("_") and not callable(value)]
     assert sorted(attributes) == ["api_version", "families", "name", "source_prefix"]
     for name in attributes:
         assert f"| `{name}` |" in _section("`ModelPlugin` attributes")
 
 
-@pytest.mark.parametrize("cls", [plugins.NamedModel, plugins.CatalogEntry, Preprocessing,
-                                 plugins.TokenGrid, plugins.WindowedAttention, plugins.SpatialAttention,
-                                 plugins.TokenReadout, plugins.Detections], ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [
+        plugins.NamedModel,
+        plugins.CatalogEntry,
+        Preprocessing,
+        plugins.TokenGrid,
+        plugins.WindowedAttention,
+        plugins.SpatialAttention,
+        plugins.TokenReadout,
+        plugins.Detections,
+    ],
+    ids=lambda cls: cls.__name__,
+)
 def test_every_field_of_the_plugin_data_classes_is_in_the_reference(cls):
     section = _section(f"`{cls.__name__}`")
     documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)

@@ -27,12 +27,15 @@ def test_state_dict_with_arch_infers_the_number_of_classes(resnet_state_dict_fil
     assert _same_outputs(loaded, small_resnet)
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: {"state_dict": sd, "epoch": 7, "best_acc1": 0.5},
-    lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
-    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},  # DataParallel
-    lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 7, "best_acc1": 0.5},
+        lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},  # DataParallel
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile
+    ],
+)
 def test_wrapped_checkpoints_and_prefixes(tmp_path, small_resnet, wrap):
     path = tmp_path / "checkpoint.pth"
     torch.save(wrap(small_resnet.state_dict()), path)
@@ -42,8 +45,7 @@ def test_wrapped_checkpoints_and_prefixes(tmp_path, small_resnet, wrap):
 def test_checkpoint_arch_key_needs_no_flag(tmp_path, small_resnet):
     # The layout of PyTorch's ImageNet example: {"arch": ..., "state_dict": ...}.
     path = tmp_path / "checkpoint.pth.tar"
-    torch.save({"arch": "resnet18", "state_dict": small_resnet.state_dict(),
-                "labels": list("abcde")}, path)
+    torch.save({"arch": "resnet18", "state_dict": small_resnet.state_dict(), "labels": list("abcde")}, path)
     loaded = load_model(path)
     assert loaded.architecture == "resnet18" and loaded.labels == list("abcde")
 
@@ -165,10 +167,13 @@ def test_torchvision_bad_names(tmp_path):
         load_model("torchvision:resnet18:BEST")
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "empty"),
-    (b"definitely not a model", "Not a PyTorch model file"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty"),
+        (b"definitely not a model", "Not a PyTorch model file"),
+    ],
+)
 def test_bad_model_files(tmp_path, content, message):
     path = tmp_path / "model.pt"
     path.write_bytes(content)
@@ -190,14 +195,18 @@ def test_labels_file_is_read(tmp_path, resnet_state_dict_file):
 def test_weights_are_the_files_and_half_precision_files_load_as_float32(tmp_path, small_resnet):
     state = small_resnet.state_dict()
     torch.save(state, tmp_path / "full.pt")
-    torch.save({key: value.half() if value.is_floating_point() else value
-                for key, value in state.items()}, tmp_path / "half.pt")
+    torch.save(
+        {key: value.half() if value.is_floating_point() else value for key, value in state.items()},
+        tmp_path / "half.pt",
+    )
     full = load_model(tmp_path / "full.pt", arch="resnet18").module.state_dict()
     assert all(torch.equal(full[key], value) for key, value in state.items())
     half = load_model(tmp_path / "half.pt", arch="resnet18").module.state_dict()
     assert all(half[key].dtype == value.dtype for key, value in state.items())
-    assert all(torch.equal(half[key], value.half().to(value.dtype) if value.is_floating_point() else value)
-               for key, value in state.items())
+    assert all(
+        torch.equal(half[key], value.half().to(value.dtype) if value.is_floating_point() else value)
+        for key, value in state.items()
+    )
 
 
 def test_loading_leaves_random_initialisation_to_everyone_else(resnet_state_dict_file):

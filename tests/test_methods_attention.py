@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import correlation
 
 import attnexplain
 from attnexplain.explanation import MethodOptions
 from attnexplain.images import load_image
 from attnexplain.preprocess import Preprocessing, prepare
-
-from conftest import correlation
 
 
 def _batch(photo, size=64):
@@ -73,16 +72,16 @@ def _reference_rollout(probabilities, fusion="mean", discard=0.0):
 
 def test_manual_forward_reproduces_the_model(small_vit, photo):
     with torch.no_grad():
-        assert torch.allclose(_manual_forward(small_vit, _batch(photo))[0], small_vit(_batch(photo)),
-                              atol=1e-5)
+        assert torch.allclose(_manual_forward(small_vit, _batch(photo))[0], small_vit(_batch(photo)), atol=1e-5)
 
 
 @pytest.mark.parametrize("fusion,discard", [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.5)])
 def test_rollout_variants_match_reference(small_vit, photo, fusion, discard):
     with torch.no_grad():
         _, probabilities = _manual_forward(small_vit, _batch(photo))
-    result = attnexplain.explain(small_vit, photo, "rollout",
-                                 options=MethodOptions(head_fusion=fusion, discard_ratio=discard))
+    result = attnexplain.explain(
+        small_vit, photo, "rollout", options=MethodOptions(head_fusion=fusion, discard_ratio=discard)
+    )
     assert correlation(result.heatmap, _reference_rollout(probabilities, fusion, discard)) >= 0.999
 
 
@@ -145,7 +144,7 @@ def test_legrad_matches_the_authors_formula(small_vit, photo):
     per_layer = []
     for layer_tokens, weights in zip(tokens, probabilities):
         score = small_vit.heads(small_vit.encoder.ln(layer_tokens.mean(dim=1)))[0, 3]
-        gradient, = torch.autograd.grad(score, weights, retain_graph=True)
+        (gradient,) = torch.autograd.grad(score, weights, retain_graph=True)
         per_layer.append(np.maximum(gradient[0].double().numpy(), 0).mean(axis=(0, 1))[1:])
     assert result.target.index == 3
     assert correlation(result.heatmap, _upsample(np.mean(per_layer, axis=0))) >= 0.999

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import correlation
 
 import attnexplain
 from attnexplain.explanation import MethodOptions
 from attnexplain.images import load_image
 from attnexplain.preprocess import Preprocessing, prepare
-
-from conftest import correlation
 
 SIZE = 64
 
@@ -23,26 +22,30 @@ def _batch(photo):
 def test_saliency_and_integrated_gradients_equal_captum(small_resnet, photo):
     from captum.attr import IntegratedGradients, Saliency
 
-    result = attnexplain.explain(small_resnet, photo, "saliency,integrated_gradients", size=SIZE,
-                                 options=MethodOptions(steps=8))
+    result = attnexplain.explain(
+        small_resnet, photo, "saliency,integrated_gradients", size=SIZE, options=MethodOptions(steps=8)
+    )
     target = result.target.index
     saliency = Saliency(small_resnet).attribute(_batch(photo).requires_grad_(), target=target, abs=True)
     assert correlation(result.maps["saliency"].heatmap, saliency.amax(1)[0].numpy()) >= 0.999
     integrated = IntegratedGradients(small_resnet).attribute(
-        _batch(photo).requires_grad_(), baselines=0.0, target=target, n_steps=8)
-    assert correlation(result.maps["integrated_gradients"].heatmap,
-                       integrated.sum(1).abs()[0].detach().numpy()) >= 0.999
+        _batch(photo).requires_grad_(), baselines=0.0, target=target, n_steps=8
+    )
+    assert (
+        correlation(result.maps["integrated_gradients"].heatmap, integrated.sum(1).abs()[0].detach().numpy()) >= 0.999
+    )
 
 
 def test_occlusion_equals_captum(small_resnet, photo):
     from captum.attr import Occlusion
 
     # 3 x 3 overlapping windows (a forward each, on both sides): overlaps are averaged as in Captum.
-    result = attnexplain.explain(small_resnet, photo, "occlusion", size=SIZE,
-                                 options=MethodOptions(window=24, stride=20))
-    reference = Occlusion(small_resnet).attribute(_batch(photo), sliding_window_shapes=(3, 24, 24),
-                                                  strides=(3, 20, 20), baselines=0.0,
-                                                  target=result.target.index)
+    result = attnexplain.explain(
+        small_resnet, photo, "occlusion", size=SIZE, options=MethodOptions(window=24, stride=20)
+    )
+    reference = Occlusion(small_resnet).attribute(
+        _batch(photo), sliding_window_shapes=(3, 24, 24), strides=(3, 20, 20), baselines=0.0, target=result.target.index
+    )
     assert correlation(result.heatmap, reference.sum(1)[0].numpy()) >= 0.999
 
 
@@ -50,14 +53,19 @@ def test_smoothgrad_is_captum_noise_tunnel(small_resnet, photo):
     from captum.attr import NoiseTunnel, Saliency
 
     torch.manual_seed(0)
-    result = attnexplain.explain(small_resnet, photo, "smoothgrad", size=SIZE,
-                                 options=MethodOptions(samples=4))
+    result = attnexplain.explain(small_resnet, photo, "smoothgrad", size=SIZE, options=MethodOptions(samples=4))
     batch = _batch(photo)
     spread = float(batch.max() - batch.min()) * 0.15
     torch.manual_seed(0)
     reference = NoiseTunnel(Saliency(small_resnet)).attribute(
-        batch.requires_grad_(), nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=32,
-        stdevs=spread, target=result.target.index, abs=True)
+        batch.requires_grad_(),
+        nt_type="smoothgrad",
+        nt_samples=4,
+        nt_samples_batch_size=32,
+        stdevs=spread,
+        target=result.target.index,
+        abs=True,
+    )
     assert correlation(result.heatmap, reference.amax(1)[0].numpy()) >= 0.999
 
 
@@ -70,7 +78,8 @@ def test_guided_gradcam_is_captum_guided_backprop_times_bilinear_gradcam(small_r
     assert result.layer == "layer4"
     target = result.target.index
     cam = LayerGradCam(small_resnet, small_resnet.layer4).attribute(
-        _batch(photo).requires_grad_(), target=target, relu_attributions=True)
+        _batch(photo).requires_grad_(), target=target, relu_attributions=True
+    )
     cam = LayerAttribution.interpolate(cam, (SIZE, SIZE), interpolate_mode="bilinear")
     guided = GuidedBackprop(small_resnet).attribute(_batch(photo).requires_grad_(), target=target)
     reference = (guided * cam).sum(1).abs()[0].detach().numpy()
@@ -106,9 +115,18 @@ def test_gradient_attributions_equal_captum(small_resnet, photo):
     batch = _batch(photo)
     torch.manual_seed(NOISE_SEED)
     np.random.seed(NOISE_SEED)  # Captum draws the points between baseline and image from NumPy
-    expected["gradientshap"] = GradientShap(small_resnet).attribute(
-        leaf(), baselines=torch.zeros_like(batch), n_samples=4,
-        stdevs=0.15 * float(batch.max() - batch.min()), target=target).sum(1).abs()
+    expected["gradientshap"] = (
+        GradientShap(small_resnet)
+        .attribute(
+            leaf(),
+            baselines=torch.zeros_like(batch),
+            n_samples=4,
+            stdevs=0.15 * float(batch.max() - batch.min()),
+            target=target,
+        )
+        .sum(1)
+        .abs()
+    )
     for name, reference in expected.items():
         assert correlation(result.maps[name].heatmap, reference[0].detach().numpy()) >= 0.999, name
 
@@ -116,13 +134,13 @@ def test_gradient_attributions_equal_captum(small_resnet, photo):
 def test_deeplift_and_lrp_equal_captum_on_a_plain_cnn(plain_cnn, photo):
     from captum.attr import LRP, DeepLift
 
-    result = attnexplain.explain(plain_cnn, photo, "deeplift,lrp", size=SIZE,
-                                 options=MethodOptions(baseline="black"))
+    result = attnexplain.explain(plain_cnn, photo, "deeplift,lrp", size=SIZE, options=MethodOptions(baseline="black"))
     target = result.target.index
     batch = _batch(photo)
-    black = (-torch.tensor((0.485, 0.456, 0.406)) / torch.tensor((0.229, 0.224, 0.225)))
-    deeplift = DeepLift(plain_cnn).attribute(batch.clone().requires_grad_(), target=target,
-                                             baselines=black.reshape(1, 3, 1, 1).expand_as(batch))
+    black = -torch.tensor((0.485, 0.456, 0.406)) / torch.tensor((0.229, 0.224, 0.225))
+    deeplift = DeepLift(plain_cnn).attribute(
+        batch.clone().requires_grad_(), target=target, baselines=black.reshape(1, 3, 1, 1).expand_as(batch)
+    )
     lrp = LRP(plain_cnn).attribute(batch.clone().requires_grad_(), target=target)
     assert correlation(result.maps["deeplift"].heatmap, deeplift.sum(1).abs()[0].detach().numpy()) >= 0.999
     assert correlation(result.maps["lrp"].heatmap, lrp.sum(1).abs()[0].detach().numpy()) >= 0.999
@@ -147,8 +165,9 @@ def _captum_on_our_superpixels(model, photo, method, explainer, **kwargs):
     assert 20 <= int(mask.max()) + 1 <= 80 and mask.shape == (1, 1, SIZE, SIZE)
     torch.manual_seed(NOISE_SEED)
     np.random.seed(NOISE_SEED)
-    reference = explainer(model).attribute(batch, baselines=0.0, target=result.target.index,
-                                           feature_mask=mask, **kwargs)
+    reference = explainer(model).attribute(
+        batch, baselines=0.0, target=result.target.index, feature_mask=mask, **kwargs
+    )
     return result.heatmap, reference[0, 0].numpy()
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from click.testing import CliRunner
+from conftest import correlation, with_random_batchnorm_statistics
 
 import attnexplain
 from attnexplain.cli import main
@@ -20,8 +21,6 @@ from attnexplain.errors import MethodError
 from attnexplain.explanation import MethodOptions
 from attnexplain.images import load_image
 from attnexplain.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, prepare
-
-from conftest import correlation, with_random_batchnorm_statistics
 
 SIZE = 64
 
@@ -49,11 +48,12 @@ def _hooked_gradcam_and_input_gradient(model, layer, to_map, inputs, target):
 
 # --- 1. guided_gradcam through the plugin's layer layout ---------------------------------------
 
+
 def _tiny_swin():
     torch.manual_seed(2)
-    return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1],
-                                              num_heads=[2, 2], window_size=[4, 4],
-                                              num_classes=5).eval()
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+    ).eval()
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -69,13 +69,13 @@ def test_guided_gradcam_on_a_transformer_is_guided_backprop_times_its_gradcam(fa
 
         def to_map(channels_last):
             return channels_last.permute(0, 3, 1, 2)
+
     # Guided backpropagation changes only nn.ReLU gradients; these models have none (GELU), so it
     # is the plain input gradient here.
     assert not any(isinstance(module, torch.nn.ReLU) for module in model.modules())
     result = attnexplain.explain(model, photo, "guided_gradcam", layer=layer, size=SIZE)
     assert result.maps["guided_gradcam"].layers == [layer]
-    cam, input_gradient = _hooked_gradcam_and_input_gradient(model, layer, to_map, _input(photo),
-                                                             result.target.index)
+    cam, input_gradient = _hooked_gradcam_and_input_gradient(model, layer, to_map, _input(photo), result.target.index)
     expected = (input_gradient * cam).sum(dim=0).abs().numpy()
     assert float(np.abs(expected).max()) > 0
     np.testing.assert_allclose(result.heatmap, expected, rtol=1e-3, atol=1e-4 * float(expected.max()))
@@ -89,12 +89,11 @@ def test_guided_gradcam_refuses_a_layer_it_cannot_lay_out(small_vit, photo):
 def test_guided_gradcam_on_a_vit_from_the_command_line(tmp_path, small_vit, photo):
     path = tmp_path / "vit.pt"
     torch.save(small_vit.state_dict(), path)
-    arch_kwargs = dict(image_size=64, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32,
-                       mlp_dim=64, num_classes=6)
-    torch.save({"state_dict": small_vit.state_dict(), "arch": "VisionTransformer",
-                "arch_kwargs": arch_kwargs}, path)
-    result = CliRunner().invoke(main, ["run", str(path), str(photo), "--method", "guided_gradcam",
-                                       "--out", str(tmp_path / "out"), "--json"])
+    arch_kwargs = dict(image_size=64, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=6)
+    torch.save({"state_dict": small_vit.state_dict(), "arch": "VisionTransformer", "arch_kwargs": arch_kwargs}, path)
+    result = CliRunner().invoke(
+        main, ["run", str(path), str(photo), "--method", "guided_gradcam", "--out", str(tmp_path / "out"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     # the default layer: the input of the block at half depth (block 1 of 3)
@@ -103,6 +102,7 @@ def test_guided_gradcam_on_a_vit_from_the_command_line(tmp_path, small_vit, phot
 
 
 # --- 3. DenseNet: the rectified features its classifier reads -----------------------------------
+
 
 @pytest.fixture(scope="module")
 def densenet():
@@ -132,8 +132,9 @@ def test_densenet_default_layer_is_the_rectified_features_and_its_gradcam_is_the
     cam = torch.relu((weights * torch.relu(features)).sum(dim=1, keepdim=True)) / features[0, 0].numel()
     expected = F.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy()
     for method in ("gradcam", "xgradcam", "hirescam"):
-        np.testing.assert_allclose(result.maps[method].heatmap, expected, rtol=1e-4,
-                                   atol=1e-5 * float(expected.max()), err_msg=method)
+        np.testing.assert_allclose(
+            result.maps[method].heatmap, expected, rtol=1e-4, atol=1e-5 * float(expected.max()), err_msg=method
+        )
 
 
 def test_densenet_keeps_its_output_and_weights(densenet):
@@ -141,8 +142,7 @@ def test_densenet_keeps_its_output_and_weights(densenet):
     assert all(key.startswith(("features.", "classifier.")) for key in densenet.state_dict())
     inputs = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():  # torchvision's own forward, on the same weights
-        assert torch.allclose(torchvision.models.DenseNet.forward(densenet, inputs), densenet(inputs),
-                              atol=1e-6)
+        assert torch.allclose(torchvision.models.DenseNet.forward(densenet, inputs), densenet(inputs), atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -150,8 +150,7 @@ def test_densenet_map_is_the_same_on_cpu_and_cuda(densenet, photo):
     import copy
 
     on_cpu = attnexplain.explain(densenet, photo, "gradcam,gradcampp,xgradcam", size=SIZE)
-    on_cuda = attnexplain.explain(copy.deepcopy(densenet).cuda(), photo, "gradcam,gradcampp,xgradcam",
-                                  size=SIZE)
+    on_cuda = attnexplain.explain(copy.deepcopy(densenet).cuda(), photo, "gradcam,gradcampp,xgradcam", size=SIZE)
     for method in ("gradcam", "gradcampp", "xgradcam"):
         assert correlation(on_cpu.maps[method].heatmap, on_cuda.maps[method].heatmap) >= 0.9999, method
 
@@ -170,8 +169,7 @@ def _baseline_by_hand(inputs: torch.Tensor, kind: str) -> torch.Tensor:
     # blur: a Gaussian of σ = side/16, radius 3σ, mirrored at the borders; normalisation is affine
     # per channel, so blurring the normalised image is blurring the photo.
     sigma = inputs.shape[-1] / 16
-    blurred = scipy.ndimage.gaussian_filter(inputs.numpy(), sigma=(0, 0, sigma, sigma), mode="mirror",
-                                            truncate=3.0)
+    blurred = scipy.ndimage.gaussian_filter(inputs.numpy(), sigma=(0, 0, sigma, sigma), mode="mirror", truncate=3.0)
     return torch.from_numpy(blurred)
 
 
@@ -180,32 +178,54 @@ def test_integrated_gradients_and_occlusion_start_from_the_chosen_baseline(basel
     from captum.attr import IntegratedGradients, Occlusion
 
     options = MethodOptions(steps=8, window=16, stride=8, baseline=baseline)
-    result = attnexplain.explain(small_resnet, photo, "integrated_gradients,occlusion",
-                                 size=BASELINE_SIZE, options=options)
+    result = attnexplain.explain(
+        small_resnet, photo, "integrated_gradients,occlusion", size=BASELINE_SIZE, options=options
+    )
     inputs, target = _input(photo, BASELINE_SIZE), result.target.index
     reference = _baseline_by_hand(inputs, baseline)
     integrated = IntegratedGradients(small_resnet).attribute(
-        inputs.clone().requires_grad_(), baselines=reference, target=target, n_steps=8)
-    np.testing.assert_allclose(result.maps["integrated_gradients"].heatmap,
-                               integrated.sum(1).abs()[0].detach().numpy(), rtol=1e-3, atol=1e-5)
-    occluded = Occlusion(small_resnet).attribute(inputs, sliding_window_shapes=(3, 16, 16),
-                                                 strides=(3, 8, 8), baselines=reference, target=target)
-    np.testing.assert_allclose(result.maps["occlusion"].heatmap, occluded.sum(1)[0].numpy(),
-                               rtol=1e-3, atol=1e-5)
+        inputs.clone().requires_grad_(), baselines=reference, target=target, n_steps=8
+    )
+    np.testing.assert_allclose(
+        result.maps["integrated_gradients"].heatmap, integrated.sum(1).abs()[0].detach().numpy(), rtol=1e-3, atol=1e-5
+    )
+    occluded = Occlusion(small_resnet).attribute(
+        inputs, sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8), baselines=reference, target=target
+    )
+    np.testing.assert_allclose(result.maps["occlusion"].heatmap, occluded.sum(1)[0].numpy(), rtol=1e-3, atol=1e-5)
 
 
 def test_baselines_differ_from_each_other(small_resnet, photo):
-    maps = {baseline: attnexplain.explain(small_resnet, photo, "integrated_gradients", size=BASELINE_SIZE,
-                                          options=MethodOptions(steps=8, baseline=baseline)).heatmap
-            for baseline in ("mean", "black", "blur")}
+    maps = {
+        baseline: attnexplain.explain(
+            small_resnet,
+            photo,
+            "integrated_gradients",
+            size=BASELINE_SIZE,
+            options=MethodOptions(steps=8, baseline=baseline),
+        ).heatmap
+        for baseline in ("mean", "black", "blur")
+    }
     assert correlation(maps["mean"], maps["black"]) < 0.999
     assert correlation(maps["mean"], maps["blur"]) < 0.999
 
 
-def test_baseline_option_reaches_the_report_and_refuses_unknown_values(tmp_path, resnet_state_dict_file,
-                                                                       photo):
-    common = ["run", str(resnet_state_dict_file), str(photo), "--arch", "resnet18", "--size", "32",
-              "--method", "occlusion", "--window", "8", "--out", str(tmp_path / "out")]
+def test_baseline_option_reaches_the_report_and_refuses_unknown_values(tmp_path, resnet_state_dict_file, photo):
+    common = [
+        "run",
+        str(resnet_state_dict_file),
+        str(photo),
+        "--arch",
+        "resnet18",
+        "--size",
+        "32",
+        "--method",
+        "occlusion",
+        "--window",
+        "8",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     result = CliRunner().invoke(main, common + ["--baseline", "blur", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["options"]["baseline"] == "blur"

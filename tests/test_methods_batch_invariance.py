@@ -7,16 +7,16 @@ over the whole batch (SmoothGrad's σ once was) or random draws that depend on a
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from test_gates import gated_model  # noqa: F401 - the fixture: a MobileNetV3 with non-uniform gates
 
 from attnexplain.explanation import MethodOptions, _as_loaded_model, compute_maps, plan_explanation
 from attnexplain.methods import METHODS
 from attnexplain.methods.attribution import NOISE_SEED
 from attnexplain.preprocess import Preprocessing, prepare
-
-from test_gates import gated_model  # noqa: F401 - the fixture: a MobileNetV3 with non-uniform gates
 
 SIZE = 64
 #: Few samples and steps: the property does not depend on them, the test's time does.
@@ -44,10 +44,12 @@ def _model_for(method: str, small_resnet, small_vit, gated_model, plain_cnn):
 SLOW = ("sscam", "iscam", "ablationcam")
 
 
-@pytest.mark.parametrize("method", [pytest.param(name, marks=pytest.mark.heavy) if name in SLOW else name
-                                    for name in METHODS])
-def test_each_image_gets_the_same_map_alone_as_in_a_batch(method, photos, small_resnet, small_vit,
-                                                          gated_model, plain_cnn):
+@pytest.mark.parametrize(
+    "method", [pytest.param(name, marks=pytest.mark.heavy) if name in SLOW else name for name in METHODS]
+)
+def test_each_image_gets_the_same_map_alone_as_in_a_batch(
+    method, photos, small_resnet, small_vit, gated_model, plain_cnn
+):
     loaded = _as_loaded_model(_model_for(method, small_resnet, small_vit, gated_model, plain_cnn))
     # The Score-CAM family and Ablation-CAM cost forwards per channel: a layer with few of them.
     per_channel = method in ("scorecam", "sscam", "iscam", "ablationcam")
@@ -58,20 +60,26 @@ def test_each_image_gets_the_same_map_alone_as_in_a_batch(method, photos, small_
     together = compute_maps(loaded, photos, plan.methods, plan.layers, options=options)
     for index in range(len(photos)):
         torch.manual_seed(index)
-        alone = compute_maps(loaded, photos[index:index + 1], plan.methods, plan.layers, options=options)
+        alone = compute_maps(loaded, photos[index : index + 1], plan.methods, plan.layers, options=options)
         assert int(alone.targets[0]) == int(together.targets[index])
         expected = alone.maps[method][0].numpy()
         scale = float(np.abs(expected).max()) or 1.0
-        np.testing.assert_allclose(together.maps[method][index].numpy(), expected,
-                                   rtol=1e-4, atol=1e-4 * scale, err_msg=f"{method}, image {index}")
+        np.testing.assert_allclose(
+            together.maps[method][index].numpy(),
+            expected,
+            rtol=1e-4,
+            atol=1e-4 * scale,
+            err_msg=f"{method}, image {index}",
+        )
 
 
 def test_the_same_image_at_another_position_gets_the_same_smoothgrad(photos, small_resnet):
     loaded = _as_loaded_model(small_resnet)
     plan = plan_explanation(loaded, "smoothgrad", size=SIZE)
     forward = compute_maps(loaded, photos, plan.methods, plan.layers, options=OPTIONS).maps["smoothgrad"]
-    backward = compute_maps(loaded, photos.flip(0), plan.methods, plan.layers,
-                            options=OPTIONS).maps["smoothgrad"].flip(0)
+    backward = (
+        compute_maps(loaded, photos.flip(0), plan.methods, plan.layers, options=OPTIONS).maps["smoothgrad"].flip(0)
+    )
     np.testing.assert_allclose(backward.numpy(), forward.numpy(), rtol=1e-4, atol=1e-7)
 
 
@@ -89,5 +97,4 @@ def test_smoothgrad_noise_is_a_share_of_each_images_own_range(photos, small_resn
         target = int(computed.targets[index])
         small_resnet(noisy)[:, target].sum().backward()
         expected = noisy.grad.abs().mean(dim=0).amax(dim=0)
-        np.testing.assert_allclose(computed.maps["smoothgrad"][index].numpy(), expected.numpy(),
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(computed.maps["smoothgrad"][index].numpy(), expected.numpy(), rtol=1e-4, atol=1e-6)

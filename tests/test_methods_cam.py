@@ -6,12 +6,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import correlation
 
 import attnexplain
 from attnexplain.explanation import MethodOptions
 from attnexplain.preprocess import Preprocessing, prepare
-
-from conftest import correlation
 
 SIZE = 96
 
@@ -34,15 +33,20 @@ def _grad_cam_package(model, layers, cls, pixels, target, size=SIZE, **kwargs):
     model.requires_grad_(True)  # pytorch-grad-cam backpropagates into the parameters
     try:
         with cls(model=model, target_layers=layers) as cam:
-            return cam(input_tensor=_batch(pixels, size), targets=[ClassifierOutputTarget(target)],
-                       **kwargs)[0]
+            return cam(input_tensor=_batch(pixels, size), targets=[ClassifierOutputTarget(target)], **kwargs)[0]
     finally:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
 
 
-PACKAGE_CLASSES = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM",
-                   "layercam": "LayerCAM", "hirescam": "HiResCAM", "scorecam": "ScoreCAM"}
+PACKAGE_CLASSES = {
+    "gradcam": "GradCAM",
+    "gradcampp": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "scorecam": "ScoreCAM",
+}
 
 
 # Score-CAM runs the model once per layer4 channel (512) on both sides: in the default run, one
@@ -52,13 +56,18 @@ def test_every_cam_method_matches_pytorch_grad_cam_from_one_pass(small_resnet, i
     import pytorch_grad_cam
 
     names = ",".join(PACKAGE_CLASSES)
-    for pixels in images[photo_index:photo_index + 1]:
+    for pixels in images[photo_index : photo_index + 1]:
         result = attnexplain.explain(small_resnet, pixels, names, size=size)
         assert list(result.maps) == list(PACKAGE_CLASSES)
         for name, class_name in PACKAGE_CLASSES.items():
-            reference = _grad_cam_package(small_resnet, [small_resnet.layer4],
-                                          getattr(pytorch_grad_cam, class_name), pixels,
-                                          result.target.index, size=size)
+            reference = _grad_cam_package(
+                small_resnet,
+                [small_resnet.layer4],
+                getattr(pytorch_grad_cam, class_name),
+                pixels,
+                result.target.index,
+                size=size,
+            )
             assert correlation(result.maps[name].heatmap, reference) >= 0.999, name
 
 
@@ -66,10 +75,10 @@ def test_eigen_smoothing_matches_pytorch_grad_cam(small_resnet, images):
     from pytorch_grad_cam import GradCAM, LayerCAM
 
     for name, cls in (("gradcam", GradCAM), ("layercam", LayerCAM)):
-        result = attnexplain.explain(small_resnet, images[0], name, size=SIZE,
-                                     options=MethodOptions(eigen_smooth=True))
-        reference = _grad_cam_package(small_resnet, [small_resnet.layer4], cls, images[0],
-                                      result.target.index, eigen_smooth=True)
+        result = attnexplain.explain(small_resnet, images[0], name, size=SIZE, options=MethodOptions(eigen_smooth=True))
+        reference = _grad_cam_package(
+            small_resnet, [small_resnet.layer4], cls, images[0], result.target.index, eigen_smooth=True
+        )
         # Their projection keeps SVD's arbitrary sign, ours makes the larger magnitude positive;
         # on these images the two agree (test_eigencam_... checks the corrected sign itself).
         assert correlation(result.heatmap, reference) >= 0.999
@@ -94,13 +103,15 @@ def test_layer_fusion_matches_pytorch_grad_cam(small_resnet, images):
 
     result = attnexplain.explain(small_resnet, images[0], "gradcam", layer="layer3,layer4", size=SIZE)
     assert result.layer == "layer3,layer4"
-    reference = _grad_cam_package(small_resnet, [small_resnet.layer3, small_resnet.layer4], GradCAM,
-                                  images[0], result.target.index)
+    reference = _grad_cam_package(
+        small_resnet, [small_resnet.layer3, small_resnet.layer4], GradCAM, images[0], result.target.index
+    )
     assert correlation(result.heatmap, reference) >= 0.999
 
 
-@pytest.mark.parametrize("name,class_name", [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"),
-                                             ("layercam", "LayerCAM")])
+@pytest.mark.parametrize(
+    "name,class_name", [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("layercam", "LayerCAM")]
+)
 def test_cam_methods_match_torchcam(small_resnet, images, name, class_name):
     """torchcam's Grad-CAM++ and Score-CAM follow other formulas (docs/methods.md says how); the
     rest agree with it."""
@@ -117,8 +128,11 @@ def test_cam_methods_match_torchcam(small_resnet, images, name, class_name):
         extractor.remove_hooks()
         small_resnet.requires_grad_(False)
         small_resnet.zero_grad(set_to_none=True)
-    reference = F.interpolate(cam[:, None].float(), size=(SIZE, SIZE), mode="bilinear",
-                              align_corners=False)[0, 0].detach().numpy()
+    reference = (
+        F.interpolate(cam[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
+        .detach()
+        .numpy()
+    )
     assert correlation(result.heatmap, reference) >= 0.999
 
 
@@ -147,17 +161,20 @@ def test_cam_on_transformer_blocks_matches_pytorch_grad_cam_reshape_transforms(s
 
     torch.manual_seed(0)
     swin = torchvision.models.swin_t(num_classes=7).eval()
-    cases = [(small_vit, "encoder.layers.encoder_layer_1", 64, _vit_tokens_to_map),
-             (swin, "features.5", 128, lambda tensor: tensor.permute(0, 3, 1, 2))]
+    cases = [
+        (small_vit, "encoder.layers.encoder_layer_1", 64, _vit_tokens_to_map),
+        (swin, "features.5", 128, lambda tensor: tensor.permute(0, 3, 1, 2)),
+    ]
     for model, layer, size, reshape in cases:
         pixels = images[0]
         result = attnexplain.explain(model, pixels, "gradcam", layer=layer, size=size)
         model.requires_grad_(True)
         try:
-            with GradCAM(model=model, target_layers=[model.get_submodule(layer)],
-                         reshape_transform=reshape) as cam:
-                reference = cam(input_tensor=prepare(pixels, Preprocessing(size=(size, size))).tensor,
-                                targets=[ClassifierOutputTarget(result.target.index)])[0]
+            with GradCAM(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
+                reference = cam(
+                    input_tensor=prepare(pixels, Preprocessing(size=(size, size))).tensor,
+                    targets=[ClassifierOutputTarget(result.target.index)],
+                )[0]
         finally:
             model.requires_grad_(False)
         assert correlation(result.heatmap, reference) >= 0.999, layer

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import correlation
 from torch import nn
 
 import attnexplain
 from attnexplain.explanation import MethodOptions
 from attnexplain.preprocess import Preprocessing, prepare
-
-from conftest import correlation
 
 SIZE = 64
 
@@ -46,8 +45,7 @@ def grad_cam_package(model, layers, cam_class, pixels, targets, size=SIZE, resha
     model.requires_grad_(True)
     originals = eigen_grad_cam.get_2d_projection, kpca_cam.get_2d_projection_kernel
     eigen_grad_cam.get_2d_projection = get_2d_projection_with_sign_correction
-    kpca_cam.get_2d_projection_kernel = lambda activations, *args: originals[1](
-        activations.astype(np.float64), *args)
+    kpca_cam.get_2d_projection_kernel = lambda activations, *args: originals[1](activations.astype(np.float64), *args)
     try:
         with cam_class(model=model, target_layers=layers, reshape_transform=reshape) as cam:
             return cam(input_tensor=_batch(pixels, size), targets=targets, **call)[0]
@@ -73,8 +71,9 @@ class SmallCNN(nn.Module):
         self.concatenate = concatenate
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.features = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
-        self.mix = nn.Sequential(nn.Conv2d(20 if concatenate else 12, 16, 1), nn.GELU(),
-                                 nn.Conv2d(16, 16, 1), nn.GELU())
+        self.mix = nn.Sequential(
+            nn.Conv2d(20 if concatenate else 12, 16, 1), nn.GELU(), nn.Conv2d(16, 16, 1), nn.GELU()
+        )
         self.head = nn.Linear(16, classes)
         with torch.no_grad():  # weights large enough for the GELUs to bend and the maps to vary
             for layer in (*self.mix[::2], self.head):
@@ -99,8 +98,9 @@ def small_cnn():
 def test_gradient_cams_from_one_pass_match_pytorch_grad_cam(small_resnet, pixels):
     from pytorch_grad_cam import EigenGradCAM, FinerCAM, GradCAMElementWise, ShapleyCAM
 
-    result = attnexplain.explain(small_resnet, pixels, "gradcam_elementwise,eigengradcam,shapleycam,finercam",
-                                 size=SIZE)
+    result = attnexplain.explain(
+        small_resnet, pixels, "gradcam_elementwise,eigengradcam,shapleycam,finercam", size=SIZE
+    )
     target = result.target.index
     layers = [small_resnet.layer4]
     references = {
@@ -117,8 +117,7 @@ def test_shapleycam_uses_the_hessian_where_the_head_is_not_piecewise_linear(smal
     from pytorch_grad_cam import ShapleyCAM
 
     result = attnexplain.explain(small_cnn, pixels, "shapleycam,gradcam", layer="features", size=SIZE)
-    reference = grad_cam_package(small_cnn, [small_cnn.features], ShapleyCAM, pixels,
-                                 _target(result.target.index))
+    reference = grad_cam_package(small_cnn, [small_cnn.features], ShapleyCAM, pixels, _target(result.target.index))
     assert correlation(result.maps["shapleycam"].heatmap, reference) >= 0.999
     # The ½·H·A term changes the map here (through a ReLU head it is 0 and this is Grad-CAM).
     assert correlation(result.maps["shapleycam"].heatmap, result.maps["gradcam"].heatmap) < 0.9999
@@ -161,10 +160,16 @@ def test_shapleycam_differentiates_twice_through_scaled_dot_product_attention(pi
 def test_finercam_compares_with_the_chosen_number_of_similar_classes(small_resnet, pixels):
     from pytorch_grad_cam import FinerCAM
 
-    result = attnexplain.explain(small_resnet, pixels, "finercam", size=SIZE,
-                                 options=MethodOptions(finer_classes=1))
-    reference = grad_cam_package(small_resnet, [small_resnet.layer4], FinerCAM, pixels, None,
-                                 target_idx=result.target.index, comparison_categories=[1])
+    result = attnexplain.explain(small_resnet, pixels, "finercam", size=SIZE, options=MethodOptions(finer_classes=1))
+    reference = grad_cam_package(
+        small_resnet,
+        [small_resnet.layer4],
+        FinerCAM,
+        pixels,
+        None,
+        target_idx=result.target.index,
+        comparison_categories=[1],
+    )
     assert correlation(result.heatmap, reference) >= 0.999
 
 
@@ -172,8 +177,7 @@ def test_kpcacam_matches_pytorch_grad_cam(small_resnet, pixels):
     from pytorch_grad_cam import KPCA_CAM
 
     result = attnexplain.explain(small_resnet, pixels, "kpcacam", size=SIZE)
-    reference = grad_cam_package(small_resnet, [small_resnet.layer4], KPCA_CAM, pixels,
-                                 _target(result.target.index))
+    reference = grad_cam_package(small_resnet, [small_resnet.layer4], KPCA_CAM, pixels, _target(result.target.index))
     assert correlation(result.heatmap, reference) >= 0.999
 
 
@@ -181,24 +185,24 @@ def test_ablationcam_matches_pytorch_grad_cam(small_cnn, pixels):
     """The layer's ablated outputs go on from one pass of the image below it, in batches."""
     from pytorch_grad_cam import AblationCAM
 
-    result = attnexplain.explain(small_cnn, pixels, "ablationcam", layer="features", size=SIZE,
-                                 options=MethodOptions(batch_size=5))
-    reference = grad_cam_package(small_cnn, [small_cnn.features], AblationCAM, pixels,
-                                 _target(result.target.index))
+    result = attnexplain.explain(
+        small_cnn, pixels, "ablationcam", layer="features", size=SIZE, options=MethodOptions(batch_size=5)
+    )
+    reference = grad_cam_package(small_cnn, [small_cnn.features], AblationCAM, pixels, _target(result.target.index))
     assert correlation(result.heatmap, reference) >= 0.999
 
 
 def test_ablationcam_runs_copies_of_the_image_where_the_model_concatenates_an_earlier_map(pixels):
     """Handing a batch of ablated outputs on from one image's pass fails at the concatenation: the
     image is then run once per ablation, and the map is the same as the reference's."""
-    from pytorch_grad_cam import AblationCAM
-
     from conftest import with_random_batchnorm_statistics
+    from pytorch_grad_cam import AblationCAM
 
     torch.manual_seed(6)
     model = with_random_batchnorm_statistics(SmallCNN(concatenate=True).eval())
-    result = attnexplain.explain(model, pixels, "ablationcam", layer="features", size=SIZE,
-                                 options=MethodOptions(batch_size=5))
+    result = attnexplain.explain(
+        model, pixels, "ablationcam", layer="features", size=SIZE, options=MethodOptions(batch_size=5)
+    )
     reference = grad_cam_package(model, [model.features], AblationCAM, pixels, _target(result.target.index))
     assert correlation(result.heatmap, reference) >= 0.999
 
@@ -215,8 +219,9 @@ def test_fullgrad_matches_pytorch_grad_cam(small_resnet, pixels):
 def test_fullgrad_refuses_a_model_without_biased_layers(pixels):
     from attnexplain.errors import MethodError
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
     with pytest.raises(MethodError, match="bias"):
         attnexplain.explain(model, pixels, "fullgrad", size=SIZE)
 
@@ -240,8 +245,7 @@ def test_sscam_matches_torchcam_with_the_same_noise(small_cnn, pixels):
     options = MethodOptions(samples=3, mask_noise=0.5)
     result = attnexplain.explain(small_cnn, pixels, "sscam", layer="features", size=SIZE, options=options)
     torch.manual_seed(NOISE_SEED)
-    reference = _torchcam_map(small_cnn, SSCAM, pixels, result.target.index, num_samples=3, std=0.5,
-                              seed=NOISE_SEED)
+    reference = _torchcam_map(small_cnn, SSCAM, pixels, result.target.index, num_samples=3, std=0.5, seed=NOISE_SEED)
     assert correlation(result.heatmap, reference) >= 0.999
 
 
@@ -257,8 +261,7 @@ def _torchcam_map(model, cam_class, pixels, target, seed=None, **kwargs):
     finally:
         extractor.remove_hooks()
         model.requires_grad_(False)
-    return F.interpolate(cam[:, None].float(), size=(SIZE, SIZE), mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    return F.interpolate(cam[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 @pytest.mark.parametrize("method", ["sscam", "iscam", "ablationcam"])
@@ -275,16 +278,21 @@ def test_masking_cams_give_an_image_the_same_map_alone_as_in_a_batch(small_cnn, 
     together = compute_maps(loaded, photos, plan.methods, plan.layers, options=options)
     for index in range(len(photos)):
         torch.manual_seed(index)
-        alone = compute_maps(loaded, photos[index:index + 1], plan.methods, plan.layers, options=options)
+        alone = compute_maps(loaded, photos[index : index + 1], plan.methods, plan.layers, options=options)
         expected = alone.maps[method][0].numpy()
-        np.testing.assert_allclose(together.maps[method][index].numpy(), expected, rtol=1e-4,
-                                   atol=1e-4 * (float(np.abs(expected).max()) or 1.0))
+        np.testing.assert_allclose(
+            together.maps[method][index].numpy(),
+            expected,
+            rtol=1e-4,
+            atol=1e-4 * (float(np.abs(expected).max()) or 1.0),
+        )
 
 
 def test_sscam_is_the_same_for_the_same_seed_and_smooths_with_more_noise(small_cnn, pixels):
     def sscam(noise):
-        return attnexplain.explain(small_cnn, pixels, "sscam", layer="features", size=SIZE,
-                                   options=MethodOptions(samples=2, mask_noise=noise)).heatmap
+        return attnexplain.explain(
+            small_cnn, pixels, "sscam", layer="features", size=SIZE, options=MethodOptions(samples=2, mask_noise=noise)
+        ).heatmap
 
     first, again = sscam(0.5), sscam(0.5)
     np.testing.assert_array_equal(first, again)
@@ -317,8 +325,9 @@ def _gradcampp_definition(model, layer, batch, target, noisy_batches):
     alpha = d2 / (2 * d2 + activation.sum(dim=(2, 3), keepdim=True) * d3 + 1e-6)
     weights = (alpha * torch.relu(d1)).sum(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(dim=1))
-    return F.interpolate(cam[:, None].float(), size=batch.shape[-2:], mode="bilinear",
-                         align_corners=False)[0, 0].numpy()
+    return F.interpolate(cam[:, None].float(), size=batch.shape[-2:], mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
 
 
 def test_smoothgradcampp_is_the_definition_over_seeded_noise(small_resnet, pixels):
@@ -342,10 +351,12 @@ def test_smoothgradcampp_is_the_definition_over_seeded_noise(small_resnet, pixel
 
 
 def test_smoothgradcampp_without_noise_is_gradcampp(small_resnet, pixels):
-    result = attnexplain.explain(small_resnet, pixels, "smoothgradcampp,gradcampp", size=SIZE,
-                                 options=MethodOptions(samples=2, noise=0.0))
-    np.testing.assert_allclose(result.maps["smoothgradcampp"].heatmap, result.maps["gradcampp"].heatmap,
-                               rtol=1e-4, atol=1e-6)
+    result = attnexplain.explain(
+        small_resnet, pixels, "smoothgradcampp,gradcampp", size=SIZE, options=MethodOptions(samples=2, noise=0.0)
+    )
+    np.testing.assert_allclose(
+        result.maps["smoothgradcampp"].heatmap, result.maps["gradcampp"].heatmap, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_randomcam_weights_are_seeded_uniform_draws_shared_by_every_image():
@@ -360,7 +371,7 @@ def test_randomcam_weights_are_seeded_uniform_draws_shared_by_every_image():
     assert float(values.min()) >= -1.0 and float(values.max()) <= 1.0
     # Uniform on [-1, 1]: mean 0, standard deviation 1/√3, a quarter below -0.5.
     assert abs(float(values.mean())) < 0.05
-    assert abs(float(values.std()) - 3 ** -0.5) < 0.02
+    assert abs(float(values.std()) - 3**-0.5) < 0.02
     assert abs(float((values < -0.5).double().mean()) - 0.25) < 0.03
     other = randomcam(one_hot, seed=1).sum(dim=1)[0, 0]
     assert correlation(other.numpy(), values.numpy()) < 0.1
@@ -369,14 +380,26 @@ def test_randomcam_weights_are_seeded_uniform_draws_shared_by_every_image():
 def test_new_cams_are_listed_with_paper_and_cost():
     from attnexplain.methods import METHODS
 
-    for name in ("gradcam_elementwise", "eigengradcam", "kpcacam", "ablationcam", "fullgrad", "shapleycam",
-                 "finercam", "smoothgradcampp", "sscam", "iscam", "randomcam"):
+    for name in (
+        "gradcam_elementwise",
+        "eigengradcam",
+        "kpcacam",
+        "ablationcam",
+        "fullgrad",
+        "shapleycam",
+        "finercam",
+        "smoothgradcampp",
+        "sscam",
+        "iscam",
+        "randomcam",
+    ):
         method = METHODS[name]
         assert method.paper and method.cost and method.summary, name
     assert "Hessian" in METHODS["shapleycam"].cost
 
 
 # --- every deterministic new CAM on every architecture family (slow: -m heavy) -------------------
+
 
 def _channels_last(tensor):
     return tensor.permute(0, 3, 1, 2)
@@ -385,28 +408,35 @@ def _channels_last(tensor):
 def _architecture(name):
     """(model, layer, input size, pytorch-grad-cam reshape): random weights, 5 classes."""
     import torchvision
+    from conftest import with_random_batchnorm_statistics
 
     from attnexplain.default_plugins.torchvision_densenet import with_rectified_features
-    from conftest import with_random_batchnorm_statistics
 
     torch.manual_seed(0)
     builders = {
         "resnet18": (lambda: torchvision.models.resnet18(num_classes=5), "layer4", 64, None),
-        "densenet121": (lambda: with_rectified_features(torchvision.models.densenet121(num_classes=5)),
-                        "rectified", 64, None),
+        "densenet121": (
+            lambda: with_rectified_features(torchvision.models.densenet121(num_classes=5)),
+            "rectified",
+            64,
+            None,
+        ),
         "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=5), "features", 64, None),
         "convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=5), "features", 64, None),
         "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=5), "features", 64, None),
-        "inception_v3": (lambda: torchvision.models.inception_v3(num_classes=5, aux_logits=False,
-                                                                 init_weights=True), "Mixed_7c", 160, None),
+        "inception_v3": (
+            lambda: torchvision.models.inception_v3(num_classes=5, aux_logits=False, init_weights=True),
+            "Mixed_7c",
+            160,
+            None,
+        ),
         "swin_t": (lambda: torchvision.models.swin_t(num_classes=5), "features.5", 128, _channels_last),
     }
     build, layer, size, reshape = builders[name]
     return with_random_batchnorm_statistics(build().eval()), layer, size, reshape
 
 
-ARCHITECTURES = ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11_bn", "inception_v3",
-                 "swin_t"]
+ARCHITECTURES = ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11_bn", "inception_v3", "swin_t"]
 #: pytorch-grad-cam ablates to 0 only where the whole layer's minimum is 0, else to min − 10⁷ (the
 #: paper, and we, always to 0): compared where the layer is rectified.
 RECTIFIED = ("resnet18", "densenet121", "vgg11_bn", "inception_v3")
@@ -415,8 +445,7 @@ RECTIFIED = ("resnet18", "densenet121", "vgg11_bn", "inception_v3")
 @pytest.mark.heavy
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_new_cams_match_pytorch_grad_cam_on_every_architecture(architecture, pixels):
-    from pytorch_grad_cam import (AblationCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAMElementWise,
-                                  KPCA_CAM, ShapleyCAM)
+    from pytorch_grad_cam import KPCA_CAM, AblationCAM, EigenGradCAM, FinerCAM, FullGrad, GradCAMElementWise, ShapleyCAM
 
     model, layer, size, reshape = _architecture(architecture)
     names = ["gradcam_elementwise", "eigengradcam", "kpcacam", "finercam"]
@@ -427,8 +456,13 @@ def test_new_cams_match_pytorch_grad_cam_on_every_architecture(architecture, pix
     result = attnexplain.explain(model, pixels, ",".join(names), layer=layer, size=size)
     target = result.target.index
     layers = [model.get_submodule(layer)]
-    classes = {"gradcam_elementwise": GradCAMElementWise, "eigengradcam": EigenGradCAM,
-               "kpcacam": KPCA_CAM, "shapleycam": ShapleyCAM, "ablationcam": AblationCAM}
+    classes = {
+        "gradcam_elementwise": GradCAMElementWise,
+        "eigengradcam": EigenGradCAM,
+        "kpcacam": KPCA_CAM,
+        "shapleycam": ShapleyCAM,
+        "ablationcam": AblationCAM,
+    }
     for name in names:
         if name == "finercam":
             reference = grad_cam_package(model, layers, FinerCAM, pixels, None, size, reshape, target_idx=target)
@@ -445,12 +479,12 @@ def test_new_cams_match_pytorch_grad_cam_on_every_architecture(architecture, pix
 
 # --- DenseNet: the in-place ReLU after `features` (docs/methods.md) ------------------------------
 
+
 @pytest.fixture(scope="module")
 def plain_densenet():
     """torchvision's own DenseNet-121 class, as built in Python: its default layer is `features`,
     which its forward rectifies in place after the hook has seen it."""
     import torchvision
-
     from conftest import with_random_batchnorm_statistics
 
     torch.manual_seed(3)
@@ -475,8 +509,12 @@ def test_densenet_features_use_the_modules_own_output_and_its_gradient(plain_den
     target = result.target.index
     layers = [plain_densenet.features]
     copied = lambda tensor: tensor.clone()  # noqa: E731 - what `.cpu()` does on CUDA
-    np.testing.assert_allclose(result.maps["shapleycam"].heatmap, result.maps["gradcam"].heatmap,
-                               rtol=1e-4, atol=1e-6 * float(result.maps["gradcam"].heatmap.max()))
+    np.testing.assert_allclose(
+        result.maps["shapleycam"].heatmap,
+        result.maps["gradcam"].heatmap,
+        rtol=1e-4,
+        atol=1e-6 * float(result.maps["gradcam"].heatmap.max()),
+    )
     for name, cls in (("gradcam", GradCAM), ("finercam", FinerCAM)):
         targets, call = (None, {"target_idx": target}) if name == "finercam" else (_target(target), {})
         reference = grad_cam_package(plain_densenet, layers, cls, pixels, targets, reshape=copied, **call)
@@ -501,8 +539,8 @@ def test_ablation_zeroes_a_map_channel_in_the_layers_own_layout(small_vit):
     channel of the map and nothing else; a layout that computes new values is refused."""
     from attnexplain.errors import MethodError
     from attnexplain.explanation import _as_loaded_model
-    from attnexplain.passes.cam import layer_map as _layer_map
     from attnexplain.methods.ablation import _channel_positions
+    from attnexplain.passes.cam import layer_map as _layer_map
 
     loaded = _as_loaded_model(small_vit)
     name = "encoder.layers.encoder_layer_1"

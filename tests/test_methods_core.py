@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import correlation
 
 from attnexplain import explain
 from attnexplain.images import load_image
-
-from conftest import correlation
 
 
 def _batch(photo, size):
@@ -52,8 +51,7 @@ def test_gradcam_matches_reference_on_torchvision_resnet(small_resnet, photo, ta
 
 def test_gradcam_on_a_chosen_layer_matches_reference(small_resnet, photo):
     result = explain(small_resnet, photo, "gradcam", layer="layer3.0", size=96)
-    reference = _reference_gradcam(small_resnet, small_resnet.layer3[0], _batch(photo, 96),
-                                   result.target.index)
+    reference = _reference_gradcam(small_resnet, small_resnet.layer3[0], _batch(photo, 96), result.target.index)
     assert correlation(result.heatmap, reference) >= 0.999
 
 
@@ -69,8 +67,9 @@ def test_gradcam_leaves_parameter_flags_and_hooks_as_they_were(small_resnet, pho
 def _reference_rollout(model, batch):
     """Rollout from attention recomputed by hand from each block's input and projection weights."""
     inputs = []
-    handles = [block.ln_1.register_forward_hook(lambda m, i, o: inputs.append(o.detach()))
-               for block in model.encoder.layers]
+    handles = [
+        block.ln_1.register_forward_hook(lambda m, i, o: inputs.append(o.detach())) for block in model.encoder.layers
+    ]
     with torch.no_grad():
         model(batch)
     for handle in handles:
@@ -127,9 +126,9 @@ def test_randomizing_weights_changes_the_map(photo, method):
     def build(seed):
         torch.manual_seed(seed)
         if method == "rollout":
-            return torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=3,
-                                                        num_heads=4, hidden_dim=32, mlp_dim=64,
-                                                        num_classes=5).eval()
+            return torchvision.models.VisionTransformer(
+                image_size=64, patch_size=8, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+            ).eval()
         return torchvision.models.resnet18(num_classes=5).eval()
 
     a = explain(build(0), photo, method, target=0, size=64).heatmap
@@ -159,8 +158,7 @@ def test_batches_give_each_image_its_own_target_and_map(small_resnet, photo):
 
     pictures = [load_image(photo).pixels, data.astronaut(), data.coffee()]
     batch = torch.cat([prepare(p, Preprocessing(size=(64, 64))).tensor for p in pictures])
-    loaded = LoadedModel(module=small_resnet, source="test", loader="object",
-                         plugin=select_plugin(small_resnet))
+    loaded = LoadedModel(module=small_resnet, source="test", loader="object", plugin=select_plugin(small_resnet))
     # A layer method and an input-gradient one; every method alone is in test_methods_batch_invariance.
     methods = resolve_methods(loaded, "gradcam,saliency")
     computed = compute_maps(loaded, batch, methods, ["layer4"])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import correlation
 
 import attnexplain
 from attnexplain.explanation import MethodOptions
 from attnexplain.images import load_image
 from attnexplain.methods.rise import rise, rise_masks
 from attnexplain.preprocess import Preprocessing, prepare
-
-from conftest import correlation
 
 SIZE = 64
 
@@ -44,10 +43,12 @@ def test_rise_masks_are_the_papers():
 
 
 def test_rise_uses_samples_masks_and_explains_the_target(small_resnet, photo):
-    few = attnexplain.explain(small_resnet, photo, "rise", size=SIZE, target=1,
-                              options=MethodOptions(samples=8, batch_size=3))
-    again = attnexplain.explain(small_resnet, photo, "rise", size=SIZE, target=1,
-                                options=MethodOptions(samples=8, batch_size=8))
+    few = attnexplain.explain(
+        small_resnet, photo, "rise", size=SIZE, target=1, options=MethodOptions(samples=8, batch_size=3)
+    )
+    again = attnexplain.explain(
+        small_resnet, photo, "rise", size=SIZE, target=1, options=MethodOptions(samples=8, batch_size=8)
+    )
     np.testing.assert_allclose(few.heatmap, again.heatmap, rtol=1e-5, atol=1e-7)  # seeded, chunking aside
     image = prepare(load_image(photo).pixels, Preprocessing(size=(SIZE, SIZE))).tensor
     probabilities = lambda inputs: torch.softmax(small_resnet(inputs), dim=1)

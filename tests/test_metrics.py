@@ -10,8 +10,16 @@ import pytest
 import torch
 from conftest import sobel_edges
 
-from attnexplain.metrics import (RANDOMIZATION_LIMIT, MetricSettings, causal_curves, confidence_change,
-                                 linear_imputation, localisation, road_scores, spearman)
+from attnexplain.metrics import (
+    RANDOMIZATION_LIMIT,
+    MetricSettings,
+    causal_curves,
+    confidence_change,
+    linear_imputation,
+    localisation,
+    road_scores,
+    spearman,
+)
 
 
 class _Softmaxed(torch.nn.Module):
@@ -27,9 +35,15 @@ class _Softmaxed(torch.nn.Module):
 def tiny_cnn():
     """A small CNN with fixed random weights: the references run it once per step, so it is fast."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
-                               torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    ).eval()
 
 
 def _score(model):
@@ -37,6 +51,7 @@ def _score(model):
 
 
 # --- RISE's CausalMetric, written out as in the paper's code (224 px, one row per step) ---------
+
 
 def _rise_kernel(size: int, sigma: float) -> torch.Tensor:
     from scipy.ndimage import gaussian_filter
@@ -49,8 +64,9 @@ def _rise_kernel(size: int, sigma: float) -> torch.Tensor:
     return torch.from_numpy(kernel.astype("float32"))
 
 
-def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: str, step: int,
-                        substrate, scores_too: bool = False):
+def _rise_causal_metric(
+    model, image: torch.Tensor, saliency: np.ndarray, mode: str, step: int, substrate, scores_too: bool = False
+):
     pixels = image.shape[-1] * image.shape[-2]
     with torch.no_grad():
         target = int(model(image).argmax(1)[0])
@@ -64,7 +80,7 @@ def _rise_causal_metric(model, image: torch.Tensor, saliency: np.ndarray, mode: 
         for i in range(steps + 1):
             scores[i] = float(model(start)[0, target])
             if i < steps:
-                coords = order[:, step * i:step * (i + 1)]
+                coords = order[:, step * i : step * (i + 1)]
                 start.numpy().reshape(1, 3, pixels)[0, :, coords] = finish.numpy().reshape(1, 3, pixels)[0, :, coords]
     area = (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
     return (area, scores) if scores_too else area
@@ -78,15 +94,25 @@ def test_deletion_and_insertion_equal_rise_causal_metric_at_224_px(tiny_cnn):
     saliency = torch.rand(2, 224, 224)  # continuous: no ties, so the order is the same
     kernel = _rise_kernel(11, 5)
     probability = _Softmaxed(small_resnet)
-    curves = causal_curves(_score(small_resnet), image, saliency[None], probability(image).argmax(1),
-                           probability(image).amax(1).detach(), MetricSettings(steps=224, batch_size=128))
+    curves = causal_curves(
+        _score(small_resnet),
+        image,
+        saliency[None],
+        probability(image).argmax(1),
+        probability(image).amax(1).detach(),
+        MetricSettings(steps=224, batch_size=128),
+    )
     deletion, insertion = curves.areas()
     for m in range(2):
-        expected_deletion = _rise_causal_metric(probability, image, saliency[m].numpy(), "del", 224,
-                                                torch.zeros_like)
+        expected_deletion = _rise_causal_metric(probability, image, saliency[m].numpy(), "del", 224, torch.zeros_like)
         expected_insertion = _rise_causal_metric(
-            probability, image, saliency[m].numpy(), "ins", 224,
-            lambda x: torch.nn.functional.conv2d(x, kernel, padding=11 // 2))
+            probability,
+            image,
+            saliency[m].numpy(),
+            "ins",
+            224,
+            lambda x: torch.nn.functional.conv2d(x, kernel, padding=11 // 2),
+        )
         assert float(deletion[0, m]) == pytest.approx(expected_deletion, abs=1e-5)
         assert float(insertion[0, m]) == pytest.approx(expected_insertion, abs=1e-5)
 
@@ -101,17 +127,35 @@ def test_deletion_and_insertion_equal_rise_causal_metric_on_a_small_image(tiny_c
     probability = _Softmaxed(small_resnet)
     with torch.no_grad():
         probabilities = probability(images)
-    curves = causal_curves(_score(small_resnet), images, saliency, probabilities.argmax(1),
-                           probabilities.amax(1), MetricSettings(steps=32, batch_size=50))
+    curves = causal_curves(
+        _score(small_resnet),
+        images,
+        saliency,
+        probabilities.argmax(1),
+        probabilities.amax(1),
+        MetricSettings(steps=32, batch_size=50),
+    )
     deletion, insertion = curves.areas()
     assert curves.deletion.shape == (2, 2, 33)
     for b in range(2):
         for m in range(2):
-            assert float(deletion[b, m]) == pytest.approx(_rise_causal_metric(
-                probability, images[b:b + 1], saliency[b, m].numpy(), "del", 32, torch.zeros_like), abs=1e-5)
-            assert float(insertion[b, m]) == pytest.approx(_rise_causal_metric(
-                probability, images[b:b + 1], saliency[b, m].numpy(), "ins", 32,
-                lambda x: torch.nn.functional.conv2d(x, kernel, padding=5)), abs=1e-5)
+            assert float(deletion[b, m]) == pytest.approx(
+                _rise_causal_metric(
+                    probability, images[b : b + 1], saliency[b, m].numpy(), "del", 32, torch.zeros_like
+                ),
+                abs=1e-5,
+            )
+            assert float(insertion[b, m]) == pytest.approx(
+                _rise_causal_metric(
+                    probability,
+                    images[b : b + 1],
+                    saliency[b, m].numpy(),
+                    "ins",
+                    32,
+                    lambda x: torch.nn.functional.conv2d(x, kernel, padding=5),
+                ),
+                abs=1e-5,
+            )
 
 
 def test_deletion_points_equal_rise_and_the_area_integrates_over_the_true_fractions(tiny_cnn):
@@ -124,10 +168,17 @@ def test_deletion_points_equal_rise_and_the_area_integrates_over_the_true_fracti
     probability = _Softmaxed(tiny_cnn)
     with torch.no_grad():
         probabilities = probability(image)
-    curves = causal_curves(_score(tiny_cnn), image, saliency, probabilities.argmax(1), probabilities.amax(1),
-                           MetricSettings(steps=10, batch_size=50))
-    rise_area, rise_scores = _rise_causal_metric(probability, image, saliency[0, 0].numpy(), "del", 103,
-                                                 torch.zeros_like, scores_too=True)
+    curves = causal_curves(
+        _score(tiny_cnn),
+        image,
+        saliency,
+        probabilities.argmax(1),
+        probabilities.amax(1),
+        MetricSettings(steps=10, batch_size=50),
+    )
+    rise_area, rise_scores = _rise_causal_metric(
+        probability, image, saliency[0, 0].numpy(), "del", 103, torch.zeros_like, scores_too=True
+    )
     np.testing.assert_allclose(curves.deletion[0, 0].numpy(), rise_scores, atol=1e-5)
     true_fractions = np.minimum(np.arange(11) * 103, 1024) / 1024
     ours = float(curves.areas()[0][0, 0])
@@ -136,6 +187,7 @@ def test_deletion_points_equal_rise_and_the_area_integrates_over_the_true_fracti
 
 
 # --- ROAD against pytorch-grad-cam 1.5.7 ---------------------------------------------------------
+
 
 def test_linear_imputation_equals_pytorch_grad_cam_noisy_linear_imputer_without_noise():
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
@@ -160,8 +212,7 @@ def test_road_means_agree_with_pytorch_grad_cam_road_with_noise(tiny_cnn):
 
 
 def _compare_road(small_resnet, images: int, side: int):
-    from pytorch_grad_cam.metrics.road import ROADCombined, ROADLeastRelevantFirstAverage, \
-        ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.metrics.road import ROADCombined, ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     torch.manual_seed(6)
@@ -171,8 +222,9 @@ def _compare_road(small_resnet, images: int, side: int):
     with torch.no_grad():
         probabilities = torch.softmax(small_resnet(images), dim=1)
     targets = probabilities.argmax(1)
-    ours = road_scores(_score(small_resnet), images, maps, targets, probabilities.amax(1),
-                       MetricSettings(batch_size=64))
+    ours = road_scores(
+        _score(small_resnet), images, maps, targets, probabilities.amax(1), MetricSettings(batch_size=64)
+    )
     cams = maps[:, 0].numpy()
     reference_targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in targets]
     morf = ROADMostRelevantFirstAverage()(images, cams, reference_targets, small_resnet)
@@ -184,6 +236,7 @@ def _compare_road(small_resnet, images: int, side: int):
 
 
 # --- average drop / increase against torchcam 0.5.0 ----------------------------------------------
+
 
 class _GivenMaps:
     """A torchcam CAM extractor that hands torchcam's metric our maps (scaled as its extractors do)."""
@@ -216,8 +269,9 @@ def test_average_drop_and_increase_equal_torchcam_classification_metric(tiny_cnn
     maps = torch.rand(6, 48, 48) ** 3
     with torch.no_grad():
         probabilities = torch.softmax(small_resnet(images), dim=1)
-    ours = confidence_change(_score(small_resnet), images, maps[:, None], probabilities.argmax(1),
-                             probabilities.amax(1))
+    ours = confidence_change(
+        _score(small_resnet), images, maps[:, None], probabilities.argmax(1), probabilities.amax(1)
+    )
     reference = ClassificationMetric(_GivenMaps(small_resnet, maps), partial(torch.softmax, dim=-1))
     reference.update(images)
     summary = reference.summary()
@@ -226,6 +280,7 @@ def test_average_drop_and_increase_equal_torchcam_classification_metric(tiny_cnn
 
 
 # --- localisation: the formulas of Quantus 0.6.0, written out per image --------------------------
+
 
 def _quantus_style(a: np.ndarray, s: np.ndarray) -> tuple[float, float, float]:
     a, s = a.ravel(), s.ravel().astype(bool)
@@ -263,6 +318,7 @@ def test_localisation_is_nan_for_an_empty_mask():
 
 # --- the pointing game's tolerance (Zhang et al. 2018: 15 px) -------------------------------------
 
+
 def _peak_at(y: int, x: int, size=(20, 20)) -> torch.Tensor:
     heatmap = torch.zeros(1, 1, *size)
     heatmap[0, 0, y, x] = 1.0
@@ -288,7 +344,10 @@ def test_pointing_counts_a_maximum_closer_than_the_tolerance_in_photo_pixels_as_
     # Diagonal: a one-pixel object at (1, 2), the peak at (10, 10): sqrt(9² + 8²) ≈ 12.04 pixels.
     corner = torch.zeros(1, 20, 20, dtype=torch.bool)
     corner[0, 1, 2] = True
-    diagonal = localisation(_peak_at(10, 10), corner, 12.0)["pointing"], localisation(_peak_at(10, 10), corner, 12.1)["pointing"]
+    diagonal = (
+        localisation(_peak_at(10, 10), corner, 12.0)["pointing"],
+        localisation(_peak_at(10, 10), corner, 12.1)["pointing"],
+    )
     assert [float(v[0, 0]) for v in diagonal] == [0.0, 1.0]
     # Mass and rank do not take a tolerance.
     for name in ("mass", "rank"):
@@ -300,7 +359,7 @@ def _torchray_pointing(mask: np.ndarray, point: tuple[int, int], tolerance: floa
     pixel lies in the open disc of radius ``tolerance`` around ``point`` (u: column, v: row)."""
     rows = (np.arange(mask.shape[0], dtype=np.float32) - point[1]) ** 2
     cols = (np.arange(mask.shape[1], dtype=np.float32) - point[0]) ** 2
-    accept = (rows[:, None] + cols[None, :]) < tolerance ** 2
+    accept = (rows[:, None] + cols[None, :]) < tolerance**2
     return bool((mask & accept).any())
 
 
@@ -308,8 +367,12 @@ def _torchray_pointing(mask: np.ndarray, point: tuple[int, int], tolerance: floa
 def test_pointing_with_a_tolerance_equals_torchray_pointing_game(tolerance):
     maps, masks = _composite_maps_and_masks()
     ours = localisation(torch.from_numpy(maps[:, None]), torch.from_numpy(masks), tolerance)["pointing"][:, 0]
-    theirs = [_torchray_pointing(mask, tuple(int(v) for v in np.unravel_index(np.argmax(a_map), a_map.shape)[::-1]),
-                                 tolerance) for a_map, mask in zip(maps, masks)]
+    theirs = [
+        _torchray_pointing(
+            mask, tuple(int(v) for v in np.unravel_index(np.argmax(a_map), a_map.shape)[::-1]), tolerance
+        )
+        for a_map, mask in zip(maps, masks)
+    ]
     assert ours.tolist() == [float(v) for v in theirs]
     strict = localisation(torch.from_numpy(maps[:, None]), torch.from_numpy(masks))["pointing"][:, 0]
     assert (ours >= strict).all()  # a tolerance only adds hits
@@ -317,21 +380,29 @@ def test_pointing_with_a_tolerance_equals_torchray_pointing_game(tolerance):
 
 # --- localisation: Quantus 0.6.0 itself on the same maps and masks ------------------------------
 
+
 def _quantus_localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
     """Quantus's values for ``maps`` (B, H, W) and ``masks`` (B, H, W), without its abs or
     normalisation (ours takes the map as it is). The energy-based pointing game is its
     AttributionLocalisation on the map's positive part; RelevanceMassAccuracy sums signed values."""
     import quantus
-    inputs = dict(model=None, x_batch=np.zeros((len(maps), 3, *maps.shape[1:]), dtype=np.float32),
-                  y_batch=np.zeros(len(maps), dtype=int), a_batch=maps[:, None].astype(np.float32),
-                  s_batch=masks[:, None].astype(np.float32))
+
+    inputs = dict(
+        model=None,
+        x_batch=np.zeros((len(maps), 3, *maps.shape[1:]), dtype=np.float32),
+        y_batch=np.zeros(len(maps), dtype=int),
+        a_batch=maps[:, None].astype(np.float32),
+        s_batch=masks[:, None].astype(np.float32),
+    )
     plain = dict(abs=False, normalise=False, disable_warnings=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its notes on empty masks and on abs=False
-        return {"pointing": np.array(quantus.PointingGame(**plain)(**inputs), dtype=float),
-                "mass": np.array(quantus.AttributionLocalisation(positive_attributions=True, **plain)(**inputs)),
-                "signed_mass": np.array(quantus.RelevanceMassAccuracy(**plain)(**inputs)),
-                "rank": np.array(quantus.RelevanceRankAccuracy(**plain)(**inputs))}
+        return {
+            "pointing": np.array(quantus.PointingGame(**plain)(**inputs), dtype=float),
+            "mass": np.array(quantus.AttributionLocalisation(positive_attributions=True, **plain)(**inputs)),
+            "signed_mass": np.array(quantus.RelevanceMassAccuracy(**plain)(**inputs)),
+            "rank": np.array(quantus.RelevanceRankAccuracy(**plain)(**inputs)),
+        }
 
 
 def _ours(maps: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
@@ -349,7 +420,7 @@ def _composite_maps_and_masks() -> tuple[np.ndarray, np.ndarray]:
     for index in range(8):
         top, left = rng.integers(0, height - 8), rng.integers(0, width - 10)
         mask = np.zeros((height, width), dtype=bool)
-        mask[top:top + rng.integers(4, 9), left:left + rng.integers(5, 11)] = True
+        mask[top : top + rng.integers(4, 9), left : left + rng.integers(5, 11)] = True
         centre_y, centre_x = (top + 3, left + 3) if index % 2 == 0 else rng.integers(0, [height, width])
         blob = np.exp(-((yy - centre_y) ** 2 + (xx - centre_x) ** 2) / 18.0)
         noise = rng.random((height, width))
@@ -416,6 +487,7 @@ def test_spearman_ranks_ties_by_their_mean_rank_and_handles_constant_maps():
 
 # --- randomization: Quantus 0.6.0's MPRT on the same model, maps and layer order --------------
 
+
 @pytest.fixture(scope="module")
 def mprt_run(plain_cnn):
     """Quantus's MPRT on ``plain_cnn`` (top down, Spearman, no abs or normalisation), its
@@ -423,6 +495,7 @@ def mprt_run(plain_cnn):
     import dataclasses
 
     import quantus
+
     from attnexplain.explanation import _as_loaded_model, compute_maps, plan_explanation
 
     loaded = _as_loaded_model(plain_cnn)
@@ -431,14 +504,16 @@ def mprt_run(plain_cnn):
     targets = plain_cnn(images).argmax(1)
 
     def maps_of(module, inputs, classes):  # (B, 2, H, W): saliency, edges
-        computed = compute_maps(dataclasses.replace(loaded, module=module), inputs, plan.methods, plan.layers,
-                                targets=classes)
+        computed = compute_maps(
+            dataclasses.replace(loaded, module=module), inputs, plan.methods, plan.layers, targets=classes
+        )
         return torch.stack([computed.maps["saliency"].float(), sobel_edges(inputs)], dim=1)
 
     before = maps_of(plain_cnn, images, targets)
     given = []
     scores = {}
     for m in range(2):
+
         def explain_func(model, inputs, targets, **_):
             found = maps_of(model, torch.as_tensor(inputs), torch.as_tensor(targets))[:, m].numpy()
             given.append((m, found))
@@ -446,12 +521,23 @@ def mprt_run(plain_cnn):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scores[m] = quantus.MPRT(layer_order="top_down", seed=0, abs=False, normalise=False,
-                                     disable_warnings=True)(
-                model=plain_cnn, x_batch=images.numpy(), y_batch=targets.numpy(),
-                a_batch=before[:, m].numpy(), explain_func=explain_func, batch_size=len(images))
-    return {"model": plain_cnn, "images": images, "targets": targets, "before": before, "given": given,
-            "scores": scores, "maps_of": maps_of}
+            scores[m] = quantus.MPRT(layer_order="top_down", seed=0, abs=False, normalise=False, disable_warnings=True)(
+                model=plain_cnn,
+                x_batch=images.numpy(),
+                y_batch=targets.numpy(),
+                a_batch=before[:, m].numpy(),
+                explain_func=explain_func,
+                batch_size=len(images),
+            )
+    return {
+        "model": plain_cnn,
+        "images": images,
+        "targets": targets,
+        "before": before,
+        "given": given,
+        "scores": scores,
+        "maps_of": maps_of,
+    }
 
 
 def test_randomization_order_is_quantus_mprt_top_down_layer_order(mprt_run):
@@ -471,8 +557,9 @@ def test_randomization_spearman_equals_quantus_mprt_on_the_maps_mprt_computed(mp
         assert len(after) == len(layers)  # one explain_func call per model, the whole batch each
         for layer, maps in zip(layers, after):
             ours = [spearman(before[b, m], maps[b]) for b in range(len(before))]
-            np.testing.assert_allclose(ours, mprt_run["scores"][m][layer], rtol=1e-9, atol=1e-12,
-                                       err_msg=f"{m} {layer}")
+            np.testing.assert_allclose(
+                ours, mprt_run["scores"][m][layer], rtol=1e-9, atol=1e-12, err_msg=f"{m} {layer}"
+            )
 
 
 def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomized(mprt_run):
@@ -480,8 +567,13 @@ def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomi
 
     images, targets = mprt_run["images"], mprt_run["targets"]
     layers = len(mprt_run["scores"][0]) - 1
-    ours = randomization_similarities(mprt_run["model"], lambda module, step: mprt_run["maps_of"](
-        module, images, targets), mprt_run["before"], steps=layers, seed=0)["spearman"]  # a layer a step, as MPRT
+    ours = randomization_similarities(
+        mprt_run["model"],
+        lambda module, step: mprt_run["maps_of"](module, images, targets),
+        mprt_run["before"],
+        steps=layers,
+        seed=0,
+    )["spearman"]  # a layer a step, as MPRT
     last = list(mprt_run["scores"][0])[-1]
     # The random weights differ (Quantus reseeds every layer with seed + 1, we draw a seed per layer),
     # so the saliency maps' correlations agree in the mean, not image by image.
@@ -496,12 +588,23 @@ def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomi
 
 # --- randomization: steps, similarities, verdict ------------------------------------------------
 
+
 def test_randomization_steps_are_the_models_blocks_from_the_head_down(small_resnet, small_vit):
     from attnexplain.metrics import cascade_steps, parameter_layers, randomization_blocks
 
     resnet = [name for name, _ in randomization_blocks(small_resnet)]
-    assert resnet == ["fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0", "layer1.1",
-                      "layer1.0", "bn1 + conv1"]  # a normalisation alone is no step: it joins the next block
+    assert resnet == [
+        "fc",
+        "layer4.1",
+        "layer4.0",
+        "layer3.1",
+        "layer3.0",
+        "layer2.1",
+        "layer2.0",
+        "layer1.1",
+        "layer1.0",
+        "bn1 + conv1",
+    ]  # a normalisation alone is no step: it joins the next block
     vit = [name for name, _ in randomization_blocks(small_vit)]
     assert vit[:3] == ["heads.head", "encoder.ln + encoder.layers.encoder_layer_2", "encoder.layers.encoder_layer_1"]
     capped = cascade_steps(small_resnet, 3)
@@ -525,8 +628,11 @@ def test_randomization_similarities_on_signed_and_absolute_maps_as_adebayo():
     assert ssim(signed, 1000 * signed) == pytest.approx(1.0)
     scaled = (np.clip(signed / np.percentile(np.abs(signed), 99), -1, 1) + 1) / 2
     other = rng.random((24, 24))
-    assert ssim(signed, other) == pytest.approx(structural_similarity(
-        scaled, (np.clip(other / np.percentile(other, 99), -1, 1) + 1) / 2, win_size=7, data_range=1.0))
+    assert ssim(signed, other) == pytest.approx(
+        structural_similarity(
+            scaled, (np.clip(other / np.percentile(other, 99), -1, 1) + 1) / 2, win_size=7, data_range=1.0
+        )
+    )
     assert ssim(other, other * 7, signed=False) == pytest.approx(1.0)
     # Maps without negative values (most methods'): signed and absolute are the same map, and SSIM is
     # not inflated by shifting them into [0.5, 1].
@@ -543,8 +649,10 @@ def test_randomization_nan_never_counts_as_a_pass():
 
     nan = math.nan
     # Two images, three steps; the first image's head step could not be measured.
-    similarities = {"spearman": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]]),
-                    "spearman_abs": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]])}
+    similarities = {
+        "spearman": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]]),
+        "spearman_abs": np.array([[nan, 0.1, 0.0], [0.9, 0.8, 0.1]]),
+    }
     head, early = randomization_scores(similarities, 2)
     assert math.isnan(head[0]) and math.isnan(early[0])  # never 0
     assert randomization_verdict(head, early) == (pytest.approx(0.9), True)  # the image with a value judges
@@ -557,24 +665,34 @@ def test_randomization_nan_never_counts_as_a_pass():
 
 # --- the "metrics" key of results.jsonl records (shared schema) ----------------------------------
 
+
 def _record(**metrics_key):
-    return {"image": "a.png", "output": "images/a.png", "detail": "images/a.png/detail.html",
-            "predictions": [{"index": 0, "label": None, "prob": 0.9}],
-            "target": {"index": 0, "label": None, "prob": 0.9}, "methods": ["gradcam"],
-            "files": {"gradcam": {"overlay": "overlay-gradcam.jpg"}}, **metrics_key}
+    return {
+        "image": "a.png",
+        "output": "images/a.png",
+        "detail": "images/a.png/detail.html",
+        "predictions": [{"index": 0, "label": None, "prob": 0.9}],
+        "target": {"index": 0, "label": None, "prob": 0.9},
+        "methods": ["gradcam"],
+        "files": {"gradcam": {"overlay": "overlay-gradcam.jpg"}},
+        **metrics_key,
+    }
 
 
-@pytest.mark.parametrize("table,problem", [
-    ({"gradcam": {"deletion": 0.2, "pointing": 1}, "random": {"deletion": 0.5}}, None),
-    ({"gradcam": {"deletion": float("nan")}}, "not a finite number"),
-    ({"gradcam": {"deletion": True}}, "not a finite number"),
-    ({"gradcam": {"deletion": "0.2"}}, "not a finite number"),
-    ({"<script>": {"deletion": 0.2}}, "not one of its methods"),
-    ({"gradcam": [0.2]}, "not a table of values"),
-    ({"gradcam": {f"m{i}": 0.0 for i in range(65)}}, "not a table of values"),
-    ({"gradcam": {"x" * 101: 0.0}}, "without a short name"),
-    ([["gradcam", 0.2]], "not a table of methods"),
-])
+@pytest.mark.parametrize(
+    "table,problem",
+    [
+        ({"gradcam": {"deletion": 0.2, "pointing": 1}, "random": {"deletion": 0.5}}, None),
+        ({"gradcam": {"deletion": float("nan")}}, "not a finite number"),
+        ({"gradcam": {"deletion": True}}, "not a finite number"),
+        ({"gradcam": {"deletion": "0.2"}}, "not a finite number"),
+        ({"<script>": {"deletion": 0.2}}, "not one of its methods"),
+        ({"gradcam": [0.2]}, "not a table of values"),
+        ({"gradcam": {f"m{i}": 0.0 for i in range(65)}}, "not a table of values"),
+        ({"gradcam": {"x" * 101: 0.0}}, "without a short name"),
+        ([["gradcam", 0.2]], "not a table of methods"),
+    ],
+)
 def test_an_earlier_records_metrics_are_validated_on_resume_and_merge(table, problem):
     from attnexplain.records import ok_record_problem
 

@@ -18,7 +18,6 @@ from PIL import Image
 import attnexplain.batch_ledger as batch_ledger
 from attnexplain.batch import run_batch
 from attnexplain.batch_stages import BatchSettings
-from attnexplain.records import file_sha256, fingerprint
 from attnexplain.cli import main
 from attnexplain.errors import AttnExplainError
 from attnexplain.evaluation_log import run_fingerprint
@@ -26,12 +25,16 @@ from attnexplain.loading import class_file, load_model
 from attnexplain.model_spec import ModelSpec
 from attnexplain.options import MethodOptions
 from attnexplain.preprocess import Preprocessing
+from attnexplain.records import file_sha256, fingerprint
 
 
 def fingerprint_of_a_dict(model_spec: dict, settings, plan=None) -> str:
     """attnexplain.batch.fingerprint as it was when the CLI handed it a dict (its body verbatim)."""
-    spec = {key: str(value) if isinstance(value, Path) else value
-            for key, value in model_spec.items() if value is not None and value is not False}
+    spec = {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in model_spec.items()
+        if value is not None and value is not False
+    }
     source = spec.get("model")
     if source and Path(str(source)).is_file():
         spec["model_sha256"] = file_sha256(Path(str(source)))
@@ -43,19 +46,31 @@ def fingerprint_of_a_dict(model_spec: dict, settings, plan=None) -> str:
     if arch_file is not None and arch_file.is_file():
         spec["arch_sha256"] = file_sha256(arch_file)
     spec.pop("device", None)
-    decided = None if plan is None else {
-        "methods": [method.name for method in plan.methods], "layers": list(plan.layers),
-        "preprocessing": asdict(plan.preprocessing)}
-    text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True,
-                      default=str)
+    decided = (
+        None
+        if plan is None
+        else {
+            "methods": [method.name for method in plan.methods],
+            "layers": list(plan.layers),
+            "preprocessing": asdict(plan.preprocessing),
+        }
+    )
+    text = json.dumps({"model": spec, "settings": settings.describe(), "plan": decided}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def dict_the_cli_built(spec: ModelSpec) -> dict:
     """The dict `batch` and `evaluate` built from their options before ModelSpec (the device left out)."""
-    return {"model": spec.model, "arch": spec.arch, "num_classes": spec.num_classes, "labels": spec.labels,
-            "trust_model": spec.trust_model, "plugin": spec.plugin, "arch_kwargs": spec.arch_kwargs,
-            "ema": spec.ema}
+    return {
+        "model": spec.model,
+        "arch": spec.arch,
+        "num_classes": spec.num_classes,
+        "labels": spec.labels,
+        "trust_model": spec.trust_model,
+        "plugin": spec.plugin,
+        "arch_kwargs": spec.arch_kwargs,
+        "ema": spec.ema,
+    }
 
 
 @pytest.fixture
@@ -73,16 +88,23 @@ def _specs(files: dict[str, Path]) -> list[ModelSpec]:
     return [
         ModelSpec("torchvision:resnet18"),
         ModelSpec(str(files["weights"]), arch="resnet18"),
-        ModelSpec(str(files["weights"]), arch=f"{files['net']}:Net", arch_kwargs='{"width": 3}',
-                  num_classes=2, labels=files["labels"], device="cpu"),
+        ModelSpec(
+            str(files["weights"]),
+            arch=f"{files['net']}:Net",
+            arch_kwargs='{"width": 3}',
+            num_classes=2,
+            labels=files["labels"],
+            device="cpu",
+        ),
         ModelSpec(str(files["weights"]), ema=True, trust_model=True, plugin="torchvision", device="cuda"),
         ModelSpec(str(files["weights"].parent / "missing.pt"), labels=files["weights"].parent / "no-labels.txt"),
     ]
 
 
 def test_a_model_spec_fingerprints_a_run_as_the_dict_it_replaced(model_files):
-    plan = types.SimpleNamespace(methods=[types.SimpleNamespace(name="gradcam")], layers=["layer4"],
-                                 preprocessing=Preprocessing(size=(32, 32)))
+    plan = types.SimpleNamespace(
+        methods=[types.SimpleNamespace(name="gradcam")], layers=["layer4"], preprocessing=Preprocessing(size=(32, 32))
+    )
     settings = BatchSettings(size=(32, 32), options=MethodOptions())
     for spec in _specs(model_files):
         for decided in (None, plan):
@@ -90,12 +112,14 @@ def test_a_model_spec_fingerprints_a_run_as_the_dict_it_replaced(model_files):
             assert fingerprint(spec, settings, decided) == expected
             assert fingerprint(dict_the_cli_built(spec), settings, decided) == expected  # the API's dict
     # evaluate's default, when no specification is given: the loaded model's source
-    assert fingerprint(ModelSpec("torchvision:resnet18"), settings) == \
-        fingerprint_of_a_dict({"model": "torchvision:resnet18"}, settings)
+    assert fingerprint(ModelSpec("torchvision:resnet18"), settings) == fingerprint_of_a_dict(
+        {"model": "torchvision:resnet18"}, settings
+    )
     # ... and an evaluation's fingerprint, whichever form it is given
     spec = _specs(model_files)[2]
-    assert run_fingerprint(spec, types.SimpleNamespace(describe=dict), None, ["deletion"], None) == \
-        run_fingerprint(dict_the_cli_built(spec), types.SimpleNamespace(describe=dict), None, ["deletion"], None)
+    assert run_fingerprint(spec, types.SimpleNamespace(describe=dict), None, ["deletion"], None) == run_fingerprint(
+        dict_the_cli_built(spec), types.SimpleNamespace(describe=dict), None, ["deletion"], None
+    )
 
 
 def test_the_device_does_not_change_the_fingerprint(model_files):
@@ -104,8 +128,9 @@ def test_the_device_does_not_change_the_fingerprint(model_files):
     assert fingerprint(replace(spec, device="cpu"), settings) == fingerprint(replace(spec, device="cuda"), settings)
 
 
-def test_a_batch_run_records_the_model_spec_and_fingerprint_the_dict_gave(tmp_path, resnet_state_dict_file,
-                                                                         monkeypatch):
+def test_a_batch_run_records_the_model_spec_and_fingerprint_the_dict_gave(
+    tmp_path, resnet_state_dict_file, monkeypatch
+):
     """Through the CLI, as a user runs it: report.json's model_spec and fingerprint are what the
     dict the command built before gave."""
     photos = tmp_path / "photos"
@@ -122,14 +147,40 @@ def test_a_batch_run_records_the_model_spec_and_fingerprint_the_dict_gave(tmp_pa
 
     monkeypatch.setattr(batch_ledger, "fingerprint", recorded)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["batch", str(resnet_state_dict_file), str(photos), "--arch", "resnet18",
-                                       "--labels", str(labels), "--arch-kwargs", '{"num_classes": 5}',
-                                       "--size", "32", "--device", "cpu", "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(resnet_state_dict_file),
+            str(photos),
+            "--arch",
+            "resnet18",
+            "--labels",
+            str(labels),
+            "--arch-kwargs",
+            '{"num_classes": 5}',
+            "--size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    (spec, settings, plan), = given
+    ((spec, settings, plan),) = given
     assert isinstance(spec, ModelSpec)
-    old = {"model": str(resnet_state_dict_file), "arch": "resnet18", "num_classes": None, "labels": labels,
-           "trust_model": False, "plugin": None, "arch_kwargs": '{"num_classes": 5}', "ema": False}
+    old = {
+        "model": str(resnet_state_dict_file),
+        "arch": "resnet18",
+        "num_classes": None,
+        "labels": labels,
+        "trust_model": False,
+        "plugin": None,
+        "arch_kwargs": '{"num_classes": 5}',
+        "ema": False,
+    }
     run = json.loads((out / "report.json").read_text())["run"]
     assert run["fingerprint"] == fingerprint_of_a_dict(old, settings, plan)
     assert run["model_spec"] == {key: str(value) if value is not None else None for key, value in old.items()}
@@ -153,12 +204,12 @@ def test_a_model_spec_travels_to_a_ray_worker_and_loads_there(tmp_path, resnet_s
     """What the Ray engine hands each actor: a pickled ModelSpec, loaded on the actor's device."""
     from attnexplain.ray_engine import _ExplainWorker
 
-    spec = ModelSpec(str(resnet_state_dict_file), arch="resnet18", arch_kwargs='{"num_classes": 5}',
-                     device="cuda")
+    spec = ModelSpec(str(resnet_state_dict_file), arch="resnet18", arch_kwargs='{"num_classes": 5}', device="cuda")
     travelled = pickle.loads(pickle.dumps(spec))
     assert travelled == spec
-    worker = _ExplainWorker(travelled, BatchSettings(size=(32, 32), options=MethodOptions()), str(tmp_path),
-                            use_gpu=False)
+    worker = _ExplainWorker(
+        travelled, BatchSettings(size=(32, 32), options=MethodOptions()), str(tmp_path), use_gpu=False
+    )
     assert str(next(worker.loaded.module.parameters()).device) == "cpu"
     assert worker.loaded.architecture == load_model(str(resnet_state_dict_file), arch="resnet18").architecture
 

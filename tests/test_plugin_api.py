@@ -37,7 +37,7 @@ def _imports(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
             module = node.module or ""
             if node.level:
                 parts = package.split(".")
-                base = parts[:len(parts) - node.level + 1]
+                base = parts[: len(parts) - node.level + 1]
                 module = ".".join(base + ([module] if module else []))
             found.append((node.lineno, module, [alias.name for alias in node.names]))
     return found
@@ -45,8 +45,12 @@ def _imports(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
 
 def test_the_shipped_plugins_are_all_checked():
     names = {_package_name(folder) for folder in PLUGIN_PACKAGES}
-    assert {"attnexplain.default_plugins", "attnexplain_attention_cnn", "attnexplain_timm",
-            "attnexplain_transformers"} <= names
+    assert {
+        "attnexplain.default_plugins",
+        "attnexplain_attention_cnn",
+        "attnexplain_timm",
+        "attnexplain_transformers",
+    } <= names
 
 
 @pytest.mark.parametrize("folder", PLUGIN_PACKAGES, ids=_package_name)
@@ -84,8 +88,10 @@ def test_the_plugin_api_re_exports_the_cores_own_objects():
 
 
 def test_importing_the_plugin_api_imports_no_torch():
-    probe = ("import sys\nimport attnexplain.plugin_api\nprint('torch' in sys.modules)\n"
-             "from attnexplain.plugin_api import capture_softmax\nprint('torch' in sys.modules)")
+    probe = (
+        "import sys\nimport attnexplain.plugin_api\nprint('torch' in sys.modules)\n"
+        "from attnexplain.plugin_api import capture_softmax\nprint('torch' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -36,11 +36,18 @@ def _photo(height: int = 40, width: int = 56) -> np.ndarray:
 def _loaded(module: nn.Module, plugin: ModelPlugin, size: int = 32) -> LoadedModel:
     from attnexplain.preprocess import Preprocessing
 
-    return LoadedModel(module=module.eval(), source="<test>", loader="object", architecture="test",
-                       plugin=plugin, preprocessing=Preprocessing(size=(size, size)))
+    return LoadedModel(
+        module=module.eval(),
+        source="<test>",
+        loader="object",
+        architecture="test",
+        plugin=plugin,
+        preprocessing=Preprocessing(size=(size, size)),
+    )
 
 
 # --- item 13: forward arguments and the recording context --------------------------------------
+
 
 class _NeedsScale(nn.Module):
     """A CNN whose forward needs a keyword argument, and notes every call's value."""
@@ -66,14 +73,31 @@ class _ScalePlugin(ModelPlugin):
         return {"scale": 0.5}
 
 
-@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam", "smoothgradcampp", "saliency",
-                                    "integrated_gradients", "occlusion", "rise", "guided_gradcam"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "gradcam",
+        "scorecam",
+        "ablationcam",
+        "smoothgradcampp",
+        "saliency",
+        "integrated_gradients",
+        "occlusion",
+        "rise",
+        "guided_gradcam",
+    ],
+)
 def test_every_forward_gets_the_plugins_keyword_arguments(method):
     model = _NeedsScale()
     loaded = _loaded(model, _ScalePlugin())
     options = MethodOptions(window=8, stride=8, samples=4, steps=4, aug_smooth=method == "gradcam")
-    result = explain(loaded, _photo(), method, options=options, layer="conv" if method in (
-        "gradcam", "scorecam", "ablationcam", "smoothgradcampp", "guided_gradcam") else None)
+    result = explain(
+        loaded,
+        _photo(),
+        method,
+        options=options,
+        layer="conv" if method in ("gradcam", "scorecam", "ablationcam", "smoothgradcampp", "guided_gradcam") else None,
+    )
     assert np.isfinite(result.heatmap).all()
     assert model.seen and all(scale == 0.5 for scale in model.seen)
 
@@ -115,6 +139,7 @@ class _SpatialPlugin(ModelPlugin):
             def hook(module, args, output):
                 weights = torch.sigmoid(output)[:, 0]
                 sink[name] = SpatialAttention(weights, weights.shape[-2], weights.shape[-1])
+
             return hook
 
         handles = [model.get_submodule(name).register_forward_hook(make_hook(name)) for name in names]
@@ -145,6 +170,7 @@ def test_attention_is_recorded_inside_the_plugins_recording_context():
 
 
 # --- item 11: attention recorded per layer on its own grid -------------------------------------
+
 
 def test_spatial_attention_map_is_the_mean_of_each_layers_resized_min_max_scaled_map():
     model = _RecordedCNN()
@@ -181,6 +207,7 @@ def test_chaining_methods_are_refused_for_spatial_attention(method):
 
 
 # --- item 14: tuple outputs -------------------------------------------------------------------
+
 
 class _TupleLayer(nn.Module):
     def __init__(self) -> None:
@@ -240,12 +267,14 @@ def test_a_tuple_layer_without_the_plugins_choice_is_refused_in_one_line():
 def test_the_probe_describes_a_tuple_layer_by_the_tensor_the_plugin_picks():
     model = _TupleModel()
     plugin = _FirstOfTuple()
-    probed = probe_layers(model, torch.zeros(1, 3, 32, 32),
-                          select=lambda name, output: plugin.select_output(model, name, output))
+    probed = probe_layers(
+        model, torch.zeros(1, 3, 32, 32), select=lambda name, output: plugin.select_output(model, name, output)
+    )
     assert {info.name: info.shape for info in probed}["block"] == (1, 5, 32, 32)
 
 
 # --- item 16: the probe skips outputs that do not depend on the input ---------------------------
+
 
 class _BiasTable(nn.Module):
     """Like a relative position bias: a small network applied to a constant table, (1, H, W, heads)."""
@@ -296,6 +325,7 @@ def test_a_model_recording_no_gradient_keeps_every_layer_a_candidate():
 
 # --- item 12: plugin-named methods ------------------------------------------------------------
 
+
 def _own_map(attentions, size):
     return attentions[-1].weights  # the last stage's gate, on its own grid
 
@@ -304,9 +334,19 @@ class _NamingPlugin(_SpatialPlugin):
     name = "naming-test"
 
     def methods(self):
-        return [Method(name="last_gate", family="attention", needs_gradient=False, summary="The last stage's gate.",
-                       applies_to="tests", cost="1 forward", paper="Nobody 2026, Tests", compute=_own_map,
-                       scale="gate")]
+        return [
+            Method(
+                name="last_gate",
+                family="attention",
+                needs_gradient=False,
+                summary="The last stage's gate.",
+                applies_to="tests",
+                cost="1 forward",
+                paper="Nobody 2026, Tests",
+                compute=_own_map,
+                scale="gate",
+            )
+        ]
 
     def refuse_method(self, model, method):
         return "the test plugin does not do that." if method == "layercam" else None
@@ -399,6 +439,7 @@ def test_a_plugin_whose_method_clashes_with_a_built_in_adds_no_method_and_says_w
 
 # --- the registry: a family is a pass registered in one place -----------------------------------
 
+
 def test_a_new_family_is_a_registered_pass_and_needs_no_dispatcher():
     assert list(PASSES)[:4] == ["cam", "attention", "gates", "input"]
 
@@ -409,9 +450,16 @@ def test_a_new_family_is_a_registered_pass_and_needs_no_dispatcher():
         return PassOutput(maps=maps, layers={m.name: [] for m in maps and methods})
 
     try:
-        method = Method(name="ones", family="constant", needs_gradient=False, summary="All ones.", applies_to="any",
-                        cost="1 forward", paper="-",
-                        compute=lambda batch: torch.ones(batch.shape[0], *batch.shape[-2:]))
+        method = Method(
+            name="ones",
+            family="constant",
+            needs_gradient=False,
+            summary="All ones.",
+            applies_to="any",
+            cost="1 forward",
+            paper="-",
+            compute=lambda batch: torch.ones(batch.shape[0], *batch.shape[-2:]),
+        )
         loaded = _loaded(_RecordedCNN(), ModelPlugin())
         computed = compute_maps(loaded, torch.zeros(2, 3, 32, 32), [method, METHODS["gradcam"]], ["stage2"])
         assert list(computed.maps) == ["ones", "gradcam"]

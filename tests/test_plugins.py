@@ -13,7 +13,7 @@ from attnexplain.cli import main
 from attnexplain.errors import PluginError
 from attnexplain.plugins import ModelPlugin, plugin_infos, select_plugin
 
-PLUGIN_SOURCE = '''
+PLUGIN_SOURCE = """
 from attnexplain.plugins import ModelPlugin
 
 
@@ -40,7 +40,7 @@ class SameScore(ModelPlugin):
 
 specialist = ResNetSpecialist()
 tie = SameScore()
-'''
+"""
 
 
 @pytest.fixture
@@ -50,14 +50,15 @@ def extra_plugins(tmp_path, monkeypatch):
     (tmp_path / "fake_broken.py").write_text("raise ImportError('needs a library that is missing')\n")
     info = tmp_path / "fake_attnexplain_plugins-1.2.3.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-attnexplain-plugins\n"
-                                   "Version: 1.2.3\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""\
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-attnexplain-plugins\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent("""\
         [attnexplain.plugins]
         specialist = fake_plugins:specialist
         tie = fake_plugins:tie
         broken = fake_broken:plugin
-        """))
+        """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     plugin_infos(reload=True)
     yield
@@ -74,8 +75,13 @@ def test_torchvision_support_is_a_plugin_found_by_its_entry_point():
 def test_a_model_no_plugin_claims_gets_the_generic_behaviour():
     import torch
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
     plugin = select_plugin(model)
     assert type(plugin) is ModelPlugin and plugin.name == "generic"
     assert explain(model, __import__("numpy").zeros((32, 32, 3), "uint8") + 100, size=32).layer == "1"
@@ -99,9 +105,23 @@ def test_plugin_choices_reach_the_explanation(extra_plugins, tmp_path, photo):
 
     path = tmp_path / "resnet.pt"
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
-    result = CliRunner().invoke(main, ["run", str(path), str(photo), "--arch", "resnet18", "--plugin",
-                                       "specialist", "--size", "64", "--out", str(tmp_path / "o"),
-                                       "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(path),
+            str(photo),
+            "--arch",
+            "resnet18",
+            "--plugin",
+            "specialist",
+            "--size",
+            "64",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 

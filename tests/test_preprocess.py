@@ -28,8 +28,13 @@ def _camera_photo(size=(451, 300)):
     return np.asarray(Image.fromarray(data.coffee()).resize(size, Image.Resampling.BICUBIC))
 
 
-@pytest.mark.parametrize("weights_name", ["ResNet18_Weights.IMAGENET1K_V1",  # bilinear, 256 → 224
-                                          "EfficientNet_B3_Weights.IMAGENET1K_V1"])  # bicubic, 320 → 300
+@pytest.mark.parametrize(
+    "weights_name",
+    [
+        "ResNet18_Weights.IMAGENET1K_V1",  # bilinear, 256 → 224
+        "EfficientNet_B3_Weights.IMAGENET1K_V1",
+    ],
+)  # bicubic, 320 → 300
 def test_weights_preset_matches_torchvision_transforms(weights_name):
     from PIL import Image
     from torchvision.transforms import v2
@@ -42,9 +47,14 @@ def test_weights_preset_matches_torchvision_transforms(weights_name):
     assert ours.shape == (3, *preset.crop_size * 2)
     # The same preset written with torchvision.transforms.v2 on the uint8 photo: the same 8-bit
     # pixels (one grey level is 0.017 after normalising; what is left is float rounding).
-    as_v2 = v2.Compose([v2.Resize(preset.resize_size, interpolation=preset.interpolation, antialias=True),
-                        v2.CenterCrop(preset.crop_size), v2.ToDtype(torch.float32, scale=True),
-                        v2.Normalize(preset.mean, preset.std)])
+    as_v2 = v2.Compose(
+        [
+            v2.Resize(preset.resize_size, interpolation=preset.interpolation, antialias=True),
+            v2.CenterCrop(preset.crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(preset.mean, preset.std),
+        ]
+    )
     assert torch.allclose(ours, as_v2(torch.from_numpy(pixels.copy()).permute(2, 0, 1)), atol=1e-5)
     # The preset itself on a PIL image (how ImageFolder feeds it): one grey level at most, rarely.
     on_pil = preset(Image.fromarray(pixels))
@@ -76,14 +86,15 @@ def test_stretch_then_crop_keeps_the_box_it_shows():
     preprocessing = Preprocessing(size=(224, 224), resize_to=(256, 256))
     pixels = _photo(300, 451)
     prepared = prepare(pixels, preprocessing)
-    stretched = torchvision.transforms.v2.functional.resize(torch.from_numpy(pixels).permute(2, 0, 1),
-                                                            [256, 256], antialias=True)
+    stretched = torchvision.transforms.v2.functional.resize(
+        torch.from_numpy(pixels).permute(2, 0, 1), [256, 256], antialias=True
+    )
     expected = torchvision.transforms.functional.normalize(
-        stretched[:, 16:240, 16:240].float() / 255, list(preprocessing.mean), list(preprocessing.std))
+        stretched[:, 16:240, 16:240].float() / 255, list(preprocessing.mean), list(preprocessing.std)
+    )
     assert torch.allclose(prepared.tensor[0], expected, atol=1e-6)
     left, top, right, bottom = prepared.box
-    assert np.allclose([left, top, right, bottom], [16 * 451 / 256, 16 * 300 / 256,
-                                                    240 * 451 / 256, 240 * 300 / 256])
+    assert np.allclose([left, top, right, bottom], [16 * 451 / 256, 16 * 300 / 256, 240 * 451 / 256, 240 * 300 / 256])
     assert preprocessing.with_overrides(size=112).resize_to == (128, 128)
     assert preprocessing.as_dict()["resize_to"] == [256, 256]
     assert "resize_to" not in Preprocessing().as_dict()  # other models' reports are unchanged
@@ -91,9 +102,12 @@ def test_stretch_then_crop_keeps_the_box_it_shows():
 
 def test_crop_rounds_down_puts_an_odd_margins_pixel_after_the_crop():
     pixels = _photo(9, 12)  # a 3-pixel margin across, 2 down: round(1.5) = 2, floor = 1
-    kept = {flag: prepare(pixels, Preprocessing(size=(7, 9), resize=9, crop_rounds_down=flag,
-                                                mean=(0, 0, 0), std=(1, 1, 1)))
-            for flag in (False, True)}
+    kept = {
+        flag: prepare(
+            pixels, Preprocessing(size=(7, 9), resize=9, crop_rounds_down=flag, mean=(0, 0, 0), std=(1, 1, 1))
+        )
+        for flag in (False, True)
+    }
     assert kept[True].box == (1.0, 1.0, 10.0, 8.0) and kept[False].box == (2.0, 1.0, 11.0, 8.0)
     assert torch.allclose(kept[True].tensor[0] * 255, torch.from_numpy(pixels[1:8, 1:10]).permute(2, 0, 1).float())
 

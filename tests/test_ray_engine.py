@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import read_gallery_data
 from PIL import Image
+from test_batch import _assert_same, _comparable, model_file  # noqa: F401 - the fixture
 
 from attnexplain.batch import run_batch
 from attnexplain.batch_stages import BatchSettings
 from attnexplain.cli import main
 from attnexplain.explanation import MethodOptions
 from attnexplain.formats import RESULTS_JSONL
-from attnexplain.records import read_results
-from conftest import read_gallery_data
-from test_batch import _assert_same, _comparable, model_file  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = "b/not-a-picture.png"
@@ -59,9 +58,25 @@ def images(tmp_path_factory) -> Path:
 
 
 def _cli_batch(model_file: Path, images: Path, out: Path, *extra: str):
-    return CliRunner().invoke(main, ["batch", str(model_file), str(images), "--arch", "resnet18",
-                                     "--size", "32", "--images-per-batch", "4", "--device", "cpu",
-                                     "--out", str(out), *extra])
+    return CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(model_file),
+            str(images),
+            "--arch",
+            "resnet18",
+            "--size",
+            "32",
+            "--images-per-batch",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +125,10 @@ def test_ray_run_writes_the_reports_of_a_local_run(ray_run, local_run):
 
     def rows(folder: Path) -> dict[str, dict]:
         with open(folder / "summary.csv", newline="") as handle:
-            return {row["image"]: {k: v for k, v in row.items() if not k.endswith("_s") and "prob" not in k}
-                    for row in csv.DictReader(handle)}
+            return {
+                row["image"]: {k: v for k, v in row.items() if not k.endswith("_s") and "prob" not in k}
+                for row in csv.DictReader(handle)
+            }
 
     assert rows(out) == rows(local_run)
     assert "<img src=x" not in (out / "index.html").read_text()
@@ -145,8 +162,16 @@ def test_local_run_resumes_a_ray_run(ray_run, local_run, images, model_file, tmp
     lines = (out / RESULTS_JSONL).read_text().splitlines(keepends=True)
     (out / RESULTS_JSONL).write_text("".join(lines[: len(lines) // 2]))  # killed half-way
     kept = sum(json.loads(line)["status"] == "ok" for line in lines[: len(lines) // 2])
-    result = run_batch(load_model(model_file, arch="resnet18"), {"model": str(model_file), "arch": "resnet18"},
-                       [str(images)], out, SETTINGS, resume=True, quiet=True, device="cpu")
+    result = run_batch(
+        load_model(model_file, arch="resnet18"),
+        {"model": str(model_file), "arch": "resnet18"},
+        [str(images)],
+        out,
+        SETTINGS,
+        resume=True,
+        quiet=True,
+        device="cpu",
+    )
     assert kept and result.skipped == kept and result.ok + result.failed == 24
     _assert_same(_comparable(out), _comparable(local_run))
 
@@ -179,8 +204,7 @@ def _actor_pids() -> set[int]:
 
 
 @pytest.mark.heavy
-def test_killed_actor_has_its_images_retried_none_lost_or_twice(ray_instance, images, model_file,
-                                                               local_run, tmp_path):
+def test_killed_actor_has_its_images_retried_none_lost_or_twice(ray_instance, images, model_file, local_run, tmp_path):
     from attnexplain.loading import load_model
     from attnexplain.ray_engine import RayCluster
 
@@ -198,9 +222,16 @@ def test_killed_actor_has_its_images_retried_none_lost_or_twice(ray_instance, im
             killed.extend(pids)
 
     settings = BatchSettings(size=(32, 32), images_per_batch=1, workers=1, options=MethodOptions())
-    result = run_batch(load_model(model_file, arch="resnet18"), {"model": str(model_file), "arch": "resnet18"},
-                       [str(images)], out, settings, quiet=True, on_batch=kill_the_actor,
-                       cluster=RayCluster(workers=1))
+    result = run_batch(
+        load_model(model_file, arch="resnet18"),
+        {"model": str(model_file), "arch": "resnet18"},
+        [str(images)],
+        out,
+        settings,
+        quiet=True,
+        on_batch=kill_the_actor,
+        cluster=RayCluster(workers=1),
+    )
     assert killed and not _actor_pids() & set(killed)
     lines = [json.loads(line) for line in (out / RESULTS_JSONL).read_text().splitlines()]
     assert sorted(line["image"] for line in lines) == sorted(_comparable(local_run))  # each once
@@ -217,14 +248,20 @@ def test_out_lock_holds_for_the_ray_driver(ray_instance, images, model_file, tmp
     out = tmp_path / "out"
     out.mkdir()
     with output_lock(out), pytest.raises(OutputInUse):
-        run_batch(load_model(model_file, arch="resnet18"), {"model": str(model_file), "arch": "resnet18"},
-                  [str(images)], out, SETTINGS, quiet=True, cluster=RayCluster(workers=1))
+        run_batch(
+            load_model(model_file, arch="resnet18"),
+            {"model": str(model_file), "arch": "resnet18"},
+            [str(images)],
+            out,
+            SETTINGS,
+            quiet=True,
+            cluster=RayCluster(workers=1),
+        )
     assert not (out / RESULTS_JSONL).exists()
 
 
 @pytest.mark.heavy  # a local Ray instance takes ~20 s to start: CI runs these with -m heavy
-def test_too_many_workers_for_the_cluster_is_refused_before_writing(ray_instance, images, model_file,
-                                                                   tmp_path):
+def test_too_many_workers_for_the_cluster_is_refused_before_writing(ray_instance, images, model_file, tmp_path):
     out = tmp_path / "out"
     result = _cli_batch(model_file, images, out, "--engine", "ray", "--workers", "2")
     assert result.exit_code == 1
@@ -234,45 +271,50 @@ def test_too_many_workers_for_the_cluster_is_refused_before_writing(ray_instance
 
 # --- without the engine ------------------------------------------------------------------------
 
+
 def _python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=REPO)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
 
 
 def test_engine_ray_without_ray_says_how_to_install_it(tmp_path):
-    code = ("import sys; sys.modules['ray'] = None  # as if Ray were not installed\n"
-            "from attnexplain.cli import main\n"
-            f"main(['batch', 'model.pt', {str(tmp_path)!r}, '--engine', 'ray', '--out', "
-            f"{str(tmp_path / 'out')!r}])")
+    code = (
+        "import sys; sys.modules['ray'] = None  # as if Ray were not installed\n"
+        "from attnexplain.cli import main\n"
+        f"main(['batch', 'model.pt', {str(tmp_path)!r}, '--engine', 'ray', '--out', "
+        f"{str(tmp_path / 'out')!r}])"
+    )
     done = _python(code)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [
-        "Error: --engine ray needs Ray, an optional extra: pip install 'attnexplain[ray]'."]
+        "Error: --engine ray needs Ray, an optional extra: pip install 'attnexplain[ray]'."
+    ]
     assert not (tmp_path / "out").exists()
 
 
 def test_import_and_help_never_import_ray():
-    code = ("import sys, contextlib, io\n"
-            "import attnexplain, attnexplain.cli\n"
-            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-            "    attnexplain.cli.main(['batch', '--help'])\n"
-            "print(sorted(name for name in sys.modules if name == 'ray' or name.startswith('ray.')))")
+    code = (
+        "import sys, contextlib, io\n"
+        "import attnexplain, attnexplain.cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    attnexplain.cli.main(['batch', '--help'])\n"
+        "print(sorted(name for name in sys.modules if name == 'ray' or name.startswith('ray.')))"
+    )
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
 
 def test_ray_options_without_the_ray_engine_are_a_usage_error(tmp_path):
-    result = CliRunner().invoke(main, ["batch", "model.pt", str(tmp_path), "--address", "auto",
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["batch", "model.pt", str(tmp_path), "--address", "auto", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2
     assert "apply only with --engine ray" in result.output
 
 
 @pytest.mark.heavy
-def test_actors_that_cannot_load_the_model_stop_the_run_with_one_error(ray_instance, images, model_file,
-                                                                      tmp_path):
+def test_actors_that_cannot_load_the_model_stop_the_run_with_one_error(ray_instance, images, model_file, tmp_path):
     """The workers load the model from its spec: one they cannot find (not on their filesystem)
     ends the run with the reason, instead of Ray restarting the actors for ever."""
     from attnexplain.errors import AttnExplainError
@@ -281,6 +323,13 @@ def test_actors_that_cannot_load_the_model_stop_the_run_with_one_error(ray_insta
 
     elsewhere = str(tmp_path / "only-on-the-driver.pt")
     with pytest.raises(AttnExplainError, match=r"The Ray run stopped: .*Model file not found: .*only-on-the-driver"):
-        run_batch(load_model(model_file, arch="resnet18"), {"model": elsewhere, "arch": "resnet18"},
-                  [str(images)], tmp_path / "out", SETTINGS, quiet=True, cluster=RayCluster(workers=1))
+        run_batch(
+            load_model(model_file, arch="resnet18"),
+            {"model": elsewhere, "arch": "resnet18"},
+            [str(images)],
+            tmp_path / "out",
+            SETTINGS,
+            quiet=True,
+            cluster=RayCluster(workers=1),
+        )
     assert json.loads((tmp_path / "out" / "report.json").read_text())["run"]["complete"] is False

@@ -27,8 +27,9 @@ def test_default_colormap_is_perceptually_uniform_and_its_table_matches_opencv()
         expected = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], code)[:, 0, ::-1]
         np.testing.assert_array_equal(colormap_table(name), expected)
     levels = np.array([0.0, 0.31, 1.0])
-    np.testing.assert_array_equal(colorize(levels, "inferno"),
-                                  colormap_table("inferno")[np.round(levels * 255).astype(int)])
+    np.testing.assert_array_equal(
+        colorize(levels, "inferno"), colormap_table("inferno")[np.round(levels * 255).astype(int)]
+    )
 
 
 def test_overlay_puts_the_hot_spot_where_the_model_saw_it():

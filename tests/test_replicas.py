@@ -139,8 +139,9 @@ def test_replicas_run_at_once_each_on_its_share_of_the_threads(torch_threads):
     assert [tuple(output.shape) for output in outputs] == [(1, 2), (1, 2)]
     assert len({name for name, _ in seen}) == 2
     assert all(name.startswith("attnexplain-model") for name, _ in seen)
-    assert sorted(threads for _, threads in seen) == sorted([max(1, threads_before // 2),
-                                                             max(1, threads_before - threads_before // 2)])
+    assert sorted(threads for _, threads in seen) == sorted(
+        [max(1, threads_before // 2), max(1, threads_before - threads_before // 2)]
+    )
     # Restored for the rest of the process: a thread that first uses torch now gets the count the
     # process had (torch gives it the last count set on any thread, a replica's without the restore).
     later: list[int] = []
@@ -186,7 +187,6 @@ def _photos(folder: Path, count: int) -> Path:
 @pytest.fixture(scope="module")
 def resnet_file(tmp_path_factory) -> Path:
     import torchvision
-
     from conftest import with_random_batchnorm_statistics
 
     torch.manual_seed(0)
@@ -205,13 +205,21 @@ def test_parallel_batches_give_the_maps_of_one_batch_at_a_time(tmp_path, resnet_
     spec = {"model": str(resnet_file), "arch": "resnet18"}
     outs = {}
     for parallel in (1, 2):
-        settings = BatchSettings(method="gradcam,gradientshap,occlusion", size=(48, 48), images_per_batch=2,
-                                 workers=1, parallel_batches=parallel, options=MethodOptions(samples=4))
+        settings = BatchSettings(
+            method="gradcam,gradientshap,occlusion",
+            size=(48, 48),
+            images_per_batch=2,
+            workers=1,
+            parallel_batches=parallel,
+            options=MethodOptions(samples=4),
+        )
         outs[parallel] = tmp_path / f"out{parallel}"
         summary = run_batch(loaded, spec, [str(photos)], outs[parallel], settings, quiet=True)
         assert (summary.ok, summary.failed) == (6, 0)
-    assert [json.loads((outs[p] / "report.json").read_text())["run"]["parallel_batches"] for p in (1, 2)] \
-        == [1, 2]  # two replicas did run
+    assert [json.loads((outs[p] / "report.json").read_text())["run"]["parallel_batches"] for p in (1, 2)] == [
+        1,
+        2,
+    ]  # two replicas did run
     records = [{r["image"]: r for r in read_results(outs[p] / RESULTS_JSONL)} for p in (1, 2)]
     assert set(records[0]) == set(records[1]) and len(records[0]) == 6
     for image, one in records[0].items():
@@ -235,19 +243,24 @@ def test_a_second_batch_starts_only_if_it_fits_in_memory(tmp_path, resnet_file, 
     assert replicas.count == 1
     assert threads == [torch.get_num_threads()] * 3  # one at a time, each on all of torch's threads
     photos = _photos(tmp_path / "in", 4)
-    settings = BatchSettings(method="gradcam", size=(32, 32), images_per_batch=1, workers=1,
-                             parallel_batches=2, options=MethodOptions())
+    settings = BatchSettings(
+        method="gradcam", size=(32, 32), images_per_batch=1, workers=1, parallel_batches=2, options=MethodOptions()
+    )
     spec = {"model": str(resnet_file), "arch": "resnet18"}
-    summary = run_batch(load_model(resnet_file, arch="resnet18"), spec, [str(photos)], tmp_path / "out",
-                        settings, quiet=True)
+    summary = run_batch(
+        load_model(resnet_file, arch="resnet18"), spec, [str(photos)], tmp_path / "out", settings, quiet=True
+    )
     assert (summary.ok, summary.failed) == (4, 0)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["run"]["parallel_batches"] == 1
 
 
-@pytest.mark.parametrize("limit_file, usage_file, unlimited", [
-    ("memory.max", "memory.current", "max"),  # cgroup v2
-    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "9223372036854771712"),  # v1
-])
+@pytest.mark.parametrize(
+    "limit_file, usage_file, unlimited",
+    [
+        ("memory.max", "memory.current", "max"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "9223372036854771712"),  # v1
+    ],
+)
 def test_available_memory_keeps_to_a_containers_limit(tmp_path, monkeypatch, limit_file, usage_file, unlimited):
     import attnexplain.replicas
 
@@ -266,13 +279,20 @@ def test_a_model_with_torchscript_inside_is_explained_one_batch_at_a_time(tmp_pa
     """TorchScript modules take no hooks: such a model runs as before, with a full report, and its
     modules keep no hook of the replicas'."""
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), torch.jit.script(nn.Sequential(nn.ReLU())),
-                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        torch.jit.script(nn.Sequential(nn.ReLU())),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
     photos = _photos(tmp_path / "in", 3)
-    settings = BatchSettings(method="saliency", size=(32, 32), images_per_batch=1, workers=1,
-                             parallel_batches=2, options=MethodOptions())
-    summary = run_batch(load_model(module), {"model": "scripted-inside"}, [str(photos)], tmp_path / "out",
-                        settings, quiet=True)
+    settings = BatchSettings(
+        method="saliency", size=(32, 32), images_per_batch=1, workers=1, parallel_batches=2, options=MethodOptions()
+    )
+    summary = run_batch(
+        load_model(module), {"model": "scripted-inside"}, [str(photos)], tmp_path / "out", settings, quiet=True
+    )
     assert (summary.ok, summary.failed) == (3, 0)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["run"]["parallel_batches"] == 1 and report["run"]["complete"] is True
@@ -282,20 +302,45 @@ def test_a_model_with_torchscript_inside_is_explained_one_batch_at_a_time(tmp_pa
 def test_parallel_batches_option(tmp_path, resnet_file):
     photos = _photos(tmp_path / "in", 3)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["batch", str(resnet_file), str(photos), "--arch", "resnet18",
-                                       "--size", "32", "--images-per-batch", "1", "--parallel-batches", "2",
-                                       "--quiet", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "batch",
+            str(resnet_file),
+            str(photos),
+            "--arch",
+            "resnet18",
+            "--size",
+            "32",
+            "--images-per-batch",
+            "1",
+            "--parallel-batches",
+            "2",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len([r for r in read_results(out / RESULTS_JSONL) if r["status"] == "ok"]) == 3
-    for wrong, says in ((["--parallel-batches", "0"], "0 is not in the range x>=1"),
-                        (["--parallel-batches", "2", "--engine", "ray"],
-                         "--parallel-batches is for --engine local")):
-        result = CliRunner().invoke(main, ["batch", str(resnet_file), str(photos), "--arch", "resnet18",
-                                           "--out", str(tmp_path / "refused"), *wrong])
+    for wrong, says in (
+        (["--parallel-batches", "0"], "0 is not in the range x>=1"),
+        (["--parallel-batches", "2", "--engine", "ray"], "--parallel-batches is for --engine local"),
+    ):
+        result = CliRunner().invoke(
+            main,
+            ["batch", str(resnet_file), str(photos), "--arch", "resnet18", "--out", str(tmp_path / "refused"), *wrong],
+        )
         assert result.exit_code == 2 and says in result.output, result.output
         assert not (tmp_path / "refused").exists()
     settings = BatchSettings(parallel_batches=2, options=MethodOptions())
     with pytest.raises(AttnExplainError, match="parallel_batches is for the local engine"):
-        run_batch(load_model(resnet_file, arch="resnet18"), {"model": str(resnet_file), "arch": "resnet18"},
-                  [str(photos)], tmp_path / "refused", settings, cluster=RayCluster())
+        run_batch(
+            load_model(resnet_file, arch="resnet18"),
+            {"model": str(resnet_file), "arch": "resnet18"},
+            [str(photos)],
+            tmp_path / "refused",
+            settings,
+            cluster=RayCluster(),
+        )
     assert not (tmp_path / "refused").exists()

@@ -57,8 +57,9 @@ def test_embedded_maps_are_the_raw_heatmaps_in_8_bits(vit_report):
     assert data["colormap"] == "inferno" and data["box"] == [0.0, 0.0, 1.0, 1.0]
     tables = json.loads(re.search(r"var colormaps = (\{.*?\});", page).group(1))
     table = _levels(tables["inferno"], (256, 3))
-    np.testing.assert_array_equal(table, cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None],
-                                                           cv2.COLORMAP_INFERNO)[:, 0, ::-1])
+    np.testing.assert_array_equal(
+        table, cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_INFERNO)[:, 0, ::-1]
+    )
     assert set(tables) >= {"turbo", "inferno", "jet"}
 
 

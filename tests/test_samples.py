@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from composites import LABELS, TEST_SEED, make_composites  # samples/, on sys.path via conftest
 
 import attnexplain
-
-from composites import LABELS, TEST_SEED, make_composites  # samples/, on sys.path via conftest
 
 HELD_OUT = 40
 
@@ -22,10 +21,13 @@ def _peak_inside(heatmap, mask) -> bool:
     return bool(mask[y, x])
 
 
-@pytest.mark.parametrize("model_file,method", [
-    ("resnet-composites.pt", "gradcam"),
-    ("vit-composites.pt", "rollout"),
-])
+@pytest.mark.parametrize(
+    "model_file,method",
+    [
+        ("resnet-composites.pt", "gradcam"),
+        ("vit-composites.pt", "rollout"),
+    ],
+)
 def test_peak_falls_inside_the_object_for_most_images(held_out, model_file, method):
     from conftest import SAMPLES
 

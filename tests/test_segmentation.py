@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import correlation
 
 import attnexplain
 from attnexplain.errors import MethodError
 from attnexplain.loading import load_model
 from attnexplain.preprocess import Preprocessing, prepare
-
-from conftest import correlation
 
 
 @pytest.fixture(scope="module")

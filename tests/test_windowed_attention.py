@@ -10,8 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 import attnexplain
-from attnexplain.default_plugins.torchvision_attention import (capture_windowed_attention,
-                                                               windowed_attention_modules)
+from attnexplain.default_plugins.torchvision_attention import capture_windowed_attention, windowed_attention_modules
 from attnexplain.methods.attention import gradient_rollout, raw_attention, rollout
 from attnexplain.plugins import WindowedAttention
 from attnexplain.render import render_attention_grid
@@ -63,9 +62,8 @@ def test_swin_attention_and_positions_reproduce_each_layer():
         heads = module.num_heads
         assert (layer.height, layer.width) == (height, width)
         assert sorted(layer.positions[layer.positions >= 0].tolist()) == list(range(height * width))
-        weight, bias = module.qkv.weight[2 * channels:], module.qkv.bias[2 * channels:]
-        values = F.linear(x.reshape(batch, -1, channels), weight, bias).reshape(batch, -1, heads,
-                                                                                channels // heads)
+        weight, bias = module.qkv.weight[2 * channels :], module.qkv.bias[2 * channels :]
+        values = F.linear(x.reshape(batch, -1, channels), weight, bias).reshape(batch, -1, heads, channels // heads)
         # Padding tokens are zero features: their value is the bias alone.
         mixed = _mix_by_position(layer, values, bias.reshape(1, 1, heads, channels // heads))
         rebuilt = module.proj(mixed.flatten(-2))  # (B, W, T, C)
@@ -99,8 +97,10 @@ def test_maxvit_window_and_grid_attention_positions_reproduce_each_layer():
         if kind == "grid":
             stride = layer.height // model.partition_size
             assert set(np.diff(sorted(set(rows.tolist())))) == {stride}
+            assert set(np.diff(sorted(set(columns.tolist())))) == {stride}
         else:
             assert rows.max() - rows.min() == model.partition_size - 1
+            assert columns.max() - columns.min() == model.partition_size - 1
         checked.add(kind)
     assert checked == {"window", "grid"}
 
@@ -133,9 +133,11 @@ def _synthetic_layers(seed=0):
     padded = F.pad(torch.arange(9).reshape(1, 3, 3), (0, 1, 0, 1), value=-1)[0]
     partition = lambda grid: grid.reshape(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(4, 4)
     layers = []
-    for positions, side in ((partition(padded), 3),
-                            (partition(torch.roll(padded, shifts=(-1, -1), dims=(0, 1))), 3),
-                            (torch.tensor([[0, 1, 2, 3]]), 2)):
+    for positions, side in (
+        (partition(padded), 3),
+        (partition(torch.roll(padded, shifts=(-1, -1), dims=(0, 1))), 3),
+        (torch.tensor([[0, 1, 2, 3]]), 2),
+    ):
         windows, tokens = positions.shape
         probabilities = torch.softmax(torch.randn(2, windows, 3, tokens, tokens, generator=generator) * 2, -1)
         layers.append(WindowedAttention(probabilities, positions, side, side))
@@ -181,8 +183,9 @@ def test_windowed_raw_attention_is_the_attention_each_position_receives():
     grid = raw_attention(layers, None)
     assert grid.shape == (2, 3, 3, 3, 3)
     dense = _dense(layers[0], layers[0].probabilities[1, :, 2])  # image 1, head 2
-    queries = np.bincount([w for w, tokens in enumerate(layers[0].positions.tolist())
-                           for token in tokens if token >= 0], minlength=4)
+    queries = np.bincount(
+        [w for w, tokens in enumerate(layers[0].positions.tolist()) for token in tokens if token >= 0], minlength=4
+    )
     window_of = {token: w for w, tokens in enumerate(layers[0].positions.tolist()) for token in tokens}
     received = [dense[:, key].sum() / queries[window_of[key]] for key in range(9)]
     np.testing.assert_allclose(grid[1, 0, 2].flatten().numpy(), received, rtol=1e-5)
@@ -191,8 +194,9 @@ def test_windowed_raw_attention_is_the_attention_each_position_receives():
 
 
 # MaxViT's recorded attention is checked layer by layer above; explaining it end to end takes seconds.
-@pytest.mark.parametrize("name, size", [("swin_t", 128), ("swin_v2_t", 128),
-                                        pytest.param("maxvit_t", 224, marks=pytest.mark.heavy)])
+@pytest.mark.parametrize(
+    "name, size", [("swin_t", 128), ("swin_v2_t", 128), pytest.param("maxvit_t", 224, marks=pytest.mark.heavy)]
+)
 def test_swin_and_maxvit_explain_with_learned_attention(name, size, photo):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name).eval()
@@ -209,7 +213,7 @@ def test_swin_and_maxvit_explain_with_learned_attention(name, size, photo):
     if name.startswith("swin"):  # 3 heads in the first stage, 24 in the last
         assert np.isnan(grid[0, 3:]).all() and not np.isnan(grid[-1]).any()
         mosaic = render_attention_grid(grid, cell=8, gap=0)
-        assert (mosaic[:8, 3 * 8:] == 255).all() and not (mosaic[-8:] == 255).all()
+        assert (mosaic[:8, 3 * 8 :] == 255).all() and not (mosaic[-8:] == 255).all()
     with torch.no_grad():  # recording left the model as it was
         torch.testing.assert_close(model(batch), plain)
 
@@ -222,13 +226,15 @@ def test_windowed_attention_of_a_batch_is_each_image_s_own():
     images = torch.randn(2, 3, 96, 96)
     together = attnexplain.explanation.compute_maps(loaded, images, methods, [])
     for index in range(2):
-        alone = attnexplain.explanation.compute_maps(loaded, images[index:index + 1], methods, [])
+        alone = attnexplain.explanation.compute_maps(loaded, images[index : index + 1], methods, [])
         for name in ("rollout", "attention"):
             torch.testing.assert_close(together.maps[name][index], alone.maps[name][0], atol=1e-5, rtol=1e-4)
 
 
 def test_raw_windowed_attention_of_a_half_precision_model():
-    layers = [WindowedAttention(layer.probabilities.half(), layer.positions, layer.height, layer.width)
-              for layer in _synthetic_layers()]
+    layers = [
+        WindowedAttention(layer.probabilities.half(), layer.positions, layer.height, layer.width)
+        for layer in _synthetic_layers()
+    ]
     grid = raw_attention(layers, None)
     assert grid.dtype == torch.float32 and torch.isfinite(grid[:, :, :3]).all()

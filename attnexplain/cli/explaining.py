@@ -19,8 +19,14 @@ import click
 from .._untrusted import terminal_text
 from ..model_spec import ModelSpec
 from ..options import MethodOptions
-from .option_groups import (image_options, json_option, method_options, model_options, overlay_format_option,
-                            overlay_size_option)
+from .option_groups import (
+    image_options,
+    json_option,
+    method_options,
+    model_options,
+    overlay_format_option,
+    overlay_size_option,
+)
 from .printing import print_evaluation, print_run
 
 
@@ -52,8 +58,10 @@ def _map_metric_names(value: str | None) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in PERTURBATION_METRICS]
     if unknown:
-        raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(PERTURBATION_METRICS)} "
-                                 f"(`attnexplain evaluate` measures localisation and randomization).")
+        raise click.BadParameter(
+            f"{unknown[0]!r} is not one of {', '.join(PERTURBATION_METRICS)} "
+            f"(`attnexplain evaluate` measures localisation and randomization)."
+        )
     return names
 
 
@@ -76,8 +84,8 @@ def _pointing_tolerance(ctx: click.Context, param: click.Parameter, value: float
 
 
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
-    from ..inputs import parse_shard
     from ..errors import AttnExplainError
+    from ..inputs import parse_shard
 
     try:
         return parse_shard(value)
@@ -91,18 +99,44 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @method_options
 @model_options
 @image_options
-@click.option("--out", "out_dir", default="attnexplain-out", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Folder for the outputs.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="attnexplain-out",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the outputs.",
+)
 @overlay_format_option("png")
 @overlay_size_option("full")
 @json_option("the report as JSON")
-@click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
-              help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
-                   "\"metrics\"; `attnexplain evaluate` compares methods over many images).")
-def run(model_spec: ModelSpec, image: Path, method: str, target: str | None, layer: str | None,
-        options: MethodOptions, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
-        out_dir: Path, overlay_format: str, overlay_size: int | None, as_json: bool,
-        metric_names: list[str]) -> None:
+@click.option(
+    "--metrics",
+    "metric_names",
+    callback=lambda ctx, param, value: _map_metric_names(value),
+    help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
+    '"metrics"; `attnexplain evaluate` compares methods over many images).',
+)
+def run(
+    model_spec: ModelSpec,
+    image: Path,
+    method: str,
+    target: str | None,
+    layer: str | None,
+    options: MethodOptions,
+    size,
+    mean,
+    std,
+    alpha: float,
+    colormap: str,
+    top_k: int,
+    max_pixels: int,
+    out_dir: Path,
+    overlay_format: str,
+    overlay_size: int | None,
+    as_json: bool,
+    metric_names: list[str],
+) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
     MODEL is a saved model file (state_dict or training checkpoint with --arch, Lightning .ckpt, timm
@@ -133,13 +167,26 @@ def run(model_spec: ModelSpec, image: Path, method: str, target: str | None, lay
         if picture is None:
             started = time.perf_counter()
             needed = plan_preprocessing(loaded, size=size, mean=mean, std=std).shortest_side
-            picture = load_image(image, max_pixels=max_pixels, longest_side=overlay_size,
-                                 shortest_side=needed)
+            picture = load_image(image, max_pixels=max_pixels, longest_side=overlay_size, shortest_side=needed)
             image_s += time.perf_counter() - started
-        explanation = explain(loaded, picture, method, target=target, layer=layer, top_k=top_k,
-                              size=size, mean=mean, std=std, options=options)
-        explanation.timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s,
-                               **explanation.timings}
+        explanation = explain(
+            loaded,
+            picture,
+            method,
+            target=target,
+            layer=layer,
+            top_k=top_k,
+            size=size,
+            mean=mean,
+            std=std,
+            options=options,
+        )
+        explanation.timings = {
+            "load_image_s": image_s,
+            "import_s": import_s,
+            "load_model_s": model_s,
+            **explanation.timings,
+        }
         if metric_names:
             from ..evaluation import explanation_metrics
 
@@ -163,53 +210,122 @@ def run(model_spec: ModelSpec, image: Path, method: str, target: str | None, lay
 @method_options
 @model_options
 @image_options
-@click.option("--images-per-batch", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Threads that decode images, and as many that write them, while the model runs "
-                   "(default: from the cores this process may use: 2, or a quarter of them, with "
-                   "the model on the CPU; every core but one, half each, on a GPU); with --engine "
-                   "ray, model actors (one CPU each, and --num-gpus-per-worker GPUs; default 1).")
-@click.option("--parallel-batches", type=click.IntRange(min=1),
-              help="Batches the model explains at once, each on its own copy of the model sharing "
-                   "its weights, torch's CPU threads divided between them (default: 2 with the "
-                   "model on a CPU where torch may use 2 threads or more, where it is faster; 1 on "
-                   "a GPU); the others start once the first batch has shown that they fit in "
-                   "memory. --engine local only.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
-                   "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).")
-@click.option("--address", help="--engine ray: the cluster to join (auto, or ray://HOST:PORT; default: "
-                                "start a local Ray instance with this machine's cores).")
-@click.option("--num-gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="--engine ray: GPUs each model actor reserves (it runs the model on CUDA when > 0).")
-@click.option("--out", "out_dir", default="attnexplain-batch", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the outputs (never read as inputs; one run at a time writes there).")
-@click.option("--resume", is_flag=True, help="Skip images already explained in --out with the same "
-                                             "model, options and file content; do the rest.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the records of an earlier run in --out (without it, or --resume, an --out "
-                   "holding explained images is refused).")
-@click.option("--shard", callback=_shard,
-              help="I/N: explain only a deterministic 1/N of the inputs, counting from 1 (--shard 1/2, "
-                   "--shard 2/2; merge the outputs with `attnexplain merge`).")
+@click.option(
+    "--images-per-batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per forward pass (--batch-size is the methods' own batch, e.g. scorecam).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Threads that decode images, and as many that write them, while the model runs "
+    "(default: from the cores this process may use: 2, or a quarter of them, with "
+    "the model on the CPU; every core but one, half each, on a GPU); with --engine "
+    "ray, model actors (one CPU each, and --num-gpus-per-worker GPUs; default 1).",
+)
+@click.option(
+    "--parallel-batches",
+    type=click.IntRange(min=1),
+    help="Batches the model explains at once, each on its own copy of the model sharing "
+    "its weights, torch's CPU threads divided between them (default: 2 with the "
+    "model on a CPU where torch may use 2 threads or more, where it is faster; 1 on "
+    "a GPU); the others start once the first batch has shown that they fit in "
+    "memory. --engine local only.",
+)
+@click.option(
+    "--engine",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "ray"]),
+    help="local: this process. ray: Ray tasks decode, an actor pool explains and writes "
+    "(needs `pip install 'attnexplain[ray]'`; --out on a filesystem every worker sees).",
+)
+@click.option(
+    "--address",
+    help="--engine ray: the cluster to join (auto, or ray://HOST:PORT; default: "
+    "start a local Ray instance with this machine's cores).",
+)
+@click.option(
+    "--num-gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="--engine ray: GPUs each model actor reserves (it runs the model on CUDA when > 0).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="attnexplain-batch",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the outputs (never read as inputs; one run at a time writes there).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip images already explained in --out with the same model, options and file content; do the rest.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the records of an earlier run in --out (without it, or --resume, an --out "
+    "holding explained images is refused).",
+)
+@click.option(
+    "--shard",
+    callback=_shard,
+    help="I/N: explain only a deterministic 1/N of the inputs, counting from 1 (--shard 1/2, "
+    "--shard 2/2; merge the outputs with `attnexplain merge`).",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--truth", metavar="folders|FILE.csv",
-              help="Each image's true class: 'folders' takes its parent folder's name (the ImageFolder "
-                   "layout); a CSV gives image,class rows. The gallery then shows accuracy, a confusion "
-                   "table and filters to the misclassified images.")
+@click.option(
+    "--truth",
+    metavar="folders|FILE.csv",
+    help="Each image's true class: 'folders' takes its parent folder's name (the ImageFolder "
+    "layout); a CSV gives image,class rows. The gallery then shows accuracy, a confusion "
+    "table and filters to the misclassified images.",
+)
 @overlay_format_option("jpg")
-@click.option("--metrics", "metric_names", callback=lambda ctx, param, value: _map_metric_names(value),
-              help="Also measure each map: deletion, insertion, road, drop, comma-separated (each "
-                   "record's \"metrics\" in results.jsonl).")
+@click.option(
+    "--metrics",
+    "metric_names",
+    callback=lambda ctx, param, value: _map_metric_names(value),
+    help="Also measure each map: deletion, insertion, road, drop, comma-separated (each "
+    'record\'s "metrics" in results.jsonl).',
+)
 @overlay_size_option("2048")
-def batch(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, target: str | None, layer: str | None,
-          options: MethodOptions, size, mean, std, alpha: float, colormap: str, top_k: int, max_pixels: int,
-          images_per_batch: int, workers: int | None, parallel_batches: int | None, engine: str,
-          address: str | None, num_gpus_per_worker: float, out_dir: Path, resume: bool, overwrite: bool,
-          shard: tuple[int, int] | None, quiet: bool, truth: str | None, overlay_format: str,
-          metric_names: list[str], overlay_size: int | None) -> None:
+def batch(
+    model_spec: ModelSpec,
+    inputs: tuple[str, ...],
+    method: str,
+    target: str | None,
+    layer: str | None,
+    options: MethodOptions,
+    size,
+    mean,
+    std,
+    alpha: float,
+    colormap: str,
+    top_k: int,
+    max_pixels: int,
+    images_per_batch: int,
+    workers: int | None,
+    parallel_batches: int | None,
+    engine: str,
+    address: str | None,
+    num_gpus_per_worker: float,
+    out_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    shard: tuple[int, int] | None,
+    quiet: bool,
+    truth: str | None,
+    overlay_format: str,
+    metric_names: list[str],
+    overlay_size: int | None,
+) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
     and an index.html gallery in --out.
 
@@ -241,31 +357,57 @@ def batch(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, target: s
     from ..truth import read_truth
 
     if engine == "ray" and parallel_batches is not None:
-        raise click.UsageError("--parallel-batches is for --engine local; with --engine ray, "
-                               "--workers sets how many model actors explain at once.")
+        raise click.UsageError(
+            "--parallel-batches is for --engine local; with --engine ray, "
+            "--workers sets how many model actors explain at once."
+        )
     if resume and overwrite:
-        raise click.UsageError("--resume keeps the earlier run's records in --out and --overwrite "
-                               "replaces them: give one of them.")
+        raise click.UsageError(
+            "--resume keeps the earlier run's records in --out and --overwrite replaces them: give one of them."
+        )
     ray_workers = workers if _given(click.get_current_context(), "workers") else 1
     cluster = _ray_cluster(engine, address, num_gpus_per_worker, ray_workers)
     if cluster is not None:
         model_spec = replace(model_spec, device="cpu")  # the driver only plans; each actor loads its own
 
     settings = BatchSettings(
-        method=method, target=target, layer=layer, size=tuple(size) if size else None,
-        mean=tuple(mean) if mean else None, std=tuple(std) if std else None, top_k=top_k,
-        alpha=alpha, colormap=colormap, overlay_format=overlay_format, overlay_size=overlay_size,
-        max_pixels=max_pixels, truth=read_truth(truth) if truth else None,
-        images_per_batch=images_per_batch, workers=workers, parallel_batches=parallel_batches,
-        metrics=tuple(metric_names), options=options)
+        method=method,
+        target=target,
+        layer=layer,
+        size=tuple(size) if size else None,
+        mean=tuple(mean) if mean else None,
+        std=tuple(std) if std else None,
+        top_k=top_k,
+        alpha=alpha,
+        colormap=colormap,
+        overlay_format=overlay_format,
+        overlay_size=overlay_size,
+        max_pixels=max_pixels,
+        truth=read_truth(truth) if truth else None,
+        images_per_batch=images_per_batch,
+        workers=workers,
+        parallel_batches=parallel_batches,
+        metrics=tuple(metric_names),
+        options=options,
+    )
     try:
         # --out is checked before the model loads (a bad --out fails first), and is removed again
         # if the run cannot start (no image found): a refused run leaves no folder behind.
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
             loaded = model_spec.load()
-            result = run_batch(loaded, model_spec, list(inputs), out_dir, settings, resume=resume,
-                               shard=shard, quiet=quiet, cluster=cluster, overwrite=overwrite)
+            result = run_batch(
+                loaded,
+                model_spec,
+                list(inputs),
+                out_dir,
+                settings,
+                resume=resume,
+                shard=shard,
+                quiet=quiet,
+                cluster=cluster,
+                overwrite=overwrite,
+            )
     except Stopped as stop:
         where = f"; the partial report is in {out_dir}" if (out_dir / "report.json").is_file() else ""
         click.echo(f"Stopped by {stop}{where}.", err=True)
@@ -273,15 +415,20 @@ def batch(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, target: s
     if result.skipped_inputs:
         shown = terminal_text("; ".join(f"{path} {reason}" for path, reason in result.skipped_inputs[:5]))
         more = f" (and {len(result.skipped_inputs) - 5} more)" if len(result.skipped_inputs) > 5 else ""
-        click.echo(f"Skipped {len(result.skipped_inputs)} entries of the inputs, listed in report.json: "
-                   f"{shown}{more}", err=True)
+        click.echo(
+            f"Skipped {len(result.skipped_inputs)} entries of the inputs, listed in report.json: {shown}{more}",
+            err=True,
+        )
     if result.report_error:
         click.echo(f"Warning: the reports could not be written: {result.report_error}", err=True)
     if not quiet:
         rate = (result.ok - result.skipped + result.failed) / result.wall_s if result.wall_s else 0.0
-        click.echo(f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} "
-                   f"failed, in {result.wall_s:.1f}s ({rate:.1f} images/s). "
-                   f"Gallery: {out_dir / 'index.html'}", err=True)
+        click.echo(
+            f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} "
+            f"failed, in {result.wall_s:.1f}s ({rate:.1f} images/s). "
+            f"Gallery: {out_dir / 'index.html'}",
+            err=True,
+        )
     if result.exit_code:
         sys.exit(result.exit_code)
 
@@ -289,50 +436,116 @@ def batch(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, target: s
 @click.command()
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--method", default="default", show_default=True,
-              help="Methods to compare, comma-separated; default: every method that applies to the model "
-                   "except those that cost many forwards per image (the Score-CAM family, ablationcam, "
-                   "occlusion, integrated_gradients, smoothgrad(campp), gradientshap, rise, "
-                   "feature_ablation, kernelshap, lime); all: every one that applies.")
-@click.option("--metrics", callback=_metric_names,
-              help="Comma-separated: deletion, insertion, road, drop, pointing, mass, rank, "
-                   "randomization, or all (default: all that apply but ROAD, whose sparse solves cost "
-                   "about 1 s of CPU per map and image at 128 px; localisation needs --masks or --boxes).")
-@click.option("--masks", type=click.Path(path_type=Path),
-              help="Folder mirroring the inputs with one mask PNG per image (white = object).")
-@click.option("--boxes", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON file: file name → [[x, y, w, h], ...] in photo pixels, or a COCO file.")
+@click.option(
+    "--method",
+    default="default",
+    show_default=True,
+    help="Methods to compare, comma-separated; default: every method that applies to the model "
+    "except those that cost many forwards per image (the Score-CAM family, ablationcam, "
+    "occlusion, integrated_gradients, smoothgrad(campp), gradientshap, rise, "
+    "feature_ablation, kernelshap, lime); all: every one that applies.",
+)
+@click.option(
+    "--metrics",
+    callback=_metric_names,
+    help="Comma-separated: deletion, insertion, road, drop, pointing, mass, rank, "
+    "randomization, or all (default: all that apply but ROAD, whose sparse solves cost "
+    "about 1 s of CPU per map and image at 128 px; localisation needs --masks or --boxes).",
+)
+@click.option(
+    "--masks",
+    type=click.Path(path_type=Path),
+    help="Folder mirroring the inputs with one mask PNG per image (white = object).",
+)
+@click.option(
+    "--boxes",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file: file name → [[x, y, w, h], ...] in photo pixels, or a COCO file.",
+)
 # The defaults are MetricSettings' (metrics imports torch, which --help must not load; a test holds them equal).
-@click.option("--steps", default=10, show_default=True,
-              type=click.IntRange(min=2, max=10_000),
-              help="Deletion/insertion: steps per curve (each costs two forwards per map and image; "
-                   "100 for finer curves).")
-@click.option("--pointing-tolerance", default=15.0, show_default=True, type=float, callback=_pointing_tolerance,
-              help="Pointing game: a maximum of the map closer than this many pixels of the photo to the "
-                   "object still hits it (Zhang et al. 2018 count 15); 0: only a maximum on the object.")
-@click.option("--randomization-images", default=8, show_default=True, type=click.IntRange(min=1, max=100_000),
-              help="Randomization check: how many of the first images it measures (a subset is enough for "
-                   "a per-method verdict; each costs every method's maps once per step).")
-@click.option("--randomization-steps", default=5, show_default=True, type=click.IntRange(min=1, max=1000),
-              help="Randomization check: at most this many cascading steps, one block each from the head "
-                   "down; the last step re-initialises all the rest.")
+@click.option(
+    "--steps",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=2, max=10_000),
+    help="Deletion/insertion: steps per curve (each costs two forwards per map and image; 100 for finer curves).",
+)
+@click.option(
+    "--pointing-tolerance",
+    default=15.0,
+    show_default=True,
+    type=float,
+    callback=_pointing_tolerance,
+    help="Pointing game: a maximum of the map closer than this many pixels of the photo to the "
+    "object still hits it (Zhang et al. 2018 count 15); 0: only a maximum on the object.",
+)
+@click.option(
+    "--randomization-images",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1, max=100_000),
+    help="Randomization check: how many of the first images it measures (a subset is enough for "
+    "a per-method verdict; each costs every method's maps once per step).",
+)
+@click.option(
+    "--randomization-steps",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1, max=1000),
+    help="Randomization check: at most this many cascading steps, one block each from the head "
+    "down; the last step re-initialises all the rest.",
+)
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
 @functools.partial(image_options, leave_out=("alpha", "top_k"))
-@click.option("--images-per-batch", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Images explained and perturbed together.")
-@click.option("--out", "out_dir", default="attnexplain-eval", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for evaluation.json, evaluation.csv, evaluation.html.")
+@click.option(
+    "--images-per-batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images explained and perturbed together.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="attnexplain-eval",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for evaluation.json, evaluation.csv, evaluation.html.",
+)
 @json_option("evaluation.json")
-@click.option("--resume", is_flag=True, help="Reuse the images an earlier run in --out measured with the "
-                                             "same model, settings, image and mask; measure the rest.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse the images an earlier run in --out measured with the "
+    "same model, settings, image and mask; measure the rest.",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def evaluate(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, metrics, masks: Path | None,
-             boxes: Path | None, steps: int, pointing_tolerance: float, randomization_images: int,
-             randomization_steps: int, target, layer, options: MethodOptions, size, mean, std, colormap: str,
-             max_pixels: int, images_per_batch: int, out_dir: Path, as_json: bool, resume: bool,
-             quiet: bool) -> None:
+def evaluate(
+    model_spec: ModelSpec,
+    inputs: tuple[str, ...],
+    method: str,
+    metrics,
+    masks: Path | None,
+    boxes: Path | None,
+    steps: int,
+    pointing_tolerance: float,
+    randomization_images: int,
+    randomization_steps: int,
+    target,
+    layer,
+    options: MethodOptions,
+    size,
+    mean,
+    std,
+    colormap: str,
+    max_pixels: int,
+    images_per_batch: int,
+    out_dir: Path,
+    as_json: bool,
+    resume: bool,
+    quiet: bool,
+) -> None:
     """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
     faithfulness (deletion, insertion, ROAD, average drop), localisation (with --masks or --boxes)
     and the randomization sanity check, beside a random map.
@@ -352,26 +565,51 @@ def evaluate(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, metric
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
     from .._signals import Stopped, stop_signals_interrupt
-    from ..evaluation import EvaluationSettings, evaluate as run_evaluation
+    from ..evaluation import EvaluationSettings
+    from ..evaluation import evaluate as run_evaluation
     from ..metrics import MetricSettings
     from ..report import writable_output_folder
 
     settings = EvaluationSettings(
-        method=method, metrics=metrics, target=target, layer=layer, size=size, mean=mean, std=std,
-        max_pixels=max_pixels, images_per_batch=images_per_batch, colormap=colormap,
-        metric_settings=MetricSettings(steps=steps, batch_size=max(options.batch_size, 64),
-                                       pointing_tolerance=pointing_tolerance,
-                                       randomization_images=randomization_images,
-                                       randomization_steps=randomization_steps),
-        options=options)
+        method=method,
+        metrics=metrics,
+        target=target,
+        layer=layer,
+        size=size,
+        mean=mean,
+        std=std,
+        max_pixels=max_pixels,
+        images_per_batch=images_per_batch,
+        colormap=colormap,
+        metric_settings=MetricSettings(
+            steps=steps,
+            batch_size=max(options.batch_size, 64),
+            pointing_tolerance=pointing_tolerance,
+            randomization_images=randomization_images,
+            randomization_steps=randomization_steps,
+        ),
+        options=options,
+    )
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = model_spec.load()
-            evaluation = run_evaluation(loaded, list(inputs), settings, masks=masks, boxes=boxes,
-                                        out=out_dir, resume=resume, quiet=quiet, model_spec=model_spec)
+            evaluation = run_evaluation(
+                loaded,
+                list(inputs),
+                settings,
+                masks=masks,
+                boxes=boxes,
+                out=out_dir,
+                resume=resume,
+                quiet=quiet,
+                model_spec=model_spec,
+            )
     except Stopped as stop:
-        where = (f"; the partial evaluation is in {out_dir} (--resume finishes it)"
-                 if (out_dir / "evaluation.json").is_file() else "")
+        where = (
+            f"; the partial evaluation is in {out_dir} (--resume finishes it)"
+            if (out_dir / "evaluation.json").is_file()
+            else ""
+        )
         click.echo(f"Stopped by {stop}{where}.", err=True)
         sys.exit(stop.exit_code)
     if as_json:
@@ -384,10 +622,14 @@ def evaluate(model_spec: ModelSpec, inputs: tuple[str, ...], method: str, metric
 
 
 @click.command()
-@click.argument("sources", nargs=-1, required=True,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the merged outputs.")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the merged outputs.",
+)
 def merge(sources: tuple[Path, ...], out_dir: Path) -> None:
     """Combine the outputs of `attnexplain batch --shard` runs into one: per-image files (hard
     links where possible), results.jsonl, report.json, summary.csv and index.html.
@@ -404,10 +646,12 @@ def merge(sources: tuple[Path, ...], out_dir: Path) -> None:
     result = merge_outputs(list(sources), out_dir)
     if result.dropped_records:
         more = " (and more)" if len(result.dropped_records) > 1 else ""
-        click.echo(f"Warning: lines of the sources' results.jsonl that are no record were left out, "
-                   f"listed in report.json (run.dropped_records): "
-                   f"{terminal_text(result.dropped_records[0])}{more}", err=True)
-    click.echo(f"{result.ok} explained, {result.failed} failed. Gallery: {out_dir / 'index.html'}",
-               err=True)
+        click.echo(
+            f"Warning: lines of the sources' results.jsonl that are no record were left out, "
+            f"listed in report.json (run.dropped_records): "
+            f"{terminal_text(result.dropped_records[0])}{more}",
+            err=True,
+        )
+    click.echo(f"{result.ok} explained, {result.failed} failed. Gallery: {out_dir / 'index.html'}", err=True)
     if result.exit_code:
         sys.exit(result.exit_code)

@@ -37,9 +37,11 @@ class _Group(click.Group):
             # program early, which must not look like a finished command.
             if exiting.code not in (0, None):
                 raise
-            raise click.ClickException("Code the command ran (the model's or a plugin's) called exit() "
-                                       "with status 0 before the command finished; nothing was "
-                                       "completed.") from None
+            raise click.ClickException(
+                "Code the command ran (the model's or a plugin's) called exit() "
+                "with status 0 before the command finished; nothing was "
+                "completed."
+            ) from None
         except AttnExplainError as error:
             if ctx.params.get("debug") and error.__cause__ is not None:
                 # A model's own failure, said in one line: --debug shows where in its code.
@@ -57,8 +59,9 @@ class _Group(click.Group):
             if ctx.find_root().params.get("debug"):
                 raise
             text = terminal_text(" ".join(str(error).split()) or type(error).__name__)
-            raise click.ClickException(f"Unexpected {type(error).__name__}: {text} "
-                                       f"(rerun with --debug for the traceback)") from None
+            raise click.ClickException(
+                f"Unexpected {type(error).__name__}: {text} (rerun with --debug for the traceback)"
+            ) from None
 
 
 @contextmanager

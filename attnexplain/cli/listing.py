@@ -21,25 +21,43 @@ def plugins(as_json: bool) -> None:
     if as_json:
         print_json(listed)
         return
-    rows = [[plugin["name"], plugin["version"], plugin["distribution"], plugin["models"],
-             ", ".join(plugin["families"]),
-             "ok" if plugin["error"] is None else f"broken: {plugin['error']}"] for plugin in listed]
-    print_listing("Model plugins (entry-point group attnexplain.plugins)",
-                  ["plugin", "version", "distribution", "models", "families", "status"], rows,
-                  prose=("families", "status"))
+    rows = [
+        [
+            plugin["name"],
+            plugin["version"],
+            plugin["distribution"],
+            plugin["models"],
+            ", ".join(plugin["families"]),
+            "ok" if plugin["error"] is None else f"broken: {plugin['error']}",
+        ]
+        for plugin in listed
+    ]
+    print_listing(
+        "Model plugins (entry-point group attnexplain.plugins)",
+        ["plugin", "version", "distribution", "models", "families", "status"],
+        rows,
+        prose=("families", "status"),
+    )
 
 
 @click.command()
 @click.argument("pattern", required=False)
 @click.option("--plugin", "plugin_name", help="Only this plugin's models (see `attnexplain plugins`).")
 @click.option("--task", help="Only this task (classification, segmentation, detection).")
-@click.option("--details", is_flag=True, help="Also say what --method auto means for each model and "
-                                              "its default layer (builds each model, without weights).")
-@click.option("--check", is_flag=True, help="Build each model with random weights and explain an "
-                                            "image with --method auto (minutes).")
+@click.option(
+    "--details",
+    is_flag=True,
+    help="Also say what --method auto means for each model and its default layer (builds each model, without weights).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Build each model with random weights and explain an image with --method auto (minutes).",
+)
 @json_option("the models as JSON")
-def models(pattern: str | None, plugin_name: str | None, task: str | None, details: bool,
-           check: bool, as_json: bool) -> None:
+def models(
+    pattern: str | None, plugin_name: str | None, task: str | None, details: bool, check: bool, as_json: bool
+) -> None:
     """List the models installed plugins build by name: name, task, plugin, the input size it is
     run at, status.
 
@@ -67,10 +85,12 @@ def models(pattern: str | None, plugin_name: str | None, task: str | None, detai
         print_json({"models": [row.as_dict() for row in rows], "errors": catalog.errors})
     else:
         columns = ["model", "task", "plugin", "input"] + (["method", "layer"] if check or details else [])
-        cells = [[row.spec or row.entry.name, row.entry.task, row.plugin, row.entry.real_size]
-                 + ([row.method, row.layer] if check or details else [])
-                 + [row.status if row.seconds is None else f"{row.status} ({row.seconds:.1f}s)"]
-                 for row in rows]
+        cells = [
+            [row.spec or row.entry.name, row.entry.task, row.plugin, row.entry.real_size]
+            + ([row.method, row.layer] if check or details else [])
+            + [row.status if row.seconds is None else f"{row.status} ({row.seconds:.1f}s)"]
+            for row in rows
+        ]
         print_listing(f"Models by name ({len(rows)})", columns + ["status"], cells)
     failures = sum(row.status.startswith("failed") for row in rows)
     if failures:
@@ -90,11 +110,24 @@ def methods(as_json: bool) -> None:
     if as_json:
         print_json({"methods": listed, "errors": errors})
         return
-    rows = [[method["name"], method["family"], method["summary"], method["applies_to"], method["cost"],
-             method["paper"], method["plugin"] or "attnexplain"] for method in listed]
-    print_listing("Explanation methods (--method NAME[,NAME...])",
-                  ["method", "family", "what it shows", "applies to", "cost", "paper", "from"], rows,
-                  prose=("what it shows", "applies to", "cost", "paper"))
+    rows = [
+        [
+            method["name"],
+            method["family"],
+            method["summary"],
+            method["applies_to"],
+            method["cost"],
+            method["paper"],
+            method["plugin"] or "attnexplain",
+        ]
+        for method in listed
+    ]
+    print_listing(
+        "Explanation methods (--method NAME[,NAME...])",
+        ["method", "family", "what it shows", "applies to", "cost", "paper", "from"],
+        rows,
+        prose=("what it shows", "applies to", "cost", "paper"),
+    )
 
 
 @click.command()
@@ -111,29 +144,51 @@ def layers(model_spec: ModelSpec, size, show_all: bool, as_json: bool) -> None:
     # Imported after the model path and labels are checked: those fail without importing torch.
     import torch
 
-    from ..planning import plan_preprocessing
-    from ..planning import default_layer, layer_maps
+    from ..planning import default_layer, layer_maps, plan_preprocessing
 
     if not loaded.inner_layers:
         raise MethodError(f"A {loaded.loader} model does not expose its inner layers to hooks.")
     preprocessing = plan_preprocessing(loaded, size=size)
     parameter = next(loaded.module.parameters(), None)
-    batch = torch.zeros(1, 3, *preprocessing.size,
-                        device=parameter.device if parameter is not None else "cpu")
+    batch = torch.zeros(1, 3, *preprocessing.size, device=parameter.device if parameter is not None else "cpu")
     found = layer_maps(loaded, batch)
     chosen = default_layer(loaded, batch) if any(info.is_spatial for info, _ in found) else None
-    listed = [{"name": info.name, "type": info.kind, "shape": list(info.shape) if info.shape else None,
-               "map_shape": list(map_shape) if map_shape else None, "default": info.name == chosen}
-              for info, map_shape in found if show_all or map_shape is not None]
+    listed = [
+        {
+            "name": info.name,
+            "type": info.kind,
+            "shape": list(info.shape) if info.shape else None,
+            "map_shape": list(map_shape) if map_shape else None,
+            "default": info.name == chosen,
+        }
+        for info, map_shape in found
+        if show_all or map_shape is not None
+    ]
     if as_json:
-        print_json({"model": model_spec.model, "architecture": loaded.architecture,
-                    "plugin": loaded.plugin.name, "size": list(preprocessing.size), "default": chosen,
-                    "layers": listed})
+        print_json(
+            {
+                "model": model_spec.model,
+                "architecture": loaded.architecture,
+                "plugin": loaded.plugin.name,
+                "size": list(preprocessing.size),
+                "default": chosen,
+                "layers": listed,
+            }
+        )
         return
-    rows = [[layer["name"], layer["type"],
-             "x".join(map(str, layer["shape"])) if layer["shape"] else "(not a tensor)",
-             "x".join(map(str, layer["map_shape"])) if layer["map_shape"] else "",
-             "default" if layer["default"] else ""] for layer in listed]
-    print_listing(f"Layers of {loaded.architecture or model_spec.model} at {preprocessing.size[0]}x"
-                  f"{preprocessing.size[1]} (in the order they finish)",
-                  ["layer", "type", "output shape", "map for CAM", ""], rows)
+    rows = [
+        [
+            layer["name"],
+            layer["type"],
+            "x".join(map(str, layer["shape"])) if layer["shape"] else "(not a tensor)",
+            "x".join(map(str, layer["map_shape"])) if layer["map_shape"] else "",
+            "default" if layer["default"] else "",
+        ]
+        for layer in listed
+    ]
+    print_listing(
+        f"Layers of {loaded.architecture or model_spec.model} at {preprocessing.size[0]}x"
+        f"{preprocessing.size[1]} (in the order they finish)",
+        ["layer", "type", "output shape", "map for CAM", ""],
+        rows,
+    )

@@ -77,8 +77,7 @@ def _with_options(function, options: dict[str, Callable], leave_out: tuple[str, 
 
 #: What model_options passes on as one ModelSpec: the MODEL argument (which the command declares, in
 #: its place among the arguments) and the options below.
-_MODEL_FIELDS = ("model", "arch", "arch_kwargs", "ema", "num_classes", "labels", "trust_model", "plugin",
-                 "device")
+_MODEL_FIELDS = ("model", "arch", "arch_kwargs", "ema", "num_classes", "labels", "trust_model", "plugin", "device")
 
 
 def model_options(function):
@@ -92,26 +91,44 @@ def model_options(function):
         return function(*args, model_spec=spec, **kwargs)
 
     options = [
-        click.option("--arch", help="Architecture of a state_dict file: a torchvision builder name "
-                                    "(resnet50, vit_b_16, ...), any name a plugin provides (one "
-                                    "plugin's: timm:convnext_tiny), or your own class: "
-                                    "path/to/model.py:MyNet or package.module:MyNet (imported)."),
-        click.option("--arch-kwargs", metavar="JSON",
-                     help="Keyword arguments for the architecture, as a JSON object: "
-                          "'{\"num_classes\": 7}'."),
-        click.option("--ema", is_flag=True,
-                     help="Use a training checkpoint's EMA weights (timm train.py's state_dict_ema)."),
-        click.option("--num-classes", type=click.IntRange(min=1),
-                     help="Number of classes (default: read from the weights' head)."),
-        click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Text file with one class name per line."),
-        click.option("--trust-model", is_flag=True,
-                     help="Allow model files that hold code: a whole pickled model object, "
-                          "TorchScript, torch.export (.pt2) programs. Loading them runs code from the "
-                          "file: use only for files you trust."),
+        click.option(
+            "--arch",
+            help="Architecture of a state_dict file: a torchvision builder name "
+            "(resnet50, vit_b_16, ...), any name a plugin provides (one "
+            "plugin's: timm:convnext_tiny), or your own class: "
+            "path/to/model.py:MyNet or package.module:MyNet (imported).",
+        ),
+        click.option(
+            "--arch-kwargs",
+            metavar="JSON",
+            help="Keyword arguments for the architecture, as a JSON object: '{\"num_classes\": 7}'.",
+        ),
+        click.option(
+            "--ema", is_flag=True, help="Use a training checkpoint's EMA weights (timm train.py's state_dict_ema)."
+        ),
+        click.option(
+            "--num-classes",
+            type=click.IntRange(min=1),
+            help="Number of classes (default: read from the weights' head).",
+        ),
+        click.option(
+            "--labels", type=click.Path(dir_okay=False, path_type=Path), help="Text file with one class name per line."
+        ),
+        click.option(
+            "--trust-model",
+            is_flag=True,
+            help="Allow model files that hold code: a whole pickled model object, "
+            "TorchScript, torch.export (.pt2) programs. Loading them runs code from the "
+            "file: use only for files you trust.",
+        ),
         click.option("--plugin", help="Use this plugin instead of the most specific one."),
-        click.option("--device", default="auto", show_default=True,
-                     type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Where to run the model."),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+            help="Where to run the model.",
+        ),
     ]
     for option in reversed(options):
         with_model_spec = option(with_model_spec)
@@ -136,39 +153,84 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
         return function(*args, options=MethodOptions(**settings), **kwargs)
 
     options = dict(
-        method=click.option("--method", default="auto", show_default=True,
-                     help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
-                          "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise."),
+        method=click.option(
+            "--method",
+            default="auto",
+            show_default=True,
+            help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
+            "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise.",
+        ),
         target=click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
-        layer=click.option("--layer", help="Layer(s) for the CAM family, comma-separated (several are fused; "
-                                     "default: last layer with a spatial map; see `attnexplain layers`)."),
-        head_fusion=click.option("--head-fusion", default="mean", show_default=True,
-                     type=click.Choice(["mean", "max", "min"]), help="rollout: how heads are combined."),
-        discard_ratio=click.option("--discard-ratio", default=0.0, show_default=True,
-                     type=click.FloatRange(0, 1, max_open=True),
-                     help="rollout: share of the weakest attention weights dropped."),
-        eigen_smooth=click.option("--eigen-smooth", is_flag=True,
-                     help="CAM family: first principal component of the weighted activations."),
-        aug_smooth=click.option("--aug-smooth", is_flag=True,
-                     help="Average every map over mirrored and zoomed copies of the image."),
-        steps=click.option("--steps", default=32, show_default=True, type=click.IntRange(min=1),
-                     help="integrated_gradients: interpolation steps."),
-        samples=click.option("--samples", type=click.IntRange(min=1),
-                     help="smoothgrad, smoothgradcampp, gradientshap: noisy copies (default 16); sscam, "
-                          "iscam: masks per channel (35, 10); rise: random masks (1000); kernelshap, "
-                          "lime: perturbed samples (256)."),
-        window=click.option("--window", default=16, show_default=True, type=click.IntRange(min=1),
-                     help="occlusion: window side in model-input pixels (stride: half of it)."),
-        baseline=click.option("--baseline", default="mean", show_default=True,
-                     type=click.Choice(["mean", "black", "blur"]),
-                     help="integrated_gradients, occlusion: the reference image. mean: the "
-                          "normalisation's mean colour (0 after normalisation); black: pixel value "
-                          "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side)."),
-        batch_size=click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-                     help="Masked or perturbed images per forward pass (scorecam, sscam, iscam, ablationcam, "
-                          "occlusion, IG, rise, feature_ablation, kernelshap, lime)."),
-        finer_classes=click.option("--finer-classes", default=3, show_default=True, type=click.IntRange(min=1),
-                     help="finercam: how many of the most similar classes the target is compared with."),
+        layer=click.option(
+            "--layer",
+            help="Layer(s) for the CAM family, comma-separated (several are fused; "
+            "default: last layer with a spatial map; see `attnexplain layers`).",
+        ),
+        head_fusion=click.option(
+            "--head-fusion",
+            default="mean",
+            show_default=True,
+            type=click.Choice(["mean", "max", "min"]),
+            help="rollout: how heads are combined.",
+        ),
+        discard_ratio=click.option(
+            "--discard-ratio",
+            default=0.0,
+            show_default=True,
+            type=click.FloatRange(0, 1, max_open=True),
+            help="rollout: share of the weakest attention weights dropped.",
+        ),
+        eigen_smooth=click.option(
+            "--eigen-smooth", is_flag=True, help="CAM family: first principal component of the weighted activations."
+        ),
+        aug_smooth=click.option(
+            "--aug-smooth", is_flag=True, help="Average every map over mirrored and zoomed copies of the image."
+        ),
+        steps=click.option(
+            "--steps",
+            default=32,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="integrated_gradients: interpolation steps.",
+        ),
+        samples=click.option(
+            "--samples",
+            type=click.IntRange(min=1),
+            help="smoothgrad, smoothgradcampp, gradientshap: noisy copies (default 16); sscam, "
+            "iscam: masks per channel (35, 10); rise: random masks (1000); kernelshap, "
+            "lime: perturbed samples (256).",
+        ),
+        window=click.option(
+            "--window",
+            default=16,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="occlusion: window side in model-input pixels (stride: half of it).",
+        ),
+        baseline=click.option(
+            "--baseline",
+            default="mean",
+            show_default=True,
+            type=click.Choice(["mean", "black", "blur"]),
+            help="integrated_gradients, occlusion: the reference image. mean: the "
+            "normalisation's mean colour (0 after normalisation); black: pixel value "
+            "0; blur: a Gaussian-blurred copy of the image (sigma 1/16 of its side).",
+        ),
+        batch_size=click.option(
+            "--batch-size",
+            default=32,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Masked or perturbed images per forward pass (scorecam, sscam, iscam, ablationcam, "
+            "occlusion, IG, rise, feature_ablation, kernelshap, lime).",
+        ),
+        finer_classes=click.option(
+            "--finer-classes",
+            default=3,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="finercam: how many of the most similar classes the target is compared with.",
+        ),
     )
     return _with_options(with_method_options, options, leave_out)
 
@@ -178,18 +240,37 @@ def image_options(function, leave_out: tuple[str, ...] = ()):
     options = dict(
         size=size_option("Model input size: N or H,W."),
         mean=click.option("--mean", callback=_numbers(float, (1, 3)), help="Normalization mean: R,G,B."),
-        std=click.option("--std", callback=_numbers(float, (1, 3), _checked_std),
-                     help="Normalization std: R,G,B (positive)."),
-        alpha=click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
-                     help="Opacity of the heatmap in the overlays."),
-        colormap=click.option("--colormap", default=DEFAULT_COLORMAP, show_default=True,
-                     type=click.Choice(COLORMAP_NAMES),
-                     help="Colormap of the written overlays (the HTML pages let you switch)."),
-        top_k=click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1),
-                     help="How many predictions to report per image."),
-        max_pixels=click.option("--max-pixels", default=100_000_000, show_default=True,
-                     type=click.IntRange(min=1),
-                     help="Refuse larger images (decompression-bomb guard)."),
+        std=click.option(
+            "--std", callback=_numbers(float, (1, 3), _checked_std), help="Normalization std: R,G,B (positive)."
+        ),
+        alpha=click.option(
+            "--alpha",
+            default=0.5,
+            show_default=True,
+            type=click.FloatRange(0.0, 1.0),
+            help="Opacity of the heatmap in the overlays.",
+        ),
+        colormap=click.option(
+            "--colormap",
+            default=DEFAULT_COLORMAP,
+            show_default=True,
+            type=click.Choice(COLORMAP_NAMES),
+            help="Colormap of the written overlays (the HTML pages let you switch).",
+        ),
+        top_k=click.option(
+            "--top-k",
+            default=5,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="How many predictions to report per image.",
+        ),
+        max_pixels=click.option(
+            "--max-pixels",
+            default=100_000_000,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Refuse larger images (decompression-bomb guard).",
+        ),
     )
     return _with_options(function, options, leave_out)
 
@@ -198,9 +279,13 @@ def overlay_format_option(default: str):
     """--overlay-format, whose default differs: exact PNG for one image, JPEG for many."""
     from ..formats import OVERLAY_FORMATS
 
-    return click.option("--overlay-format", default=default, show_default=True,
-                        type=click.Choice(OVERLAY_FORMATS),
-                        help="File format of the overlays (the raw maps are always .npy).")
+    return click.option(
+        "--overlay-format",
+        default=default,
+        show_default=True,
+        type=click.Choice(OVERLAY_FORMATS),
+        help="File format of the overlays (the raw maps are always .npy).",
+    )
 
 
 def overlay_size_option(default: str):
@@ -217,7 +302,12 @@ def overlay_size_option(default: str):
             raise click.BadParameter(f"give a number of pixels of at least 16, or full (not {value[:40]!r}).")
         return side
 
-    return click.option("--overlay-size", default=default, show_default=True, callback=parsed,
-                        help="Longest side of the overlays in pixels, or full (the photo's own size). "
-                             "JPEGs are decoded at the smallest scale that covers it and the model's "
-                             "input.")
+    return click.option(
+        "--overlay-size",
+        default=default,
+        show_default=True,
+        callback=parsed,
+        help="Longest side of the overlays in pixels, or full (the photo's own size). "
+        "JPEGs are decoded at the smallest scale that covers it and the model's "
+        "input.",
+    )

@@ -40,30 +40,31 @@ def print_run(report: dict[str, Any]) -> None:
     table.add_column("index", justify="right")
     table.add_column("probability", justify="right")
     for rank, prediction in enumerate(report["predictions"], start=1):
-        table.add_row(str(rank), _shown_text(prediction["label"] if prediction["label"] is not None else "—"),
-                      str(prediction["index"]), f"{prediction['prob']:.4f}")
+        table.add_row(
+            str(rank),
+            _shown_text(prediction["label"] if prediction["label"] is not None else "—"),
+            str(prediction["index"]),
+            f"{prediction['prob']:.4f}",
+        )
     console.print(table)
     target = report["target"]
     layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
-    console.print(f"Explained class {_shown_text(target['label'] or target['index'])} with "
-                  f"{', '.join(report['methods'])}{layer}.")
+    console.print(
+        f"Explained class {_shown_text(target['label'] or target['index'])} with {', '.join(report['methods'])}{layer}."
+    )
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():
-            console.print(f"  {method + ' ' + kind:<34} {_shown_text(folder / name)}", highlight=False,
-                          soft_wrap=True)
+            console.print(f"  {method + ' ' + kind:<34} {_shown_text(folder / name)}", highlight=False, soft_wrap=True)
     for key in ("report_json", "report_html"):
-        console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False, soft_wrap=True)
 
 
-def print_listing(title: str, columns: list[str], rows: list[list[Any]], *,
-                   prose: tuple[str, ...] = ()) -> None:
+def print_listing(title: str, columns: list[str], rows: list[list[Any]], *, prose: tuple[str, ...] = ()) -> None:
     """A listing: on a terminal, aligned columns under ``title`` (a table whose ``prose`` columns,
     sentences, wrap); anywhere else (a pipe, a file) a header line and one tab-separated line per
     row, so that no name is ever wrapped or cut and ``cut -f`` works."""
-    cells = [["" if value is None else terminal_text(" ".join(str(value).split())) for value in row]
-             for row in rows]
+    cells = [["" if value is None else terminal_text(" ".join(str(value).split())) for value in row] for row in rows]
     if not sys.stdout.isatty():
         with _reader_may_leave():
             for line in [columns, *cells]:
@@ -126,31 +127,43 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
     table.add_column("method")
     table.add_column("faithfulness ↑", justify="right")
     for metric, display in metrics.items():
-        table.add_column(f"{display['label']} {display['arrow']}{'*' if metric in uninformative else ''}",
-                         justify="right")
+        table.add_column(
+            f"{display['label']} {display['arrow']}{'*' if metric in uninformative else ''}", justify="right"
+        )
     for row in evaluation["ranking"]:
         summary = evaluation["methods"][row["method"]]
         name = row["method"] + (" (fails randomization)" if row["method"] in evaluation["randomization_failed"] else "")
-        table.add_row(name, shown_number(row["faithfulness"]),
-                      *[shown_mean(summary.get(metric), display)[0] for metric, display in metrics.items()])
+        table.add_row(
+            name,
+            shown_number(row["faithfulness"]),
+            *[shown_mean(summary.get(metric), display)[0] for metric, display in metrics.items()],
+        )
     # Off a terminal Rich assumes 80 columns, too narrow for a column per metric.
     Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
     click.echo(CONVENTION)
     if uninformative:
-        click.echo(f"* Uninformative on these images, left out of the ranking (no method separates from the "
-                   f"random map): {', '.join(uninformative)}.")
+        click.echo(
+            f"* Uninformative on these images, left out of the ranking (no method separates from the "
+            f"random map): {', '.join(uninformative)}."
+        )
     agreement = evaluation.get("agreement")
     if agreement:
         lowest = min((pair for pair in agreement["pairs"] if pair["tau"] is not None), key=lambda p: p["tau"])
-        click.echo(f"Agreement of the metrics on the order of the methods: mean Kendall τ "
-                   f"{shown_number(agreement['mean_tau'])} (lowest: {' · '.join(lowest['metrics'])} "
-                   f"{shown_number(lowest['tau'])}).")
+        click.echo(
+            f"Agreement of the metrics on the order of the methods: mean Kendall τ "
+            f"{shown_number(agreement['mean_tau'])} (lowest: {' · '.join(lowest['metrics'])} "
+            f"{shown_number(lowest['tau'])})."
+        )
     check = evaluation.get("randomization")
     if check:
-        click.echo(f"Randomization check on {check['images']} images (ρ after the head, or over the first "
-                   f"{check['early_steps']} steps, above {check['limit']} fails): "
-                   + ", ".join(f"{name} {shown_number(found['score'])} {found['verdict']}"
-                               for name, found in check["methods"].items()) + ".")
+        click.echo(
+            f"Randomization check on {check['images']} images (ρ after the head, or over the first "
+            f"{check['early_steps']} steps, above {check['limit']} fails): "
+            + ", ".join(
+                f"{name} {shown_number(found['score'])} {found['verdict']}" for name, found in check["methods"].items()
+            )
+            + "."
+        )
     click.echo(evaluation["verdict"])
     for name, reason in evaluation["settings"].get("left_out", {}).items():
         click.echo(f"Left out {name}: {reason}", err=True)

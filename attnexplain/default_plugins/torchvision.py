@@ -8,10 +8,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from ..plugin_api import (CatalogEntry, Detections, ModelLoadError, ModelPlugin, NamedModel, Preprocessing, TokenGrid,
-                          TokenReadout, from_torchvision_transforms, vit_cam_block)
-from .torchvision_detection import (box_scores, detections, detector_layer, detector_preprocessing,
-                                    is_detector)
+from ..plugin_api import (
+    CatalogEntry,
+    Detections,
+    ModelLoadError,
+    ModelPlugin,
+    NamedModel,
+    Preprocessing,
+    TokenGrid,
+    TokenReadout,
+    from_torchvision_transforms,
+    vit_cam_block,
+)
+from .torchvision_detection import box_scores, detections, detector_layer, detector_preprocessing, is_detector
 
 #: Set to 1 to never try downloading weights that are not in torchvision's cache.
 OFFLINE_ENV = "ATTNEXPLAIN_OFFLINE"
@@ -36,9 +45,13 @@ def _build_vision_transformer(**kwargs: Any):
 
 class TorchvisionPlugin(ModelPlugin):
     name = "torchvision"
-    families = ("torchvision classification builders", "segmentation (a class's pixels)",
-                "detection (a box's score)", "ViT, Swin, MaxViT (attention)",
-                "EfficientNet/MobileNetV3/RegNetY (SE gates)")
+    families = (
+        "torchvision classification builders",
+        "segmentation (a class's pixels)",
+        "detection (a box's score)",
+        "ViT, Swin, MaxViT (attention)",
+        "EfficientNet/MobileNetV3/RegNetY (SE gates)",
+    )
     source_prefix = "torchvision"
 
     def specificity(self, model: Any) -> int | None:
@@ -47,8 +60,7 @@ class TorchvisionPlugin(ModelPlugin):
     def builders(self) -> Mapping[str, Callable[..., Any]]:
         import torchvision
 
-        found: dict[str, Callable[..., Any]] = {name: _builder(name)
-                                                for name in torchvision.models.list_models()}
+        found: dict[str, Callable[..., Any]] = {name: _builder(name) for name in torchvision.models.list_models()}
         # Constructors for models smaller than any builder (as the shipped samples are).
         found["ResNet"] = _build_resnet
         found["VisionTransformer"] = _build_vision_transformer
@@ -57,13 +69,20 @@ class TorchvisionPlugin(ModelPlugin):
     def catalog(self) -> list[CatalogEntry]:
         import torchvision
 
-        entries = [CatalogEntry(name, "classification", _smallest_input(name), _builder(name),
-                                default_size=_weights_size(name))
-                   for name in torchvision.models.list_models(module=torchvision.models)]
-        entries += [CatalogEntry(name, "segmentation", 96, _builder(name), default_size=_weights_size(name))
-                    for name in torchvision.models.list_models(module=torchvision.models.segmentation)]
-        entries += [CatalogEntry(name, "detection", *_small_detector(name), default_size=_detector_size(name))
-                    for name in torchvision.models.list_models(module=torchvision.models.detection)]
+        entries = [
+            CatalogEntry(
+                name, "classification", _smallest_input(name), _builder(name), default_size=_weights_size(name)
+            )
+            for name in torchvision.models.list_models(module=torchvision.models)
+        ]
+        entries += [
+            CatalogEntry(name, "segmentation", 96, _builder(name), default_size=_weights_size(name))
+            for name in torchvision.models.list_models(module=torchvision.models.segmentation)
+        ]
+        entries += [
+            CatalogEntry(name, "detection", *_small_detector(name), default_size=_detector_size(name))
+            for name in torchvision.models.list_models(module=torchvision.models.detection)
+        ]
         return entries
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
@@ -80,8 +99,7 @@ class TorchvisionPlugin(ModelPlugin):
         enum = torchvision.models.get_model_weights(name)
         available = [member.name for member in enum] + ["DEFAULT"]
         if weights not in available:
-            raise ModelLoadError(f"{name} has no weights {weights!r}; "
-                                 f"available: {', '.join(available)}.")
+            raise ModelLoadError(f"{name} has no weights {weights!r}; available: {', '.join(available)}.")
         chosen = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
         cached = weights_cache_path(chosen.url)
         if not cached.exists() and os.environ.get(OFFLINE_ENV) == "1":
@@ -92,13 +110,14 @@ class TorchvisionPlugin(ModelPlugin):
             module = _with_rectified_features(torchvision.models.get_model(name, weights=chosen))
         except (OSError, RuntimeError) as error:
             if cached.exists() and "HTTP" not in str(error) and "urlopen" not in str(error):
-                raise ModelLoadError(f"Cannot load cached weights {cached}: "
-                                     f"{str(error).splitlines()[0]}") from None
+                raise ModelLoadError(f"Cannot load cached weights {cached}: {str(error).splitlines()[0]}") from None
             raise ModelLoadError(_missing_weights_message(name, chosen, cached)) from None
         finally:
             socket.setdefaulttimeout(previous)
         return NamedModel(
-            module=module, architecture=name, weights=str(chosen),
+            module=module,
+            architecture=name,
+            weights=str(chosen),
             labels=list(chosen.meta.get("categories") or []) or None,
             preprocessing=from_torchvision_transforms(chosen.transforms(), source=str(chosen)),
         )
@@ -208,8 +227,9 @@ class TorchvisionPlugin(ModelPlugin):
             return None
         # conv_proj cuts the image into non-overlapping patch_size squares; the class token is
         # prepended (VisionTransformer.forward), so token 0 is the class token.
-        return TokenGrid(prefix_tokens=1, height=input_size[0] // model.patch_size,
-                         width=input_size[1] // model.patch_size)
+        return TokenGrid(
+            prefix_tokens=1, height=input_size[0] // model.patch_size, width=input_size[1] // model.patch_size
+        )
 
     def preprocessing(self, model: Any) -> Preprocessing | None:
         if is_detector(model):
@@ -268,8 +288,7 @@ def _weights_size(name: str) -> int | None:
     the centre crop of a classifier's, the resized shorter side of a segmentation model's."""
     import torchvision
 
-    preset = from_torchvision_transforms(torchvision.models.get_model_weights(name).DEFAULT.transforms(),
-                                         source=name)
+    preset = from_torchvision_transforms(torchvision.models.get_model_weights(name).DEFAULT.transforms(), source=name)
     return preset.size[0] if preset is not None else None
 
 
@@ -326,8 +345,10 @@ def weights_cache_path(url: str) -> Path:
 
 
 def _missing_weights_message(name: str, weights: Any, cached: Path) -> str:
-    return (f"Weights {weights} for {name} are not in torchvision's cache and cannot be downloaded "
-            f"here: place the file {cached.name} (from {weights.url}) at {cached}.")
+    return (
+        f"Weights {weights} for {name} are not in torchvision's cache and cannot be downloaded "
+        f"here: place the file {cached.name} (from {weights.url}) at {cached}."
+    )
 
 
 plugin = TorchvisionPlugin()

@@ -39,8 +39,9 @@ def windowed_attention_modules(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def capture_windowed_attention(model: nn.Module, names: list[str],
-                               sink: dict[str, WindowedAttention]) -> Iterator[None]:
+def capture_windowed_attention(
+    model: nn.Module, names: list[str], sink: dict[str, WindowedAttention]
+) -> Iterator[None]:
     """Record a :class:`WindowedAttention` per named Swin or MaxViT attention module."""
     from torchvision.models.maxvit import MaxVit
 
@@ -56,8 +57,7 @@ def capture_windowed_attention(model: nn.Module, names: list[str],
             windows = positions.shape[0]
         else:
             _, height, width, _ = args[0].shape
-            positions = shifted_window_positions(height, width, list(module.window_size),
-                                                 list(module.shift_size))
+            positions = shifted_window_positions(height, width, list(module.window_size), list(module.shift_size))
             windows = positions.shape[0]
             # (B · windows, heads, T, T), windows of one image consecutive
             probabilities = probabilities.reshape(-1, windows, *probabilities.shape[1:])

@@ -87,9 +87,13 @@ def detections(output: list[dict[str, "torch.Tensor"]]) -> list[Detections]:
     found = []
     for detected in output:
         kept = _covers_a_pixel(detected["boxes"])
-        found.append(Detections(boxes=detected["boxes"][kept].detach().float().cpu(),
-                                labels=detected["labels"][kept].detach().cpu(),
-                                scores=detected["scores"][kept].detach().float().cpu()))
+        found.append(
+            Detections(
+                boxes=detected["boxes"][kept].detach().float().cpu(),
+                labels=detected["labels"][kept].detach().cpu(),
+                scores=detected["scores"][kept].detach().float().cpu(),
+            )
+        )
     return found
 
 
@@ -98,5 +102,10 @@ def detector_preprocessing(model: Any) -> Preprocessing:
     the photo letterboxed into it: detectors are trained on photos that keep their aspect ratio."""
     transform = model.transform
     side = int(transform.fixed_size[0]) if transform.fixed_size else int(transform.min_size[-1])
-    return Preprocessing(size=(side, side), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), letterbox=True,
-                         source=f"{type(model).__name__} (normalises internally)")
+    return Preprocessing(
+        size=(side, side),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        letterbox=True,
+        source=f"{type(model).__name__} (normalises internally)",
+    )

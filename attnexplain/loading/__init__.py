@@ -45,8 +45,17 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: The public API, and what other modules import from here.
-__all__ = ["LoadedModel", "arch_kwargs_from_json", "architecture_candidates", "build_architecture",
-           "check_model_path", "class_file", "load_model", "read_labels", "resolve_device"]
+__all__ = [
+    "LoadedModel",
+    "arch_kwargs_from_json",
+    "architecture_candidates",
+    "build_architecture",
+    "check_model_path",
+    "class_file",
+    "load_model",
+    "read_labels",
+    "resolve_device",
+]
 
 # What not_a_regular_file says of a folder: a path only a plugin can load.
 _FOLDER = "is a folder, not a file"
@@ -54,10 +63,18 @@ _FOLDER = "is a folder, not a file"
 _MAX_LABELS_FILE_BYTES = 16 * 1024 * 1024
 
 
-def load_model(spec: "str | Path | nn.Module", *, arch: str | None = None,
-               arch_kwargs: Mapping[str, Any] | None = None, num_classes: int | None = None,
-               labels: str | Path | Sequence[str] | None = None, trust_model: bool = False,
-               plugin: str | None = None, device: str | None = None, ema: bool = False) -> LoadedModel:
+def load_model(
+    spec: "str | Path | nn.Module",
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    labels: str | Path | Sequence[str] | None = None,
+    trust_model: bool = False,
+    plugin: str | None = None,
+    device: str | None = None,
+    ema: bool = False,
+) -> LoadedModel:
     """Load ``spec`` into an eval-mode model on ``device`` (``"auto"``: CUDA, else MPS, else the CPU;
     None: the CPU, or where an in-memory module already is).
 
@@ -74,22 +91,31 @@ def load_model(spec: "str | Path | nn.Module", *, arch: str | None = None,
     given_kwargs = _given_arch_kwargs(arch_kwargs) if arch_kwargs is not None else None
     if not isinstance(spec, (str, Path)):
         if arch is not None or arch_kwargs is not None or num_classes is not None or ema:
-            raise ModelLoadError("arch, arch_kwargs, num_classes and ema describe a file's weights; "
-                                 "a module in memory is already built.")
+            raise ModelLoadError(
+                "arch, arch_kwargs, num_classes and ema describe a file's weights; a module in memory is already built."
+            )
         loaded = _in_memory(spec)
         run_device = resolve_device(device) if device is not None else None
     else:
         run_device = resolve_device(device or "cpu")
-        loaded = _load_spec(spec, arch=arch, arch_kwargs=given_kwargs, num_classes=num_classes,
-                            trust_model=trust_model, ema=ema)
+        loaded = _load_spec(
+            spec, arch=arch, arch_kwargs=given_kwargs, num_classes=num_classes, trust_model=trust_model, ema=ema
+        )
     if given_labels is not None:
         loaded.labels = given_labels
     _finish(loaded, plugin, run_device)
     return loaded
 
 
-def _load_spec(spec: str | Path, *, arch: str | None, arch_kwargs: dict[str, Any] | None,
-               num_classes: int | None, trust_model: bool, ema: bool) -> LoadedModel:
+def _load_spec(
+    spec: str | Path,
+    *,
+    arch: str | None,
+    arch_kwargs: dict[str, Any] | None,
+    num_classes: int | None,
+    trust_model: bool,
+    ema: bool,
+) -> LoadedModel:
     path = Path(spec)
     problem = check_model_path(path)
     notes: list[str] = []
@@ -97,18 +123,24 @@ def _load_spec(spec: str | Path, *, arch: str | None, arch_kwargs: dict[str, Any
         claimant = _claiming_plugin(path, notes)
         if claimant is not None:
             no_ema(ema, f"{path} is loaded by plugin {claimant.name}, not from a training checkpoint")
-            named = _plugin_load(claimant, f"Plugin {claimant.name} could not load {path}",
-                                 lambda: claimant.load_path(path, trust_model=trust_model))
-            loaded = _from_named(named, str(path), claimant.source_prefix or claimant.name,
-                                 random_unless_said=False)
+            named = _plugin_load(
+                claimant,
+                f"Plugin {claimant.name} could not load {path}",
+                lambda: claimant.load_path(path, trust_model=trust_model),
+            )
+            loaded = _from_named(named, str(path), claimant.source_prefix or claimant.name, random_unless_said=False)
         elif problem == _FOLDER:
-            raise ModelLoadError(f"Model path {path} is a folder, and no installed plugin loads "
-                                 f"folders like it; give a model file.")
+            raise ModelLoadError(
+                f"Model path {path} is a folder, and no installed plugin loads folders like it; give a model file."
+            )
         else:
             asked = Asked(arch, arch_kwargs, num_classes, ema)
             content = read_model_file(path, asked, trust_model)
-            loaded = (content if isinstance(content, LoadedModel)
-                      else from_checkpoint(content.checkpoint, path, content.loader, asked))
+            loaded = (
+                content
+                if isinstance(content, LoadedModel)
+                else from_checkpoint(content.checkpoint, path, content.loader, asked)
+            )
     else:
         no_ema(ema, f"{spec} is a named model, not a training checkpoint")
         loaded = _load_named(str(spec))
@@ -120,10 +152,12 @@ def _in_memory(module: Any) -> LoadedModel:
     import torch
 
     if not isinstance(module, torch.nn.Module):
-        raise ModelLoadError(f"A model is a path, a PREFIX:NAME specification or a torch.nn.Module, "
-                             f"not a {type(module).__name__}.")
-    return LoadedModel(module=module, source=f"<{type(module).__name__} object>", loader="object",
-                       architecture=type(module).__name__)
+        raise ModelLoadError(
+            f"A model is a path, a PREFIX:NAME specification or a torch.nn.Module, not a {type(module).__name__}."
+        )
+    return LoadedModel(
+        module=module, source=f"<{type(module).__name__} object>", loader="object", architecture=type(module).__name__
+    )
 
 
 def check_model_path(path: Path) -> str | None:
@@ -148,11 +182,13 @@ def resolve_device(name: str) -> str:
             return "mps"
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnExplainError(f"Device {name} was asked for (--device, device=), but PyTorch sees "
-                               f"no CUDA GPU here; use cpu or auto.")
+        raise AttnExplainError(
+            f"Device {name} was asked for (--device, device=), but PyTorch sees no CUDA GPU here; use cpu or auto."
+        )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise AttnExplainError("Device mps was asked for (--device, device=), but this PyTorch has no "
-                               "MPS device; use cpu or auto.")
+        raise AttnExplainError(
+            "Device mps was asked for (--device, device=), but this PyTorch has no MPS device; use cpu or auto."
+        )
     return name
 
 
@@ -191,15 +227,19 @@ def _plugin_labels(loaded: LoadedModel) -> list[str] | None:
     try:
         names = plugin.labels(loaded.module)
     except Exception as error:  # noqa: BLE001 - third-party code
-        loaded.notes.append(f"plugin {plugin.name} could not read the model's class names "
-                            f"({type(error).__name__}: {first_line(error)}); none are shown")
+        loaded.notes.append(
+            f"plugin {plugin.name} could not read the model's class names "
+            f"({type(error).__name__}: {first_line(error)}); none are shown"
+        )
         return None
     if names is None:
         return None
-    if (not isinstance(names, (list, tuple)) or len(names) > MAX_LABELS
-            or not all(isinstance(name, (str, int)) for name in names)):
-        loaded.notes.append(f"plugin {plugin.name} gave class names that are not a list of names; "
-                            f"none are shown")
+    if (
+        not isinstance(names, (list, tuple))
+        or len(names) > MAX_LABELS
+        or not all(isinstance(name, (str, int)) for name in names)
+    ):
+        loaded.notes.append(f"plugin {plugin.name} gave class names that are not a list of names; none are shown")
         return None
     return [str(name) for name in names]
 
@@ -215,8 +255,10 @@ def read_labels(labels: str | Path | Sequence[str]) -> list[str]:
     if problem is not None:
         raise ModelLoadError(f"Labels file {path} {problem}.")
     if path.stat().st_size > _MAX_LABELS_FILE_BYTES:
-        raise ModelLoadError(f"Labels file {path} is {path.stat().st_size:,} bytes: a labels file "
-                             f"has one class name per line, and is far smaller.")
+        raise ModelLoadError(
+            f"Labels file {path} is {path.stat().st_size:,} bytes: a labels file "
+            f"has one class name per line, and is far smaller."
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -228,8 +270,9 @@ def read_labels(labels: str | Path | Sequence[str]) -> list[str]:
     if not lines:
         raise ModelLoadError(f"Labels file is empty: {path}")
     if len(lines) > MAX_LABELS:
-        raise ModelLoadError(f"Labels file {path} has {len(lines):,} lines; at most "
-                             f"{MAX_LABELS:,} class names are accepted.")
+        raise ModelLoadError(
+            f"Labels file {path} has {len(lines):,} lines; at most {MAX_LABELS:,} class names are accepted."
+        )
     return [line.strip() for line in lines]
 
 
@@ -239,18 +282,20 @@ def _load_named(spec: str) -> LoadedModel:
     plugin = plugin_for_prefix(prefix) if rest else None
     if plugin is None:
         if rest:
-            raise ModelLoadError(f"Model file not found, and no installed plugin builds "
-                                 f"'{prefix}:' models: {spec}")
+            raise ModelLoadError(f"Model file not found, and no installed plugin builds '{prefix}:' models: {spec}")
         raise ModelLoadError(f"Model file not found: {spec}")
-    parts = _plugin_load(plugin, f"Plugin {plugin.name} could not read {spec}",
-                         lambda: plugin.split_spec(rest))
-    if not (isinstance(parts, tuple) and len(parts) == 2 and isinstance(parts[0], str)
-            and (parts[1] is None or isinstance(parts[1], str))):
-        raise ModelLoadError(f"Plugin {plugin.name} split {spec} into {shown(parts)}, not "
-                             f"(name, weights or None).")
+    parts = _plugin_load(plugin, f"Plugin {plugin.name} could not read {spec}", lambda: plugin.split_spec(rest))
+    if not (
+        isinstance(parts, tuple)
+        and len(parts) == 2
+        and isinstance(parts[0], str)
+        and (parts[1] is None or isinstance(parts[1], str))
+    ):
+        raise ModelLoadError(f"Plugin {plugin.name} split {spec} into {shown(parts)}, not (name, weights or None).")
     name, weights = parts
-    named = _plugin_load(plugin, f"Plugin {plugin.name} could not build {spec}",
-                         lambda: plugin.load_named(name, weights))
+    named = _plugin_load(
+        plugin, f"Plugin {plugin.name} could not build {spec}", lambda: plugin.load_named(name, weights)
+    )
     return _from_named(named, spec, prefix, random_unless_said=not weights)
 
 
@@ -261,17 +306,27 @@ def _from_named(named: NamedModel, source: str, loader: str, *, random_unless_sa
     import torch
 
     if not isinstance(named, NamedModel) or not isinstance(named.module, torch.nn.Module):
-        raise ModelLoadError(f"Loading {source} gave a {type(named).__name__}, not the NamedModel "
-                             f"(holding an nn.Module) a plugin must return.")
-    loaded = LoadedModel(module=named.module, source=source, loader=loader,
-                         architecture=named.architecture, weights=named.weights,
-                         labels=list(named.labels) if named.labels is not None else None,
-                         preprocessing=named.preprocessing, notes=list(named.notes))
+        raise ModelLoadError(
+            f"Loading {source} gave a {type(named).__name__}, not the NamedModel "
+            f"(holding an nn.Module) a plugin must return."
+        )
+    loaded = LoadedModel(
+        module=named.module,
+        source=source,
+        loader=loader,
+        architecture=named.architecture,
+        weights=named.weights,
+        labels=list(named.labels) if named.labels is not None else None,
+        preprocessing=named.preprocessing,
+        notes=list(named.notes),
+    )
     random_weights = named.random_weights if named.random_weights is not None else random_unless_said
     if random_weights:
-        loaded.notes.append("random weights: no WEIGHTS were named, so predictions mean nothing"
-                            if named.random_weights is None else
-                            "random weights: predictions mean nothing")
+        loaded.notes.append(
+            "random weights: no WEIGHTS were named, so predictions mean nothing"
+            if named.random_weights is None
+            else "random weights: predictions mean nothing"
+        )
     return loaded
 
 
@@ -290,8 +345,10 @@ def _claiming_plugin(path: Path, notes: list[str]) -> ModelPlugin | None:
         try:
             claims = plugin.claims_path(path)
         except Exception as error:  # noqa: BLE001 - third-party code
-            notes.append(f"plugin {plugin.name} failed while checking whether it loads {path.name} "
-                         f"({type(error).__name__}: {first_line(error)}); ignored")
+            notes.append(
+                f"plugin {plugin.name} failed while checking whether it loads {path.name} "
+                f"({type(error).__name__}: {first_line(error)}); ignored"
+            )
             continue
         if claims is True:
             return plugin
@@ -303,11 +360,11 @@ def arch_kwargs_from_json(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as error:
-        raise ModelLoadError(f"--arch-kwargs is not valid JSON ({first_line(error)}): "
-                             f"{shown(text)}") from None
+        raise ModelLoadError(f"--arch-kwargs is not valid JSON ({first_line(error)}): {shown(text)}") from None
     if not isinstance(value, dict):
-        raise ModelLoadError(f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 7}}', "
-                             f"not {shown(value)}")
+        raise ModelLoadError(
+            f"--arch-kwargs must be a JSON object such as '{{\"num_classes\": 7}}', not {shown(value)}"
+        )
     return _given_arch_kwargs(value)
 
 
@@ -315,6 +372,7 @@ def _given_arch_kwargs(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
         raise ModelLoadError(f"arch_kwargs must map argument names to values, not {shown(value)}")
     if "weights" in value or "weights_backbone" in value or "pretrained" in value:
-        raise ModelLoadError("arch_kwargs may not ask for pretrained weights: the file's weights are "
-                             "loaded into the architecture.")
+        raise ModelLoadError(
+            "arch_kwargs may not ask for pretrained weights: the file's weights are loaded into the architecture."
+        )
     return dict(value)

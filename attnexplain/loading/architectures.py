@@ -22,16 +22,23 @@ from typing import Any, Callable, Iterator, Mapping
 from ..errors import AttnExplainError, ModelLoadError, WeightsDoNotFit, shown
 from ..plugin_cache import plugins_for_arch
 from ..plugins import ModelPlugin, builder_order, plugin_for_prefix
-from .checkpoints import (LIGHTNING_KEYS, Asked, checkpoint_arch_kwargs, checkpoint_labels,
-                          checkpoint_preprocessing, find_state_dict, hyper_parameters, under_prefix)
+from .checkpoints import (
+    LIGHTNING_KEYS,
+    Asked,
+    checkpoint_arch_kwargs,
+    checkpoint_labels,
+    checkpoint_preprocessing,
+    find_state_dict,
+    hyper_parameters,
+    under_prefix,
+)
 from .failures import first_line, torch_logs_kept
 from .loaded import LoadedModel
 from .trust import refuse_class_named_by_file
 from .user_class import names_a_class, user_class
 
 
-def from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
-                    asked: Asked) -> LoadedModel:
+def from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str, asked: Asked) -> LoadedModel:
     """Build the architecture named by ``asked.arch`` (or the checkpoint) and load the weights into it."""
     state_dict = find_state_dict(checkpoint, path, ema=asked.ema)
     hyper_arch, hyper_classes = hyper_parameters(checkpoint)
@@ -58,12 +65,19 @@ def from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
         num_classes = hyper_classes
     try:
         module, state_dict = _fitted_architecture(
-            arch_name, state_dict, arch_kwargs, num_classes, initialise=False,
-            outside_ok=any(key in checkpoint for key in LIGHTNING_KEYS), notes=notes,
-            user_classes=asked.arch is not None)
+            arch_name,
+            state_dict,
+            arch_kwargs,
+            num_classes,
+            initialise=False,
+            outside_ok=any(key in checkpoint for key in LIGHTNING_KEYS),
+            notes=notes,
+            user_classes=asked.arch is not None,
+        )
     except WeightsDoNotFit as mismatch:
-        raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: {mismatch.detail}. "
-                             f"Is --arch right?") from None
+        raise ModelLoadError(
+            f"The weights in {path} do not fit {arch_name}: {mismatch.detail}. Is --arch right?"
+        ) from None
     own = module.state_dict()
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is None:
@@ -76,16 +90,30 @@ def from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str,
     try:
         module.load_state_dict(state_dict, strict=True, assign=assign)
     except Exception as error:  # a builder's own _load_from_state_dict may raise anything
-        raise ModelLoadError(f"The weights in {path} do not fit {arch_name}: "
-                             f"{_first_mismatch(error)}. Is --arch right?") from None
+        raise ModelLoadError(
+            f"The weights in {path} do not fit {arch_name}: {_first_mismatch(error)}. Is --arch right?"
+        ) from None
     if asked.ema:
         notes.append("EMA weights (the checkpoint's moving average of the trained weights)")
-    return LoadedModel(module=module, source=str(path), loader=loader, architecture=arch_name,
-                       labels=labels, preprocessing=preprocessing, notes=notes)
+    return LoadedModel(
+        module=module,
+        source=str(path),
+        loader=loader,
+        architecture=arch_name,
+        labels=labels,
+        preprocessing=preprocessing,
+        notes=notes,
+    )
 
 
-def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: dict[str, Any],
-                       num_classes: int | None, *, initialise: bool = True) -> Any:
+def build_architecture(
+    arch: str,
+    state_dict: Mapping[str, Any],
+    arch_kwargs: dict[str, Any],
+    num_classes: int | None,
+    *,
+    initialise: bool = True,
+) -> Any:
     """Construct ``arch`` with random weights, its number of classes read off the state_dict.
 
     It is first built on the meta device (no memory for tensors) and compared with ``state_dict``;
@@ -99,8 +127,9 @@ def build_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: di
     return module
 
 
-def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None,
-                            *, user_classes: bool = True) -> list[tuple[str, Callable[..., Any]]]:
+def architecture_candidates(
+    arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None, *, user_classes: bool = True
+) -> list[tuple[str, Callable[..., Any]]]:
     """Every (name, constructor) ``arch`` may mean, the one to try first first.
 
     ``PREFIX:NAME`` is that plugin's builder. ``path/model.py:Class`` and ``package.module:Class`` are
@@ -118,8 +147,9 @@ def architecture_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[s
     return found
 
 
-def _lazy_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None,
-                     *, user_classes: bool = True) -> list[tuple[str, Callable[[], Any]]]:
+def _lazy_candidates(
+    arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any]]] | None" = None, *, user_classes: bool = True
+) -> list[tuple[str, Callable[[], Any]]]:
     """:func:`architecture_candidates` with each constructor looked up only when called (None where
     the plugin no longer has it): a plugin whose cached names hold a bare name is asked for its
     builders only if the candidates before it do not fit (see :func:`attnexplain.plugin_cache.plugins_for_arch`)."""
@@ -145,8 +175,10 @@ def _lazy_candidates(arch: str, known: "list[tuple[ModelPlugin, Mapping[str, Any
     return _plugin_candidates(arch, [(plugin, None, False) for plugin in builder_order()])
 
 
-def _plugin_candidates(arch: str, plugins: "list[tuple[ModelPlugin, Mapping[str, Any] | None, bool]]",
-                       ) -> list[tuple[str, Callable[[], Any]]]:
+def _plugin_candidates(
+    arch: str,
+    plugins: "list[tuple[ModelPlugin, Mapping[str, Any] | None, bool]]",
+) -> list[tuple[str, Callable[[], Any]]]:
     """The plugins' builders of ``arch`` (or ``PREFIX:arch``), as (plugin, its builders or None,
     whether its cached names hold ``arch``). A plugin whose cached names hold it is asked for its
     builders only when called, if a candidate comes before it; the others are asked at once."""
@@ -170,15 +202,21 @@ def _plugin_candidates(arch: str, plugins: "list[tuple[ModelPlugin, Mapping[str,
             if resolved is None:
                 continue
             builder = lambda resolved=resolved: resolved  # noqa: E731 - looked up already
-        found.append((f"{plugin.source_prefix}:{arch}" if plugin.source_prefix and not colon
-                      else arch, builder))
+        found.append((f"{plugin.source_prefix}:{arch}" if plugin.source_prefix and not colon else arch, builder))
     return found
 
 
-def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: dict[str, Any],
-                         num_classes: int | None, *, initialise: bool, outside_ok: bool = False,
-                         notes: list[str] | None = None,
-                         user_classes: bool = True) -> tuple[Any, OrderedDict[str, Any]]:
+def _fitted_architecture(
+    arch: str,
+    state_dict: Mapping[str, Any],
+    arch_kwargs: dict[str, Any],
+    num_classes: int | None,
+    *,
+    initialise: bool,
+    outside_ok: bool = False,
+    notes: list[str] | None = None,
+    user_classes: bool = True,
+) -> tuple[Any, OrderedDict[str, Any]]:
     """:func:`build_architecture`, also finding where in ``state_dict`` the architecture's keys are
     (a LightningModule's ``model.``) and trying each of :func:`architecture_candidates` in turn.
 
@@ -198,30 +236,37 @@ def _fitted_architecture(arch: str, state_dict: Mapping[str, Any], arch_kwargs: 
             failures.append(f"{name} (its plugin no longer builds it)")
             continue
         try:
-            kwargs, built, fitted, found = _fit(name, builder, state_dict, arch_kwargs, num_classes,
-                                                outside_ok)
+            kwargs, built, fitted, found = _fit(name, builder, state_dict, arch_kwargs, num_classes, outside_ok)
         except ModelLoadError as error:
             if len(candidates) == 1 and not isinstance(error, WeightsDoNotFit):
                 raise
             failures.append(f"{name} ({getattr(error, 'detail', error)})")
             continue
         if index:
-            notes.append(f"the weights fit {name}, not {candidates[0][0]} (the other plugin that "
-                         f"builds {arch})")
+            notes.append(f"the weights fit {name}, not {candidates[0][0]} (the other plugin that builds {arch})")
         notes.extend(found)
-        module = built if built is not None else _build(name, builder, _BuildBudget(fitted), kwargs,
-                                                         meta=False, initialise=initialise)
+        module = (
+            built
+            if built is not None
+            else _build(name, builder, _BuildBudget(fitted), kwargs, meta=False, initialise=initialise)
+        )
         return module, fitted
     if len(candidates) == 1:
-        detail = failures[0][len(candidates[0][0]) + 2:-1]
+        detail = failures[0][len(candidates[0][0]) + 2 : -1]
         raise WeightsDoNotFit(arch, detail + _did_you_mean(arch, state_dict, exclude=arch))
-    raise WeightsDoNotFit(arch, f"{len(candidates)} plugins build {arch} and the weights fit none of "
-                                f"them: {'; '.join(failures)}")
+    raise WeightsDoNotFit(
+        arch, f"{len(candidates)} plugins build {arch} and the weights fit none of them: {'; '.join(failures)}"
+    )
 
 
-def _fit(name: str, builder: Callable[..., Any], state_dict: Mapping[str, Any],
-         arch_kwargs: dict[str, Any], num_classes: int | None, outside_ok: bool,
-         ) -> tuple[dict[str, Any], Any, OrderedDict[str, Any], list[str]]:
+def _fit(
+    name: str,
+    builder: Callable[..., Any],
+    state_dict: Mapping[str, Any],
+    arch_kwargs: dict[str, Any],
+    num_classes: int | None,
+    outside_ok: bool,
+) -> tuple[dict[str, Any], Any, OrderedDict[str, Any], list[str]]:
     """Whether ``builder``'s tensors match ``state_dict``'s, decided on the meta device.
 
     Returns the constructor's keyword arguments, the module when it had to be built for real already
@@ -229,8 +274,9 @@ def _fit(name: str, builder: Callable[..., Any], state_dict: Mapping[str, Any],
     Raises :class:`WeightsDoNotFit`.
     """
     budget = _BuildBudget(state_dict)
-    _check_arch_kwargs(name, builder, {**arch_kwargs, **({"num_classes": num_classes}
-                                                         if num_classes is not None else {})})
+    _check_arch_kwargs(
+        name, builder, {**arch_kwargs, **({"num_classes": num_classes} if num_classes is not None else {})}
+    )
     fitted, notes, expected = _keys_for(name, builder, arch_kwargs, state_dict, budget, outside_ok)
     if expected is not None:  # names first: a mismatch needs no more builds
         _check_fit(name, dict.fromkeys(expected), dict.fromkeys(fitted), shapes=False)
@@ -238,42 +284,52 @@ def _fit(name: str, builder: Callable[..., Any], state_dict: Mapping[str, Any],
         num_classes = _infer_num_classes(builder, arch_kwargs, fitted, budget)
     kwargs = {**arch_kwargs, "num_classes": int(num_classes)} if num_classes is not None else arch_kwargs
     skeleton = _build(name, builder, budget, kwargs, meta=True)
-    module = skeleton if skeleton is not None else _build(name, builder, budget, kwargs, meta=False,
-                                                          initialise=False)
+    module = skeleton if skeleton is not None else _build(name, builder, budget, kwargs, meta=False, initialise=False)
     _check_fit(name, module.state_dict(), fitted)
     return kwargs, None if skeleton is not None else module, fitted, notes
 
 
-def _build(name: str, builder: Callable[..., Any], budget: "_BuildBudget", kwargs: dict[str, Any], *,
-           meta: bool, initialise: bool = True) -> Any:
+def _build(
+    name: str,
+    builder: Callable[..., Any],
+    budget: "_BuildBudget",
+    kwargs: dict[str, Any],
+    *,
+    meta: bool,
+    initialise: bool = True,
+) -> Any:
     """``builder(**kwargs)`` within ``budget``; on the meta device, None where the builder cannot."""
     try:
         return budget.build(builder, kwargs, meta=meta, initialise=initialise)
     except _TooLarge as error:
-        raise ModelLoadError(f"{name} built with {shown(kwargs)} is far larger than the "
-                             f"weights it should hold ({error}); refused before it fills "
-                             f"memory.") from None
+        raise ModelLoadError(
+            f"{name} built with {shown(kwargs)} is far larger than the "
+            f"weights it should hold ({error}); refused before it fills "
+            f"memory."
+        ) from None
     except AttnExplainError:
         raise
     except Exception as error:
         if meta:
             return None  # some builders compute with tensors while constructing (RegNet)
         if isinstance(error, (TypeError, ValueError)):
-            raise ModelLoadError(f"Cannot build {name} with {shown(kwargs)}: "
-                                 f"{first_line(error)}") from None
+            raise ModelLoadError(f"Cannot build {name} with {shown(kwargs)}: {first_line(error)}") from None
         # builders are third-party (or the user's) code; report, don't crash
-        raise ModelLoadError(f"Building {name} failed: {type(error).__name__}: "
-                             f"{first_line(error)}") from None
+        raise ModelLoadError(f"Building {name} failed: {type(error).__name__}: {first_line(error)}") from None
     except BaseException as error:  # noqa: BLE001 - a user's class calling sys.exit()
         if isinstance(error, KeyboardInterrupt):
             raise
-        raise ModelLoadError(f"Building {name} failed: {type(error).__name__}: "
-                             f"{first_line(error)}") from None
+        raise ModelLoadError(f"Building {name} failed: {type(error).__name__}: {first_line(error)}") from None
 
 
-def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any],
-              state_dict: Mapping[str, Any], budget: "_BuildBudget",
-              outside_ok: bool) -> tuple[OrderedDict[str, Any], list[str], list[str] | None]:
+def _keys_for(
+    name: str,
+    builder: Callable[..., Any],
+    arch_kwargs: dict[str, Any],
+    state_dict: Mapping[str, Any],
+    budget: "_BuildBudget",
+    outside_ok: bool,
+) -> tuple[OrderedDict[str, Any], list[str], list[str] | None]:
     """``state_dict`` keyed as ``builder``'s module: under the prefix where its keys all are, with
     notes and the module's keys (None where it could not be built).
 
@@ -295,7 +351,7 @@ def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any
         prefix = ""
     else:
         first = expected[0]
-        prefixes = {key[:-len(first)] for key in given if key.endswith("." + first)}
+        prefixes = {key[: -len(first)] for key in given if key.endswith("." + first)}
         prefixes = {prefix for prefix in prefixes if all(prefix + key in given for key in expected)}
         if not prefixes:
             return under_prefix(state_dict, ""), [], expected
@@ -305,15 +361,17 @@ def _keys_for(name: str, builder: Callable[..., Any], arch_kwargs: dict[str, Any
     fitted = under_prefix(state_dict, prefix)
     if not prefix and not outside_ok:
         return fitted, [], expected
-    outside = sorted(key for key in given if not key.startswith(prefix) or key[len(prefix):] not in wanted)
+    outside = sorted(key for key in given if not key.startswith(prefix) or key[len(prefix) :] not in wanted)
     if prefix:  # keys under the prefix that the architecture lacks are a mismatch, not outside it
         outside = [key for key in outside if not key.startswith(prefix)]
     for key in outside:
-        fitted.pop(key[len(prefix):] if key.startswith(prefix) else key, None)
+        fitted.pop(key[len(prefix) :] if key.startswith(prefix) else key, None)
     notes = [f"the weights are under '{prefix}' in the checkpoint"] if prefix else []
     if outside:
-        notes.append(f"{len(outside)} tensor{'' if len(outside) == 1 else 's'} outside {name} left out "
-                     f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''})")
+        notes.append(
+            f"{len(outside)} tensor{'' if len(outside) == 1 else 's'} outside {name} left out "
+            f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''})"
+        )
     return fitted, notes, expected
 
 
@@ -333,8 +391,11 @@ def _parameters(builder: Callable[..., Any]) -> list[str] | None:
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return None
-    return [name for name, p in signature.parameters.items()
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return [
+        name
+        for name, p in signature.parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
 
 
 def _check_arch_kwargs(name: str, builder: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
@@ -342,12 +403,14 @@ def _check_arch_kwargs(name: str, builder: Callable[..., Any], kwargs: Mapping[s
     unknown = [key for key in kwargs if parameters is not None and key not in parameters]
     if unknown:
         takes = ", ".join(parameters[:12]) if parameters else "no arguments"
-        raise ModelLoadError(f"{name} takes no argument {', '.join(map(repr, unknown))} (it takes "
-                             f"{takes}); check --arch-kwargs / --num-classes.")
+        raise ModelLoadError(
+            f"{name} takes no argument {', '.join(map(repr, unknown))} (it takes "
+            f"{takes}); check --arch-kwargs / --num-classes."
+        )
 
 
 def _did_you_mean(arch: str, state_dict: Mapping[str, Any], exclude: str | None = None) -> str:
-    """" Did you mean ...?" for an architecture name that is unknown or whose weights do not fit
+    """ " Did you mean ...?" for an architecture name that is unknown or whose weights do not fit
     (a checkpoint's ``arch`` that is a class name: ``convnext``, ``ResNet``): the close names whose
     builders the weights fit, else the close names. Nothing is built but on the meta device."""
     known = [(plugin, plugin.builders()) for plugin in builder_order()]
@@ -394,8 +457,7 @@ class _BuildBudget:
         self.max_modules = 4 * len(state_dict) + 64
         self.max_elements = 4 * sum(int(t.numel()) for t in state_dict.values()) + 200_000_000
 
-    def build(self, builder: Callable[..., Any], kwargs: dict[str, Any], *, meta: bool,
-              initialise: bool = True) -> Any:
+    def build(self, builder: Callable[..., Any], kwargs: dict[str, Any], *, meta: bool, initialise: bool = True) -> Any:
         import torch
         from torch.nn.modules import module as torch_module
 
@@ -417,9 +479,11 @@ class _BuildBudget:
             if counts["elements"] > self.max_elements:  # checked before the tensor is initialised
                 raise _TooLarge(f"over {self.max_elements:,} tensor elements")
 
-        handles = [torch_module.register_module_module_registration_hook(count_module),
-                   torch_module.register_module_parameter_registration_hook(count_tensor),
-                   torch_module.register_module_buffer_registration_hook(count_tensor)]
+        handles = [
+            torch_module.register_module_module_registration_hook(count_module),
+            torch_module.register_module_parameter_registration_hook(count_tensor),
+            torch_module.register_module_buffer_registration_hook(count_tensor),
+        ]
         try:
             with torch_logs_kept(), _initialisation_skipped(meta or not initialise):
                 if meta:  # the meta device builds without allocating or initialising anything
@@ -445,8 +509,11 @@ def _initialisation_skipped(skipped: bool) -> Iterator[None]:
     import torch.nn.init as init
 
     builder_thread = threading.get_ident()
-    originals = {name: getattr(init, name) for name in dir(init)
-                 if name.endswith("_") and not name.startswith("_") and callable(getattr(init, name))}
+    originals = {
+        name: getattr(init, name)
+        for name in dir(init)
+        if name.endswith("_") and not name.startswith("_") and callable(getattr(init, name))
+    }
 
     def skipping(original: Callable[..., Any]) -> Callable[..., Any]:
         def initialiser(tensor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -469,23 +536,27 @@ def _initialisation_skipped(skipped: bool) -> Iterator[None]:
 _initialisers_lock = threading.Lock()
 
 
-def _check_fit(arch: str, expected: Mapping[str, Any], given: Mapping[str, Any], *,
-               shapes: bool = True) -> None:
+def _check_fit(arch: str, expected: Mapping[str, Any], given: Mapping[str, Any], *, shapes: bool = True) -> None:
     missing, unexpected = _compare_keys(expected, given)
     if missing or unexpected:
-        raise WeightsDoNotFit(arch, f"{_few(missing, 'missing')}{'; ' if missing and unexpected else ''}"
-                               f"{_few(unexpected, 'unexpected')}")
+        raise WeightsDoNotFit(
+            arch, f"{_few(missing, 'missing')}{'; ' if missing and unexpected else ''}{_few(unexpected, 'unexpected')}"
+        )
     if not shapes:
         return
     for key, tensor in expected.items():
         if tuple(tensor.shape) != tuple(given[key].shape):
-            raise WeightsDoNotFit(arch, f"size mismatch for {key}: the file has "
-                                   f"{list(given[key].shape)}, the architecture "
-                                   f"{list(tensor.shape)}")
+            raise WeightsDoNotFit(
+                arch,
+                f"size mismatch for {key}: the file has "
+                f"{list(given[key].shape)}, the architecture "
+                f"{list(tensor.shape)}",
+            )
 
 
-def _infer_num_classes(builder: Any, arch_kwargs: dict[str, Any], state_dict: Mapping[str, Any],
-                       budget: _BuildBudget) -> int | None:
+def _infer_num_classes(
+    builder: Any, arch_kwargs: dict[str, Any], state_dict: Mapping[str, Any], budget: _BuildBudget
+) -> int | None:
     """The class count that makes every head's shape match, found by building on the meta device.
 
     A head's leading size grows linearly with the number of classes: ``classes`` for a classifier,
@@ -493,6 +564,7 @@ def _infer_num_classes(builder: Any, arch_kwargs: dict[str, Any], state_dict: Ma
     ``4 × classes`` for a box regressor. Two builds (2 and 3 classes) give each tensor's slope and
     offset, from which the file's leading sizes give the candidates, each checked by a build.
     """
+
     def shapes_of(**kwargs: Any) -> dict[str, tuple[int, ...]]:
         try:
             module = budget.build(builder, kwargs, meta=True)

@@ -66,8 +66,9 @@ def checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
-        raise ModelLoadError(f"The 'arch_kwargs' entry of {path} is not a mapping of argument "
-                             f"names to values: {shown(value)}")
+        raise ModelLoadError(
+            f"The 'arch_kwargs' entry of {path} is not a mapping of argument names to values: {shown(value)}"
+        )
     if "weights" in value or "weights_backbone" in value:
         raise ModelLoadError(f"{path}: 'arch_kwargs' may not name pretrained weights.")
     return dict(value)
@@ -80,12 +81,12 @@ def checkpoint_labels(checkpoint: Mapping[str, Any], path: Path) -> list[str] | 
         if not isinstance(value, (list, tuple)):
             continue  # e.g. "classes": 10, a count, says nothing about names
         if len(value) > MAX_LABELS:
-            raise ModelLoadError(f"The {key!r} entry of {path} lists {len(value):,} class names; "
-                                 f"at most {MAX_LABELS:,} are accepted.")
+            raise ModelLoadError(
+                f"The {key!r} entry of {path} lists {len(value):,} class names; at most {MAX_LABELS:,} are accepted."
+            )
         if not all(isinstance(label, (str, int)) and not isinstance(label, bool) for label in value):
             odd = next(label for label in value if not isinstance(label, (str, int)) or isinstance(label, bool))
-            raise ModelLoadError(f"The {key!r} entry of {path} is not a list of class names: "
-                                 f"it holds {shown(odd)}.")
+            raise ModelLoadError(f"The {key!r} entry of {path} is not a list of class names: it holds {shown(odd)}.")
         return [str(label) for label in value]
     return None
 
@@ -94,25 +95,28 @@ def find_state_dict(checkpoint: Mapping[str, Any], path: Path, *, ema: bool = Fa
     import torch
 
     if ema:
-        found = next((checkpoint[key] for key in EMA_KEYS if isinstance(checkpoint.get(key), Mapping)),
-                     None)
+        found = next((checkpoint[key] for key in EMA_KEYS if isinstance(checkpoint.get(key), Mapping)), None)
         if found is None:
             held = ", ".join(str(key)[:40] for key in list(checkpoint)[:8])
-            raise ModelLoadError(f"--ema asks for EMA weights, but {path} has none (no "
-                                 f"{' / '.join(EMA_KEYS)} entry; it holds {held}). Leave out --ema.")
+            raise ModelLoadError(
+                f"--ema asks for EMA weights, but {path} has none (no "
+                f"{' / '.join(EMA_KEYS)} entry; it holds {held}). Leave out --ema."
+            )
         checkpoint = found
     current: Any = checkpoint
     for _ in range(3):  # {"model": {"state_dict": ...}} and the like
-        if isinstance(current, Mapping) and current and all(
-                isinstance(v, torch.Tensor) for v in current.values()):
+        if isinstance(current, Mapping) and current and all(isinstance(v, torch.Tensor) for v in current.values()):
             return _strip_prefixes(current)
-        inner = next((current[k] for k in WRAPPER_KEYS
-                      if isinstance(current, Mapping) and isinstance(current.get(k), Mapping)), None)
+        inner = next(
+            (current[k] for k in WRAPPER_KEYS if isinstance(current, Mapping) and isinstance(current.get(k), Mapping)),
+            None,
+        )
         if inner is None:
             break
         current = inner
-    raise ModelLoadError(f"No state_dict found in {path}: expected tensors at the top level or "
-                         f"under one of {', '.join(WRAPPER_KEYS)}.")
+    raise ModelLoadError(
+        f"No state_dict found in {path}: expected tensors at the top level or under one of {', '.join(WRAPPER_KEYS)}."
+    )
 
 
 def _strip_prefixes(state_dict: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -130,13 +134,18 @@ def under_prefix(state_dict: Mapping[str, Any], prefix: str) -> OrderedDict[str,
     """The entries whose keys start with ``prefix``, without it, keeping torch's per-module
     ``_metadata`` (module versions that some modules' loading depends on) for the modules under it."""
     metadata = getattr(state_dict, "_metadata", None)
-    kept = OrderedDict((key[len(prefix):], value) for key, value in state_dict.items()
-                       if key.startswith(prefix))
+    kept = OrderedDict((key[len(prefix) :], value) for key, value in state_dict.items() if key.startswith(prefix))
     if metadata is not None:  # module names: the prefix's module becomes the root
         root = prefix.rstrip(".")
-        kept._metadata = OrderedDict(  # type: ignore[attr-defined]
-            ("" if key == root else key[len(prefix):], value) for key, value in metadata.items()
-            if key == root or key.startswith(prefix)) if prefix else metadata
+        kept._metadata = (
+            OrderedDict(  # type: ignore[attr-defined]
+                ("" if key == root else key[len(prefix) :], value)
+                for key, value in metadata.items()
+                if key == root or key.startswith(prefix)
+            )
+            if prefix
+            else metadata
+        )
     return kept
 
 
@@ -149,21 +158,30 @@ def checkpoint_preprocessing(spec: Any, path: Path) -> Preprocessing | None:
     try:
         resize = spec.get("resize")
         # The shorter side before the centre crop: at least the crop, and not far beyond it.
-        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
-                                   or not min(size) <= resize <= 2 * max(size)):
-            raise ValueError(f"resize must be an integer between {min(size)} and {2 * max(size)} "
-                             f"for size {list(size)}, got {shown(resize)}")
+        if resize is not None and (
+            isinstance(resize, bool) or not isinstance(resize, int) or not min(size) <= resize <= 2 * max(size)
+        ):
+            raise ValueError(
+                f"resize must be an integer between {min(size)} and {2 * max(size)} "
+                f"for size {list(size)}, got {shown(resize)}"
+            )
         mean = normalization_values(_three_given(spec.get("mean", Preprocessing.mean), "mean"), "mean")
-        std = normalization_values(_three_given(spec.get("std", Preprocessing.std), "std"), "std",
-                                   positive=True)
+        std = normalization_values(_three_given(spec.get("std", Preprocessing.std), "std"), "std", positive=True)
         interpolation = str(spec.get("interpolation", "bilinear"))
         if interpolation not in ("nearest", "nearest-exact", "bilinear", "bicubic"):
             raise ValueError(f"interpolation must be nearest, bilinear or bicubic, got {interpolation[:40]!r}")
         letterbox = spec.get("letterbox", False)
         if not isinstance(letterbox, bool):
             raise ValueError(f"letterbox must be true or false, got {shown(letterbox)}")
-        return Preprocessing(size=size, resize=resize, mean=mean, std=std,
-                             interpolation=interpolation, letterbox=letterbox, source="checkpoint")
+        return Preprocessing(
+            size=size,
+            resize=resize,
+            mean=mean,
+            std=std,
+            interpolation=interpolation,
+            letterbox=letterbox,
+            source="checkpoint",
+        )
     except (TypeError, ValueError, AttnExplainError) as error:
         raise ModelLoadError(f"The 'preprocessing' entry of {path} is invalid: {error}") from None
 
@@ -172,9 +190,11 @@ def size_from_file(value: Any, path: Path, what: str) -> tuple[int, int]:
     try:
         return normalize_size(value, limit=FILE_MAX_SIZE)
     except (AttnExplainError, TypeError, ValueError, OverflowError):
-        raise ModelLoadError(f"The {what} of {path} asks for size {shown(value)}; a model file may "
-                             f"ask for one or two integers between 8 and {FILE_MAX_SIZE} (a larger "
-                             f"--size can be given explicitly).") from None
+        raise ModelLoadError(
+            f"The {what} of {path} asks for size {shown(value)}; a model file may "
+            f"ask for one or two integers between 8 and {FILE_MAX_SIZE} (a larger "
+            f"--size can be given explicitly)."
+        ) from None
 
 
 def _three_given(values: Any, what: str) -> Any:

@@ -26,9 +26,15 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "loader": self.loader, "architecture": self.architecture,
-                "weights": self.weights, "plugin": self.plugin.name, "task": self._task(),
-                "notes": list(self.notes)}
+        return {
+            "source": self.source,
+            "loader": self.loader,
+            "architecture": self.architecture,
+            "weights": self.weights,
+            "plugin": self.plugin.name,
+            "task": self._task(),
+            "notes": list(self.notes),
+        }
 
     def _task(self) -> str:
         try:

@@ -56,8 +56,9 @@ from .checkpoints import EMA_KEYS, LABEL_KEYS, WRAPPER_KEYS, Asked, no_ema, size
 from .failures import first_line, load_failures_reported, torch_logs_kept
 from .loaded import LoadedModel
 
-_TRUST_HINT = ("If you trust where it came from, pass --trust-model (trust_model=True); or save "
-               "model.state_dict() and use --arch.")
+_TRUST_HINT = (
+    "If you trust where it came from, pass --trust-model (trust_model=True); or save model.state_dict() and use --arch."
+)
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ class FileCheckpoint:
 def refuse_class_named_by_file(arch: str) -> NoReturn:
     """Refuse an architecture that a file names (a checkpoint's ``arch``) and that is a Python class
     to import: only the user may ask for that, with ``--arch``."""
-    raise ModelLoadError(f"The architecture {arch[:120]!r} that the file names is a Python "
-                         f"class to import, which a file may not ask for (importing "
-                         f"runs code); if you trust it, pass --arch {arch[:120]} yourself.")
+    raise ModelLoadError(
+        f"The architecture {arch[:120]!r} that the file names is a Python "
+        f"class to import, which a file may not ask for (importing "
+        f"runs code); if you trust it, pass --arch {arch[:120]} yourself."
+    )
 
 
 def read_model_file(path: Path, asked: Asked, trust_model: bool) -> LoadedModel | FileCheckpoint:
@@ -97,14 +100,16 @@ def read_model_file(path: Path, asked: Asked, trust_model: bool) -> LoadedModel 
         if not trust_model:
             raise UntrustedModelError(
                 f"{path} is a TorchScript program: loading it runs code stored in the file (which can "
-                f"read and write any file), so it is refused. {_TRUST_HINT}")
+                f"read and write any file), so it is refused. {_TRUST_HINT}"
+            )
         no_ema(asked.ema, f"{path} is a TorchScript program, not a training checkpoint")
         return _load_torchscript(path)
     if kind == "export":
         if not trust_model:
             raise UntrustedModelError(
                 f"{path} is a torch.export program: loading it unpickles parts of the archive, which "
-                f"can run arbitrary code, so it is refused. {_TRUST_HINT}")
+                f"can run arbitrary code, so it is refused. {_TRUST_HINT}"
+            )
         no_ema(asked.ema, f"{path} is a torch.export program, not a training checkpoint")
         return _load_exported(path)
     return _load_pickle(path, asked, trust_model)
@@ -123,8 +128,10 @@ def _archive_kind(path: Path) -> str | None:
     # an archive that inflates to far more than its own size is a zip bomb, which would fill memory.
     expanded, size = sum(member.file_size for member in members), path.stat().st_size
     if expanded > 2 * size + 16 * 1024 * 1024:
-        raise ModelLoadError(f"{path} is an archive that expands to {expanded:,} bytes from "
-                             f"{size:,}: PyTorch does not compress tensors, so it is refused.")
+        raise ModelLoadError(
+            f"{path} is an archive that expands to {expanded:,} bytes from "
+            f"{size:,}: PyTorch does not compress tensors, so it is refused."
+        )
     names = [member.filename for member in members]
     if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
         return "export"
@@ -138,10 +145,17 @@ def _load_torchscript(path: Path) -> LoadedModel:
 
     with load_failures_reported(f"Cannot load TorchScript program {path}"):
         module = torch.jit.load(str(path), map_location="cpu")
-    return LoadedModel(module=module, source=str(path), loader="torchscript",
-                       architecture=getattr(module, "original_name", None), inner_layers=False,
-                       notes=["TorchScript hides inner layers from hooks: only input-gradient "
-                              "methods (saliency) apply; save a state_dict for Grad-CAM"])
+    return LoadedModel(
+        module=module,
+        source=str(path),
+        loader="torchscript",
+        architecture=getattr(module, "original_name", None),
+        inner_layers=False,
+        notes=[
+            "TorchScript hides inner layers from hooks: only input-gradient "
+            "methods (saliency) apply; save a state_dict for Grad-CAM"
+        ],
+    )
 
 
 def _load_exported(path: Path) -> LoadedModel:
@@ -154,12 +168,16 @@ def _load_exported(path: Path) -> LoadedModel:
     try:
         with torch_logs_kept():
             module, inner_layers = torch.export.unflatten(program), True
-        notes = ["torch.export keeps layers but not attention modules: attention rollout is "
-                 "unavailable, layer methods (Grad-CAM) and saliency work"]
+        notes = [
+            "torch.export keeps layers but not attention modules: attention rollout is "
+            "unavailable, layer methods (Grad-CAM) and saliency work"
+        ]
     except Exception:
         module, inner_layers = program.module(), False
-        notes = ["this exported program could not be unflattened into its layers: only "
-                 "input-gradient methods (saliency) apply"]
+        notes = [
+            "this exported program could not be unflattened into its layers: only "
+            "input-gradient methods (saliency) apply"
+        ]
     # An exported program is specialised to its example input: explain at that size.
     size = None
     user_inputs = set(program.graph_signature.user_inputs)  # parameters are placeholders too
@@ -169,8 +187,14 @@ def _load_exported(path: Path) -> LoadedModel:
             size = size_from_file([int(value.shape[2]), int(value.shape[3])], path, "input shape")
             break
     preprocessing = Preprocessing(size=size, source="torch.export input shape") if size else None
-    return LoadedModel(module=module, source=str(path), loader="export", preprocessing=preprocessing,
-                       inner_layers=inner_layers, notes=notes)
+    return LoadedModel(
+        module=module,
+        source=str(path),
+        loader="export",
+        preprocessing=preprocessing,
+        inner_layers=inner_layers,
+        notes=notes,
+    )
 
 
 def _harmless_globals() -> list[Any]:
@@ -196,20 +220,51 @@ def _harmless_globals() -> list[Any]:
         from numpy._core import multiarray  # numpy 2
     except ImportError:  # pragma: no cover - numpy 1
         from numpy.core import multiarray
-    dtype_classes = [cls for cls in vars(getattr(np, "dtypes", object)).values()
-                     if isinstance(cls, type) and issubclass(cls, np.dtype)]
-    paths = [pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.PurePosixPath,
-             pathlib.WindowsPath, pathlib.PureWindowsPath]
-    path_aliases = [(cls, f"{module}.{cls.__name__}") for cls in paths
-                    for module in ("pathlib", "pathlib._local") if cls.__module__ != module]
-    attribute_dicts = [(dict, name) for name in (
-        "lightning.fabric.utilities.data.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
-        "lightning.pytorch.utilities.parsing.AttributeDict",
-        "pytorch_lightning.utilities.parsing.AttributeDict")]
-    return [argparse.Namespace, frozenset,
-            multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtype_classes,
-            *paths, *path_aliases, *attribute_dicts,
-            datetime.datetime, datetime.date, datetime.time, datetime.timedelta, datetime.timezone]
+    dtype_classes = [
+        cls
+        for cls in vars(getattr(np, "dtypes", object)).values()
+        if isinstance(cls, type) and issubclass(cls, np.dtype)
+    ]
+    paths = [
+        pathlib.Path,
+        pathlib.PurePath,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        pathlib.WindowsPath,
+        pathlib.PureWindowsPath,
+    ]
+    path_aliases = [
+        (cls, f"{module}.{cls.__name__}")
+        for cls in paths
+        for module in ("pathlib", "pathlib._local")
+        if cls.__module__ != module
+    ]
+    attribute_dicts = [
+        (dict, name)
+        for name in (
+            "lightning.fabric.utilities.data.AttributeDict",
+            "lightning_fabric.utilities.data.AttributeDict",
+            "lightning.pytorch.utilities.parsing.AttributeDict",
+            "pytorch_lightning.utilities.parsing.AttributeDict",
+        )
+    ]
+    return [
+        argparse.Namespace,
+        frozenset,
+        multiarray._reconstruct,
+        multiarray.scalar,
+        np.ndarray,
+        np.dtype,
+        *dtype_classes,
+        *paths,
+        *path_aliases,
+        *attribute_dicts,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+    ]
 
 
 def _global_name(value: Any) -> str:
@@ -251,14 +306,12 @@ def _load_pickle(path: Path, asked: Asked, trust_model: bool) -> LoadedModel | F
 
     if isinstance(content, torch.nn.Module):
         no_ema(asked.ema, f"{path} holds a whole model, not a training checkpoint")
-        return LoadedModel(module=content, source=str(path), loader="pickle",
-                           architecture=type(content).__name__)
+        return LoadedModel(module=content, source=str(path), loader="pickle", architecture=type(content).__name__)
     if isinstance(content, Mapping):
         keys = EMA_KEYS if asked.ema else WRAPPER_KEYS
         inner = next((content[k] for k in keys if isinstance(content.get(k), torch.nn.Module)), None)
         if inner is not None:
-            return LoadedModel(module=inner, source=str(path), loader="pickle",
-                               architecture=type(inner).__name__)
+            return LoadedModel(module=inner, source=str(path), loader="pickle", architecture=type(inner).__name__)
         return FileCheckpoint(content, "state_dict")
     raise ModelLoadError(f"{path} holds a {type(content).__name__}, not a model or a state_dict.")
 

@@ -24,8 +24,9 @@ def class_file(arch: str) -> Path | None:
 def names_a_class(arch: str) -> bool:
     """``path/model.py:Class`` or ``package.module:Class`` (a Windows path's drive colon aside)."""
     where, _, name = arch.rpartition(":")
-    return name.isidentifier() and (class_file(arch) is not None
-                                    or all(part.isidentifier() for part in where.split(".")))
+    return name.isidentifier() and (
+        class_file(arch) is not None or all(part.isidentifier() for part in where.split("."))
+    )
 
 
 def user_class(arch: str) -> tuple[str, Callable[..., Any]]:
@@ -67,11 +68,13 @@ def user_class(arch: str) -> tuple[str, Callable[..., Any]]:
             module = importlib.import_module(where)
     found = getattr(module, name, None)
     if found is None:
-        classes = sorted(key for key, value in vars(module).items() if isinstance(value, type)
-                         and issubclass(value, torch.nn.Module) and value.__module__ == module.__name__)
+        classes = sorted(
+            key
+            for key, value in vars(module).items()
+            if isinstance(value, type) and issubclass(value, torch.nn.Module) and value.__module__ == module.__name__
+        )
         defined = f"; its nn.Module classes: {', '.join(classes[:8])}" if classes else ""
         raise ModelLoadError(f"{described} has no class {name}{defined}.")
     if not (isinstance(found, type) and issubclass(found, torch.nn.Module)):
-        raise ModelLoadError(f"{name} in {described} is a {type(found).__name__}, not a "
-                             f"torch.nn.Module class.")
+        raise ModelLoadError(f"{name} in {described} is a {type(found).__name__}, not a torch.nn.Module class.")
     return arch, found

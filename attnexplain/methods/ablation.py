@@ -20,10 +20,16 @@ from ..errors import MethodError
 RunWithLayerOutput = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def ablationcam(activation: torch.Tensor, layer_output: torch.Tensor,
-                as_map: Callable[[torch.Tensor], torch.Tensor], run: RunWithLayerOutput,
-                batch: torch.Tensor, targets: torch.Tensor, scores: torch.Tensor,
-                batch_size: int = 32) -> torch.Tensor:
+def ablationcam(
+    activation: torch.Tensor,
+    layer_output: torch.Tensor,
+    as_map: Callable[[torch.Tensor], torch.Tensor],
+    run: RunWithLayerOutput,
+    batch: torch.Tensor,
+    targets: torch.Tensor,
+    scores: torch.Tensor,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Per-channel contributions (B, C, H, W): weight (y − y_k) / y of channel k times its map.
 
     ``activation`` is the layer's output laid out as a map by ``as_map``; ``layer_output`` the same
@@ -40,7 +46,7 @@ def ablationcam(activation: torch.Tensor, layer_output: torch.Tensor,
             flat = output.reshape(-1)
             ablated_scores = []
             for start in range(0, channels, batch_size):
-                positions = channel_positions[start:start + batch_size].to(flat.device)
+                positions = channel_positions[start : start + batch_size].to(flat.device)
                 ablated = flat.expand(len(positions), -1).scatter(1, positions, 0.0)
                 ablated = ablated.reshape(len(positions), *output.shape)
                 ablated_scores.append(_scores_with(run, image, ablated, state)[:, target].float())
@@ -49,8 +55,9 @@ def ablationcam(activation: torch.Tensor, layer_output: torch.Tensor,
         return torch.stack(weights).to(activation.dtype)[:, :, None, None] * activation
 
 
-def _scores_with(run: RunWithLayerOutput, image: torch.Tensor, ablated: torch.Tensor,
-                 state: dict[str, bool]) -> torch.Tensor:
+def _scores_with(
+    run: RunWithLayerOutput, image: torch.Tensor, ablated: torch.Tensor, state: dict[str, bool]
+) -> torch.Tensor:
     """The model's scores with the layer's output replaced by each of ``ablated``; the image run
     once below the layer where the model broadcasts, else once per ablation."""
     count = ablated.shape[0]
@@ -78,6 +85,8 @@ def _channel_positions(layer_output: torch.Tensor, as_map: Callable[[torch.Tenso
     positions = laid_out.reshape(laid_out.shape[0], -1)
     whole = positions.round() == positions
     if not bool(whole.all()) or bool((positions < 0).any()) or bool((positions >= count).any()):
-        raise MethodError("ablationcam needs a layer whose map only rearranges the layer's output; "
-                          "this plugin's layout computes new values. Choose another --layer.")
+        raise MethodError(
+            "ablationcam needs a layer whose map only rearranges the layer's output; "
+            "this plugin's layout computes new values. Choose another --layer."
+        )
     return positions.long()

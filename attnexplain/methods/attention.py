@@ -53,8 +53,9 @@ def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return flat.reshape(batch, tokens, tokens)
 
 
-def rollout(attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = "mean",
-            discard_ratio: float = 0.0) -> torch.Tensor:
+def rollout(
+    attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = "mean", discard_ratio: float = 0.0
+) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) → (B, grid h, grid w).
 
     Heads are fused; the residual connection is accounted for by mixing in the identity
@@ -67,16 +68,16 @@ def rollout(attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = 
     return to_grid(_rollout_products(attentions, head_fusion, discard_ratio)[-1], grid)
 
 
-def rollout_by_depth(attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = "mean",
-                     discard_ratio: float = 0.0) -> torch.Tensor:
+def rollout_by_depth(
+    attentions: list[torch.Tensor], grid: TokenGrid, head_fusion: str = "mean", discard_ratio: float = 0.0
+) -> torch.Tensor:
     """Rollout through the first 1, 2, … L layers → (B, L, grid h, grid w): how the class token's
     attention flow spreads as depth grows (the last is :func:`rollout`). Global attention only."""
     products = _rollout_products(attentions, head_fusion, discard_ratio)
     return torch.stack([to_grid(joint, grid) for joint in products], dim=1)
 
 
-def _rollout_products(attentions: list[torch.Tensor], head_fusion: str,
-                      discard_ratio: float) -> list[torch.Tensor]:
+def _rollout_products(attentions: list[torch.Tensor], head_fusion: str, discard_ratio: float) -> list[torch.Tensor]:
     """The rollout matrix after each layer, input first."""
     products: list[torch.Tensor] = []
     for attention in attentions:
@@ -89,8 +90,7 @@ def _rollout_products(attentions: list[torch.Tensor], head_fusion: str,
     return products
 
 
-def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor],
-                     grid: TokenGrid) -> torch.Tensor:
+def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor:
     """Gradient-weighted attention rollout (Chefer et al. 2021, "Generic Attention-model
     Explainability"): R ← R + Ē·R with Ē = mean over heads of relu(∇A ⊙ A), R starting at I."""
     if _is_windowed(attentions):
@@ -100,8 +100,7 @@ def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tenso
         _require_self_attention(attention)
         weighted = torch.relu(gradient.float() * attention.float()).mean(dim=1)
         if relevance is None:
-            relevance = torch.eye(weighted.shape[-1], dtype=weighted.dtype,
-                                  device=weighted.device).expand_as(weighted)
+            relevance = torch.eye(weighted.shape[-1], dtype=weighted.dtype, device=weighted.device).expand_as(weighted)
         relevance = relevance + weighted @ relevance
     return to_grid(relevance, grid)
 
@@ -117,7 +116,7 @@ def legrad(layer_gradients: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor
     maps = []
     for gradient in layer_gradients:
         _require_self_attention(gradient)
-        keys = torch.relu(gradient.float()).mean(dim=(1, 2))[:, grid.prefix_tokens:]
+        keys = torch.relu(gradient.float()).mean(dim=(1, 2))[:, grid.prefix_tokens :]
         if keys.shape[-1] != grid.height * grid.width:
             raise ValueError(f"{keys.shape[-1]} patch tokens do not fill a {grid.height}x{grid.width} grid")
         maps.append(keys.reshape(-1, grid.height, grid.width))
@@ -134,14 +133,18 @@ def raw_attention(attentions: list[torch.Tensor], grid: TokenGrid) -> torch.Tens
     """
     if _is_windowed(attentions):
         return _windowed_raw_attention(attentions)
-    maps = [to_grid(attention.float().flatten(0, 1), grid).reshape(
-        attention.shape[0], attention.shape[1], grid.height, grid.width) for attention in attentions]
+    maps = [
+        to_grid(attention.float().flatten(0, 1), grid).reshape(
+            attention.shape[0], attention.shape[1], grid.height, grid.width
+        )
+        for attention in attentions
+    ]
     return torch.stack(maps, dim=1)
 
 
 def to_grid(matrix: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     """The query token's row over the patch tokens, as (B, grid h, grid w)."""
-    row = matrix[:, grid.query, grid.prefix_tokens:]
+    row = matrix[:, grid.query, grid.prefix_tokens :]
     expected = grid.height * grid.width
     if row.shape[-1] != expected:
         raise ValueError(f"{row.shape[-1]} patch tokens do not fill a {grid.height}x{grid.width} grid")
@@ -150,12 +153,15 @@ def to_grid(matrix: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
 
 def _require_self_attention(attention: torch.Tensor) -> None:
     if attention.shape[-1] != attention.shape[-2]:
-        raise ValueError("it chains self-attention matrices through the layers, but this model's "
-                         f"attention maps {attention.shape[-2]} query token(s) onto "
-                         f"{attention.shape[-1]} keys; use --method attention for it")
+        raise ValueError(
+            "it chains self-attention matrices through the layers, but this model's "
+            f"attention maps {attention.shape[-2]} query token(s) onto "
+            f"{attention.shape[-1]} keys; use --method attention for it"
+        )
 
 
 # --- windowed attention -----------------------------------------------------------------------
+
 
 def _is_windowed(attentions: Sequence[object]) -> bool:
     return bool(attentions) and isinstance(attentions[0], WindowedAttention)
@@ -182,14 +188,14 @@ def _windowed_raw_attention(layers: Sequence[WindowedAttention]) -> torch.Tensor
             received = F.interpolate(received, size=(first.height, first.width), mode="nearest")
         missing = most_heads - received.shape[1]
         if missing:
-            received = torch.cat([received, received.new_full((received.shape[0], missing,
-                                                               *received.shape[2:]), float("nan"))], 1)
+            received = torch.cat(
+                [received, received.new_full((received.shape[0], missing, *received.shape[2:]), float("nan"))], 1
+            )
         per_layer.append(received)
     return torch.stack(per_layer, dim=1)
 
 
-def _windowed_rollout(layers: Sequence[WindowedAttention], head_fusion: str,
-                      discard_ratio: float) -> torch.Tensor:
+def _windowed_rollout(layers: Sequence[WindowedAttention], head_fusion: str, discard_ratio: float) -> torch.Tensor:
     def mix(relevance: torch.Tensor, layer: WindowedAttention, index: int) -> torch.Tensor:
         batch, windows, _, tokens, _ = layer.probabilities.shape
         fused = fuse_heads(layer.probabilities.float().flatten(0, 1), head_fusion)  # (B·windows, T, T)
@@ -204,8 +210,7 @@ def _windowed_rollout(layers: Sequence[WindowedAttention], head_fusion: str,
     return _propagate(layers, mix)
 
 
-def _windowed_gradient_rollout(layers: Sequence[WindowedAttention],
-                               gradients: Sequence[torch.Tensor]) -> torch.Tensor:
+def _windowed_gradient_rollout(layers: Sequence[WindowedAttention], gradients: Sequence[torch.Tensor]) -> torch.Tensor:
     def mix(relevance: torch.Tensor, layer: WindowedAttention, index: int) -> torch.Tensor:
         weighted = torch.relu(gradients[index].float() * layer.probabilities.float()).mean(dim=2)
         weighted = weighted * _real_keys(layer)
@@ -215,8 +220,9 @@ def _windowed_gradient_rollout(layers: Sequence[WindowedAttention],
     return _propagate(layers, mix)
 
 
-def _propagate(layers: Sequence[WindowedAttention],
-               mix: Callable[[torch.Tensor, WindowedAttention, int], torch.Tensor]) -> torch.Tensor:
+def _propagate(
+    layers: Sequence[WindowedAttention], mix: Callable[[torch.Tensor, WindowedAttention, int], torch.Tensor]
+) -> torch.Tensor:
     """Carry a row vector over positions from the last layer's output back to the first layer's
     input: ``mix`` applies one layer; between maps of different sizes, coarse → fine."""
     last = layers[-1]
@@ -271,6 +277,7 @@ def _discard_lowest_windowed(fused: torch.Tensor, ratio: float) -> torch.Tensor:
 
 # --- per-layer spatial attention --------------------------------------------------------------
 
+
 def spatial_attention(layers: Sequence[SpatialAttention], size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) at ``size`` from attention recorded per layer on its own grid: each layer's weights
     (heads averaged) resized to ``size``; one layer as it is, several the mean of each scaled to
@@ -291,8 +298,9 @@ def spatial_attention_grid(layers: Sequence[SpatialAttention]) -> torch.Tensor:
         resized = F.interpolate(weights, size=(height, width), mode="bilinear", align_corners=False)
         missing = heads - resized.shape[1]
         if missing:
-            resized = torch.cat([resized, resized.new_full((resized.shape[0], missing, height, width),
-                                                           float("nan"))], dim=1)
+            resized = torch.cat(
+                [resized, resized.new_full((resized.shape[0], missing, height, width), float("nan"))], dim=1
+            )
         grids.append(resized)
     return torch.stack(grids, dim=1)
 
@@ -302,6 +310,8 @@ def _heads_of(layer: SpatialAttention) -> torch.Tensor:
     if weights.dim() == 3:
         weights = weights[:, None]
     if weights.dim() != 4 or tuple(weights.shape[-2:]) != (layer.height, layer.width):
-        raise ValueError(f"spatial attention of shape {tuple(layer.weights.shape)} is not (batch, "
-                         f"[heads,] {layer.height}, {layer.width})")
+        raise ValueError(
+            f"spatial attention of shape {tuple(layer.weights.shape)} is not (batch, "
+            f"[heads,] {layer.height}, {layer.width})"
+        )
     return weights

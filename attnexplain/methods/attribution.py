@@ -32,20 +32,36 @@ def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any
     return Saliency(forward).attribute(_leaf(batch), target=target, abs=True).amax(dim=1)
 
 
-def integrated_gradients(forward: Callable, batch: torch.Tensor, target: list[int], *,
-                         baseline: torch.Tensor, steps: int = 32, batch_size: int = 32,
-                         **_: Any) -> torch.Tensor:
+def integrated_gradients(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    baseline: torch.Tensor,
+    steps: int = 32,
+    batch_size: int = 32,
+    **_: Any,
+) -> torch.Tensor:
     """Integrated Gradients (Sundararajan et al. 2017) from ``baseline`` (see :func:`baseline_images`);
     |sum over channels|."""
     from captum.attr import IntegratedGradients
 
     attribution = IntegratedGradients(forward).attribute(
-        _leaf(batch), baselines=baseline, target=target, n_steps=steps, internal_batch_size=batch_size)
+        _leaf(batch), baselines=baseline, target=target, n_steps=steps, internal_batch_size=batch_size
+    )
     return attribution.sum(dim=1).abs()
 
 
-def smoothgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, samples: int = NOISY_COPIES,
-               noise: float = 0.15, batch_size: int = 32, **_: Any) -> torch.Tensor:
+def smoothgrad(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    samples: int = NOISY_COPIES,
+    noise: float = 0.15,
+    batch_size: int = 32,
+    **_: Any,
+) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): saliency (Captum's) averaged over noisy copies of each image.
 
     ``noise`` is the noise's standard deviation as a share of the image's own range
@@ -77,8 +93,17 @@ def noisy_copies(batch: torch.Tensor, samples: int, noise: float) -> torch.Tenso
     return torch.stack(copies, dim=1)
 
 
-def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
-              window: int = 16, stride: int = 8, batch_size: int = 32, **_: Any) -> torch.Tensor:
+def occlusion(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    baseline: torch.Tensor,
+    window: int = 16,
+    stride: int = 8,
+    batch_size: int = 32,
+    **_: Any,
+) -> torch.Tensor:
     """Occlusion (Zeiler & Fergus 2014): the score's drop when a window is replaced by the same window
     of ``baseline`` (see :func:`baseline_images`), summed over channels; positive where hiding a
     region hurts the target."""
@@ -86,13 +111,19 @@ def occlusion(forward: Callable, batch: torch.Tensor, target: list[int], *, base
 
     channels = batch.shape[1]
     attribution = Occlusion(forward).attribute(
-        batch, sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride),
-        baselines=baseline, target=target, perturbations_per_eval=batch_size)
+        batch,
+        sliding_window_shapes=(channels, window, window),
+        strides=(channels, stride, stride),
+        baselines=baseline,
+        target=target,
+        perturbations_per_eval=batch_size,
+    )
     return attribution.sum(dim=1)
 
 
-def guided_gradcam(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
-                   cam: torch.Tensor, **_: Any) -> torch.Tensor:
+def guided_gradcam(
+    forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module, cam: torch.Tensor, **_: Any
+) -> torch.Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017): Captum's guided backpropagation × ``cam``, the
     Grad-CAM map already upsampled to the input (bilinear, as in the paper); |sum over channels|.
 
@@ -112,21 +143,35 @@ def input_x_gradient(forward: Callable, batch: torch.Tensor, target: list[int], 
     return InputXGradient(forward).attribute(_leaf(batch), target=target).sum(dim=1).abs()
 
 
-def deeplift(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
-             baseline: torch.Tensor, **_: Any) -> torch.Tensor:
+def deeplift(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    model: torch.nn.Module,
+    baseline: torch.Tensor,
+    **_: Any,
+) -> torch.Tensor:
     """DeepLIFT, rescale rule (Shrikumar et al. 2017; Captum's DeepLift) from ``baseline``;
     |sum over channels|. Captum overrides the backward of the model's nonlinear modules, which it
     cannot do for a module called more than once (ResNet's shared ReLU): refused with that reason."""
     from captum.attr import DeepLift
 
     with _module_rules("deeplift"):
-        attribution = DeepLift(_ScoresModule(model, forward)).attribute(
-            _leaf(batch), baselines=baseline, target=target)
+        attribution = DeepLift(_ScoresModule(model, forward)).attribute(_leaf(batch), baselines=baseline, target=target)
     return attribution.sum(dim=1).abs()
 
 
-def gradientshap(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
-                 samples: int = NOISY_COPIES, noise: float = 0.15, **_: Any) -> torch.Tensor:
+def gradientshap(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    baseline: torch.Tensor,
+    samples: int = NOISY_COPIES,
+    noise: float = 0.15,
+    **_: Any,
+) -> torch.Tensor:
     """GradientSHAP (Lundberg & Lee 2017; Captum's GradientShap): gradients at random points between
     ``baseline`` and noisy copies of the image (σ as SmoothGrad's), times (image − baseline), over
     ``samples`` draws; |sum over channels|. Draws are seeded per image (:data:`NOISE_SEED`)."""
@@ -137,14 +182,16 @@ def gradientshap(forward: Callable, batch: torch.Tensor, target: list[int], *, b
     for image, reference, image_target in zip(batch, baseline, target):
         spread = float(image.max() - image.min()) * noise
         with _seeded(image.device):
-            attribution = attribute(_leaf(image[None]), baselines=reference[None], n_samples=samples,
-                                    stdevs=spread, target=image_target)
+            attribution = attribute(
+                _leaf(image[None]), baselines=reference[None], n_samples=samples, stdevs=spread, target=image_target
+            )
         maps.append(attribution[0].sum(dim=0).abs())
     return torch.stack(maps)
 
 
-def guided_backprop(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
-                    **_: Any) -> torch.Tensor:
+def guided_backprop(
+    forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module, **_: Any
+) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015; Captum's GuidedBackprop): ReLU gradients
     clipped at zero on the way back; the largest |value| over colour channels, as saliency."""
     from captum.attr import GuidedBackprop
@@ -153,8 +200,9 @@ def guided_backprop(forward: Callable, batch: torch.Tensor, target: list[int], *
     return guided.abs().amax(dim=1)
 
 
-def deconvolution(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
-                  **_: Any) -> torch.Tensor:
+def deconvolution(
+    forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module, **_: Any
+) -> torch.Tensor:
     """Deconvolution (Zeiler & Fergus 2014; Captum's Deconvolution): ReLUs applied to the gradient
     on the way back; the largest |value| over colour channels, as saliency."""
     from captum.attr import Deconvolution
@@ -163,8 +211,7 @@ def deconvolution(forward: Callable, batch: torch.Tensor, target: list[int], *, 
     return deconvolved.abs().amax(dim=1)
 
 
-def lrp(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module,
-        **_: Any) -> torch.Tensor:
+def lrp(forward: Callable, batch: torch.Tensor, target: list[int], *, model: torch.nn.Module, **_: Any) -> torch.Tensor:
     """Layer-wise relevance propagation (Bach et al. 2015; Captum's LRP, its default rules: ε for
     convolutions, linear layers and pooling); |sum over channels|. Captum's LRP knows only plain
     feed-forward CNNs built from modules it has rules for (VGG, AlexNet); others are refused."""
@@ -196,8 +243,9 @@ def superpixels(batch: torch.Tensor, count: int = SUPERPIXELS) -> torch.Tensor:
     return torch.stack(labels)[:, None].to(batch.device)
 
 
-def feature_ablation(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
-                     batch_size: int = 32, **_: Any) -> torch.Tensor:
+def feature_ablation(
+    forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor, batch_size: int = 32, **_: Any
+) -> torch.Tensor:
     """Feature ablation over SLIC superpixels (Captum's FeatureAblation): the score's drop when a
     superpixel is replaced by ``baseline``; one forward per superpixel (batched)."""
     from captum.attr import FeatureAblation
@@ -205,14 +253,27 @@ def feature_ablation(forward: Callable, batch: torch.Tensor, target: list[int], 
     ablation = FeatureAblation(forward)
     maps = []
     for image, reference, image_target, mask in zip(batch, baseline, target, superpixels(batch)):
-        attribution = ablation.attribute(image[None], baselines=reference[None], target=image_target,
-                                         feature_mask=mask[None], perturbations_per_eval=batch_size)
+        attribution = ablation.attribute(
+            image[None],
+            baselines=reference[None],
+            target=image_target,
+            feature_mask=mask[None],
+            perturbations_per_eval=batch_size,
+        )
         maps.append(attribution[0, 0])  # every channel of a superpixel holds its one value
     return torch.stack(maps)
 
 
-def kernelshap(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
-               samples: int = 256, batch_size: int = 32, **_: Any) -> torch.Tensor:
+def kernelshap(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    baseline: torch.Tensor,
+    samples: int = 256,
+    batch_size: int = 32,
+    **_: Any,
+) -> torch.Tensor:
     """Kernel SHAP over SLIC superpixels (Lundberg & Lee 2017; Captum's KernelShap): ``samples``
     coalitions of superpixels (the others set to ``baseline``), seeded per image (:data:`NOISE_SEED`),
     fitted by the Shapley-kernel-weighted linear regression."""
@@ -221,8 +282,16 @@ def kernelshap(forward: Callable, batch: torch.Tensor, target: list[int], *, bas
     return _surrogate_fit(KernelShap(forward), batch, target, baseline, samples, batch_size)
 
 
-def lime(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline: torch.Tensor,
-         samples: int = 256, batch_size: int = 32, **_: Any) -> torch.Tensor:
+def lime(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    baseline: torch.Tensor,
+    samples: int = 256,
+    batch_size: int = 32,
+    **_: Any,
+) -> torch.Tensor:
     """LIME over SLIC superpixels (Ribeiro et al. 2016; Captum's Lime, its defaults: a Lasso fitted
     with an exponential cosine-distance kernel): ``samples`` perturbations seeded per image."""
     from captum.attr import Lime
@@ -230,14 +299,20 @@ def lime(forward: Callable, batch: torch.Tensor, target: list[int], *, baseline:
     return _surrogate_fit(Lime(forward), batch, target, baseline, samples, batch_size)
 
 
-def _surrogate_fit(explainer: Any, batch: torch.Tensor, target: list[int], baseline: torch.Tensor,
-                   samples: int, batch_size: int) -> torch.Tensor:
+def _surrogate_fit(
+    explainer: Any, batch: torch.Tensor, target: list[int], baseline: torch.Tensor, samples: int, batch_size: int
+) -> torch.Tensor:
     maps = []
     for image, reference, image_target, mask in zip(batch, baseline, target, superpixels(batch)):
         with _seeded(image.device):
-            attribution = explainer.attribute(image[None], baselines=reference[None], target=image_target,
-                                              feature_mask=mask[None], n_samples=samples,
-                                              perturbations_per_eval=batch_size)
+            attribution = explainer.attribute(
+                image[None],
+                baselines=reference[None],
+                target=image_target,
+                feature_mask=mask[None],
+                n_samples=samples,
+                perturbations_per_eval=batch_size,
+            )
         maps.append(attribution[0, 0])
     return torch.stack(maps)
 
@@ -267,8 +342,11 @@ def _refuse_reused_modules(model: torch.nn.Module, forward: Callable, probe: tor
     from ..errors import MethodError
 
     calls: dict[str, int] = {}
-    handles = [module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
-               for name, module in model.named_modules() if name and not list(module.children())]
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        for name, module in model.named_modules()
+        if name and not list(module.children())
+    ]
     try:
         with torch.no_grad():
             forward(probe)
@@ -277,9 +355,11 @@ def _refuse_reused_modules(model: torch.nn.Module, forward: Callable, probe: tor
             handle.remove()
     reused = [name for name, count in calls.items() if count > 1]
     if reused:
-        raise MethodError(f"{method} cannot run on this model: it calls module {reused[0]!r} more than "
-                          f"once per forward pass (as ResNet's blocks share their ReLU), which "
-                          f"Captum's rules cannot follow. Use deeplift or integrated_gradients.")
+        raise MethodError(
+            f"{method} cannot run on this model: it calls module {reused[0]!r} more than "
+            f"once per forward pass (as ResNet's blocks share their ReLU), which "
+            f"Captum's rules cannot follow. Use deeplift or integrated_gradients."
+        )
 
 
 @contextmanager
@@ -292,14 +372,18 @@ def _module_rules(method: str) -> Iterator[None]:
     except (RuntimeError, TypeError) as error:
         text = " ".join(str(error).split())
         if "used more than once" in text:
-            raise MethodError(f"{method} cannot run on this model: Captum replaces the backward of each "
-                              f"nonlinear module, and this model calls one module more than once (e.g. "
-                              f"ResNet's shared ReLU). Use integrated_gradients or input_x_gradient.") from None
+            raise MethodError(
+                f"{method} cannot run on this model: Captum replaces the backward of each "
+                f"nonlinear module, and this model calls one module more than once (e.g. "
+                f"ResNet's shared ReLU). Use integrated_gradients or input_x_gradient."
+            ) from None
         if "no rule defined" in text:
             kind = text.split("type ", 1)[-1].split(" has", 1)[0].strip("<>'").rsplit(".", 1)[-1]
-            raise MethodError(f"{method} cannot run on this model: Captum's LRP has no rule for its "
-                              f"{kind} layers; it supports plain CNNs such as VGG and AlexNet. Use "
-                              f"deeplift or integrated_gradients.") from None
+            raise MethodError(
+                f"{method} cannot run on this model: Captum's LRP has no rule for its "
+                f"{kind} layers; it supports plain CNNs such as VGG and AlexNet. Use "
+                f"deeplift or integrated_gradients."
+            ) from None
         raise
 
 

@@ -106,8 +106,12 @@ def kpcacam(activation: torch.Tensor, gradient: torch.Tensor | None = None) -> t
     positions = positions - positions.mean(dim=1, keepdim=True)
     kernel = torch.tanh(positions @ positions.transpose(1, 2) / channels + 1.0)
     # Centring in feature space: K - 1K - K1 + 1K1, with 1 the (n × n) matrix of 1/n.
-    kernel = (kernel - kernel.mean(dim=1, keepdim=True) - kernel.mean(dim=2, keepdim=True)
-              + kernel.mean(dim=(1, 2), keepdim=True))
+    kernel = (
+        kernel
+        - kernel.mean(dim=1, keepdim=True)
+        - kernel.mean(dim=2, keepdim=True)
+        + kernel.mean(dim=(1, 2), keepdim=True)
+    )
     values, vectors = torch.linalg.eigh(kernel)  # ascending: the last is the first component
     vector = vectors[..., -1]
     # scikit-learn's svd_flip: the first entry of largest magnitude is made positive.
@@ -124,8 +128,7 @@ def _largest_magnitude_positive(projection: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None], -projection, projection)
 
 
-def randomcam(activation: torch.Tensor, gradient: torch.Tensor | None = None,
-              seed: int = 0) -> torch.Tensor:
+def randomcam(activation: torch.Tensor, gradient: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Random-CAM, the baseline a CAM must beat (pytorch-grad-cam's RandomCAM): channels weighted by
     uniform draws from [-1, 1].
 
@@ -137,8 +140,7 @@ def randomcam(activation: torch.Tensor, gradient: torch.Tensor | None = None,
     return weights.to(activation.device, activation.dtype)[None, :, None, None] * activation
 
 
-def shapleycam(activation: torch.Tensor, gradient: torch.Tensor,
-               hessian_product: torch.Tensor) -> torch.Tensor:
+def shapleycam(activation: torch.Tensor, gradient: torch.Tensor, hessian_product: torch.Tensor) -> torch.Tensor:
     """Shapley-CAM (Cai et al. 2025, pytorch-grad-cam PR #550): channels weighted by the
     position-average of g − ½·H·A, a second-order estimate of each channel's Shapley value, where
     H·A is the Hessian of the score with respect to the layer times the activation itself.
@@ -152,8 +154,7 @@ def smoothgradcampp(activation: torch.Tensor, gradients: torch.Tensor) -> torch.
     """Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ with the first, second and third derivatives
     each averaged over noisy copies of the image, ``gradients`` (samples, B, C, H, W); ``activation``
     is the clean image's."""
-    first, second, third = (gradients.mean(dim=0), gradients.pow(2).mean(dim=0),
-                            gradients.pow(3).mean(dim=0))
+    first, second, third = (gradients.mean(dim=0), gradients.pow(2).mean(dim=0), gradients.pow(3).mean(dim=0))
     total = activation.sum(dim=(2, 3), keepdim=True)
     alpha = second / (2 * second + total * third + 1e-6)
     alpha = torch.where(second != 0, alpha, torch.zeros_like(alpha))
@@ -171,20 +172,22 @@ def hessian_products(gradients: list[torch.Tensor], activations: list[torch.Tens
         product = None
         if gradient.requires_grad:
             try:
-                product = torch.autograd.grad(gradient, activation, grad_outputs=activation.detach(),
-                                              retain_graph=True, allow_unused=True)[0]
+                product = torch.autograd.grad(
+                    gradient, activation, grad_outputs=activation.detach(), retain_graph=True, allow_unused=True
+                )[0]
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as error:  # an operation of the model with no second derivative
-                raise MethodError(f"shapleycam cannot run on this model: it differentiates the score "
-                                  f"twice, and PyTorch cannot differentiate one of the model's operations "
-                                  f"twice ({error_line(error, 300)}). Use gradcam or finercam.") from error
+                raise MethodError(
+                    f"shapleycam cannot run on this model: it differentiates the score "
+                    f"twice, and PyTorch cannot differentiate one of the model's operations "
+                    f"twice ({error_line(error, 300)}). Use gradcam or finercam."
+                ) from error
         products.append(torch.zeros_like(activation) if product is None else product)
     return products
 
 
-def finer_scores(logits: torch.Tensor, targets: torch.Tensor, classes: int = 3,
-                 alpha: float = 1.0) -> torch.Tensor:
+def finer_scores(logits: torch.Tensor, targets: torch.Tensor, classes: int = 3, alpha: float = 1.0) -> torch.Tensor:
     """Finer-CAM's target (Zhang et al. 2025): per image, the target's logit y_t against the
     ``classes`` classes whose logits are closest to it, Σⱼ pⱼ·(y_t − α·yⱼ) / Σⱼ pⱼ with pⱼ their
     softmax probabilities (B,)."""
@@ -193,14 +196,13 @@ def finer_scores(logits: torch.Tensor, targets: torch.Tensor, classes: int = 3,
     chosen = logits.gather(1, targets[:, None])
     distance = (logits - chosen).abs().detach()
     distance.scatter_(1, targets[:, None], -1.0)  # the target itself sorts first and is skipped
-    similar = distance.argsort(dim=1, stable=True)[:, 1:1 + classes]
+    similar = distance.argsort(dim=1, stable=True)[:, 1 : 1 + classes]
     weights = torch.softmax(logits, dim=1).gather(1, similar)
     compared = (weights * (chosen - alpha * logits.gather(1, similar))).sum(dim=1)
     return compared / (weights.sum(dim=1) + 1e-9)
 
 
-def finercam(activation: torch.Tensor, gradient: torch.Tensor | None,
-             finer_gradient: torch.Tensor) -> torch.Tensor:
+def finercam(activation: torch.Tensor, gradient: torch.Tensor | None, finer_gradient: torch.Tensor) -> torch.Tensor:
     """Finer-CAM (Zhang et al. 2025): Grad-CAM of :func:`finer_scores`, what sets the target apart
     from the classes the model finds most like it."""
     return gradcam(activation, finer_gradient)

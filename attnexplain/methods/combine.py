@@ -21,6 +21,5 @@ def fuse_maps(per_layer: list[torch.Tensor]) -> torch.Tensor:
         flat = layer_map.flatten(1)
         low = flat.amin(dim=1)[:, None, None]
         span = (flat.amax(dim=1) - flat.amin(dim=1))[:, None, None]
-        scaled.append(torch.where(span > 0, (layer_map - low) / span.clamp_min(1e-12),
-                                  torch.zeros_like(layer_map)))
+        scaled.append(torch.where(span > 0, (layer_map - low) / span.clamp_min(1e-12), torch.zeros_like(layer_map)))
     return torch.stack(scaled).mean(dim=0)

@@ -19,15 +19,15 @@ from .cam import scaled_per_map
 _EPS = 1e-7
 
 
-def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model: nn.Module,
-             **_: Any) -> torch.Tensor:
+def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model: nn.Module, **_: Any) -> torch.Tensor:
     """(B, H, W): Σ over the input and every layer with a 2-D bias of ψ(|bias × ∂score/∂output|),
     ψ scaling each channel to [0, 1] and upsampling it to the input (pytorch-grad-cam's FullGrad;
     the bias of an inference-mode BatchNorm is β − μ·γ/√(σ² + ε), as in the authors' code)."""
     biases = _spatial_biases(model)
     if not biases:
-        raise MethodError("fullgrad needs layers with a bias over a 2-D map (Conv2d or BatchNorm2d); "
-                          "this model has none.")
+        raise MethodError(
+            "fullgrad needs layers with a bias over a 2-D map (Conv2d or BatchNorm2d); this model has none."
+        )
     names = list(biases)
     captured: dict[str, torch.Tensor] = {}
     inputs = batch.detach().requires_grad_(True)
@@ -35,8 +35,7 @@ def fullgrad(forward: Callable, batch: torch.Tensor, target: list[int], *, model
         scores = forward(inputs)
         chosen = scores.gather(1, torch.tensor(target, device=scores.device)[:, None]).sum()
         ran = [name for name in names if name in captured]
-        gradients = torch.autograd.grad(chosen, [inputs] + [captured[name] for name in ran],
-                                        allow_unused=True)
+        gradients = torch.autograd.grad(chosen, [inputs] + [captured[name] for name in ran], allow_unused=True)
     size = tuple(batch.shape[-2:])
     total = scaled_per_map((gradients[0] * batch).abs(), _EPS).sum(dim=1)
     for name, gradient in zip(ran, gradients[1:]):
@@ -55,9 +54,7 @@ def _spatial_biases(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.bias is not None:
             biases[name] = module.bias.detach()
-        elif (isinstance(module, nn.BatchNorm2d) and module.bias is not None
-              and module.running_mean is not None):
+        elif isinstance(module, nn.BatchNorm2d) and module.bias is not None and module.running_mean is not None:
             scale = module.weight / torch.sqrt(module.running_var + module.eps)
             biases[name] = (module.bias - module.running_mean * scale).detach()
     return biases
-

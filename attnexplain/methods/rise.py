@@ -19,8 +19,15 @@ GRID = 7
 KEEP_PROBABILITY = 0.5
 
 
-def rise_masks(count: int, size: tuple[int, int], device: torch.device | str = "cpu", *,
-               grid: int = GRID, keep: float = KEEP_PROBABILITY, seed: int = MASK_SEED) -> torch.Tensor:
+def rise_masks(
+    count: int,
+    size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    *,
+    grid: int = GRID,
+    keep: float = KEEP_PROBABILITY,
+    seed: int = MASK_SEED,
+) -> torch.Tensor:
     """The first ``count`` masks of the seeded sequence: (count, H, W) in [0, 1].
 
     Each is a ``grid`` × ``grid`` binary grid (cells kept with probability ``keep``), upsampled
@@ -31,8 +38,9 @@ def rise_masks(count: int, size: tuple[int, int], device: torch.device | str = "
     return _full_size(*_mask_draws(count, size, grid, keep, seed), size, device)
 
 
-def _mask_draws(count: int, size: tuple[int, int], grid: int, keep: float,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_draws(
+    count: int, size: tuple[int, int], grid: int, keep: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, grid, grid) kept cells and (count, 2) shifts in pixels, drawn on the CPU."""
     generator = torch.Generator().manual_seed(seed)
     cells = torch.rand((count, grid, grid), generator=generator) < keep
@@ -41,20 +49,33 @@ def _mask_draws(count: int, size: tuple[int, int], grid: int, keep: float,
     return cells, shifts
 
 
-def _full_size(cells: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int],
-               device: torch.device | str) -> torch.Tensor:
+def _full_size(
+    cells: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int], device: torch.device | str
+) -> torch.Tensor:
     grid = cells.shape[-1]
     height, width = size
     cell_h, cell_w = -(-height // grid), -(-width // grid)
-    upsampled = F.interpolate(cells[:, None].to(device=device, dtype=torch.float32),
-                              size=((grid + 1) * cell_h, (grid + 1) * cell_w), mode="bilinear",
-                              align_corners=False)[:, 0]
-    return torch.stack([mask[y:y + height, x:x + width] for mask, (y, x) in zip(upsampled, shifts.tolist())])
+    upsampled = F.interpolate(
+        cells[:, None].to(device=device, dtype=torch.float32),
+        size=((grid + 1) * cell_h, (grid + 1) * cell_w),
+        mode="bilinear",
+        align_corners=False,
+    )[:, 0]
+    return torch.stack([mask[y : y + height, x : x + width] for mask, (y, x) in zip(upsampled, shifts.tolist())])
 
 
-def rise(forward: Callable, batch: torch.Tensor, target: list[int], *,
-         probabilities: Callable[[torch.Tensor], torch.Tensor], samples: int = 1000, batch_size: int = 32,
-         masks: torch.Tensor | None = None, keep: float = KEEP_PROBABILITY, **_: object) -> torch.Tensor:
+def rise(
+    forward: Callable,
+    batch: torch.Tensor,
+    target: list[int],
+    *,
+    probabilities: Callable[[torch.Tensor], torch.Tensor],
+    samples: int = 1000,
+    batch_size: int = 32,
+    masks: torch.Tensor | None = None,
+    keep: float = KEEP_PROBABILITY,
+    **_: object,
+) -> torch.Tensor:
     """(B, H, W) RISE maps: ``samples`` masks (see :func:`rise_masks`, or the given ``masks``),
     ``batch_size`` masked images per forward pass. ``probabilities`` maps inputs to (N, classes)
     probabilities, the paper's score (not ``forward``'s logits). Costs ``samples`` forwards per
@@ -66,8 +87,11 @@ def rise(forward: Callable, batch: torch.Tensor, target: list[int], *,
     with torch.no_grad():
         for first in range(0, count, batch_size):
             # Made a chunk at a time on the device: full-size masks for all samples may not fit.
-            chunk = _full_size(*(d[first:first + batch_size] for d in draws), size, batch.device) \
-                if masks is None else masks[first:first + batch_size].to(batch.device, torch.float32)
+            chunk = (
+                _full_size(*(d[first : first + batch_size] for d in draws), size, batch.device)
+                if masks is None
+                else masks[first : first + batch_size].to(batch.device, torch.float32)
+            )
             flat = chunk.flatten(1)
             for index, (image, image_target) in enumerate(zip(batch, target)):
                 masked = image[None] * chunk[:, None].to(image.dtype)

@@ -15,8 +15,13 @@ import torch.nn.functional as F
 from .cam import scaled_per_map
 
 
-def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-             batch: torch.Tensor, targets: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+def scorecam(
+    activation: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Per-channel contributions (B, C, H, W); costs C masked forward passes, ``batch_size`` at a time.
 
     Each channel is upsampled to the input, scaled to [0, 1] and multiplied into the image; the
@@ -26,14 +31,23 @@ def scorecam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.T
     with torch.no_grad():
         masks = F.interpolate(activation, size=batch.shape[-2:], mode="bilinear", align_corners=True)
         masks = scaled_per_map(masks)
-        weights = [torch.softmax(_masked_scores(forward, image, image_masks, target, batch_size), dim=0)
-                   for image, image_masks, target in zip(batch, masks, targets.tolist())]
+        weights = [
+            torch.softmax(_masked_scores(forward, image, image_masks, target, batch_size), dim=0)
+            for image, image_masks, target in zip(batch, masks, targets.tolist())
+        ]
         return torch.stack(weights)[:, :, None, None] * activation
 
 
-def sscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-          batch: torch.Tensor, targets: torch.Tensor, samples: int = 35, noise: float = 2.0,
-          seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+def sscam(
+    activation: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    targets: torch.Tensor,
+    samples: int = 35,
+    noise: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """SS-CAM (Wang et al. 2020, "Smoothed Score-CAM"), as torchcam defines it: Score-CAM whose
     weights are the target's logits averaged over ``samples`` masks with Gaussian noise of standard
     deviation ``noise`` added to the [0, 1] masks; costs samples × C masked forwards.
@@ -55,9 +69,14 @@ def sscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tens
         return torch.stack(weights)[:, :, None, None] * activation
 
 
-def iscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-          batch: torch.Tensor, targets: torch.Tensor, samples: int = 10,
-          batch_size: int = 32) -> torch.Tensor:
+def iscam(
+    activation: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batch: torch.Tensor,
+    targets: torch.Tensor,
+    samples: int = 10,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """IS-CAM (Naidu et al. 2020, "Integrated Score-CAM"), as torchcam defines it: Score-CAM whose
     weights are the target's logits averaged over ``samples`` masks scaled by the cumulative
     coefficients Σⱼ₌₁..ᵢ j/N (i = 1..N); costs samples × C masked forwards."""
@@ -66,20 +85,25 @@ def iscam(activation: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tens
         masks = _input_masks(activation, batch.shape[-2:])
         weights = []
         for image, image_masks, target in zip(batch, masks, targets.tolist()):
-            total = sum(_masked_scores(forward, image, coefficient * image_masks, target, batch_size)
-                        for coefficient in coefficients)
+            total = sum(
+                _masked_scores(forward, image, coefficient * image_masks, target, batch_size)
+                for coefficient in coefficients
+            )
             weights.append(torch.softmax(total / samples, dim=0))
         return torch.stack(weights)[:, :, None, None] * activation
 
 
 def _input_masks(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """torchcam's masks: each channel scaled to [0, 1] at the layer's resolution, then upsampled."""
-    return F.interpolate(scaled_per_map(activation), size=tuple(size), mode="bilinear",
-                         align_corners=False)
+    return F.interpolate(scaled_per_map(activation), size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _masked_scores(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                   masks: torch.Tensor, target: int, batch_size: int) -> torch.Tensor:
+def _masked_scores(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    target: int,
+    batch_size: int,
+) -> torch.Tensor:
     """The target's logits (C,) on ``image`` (3, H, W) times each of ``masks`` (C, H, W)."""
-    return torch.cat([forward(chunk[:, None] * image[None])[:, target].float()
-                      for chunk in masks.split(batch_size)])
+    return torch.cat([forward(chunk[:, None] * image[None])[:, target].float() for chunk in masks.split(batch_size)])

@@ -17,8 +17,13 @@ import torch
 from ..capture import attention_gradients, capture_activations, frozen_parameters
 from ..errors import MethodError
 from ..methods import Method
-from ..methods.attention import (raw_attention, rollout_by_depth, spatial_attention,
-                                 spatial_attention_grid, attention_received)
+from ..methods.attention import (
+    attention_received,
+    raw_attention,
+    rollout_by_depth,
+    spatial_attention,
+    spatial_attention_grid,
+)
 from ..plugins import SpatialAttention, TokenReadout, WindowedAttention
 from .base import PassOutput, PassRun, no_gradient, upsample
 from .registry import register_pass
@@ -42,10 +47,13 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
     # Gradients with respect to attention need a graph through the attention layers: with every
     # parameter frozen, an input that requires a gradient provides it.
     inputs = batch.detach().requires_grad_(needs_gradient)
-    with frozen_parameters(module), plugin.recording(module), \
-            plugin.capture_attention(module, names, captured), \
-            capture_activations(module, readout.blocks if readout else [], block_tokens), \
-            torch.set_grad_enabled(needs_gradient):
+    with (
+        frozen_parameters(module),
+        plugin.recording(module),
+        plugin.capture_attention(module, names, captured),
+        capture_activations(module, readout.blocks if readout else [], block_tokens),
+        torch.set_grad_enabled(needs_gradient),
+    ):
         logits, targets = run.score(run.forward(inputs))
         missing = [name for name in names if name not in captured]
         if missing:
@@ -58,8 +66,7 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
         gradients = layer_gradients = None
         if needs_gradient:
             if not logits.requires_grad:
-                raise MethodError(no_gradient("the attention layers", "--method rollout or attention "
-                                                                       "(gradient-free)"))
+                raise MethodError(no_gradient("the attention layers", "--method rollout or attention (gradient-free)"))
             if readout is not None:
                 layer_gradients = _layer_score_gradients(readout, block_tokens, probabilities, targets)
             if any(m.needs_gradient and m.name != "legrad" for m in methods):  # legrad has its own
@@ -71,26 +78,23 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
     else:
         grid = plugin.token_grid(module, size)
         if grid is None:
-            raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to "
-                              f"the image.")
+            raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to the image.")
         attentions = [attention.detach() for attention in attentions]
     maps, grids, depth_maps = {}, {}, {}
     for method in methods:
         try:
             if method.name == "rollout" and not windowed:  # one pass gives every depth, the last is the map
-                depth_maps[method.name] = rollout_by_depth(attentions, grid, options.head_fusion,
-                                                           options.discard_ratio)
+                depth_maps[method.name] = rollout_by_depth(attentions, grid, options.head_fusion, options.discard_ratio)
                 maps[method.name] = upsample(depth_maps[method.name][:, -1], size)
                 continue
             maps[method.name], grid_maps = _attention_map(
-                method, attentions, layer_gradients if method.name == "legrad" else gradients, grid,
-                options, size)
+                method, attentions, layer_gradients if method.name == "legrad" else gradients, grid, options, size
+            )
         except ValueError as error:  # the attention's shape does not suit the method
             raise MethodError(f"{method.name}: {error}.") from None
         if grid_maps is not None:
             grids[method.name] = grid_maps
-    return PassOutput(maps=maps, layers={name: [] for name in maps}, attention_grids=grids,
-                      depth_maps=depth_maps)
+    return PassOutput(maps=maps, layers={name: [] for name in maps}, attention_grids=grids, depth_maps=depth_maps)
 
 
 def _spatial_pass(run: PassRun, methods: list[Method], recorded: list[SpatialAttention]) -> PassOutput:
@@ -98,8 +102,9 @@ def _spatial_pass(run: PassRun, methods: list[Method], recorded: list[SpatialAtt
     the input and averages them (:func:`~attnexplain.methods.attention.spatial_attention`); a
     plugin's method of this family computes its map from the recorded layers itself."""
     if not all(isinstance(layer, SpatialAttention) for layer in recorded):
-        raise MethodError(f"Plugin {run.loaded.plugin.name} recorded spatial attention for some "
-                          f"layers and not for others.")
+        raise MethodError(
+            f"Plugin {run.loaded.plugin.name} recorded spatial attention for some layers and not for others."
+        )
     layers = [dataclasses.replace(layer, weights=layer.weights.detach()) for layer in recorded]
     maps, grids = {}, {}
     for method in methods:
@@ -122,17 +127,17 @@ def spatial_refusal(method: str) -> str | None:
     """Why ``method`` cannot use attention recorded per layer on its own grid, or None."""
     if method not in CHAINING_METHODS:
         return None
-    return (f"{method} chains attention between the same tokens from layer to layer; this model's "
-            f"attention is recorded per layer on its own grid (spatial attention), which does not "
-            f"chain. Use --method attention.")
+    return (
+        f"{method} chains attention between the same tokens from layer to layer; this model's "
+        f"attention is recorded per layer on its own grid (spatial attention), which does not "
+        f"chain. Use --method attention."
+    )
 
 
-def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, grid,
-                   options, size: tuple[int, int]):
+def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, grid, options, size: tuple[int, int]):
     """(B, H, W) map, and for raw attention the (B, layers, heads, h, w) grid kept for the report."""
     if method.name == "rollout":
-        return upsample(method.compute(attentions, grid, options.head_fusion,
-                                       options.discard_ratio), size), None
+        return upsample(method.compute(attentions, grid, options.head_fusion, options.discard_ratio), size), None
     if method.name == "chefer":
         return upsample(method.compute(attentions, gradients, grid), size), None
     if method.name == "legrad":
@@ -151,20 +156,28 @@ def token_readout(loaded: "LoadedModel") -> TokenReadout:
     """The plugin's :class:`TokenReadout` for legrad; refused with the alternative when it has none."""
     readout = loaded.plugin.token_readout(loaded.module)
     if readout is None:
-        raise MethodError(f"legrad reads each layer's prediction off its tokens; plugin "
-                          f"{loaded.plugin.name} does not say how for this "
-                          f"{type(loaded.module).__name__}. Use --method chefer.")
+        raise MethodError(
+            f"legrad reads each layer's prediction off its tokens; plugin "
+            f"{loaded.plugin.name} does not say how for this "
+            f"{type(loaded.module).__name__}. Use --method chefer."
+        )
     return readout
 
 
-def _layer_score_gradients(readout: TokenReadout, block_tokens: dict[str, torch.Tensor],
-                           probabilities: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
+def _layer_score_gradients(
+    readout: TokenReadout,
+    block_tokens: dict[str, torch.Tensor],
+    probabilities: list[torch.Tensor],
+    targets: torch.Tensor,
+) -> list[torch.Tensor]:
     """LeGrad's ∂sˡ/∂Aˡ: per layer, the gradient of the target's score read off that layer's tokens
     with respect to that layer's attention only (one backward each, down to that layer)."""
     missing = [name for name in readout.blocks if name not in block_tokens]
     if missing or len(readout.blocks) != len(probabilities):
-        raise MethodError(f"legrad: the plugin's blocks do not match its attention layers "
-                          f"({', '.join(missing) or len(readout.blocks)}).")
+        raise MethodError(
+            f"legrad: the plugin's blocks do not match its attention layers "
+            f"({', '.join(missing) or len(readout.blocks)})."
+        )
     gradients = []
     for block, attention in zip(readout.blocks, probabilities):
         layer_score = readout.scores(block_tokens[block]).gather(1, targets[:, None]).sum()

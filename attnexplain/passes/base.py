@@ -81,6 +81,8 @@ class PassOutput:
 
 
 def no_gradient(what: str, alternative: str) -> str:
-    return (f"The model's output carries no gradient back to {what}: its forward runs under "
-            f"torch.no_grad() or detaches its result, or {what} does not feed the output. "
-            f"Use {alternative}.")
+    return (
+        f"The model's output carries no gradient back to {what}: its forward runs under "
+        f"torch.no_grad() or detaches its result, or {what} does not feed the output. "
+        f"Use {alternative}."
+    )

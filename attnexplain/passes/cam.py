@@ -38,9 +38,12 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
     names = {m.name for m in methods}
     needs_gradient = any(m.needs_gradient for m in methods)
     extras: dict[str, list[torch.Tensor]] = {}
-    with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
-            torch.set_grad_enabled(needs_gradient), \
-            _twice_differentiable() if "shapleycam" in names else nullcontext():
+    with (
+        frozen_parameters(module),
+        capture_activations(module, layers, captured, _selector(loaded)),
+        torch.set_grad_enabled(needs_gradient),
+        _twice_differentiable() if "shapleycam" in names else nullcontext(),
+    ):
         logits, targets = run.score(run.forward(batch))
         missing = [name for name in layers if name not in captured]
         if missing:
@@ -51,12 +54,21 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
             # Images are independent, so the gradient of the sum is each image's own gradient.
             score = logits.gather(1, targets[:, None]).sum()
             if not score.requires_grad:
-                raise MethodError(no_gradient(f"layer {layers[0]!r}", "--method eigencam or scorecam "
-                                                                     "(gradient-free), or another --layer"))
+                raise MethodError(
+                    no_gradient(
+                        f"layer {layers[0]!r}", "--method eigencam or scorecam (gradient-free), or another --layer"
+                    )
+                )
             # Shapley-CAM differentiates the gradient again: keep its graph.
-            gradients = list(torch.autograd.grad(score, activations, allow_unused=True,
-                                                 retain_graph=bool(names & {"finercam", "shapleycam"}),
-                                                 create_graph="shapleycam" in names))
+            gradients = list(
+                torch.autograd.grad(
+                    score,
+                    activations,
+                    allow_unused=True,
+                    retain_graph=bool(names & {"finercam", "shapleycam"}),
+                    create_graph="shapleycam" in names,
+                )
+            )
             for name, gradient in zip(layers, gradients):
                 if gradient is None:
                     raise MethodError(f"The model's output does not depend on layer {name!r}.")
@@ -67,35 +79,43 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                 finer = finer_scores(logits, targets, options.finer_classes).sum()
                 extras["finercam"] = list(torch.autograd.grad(finer, activations))
     # Laid out once the capture hooks are off: finding a layout may run a shapes-only probe.
-    as_maps = [layer_map(loaded, name, activation, size, batch)
-               for name, activation in zip(layers, activations)]
+    as_maps = [layer_map(loaded, name, activation, size, batch) for name, activation in zip(layers, activations)]
     if "smoothgradcampp" in names:
         extras["smoothgradcampp"] = _noisy_gradients(run, targets)
     forward = scores_of(loaded, size)
     results = {}
     for method in methods:
         per_layer = []
-        for index, (name, activation, gradient, as_map) in enumerate(zip(layers, activations, gradients,
-                                                                         as_maps)):
+        per_layer_inputs = zip(layers, activations, gradients, as_maps)
+        for index, (name, activation, gradient, layer_as_map) in enumerate(per_layer_inputs):
             layer_output = activation.detach()
-            activation = as_map(layer_output)
-            gradient = None if gradient is None else as_map(gradient)
+            activation = layer_as_map(layer_output)
+            gradient = None if gradient is None else layer_as_map(gradient)
             if method.name in ("scorecam", "sscam", "iscam"):
-                settings = {"sscam": {"noise": options.mask_noise, "seed": NOISE_SEED},
-                            "iscam": {}}.get(method.name, {})
+                settings = {"sscam": {"noise": options.mask_noise, "seed": NOISE_SEED}, "iscam": {}}.get(
+                    method.name, {}
+                )
                 if method.name != "scorecam" and options.samples is not None:  # else its own default
                     settings["samples"] = options.samples
-                contributions = method.compute(activation, forward, batch, targets,
-                                               batch_size=options.batch_size, **settings)
+                contributions = method.compute(
+                    activation, forward, batch, targets, batch_size=options.batch_size, **settings
+                )
             elif method.name == "ablationcam":
                 clean = logits.detach().gather(1, targets[:, None])[:, 0]
-                contributions = method.compute(activation, layer_output, as_map,
-                                               _with_layer_output(loaded, name, size), batch, targets,
-                                               clean, options.batch_size)
+                contributions = method.compute(
+                    activation,
+                    layer_output,
+                    layer_as_map,
+                    _with_layer_output(loaded, name, size),
+                    batch,
+                    targets,
+                    clean,
+                    options.batch_size,
+                )
             elif method.name == "randomcam":
                 contributions = method.compute(activation, seed=NOISE_SEED)
             elif method.name in ("shapleycam", "finercam"):
-                extra = as_map(extras[method.name][index].detach())
+                extra = layer_as_map(extras[method.name][index].detach())
                 contributions = method.compute(activation, gradient, extra)
             elif method.name == "smoothgradcampp":
                 contributions = method.compute(activation, extras[method.name][index])
@@ -121,8 +141,9 @@ def _selector(loaded: "LoadedModel") -> Callable[[str, object], torch.Tensor | N
     return lambda name, output: loaded.plugin.select_output(loaded.module, name, output)
 
 
-def _with_layer_output(loaded: "LoadedModel", name: str,
-                       size: tuple[int, int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _with_layer_output(
+    loaded: "LoadedModel", name: str, size: tuple[int, int]
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model's (k, classes) scores on ``inputs`` with layer ``name``'s output replaced."""
     call = model_as_called(loaded, size)
 
@@ -144,8 +165,11 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
     per_sample: list[list[torch.Tensor]] = [[] for _ in layers]
     for copies in noisy:
         captured: dict[str, torch.Tensor] = {}
-        with frozen_parameters(module), capture_activations(module, layers, captured, _selector(loaded)), \
-                torch.enable_grad():
+        with (
+            frozen_parameters(module),
+            capture_activations(module, layers, captured, _selector(loaded)),
+            torch.enable_grad(),
+        ):
             logits = loaded.plugin.class_scores(module, run.forward(copies))[0]
             chosen = logits.gather(1, targets[:, None]).sum()
             outputs = [captured[name] for name in layers]
@@ -155,8 +179,9 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
     return [torch.stack(gradients) for gradients in per_sample]
 
 
-def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor, size: tuple[int, int],
-              batch: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def layer_map(
+    loaded: "LoadedModel", name: str, activation: torch.Tensor, size: tuple[int, int], batch: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The rearrangement that makes layer ``name``'s output a (B, C, H, W) map (the plugin's, for
     token sequences and channels-last layers), to apply alike to the output and its gradient. A 4-D
     output is read as the plugin or the evidence of the model's layers says
@@ -167,9 +192,11 @@ def layer_map(loaded: "LoadedModel", name: str, activation: torch.Tensor, size: 
     if loaded.plugin.layer_map(loaded.module, name, activation.detach(), size) is not None:
         return lambda tensor: loaded.plugin.layer_map(loaded.module, name, tensor, size)
     if activation.dim() != 4:
-        raise MethodError(f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
-                          f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
-                          f"say how to lay it out; choose one that `attnexplain layers` lists.")
+        raise MethodError(
+            f"Layer {name!r} outputs shape {tuple(activation.shape)}, not a (batch, "
+            f"channels, height, width) map, and plugin {loaded.plugin.name} does not "
+            f"say how to lay it out; choose one that `attnexplain layers` lists."
+        )
     # The plugin's word, the module's own definition or a reading that fits the input decide without
     # running the model again; else the probe's evidence (a probe's fake tensors can stay cached in
     # a model, a detector's anchors: it runs only where needed, never inside the capture hooks).

@@ -28,11 +28,15 @@ class ChannelGates:
         """Per block, for one image: its name, channel count, mean gate and most-gated channels."""
         summary = []
         for block, values in zip(self.blocks, self.values):
-            top_values, top_channels = most_gated(values[image_index:image_index + 1], shown)
-            summary.append({"block": block, "channels": int(values.shape[1]),
-                            "mean": float(values[image_index].mean()),
-                            "top": [{"channel": int(c), "gate": float(v)}
-                                    for c, v in zip(top_channels[0], top_values[0])]})
+            top_values, top_channels = most_gated(values[image_index : image_index + 1], shown)
+            summary.append(
+                {
+                    "block": block,
+                    "channels": int(values.shape[1]),
+                    "mean": float(values[image_index].mean()),
+                    "top": [{"channel": int(c), "gate": float(v)} for c, v in zip(top_channels[0], top_values[0])],
+                }
+            )
         return summary
 
 
@@ -59,5 +63,6 @@ def _gates_map(run: PassRun, method: Method, shown_maps: int = 8) -> tuple[torch
     _, channels = most_gated(gates, shown_maps)
     top_maps = torch.gather(inputs, 1, channels[:, :, None, None].expand(-1, -1, *inputs.shape[2:]))
     heatmap = upsample(method.compute(gates, inputs), run.size)
-    return heatmap, ChannelGates(blocks=names, values=[recorded[name][0] for name in names],
-                                 top_channels=channels, top_maps=top_maps)
+    return heatmap, ChannelGates(
+        blocks=names, values=[recorded[name][0] for name in names], top_channels=channels, top_maps=top_maps
+    )

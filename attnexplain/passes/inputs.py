@@ -34,11 +34,20 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
                 cam = cam_maps(run, [METHODS["gradcam"]])["gradcam"]
         with torch.enable_grad(), _gradient_needed(method.name):
             attribution = method.compute(
-                forward, batch, targets.tolist(), model=loaded.module, cam=cam,
-                baseline=baseline, steps=options.steps, noise=options.noise, window=options.window,
-                stride=options.stride, batch_size=options.batch_size,
+                forward,
+                batch,
+                targets.tolist(),
+                model=loaded.module,
+                cam=cam,
+                baseline=baseline,
+                steps=options.steps,
+                noise=options.noise,
+                window=options.window,
+                stride=options.stride,
+                batch_size=options.batch_size,
                 probabilities=probabilities_of(loaded, run.size),
-                **({} if options.samples is None else {"samples": options.samples}))
+                **({} if options.samples is None else {"samples": options.samples}),
+            )
         output.maps[method.name] = upsample(attribution.detach(), run.size)
         output.layers[method.name] = list(run.layers) if method.name == "guided_gradcam" else []
     return output
@@ -48,8 +57,10 @@ def _check_input_method(method: Method, batch: torch.Tensor, options: MethodOpti
     """Settings an input method cannot work with, refused with the reason before Captum fails."""
     height, width = batch.shape[-2:]
     if method.name == "occlusion" and options.window > min(height, width):
-        raise MethodError(f"The occlusion window ({options.window} pixels) is larger than the model's "
-                          f"input ({height}x{width}); use --window {min(height, width)} or less.")
+        raise MethodError(
+            f"The occlusion window ({options.window} pixels) is larger than the model's "
+            f"input ({height}x{width}); use --window {min(height, width)} or less."
+        )
 
 
 @contextmanager
@@ -60,5 +71,6 @@ def _gradient_needed(method: str) -> Iterator[None]:
     except RuntimeError as error:
         if "does not require grad" not in str(error):
             raise
-        raise MethodError(no_gradient("the input", f"a method other than {method} (e.g. occlusion, "
-                                                   f"which needs no gradient)")) from None
+        raise MethodError(
+            no_gradient("the input", f"a method other than {method} (e.g. occlusion, which needs no gradient)")
+        ) from None

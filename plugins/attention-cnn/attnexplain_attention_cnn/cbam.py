@@ -29,8 +29,7 @@ class ChannelGate(nn.Module):
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, channels))
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         pooled = self.mlp(features.mean(dim=(2, 3))) + self.mlp(features.amax(dim=(2, 3)))
@@ -64,8 +63,11 @@ class CBAM(nn.Module):
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class CBAMCNN(nn.Module):
@@ -81,8 +83,13 @@ class CBAMCNN(nn.Module):
         image_size: the input side the model was trained at (a preprocessing hint; any size runs).
     """
 
-    def __init__(self, num_classes: int = 1000, channels: Sequence[int] = (16, 32, 64, 96),
-                 reduction: int = 8, image_size: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        channels: Sequence[int] = (16, 32, 64, 96),
+        reduction: int = 8,
+        image_size: int = 128,
+    ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 2:
@@ -90,9 +97,22 @@ class CBAMCNN(nn.Module):
         self.image_size = int(image_size)
         stages: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(*_conv_bn_relu(3, channels[0], 2)))]
         for index, (before, after) in enumerate(zip(channels, channels[1:]), start=1):
-            stages.append((f"stage{index}", nn.Sequential(OrderedDict([
-                ("convs", nn.Sequential(*_conv_bn_relu(before, after, 2), *_conv_bn_relu(after, after))),
-                ("cbam", CBAM(after, reduction))]))))
+            stages.append(
+                (
+                    f"stage{index}",
+                    nn.Sequential(
+                        OrderedDict(
+                            [
+                                (
+                                    "convs",
+                                    nn.Sequential(*_conv_bn_relu(before, after, 2), *_conv_bn_relu(after, after)),
+                                ),
+                                ("cbam", CBAM(after, reduction)),
+                            ]
+                        )
+                    ),
+                )
+            )
         self.features = nn.Sequential(OrderedDict(stages))
         self.classifier = nn.Linear(channels[-1], num_classes)
 

@@ -25,8 +25,11 @@ from torch import nn
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class SoftAttentionPooling(nn.Module):
@@ -66,9 +69,15 @@ class AttentionPoolingCNN(nn.Module):
         image_size: the input side the model was trained at (a preprocessing hint; any size runs).
     """
 
-    def __init__(self, num_classes: int = 1000, channels: Sequence[int] = (32, 64, 128),
-                 convs_per_stage: int = 2, attention_dim: int = 64, dropout: float = 0.1,
-                 image_size: int = 128) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        channels: Sequence[int] = (32, 64, 128),
+        convs_per_stage: int = 2,
+        attention_dim: int = 64,
+        dropout: float = 0.1,
+        image_size: int = 128,
+    ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) < 1 or convs_per_stage < 1:
@@ -97,7 +106,10 @@ class AttentionPoolingCNN(nn.Module):
             if isinstance(module, nn.Conv2d):
                 height, width = (
                     (size + 2 * module.padding[k] - module.dilation[k] * (module.kernel_size[k] - 1) - 1)
-                    // module.stride[k] + 1 for k, size in enumerate((height, width)))
+                    // module.stride[k]
+                    + 1
+                    for k, size in enumerate((height, width))
+                )
         return height, width
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,9 +68,10 @@ class AttentionCNNPlugin(ModelPlugin):
     def catalog(self) -> list[CatalogEntry]:
         # 128: both models' default image_size (model.py imports torch, which a listing
         # must not pay for). No source_prefix: the name is what --arch and checkpoints use.
-        return [CatalogEntry("AttentionPoolingCNN", "classification", 128,
-                             lambda: _model_classes()[0]()),
-                CatalogEntry("CBAMCNN", "classification", 128, lambda: _cbam_class()())]
+        return [
+            CatalogEntry("AttentionPoolingCNN", "classification", 128, lambda: _model_classes()[0]()),
+            CatalogEntry("CBAMCNN", "classification", 128, lambda: _cbam_class()()),
+        ]
 
     def default_method(self, model: "nn.Module") -> str | None:
         # The model's own learned attention first, Grad-CAM on its last block beside it.
@@ -98,18 +99,30 @@ class AttentionCNNPlugin(ModelPlugin):
         :func:`attnexplain.methods.attention.spatial_attention`)."""
         from attnexplain.plugin_api import Method, spatial_attention
 
-        return [Method(name=CBAM_SPATIAL, family="attention", needs_gradient=False,
-                       summary=("CBAM's learned spatial attention σ(conv7×7([mean; max])) of every stage, "
-                                "each resized to the input, scaled to [0, 1] and averaged."),
-                       applies_to="CNNs with CBAM blocks whose plugin records them (attention-cnn's CBAMCNN)",
-                       cost="1 forward", paper="Woo et al. 2018, CBAM: Convolutional Block Attention Module",
-                       compute=spatial_attention, scale="share of each stage's features let through (any class)")]
+        return [
+            Method(
+                name=CBAM_SPATIAL,
+                family="attention",
+                needs_gradient=False,
+                summary=(
+                    "CBAM's learned spatial attention σ(conv7×7([mean; max])) of every stage, "
+                    "each resized to the input, scaled to [0, 1] and averaged."
+                ),
+                applies_to="CNNs with CBAM blocks whose plugin records them (attention-cnn's CBAMCNN)",
+                cost="1 forward",
+                paper="Woo et al. 2018, CBAM: Convolutional Block Attention Module",
+                compute=spatial_attention,
+                scale="share of each stage's features let through (any class)",
+            )
+        ]
 
     def refuse_method(self, model: "nn.Module", method: str) -> str | None:
         if method in ("rollout", "chefer", "legrad") and _cbam(model):
-            return ("CBAM's spatial attention is one map per stage on that stage's own grid, not "
-                    "attention between the same tokens from layer to layer, so it cannot be chained; "
-                    f"use --method {CBAM_SPATIAL}.")
+            return (
+                "CBAM's spatial attention is one map per stage on that stage's own grid, not "
+                "attention between the same tokens from layer to layer, so it cannot be chained; "
+                f"use --method {CBAM_SPATIAL}."
+            )
         if method == CBAM_SPATIAL and not _cbam(model):
             return f"this {type(model).__name__} has no CBAM blocks; use --method attention."
         return None
@@ -123,8 +136,7 @@ class AttentionCNNPlugin(ModelPlugin):
         return TokenGrid(prefix_tokens=0, height=height, width=width, query=0)
 
     @contextmanager
-    def capture_attention(self, model: "nn.Module", names: list[str],
-                          sink: dict[str, Any]) -> Iterator[None]:
+    def capture_attention(self, model: "nn.Module", names: list[str], sink: dict[str, Any]) -> Iterator[None]:
         """Record α of each named :class:`SoftAttentionPooling` as (batch, 1 head, 1 query, keys);
         for the CBAM model, each named stage's spatial attention Ms as a
         :class:`~attnexplain.plugins.SpatialAttention` on that stage's own grid.
@@ -146,8 +158,7 @@ class AttentionCNNPlugin(ModelPlugin):
 
         def record_spatial(name: str):
             def hook(module: "nn.Module", args: Any, output: "torch.Tensor") -> None:
-                sink[name] = SpatialAttention(weights=output[:, 0], height=output.shape[-2],
-                                              width=output.shape[-1])
+                sink[name] = SpatialAttention(weights=output[:, 0], height=output.shape[-2], width=output.shape[-1])
 
             return hook
 
@@ -162,9 +173,11 @@ class AttentionCNNPlugin(ModelPlugin):
                 elif isinstance(module, attention_class):
                     handle = module.register_forward_hook(record_alpha(name))
                 else:
-                    raise MethodError(f"Layer {name!r} is a {type(module).__name__}, not a "
-                                      f"SoftAttentionPooling or CBAM SpatialGate; plugin {self.name} "
-                                      f"cannot record it.")
+                    raise MethodError(
+                        f"Layer {name!r} is a {type(module).__name__}, not a "
+                        f"SoftAttentionPooling or CBAM SpatialGate; plugin {self.name} "
+                        f"cannot record it."
+                    )
                 stack.callback(handle.remove)
             yield
 

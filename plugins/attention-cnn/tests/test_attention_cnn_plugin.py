@@ -18,22 +18,24 @@ import torch
 
 os.environ.setdefault("ATTNEXPLAIN_OFFLINE", "1")  # nothing here may download
 
+from attnexplain_attention_cnn.model import AttentionPoolingCNN  # noqa: E402
+from attnexplain_attention_cnn.plugin import plugin as attention_plugin  # noqa: E402
+
 from attnexplain import explain  # noqa: E402
 from attnexplain.capture import attention_gradients  # noqa: E402
 from attnexplain.errors import MethodError  # noqa: E402
 from attnexplain.loading import load_model  # noqa: E402
 from attnexplain.plugins import ModelPlugin, discover_plugins, select_plugin  # noqa: E402
 from attnexplain.preprocess import Preprocessing, prepare  # noqa: E402
-from attnexplain_attention_cnn.model import AttentionPoolingCNN  # noqa: E402
-from attnexplain_attention_cnn.plugin import plugin as attention_plugin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 SAMPLES = REPO / "samples"
 SAMPLE_MODEL = SAMPLES / "models" / "attention-cnn-composites.pt"
 CAT_IMAGE = SAMPLES / "images" / "cat-on-grass.png"
 
-needs_samples = pytest.mark.skipif(not SAMPLE_MODEL.is_file(),
-                                   reason="run from the attnexplain repository, with its samples/")
+needs_samples = pytest.mark.skipif(
+    not SAMPLE_MODEL.is_file(), reason="run from the attnexplain repository, with its samples/"
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,7 @@ def _batch(pixels: np.ndarray, size: int = 128) -> torch.Tensor:
 
 
 # --- discovery and selection ------------------------------------------------------------------
+
 
 def test_discovered_through_its_entry_point_with_distribution_and_version():
     infos = {info.entry_point: info for info in discover_plugins()}
@@ -120,14 +123,14 @@ def test_interface_answers(random_model):
 
 def test_builder_takes_json_kwargs():
     builder = attention_plugin.builders()["AttentionPoolingCNN"]
-    model = builder(**json.loads('{"channels": [8, 16], "convs_per_stage": 1, "attention_dim": 4, '
-                                 '"num_classes": 3}'))
+    model = builder(**json.loads('{"channels": [8, 16], "convs_per_stage": 1, "attention_dim": 4, "num_classes": 3}'))
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
     assert model.feature_size((64, 64)) == (16, 16)
     assert model.last_block == "backbone.block1"
 
 
 # --- the recorded attention -------------------------------------------------------------------
+
 
 def test_capture_records_alpha_without_changing_the_output(random_model, picture):
     batch = torch.cat([_batch(picture), _batch(picture[:, ::-1].copy())])
@@ -188,11 +191,11 @@ def test_attention_method_returns_the_models_own_alpha(random_model, picture):
         _, alpha = random_model.forward_with_attention(batch)
     result = explanation.maps["attention"]
     assert result.attention_grid.shape == (1, 1, 16, 16)
-    np.testing.assert_allclose(result.attention_grid[0, 0], alpha[0].reshape(16, 16).numpy(),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(result.attention_grid[0, 0], alpha[0].reshape(16, 16).numpy(), rtol=1e-6, atol=1e-8)
     # The heatmap is that grid stretched (bilinearly) over the model's input.
-    stretched = torch.nn.functional.interpolate(alpha.reshape(1, 1, 16, 16), size=(128, 128),
-                                                mode="bilinear", align_corners=False)[0, 0]
+    stretched = torch.nn.functional.interpolate(
+        alpha.reshape(1, 1, 16, 16), size=(128, 128), mode="bilinear", align_corners=False
+    )[0, 0]
     np.testing.assert_allclose(result.heatmap, stretched.numpy(), rtol=1e-5, atol=1e-9)
 
 
@@ -209,11 +212,12 @@ def test_auto_gives_attention_and_gradcam(random_model, picture):
 
 @pytest.mark.parametrize("method", ["rollout", "chefer"])
 def test_self_attention_methods_refused(random_model, picture, method):
-    with pytest.raises(MethodError, match="1 query token\(s\) onto 256 keys"):
+    with pytest.raises(MethodError, match=r"1 query token\(s\) onto 256 keys"):
         explain(random_model, picture, method)
 
 
 # --- the shipped sample model -----------------------------------------------------------------
+
 
 @needs_samples
 def test_sample_checkpoint_loads_through_the_plugin(sample_model):
@@ -225,8 +229,7 @@ def test_sample_checkpoint_loads_through_the_plugin(sample_model):
     assert sample_model.preprocessing.source == "checkpoint"
     checkpoint = torch.load(SAMPLE_MODEL, weights_only=True)
     assert checkpoint["arch"] == "AttentionPoolingCNN"
-    assert all(v.dtype == torch.float16 for v in checkpoint["state_dict"].values()
-               if v.is_floating_point())
+    assert all(v.dtype == torch.float16 for v in checkpoint["state_dict"].values() if v.is_floating_point())
     assert checkpoint["metrics"]["test_accuracy"] >= 0.90
     assert SAMPLE_MODEL.stat().st_size <= 1.5e6
 
@@ -249,7 +252,7 @@ def test_sample_model_looks_at_the_object(sample_model):
     hits, chance = 0, 0.0
     for grid, mask in zip(alpha, masks):
         row, column = np.unravel_index(grid.argmax(), grid.shape)
-        cell = mask[row * 8:(row + 1) * 8, column * 8:(column + 1) * 8]  # 8 px per position
+        cell = mask[row * 8 : (row + 1) * 8, column * 8 : (column + 1) * 8]  # 8 px per position
         hits += bool(cell.mean() >= 0.5)  # the peak position is mostly object
         chance += mask.mean()
     assert hits / len(masks) >= 0.75, f"α peak on the object for {hits}/40 images"
@@ -262,8 +265,7 @@ def test_cli_run_writes_both_methods_and_the_attention_grid(tmp_path):
 
     from attnexplain.cli import main
 
-    result = CliRunner().invoke(main, ["run", str(SAMPLE_MODEL), str(CAT_IMAGE),
-                                       "--out", str(tmp_path), "--json"])
+    result = CliRunner().invoke(main, ["run", str(SAMPLE_MODEL), str(CAT_IMAGE), "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["methods"] == ["attention", "gradcam"]
@@ -299,8 +301,9 @@ def test_cli_rollout_fails_with_one_line(tmp_path, method):
 
     from attnexplain.cli import main
 
-    result = CliRunner().invoke(main, ["run", str(SAMPLE_MODEL), str(CAT_IMAGE), "--out",
-                                       str(tmp_path), "--method", method])
+    result = CliRunner().invoke(
+        main, ["run", str(SAMPLE_MODEL), str(CAT_IMAGE), "--out", str(tmp_path), "--method", method]
+    )
     assert result.exit_code != 0
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, result.output
@@ -327,9 +330,19 @@ def test_cli_forcing_this_plugin_on_another_model_falls_back(tmp_path):
 
     from attnexplain.cli import main
 
-    result = CliRunner().invoke(main, ["run", str(SAMPLES / "models" / "resnet-composites.pt"),
-                                       str(CAT_IMAGE), "--out", str(tmp_path), "--json",
-                                       "--plugin", "attention-cnn"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(SAMPLES / "models" / "resnet-composites.pt"),
+            str(CAT_IMAGE),
+            "--out",
+            str(tmp_path),
+            "--json",
+            "--plugin",
+            "attention-cnn",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["model"]["plugin"] == "attention-cnn"
@@ -344,8 +357,9 @@ def test_cli_plugin_override_changes_auto(tmp_path):
 
     from attnexplain.cli import main
 
-    result = CliRunner().invoke(main, ["run", str(SAMPLE_MODEL), str(CAT_IMAGE), "--out",
-                                       str(tmp_path), "--json", "--plugin", "torchvision"])
+    result = CliRunner().invoke(
+        main, ["run", str(SAMPLE_MODEL), str(CAT_IMAGE), "--out", str(tmp_path), "--json", "--plugin", "torchvision"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["model"]["plugin"] == "torchvision"

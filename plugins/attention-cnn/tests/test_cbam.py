@@ -17,15 +17,16 @@ import torch.nn.functional as F
 
 os.environ.setdefault("ATTNEXPLAIN_OFFLINE", "1")  # nothing here may download
 
+from attnexplain_attention_cnn.cbam import CBAMCNN  # noqa: E402
+from attnexplain_attention_cnn.model import AttentionPoolingCNN  # noqa: E402
+from attnexplain_attention_cnn.plugin import CBAM_SPATIAL  # noqa: E402
+from attnexplain_attention_cnn.plugin import plugin as attention_plugin  # noqa: E402
+
 from attnexplain import explain  # noqa: E402
 from attnexplain.errors import MethodError  # noqa: E402
 from attnexplain.loading import load_model  # noqa: E402
 from attnexplain.method_registry import find_method, plugin_methods  # noqa: E402
 from attnexplain.preprocess import Preprocessing, prepare  # noqa: E402
-from attnexplain_attention_cnn.cbam import CBAMCNN  # noqa: E402
-from attnexplain_attention_cnn.model import AttentionPoolingCNN  # noqa: E402
-from attnexplain_attention_cnn.plugin import CBAM_SPATIAL  # noqa: E402
-from attnexplain_attention_cnn.plugin import plugin as attention_plugin  # noqa: E402
 
 KWARGS = {"channels": [8, 16, 16, 24], "reduction": 4, "image_size": 64}
 
@@ -130,13 +131,21 @@ def test_cli_writes_cbam_spatial_beside_gradcam_with_its_own_wording(tmp_path, c
     from attnexplain.cli import main
 
     checkpoint = tmp_path / "cbam.pt"
-    torch.save({"arch": "CBAMCNN", "arch_kwargs": {**KWARGS, "num_classes": 4},
-                "state_dict": cbam_model.state_dict(), "labels": ["cat", "dog", "car", "cup"]}, checkpoint)
+    torch.save(
+        {
+            "arch": "CBAMCNN",
+            "arch_kwargs": {**KWARGS, "num_classes": 4},
+            "state_dict": cbam_model.state_dict(),
+            "labels": ["cat", "dog", "car", "cup"],
+        },
+        checkpoint,
+    )
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(photo)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(checkpoint), str(photo), "--method", f"{CBAM_SPATIAL},gradcam",
-                                       "--out", str(out), "--json"])
+    result = CliRunner().invoke(
+        main, ["run", str(checkpoint), str(photo), "--method", f"{CBAM_SPATIAL},gradcam", "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["methods"] == [CBAM_SPATIAL, "gradcam"]
@@ -150,8 +159,9 @@ def test_cli_writes_cbam_spatial_beside_gradcam_with_its_own_wording(tmp_path, c
     assert "CBAM: Convolutional Block Attention Module" in page
     assert "learned spatial attention" in page
 
-    refused = CliRunner().invoke(main, ["run", str(checkpoint), str(photo), "--method", "rollout",
-                                        "--out", str(tmp_path / "refused")])
+    refused = CliRunner().invoke(
+        main, ["run", str(checkpoint), str(photo), "--method", "rollout", "--out", str(tmp_path / "refused")]
+    )
     assert refused.exit_code != 0
     lines = refused.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: rollout: CBAM's spatial attention"), refused.output
@@ -171,8 +181,10 @@ def test_methods_command_lists_cbam_spatial_with_its_plugin():
 
 def test_builder_and_checkpoint_load_through_the_plugin(tmp_path, cbam_model):
     checkpoint = tmp_path / "cbam.pt"
-    torch.save({"arch": "CBAMCNN", "arch_kwargs": {**KWARGS, "num_classes": 4},
-                "state_dict": cbam_model.state_dict()}, checkpoint)
+    torch.save(
+        {"arch": "CBAMCNN", "arch_kwargs": {**KWARGS, "num_classes": 4}, "state_dict": cbam_model.state_dict()},
+        checkpoint,
+    )
     loaded = load_model(checkpoint)
     assert isinstance(loaded.module, CBAMCNN) and loaded.plugin.name == "attention-cnn"
     assert loaded.preprocessing.size == (64, 64)  # the plugin reads the model's image_size

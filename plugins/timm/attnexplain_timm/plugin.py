@@ -19,9 +19,22 @@ import math
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from attnexplain.plugin_api import (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP, CatalogEntry, MethodError,
-                                    ModelLoadError, ModelPlugin, NamedModel, Preprocessing, TokenGrid, TokenReadout,
-                                    WindowedAttention, normalize_size, vit_cam_block)
+from attnexplain.plugin_api import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    NOT_A_MAP,
+    CatalogEntry,
+    MethodError,
+    ModelLoadError,
+    ModelPlugin,
+    NamedModel,
+    Preprocessing,
+    TokenGrid,
+    TokenReadout,
+    WindowedAttention,
+    normalize_size,
+    vit_cam_block,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -48,8 +61,10 @@ def create(name: str, **kwargs: Any) -> "nn.Module":
 
     refused = [key for key in _REFUSED_KWARGS if key in kwargs]
     if refused:
-        raise ValueError(f"{', '.join(refused)} cannot be set here: attnexplain builds timm models "
-                         f"with random weights and loads the checkpoint's own weights into them")
+        raise ValueError(
+            f"{', '.join(refused)} cannot be set here: attnexplain builds timm models "
+            f"with random weights and loads the checkpoint's own weights into them"
+        )
     if _builds_vision_transformer(name):
         kwargs.setdefault("dynamic_img_size", True)
     return timm.create_model(name, pretrained=False, **kwargs)
@@ -75,8 +90,12 @@ def _is_timm_attention(module: Any) -> bool:
         return False
     from timm.layers import Attention
 
-    return (isinstance(module, Attention) and type(module).forward is Attention.forward
-            and hasattr(module, "attn_drop") and hasattr(module, "fused_attn"))
+    return (
+        isinstance(module, Attention)
+        and type(module).forward is Attention.forward
+        and hasattr(module, "attn_drop")
+        and hasattr(module, "fused_attn")
+    )
 
 
 def _vision_transformer(model: Any) -> bool:
@@ -116,11 +135,13 @@ def _unfused(module: Any) -> Iterator[None]:
 
 class TimmPlugin(ModelPlugin):
     name = "timm"
-    families = ("every timm model by name (timm:NAME) and as --arch timm:NAME",
-                "ViT, DeiT incl. distilled (attention rollout, chefer, attention)",
-                "Swin (window attention: rollout, chefer, attention)",
-                "ConvNeXt, ResNet and other timm CNNs (CAM family)",
-                "Swin, MaxViT, MambaOut and other channels-last models (CAM on their maps)")
+    families = (
+        "every timm model by name (timm:NAME) and as --arch timm:NAME",
+        "ViT, DeiT incl. distilled (attention rollout, chefer, attention)",
+        "Swin (window attention: rollout, chefer, attention)",
+        "ConvNeXt, ResNet and other timm CNNs (CAM family)",
+        "Swin, MaxViT, MambaOut and other channels-last models (CAM on their maps)",
+    )
     source_prefix = "timm"
 
     def specificity(self, model: Any) -> int | None:
@@ -172,14 +193,14 @@ class TimmPlugin(ModelPlugin):
                 f"from the Hugging Face Hub, which attnexplain never does. Use a local checkpoint "
                 f"instead: torch.save(model.state_dict(), 'model.pt') (or the hub's model.safetensors) "
                 f"and run `attnexplain run model.pt IMAGE --arch timm:{arch}`; or write timm:{name} "
-                f"for random weights.")
+                f"for random weights."
+            )
         try:
             module = create(name)
         except Exception as error:
             text = " ".join(str(error).split()) or type(error).__name__
             raise ModelLoadError(f"Building timm model {name} failed: {text}") from None
-        return NamedModel(module=module, architecture=name, weights=None,
-                          preprocessing=self.preprocessing(module))
+        return NamedModel(module=module, architecture=name, weights=None, preprocessing=self.preprocessing(module))
 
     def default_layer(self, model: Any) -> str | None:
         if _vit_attention_names(model):
@@ -242,9 +263,11 @@ class TimmPlugin(ModelPlugin):
         else:
             fixed = tuple(getattr(patch_embed, "img_size", None) or ())
             if fixed and getattr(patch_embed, "strict_img_size", False) and fixed != tuple(input_size):
-                raise MethodError(f"This timm ViT only accepts {fixed[0]}x{fixed[1]} inputs, not "
-                                  f"{input_size[0]}x{input_size[1]}: drop --size, or build it with "
-                                  f"dynamic_img_size=True.")
+                raise MethodError(
+                    f"This timm ViT only accepts {fixed[0]}x{fixed[1]} inputs, not "
+                    f"{input_size[0]}x{input_size[1]}: drop --size, or build it with "
+                    f"dynamic_img_size=True."
+                )
             grid = getattr(patch_embed, "grid_size", None)
             if grid is None:
                 patch = patch_embed.patch_size
@@ -252,8 +275,7 @@ class TimmPlugin(ModelPlugin):
             height, width = grid
         # _pos_embed concatenates [class token, (distillation token | register tokens), patches]:
         # num_prefix_tokens counts them all, and query 0 is the class token.
-        return TokenGrid(prefix_tokens=int(model.num_prefix_tokens), height=int(height),
-                         width=int(width), query=0)
+        return TokenGrid(prefix_tokens=int(model.num_prefix_tokens), height=int(height), width=int(width), query=0)
 
     def token_readout(self, model: Any) -> TokenReadout | None:
         names = _vit_attention_names(model)
@@ -264,8 +286,7 @@ class TimmPlugin(ModelPlugin):
         return TokenReadout(blocks, lambda tokens: model.head(model.fc_norm(model.norm(tokens.mean(dim=1)))))
 
     @contextmanager
-    def capture_attention(self, model: Any, names: list[str],
-                          sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
+    def capture_attention(self, model: Any, names: list[str], sink: dict[str, "torch.Tensor"]) -> Iterator[None]:
         modules = {}
         for name in names:
             try:
@@ -316,9 +337,14 @@ class TimmPlugin(ModelPlugin):
         interpolation = config.get("interpolation") or "bicubic"
         if interpolation not in _INTERPOLATIONS:
             interpolation = "bicubic"
-        return Preprocessing(size=size, resize=resize, mean=tuple(float(v) for v in config["mean"]),
-                             std=tuple(float(v) for v in config["std"]), interpolation=interpolation,
-                             source=source)
+        return Preprocessing(
+            size=size,
+            resize=resize,
+            mean=tuple(float(v) for v in config["mean"]),
+            std=tuple(float(v) for v in config["std"]),
+            interpolation=interpolation,
+            source=source,
+        )
 
 
 def _is_swin_attention(module: Any) -> bool:
@@ -327,8 +353,11 @@ def _is_swin_attention(module: Any) -> bool:
         return False
     from timm.models.swin_transformer import WindowAttention
 
-    return (isinstance(module, WindowAttention) and type(module).forward is WindowAttention.forward
-            and hasattr(module, "fused_attn"))
+    return (
+        isinstance(module, WindowAttention)
+        and type(module).forward is WindowAttention.forward
+        and hasattr(module, "fused_attn")
+    )
 
 
 def _swin_attention_names(model: Any) -> list[str]:
@@ -349,8 +378,7 @@ def _swin_attention_names(model: Any) -> list[str]:
     return names
 
 
-def _record_swin_window_attention(stack: ExitStack, model: Any, name: str, module: Any,
-                                  sink: dict[str, Any]) -> None:
+def _record_swin_window_attention(stack: ExitStack, model: Any, name: str, module: Any, sink: dict[str, Any]) -> None:
     """Record a :class:`WindowedAttention` for the Swin block whose attention is ``name``.
 
     The block (``SwinTransformerBlock._attn``) rolls its (B, H, W, C) map by minus its shift, pads it
@@ -391,15 +419,21 @@ def _record_swin_window_attention(stack: ExitStack, model: Any, name: str, modul
 #: (``attn_drop``, ``softmax``), the queries' and keys' norms, CaiT's talking-heads projections.
 _ATTENTION_INTERNALS = ("attn_drop", "softmax", "q_norm", "k_norm", "proj_l", "proj_w")
 #: timm's norms over the last dimension whose forward is their own (fast or fp32 paths).
-_LAST_DIMENSION_NORMS = ("LayerNorm", "LayerNormFp32", "LayerNormAct", "RmsNorm", "RmsNormFp32",
-                         "SimpleNorm", "SimpleNormFp32")
+_LAST_DIMENSION_NORMS = (
+    "LayerNorm",
+    "LayerNormFp32",
+    "LayerNormAct",
+    "RmsNorm",
+    "RmsNormFp32",
+    "SimpleNorm",
+    "SimpleNormFp32",
+)
 
 
 def _feature_modules(model: Any) -> set[str]:
     """The modules whose outputs timm hands out as features (``feature_info``), by name."""
     info = getattr(model, "feature_info", None) or []
-    return {entry["module"] for entry in info
-            if isinstance(entry, dict) and isinstance(entry.get("module"), str)}
+    return {entry["module"] for entry in info if isinstance(entry, dict) and isinstance(entry.get("module"), str)}
 
 
 def _fixed_input_size(model: Any) -> tuple[int, int] | None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
+from attnexplain_timm.plugin import create, plugin  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from attnexplain import explain  # noqa: E402
@@ -25,7 +26,6 @@ from attnexplain.loading import LoadedModel, load_model  # noqa: E402
 from attnexplain.methods import METHODS  # noqa: E402
 from attnexplain.plugins import discover_plugins, select_plugin  # noqa: E402
 from attnexplain.preprocess import prepare  # noqa: E402
-from attnexplain_timm.plugin import create, plugin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
@@ -33,9 +33,14 @@ IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
 
 def _loaded(model: torch.nn.Module) -> LoadedModel:
     model.eval()
-    return LoadedModel(module=model, source="<test>", loader="object",
-                       architecture=type(model).__name__, plugin=select_plugin(model),
-                       preprocessing=plugin.preprocessing(model))
+    return LoadedModel(
+        module=model,
+        source="<test>",
+        loader="object",
+        architecture=type(model).__name__,
+        plugin=select_plugin(model),
+        preprocessing=plugin.preprocessing(model),
+    )
 
 
 def _batch(model: torch.nn.Module, size: int) -> torch.Tensor:
@@ -53,6 +58,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 # --- an independent ViT forward: attention written out from the blocks' qkv weights ---------------
 
+
 def reference_forward(model, batch: torch.Tensor, block_outputs: list | None = None):
     """Every block's attention probabilities (B, heads, T, T), by hand, and the logits; with
     ``block_outputs``, each block's output is appended to it and the graph is kept (for gradients)."""
@@ -67,7 +73,7 @@ def reference_forward(model, batch: torch.Tensor, block_outputs: list | None = N
             qkv = h @ attn.qkv.weight.T + attn.qkv.bias
             qkv = qkv.reshape(batch_size, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]
-            probabilities = torch.softmax(q @ k.transpose(-2, -1) / attn.head_dim ** 0.5, dim=-1)
+            probabilities = torch.softmax(q @ k.transpose(-2, -1) / attn.head_dim**0.5, dim=-1)
             attentions.append(probabilities)
             mixed = (probabilities @ v).transpose(1, 2).reshape(batch_size, tokens, -1)
             x = x + block.ls1(mixed @ attn.proj.weight.T + attn.proj.bias)
@@ -105,6 +111,7 @@ def deit_distilled():
 
 # --- discovery and selection -------------------------------------------------------------------
 
+
 def test_discovered_through_its_entry_point():
     infos = {info.name: info for info in discover_plugins()}
     assert "timm" in infos, infos
@@ -134,6 +141,7 @@ def test_preprocessing_follows_pretrained_cfg(vit):
 
 # --- ViT / DeiT attention ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which,size,prefix", [("vit", 64, 1), ("deit_distilled", 48, 2)])
 def test_rollout_matches_a_hand_computed_reference(which, size, prefix, request):
     model = request.getfixturevalue(which)
@@ -153,8 +161,9 @@ def test_rollout_matches_a_hand_computed_reference(which, size, prefix, request)
 
     computed = compute_maps(_loaded(model), batch, [METHODS["rollout"]], [])
     expected = reference_rollout(reference, prefix, (grid.height, grid.width))
-    expected = F.interpolate(torch.from_numpy(expected)[:, None].float(), size=(size, size),
-                             mode="bilinear", align_corners=False)[:, 0].numpy()
+    expected = F.interpolate(
+        torch.from_numpy(expected)[:, None].float(), size=(size, size), mode="bilinear", align_corners=False
+    )[:, 0].numpy()
     heatmaps = computed.maps["rollout"].numpy()
     for image in range(batch.shape[0]):
         assert _pearson(heatmaps[image], expected[image]) >= 0.999
@@ -176,7 +185,7 @@ def test_legrad_matches_the_authors_formula(which, size, prefix, request):
         per_layer = []
         for block_tokens, attention in zip(tokens, attentions):
             score = model.head(model.fc_norm(model.norm(block_tokens.mean(dim=1))))[image, target]
-            gradient, = torch.autograd.grad(score, attention, retain_graph=True)
+            (gradient,) = torch.autograd.grad(score, attention, retain_graph=True)
             per_layer.append(gradient[image].clamp_min(0).mean(dim=(0, 1))[prefix:])
         grid = torch.stack(per_layer).mean(dim=0).reshape(1, 1, side, side)
         expected = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
@@ -259,8 +268,7 @@ def test_gradcam_on_vit_blocks_uses_the_token_grid(which, request):
 
     model.requires_grad_(True)
     try:
-        with GradCAM(model=model, target_layers=[model.get_submodule(layer)],
-                     reshape_transform=reshape) as cam:
+        with GradCAM(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
             preprocessing = plugin.preprocessing(model).with_overrides(size=64)  # timm's mean/std
             batch = prepare(load_image(IMAGE).pixels, preprocessing).tensor
             reference = cam(input_tensor=batch, targets=[ClassifierOutputTarget(result.target.index)])[0]
@@ -270,6 +278,7 @@ def test_gradcam_on_vit_blocks_uses_the_token_grid(which, request):
 
 
 # --- CNNs: Grad-CAM ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name,layer", [("convnext_atto", "stages.3"), ("resnet18", "layer4")])
 def test_gradcam_on_timm_cnns(name, layer):
@@ -282,6 +291,7 @@ def test_gradcam_on_timm_cnns(name, layer):
 
 
 # --- the command line ----------------------------------------------------------------------------
+
 
 def _run(*args: str):
     return CliRunner().invoke(main, ["run", *args], catch_exceptions=False)
@@ -306,18 +316,22 @@ def test_cli_loads_a_state_dict_with_arch(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "weights.pt"
     torch.save(create("test_vit", num_classes=3).state_dict(), weights)
-    result = _run(str(weights), str(IMAGE), "--arch", "timm:test_vit", "--size", "64",
-                  "--out", str(tmp_path / "out"), "--json")
+    result = _run(
+        str(weights), str(IMAGE), "--arch", "timm:test_vit", "--size", "64", "--out", str(tmp_path / "out"), "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(_stdout(result))
     assert report["model"]["architecture"] == "timm:test_vit" and report["model"]["plugin"] == "timm"
     assert report["method"] == "rollout" and {p["index"] for p in report["predictions"]} <= {0, 1, 2}
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("timm:vit_tiny_patch16_22", "Did you mean vit_tiny_patch16_224"),
-    ("timm:resnet50:a1_in1k", "--arch timm:resnet50.a1_in1k"),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("timm:vit_tiny_patch16_22", "Did you mean vit_tiny_patch16_224"),
+        ("timm:resnet50:a1_in1k", "--arch timm:resnet50.a1_in1k"),
+    ],
+)
 def test_cli_errors_are_one_line(spec, expected, tmp_path):
     result = _run(spec, str(IMAGE), "--out", str(tmp_path))
     assert result.exit_code != 0
@@ -329,7 +343,7 @@ def test_named_model_is_what_load_model_returns():
     loaded = load_model("timm:test_vit")
     assert (loaded.loader, loaded.architecture, loaded.plugin.name) == ("timm", "test_vit", "timm")
     assert loaded.preprocessing.size == (160, 160) and loaded.preprocessing.source == "timm pretrained_cfg"
-    assert getattr(loaded.module, "dynamic_img_size") is True
+    assert loaded.module.dynamic_img_size is True
 
 
 def test_arch_names_shared_with_torchvision_stay_torchvisions():
@@ -343,6 +357,7 @@ def test_arch_names_shared_with_torchvision_stay_torchvisions():
 
 
 # --- channels-last families: laid out, never read as (B, C, H, W) ----------------------------------
+
 
 def _axis_ratio(heatmap: np.ndarray) -> float:
     """How evenly a map's variation is spread over its two axes: the smaller of the variances of its
@@ -374,10 +389,12 @@ def _family_representatives() -> dict[str, str]:
 
 #: The channels-last families (and ConvNeXt, whose blocks work channels-last inside), at their own
 #: input size: Swin's stages, MaxViT's partition attention, MambaOut's stages are (B, H, W, C).
-FAST_FAMILIES = {"swin_transformer": ("swin_tiny_patch4_window7_224", "norm"),
-                 "convnext": ("convnext_atto", "stages.3"),
-                 "maxxvit": ("maxvit_pico_rw_256", "norm"),
-                 "mambaout": ("mambaout_femto", "stages")}
+FAST_FAMILIES = {
+    "swin_transformer": ("swin_tiny_patch4_window7_224", "norm"),
+    "convnext": ("convnext_atto", "stages.3"),
+    "maxxvit": ("maxvit_pico_rw_256", "norm"),
+    "mambaout": ("mambaout_femto", "stages"),
+}
 
 
 def _explained_without_stripes(name: str, **kwargs):
@@ -415,7 +432,6 @@ def test_swin_stages_are_laid_out_and_attention_is_no_cam_layer():
 @pytest.mark.parametrize("family", sorted(_family_representatives()))
 def test_every_timm_family_is_explained_without_stripes_or_refused_with_a_reason(family):
     from attnexplain.errors import AttnExplainError
-
     from attnexplain.render import flat_map
 
     name = _family_representatives()[family]

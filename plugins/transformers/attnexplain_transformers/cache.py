@@ -38,9 +38,11 @@ def cached_snapshot(repo_id: str) -> Path:
     repository = repository_folder(cache, repo_id)
     ref = repository / "refs" / "main"
     if not repository.is_dir() or not (ref.exists() or ref.is_symlink()):
-        raise ModelLoadError(f"hf:{repo_id} is not in the local Hugging Face cache ({cache}); "
-                             f"attnexplain never downloads. Fetch it first (hf download {repo_id}) "
-                             f"or save it with save_pretrained and pass the folder.")
+        raise ModelLoadError(
+            f"hf:{repo_id} is not in the local Hugging Face cache ({cache}); "
+            f"attnexplain never downloads. Fetch it first (hf download {repo_id}) "
+            f"or save it with save_pretrained and pass the folder."
+        )
     damaged = f"hf:{repo_id}: the local Hugging Face cache ({cache}) is damaged or tampered with:"
     problem = not_a_regular_file(ref)
     if problem is not None:  # checked before opening: a FIFO would block, a device never end
@@ -55,9 +57,11 @@ def cached_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"{damaged} {ref} does not hold a commit hash.")
     snapshot = repository / "snapshots" / commit
     if not snapshot.is_dir():
-        raise ModelLoadError(f"hf:{repo_id}: {ref} names commit {commit}, whose snapshot is not in "
-                             f"the local cache ({snapshot}); attnexplain never downloads. Fetch it "
-                             f"first (hf download {repo_id}).")
+        raise ModelLoadError(
+            f"hf:{repo_id}: {ref} names commit {commit}, whose snapshot is not in "
+            f"the local cache ({snapshot}); attnexplain never downloads. Fetch it "
+            f"first (hf download {repo_id})."
+        )
     _check_inside(snapshot, repository, damaged)
     return snapshot
 
@@ -70,8 +74,7 @@ def _check_inside(snapshot: Path, repository: Path, damaged: str) -> None:
         raise ModelLoadError(f"{damaged} the snapshot {snapshot} lies outside {root}.")
     for count, entry in enumerate(snapshot.iterdir()):
         if count >= MAX_SNAPSHOT_ENTRIES:
-            raise ModelLoadError(f"{damaged} the snapshot {snapshot} holds over "
-                                 f"{MAX_SNAPSHOT_ENTRIES:,} entries.")
+            raise ModelLoadError(f"{damaged} the snapshot {snapshot} holds over {MAX_SNAPSHOT_ENTRIES:,} entries.")
         try:
             target = entry.resolve(strict=False)
         except (OSError, RuntimeError):  # a link loop

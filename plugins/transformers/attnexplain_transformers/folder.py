@@ -47,10 +47,15 @@ PARAMETER_SLACK = 1.05
 #: sdpa, or eager where the model has no other; eager while recording), never the folder.
 CODE_SELECTING_KEYS = (
     # A Hub kernel's name ("kernels-community/flash-attn3") is downloaded and its code imported.
-    "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+    "attn_implementation",
+    "_attn_implementation",
+    "_attn_implementation_internal",
     "_attn_implementation_autoset",
-    "experts_implementation", "_experts_implementation", "_experts_implementation_internal",
-    "use_kernels", "kernel_config",  # Hub kernels replacing layers
+    "experts_implementation",
+    "_experts_implementation",
+    "_experts_implementation_internal",
+    "use_kernels",
+    "kernel_config",  # Hub kernels replacing layers
     "fusion_config",  # patches the model class's modules while loading
     "transformers_weights",  # another weights file than the one whose header is checked
     "configuration_files",  # another config file than the one checked
@@ -84,7 +89,7 @@ MAX_MLP_RATIO = 16
 MAX_PATCH_GRID = 256
 #: layers × hidden × (4·hidden + 2·MLP width), the parameters of the transformer blocks: ViT-22B's is
 #: 2.2·10¹⁰. A config beyond it describes no vision model that exists.
-MAX_PARAMETER_ESTIMATE = 10 ** 11
+MAX_PARAMETER_ESTIMATE = 10**11
 _TRUST_HINT = "If you trust where it came from, pass --trust-model (trust_model=True)."
 # A file name inside the folder, as an index of shards may name it: no folders, no "..".
 _PLAIN_NAME = re.compile(r"^[\w.-]+$")
@@ -120,8 +125,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise ModelLoadError(f"{what} {path} {problem}.")
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
-        raise ModelLoadError(f"{what} {path} is {size:,} bytes; a Hugging Face {what} is far smaller "
-                             f"(at most {MAX_JSON_BYTES:,} accepted).")
+        raise ModelLoadError(
+            f"{what} {path} is {size:,} bytes; a Hugging Face {what} is far smaller "
+            f"(at most {MAX_JSON_BYTES:,} accepted)."
+        )
     try:
         content = json.loads(path.read_bytes())
     except (ValueError, RecursionError) as error:
@@ -129,8 +136,9 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(content, dict):
         raise ModelLoadError(f"{what} {path} holds a JSON {type(content).__name__}, not an object.")
     if _nesting(content) > MAX_JSON_DEPTH:
-        raise ModelLoadError(f"{what} {path} nests values over {MAX_JSON_DEPTH} levels deep; a Hugging "
-                             f"Face {what} nests a few.")
+        raise ModelLoadError(
+            f"{what} {path} nests values over {MAX_JSON_DEPTH} levels deep; a Hugging Face {what} nests a few."
+        )
     _check_numbers(content, f"{what} {path}")
     return content
 
@@ -153,8 +161,10 @@ def _check_numbers(value: Any, where: str, key: str = "") -> None:
     if isinstance(value, bool):
         return
     if isinstance(value, int) and abs(value) > MAX_CONFIG_INT:
-        raise ModelLoadError(f"{where} asks for {key or 'a value'} = {value:,}; no vision model's "
-                             f"configuration holds a number above {MAX_CONFIG_INT:,}.")
+        raise ModelLoadError(
+            f"{where} asks for {key or 'a value'} = {value:,}; no vision model's "
+            f"configuration holds a number above {MAX_CONFIG_INT:,}."
+        )
     if isinstance(value, dict):
         for inner_key, inner in value.items():
             _check_numbers(inner, where, str(inner_key))
@@ -170,8 +180,11 @@ def _configurations(config: dict[str, Any], path: str = "") -> Iterator[tuple[st
     while pending:  # not recursive: a deeply nested file must not exhaust Python's stack
         prefix, holder = pending.pop()
         yield prefix, holder
-        pending.extend((f"{prefix}{key}.", value) for key, value in holder.items()
-                       if isinstance(value, dict) and key.endswith("_config"))
+        pending.extend(
+            (f"{prefix}{key}.", value)
+            for key, value in holder.items()
+            if isinstance(value, dict) and key.endswith("_config")
+        )
 
 
 def check_model_size(config: dict[str, Any], where: str) -> None:
@@ -182,31 +195,41 @@ def check_model_size(config: dict[str, Any], where: str) -> None:
         for field, limit in MODEL_LIMITS.items():
             value = holder.get(field)
             least = 0 if field == "num_register_tokens" else 1
-            for side in (value if isinstance(value, list) else [value]):
+            for side in value if isinstance(value, list) else [value]:
                 if value is not None and not (_whole(side) and least <= side <= limit):
                     refuse(field, value, f"a model file may ask for whole numbers from {least} to {limit:,}")
         depths = holder.get("depths")
-        if depths is not None and not (isinstance(depths, list) and all(_whole(d) and d >= 0 for d in depths)
-                                       and sum(depths) <= MAX_BLOCKS):
+        if depths is not None and not (
+            isinstance(depths, list) and all(_whole(d) and d >= 0 for d in depths) and sum(depths) <= MAX_BLOCKS
+        ):
             refuse("depths", depths, f"a model file may ask for at most {MAX_BLOCKS} blocks in all")
         ratio = holder.get("mlp_ratio")
-        if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
-                                      and 0 < ratio <= MAX_MLP_RATIO):
+        if ratio is not None and not (
+            isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= MAX_MLP_RATIO
+        ):
             refuse("mlp_ratio", ratio, f"a model file may ask for an MLP at most {MAX_MLP_RATIO}× as wide")
         image, patch = _sides(holder.get("image_size")), _sides(holder.get("patch_size"))
         if image and patch and any(-(-i // p) > MAX_PATCH_GRID for i, p in zip(image, patch)):
-            refuse("patch_size", holder["patch_size"], f"on image_size {shown(holder['image_size'])} "
-                   f"that is more than {MAX_PATCH_GRID} patches along a side")
+            refuse(
+                "patch_size",
+                holder["patch_size"],
+                f"on image_size {shown(holder['image_size'])} that is more than {MAX_PATCH_GRID} patches along a side",
+            )
         estimate = _parameter_estimate(holder)
         if estimate > MAX_PARAMETER_ESTIMATE:
-            refuse("num_hidden_layers", holder.get("num_hidden_layers", holder.get("depths")),
-                   f"with its widths (hidden_size, intermediate_size) that is about {estimate:.1e} "
-                   f"parameters, more than {MAX_PARAMETER_ESTIMATE:.0e}")
+            refuse(
+                "num_hidden_layers",
+                holder.get("num_hidden_layers", holder.get("depths")),
+                f"with its widths (hidden_size, intermediate_size) that is about {estimate:.1e} "
+                f"parameters, more than {MAX_PARAMETER_ESTIMATE:.0e}",
+            )
 
 
 def _refuse_size(where: str, prefix: str, field: str, value: Any, bound: str) -> None:
-    raise ModelLoadError(f"{where} asks for {prefix}{field} = {shown(value)}; {bound}, beyond every "
-                         f"public vision model, so the config is refused.")
+    raise ModelLoadError(
+        f"{where} asks for {prefix}{field} = {shown(value)}; {bound}, beyond every "
+        f"public vision model, so the config is refused."
+    )
 
 
 def _whole(value: Any) -> bool:
@@ -274,37 +297,43 @@ def check_config(config: dict[str, Any], folder: Path, trust_model: bool) -> boo
     if not isinstance(model_type, str) or not model_type:
         raise ModelLoadError(f"{folder / CONFIG} has no model_type string: not a transformers config.")
     architectures = config.get("architectures")
-    if architectures is not None and not (isinstance(architectures, list)
-                                          and all(isinstance(a, str) for a in architectures)):
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
         raise ModelLoadError(f"{folder / CONFIG}: architectures must be a list of class names.")
     custom = "auto_map" in config or bool(config.get("trust_remote_code"))
     if custom and not trust_model:
         raise UntrustedModelError(
             f"{folder} asks for custom modelling code (auto_map in config.json), which transformers "
-            f"would import and run from the folder, so it is refused. {_TRUST_HINT}")
+            f"would import and run from the folder, so it is refused. {_TRUST_HINT}"
+        )
     for holder in (config, config.get("vision_config")):
         size = holder.get("image_size") if isinstance(holder, dict) else None
         sides = size if isinstance(size, list) else [size]
-        if size is not None and not all(isinstance(s, int) and not isinstance(s, bool)
-                                        and 1 <= s <= FILE_MAX_SIZE for s in sides):
-            raise ModelLoadError(f"{folder / CONFIG} asks for image_size {size!r}; a model file may "
-                                 f"ask for whole sides between 1 and {FILE_MAX_SIZE} pixels.")
+        if size is not None and not all(
+            isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= FILE_MAX_SIZE for s in sides
+        ):
+            raise ModelLoadError(
+                f"{folder / CONFIG} asks for image_size {size!r}; a model file may "
+                f"ask for whole sides between 1 and {FILE_MAX_SIZE} pixels."
+            )
     labels = config.get("id2label")
-    if labels is not None and not (isinstance(labels, dict)
-                                   and all(isinstance(v, str) for v in labels.values())):
+    if labels is not None and not (isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())):
         raise ModelLoadError(f"{folder / CONFIG}: id2label must map class numbers to names.")
     quantized = _refused_key(config)
     if quantized is not None:
         raise ModelLoadError(
             f"{folder / CONFIG} holds {quantized}: a quantized model, which transformers would load "
             f"by importing and running a quantizer (bitsandbytes, optimum, ...); attnexplain explains "
-            f"float models. Load it, dequantize it and save it with save_pretrained first.")
+            f"float models. Load it, dequantize it and save it with save_pretrained first."
+        )
     model_args = config.get("model_args")
     if model_args:  # timm_wrapper: keyword arguments for timm.create_model, beyond every check here
         raise ModelLoadError(
             f"{folder / CONFIG} holds model_args {shown(model_args)}: arguments transformers passes to "
             f"timm.create_model as they are (a checkpoint_path read from anywhere, sizes no check "
-            f"here sees), so it is refused. A timm model loads through the timm plugin.")
+            f"here sees), so it is refused. A timm model loads through the timm plugin."
+        )
     check_model_size(config, str(folder / CONFIG))
     return custom
 
@@ -318,7 +347,8 @@ def safe_weights(folder: Path, trust_model: bool) -> bool:
             raise UntrustedModelError(
                 f"{folder} holds its weights only as pytorch_model.bin, a pickle: unpickling can run "
                 f"arbitrary code, so it is refused. {_TRUST_HINT} Or re-save it with "
-                f"save_pretrained(), which writes model.safetensors.")
+                f"save_pretrained(), which writes model.safetensors."
+            )
         return False
     raise ModelLoadError(f"{folder} has no weights file (model.safetensors or pytorch_model.bin).")
 
@@ -335,8 +365,7 @@ def stored_parameters(folder: Path) -> int:
         names = sorted(set(weight_map.values()))
         unsafe = [name for name in names if not _PLAIN_NAME.match(name) or name in (".", "..")]
         if unsafe:
-            raise ModelLoadError(f"{index} names shard {unsafe[0]!r}, which is not a file in the "
-                                 f"folder; refused.")
+            raise ModelLoadError(f"{index} names shard {unsafe[0]!r}, which is not a file in the folder; refused.")
         files = [folder / name for name in names]
     return sum(_header_numel(path) for path in files)
 
@@ -371,8 +400,10 @@ def _header_numel(path: Path) -> int:
     # No dtype stores a number in under half a byte: a header promising more is forged, and the
     # parameter check that trusts it would let a config allocate what the file does not hold.
     if total > 2 * (size - 8 - length):
-        raise ModelLoadError(f"{path} is not a safetensors file: its header describes {total:,} numbers "
-                             f"but the file holds {size - 8 - length:,} bytes of data.")
+        raise ModelLoadError(
+            f"{path} is not a safetensors file: its header describes {total:,} numbers "
+            f"but the file holds {size - 8 - length:,} bytes of data."
+        )
     return total
 
 
@@ -387,11 +418,15 @@ def classifier_class_name(config: dict[str, Any], folder: Path) -> str:
         if name in classifiers:
             return name
     if not classifiers:
-        raise ModelLoadError(f"{folder} holds a {model_type!r} model, which transformers has no "
-                             f"image classifier for; attnexplain explains image classifiers.")
+        raise ModelLoadError(
+            f"{folder} holds a {model_type!r} model, which transformers has no "
+            f"image classifier for; attnexplain explains image classifiers."
+        )
     if config.get("architectures"):
-        raise ModelLoadError(f"{folder} holds a {config['architectures'][0]}, not an image classifier "
-                             f"({' or '.join(classifiers)}): it has no class scores to explain.")
+        raise ModelLoadError(
+            f"{folder} holds a {config['architectures'][0]}, not an image classifier "
+            f"({' or '.join(classifiers)}): it has no class scores to explain."
+        )
     return classifiers[0]
 
 
@@ -428,8 +463,12 @@ def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]
         with transformers_quiet():
             if custom:  # trusted: the folder's own class, through its auto_map
                 model, info = transformers.AutoModelForImageClassification.from_pretrained(
-                    folder, local_files_only=True, use_safetensors=safe, trust_remote_code=True,
-                    output_loading_info=True)
+                    folder,
+                    local_files_only=True,
+                    use_safetensors=safe,
+                    trust_remote_code=True,
+                    output_loading_info=True,
+                )
                 ignored = []
             else:
                 model_class = getattr(transformers, classifier_class_name(config, folder))
@@ -443,19 +482,22 @@ def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]
                     if asked > held * PARAMETER_SLACK + 1024:
                         raise ModelLoadError(
                             f"{folder / CONFIG} describes a model of {asked:,} parameters but the "
-                            f"weights hold {held:,} numbers: the config is not the weights'.")
+                            f"weights hold {held:,} numbers: the config is not the weights'."
+                        )
                 model, info = model_class.from_pretrained(
-                    folder, config=hf_config, local_files_only=True, use_safetensors=safe,
-                    output_loading_info=True)
+                    folder, config=hf_config, local_files_only=True, use_safetensors=safe, output_loading_info=True
+                )
     except ModelLoadError:
         raise
     except Exception as error:
         text = " ".join(str(error).split())[:300] or type(error).__name__
         raise ModelLoadError(f"transformers could not load {folder}: {type(error).__name__}: {text}") from None
-    unfilled = list(info.get("missing_keys") or ()) + [str(k[0]) if isinstance(k, tuple) else str(k)
-                                                       for k in info.get("mismatched_keys") or ()]
+    unfilled = list(info.get("missing_keys") or ()) + [
+        str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or ()
+    ]
     if unfilled:
         shown_keys = ", ".join(sorted(unfilled)[:3]) + (f" and {len(unfilled) - 3} more" if len(unfilled) > 3 else "")
-        raise ModelLoadError(f"{folder}'s weights do not fill the model its config describes "
-                              f"(missing or misshapen: {shown_keys}).")
+        raise ModelLoadError(
+            f"{folder}'s weights do not fill the model its config describes (missing or misshapen: {shown_keys})."
+        )
     return model.eval(), ignored

@@ -22,8 +22,17 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from attnexplain.plugin_api import (MethodError, ModelLoadError, ModelPlugin, NamedModel, TokenGrid, TokenReadout,
-                                    WindowedAttention, shown, vit_cam_block)
+from attnexplain.plugin_api import (
+    MethodError,
+    ModelLoadError,
+    ModelPlugin,
+    NamedModel,
+    TokenGrid,
+    TokenReadout,
+    WindowedAttention,
+    shown,
+    vit_cam_block,
+)
 
 from .cache import cached_snapshot
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
@@ -91,11 +100,13 @@ def _attention_class(model: Any) -> type | None:
 
 class TransformersPlugin(ModelPlugin):
     name = "transformers"
-    families = ("Hugging Face image classifiers: save_pretrained folders and hf:ORG/NAME (local cache)",
-                "ViT, DeiT incl. distilled, BEiT, DINOv2 incl. registers, CLIP vision "
-                "(attention, rollout, chefer; Grad-CAM on blocks)",
-                "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
-                "ConvNeXt v1/v2, ResNet (CAM family)")
+    families = (
+        "Hugging Face image classifiers: save_pretrained folders and hf:ORG/NAME (local cache)",
+        "ViT, DeiT incl. distilled, BEiT, DINOv2 incl. registers, CLIP vision "
+        "(attention, rollout, chefer; Grad-CAM on blocks)",
+        "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
+        "ConvNeXt v1/v2, ResNet (CAM family)",
+    )
     source_prefix = "hf"
 
     # --- loading ----------------------------------------------------------------------------------
@@ -120,24 +131,33 @@ class TransformersPlugin(ModelPlugin):
                 f"{folder}: its {preprocessing.size[0]}×{preprocessing.size[1]} input in patches of "
                 f"{shown(_vision_config(module).patch_size)} makes {grid.height * grid.width:,} tokens, "
                 f"each attending to every other; a model folder may ask for at most "
-                f"{MAX_ATTENTION_TOKENS:,} (DINOv2 at 518 pixels has 1,369).")
+                f"{MAX_ATTENTION_TOKENS:,} (DINOv2 at 518 pixels has 1,369)."
+            )
         notes = [f"transformers {config.model_type} from {folder}"]
         if ignored:
-            notes.append(f"config.json's {', '.join(ignored)} ignored: a model folder does not choose the "
-                         f"code that runs (attention: transformers' default, eager while recording)")
-        return NamedModel(module=module, architecture=type(module).__name__, weights=str(folder),
-                          labels=self.labels(module), preprocessing=preprocessing,
-                          notes=tuple(notes), random_weights=False)
+            notes.append(
+                f"config.json's {', '.join(ignored)} ignored: a model folder does not choose the "
+                f"code that runs (attention: transformers' default, eager while recording)"
+            )
+        return NamedModel(
+            module=module,
+            architecture=type(module).__name__,
+            weights=str(folder),
+            labels=self.labels(module),
+            preprocessing=preprocessing,
+            notes=tuple(notes),
+            random_weights=False,
+        )
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
         if Path(name).is_dir():  # hf:C:\models\x, hf:./folder
             if not looks_saved_pretrained(Path(name)):
-                raise ModelLoadError(f"hf:{name} is a folder without what save_pretrained writes "
-                                     f"(config.json and model.safetensors).")
+                raise ModelLoadError(
+                    f"hf:{name} is a folder without what save_pretrained writes (config.json and model.safetensors)."
+                )
             return self.load_path(Path(name))
         if not _REPO_ID.match(name) or ".." in name:
-            raise ModelLoadError(f"hf:{name} is neither a folder nor a Hugging Face repository id "
-                                 f"(ORG/NAME).")
+            raise ModelLoadError(f"hf:{name} is neither a folder nor a Hugging Face repository id (ORG/NAME).")
         return self.load_path(cached_snapshot(name))
 
     def labels(self, model: Any) -> list[str] | None:
@@ -192,8 +212,9 @@ class TransformersPlugin(ModelPlugin):
     def _blocks(self, model: Any) -> list[str]:
         return [name.rpartition(".")[0] for name in self.attention_modules(model)]
 
-    def layer_map(self, model: Any, layer: str, output: "torch.Tensor",
-                  input_size: tuple[int, int]) -> "torch.Tensor | None":
+    def layer_map(
+        self, model: Any, layer: str, output: "torch.Tensor", input_size: tuple[int, int]
+    ) -> "torch.Tensor | None":
         if _model_type(model) in WINDOWED_ATTENTION:
             return _swin_layer_map(model, output, input_size)
         return super().layer_map(model, layer, output, input_size)
@@ -231,8 +252,7 @@ class TransformersPlugin(ModelPlugin):
         registers = getattr(embeddings, "register_tokens", None)
         if registers is not None:
             prefix += int(registers.shape[1])
-        return TokenGrid(prefix_tokens=prefix, height=input_size[0] // patch_h,
-                         width=input_size[1] // patch_w, query=0)
+        return TokenGrid(prefix_tokens=prefix, height=input_size[0] // patch_h, width=input_size[1] // patch_w, query=0)
 
     def token_readout(self, model: Any) -> TokenReadout | None:
         head = _head_on_pooled_tokens(model)
@@ -240,16 +260,17 @@ class TransformersPlugin(ModelPlugin):
         if not names:
             return None
         # Each attention module's parent is its block, whose output is the (B, tokens, C) sequence.
-        return TokenReadout([name.rpartition(".")[0] for name in names],
-                            lambda tokens: head(tokens.mean(dim=1)))
+        return TokenReadout([name.rpartition(".")[0] for name in names], lambda tokens: head(tokens.mean(dim=1)))
 
     def forward_kwargs(self, model: Any, input_size: tuple[int, int]) -> dict[str, Any]:
         if not _is_transformers(model) or _image_size(model) in (None, tuple(input_size)):
             return {}
         # Position embeddings resampled to the input's grid. CLIP's classifier passes the argument
         # on to its vision tower through **kwargs; DINOv2 always resamples and takes no argument.
-        if (_model_type(model) in INTERPOLATE_ON_REQUEST
-                or "interpolate_pos_encoding" in inspect.signature(model.forward).parameters):
+        if (
+            _model_type(model) in INTERPOLATE_ON_REQUEST
+            or "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        ):
             return {"interpolate_pos_encoding": True}
         return {}
 
@@ -268,26 +289,34 @@ class TransformersPlugin(ModelPlugin):
             model.set_attn_implementation(previous)
 
     @contextmanager
-    def capture_attention(self, model: Any, names: list[str],
-                          sink: dict[str, "torch.Tensor | WindowedAttention"]) -> Iterator[None]:
+    def capture_attention(
+        self, model: Any, names: list[str], sink: dict[str, "torch.Tensor | WindowedAttention"]
+    ) -> Iterator[None]:
         if _model_type(model) in WINDOWED_ATTENTION:
             with self.recording(model), _capture_swin_attention(model, names, sink):
                 yield
             return
         attention_class = _attention_class(model) or ()
-        modules = {name: module for name, module in model.named_modules()
-                   if name in names and isinstance(module, attention_class)}
+        modules = {
+            name: module
+            for name, module in model.named_modules()
+            if name in names and isinstance(module, attention_class)
+        }
         unknown = [name for name in names if name not in modules]
         if unknown:
-            raise MethodError(f"Layer {unknown[0]!r} is not an attention module whose probabilities "
-                              f"the transformers plugin records ({', '.join(self.attention_modules(model)) or 'none here'}).")
+            raise MethodError(
+                f"Layer {unknown[0]!r} is not an attention module whose probabilities "
+                f"the transformers plugin records ({', '.join(self.attention_modules(model)) or 'none here'})."
+            )
 
         def recorder(name: str):
             def hook(module: Any, args: Any, output: Any) -> None:
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is None:
-                    raise MethodError(f"Layer {name!r} returned no attention probabilities (its "
-                                      f"attention implementation is not eager).")
+                    raise MethodError(
+                        f"Layer {name!r} returned no attention probabilities (its "
+                        f"attention implementation is not eager)."
+                    )
                 sink[name] = weights  # what `@ v` multiplies: not a copy, not detached
 
             return hook
@@ -302,20 +331,24 @@ class TransformersPlugin(ModelPlugin):
 
     def refuse_method(self, model: Any, method: str) -> str | None:
         if _model_type(model) in WINDOWED_ATTENTION and method == "legrad":
-            return ("legrad reads each layer's tokens through the head, which Swin's patch merging "
-                    "between stages does not allow; use --method chefer or rollout.")
+            return (
+                "legrad reads each layer's tokens through the head, which Swin's patch merging "
+                "between stages does not allow; use --method chefer or rollout."
+            )
         return None
 
 
 def _swin_layers(model: Any) -> list[str]:
     """The shifted-window blocks (``SwinLayer``, ``Swinv2Layer``), input to output."""
-    return [name for name, module in model.named_modules()
-            if type(module).__name__ in SWIN_BLOCKS and hasattr(module, "attention")]
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__ in SWIN_BLOCKS and hasattr(module, "attention")
+    ]
 
 
 @contextmanager
-def _capture_swin_attention(model: Any, names: list[str],
-                            sink: dict[str, WindowedAttention]) -> Iterator[None]:
+def _capture_swin_attention(model: Any, names: list[str], sink: dict[str, WindowedAttention]) -> Iterator[None]:
     """Each block's softmax, with where every window token lies on the block's map.
 
     A block pads its (height, width) map at the bottom/right to whole windows, rolls it by
@@ -341,19 +374,21 @@ def _capture_swin_attention(model: Any, names: list[str],
         window, shift = int(layer.window_size), int(layer.shift_size)
         positions = shifted_window_positions(height, width, [window, window], [shift, shift])
         windows = positions.shape[0]
-        sink[name] = WindowedAttention(probabilities.reshape(-1, windows, *probabilities.shape[1:]),
-                                       positions.to(probabilities.device), height, width)
+        sink[name] = WindowedAttention(
+            probabilities.reshape(-1, windows, *probabilities.shape[1:]),
+            positions.to(probabilities.device),
+            height,
+            width,
+        )
 
     blocks = set(_swin_layers(model))
-    unknown = [name for name in names if name.rpartition(".")[0] not in blocks
-               or not name.endswith(".attention")]
+    unknown = [name for name in names if name.rpartition(".")[0] not in blocks or not name.endswith(".attention")]
     if unknown:
         raise MethodError(f"Layer {unknown[0]!r} is not the attention of a Swin block.")
     with ExitStack() as stack:
         for name in names:
             block = name.rpartition(".")[0]
-            handle = model.get_submodule(block).register_forward_pre_hook(keep_dimensions(block),
-                                                                          with_kwargs=True)
+            handle = model.get_submodule(block).register_forward_pre_hook(keep_dimensions(block), with_kwargs=True)
             stack.callback(handle.remove)
         stack.enter_context(capture_softmax(model, names, record))
         yield

@@ -43,8 +43,10 @@ def _translate(settings: dict[str, Any], source: str) -> Preprocessing:
     if processor.endswith("Pil"):
         notes.append("PIL resizing approximated by torchvision's")
     if not settings.get("do_resize", True):
-        raise ValueError("do_resize is false: the processor expects photos already at the model's "
-                         "size, which attnexplain cannot assume")
+        raise ValueError(
+            "do_resize is false: the processor expects photos already at the model's "
+            "size, which attnexplain cannot assume"
+        )
     if "shortest_edge" in size:
         shortest = size["shortest_edge"]
         if processor.startswith("ConvNext"):
@@ -52,8 +54,10 @@ def _translate(settings: dict[str, Any], source: str) -> Preprocessing:
                 crop_pct = float(settings.get("crop_pct", 224 / 256))
                 # Bounded below too: crop_pct 1e-9 would resize the shorter side to 224·10⁹ pixels.
                 if not shortest / FILE_MAX_SIZE <= crop_pct <= 1:
-                    raise ValueError(f"crop_pct must be in [{shortest / FILE_MAX_SIZE:.3g}, 1] (a resize "
-                                     f"to at most {FILE_MAX_SIZE} pixels), got {crop_pct}")
+                    raise ValueError(
+                        f"crop_pct must be in [{shortest / FILE_MAX_SIZE:.3g}, 1] (a resize "
+                        f"to at most {FILE_MAX_SIZE} pixels), got {crop_pct}"
+                    )
                 resize, final = int(shortest / crop_pct), (shortest, shortest)
             else:
                 final = (shortest, shortest)  # stretched to a square: attnexplain's resize=None
@@ -85,9 +89,17 @@ def _translate(settings: dict[str, Any], source: str) -> Preprocessing:
     mean, std = _normalisation(settings)
     if notes:
         source = f"{source} ({'; '.join(notes)})"
-    return Preprocessing(size=normalize_size(final, FILE_MAX_SIZE), resize=resize,
-                         resize_to=resize_to, mean=mean, std=std, interpolation=interpolation,
-                         resize_v2=True, crop_rounds_down=True, source=source)
+    return Preprocessing(
+        size=normalize_size(final, FILE_MAX_SIZE),
+        resize=resize,
+        resize_to=resize_to,
+        mean=mean,
+        std=std,
+        interpolation=interpolation,
+        resize_v2=True,
+        crop_rounds_down=True,
+        source=source,
+    )
 
 
 def _exact_size(value: Any, what: str) -> tuple[int, int]:
@@ -101,16 +113,17 @@ def _size_dict(value: Any, what: str) -> dict[str, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = {"height": value, "width": value}
     if not isinstance(value, dict) or not value:
-        raise ValueError(f"{what} must be an object such as {{\"height\": 224, \"width\": 224}}, "
-                         f"got {value!r}")
+        raise ValueError(f'{what} must be an object such as {{"height": 224, "width": 224}}, got {value!r}')
     known = {key: side for key, side in value.items() if key in ("height", "width", "shortest_edge")}
     for key, side in known.items():
         if isinstance(side, bool) or not isinstance(side, int) or not 8 <= side <= FILE_MAX_SIZE:
-            raise ValueError(f"{what}.{key} must be a whole number of pixels between 8 and "
-                             f"{FILE_MAX_SIZE}, got {side!r}")
+            raise ValueError(
+                f"{what}.{key} must be a whole number of pixels between 8 and {FILE_MAX_SIZE}, got {side!r}"
+            )
     if "longest_edge" in value or "max_height" in value:
-        raise ValueError(f"{what} {value!r} bounds the longest side, which attnexplain's fixed-size "
-                         f"input does not reproduce")
+        raise ValueError(
+            f"{what} {value!r} bounds the longest side, which attnexplain's fixed-size input does not reproduce"
+        )
     return known
 
 
@@ -159,5 +172,7 @@ def family_default(model_type: str, image_size: int | None) -> Preprocessing | N
         return preprocessing
     from dataclasses import replace
 
-    return replace(preprocessing.with_overrides(size=image_size), source=preprocessing.source +
-                   f" at the config's image_size {image_size}")
+    return replace(
+        preprocessing.with_overrides(size=image_size),
+        source=preprocessing.source + f" at the config's image_size {image_size}",
+    )

@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from attnexplain_transformers.plugin import plugin  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -23,13 +24,20 @@ from attnexplain.errors import MethodError, ModelLoadError, UntrustedModelError 
 from attnexplain.methods.attention import gradient_rollout, rollout  # noqa: E402
 from attnexplain.plugins import discover_plugins, select_plugin  # noqa: E402
 from attnexplain.preprocess import prepare  # noqa: E402
-from attnexplain_transformers.plugin import plugin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
 LABELS = {0: "tabby", 1: "rocket", 2: "mug"}
-VIT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                patch_size=8, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+VIT_LIKE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    num_labels=3,
+    id2label=LABELS,
+    label2id={v: k for k, v in LABELS.items()},
+)
 
 
 def _config(family: str):
@@ -39,34 +47,46 @@ def _config(family: str):
     if family == "deit":
         return t.DeiTConfig(intermediate_size=64, **VIT_LIKE), t.DeiTForImageClassificationWithTeacher
     if family == "beit":
-        return (t.BeitConfig(intermediate_size=64, use_relative_position_bias=True, **VIT_LIKE),
-                t.BeitForImageClassification)
+        return (
+            t.BeitConfig(intermediate_size=64, use_relative_position_bias=True, **VIT_LIKE),
+            t.BeitForImageClassification,
+        )
     if family == "dinov2":
         return t.Dinov2Config(mlp_ratio=2, **VIT_LIKE), t.Dinov2ForImageClassification
     if family == "dinov2_registers":
-        return (t.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **VIT_LIKE),
-                t.Dinov2WithRegistersForImageClassification)
+        return (
+            t.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **VIT_LIKE),
+            t.Dinov2WithRegistersForImageClassification,
+        )
     if family == "clip":
         vision = dict(VIT_LIKE, intermediate_size=64)
         for key in ("num_labels", "id2label", "label2id"):
             vision.pop(key)
-        return (t.CLIPConfig(vision_config=vision, num_labels=3, id2label=LABELS,
-                             text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                              intermediate_size=64)),
-                t.CLIPForImageClassification)
+        return (
+            t.CLIPConfig(
+                vision_config=vision,
+                num_labels=3,
+                id2label=LABELS,
+                text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+            ),
+            t.CLIPForImageClassification,
+        )
     small = dict(num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     if family in ("swin", "swinv2"):
         config = t.SwinConfig if family == "swin" else t.Swinv2Config
         model = t.SwinForImageClassification if family == "swin" else t.Swinv2ForImageClassification
-        return config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                      window_size=4, **small), model
+        return config(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, **small
+        ), model
     if family in ("convnext", "convnextv2"):
         config = t.ConvNextConfig if family == "convnext" else t.ConvNextV2Config
         model = t.ConvNextForImageClassification if family == "convnext" else t.ConvNextV2ForImageClassification
         return config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, **small), model
     if family == "resnet":
-        return (t.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **small),
-                t.ResNetForImageClassification)
+        return (
+            t.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **small),
+            t.ResNetForImageClassification,
+        )
     raise AssertionError(family)
 
 
@@ -112,16 +132,20 @@ def _pixels(seed: int, height: int, width: int) -> torch.Tensor:
 
 # --- discovery ----------------------------------------------------------------------------------
 
+
 def test_discovered_cheaply_through_its_entry_point():
     import subprocess
     import sys
 
     infos = {info.name: info for info in discover_plugins()}
     assert infos["transformers"].error is None and infos["transformers"].distribution == "attnexplain-transformers"
-    code = ("import sys, attnexplain_transformers, attnexplain_transformers.plugin;"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "[]"
+    code = (
+        "import sys, attnexplain_transformers, attnexplain_transformers.plugin;"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_selected_for_transformers_models_only(folders):
@@ -130,6 +154,7 @@ def test_selected_for_transformers_models_only(folders):
 
 
 # --- loading -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ALL)
 def test_loads_a_save_pretrained_folder(family, folders):
@@ -158,8 +183,9 @@ def test_claims_only_folders_save_pretrained_writes(tmp_path, folders):
 
 
 def test_placeholder_labels_are_no_labels():
-    config = transformers.ViTConfig(intermediate_size=64, **{k: v for k, v in VIT_LIKE.items()
-                                                             if k not in ("id2label", "label2id")})
+    config = transformers.ViTConfig(
+        intermediate_size=64, **{k: v for k, v in VIT_LIKE.items() if k not in ("id2label", "label2id")}
+    )
     assert plugin.labels(transformers.ViTForImageClassification(config)) is None  # LABEL_0 ...
 
 
@@ -176,17 +202,23 @@ def _edit_config(folder: Path, **changes) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("change,error,text", [
-    (dict(auto_map={"AutoModelForImageClassification": "evil.EvilModel"}), UntrustedModelError,
-     "custom modelling code"),
-    (dict(trust_remote_code=True), UntrustedModelError, "custom modelling code"),
-    (dict(hidden_size=8 * 1024), ModelLoadError, "parameters but the weights hold"),
-    (dict(hidden_size=10 ** 9), ModelLoadError, "no vision model's configuration"),
-    (dict(image_size=100000), ModelLoadError, "image_size"),
-    (dict(model_type=["vit"]), ModelLoadError, "no model_type string"),
-    (dict(architectures=["ViTModel"]), ModelLoadError, "not an image classifier"),
-    (dict(id2label=[1, 2]), ModelLoadError, "id2label must map"),
-])
+@pytest.mark.parametrize(
+    "change,error,text",
+    [
+        (
+            dict(auto_map={"AutoModelForImageClassification": "evil.EvilModel"}),
+            UntrustedModelError,
+            "custom modelling code",
+        ),
+        (dict(trust_remote_code=True), UntrustedModelError, "custom modelling code"),
+        (dict(hidden_size=8 * 1024), ModelLoadError, "parameters but the weights hold"),
+        (dict(hidden_size=10**9), ModelLoadError, "no vision model's configuration"),
+        (dict(image_size=100000), ModelLoadError, "image_size"),
+        (dict(model_type=["vit"]), ModelLoadError, "no model_type string"),
+        (dict(architectures=["ViTModel"]), ModelLoadError, "not an image classifier"),
+        (dict(id2label=[1, 2]), ModelLoadError, "id2label must map"),
+    ],
+)
 def test_hostile_configs_are_refused_in_one_line(change, error, text, folders, tmp_path):
     folder = _copy(folders["vit"][0], tmp_path / "hostile")
     _edit_config(folder, **change)
@@ -210,13 +242,14 @@ def test_hostile_files_are_refused(folders, tmp_path):
     with pytest.raises(ModelLoadError, match="nests values over 32 levels deep"):
         plugin.load_path(folder)
     folder = _copy(folders["vit"][0], tmp_path / "broken-header")
-    (folder / "model.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
+    (folder / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(ModelLoadError, match="not a safetensors file"):
         plugin.load_path(folder)
     folder = _copy(folders["vit"][0], tmp_path / "sharded")
     (folder / "model.safetensors").rename(tmp_path / "outside.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"classifier.weight": "../outside.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"classifier.weight": "../outside.safetensors"}})
+    )
     assert plugin.claims_path(folder)
     with pytest.raises(ModelLoadError, match="not a file in the folder"):
         plugin.load_path(folder)
@@ -253,8 +286,7 @@ def test_hf_names_load_from_the_local_cache_only(folders, tmp_path, monkeypatch)
     assert named.labels == ["tabby", "rocket", "mug"] and named.random_weights is False
     # The whole rest is the name: a Windows-style path keeps its second ":"; a folder loads.
     assert plugin.split_spec(r"C:\models\x") == (r"C:\models\x", None)
-    assert plugin.load_named(str(folders["deit"][0]), None).architecture == \
-        "DeiTForImageClassificationWithTeacher"
+    assert plugin.load_named(str(folders["deit"][0]), None).architecture == "DeiTForImageClassificationWithTeacher"
     with pytest.raises(ModelLoadError, match="without what save_pretrained writes"):
         plugin.load_named(str(tmp_path), None)
     with pytest.raises(ModelLoadError, match="neither a folder nor"):
@@ -304,14 +336,17 @@ def _outside_model(folders, tmp_path) -> Path:
     return _copy(folders["deit"][0], tmp_path / "x")
 
 
-@pytest.mark.parametrize("tamper,text", [
-    ("fifo", "is a FIFO"),
-    ("dev-zero", "is a device"),
-    ("climbs-out", "does not hold a commit hash"),
-    ("huge", "does not hold a commit hash"),
-    ("snapshot-link-out", "lies outside"),
-    ("file-link-out", "links outside"),
-])
+@pytest.mark.parametrize(
+    "tamper,text",
+    [
+        ("fifo", "is a FIFO"),
+        ("dev-zero", "is a device"),
+        ("climbs-out", "does not hold a commit hash"),
+        ("huge", "does not hold a commit hash"),
+        ("snapshot-link-out", "lies outside"),
+        ("file-link-out", "links outside"),
+    ],
+)
 def test_a_tampered_cache_ref_is_refused_in_one_line(tamper, text, folders, tmp_path, monkeypatch):
     """refs/main is read as an untrusted file (a FIFO would block, /dev/zero never end) and the
     snapshot it names, and every file in it, must lie in the repository's cache folder."""
@@ -355,9 +390,14 @@ def test_a_cache_ref_to_a_missing_snapshot_says_so(folders, tmp_path, monkeypatc
 
 
 FIELD_LIMITS = [  # (field, the limit, a value a real model has beside it)
-    ("num_hidden_layers", 128, 48), ("hidden_size", 16384, 6144), ("intermediate_size", 65536, 24576),
-    ("num_attention_heads", 256, 48), ("patch_size", 1024, 14), ("window_size", 64, 24),
-    ("num_register_tokens", 256, 4), ("embed_dim", 16384, 512),
+    ("num_hidden_layers", 128, 48),
+    ("hidden_size", 16384, 6144),
+    ("intermediate_size", 65536, 24576),
+    ("num_attention_heads", 256, 48),
+    ("patch_size", 1024, 14),
+    ("window_size", 64, 24),
+    ("num_register_tokens", 256, 4),
+    ("embed_dim", 16384, 512),
 ]
 
 
@@ -368,8 +408,7 @@ def test_config_sizes_are_bounded_at_a_limit_no_real_model_reaches(field, limit,
 
     def config(value):
         # Few layers of width 8, so that only the field under test can be over its limit.
-        holder = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 8, "image_size": 1024,
-                  field: value}
+        holder = {"num_hidden_layers": 2, "hidden_size": 8, "intermediate_size": 8, "image_size": 1024, field: value}
         return {"model_type": "clip", "vision_config": holder} if nested else dict(holder, model_type="vit")
 
     check_model_size(config(real), "config.json")
@@ -384,12 +423,22 @@ def test_config_sizes_are_bounded_at_a_limit_no_real_model_reaches(field, limit,
 def test_config_sizes_bound_blocks_stages_grid_and_their_product():
     from attnexplain_transformers.folder import check_model_size
 
-    swin = {"model_type": "swin", "image_size": 640, "patch_size": 4, "embed_dim": 512,
-            "depths": [2, 2, 42, 4], "num_heads": [16, 32, 64, 128], "window_size": 40}
+    swin = {
+        "model_type": "swin",
+        "image_size": 640,
+        "patch_size": 4,
+        "embed_dim": 512,
+        "depths": [2, 2, 42, 4],
+        "num_heads": [16, 32, 64, 128],
+        "window_size": 40,
+    }
     check_model_size(swin, "config.json")  # SwinV2-G's size
-    for change, field in [(dict(depths=[2, 2, 122, 4]), "depths"), (dict(num_heads=[16, 32, 64, 257]), "num_heads"),
-                          (dict(image_size=[1024, 1024], patch_size=[4, 3]), "patch_size"),
-                          (dict(hidden_sizes=[96, 10 ** 5]), "hidden_sizes")]:
+    for change, field in [
+        (dict(depths=[2, 2, 122, 4]), "depths"),
+        (dict(num_heads=[16, 32, 64, 257]), "num_heads"),
+        (dict(image_size=[1024, 1024], patch_size=[4, 3]), "patch_size"),
+        (dict(hidden_sizes=[96, 10**5]), "hidden_sizes"),
+    ]:
         with pytest.raises(ModelLoadError, match=f"asks for {field} = "):
             check_model_size(dict(swin, **change), "config.json")
     vit_22b = {"model_type": "vit", "num_hidden_layers": 48, "hidden_size": 6144, "intermediate_size": 24576}
@@ -408,8 +457,9 @@ def test_a_config_of_thousands_of_layers_is_refused_before_building(folders, tmp
     folder = _copy(folders["vit"][0], tmp_path / "deep")
     _edit_config(folder, num_hidden_layers=2000)
     started = time.monotonic()
-    with pytest.raises(ModelLoadError, match="num_hidden_layers = 2000; a model file may ask for whole "
-                                             "numbers from 1 to 128"):
+    with pytest.raises(
+        ModelLoadError, match="num_hidden_layers = 2000; a model file may ask for whole numbers from 1 to 128"
+    ):
         plugin.load_path(folder)
     assert time.monotonic() - started < 5
     _edit_config(folder, num_hidden_layers=128)  # at the limit: built, then found not to be the weights'
@@ -421,7 +471,7 @@ def test_a_safetensors_header_may_not_promise_more_than_the_file_holds(folders, 
     import struct
 
     folder = _copy(folders["vit"][0], tmp_path / "forged")
-    header = json.dumps({"w": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 16]}}).encode()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     _edit_config(folder, hidden_size=8192)  # a config the forged header would vouch for
     with pytest.raises(ModelLoadError, match="describes 1,000,000,000,000 numbers but the file holds 16 bytes"):
@@ -444,7 +494,7 @@ def _record_kernel_imports(monkeypatch) -> list:
 
 @pytest.mark.parametrize("family,where", [("vit", ()), ("clip", ()), ("clip", ("vision_config",))])
 def test_the_folder_never_chooses_the_attention_implementation(family, where, folders, tmp_path, monkeypatch):
-    """"kernels-community/flash-attn3" in config.json made transformers fetch and import a Hub
+    """ "kernels-community/flash-attn3" in config.json made transformers fetch and import a Hub
     kernel while loading; attnexplain loads with transformers' default and says it ignored the key
     (also in a sub-configuration, which transformers 5.24 happens to override today)."""
     key = "attn_implementation"
@@ -480,8 +530,9 @@ def test_a_quantized_config_is_refused_before_any_quantizer(where, folders, tmp_
     from transformers.quantizers import auto
 
     asked = []
-    monkeypatch.setattr(auto.AutoHfQuantizer, "from_config",
-                        classmethod(lambda cls, *args, **kwargs: asked.append(args) or None))
+    monkeypatch.setattr(
+        auto.AutoHfQuantizer, "from_config", classmethod(lambda cls, *args, **kwargs: asked.append(args) or None)
+    )
     folder = _copy(folders["clip"][0], tmp_path / "quantized")
     config = json.loads((folder / "config.json").read_text())
     holder = config[where[0]] if where else config
@@ -534,8 +585,9 @@ def test_timm_wrapper_model_args_never_reach_timm(tmp_path, monkeypatch):
 
     read = []
     monkeypatch.setattr(timm.models._factory, "load_checkpoint", lambda model, path, *a, **k: read.append(path))
-    config = transformers.TimmWrapperConfig(architecture="test_resnet", num_labels=3, id2label=LABELS,
-                                            label2id={v: k for k, v in LABELS.items()})
+    config = transformers.TimmWrapperConfig(
+        architecture="test_resnet", num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}
+    )
     folder = tmp_path / "timm-wrapper"
     transformers.TimmWrapperForImageClassification(config).save_pretrained(folder)
     assert plugin.load_path(folder).labels == ["tabby", "rocket", "mug"]  # without model_args: loads
@@ -560,12 +612,18 @@ def test_a_stray_vision_config_does_not_hide_the_image_size(folders, tmp_path):
 
 # --- preprocessing: the image processor itself is the reference ------------------------------------
 
+
 def _photos() -> dict[str, np.ndarray]:
     from skimage import data
 
     astronaut = data.astronaut()
-    return {"chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
-            "astronaut": astronaut, "tall": np.ascontiguousarray(astronaut[:, 150:330])}
+    return {
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "astronaut": astronaut,
+        "tall": np.ascontiguousarray(astronaut[:, 150:330]),
+    }
 
 
 def _processors():
@@ -578,8 +636,9 @@ def _processors():
         "convnext crop_pct": t.ConvNextImageProcessor(size={"shortest_edge": 224}),
         "convnext 384": t.ConvNextImageProcessor(),  # stretched to 384²
         "clip": t.CLIPImageProcessor(),
-        "rescale 1/127.5": t.ViTImageProcessor(rescale_factor=1 / 127.5, image_mean=[1, 1, 1],
-                                               image_std=[1, 1, 1], resample=3),
+        "rescale 1/127.5": t.ViTImageProcessor(
+            rescale_factor=1 / 127.5, image_mean=[1, 1, 1], image_std=[1, 1, 1], resample=3
+        ),
     }
 
 
@@ -624,6 +683,7 @@ def test_a_tiny_crop_pct_cannot_ask_for_a_huge_resize(crop_pct, folders, tmp_pat
 
 
 # --- attention ----------------------------------------------------------------------------------
+
 
 def reference_rollout(attentions, prefix: int, grid: tuple[int, int]) -> np.ndarray:
     """Abnar & Zuidema in NumPy: heads averaged, 0.5·A + 0.5·I row-normalised, chained; class row."""
@@ -684,7 +744,9 @@ def test_chefer_differentiates_the_models_own_probabilities(family, folders):
     with plugin.recording(model), plugin.capture_attention(model, names, captured):
         logits = model(x.requires_grad_(True)).logits
     attentions = [captured[name] for name in names]
-    ours = gradient_rollout(attentions, attention_gradients(logits[0, 1], attentions), plugin.token_grid(model, (32, 32)))
+    ours = gradient_rollout(
+        attentions, attention_gradients(logits[0, 1], attentions), plugin.token_grid(model, (32, 32))
+    )
     # The reference: transformers' own attentions and autograd through them.
     reference = _transformers_attentions(model, x.detach().requires_grad_(True))
     gradients = torch.autograd.grad(reference.logits[0, 1], reference.attentions)
@@ -692,7 +754,7 @@ def test_chefer_differentiates_the_models_own_probabilities(family, folders):
     for attention, gradient in zip(reference.attentions, gradients):
         weighted = torch.relu(gradient * attention).mean(dim=1).double()
         relevance = relevance + weighted @ relevance
-    expected = relevance[0, 0, PREFIX[family]:].reshape(4, 4)
+    expected = relevance[0, 0, PREFIX[family] :].reshape(4, 4)
     assert _pearson(ours[0].detach(), expected.detach()) >= 0.999
 
 
@@ -718,28 +780,33 @@ def test_legrad_matches_the_authors_formula(family, folders):
         output = model(x.clone().requires_grad_(True), output_attentions=True, output_hidden_states=True)
     finally:
         model.set_attn_implementation(previous)
-    hidden = output.hidden_states[-len(output.attentions):]  # each block's output
+    hidden = output.hidden_states[-len(output.attentions) :]  # each block's output
     if family == "clip":
+
         def head(pooled):
             return model.classifier(pooled)
     elif family == "deit":
+
         def head(pooled):
             normed = model.deit.layernorm(pooled)
             return (model.cls_classifier(normed) + model.distillation_classifier(normed)) / 2
     else:
+
         def head(pooled):
             return model.classifier(model.vit.layernorm(pooled))
+
     per_layer = []
     for tokens, attention in zip(hidden, output.attentions):
-        gradient, = torch.autograd.grad(head(tokens.mean(dim=1))[0, target], attention, retain_graph=True)
-        per_layer.append(gradient[0].clamp_min(0).mean(dim=(0, 1))[PREFIX[family]:])
+        (gradient,) = torch.autograd.grad(head(tokens.mean(dim=1))[0, target], attention, retain_graph=True)
+        per_layer.append(gradient[0].clamp_min(0).mean(dim=(0, 1))[PREFIX[family] :])
     grid = torch.stack(per_layer).mean(dim=0).reshape(1, 1, 4, 4)
     expected = F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
     assert _pearson(computed.maps["legrad"][0].numpy(), expected.detach().numpy()) >= 0.999
 
 
-@pytest.mark.parametrize("family,method", [("deit", "rollout"), ("vit", "chefer"), ("swin", "rollout"),
-                                           ("swinv2", "chefer")])
+@pytest.mark.parametrize(
+    "family,method", [("deit", "rollout"), ("vit", "chefer"), ("swin", "rollout"), ("swinv2", "chefer")]
+)
 def test_explain_shows_attention_of_an_in_memory_model(family, method, folders):
     """explain() on the module itself: the plugin switches to eager attention while it records."""
     model = folders[family][1]
@@ -781,8 +848,9 @@ def reference_windowed_rollout(layers) -> torch.Tensor:
             row = torch.full((count,), 1.0 / count, dtype=torch.float64)
         elif row.numel() != count:
             coarse_width = -(-layer.width // 2)
-            parents = torch.tensor([(r // 2) * coarse_width + c // 2 for r in range(layer.height)
-                                    for c in range(layer.width)])
+            parents = torch.tensor(
+                [(r // 2) * coarse_width + c // 2 for r in range(layer.height) for c in range(layer.width)]
+            )
             row = row[parents] / torch.bincount(parents)[parents]
         row = row @ mixed
     return row.reshape(layers[0].height, layers[0].width)
@@ -803,6 +871,7 @@ def test_swin_attention_is_recorded_per_window_with_its_positions(family, size, 
             recorded = model(x).logits
         # transformers' own attention weights: the second output of each block's attention, eager.
         model.set_attn_implementation("eager")
+
         def keep(name):
             def hook(module, args, output):
                 reference[name] = output[1]
@@ -839,6 +908,7 @@ def test_capture_refuses_layers_that_are_not_attention(folders):
 
 # --- Grad-CAM through the plugin's layer layout ----------------------------------------------------
 
+
 class _Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -864,20 +934,28 @@ def test_gradcam_on_a_vit_block_matches_pytorch_grad_cam(folders):
     batch = prepare(np.asarray(Image.open(IMAGE).convert("RGB")), plugin.preprocessing(model)).tensor
     model.requires_grad_(True)
     try:
-        with GradCAM(model=_Logits(model), target_layers=[model.get_submodule(layer)],
-                     reshape_transform=reshape) as cam:
+        with GradCAM(
+            model=_Logits(model), target_layers=[model.get_submodule(layer)], reshape_transform=reshape
+        ) as cam:
             reference = cam(input_tensor=batch, targets=[ClassifierOutputTarget(result.target.index)])[0]
     finally:
         model.requires_grad_(False)
     assert _pearson(result.heatmap, reference) >= 0.999
 
 
-@pytest.mark.parametrize("family,layer", [
-    ("swin", "swin.layernorm"), ("swinv2", "swinv2.layernorm"),
-    ("convnext", "convnext.encoder.stages.1"), ("convnextv2", "convnextv2.encoder.stages.1"),
-    ("resnet", "resnet.encoder.stages.1"), ("dinov2_registers", "dinov2_with_registers.encoder.layer.1.norm1"),
-    ("clip", "vision_model.encoder.layers.1.layer_norm1"), ("beit", "beit.layers.1.layernorm_before"),
-])
+@pytest.mark.parametrize(
+    "family,layer",
+    [
+        ("swin", "swin.layernorm"),
+        ("swinv2", "swinv2.layernorm"),
+        ("convnext", "convnext.encoder.stages.1"),
+        ("convnextv2", "convnextv2.encoder.stages.1"),
+        ("resnet", "resnet.encoder.stages.1"),
+        ("dinov2_registers", "dinov2_with_registers.encoder.layer.1.norm1"),
+        ("clip", "vision_model.encoder.layers.1.layer_norm1"),
+        ("beit", "beit.layers.1.layernorm_before"),
+    ],
+)
 def test_gradcam_uses_the_plugins_layer_layout(family, layer, folders):
     model = folders[family][1]
     assert plugin.default_layer(model) == layer
@@ -901,14 +979,18 @@ def test_swin_stages_give_their_hidden_states(folders):
 
 # --- end to end (the core calls the v2 hooks) ----------------------------------------------------
 
+
 @pytest.mark.parametrize("family,method", [("vit", "rollout"), ("swin", "gradcam")])
 def test_cli_runs_hf_prefixed_folder(family, method, tmp_path):
     """``hf:FOLDER`` goes through the plugin's load_named today (the plain folder needs the core's
     claims_path wiring): exit 0, a report naming the id2label class, the processor's size."""
     processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
     folder = _saved(family, tmp_path / "saved", processor)
-    result = CliRunner().invoke(main, ["run", f"hf:{folder}", str(IMAGE), "--method", method,
-                                       "--out", str(tmp_path / "D"), "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main,
+        ["run", f"hf:{folder}", str(IMAGE), "--method", method, "--out", str(tmp_path / "D"), "--json"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(getattr(result, "stdout", result.output))
     assert report["model"]["plugin"] == "transformers" and report["method"] == method
@@ -918,8 +1000,9 @@ def test_cli_runs_hf_prefixed_folder(family, method, tmp_path):
 
 def test_cli_runs_a_saved_folder(folders, tmp_path):
     folder = _saved("vit", tmp_path / "saved-folder", transformers.ViTImageProcessor(size={"height": 32, "width": 32}))
-    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--out", str(tmp_path / "D"), "--json"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(IMAGE), "--out", str(tmp_path / "D"), "--json"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(getattr(result, "stdout", result.output))
     assert report["model"]["plugin"] == "transformers"
