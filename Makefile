@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= attnexplain-out
 
-.PHONY: install demo test test-heavy samples clean
+.PHONY: install demo lint test test-heavy samples clean
 
 PLUGINS := plugins/attention-cnn plugins/timm plugins/transformers
 
@@ -40,7 +40,14 @@ demo: $(BIN)/.installed-demo
 	@echo "$(OUT)/coffee-on-gravel/report.html (attention CNN: its learned attention beside Grad-CAM) and"
 	@echo "$(OUT)/astronaut-on-grass/report.html (CBAM CNN: its spatial attention, cbam_spatial, beside Grad-CAM)"
 
-test: install
+# One style (ruff's lint and format check, configured in pyproject.toml) and the public API's types
+# (mypy, the files listed in pyproject.toml): the first step of `make test`, so CI runs them.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-heavy: install

@@ -11,7 +11,16 @@ does not pay for importing torch.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on first use
+    from .errors import AttnExplainError
+    from .explanation import Explanation, explain
+    from .images import LoadedImage, load_image
+    from .loading import LoadedModel, load_model
+    from .methods import METHODS
+    from .options import MethodOptions
+    from .plugins import ModelPlugin
 
 __all__ = [
     "explain",
@@ -40,10 +49,12 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module 'attnexplain' has no attribute {name!r}")
+if not TYPE_CHECKING:  # hidden from type checkers, which then flag a name attnexplain does not export
+
+    def __getattr__(name: str) -> Any:
+        if name in _HOMES:
+            return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+        raise AttributeError(f"module 'attnexplain' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

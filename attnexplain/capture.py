@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, MutableMapping
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ def _with_part_replaced(name: str, output: Any, part: torch.Tensor, replacement:
                 items[index] = replacement
                 # A named tuple is rebuilt from its fields, a plain tuple or list from its items.
                 return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
-    elif isinstance(output, Mapping):
+    elif isinstance(output, MutableMapping):
         for key, element in output.items():
             if element is part:
                 output[key] = replacement  # a ModelOutput keeps its attribute in step
@@ -137,7 +137,7 @@ def replaced_forward(module: nn.Module, wrapper) -> Iterator[None]:
     can run the forward inside a context; the module's own forward hooks still fire around it.
     """
     had_own = "forward" in module.__dict__
-    own = module.__dict__.get("forward")
+    own: Any = module.__dict__.get("forward")
     original = module.forward
     module.forward = lambda *args, **kwargs: wrapper(original, *args, **kwargs)
     try:
@@ -150,7 +150,7 @@ def replaced_forward(module: nn.Module, wrapper) -> Iterator[None]:
 
 
 @contextmanager
-def capture_multihead_attention(model: nn.Module, names: list[str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
+def capture_multihead_attention(model: nn.Module, names: list[str], sink: MutableMapping[str, Any]) -> Iterator[None]:
     """Record the per-head attention probabilities (B, heads, T, T) of ``nn.MultiheadAttention`` modules.
 
     Callers often pass ``need_weights=False`` so that PyTorch can use its fused kernel, which never
@@ -302,7 +302,7 @@ def attention_gradients(
     for attention in attentions:
         base = attention._base
         usable = base is not None and base.numel() == attention.numel() and base.requires_grad
-        sources.append(base if usable else attention)
+        sources.append(base if base is not None and usable else attention)
     gradients = torch.autograd.grad(score, sources, allow_unused=True, retain_graph=retain_graph)
     if any(gradient is None for gradient in gradients):
         raise MethodError("The target score does not depend on every recorded attention layer.")

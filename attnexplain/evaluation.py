@@ -29,18 +29,9 @@ from .evaluation_masks import object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
 from .formats import DEFAULT_COLORMAP
 from .inputs import NoImages, collect_inputs, decoded_chunks, failed_record, read_image
-from .metrics import (
-    LOCALISATION,
-    METRIC_VALUES,
-    PERTURBATION_METRICS,
-    RANDOM_MAP,
-    RANDOMIZATION_EARLY_STEPS,
-    MetricSettings,
-    cascade_steps,
-    perturbation_values,
-    randomization_scores,
-)
+from .metrics import LOCALISATION, METRIC_VALUES, PERTURBATION_METRICS, RANDOM_MAP, MetricSettings, perturbation_values
 from .model_spec import ModelSpec
+from .randomization import RANDOMIZATION_EARLY_STEPS, cascade_steps, randomization_scores
 
 EXAMPLE_IMAGES = 3
 #: Why ROAD is not a default metric: its noisy linear imputation is a sparse solve per perturbed copy
@@ -548,13 +539,14 @@ def _chunk_metrics(
 
 def _randomization(loaded, batch, maps, targets, names, plan, options, config):
     """The cascading randomization check of the images of ``batch`` (the first ones of the run, up
-    to ``randomization_images``): per measure of :data:`~attnexplain.metrics.SIMILARITIES`, the
+    to ``randomization_images``): per measure of :data:`~attnexplain.randomization.SIMILARITIES`, the
     similarity with the trained model's map after each step, (B, M, steps); and (B, M) each image's
-    value, the mean over the early steps (:func:`~attnexplain.metrics.randomization_scores`)."""
+    value, the mean over the early steps (:func:`~attnexplain.randomization.randomization_scores`)."""
     import torch
 
     from .engine import compute_maps
-    from .metrics import random_maps, randomization_similarities
+    from .metrics import random_maps
+    from .randomization import randomization_similarities
 
     def maps_of(randomized, step: int) -> torch.Tensor:
         changed = dataclasses.replace(loaded, module=randomized)

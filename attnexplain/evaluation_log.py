@@ -20,8 +20,9 @@ from typing import Any, Iterable, Sequence
 
 from ._files import not_a_regular_file
 from .errors import AttnExplainError
-from .metrics import SIMILARITIES, metrics_table_problem
+from .metrics import metrics_table_problem
 from .model_spec import ModelSpec
+from .randomization import SIMILARITIES
 from .records import ResultsLog, file_sha256, fingerprint, read_results
 
 EVALUATION_JSONL = "evaluation.jsonl"
@@ -168,7 +169,7 @@ def _curves_problem(curves: Any, names: Sequence[str]) -> str | None:
 
 def randomization_curves_fit(curves: Any, steps: int) -> bool:
     """Whether one method's entry of a record's ``"randomization"`` is what the check writes: per
-    measure of :data:`~attnexplain.metrics.SIMILARITIES` one similarity in [-1, 1] or null per step.
+    measure of :data:`~attnexplain.randomization.SIMILARITIES` one similarity in [-1, 1] or null per step.
     The one rule for a resumed line and for the summary that averages it."""
     return isinstance(curves, dict) and all(_similarity_curve(curves.get(measure), steps) for measure in SIMILARITIES)
 

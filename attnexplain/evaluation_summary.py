@@ -15,10 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import (
-    BETTER,
-    METRIC_VALUES,
-    RANDOM_MAP,
+from .metrics import BETTER, METRIC_VALUES, RANDOM_MAP
+from .randomization import (
     RANDOMIZATION_EARLY_STEPS,
     RANDOMIZATION_LIMIT,
     SIMILARITIES,
@@ -175,7 +173,7 @@ def summarize(
 def randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:
     """The randomization check over the images that had it: per method its mean curve of each
     measure (null where no image gave a value; NaN is never averaged as 0), its score and verdict
-    (:func:`~attnexplain.metrics.randomization_verdict`: a method no image could measure fails, a
+    (:func:`~attnexplain.randomization.randomization_verdict`: a method no image could measure fails, a
     similarity that cannot be measured never counts as a pass). Records are
     untrusted (``--resume``): an entry that is not a list per measure of one number or null per step,
     each in [-1, 1], is left out."""

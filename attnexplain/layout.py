@@ -33,7 +33,7 @@ LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP)
 
 
 @functools.cache
-def _channels_first_layers() -> tuple[type, ...]:
+def _channels_first_layers() -> tuple[type[nn.Module], ...]:
     """Layers torch defines on (N, C, H, W) inputs."""
     from torch import nn
 

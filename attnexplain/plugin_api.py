@@ -144,14 +144,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """A name that needs torch, imported from its module when a plugin first asks for it."""
-    module = _NEEDS_TORCH.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __package__), name)
-    globals()[name] = value  # found directly from now on
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers, which then flag a name the API does not have
+
+    def __getattr__(name: str) -> Any:
+        """A name that needs torch, imported from its module when a plugin first asks for it."""
+        module = _NEEDS_TORCH.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{module}", __package__), name)
+        globals()[name] = value  # found directly from now on
+        return value
 
 
 def __dir__() -> list[str]:

@@ -503,9 +503,12 @@ def plugin_named(name: str) -> ModelPlugin:
 def builder_order() -> list[ModelPlugin]:
     """attnexplain's own plugins first, then the others by name: a name two plugins offer keeps its
     built-in meaning, and the common case never imports a third-party library."""
-    infos = [info for info in plugin_infos() if info.plugin is not None]
-    infos.sort(key=lambda info: (info.distribution != "attnexplain", info.plugin.name))
-    return [info.plugin for info in infos]
+    found = [
+        (info.distribution != "attnexplain", info.plugin.name, info.plugin)
+        for info in plugin_infos()
+        if info.plugin is not None
+    ]
+    return [plugin for _, _, plugin in sorted(found, key=lambda row: row[:2])]
 
 
 def find_builder(arch: str) -> tuple[ModelPlugin, Callable[..., Any]] | None:

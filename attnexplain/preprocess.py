@@ -113,6 +113,7 @@ class PreparedInput:
 
 def normalize_size(size: Sequence[int] | int, limit: int = MAX_SIZE) -> tuple[int, int]:
     """``(height, width)`` from one or two integers, each between 8 and ``limit``."""
+    values: tuple[int, ...]
     if isinstance(size, int):
         values = (size, size)
     else:
@@ -151,10 +152,12 @@ def from_torchvision_transforms(transforms: Any, source: str) -> Preprocessing |
     resize_short = int(resize[0]) if resize else None
     if crop:
         size = normalize_size(crop)
-    else:
+    elif resize_short is not None:
         # Segmentation presets only resize the shorter side; explain a square of that side.
         size = normalize_size(resize_short)
         resize_short = None
+    else:  # an empty resize_size and no crop: nothing says the input's size
+        return None
     return Preprocessing(
         size=size,
         resize=resize_short,

@@ -20,7 +20,8 @@ from attnexplain.evaluation import EvaluationSettings, evaluate
 from attnexplain.evaluation_report import render_evaluation_html
 from attnexplain.explanation import _as_loaded_model
 from attnexplain.loading import load_model
-from attnexplain.metrics import RANDOM_MAP, RANDOMIZATION_LIMIT, MetricSettings, randomization_similarities
+from attnexplain.metrics import RANDOM_MAP, MetricSettings
+from attnexplain.randomization import RANDOMIZATION_LIMIT, randomization_similarities
 
 FAST = MetricSettings(steps=8, randomization_steps=2, batch_size=64)
 

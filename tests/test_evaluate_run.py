@@ -399,7 +399,7 @@ def test_the_fingerprint_follows_the_boxes_and_settings_and_a_fifo_mask_is_never
 
 def test_an_earlier_line_stands_only_with_this_runs_key_images_methods_and_finite_numbers():
     from attnexplain.evaluation_log import line_problem
-    from attnexplain.metrics import SIMILARITIES
+    from attnexplain.randomization import SIMILARITIES
 
     names, values = ["gradcam", "random"], {"deletion", "randomization"}
     good = {

@@ -11,7 +11,6 @@ import torch
 from conftest import sobel_edges
 
 from attnexplain.metrics import (
-    RANDOMIZATION_LIMIT,
     MetricSettings,
     causal_curves,
     confidence_change,
@@ -20,6 +19,7 @@ from attnexplain.metrics import (
     road_scores,
     spearman,
 )
+from attnexplain.randomization import RANDOMIZATION_LIMIT
 
 
 class _Softmaxed(torch.nn.Module):
@@ -541,7 +541,7 @@ def mprt_run(plain_cnn):
 
 
 def test_randomization_order_is_quantus_mprt_top_down_layer_order(mprt_run):
-    from attnexplain.metrics import parameter_layers
+    from attnexplain.randomization import parameter_layers
 
     model = mprt_run["model"]
     names = {id(module): name for name, module in model.named_modules()}
@@ -563,7 +563,7 @@ def test_randomization_spearman_equals_quantus_mprt_on_the_maps_mprt_computed(mp
 
 
 def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomized(mprt_run):
-    from attnexplain.metrics import randomization_similarities
+    from attnexplain.randomization import randomization_similarities
 
     images, targets = mprt_run["images"], mprt_run["targets"]
     layers = len(mprt_run["scores"][0]) - 1
@@ -590,7 +590,7 @@ def test_randomization_agrees_with_quantus_mprt_after_the_whole_model_is_randomi
 
 
 def test_randomization_steps_are_the_models_blocks_from_the_head_down(small_resnet, small_vit):
-    from attnexplain.metrics import cascade_steps, parameter_layers, randomization_blocks
+    from attnexplain.randomization import cascade_steps, parameter_layers, randomization_blocks
 
     resnet = [name for name, _ in randomization_blocks(small_resnet)]
     assert resnet == [
@@ -617,7 +617,7 @@ def test_randomization_steps_are_the_models_blocks_from_the_head_down(small_resn
 def test_randomization_similarities_on_signed_and_absolute_maps_as_adebayo():
     from skimage.metrics import structural_similarity
 
-    from attnexplain.metrics import map_similarities, ssim
+    from attnexplain.randomization import map_similarities, ssim
 
     rng = np.random.default_rng(4)
     signed = rng.standard_normal((24, 24)).cumsum(0).cumsum(1)  # smooth, both signs
@@ -645,7 +645,7 @@ def test_randomization_similarities_on_signed_and_absolute_maps_as_adebayo():
 
 
 def test_randomization_nan_never_counts_as_a_pass():
-    from attnexplain.metrics import randomization_scores, randomization_verdict
+    from attnexplain.randomization import randomization_scores, randomization_verdict
 
     nan = math.nan
     # Two images, three steps; the first image's head step could not be measured.

@@ -246,7 +246,7 @@ def _plugin_labels(loaded: LoadedModel) -> list[str] | None:
 
 def read_labels(labels: str | Path | Sequence[str]) -> list[str]:
     """Class names from a list or a text file with one label per line."""
-    if isinstance(labels, (list, tuple)):
+    if not isinstance(labels, (str, Path)):  # the names themselves
         return [str(label) for label in labels]
     path = Path(labels)
     problem = not_a_regular_file(path)
