@@ -78,7 +78,8 @@ def evaluate_vit_layers(model_file: Path, images: int, batch_size: int = 50) -> 
     import torch
 
     import attnexplain
-    from attnexplain.explanation import compute_maps, plan_explanation
+    from attnexplain.engine import compute_maps
+    from attnexplain.planning import plan_explanation
     from attnexplain.preprocess import prepare
 
     loaded = attnexplain.load_model(model_file)
