@@ -406,6 +406,9 @@ def test_exported_program_input_size_is_bounded_too(tmp_path):
         ({"arch_kwargs": "layers=[1,1,1,1]"}, "'arch_kwargs' entry .* is not a mapping"),
         ({"arch_kwargs": [1, 2]}, "is not a mapping"),
         ({"arch_kwargs": {"layers": [1, 1, 1, 1], "weights_backbone": "DEFAULT"}}, "pretrained weights"),
+        # The older names, which timm's and many plugins' builders still take (one would download).
+        ({"arch_kwargs": {"pretrained": True}}, "pretrained weights"),
+        ({"arch_kwargs": {"pretrained_backbone": True}}, "pretrained weights"),
         ({"arch": "os.system"}, "Unknown architecture 'os.system'"),
         ({"arch": ["resnet18"]}, "is not a name"),
     ],

@@ -35,7 +35,7 @@ from .._files import not_a_regular_file
 from ..errors import AttnExplainError, ModelLoadError, shown
 from ..plugins import ModelPlugin, NamedModel, builder_order, plugin_for_prefix, select_plugin
 from .architectures import architecture_candidates, build_architecture, from_checkpoint
-from .checkpoints import MAX_LABELS, Asked, no_ema
+from .checkpoints import MAX_LABELS, PRETRAINED_ARGUMENTS, Asked, no_ema
 from .failures import first_line, load_failures_reported
 from .loaded import LoadedModel
 from .trust import read_model_file
@@ -371,7 +371,7 @@ def arch_kwargs_from_json(text: str) -> dict[str, Any]:
 def _given_arch_kwargs(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
         raise ModelLoadError(f"arch_kwargs must map argument names to values, not {shown(value)}")
-    if "weights" in value or "weights_backbone" in value or "pretrained" in value:
+    if any(name in value for name in PRETRAINED_ARGUMENTS):
         raise ModelLoadError(
             "arch_kwargs may not ask for pretrained weights: the file's weights are loaded into the architecture."
         )

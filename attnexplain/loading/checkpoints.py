@@ -62,6 +62,12 @@ def hyper_parameters(checkpoint: Mapping[str, Any]) -> tuple[Any, int | None]:
     return hyper.get("arch"), classes
 
 
+#: Builder arguments that fetch weights (torchvision's ``weights``/``weights_backbone``, the older
+#: ``pretrained``/``pretrained_backbone`` that timm and many plugins' builders still take): the file's
+#: weights are what is loaded, so neither a checkpoint nor the user may ask a builder for others.
+PRETRAINED_ARGUMENTS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+
+
 def checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
     if value is None:
         return {}
@@ -69,7 +75,7 @@ def checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
         raise ModelLoadError(
             f"The 'arch_kwargs' entry of {path} is not a mapping of argument names to values: {shown(value)}"
         )
-    if "weights" in value or "weights_backbone" in value:
+    if any(name in value for name in PRETRAINED_ARGUMENTS):
         raise ModelLoadError(f"{path}: 'arch_kwargs' may not name pretrained weights.")
     return dict(value)
 
