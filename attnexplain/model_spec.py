@@ -2,7 +2,7 @@
 
 The CLI's shared model options produce a :class:`ModelSpec`; ``batch`` and ``evaluate`` hand it on,
 so that a run can say in report.json how its model was named, recognise an earlier run of the same
-model (:func:`attnexplain.batch.fingerprint`), and load the model again where it runs (each Ray
+model (:func:`attnexplain.records.fingerprint`), and load the model again where it runs (each Ray
 actor loads its own copy). It is a frozen dataclass of plain values: it pickles and travels to Ray.
 
 Nothing here imports torch: :meth:`ModelSpec.check` refuses what can be refused without it.

@@ -11,6 +11,7 @@ value is a usage error (exit 2) before anything loads.
 from __future__ import annotations
 
 import functools
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,11 +76,6 @@ def _with_options(function, options: dict[str, Callable], leave_out: tuple[str, 
     return function
 
 
-#: What model_options passes on as one ModelSpec: the MODEL argument (which the command declares, in
-#: its place among the arguments) and the options below.
-_MODEL_FIELDS = ("model", "arch", "arch_kwargs", "ema", "num_classes", "labels", "trust_model", "plugin", "device")
-
-
 def model_options(function):
     """Options that say how to load the model, shared by every command that takes MODEL; the
     command receives them, with MODEL, as one ``model_spec``
@@ -87,52 +83,52 @@ def model_options(function):
 
     @functools.wraps(function)
     def with_model_spec(*args: Any, **kwargs: Any) -> Any:
-        spec = ModelSpec(**{name: kwargs.pop(name) for name in _MODEL_FIELDS})
+        # Every field of a ModelSpec: the MODEL argument (which the command declares, in its place
+        # among the arguments) and the options below.
+        spec = ModelSpec(**{field.name: kwargs.pop(field.name) for field in fields(ModelSpec)})
         return function(*args, model_spec=spec, **kwargs)
 
-    options = [
-        click.option(
+    options = dict(
+        arch=click.option(
             "--arch",
             help="Architecture of a state_dict file: a torchvision builder name "
             "(resnet50, vit_b_16, ...), any name a plugin provides (one "
             "plugin's: timm:convnext_tiny), or your own class: "
             "path/to/model.py:MyNet or package.module:MyNet (imported).",
         ),
-        click.option(
+        arch_kwargs=click.option(
             "--arch-kwargs",
             metavar="JSON",
             help="Keyword arguments for the architecture, as a JSON object: '{\"num_classes\": 7}'.",
         ),
-        click.option(
+        ema=click.option(
             "--ema", is_flag=True, help="Use a training checkpoint's EMA weights (timm train.py's state_dict_ema)."
         ),
-        click.option(
+        num_classes=click.option(
             "--num-classes",
             type=click.IntRange(min=1),
             help="Number of classes (default: read from the weights' head).",
         ),
-        click.option(
+        labels=click.option(
             "--labels", type=click.Path(dir_okay=False, path_type=Path), help="Text file with one class name per line."
         ),
-        click.option(
+        trust_model=click.option(
             "--trust-model",
             is_flag=True,
             help="Allow model files that hold code: a whole pickled model object, "
             "TorchScript, torch.export (.pt2) programs. Loading them runs code from the "
             "file: use only for files you trust.",
         ),
-        click.option("--plugin", help="Use this plugin instead of the most specific one."),
-        click.option(
+        plugin=click.option("--plugin", help="Use this plugin instead of the most specific one."),
+        device=click.option(
             "--device",
             default="auto",
             show_default=True,
             type=click.Choice(["auto", "cpu", "cuda", "mps"]),
             help="Where to run the model.",
         ),
-    ]
-    for option in reversed(options):
-        with_model_spec = option(with_model_spec)
-    return with_model_spec
+    )
+    return _with_options(with_model_spec, options, leave_out=())
 
 
 #: The options of method_options the command receives by name; the others become its ``options``.
