@@ -185,14 +185,32 @@ def make_composites(n: int, seed: int, size: int = 128) -> tuple[np.ndarray, np.
     balanced as ``n`` allows, in shuffled order), and masks bool (n, size, size), True where the
     object was pasted. Use ``TRAIN_SEED`` for training data and ``TEST_SEED`` for held-out data.
     """
+    images, labels, _, masks = make_composites_with_textures(n, seed, size)
+    return images, labels, masks
+
+
+def make_composites_with_textures(
+    n: int, seed: int, size: int = 128
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_composites`'s images, labels and masks (the same draws), and each one's
+    background: textures int64 (n,) indexing ``TEXTURES``, for captions such as
+    :func:`caption` ("a cat on grass") and for the background's ground truth (``~mask``)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(LABELS)).astype(np.int64)
+    textures = np.empty(n, np.int64)
     images = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), bool)
     for i, label in enumerate(labels):
-        texture = int(rng.integers(0, len(TEXTURES)))
-        images[i], masks[i] = make_composite(rng, int(label), texture, size)
-    return images, labels, masks
+        textures[i] = int(rng.integers(0, len(TEXTURES)))
+        images[i], masks[i] = make_composite(rng, int(label), int(textures[i]), size)
+    return images, labels, textures, masks
+
+
+def caption(label: int, texture: int) -> str:
+    """The caption of a composite of object ``LABELS[label]`` on ``TEXTURES[texture]``:
+    "a cat on grass", "an astronaut on brick"."""
+    name = LABELS[label]
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} on {TEXTURES[texture]}"
 
 
 def make_backgrounds(n: int, seed: int, size: int = 128) -> np.ndarray:
