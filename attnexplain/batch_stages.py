@@ -95,6 +95,7 @@ def explain_batch(
 
     from .engine import compute_maps
     from .errors import MethodError, NothingToExplain
+    from .detection_targets import box_outcome
     from .targets import boxes_on_photo, image_outcome
 
     batch = torch.cat(tensors).to(device)
@@ -127,6 +128,7 @@ def explain_batch(
                 target_given=settings.target is not None,
                 methods=methods,
             )
+            target, explained_box = box_outcome(computed.explained_boxes, computed.detections, index, target)
         except MethodError as error:  # this image only: the others of the batch are fine
             result["error"] = str(error)
         else:
@@ -137,7 +139,13 @@ def explain_batch(
                 region = regions[index] if regions is not None else (0.0, 0.0, float(width), float(height))
                 photo = photo_sizes[index] if photo_sizes is not None else (width, height)
                 result["detections"] = boxes_on_photo(
-                    computed.detections[index], target.index, loaded.labels, (height, width), region, photo
+                    computed.detections[index],
+                    target.index,
+                    loaded.labels,
+                    (height, width),
+                    region,
+                    photo,
+                    explained_box,
                 )
         results.append(result)
     return results

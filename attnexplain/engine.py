@@ -14,6 +14,14 @@ import numpy as np
 import torch
 
 from .augmentation import augmentation_smoothing
+from .detection_targets import (
+    ExplainedBoxes,
+    box_target_scores,
+    choose_boxes,
+    in_input_pixels,
+    no_boxes,
+    refuse_box_target,
+)
 from .errors import MethodError, NothingToExplain
 from .methods import Method
 from .options import MethodOptions
@@ -26,6 +34,7 @@ from .running import model_failures
 from .targets import (
     NonFiniteScores,
     UniformScores,
+    box_rank,
     check_scores,
     explains_a_class,
     resolve_targets,
@@ -49,6 +58,7 @@ class BatchMaps:
     channel_gates: dict[str, ChannelGates] = field(default_factory=dict)
     depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
     detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
+    explained_boxes: ExplainedBoxes | None = None  # which of a detector's boxes each map explains
 
     def image_maps(self) -> list[dict[str, MethodMap]]:
         """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
@@ -101,6 +111,7 @@ def compute_maps(
     it were alone.
     """
     options = options or MethodOptions()
+    refuse_box_target(box_rank(target), [m.family for m in methods], options.aug_smooth)
     normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
     black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
 
@@ -137,7 +148,7 @@ def _compute_once(
             state["probabilities"] = probabilities.detach()
             detected = loaded.plugin.detections(module, output)
             if detected is not None:
-                state["detections"] = detected
+                state["detections"] = in_input_pixels(detected, tuple(batch.shape[-2:]))
             unusable = unusable_scores(logits)
             if unusable is not None and not bool(torch.isfinite(probabilities).any()):
                 raise NonFiniteScores(unusable)  # every image; else each image says it for itself
@@ -150,12 +161,20 @@ def _compute_once(
                 uniform = [uniform_scores(row) for row in state["probabilities"]]
                 if all(uniform):
                     raise UniformScores(uniform[0])
+        rank = box_rank(target) if targets is None else None
         if "targets" not in state:
+            if rank is not None and "detections" not in state:
+                raise no_boxes(rank)
             state["targets"] = (
                 targets.to(probabilities.device)
                 if targets is not None
-                else resolve_targets(target, state["probabilities"], loaded.labels)
+                else resolve_targets(None if rank is not None else target, state["probabilities"], loaded.labels)
             )
+            if "detections" in state:  # box:N sets each image's target to its box's label
+                state["boxes"] = choose_boxes(state["detections"], rank, state["targets"])
+        if rank is not None:
+            box_scores = loaded.plugin.box_scores(module, output)
+            logits = box_target_scores(logits, box_scores, state["boxes"], state["targets"])
         return logits, state["targets"]
 
     run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black, state=state)
@@ -178,4 +197,5 @@ def _compute_once(
         channel_gates=made.channel_gates,
         depth_maps=made.depth_maps,
         detections=state.get("detections"),
+        explained_boxes=state.get("boxes"),
     )

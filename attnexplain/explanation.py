@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .detection_targets import box_outcome
 from .engine import BatchMaps, compute_maps
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
@@ -197,9 +198,16 @@ def explain(
         probabilities, target_index, loaded.labels, top_k, target_given=target is not None, methods=plan.methods
     )
     detections = None
+    chosen_target, explained_box = box_outcome(computed.explained_boxes, computed.detections, 0, chosen_target)
     if computed.detections is not None:
         detections = boxes_on_photo(
-            computed.detections[0], target_index, loaded.labels, tuple(batch.shape[-2:]), prepared.box, picture.size
+            computed.detections[0],
+            target_index,
+            loaded.labels,
+            tuple(batch.shape[-2:]),
+            prepared.box,
+            picture.size,
+            explained_box,
         )
     return Explanation(
         image=picture,

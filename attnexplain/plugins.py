@@ -93,6 +93,13 @@ class Detections:
     boxes: "torch.Tensor"  # (N, 4) left, top, right, bottom in model-input pixels
     labels: "torch.Tensor"  # (N,) class indices
     scores: "torch.Tensor"  # (N,) confidences in [0, 1]
+    #: Boxes in shares of the input's width and height (a DETR's ``pred_boxes``) rather than in
+    #: pixels: the core scales them to the input (API v2; the hook is not told the input's size).
+    relative: bool = False
+    #: (N,) long: the row of the recorded attention each box's object query is (a DETR's decoder
+    #: cross-attention, (batch, heads, queries, image tokens)), so that the attention maps read the
+    #: explained box's row (API v2). None: the boxes are not queries of the recorded attention.
+    queries: "torch.Tensor | None" = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +276,12 @@ class ModelPlugin:
         """A detector's boxes per image, read off its raw output, for the overlay and the report;
         None for models that do not detect. A detector's :meth:`class_scores` says which box a
         target class means (usually its highest-scoring box)."""
+        return None
+
+    def box_scores(self, model: "nn.Module", output: Any) -> "list[torch.Tensor] | None":
+        """Per image, the differentiable score of each box :meth:`detections` lists, in the same
+        order (API v2): what ``--target box:N`` explains, the N-th box by score. None: the model's
+        boxes cannot be scored one by one (``box:N`` is then refused)."""
         return None
 
     def gate_modules(self, model: "nn.Module") -> list[str]:

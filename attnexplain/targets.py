@@ -98,6 +98,22 @@ def resolve_targets(target: int | str | None, logits: torch.Tensor, labels: list
     return torch.full((logits.shape[0],), index, dtype=torch.long, device=logits.device)
 
 
+#: ``--target box:N``: the N-th detected box by score (0: the best), whatever its class.
+BOX_TARGET_PREFIX = "box:"
+
+
+def box_rank(target: int | str | None) -> int | None:
+    """N of a ``box:N`` target, or None for a class target (an index or a label)."""
+    if not isinstance(target, str) or not target.strip().lower().startswith(BOX_TARGET_PREFIX):
+        return None
+    rank = target.strip()[len(BOX_TARGET_PREFIX) :].strip()
+    if not rank.isdigit():
+        raise MethodError(
+            f"Target {target!r}: box:N takes a whole number N from 0 (box:0 is the best-scoring detected box)."
+        )
+    return int(rank)
+
+
 def _target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
     if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
         if labels is None:
@@ -168,19 +184,21 @@ def boxes_on_photo(
     input_size: tuple[int, int],
     box: tuple[float, float, float, float],
     photo_size: tuple[int, int],
+    explained_box: int | None = None,
 ) -> list[dict[str, Any]]:
     """A detector's boxes in the photo's pixels, best first, for drawing and for the report.
 
     ``box`` is the region of the photo the model's input covers (beyond the photo where it was
     letterboxed: boxes are clipped to the photo's ``photo_size``, (width, height)). The box explained for
     ``target_index`` is that class's highest-scoring one (how a detector's plugin scores a class)
-    and is marked ``explained``.
+    and is marked ``explained``, unless ``explained_box`` (an index into ``detected``, as a
+    ``box:N`` target chose it) names another.
     """
     left, top, right, bottom = box
     scale_x, scale_y = (right - left) / input_size[1], (bottom - top) / input_size[0]
     order = torch.argsort(detected.scores, descending=True, stable=True).tolist()
     of_target = [i for i in order if int(detected.labels[i]) == target_index]
-    explained = of_target[0] if of_target else None
+    explained = explained_box if explained_box is not None else (of_target[0] if of_target else None)
     boxes = []
     for i in order:
         x0, y0, x1, y1 = (float(v) for v in detected.boxes[i])

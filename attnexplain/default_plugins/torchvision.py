@@ -6,7 +6,7 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..plugin_api import (
     CatalogEntry,
@@ -20,7 +20,17 @@ from ..plugin_api import (
     from_torchvision_transforms,
     vit_cam_block,
 )
-from .torchvision_detection import box_scores, detections, detector_layer, detector_preprocessing, is_detector
+from .torchvision_detection import (
+    box_scores,
+    detections,
+    detector_layer,
+    detector_preprocessing,
+    each_box_score,
+    is_detector,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 #: Set to 1 to never try downloading weights that are not in torchvision's cache.
 OFFLINE_ENV = "ATTNEXPLAIN_OFFLINE"
@@ -177,6 +187,9 @@ class TorchvisionPlugin(ModelPlugin):
 
     def detections(self, model: Any, output: Any) -> list[Detections] | None:
         return detections(output) if is_detector(model) and isinstance(output, list) else None
+
+    def box_scores(self, model: Any, output: Any) -> "list[torch.Tensor] | None":
+        return each_box_score(output) if is_detector(model) and isinstance(output, list) else None
 
     def gate_modules(self, model: Any) -> list[str]:
         from torchvision.ops import SqueezeExcitation

@@ -97,6 +97,11 @@ def detections(output: list[dict[str, "torch.Tensor"]]) -> list[Detections]:
     return found
 
 
+def each_box_score(output: list[dict[str, "torch.Tensor"]]) -> list["torch.Tensor"]:
+    """Per image, the differentiable score of each box :func:`detections` keeps, in its order."""
+    return [detected["scores"][_covers_a_pixel(detected["boxes"])] for detected in output]
+
+
 def detector_preprocessing(model: Any) -> Preprocessing:
     """A square of the size the detector resizes to itself, in [0, 1] (it normalises internally),
     the photo letterboxed into it: detectors are trained on photos that keep their aspect ratio."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..capture import attention_gradients, capture_activations, frozen_parameters
+from ..detection_targets import query_rows
 from ..errors import MethodError
 from ..methods import Method
 from ..methods.attention import (
@@ -80,6 +81,10 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
         if grid is None:
             raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to the image.")
         attentions = [attention.detach() for attention in attentions]
+        queries = _explained_queries(run)
+        if queries is not None:  # a detector's object queries: the explained box's row
+            attentions = query_rows(attentions, queries)
+            gradients = query_rows(gradients, queries) if gradients is not None else None
     maps, grids, depth_maps = {}, {}, {}
     for method in methods:
         try:
@@ -95,6 +100,13 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
         if grid_maps is not None:
             grids[method.name] = grid_maps
     return PassOutput(maps=maps, layers={name: [] for name in maps}, attention_grids=grids, depth_maps=depth_maps)
+
+
+def _explained_queries(run: PassRun) -> torch.Tensor | None:
+    """(B,) the object query of each image's explained box, when a detector's boxes are queries of
+    its recorded attention (:attr:`~attnexplain.plugins.Detections.queries`)."""
+    chosen, detections = run.state.get("boxes"), run.state.get("detections")
+    return chosen.queries(detections) if chosen is not None and detections is not None else None
 
 
 def _spatial_pass(run: PassRun, methods: list[Method], recorded: list[SpatialAttention]) -> PassOutput:
