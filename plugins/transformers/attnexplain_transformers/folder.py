@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from attnexplain.plugin_api import FILE_MAX_SIZE, ModelLoadError, UntrustedModelError, not_a_regular_file, shown
 
+from .detection import detector_class_name
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -447,7 +449,7 @@ def transformers_quiet() -> Iterator[None]:
 
 
 def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]]:
-    """The image classifier saved in ``folder``, in eval mode, with every weight from the folder; and
+    """The image classifier (or DETR-family detector) saved in ``folder``, in eval mode, with every weight from the folder; and
     the config.json keys that were ignored because they choose code (:data:`CODE_SELECTING_KEYS`).
 
     transformers gets the configuration checked here, built from the dict read here: it never reads
@@ -471,7 +473,8 @@ def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]
                 )
                 ignored = []
             else:
-                model_class = getattr(transformers, classifier_class_name(config, folder))
+                detector = detector_class_name(config, folder)
+                model_class = getattr(transformers, detector or classifier_class_name(config, folder))
                 # No attention implementation in the config: transformers' default for the class
                 # (sdpa, else eager), which recording() switches to eager and back.
                 hf_config = model_class.config_class.from_dict(plain)

@@ -34,13 +34,14 @@ from attnexplain.plugin_api import (
     vit_cam_block,
 )
 
+from . import detection
 from .cache import cached_snapshot
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
 
 if TYPE_CHECKING:
     import torch
 
-    from attnexplain.plugin_api import Preprocessing
+    from attnexplain.plugin_api import Detections, Preprocessing
 
 #: Families whose encoder attends globally over [class token, (distillation | register tokens),
 #: patches]: their attention is recorded and rolled out; a block's tokens are laid on the grid.
@@ -106,6 +107,7 @@ class TransformersPlugin(ModelPlugin):
         "(attention, rollout, chefer; Grad-CAM on blocks)",
         "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
         "ConvNeXt v1/v2, ResNet (CAM family)",
+        "DETR, Conditional DETR (decoder cross-attention per box; CAM family), Deformable DETR (CAM family)",
     )
     source_prefix = "hf"
 
@@ -180,6 +182,8 @@ class TransformersPlugin(ModelPlugin):
             return None
         from .preprocessing import family_default
 
+        if detection.detector_type(model):
+            return family_default(model.config.model_type, None, detection.detector_preprocessing)
         size = _image_size(model)
         return family_default(model.config.model_type, size[0] if size and size[0] == size[1] else size)
 
@@ -189,11 +193,33 @@ class TransformersPlugin(ModelPlugin):
         path = folder / PREPROCESSOR_CONFIG
         if not path.exists():
             return self.preprocessing(model)
-        return from_processor_config(read_json(path, "preprocessor config"), f"{path.name} of {folder.name}")
+        translate = detection.detector_preprocessing if detection.detector_type(model) else from_processor_config
+        return translate(read_json(path, "preprocessor config"), f"{path.name} of {folder.name}")
 
     # --- layers ------------------------------------------------------------------------------------
 
+    def task(self, model: Any) -> str:
+        return "detection" if detection.detector_type(model) else "classification"
+
+    def default_method(self, model: Any) -> str | None:
+        if detection.detector_type(model):  # the explained box's query, else its backbone
+            return "attention" if detection.cross_attention_modules(model) else "gradcam"
+        return None
+
+    def class_scores(self, model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+        if detection.detector_type(model):
+            return detection.class_scores(model, output)
+        return super().class_scores(model, output)
+
+    def detections(self, model: Any, output: Any) -> "list[Detections] | None":
+        return detection.detections(model, output) if detection.detector_type(model) else None
+
+    def box_scores(self, model: Any, output: Any) -> "list[torch.Tensor] | None":
+        return detection.box_scores(model, output) if detection.detector_type(model) else None
+
     def default_layer(self, model: Any) -> str | None:
+        if detection.detector_type(model):
+            return detection.backbone_layer(model)
         model_type = _model_type(model)
         if model_type in GLOBAL_ATTENTION:
             blocks = self._blocks(model)
@@ -231,6 +257,8 @@ class TransformersPlugin(ModelPlugin):
     # --- attention ---------------------------------------------------------------------------------
 
     def attention_modules(self, model: Any) -> list[str]:
+        if detection.detector_type(model):
+            return detection.cross_attention_modules(model)
         if _model_type(model) in WINDOWED_ATTENTION:
             return [f"{name}.attention" for name in _swin_layers(model)]
         attention_class = _attention_class(model)
@@ -239,6 +267,8 @@ class TransformersPlugin(ModelPlugin):
         return [name for name, module in model.named_modules() if isinstance(module, attention_class)]
 
     def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
+        if detection.detector_type(model):
+            return detection.feature_grid(model, input_size) if detection.cross_attention_modules(model) else None
         if _attention_class(model) is None:
             return None
         patch = getattr(_vision_config(model), "patch_size", None)
@@ -277,6 +307,10 @@ class TransformersPlugin(ModelPlugin):
     @contextmanager
     def recording(self, model: Any) -> Iterator[None]:
         """Eager attention for the duration (SDPA forms no probabilities), then what it was."""
+        if detection.detector_type(model):
+            with detection.eager_attention(model):
+                yield
+            return
         config = getattr(model, "config", None)
         previous = getattr(config, "_attn_implementation", None)
         if not _is_transformers(model) or previous in (None, "eager"):
@@ -294,6 +328,10 @@ class TransformersPlugin(ModelPlugin):
     ) -> Iterator[None]:
         if _model_type(model) in WINDOWED_ATTENTION:
             with self.recording(model), _capture_swin_attention(model, names, sink):
+                yield
+            return
+        if detection.detector_type(model):
+            with detection.capture_cross_attention(model, names, sink):
                 yield
             return
         attention_class = _attention_class(model) or ()
@@ -330,6 +368,8 @@ class TransformersPlugin(ModelPlugin):
             yield
 
     def refuse_method(self, model: Any, method: str) -> str | None:
+        if detection.detector_type(model):
+            return detection.refuse_method(model, method)
         if _model_type(model) in WINDOWED_ATTENTION and method == "legrad":
             return (
                 "legrad reads each layer's tokens through the head, which Swin's patch merging "

@@ -11,7 +11,7 @@ torchvision's antialiased resize, which attnexplain's preprocessing uses too.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from attnexplain.plugin_api import FILE_MAX_SIZE, ModelLoadError, Preprocessing, normalization_values, normalize_size
 
@@ -154,9 +154,12 @@ def _numbers(value: Any) -> list[float]:
     return [float(v) for v in values]
 
 
-def family_default(model_type: str, image_size: int | None) -> Preprocessing | None:
+def family_default(
+    model_type: str, image_size: int | None, translate: Callable[[dict, str], Preprocessing] | None = None
+) -> Preprocessing | None:
     """The preprocessing of the family's image processor with its defaults, at the model's own
-    ``image_size`` when the config has one (a processor's default size is the base model's)."""
+    ``image_size`` when the config has one (a processor's default size is the base model's).
+    ``translate`` reads the processor's settings (default: :func:`from_processor_config`)."""
     import transformers
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
@@ -167,7 +170,7 @@ def family_default(model_type: str, image_size: int | None) -> Preprocessing | N
         return None
     settings = processor_class().to_dict()
     settings["image_processor_type"] = name
-    preprocessing = from_processor_config(settings, f"{name} defaults (no preprocessor_config.json)")
+    preprocessing = (translate or from_processor_config)(settings, f"{name} defaults (no preprocessor_config.json)")
     if image_size is None:
         return preprocessing
     from dataclasses import replace
