@@ -1,0 +1,310 @@
+"""Detection transformers (DETR, Conditional DETR, Deformable DETR) from save_pretrained folders:
+tiny models built from configs here (a tiny transformers ResNet backbone, nothing downloaded), their
+boxes, class scores and maps checked against the model's own outputs (``output_attentions=True``)
+and a Grad-CAM written out with hooks here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+import attnexplain  # noqa: E402
+from attnexplain.cli import main  # noqa: E402
+from attnexplain.engine import compute_maps  # noqa: E402
+from attnexplain.errors import MethodError, ModelLoadError  # noqa: E402
+from attnexplain.images import load_image  # noqa: E402
+from attnexplain.loading import load_model  # noqa: E402
+from attnexplain.methods import METHODS  # noqa: E402
+from attnexplain.preprocess import prepare  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
+LABELS = {0: "tabby", 1: "rocket", 2: "mug", 3: "grass"}
+QUERIES = 8
+SIDE = 64  # the processor's shortest_edge: a 64-pixel square input, the photo letterboxed into it
+STRIDE = 8  # the tiny ResNet: a stride-4 stem and one stride-2 stage
+
+
+def _build(family: str, seed: int = 0):
+    t = transformers
+    backbone = t.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", out_features=["stage2"]
+    )
+    common = dict(
+        backbone_config=backbone,
+        num_queries=QUERIES,
+        encoder_layers=1,
+        decoder_layers=2,
+        d_model=32,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )
+    if family == "detr":
+        model_class, config = t.DetrForObjectDetection, t.DetrConfig(**common)
+    elif family == "conditional_detr":
+        model_class, config = t.ConditionalDetrForObjectDetection, t.ConditionalDetrConfig(**common)
+    else:
+        config = t.DeformableDetrConfig(num_feature_levels=1, encoder_n_points=2, decoder_n_points=2, **common)
+        model_class = t.DeformableDetrForObjectDetection
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    # A random decoder's queries come out nearly alike, so every query would pick the same class:
+    # the class heads here read what sets the queries apart (their outputs less their mean on a
+    # noise image, whitened), so that queries disagree, as a trained DETR's do.
+    with torch.no_grad():
+        if family != "deformable_detr":  # queries that attend to different places
+            model.model.query_position_embeddings.weight.normal_(0, 10)
+            for layer in model.model.decoder.layers:
+                for attention in (layer.self_attn, layer.encoder_attn):
+                    for name in ("q_proj", "sa_qpos_proj", "ca_qpos_proj"):
+                        if hasattr(attention, name):
+                            getattr(attention, name).weight.mul_(10)
+        if family == "conditional_detr":
+            return model  # its queries disagree as built; its test needs no spread of classes
+        hidden = model(pixel_values=torch.rand(1, 3, SIDE, SIDE)).last_hidden_state[0]
+        mean = hidden.mean(dim=0)
+        _, spread, directions = torch.linalg.svd(hidden - mean, full_matrices=False)
+        kept = torch.arange(len(spread)) < 3  # the three main directions
+        reading = directions[kept] / spread[kept, None]
+        heads = model.class_embed if family == "deformable_detr" else [model.class_labels_classifier]
+        for head in heads:
+            head.weight.copy_(3 * torch.randn(head.out_features, int(kept.sum())) @ reading)
+            head.bias.copy_(-head.weight @ mean)
+    return model
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    processor = transformers.DetrImageProcessor(size={"shortest_edge": SIDE, "longest_edge": 2 * SIDE})
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detr(tmp_path_factory):
+    """(folder written by save_pretrained, the model that wrote it)."""
+    model = _build("detr")
+    return _save(model, tmp_path_factory.mktemp("detr") / "detr"), model
+
+
+def _input(folder: Path):
+    """The preprocessed photo, as attnexplain prepares it for the folder's model, and its box."""
+    loaded = load_model(folder)
+    prepared = prepare(load_image(IMAGE).pixels, loaded.preprocessing)
+    return loaded, prepared
+
+
+def _with_attentions(model, batch):
+    """transformers' own output with ``output_attentions=True`` (which eager attention returns)."""
+    previous, model.config._attn_implementation = model.config._attn_implementation, "eager"
+    try:
+        with torch.no_grad():
+            return model(pixel_values=batch, output_attentions=True)
+    finally:
+        model.config._attn_implementation = previous
+
+
+def _by_hand(model, batch):
+    """Each query's best class, its probability (no-object left out) and box in input pixels."""
+    output = _with_attentions(model, batch)
+    probabilities = output.logits.softmax(-1)[0, :, :-1]
+    scores, labels = probabilities.max(-1)
+    cx, cy, w, h = output.pred_boxes[0].unbind(-1)
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * SIDE
+    return output, scores, labels, boxes
+
+
+def test_a_detr_folder_loads_as_a_detector_with_its_processor(detr):
+    folder, _ = detr
+    loaded = load_model(folder)
+    assert loaded.plugin.name == "transformers" and loaded.plugin.task(loaded.module) == "detection"
+    assert loaded.labels == list(LABELS.values())
+    prep = loaded.preprocessing
+    assert prep.size == (SIDE, SIDE) and prep.letterbox and prep.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert loaded.plugin.default_layer(loaded.module) == "model.backbone.model.encoder.stages.1"
+    assert loaded.plugin.default_method(loaded.module) == "attention"
+
+
+def test_run_reports_every_query_as_a_box_and_explains_the_best(detr, tmp_path):
+    folder, model = detr
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((next(out.iterdir()) / "report.json").read_text())
+    assert report["model"]["task"] == "detection" and report["methods"] == ["attention"]
+
+    _, prepared = _input(folder)
+    _, scores, labels, boxes = _by_hand(model, prepared.tensor)
+    order = torch.argsort(scores, descending=True, stable=True)
+    detections = report["detections"]
+    assert len(detections) == QUERIES
+    assert [d["score"] for d in detections] == pytest.approx(scores[order].tolist(), abs=1e-6)
+    assert [d["label"] for d in detections] == [LABELS[int(i)] for i in labels[order]]
+    # In photo pixels: the letterboxed input's box maps back to the photo, clipped to it.
+    left, top, right, bottom = prepared.box
+    width, height = load_image(IMAGE).size
+    xs = (boxes[order][:, [0, 2]] * (right - left) / SIDE + left).clamp(0, width)
+    ys = (boxes[order][:, [1, 3]] * (bottom - top) / SIDE + top).clamp(0, height)
+    expected = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], dim=1)
+    np.testing.assert_allclose(np.array([d["box"] for d in detections]), expected.numpy(), atol=0.02)
+    # The class score is its best query's probability; the best box is the one explained.
+    assert detections[0]["explained"] and sum(d["explained"] for d in detections) == 1
+    assert report["target"]["label"] == detections[0]["label"]
+    assert report["predictions"][0]["prob"] == pytest.approx(detections[0]["score"], abs=1e-6)
+
+
+def _grid(output, layer: int, query: int) -> np.ndarray:
+    """A decoder layer's cross-attention of one query, every head, on the feature grid."""
+    attention = output.cross_attentions[layer][0, :, query]  # (heads, image tokens)
+    return attention.reshape(attention.shape[0], -(-SIDE // STRIDE), -(-SIDE // STRIDE)).numpy()
+
+
+def test_target_label_maps_its_best_query_cross_attention(detr):
+    folder, model = detr
+    loaded, prepared = _input(folder)
+    output, scores, labels, _ = _by_hand(model, prepared.tensor)
+    top = int(labels[scores.argmax()])
+    other = next(int(c) for c in labels.unique() if int(c) != top)
+    of_other = torch.nonzero(labels == other)[:, 0]
+    best = int(of_other[scores[of_other].argmax()])
+
+    explained = attnexplain.explain(loaded, IMAGE, "attention", target=LABELS[other])
+    grid = explained.maps["attention"].attention_grid  # (layers, heads, h, w)
+    assert grid.shape == (2, 2, SIDE // STRIDE, SIDE // STRIDE)
+    for layer in range(2):
+        np.testing.assert_allclose(grid[layer], _grid(output, layer, best), atol=1e-6)
+    chosen = [d for d in explained.detections if d["explained"]]
+    assert len(chosen) == 1 and chosen[0]["label"] == LABELS[other]
+    assert chosen[0]["score"] == pytest.approx(float(scores[best]), abs=1e-6)
+
+
+def test_box_n_explains_the_nth_box_by_score(detr, tmp_path):
+    folder, model = detr
+    loaded, prepared = _input(folder)
+    output, scores, labels, _ = _by_hand(model, prepared.tensor)
+    order = torch.argsort(scores, descending=True, stable=True)
+    # A box that is not its class's best: its own score, not its class's, is the target's.
+    rank = next(
+        n for n in range(1, QUERIES) if any(int(labels[order[k]]) == int(labels[order[n]]) for k in range(n))
+    )
+    query = int(order[rank])
+    explained = attnexplain.explain(loaded, IMAGE, "attention", target=f"box:{rank}")
+    chosen = [i for i, d in enumerate(explained.detections) if d["explained"]]
+    assert chosen == [rank]
+    assert explained.target.label == LABELS[int(labels[query])]
+    assert explained.target.prob == pytest.approx(float(scores[query]), abs=1e-6)
+    assert explained.target.prob < float(scores[order[0]])
+    np.testing.assert_allclose(explained.maps["attention"].attention_grid[-1], _grid(output, 1, query), atol=1e-6)
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--target", "box:1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((next(out.iterdir()) / "report.json").read_text())
+    assert [d["explained"] for d in report["detections"]].index(True) == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (f"box:{QUERIES}", f"Target box:{QUERIES} is out of range: the model detected {QUERIES} boxes"),
+        ("box:one", "box:N takes a whole number N from 0"),
+    ],
+)
+def test_a_bad_box_target_is_one_line(detr, tmp_path, target, message):
+    folder, _ = detr
+    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--target", target, "--out", str(tmp_path)])
+    assert result.exit_code != 0 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_box_n_on_a_classifier_or_with_a_perturbation_method_is_refused(detr, tmp_path):
+    classifier = tmp_path / "vit"
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(classifier)
+    with pytest.raises(MethodError, match="not a detector"):
+        attnexplain.explain(load_model(classifier), IMAGE, "gradcam", target="box:0")
+    with pytest.raises(MethodError, match="changed inputs"):
+        attnexplain.explain(load_model(detr[0]), IMAGE, "occlusion", target="box:0")
+
+
+def test_gradcam_on_the_backbone_matches_hooks_written_here(detr):
+    folder, model = detr
+    loaded, prepared = _input(folder)
+    batch = prepared.tensor
+    layer_name = loaded.plugin.default_layer(loaded.module)
+    computed = compute_maps(loaded, batch, [METHODS["gradcam"]], [layer_name], target="box:2")
+    layer = model.model.backbone.model.encoder.stages[1]
+    kept = {}
+    handle = layer.register_forward_hook(lambda m, i, o: kept.update(activation=o))
+    try:
+        output = model(pixel_values=batch.clone().requires_grad_(True))  # DETR freezes its stem's weights
+    finally:
+        handle.remove()
+    activation = kept["activation"]
+    gradient = {}
+    activation.register_hook(lambda g: gradient.update(value=g))
+    probabilities = output.logits.softmax(-1)[0, :, :-1]
+    best, labels = probabilities.detach().max(-1)
+    query = int(torch.argsort(best, descending=True, stable=True)[2])
+    probabilities[query, labels[query]].backward()
+    weights = gradient["value"].mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activation).sum(dim=1)).detach()
+    expected = F.interpolate(cam[:, None], size=(SIDE, SIDE), mode="bilinear", align_corners=False)[0, 0]
+    assert int(computed.targets[0]) == int(labels[query])
+    np.testing.assert_allclose(computed.maps["gradcam"][0].numpy(), expected.numpy(), rtol=1e-4, atol=1e-7)
+    assert float(expected.max()) > 0
+
+
+def test_conditional_detr_records_its_cross_attention(tmp_path):
+    model = _build("conditional_detr")
+    folder = _save(model, tmp_path / "conditional")
+    loaded, prepared = _input(folder)
+    output = _with_attentions(model, prepared.tensor)
+    scores, labels = output.logits.sigmoid()[0].max(-1)  # focal loss: a sigmoid per class
+    explained = attnexplain.explain(loaded, IMAGE, "attention")
+    assert explained.detections[0]["score"] == pytest.approx(float(scores.max()), abs=1e-6)
+    np.testing.assert_allclose(
+        explained.maps["attention"].attention_grid[0], _grid(output, 0, int(scores.argmax())), atol=1e-6
+    )
+
+
+def test_deformable_detr_gets_cams_and_a_reason_for_no_attention(tmp_path):
+    folder = _save(_build("deformable_detr"), tmp_path / "deformable")
+    loaded = load_model(folder)
+    assert loaded.plugin.default_method(loaded.module) == "gradcam"
+    explained = attnexplain.explain(loaded, IMAGE)
+    assert explained.method == "gradcam" and np.isfinite(explained.heatmap).all()
+    assert sum(d["explained"] for d in explained.detections) == 1
+    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--method", "attention", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "learned offsets" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_rollout_on_a_detr_says_it_attends_across(detr, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(detr[0]), str(IMAGE), "--method", "rollout", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "cross-attention" in result.output
+
+
+def test_a_timm_backbone_fetched_from_elsewhere_is_refused(detr, tmp_path):
+    folder = tmp_path / "hub-backbone"
+    detr[1].save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["backbone_config"] = {"model_type": "timm_backbone", "backbone": "hf-hub:someone/resnet"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="which timm would fetch"):
+        load_model(folder)
