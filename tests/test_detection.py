@@ -14,7 +14,7 @@ from conftest import correlation
 import attnexplain
 from attnexplain.catalog import catalog_entries
 from attnexplain.cli import main
-from attnexplain.errors import NothingToExplain
+from attnexplain.errors import MethodError, NothingToExplain
 from attnexplain.explanation import compute_maps
 from attnexplain.images import load_image
 from attnexplain.loading import load_model
@@ -236,3 +236,19 @@ def test_boxes_of_a_letterboxed_photo_are_mapped_and_clipped_to_it():
     boxes = boxes_on_photo(detected, 1, None, (100, 100), prepared.box, (600, 300))
     assert boxes[0]["box"] == [60.0, 30.0, 300.0, 210.0] and boxes[0]["explained"]
     assert boxes[1]["box"] == [0.0, 0.0, 600.0, 0.0]  # entirely in the padding: clipped to nothing
+
+
+def test_target_box_n_explains_the_nth_box_by_its_own_score(detector_file, photo):
+    loaded = load_model(detector_file)
+    first = attnexplain.explain(loaded, photo)
+    # A box of the top box's class other than the best: its class's score is the top box's.
+    rank = next(n for n, d in enumerate(first.detections) if n and d["index"] == first.detections[0]["index"])
+    chosen = attnexplain.explain(loaded, photo, target=f"box:{rank}")
+    assert [d["explained"] for d in chosen.detections].index(True) == rank
+    assert chosen.target.index == first.detections[rank]["index"]
+    assert chosen.target.prob == pytest.approx(first.detections[rank]["score"])
+    assert chosen.target.prob < first.target.prob
+    assert not np.allclose(chosen.heatmap, first.heatmap)
+    count = len(first.detections)
+    with pytest.raises(MethodError, match=f"box:{count} is out of range: the model detected {count} boxes"):
+        attnexplain.explain(loaded, photo, target=f"box:{count}")
