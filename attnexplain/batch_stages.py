@@ -93,9 +93,9 @@ def explain_batch(
     tensors were normalised (default: the model's), which says what ``--baseline black`` is."""
     import torch
 
+    from .detection_targets import box_outcome
     from .engine import compute_maps
     from .errors import MethodError, NothingToExplain
-    from .detection_targets import box_outcome
     from .targets import boxes_on_photo, image_outcome
 
     batch = torch.cat(tensors).to(device)

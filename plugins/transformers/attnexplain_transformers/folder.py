@@ -449,8 +449,9 @@ def transformers_quiet() -> Iterator[None]:
 
 
 def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]]:
-    """The image classifier (or DETR-family detector) saved in ``folder``, in eval mode, with every weight from the folder; and
-    the config.json keys that were ignored because they choose code (:data:`CODE_SELECTING_KEYS`).
+    """The image classifier (or DETR-family detector) saved in ``folder``, in eval mode, with every
+    weight from the folder; and the config.json keys that were ignored because they choose code
+    (:data:`CODE_SELECTING_KEYS`).
 
     transformers gets the configuration checked here, built from the dict read here: it never reads
     config.json (or a file that config.json names) itself, except for a trusted folder's own code."""

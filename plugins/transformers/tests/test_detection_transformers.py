@@ -197,9 +197,7 @@ def test_box_n_explains_the_nth_box_by_score(detr, tmp_path):
     output, scores, labels, _ = _by_hand(model, prepared.tensor)
     order = torch.argsort(scores, descending=True, stable=True)
     # A box that is not its class's best: its own score, not its class's, is the target's.
-    rank = next(
-        n for n in range(1, QUERIES) if any(int(labels[order[k]]) == int(labels[order[n]]) for k in range(n))
-    )
+    rank = next(n for n in range(1, QUERIES) if any(int(labels[order[k]]) == int(labels[order[n]]) for k in range(n)))
     query = int(order[rank])
     explained = attnexplain.explain(loaded, IMAGE, "attention", target=f"box:{rank}")
     chosen = [i for i, d in enumerate(explained.detections) if d["explained"]]
@@ -308,3 +306,25 @@ def test_a_timm_backbone_fetched_from_elsewhere_is_refused(detr, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="which timm would fetch"):
         load_model(folder)
+
+
+def test_batch_records_the_nth_box_of_every_image(detr, tmp_path):
+    folder, model = detr
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("cat-on-grass.png", "rocket-on-brick.png"):
+        (photos / name).write_bytes((IMAGE.parent / name).read_bytes())
+    out = tmp_path / "batch"
+    arguments = ["batch", str(folder), str(photos), "--out", str(out), "--target", "box:1", "--quiet"]
+    result = CliRunner().invoke(main, [*arguments, "--method", "attention,gradcam"])
+    assert result.exit_code == 0, result.output
+    records = {r["image"]: r for r in map(json.loads, (out / "results.jsonl").open())}
+    assert set(records) == {"cat-on-grass.png", "rocket-on-brick.png"}
+    loaded = load_model(folder)
+    for name, record in records.items():
+        assert [d["explained"] for d in record["detections"]].index(True) == 1
+        prepared = prepare(load_image(photos / name).pixels, loaded.preprocessing)
+        _, scores, labels, _ = _by_hand(model, prepared.tensor)
+        second = int(torch.argsort(scores, descending=True, stable=True)[1])
+        assert record["target"]["label"] == LABELS[int(labels[second])]
+        assert record["target"]["prob"] == pytest.approx(float(scores[second]), abs=1e-5)
