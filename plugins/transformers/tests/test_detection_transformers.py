@@ -328,3 +328,14 @@ def test_batch_records_the_nth_box_of_every_image(detr, tmp_path):
         second = int(torch.argsort(scores, descending=True, stable=True)[1])
         assert record["target"]["label"] == LABELS[int(labels[second])]
         assert record["target"]["prob"] == pytest.approx(float(scores[second]), abs=1e-5)
+
+
+def test_another_transformers_detector_is_named_as_one(tmp_path):
+    config = transformers.YolosConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=[32, 32]
+    )
+    folder = tmp_path / "yolos"
+    transformers.YolosForObjectDetection(config).save_pretrained(folder)
+    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "holds a 'yolos' object detector" in result.output
+    assert "image classifier for" not in result.output and len(result.output.strip().splitlines()) == 1
