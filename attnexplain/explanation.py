@@ -23,7 +23,7 @@ from .loading import LoadedModel, load_model
 from .options import MethodOptions
 from .planning import Plan, default_layer, layer_maps, plan_explanation, plan_preprocessing, resolve_methods
 from .preprocess import Preprocessing, prepare
-from .results import MethodMap, Prediction
+from .results import MethodMap, Photo, Prediction
 from .running import model_device
 from .targets import NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions, unusable_scores
 
@@ -70,6 +70,12 @@ class Explanation:
     #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
     metrics: dict[str, dict[str, float]] | None = None
 
+    def __post_init__(self) -> None:
+        # Each map knows its photo, so that ``result.maps[name].overlay()`` draws it.
+        photo = Photo(self.image.pixels, self.box, self.detections)
+        for result in self.maps.values():
+            result.photo = photo
+
     @property
     def method(self) -> str:
         """The first method requested."""
@@ -89,11 +95,42 @@ class Explanation:
     def overlay(self, alpha: float = 0.5, method: str | None = None, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
         """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8, in one
         of :data:`attnexplain.render.COLORMAPS`."""
-        from .render import render_explained_overlay
+        return self.maps[method or self.method].overlay(alpha, colormap)
 
-        return render_explained_overlay(
-            self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha, self.detections, colormap
-        )
+    def _repr_html_(self) -> str:
+        """How Jupyter shows the result: the photo, each method's overlay with its colour bar, the
+        predictions (see :mod:`attnexplain.notebook`)."""
+        from .notebook import notebook_html
+
+        return notebook_html(self)
+
+    def _repr_png_(self) -> bytes:
+        """How consoles and exports show the result: the photo and each overlay in a row, one PNG."""
+        from .notebook import notebook_png
+
+        return notebook_png(self)
+
+    def figure(self, methods: str | Sequence[str] | None = None, **options: Any) -> Any:
+        """A matplotlib ``Figure`` for a paper: the photo and each method's overlay in a row, titled,
+        with colour bars (see :func:`attnexplain.figures.explanation_figure` for ``options``: alpha,
+        colormap, colorbar, titles, photo, panel_inches). Needs ``attnexplain[figures]``."""
+        from .figures import explanation_figure
+
+        return explanation_figure(self, methods, **options)
+
+    def attention_figure(self, method: str | None = None, **options: Any) -> Any:
+        """The attention of every layer × head as a matplotlib ``Figure`` (raw ``attention`` maps;
+        see :func:`attnexplain.figures.attention_grid_figure`)."""
+        from .figures import attention_grid_figure
+
+        return attention_grid_figure(self, method, **options)
+
+    def depth_figure(self, method: str | None = None, **options: Any) -> Any:
+        """Rollout through the first 1, 2, … layers as a matplotlib ``Figure`` (see
+        :func:`attnexplain.figures.depth_figure`)."""
+        from .figures import depth_figure
+
+        return depth_figure(self, method, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
