@@ -121,7 +121,7 @@ def attention_grid_figure(
     attention grid (raw ``attention``; default: the first such)."""
     from .render import normalize_each
 
-    result = _with(explanation, method, "attention_grid", "an attention grid (--method attention)")
+    result = _with(explanation, method, "attention_grid", "attention grid (--method attention makes one)")
     grid = np.asarray(result.attention_grid, dtype=np.float32)
     layers, heads = grid.shape[:2]
     present = ~np.isnan(grid).all(axis=(2, 3))  # windowed models: fewer heads in early layers
@@ -160,7 +160,7 @@ def depth_figure(
     global attention; default: the first such)."""
     from .render import render_overlay
 
-    result = _with(explanation, method, "depth_maps", "maps by depth (--method rollout)")
+    result = _with(explanation, method, "depth_maps", "maps by depth (--method rollout makes them, over global attention)")
     depths = np.asarray(result.depth_maps, dtype=np.float32)
     Figure = _figure_class()
     fig = Figure(figsize=(panel_inches * len(depths), panel_inches + (0.5 if titles else 0.1)), layout="constrained")
