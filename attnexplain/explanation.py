@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -189,6 +189,7 @@ def explain(
     options: MethodOptions | None = None,
     device: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
@@ -202,7 +203,9 @@ def explain(
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
     (default: the top-1 prediction). ``labels`` (a list of class names or a file of one per line)
     win over those the model carries. ``device`` (cpu, cuda, mps, auto) moves the model there;
-    None runs it where it is.
+    None runs it where it is. ``progress`` is called with (done, total) as the methods that cost many
+    forwards (Score-CAM, occlusion, RISE, integrated gradients, SmoothGrad, ...) score their images:
+    ``done`` grows to ``total`` (which grows when a later method starts); nothing by default.
     """
     options = options or MethodOptions()
     timings: dict[str, float] = {}
@@ -222,7 +225,14 @@ def explain(
 
     started = time.perf_counter()
     computed = compute_maps(
-        loaded, batch, plan.methods, plan.layers, target=target, options=options, preprocessing=preprocessing
+        loaded,
+        batch,
+        plan.methods,
+        plan.layers,
+        target=target,
+        options=options,
+        preprocessing=preprocessing,
+        progress=progress,
     )
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)

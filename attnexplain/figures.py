@@ -160,7 +160,9 @@ def depth_figure(
     global attention; default: the first such)."""
     from .render import render_overlay
 
-    result = _with(explanation, method, "depth_maps", "maps by depth (--method rollout makes them, over global attention)")
+    result = _with(
+        explanation, method, "depth_maps", "maps by depth (--method rollout makes them, over global attention)"
+    )
     depths = np.asarray(result.depth_maps, dtype=np.float32)
     Figure = _figure_class()
     fig = Figure(figsize=(panel_inches * len(depths), panel_inches + (0.5 if titles else 0.1)), layout="constrained")

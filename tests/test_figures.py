@@ -42,7 +42,9 @@ def halves_result(result):
     """``result`` with two known maps: one high on the left half of the picture, one on the right."""
     left = np.zeros((64, 64), np.float32)
     left[:, :32] = 1.0
-    return dataclasses.replace(result, maps={"left": MethodMap("left", left), "right": MethodMap("right", left[:, ::-1])})
+    return dataclasses.replace(
+        result, maps={"left": MethodMap("left", left), "right": MethodMap("right", left[:, ::-1])}
+    )
 
 
 def redness(pixels: np.ndarray) -> np.ndarray:
