@@ -112,11 +112,11 @@ class Explanation:
 
     def figure(self, methods: str | Sequence[str] | None = None, **options: Any) -> Any:
         """A matplotlib ``Figure`` for a paper: the photo and each method's overlay in a row, titled,
-        with colour bars (see :func:`attnexplain.figures.explanation_figure` for ``options``: alpha,
-        colormap, colorbar, titles, photo, panel_inches). Needs ``attnexplain[figures]``."""
-        from .figures import explanation_figure
+        with colour bars (see :func:`attnexplain.figures.figure` for ``options``: alpha, colormap,
+        colorbar, titles, photo, panel_inches). Needs ``attnexplain[figures]``."""
+        from .figures import figure
 
-        return explanation_figure(self, methods, **options)
+        return figure([self], methods, **options)
 
     def attention_figure(self, method: str | None = None, **options: Any) -> Any:
         """The attention of every layer × head as a matplotlib ``Figure`` (raw ``attention`` maps;

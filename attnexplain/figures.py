@@ -1,5 +1,5 @@
 """Figures for papers, as matplotlib ``Figure`` objects: the photo and each method's overlay in a row
-(:func:`explanation_figure`, ``result.figure()``), a grid of several images (:func:`figure`), the
+(``result.figure()``), a grid of several images (:func:`figure`), the
 attention of every layer × head (:func:`attention_grid_figure`) and rollout by depth
 (:func:`depth_figure`).
 
@@ -35,32 +35,6 @@ class MatplotlibMissing(AttnExplainError):
     """A figure asked for without matplotlib installed."""
 
 
-def explanation_figure(
-    explanation: "Explanation",
-    methods: Sequence[str] | str | None = None,
-    *,
-    alpha: float = 0.5,
-    colormap: str = DEFAULT_COLORMAP,
-    colorbar: bool = True,
-    titles: bool = True,
-    photo: bool = True,
-    panel_inches: float = PANEL_INCHES,
-) -> "Figure":
-    """One image: its photo (``photo=False`` leaves it out) and each of ``methods`` (default: every
-    method of the result, in order) over it, in a row; each titled with the method's name and, with
-    ``colorbar``, a colour bar of the map's own range under it, labelled with what it shows."""
-    return figure(
-        [explanation],
-        methods,
-        alpha=alpha,
-        colormap=colormap,
-        colorbar=colorbar,
-        titles=titles,
-        photo=photo,
-        panel_inches=panel_inches,
-    )
-
-
 def figure(
     explanations: Sequence["Explanation"],
     methods: Sequence[str] | str | None = None,
@@ -72,9 +46,11 @@ def figure(
     photo: bool = True,
     panel_inches: float = PANEL_INCHES,
 ) -> "Figure":
-    """Several images in a grid: a row per result, a column for the photo and one per method
-    (default: the first result's methods, which every result must have). Titles name the methods
-    over the first row and each row's explained class beside its photo."""
+    """Several images in a grid: a row per result, a column for the photo (``photo=False`` leaves it
+    out) and one per method (default: the first result's methods, which every result must have).
+    Titles name the methods over the first row and each row's explained class over its photo; with
+    ``colorbar``, each overlay has a colour bar of its map's own range under it, labelled with what
+    it shows. ``panel_inches``: the width of each panel."""
     results = list(explanations)
     if not results:
         raise ValueError("figure() needs at least one explanation.")
@@ -124,7 +100,7 @@ def attention_grid_figure(
     result = _with(explanation, method, "attention_grid", "attention grid (--method attention makes one)")
     grid = np.asarray(result.attention_grid, dtype=np.float32)
     layers, heads = grid.shape[:2]
-    present = ~np.isnan(grid).all(axis=(2, 3))  # windowed models: fewer heads in early layers
+    present = np.asarray(~np.isnan(grid).all(axis=(2, 3)))  # windowed models: fewer heads in early layers
     unit = normalize_each(grid)
     Figure = _figure_class()
     fig = Figure(
@@ -271,6 +247,5 @@ __all__ = [
     "MatplotlibMissing",
     "attention_grid_figure",
     "depth_figure",
-    "explanation_figure",
     "figure",
 ]

@@ -41,6 +41,7 @@ def notebook_html(explanation: "Explanation", alpha: float = 0.5, colormap: str 
             }
         )
     image = explanation.image
+    photo = downscale(image.pixels, NOTEBOOK_SIDE)  # the overlays have the photo's shape
     return (
         templates()
         .get_template("notebook.html.j2")
@@ -51,11 +52,11 @@ def notebook_html(explanation: "Explanation", alpha: float = 0.5, colormap: str 
             target=target,
             target_label=target_label,
             predictions=explanation.predictions,
-            photo_uri=data_uri(downscale(image.pixels, NOTEBOOK_SIDE)),
+            photo_uri=data_uri(photo),
             colorbar_uri=data_uri(colormap_table(colormap)[None], ".png"),
             methods=methods,
             preprocessing=preprocessing_text(explanation.preprocessing.as_dict()),
-            side=NOTEBOOK_SIDE,
+            width=max(photo.shape[1], 120),  # each picture's column, its bar and caption under it
         )
     )
 

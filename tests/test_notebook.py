@@ -157,3 +157,27 @@ def test_a_replaced_map_set_draws_over_the_same_photo(cat_result):
     colours = redness(copy.maps["left"].overlay(alpha=1.0, colormap="jet"))
     half = colours.shape[1] // 2
     assert colours[:, : half - 4].mean() > colours[:, half + 4 :].mean() + 150
+
+
+@pytest.mark.heavy
+def test_docs_notebook_runs_in_ipython_and_shows_the_result(tmp_path, monkeypatch):
+    """docs/notebook.md's cells, run one by one in an IPython shell as a notebook runs them: the
+    first cell's value is displayed as HTML and PNG, the figures it saves are written."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "notebook.md").read_text(encoding="utf-8")
+    cells = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(cells) >= 5
+    (tmp_path / "samples").symlink_to(SAMPLES)
+    monkeypatch.chdir(tmp_path)
+    shell = InteractiveShell.instance()
+    shown = []
+    monkeypatch.setattr(shell.displayhook, "write_format_data", lambda data, metadata=None: shown.append(data))
+    for cell in cells:
+        outcome = shell.run_cell(cell, store_history=False)
+        assert outcome.success, (cell, outcome.error_in_exec)
+    assert "text/html" in shown[0] and "gradcam overlay" in shown[0]["text/html"]
+    assert shown[0]["image/png"].startswith(b"\x89PNG")
+    for name in ("cat.pdf", "cat.png", "grid.pdf", "rollout-by-depth.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    assert (tmp_path / "cat.pdf").read_bytes().startswith(b"%PDF")
