@@ -97,6 +97,14 @@ class Explanation:
         of :data:`attnexplain.render.COLORMAPS`."""
         return self.maps[method or self.method].overlay(alpha, colormap)
 
+    def __repr__(self) -> str:
+        # What a console shows: the facts, not the photo's and the maps' arrays.
+        source = self.image.path.name if self.image.path else f"{self.image.size[0]}x{self.image.size[1]} image"
+        return (
+            f"<Explanation of {source!r} by {self.model.source!r}: "
+            f"{', '.join(self.maps)} for {self.target.label or self.target.index!r} (p={self.target.prob:.3f})>"
+        )
+
     def _repr_html_(self) -> str:
         """How Jupyter shows the result: the photo, each method's overlay with its colour bar, the
         predictions (see :mod:`attnexplain.notebook`)."""

@@ -181,3 +181,9 @@ def test_docs_notebook_runs_in_ipython_and_shows_the_result(tmp_path, monkeypatc
     for name in ("cat.pdf", "cat.png", "grid.pdf", "rollout-by-depth.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert (tmp_path / "cat.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_a_console_shows_a_one_line_summary_not_arrays(cat_result):
+    text = repr(cat_result)
+    assert "\n" not in text and "array(" not in text and len(text) < 300
+    assert "cat-on-grass.png" in text and "gradcam, layercam" in text and "'cat'" in text and "p=1.000" in text
