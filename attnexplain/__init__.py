@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on first use
     from .errors import AttnExplainError
     from .explanation import Explanation, explain
+    from .figures import figure
     from .images import LoadedImage, load_image
     from .loading import LoadedModel, load_model
     from .methods import METHODS
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
 __all__ = [
     "explain",
     "Explanation",
+    "figure",
     "load_model",
     "LoadedModel",
     "load_image",
@@ -38,6 +40,7 @@ __all__ = [
 _HOMES = {
     "explain": "explanation",
     "Explanation": "explanation",
+    "figure": "figures",
     "load_model": "loading",
     "LoadedModel": "loading",
     "load_image": "images",

@@ -26,6 +26,7 @@ from .errors import MethodError, NothingToExplain
 from .methods import Method
 from .options import MethodOptions
 from .passes import PASSES, PassOutput, PassRun
+from .passes.counting import ForwardCount, ProgressCallback
 from .passes.gates import ChannelGates
 from .plugins import Detections
 from .preprocess import DEFAULT_SIZE, Preprocessing
@@ -100,6 +101,7 @@ def compute_maps(
     options: MethodOptions | None = None,
     targets: torch.Tensor | None = None,
     preprocessing: Preprocessing | None = None,
+    progress: ProgressCallback | None = None,
 ) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
@@ -108,19 +110,24 @@ def compute_maps(
     :func:`attnexplain.planning.default_layer`). ``preprocessing`` is how ``batch`` was normalised
     (default: the model's), which says what a black pixel is for ``--baseline black``. This is the
     batch-level core that :func:`attnexplain.explain` wraps. Every image's maps are the same as if
-    it were alone.
+    it were alone. ``progress`` is called with (done, total) images scored by the methods that cost
+    many forwards (see :mod:`attnexplain.passes.counting`).
     """
     options = options or MethodOptions()
     refuse_box_target(box_rank(target), [m.family for m in methods], options.aug_smooth)
     normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
     black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
 
+    forwards = ForwardCount(progress)
     with model_failures(loaded.module):
-        computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black)
+        computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black, forwards)
         if options.aug_smooth:
 
             def maps_of(augmented: torch.Tensor) -> dict[str, torch.Tensor]:
-                return _compute_once(loaded, augmented, methods, layers, None, options, computed.targets, black).maps
+                again = _compute_once(
+                    loaded, augmented, methods, layers, None, options, computed.targets, black, forwards
+                )
+                return again.maps
 
             computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch, computed.maps))
     return computed
@@ -135,6 +142,7 @@ def _compute_once(
     options: MethodOptions,
     targets: torch.Tensor | None,
     black: torch.Tensor,
+    forwards: ForwardCount,
 ) -> BatchMaps:
     module = loaded.module
     state: dict[str, Any] = {}
@@ -177,7 +185,16 @@ def _compute_once(
             logits = box_target_scores(logits, box_scores, state["boxes"], state["targets"])
         return logits, state["targets"]
 
-    run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black, state=state)
+    run = PassRun(
+        loaded=loaded,
+        batch=batch,
+        layers=layers,
+        options=options,
+        score=score,
+        black=black,
+        state=state,
+        forwards=forwards,
+    )
     unknown = [m.name for m in methods if m.family not in PASSES]
     if unknown:
         raise MethodError(f"No pass computes the family of {', '.join(unknown)}.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .loading import LoadedModel, load_model
 from .options import MethodOptions
 from .planning import Plan, default_layer, layer_maps, plan_explanation, plan_preprocessing, resolve_methods
 from .preprocess import Preprocessing, prepare
-from .results import MethodMap, Prediction
+from .results import MethodMap, Photo, Prediction
 from .running import model_device
 from .targets import NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions, unusable_scores
 
@@ -71,6 +71,12 @@ class Explanation:
     #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
     metrics: dict[str, dict[str, float]] | None = None
 
+    def __post_init__(self) -> None:
+        # Each map knows its photo, so that ``result.maps[name].overlay()`` draws it.
+        photo = Photo(self.image.pixels, self.box, self.detections)
+        for result in self.maps.values():
+            result.photo = photo
+
     @property
     def method(self) -> str:
         """The first method requested."""
@@ -90,11 +96,50 @@ class Explanation:
     def overlay(self, alpha: float = 0.5, method: str | None = None, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
         """A method's map blended over the photo, at the photo's resolution (H, W, 3) uint8, in one
         of :data:`attnexplain.render.COLORMAPS`."""
-        from .render import render_explained_overlay
+        return self.maps[method or self.method].overlay(alpha, colormap)
 
-        return render_explained_overlay(
-            self.image.pixels, self.maps[method or self.method].heatmap, self.box, alpha, self.detections, colormap
+    def __repr__(self) -> str:
+        # What a console shows: the facts, not the photo's and the maps' arrays.
+        source = self.image.path.name if self.image.path else f"{self.image.size[0]}x{self.image.size[1]} image"
+        return (
+            f"<Explanation of {source!r} by {self.model.source!r}: "
+            f"{', '.join(self.maps)} for {self.target.label or self.target.index!r} (p={self.target.prob:.3f})>"
         )
+
+    def _repr_html_(self) -> str:
+        """How Jupyter shows the result: the photo, each method's overlay with its colour bar, the
+        predictions (see :mod:`attnexplain.notebook`)."""
+        from .notebook import notebook_html
+
+        return notebook_html(self)
+
+    def _repr_png_(self) -> bytes:
+        """How consoles and exports show the result: the photo and each overlay in a row, one PNG."""
+        from .notebook import notebook_png
+
+        return notebook_png(self)
+
+    def figure(self, methods: str | Sequence[str] | None = None, **options: Any) -> Any:
+        """A matplotlib ``Figure`` for a paper: the photo and each method's overlay in a row, titled,
+        with colour bars (see :func:`attnexplain.figures.figure` for ``options``: alpha, colormap,
+        colorbar, titles, photo, panel_inches). Needs ``attnexplain[figures]``."""
+        from .figures import figure
+
+        return figure([self], methods, **options)
+
+    def attention_figure(self, method: str | None = None, **options: Any) -> Any:
+        """The attention of every layer × head as a matplotlib ``Figure`` (raw ``attention`` maps;
+        see :func:`attnexplain.figures.attention_grid_figure`)."""
+        from .figures import attention_grid_figure
+
+        return attention_grid_figure(self, method, **options)
+
+    def depth_figure(self, method: str | None = None, **options: Any) -> Any:
+        """Rollout through the first 1, 2, … layers as a matplotlib ``Figure`` (see
+        :func:`attnexplain.figures.depth_figure`)."""
+        from .figures import depth_figure
+
+        return depth_figure(self, method, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's fields (without output paths: :meth:`save` adds them)."""
@@ -153,6 +198,7 @@ def explain(
     options: MethodOptions | None = None,
     device: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
@@ -166,7 +212,9 @@ def explain(
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
     (default: the top-1 prediction). ``labels`` (a list of class names or a file of one per line)
     win over those the model carries. ``device`` (cpu, cuda, mps, auto) moves the model there;
-    None runs it where it is.
+    None runs it where it is. ``progress`` is called with (done, total) as the methods that cost many
+    forwards (Score-CAM, occlusion, RISE, integrated gradients, SmoothGrad, ...) score their images:
+    ``done`` grows to ``total`` (which grows when a later method starts); nothing by default.
     """
     options = options or MethodOptions()
     timings: dict[str, float] = {}
@@ -186,7 +234,14 @@ def explain(
 
     started = time.perf_counter()
     computed = compute_maps(
-        loaded, batch, plan.methods, plan.layers, target=target, options=options, preprocessing=preprocessing
+        loaded,
+        batch,
+        plan.methods,
+        plan.layers,
+        target=target,
+        options=options,
+        preprocessing=preprocessing,
+        progress=progress,
     )
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 #: Seconds between two plain progress lines off a terminal.
 LINE_EVERY_S = 5.0
@@ -15,12 +17,15 @@ class Progress:
     """Counts images done out of ``total``; ``label`` says what is done to them, :meth:`stage` what
     is being done now (shown beside the count)."""
 
-    def __init__(self, total: int, quiet: bool, stream=None, already: int = 0, label: str = "explaining") -> None:
+    def __init__(
+        self, total: int, quiet: bool, stream=None, already: int = 0, label: str = "explaining", unit: str = "img"
+    ) -> None:
         # ``already``: images done by an earlier run (--resume); they do not count in the rate.
         self.total, self.quiet, self.done, self.already = total, quiet, already, already
         self.stream = stream or sys.stderr
         self.started = self.last = time.perf_counter()
         self.current = ""
+        self.unit = unit
         self.bar = None
         if not quiet and self.stream.isatty():
             from rich.console import Console
@@ -61,7 +66,7 @@ class Progress:
         self.done += count
         self.already += count if earlier else 0
         if self.bar is not None:
-            self.bar.update(self.task, advance=count, rate=f"{self.rate():.1f} img/s")
+            self.bar.update(self.task, advance=count, rate=f"{self.rate():.1f} {self.unit}/s")
         else:
             self._line(force=self.done == self.total)
 
@@ -88,6 +93,36 @@ class Progress:
             flush=True,
         )
 
+    def update(self, done: int, total: int) -> None:
+        """Move to ``done`` out of ``total`` (a count whose total grows as work is found)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+        self.advance(done - self.done)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+@contextmanager
+def forwards_progress(label: str, quiet: bool, stream=None) -> Iterator[Callable[[int, int], None] | None]:
+    """For ``run``: a bar of the images the slow methods score (``explain(progress=...)``), on a
+    terminal only; None (nothing shown) when ``quiet`` or when ``stream`` (stderr) is piped, where a
+    single image's progress would only clutter a log. The bar starts with the first count."""
+    stream = stream or sys.stderr
+    if quiet or not stream.isatty():
+        yield None
+        return
+    shown: list[Progress] = []
+
+    def report(done: int, total: int) -> None:
+        if not shown:
+            shown.append(Progress(total, quiet=False, stream=stream, label=label, unit="forwards"))
+        shown[0].update(done, total)
+
+    try:
+        yield report
+    finally:
+        if shown:
+            shown[0].close()

@@ -201,12 +201,12 @@ def _save_explanation(
             preview = {
                 "method": name,
                 **method_summary(result),
-                "overlay_uri": _data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE)),
+                "overlay_uri": data_uri(downscale(written.pictures["overlay"], _PREVIEW_SIDE)),
             }
             if "attention_grid" in written.pictures:
-                preview["grid_uri"] = _data_uri(written.pictures["attention_grid"], ".png")
+                preview["grid_uri"] = data_uri(written.pictures["attention_grid"], ".png")
             if "gate_maps" in written.pictures:
-                preview["gate_maps_uri"] = _data_uri(written.pictures["gate_maps"], ".png")
+                preview["gate_maps_uri"] = data_uri(written.pictures["gate_maps"], ".png")
             previews.append(preview)
         first = files[explanation.method]
         report["outputs"] = {
@@ -351,15 +351,16 @@ def render_html(
         .render(
             report=report,
             title=file_name(report["image"]["path"]),
-            photo_uri=_data_uri(downscale(explanation.image.pixels, _PREVIEW_SIDE)),
-            model_view_uri=_data_uri(downscale(seen, _PREVIEW_SIDE), ".png"),
+            photo_uri=data_uri(downscale(explanation.image.pixels, _PREVIEW_SIDE)),
+            model_view_uri=data_uri(downscale(seen, _PREVIEW_SIDE), ".png"),
             previews=previews,
             viewer=data,
         )
     )
 
 
-def _data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
+def data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
+    """An RGB picture as a data: URI (JPEG, or PNG for ``extension=".png"``), for pages that inline their images."""
     kind = "png" if extension == ".png" else "jpeg"
     return f"data:image/{kind};base64," + base64.b64encode(encode_image(pixels, extension)).decode("ascii")
 

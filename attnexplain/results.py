@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .formats import DEFAULT_COLORMAP
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -16,6 +18,17 @@ class Prediction:
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "label": self.label, "prob": self.prob}
+
+
+@dataclass(frozen=True)
+class Photo:
+    """What a map is drawn over: the photo (H, W, 3) uint8, the region of it the model saw (left,
+    top, right, bottom, photo pixels) and a detector's boxes (see
+    :func:`attnexplain.targets.boxes_on_photo`), None for models that do not detect."""
+
+    pixels: np.ndarray
+    box: tuple[float, float, float, float]
+    detections: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -34,3 +47,19 @@ class MethodMap:
     #: Rollout over global attention only: (layers, grid h, grid w), the rollout through the first
     #: 1, 2, … layers (the last is the map before upsampling).
     depth_maps: np.ndarray | None = None
+    #: The photo the map explains (set by the :class:`attnexplain.Explanation` that holds the map),
+    #: for :meth:`overlay`; None for a map made without one (``compute_maps``).
+    photo: Photo | None = field(default=None, repr=False, compare=False)
+
+    def overlay(self, alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+        """This map blended over its photo, at the photo's resolution (H, W, 3) uint8, in one of
+        :data:`attnexplain.render.COLORMAPS`; a detector's boxes drawn on it."""
+        from .render import render_explained_overlay
+
+        if self.photo is None:
+            raise ValueError(
+                f"The {self.method} map has no photo to draw over: it was made by compute_maps, not "
+                f"explain(); blend it with attnexplain.render.render_overlay(pixels, heatmap, box)."
+            )
+        photo = self.photo
+        return render_explained_overlay(photo.pixels, self.heatmap, photo.box, alpha, photo.detections, colormap)

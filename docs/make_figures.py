@@ -1,9 +1,11 @@
-"""Writes every figure of docs/attention-on-images.md and the README's screenshots, from
-attnexplain's own outputs on the shipped samples (samples/models, samples/images).
+"""Writes every figure of docs/attention-on-images.md, docs/notebook.md and the README's
+screenshots, from attnexplain's own outputs on the shipped samples (samples/models, samples/images).
 
     .venv/bin/python docs/make_figures.py            # needs the attention-cnn example plugin
                                                      # (plugins/attention-cnn) and, for the
                                                      # screenshots, Debian's chromium + Playwright
+    .venv/bin/python docs/make_figures.py notebook   # only those named (attention_cnn, vit,
+                                                     # resnet, notebook, screenshots)
 
 Deterministic: the sample models are fixed and every method here is too.
 """
@@ -50,14 +52,14 @@ def _row(tiles: list[np.ndarray], gap: int = 6) -> np.ndarray:
     return np.hstack(parts[:-1])
 
 
-def _save(name: str, picture: np.ndarray, width: int | None = None) -> None:
-    """A small PNG: shrunk to ``width`` and a 128-colour palette (the repository keeps them)."""
+def _save(name: str, picture: np.ndarray, width: int | None = None, colors: int = 128) -> None:
+    """A small PNG: shrunk to ``width`` and a palette of ``colors`` (the repository keeps them)."""
     from PIL import Image
 
     if width is not None and picture.shape[1] > width:
         height = round(picture.shape[0] * width / picture.shape[1])
         picture = cv2.resize(picture, (width, height), interpolation=cv2.INTER_AREA)
-    Image.fromarray(picture).quantize(colors=128).save(OUT / name, optimize=True)
+    Image.fromarray(picture).quantize(colors=colors).save(OUT / name, optimize=True)
     print(OUT / name)
 
 
@@ -143,6 +145,30 @@ def resnet() -> None:
     _save("resnet-gradcam.png", _row(tiles))
 
 
+def notebook() -> None:
+    """docs/notebook.md: what a notebook shows of a result (its _repr_png_; the HTML has the same
+    pictures), and the matplotlib figures of attnexplain.figures, as the page's code makes them."""
+    import io
+
+    def figure_pixels(fig) -> np.ndarray:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        return cv2.imdecode(np.frombuffer(buffer.getvalue(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1].copy()
+
+    result = attnexplain.explain(
+        str(MODELS / "resnet-composites.pt"), IMAGES / "cat-on-grass.png", "gradcam,layercam,scorecam"
+    )
+    shown = cv2.imdecode(np.frombuffer(result._repr_png_(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    _save("notebook-inline.png", np.ascontiguousarray(shown), width=800, colors=256)
+    _save("notebook-figure.png", figure_pixels(result.figure()), width=800, colors=256)
+    vit_results = [
+        attnexplain.explain(str(MODELS / "vit-composites.pt"), IMAGES / name, "rollout,attention")
+        for name in ("rocket-on-brick.png", "cat-on-grass.png")
+    ]
+    _save("notebook-grid.png", figure_pixels(attnexplain.figure(vit_results)), width=640, colors=256)
+    _save("notebook-depth.png", figure_pixels(vit_results[0].depth_figure()), width=640, colors=256)
+
+
 def screenshots() -> None:
     """The README's pictures of report.html and of a gallery, as a reader's browser shows them."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -211,9 +237,15 @@ def screenshots() -> None:
             browser.close()
 
 
+FIGURES = {
+    "attention_cnn": attention_cnn,
+    "vit": vit,
+    "resnet": resnet,
+    "notebook": notebook,
+    "screenshots": screenshots,
+}
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    attention_cnn()
-    vit()
-    resnet()
-    screenshots()
+    for name in sys.argv[1:] or FIGURES:
+        FIGURES[name]()

@@ -117,6 +117,9 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
     '"metrics"; `attnexplain evaluate` compares methods over many images).',
 )
+@click.option(
+    "--quiet", is_flag=True, help="No progress bar (shown on a terminal for methods that cost many forwards)."
+)
 def run(
     model_spec: ModelSpec,
     image: Path,
@@ -136,6 +139,7 @@ def run(
     overlay_size: int | None,
     as_json: bool,
     metric_names: list[str],
+    quiet: bool,
 ) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
@@ -144,6 +148,7 @@ def run(
     --trust-model), a folder a plugin loads, or torchvision:NAME[:WEIGHTS].
     """
     from ..images import check_image, load_image
+    from ..progress import forwards_progress
     from ..report import output_dir_for, writable_output_folder
 
     started = time.perf_counter()
@@ -169,18 +174,20 @@ def run(
             needed = plan_preprocessing(loaded, size=size, mean=mean, std=std).shortest_side
             picture = load_image(image, max_pixels=max_pixels, longest_side=overlay_size, shortest_side=needed)
             image_s += time.perf_counter() - started
-        explanation = explain(
-            loaded,
-            picture,
-            method,
-            target=target,
-            layer=layer,
-            top_k=top_k,
-            size=size,
-            mean=mean,
-            std=std,
-            options=options,
-        )
+        with forwards_progress(method, quiet) as progress:
+            explanation = explain(
+                loaded,
+                picture,
+                method,
+                target=target,
+                layer=layer,
+                top_k=top_k,
+                size=size,
+                mean=mean,
+                std=std,
+                options=options,
+                progress=progress,
+            )
         explanation.timings = {
             "load_image_s": image_s,
             "import_s": import_s,

@@ -23,6 +23,8 @@ NOISE_SEED = 0
 _GLOBAL_GENERATORS = threading.Lock()
 #: Noisy copies per image of smoothgrad, smoothgradcampp and gradientshap when --samples is not given.
 NOISY_COPIES = 16
+#: Coalitions (kernelshap) or perturbations (lime) per image when --samples is not given.
+PERTURBATIONS = 256
 
 
 def saliency(forward: Callable, batch: torch.Tensor, target: list[int], **_: Any) -> torch.Tensor:
@@ -270,7 +272,7 @@ def kernelshap(
     target: list[int],
     *,
     baseline: torch.Tensor,
-    samples: int = 256,
+    samples: int = PERTURBATIONS,
     batch_size: int = 32,
     **_: Any,
 ) -> torch.Tensor:
@@ -288,7 +290,7 @@ def lime(
     target: list[int],
     *,
     baseline: torch.Tensor,
-    samples: int = 256,
+    samples: int = PERTURBATIONS,
     batch_size: int = 32,
     **_: Any,
 ) -> torch.Tensor:

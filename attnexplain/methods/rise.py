@@ -17,6 +17,8 @@ MASK_SEED = 0
 #: The paper's settings: a 7 × 7 grid of cells, each kept with probability 0.5.
 GRID = 7
 KEEP_PROBABILITY = 0.5
+#: Masks per image when --samples is not given.
+MASKS = 1000
 
 
 def rise_masks(
@@ -70,7 +72,7 @@ def rise(
     target: list[int],
     *,
     probabilities: Callable[[torch.Tensor], torch.Tensor],
-    samples: int = 1000,
+    samples: int = MASKS,
     batch_size: int = 32,
     masks: torch.Tensor | None = None,
     keep: float = KEEP_PROBABILITY,

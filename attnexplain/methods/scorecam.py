@@ -14,6 +14,11 @@ import torch.nn.functional as F
 
 from .cam import scaled_per_map
 
+#: Noisy masks per channel of SS-CAM, and scaled masks per channel of IS-CAM, when --samples is not
+#: given (torchcam's defaults).
+SSCAM_SAMPLES = 35
+ISCAM_SAMPLES = 10
+
 
 def scorecam(
     activation: torch.Tensor,
@@ -43,7 +48,7 @@ def sscam(
     forward: Callable[[torch.Tensor], torch.Tensor],
     batch: torch.Tensor,
     targets: torch.Tensor,
-    samples: int = 35,
+    samples: int = SSCAM_SAMPLES,
     noise: float = 2.0,
     seed: int = 0,
     batch_size: int = 32,
@@ -74,7 +79,7 @@ def iscam(
     forward: Callable[[torch.Tensor], torch.Tensor],
     batch: torch.Tensor,
     targets: torch.Tensor,
-    samples: int = 10,
+    samples: int = ISCAM_SAMPLES,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """IS-CAM (Naidu et al. 2020, "Integrated Score-CAM"), as torchcam defines it: Score-CAM whose

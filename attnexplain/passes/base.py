@@ -12,6 +12,7 @@ import torch
 from ..methods.combine import fuse_maps, upsample
 from ..options import MethodOptions
 from ..running import model_as_called
+from .counting import ForwardCount
 
 __all__ = ["PassOutput", "PassRun", "Scorer", "fuse_maps", "no_gradient", "upsample"]
 
@@ -37,6 +38,8 @@ class PassRun:
     state: dict[str, Any] = field(default_factory=dict)
     #: The maps made so far by earlier passes (guided Grad-CAM reuses Grad-CAM's).
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The progress of the methods that cost many forwards (see :mod:`attnexplain.passes.counting`).
+    forwards: ForwardCount = field(default_factory=ForwardCount)
 
     @property
     def size(self) -> tuple[int, int]:

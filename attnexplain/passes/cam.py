@@ -4,6 +4,7 @@ method requested; each method weights the captured activations (see :mod:`attnex
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -12,11 +13,12 @@ from ..capture import capture_activations, frozen_parameters, replaced_output
 from ..errors import MethodError
 from ..layer_probe import layer_infos, map_layout
 from ..layout import as_map, own_layout
-from ..methods import Method
+from ..methods import METHODS, Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
 from ..running import model_as_called, scores_of
 from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
+from .counting import expected_forwards
 from .registry import register_pass
 
 if TYPE_CHECKING:
@@ -97,21 +99,25 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                 )
                 if method.name != "scorecam" and options.samples is not None:  # else its own default
                     settings["samples"] = options.samples
-                contributions = method.compute(
-                    activation, forward, batch, targets, batch_size=options.batch_size, **settings
-                )
+                counting = partial(expected_forwards, method, options, batch, activation.shape[1])
+                with run.forwards.expecting(counting) as counted:
+                    contributions = method.compute(
+                        activation, counted(forward), batch, targets, batch_size=options.batch_size, **settings
+                    )
             elif method.name == "ablationcam":
                 clean = logits.detach().gather(1, targets[:, None])[:, 0]
-                contributions = method.compute(
-                    activation,
-                    layer_output,
-                    layer_as_map,
-                    _with_layer_output(loaded, name, size),
-                    batch,
-                    targets,
-                    clean,
-                    options.batch_size,
-                )
+                counting = partial(expected_forwards, method, options, batch, activation.shape[1])
+                with run.forwards.expecting(counting) as counted:
+                    contributions = method.compute(
+                        activation,
+                        layer_output,
+                        layer_as_map,
+                        counted(_with_layer_output(loaded, name, size)),
+                        batch,
+                        targets,
+                        clean,
+                        options.batch_size,
+                    )
             elif method.name == "randomcam":
                 contributions = method.compute(activation, seed=NOISE_SEED)
             elif method.name in ("shapleycam", "finercam"):
@@ -163,19 +169,22 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
     samples = NOISY_COPIES if options.samples is None else options.samples
     noisy = noisy_copies(run.batch, samples, options.noise)  # (samples, B, 3, H, W)
     per_sample: list[list[torch.Tensor]] = [[] for _ in layers]
-    for copies in noisy:
-        captured: dict[str, torch.Tensor] = {}
-        with (
-            frozen_parameters(module),
-            capture_activations(module, layers, captured, _selector(loaded)),
-            torch.enable_grad(),
-        ):
-            logits = loaded.plugin.class_scores(module, run.forward(copies))[0]
-            chosen = logits.gather(1, targets[:, None]).sum()
-            outputs = [captured[name] for name in layers]
-            gradients = torch.autograd.grad(chosen, outputs)
-        for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
-            per_sample[index].append(layer_map(loaded, name, output, run.size, copies)(gradient))
+    counting = partial(expected_forwards, METHODS["smoothgradcampp"], options, run.batch)
+    with run.forwards.expecting(counting) as counted:
+        scores = counted(lambda copies: loaded.plugin.class_scores(module, run.forward(copies))[0])
+        for copies in noisy:
+            captured: dict[str, torch.Tensor] = {}
+            with (
+                frozen_parameters(module),
+                capture_activations(module, layers, captured, _selector(loaded)),
+                torch.enable_grad(),
+            ):
+                logits = scores(copies)
+                chosen = logits.gather(1, targets[:, None]).sum()
+                outputs = [captured[name] for name in layers]
+                gradients = torch.autograd.grad(chosen, outputs)
+            for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
+                per_sample[index].append(layer_map(loaded, name, output, run.size, copies)(gradient))
     return [torch.stack(gradients) for gradients in per_sample]
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -15,6 +16,7 @@ from ..options import MethodOptions
 from ..running import probabilities_of, scores_of
 from .base import PassOutput, PassRun, no_gradient, upsample
 from .cam import cam_maps
+from .counting import expected_forwards
 from .registry import register_pass
 
 
@@ -32,9 +34,10 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
             cam = run.maps.get("gradcam")
             if cam is None:
                 cam = cam_maps(run, [METHODS["gradcam"]])["gradcam"]
-        with torch.enable_grad(), _gradient_needed(method.name):
+        counting = partial(expected_forwards, method, options, batch)
+        with torch.enable_grad(), _gradient_needed(method.name), run.forwards.expecting(counting) as counted:
             attribution = method.compute(
-                forward,
+                counted(forward),
                 batch,
                 targets.tolist(),
                 model=loaded.module,
@@ -45,7 +48,7 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
                 window=options.window,
                 stride=options.stride,
                 batch_size=options.batch_size,
-                probabilities=probabilities_of(loaded, run.size),
+                probabilities=counted(probabilities_of(loaded, run.size)),
                 **({} if options.samples is None else {"samples": options.samples}),
             )
         output.maps[method.name] = upsample(attribution.detach(), run.size)
