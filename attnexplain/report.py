@@ -364,6 +364,11 @@ def _data_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
     return f"data:image/{kind};base64," + base64.b64encode(encode_image(pixels, extension)).decode("ascii")
 
 
+def image_uri(pixels: np.ndarray, extension: str = ".jpg") -> str:
+    """A picture as a ``data:`` URI (JPEG, or PNG for ``".png"``), for a page that opens from disk."""
+    return _data_uri(pixels, extension)
+
+
 @lru_cache(maxsize=1)
 def templates():
     """The Jinja2 environment of every page attnexplain writes (templates/, HTML autoescaped)."""

@@ -27,7 +27,7 @@ from .option_groups import (
     overlay_format_option,
     overlay_size_option,
 )
-from .printing import print_evaluation, print_run
+from .printing import print_caption_run, print_evaluation, print_run
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -117,6 +117,12 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Also measure each map: deletion, insertion, road, drop, comma-separated (report.json "
     '"metrics"; `attnexplain evaluate` compares methods over many images).',
 )
+@click.option(
+    "--caption",
+    "caption",
+    help="A captioning model: score this caption (teacher forcing) and explain each of its words, "
+    "instead of the model's own caption.",
+)
 def run(
     model_spec: ModelSpec,
     image: Path,
@@ -136,6 +142,7 @@ def run(
     overlay_size: int | None,
     as_json: bool,
     metric_names: list[str],
+    caption: str | None,
 ) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
@@ -169,6 +176,31 @@ def run(
             needed = plan_preprocessing(loaded, size=size, mean=mean, std=std).shortest_side
             picture = load_image(image, max_pixels=max_pixels, longest_side=overlay_size, shortest_side=needed)
             image_s += time.perf_counter() - started
+        from ..captioning import captioning_of
+
+        if captioning_of(loaded) is not None:  # a captioner: its caption, each word's maps
+            _run_captioner(
+                loaded,
+                picture,
+                caption,
+                target,
+                method,
+                metric_names,
+                size,
+                mean,
+                std,
+                image_s,
+                import_s,
+                model_s,
+                out_dir,
+                alpha,
+                overlay_format,
+                colormap,
+                as_json,
+            )
+            return
+        if caption is not None:
+            raise click.UsageError("--caption applies to captioning models only; this model is not one.")
         explanation = explain(
             loaded,
             picture,
@@ -202,6 +234,51 @@ def run(
         click.echo(json.dumps(report, indent=2))
     else:
         print_run(report)
+
+
+def _run_captioner(
+    loaded,
+    picture,
+    caption,
+    target,
+    method,
+    metric_names,
+    size,
+    mean,
+    std,
+    image_s,
+    import_s,
+    model_s,
+    out_dir,
+    alpha,
+    overlay_format,
+    colormap,
+    as_json,
+) -> None:
+    """``run`` on a captioning model: the caption, and each word's attention and Grad-CAM."""
+    from ..captioning import explain_caption
+    from ..report import output_dir_for
+
+    if method != "auto":
+        raise click.UsageError(
+            "A captioner is explained by its own attention and Grad-CAM for each word; --method does not apply."
+        )
+    if metric_names:
+        raise click.UsageError("--metrics does not apply to a captioner yet.")
+    explanation = explain_caption(loaded, picture, caption=caption, target=target, size=size, mean=mean, std=std)
+    explanation.timings = {
+        "load_image_s": image_s,
+        "import_s": import_s,
+        "load_model_s": model_s,
+        **explanation.timings,
+    }
+    report = explanation.save(
+        output_dir_for(out_dir, picture.path), alpha=alpha, overlay_format=overlay_format, colormap=colormap
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_caption_run(report)
 
 
 @click.command()

@@ -156,7 +156,11 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
             help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
             "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise.",
         ),
-        target=click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
+        target=click.option(
+            "--target",
+            help="Class to explain: index or label (default: the top prediction); for a captioner, one word "
+            "of the caption.",
+        ),
         layer=click.option(
             "--layer",
             help="Layer(s) for the CAM family, comma-separated (several are fused; "
