@@ -200,7 +200,9 @@ def run(
             )
             return
         if caption is not None:
-            raise click.UsageError("--caption applies to captioning models only; this model is not one.")
+            from ..errors import MethodError
+
+            raise MethodError("--caption applies to captioning models only; this model is not one.")
         explanation = explain(
             loaded,
             picture,
@@ -257,14 +259,15 @@ def _run_captioner(
 ) -> None:
     """``run`` on a captioning model: the caption, and each word's attention and Grad-CAM."""
     from ..captioning import explain_caption
+    from ..errors import MethodError
     from ..report import output_dir_for
 
     if method != "auto":
-        raise click.UsageError(
+        raise MethodError(
             "A captioner is explained by its own attention and Grad-CAM for each word; --method does not apply."
         )
     if metric_names:
-        raise click.UsageError("--metrics does not apply to a captioner yet.")
+        raise MethodError("--metrics does not apply to a captioner yet.")
     explanation = explain_caption(loaded, picture, caption=caption, target=target, size=size, mean=mean, std=std)
     explanation.timings = {
         "load_image_s": image_s,
