@@ -14,6 +14,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on first use
+    from .captioning import CaptionExplanation, explain_caption
     from .errors import AttnExplainError
     from .explanation import Explanation, explain
     from .images import LoadedImage, load_image
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
 __all__ = [
     "explain",
     "Explanation",
+    "explain_caption",
+    "CaptionExplanation",
     "load_model",
     "LoadedModel",
     "load_image",
@@ -38,6 +41,8 @@ __all__ = [
 _HOMES = {
     "explain": "explanation",
     "Explanation": "explanation",
+    "explain_caption": "captioning",
+    "CaptionExplanation": "captioning",
     "load_model": "loading",
     "LoadedModel": "loading",
     "load_image": "images",

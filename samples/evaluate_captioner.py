@@ -9,7 +9,8 @@ On ``--images`` composites drawn with ``TEST_SEED`` (never trained on), with the
   the image as ``attnexplain run`` does) peaks on the object's mask (nouns, articles) or on the
   background (texture words), and the same for Grad-CAM of the word's log-probability on the
   encoder's feature map; beside the rate of a random map (its peak a uniformly random pixel: the
-  region's share of the image).
+  region's share of the image), and the share of α's mass inside the region (a uniform α's would be
+  that share too).
 
 The model is loaded from disk as a user would (``attnexplain.loading.load_model``).
 """
@@ -42,6 +43,19 @@ def peaks_in(maps: torch.Tensor, regions: np.ndarray) -> np.ndarray:
     return regions.reshape(len(regions), -1)[np.arange(len(regions)), flat]
 
 
+def keep_as_leaf(output: torch.Tensor, kept: list[torch.Tensor]) -> torch.Tensor:
+    """A forward hook's body: the feature map as a leaf that takes gradients (load_model freezes the
+    weights), kept and returned in place of the output (the same values)."""
+    kept.append(output.detach().requires_grad_())
+    return kept[-1]
+
+
+def mass_in(maps: torch.Tensor, regions: np.ndarray) -> np.ndarray:
+    """For (n, H, W) non-negative maps: the share of each map's total inside its region."""
+    inside = (maps * torch.from_numpy(regions)).flatten(1).sum(1)
+    return (inside / maps.flatten(1).sum(1).clamp_min(1e-12)).numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -69,14 +83,14 @@ def main() -> None:
 
     # Teacher forcing on the true caption: every image has its noun and texture step.
     alpha_hits = {role: [] for role in ROLES}
+    alpha_mass = {role: [] for role in ROLES}
     cam_hits = {role: [] for role in ROLES}
     regions = {role: (masks if role in ("article", "noun") else ~masks) for role in ROLES}
     for start in range(0, len(x), 100):
         batch, target = x[start : start + 100], words[start : start + 100]
         features: list[torch.Tensor] = []
-        # load_model freezes the weights: the feature map becomes a leaf of its own (same values).
         handle = model.get_submodule(model.last_block).register_forward_hook(
-            lambda m, a, out, kept=features: kept.append(out.detach().requires_grad_()) or kept[-1]
+            lambda module, args, out, kept=features: keep_as_leaf(out, kept)
         )
         try:
             logits, alphas = model(batch, target)
@@ -87,6 +101,7 @@ def main() -> None:
         for t, role in enumerate(ROLES):
             alpha_maps = upsample(alphas[:, t].detach().reshape(-1, height, width), (SIZE, SIZE))
             alpha_hits[role].append(peaks_in(alpha_maps, regions[role][start : start + 100]))
+            alpha_mass[role].append(mass_in(alpha_maps, regions[role][start : start + 100]))
             # The images are independent (BatchNorm in eval), so one backward of the sum gives each
             # image's gradient of its own word's log-probability.
             chosen = log_probs[:, t].gather(1, target[:, t : t + 1]).sum()
@@ -105,13 +120,14 @@ def main() -> None:
         f"texture right {textures_right:.1%} ({len(TEXTURES)} textures)"
     )
     print("peak on the word's region (teacher forcing on the true caption):")
-    print(f"  {'word':<8} {'region':<11} {'attention α':>12} {'Grad-CAM':>10} {'random map':>11}")
+    print(f"  {'word':<8} {'region':<11} {'attention α':>12} {'Grad-CAM':>10} {'random map':>11} {'α mass':>8}")
     for role in ROLES:
         where = "object" if role in ("article", "noun") else "background"
         share = regions[role].reshape(len(x), -1).mean()
         alpha_rate = np.concatenate(alpha_hits[role]).mean()
         cam_rate = np.concatenate(cam_hits[role]).mean()
-        print(f"  {role:<8} {where:<11} {alpha_rate:>12.1%} {cam_rate:>10.1%} {share:>11.1%}")
+        mass = np.concatenate(alpha_mass[role]).mean()
+        print(f"  {role:<8} {where:<11} {alpha_rate:>12.1%} {cam_rate:>10.1%} {share:>11.1%} {mass:>8.1%}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .option_groups import (
     overlay_format_option,
     overlay_size_option,
 )
-from .printing import print_caption_run, print_evaluation, print_run
+from .printing import print_evaluation, print_run
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -179,25 +179,12 @@ def run(
         from ..captioning import captioning_of
 
         if captioning_of(loaded) is not None:  # a captioner: its caption, each word's maps
-            _run_captioner(
-                loaded,
-                picture,
-                caption,
-                target,
-                method,
-                metric_names,
-                size,
-                mean,
-                std,
-                image_s,
-                import_s,
-                model_s,
-                out_dir,
-                alpha,
-                overlay_format,
-                colormap,
-                as_json,
-            )
+            from .captioning import run_captioner
+
+            timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s}
+            explained = dict(caption=caption, target=target, size=size, mean=mean, std=std)
+            written = dict(alpha=alpha, overlay_format=overlay_format, colormap=colormap)
+            run_captioner(loaded, picture, method, metric_names, explained, written, out_dir, timings, as_json)
             return
         if caption is not None:
             from ..errors import MethodError
@@ -236,52 +223,6 @@ def run(
         click.echo(json.dumps(report, indent=2))
     else:
         print_run(report)
-
-
-def _run_captioner(
-    loaded,
-    picture,
-    caption,
-    target,
-    method,
-    metric_names,
-    size,
-    mean,
-    std,
-    image_s,
-    import_s,
-    model_s,
-    out_dir,
-    alpha,
-    overlay_format,
-    colormap,
-    as_json,
-) -> None:
-    """``run`` on a captioning model: the caption, and each word's attention and Grad-CAM."""
-    from ..captioning import explain_caption
-    from ..errors import MethodError
-    from ..report import output_dir_for
-
-    if method != "auto":
-        raise MethodError(
-            "A captioner is explained by its own attention and Grad-CAM for each word; --method does not apply."
-        )
-    if metric_names:
-        raise MethodError("--metrics does not apply to a captioner yet.")
-    explanation = explain_caption(loaded, picture, caption=caption, target=target, size=size, mean=mean, std=std)
-    explanation.timings = {
-        "load_image_s": image_s,
-        "import_s": import_s,
-        "load_model_s": model_s,
-        **explanation.timings,
-    }
-    report = explanation.save(
-        output_dir_for(out_dir, picture.path), alpha=alpha, overlay_format=overlay_format, colormap=colormap
-    )
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        print_caption_run(report)
 
 
 @click.command()

@@ -22,22 +22,15 @@ vocabulary is an argument (JSON), so a checkpoint carries it in ``arch_kwargs``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from .model import strided_backbone
+
 #: The special words every vocabulary starts with, in this order.
 PAD, START, END = "<pad>", "<start>", "<end>"
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
-    return [
-        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    ]
 
 
 class AdditiveAttention(nn.Module):
@@ -105,13 +98,7 @@ class ShowAttendTell(nn.Module):
         self.image_size = int(image_size)
         self.max_length = int(max_length)
         self.init_from_features = bool(init_from_features)
-        blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(*_conv_bn_relu(3, channels[0], 2)))]
-        for index, (before, after) in enumerate(zip(channels, channels[1:]), start=1):
-            layers = _conv_bn_relu(before, after, 2)
-            for _ in range(convs_per_stage - 1):
-                layers += _conv_bn_relu(after, after)
-            blocks.append((f"block{index}", nn.Sequential(*layers)))
-        self.encoder = nn.Sequential(OrderedDict(blocks))
+        self.encoder = strided_backbone(channels, convs_per_stage)
         features, words = channels[-1], len(self.vocabulary)
         self.embedding = nn.Embedding(words, embedding_dim)
         self.attention = AdditiveAttention(features, hidden_size, attention_dim)

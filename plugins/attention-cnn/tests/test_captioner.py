@@ -76,7 +76,8 @@ def test_greedy_captions_are_the_argmax_of_the_models_own_teacher_forced_scores(
         assert 1 <= len(caption) <= 5
         logits, alphas = random_captioner(image[None], torch.tensor([caption]))
         assert logits[0].argmax(dim=-1).tolist() == caption
-        assert alphas.shape == (1, len(caption), 64)  # an 8×8 map and torch.allclose(alphas.sum(-1), torch.ones(1, len(caption)))
+        assert alphas.shape == (1, len(caption), 64)  # an 8×8 map
+        assert torch.allclose(alphas.sum(-1), torch.ones(1, len(caption)))
 
 
 def test_a_vocabulary_without_the_special_words_first_is_refused():

@@ -1,0 +1,49 @@
+"""``run`` on a captioning model: the caption, and for each word its attention and Grad-CAM.
+
+``run`` hands a model over here when its plugin says it captions (:mod:`attnexplain.captioning`);
+the work happens in :func:`attnexplain.captioning.explain_caption`, the printing in
+:func:`.printing.print_caption_run`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import MethodError
+from .printing import print_caption_run
+
+
+def run_captioner(
+    loaded: Any,
+    picture: Any,
+    method: str,
+    metric_names: list[str],
+    explained: dict[str, Any],
+    written: dict[str, Any],
+    out_dir: Path,
+    timings: dict[str, float],
+    as_json: bool,
+) -> None:
+    """Explain ``picture``'s caption (``explained``: caption, target, size, mean, std, as
+    :func:`~attnexplain.captioning.explain_caption` takes them) and write the outputs (``written``:
+    alpha, overlay_format, colormap) into ``out_dir``'s folder for the picture."""
+    from ..captioning import explain_caption
+    from ..report import output_dir_for
+
+    if method != "auto":
+        raise MethodError(
+            "A captioner is explained by its own attention and Grad-CAM for each word; --method does not apply."
+        )
+    if metric_names:
+        raise MethodError("--metrics does not apply to a captioner yet.")
+    explanation = explain_caption(loaded, picture, **explained)
+    explanation.timings = {**timings, **explanation.timings}
+    report = explanation.save(output_dir_for(out_dir, picture.path), **written)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_caption_run(report)
