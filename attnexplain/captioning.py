@@ -139,6 +139,15 @@ def captioning_of(loaded: LoadedModel) -> "Captioning | None":
     return loaded.plugin.captioning(loaded.module)
 
 
+def refuse_captioner(loaded: LoadedModel, command: str) -> None:
+    """A one-line :class:`MethodError` where ``command`` does not explain captioners yet."""
+    if captioning_of(loaded) is not None:
+        raise MethodError(
+            f"`attnexplain {command}` does not explain captioning models yet; "
+            f"`attnexplain run MODEL IMAGE` explains one image's caption word by word."
+        )
+
+
 def caption_ids(captioning: "Captioning", caption: str) -> list[int]:
     """A caption the user gives, as word ids; a :class:`MethodError` names a word not in the
     model's vocabulary."""

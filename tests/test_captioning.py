@@ -278,3 +278,11 @@ def test_a_captioner_of_another_plugin_is_explained_through_the_captioning_hook_
             np.testing.assert_allclose(
                 np.exp(word.alignment_scores) / np.exp(word.alignment_scores).sum(), word.attention_grid, atol=1e-6
             )
+
+
+def test_batch_and_evaluate_refuse_a_captioner_in_one_line_and_write_nothing(captioner_file, photo, tmp_path):
+    path, _ = photo
+    for command in ("batch", "evaluate"):
+        out = tmp_path / command
+        _clean_failure(_run(command, captioner_file, path, "--out", out), f"`attnexplain {command}`", "run")
+        assert not out.exists()

@@ -374,6 +374,7 @@ def batch(
     from .._signals import Stopped, stop_signals_interrupt
     from ..batch import check_earlier_run, run_batch
     from ..batch_stages import BatchSettings
+    from ..captioning import refuse_captioner
     from ..report import writable_output_folder
     from ..truth import read_truth
 
@@ -417,6 +418,7 @@ def batch(
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
             loaded = model_spec.load()
+            refuse_captioner(loaded, "batch")
             result = run_batch(
                 loaded,
                 model_spec,
@@ -586,6 +588,7 @@ def evaluate(
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
     from .._signals import Stopped, stop_signals_interrupt
+    from ..captioning import refuse_captioner
     from ..evaluation import EvaluationSettings
     from ..evaluation import evaluate as run_evaluation
     from ..metrics import MetricSettings
@@ -614,6 +617,7 @@ def evaluate(
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = model_spec.load()
+            refuse_captioner(loaded, "evaluate")
             evaluation = run_evaluation(
                 loaded,
                 list(inputs),
