@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .errors import MethodError, ModelRunError, NothingToExplain, shown
+from .errors import MethodError, ModelRunError, NothingToExplain, error_line, shown
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
@@ -31,7 +31,7 @@ from .methods.cam import cam_map, gradcam
 from .methods.combine import upsample
 from .planning import plan_preprocessing
 from .preprocess import Preprocessing, prepare
-from .running import model_device
+from .running import model_device, model_failures
 
 if TYPE_CHECKING:
     from .plugins import Captioning
@@ -139,12 +139,12 @@ def captioning_of(loaded: LoadedModel) -> "Captioning | None":
     return loaded.plugin.captioning(loaded.module)
 
 
-def refuse_captioner(loaded: LoadedModel, command: str) -> None:
-    """A one-line :class:`MethodError` where ``command`` does not explain captioners yet."""
+def refuse_captioner(loaded: LoadedModel, command: str, instead: str = "`attnexplain run MODEL IMAGE`") -> None:
+    """A one-line :class:`MethodError` where ``command`` does not explain captioners (yet),
+    naming what does (``instead``)."""
     if captioning_of(loaded) is not None:
         raise MethodError(
-            f"`attnexplain {command}` does not explain captioning models yet; "
-            f"`attnexplain run MODEL IMAGE` explains one image's caption word by word."
+            f"{command} does not explain captioning models; {instead} explains an image's caption word by word."
         )
 
 
@@ -202,7 +202,7 @@ def explain_caption(
         ids, generated = caption_ids(captioning, caption), False
         finished = True
     else:
-        with torch.no_grad():
+        with torch.no_grad(), model_failures(module):
             ids = [int(i) for i in captioning.generate(batch)]
         generated = True
         finished = bool(ids) and ids[-1] == captioning.end
@@ -219,7 +219,7 @@ def explain_caption(
 
     started = time.perf_counter()
     steps = ids + [captioning.end] if finished else ids
-    features, alphas, scores, log_probs = _teacher_forced(module, captioning, batch, steps)
+    features, alphas, scores, log_probs = _teacher_forced(module, captioning, batch, steps, loaded.plugin.name)
     timings["score_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -262,7 +262,7 @@ def explain_caption(
 
 
 def _teacher_forced(
-    module: torch.nn.Module, captioning: "Captioning", batch: torch.Tensor, steps: list[int]
+    module: torch.nn.Module, captioning: "Captioning", batch: torch.Tensor, steps: list[int], plugin: str
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """One teacher-forced forward with the feature map and every step's (α, e) recorded:
     (features (1, C, h, w), α per step, e per step, log-probabilities (1, T, V))."""
@@ -282,7 +282,15 @@ def _teacher_forced(
         return output
 
     def keep_attention(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-        alpha, score = captioning.read_attention(output)
+        try:
+            alpha, score = captioning.read_attention(output)
+            if alpha.dim() != 2 or score.shape != alpha.shape:
+                raise ValueError(f"α {tuple(alpha.shape)} and e {tuple(score.shape)} are not both (batch, positions)")
+        except Exception as error:  # the plugin's code, run inside the model's forward
+            raise ModelRunError(
+                f"Plugin {plugin}'s captioning().read_attention failed on the output of "
+                f"{captioning.attention_module!r}: {error_line(error, 200)}"
+            ) from error
         alphas.append(alpha)
         scores.append(score)
 
@@ -296,7 +304,7 @@ def _teacher_forced(
         attention_module.register_forward_hook(keep_attention),
     ]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), model_failures(module):
             log_probs = captioning.score(batch, torch.tensor([steps], dtype=torch.long, device=batch.device))
     finally:
         for handle in handles:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .captioning import refuse_captioner
 from .engine import BatchMaps, compute_maps
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
@@ -172,6 +173,7 @@ def explain(
     started = time.perf_counter()
     picture = image_from(image)
     loaded = _as_loaded_model(model, labels=labels, device=device)
+    refuse_captioner(loaded, "explain()", "attnexplain.explain_caption()")
     module = loaded.module
     run_device = model_device(module)
 

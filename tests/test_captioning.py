@@ -286,3 +286,64 @@ def test_batch_and_evaluate_refuse_a_captioner_in_one_line_and_write_nothing(cap
         out = tmp_path / command
         _clean_failure(_run(command, captioner_file, path, "--out", out), f"`attnexplain {command}`", "run")
         assert not out.exists()
+
+
+def test_explain_points_a_captioner_to_explain_caption(captioner):
+    import attnexplain
+    from attnexplain.errors import MethodError
+
+    with pytest.raises(MethodError, match=r"explain_caption\(\)"):
+        attnexplain.explain(captioner, np.zeros((64, 64, 3), np.uint8))
+
+
+class _HostilePlugin(_TinyPlugin):
+    """Words from a model's file that are markup and paths; a reader of the attention that fails."""
+
+    name = "hostile-captioner"
+
+    def __init__(self, vocabulary: tuple[str, ...], generated: list[int], broken_reader: bool = False) -> None:
+        self.vocabulary, self.generated, self.broken_reader = vocabulary, generated, broken_reader
+
+    def captioning(self, model):
+        plain = super().captioning(model)
+        return Captioning(
+            vocabulary=self.vocabulary,
+            end=1,
+            feature_layer="encoder",
+            attention_module="attend",
+            generate=lambda image: list(self.generated),
+            score=plain.score,
+            read_attention=(lambda output: output.weights) if self.broken_reader else plain.read_attention,
+        )
+
+
+def test_words_read_from_a_model_are_escaped_in_the_page_and_kept_out_of_file_paths(photo, tmp_path):
+    from attnexplain.captioning import explain_caption
+
+    _, pixels = photo
+    torch.manual_seed(1)
+    model = _TinyCaptioner().eval()
+    vocabulary = ("<start>", "<end>", "../../escaped", "<script>alert(1)</script>")
+    with use_plugins(_HostilePlugin(vocabulary, [2, 3, 1])):
+        explanation = explain_caption(model, pixels, size=32)
+    report = explanation.save(tmp_path / "out")
+    assert report["caption"] == "../../escaped <script>alert(1)</script>"
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert all((tmp_path / "out" / name).resolve().parent == (tmp_path / "out").resolve() for name in written)
+    assert not (tmp_path / "escaped").exists() and not any(tmp_path.glob("*escaped*"))
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_plugin_whose_attention_reader_fails_is_a_one_line_error_naming_it(photo):
+    from attnexplain.captioning import explain_caption
+    from attnexplain.errors import AttnExplainError
+
+    _, pixels = photo
+    model = _TinyCaptioner().eval()
+    with use_plugins(_HostilePlugin(("<start>", "<end>", "red", "blue"), [2, 3, 1], broken_reader=True)):
+        with pytest.raises(
+            AttnExplainError, match=r"hostile-captioner's captioning\(\).read_attention failed"
+        ) as raised:
+            explain_caption(model, pixels, size=32)
+    assert "\n" not in str(raised.value)

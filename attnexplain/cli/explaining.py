@@ -418,7 +418,7 @@ def batch(
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
             loaded = model_spec.load()
-            refuse_captioner(loaded, "batch")
+            refuse_captioner(loaded, "`attnexplain batch`")
             result = run_batch(
                 loaded,
                 model_spec,
@@ -617,7 +617,7 @@ def evaluate(
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = model_spec.load()
-            refuse_captioner(loaded, "evaluate")
+            refuse_captioner(loaded, "`attnexplain evaluate`")
             evaluation = run_evaluation(
                 loaded,
                 list(inputs),
