@@ -186,6 +186,7 @@ def test_bad_captioner_input_is_refused_in_one_line(captioner_file, photo, tmp_p
         "a cat on grass",
     )
     _clean_failure(_run("run", captioner_file, path, "--method", "gradcam", "--out", tmp_path), "--method")
+    _clean_failure(_run("run", captioner_file, path, "--layer", "encoder", "--out", tmp_path), "--layer")
     assert not any(tmp_path.iterdir())  # nothing written on a refusal
 
 

@@ -20,26 +20,26 @@ from .printing import print_caption_run
 def run_captioner(
     loaded: Any,
     picture: Any,
-    method: str,
-    metric_names: list[str],
+    refused: dict[str, bool],
     explained: dict[str, Any],
     written: dict[str, Any],
     out_dir: Path,
     timings: dict[str, float],
     as_json: bool,
 ) -> None:
-    """Explain ``picture``'s caption (``explained``: caption, target, size, mean, std, as
+    """Refuse the options given that do not apply to a captioner (``refused``: option → given), then
+    explain ``picture``'s caption (``explained``: caption, target, size, mean, std, as
     :func:`~attnexplain.captioning.explain_caption` takes them) and write the outputs (``written``:
     alpha, overlay_format, colormap) into ``out_dir``'s folder for the picture."""
     from ..captioning import explain_caption
     from ..report import output_dir_for
 
-    if method != "auto":
+    given = [option for option, was_given in refused.items() if was_given]
+    if given:
         raise MethodError(
-            "A captioner is explained by its own attention and Grad-CAM for each word; --method does not apply."
+            f"A captioner is explained by its own attention and by Grad-CAM on its encoder's feature map for "
+            f"each word; {', '.join(given)} does not apply to it."
         )
-    if metric_names:
-        raise MethodError("--metrics does not apply to a captioner yet.")
     explanation = explain_caption(loaded, picture, **explained)
     explanation.timings = {**timings, **explanation.timings}
     report = explanation.save(output_dir_for(out_dir, picture.path), **written)

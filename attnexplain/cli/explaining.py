@@ -184,7 +184,8 @@ def run(
             timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s}
             explained = dict(caption=caption, target=target, size=size, mean=mean, std=std)
             written = dict(alpha=alpha, overlay_format=overlay_format, colormap=colormap)
-            run_captioner(loaded, picture, method, metric_names, explained, written, out_dir, timings, as_json)
+            refused = {"--method": method != "auto", "--layer": layer is not None, "--metrics": bool(metric_names)}
+            run_captioner(loaded, picture, refused, explained, written, out_dir, timings, as_json)
             return
         if caption is not None:
             from ..errors import MethodError
