@@ -140,11 +140,11 @@ def captioning_of(loaded: LoadedModel) -> "Captioning | None":
 
 
 def refuse_captioner(loaded: LoadedModel, command: str, instead: str = "`attnexplain run MODEL IMAGE`") -> None:
-    """A one-line :class:`MethodError` where ``command`` does not explain captioners (yet),
-    naming what does (``instead``)."""
+    """A one-line :class:`MethodError` where ``command`` does not handle captioners (yet), naming
+    what does (``instead``)."""
     if captioning_of(loaded) is not None:
         raise MethodError(
-            f"{command} does not explain captioning models; {instead} explains an image's caption word by word."
+            f"{command} does not handle captioning models yet; {instead} explains an image's caption word by word."
         )
 
 
