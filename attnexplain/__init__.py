@@ -14,6 +14,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on first use
+    from .captioning import CaptionExplanation, explain_caption
     from .errors import AttnExplainError
     from .explanation import Explanation, explain
     from .figures import figure
@@ -27,6 +28,8 @@ __all__ = [
     "explain",
     "Explanation",
     "figure",
+    "explain_caption",
+    "CaptionExplanation",
     "load_model",
     "LoadedModel",
     "load_image",
@@ -41,6 +44,8 @@ _HOMES = {
     "explain": "explanation",
     "Explanation": "explanation",
     "figure": "figures",
+    "explain_caption": "captioning",
+    "CaptionExplanation": "captioning",
     "load_model": "loading",
     "LoadedModel": "loading",
     "load_image": "images",

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .captioning import refuse_captioner
 from .detection_targets import box_outcome
 from .engine import BatchMaps, compute_maps
 from .formats import DEFAULT_COLORMAP
@@ -221,6 +222,7 @@ def explain(
     started = time.perf_counter()
     picture = image_from(image)
     loaded = _as_loaded_model(model, labels=labels, device=device)
+    refuse_captioner(loaded, "explain()", "attnexplain.explain_caption()")
     module = loaded.module
     run_device = model_device(module)
 

@@ -41,10 +41,13 @@ from .layout import CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP
 # queries, keys) tensor: WindowedAttention (inside windows of a token map), SpatialAttention (over a
 # layer's own grid). vit_cam_block picks a class-token ViT's default CAM block (default_layer);
 # classification_logits reads logits off a classifier's output (what class_scores does by default).
+# Captioning (captioning) says how a captioner generates, scores a word and records its per-step
+# attention over the image.
 # Tests: use_plugins makes attnexplain see the given plugins (ModelPlugin instances, or PluginInfo
 # rows with a distribution or an error) as the installed ones inside a ``with`` block.
 from .plugins import (
     PLUGIN_API_VERSION,
+    Captioning,
     CatalogEntry,
     Detections,
     ModelPlugin,
@@ -109,6 +112,7 @@ __all__ = [
     "SpatialAttention",
     "vit_cam_block",
     "classification_logits",
+    "Captioning",
     # layouts
     "CHANNELS_FIRST",
     "CHANNELS_LAST",

@@ -103,6 +103,32 @@ class Detections:
 
 
 @dataclass(frozen=True)
+class Captioning:
+    """How a captioning model writes a caption and where it looks for each word (API v2), as its
+    plugin says (:meth:`ModelPlugin.captioning`); the core explains every word with it.
+
+    ``generate`` writes the caption as the model itself does (greedy, beam search): word ids, the
+    end word included when written. ``score`` runs the model with teacher forcing on given word
+    ids (B, T) (the end word included, no start word) and returns each step's log-probabilities
+    (B, T, vocabulary): a step's score is its word's log-probability. The module named
+    ``attention_module`` is called once per step; ``read_attention`` turns its output into that
+    step's (α (B, L), e (B, L)): the weights over the L positions of ``feature_layer``'s (B, C, h, w)
+    map (row-major) and the alignment scores they are the softmax of. Record the α the context was
+    computed from, so that a gradient through it is real.
+    """
+
+    vocabulary: tuple[str, ...]  # word id → word
+    end: int  # the id of the word that ends a caption
+    feature_layer: str  # the encoder's feature map, (B, C, h, w): attended over, and Grad-CAM's layer
+    attention_module: str
+    generate: Callable[["torch.Tensor"], list[int]]  # one image (1, 3, H, W) → its caption's word ids
+    score: Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # images, ids (B, T) → (B, T, V)
+    read_attention: Callable[[Any], tuple["torch.Tensor", "torch.Tensor"]]  # module output → (α, e)
+    #: What the alignment scores are, for the report (their formula, their range).
+    score_formula: str = "alignment scores e; α = softmax(e) over the positions"
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     """A model a plugin can build by name, for ``attnexplain models`` and coverage tests.
 
@@ -360,6 +386,11 @@ class ModelPlugin:
         from contextlib import nullcontext
 
         return nullcontext()
+
+    def captioning(self, model: "nn.Module") -> Captioning | None:
+        """For a model that writes captions: how it generates, scores a word and records its
+        attention per word (:class:`Captioning`). None (the default): not a captioner."""
+        return None
 
     def select_output(self, model: "nn.Module", layer: str, output: Any) -> "torch.Tensor | None":
         """The tensor of a CAM layer's output that the CAM explains, when the module returns several

@@ -84,6 +84,71 @@ def attention_cnn() -> None:
     )
 
 
+def captioner() -> None:
+    """Show, Attend and Tell: each word's α over the photo, and for the noun e → softmax → α.
+    Prints the numbers docs/attention-on-images.md quotes (e's range, α's peak and mass on the
+    object, the gate β and the context vector, word by word)."""
+    import torch
+    from PIL import Image
+
+    from attnexplain.render import colorize
+
+    name = "coffee-on-gravel"
+    image = attnexplain.load_image(IMAGES / f"{name}.png")
+    model = attnexplain.load_model(MODELS / "captioner-composites.pt")
+    recorded: dict[str, list] = {"context": [], "gate": []}
+    hooks = [
+        model.module.attention.register_forward_hook(lambda m, a, out: recorded["context"].append(out[0].detach())),
+        model.module.gate.register_forward_hook(lambda m, a, out: recorded["gate"].append(torch.sigmoid(out).detach())),
+    ]
+    try:
+        result = attnexplain.explain_caption(model, image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    mask = np.asarray(Image.open(REPO / "samples" / "masks" / f"{name}.png").convert("L")) > 127
+    mask = cv2.resize(mask.astype(np.uint8), result.words[0].attention.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    # generate() ran first, then the teacher-forced pass: the last len(steps) records are that pass's.
+    contexts = recorded["context"][-(len(result.caption) + 1) :]
+    gates = recorded["gate"][-(len(result.caption) + 1) :]
+    print(f"caption: {result.text!r}; grid {result.grid}; object share {mask.mean():.3f}")
+    for word, context, gate in zip(result.words, contexts, gates):
+        e, alpha = word.alignment_scores, word.attention_grid
+        mass = float((word.attention * mask).sum() / word.attention.sum())
+        print(
+            f"  {word.word:>7}: p {word.probability:.4f}; e from {e.min():.2f} to {e.max():.2f} (mean {e.mean():.2f}); "
+            f"α max {alpha.max():.4f} min {alpha.min():.2e}; α mass on the object {mass:.1%}; "
+            f"β {float(gate):.3f}; |Σ α a| {float(context.norm()):.2f}"
+        )
+    for first, second in zip(range(len(contexts) - 1), range(1, len(contexts))):
+        cosine = float(torch.nn.functional.cosine_similarity(contexts[first], contexts[second]))
+        print(f"  cos(context {first + 1}, context {second + 1}) = {cosine:.3f}")
+
+    def overlay(heatmap: np.ndarray) -> np.ndarray:
+        return render_overlay(image.pixels, heatmap, result.box, 0.5)
+
+    tiles = [_labelled(image.pixels, "photo")]
+    tiles += [_labelled(overlay(word.attention), f"alpha for '{word.word}'") for word in result.words]
+    _save("captioner-strip.png", _row(tiles))
+    noun = result.words[1]
+
+    def grid(values: np.ndarray) -> np.ndarray:
+        return cv2.resize(colorize(normalize_heatmap(values)), (160, 160), interpolation=cv2.INTER_NEAREST)
+
+    e = noun.alignment_scores
+    _save(
+        "captioner-scores.png",
+        _row(
+            [
+                _labelled(grid(e), f"e, {e.min():.1f} to {e.max():.1f}"),
+                _labelled(grid(noun.attention_grid), f"softmax(e): max {noun.attention_grid.max():.3f}"),
+                _labelled(overlay(noun.attention), f"alpha for '{noun.word}'"),
+                _labelled(overlay(noun.gradcam), f"Grad-CAM, log p('{noun.word}')"),
+            ]
+        ),
+    )
+
+
 def vit() -> None:
     """The ViT: per layer and head, the class token's attention; rollout through 1..L layers."""
     image = attnexplain.load_image(IMAGES / "cat-on-grass.png")
@@ -239,6 +304,7 @@ def screenshots() -> None:
 
 FIGURES = {
     "attention_cnn": attention_cnn,
+    "captioner": captioner,
     "vit": vit,
     "resnet": resnet,
     "notebook": notebook,

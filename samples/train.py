@@ -9,6 +9,8 @@ plugins/attention-cnn, which must be installed: ``pip install -e plugins/attenti
 ``cbam-composites.pt`` (the same plugin's CBAM CNN) as plain
 dicts that load with ``torch.load(path, weights_only=True)``; see samples/README.md for the format.
 The reported test accuracy is measured after the fp16 round trip, on what was saved.
+``--only captioner`` trains the same plugin's Show, Attend and Tell captioner instead
+(``captioner-composites.pt``; samples/train_captioner.py).
 """
 
 from __future__ import annotations
@@ -199,11 +201,17 @@ def main() -> None:
     parser.add_argument("--cbam-epochs", type=int, default=2)
     parser.add_argument(
         "--only",
-        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES],
+        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES, "captioner"],
         default=None,
-        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN)",
+        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN; captioner: the Show, "
+        "Attend and Tell captioner of samples/train_captioner.py, not trained without --only)",
     )
     args = parser.parse_args()
+    if args.only == "captioner":
+        from train_captioner import main as train_captioner
+
+        train_captioner(["--out", str(args.out)])
+        return
     args.only = ALIASES.get(args.only, args.only)
 
     torch.set_num_threads(THREADS)

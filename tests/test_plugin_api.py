@@ -132,3 +132,11 @@ def test_use_plugins_keeps_the_installed_ones_when_asked_and_takes_plugin_infos_
         assert "torchvision" in [plugin.name for plugin in plugins.installed_plugins()]
         assert plugins.installed_plugins()[-1] is tiny
     assert tiny not in plugins.installed_plugins()
+
+
+def test_a_plugin_is_no_captioner_unless_it_says_so():
+    """``captioning`` defaults to None (not a captioner), so every plugin written before it keeps
+    its behaviour; ``Captioning`` is importable without torch, like the other data classes."""
+    assert ModelPlugin().captioning(object()) is None  # type: ignore[arg-type]
+    assert plugin_api.Captioning is plugins.Captioning
+    assert "Captioning" in plugin_api.__all__ and "Captioning" not in plugin_api._NEEDS_TORCH

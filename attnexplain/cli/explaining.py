@@ -120,6 +120,12 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--quiet", is_flag=True, help="No progress bar (shown on a terminal for methods that cost many forwards)."
 )
+@click.option(
+    "--caption",
+    "caption",
+    help="A captioning model: score this caption (teacher forcing) and explain each of its words, "
+    "instead of the model's own caption.",
+)
 def run(
     model_spec: ModelSpec,
     image: Path,
@@ -140,6 +146,7 @@ def run(
     as_json: bool,
     metric_names: list[str],
     quiet: bool,
+    caption: str | None,
 ) -> None:
     """Explain MODEL's prediction on IMAGE: overlays, raw heatmaps, report.json and report.html.
 
@@ -174,6 +181,21 @@ def run(
             needed = plan_preprocessing(loaded, size=size, mean=mean, std=std).shortest_side
             picture = load_image(image, max_pixels=max_pixels, longest_side=overlay_size, shortest_side=needed)
             image_s += time.perf_counter() - started
+        from ..captioning import captioning_of
+
+        if captioning_of(loaded) is not None:  # a captioner: its caption, each word's maps
+            from .captioning import run_captioner
+
+            timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s}
+            explained = dict(caption=caption, target=target, size=size, mean=mean, std=std)
+            written = dict(alpha=alpha, overlay_format=overlay_format, colormap=colormap)
+            refused = {"--method": method != "auto", "--layer": layer is not None, "--metrics": bool(metric_names)}
+            run_captioner(loaded, picture, refused, explained, written, out_dir, timings, as_json)
+            return
+        if caption is not None:
+            from ..errors import MethodError
+
+            raise MethodError("--caption applies to captioning models only; this model is not one.")
         with forwards_progress(method, quiet) as progress:
             explanation = explain(
                 loaded,
@@ -360,6 +382,7 @@ def batch(
     from .._signals import Stopped, stop_signals_interrupt
     from ..batch import check_earlier_run, run_batch
     from ..batch_stages import BatchSettings
+    from ..captioning import refuse_captioner
     from ..report import writable_output_folder
     from ..truth import read_truth
 
@@ -403,6 +426,7 @@ def batch(
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
             loaded = model_spec.load()
+            refuse_captioner(loaded, "`attnexplain batch`")
             result = run_batch(
                 loaded,
                 model_spec,
@@ -572,6 +596,7 @@ def evaluate(
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
     from .._signals import Stopped, stop_signals_interrupt
+    from ..captioning import refuse_captioner
     from ..evaluation import EvaluationSettings
     from ..evaluation import evaluate as run_evaluation
     from ..metrics import MetricSettings
@@ -600,6 +625,7 @@ def evaluate(
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = model_spec.load()
+            refuse_captioner(loaded, "`attnexplain evaluate`")
             evaluation = run_evaluation(
                 loaded,
                 list(inputs),

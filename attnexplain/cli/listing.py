@@ -144,8 +144,10 @@ def layers(model_spec: ModelSpec, size, show_all: bool, as_json: bool) -> None:
     # Imported after the model path and labels are checked: those fail without importing torch.
     import torch
 
+    from ..captioning import refuse_captioner
     from ..planning import default_layer, layer_maps, plan_preprocessing
 
+    refuse_captioner(loaded, "`attnexplain layers`")
     if not loaded.inner_layers:
         raise MethodError(f"A {loaded.loader} model does not expose its inner layers to hooks.")
     preprocessing = plan_preprocessing(loaded, size=size)

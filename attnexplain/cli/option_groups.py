@@ -159,7 +159,7 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
         target=click.option(
             "--target",
             help="Class to explain: index or label (default: the top prediction); on a detector, box:N "
-            "explains the N-th detected box by score (box:0 the best).",
+            "explains the N-th detected box by score (box:0 the best); for a captioner, one word of the caption.",
         ),
         layer=click.option(
             "--layer",

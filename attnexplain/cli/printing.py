@@ -60,6 +60,28 @@ def print_run(report: dict[str, Any]) -> None:
         console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False, soft_wrap=True)
 
 
+def print_caption_run(report: dict[str, Any]) -> None:
+    """A captioner's run: the caption with each word's probability, and the files written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for note in report["model"]["notes"]:
+        console.print(f"[yellow]note:[/yellow] {_shown_text(note)}")
+    source = "caption" if report["caption_source"] == "generated" else "given caption"
+    console.print(f"{source}: [bold]{_shown_text(report['caption'])}[/bold]", highlight=False)
+    table = Table(title=f"words · {_shown_text(Path(report['image']['path']).name)}")
+    table.add_column("#", justify="right")
+    table.add_column("word")
+    table.add_column("probability", justify="right")
+    for place, entry in enumerate(report["word_probabilities"], start=1):
+        table.add_row(str(place), _shown_text(entry["word"]), f"{entry['probability']:.4f}")
+    console.print(table)
+    folder = Path(report["outputs"]["directory"])
+    for key in ("attention_strip", "report_json", "report_html"):
+        console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False, soft_wrap=True)
+
+
 def print_listing(title: str, columns: list[str], rows: list[list[Any]], *, prose: tuple[str, ...] = ()) -> None:
     """A listing: on a terminal, aligned columns under ``title`` (a table whose ``prose`` columns,
     sentences, wrap); anywhere else (a pipe, a file) a header line and one tab-separated line per

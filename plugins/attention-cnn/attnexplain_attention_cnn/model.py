@@ -32,6 +32,18 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[
     ]
 
 
+def strided_backbone(channels: Sequence[int], convs_per_stage: int) -> nn.Sequential:
+    """A stride-2 stem (``stem``), then per further entry of ``channels`` a block (``block1``, ...)
+    of ``convs_per_stage`` conv-BN-ReLUs, the first strided: each halves the map."""
+    blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(*_conv_bn_relu(3, channels[0], 2)))]
+    for index, (before, after) in enumerate(zip(channels, channels[1:]), start=1):
+        layers = _conv_bn_relu(before, after, 2)
+        for _ in range(convs_per_stage - 1):
+            layers += _conv_bn_relu(after, after)
+        blocks.append((f"block{index}", nn.Sequential(*layers)))
+    return nn.Sequential(OrderedDict(blocks))
+
+
 class SoftAttentionPooling(nn.Module):
     """Soft (deterministic) attention over the positions of a feature map, with one learned query.
 
@@ -83,13 +95,7 @@ class AttentionPoolingCNN(nn.Module):
         if len(channels) < 1 or convs_per_stage < 1:
             raise ValueError("channels needs at least one entry and convs_per_stage must be >= 1")
         self.image_size = int(image_size)
-        blocks: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(*_conv_bn_relu(3, channels[0], 2)))]
-        for index, (before, after) in enumerate(zip(channels, channels[1:]), start=1):
-            layers = _conv_bn_relu(before, after, 2)
-            for _ in range(convs_per_stage - 1):
-                layers += _conv_bn_relu(after, after)
-            blocks.append((f"block{index}", nn.Sequential(*layers)))
-        self.backbone = nn.Sequential(OrderedDict(blocks))
+        self.backbone = strided_backbone(channels, convs_per_stage)
         self.attention = SoftAttentionPooling(channels[-1], attention_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(channels[-1], num_classes)

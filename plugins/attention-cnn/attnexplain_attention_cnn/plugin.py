@@ -14,7 +14,15 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from attnexplain.plugin_api import CatalogEntry, MethodError, ModelPlugin, Preprocessing, SpatialAttention, TokenGrid
+from attnexplain.plugin_api import (
+    Captioning,
+    CatalogEntry,
+    MethodError,
+    ModelPlugin,
+    Preprocessing,
+    SpatialAttention,
+    TokenGrid,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +46,17 @@ def _cbam_class():
     return CBAMCNN
 
 
+def _captioner_class():
+    from .captioner import ShowAttendTell
+
+    return ShowAttendTell
+
+
+def _captioner(model: "nn.Module") -> bool:
+    """Whether the model is (or derives from) our Show, Attend and Tell captioner."""
+    return isinstance(model, _captioner_class())
+
+
 def _ours(model: "nn.Module") -> bool:
     """Whether the model is (or derives from) our attention-pooling CNN. ``--plugin attention-cnn``
     can hand this plugin any model, so every method answers "don't know" for others instead of
@@ -52,18 +71,18 @@ def _cbam(model: "nn.Module") -> bool:
 
 class AttentionCNNPlugin(ModelPlugin):
     name = "attention-cnn"
-    families = ("Show-Attend-Tell attention-pooling CNN", "CBAM CNN")
+    families = ("Show-Attend-Tell attention-pooling CNN", "CBAM CNN", "Show, Attend and Tell captioner")
     # No source_prefix: there are no published weights to build by name (``attention-cnn:...``);
     # models come from checkpoints that name ``arch: AttentionPoolingCNN``.
 
     def specificity(self, model: "nn.Module") -> int | None:
         model_class, _ = _model_classes()
         # 30: this exact class (a subclass may change the forward, so it is not claimed).
-        return 30 if type(model) in (model_class, _cbam_class()) else None
+        return 30 if type(model) in (model_class, _cbam_class(), _captioner_class()) else None
 
     def builders(self) -> Mapping[str, Callable[..., "nn.Module"]]:
         model_class, _ = _model_classes()
-        return {"AttentionPoolingCNN": model_class, "CBAMCNN": _cbam_class()}
+        return {"AttentionPoolingCNN": model_class, "CBAMCNN": _cbam_class(), "ShowAttendTell": _captioner_class()}
 
     def catalog(self) -> list[CatalogEntry]:
         # 128: both models' default image_size (model.py imports torch, which a listing
@@ -72,6 +91,39 @@ class AttentionCNNPlugin(ModelPlugin):
             CatalogEntry("AttentionPoolingCNN", "classification", 128, lambda: _model_classes()[0]()),
             CatalogEntry("CBAMCNN", "classification", 128, lambda: _cbam_class()()),
         ]
+
+    def task(self, model: "nn.Module") -> str:
+        return "captioning" if _captioner(model) else "classification"
+
+    def captioning(self, model: "nn.Module") -> Captioning | None:
+        """The captioner's greedy decoding, its teacher-forced log-probabilities, and its
+        :class:`~attnexplain_attention_cnn.captioner.AdditiveAttention`, whose output is
+        (context, α, e) at every step."""
+        if not _captioner(model):
+            return None
+        import torch
+
+        def generate(image: "torch.Tensor") -> list[int]:
+            return model.generate(image)[0]
+
+        def score(images: "torch.Tensor", words: "torch.Tensor") -> "torch.Tensor":
+            logits, _alphas = model(images, words)
+            return torch.log_softmax(logits, dim=-1)
+
+        def read_attention(output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+            _context, alpha, scores = output
+            return alpha, scores
+
+        return Captioning(
+            vocabulary=tuple(model.vocabulary),
+            end=model.end,
+            feature_layer=model.last_block,
+            attention_module="attention",
+            generate=generate,
+            score=score,
+            read_attention=read_attention,
+            score_formula="additive alignment score e_ti = wᵀ tanh(W_a a_i + W_h h_{t-1}), any real; α = softmax(e)",
+        )
 
     def default_method(self, model: "nn.Module") -> str | None:
         # The model's own learned attention first, Grad-CAM on its last block beside it.
@@ -85,7 +137,7 @@ class AttentionCNNPlugin(ModelPlugin):
         # saying so is cheaper and explicit.
         if _cbam(model):
             return model.last_stage
-        return model.last_block if _ours(model) else None
+        return model.last_block if _ours(model) or _captioner(model) else None
 
     def attention_modules(self, model: "nn.Module") -> list[str]:
         if _cbam(model):
@@ -184,7 +236,7 @@ class AttentionCNNPlugin(ModelPlugin):
     def preprocessing(self, model: "nn.Module") -> Preprocessing | None:
         # Used when a checkpoint says nothing about preprocessing (a plain module, a bare
         # state_dict): the size the model was trained at, ImageNet mean and std.
-        if not (_ours(model) or _cbam(model)):
+        if not (_ours(model) or _cbam(model) or _captioner(model)):
             return None
         return Preprocessing(size=(model.image_size, model.image_size), source="model image_size")
 

@@ -80,8 +80,12 @@ def test_discovered_through_its_entry_point_with_distribution_and_version():
     assert info.version == "0.1.0"
     assert info.name == "attention-cnn"
     assert isinstance(info.plugin, ModelPlugin)
-    assert info.plugin.families == ("Show-Attend-Tell attention-pooling CNN", "CBAM CNN")
-    assert {"AttentionPoolingCNN", "CBAMCNN"} <= set(info.plugin.builders())
+    assert info.plugin.families == (
+        "Show-Attend-Tell attention-pooling CNN",
+        "CBAM CNN",
+        "Show, Attend and Tell captioner",
+    )
+    assert {"AttentionPoolingCNN", "CBAMCNN", "ShowAttendTell"} <= set(info.plugin.builders())
 
 
 def test_selected_for_its_model_and_only_for_it(random_model):

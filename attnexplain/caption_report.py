@@ -1,0 +1,138 @@
+"""A captioner's outputs: each word's overlays and maps, the attention strip, report.json and
+report.html (the template ``caption_report.html.j2``), written all or nothing like ``run``'s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from ._atomic import atomic_directory
+from .errors import OutputError
+from .formats import DEFAULT_COLORMAP
+from .render import colorize, downscale, encode_image, normalize_heatmap, render_overlay
+from .report import REPORT_HTML, REPORT_JSON, data_uri, file_name, templates, write_npy
+
+if TYPE_CHECKING:
+    from .captioning import CaptionExplanation
+
+#: The longest side of each word's picture in the strip, in pixels.
+STRIP_SIDE = 160
+#: The side of a word's large maps in the page.
+LARGE_SIDE = 384
+#: Pixels per feature-map cell in the picture of the alignment scores.
+SCORE_CELL = 16
+
+
+def save_caption_explanation(
+    explanation: "CaptionExplanation", directory: Path, alpha: float, overlay_format: str, colormap: str
+) -> dict[str, Any]:
+    """Write every output into a staging folder, then swap it in: no half-written results."""
+    try:
+        return _save(explanation, directory, alpha, overlay_format, colormap)
+    except OSError as error:
+        raise OutputError(
+            f"Could not write the outputs to {directory}: {error.strerror or error}; "
+            f"nothing was written there (an earlier result is kept)."
+        ) from None
+
+
+def _save(
+    explanation: "CaptionExplanation", directory: Path, alpha: float, overlay_format: str, colormap: str
+) -> dict[str, Any]:
+    report = explanation.to_dict()
+    pixels = explanation.image.pixels
+    word_files: list[dict[str, str]] = []
+    pages: list[dict[str, Any]] = []
+    strip: list[np.ndarray] = []
+    with atomic_directory(directory) as staging:
+        for entry, word in zip(report["words"], explanation.words):
+            stem = f"{word.position + 1:02d}-{_file_word(word.word)}"
+            attention = render_overlay(pixels, word.attention, explanation.box, alpha, colormap)
+            gradcam = render_overlay(pixels, word.gradcam, explanation.box, alpha, colormap)
+            scores = score_picture(word.alignment_scores, colormap)
+            files = {
+                "attention": f"attention-{stem}.{overlay_format}",
+                "attention_npy": f"attention-{stem}.npy",
+                "alignment_scores_npy": f"alignment-scores-{stem}.npy",
+                "alignment_scores": f"alignment-scores-{stem}.png",
+                "gradcam": f"gradcam-{stem}.{overlay_format}",
+                "gradcam_npy": f"gradcam-{stem}.npy",
+            }
+            (staging / files["attention"]).write_bytes(encode_image(attention, f".{overlay_format}"))
+            write_npy(staging / files["attention_npy"], word.attention)
+            write_npy(staging / files["alignment_scores_npy"], word.alignment_scores)
+            (staging / files["alignment_scores"]).write_bytes(encode_image(scores, ".png"))
+            (staging / files["gradcam"]).write_bytes(encode_image(gradcam, f".{overlay_format}"))
+            write_npy(staging / files["gradcam_npy"], word.gradcam)
+            entry["files"] = files
+            word_files.append(files)
+            small = downscale(attention, STRIP_SIDE)
+            strip.append(small)
+            pages.append(
+                {
+                    **entry,
+                    "strip_uri": data_uri(small),
+                    "attention_uri": data_uri(downscale(attention, LARGE_SIDE)),
+                    "gradcam_uri": data_uri(downscale(gradcam, LARGE_SIDE)),
+                    "scores_uri": data_uri(scores, ".png"),
+                }
+            )
+        strip_picture = attention_strip(strip, [word.word for word in explanation.words])
+        (staging / "attention-strip.png").write_bytes(encode_image(strip_picture, ".png"))
+        report["outputs"] = {
+            "directory": str(directory.resolve()),
+            "words": word_files,
+            "attention_strip": "attention-strip.png",
+            "report_json": REPORT_JSON,
+            "report_html": REPORT_HTML,
+        }
+        (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        html = (
+            templates()
+            .get_template("caption_report.html.j2")
+            .render(
+                report=report,
+                title=file_name(report["image"]["path"]),
+                photo_uri=data_uri(downscale(pixels, LARGE_SIDE)),
+                words=pages,
+                explained={word.position for word in explanation.words},
+            )
+        )
+        (staging / REPORT_HTML).write_text(html, encoding="utf-8")
+    return report
+
+
+def _file_word(word: str) -> str:
+    """A word as part of a file name: letters, digits, '-' and '_' only."""
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in word)[:40]
+    return cleaned or "word"
+
+
+def score_picture(scores: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> np.ndarray:
+    """The alignment scores on their grid, one ``SCORE_CELL``-pixel square per position, coloured
+    from their minimum to their maximum (the page prints both)."""
+    colours = colorize(normalize_heatmap(scores.astype(np.float32)), colormap)
+    return cv2.resize(
+        colours, (scores.shape[1] * SCORE_CELL, scores.shape[0] * SCORE_CELL), interpolation=cv2.INTER_NEAREST
+    )
+
+
+def attention_strip(pictures: list[np.ndarray], words: list[str]) -> np.ndarray:
+    """The paper's figure: each word's attention over the photo side by side, the word under it."""
+    height = max(p.shape[0] for p in pictures)
+    label = 28
+    columns = []
+    for picture, word in zip(pictures, words):
+        column = np.full((height + label, picture.shape[1], 3), 255, np.uint8)
+        column[: picture.shape[0]] = picture
+        scale = 0.6
+        (text_width, _), _ = cv2.getTextSize(word, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        x = max(0, (picture.shape[1] - text_width) // 2)
+        cv2.putText(column, word, (x, height + 20), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        columns.append(column)
+        columns.append(np.full((height + label, 4, 3), 255, np.uint8))
+    return np.concatenate(columns[:-1], axis=1)

@@ -1,0 +1,49 @@
+"""``run`` on a captioning model: the caption, and for each word its attention and Grad-CAM.
+
+``run`` hands a model over here when its plugin says it captions (:mod:`attnexplain.captioning`);
+the work happens in :func:`attnexplain.captioning.explain_caption`, the printing in
+:func:`.printing.print_caption_run`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import MethodError
+from .printing import print_caption_run
+
+
+def run_captioner(
+    loaded: Any,
+    picture: Any,
+    refused: dict[str, bool],
+    explained: dict[str, Any],
+    written: dict[str, Any],
+    out_dir: Path,
+    timings: dict[str, float],
+    as_json: bool,
+) -> None:
+    """Refuse the options given that do not apply to a captioner (``refused``: option → given), then
+    explain ``picture``'s caption (``explained``: caption, target, size, mean, std, as
+    :func:`~attnexplain.captioning.explain_caption` takes them) and write the outputs (``written``:
+    alpha, overlay_format, colormap) into ``out_dir``'s folder for the picture."""
+    from ..captioning import explain_caption
+    from ..report import output_dir_for
+
+    given = [option for option, was_given in refused.items() if was_given]
+    if given:
+        raise MethodError(
+            f"A captioner is explained by its own attention and by Grad-CAM on its encoder's feature map for "
+            f"each word; {', '.join(given)} does not apply to it."
+        )
+    explanation = explain_caption(loaded, picture, **explained)
+    explanation.timings = {**timings, **explanation.timings}
+    report = explanation.save(output_dir_for(out_dir, picture.path), **written)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        print_caption_run(report)

@@ -1,0 +1,59 @@
+"""A captioner's report in a real headless browser: the caption as a row of words, a click on a
+word shows its maps, the strip's pictures load from the page itself, nothing sticks out at a phone's
+or a wide screen's width (screenshots kept in test-artifacts/screenshots/), a hostile file name
+stays text. CI installs Debian's chromium (`.ci/run`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_gallery_browser import CHROMIUM, HOSTILE, page  # noqa: F401 - the same browser page fixture
+
+from attnexplain.cli import main
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it)")
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONER = REPO / "samples" / "models" / "captioner-composites.pt"
+ARTIFACTS = REPO / "test-artifacts" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def caption_report(tmp_path_factory) -> Path:
+    pytest.importorskip("attnexplain_attention_cnn")
+    folder = tmp_path_factory.mktemp("photo")
+    photo = folder / HOSTILE
+    shutil.copy(REPO / "samples" / "images" / "coffee-on-gravel.png", photo)
+    out = tmp_path_factory.mktemp("caption")
+    result = CliRunner().invoke(main, ["run", str(CAPTIONER), str(photo), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return Path(json.loads(result.stdout)["outputs"]["directory"])
+
+
+def test_the_caption_is_a_row_of_words_and_a_click_shows_a_words_maps(caption_report, page):
+    report = json.loads((caption_report / "report.json").read_text())
+    page.goto((caption_report / "report.html").as_uri())
+    words = page.eval_on_selector_all(".caption a", "links => links.map(a => a.firstChild.textContent.trim())")
+    assert words == report["caption"].split() == ["a", "coffee", "on", "gravel"]
+    page.click(".caption a >> nth=1")
+    assert page.evaluate("location.hash") == "#word-1"
+    heading = page.text_content("#word-1 h2")
+    assert "coffee" in heading and f"{report['words'][1]['probability']:.4f}" in heading
+    assert page.evaluate("document.querySelector('#word-1').getBoundingClientRect().top") < 200  # scrolled to it
+    loaded = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth > 0)")
+    assert loaded and all(loaded)  # every picture is in the page itself (data: URIs)
+    assert page.eval_on_selector_all(".strip figcaption", "c => c.map(x => x.textContent.trim())") == [
+        "photo",
+        *report["caption"].split(),
+    ]
+    assert HOSTILE in page.text_content("h1") and not page.dialogs  # the name is text, not markup
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width in (420, 1920):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(100)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1  # the strip scrolls inside
+        page.screenshot(path=str(ARTIFACTS / f"caption-report-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
