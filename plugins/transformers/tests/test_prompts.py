@@ -309,5 +309,7 @@ def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_fo
     )
     assert result.exit_code == 0, result.output
     assert len(calls) == 1
+    run = json.loads((out / "report.json").read_text())["run"]
+    assert run["model_spec"]["prompts"] == list(PROMPTS)
     assert (out / "index.html").is_file()
     assert "grass" in (out / "index.html").read_text() or any(PROMPTS[0] in p.read_text() for p in out.rglob("*.json"))
