@@ -9,7 +9,8 @@ composites through attnexplain itself, loading the folder as a user would.
 Measured (samples/README.md, "Text prompts: the sample CLIP"): zero-shot accuracy over the four
 object prompts ("a photo of a cat", ...), and how often each prompt's map peaks on what it names:
 an object prompt on the object's mask, a texture prompt ("grass") on the background (~mask),
-against a random map's rate (the share of the image the named region covers).
+against a random map's rate (the share of the image the named region covers); and the share of
+each map's mass on that region, against the same share for a random map.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def measure(folder: Path, count: int) -> dict[str, float]:
         logits = loaded.module(to_tensor(images))
     accuracy = float((logits[:, : len(LABELS)].argmax(1).numpy() == labels).mean())
     hits = {(method, kind): 0 for method in METHODS for kind in ("object", "texture")}
+    mass = {key: 0.0 for key in hits}  # the share of the map's (positive) mass on the named region
     for image, label, texture, mask in zip(images, labels, textures, masks):
         for kind, prompt, region in (
             ("object", OBJECT_PROMPTS[label], mask),
@@ -157,10 +159,14 @@ def measure(folder: Path, count: int) -> dict[str, float]:
                 heatmap = explanation.maps[method].heatmap
                 row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
                 hits[(method, kind)] += bool(region[row, column])
+                positive = np.clip(heatmap, 0, None)
+                mass[(method, kind)] += float(positive[region].sum() / max(positive.sum(), 1e-12))
     figures = {"zero-shot accuracy": accuracy, "random map, object": float(masks.mean())}
     figures["random map, texture"] = 1 - figures["random map, object"]
     for (method, kind), hit in hits.items():
         figures[f"{method}, {kind} prompt"] = hit / count
+    for (method, kind), share in mass.items():
+        figures[f"{method}, {kind} prompt, mass"] = share / count
     return figures
 
 
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"saved {folder} ({size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s)", flush=True)
     started = time.perf_counter()
     for name, value in measure(folder, args.test_images).items():
-        print(f"  {name:<28} {value:6.1%}")
+        print(f"  {name:<34} {value:6.1%}")
     print(f"measured on {args.test_images} held-out composites ({time.perf_counter() - started:.0f} s)")
 
 

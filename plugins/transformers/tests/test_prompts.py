@@ -313,3 +313,29 @@ def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_fo
     assert run["model_spec"]["prompts"] == list(PROMPTS)
     assert (out / "index.html").is_file()
     assert "grass" in (out / "index.html").read_text() or any(PROMPTS[0] in p.read_text() for p in out.rglob("*.json"))
+
+
+def test_an_hf_name_loads_a_cached_clip_and_its_tokenizer_without_downloading(clip_folder, tmp_path, monkeypatch):
+    """models--tiny-org--tiny-clip laid out as huggingface_hub writes it (snapshot files are links
+    into blobs/); HF_HUB_OFFLINE: any attempt to reach the Hub would fail."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-clip"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for number, source in enumerate(sorted(clip_folder.iterdir())):
+        (repo / "blobs" / f"blob{number}").write_bytes(source.read_bytes())
+        (snapshot / source.name).symlink_to(Path("..", "..", "blobs", f"blob{number}"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    from_name = load_model("hf:tiny-org/tiny-clip", prompts=PROMPTS)
+    from_folder = load_model(clip_folder, prompts=PROMPTS)
+    pixels = _pixels(from_folder)
+    with torch.no_grad():
+        torch.testing.assert_close(from_name.module(pixels), from_folder.module(pixels))
+    assert from_name.labels == list(PROMPTS)
