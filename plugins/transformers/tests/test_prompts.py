@@ -361,3 +361,37 @@ def test_the_sample_clip_names_held_out_objects_and_its_prompt_maps_point_at_the
         peaks += bool(mask[np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)])
     assert named >= 11
     assert peaks >= 8
+
+
+def test_evaluate_measures_a_prompts_map_against_the_named_objects_mask(tmp_path):
+    """`evaluate` with --prompts: the target is the prompt the model picks, localised against the
+    object's mask (the sample CLIP names these composites right, and Chefer points at them)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name in ("cat-on-grass.png", "rocket-on-brick.png"):
+        (images / name).write_bytes((REPO / "samples" / "images" / name).read_bytes())
+        (masks / name).write_bytes((REPO / "samples" / "masks" / name).read_bytes())
+    prompts = "a photo of an astronaut,a photo of a cat,a photo of a coffee,a photo of a rocket"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["evaluate", str(REPO / "samples" / "models" / "clip-composites"), str(images), "--masks", str(masks)]
+        + ["--prompts", prompts, "--method", "chefer", "--metrics", "pointing", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "evaluation.jsonl").read_text().splitlines() if line.strip()]
+    targets = {Path(line["image"]).name: line["target"]["label"] for line in lines if "target" in line}
+    assert targets == {"cat-on-grass.png": "a photo of a cat", "rocket-on-brick.png": "a photo of a rocket"}
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["methods"]["chefer"]["pointing"]["mean"] == 1.0  # both maps peak on the object
+    assert summary["methods"]["random"]["pointing"]["mean"] < 1.0
+
+
+def test_explain_with_new_prompts_reprompts_a_loaded_model_without_changing_it(clip_folder):
+    loaded = load_model(clip_folder, prompts=PROMPTS)
+    explanation = explain(loaded, IMAGE, "gradcam", prompts=["grass", "a photo of a dog"])
+    assert {p.label for p in explanation.predictions} == {"grass", "a photo of a dog"}
+    assert loaded.labels == list(PROMPTS) and loaded.module.text_embeds.shape[0] == len(PROMPTS)
+    with pytest.raises(AttnExplainError, match="not both"):
+        explain(loaded, IMAGE, "gradcam", prompt="grass", prompts=["a cat"])
