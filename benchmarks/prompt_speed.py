@@ -32,7 +32,9 @@ from attnexplain.preprocess import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "samples"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from composites import LABELS, TEXTURES, make_composites_with_textures  # noqa: E402
+from methods_speed import paired_ratio  # noqa: E402
 from train_clip import tokenizer  # noqa: E402
 
 METHODS = ["gradcam", "chefer", "legrad", "rollout", "gradcam,chefer,legrad"]
@@ -67,23 +69,6 @@ def _seconds(run) -> float:
     started = time.perf_counter()
     run()
     return time.perf_counter() - started
-
-
-def paired_ratio(method_run, bare_run, repeats: int) -> tuple[float, float]:
-    """Median of method ÷ bare over alternating pairs, and the median method time."""
-    method_run()
-    bare_run()  # warm-up
-    ratios, times = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        bare_run()
-        bare = time.perf_counter() - started
-        started = time.perf_counter()
-        method_run()
-        took = time.perf_counter() - started
-        ratios.append(took / bare)
-        times.append(took)
-    return statistics.median(ratios), statistics.median(times)
 
 
 def main() -> None:
@@ -127,7 +112,7 @@ def main() -> None:
         def run(plan=plan):
             compute_maps(loaded, batch, plan.methods, plan.layers, preprocessing=plan.preprocessing)
 
-        ratio, took = paired_ratio(run, bare, args.repeats)
+        ratio, took = paired_ratio(bare, run, args.repeats)
         print(f"| {names} | {took * 1e3:.0f} | {ratio:.2f}× |", flush=True)
 
 
