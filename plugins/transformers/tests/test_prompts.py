@@ -395,3 +395,39 @@ def test_explain_with_new_prompts_reprompts_a_loaded_model_without_changing_it(c
     assert loaded.labels == list(PROMPTS) and loaded.module.text_embeds.shape[0] == len(PROMPTS)
     with pytest.raises(AttnExplainError, match="not both"):
         explain(loaded, IMAGE, "gradcam", prompt="grass", prompts=["a cat"])
+
+
+def test_a_prompts_legrad_is_legrad_written_out_on_the_dual_encoder(clip_folder):
+    """LeGrad as its authors compute it for CLIP, by hand on transformers' own CLIPModel: each
+    block's tokens averaged, post_layernorm, projection, cosine with the prompt's text embedding;
+    relu of its gradient with respect to that block's attention, averaged over heads and queries,
+    at the patch keys; the mean over blocks."""
+    explanation = explain(clip_folder, IMAGE, "legrad", prompts=list(PROMPTS), target="grass")
+    model = transformers.CLIPModel.from_pretrained(clip_folder, attn_implementation="eager").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(clip_folder)
+    with torch.no_grad():
+        text = model.get_text_features(**tokenizer(["grass"], return_tensors="pt")).pooler_output
+    text = F.normalize(text, dim=-1)
+    pixels = _pixels(explanation.model)
+    blocks = model.vision_model.encoder.layers
+    kept = {}
+    handles = [
+        block.register_forward_hook(lambda m, a, out, i=i: kept.update({i: out})) for i, block in enumerate(blocks)
+    ]
+    try:
+        out = model.vision_model(pixel_values=pixels, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    maps = []
+    for index, attention in enumerate(out.attentions):
+        tokens = kept[index][0] if isinstance(kept[index], tuple) else kept[index]
+        image = F.normalize(model.visual_projection(model.vision_model.post_layernorm(tokens.mean(dim=1))), dim=-1)
+        score = (model.logit_scale.exp() * image @ text.T)[0, 0]
+        gradient = torch.autograd.grad(score, attention, retain_graph=True)[0]
+        maps.append(torch.relu(gradient).mean(dim=(1, 2))[0, 1:].reshape(4, 4))
+    grid = torch.stack(maps).mean(dim=0)
+    reference = F.interpolate(grid[None, None], size=(32, 32), mode="bilinear", align_corners=False)[0, 0].numpy()
+    heatmap = explanation.maps["legrad"].heatmap
+    assert reference.max() > 0
+    np.testing.assert_allclose(heatmap / heatmap.max(), reference / reference.max(), atol=1e-4)
