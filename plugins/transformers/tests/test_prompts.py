@@ -431,3 +431,27 @@ def test_a_prompts_legrad_is_legrad_written_out_on_the_dual_encoder(clip_folder)
     heatmap = explanation.maps["legrad"].heatmap
     assert reference.max() > 0
     np.testing.assert_allclose(heatmap / heatmap.max(), reference / reference.max(), atol=1e-4)
+
+
+def test_batch_truth_names_prompts_and_the_gallery_judges_the_sample_clip_by_them(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("cat-on-grass.png", "rocket-on-brick.png", "coffee-on-gravel.png"):
+        (images / name).write_bytes((REPO / "samples" / "images" / name).read_bytes())
+    truth = tmp_path / "truth.csv"
+    truth.write_text(
+        "image,class\ncat-on-grass.png,a photo of a cat\nrocket-on-brick.png,a photo of a rocket\n"
+        "coffee-on-gravel.png,a photo of a cat\n"  # wrong on purpose: the gallery must count it wrong
+    )
+    prompts = "a photo of an astronaut,a photo of a cat,a photo of a coffee,a photo of a rocket"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["batch", str(REPO / "samples" / "models" / "clip-composites"), str(images), "--prompts", prompts]
+        + ["--truth", str(truth), "--method", "chefer", "--out", str(out), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    judged = json.loads((out / "report.json").read_text())["truth"]
+    assert (judged["judged"], judged["correct"]) == (3, 2)
+    # the coffee, called a cat by the truth file, is predicted as a class no truth names: "(other)"
+    assert judged["confusion"]["a photo of a cat"] == {"a photo of a cat": 1, "(other)": 1}
