@@ -88,7 +88,10 @@ def start_run(
     key_prefix = fingerprint(model_spec, settings, plan)
     meta = {
         "model": loaded.describe(),
-        "model_spec": {k: (str(v) if v is not None else None) for k, v in model_spec.identity().items()},
+        "model_spec": {  # the prompts as a list of texts, every other field as text
+            k: (list(v) if isinstance(v, tuple) else str(v) if v is not None else None)
+            for k, v in model_spec.identity().items()
+        },
         "options": settings.describe(),
         "preprocessing": plan.preprocessing.as_dict(),
         "methods": [m.name for m in plan.methods],

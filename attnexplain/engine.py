@@ -160,7 +160,8 @@ def _compute_once(
             unusable = unusable_scores(logits)
             if unusable is not None and not bool(torch.isfinite(probabilities).any()):
                 raise NonFiniteScores(unusable)  # every image; else each image says it for itself
-            if not bool((state["probabilities"] > 0).any()):
+            # != 0: a score may be negative (one text prompt's cosine similarity); all 0 is nothing found.
+            if not bool((state["probabilities"] != 0).any()):
                 raise NothingToExplain()
             # Every image's scores equal across classes: no map of a class is worth computing (each
             # image says it for itself otherwise). Not when the targets are fixed (evaluate's

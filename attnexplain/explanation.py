@@ -21,10 +21,11 @@ from .detection_targets import box_outcome
 from .engine import BatchMaps, compute_maps
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, with_prompts
 from .options import MethodOptions
 from .planning import Plan, default_layer, layer_maps, plan_explanation, plan_preprocessing, resolve_methods
 from .preprocess import Preprocessing, prepare
+from .prompts import read_prompts
 from .results import MethodMap, Photo, Prediction
 from .running import model_device
 from .targets import NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions, unusable_scores
@@ -200,6 +201,8 @@ def explain(
     device: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    prompt: str | None = None,
+    prompts: str | Sequence[str] | None = None,
 ) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
@@ -216,12 +219,15 @@ def explain(
     None runs it where it is. ``progress`` is called with (done, total) as the methods that cost many
     forwards (Score-CAM, occlusion, RISE, integrated gradients, SmoothGrad, ...) score their images:
     ``done`` grows to ``total`` (which grows when a later method starts); nothing by default.
+    ``prompt`` (one text) or ``prompts`` (several, or ``"@FILE"``) make a
+    model that compares an image with text (CLIP, SigLIP, through its plugin) a classifier whose
+    classes are the prompts; ``target`` then names a prompt.
     """
     options = options or MethodOptions()
     timings: dict[str, float] = {}
     started = time.perf_counter()
     picture = image_from(image)
-    loaded = _as_loaded_model(model, labels=labels, device=device)
+    loaded = _as_loaded_model(model, labels=labels, device=device, prompts=read_prompts(prompt, prompts))
     refuse_captioner(loaded, "explain()", "attnexplain.explain_caption()")
     module = loaded.module
     run_device = model_device(module)
@@ -285,11 +291,14 @@ def _as_loaded_model(
     *,
     labels: str | Path | Sequence[str] | None = None,
     device: str | None = None,
+    prompts: tuple[str, ...] | None = None,
 ) -> LoadedModel:
     """``model`` as a :class:`LoadedModel` on ``device`` (None: where it is), with ``labels`` if given.
-    A :class:`LoadedModel` passed in is not changed: a copy gets the labels."""
+    A :class:`LoadedModel` passed in is not changed: a copy gets the labels (or the prompts)."""
     if not isinstance(model, LoadedModel):
-        return load_model(model, labels=labels, device=device)
+        return load_model(model, labels=labels, device=device, prompts=prompts)
+    if prompts is not None:
+        model = with_prompts(model, prompts, labels_given=labels is not None)
     from .loading import read_labels, resolve_device
 
     if labels is not None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 #: The fields that name the model, in the order report.json's ``model_spec`` lists them. The device
 #: is not one of them: the same model on another device gives the same explanation.
-IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema")
+IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema", "prompts")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ModelSpec:
     ``model``: a model file, a folder a plugin loads, or ``PREFIX:NAME[:WEIGHTS]``; None names no
     model (one built in memory): a local run explains it, but nothing can load it again. ``arch_kwargs``
     is the JSON text of ``--arch-kwargs`` as given (a run's fingerprint records the text), parsed
-    when the model loads. ``labels``: a file of one class name per line."""
+    when the model loads. ``labels``: a file of one class name per line. ``prompts``: the texts a
+    vision-language model compares the image with (its classes)."""
 
     model: str | None
     arch: str | None = None
@@ -42,6 +43,9 @@ class ModelSpec:
     trust_model: bool = False
     plugin: str | None = None
     device: str = "auto"
+    #: Text prompts, the classes of a model that compares an image with text (``--prompt``,
+    #: ``--prompts``; :mod:`attnexplain.prompts`); its plugin makes them a classifier's classes.
+    prompts: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, value: "ModelSpec | Mapping[str, Any]") -> "ModelSpec":
@@ -87,6 +91,7 @@ class ModelSpec:
             device=self.device,
             ema=self.ema,
             arch_kwargs=arch_kwargs_from_json(self.arch_kwargs) if self.arch_kwargs else None,
+            prompts=self.prompts,
         )
 
     def _require_model(self) -> None:

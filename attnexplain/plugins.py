@@ -392,6 +392,22 @@ class ModelPlugin:
         attention per word (:class:`Captioning`). None (the default): not a captioner."""
         return None
 
+    def with_prompts(self, model: "nn.Module", prompts: tuple[str, ...] | None) -> NamedModel | None:
+        """The model as a classifier whose classes are ``prompts`` (API v2), for a model that compares
+        an image with text: a :class:`NamedModel` whose module takes the image alone and returns
+        (B, prompts) scores (the text encoded here, once), labelled by the prompts, with notes for
+        the report. This plugin's :meth:`class_scores` for that module says what the scores mean (a
+        softmax over the prompts, a sigmoid each). Called for every model loaded (``prompts`` None
+        when none were given); None keeps the model as it is (the default, without prompts).
+        Raise an :class:`~attnexplain.errors.AttnExplainError` for prompts given to a model that
+        reads no text (the default) and for a model that cannot be explained without them."""
+        if prompts is None:
+            return None
+        raise PluginError(
+            f"{type(model).__name__} reads no text: prompts (--prompt, --prompts) are for models that "
+            f"compare an image with text, through a plugin that knows them."
+        )
+
     def select_output(self, model: "nn.Module", layer: str, output: Any) -> "torch.Tensor | None":
         """The tensor of a CAM layer's output that the CAM explains, when the module returns several
         (a tuple, a ``ModelOutput``): e.g. a Hugging Face Swin stage's hidden states. None: the

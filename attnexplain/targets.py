@@ -160,7 +160,8 @@ def image_outcome(
     unusable = unusable_scores(probabilities)
     if unusable is not None:
         raise NonFiniteScores(unusable)
-    if not bool((probabilities > 0).any()):
+    # != 0: a score may be negative (one text prompt's cosine similarity); all 0 is nothing found.
+    if not bool((probabilities != 0).any()):
         raise NothingToExplain()
     uniform = uniform_scores(probabilities) if methods is None or explains_a_class(methods) else None
     if uniform is not None:  # whatever the target: every class's map would be rounding noise

@@ -8,6 +8,8 @@ Writes ``resnet-composites.pt`` (torchvision ResNet, BasicBlock [1, 1, 1, 1]),
 plugins/attention-cnn, which must be installed: ``pip install -e plugins/attention-cnn``) and
 ``cbam-composites.pt`` (the same plugin's CBAM CNN) as plain
 dicts that load with ``torch.load(path, weights_only=True)``; see samples/README.md for the format.
+``--only clip`` trains the sample CLIP instead (samples/train_clip.py: a Hugging Face folder,
+``clip-composites/``, for ``--prompt``/``--prompts``).
 The reported test accuracy is measured after the fp16 round trip, on what was saved.
 ``--only captioner`` trains the same plugin's Show, Attend and Tell captioner instead
 (``captioner-composites.pt``; samples/train_captioner.py).
@@ -201,10 +203,11 @@ def main() -> None:
     parser.add_argument("--cbam-epochs", type=int, default=2)
     parser.add_argument(
         "--only",
-        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES, "captioner"],
+        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES, "captioner", "clip"],
         default=None,
         help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN; captioner: the Show, "
-        "Attend and Tell captioner of samples/train_captioner.py, not trained without --only)",
+        "Attend and Tell captioner of samples/train_captioner.py, not trained without --only; clip: the "
+        "sample CLIP, samples/train_clip.py, needs transformers)",
     )
     args = parser.parse_args()
     if args.only == "captioner":
@@ -213,6 +216,11 @@ def main() -> None:
         train_captioner(["--out", str(args.out)])
         return
     args.only = ALIASES.get(args.only, args.only)
+    if args.only == "clip":
+        import train_clip
+
+        train_clip.main(["--out", str(args.out)])
+        return
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)

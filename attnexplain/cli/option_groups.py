@@ -20,6 +20,7 @@ import click
 from ..formats import COLORMAP_NAMES, DEFAULT_COLORMAP
 from ..model_spec import ModelSpec
 from ..options import MethodOptions
+from ..prompts import PromptError, read_prompts
 
 
 def _numbers(kind: type, count: tuple[int, ...], check: Callable[[list], Any] | None = None):
@@ -84,7 +85,11 @@ def model_options(function):
     @functools.wraps(function)
     def with_model_spec(*args: Any, **kwargs: Any) -> Any:
         # Every field of a ModelSpec: the MODEL argument (which the command declares, in its place
-        # among the arguments) and the options below.
+        # among the arguments) and the options below; --prompt is a set of one prompt.
+        prompt = kwargs.pop("prompt")
+        if prompt is not None and kwargs["prompts"] is not None:
+            raise click.UsageError("Give --prompt (one prompt) or --prompts (several), not both.")
+        kwargs["prompts"] = prompt if prompt is not None else kwargs["prompts"]
         spec = ModelSpec(**{field.name: kwargs.pop(field.name) for field in fields(ModelSpec)})
         return function(*args, model_spec=spec, **kwargs)
 
@@ -127,8 +132,31 @@ def model_options(function):
             type=click.Choice(["auto", "cpu", "cuda", "mps"]),
             help="Where to run the model.",
         ),
+        prompt=click.option(
+            "--prompt",
+            metavar="TEXT",
+            callback=_checked_prompts,
+            help="For a model that compares an image with text (CLIP, SigLIP): explain the image's "
+            "similarity to this text.",
+        ),
+        prompts=click.option(
+            "--prompts",
+            metavar="TEXTS",
+            callback=_checked_prompts,
+            help="Texts the model compares the image with, as the classes of a zero-shot classifier: "
+            "comma-separated ('a cat,a dog,grass') or @FILE of one per line.",
+        ),
     )
     return _with_options(with_model_spec, options, leave_out=())
+
+
+def _checked_prompts(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    try:
+        return read_prompts(prompt=value) if param.name == "prompt" else read_prompts(prompts=value)
+    except PromptError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 #: The options of method_options the command receives by name; the others become its ``options``.

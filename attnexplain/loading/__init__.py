@@ -55,6 +55,7 @@ __all__ = [
     "load_model",
     "read_labels",
     "resolve_device",
+    "with_prompts",
 ]
 
 # What not_a_regular_file says of a folder: a path only a plugin can load.
@@ -74,6 +75,7 @@ def load_model(
     plugin: str | None = None,
     device: str | None = None,
     ema: bool = False,
+    prompts: Sequence[str] | None = None,
 ) -> LoadedModel:
     """Load ``spec`` into an eval-mode model on ``device`` (``"auto"``: CUDA, else MPS, else the CPU;
     None: the CPU, or where an in-memory module already is).
@@ -85,6 +87,8 @@ def load_model(
     ``package.module:MyNet`` (imported: the user named it), built with ``arch_kwargs``. ``ema``
     loads a training checkpoint's EMA weights (timm's ``state_dict_ema``). ``labels`` (a list or a
     file of one name per line) wins over the class names the file or the model's plugin knows.
+    ``prompts``: texts a vision-language model compares the image with, which its plugin makes the
+    classes of the model (:func:`with_prompts`); checked by :func:`attnexplain.prompts.read_prompts`.
     """
     # What can be checked without torch is checked before importing it (~2 s).
     given_labels = read_labels(labels) if labels is not None else None
@@ -104,7 +108,40 @@ def load_model(
     if given_labels is not None:
         loaded.labels = given_labels
     _finish(loaded, plugin, run_device)
-    return loaded
+    return with_prompts(loaded, prompts, plugin_name=plugin, labels_given=given_labels is not None)
+
+
+def with_prompts(
+    loaded: LoadedModel, prompts: Sequence[str] | None, *, plugin_name: str | None = None, labels_given: bool = False
+) -> LoadedModel:
+    """``loaded`` with its plugin's answer to ``prompts`` (the hook :meth:`ModelPlugin.with_prompts`):
+    a new :class:`LoadedModel` whose module is a classifier of the prompts, labelled by them, or
+    ``loaded`` itself where the plugin keeps the model as it is. The plugin refuses prompts for a
+    model that reads no text, and a model that needs them without any."""
+    from dataclasses import replace
+
+    from ..prompts import read_prompts
+
+    checked = read_prompts(prompts=prompts) if prompts is not None else None
+    if checked is not None and labels_given:
+        raise ModelLoadError("Prompts are the classes of the model: give them or class names (labels), not both.")
+    plugin = loaded.plugin
+    named = _plugin_load(
+        plugin, f"Plugin {plugin.name} could not read the prompts", lambda: plugin.with_prompts(loaded.module, checked)
+    )
+    if named is None:
+        return loaded
+    if checked is None or not isinstance(named, NamedModel):
+        raise ModelLoadError(f"Plugin {plugin.name} answered prompts with {shown(named)}, not a NamedModel.")
+    prompted = replace(
+        loaded,
+        module=named.module,
+        architecture=named.architecture or loaded.architecture,
+        labels=list(named.labels) if named.labels is not None else list(checked),
+        notes=[*loaded.notes, *named.notes],
+    )
+    prompted.plugin = select_plugin(named.module, plugin_name)
+    return prompted
 
 
 def _load_spec(

@@ -93,6 +93,9 @@ MAX_PATCH_GRID = 256
 #: 2.2·10¹⁰. A config beyond it describes no vision model that exists.
 MAX_PARAMETER_ESTIMATE = 10**11
 _TRUST_HINT = "If you trust where it came from, pass --trust-model (trust_model=True)."
+#: Image–text dual encoders (config.json's ``architectures``) → their model_type: loaded as they
+#: are, and explained against text prompts (prompts.py).
+DUAL_ENCODERS = {"CLIPModel": "clip", "SiglipModel": "siglip"}
 # A file name inside the folder, as an index of shards may name it: no folders, no "..".
 _PLAIN_NAME = re.compile(r"^[\w.-]+$")
 
@@ -410,10 +413,14 @@ def _header_numel(path: Path) -> int:
 
 
 def classifier_class_name(config: dict[str, Any], folder: Path) -> str:
-    """The transformers class that the folder's model is, when it is an image classifier."""
+    """The transformers class that the folder's model is, when it is an image classifier or an
+    image–text dual encoder (:data:`DUAL_ENCODERS`)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     model_type = config["model_type"]
+    named = (config.get("architectures") or [None])[0]
+    if named in DUAL_ENCODERS and DUAL_ENCODERS[named] == model_type:
+        return named
     known = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
     classifiers = [known] if isinstance(known, str) else list(known or ())
     for name in config.get("architectures") or ():
@@ -449,8 +456,8 @@ def transformers_quiet() -> Iterator[None]:
 
 
 def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]]:
-    """The image classifier (or DETR-family detector) saved in ``folder``, in eval mode, with every
-    weight from the folder; and the config.json keys that were ignored because they choose code
+    """The image classifier (or DETR-family detector, or dual encoder) saved in ``folder``, in eval mode, with
+    every weight from the folder; and the config.json keys that were ignored because they choose code
     (:data:`CODE_SELECTING_KEYS`).
 
     transformers gets the configuration checked here, built from the dict read here: it never reads

@@ -34,7 +34,7 @@ from attnexplain.plugin_api import (
     vit_cam_block,
 )
 
-from . import detection
+from . import detection, prompts
 from .cache import cached_snapshot
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
 
@@ -108,13 +108,21 @@ class TransformersPlugin(ModelPlugin):
         "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
         "ConvNeXt v1/v2, ResNet (CAM family)",
         "DETR, Conditional DETR (decoder cross-attention per box; CAM family), Deformable DETR (CAM family)",
+        "CLIP, SigLIP with --prompt/--prompts (zero-shot classifier of the prompts; prompts.py)",
     )
     source_prefix = "hf"
 
     # --- loading ----------------------------------------------------------------------------------
 
     def specificity(self, model: Any) -> int | None:
+        if prompts.is_prompt_classifier(model):
+            return 30
         return 20 if _is_transformers(model) else None
+
+    def with_prompts(self, model: Any, texts: tuple[str, ...] | None) -> NamedModel | None:
+        if prompts.is_dual_encoder(model) or prompts.is_prompt_classifier(model):
+            return prompts.with_prompts(model, texts)
+        return super().with_prompts(model, texts)
 
     def split_spec(self, rest: str) -> tuple[str, str | None]:
         return rest, None  # hf:C:\models\x is one name; a revision is not chosen here
@@ -178,6 +186,8 @@ class TransformersPlugin(ModelPlugin):
         return names
 
     def preprocessing(self, model: Any) -> "Preprocessing | None":
+        if prompts.is_prompt_classifier(model):
+            return self.preprocessing(model.dual)
         if not _is_transformers(model):
             return None
         from .preprocessing import family_default
@@ -204,12 +214,7 @@ class TransformersPlugin(ModelPlugin):
     def default_method(self, model: Any) -> str | None:
         if detection.detector_type(model):  # the explained box's query, else its backbone
             return "attention" if detection.cross_attention_modules(model) else "gradcam"
-        return None
-
-    def class_scores(self, model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
-        if detection.detector_type(model):
-            return detection.class_scores(model, output)
-        return super().class_scores(model, output)
+        return prompts.default_method(model) if prompts.is_prompt_classifier(model) else None
 
     def detections(self, model: Any, output: Any) -> "list[Detections] | None":
         return detection.detections(model, output) if detection.detector_type(model) else None
@@ -220,6 +225,8 @@ class TransformersPlugin(ModelPlugin):
     def default_layer(self, model: Any) -> str | None:
         if detection.detector_type(model):
             return detection.backbone_layer(model)
+        if prompts.is_prompt_classifier(model):
+            return prompts.default_layer(model, self._blocks(model))
         model_type = _model_type(model)
         if model_type in GLOBAL_ATTENTION:
             blocks = self._blocks(model)
@@ -259,6 +266,8 @@ class TransformersPlugin(ModelPlugin):
     def attention_modules(self, model: Any) -> list[str]:
         if detection.detector_type(model):
             return detection.cross_attention_modules(model)
+        if prompts.is_prompt_classifier(model):
+            return prompts.attention_modules(model)
         if _model_type(model) in WINDOWED_ATTENTION:
             return [f"{name}.attention" for name in _swin_layers(model)]
         attention_class = _attention_class(model)
@@ -269,6 +278,8 @@ class TransformersPlugin(ModelPlugin):
     def token_grid(self, model: Any, input_size: tuple[int, int]) -> TokenGrid | None:
         if detection.detector_type(model):
             return detection.feature_grid(model, input_size) if detection.cross_attention_modules(model) else None
+        if prompts.is_prompt_classifier(model):
+            return prompts.token_grid(model, input_size)
         if _attention_class(model) is None:
             return None
         patch = getattr(_vision_config(model), "patch_size", None)
@@ -285,6 +296,8 @@ class TransformersPlugin(ModelPlugin):
         return TokenGrid(prefix_tokens=prefix, height=input_size[0] // patch_h, width=input_size[1] // patch_w, query=0)
 
     def token_readout(self, model: Any) -> TokenReadout | None:
+        if prompts.is_prompt_classifier(model):
+            return prompts.token_readout(model, self._blocks(model))
         head = _head_on_pooled_tokens(model)
         names = self.attention_modules(model) if head is not None else []
         if not names:
@@ -293,6 +306,9 @@ class TransformersPlugin(ModelPlugin):
         return TokenReadout([name.rpartition(".")[0] for name in names], lambda tokens: head(tokens.mean(dim=1)))
 
     def forward_kwargs(self, model: Any, input_size: tuple[int, int]) -> dict[str, Any]:
+        if prompts.is_prompt_classifier(model):  # both towers take the argument, CLIP's and SigLIP's
+            resized = _image_size(model.dual) not in (None, tuple(input_size))
+            return {"interpolate_pos_encoding": True} if resized else {}
         if not _is_transformers(model) or _image_size(model) in (None, tuple(input_size)):
             return {}
         # Position embeddings resampled to the input's grid. CLIP's classifier passes the argument
@@ -311,6 +327,8 @@ class TransformersPlugin(ModelPlugin):
             with detection.eager_attention(model):
                 yield
             return
+        if prompts.is_prompt_classifier(model):
+            model = model.dual
         config = getattr(model, "config", None)
         previous = getattr(config, "_attn_implementation", None)
         if not _is_transformers(model) or previous in (None, "eager"):
@@ -334,7 +352,9 @@ class TransformersPlugin(ModelPlugin):
             with detection.capture_cross_attention(model, names, sink):
                 yield
             return
-        attention_class = _attention_class(model) or ()
+        attention_class = (
+            prompts.attention_class(model) if prompts.is_prompt_classifier(model) else _attention_class(model)
+        ) or ()
         modules = {
             name: module
             for name, module in model.named_modules()
@@ -367,9 +387,18 @@ class TransformersPlugin(ModelPlugin):
                 stack.callback(module.register_forward_hook(recorder(name)).remove)
             yield
 
+    def class_scores(self, model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+        if detection.detector_type(model):
+            return detection.class_scores(model, output)
+        if prompts.is_prompt_classifier(model) or prompts.is_dual_encoder(model):
+            return prompts.class_scores(model, output)
+        return super().class_scores(model, output)
+
     def refuse_method(self, model: Any, method: str) -> str | None:
         if detection.detector_type(model):
             return detection.refuse_method(model, method)
+        if prompts.is_prompt_classifier(model):
+            return prompts.refuse_method(model, method)
         if _model_type(model) in WINDOWED_ATTENTION and method == "legrad":
             return (
                 "legrad reads each layer's tokens through the head, which Swin's patch merging "

@@ -1,0 +1,302 @@
+"""CLIP and SigLIP with text prompts: a zero-shot classifier whose classes are the prompts.
+
+A dual encoder (``CLIPModel``, ``SiglipModel``) compares an image with texts. Given prompts, the
+plugin encodes them once with the model's own tokenizer (from the model's folder) and text tower,
+and hands the core a :class:`PromptClassifier`: an image-only module whose forward returns, per
+prompt, the model's own logit (``logit_scale.exp() · cos(image, text)``, plus ``logit_bias`` for
+SigLIP), exactly ``logits_per_image``. What the scores mean is the model's: CLIP's probabilities
+are the softmax over the prompts, SigLIP's a sigmoid per prompt. With one CLIP prompt a softmax is
+1.0 whatever the image, so the score shown is the cosine similarity itself.
+
+The classifier's children are the dual encoder's vision tower under the same names
+(``vision_model.encoder.layers.3.layer_norm1``), so every layer, attention module and token grid
+the plugin knows for the dual encoder is the classifier's too: :func:`vision_names` filters the
+dual encoder's answers to the vision tower. The text tower is not a child: it ran once, and no
+method looks at it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnexplain.plugin_api import (
+    MethodError,
+    ModelLoadError,
+    NamedModel,
+    TokenGrid,
+    TokenReadout,
+    not_a_regular_file,
+    shown,
+    vit_cam_block,
+)
+
+from .folder import DUAL_ENCODERS, transformers_quiet
+
+if TYPE_CHECKING:
+    import torch
+
+#: Families whose probabilities are a sigmoid per prompt (trained with the sigmoid loss).
+SIGMOID_FAMILIES = ("siglip",)
+#: Prompts encoded per text-tower forward (a few thousand prompts at once would hold all their tokens).
+TEXT_BATCH = 256
+#: Files a tokenizer is read from; each must be a small regular file (a real CLIP's tokenizer.json
+#: is 3.5 MB, SigLIP's spiece.model 0.8 MB; multilingual vocabularies reach ~35 MB).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
+#: Methods that read the class token's attention row: SigLIP's vision tower has no class token (an
+#: attention-pooling head with a probe of its own reads the patches), so they have nothing to read.
+CLASS_TOKEN_METHODS = ("rollout", "attention", "chefer")
+VISION_PREFIX = "vision_model."
+
+
+def is_dual_encoder(model: Any) -> bool:
+    """A CLIP or SigLIP image–text model (not its classifier variant)."""
+    return type(model).__name__ in DUAL_ENCODERS and type(model).__module__.startswith("transformers.")
+
+
+def is_prompt_classifier(model: Any) -> bool:
+    return isinstance(model, _classifier_class())
+
+
+def family(model: Any) -> str:
+    """``clip`` or ``siglip``, of a dual encoder or a prompt classifier."""
+    dual = model.dual if is_prompt_classifier(model) else model
+    return DUAL_ENCODERS[type(dual).__name__]
+
+
+def vision_names(names: list[str]) -> list[str]:
+    """The names of the vision tower's modules among a dual encoder's."""
+    return [name for name in names if name.startswith(VISION_PREFIX)]
+
+
+def with_prompts(model: Any, prompts: tuple[str, ...] | None) -> NamedModel | None:
+    """The dual encoder ``model`` (or the one under a prompt classifier) as a classifier of ``prompts``."""
+    if prompts is None:
+        raise ModelLoadError(
+            f"{type(model).__name__} compares an image with text, so it needs prompts to explain: "
+            f"pass --prompt 'a photo of a cat' or --prompts 'a cat,a dog' (prompt=, prompts= in explain())."
+        )
+    dual = model.dual if is_prompt_classifier(model) else model
+    text = encode_prompts(dual, prompts)
+    classifier = _classifier_class()(dual, text, sigmoid=family(dual) in SIGMOID_FAMILIES)
+    notes = [f"zero-shot classifier over {len(prompts)} text prompt{'s' if len(prompts) > 1 else ''}"]
+    if len(prompts) == 1 and not classifier.sigmoid:
+        notes.append("one prompt: the score shown is the image–text cosine similarity, not a probability")
+    return NamedModel(
+        module=classifier,
+        architecture=f"{type(dual).__name__} with prompts",
+        weights=None,
+        labels=list(prompts),
+        notes=tuple(notes),
+        random_weights=False,
+    )
+
+
+def encode_prompts(dual: Any, prompts: tuple[str, ...]) -> "torch.Tensor":
+    """The prompts' unit-length text embeddings (P, D), computed once with the model's tokenizer."""
+    import torch
+    import torch.nn.functional as F
+
+    tokenizer = load_tokenizer(dual)
+    longest = int(getattr(dual.config.text_config, "max_position_embeddings", 77))
+    siglip = family(dual) == "siglip"
+    device = next(dual.parameters()).device
+    embeddings = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), TEXT_BATCH):
+            chunk = list(prompts[start : start + TEXT_BATCH])
+            try:
+                # SigLIP was trained on texts padded to its full length (its processor pads so).
+                tokens = tokenizer(
+                    chunk,
+                    padding="max_length" if siglip else True,
+                    truncation=True,
+                    max_length=longest,
+                    return_tensors="pt",
+                )
+            except Exception as error:  # noqa: BLE001 - the folder's tokenizer
+                raise ModelLoadError(f"The model's tokenizer could not read the prompts: {_line(error)}") from None
+            inputs = {key: value.to(device) for key, value in tokens.items() if key in ("input_ids", "attention_mask")}
+            if siglip:
+                inputs.pop("attention_mask", None)  # SigLIP's text tower attends to its padding, as trained
+            embeddings.append(F.normalize(dual.get_text_features(**inputs).pooler_output.float(), dim=-1))
+    return torch.cat(embeddings)
+
+
+def load_tokenizer(dual: Any) -> Any:
+    """The tokenizer saved next to the model (``save_pretrained`` of the tokenizer or processor),
+    read from the folder the model was loaded from; nothing downloaded, no code run."""
+    folder = Path(str(getattr(dual, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        raise ModelLoadError(
+            f"{type(dual).__name__} was not loaded from a folder, so its tokenizer is unknown: load it "
+            f"from its save_pretrained folder (holding the tokenizer's files too)."
+        )
+    present = [name for name in TOKENIZER_FILES if (folder / name).exists()]
+    if not present:
+        raise ModelLoadError(
+            f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): save the model's "
+            f"tokenizer or processor into the folder with save_pretrained."
+        )
+    for name in present:
+        problem = not_a_regular_file(folder / name)
+        if problem is not None:
+            raise ModelLoadError(f"Tokenizer file {folder / name} {problem}.")
+        size = (folder / name).stat().st_size
+        if size > MAX_TOKENIZER_FILE_BYTES:
+            raise ModelLoadError(
+                f"Tokenizer file {folder / name} is {size:,} bytes; at most {MAX_TOKENIZER_FILE_BYTES:,} are accepted."
+            )
+    from transformers import AutoTokenizer
+
+    try:
+        with transformers_quiet():
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - what the folder holds
+        raise ModelLoadError(f"transformers could not load the tokenizer in {folder}: {_line(error)}") from None
+
+
+def _line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {shown(' '.join(str(error).split()), 200)}"
+
+
+def class_scores(model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(scores, probabilities) of a prompt classifier's logits: softmax over the prompts (CLIP),
+    sigmoid each (SigLIP), the cosine similarity for a single CLIP prompt."""
+    import torch
+
+    if not is_prompt_classifier(model):
+        raise MethodError(
+            f"{type(model).__name__} compares an image with text: pass --prompt or --prompts to explain it."
+        )
+    logits = output.float().detach()
+    if model.sigmoid:
+        return output, torch.sigmoid(logits)
+    if output.shape[1] == 1:
+        return output, (logits - model.logit_bias) / model.logit_scale
+    return output, torch.softmax(logits, dim=1)
+
+
+def attention_class(model: Any) -> type | None:
+    """The vision tower's attention class, whose second output is its probabilities."""
+    recorded = (getattr(model.dual, "_can_record_outputs", None) or {}).get("attentions")
+    return recorded if isinstance(recorded, type) else None
+
+
+def attention_modules(model: Any) -> list[str]:
+    """The vision tower's self-attention modules, input to output (SigLIP's pooling head, a
+    ``MultiheadAttention`` with a probe of its own, is not one of them)."""
+    attention = attention_class(model)
+    if attention is None:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, attention)]
+
+
+def token_grid(model: Any, input_size: tuple[int, int]) -> TokenGrid:
+    """CLIP's tokens: [class token, patches]; SigLIP's: the patches alone."""
+    patch = model.dual.config.vision_config.patch_size
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    prefix = 0 if family(model) == "siglip" else 1
+    return TokenGrid(prefix_tokens=prefix, height=input_size[0] // patch_h, width=input_size[1] // patch_w, query=0)
+
+
+def default_method(model: Any) -> str:
+    """What ``--method auto`` explains a prompt with: a method that depends on the prompt (rollout
+    and raw attention do not: every prompt would get the same map). CLIP: Chefer's gradient-
+    weighted attention, which its authors apply to CLIP; SigLIP (no class token): Grad-CAM."""
+    return "gradcam" if family(model) == "siglip" else "chefer"
+
+
+def default_layer(model: Any, blocks: list[str]) -> str | None:
+    """The vision tower's block at half depth, its first norm (as for the classifier ViTs)."""
+    vision = vision_names(blocks)
+    if not vision:
+        return None
+    block = vision[vit_cam_block(len(vision))]
+    return f"{block}.layer_norm1"
+
+
+def token_readout(model: Any, blocks: list[str]) -> TokenReadout | None:
+    """LeGrad's reading of a block (its authors' for CLIP and SigLIP): the tokens through the
+    tower's pooling as the final layer's would be (CLIP: their mean, normed and projected; SigLIP:
+    normed and pooled by its attention head), then the similarity with every prompt."""
+    import torch.nn.functional as F
+
+    vision = model.vision_model
+
+    if model.sigmoid:
+
+        def embed(tokens: "torch.Tensor") -> "torch.Tensor":
+            return vision.head(vision.post_layernorm(tokens))
+    else:
+
+        def embed(tokens: "torch.Tensor") -> "torch.Tensor":
+            return model.visual_projection(vision.post_layernorm(tokens.mean(dim=1)))
+
+    return TokenReadout(blocks, lambda tokens: model.logits(F.normalize(embed(tokens), dim=-1)))
+
+
+def refuse_method(model: Any, method: str) -> str | None:
+    if family(model) == "siglip" and method in CLASS_TOKEN_METHODS:
+        return (
+            f"{method} reads the class token's attention, and SigLIP's vision tower has none (its "
+            f"attention-pooling head reads the patches); use --method legrad or gradcam."
+        )
+    return None
+
+
+_CLASS: type | None = None
+
+
+def _classifier_class() -> type:
+    """:class:`PromptClassifier`, defined on first use so that importing the plugin imports no torch."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _define_classifier()
+    return _CLASS
+
+
+def _define_classifier() -> type:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class PromptClassifier(nn.Module):
+        """A dual encoder with its prompts' text embeddings: image → (B, prompts) logits, the
+        model's ``logits_per_image`` for those prompts."""
+
+        def __init__(self, dual: Any, text_embeds: torch.Tensor, *, sigmoid: bool) -> None:
+            super().__init__()
+            object.__setattr__(self, "dual", dual)  # not a child: its text tower is done with
+            self.vision_model = dual.vision_model
+            if hasattr(dual, "visual_projection"):
+                self.visual_projection = dual.visual_projection
+            self.sigmoid = sigmoid
+            self.register_buffer("text_embeds", text_embeds)
+            self.register_buffer("logit_scale", dual.logit_scale.detach().float().exp().reshape(()))
+            bias = getattr(dual, "logit_bias", None)
+            self.register_buffer(
+                "logit_bias", (bias.detach().float() if bias is not None else torch.zeros(1)).reshape(())
+            )
+
+        def image_embeds(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            features = self.dual.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+            return F.normalize(features, dim=-1)
+
+        def logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
+            text = self.text_embeds.to(image_embeds.dtype)
+            return self.logit_scale * image_embeds @ text.T + self.logit_bias
+
+        def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return self.logits(self.image_embeds(pixel_values, **kwargs))
+
+    return PromptClassifier
