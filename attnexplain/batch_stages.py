@@ -51,14 +51,15 @@ class BatchSettings:
     options: Any = None  # MethodOptions
     truth: Any = None  # attnexplain.truth.TrueClasses: each image's true class (--truth)
     metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.metrics.perturbation_values)
+    versus: int | str | None = None  # a contrast: the maps explain score(target) − score(versus)
 
     def describe(self) -> dict[str, Any]:
         data = {
             key: value
             for key, value in asdict(self).items()
             if key not in ("options", "images_per_batch", "workers", "parallel_batches", "truth")
-            and not (key == "metrics" and not value)
-        }  # runs without metrics keep their fingerprint
+            and not (key in ("metrics", "versus") and not value)
+        }  # runs without metrics (or a contrast) keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -95,9 +96,10 @@ def explain_batch(
 
     from .engine import compute_maps
     from .errors import MethodError, NothingToExplain
-    from .targets import boxes_on_photo, image_outcome
+    from .targets import boxes_on_photo, image_outcome, scored_for, target_record
 
     batch = torch.cat(tensors).to(device)
+    loaded, _ = scored_for(loaded, settings.target, settings.versus)  # the metrics follow a contrast too
     try:
         computed = compute_maps(
             loaded,
@@ -107,6 +109,7 @@ def explain_batch(
             target=settings.target,
             options=settings.options,
             preprocessing=preprocessing,
+            versus=settings.versus,
         )
     except NothingToExplain as error:  # no image of the batch has anything to explain
         return [{"error": str(error)} for _ in tensors]
@@ -124,14 +127,18 @@ def explain_batch(
                 int(targets[index]),
                 loaded.labels,
                 settings.top_k,
-                target_given=settings.target is not None,
+                target_given=settings.target is not None and not computed.negative,
                 methods=methods,
+                values=computed.values,
             )
         except MethodError as error:  # this image only: the others of the batch are fine
             result["error"] = str(error)
         else:
             result["predictions"] = [p.as_dict() for p in predictions]
-            result["target"] = target.as_dict()
+            result["target"] = {
+                **target.as_dict(),
+                **target_record(target, loaded.labels, computed.versus, computed.negative),
+            }
             if computed.detections is not None:
                 height, width = batch.shape[-2:]
                 region = regions[index] if regions is not None else (0.0, 0.0, float(width), float(height))
@@ -153,7 +160,7 @@ def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[s
 
     names = list(computed.maps)
     maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
-    original = computed.probabilities.gather(1, computed.targets[:, None])[:, 0]
+    original = computed.explained_scores()
     values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics)
     return [
         {

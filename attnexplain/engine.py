@@ -26,9 +26,13 @@ from .running import model_failures
 from .targets import (
     NonFiniteScores,
     UniformScores,
+    check_contrast,
     check_scores,
+    class_scores,
     explains_a_class,
+    model_task,
     resolve_targets,
+    scored_for,
     uniform_scores,
     unusable_scores,
 )
@@ -49,6 +53,18 @@ class BatchMaps:
     channel_gates: dict[str, ChannelGates] = field(default_factory=dict)
     depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
     detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
+    #: ``probabilities`` hold a single output's value (regression, a binary logit), not probabilities.
+    values: bool = False
+    versus: int | None = None  # a contrast's class: the maps explain score(target) − score(versus)
+    negative: bool = False  # the maps explain what lowers a single output
+
+    def explained_scores(self) -> torch.Tensor:
+        """(B,) each target's probability (a single output's value), less the contrasted class's:
+        the score the perturbation metrics follow (as :func:`attnexplain.running.probabilities_of`)."""
+        chosen = self.probabilities.gather(1, self.targets[:, None].to(self.probabilities.device))[:, 0]
+        if self.versus is None:
+            return chosen
+        return chosen - self.probabilities[:, self.versus]
 
     def image_maps(self) -> list[dict[str, MethodMap]]:
         """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
@@ -90,6 +106,7 @@ def compute_maps(
     options: MethodOptions | None = None,
     targets: torch.Tensor | None = None,
     preprocessing: Preprocessing | None = None,
+    versus: int | str | None = None,
 ) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
@@ -98,9 +115,11 @@ def compute_maps(
     :func:`attnexplain.planning.default_layer`). ``preprocessing`` is how ``batch`` was normalised
     (default: the model's), which says what a black pixel is for ``--baseline black``. This is the
     batch-level core that :func:`attnexplain.explain` wraps. Every image's maps are the same as if
-    it were alone.
+    it were alone. ``versus`` (an index or label) makes every map explain score(target) −
+    score(versus); ``target="negative"`` explains what lowers a single-output model's value.
     """
     options = options or MethodOptions()
+    loaded, target = scored_for(loaded, target, versus)
     normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
     black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
 
@@ -131,17 +150,18 @@ def _compute_once(
     def score(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, classes) differentiable target scores and (B,) targets from the model's raw output.
         The first pass's output is the prediction; its targets hold for every later pass."""
-        logits, probabilities = loaded.plugin.class_scores(module, output)
+        logits, probabilities = class_scores(loaded, output)
         check_scores(logits, batch.shape[0])
         if "probabilities" not in state:
             state["probabilities"] = probabilities.detach()
+            state["values"] = loaded.scoring.shows_value(logits.shape[1], model_task(loaded))
             detected = loaded.plugin.detections(module, output)
             if detected is not None:
                 state["detections"] = detected
             unusable = unusable_scores(logits)
             if unusable is not None and not bool(torch.isfinite(probabilities).any()):
                 raise NonFiniteScores(unusable)  # every image; else each image says it for itself
-            if not bool((state["probabilities"] > 0).any()):
+            if not state["values"] and not bool((state["probabilities"] > 0).any()):
                 raise NothingToExplain()
             # Every image's scores equal across classes: no map of a class is worth computing (each
             # image says it for itself otherwise). Not when the targets are fixed (evaluate's
@@ -156,6 +176,9 @@ def _compute_once(
                 if targets is not None
                 else resolve_targets(target, state["probabilities"], loaded.labels)
             )
+            if loaded.scoring.versus is not None:
+                state["versus"] = loaded.scoring.versus_index(logits.shape[1], loaded.labels)
+                check_contrast(state["targets"], state["versus"], loaded.labels)
         return logits, state["targets"]
 
     run = PassRun(loaded=loaded, batch=batch, layers=layers, options=options, score=score, black=black, state=state)
@@ -178,4 +201,7 @@ def _compute_once(
         channel_gates=made.channel_gates,
         depth_maps=made.depth_maps,
         detections=state.get("detections"),
+        values=bool(state.get("values")),
+        versus=state.get("versus"),
+        negative=loaded.scoring.negative,
     )

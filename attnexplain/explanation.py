@@ -25,7 +25,15 @@ from .planning import Plan, default_layer, layer_maps, plan_explanation, plan_pr
 from .preprocess import Preprocessing, prepare
 from .results import MethodMap, Prediction
 from .running import model_device
-from .targets import NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions, unusable_scores
+from .targets import (
+    NonFiniteScores,
+    boxes_on_photo,
+    image_outcome,
+    resolve_targets,
+    target_record,
+    top_predictions,
+    unusable_scores,
+)
 
 #: Importable from here as before the engine and the plan moved out (tests, samples and plugins import them so).
 __all__ = [
@@ -69,6 +77,9 @@ class Explanation:
     detections: list[dict[str, Any]] | None = None
     #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
     metrics: dict[str, dict[str, float]] | None = None
+    #: A contrast's class index (the maps explain score(target) − score(versus)); None: no contrast.
+    versus: int | None = None
+    negative: bool = False  # the maps explain what lowers a single output
 
     @property
     def method(self) -> str:
@@ -105,7 +116,7 @@ class Explanation:
             "method": self.method,
             "methods": list(self.maps),
             "layer": self.layer,
-            "target": {"index": self.target.index, "label": self.target.label},
+            "target": target_record(self.target, self.model.labels, self.versus, self.negative),
             "predictions": [p.as_dict() for p in self.predictions],
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
@@ -152,6 +163,7 @@ def explain(
     options: MethodOptions | None = None,
     device: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
+    versus: int | str | None = None,
 ) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
@@ -163,7 +175,9 @@ def explain(
     attention rollout for models whose plugin knows their attention, Grad-CAM otherwise (saliency where
     inner layers are out of reach). Methods of the same family share their forward and backward pass.
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
-    (default: the top-1 prediction). ``labels`` (a list of class names or a file of one per line)
+    (default: the top-1 prediction; ``"negative"``: what lowers a single-output model's value).
+    ``versus`` (a class index or label) explains score(target) − score(versus) with every gradient and
+    perturbation method: what makes it the target rather than ``versus``. ``labels`` (a list of class names or a file of one per line)
     win over those the model carries. ``device`` (cpu, cuda, mps, auto) moves the model there;
     None runs it where it is.
     """
@@ -185,7 +199,14 @@ def explain(
 
     started = time.perf_counter()
     computed = compute_maps(
-        loaded, batch, plan.methods, plan.layers, target=target, options=options, preprocessing=preprocessing
+        loaded,
+        batch,
+        plan.methods,
+        plan.layers,
+        target=target,
+        options=options,
+        preprocessing=preprocessing,
+        versus=versus,
     )
     if run_device.type == "cuda":
         torch.cuda.synchronize(run_device)
@@ -194,7 +215,13 @@ def explain(
     probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
     maps = computed.image_maps()[0]
     chosen_target, predictions = image_outcome(
-        probabilities, target_index, loaded.labels, top_k, target_given=target is not None, methods=plan.methods
+        probabilities,
+        target_index,
+        loaded.labels,
+        top_k,
+        target_given=target is not None and not computed.negative,
+        methods=plan.methods,
+        values=computed.values,
     )
     detections = None
     if computed.detections is not None:
@@ -212,6 +239,8 @@ def explain(
         options=options,
         timings=timings,
         detections=detections,
+        versus=computed.versus,
+        negative=computed.negative,
     )
 
 

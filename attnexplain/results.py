@@ -10,12 +10,22 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Prediction:
+    """A class and its probability; for a single-output model (regression, a binary logit) its
+    value instead, with ``prob`` None."""
+
     index: int
     label: str | None
-    prob: float
+    prob: float | None
+    value: float | None = None
+
+    @property
+    def score(self) -> float:
+        """The probability, or the value of a single output: what the perturbation metrics follow."""
+        return self.prob if self.prob is not None else float(self.value if self.value is not None else "nan")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "label": self.label, "prob": self.prob}
+        shown = {"index": self.index, "label": self.label, "prob": self.prob}
+        return shown if self.value is None else {**shown, "value": self.value}
 
 
 @dataclass

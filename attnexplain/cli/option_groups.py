@@ -132,13 +132,13 @@ def model_options(function):
 
 
 #: The options of method_options the command receives by name; the others become its ``options``.
-_EXPLAIN_ARGUMENTS = ("method", "target", "layer")
+_EXPLAIN_ARGUMENTS = ("method", "target", "versus", "layer")
 
 
 def method_options(function, leave_out: tuple[str, ...] = ()):
     """Options of the explanation methods, shared by every command that explains (less ``leave_out``:
-    a command that gives one of them another meaning). The command receives ``method``, ``target``
-    and ``layer`` by name and the methods' settings as one ``options``
+    a command that gives one of them another meaning). The command receives ``method``, ``target``,
+    ``versus`` and ``layer`` by name and the methods' settings as one ``options``
     (:class:`attnexplain.options.MethodOptions`; a setting left out keeps its default there)."""
 
     @functools.wraps(function)
@@ -156,7 +156,17 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
             help="One or more methods, comma-separated (e.g. gradcam,layercam,scorecam); "
             "`attnexplain methods` lists them. auto: rollout for ViTs, gradcam otherwise.",
         ),
-        target=click.option("--target", help="Class to explain: index or label (default: the top prediction)."),
+        target=click.option(
+            "--target",
+            help="Class to explain: index or label (default: the top prediction); negative: what "
+            "lowers a single-output model's value.",
+        ),
+        versus=click.option(
+            "--versus",
+            metavar="CLASS",
+            help="Contrast: explain score(target) − score(this class), index or label (what makes "
+            "it the target rather than this class).",
+        ),
         layer=click.option(
             "--layer",
             help="Layer(s) for the CAM family, comma-separated (several are fused; "

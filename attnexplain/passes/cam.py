@@ -16,6 +16,7 @@ from ..methods import Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
 from ..running import model_as_called, scores_of
+from ..targets import class_scores
 from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
 from .registry import register_pass
 
@@ -149,7 +150,7 @@ def _with_layer_output(
 
     def run(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), replaced_output(loaded.module, name, output):
-            return loaded.plugin.class_scores(loaded.module, call(inputs))[0]
+            return class_scores(loaded, call(inputs))[0]
 
     return run
 
@@ -170,7 +171,7 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
             capture_activations(module, layers, captured, _selector(loaded)),
             torch.enable_grad(),
         ):
-            logits = loaded.plugin.class_scores(module, run.forward(copies))[0]
+            logits = class_scores(loaded, run.forward(copies))[0]
             chosen = logits.gather(1, targets[:, None]).sum()
             outputs = [captured[name] for name in layers]
             gradients = torch.autograd.grad(chosen, outputs)
