@@ -178,8 +178,8 @@ def explain(
     (default: the top-1 prediction; ``"negative"``: what lowers a single-output model's value).
     ``versus`` (a class index or label) explains score(target) − score(versus) with every gradient and
     perturbation method: what makes it the target rather than ``versus``. ``labels`` (a list of class
-    names or a file of one per line) win over those the model carries. ``device`` (cpu, cuda, mps, auto) moves the model there;
-    None runs it where it is.
+    names or a file of one per line) win over those the model carries. ``device`` (cpu, cuda, mps,
+    auto) moves the model there; None runs it where it is.
     """
     options = options or MethodOptions()
     timings: dict[str, float] = {}
