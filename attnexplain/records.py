@@ -238,7 +238,10 @@ def _is_prediction(value: Any) -> bool:
         isinstance(index, int)
         and not isinstance(index, bool)
         and 0 <= index <= MAX_CLASS_INDEX
-        and is_finite_number(value.get("prob"))
+        # a probability, or a single output's value (regression, a binary logit) in its stead
+        and (
+            is_finite_number(value.get("prob")) or (value.get("prob") is None and is_finite_number(value.get("value")))
+        )
         and isinstance(value.get("label"), (str, type(None)))
     )
 

@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 #: ``--scores``: how class scores become probabilities.
 SCORE_KINDS = ("auto", "softmax", "sigmoid")
 
-#: ``--target negative``: explain what lowers a single-output model's value.
-NEGATIVE = "negative"
-
 
 @dataclass(frozen=True)
 class Scoring:
@@ -65,7 +62,7 @@ class Scoring:
         if self.negative:
             if count != 1:
                 raise MethodError(
-                    f"Target {NEGATIVE!r} explains what lowers a single-output model's value, but this model "
+                    f"Target 'negative' explains what lowers a single-output model's value, but this model "
                     f"has {count} classes: name a class, or contrast two with --target A --versus B."
                 )
             logits = -logits

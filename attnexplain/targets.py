@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 
+#: ``--target negative``: explain what lowers a single-output model's value.
+NEGATIVE = "negative"
+
+
 class NonFiniteScores(NothingToExplain):
     """The model's scores for an image are NaN or infinite: an outcome of that image (a batch
     records it and goes on), though usually of the weights."""
@@ -107,8 +111,6 @@ def scored_for(
     """``loaded`` scoring a contrast with ``versus`` (if given) and, for ``target="negative"`` (where
     no class is labelled so), its single output negated; with the target left to explain."""
     from dataclasses import replace
-
-    from .scoring import NEGATIVE
 
     negative = (
         isinstance(target, str)
