@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 #: The fields that name the model, in the order report.json's ``model_spec`` lists them. The device
 #: is not one of them: the same model on another device gives the same explanation.
-IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema")
+IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema", "scores")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class ModelSpec:
     trust_model: bool = False
     plugin: str | None = None
     device: str = "auto"
+    #: How class scores become probabilities: softmax, sigmoid (multi-label) or auto (the plugin's,
+    #: or the checkpoint's ``"multilabel": true``); see :mod:`attnexplain.scoring`.
+    scores: str = "auto"
 
     @classmethod
     def of(cls, value: "ModelSpec | Mapping[str, Any]") -> "ModelSpec":
@@ -87,6 +90,7 @@ class ModelSpec:
             device=self.device,
             ema=self.ema,
             arch_kwargs=arch_kwargs_from_json(self.arch_kwargs) if self.arch_kwargs else None,
+            scores=self.scores,
         )
 
     def _require_model(self) -> None:

@@ -20,6 +20,7 @@ import click
 from ..formats import COLORMAP_NAMES, DEFAULT_COLORMAP
 from ..model_spec import ModelSpec
 from ..options import MethodOptions
+from ..scoring import SCORE_KINDS
 
 
 def _numbers(kind: type, count: tuple[int, ...], check: Callable[[list], Any] | None = None):
@@ -126,6 +127,15 @@ def model_options(function):
             show_default=True,
             type=click.Choice(["auto", "cpu", "cuda", "mps"]),
             help="Where to run the model.",
+        ),
+        scores=click.option(
+            "--scores",
+            default="auto",
+            show_default=True,
+            type=click.Choice(SCORE_KINDS),
+            help="How class scores become probabilities: softmax (one class per image), sigmoid "
+            '(multi-label: each class its own; also a checkpoint\'s "multilabel": true), auto (the '
+            "model's plugin's; a single output shows its value).",
         ),
     )
     return _with_options(with_model_spec, options, leave_out=())

@@ -1,0 +1,108 @@
+"""Multi-label models (a sigmoid per class): --scores sigmoid, or a checkpoint that says
+``"multilabel": true`` (at its top level or in Lightning's ``hyper_parameters``), reports each
+class's own probability, sigmoid(logit), rather than a softmax over the classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from attnexplain.cli import main
+from attnexplain.images import load_image
+from attnexplain.loading import load_model
+from attnexplain.planning import plan_preprocessing
+from attnexplain.preprocess import prepare
+
+SIZE = 32
+NET_SOURCE = """
+import torch
+
+
+class Tagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.features(x)).mean((2, 3)))
+"""
+
+
+@pytest.fixture
+def tagger(tmp_path) -> tuple[dict, Path, list[str]]:
+    source = tmp_path / "tagger.py"
+    source.write_text(NET_SOURCE)
+    namespace: dict = {}
+    exec(compile(NET_SOURCE, str(source), "exec"), namespace)
+    torch.manual_seed(4)
+    state = namespace["Tagger"]().state_dict()
+    state["head.bias"] = torch.tensor([2.0, 1.5, -0.5, -3.0])  # two labels present, two absent
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(photo)
+    return state, photo, ["--arch", f"{source}:Tagger", "--size", str(SIZE)]
+
+
+def _logits(weights: Path, photo: Path, arch: str) -> torch.Tensor:
+    loaded = load_model(weights, arch=arch)
+    batch = prepare(load_image(photo).pixels, plan_preprocessing(loaded, size=SIZE)).tensor
+    with torch.no_grad():
+        return loaded.module(batch)[0]
+
+
+def _predictions(tmp_path: Path, weights: Path, photo: Path, options: list[str], *extra: str) -> list[dict]:
+    out = tmp_path / f"out-{weights.stem}"
+    result = CliRunner().invoke(
+        main, [str(a) for a in ["run", weights, photo, *options, *extra, "--out", out, "--json"]]
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)["predictions"]
+
+
+def _independent(predictions: list[dict], logits: torch.Tensor) -> None:
+    expected = torch.sigmoid(logits)
+    assert len(predictions) == 4
+    for prediction in predictions:
+        assert prediction["prob"] == pytest.approx(float(expected[prediction["index"]]), rel=1e-5)
+    assert sum(p["prob"] for p in predictions) > 1.2  # independent: no softmax sums to that
+    assert [p["index"] for p in predictions] == torch.argsort(expected, descending=True).tolist()
+
+
+def test_scores_sigmoid_reports_each_class_its_own_probability(tmp_path, tagger):
+    state, photo, options = tagger
+    weights = tmp_path / "tagger.pt"
+    torch.save(state, weights)
+    logits = _logits(weights, photo, options[1])
+    _independent(_predictions(tmp_path, weights, photo, options, "--scores", "sigmoid"), logits)
+    softmax = _predictions(tmp_path, weights, photo, options)
+    assert sum(p["prob"] for p in softmax) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("where", ["top", "lightning"])
+def test_a_checkpoint_that_says_multilabel_is_read_with_sigmoids(tmp_path, tagger, where):
+    state, photo, options = tagger
+    weights = tmp_path / f"checkpoint-{where}.pt"
+    checkpoint = {"state_dict": state}
+    if where == "top":
+        checkpoint["multilabel"] = True
+    else:
+        checkpoint["hyper_parameters"] = {"multilabel": True, "lr": 0.01}
+    torch.save(checkpoint, weights)
+    logits = _logits(weights, photo, options[1])
+    _independent(_predictions(tmp_path, weights, photo, options), logits)
+    forced = _predictions(tmp_path, weights, photo, options, "--scores", "softmax")
+    assert sum(p["prob"] for p in forced) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_unknown_scores_kind_is_a_usage_error(tmp_path, tagger):
+    state, photo, options = tagger
+    weights = tmp_path / "tagger.pt"
+    torch.save(state, weights)
+    result = CliRunner().invoke(main, [str(a) for a in ["run", weights, photo, *options, "--scores", "tanh"]])
+    assert result.exit_code == 2 and "'tanh' is not one of 'auto', 'softmax', 'sigmoid'" in result.output
