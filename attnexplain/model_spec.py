@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 #: is not one of them: the same model on another device gives the same explanation.
 IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema", "scores")
 
+#: Fields that name the model only where given: at their default they are left out of the identity,
+#: so that a run that does not use them keeps the fingerprint and report.json of earlier versions.
+LATER_FIELDS = ("scores",)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -63,7 +67,12 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """The fields that name the model (every field but the device), in the order report.json
         shows them: what a run's fingerprint and report record."""
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        defaults = {field.name: field.default for field in fields(self)}
+        return {
+            name: getattr(self, name)
+            for name in IDENTITY_FIELDS
+            if name not in LATER_FIELDS or getattr(self, name) != defaults[name]
+        }
 
     def check(self) -> None:
         """Refuse, without importing torch, what would make loading fail: a model path that is a
