@@ -52,6 +52,7 @@ class BatchSettings:
     truth: Any = None  # attnexplain.truth.TrueClasses: each image's true class (--truth)
     metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.metrics.perturbation_values)
     versus: int | str | None = None  # a contrast: the maps explain score(target) − score(versus)
+    threshold: float = 0.5  # a multi-label model's: the classes at or above it are its "present" labels
 
     def describe(self) -> dict[str, Any]:
         data = {
@@ -59,7 +60,8 @@ class BatchSettings:
             for key, value in asdict(self).items()
             if key not in ("options", "images_per_batch", "workers", "parallel_batches", "truth")
             and not (key in ("metrics", "versus") and not value)
-        }  # runs without metrics (or a contrast) keep their fingerprint
+            and not (key == "threshold" and value == 0.5)
+        }  # runs without metrics (or a contrast, or another threshold) keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -96,7 +98,7 @@ def explain_batch(
 
     from .engine import compute_maps
     from .errors import MethodError, NothingToExplain
-    from .targets import boxes_on_photo, image_outcome, scored_for, target_record
+    from .targets import boxes_on_photo, image_outcome, present_labels, scored_for, target_record
 
     batch = torch.cat(tensors).to(device)
     loaded, _ = scored_for(loaded, settings.target, settings.versus)  # the metrics follow a contrast too
@@ -130,11 +132,15 @@ def explain_batch(
                 target_given=settings.target is not None and not computed.negative,
                 methods=methods,
                 values=computed.values,
+                threshold=settings.threshold if computed.multilabel else None,
             )
         except MethodError as error:  # this image only: the others of the batch are fine
             result["error"] = str(error)
         else:
             result["predictions"] = [p.as_dict() for p in predictions]
+            if computed.multilabel:
+                present = present_labels(probabilities[index], loaded.labels, settings.threshold)
+                result["present"] = [p.as_dict() for p in present]
             result["target"] = {
                 **target.as_dict(),
                 **target_record(target, loaded.labels, computed.versus, computed.negative),
@@ -241,6 +247,7 @@ def write_image(
                 "detail": f"{output}/{DETAIL_HTML}",
                 "image_info": decoded.image_info,
                 "predictions": result["predictions"],
+                **({"present": result["present"]} if "present" in result else {}),
                 "target": result["target"],
                 "methods": list(result["maps"]),
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},

@@ -57,6 +57,7 @@ class BatchMaps:
     values: bool = False
     versus: int | None = None  # a contrast's class: the maps explain score(target) − score(versus)
     negative: bool = False  # the maps explain what lowers a single output
+    multilabel: bool = False  # ``probabilities`` are independent sigmoids (see attnexplain.scoring)
 
     def explained_scores(self) -> torch.Tensor:
         """(B,) each target's probability (a single output's value), less the contrasted class's:
@@ -204,4 +205,5 @@ def _compute_once(
         values=bool(state.get("values")),
         versus=state.get("versus"),
         negative=loaded.scoring.negative,
+        multilabel=loaded.scoring.kind == "sigmoid",
     )

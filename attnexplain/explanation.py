@@ -29,6 +29,7 @@ from .targets import (
     NonFiniteScores,
     boxes_on_photo,
     image_outcome,
+    present_labels,
     resolve_targets,
     target_record,
     top_predictions,
@@ -80,6 +81,9 @@ class Explanation:
     #: A contrast's class index (the maps explain score(target) − score(versus)); None: no contrast.
     versus: int | None = None
     negative: bool = False  # the maps explain what lowers a single output
+    #: A multi-label model's classes at or above the threshold (what it says the image holds); None
+    #: for other models.
+    present: list[Prediction] | None = None
 
     @property
     def method(self) -> str:
@@ -118,6 +122,7 @@ class Explanation:
             "layer": self.layer,
             "target": target_record(self.target, self.model.labels, self.versus, self.negative),
             "predictions": [p.as_dict() for p in self.predictions],
+            **({"present": [p.as_dict() for p in self.present]} if self.present is not None else {}),
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
             "maps": {
@@ -164,6 +169,7 @@ def explain(
     device: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
     versus: int | str | None = None,
+    threshold: float = 0.5,
 ) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
@@ -177,7 +183,8 @@ def explain(
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
     (default: the top-1 prediction; ``"negative"``: what lowers a single-output model's value).
     ``versus`` (a class index or label) explains score(target) − score(versus) with every gradient and
-    perturbation method: what makes it the target rather than ``versus``. ``labels`` (a list of class
+    perturbation method: what makes it the target rather than ``versus``. A multi-label model's
+    (``scores="sigmoid"``) classes at or above ``threshold`` are its ``present`` labels. ``labels`` (a list of class
     names or a file of one per line) win over those the model carries. ``device`` (cpu, cuda, mps,
     auto) moves the model there; None runs it where it is.
     """
@@ -222,6 +229,7 @@ def explain(
         target_given=target is not None and not computed.negative,
         methods=plan.methods,
         values=computed.values,
+        threshold=threshold if computed.multilabel else None,
     )
     detections = None
     if computed.detections is not None:
@@ -241,6 +249,7 @@ def explain(
         detections=detections,
         versus=computed.versus,
         negative=computed.negative,
+        present=present_labels(probabilities, loaded.labels, threshold) if computed.multilabel else None,
     )
 
 

@@ -67,6 +67,23 @@ def correct(record: dict[str, Any]) -> bool | None:
     return truth in (top.get("label"), str(top["index"]))
 
 
+#: Between a multi-label image's present labels in the gallery's class cell ("cat; dog").
+LABEL_SEPARATOR = "; "
+
+
+def _classes(record: dict[str, Any]) -> list[str]:
+    """The classes the gallery files an image under: its top class, or a multi-label model's
+    present labels (each one filterable as a top class is)."""
+    present = record.get("present")
+    if isinstance(present, list) and present and all(isinstance(p, dict) for p in present):
+        return [_label(p) for p in present]
+    return [_label(record["predictions"][0])]
+
+
+def _classes_shown(record: dict[str, Any]) -> str:
+    return LABEL_SEPARATOR.join(_classes(record))
+
+
 def _model_line(meta: dict[str, Any]) -> str | None:
     """The run's model and preprocessing in one sentence, for every detail page."""
     from .viewer import file_name, preprocessing_text
@@ -143,7 +160,7 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
             [
                 r["image"],
                 quote(r["output"]),
-                _label(top),
+                _classes_shown(r),
                 None if confidence is None else round(confidence, 6),
                 r.get("truth") if isinstance(r.get("truth"), str) else None,
                 -1 if right is None else int(right),
@@ -190,7 +207,7 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **({"truth": judged} if judged is not None else {}),
         "timings_total_s": {key: round(value, 6) for key, value in sorted(sums.items())},
         "class_histogram": dict(
-            sorted(Counter(_label(r["predictions"][0]) for r in ok if r.get("predictions")).items())
+            sorted(Counter(name for r in ok if r.get("predictions") for name in _classes(r)).items())
         ),
         "failures": [{"image": r["image"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
     }

@@ -185,9 +185,9 @@ def top_predictions(
     if values:
         return [Prediction(0, _label(labels, 0), None, float(probabilities[0]))]
     # Stable sort: ties keep index order, so the top-1 agrees with argmax (the default target).
-    values, indices = torch.sort(probabilities, descending=True, stable=True)
-    values, indices = values[: max(k, 1)], indices[: max(k, 1)]
-    return [Prediction(int(i), _label(labels, int(i)), float(v)) for v, i in zip(values, indices)]
+    ranked, indices = torch.sort(probabilities, descending=True, stable=True)
+    ranked, indices = ranked[: max(k, 1)], indices[: max(k, 1)]
+    return [Prediction(int(i), _label(labels, int(i)), float(v)) for v, i in zip(ranked, indices)]
 
 
 def image_outcome(
@@ -198,6 +198,7 @@ def image_outcome(
     target_given: bool,
     methods: Sequence[Any] | None = None,
     values: bool = False,
+    threshold: float | None = None,
 ) -> tuple[Prediction, list[Prediction]]:
     """One image's explained target and top-k predictions from its (classes,) probabilities.
 
@@ -206,7 +207,8 @@ def image_outcome(
     class scores above 0 (a detector that found nothing), and one in which every class scores the
     same (:func:`uniform_scores`) where ``methods`` (default: any) map a class (:func:`explains_a_class`).
     ``values``: the model has a single output whose value ``probabilities`` hold (any value is one
-    to explain).
+    to explain). ``threshold`` (a multi-label model's): the predictions go on past the top-k to every
+    class at or above it.
     """
     unusable = unusable_scores(probabilities)
     if unusable is not None:
@@ -225,10 +227,17 @@ def image_outcome(
         raise MethodError(
             f"Class {name} is not in this image (its probability is 0), so there is nothing to explain for it."
         )
-    return (
-        Prediction(target_index, _label(labels, target_index), probability),
-        top_predictions(probabilities, labels, top_k),
-    )
+    predictions = top_predictions(probabilities, labels, top_k)
+    if threshold is not None:
+        predictions += present_labels(probabilities, labels, threshold)[len(predictions) :]
+    return Prediction(target_index, _label(labels, target_index), probability), predictions
+
+
+def present_labels(probabilities: torch.Tensor, labels: list[str] | None, threshold: float) -> list[Prediction]:
+    """A multi-label model's (classes,) independent ``probabilities``: every class at or above
+    ``threshold``, most probable first (what it says the image holds)."""
+    above = int((probabilities.float() >= threshold).sum())
+    return top_predictions(probabilities, labels, above)[:above]
 
 
 def target_record(

@@ -140,9 +140,13 @@ def train(
     shift: int,
     label_smoothing: float,
     seed: int,
+    targets: torch.Tensor | None = None,
+    loss_function=F.cross_entropy,
 ) -> None:
+    """``targets``: (n, classes) float targets for ``loss_function`` (default: :func:`soft_targets`
+    of ``y`` for the cross-entropy; the multi-label sample gives 0/1 per class and a BCE)."""
     rng = np.random.default_rng(seed)
-    targets = soft_targets(y, label_smoothing)
+    targets = soft_targets(y, label_smoothing) if targets is None else targets
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = len(x) // batch_size
     total = epochs * steps_per_epoch
@@ -165,7 +169,7 @@ def train(
             batch = augment(x[index], rng, shift)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(batch), targets[index])
+            loss = loss_function(model(batch), targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -199,11 +203,17 @@ def main() -> None:
     parser.add_argument("--cbam-epochs", type=int, default=2)
     parser.add_argument(
         "--only",
-        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES],
+        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES, "multilabel"],
         default=None,
-        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN)",
+        help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN; multilabel: "
+        "samples/train_multilabel.py's two-object model)",
     )
     args = parser.parse_args()
+    if args.only == "multilabel":
+        from train_multilabel import train_multilabel
+
+        train_multilabel(args.out)
+        return
     args.only = ALIASES.get(args.only, args.only)
 
     torch.set_num_threads(THREADS)

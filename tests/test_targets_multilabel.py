@@ -106,3 +106,42 @@ def test_an_unknown_scores_kind_is_a_usage_error(tmp_path, tagger):
     torch.save(state, weights)
     result = CliRunner().invoke(main, [str(a) for a in ["run", weights, photo, *options, "--scores", "tanh"]])
     assert result.exit_code == 2 and "'tanh' is not one of 'auto', 'softmax', 'sigmoid'" in result.output
+
+
+def test_every_label_above_the_threshold_is_reported_present(tmp_path, tagger):
+    state, photo, options = tagger
+    weights = tmp_path / "tagger.pt"
+    torch.save({"state_dict": state, "multilabel": True, "labels": ["cat", "dog", "grass", "rocket"]}, weights)
+    probabilities = torch.sigmoid(_logits(weights, photo, options[1]))
+    for threshold in (0.5, 0.9):
+        out = tmp_path / f"t{threshold}"
+        result = CliRunner().invoke(
+            main,
+            [str(a) for a in ["run", weights, photo, *options, "--top-k", "1", "--threshold", threshold]]
+            + ["--out", str(out), "--json"],
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        expected = [i for i in torch.argsort(probabilities, descending=True).tolist() if probabilities[i] >= threshold]
+        assert [p["index"] for p in report["present"]] == expected
+        shown = [p["index"] for p in report["predictions"]]
+        assert shown == (expected if len(expected) > 1 else shown[:1])  # past --top-k 1 to every present label
+    assert [p["label"] for p in json.loads(result.output)["present"]] != [] or probabilities.max() < 0.9
+
+
+def test_the_gallery_files_a_multilabel_image_under_each_present_label(tmp_path, tagger):
+    state, photo, options = tagger
+    weights = tmp_path / "tagger.pt"
+    torch.save({"state_dict": state, "multilabel": True, "labels": ["cat", "dog", "grass", "rocket"]}, weights)
+    probabilities = torch.sigmoid(_logits(weights, photo, options[1]))
+    present = [["cat", "dog", "grass", "rocket"][i] for i in torch.argsort(probabilities, descending=True).tolist()]
+    present = present[: int((probabilities >= 0.5).sum())]
+    assert len(present) >= 2  # the fixture's biases make two labels present
+    out = tmp_path / "batch"
+    result = CliRunner().invoke(main, [str(a) for a in ["batch", weights, photo, *options, "--out", out, "--quiet"]])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert [p["label"] for p in record["present"]] == present
+    report = json.loads((out / "report.json").read_text())
+    assert report["class_histogram"] == {name: 1 for name in present}
+    assert json.dumps("; ".join(present)) in (out / "gallery-data.js").read_text()

@@ -131,6 +131,7 @@ def run(
     alpha: float,
     colormap: str,
     top_k: int,
+    threshold: float,
     max_pixels: int,
     out_dir: Path,
     overlay_format: str,
@@ -178,6 +179,7 @@ def run(
             versus=versus,
             layer=layer,
             top_k=top_k,
+            threshold=threshold,
             size=size,
             mean=mean,
             std=std,
@@ -312,6 +314,7 @@ def batch(
     alpha: float,
     colormap: str,
     top_k: int,
+    threshold: float,
     max_pixels: int,
     images_per_batch: int,
     workers: int | None,
@@ -382,6 +385,7 @@ def batch(
         mean=tuple(mean) if mean else None,
         std=tuple(std) if std else None,
         top_k=top_k,
+        threshold=threshold,
         alpha=alpha,
         colormap=colormap,
         overlay_format=overlay_format,
@@ -501,7 +505,7 @@ def batch(
 )
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
-@functools.partial(image_options, leave_out=("alpha", "top_k"))
+@functools.partial(image_options, leave_out=("alpha", "top_k", "threshold"))
 @click.option(
     "--images-per-batch",
     default=8,

@@ -280,6 +280,14 @@ def image_options(function, leave_out: tuple[str, ...] = ()):
             type=click.IntRange(min=1),
             help="How many predictions to report per image.",
         ),
+        threshold=click.option(
+            "--threshold",
+            default=0.5,
+            show_default=True,
+            type=click.FloatRange(0.0, 1.0),
+            help="Multi-label models (--scores sigmoid): every class at or above this probability is "
+            "reported as present, and shown among the predictions.",
+        ),
         max_pixels=click.option(
             "--max-pixels",
             default=100_000_000,
