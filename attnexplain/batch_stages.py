@@ -96,19 +96,21 @@ def explain_batch(
     tensors were normalised (default: the model's), which says what ``--baseline black`` is."""
     import torch
 
-    from .engine import compute_maps
+    from .engine import compute_maps_of_targets
     from .errors import MethodError, NothingToExplain
-    from .targets import boxes_on_photo, image_outcome, present_labels, scored_for, target_record
+    from .targets import boxes_on_photo, image_outcome, present_labels, scored_for, several_targets, target_record
 
     batch = torch.cat(tensors).to(device)
     loaded, _ = scored_for(loaded, settings.target, settings.versus)  # the metrics follow a contrast too
+    if settings.metrics and several_targets(settings.target) is not None:
+        raise MethodError("--metrics measures the maps of one target; give one --target (or none).")
     try:
-        computed = compute_maps(
+        computed, per_image = compute_maps_of_targets(
             loaded,
             batch,
             methods,
             layers,
-            target=settings.target,
+            settings.target,
             options=settings.options,
             preprocessing=preprocessing,
             versus=settings.versus,
@@ -119,7 +121,7 @@ def explain_batch(
     targets = computed.targets.cpu()
     measured = _map_metrics(loaded, batch, computed, settings.metrics) if settings.metrics else None
     results = []
-    for index, maps in enumerate(computed.image_maps()):
+    for index, maps in enumerate(per_image):
         result: dict[str, Any] = {"maps": maps}
         if measured is not None:
             result["metrics"] = measured[index]

@@ -21,7 +21,7 @@ from .passes import PASSES, PassOutput, PassRun
 from .passes.gates import ChannelGates
 from .plugins import Detections
 from .preprocess import DEFAULT_SIZE, Preprocessing
-from .results import MethodMap
+from .results import MethodMap, Prediction
 from .running import model_failures
 from .targets import (
     NonFiniteScores,
@@ -33,6 +33,7 @@ from .targets import (
     model_task,
     resolve_targets,
     scored_for,
+    several_targets,
     uniform_scores,
     unusable_scores,
 )
@@ -133,6 +134,38 @@ def compute_maps(
 
             computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch, computed.maps))
     return computed
+
+
+def compute_maps_of_targets(
+    loaded: "LoadedModel",
+    batch: torch.Tensor,
+    methods: list[Method],
+    layers: list[str],
+    target: Any,
+    **settings: Any,
+) -> tuple[BatchMaps, list[dict[str, MethodMap]]]:
+    """:func:`compute_maps` for ``target``, or once for each class where it names several (a list,
+    "cat,dog": see :func:`attnexplain.targets.several_targets`): the (first) class's
+    :class:`BatchMaps`, whose predictions hold for all, and per image every map by its
+    :attr:`MethodMap.key` ("gradcam@cat"), each naming the class it explains."""
+    several = several_targets(target)
+    if several is None:
+        computed = compute_maps(loaded, batch, methods, layers, target=target, **settings)
+        return computed, computed.image_maps()
+    images: list[dict[str, MethodMap]] = [{} for _ in range(batch.shape[0])]
+    first = None
+    for each in several:
+        computed = compute_maps(loaded, batch, methods, layers, target=each, **settings)
+        first = first or computed
+        for index, maps in enumerate(computed.image_maps()):
+            chosen = int(computed.targets[index])
+            probability = float(computed.probabilities[index, chosen])
+            label = loaded.labels[chosen] if loaded.labels is not None and chosen < len(loaded.labels) else None
+            for method_map in maps.values():
+                method_map.target = Prediction(chosen, label, probability)
+                images[index][method_map.key] = method_map
+    assert first is not None
+    return first, images
 
 
 def _compute_once(

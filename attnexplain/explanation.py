@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .engine import BatchMaps, compute_maps
+from .engine import BatchMaps, compute_maps, compute_maps_of_targets
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
@@ -181,7 +181,8 @@ def explain(
     attention rollout for models whose plugin knows their attention, Grad-CAM otherwise (saliency where
     inner layers are out of reach). Methods of the same family share their forward and backward pass.
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
-    (default: the top-1 prediction; ``"negative"``: what lowers a single-output model's value).
+    (default: the top-1 prediction); several (a list, or ``"cat,dog"``) give each method's map of
+    each, keyed ``"gradcam@cat"`` (``"negative"``: what lowers a single-output model's value).
     ``versus`` (a class index or label) explains score(target) − score(versus) with every gradient and
     perturbation method: what makes it the target rather than ``versus``. A multi-label model's
     (``scores="sigmoid"``) classes at or above ``threshold`` are its ``present`` labels. ``labels`` (a list of class
@@ -205,12 +206,12 @@ def explain(
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    computed = compute_maps(
+    computed, per_image = compute_maps_of_targets(
         loaded,
         batch,
         plan.methods,
         plan.layers,
-        target=target,
+        target,
         options=options,
         preprocessing=preprocessing,
         versus=versus,
@@ -220,7 +221,7 @@ def explain(
     timings["explain_s"] = time.perf_counter() - started
 
     probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
-    maps = computed.image_maps()[0]
+    maps = per_image[0]
     chosen_target, predictions = image_outcome(
         probabilities,
         target_index,

@@ -44,3 +44,14 @@ class MethodMap:
     #: Rollout over global attention only: (layers, grid h, grid w), the rollout through the first
     #: 1, 2, … layers (the last is the map before upsampling).
     depth_maps: np.ndarray | None = None
+    #: The class this map explains where one run explains several (``--target cat,dog``); None: the
+    #: explanation's one target.
+    target: Prediction | None = None
+
+    @property
+    def key(self) -> str:
+        """The map's name among the explanation's maps: its method, and the class it explains where
+        there are several ("gradcam@cat")."""
+        if self.target is None:
+            return self.method
+        return f"{self.method}@{self.target.label if self.target.label is not None else self.target.index}"

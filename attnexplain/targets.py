@@ -135,6 +135,18 @@ def check_contrast(targets: torch.Tensor, versus: int, labels: list[str] | None)
         )
 
 
+def several_targets(target: Any) -> list[int | str] | None:
+    """The classes of ``target`` when it names several (a list, or "cat,dog"), each to get its own
+    maps; None when it names one or none."""
+    if isinstance(target, str) and "," in target:
+        target = [part.strip() for part in target.split(",") if part.strip()]
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise MethodError("No class to explain was named in the list of targets.")
+        return list(target) if len(target) > 1 else None
+    return None
+
+
 def target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
     """The class index ``target`` (an index, or a label of ``labels``) names, checked."""
     return _target_index(target, num_classes, labels)

@@ -145,3 +145,62 @@ def test_the_gallery_files_a_multilabel_image_under_each_present_label(tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["class_histogram"] == {name: 1 for name in present}
     assert json.dumps("; ".join(present)) in (out / "gallery-data.js").read_text()
+
+
+def _gradcam_by_hand(weights: Path, photo: Path, arch: str, index: int) -> np.ndarray:
+    loaded = load_model(weights, arch=arch)
+    batch = prepare(load_image(photo).pixels, plan_preprocessing(loaded, size=SIZE)).tensor.requires_grad_()
+    captured = {}
+    handle = loaded.module.features.register_forward_hook(lambda module, args, output: captured.setdefault("a", output))
+    logits = loaded.module(batch)
+    handle.remove()
+    (gradient,) = torch.autograd.grad(logits[0, index], captured["a"])
+    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * captured["a"]).sum(dim=1))[0]
+    return cam.detach().numpy()
+
+
+def test_several_targets_give_one_map_per_label_each_naming_it(tmp_path, tagger):
+    state, photo, options = tagger
+    weights = tmp_path / "tagger.pt"
+    labels = ["cat", "dog", "grass/sky", "rocket"]  # a label that is no file name
+    torch.save({"state_dict": state, "multilabel": True, "labels": labels}, weights)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [str(a) for a in ["run", weights, photo, *options, "--layer", "features", "--target", "dog,grass/sky"]]
+        + ["--out", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["methods"] == ["gradcam@dog", "gradcam@grass/sky"]
+    for key, index in (("gradcam@dog", 1), ("gradcam@grass/sky", 2)):
+        assert report["maps"][key]["target"] == {"index": index, "label": labels[index], "method": "gradcam"}
+        name = report["outputs"]["maps"][key]["heatmap"]
+        assert "/" not in name
+        heatmap = np.load(out / "photo" / name)
+        np.testing.assert_allclose(heatmap, _gradcam_by_hand(weights, photo, options[1], index), rtol=1e-4, atol=1e-6)
+    dog = np.load(out / "photo" / report["outputs"]["maps"]["gradcam@dog"]["heatmap"])
+    grass = np.load(out / "photo" / report["outputs"]["maps"]["gradcam@grass/sky"]["heatmap"])
+    assert not np.allclose(dog, grass)
+    html = (out / "photo" / "report.html").read_text()
+    assert "gradcam@dog" in html and "gradcam@grass/sky" in html
+
+
+def test_batch_writes_each_labels_map_and_refuses_metrics_of_several(tmp_path, tagger):
+    state, photo, options = tagger
+    weights = tmp_path / "tagger.pt"
+    torch.save({"state_dict": state, "multilabel": True, "labels": ["cat", "dog", "grass", "rocket"]}, weights)
+    out = tmp_path / "batch"
+    command = ["batch", weights, photo, *options, "--target", "cat,dog", "--out", out, "--quiet"]
+    result = CliRunner().invoke(main, [str(a) for a in command])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert record["methods"] == ["gradcam@cat", "gradcam@dog"]
+    assert [record["maps"][key]["target"]["label"] for key in record["methods"]] == ["cat", "dog"]
+    for key in record["methods"]:
+        assert (out / record["output"] / record["files"][key]["heatmap"]).is_file()
+    assert "gradcam@dog" in (out / record["detail"]).read_text()
+    refused = CliRunner().invoke(
+        main, [str(a) for a in command[:-3]] + ["--metrics", "deletion", "--out", str(tmp_path / "m")]
+    )
+    assert refused.exit_code != 0 and "--metrics measures the maps of one target" in refused.output
