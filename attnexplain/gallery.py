@@ -17,6 +17,7 @@ from ._atomic import write_bytes_atomic
 from ._untrusted import finite_number
 from .formats import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
 from .report import templates
+from .truth import LABEL_SEPARATOR, true_labels
 
 
 def _label(prediction: dict[str, Any] | None) -> str:
@@ -59,16 +60,19 @@ def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None, 
 
 def correct(record: dict[str, Any]) -> bool | None:
     """Whether the top prediction is the image's true class (``--truth``), None when not known. A
-    model without class names is right when the truth is its class index."""
+    model without class names is right when the truth is its class index; a multi-label image when
+    its present labels are exactly its true classes (``cat;dog``)."""
     truth = record.get("truth")
     if not isinstance(truth, str) or not record.get("predictions"):
         return None
+    if "present" in record or LABEL_SEPARATOR in truth:  # multi-label: right when the sets agree
+        return sorted(_classes(record)) == sorted(true_labels(truth))
     top = record["predictions"][0]
     return truth in (top.get("label"), str(top["index"]))
 
 
 #: Between a multi-label image's present labels in the gallery's class cell ("cat; dog").
-LABEL_SEPARATOR = "; "
+CLASSES_SEPARATOR = "; "
 
 
 def _classes(record: dict[str, Any]) -> list[str]:
@@ -81,7 +85,7 @@ def _classes(record: dict[str, Any]) -> list[str]:
 
 
 def _classes_shown(record: dict[str, Any]) -> str:
-    return LABEL_SEPARATOR.join(_classes(record))
+    return CLASSES_SEPARATOR.join(_classes(record))
 
 
 def _model_line(meta: dict[str, Any]) -> str | None:

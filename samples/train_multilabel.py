@@ -130,7 +130,7 @@ def train_multilabel(out: Path) -> Path:
     return path
 
 
-def measure(model_path: Path, images: int, method: str = "gradcam") -> dict[str, float]:
+def measure(model_path: Path, images: int, method: str = "gradcam", layer: str | None = None) -> dict[str, float]:
     """Each label's map on held-out two-object composites against that object's mask."""
     import attnexplain
 
@@ -144,7 +144,8 @@ def measure(model_path: Path, images: int, method: str = "gradcam") -> dict[str,
             mask, elsewhere = object_masks[which], object_masks[1 - which]
             if not mask.any():
                 continue  # hidden under the other object
-            heatmap = attnexplain.explain(loaded, picture, method, target=LABELS[int(objects[which])]).heatmap
+            label = LABELS[int(objects[which])]
+            heatmap = attnexplain.explain(loaded, picture, method, target=label, layer=layer).heatmap
             heatmap = np.clip(heatmap, 0.0, None)
             peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
             hits += float(mask[peak])
@@ -168,9 +169,10 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="measure the saved model's maps instead of training")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--layer", default=None, help="the CAM layer (default: the model's)")
     args = parser.parse_args()
     if args.measure:
-        figures = measure(args.out / FILE, args.images, args.method)
+        figures = measure(args.out / FILE, args.images, args.method, args.layer)
         print(
             " ".join(
                 f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}" for key, value in figures.items()

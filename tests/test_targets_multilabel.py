@@ -204,3 +204,33 @@ def test_batch_writes_each_labels_map_and_refuses_metrics_of_several(tmp_path, t
         main, [str(a) for a in command[:-3]] + ["--metrics", "deletion", "--out", str(tmp_path / "m")]
     )
     assert refused.exit_code != 0 and "--metrics measures the maps of one target" in refused.output
+
+
+def test_batch_truth_takes_several_labels_per_image(tmp_path, tagger):
+    state, photo, options = tagger
+    names = ["cat", "dog", "grass", "rocket"]
+    weights = tmp_path / "tagger.pt"
+    torch.save({"state_dict": state, "multilabel": True, "labels": names}, weights)
+    probabilities = torch.sigmoid(_logits(weights, photo, options[1]))
+    present = sorted(names[i] for i in range(4) if probabilities[i] >= 0.5)
+    for cell, right in ((";".join(present), 1), (" rocket ; cat ", 0)):
+        truth = tmp_path / "truth.csv"
+        truth.write_text(f'image,labels\nphoto.png,"{cell}"\n')
+        out = tmp_path / f"batch-{right}"
+        command = ["batch", weights, photo, *options, "--truth", truth, "--out", out, "--quiet"]
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        assert record["truth"] == cell.replace(" ", "")
+        judged = json.loads((out / "report.json").read_text())["truth"]
+        assert (judged["judged"], judged["correct"]) == (1, right)
+
+
+@pytest.mark.parametrize("cell", ["cat;;dog", "cat;cat", ";"])
+def test_a_truth_cell_of_empty_or_repeated_labels_is_refused(tmp_path, cell):
+    from attnexplain.truth import TruthError, read_truth
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text(f"image,class\na.png,{cell}\n")
+    with pytest.raises(TruthError, match="not a name"):
+        read_truth(str(truth))
