@@ -1,6 +1,7 @@
 """Each image's true class for ``batch --truth``: from its folder's name (the ImageFolder layout) or
 from a CSV file of ``image,class`` rows (a multi-label image's classes in one cell, ``cat;dog``).
-The file is the user's, and may be anyone's: it is read with caps on its size, its rows and its cells, and every problem is one line naming the row."""
+The file is the user's, and may be anyone's: it is read with caps on its size, its rows and its
+cells, and every problem is one line naming the row."""
 
 from __future__ import annotations
 
