@@ -524,8 +524,9 @@ def _chunk_metrics(
     stage("perturbations")
     values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
     if any(name in LOCALISATION for name in metrics):
+        explained = [_label(loaded.labels, int(index)) for index in targets]  # each label's own mask, where given
         masks, errors = object_masks(
-            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:])
+            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:]), explained
         )
         found = localisation(
             maps.cpu(), masks, config.pointing_tolerance, photo_pixel_sizes(chunk, tuple(batch.shape[-2:]))

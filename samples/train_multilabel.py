@@ -79,7 +79,7 @@ def exact_match(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) 
     return float(right.all(dim=1).float().mean()), float(right.float().mean())
 
 
-def train_multilabel(out: Path) -> Path:
+def train_multilabel(out: Path, epochs: int = EPOCHS) -> Path:
     """Train the sample and write it to ``out``/multilabel-composites.pt; returns the path."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -93,7 +93,7 @@ def train_multilabel(out: Path) -> Path:
         model,
         x_train,
         y_train.argmax(1),
-        epochs=EPOCHS,
+        epochs=epochs,
         lr=3e-3,
         weight_decay=1e-4,
         batch_size=64,
@@ -118,7 +118,7 @@ def train_multilabel(out: Path) -> Path:
             "labels": list(LABELS),
             "multilabel": True,
             "preprocessing": {"size": [SIZE, SIZE], "mean": MEAN, "std": STD},
-            "metrics": {"test_exact_match": exact, "test_label_accuracy": per_label, "epochs": EPOCHS},
+            "metrics": {"test_exact_match": exact, "test_label_accuracy": per_label, "epochs": epochs},
         },
         path,
     )
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "models")
     parser.add_argument("--measure", action="store_true", help="measure the saved model's maps instead of training")
     parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--layer", default=None, help="the CAM layer (default: the model's)")
     args = parser.parse_args()
@@ -179,7 +180,7 @@ def main() -> None:
             )
         )
     else:
-        train_multilabel(args.out)
+        train_multilabel(args.out, args.epochs)
 
 
 if __name__ == "__main__":

@@ -234,3 +234,32 @@ def test_a_truth_cell_of_empty_or_repeated_labels_is_refused(tmp_path, cell):
     truth.write_text(f"image,class\na.png,{cell}\n")
     with pytest.raises(TruthError, match="not a name"):
         read_truth(str(truth))
+
+
+def test_evaluate_localises_each_labels_map_against_that_objects_mask(tmp_path, tagger):
+    state, photo, options = tagger
+    names = ["cat", "dog", "grass", "rocket"]
+    weights = tmp_path / "tagger.pt"
+    torch.save({"state_dict": state, "multilabel": True, "labels": names}, weights)
+    cam = _gradcam_by_hand(weights, photo, options[1], 0)
+    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    on_peak = np.zeros((SIZE, SIZE), np.uint8)
+    on_peak[y, x] = 255
+    far = np.zeros((SIZE, SIZE), np.uint8)
+    far[(y + SIZE // 2) % SIZE, (x + SIZE // 2) % SIZE] = 255
+    masks = tmp_path / "masks"
+    (masks / "photo").mkdir(parents=True)
+    Image.fromarray(far).save(masks / "photo.png")  # the image's one mask: elsewhere
+    Image.fromarray(on_peak).save(masks / "photo" / "cat.png")  # the cat's own mask: on its map's peak
+
+    def pointing(target: str) -> float:
+        out = tmp_path / f"eval-{target}"
+        command = ["evaluate", weights, photo, *options, "--layer", "features", "--method", "gradcam"]
+        command += ["--metrics", "pointing", "--pointing-tolerance", "0", "--masks", masks, "--target", target]
+        result = CliRunner().invoke(main, [str(a) for a in command + ["--out", out, "--quiet", "--json"]])
+        assert result.exit_code == 0, result.output
+        line = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])
+        return line["metrics"]["gradcam"]["pointing"]
+
+    assert pointing("cat") == 1.0  # measured against masks/photo/cat.png
+    assert pointing("dog") == 0.0  # no dog.png: the image's mask, away from any peak of a 1-pixel map
