@@ -28,6 +28,7 @@ from .running import model_device
 from .targets import (
     NonFiniteScores,
     boxes_on_photo,
+    class_agnostic,
     image_outcome,
     present_labels,
     resolve_targets,
@@ -121,6 +122,7 @@ class Explanation:
             "methods": list(self.maps),
             "layer": self.layer,
             "target": target_record(self.target, self.model.labels, self.versus, self.negative),
+            **({"class_agnostic": agnostic} if (agnostic := class_agnostic(list(self.maps))) else {}),
             "predictions": [p.as_dict() for p in self.predictions],
             **({"present": [p.as_dict() for p in self.present]} if self.present is not None else {}),
             "preprocessing": self.preprocessing.as_dict(),

@@ -215,3 +215,27 @@ def test_versus_on_the_command_line_names_an_unknown_class_in_one_line(tmp_path)
     )
     assert result.exit_code == 1
     assert result.output.strip() == "Error: No class is labelled 'wolf'."
+
+
+def test_class_agnostic_maps_are_not_said_to_explain_a_class(tmp_path, sample_vit_file):
+    """Rollout shows where the model looks whatever its head says: the same map for a class and for
+    a contrast, and run's header says so instead of "Explained class ..."."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+    maps = {}
+    for name, extra in (("plain", []), ("contrast", ["--target", "0", "--versus", "1"])):
+        out = tmp_path / name
+        result = CliRunner().invoke(
+            main, [str(v) for v in ["run", sample_vit_file, photo, "--method", "rollout", *extra, "--out", out]]
+        )
+        assert result.exit_code == 0, result.output
+        assert "Where the model looks, whatever the class, with rollout" in result.output
+        assert "Explained" not in result.output
+        report = json.loads((out / "photo" / "report.json").read_text())
+        assert report["class_agnostic"] == ["rollout"]
+        maps[name] = np.load(out / "photo" / report["outputs"]["heatmap"])
+    np.testing.assert_array_equal(maps["plain"], maps["contrast"])
+    both = CliRunner().invoke(
+        main, [str(v) for v in ["run", sample_vit_file, photo, "--method", "rollout,saliency", "--out", tmp_path / "b"]]
+    )
+    assert both.exit_code == 0 and "Explained class" in both.output and "(rollout: the same map" in both.output

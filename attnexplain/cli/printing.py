@@ -52,7 +52,13 @@ def print_run(report: dict[str, Any]) -> None:
     layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
     plain = "versus" not in target and not target.get("negative")  # a contrast says "cat rather than dog"
     explained = f"class {target['label'] or target['index']}" if plain else target["explained"]
-    console.print(f"Explained {_shown_text(explained)} with {', '.join(report['methods'])}{layer}.")
+    agnostic = report.get("class_agnostic", [])
+    if agnostic and len(agnostic) == len(report["methods"]):  # no map depends on the class: say so
+        console.print(f"Where the model looks, whatever the class, with {', '.join(report['methods'])}{layer}.")
+    else:
+        console.print(f"Explained {_shown_text(explained)} with {', '.join(report['methods'])}{layer}.")
+        if agnostic:
+            console.print(f"  ({', '.join(agnostic)}: the same map for every class)")
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():
