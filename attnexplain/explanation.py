@@ -161,7 +161,7 @@ def explain(
     image: Any,
     method: str | Sequence[str] = "auto",
     *,
-    target: int | str | None = None,
+    target: int | str | Sequence[int | str] | None = None,
     layer: str | Sequence[str] | None = None,
     top_k: int = 5,
     size: Sequence[int] | int | None = None,
