@@ -137,7 +137,7 @@ def measure(model_path: Path, images: int, method: str = "gradcam", layer: str |
     torch.set_num_threads(1)
     loaded = attnexplain.load_model(model_path)
     pictures, pairs, masks = make_two_object_composites(images, MULTILABEL_TEST_SEED + 1, SIZE)
-    hits = inside = other = area = 0.0
+    hits = wrong_hits = inside = other = area = 0.0
     count = 0
     for picture, objects, object_masks in zip(pictures, pairs, masks):
         for which in (0, 1):
@@ -149,6 +149,7 @@ def measure(model_path: Path, images: int, method: str = "gradcam", layer: str |
             heatmap = np.clip(heatmap, 0.0, None)
             peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
             hits += float(mask[peak])
+            wrong_hits += float(elsewhere[peak])
             total = float(heatmap.sum()) or 1.0
             inside += float(heatmap[mask].sum()) / total
             other += float(heatmap[elsewhere].sum()) / total
@@ -157,6 +158,7 @@ def measure(model_path: Path, images: int, method: str = "gradcam", layer: str |
     return {
         "maps": count,
         "pointing_game": hits / count,
+        "pointing_at_the_other_object": wrong_hits / count,
         "mass_inside_mask": inside / count,
         "mass_on_the_other_object": other / count,
         "random_map": area / count,  # a random map's expected pointing and mass: the mask's area
