@@ -28,7 +28,7 @@ from .running import model_device
 from .targets import (
     NonFiniteScores,
     boxes_on_photo,
-    class_agnostic,
+    explains_a_class,
     image_outcome,
     present_labels,
     resolve_targets,
@@ -254,6 +254,24 @@ def explain(
         negative=computed.negative,
         present=present_labels(probabilities, loaded.labels, threshold) if computed.multilabel else None,
     )
+
+
+def class_agnostic(names: Sequence[str]) -> list[str]:
+    """Those of the methods ``names`` whose maps do not depend on the target (rollout, raw attention,
+    gates, Eigen-CAM: :func:`explains_a_class` of none): the same map for every class, a contrast
+    or a negated output."""
+    from .errors import MethodError
+    from .method_registry import find_method
+
+    agnostic = []
+    for name in names:
+        try:
+            method = find_method(name.partition("@")[0])
+        except MethodError:
+            continue  # a method no longer installed: nothing to say about it
+        if not explains_a_class([method]):
+            agnostic.append(name)
+    return agnostic
 
 
 def _as_loaded_model(

@@ -70,23 +70,6 @@ def explains_a_class(methods: Sequence[Any]) -> bool:
     return any("{target}" in method.scale for method in methods)
 
 
-def class_agnostic(names: Sequence[str]) -> list[str]:
-    """Those of the methods ``names`` whose maps do not depend on the target (rollout, raw attention,
-    gates, Eigen-CAM: :func:`explains_a_class` of none): the same map for every class, a contrast
-    or a negated output."""
-    from .method_registry import find_method
-
-    agnostic = []
-    for name in names:
-        try:
-            method = find_method(name.partition("@")[0])
-        except MethodError:
-            continue  # a method no longer installed: nothing to say about it
-        if not explains_a_class([method]):
-            agnostic.append(name)
-    return agnostic
-
-
 def check_scores(logits: torch.Tensor, batch_size: int) -> None:
     """Refuse scores that cannot be explained, naming why (not a later, puzzling failure)."""
     shape = tuple(logits.shape)
