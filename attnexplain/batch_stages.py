@@ -51,14 +51,17 @@ class BatchSettings:
     options: Any = None  # MethodOptions
     truth: Any = None  # attnexplain.truth.TrueClasses: each image's true class (--truth)
     metrics: tuple[str, ...] = ()  # perturbation metrics per map (attnexplain.metrics.perturbation_values)
+    versus: int | str | None = None  # a contrast: the maps explain score(target) − score(versus)
+    threshold: float = 0.5  # a multi-label model's: the classes at or above it are its "present" labels
 
     def describe(self) -> dict[str, Any]:
         data = {
             key: value
             for key, value in asdict(self).items()
             if key not in ("options", "images_per_batch", "workers", "parallel_batches", "truth")
-            and not (key == "metrics" and not value)
-        }  # runs without metrics keep their fingerprint
+            and not (key in ("metrics", "versus") and not value)
+            and not (key == "threshold" and value == 0.5)
+        }  # runs without metrics (or a contrast, or another threshold) keep their fingerprint
         data = {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         if self.size is not None:  # 32 and 32,32 are the same size
             from .preprocess import normalize_size
@@ -94,20 +97,24 @@ def explain_batch(
     import torch
 
     from .detection_targets import box_outcome
-    from .engine import compute_maps
+    from .engine import compute_maps_of_targets
     from .errors import MethodError, NothingToExplain
-    from .targets import boxes_on_photo, image_outcome
+    from .targets import boxes_on_photo, image_outcome, present_labels, scored_for, several_targets, target_record
 
     batch = torch.cat(tensors).to(device)
+    loaded, _ = scored_for(loaded, settings.target, settings.versus)  # the metrics follow a contrast too
+    if settings.metrics and several_targets(settings.target) is not None:
+        raise MethodError("--metrics measures the maps of one target; give one --target (or none).")
     try:
-        computed = compute_maps(
+        computed, per_image = compute_maps_of_targets(
             loaded,
             batch,
             methods,
             layers,
-            target=settings.target,
+            settings.target,
             options=settings.options,
             preprocessing=preprocessing,
+            versus=settings.versus,
         )
     except NothingToExplain as error:  # no image of the batch has anything to explain
         return [{"error": str(error)} for _ in tensors]
@@ -115,7 +122,7 @@ def explain_batch(
     targets = computed.targets.cpu()
     measured = _map_metrics(loaded, batch, computed, settings.metrics) if settings.metrics else None
     results = []
-    for index, maps in enumerate(computed.image_maps()):
+    for index, maps in enumerate(per_image):
         result: dict[str, Any] = {"maps": maps}
         if measured is not None:
             result["metrics"] = measured[index]
@@ -125,15 +132,23 @@ def explain_batch(
                 int(targets[index]),
                 loaded.labels,
                 settings.top_k,
-                target_given=settings.target is not None,
+                target_given=settings.target is not None and not computed.negative,
                 methods=methods,
+                values=computed.values,
+                threshold=settings.threshold if computed.multilabel else None,
             )
             target, explained_box = box_outcome(computed.explained_boxes, computed.detections, index, target)
         except MethodError as error:  # this image only: the others of the batch are fine
             result["error"] = str(error)
         else:
             result["predictions"] = [p.as_dict() for p in predictions]
-            result["target"] = target.as_dict()
+            if computed.multilabel:
+                present = present_labels(probabilities[index], loaded.labels, settings.threshold)
+                result["present"] = [p.as_dict() for p in present]
+            result["target"] = {
+                **target.as_dict(),
+                **target_record(target, loaded.labels, computed.versus, computed.negative),
+            }
             if computed.detections is not None:
                 height, width = batch.shape[-2:]
                 region = regions[index] if regions is not None else (0.0, 0.0, float(width), float(height))
@@ -161,7 +176,7 @@ def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[s
 
     names = list(computed.maps)
     maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
-    original = computed.probabilities.gather(1, computed.targets[:, None])[:, 0]
+    original = computed.explained_scores()
     values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics)
     return [
         {
@@ -242,6 +257,7 @@ def write_image(
                 "detail": f"{output}/{DETAIL_HTML}",
                 "image_info": decoded.image_info,
                 "predictions": result["predictions"],
+                **({"present": result["present"]} if "present" in result else {}),
                 "target": result["target"],
                 "methods": list(result["maps"]),
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},

@@ -30,15 +30,20 @@ from .passes.counting import ForwardCount, ProgressCallback
 from .passes.gates import ChannelGates
 from .plugins import Detections
 from .preprocess import DEFAULT_SIZE, Preprocessing
-from .results import MethodMap
+from .results import MethodMap, Prediction
 from .running import model_failures
 from .targets import (
     NonFiniteScores,
     UniformScores,
     box_rank,
+    check_contrast,
     check_scores,
+    class_scores,
     explains_a_class,
+    model_task,
     resolve_targets,
+    scored_for,
+    several_targets,
     uniform_scores,
     unusable_scores,
 )
@@ -60,6 +65,19 @@ class BatchMaps:
     depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
     detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
     explained_boxes: ExplainedBoxes | None = None  # which of a detector's boxes each map explains
+    #: ``probabilities`` hold a single output's value (regression, a binary logit), not probabilities.
+    values: bool = False
+    versus: int | None = None  # a contrast's class: the maps explain score(target) − score(versus)
+    negative: bool = False  # the maps explain what lowers a single output
+    multilabel: bool = False  # ``probabilities`` are independent sigmoids (see attnexplain.scoring)
+
+    def explained_scores(self) -> torch.Tensor:
+        """(B,) each target's probability (a single output's value), less the contrasted class's:
+        the score the perturbation metrics follow (as :func:`attnexplain.running.probabilities_of`)."""
+        chosen = self.probabilities.gather(1, self.targets[:, None].to(self.probabilities.device))[:, 0]
+        if self.versus is None:
+            return chosen
+        return chosen - self.probabilities[:, self.versus]
 
     def image_maps(self) -> list[dict[str, MethodMap]]:
         """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
@@ -102,6 +120,7 @@ def compute_maps(
     targets: torch.Tensor | None = None,
     preprocessing: Preprocessing | None = None,
     progress: ProgressCallback | None = None,
+    versus: int | str | None = None,
 ) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
@@ -111,10 +130,13 @@ def compute_maps(
     (default: the model's), which says what a black pixel is for ``--baseline black``. This is the
     batch-level core that :func:`attnexplain.explain` wraps. Every image's maps are the same as if
     it were alone. ``progress`` is called with (done, total) images scored by the methods that cost
-    many forwards (see :mod:`attnexplain.passes.counting`).
+    many forwards (see :mod:`attnexplain.passes.counting`). ``versus`` (an index or label) makes every
+    map explain score(target) − score(versus); ``target="negative"`` explains what lowers a
+    single-output model's value.
     """
     options = options or MethodOptions()
     refuse_box_target(box_rank(target), [m.family for m in methods], options.aug_smooth)
+    loaded, target = scored_for(loaded, target, versus)
     normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
     black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
 
@@ -131,6 +153,38 @@ def compute_maps(
 
             computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch, computed.maps))
     return computed
+
+
+def compute_maps_of_targets(
+    loaded: "LoadedModel",
+    batch: torch.Tensor,
+    methods: list[Method],
+    layers: list[str],
+    target: Any,
+    **settings: Any,
+) -> tuple[BatchMaps, list[dict[str, MethodMap]]]:
+    """:func:`compute_maps` for ``target``, or once for each class where it names several (a list,
+    "cat,dog": see :func:`attnexplain.targets.several_targets`): the (first) class's
+    :class:`BatchMaps`, whose predictions hold for all, and per image every map by its
+    :attr:`MethodMap.key` ("gradcam@cat"), each naming the class it explains."""
+    several = several_targets(target)
+    if several is None:
+        computed = compute_maps(loaded, batch, methods, layers, target=target, **settings)
+        return computed, computed.image_maps()
+    images: list[dict[str, MethodMap]] = [{} for _ in range(batch.shape[0])]
+    first = None
+    for each in several:
+        computed = compute_maps(loaded, batch, methods, layers, target=each, **settings)
+        first = first or computed
+        for index, maps in enumerate(computed.image_maps()):
+            chosen = int(computed.targets[index])
+            probability = float(computed.probabilities[index, chosen])
+            label = loaded.labels[chosen] if loaded.labels is not None and chosen < len(loaded.labels) else None
+            for method_map in maps.values():
+                method_map.target = Prediction(chosen, label, probability)
+                images[index][method_map.key] = method_map
+    assert first is not None
+    return first, images
 
 
 def _compute_once(
@@ -150,10 +204,11 @@ def _compute_once(
     def score(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, classes) differentiable target scores and (B,) targets from the model's raw output.
         The first pass's output is the prediction; its targets hold for every later pass."""
-        logits, probabilities = loaded.plugin.class_scores(module, output)
+        logits, probabilities = class_scores(loaded, output)
         check_scores(logits, batch.shape[0])
         if "probabilities" not in state:
             state["probabilities"] = probabilities.detach()
+            state["values"] = loaded.scoring.shows_value(logits.shape[1], model_task(loaded))
             detected = loaded.plugin.detections(module, output)
             if detected is not None:
                 state["detections"] = in_input_pixels(detected, tuple(batch.shape[-2:]))
@@ -161,7 +216,7 @@ def _compute_once(
             if unusable is not None and not bool(torch.isfinite(probabilities).any()):
                 raise NonFiniteScores(unusable)  # every image; else each image says it for itself
             # != 0: a score may be negative (one text prompt's cosine similarity); all 0 is nothing found.
-            if not bool((state["probabilities"] != 0).any()):
+            if not state["values"] and not bool((state["probabilities"] != 0).any()):
                 raise NothingToExplain()
             # Every image's scores equal across classes: no map of a class is worth computing (each
             # image says it for itself otherwise). Not when the targets are fixed (evaluate's
@@ -181,6 +236,9 @@ def _compute_once(
             )
             if "detections" in state:  # box:N sets each image's target to its box's label
                 state["boxes"] = choose_boxes(state["detections"], rank, state["targets"])
+            if loaded.scoring.versus is not None:
+                state["versus"] = loaded.scoring.versus_index(logits.shape[1], loaded.labels)
+                check_contrast(state["targets"], state["versus"], loaded.labels)
         if rank is not None:
             box_scores = loaded.plugin.box_scores(module, output)
             logits = box_target_scores(logits, box_scores, state["boxes"], state["targets"])
@@ -216,4 +274,8 @@ def _compute_once(
         depth_maps=made.depth_maps,
         detections=state.get("detections"),
         explained_boxes=state.get("boxes"),
+        values=bool(state.get("values")),
+        versus=state.get("versus"),
+        negative=loaded.scoring.negative,
+        multilabel=loaded.scoring.kind == "sigmoid",
     )

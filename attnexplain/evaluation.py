@@ -57,6 +57,7 @@ class EvaluationSettings:
     metric_settings: MetricSettings = field(default_factory=MetricSettings)
     options: Any = None  # MethodOptions
     colormap: str = DEFAULT_COLORMAP  # of the example overlays on the page
+    versus: int | str | None = None  # a contrast: the maps explain score(target) − score(versus)
 
     def describe(self) -> dict[str, Any]:
         """Every setting that changes a measured number (for ``--resume``'s fingerprint)."""
@@ -75,6 +76,7 @@ class EvaluationSettings:
             "max_pixels": self.max_pixels,
             "metric_settings": metric_settings,
             "options": self.options.as_dict() if self.options is not None else None,
+            **({"versus": self.versus} if self.versus is not None else {}),
         }
 
 
@@ -102,7 +104,7 @@ def explanation_metrics(
     names = list(explanation.maps)
     maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
     targets = torch.tensor([explanation.target.index], device=device)
-    original = torch.tensor([explanation.target.prob])
+    original = torch.tensor([explanation.target.score])
     values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
     return {
         name: {metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))}
@@ -212,6 +214,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     from .planning import plan_explanation
     from .progress import Progress
     from .running import model_device
+    from .targets import scored_for
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -219,6 +222,8 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     if masks is not None and not masks.is_dir():
         raise AttnExplainError(f"The masks folder {masks} does not exist or is not a folder.")
     box_table = read_boxes(boxes) if boxes is not None else None
+    # A contrast or a negated output is what every map and every perturbation follows.
+    loaded, _ = scored_for(loaded, settings.target, settings.versus)
     metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
     inputs = collect_inputs(input_specs, exclude=exclude)
     if not inputs.images:
@@ -487,6 +492,7 @@ def _compute(loaded, batch, plan, settings, options):
         target=settings.target,
         options=options,
         preprocessing=plan.preprocessing,
+        versus=settings.versus,
     )
 
 
@@ -513,13 +519,14 @@ def _chunk_metrics(
     from .metrics import localisation
 
     targets = computed.targets
-    original = computed.probabilities.gather(1, targets[:, None])[:, 0]
+    original = computed.explained_scores()
     config = settings.metric_settings
     stage("perturbations")
     values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
     if any(name in LOCALISATION for name in metrics):
+        explained = [_label(loaded.labels, int(index)) for index in targets]  # each label's own mask, where given
         masks, errors = object_masks(
-            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:])
+            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:]), explained
         )
         found = localisation(
             maps.cpu(), masks, config.pointing_tolerance, photo_pixel_sizes(chunk, tuple(batch.shape[-2:]))

@@ -130,10 +130,12 @@ def model_frame_mask(mask: np.ndarray, preprocessing) -> np.ndarray:
     return prepare(layers, plain).tensor[0, 0].numpy() > 0.5
 
 
-def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
+def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, labels=None):
     """(B, h, w) bool masks of the decoded images of ``chunk`` in the model's frame (``size``), from
     ``box_table`` (:func:`read_boxes`) or else the mask files under ``masks_dir``; and image index →
-    why it has none (its mask is all False)."""
+    why it has none (its mask is all False). ``labels``: per image, the class its maps explain; an
+    image with several objects (a multi-label model's) has one mask per class,
+    ``MASKS/<image path without its suffix>/<class>.png``, used for that class's maps."""
     import torch
 
     result = torch.zeros(len(chunk), *size, dtype=torch.bool)
@@ -149,12 +151,26 @@ def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size):
                 photo_mask = boxes_mask(entry, width, height)
             else:
                 photo_mask = mask_file_mask(
-                    masks_dir / Path(decoded.item.relative).with_suffix(".png"), width, height, max_pixels
+                    _mask_path(masks_dir, decoded.item.relative, labels[i] if labels is not None else None),
+                    width,
+                    height,
+                    max_pixels,
                 )
             result[i] = torch.from_numpy(model_frame_mask(photo_mask, preprocessing))
         except MaskError as error:
             errors[i] = f"No localisation for {decoded.item.relative}: {error}."
     return result, errors
+
+
+def _mask_path(masks_dir: Path, relative: str, label: str | None) -> Path:
+    """The mask of image ``relative``: of the object of class ``label`` where the image has one
+    mask per object (a folder of them), else the image's one mask. A label that is no plain file
+    name (the model's text: ``..``, a ``/``) never names a path."""
+    own = masks_dir / Path(relative).with_suffix("")
+    if label is not None and label not in ("", ".", "..") and not any(c in label for c in "/\\\0"):
+        if (own / f"{label}.png").is_file():
+            return own / f"{label}.png"
+    return masks_dir / Path(relative).with_suffix(".png")
 
 
 def photo_pixel_sizes(chunk, size: tuple[int, int]):

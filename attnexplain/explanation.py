@@ -18,7 +18,7 @@ import torch
 
 from .captioning import refuse_captioner
 from .detection_targets import box_outcome
-from .engine import BatchMaps, compute_maps
+from .engine import BatchMaps, compute_maps, compute_maps_of_targets
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model, with_prompts
@@ -28,7 +28,17 @@ from .preprocess import Preprocessing, prepare
 from .prompts import read_prompts
 from .results import MethodMap, Photo, Prediction
 from .running import model_device
-from .targets import NonFiniteScores, boxes_on_photo, image_outcome, resolve_targets, top_predictions, unusable_scores
+from .targets import (
+    NonFiniteScores,
+    boxes_on_photo,
+    explains_a_class,
+    image_outcome,
+    present_labels,
+    resolve_targets,
+    target_record,
+    top_predictions,
+    unusable_scores,
+)
 
 #: Importable from here as before the engine and the plan moved out (tests, samples and plugins import them so).
 __all__ = [
@@ -72,6 +82,12 @@ class Explanation:
     detections: list[dict[str, Any]] | None = None
     #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
     metrics: dict[str, dict[str, float]] | None = None
+    #: A contrast's class index (the maps explain score(target) − score(versus)); None: no contrast.
+    versus: int | None = None
+    negative: bool = False  # the maps explain what lowers a single output
+    #: A multi-label model's classes at or above the threshold (what it says the image holds); None
+    #: for other models.
+    present: list[Prediction] | None = None
 
     def __post_init__(self) -> None:
         # Each map knows its photo, so that ``result.maps[name].overlay()`` draws it.
@@ -153,8 +169,10 @@ class Explanation:
             "method": self.method,
             "methods": list(self.maps),
             "layer": self.layer,
-            "target": {"index": self.target.index, "label": self.target.label},
+            "target": target_record(self.target, self.model.labels, self.versus, self.negative),
+            **({"class_agnostic": agnostic} if (agnostic := class_agnostic(list(self.maps))) else {}),
             "predictions": [p.as_dict() for p in self.predictions],
+            **({"present": [p.as_dict() for p in self.present]} if self.present is not None else {}),
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
             "maps": {
@@ -191,7 +209,7 @@ def explain(
     image: Any,
     method: str | Sequence[str] = "auto",
     *,
-    target: int | str | None = None,
+    target: int | str | Sequence[int | str] | None = None,
     layer: str | Sequence[str] | None = None,
     top_k: int = 5,
     size: Sequence[int] | int | None = None,
@@ -203,6 +221,8 @@ def explain(
     progress: Callable[[int, int], None] | None = None,
     prompt: str | None = None,
     prompts: str | Sequence[str] | None = None,
+    versus: int | str | None = None,
+    threshold: float = 0.5,
 ) -> Explanation:
     """Explain ``model``'s prediction on ``image`` with one or more methods.
 
@@ -214,9 +234,14 @@ def explain(
     attention rollout for models whose plugin knows their attention, Grad-CAM otherwise (saliency where
     inner layers are out of reach). Methods of the same family share their forward and backward pass.
     ``layer`` names the CAM layer(s); several are fused. ``target`` is a class index or label
-    (default: the top-1 prediction). ``labels`` (a list of class names or a file of one per line)
-    win over those the model carries. ``device`` (cpu, cuda, mps, auto) moves the model there;
-    None runs it where it is. ``progress`` is called with (done, total) as the methods that cost many
+    (default: the top-1 prediction); several (a list, or ``"cat,dog"``) give each method's map of
+    each, keyed ``"gradcam@cat"`` (``"negative"``: what lowers a single-output model's value).
+    ``versus`` (a class index or label) explains score(target) − score(versus) with every gradient and
+    perturbation method: what makes it the target rather than ``versus``. A multi-label model's
+    (``scores="sigmoid"``) classes at or above ``threshold`` are its ``present`` labels. ``labels`` (a list of class
+    names or a file of one per line) win over those the model carries. ``device`` (cpu, cuda, mps,
+    auto) moves the model there; None runs it where it is.
+    ``progress`` is called with (done, total) as the methods that cost many
     forwards (Score-CAM, occlusion, RISE, integrated gradients, SmoothGrad, ...) score their images:
     ``done`` grows to ``total`` (which grows when a later method starts); nothing by default.
     ``prompt`` (one text) or ``prompts`` (several, or ``"@FILE"``) make a
@@ -241,14 +266,15 @@ def explain(
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    computed = compute_maps(
+    computed, per_image = compute_maps_of_targets(
         loaded,
         batch,
         plan.methods,
         plan.layers,
-        target=target,
+        target,
         options=options,
         preprocessing=preprocessing,
+        versus=versus,
         progress=progress,
     )
     if run_device.type == "cuda":
@@ -256,9 +282,16 @@ def explain(
     timings["explain_s"] = time.perf_counter() - started
 
     probabilities, target_index = computed.probabilities[0], int(computed.targets[0])
-    maps = computed.image_maps()[0]
+    maps = per_image[0]
     chosen_target, predictions = image_outcome(
-        probabilities, target_index, loaded.labels, top_k, target_given=target is not None, methods=plan.methods
+        probabilities,
+        target_index,
+        loaded.labels,
+        top_k,
+        target_given=target is not None and not computed.negative,
+        methods=plan.methods,
+        values=computed.values,
+        threshold=threshold if computed.multilabel else None,
     )
     detections = None
     chosen_target, explained_box = box_outcome(computed.explained_boxes, computed.detections, 0, chosen_target)
@@ -283,7 +316,28 @@ def explain(
         options=options,
         timings=timings,
         detections=detections,
+        versus=computed.versus,
+        negative=computed.negative,
+        present=present_labels(probabilities, loaded.labels, threshold) if computed.multilabel else None,
     )
+
+
+def class_agnostic(names: Sequence[str]) -> list[str]:
+    """Those of the methods ``names`` whose maps do not depend on the target (rollout, raw attention,
+    gates, Eigen-CAM: :func:`explains_a_class` of none): the same map for every class, a contrast
+    or a negated output."""
+    from .errors import MethodError
+    from .method_registry import find_method
+
+    agnostic = []
+    for name in names:
+        try:
+            method = find_method(name.partition("@")[0])
+        except MethodError:
+            continue  # a method no longer installed: nothing to say about it
+        if not explains_a_class([method]):
+            agnostic.append(name)
+    return agnostic
 
 
 def _as_loaded_model(

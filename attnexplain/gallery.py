@@ -17,6 +17,7 @@ from ._atomic import write_bytes_atomic
 from ._untrusted import finite_number
 from .formats import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
 from .report import templates
+from .truth import LABEL_SEPARATOR, true_labels
 
 
 def _label(prediction: dict[str, Any] | None) -> str:
@@ -59,12 +60,32 @@ def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None, 
 
 def correct(record: dict[str, Any]) -> bool | None:
     """Whether the top prediction is the image's true class (``--truth``), None when not known. A
-    model without class names is right when the truth is its class index."""
+    model without class names is right when the truth is its class index; a multi-label image when
+    its present labels are exactly its true classes (``cat;dog``)."""
     truth = record.get("truth")
     if not isinstance(truth, str) or not record.get("predictions"):
         return None
+    if "present" in record or LABEL_SEPARATOR in truth:  # multi-label: right when the sets agree
+        return sorted(_classes(record)) == sorted(true_labels(truth))
     top = record["predictions"][0]
     return truth in (top.get("label"), str(top["index"]))
+
+
+#: Between a multi-label image's present labels in the gallery's class cell ("cat; dog").
+CLASSES_SEPARATOR = "; "
+
+
+def _classes(record: dict[str, Any]) -> list[str]:
+    """The classes the gallery files an image under: its top class, or a multi-label model's
+    present labels (each one filterable as a top class is)."""
+    present = record.get("present")
+    if isinstance(present, list) and present and all(isinstance(p, dict) for p in present):
+        return [_label(p) for p in present]
+    return [_label(record["predictions"][0])]
+
+
+def _classes_shown(record: dict[str, Any]) -> str:
+    return CLASSES_SEPARATOR.join(_classes(record))
 
 
 def _model_line(meta: dict[str, Any]) -> str | None:
@@ -143,7 +164,7 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
             [
                 r["image"],
                 quote(r["output"]),
-                _label(top),
+                _classes_shown(r),
                 None if confidence is None else round(confidence, 6),
                 r.get("truth") if isinstance(r.get("truth"), str) else None,
                 -1 if right is None else int(right),
@@ -190,7 +211,7 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **({"truth": judged} if judged is not None else {}),
         "timings_total_s": {key: round(value, 6) for key, value in sorted(sums.items())},
         "class_histogram": dict(
-            sorted(Counter(_label(r["predictions"][0]) for r in ok if r.get("predictions")).items())
+            sorted(Counter(name for r in ok if r.get("predictions") for name in _classes(r)).items())
         ),
         "failures": [{"image": r["image"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
     }

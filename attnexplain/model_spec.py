@@ -21,7 +21,22 @@ if TYPE_CHECKING:
 
 #: The fields that name the model, in the order report.json's ``model_spec`` lists them. The device
 #: is not one of them: the same model on another device gives the same explanation.
-IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema", "prompts")
+IDENTITY_FIELDS = (
+    "model",
+    "arch",
+    "num_classes",
+    "labels",
+    "trust_model",
+    "plugin",
+    "arch_kwargs",
+    "ema",
+    "prompts",
+    "scores",
+)
+
+#: Fields that name the model only where given: at their default they are left out of the identity,
+#: so that a run that does not use them keeps the fingerprint and report.json of earlier versions.
+LATER_FIELDS = ("prompts", "scores")
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,9 @@ class ModelSpec:
     #: Text prompts, the classes of a model that compares an image with text (``--prompt``,
     #: ``--prompts``; :mod:`attnexplain.prompts`); its plugin makes them a classifier's classes.
     prompts: tuple[str, ...] | None = None
+    #: How class scores become probabilities: softmax, sigmoid (multi-label) or auto (the plugin's,
+    #: or the checkpoint's ``"multilabel": true``); see :mod:`attnexplain.scoring`.
+    scores: str = "auto"
 
     @classmethod
     def of(cls, value: "ModelSpec | Mapping[str, Any]") -> "ModelSpec":
@@ -64,7 +82,12 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """The fields that name the model (every field but the device), in the order report.json
         shows them: what a run's fingerprint and report record."""
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        defaults = {field.name: field.default for field in fields(self)}
+        return {
+            name: getattr(self, name)
+            for name in IDENTITY_FIELDS
+            if name not in LATER_FIELDS or getattr(self, name) != defaults[name]
+        }
 
     def check(self) -> None:
         """Refuse, without importing torch, what would make loading fail: a model path that is a
@@ -92,6 +115,7 @@ class ModelSpec:
             ema=self.ema,
             arch_kwargs=arch_kwargs_from_json(self.arch_kwargs) if self.arch_kwargs else None,
             prompts=self.prompts,
+            scores=self.scores,
         )
 
     def _require_model(self) -> None:

@@ -188,6 +188,9 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
         and _is_prediction(record.get("target"))
     ):
         return "has predictions or a target the reports cannot show"
+    present = record.get("present")  # a multi-label model's labels above the threshold
+    if present is not None and not (isinstance(present, list) and all(map(_is_prediction, present))):
+        return "has present labels the reports cannot show"
     methods = record.get("methods")
     if not (isinstance(methods, list) and all(isinstance(m, str) for m in methods)):
         return "has methods that are not a list of names"
@@ -238,7 +241,10 @@ def _is_prediction(value: Any) -> bool:
         isinstance(index, int)
         and not isinstance(index, bool)
         and 0 <= index <= MAX_CLASS_INDEX
-        and is_finite_number(value.get("prob"))
+        # a probability, or a single output's value (regression, a binary logit) in its stead
+        and (
+            is_finite_number(value.get("prob")) or (value.get("prob") is None and is_finite_number(value.get("value")))
+        )
         and isinstance(value.get("label"), (str, type(None)))
     )
 

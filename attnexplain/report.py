@@ -245,7 +245,7 @@ def write_method_outputs(
     ``attention-grid-M.png`` and ``.npy`` (layers × heads), for gates ``gate-maps-M.png`` (the
     most-gated channels of the last block).
     """
-    name = result.method
+    name = result.method if result.target is None else _safe_name(result.key)  # a label is the user's text
     if overlay_format not in OVERLAY_FORMATS:
         raise ValueError(f"overlay format must be one of {', '.join(OVERLAY_FORMATS)}, not {overlay_format!r}")
     files = {"overlay": f"overlay-{name}.{overlay_format}", "heatmap": f"heatmap-{name}.npy"}
@@ -273,6 +273,8 @@ def method_summary(result: "MethodMap") -> dict[str, Any]:
     (layers, heads) and the gates' per-block summary, where the method has them, and a warning
     when the map is flat (all zero or constant: the overlay shows nothing) or nearly flat."""
     summary: dict[str, Any] = {"layers": list(result.layers)}
+    if result.target is not None:  # one of several classes explained: the map names its own
+        summary["target"] = {"index": result.target.index, "label": result.target.label, "method": result.method}
     warning = map_warning(result)
     if warning is not None:
         summary["warning"] = warning

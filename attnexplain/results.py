@@ -12,12 +12,22 @@ from .formats import DEFAULT_COLORMAP
 
 @dataclass(frozen=True)
 class Prediction:
+    """A class and its probability; for a single-output model (regression, a binary logit) its
+    value instead, with ``prob`` None."""
+
     index: int
     label: str | None
-    prob: float
+    prob: float | None
+    value: float | None = None
+
+    @property
+    def score(self) -> float:
+        """The probability, or the value of a single output: what the perturbation metrics follow."""
+        return self.prob if self.prob is not None else float(self.value if self.value is not None else "nan")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "label": self.label, "prob": self.prob}
+        shown = {"index": self.index, "label": self.label, "prob": self.prob}
+        return shown if self.value is None else {**shown, "value": self.value}
 
 
 @dataclass(frozen=True)
@@ -63,3 +73,15 @@ class MethodMap:
             )
         photo = self.photo
         return render_explained_overlay(photo.pixels, self.heatmap, photo.box, alpha, photo.detections, colormap)
+
+    #: The class this map explains where one run explains several (``--target cat,dog``); None: the
+    #: explanation's one target.
+    target: Prediction | None = None
+
+    @property
+    def key(self) -> str:
+        """The map's name among the explanation's maps: its method, and the class it explains where
+        there are several ("gradcam@cat")."""
+        if self.target is None:
+            return self.method
+        return f"{self.method}@{self.target.label if self.target.label is not None else self.target.index}"

@@ -11,6 +11,7 @@ import torch
 
 from .capture import replaced_forward
 from .errors import AttnExplainError, ModelRunError
+from .targets import class_scores
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -87,13 +88,14 @@ def model_as_called(loaded: "LoadedModel", input_size: tuple[int, int]) -> Calla
 def scores_of(loaded: "LoadedModel", input_size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model as a function from input to (B, classes) target scores, as its plugin defines them."""
     call = model_as_called(loaded, input_size)
-    return lambda inputs: loaded.plugin.class_scores(loaded.module, call(inputs))[0]
+    return lambda inputs: class_scores(loaded, call(inputs))[0]
 
 
 def probabilities_of(loaded: "LoadedModel", input_size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model as a function from input to (B, classes) probabilities, as its plugin defines them."""
+    """The model as a function from input to (B, classes) probabilities, as its plugin defines them
+    (for a contrast, each less the contrasted class's: RISE's and the metrics' score)."""
     call = model_as_called(loaded, input_size)
-    return lambda inputs: loaded.plugin.class_scores(loaded.module, call(inputs))[1]
+    return lambda inputs: loaded.scoring.contrasted(class_scores(loaded, call(inputs))[1], loaded.labels)
 
 
 def model_device(module: Any) -> torch.device:

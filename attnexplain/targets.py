@@ -3,13 +3,20 @@ detector's boxes placed on the photo."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from .errors import MethodError, ModelRunError, NothingToExplain
 from .plugins import Detections
 from .results import Prediction
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
+
+#: ``--target negative``: explain what lowers a single-output model's value.
+NEGATIVE = "negative"
 
 
 class NonFiniteScores(NothingToExplain):
@@ -114,6 +121,69 @@ def box_rank(target: int | str | None) -> int | None:
     return int(rank)
 
 
+def scored_for(
+    loaded: "LoadedModel", target: int | str | None, versus: int | str | None
+) -> tuple["LoadedModel", int | str | None]:
+    """``loaded`` scoring a contrast with ``versus`` (if given) and, for ``target="negative"`` (where
+    no class is labelled so), its single output negated; with the target left to explain."""
+    from dataclasses import replace
+
+    negative = (
+        isinstance(target, str)
+        and target.strip().lower() == NEGATIVE
+        and not any(label.lower() == NEGATIVE for label in loaded.labels or [])
+    )
+    if versus is None and not negative:
+        return loaded, target
+    if negative:
+        target = None
+    scoring = replace(loaded.scoring, versus=versus, negative=negative)
+    return replace(loaded, scoring=scoring), target
+
+
+def check_contrast(targets: torch.Tensor, versus: int, labels: list[str] | None) -> None:
+    """Refuse a contrast of a class with itself (every map would be zero)."""
+    if bool((targets == versus).any()):
+        name = _label(labels, versus) or versus
+        raise MethodError(
+            f"The target and --versus are the same class ({name}): a class's score less its own is 0, "
+            f"so there is nothing to explain; give another --target or --versus."
+        )
+
+
+def several_targets(target: Any) -> list[int | str] | None:
+    """The classes of ``target`` when it names several (a list, or "cat,dog"), each to get its own
+    maps; None when it names one or none."""
+    if isinstance(target, str) and "," in target:
+        target = [part.strip() for part in target.split(",") if part.strip()]
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise MethodError("No class to explain was named in the list of targets.")
+        return list(target) if len(target) > 1 else None
+    return None
+
+
+def target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
+    """The class index ``target`` (an index, or a label of ``labels``) names, checked."""
+    return _target_index(target, num_classes, labels)
+
+
+def class_scores(loaded: "LoadedModel", output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, probabilities) of the model's raw ``output`` as its plugin defines them, read as the
+    model's :class:`~attnexplain.scoring.Scoring` says (sigmoid, a single output's value, a contrast,
+    a negated output): what every pass differentiates and the report shows."""
+    logits, probabilities = loaded.plugin.class_scores(loaded.module, output)
+    return loaded.scoring.apply(logits, probabilities, loaded.labels, model_task(loaded))
+
+
+def model_task(loaded: "LoadedModel") -> str:
+    """What the model does, as its plugin says (classification, detection, ...)."""
+    try:
+        return loaded.plugin.task(loaded.module)
+    except Exception:  # a plugin's answer only decides how a single output is shown
+        return "unknown"
+
+
 def _target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
     if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
         if labels is None:
@@ -134,12 +204,18 @@ def _target_index(target: int | str, num_classes: int, labels: list[str] | None)
     return index
 
 
-def top_predictions(probabilities: torch.Tensor, labels: list[str] | None, k: int) -> list[Prediction]:
+def top_predictions(
+    probabilities: torch.Tensor, labels: list[str] | None, k: int, values: bool = False
+) -> list[Prediction]:
+    """The ``k`` best classes of (classes,) ``probabilities``; ``values``: they are a single
+    output's value (:meth:`attnexplain.scoring.Scoring.shows_value`), reported as such."""
     probabilities = probabilities.float()
+    if values:
+        return [Prediction(0, _label(labels, 0), None, float(probabilities[0]))]
     # Stable sort: ties keep index order, so the top-1 agrees with argmax (the default target).
-    values, indices = torch.sort(probabilities, descending=True, stable=True)
-    values, indices = values[: max(k, 1)], indices[: max(k, 1)]
-    return [Prediction(int(i), _label(labels, int(i)), float(v)) for v, i in zip(values, indices)]
+    ranked, indices = torch.sort(probabilities, descending=True, stable=True)
+    ranked, indices = ranked[: max(k, 1)], indices[: max(k, 1)]
+    return [Prediction(int(i), _label(labels, int(i)), float(v)) for v, i in zip(ranked, indices)]
 
 
 def image_outcome(
@@ -149,6 +225,8 @@ def image_outcome(
     top_k: int,
     target_given: bool,
     methods: Sequence[Any] | None = None,
+    values: bool = False,
+    threshold: float | None = None,
 ) -> tuple[Prediction, list[Prediction]]:
     """One image's explained target and top-k predictions from its (classes,) probabilities.
 
@@ -156,10 +234,16 @@ def image_outcome(
     class no box was detected as) is refused: its map would be empty; so is an image in which no
     class scores above 0 (a detector that found nothing), and one in which every class scores the
     same (:func:`uniform_scores`) where ``methods`` (default: any) map a class (:func:`explains_a_class`).
+    ``values``: the model has a single output whose value ``probabilities`` hold (any value is one
+    to explain). ``threshold`` (a multi-label model's): the predictions go on past the top-k to every
+    class at or above it.
     """
     unusable = unusable_scores(probabilities)
     if unusable is not None:
         raise NonFiniteScores(unusable)
+    if values:
+        predictions = top_predictions(probabilities, labels, top_k, values=True)
+        return predictions[0], predictions
     # != 0: a score may be negative (one text prompt's cosine similarity); all 0 is nothing found.
     if not bool((probabilities != 0).any()):
         raise NothingToExplain()
@@ -172,10 +256,39 @@ def image_outcome(
         raise MethodError(
             f"Class {name} is not in this image (its probability is 0), so there is nothing to explain for it."
         )
-    return (
-        Prediction(target_index, _label(labels, target_index), probability),
-        top_predictions(probabilities, labels, top_k),
-    )
+    predictions = top_predictions(probabilities, labels, top_k)
+    if threshold is not None:
+        predictions += present_labels(probabilities, labels, threshold)[len(predictions) :]
+    return Prediction(target_index, _label(labels, target_index), probability), predictions
+
+
+def present_labels(probabilities: torch.Tensor, labels: list[str] | None, threshold: float) -> list[Prediction]:
+    """A multi-label model's (classes,) independent ``probabilities``: every class at or above
+    ``threshold``, most probable first (what it says the image holds)."""
+    above = int((probabilities.float() >= threshold).sum())
+    return top_predictions(probabilities, labels, above)[:above]
+
+
+def target_record(
+    target: Prediction, labels: list[str] | None, versus: int | None = None, negative: bool = False
+) -> dict[str, Any]:
+    """The report's ``target``: the class explained and, for a contrast, the class (index) it is set
+    against; ``explained`` says it in words ("cat rather than dog", "what lowers the output")."""
+    record: dict[str, Any] = {"index": target.index, "label": target.label}
+    if versus is not None:
+        record["versus"] = {"index": versus, "label": _label(labels, versus)}
+        record["explained"] = f"{_named(labels, target.index)} rather than {_named(labels, versus)}"
+    elif negative:
+        record["negative"] = True
+        record["explained"] = "what lowers the output"
+    else:
+        record["explained"] = _named(labels, target.index)
+    return record
+
+
+def _named(labels: list[str] | None, index: int) -> str:
+    label = _label(labels, index)
+    return label if label is not None else f"class {index}"
 
 
 def boxes_on_photo(

@@ -1,6 +1,7 @@
 """Each image's true class for ``batch --truth``: from its folder's name (the ImageFolder layout) or
-from a CSV file of ``image,class`` rows. The file is the user's, and may be anyone's: it is read
-with caps on its size, its rows and its cells, and every problem is one line naming the row."""
+from a CSV file of ``image,class`` rows (a multi-label image's classes in one cell, ``cat;dog``).
+The file is the user's, and may be anyone's: it is read with caps on its size, its rows and its
+cells, and every problem is one line naming the row."""
 
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ MAX_LABEL_LENGTH = 200
 MAX_TRUTH_BYTES = 64 * 1024 * 1024
 MAX_TRUTH_ROWS = 2_000_000
 _IMAGE_COLUMNS = ("image", "file", "path", "filename")
-_CLASS_COLUMNS = ("class", "label", "truth", "true_class")
+_CLASS_COLUMNS = ("class", "label", "truth", "true_class", "labels")
+#: Between the classes of a multi-label image in a --truth cell ("cat;dog"); the record keeps the cell.
+LABEL_SEPARATOR = ";"
+
+
+def true_labels(truth: str) -> list[str]:
+    """The classes a record's true class names: one, or a multi-label image's several ("cat;dog")."""
+    return [part for part in truth.split(LABEL_SEPARATOR) if part]
 
 
 class TruthError(AttnExplainError):
@@ -46,9 +54,19 @@ def _is_label(text: str) -> bool:
     return 0 < len(text) <= MAX_LABEL_LENGTH and text.isprintable() and text.strip() == text
 
 
+def _labels_cell(cell: str) -> str:
+    """A class cell as the record keeps it: one class, or several separated by ``;`` (each stripped;
+    an empty part or a repeated class makes the cell no name, refused as such)."""
+    parts = [part.strip() for part in cell.split(LABEL_SEPARATOR)]
+    if len(parts) > 1 and (not all(parts) or len(set(parts)) != len(parts)):
+        return ""
+    return LABEL_SEPARATOR.join(parts)
+
+
 def read_truth(spec: str) -> TrueClasses:
     """``folders``, or a CSV file with a header naming an image column (image, file, path or
-    filename) and a class column (class, label, truth or true_class), UTF-8."""
+    filename) and a class column (class, label, truth or true_class), UTF-8. A multi-label image's
+    classes share its cell, separated by ``;`` (``cat;dog``)."""
     if spec == FOLDERS:
         return TrueClasses(from_folders=True)
     path = Path(spec)
@@ -92,7 +110,7 @@ def read_truth(spec: str) -> TrueClasses:
                     f"Line {reader.line_num} of the --truth file {path} has no "
                     f"{header[class_column]} cell: {shown(row)}."
                 )
-            image, label = row[image_column].strip(), row[class_column].strip()
+            image, label = row[image_column].strip(), _labels_cell(row[class_column])
             if not image or not _is_label(label):
                 raise TruthError(
                     f"Line {reader.line_num} of the --truth file {path} has no image or "

@@ -63,10 +63,12 @@ def method_entry(result: "MethodMap", target_label: str, side: int) -> dict[str,
     heatmap = np.nan_to_num(np.asarray(result.heatmap, dtype=np.float32))
     unit = _shrunk(normalize_heatmap(heatmap), side)
     entry: dict[str, Any] = {
-        "method": result.method,
+        "method": result.key,
         "summary": method.summary if method else "",
         "paper": method.paper if method else "",
-        "scale": (method.scale if method else "relative importance for {target}").replace("{target}", target_label),
+        "scale": (method.scale if method else "relative importance for {target}").replace(
+            "{target}", target_label if result.target is None else result.key.partition("@")[2]
+        ),
         "layers": list(result.layers),
         "min": float(heatmap.min()),
         "max": float(heatmap.max()),

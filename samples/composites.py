@@ -159,6 +159,13 @@ def make_composite(
     pasted pixels. Everything random is drawn from ``rng``.
     """
     image = _background(rng, TEXTURES[texture], size)
+    mask = _paste_object(rng, image, label, size)
+    return np.round(image * 255.0).astype(np.uint8), mask
+
+
+def _paste_object(rng: np.random.Generator, image: np.ndarray, label: int, size: int) -> np.ndarray:
+    """Paste object ``LABELS[label]`` onto float RGB ``image`` in place, scaled, maybe mirrored and
+    lit at random from ``rng``; returns the bool mask of its pasted pixels."""
     rgb, alpha = object_cutout(LABELS[label])
     fraction = rng.uniform(*OBJECT_SCALE)
     scale = fraction * size / max(rgb.shape[:2])
@@ -175,7 +182,7 @@ def make_composite(
     region[:] = region * (1.0 - obj_alpha[..., None]) + obj * obj_alpha[..., None]
     mask = np.zeros((size, size), bool)
     mask[y : y + h, x : x + w] = obj_alpha >= 0.5
-    return np.round(image * 255.0).astype(np.uint8), mask
+    return mask
 
 
 def make_composites(n: int, seed: int, size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -225,3 +232,31 @@ def make_backgrounds(n: int, seed: int, size: int = 128) -> np.ndarray:
         texture = int(rng.integers(0, len(TEXTURES)))
         images[i] = np.round(_background(rng, TEXTURES[texture], size) * 255.0).astype(np.uint8)
     return images
+
+
+MULTILABEL_TRAIN_SEED = (
+    10  # make_two_object_composites(n, MULTILABEL_TRAIN_SEED): the multi-label sample's training data
+)
+MULTILABEL_TEST_SEED = 11  # held out: its figures in samples/README.md
+
+
+def make_two_object_composites(n: int, seed: int, size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` composites holding two different objects each, for a multi-label model.
+
+    Returns images uint8 (n, size, size, 3), pairs int64 (n, 2) indexing ``LABELS`` (every pair
+    of objects equally often, in shuffled order) and masks bool (n, 2, size, size): each object's
+    visible pixels (the second is pasted over the first, so the first's mask loses what it hides).
+    """
+    rng = np.random.default_rng(seed)
+    pairs = [(a, b) for a in range(len(LABELS)) for b in range(len(LABELS)) if a != b]
+    chosen = rng.permutation(np.arange(n) % len(pairs))
+    objects = np.array([pairs[i] for i in chosen], np.int64).reshape(n, 2)
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.empty((n, 2, size, size), bool)
+    for i, (first, second) in enumerate(objects):
+        image = _background(rng, TEXTURES[int(rng.integers(0, len(TEXTURES)))], size)
+        masks[i, 0] = _paste_object(rng, image, int(first), size)
+        masks[i, 1] = _paste_object(rng, image, int(second), size)
+        masks[i, 0] &= ~masks[i, 1]
+        images[i] = np.round(image * 255.0).astype(np.uint8)
+    return images, objects, masks

@@ -144,9 +144,13 @@ def train(
     shift: int,
     label_smoothing: float,
     seed: int,
+    targets: torch.Tensor | None = None,
+    loss_function=F.cross_entropy,
 ) -> None:
+    """``targets``: (n, classes) float targets for ``loss_function`` (default: :func:`soft_targets`
+    of ``y`` for the cross-entropy; the multi-label sample gives 0/1 per class and a BCE)."""
     rng = np.random.default_rng(seed)
-    targets = soft_targets(y, label_smoothing)
+    targets = soft_targets(y, label_smoothing) if targets is None else targets
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = len(x) // batch_size
     total = epochs * steps_per_epoch
@@ -169,7 +173,7 @@ def train(
             batch = augment(x[index], rng, shift)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(batch), targets[index])
+            loss = loss_function(model(batch), targets[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -203,17 +207,32 @@ def main() -> None:
     parser.add_argument("--cbam-epochs", type=int, default=2)
     parser.add_argument(
         "--only",
-        choices=["ResNet", "VisionTransformer", "AttentionPoolingCNN", "CBAMCNN", *ALIASES, "captioner", "clip"],
+        choices=[
+            "ResNet",
+            "VisionTransformer",
+            "AttentionPoolingCNN",
+            "CBAMCNN",
+            *ALIASES,
+            "captioner",
+            "clip",
+            "multilabel",
+        ],
         default=None,
         help="train one model (attention-cnn = AttentionPoolingCNN, cbam = CBAMCNN; captioner: the Show, "
         "Attend and Tell captioner of samples/train_captioner.py, not trained without --only; clip: the "
-        "sample CLIP, samples/train_clip.py, needs transformers)",
+        "sample CLIP, samples/train_clip.py, needs transformers; multilabel: samples/train_multilabel.py's "
+        "two-object model)",
     )
     args = parser.parse_args()
     if args.only == "captioner":
         from train_captioner import main as train_captioner
 
         train_captioner(["--out", str(args.out)])
+        return
+    if args.only == "multilabel":
+        from train_multilabel import train_multilabel
+
+        train_multilabel(args.out)
         return
     args.only = ALIASES.get(args.only, args.only)
     if args.only == "clip":

@@ -180,7 +180,6 @@ def test_a_batch_run_records_the_model_spec_and_fingerprint_the_dict_gave(
         "plugin": None,
         "arch_kwargs": '{"num_classes": 5}',
         "ema": False,
-        "prompts": None,
     }
     run = json.loads((out / "report.json").read_text())["run"]
     assert run["fingerprint"] == fingerprint_of_a_dict(old, settings, plan)

@@ -131,6 +131,7 @@ def run(
     image: Path,
     method: str,
     target: str | None,
+    versus: str | None,
     layer: str | None,
     options: MethodOptions,
     size,
@@ -139,6 +140,7 @@ def run(
     alpha: float,
     colormap: str,
     top_k: int,
+    threshold: float,
     max_pixels: int,
     out_dir: Path,
     overlay_format: str,
@@ -202,8 +204,10 @@ def run(
                 picture,
                 method,
                 target=target,
+                versus=versus,
                 layer=layer,
                 top_k=top_k,
+                threshold=threshold,
                 size=size,
                 mean=mean,
                 std=std,
@@ -330,6 +334,7 @@ def batch(
     inputs: tuple[str, ...],
     method: str,
     target: str | None,
+    versus: str | None,
     layer: str | None,
     options: MethodOptions,
     size,
@@ -338,6 +343,7 @@ def batch(
     alpha: float,
     colormap: str,
     top_k: int,
+    threshold: float,
     max_pixels: int,
     images_per_batch: int,
     workers: int | None,
@@ -403,11 +409,13 @@ def batch(
     settings = BatchSettings(
         method=method,
         target=target,
+        versus=versus,
         layer=layer,
         size=tuple(size) if size else None,
         mean=tuple(mean) if mean else None,
         std=tuple(std) if std else None,
         top_k=top_k,
+        threshold=threshold,
         alpha=alpha,
         colormap=colormap,
         overlay_format=overlay_format,
@@ -528,7 +536,7 @@ def batch(
 )
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
-@functools.partial(image_options, leave_out=("alpha", "top_k"))
+@functools.partial(image_options, leave_out=("alpha", "top_k", "threshold"))
 @click.option(
     "--images-per-batch",
     default=8,
@@ -564,6 +572,7 @@ def evaluate(
     randomization_images: int,
     randomization_steps: int,
     target,
+    versus,
     layer,
     options: MethodOptions,
     size,
@@ -606,6 +615,7 @@ def evaluate(
         method=method,
         metrics=metrics,
         target=target,
+        versus=versus,
         layer=layer,
         size=size,
         mean=mean,

@@ -21,6 +21,7 @@ from ..formats import COLORMAP_NAMES, DEFAULT_COLORMAP
 from ..model_spec import ModelSpec
 from ..options import MethodOptions
 from ..prompts import PromptError, read_prompts
+from ..scoring import SCORE_KINDS
 
 
 def _numbers(kind: type, count: tuple[int, ...], check: Callable[[list], Any] | None = None):
@@ -146,6 +147,15 @@ def model_options(function):
             help="Texts the model compares the image with, as the classes of a zero-shot classifier: "
             "comma-separated ('a cat,a dog,grass') or @FILE of one per line.",
         ),
+        scores=click.option(
+            "--scores",
+            default="auto",
+            show_default=True,
+            type=click.Choice(SCORE_KINDS),
+            help="How class scores become probabilities: softmax (one class per image), sigmoid "
+            '(multi-label: each class its own; also a checkpoint\'s "multilabel": true), auto (the '
+            "model's plugin's; a single output shows its value).",
+        ),
     )
     return _with_options(with_model_spec, options, leave_out=())
 
@@ -160,13 +170,13 @@ def _checked_prompts(ctx: click.Context, param: click.Parameter, value: str | No
 
 
 #: The options of method_options the command receives by name; the others become its ``options``.
-_EXPLAIN_ARGUMENTS = ("method", "target", "layer")
+_EXPLAIN_ARGUMENTS = ("method", "target", "versus", "layer")
 
 
 def method_options(function, leave_out: tuple[str, ...] = ()):
     """Options of the explanation methods, shared by every command that explains (less ``leave_out``:
-    a command that gives one of them another meaning). The command receives ``method``, ``target``
-    and ``layer`` by name and the methods' settings as one ``options``
+    a command that gives one of them another meaning). The command receives ``method``, ``target``,
+    ``versus`` and ``layer`` by name and the methods' settings as one ``options``
     (:class:`attnexplain.options.MethodOptions`; a setting left out keeps its default there)."""
 
     @functools.wraps(function)
@@ -187,7 +197,14 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
         target=click.option(
             "--target",
             help="Class to explain: index or label (default: the top prediction); on a detector, box:N "
-            "explains the N-th detected box by score (box:0 the best); for a captioner, one word of the caption.",
+            "explains the N-th detected box by score (box:0 the best); for a captioner, one word of the caption; "
+            "negative: what lowers a single-output model's value.",
+        ),
+        versus=click.option(
+            "--versus",
+            metavar="CLASS",
+            help="Contrast: explain score(target) − score(this class), index or label (what makes "
+            "it the target rather than this class).",
         ),
         layer=click.option(
             "--layer",
@@ -291,6 +308,14 @@ def image_options(function, leave_out: tuple[str, ...] = ()):
             show_default=True,
             type=click.IntRange(min=1),
             help="How many predictions to report per image.",
+        ),
+        threshold=click.option(
+            "--threshold",
+            default=0.5,
+            show_default=True,
+            type=click.FloatRange(0.0, 1.0),
+            help="Multi-label models (--scores sigmoid): every class at or above this probability is "
+            "reported as present, and shown among the predictions.",
         ),
         max_pixels=click.option(
             "--max-pixels",

@@ -38,20 +38,27 @@ def print_run(report: dict[str, Any]) -> None:
     table.add_column("#", justify="right")
     table.add_column("class")
     table.add_column("index", justify="right")
-    table.add_column("probability", justify="right")
+    values = any(prediction["prob"] is None for prediction in report["predictions"])  # a single output
+    table.add_column("value" if values else "probability", justify="right")
     for rank, prediction in enumerate(report["predictions"], start=1):
         table.add_row(
             str(rank),
             _shown_text(prediction["label"] if prediction["label"] is not None else "—"),
             str(prediction["index"]),
-            f"{prediction['prob']:.4f}",
+            f"{prediction['value']:.4g}" if prediction["prob"] is None else f"{prediction['prob']:.4f}",
         )
     console.print(table)
     target = report["target"]
     layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
-    console.print(
-        f"Explained class {_shown_text(target['label'] or target['index'])} with {', '.join(report['methods'])}{layer}."
-    )
+    plain = "versus" not in target and not target.get("negative")  # a contrast says "cat rather than dog"
+    explained = f"class {target['label'] or target['index']}" if plain else target["explained"]
+    agnostic = report.get("class_agnostic", [])
+    if agnostic and len(agnostic) == len(report["methods"]):  # no map depends on the class: say so
+        console.print(f"Where the model looks, whatever the class, with {', '.join(report['methods'])}{layer}.")
+    else:
+        console.print(f"Explained {_shown_text(explained)} with {', '.join(report['methods'])}{layer}.")
+        if agnostic:
+            console.print(f"  ({', '.join(agnostic)}: the same map for every class)")
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from .._files import not_a_regular_file
 from ..errors import AttnExplainError, ModelLoadError, shown
 from ..plugins import ModelPlugin, NamedModel, builder_order, plugin_for_prefix, select_plugin
+from ..scoring import Scoring
 from .architectures import architecture_candidates, build_architecture, from_checkpoint
 from .checkpoints import MAX_LABELS, PRETRAINED_ARGUMENTS, Asked, no_ema
 from .failures import first_line, load_failures_reported
@@ -76,6 +77,7 @@ def load_model(
     device: str | None = None,
     ema: bool = False,
     prompts: Sequence[str] | None = None,
+    scores: str = "auto",
 ) -> LoadedModel:
     """Load ``spec`` into an eval-mode model on ``device`` (``"auto"``: CUDA, else MPS, else the CPU;
     None: the CPU, or where an in-memory module already is).
@@ -89,6 +91,8 @@ def load_model(
     file of one name per line) wins over the class names the file or the model's plugin knows.
     ``prompts``: texts a vision-language model compares the image with, which its plugin makes the
     classes of the model (:func:`with_prompts`); checked by :func:`attnexplain.prompts.read_prompts`.
+    ``scores`` (softmax, sigmoid: multi-label) overrides how class scores become probabilities;
+    ``auto`` keeps the plugin's (or a checkpoint's ``"multilabel": true``).
     """
     # What can be checked without torch is checked before importing it (~2 s).
     given_labels = read_labels(labels) if labels is not None else None
@@ -107,6 +111,8 @@ def load_model(
         )
     if given_labels is not None:
         loaded.labels = given_labels
+    if scores != "auto":
+        loaded.scoring = Scoring(kind=scores)
     _finish(loaded, plugin, run_device)
     return with_prompts(loaded, prompts, plugin_name=plugin, labels_given=given_labels is not None)
 

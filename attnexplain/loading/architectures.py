@@ -22,12 +22,14 @@ from typing import Any, Callable, Iterator, Mapping
 from ..errors import AttnExplainError, ModelLoadError, WeightsDoNotFit, shown
 from ..plugin_cache import plugins_for_arch
 from ..plugins import ModelPlugin, builder_order, plugin_for_prefix
+from ..scoring import Scoring
 from .checkpoints import (
     LIGHTNING_KEYS,
     Asked,
     checkpoint_arch_kwargs,
     checkpoint_labels,
     checkpoint_preprocessing,
+    checkpoint_scores,
     find_state_dict,
     hyper_parameters,
     under_prefix,
@@ -103,6 +105,7 @@ def from_checkpoint(checkpoint: Mapping[str, Any], path: Path, loader: str, aske
         labels=labels,
         preprocessing=preprocessing,
         notes=notes,
+        scoring=Scoring(kind=checkpoint_scores(checkpoint)),
     )
 
 

@@ -80,6 +80,16 @@ def checkpoint_arch_kwargs(value: Any, path: Path) -> dict[str, Any]:
     return dict(value)
 
 
+def checkpoint_scores(checkpoint: Mapping[str, Any]) -> str:
+    """``sigmoid`` where the checkpoint (or a Lightning checkpoint's ``hyper_parameters``) says its
+    model is multi-label (``"multilabel": true``), else ``auto`` (see :mod:`attnexplain.scoring`)."""
+    hyper = checkpoint.get("hyper_parameters")
+    for where in (checkpoint, hyper if isinstance(hyper, Mapping) else {}):
+        if where.get("multilabel") is True or where.get("multi_label") is True:
+            return "sigmoid"
+    return "auto"
+
+
 def checkpoint_labels(checkpoint: Mapping[str, Any], path: Path) -> list[str] | None:
     """Class names stored in the checkpoint: a list of strings (or numbers), if any."""
     for key in LABEL_KEYS:

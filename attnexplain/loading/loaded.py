@@ -7,6 +7,7 @@ from typing import Any
 
 from ..plugins import ModelPlugin
 from ..preprocess import Preprocessing
+from ..scoring import Scoring
 
 
 @dataclass
@@ -24,6 +25,8 @@ class LoadedModel:
     #: False where inner layers cannot be hooked (TorchScript): layer methods are then unavailable.
     inner_layers: bool = True
     notes: list[str] = field(default_factory=list)
+    #: How its class scores are read: softmax or sigmoid probabilities, a contrast (see :mod:`attnexplain.scoring`).
+    scoring: Scoring = field(default_factory=Scoring)
 
     def describe(self) -> dict[str, Any]:
         return {

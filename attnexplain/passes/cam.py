@@ -17,6 +17,7 @@ from ..methods import METHODS, Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
 from ..running import model_as_called, scores_of
+from ..targets import class_scores
 from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
 from .counting import expected_forwards
 from .registry import register_pass
@@ -155,7 +156,7 @@ def _with_layer_output(
 
     def run(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), replaced_output(loaded.module, name, output):
-            return loaded.plugin.class_scores(loaded.module, call(inputs))[0]
+            return class_scores(loaded, call(inputs))[0]
 
     return run
 
@@ -171,7 +172,7 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
     per_sample: list[list[torch.Tensor]] = [[] for _ in layers]
     counting = partial(expected_forwards, METHODS["smoothgradcampp"], options, run.batch)
     with run.forwards.expecting(counting) as counted:
-        scores = counted(lambda copies: loaded.plugin.class_scores(module, run.forward(copies))[0])
+        scores = counted(lambda copies: class_scores(loaded, run.forward(copies))[0])
         for copies in noisy:
             captured: dict[str, torch.Tensor] = {}
             with (
