@@ -209,7 +209,11 @@ class TransformersPlugin(ModelPlugin):
     # --- layers ------------------------------------------------------------------------------------
 
     def task(self, model: Any) -> str:
-        return "detection" if detection.detector_type(model) else "classification"
+        if detection.detector_type(model):
+            return "detection"
+        # Its scores are the prompts' own (softmax, a sigmoid each, one prompt's cosine similarity):
+        # not a one-output classifier whose value the core would show instead.
+        return "zero-shot classification" if prompts.is_prompt_classifier(model) else "classification"
 
     def default_method(self, model: Any) -> str | None:
         if detection.detector_type(model):  # the explained box's query, else its backbone
