@@ -151,21 +151,86 @@ def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Every method ``--method`` takes, as ``attnexplain methods --json`` prints it: the built-in
     ones, then each working plugin's own (:meth:`ModelPlugin.methods`, ``plugin`` naming it); and
     why a plugin's methods are left out (a plugin that raises, returns something else than methods,
-    or reuses a taken name), which leaves the others listed."""
-    from .method_registry import plugin_methods, refused_plugin_methods
+    or reuses a taken name), which leaves the others listed.
+
+    A plugin's methods are read from the cache as its catalog is (asking a plugin for them imports
+    torch), so that the listing imports no torch once cached; the check against names other plugins
+    took is made here, plugins in the order :func:`attnexplain.method_registry.plugin_methods` asks
+    them."""
     from .methods import METHODS
 
     listed = [_method_record(method, None) for method in METHODS.values()]
-    added = sorted(plugin_methods().values(), key=lambda found: (found[0].name, found[1].name))
-    listed += [_method_record(method, plugin.name) for plugin, method in added]
-    return listed, refused_plugin_methods()
+    taken: dict[str, str] = {}
+    added: list[dict[str, Any]] = []
+    refused: dict[str, str] = {}
+    for info in plugin_infos():
+        if info.plugin is None:
+            continue
+        records, problem = _cached_methods(info)
+        clash = next((record["name"] for record in records if record["name"] in taken), None)
+        if problem is None and clash is not None:
+            problem = f"its method {clash!r} is plugin {taken[clash]}'s already"
+        if problem is not None:
+            refused[info.name] = problem
+            continue
+        taken.update((record["name"], info.name) for record in records)
+        added += [{**record, "plugin": info.name} for record in records]
+    listed += sorted(added, key=lambda record: (record["plugin"], record["name"]))
+    return listed, refused
+
+
+_METHOD_TEXTS = ("name", "family", "summary", "applies_to", "cost", "paper")
 
 
 def _method_record(method: "Method", plugin: str | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        field: str(getattr(method, field)) for field in ("name", "family", "summary", "applies_to", "cost", "paper")
-    }
+    record: dict[str, Any] = {field: str(getattr(method, field)) for field in _METHOD_TEXTS}
     return {**record, "needs_gradient": bool(method.needs_gradient), "plugin": plugin}
+
+
+def _cached_methods(info: PluginInfo) -> tuple[list[dict[str, Any]], str | None]:
+    """``info``'s plugin's own methods as listed (without ``plugin``), and why they cannot be
+    registered, from the cache when current (written when not). A plugin built in memory has no
+    version to key a cache by: it is asked."""
+    from .method_registry import own_methods
+
+    path = cache_folder() / "methods" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+    key = cache_key(info) if info.distribution is not None else None
+    if key is not None:
+        found = _read_methods_cache(path, key)
+        if found is not None:
+            return found
+    methods, problem = own_methods(info.plugin)
+    records = [{field: value for field, value in _method_record(m, None).items() if field != "plugin"} for m in methods]
+    if key is not None:
+        write_cache(path, key, {"methods": records, "problem": problem})
+    return records, problem
+
+
+def _read_methods_cache(path: Path, key: str) -> tuple[list[dict[str, Any]], str | None] | None:
+    """The cached methods and problem, or None where the file is absent, stale or not what this
+    writes (read as if anyone could have written it: a method record's texts are printed)."""
+    from .methods import METHODS
+
+    entries = cached_entries(path, key)
+    if not isinstance(entries, dict) or set(entries) != {"methods", "problem"}:
+        return None
+    records, problem = entries["methods"], entries["problem"]
+    if problem is not None and not _plain_text(problem, 300):
+        return None
+    if not isinstance(records, list) or len(records) > 1000 or (problem is not None and records):
+        return None
+    for record in records:
+        if not isinstance(record, dict) or set(record) != {*_METHOD_TEXTS, "needs_gradient"}:
+            return None
+        if not all(_plain_text(record[field], 1000) for field in _METHOD_TEXTS):
+            return None
+        if type(record["needs_gradient"]) is not bool or record["name"] in (*METHODS, "auto"):
+            return None
+    return records, problem
+
+
+def _plain_text(text: Any, limit: int) -> bool:
+    return isinstance(text, str) and len(text) <= limit and not any(ord(character) < 32 for character in text)
 
 
 def catalog_row(plugin: ModelPlugin, entry: CatalogEntry, **found: Any) -> CatalogRow:

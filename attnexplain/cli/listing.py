@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..model_spec import ModelSpec
 from .option_groups import json_option, model_options, size_option
-from .printing import print_json, print_listing
+from .printing import print_json, print_listing, print_methods
 
 
 @click.command()
@@ -110,6 +112,10 @@ def methods(as_json: bool) -> None:
     if as_json:
         print_json({"methods": listed, "errors": errors})
         return
+    title = "Explanation methods (--method NAME[,NAME...])"
+    if sys.stdout.isatty():
+        print_methods(title, listed)
+        return
     rows = [
         [
             method["name"],
@@ -123,7 +129,7 @@ def methods(as_json: bool) -> None:
         for method in listed
     ]
     print_listing(
-        "Explanation methods (--method NAME[,NAME...])",
+        title,
         ["method", "family", "what it shows", "applies to", "cost", "paper", "from"],
         rows,
         prose=("what it shows", "applies to", "cost", "paper"),

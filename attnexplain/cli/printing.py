@@ -92,6 +92,30 @@ def print_listing(title: str, columns: list[str], rows: list[list[Any]], *, pros
     Console(highlight=False).print(table, markup=False)
 
 
+def print_methods(title: str, methods: list[dict[str, Any]]) -> None:
+    """``attnexplain methods`` on a terminal: one block per method, its name and family on the first
+    line, what it shows below, then where it applies, its cost and its paper, each wrapped to the
+    terminal (at most 100 columns: prose reads badly wider). Elsewhere, as every listing
+    (:func:`print_listing`: one tab-separated line per method)."""
+    import shutil
+    import textwrap
+
+    width = max(40, min(shutil.get_terminal_size().columns, 100))
+    with _reader_may_leave():
+        click.echo(title)
+        for method in methods:
+            shown = {key: terminal_text(" ".join(str(value).split())) for key, value in method.items()}
+            origin = f"plugin {shown['plugin']}" if method["plugin"] else "built in"
+            gradient = "gradients" if method["needs_gradient"] else "no gradients"
+            click.echo()
+            click.echo(f"{click.style(shown['name'], bold=True)}  ({shown['family']}, {gradient}, {origin})")
+            click.echo(textwrap.fill(shown["summary"], width, initial_indent="  ", subsequent_indent="  "))
+            for label, key in (("applies to", "applies_to"), ("cost", "cost"), ("paper", "paper")):
+                click.echo(
+                    textwrap.fill(shown[key], width, initial_indent=f"  {label + ':':<12}", subsequent_indent=" " * 14)
+                )
+
+
 def print_json(data: Any) -> None:
     """What every ``--json`` prints, as ``run --json`` does."""
     with _reader_may_leave():

@@ -8,8 +8,39 @@ looks names up among these and the methods plugins add.
 
 from __future__ import annotations
 
-from . import ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam
+from importlib import import_module
+from typing import Any
+
 from .method import Method
+
+
+class _Deferred:
+    """A function of one of this package's modules, imported when first called: the modules import
+    torch, and ``attnexplain methods`` lists these rows without it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module(f"{__package__}.{self.module}"), self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{__package__}.{self.module}.{self.name}, imported when called>"
+
+
+class _DeferredModule:
+    """``cam.gradcam`` in a row below: :class:`_Deferred` ``("cam", "gradcam")``."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> _Deferred:
+        return _Deferred(self.module, name)
+
+
+ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam = map(
+    _DeferredModule, ("ablation", "attention", "attribution", "cam", "fullgrad", "gates", "rise", "scorecam")
+)
 
 _CNN = "CNNs: any layer with a (B, C, H, W) output"
 _VIT = "transformers whose plugin exposes attention (ViT, Swin, MaxViT)"
