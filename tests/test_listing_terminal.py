@@ -26,9 +26,10 @@ def fresh_cache(tmp_path, monkeypatch):
     catalog._live_catalog.cache_clear()
 
 
-def _on_a_terminal(code: str, cache, columns: int = 100) -> tuple[str, str]:
-    """Run ``code`` in a new Python with its stdout a pseudo-terminal ``columns`` wide: what it
-    wrote there (colours and carriage returns removed) and on its stderr (a pipe)."""
+def _on_a_terminal(code: str, cache, columns: int = 100, stream: str = "stdout") -> tuple[str, str]:
+    """Run ``code`` in a new Python with its ``stream`` (stdout or stderr) a pseudo-terminal
+    ``columns`` wide: what it wrote there (colours, cursor moves and carriage returns removed) and
+    on the other stream (a pipe)."""
     leader, follower = pty.openpty()
     env = {
         **os.environ,
@@ -38,9 +39,12 @@ def _on_a_terminal(code: str, cache, columns: int = 100) -> tuple[str, str]:
         "TERM": "xterm",
     }
     env.pop("NO_COLOR", None)
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=follower, stderr=subprocess.PIPE, env=env, text=True
+    streams = (
+        {"stdout": follower, "stderr": subprocess.PIPE}
+        if stream == "stdout"
+        else {"stdout": subprocess.PIPE, "stderr": follower}
     )
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, text=True, **streams)
     os.close(follower)
     chunks = []
     while True:
@@ -51,11 +55,12 @@ def _on_a_terminal(code: str, cache, columns: int = 100) -> tuple[str, str]:
         if not chunk:
             break
         chunks.append(chunk)
-    stderr = process.stderr.read() if process.stderr else ""
-    assert process.wait(timeout=120) == 0, stderr
+    piped = process.stderr if stream == "stdout" else process.stdout
+    other = piped.read() if piped else ""
+    assert process.wait(timeout=300) == 0, other
     os.close(leader)
     shown = b"".join(chunks).decode()
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown).replace("\r", ""), stderr
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown).replace("\r\n", "\n").replace("\r", "\n"), other
 
 
 def test_methods_answer_without_torch_in_blocks_that_fit_100_columns(fresh_cache):
@@ -70,7 +75,7 @@ def test_methods_answer_without_torch_in_blocks_that_fit_100_columns(fresh_cache
     shown, stderr = _on_a_terminal(probe, fresh_cache)
     assert stderr.split() == ["[]"]  # no torch, torchvision, timm nor Captum imported
     lines = shown.splitlines()
-    assert max(map(len, lines)) <= 100
+    assert max(map(len, lines)) <= 100 and "Reading" not in shown + stderr  # the cache answered
     assert lines[0] == "Explanation methods (--method NAME[,NAME...])"
     headers = [line.split()[0] for line in lines if line and not line.startswith(" ")][1:]
     assert headers == [method["name"] for method in listed]  # one block per method, in the listing's order
@@ -128,3 +133,51 @@ def test_a_plugins_method_named_as_another_plugins_is_refused_from_the_cache_too
         assert errors == refused_plugin_methods()
         assert errors["timm"] == "its method 'cbam_spatial' is plugin attention-cnn's already"
         assert [m["plugin"] for m in listed if m["name"] == "cbam_spatial"] == ["attention-cnn"]
+
+
+def test_layers_probe_shapes_on_the_meta_device_and_compute_nothing(resnet_state_dict_file):
+    """`attnexplain layers` reads every shape from one forward on meta tensors (the probe `run`
+    uses): no layer of the model sees a real tensor."""
+    import torch
+    from click.testing import CliRunner
+
+    from attnexplain.cli import main
+
+    devices = []
+
+    def record(module, args):
+        devices.extend(arg.device.type for arg in args if isinstance(arg, torch.Tensor))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        arguments = ["layers", str(resnet_state_dict_file), "--arch", "resnet18", "--size", "64", "--json"]
+        result = CliRunner().invoke(main, arguments)
+    finally:
+        handle.remove()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layers"][-1] == {
+        "name": "layer4",
+        "type": "Sequential",
+        "shape": [1, 512, 2, 2],
+        "map_shape": [1, 512, 2, 2],
+        "default": True,
+    }
+    assert devices and set(devices) == {"meta"}
+
+
+def test_the_first_listing_says_which_catalogs_it_reads_on_a_terminal_only(fresh_cache):
+    listing = (
+        "from attnexplain.cli import main\nmain.main(['models', '--plugin', 'attention-cnn'], standalone_mode=False)"
+    )
+    said, listed = _on_a_terminal(listing, fresh_cache, stream="stderr")
+    assert "Reading plugin attention-cnn's model catalog (1 of 1; cached for later listings)..." in said
+    words = " ".join(said.split())
+    assert re.search(r"Read the model catalog of 1 plugin \(attention-cnn\) in \d+\.\d s; later listings read", words)
+    assert [line.split()[0] for line in listed.splitlines()[1:]] == ["AttentionPoolingCNN", "CBAMCNN"]
+    said, _ = _on_a_terminal(listing, fresh_cache, stream="stderr")  # cached: nothing to say
+    assert said.strip() == ""
+    # Piped, the first listing says nothing either (stderr is a pipe).
+    env = {**os.environ, plugin_cache.CACHE_ENV: str(fresh_cache / "another"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr == ""
+    assert "AttentionPoolingCNN" in done.stdout
