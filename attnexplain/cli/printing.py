@@ -47,17 +47,57 @@ def print_run(report: dict[str, Any]) -> None:
             f"{prediction['prob']:.4f}",
         )
     console.print(table)
-    target = report["target"]
-    layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
-    console.print(
-        f"Explained class {_shown_text(target['label'] or target['index'])} with {', '.join(report['methods'])}{layer}."
-    )
+    console.print(_explained_line(report))
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():
             console.print(f"  {method + ' ' + kind:<34} {_shown_text(folder / name)}", highlight=False, soft_wrap=True)
     for key in ("report_json", "report_html"):
         console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False, soft_wrap=True)
+
+
+def _explained_line(report: dict[str, Any]) -> str:
+    """What the maps explain: the class, for the methods whose map depends on it; the others (rollout,
+    raw attention, gates, Eigen-CAM) are said to be not class-specific."""
+    from ..errors import MethodError
+    from ..method_registry import find_method
+    from ..targets import explains_a_class
+
+    def specific(name: str) -> bool:
+        try:
+            return explains_a_class([find_method(name)])
+        except MethodError:  # a method no longer installed: as every map was described before
+            return True
+
+    of_class = [_shown_text(name) for name in report["methods"] if specific(name)]
+    agnostic = [_shown_text(name) for name in report["methods"] if not specific(name)]
+    layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
+    target = report["target"]
+    if not of_class:
+        return f"Mapped {', '.join(agnostic)}{layer}: not class-specific (the same map for every class)."
+    line = f"Explained class {_shown_text(target['label'] or target['index'])} with {', '.join(of_class)}{layer}"
+    if agnostic:
+        line += f"; {', '.join(agnostic)} not class-specific"
+    return line + "."
+
+
+def batch_summary(result: Any, wall_s: float, load_s: float) -> str:
+    """A batch's last line: what was explained, reused from an earlier run (``--resume``) and failed,
+    in the command's wall time (``wall_s``, the model's loading, ``load_s``, included), and the rate of
+    the images explained now, over the time spent explaining them (``result``: a
+    :class:`attnexplain.batch_ledger.BatchRun`)."""
+    done_now = result.ok - result.skipped + result.failed
+    counts = f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} failed"
+    if done_now == 0:
+        return (
+            f"{counts}, in {wall_s:.1f}s: loading the model {load_s:.1f}s, nothing left to explain "
+            f"(every image reused from the earlier run)."
+        )
+    rate = done_now / result.wall_s if result.wall_s else 0.0
+    return (
+        f"{counts}, in {wall_s:.1f}s: loading the model {load_s:.1f}s, {done_now} image"
+        f"{'s' if done_now > 1 else ''} in {result.wall_s:.1f}s ({rate:.1f} images/s)."
+    )
 
 
 def print_listing(title: str, columns: list[str], rows: list[list[Any]], *, prose: tuple[str, ...] = ()) -> None:
