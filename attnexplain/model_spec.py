@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 #: The fields that name the model, in the order report.json's ``model_spec`` lists them. The device
-#: is not one of them: the same model on another device gives the same explanation.
+#: is not one of them: the same model on another device gives the same explanation; nor is ``resize``,
+#: which report.json's ``preprocessing`` (and a run's fingerprint, through its plan) records.
 IDENTITY_FIELDS = ("model", "arch", "num_classes", "labels", "trust_model", "plugin", "arch_kwargs", "ema")
 
 
@@ -31,7 +32,9 @@ class ModelSpec:
     ``model``: a model file, a folder a plugin loads, or ``PREFIX:NAME[:WEIGHTS]``; None names no
     model (one built in memory): a local run explains it, but nothing can load it again. ``arch_kwargs``
     is the JSON text of ``--arch-kwargs`` as given (a run's fingerprint records the text), parsed
-    when the model loads. ``labels``: a file of one class name per line."""
+    when the model loads. ``labels``: a file of one class name per line. ``resize``: how a photo
+    becomes the model's input (``--resize``, :data:`attnexplain.preprocess.RESIZE_MODES`; None: as
+    the model's file or plugin says, else torchvision's evaluation crop)."""
 
     model: str | None
     arch: str | None = None
@@ -42,6 +45,7 @@ class ModelSpec:
     trust_model: bool = False
     plugin: str | None = None
     device: str = "auto"
+    resize: str | None = None
 
     @classmethod
     def of(cls, value: "ModelSpec | Mapping[str, Any]") -> "ModelSpec":
@@ -75,9 +79,10 @@ class ModelSpec:
     def load(self) -> "LoadedModel":
         """The model, loaded by :func:`attnexplain.load_model` on :attr:`device`."""
         from .loading import arch_kwargs_from_json, load_model
+        from .preprocess import DEFAULT_PREPROCESSING
 
         self._require_model()
-        return load_model(
+        loaded = load_model(
             self.model,
             arch=self.arch,
             num_classes=self.num_classes,
@@ -88,6 +93,9 @@ class ModelSpec:
             ema=self.ema,
             arch_kwargs=arch_kwargs_from_json(self.arch_kwargs) if self.arch_kwargs else None,
         )
+        if self.resize is not None:
+            loaded.preprocessing = (loaded.preprocessing or DEFAULT_PREPROCESSING).with_resize(self.resize)
+        return loaded
 
     def _require_model(self) -> None:
         if self.model is None:

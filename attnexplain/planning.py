@@ -16,7 +16,7 @@ from .layout import as_map
 from .method_registry import find_method
 from .methods import Method
 from .passes.attention import token_readout
-from .preprocess import DEFAULT_SIZE, Preprocessing
+from .preprocess import DEFAULT_PREPROCESSING, Preprocessing
 from .running import model_device
 
 if TYPE_CHECKING:
@@ -183,5 +183,6 @@ def plan_preprocessing(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Preprocessing:
-    """The model's preprocessing (its file's, its plugin's, or the default) with the user's overrides."""
-    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(size=size, mean=mean, std=std)
+    """The model's preprocessing (its file's, its plugin's, or the default:
+    :data:`~attnexplain.preprocess.DEFAULT_PREPROCESSING`) with the user's overrides."""
+    return (loaded.preprocessing or DEFAULT_PREPROCESSING).with_overrides(size=size, mean=mean, std=std)

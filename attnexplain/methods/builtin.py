@@ -164,6 +164,7 @@ METHODS: dict[str, Method] = {
             cost="1 forward + an eigendecomposition of a (positions × positions) kernel per image",
             paper="Karmani et al. 2024, KPCA-CAM",
             compute=cam.kpcacam,
+            scale="strength of the layer's main nonlinear activation pattern (any class)",
         ),
         Method(
             name="ablationcam",
@@ -247,17 +248,21 @@ METHODS: dict[str, Method] = {
             cost="1 forward",
             paper="Gildenblat et al., pytorch-grad-cam (RandomCAM), a sanity baseline",
             compute=cam.randomcam,
+            scale="randomly weighted activation of the layer (any class)",
         ),
         Method(
             name="rollout",
             family="attention",
             needs_gradient=False,
-            summary="Attention flow from the class token to every patch through all layers.",
+            summary=(
+                "Attention flow through all layers from the class token to every patch (windowed models without "
+                "one, Swin, MaxViT: from every token, which the classifier averages); not class-specific."
+            ),
             applies_to=_VIT,
             cost="1 forward",
             paper="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers",
             compute=attention.rollout,
-            scale="share of the class token's attention flow, all layers",
+            scale="share of the attention flow to the class token (or all tokens), all layers (any class)",
         ),
         Method(
             name="chefer",
@@ -275,13 +280,14 @@ METHODS: dict[str, Method] = {
             family="attention",
             needs_gradient=False,
             summary=(
-                "The raw learned attention of the class token, per layer and head (map: last layer, heads averaged)."
+                "The raw learned attention of the class token (windowed models: the attention each position "
+                "receives), per layer and head (map: last layer, heads averaged); not class-specific."
             ),
             applies_to=_VIT,
             cost="1 forward",
             paper="Vaswani et al. 2017 / Dosovitskiy et al. 2021",
             compute=attention.raw_attention,
-            scale="class token's attention, last layer, mean of the heads",
+            scale="attention from the class token (or received), last layer, mean of the heads (any class)",
         ),
         Method(
             name="gates",
