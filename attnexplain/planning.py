@@ -16,7 +16,7 @@ from .layout import as_map
 from .method_registry import find_method
 from .methods import Method
 from .passes.attention import token_readout
-from .preprocess import DEFAULT_PREPROCESSING, Preprocessing
+from .preprocess import DEFAULT_SIZE, Preprocessing
 from .running import model_device
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ def plan_preprocessing(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Preprocessing:
-    """The model's preprocessing (its file's, its plugin's, or the default:
-    :data:`~attnexplain.preprocess.DEFAULT_PREPROCESSING`) with the user's overrides."""
-    return (loaded.preprocessing or DEFAULT_PREPROCESSING).with_overrides(size=size, mean=mean, std=std)
+    """The model's preprocessing (its file's, its plugin's, torchvision's evaluation crop for a
+    classifier's file that says none: :data:`~attnexplain.preprocess.DEFAULT_PREPROCESSING`; else the
+    whole photo at 224×224) with the user's overrides."""
+    return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(size=size, mean=mean, std=std)

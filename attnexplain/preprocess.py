@@ -126,9 +126,10 @@ class Preprocessing:
         return shown
 
 
-#: The preprocessing of a model that says none (a state_dict loaded with ``--arch``): torchvision's
-#: ImageNet evaluation transform, resize the shorter side to 256 and crop the centre 224×224 (a new
-#: ``size`` keeps the ratio), normalised with ImageNet's mean and std.
+#: The preprocessing of a classifier's file that says none (a state_dict loaded with ``--arch``), and
+#: of ``--resize crop``: torchvision's ImageNet evaluation transform, resize the shorter side to 256
+#: and crop the centre 224×224 (a new ``size`` keeps the ratio), normalised with ImageNet's mean and
+#: std. A module handed to the API in memory keeps the whole photo unless its caller says.
 DEFAULT_PREPROCESSING = Preprocessing(
     size=DEFAULT_SIZE, resize=256, source="default: torchvision's ImageNet evaluation transform"
 )

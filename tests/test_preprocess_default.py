@@ -73,6 +73,12 @@ def test_without_known_preprocessing_the_centre_crop_is_explained(resnet_state_d
     assert result.preprocessing.resize == 256 and result.preprocessing.size == (224, 224)
 
 
+def test_a_module_handed_in_memory_keeps_the_whole_photo(small_resnet, wide_photo):
+    import attnexplain
+
+    assert attnexplain.explain(small_resnet, wide_photo, "gradcam").box == (0.0, 0.0, 451.0, 300.0)
+
+
 def test_resize_squash_stretches_the_whole_photo_as_before(resnet_state_dict_file, wide_photo):
     spec = ModelSpec(str(resnet_state_dict_file), arch="resnet18", resize="squash")
     ours, result = _model_input(spec, wide_photo)
