@@ -19,11 +19,11 @@ from attnexplain.plugins import plugin_infos
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
-    """An empty cache of the test's own, and no catalog remembered from an earlier test."""
-    monkeypatch.setenv(plugin_cache.CACHE_ENV, str(tmp_path / "cache"))
+    """An empty cache folder of the test's own (every plugin asked again, as after an install)."""
     catalog._live_catalog.cache_clear()
-    yield tmp_path / "cache"
-    catalog._live_catalog.cache_clear()
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(plugin_cache.CACHE_ENV, str(folder))
+    return folder
 
 
 def _on_a_terminal(code: str, cache, columns: int = 100, stream: str = "stdout") -> tuple[str, str]:

@@ -137,6 +137,7 @@ def print_methods(title: str, methods: list[dict[str, Any]]) -> None:
     line, what it shows below, then where it applies, its cost and its paper, each wrapped to the
     terminal (at most 100 columns: prose reads badly wider). Elsewhere, as every listing
     (:func:`print_listing`: one tab-separated line per method)."""
+    import functools
     import shutil
     import textwrap
 
@@ -149,11 +150,11 @@ def print_methods(title: str, methods: list[dict[str, Any]]) -> None:
             gradient = "gradients" if method["needs_gradient"] else "no gradients"
             click.echo()
             click.echo(f"{click.style(shown['name'], bold=True)}  ({shown['family']}, {gradient}, {origin})")
-            click.echo(textwrap.fill(shown["summary"], width, initial_indent="  ", subsequent_indent="  "))
+            # Never broken at a hyphen: an option (--finer-classes) or a name (Grad-CAM) stays whole.
+            wrap = functools.partial(textwrap.fill, width=width, break_on_hyphens=False)
+            click.echo(wrap(shown["summary"], initial_indent="  ", subsequent_indent="  "))
             for label, key in (("applies to", "applies_to"), ("cost", "cost"), ("paper", "paper")):
-                click.echo(
-                    textwrap.fill(shown[key], width, initial_indent=f"  {label + ':':<12}", subsequent_indent=" " * 14)
-                )
+                click.echo(wrap(shown[key], initial_indent=f"  {label + ':':<12}", subsequent_indent=" " * 14))
 
 
 def print_json(data: Any) -> None:
