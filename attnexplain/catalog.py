@@ -16,7 +16,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import PluginError, error_line
 from .plugin_cache import cache_folder, cache_key, cached_entries, write_cache
@@ -69,9 +69,14 @@ class Catalog:
     errors: dict[str, str]  # plugin name → one line
 
 
-def read_catalog(plugin: str | None = None) -> Catalog:
+#: Told the name of each plugin whose catalog (or methods) is read from the plugin itself, with how
+#: many of them are and which this is (from 1): the first listing after an install takes seconds.
+Reading = Callable[[str, int, int], None]
+
+
+def read_catalog(plugin: str | None = None, *, reading: Reading | None = None) -> Catalog:
     """The catalog of every working plugin (or of the plugin named ``plugin``), plugins by name,
-    from the cache when it is current (written when not).
+    from the cache when it is current (written when not; ``reading`` is told of each plugin asked).
 
     A plugin whose ``catalog()`` raises or returns something else than :class:`CatalogEntry`
     objects is left out with its error, so it cannot break the listing.
@@ -82,13 +87,26 @@ def read_catalog(plugin: str | None = None) -> Catalog:
         infos = [info for info in infos if info.plugin is wanted]
     entries: list[tuple[ModelPlugin, CatalogEntry]] = []
     errors: dict[str, str] = {}
+    found: dict[str, list[CatalogEntry] | Exception] = {}
     for info in infos:
         try:
-            found = _cached_catalog(info)
+            found[info.name] = _catalog_from_cache(info)
         except Exception as error:  # a broken plugin must not break the listing
-            errors[info.name] = error_line(error, limit=300)
-            continue
-        entries += [(info.plugin, entry) for entry in found]
+            found[info.name] = error
+    stale = [info for info in infos if found[info.name] is None]
+    for number, info in enumerate(stale, start=1):
+        if reading is not None:
+            reading(info.name, number, len(stale))
+        try:
+            found[info.name] = _catalog_from_plugin(info)
+        except Exception as error:
+            found[info.name] = error
+    for info in infos:
+        answer = found[info.name]
+        if isinstance(answer, Exception):
+            errors[info.name] = error_line(answer, limit=300)
+        else:
+            entries += [(info.plugin, entry) for entry in answer]
     return Catalog(entries, errors)
 
 
@@ -120,10 +138,11 @@ def select_entries(
     ]
 
 
-def plugin_listing() -> list[dict[str, Any]]:
+def plugin_listing(*, reading: Reading | None = None) -> list[dict[str, Any]]:
     """Every installed plugin, working or broken, as ``attnexplain plugins --json`` prints it: how
-    many models its catalog lists (None when it cannot be read: ``error`` says why)."""
-    catalog = read_catalog()
+    many models its catalog lists (None when it cannot be read: ``error`` says why; ``reading``: as
+    for :func:`read_catalog`)."""
+    catalog = read_catalog(reading=reading)
     counts: dict[str, int] = {}
     for plugin, _ in catalog.entries:
         counts[plugin.name] = counts.get(plugin.name, 0) + 1
@@ -147,25 +166,103 @@ def plugin_listing() -> list[dict[str, Any]]:
     return listed
 
 
-def method_listing() -> tuple[list[dict[str, Any]], dict[str, str]]:
+def method_listing(*, reading: Reading | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Every method ``--method`` takes, as ``attnexplain methods --json`` prints it: the built-in
     ones, then each working plugin's own (:meth:`ModelPlugin.methods`, ``plugin`` naming it); and
     why a plugin's methods are left out (a plugin that raises, returns something else than methods,
-    or reuses a taken name), which leaves the others listed."""
-    from .method_registry import plugin_methods, refused_plugin_methods
+    or reuses a taken name), which leaves the others listed.
+
+    A plugin's methods are read from the cache as its catalog is (asking a plugin for them imports
+    torch; ``reading`` is told of each plugin asked), so that the listing imports no torch once
+    cached; the check against names other plugins took is made here, plugins in the order
+    :func:`attnexplain.method_registry.plugin_methods` asks them."""
     from .methods import METHODS
 
+    infos = [info for info in plugin_infos() if info.plugin is not None]
+    found = {info.name: _methods_from_cache(info) for info in infos}
+    stale = [info for info in infos if found[info.name] is None]
+    # A plugin built in memory is asked at every listing: not worth a word.
+    told = [info for info in stale if info.distribution is not None]
+    for info in stale:
+        if reading is not None and info in told:
+            reading(info.name, told.index(info) + 1, len(told))
+        found[info.name] = _methods_from_plugin(info)
     listed = [_method_record(method, None) for method in METHODS.values()]
-    added = sorted(plugin_methods().values(), key=lambda found: (found[0].name, found[1].name))
-    listed += [_method_record(method, plugin.name) for plugin, method in added]
-    return listed, refused_plugin_methods()
+    taken: dict[str, str] = {}
+    added: list[dict[str, Any]] = []
+    refused: dict[str, str] = {}
+    for info in infos:
+        records, problem = found[info.name] or ([], None)
+        clash = next((record["name"] for record in records if record["name"] in taken), None)
+        if problem is None and clash is not None:
+            problem = f"its method {clash!r} is plugin {taken[clash]}'s already"
+        if problem is not None:
+            refused[info.name] = problem
+            continue
+        taken.update((record["name"], info.name) for record in records)
+        added += [{**record, "plugin": info.name} for record in records]
+    listed += sorted(added, key=lambda record: (record["plugin"], record["name"]))
+    return listed, refused
+
+
+_METHOD_TEXTS = ("name", "family", "summary", "applies_to", "cost", "paper")
+PluginMethods = tuple[list[dict[str, Any]], str | None]
 
 
 def _method_record(method: "Method", plugin: str | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        field: str(getattr(method, field)) for field in ("name", "family", "summary", "applies_to", "cost", "paper")
-    }
+    record: dict[str, Any] = {field: str(getattr(method, field)) for field in _METHOD_TEXTS}
     return {**record, "needs_gradient": bool(method.needs_gradient), "plugin": plugin}
+
+
+def _methods_path(info: PluginInfo) -> Path:
+    return cache_folder() / "methods" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+
+
+def _methods_from_cache(info: PluginInfo) -> PluginMethods | None:
+    """``info``'s plugin's own methods as listed (without ``plugin``) and why they cannot be
+    registered, from the cache; None where it is not current. A plugin built in memory has no
+    version to key a cache by: it is always asked."""
+    if info.distribution is None:
+        return None
+    return _read_methods_cache(_methods_path(info), cache_key(info))
+
+
+def _methods_from_plugin(info: PluginInfo) -> PluginMethods:
+    """``info``'s plugin's own methods, asked from the plugin, and cached."""
+    from .method_registry import own_methods
+
+    methods, problem = own_methods(info.plugin)
+    records = [{field: value for field, value in _method_record(m, None).items() if field != "plugin"} for m in methods]
+    if info.distribution is not None:
+        write_cache(_methods_path(info), cache_key(info), {"methods": records, "problem": problem})
+    return records, problem
+
+
+def _read_methods_cache(path: Path, key: str) -> PluginMethods | None:
+    """The cached methods and problem, or None where the file is absent, stale or not what this
+    writes (read as if anyone could have written it: a method record's texts are printed)."""
+    from .methods import METHODS
+
+    entries = cached_entries(path, key)
+    if not isinstance(entries, dict) or set(entries) != {"methods", "problem"}:
+        return None
+    records, problem = entries["methods"], entries["problem"]
+    if problem is not None and not _plain_text(problem, 300):
+        return None
+    if not isinstance(records, list) or len(records) > 1000 or (problem is not None and records):
+        return None
+    for record in records:
+        if not isinstance(record, dict) or set(record) != {*_METHOD_TEXTS, "needs_gradient"}:
+            return None
+        if not all(_plain_text(record[field], 1000) for field in _METHOD_TEXTS):
+            return None
+        if type(record["needs_gradient"]) is not bool or record["name"] in (*METHODS, "auto"):
+            return None
+    return records, problem
+
+
+def _plain_text(text: Any, limit: int) -> bool:
+    return isinstance(text, str) and len(text) <= limit and not any(ord(character) < 32 for character in text)
 
 
 def catalog_row(plugin: ModelPlugin, entry: CatalogEntry, **found: Any) -> CatalogRow:
@@ -215,18 +312,25 @@ def _plain_fields(item: Any) -> dict[str, Any] | None:
     return item
 
 
-def _cached_catalog(info: PluginInfo) -> list[CatalogEntry]:
-    plugin = info.plugin
-    key = cache_key(info)
+def _catalog_path(info: PluginInfo) -> Path:
     # The file is named by a hash of the plugin's name: a plugin's name is not a safe path.
-    path = cache_folder() / "catalogs" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
-    items = _read_cache(path, key)
+    return cache_folder() / "catalogs" / f"{hashlib.sha256(info.name.encode()).hexdigest()[:24]}.json"
+
+
+def _catalog_from_cache(info: PluginInfo) -> list[CatalogEntry] | None:
+    """``info``'s catalog from the cache, or None where it is not current."""
+    plugin = info.plugin
+    items = _read_cache(_catalog_path(info), cache_key(info))
     if items is None:
-        live = live_catalog(plugin)
-        items = [_cached_fields(entry) for entry in live]
-        write_cache(path, key, items)
-        return live
+        return None
     return [CatalogEntry(build=functools.partial(_build_live, plugin, item["name"]), **item) for item in items]
+
+
+def _catalog_from_plugin(info: PluginInfo) -> list[CatalogEntry]:
+    """``info``'s catalog asked from the plugin, and cached."""
+    live = live_catalog(info.plugin)
+    write_cache(_catalog_path(info), cache_key(info), [_cached_fields(entry) for entry in live])
+    return live
 
 
 def _read_cache(path: Path, key: str) -> list[dict[str, Any]] | None:

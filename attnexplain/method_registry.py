@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Mapping
 
 from .errors import MethodError, error_line
 from .methods import METHODS, Method
-from .passes import PASSES  # the families are the passes registered
 from .plugins import installed_plugins
 
 if TYPE_CHECKING:
@@ -82,6 +81,12 @@ def method_clashes(
     return _registered_methods(plugin, taken)[1]
 
 
+def own_methods(plugin: "ModelPlugin") -> tuple[list[Method], str | None]:
+    """``plugin``'s own methods, and why they cannot be registered (then none are), other plugins'
+    names left out of the check: what ``attnexplain methods`` keeps of a plugin in its cache."""
+    return _registered_methods(plugin)
+
+
 def _registered_methods(
     plugin: "ModelPlugin", taken: "Mapping[str, tuple[ModelPlugin, Method]] | None" = None
 ) -> tuple[list[Method], str | None]:
@@ -90,6 +95,12 @@ def _registered_methods(
         methods = list(plugin.methods())
     except Exception as error:  # a broken plugin must not break the others
         return [], f"its methods() raised {error_line(error)}"[:300]
+    if not methods:
+        return [], None
+    # The families are the passes registered, which import torch: `attnexplain methods` must not
+    # pay for it where no plugin adds a method.
+    from .passes import PASSES
+
     for method in methods:
         if not isinstance(method, Method):
             return [], f"its methods() returned {type(method).__name__}, not attnexplain.methods.Method"
@@ -102,4 +113,4 @@ def _registered_methods(
     return methods, None
 
 
-__all__ = ["find_method", "method_clashes", "plugin_methods", "refused_plugin_methods"]
+__all__ = ["find_method", "method_clashes", "own_methods", "plugin_methods", "refused_plugin_methods"]

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 #: The fields that name the model, in the order report.json's ``model_spec`` lists them. The device
-#: is not one of them: the same model on another device gives the same explanation.
+#: is not one of them: the same model on another device gives the same explanation; nor is ``resize``,
+#: which report.json's ``preprocessing`` (and a run's fingerprint, through its plan) records.
 IDENTITY_FIELDS = (
     "model",
     "arch",
@@ -47,7 +48,10 @@ class ModelSpec:
     model (one built in memory): a local run explains it, but nothing can load it again. ``arch_kwargs``
     is the JSON text of ``--arch-kwargs`` as given (a run's fingerprint records the text), parsed
     when the model loads. ``labels``: a file of one class name per line. ``prompts``: the texts a
-    vision-language model compares the image with (its classes)."""
+    vision-language model compares the image with (its classes).
+    ``resize``: how a photo
+    becomes the model's input (``--resize``, :data:`attnexplain.preprocess.RESIZE_MODES`; None: as
+    the model's file or plugin says, else torchvision's evaluation crop)."""
 
     model: str | None
     arch: str | None = None
@@ -64,6 +68,7 @@ class ModelSpec:
     #: How class scores become probabilities: softmax, sigmoid (multi-label) or auto (the plugin's,
     #: or the checkpoint's ``"multilabel": true``); see :mod:`attnexplain.scoring`.
     scores: str = "auto"
+    resize: str | None = None
 
     @classmethod
     def of(cls, value: "ModelSpec | Mapping[str, Any]") -> "ModelSpec":
@@ -102,9 +107,10 @@ class ModelSpec:
     def load(self) -> "LoadedModel":
         """The model, loaded by :func:`attnexplain.load_model` on :attr:`device`."""
         from .loading import arch_kwargs_from_json, load_model
+        from .preprocess import DEFAULT_PREPROCESSING
 
         self._require_model()
-        return load_model(
+        loaded = load_model(
             self.model,
             arch=self.arch,
             num_classes=self.num_classes,
@@ -117,6 +123,9 @@ class ModelSpec:
             prompts=self.prompts,
             scores=self.scores,
         )
+        if self.resize is not None:
+            loaded.preprocessing = (loaded.preprocessing or DEFAULT_PREPROCESSING).with_resize(self.resize)
+        return loaded
 
     def _require_model(self) -> None:
         if self.model is None:

@@ -183,5 +183,7 @@ def plan_preprocessing(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Preprocessing:
-    """The model's preprocessing (its file's, its plugin's, or the default) with the user's overrides."""
+    """The model's preprocessing (its file's, its plugin's, torchvision's evaluation crop for a
+    classifier's file that says none: :data:`~attnexplain.preprocess.DEFAULT_PREPROCESSING`; else the
+    whole photo at 224×224) with the user's overrides."""
     return (loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)).with_overrides(size=size, mean=mean, std=std)

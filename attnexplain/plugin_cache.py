@@ -93,7 +93,7 @@ def cached_entries(path: Path, key: str) -> Any:
     return document.get("entries")
 
 
-def write_cache(path: Path, key: str, items: list[dict[str, Any]]) -> None:
+def write_cache(path: Path, key: str, items: Any) -> None:
     """Write ``items`` as the cache file for ``key``, atomically; a cache folder that cannot be written
     is no error."""
     from ._atomic import write_bytes_atomic

@@ -11,6 +11,11 @@ from .errors import AttnExplainError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = (224, 224)
+#: How a photo becomes the input of a model whose preprocessing nothing says (``--resize``): ``crop``
+#: as torchvision's ImageNet evaluation transform (the shorter side to 256 × size/224, the centre
+#: cropped), what most models were trained and evaluated with; ``squash``: the whole photo
+#: stretched to the input size, for models trained that way.
+RESIZE_MODES = ("crop", "squash")
 #: The largest side a user's explicit --size may ask for.
 MAX_SIZE = 8192
 #: The largest side a model FILE may ask for (checkpoint metadata, an exported input shape). The
@@ -78,6 +83,24 @@ class Preprocessing:
             return self
         return replace(self, **changes, source=f"{self.source} + overrides")
 
+    def with_resize(self, mode: str | None) -> "Preprocessing":
+        """As ``--resize`` says (:data:`RESIZE_MODES`; None: unchanged): ``squash`` stretches the whole
+        photo to ``size``; ``crop`` resizes the shorter side to 256 × size/224 and crops the centre,
+        unless these settings already crop."""
+        if mode is None:
+            return self
+        if mode not in RESIZE_MODES:
+            raise AttnExplainError(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {mode!r}.")
+        if mode == "squash":
+            changes: dict[str, Any] = {"resize": None, "resize_to": None, "letterbox": False}
+        elif self.resize is None and self.resize_to is None:
+            changes = {"resize": round(256 * min(self.size) / 224), "letterbox": False}
+        else:
+            return self
+        if all(getattr(self, name) == value for name, value in changes.items()):
+            return self
+        return replace(self, **changes, source=f"{self.source} + --resize {mode}")
+
     @property
     def shortest_side(self) -> int:
         """The shorter side a photo needs so that preprocessing only ever shrinks it (whatever the
@@ -101,6 +124,15 @@ class Preprocessing:
         if self.crop_rounds_down:
             shown["crop_rounds_down"] = True
         return shown
+
+
+#: The preprocessing of a classifier's file that says none (a state_dict loaded with ``--arch``), and
+#: of ``--resize crop``: torchvision's ImageNet evaluation transform, resize the shorter side to 256
+#: and crop the centre 224×224 (a new ``size`` keeps the ratio), normalised with ImageNet's mean and
+#: std. A module handed to the API in memory keeps the whole photo unless its caller says.
+DEFAULT_PREPROCESSING = Preprocessing(
+    size=DEFAULT_SIZE, resize=256, source="default: torchvision's ImageNet evaluation transform"
+)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,10 @@ def test_attention_explorer_holds_every_layer_and_head_and_rollout_every_depth(v
 def test_colour_bar_says_what_low_and_high_mean_with_the_paper(vit_report):
     explanation, _, page, _ = vit_report
     text = html_module.unescape(page)
-    assert "low → high = share of the class token's attention flow, all layers (min–max per image)" in text
+    assert (
+        "low → high = share of the attention flow to the class token (or all tokens), all layers (any class) "
+        "(min–max per image)"
+    ) in text
     assert "Abnar &amp; Zuidema 2020" in page  # the method's paper, escaped
     assert text.count('class="colorbar"') == 2
     assert "What the model saw (128×128)" in text

@@ -27,7 +27,7 @@ from .option_groups import (
     overlay_format_option,
     overlay_size_option,
 )
-from .printing import print_evaluation, print_run
+from .printing import batch_summary, print_evaluation, print_run
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -385,6 +385,7 @@ def batch(
     2 usage error (unknown option, bad value such as --shard 3/2);
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
+    began = time.perf_counter()  # the wall time the summary reports, model loading included
     from .._signals import Stopped, stop_signals_interrupt
     from ..batch import check_earlier_run, run_batch
     from ..batch_stages import BatchSettings
@@ -433,7 +434,9 @@ def batch(
         # if the run cannot start (no image found): a refused run leaves no folder behind.
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             check_earlier_run(out_dir, resume, overwrite)  # before the model loads: a refused run waits for nothing
+            loading = time.perf_counter()
             loaded = model_spec.load()
+            load_s = time.perf_counter() - loading
             refuse_captioner(loaded, "`attnexplain batch`")
             result = run_batch(
                 loaded,
@@ -461,12 +464,8 @@ def batch(
     if result.report_error:
         click.echo(f"Warning: the reports could not be written: {result.report_error}", err=True)
     if not quiet:
-        rate = (result.ok - result.skipped + result.failed) / result.wall_s if result.wall_s else 0.0
         click.echo(
-            f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} "
-            f"failed, in {result.wall_s:.1f}s ({rate:.1f} images/s). "
-            f"Gallery: {out_dir / 'index.html'}",
-            err=True,
+            f"{batch_summary(result, time.perf_counter() - began, load_s)} Gallery: {out_dir / 'index.html'}", err=True
         )
     if result.exit_code:
         sys.exit(result.exit_code)

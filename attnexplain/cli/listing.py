@@ -3,11 +3,53 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import click
 
+from .._untrusted import terminal_text
 from ..model_spec import ModelSpec
 from .option_groups import json_option, model_options, size_option
-from .printing import print_json, print_listing
+from .printing import print_json, print_listing, print_methods
+
+
+@contextmanager
+def _reading_told(what: str) -> Iterator[Callable[[str, int, int], None] | None]:
+    """On a terminal, a line on stderr while a plugin's ``what`` is read from the plugin itself
+    (the first listing after an install imports every plugin's library: seconds to a minute), and
+    what was read once done; nothing where stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    status = console.status("")
+    read: list[str] = []
+    started = time.perf_counter()
+
+    def reading(plugin: str, number: int, count: int) -> None:
+        if not read:
+            status.start()
+        read.append(plugin)
+        status.update(
+            f"Reading plugin {terminal_text(plugin)}'s {what} ({number} of {count}; cached for later listings)..."
+        )
+
+    try:
+        yield reading
+    finally:
+        status.stop()
+        if read:
+            names = ", ".join(terminal_text(name) for name in read)
+            console.print(
+                f"Read the {what} of {len(read)} plugin{'s' if len(read) > 1 else ''} ({names}) in "
+                f"{time.perf_counter() - started:.1f} s; later listings read them from the cache.",
+                markup=False,
+            )
 
 
 @click.command()
@@ -17,7 +59,8 @@ def plugins(as_json: bool) -> None:
     to load is shown with its error."""
     from ..catalog import plugin_listing
 
-    listed = plugin_listing()
+    with _reading_told("model catalog") as reading:
+        listed = plugin_listing(reading=reading)
     if as_json:
         print_json(listed)
         return
@@ -67,7 +110,8 @@ def models(
     """
     from ..catalog import catalog_row, check_entry, describe_entry, read_catalog, select_entries
 
-    catalog = read_catalog(plugin_name)
+    with _reading_told("model catalog") as reading:
+        catalog = read_catalog(plugin_name, reading=reading)
     for name, error in catalog.errors.items():
         click.echo(f"Warning: plugin {name}'s models cannot be listed: {error}", err=True)
     selected = select_entries(catalog.entries, pattern=pattern, task=task)
@@ -104,11 +148,16 @@ def methods(as_json: bool) -> None:
     methods a plugin adds name their plugin."""
     from ..catalog import method_listing
 
-    listed, errors = method_listing()
+    with _reading_told("methods") as reading:
+        listed, errors = method_listing(reading=reading)
     for name, error in errors.items():
         click.echo(f"Warning: plugin {name}'s methods cannot be listed: {error}", err=True)
     if as_json:
         print_json({"methods": listed, "errors": errors})
+        return
+    title = "Explanation methods (--method NAME[,NAME...])"
+    if sys.stdout.isatty():
+        print_methods(title, listed)
         return
     rows = [
         [
@@ -123,7 +172,7 @@ def methods(as_json: bool) -> None:
         for method in listed
     ]
     print_listing(
-        "Explanation methods (--method NAME[,NAME...])",
+        title,
         ["method", "family", "what it shows", "applies to", "cost", "paper", "from"],
         rows,
         prose=("what it shows", "applies to", "cost", "paper"),

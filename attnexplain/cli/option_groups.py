@@ -126,6 +126,13 @@ def model_options(function):
             "file: use only for files you trust.",
         ),
         plugin=click.option("--plugin", help="Use this plugin instead of the most specific one."),
+        resize=click.option(
+            "--resize",
+            type=click.Choice(["crop", "squash"]),
+            help="How a photo becomes the model's input. crop: the shorter side resized to 256 × size/224 and "
+            "the centre cropped (torchvision's ImageNet evaluation transform; the default when the model says "
+            "nothing); squash: the whole photo stretched to the input size, for models trained that way.",
+        ),
         device=click.option(
             "--device",
             default="auto",

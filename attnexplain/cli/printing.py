@@ -48,17 +48,7 @@ def print_run(report: dict[str, Any]) -> None:
             f"{prediction['value']:.4g}" if prediction["prob"] is None else f"{prediction['prob']:.4f}",
         )
     console.print(table)
-    target = report["target"]
-    layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
-    plain = "versus" not in target and not target.get("negative")  # a contrast says "cat rather than dog"
-    explained = f"class {target['label'] or target['index']}" if plain else target["explained"]
-    agnostic = report.get("class_agnostic", [])
-    if agnostic and len(agnostic) == len(report["methods"]):  # no map depends on the class: say so
-        console.print(f"Where the model looks, whatever the class, with {', '.join(report['methods'])}{layer}.")
-    else:
-        console.print(f"Explained {_shown_text(explained)} with {', '.join(report['methods'])}{layer}.")
-        if agnostic:
-            console.print(f"  ({', '.join(agnostic)}: the same map for every class)")
+    console.print(_explained_line(report))
     folder = Path(report["outputs"]["directory"])
     for method, files in report["outputs"]["maps"].items():
         for kind, name in files.items():
@@ -87,6 +77,52 @@ def print_caption_run(report: dict[str, Any]) -> None:
     folder = Path(report["outputs"]["directory"])
     for key in ("attention_strip", "report_json", "report_html"):
         console.print(f"  {key:<34} {_shown_text(folder / report['outputs'][key])}", highlight=False, soft_wrap=True)
+
+
+def _explained_line(report: dict[str, Any]) -> str:
+    """What the maps explain: the class, for the methods whose map depends on it; the others (rollout,
+    raw attention, gates, Eigen-CAM) are said to be not class-specific."""
+    from ..errors import MethodError
+    from ..method_registry import find_method
+    from ..targets import explains_a_class
+
+    def specific(name: str) -> bool:
+        try:
+            return explains_a_class([find_method(name)])
+        except MethodError:  # a method no longer installed: as every map was described before
+            return True
+
+    of_class = [_shown_text(name) for name in report["methods"] if specific(name)]
+    agnostic = [_shown_text(name) for name in report["methods"] if not specific(name)]
+    layer = f" on layer {_shown_text(report['layer'])}" if report["layer"] else ""
+    target = report["target"]
+    plain = "versus" not in target and not target.get("negative")  # a contrast says "cat rather than dog"
+    explained = f"class {target['label'] or target['index']}" if plain else target["explained"]
+    if not of_class:
+        return f"Mapped {', '.join(agnostic)}{layer}: not class-specific (the same map for every class)."
+    line = f"Explained {_shown_text(explained)} with {', '.join(of_class)}{layer}"
+    if agnostic:
+        line += f"; {', '.join(agnostic)} not class-specific"
+    return line + "."
+
+
+def batch_summary(result: Any, wall_s: float, load_s: float) -> str:
+    """A batch's last line: what was explained, reused from an earlier run (``--resume``) and failed,
+    in the command's wall time (``wall_s``, the model's loading, ``load_s``, included), and the rate of
+    the images explained now, over the time spent explaining them (``result``: a
+    :class:`attnexplain.batch_ledger.BatchRun`)."""
+    done_now = result.ok - result.skipped + result.failed
+    counts = f"{result.ok} explained ({result.skipped} from an earlier run), {result.failed} failed"
+    if done_now == 0:
+        return (
+            f"{counts}, in {wall_s:.1f}s: loading the model {load_s:.1f}s, nothing left to explain "
+            f"(every image reused from the earlier run)."
+        )
+    rate = done_now / result.wall_s if result.wall_s else 0.0
+    return (
+        f"{counts}, in {wall_s:.1f}s: loading the model {load_s:.1f}s, {done_now} image"
+        f"{'s' if done_now > 1 else ''} in {result.wall_s:.1f}s ({rate:.1f} images/s)."
+    )
 
 
 def print_listing(title: str, columns: list[str], rows: list[list[Any]], *, prose: tuple[str, ...] = ()) -> None:
@@ -119,6 +155,31 @@ def print_listing(title: str, columns: list[str], rows: list[list[Any]], *, pros
     for row in cells:
         table.add_row(*row)
     Console(highlight=False).print(table, markup=False)
+
+
+def print_methods(title: str, methods: list[dict[str, Any]]) -> None:
+    """``attnexplain methods`` on a terminal: one block per method, its name and family on the first
+    line, what it shows below, then where it applies, its cost and its paper, each wrapped to the
+    terminal (at most 100 columns: prose reads badly wider). Elsewhere, as every listing
+    (:func:`print_listing`: one tab-separated line per method)."""
+    import functools
+    import shutil
+    import textwrap
+
+    width = max(40, min(shutil.get_terminal_size().columns, 100))
+    with _reader_may_leave():
+        click.echo(title)
+        for method in methods:
+            shown = {key: terminal_text(" ".join(str(value).split())) for key, value in method.items()}
+            origin = f"plugin {shown['plugin']}" if method["plugin"] else "built in"
+            gradient = "gradients" if method["needs_gradient"] else "no gradients"
+            click.echo()
+            click.echo(f"{click.style(shown['name'], bold=True)}  ({shown['family']}, {gradient}, {origin})")
+            # Never broken at a hyphen: an option (--finer-classes) or a name (Grad-CAM) stays whole.
+            wrap = functools.partial(textwrap.fill, width=width, break_on_hyphens=False)
+            click.echo(wrap(shown["summary"], initial_indent="  ", subsequent_indent="  "))
+            for label, key in (("applies to", "applies_to"), ("cost", "cost"), ("paper", "paper")):
+                click.echo(wrap(shown[key], initial_indent=f"  {label + ':':<12}", subsequent_indent=" " * 14))
 
 
 def print_json(data: Any) -> None:

@@ -259,8 +259,21 @@ def _finish(loaded: LoadedModel, plugin_name: str | None, device: str | None) ->
     loaded.plugin = select_plugin(module, plugin_name)
     if loaded.preprocessing is None:
         loaded.preprocessing = loaded.plugin.preprocessing(module)
+    if loaded.preprocessing is None and loaded.loader != "object" and _classifies(loaded):
+        # A classifier's file that says nothing (a state_dict with --arch): run it as it was most
+        # likely trained and evaluated, not squashed. A module from memory is the caller's to say.
+        from ..preprocess import DEFAULT_PREPROCESSING
+
+        loaded.preprocessing = DEFAULT_PREPROCESSING
     if loaded.labels is None:
         loaded.labels = _plugin_labels(loaded)
+
+
+def _classifies(loaded: LoadedModel) -> bool:
+    try:
+        return loaded.plugin.task(loaded.module) == "classification"
+    except Exception:  # a plugin that cannot say: as before, the whole photo
+        return False
 
 
 def _plugin_labels(loaded: LoadedModel) -> list[str] | None:

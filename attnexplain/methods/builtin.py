@@ -8,8 +8,39 @@ looks names up among these and the methods plugins add.
 
 from __future__ import annotations
 
-from . import ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam
+from importlib import import_module
+from typing import Any
+
 from .method import Method
+
+
+class _Deferred:
+    """A function of one of this package's modules, imported when first called: the modules import
+    torch, and ``attnexplain methods`` lists these rows without it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(import_module(f"{__package__}.{self.module}"), self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{__package__}.{self.module}.{self.name}, imported when called>"
+
+
+class _DeferredModule:
+    """``cam.gradcam`` in a row below: :class:`_Deferred` ``("cam", "gradcam")``."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> _Deferred:
+        return _Deferred(self.module, name)
+
+
+ablation, attention, attribution, cam, fullgrad, gates, rise, scorecam = map(
+    _DeferredModule, ("ablation", "attention", "attribution", "cam", "fullgrad", "gates", "rise", "scorecam")
+)
 
 _CNN = "CNNs: any layer with a (B, C, H, W) output"
 _VIT = "transformers whose plugin exposes attention (ViT, Swin, MaxViT)"
@@ -133,6 +164,7 @@ METHODS: dict[str, Method] = {
             cost="1 forward + an eigendecomposition of a (positions × positions) kernel per image",
             paper="Karmani et al. 2024, KPCA-CAM",
             compute=cam.kpcacam,
+            scale="strength of the layer's main nonlinear activation pattern (any class)",
         ),
         Method(
             name="ablationcam",
@@ -216,17 +248,21 @@ METHODS: dict[str, Method] = {
             cost="1 forward",
             paper="Gildenblat et al., pytorch-grad-cam (RandomCAM), a sanity baseline",
             compute=cam.randomcam,
+            scale="randomly weighted activation of the layer (any class)",
         ),
         Method(
             name="rollout",
             family="attention",
             needs_gradient=False,
-            summary="Attention flow from the class token to every patch through all layers.",
+            summary=(
+                "Attention flow through all layers from the class token to every patch (windowed models without "
+                "one, Swin, MaxViT: from every token, which the classifier averages); not class-specific."
+            ),
             applies_to=_VIT,
             cost="1 forward",
             paper="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers",
             compute=attention.rollout,
-            scale="share of the class token's attention flow, all layers",
+            scale="share of the attention flow to the class token (or all tokens), all layers (any class)",
         ),
         Method(
             name="chefer",
@@ -244,13 +280,14 @@ METHODS: dict[str, Method] = {
             family="attention",
             needs_gradient=False,
             summary=(
-                "The raw learned attention of the class token, per layer and head (map: last layer, heads averaged)."
+                "The raw learned attention of the class token (windowed models: the attention each position "
+                "receives), per layer and head (map: last layer, heads averaged); not class-specific."
             ),
             applies_to=_VIT,
             cost="1 forward",
             paper="Vaswani et al. 2017 / Dosovitskiy et al. 2021",
             compute=attention.raw_attention,
-            scale="class token's attention, last layer, mean of the heads",
+            scale="attention from the class token (or received), last layer, mean of the heads (any class)",
         ),
         Method(
             name="gates",
