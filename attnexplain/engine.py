@@ -20,6 +20,7 @@ from .options import MethodOptions
 from .passes import PASSES, PassOutput, PassRun
 from .passes.gates import ChannelGates
 from .plugins import Detections
+from .precision import model_precision
 from .preprocess import DEFAULT_SIZE, Preprocessing
 from .results import MethodMap
 from .running import model_failures
@@ -49,6 +50,7 @@ class BatchMaps:
     channel_gates: dict[str, ChannelGates] = field(default_factory=dict)
     depth_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, layers, h, w), rollout
     detections: list[Detections] | None = None  # a detector's boxes per image, model-input pixels
+    precision: str = "fp32"  # what the model's forward ran in (options.precision resolved)
 
     def image_maps(self) -> list[dict[str, MethodMap]]:
         """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
@@ -104,7 +106,7 @@ def compute_maps(
     normalised = preprocessing or loaded.preprocessing or Preprocessing(size=DEFAULT_SIZE)
     black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
 
-    with model_failures(loaded.module):
+    with model_failures(loaded.module), model_precision(loaded.module, options.precision) as precision:
         computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black)
         if options.aug_smooth:
 
@@ -112,7 +114,7 @@ def compute_maps(
                 return _compute_once(loaded, augmented, methods, layers, None, options, computed.targets, black).maps
 
             computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch, computed.maps))
-    return computed
+    return dataclasses.replace(computed, precision=precision)
 
 
 def _compute_once(

@@ -103,7 +103,7 @@ def explanation_metrics(
     maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
     targets = torch.tensor([explanation.target.index], device=device)
     original = torch.tensor([explanation.target.prob])
-    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config, explanation.precision)
     return {
         name: {metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))}
         for m, name in enumerate(names)
@@ -516,7 +516,7 @@ def _chunk_metrics(
     original = computed.probabilities.gather(1, targets[:, None])[:, 0]
     config = settings.metric_settings
     stage("perturbations")
-    values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config, computed.precision)
     if any(name in LOCALISATION for name in metrics):
         masks, errors = object_masks(
             chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:])

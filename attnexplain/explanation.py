@@ -69,6 +69,8 @@ class Explanation:
     detections: list[dict[str, Any]] | None = None
     #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
     metrics: dict[str, dict[str, float]] | None = None
+    #: What the model's forward ran in: ``options.precision`` resolved for the device (fp32, bf16, fp16).
+    precision: str = "fp32"
 
     @property
     def method(self) -> str:
@@ -109,6 +111,7 @@ class Explanation:
             "predictions": [p.as_dict() for p in self.predictions],
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
+            "precision": self.precision,
             "maps": {
                 name: {
                     **method_summary(result),
@@ -212,6 +215,7 @@ def explain(
         options=options,
         timings=timings,
         detections=detections,
+        precision=computed.precision,
     )
 
 

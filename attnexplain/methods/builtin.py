@@ -316,11 +316,12 @@ METHODS: dict[str, Method] = {
                 "colour, black or blurred; Captum)."
             ),
             applies_to=_ANY,
-            cost="one forward per window position (batched)",
+            cost="one forward per window position (batched); float32 whatever --precision",
             paper="Zeiler & Fergus 2014, Visualizing and Understanding CNNs",
             compute=attribution.occlusion,
             scale="drop of {target}'s score when the window is hidden",
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="fullgrad",
@@ -450,10 +451,11 @@ METHODS: dict[str, Method] = {
             needs_gradient=False,
             summary="The score's drop when each superpixel is replaced by the --baseline (Captum).",
             applies_to=_BLACK_BOX,
-            cost="one forward per superpixel (batched)",
+            cost="one forward per superpixel (batched); float32 whatever --precision",
             paper="Zeiler & Fergus 2014, over SLIC superpixels (Achanta et al. 2012)",
             compute=attribution.feature_ablation,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="kernelshap",
@@ -464,10 +466,11 @@ METHODS: dict[str, Method] = {
                 "(Captum; seeded)."
             ),
             applies_to=_BLACK_BOX,
-            cost="samples forwards per image (batched) + a linear fit",
+            cost="samples forwards per image (batched) + a linear fit; float32 whatever --precision",
             paper="Lundberg & Lee 2017, A Unified Approach (Kernel SHAP)",
             compute=attribution.kernelshap,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="lime",
@@ -478,10 +481,11 @@ METHODS: dict[str, Method] = {
                 "(Captum; seeded)."
             ),
             applies_to=_BLACK_BOX,
-            cost="samples forwards per image (batched) + a Lasso fit",
+            cost="samples forwards per image (batched) + a Lasso fit; float32 whatever --precision",
             paper='Ribeiro et al. 2016, "Why Should I Trust You?" (LIME)',
             compute=attribution.lime,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
     )
 }

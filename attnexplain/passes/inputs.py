@@ -12,6 +12,7 @@ from ..errors import MethodError
 from ..methods import METHODS, Method
 from ..methods.attribution import baseline_images
 from ..options import MethodOptions
+from ..precision import as_float32, method_forwards
 from ..running import probabilities_of, scores_of
 from .base import PassOutput, PassRun, no_gradient, upsample
 from .cam import cam_maps
@@ -32,7 +33,7 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
             cam = run.maps.get("gradcam")
             if cam is None:
                 cam = cam_maps(run, [METHODS["gradcam"]])["gradcam"]
-        with torch.enable_grad(), _gradient_needed(method.name):
+        with torch.enable_grad(), _gradient_needed(method.name), method_forwards(method):
             attribution = method.compute(
                 forward,
                 batch,
@@ -48,7 +49,7 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
                 probabilities=probabilities_of(loaded, run.size),
                 **({} if options.samples is None else {"samples": options.samples}),
             )
-        output.maps[method.name] = upsample(attribution.detach(), run.size)
+        output.maps[method.name] = upsample(as_float32(attribution.detach()), run.size)
         output.layers[method.name] = list(run.layers) if method.name == "guided_gradcam" else []
     return output
 
