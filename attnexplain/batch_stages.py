@@ -154,7 +154,9 @@ def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[s
     names = list(computed.maps)
     maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
     original = computed.probabilities.gather(1, computed.targets[:, None])[:, 0]
-    values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics, precision=computed.precision)
+    values, _ = perturbation_values(
+        loaded, batch, maps, computed.targets, original, metrics, precision=computed.precision
+    )
     return [
         {
             name: {

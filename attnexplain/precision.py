@@ -105,9 +105,4 @@ def as_float32(value: Any) -> Any:
     return value
 
 
-__all__ = [
-    "DTYPES",
-    "as_float32",
-    "full_precision_forwards",
-    "method_forwards",
-    "model_precision", "resolve_precision"]
+__all__ = ["DTYPES", "as_float32", "full_precision_forwards", "method_forwards", "model_precision", "resolve_precision"]

@@ -469,7 +469,11 @@ def main() -> None:
     sizes = QUICK if args.quick else Sizes()
     clock = Clock(args.budget_s)
     sections = args.sections.split(",")
-    results: dict[str, Any] = {"quick": args.quick, "device": device_section(device), "sizes": dataclasses.asdict(sizes)}
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "device": device_section(device),
+        "sizes": dataclasses.asdict(sizes),
+    }
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         results["methods"] = methods_section(device, sizes, clock) if "methods" in sections else []

@@ -42,7 +42,9 @@ def test_quick_check_on_the_cpu_writes_every_figure(tmp_path):
         for precision in ("fp32", "bf16"):
             row = rows[(what, precision)]
             assert row["ratio"] > 0 and row["images_per_s"] > 0 and row["bare_images_per_s"] > 0, row
-            assert f"| {what} | {precision} | {row['images']} | {row['images_per_s']:.1f} | {row['ratio']:.2f}× |" in text
+            assert (
+                f"| {what} | {precision} | {row['images']} | {row['images_per_s']:.1f} | {row['ratio']:.2f}× |" in text
+            )
         assert rows[(what, "fp16")]["skipped"].startswith("--precision fp16 is for CUDA GPUs")
     last = {(row["what"], row["precision"]): row for row in results["channels_last"]}
     assert last[("bare forward", "fp32")]["channels_last_time_ratio"] > 0

@@ -6,9 +6,9 @@ shipped sample models (trained, so their maps have structure). Pixel-level gradi
 pixel's gradient: where the map is near zero (most pixels of a signed attribution) their ranks
 reorder while the values agree (integrated gradients on the rocket, 8 steps: Spearman 0.937, Pearson
 0.999 per pixel; 0.998 at 8×8 pixels), so they are held to Spearman ≥ 0.9 and Pearson ≥ 0.99 per
-pixel, and Spearman ≥ 0.99 at the 8×8-pixel scale a person reads. Methods that rank score differences of perturbed copies (occlusion,
-feature_ablation, kernelshap, lime) fell far below (occlusion 0.90) and run their forwards in float32
-whatever the precision: their maps must equal fp32's.
+pixel, and Spearman ≥ 0.99 at the 8×8-pixel scale a person reads. Methods that rank score
+differences of perturbed copies (occlusion, feature_ablation, kernelshap, lime) fell far below
+(occlusion 0.90) and run their forwards in float32 whatever the precision: their maps must equal fp32's.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def check_close(full, reduced) -> None:
         if name in PIXEL_GRADIENT_METHODS:
             assert rho >= PIXEL_GRADIENT_BOUND, (name, rho)
             assert np.corrcoef(fp32_map.heatmap.ravel(), bf16_map.ravel())[0, 1] >= RANK_BOUND, name
-            pooled = [F.avg_pool2d(torch.from_numpy(m.copy())[None], 8)[0].numpy() for m in (fp32_map.heatmap, bf16_map)]
+            pooled = [
+                F.avg_pool2d(torch.from_numpy(m.copy())[None], 8)[0].numpy() for m in (fp32_map.heatmap, bf16_map)
+            ]
             rho = rank_agreement(*pooled)
         assert rho >= RANK_BOUND, (name, rho)
 
