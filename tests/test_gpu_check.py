@@ -32,8 +32,8 @@ def run_check(tmp_path: Path, *arguments: str) -> tuple[str, dict]:
     return text, json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
 
 
-def test_quick_check_on_the_cpu_writes_every_figure(tmp_path):
-    text, results = run_check(tmp_path, "--sections", "methods,channels_last,batch")
+def test_quick_check_on_the_cpu_writes_device_and_method_figures(tmp_path):
+    text, results = run_check(tmp_path, "--sections", "methods")
     device = results["device"]
     assert device["device"] == "cpu" and device["precision_auto"] == "fp32"
     assert device["auto_picks"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,6 +46,12 @@ def test_quick_check_on_the_cpu_writes_every_figure(tmp_path):
                 f"| {what} | {precision} | {row['images']} | {row['images_per_s']:.1f} | {row['ratio']:.2f}× |" in text
             )
         assert rows[(what, "fp16")]["skipped"].startswith("--precision fp16 is for CUDA GPUs")
+    assert results["channels_last"] == [] and results["batch"] == {"skipped": "not asked"}
+
+
+@pytest.mark.heavy  # about 15 s on a quiet 2-core CPU
+def test_quick_check_channels_last_and_batch(tmp_path):
+    _, results = run_check(tmp_path, "--sections", "channels_last,batch")
     last = {(row["what"], row["precision"]): row for row in results["channels_last"]}
     assert last[("bare forward", "fp32")]["channels_last_time_ratio"] > 0
     assert last[("gradcam", "bf16")]["channels_last_time_ratio"] > 0
