@@ -8,7 +8,9 @@ scores, softmax, targets and every map computed from them (CAM weights, rollout'
 curves) are float32. The passes cast what they captured inside the forward (activations, attention,
 gates, gradients) to float32 before a method reads it. A method whose map degrades when its forwards
 run in reduced precision (:attr:`attnexplain.methods.Method.full_precision`) has its forwards run in
-float32 by :func:`full_precision_forwards`.
+float32 by :func:`full_precision_forwards`: occlusion, feature_ablation, kernelshap, lime and
+ablationcam, which rank score differences of perturbed copies (in bf16 occlusion's map fell to a
+Spearman correlation of 0.90 with fp32's, Ablation-CAM's on a ViT to -0.09).
 """
 
 from __future__ import annotations

@@ -106,16 +106,24 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                     )
             elif method.name == "ablationcam":
                 clean = logits.detach().gather(1, targets[:, None])[:, 0]
-                contributions = method.compute(
-                    activation,
-                    layer_output,
-                    layer_as_map,
-                    _with_layer_output(loaded, name, size),
-                    batch,
-                    targets,
-                    clean,
-                    options.batch_size,
-                )
+                with_layer_output = _with_layer_output(loaded, name, size)
+                if method.full_precision and layer_output.dtype != torch.float32:
+                    # The clean score as the ablated ones are taken: the network above the layer in
+                    # float32, from the layer's output as the reduced-precision forward computed it.
+                    layer_output = as_float32(layer_output)
+                    with method_forwards(method):
+                        clean = with_layer_output(batch, layer_output).gather(1, targets[:, None])[:, 0]
+                with method_forwards(method):
+                    contributions = method.compute(
+                        activation,
+                        layer_output,
+                        layer_as_map,
+                        with_layer_output,
+                        batch,
+                        targets,
+                        clean,
+                        options.batch_size,
+                    )
             elif method.name == "randomcam":
                 contributions = method.compute(activation, seed=NOISE_SEED)
             elif method.name in ("shapleycam", "finercam"):
