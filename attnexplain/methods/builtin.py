@@ -140,7 +140,10 @@ METHODS: dict[str, Method] = {
             needs_gradient=False,
             summary="Channels weighted by the target's relative score drop when each is zeroed; gradient-free.",
             applies_to=_CNN,
-            cost="1 forward + C forwards of the network above the layer (batched, --batch-size at a time); float32 whatever --precision",
+            cost=(
+                "1 forward + C forwards of the network above the layer (batched, --batch-size at a time); "
+                "float32 whatever --precision"
+            ),
             paper="Desai & Ramaswamy 2020, Ablation-CAM",
             compute=ablation.ablationcam,
             many_forwards=True,
