@@ -123,7 +123,7 @@ def explain_batch(
     measured = _map_metrics(loaded, batch, computed, settings.metrics) if settings.metrics else None
     results = []
     for index, maps in enumerate(per_image):
-        result: dict[str, Any] = {"maps": maps}
+        result: dict[str, Any] = {"maps": maps, "precision": computed.precision}
         if measured is not None:
             result["metrics"] = measured[index]
         try:
@@ -177,7 +177,9 @@ def _map_metrics(loaded, batch, computed, metrics: Sequence[str]) -> list[dict[s
     names = list(computed.maps)
     maps = torch.stack([computed.maps[name].float() for name in names], dim=1)
     original = computed.explained_scores()
-    values, _ = perturbation_values(loaded, batch, maps, computed.targets, original, metrics)
+    values, _ = perturbation_values(
+        loaded, batch, maps, computed.targets, original, metrics, precision=computed.precision
+    )
     return [
         {
             name: {
@@ -262,6 +264,7 @@ def write_image(
                 "methods": list(result["maps"]),
                 "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
                 "layer": ",".join(first.layers) or None,
+                "precision": result["precision"],  # what the model's forward ran in (--precision resolved)
                 **({"detections": result["detections"]} if "detections" in result else {}),
                 **({"metrics": result["metrics"]} if "metrics" in result else {}),
                 "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},

@@ -29,6 +29,7 @@ from .passes import PASSES, PassOutput, PassRun
 from .passes.counting import ForwardCount, ProgressCallback
 from .passes.gates import ChannelGates
 from .plugins import Detections
+from .precision import model_precision
 from .preprocess import DEFAULT_SIZE, Preprocessing
 from .results import MethodMap, Prediction
 from .running import model_failures
@@ -78,6 +79,8 @@ class BatchMaps:
         if self.versus is None:
             return chosen
         return chosen - self.probabilities[:, self.versus]
+
+    precision: str = "fp32"  # what the model's forward ran in (options.precision resolved)
 
     def image_maps(self) -> list[dict[str, MethodMap]]:
         """Per image, method → its :class:`MethodMap` (NumPy; attention grid and gates included)."""
@@ -141,7 +144,7 @@ def compute_maps(
     black = -torch.tensor(normalised.mean) / torch.tensor(normalised.std)  # pixel 0, normalised
 
     forwards = ForwardCount(progress)
-    with model_failures(loaded.module):
+    with model_failures(loaded.module), model_precision(loaded.module, options.precision) as precision:
         computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black, forwards)
         if options.aug_smooth:
 
@@ -152,7 +155,7 @@ def compute_maps(
                 return again.maps
 
             computed = dataclasses.replace(computed, maps=augmentation_smoothing(maps_of, batch, computed.maps))
-    return computed
+    return dataclasses.replace(computed, precision=precision)
 
 
 def compute_maps_of_targets(

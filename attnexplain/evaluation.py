@@ -105,7 +105,7 @@ def explanation_metrics(
     maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
     targets = torch.tensor([explanation.target.index], device=device)
     original = torch.tensor([explanation.target.score])
-    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config, explanation.precision)
     return {
         name: {metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))}
         for m, name in enumerate(names)
@@ -522,7 +522,7 @@ def _chunk_metrics(
     original = computed.explained_scores()
     config = settings.metric_settings
     stage("perturbations")
-    values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config)
+    values, curves = perturbation_values(loaded, batch, maps, targets, original, metrics, config, computed.precision)
     if any(name in LOCALISATION for name in metrics):
         explained = [_label(loaded.labels, int(index)) for index in targets]  # each label's own mask, where given
         masks, errors = object_masks(

@@ -82,6 +82,8 @@ class Explanation:
     detections: list[dict[str, Any]] | None = None
     #: ``run --metrics``: per method, per metric, its value (see :mod:`attnexplain.metrics`).
     metrics: dict[str, dict[str, float]] | None = None
+    #: What the model's forward ran in: ``options.precision`` resolved for the device (fp32, bf16, fp16).
+    precision: str = "fp32"
     #: A contrast's class index (the maps explain score(target) − score(versus)); None: no contrast.
     versus: int | None = None
     negative: bool = False  # the maps explain what lowers a single output
@@ -175,6 +177,7 @@ class Explanation:
             **({"present": [p.as_dict() for p in self.present]} if self.present is not None else {}),
             "preprocessing": self.preprocessing.as_dict(),
             "options": self.options.as_dict(),
+            "precision": self.precision,
             "maps": {
                 name: {
                     **method_summary(result),
@@ -319,6 +322,7 @@ def explain(
         versus=computed.versus,
         negative=computed.negative,
         present=present_labels(probabilities, loaded.labels, threshold) if computed.multilabel else None,
+        precision=computed.precision,
     )
 
 

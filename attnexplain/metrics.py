@@ -379,16 +379,31 @@ def confidence_change(
 
 
 def perturbation_values(
-    loaded, batch, maps, targets, original, metrics: Sequence[str], config: MetricSettings = MetricSettings()
+    loaded,
+    batch,
+    maps,
+    targets,
+    original,
+    metrics: Sequence[str],
+    config: MetricSettings = MetricSettings(),
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The perturbation metrics among ``metrics`` for ``maps`` (B, M, H, W) of ``batch``: per value
     name a (B, M) tensor, and the deletion/insertion curves (NumPy) with their ``fractions``.
     ``original`` (B,) is each target's probability on the intact image. What ``evaluate`` measures
-    of every map, and ``run`` / ``batch --metrics`` of theirs."""
+    of every map, and ``run`` / ``batch --metrics`` of theirs. The model runs in ``precision`` (that
+    of the maps' forward, which gave ``original``); the curves are float32 whatever it is."""
+    from .precision import model_precision
     from .running import probabilities_of
 
     score = probabilities_of(loaded, tuple(batch.shape[-2:]))  # the model as the engine calls it
 
+    with model_precision(loaded.module, precision):
+        return _perturbation_values(score, batch, maps, targets, original, metrics, config)
+
+
+def _perturbation_values(score, batch, maps, targets, original, metrics, config):
+    """:func:`perturbation_values` with the model as ``score``."""
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, Any] = {}
     if "deletion" in metrics or "insertion" in metrics:

@@ -10,6 +10,10 @@ from .errors import MethodError
 #: What integrated gradients starts from and occlusion fills windows with (``--baseline``).
 BASELINES = ("mean", "black", "blur")
 
+#: How the model's forward runs (``--precision``): auto (fp32 on the CPU, bf16 on a CUDA GPU that
+#: supports it, else fp16), or one of them outright (see :mod:`attnexplain.precision`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 #: More masks, copies or perturbations than any of those methods needs; also what the random draws
 #: for them (held in memory at once) can afford.
 MAX_SAMPLES = 100_000
@@ -34,6 +38,7 @@ class MethodOptions:
     batch_size: int = 32  # scorecam, sscam, iscam, ablationcam, occlusion, integrated_gradients, smoothgrad
     finer_classes: int = 3  # finercam: the most similar classes the target is compared with
     mask_noise: float = 2.0  # sscam: σ of the Gaussian noise added to its [0, 1] masks (torchcam's)
+    precision: str = "auto"  # the model's forward: auto, fp32, bf16, fp16 (maps stay float32)
 
     def __post_init__(self) -> None:
         if self.head_fusion not in ("mean", "max", "min"):
@@ -50,6 +55,8 @@ class MethodOptions:
             )
         if not 0.0 <= self.mask_noise <= 100.0:
             raise MethodError(f"The mask noise must be in [0, 100], not {self.mask_noise}.")
+        if self.precision not in PRECISIONS:
+            raise MethodError(f"The precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}.")
         if self.baseline not in BASELINES:
             raise MethodError(f"The baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}.")
 

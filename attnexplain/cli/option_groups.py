@@ -19,7 +19,7 @@ import click
 
 from ..formats import COLORMAP_NAMES, DEFAULT_COLORMAP
 from ..model_spec import ModelSpec
-from ..options import MethodOptions
+from ..options import PRECISIONS, MethodOptions
 from ..prompts import PromptError, read_prompts
 from ..scoring import SCORE_KINDS
 
@@ -282,6 +282,14 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
             show_default=True,
             type=click.IntRange(min=1),
             help="finercam: how many of the most similar classes the target is compared with.",
+        ),
+        precision=click.option(
+            "--precision",
+            default="auto",
+            show_default=True,
+            type=click.Choice(PRECISIONS),
+            help="The model's forward under autocast: bf16 (CPU, GPU) or fp16 (CUDA GPU); maps stay "
+            "float32. auto: fp32 on the CPU, bf16 on a GPU that supports it, else fp16.",
         ),
     )
     return _with_options(with_method_options, options, leave_out)

@@ -172,10 +172,14 @@ METHODS: dict[str, Method] = {
             needs_gradient=False,
             summary="Channels weighted by the target's relative score drop when each is zeroed; gradient-free.",
             applies_to=_CNN,
-            cost="1 forward + C forwards of the network above the layer (batched, --batch-size at a time)",
+            cost=(
+                "1 forward + C forwards of the network above the layer (batched, --batch-size at a time); "
+                "float32 whatever --precision"
+            ),
             paper="Desai & Ramaswamy 2020, Ablation-CAM",
             compute=ablation.ablationcam,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="shapleycam",
@@ -353,11 +357,12 @@ METHODS: dict[str, Method] = {
                 "colour, black or blurred; Captum)."
             ),
             applies_to=_ANY,
-            cost="one forward per window position (batched)",
+            cost="one forward per window position (batched); float32 whatever --precision",
             paper="Zeiler & Fergus 2014, Visualizing and Understanding CNNs",
             compute=attribution.occlusion,
             scale="drop of {target}'s score when the window is hidden",
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="fullgrad",
@@ -487,10 +492,11 @@ METHODS: dict[str, Method] = {
             needs_gradient=False,
             summary="The score's drop when each superpixel is replaced by the --baseline (Captum).",
             applies_to=_BLACK_BOX,
-            cost="one forward per superpixel (batched)",
+            cost="one forward per superpixel (batched); float32 whatever --precision",
             paper="Zeiler & Fergus 2014, over SLIC superpixels (Achanta et al. 2012)",
             compute=attribution.feature_ablation,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="kernelshap",
@@ -501,10 +507,11 @@ METHODS: dict[str, Method] = {
                 "(Captum; seeded)."
             ),
             applies_to=_BLACK_BOX,
-            cost="samples forwards per image (batched) + a linear fit",
+            cost="samples forwards per image (batched) + a linear fit; float32 whatever --precision",
             paper="Lundberg & Lee 2017, A Unified Approach (Kernel SHAP)",
             compute=attribution.kernelshap,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
         Method(
             name="lime",
@@ -515,10 +522,11 @@ METHODS: dict[str, Method] = {
                 "(Captum; seeded)."
             ),
             applies_to=_BLACK_BOX,
-            cost="samples forwards per image (batched) + a Lasso fit",
+            cost="samples forwards per image (batched) + a Lasso fit; float32 whatever --precision",
             paper='Ribeiro et al. 2016, "Why Should I Trust You?" (LIME)',
             compute=attribution.lime,
             many_forwards=True,
+            full_precision=True,  # score differences of perturbed copies: see attnexplain.precision
         ),
     )
 }

@@ -32,6 +32,9 @@ class Method:
     #: Costs many forwards per image (one per channel, window, mask, step or sample): left out of
     #: ``attnexplain evaluate``'s default, whose perturbation metrics multiply every map's cost.
     many_forwards: bool = False
+    #: Its map degrades when its own forwards run in reduced precision (``--precision bf16/fp16``):
+    #: they run in float32 whatever the precision (see :mod:`attnexplain.precision`).
+    full_precision: bool = False
 
 
 __all__ = ["Method"]

@@ -26,6 +26,7 @@ from ..methods.attention import (
     spatial_attention_grid,
 )
 from ..plugins import SpatialAttention, TokenReadout, WindowedAttention
+from ..precision import as_float32
 from .base import PassOutput, PassRun, no_gradient, upsample
 from .registry import register_pass
 
@@ -69,18 +70,19 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
             if not logits.requires_grad:
                 raise MethodError(no_gradient("the attention layers", "--method rollout or attention (gradient-free)"))
             if readout is not None:
-                layer_gradients = _layer_score_gradients(readout, block_tokens, probabilities, targets)
+                layer_gradients = as_float32(_layer_score_gradients(readout, block_tokens, probabilities, targets))
             if any(m.needs_gradient and m.name != "legrad" for m in methods):  # legrad has its own
-                gradients = attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities)
+                gradients = as_float32(attention_gradients(logits.gather(1, targets[:, None]).sum(), probabilities))
     size = run.size
     if windowed:
         grid = None  # each layer carries its positions
-        attentions = [dataclasses.replace(a, probabilities=a.probabilities.detach()) for a in attentions]
+        attentions = [dataclasses.replace(a, probabilities=as_float32(a.probabilities.detach())) for a in attentions]
     else:
         grid = plugin.token_grid(module, size)
         if grid is None:
             raise MethodError(f"Plugin {plugin.name} does not say how this model's tokens map to the image.")
-        attentions = [attention.detach() for attention in attentions]
+        # float32 whatever precision the forward ran in: rollout multiplies them layer after layer.
+        attentions = [as_float32(attention.detach()) for attention in attentions]
         queries = _explained_queries(run)
         if queries is not None:  # a detector's object queries: the explained box's row
             attentions = query_rows(attentions, queries)
@@ -117,7 +119,7 @@ def _spatial_pass(run: PassRun, methods: list[Method], recorded: list[SpatialAtt
         raise MethodError(
             f"Plugin {run.loaded.plugin.name} recorded spatial attention for some layers and not for others."
         )
-    layers = [dataclasses.replace(layer, weights=layer.weights.detach()) for layer in recorded]
+    layers = [dataclasses.replace(layer, weights=as_float32(layer.weights.detach())) for layer in recorded]
     maps, grids = {}, {}
     for method in methods:
         refusal = spatial_refusal(method.name)

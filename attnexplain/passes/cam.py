@@ -16,6 +16,7 @@ from ..layout import as_map, own_layout
 from ..methods import METHODS, Method
 from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
+from ..precision import as_float32, method_forwards
 from ..running import model_as_called, scores_of
 from ..targets import class_scores
 from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
@@ -92,8 +93,10 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
         per_layer_inputs = zip(layers, activations, gradients, as_maps)
         for index, (name, activation, gradient, layer_as_map) in enumerate(per_layer_inputs):
             layer_output = activation.detach()
-            activation = layer_as_map(layer_output)
-            gradient = None if gradient is None else layer_as_map(gradient)
+            # The layer's values as float32 whatever precision the forward ran in: CAM weights and
+            # sums are taken in float32.
+            activation = layer_as_map(as_float32(layer_output))
+            gradient = None if gradient is None else layer_as_map(as_float32(gradient))
             if method.name in ("scorecam", "sscam", "iscam"):
                 settings = {"sscam": {"noise": options.mask_noise, "seed": NOISE_SEED}, "iscam": {}}.get(
                     method.name, {}
@@ -101,19 +104,26 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                 if method.name != "scorecam" and options.samples is not None:  # else its own default
                     settings["samples"] = options.samples
                 counting = partial(expected_forwards, method, options, batch, activation.shape[1])
-                with run.forwards.expecting(counting) as counted:
+                with method_forwards(method), run.forwards.expecting(counting) as counted:
                     contributions = method.compute(
                         activation, counted(forward), batch, targets, batch_size=options.batch_size, **settings
                     )
             elif method.name == "ablationcam":
                 clean = logits.detach().gather(1, targets[:, None])[:, 0]
+                with_layer_output = _with_layer_output(loaded, name, size)
+                if method.full_precision and layer_output.dtype != torch.float32:
+                    # The clean score as the ablated ones are taken: the network above the layer in
+                    # float32, from the layer's output as the reduced-precision forward computed it.
+                    layer_output = as_float32(layer_output)
+                    with method_forwards(method):
+                        clean = with_layer_output(batch, layer_output).gather(1, targets[:, None])[:, 0]
                 counting = partial(expected_forwards, method, options, batch, activation.shape[1])
-                with run.forwards.expecting(counting) as counted:
+                with method_forwards(method), run.forwards.expecting(counting) as counted:
                     contributions = method.compute(
                         activation,
                         layer_output,
                         layer_as_map,
-                        counted(_with_layer_output(loaded, name, size)),
+                        counted(with_layer_output),
                         batch,
                         targets,
                         clean,
@@ -122,10 +132,10 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
             elif method.name == "randomcam":
                 contributions = method.compute(activation, seed=NOISE_SEED)
             elif method.name in ("shapleycam", "finercam"):
-                extra = layer_as_map(extras[method.name][index].detach())
+                extra = layer_as_map(as_float32(extras[method.name][index].detach()))
                 contributions = method.compute(activation, gradient, extra)
             elif method.name == "smoothgradcampp":
-                contributions = method.compute(activation, extras[method.name][index])
+                contributions = method.compute(activation, as_float32(extras[method.name][index]))
             else:  # the common contract, a plugin's CAM methods' too: (activation, gradient)
                 contributions = method.compute(activation, gradient)
             per_layer.append(upsample(cam_map(contributions, options.eigen_smooth), size))
@@ -185,7 +195,7 @@ def _noisy_gradients(run: PassRun, targets: torch.Tensor) -> list[torch.Tensor]:
                 outputs = [captured[name] for name in layers]
                 gradients = torch.autograd.grad(chosen, outputs)
             for index, (name, output, gradient) in enumerate(zip(layers, outputs, gradients)):
-                per_sample[index].append(layer_map(loaded, name, output, run.size, copies)(gradient))
+                per_sample[index].append(layer_map(loaded, name, output, run.size, copies)(as_float32(gradient)))
     return [torch.stack(gradients) for gradients in per_sample]
 
 

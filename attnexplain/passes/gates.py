@@ -11,6 +11,7 @@ import torch
 from ..errors import MethodError
 from ..methods import Method
 from ..methods.gates import most_gated
+from ..precision import as_float32
 from .base import PassOutput, PassRun, upsample
 from .registry import register_pass
 
@@ -59,6 +60,7 @@ def _gates_map(run: PassRun, method: Method, shown_maps: int = 8) -> tuple[torch
     missing = [name for name in names if name not in recorded]
     if missing:
         raise MethodError(f"No gates were recorded for {', '.join(missing)}.")
+    recorded = as_float32(recorded)  # float32 whatever precision the forward ran in
     gates, inputs = recorded[names[-1]]  # the last block: closest to the decision
     _, channels = most_gated(gates, shown_maps)
     top_maps = torch.gather(inputs, 1, channels[:, :, None, None].expand(-1, -1, *inputs.shape[2:]))

@@ -13,6 +13,7 @@ from ..errors import MethodError
 from ..methods import METHODS, Method
 from ..methods.attribution import baseline_images
 from ..options import MethodOptions
+from ..precision import as_float32, method_forwards
 from ..running import probabilities_of, scores_of
 from .base import PassOutput, PassRun, no_gradient, upsample
 from .cam import cam_maps
@@ -35,7 +36,12 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
             if cam is None:
                 cam = cam_maps(run, [METHODS["gradcam"]])["gradcam"]
         counting = partial(expected_forwards, method, options, batch)
-        with torch.enable_grad(), _gradient_needed(method.name), run.forwards.expecting(counting) as counted:
+        with (
+            torch.enable_grad(),
+            _gradient_needed(method.name),
+            method_forwards(method),
+            run.forwards.expecting(counting) as counted,
+        ):
             attribution = method.compute(
                 counted(forward),
                 batch,
@@ -51,7 +57,7 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
                 probabilities=counted(probabilities_of(loaded, run.size)),
                 **({} if options.samples is None else {"samples": options.samples}),
             )
-        output.maps[method.name] = upsample(attribution.detach(), run.size)
+        output.maps[method.name] = upsample(as_float32(attribution.detach()), run.size)
         output.layers[method.name] = list(run.layers) if method.name == "guided_gradcam" else []
     return output
 
