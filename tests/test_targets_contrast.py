@@ -229,7 +229,7 @@ def test_class_agnostic_maps_are_not_said_to_explain_a_class(tmp_path, sample_vi
             main, [str(v) for v in ["run", sample_vit_file, photo, "--method", "rollout", *extra, "--out", out]]
         )
         assert result.exit_code == 0, result.output
-        assert "Where the model looks, whatever the class, with rollout" in result.output
+        assert "Mapped rollout: not class-specific (the same map for every class)" in result.output
         assert "Explained" not in result.output
         report = json.loads((out / "photo" / "report.json").read_text())
         assert report["class_agnostic"] == ["rollout"]
@@ -238,4 +238,4 @@ def test_class_agnostic_maps_are_not_said_to_explain_a_class(tmp_path, sample_vi
     both = CliRunner().invoke(
         main, [str(v) for v in ["run", sample_vit_file, photo, "--method", "rollout,saliency", "--out", tmp_path / "b"]]
     )
-    assert both.exit_code == 0 and "Explained class" in both.output and "(rollout: the same map" in both.output
+    assert both.exit_code == 0 and "Explained class" in both.output and "; rollout not class-specific" in both.output

@@ -147,8 +147,9 @@ def test_the_gallery_files_a_multilabel_image_under_each_present_label(tmp_path,
     assert json.dumps("; ".join(present)) in (out / "gallery-data.js").read_text()
 
 
-def _gradcam_by_hand(weights: Path, photo: Path, arch: str, index: int) -> np.ndarray:
+def _gradcam_by_hand(weights: Path, photo: Path, arch: str, index: int, resize: str | None = None) -> np.ndarray:
     loaded = load_model(weights, arch=arch)
+    loaded.preprocessing = loaded.preprocessing.with_resize(resize)  # as --resize does
     batch = prepare(load_image(photo).pixels, plan_preprocessing(loaded, size=SIZE)).tensor.requires_grad_()
     captured = {}
     handle = loaded.module.features.register_forward_hook(lambda module, args, output: captured.setdefault("a", output))
@@ -241,7 +242,8 @@ def test_evaluate_localises_each_labels_map_against_that_objects_mask(tmp_path, 
     names = ["cat", "dog", "grass", "rocket"]
     weights = tmp_path / "tagger.pt"
     torch.save({"state_dict": state, "multilabel": True, "labels": names}, weights)
-    cam = _gradcam_by_hand(weights, photo, options[1], 0)
+    # The whole photo is the model's input (--resize squash), so that a mask pixel is a map pixel.
+    cam = _gradcam_by_hand(weights, photo, options[1], 0, resize="squash")
     y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
     on_peak = np.zeros((SIZE, SIZE), np.uint8)
     on_peak[y, x] = 255
@@ -254,7 +256,18 @@ def test_evaluate_localises_each_labels_map_against_that_objects_mask(tmp_path, 
 
     def pointing(target: str) -> float:
         out = tmp_path / f"eval-{target}"
-        command = ["evaluate", weights, photo, *options, "--layer", "features", "--method", "gradcam"]
+        command = [
+            "evaluate",
+            weights,
+            photo,
+            *options,
+            "--resize",
+            "squash",
+            "--layer",
+            "features",
+            "--method",
+            "gradcam",
+        ]
         command += ["--metrics", "pointing", "--pointing-tolerance", "0", "--masks", masks, "--target", target]
         result = CliRunner().invoke(main, [str(a) for a in command + ["--out", out, "--quiet", "--json"]])
         assert result.exit_code == 0, result.output
