@@ -14,7 +14,7 @@ from ._atomic import atomic_directory
 from .errors import OutputError
 from .formats import DEFAULT_COLORMAP
 from .render import colorize, downscale, encode_image, normalize_heatmap, render_overlay
-from .report import REPORT_HTML, REPORT_JSON, data_uri, file_name, templates, write_npy
+from .report import REPORT_HTML, REPORT_JSON, data_uri, file_name, templates, why_not_written, write_npy
 
 if TYPE_CHECKING:
     from .captioning import CaptionExplanation
@@ -35,7 +35,7 @@ def save_caption_explanation(
         return _save(explanation, directory, alpha, overlay_format, colormap)
     except OSError as error:
         raise OutputError(
-            f"Could not write the outputs to {directory}: {error.strerror or error}; "
+            f"Could not write the outputs to {directory}: {why_not_written(directory, error)}; "
             f"nothing was written there (an earlier result is kept)."
         ) from None
 

@@ -120,7 +120,7 @@ def ensure_writable_folder(folder: str | Path) -> list[Path]:
     except OSError as error:
         _remove_empty(created)
         raise OutputError(
-            f"Cannot write in the output folder {folder}: {_why_not_written(folder, error)}; choose another --out."
+            f"Cannot write in the output folder {folder}: {why_not_written(folder, error)}; choose another --out."
         ) from None
     return created
 
@@ -146,7 +146,7 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _why_not_written(path: Path, error: OSError) -> str:
+def why_not_written(path: Path, error: OSError) -> str:
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
         blocking = next((parent for parent in (path, *path.parents) if parent.is_file()), None)
         if blocking is not None:
@@ -181,7 +181,7 @@ def save_explanation(
         return _save_explanation(explanation, directory, alpha, overlay_format, colormap)
     except OSError as error:
         raise OutputError(
-            f"Could not write the outputs to {directory}: {_why_not_written(directory, error)}; "
+            f"Could not write the outputs to {directory}: {why_not_written(directory, error)}; "
             f"nothing was written there (an earlier result is kept)."
         ) from None
 
