@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .batch_ledger import BatchRun, start_run
-from .batch_stages import BatchSettings, explain_decoded, write_image
+from .batch_stages import BatchSettings, Stages
 from .errors import AttnExplainError
 from .formats import RESULTS_JSONL
 from .inputs import Decoded, Inputs, NoImages, collect_inputs, decoded_chunks, read_image
@@ -68,9 +68,11 @@ def run_batch(
     :class:`attnexplain._lock.OutputInUse` when another run writes into ``out``."""
     from ._atomic import remove_stale_staging
     from ._lock import output_lock
+    from .caption_batch import stages_for
 
     started = time.perf_counter()
     model_spec = ModelSpec.of(model_spec)  # the dict of its fields, as before there was a ModelSpec
+    stages = stages_for(loaded, settings, cluster)  # a captioner's run is its own (refused on Ray)
     if cluster is not None and (settings.parallel_batches or 1) > 1:
         raise AttnExplainError(
             "parallel_batches is for the local engine; on Ray, the cluster's "
@@ -125,6 +127,7 @@ def run_batch(
                 refresh_every,
                 on_batch,
                 started,
+                stages,
             )
 
 
@@ -205,13 +208,14 @@ def _run_locked(
     refresh_every: int,
     on_batch,
     started: float,
+    stages: Stages,
 ) -> BatchRun:
     import torch
 
     from .replicas import ModelReplicas, default_parallel_batches
     from .running import model_device
 
-    run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started)
+    run = start_run(loaded, model_spec, input_specs, inputs, out, settings, resume, shard, quiet, started, stages)
     selected, missing, key_prefix, ledger = run.selected, run.missing, run.key_prefix, run.ledger
     preprocessing, summary = run.plan.preprocessing, ledger.summary
     finish, refresh = ledger.finish, ledger.refresh
@@ -237,7 +241,7 @@ def _run_locked(
 
     def write(decoded: Decoded, result: dict[str, Any], model_s: float) -> dict[str, Any]:
         # On a writer thread: the image's line is in results.jsonl as soon as its folder is in place.
-        return finish(write_image(out, decoded, result, settings, model_s))
+        return finish(stages.write(out, decoded, result, settings, model_s))
 
     def wait_for_writes(limit: int) -> None:
         while pending_writes and (len(pending_writes) > limit or pending_writes[0].done()):
@@ -265,7 +269,7 @@ def _run_locked(
             refreshing = reporter.submit(refresh, False)
 
     def run_model(chunk: list[Decoded]) -> None:
-        explaining.append((chunk, replicas.submit(explain_decoded, chunk, run.plan, settings, run_device)))
+        explaining.append((chunk, replicas.submit(stages.explain, chunk, run.plan, settings, run_device)))
         while len(explaining) >= replicas.count:  # every replica busy: wait for the oldest batch
             oldest_explained()
 

@@ -24,7 +24,7 @@ from .progress import Progress
 from .records import RecordTooLarge, ResultsLog, fingerprint, read_results, reusable_record
 
 if TYPE_CHECKING:
-    from .batch_stages import BatchSettings
+    from .batch_stages import BatchSettings, Stages
 
 #: Exit code of ``attnexplain batch`` / ``merge`` when some images failed (the others were written).
 EXIT_SOME_FAILED = 3
@@ -75,16 +75,17 @@ def start_run(
     shard,
     quiet: bool,
     started: float,
+    stages: Stages | None = None,
 ) -> RunStart:
     """The images of this run (its shard), its plan and its ledger, holding the records of an
-    earlier run that still stand (``resume``)."""
-    from .planning import plan_explanation
+    earlier run that still stand (``resume``). ``stages``: what the run does (default: a
+    classifier's, :data:`attnexplain.batch_stages.EXPLAINING`)."""
+    from .batch_stages import EXPLAINING
 
+    stages = stages or EXPLAINING
     selected = [item for item in inputs.images if in_shard(item.relative, shard)]
     missing = [(spec, reason) for spec, reason in inputs.missing if in_shard(spec, shard)]
-    plan = plan_explanation(
-        loaded, settings.method, settings.layer, size=settings.size, mean=settings.mean, std=settings.std
-    )
+    plan = stages.plan(loaded, settings)
     key_prefix = fingerprint(model_spec, settings, plan)
     meta = {
         "model": loaded.describe(),
@@ -101,6 +102,7 @@ def start_run(
         "inputs": [str(s) for s in input_specs],
         "root": str(inputs.root) if inputs.root else None,
         "skipped_inputs": [{"path": path, "reason": reason} for path, reason in inputs.skipped],
+        **stages.meta,
     }
 
     wanted = {item.relative for item in selected}

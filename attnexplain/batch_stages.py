@@ -1,15 +1,16 @@
 """What a batch run does to each image, whatever engine runs it (:mod:`attnexplain.batch` on this
 machine's threads, :mod:`attnexplain.ray_engine` on Ray actors): the settings that decide the
 outputs, explaining a batch of decoded images (a pure function of its inputs) and writing an
-image's folder atomically.
+image's folder atomically. A captioner's run does both its own way (:data:`Stages`, from
+:mod:`attnexplain.caption_batch`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .formats import DEFAULT_COLORMAP
 from .inputs import Decoded, failed_record
@@ -72,6 +73,31 @@ class BatchSettings:
                 data[key] = [float(data[key][0])] * 3
         data["options"] = self.options.as_dict() if self.options is not None else None
         return data
+
+
+# --- what a run does, by the kind of model -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a run does for its kind of model: ``plan(loaded, settings)`` once (an
+    :class:`attnexplain.planning.Plan`), ``explain`` a chunk of decoded images on the model's thread
+    (as :func:`explain_decoded`), ``write`` an image's folder on a writer thread (as
+    :func:`write_image`), and what the run's report says besides (``meta``)."""
+
+    plan: Callable[[Any, BatchSettings], Any]
+    explain: Callable[..., tuple[list[dict[str, Any]], float]]
+    write: Callable[..., dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_batch(loaded, settings: BatchSettings):
+    """A classifier's (detector's, segmenter's) plan: its methods, layers and preprocessing."""
+    from .planning import plan_explanation
+
+    return plan_explanation(
+        loaded, settings.method, settings.layer, size=settings.size, mean=settings.mean, std=settings.std
+    )
 
 
 # --- the pure per-batch part -----------------------------------------------------------------------
@@ -215,6 +241,31 @@ def explain_decoded(
 # --- an image's folder -----------------------------------------------------------------------------
 
 
+def image_record(decoded: Decoded, model_s: float) -> dict[str, Any]:
+    """What the record of every explained image says of it, whatever the model: where its folder,
+    detail page and photo are, its key and what it took so far."""
+    output = f"{IMAGES_DIR}/{decoded.item.relative}"
+    return {
+        "image": decoded.item.relative,
+        "path": str(decoded.item.path),
+        "status": "ok",
+        "key": decoded.key,
+        "sha256": decoded.sha256,
+        "output": output,
+        "detail": f"{output}/{DETAIL_HTML}",
+        "image_info": decoded.image_info,
+        "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
+        "photo": PHOTO_JPG,
+    }
+
+
+def write_photo(folder: Path, decoded: Decoded) -> None:
+    """The photo, shrunk (:data:`PHOTO_SIDE`), for the detail page and the gallery's card."""
+    from .render import downscale, encode_image
+
+    (folder / PHOTO_JPG).write_bytes(encode_image(downscale(decoded.pixels, PHOTO_SIDE), ".jpg", quality=85))
+
+
 def write_image(
     out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings, model_s: float
 ) -> dict[str, Any]:
@@ -230,6 +281,7 @@ def write_image(
     if "error" in result:
         return failed_record(decoded, result["error"])
     output = f"{IMAGES_DIR}/{decoded.item.relative}"
+    record = image_record(decoded, model_s)
     files: dict[str, dict[str, str]] = {}
     try:
         with atomic_directory(out / output) as staging:
@@ -248,34 +300,26 @@ def write_image(
                     encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80)
                 )
             first = next(iter(result["maps"].values()))
-            record = {
-                "image": decoded.item.relative,
-                "path": str(decoded.item.path),
-                "status": "ok",
-                "key": decoded.key,
-                "sha256": decoded.sha256,
-                "output": output,
-                "files": files,
-                "detail": f"{output}/{DETAIL_HTML}",
-                "image_info": decoded.image_info,
-                "predictions": result["predictions"],
-                **({"present": result["present"]} if "present" in result else {}),
-                "target": result["target"],
-                "methods": list(result["maps"]),
-                "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
-                "layer": ",".join(first.layers) or None,
-                "precision": result["precision"],  # what the model's forward ran in (--precision resolved)
-                **({"detections": result["detections"]} if "detections" in result else {}),
-                **({"metrics": result["metrics"]} if "metrics" in result else {}),
-                "timings": {"decode_s": round(decoded.decode_s, 6), "model_s": round(model_s, 6)},
-                "photo": PHOTO_JPG,
-                **(
-                    {"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
-                    if settings.truth is not None
-                    else {}
-                ),
-            }
-            (staging / PHOTO_JPG).write_bytes(encode_image(downscale(decoded.pixels, PHOTO_SIDE), ".jpg", quality=85))
+            record.update(
+                {
+                    "files": files,
+                    "predictions": result["predictions"],
+                    **({"present": result["present"]} if "present" in result else {}),
+                    "target": result["target"],
+                    "methods": list(result["maps"]),
+                    "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
+                    "layer": ",".join(first.layers) or None,
+                    "precision": result["precision"],  # what the model's forward ran in (--precision resolved)
+                    **({"detections": result["detections"]} if "detections" in result else {}),
+                    **({"metrics": result["metrics"]} if "metrics" in result else {}),
+                    **(
+                        {"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
+                        if settings.truth is not None
+                        else {}
+                    ),
+                }
+            )
+            write_photo(staging, decoded)
             target = result["target"]
             viewer = viewer_data(
                 result["maps"],
@@ -294,3 +338,7 @@ def write_image(
     finally:
         decoded.pixels = None
     return record
+
+
+#: What a run does to a classifier's images (detectors' and segmenters' too).
+EXPLAINING = Stages(plan=plan_batch, explain=explain_decoded, write=write_image)

@@ -4,6 +4,7 @@ report.html (the template ``caption_report.html.j2``), written all or nothing li
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ def save_caption_explanation(
 ) -> dict[str, Any]:
     """Write every output into a staging folder, then swap it in: no half-written results."""
     try:
-        return _save(explanation, directory, alpha, overlay_format, colormap)
+        return write_caption_outputs(explanation, directory, alpha, overlay_format, colormap)
     except OSError as error:
         raise OutputError(
             f"Could not write the outputs to {directory}: {why_not_written(directory, error)}; "
@@ -40,15 +41,29 @@ def save_caption_explanation(
         ) from None
 
 
-def _save(
-    explanation: "CaptionExplanation", directory: Path, alpha: float, overlay_format: str, colormap: str
+def write_caption_outputs(
+    explanation: "CaptionExplanation",
+    directory: Path,
+    alpha: float,
+    overlay_format: str,
+    colormap: str,
+    *,
+    into: Path | None = None,
+    page_name: str = REPORT_HTML,
+    gallery: dict[str, str] | None = None,
+    thumbs: bool = False,
 ) -> dict[str, Any]:
+    """The outputs of ``directory``, swapped in as a whole; or written into ``into``, a folder
+    the caller swaps in (a batch run's image folder, which holds more). ``page_name``: the page's
+    file; ``gallery``: a batch gallery's addresses (``index_url``, ``data_url``, ``root``,
+    ``image``) for the page's way back and through it; ``thumbs``: a small JPEG of each word's
+    attention too (``thumb`` among its files), for the gallery's cards."""
     report = explanation.to_dict()
     pixels = explanation.image.pixels
     word_files: list[dict[str, str]] = []
     pages: list[dict[str, Any]] = []
     strip: list[np.ndarray] = []
-    with atomic_directory(directory) as staging:
+    with nullcontext(into) if into is not None else atomic_directory(directory) as staging:
         for entry, word in zip(report["words"], explanation.words):
             stem = f"{word.position + 1:02d}-{_file_word(word.word)}"
             attention = render_overlay(pixels, word.attention, explanation.box, alpha, colormap)
@@ -72,6 +87,9 @@ def _save(
             word_files.append(files)
             small = downscale(attention, STRIP_SIDE)
             strip.append(small)
+            if thumbs:
+                files["thumb"] = f"thumb-{stem}.jpg"
+                (staging / files["thumb"]).write_bytes(encode_image(small, ".jpg", quality=80))
             pages.append(
                 {
                     **entry,
@@ -88,7 +106,7 @@ def _save(
             "words": word_files,
             "attention_strip": "attention-strip.png",
             "report_json": REPORT_JSON,
-            "report_html": REPORT_HTML,
+            "report_html": page_name,
         }
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         html = (
@@ -100,9 +118,10 @@ def _save(
                 photo_uri=data_uri(downscale(pixels, LARGE_SIDE)),
                 words=pages,
                 explained={word.position for word in explanation.words},
+                gallery=gallery,
             )
         )
-        (staging / REPORT_HTML).write_text(html, encoding="utf-8")
+        (staging / page_name).write_text(html, encoding="utf-8")
     return report
 
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from ._atomic import write_bytes_atomic
 from ._untrusted import finite_number
+from .caption_records import caption_gallery_row, is_caption_record
 from .formats import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
 from .report import templates
 from .truth import LABEL_SEPARATOR, true_labels
@@ -40,15 +41,15 @@ def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None, 
     (see :func:`attnexplain.viewer.viewer_data`) makes its maps interactive over the photo at
     ``photo_src``; without them (an earlier run's record) the page shows the written overlays."""
 
-    root = "../" * len(PurePosixPath(record["output"]).parts)
+    links = gallery_links(record)
     return (
         templates()
         .get_template("batch_detail.html.j2")
         .render(
             record=record,
-            index_url=root + INDEX_HTML,
-            data_url=root + GALLERY_DATA_JS,
-            root=root,
+            index_url=links["index_url"],
+            data_url=links["data_url"],
+            root=links["root"],
             target_label=_label(record["target"]),
             label=_label,
             viewer=viewer,
@@ -56,6 +57,12 @@ def render_detail(record: dict[str, Any], viewer: dict[str, Any] | None = None, 
             title=PurePosixPath(record["image"]).name,
         )
     )
+
+
+def gallery_links(record: dict[str, Any]) -> dict[str, str]:
+    """Where an image's page, in its own output folder, finds the gallery (relative addresses)."""
+    root = "../" * len(PurePosixPath(record["output"]).parts)
+    return {"root": root, "index_url": root + INDEX_HTML, "data_url": root + GALLERY_DATA_JS, "image": record["image"]}
 
 
 def correct(record: dict[str, Any]) -> bool | None:
@@ -77,7 +84,9 @@ CLASSES_SEPARATOR = "; "
 
 def _classes(record: dict[str, Any]) -> list[str]:
     """The classes the gallery files an image under: its top class, or a multi-label model's
-    present labels (each one filterable as a top class is)."""
+    present labels (each one filterable as a top class is); a captioner's image under its caption."""
+    if is_caption_record(record):
+        return [record["caption"]]
     present = record.get("present")
     if isinstance(present, list) and present and all(isinstance(p, dict) for p in present):
         return [_label(p) for p in present]
@@ -154,6 +163,9 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
     for r in records:
         if r.get("status") != "ok":
             continue
+        if is_caption_record(r):
+            rows.append(caption_gallery_row(r))
+            continue
         metrics = r.get("metrics") or {}
         top = r["predictions"][0]
         right = correct(r)
@@ -172,6 +184,7 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
                 list(r["files"]),
                 quote(r["photo"]) if isinstance(r.get("photo"), str) else None,
                 [metrics.get(method, {}).get(metric) for method, metric in measured],
+                None,  # a caption, searched beside the name
             ]
         )
     payload = {
@@ -186,6 +199,7 @@ def gallery_data(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
             "methods",
             "photo",
             "metrics",
+            "caption",
         ],
         # the per-image values of --metrics, in this order: what the gallery can sort by
         "metrics": [f"{method} {metric}" for method, metric in measured],
@@ -211,7 +225,11 @@ def totals(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **({"truth": judged} if judged is not None else {}),
         "timings_total_s": {key: round(value, 6) for key, value in sorted(sums.items())},
         "class_histogram": dict(
-            sorted(Counter(name for r in ok if r.get("predictions") for name in _classes(r)).items())
+            sorted(
+                Counter(
+                    name for r in ok if r.get("predictions") or is_caption_record(r) for name in _classes(r)
+                ).items()
+            )
         ),
         "failures": [{"image": r["image"], "reason": r.get("reason")} for r in records if r.get("status") != "ok"],
     }
@@ -252,6 +270,7 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
             "reason",
             "truth",
             "correct",
+            "caption",
         ]
     )
     for r in records:
@@ -274,6 +293,7 @@ def summary_csv(records: Sequence[dict[str, Any]]) -> str:
                     r.get("reason") or "",
                     r.get("truth") or "",
                     {True: "yes", False: "no", None: ""}[correct(r)],
+                    r.get("caption") if is_caption_record(r) else "",
                 ],
             )
         )

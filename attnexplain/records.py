@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ._files import not_a_regular_file
 from ._untrusted import finite_number, is_finite_number
+from .caption_records import caption_record_problem, is_caption_record
 from .errors import AttnExplainError, shown
 from .formats import RESULTS_JSONL
 from .truth import MAX_LABEL_LENGTH
@@ -168,7 +169,8 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
 
     Records are plain text anyone can edit: its folder must be where batch puts it
     (``images/<image>``, the image a normalised relative path: nothing absolute, no ``..``), its
-    files plain names inside that folder, its predictions and target what the reports show, its
+    files plain names inside that folder, its predictions and target (a captioner's caption and
+    words, :func:`attnexplain.caption_records.caption_record_problem`) what the reports show, its
     ``metrics`` (when present) a small table of finite numbers for its own methods.
     ``--resume`` and ``merge`` both ask this before they use a record's paths.
     """
@@ -181,7 +183,11 @@ def ok_record_problem(record: dict[str, Any]) -> str | None:
     if record.get("detail") != f"{output}/{DETAIL_HTML}":
         return f"has the detail page {shown(record.get('detail'))}, not {shown(output + '/' + DETAIL_HTML)}"
     predictions = record.get("predictions")
-    if not (
+    if is_caption_record(record):  # a captioner's: a caption and its words instead of predictions
+        captioned = caption_record_problem(record)
+        if captioned is not None:
+            return captioned
+    elif not (
         isinstance(predictions, list)
         and predictions
         and all(map(_is_prediction, predictions))

@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 
-from ..errors import MethodError
 from .printing import print_caption_run
 
 
@@ -31,15 +30,11 @@ def run_captioner(
     explain ``picture``'s caption (``explained``: caption, target, size, mean, std, as
     :func:`~attnexplain.captioning.explain_caption` takes them) and write the outputs (``written``:
     alpha, overlay_format, colormap) into ``out_dir``'s folder for the picture."""
+    from ..caption_batch import refuse_options
     from ..captioning import explain_caption
     from ..report import output_dir_for
 
-    given = [option for option, was_given in refused.items() if was_given]
-    if given:
-        raise MethodError(
-            f"A captioner is explained by its own attention and by Grad-CAM on its encoder's feature map for "
-            f"each word; {', '.join(given)} does not apply to it."
-        )
+    refuse_options([option for option, was_given in refused.items() if was_given])
     explanation = explain_caption(loaded, picture, **explained)
     explanation.timings = {**timings, **explanation.timings}
     report = explanation.save(output_dir_for(out_dir, picture.path), **written)

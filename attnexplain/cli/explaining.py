@@ -389,7 +389,6 @@ def batch(
     from .._signals import Stopped, stop_signals_interrupt
     from ..batch import check_earlier_run, run_batch
     from ..batch_stages import BatchSettings
-    from ..captioning import refuse_captioner
     from ..report import writable_output_folder
     from ..truth import read_truth
 
@@ -437,7 +436,6 @@ def batch(
             loading = time.perf_counter()
             loaded = model_spec.load()
             load_s = time.perf_counter() - loading
-            refuse_captioner(loaded, "`attnexplain batch`")
             result = run_batch(
                 loaded,
                 model_spec,
