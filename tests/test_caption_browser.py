@@ -57,3 +57,92 @@ def test_the_caption_is_a_row_of_words_and_a_click_shows_a_words_maps(caption_re
         assert page.evaluate("document.documentElement.scrollWidth") <= width + 1  # the strip scrolls inside
         page.screenshot(path=str(ARTIFACTS / f"caption-report-{width}.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})
+
+
+@pytest.fixture(scope="module")
+def caption_gallery(tmp_path_factory) -> Path:
+    """`batch` on the sample captioner: the sample composites, a non-square photo and a hostile name."""
+    pytest.importorskip("attnexplain_attention_cnn")
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut-on-grass.png", "cat-on-grass.png", "rocket-on-brick.png", "chelsea.jpg"):
+        shutil.copy(REPO / "samples" / "images" / name, folder / name)
+    shutil.copy(REPO / "samples" / "images" / "coffee-on-gravel.png", folder / HOSTILE)
+    wide = Image.open(REPO / "samples" / "images" / "cat-on-grass.png").convert("RGB").resize((260, 120))
+    wide.save(folder / "wide-cat.jpg")
+    out = tmp_path_factory.mktemp("caption-gallery")
+    result = CliRunner().invoke(main, ["batch", str(CAPTIONER), str(folder), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _cards(page) -> list[dict]:
+    return page.eval_on_selector_all(
+        "#cards .card",
+        """cards => cards.map(c => ({name: c.querySelector('.name').textContent,
+            caption: c.querySelector('.caption strong').textContent,
+            words: [...c.querySelectorAll('.words figcaption')].map(f => f.textContent)}))""",
+    )
+
+
+def test_the_gallery_shows_each_caption_with_its_words_attention_and_searches_captions(caption_gallery, page):
+    records = {r["image"]: r for r in map(json.loads, (caption_gallery / "results.jsonl").read_text().splitlines())}
+    page.goto((caption_gallery / "index.html").as_uri())
+    page.wait_for_function(
+        "document.querySelectorAll('#cards img').length > 0 && "
+        "[...document.querySelectorAll('#cards img')].every(i => i.complete)"
+    )
+    cards = _cards(page)
+    assert {c["name"]: c["caption"] for c in cards} == {name: r["caption"] for name, r in records.items()}
+    assert all(c["words"] == c["caption"].split() for c in cards)  # a picture of α for each word
+    loaded = page.eval_on_selector_all("#cards img", "images => images.map(i => i.naturalWidth > 0)")
+    assert loaded and all(loaded)
+    assert not page.dialogs  # the hostile file name is text
+    page.fill("#q", "on grass")
+    assert sorted(c["name"] for c in _cards(page)) == sorted(
+        n for n, r in records.items() if "on grass" in r["caption"]
+    )
+    assert "q=on+grass" in page.evaluate("location.hash")
+    page.fill("#q", "wide")  # file names are still searched
+    assert [c["name"] for c in _cards(page)] == ["wide-cat.jpg"]
+    page.fill("#q", "")
+    page.select_option("#cls", records["chelsea.jpg"]["caption"])  # the captions are the gallery's classes
+    assert [c["name"] for c in _cards(page)] == ["chelsea.jpg"]
+    page.select_option("#cls", "")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width in (420, 1920):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(100)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+        page.screenshot(path=str(ARTIFACTS / f"caption-gallery-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_a_card_opens_the_images_caption_report_which_steps_through_the_gallery(caption_gallery, page):
+    page.goto((caption_gallery / "index.html").as_uri() + "#q=on+grass")
+    first = _cards(page)[0]
+    page.click("#cards .card a >> nth=0")
+    page.wait_for_load_state()
+    assert page.url.endswith("/detail.html#q=on+grass")
+    words = page.eval_on_selector_all(".caption a", "links => links.map(a => a.firstChild.textContent.trim())")
+    assert words == first["caption"].split()
+    assert page.text_content("#position") == f"1 of {len(_shown_on_grass(caption_gallery))}"
+    page.click("#next")
+    page.wait_for_load_state()
+    assert page.text_content("#position").startswith("2 of")
+    page.click("#to-index")
+    page.wait_for_load_state()
+    assert page.url.endswith("/index.html#q=on+grass") and page.input_value("#q") == "on grass"
+    for width in (420, 1920):
+        page.goto((caption_gallery / "images" / "wide-cat.jpg" / "detail.html").as_uri())
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(100)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+        page.screenshot(path=str(ARTIFACTS / f"caption-gallery-detail-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def _shown_on_grass(out: Path) -> list[str]:
+    records = map(json.loads, (out / "results.jsonl").read_text().splitlines())
+    return [r["image"] for r in records if "on grass" in r["caption"]]

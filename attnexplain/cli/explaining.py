@@ -362,7 +362,7 @@ def batch(
     overlay_size: int | None,
 ) -> None:
     """Explain many images with MODEL: overlays, heatmaps, results.jsonl, summary.csv, report.json
-    and an index.html gallery in --out.
+    and an index.html gallery in --out. A captioner's images are captioned, each word explained.
 
     INPUTS are image files, folders (searched recursively for jpg, jpeg, png, webp, bmp, tif,
     tiff; symbolic links to folders are not followed), globs ('photos/**/*.jpg') or @list.txt (one
