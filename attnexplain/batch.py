@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .batch_ledger import BatchRun, start_run
-from .batch_stages import BatchSettings, Stages
+from .batch_stages import BatchSettings, Stages, explain_decoded, plan_batch, write_image
 from .errors import AttnExplainError
 from .formats import RESULTS_JSONL
 from .inputs import Decoded, Inputs, NoImages, collect_inputs, decoded_chunks, read_image
@@ -68,11 +68,13 @@ def run_batch(
     :class:`attnexplain._lock.OutputInUse` when another run writes into ``out``."""
     from ._atomic import remove_stale_staging
     from ._lock import output_lock
-    from .caption_batch import stages_for
+    from .caption_batch import captioner_stages
 
     started = time.perf_counter()
     model_spec = ModelSpec.of(model_spec)  # the dict of its fields, as before there was a ModelSpec
-    stages = stages_for(loaded, settings, cluster)  # a captioner's run is its own (refused on Ray)
+    stages = captioner_stages(loaded, settings, cluster) or Stages(  # a captioner's run is its own
+        plan=plan_batch, explain=explain_decoded, write=write_image
+    )
     if cluster is not None and (settings.parallel_batches or 1) > 1:
         raise AttnExplainError(
             "parallel_batches is for the local engine; on Ray, the cluster's "

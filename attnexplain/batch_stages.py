@@ -266,78 +266,98 @@ def write_photo(folder: Path, decoded: Decoded) -> None:
     (folder / PHOTO_JPG).write_bytes(encode_image(downscale(decoded.pixels, PHOTO_SIDE), ".jpg", quality=85))
 
 
-def write_image(
-    out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings, model_s: float
+def write_image_folder(
+    out: Path,
+    decoded: Decoded,
+    result: dict[str, Any],
+    model_s: float,
+    fill: Callable[[Path, dict[str, Any]], None],
 ) -> dict[str, Any]:
-    """One image's folder, atomically: per method the files ``attnexplain run`` writes (see
-    :func:`attnexplain.report.write_method_outputs`) and a thumbnail, and the detail page."""
+    """One image's folder, atomically, whatever the model: ``fill(staging, record)`` writes the
+    model's files into the staging folder and adds to the record (:func:`image_record`); the photo
+    is written beside them. A failed explanation (``result["error"]``), a disk or an encoding
+    problem fails this image only (:func:`attnexplain.inputs.failed_record`)."""
     from ._atomic import atomic_directory
-    from .gallery import render_detail
-    from .render import downscale, encode_image, render_explained_overlay
-    from .report import method_summary, write_method_outputs
-    from .viewer import DETAIL_MAP_SIDE, viewer_data
 
     began = time.perf_counter()
     if "error" in result:
         return failed_record(decoded, result["error"])
-    output = f"{IMAGES_DIR}/{decoded.item.relative}"
     record = image_record(decoded, model_s)
-    files: dict[str, dict[str, str]] = {}
     try:
-        with atomic_directory(out / output) as staging:
-            for name, method_map in result["maps"].items():
-                overlay = render_explained_overlay(
-                    decoded.pixels,
-                    method_map.heatmap,
-                    decoded.box,
-                    settings.alpha,
-                    result.get("detections"),
-                    settings.colormap,
-                )
-                written = write_method_outputs(staging, method_map, overlay, settings.overlay_format, settings.colormap)
-                files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
-                (staging / files[name]["thumb"]).write_bytes(
-                    encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80)
-                )
-            first = next(iter(result["maps"].values()))
-            record.update(
-                {
-                    "files": files,
-                    "predictions": result["predictions"],
-                    **({"present": result["present"]} if "present" in result else {}),
-                    "target": result["target"],
-                    "methods": list(result["maps"]),
-                    "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
-                    "layer": ",".join(first.layers) or None,
-                    "precision": result["precision"],  # what the model's forward ran in (--precision resolved)
-                    **({"detections": result["detections"]} if "detections" in result else {}),
-                    **({"metrics": result["metrics"]} if "metrics" in result else {}),
-                    **(
-                        {"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
-                        if settings.truth is not None
-                        else {}
-                    ),
-                }
-            )
+        with atomic_directory(out / record["output"]) as staging:
+            fill(staging, record)
             write_photo(staging, decoded)
-            target = result["target"]
-            viewer = viewer_data(
-                result["maps"],
-                target["label"] or f"class {target['index']}",
-                decoded.box,
-                decoded.pixels.shape[1::-1],
-                DETAIL_MAP_SIDE,
-                settings.colormap,
-                settings.alpha,
-                result.get("detections"),
-            )
-            (staging / DETAIL_HTML).write_text(render_detail(record, viewer, PHOTO_JPG), encoding="utf-8")
             record["timings"]["write_s"] = round(time.perf_counter() - began, 6)
     except Exception as error:  # noqa: BLE001 - a disk or encoding problem fails this image only
         return failed_record(decoded, f"Cannot write outputs: {type(error).__name__}: {error}")
     finally:
         decoded.pixels = None
     return record
+
+
+def write_image(
+    out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings, model_s: float
+) -> dict[str, Any]:
+    """One image's folder, atomically: per method the files ``attnexplain run`` writes (see
+    :func:`attnexplain.report.write_method_outputs`) and a thumbnail, and the detail page."""
+    return write_image_folder(
+        out, decoded, result, model_s, lambda staging, record: _write_maps(staging, record, decoded, result, settings)
+    )
+
+
+def _write_maps(
+    staging: Path, record: dict[str, Any], decoded: Decoded, result: dict[str, Any], settings: BatchSettings
+) -> None:
+    from .gallery import render_detail
+    from .render import downscale, encode_image, render_explained_overlay
+    from .report import method_summary, write_method_outputs
+    from .viewer import DETAIL_MAP_SIDE, viewer_data
+
+    files: dict[str, dict[str, str]] = {}
+    for name, method_map in result["maps"].items():
+        overlay = render_explained_overlay(
+            decoded.pixels,
+            method_map.heatmap,
+            decoded.box,
+            settings.alpha,
+            result.get("detections"),
+            settings.colormap,
+        )
+        written = write_method_outputs(staging, method_map, overlay, settings.overlay_format, settings.colormap)
+        files[name] = dict(written.files, thumb=f"thumb-{name}.jpg")
+        (staging / files[name]["thumb"]).write_bytes(encode_image(downscale(overlay, THUMB_SIDE), ".jpg", quality=80))
+    first = next(iter(result["maps"].values()))
+    record.update(
+        {
+            "files": files,
+            "predictions": result["predictions"],
+            **({"present": result["present"]} if "present" in result else {}),
+            "target": result["target"],
+            "methods": list(result["maps"]),
+            "maps": {name: method_summary(method_map) for name, method_map in result["maps"].items()},
+            "layer": ",".join(first.layers) or None,
+            "precision": result["precision"],  # what the model's forward ran in (--precision resolved)
+            **({"detections": result["detections"]} if "detections" in result else {}),
+            **({"metrics": result["metrics"]} if "metrics" in result else {}),
+            **(
+                {"truth": settings.truth.label_for(decoded.item.relative, decoded.item.path)}
+                if settings.truth is not None
+                else {}
+            ),
+        }
+    )
+    target = result["target"]
+    viewer = viewer_data(
+        result["maps"],
+        target["label"] or f"class {target['index']}",
+        decoded.box,
+        decoded.pixels.shape[1::-1],
+        DETAIL_MAP_SIDE,
+        settings.colormap,
+        settings.alpha,
+        result.get("detections"),
+    )
+    (staging / DETAIL_HTML).write_text(render_detail(record, viewer, PHOTO_JPG), encoding="utf-8")
 
 
 #: What a run does to a classifier's images (detectors' and segmenters' too).

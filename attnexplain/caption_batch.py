@@ -19,10 +19,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from .batch_stages import EXPLAINING, BatchSettings, Stages, image_record, write_photo
+from .batch_stages import BatchSettings, Stages, write_image_folder
 from .caption_records import CAPTION_METHODS, CAPTIONING, caption_record_fields
 from .errors import AttnExplainError, MethodError
-from .inputs import Decoded, failed_record
+from .inputs import Decoded
 from .records import DETAIL_HTML
 
 
@@ -35,15 +35,15 @@ def refuse_options(given: Sequence[str]) -> None:
         )
 
 
-def stages_for(loaded, settings: BatchSettings, cluster: Any = None) -> Stages:
-    """What a batch run does to ``loaded``'s images: a captioner's stages (:data:`CAPTIONING_STAGES`),
-    after refusing the ``settings`` that do not apply to one, and Ray (``cluster``), whose actors
-    explain a classifier's way; for any other model, :data:`attnexplain.batch_stages.EXPLAINING`."""
+def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> Stages | None:
+    """What a batch run does to a captioner's images (:data:`CAPTIONING_STAGES`), after refusing
+    the ``settings`` that do not apply to one, and Ray (``cluster``), whose actors explain a
+    classifier's way; None for a model that is no captioner."""
     from .captioning import captioning_of
     from .options import MethodOptions
 
     if captioning_of(loaded) is None:
-        return EXPLAINING
+        return None
     defaults = BatchSettings()
     given = [
         option
@@ -127,36 +127,25 @@ def write_caption_image(
     out: Path, decoded: Decoded, result: dict[str, Any], settings: BatchSettings, model_s: float
 ) -> dict[str, Any]:
     """One image's folder, atomically: each word's overlays and maps, the attention strip,
-    report.json, the caption report as the detail page, the photo and each word's thumbnail."""
-    from ._atomic import atomic_directory
+    report.json, the caption report as the detail page, each word's thumbnail and the photo."""
     from .caption_report import write_caption_outputs
     from .gallery import gallery_links
 
-    began = time.perf_counter()
-    if "error" in result:
-        return failed_record(decoded, result["error"])
-    record = image_record(decoded, model_s)
-    try:
-        with atomic_directory(out / record["output"]) as staging:
-            report = write_caption_outputs(
-                result.pop("explanation"),
-                out / record["output"],
-                settings.alpha,
-                settings.overlay_format,
-                settings.colormap,
-                into=staging,
-                page_name=DETAIL_HTML,
-                gallery=gallery_links(record),
-                thumbs=True,
-            )
-            write_photo(staging, decoded)
-            record.update(caption_record_fields(report))
-            record["timings"]["write_s"] = round(time.perf_counter() - began, 6)
-    except Exception as error:  # noqa: BLE001 - a disk or encoding problem fails this image only
-        return failed_record(decoded, f"Cannot write outputs: {type(error).__name__}: {error}")
-    finally:
-        decoded.pixels = None
-    return record
+    def fill(staging: Path, record: dict[str, Any]) -> None:
+        report = write_caption_outputs(
+            result.pop("explanation"),
+            out / record["output"],
+            settings.alpha,
+            settings.overlay_format,
+            settings.colormap,
+            into=staging,
+            page_name=DETAIL_HTML,
+            gallery=gallery_links(record),
+            thumbs=True,
+        )
+        record.update(caption_record_fields(report))
+
+    return write_image_folder(out, decoded, result, model_s, fill)
 
 
 #: What a run does to a captioner's images.

@@ -180,6 +180,24 @@ def test_ctrl_c_keeps_the_captioned_images_and_resume_finishes_the_run(photos, t
     assert all(r["status"] == "ok" for r in _records(out).values()) and len(_records(out)) == 4
 
 
+def test_shards_of_a_captioners_run_merge_into_one_gallery(photos, tmp_path, references):
+    shards = [tmp_path / "shard-1", tmp_path / "shard-2"]
+    for number, shard in enumerate(shards, 1):
+        result = _run("batch", CAPTIONER, photos, "--out", shard, "--shard", f"{number}/2", "--quiet")
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    result = _run("merge", *shards, "--out", merged)
+    assert result.exit_code == 0, result.output
+    records = _records(merged)
+    assert {image: r["caption"] for image, r in records.items()} == {i: r.text for i, r in references.items()}
+    for record in records.values():
+        for files in record["files"].values():
+            assert all((merged / record["output"] / name).is_file() for name in files.values())
+        assert (merged / record["detail"]).is_file()
+    assert json.loads((merged / "report.json").read_text())["run"]["task"] == "captioning"
+    assert sorted(row[10] for row in read_gallery_data(merged)["images"]) == sorted(r.text for r in references.values())
+
+
 def test_target_explains_one_word_and_an_image_without_it_fails_alone(photos, tmp_path):
     out = tmp_path / "out"
     result = _run("batch", CAPTIONER, photos, "--out", out, "--target", "cat", "--quiet")
