@@ -231,6 +231,19 @@ def test_options_that_do_not_apply_to_a_captioner_are_refused_in_one_line(photos
     assert "Traceback" not in result.output and not out.exists()
 
 
+def test_ray_is_refused_for_a_captioner_before_anything_is_written(photos, tmp_path):
+    from attnexplain.batch import run_batch
+    from attnexplain.batch_stages import BatchSettings
+    from attnexplain.errors import AttnExplainError
+    from attnexplain.model_spec import ModelSpec
+
+    spec = ModelSpec(model=str(CAPTIONER))
+    out = tmp_path / "out"
+    with pytest.raises(AttnExplainError, match=r"captioner's batch runs on the local engine") as raised:
+        run_batch(spec.load(), spec, [str(photos)], out, BatchSettings(), cluster=object())  # never joined
+    assert "\n" not in str(raised.value) and not out.exists()
+
+
 # --- a captioner whose own words are markup and paths ------------------------------------------------
 
 HOSTILE_WORD = "<script>alert(1)</script>"
