@@ -604,9 +604,9 @@ def evaluate(
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
     from .._signals import Stopped, stop_signals_interrupt
-    from ..captioning import refuse_captioner
     from ..evaluation import EvaluationSettings
     from ..evaluation import evaluate as run_evaluation
+    from .captioning import evaluation_for
     from ..metrics import MetricSettings
     from ..report import writable_output_folder
 
@@ -634,8 +634,7 @@ def evaluate(
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = model_spec.load()
-            refuse_captioner(loaded, "`attnexplain evaluate`")
-            evaluation = run_evaluation(
+            evaluation = evaluation_for(loaded, run_evaluation)(
                 loaded,
                 list(inputs),
                 settings,
