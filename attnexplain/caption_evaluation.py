@@ -73,6 +73,12 @@ def refuse_settings(settings) -> None:
         )
         if not applies
     ]
+    refuse_options(given)
+
+
+def refuse_options(given: Sequence[str]) -> None:
+    """A one-line :class:`MethodError` naming the ``given`` options, if any: they do not apply to a
+    captioner."""
     if given:
         raise MethodError(
             f"A captioner's words are evaluated on its attention α, Grad-CAM and a random map; "
@@ -237,7 +243,9 @@ def measure_image(loaded, captioning, decoded, settings, metrics, masks, seed: i
                 "probability": rounded(explanation.probabilities[t]),
                 "metrics": {
                     name: {
-                        metric: rounded(value[w, m]) for metric, value in values.items() if math.isfinite(float(value[w, m]))
+                        metric: rounded(value[w, m])
+                        for metric, value in values.items()
+                        if math.isfinite(float(value[w, m]))
                     }
                     for m, name in enumerate(CAPTION_MAPS)
                 },
@@ -252,7 +260,7 @@ def measure_image(loaded, captioning, decoded, settings, metrics, masks, seed: i
 def evaluate_captions(
     loaded,
     input_specs: Sequence[str],
-    settings=None,
+    settings,
     *,
     masks: Path | None = None,
     boxes: Path | None = None,
@@ -263,10 +271,9 @@ def evaluate_captions(
 ) -> dict[str, Any]:
     """:func:`attnexplain.evaluation.evaluate` for a captioning model (same arguments, same outputs
     in ``out``: evaluation.jsonl as it goes, evaluation.json, .csv and .html at the end or when
-    stopped): each word of each image's caption, its attention α and Grad-CAM beside a random map."""
-    from .evaluation import EvaluationSettings
-
-    settings = settings or EvaluationSettings()
+    stopped): each word of each image's caption, its attention α and Grad-CAM beside a random map.
+    ``settings``: an :class:`~attnexplain.evaluation.EvaluationSettings`, of which the preprocessing,
+    ``max_pixels``, ``metrics`` and ``metric_settings`` apply (the other fields are refused)."""
     refuse_settings(settings)
     if boxes is not None:
         raise MethodError("A captioner's words are located by --masks DIR (a <word>.png per word); --boxes name none.")
@@ -336,7 +343,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
 
     for spec_text, reason in inputs.missing:
         finish({"image": spec_text, "path": spec_text, "status": "failed", "reason": reason})
-    for image, line in kept.items():
+    for line in kept.values():
         records.append({name: line[name] for name in RECORD_FIELDS if name in line})
         _add_word_curves(sums, line["curves"])
         progress.advance(earlier=True)

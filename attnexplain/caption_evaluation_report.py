@@ -38,11 +38,25 @@ def caption_evaluation_csv(evaluation: dict[str, Any]) -> str:
     for record in evaluation["per_image"]:
         image = spreadsheet_safe(record["image"])
         if record["status"] != "ok":
-            writer.writerow([image, "failed", "", "", "", "", "", *[""] * len(metrics), spreadsheet_safe(record["reason"])])
+            writer.writerow(
+                [image, "failed", "", "", "", "", "", *[""] * len(metrics), spreadsheet_safe(record["reason"])]
+            )
             continue
         caption = spreadsheet_safe(record["caption"])
         if not record["words"]:
-            writer.writerow([image, "ok", caption, "", "", "", "", *[""] * len(metrics), spreadsheet_safe(record.get("mask_error", ""))])
+            writer.writerow(
+                [
+                    image,
+                    "ok",
+                    caption,
+                    "",
+                    "",
+                    "",
+                    "",
+                    *[""] * len(metrics),
+                    spreadsheet_safe(record.get("mask_error", "")),
+                ]
+            )
         for word in record["words"]:
             for name, values in word["metrics"].items():
                 writer.writerow(

@@ -79,14 +79,14 @@ EVALUATE_APPLIES = frozenset(
 
 
 def evaluation_for(loaded: Any, evaluate: Any) -> Any:
-    """``evaluate``'s Python function for ``loaded``: ``evaluate`` itself, or for a captioner
-    :func:`~attnexplain.caption_evaluation.evaluate_captions` once the options given on the command
-    line that do not apply to a captioner are refused in one line."""
+    """``evaluate`` (:func:`attnexplain.evaluation.evaluate`, which hands a captioner to
+    :func:`~attnexplain.caption_evaluation.evaluate_captions`), once, for a captioner, the options
+    given on the command line that do not apply to it are refused in one line."""
     from ..captioning import captioning_of
 
     if captioning_of(loaded) is None:
         return evaluate
-    from ..caption_evaluation import evaluate_captions
+    from ..caption_evaluation import refuse_options
 
     context = click.get_current_context()
     given = [
@@ -96,9 +96,5 @@ def evaluation_for(loaded: Any, evaluate: Any) -> Any:
         and param.name is not None
         and context.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT
     ]
-    if given:
-        raise MethodError(
-            f"A captioner's words are evaluated on its attention α, Grad-CAM and a random map; "
-            f"{', '.join(given)} does not apply to it."
-        )
-    return evaluate_captions
+    refuse_options(given)
+    return evaluate

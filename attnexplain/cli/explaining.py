@@ -606,9 +606,9 @@ def evaluate(
     from .._signals import Stopped, stop_signals_interrupt
     from ..evaluation import EvaluationSettings
     from ..evaluation import evaluate as run_evaluation
-    from .captioning import evaluation_for
     from ..metrics import MetricSettings
     from ..report import writable_output_folder
+    from .captioning import evaluation_for
 
     settings = EvaluationSettings(
         method=method,
