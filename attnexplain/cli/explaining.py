@@ -587,7 +587,8 @@ def evaluate(
 ) -> None:
     """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
     faithfulness (deletion, insertion, ROAD, average drop), localisation (with --masks or --boxes)
-    and the randomization sanity check, beside a random map.
+    and the randomization sanity check, beside a random map. On a captioner: each caption word's attention
+    and Grad-CAM, against its mask MASKS/<image>/<word>.png and by deletion/insertion of its probability.
 
     Writes evaluation.json, evaluation.csv and evaluation.html in --out and prints a table ranked by
     faithfulness with a one-line verdict. A bad image, mask or box is recorded for that image.
