@@ -41,6 +41,9 @@ from .model_spec import ModelSpec
 CAPTION_MAPS = ("attention", "gradcam", RANDOM_MAP)
 #: The metric groups that apply to a word's maps (ROAD, average drop and randomization do not).
 CAPTION_METRICS = ("deletion", "insertion", "pointing", "mass", "rank")
+#: Images whose word maps the page shows as small overlays (evaluation.py, which hands captioners
+#: over here, shows as many of its images': this module cannot import it back).
+EXAMPLE_IMAGES = 3
 #: A folder of word masks is untrusted: at most this many files are looked at for ``--resume``.
 MAX_MASK_FILES = 1000
 
@@ -157,9 +160,12 @@ def _word_masks(masks: Path, decoded, explanation, max_pixels: int) -> tuple[dic
     return found, unmasked, errors
 
 
-def measure_image(loaded, captioning, decoded, settings, metrics, masks, seed: int) -> tuple[dict, dict]:
-    """One image's record (its caption; per measured word its probability and each map's values)
-    and its curves ({"fractions", "deletion": {map: [per word]}, "insertion": ...})."""
+def measure_image(
+    loaded, captioning, decoded, settings, metrics, masks, seed: int, example: bool = False
+) -> tuple[dict, dict, dict | None]:
+    """One image's record (its caption; per measured word its probability and each map's values),
+    its curves ({"fractions", "deletion": {map: [per word]}, "insertion": ...}) and, with
+    ``example``, the page's small overlays of each measured word's maps (else None)."""
     import torch
 
     from .captioning import caption_ids, explain_caption
@@ -192,7 +198,7 @@ def measure_image(loaded, captioning, decoded, settings, metrics, masks, seed: i
     by_position = {word.position: word for word in explanation.words}
     record["words"] = []
     if not positions:
-        return record, {}
+        return record, {}, None
     batch = decoded.tensor.to(model_device(loaded.module))
     size = tuple(batch.shape[-2:])
     chance = random_maps(1, size, [seed])[0]
@@ -251,7 +257,34 @@ def measure_image(loaded, captioning, decoded, settings, metrics, masks, seed: i
                 },
             }
         )
-    return record, curves
+    found = None
+    if example:
+        found = {
+            "image": record["image"],
+            "caption": explanation.text,
+            "words": [
+                {
+                    "word": explanation.caption[t],
+                    "overlays": _overlays(decoded.pixels, maps[w], explanation.box, settings),
+                }
+                for w, t in enumerate(positions)
+            ],
+        }
+    return record, curves, found
+
+
+def _overlays(pixels: np.ndarray, maps, box, settings) -> dict[str, str]:
+    """Map name → a small JPEG overlay of it on the photo, as a data: URI (the page holds them)."""
+    import base64
+
+    from .render import downscale, encode_image, render_explained_overlay
+
+    found = {}
+    for name, heatmap in zip(CAPTION_MAPS, maps):
+        overlay = render_explained_overlay(pixels, heatmap.numpy(), box, colormap=settings.colormap)
+        data = base64.b64encode(encode_image(downscale(overlay, 160), ".jpg", quality=80)).decode()
+        found[name] = f"data:image/jpeg;base64,{data}"
+    return found
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -326,6 +359,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
     kept = _reusable(out, key_prefix, paths, masks, metrics) if resume else {}
 
     records: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
     sums = CurveSums()
     log = log_lines.open_log(out, kept.values()) if out is not None else None
     progress = Progress(len(inputs.images) + len(inputs.missing), quiet, label="evaluating")
@@ -357,12 +391,14 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
         for (one,) in decoded_chunks(decoded, 1, finish):
             progress.stage(f"image {position[one.item.relative] + 1}")
             seed = settings.metric_settings.seed + position[one.item.relative]
+            wanted = len(examples) < EXAMPLE_IMAGES
             try:
-                record, curves = measure_image(loaded, captioning, one, settings, metrics, masks, seed)
+                record, curves, example = measure_image(loaded, captioning, one, settings, metrics, masks, seed, wanted)
             except AttnExplainError as error:
                 finish(failed_record(one, str(error)))
                 continue
             finish(record, one.key, curves)
+            examples.extend([example] if example is not None else [])
     except BaseException as error:  # Ctrl-C, SIGTERM/SIGHUP (attnexplain._signals), a failure
         if isinstance(error, KeyboardInterrupt):
             stopped = str(error) if isinstance(error, Stopped) else "Ctrl-C"
@@ -378,7 +414,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
             evaluation = summarize_captions(
                 loaded, preprocessing, metrics, settings, records, sums, time.perf_counter() - started, input_specs
             )
-            evaluation.update(complete=stopped is None, reused=len(kept))
+            evaluation.update(complete=stopped is None, reused=len(kept), examples=examples)
             if stopped is not None:
                 evaluation["stopped"] = {
                     "by": stopped,

@@ -107,8 +107,9 @@ def render_caption_evaluation_html(evaluation: dict[str, Any]) -> str:
 
 def write_caption_evaluation(out: Path, evaluation: dict[str, Any]) -> dict[str, Path]:
     """Write evaluation.json, .csv and .html into ``out``; returns their paths."""
+    report = {key: value for key, value in evaluation.items() if key != "examples"}
     files = {
-        EVALUATION_JSON: json.dumps(evaluation, indent=2, allow_nan=False).encode(),
+        EVALUATION_JSON: json.dumps(report, indent=2, allow_nan=False).encode(),
         EVALUATION_CSV: caption_evaluation_csv(evaluation).encode(),
         EVALUATION_HTML: render_caption_evaluation_html(evaluation).encode(),
     }

@@ -61,6 +61,11 @@ def test_caption_evaluation_page_shows_the_verdicts_the_maps_and_each_word(evalu
     images = page.text_content("#images")
     assert HOSTILE in images and all(record["caption"] in images for record in evaluation["per_image"])
     assert not page.dialogs and page.eval_on_selector_all("img[src='x']", "images => images.length") == 0
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    shown = page.eval_on_selector_all(".examples img", "images => images.map(i => [i.alt, i.naturalWidth])")
+    measured = [w["word"] for record in evaluation["per_image"] for w in record["words"]]
+    assert len(shown) == 3 * len(measured) and all(width > 0 for _, width in shown)  # α, Grad-CAM, random
+    assert "examples" not in evaluation  # the pictures live in the page only
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for width in (420, 1920):
         page.set_viewport_size({"width": width, "height": 1000})

@@ -70,6 +70,7 @@ EVALUATE_APPLIES = frozenset(
         "mean",
         "std",
         "max_pixels",
+        "colormap",
         "out_dir",
         "as_json",
         "resume",
