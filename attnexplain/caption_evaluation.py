@@ -132,7 +132,9 @@ def caption_score(captioning, ids: Sequence[int]):
     return score
 
 
-def _word_masks(masks: Path, decoded, explanation, max_pixels: int) -> tuple[dict[int, Any], list[str], dict]:
+def _word_masks(
+    masks: Path, decoded, caption: Sequence[str], preprocessing, max_pixels: int
+) -> tuple[dict[int, Any], list[str], dict]:
     """Per caption position the word's mask in the model's frame (H, W) bool, the words without one,
     and position → why the word's mask could not be used."""
     import torch
@@ -147,25 +149,26 @@ def _word_masks(masks: Path, decoded, explanation, max_pixels: int) -> tuple[dic
         raise MaskError(f"no folder {folder} of masks, one <word>.png per word{hint}")
     height, width = decoded.pixels.shape[:2]
     found, unmasked, errors = {}, [], {}
-    for position, word in enumerate(explanation.caption):
+    for position, word in enumerate(caption):
         path = word_mask_path(masks, relative, word)
         if path is None or not (path.exists() or path.is_symlink()):
             unmasked.append(word)
             continue
         try:
             mask = mask_file_mask(path, width, height, max_pixels)
-            found[position] = torch.from_numpy(model_frame_mask(mask, explanation.preprocessing))
+            found[position] = torch.from_numpy(model_frame_mask(mask, preprocessing))
         except MaskError as error:
             errors[position] = f"{word}: {error}"
     return found, unmasked, errors
 
 
 def measure_image(
-    loaded, captioning, decoded, settings, metrics, masks, seed: int, example: bool = False
+    loaded, captioning, decoded, preprocessing, settings, metrics, masks, seed: int, example: bool = False
 ) -> tuple[dict, dict, dict | None]:
-    """One image's record (its caption; per measured word its probability and each map's values),
-    its curves ({"fractions", "deletion": {map: [per word]}, "insertion": ...}) and, with
-    ``example``, the page's small overlays of each measured word's maps (else None)."""
+    """One image (decoded with ``preprocessing``, as ``settings`` plan it): its record (its caption;
+    per measured word its probability and each map's values), its curves ({"fractions", "deletion":
+    {map: [per word]}, "insertion": ...}) and, with ``example``, the page's small overlays of each
+    measured word's maps (else None)."""
     import torch
 
     from .captioning import caption_ids, explain_caption
@@ -175,11 +178,12 @@ def measure_image(
 
     picture = LoadedImage(pixels=decoded.pixels, path=decoded.item.path, format=None, mode="RGB")
     explanation = explain_caption(loaded, picture, size=settings.size, mean=settings.mean, std=settings.std)
+    text = " ".join(explanation.caption)
     record: dict[str, Any] = {
         "image": decoded.item.relative,
         "path": str(decoded.item.path),
         "status": "ok",
-        "caption": explanation.text,
+        "caption": text,
     }
     positions = list(range(len(explanation.caption)))
     word_masks: dict[int, Any] = {}
@@ -187,7 +191,9 @@ def measure_image(
         from .evaluation_masks import MaskError
 
         try:
-            word_masks, unmasked, errors = _word_masks(masks, decoded, explanation, settings.max_pixels)
+            word_masks, unmasked, errors = _word_masks(
+                masks, decoded, explanation.caption, preprocessing, settings.max_pixels
+            )
         except MaskError as error:
             word_masks, unmasked, errors = {}, [], {}
             record["mask_error"] = f"No localisation for {decoded.item.relative}: {error}."
@@ -196,6 +202,7 @@ def measure_image(
         if errors:
             record["mask_error"] = "; ".join(errors.values())
     by_position = {word.position: word for word in explanation.words}
+    positions = [t for t in positions if t in by_position]  # every word is explained; never assume it
     record["words"] = []
     if not positions:
         return record, {}, None
@@ -218,7 +225,7 @@ def measure_image(
     curves: dict[str, Any] = {}
     if "deletion" in metrics or "insertion" in metrics:
         found = causal_curves(
-            caption_score(captioning, caption_ids(captioning, explanation.text)),
+            caption_score(captioning, caption_ids(captioning, text)),
             batch.expand(len(positions), -1, -1, -1),
             maps.to(batch.device),
             torch.tensor(positions),
@@ -232,7 +239,7 @@ def measure_image(
                 values[which] = area
                 curves[which] = {name: curve[:, m].tolist() for m, name in enumerate(CAPTION_MAPS)}
     if word_masks and any(name in LOCALISATION for name in metrics):
-        box = explanation.box  # the photo's region the model saw: photo pixels per model pixel
+        box = decoded.box  # the photo's region the model saw: photo pixels per model pixel
         pixel_size = torch.tensor([[(box[3] - box[1]) / size[0], (box[2] - box[0]) / size[1]]], dtype=torch.float64)
         located = localisation(
             maps,
@@ -261,11 +268,11 @@ def measure_image(
     if example:
         found = {
             "image": record["image"],
-            "caption": explanation.text,
+            "caption": text,
             "words": [
                 {
                     "word": explanation.caption[t],
-                    "overlays": _overlays(decoded.pixels, maps[w], explanation.box, settings),
+                    "overlays": _overlays(decoded.pixels, maps[w], decoded.box, settings),
                 }
                 for w, t in enumerate(positions)
             ],
@@ -393,7 +400,9 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
             seed = settings.metric_settings.seed + position[one.item.relative]
             wanted = len(examples) < EXAMPLE_IMAGES
             try:
-                record, curves, example = measure_image(loaded, captioning, one, settings, metrics, masks, seed, wanted)
+                record, curves, example = measure_image(
+                    loaded, captioning, one, preprocessing, settings, metrics, masks, seed, wanted
+                )
             except AttnExplainError as error:
                 finish(failed_record(one, str(error)))
                 continue
