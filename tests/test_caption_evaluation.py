@@ -263,3 +263,23 @@ def test_metrics_and_boxes_that_do_not_apply_are_refused_in_one_line(composites,
     _one_line_error(
         _run("evaluate", CAPTIONER, composites / "images", "--metrics", "pointing", "--out", tmp_path / "c"), "--masks"
     )
+
+
+def test_without_masks_every_word_is_measured_by_deletion_and_a_bad_image_is_recorded(composites, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    first = sorted((composites / "images").iterdir())[0]
+    (folder / first.name).write_bytes(first.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # a file the test builds: hostile
+    out = tmp_path / "out"
+    result = _run(
+        "evaluate", CAPTIONER, folder, "--metrics", "deletion", "--steps", 3, "--size", SIZE, "--out", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output  # some images could not be measured
+    evaluation = json.loads(result.stdout)
+    records = {record["image"]: record for record in evaluation["per_image"]}
+    broken, measured = records["broken.png"], records[first.name]
+    assert broken["status"] == "failed" and "broken.png" in broken["reason"]
+    assert [w["word"] for w in measured["words"]] == measured["caption"].split()  # every word, no mask needed
+    assert all(set(w["metrics"][name]) == {"deletion"} for w in measured["words"] for name in w["metrics"])
+    assert "examples" not in evaluation and (out / "evaluation.html").is_file()
