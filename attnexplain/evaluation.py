@@ -176,7 +176,15 @@ def evaluate(
     they hold the images measured so far and say ``"complete": false``. ``resume`` reuses the lines of
     an earlier run in ``out`` made with the same model, settings, image and mask (``model_spec``: how
     the model was named, as ``batch`` takes it; default: ``loaded.describe()``). ``quiet=False``:
-    progress on stderr, by image and by stage (maps, perturbations, randomization)."""
+    progress on stderr, by image and by stage (maps, perturbations, randomization). A captioner's
+    words are measured by :func:`attnexplain.caption_evaluation.evaluate_captions`."""
+    from .captioning import captioning_of
+
+    if captioning_of(loaded) is not None:
+        from .caption_evaluation import evaluate_captions
+
+        where = {"masks": masks, "boxes": boxes, "out": out, "resume": resume, "quiet": quiet}
+        return evaluate_captions(loaded, input_specs, settings, model_spec=model_spec, **where)
     if out is None:
         if resume:
             raise AttnExplainError("Resuming needs the output folder of the earlier run.")

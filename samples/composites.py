@@ -220,6 +220,28 @@ def caption(label: int, texture: int) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name} on {TEXTURES[texture]}"
 
 
+def write_caption_composites(folder, n: int, seed: int = TEST_SEED, size: int = 128) -> list[str]:
+    """Write ``n`` composites (``make_composites_with_textures(n, seed, size)``) as
+    ``folder/images/NNNN.png`` with, for ``attnexplain evaluate`` on a captioner, each caption
+    word's mask ``folder/masks/NNNN/<word>.png`` (white = the word's region): the object's for its
+    noun, the background (every pixel but the object's) for its texture word. Returns the captions."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    images, labels, textures, masks = make_composites_with_textures(n, seed, size)
+    captions = []
+    for i in range(n):
+        name = f"{i:04d}"
+        word_masks = folder / "masks" / name
+        word_masks.mkdir(parents=True, exist_ok=True)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / "images" / f"{name}.png"), cv2.cvtColor(images[i], cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(word_masks / f"{LABELS[labels[i]]}.png"), masks[i].astype(np.uint8) * 255)
+        cv2.imwrite(str(word_masks / f"{TEXTURES[textures[i]]}.png"), (~masks[i]).astype(np.uint8) * 255)
+        captions.append(caption(int(labels[i]), int(textures[i])))
+    return captions
+
+
 def make_backgrounds(n: int, seed: int, size: int = 128) -> np.ndarray:
     """``n`` textures with no object (uint8 (n, size, size, 3) RGB), drawn like the composites'.
 

@@ -281,12 +281,9 @@ def test_a_captioner_of_another_plugin_is_explained_through_the_captioning_hook_
             )
 
 
-def test_evaluate_and_layers_refuse_a_captioner_in_one_line_and_write_nothing(captioner_file, photo, tmp_path):
-    path, _ = photo
-    for command in ("evaluate",):  # batch captions (tests/test_caption_batch.py)
-        out = tmp_path / command
-        _clean_failure(_run(command, captioner_file, path, "--out", out), f"`attnexplain {command}`", "run")
-        assert not out.exists()
+def test_layers_refuses_a_captioner_in_one_line(captioner_file):
+    # batch captions (tests/test_caption_batch.py); evaluate measures a captioner's words
+    # (tests/test_caption_evaluation.py)
     _clean_failure(_run("layers", captioner_file), "`attnexplain layers`", "captioning")
 
 

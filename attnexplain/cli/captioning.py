@@ -42,3 +42,55 @@ def run_captioner(
         click.echo(json.dumps(report, indent=2))
     else:
         print_caption_run(report)
+
+
+#: The options of ``evaluate`` that apply to a captioner: how to load the model and read the images
+#: and masks, the localisation and curve settings, the outputs.
+EVALUATE_APPLIES = frozenset(
+    {
+        "model",
+        "inputs",
+        "metrics",
+        "masks",
+        "steps",
+        "pointing_tolerance",
+        "arch",
+        "arch_kwargs",
+        "ema",
+        "trust_model",
+        "plugin",
+        "resize",
+        "device",
+        "size",
+        "mean",
+        "std",
+        "max_pixels",
+        "colormap",
+        "out_dir",
+        "as_json",
+        "resume",
+        "quiet",
+    }
+)
+
+
+def evaluation_for(loaded: Any, evaluate: Any) -> Any:
+    """``evaluate`` (:func:`attnexplain.evaluation.evaluate`, which hands a captioner to
+    :func:`~attnexplain.caption_evaluation.evaluate_captions`), once, for a captioner, the options
+    given on the command line that do not apply to it are refused in one line."""
+    from ..captioning import captioning_of
+
+    if captioning_of(loaded) is None:
+        return evaluate
+    from ..caption_evaluation import refuse_options
+
+    context = click.get_current_context()
+    given = [
+        param.opts[0]
+        for param in context.command.params
+        if param.name not in EVALUATE_APPLIES
+        and param.name is not None
+        and context.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT
+    ]
+    refuse_options(given)
+    return evaluate

@@ -585,7 +585,8 @@ def evaluate(
 ) -> None:
     """Which map to believe: measure the methods on MODEL and INPUTS (as `batch` takes them) for
     faithfulness (deletion, insertion, ROAD, average drop), localisation (with --masks or --boxes)
-    and the randomization sanity check, beside a random map.
+    and the randomization sanity check, beside a random map. On a captioner: each caption word's attention
+    and Grad-CAM, against its mask MASKS/<image>/<word>.png and by deletion/insertion of its probability.
 
     Writes evaluation.json, evaluation.csv and evaluation.html in --out and prints a table ranked by
     faithfulness with a one-line verdict. A bad image, mask or box is recorded for that image.
@@ -602,11 +603,11 @@ def evaluate(
     130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP.
     """
     from .._signals import Stopped, stop_signals_interrupt
-    from ..captioning import refuse_captioner
     from ..evaluation import EvaluationSettings
     from ..evaluation import evaluate as run_evaluation
     from ..metrics import MetricSettings
     from ..report import writable_output_folder
+    from .captioning import evaluation_for
 
     settings = EvaluationSettings(
         method=method,
@@ -632,8 +633,7 @@ def evaluate(
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
             loaded = model_spec.load()
-            refuse_captioner(loaded, "`attnexplain evaluate`")
-            evaluation = run_evaluation(
+            evaluation = evaluation_for(loaded, run_evaluation)(
                 loaded,
                 list(inputs),
                 settings,

@@ -206,6 +206,9 @@ def _reader_may_leave() -> Iterator[None]:
 def print_evaluation(evaluation: dict[str, Any]) -> None:
     """An evaluation: the methods ranked by faithfulness, how far the metrics agree, the
     randomization check and the verdict."""
+    if evaluation.get("task") == "captioning":
+        print_caption_evaluation(evaluation)
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -257,3 +260,32 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
     click.echo(evaluation["verdict"])
     for name, reason in evaluation["settings"].get("left_out", {}).items():
         click.echo(f"Left out {name}: {reason}", err=True)
+
+
+def print_caption_evaluation(evaluation: dict[str, Any]) -> None:
+    """A captioner's evaluation: per map (attention, Grad-CAM, the random map) each value's mean over
+    the measured words, the verdict and a line per map."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..evaluation_report import CONVENTION, metric_display, shown_mean, shown_number
+
+    words = evaluation["words"]["measured"]
+    table = Table(title=f"{words} words of {evaluation['images']['ok']} images' captions")
+    displays = {metric: metric_display(metric, better) for metric, better in evaluation["settings"]["better"].items()}
+    table.add_column("map")
+    table.add_column("faithfulness ↑", justify="right")
+    for display in displays.values():
+        table.add_column(f"{display['label']} {display['arrow']}", justify="right")
+    for row in evaluation["ranking"]:
+        summary = evaluation["methods"][row["method"]]
+        table.add_row(
+            row["method"],
+            shown_number(row["faithfulness"]),
+            *[shown_mean(summary.get(metric), display)[0] for metric, display in displays.items()],
+        )
+    Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(table)
+    click.echo(CONVENTION)
+    click.echo(evaluation["verdict"])
+    for line in evaluation["map_verdicts"].values():
+        click.echo(line)
