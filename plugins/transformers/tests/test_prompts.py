@@ -302,11 +302,11 @@ def test_siglip_gradcam_lays_its_patch_tokens_on_the_grid(siglip_folder):
     tokens = transformers.AutoTokenizer.from_pretrained(siglip_folder)(
         list(PROMPTS), padding="max_length", max_length=16, return_tensors="pt"
     )
+    kept: dict = {}
+    module = model.get_submodule(layer)
     drawn = 0
     for index, prompt in enumerate(PROMPTS):
         heatmap = explain(loaded, IMAGE, "gradcam", target=prompt, layer=layer).heatmap
-        kept = {}
-        module = model.get_submodule(layer)
         handle = module.register_forward_hook(lambda m, a, out: kept.update(out=out) or out.retain_grad())
         try:
             logits = model(pixel_values=_pixels(loaded), input_ids=tokens.input_ids).logits_per_image
@@ -390,6 +390,67 @@ def test_hostile_prompt_files_are_refused_in_one_line(clip_folder, tmp_path, con
 def test_prompt_and_prompts_together_are_refused(clip_folder):
     result = CliRunner().invoke(main, ["run", str(clip_folder), str(IMAGE), "--prompt", "a", "--prompts", "b,c"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def sentencepiece_siglip(folder: Path) -> Path:
+    """A tiny SigLIP saved with its own kind of tokenizer: a SiglipTokenizer over a sentencepiece
+    model trained here on a few captions (nothing downloaded)."""
+    import io
+
+    sentencepiece = pytest.importorskip("sentencepiece")
+    captions = [*PROMPTS, "a cat on grass", "a dog on grass", "a photo of grass", "a rocket on brick", "a mug"]
+    trained = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions * 20),
+        model_writer=trained,
+        vocab_size=40,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True)
+    (folder / "spiece.model").write_bytes(trained.getvalue())
+    tokenizer = transformers.SiglipTokenizer(vocab_file=str(folder / "spiece.model"))
+    assert max(len(tokenizer(prompt).input_ids) for prompt in PROMPTS) <= 16  # no prompt truncated
+    torch.manual_seed(1)
+    text = dict(TOWER, vocab_size=len(tokenizer), max_position_embeddings=16, pad_token_id=0, eos_token_id=1)
+    vision = dict(TOWER, image_size=32, patch_size=8)
+    model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+    return _save(model.eval(), tokenizer, folder)
+
+
+def test_a_siglip_folder_with_its_sentencepiece_tokenizer_scores_prompts_by_its_own_logits(tmp_path):
+    folder = sentencepiece_siglip(tmp_path / "siglip-sp")
+    assert (folder / "spiece.model").exists() and not (folder / "vocab.json").exists()
+    loaded = load_model(folder, prompts=PROMPTS)
+    pixels = _pixels(loaded)
+    with torch.no_grad():
+        logits = loaded.module(pixels)
+    expected = _models_own_logits(folder, "siglip", PROMPTS, pixels)
+    assert not torch.allclose(expected[0, 0], expected[0, 1])  # the prompts' tokens differ
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(IMAGE), "--prompts", "a cat,grass", "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_a_corrupt_sentencepiece_model_is_refused_in_one_line(tmp_path):
+    folder = sentencepiece_siglip(tmp_path / "siglip-sp")
+    (folder / "spiece.model").write_bytes(b"\x0a\xff\xff not a sentencepiece model" * 10)
+    with pytest.raises(ModelLoadError, match="could not load the tokenizer") as refused:
+        load_model(folder, prompts=PROMPTS)
+    assert "\n" not in str(refused.value)
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(IMAGE), "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "could not load the tokenizer" in result.output
 
 
 def test_a_folder_without_its_tokenizer_is_refused_in_one_line(tmp_path):
