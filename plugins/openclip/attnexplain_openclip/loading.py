@@ -95,20 +95,23 @@ def build(arch: str) -> Any:
     return model.eval()
 
 
-def load_weights(model: Any, arch: str, weights: str) -> str:
-    """Load WEIGHTS (a file, or a pretrained tag found in open_clip's cache) into ``model``; the
-    file read, for the report."""
+def weights_file(arch: str, weights: str) -> tuple[Path, dict[str, Any]]:
+    """The file WEIGHTS names (a path, or a pretrained tag found in open_clip's cache), and the
+    preprocessing the tag's configuration gives (mean, std, interpolation; none for a path)."""
+    path = Path(weights)
+    if path.exists():
+        return path, {}
+    import open_clip
+
+    path = cached_pretrained(arch, weights)
+    pretrained = open_clip.get_pretrained_cfg(arch, weights)
+    return path, {key: pretrained[key] for key in ("mean", "std", "interpolation") if pretrained.get(key)}
+
+
+def load_weights(model: Any, arch: str, path: Path) -> str:
+    """Load the state_dict in ``path`` into ``model``; the file read, for the report."""
     import torch
 
-    path = Path(weights)
-    if not path.exists():
-        path = cached_pretrained(arch, weights)
-        import open_clip
-
-        pretrained = open_clip.get_pretrained_cfg(arch, weights)
-        model.visual.preprocess_cfg = {
-            key: pretrained[key] for key in ("mean", "std", "interpolation") if pretrained.get(key)
-        }
     problem = not_a_regular_file(path)
     if problem is not None:
         raise ModelLoadError(f"OpenCLIP weights {path} {problem}.")

@@ -68,8 +68,12 @@ class OpenClipPlugin(ModelPlugin):
         return 30 if _is_classifier(model) or _is_open_clip(model) else None
 
     def load_named(self, name: str, weights: str | None) -> NamedModel:
+        found = loading.weights_file(name, weights) if weights else None  # before building: fails fast
         model = loading.build(name)
-        read = loading.load_weights(model, name, weights) if weights else None
+        read = None
+        if found is not None:
+            read = loading.load_weights(model, name, found[0])
+            model.visual.preprocess_cfg = found[1]
         return NamedModel(
             module=model,
             architecture=f"OpenCLIP {name}",

@@ -166,12 +166,33 @@ def test_cli_run_with_prompts_writes_a_report_naming_them(saved, tmp_path):
     ],
 )
 def test_unknown_names_and_uncached_tags_are_refused_in_one_line(arch, weights, says, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HOME", str(tmp_path))
     name = f"open_clip:{arch}" + (f":{weights}" if weights else "")
     with pytest.raises(AttnExplainError, match=says) as refused:
         load_model(name, prompts=PROMPTS)
     assert "\n" not in str(refused.value)
+
+
+def test_a_pretrained_tag_is_read_from_open_clips_cache_without_downloading(saved, tmp_path, monkeypatch):
+    """ViT-B-32:laion2b_s34b_b79k resolves to the file the Hugging Face cache holds for its hub
+    repository. The tiny weights put there do not fit ViT-B-32: the refusal names the cached file,
+    which shows that it was found and read (and that nothing else was fetched)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(saved[1].read_bytes())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelLoadError, match="do not fit") as refused:
+        load_model("open_clip:ViT-B-32:laion2b_s34b_b79k", prompts=PROMPTS)
+    assert str(snapshot / "open_clip_pytorch_model.bin") in str(refused.value)
 
 
 def test_hostile_files_are_refused_in_one_line(saved, tmp_path):
