@@ -128,18 +128,11 @@ class OpenClipPlugin(ModelPlugin):
         return "zero-shot classification" if _is_classifier(model) else "classification"
 
     def class_scores(self, model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
-        import torch
-
         if not _is_classifier(model):
             raise MethodError(
                 "An OpenCLIP model compares an image with text: pass --prompt or --prompts to explain it."
             )
-        logits = output.float().detach()
-        if model.sigmoid:
-            return output, torch.sigmoid(logits)
-        if output.shape[1] == 1:
-            return output, (logits - model.logit_bias) / model.logit_scale
-        return output, torch.softmax(logits, dim=1)
+        return model.scores(output)
 
     # --- layers and attention ------------------------------------------------------------------------
 
@@ -216,28 +209,19 @@ def _classifier_class() -> type:
 
 
 def _define_classifier() -> type:
-    import torch
     import torch.nn.functional as F
-    from torch import nn
 
-    class OpenClipPrompts(nn.Module):
-        """An OpenCLIP model with its prompts' text embeddings: image → (B, prompts) logits."""
+    from attnexplain.plugin_api import PromptLogits
+
+    class OpenClipPrompts(PromptLogits):
+        """An OpenCLIP model with its prompts' text embeddings: image → (B, prompts) logits. A
+        model with a logit bias was trained with the sigmoid loss: a sigmoid per prompt."""
 
         def __init__(self, dual: Any, text_embeds: torch.Tensor) -> None:
-            super().__init__()
+            bias = getattr(dual, "logit_bias", None)
+            super().__init__(text_embeds, dual.logit_scale, bias, sigmoid=bias is not None)
             object.__setattr__(self, "dual", dual)  # not a child: its text tower is done with
             self.visual = dual.visual
-            bias = getattr(dual, "logit_bias", None)
-            self.sigmoid = bias is not None
-            self.register_buffer("text_embeds", text_embeds)
-            self.register_buffer("logit_scale", dual.logit_scale.detach().float().exp().reshape(()))
-            self.register_buffer(
-                "logit_bias", (bias.detach().float() if bias is not None else torch.zeros(1)).reshape(())
-            )
-
-        def logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
-            text = self.text_embeds.to(image_embeds.dtype)
-            return self.logit_scale * image_embeds @ text.T + self.logit_bias
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             return self.logits(F.normalize(self.visual(pixel_values), dim=-1))

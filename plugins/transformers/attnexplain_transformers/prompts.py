@@ -163,18 +163,11 @@ def _line(error: BaseException) -> str:
 def class_scores(model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(scores, probabilities) of a prompt classifier's logits: softmax over the prompts (CLIP),
     sigmoid each (SigLIP), the cosine similarity for a single CLIP prompt."""
-    import torch
-
     if not is_prompt_classifier(model):
         raise MethodError(
             f"{type(model).__name__} compares an image with text: pass --prompt or --prompts to explain it."
         )
-    logits = output.float().detach()
-    if model.sigmoid:
-        return output, torch.sigmoid(logits)
-    if output.shape[1] == 1:
-        return output, (logits - model.logit_bias) / model.logit_scale
-    return output, torch.softmax(logits, dim=1)
+    return model.scores(output)
 
 
 def attention_class(model: Any) -> type | None:
@@ -310,35 +303,24 @@ def _classifier_class() -> type:
 
 
 def _define_classifier() -> type:
-    import torch
     import torch.nn.functional as F
-    from torch import nn
 
-    class PromptClassifier(nn.Module):
+    from attnexplain.plugin_api import PromptLogits
+
+    class PromptClassifier(PromptLogits):
         """A dual encoder with its prompts' text embeddings: image → (B, prompts) logits, the
         model's ``logits_per_image`` for those prompts."""
 
         def __init__(self, dual: Any, text_embeds: torch.Tensor, *, sigmoid: bool) -> None:
-            super().__init__()
+            super().__init__(text_embeds, dual.logit_scale, getattr(dual, "logit_bias", None), sigmoid=sigmoid)
             object.__setattr__(self, "dual", dual)  # not a child: its text tower is done with
             self.vision_model = dual.vision_model
             if hasattr(dual, "visual_projection"):
                 self.visual_projection = dual.visual_projection
-            self.sigmoid = sigmoid
-            self.register_buffer("text_embeds", text_embeds)
-            self.register_buffer("logit_scale", dual.logit_scale.detach().float().exp().reshape(()))
-            bias = getattr(dual, "logit_bias", None)
-            self.register_buffer(
-                "logit_bias", (bias.detach().float() if bias is not None else torch.zeros(1)).reshape(())
-            )
 
         def image_embeds(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             features = self.dual.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
             return F.normalize(features, dim=-1)
-
-        def logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
-            text = self.text_embeds.to(image_embeds.dtype)
-            return self.logit_scale * image_embeds @ text.T + self.logit_bias
 
         def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             return self.logits(self.image_embeds(pixel_values, **kwargs))
