@@ -19,6 +19,7 @@ are imported inside the methods only, so discovering the plugin costs nothing.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -51,7 +52,8 @@ def _is_open_clip(model: Any) -> bool:
 
 
 def _is_classifier(model: Any) -> bool:
-    return _CLASS is not None and isinstance(model, _CLASS)
+    classifier = sys.modules.get(f"{__package__}.classifier")  # imported with the first prompts
+    return classifier is not None and isinstance(model, classifier.OpenClipPrompts)
 
 
 class OpenClipPlugin(ModelPlugin):
@@ -91,8 +93,10 @@ class OpenClipPlugin(ModelPlugin):
                 "An OpenCLIP model compares an image with text, so it needs prompts to explain: pass "
                 "--prompt 'a photo of a cat' or --prompts 'a cat,a dog' (prompt=, prompts= in explain())."
             )
+        from .classifier import OpenClipPrompts
+
         dual = model.dual if _is_classifier(model) else model
-        classifier = _classifier_class()(dual, encode_prompts(dual, prompts))
+        classifier = OpenClipPrompts(dual, encode_prompts(dual, prompts))
         notes = [f"zero-shot classifier over {len(prompts)} text prompt{'s' if len(prompts) > 1 else ''}"]
         if len(prompts) == 1 and not classifier.sigmoid:
             notes.append("one prompt: the score shown is the image–text cosine similarity, not a probability")
@@ -195,38 +199,6 @@ def encode_prompts(dual: Any, prompts: tuple[str, ...]) -> "torch.Tensor":
             tokens = tokenizer(list(prompts[start : start + TEXT_BATCH])).to(device)
             embeddings.append(F.normalize(dual.encode_text(tokens).float(), dim=-1))
     return torch.cat(embeddings)
-
-
-_CLASS: type | None = None
-
-
-def _classifier_class() -> type:
-    """:class:`OpenClipPrompts`, defined on first use so that importing the plugin imports no torch."""
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _define_classifier()
-    return _CLASS
-
-
-def _define_classifier() -> type:
-    import torch.nn.functional as F
-
-    from attnexplain.plugin_api import PromptLogits
-
-    class OpenClipPrompts(PromptLogits):
-        """An OpenCLIP model with its prompts' text embeddings: image → (B, prompts) logits. A
-        model with a logit bias was trained with the sigmoid loss: a sigmoid per prompt."""
-
-        def __init__(self, dual: Any, text_embeds: torch.Tensor) -> None:
-            bias = getattr(dual, "logit_bias", None)
-            super().__init__(text_embeds, dual.logit_scale, bias, sigmoid=bias is not None)
-            object.__setattr__(self, "dual", dual)  # not a child: its text tower is done with
-            self.visual = dual.visual
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.logits(F.normalize(self.visual(pixel_values), dim=-1))
-
-    return OpenClipPrompts
 
 
 plugin = OpenClipPlugin()
