@@ -258,6 +258,17 @@ def test_siglip_rollout_and_raw_attention_read_its_pooling_probe_through_the_enc
     _same_map(explanation.maps["attention"].heatmap, _on_image(probe))
 
 
+def test_cli_run_explains_siglip_with_its_attention_methods_and_writes_the_explorer(siglip_folder, tmp_path):
+    out = tmp_path / "out"
+    methods = "rollout,attention,chefer,legrad"
+    args = ["run", str(siglip_folder), str(IMAGE), "--prompts", "a cat,grass", "--method", methods, "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(next(out.rglob("report.json")).read_text())
+    text = json.dumps(report)
+    assert all(method in text for method in methods.split(","))
+
+
 def test_siglip_chefer_is_the_probes_gradient_weighted_attention_over_the_encoders_relevance(siglip_folder):
     """Chefer 2021b with the probe as the class token: R = I + Σ Ē·R through the encoder (Ē the
     heads' mean of relu(∇A ⊙ A) for the prompt's logit), then the probe's Ē times R; each prompt
