@@ -90,6 +90,25 @@ def test_an_open_clip_name_scores_prompts_by_the_models_own_logits_and_softmax(s
     torch.testing.assert_close(probabilities, torch.softmax(expected, dim=1), rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_with_a_logit_bias_has_a_sigmoid_per_prompt(tmp_path):
+    """init_logit_bias in the configuration: trained with the sigmoid loss (SigLIP-style), so each
+    prompt's probability is the sigmoid of scale · cosine + bias, independent of the others."""
+    config = dict(CONFIG, init_logit_bias=-2.0)
+    (tmp_path / "biased.json").write_text(json.dumps(config))
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**config).eval()
+    torch.save(model.state_dict(), tmp_path / "biased.pt")
+    loaded = load_model(f"open_clip:{tmp_path / 'biased.json'}:{tmp_path / 'biased.pt'}", prompts=PROMPTS)
+    pixels = _pixels(loaded)
+    with torch.no_grad():
+        logits = loaded.module(pixels)
+        image = F.normalize(model.encode_image(pixels), dim=-1)
+    expected = model.logit_scale.exp() * image @ _text(model, PROMPTS).T + model.logit_bias
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    _, probabilities = loaded.plugin.class_scores(loaded.module, logits)
+    torch.testing.assert_close(probabilities, torch.sigmoid(expected), rtol=1e-4, atol=1e-5)
+
+
 def _attention_by_hand(model, pixels):
     """Every resblock's per-head attention (need_weights forced on by a pre-hook), in the graph."""
     kept = []
@@ -139,12 +158,13 @@ def test_rollout_and_chefer_are_the_class_tokens_through_the_visual_resblocks(sa
 
 def test_cam_and_legrad_give_each_prompt_its_own_map(saved):
     loaded = load_model(_name(saved), prompts=PROMPTS)
-    methods = ["gradcam", "legrad", "attention"]
+    methods = ["gradcam", "legrad", "attention", "saliency"]
     cat = explain(loaded, IMAGE, methods, target="a photo of a cat")
     grass = explain(loaded, IMAGE, methods, target="grass")
     for method in methods:
         assert np.isfinite(cat.maps[method].heatmap).all(), method
-    assert not np.allclose(cat.maps["legrad"].heatmap, grass.maps["legrad"].heatmap)
+    for method in ("legrad", "saliency"):
+        assert not np.allclose(cat.maps[method].heatmap, grass.maps[method].heatmap), method
     assert cat.maps["gradcam"].layers == ["visual.transformer.resblocks.1.ln_1"]
     np.testing.assert_allclose(cat.maps["attention"].heatmap, grass.maps["attention"].heatmap)  # prompt-blind
 
@@ -225,3 +245,22 @@ def test_importing_the_plugin_imports_neither_torch_nor_open_clip():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(saved, tmp_path, monkeypatch):
+    from attnexplain_openclip import plugin as plugin_module
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.open(IMAGE).convert("RGB").rotate(90 * index).save(images / f"{index}.png")
+    calls = []
+    original = plugin_module.encode_prompts
+    monkeypatch.setattr(plugin_module, "encode_prompts", lambda *a: calls.append(a) or original(*a))
+    out = tmp_path / "out"
+    args = ["batch", _name(saved), str(images), "--prompts", ",".join(PROMPTS), "--method", "chefer", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    assert json.loads((out / "report.json").read_text())["run"]["model_spec"]["prompts"] == list(PROMPTS)
+    assert (out / "index.html").is_file()
