@@ -36,6 +36,15 @@ class PromptLogits(nn.Module):
         text = self.text_embeds.to(image_embeds.dtype)
         return self.logit_scale * image_embeds @ text.T + self.logit_bias
 
+    def notes(self) -> tuple[str, ...]:
+        """What the report says of the classifier: how many prompts, and for a single softmax
+        prompt that its score is the cosine similarity."""
+        count = int(self.text_embeds.shape[0])
+        notes = [f"zero-shot classifier over {count} text prompt{'s' if count > 1 else ''}"]
+        if count == 1 and not self.sigmoid:
+            notes.append("one prompt: the score shown is the image–text cosine similarity, not a probability")
+        return tuple(notes)
+
     def scores(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, probabilities) of the logits: a softmax over the prompts, a sigmoid each, or for
         a single softmax prompt (1.0 on any image) the cosine similarity itself."""

@@ -97,16 +97,13 @@ class OpenClipPlugin(ModelPlugin):
 
         dual = model.dual if _is_classifier(model) else model
         classifier = OpenClipPrompts(dual, encode_prompts(dual, prompts))
-        notes = [f"zero-shot classifier over {len(prompts)} text prompt{'s' if len(prompts) > 1 else ''}"]
-        if len(prompts) == 1 and not classifier.sigmoid:
-            notes.append("one prompt: the score shown is the image–text cosine similarity, not a probability")
         return NamedModel(
             module=classifier,
             architecture=f"OpenCLIP {type(dual).__name__} with prompts",
             weights=None,
             labels=list(prompts),
             preprocessing=self.preprocessing(dual),
-            notes=tuple(notes),
+            notes=classifier.notes(),
             random_weights=False,
         )
 

@@ -79,15 +79,12 @@ def with_prompts(model: Any, prompts: tuple[str, ...] | None) -> NamedModel | No
     dual = model.dual if is_prompt_classifier(model) else model
     text = encode_prompts(dual, prompts)
     classifier = _classifier_class()(dual, text, sigmoid=family(dual) in SIGMOID_FAMILIES)
-    notes = [f"zero-shot classifier over {len(prompts)} text prompt{'s' if len(prompts) > 1 else ''}"]
-    if len(prompts) == 1 and not classifier.sigmoid:
-        notes.append("one prompt: the score shown is the image–text cosine similarity, not a probability")
     return NamedModel(
         module=classifier,
         architecture=f"{type(dual).__name__} with prompts",
         weights=None,
         labels=list(prompts),
-        notes=tuple(notes),
+        notes=classifier.notes(),
         random_weights=False,
     )
 
