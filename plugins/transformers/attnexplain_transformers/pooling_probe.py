@@ -25,6 +25,7 @@ at the padding.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from functools import cache
 from typing import TYPE_CHECKING, Any, Iterator
 
 from attnexplain.plugin_api import MethodError, replaced_forward
@@ -57,6 +58,9 @@ def capture_with_probe(
         return padded, padded[..., :1, 1:]
 
     def head_forward(original, query, key, value, *args: Any, **kwargs: Any):
+        masks = [kwargs.get(name) for name in ("key_padding_mask", "attn_mask")] + [args[0] if args else None]
+        if any(mask is not None for mask in masks):
+            raise MethodError("SigLIP's pooling head was called with a mask, which its recording does not apply.")
         output, padded = probe_attention(model.get_submodule(head_name), query, key, value, head_padding)
         sink[head_name] = padded
         return output, None
@@ -91,7 +95,8 @@ def probe_attention(attention: Any, query: "torch.Tensor", key: "torch.Tensor", 
     mode, which would hide the softmax inside it; the computation is the same."""
     import torch.nn.functional as F
 
-    if not (attention.batch_first and attention._qkv_same_embed_dim) or attention.bias_k is not None:
+    packed = attention.batch_first and attention._qkv_same_embed_dim
+    if not packed or attention.bias_k is not None or attention.add_zero_attn:
         raise MethodError("SigLIP's pooling head is not the batch-first, packed MultiheadAttention it is known as.")
     batch, queries, width = query.shape
     heads = attention.num_heads
@@ -109,6 +114,7 @@ def probe_attention(attention: Any, query: "torch.Tensor", key: "torch.Tensor", 
     return attention.out_proj(mixed), padded
 
 
+@cache
 def _replacement_class() -> type:
     from torch.nn import functional as F
     from torch.overrides import TorchFunctionMode
