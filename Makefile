@@ -8,11 +8,11 @@ OUT ?= attnexplain-out
 
 .PHONY: install demo lint test test-heavy samples clean
 
-PLUGINS := plugins/attention-cnn plugins/timm plugins/transformers
+PLUGINS := plugins/attention-cnn plugins/timm plugins/transformers plugins/openclip
 
 # The demo needs the package and the attention-CNN plugin its third and fourth models use; the test extras
-# (reference implementations, scikit-image, Playwright), the Ray extra and the timm and transformers
-# plugins are for `make test`.
+# (reference implementations, scikit-image, Playwright), the Ray extra and the timm, transformers
+# and OpenCLIP plugins are for `make test`.
 $(BIN)/.installed-demo: pyproject.toml constraints.txt plugins/attention-cnn/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

@@ -85,6 +85,9 @@ _NEEDS_TORCH = {
     # attention family's function for attention recorded as SpatialAttention.
     "Method": "methods",
     "spatial_attention": "methods.attention",
+    # A prompt classifier's base (with_prompts): the prompts' text embeddings, the model's scale and
+    # bias, its logits and what they mean (softmax, sigmoid, one prompt's cosine).
+    "PromptLogits": "prompt_logits",
 }
 
 if TYPE_CHECKING:
@@ -98,6 +101,7 @@ if TYPE_CHECKING:
     )
     from .methods import Method
     from .methods.attention import spatial_attention
+    from .prompt_logits import PromptLogits
 
 __all__ = [
     # the plugin
@@ -142,6 +146,8 @@ __all__ = [
     # methods (needs torch)
     "Method",
     "spatial_attention",
+    # prompts (needs torch)
+    "PromptLogits",
     # tests
     "use_plugins",
     "PluginInfo",

@@ -50,6 +50,7 @@ def test_the_shipped_plugins_are_all_checked():
         "attnexplain_attention_cnn",
         "attnexplain_timm",
         "attnexplain_transformers",
+        "attnexplain_openclip",
     } <= names
 
 

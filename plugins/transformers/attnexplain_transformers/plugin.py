@@ -230,7 +230,7 @@ class TransformersPlugin(ModelPlugin):
         if detection.detector_type(model):
             return detection.backbone_layer(model)
         if prompts.is_prompt_classifier(model):
-            return prompts.default_layer(model, self._blocks(model))
+            return prompts.default_layer(model)
         model_type = _model_type(model)
         if model_type in GLOBAL_ATTENTION:
             blocks = self._blocks(model)
@@ -254,6 +254,8 @@ class TransformersPlugin(ModelPlugin):
     ) -> "torch.Tensor | None":
         if _model_type(model) in WINDOWED_ATTENTION:
             return _swin_layer_map(model, output, input_size)
+        if prompts.is_prompt_classifier(model) and prompts.pooling_head(model):
+            return prompts.layer_map(model, output, input_size)
         return super().layer_map(model, layer, output, input_size)
 
     def select_output(self, model: Any, layer: str, output: Any) -> "torch.Tensor | None":
@@ -301,7 +303,7 @@ class TransformersPlugin(ModelPlugin):
 
     def token_readout(self, model: Any) -> TokenReadout | None:
         if prompts.is_prompt_classifier(model):
-            return prompts.token_readout(model, self._blocks(model))
+            return prompts.token_readout(model)
         head = _head_on_pooled_tokens(model)
         names = self.attention_modules(model) if head is not None else []
         if not names:
@@ -356,6 +358,11 @@ class TransformersPlugin(ModelPlugin):
             with detection.capture_cross_attention(model, names, sink):
                 yield
             return
+        probe = prompts.capture_attention(model, names, sink) if prompts.is_prompt_classifier(model) else None
+        if probe is not None:  # SigLIP: over [its pooling probe, patches]
+            with self.recording(model), probe:
+                yield
+            return
         attention_class = (
             prompts.attention_class(model) if prompts.is_prompt_classifier(model) else _attention_class(model)
         ) or ()
@@ -401,8 +408,6 @@ class TransformersPlugin(ModelPlugin):
     def refuse_method(self, model: Any, method: str) -> str | None:
         if detection.detector_type(model):
             return detection.refuse_method(model, method)
-        if prompts.is_prompt_classifier(model):
-            return prompts.refuse_method(model, method)
         if _model_type(model) in WINDOWED_ATTENTION and method == "legrad":
             return (
                 "legrad reads each layer's tokens through the head, which Swin's patch merging "

@@ -10,9 +10,8 @@ are the softmax over the prompts, SigLIP's a sigmoid per prompt. With one CLIP p
 
 The classifier's children are the dual encoder's vision tower under the same names
 (``vision_model.encoder.layers.3.layer_norm1``), so every layer, attention module and token grid
-the plugin knows for the dual encoder is the classifier's too: :func:`vision_names` filters the
-dual encoder's answers to the vision tower. The text tower is not a child: it ran once, and no
-method looks at it.
+the plugin knows for the dual encoder is the classifier's too. The text tower is not a child: it
+ran once, and no method looks at it.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from attnexplain.plugin_api import (
 )
 
 from .folder import DUAL_ENCODERS, transformers_quiet
+from .pooling_probe import HEAD_ATTENTION, capture_with_probe
 
 if TYPE_CHECKING:
     import torch
@@ -52,10 +52,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
-#: Methods that read the class token's attention row: SigLIP's vision tower has no class token (an
-#: attention-pooling head with a probe of its own reads the patches), so they have nothing to read.
-CLASS_TOKEN_METHODS = ("rollout", "attention", "chefer")
-VISION_PREFIX = "vision_model."
 
 
 def is_dual_encoder(model: Any) -> bool:
@@ -73,11 +69,6 @@ def family(model: Any) -> str:
     return DUAL_ENCODERS[type(dual).__name__]
 
 
-def vision_names(names: list[str]) -> list[str]:
-    """The names of the vision tower's modules among a dual encoder's."""
-    return [name for name in names if name.startswith(VISION_PREFIX)]
-
-
 def with_prompts(model: Any, prompts: tuple[str, ...] | None) -> NamedModel | None:
     """The dual encoder ``model`` (or the one under a prompt classifier) as a classifier of ``prompts``."""
     if prompts is None:
@@ -88,15 +79,12 @@ def with_prompts(model: Any, prompts: tuple[str, ...] | None) -> NamedModel | No
     dual = model.dual if is_prompt_classifier(model) else model
     text = encode_prompts(dual, prompts)
     classifier = _classifier_class()(dual, text, sigmoid=family(dual) in SIGMOID_FAMILIES)
-    notes = [f"zero-shot classifier over {len(prompts)} text prompt{'s' if len(prompts) > 1 else ''}"]
-    if len(prompts) == 1 and not classifier.sigmoid:
-        notes.append("one prompt: the score shown is the image–text cosine similarity, not a probability")
     return NamedModel(
         module=classifier,
         architecture=f"{type(dual).__name__} with prompts",
         weights=None,
         labels=list(prompts),
-        notes=tuple(notes),
+        notes=classifier.notes(),
         random_weights=False,
     )
 
@@ -172,18 +160,11 @@ def _line(error: BaseException) -> str:
 def class_scores(model: Any, output: Any) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(scores, probabilities) of a prompt classifier's logits: softmax over the prompts (CLIP),
     sigmoid each (SigLIP), the cosine similarity for a single CLIP prompt."""
-    import torch
-
     if not is_prompt_classifier(model):
         raise MethodError(
             f"{type(model).__name__} compares an image with text: pass --prompt or --prompts to explain it."
         )
-    logits = output.float().detach()
-    if model.sigmoid:
-        return output, torch.sigmoid(logits)
-    if output.shape[1] == 1:
-        return output, (logits - model.logit_bias) / model.logit_scale
-    return output, torch.softmax(logits, dim=1)
+    return model.scores(output)
 
 
 def attention_class(model: Any) -> type | None:
@@ -192,66 +173,119 @@ def attention_class(model: Any) -> type | None:
     return recorded if isinstance(recorded, type) else None
 
 
-def attention_modules(model: Any) -> list[str]:
-    """The vision tower's self-attention modules, input to output (SigLIP's pooling head, a
-    ``MultiheadAttention`` with a probe of its own, is not one of them)."""
+def encoder_attention_modules(model: Any) -> list[str]:
+    """The vision tower's self-attention modules, input to output."""
     attention = attention_class(model)
     if attention is None:
         return []
     return [name for name, module in model.named_modules() if isinstance(module, attention)]
 
 
+def pooling_head(model: Any) -> str | None:
+    """SigLIP's attention-pooling head's attention (its probe's ``MultiheadAttention``), if any."""
+    if family(model) != "siglip" or not hasattr(model.vision_model, "head"):
+        return None
+    return HEAD_ATTENTION
+
+
+def attention_modules(model: Any) -> list[str]:
+    """The vision tower's self-attention modules, input to output, then SigLIP's pooling head,
+    whose probe plays the class token's part (:mod:`.pooling_probe`)."""
+    encoder = encoder_attention_modules(model)
+    head = pooling_head(model)
+    return encoder + [head] if encoder and head else encoder
+
+
+def capture_attention(model: Any, names: list[str], sink: dict[str, "torch.Tensor"]) -> Any:
+    """SigLIP's recording over [probe, patches] (:mod:`.pooling_probe`); None for CLIP, whose
+    attention modules return their probabilities as any ViT's do."""
+    head = pooling_head(model)
+    if head is None:
+        return None
+    encoder = set(encoder_attention_modules(model))
+    unknown = [name for name in names if name not in encoder and name != head]
+    if unknown:
+        raise MethodError(
+            f"Layer {unknown[0]!r} is not an attention module whose probabilities the transformers plugin "
+            f"records ({', '.join(attention_modules(model))})."
+        )
+    return capture_with_probe(model, [name for name in names if name != head], head if head in names else None, sink)
+
+
 def token_grid(model: Any, input_size: tuple[int, int]) -> TokenGrid:
-    """CLIP's tokens: [class token, patches]; SigLIP's: the patches alone."""
+    """CLIP's tokens: [class token, patches]. SigLIP's are the patches alone; its attention is
+    recorded with its pooling probe first (:mod:`.pooling_probe`), the query of its maps."""
+    patch_h, patch_w = _patch_size(model)
+    return TokenGrid(prefix_tokens=1, height=input_size[0] // patch_h, width=input_size[1] // patch_w, query=0)
+
+
+def _patch_size(model: Any) -> tuple[int, int]:
     patch = model.dual.config.vision_config.patch_size
-    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
-    prefix = 0 if family(model) == "siglip" else 1
-    return TokenGrid(prefix_tokens=prefix, height=input_size[0] // patch_h, width=input_size[1] // patch_w, query=0)
+    return (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+
+
+def layer_map(model: Any, output: "torch.Tensor", input_size: tuple[int, int]) -> "torch.Tensor | None":
+    """A SigLIP block's (B, patches, C) tokens on the patch grid (no prefix token: the probe is in
+    the attention recording only); None for CLIP (the grid's class token is dropped as for any ViT)."""
+    if family(model) != "siglip" or output.dim() != 3:
+        return None
+    patch_h, patch_w = _patch_size(model)
+    height, width = input_size[0] // patch_h, input_size[1] // patch_w
+    if output.shape[1] != height * width:
+        return None
+    return output.transpose(1, 2).reshape(output.shape[0], output.shape[2], height, width)
 
 
 def default_method(model: Any) -> str:
     """What ``--method auto`` explains a prompt with: a method that depends on the prompt (rollout
-    and raw attention do not: every prompt would get the same map). CLIP: Chefer's gradient-
-    weighted attention, which its authors apply to CLIP; SigLIP (no class token): Grad-CAM."""
-    return "gradcam" if family(model) == "siglip" else "chefer"
+    and raw attention do not: every prompt would get the same map): Chefer's gradient-weighted
+    attention, which its authors apply to CLIP (SigLIP's through its pooling probe)."""
+    return "chefer"
 
 
-def default_layer(model: Any, blocks: list[str]) -> str | None:
+def default_layer(model: Any) -> str | None:
     """The vision tower's block at half depth, its first norm (as for the classifier ViTs)."""
-    vision = vision_names(blocks)
+    vision = [name.rpartition(".")[0] for name in encoder_attention_modules(model)]
     if not vision:
         return None
     block = vision[vit_cam_block(len(vision))]
     return f"{block}.layer_norm1"
 
 
-def token_readout(model: Any, blocks: list[str]) -> TokenReadout | None:
+def token_readout(model: Any) -> TokenReadout | None:
     """LeGrad's reading of a block (its authors' for CLIP and SigLIP): the tokens through the
     tower's pooling as the final layer's would be (CLIP: their mean, normed and projected; SigLIP:
-    normed and pooled by its attention head), then the similarity with every prompt."""
+    normed and pooled by its attention head), then the similarity with every prompt.
+
+    SigLIP's pooling head is a layer of its own (its probe's attention over the final tokens; its
+    output is the image embedding). Its attention and the encoder's are recorded over N + 1 tokens
+    (:mod:`.pooling_probe`), of which LeGrad averages the gradient over all queries: each score is
+    scaled so that the mean is the layer's own (over N queries, over the probe alone)."""
     import torch.nn.functional as F
 
     vision = model.vision_model
+    blocks = [name.rpartition(".")[0] for name in encoder_attention_modules(model)]
+    if not model.sigmoid:
 
-    if model.sigmoid:
+        def clip_scores(tokens: "torch.Tensor") -> "torch.Tensor":
+            embedding = model.visual_projection(vision.post_layernorm(tokens.mean(dim=1)))
+            return model.logits(F.normalize(embedding, dim=-1))
 
-        def embed(tokens: "torch.Tensor") -> "torch.Tensor":
-            return vision.head(vision.post_layernorm(tokens))
-    else:
+        return TokenReadout(blocks, clip_scores)
 
-        def embed(tokens: "torch.Tensor") -> "torch.Tensor":
-            return model.visual_projection(vision.post_layernorm(tokens.mean(dim=1)))
+    head = pooling_head(model)
+    tokens_seen: list[int] = []
 
-    return TokenReadout(blocks, lambda tokens: model.logits(F.normalize(embed(tokens), dim=-1)))
+    def siglip_scores(tokens: "torch.Tensor") -> "torch.Tensor":
+        if tokens.dim() == 2:  # the pooling head's output, after every encoder block's tokens
+            return model.logits(F.normalize(tokens, dim=-1)) * (tokens_seen[-1] + 1)
+        tokens_seen.append(int(tokens.shape[1]))
+        # forward, not __call__: the head's own output is recorded as its layer's tokens, and a
+        # call here would be recorded in its place.
+        scores = model.logits(F.normalize(vision.head.forward(vision.post_layernorm(tokens)), dim=-1))
+        return scores * (tokens.shape[1] + 1) / tokens.shape[1] if head else scores
 
-
-def refuse_method(model: Any, method: str) -> str | None:
-    if family(model) == "siglip" and method in CLASS_TOKEN_METHODS:
-        return (
-            f"{method} reads the class token's attention, and SigLIP's vision tower has none (its "
-            f"attention-pooling head reads the patches); use --method legrad or gradcam."
-        )
-    return None
+    return TokenReadout(blocks + [head.rpartition(".")[0]] if head else blocks, siglip_scores)
 
 
 _CLASS: type | None = None
@@ -266,35 +300,24 @@ def _classifier_class() -> type:
 
 
 def _define_classifier() -> type:
-    import torch
     import torch.nn.functional as F
-    from torch import nn
 
-    class PromptClassifier(nn.Module):
+    from attnexplain.plugin_api import PromptLogits
+
+    class PromptClassifier(PromptLogits):
         """A dual encoder with its prompts' text embeddings: image → (B, prompts) logits, the
         model's ``logits_per_image`` for those prompts."""
 
         def __init__(self, dual: Any, text_embeds: torch.Tensor, *, sigmoid: bool) -> None:
-            super().__init__()
+            super().__init__(text_embeds, dual.logit_scale, getattr(dual, "logit_bias", None), sigmoid=sigmoid)
             object.__setattr__(self, "dual", dual)  # not a child: its text tower is done with
             self.vision_model = dual.vision_model
             if hasattr(dual, "visual_projection"):
                 self.visual_projection = dual.visual_projection
-            self.sigmoid = sigmoid
-            self.register_buffer("text_embeds", text_embeds)
-            self.register_buffer("logit_scale", dual.logit_scale.detach().float().exp().reshape(()))
-            bias = getattr(dual, "logit_bias", None)
-            self.register_buffer(
-                "logit_bias", (bias.detach().float() if bias is not None else torch.zeros(1)).reshape(())
-            )
 
         def image_embeds(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             features = self.dual.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
             return F.normalize(features, dim=-1)
-
-        def logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
-            text = self.text_embeds.to(image_embeds.dtype)
-            return self.logit_scale * image_embeds @ text.T + self.logit_bias
 
         def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             return self.logits(self.image_embeds(pixel_values, **kwargs))

@@ -195,14 +195,143 @@ def test_prompt_dependent_methods_give_each_prompt_its_own_map_and_rollout_does_
     np.testing.assert_allclose(cat.maps["rollout"].heatmap, grass.maps["rollout"].heatmap)  # prompt-blind
 
 
-def test_siglip_refuses_class_token_methods_in_one_line_and_explains_with_gradcam_and_legrad(siglip_folder):
+def _siglip_by_hand(folder: Path, prompt: str, pixels: torch.Tensor):
+    """transformers' own SiglipModel on ``pixels``: the encoder's attention (output_attentions), the
+    pooling head's per-head attention (a hook on its nn.MultiheadAttention), each block's tokens,
+    and the prompt's logit (scale · cosine + bias), all in one graph."""
+    model = transformers.SiglipModel.from_pretrained(folder, attn_implementation="eager").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokens = tokenizer([prompt], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        text = F.normalize(model.get_text_features(input_ids=tokens.input_ids).pooler_output, dim=-1)
+    vision = model.vision_model
+    kept: dict = {}
+
+    def per_head(module, args, kwargs):
+        return args, {**kwargs, "average_attn_weights": False}
+
+    handles = [
+        vision.head.attention.register_forward_pre_hook(per_head, with_kwargs=True),
+        vision.head.attention.register_forward_hook(lambda m, a, out: kept.update(head=out[1])),
+    ]
+    handles += [
+        block.register_forward_hook(lambda m, a, out, i=i: kept.update({i: out}))
+        for i, block in enumerate(vision.encoder.layers)
+    ]
+    try:
+        out = vision(pixel_values=pixels, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def logit(pooled: torch.Tensor) -> torch.Tensor:
+        return (model.logit_scale.exp() * F.normalize(pooled, dim=-1) @ text.T + model.logit_bias)[0, 0]
+
+    blocks = [kept[i][0] if isinstance(kept[i], tuple) else kept[i] for i in range(len(vision.encoder.layers))]
+    return model, list(out.attentions), kept["head"], blocks, logit(out.pooler_output), logit
+
+
+def _on_image(grid: torch.Tensor) -> np.ndarray:
+    side = int(grid.numel() ** 0.5)
+    image = F.interpolate(grid.reshape(1, 1, side, side), size=(32, 32), mode="bilinear", align_corners=False)
+    return image[0, 0].detach().numpy()
+
+
+def _same_map(heatmap: np.ndarray, reference: np.ndarray) -> None:
+    assert reference.max() > 0
+    np.testing.assert_allclose(heatmap / heatmap.max(), reference / reference.max(), atol=1e-4)
+
+
+def test_siglip_rollout_and_raw_attention_read_its_pooling_probe_through_the_encoder(siglip_folder):
+    """SigLIP has no class token: its pooling head's probe attends over the patches. Rollout is the
+    probe's attention (heads averaged) times the encoder's rollout (½A + ½I per layer, rows
+    normalised); raw attention is the probe's attention itself: both by hand here."""
+    explanation = explain(siglip_folder, IMAGE, ["rollout", "attention"], prompts=list(PROMPTS), target="grass")
+    pixels = _pixels(explanation.model)
+    _, attentions, head, _, _, _ = _siglip_by_hand(siglip_folder, "grass", pixels)
+    rollout = torch.eye(16)
+    for attention in attentions:
+        mixed = 0.5 * attention[0].mean(dim=0) + 0.5 * torch.eye(16)
+        rollout = (mixed / mixed.sum(dim=-1, keepdim=True)) @ rollout
+    probe = head[0].mean(dim=0)  # (1, 16)
+    _same_map(explanation.maps["rollout"].heatmap, _on_image(probe @ rollout))
+    _same_map(explanation.maps["attention"].heatmap, _on_image(probe))
+
+
+def test_cli_run_explains_siglip_with_its_attention_methods_and_writes_the_explorer(siglip_folder, tmp_path):
+    out = tmp_path / "out"
+    methods = "rollout,attention,chefer,legrad"
+    args = ["run", str(siglip_folder), str(IMAGE), "--prompts", "a cat,grass", "--method", methods, "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(next(out.rglob("report.json")).read_text())
+    text = json.dumps(report)
+    assert all(method in text for method in methods.split(","))
+
+
+def test_siglip_chefer_is_the_probes_gradient_weighted_attention_over_the_encoders_relevance(siglip_folder):
+    """Chefer 2021b with the probe as the class token: R = I + Σ Ē·R through the encoder (Ē the
+    heads' mean of relu(∇A ⊙ A) for the prompt's logit), then the probe's Ē times R; each prompt
+    its own map. By hand on transformers' SiglipModel."""
     loaded = load_model(siglip_folder, prompts=PROMPTS)
-    explanation = explain(loaded, IMAGE, "auto", target="grass")
-    assert explanation.method == "gradcam"
-    assert np.isfinite(explain(loaded, IMAGE, "legrad").heatmap).all()
-    with pytest.raises(AttnExplainError, match="class token") as refused:
-        explain(loaded, IMAGE, "rollout")
-    assert "\n" not in str(refused.value)
+    explanation = explain(loaded, IMAGE, "chefer", target="grass")
+    assert explain(loaded, IMAGE, "auto", target="grass").method == "chefer"
+    other = explain(loaded, IMAGE, "chefer", target="a photo of a cat")
+    assert not np.allclose(other.heatmap, explanation.heatmap)
+    _, attentions, head, _, score, _ = _siglip_by_hand(siglip_folder, "grass", _pixels(loaded))
+    gradients = torch.autograd.grad(score, attentions + [head._base])
+    relevance = torch.eye(16)
+    for attention, gradient in zip(attentions, gradients[:-1]):
+        relevance = relevance + torch.relu(gradient[0] * attention[0]).mean(dim=0) @ relevance
+    probe = torch.relu(gradients[-1].reshape(head.shape)[0] * head[0]).mean(dim=0)
+    _same_map(explanation.heatmap, _on_image(probe @ relevance))
+
+
+def test_siglip_legrad_reads_every_block_and_the_pooling_head(siglip_folder):
+    """LeGrad for SigLIP: each block's tokens through post_layernorm and the pooling head, relu of
+    the logit's gradient with respect to that block's attention (heads and queries averaged), and
+    the pooling head's own layer (the probe's attention); the mean over them. By hand."""
+    explanation = explain(siglip_folder, IMAGE, "legrad", prompts=list(PROMPTS), target="grass")
+    model, attentions, head, blocks, score, logit = _siglip_by_hand(siglip_folder, "grass", _pixels(explanation.model))
+    vision = model.vision_model
+    maps = []
+    for attention, tokens in zip(attentions, blocks):
+        layer_score = logit(vision.head(vision.post_layernorm(tokens)))
+        gradient = torch.autograd.grad(layer_score, attention, retain_graph=True)[0]
+        maps.append(torch.relu(gradient).mean(dim=(1, 2))[0])
+    gradient = torch.autograd.grad(score, head._base)[0].reshape(head.shape)
+    maps.append(torch.relu(gradient).mean(dim=(1, 2))[0])
+    _same_map(explanation.heatmap, _on_image(torch.stack(maps).mean(dim=0)))
+
+
+def test_siglip_gradcam_lays_its_patch_tokens_on_the_grid(siglip_folder):
+    """Grad-CAM on a SigLIP block, every prompt: all the block's tokens are patches (the probe is
+    the head's alone). By hand on transformers' SiglipModel."""
+    layer = "vision_model.encoder.layers.1.layer_norm1"
+    loaded = load_model(siglip_folder, prompts=PROMPTS)
+    model = transformers.SiglipModel.from_pretrained(siglip_folder).eval()
+    tokens = transformers.AutoTokenizer.from_pretrained(siglip_folder)(
+        list(PROMPTS), padding="max_length", max_length=16, return_tensors="pt"
+    )
+    kept: dict = {}
+    module = model.get_submodule(layer)
+    drawn = 0
+    for index, prompt in enumerate(PROMPTS):
+        heatmap = explain(loaded, IMAGE, "gradcam", target=prompt, layer=layer).heatmap
+        handle = module.register_forward_hook(lambda m, a, out: kept.update(out=out) or out.retain_grad())
+        try:
+            logits = model(pixel_values=_pixels(loaded), input_ids=tokens.input_ids).logits_per_image
+        finally:
+            handle.remove()
+        logits[0, index].backward()
+        activation, gradient = kept["out"][0], kept["out"].grad[0]
+        cam = torch.relu((activation * gradient.mean(dim=0)).sum(dim=1))
+        if cam.max() > 0:
+            drawn += 1
+            _same_map(heatmap, _on_image(cam))
+        else:
+            assert heatmap.max() == 0, prompt
+    assert drawn  # at least one prompt's map is not all zero
 
 
 def test_a_clip_folder_without_prompts_is_refused_naming_the_options(clip_folder, tmp_path):
@@ -272,6 +401,67 @@ def test_hostile_prompt_files_are_refused_in_one_line(clip_folder, tmp_path, con
 def test_prompt_and_prompts_together_are_refused(clip_folder):
     result = CliRunner().invoke(main, ["run", str(clip_folder), str(IMAGE), "--prompt", "a", "--prompts", "b,c"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def sentencepiece_siglip(folder: Path) -> Path:
+    """A tiny SigLIP saved with its own kind of tokenizer: a SiglipTokenizer over a sentencepiece
+    model trained here on a few captions (nothing downloaded)."""
+    import io
+
+    sentencepiece = pytest.importorskip("sentencepiece")
+    captions = [*PROMPTS, "a cat on grass", "a dog on grass", "a photo of grass", "a rocket on brick", "a mug"]
+    trained = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions * 20),
+        model_writer=trained,
+        vocab_size=40,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True)
+    (folder / "spiece.model").write_bytes(trained.getvalue())
+    tokenizer = transformers.SiglipTokenizer(vocab_file=str(folder / "spiece.model"))
+    assert max(len(tokenizer(prompt).input_ids) for prompt in PROMPTS) <= 16  # no prompt truncated
+    torch.manual_seed(1)
+    text = dict(TOWER, vocab_size=len(tokenizer), max_position_embeddings=16, pad_token_id=0, eos_token_id=1)
+    vision = dict(TOWER, image_size=32, patch_size=8)
+    model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+    return _save(model.eval(), tokenizer, folder)
+
+
+def test_a_siglip_folder_with_its_sentencepiece_tokenizer_scores_prompts_by_its_own_logits(tmp_path):
+    folder = sentencepiece_siglip(tmp_path / "siglip-sp")
+    assert (folder / "spiece.model").exists() and not (folder / "vocab.json").exists()
+    loaded = load_model(folder, prompts=PROMPTS)
+    pixels = _pixels(loaded)
+    with torch.no_grad():
+        logits = loaded.module(pixels)
+    expected = _models_own_logits(folder, "siglip", PROMPTS, pixels)
+    assert not torch.allclose(expected[0, 0], expected[0, 1])  # the prompts' tokens differ
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(IMAGE), "--prompts", "a cat,grass", "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_a_corrupt_sentencepiece_model_is_refused_in_one_line(tmp_path):
+    folder = sentencepiece_siglip(tmp_path / "siglip-sp")
+    (folder / "spiece.model").write_bytes(b"\x0a\xff\xff not a sentencepiece model" * 10)
+    with pytest.raises(ModelLoadError, match="could not load the tokenizer") as refused:
+        load_model(folder, prompts=PROMPTS)
+    assert "\n" not in str(refused.value)
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(IMAGE), "--prompt", "a cat", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "could not load the tokenizer" in result.output
 
 
 def test_a_folder_without_its_tokenizer_is_refused_in_one_line(tmp_path):
