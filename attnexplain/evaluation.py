@@ -27,6 +27,7 @@ from ._signals import Stopped
 from .errors import AttnExplainError, MethodError, shown
 from .evaluation_masks import object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
+from .evaluation_targets import labelled_evaluation, merged_metrics, target_columns, target_keys
 from .formats import DEFAULT_COLORMAP
 from .inputs import NoImages, collect_inputs, decoded_chunks, failed_record, read_image
 from .metrics import LOCALISATION, METRIC_VALUES, PERTURBATION_METRICS, RANDOM_MAP, MetricSettings, perturbation_values
@@ -214,7 +215,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     from .planning import plan_explanation
     from .progress import Progress
     from .running import model_device
-    from .targets import scored_for
+    from .targets import scored_for, several_targets
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -238,6 +239,12 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     run_device = torch.device(device) if device else model_device(loaded.module)
     plan, left_out = _runnable(loaded, plan, options, run_device, explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]
+    # Several targets (a multi-label model's labels, prompts): each its own columns, "gradcam@cat".
+    several = several_targets(settings.target)
+    keys = target_keys(several, loaded.labels) if several is not None else None
+    if keys is not None and boxes is not None:
+        raise AttnExplainError("Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes.")
+    columns = target_columns(names, keys) if keys is not None else names
     # Each image's random map and place among the randomized images follow its place in the inputs,
     # not the order it was measured in: a resumed run gives the numbers a whole run gives.
     position = {item.relative: i for i, item in enumerate(inputs.images)}
@@ -245,7 +252,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
     steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))
-    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks, steps) if resume else {}
+    kept = log_lines.reusable_lines(out, key_prefix, set(position), columns, value_names, masks, steps) if resume else {}
     paths = {item.relative: item.path for item in inputs.images}
     # A line stands only for the very bytes it measured: an image changed since is measured again,
     # and its old line must not be counted beside the new one.
@@ -300,7 +307,10 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         seeds = [settings.metric_settings.seed + position[d.item.relative] for d in chunk]
         progress.stage(f"maps of {where}")
         try:
-            computed = _compute(loaded, batch, plan, settings, options)
+            parts = [
+                _compute(loaded, batch, plan, dataclasses.replace(settings, target=target), options)
+                for target in (several if several is not None else [settings.target])
+            ]
         except AttnExplainError as error:
             if len(chunk) == 1:
                 finish(failed_record(chunk[0], str(error)))
@@ -308,8 +318,6 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
             for decoded in chunk:  # each image alone: one bad image must not fail the others
                 run_chunk([decoded])
             return
-        maps = torch.stack([computed.maps[name].float() for name in names[:-1]], dim=1)
-        maps = torch.cat([maps, random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(maps)], 1)
         randomize = 0
         if "randomization" in metrics:  # the first images of the run only: enough for a per-method verdict
             randomize = max(0, min(len(chunk), settings.metric_settings.randomization_images - randomized["images"]))
@@ -318,22 +326,34 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         def stage(name: str) -> None:
             progress.stage(f"{name} of {where}")
 
-        values, curves = _chunk_metrics(
-            loaded,
-            batch,
-            maps,
-            computed,
-            names,
-            metrics,
-            settings,
-            plan,
-            options,
-            chunk,
-            box_table,
-            masks,
-            randomize,
-            stage,
-        )
+        chance = random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None]
+        # Each target's maps (one target but for --target a,b), each measured against its target.
+        target_maps = [
+            torch.cat([torch.stack([part.maps[name].float() for name in names[:-1]], dim=1), chance.to(run_device, torch.float32)], 1)
+            for part in parts
+        ]
+        measured = [
+            _chunk_metrics(
+                loaded,
+                batch,
+                maps,
+                part,
+                names,
+                metrics,
+                settings,
+                plan,
+                options,
+                chunk,
+                box_table,
+                masks,
+                randomize,
+                stage,
+                own_masks=several is not None,
+            )
+            for maps, part in zip(target_maps, parts)
+        ]
+        values, curves = measured[0] if len(measured) == 1 else merged_metrics(measured)
+        computed = parts[0]
         for i, decoded in enumerate(chunk):
             target = int(computed.targets[i])
             record = {
@@ -344,15 +364,17 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
                 "probability": round(float(computed.probabilities[i, target]), 6),
                 "metrics": {
                     name: {metric: rounded(v[i, m]) for metric, v in values.items() if not math.isnan(float(v[i, m]))}
-                    for m, name in enumerate(names)
+                    for m, name in enumerate(columns)
                 },
             }
+            if keys is not None:
+                record["targets"] = [_target_entry(loaded, part, i) for part in parts]
             if i in curves.get("mask_errors", {}):
                 record["mask_error"] = curves["mask_errors"][i]
             if "randomization" in curves and i < len(curves["randomization"]["spearman"]):
-                record["randomization"] = _randomization_record(curves["randomization"], i, names)
+                record["randomization"] = _randomization_record(curves["randomization"], i, columns)
             image_curves = {
-                which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(names)}
+                which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(columns)}
                 for which in ("deletion", "insertion")
                 if which in curves
             }
@@ -360,7 +382,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
                 image_curves["fractions"] = [float(f) for f in curves["fractions"]]
             finish(record, decoded.key, image_curves)
         if len(examples) < EXAMPLE_IMAGES:
-            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples), settings.colormap))
+            examples.extend(_examples(chunk, target_maps[0], names, EXAMPLE_IMAGES - len(examples), settings.colormap))
 
     done_keys = {image: line["key"] for image, line in kept.items()}
     stopped = None
@@ -385,18 +407,17 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         # input order), whatever was reused or measured when: the bootstrap resamples by position.
         records.sort(key=lambda record: position.get(record["image"], -1))
         try:
-            evaluation = summarize(
-                loaded,
-                plan,
-                names,
-                metrics,
-                settings,
-                records,
-                sums,
-                examples,
-                time.perf_counter() - started,
-                list(input_specs),
-                left_out,
+
+            def summary(rows: list[dict[str, Any]], curve_sums: CurveSums) -> dict[str, Any]:
+                wall_s = time.perf_counter() - started
+                return summarize(
+                    loaded, plan, names, metrics, settings, rows, curve_sums, examples, wall_s, list(input_specs), left_out
+                )
+
+            evaluation = (
+                summary(records, sums)
+                if keys is None
+                else labelled_evaluation(summary, records, sums, names, keys, metrics, settings.metric_settings.seed)
             )
             evaluation.update(complete=stopped is None, reused=len(kept))
             if stopped is not None:
@@ -511,9 +532,11 @@ def _chunk_metrics(
     masks_dir,
     randomize: int,
     stage: Callable[[str], None],
+    own_masks: bool = False,
 ):
     """Every metric of the chunk's maps; the randomization check on its first ``randomize`` images
-    only (NaN for the others). ``stage`` is told each costly step as it starts (progress)."""
+    only (NaN for the others). ``stage`` is told each costly step as it starts (progress).
+    ``own_masks``: a target's localisation reads only its own object's mask, never the image's one."""
     import torch
 
     from .metrics import localisation
@@ -526,7 +549,14 @@ def _chunk_metrics(
     if any(name in LOCALISATION for name in metrics):
         explained = [_label(loaded.labels, int(index)) for index in targets]  # each label's own mask, where given
         masks, errors = object_masks(
-            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:]), explained
+            chunk,
+            plan.preprocessing,
+            box_table,
+            masks_dir,
+            settings.max_pixels,
+            tuple(batch.shape[-2:]),
+            explained,
+            own_only=own_masks,
         )
         found = localisation(
             maps.cpu(), masks, config.pointing_tolerance, photo_pixel_sizes(chunk, tuple(batch.shape[-2:]))
@@ -610,6 +640,13 @@ def _examples(chunk, maps, names, count, colormap: str):
             overlays[name] = f"data:image/jpeg;base64,{data}"
         found.append({"image": decoded.item.relative, "overlays": overlays})
     return found
+
+
+def _target_entry(loaded, computed, image: int) -> dict[str, Any]:
+    """An image's entry of its record's ``targets`` (a run of several): a target and its probability."""
+    index = int(computed.targets[image])
+    probability = round(float(computed.probabilities[image, index]), 6)
+    return {"index": index, "label": _label(loaded.labels, index), "probability": probability}
 
 
 def _label(labels, index: int) -> str | None:

@@ -27,7 +27,10 @@ from .records import ResultsLog, file_sha256, fingerprint, read_results
 
 EVALUATION_JSONL = "evaluation.jsonl"
 #: The record fields evaluation.json shows per image; the log's other fields rebuild the totals.
-SHOWN_FIELDS = ("image", "path", "status", "reason", "target", "probability", "metrics", "mask_error", "randomization")
+SHOWN_FIELDS = (
+    *("image", "path", "status", "reason", "target", "targets", "probability", "metrics", "mask_error"),
+    "randomization",
+)
 #: Curves a record carries, each ``{"<method>": [value per point]}``; NaN is written as null.
 CURVES = ("deletion", "insertion")
 MAX_TEXT = 4096
