@@ -84,35 +84,6 @@ class EvaluationSettings:
 # --- what to compute -----------------------------------------------------------------------------
 
 
-def explanation_metrics(
-    explanation, metrics: Sequence[str], config: MetricSettings = MetricSettings()
-) -> dict[str, dict[str, float]]:
-    """``{"<method>": {"<metric>": value}}`` for one :class:`~attnexplain.explanation.Explanation`:
-    the perturbation metrics of each of its maps (what ``run --metrics`` puts in report.json)."""
-    import torch
-
-    from .preprocess import prepare
-
-    unknown = [name for name in metrics if name not in PERTURBATION_METRICS]
-    if unknown:
-        raise MethodError(
-            f"--metrics here takes {', '.join(PERTURBATION_METRICS)}, not {shown(unknown[0])} "
-            f"(`attnexplain evaluate` measures the others)."
-        )
-    loaded = explanation.model
-    device = next(iter(loaded.module.parameters()), torch.zeros(0)).device
-    batch = prepare(explanation.image.pixels, explanation.preprocessing).tensor.to(device)
-    names = list(explanation.maps)
-    maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
-    targets = torch.tensor([explanation.target.index], device=device)
-    original = torch.tensor([explanation.target.score])
-    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config, explanation.precision)
-    return {
-        name: {metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))}
-        for m, name in enumerate(names)
-    }
-
-
 def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> list[str]:
     """The method names to evaluate: ``default`` every method the model allows except those that cost
     many forwards per image (``Method.many_forwards``), ``all`` every one it allows, or the given
