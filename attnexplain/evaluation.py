@@ -196,6 +196,11 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     box_table = read_boxes(boxes) if boxes is not None else None
     # A contrast or a negated output is what every map and every perturbation follows.
     loaded, _ = scored_for(loaded, settings.target, settings.versus)
+    # Several targets (a multi-label model's labels, prompts): each its own columns, "gradcam@cat".
+    several = several_targets(settings.target)
+    keys = target_keys(several, loaded.labels) if several is not None else None
+    if keys is not None and boxes is not None:
+        raise AttnExplainError("Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes.")
     metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
     inputs = collect_inputs(input_specs, exclude=exclude)
     if not inputs.images:
@@ -210,11 +215,6 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     run_device = torch.device(device) if device else model_device(loaded.module)
     plan, left_out = _runnable(loaded, plan, options, run_device, explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]
-    # Several targets (a multi-label model's labels, prompts): each its own columns, "gradcam@cat".
-    several = several_targets(settings.target)
-    keys = target_keys(several, loaded.labels) if several is not None else None
-    if keys is not None and boxes is not None:
-        raise AttnExplainError("Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes.")
     columns = target_columns(names, keys) if keys is not None else names
     # Each image's random map and place among the randomized images follow its place in the inputs,
     # not the order it was measured in: a resumed run gives the numbers a whole run gives.
