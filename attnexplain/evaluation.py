@@ -30,7 +30,7 @@ from .evaluation_summary import CurveSums, add_curves, rounded, summarize
 from .evaluation_targets import labelled_evaluation, merged_metrics, target_columns, target_keys
 from .formats import DEFAULT_COLORMAP
 from .inputs import NoImages, collect_inputs, decoded_chunks, failed_record, read_image
-from .metrics import LOCALISATION, METRIC_VALUES, PERTURBATION_METRICS, RANDOM_MAP, MetricSettings, perturbation_values
+from .metrics import LOCALISATION, METRIC_VALUES, RANDOM_MAP, MetricSettings, perturbation_values
 from .model_spec import ModelSpec
 from .randomization import RANDOMIZATION_EARLY_STEPS, cascade_steps, randomization_scores
 
@@ -200,7 +200,9 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     several = several_targets(settings.target)
     keys = target_keys(several, loaded.labels) if several is not None else None
     if keys is not None and boxes is not None:
-        raise AttnExplainError("Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes.")
+        raise AttnExplainError(
+            "Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes."
+        )
     metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
     inputs = collect_inputs(input_specs, exclude=exclude)
     if not inputs.images:
@@ -223,7 +225,9 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
     steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))
-    kept = log_lines.reusable_lines(out, key_prefix, set(position), columns, value_names, masks, steps) if resume else {}
+    kept = (
+        log_lines.reusable_lines(out, key_prefix, set(position), columns, value_names, masks, steps) if resume else {}
+    )
     paths = {item.relative: item.path for item in inputs.images}
     # A line stands only for the very bytes it measured: an image changed since is measured again,
     # and its old line must not be counted beside the new one.
@@ -297,11 +301,10 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         def stage(name: str) -> None:
             progress.stage(f"{name} of {where}")
 
-        chance = random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None]
+        chance = random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(run_device, torch.float32)
         # Each target's maps (one target but for --target a,b), each measured against its target.
         target_maps = [
-            torch.cat([torch.stack([part.maps[name].float() for name in names[:-1]], dim=1), chance.to(run_device, torch.float32)], 1)
-            for part in parts
+            torch.cat([torch.stack([part.maps[n].float() for n in names[:-1]], 1), chance], 1) for part in parts
         ]
         measured = [
             _chunk_metrics(
@@ -382,7 +385,17 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
             def summary(rows: list[dict[str, Any]], curve_sums: CurveSums) -> dict[str, Any]:
                 wall_s = time.perf_counter() - started
                 return summarize(
-                    loaded, plan, names, metrics, settings, rows, curve_sums, examples, wall_s, list(input_specs), left_out
+                    loaded,
+                    plan,
+                    names,
+                    metrics,
+                    settings,
+                    rows,
+                    curve_sums,
+                    examples,
+                    wall_s,
+                    list(input_specs),
+                    left_out,
                 )
 
             evaluation = (

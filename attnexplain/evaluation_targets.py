@@ -81,7 +81,9 @@ def merged_metrics(parts: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> tu
     return values, curves
 
 
-def pooled_records(records: Sequence[dict[str, Any]], names: Sequence[str], keys: Sequence[str]) -> list[dict[str, Any]]:
+def pooled_records(
+    records: Sequence[dict[str, Any]], names: Sequence[str], keys: Sequence[str]
+) -> list[dict[str, Any]]:
     """One row per (image, target) of the ``ok`` records, its metrics (and randomization curves)
     under the methods' own ``names``: what the overall totals, ranking and verdict are made of."""
     rows = []

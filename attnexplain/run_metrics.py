@@ -56,4 +56,3 @@ def explanation_metrics(
                 metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))
             }
     return {key: found[key] for key in explanation.maps}
-

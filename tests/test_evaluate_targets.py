@@ -97,8 +97,9 @@ def test_evaluate_measures_each_label_against_its_own_object_and_score(tmp_path,
     _one_pixel_mask(masks / "photo" / "dog.png", *peaks["dog"])  # on the dog map's peak
     metrics = ["--metrics", "pointing,mass,deletion", "--pointing-tolerance", "0", "--steps", "4"]
     code, output, out = _evaluate(
-        tmp_path, "eval", [weights, photo, *options, "--method", "gradcam", "--masks", masks, *metrics]
-        + ["--target", "cat,dog"]
+        tmp_path,
+        "eval",
+        [weights, photo, *options, "--method", "gradcam", "--masks", masks, *metrics] + ["--target", "cat,dog"],
     )
     assert code == 0, output
     line = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])
