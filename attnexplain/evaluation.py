@@ -282,10 +282,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         seeds = [settings.metric_settings.seed + position[d.item.relative] for d in chunk]
         progress.stage(f"maps of {where}")
         try:
-            parts = [
-                _compute(loaded, batch, plan, dataclasses.replace(settings, target=target), options)
-                for target in (several if several is not None else [settings.target])
-            ]
+            parts = _compute(loaded, batch, plan, settings, options, several or [settings.target])
         except AttnExplainError as error:
             if len(chunk) == 1:
                 finish(failed_record(chunk[0], str(error)))
@@ -486,15 +483,16 @@ def _file_sha256_or_none(path: Path) -> str | None:
         return None
 
 
-def _compute(loaded, batch, plan, settings, options):
-    from .engine import compute_maps
+def _compute(loaded, batch, plan, settings, options, targets):
+    """Each of ``targets``' maps of ``batch`` (of one forward where the methods allow)."""
+    from .engine import each_target_maps
 
-    return compute_maps(
+    return each_target_maps(
         loaded,
         batch,
         plan.methods,
         plan.layers,
-        target=settings.target,
+        targets,
         options=options,
         preprocessing=plan.preprocessing,
         versus=settings.versus,
