@@ -5,8 +5,6 @@ forwards) keep a pass per target. A model saved to disk and loaded as a user wou
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

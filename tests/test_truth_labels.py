@@ -5,7 +5,6 @@ missed; precision and recall), since a confusion table of one class against one 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
