@@ -245,3 +245,21 @@ def test_evaluate_localises_each_prompts_map_on_its_named_object(tmp_path):
     assert found["chefer@a photo of a cat"]["pointing"] == 1.0
     assert found["chefer@a photo of a cat"]["mass"] > 3 * found["random@a photo of a cat"]["mass"]
     assert "pointing" not in found["chefer@a photo of a rocket"] and "a photo of a rocket.png" in record["mask_error"]
+
+
+def test_resume_reuses_an_image_of_several_targets_until_an_objects_mask_changes(tmp_path, saved):
+    weights, photo, options = saved
+    masks = tmp_path / "masks"
+    _one_pixel_mask(masks / "photo" / "cat.png", 2, 2)
+    _one_pixel_mask(masks / "photo" / "dog.png", 9, 9)
+    command = [weights, photo, *options, "--method", "gradcam", "--masks", masks, "--metrics", "pointing,mass"]
+    command += ["--target", "cat,dog", "--pointing-tolerance", "0"]
+    code, output, out = _evaluate(tmp_path, "eval", command)
+    assert code == 0, output
+    first = json.loads((out / "evaluation.json").read_text())["per_image"][0]["metrics"]
+    code, output, _ = _evaluate(tmp_path, "eval", [*command, "--resume"])
+    again = json.loads((out / "evaluation.json").read_text())
+    assert code == 0 and again["reused"] == 1 and again["per_image"][0]["metrics"] == first
+    _one_pixel_mask(masks / "photo" / "dog.png", 20, 20)  # the dog's object moved: measured again
+    code, output, _ = _evaluate(tmp_path, "eval", [*command, "--resume"])
+    assert code == 0 and json.loads((out / "evaluation.json").read_text())["reused"] == 0
