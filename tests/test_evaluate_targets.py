@@ -128,6 +128,8 @@ def test_evaluate_measures_each_label_against_its_own_object_and_score(tmp_path,
     table = (out / "evaluation.csv").read_text()
     assert "gradcam@dog" in table and "random@cat" in table
     assert "  dog: gradcam pointing 1.000" in output  # the terminal's per-label lines
+    page = (out / "evaluation.html").read_text()
+    assert 'id="by-label"' in page and "<td>dog</td><td>gradcam</td><td>1.000" in page
 
 
 def test_a_label_without_its_own_mask_is_not_measured_against_the_images_mask(tmp_path, saved):
