@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tagger_model import LABELS, gradcam_by_hand, save_tagger
 
 from attnexplain.cli import main
 from attnexplain.images import load_image
@@ -21,55 +22,23 @@ from attnexplain.planning import plan_preprocessing
 from attnexplain.preprocess import prepare
 
 SIZE = 32
-LABELS = ["cat", "dog", "grass", "rocket"]
-NET_SOURCE = """
-import torch
-
-
-class Tagger(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.head = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.features(x)).mean((2, 3)))
-"""
 CLIP = Path(__file__).resolve().parents[1] / "samples" / "models" / "clip-composites"
 PROMPTS = "a photo of an astronaut,a photo of a cat,a photo of a coffee,a photo of a rocket"
 
 
 @pytest.fixture
 def saved(tmp_path) -> tuple[Path, Path, list[str]]:
-    """A 4-output model saved as a user would, its photo and the options that load it."""
-    source = tmp_path / "tagger.py"
-    source.write_text(NET_SOURCE)
-    namespace: dict = {}
-    exec(compile(NET_SOURCE, str(source), "exec"), namespace)
-    torch.manual_seed(4)
-    state = namespace["Tagger"]().state_dict()
-    state["head.bias"] = torch.tensor([2.0, 1.5, -0.5, -3.0])
+    """The tagger saved as a user would, its photo and the options that load it."""
+    weights, arch = save_tagger(tmp_path)
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(photo)
-    weights = tmp_path / "tagger.pt"
-    torch.save({"state_dict": state, "multilabel": True, "labels": LABELS}, weights)
-    options = ["--arch", f"{source}:Tagger", "--size", str(SIZE), "--resize", "squash", "--layer", "features"]
-    return weights, photo, options
+    return weights, photo, ["--arch", arch, "--size", str(SIZE), "--resize", "squash", "--layer", "features"]
 
 
 def _model_and_input(weights: Path, photo: Path, arch: str) -> tuple[torch.nn.Module, torch.Tensor]:
     loaded = load_model(weights, arch=arch)
     loaded.preprocessing = loaded.preprocessing.with_resize("squash")  # the whole photo: a mask pixel is a map pixel
     return loaded.module, prepare(load_image(photo).pixels, plan_preprocessing(loaded, size=SIZE)).tensor
-
-
-def _gradcam(module: torch.nn.Module, batch: torch.Tensor, index: int) -> np.ndarray:
-    captured = {}
-    handle = module.features.register_forward_hook(lambda m, args, output: captured.setdefault("a", output))
-    logits = module(batch.clone().requires_grad_())
-    handle.remove()
-    (gradient,) = torch.autograd.grad(logits[0, index], captured["a"])
-    return torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * captured["a"]).sum(dim=1))[0].detach().numpy()
 
 
 def _one_pixel_mask(path: Path, y: int, x: int) -> None:
@@ -88,7 +57,7 @@ def _evaluate(tmp_path: Path, name: str, arguments: list) -> tuple[int, str, Pat
 def test_evaluate_measures_each_label_against_its_own_object_and_score(tmp_path, saved):
     weights, photo, options = saved
     module, batch = _model_and_input(weights, photo, options[1])
-    cams = {label: _gradcam(module, batch, LABELS.index(label)) for label in ("cat", "dog")}
+    cams = {label: gradcam_by_hand(module, batch, LABELS.index(label)) for label in ("cat", "dog")}
     peaks = {label: np.unravel_index(int(np.argmax(cam)), cam.shape) for label, cam in cams.items()}
     far = {label: ((y + SIZE // 2) % SIZE, (x + SIZE // 2) % SIZE) for label, (y, x) in peaks.items()}
     masks = tmp_path / "masks"

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tagger_model import LABELS, save_tagger
 
 from attnexplain.cli import main
 from attnexplain.images import load_image
@@ -19,20 +20,6 @@ from attnexplain.preprocess import prepare
 from attnexplain.truth_labels import label_counts
 
 SIZE = 24
-LABELS = ["cat", "dog", "grass", "rocket"]
-NET_SOURCE = """
-import torch
-
-
-class Tagger(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.head = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.features(x)).mean((2, 3)))
-"""
 
 
 def test_label_counts_count_each_label_on_its_own():
@@ -58,15 +45,7 @@ def test_label_counts_count_each_label_on_its_own():
 
 
 def test_batch_truth_of_a_multilabel_model_counts_each_label(tmp_path):
-    source = tmp_path / "tagger.py"
-    source.write_text(NET_SOURCE)
-    namespace: dict = {}
-    exec(compile(NET_SOURCE, str(source), "exec"), namespace)
-    torch.manual_seed(4)
-    state = namespace["Tagger"]().state_dict()
-    state["head.bias"] = torch.tensor([2.0, 1.5, -0.5, -3.0])
-    weights = tmp_path / "tagger.pt"
-    torch.save({"state_dict": state, "multilabel": True, "labels": LABELS}, weights)
+    weights, arch = save_tagger(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     generator = np.random.default_rng(2)
@@ -75,7 +54,6 @@ def test_batch_truth_of_a_multilabel_model_counts_each_label(tmp_path):
         Image.fromarray(pixels).save(images / f"{name}.png")
     truth = {"a.png": "cat;dog", "b.png": "dog;rocket", "c.png": "grass"}
     (tmp_path / "truth.csv").write_text("image,labels\n" + "".join(f"{k},{v}\n" for k, v in truth.items()))
-    arch = f"{source}:Tagger"
     out = tmp_path / "batch"
     command = ["batch", weights, images, "--arch", arch, "--size", SIZE, "--truth", tmp_path / "truth.csv"]
     result = CliRunner().invoke(main, [str(a) for a in command + ["--out", out, "--quiet"]])
