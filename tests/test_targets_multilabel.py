@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tagger_model import NET_SOURCE
 
 from attnexplain.cli import main
 from attnexplain.images import load_image
@@ -20,19 +21,6 @@ from attnexplain.planning import plan_preprocessing
 from attnexplain.preprocess import prepare
 
 SIZE = 32
-NET_SOURCE = """
-import torch
-
-
-class Tagger(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.head = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.features(x)).mean((2, 3)))
-"""
 
 
 @pytest.fixture
