@@ -76,9 +76,10 @@ def main() -> None:
     for name, values in times.items():
         print(f"  {name:9s} median {1000 * statistics.median(values):8.1f} ms")
     print(f"  shared ÷ a pass per label: median of paired ratios {statistics.median(ratios):.3f}")
+    medians = {name: statistics.median(values) for name, values in times.items()}
     print(
-        f"  shared ÷ bare forward: {statistics.median(times['shared']) / statistics.median(times['bare']):.2f}; "
-        f"a pass per label ÷ bare forward: {statistics.median(times['separate']) / statistics.median(times['bare']):.2f}"
+        f"  shared ÷ bare forward: {medians['shared'] / medians['bare']:.2f}; "
+        f"a pass per label ÷ bare forward: {medians['separate'] / medians['bare']:.2f}"
     )
 
 
