@@ -173,16 +173,15 @@ def compute_maps_of_targets(
 ) -> tuple[BatchMaps, list[dict[str, MethodMap]]]:
     """:func:`compute_maps` for ``target``, or once for each class where it names several (a list,
     "cat,dog": see :func:`attnexplain.targets.several_targets`): the (first) class's
-    :class:`BatchMaps`, whose predictions hold for all, and per image every map by its
-    :attr:`MethodMap.key` ("gradcam@cat"), each naming the class it explains."""
+    :class:`BatchMaps`, whose predictions hold for all (the other classes' in its ``also``), and per
+    image every map by its :attr:`MethodMap.key` ("gradcam@cat"), each naming the class it explains."""
     several = several_targets(target)
     if several is None:
         computed = compute_maps(loaded, batch, methods, layers, target=target, **settings)
         return computed, computed.image_maps()
     images: list[dict[str, MethodMap]] = [{} for _ in range(batch.shape[0])]
-    first = None
-    for computed in each_target_maps(loaded, batch, methods, layers, several, **settings):
-        first = first or computed
+    every = each_target_maps(loaded, batch, methods, layers, several, **settings)
+    for computed in every:
         for index, maps in enumerate(computed.image_maps()):
             chosen = int(computed.targets[index])
             probability = float(computed.probabilities[index, chosen])
@@ -190,8 +189,7 @@ def compute_maps_of_targets(
             for method_map in maps.values():
                 method_map.target = Prediction(chosen, label, probability)
                 images[index][method_map.key] = method_map
-    assert first is not None
-    return first, images
+    return dataclasses.replace(every[0], also=every[1:]), images
 
 
 def each_target_maps(

@@ -173,26 +173,33 @@ def test_evaluate_and_run_metrics_of_a_contrast_follow_the_difference(tmp_path, 
     assert report["metrics"]["gradcam"]["avg_drop"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
-def test_run_metrics_of_several_targets_follow_each_maps_own_label(tmp_path, saved):
+@pytest.mark.parametrize("command", ["run", "batch"])
+def test_metrics_of_several_targets_follow_each_maps_own_label(tmp_path, saved, command):
     weights, photo, options = saved
     module, batch = _model_and_input(weights, photo, options[1])
-    out = tmp_path / "run"
+    out = tmp_path / command
     result = CliRunner().invoke(
         main,
-        [str(a) for a in ["run", weights, photo, *options, "--method", "gradcam", "--target", "cat,dog"]]
-        + ["--metrics", "drop", "--out", str(out), "--json"],
+        [str(a) for a in [command, weights, photo, *options, "--method", "gradcam", "--target", "cat,dog"]]
+        + ["--metrics", "drop", "--out", str(out), "--json" if command == "run" else "--quiet"],
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    if command == "run":
+        report = json.loads(result.output)
+        files, measured = {k: out / "photo" / v["heatmap"] for k, v in report["outputs"]["maps"].items()}, report
+    else:
+        record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        files = {key: out / record["output"] / found["heatmap"] for key, found in record["files"].items()}
+        measured = record
     for index, label in ((0, "cat"), (1, "dog")):
         key = f"gradcam@{label}"
-        heatmap = torch.from_numpy(np.load(out / "photo" / report["outputs"]["maps"][key]["heatmap"]))
+        heatmap = torch.from_numpy(np.load(files[key]))
         scaled = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min())
         with torch.no_grad():
             before = float(torch.sigmoid(module(batch))[0, index])
             after = float(torch.sigmoid(module(batch * scaled))[0, index])
         expected = max(before - after, 0.0) / (before + 1e-7)
-        assert report["metrics"][key]["avg_drop"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert measured["metrics"][key]["avg_drop"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.heavy
