@@ -306,7 +306,13 @@ def _compute_once(
         multilabel=loaded.scoring.kind == "sigmoid",
     )
     computed.also = [
-        dataclasses.replace(computed, targets=each, maps={name: maps[name] for name in order})
+        dataclasses.replace(
+            computed,
+            targets=each,
+            maps={name: maps[name] for name in order},
+            # A detector's explained box is each target's own best one.
+            explained_boxes=choose_boxes(state["detections"], None, each) if "detections" in state else None,
+        )
         for each, maps in state.get("also", [])
     ]
     return computed
