@@ -142,6 +142,8 @@ def labelled_evaluation(
         "mask_errors": sum(1 for record in ok if "mask_error" in record),
     }
     evaluation["settings"]["targets"] = list(keys)
+    # The verdict counts (image, target) pairs as its images: said so.
+    evaluation["verdict"] += f" (Counted per (image, target) pair: {len(rows)} pairs.)"
     evaluation["by_label"] = {
         key: method_summaries([row for row in rows if row["label"] == key], names, value_names, seed) for key in keys
     }

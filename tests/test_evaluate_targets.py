@@ -90,6 +90,7 @@ def test_evaluate_measures_each_label_against_its_own_object_and_score(tmp_path,
     assert [t["label"] for t in line["targets"]] == ["cat", "dog"]
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["images"]["total"] == 1 and evaluation["settings"]["targets"] == ["cat", "dog"]
+    assert evaluation["verdict"].endswith("(Counted per (image, target) pair: 2 pairs.)")
     by_label = evaluation["by_label"]
     assert by_label["dog"]["gradcam"]["pointing"]["mean"] == 1.0 and by_label["cat"]["gradcam"]["pointing"]["mean"] == 0
     # Overall: every (image, label) pair together.
