@@ -198,7 +198,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     loaded, _ = scored_for(loaded, settings.target, settings.versus)
     # Several targets (a multi-label model's labels, prompts): each its own columns, "gradcam@cat".
     several = several_targets(settings.target)
-    keys = target_keys(several, loaded.labels) if several is not None else None
+    keys = target_keys(several, loaded.labels, settings.versus) if several is not None else None
     if keys is not None and boxes is not None:
         raise AttnExplainError(
             "Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes."

@@ -26,9 +26,12 @@ def column(method: str, key: str) -> str:
     return f"{method}@{key}"
 
 
-def target_keys(targets: Sequence[int | str], labels: Sequence[str] | None) -> list[str]:
+def target_keys(
+    targets: Sequence[int | str], labels: Sequence[str] | None, versus: int | str | None = None
+) -> list[str]:
     """The column key of each of ``targets`` (each checked): its label, or its index where the model
-    has no class names. A class named twice is refused (its columns would be one)."""
+    has no class names. A class named twice is refused (its columns would be one), and so is a
+    contrast with one of them (``versus``: its maps would be 0), before any image is read."""
     from .targets import target_index
 
     keys = []
@@ -44,6 +47,11 @@ def target_keys(targets: Sequence[int | str], labels: Sequence[str] | None) -> l
     repeated = next((key for key in keys if keys.count(key) > 1), None)
     if repeated is not None:
         raise MethodError(f"The class {repeated!r} is named twice among the targets; name each once.")
+    if versus is not None and target_keys([versus], labels)[0] in keys:
+        raise MethodError(
+            f"--versus {versus!r} is one of the targets: a class's score less its own is 0, so there is "
+            f"nothing to explain; give another --versus, or leave it out of --target."
+        )
     return keys
 
 

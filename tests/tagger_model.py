@@ -25,7 +25,7 @@ class Tagger(torch.nn.Module):
 """
 
 
-def save_tagger(folder: Path, multilabel: bool = True) -> tuple[Path, str]:
+def save_tagger(folder: Path, multilabel: bool = True, labels: list[str] = LABELS) -> tuple[Path, str]:
     """The saved weights (labels and ``"multilabel"`` in the checkpoint) and the ``--arch`` that builds it."""
     source = folder / "tagger.py"
     source.write_text(NET_SOURCE)
@@ -35,7 +35,7 @@ def save_tagger(folder: Path, multilabel: bool = True) -> tuple[Path, str]:
     state = namespace["Tagger"]().state_dict()
     state["head.bias"] = torch.tensor([2.0, 1.5, -0.5, -3.0])
     weights = folder / "tagger.pt"
-    torch.save({"state_dict": state, "multilabel": multilabel, "labels": LABELS}, weights)
+    torch.save({"state_dict": state, "multilabel": multilabel, "labels": labels}, weights)
     return weights, f"{source}:Tagger"
 
 

@@ -125,6 +125,7 @@ def test_a_label_without_its_own_mask_is_not_measured_against_the_images_mask(tm
         ("cat,wolf", [], "No class is labelled 'wolf'"),
         ("cat,Cat", [], "named twice"),
         ("cat,dog", ["--boxes", "BOXES"], "not --boxes"),
+        ("cat,dog", ["--versus", "dog"], "--versus 'dog' is one of the targets"),
     ],
 )
 def test_several_targets_refused_in_one_line(tmp_path, saved, targets, extra, says):
@@ -242,3 +243,25 @@ def test_resume_reuses_an_image_of_several_targets_until_an_objects_mask_changes
     _one_pixel_mask(masks / "photo" / "dog.png", 20, 20)  # the dog's object moved: measured again
     code, output, _ = _evaluate(tmp_path, "eval", [*command, "--resume"])
     assert code == 0 and json.loads((out / "evaluation.json").read_text())["reused"] == 0
+
+
+def test_a_label_that_is_no_file_name_never_names_a_mask_path(tmp_path):
+    """Labels are the model's text: '../cat' must not read MASKS/../cat.png (a mask the test leaves
+    there, on the map's peak, would otherwise count)."""
+    weights, arch = save_tagger(tmp_path, labels=["../photo", "dog", "grass", "rocket"])
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(photo)
+    masks = tmp_path / "masks"
+    _one_pixel_mask(masks / "photo" / "dog.png", 1, 1)
+    _one_pixel_mask(masks / "photo.png", 0, 0)  # what "masks/photo/../photo.png" would be
+    options = ["--arch", arch, "--size", str(SIZE), "--resize", "squash", "--layer", "features"]
+    code, output, out = _evaluate(
+        tmp_path,
+        "eval",
+        [weights, photo, *options, "--method", "gradcam", "--masks", masks, "--metrics", "mass"]
+        + ["--target", "../photo,dog"],
+    )
+    assert code == 0, output
+    line = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])
+    assert "mass" not in line["metrics"]["gradcam@../photo"] and "mass" in line["metrics"]["gradcam@dog"]
+    assert "no mask of its '../photo' object" in line["mask_error"]
