@@ -125,12 +125,10 @@ def explain_batch(
     from .detection_targets import box_outcome
     from .engine import compute_maps_of_targets
     from .errors import MethodError, NothingToExplain
-    from .targets import boxes_on_photo, image_outcome, present_labels, scored_for, several_targets, target_record
+    from .targets import boxes_on_photo, image_outcome, present_labels, scored_for, target_record
 
     batch = torch.cat(tensors).to(device)
     loaded, _ = scored_for(loaded, settings.target, settings.versus)  # the metrics follow a contrast too
-    if settings.metrics and several_targets(settings.target) is not None:
-        raise MethodError("--metrics measures the maps of one target; give one --target (or none).")
     try:
         computed, per_image = compute_maps_of_targets(
             loaded,
@@ -147,6 +145,20 @@ def explain_batch(
     probabilities = computed.probabilities.float().cpu()
     targets = computed.targets.cpu()
     measured = _map_metrics(loaded, batch, computed, settings.metrics) if settings.metrics else None
+    if measured is not None and computed.also:  # several targets: each one's maps on its own score
+        parts = [computed, *computed.also]
+        found = [measured, *(_map_metrics(loaded, batch, part, settings.metrics) for part in computed.also)]
+        measured = [
+            {
+                key: next(
+                    values[index][m.method]
+                    for part, values in zip(parts, found)
+                    if m.target is not None and int(part.targets[index]) == m.target.index
+                )
+                for key, m in maps.items()
+            }
+            for index, maps in enumerate(per_image)
+        ]
     results = []
     for index, maps in enumerate(per_image):
         result: dict[str, Any] = {"maps": maps, "precision": computed.precision}

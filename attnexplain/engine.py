@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from .errors import MethodError, NothingToExplain
 from .methods import Method
 from .options import MethodOptions
 from .passes import PASSES, PassOutput, PassRun
+from .passes.cam import shares_forward
 from .passes.counting import ForwardCount, ProgressCallback
 from .passes.gates import ChannelGates
 from .plugins import Detections
@@ -71,6 +72,8 @@ class BatchMaps:
     versus: int | None = None  # a contrast's class: the maps explain score(target) − score(versus)
     negative: bool = False  # the maps explain what lowers a single output
     multilabel: bool = False  # ``probabilities`` are independent sigmoids (see attnexplain.scoring)
+    #: The maps of ``compute_maps(also=...)``'s further targets, each of the same forward.
+    also: list["BatchMaps"] = field(default_factory=list)
 
     def explained_scores(self) -> torch.Tensor:
         """(B,) each target's probability (a single output's value), less the contrasted class's:
@@ -124,6 +127,7 @@ def compute_maps(
     preprocessing: Preprocessing | None = None,
     progress: ProgressCallback | None = None,
     versus: int | str | None = None,
+    also: Sequence[int | str] = (),
 ) -> BatchMaps:
     """Compute ``methods`` on a preprocessed ``batch`` (B, 3, H, W): each family's pass runs once.
 
@@ -135,7 +139,8 @@ def compute_maps(
     it were alone. ``progress`` is called with (done, total) images scored by the methods that cost
     many forwards (see :mod:`attnexplain.passes.counting`). ``versus`` (an index or label) makes every
     map explain score(target) − score(versus); ``target="negative"`` explains what lowers a
-    single-output model's value.
+    single-output model's value. ``also``: further targets, whose maps (:attr:`BatchMaps.also`) share
+    the forward, a backward each; only for methods that allow it (:func:`shares_forward`).
     """
     options = options or MethodOptions()
     refuse_box_target(box_rank(target), [m.family for m in methods], options.aug_smooth)
@@ -145,7 +150,7 @@ def compute_maps(
 
     forwards = ForwardCount(progress)
     with model_failures(loaded.module), model_precision(loaded.module, options.precision) as precision:
-        computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black, forwards)
+        computed = _compute_once(loaded, batch, methods, layers, target, options, targets, black, forwards, also)
         if options.aug_smooth:
 
             def maps_of(augmented: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -168,17 +173,15 @@ def compute_maps_of_targets(
 ) -> tuple[BatchMaps, list[dict[str, MethodMap]]]:
     """:func:`compute_maps` for ``target``, or once for each class where it names several (a list,
     "cat,dog": see :func:`attnexplain.targets.several_targets`): the (first) class's
-    :class:`BatchMaps`, whose predictions hold for all, and per image every map by its
-    :attr:`MethodMap.key` ("gradcam@cat"), each naming the class it explains."""
+    :class:`BatchMaps`, whose predictions hold for all (the other classes' in its ``also``), and per
+    image every map by its :attr:`MethodMap.key` ("gradcam@cat"), each naming the class it explains."""
     several = several_targets(target)
     if several is None:
         computed = compute_maps(loaded, batch, methods, layers, target=target, **settings)
         return computed, computed.image_maps()
     images: list[dict[str, MethodMap]] = [{} for _ in range(batch.shape[0])]
-    first = None
-    for each in several:
-        computed = compute_maps(loaded, batch, methods, layers, target=each, **settings)
-        first = first or computed
+    every = each_target_maps(loaded, batch, methods, layers, several, **settings)
+    for computed in every:
         for index, maps in enumerate(computed.image_maps()):
             chosen = int(computed.targets[index])
             probability = float(computed.probabilities[index, chosen])
@@ -186,8 +189,26 @@ def compute_maps_of_targets(
             for method_map in maps.values():
                 method_map.target = Prediction(chosen, label, probability)
                 images[index][method_map.key] = method_map
-    assert first is not None
-    return first, images
+    return dataclasses.replace(every[0], also=every[1:]), images
+
+
+def each_target_maps(
+    loaded: "LoadedModel", batch: torch.Tensor, methods: list[Method], layers: list[str], targets: list, **settings: Any
+) -> list[BatchMaps]:
+    """:func:`compute_maps` of each of ``targets`` in turn: of one forward and a backward per target
+    where every method allows it (:func:`shares_forward`; not with --aug-smooth or box:N), else of
+    a whole pass each."""
+    options = settings.get("options") or MethodOptions()
+    shared = (
+        all(shares_forward(method) for method in methods)
+        and not options.aug_smooth
+        and all(box_rank(each) is None for each in targets)
+        and "targets" not in settings
+    )
+    if not shared:
+        return [compute_maps(loaded, batch, methods, layers, target=each, **settings) for each in targets]
+    computed = compute_maps(loaded, batch, methods, layers, target=targets[0], also=targets[1:], **settings)
+    return [computed, *computed.also]
 
 
 def _compute_once(
@@ -200,6 +221,7 @@ def _compute_once(
     targets: torch.Tensor | None,
     black: torch.Tensor,
     forwards: ForwardCount,
+    also: Sequence[int | str] = (),
 ) -> BatchMaps:
     module = loaded.module
     state: dict[str, Any] = {}
@@ -256,6 +278,7 @@ def _compute_once(
         black=black,
         state=state,
         forwards=forwards,
+        also=list(also),
     )
     unknown = [m.name for m in methods if m.family not in PASSES]
     if unknown:
@@ -267,7 +290,7 @@ def _compute_once(
             made.add(run_pass(run, of_family))
     explained = run.targets()  # set by the first pass's forward (or now, when no pass ran)
     order = [m.name for m in methods]  # as asked for
-    return BatchMaps(
+    computed = BatchMaps(
         probabilities=state["probabilities"],
         targets=explained,
         maps={name: made.maps[name] for name in order},
@@ -282,3 +305,14 @@ def _compute_once(
         negative=loaded.scoring.negative,
         multilabel=loaded.scoring.kind == "sigmoid",
     )
+    computed.also = [
+        dataclasses.replace(
+            computed,
+            targets=each,
+            maps={name: maps[name] for name in order},
+            # A detector's explained box is each target's own best one.
+            explained_boxes=choose_boxes(state["detections"], None, each) if "detections" in state else None,
+        )
+        for each, maps in state.get("also", [])
+    ]
+    return computed

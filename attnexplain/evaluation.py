@@ -27,9 +27,10 @@ from ._signals import Stopped
 from .errors import AttnExplainError, MethodError, shown
 from .evaluation_masks import object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
+from .evaluation_targets import labelled_evaluation, merged_metrics, target_columns, target_keys
 from .formats import DEFAULT_COLORMAP
 from .inputs import NoImages, collect_inputs, decoded_chunks, failed_record, read_image
-from .metrics import LOCALISATION, METRIC_VALUES, PERTURBATION_METRICS, RANDOM_MAP, MetricSettings, perturbation_values
+from .metrics import LOCALISATION, METRIC_VALUES, RANDOM_MAP, MetricSettings, perturbation_values
 from .model_spec import ModelSpec
 from .randomization import RANDOMIZATION_EARLY_STEPS, cascade_steps, randomization_scores
 
@@ -81,35 +82,6 @@ class EvaluationSettings:
 
 
 # --- what to compute -----------------------------------------------------------------------------
-
-
-def explanation_metrics(
-    explanation, metrics: Sequence[str], config: MetricSettings = MetricSettings()
-) -> dict[str, dict[str, float]]:
-    """``{"<method>": {"<metric>": value}}`` for one :class:`~attnexplain.explanation.Explanation`:
-    the perturbation metrics of each of its maps (what ``run --metrics`` puts in report.json)."""
-    import torch
-
-    from .preprocess import prepare
-
-    unknown = [name for name in metrics if name not in PERTURBATION_METRICS]
-    if unknown:
-        raise MethodError(
-            f"--metrics here takes {', '.join(PERTURBATION_METRICS)}, not {shown(unknown[0])} "
-            f"(`attnexplain evaluate` measures the others)."
-        )
-    loaded = explanation.model
-    device = next(iter(loaded.module.parameters()), torch.zeros(0)).device
-    batch = prepare(explanation.image.pixels, explanation.preprocessing).tensor.to(device)
-    names = list(explanation.maps)
-    maps = torch.stack([torch.from_numpy(explanation.maps[name].heatmap) for name in names])[None].to(device)
-    targets = torch.tensor([explanation.target.index], device=device)
-    original = torch.tensor([explanation.target.score])
-    values, _ = perturbation_values(loaded, batch, maps, targets, original, metrics, config, explanation.precision)
-    return {
-        name: {metric: rounded(value[0, m]) for metric, value in values.items() if math.isfinite(float(value[0, m]))}
-        for m, name in enumerate(names)
-    }
 
 
 def applicable_methods(loaded, requested: str | Sequence[str] = "default") -> list[str]:
@@ -222,7 +194,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     from .planning import plan_explanation
     from .progress import Progress
     from .running import model_device
-    from .targets import scored_for
+    from .targets import scored_for, several_targets
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -232,6 +204,13 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     box_table = read_boxes(boxes) if boxes is not None else None
     # A contrast or a negated output is what every map and every perturbation follows.
     loaded, _ = scored_for(loaded, settings.target, settings.versus)
+    # Several targets (a multi-label model's labels, prompts): each its own columns, "gradcam@cat".
+    several = several_targets(settings.target)
+    keys = target_keys(several, loaded.labels, settings.versus) if several is not None else None
+    if keys is not None and boxes is not None:
+        raise AttnExplainError(
+            "Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes."
+        )
     metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
     inputs = collect_inputs(input_specs, exclude=exclude)
     if not inputs.images:
@@ -246,6 +225,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     run_device = torch.device(device) if device else model_device(loaded.module)
     plan, left_out = _runnable(loaded, plan, options, run_device, explicit=settings.method not in ("default", "all"))
     names = [m.name for m in plan.methods] + [RANDOM_MAP]
+    columns = target_columns(names, keys) if keys is not None else names
     # Each image's random map and place among the randomized images follow its place in the inputs,
     # not the order it was measured in: a resumed run gives the numbers a whole run gives.
     position = {item.relative: i for i, item in enumerate(inputs.images)}
@@ -253,7 +233,9 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     key_prefix = log_lines.run_fingerprint(spec, settings, plan, metrics, boxes) if out is not None else ""
     value_names = {value for group in metrics for value in METRIC_VALUES[group]}
     steps = len(cascade_steps(loaded.module, settings.metric_settings.randomization_steps))
-    kept = log_lines.reusable_lines(out, key_prefix, set(position), names, value_names, masks, steps) if resume else {}
+    kept = (
+        log_lines.reusable_lines(out, key_prefix, set(position), columns, value_names, masks, steps) if resume else {}
+    )
     paths = {item.relative: item.path for item in inputs.images}
     # A line stands only for the very bytes it measured: an image changed since is measured again,
     # and its old line must not be counted beside the new one.
@@ -308,7 +290,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         seeds = [settings.metric_settings.seed + position[d.item.relative] for d in chunk]
         progress.stage(f"maps of {where}")
         try:
-            computed = _compute(loaded, batch, plan, settings, options)
+            parts = _compute(loaded, batch, plan, settings, options, several or [settings.target])
         except AttnExplainError as error:
             if len(chunk) == 1:
                 finish(failed_record(chunk[0], str(error)))
@@ -316,8 +298,6 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
             for decoded in chunk:  # each image alone: one bad image must not fail the others
                 run_chunk([decoded])
             return
-        maps = torch.stack([computed.maps[name].float() for name in names[:-1]], dim=1)
-        maps = torch.cat([maps, random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(maps)], 1)
         randomize = 0
         if "randomization" in metrics:  # the first images of the run only: enough for a per-method verdict
             randomize = max(0, min(len(chunk), settings.metric_settings.randomization_images - randomized["images"]))
@@ -326,22 +306,33 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         def stage(name: str) -> None:
             progress.stage(f"{name} of {where}")
 
-        values, curves = _chunk_metrics(
-            loaded,
-            batch,
-            maps,
-            computed,
-            names,
-            metrics,
-            settings,
-            plan,
-            options,
-            chunk,
-            box_table,
-            masks,
-            randomize,
-            stage,
-        )
+        chance = random_maps(len(chunk), tuple(batch.shape[-2:]), seeds)[:, None].to(run_device, torch.float32)
+        # Each target's maps (one target but for --target a,b), each measured against its target.
+        target_maps = [
+            torch.cat([torch.stack([part.maps[n].float() for n in names[:-1]], 1), chance], 1) for part in parts
+        ]
+        measured = [
+            _chunk_metrics(
+                loaded,
+                batch,
+                maps,
+                part,
+                names,
+                metrics,
+                settings,
+                plan,
+                options,
+                chunk,
+                box_table,
+                masks,
+                randomize,
+                stage,
+                own_masks=several is not None,
+            )
+            for maps, part in zip(target_maps, parts)
+        ]
+        values, curves = measured[0] if len(measured) == 1 else merged_metrics(measured)
+        computed = parts[0]
         for i, decoded in enumerate(chunk):
             target = int(computed.targets[i])
             record = {
@@ -352,15 +343,17 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
                 "probability": round(float(computed.probabilities[i, target]), 6),
                 "metrics": {
                     name: {metric: rounded(v[i, m]) for metric, v in values.items() if not math.isnan(float(v[i, m]))}
-                    for m, name in enumerate(names)
+                    for m, name in enumerate(columns)
                 },
             }
+            if keys is not None:
+                record["targets"] = [_target_entry(loaded, part, i) for part in parts]
             if i in curves.get("mask_errors", {}):
                 record["mask_error"] = curves["mask_errors"][i]
             if "randomization" in curves and i < len(curves["randomization"]["spearman"]):
-                record["randomization"] = _randomization_record(curves["randomization"], i, names)
+                record["randomization"] = _randomization_record(curves["randomization"], i, columns)
             image_curves = {
-                which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(names)}
+                which: {name: [float(v) for v in curves[which][i, m]] for m, name in enumerate(columns)}
                 for which in ("deletion", "insertion")
                 if which in curves
             }
@@ -368,7 +361,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
                 image_curves["fractions"] = [float(f) for f in curves["fractions"]]
             finish(record, decoded.key, image_curves)
         if len(examples) < EXAMPLE_IMAGES:
-            examples.extend(_examples(chunk, maps, names, EXAMPLE_IMAGES - len(examples), settings.colormap))
+            examples.extend(_examples(chunk, target_maps[0], names, EXAMPLE_IMAGES - len(examples), settings.colormap))
 
     done_keys = {image: line["key"] for image, line in kept.items()}
     stopped = None
@@ -393,18 +386,27 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         # input order), whatever was reused or measured when: the bootstrap resamples by position.
         records.sort(key=lambda record: position.get(record["image"], -1))
         try:
-            evaluation = summarize(
-                loaded,
-                plan,
-                names,
-                metrics,
-                settings,
-                records,
-                sums,
-                examples,
-                time.perf_counter() - started,
-                list(input_specs),
-                left_out,
+
+            def summary(rows: list[dict[str, Any]], curve_sums: CurveSums) -> dict[str, Any]:
+                wall_s = time.perf_counter() - started
+                return summarize(
+                    loaded,
+                    plan,
+                    names,
+                    metrics,
+                    settings,
+                    rows,
+                    curve_sums,
+                    examples,
+                    wall_s,
+                    list(input_specs),
+                    left_out,
+                )
+
+            evaluation = (
+                summary(records, sums)
+                if keys is None
+                else labelled_evaluation(summary, records, sums, names, keys, metrics, settings.metric_settings.seed)
             )
             evaluation.update(complete=stopped is None, reused=len(kept))
             if stopped is not None:
@@ -489,15 +491,16 @@ def _file_sha256_or_none(path: Path) -> str | None:
         return None
 
 
-def _compute(loaded, batch, plan, settings, options):
-    from .engine import compute_maps
+def _compute(loaded, batch, plan, settings, options, targets):
+    """Each of ``targets``' maps of ``batch`` (of one forward where the methods allow)."""
+    from .engine import each_target_maps
 
-    return compute_maps(
+    return each_target_maps(
         loaded,
         batch,
         plan.methods,
         plan.layers,
-        target=settings.target,
+        targets,
         options=options,
         preprocessing=plan.preprocessing,
         versus=settings.versus,
@@ -519,9 +522,11 @@ def _chunk_metrics(
     masks_dir,
     randomize: int,
     stage: Callable[[str], None],
+    own_masks: bool = False,
 ):
     """Every metric of the chunk's maps; the randomization check on its first ``randomize`` images
-    only (NaN for the others). ``stage`` is told each costly step as it starts (progress)."""
+    only (NaN for the others). ``stage`` is told each costly step as it starts (progress).
+    ``own_masks``: a target's localisation reads only its own object's mask, never the image's one."""
     import torch
 
     from .metrics import localisation
@@ -534,7 +539,14 @@ def _chunk_metrics(
     if any(name in LOCALISATION for name in metrics):
         explained = [_label(loaded.labels, int(index)) for index in targets]  # each label's own mask, where given
         masks, errors = object_masks(
-            chunk, plan.preprocessing, box_table, masks_dir, settings.max_pixels, tuple(batch.shape[-2:]), explained
+            chunk,
+            plan.preprocessing,
+            box_table,
+            masks_dir,
+            settings.max_pixels,
+            tuple(batch.shape[-2:]),
+            explained,
+            own_only=own_masks,
         )
         found = localisation(
             maps.cpu(), masks, config.pointing_tolerance, photo_pixel_sizes(chunk, tuple(batch.shape[-2:]))
@@ -618,6 +630,13 @@ def _examples(chunk, maps, names, count, colormap: str):
             overlays[name] = f"data:image/jpeg;base64,{data}"
         found.append({"image": decoded.item.relative, "overlays": overlays})
     return found
+
+
+def _target_entry(loaded, computed, image: int) -> dict[str, Any]:
+    """An image's entry of its record's ``targets`` (a run of several): a target and its probability."""
+    index = int(computed.targets[image])
+    probability = round(float(computed.probabilities[image, index]), 6)
+    return {"index": index, "label": _label(loaded.labels, index), "probability": probability}
 
 
 def _label(labels, index: int) -> str | None:

@@ -27,7 +27,10 @@ from .records import ResultsLog, file_sha256, fingerprint, read_results
 
 EVALUATION_JSONL = "evaluation.jsonl"
 #: The record fields evaluation.json shows per image; the log's other fields rebuild the totals.
-SHOWN_FIELDS = ("image", "path", "status", "reason", "target", "probability", "metrics", "mask_error", "randomization")
+SHOWN_FIELDS = (
+    *("image", "path", "status", "reason", "target", "targets", "probability", "metrics", "mask_error"),
+    "randomization",
+)
 #: Curves a record carries, each ``{"<method>": [value per point]}``; NaN is written as null.
 CURVES = ("deletion", "insertion")
 MAX_TEXT = 4096
@@ -49,10 +52,22 @@ def run_fingerprint(
 
 
 def mask_digest(masks: Path | None, relative: str) -> str | None:
-    """sha256 of the mask file an image's localisation reads, None where there is none to read."""
+    """sha256 of the mask files an image's localisation reads (its one mask, and its objects' masks
+    ``<image>/<label>.png`` where it has them), None where there is none to read."""
     if masks is None:
         return None
-    path = masks / Path(relative).with_suffix(".png")
+    own = masks / Path(relative).with_suffix("")
+    try:
+        objects = sorted(own.glob("*.png")) if own.is_dir() else []
+    except OSError:
+        objects = []
+    digests = [_file_digest(path) for path in [masks / Path(relative).with_suffix(".png"), *objects]]
+    if not objects:
+        return digests[0]
+    return ";".join(f"{path.name}:{digest}" for path, digest in zip(objects, digests[1:])) + f";{digests[0]}"
+
+
+def _file_digest(path: Path) -> str | None:
     if not_a_regular_file(path) is not None:  # a FIFO would block: never opened
         return None
     try:

@@ -130,12 +130,13 @@ def model_frame_mask(mask: np.ndarray, preprocessing) -> np.ndarray:
     return prepare(layers, plain).tensor[0, 0].numpy() > 0.5
 
 
-def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, labels=None):
+def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, labels=None, own_only=False):
     """(B, h, w) bool masks of the decoded images of ``chunk`` in the model's frame (``size``), from
     ``box_table`` (:func:`read_boxes`) or else the mask files under ``masks_dir``; and image index →
     why it has none (its mask is all False). ``labels``: per image, the class its maps explain; an
     image with several objects (a multi-label model's) has one mask per class,
-    ``MASKS/<image path without its suffix>/<class>.png``, used for that class's maps."""
+    ``MASKS/<image path without its suffix>/<class>.png``, used for that class's maps; ``own_only``
+    (several targets measured, each against its own object): only that mask, never the image's one."""
     import torch
 
     result = torch.zeros(len(chunk), *size, dtype=torch.bool)
@@ -151,7 +152,7 @@ def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, l
                 photo_mask = boxes_mask(entry, width, height)
             else:
                 photo_mask = mask_file_mask(
-                    _mask_path(masks_dir, decoded.item.relative, labels[i] if labels is not None else None),
+                    _mask_path(masks_dir, decoded.item.relative, labels[i] if labels is not None else None, own_only),
                     width,
                     height,
                     max_pixels,
@@ -162,14 +163,16 @@ def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, l
     return result, errors
 
 
-def _mask_path(masks_dir: Path, relative: str, label: str | None) -> Path:
+def _mask_path(masks_dir: Path, relative: str, label: str | None, own_only: bool = False) -> Path:
     """The mask of image ``relative``: of the object of class ``label`` where the image has one
-    mask per object (a folder of them), else the image's one mask. A label that is no plain file
+    mask per object (a folder of them), else (unless ``own_only``) the image's one mask. A label that is no plain file
     name (the model's text: ``..``, a ``/``) never names a path."""
     own = masks_dir / Path(relative).with_suffix("")
     if label is not None and label not in ("", ".", "..") and not any(c in label for c in "/\\\0"):
-        if (own / f"{label}.png").is_file():
+        if (own / f"{label}.png").is_file() or own_only:
             return own / f"{label}.png"
+    if own_only:
+        raise MaskError(f"no mask of its {shown(label)} object")
     return masks_dir / Path(relative).with_suffix(".png")
 
 

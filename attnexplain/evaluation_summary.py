@@ -98,19 +98,7 @@ def summarize(
 
     ok = [r for r in records if r["status"] == "ok"]
     value_names = [value for group in metrics for value in METRIC_VALUES[group]]
-    methods: dict[str, dict[str, Any]] = {}
-    for name in names:
-        summary = {}
-        for metric in value_names:
-            column = [r["metrics"][name][metric] for r in ok if metric in r["metrics"].get(name, {})]
-            if column:
-                low, high = bootstrap_interval(column, settings.metric_settings.seed)
-                summary[metric] = {
-                    "mean": rounded(np.mean(column)),
-                    "ci95": [rounded(low), rounded(high)],
-                    "images": len(column),
-                }
-        methods[name] = summary
+    methods = method_summaries(ok, names, value_names, settings.metric_settings.seed)
     randomization = (
         randomization_summary(
             records,
@@ -168,6 +156,25 @@ def summarize(
         "wall_s": round(wall_s, 3),
     }
     return {**evaluation, "examples": examples}
+
+
+def method_summaries(ok, names, value_names, seed: int) -> dict[str, dict[str, Any]]:
+    """Per method of ``names``, per value measured, its mean over the ``ok`` records with its
+    bootstrap interval and the number of images that gave it."""
+    methods: dict[str, dict[str, Any]] = {}
+    for name in names:
+        summary = {}
+        for metric in value_names:
+            column = [r["metrics"][name][metric] for r in ok if metric in r["metrics"].get(name, {})]
+            if column:
+                low, high = bootstrap_interval(column, seed)
+                summary[metric] = {
+                    "mean": rounded(np.mean(column)),
+                    "ci95": [rounded(low), rounded(high)],
+                    "images": len(column),
+                }
+        methods[name] = summary
+    return methods
 
 
 def randomization_summary(records, names, steps: list[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .caption_records import caption_gallery_row, is_caption_record
 from .formats import INDEX_HTML, REPORT_JSON, SUMMARY_CSV
 from .report import templates
 from .truth import LABEL_SEPARATOR, true_labels
+from .truth_labels import label_counts
 
 
 def _label(prediction: dict[str, Any] | None) -> str:
@@ -117,10 +118,16 @@ CONFUSION_CLASSES = 20
 
 def accuracy_and_confusion(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Accuracy over the explained images with a true class, and the confusion table (true class →
-    predicted class → count); None when no image has one."""
+    predicted class → count), or for a multi-label run the counts per label
+    (:func:`attnexplain.truth_labels.label_counts`; accuracy: every label right); None when no
+    image has one."""
     judged = [r for r in records if r.get("status") == "ok" and correct(r) is not None]
     if not judged:
         return None
+    if any("present" in r or LABEL_SEPARATOR in r["truth"] for r in judged):  # multi-label: per label
+        right = sum(1 for r in judged if correct(r))
+        counted = label_counts((true_labels(r["truth"]), _classes(r)) for r in judged)
+        return {"judged": len(judged), "correct": right, "accuracy": round(right / len(judged), 6), **counted}
     shown_classes = [name for name, _ in Counter(r["truth"] for r in judged).most_common(CONFUSION_CLASSES)]
     other = "(other)"
 

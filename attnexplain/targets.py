@@ -10,6 +10,7 @@ import torch
 from .errors import MethodError, ModelRunError, NothingToExplain
 from .plugins import Detections
 from .results import Prediction
+from .target_names import target_names, unquoted_target
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -155,7 +156,7 @@ def several_targets(target: Any) -> list[int | str] | None:
     """The classes of ``target`` when it names several (a list, or "cat,dog"), each to get its own
     maps; None when it names one or none."""
     if isinstance(target, str) and "," in target:
-        target = [part.strip() for part in target.split(",") if part.strip()]
+        target = target_names(target)  # "a, b" in quotes: one name that holds a comma
     if isinstance(target, (list, tuple)):
         if not target:
             raise MethodError("No class to explain was named in the list of targets.")
@@ -185,6 +186,8 @@ def model_task(loaded: "LoadedModel") -> str:
 
 
 def _target_index(target: int | str, num_classes: int, labels: list[str] | None) -> int:
+    if isinstance(target, str):
+        target = unquoted_target(target)
     if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
         if labels is None:
             raise MethodError(

@@ -221,7 +221,7 @@ def run(
             **explanation.timings,
         }
         if metric_names:
-            from ..evaluation import explanation_metrics
+            from ..run_metrics import explanation_metrics
 
             started = time.perf_counter()
             explanation.metrics = explanation_metrics(explanation, metric_names)

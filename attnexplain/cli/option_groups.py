@@ -203,7 +203,8 @@ def method_options(function, leave_out: tuple[str, ...] = ()):
         ),
         target=click.option(
             "--target",
-            help="Class to explain: index or label (default: the top prediction); on a detector, box:N "
+            help="Class to explain: index or label (default: the top prediction); several comma-separated, a "
+            "name that holds a comma quoted as in CSV ('\"a, b\",c'); on a detector, box:N "
             "explains the N-th detected box by score (box:0 the best); for a captioner, one word of the caption; "
             "negative: what lowers a single-output model's value.",
         ),

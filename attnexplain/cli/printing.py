@@ -213,6 +213,7 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
     from rich.table import Table
 
     from ..evaluation_report import CONVENTION, shown_mean, shown_metrics, shown_number
+    from ..evaluation_targets import by_label_lines
 
     table = Table(title=f"{evaluation['images']['ok']} images, ranked by faithfulness")
     metrics = shown_metrics(evaluation)
@@ -258,6 +259,8 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
             + "."
         )
     click.echo(evaluation["verdict"])
+    for line in by_label_lines(evaluation):  # several targets: each one's figures
+        click.echo(terminal_text(line))
     for name, reason in evaluation["settings"].get("left_out", {}).items():
         click.echo(f"Left out {name}: {reason}", err=True)
 

@@ -40,6 +40,9 @@ class PassRun:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     #: The progress of the methods that cost many forwards (see :mod:`attnexplain.passes.counting`).
     forwards: ForwardCount = field(default_factory=ForwardCount)
+    #: Further targets (indices or labels) whose maps share the pass's forward, one backward each
+    #: (:func:`attnexplain.passes.cam.shares_forward`); their maps go to ``state["also"]``.
+    also: list[Any] = field(default_factory=list)
 
     @property
     def size(self) -> tuple[int, int]:

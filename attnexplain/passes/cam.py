@@ -18,13 +18,26 @@ from ..methods.attribution import NOISE_SEED, NOISY_COPIES, noisy_copies
 from ..methods.cam import cam_map, finer_scores, hessian_products
 from ..precision import as_float32, method_forwards
 from ..running import model_as_called, scores_of
-from ..targets import class_scores
+from ..targets import check_contrast, class_scores, resolve_targets
 from .base import PassOutput, PassRun, fuse_maps, no_gradient, upsample
 from .counting import expected_forwards
 from .registry import register_pass
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel
+
+
+#: CAM methods that need more than the layer's activation and its gradient (more forwards, a second
+#: derivative, other classes' scores, noisy copies): they never share a forward between targets.
+OWN_FORWARD = frozenset(
+    {"scorecam", "sscam", "iscam", "ablationcam", "randomcam", "shapleycam", "finercam", "smoothgradcampp"}
+)
+
+
+def shares_forward(method: Method) -> bool:
+    """Whether ``method``'s maps of several targets can come from one forward and one backward per
+    target (``PassRun.also``): a CAM of the activation and its gradient alone."""
+    return method.family == "cam" and method.name not in OWN_FORWARD
 
 
 @register_pass("cam")
@@ -54,6 +67,10 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
             raise MethodError(f"Layer {missing[0]!r} did not run during the forward pass.")
         activations = [captured[name] for name in layers]
         gradients: list[torch.Tensor | None] = [None] * len(layers)
+        also = [resolve_targets(each, run.state["probabilities"], loaded.labels) for each in run.also]
+        for each in also if "versus" in run.state else []:
+            check_contrast(each, run.state["versus"], loaded.labels)
+        also_gradients: list[list[torch.Tensor | None]] = [[None] * len(layers) for _ in also]
         if needs_gradient:
             # Images are independent, so the gradient of the sum is each image's own gradient.
             score = logits.gather(1, targets[:, None]).sum()
@@ -69,13 +86,18 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                     score,
                     activations,
                     allow_unused=True,
-                    retain_graph=bool(names & {"finercam", "shapleycam"}),
+                    retain_graph=bool(names & {"finercam", "shapleycam"}) or bool(also),
                     create_graph="shapleycam" in names,
                 )
             )
             for name, gradient in zip(layers, gradients):
                 if gradient is None:
                     raise MethodError(f"The model's output does not depend on layer {name!r}.")
+            for number, each in enumerate(also):  # the graph kept: one backward per further target
+                chosen = logits.gather(1, each[:, None]).sum()
+                also_gradients[number] = list(
+                    torch.autograd.grad(chosen, activations, retain_graph=number < len(also) - 1)
+                )
             if "shapleycam" in names:
                 extras["shapleycam"] = hessian_products(gradients, activations)
                 gradients = [gradient.detach() for gradient in gradients]
@@ -140,7 +162,26 @@ def cam_maps(run: PassRun, methods: list[Method]) -> dict[str, torch.Tensor]:
                 contributions = method.compute(activation, gradient)
             per_layer.append(upsample(cam_map(contributions, options.eigen_smooth), size))
         results[method.name] = fuse_maps(per_layer)
+    if also:
+        run.state["also"] = [
+            (each, _plain_maps(methods, activations, per_target, as_maps, size, options.eigen_smooth))
+            for each, per_target in zip(also, also_gradients)
+        ]
     return results
+
+
+def _plain_maps(methods, activations, gradients, as_maps, size, eigen_smooth: bool) -> dict[str, torch.Tensor]:
+    """Each of ``methods`` (all :func:`shares_forward`) from the layers' activations and one target's
+    gradients, as the pass computes its own target's."""
+    maps = {}
+    for method in methods:
+        per_layer = []
+        for activation, gradient, layer_as_map in zip(activations, gradients, as_maps):
+            activation = layer_as_map(as_float32(activation.detach()))
+            gradient = None if gradient is None else layer_as_map(as_float32(gradient))
+            per_layer.append(upsample(cam_map(method.compute(activation, gradient), eigen_smooth), size))
+        maps[method.name] = fuse_maps(per_layer)
+    return maps
 
 
 def _twice_differentiable() -> AbstractContextManager[object]:
