@@ -139,6 +139,13 @@ def teacher_forced(
     finally:
         for handle in handles:
             handle.remove()
+    if attention is not None:
+        maps = [*attention.encoder, *attention.decoder, *attention.cross]
+        if not maps or not all(map_.requires_grad for map_ in maps) or len(attention.decoder) != len(attention.cross):
+            raise ModelRunError(
+                f"Plugin {plugin}'s captioning().score_attention gave attention maps outside the autograd graph "
+                f"(or as many decoder self-attention as cross-attention layers): no relevance can be computed."
+            )
     tokens = recorded.get("tokens")
     if tokens is None:
         raise ModelRunError(

@@ -338,13 +338,14 @@ def _relevance(
 ) -> torch.Tensor:
     """Word ``t``'s relevance over the image's grid (h, w), by Chefer et al. 2021b's rules."""
     encoder, decoder = len(attention.encoder), len(attention.decoder)
-    relevance = encoder_decoder_relevance(
-        attention.encoder,
-        gradients[:encoder],
-        attention.decoder,
-        gradients[encoder : encoder + decoder],
-        attention.cross,
-        gradients[encoder + decoder :],
-    )
+    with torch.no_grad():
+        relevance = encoder_decoder_relevance(
+            attention.encoder,
+            gradients[:encoder],
+            attention.decoder,
+            gradients[encoder : encoder + decoder],
+            attention.cross,
+            gradients[encoder + decoder :],
+        )
     cells = grid[0] * grid[1]
-    return relevance[0, t, attention.grid_start : attention.grid_start + cells].reshape(grid)
+    return relevance[0, t, attention.grid_start : attention.grid_start + cells].detach().reshape(grid)
