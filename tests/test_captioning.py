@@ -129,6 +129,8 @@ def test_run_writes_the_models_own_caption_and_each_words_attention_and_gradcam(
     assert report["caption"] == " ".join(words) and report["caption_source"] == "generated"
     assert report["task"] == "captioning" and report["model"]["plugin"] == "attention-cnn"
     assert report["end_probability"] is None  # stopped at its length limit
+    # α, e and the probabilities were recorded while the model wrote its caption (one pass).
+    assert report["attention_source"] == "generation" and report["attention_layout"] == {"layers": 1, "heads": 1}
 
     alphas, cams, log_probs = _reference(captioner, x, generated)
     folder = Path(report["outputs"]["directory"])
@@ -162,6 +164,7 @@ def test_run_scores_a_given_caption_by_teacher_forcing_and_explains_one_target_w
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["caption"] == "a cat on grass" and report["caption_source"] == "given"
+    assert report["attention_source"] == "teacher forcing"
     ids = [VOCABULARY.index(w) for w in ["a", "cat", "on", "grass", "<end>"]]
     alphas, _cams, log_probs = _reference(captioner, _tensor(pixels), ids)
     assert [entry["probability"] for entry in report["word_probabilities"]] == pytest.approx(

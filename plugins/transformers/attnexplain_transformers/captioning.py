@@ -164,7 +164,15 @@ def captioning(model: Any) -> Captioning:
         return patches.reshape(len(tokens), height, width, -1).permute(0, 3, 1, 2)
 
     def encode(caption: str) -> list[int]:
-        return [int(i) for i in tokenizer(caption, add_special_tokens=False)["input_ids"]]
+        ids = [int(i) for i in tokenizer(caption, add_special_tokens=False)["input_ids"]]
+        unknown = [
+            word
+            for word in caption.split()
+            if tokenizer.unk_token_id in tokenizer(word, add_special_tokens=False)["input_ids"]
+        ]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not in its vocabulary ({tokenizer.unk_token} stands for it)")
+        return ids
 
     if not cross_names:
         raise ModelLoadError(
