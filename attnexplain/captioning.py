@@ -288,8 +288,8 @@ def explain_caption(
         gradients = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients))
         cam = cam_map(gradcam(feature_map(captioning, tokens.detach()), feature_map(captioning, gradients[0])))
         per_layer = recorded.attention[t].float().reshape(layers, heads, height, width)
-        mean = per_layer.mean(dim=(0, 1))
-        alpha_grid = (mean / mean.sum().clamp_min(1e-30))[None]
+        averaged = per_layer.mean(dim=(0, 1))
+        alpha_grid = (averaged / averaged.sum().clamp_min(1e-30))[None]
         relevance_grid = None
         if attention_maps is not None:
             relevance_grid = _relevance(attention_maps, gradients[1:], t, (height, width))
