@@ -79,45 +79,37 @@ def _save(model, folder: Path, *, beams: int) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    decoder = transformers.GPT2Config(
-        vocab_size=len(WORDS),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=32,
-        add_cross_attention=True,
-        is_decoder=True,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(_encoder_config(), decoder)
+def _captioner(decoder_config):
+    """A ViT encoder and ``decoder_config``'s decoder, with sharper attention than the default
+    initialisation's near-uniform one."""
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(_encoder_config(), decoder_config)
     model = transformers.VisionEncoderDecoderModel(config)
-    with torch.no_grad():  # sharper attention than the default initialisation's near-uniform one
+    with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "attn.weight" in name or "q_attn" in name or "query" in name or "key" in name:
                 parameter.mul_(8.0)
-    return _save(model, tmp_path_factory.mktemp("vit-gpt2"), beams=1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    sizes = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32}
+    decoder = transformers.GPT2Config(
+        vocab_size=len(WORDS), **sizes, add_cross_attention=True, is_decoder=True, bos_token_id=BOS, eos_token_id=EOS
+    )
+    return _save(_captioner(decoder), tmp_path_factory.mktemp("vit-gpt2"), beams=1)
 
 
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory) -> Path:
     torch.manual_seed(1)
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     decoder = transformers.BertConfig(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        is_decoder=True,
-        add_cross_attention=True,
+        vocab_size=len(WORDS), **sizes, max_position_embeddings=32, is_decoder=True, add_cross_attention=True
     )
-    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(_encoder_config(), decoder)
-    model = transformers.VisionEncoderDecoderModel(config)
-    with torch.no_grad():
+    model = _captioner(decoder)
+    with torch.no_grad():  # words of different prior probability
         model.decoder.cls.predictions.bias.copy_(torch.randn(len(WORDS)) * 2)
     return _save(model, tmp_path_factory.mktemp("vit-bert"), beams=3)
 
