@@ -163,6 +163,7 @@ def teacher_forced(
         raise ModelRunError(
             f"The captioner scored {tuple(log_probs.shape)} for {len(steps)} words; (1, words, vocabulary) expected."
         )
+    chosen = log_probs[0, torch.arange(len(steps), device=words.device), words[0]].detach()  # each word's
     recorded_steps = None
     if record_attention and attention is not None:
         start = attention.grid_start
@@ -171,7 +172,7 @@ def teacher_forced(
         )  # (layers, heads, T, L)
         recorded_steps = CaptionSteps(
             ids=steps,
-            log_probabilities=log_probs[0, torch.arange(len(steps)), words[0]].detach(),
+            log_probabilities=chosen,
             attention=cross.permute(2, 0, 1, 3).detach(),
             grid=(height, width),
         )
@@ -189,7 +190,7 @@ def teacher_forced(
         with_scores = all(score is not None for score in scores)
         recorded_steps = CaptionSteps(
             ids=steps,
-            log_probabilities=log_probs[0, torch.arange(len(steps)), words[0]].detach(),
+            log_probabilities=chosen,
             attention=torch.stack([alpha[0] for alpha in alphas]).detach()[:, None, None, :],
             grid=(height, width),
             alignment_scores=torch.stack([s[0] for s in scores]).detach()[:, None, None, :]  # type: ignore[index]

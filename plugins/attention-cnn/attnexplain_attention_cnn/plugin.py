@@ -138,7 +138,7 @@ class AttentionCNNPlugin(ModelPlugin):
             log_probs = torch.log_softmax(torch.stack(seen["logits"][:steps]), dim=-1)
             return CaptionSteps(
                 ids=ids,
-                log_probabilities=log_probs[torch.arange(steps), torch.tensor(ids, dtype=torch.long)],
+                log_probabilities=log_probs.gather(1, torch.tensor(ids, device=log_probs.device)[:, None])[:, 0],
                 attention=torch.stack(seen["attention"][:steps])[:, None, None, :],
                 grid=(int(seen["grid"][0].shape[-2]), int(seen["grid"][0].shape[-1])),
                 alignment_scores=torch.stack(seen["scores"][:steps])[:, None, None, :],
