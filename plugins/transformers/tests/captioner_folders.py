@@ -72,13 +72,11 @@ def gpt2_captioner(folder: Path) -> Path:
 
 
 def bert_captioner(folder: Path) -> Path:
-    """ViT + BERT, beam search over 3 beams, saved in ``folder``."""
-    torch.manual_seed(1)
+    """ViT + BERT, beam search over 3 beams, saved in ``folder``: on the tests' photo its returned
+    beam runs through beams 0, 1, 2, 0 and its caption is not the greedy one (seed chosen so)."""
+    torch.manual_seed(11)
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     decoder = transformers.BertConfig(
         vocab_size=len(WORDS), **sizes, max_position_embeddings=32, is_decoder=True, add_cross_attention=True
     )
-    model = captioner(decoder)
-    with torch.no_grad():  # words of different prior probability
-        model.decoder.cls.predictions.bias.copy_(torch.randn(len(WORDS)) * 2)
-    return save(model, folder, beams=3)
+    return save(captioner(decoder), folder, beams=3)
