@@ -82,6 +82,11 @@ MODEL_LIMITS = {
     "patch_size": FILE_MAX_SIZE,
     "window_size": 64,
     "num_register_tokens": 256,
+    # GPT-2's names, for a captioner's decoder (GPT-2 XL: 48 layers, 1600 wide, 25 heads).
+    "n_layer": 128,
+    "n_embd": 16384,
+    "n_head": 256,
+    "n_inner": 65536,
 }
 #: Blocks of all stages together (``depths``): as many as ``num_hidden_layers`` may ask for.
 MAX_BLOCKS = MODEL_LIMITS["num_hidden_layers"]

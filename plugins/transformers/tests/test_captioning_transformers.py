@@ -13,6 +13,7 @@ line.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,18 @@ def test_a_captioner_folder_without_tokenizer_or_start_token_is_refused_in_one_l
     _clean_failure(_run("run", bare, photo, "--out", tmp_path / "out"), "decoder_start_token_id")
     assert not (tmp_path / "out").exists()
     _clean_failure(_run("run", gpt2_folder, photo, "--caption", "a zebra", "--out", tmp_path / "out"))
+
+
+@pytest.mark.parametrize("half, field", [("decoder", "n_layer"), ("encoder", "num_hidden_layers")])
+def test_a_captioner_config_asking_for_a_huge_encoder_or_decoder_is_refused_before_it_is_built(
+    half, field, gpt2_folder, photo, tmp_path
+):
+    """An encoder–decoder's halves ("encoder", "decoder" in config.json) are held to the same
+    limits as any model's, GPT-2's own field names included: 50,000 decoder layers would take
+    an hour to build on the meta device before the weights check could refuse them."""
+    folder = tmp_path / "huge"
+    shutil.copytree(gpt2_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[half][field] = 50_000
+    (folder / "config.json").write_text(json.dumps(config))
+    _clean_failure(_run("run", folder, photo, "--out", tmp_path / "out"), f"{half}.{field} = 50000")
