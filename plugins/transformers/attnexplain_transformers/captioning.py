@@ -49,12 +49,15 @@ def _special_tokens(model: Any) -> int:
     return 2 if model.config.encoder.model_type == "deit" else 1
 
 
+def _patch(model: Any) -> tuple[int, int]:
+    patch = model.config.encoder.patch_size
+    return (int(patch[0]), int(patch[1])) if isinstance(patch, (list, tuple)) else (int(patch), int(patch))
+
+
 def _grid(model: Any) -> tuple[int, int]:
-    encoder = model.config.encoder
-    size, patch = encoder.image_size, encoder.patch_size
+    size = model.config.encoder.image_size
     sides = size if isinstance(size, (list, tuple)) else (size, size)
-    patches = patch if isinstance(patch, (list, tuple)) else (patch, patch)
-    return (int(sides[0]) // int(patches[0]), int(sides[1]) // int(patches[1]))
+    return (int(sides[0]) // _patch(model)[0], int(sides[1]) // _patch(model)[1])
 
 
 def _token_id(*values: Any) -> int | None:
@@ -98,13 +101,22 @@ def captioning(model: Any) -> Captioning:
     special = _special_tokens(model)
     cross_names = [n for n, _ in model.decoder.named_modules() if n.endswith("crossattention")]
 
+    def fitting(images: torch.Tensor) -> torch.Tensor:
+        side = (height * _patch(model)[0], width * _patch(model)[1])
+        if tuple(images.shape[-2:]) != side:
+            raise MethodError(
+                f"This captioner's {encoder_type} encoder takes {side[0]}×{side[1]} images (its config's image_size), "
+                f"not {images.shape[-2]}×{images.shape[-1]}: leave --size out."
+            )
+        return images
+
     def decoder_inputs(words_: torch.Tensor) -> torch.Tensor:
         starts = torch.full_like(words_[:, :1], start)
         return torch.cat([starts, words_[:, :-1]], dim=1)
 
     def generate_recorded(image: torch.Tensor) -> CaptionSteps:
         out = model.generate(
-            pixel_values=image, output_attentions=True, output_logits=True, return_dict_in_generate=True
+            pixel_values=fitting(image), output_attentions=True, output_logits=True, return_dict_in_generate=True
         )
         ids = [int(i) for i in out.sequences[0, 1:]]
         beams = getattr(out, "beam_indices", None)
@@ -134,7 +146,7 @@ def captioning(model: Any) -> Captioning:
         hook = embeddings.register_forward_hook(lambda _m, _a, output: output.detach().requires_grad_())
         try:
             out = model(
-                pixel_values=images.detach().requires_grad_(),
+                pixel_values=fitting(images).detach().requires_grad_(),
                 decoder_input_ids=decoder_inputs(words_),
                 output_attentions=True,
             )
@@ -149,7 +161,7 @@ def captioning(model: Any) -> Captioning:
         )
 
     def score(images: torch.Tensor, words_: torch.Tensor) -> torch.Tensor:
-        out = model(pixel_values=images, decoder_input_ids=decoder_inputs(words_))
+        out = model(pixel_values=fitting(images), decoder_input_ids=decoder_inputs(words_))
         return torch.log_softmax(out.logits.float(), dim=-1)
 
     def generate(image: torch.Tensor) -> list[int]:

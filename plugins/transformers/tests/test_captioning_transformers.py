@@ -223,7 +223,9 @@ def test_a_captioner_folder_without_tokenizer_or_start_token_is_refused_in_one_l
     tokenizer().save_pretrained(bare)
     _clean_failure(_run("run", bare, photo, "--out", tmp_path / "out"), "decoder_start_token_id")
     assert not (tmp_path / "out").exists()
-    _clean_failure(_run("run", gpt2_folder, photo, "--caption", "a zebra", "--out", tmp_path / "out"))
+    _clean_failure(_run("run", gpt2_folder, photo, "--caption", "a zebra", "--out", tmp_path / "out"), "'zebra'")
+    _clean_failure(_run("run", gpt2_folder, photo, "--size", 48, "--out", tmp_path / "out"), "32×32", "--size")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("half, field", [("decoder", "n_layer"), ("encoder", "num_hidden_layers")])
