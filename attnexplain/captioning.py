@@ -270,10 +270,11 @@ def explain_caption(
     started = time.perf_counter()
     height, width = recorded.grid
     tokens = forward.tokens
-    if tuple(feature_map(captioning, tokens.detach()).shape[-2:]) != (height, width):
+    features = feature_map(captioning, tokens.detach())
+    if tuple(features.shape[-2:]) != (height, width):
         raise ModelRunError(
             f"The captioner's attention lies on a {recorded.grid} grid, its feature map on "
-            f"{tuple(feature_map(captioning, tokens.detach()).shape[-2:])}."
+            f"{tuple(features.shape[-2:])}."
         )
     input_size = (int(batch.shape[-2]), int(batch.shape[-1]))
     word_log_probs = [forward.log_probs[0, t, steps[t]] for t in range(len(steps))]
@@ -286,7 +287,7 @@ def explain_caption(
     for t in explained:
         gradients = torch.autograd.grad(word_log_probs[t], inputs, retain_graph=True, allow_unused=True)
         gradients = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients))
-        cam = cam_map(gradcam(feature_map(captioning, tokens.detach()), feature_map(captioning, gradients[0])))
+        cam = cam_map(gradcam(features, feature_map(captioning, gradients[0])))
         per_layer = recorded.attention[t].float().reshape(layers, heads, height, width)
         averaged = per_layer.mean(dim=(0, 1))
         alpha_grid = (averaged / averaged.sum().clamp_min(1e-30))[None]
