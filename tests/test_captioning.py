@@ -352,3 +352,52 @@ def test_a_plugin_whose_attention_reader_fails_is_a_one_line_error_naming_it(pho
         ) as raised:
             explain_caption(model, pixels, size=32)
     assert "\n" not in str(raised.value)
+
+
+class _RecordingPlugin(_TinyPlugin):
+    """The tiny captioner with a generation that hands back its attention (API v2), the shape of
+    which ``attention_shape`` sets: right, (words, 1, 1, 4), or wrong."""
+
+    name = "recording-captioner"
+
+    def __init__(self, attention_shape: tuple[int, ...]) -> None:
+        self.attention_shape = attention_shape
+
+    def captioning(self, model):
+        from dataclasses import replace
+
+        from attnexplain.plugin_api import CaptionSteps
+
+        def generate_recorded(image):
+            return CaptionSteps(
+                ids=[2, 3, 1],
+                log_probabilities=torch.log(torch.tensor([0.5, 0.25, 0.125])),
+                attention=torch.full(self.attention_shape, 0.25),
+                grid=(2, 2),
+            )
+
+        return replace(super().captioning(model), generate_recorded=generate_recorded)
+
+
+def test_attention_and_probabilities_come_from_a_recording_generation_and_a_misshapen_one_is_refused(photo):
+    """With ``generate_recorded`` the words' attention and probabilities are what the generation
+    recorded (here made up by the plugin, so distinguishable from the model's own forward); a
+    recording of the wrong shape is a one-line error naming the hook."""
+    from attnexplain.captioning import explain_caption
+    from attnexplain.errors import AttnExplainError
+
+    _, pixels = photo
+    model = _TinyCaptioner().eval()
+    with use_plugins(_RecordingPlugin((3, 1, 1, 4))):
+        explanation = explain_caption(model, pixels, size=32)
+    assert explanation.attention_source == "generation" and explanation.caption == ["red", "blue"]
+    assert explanation.probabilities == pytest.approx([0.5, 0.25]) and explanation.end_probability == pytest.approx(
+        0.125
+    )
+    for word in explanation.words:
+        np.testing.assert_allclose(word.attention_grid, np.full((2, 2), 0.25))
+        assert word.alignment_scores is None and word.gradcam.shape == (32, 32)
+    with use_plugins(_RecordingPlugin((3, 2, 4))):
+        with pytest.raises(AttnExplainError, match=r"recording-captioner's captioning\(\).generate_recorded") as raised:
+            explain_caption(model, pixels, size=32)
+    assert "\n" not in str(raised.value)
