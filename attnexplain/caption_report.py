@@ -18,7 +18,7 @@ from .render import colorize, downscale, encode_image, normalize_heatmap, render
 from .report import REPORT_HTML, REPORT_JSON, data_uri, file_name, templates, why_not_written, write_npy
 
 if TYPE_CHECKING:
-    from .captioning import CaptionExplanation
+    from .captioning import CaptionExplanation, WordExplanation
 
 #: The longest side of each word's picture in the strip, in pixels.
 STRIP_SIDE = 160
@@ -68,21 +68,17 @@ def write_caption_outputs(
             stem = f"{word.position + 1:02d}-{_file_word(word.word)}"
             attention = render_overlay(pixels, word.attention, explanation.box, alpha, colormap)
             gradcam = render_overlay(pixels, word.gradcam, explanation.box, alpha, colormap)
-            scores = score_picture(word.alignment_scores, colormap)
             files = {
                 "attention": f"attention-{stem}.{overlay_format}",
                 "attention_npy": f"attention-{stem}.npy",
-                "alignment_scores_npy": f"alignment-scores-{stem}.npy",
-                "alignment_scores": f"alignment-scores-{stem}.png",
                 "gradcam": f"gradcam-{stem}.{overlay_format}",
                 "gradcam_npy": f"gradcam-{stem}.npy",
             }
             (staging / files["attention"]).write_bytes(encode_image(attention, f".{overlay_format}"))
             write_npy(staging / files["attention_npy"], word.attention)
-            write_npy(staging / files["alignment_scores_npy"], word.alignment_scores)
-            (staging / files["alignment_scores"]).write_bytes(encode_image(scores, ".png"))
             (staging / files["gradcam"]).write_bytes(encode_image(gradcam, f".{overlay_format}"))
             write_npy(staging / files["gradcam_npy"], word.gradcam)
+            extras = _word_extras(staging, stem, word, explanation, files, alpha, colormap)
             entry["files"] = files
             word_files.append(files)
             small = downscale(attention, STRIP_SIDE)
@@ -96,7 +92,7 @@ def write_caption_outputs(
                     "strip_uri": data_uri(small),
                     "attention_uri": data_uri(downscale(attention, LARGE_SIDE)),
                     "gradcam_uri": data_uri(downscale(gradcam, LARGE_SIDE)),
-                    "scores_uri": data_uri(scores, ".png"),
+                    **extras,
                 }
             )
         strip_picture = attention_strip(strip, [word.word for word in explanation.words])
@@ -123,6 +119,44 @@ def write_caption_outputs(
         )
         (staging / page_name).write_text(html, encoding="utf-8")
     return report
+
+
+def _word_extras(
+    staging: Path,
+    stem: str,
+    word: "WordExplanation",
+    explanation: "CaptionExplanation",
+    files: dict[str, str],
+    alpha: float,
+    colormap: str,
+) -> dict[str, Any]:
+    """What a word has beyond α and Grad-CAM, written and added to ``files``: its alignment scores,
+    its attention per layer and head (a transformer decoder's, for the explorer) and its relevance
+    (Chefer 2021b); returns the page's pictures of them."""
+    pictures: dict[str, Any] = {}
+    if word.alignment_scores is not None:
+        files["alignment_scores_npy"] = f"alignment-scores-{stem}.npy"
+        files["alignment_scores"] = f"alignment-scores-{stem}.png"
+        scores = score_picture(word.alignment_scores, colormap)
+        write_npy(staging / files["alignment_scores_npy"], word.alignment_scores)
+        (staging / files["alignment_scores"]).write_bytes(encode_image(scores, ".png"))
+        pictures["scores_uri"] = data_uri(scores, ".png")
+    if word.relevance is not None:
+        files["relevance_npy"] = f"relevance-{stem}.npy"
+        files["relevance"] = f"relevance-{stem}.png"
+        relevance = render_overlay(explanation.image.pixels, word.relevance, explanation.box, alpha, colormap)
+        write_npy(staging / files["relevance_npy"], word.relevance)
+        (staging / files["relevance"]).write_bytes(encode_image(relevance, ".png"))
+        pictures["relevance_uri"] = data_uri(downscale(relevance, LARGE_SIDE))
+    layered = word.layer_attention
+    if layered is not None and layered.shape[0] * layered.shape[1] > 1:
+        files["layer_attention_npy"] = f"cross-attention-{stem}.npy"
+        write_npy(staging / files["layer_attention_npy"], layered)
+        pictures["layer_uris"] = [
+            [data_uri(score_picture(layered[layer, head], colormap), ".png") for head in range(layered.shape[1])]
+            for layer in range(layered.shape[0])
+        ]
+    return pictures
 
 
 def _file_word(word: str) -> str:

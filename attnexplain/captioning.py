@@ -3,12 +3,16 @@
 A captioning model's plugin says how it writes a caption and scores a word and which module
 attends over the image at each step (:class:`attnexplain.plugins.Captioning`). For a caption — the
 model's own (generated as the model does) or one the user gives (``--caption``, scored by teacher
-forcing) — one forward records, for every word:
+forcing) — the core records, for every word:
 
 - α, the model's learned attention over the feature map's positions (the weights its context
-  vector is the average under), and e, the alignment scores α is the softmax of;
+  vector is the average under), and e, the alignment scores α is the softmax of (where the model
+  exposes them); a transformer decoder's cross-attention per layer and head. For the model's own
+  caption they come from its generation itself when the plugin records them there;
 - the word's log-probability, whose gradient with respect to the feature map gives Grad-CAM
-  (Selvaraju et al. 2017) of that word: one backward per word, down to the feature map only.
+  (Selvaraju et al. 2017) of that word, and, for an encoder–decoder transformer, Chefer et al.
+  2021b's relevance: one teacher-forced forward, then one backward per word, down to the feature
+  map and the attention only (:mod:`attnexplain.caption_passes`).
 
 Nothing here names a model: the plugin answers every model-specific question.
 """
@@ -23,18 +27,20 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .caption_passes import feature_map, recorded_generation, teacher_forced
 from .errors import MethodError, ModelRunError, NothingToExplain, error_line, shown
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
 from .methods.cam import cam_map, gradcam
 from .methods.combine import upsample
+from .methods.encoder_decoder import encoder_decoder_relevance
 from .planning import plan_preprocessing
 from .preprocess import Preprocessing, prepare
 from .running import model_device, model_failures
 
 if TYPE_CHECKING:
-    from .plugins import Captioning
+    from .plugins import CaptionAttention, Captioning
 
 
 @dataclass
@@ -46,8 +52,15 @@ class WordExplanation:
     probability: float  # p(word | image, the words before it)
     attention: np.ndarray  # α, upsampled to the model's input (H, W); sums to 1 on the grid
     attention_grid: np.ndarray  # α on the feature map's grid (h, w)
-    alignment_scores: np.ndarray  # e on the grid (h, w): α = softmax(e)
+    alignment_scores: np.ndarray | None  # e on the grid (h, w): α = softmax(e); None: the model exposes none
     gradcam: np.ndarray  # Grad-CAM of the word's log-probability, at the model's input (H, W)
+    #: The attention as recorded, (layers, heads, h, w): each decoder layer's and head's attention
+    #: over the grid (special tokens dropped; (1, 1, h, w) for a single soft attention).
+    layer_attention: np.ndarray | None = None
+    #: An encoder–decoder's relevance of the image for the word (Chefer et al. 2021b), at the
+    #: model's input (H, W) and on the grid (h, w); None where the plugin gives no score_attention.
+    relevance: np.ndarray | None = None
+    relevance_grid: np.ndarray | None = None
 
     @property
     def log_probability(self) -> float:
@@ -71,6 +84,10 @@ class CaptionExplanation:
     box: tuple[float, float, float, float]  # region of the photo the model saw
     preprocessing: Preprocessing
     timings: dict[str, float] = field(default_factory=dict)
+    attention_layout: tuple[int, int] = (1, 1)  # (layers, heads) of each word's recorded attention
+    #: What produced each word's attention: "generation" (recorded while the model wrote its
+    #: caption) or "teacher forcing" (a given caption, or a plugin without generate_recorded).
+    attention_source: str = "teacher forcing"
 
     @property
     def text(self) -> str:
@@ -94,12 +111,15 @@ class CaptionExplanation:
                     "log_probability": word.log_probability,
                     "attention_peak": _peak(word.attention_grid),
                     "attention_max": float(word.attention_grid.max()),
-                    "alignment_scores": {
+                    "alignment_scores": None
+                    if word.alignment_scores is None
+                    else {
                         "min": float(word.alignment_scores.min()),
                         "max": float(word.alignment_scores.max()),
                         "mean": float(word.alignment_scores.mean()),
                         "std": float(word.alignment_scores.std()),
                     },
+                    "relevance_peak": None if word.relevance_grid is None else _peak(word.relevance_grid),
                 }
                 for word in self.words
             ],
@@ -113,6 +133,9 @@ class CaptionExplanation:
             "grid": list(self.grid),
             "feature_layer": self.feature_layer,
             "alignment_score_formula": self.score_formula,
+            "attention_layout": {"layers": self.attention_layout[0], "heads": self.attention_layout[1]},
+            "attention_source": self.attention_source,
+            "relevance_method": "chefer2021b" if any(w.relevance is not None for w in self.words) else None,
             "preprocessing": self.preprocessing.as_dict(),
             "timings": {key: round(value, 6) for key, value in self.timings.items()},
             "versions": versions(),
@@ -149,11 +172,21 @@ def refuse_captioner(loaded: LoadedModel, command: str, instead: str = "`attnexp
 
 
 def caption_ids(captioning: "Captioning", caption: str) -> list[int]:
-    """A caption the user gives, as word ids; a :class:`MethodError` names a word not in the
-    model's vocabulary."""
+    """A caption the user gives, as word ids (by the model's tokenizer where the plugin has one);
+    a :class:`MethodError` names a word not in the model's vocabulary."""
     words = caption.split()
     if not words:
         raise MethodError("The caption to score is empty; give its words, e.g. --caption 'a cat on grass'.")
+    if captioning.encode is not None:
+        try:
+            ids = [int(i) for i in captioning.encode(caption)]
+        except Exception as error:  # the plugin's tokenizer
+            raise MethodError(
+                f"The captioner's tokenizer could not read the caption: {error_line(error, 200)}"
+            ) from None
+        if not ids or not all(0 <= i < len(captioning.vocabulary) for i in ids):
+            raise MethodError(f"The captioner's tokenizer gave no word of its vocabulary for {shown(caption)}.")
+        return ids
     vocabulary = {word: index for index, word in enumerate(captioning.vocabulary)}
     for word in words:
         if word not in vocabulary:
@@ -180,6 +213,11 @@ def explain_caption(
     ``caption``: score these words (teacher forcing) instead of the model's own caption. ``target``:
     explain only this word (each place it appears); the caption's other words keep their
     probabilities. ``model`` and ``image`` are what :func:`attnexplain.explain` accepts.
+
+    The model's own caption: every word's attention and probability come from its generation when
+    the plugin records them there (``generate_recorded``); one teacher-forced forward then keeps the
+    feature map (and every attention) in the graph, and each explained word costs one backward down
+    to them: Grad-CAM, and Chefer's encoder–decoder relevance where the plugin gives the attention.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -191,59 +229,92 @@ def explain_caption(
             f"Plugin {loaded.plugin.name} does not know this {type(loaded.module).__name__} as a captioner, "
             f"so it has no caption to explain."
         )
-    module = loaded.module
+    module, plugin = loaded.module, loaded.plugin.name
     preprocessing = plan_preprocessing(loaded, size=size, mean=mean, std=std)
     prepared = prepare(picture.pixels, preprocessing)
     batch = prepared.tensor.to(model_device(module))
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    if caption is not None:
-        ids, generated = caption_ids(captioning, caption), False
-        finished = True
-    else:
-        with torch.no_grad(), model_failures(module):
-            ids = [int(i) for i in captioning.generate(batch)]
-        generated = True
-        finished = bool(ids) and ids[-1] == captioning.end
-        ids = ids[:-1] if finished else ids
-        if not ids:
-            raise NothingToExplain("The model's caption for this image is empty, so there is no word to explain.")
-    timings["generate_s"] = time.perf_counter() - started
-    words = [captioning.vocabulary[i] for i in ids]
-    explained = list(range(len(words)))
-    if target is not None:
-        explained = [t for t, word in enumerate(words) if word == target]
-        if not explained:
-            raise MethodError(f"The word {shown(target)} is not in the caption {shown(' '.join(words))}.")
+    recorded = None
+    with loaded.plugin.recording(module):
+        if caption is not None:
+            ids, generated, finished = caption_ids(captioning, caption), False, True
+        else:
+            if captioning.generate_recorded is not None:
+                recorded = recorded_generation(module, captioning, batch, plugin)
+                ids = [int(i) for i in recorded.ids]
+            else:
+                with torch.no_grad(), model_failures(module):
+                    ids = [int(i) for i in captioning.generate(batch)]
+            generated = True
+            finished = bool(ids) and ids[-1] == captioning.end
+            ids = ids[:-1] if finished else ids
+            if not ids:
+                raise NothingToExplain("The model's caption for this image is empty, so there is no word to explain.")
+        timings["generate_s"] = time.perf_counter() - started
+        words = [captioning.vocabulary[i].strip() for i in ids]
+        explained = list(range(len(words)))
+        if target is not None:
+            explained = [t for t, word in enumerate(words) if word == target]
+            if not explained:
+                raise MethodError(f"The word {shown(target)} is not in the caption {shown(' '.join(words))}.")
+
+        started = time.perf_counter()
+        steps = ids + [captioning.end] if finished else ids
+        forward = teacher_forced(module, captioning, batch, steps, plugin, record_attention=recorded is None)
+        timings["score_s"] = time.perf_counter() - started
+    recorded = recorded if recorded is not None else forward.steps
+    assert recorded is not None
 
     started = time.perf_counter()
-    steps = ids + [captioning.end] if finished else ids
-    features, alphas, scores, log_probs = _teacher_forced(module, captioning, batch, steps, loaded.plugin.name)
-    timings["score_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    height, width = features.shape[-2:]
+    height, width = recorded.grid
+    tokens = forward.tokens
+    features = feature_map(captioning, tokens.detach())
+    if tuple(features.shape[-2:]) != (height, width):
+        raise ModelRunError(
+            f"The captioner's attention lies on a {recorded.grid} grid, its feature map on "
+            f"{tuple(features.shape[-2:])}."
+        )
     input_size = (int(batch.shape[-2]), int(batch.shape[-1]))
-    word_log_probs = [log_probs[0, t, steps[t]] for t in range(len(steps))]
+    word_log_probs = [forward.log_probs[0, t, steps[t]] for t in range(len(steps))]
+    attention_maps = forward.attention
+    inputs = [tokens]
+    if attention_maps is not None:
+        inputs += [*attention_maps.encoder, *attention_maps.decoder, *attention_maps.cross]
+    layers, heads = int(recorded.attention.shape[1]), int(recorded.attention.shape[2])
     results = []
     for t in explained:
-        (gradient,) = torch.autograd.grad(word_log_probs[t], features, retain_graph=True)
-        cam = cam_map(gradcam(features.detach(), gradient))
-        alpha_grid = alphas[t][:1].detach().reshape(1, height, width)
+        gradients = torch.autograd.grad(word_log_probs[t], inputs, retain_graph=True, allow_unused=True)
+        gradients = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients))
+        cam = cam_map(gradcam(features, feature_map(captioning, gradients[0])))
+        per_layer = recorded.attention[t].float().reshape(layers, heads, height, width)
+        averaged = per_layer.mean(dim=(0, 1))
+        alpha_grid = (averaged / averaged.sum().clamp_min(1e-30))[None]
+        relevance_grid = None
+        if attention_maps is not None:
+            relevance_grid = _relevance(attention_maps, gradients[1:], t, (height, width))
+        scores = recorded.alignment_scores
         results.append(
             WordExplanation(
                 word=words[t],
                 position=t,
-                probability=float(word_log_probs[t].detach().exp()),
+                probability=float(recorded.log_probabilities[t].exp()),
                 attention=upsample(alpha_grid, input_size)[0].cpu().numpy(),
                 attention_grid=alpha_grid[0].cpu().numpy(),
-                alignment_scores=scores[t][:1].detach().reshape(height, width).cpu().numpy(),
+                alignment_scores=None
+                if scores is None
+                else scores[t].float().mean(dim=(0, 1)).reshape(height, width).cpu().numpy(),
                 gradcam=upsample(cam, input_size)[0].cpu().numpy(),
+                layer_attention=per_layer.cpu().numpy(),
+                relevance=None
+                if relevance_grid is None
+                else upsample(relevance_grid[None], input_size)[0].cpu().numpy(),
+                relevance_grid=None if relevance_grid is None else relevance_grid.cpu().numpy(),
             )
         )
     timings["explain_s"] = time.perf_counter() - started
-    probabilities = [float(p.detach().exp()) for p in word_log_probs]
+    probabilities = [float(p.exp()) for p in recorded.log_probabilities]
     return CaptionExplanation(
         image=picture,
         model=loaded,
@@ -258,68 +329,24 @@ def explain_caption(
         box=prepared.box,
         preprocessing=preprocessing,
         timings=timings,
+        attention_layout=(layers, heads),
+        attention_source="teacher forcing" if recorded is forward.steps else "generation",
     )
 
 
-def _teacher_forced(
-    module: torch.nn.Module, captioning: "Captioning", batch: torch.Tensor, steps: list[int], plugin: str
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """One teacher-forced forward with the feature map and every step's (α, e) recorded:
-    (features (1, C, h, w), α per step, e per step, log-probabilities (1, T, V))."""
-    recorded: dict[str, Any] = {}
-    alphas: list[torch.Tensor] = []
-    scores: list[torch.Tensor] = []
-
-    def keep_features(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
-        if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            raise ModelRunError(
-                f"The captioner's feature layer {captioning.feature_layer!r} gave "
-                f"{type(output).__name__}, not a (batch, channels, height, width) map."
-            )
-        if not output.requires_grad:  # frozen weights: a leaf of our own, the same values
-            output = output.detach().requires_grad_()
-        recorded["features"] = output
-        return output
-
-    def keep_attention(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-        try:
-            alpha, score = captioning.read_attention(output)
-            if alpha.dim() != 2 or score.shape != alpha.shape:
-                raise ValueError(f"α {tuple(alpha.shape)} and e {tuple(score.shape)} are not both (batch, positions)")
-        except Exception as error:  # the plugin's code, run inside the model's forward
-            raise ModelRunError(
-                f"Plugin {plugin}'s captioning().read_attention failed on the output of "
-                f"{captioning.attention_module!r}: {error_line(error, 200)}"
-            ) from error
-        alphas.append(alpha)
-        scores.append(score)
-
-    try:
-        feature_module = module.get_submodule(captioning.feature_layer)
-        attention_module = module.get_submodule(captioning.attention_module)
-    except AttributeError as error:
-        raise MethodError(f"The captioner's plugin names a layer the model does not have: {error}") from None
-    handles = [
-        feature_module.register_forward_hook(keep_features),
-        attention_module.register_forward_hook(keep_attention),
-    ]
-    try:
-        with torch.enable_grad(), model_failures(module):
-            log_probs = captioning.score(batch, torch.tensor([steps], dtype=torch.long, device=batch.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    features = recorded.get("features")
-    if features is None or len(alphas) != len(steps):
-        raise ModelRunError(
-            f"The captioner recorded {len(alphas)} attention steps for {len(steps)} words"
-            + ("" if features is not None else " and no feature map")
-            + "; its plugin's captioning() does not describe its forward."
+def _relevance(
+    attention: "CaptionAttention", gradients: Sequence[torch.Tensor], t: int, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Word ``t``'s relevance over the image's grid (h, w), by Chefer et al. 2021b's rules."""
+    encoder, decoder = len(attention.encoder), len(attention.decoder)
+    with torch.no_grad():
+        relevance = encoder_decoder_relevance(
+            attention.encoder,
+            gradients[:encoder],
+            attention.decoder,
+            gradients[encoder : encoder + decoder],
+            attention.cross,
+            gradients[encoder + decoder :],
         )
-    cells = features.shape[-2] * features.shape[-1]
-    if alphas[0].shape[-1] != cells:
-        raise ModelRunError(
-            f"The captioner's attention has {alphas[0].shape[-1]} positions, its feature map "
-            f"{tuple(features.shape[-2:])} has {cells}."
-        )
-    return features, alphas, scores, log_probs
+    cells = grid[0] * grid[1]
+    return relevance[0, t, attention.grid_start : attention.grid_start + cells].detach().reshape(grid)

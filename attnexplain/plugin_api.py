@@ -42,12 +42,15 @@ from .layout import CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP
 # layer's own grid). vit_cam_block picks a class-token ViT's default CAM block (default_layer);
 # classification_logits reads logits off a classifier's output (what class_scores does by default).
 # Captioning (captioning) says how a captioner generates, scores a word and records its per-step
-# attention over the image.
+# attention over the image; CaptionSteps is what its generation recorded (generate_recorded) and
+# CaptionAttention a teacher-forced forward's attention for the encoder–decoder relevance.
 # Tests: use_plugins makes attnexplain see the given plugins (ModelPlugin instances, or PluginInfo
 # rows with a distribution or an error) as the installed ones inside a ``with`` block.
 from .plugins import (
     PLUGIN_API_VERSION,
+    CaptionAttention,
     Captioning,
+    CaptionSteps,
     CatalogEntry,
     Detections,
     ModelPlugin,
@@ -117,6 +120,8 @@ __all__ = [
     "vit_cam_block",
     "classification_logits",
     "Captioning",
+    "CaptionSteps",
+    "CaptionAttention",
     # layouts
     "CHANNELS_FIRST",
     "CHANNELS_LAST",

@@ -115,6 +115,10 @@ class Captioning:
     step's (α (B, L), e (B, L)): the weights over the L positions of ``feature_layer``'s (B, C, h, w)
     map (row-major) and the alignment scores they are the softmax of. Record the α the context was
     computed from, so that a gradient through it is real.
+
+    API v2 adds, all optional: ``generate_recorded`` (all words' attention and probabilities from
+    the one generation pass), ``feature_grid`` (a token map as the feature layer), ``encode`` (a
+    subword tokenizer for ``--caption``) and ``score_attention`` (Chefer's encoder–decoder relevance).
     """
 
     vocabulary: tuple[str, ...]  # word id → word
@@ -126,6 +130,56 @@ class Captioning:
     read_attention: Callable[[Any], tuple["torch.Tensor", "torch.Tensor"]]  # module output → (α, e)
     #: What the alignment scores are, for the report (their formula, their range).
     score_formula: str = "alignment scores e; α = softmax(e) over the positions"
+    #: (API v2) The generation itself, handing back what it recorded (:class:`CaptionSteps`): every
+    #: word's attention and log-probability then come from that one pass, nothing is run again for
+    #: them. None: the core runs ``generate``, then one teacher-forced forward recording
+    #: ``attention_module`` (``read_attention``'s e may then be None: no alignment scores).
+    generate_recorded: Callable[["torch.Tensor"], "CaptionSteps"] | None = None
+    #: (API v2) ``feature_layer``'s output → its (B, C, h, w) map: a transformer encoder's tokens
+    #: (B, N, C) laid on their grid, special tokens dropped. None: the output is that map.
+    feature_grid: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
+    #: (API v2) A caption the user gives (``--caption``) → its word ids, by the model's own
+    #: tokenizer. None: split on spaces, each word looked up in ``vocabulary``.
+    encode: Callable[[str], list[int]] | None = None
+    #: (API v2) ``score`` with every attention of the forward kept in the autograd graph
+    #: (:class:`CaptionAttention`): an encoder–decoder's relevance per word (Chefer et al. 2021b)
+    #: comes from it, and its cross-attention is the attention of a given caption's words. None:
+    #: no relevance map.
+    score_attention: Callable[["torch.Tensor", "torch.Tensor"], "CaptionAttention"] | None = None
+
+
+@dataclass(frozen=True)
+class CaptionSteps:
+    """What a captioner's generation recorded (API v2), as :attr:`Captioning.generate_recorded`
+    returns it for one image: the caption's ids and, for each of its T steps (the end word
+    included when written), the written word's log-probability and the attention over the image.
+
+    ``attention`` is (T, layers, heads, L) over the L = h·w positions of the image's grid, row-major,
+    special tokens (a class token) dropped: a transformer decoder's cross-attention of the step's
+    query, each layer and head; a Show-Attend-Tell decoder's α as (T, 1, 1, L). For beam search,
+    the steps of the beam that was returned. ``alignment_scores``: the same shape before the softmax,
+    or None where the model does not expose them (Hugging Face's attention modules return only the
+    probabilities)."""
+
+    ids: list[int]
+    log_probabilities: "torch.Tensor"  # (T,) log p(word t | image, words before it)
+    attention: "torch.Tensor"  # (T, layers, heads, L)
+    grid: tuple[int, int]  # (h, w), h·w = L
+    alignment_scores: "torch.Tensor | None" = None
+
+
+@dataclass(frozen=True)
+class CaptionAttention:
+    """A teacher-forced forward of an encoder–decoder captioner with its attention probabilities in
+    the autograd graph (API v2; :attr:`Captioning.score_attention`), for Chefer et al. 2021b's
+    encoder–decoder relevance. Tensors are (B, heads, queries, keys), one per layer, input first;
+    each decoder layer attends to the words first (causal self-attention), then to the image."""
+
+    log_probabilities: "torch.Tensor"  # (B, T, V), as ``score`` returns them
+    encoder: tuple["torch.Tensor", ...]  # self-attention over the N image tokens: (B, H, N, N)
+    decoder: tuple["torch.Tensor", ...]  # the words' causal self-attention: (B, H, T, T)
+    cross: tuple["torch.Tensor", ...]  # the words' attention over the image tokens: (B, H, T, N)
+    grid_start: int = 0  # the first of the h·w grid tokens among the N (1 after a class token)
 
 
 @dataclass(frozen=True)

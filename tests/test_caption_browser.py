@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,36 @@ def test_a_card_opens_the_images_caption_report_which_steps_through_the_gallery(
 def _shown_on_grass(out: Path) -> list[str]:
     records = map(json.loads, (out / "results.jsonl").read_text().splitlines())
     return [r["image"] for r in records if "on grass" in r["caption"]]
+
+
+def test_a_hugging_face_captioners_page_shows_each_words_attention_per_layer_and_head(page, tmp_path):  # noqa: F811
+    """A ViT + GPT-2 VisionEncoderDecoderModel folder (built by the transformers plugin's tests):
+    every word has a layer × head explorer of its cross-attention and its relevance map, and no
+    alignment scores (the page says why), at a phone's and a wide screen's width."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO / "plugins" / "transformers" / "tests"))
+    from captioner_folders import gpt2_captioner
+
+    folder = gpt2_captioner(tmp_path / "vit-gpt2")
+    photo = tmp_path / "photo.png"
+    shutil.copy(REPO / "samples" / "images" / "coffee-on-gravel.png", photo)
+    result = CliRunner().invoke(main, ["run", str(folder), str(photo), "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    out = Path(json.loads(result.stdout)["outputs"]["directory"])
+    report = json.loads((out / "report.json").read_text())
+    page.goto((out / "report.html").as_uri())
+    words = len(report["words"])
+    assert page.eval_on_selector_all("table.heads", "t => t.length") == words
+    assert page.eval_on_selector_all("table.heads img", "i => i.length") == words * 2 * 2  # 2 layers × 2 heads
+    assert page.eval_on_selector_all("img[alt^='relevance for']", "i => i.length") == words
+    assert page.eval_on_selector_all("img[alt^='alignment scores']", "i => i.length") == 0
+    assert "No alignment scores" in page.text_content("#word-0")
+    loaded = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth > 0)")
+    assert loaded and all(loaded)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width in (420, 1920):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(100)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+        page.screenshot(path=str(ARTIFACTS / f"caption-report-hf-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})

@@ -129,6 +129,8 @@ def test_run_writes_the_models_own_caption_and_each_words_attention_and_gradcam(
     assert report["caption"] == " ".join(words) and report["caption_source"] == "generated"
     assert report["task"] == "captioning" and report["model"]["plugin"] == "attention-cnn"
     assert report["end_probability"] is None  # stopped at its length limit
+    # α, e and the probabilities were recorded while the model wrote its caption (one pass).
+    assert report["attention_source"] == "generation" and report["attention_layout"] == {"layers": 1, "heads": 1}
 
     alphas, cams, log_probs = _reference(captioner, x, generated)
     folder = Path(report["outputs"]["directory"])
@@ -162,6 +164,7 @@ def test_run_scores_a_given_caption_by_teacher_forcing_and_explains_one_target_w
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["caption"] == "a cat on grass" and report["caption_source"] == "given"
+    assert report["attention_source"] == "teacher forcing"
     ids = [VOCABULARY.index(w) for w in ["a", "cat", "on", "grass", "<end>"]]
     alphas, _cams, log_probs = _reference(captioner, _tensor(pixels), ids)
     assert [entry["probability"] for entry in report["word_probabilities"]] == pytest.approx(
@@ -344,5 +347,54 @@ def test_a_plugin_whose_attention_reader_fails_is_a_one_line_error_naming_it(pho
         with pytest.raises(
             AttnExplainError, match=r"hostile-captioner's captioning\(\).read_attention failed"
         ) as raised:
+            explain_caption(model, pixels, size=32)
+    assert "\n" not in str(raised.value)
+
+
+class _RecordingPlugin(_TinyPlugin):
+    """The tiny captioner with a generation that hands back its attention (API v2), the shape of
+    which ``attention_shape`` sets: right, (words, 1, 1, 4), or wrong."""
+
+    name = "recording-captioner"
+
+    def __init__(self, attention_shape: tuple[int, ...]) -> None:
+        self.attention_shape = attention_shape
+
+    def captioning(self, model):
+        from dataclasses import replace
+
+        from attnexplain.plugin_api import CaptionSteps
+
+        def generate_recorded(image):
+            return CaptionSteps(
+                ids=[2, 3, 1],
+                log_probabilities=torch.log(torch.tensor([0.5, 0.25, 0.125])),
+                attention=torch.full(self.attention_shape, 0.25),
+                grid=(2, 2),
+            )
+
+        return replace(super().captioning(model), generate_recorded=generate_recorded)
+
+
+def test_attention_and_probabilities_come_from_a_recording_generation_and_a_misshapen_one_is_refused(photo):
+    """With ``generate_recorded`` the words' attention and probabilities are what the generation
+    recorded (here made up by the plugin, so distinguishable from the model's own forward); a
+    recording of the wrong shape is a one-line error naming the hook."""
+    from attnexplain.captioning import explain_caption
+    from attnexplain.errors import AttnExplainError
+
+    _, pixels = photo
+    model = _TinyCaptioner().eval()
+    with use_plugins(_RecordingPlugin((3, 1, 1, 4))):
+        explanation = explain_caption(model, pixels, size=32)
+    assert explanation.attention_source == "generation" and explanation.caption == ["red", "blue"]
+    assert explanation.probabilities == pytest.approx([0.5, 0.25]) and explanation.end_probability == pytest.approx(
+        0.125
+    )
+    for word in explanation.words:
+        np.testing.assert_allclose(word.attention_grid, np.full((2, 2), 0.25))
+        assert word.alignment_scores is None and word.gradcam.shape == (32, 32)
+    with use_plugins(_RecordingPlugin((3, 2, 4))):
+        with pytest.raises(AttnExplainError, match=r"recording-captioner's captioning\(\).generate_recorded") as raised:
             explain_caption(model, pixels, size=32)
     assert "\n" not in str(raised.value)

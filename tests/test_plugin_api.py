@@ -141,3 +141,19 @@ def test_a_plugin_is_no_captioner_unless_it_says_so():
     assert ModelPlugin().captioning(object()) is None  # type: ignore[arg-type]
     assert plugin_api.Captioning is plugins.Captioning
     assert "Captioning" in plugin_api.__all__ and "Captioning" not in plugin_api._NEEDS_TORCH
+
+
+def test_captioning_v2_fields_are_optional_so_a_version_1_captioner_still_builds():
+    """API v2's captioning additions (generate_recorded, feature_grid, encode, score_attention)
+    default to None, and CaptionSteps and CaptionAttention are importable without torch."""
+    fields = {"vocabulary": ("<end>",), "end": 0, "feature_layer": "f", "attention_module": "a"}
+    captioning = plugin_api.Captioning(**fields, generate=list, score=max, read_attention=tuple)  # type: ignore[arg-type]
+    assert (captioning.generate_recorded, captioning.feature_grid, captioning.encode, captioning.score_attention) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    for name in ("CaptionSteps", "CaptionAttention"):
+        assert name in plugin_api.__all__ and name not in plugin_api._NEEDS_TORCH
+        assert getattr(plugin_api, name) is getattr(plugins, name)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from attnexplain.plugin_api import (
     Captioning,
+    CaptionSteps,
     CatalogEntry,
     MethodError,
     ModelPlugin,
@@ -114,6 +115,35 @@ class AttentionCNNPlugin(ModelPlugin):
             _context, alpha, scores = output
             return alpha, scores
 
+        def generate_recorded(image: "torch.Tensor") -> CaptionSteps:
+            """The greedy caption, with each step's (α, e) and logits read by hooks on the
+            attention and the output layer while it is written: one pass."""
+            seen: dict[str, list["torch.Tensor"]] = {"attention": [], "scores": [], "logits": [], "grid": []}
+
+            def keep_attention(_module: Any, _args: Any, output: Any) -> None:
+                seen["attention"].append(output[1][0])
+                seen["scores"].append(output[2][0])
+
+            hooks = [
+                model.attention.register_forward_hook(keep_attention),
+                model.output.register_forward_hook(lambda _m, _a, out: seen["logits"].append(out[0])),
+                model.encoder.register_forward_hook(lambda _m, _a, out: seen["grid"].append(out)),
+            ]
+            try:
+                ids = model.generate(image)[0]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            steps = len(ids)
+            log_probs = torch.log_softmax(torch.stack(seen["logits"][:steps]), dim=-1)
+            return CaptionSteps(
+                ids=ids,
+                log_probabilities=log_probs.gather(1, torch.tensor(ids, device=log_probs.device)[:, None])[:, 0],
+                attention=torch.stack(seen["attention"][:steps])[:, None, None, :],
+                grid=(int(seen["grid"][0].shape[-2]), int(seen["grid"][0].shape[-1])),
+                alignment_scores=torch.stack(seen["scores"][:steps])[:, None, None, :],
+            )
+
         return Captioning(
             vocabulary=tuple(model.vocabulary),
             end=model.end,
@@ -122,6 +152,7 @@ class AttentionCNNPlugin(ModelPlugin):
             generate=generate,
             score=score,
             read_attention=read_attention,
+            generate_recorded=generate_recorded,
             score_formula="additive alignment score e_ti = wᵀ tanh(W_a a_i + W_h h_{t-1}), any real; α = softmax(e)",
         )
 

@@ -82,6 +82,11 @@ MODEL_LIMITS = {
     "patch_size": FILE_MAX_SIZE,
     "window_size": 64,
     "num_register_tokens": 256,
+    # GPT-2's names, for a captioner's decoder (GPT-2 XL: 48 layers, 1600 wide, 25 heads).
+    "n_layer": 128,
+    "n_embd": 16384,
+    "n_head": 256,
+    "n_inner": 65536,
 }
 #: Blocks of all stages together (``depths``): as many as ``num_hidden_layers`` may ask for.
 MAX_BLOCKS = MODEL_LIMITS["num_hidden_layers"]
@@ -96,6 +101,9 @@ _TRUST_HINT = "If you trust where it came from, pass --trust-model (trust_model=
 #: Image–text dual encoders (config.json's ``architectures``) → their model_type: loaded as they
 #: are, and explained against text prompts (prompts.py).
 DUAL_ENCODERS = {"CLIPModel": "clip", "SiglipModel": "siglip"}
+#: Image captioners (config.json's ``architectures``) → their model_type: loaded as they are and
+#: explained word by word (captioning.py; BLIP is loaded to be refused there with its reason).
+CAPTIONERS = {"VisionEncoderDecoderModel": "vision-encoder-decoder", "BlipForConditionalGeneration": "blip"}
 # A file name inside the folder, as an index of shards may name it: no folders, no "..".
 _PLAIN_NAME = re.compile(r"^[\w.-]+$")
 
@@ -188,7 +196,8 @@ def _configurations(config: dict[str, Any], path: str = "") -> Iterator[tuple[st
         pending.extend(
             (f"{prefix}{key}.", value)
             for key, value in holder.items()
-            if isinstance(value, dict) and key.endswith("_config")
+            # an encoder–decoder's halves are "encoder" and "decoder"
+            if isinstance(value, dict) and (key.endswith("_config") or key in ("encoder", "decoder"))
         )
 
 
@@ -421,6 +430,8 @@ def classifier_class_name(config: dict[str, Any], folder: Path) -> str:
     named = (config.get("architectures") or [None])[0]
     if named in DUAL_ENCODERS and DUAL_ENCODERS[named] == model_type:
         return named
+    if CAPTIONERS.get(named) == model_type or (named is None and model_type == "vision-encoder-decoder"):
+        return named or "VisionEncoderDecoderModel"
     known = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
     classifiers = [known] if isinstance(known, str) else list(known or ())
     for name in config.get("architectures") or ():

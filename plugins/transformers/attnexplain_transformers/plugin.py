@@ -34,14 +34,14 @@ from attnexplain.plugin_api import (
     vit_cam_block,
 )
 
-from . import detection, prompts
+from . import captioning, detection, prompts
 from .cache import cached_snapshot
 from .folder import PREPROCESSOR_CONFIG, load_folder, looks_saved_pretrained, read_json
 
 if TYPE_CHECKING:
     import torch
 
-    from attnexplain.plugin_api import Detections, Preprocessing
+    from attnexplain.plugin_api import Captioning, Detections, Preprocessing
 
 #: Families whose encoder attends globally over [class token, (distillation | register tokens),
 #: patches]: their attention is recorded and rolled out; a block's tokens are laid on the grid.
@@ -109,6 +109,8 @@ class TransformersPlugin(ModelPlugin):
         "ConvNeXt v1/v2, ResNet (CAM family)",
         "DETR, Conditional DETR (decoder cross-attention per box; CAM family), Deformable DETR (CAM family)",
         "CLIP, SigLIP with --prompt/--prompts (zero-shot classifier of the prompts; prompts.py)",
+        "VisionEncoderDecoderModel captioners, ViT encoder (cross-attention per word, layer and head; "
+        "Chefer's relevance; Grad-CAM; captioning.py)",
     )
     source_prefix = "hf"
 
@@ -194,6 +196,8 @@ class TransformersPlugin(ModelPlugin):
 
         if detection.detector_type(model):
             return family_default(model.config.model_type, None, detection.detector_preprocessing)
+        if captioning.is_captioner(model) and hasattr(model.config, "encoder"):  # the encoder's processor
+            return family_default(model.config.encoder.model_type, model.config.encoder.image_size)
         size = _image_size(model)
         return family_default(model.config.model_type, size[0] if size and size[0] == size[1] else size)
 
@@ -211,9 +215,14 @@ class TransformersPlugin(ModelPlugin):
     def task(self, model: Any) -> str:
         if detection.detector_type(model):
             return "detection"
+        if captioning.is_captioner(model):
+            return "captioning"
         # Its scores are the prompts' own (softmax, a sigmoid each, one prompt's cosine similarity):
         # not a one-output classifier whose value the core would show instead.
         return "zero-shot classification" if prompts.is_prompt_classifier(model) else "classification"
+
+    def captioning(self, model: Any) -> "Captioning | None":
+        return captioning.captioning(model) if captioning.is_captioner(model) else None
 
     def default_method(self, model: Any) -> str | None:
         if detection.detector_type(model):  # the explained box's query, else its backbone
