@@ -269,7 +269,7 @@ class TransformersPlugin(ModelPlugin):
 
     def attention_modules(self, model: Any) -> list[str]:
         if detection.detector_type(model):
-            return detection.cross_attention_modules(model)
+            return list(detection.attention_roles(model))
         if prompts.is_prompt_classifier(model):
             return prompts.attention_modules(model)
         if _model_type(model) in WINDOWED_ATTENTION:
@@ -353,7 +353,7 @@ class TransformersPlugin(ModelPlugin):
                 yield
             return
         if detection.detector_type(model):
-            with detection.capture_cross_attention(model, names, sink):
+            with detection.capture_attention_layers(model, names, sink):
                 yield
             return
         attention_class = (

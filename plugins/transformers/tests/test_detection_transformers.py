@@ -281,6 +281,114 @@ def test_conditional_detr_records_its_cross_attention(tmp_path):
     )
 
 
+def _chefer_by_hand(model, batch, query: int, label: int, sigmoid: bool = False) -> np.ndarray:
+    """Chefer et al. 2021b's relevance of one query (its best class's probability) written out from
+    transformers' own ``output_attentions=True`` tensors with their gradients retained: Ā = mean over
+    heads of (∇A ⊙ A)⁺; R_ii = I, R_qq = I, R_qi = 0; an encoder layer R_ii += Ā·R_ii; a decoder
+    layer's self-attention R_qq += Ā·R_qq and R_qi += Ā·R_qi, then its cross-attention
+    R_qi += R̄_qqᵀ·Ā·R̄_ii with R̄ = (R − I) / rowsum(R − I) + I (eqs. 5-10). The score's gradient
+    reaches every layer here because the parameters are not frozen."""
+    previous, model.config._attn_implementation = model.config._attn_implementation, "eager"
+    try:
+        output = model(pixel_values=batch.clone().requires_grad_(True), output_attentions=True)
+    finally:
+        model.config._attn_implementation = previous
+    layers = [*output.encoder_attentions, *output.decoder_attentions, *output.cross_attentions]
+    for attention in layers:
+        attention.retain_grad()
+    probabilities = output.logits.sigmoid() if sigmoid else output.logits.softmax(-1)[..., :-1]
+    probabilities[0, query, label].backward()
+
+    def weighted(attention):
+        return (attention.grad * attention).clamp(min=0).mean(dim=1)[0].detach()
+
+    def normalised(relevance):
+        # Eqs. 8-9 are 0/0 for a row that no self-attention added to (a DETR's first decoder layer
+        # reads zeros, so its Ā has such rows): it keeps the identity's row, R − I's row stays 0.
+        eye = torch.eye(relevance.shape[0])
+        sums = (relevance - eye).sum(dim=-1, keepdim=True)
+        return (relevance - eye) / torch.where(sums == 0, 1.0, sums) + eye
+
+    queries, tokens = output.cross_attentions[0].shape[-2:]
+    r_ii, r_qq, r_qi = torch.eye(tokens), torch.eye(queries), torch.zeros(queries, tokens)
+    for attention in output.encoder_attentions:
+        r_ii = r_ii + weighted(attention) @ r_ii
+    for self_attention, cross_attention in zip(output.decoder_attentions, output.cross_attentions):
+        a = weighted(self_attention)
+        r_qq, r_qi = r_qq + a @ r_qq, r_qi + a @ r_qi
+        r_qi = r_qi + normalised(r_qq).T @ weighted(cross_attention) @ normalised(r_ii)
+    side = -(-SIDE // STRIDE)
+    return r_qi[query].reshape(side, side).numpy()
+
+
+def _grid_map(explained, method: str) -> np.ndarray:
+    """The map on the feature grid: the pipeline's map is it upsampled, so pooling undoes it."""
+    heatmap = torch.as_tensor(explained.maps[method].raw_heatmap)[None, None]
+    return F.adaptive_avg_pool2d(heatmap, SIDE // STRIDE)[0, 0].numpy()
+
+
+def test_chefer_on_a_detr_is_the_papers_encoder_decoder_relevance_of_the_box_query(detr):
+    folder, model = detr
+    loaded, prepared = _input(folder)
+    _, scores, labels, _ = _by_hand(model, prepared.tensor)
+    order = torch.argsort(scores, descending=True, stable=True)
+    rank = 2
+    query = int(order[rank])
+    explained = attnexplain.explain(loaded, IMAGE, "chefer", target=f"box:{rank}")
+    expected = _chefer_by_hand(model, prepared.tensor, query, int(labels[query]))
+    assert explained.target.label == LABELS[int(labels[query])]
+    computed = compute_maps(loaded, prepared.tensor, [METHODS["chefer"]], [], target=f"box:{rank}")
+    upsampled = F.interpolate(torch.from_numpy(expected)[None, None], size=(SIDE, SIDE), mode="bilinear")
+    np.testing.assert_allclose(computed.maps["chefer"][0].numpy(), upsampled[0, 0].numpy(), rtol=1e-4, atol=1e-6)
+    assert float(expected.max()) > 0 and float(expected.std()) > 0
+    # Another box's query gives another map: the relevance is the explained query's.
+    other = compute_maps(loaded, prepared.tensor, [METHODS["chefer"]], [], target="box:0")
+    assert not np.allclose(other.maps["chefer"][0].numpy(), computed.maps["chefer"][0].numpy(), atol=1e-6)
+
+
+def test_chefer_on_a_detr_target_label_explains_its_best_box(detr):
+    folder, model = detr
+    loaded, prepared = _input(folder)
+    _, scores, labels, _ = _by_hand(model, prepared.tensor)
+    top = int(labels[scores.argmax()])
+    other = next(int(c) for c in labels.unique() if int(c) != top)
+    of_other = torch.nonzero(labels == other)[:, 0]
+    best = int(of_other[scores[of_other].argmax()])
+    computed = compute_maps(loaded, prepared.tensor, [METHODS["chefer"]], [], target=LABELS[other])
+    expected = F.interpolate(
+        torch.from_numpy(_chefer_by_hand(model, prepared.tensor, best, other))[None, None],
+        size=(SIDE, SIDE),
+        mode="bilinear",
+    )
+    np.testing.assert_allclose(computed.maps["chefer"][0].numpy(), expected[0, 0].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_chefer_runs_through_the_cli_beside_attention_and_gradcam(detr, tmp_path):
+    out = tmp_path / "out"
+    arguments = ["run", str(detr[0]), str(IMAGE), "--method", "chefer,attention,gradcam", "--out", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    folder = next(out.iterdir())
+    report = json.loads((folder / "report.json").read_text())
+    assert report["methods"] == ["chefer", "attention", "gradcam"] and report["class_agnostic"] == ["attention"]
+    heatmap = np.load(folder / "heatmap-chefer.npy")
+    assert heatmap.shape == (SIDE, SIDE) and np.isfinite(heatmap).all() and heatmap.max() > heatmap.min()
+    assert report["maps"]["chefer"]["max"] > report["maps"]["chefer"]["min"] >= 0
+    assert sum(d["explained"] for d in report["detections"]) == 1
+
+
+def test_conditional_detr_chefer_matches_the_papers_rules(tmp_path):
+    model = _build("conditional_detr")
+    folder = _save(model, tmp_path / "conditional")
+    loaded, prepared = _input(folder)
+    scores, labels = _with_attentions(model, prepared.tensor).logits.sigmoid()[0].max(-1)
+    query = int(scores.argmax())
+    computed = compute_maps(loaded, prepared.tensor, [METHODS["chefer"]], [])
+    expected = _chefer_by_hand(model, prepared.tensor, query, int(labels[query]), sigmoid=True)
+    upsampled = F.interpolate(torch.from_numpy(expected)[None, None], size=(SIDE, SIDE), mode="bilinear")
+    np.testing.assert_allclose(computed.maps["chefer"][0].numpy(), upsampled[0, 0].numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_deformable_detr_gets_cams_and_a_reason_for_no_attention(tmp_path):
     folder = _save(_build("deformable_detr"), tmp_path / "deformable")
     loaded = load_model(folder)
@@ -291,11 +399,13 @@ def test_deformable_detr_gets_cams_and_a_reason_for_no_attention(tmp_path):
     result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--method", "attention", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "learned offsets" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--method", "chefer", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "learned offsets" in result.output
 
 
 def test_rollout_on_a_detr_says_it_attends_across(detr, tmp_path):
     result = CliRunner().invoke(main, ["run", str(detr[0]), str(IMAGE), "--method", "rollout", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "cross-attention" in result.output
+    assert result.exit_code != 0 and "cross-attention" in result.output and "--method chefer" in result.output
 
 
 def test_a_timm_backbone_fetched_from_elsewhere_is_refused(detr, tmp_path):
