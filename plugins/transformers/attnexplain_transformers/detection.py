@@ -135,6 +135,19 @@ def detections(model: Any, output: Any) -> list[Detections]:
     ]
 
 
+def class_count(model: Any) -> int | None:
+    """How many classes the detector's head scores, "no object" left out: what its labels index
+    (a config's ``id2label`` may skip ids)."""
+    head = getattr(model, "class_labels_classifier", None)
+    if head is None:  # Deformable DETR: one class head per decoder layer, the last one's scores
+        heads = getattr(model, "class_embed", None)
+        head = heads[-1] if heads is not None and len(heads) else None
+    features = getattr(head, "out_features", None)
+    if not isinstance(features, int):
+        return None
+    return features - (1 if detector_type(model) in NO_OBJECT_CLASS else 0)
+
+
 def box_scores(model: Any, output: Any) -> list["torch.Tensor"]:
     best, _ = _best_classes(model, output)
     return list(best)

@@ -144,6 +144,14 @@ class TransformersPlugin(ModelPlugin):
                 f"{MAX_ATTENTION_TOKENS:,} (DINOv2 at 518 pixels has 1,369)."
             )
         notes = [f"transformers {config.model_type} from {folder}"]
+        labels = self.labels(module)
+        ids = [int(key) for key in config.id2label] if labels is not None else []  # labels: ids are numbers
+        beyond = sorted(index for index in ids if not 0 <= index < len(labels or ()))
+        if beyond:
+            notes.append(
+                f"config.json's id2label names class ids {', '.join(map(str, beyond[:5]))} beyond the model's "
+                f"{len(labels or ())} classes: left out"
+            )
         if ignored:
             notes.append(
                 f"config.json's {', '.join(ignored)} ignored: a model folder does not choose the "
@@ -153,7 +161,7 @@ class TransformersPlugin(ModelPlugin):
             module=module,
             architecture=type(module).__name__,
             weights=str(folder),
-            labels=self.labels(module),
+            labels=labels,
             preprocessing=preprocessing,
             notes=tuple(notes),
             random_weights=False,
@@ -178,10 +186,13 @@ class TransformersPlugin(ModelPlugin):
             by_index = {int(key): str(value) for key, value in id2label.items()}
         except (TypeError, ValueError):
             return None
-        if sorted(by_index) != list(range(len(by_index))) or not by_index:
+        if not by_index:
             return None
-        names = [by_index[index] for index in range(len(by_index))]
-        if all(_PLACEHOLDER_LABEL.match(name) for name in names):
+        # Each name at its class id, as the head scores them: ids may skip numbers (COCO's 91 ids
+        # hold 80 classes); a gap is named as the core names a class without labels.
+        count = (detection.class_count(model) if detection.detector_type(model) else None) or len(by_index)
+        names = [by_index.get(index, f"class {index}") for index in range(count)]
+        if all(_PLACEHOLDER_LABEL.match(name) for name in by_index.values()):
             return None
         return names
 

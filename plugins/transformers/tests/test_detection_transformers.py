@@ -5,6 +5,7 @@ and a Grad-CAM written out with hooks here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ SIDE = 64  # the processor's shortest_edge: a 64-pixel square input, the photo l
 STRIDE = 8  # the tiny ResNet: a stride-4 stem and one stride-2 stage
 
 
-def _build(family: str, seed: int = 0):
+def _build(family: str, seed: int = 0, labels: dict[int, str] = LABELS):
     t = transformers
     backbone = t.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", out_features=["stage2"]
@@ -49,8 +50,8 @@ def _build(family: str, seed: int = 0):
         decoder_ffn_dim=32,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
     )
     if family == "detr":
         model_class, config = t.DetrForObjectDetection, t.DetrConfig(**common)
@@ -449,3 +450,38 @@ def test_another_transformers_detector_is_named_as_one(tmp_path):
     result = CliRunner().invoke(main, ["run", str(folder), str(IMAGE), "--out", str(tmp_path / "out")])
     assert result.exit_code != 0 and "holds a 'yolos' object detector" in result.output
     assert "image classifier for" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_id2label_with_gaps_keeps_each_label_at_its_class_id(tmp_path):
+    """COCO-style ids skip numbers: transformers sizes the head by how many names there are, and a
+    class index reads ``id2label[index]`` (its post-processing's convention), so each name stays at
+    its id, a gap is named "class N", and an id past the head is left out with a note."""
+    gapped = {1: "tabby", 2: "rocket", 4: "mug"}
+    model = _build("detr", labels=gapped)
+    folder = _save(model, tmp_path / "gapped")
+    loaded = load_model(folder)
+    assert loaded.labels == ["class 0", "tabby", "rocket"]
+    assert any("class ids 4 beyond the model's 3 classes" in note for note in loaded.notes)
+    explained = attnexplain.explain(loaded, IMAGE, "gradcam")
+    _, prepared = _input(folder)
+    _, scores, labels, _ = _by_hand(model, prepared.tensor)
+    by_score = [int(labels[i]) for i in torch.argsort(scores, descending=True, stable=True)]
+    assert [d["label"] for d in explained.detections] == [gapped.get(i, f"class {i}") for i in by_score]
+    rocket = attnexplain.explain(loaded, IMAGE, "gradcam", target="rocket") if 2 in by_score else None
+    assert rocket is None or rocket.target.index == 2
+
+    # In memory, a head sized before id2label was swapped for COCO-style ids (as transformers' DETR
+    # conversion scripts do): every name at its id.
+    memory = _build("detr", labels={index: f"x{index}" for index in range(6)})
+    memory.config.id2label = {1: "tabby", 2: "rocket", 4: "mug", 5: "grass"}
+    from attnexplain_transformers.plugin import plugin
+
+    names = ["class 0", "tabby", "rocket", "class 3", "mug", "grass"]
+    assert plugin.labels(memory) == names
+    in_memory = dataclasses.replace(load_model(memory), preprocessing=loaded.preprocessing)
+    assert in_memory.labels == names
+    explained = attnexplain.explain(in_memory, IMAGE, "gradcam")
+    _, scores, labels, _ = _by_hand(memory, prepared.tensor)
+    by_score = [int(labels[i]) for i in torch.argsort(scores, descending=True, stable=True)]
+    assert [d["label"] for d in explained.detections] == [names[i] for i in by_score]
+    assert explained.target.label == names[explained.target.index] == names[by_score[0]]
