@@ -30,6 +30,7 @@ from attnexplain.preprocess import prepare  # noqa: E402
 REPO = Path(__file__).resolve().parents[3]
 IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
 LABELS = {0: "tabby", 1: "rocket", 2: "mug", 3: "grass"}
+LABELS_INDEX = {label: index for index, label in LABELS.items()}
 QUERIES = 8
 SIDE = 64  # the processor's shortest_edge: a 64-pixel square input, the photo letterboxed into it
 STRIDE = 8  # the tiny ResNet: a stride-4 stem and one stride-2 stage
@@ -485,3 +486,121 @@ def test_id2label_with_gaps_keeps_each_label_at_its_class_id(tmp_path):
     by_score = [int(labels[i]) for i in torch.argsort(scores, descending=True, stable=True)]
     assert [d["label"] for d in explained.detections] == [names[i] for i in by_score]
     assert explained.target.label == names[explained.target.index] == names[by_score[0]]
+
+
+def _square_photos(folder: Path) -> list[Path]:
+    """The two sample photos as 64-pixel squares: letterboxing a square into the model's square input
+    changes nothing, so a photo pixel is a map pixel."""
+    from PIL import Image
+
+    folder.mkdir()
+    paths = []
+    for name in ("cat-on-grass.png", "rocket-on-brick.png"):
+        Image.open(IMAGE.parent / name).convert("RGB").resize((SIDE, SIDE)).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def _quadrant_masks(masks: Path, photos: list[Path]) -> dict[str, np.ndarray]:
+    """Per photo one mask per label (``MASKS/<image>/<label>.png``), each label its own quadrant:
+    which one a metric read says which object's mask was used."""
+    from PIL import Image
+
+    quadrants = {}
+    for index, label in LABELS.items():
+        mask = np.zeros((SIDE, SIDE), dtype=bool)
+        mask[
+            (index // 2) * SIDE // 2 : (index // 2 + 1) * SIDE // 2,
+            (index % 2) * SIDE // 2 : (index % 2 + 1) * SIDE // 2,
+        ] = True
+        quadrants[label] = mask
+    for photo in photos:
+        (masks / photo.stem).mkdir(parents=True)
+        for label, mask in quadrants.items():
+            Image.fromarray(mask.astype(np.uint8) * 255).save(masks / photo.stem / f"{label}.png")
+    return quadrants
+
+
+def _mass(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    positive = np.clip(heatmap, 0, None)
+    return float(positive[mask].sum() / positive.sum())
+
+
+@pytest.mark.heavy
+def test_evaluate_a_detr_measures_each_explained_box_against_its_own_objects_mask(detr, tmp_path):
+    folder, model = detr
+    loaded = load_model(folder)
+    photos = _square_photos(tmp_path / "photos")
+    quadrants = _quadrant_masks(tmp_path / "masks", photos)
+    detected = []
+    for photo in photos:
+        _, scores, labels, _ = _by_hand(model, prepare(load_image(photo).pixels, loaded.preprocessing).tensor)
+        detected.append((scores, labels))
+    label = LABELS[min(set(detected[0][1].tolist()) & set(detected[1][1].tolist()))]  # a class both images hold
+
+    def evaluate(target: str, metrics: str, out: str):
+        arguments = ["evaluate", str(folder), str(tmp_path / "photos"), "--masks", str(tmp_path / "masks")]
+        options = ["--target", target, "--method", "chefer,gradcam", "--metrics", metrics, "--pointing-tolerance", "0"]
+        return CliRunner().invoke(main, [*arguments, *options, "--out", str(tmp_path / out), "--quiet"])
+
+    result = evaluate(label, "pointing,mass", "by-label")
+    assert result.exit_code == 0, result.output
+    images = {r["image"]: r for r in json.loads((tmp_path / "by-label" / "evaluation.json").read_text())["per_image"]}
+    layer = loaded.plugin.default_layer(loaded.module)
+    for photo in photos:
+        batch = prepare(load_image(photo).pixels, loaded.preprocessing).tensor
+        computed = compute_maps(loaded, batch, [METHODS["chefer"], METHODS["gradcam"]], [layer], target=label)
+        record = images[photo.name]
+        assert record["target"]["label"] == label
+        for method in ("chefer", "gradcam"):
+            heatmap = computed.maps[method][0].numpy()
+            own, other = (
+                _mass(heatmap, quadrants[label]),
+                _mass(heatmap, quadrants[LABELS[(LABELS_INDEX[label] + 1) % 4]]),
+            )
+            assert record["metrics"][method]["mass"] == pytest.approx(own, abs=1e-5)
+            assert own != pytest.approx(other, abs=1e-4)  # the label's own quadrant, not another's
+            peak = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+            assert record["metrics"][method]["pointing"] == float(quadrants[label][peak])
+
+    # box:N: its own label's mask, for the localisation metrics alone.
+    result = evaluate("box:1", "mass", "by-box")
+    assert result.exit_code == 0, result.output
+    images = {r["image"]: r for r in json.loads((tmp_path / "by-box" / "evaluation.json").read_text())["per_image"]}
+    for photo, (scores, labels) in zip(photos, detected):
+        second = LABELS[int(labels[torch.argsort(scores, descending=True, stable=True)[1]])]
+        batch = prepare(load_image(photo).pixels, loaded.preprocessing).tensor
+        heatmap = compute_maps(loaded, batch, [METHODS["chefer"]], [], target="box:1").maps["chefer"][0].numpy()
+        assert images[photo.name]["target"]["label"] == second
+        assert images[photo.name]["metrics"]["chefer"]["mass"] == pytest.approx(
+            _mass(heatmap, quadrants[second]), abs=1e-5
+        )
+    result = evaluate("box:1", "deletion,mass", "refused")
+    assert result.exit_code != 0 and "box:1" in result.output and "--metrics pointing,mass,rank" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_batch_truth_on_a_detr_judges_its_top_class_and_writes_the_gallery(detr, tmp_path):
+    folder, model = detr
+    loaded = load_model(folder)
+    photos = _square_photos(tmp_path / "photos")
+    tops = []
+    for photo in photos:
+        _, scores, labels, _ = _by_hand(model, prepare(load_image(photo).pixels, loaded.preprocessing).tensor)
+        tops.append(LABELS[int(labels[scores.argmax()])])
+    wrong = next(label for label in LABELS.values() if label != tops[1])
+    (tmp_path / "truth.csv").write_text(f"image,label\n{photos[0].name},{tops[0]}\n{photos[1].name},{wrong}\n")
+    out = tmp_path / "gallery"
+    arguments = ["batch", str(folder), str(tmp_path / "photos"), "--truth", str(tmp_path / "truth.csv")]
+    result = CliRunner().invoke(main, [*arguments, "--method", "chefer,attention", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((out / "report.json").read_text())["truth"]
+    assert (truth["judged"], truth["correct"], truth["accuracy"]) == (2, 1, 0.5)
+    assert truth["confusion"][tops[0]][tops[0]] == 1 and sum(truth["confusion"][wrong].values()) == 1
+    assert tops[0] not in truth["confusion"][wrong] or tops[0] == tops[1]
+    records = {r["image"]: r for r in map(json.loads, (out / "results.jsonl").open())}
+    for photo, top in zip(photos, tops):
+        record = records[photo.name]
+        assert record["target"]["label"] == top and sum(d["explained"] for d in record["detections"]) == 1
+        assert (out / record["detail"]).is_file() and set(record["files"]) == {"chefer", "attention"}
+    assert (out / "index.html").is_file()
