@@ -83,7 +83,8 @@ def _relevance_map(
     """(B, grid h, grid w): the explained query's row of R_qi over the image tokens."""
     assert gradients is not None  # chefer needs the gradient: computed above
     relevance = query_relevance(layers, gradients)
-    rows = relevance[torch.arange(len(queries)), queries.to(relevance.device)][:, None]  # (B, 1, tokens)
+    picked = torch.arange(len(queries), device=relevance.device), queries.to(relevance.device)
+    rows = relevance[picked][:, None]  # (B, 1, tokens)
     return to_grid(rows, dataclasses.replace(grid, query=0))
 
 

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[3]
 IMAGE = REPO / "samples" / "images" / "cat-on-grass.png"
 LABELS = {0: "tabby", 1: "rocket", 2: "mug", 3: "grass"}
 LABELS_INDEX = {label: index for index, label in LABELS.items()}
+SAMPLES = ("cat-on-grass.png", "rocket-on-brick.png")
 QUERIES = 8
 SIDE = 64  # the processor's shortest_edge: a 64-pixel square input, the photo letterboxed into it
 STRIDE = 8  # the tiny ResNet: a stride-4 stem and one stride-2 stage
@@ -495,7 +496,7 @@ def _square_photos(folder: Path) -> list[Path]:
 
     folder.mkdir()
     paths = []
-    for name in ("cat-on-grass.png", "rocket-on-brick.png"):
+    for name in SAMPLES:
         Image.open(IMAGE.parent / name).convert("RGB").resize((SIDE, SIDE)).save(folder / name)
         paths.append(folder / name)
     return paths
@@ -604,3 +605,14 @@ def test_batch_truth_on_a_detr_judges_its_top_class_and_writes_the_gallery(detr,
         assert record["target"]["label"] == top and sum(d["explained"] for d in record["detections"]) == 1
         assert (out / record["detail"]).is_file() and set(record["files"]) == {"chefer", "attention"}
     assert (out / "index.html").is_file()
+
+
+def test_chefer_on_a_batch_gives_each_image_its_own_box_query(detr):
+    folder, _ = detr
+    loaded = load_model(folder)
+    tensors = [prepare(load_image(IMAGE.parent / name).pixels, loaded.preprocessing).tensor for name in SAMPLES]
+    together = compute_maps(loaded, torch.cat(tensors), [METHODS["chefer"]], [], target="box:1")
+    for index, tensor in enumerate(tensors):
+        alone = compute_maps(loaded, tensor, [METHODS["chefer"]], [], target="box:1")
+        np.testing.assert_allclose(together.maps["chefer"][index].numpy(), alone.maps["chefer"][0].numpy(), atol=1e-6)
+        assert int(together.targets[index]) == int(alone.targets[0])
