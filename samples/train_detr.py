@@ -104,7 +104,9 @@ def measure(folder: Path, count: int) -> dict[str, float]:
     images, _, masks = make_composites(count, TEST_SEED, size=SIDE)
     hits = dict.fromkeys(methods, 0)
     for image, mask in zip(images, masks):
-        computed = compute_maps(loaded, prepare(image, loaded.preprocessing).tensor, [METHODS[m] for m in methods], [layer])
+        computed = compute_maps(
+            loaded, prepare(image, loaded.preprocessing).tensor, [METHODS[m] for m in methods], [layer]
+        )
         for method in methods:
             heatmap = computed.maps[method][0].numpy()
             hits[method] += bool(mask[np.unravel_index(np.argmax(heatmap), heatmap.shape)])
