@@ -42,6 +42,8 @@ def encoder_decoder_maps(
     loaded = run.loaded
     if not all(isinstance(layer, EncoderDecoderAttention) for layer in layers):
         raise MethodError(f"Plugin {loaded.plugin.name} recorded some attention layers without their role.")
+    if not any(layer.role == "cross" for layer in layers):
+        raise MethodError(f"Plugin {loaded.plugin.name} recorded no decoder cross-attention (role 'cross').")
     grid = loaded.plugin.token_grid(loaded.module, run.size)
     if grid is None:
         raise MethodError(f"Plugin {loaded.plugin.name} does not say how this model's tokens map to the image.")
