@@ -39,6 +39,14 @@ DETECTORS = {
 DENSE_CROSS_ATTENTION = ("detr", "conditional_detr")
 #: Families that score classes by a softmax with a last "no object" class (the others: a sigmoid).
 NO_OBJECT_CLASS = ("detr",)
+#: Each family's class head in its weights (Deformable DETR: the last decoder layer's, as scored).
+HEAD_BIAS = {
+    "detr": "class_labels_classifier",
+    "conditional_detr": "class_labels_classifier",
+    "deformable_detr": "class_embed.0",
+}
+#: More classes than a detection head has (ImageNet-21k's 21,843 is far beyond any detector's).
+MAX_CLASSES = 100_000
 #: Methods that chain self-attention between the same tokens from layer to layer (chefer has its
 #: encoder–decoder rules for a DETR: attnexplain.methods.encoder_decoder).
 CHAINING = ("rollout", "legrad")
@@ -146,6 +154,22 @@ def class_count(model: Any) -> int | None:
     if not isinstance(features, int):
         return None
     return features - (1 if detector_type(model) in NO_OBJECT_CLASS else 0)
+
+
+def labels_at_their_ids(config: Any, shapes: dict[str, list[int]]) -> None:
+    """A config whose ``id2label`` skips ids (COCO's 80 names on ids 1-90) for weights whose class
+    head scores more classes, up to its highest id: every name at its id, a gap ``class N``, so that
+    transformers (which sizes the head by how many names there are) builds the head the weights hold.
+    ``shapes``: the weights' tensor shapes by name (read from the safetensors headers)."""
+    bias = shapes.get(f"{HEAD_BIAS[config.model_type]}.bias")
+    ids = sorted(config.id2label)
+    if not bias or len(bias) != 1 or ids == list(range(len(ids))):
+        return
+    classes = bias[0] - (1 if config.model_type in NO_OBJECT_CLASS else 0)
+    if not len(ids) < classes <= MAX_CLASSES or ids[0] < 0 or ids[-1] >= classes:
+        return
+    names = {index: config.id2label.get(index, f"class {index}") for index in range(classes)}
+    config.id2label, config.label2id = names, {name: index for index, name in names.items()}
 
 
 def box_scores(model: Any, output: Any) -> list["torch.Tensor"]:

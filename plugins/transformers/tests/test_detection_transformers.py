@@ -472,8 +472,9 @@ def test_id2label_with_gaps_keeps_each_label_at_its_class_id(tmp_path):
     rocket = attnexplain.explain(loaded, IMAGE, "gradcam", target="rocket") if 2 in by_score else None
     assert rocket is None or rocket.target.index == 2
 
-    # In memory, a head sized before id2label was swapped for COCO-style ids (as transformers' DETR
-    # conversion scripts do): every name at its id.
+    # A head sized before id2label was swapped for COCO-style ids (as transformers' DETR conversion
+    # scripts do): every name at its id, in memory and from disk (the head's size read from the
+    # weights' header; transformers alone would build a smaller head and refuse the weights).
     memory = _build("detr", labels={index: f"x{index}" for index in range(6)})
     memory.config.id2label = {1: "tabby", 2: "rocket", 4: "mug", 5: "grass"}
     from attnexplain_transformers.plugin import plugin
@@ -487,6 +488,10 @@ def test_id2label_with_gaps_keeps_each_label_at_its_class_id(tmp_path):
     by_score = [int(labels[i]) for i in torch.argsort(scores, descending=True, stable=True)]
     assert [d["label"] for d in explained.detections] == [names[i] for i in by_score]
     assert explained.target.label == names[explained.target.index] == names[by_score[0]]
+    reloaded = load_model(_save(memory, tmp_path / "coco-style"))
+    assert reloaded.labels == names and not any("left out" in note for note in reloaded.notes)
+    again = attnexplain.explain(reloaded, IMAGE, "gradcam")
+    assert [d["label"] for d in again.detections] == [d["label"] for d in explained.detections]
 
 
 def _square_photos(folder: Path) -> list[Path]:
