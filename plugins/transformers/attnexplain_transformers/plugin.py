@@ -107,7 +107,7 @@ class TransformersPlugin(ModelPlugin):
         "(attention, rollout, chefer; Grad-CAM on blocks)",
         "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
         "ConvNeXt v1/v2, ResNet (CAM family)",
-        "DETR, Conditional DETR (decoder cross-attention per box; CAM family), Deformable DETR (CAM family)",
+        "DETR, Conditional DETR (decoder cross-attention per box, chefer; CAM family), Deformable DETR (CAM family)",
         "CLIP, SigLIP with --prompt/--prompts (zero-shot classifier of the prompts; prompts.py)",
     )
     source_prefix = "hf"
