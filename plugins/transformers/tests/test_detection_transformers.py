@@ -231,6 +231,24 @@ def test_a_bad_box_target_is_one_line(detr, tmp_path, target, message):
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
+def test_several_targets_on_a_detr_give_each_label_its_best_boxs_map_and_box_n_stays_alone(detr, tmp_path):
+    folder, model = detr
+    loaded, prepared = _input(folder)
+    _, scores, labels, _ = _by_hand(model, prepared.tensor)
+    present = [LABELS[int(c)] for c in labels.unique()][:2]
+    explained = attnexplain.explain(loaded, IMAGE, "chefer", target=present)
+    assert list(explained.maps) == [f"chefer@{label}" for label in present]
+    for label in present:
+        alone = attnexplain.explain(loaded, IMAGE, "chefer", target=label)
+        np.testing.assert_allclose(explained.maps[f"chefer@{label}"].heatmap, alone.heatmap, atol=1e-6)
+        assert explained.maps[f"chefer@{label}"].target.label == label
+    result = CliRunner().invoke(
+        main, ["run", str(folder), str(IMAGE), "--target", "box:0,box:2", "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "Explain each box:N on its own" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_box_n_on_a_classifier_or_with_a_perturbation_method_is_refused(detr, tmp_path):
     classifier = tmp_path / "vit"
     config = transformers.ViTConfig(
