@@ -34,8 +34,9 @@ from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
 from .methods.cam import cam_map, gradcam
 from .methods.combine import upsample
-from .methods.encoder_decoder import encoder_decoder_relevance
+from .methods.encoder_decoder import query_relevance
 from .planning import plan_preprocessing
+from .plugins import EncoderDecoderAttention
 from .preprocess import Preprocessing, prepare
 from .running import model_device, model_failures
 
@@ -339,14 +340,21 @@ def _relevance(
 ) -> torch.Tensor:
     """Word ``t``'s relevance over the image's grid (h, w), by Chefer et al. 2021b's rules."""
     encoder, decoder = len(attention.encoder), len(attention.decoder)
-    with torch.no_grad():
-        relevance = encoder_decoder_relevance(
-            attention.encoder,
-            gradients[:encoder],
-            attention.decoder,
-            gradients[encoder : encoder + decoder],
-            attention.cross,
-            gradients[encoder + decoder :],
+    if decoder != len(attention.cross):
+        raise ModelRunError(
+            f"The captioner recorded {decoder} decoder self-attention layers but {len(attention.cross)} "
+            f"cross-attention layers."
         )
+    # The order the model runs them: the encoder, then per decoder layer its self- and cross-attention.
+    layers = [EncoderDecoderAttention(a, "encoder") for a in attention.encoder]
+    ordered = list(gradients[:encoder])
+    for k in range(decoder):
+        layers += [
+            EncoderDecoderAttention(attention.decoder[k], "decoder"),
+            EncoderDecoderAttention(attention.cross[k], "cross"),
+        ]
+        ordered += [gradients[encoder + k], gradients[encoder + decoder + k]]
+    with torch.no_grad():
+        relevance = query_relevance(layers, ordered)
     cells = grid[0] * grid[1]
     return relevance[0, t, attention.grid_start : attention.grid_start + cells].detach().reshape(grid)

@@ -115,6 +115,19 @@ def refuse_box_target(rank: int | None, families: Sequence[str], aug_smooth: boo
         )
 
 
+def refuse_box_metrics(rank: int | None, rerunning: Sequence[str]) -> None:
+    """``box:N`` under ``evaluate``: the metrics in ``rerunning`` (deletion, insertion, ROAD, drop,
+    the randomization check) run the model on changed inputs or weights, whose N-th box is another
+    object, so only localisation against box N's object is measured."""
+    if rank is None or not rerunning:
+        return
+    raise MethodError(
+        f"Target box:{rank} is one box of this image's forward; {', '.join(rerunning)} run the model on "
+        f"changed inputs or weights, whose boxes are others. With box:N give --metrics pointing,mass,rank "
+        f"(against that box's object's mask), or --target LABEL (its best box on each input)."
+    )
+
+
 def no_boxes(rank: int) -> MethodError:
     return MethodError(
         f"Target box:{rank} picks a detected box, but this model is not a detector (it returns no boxes); "

@@ -190,11 +190,12 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
     import torch
 
     from . import evaluation_log as log_lines
+    from .detection_targets import refuse_box_metrics
     from .options import MethodOptions
     from .planning import plan_explanation
     from .progress import Progress
     from .running import model_device
-    from .targets import scored_for, several_targets
+    from .targets import box_rank, scored_for, several_targets
 
     started = time.perf_counter()
     if masks is not None and boxes is not None:
@@ -212,6 +213,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
             "Several targets need --masks with a mask per object (MASKS/<image>/<label>.png), not --boxes."
         )
     metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
+    refuse_box_metrics(box_rank(settings.target), [name for name in metrics if name not in LOCALISATION])
     inputs = collect_inputs(input_specs, exclude=exclude)
     if not inputs.images:
         raise NoImages(f"No image found in {' '.join(map(str, input_specs))}.")

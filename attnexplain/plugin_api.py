@@ -39,8 +39,9 @@ from .layout import CHANNELS_FIRST, CHANNELS_LAST, NOT_A_MAP
 # (load_named, load_path), TokenGrid (token_grid), TokenReadout (token_readout), Detections
 # (detections), and what capture_attention records when attention is not one (batch, heads,
 # queries, keys) tensor: WindowedAttention (inside windows of a token map), SpatialAttention (over a
-# layer's own grid). vit_cam_block picks a class-token ViT's default CAM block (default_layer);
-# classification_logits reads logits off a classifier's output (what class_scores does by default).
+# layer's own grid), EncoderDecoderAttention (a layer of an encoder–decoder transformer, with its
+# role). vit_cam_block picks a class-token ViT's default CAM block (default_layer); classification_logits
+# reads logits off a classifier's output (what class_scores does by default).
 # Captioning (captioning) says how a captioner generates, scores a word and records its per-step
 # attention over the image; CaptionSteps is what its generation recorded (generate_recorded) and
 # CaptionAttention a teacher-forced forward's attention for the encoder–decoder relevance.
@@ -53,6 +54,7 @@ from .plugins import (
     CaptionSteps,
     CatalogEntry,
     Detections,
+    EncoderDecoderAttention,
     ModelPlugin,
     NamedModel,
     PluginInfo,
@@ -117,6 +119,7 @@ __all__ = [
     "Detections",
     "WindowedAttention",
     "SpatialAttention",
+    "EncoderDecoderAttention",
     "vit_cam_block",
     "classification_logits",
     "Captioning",

@@ -79,6 +79,22 @@ class SpatialAttention:
 
 
 @dataclass(frozen=True)
+class EncoderDecoderAttention:
+    """One attention layer of an encoder–decoder transformer whose decoder's queries read the image's
+    tokens (a DETR's object queries), recorded with its role, so that ``chefer`` can apply Chefer et
+    al. 2021b's encoder–decoder rules (API v2). A plugin records every attention layer this way, in
+    the order the model runs them: the encoder's self-attention among the image tokens
+    (``"encoder"``, (B, heads, tokens, tokens)), then per decoder layer its self-attention among the
+    queries (``"decoder"``, (B, heads, queries, queries)) and its cross-attention from the queries to
+    the image tokens (``"cross"``, (B, heads, queries, tokens)). The image tokens lie on the plugin's
+    :class:`TokenGrid`; the explained query is a detector's box (:attr:`Detections.queries`), else
+    the grid's ``query``. ``attention`` maps the cross-attention layers."""
+
+    probabilities: "torch.Tensor"  # rows sum to 1; the tensor the model used (gradients flow through it)
+    role: str  # "encoder" | "decoder" | "cross"
+
+
+@dataclass(frozen=True)
 class TokenReadout:
     """How a transformer's prediction reads off any block's tokens (what LeGrad differentiates)."""
 

@@ -160,6 +160,12 @@ def several_targets(target: Any) -> list[int | str] | None:
     if isinstance(target, (list, tuple)):
         if not target:
             raise MethodError("No class to explain was named in the list of targets.")
+        boxes = [each for each in target if box_rank(each) is not None]
+        if boxes and len(target) > 1:  # maps are named by class: two boxes of one label would collide
+            raise MethodError(
+                f"Target {boxes[0]} names one detected box; several targets are classes (cat,dog), "
+                f"each its best box. Explain each box:N on its own."
+            )
         return list(target) if len(target) > 1 else None
     return None
 

@@ -272,7 +272,10 @@ METHODS: dict[str, Method] = {
             name="chefer",
             family="attention",
             needs_gradient=True,
-            summary="Attention rollout weighted by the gradient of the target: class-specific.",
+            summary=(
+                "Attention rollout weighted by the gradient of the target: class-specific (a DETR: the box's query's "
+                "relevance by the encoder–decoder rules)."
+            ),
             applies_to=_VIT,
             cost="1 forward + 1 backward",
             paper="Chefer et al. 2021, Generic Attention-model Explainability",

@@ -1,17 +1,22 @@
-"""Relevance of an encoder–decoder transformer's image tokens for one decoder output (Chefer, Gur &
-Wolf 2021, "Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder
-Transformers", §3, eqs. 6–11; their DETR and LXMERT generators).
+"""Chefer et al. 2021b's relevance for an encoder–decoder transformer whose decoder's queries read
+the image's tokens (a DETR): "Generic Attention-model Explainability for Interpreting Bi-Modal and
+Encoder-Decoder Transformers", ICCV 2021, the rules of its section 3 for the image tokens i and the
+queries q.
 
-Every attention map A is weighted by its gradient: Ā = E_heads[(∇A ⊙ A)⁺]. Relevance starts as
-R_ii = I (image tokens), R_tt = I (the words), R_ti = 0 (words → image), and each layer adds:
+Three relevance matrices start as R_ii = I, R_qq = I, R_qi = 0 and are updated layer by layer, in the
+order the model runs them, with each layer's gradient-weighted attention Ā = E_h[(∇A ⊙ A)⁺] (eq. 5,
+the gradient of the explained score):
 
-- encoder self-attention:   R_ii += Ā·R_ii                                   (eq. 6)
-- decoder self-attention:   R_tt += Ā·R_tt,  R_ti += Ā·R_ti                  (eqs. 6–7)
-- decoder cross-attention:  R_ti += R̄_ttᵀ·Ā·R̄_ii                             (eqs. 10–11)
+- encoder self-attention among the image tokens (eq. 6): R_ii ← R_ii + Ā·R_ii;
+- decoder self-attention among the queries (eqs. 6, 7): R_qq ← R_qq + Ā·R_qq, R_qi ← R_qi + Ā·R_qi;
+- decoder cross-attention from the queries to the image (eq. 10): R_qi ← R_qi + R̄_qqᵀ·Ā·R̄_ii, with
+  the self-attention relevances normalised as eqs. 8 and 9 say: R̄ = (R − I) / (row sums of R − I) + I,
+  so that the additions of the self-attention layers weigh as much as the identity (the residual).
+  A row of R − I that sums to 0 (a token no self-attention added relevance to) stays 0, where the
+  authors' code divides by 0 and drops the whole addition (its NaNs set to 0).
 
-where R̄ = (R − I) with rows normalised to sum to 1, plus I: a self-relevance's residual part
-kept at the weight of the identity (their ``handle_residual``; a row of R − I summing to 0 adds
-nothing). The word's row of R_ti over the image tokens is its relevance map.
+Rule 11 (R_qq ← R_qq + Ā·R_iq) adds nothing here: the image tokens never attend to the queries, so
+R_iq stays 0. The explained query's row of R_qi, over the image tokens, is the map.
 """
 
 from __future__ import annotations
@@ -20,45 +25,53 @@ from typing import Sequence
 
 import torch
 
+from ..plugins import EncoderDecoderAttention
 
-def weighted_attention(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """Ā = mean over heads of relu(∇A ⊙ A): (B, heads, Q, K) → (B, Q, K)."""
+ROLES = ("encoder", "decoder", "cross")
+
+
+def gradient_weighted(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Ā = E_h[(∇A ⊙ A)⁺] (eq. 5): (B, heads, rows, keys) → (B, rows, keys)."""
     return torch.relu(gradient.float() * attention.float()).mean(dim=1)
 
 
-def normalized_self_relevance(relevance: torch.Tensor) -> torch.Tensor:
-    """R̄ = I + rows of (R − I) normalised to sum to 1 (a zero row stays zero): (B, N, N)."""
+def normalised_self_relevance(relevance: torch.Tensor) -> torch.Tensor:
+    """R̄ = (R − I) / (row sums of R − I) + I (eqs. 8 and 9); a row of R − I summing to 0 stays 0."""
     identity = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
-    residual = relevance - identity
-    sums = residual.sum(dim=-1, keepdim=True)
-    return torch.where(sums > 0, residual / sums.clamp_min(1e-30), torch.zeros_like(residual)) + identity
+    added = relevance - identity
+    sums = added.sum(dim=-1, keepdim=True)
+    return added / torch.where(sums > 0, sums, torch.ones_like(sums)) + identity
 
 
-def encoder_decoder_relevance(
-    encoder: Sequence[torch.Tensor],
-    encoder_gradients: Sequence[torch.Tensor],
-    decoder: Sequence[torch.Tensor],
-    decoder_gradients: Sequence[torch.Tensor],
-    cross: Sequence[torch.Tensor],
-    cross_gradients: Sequence[torch.Tensor],
-) -> torch.Tensor:
-    """R_ti (B, T, N): each decoder position's relevance over the N image tokens, from the
-    attention of every layer (input first) and its gradient with respect to one output. Decoder
-    layer k attends to the words (``decoder[k]``), then to the image (``cross[k]``)."""
-    if len(decoder) != len(cross):
-        raise ValueError(f"{len(decoder)} decoder self-attention layers but {len(cross)} cross-attention layers")
-    batch, _, words, tokens = cross[0].shape
+def query_relevance(layers: Sequence[EncoderDecoderAttention], gradients: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R_qi after every layer: (B, queries, image tokens). ``layers`` in the order the model ran
+    them, ``gradients`` the explained score's gradient with respect to each one's probabilities."""
+    cross = [layer.probabilities for layer in layers if layer.role == "cross"]
+    if not cross:
+        raise ValueError("no decoder cross-attention was recorded")
+    batch, _, queries, tokens = cross[0].shape
     options = {"dtype": torch.float32, "device": cross[0].device}
-    image = torch.eye(tokens, **options).expand(batch, tokens, tokens)
-    for attention, gradient in zip(encoder, encoder_gradients):
-        image = image + weighted_attention(attention, gradient) @ image
-    image_bar = normalized_self_relevance(image)
-    text = torch.eye(words, **options).expand(batch, words, words)
-    text_image = torch.zeros(batch, words, tokens, **options)
-    for self_attention, self_gradient, attention, gradient in zip(decoder, decoder_gradients, cross, cross_gradients):
-        weighted = weighted_attention(self_attention, self_gradient)
-        text, text_image = text + weighted @ text, text_image + weighted @ text_image
-        text_image = text_image + normalized_self_relevance(text).transpose(1, 2) @ (
-            weighted_attention(attention, gradient) @ image_bar
-        )
-    return text_image
+    image = torch.eye(tokens, **options).expand(batch, tokens, tokens)  # R_ii
+    query = torch.eye(queries, **options).expand(batch, queries, queries)  # R_qq
+    query_image = torch.zeros(batch, queries, tokens, **options)  # R_qi
+    for layer, gradient in zip(layers, gradients, strict=True):
+        if layer.role not in ROLES:
+            raise ValueError(f"a recorded layer's role is {layer.role!r}, not one of {', '.join(ROLES)}")
+        expected = {"encoder": (tokens, tokens), "decoder": (queries, queries), "cross": (queries, tokens)}[layer.role]
+        if tuple(layer.probabilities.shape[-2:]) != expected:
+            raise ValueError(
+                f"its {layer.role} attention is {tuple(layer.probabilities.shape[-2:])}, not "
+                f"{expected} for {queries} queries and {tokens} image tokens"
+            )
+        weighted = gradient_weighted(layer.probabilities, gradient)
+        if layer.role == "encoder":
+            image = image + weighted @ image
+        elif layer.role == "decoder":
+            query, query_image = query + weighted @ query, query_image + weighted @ query_image
+        else:
+            mixed = normalised_self_relevance(query).transpose(-1, -2) @ weighted @ normalised_self_relevance(image)
+            query_image = query_image + mixed
+    return query_image
+
+
+__all__ = ["ROLES", "gradient_weighted", "normalised_self_relevance", "query_relevance"]

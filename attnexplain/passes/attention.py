@@ -25,9 +25,10 @@ from ..methods.attention import (
     spatial_attention,
     spatial_attention_grid,
 )
-from ..plugins import SpatialAttention, TokenReadout, WindowedAttention
+from ..plugins import EncoderDecoderAttention, SpatialAttention, TokenReadout, WindowedAttention
 from ..precision import as_float32
 from .base import PassOutput, PassRun, no_gradient, upsample
+from .encoder_decoder import encoder_decoder_maps
 from .registry import register_pass
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ def attention_pass(run: PassRun, methods: list[Method]) -> PassOutput:
         attentions = [captured[name] for name in names]
         if isinstance(attentions[0], SpatialAttention):
             return _spatial_pass(run, methods, attentions)
+        if isinstance(attentions[0], EncoderDecoderAttention):  # a DETR-like decoder: its own rules
+            return encoder_decoder_maps(run, methods, attentions, logits, targets, _explained_queries(run))
         windowed = isinstance(attentions[0], WindowedAttention)
         probabilities = [a.probabilities if windowed else a for a in attentions]
         gradients = layer_gradients = None

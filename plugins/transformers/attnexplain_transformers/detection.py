@@ -10,7 +10,9 @@ detectors, a class's score is its best box's, so the default target is the most 
 
 Maps: a DETR and a Conditional DETR decoder layer's cross-attention (``encoder_attn``) is a softmax
 over the image's feature grid, one row per query: recorded (eager attention), the explained box's
-row is the map of that layer and head. Deformable DETR has no such matrix: each query samples a few
+row is the map of that layer and head. Every attention layer (the encoder's self-attention too) is
+recorded with its role (``EncoderDecoderAttention``), so that ``chefer`` applies Chefer et al.
+2021b's encoder–decoder rules to the explained box's query. Deformable DETR has no such matrix: each query samples a few
 points around reference points at learned offsets (``MultiscaleDeformableAttention``), so there is
 no attention over the image to record; its CAMs on the backbone are explained all the same.
 """
@@ -37,8 +39,17 @@ DETECTORS = {
 DENSE_CROSS_ATTENTION = ("detr", "conditional_detr")
 #: Families that score classes by a softmax with a last "no object" class (the others: a sigmoid).
 NO_OBJECT_CLASS = ("detr",)
-#: Methods that chain self-attention between the same tokens from layer to layer.
-CHAINING = ("rollout", "chefer", "legrad")
+#: Each family's class head in its weights (Deformable DETR: the last decoder layer's, as scored).
+HEAD_BIAS = {
+    "detr": "class_labels_classifier",
+    "conditional_detr": "class_labels_classifier",
+    "deformable_detr": "class_embed.0",
+}
+#: More classes than a detection head has (ImageNet-21k's 21,843 is far beyond any detector's).
+MAX_CLASSES = 100_000
+#: Methods that chain self-attention between the same tokens from layer to layer (chefer has its
+#: encoder–decoder rules for a DETR: attnexplain.methods.encoder_decoder).
+CHAINING = ("rollout", "legrad")
 #: The feature grid each detector's backbone gave, recorded while its attention is: input (h, w)
 #: → grid (h, w). Weak: a model that is dropped takes its entry along.
 _grids: "WeakKeyDictionary[Any, dict[tuple[int, int], tuple[int, int]]]" = WeakKeyDictionary()
@@ -132,6 +143,35 @@ def detections(model: Any, output: Any) -> list[Detections]:
     ]
 
 
+def class_count(model: Any) -> int | None:
+    """How many classes the detector's head scores, "no object" left out: what its labels index
+    (a config's ``id2label`` may skip ids)."""
+    head = getattr(model, "class_labels_classifier", None)
+    if head is None:  # Deformable DETR: one class head per decoder layer, the last one's scores
+        heads = getattr(model, "class_embed", None)
+        head = heads[-1] if heads is not None and len(heads) else None
+    features = getattr(head, "out_features", None)
+    if not isinstance(features, int):
+        return None
+    return features - (1 if detector_type(model) in NO_OBJECT_CLASS else 0)
+
+
+def labels_at_their_ids(config: Any, shapes: dict[str, list[int]]) -> None:
+    """A config whose ``id2label`` skips ids (COCO's 80 names on ids 1-90) for weights whose class
+    head scores more classes, up to its highest id: every name at its id, a gap ``class N``, so that
+    transformers (which sizes the head by how many names there are) builds the head the weights hold.
+    ``shapes``: the weights' tensor shapes by name (read from the safetensors headers)."""
+    bias = shapes.get(f"{HEAD_BIAS[config.model_type]}.bias")
+    ids = sorted(config.id2label)
+    if not bias or len(bias) != 1 or ids == list(range(len(ids))):
+        return
+    classes = bias[0] - (1 if config.model_type in NO_OBJECT_CLASS else 0)
+    if not len(ids) < classes <= MAX_CLASSES or ids[0] < 0 or ids[-1] >= classes:
+        return
+    names = {index: config.id2label.get(index, f"class {index}") for index in range(classes)}
+    config.id2label, config.label2id = names, {name: index for index, name in names.items()}
+
+
 def box_scores(model: Any, output: Any) -> list["torch.Tensor"]:
     best, _ = _best_classes(model, output)
     return list(best)
@@ -155,9 +195,21 @@ def backbone_layer(model: Any) -> str | None:
 
 def cross_attention_modules(model: Any) -> list[str]:
     """Each decoder layer's cross-attention, first layer first (none for Deformable DETR)."""
+    return [name for name, role in attention_roles(model).items() if role == "cross"]
+
+
+def attention_roles(model: Any) -> dict[str, str]:
+    """Every attention layer, in the order the model runs them, with its role for Chefer 2021b's
+    rules (:class:`EncoderDecoderAttention`): the encoder's self-attention among the image tokens,
+    then per decoder layer its self-attention among the queries and its cross-attention to the
+    image. None for Deformable DETR (no attention matrix over the image)."""
     if detector_type(model) not in DENSE_CROSS_ATTENTION:
-        return []
-    return [f"model.decoder.layers.{index}.encoder_attn" for index in range(len(model.model.decoder.layers))]
+        return {}
+    roles = {f"model.encoder.layers.{index}.self_attn": "encoder" for index in range(len(model.model.encoder.layers))}
+    for index in range(len(model.model.decoder.layers)):
+        roles[f"model.decoder.layers.{index}.self_attn"] = "decoder"
+        roles[f"model.decoder.layers.{index}.encoder_attn"] = "cross"
+    return roles
 
 
 def feature_grid(model: Any, input_size: tuple[int, int]) -> TokenGrid:
@@ -192,14 +244,17 @@ def eager_attention(model: Any) -> Iterator[None]:
 
 
 @contextmanager
-def capture_cross_attention(model: Any, names: list[str], sink: dict[str, Any]) -> Iterator[None]:
-    """Each named cross-attention's probabilities, (B, heads, queries, image tokens): the tensor its
-    values are averaged with (eager attention), not a copy; and the backbone's grid meanwhile."""
-    known = cross_attention_modules(model)
+def capture_attention_layers(model: Any, names: list[str], sink: dict[str, Any]) -> Iterator[None]:
+    """Each named attention layer's probabilities with its role (:func:`attention_roles`): the
+    tensor its values are averaged with (eager attention), not a copy, so that gradients with respect
+    to it are the model's; and the backbone's grid meanwhile."""
+    from attnexplain.plugin_api import EncoderDecoderAttention
+
+    known = attention_roles(model)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise MethodError(
-            f"Layer {unknown[0]!r} is not a decoder cross-attention of this detector ({', '.join(known) or 'none'})."
+            f"Layer {unknown[0]!r} is not an attention layer of this detector ({', '.join(known) or 'none'})."
         )
 
     def recorder(name: str):
@@ -207,9 +262,24 @@ def capture_cross_attention(model: Any, names: list[str], sink: dict[str, Any]) 
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
                 raise MethodError(f"Layer {name!r} returned no attention probabilities (not eager attention).")
-            sink[name] = weights
+            sink[name] = EncoderDecoderAttention(weights, known[name])
 
         return hook
+
+    def into_graph(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # The first decoder layer's self-attention reads the learned queries alone (no pixel): with
+        # the parameters frozen its probabilities would lie outside the target score's graph, and
+        # chefer needs their gradient. Its input, the same values as a leaf that requires a
+        # gradient, puts them inside.
+        import torch
+
+        states = kwargs.get("hidden_states", args[0] if args else None)
+        if not torch.is_grad_enabled() or not isinstance(states, torch.Tensor) or states.requires_grad:
+            return None
+        states = states.detach().requires_grad_(True)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": states}
+        return (states, *args[1:]), kwargs
 
     def keep_grid(module: Any, args: Any, output: Any) -> None:
         pixels, feature_map = args[0], output[-1][0]
@@ -220,7 +290,9 @@ def capture_cross_attention(model: Any, names: list[str], sink: dict[str, Any]) 
         stack.enter_context(eager_attention(model))
         stack.callback(model.model.backbone.register_forward_hook(keep_grid).remove)
         for name in names:
-            stack.callback(model.get_submodule(name).register_forward_hook(recorder(name)).remove)
+            module = model.get_submodule(name)
+            stack.callback(module.register_forward_pre_hook(into_graph, with_kwargs=True).remove)
+            stack.callback(module.register_forward_hook(recorder(name)).remove)
         yield
 
 
@@ -232,9 +304,10 @@ def refuse_method(model: Any, method: str) -> str | None:
         return (
             f"{method} chains self-attention between the same tokens; a {DETECTORS[model_type]}'s "
             f"decoder attends from its object queries to the image (cross-attention), so --method "
-            f"attention shows the explained box's query, and gradcam its backbone."
+            f"chefer (Chefer 2021b's encoder–decoder relevance) or attention explains the box's "
+            f"query, and gradcam its backbone."
         )
-    if method in ("attention",) and model_type not in DENSE_CROSS_ATTENTION:
+    if method in ("attention", "chefer") and model_type not in DENSE_CROSS_ATTENTION:
         return (
             f"{DETECTORS[model_type]} has no attention over the image to record: its deformable "
             f"attention samples a few points at learned offsets per query, not a softmax over the "

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from attnexplain.plugin_api import FILE_MAX_SIZE, ModelLoadError, UntrustedModelError, not_a_regular_file, shown
 
-from .detection import detector_class_name
+from .detection import detector_class_name, labels_at_their_ids
 
 if TYPE_CHECKING:
     from torch import nn
@@ -369,6 +369,18 @@ def safe_weights(folder: Path, trust_model: bool) -> bool:
 
 def stored_parameters(folder: Path) -> int:
     """How many numbers the folder's safetensors files hold, read from their headers alone."""
+    return sum(_header_numel(path) for path in _safetensors_files(folder))
+
+
+def stored_shapes(folder: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, by name, read from the headers of the folder's safetensors files alone."""
+    shapes: dict[str, list[int]] = {}
+    for path in _safetensors_files(folder):
+        shapes.update({name: entry["shape"] for name, entry in _header(path)[0].items()})
+    return shapes
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / SAFE_WEIGHTS[1]
     if (folder / SAFE_WEIGHTS[0]).is_file():
         files = [folder / SAFE_WEIGHTS[0]]
@@ -381,10 +393,30 @@ def stored_parameters(folder: Path) -> int:
         if unsafe:
             raise ModelLoadError(f"{index} names shard {unsafe[0]!r}, which is not a file in the folder; refused.")
         files = [folder / name for name in names]
-    return sum(_header_numel(path) for path in files)
+    return files
 
 
 def _header_numel(path: Path) -> int:
+    entries, data = _header(path)
+    total = 0
+    for entry in entries.values():
+        count = 1
+        for side in entry["shape"]:
+            count *= side
+        total += count
+    # No dtype stores a number in under half a byte: a header promising more is forged, and the
+    # parameter check that trusts it would let a config allocate what the file does not hold.
+    if total > 2 * data:
+        raise ModelLoadError(
+            f"{path} is not a safetensors file: its header describes {total:,} numbers "
+            f"but the file holds {data:,} bytes of data."
+        )
+    return total
+
+
+def _header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """A safetensors file's tensor entries (each with a valid ``shape``) and how many bytes of data
+    follow its header."""
     problem = not_a_regular_file(path)
     if problem is not None:
         raise ModelLoadError(f"Weights file {path} {problem}.")
@@ -400,25 +432,15 @@ def _header_numel(path: Path) -> int:
             header = None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path} is not a safetensors file (its header is not a JSON object).")
-    total = 0
+    entries = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise ModelLoadError(f"{path}: tensor {name!r} has no valid shape in the header.")
-        count = 1
-        for side in shape:
-            count *= side
-        total += count
-    # No dtype stores a number in under half a byte: a header promising more is forged, and the
-    # parameter check that trusts it would let a config allocate what the file does not hold.
-    if total > 2 * (size - 8 - length):
-        raise ModelLoadError(
-            f"{path} is not a safetensors file: its header describes {total:,} numbers "
-            f"but the file holds {size - 8 - length:,} bytes of data."
-        )
-    return total
+        entries[name] = entry
+    return entries, size - 8 - length
 
 
 def classifier_class_name(config: dict[str, Any], folder: Path) -> str:
@@ -497,6 +519,8 @@ def load_folder(folder: Path, trust_model: bool) -> tuple["nn.Module", list[str]
                 # No attention implementation in the config: transformers' default for the class
                 # (sdpa, else eager), which recording() switches to eager and back.
                 hf_config = model_class.config_class.from_dict(plain)
+                if detector and safe:
+                    labels_at_their_ids(hf_config, stored_shapes(folder))
                 if safe:
                     with torch.device("meta"):
                         asked = sum(p.numel() for p in model_class._from_config(hf_config).parameters())

@@ -107,7 +107,7 @@ class TransformersPlugin(ModelPlugin):
         "(attention, rollout, chefer; Grad-CAM on blocks)",
         "Swin v1/v2 (windowed attention: rollout, chefer, attention)",
         "ConvNeXt v1/v2, ResNet (CAM family)",
-        "DETR, Conditional DETR (decoder cross-attention per box; CAM family), Deformable DETR (CAM family)",
+        "DETR, Conditional DETR (decoder cross-attention per box, chefer; CAM family), Deformable DETR (CAM family)",
         "CLIP, SigLIP with --prompt/--prompts (zero-shot classifier of the prompts; prompts.py)",
         "VisionEncoderDecoderModel captioners, ViT encoder (cross-attention per word, layer and head; "
         "Chefer's relevance; Grad-CAM; captioning.py)",
@@ -146,6 +146,14 @@ class TransformersPlugin(ModelPlugin):
                 f"{MAX_ATTENTION_TOKENS:,} (DINOv2 at 518 pixels has 1,369)."
             )
         notes = [f"transformers {config.model_type} from {folder}"]
+        labels = self.labels(module)
+        ids = [int(key) for key in config.id2label] if labels is not None else []  # labels: ids are numbers
+        beyond = sorted(index for index in ids if not 0 <= index < len(labels or ()))
+        if beyond:
+            notes.append(
+                f"config.json's id2label names class ids {', '.join(map(str, beyond[:5]))} beyond the model's "
+                f"{len(labels or ())} classes: left out"
+            )
         if ignored:
             notes.append(
                 f"config.json's {', '.join(ignored)} ignored: a model folder does not choose the "
@@ -155,7 +163,7 @@ class TransformersPlugin(ModelPlugin):
             module=module,
             architecture=type(module).__name__,
             weights=str(folder),
-            labels=self.labels(module),
+            labels=labels,
             preprocessing=preprocessing,
             notes=tuple(notes),
             random_weights=False,
@@ -180,10 +188,13 @@ class TransformersPlugin(ModelPlugin):
             by_index = {int(key): str(value) for key, value in id2label.items()}
         except (TypeError, ValueError):
             return None
-        if sorted(by_index) != list(range(len(by_index))) or not by_index:
+        if not by_index:
             return None
-        names = [by_index[index] for index in range(len(by_index))]
-        if all(_PLACEHOLDER_LABEL.match(name) for name in names):
+        # Each name at its class id, as the head scores them: ids may skip numbers (COCO's 91 ids
+        # hold 80 classes); a gap is named as the core names a class without labels.
+        count = (detection.class_count(model) if detection.detector_type(model) else None) or len(by_index)
+        names = [by_index.get(index, f"class {index}") for index in range(count)]
+        if all(_PLACEHOLDER_LABEL.match(name) for name in by_index.values()):
             return None
         return names
 
@@ -280,7 +291,7 @@ class TransformersPlugin(ModelPlugin):
 
     def attention_modules(self, model: Any) -> list[str]:
         if detection.detector_type(model):
-            return detection.cross_attention_modules(model)
+            return list(detection.attention_roles(model))
         if prompts.is_prompt_classifier(model):
             return prompts.attention_modules(model)
         if _model_type(model) in WINDOWED_ATTENTION:
@@ -364,7 +375,7 @@ class TransformersPlugin(ModelPlugin):
                 yield
             return
         if detection.detector_type(model):
-            with detection.capture_cross_attention(model, names, sink):
+            with detection.capture_attention_layers(model, names, sink):
                 yield
             return
         probe = prompts.capture_attention(model, names, sink) if prompts.is_prompt_classifier(model) else None
