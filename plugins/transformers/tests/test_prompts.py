@@ -667,3 +667,20 @@ def test_batch_truth_names_prompts_and_the_gallery_judges_the_sample_clip_by_the
     assert (judged["judged"], judged["correct"]) == (3, 2)
     # the coffee, called a cat by the truth file, is predicted as a class no truth names: "(other)"
     assert judged["confusion"]["a photo of a cat"] == {"a photo of a cat": 1, "(other)": 1}
+
+
+def test_siglip_legrad_encodes_its_empty_prompt_once_for_a_batch(siglip_folder, tmp_path, monkeypatch):
+    """LeGrad's empty prompt is encoded once with the prompts, not per image or chunk."""
+    from attnexplain_transformers import prompts as prompt_module
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.open(IMAGE).convert("RGB").rotate(90 * index).save(images / f"{index}.png")
+    calls = []
+    original = prompt_module.encode_prompts
+    monkeypatch.setattr(prompt_module, "encode_prompts", lambda *a: calls.append(a[1]) or original(*a))
+    args = ["batch", str(siglip_folder), str(images), "--prompts", "a cat,grass", "--method", "legrad"]
+    result = CliRunner().invoke(main, args + ["--images-per-batch", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert calls == [("a cat", "grass"), ("a photo of a",)]
