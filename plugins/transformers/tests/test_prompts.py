@@ -494,16 +494,22 @@ def test_a_folder_without_its_tokenizer_is_refused_in_one_line(tmp_path):
         load_model(folder, prompts=PROMPTS)
 
 
-def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_folder, tmp_path, monkeypatch):
+def _three_images_counting_encodes(tmp_path: Path, monkeypatch) -> tuple[Path, list]:
+    """A folder of three photos, and the list each prompt set the plugin encodes is appended to."""
     from attnexplain_transformers import prompts as prompt_module
 
     images = tmp_path / "images"
     images.mkdir()
     for index in range(3):
         Image.open(IMAGE).convert("RGB").rotate(90 * index).save(images / f"{index}.png")
-    calls = []
+    calls: list = []
     original = prompt_module.encode_prompts
-    monkeypatch.setattr(prompt_module, "encode_prompts", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(prompt_module, "encode_prompts", lambda *a: calls.append(a[1]) or original(*a))
+    return images, calls
+
+
+def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_folder, tmp_path, monkeypatch):
+    images, calls = _three_images_counting_encodes(tmp_path, monkeypatch)
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
@@ -520,7 +526,7 @@ def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_fo
         ],
     )
     assert result.exit_code == 0, result.output
-    assert len(calls) == 1
+    assert calls == [PROMPTS]
     run = json.loads((out / "report.json").read_text())["run"]
     assert run["model_spec"]["prompts"] == list(PROMPTS)
     assert (out / "index.html").is_file()
@@ -671,15 +677,7 @@ def test_batch_truth_names_prompts_and_the_gallery_judges_the_sample_clip_by_the
 
 def test_siglip_legrad_encodes_its_empty_prompt_once_for_a_batch(siglip_folder, tmp_path, monkeypatch):
     """LeGrad's empty prompt is encoded once with the prompts, not per image or chunk."""
-    from attnexplain_transformers import prompts as prompt_module
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for index in range(3):
-        Image.open(IMAGE).convert("RGB").rotate(90 * index).save(images / f"{index}.png")
-    calls = []
-    original = prompt_module.encode_prompts
-    monkeypatch.setattr(prompt_module, "encode_prompts", lambda *a: calls.append(a[1]) or original(*a))
+    images, calls = _three_images_counting_encodes(tmp_path, monkeypatch)
     args = ["batch", str(siglip_folder), str(images), "--prompts", "a cat,grass", "--method", "legrad"]
     result = CliRunner().invoke(main, args + ["--images-per-batch", "1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
