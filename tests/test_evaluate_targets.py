@@ -277,22 +277,27 @@ def _block_mask(path: Path, top: int, left: int, side: int) -> np.ndarray:
 
 def test_a_background_label_is_measured_against_every_pixel_outside_the_objects(tmp_path, saved):
     """--background-label grass: grass's region is the complement of the image's object masks (the
-    union of MASKS/<image>/*.png, or its one MASKS/<image>.png), its mass and pointing by hand."""
+    union of MASKS/<image>/*.png, or its one MASKS/<image>.png) or boxes, its mass and pointing by hand."""
     weights, photo, options = saved
     module, batch = _model_and_input(weights, photo, options[1])
     cam = gradcam_by_hand(module, batch, LABELS.index("grass"))
     masks = tmp_path / "masks"
     objects = _block_mask(masks / "photo" / "cat.png", 2, 2, 12) | _block_mask(masks / "photo" / "dog.png", 18, 16, 10)
     single = _block_mask(tmp_path / "single" / "photo.png", 8, 8, 16)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"photo.png": [[4, 6, 10, 20]]}))  # x, y, width, height
+    boxed = np.zeros((SIZE, SIZE), bool)
+    boxed[6:26, 4:14] = True
     metrics = ["--metrics", "pointing,mass", "--pointing-tolerance", "0", "--method", "gradcam"]
-    for name, folder, targets, region in (
-        ("several", masks, "cat,grass", ~objects),
-        ("one", tmp_path / "single", "grass", ~single),
+    for name, where, targets, region in (
+        ("several", ["--masks", masks], "cat,grass", ~objects),
+        ("one", ["--masks", tmp_path / "single"], "grass", ~single),
+        ("boxes", ["--boxes", boxes], "grass", ~boxed),
     ):
         code, output, out = _evaluate(
             tmp_path,
             name,
-            [weights, photo, *options, "--masks", folder, *metrics, "--target", targets, "--background-label", "grass"],
+            [weights, photo, *options, *where, *metrics, "--target", targets, "--background-label", "grass"],
         )
         assert code == 0, output
         found = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])["metrics"]
