@@ -76,9 +76,12 @@ class BatchMaps:
     also: list["BatchMaps"] = field(default_factory=list)
 
     def explained_scores(self) -> torch.Tensor:
-        """(B,) each target's probability (a single output's value), less the contrasted class's:
-        the score the perturbation metrics follow (as :func:`attnexplain.running.probabilities_of`)."""
+        """(B,) each target's probability (a single output's value, negated for target negative),
+        less the contrasted class's: the score the perturbation metrics follow (as
+        :func:`attnexplain.running.probabilities_of`)."""
         chosen = self.probabilities.gather(1, self.targets[:, None].to(self.probabilities.device))[:, 0]
+        if self.negative:
+            return -chosen
         if self.versus is None:
             return chosen
         return chosen - self.probabilities[:, self.versus]

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._signals import Stopped
 from .errors import AttnExplainError, MethodError, shown
-from .evaluation_masks import object_masks, photo_pixel_sizes, read_boxes
+from .evaluation_masks import check_background_labels, object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
 from .evaluation_targets import labelled_evaluation, merged_metrics, target_columns, target_keys
 from .formats import DEFAULT_COLORMAP
@@ -59,6 +59,8 @@ class EvaluationSettings:
     options: Any = None  # MethodOptions
     colormap: str = DEFAULT_COLORMAP  # of the example overlays on the page
     versus: int | str | None = None  # a contrast: the maps explain score(target) − score(versus)
+    #: Labels whose region is the background: every pixel outside the image's object masks (a texture prompt).
+    background: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """Every setting that changes a measured number (for ``--resume``'s fingerprint)."""
@@ -78,6 +80,7 @@ class EvaluationSettings:
             "metric_settings": metric_settings,
             "options": self.options.as_dict() if self.options is not None else None,
             **({"versus": self.versus} if self.versus is not None else {}),
+            **({"background": list(self.background)} if self.background else {}),
         }
 
 
@@ -214,6 +217,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         )
     metrics = chosen_metrics(settings.metrics, masks is not None or boxes is not None)
     refuse_box_metrics(box_rank(settings.target), [name for name in metrics if name not in LOCALISATION])
+    check_background_labels(settings.background, loaded.labels, masks is not None or boxes is not None)
     inputs = collect_inputs(input_specs, exclude=exclude)
     if not inputs.images:
         raise NoImages(f"No image found in {' '.join(map(str, input_specs))}.")
@@ -549,6 +553,7 @@ def _chunk_metrics(
             tuple(batch.shape[-2:]),
             explained,
             own_only=own_masks,
+            background=settings.background,
         )
         found = localisation(
             maps.cpu(), masks, config.pointing_tolerance, photo_pixel_sizes(chunk, tuple(batch.shape[-2:]))

@@ -9,6 +9,7 @@ never the run's error; a boxes file is bounded in size and never opened unless i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,8 @@ from .errors import AttnExplainError, shown
 #: Untrusted boxes file: its size, and boxes per image.
 MAX_BOXES_BYTES = 64 * 1024 * 1024
 MAX_BOXES_PER_IMAGE = 1000
+#: Object masks of one image (MASKS/<image>/<label>.png) a background's region is the complement of.
+MAX_OBJECT_MASKS = 1000
 
 
 class MaskError(AttnExplainError):
@@ -130,19 +133,33 @@ def model_frame_mask(mask: np.ndarray, preprocessing) -> np.ndarray:
     return prepare(layers, plain).tensor[0, 0].numpy() > 0.5
 
 
-def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, labels=None, own_only=False):
+def check_background_labels(background, labels, has_masks: bool) -> None:
+    """Refuse ``--background-label`` without masks or boxes, or naming no class of the model."""
+    if background and not has_masks:
+        raise AttnExplainError("--background-label measures a label against the background of --masks or --boxes.")
+    unknown = [label for label in background if labels is not None and label not in labels]
+    if unknown:
+        raise AttnExplainError(f"--background-label {shown(unknown[0])} is not one of the model's classes (prompts).")
+
+
+def object_masks(
+    chunk, preprocessing, box_table, masks_dir, max_pixels, size, labels=None, own_only=False, background=()
+):
     """(B, h, w) bool masks of the decoded images of ``chunk`` in the model's frame (``size``), from
     ``box_table`` (:func:`read_boxes`) or else the mask files under ``masks_dir``; and image index →
     why it has none (its mask is all False). ``labels``: per image, the class its maps explain; an
     image with several objects (a multi-label model's) has one mask per class,
     ``MASKS/<image path without its suffix>/<class>.png``, used for that class's maps; ``own_only``
-    (several targets measured, each against its own object): only that mask, never the image's one."""
+    (several targets measured, each against its own object): only that mask, never the image's one.
+    A class among ``background`` without a mask of its own is the background: every pixel outside
+    the image's boxes, or its mask, or the union of its objects' masks (:func:`background_mask`)."""
     import torch
 
     result = torch.zeros(len(chunk), *size, dtype=torch.bool)
     errors: dict[int, str] = {}
     for i, decoded in enumerate(chunk):
         height, width = decoded.pixels.shape[:2]
+        label = labels[i] if labels is not None else None
         try:
             if box_table is not None:
                 relative = decoded.item.relative
@@ -150,6 +167,9 @@ def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, l
                 if entry is None:
                     raise MaskError("the boxes file has no entry for it")
                 photo_mask = boxes_mask(entry, width, height)
+                photo_mask = ~photo_mask if label in background else photo_mask
+            elif label in background and not _is_file(_own_mask(masks_dir, decoded.item.relative, label)):
+                photo_mask = background_mask(masks_dir, decoded.item.relative, background, width, height, max_pixels)
             else:
                 photo_mask = mask_file_mask(
                     _mask_path(masks_dir, decoded.item.relative, labels[i] if labels is not None else None, own_only),
@@ -163,17 +183,48 @@ def object_masks(chunk, preprocessing, box_table, masks_dir, max_pixels, size, l
     return result, errors
 
 
+def background_mask(masks_dir: Path, relative: str, background, width: int, height: int, max_pixels: int):
+    """(height, width) bool: every pixel outside the image's objects, the complement of its mask
+    ``MASKS/<image>.png``, else of the union of its objects' masks ``MASKS/<image>/<label>.png``
+    (those of ``background`` classes left out), or :class:`MaskError` when it has none."""
+    single = masks_dir / Path(relative).with_suffix(".png")
+    if single.is_file():
+        return ~mask_file_mask(single, width, height, max_pixels)
+    folder = masks_dir / Path(relative).with_suffix("")
+    found = sorted(itertools.islice(folder.glob("*.png"), MAX_OBJECT_MASKS + 1)) if folder.is_dir() else []
+    objects = [path for path in found if path.stem not in background]
+    if not objects or len(found) > MAX_OBJECT_MASKS:
+        raise MaskError(
+            f"no object mask to take the background of ({single.name} or {folder.name}/<label>.png, "
+            f"at most {MAX_OBJECT_MASKS})"
+        )
+    union = np.zeros((height, width), dtype=bool)
+    for path in objects:
+        union |= mask_file_mask(path, width, height, max_pixels)
+    return ~union
+
+
+def _own_mask(masks_dir: Path, relative: str, label: str | None) -> Path | None:
+    """``MASKS/<image>/<label>.png``; None for a label that is no plain file name (the model's text:
+    ``..``, a ``/``), which never names a path."""
+    if label is None or label in ("", ".", "..") or any(c in label for c in "/\\\0"):
+        return None
+    return masks_dir / Path(relative).with_suffix("") / f"{label}.png"
+
+
 def _mask_path(masks_dir: Path, relative: str, label: str | None, own_only: bool = False) -> Path:
     """The mask of image ``relative``: of the object of class ``label`` where the image has one
-    mask per object (a folder of them), else (unless ``own_only``) the image's one mask. A label that is no plain file
-    name (the model's text: ``..``, a ``/``) never names a path."""
-    own = masks_dir / Path(relative).with_suffix("")
-    if label is not None and label not in ("", ".", "..") and not any(c in label for c in "/\\\0"):
-        if (own / f"{label}.png").is_file() or own_only:
-            return own / f"{label}.png"
+    mask per object (a folder of them), else (unless ``own_only``) the image's one mask."""
+    own = _own_mask(masks_dir, relative, label)
+    if own is not None and (own.is_file() or own_only):
+        return own
     if own_only:
         raise MaskError(f"no mask of its {shown(label)} object")
     return masks_dir / Path(relative).with_suffix(".png")
+
+
+def _is_file(path: Path | None) -> bool:
+    return path is not None and path.is_file()
 
 
 def photo_pixel_sizes(chunk, size: tuple[int, int]):

@@ -100,6 +100,17 @@ class TokenReadout:
 
     blocks: list[str]  # the block after each of ``attention_modules``, same order
     scores: Callable[["torch.Tensor"], "torch.Tensor"]  # (B, tokens, dim) → (B, classes) scores
+    #: API v2, optional: a head that pools the tokens by attention of its own (SigLIP's attention-
+    #: pooling head), as LeGrad's authors read such a model: (B, tokens, dim) → (the pooled vector
+    #: that ``scores`` then reads, the pooling attention it was computed from, laid out as the
+    #: recorded attention, (B, heads, T, T)). LeGrad then differentiates each block's score with
+    #: respect to the attention of the head applied to that block's tokens, and ``blocks`` need not
+    #: match ``attention_modules``.
+    pooling: Callable[["torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]] | None = None
+    #: API v2, optional, with ``pooling``: the pooled vector's score (B,) for an empty prompt, whose
+    #: LeGrad map, scaled to [0, 1], masks the target's where above ``legrad.REFERENCE_THRESHOLD``
+    #: (LeGrad's authors' correction for SigLIP).
+    reference: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
 
 
 @dataclass(frozen=True)

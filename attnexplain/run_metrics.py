@@ -3,11 +3,13 @@ that map explains (what report.json's ``"metrics"`` holds).
 
 A map of a contrast (``--versus``) explains score(target) − score(versus), so its deletion,
 insertion, ROAD and drop follow that difference, from its value on the intact image; a map of one of
-several targets (``--target a,b``: ``"gradcam@b"``) follows its own target's score.
+several targets (``--target a,b``: ``"gradcam@b"``) follows its own target's score; a map of what
+lowers a single output (``--target negative``) follows the output negated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -36,6 +38,8 @@ def explanation_metrics(
         )
     # A contrast is what the maps explain: the perturbed copies are scored on it too.
     loaded, _ = scored_for(explanation.model, None, explanation.versus)
+    if explanation.negative:  # the maps explain what lowers a single output: so do the metrics
+        loaded = dataclasses.replace(loaded, scoring=dataclasses.replace(loaded.scoring, negative=True))
     device = next(iter(loaded.module.parameters()), torch.zeros(0)).device
     batch = prepare(explanation.image.pixels, explanation.preprocessing).tensor.to(device)
     score = probabilities_of(loaded, tuple(batch.shape[-2:]))

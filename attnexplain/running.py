@@ -93,9 +93,10 @@ def scores_of(loaded: "LoadedModel", input_size: tuple[int, int]) -> Callable[[t
 
 def probabilities_of(loaded: "LoadedModel", input_size: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The model as a function from input to (B, classes) probabilities, as its plugin defines them
-    (for a contrast, each less the contrasted class's: RISE's and the metrics' score)."""
+    (for a contrast, each less the contrasted class's; negated for target negative: RISE's and the
+    metrics' score, :meth:`~attnexplain.scoring.Scoring.explained`)."""
     call = model_as_called(loaded, input_size)
-    return lambda inputs: loaded.scoring.contrasted(class_scores(loaded, call(inputs))[1], loaded.labels)
+    return lambda inputs: loaded.scoring.explained(class_scores(loaded, call(inputs))[1], loaded.labels)
 
 
 def model_device(module: Any) -> torch.device:

@@ -68,6 +68,11 @@ class Scoring:
             logits = -logits
         return self.contrasted(logits, labels), probabilities
 
+    def explained(self, probabilities: "torch.Tensor", labels: Sequence[str] | None) -> "torch.Tensor":
+        """The reported (B, classes) numbers as the score a map explains, which RISE weighs and the
+        perturbation metrics follow: contrasted, and negated for ``negative`` (what lowers it)."""
+        return -probabilities if self.negative else self.contrasted(probabilities, labels)
+
     def contrasted(self, scores: "torch.Tensor", labels: Sequence[str] | None) -> "torch.Tensor":
         """(B, classes) ``scores`` less the ``versus`` class's (unchanged without a contrast)."""
         if self.versus is None or scores.dim() != 2:

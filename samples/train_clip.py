@@ -5,6 +5,7 @@ composites through attnexplain itself, loading the folder as a user would.
 
     .venv/bin/python samples/train.py --only clip          # train, save, measure
     .venv/bin/python samples/train_clip.py --measure-only  # measure the saved folder
+    .venv/bin/python samples/train_clip.py --write OUT     # the held-out composites for `evaluate`
 
 Measured (samples/README.md, "Text prompts: the sample CLIP"): zero-shot accuracy over the four
 object prompts ("a photo of a cat", ...), and how often each prompt's map peaks on what it names:
@@ -170,6 +171,21 @@ def measure(folder: Path, count: int) -> dict[str, float]:
     return figures
 
 
+def write_held_out(out: Path, count: int) -> None:
+    """The ``count`` held-out composites measured above as files for ``attnexplain evaluate``,
+    grouped by background: OUT/<texture>/images/NNNN.png and their object masks
+    OUT/<texture>/masks/NNNN.png (white = object), so that a texture prompt is measured on the
+    images it names with ``--background-label`` (its region: every pixel but the object's)."""
+    from PIL import Image
+
+    images, _, textures, masks = make_composites_with_textures(count, TEST_SEED, SIZE)
+    for index, (image, texture, mask) in enumerate(zip(images, textures, masks)):
+        for kind, pixels in (("images", image), ("masks", mask.astype(np.uint8) * 255)):
+            folder = out / TEXTURES[texture] / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "models")
@@ -177,7 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--measure-only", action="store_true", help="measure the saved folder, do not train")
+    parser.add_argument("--write", type=Path, help="write the held-out composites and masks here, and stop")
     args = parser.parse_args(argv)
+    if args.write is not None:
+        write_held_out(args.write, args.test_images)
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     folder = args.out / FOLDER

@@ -265,3 +265,79 @@ def test_a_label_that_is_no_file_name_never_names_a_mask_path(tmp_path):
     line = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])
     assert "mass" not in line["metrics"]["gradcam@../photo"] and "mass" in line["metrics"]["gradcam@dog"]
     assert "no mask of its '../photo' object" in line["mask_error"]
+
+
+def _block_mask(path: Path, top: int, left: int, side: int) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[top : top + side, left : left + side] = True
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return mask
+
+
+def test_a_background_label_is_measured_against_every_pixel_outside_the_objects(tmp_path, saved):
+    """--background-label grass: grass's region is the complement of the image's object masks (the
+    union of MASKS/<image>/*.png, or its one MASKS/<image>.png) or boxes, its mass and pointing by hand."""
+    weights, photo, options = saved
+    module, batch = _model_and_input(weights, photo, options[1])
+    cam = gradcam_by_hand(module, batch, LABELS.index("grass"))
+    masks = tmp_path / "masks"
+    objects = _block_mask(masks / "photo" / "cat.png", 2, 2, 12) | _block_mask(masks / "photo" / "dog.png", 18, 16, 10)
+    single = _block_mask(tmp_path / "single" / "photo.png", 8, 8, 16)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"photo.png": [[4, 6, 10, 20]]}))  # x, y, width, height
+    boxed = np.zeros((SIZE, SIZE), bool)
+    boxed[6:26, 4:14] = True
+    metrics = ["--metrics", "pointing,mass", "--pointing-tolerance", "0", "--method", "gradcam"]
+    for name, where, targets, region in (
+        ("several", ["--masks", masks], "cat,grass", ~objects),
+        ("one", ["--masks", tmp_path / "single"], "grass", ~single),
+        ("boxes", ["--boxes", boxes], "grass", ~boxed),
+    ):
+        code, output, out = _evaluate(
+            tmp_path,
+            name,
+            [weights, photo, *options, *where, *metrics, "--target", targets, "--background-label", "grass"],
+        )
+        assert code == 0, output
+        found = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])["metrics"]
+        grass = found["gradcam@grass"] if "," in targets else found["gradcam"]
+        assert grass["mass"] == pytest.approx(cam[region].sum() / cam.sum(), rel=1e-4, abs=1e-6)
+        assert grass["pointing"] == float(region[np.unravel_index(int(np.argmax(cam)), cam.shape)])
+        assert 0 < cam[region].sum() < cam.sum()  # the region is neither all nor none of the map
+    cat = gradcam_by_hand(module, batch, LABELS.index("cat"))
+    cat_mask = np.asarray(Image.open(masks / "photo" / "cat.png")) > 127
+    cat_found = json.loads((tmp_path / "several" / "evaluation.jsonl").read_text().splitlines()[-1])["metrics"]
+    assert cat_found["gradcam@cat"]["mass"] == pytest.approx(cat[cat_mask].sum() / cat.sum(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--background-label", "wolf"], "--background-label 'wolf' is not one of the model's classes"),
+        (["--background-label", "grass", "--metrics", "deletion"], None),  # no masks: refused
+    ],
+)
+def test_background_label_refused_in_one_line(tmp_path, saved, extra, says):
+    weights, photo, options = saved
+    masks = tmp_path / "masks"
+    _block_mask(masks / "photo.png", 2, 2, 8)
+    where = ["--masks", masks] if says else []
+    code, output, _ = _evaluate(tmp_path, "eval", [weights, photo, *options, "--method", "gradcam", *where, *extra])
+    assert code != 0 and "Traceback" not in output
+    assert (says or "--background-label measures a label against the background of --masks or --boxes") in output
+
+
+def test_a_background_label_without_any_object_mask_is_that_images_error(tmp_path, saved):
+    weights, photo, options = saved
+    masks = tmp_path / "masks"
+    (masks / "photo").mkdir(parents=True)
+    (masks / "photo" / "grass.txt").write_text("not a mask")
+    code, output, out = _evaluate(
+        tmp_path,
+        "eval",
+        [weights, photo, *options, "--method", "gradcam", "--masks", masks, "--metrics", "pointing"]
+        + ["--target", "grass", "--background-label", "grass"],
+    )
+    line = json.loads((out / "evaluation.jsonl").read_text().splitlines()[-1])
+    assert "no object mask to take the background of" in line["mask_error"] and "Traceback" not in output

@@ -127,3 +127,22 @@ def test_negative_on_a_classifier_of_several_classes_is_refused_in_one_line(tmp_
     assert result.exit_code == 1
     assert result.output.startswith("Error: Target 'negative' explains what lowers a single-output model's value")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_run_metrics_of_target_negative_measure_the_negated_output(tmp_path, saved):
+    """--metrics drop with --target negative: the score explained is −output, so the average drop
+    and increase are those of −output when the input is multiplied by the map scaled to [0, 1]."""
+    weights, photo, options = saved
+    out = tmp_path / "down"
+    report, _ = _run("run", weights, photo, *options, "--target", "negative", "--metrics", "drop", "--out", out)
+    heatmap = torch.from_numpy(np.load(out / "photo" / report["outputs"]["heatmap"])).float()
+    loaded = load_model(weights, arch=options[1])
+    batch = prepare(load_image(photo).pixels, plan_preprocessing(loaded, size=SIZE)).tensor
+    scaled = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min())
+    with torch.no_grad():
+        before, after = -loaded.module(batch)[0, 0].item(), -loaded.module(batch * scaled)[0, 0].item()
+    measured = report["metrics"]["gradcam"]
+    assert measured["increase"] == float(after > before)
+    assert measured["avg_drop"] == pytest.approx(max(0.0, before - after) / (before + 1e-7), rel=1e-3, abs=1e-4)
+    # the output itself (not negated) would give the opposite verdict
+    assert float(-after > -before) != measured["increase"]

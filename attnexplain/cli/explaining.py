@@ -20,12 +20,14 @@ from .._untrusted import terminal_text
 from ..model_spec import ModelSpec
 from ..options import MethodOptions
 from .option_groups import (
+    background_option,
     image_options,
     json_option,
     method_options,
     model_options,
     overlay_format_option,
     overlay_size_option,
+    pointing_tolerance_check,
 )
 from .printing import batch_summary, print_evaluation, print_run
 
@@ -69,18 +71,6 @@ def _metric_names(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is None or value.strip() == "all":
         return value and "all"  # None: the default metrics (not ROAD); "all": every one
     return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def _pointing_tolerance(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    """The API's own check at parse time: a bad tolerance (negative, NaN, inf) is a usage error."""
-    from ..errors import AttnExplainError
-    from ..metrics import MetricSettings
-
-    try:
-        MetricSettings(pointing_tolerance=value)
-    except AttnExplainError as error:
-        raise click.BadParameter(str(error)) from None
-    return value
 
 
 def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -511,7 +501,7 @@ def batch(
     default=15.0,
     show_default=True,
     type=float,
-    callback=_pointing_tolerance,
+    callback=pointing_tolerance_check,
     help="Pointing game: a maximum of the map closer than this many pixels of the photo to the "
     "object still hits it (Zhang et al. 2018 count 15); 0: only a maximum on the object.",
 )
@@ -531,6 +521,7 @@ def batch(
     help="Randomization check: at most this many cascading steps, one block each from the head "
     "down; the last step re-initialises all the rest.",
 )
+@background_option
 @functools.partial(method_options, leave_out=("method", "steps"))
 @model_options
 @functools.partial(image_options, leave_out=("alpha", "top_k", "threshold"))
@@ -568,6 +559,7 @@ def evaluate(
     pointing_tolerance: float,
     randomization_images: int,
     randomization_steps: int,
+    background,
     target,
     versus,
     layer,
@@ -629,6 +621,7 @@ def evaluate(
             randomization_steps=randomization_steps,
         ),
         options=options,
+        background=background or (),
     )
     try:
         with stop_signals_interrupt(), writable_output_folder(out_dir):
@@ -645,11 +638,8 @@ def evaluate(
                 model_spec=model_spec,
             )
     except Stopped as stop:
-        where = (
-            f"; the partial evaluation is in {out_dir} (--resume finishes it)"
-            if (out_dir / "evaluation.json").is_file()
-            else ""
-        )
+        partial = (out_dir / "evaluation.json").is_file()
+        where = f"; the partial evaluation is in {out_dir} (--resume finishes it)" if partial else ""
         click.echo(f"Stopped by {stop}{where}.", err=True)
         sys.exit(stop.exit_code)
     if as_json:

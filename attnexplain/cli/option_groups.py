@@ -176,6 +176,30 @@ def _checked_prompts(ctx: click.Context, param: click.Parameter, value: str | No
         raise click.BadParameter(str(error)) from None
 
 
+def pointing_tolerance_check(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """The API's own check at parse time: a bad tolerance (negative, NaN, inf) is a usage error."""
+    from ..errors import AttnExplainError
+    from ..metrics import MetricSettings
+
+    try:
+        MetricSettings(pointing_tolerance=value)
+    except AttnExplainError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+def background_option(function):
+    """``evaluate --background-label``: labels measured against the background (a texture prompt)."""
+    return click.option(
+        "--background-label",
+        "background",
+        callback=_checked_prompts,
+        help="Labels (prompts) measured against the background: every pixel outside the image's object "
+        "mask(s) or boxes, where MASKS/<image>/<label>.png is absent (a texture: 'grass'); "
+        "comma-separated as --prompts. Give it the images whose background the label names.",
+    )(function)
+
+
 #: The options of method_options the command receives by name; the others become its ``options``.
 _EXPLAIN_ARGUMENTS = ("method", "target", "versus", "layer")
 

@@ -105,14 +105,33 @@ def gradient_rollout(attentions: list[torch.Tensor], gradients: list[torch.Tenso
     return to_grid(relevance, grid)
 
 
-def legrad(layer_gradients: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor:
+#: LeGrad's authors' correction for SigLIP: the target's map is zeroed where an empty prompt's map,
+#: scaled to [0, 1], is above this.
+REFERENCE_THRESHOLD = 0.8
+
+
+def legrad(
+    layer_gradients: list[torch.Tensor], grid: TokenGrid, reference_gradients: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """LeGrad (Bousselham et al. 2024) → (B, grid h, grid w).
 
     ``layer_gradients[l]`` is ∂sˡ/∂Aˡ (B, heads, T, T): the gradient of layer l's own score for the
-    target (the model's head read off that layer's tokens) with respect to that layer's attention.
-    Each layer's map is relu of it averaged over heads and queries, at the patch keys; the map is
-    their mean over layers. Attention values themselves are not multiplied in.
+    target (the model's head read off that layer's tokens) with respect to that layer's attention
+    (or the attention of a pooling head applied to them). Each layer's map is relu of it averaged
+    over heads and queries, at the patch keys; the map is their mean over layers. Attention values
+    themselves are not multiplied in. ``reference_gradients``, the same for an empty prompt: its
+    map, min-max scaled per image, zeroes the target's where above :data:`REFERENCE_THRESHOLD`.
     """
+    heatmap = _legrad_mean(layer_gradients, grid)
+    if reference_gradients:
+        reference = _legrad_mean(reference_gradients, grid).flatten(1)
+        low, high = reference.min(dim=1, keepdim=True).values, reference.max(dim=1, keepdim=True).values
+        scaled = ((reference - low) / (high - low).clamp_min(torch.finfo(reference.dtype).tiny)).view_as(heatmap)
+        heatmap = heatmap.masked_fill(scaled > REFERENCE_THRESHOLD, 0.0)
+    return heatmap
+
+
+def _legrad_mean(layer_gradients: list[torch.Tensor], grid: TokenGrid) -> torch.Tensor:
     maps = []
     for gradient in layer_gradients:
         _require_self_attention(gradient)

@@ -402,7 +402,9 @@ METHODS: dict[str, Method] = {
                 "Positive gradients of each layer's own prediction (the head on its tokens) with respect to its "
                 "attention, averaged over heads, queries and layers."
             ),
-            applies_to="ViTs whose plugin says how to read a block's tokens (torchvision, timm)",
+            applies_to=(
+                "ViTs whose plugin says how to read a block's tokens (torchvision, timm; CLIP, SigLIP with prompts)"
+            ),
             cost="1 forward + 1 backward per layer (each down to its layer)",
             paper="Bousselham et al. 2024, LeGrad",
             compute=attention.legrad,

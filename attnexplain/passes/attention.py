@@ -160,7 +160,8 @@ def _attention_map(method: Method, attentions: list[torch.Tensor], gradients, gr
     if method.name == "legrad":
         if grid is None:
             raise ValueError("it needs global attention over a token sequence, not windowed attention")
-        return upsample(method.compute(gradients, grid), size), None
+        layers, reference = gradients  # the layers' gradients, and the reference score's (or None)
+        return upsample(method.compute(layers, grid, reference), size), None
     per_head = raw_attention(attentions, grid)
     if method.name != "attention":  # a plugin's method: its own map from the recorded attention
         return upsample(method.compute(attentions, size), size), per_head
@@ -186,17 +187,28 @@ def _layer_score_gradients(
     block_tokens: dict[str, torch.Tensor],
     probabilities: list[torch.Tensor],
     targets: torch.Tensor,
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """LeGrad's ∂sˡ/∂Aˡ: per layer, the gradient of the target's score read off that layer's tokens
-    with respect to that layer's attention only (one backward each, down to that layer)."""
+    with respect to that layer's attention only (one backward each, down to that layer), or, for a
+    readout that pools by attention, to the attention of its pooling of that layer's tokens; and
+    the same for the readout's reference score, if it has one."""
     missing = [name for name in readout.blocks if name not in block_tokens]
-    if missing or len(readout.blocks) != len(probabilities):
+    if missing or (readout.pooling is None and len(readout.blocks) != len(probabilities)):
         raise MethodError(
             f"legrad: the plugin's blocks do not match its attention layers "
             f"({', '.join(missing) or len(readout.blocks)})."
         )
-    gradients = []
-    for block, attention in zip(readout.blocks, probabilities):
-        layer_score = readout.scores(block_tokens[block]).gather(1, targets[:, None]).sum()
+    if readout.pooling is None:
+        gradients = []
+        for block, attention in zip(readout.blocks, probabilities):
+            layer_score = readout.scores(block_tokens[block]).gather(1, targets[:, None]).sum()
+            gradients += attention_gradients(layer_score, [attention], retain_graph=True)
+        return gradients, None
+    gradients, references = [], []
+    for block in readout.blocks:
+        pooled, attention = readout.pooling(block_tokens[block])
+        layer_score = readout.scores(pooled).gather(1, targets[:, None]).sum()
         gradients += attention_gradients(layer_score, [attention], retain_graph=True)
-    return gradients
+        if readout.reference is not None:
+            references += attention_gradients(readout.reference(pooled).sum(), [attention], retain_graph=True)
+    return gradients, references or None

@@ -52,16 +52,11 @@ def capture_with_probe(
         padded = padded + corner
         return padded, padded[..., 1:, 1:]
 
-    def head_padding(probabilities: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
-        tokens = probabilities.shape[-1]
-        padded = F.pad(probabilities, (1, 0, 0, tokens))  # row 0: [0, a]; rows 1..N: 0
-        return padded, padded[..., :1, 1:]
-
     def head_forward(original, query, key, value, *args: Any, **kwargs: Any):
         masks = [kwargs.get(name) for name in ("key_padding_mask", "attn_mask")] + [args[0] if args else None]
         if any(mask is not None for mask in masks):
             raise MethodError("SigLIP's pooling head was called with a mask, which its recording does not apply.")
-        output, padded = probe_attention(model.get_submodule(head_name), query, key, value, head_padding)
+        output, padded = probe_attention(model.get_submodule(head_name), query, key, value, probe_row)
         sink[head_name] = padded
         return output, None
 
@@ -85,6 +80,26 @@ def capture_with_probe(
         if head_name is not None:
             stack.enter_context(replaced_forward(model.get_submodule(head_name), head_forward))
         yield
+
+
+def probe_row(probabilities: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The pooling head's (B, heads, 1, N) probabilities as row 0 of (B, heads, N + 1, N + 1) over
+    [probe, patches] (the module's docstring), and the slice of it the head computes with."""
+    import torch.nn.functional as F
+
+    tokens = probabilities.shape[-1]
+    padded = F.pad(probabilities, (1, 0, 0, tokens))  # row 0: [0, a]; rows 1..N: 0
+    return padded, padded[..., :1, 1:]
+
+
+def pooled_by_head(head: Any, tokens: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """SigLIP's pooling head (``SiglipMultiheadAttentionPoolingHead``) applied to (B, N, C) tokens:
+    (the pooled (B, C) vector, the probe's attention it was computed from, as :func:`probe_row`
+    pads it). LeGrad's reading of an intermediate block."""
+    probe = head.probe.repeat(tokens.shape[0], 1, 1)
+    attended, padded = probe_attention(head.attention, probe, tokens, tokens, probe_row)
+    pooled = attended + head.mlp(head.layernorm(attended))
+    return pooled[:, 0], padded
 
 
 def probe_attention(attention: Any, query: "torch.Tensor", key: "torch.Tensor", value: "torch.Tensor", padding: Any):

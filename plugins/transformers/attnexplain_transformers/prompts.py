@@ -31,7 +31,7 @@ from attnexplain.plugin_api import (
 )
 
 from .folder import DUAL_ENCODERS, transformers_quiet
-from .pooling_probe import HEAD_ATTENTION, capture_with_probe
+from .pooling_probe import HEAD_ATTENTION, capture_with_probe, pooled_by_head
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,8 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024
+#: LeGrad's empty prompt for SigLIP, its authors': its map masks a prompt's where it is high.
+EMPTY_PROMPT = "a photo of a"
 
 
 def is_dual_encoder(model: Any) -> bool:
@@ -253,14 +255,10 @@ def default_layer(model: Any) -> str | None:
 
 
 def token_readout(model: Any) -> TokenReadout | None:
-    """LeGrad's reading of a block (its authors' for CLIP and SigLIP): the tokens through the
-    tower's pooling as the final layer's would be (CLIP: their mean, normed and projected; SigLIP:
-    normed and pooled by its attention head), then the similarity with every prompt.
-
-    SigLIP's pooling head is a layer of its own (its probe's attention over the final tokens; its
-    output is the image embedding). Its attention and the encoder's are recorded over N + 1 tokens
-    (:mod:`.pooling_probe`), of which LeGrad averages the gradient over all queries: each score is
-    scaled so that the mean is the layer's own (over N queries, over the probe alone)."""
+    """LeGrad's reading of a block, its authors' for CLIP and SigLIP: CLIP's tokens averaged, normed
+    and projected; SigLIP's pooled by its attention-pooling head applied to the block's tokens as
+    they are (LeGrad then differentiates the head's attention in that call, and masks the map
+    where an empty prompt's, :data:`EMPTY_PROMPT`, is high); then the similarity with every prompt."""
     import torch.nn.functional as F
 
     vision = model.vision_model
@@ -272,20 +270,31 @@ def token_readout(model: Any) -> TokenReadout | None:
             return model.logits(F.normalize(embedding, dim=-1))
 
         return TokenReadout(blocks, clip_scores)
+    if pooling_head(model) is None:
+        return None
+    empty = empty_prompt_embedding(model)
 
-    head = pooling_head(model)
-    tokens_seen: list[int] = []
+    def siglip_scores(pooled: "torch.Tensor") -> "torch.Tensor":
+        return model.logits(F.normalize(pooled, dim=-1))
 
-    def siglip_scores(tokens: "torch.Tensor") -> "torch.Tensor":
-        if tokens.dim() == 2:  # the pooling head's output, after every encoder block's tokens
-            return model.logits(F.normalize(tokens, dim=-1)) * (tokens_seen[-1] + 1)
-        tokens_seen.append(int(tokens.shape[1]))
-        # forward, not __call__: the head's own output is recorded as its layer's tokens, and a
-        # call here would be recorded in its place.
-        scores = model.logits(F.normalize(vision.head.forward(vision.post_layernorm(tokens)), dim=-1))
-        return scores * (tokens.shape[1] + 1) / tokens.shape[1] if head else scores
+    def empty_prompt_score(pooled: "torch.Tensor") -> "torch.Tensor":
+        return F.normalize(pooled, dim=-1) @ empty.to(pooled.dtype)[0]
 
-    return TokenReadout(blocks + [head.rpartition(".")[0]] if head else blocks, siglip_scores)
+    return TokenReadout(
+        blocks,
+        siglip_scores,
+        pooling=lambda tokens: pooled_by_head(vision.head, tokens),
+        reference=empty_prompt_score,
+    )
+
+
+def empty_prompt_embedding(model: Any) -> "torch.Tensor":
+    """The prompt classifier's (1, D) text embedding of :data:`EMPTY_PROMPT`, encoded once."""
+    found = getattr(model, "empty_prompt_embeds", None)
+    if found is None:
+        found = encode_prompts(model.dual, (EMPTY_PROMPT,))
+        object.__setattr__(model, "empty_prompt_embeds", found)
+    return found
 
 
 _CLASS: type | None = None

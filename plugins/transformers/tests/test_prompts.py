@@ -287,21 +287,43 @@ def test_siglip_chefer_is_the_probes_gradient_weighted_attention_over_the_encode
     _same_map(explanation.heatmap, _on_image(probe @ relevance))
 
 
-def test_siglip_legrad_reads_every_block_and_the_pooling_head(siglip_folder):
-    """LeGrad for SigLIP: each block's tokens through post_layernorm and the pooling head, relu of
-    the logit's gradient with respect to that block's attention (heads and queries averaged), and
-    the pooling head's own layer (the probe's attention); the mean over them. By hand."""
+def test_siglip_legrad_is_its_authors_pooling_head_on_every_blocks_tokens(siglip_folder):
+    """LeGrad as its authors define it for SigLIP, by hand on transformers' own SiglipModel: each
+    block's tokens through the pooling head (as they are), relu of the prompt's logit's gradient
+    with respect to the head's attention in that call, heads averaged, summed over blocks; zeroed
+    where the same map for the empty prompt "a photo of a", min-max scaled, is above 0.8."""
     explanation = explain(siglip_folder, IMAGE, "legrad", prompts=list(PROMPTS), target="grass")
-    model, attentions, head, blocks, score, logit = _siglip_by_hand(siglip_folder, "grass", _pixels(explanation.model))
-    vision = model.vision_model
-    maps = []
-    for attention, tokens in zip(attentions, blocks):
-        layer_score = logit(vision.head(vision.post_layernorm(tokens)))
-        gradient = torch.autograd.grad(layer_score, attention, retain_graph=True)[0]
-        maps.append(torch.relu(gradient).mean(dim=(1, 2))[0])
-    gradient = torch.autograd.grad(score, head._base)[0].reshape(head.shape)
-    maps.append(torch.relu(gradient).mean(dim=(1, 2))[0])
-    _same_map(explanation.heatmap, _on_image(torch.stack(maps).mean(dim=0)))
+    model, _, _, blocks, _, logit = _siglip_by_hand(siglip_folder, "grass", _pixels(explanation.model))
+    tokens = transformers.AutoTokenizer.from_pretrained(siglip_folder)(
+        ["a photo of a"], padding="max_length", max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        empty = F.normalize(model.get_text_features(input_ids=tokens.input_ids).pooler_output, dim=-1)
+    head = model.vision_model.head
+    kept: dict = {}
+    handles = [
+        head.attention.register_forward_pre_hook(
+            lambda m, args, kwargs: (args, {**kwargs, "average_attn_weights": False}), with_kwargs=True
+        ),
+        head.attention.register_forward_hook(lambda m, a, out: kept.update(attention=out[1])),
+    ]
+    prompt_map, empty_map = torch.zeros(16), torch.zeros(16)
+    try:
+        for block in blocks:
+            pooled = head(block)  # the model's own head on the block's tokens, no post_layernorm
+            attention = kept["attention"]._base  # the softmax the head computed its output from
+            for score, summed in (
+                (logit(pooled), prompt_map),
+                ((F.normalize(pooled, dim=-1) @ empty.T)[0, 0], empty_map),
+            ):
+                gradient = torch.autograd.grad(score, attention, retain_graph=True)[0].reshape(kept["attention"].shape)
+                summed += torch.relu(gradient[0]).mean(dim=0)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    scaled = (empty_map - empty_map.min()) / (empty_map.max() - empty_map.min())
+    assert prompt_map[scaled > 0.8].max() > 0  # the correction removes something here
+    _same_map(explanation.heatmap, _on_image(torch.where(scaled > 0.8, 0.0, prompt_map)))
 
 
 def test_siglip_gradcam_lays_its_patch_tokens_on_the_grid(siglip_folder):
@@ -472,16 +494,22 @@ def test_a_folder_without_its_tokenizer_is_refused_in_one_line(tmp_path):
         load_model(folder, prompts=PROMPTS)
 
 
-def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_folder, tmp_path, monkeypatch):
+def _three_images_counting_encodes(tmp_path: Path, monkeypatch) -> tuple[Path, list]:
+    """A folder of three photos, and the list each prompt set the plugin encodes is appended to."""
     from attnexplain_transformers import prompts as prompt_module
 
     images = tmp_path / "images"
     images.mkdir()
     for index in range(3):
         Image.open(IMAGE).convert("RGB").rotate(90 * index).save(images / f"{index}.png")
-    calls = []
+    calls: list = []
     original = prompt_module.encode_prompts
-    monkeypatch.setattr(prompt_module, "encode_prompts", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(prompt_module, "encode_prompts", lambda *a: calls.append(a[1]) or original(*a))
+    return images, calls
+
+
+def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_folder, tmp_path, monkeypatch):
+    images, calls = _three_images_counting_encodes(tmp_path, monkeypatch)
     out = tmp_path / "out"
     result = CliRunner().invoke(
         main,
@@ -498,7 +526,7 @@ def test_batch_with_prompts_encodes_the_text_once_and_writes_the_gallery(clip_fo
         ],
     )
     assert result.exit_code == 0, result.output
-    assert len(calls) == 1
+    assert calls == [PROMPTS]
     run = json.loads((out / "report.json").read_text())["run"]
     assert run["model_spec"]["prompts"] == list(PROMPTS)
     assert (out / "index.html").is_file()
@@ -645,3 +673,12 @@ def test_batch_truth_names_prompts_and_the_gallery_judges_the_sample_clip_by_the
     assert (judged["judged"], judged["correct"]) == (3, 2)
     # the coffee, called a cat by the truth file, is predicted as a class no truth names: "(other)"
     assert judged["confusion"]["a photo of a cat"] == {"a photo of a cat": 1, "(other)": 1}
+
+
+def test_siglip_legrad_encodes_its_empty_prompt_once_for_a_batch(siglip_folder, tmp_path, monkeypatch):
+    """LeGrad's empty prompt is encoded once with the prompts, not per image or chunk."""
+    images, calls = _three_images_counting_encodes(tmp_path, monkeypatch)
+    args = ["batch", str(siglip_folder), str(images), "--prompts", "a cat,grass", "--method", "legrad"]
+    result = CliRunner().invoke(main, args + ["--images-per-batch", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert calls == [("a cat", "grass"), ("a photo of a",)]
