@@ -236,7 +236,7 @@ def measure_image(
     curves: dict[str, Any] = {}
     if "deletion" in metrics or "insertion" in metrics:
         found = causal_curves(
-            caption_score(captioning, caption_ids(captioning, text)),
+            caption_score(captioning, explanation.ids or caption_ids(captioning, text)),
             batch.expand(len(positions), -1, -1, -1),
             maps.to(batch.device),
             torch.tensor(positions),
