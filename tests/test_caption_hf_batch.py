@@ -50,7 +50,7 @@ def _records(out: Path) -> dict[str, dict]:
     return {r["image"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
-def _photo(path: Path, seed: int, height: int = SIZE) -> Path:
+def write_photo(path: Path, seed: int, height: int = SIZE) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, SIZE, 3), dtype=np.uint8)
     pixels[4:20, 8:28] = [230, 40, 40]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def photos(tmp_path_factory) -> Path:
     """Two photos at the model's size and a taller one (resized by the model's processor)."""
     folder = tmp_path_factory.mktemp("photos")
     for seed in range(3):
-        _photo(folder / f"p{seed}.png", seed, SIZE + 8 * seed)
+        write_photo(folder / f"p{seed}.png", seed, SIZE + 8 * seed)
     return folder
 
 
@@ -144,7 +144,7 @@ def test_evaluate_measures_the_relevance_beside_attention_gradcam_and_the_random
 
     images = tmp_path / "images"
     for seed in (0, 3, 4):
-        _photo(images / f"q{seed}.png", seed)  # the model's size: its frame is the photo's
+        write_photo(images / f"q{seed}.png", seed)  # the model's size: its frame is the photo's
     masks = _masks(tmp_path / "masks", ["q0.png", "q3.png", "q4.png"])
     out = tmp_path / "evaluation"
     result = _run(
