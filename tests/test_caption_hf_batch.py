@@ -124,6 +124,22 @@ def test_batch_on_a_hugging_face_captioner_writes_what_explain_caption_gives(whi
         assert detail.count('alt="relevance for') == len(reference.words) and "index.html" in detail
 
 
+def test_resume_explains_again_a_record_whose_relevance_peak_is_not_a_cell(folders, photos, tmp_path):
+    """results.jsonl is plain text anyone can edit: a record read back is checked, its relevance peak
+    included, and an image whose record fails is explained again; the others are reused."""
+    result = _run("batch", folders["gpt2"], photos, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    records = _records(tmp_path)
+    broken = dict(records["p1.png"])
+    broken["words"] = [{**broken["words"][0], "relevance_peak": [1, "<b>"]}, *broken["words"][1:]]
+    lines = [json.dumps(broken if image == "p1.png" else record) for image, record in records.items()]
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    result = _run("batch", folders["gpt2"], photos, "--out", tmp_path, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "3 explained (2 from an earlier run)" in result.output
+    assert _records(tmp_path)["p1.png"]["words"] == records["p1.png"]["words"]
+
+
 def _masks(folder: Path, images: list[str]) -> Path:
     """Per image a mask per word of the vocabulary, each word a different region (its own block of
     columns and rows), so that pointing and mass differ from word to word."""
