@@ -225,6 +225,23 @@ def test_a_hugging_face_captioners_gallery_shows_each_words_attention_and_releva
     )
     _screenshots(page, "caption-gallery-hf-detail")
 
+    evaluated = tmp_path / "evaluation"  # and `evaluate`'s page: the relevance beside α, Grad-CAM, random
+    result = CliRunner().invoke(
+        main, ["evaluate", str(tmp_path / "gpt2"), str(photos), "--steps", "4", "--out", str(evaluated), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((evaluated / "evaluation.json").read_text())
+    page.goto((evaluated / "evaluation.html").as_uri())
+    lines = page.eval_on_selector_all("#map-verdicts li", "items => items.map(i => i.textContent.trim())")
+    assert lines == list(evaluation["map_verdicts"].values()) and lines[-1].startswith("relevance: ")
+    curves = page.eval_on_selector_all("polyline.curve", "lines => lines.map(l => l.dataset.method)")
+    assert sorted(curves) == sorted(["attention", "gradcam", "relevance", "random"] * 2)
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    shown = page.eval_on_selector_all(".examples img", "images => images.map(i => i.naturalWidth)")
+    measured = sum(len(record["words"]) for record in evaluation["per_image"][:3])
+    assert len(shown) == 4 * measured and all(shown)  # α, Grad-CAM, relevance, random per word
+    _screenshots(page, "caption-evaluation-hf")
+
 
 def _screenshots(page, name: str) -> None:
     """At a phone's and a wide screen's width: nothing sticks out; a full-page screenshot of each."""

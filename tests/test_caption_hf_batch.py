@@ -122,6 +122,8 @@ def test_batch_on_a_hugging_face_captioner_writes_what_explain_caption_gives(whi
         assert rows[image][10] == reference.text
         detail = (out / "detail.html").read_text()
         assert detail.count('alt="relevance for') == len(reference.words) and "index.html" in detail
+    run = json.loads((tmp_path / "report.json").read_text())["run"]
+    assert run["task"] == "captioning" and run["methods"] == ["attention", "gradcam", "relevance"]
 
 
 def test_resume_explains_again_a_record_whose_relevance_peak_is_not_a_cell(folders, photos, tmp_path):
