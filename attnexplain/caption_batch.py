@@ -15,12 +15,12 @@ is refused in one line before anything is written.
 from __future__ import annotations
 
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from .batch_stages import BatchSettings, Stages, write_image_folder
-from .caption_records import CAPTION_METHODS, CAPTIONING, caption_record_fields
+from .caption_records import CAPTION_METHODS, CAPTIONING, RELEVANCE, caption_record_fields
 from .errors import AttnExplainError, MethodError
 from .inputs import Decoded
 from .records import DETAIL_HTML
@@ -38,11 +38,13 @@ def refuse_options(given: Sequence[str]) -> None:
 def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> Stages | None:
     """What a batch run does to a captioner's images (:data:`CAPTIONING_STAGES`), after refusing
     the ``settings`` that do not apply to one, and Ray (``cluster``), whose actors explain a
-    classifier's way; None for a model that is no captioner."""
+    classifier's way; None for a model that is no captioner. An encoder–decoder's run names its
+    words' relevance among its methods."""
     from .captioning import captioning_of
     from .options import MethodOptions
 
-    if captioning_of(loaded) is None:
+    captioning = captioning_of(loaded)
+    if captioning is None:
         return None
     defaults = BatchSettings()
     given = [
@@ -70,6 +72,8 @@ def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> St
         raise AttnExplainError(
             "A captioner's batch runs on the local engine: leave out --engine ray (or give --engine local)."
         )
+    if captioning.score_attention is not None:
+        return replace(CAPTIONING_STAGES, meta={"task": CAPTIONING, "methods": [*CAPTION_METHODS, RELEVANCE]})
     return CAPTIONING_STAGES
 
 

@@ -2,11 +2,14 @@
 word names, and does the word's probability follow the map?
 
 For every image the model writes its own caption (:func:`attnexplain.captioning.explain_caption`);
-each word is explained by the model's attention α and by Grad-CAM of the word's log-probability,
-and measured beside a random map (the chance level), with :mod:`attnexplain.metrics`' own code:
+each word is explained by the model's attention α and by Grad-CAM of the word's log-probability (and,
+for an encoder–decoder whose plugin gives its attention maps, Chefer et al. 2021b's relevance), and
+measured beside a random map (the chance level), with :mod:`attnexplain.metrics`' own code:
 
 - localisation, where ``--masks`` holds a mask for the word: ``MASKS/<image without its
-  suffix>/<word>.png`` (white = what the word names). Only words with a mask are measured then; a
+  suffix>/<word>.png`` (white = what the word names; a word is one of the caption's tokens as the
+  tokenizer writes it alone, e.g. ``cat`` for GPT-2's ``Ġcat``, ``##s`` for a BERT word piece; one
+  that is no plain file name, e.g. ``../x``, has no mask). Only words with a mask are measured then; a
   word the masks do not name (an article, a word the model got wrong) is listed as unmasked. Which
   word names which region is the masks' business: a texture word's mask is the background's;
 - deletion and insertion of the word's probability: the caption is fed by teacher forcing (the
@@ -39,6 +42,8 @@ from .model_spec import ModelSpec
 
 #: The maps of a word, in the order of every table: the model's attention, Grad-CAM, the chance level.
 CAPTION_MAPS = ("attention", "gradcam", RANDOM_MAP)
+#: An encoder–decoder's (whose plugin gives score_attention): its relevance too, before the chance level.
+RELEVANCE_MAPS = ("attention", "gradcam", "relevance", RANDOM_MAP)
 #: The metric groups that apply to a word's maps (ROAD, average drop and randomization do not).
 CAPTION_METRICS = ("deletion", "insertion", "pointing", "mass", "rank")
 #: Images whose word maps the page shows as small overlays (evaluation.py, which hands captioners
@@ -61,6 +66,12 @@ def caption_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> l
     if not has_masks and any(name in LOCALISATION for name in requested):
         raise MethodError("The localisation metrics (pointing, mass, rank) need --masks DIR with a mask per word.")
     return list(dict.fromkeys(requested))
+
+
+def caption_maps(captioning) -> tuple[str, ...]:
+    """The maps measured on this captioner's words: :data:`RELEVANCE_MAPS` where its plugin gives
+    every attention map (so each word has a relevance), else :data:`CAPTION_MAPS`."""
+    return RELEVANCE_MAPS if captioning.score_attention is not None else CAPTION_MAPS
 
 
 def refuse_settings(settings) -> None:
@@ -203,6 +214,7 @@ def measure_image(
             record["mask_error"] = "; ".join(errors.values())
     by_position = {word.position: word for word in explanation.words}
     positions = [t for t in positions if t in by_position]  # every word is explained; never assume it
+    names = caption_maps(captioning)
     record["words"] = []
     if not positions:
         return record, {}, None
@@ -213,9 +225,8 @@ def measure_image(
         [
             torch.stack(
                 [
-                    torch.from_numpy(by_position[t].attention).float(),
-                    torch.from_numpy(by_position[t].gradcam).float(),
-                    chance,
+                    chance if name == RANDOM_MAP else torch.from_numpy(getattr(by_position[t], name)).float()
+                    for name in names
                 ]
             )
             for t in positions
@@ -225,7 +236,7 @@ def measure_image(
     curves: dict[str, Any] = {}
     if "deletion" in metrics or "insertion" in metrics:
         found = causal_curves(
-            caption_score(captioning, caption_ids(captioning, text)),
+            caption_score(captioning, explanation.ids or caption_ids(captioning, text)),
             batch.expand(len(positions), -1, -1, -1),
             maps.to(batch.device),
             torch.tensor(positions),
@@ -237,7 +248,7 @@ def measure_image(
         for which, area, curve in (("deletion", deletion, found.deletion), ("insertion", insertion, found.insertion)):
             if which in metrics:
                 values[which] = area
-                curves[which] = {name: curve[:, m].tolist() for m, name in enumerate(CAPTION_MAPS)}
+                curves[which] = {name: curve[:, m].tolist() for m, name in enumerate(names)}
     if word_masks and any(name in LOCALISATION for name in metrics):
         box = decoded.box  # the photo's region the model saw: photo pixels per model pixel
         pixel_size = torch.tensor([[(box[3] - box[1]) / size[0], (box[2] - box[0]) / size[1]]], dtype=torch.float64)
@@ -260,7 +271,7 @@ def measure_image(
                         for metric, value in values.items()
                         if math.isfinite(float(value[w, m]))
                     }
-                    for m, name in enumerate(CAPTION_MAPS)
+                    for m, name in enumerate(names)
                 },
             }
         )
@@ -272,7 +283,7 @@ def measure_image(
             "words": [
                 {
                     "word": explanation.caption[t],
-                    "overlays": _overlays(decoded.pixels, maps[w], decoded.box, settings),
+                    "overlays": _overlays(decoded.pixels, dict(zip(names, maps[w])), decoded.box, settings),
                 }
                 for w, t in enumerate(positions)
             ],
@@ -280,14 +291,15 @@ def measure_image(
     return record, curves, found
 
 
-def _overlays(pixels: np.ndarray, maps, box, settings) -> dict[str, str]:
-    """Map name → a small JPEG overlay of it on the photo, as a data: URI (the page holds them)."""
+def _overlays(pixels: np.ndarray, maps: dict[str, Any], box, settings) -> dict[str, str]:
+    """Map name → a small JPEG overlay of it (``maps``: name → heatmap) on the photo, as a data: URI
+    (the page holds them)."""
     import base64
 
     from .render import downscale, encode_image, render_explained_overlay
 
     found = {}
-    for name, heatmap in zip(CAPTION_MAPS, maps):
+    for name, heatmap in maps.items():
         overlay = render_explained_overlay(pixels, heatmap.numpy(), box, colormap=settings.colormap)
         data = base64.b64encode(encode_image(downscale(overlay, 160), ".jpg", quality=80)).decode()
         found[name] = f"data:image/jpeg;base64,{data}"
@@ -355,6 +367,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
     if captioning is None:
         raise MethodError("This model is not a captioner; `attnexplain evaluate` measures its methods as it is.")
     metrics = caption_metrics(settings.metrics, masks is not None)
+    maps = caption_maps(captioning)
     preprocessing = plan_preprocessing(loaded, size=settings.size, mean=settings.mean, std=settings.std)
     inputs = collect_inputs(input_specs, exclude=out)
     if not inputs.images:
@@ -363,7 +376,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
     spec = model_spec if model_spec is not None else ModelSpec(loaded.describe()["source"])
     key_prefix = _fingerprint(spec, settings, metrics) if out is not None else ""
     paths = {item.relative: item.path for item in inputs.images}
-    kept = _reusable(out, key_prefix, paths, masks, metrics) if resume else {}
+    kept = _reusable(out, key_prefix, paths, masks, metrics, maps) if resume else {}
 
     records: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
@@ -421,7 +434,15 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
         records.sort(key=lambda record: position.get(record["image"], -1))
         try:
             evaluation = summarize_captions(
-                loaded, preprocessing, metrics, settings, records, sums, time.perf_counter() - started, input_specs
+                loaded,
+                preprocessing,
+                metrics,
+                settings,
+                records,
+                sums,
+                time.perf_counter() - started,
+                input_specs,
+                maps,
             )
             evaluation.update(complete=stopped is None, reused=len(kept), examples=examples)
             if stopped is not None:
@@ -458,7 +479,9 @@ def _add_word_curves(sums: CurveSums, curves: dict[str, Any]) -> None:
 RECORD_FIELDS = ("image", "path", "status", "reason", "caption", "words", "unmasked", "mask_error")
 
 
-def _reusable(out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | None, metrics) -> dict[str, dict]:
+def _reusable(
+    out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | None, metrics, maps: Sequence[str]
+) -> dict[str, dict]:
     """Image → the earlier run's line that still stands for it: an ok line of this model and these
     settings, for this image's bytes (``paths``: this run's images) and masks, of the shape this run
     writes (lines are untrusted)."""
@@ -470,7 +493,7 @@ def _reusable(out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | 
     kept = {}
     for line in read_results(out / EVALUATION_JSONL):
         image = line.get("image")
-        if line.get("status") != "ok" or image not in paths or _line_problem(line, values) is not None:
+        if line.get("status") != "ok" or image not in paths or _line_problem(line, values, maps) is not None:
             continue
         if line.get("masks_sha256") != masks_digest(masks, image) or not_a_regular_file(paths[image]) is not None:
             continue
@@ -483,8 +506,8 @@ def _reusable(out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | 
     return kept
 
 
-def _line_problem(line: dict[str, Any], values: set[str]) -> str | None:
-    """Why a log line cannot stand for its image, or None."""
+def _line_problem(line: dict[str, Any], values: set[str], maps: Sequence[str] = CAPTION_MAPS) -> str | None:
+    """Why a log line cannot stand for its image (of a run measuring ``maps``), or None."""
     from ._untrusted import is_finite_number
     from .metrics import metrics_table_problem
 
@@ -499,7 +522,7 @@ def _line_problem(line: dict[str, Any], values: set[str]) -> str | None:
             and is_finite_number(word.get("probability"))
         ):
             return "has a word that is not one"
-        if metrics_table_problem(word.get("metrics"), CAPTION_MAPS) is not None:
+        if metrics_table_problem(word.get("metrics"), maps) is not None:
             return "has a word's metrics that are not a table"
         if any(not set(table) <= values for table in word["metrics"].values()):
             return "has values this run does not measure"
@@ -511,7 +534,7 @@ def _line_problem(line: dict[str, Any], values: set[str]) -> str | None:
         return "has fractions that are not numbers"
     for which in ("deletion", "insertion"):
         table = curves.get(which, {})
-        if not isinstance(table, dict) or not set(table) <= set(CAPTION_MAPS):
+        if not isinstance(table, dict) or not set(table) <= set(maps):
             return f"has {which} curves of other maps"
         for rows in table.values():
             if not (
@@ -540,11 +563,13 @@ def word_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, wall_s, input_specs) -> dict[str, Any]:
+def summarize_captions(
+    loaded, preprocessing, metrics, settings, records, sums, wall_s, input_specs, maps: Sequence[str] = CAPTION_MAPS
+) -> dict[str, Any]:
     """What evaluation.json holds for a captioner: per map and value the mean over the words with
     its bootstrap interval, the same per word of the vocabulary, the paired comparison with the
     random map and between the maps (:func:`~attnexplain.verdict.judge`), a verdict line per map, the
-    mean curves, and the per-image records."""
+    mean curves, and the per-image records. ``maps``: the run's (:func:`caption_maps`)."""
     from .report import versions
     from .verdict import bootstrap_interval, judge, score_formula
 
@@ -554,7 +579,7 @@ def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, 
 
     def means(chosen: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         table: dict[str, dict[str, Any]] = {}
-        for name in CAPTION_MAPS:
+        for name in maps:
             table[name] = {}
             for metric in value_names:
                 column = [w["metrics"][name][metric] for w in chosen if metric in w["metrics"].get(name, {})]
@@ -567,7 +592,7 @@ def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, 
                     }
         return table
 
-    judgement = judge(words, list(CAPTION_MAPS), value_names, [], seed)
+    judgement = judge(words, list(maps), value_names, [], seed)
     ok = [r for r in records if r["status"] == "ok"]
     methods = means(words)
     evaluation = {
@@ -575,7 +600,7 @@ def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, 
         "model": loaded.describe(),
         "inputs": list(input_specs),
         "settings": {
-            "maps": list(CAPTION_MAPS[:-1]),
+            "maps": [name for name in maps if name != RANDOM_MAP],
             "metrics": list(metrics),
             "caption": "generated",
             "preprocessing": preprocessing.as_dict(),
@@ -626,7 +651,7 @@ def map_verdicts(judgement, methods: dict[str, dict[str, Any]]) -> dict[str, str
     """Per map one line: for each value its mean beside the random map's and whether the paired 95%
     interval of the difference (over the words) puts it better, worse, or no different."""
     lines = {}
-    for name in CAPTION_MAPS[:-1]:
+    for name in (name for name in methods if name != RANDOM_MAP):
         parts = []
         for metric, by_map in judgement.against_random.items():
             difference = by_map.get(name)

@@ -83,8 +83,10 @@ def render_caption_evaluation_html(evaluation: dict[str, Any]) -> str:
         for name in ("deletion", "insertion")
         if evaluation["curves"][name]
     ]
-    colours = {"attention": "#1f77b4", "gradcam": "#ff7f0e", RANDOM_MAP: "#000"}
-    dashes = {"attention": "", "gradcam": "8,4", RANDOM_MAP: "5,3"}
+    shown_maps = (*evaluation["settings"]["maps"], RANDOM_MAP)
+    colours = {"attention": "#1f77b4", "gradcam": "#ff7f0e", "relevance": "#2ca02c", RANDOM_MAP: "#000"}
+    colours = {name: colour for name, colour in colours.items() if name in shown_maps}
+    dashes = {"attention": "", "gradcam": "8,4", "relevance": "2,3", RANDOM_MAP: "5,3"}
     better = evaluation["settings"]["better"]
     return (
         templates()

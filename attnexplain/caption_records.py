@@ -18,6 +18,8 @@ from ._untrusted import finite_number
 CAPTIONING = "captioning"
 #: What a captioner's batch computes for each word (the record's ``methods``).
 CAPTION_METHODS = ["attention", "gradcam"]
+#: What an encoder–decoder's words have besides (Chefer et al. 2021b's relevance of the image).
+RELEVANCE = "relevance"
 #: The record's files that are the caption's, not one word's.
 CAPTION_FILES = "caption"
 #: The longest caption a record read back may hold (a captioner writes tens of words).
@@ -36,7 +38,8 @@ def word_files_key(position: int) -> str:
 def caption_record_fields(report: dict[str, Any]) -> dict[str, Any]:
     """A captioner's part of an image's record, from the report :func:`attnexplain.caption_report.
     write_caption_outputs` wrote: every word with its probability, the explained ones with their
-    attention's peak (row, column of the feature map's grid) and height, and the files by word."""
+    attention's peak (row, column of the feature map's grid) and height (and its relevance's peak,
+    for an encoder–decoder), and the files by word."""
     explained = {word["position"]: word for word in report["words"]}
     words = []
     for position, entry in enumerate(report["word_probabilities"]):
@@ -44,6 +47,8 @@ def caption_record_fields(report: dict[str, Any]) -> dict[str, Any]:
         if position in explained:
             word["attention_peak"] = explained[position]["attention_peak"]
             word["attention_max"] = explained[position]["attention_max"]
+            if explained[position].get("relevance_peak") is not None:
+                word["relevance_peak"] = explained[position]["relevance_peak"]
         words.append(word)
     outputs = report["outputs"]
     files = {word_files_key(word["position"]): named for word, named in zip(report["words"], outputs["words"])}
@@ -60,7 +65,7 @@ def caption_record_fields(report: dict[str, Any]) -> dict[str, Any]:
         "grid": report["grid"],
         "layer": report["feature_layer"],  # where each word's Grad-CAM is taken
         "files": files,
-        "methods": list(CAPTION_METHODS),
+        "methods": list(CAPTION_METHODS) + ([RELEVANCE] if report.get("relevance_method") else []),
     }
 
 
@@ -78,9 +83,10 @@ def _word_problem(position: int, word: Any) -> str | None:
         return f"has a word {position + 1} that is not a word at its place"
     if not _is_probability(word.get("probability")):
         return f"has a word {position + 1} without a probability"
-    peak = word.get("attention_peak")
-    if peak is not None and not (isinstance(peak, list) and len(peak) == 2 and all(map(_is_position, peak))):
-        return f"has a word {position + 1} whose attention peak is not a (row, column)"
+    for key in ("attention_peak", "relevance_peak"):
+        peak = word.get(key)
+        if peak is not None and not (isinstance(peak, list) and len(peak) == 2 and all(map(_is_position, peak))):
+            return f"has a word {position + 1} whose {key.replace('_', ' ')} is not a (row, column)"
     if "attention_max" in word and not _is_probability(word["attention_max"]):
         return f"has a word {position + 1} whose attention maximum is not a weight"
     return None
@@ -113,12 +119,21 @@ def caption_record_problem(record: dict[str, Any]) -> str | None:
 def caption_gallery_row(record: dict[str, Any]) -> list[Any]:
     """A captioner's record (checked) as a row of the gallery's data (the columns of
     :func:`attnexplain.gallery.gallery_data`): the caption as its label and searched text, the
-    caption's probability as its confidence, each explained word's attention as its thumbnails."""
+    caption's probability as its confidence, each explained word's attention as its thumbnails
+    (and its relevance after it, for an encoder–decoder's word)."""
     from urllib.parse import quote
 
     files = record["files"]
     explained = [word for word in record["words"] if word_files_key(word["position"]) in files]
     confidence = finite_number(record.get("caption_probability"))
+    thumbs, labels = [], []
+    for word in explained:
+        named = files[word_files_key(word["position"])]
+        thumbs.append(quote(named.get("thumb", "")))
+        labels.append(word["word"])
+        if isinstance(named.get("relevance_thumb"), str):
+            thumbs.append(quote(named["relevance_thumb"]))
+            labels.append(f"{word['word']} · {RELEVANCE}")
     return [
         record["image"],
         quote(record["output"]),
@@ -126,8 +141,8 @@ def caption_gallery_row(record: dict[str, Any]) -> list[Any]:
         None if confidence is None else round(confidence, 6),
         None,  # no true class
         -1,  # so never right or wrong
-        [quote(files[word_files_key(word["position"])].get("thumb", "")) for word in explained],
-        [word["word"] for word in explained],
+        thumbs,
+        labels,
         quote(record["photo"]) if isinstance(record.get("photo"), str) else None,
         [],  # no --metrics
         record["caption"],

@@ -86,6 +86,11 @@ def write_caption_outputs(
             if thumbs:
                 files["thumb"] = f"thumb-{stem}.jpg"
                 (staging / files["thumb"]).write_bytes(encode_image(small, ".jpg", quality=80))
+                if "relevance" in extras:  # the card shows the word's relevance beside its α
+                    files["relevance_thumb"] = f"thumb-relevance-{stem}.jpg"
+                    thumb = downscale(extras.pop("relevance"), STRIP_SIDE)
+                    (staging / files["relevance_thumb"]).write_bytes(encode_image(thumb, ".jpg", quality=80))
+            extras.pop("relevance", None)
             pages.append(
                 {
                     **entry,
@@ -148,6 +153,7 @@ def _word_extras(
         write_npy(staging / files["relevance_npy"], word.relevance)
         (staging / files["relevance"]).write_bytes(encode_image(relevance, ".png"))
         pictures["relevance_uri"] = data_uri(downscale(relevance, LARGE_SIDE))
+        pictures["relevance"] = relevance  # the overlay itself, for a gallery card's thumbnail
     layered = word.layer_attention
     if layered is not None and layered.shape[0] * layered.shape[1] > 1:
         files["layer_attention_npy"] = f"cross-attention-{stem}.npy"

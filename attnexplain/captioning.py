@@ -89,6 +89,9 @@ class CaptionExplanation:
     #: What produced each word's attention: "generation" (recorded while the model wrote its
     #: caption) or "teacher forcing" (a given caption, or a plugin without generate_recorded).
     attention_source: str = "teacher forcing"
+    #: The caption's token ids (without the end word): what scores it again, as a tokenizer's text may
+    #: not give the same tokens back (a subword, a token with spaces or punctuation in it).
+    ids: list[int] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -332,6 +335,7 @@ def explain_caption(
         timings=timings,
         attention_layout=(layers, heads),
         attention_source="teacher forcing" if recorded is forward.steps else "generation",
+        ids=list(ids),
     )
 
 

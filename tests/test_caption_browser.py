@@ -173,10 +173,82 @@ def test_a_hugging_face_captioners_page_shows_each_words_attention_per_layer_and
     assert "No alignment scores" in page.text_content("#word-0")
     loaded = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth > 0)")
     assert loaded and all(loaded)
+    _screenshots(page, "caption-report-hf")
+
+
+@pytest.mark.heavy  # two captioners built and batched: ~40 s
+def test_a_hugging_face_captioners_gallery_shows_each_words_attention_and_relevance(page, tmp_path):  # noqa: F811
+    """`batch` on ViT + GPT-2 and on a captioner whose tokenizer writes markup and a path: each card
+    has every word's α and relevance, its caption stays text (no dialog, no injected image), the
+    card opens the word-by-word report; nothing sticks out at a phone's or a wide screen's width."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO / "plugins" / "transformers" / "tests"))
+    from captioner_folders import HOSTILE_WORDS, gpt2_captioner, hostile_captioner
+    from test_caption_hf_batch import write_photo
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee-on-gravel.png", "cat-on-grass.png", "chelsea.jpg"):
+        shutil.copy(REPO / "samples" / "images" / name, photos / name)
+    write_photo(photos / "noise.png", 2, 48)  # the hostile captioner writes its markup word here
+    for name, build in (("gpt2", gpt2_captioner), ("hostile", hostile_captioner)):
+        result = CliRunner().invoke(
+            main, ["batch", str(build(tmp_path / name)), str(photos), "--out", str(tmp_path / f"{name}-out"), "--quiet"]
+        )
+        assert result.exit_code == 0, result.output
+    hostile = tmp_path / "hostile-out"
+    records = [json.loads(line) for line in (hostile / "results.jsonl").read_text().splitlines()]
+    assert any(HOSTILE_WORDS[6] in r["caption"] for r in records)
+    page.goto((hostile / "index.html").as_uri())
+    page.wait_for_function("[...document.querySelectorAll('#cards img')].every(i => i.complete)")
+    assert sorted(c["caption"] for c in _cards(page)) == sorted(r["caption"] for r in records)  # markup as text
+    assert not page.dialogs and page.eval_on_selector_all("img[src='x']", "images => images.length") == 0
+
+    out = tmp_path / "gpt2-out"
+    records = {r["image"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    page.goto((out / "index.html").as_uri())
+    page.wait_for_function(
+        "document.querySelectorAll('#cards img').length > 0 && "
+        "[...document.querySelectorAll('#cards img')].every(i => i.complete)"
+    )
+    cards = _cards(page)
+    assert {c["name"]: c["caption"] for c in cards} == {name: r["caption"] for name, r in records.items()}
+    for card in cards:  # each word's α, then its relevance
+        assert card["words"] == [label for w in card["caption"].split() for label in (w, f"{w} · relevance")]
+    loaded = page.eval_on_selector_all("#cards img", "images => images.map(i => i.naturalWidth > 0)")
+    assert loaded and all(loaded)
+    _screenshots(page, "caption-gallery-hf")
+    page.click("#cards .card a >> nth=0")
+    page.wait_for_load_state()
+    assert page.eval_on_selector_all("img[alt^='relevance for']", "i => i.length") == len(
+        page.eval_on_selector_all(".caption a", "links => links")
+    )
+    _screenshots(page, "caption-gallery-hf-detail")
+
+    evaluated = tmp_path / "evaluation"  # and `evaluate`'s page: the relevance beside α, Grad-CAM, random
+    result = CliRunner().invoke(
+        main, ["evaluate", str(tmp_path / "gpt2"), str(photos), "--steps", "4", "--out", str(evaluated), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((evaluated / "evaluation.json").read_text())
+    page.goto((evaluated / "evaluation.html").as_uri())
+    lines = page.eval_on_selector_all("#map-verdicts li", "items => items.map(i => i.textContent.trim())")
+    assert lines == list(evaluation["map_verdicts"].values()) and lines[-1].startswith("relevance: ")
+    curves = page.eval_on_selector_all("polyline.curve", "lines => lines.map(l => l.dataset.method)")
+    assert sorted(curves) == sorted(["attention", "gradcam", "relevance", "random"] * 2)
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    shown = page.eval_on_selector_all(".examples img", "images => images.map(i => i.naturalWidth)")
+    measured = sum(len(record["words"]) for record in evaluation["per_image"][:3])
+    assert len(shown) == 4 * measured and all(shown)  # α, Grad-CAM, relevance, random per word
+    _screenshots(page, "caption-evaluation-hf")
+
+
+def _screenshots(page, name: str) -> None:
+    """At a phone's and a wide screen's width: nothing sticks out; a full-page screenshot of each."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for width in (420, 1920):
         page.set_viewport_size({"width": width, "height": 1000})
         page.wait_for_timeout(100)
         assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
-        page.screenshot(path=str(ARTIFACTS / f"caption-report-hf-{width}.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})

@@ -14,10 +14,10 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SIZE, PATCH = 32, 8  # a 4×4 patch grid after the class token
 
 
-def tokenizer():
+def tokenizer(words=WORDS):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=word_level, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
@@ -35,16 +35,16 @@ def encoder_config():
     )
 
 
-def save(model, folder: Path, *, beams: int) -> Path:
+def save(model, folder: Path, *, beams: int, words=WORDS, suppress=(PAD, BOS, UNK)) -> Path:
     """The model with the generation settings a user would save (special tokens other than the end
-    word suppressed, so that the caption is words), its tokenizer and image processor."""
+    word suppressed, so that the caption is words), its tokenizer (of ``words``) and image processor."""
     model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = BOS, PAD, EOS
     generation = model.generation_config
     generation.decoder_start_token_id, generation.eos_token_id, generation.pad_token_id = BOS, EOS, PAD
-    generation.max_length, generation.num_beams, generation.suppress_tokens = 5, beams, [PAD, BOS, UNK]
+    generation.max_length, generation.num_beams, generation.suppress_tokens = 5, beams, list(suppress)
     generation.do_sample = False
     model.eval().save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
+    tokenizer(words).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
     return folder
 
@@ -80,3 +80,20 @@ def bert_captioner(folder: Path) -> Path:
         vocab_size=len(WORDS), **sizes, max_position_embeddings=32, is_decoder=True, add_cross_attention=True
     )
     return save(captioner(decoder), folder, beams=3)
+
+
+#: Vocabulary entries that are markup and a path, in place of "cat" and "dog".
+HOSTILE_WORDS = {6: "<img src=x onerror=alert(1)>", 7: "../x"}
+
+
+def hostile_captioner(folder: Path) -> Path:
+    """The ViT + GPT-2 captioner whose tokenizer writes :data:`HOSTILE_WORDS`, and whose saved
+    generation settings let it write nothing else (the end word suppressed too: four words)."""
+    torch.manual_seed(0)
+    sizes = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32}
+    decoder = transformers.GPT2Config(
+        vocab_size=len(WORDS), **sizes, add_cross_attention=True, is_decoder=True, bos_token_id=BOS, eos_token_id=EOS
+    )
+    words = [HOSTILE_WORDS.get(i, word) for i, word in enumerate(WORDS)]
+    suppress = [i for i in range(len(WORDS)) if i not in HOSTILE_WORDS]
+    return save(captioner(decoder), folder, beams=1, words=words, suppress=suppress)
