@@ -37,7 +37,8 @@ from .evaluation_summary import CurveSums, add_curves, rounded
 from .metrics import BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP
 from .model_spec import ModelSpec
 
-#: The maps of a word, in the order of every table: the model's attention, Grad-CAM, the chance level.
+#: The maps of a word by default, in the order of every table: the model's attention, Grad-CAM, the
+#: chance level (:func:`caption_maps`: with the methods of ``--method`` instead of Grad-CAM).
 CAPTION_MAPS = ("attention", "gradcam", RANDOM_MAP)
 #: The metric groups that apply to a word's maps (ROAD, average drop and randomization do not).
 CAPTION_METRICS = ("deletion", "insertion", "pointing", "mass", "rank")
@@ -63,20 +64,30 @@ def caption_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> l
     return list(dict.fromkeys(requested))
 
 
+def caption_maps(settings) -> tuple[str, ...]:
+    """The maps measured on each word, in table order: α, each method of ``settings.method``
+    (:func:`attnexplain.caption_methods.caption_methods`: Grad-CAM by default), the random map."""
+    from .caption_methods import caption_methods
+
+    return ("attention", *[method.name for method in caption_methods(settings.method)], RANDOM_MAP)
+
+
 def refuse_settings(settings) -> None:
     """A one-line :class:`MethodError` for settings of :class:`~attnexplain.evaluation.EvaluationSettings`
     that do not apply to a captioner (the CLI refuses the options it has beyond these)."""
     given = [
         option
         for option, applies in (
-            ("--method", settings.method == "default"),
             ("--target", settings.target is None),
             ("--versus", settings.versus is None),
-            ("--layer", settings.layer is None),
+            ("--layer (one layer)", settings.layer is None or isinstance(settings.layer, str)),
         )
         if not applies
     ]
-    refuse_options(given)
+    from .caption_methods import unread_options
+
+    refuse_options(given + unread_options(settings.options))
+    caption_maps(settings)  # an unknown or inapplicable --method, refused before anything is run
 
 
 def refuse_options(given: Sequence[str]) -> None:
@@ -84,7 +95,7 @@ def refuse_options(given: Sequence[str]) -> None:
     captioner."""
     if given:
         raise MethodError(
-            f"A captioner's words are evaluated on its attention α, Grad-CAM and a random map; "
+            f"A captioner's words are evaluated on its attention α, the maps of --method and a random map; "
             f"{', '.join(given)} does not apply to it."
         )
 
@@ -177,7 +188,17 @@ def measure_image(
     from .running import model_device
 
     picture = LoadedImage(pixels=decoded.pixels, path=decoded.item.path, format=None, mode="RGB")
-    explanation = explain_caption(loaded, picture, size=settings.size, mean=settings.mean, std=settings.std)
+    explanation = explain_caption(
+        loaded,
+        picture,
+        size=settings.size,
+        mean=settings.mean,
+        std=settings.std,
+        methods=settings.method,
+        layer=settings.layer,
+        options=settings.options,
+    )
+    names = caption_maps(settings)
     text = " ".join(explanation.caption)
     record: dict[str, Any] = {
         "image": decoded.item.relative,
@@ -211,13 +232,7 @@ def measure_image(
     chance = random_maps(1, size, [seed])[0]
     maps = torch.stack(
         [
-            torch.stack(
-                [
-                    torch.from_numpy(by_position[t].attention).float(),
-                    torch.from_numpy(by_position[t].gradcam).float(),
-                    chance,
-                ]
-            )
+            torch.stack([torch.from_numpy(by_position[t].map_named(name)).float() for name in names[:-1]] + [chance])
             for t in positions
         ]
     )  # (words, maps, H, W)
@@ -237,7 +252,7 @@ def measure_image(
         for which, area, curve in (("deletion", deletion, found.deletion), ("insertion", insertion, found.insertion)):
             if which in metrics:
                 values[which] = area
-                curves[which] = {name: curve[:, m].tolist() for m, name in enumerate(CAPTION_MAPS)}
+                curves[which] = {name: curve[:, m].tolist() for m, name in enumerate(names)}
     if word_masks and any(name in LOCALISATION for name in metrics):
         box = decoded.box  # the photo's region the model saw: photo pixels per model pixel
         pixel_size = torch.tensor([[(box[3] - box[1]) / size[0], (box[2] - box[0]) / size[1]]], dtype=torch.float64)
@@ -260,7 +275,7 @@ def measure_image(
                         for metric, value in values.items()
                         if math.isfinite(float(value[w, m]))
                     }
-                    for m, name in enumerate(CAPTION_MAPS)
+                    for m, name in enumerate(names)
                 },
             }
         )
@@ -272,7 +287,7 @@ def measure_image(
             "words": [
                 {
                     "word": explanation.caption[t],
-                    "overlays": _overlays(decoded.pixels, maps[w], decoded.box, settings),
+                    "overlays": _overlays(decoded.pixels, dict(zip(names, maps[w])), decoded.box, settings),
                 }
                 for w, t in enumerate(positions)
             ],
@@ -280,14 +295,14 @@ def measure_image(
     return record, curves, found
 
 
-def _overlays(pixels: np.ndarray, maps, box, settings) -> dict[str, str]:
+def _overlays(pixels: np.ndarray, maps: dict[str, Any], box, settings) -> dict[str, str]:
     """Map name → a small JPEG overlay of it on the photo, as a data: URI (the page holds them)."""
     import base64
 
     from .render import downscale, encode_image, render_explained_overlay
 
     found = {}
-    for name, heatmap in zip(CAPTION_MAPS, maps):
+    for name, heatmap in maps.items():
         overlay = render_explained_overlay(pixels, heatmap.numpy(), box, colormap=settings.colormap)
         data = base64.b64encode(encode_image(downscale(overlay, 160), ".jpg", quality=80)).decode()
         found[name] = f"data:image/jpeg;base64,{data}"
@@ -363,7 +378,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
     spec = model_spec if model_spec is not None else ModelSpec(loaded.describe()["source"])
     key_prefix = _fingerprint(spec, settings, metrics) if out is not None else ""
     paths = {item.relative: item.path for item in inputs.images}
-    kept = _reusable(out, key_prefix, paths, masks, metrics) if resume else {}
+    kept = _reusable(out, key_prefix, paths, masks, metrics, caption_maps(settings)) if resume else {}
 
     records: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
@@ -458,7 +473,9 @@ def _add_word_curves(sums: CurveSums, curves: dict[str, Any]) -> None:
 RECORD_FIELDS = ("image", "path", "status", "reason", "caption", "words", "unmasked", "mask_error")
 
 
-def _reusable(out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | None, metrics) -> dict[str, dict]:
+def _reusable(
+    out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | None, metrics, names: Sequence[str]
+) -> dict[str, dict]:
     """Image → the earlier run's line that still stands for it: an ok line of this model and these
     settings, for this image's bytes (``paths``: this run's images) and masks, of the shape this run
     writes (lines are untrusted)."""
@@ -470,7 +487,7 @@ def _reusable(out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | 
     kept = {}
     for line in read_results(out / EVALUATION_JSONL):
         image = line.get("image")
-        if line.get("status") != "ok" or image not in paths or _line_problem(line, values) is not None:
+        if line.get("status") != "ok" or image not in paths or _line_problem(line, values, names) is not None:
             continue
         if line.get("masks_sha256") != masks_digest(masks, image) or not_a_regular_file(paths[image]) is not None:
             continue
@@ -483,7 +500,7 @@ def _reusable(out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | 
     return kept
 
 
-def _line_problem(line: dict[str, Any], values: set[str]) -> str | None:
+def _line_problem(line: dict[str, Any], values: set[str], names: Sequence[str] = CAPTION_MAPS) -> str | None:
     """Why a log line cannot stand for its image, or None."""
     from ._untrusted import is_finite_number
     from .metrics import metrics_table_problem
@@ -499,7 +516,7 @@ def _line_problem(line: dict[str, Any], values: set[str]) -> str | None:
             and is_finite_number(word.get("probability"))
         ):
             return "has a word that is not one"
-        if metrics_table_problem(word.get("metrics"), CAPTION_MAPS) is not None:
+        if metrics_table_problem(word.get("metrics"), tuple(names)) is not None:
             return "has a word's metrics that are not a table"
         if any(not set(table) <= values for table in word["metrics"].values()):
             return "has values this run does not measure"
@@ -511,7 +528,7 @@ def _line_problem(line: dict[str, Any], values: set[str]) -> str | None:
         return "has fractions that are not numbers"
     for which in ("deletion", "insertion"):
         table = curves.get(which, {})
-        if not isinstance(table, dict) or not set(table) <= set(CAPTION_MAPS):
+        if not isinstance(table, dict) or not set(table) <= set(names):
             return f"has {which} curves of other maps"
         for rows in table.values():
             if not (
@@ -549,12 +566,13 @@ def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, 
     from .verdict import bootstrap_interval, judge, score_formula
 
     words = word_records(records)
+    names = caption_maps(settings)
     value_names = [value for group in metrics for value in METRIC_VALUES[group]]
     seed = settings.metric_settings.seed
 
     def means(chosen: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         table: dict[str, dict[str, Any]] = {}
-        for name in CAPTION_MAPS:
+        for name in names:
             table[name] = {}
             for metric in value_names:
                 column = [w["metrics"][name][metric] for w in chosen if metric in w["metrics"].get(name, {})]
@@ -567,7 +585,7 @@ def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, 
                     }
         return table
 
-    judgement = judge(words, list(CAPTION_MAPS), value_names, [], seed)
+    judgement = judge(words, list(names), value_names, [], seed)
     ok = [r for r in records if r["status"] == "ok"]
     methods = means(words)
     evaluation = {
@@ -575,7 +593,7 @@ def summarize_captions(loaded, preprocessing, metrics, settings, records, sums, 
         "model": loaded.describe(),
         "inputs": list(input_specs),
         "settings": {
-            "maps": list(CAPTION_MAPS[:-1]),
+            "maps": list(names[:-1]),
             "metrics": list(metrics),
             "caption": "generated",
             "preprocessing": preprocessing.as_dict(),
@@ -626,7 +644,7 @@ def map_verdicts(judgement, methods: dict[str, dict[str, Any]]) -> dict[str, str
     """Per map one line: for each value its mean beside the random map's and whether the paired 95%
     interval of the difference (over the words) puts it better, worse, or no different."""
     lines = {}
-    for name in CAPTION_MAPS[:-1]:
+    for name in [name for name in methods if name != RANDOM_MAP]:
         parts = []
         for metric, by_map in judgement.against_random.items():
             difference = by_map.get(name)

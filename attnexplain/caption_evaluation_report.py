@@ -20,6 +20,7 @@ from .evaluation_report import (
     PLOT_WIDTH,
     band_path,
     curve_paths,
+    curve_styles,
     metric_display,
     shown_mean,
     shown_number,
@@ -83,8 +84,7 @@ def render_caption_evaluation_html(evaluation: dict[str, Any]) -> str:
         for name in ("deletion", "insertion")
         if evaluation["curves"][name]
     ]
-    colours = {"attention": "#1f77b4", "gradcam": "#ff7f0e", RANDOM_MAP: "#000"}
-    dashes = {"attention": "", "gradcam": "8,4", RANDOM_MAP: "5,3"}
+    colours, dashes = curve_styles([*evaluation["settings"]["maps"], RANDOM_MAP])
     better = evaluation["settings"]["better"]
     return (
         templates()

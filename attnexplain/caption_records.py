@@ -16,7 +16,8 @@ from ._untrusted import finite_number
 
 #: A record's ``task`` when it is a captioner's.
 CAPTIONING = "captioning"
-#: What a captioner's batch computes for each word (the record's ``methods``).
+#: What a captioner's batch computes for each word by default (the record's ``methods``): α and
+#: each chosen gradient method (``--method``; Grad-CAM by default).
 CAPTION_METHODS = ["attention", "gradcam"]
 #: The record's files that are the caption's, not one word's.
 CAPTION_FILES = "caption"
@@ -58,9 +59,9 @@ def caption_record_fields(report: dict[str, Any]) -> dict[str, Any]:
         "end_probability": report["end_probability"],
         "words": words,
         "grid": report["grid"],
-        "layer": report["feature_layer"],  # where each word's Grad-CAM is taken
+        "layer": report.get("cam_layer") or report["feature_layer"],  # where each word's CAMs are taken
         "files": files,
-        "methods": list(CAPTION_METHODS),
+        "methods": ["attention", *report.get("methods", CAPTION_METHODS[1:])],
     }
 
 
