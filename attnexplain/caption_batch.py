@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .batch_stages import BatchSettings, Stages, write_image_folder
-from .caption_methods import caption_methods, unread_options
 from .caption_records import CAPTION_METHODS, CAPTIONING, caption_record_fields
 from .errors import AttnExplainError, MethodError
 from .inputs import Decoded
@@ -41,6 +40,7 @@ def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> St
     """What a batch run does to a captioner's images (:data:`CAPTIONING_STAGES`), after refusing
     the ``settings`` that do not apply to one, and Ray (``cluster``), whose actors explain a
     classifier's way; None for a model that is no captioner."""
+    from .caption_methods import caption_methods, unread_options
     from .captioning import captioning_of
 
     if captioning_of(loaded) is None:
