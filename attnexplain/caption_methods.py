@@ -10,11 +10,14 @@ apply to it, computed by the functions the classifiers' passes use (the method r
   takes, down to the encoder's feature map (or ``--layer``) only;
 - Captum's attributions with respect to the input pixels (:data:`INPUT_METHODS`), each called on
   the word's teacher-forced score as a function of the image, at its own cost per word (saliency
-  and input × gradient one forward and backward, integrated gradients ``steps`` of them, ...).
+  and input × gradient one forward and backward, integrated gradients ``steps`` of them, SmoothGrad
+  ``samples``, occlusion and feature ablation one forward per window or superpixel).
 
 The rest are refused in one line: CAMs that need other forwards per channel, a second derivative,
 other classes' scores or noisy copies (Score-CAM, Ablation-CAM, Shapley-CAM, Finer-CAM, ...), and
-input methods that rewrite the model's modules' backward or need a classifier's probabilities.
+input methods that rewrite the model's modules' backward (DeepLIFT, LRP, guided backpropagation),
+need a classifier's probabilities or biases (RISE, FullGrad) or draw from the global generators
+(GradientSHAP; KernelSHAP and LIME fit a surrogate on their draws): not carried over here.
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ DEFAULT_CAPTION_METHODS = ("gradcam",)
 #: Captum's input attributions that a word's score can be handed to as a function of the image.
 #: The method settings (MethodOptions' fields) that apply to a captioner's word maps.
 WORD_METHOD_OPTIONS = ("eigen_smooth", "steps", "samples", "noise", "baseline", "window", "stride", "batch_size")
-INPUT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradientshap", "occlusion")
+INPUT_METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "occlusion",
+    "feature_ablation",
+)
 
 
 def caption_methods(requested: str | Sequence[str] | None, plugin: Any = None) -> list[Method]:
@@ -97,7 +107,7 @@ def _why_not(method: Method) -> str:
     if method.family == "cam":
         return "it needs more than the layer's activation and the word's gradient: other forwards or scores"
     if method.family == "input":
-        return "it rewrites the model's modules or needs a classifier's probabilities"
+        return "it rewrites the model's backward, needs a classifier's own outputs or draws from the global generators"
     return f"a {method.family} method reads a classifier's own {method.family}"
 
 

@@ -170,6 +170,40 @@ def test_each_input_attribution_of_a_word_is_captums_on_its_teacher_forced_score
         np.testing.assert_allclose(word.maps[name], expected[name][0].detach().numpy(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.heavy  # a forward per window and superpixel; evaluate's curves per word
+def test_perturbation_and_noise_attributions_of_a_word_are_captums_on_its_teacher_forced_score(model, photos):
+    from captum.attr import FeatureAblation, Occlusion, Saliency
+
+    from attnexplain.methods.attribution import superpixels
+    from attnexplain.options import MethodOptions
+
+    captioner, vocabulary = model
+    path = photos / "cat-on-grass.png"
+    options = MethodOptions(samples=3, window=32, stride=16)
+    chosen = ["smoothgrad", "occlusion", "feature_ablation"]
+    explanation = explain_caption(CAPTIONER, path, methods=chosen, target="cat", options=options)
+    (word,) = explanation.words
+    x = _tensor(path)
+    score = _WordScore(captioner, _steps(explanation, vocabulary), word.position)
+    # SmoothGrad's noise: σ = 0.15 × the image's range, drawn from a generator seeded with 0.
+    draws = torch.randn((3, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
+    noisy = x[0] + float(x.max() - x.min()) * 0.15 * draws
+    smooth = torch.stack([Saliency(score).attribute(copy[None].requires_grad_(), abs=True)[0] for copy in noisy])
+    expected = {
+        "smoothgrad": smooth.mean(dim=0).amax(dim=0),
+        "occlusion": Occlusion(score)
+        .attribute(x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), baselines=torch.zeros_like(x))
+        .sum(dim=1)[0],
+        "feature_ablation": FeatureAblation(score).attribute(
+            x, baselines=torch.zeros_like(x), feature_mask=superpixels(x)
+        )[0, 0],
+    }
+    assert list(word.maps) == chosen
+    for name in chosen:
+        assert expected[name].abs().max() > 0, name
+        np.testing.assert_allclose(word.maps[name], expected[name].detach().numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
 def test_run_writes_every_chosen_map_per_word_and_names_them_on_the_page(photos, tmp_path):
     path = photos / "cat-on-grass.png"
     chosen = "layercam,saliency"
@@ -208,6 +242,7 @@ def test_batch_records_carry_each_words_chosen_maps(photos, tmp_path):
             )
 
 
+@pytest.mark.heavy  # deletion and insertion curves for every word of two images
 def test_evaluate_measures_every_chosen_map_beside_attention_and_the_random_map(photos, tmp_path):
     out = tmp_path / "out"
     result = _run(
