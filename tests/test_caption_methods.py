@@ -151,7 +151,9 @@ def test_each_input_attribution_of_a_word_is_captums_on_its_teacher_forced_score
 
     captioner, vocabulary = model
     path = photos / "rocket-on-brick.png"
-    explanation = explain_caption(CAPTIONER, path, methods=INPUTS, target="on")
+    from attnexplain.options import MethodOptions
+
+    explanation = explain_caption(CAPTIONER, path, methods=INPUTS, target="on", options=MethodOptions(steps=8))
     steps = _steps(explanation, vocabulary)
     x = _tensor(path)
     (word,) = explanation.words
@@ -160,7 +162,7 @@ def test_each_input_attribution_of_a_word_is_captums_on_its_teacher_forced_score
         "saliency": Saliency(score).attribute(x.clone().requires_grad_(), abs=True).amax(dim=1),
         "input_x_gradient": InputXGradient(score).attribute(x.clone().requires_grad_()).sum(dim=1).abs(),
         "integrated_gradients": IntegratedGradients(score)
-        .attribute(x.clone().requires_grad_(), baselines=torch.zeros_like(x), n_steps=32)
+        .attribute(x.clone().requires_grad_(), baselines=torch.zeros_like(x), n_steps=8)
         .sum(dim=1)
         .abs(),
     }
@@ -262,6 +264,22 @@ def test_evaluate_measures_every_chosen_map_beside_attention_and_the_random_map(
     assert any(w["metrics"]["saliency"]["deletion"] != w["metrics"]["layercam"]["deletion"] for w in words)
     page = (out / "evaluation.html").read_text(encoding="utf-8")
     assert 'data-method="layercam"' in page and 'data-method="saliency"' in page
+
+
+def test_evaluate_on_one_image_measures_the_chosen_map_per_word(photos, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "cat.png").write_bytes((photos / "cat-on-grass.png").read_bytes())
+    result = _run(
+        "evaluate", CAPTIONER, one, "--method", "hirescam", "--metrics", "deletion", "--steps", "4",
+        "--out", tmp_path / "out", "--quiet", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.output)
+    assert evaluation["settings"]["maps"] == ["attention", "hirescam"]
+    (record,) = evaluation["per_image"]
+    assert record["words"] and all(list(w["metrics"]) == ["attention", "hirescam", "random"] for w in record["words"])
+    assert "hirescam" in evaluation["map_verdicts"]["hirescam"]
 
 
 @pytest.mark.parametrize(
