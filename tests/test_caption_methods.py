@@ -56,6 +56,14 @@ def photos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def loaded():
+    """The sample as attnexplain loads it, once for the module's explain_caption calls."""
+    from attnexplain.loading import load_model
+
+    return load_model(CAPTIONER)
+
+
+@pytest.fixture(scope="module")
 def model():
     saved = torch.load(CAPTIONER, weights_only=False)
     captioner = captioner_module.ShowAttendTell(**saved["arch_kwargs"])
@@ -125,10 +133,10 @@ class _WordScore(torch.nn.Module):
 
 
 @pytest.mark.parametrize("layer", [None, "encoder.block1"])
-def test_each_cam_of_a_word_is_its_formula_on_the_layer_and_the_words_own_gradient(model, photos, layer):
+def test_each_cam_of_a_word_is_its_formula_on_the_layer_and_the_words_own_gradient(loaded, model, photos, layer):
     captioner, vocabulary = model
     path = photos / "cat-on-grass.png"
-    explanation = explain_caption(CAPTIONER, path, methods=",".join(CAMS), layer=layer)
+    explanation = explain_caption(loaded, path, methods=",".join(CAMS), layer=layer)
     assert explanation.methods == CAMS and explanation.to_dict()["cam_layer"] == (layer or "encoder.block2")
     steps = _steps(explanation, vocabulary)
     activation, gradients = _layer_and_gradients(captioner, _tensor(path), steps, layer or captioner.last_block)
@@ -146,14 +154,25 @@ def test_each_cam_of_a_word_is_its_formula_on_the_layer_and_the_words_own_gradie
     np.testing.assert_allclose(first.maps["eigencam"], last.maps["eigencam"], atol=1e-6)
 
 
-def test_each_input_attribution_of_a_word_is_captums_on_its_teacher_forced_score(model, photos):
+def test_every_cam_of_a_word_comes_from_one_backward(loaded, photos, monkeypatch):
+    backwards = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *args, **kwargs: backwards.append(1) or grad(*args, **kwargs))
+    explanation = explain_caption(loaded, photos / "cat-on-grass.png", methods=CAMS)
+    assert len(explanation.words) > 1 and len(backwards) == len(explanation.words)
+    backwards.clear()
+    explain_caption(loaded, photos / "cat-on-grass.png", methods="eigencam,kpcacam")  # no gradient: no backward
+    assert backwards == []
+
+
+def test_each_input_attribution_of_a_word_is_captums_on_its_teacher_forced_score(loaded, model, photos):
     from captum.attr import InputXGradient, IntegratedGradients, Saliency
 
     captioner, vocabulary = model
     path = photos / "rocket-on-brick.png"
     from attnexplain.options import MethodOptions
 
-    explanation = explain_caption(CAPTIONER, path, methods=INPUTS, target="on", options=MethodOptions(steps=8))
+    explanation = explain_caption(loaded, path, methods=INPUTS, target="on", options=MethodOptions(steps=8))
     steps = _steps(explanation, vocabulary)
     x = _tensor(path)
     (word,) = explanation.words
@@ -173,7 +192,7 @@ def test_each_input_attribution_of_a_word_is_captums_on_its_teacher_forced_score
 
 
 @pytest.mark.heavy  # a forward per window and superpixel; evaluate's curves per word
-def test_perturbation_and_noise_attributions_of_a_word_are_captums_on_its_teacher_forced_score(model, photos):
+def test_perturbation_and_noise_attributions_of_a_word_are_captums_on_its_teacher_forced_score(loaded, model, photos):
     from captum.attr import FeatureAblation, Occlusion, Saliency
 
     from attnexplain.methods.attribution import superpixels
@@ -183,7 +202,7 @@ def test_perturbation_and_noise_attributions_of_a_word_are_captums_on_its_teache
     path = photos / "cat-on-grass.png"
     options = MethodOptions(samples=3, window=32, stride=16)
     chosen = ["smoothgrad", "occlusion", "feature_ablation"]
-    explanation = explain_caption(CAPTIONER, path, methods=chosen, target="cat", options=options)
+    explanation = explain_caption(loaded, path, methods=chosen, target="cat", options=options)
     (word,) = explanation.words
     x = _tensor(path)
     score = _WordScore(captioner, _steps(explanation, vocabulary), word.position)
@@ -206,14 +225,14 @@ def test_perturbation_and_noise_attributions_of_a_word_are_captums_on_its_teache
         np.testing.assert_allclose(word.maps[name], expected[name].detach().numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
 
 
-def test_run_writes_every_chosen_map_per_word_and_names_them_on_the_page(photos, tmp_path):
+def test_run_writes_every_chosen_map_per_word_and_names_them_on_the_page(loaded, photos, tmp_path):
     path = photos / "cat-on-grass.png"
     chosen = "layercam,saliency"
     result = _run("run", CAPTIONER, path, "--method", chosen, "--layer", "encoder.block1", "--out", tmp_path, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["methods"] == ["layercam", "saliency"] and report["cam_layer"] == "encoder.block1"
-    reference = explain_caption(CAPTIONER, path, methods=chosen, layer="encoder.block1")
+    reference = explain_caption(loaded, path, methods=chosen, layer="encoder.block1")
     folder = Path(report["outputs"]["directory"])
     for entry, word in zip(report["words"], reference.words):
         for name in ("layercam", "saliency"):
@@ -224,7 +243,7 @@ def test_run_writes_every_chosen_map_per_word_and_names_them_on_the_page(photos,
     assert "layercam of log p" in page and "saliency of log p" in page and "encoder.block1" in page
 
 
-def test_batch_records_carry_each_words_chosen_maps(photos, tmp_path):
+def test_batch_records_carry_each_words_chosen_maps(loaded, photos, tmp_path):
     out = tmp_path / "out"
     result = _run("batch", CAPTIONER, photos, "--method", "hirescam,input_x_gradient", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
@@ -234,7 +253,7 @@ def test_batch_records_carry_each_words_chosen_maps(photos, tmp_path):
     assert report["run"]["methods"] == ["attention", "hirescam", "input_x_gradient"]
     for record in records:
         assert record["methods"] == ["attention", "hirescam", "input_x_gradient"]
-        reference = explain_caption(CAPTIONER, photos / record["image"], methods="hirescam,input_x_gradient")
+        reference = explain_caption(loaded, photos / record["image"], methods="hirescam,input_x_gradient")
         for word in reference.words:
             files = record["files"][f"word-{word.position + 1}"]
             folder = out / record["output"]
