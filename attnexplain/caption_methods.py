@@ -33,6 +33,7 @@ from .methods.attribution import baseline_images
 from .methods.cam import cam_map
 from .options import MethodOptions
 from .passes.cam import layer_map, shares_forward
+from .passes.inputs import input_settings
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -147,18 +148,7 @@ def input_word_maps(
     maps = {}
     with torch.enable_grad():
         for method in methods:
-            maps[method.name] = method.compute(
-                forward,
-                batch,
-                [position],
-                baseline=baseline,
-                steps=options.steps,
-                noise=options.noise,
-                window=options.window,
-                stride=options.stride,
-                batch_size=options.batch_size,
-                **({} if options.samples is None else {"samples": options.samples}),
-            ).detach()
+            maps[method.name] = method.compute(forward, batch, [position], **input_settings(options, baseline)).detach()
     return maps
 
 
