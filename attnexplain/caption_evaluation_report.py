@@ -18,8 +18,7 @@ from .evaluation_report import (
     EVALUATION_JSON,
     PLOT_HEIGHT,
     PLOT_WIDTH,
-    band_path,
-    curve_paths,
+    curve_plots,
     curve_styles,
     metric_display,
     shown_mean,
@@ -77,13 +76,7 @@ def caption_evaluation_csv(evaluation: dict[str, Any]) -> str:
 
 
 def render_caption_evaluation_html(evaluation: dict[str, Any]) -> str:
-    fractions = evaluation["curves"]["fractions"]
-    bands = evaluation["curves"].get("random_band", {})
-    plots = [
-        (name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
-        for name in ("deletion", "insertion")
-        if evaluation["curves"][name]
-    ]
+    plots = curve_plots(evaluation)
     colours, dashes = curve_styles([*evaluation["settings"]["maps"], RANDOM_MAP])
     better = evaluation["settings"]["better"]
     return (

@@ -169,14 +169,19 @@ def curve_styles(methods) -> tuple[dict[str, str], dict[str, str]]:
     return colours, dashes
 
 
-def render_evaluation_html(evaluation: dict[str, Any]) -> str:
+def curve_plots(evaluation: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The page's deletion and insertion plots: (name, each method's curve path, the random band)."""
     fractions = evaluation["curves"]["fractions"]
     bands = evaluation["curves"].get("random_band", {})
-    plots = [
+    return [
         (name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
         for name in ("deletion", "insertion")
         if evaluation["curves"][name]
     ]
+
+
+def render_evaluation_html(evaluation: dict[str, Any]) -> str:
+    plots = curve_plots(evaluation)
     colours, dashes = curve_styles(evaluation["methods"])
     best = evaluation.get("winner") or next(iter(evaluation.get("no_difference") or []), None)
     return (
