@@ -340,6 +340,9 @@ def explain_caption(
     if attention_maps is not None:
         inputs += [*attention_maps.encoder, *attention_maps.decoder, *attention_maps.cross]
     layers, heads = int(recorded.attention.shape[1]), int(recorded.attention.shape[2])
+    # The CAMs without a gradient (Eigen-CAM, KPCA-CAM) are the layer's own: once for every word.
+    shared = cam_word_maps([m for m in cam_methods if not m.needs_gradient], activation, None, options.eigen_smooth)
+    shared = {name: upsample(grid, input_size)[0] for name, grid in shared.items()}
     results = []
     for t in explained:
         gradients: tuple[torch.Tensor, ...] = ()
@@ -347,8 +350,8 @@ def explain_caption(
             found = torch.autograd.grad(word_log_probs[t], inputs, retain_graph=True, allow_unused=True)
             gradients = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found))
         gradient = layer_as_map(gradients[0]).float() if gradients else None
-        grids = cam_word_maps(cam_methods, activation, gradient, options.eigen_smooth)
-        word_maps = {name: upsample(grid, input_size)[0] for name, grid in grids.items()}
+        grids = cam_word_maps([m for m in cam_methods if m.needs_gradient], activation, gradient, options.eigen_smooth)
+        word_maps = {**shared, **{name: upsample(grid, input_size)[0] for name, grid in grids.items()}}
         if input_methods:
             with loaded.plugin.recording(module), model_failures(module):
                 scored = input_word_maps(input_methods, word_scores(captioning, steps), batch, t, black, options)
