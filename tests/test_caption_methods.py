@@ -245,15 +245,20 @@ def test_run_writes_every_chosen_map_per_word_and_names_them_on_the_page(loaded,
 
 def test_batch_records_carry_each_words_chosen_maps(loaded, photos, tmp_path):
     out = tmp_path / "out"
-    result = _run("batch", CAPTIONER, photos, "--method", "hirescam,input_x_gradient", "--out", out, "--quiet")
+    chosen = ["--method", "hirescam,input_x_gradient", "--layer", "encoder.block1"]
+    result = _run("batch", CAPTIONER, photos, *chosen, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["methods"] == ["attention", "hirescam", "input_x_gradient"]
     for record in records:
-        assert record["methods"] == ["attention", "hirescam", "input_x_gradient"]
-        reference = explain_caption(loaded, photos / record["image"], methods="hirescam,input_x_gradient")
+        assert (
+            record["methods"] == ["attention", "hirescam", "input_x_gradient"] and record["layer"] == "encoder.block1"
+        )
+        reference = explain_caption(
+            loaded, photos / record["image"], methods="hirescam,input_x_gradient", layer="encoder.block1"
+        )
         for word in reference.words:
             files = record["files"][f"word-{word.position + 1}"]
             folder = out / record["output"]
