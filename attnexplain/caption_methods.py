@@ -56,12 +56,14 @@ INPUT_METHODS = (
 
 def caption_methods(requested: str | Sequence[str] | None, plugin: Any = None) -> list[Method]:
     """The methods ``requested`` (comma-separated names or a list; None, ``auto`` or ``default``:
-    :data:`DEFAULT_CAPTION_METHODS`) for a captioner's words, each checked to apply to one; a
-    method that does not is refused in one line saying why and which do."""
+    :data:`DEFAULT_CAPTION_METHODS`; ``all``: every one that applies) for a captioner's words, each
+    checked to apply to one; a method that does not is refused in one line saying why and which do."""
     names = requested.split(",") if isinstance(requested, str) else list(requested or [])
     names = [name.strip() for name in names if name.strip()]
     if not names or names in (["auto"], ["default"]):
         names = list(DEFAULT_CAPTION_METHODS)
+    elif names == ["all"]:  # every one that applies (``evaluate --method all``)
+        names = [*word_cam_methods(), *INPUT_METHODS]
     chosen: list[Method] = []
     for name in names:
         method = find_method(name, plugin)

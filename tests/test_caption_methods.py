@@ -154,6 +154,16 @@ def test_each_cam_of_a_word_is_its_formula_on_the_layer_and_the_words_own_gradie
     np.testing.assert_allclose(first.maps["eigencam"], last.maps["eigencam"], atol=1e-6)
 
 
+def test_the_method_names_a_captioner_takes():
+    from attnexplain.caption_methods import INPUT_METHODS, caption_methods
+
+    assert [m.name for m in caption_methods(None)] == [m.name for m in caption_methods("default")] == ["gradcam"]
+    every = [m.name for m in caption_methods("all")]
+    assert set(CAMS) <= set(every) and set(INPUT_METHODS) <= set(every)
+    assert not {"scorecam", "ablationcam", "shapleycam", "finercam", "rollout", "deeplift", "rise"} & set(every)
+    assert [m.name for m in caption_methods(" layercam , saliency,layercam")] == ["layercam", "saliency"]
+
+
 def test_every_cam_of_a_word_comes_from_one_backward(loaded, photos, monkeypatch):
     backwards = []
     grad = torch.autograd.grad
