@@ -12,7 +12,9 @@ forcing) — the core records, for every word:
 - the word's log-probability, whose gradient with respect to the feature map gives Grad-CAM
   (Selvaraju et al. 2017) of that word, and, for an encoder–decoder transformer, Chefer et al.
   2021b's relevance: one teacher-forced forward, then one backward per word, down to the feature
-  map and the attention only (:mod:`attnexplain.caption_passes`).
+  map and the attention only (:mod:`attnexplain.caption_passes`). ``methods`` and ``layer`` choose
+  other maps of it: any CAM of a layer's activation and gradient from that same backward, and
+  Captum's attributions to the pixels (:mod:`attnexplain.caption_methods`).
 
 Nothing here names a model: the plugin answers every model-specific question.
 """
