@@ -7,15 +7,16 @@ captioner (:func:`attnexplain.caption_report.write_caption_outputs`) with the ca
 detail page, leading back to the gallery, a small picture of each word's attention for the card, and
 the photo. Its record carries the caption (:mod:`attnexplain.caption_records`).
 
-Options that choose or tune a classifier's methods and targets do not apply to a captioner (its maps
-are its own attention and Grad-CAM on its encoder's feature map, for each word): a run that names one
-is refused in one line before anything is written.
+``--method`` chooses each word's gradient maps beside its attention (Grad-CAM by default; those
+:mod:`attnexplain.caption_methods` allows), ``--layer`` the encoder's module the CAM methods read.
+Options that choose or tune a classifier's targets do not apply to a captioner: a run that names
+one is refused in one line before anything is written.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,8 +31,8 @@ def refuse_options(given: Sequence[str]) -> None:
     """A one-line :class:`MethodError` naming the options ``given`` that do not apply to a captioner."""
     if given:
         raise MethodError(
-            f"A captioner is explained by its own attention and by Grad-CAM on its encoder's feature map for "
-            f"each word; {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it."
+            f"A captioner is explained word by word by its own attention and the gradient maps of --method; "
+            f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it."
         )
 
 
@@ -40,8 +41,8 @@ def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> St
     the ``settings`` that do not apply to one, and Ray (``cluster``), whose actors explain a
     classifier's way; None for a model that is no captioner. An encoder–decoder's run names its
     words' relevance among its methods."""
+    from .caption_methods import caption_methods, unread_options
     from .captioning import captioning_of
-    from .options import MethodOptions
 
     captioning = captioning_of(loaded)
     if captioning is None:
@@ -50,8 +51,6 @@ def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> St
     given = [
         option
         for option, differs in (
-            ("--method", settings.method != defaults.method),
-            ("--layer", settings.layer is not None),
             ("--versus", settings.versus is not None),
             ("--metrics", bool(settings.metrics)),
             ("--truth", settings.truth is not None),
@@ -60,21 +59,16 @@ def captioner_stages(loaded, settings: BatchSettings, cluster: Any = None) -> St
         )
         if differs
     ]
-    if settings.options is not None:
-        unchanged = MethodOptions()
-        given += [
-            "--" + field.name.replace("_", "-")
-            for field in fields(unchanged)
-            if getattr(settings.options, field.name) != getattr(unchanged, field.name)
-        ]
+    given += unread_options(settings.options)
     refuse_options(given)
     if cluster is not None:
         raise AttnExplainError(
             "A captioner's batch runs on the local engine: leave out --engine ray (or give --engine local)."
         )
-    if captioning.score_attention is not None:
-        return replace(CAPTIONING_STAGES, meta={"task": CAPTIONING, "methods": [*CAPTION_METHODS, RELEVANCE]})
-    return CAPTIONING_STAGES
+    methods = [method.name for method in caption_methods(settings.method, loaded.plugin)]
+    # An encoder–decoder's words also have Chefer et al. 2021b's relevance.
+    relevance = [RELEVANCE] if captioning.score_attention is not None else []
+    return replace(CAPTIONING_STAGES, meta={**CAPTIONING_STAGES.meta, "methods": ["attention", *methods, *relevance]})
 
 
 def plan_captions(loaded, settings: BatchSettings):
@@ -85,7 +79,8 @@ def plan_captions(loaded, settings: BatchSettings):
 
     captioning = captioning_of(loaded)
     preprocessing = plan_preprocessing(loaded, size=settings.size, mean=settings.mean, std=settings.std)
-    return Plan(preprocessing, [], [captioning.feature_layer] if captioning is not None else [])
+    layer = settings.layer or (captioning.feature_layer if captioning is not None else None)
+    return Plan(preprocessing, [], [layer] if layer is not None else [])
 
 
 def explain_captions(
@@ -119,6 +114,9 @@ def explain_captions(
                 size=settings.size,
                 mean=settings.mean,
                 std=settings.std,
+                methods=settings.method,
+                layer=settings.layer,
+                options=settings.options,
             )
         except AttnExplainError as error:  # this image only: the run goes on
             results.append({"error": str(error)})

@@ -40,10 +40,9 @@ from .evaluation_summary import CurveSums, add_curves, rounded
 from .metrics import BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP
 from .model_spec import ModelSpec
 
-#: The maps of a word, in the order of every table: the model's attention, Grad-CAM, the chance level.
+#: The maps of a word by default, in the order of every table: the model's attention, Grad-CAM, the
+#: chance level (:func:`caption_maps`: with the methods of ``--method`` instead of Grad-CAM).
 CAPTION_MAPS = ("attention", "gradcam", RANDOM_MAP)
-#: An encoder–decoder's (whose plugin gives score_attention): its relevance too, before the chance level.
-RELEVANCE_MAPS = ("attention", "gradcam", "relevance", RANDOM_MAP)
 #: The metric groups that apply to a word's maps (ROAD, average drop and randomization do not).
 CAPTION_METRICS = ("deletion", "insertion", "pointing", "mass", "rank")
 #: Images whose word maps the page shows as small overlays (evaluation.py, which hands captioners
@@ -68,10 +67,13 @@ def caption_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> l
     return list(dict.fromkeys(requested))
 
 
-def caption_maps(captioning) -> tuple[str, ...]:
-    """The maps measured on this captioner's words: :data:`RELEVANCE_MAPS` where its plugin gives
-    every attention map (so each word has a relevance), else :data:`CAPTION_MAPS`."""
-    return RELEVANCE_MAPS if captioning.score_attention is not None else CAPTION_MAPS
+def caption_maps(settings, captioning=None) -> tuple[str, ...]:
+    """The maps measured on each word, in table order: α, each method of ``settings.method`` (Grad-CAM
+    by default), an encoder–decoder's relevance (``captioning.score_attention``), the random map."""
+    from .caption_methods import caption_methods
+
+    relevance = ("relevance",) if captioning is not None and captioning.score_attention is not None else ()
+    return ("attention", *[method.name for method in caption_methods(settings.method)], *relevance, RANDOM_MAP)
 
 
 def refuse_settings(settings) -> None:
@@ -80,14 +82,16 @@ def refuse_settings(settings) -> None:
     given = [
         option
         for option, applies in (
-            ("--method", settings.method == "default"),
             ("--target", settings.target is None),
             ("--versus", settings.versus is None),
-            ("--layer", settings.layer is None),
+            ("--layer (one layer)", settings.layer is None or isinstance(settings.layer, str)),
         )
         if not applies
     ]
-    refuse_options(given)
+    from .caption_methods import unread_options
+
+    refuse_options(given + unread_options(settings.options))
+    caption_maps(settings)  # an unknown or inapplicable --method, refused before anything is run
 
 
 def refuse_options(given: Sequence[str]) -> None:
@@ -95,7 +99,7 @@ def refuse_options(given: Sequence[str]) -> None:
     captioner."""
     if given:
         raise MethodError(
-            f"A captioner's words are evaluated on its attention α, Grad-CAM and a random map; "
+            f"A captioner's words are evaluated on its attention α, the maps of --method and a random map; "
             f"{', '.join(given)} does not apply to it."
         )
 
@@ -188,7 +192,17 @@ def measure_image(
     from .running import model_device
 
     picture = LoadedImage(pixels=decoded.pixels, path=decoded.item.path, format=None, mode="RGB")
-    explanation = explain_caption(loaded, picture, size=settings.size, mean=settings.mean, std=settings.std)
+    explanation = explain_caption(
+        loaded,
+        picture,
+        size=settings.size,
+        mean=settings.mean,
+        std=settings.std,
+        methods=settings.method,
+        layer=settings.layer,
+        options=settings.options,
+    )
+    names = caption_maps(settings, captioning)
     text = " ".join(explanation.caption)
     record: dict[str, Any] = {
         "image": decoded.item.relative,
@@ -214,7 +228,6 @@ def measure_image(
             record["mask_error"] = "; ".join(errors.values())
     by_position = {word.position: word for word in explanation.words}
     positions = [t for t in positions if t in by_position]  # every word is explained; never assume it
-    names = caption_maps(captioning)
     record["words"] = []
     if not positions:
         return record, {}, None
@@ -223,12 +236,7 @@ def measure_image(
     chance = random_maps(1, size, [seed])[0]
     maps = torch.stack(
         [
-            torch.stack(
-                [
-                    chance if name == RANDOM_MAP else torch.from_numpy(getattr(by_position[t], name)).float()
-                    for name in names
-                ]
-            )
+            torch.stack([torch.from_numpy(by_position[t].map_named(name)).float() for name in names[:-1]] + [chance])
             for t in positions
         ]
     )  # (words, maps, H, W)
@@ -292,8 +300,7 @@ def measure_image(
 
 
 def _overlays(pixels: np.ndarray, maps: dict[str, Any], box, settings) -> dict[str, str]:
-    """Map name → a small JPEG overlay of it (``maps``: name → heatmap) on the photo, as a data: URI
-    (the page holds them)."""
+    """Map name → a small JPEG overlay of it on the photo, as a data: URI (the page holds them)."""
     import base64
 
     from .render import downscale, encode_image, render_explained_overlay
@@ -367,7 +374,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
     if captioning is None:
         raise MethodError("This model is not a captioner; `attnexplain evaluate` measures its methods as it is.")
     metrics = caption_metrics(settings.metrics, masks is not None)
-    maps = caption_maps(captioning)
+    maps = caption_maps(settings, captioning)
     preprocessing = plan_preprocessing(loaded, size=settings.size, mean=settings.mean, std=settings.std)
     inputs = collect_inputs(input_specs, exclude=out)
     if not inputs.images:
@@ -480,7 +487,7 @@ RECORD_FIELDS = ("image", "path", "status", "reason", "caption", "words", "unmas
 
 
 def _reusable(
-    out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | None, metrics, maps: Sequence[str]
+    out: Path, key_prefix: str, paths: dict[str, Path], masks: Path | None, metrics, names: Sequence[str]
 ) -> dict[str, dict]:
     """Image → the earlier run's line that still stands for it: an ok line of this model and these
     settings, for this image's bytes (``paths``: this run's images) and masks, of the shape this run
@@ -493,7 +500,7 @@ def _reusable(
     kept = {}
     for line in read_results(out / EVALUATION_JSONL):
         image = line.get("image")
-        if line.get("status") != "ok" or image not in paths or _line_problem(line, values, maps) is not None:
+        if line.get("status") != "ok" or image not in paths or _line_problem(line, values, names) is not None:
             continue
         if line.get("masks_sha256") != masks_digest(masks, image) or not_a_regular_file(paths[image]) is not None:
             continue
@@ -506,8 +513,8 @@ def _reusable(
     return kept
 
 
-def _line_problem(line: dict[str, Any], values: set[str], maps: Sequence[str] = CAPTION_MAPS) -> str | None:
-    """Why a log line cannot stand for its image (of a run measuring ``maps``), or None."""
+def _line_problem(line: dict[str, Any], values: set[str], names: Sequence[str] = CAPTION_MAPS) -> str | None:
+    """Why a log line cannot stand for its image, or None."""
     from ._untrusted import is_finite_number
     from .metrics import metrics_table_problem
 
@@ -522,7 +529,7 @@ def _line_problem(line: dict[str, Any], values: set[str], maps: Sequence[str] = 
             and is_finite_number(word.get("probability"))
         ):
             return "has a word that is not one"
-        if metrics_table_problem(word.get("metrics"), maps) is not None:
+        if metrics_table_problem(word.get("metrics"), tuple(names)) is not None:
             return "has a word's metrics that are not a table"
         if any(not set(table) <= values for table in word["metrics"].values()):
             return "has values this run does not measure"
@@ -534,7 +541,7 @@ def _line_problem(line: dict[str, Any], values: set[str], maps: Sequence[str] = 
         return "has fractions that are not numbers"
     for which in ("deletion", "insertion"):
         table = curves.get(which, {})
-        if not isinstance(table, dict) or not set(table) <= set(maps):
+        if not isinstance(table, dict) or not set(table) <= set(names):
             return f"has {which} curves of other maps"
         for rows in table.values():
             if not (
@@ -574,12 +581,13 @@ def summarize_captions(
     from .verdict import bootstrap_interval, judge, score_formula
 
     words = word_records(records)
+    names = tuple(maps)
     value_names = [value for group in metrics for value in METRIC_VALUES[group]]
     seed = settings.metric_settings.seed
 
     def means(chosen: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         table: dict[str, dict[str, Any]] = {}
-        for name in maps:
+        for name in names:
             table[name] = {}
             for metric in value_names:
                 column = [w["metrics"][name][metric] for w in chosen if metric in w["metrics"].get(name, {})]
@@ -592,7 +600,7 @@ def summarize_captions(
                     }
         return table
 
-    judgement = judge(words, list(maps), value_names, [], seed)
+    judgement = judge(words, list(names), value_names, [], seed)
     ok = [r for r in records if r["status"] == "ok"]
     methods = means(words)
     evaluation = {
@@ -600,7 +608,7 @@ def summarize_captions(
         "model": loaded.describe(),
         "inputs": list(input_specs),
         "settings": {
-            "maps": [name for name in maps if name != RANDOM_MAP],
+            "maps": list(names[:-1]),
             "metrics": list(metrics),
             "caption": "generated",
             "preprocessing": preprocessing.as_dict(),
@@ -651,7 +659,7 @@ def map_verdicts(judgement, methods: dict[str, dict[str, Any]]) -> dict[str, str
     """Per map one line: for each value its mean beside the random map's and whether the paired 95%
     interval of the difference (over the words) puts it better, worse, or no different."""
     lines = {}
-    for name in (name for name in methods if name != RANDOM_MAP):
+    for name in [name for name in methods if name != RANDOM_MAP]:
         parts = []
         for metric, by_map in judgement.against_random.items():
             difference = by_map.get(name)

@@ -18,8 +18,8 @@ from .evaluation_report import (
     EVALUATION_JSON,
     PLOT_HEIGHT,
     PLOT_WIDTH,
-    band_path,
-    curve_paths,
+    curve_plots,
+    curve_styles,
     metric_display,
     shown_mean,
     shown_number,
@@ -76,17 +76,8 @@ def caption_evaluation_csv(evaluation: dict[str, Any]) -> str:
 
 
 def render_caption_evaluation_html(evaluation: dict[str, Any]) -> str:
-    fractions = evaluation["curves"]["fractions"]
-    bands = evaluation["curves"].get("random_band", {})
-    plots = [
-        (name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
-        for name in ("deletion", "insertion")
-        if evaluation["curves"][name]
-    ]
-    shown_maps = (*evaluation["settings"]["maps"], RANDOM_MAP)
-    colours = {"attention": "#1f77b4", "gradcam": "#ff7f0e", "relevance": "#2ca02c", RANDOM_MAP: "#000"}
-    colours = {name: colour for name, colour in colours.items() if name in shown_maps}
-    dashes = {"attention": "", "gradcam": "8,4", "relevance": "2,3", RANDOM_MAP: "5,3"}
+    plots = curve_plots(evaluation)
+    colours, dashes = curve_styles([*evaluation["settings"]["maps"], RANDOM_MAP])
     better = evaluation["settings"]["better"]
     return (
         templates()

@@ -17,7 +17,7 @@ parallel pass for a transformer decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -36,6 +36,8 @@ class TeacherForced:
     log_probs: torch.Tensor  # (1, T, V)
     steps: "CaptionSteps | None"  # each step's attention when recorded in this pass, else None
     attention: "CaptionAttention | None"  # every attention map in the graph (score_attention)
+    #: The output of the layer the CAM methods read (``layer``), in the graph: ``tokens`` by default.
+    layer_output: torch.Tensor | None = None
 
 
 def feature_map(captioning: "Captioning", tokens: torch.Tensor) -> torch.Tensor:
@@ -84,10 +86,14 @@ def teacher_forced(
     steps: list[int],
     plugin: str,
     record_attention: bool,
+    layer: str | None = None,
+    select: Callable[[str, Any], torch.Tensor | None] | None = None,
 ) -> TeacherForced:
     """One teacher-forced forward under grad with the feature map recorded, and, when
     ``record_attention``, each step's attention (``attention_module``'s (α, e), or the cross-attention
-    of ``score_attention``)."""
+    of ``score_attention``). ``layer``: a module of the encoder whose output is recorded too, in the
+    graph, for the CAM methods (``select``: which tensor of a module's several outputs)."""
+    from .capture import capture_activations
     from .plugins import CaptionSteps
 
     recorded: dict[str, Any] = {}
@@ -129,8 +135,14 @@ def teacher_forced(
     handles = [submodule.register_forward_hook(hook) for submodule, hook in modules]
     words = torch.tensor([steps], dtype=torch.long, device=batch.device)
     attention = None
+    other = layer is not None and layer != captioning.feature_layer
+    captured: dict[str, torch.Tensor] = {}
     try:
-        with torch.enable_grad(), model_failures(module):
+        with (
+            torch.enable_grad(),
+            model_failures(module),
+            capture_activations(module, [layer] if other else [], captured, select),  # type: ignore[list-item]
+        ):
             if captioning.score_attention is not None:
                 attention = captioning.score_attention(batch, words)
                 log_probs = attention.log_probabilities
@@ -197,4 +209,9 @@ def teacher_forced(
             if with_scores
             else None,
         )
-    return TeacherForced(tokens=tokens, log_probs=log_probs, steps=recorded_steps, attention=attention)
+    if other and layer not in captured:
+        raise MethodError(f"The layer {layer!r} was not called while the captioner scored its caption.")
+    layer_output = captured[layer] if other else tokens  # type: ignore[index]
+    return TeacherForced(
+        tokens=tokens, log_probs=log_probs, steps=recorded_steps, attention=attention, layer_output=layer_output
+    )

@@ -16,7 +16,8 @@ from ._untrusted import finite_number
 
 #: A record's ``task`` when it is a captioner's.
 CAPTIONING = "captioning"
-#: What a captioner's batch computes for each word (the record's ``methods``).
+#: What a captioner's batch computes for each word by default (the record's ``methods``): α and
+#: each chosen gradient method (``--method``; Grad-CAM by default).
 CAPTION_METHODS = ["attention", "gradcam"]
 #: What an encoder–decoder's words have besides (Chefer et al. 2021b's relevance of the image).
 RELEVANCE = "relevance"
@@ -63,9 +64,10 @@ def caption_record_fields(report: dict[str, Any]) -> dict[str, Any]:
         "end_probability": report["end_probability"],
         "words": words,
         "grid": report["grid"],
-        "layer": report["feature_layer"],  # where each word's Grad-CAM is taken
+        "layer": report.get("cam_layer") or report["feature_layer"],  # where each word's CAMs are taken
         "files": files,
-        "methods": list(CAPTION_METHODS) + ([RELEVANCE] if report.get("relevance_method") else []),
+        "methods": ["attention", *report.get("methods", CAPTION_METHODS[1:])]
+        + ([RELEVANCE] if report.get("relevance_method") and RELEVANCE not in report.get("methods", []) else []),
     }
 
 

@@ -67,17 +67,16 @@ def write_caption_outputs(
         for entry, word in zip(report["words"], explanation.words):
             stem = f"{word.position + 1:02d}-{_file_word(word.word)}"
             attention = render_overlay(pixels, word.attention, explanation.box, alpha, colormap)
-            gradcam = render_overlay(pixels, word.gradcam, explanation.box, alpha, colormap)
-            files = {
-                "attention": f"attention-{stem}.{overlay_format}",
-                "attention_npy": f"attention-{stem}.npy",
-                "gradcam": f"gradcam-{stem}.{overlay_format}",
-                "gradcam_npy": f"gradcam-{stem}.npy",
-            }
+            files = {"attention": f"attention-{stem}.{overlay_format}", "attention_npy": f"attention-{stem}.npy"}
             (staging / files["attention"]).write_bytes(encode_image(attention, f".{overlay_format}"))
             write_npy(staging / files["attention_npy"], word.attention)
-            (staging / files["gradcam"]).write_bytes(encode_image(gradcam, f".{overlay_format}"))
-            write_npy(staging / files["gradcam_npy"], word.gradcam)
+            maps = []
+            for name, heatmap in word.maps.items():  # each chosen method's map: <method>-<stem>.png/.npy
+                overlay = render_overlay(pixels, heatmap, explanation.box, alpha, colormap)
+                files[name], files[f"{name}_npy"] = f"{name}-{stem}.{overlay_format}", f"{name}-{stem}.npy"
+                (staging / files[name]).write_bytes(encode_image(overlay, f".{overlay_format}"))
+                write_npy(staging / files[f"{name}_npy"], heatmap)
+                maps.append({"name": name, "uri": data_uri(downscale(overlay, LARGE_SIDE)), "on": map_subject(name)})
             extras = _word_extras(staging, stem, word, explanation, files, alpha, colormap)
             entry["files"] = files
             word_files.append(files)
@@ -96,7 +95,7 @@ def write_caption_outputs(
                     **entry,
                     "strip_uri": data_uri(small),
                     "attention_uri": data_uri(downscale(attention, LARGE_SIDE)),
-                    "gradcam_uri": data_uri(downscale(gradcam, LARGE_SIDE)),
+                    "maps": maps,
                     **extras,
                 }
             )
@@ -135,7 +134,7 @@ def _word_extras(
     alpha: float,
     colormap: str,
 ) -> dict[str, Any]:
-    """What a word has beyond α and Grad-CAM, written and added to ``files``: its alignment scores,
+    """What a word has beyond α and its gradient maps, written and added to ``files``: its alignment scores,
     its attention per layer and head (a transformer decoder's, for the explorer) and its relevance
     (Chefer 2021b); returns the page's pictures of them."""
     pictures: dict[str, Any] = {}
@@ -163,6 +162,14 @@ def _word_extras(
             for layer in range(layered.shape[0])
         ]
     return pictures
+
+
+def map_subject(name: str) -> str:
+    """What a word's map of method ``name`` is taken with respect to, for its caption: the CAM
+    layer's activation and gradient, or the input's pixels."""
+    from .method_registry import find_method
+
+    return "pixels" if find_method(name).family == "input" else "layer"
 
 
 def _file_word(word: str) -> str:

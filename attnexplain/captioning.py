@@ -12,7 +12,9 @@ forcing) — the core records, for every word:
 - the word's log-probability, whose gradient with respect to the feature map gives Grad-CAM
   (Selvaraju et al. 2017) of that word, and, for an encoder–decoder transformer, Chefer et al.
   2021b's relevance: one teacher-forced forward, then one backward per word, down to the feature
-  map and the attention only (:mod:`attnexplain.caption_passes`).
+  map and the attention only (:mod:`attnexplain.caption_passes`). ``methods`` and ``layer`` choose
+  other maps of it: any CAM of a layer's activation and gradient from that same backward, and
+  Captum's attributions to the pixels (:mod:`attnexplain.caption_methods`).
 
 Nothing here names a model: the plugin answers every model-specific question.
 """
@@ -27,14 +29,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .caption_methods import cam_layer_map, cam_word_maps, caption_methods, input_word_maps, word_scores
 from .caption_passes import feature_map, recorded_generation, teacher_forced
 from .errors import MethodError, ModelRunError, NothingToExplain, error_line, shown
 from .formats import DEFAULT_COLORMAP
 from .images import LoadedImage, image_from
 from .loading import LoadedModel, load_model
-from .methods.cam import cam_map, gradcam
 from .methods.combine import upsample
 from .methods.encoder_decoder import query_relevance
+from .options import MethodOptions
 from .planning import plan_preprocessing
 from .plugins import EncoderDecoderAttention
 from .preprocess import Preprocessing, prepare
@@ -54,7 +57,9 @@ class WordExplanation:
     attention: np.ndarray  # α, upsampled to the model's input (H, W); sums to 1 on the grid
     attention_grid: np.ndarray  # α on the feature map's grid (h, w)
     alignment_scores: np.ndarray | None  # e on the grid (h, w): α = softmax(e); None: the model exposes none
-    gradcam: np.ndarray  # Grad-CAM of the word's log-probability, at the model's input (H, W)
+    #: Each chosen gradient method's map of the word's log-probability, at the model's input (H, W),
+    #: in the order chosen (:mod:`attnexplain.caption_methods`): Grad-CAM by default.
+    maps: dict[str, np.ndarray]
     #: The attention as recorded, (layers, heads, h, w): each decoder layer's and head's attention
     #: over the grid (special tokens dropped; (1, 1, h, w) for a single soft attention).
     layer_attention: np.ndarray | None = None
@@ -66,6 +71,20 @@ class WordExplanation:
     @property
     def log_probability(self) -> float:
         return float(np.log(max(self.probability, 1e-45)))
+
+    @property
+    def gradcam(self) -> np.ndarray | None:
+        """Grad-CAM of the word's log-probability (H, W), where it was chosen."""
+        return self.maps.get("gradcam")
+
+    def map_named(self, name: str) -> np.ndarray | None:
+        """The word's map called ``name`` at the model's input (H, W): ``attention`` (α),
+        ``relevance``, or a chosen method's; None where it has none."""
+        if name == "attention":
+            return self.attention
+        if name == "relevance":
+            return self.relevance
+        return self.maps.get(name)
 
 
 @dataclass
@@ -92,6 +111,10 @@ class CaptionExplanation:
     #: The caption's token ids (without the end word): what scores it again, as a tokenizer's text may
     #: not give the same tokens back (a subword, a token with spaces or punctuation in it).
     ids: list[int] = field(default_factory=list)
+    #: The gradient methods each word was explained by (their maps: :attr:`WordExplanation.maps`).
+    methods: list[str] = field(default_factory=lambda: ["gradcam"])
+    #: The layer the CAM methods read: ``feature_layer`` unless another was chosen.
+    cam_layer: str | None = None
 
     @property
     def text(self) -> str:
@@ -124,6 +147,10 @@ class CaptionExplanation:
                         "std": float(word.alignment_scores.std()),
                     },
                     "relevance_peak": None if word.relevance_grid is None else _peak(word.relevance_grid),
+                    "maps": {
+                        name: {"peak": _peak(heatmap), "max": float(heatmap.max())}
+                        for name, heatmap in word.maps.items()
+                    },
                 }
                 for word in self.words
             ],
@@ -136,6 +163,8 @@ class CaptionExplanation:
             + (float(np.log(max(self.end_probability, 1e-45))) if self.end_probability is not None else 0.0),
             "grid": list(self.grid),
             "feature_layer": self.feature_layer,
+            "methods": list(self.methods),
+            "cam_layer": self.cam_layer or self.feature_layer,
             "alignment_score_formula": self.score_formula,
             "attention_layout": {"layers": self.attention_layout[0], "heads": self.attention_layout[1]},
             "attention_source": self.attention_source,
@@ -211,12 +240,20 @@ def explain_caption(
     size: Sequence[int] | int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    methods: str | Sequence[str] | None = None,
+    layer: str | None = None,
+    options: MethodOptions | None = None,
 ) -> CaptionExplanation:
     """Caption ``image`` with a captioning ``model`` and explain each word.
 
     ``caption``: score these words (teacher forcing) instead of the model's own caption. ``target``:
     explain only this word (each place it appears); the caption's other words keep their
     probabilities. ``model`` and ``image`` are what :func:`attnexplain.explain` accepts.
+    ``methods``: each word's gradient maps (names or comma-separated; default Grad-CAM): the CAM
+    methods of a layer's activation and gradient, and Captum's input attributions
+    (:mod:`attnexplain.caption_methods` says which apply); ``layer``: the encoder's module the CAM
+    methods read (default: the plugin's feature map); ``options``: the methods' settings
+    (integrated gradients' steps and baseline, ...).
 
     The model's own caption: every word's attention and probability come from its generation when
     the plugin records them there (``generate_recorded``); one teacher-forced forward then keeps the
@@ -234,9 +271,14 @@ def explain_caption(
             f"so it has no caption to explain."
         )
     module, plugin = loaded.module, loaded.plugin.name
+    chosen = caption_methods(methods, loaded.plugin)
+    cam_methods = [m for m in chosen if m.family == "cam"]
+    input_methods = [m for m in chosen if m.family == "input"]
+    options = options or MethodOptions()
     preprocessing = plan_preprocessing(loaded, size=size, mean=mean, std=std)
     prepared = prepare(picture.pixels, preprocessing)
     batch = prepared.tensor.to(model_device(module))
+    black = -torch.tensor(preprocessing.mean) / torch.tensor(preprocessing.std)  # pixel 0, normalised
     timings["preprocess_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -266,7 +308,16 @@ def explain_caption(
 
         started = time.perf_counter()
         steps = ids + [captioning.end] if finished else ids
-        forward = teacher_forced(module, captioning, batch, steps, plugin, record_attention=recorded is None)
+        forward = teacher_forced(
+            module,
+            captioning,
+            batch,
+            steps,
+            plugin,
+            record_attention=recorded is None,
+            layer=layer,
+            select=lambda name, output: loaded.plugin.select_output(module, name, output),
+        )
         timings["score_s"] = time.perf_counter() - started
     recorded = recorded if recorded is not None else forward.steps
     assert recorded is not None
@@ -283,15 +334,36 @@ def explain_caption(
     input_size = (int(batch.shape[-2]), int(batch.shape[-1]))
     word_log_probs = [forward.log_probs[0, t, steps[t]] for t in range(len(steps))]
     attention_maps = forward.attention
-    inputs = [tokens]
+    assert forward.layer_output is not None
+    layer_as_map = cam_layer_map(
+        loaded, captioning, layer or captioning.feature_layer, forward.layer_output, tokens, batch
+    )
+    activation = layer_as_map(forward.layer_output.detach()).float()
+    if activation.dim() != 4:
+        raise MethodError(f"The layer {layer!r} gives {tuple(activation.shape)}, not a (batch, channels, h, w) map.")
+    needs_gradient = any(m.needs_gradient for m in cam_methods) or attention_maps is not None
+    inputs = [forward.layer_output]
     if attention_maps is not None:
         inputs += [*attention_maps.encoder, *attention_maps.decoder, *attention_maps.cross]
     layers, heads = int(recorded.attention.shape[1]), int(recorded.attention.shape[2])
+    # The CAMs without a gradient (Eigen-CAM, KPCA-CAM) are the layer's own: once for every word.
+    shared = cam_word_maps([m for m in cam_methods if not m.needs_gradient], activation, None, options.eigen_smooth)
+    shared = {name: upsample(grid, input_size)[0] for name, grid in shared.items()}
     results = []
     for t in explained:
-        gradients = torch.autograd.grad(word_log_probs[t], inputs, retain_graph=True, allow_unused=True)
-        gradients = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, gradients))
-        cam = cam_map(gradcam(features, feature_map(captioning, gradients[0])))
+        gradients: tuple[torch.Tensor, ...] = ()
+        if needs_gradient:  # one partial backward for every CAM and the relevance
+            found = torch.autograd.grad(word_log_probs[t], inputs, retain_graph=True, allow_unused=True)
+            gradients = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found))
+        gradient = layer_as_map(gradients[0]).float() if gradients else None
+        grids = cam_word_maps([m for m in cam_methods if m.needs_gradient], activation, gradient, options.eigen_smooth)
+        word_maps = {**shared, **{name: upsample(grid, input_size)[0] for name, grid in grids.items()}}
+        if input_methods:
+            with loaded.plugin.recording(module), model_failures(module):
+                scored = input_word_maps(input_methods, word_scores(captioning, steps), batch, t, black, options)
+            word_maps.update(
+                {name: upsample(attribution.float(), input_size)[0] for name, attribution in scored.items()}
+            )
         per_layer = recorded.attention[t].float().reshape(layers, heads, height, width)
         averaged = per_layer.mean(dim=(0, 1))
         alpha_grid = (averaged / averaged.sum().clamp_min(1e-30))[None]
@@ -309,7 +381,7 @@ def explain_caption(
                 alignment_scores=None
                 if scores is None
                 else scores[t].float().mean(dim=(0, 1)).reshape(height, width).cpu().numpy(),
-                gradcam=upsample(cam, input_size)[0].cpu().numpy(),
+                maps={m.name: word_maps[m.name].detach().cpu().numpy() for m in chosen},
                 layer_attention=per_layer.cpu().numpy(),
                 relevance=None
                 if relevance_grid is None
@@ -336,6 +408,8 @@ def explain_caption(
         attention_layout=(layers, heads),
         attention_source="teacher forcing" if recorded is forward.steps else "generation",
         ids=list(ids),
+        methods=[m.name for m in chosen],
+        cam_layer=layer,
     )
 
 

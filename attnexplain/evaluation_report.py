@@ -146,14 +146,8 @@ def randomization_plots(evaluation: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def render_evaluation_html(evaluation: dict[str, Any]) -> str:
-    fractions = evaluation["curves"]["fractions"]
-    bands = evaluation["curves"].get("random_band", {})
-    plots = [
-        (name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
-        for name in ("deletion", "insertion")
-        if evaluation["curves"][name]
-    ]
+def curve_styles(methods) -> tuple[dict[str, str], dict[str, str]]:
+    """Each method's curve colour and dash pattern, in order (the random map black and dashed)."""
     palette = [
         "#1f77b4",
         "#ff7f0e",
@@ -166,11 +160,29 @@ def render_evaluation_html(evaluation: dict[str, Any]) -> str:
         "#bcbd22",
         "#7f7f7f",
     ]
-    colours, dashes = {}, {}
-    for method in evaluation["methods"]:
+    colours: dict[str, str] = {}
+    dashes: dict[str, str] = {}
+    for method in methods:
         colours[method] = "#000" if method == RANDOM_MAP else palette[len(colours) % len(palette)]
         # 8 dashes beside 10 colours: the first 40 methods differ in colour or dash from each other.
         dashes[method] = "5,3" if method == RANDOM_MAP else DASHES[(len(dashes)) % len(DASHES)]
+    return colours, dashes
+
+
+def curve_plots(evaluation: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The page's deletion and insertion plots: (name, each method's curve path, the random band)."""
+    fractions = evaluation["curves"]["fractions"]
+    bands = evaluation["curves"].get("random_band", {})
+    return [
+        (name, curve_paths(evaluation["curves"][name], fractions), band_path(bands.get(name), fractions))
+        for name in ("deletion", "insertion")
+        if evaluation["curves"][name]
+    ]
+
+
+def render_evaluation_html(evaluation: dict[str, Any]) -> str:
+    plots = curve_plots(evaluation)
+    colours, dashes = curve_styles(evaluation["methods"])
     best = evaluation.get("winner") or next(iter(evaluation.get("no_difference") or []), None)
     return (
         templates()

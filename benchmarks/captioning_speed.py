@@ -1,6 +1,6 @@
 """What explaining a caption costs, as a ratio to the captioner's own generation.
 
-    python benchmarks/captioning_speed.py [--repeats 21] [--threads 1] [--models sample,hf]
+    python benchmarks/captioning_speed.py [--repeats 21] [--threads 1] [--models sample,hf] [--methods gradcam]
 
 Two captioners, each on one image, alternating REPEATS times after a warm-up:
 
@@ -21,6 +21,9 @@ timings, each as a median ratio to the paired generate:
 - ``generate_s``: the generation that records every word's attention and probability (one pass);
 - ``score_s``: the one teacher-forced forward under grad that the gradient maps need;
 - ``explain_s`` ÷ words: one partial backward per word (down to the feature map and the attention).
+
+``--methods`` names each word's gradient maps (default Grad-CAM): e.g. ``gradcam,gradcampp,
+xgradcam,layercam,hirescam,eigencam``, which share that one backward per word.
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ def hugging_face(folder: Path) -> tuple[Any, Any, Callable[[], None]]:
     return loaded, image, lambda: loaded.module.generate(pixel_values=batch)
 
 
-def measure(name: str, model: Any, image: Any, generate: Callable[[], None], repeats: int) -> None:
-    generate(), explain_caption(model, image)  # warm-up
+def measure(name: str, model: Any, image: Any, generate: Callable[[], None], repeats: int, methods: str) -> None:
+    generate(), explain_caption(model, image, methods=methods)  # warm-up
     times: dict[str, list[float]] = {"generate": [], "explain_caption": []}
     parts: dict[str, list[float]] = {"generate_s": [], "score_s": [], "backward per word": []}
     words = 0
@@ -102,14 +105,14 @@ def measure(name: str, model: Any, image: Any, generate: Callable[[], None], rep
         generate()
         times["generate"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        explanation = explain_caption(model, image)
+        explanation = explain_caption(model, image, methods=methods)
         times["explain_caption"].append(time.perf_counter() - started)
         words = len(explanation.words)
         for key in ("generate_s", "score_s"):
             parts[key].append(explanation.timings[key] / times["generate"][-1])
         parts["backward per word"].append(explanation.timings["explain_s"] / words / times["generate"][-1])
     ratios = [e / g for e, g in zip(times["explain_caption"], times["generate"])]
-    print(f"{name}: {words} words, {repeats} pairs")
+    print(f"{name}: {words} words, {repeats} pairs, methods {methods}")
     for key, values in times.items():
         print(f"  {key:<18} median {1000 * statistics.median(values):8.1f} ms")
     print(f"  explain_caption ÷ generate: median of paired ratios {statistics.median(ratios):.2f}×")
@@ -122,15 +125,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="sample,hf", help="comma-separated: sample, hf")
+    parser.add_argument("--methods", default="gradcam", help="each word's gradient maps, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     chosen = args.models.split(",")
     if "sample" in chosen:
-        measure("sample (Show, Attend and Tell)", *sample(), args.repeats)
+        measure("sample (Show, Attend and Tell)", *sample(), args.repeats, args.methods)
     if "hf" in chosen:
         with tempfile.TemporaryDirectory() as folder:
-            measure("hf (ViT-Tiny-sized + 4-layer GPT-2)", *hugging_face(Path(folder)), args.repeats)
+            measure("hf (ViT-Tiny-sized + 4-layer GPT-2)", *hugging_face(Path(folder)), args.repeats, args.methods)
 
 
 if __name__ == "__main__":

@@ -214,11 +214,10 @@ def test_target_explains_one_word_and_an_image_without_it_fails_alone(photos, tm
 @pytest.mark.parametrize(
     "options, named",
     [
-        (["--method", "gradcam"], "--method"),
         (["--metrics", "deletion"], "--metrics"),
-        (["--truth", "folders", "--layer", "encoder"], "--layer, --truth do not"),
+        (["--truth", "folders", "--versus", "cat"], "--versus, --truth do not"),
         (["--versus", "cat"], "--versus"),
-        (["--eigen-smooth"], "--eigen-smooth"),
+        (["--head-fusion", "max"], "--head-fusion"),
         (["--top-k", "3"], "--top-k"),
     ],
 )

@@ -252,3 +252,29 @@ def _screenshots(page, name: str) -> None:
         assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
         page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_each_chosen_map_of_a_word_is_in_its_section_and_fits_a_phones_width(page, tmp_path):  # noqa: F811
+    pytest.importorskip("attnexplain_attention_cnn")
+    photo = REPO / "samples" / "images" / "cat-on-grass.png"
+    chosen = ["gradcampp", "layercam", "saliency"]
+    result = CliRunner().invoke(
+        main, ["run", str(CAPTIONER), str(photo), "--method", ",".join(chosen), "--out", str(tmp_path), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    page.goto((Path(report["outputs"]["directory"]) / "report.html").as_uri())
+    words = len(report["words"])
+    for name in chosen:
+        assert page.eval_on_selector_all(f"section.word img[alt^='{name} for']", "i => i.length") == words
+    assert page.eval_on_selector_all("img[alt^='Grad-CAM for'], img[alt^='gradcam for']", "i => i.length") == 0
+    loaded = page.eval_on_selector_all("img", "images => images.map(i => i.complete && i.naturalWidth > 0)")
+    assert loaded and all(loaded)
+    assert "saliency of log p(“cat”) with respect to the input’s pixels" in page.text_content("section.word >> nth=1")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width in (420, 1920):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(100)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width + 1
+        page.screenshot(path=str(ARTIFACTS / f"caption-report-methods-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})

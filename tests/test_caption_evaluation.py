@@ -237,8 +237,7 @@ def test_a_bad_word_mask_is_that_words_error_and_a_missing_folder_that_images(ev
     "option",
     [
         ["--target", "cat"],
-        ["--method", "gradcam"],
-        ["--layer", "encoder"],
+        ["--aug-smooth"],
         ["--randomization-steps", "2"],
         ["--images-per-batch", "2"],
         ["--head-fusion", "max"],

@@ -188,8 +188,13 @@ def test_bad_captioner_input_is_refused_in_one_line(captioner_file, photo, tmp_p
         "'rocket'",
         "a cat on grass",
     )
-    _clean_failure(_run("run", captioner_file, path, "--method", "gradcam", "--out", tmp_path), "--method")
-    _clean_failure(_run("run", captioner_file, path, "--layer", "encoder", "--out", tmp_path), "--layer")
+    _clean_failure(
+        _run("run", captioner_file, path, "--method", "scorecam", "--out", tmp_path), "scorecam does not apply"
+    )
+    _clean_failure(_run("run", captioner_file, path, "--method", "rollout", "--out", tmp_path), "rollout does not")
+    _clean_failure(_run("run", captioner_file, path, "--method", "nosuch", "--out", tmp_path), "Unknown method")
+    _clean_failure(_run("run", captioner_file, path, "--layer", "nowhere", "--out", tmp_path), "'nowhere'")
+    _clean_failure(_run("run", captioner_file, path, "--head-fusion", "max", "--out", tmp_path), "--head-fusion")
     assert not any(tmp_path.iterdir())  # nothing written on a refusal
 
 

@@ -1,4 +1,4 @@
-"""``run`` on a captioning model: the caption, and for each word its attention and Grad-CAM.
+"""``run`` on a captioning model: the caption, and for each word its attention and gradient maps.
 
 ``run`` hands a model over here when its plugin says it captions (:mod:`attnexplain.captioning`);
 the work happens in :func:`attnexplain.captioning.explain_caption`, the printing in
@@ -19,23 +19,26 @@ from .printing import print_caption_run
 def run_captioner(
     loaded: Any,
     picture: Any,
-    refused: dict[str, bool],
+    refused: dict[str, Any],
     explained: dict[str, Any],
     written: dict[str, Any],
     out_dir: Path,
     timings: dict[str, float],
     as_json: bool,
 ) -> None:
-    """Refuse the options given that do not apply to a captioner (``refused``: option → given), then
-    explain ``picture``'s caption (``explained``: caption, target, size, mean, std, as
-    :func:`~attnexplain.captioning.explain_caption` takes them) and write the outputs (``written``:
-    alpha, overlay_format, colormap) into ``out_dir``'s folder for the picture."""
+    """Refuse the options given that do not apply to a captioner (``refused``: option → given, and
+    ``options``: the methods' settings, those a word's maps do not read refused where changed), then
+    explain ``picture``'s caption (``explained``: caption, target, size, mean, std, methods, layer,
+    as :func:`~attnexplain.captioning.explain_caption` takes them) and write the outputs
+    (``written``: alpha, overlay_format, colormap) into ``out_dir``'s folder for the picture."""
     from ..caption_batch import refuse_options
+    from ..caption_methods import unread_options
     from ..captioning import explain_caption
     from ..report import output_dir_for
 
-    refuse_options([option for option, was_given in refused.items() if was_given])
-    explanation = explain_caption(loaded, picture, **explained)
+    options = refused.pop("options", None)
+    refuse_options([option for option, was_given in refused.items() if was_given] + unread_options(options))
+    explanation = explain_caption(loaded, picture, options=options, **explained)
     explanation.timings = {**timings, **explanation.timings}
     report = explanation.save(output_dir_for(out_dir, picture.path), **written)
     if as_json:
@@ -45,9 +48,19 @@ def run_captioner(
 
 
 #: The options of ``evaluate`` that apply to a captioner: how to load the model and read the images
-#: and masks, the localisation and curve settings, the outputs.
+#: and masks, the localisation and curve settings, the word maps (``--method``, ``--layer`` and the
+#: settings they read: :data:`attnexplain.caption_methods.WORD_METHOD_OPTIONS`), the outputs.
 EVALUATE_APPLIES = frozenset(
     {
+        "method",
+        "layer",
+        "eigen_smooth",
+        "samples",
+        "noise",
+        "baseline",
+        "window",
+        "stride",
+        "batch_size",
         "model",
         "inputs",
         "metrics",

@@ -179,9 +179,9 @@ def run(
             from .captioning import run_captioner
 
             timings = {"load_image_s": image_s, "import_s": import_s, "load_model_s": model_s}
-            explained = dict(caption=caption, target=target, size=size, mean=mean, std=std)
+            explained = dict(caption=caption, target=target, size=size, mean=mean, std=std, methods=method, layer=layer)
             written = dict(alpha=alpha, overlay_format=overlay_format, colormap=colormap)
-            refused = {"--method": method != "auto", "--layer": layer is not None, "--metrics": bool(metric_names)}
+            refused = {"--metrics": bool(metric_names), "options": options}
             run_captioner(loaded, picture, refused, explained, written, out_dir, timings, as_json)
             return
         if caption is not None:

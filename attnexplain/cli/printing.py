@@ -266,7 +266,7 @@ def print_evaluation(evaluation: dict[str, Any]) -> None:
 
 
 def print_caption_evaluation(evaluation: dict[str, Any]) -> None:
-    """A captioner's evaluation: per map (attention, Grad-CAM, the random map) each value's mean over
+    """A captioner's evaluation: per map (attention, the chosen maps, the random map) each value's mean over
     the measured words, the verdict and a line per map."""
     from rich.console import Console
     from rich.table import Table

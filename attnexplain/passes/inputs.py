@@ -48,18 +48,25 @@ def input_pass(run: PassRun, methods: list[Method]) -> PassOutput:
                 targets.tolist(),
                 model=loaded.module,
                 cam=cam,
-                baseline=baseline,
-                steps=options.steps,
-                noise=options.noise,
-                window=options.window,
-                stride=options.stride,
-                batch_size=options.batch_size,
                 probabilities=counted(probabilities_of(loaded, run.size)),
-                **({} if options.samples is None else {"samples": options.samples}),
+                **input_settings(options, baseline),
             )
         output.maps[method.name] = upsample(as_float32(attribution.detach()), run.size)
         output.layers[method.name] = list(run.layers) if method.name == "guided_gradcam" else []
     return output
+
+
+def input_settings(options: MethodOptions, baseline: torch.Tensor) -> dict:
+    """The settings an input method reads, as keyword arguments of its ``compute``."""
+    settings = {
+        "baseline": baseline,
+        "steps": options.steps,
+        "noise": options.noise,
+        "window": options.window,
+        "stride": options.stride,
+        "batch_size": options.batch_size,
+    }
+    return settings if options.samples is None else {**settings, "samples": options.samples}
 
 
 def _check_input_method(method: Method, batch: torch.Tensor, options: MethodOptions) -> None:
