@@ -28,7 +28,7 @@ from contextlib import ExitStack, contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any, Iterator
 
-from attnexplain.plugin_api import MethodError, replaced_forward
+from attnexplain.plugin_api import MethodError
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,9 @@ def capture_with_probe(
     """Record the encoder's and the pooling head's attention over [probe, patches] (see the
     module's docstring) into ``sink``, by name, for the duration."""
     import torch.nn.functional as F
+
+    # Here, not at the top: the plugin is discovered (and listings answer) without importing torch.
+    from attnexplain.plugin_api import replaced_forward
 
     def encoder_padding(probabilities: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         padded = F.pad(probabilities, (1, 0, 1, 0))  # (B, heads, N + 1, N + 1)
