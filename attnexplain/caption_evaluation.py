@@ -36,7 +36,7 @@ import numpy as np
 
 from ._signals import Stopped
 from .errors import AttnExplainError, MethodError, shown
-from .evaluation_summary import CurveSums, add_curves, rounded
+from .evaluation_summary import CurveSums, add_curves, image_totals, rounded
 from .metrics import BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP
 from .model_spec import ModelSpec
 
@@ -616,12 +616,7 @@ def summarize_captions(
             "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names},
         },
         "versions": versions(),
-        "images": {
-            "total": len(records),
-            "ok": len(ok),
-            "failed": len(records) - len(ok),
-            "mask_errors": sum(1 for r in ok if "mask_error" in r),
-        },
+        "images": image_totals(records, ok),
         "words": {"measured": len(words), "unmasked": sum(len(r.get("unmasked", [])) for r in ok)},
         "methods": methods,
         "by_word": {

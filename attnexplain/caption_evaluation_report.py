@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from ._atomic import write_bytes_atomic
 from .evaluation_report import (
     CONVENTION,
-    EVALUATION_CSV,
-    EVALUATION_HTML,
-    EVALUATION_JSON,
     PLOT_HEIGHT,
     PLOT_WIDTH,
     curve_plots,
@@ -23,6 +18,7 @@ from .evaluation_report import (
     metric_display,
     shown_mean,
     shown_number,
+    write_evaluation,
 )
 from .gallery import spreadsheet_safe
 from .metrics import RANDOM_MAP
@@ -100,12 +96,4 @@ def render_caption_evaluation_html(evaluation: dict[str, Any]) -> str:
 
 def write_caption_evaluation(out: Path, evaluation: dict[str, Any]) -> dict[str, Path]:
     """Write evaluation.json, .csv and .html into ``out``; returns their paths."""
-    report = {key: value for key, value in evaluation.items() if key != "examples"}
-    files = {
-        EVALUATION_JSON: json.dumps(report, indent=2, allow_nan=False).encode(),
-        EVALUATION_CSV: caption_evaluation_csv(evaluation).encode(),
-        EVALUATION_HTML: render_caption_evaluation_html(evaluation).encode(),
-    }
-    for name, data in files.items():
-        write_bytes_atomic(out / name, data)
-    return {name: out / name for name in files}
+    return write_evaluation(out, evaluation, caption_evaluation_csv, render_caption_evaluation_html)

@@ -11,7 +11,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ._atomic import write_bytes_atomic
 from .gallery import spreadsheet_safe
@@ -243,13 +243,20 @@ def shown_metrics(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {metric: metric_display(metric, better[metric]) for metric in metrics}
 
 
-def write_evaluation(out: Path, evaluation: dict[str, Any]) -> dict[str, Path]:
-    """Write the three files into ``out``; returns their paths."""
+def write_evaluation(
+    out: Path,
+    evaluation: dict[str, Any],
+    csv_of: Callable[[dict[str, Any]], str] | None = None,
+    html_of: Callable[[dict[str, Any]], str] | None = None,
+) -> dict[str, Path]:
+    """Write the three files into ``out``; returns their paths. ``csv_of``/``html_of``: how this
+    kind of evaluation is tabled and shown (a classifier's by default; a captioner's words have their
+    own)."""
     report = {key: value for key, value in evaluation.items() if key != "examples"}
     files = {
         EVALUATION_JSON: json.dumps(report, indent=2, allow_nan=False).encode(),
-        EVALUATION_CSV: evaluation_csv(evaluation).encode(),
-        EVALUATION_HTML: render_evaluation_html(evaluation).encode(),
+        EVALUATION_CSV: (csv_of or evaluation_csv)(evaluation).encode(),
+        EVALUATION_HTML: (html_of or render_evaluation_html)(evaluation).encode(),
     }
     for name, data in files.items():
         write_bytes_atomic(out / name, data)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -127,12 +127,7 @@ def summarize(
             "better": {metric: ("higher" if BETTER[metric] > 0 else "lower") for metric in value_names},
         },
         "versions": versions(),
-        "images": {
-            "total": len(records),
-            "ok": len(ok),
-            "failed": len(records) - len(ok),
-            "mask_errors": sum(1 for r in ok if "mask_error" in r),
-        },
+        "images": image_totals(records, ok),
         "methods": methods,
         "ranking": judgement.ranking,
         **judgement.as_dict(),
@@ -231,3 +226,14 @@ def _nan_mean_curve(values: np.ndarray) -> list[float | None]:
     counts = np.isfinite(values).sum(axis=0)
     sums = np.where(np.isfinite(values), values, 0.0).sum(axis=0)
     return [rounded(total / count) if count else None for total, count in zip(sums, counts)]
+
+
+def image_totals(records: Sequence[dict[str, Any]], ok: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """evaluation.json's ``images``: how many were given, measured, failed, and measured without
+    their masks (``ok``: the records measured)."""
+    return {
+        "total": len(records),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
+        "mask_errors": sum(1 for r in ok if "mask_error" in r),
+    }
