@@ -26,6 +26,22 @@ MAX_CONFIG_BYTES = 1024 * 1024
 #: Configuration keys that name a tower or tokenizer from another library (timm, Hugging Face):
 #: building them would download or need code this plugin does not explain.
 FOREIGN_TOWERS = ("timm_model_name", "hf_model_name", "hf_tokenizer_name")
+#: The largest value a configuration file may give each size field (ViT-bigG-14: 48 layers, width
+#: 1664, text width 1280, 77 tokens, 49,408 words): a file asking for more describes no CLIP that
+#: exists, and building it would take the machine's memory before anything could be refused.
+SIZE_LIMITS = {
+    "layers": 256,
+    "width": 16_384,
+    "heads": 1_024,
+    "head_width": 4_096,
+    "embed_dim": 16_384,
+    "context_length": 4_096,
+    "vocab_size": 1_000_000,
+    "image_size": 4_096,
+}
+#: layers × width² × (4 + 2 · mlp_ratio) over both towers, plus the word embeddings: ViT-bigG-14's
+#: is about 2.5·10⁹.
+MAX_PARAMETER_ESTIMATE = 10**11
 #: What open_clip's cache holds for a pretrained tag on the Hugging Face Hub, safest first.
 HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -64,7 +80,40 @@ def _config_file(path: Path) -> dict[str, Any]:
             f"OpenCLIP model configuration {path} holds no vision_cfg and text_cfg objects (open_clip's "
             f"model_configs/*.json format)."
         )
+    check_size(config, path)
     return config
+
+
+def check_size(config: dict[str, Any], path: Path) -> None:
+    """Refuse a configuration file asking for a model beyond :data:`SIZE_LIMITS` or
+    :data:`MAX_PARAMETER_ESTIMATE`, naming the field, before open_clip allocates anything."""
+    estimate = 0.0
+    for where, holder in (("", config), ("vision_cfg.", config["vision_cfg"]), ("text_cfg.", config["text_cfg"])):
+        for field, limit in SIZE_LIMITS.items():
+            value = holder.get(field)
+            sides = value if isinstance(value, list) else [value]
+            if value is not None and not all(
+                isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= limit for side in sides
+            ):
+                raise ModelLoadError(
+                    f"OpenCLIP model configuration {path} asks for {where}{field} = {shown(value)}; a "
+                    f"configuration may ask for whole numbers from 1 to {limit:,}, beyond every public CLIP."
+                )
+        ratio = holder.get("mlp_ratio", 4)
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 16:
+            raise ModelLoadError(
+                f"OpenCLIP model configuration {path} asks for {where}mlp_ratio = {shown(ratio)}; at most 16."
+            )
+        if holder is not config:
+            layers, width = holder.get("layers", 12), holder.get("width", 768)
+            depth = sum(layers) if isinstance(layers, list) else layers
+            estimate += float(depth) * float(width) ** 2 * (4 + 2 * float(ratio))
+    estimate += float(config["text_cfg"].get("vocab_size", 49_408)) * float(config["text_cfg"].get("width", 512))
+    if estimate > MAX_PARAMETER_ESTIMATE:
+        raise ModelLoadError(
+            f"OpenCLIP model configuration {path} describes about {estimate:.1e} parameters, more than "
+            f"{MAX_PARAMETER_ESTIMATE:.0e}, beyond every public CLIP."
+        )
 
 
 def build(arch: str) -> Any:

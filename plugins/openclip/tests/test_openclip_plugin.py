@@ -220,10 +220,17 @@ def test_hostile_files_are_refused_in_one_line(saved, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint" * 20)
     (tmp_path / "list.json").write_text("[1, 2]")
+    # Memory bombs: refused before open_clip allocates anything (this would ask for ~10¹³ parameters).
+    wide = dict(CONFIG, vision_cfg=dict(CONFIG["vision_cfg"], width=10**6))
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    deep = dict(CONFIG, text_cfg=dict(CONFIG["text_cfg"], layers=250, width=16_000))
+    (tmp_path / "deep.json").write_text(json.dumps(deep))
     cases = [
         (f"open_clip:{tmp_path / 'other.json'}:{saved[1]}", "do not fit"),
         (f"open_clip:{saved[0]}:{tmp_path / 'garbage.pt'}", "could not be read as a state_dict"),
         (f"open_clip:{tmp_path / 'list.json'}:{saved[1]}", "holds no vision_cfg"),
+        (f"open_clip:{tmp_path / 'wide.json'}:{saved[1]}", r"vision_cfg\.width = 1000000"),
+        (f"open_clip:{tmp_path / 'deep.json'}:{saved[1]}", "parameters, more than"),
     ]
     for name, says in cases:
         with pytest.raises(ModelLoadError, match=says) as refused:
