@@ -20,6 +20,14 @@ class Stopped(KeyboardInterrupt):
         return 128 + self.signum  # 143 for SIGTERM, 129 for SIGHUP, as a shell reports them
 
 
+def stop_reason(error: BaseException) -> str:
+    """Why a run stopped early, as a partial report says it: the signal's name, Ctrl-C, or the
+    error's first 300 characters on one line."""
+    if isinstance(error, KeyboardInterrupt):
+        return str(error) if isinstance(error, Stopped) else "Ctrl-C"
+    return f"an error ({' '.join(str(error).split())[:300] or type(error).__name__})"
+
+
 @contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """While the block runs, the first SIGTERM or SIGHUP raises :class:`Stopped` on the main thread;

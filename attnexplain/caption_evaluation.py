@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._signals import Stopped
+from ._signals import stop_reason
 from .errors import AttnExplainError, MethodError, shown
 from .evaluation_summary import CurveSums, add_curves, image_totals, rounded
 from .metrics import BETTER, LOCALISATION, METRIC_VALUES, RANDOM_MAP
@@ -429,10 +429,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
             finish(record, one.key, curves)
             examples.extend([example] if example is not None else [])
     except BaseException as error:  # Ctrl-C, SIGTERM/SIGHUP (attnexplain._signals), a failure
-        if isinstance(error, KeyboardInterrupt):
-            stopped = str(error) if isinstance(error, Stopped) else "Ctrl-C"
-        else:
-            stopped = f"an error ({' '.join(str(error).split())[:300] or type(error).__name__})"
+        stopped = stop_reason(error)
         raise
     finally:
         progress.close()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._signals import Stopped
+from ._signals import stop_reason
 from .errors import AttnExplainError, MethodError, shown
 from .evaluation_masks import check_background_labels, object_masks, photo_pixel_sizes, read_boxes
 from .evaluation_summary import CurveSums, add_curves, rounded, summarize
@@ -379,10 +379,7 @@ def _evaluate(loaded, input_specs, settings, masks, boxes, exclude, device, out,
         for chunk in decoded_chunks(decoded, settings.images_per_batch, finish):
             run_chunk(chunk)
     except BaseException as error:  # Ctrl-C, SIGTERM/SIGHUP (attnexplain._signals), a failure
-        if isinstance(error, KeyboardInterrupt):
-            stopped = str(error) if isinstance(error, Stopped) else "Ctrl-C"
-        else:
-            stopped = f"an error ({' '.join(str(error).split())[:300] or type(error).__name__})"
+        stopped = stop_reason(error)
         raise
     finally:
         progress.close()
