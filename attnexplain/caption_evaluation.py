@@ -67,16 +67,16 @@ def caption_metrics(requested: Sequence[str] | str | None, has_masks: bool) -> l
     return list(dict.fromkeys(requested))
 
 
-def caption_maps(settings, captioning=None) -> tuple[str, ...]:
+def caption_maps(settings, captioning=None, plugin=None) -> tuple[str, ...]:
     """The maps measured on each word, in table order: α, each method of ``settings.method`` (Grad-CAM
     by default), an encoder–decoder's relevance (``captioning.score_attention``), the random map."""
     from .caption_methods import caption_methods
 
     relevance = ("relevance",) if captioning is not None and captioning.score_attention is not None else ()
-    return ("attention", *[method.name for method in caption_methods(settings.method)], *relevance, RANDOM_MAP)
+    return ("attention", *[method.name for method in caption_methods(settings.method, plugin)], *relevance, RANDOM_MAP)
 
 
-def refuse_settings(settings) -> None:
+def refuse_settings(settings, plugin=None) -> None:
     """A one-line :class:`MethodError` for settings of :class:`~attnexplain.evaluation.EvaluationSettings`
     that do not apply to a captioner (the CLI refuses the options it has beyond these)."""
     given = [
@@ -91,7 +91,7 @@ def refuse_settings(settings) -> None:
     from .caption_methods import unread_options
 
     refuse_options(given + unread_options(settings.options))
-    caption_maps(settings)  # an unknown or inapplicable --method, refused before anything is run
+    caption_maps(settings, plugin=plugin)  # an unknown or inapplicable --method, refused before anything is run
 
 
 def refuse_options(given: Sequence[str]) -> None:
@@ -202,7 +202,7 @@ def measure_image(
         layer=settings.layer,
         options=settings.options,
     )
-    names = caption_maps(settings, captioning)
+    names = caption_maps(settings, captioning, loaded.plugin)
     text = " ".join(explanation.caption)
     record: dict[str, Any] = {
         "image": decoded.item.relative,
@@ -333,7 +333,7 @@ def evaluate_captions(
     stopped): each word of each image's caption, its attention α and Grad-CAM beside a random map.
     ``settings``: an :class:`~attnexplain.evaluation.EvaluationSettings`, of which the preprocessing,
     ``max_pixels``, ``metrics`` and ``metric_settings`` apply (the other fields are refused)."""
-    refuse_settings(settings)
+    refuse_settings(settings, loaded.plugin)
     if boxes is not None:
         raise MethodError("A captioner's words are located by --masks DIR (a <word>.png per word); --boxes name none.")
     if masks is not None and not Path(masks).is_dir():
@@ -374,7 +374,7 @@ def _evaluate(loaded, input_specs, settings, masks, out, resume, quiet, model_sp
     if captioning is None:
         raise MethodError("This model is not a captioner; `attnexplain evaluate` measures its methods as it is.")
     metrics = caption_metrics(settings.metrics, masks is not None)
-    maps = caption_maps(settings, captioning)
+    maps = caption_maps(settings, captioning, loaded.plugin)
     preprocessing = plan_preprocessing(loaded, size=settings.size, mean=settings.mean, std=settings.std)
     inputs = collect_inputs(input_specs, exclude=out)
     if not inputs.images:
